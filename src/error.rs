@@ -1,0 +1,305 @@
+//! The crate's one error type and the one place errno values are decided.
+//!
+//! Every failure inside the crate is an [`Error`]; the wire carries a stable
+//! [`WireCode`] for it, and the C ABI turns it into a negative errno (or a
+//! `CODA_E*` code at or below -10000 for what only this library can produce).
+
+use std::fmt;
+use std::io;
+
+/// Library-specific codes, all at or below -10000 so they never collide with
+/// an errno. A code is never reused for another meaning.
+pub const CODA_ECONFLICT: i32 = -10001;
+pub const CODA_EPROTO: i32 = -10002;
+pub const CODA_EPANIC: i32 = -10003;
+pub const CODA_EAUTH: i32 = -10004;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong, with a human-readable detail (which path, which server).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Exists(String),
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    #[error("directory not empty: {0}")]
+    NotEmpty(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("permission denied: {0}")]
+    Access(String),
+    #[error("name too long: {0}")]
+    NameTooLong(String),
+    #[error("too many levels of symbolic links: {0}")]
+    Loop(String),
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("stale file handle: {0}")]
+    Stale(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+    #[error("try again: {0}")]
+    Again(String),
+    /// Remote operations are failed on purpose (failover) or the server is gone.
+    #[error("I/O error: {0}")]
+    Eio(String),
+    #[error("bad file handle: {0}")]
+    BadHandle(String),
+    #[error("panic inside the library: {0}")]
+    Panic(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Wrap an OS error with what we were doing when it happened.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The positive errno (or negative `CODA_E*` code) for this error; the C ABI
+    /// returns `-errno()` for errno values and the code itself otherwise.
+    pub fn code(&self) -> i32 {
+        use libc::*;
+        match self {
+            Error::NotFound(_) => -ENOENT,
+            Error::Exists(_) => -EEXIST,
+            Error::NotDir(_) => -ENOTDIR,
+            Error::IsDir(_) => -EISDIR,
+            Error::NotEmpty(_) => -ENOTEMPTY,
+            Error::Invalid(_) => -EINVAL,
+            Error::Access(_) => -EACCES,
+            Error::NameTooLong(_) => -ENAMETOOLONG,
+            Error::Loop(_) => -ELOOP,
+            Error::NoSpace(_) => -ENOSPC,
+            Error::Conflict(_) => CODA_ECONFLICT,
+            Error::Protocol(_) => CODA_EPROTO,
+            Error::Auth(_) => CODA_EAUTH,
+            Error::Stale(_) => -ESTALE,
+            Error::Timeout(_) => -ETIMEDOUT,
+            Error::Again(_) => -EAGAIN,
+            Error::Eio(_) => -EIO,
+            Error::BadHandle(_) => -EBADF,
+            Error::Panic(_) => CODA_EPANIC,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(e) if e > 0 => -e,
+                _ => match source.kind() {
+                    io::ErrorKind::NotFound => -ENOENT,
+                    io::ErrorKind::PermissionDenied => -EACCES,
+                    io::ErrorKind::AlreadyExists => -EEXIST,
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => -ETIMEDOUT,
+                    io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData => -EINVAL,
+                    _ => -EIO,
+                },
+            },
+        }
+    }
+
+    /// The stable code this error travels under on the wire.
+    pub fn wire_code(&self) -> WireCode {
+        match self {
+            Error::NotFound(_) => WireCode::NotFound,
+            Error::Exists(_) => WireCode::Exists,
+            Error::NotDir(_) => WireCode::NotDir,
+            Error::IsDir(_) => WireCode::IsDir,
+            Error::NotEmpty(_) => WireCode::NotEmpty,
+            Error::Invalid(_) => WireCode::Invalid,
+            Error::Access(_) => WireCode::Access,
+            Error::NameTooLong(_) => WireCode::NameTooLong,
+            Error::Loop(_) => WireCode::Invalid,
+            Error::NoSpace(_) => WireCode::NoSpace,
+            Error::Conflict(_) => WireCode::Conflict,
+            Error::Protocol(_) => WireCode::Protocol,
+            Error::Auth(_) => WireCode::Auth,
+            Error::Stale(_) => WireCode::Stale,
+            Error::Timeout(_) | Error::Again(_) => WireCode::Busy,
+            Error::Eio(_) | Error::BadHandle(_) | Error::Panic(_) => WireCode::Io,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => WireCode::NoSpace,
+                _ => WireCode::Io,
+            },
+        }
+    }
+
+    /// Rebuild an error received from a peer.
+    pub fn from_wire(code: WireCode, message: String) -> Error {
+        match code {
+            WireCode::NotFound => Error::NotFound(message),
+            WireCode::Exists => Error::Exists(message),
+            WireCode::NotDir => Error::NotDir(message),
+            WireCode::IsDir => Error::IsDir(message),
+            WireCode::NotEmpty => Error::NotEmpty(message),
+            WireCode::Invalid => Error::Invalid(message),
+            WireCode::Access => Error::Access(message),
+            WireCode::NameTooLong => Error::NameTooLong(message),
+            WireCode::NoSpace => Error::NoSpace(message),
+            WireCode::Conflict => Error::Conflict(message),
+            WireCode::Protocol => Error::Protocol(message),
+            WireCode::Auth => Error::Auth(message),
+            WireCode::Stale => Error::Stale(message),
+            WireCode::Busy => Error::Again(message),
+            WireCode::Io => Error::Eio(message),
+        }
+    }
+
+    /// Static text for a code as returned by [`Error::code`] (for `coda_strerror`).
+    pub fn describe(code: i32) -> &'static str {
+        match code {
+            0 => "success",
+            CODA_ECONFLICT => "conflict: the object changed on the server",
+            CODA_EPROTO => "protocol error",
+            CODA_EPANIC => "internal panic in the coda library",
+            CODA_EAUTH => "authentication failed",
+            c if c < 0 && c > -4096 => errno_text(-c),
+            _ => "unknown error code",
+        }
+    }
+}
+
+fn errno_text(e: i32) -> &'static str {
+    use libc::*;
+    match e {
+        ENOENT => "no such file or directory",
+        EEXIST => "file exists",
+        ENOTDIR => "not a directory",
+        EISDIR => "is a directory",
+        ENOTEMPTY => "directory not empty",
+        EINVAL => "invalid argument",
+        EACCES => "permission denied",
+        EPERM => "operation not permitted",
+        ENAMETOOLONG => "file name too long",
+        ELOOP => "too many levels of symbolic links",
+        ENOSPC => "no space left on device",
+        ESTALE => "stale file handle",
+        ETIMEDOUT => "timed out (server unreachable)",
+        EAGAIN => "resource temporarily unavailable",
+        EIO => "input/output error",
+        EBADF => "bad file handle",
+        ENOMEM => "out of memory",
+        ERANGE => "result too large",
+        ECONNREFUSED => "connection refused",
+        EXDEV => "cross-volume link",
+        EROFS => "read-only file system",
+        EFBIG => "file too large",
+        _ => "system error",
+    }
+}
+
+/// Error codes as they travel on the wire (see docs/PROTOCOL.md). Stable numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum WireCode {
+    NotFound = 1,
+    Exists = 2,
+    NotDir = 3,
+    IsDir = 4,
+    NotEmpty = 5,
+    Invalid = 6,
+    Access = 7,
+    NameTooLong = 8,
+    NoSpace = 9,
+    Conflict = 10,
+    Protocol = 11,
+    Auth = 12,
+    Stale = 13,
+    Busy = 14,
+    Io = 15,
+}
+
+impl WireCode {
+    pub fn from_u16(v: u16) -> Option<WireCode> {
+        use WireCode::*;
+        Some(match v {
+            1 => NotFound,
+            2 => Exists,
+            3 => NotDir,
+            4 => IsDir,
+            5 => NotEmpty,
+            6 => Invalid,
+            7 => Access,
+            8 => NameTooLong,
+            9 => NoSpace,
+            10 => Conflict,
+            11 => Protocol,
+            12 => Auth,
+            13 => Stale,
+            14 => Busy,
+            15 => Io,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for WireCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+impl From<redb::Error> for Error {
+    fn from(e: redb::Error) -> Error {
+        Error::Eio(format!("metadata store: {e}"))
+    }
+}
+
+macro_rules! redb_into_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::from(redb::Error::from(e))
+            }
+        }
+    )*};
+}
+redb_into_error!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_code_round_trips() {
+        for v in 1..=15u16 {
+            let c = WireCode::from_u16(v).unwrap();
+            assert_eq!(c as u16, v);
+            let e = Error::from_wire(c, "x".into());
+            assert_eq!(e.wire_code(), c);
+        }
+        assert!(WireCode::from_u16(0).is_none());
+        assert!(WireCode::from_u16(16).is_none());
+    }
+
+    #[test]
+    fn library_codes_sit_below_minus_10000() {
+        for c in [CODA_ECONFLICT, CODA_EPROTO, CODA_EPANIC, CODA_EAUTH] {
+            assert!(c <= -10000);
+            assert_ne!(Error::describe(c), "unknown error code");
+        }
+        assert_eq!(Error::NotFound("x".into()).code(), -libc::ENOENT);
+        assert_eq!(Error::Eio("x".into()).code(), -libc::EIO);
+    }
+}

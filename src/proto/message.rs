@@ -1,0 +1,808 @@
+//! Every message of the protocol, with its type code, encoding and decoding.
+//! Type codes and layouts are normative in docs/PROTOCOL.md.
+
+use super::codec::{Reader, Writer, ATTR_LEN, ENTRY_MIN_LEN, FID_LEN};
+use super::frame::Frame;
+use super::types::{Attr, DirEntry, Fid, Timespec};
+use super::{MAX_BATCH, MAX_DIR_PAGE, MAX_FIDS, MAX_MESSAGE, MAX_NAME, MAX_SYMLINK, MAX_USER};
+use crate::error::WireCode;
+use crate::{Error, Result};
+
+/// Which of a client's two connections this is. Control carries RPCs,
+/// heartbeats and callback breaks; bulk carries file data, so a large
+/// transfer never delays a heartbeat or a break (ARCHITECTURE decision 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnKind {
+    Control = 0,
+    Bulk = 1,
+}
+
+/// One mutation in a reintegration batch. `store_id` is unique per client
+/// (it grows), so a batch replayed after a lost reply is recognised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub store_id: u64,
+    pub op: RecordOp,
+}
+
+/// `expected_version` of 0 means "do not check" (connected mode's
+/// last-close-wins); any other value must equal the object's version on the
+/// server or the whole batch fails with `Conflict`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordOp {
+    /// Replace the contents of `fid` with the staged upload `upload_id`.
+    Store {
+        fid: Fid,
+        expected_version: u64,
+        upload_id: u64,
+        length: u64,
+        mtime: Timespec,
+    },
+    Create {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+        mode: u32,
+        mtime: Timespec,
+    },
+    Mkdir {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+        mode: u32,
+        mtime: Timespec,
+    },
+    Symlink {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+        target: String,
+        mtime: Timespec,
+    },
+    Link {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+    },
+    /// Unlink `name` from `parent`; it must name `fid`.
+    Remove {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+    },
+    /// Remove the empty directory `name` from `parent`; it must name `fid`.
+    Rmdir {
+        parent: Fid,
+        name: String,
+        fid: Fid,
+    },
+    /// POSIX rename of `src_name` (which must name `fid`) to `dst_name`,
+    /// replacing a file or an empty directory there.
+    Rename {
+        src_parent: Fid,
+        src_name: String,
+        dst_parent: Fid,
+        dst_name: String,
+        fid: Fid,
+    },
+    SetAttr {
+        fid: Fid,
+        expected_version: u64,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<Timespec>,
+    },
+}
+
+impl RecordOp {
+    /// The object the record is primarily about (its result attr is this one's).
+    pub fn target(&self) -> Fid {
+        match self {
+            RecordOp::Store { fid, .. }
+            | RecordOp::Create { fid, .. }
+            | RecordOp::Mkdir { fid, .. }
+            | RecordOp::Symlink { fid, .. }
+            | RecordOp::Link { fid, .. }
+            | RecordOp::Remove { fid, .. }
+            | RecordOp::Rmdir { fid, .. }
+            | RecordOp::Rename { fid, .. }
+            | RecordOp::SetAttr { fid, .. } => *fid,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    // Handshake, on both connection kinds.
+    Hello {
+        version: u16,
+        kind: ConnKind,
+        user: String,
+        client_id: [u8; 16],
+        epoch: u64,
+        client_nonce: [u8; 32],
+    },
+    Challenge {
+        server_nonce: [u8; 32],
+    },
+    Auth {
+        mac: [u8; 32],
+    },
+    Welcome {
+        server_id: [u8; 16],
+        root: Fid,
+        server_mac: [u8; 32],
+    },
+    /// Failure reply to any request (same id), or to the handshake.
+    /// `index` names the failing record of a batch, `u32::MAX` otherwise.
+    Error {
+        code: WireCode,
+        index: u32,
+        message: String,
+    },
+
+    // Control connection.
+    Ping,
+    Pong,
+    GetAttrs {
+        fids: Vec<Fid>,
+    },
+    /// One slot per requested fid, in order: the attr, or why not.
+    Attrs {
+        items: Vec<std::result::Result<Attr, WireCode>>,
+    },
+    ReadDir {
+        fid: Fid,
+        cursor: u32,
+    },
+    DirPage {
+        attr: Attr,
+        entries: Vec<DirEntry>,
+        next: Option<u32>,
+    },
+    AllocFids {
+        volume: u32,
+        count: u32,
+    },
+    FidRange {
+        volume: u32,
+        first_vnode: u64,
+        count: u32,
+    },
+    Reintegrate {
+        records: Vec<Record>,
+    },
+    /// The batch committed: one attr per record, of `record.op.target()` after
+    /// it (for Remove/Rmdir of the last link: the attr it had, nlink 0).
+    Reintegrated {
+        results: Vec<Attr>,
+    },
+    /// Server push: the callbacks on these fids are broken. Id chosen by server.
+    CallbackBreak {
+        fids: Vec<Fid>,
+    },
+    BreakAck,
+
+    // Bulk connection.
+    Fetch {
+        fid: Fid,
+    },
+    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    FetchReply {
+        attr: Attr,
+        length: u64,
+    },
+    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    Upload {
+        upload_id: u64,
+        length: u64,
+    },
+    Uploaded {
+        upload_id: u64,
+    },
+}
+
+mod code {
+    pub const HELLO: u8 = 0x01;
+    pub const CHALLENGE: u8 = 0x02;
+    pub const AUTH: u8 = 0x03;
+    pub const WELCOME: u8 = 0x04;
+    pub const ERROR: u8 = 0x05;
+    pub const PING: u8 = 0x10;
+    pub const PONG: u8 = 0x11;
+    pub const GET_ATTRS: u8 = 0x12;
+    pub const ATTRS: u8 = 0x13;
+    pub const READ_DIR: u8 = 0x14;
+    pub const DIR_PAGE: u8 = 0x15;
+    pub const ALLOC_FIDS: u8 = 0x16;
+    pub const FID_RANGE: u8 = 0x17;
+    pub const REINTEGRATE: u8 = 0x18;
+    pub const REINTEGRATED: u8 = 0x19;
+    pub const CALLBACK_BREAK: u8 = 0x20;
+    pub const BREAK_ACK: u8 = 0x21;
+    pub const FETCH: u8 = 0x30;
+    pub const FETCH_REPLY: u8 = 0x31;
+    pub const UPLOAD: u8 = 0x32;
+    pub const UPLOADED: u8 = 0x33;
+}
+
+mod rec {
+    pub const STORE: u8 = 1;
+    pub const CREATE: u8 = 2;
+    pub const MKDIR: u8 = 3;
+    pub const SYMLINK: u8 = 4;
+    pub const LINK: u8 = 5;
+    pub const REMOVE: u8 = 6;
+    pub const RMDIR: u8 = 7;
+    pub const RENAME: u8 = 8;
+    pub const SETATTR: u8 = 9;
+}
+
+impl Msg {
+    /// Build an error reply from a crate error.
+    pub fn error(e: &Error) -> Msg {
+        Msg::error_at(e, u32::MAX)
+    }
+
+    pub fn error_at(e: &Error, index: u32) -> Msg {
+        let mut message = e.to_string();
+        truncate_utf8(&mut message, MAX_MESSAGE);
+        Msg::Error {
+            code: e.wire_code(),
+            index,
+            message,
+        }
+    }
+
+    /// The message type code that goes in the frame header.
+    pub fn kind(&self) -> u8 {
+        use code::*;
+        match self {
+            Msg::Hello { .. } => HELLO,
+            Msg::Challenge { .. } => CHALLENGE,
+            Msg::Auth { .. } => AUTH,
+            Msg::Welcome { .. } => WELCOME,
+            Msg::Error { .. } => ERROR,
+            Msg::Ping => PING,
+            Msg::Pong => PONG,
+            Msg::GetAttrs { .. } => GET_ATTRS,
+            Msg::Attrs { .. } => ATTRS,
+            Msg::ReadDir { .. } => READ_DIR,
+            Msg::DirPage { .. } => DIR_PAGE,
+            Msg::AllocFids { .. } => ALLOC_FIDS,
+            Msg::FidRange { .. } => FID_RANGE,
+            Msg::Reintegrate { .. } => REINTEGRATE,
+            Msg::Reintegrated { .. } => REINTEGRATED,
+            Msg::CallbackBreak { .. } => CALLBACK_BREAK,
+            Msg::BreakAck => BREAK_ACK,
+            Msg::Fetch { .. } => FETCH,
+            Msg::FetchReply { .. } => FETCH_REPLY,
+            Msg::Upload { .. } => UPLOAD,
+            Msg::Uploaded { .. } => UPLOADED,
+        }
+    }
+
+    /// Encode the body (without the frame header).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Msg::Hello {
+                version,
+                kind,
+                user,
+                client_id,
+                epoch,
+                client_nonce,
+            } => {
+                w.u16(*version)
+                    .u8(*kind as u8)
+                    .str(user)
+                    .bytes_fixed(client_id)
+                    .u64(*epoch)
+                    .bytes_fixed(client_nonce);
+            }
+            Msg::Challenge { server_nonce } => {
+                w.bytes_fixed(server_nonce);
+            }
+            Msg::Auth { mac } => {
+                w.bytes_fixed(mac);
+            }
+            Msg::Welcome {
+                server_id,
+                root,
+                server_mac,
+            } => {
+                w.bytes_fixed(server_id).fid(root).bytes_fixed(server_mac);
+            }
+            Msg::Error {
+                code,
+                index,
+                message,
+            } => {
+                w.u16(*code as u16).u32(*index).str(message);
+            }
+            Msg::Ping | Msg::Pong | Msg::BreakAck => {}
+            Msg::GetAttrs { fids } | Msg::CallbackBreak { fids } => {
+                w.u32(fids.len() as u32);
+                for f in fids {
+                    w.fid(f);
+                }
+            }
+            Msg::Attrs { items } => {
+                w.u32(items.len() as u32);
+                for it in items {
+                    match it {
+                        Ok(a) => w.u8(0).attr(a),
+                        Err(c) => w.u8(1).u16(*c as u16),
+                    };
+                }
+            }
+            Msg::ReadDir { fid, cursor } => {
+                w.fid(fid).u32(*cursor);
+            }
+            Msg::DirPage {
+                attr,
+                entries,
+                next,
+            } => {
+                w.attr(attr).u32(entries.len() as u32);
+                for e in entries {
+                    w.entry(e);
+                }
+                w.opt_u32(*next);
+            }
+            Msg::AllocFids { volume, count } => {
+                w.u32(*volume).u32(*count);
+            }
+            Msg::FidRange {
+                volume,
+                first_vnode,
+                count,
+            } => {
+                w.u32(*volume).u64(*first_vnode).u32(*count);
+            }
+            Msg::Reintegrate { records } => {
+                w.u32(records.len() as u32);
+                for r in records {
+                    encode_record(&mut w, r);
+                }
+            }
+            Msg::Reintegrated { results } => {
+                w.u32(results.len() as u32);
+                for a in results {
+                    w.attr(a);
+                }
+            }
+            Msg::Fetch { fid } => {
+                w.fid(fid);
+            }
+            Msg::FetchReply { attr, length } => {
+                w.attr(attr).u64(*length);
+            }
+            Msg::Upload { upload_id, length } => {
+                w.u64(*upload_id).u64(*length);
+            }
+            Msg::Uploaded { upload_id } => {
+                w.u64(*upload_id);
+            }
+        }
+        w.buf
+    }
+
+    /// Decode a message from its frame. Unknown types, out-of-range values,
+    /// oversized counts and trailing bytes are all protocol errors.
+    pub fn decode(frame: &Frame) -> Result<Msg> {
+        Msg::decode_body(frame.kind, &frame.body)
+    }
+
+    pub fn decode_body(kind: u8, body: &[u8]) -> Result<Msg> {
+        use code::*;
+        let mut r = Reader::new(body);
+        let msg = match kind {
+            HELLO => {
+                let version = r.u16()?;
+                let kind = match r.u8()? {
+                    0 => ConnKind::Control,
+                    1 => ConnKind::Bulk,
+                    v => return Err(Error::Protocol(format!("bad connection kind {v}"))),
+                };
+                Msg::Hello {
+                    version,
+                    kind,
+                    user: r.str(MAX_USER, "user name")?,
+                    client_id: r.array()?,
+                    epoch: r.u64()?,
+                    client_nonce: r.array()?,
+                }
+            }
+            CHALLENGE => Msg::Challenge {
+                server_nonce: r.array()?,
+            },
+            AUTH => Msg::Auth { mac: r.array()? },
+            WELCOME => Msg::Welcome {
+                server_id: r.array()?,
+                root: r.fid()?,
+                server_mac: r.array()?,
+            },
+            ERROR => {
+                let c = r.u16()?;
+                Msg::Error {
+                    code: WireCode::from_u16(c)
+                        .ok_or_else(|| Error::Protocol(format!("unknown error code {c}")))?,
+                    index: r.u32()?,
+                    message: r.str(MAX_MESSAGE, "error message")?,
+                }
+            }
+            PING => Msg::Ping,
+            PONG => Msg::Pong,
+            BREAK_ACK => Msg::BreakAck,
+            GET_ATTRS | CALLBACK_BREAK => {
+                let n = r.count(MAX_FIDS, FID_LEN, "fids")?;
+                let mut fids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    fids.push(r.fid()?);
+                }
+                if kind == GET_ATTRS {
+                    Msg::GetAttrs { fids }
+                } else {
+                    Msg::CallbackBreak { fids }
+                }
+            }
+            ATTRS => {
+                let n = r.count(MAX_FIDS, 3, "attrs")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(match r.u8()? {
+                        0 => Ok(r.attr()?),
+                        1 => {
+                            let c = r.u16()?;
+                            Err(WireCode::from_u16(c)
+                                .ok_or_else(|| Error::Protocol(format!("unknown error code {c}")))?)
+                        }
+                        v => return Err(Error::Protocol(format!("bad attr slot tag {v}"))),
+                    });
+                }
+                Msg::Attrs { items }
+            }
+            READ_DIR => Msg::ReadDir {
+                fid: r.fid()?,
+                cursor: r.u32()?,
+            },
+            DIR_PAGE => {
+                let attr = r.attr()?;
+                let n = r.count(MAX_DIR_PAGE, ENTRY_MIN_LEN, "directory entries")?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(r.entry()?);
+                }
+                Msg::DirPage {
+                    attr,
+                    entries,
+                    next: r.opt_u32()?,
+                }
+            }
+            ALLOC_FIDS => Msg::AllocFids {
+                volume: r.u32()?,
+                count: r.u32()?,
+            },
+            FID_RANGE => Msg::FidRange {
+                volume: r.u32()?,
+                first_vnode: r.u64()?,
+                count: r.u32()?,
+            },
+            REINTEGRATE => {
+                let n = r.count(MAX_BATCH, 9, "records")?;
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    records.push(decode_record(&mut r)?);
+                }
+                Msg::Reintegrate { records }
+            }
+            REINTEGRATED => {
+                let n = r.count(MAX_BATCH, ATTR_LEN, "results")?;
+                let mut results = Vec::with_capacity(n);
+                for _ in 0..n {
+                    results.push(r.attr()?);
+                }
+                Msg::Reintegrated { results }
+            }
+            FETCH => Msg::Fetch { fid: r.fid()? },
+            FETCH_REPLY => Msg::FetchReply {
+                attr: r.attr()?,
+                length: r.u64()?,
+            },
+            UPLOAD => Msg::Upload {
+                upload_id: r.u64()?,
+                length: r.u64()?,
+            },
+            UPLOADED => Msg::Uploaded {
+                upload_id: r.u64()?,
+            },
+            other => return Err(Error::Protocol(format!("unknown message type {other:#04x}"))),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+fn encode_record(w: &mut Writer, r: &Record) {
+    w.u64(r.store_id);
+    match &r.op {
+        RecordOp::Store {
+            fid,
+            expected_version,
+            upload_id,
+            length,
+            mtime,
+        } => {
+            w.u8(rec::STORE)
+                .fid(fid)
+                .u64(*expected_version)
+                .u64(*upload_id)
+                .u64(*length)
+                .time(mtime);
+        }
+        RecordOp::Create {
+            parent,
+            name,
+            fid,
+            mode,
+            mtime,
+        } => {
+            w.u8(rec::CREATE)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u32(*mode)
+                .time(mtime);
+        }
+        RecordOp::Mkdir {
+            parent,
+            name,
+            fid,
+            mode,
+            mtime,
+        } => {
+            w.u8(rec::MKDIR)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u32(*mode)
+                .time(mtime);
+        }
+        RecordOp::Symlink {
+            parent,
+            name,
+            fid,
+            target,
+            mtime,
+        } => {
+            w.u8(rec::SYMLINK)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .str(target)
+                .time(mtime);
+        }
+        RecordOp::Link { parent, name, fid } => {
+            w.u8(rec::LINK).fid(parent).str(name).fid(fid);
+        }
+        RecordOp::Remove { parent, name, fid } => {
+            w.u8(rec::REMOVE).fid(parent).str(name).fid(fid);
+        }
+        RecordOp::Rmdir { parent, name, fid } => {
+            w.u8(rec::RMDIR).fid(parent).str(name).fid(fid);
+        }
+        RecordOp::Rename {
+            src_parent,
+            src_name,
+            dst_parent,
+            dst_name,
+            fid,
+        } => {
+            w.u8(rec::RENAME)
+                .fid(src_parent)
+                .str(src_name)
+                .fid(dst_parent)
+                .str(dst_name)
+                .fid(fid);
+        }
+        RecordOp::SetAttr {
+            fid,
+            expected_version,
+            mode,
+            size,
+            mtime,
+        } => {
+            w.u8(rec::SETATTR)
+                .fid(fid)
+                .u64(*expected_version)
+                .opt_u32(*mode)
+                .opt_u64(*size)
+                .opt_time(*mtime);
+        }
+    }
+}
+
+fn decode_record(r: &mut Reader) -> Result<Record> {
+    let store_id = r.u64()?;
+    let name = |r: &mut Reader| r.str(MAX_NAME, "name");
+    let op = match r.u8()? {
+        rec::STORE => RecordOp::Store {
+            fid: r.fid()?,
+            expected_version: r.u64()?,
+            upload_id: r.u64()?,
+            length: r.u64()?,
+            mtime: r.time()?,
+        },
+        rec::CREATE => RecordOp::Create {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            mode: r.u32()?,
+            mtime: r.time()?,
+        },
+        rec::MKDIR => RecordOp::Mkdir {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            mode: r.u32()?,
+            mtime: r.time()?,
+        },
+        rec::SYMLINK => RecordOp::Symlink {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            target: r.str(MAX_SYMLINK, "symlink target")?,
+            mtime: r.time()?,
+        },
+        rec::LINK => RecordOp::Link {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+        },
+        rec::REMOVE => RecordOp::Remove {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+        },
+        rec::RMDIR => RecordOp::Rmdir {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+        },
+        rec::RENAME => RecordOp::Rename {
+            src_parent: r.fid()?,
+            src_name: name(r)?,
+            dst_parent: r.fid()?,
+            dst_name: name(r)?,
+            fid: r.fid()?,
+        },
+        rec::SETATTR => RecordOp::SetAttr {
+            fid: r.fid()?,
+            expected_version: r.u64()?,
+            mode: r.opt_u32()?,
+            size: r.opt_u64()?,
+            mtime: r.opt_time()?,
+        },
+        v => return Err(Error::Protocol(format!("unknown record type {v}"))),
+    };
+    Ok(Record { store_id, op })
+}
+
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::types::FileType;
+
+    fn attr() -> Attr {
+        Attr {
+            fid: Fid::new(1, 2, 3),
+            ftype: FileType::File,
+            mode: 0o644,
+            nlink: 1,
+            size: 10,
+            mtime: Timespec { sec: 5, nsec: 6 },
+            ctime: Timespec { sec: 7, nsec: 8 },
+            version: 9,
+        }
+    }
+
+    fn samples() -> Vec<Msg> {
+        let f = Fid::new(1, 2, 3);
+        let t = Timespec { sec: 1, nsec: 2 };
+        let ops = vec![
+            RecordOp::Store { fid: f, expected_version: 4, upload_id: 5, length: 6, mtime: t },
+            RecordOp::Create { parent: f, name: "a".into(), fid: f, mode: 0o600, mtime: t },
+            RecordOp::Mkdir { parent: f, name: "d".into(), fid: f, mode: 0o755, mtime: t },
+            RecordOp::Symlink { parent: f, name: "s".into(), fid: f, target: "/x".into(), mtime: t },
+            RecordOp::Link { parent: f, name: "l".into(), fid: f },
+            RecordOp::Remove { parent: f, name: "r".into(), fid: f },
+            RecordOp::Rmdir { parent: f, name: "r".into(), fid: f },
+            RecordOp::Rename {
+                src_parent: f,
+                src_name: "a".into(),
+                dst_parent: f,
+                dst_name: "b".into(),
+                fid: f,
+            },
+            RecordOp::SetAttr { fid: f, expected_version: 0, mode: Some(0o700), size: None, mtime: Some(t) },
+        ];
+        vec![
+            Msg::Hello {
+                version: 1,
+                kind: ConnKind::Bulk,
+                user: "admin".into(),
+                client_id: [7; 16],
+                epoch: 99,
+                client_nonce: [8; 32],
+            },
+            Msg::Challenge { server_nonce: [1; 32] },
+            Msg::Auth { mac: [2; 32] },
+            Msg::Welcome { server_id: [3; 16], root: f, server_mac: [4; 32] },
+            Msg::Error { code: WireCode::NotFound, index: 3, message: "gone".into() },
+            Msg::Ping,
+            Msg::Pong,
+            Msg::GetAttrs { fids: vec![f, f] },
+            Msg::Attrs { items: vec![Ok(attr()), Err(WireCode::Stale)] },
+            Msg::ReadDir { fid: f, cursor: 7 },
+            Msg::DirPage {
+                attr: attr(),
+                entries: vec![DirEntry { name: "x".into(), fid: f, ftype: FileType::Dir }],
+                next: Some(1),
+            },
+            Msg::AllocFids { volume: 1, count: 64 },
+            Msg::FidRange { volume: 1, first_vnode: 100, count: 64 },
+            Msg::Reintegrate {
+                records: ops.into_iter().enumerate().map(|(i, op)| Record { store_id: i as u64, op }).collect(),
+            },
+            Msg::Reintegrated { results: vec![attr()] },
+            Msg::CallbackBreak { fids: vec![f] },
+            Msg::BreakAck,
+            Msg::Fetch { fid: f },
+            Msg::FetchReply { attr: attr(), length: 1 << 40 },
+            Msg::Upload { upload_id: 1, length: 2 },
+            Msg::Uploaded { upload_id: 1 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let body = m.encode();
+            assert_eq!(Msg::decode_body(m.kind(), &body).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn truncated_or_padded_bodies_are_refused() {
+        for m in samples() {
+            let body = m.encode();
+            for cut in 0..body.len() {
+                assert!(Msg::decode_body(m.kind(), &body[..cut]).is_err(), "{m:?} cut {cut}");
+            }
+            let mut long = body.clone();
+            long.push(0);
+            assert!(Msg::decode_body(m.kind(), &long).is_err());
+        }
+    }
+
+    #[test]
+    fn unknown_type_and_huge_counts_are_refused() {
+        assert!(matches!(Msg::decode_body(0xEE, &[]), Err(Error::Protocol(_))));
+        let body = u32::MAX.to_be_bytes();
+        assert!(matches!(Msg::decode_body(code::GET_ATTRS, &body), Err(Error::Protocol(_))));
+        assert!(matches!(Msg::decode_body(code::REINTEGRATE, &body), Err(Error::Protocol(_))));
+    }
+}

@@ -1,0 +1,126 @@
+//! Values shared by messages: fids, attributes, directory entries.
+
+use std::fmt;
+
+/// A file's stable identity: (volume, vnode, uniquifier). Names change, fids don't.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Fid {
+    pub volume: u32,
+    pub vnode: u64,
+    pub unique: u32,
+}
+
+impl Fid {
+    pub const fn new(volume: u32, vnode: u64, unique: u32) -> Fid {
+        Fid {
+            volume,
+            vnode,
+            unique,
+        }
+    }
+
+    /// A stable inode number derived from the fid (for `stat` and FUSE).
+    pub fn ino(&self) -> u64 {
+        // vnodes are allocated densely per volume; the volume goes in the high bits.
+        ((self.volume as u64) << 48) ^ self.vnode
+    }
+
+    /// Fixed 16-byte key form, used in redb tables on both sides.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.volume.to_be_bytes());
+        b[4..12].copy_from_slice(&self.vnode.to_be_bytes());
+        b[12..].copy_from_slice(&self.unique.to_be_bytes());
+        b
+    }
+
+    pub fn from_bytes(b: &[u8; 16]) -> Fid {
+        Fid {
+            volume: u32::from_be_bytes(b[..4].try_into().unwrap()),
+            vnode: u64::from_be_bytes(b[4..12].try_into().unwrap()),
+            unique: u32::from_be_bytes(b[12..].try_into().unwrap()),
+        }
+    }
+}
+
+impl fmt::Display for Fid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}.{:x}.{:x}", self.volume, self.vnode, self.unique)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FileType {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+}
+
+impl FileType {
+    pub fn from_u8(v: u8) -> Option<FileType> {
+        match v {
+            1 => Some(FileType::File),
+            2 => Some(FileType::Dir),
+            3 => Some(FileType::Symlink),
+            _ => None,
+        }
+    }
+
+    /// The `S_IF*` bits of `st_mode` for this type.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            FileType::File => libc::S_IFREG,
+            FileType::Dir => libc::S_IFDIR,
+            FileType::Symlink => libc::S_IFLNK,
+        }
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timespec {
+    pub fn now() -> Timespec {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// An object's status as the server keeps it. `version` grows by one with
+/// every mutation of the object (for a directory: of its entries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub fid: Fid,
+    pub ftype: FileType,
+    /// Permission bits only (`0o7777`); the type is `ftype`.
+    pub mode: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+    pub version: u64,
+}
+
+impl Attr {
+    /// POSIX `st_mode`: type bits plus permission bits.
+    pub fn st_mode(&self) -> u32 {
+        self.ftype.mode_bits() | (self.mode & 0o7777)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub fid: Fid,
+    pub ftype: FileType,
+}
