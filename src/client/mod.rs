@@ -1,0 +1,1 @@
+//! Venus: the client cache manager. (being written)

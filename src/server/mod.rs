@@ -1,0 +1,1 @@
+//! Vice: the file server. (being written)
