@@ -1,0 +1,176 @@
+//! Shared test harness: real `coda-server` processes on loopback ports chosen
+//! at run time, killed by PID and cleaned up even when a test fails.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SERVER_BIN: &str = env!("CARGO_BIN_EXE_coda-server");
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let base = std::env::temp_dir();
+        for i in 0..1000u32 {
+            let p = base.join(format!("coda-test-{tag}-{}-{i}", std::process::id()));
+            if std::fs::create_dir(&p).is_ok() {
+                return TempDir(p);
+            }
+        }
+        panic!("could not make a temp dir under {}", base.display());
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `coda-server` child process serving a data directory of its own.
+pub struct TestServer {
+    pub dir: TempDir,
+    child: Option<Child>,
+    addr: SocketAddr,
+    extra_args: Vec<String>,
+}
+
+impl TestServer {
+    /// `coda-server init` a fresh data directory, then serve it on a free port.
+    pub fn start() -> TestServer {
+        TestServer::start_with(&[])
+    }
+
+    /// Like `start`, with extra arguments for `serve` (e.g. `--break-timeout-ms 300`).
+    pub fn start_with(extra: &[&str]) -> TestServer {
+        let dir = TempDir::new("server");
+        let root = dir.path().join("data");
+        let out = Command::new(SERVER_BIN)
+            .args(["init", "--root"])
+            .arg(&root)
+            .output()
+            .expect("run coda-server init");
+        assert!(
+            out.status.success(),
+            "coda-server init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut s = TestServer {
+            dir,
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.serve("127.0.0.1:0");
+        s
+    }
+
+    fn serve(&mut self, listen: &str) {
+        let mut child = Command::new(SERVER_BIN)
+            .args(["serve", "--root"])
+            .arg(self.root())
+            .args(["--listen", listen])
+            .args(&self.extra_args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn coda-server serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read coda-server's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("unexpected first line from coda-server: {line:?}")
+            });
+        self.addr = addr.parse().expect("listening address");
+        self.child = Some(child);
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    /// The `admin` user's secret, as `coda-server init` wrote it.
+    pub fn secret_file(&self) -> PathBuf {
+        self.root().join("admin.secret")
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("server running").id() as i32
+    }
+
+    /// `kill -9` the server and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigstop(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
+    }
+    pub fn sigcont(&self) {
+        unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Serve the same data directory again, on the same port (retrying while
+    /// the old socket lingers).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The port may still be held for a moment; try until it binds.
+            let probe = std::net::TcpListener::bind(self.addr);
+            if probe.is_ok() || Instant::now() > deadline {
+                drop(probe);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.serve(&listen);
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
+        self.kill9();
+    }
+}
