@@ -12,7 +12,6 @@ use std::io;
 pub const CODA_ECONFLICT: i32 = -10001;
 pub const CODA_EPROTO: i32 = -10002;
 pub const CODA_EPANIC: i32 = -10003;
-pub const CODA_EAUTH: i32 = -10004;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -92,7 +91,7 @@ impl Error {
             Error::NoSpace(_) => -ENOSPC,
             Error::Conflict(_) => CODA_ECONFLICT,
             Error::Protocol(_) => CODA_EPROTO,
-            Error::Auth(_) => CODA_EAUTH,
+            Error::Auth(_) => -EACCES,
             Error::Stale(_) => -ESTALE,
             Error::Timeout(_) => -ETIMEDOUT,
             Error::Again(_) => -EAGAIN,
@@ -167,7 +166,6 @@ impl Error {
             CODA_ECONFLICT => "conflict: the object changed on the server",
             CODA_EPROTO => "protocol error",
             CODA_EPANIC => "internal panic in the coda library",
-            CODA_EAUTH => "authentication failed",
             c if c < 0 && c > -4096 => errno_text(-c),
             _ => "unknown error code",
         }
@@ -295,7 +293,7 @@ mod tests {
 
     #[test]
     fn library_codes_sit_below_minus_10000() {
-        for c in [CODA_ECONFLICT, CODA_EPROTO, CODA_EPANIC, CODA_EAUTH] {
+        for c in [CODA_ECONFLICT, CODA_EPROTO, CODA_EPANIC] {
             assert!(c <= -10000);
             assert_ne!(Error::describe(c), "unknown error code");
         }
