@@ -298,6 +298,9 @@ fn handshake(server: &str, kind: ConnKind, id: &Identity, t: &Timing) -> Result<
 
 struct Control {
     server: String,
+    /// A clone used only to shut the socket down, so killing the connection
+    /// never waits for a writer stuck on a full socket.
+    sock: TcpStream,
     writer: Mutex<TcpStream>,
     pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
     dead: Mutex<Option<String>>,
@@ -315,7 +318,7 @@ impl Control {
             }
             *d = Some(reason.to_string());
         }
-        let _ = self.writer.lock().shutdown(Shutdown::Both);
+        let _ = self.sock.shutdown(Shutdown::Both);
         let waiters: Vec<_> = self.pending.lock().drain().collect();
         for (_, tx) in waiters {
             let _ = tx.send(Err(Error::Eio(format!("server {}: {reason}", self.server))));
@@ -425,8 +428,10 @@ impl Session {
         s.set_read_timeout(None)
             .map_err(|e| Error::io("control socket", e))?;
         let reader = s.try_clone().map_err(|e| Error::io("control socket", e))?;
+        let sock = s.try_clone().map_err(|e| Error::io("control socket", e))?;
         let ctl = Arc::new(Control {
             server: server.to_string(),
+            sock,
             writer: Mutex::new(s),
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
@@ -477,6 +482,12 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = bounded(1);
         self.ctl.pending.lock().insert(id, tx);
+        // A kill that drained the table just before our insert would leave
+        // us waiting for the timeout: look again.
+        if let Some(e) = self.ctl.dead_error() {
+            self.ctl.pending.lock().remove(&id);
+            return Err(e);
+        }
         let sent = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
         if let Err(e) = sent {
             self.ctl.pending.lock().remove(&id);
@@ -484,7 +495,6 @@ impl Session {
             self.ctl.kill(&e.to_string());
             return Err(e);
         }
-        // A kill between insert and now already sent us its error.
         let watch = interrupt.watch();
         let r = select! {
             recv(rx) -> r => r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
