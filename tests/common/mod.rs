@@ -130,7 +130,9 @@ impl TestServer {
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited 0.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
         unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
