@@ -45,7 +45,6 @@ fn encode_record(r: &Record) -> Vec<u8> {
     .encode()
 }
 
-#[allow(dead_code)] // read back by replay after a restart (disconnected operation)
 fn decode_record(b: &[u8]) -> Result<Record> {
     let kind = Msg::Reintegrate { records: vec![] }.kind();
     match Msg::decode_body(kind, b)? {
@@ -88,7 +87,6 @@ impl Cml {
     }
 
     /// Records not yet known to be on the server, in order.
-    #[allow(dead_code)] // replayed after a restart by disconnected operation
     pub fn pending(&self) -> Result<Vec<Record>> {
         let r = self.db.begin_read()?;
         let t = r.open_table(CML)?;
@@ -205,6 +203,38 @@ impl Cml {
             Counters::add(&counters.reintegrations, 1);
         }
         result
+    }
+
+    /// Send, in order, what a crashed run logged but may not have seen
+    /// committed. The server recognises records it already applied by their
+    /// store ids and does not apply them twice. A store whose container no
+    /// longer has the logged length cannot be replayed and is dropped.
+    pub fn replay(
+        &self,
+        servers: &Servers,
+        counters: &Counters,
+        container: impl Fn(Fid) -> std::path::PathBuf,
+    ) -> Result<()> {
+        let _order = self.gate.lock();
+        for rec in self.pending()? {
+            let data = match &rec.op {
+                RecordOp::Store { fid, length, .. } => match File::open(container(*fid)) {
+                    Ok(f) if f.metadata().map(|m| m.len()).ok() == Some(*length) => Some(f),
+                    _ => {
+                        self.remove(rec.store_id)?;
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            match self.reintegrate(servers, &rec, data.as_ref()) {
+                Ok(_) => Counters::add(&counters.reintegrations, 1),
+                Err(e) if unreachable(&e) => return Err(e),
+                Err(_) => {} // refused: it cannot apply any more; nobody waits for it
+            }
+            self.remove(rec.store_id)?;
+        }
+        Ok(())
     }
 
     fn reintegrate(&self, servers: &Servers, rec: &Record, data: Option<&File>) -> Result<Attr> {

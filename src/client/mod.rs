@@ -183,6 +183,9 @@ impl Client {
             cml,
             _stop_heartbeat: stop,
         });
+        inner.cml.replay(&inner.servers, &inner.counters, |f| {
+            inner.cache.container(f)
+        })?;
         inner.revalidate_all()?;
         Ok(Client { inner })
     }
