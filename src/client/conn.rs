@@ -53,11 +53,26 @@ struct InterruptState {
     reason: String,
 }
 
-/// Waits select on `watch()`; `trigger` wakes them all (and `Servers` shuts
-/// down bulk sockets so streaming reads and writes stop too). Failover will
-/// trigger it; `clear` (failback) arms it again.
+/// Waits select on `watch()`; `trigger` wakes them all and shuts down every
+/// socket registered with `guard` (handshakes and bulk transfers), so
+/// blocking reads and writes stop too. Failover will trigger it; `clear`
+/// (failback) arms it again.
 pub(crate) struct Interrupt {
     state: Mutex<InterruptState>,
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    next_socket: AtomicU64,
+}
+
+/// Keeps a socket registered with an [`Interrupt`] while it blocks.
+pub(crate) struct SocketGuard<'a> {
+    owner: &'a Interrupt,
+    key: u64,
+}
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        self.owner.sockets.lock().remove(&self.key);
+    }
 }
 
 impl Interrupt {
@@ -69,7 +84,21 @@ impl Interrupt {
                 rx,
                 reason: String::new(),
             }),
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(0),
         }
+    }
+
+    /// Register `s` so an interrupt shuts it down; then check, so an
+    /// interrupt that came just before is not missed.
+    fn guard(&self, s: &TcpStream) -> Result<SocketGuard<'_>> {
+        let key = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = s.try_clone() {
+            self.sockets.lock().insert(key, c);
+        }
+        let g = SocketGuard { owner: self, key };
+        self.check()?;
+        Ok(g)
     }
 
     pub fn watch(&self) -> Receiver<()> {
@@ -89,9 +118,14 @@ impl Interrupt {
     }
 
     fn trigger(&self, reason: &str) {
-        let mut s = self.state.lock();
-        s.reason = reason.to_string();
-        s.tx = None;
+        {
+            let mut s = self.state.lock();
+            s.reason = reason.to_string();
+            s.tx = None;
+        }
+        for s in self.sockets.lock().values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     #[allow(dead_code)] // failback arrives with a later issue
@@ -228,7 +262,13 @@ fn reply_error(m: Msg, server: &str, what: &str) -> Error {
 }
 
 /// Open and authenticate one connection; returns it with the root fid.
-fn handshake(server: &str, kind: ConnKind, id: &Identity, t: &Timing) -> Result<(TcpStream, Fid)> {
+fn handshake(
+    server: &str,
+    kind: ConnKind,
+    id: &Identity,
+    t: &Timing,
+    interrupt: &Interrupt,
+) -> Result<(TcpStream, Fid)> {
     let addr = server
         .to_socket_addrs()
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
@@ -244,6 +284,7 @@ fn handshake(server: &str, kind: ConnKind, id: &Identity, t: &Timing) -> Result<
             Error::Eio(format!("connecting to server {server}: {e}"))
         }
     })?;
+    let _guard = interrupt.guard(&s)?;
     let client_nonce = auth::random_bytes::<32>();
     send(
         &mut s,
@@ -393,6 +434,7 @@ pub(crate) struct Bulk<'a> {
     session: &'a Session,
     stream: Option<TcpStream>,
     key: u64,
+    _interruptible: SocketGuard<'a>,
 }
 
 impl Drop for Bulk<'_> {
@@ -422,8 +464,9 @@ impl Session {
         timing: Timing,
         callbacks: Arc<Callbacks>,
         counters: Arc<Counters>,
+        interrupt: &Interrupt,
     ) -> Result<Arc<Session>> {
-        let (s, root) = handshake(server, ConnKind::Control, &ident, &timing)?;
+        let (s, root) = handshake(server, ConnKind::Control, &ident, &timing, interrupt)?;
         // The reader blocks without a deadline; the heartbeat judges silence.
         s.set_read_timeout(None)
             .map_err(|e| Error::io("control socket", e))?;
@@ -464,12 +507,6 @@ impl Session {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.bulk_pool.lock().clear();
-    }
-
-    fn shutdown_bulk(&self) {
-        for s in self.bulk_active.lock().values() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
     }
 
     /// One request on the control connection; waits for its reply, the
@@ -525,7 +562,7 @@ impl Session {
         self.ctl.last_heard.lock().elapsed()
     }
 
-    fn bulk(&self, interrupt: &Interrupt) -> Result<Bulk<'_>> {
+    fn bulk<'a>(&'a self, interrupt: &'a Interrupt) -> Result<Bulk<'a>> {
         interrupt.check()?;
         if let Some(e) = self.ctl.dead_error() {
             return Err(e);
@@ -533,19 +570,30 @@ impl Session {
         let pooled = self.bulk_pool.lock().pop();
         let stream = match pooled {
             Some(s) => s,
-            None => handshake(&self.server, ConnKind::Bulk, &self.ident, &self.timing)?.0,
+            None => {
+                handshake(
+                    &self.server,
+                    ConnKind::Bulk,
+                    &self.ident,
+                    &self.timing,
+                    interrupt,
+                )?
+                .0
+            }
         };
         let key = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = stream.try_clone() {
             self.bulk_active.lock().insert(key, c);
         }
+        // Registered for kill (above) and for interrupts (here): either
+        // shuts the socket down and unblocks the transfer at once.
+        let guard = interrupt.guard(&stream);
         let b = Bulk {
             session: self,
             stream: Some(stream),
             key,
+            _interruptible: guard?,
         };
-        // An interrupt that came while we dialled must not be missed.
-        interrupt.check()?;
         Ok(b)
     }
 
@@ -709,6 +757,7 @@ impl Servers {
                 self.timing,
                 self.callbacks.clone(),
                 self.counters.clone(),
+                &self.interrupt,
             ) {
                 Ok(s) => {
                     if let Some(old) = self.current.lock().replace(s.clone()) {
@@ -747,14 +796,44 @@ impl Servers {
     #[allow(dead_code)] // failover arrives with a later issue
     pub fn interrupt_all(&self, reason: &str) {
         self.interrupt.trigger(reason);
-        if let Some(s) = self.current.lock().as_ref() {
-            s.shutdown_bulk();
-        }
     }
 
     pub fn shutdown(&self) {
         if let Some(s) = self.current.lock().take() {
             s.kill("client shut down");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_unblocks_waits_and_guarded_sockets_at_once() {
+        let i = Interrupt::new();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _peer = l.accept().unwrap();
+        let watch = i.watch();
+        let t0 = Instant::now();
+        std::thread::scope(|sc| {
+            let _g = i.guard(&s).unwrap();
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                i.trigger("failed over");
+            });
+            // Blocks (the peer sends nothing) until the interrupt shuts it down.
+            let mut b = [0u8; 1];
+            assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+        });
+        assert!(
+            watch.recv_timeout(Duration::from_secs(1)).is_err(),
+            "watchers wake"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(matches!(i.check(), Err(Error::Eio(m)) if m == "failed over"));
+        i.clear();
+        assert!(i.check().is_ok());
     }
 }
