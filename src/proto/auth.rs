@@ -103,12 +103,28 @@ mod tests {
     fn macs_bind_every_field() {
         let secret = [9u8; 32];
         let (id, cn, sn) = ([1u8; 16], [2u8; 32], [3u8; 32]);
-        let t = Transcript { user: "admin", client_id: &id, epoch: 1, kind: ConnKind::Control, client_nonce: &cn, server_nonce: &sn };
+        let t = Transcript {
+            user: "admin",
+            client_id: &id,
+            epoch: 1,
+            kind: ConnKind::Control,
+            client_nonce: &cn,
+            server_nonce: &sn,
+        };
         let a = client_mac(&secret, &t);
         let sn2 = [4u8; 32];
-        let t2 = Transcript { server_nonce: &sn2, ..t };
-        assert!(!mac_eq(&a, &client_mac(&secret, &t2)), "a new server nonce gives a new MAC");
-        let t3 = Transcript { server_nonce: &sn, ..t2 };
+        let t2 = Transcript {
+            server_nonce: &sn2,
+            ..t
+        };
+        assert!(
+            !mac_eq(&a, &client_mac(&secret, &t2)),
+            "a new server nonce gives a new MAC"
+        );
+        let t3 = Transcript {
+            server_nonce: &sn,
+            ..t2
+        };
         assert!(mac_eq(&a, &client_mac(&secret, &t3)));
         assert!(!mac_eq(&a, &server_mac(&secret, &t3)));
         assert!(!mac_eq(&a, &client_mac(&[8u8; 32], &t3)));

@@ -23,11 +23,17 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>> {
     match read_full(r, &mut len)? {
         0 => return Ok(None),
         4 => {}
-        _ => return Err(Error::Protocol("connection closed inside a frame header".into())),
+        _ => {
+            return Err(Error::Protocol(
+                "connection closed inside a frame header".into(),
+            ))
+        }
     }
     let len = u32::from_be_bytes(len) as usize;
     if len < 9 {
-        return Err(Error::Protocol(format!("frame length {len} below minimum 9")));
+        return Err(Error::Protocol(format!(
+            "frame length {len} below minimum 9"
+        )));
     }
     if len > MAX_FRAME {
         return Err(Error::Protocol(format!(
@@ -36,11 +42,15 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>> {
     }
     let mut head = [0u8; 9];
     if read_full(r, &mut head)? != 9 {
-        return Err(Error::Protocol("connection closed inside a frame header".into()));
+        return Err(Error::Protocol(
+            "connection closed inside a frame header".into(),
+        ));
     }
     let mut body = vec![0u8; len - 9];
     if read_full(r, &mut body)? != body.len() {
-        return Err(Error::Protocol("connection closed inside a frame body".into()));
+        return Err(Error::Protocol(
+            "connection closed inside a frame body".into(),
+        ));
     }
     Ok(Some(Frame {
         kind: head[0],
@@ -105,7 +115,14 @@ mod tests {
         let bytes = encode_frame(7, 42, b"hello");
         let (f, used) = parse_frame(&bytes).unwrap();
         assert_eq!(used, bytes.len());
-        assert_eq!(f, Frame { kind: 7, id: 42, body: b"hello".to_vec() });
+        assert_eq!(
+            f,
+            Frame {
+                kind: 7,
+                id: 42,
+                body: b"hello".to_vec()
+            }
+        );
     }
 
     #[test]
@@ -119,7 +136,10 @@ mod tests {
     fn truncated_frames_are_protocol_errors() {
         let bytes = encode_frame(1, 1, b"abcdef");
         for cut in 1..bytes.len() {
-            assert!(matches!(parse_frame(&bytes[..cut]), Err(Error::Protocol(_))), "cut {cut}");
+            assert!(
+                matches!(parse_frame(&bytes[..cut]), Err(Error::Protocol(_))),
+                "cut {cut}"
+            );
         }
         let mut r = io::Cursor::new(Vec::<u8>::new());
         assert!(read_frame(&mut r).unwrap().is_none());

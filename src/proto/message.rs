@@ -457,8 +457,9 @@ impl Msg {
                         0 => Ok(r.attr()?),
                         1 => {
                             let c = r.u16()?;
-                            Err(WireCode::from_u16(c)
-                                .ok_or_else(|| Error::Protocol(format!("unknown error code {c}")))?)
+                            Err(WireCode::from_u16(c).ok_or_else(|| {
+                                Error::Protocol(format!("unknown error code {c}"))
+                            })?)
                         }
                         v => return Err(Error::Protocol(format!("bad attr slot tag {v}"))),
                     });
@@ -519,7 +520,11 @@ impl Msg {
             UPLOADED => Msg::Uploaded {
                 upload_id: r.u64()?,
             },
-            other => return Err(Error::Protocol(format!("unknown message type {other:#04x}"))),
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unknown message type {other:#04x}"
+                )))
+            }
         };
         r.finish()?;
         Ok(msg)
@@ -723,13 +728,49 @@ mod tests {
         let f = Fid::new(1, 2, 3);
         let t = Timespec { sec: 1, nsec: 2 };
         let ops = vec![
-            RecordOp::Store { fid: f, expected_version: 4, upload_id: 5, length: 6, mtime: t },
-            RecordOp::Create { parent: f, name: "a".into(), fid: f, mode: 0o600, mtime: t },
-            RecordOp::Mkdir { parent: f, name: "d".into(), fid: f, mode: 0o755, mtime: t },
-            RecordOp::Symlink { parent: f, name: "s".into(), fid: f, target: "/x".into(), mtime: t },
-            RecordOp::Link { parent: f, name: "l".into(), fid: f },
-            RecordOp::Remove { parent: f, name: "r".into(), fid: f },
-            RecordOp::Rmdir { parent: f, name: "r".into(), fid: f },
+            RecordOp::Store {
+                fid: f,
+                expected_version: 4,
+                upload_id: 5,
+                length: 6,
+                mtime: t,
+            },
+            RecordOp::Create {
+                parent: f,
+                name: "a".into(),
+                fid: f,
+                mode: 0o600,
+                mtime: t,
+            },
+            RecordOp::Mkdir {
+                parent: f,
+                name: "d".into(),
+                fid: f,
+                mode: 0o755,
+                mtime: t,
+            },
+            RecordOp::Symlink {
+                parent: f,
+                name: "s".into(),
+                fid: f,
+                target: "/x".into(),
+                mtime: t,
+            },
+            RecordOp::Link {
+                parent: f,
+                name: "l".into(),
+                fid: f,
+            },
+            RecordOp::Remove {
+                parent: f,
+                name: "r".into(),
+                fid: f,
+            },
+            RecordOp::Rmdir {
+                parent: f,
+                name: "r".into(),
+                fid: f,
+            },
             RecordOp::Rename {
                 src_parent: f,
                 src_name: "a".into(),
@@ -737,7 +778,13 @@ mod tests {
                 dst_name: "b".into(),
                 fid: f,
             },
-            RecordOp::SetAttr { fid: f, expected_version: 0, mode: Some(0o700), size: None, mtime: Some(t) },
+            RecordOp::SetAttr {
+                fid: f,
+                expected_version: 0,
+                mode: Some(0o700),
+                size: None,
+                mtime: Some(t),
+            },
         ];
         vec![
             Msg::Hello {
@@ -748,31 +795,69 @@ mod tests {
                 epoch: 99,
                 client_nonce: [8; 32],
             },
-            Msg::Challenge { server_nonce: [1; 32] },
+            Msg::Challenge {
+                server_nonce: [1; 32],
+            },
             Msg::Auth { mac: [2; 32] },
-            Msg::Welcome { server_id: [3; 16], root: f, server_mac: [4; 32] },
-            Msg::Error { code: WireCode::NotFound, index: 3, message: "gone".into() },
+            Msg::Welcome {
+                server_id: [3; 16],
+                root: f,
+                server_mac: [4; 32],
+            },
+            Msg::Error {
+                code: WireCode::NotFound,
+                index: 3,
+                message: "gone".into(),
+            },
             Msg::Ping,
             Msg::Pong,
             Msg::GetAttrs { fids: vec![f, f] },
-            Msg::Attrs { items: vec![Ok(attr()), Err(WireCode::Stale)] },
+            Msg::Attrs {
+                items: vec![Ok(attr()), Err(WireCode::Stale)],
+            },
             Msg::ReadDir { fid: f, cursor: 7 },
             Msg::DirPage {
                 attr: attr(),
-                entries: vec![DirEntry { name: "x".into(), fid: f, ftype: FileType::Dir }],
+                entries: vec![DirEntry {
+                    name: "x".into(),
+                    fid: f,
+                    ftype: FileType::Dir,
+                }],
                 next: Some(1),
             },
-            Msg::AllocFids { volume: 1, count: 64 },
-            Msg::FidRange { volume: 1, first_vnode: 100, count: 64 },
-            Msg::Reintegrate {
-                records: ops.into_iter().enumerate().map(|(i, op)| Record { store_id: i as u64, op }).collect(),
+            Msg::AllocFids {
+                volume: 1,
+                count: 64,
             },
-            Msg::Reintegrated { results: vec![attr()] },
+            Msg::FidRange {
+                volume: 1,
+                first_vnode: 100,
+                count: 64,
+            },
+            Msg::Reintegrate {
+                records: ops
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, op)| Record {
+                        store_id: i as u64,
+                        op,
+                    })
+                    .collect(),
+            },
+            Msg::Reintegrated {
+                results: vec![attr()],
+            },
             Msg::CallbackBreak { fids: vec![f] },
             Msg::BreakAck,
             Msg::Fetch { fid: f },
-            Msg::FetchReply { attr: attr(), length: 1 << 40 },
-            Msg::Upload { upload_id: 1, length: 2 },
+            Msg::FetchReply {
+                attr: attr(),
+                length: 1 << 40,
+            },
+            Msg::Upload {
+                upload_id: 1,
+                length: 2,
+            },
             Msg::Uploaded { upload_id: 1 },
         ]
     }
@@ -790,7 +875,10 @@ mod tests {
         for m in samples() {
             let body = m.encode();
             for cut in 0..body.len() {
-                assert!(Msg::decode_body(m.kind(), &body[..cut]).is_err(), "{m:?} cut {cut}");
+                assert!(
+                    Msg::decode_body(m.kind(), &body[..cut]).is_err(),
+                    "{m:?} cut {cut}"
+                );
             }
             let mut long = body.clone();
             long.push(0);
@@ -800,9 +888,18 @@ mod tests {
 
     #[test]
     fn unknown_type_and_huge_counts_are_refused() {
-        assert!(matches!(Msg::decode_body(0xEE, &[]), Err(Error::Protocol(_))));
+        assert!(matches!(
+            Msg::decode_body(0xEE, &[]),
+            Err(Error::Protocol(_))
+        ));
         let body = u32::MAX.to_be_bytes();
-        assert!(matches!(Msg::decode_body(code::GET_ATTRS, &body), Err(Error::Protocol(_))));
-        assert!(matches!(Msg::decode_body(code::REINTEGRATE, &body), Err(Error::Protocol(_))));
+        assert!(matches!(
+            Msg::decode_body(code::GET_ATTRS, &body),
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(
+            Msg::decode_body(code::REINTEGRATE, &body),
+            Err(Error::Protocol(_))
+        ));
     }
 }
