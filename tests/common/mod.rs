@@ -2,6 +2,8 @@
 //! at run time, killed by PID and cleaned up even when a test fails.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,7 +132,9 @@ impl TestServer {
 
     /// SIGTERM and wait (bounded) for a clean exit; returns whether it exited 0.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
         unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
