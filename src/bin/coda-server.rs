@@ -1,4 +1,178 @@
-fn main() {
-    eprintln!("coda-server: not built yet");
-    std::process::exit(2);
+//! `coda-server`: create a data directory, add users, and serve it.
+//!
+//! ```text
+//! coda-server init    --root DIR [--user NAME]
+//! coda-server adduser --root DIR --user NAME
+//! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N]
+//! ```
+//!
+//! `serve` prints `listening on HOST:PORT` as its first stdout line, then
+//! runs until SIGTERM or SIGINT and exits 0 after a clean shutdown.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use coda::server::{self, Server, ServerConfig, DEFAULT_BREAK_TIMEOUT};
+
+const USAGE: &str = "usage:
+  coda-server init    --root DIR [--user NAME]
+  coda-server adduser --root DIR --user NAME
+  coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N]";
+
+/// Exit codes: 1 = the operation failed, 2 = bad usage.
+enum Fail {
+    Usage(String),
+    Run(String),
+}
+
+#[derive(Default)]
+struct Args {
+    root: Option<PathBuf>,
+    user: Option<String>,
+    listen: Option<String>,
+    break_ms: Option<String>,
+}
+
+fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
+    let allowed: &[&str] = match cmd {
+        "init" => &["--root", "--user"],
+        "adduser" => &["--root", "--user"],
+        "serve" => &["--root", "--listen", "--break-timeout-ms"],
+        _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
+    };
+    let mut a = Args::default();
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        if !allowed.contains(&flag.as_str()) {
+            return Err(Fail::Usage(format!("{cmd}: unknown option {flag:?}")));
+        }
+        let value = it
+            .next()
+            .ok_or_else(|| Fail::Usage(format!("{flag} needs a value")))?
+            .clone();
+        let slot = match flag.as_str() {
+            "--root" => {
+                a.root = Some(PathBuf::from(&value));
+                continue;
+            }
+            "--user" => &mut a.user,
+            "--listen" => &mut a.listen,
+            _ => &mut a.break_ms,
+        };
+        *slot = Some(value);
+    }
+    if a.root.is_none() {
+        return Err(Fail::Usage(format!("{cmd}: --root DIR is required")));
+    }
+    Ok(a)
+}
+
+fn run() -> Result<(), Fail> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = argv.first() else {
+        return Err(Fail::Usage("no command given".into()));
+    };
+    if cmd == "--help" || cmd == "-h" || cmd == "help" {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let args = parse(cmd, &argv[1..])?;
+    let root = args.root.clone().expect("parse checked --root");
+    let fail = |e: coda::Error| Fail::Run(e.to_string());
+    match cmd.as_str() {
+        "init" => {
+            let user = args.user.as_deref().unwrap_or("admin");
+            let secret = server::init(&root, user).map_err(fail)?;
+            println!(
+                "initialised {}; secret of {user} in {}",
+                root.display(),
+                secret.display()
+            );
+            Ok(())
+        }
+        "adduser" => {
+            let user = args
+                .user
+                .as_deref()
+                .ok_or_else(|| Fail::Usage("adduser: --user NAME is required".into()))?;
+            let secret = server::add_user(&root, user).map_err(fail)?;
+            println!("added {user}; secret in {}", secret.display());
+            Ok(())
+        }
+        _ => serve(root, &args),
+    }
+}
+
+fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
+    let listen: SocketAddr = args
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:2432")
+        .parse()
+        .map_err(|e| Fail::Usage(format!("--listen: {e} (want HOST:PORT)")))?;
+    let break_timeout = match &args.break_ms {
+        Some(v) => {
+            Duration::from_millis(v.parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                Fail::Usage(format!(
+                    "--break-timeout-ms: {v:?} is not a positive integer"
+                ))
+            })?)
+        }
+        None => DEFAULT_BREAK_TIMEOUT,
+    };
+    // Block the stop signals in every thread (threads inherit the mask), so
+    // they stay pending until the main thread takes them with sigwait: no
+    // work ever runs inside a signal handler.
+    let set = stop_signals();
+    // SAFETY: `set` is an initialised sigset_t.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let server = Server::start(ServerConfig {
+        root,
+        listen,
+        break_timeout,
+    })
+    .map_err(|e| Fail::Run(e.to_string()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {}", server.local_addr());
+        let _ = out.flush();
+    }
+    let mut sig: libc::c_int = 0;
+    loop {
+        // SAFETY: `set` is initialised, `sig` is a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            break;
+        }
+    }
+    eprintln!("coda-server: signal {sig} received, shutting down");
+    server.shutdown();
+    Ok(())
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the zeroed set before it is used.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail::Usage(m)) => {
+            eprintln!("coda-server: {m}\n{USAGE}");
+            ExitCode::from(2)
+        }
+        Err(Fail::Run(m)) => {
+            eprintln!("coda-server: {m}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,1 +1,728 @@
-//! Venus: the client cache manager. (being written)
+//! Venus: the client cache manager a program embeds.
+//!
+//! A [`Client`] keeps whole files in a local cache (`cache`), trusts them
+//! while the server's callbacks hold (`callback`), talks to the server over
+//! a control and bulk connections (`conn`), and sends every mutation through
+//! the client modification log (`cml`). See docs/CLIENT.md.
+
+mod cache;
+mod callback;
+mod cml;
+mod config;
+mod conn;
+mod file;
+mod namei;
+mod stats;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, Sender};
+use redb::Database;
+
+pub use config::Config;
+pub use file::File;
+pub use stats::ClientStats;
+
+use crate::proto::{auth, Attr, Msg, RecordOp, MAX_FIDS, MAX_SYMLINK};
+pub use crate::proto::{Fid, FileType, Timespec};
+use crate::{Error, Result};
+
+use cache::Cache;
+use callback::{Callbacks, Token};
+use cml::Cml;
+use conn::{Identity, Servers, Timing};
+use stats::Counters;
+
+/// An object's status, as `stat` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub fid: Fid,
+    pub ftype: FileType,
+    /// POSIX `st_mode`: type bits and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub mtime: Timespec,
+    /// Derived from the fid: stable for the object's life.
+    pub ino: u64,
+}
+
+impl From<&Attr> for Stat {
+    fn from(a: &Attr) -> Stat {
+        Stat {
+            fid: a.fid,
+            ftype: a.ftype,
+            mode: a.st_mode(),
+            nlink: a.nlink,
+            size: a.size,
+            mtime: a.mtime,
+            ino: a.fid.ino(),
+        }
+    }
+}
+
+/// One entry of a directory listing (never `.` or `..`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub ftype: FileType,
+    pub fid: Fid,
+}
+
+/// The cache manager. Cheap to clone and share: every method takes `&self`
+/// and may be called from many threads at once.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    servers: Arc<Servers>,
+    callbacks: Arc<Callbacks>,
+    counters: Arc<Counters>,
+    cache: Cache,
+    cml: Cml,
+    /// Dropped with the client: stops the heartbeat thread.
+    _stop_heartbeat: Sender<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.servers.shutdown();
+    }
+}
+
+/// The persistent client id: made once, kept in `cache_dir/client_id`.
+fn load_client_id(cache_dir: &Path) -> Result<[u8; 16]> {
+    let p = cache_dir.join("client_id");
+    match std::fs::read(&p) {
+        Ok(b) if b.len() == 16 => Ok(b.try_into().expect("16 bytes")),
+        Ok(_) => Err(Error::Invalid(format!("{} is not 16 bytes", p.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = auth::random_bytes::<16>();
+            // Write then rename, so a crash never leaves a short id behind.
+            let tmp = cache_dir.join("client_id.tmp");
+            std::fs::write(&tmp, id)
+                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+            std::fs::rename(&tmp, &p)
+                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
+            Ok(id)
+        }
+        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+    }
+}
+
+impl Client {
+    /// Open (or create) the cache, connect to a server and authenticate.
+    pub fn new(cfg: Config) -> Result<Client> {
+        let cache_dir = cfg
+            .cache_dir
+            .clone()
+            .ok_or_else(|| Error::Invalid("config: cache_dir is required".into()))?;
+        let secret_file = cfg
+            .secret_file
+            .clone()
+            .ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?;
+        let secret = auth::read_secret_file(&secret_file)?;
+        std::fs::create_dir_all(&cache_dir)
+            .map_err(|e| Error::io(format!("creating cache_dir {}", cache_dir.display()), e))?;
+        let client_id = load_client_id(&cache_dir)?;
+        let epoch = u64::from_ne_bytes(auth::random_bytes::<8>());
+        let db = Database::create(cache_dir.join("index.redb")).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::Again(format!(
+                "cache_dir {} is in use by another client",
+                cache_dir.display()
+            )),
+            e => Error::from(e),
+        })?;
+        let db = Arc::new(db);
+        let callbacks = Arc::new(Callbacks::default());
+        let counters = Arc::new(Counters::default());
+        let cache = Cache::open(&cache_dir, db.clone(), cfg.cache_size)?;
+        let cml = Cml::open(db)?;
+        let timing = Timing {
+            rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
+            dead_after: Duration::from_millis(cfg.dead_after_ms),
+            bind_addr: cfg.bind_addr,
+        };
+        let ident = Identity {
+            client_id,
+            epoch,
+            user: cfg.user.clone(),
+            secret,
+        };
+        let servers = Arc::new(Servers::new(
+            cfg.servers.clone(),
+            ident,
+            timing,
+            callbacks.clone(),
+            counters.clone(),
+        ));
+        servers.session()?;
+
+        let (stop, stopped) = bounded::<()>(0);
+        let hb = servers.clone();
+        let period = Duration::from_millis(cfg.heartbeat_ms);
+        std::thread::Builder::new()
+            .name("coda-heartbeat".into())
+            .spawn(move || loop {
+                select! {
+                    recv(stopped) -> _ => return,
+                    default(period) => hb.heartbeat(),
+                }
+            })
+            .map_err(|e| Error::io("spawning the heartbeat thread", e))?;
+
+        let inner = Arc::new(Inner {
+            servers,
+            callbacks,
+            counters,
+            cache,
+            cml,
+            _stop_heartbeat: stop,
+        });
+        inner.cml.replay(&inner.servers, &inner.counters, |f| {
+            inner.cache.container(f)
+        })?;
+        inner.revalidate_all()?;
+        Ok(Client { inner })
+    }
+
+    pub fn stat(&self, path: &str) -> Result<Stat> {
+        let (fid, _) = self.inner.resolve(path, true)?;
+        Ok(Stat::from(&self.inner.getattr(fid)?))
+    }
+
+    pub fn lstat(&self, path: &str) -> Result<Stat> {
+        let (fid, _) = self.inner.resolve(path, false)?;
+        Ok(Stat::from(&self.inner.getattr(fid)?))
+    }
+
+    pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let (fid, t) = self.inner.resolve(path, true)?;
+        if t != FileType::Dir {
+            return Err(Error::NotDir(path.to_string()));
+        }
+        Ok(self
+            .inner
+            .listing(fid)?
+            .into_iter()
+            .map(|e| DirEntry {
+                name: e.name,
+                ftype: e.ftype,
+                fid: e.fid,
+            })
+            .collect())
+    }
+
+    pub fn open(&self, path: &str, flags: i32, mode: u32) -> Result<File> {
+        file::open(&self.inner, path, flags, mode)
+    }
+
+    pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
+        let inner = &self.inner;
+        let (parent, name) = inner.resolve_parent(path)?;
+        if inner.lookup(parent, &name)?.is_some() {
+            return Err(Error::Exists(path.to_string()));
+        }
+        let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
+        let now = Timespec::now();
+        let ptok = inner.callbacks.token(parent);
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::Mkdir {
+            parent,
+            name: name.clone(),
+            fid,
+            mode: mode & 0o7777,
+            mtime: now,
+        };
+        let attr = inner.commit(op, None)?;
+        inner.cache.set_listing(&attr, Vec::new());
+        inner.callbacks.grant(fid, tok);
+        inner.after_dir_change(parent, ptok, now, |l| {
+            l.push(crate::proto::DirEntry {
+                name,
+                fid,
+                ftype: FileType::Dir,
+            })
+        });
+        Ok(())
+    }
+
+    pub fn rmdir(&self, path: &str) -> Result<()> {
+        self.remove(path, true)
+    }
+
+    pub fn unlink(&self, path: &str) -> Result<()> {
+        self.remove(path, false)
+    }
+
+    fn remove(&self, path: &str, dir: bool) -> Result<()> {
+        let inner = &self.inner;
+        let (parent, name) = inner.resolve_parent(path)?;
+        let ent = inner
+            .lookup(parent, &name)?
+            .ok_or_else(|| Error::NotFound(path.to_string()))?;
+        match (dir, ent.ftype == FileType::Dir) {
+            (true, false) => return Err(Error::NotDir(path.to_string())),
+            (false, true) => return Err(Error::IsDir(path.to_string())),
+            _ => {}
+        }
+        let now = Timespec::now();
+        let ptok = inner.callbacks.token(parent);
+        let tok = inner.callbacks.token(ent.fid);
+        let fid = ent.fid;
+        let op = if dir {
+            RecordOp::Rmdir {
+                parent,
+                name: name.clone(),
+                fid,
+            }
+        } else {
+            RecordOp::Remove {
+                parent,
+                name: name.clone(),
+                fid,
+            }
+        };
+        let attr = inner.commit(op, None)?;
+        inner.object_changed(&attr, tok);
+        inner.after_dir_change(parent, ptok, now, |l| l.retain(|e| e.name != name));
+        Ok(())
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let inner = &self.inner;
+        let (sp, sn) = inner.resolve_parent(from)?;
+        let (dp, dn) = inner.resolve_parent(to)?;
+        let src = inner
+            .lookup(sp, &sn)?
+            .ok_or_else(|| Error::NotFound(from.to_string()))?;
+        let dst = inner.lookup(dp, &dn)?;
+        if let Some(d) = &dst {
+            if d.fid == src.fid {
+                return Ok(()); // POSIX: renaming a file onto itself does nothing
+            }
+            match (src.ftype == FileType::Dir, d.ftype == FileType::Dir) {
+                (true, false) => return Err(Error::NotDir(to.to_string())),
+                (false, true) => return Err(Error::IsDir(to.to_string())),
+                _ => {}
+            }
+        }
+        let now = Timespec::now();
+        let (stok, dtok, tok) = (
+            inner.callbacks.token(sp),
+            inner.callbacks.token(dp),
+            inner.callbacks.token(src.fid),
+        );
+        let op = RecordOp::Rename {
+            src_parent: sp,
+            src_name: sn.clone(),
+            dst_parent: dp,
+            dst_name: dn.clone(),
+            fid: src.fid,
+        };
+        let attr = inner.commit(op, None)?;
+        inner.object_changed(&attr, tok);
+        if let Some(d) = &dst {
+            // The replaced object lost a link (or is gone): re-ask next time.
+            inner.callbacks.break_fids(&[d.fid]);
+            if d.ftype == FileType::Dir {
+                inner.cache.forget(d.fid);
+            }
+        }
+        let moved = crate::proto::DirEntry {
+            name: dn.clone(),
+            fid: src.fid,
+            ftype: src.ftype,
+        };
+        if sp == dp {
+            inner.after_dir_change(sp, stok, now, |l| {
+                l.retain(|e| e.name != sn && e.name != dn);
+                l.push(moved);
+            });
+        } else {
+            inner.after_dir_change(sp, stok, now, |l| l.retain(|e| e.name != sn));
+            inner.after_dir_change(dp, dtok, now, |l| {
+                l.retain(|e| e.name != dn);
+                l.push(moved);
+            });
+        }
+        Ok(())
+    }
+
+    pub fn symlink(&self, target: &str, linkpath: &str) -> Result<()> {
+        if target.is_empty() || target.len() > MAX_SYMLINK || target.contains('\0') {
+            return Err(Error::Invalid(format!("symlink target {target:?}")));
+        }
+        let inner = &self.inner;
+        let (parent, name) = inner.resolve_parent(linkpath)?;
+        if inner.lookup(parent, &name)?.is_some() {
+            return Err(Error::Exists(linkpath.to_string()));
+        }
+        let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
+        let now = Timespec::now();
+        let ptok = inner.callbacks.token(parent);
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::Symlink {
+            parent,
+            name: name.clone(),
+            fid,
+            target: target.to_string(),
+            mtime: now,
+        };
+        let attr = inner.commit(op, None)?;
+        inner.cache.set_symlink(&attr, target.to_string());
+        inner.callbacks.grant(fid, tok);
+        inner.after_dir_change(parent, ptok, now, |l| {
+            l.push(crate::proto::DirEntry {
+                name,
+                fid,
+                ftype: FileType::Symlink,
+            })
+        });
+        Ok(())
+    }
+
+    pub fn readlink(&self, path: &str) -> Result<String> {
+        let (fid, t) = self.inner.resolve(path, false)?;
+        if t != FileType::Symlink {
+            return Err(Error::Invalid(format!("{path} is not a symlink")));
+        }
+        self.inner.readlink_fid(fid)
+    }
+
+    pub fn chmod(&self, path: &str, mode: u32) -> Result<()> {
+        self.setattr(path, Some(mode & 0o7777), None, None)
+    }
+
+    pub fn truncate(&self, path: &str, size: u64) -> Result<()> {
+        self.setattr(path, None, Some(size), None)
+    }
+
+    pub fn utimes(&self, path: &str, mtime: Timespec) -> Result<()> {
+        if mtime.nsec >= 1_000_000_000 {
+            return Err(Error::Invalid(format!(
+                "nanoseconds {} out of range",
+                mtime.nsec
+            )));
+        }
+        self.setattr(path, None, None, Some(mtime))
+    }
+
+    fn setattr(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<Timespec>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let (fid, t) = inner.resolve(path, true)?;
+        if size.is_some() && t == FileType::Dir {
+            return Err(Error::IsDir(path.to_string()));
+        }
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::SetAttr {
+            fid,
+            expected_version: 0,
+            mode,
+            size,
+            mtime,
+        };
+        let attr = inner.commit(op, None)?;
+        // Status changes leave the contents as they were (or cut/extended
+        // like the server did): a current container stays current.
+        let container = inner.cache.container(fid);
+        inner.cache.update(Some(&attr), fid, |e| {
+            if e.data_current() {
+                if let Some(n) = size {
+                    match std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&container)
+                        .and_then(|f| f.set_len(n))
+                    {
+                        Ok(()) => {
+                            e.data_bytes = n;
+                            e.data_version = Some(attr.version);
+                        }
+                        Err(_) => e.data_version = None,
+                    }
+                } else {
+                    e.data_version = Some(attr.version);
+                }
+            }
+            e.attr = attr.clone();
+        });
+        inner.callbacks.grant(fid, tok);
+        Ok(())
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        self.inner.counters.snapshot()
+    }
+
+    pub fn client_id(&self) -> [u8; 16] {
+        self.inner.servers.ident().client_id
+    }
+}
+
+impl Inner {
+    fn root(&self) -> Result<Fid> {
+        Ok(self.servers.session()?.root)
+    }
+
+    fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
+        self.cml.commit(&self.servers, &self.counters, op, data)
+    }
+
+    /// Revalidate every cached object with a few `GetAttrs` (many fids each)
+    /// instead of refetching: after a restart, unchanged objects are reused.
+    fn revalidate_all(&self) -> Result<()> {
+        let fids = self.cache.known_fids();
+        for chunk in fids.chunks(MAX_FIDS) {
+            self.fetch_attrs(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// `GetAttrs` for `fids`: caches what came back and takes the callbacks
+    /// the server granted (unless a break overtook them). Objects that are
+    /// gone are forgotten.
+    fn fetch_attrs(&self, fids: &[Fid]) -> Result<Vec<Result<Attr>>> {
+        let tokens: Vec<Token> = fids.iter().map(|f| self.callbacks.token(*f)).collect();
+        let s = self.servers.session()?;
+        let reply = s.call(
+            &Msg::GetAttrs {
+                fids: fids.to_vec(),
+            },
+            &self.servers.interrupt,
+        )?;
+        Counters::add(&self.counters.getattr_rpcs, 1);
+        let Msg::Attrs { items } = reply else {
+            return Err(Error::Protocol(format!("GetAttrs answered with {reply:?}")));
+        };
+        if items.len() != fids.len() {
+            return Err(Error::Protocol(
+                "GetAttrs answered with the wrong count".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(fids.len());
+        for ((fid, tok), item) in fids.iter().zip(tokens).zip(items) {
+            match item {
+                Ok(attr) => {
+                    let unchanged = self
+                        .cache
+                        .get(*fid)
+                        .is_some_and(|e| e.data_version == Some(attr.version));
+                    if unchanged {
+                        Counters::add(&self.counters.validations_unchanged, 1);
+                    }
+                    self.cache.set_attr(&attr);
+                    self.callbacks.grant(*fid, tok);
+                    out.push(Ok(attr));
+                }
+                Err(code) => {
+                    self.cache.forget(*fid);
+                    out.push(Err(Error::from_wire(code, format!("object {fid}"))));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Status of `fid`: from the cache while the callback holds, else asked.
+    fn getattr(&self, fid: Fid) -> Result<Attr> {
+        if self.callbacks.holds(fid) {
+            if let Some(e) = self.cache.get(fid) {
+                return Ok(e.attr);
+            }
+        }
+        self.fetch_attrs(&[fid])?.remove(0)
+    }
+
+    /// A directory's entries: cached while the callback holds, else read
+    /// page by page (restarting if the directory changes between pages).
+    fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
+        if self.callbacks.holds(dir) {
+            if let Some(l) = self
+                .cache
+                .get(dir)
+                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
+            {
+                return Ok(l);
+            }
+        }
+        let tok = self.callbacks.token(dir);
+        let s = self.servers.session()?;
+        let mut restarts = 0;
+        'again: loop {
+            let mut cursor = 0;
+            let mut entries = Vec::new();
+            let mut version = None;
+            loop {
+                let reply = s.call(&Msg::ReadDir { fid: dir, cursor }, &self.servers.interrupt)?;
+                Counters::add(&self.counters.readdir_rpcs, 1);
+                let Msg::DirPage {
+                    attr,
+                    entries: page,
+                    next,
+                } = reply
+                else {
+                    return Err(Error::Protocol(format!("ReadDir answered with {reply:?}")));
+                };
+                if attr.ftype != FileType::Dir {
+                    return Err(Error::NotDir(format!("object {dir}")));
+                }
+                if version.is_some_and(|v| v != attr.version) {
+                    restarts += 1;
+                    if restarts > 100 {
+                        return Err(Error::Again(format!("directory {dir} keeps changing")));
+                    }
+                    continue 'again;
+                }
+                version = Some(attr.version);
+                entries.extend(page);
+                match next {
+                    Some(n) => cursor = n,
+                    None => {
+                        self.cache.set_listing(&attr, entries.clone());
+                        self.callbacks.grant(dir, tok);
+                        return Ok(entries);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
+        Ok(self.listing(dir)?.into_iter().find(|e| e.name == name))
+    }
+
+    /// A symlink's target: fetched once, then cached for the fid's life (a
+    /// symlink never changes its target).
+    fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        if let Some(t) = self.cache.get(fid).and_then(|e| e.symlink) {
+            return Ok(t);
+        }
+        let tmp = self.cache.temp_container(fid);
+        let res = (|| {
+            let mut f = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| Error::io("creating a temporary container", e))?;
+            let tok = self.callbacks.token(fid);
+            let (attr, len) =
+                self.servers
+                    .session()?
+                    .fetch(fid, &mut f, &self.servers.interrupt)?;
+            Counters::add(&self.counters.fetches, 1);
+            Counters::add(&self.counters.fetch_bytes, len);
+            if attr.ftype != FileType::Symlink || len > MAX_SYMLINK as u64 {
+                return Err(Error::Invalid(format!("object {fid} is not a symlink")));
+            }
+            let target = std::fs::read_to_string(&tmp)
+                .map_err(|_| Error::Protocol(format!("symlink {fid} target is not UTF-8")))?;
+            self.cache.set_symlink(&attr, target.clone());
+            self.callbacks.grant(fid, tok);
+            Ok(target)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        res
+    }
+
+    /// Make the container of file `fid` hold its current contents and count
+    /// an opener: trusted under a callback, revalidated by version when the
+    /// callback is gone, fetched whole otherwise.
+    fn open_data(&self, fid: Fid) -> Result<Attr> {
+        if self.callbacks.holds(fid) {
+            if let Some(a) = self.cache.try_open(fid) {
+                return Ok(a);
+            }
+        } else if self
+            .cache
+            .get(fid)
+            .is_some_and(|e| e.data_version.is_some())
+        {
+            self.fetch_attrs(&[fid])?.remove(0)?;
+            if self.callbacks.holds(fid) {
+                if let Some(a) = self.cache.try_open(fid) {
+                    return Ok(a);
+                }
+            }
+        }
+        self.fetch_file(fid)
+    }
+
+    fn fetch_file(&self, fid: Fid) -> Result<Attr> {
+        let tok = self.callbacks.token(fid);
+        let tmp = self.cache.temp_container(fid);
+        let res = (|| {
+            let mut f = std::fs::File::create(&tmp)
+                .map_err(|e| Error::io("creating a temporary container", e))?;
+            let (attr, len) =
+                self.servers
+                    .session()?
+                    .fetch(fid, &mut f, &self.servers.interrupt)?;
+            Counters::add(&self.counters.fetches, 1);
+            Counters::add(&self.counters.fetch_bytes, len);
+            if attr.ftype == FileType::Dir {
+                return Err(Error::IsDir(format!("object {fid}")));
+            }
+            let attr = Attr { size: len, ..attr };
+            self.cache.install(&attr, &tmp, true)?;
+            self.callbacks.grant(fid, tok);
+            Ok(attr)
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// After a record changed `attr.fid`: cache its new status (or forget it
+    /// when its last link went) and keep the callback the writer holds.
+    fn object_changed(&self, attr: &Attr, tok: Token) {
+        if attr.nlink == 0 {
+            self.callbacks.break_fids(&[attr.fid]);
+            self.cache.forget(attr.fid);
+        } else {
+            self.cache.set_attr(attr);
+            self.callbacks.grant(attr.fid, tok);
+        }
+    }
+
+    /// After a record changed `dir`'s entries: edit the cached listing the
+    /// same way and bump its version by one, as the server did. If the
+    /// listing was not current, or a break overtook us, drop the callback so
+    /// the next lookup rereads it.
+    fn after_dir_change(
+        &self,
+        dir: Fid,
+        tok: Token,
+        mtime: Timespec,
+        edit: impl FnOnce(&mut Vec<crate::proto::DirEntry>),
+    ) {
+        let edited = self.cache.update(None, dir, |e| {
+            let version = e.attr.version;
+            match &mut e.listing {
+                Some((v, l)) if *v == version => {
+                    edit(l);
+                    *v += 1;
+                    e.attr.version += 1;
+                    e.attr.mtime = mtime;
+                    e.attr.ctime = mtime;
+                    true
+                }
+                _ => false,
+            }
+        });
+        if edited != Some(true) || !self.callbacks.grant(dir, tok) {
+            self.callbacks.break_fids(&[dir]);
+        }
+    }
+}

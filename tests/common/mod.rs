@@ -2,6 +2,8 @@
 //! at run time, killed by PID and cleaned up even when a test fails.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

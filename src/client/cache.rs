@@ -1,0 +1,492 @@
+//! The cache: container files (one per cached file, named by fid) under
+//! `cache_dir/containers/`, and an index in `cache_dir/index.redb` mapping
+//! each fid to its status, the version its container holds, its last use,
+//! and for directories their entries. Least recently used containers are
+//! evicted to keep within `cache_size`; open or dirty ones never are.
+//!
+//! Whether cached status may be *trusted* is not decided here but by the
+//! callback table; the cache only remembers versions so that an untrusted
+//! entry can be revalidated with one `GetAttrs` instead of a refetch.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+
+use crate::proto::codec::{Reader, Writer};
+use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
+use crate::{Error, Result};
+
+const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+
+/// What we know about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub attr: Attr,
+    /// The version whose contents the container holds, if there is one.
+    pub data_version: Option<u64>,
+    /// Bytes the container takes (counted against `cache_size`).
+    pub data_bytes: u64,
+    pub last_use: u64,
+    /// Written locally and not yet stored on the server.
+    pub dirty: bool,
+    /// Directories: entries as of `listing_version`.
+    pub listing: Option<(u64, Vec<DirEntry>)>,
+    /// Symlinks: the target (immutable for the life of the fid).
+    pub symlink: Option<String>,
+    /// Open `File`s on the container (not persisted: nothing is open after a restart).
+    pub open: u32,
+}
+
+impl Entry {
+    fn new(attr: Attr) -> Entry {
+        Entry {
+            attr,
+            data_version: None,
+            data_bytes: 0,
+            last_use: 0,
+            dirty: false,
+            listing: None,
+            symlink: None,
+            open: 0,
+        }
+    }
+
+    /// The container holds the contents of the version we know of.
+    pub fn data_current(&self) -> bool {
+        self.data_version == Some(self.attr.version)
+    }
+
+    /// The cached listing belongs to the version we know of.
+    pub fn listing_current(&self) -> Option<&[DirEntry]> {
+        match &self.listing {
+            Some((v, l)) if *v == self.attr.version => Some(l),
+            _ => None,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.attr(&self.attr)
+            .opt_u64(self.data_version)
+            .u64(self.data_bytes)
+            .u64(self.last_use)
+            .u8(self.dirty as u8);
+        match &self.listing {
+            Some((v, l)) => {
+                w.u8(1).u64(*v).u32(l.len() as u32);
+                for e in l {
+                    w.entry(e);
+                }
+            }
+            None => {
+                w.u8(0);
+            }
+        }
+        match &self.symlink {
+            Some(t) => w.u8(1).str(t),
+            None => w.u8(0),
+        };
+        w.buf
+    }
+
+    fn decode(b: &[u8]) -> Result<Entry> {
+        let mut r = Reader::new(b);
+        let mut e = Entry::new(r.attr()?);
+        e.data_version = r.opt_u64()?;
+        e.data_bytes = r.u64()?;
+        e.last_use = r.u64()?;
+        e.dirty = r.bool()?;
+        if r.bool()? {
+            let v = r.u64()?;
+            let n = r.count(usize::MAX, 20, "cached entries")?;
+            let mut l = Vec::with_capacity(n);
+            for _ in 0..n {
+                l.push(r.entry()?);
+            }
+            e.listing = Some((v, l));
+        }
+        if r.bool()? {
+            e.symlink = Some(r.str(MAX_SYMLINK, "symlink target")?);
+        }
+        r.finish()?;
+        Ok(e)
+    }
+}
+
+struct State {
+    map: HashMap<Fid, Entry>,
+    clock: u64,
+    bytes: u64,
+}
+
+pub(crate) struct Cache {
+    containers: PathBuf,
+    db: Arc<Database>,
+    limit: u64,
+    state: Mutex<State>,
+}
+
+impl Cache {
+    /// Load the index; drop what a crash may have left inconsistent.
+    pub fn open(cache_dir: &Path, db: Arc<Database>, limit: u64) -> Result<Cache> {
+        let containers = cache_dir.join("containers");
+        std::fs::create_dir_all(&containers)
+            .map_err(|e| Error::io(format!("creating {}", containers.display()), e))?;
+        let mut map = HashMap::new();
+        {
+            let w = db.begin_write()?;
+            w.open_table(OBJECTS)?;
+            w.commit()?;
+            let r = db.begin_read()?;
+            let t = r.open_table(OBJECTS)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let Ok(key) = <[u8; 16]>::try_from(k.value()) else {
+                    continue;
+                };
+                // An undecodable row is dropped, not fatal: the cache is only a cache.
+                if let Ok(e) = Entry::decode(v.value()) {
+                    map.insert(Fid::from_bytes(&key), e);
+                }
+            }
+        }
+        let mut clock = 0;
+        let mut bytes = 0;
+        for (fid, e) in map.iter_mut() {
+            clock = clock.max(e.last_use);
+            // Unstored writes of a crashed run are not trusted as any version
+            // (keeping them for reintegration belongs to disconnected operation).
+            e.dirty = false;
+            let len = std::fs::metadata(containers.join(fid.to_string())).map(|m| m.len());
+            match (e.data_version, len) {
+                (Some(_), Ok(n)) if n == e.data_bytes => bytes += n,
+                _ => {
+                    e.data_version = None;
+                    e.data_bytes = 0;
+                }
+            }
+        }
+        // Leftover temporaries of interrupted fetches are garbage.
+        if let Ok(rd) = std::fs::read_dir(&containers) {
+            for d in rd.flatten() {
+                if d.file_name().to_string_lossy().contains(".tmp") {
+                    let _ = std::fs::remove_file(d.path());
+                }
+            }
+        }
+        Ok(Cache {
+            containers,
+            db,
+            limit,
+            state: Mutex::new(State { map, clock, bytes }),
+        })
+    }
+
+    pub fn container(&self, fid: Fid) -> PathBuf {
+        self.containers.join(fid.to_string())
+    }
+
+    /// A fresh temporary name next to the container (renamed in place once whole).
+    pub fn temp_container(&self, fid: Fid) -> PathBuf {
+        let n: u64 = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>());
+        self.containers.join(format!("{fid}.tmp{n:016x}"))
+    }
+
+    pub fn get(&self, fid: Fid) -> Option<Entry> {
+        self.state.lock().map.get(&fid).cloned()
+    }
+
+    pub fn known_fids(&self) -> Vec<Fid> {
+        self.state.lock().map.keys().copied().collect()
+    }
+
+    fn persist(&self, fid: Fid, e: Option<&Entry>) {
+        // The index is a cache: eventual durability is enough, and a failed
+        // write only costs a refetch later.
+        let res: Result<()> = (|| {
+            let mut w = self.db.begin_write()?;
+            w.set_durability(Durability::Eventual);
+            {
+                let mut t = w.open_table(OBJECTS)?;
+                let k = fid.to_bytes();
+                match e {
+                    Some(e) => {
+                        t.insert(&k[..], &e.encode()[..])?;
+                    }
+                    None => {
+                        t.remove(&k[..])?;
+                    }
+                }
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        let _ = res;
+    }
+
+    /// Change (or create from `attr`) an entry and persist it.
+    pub fn update<R>(
+        &self,
+        attr_if_new: Option<&Attr>,
+        fid: Fid,
+        f: impl FnOnce(&mut Entry) -> R,
+    ) -> Option<R> {
+        let mut st = self.state.lock();
+        let e = match st.map.entry(fid) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Entry::new(attr_if_new?.clone()))
+            }
+        };
+        let before_bytes = e.data_bytes;
+        let r = f(e);
+        let after = e.clone();
+        st.bytes = st.bytes - before_bytes + after.data_bytes;
+        self.persist(fid, Some(&after));
+        Some(r)
+    }
+
+    /// Record fresh status from the server.
+    pub fn set_attr(&self, attr: &Attr) {
+        self.update(Some(attr), attr.fid, |e| e.attr = attr.clone());
+    }
+
+    pub fn set_listing(&self, attr: &Attr, entries: Vec<DirEntry>) {
+        self.update(Some(attr), attr.fid, |e| {
+            e.attr = attr.clone();
+            e.listing = Some((attr.version, entries));
+        });
+    }
+
+    pub fn set_symlink(&self, attr: &Attr, target: String) {
+        self.update(Some(attr), attr.fid, |e| {
+            e.attr = attr.clone();
+            e.symlink = Some(target);
+        });
+    }
+
+    /// Put a fully fetched temporary in place as the container of `attr`'s
+    /// version; `open` counts an opener in the same step so it cannot be
+    /// evicted between install and open.
+    pub fn install(&self, attr: &Attr, temp: &Path, open: bool) -> Result<()> {
+        let path = self.container(attr.fid);
+        std::fs::rename(temp, &path)
+            .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;
+        self.update(Some(attr), attr.fid, |e| {
+            e.attr = attr.clone();
+            e.data_version = Some(attr.version);
+            e.data_bytes = attr.size;
+            e.dirty = false;
+        });
+        // A fresh container counts as just used, opened or not.
+        self.opened(attr.fid);
+        if !open {
+            self.closed_quietly(attr.fid);
+        }
+        self.evict();
+        Ok(())
+    }
+
+    /// An opener starts using the container: it is now the most recent and
+    /// may not be evicted until `closed`.
+    pub fn opened(&self, fid: Fid) {
+        let mut st = self.state.lock();
+        st.clock += 1;
+        let c = st.clock;
+        if let Some(e) = st.map.get_mut(&fid) {
+            e.open += 1;
+            e.last_use = c;
+        }
+    }
+
+    /// Count an opener if the container holds the version we know of;
+    /// returns that status. Checked and counted under one lock so eviction
+    /// cannot slip in between.
+    pub fn try_open(&self, fid: Fid) -> Option<Attr> {
+        let mut st = self.state.lock();
+        st.clock += 1;
+        let c = st.clock;
+        let e = st.map.get_mut(&fid)?;
+        if !e.data_current() {
+            return None;
+        }
+        e.open += 1;
+        e.last_use = c;
+        Some(e.attr.clone())
+    }
+
+    /// An empty container for `attr`, opened: for new files, and for
+    /// `O_TRUNC` opens that need no fetch. `dirty` marks contents that differ
+    /// from the server's until stored.
+    pub fn install_empty(&self, attr: &Attr, dirty: bool) -> Result<()> {
+        let temp = self.temp_container(attr.fid);
+        std::fs::File::create(&temp)
+            .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
+        let a = Attr {
+            size: 0,
+            ..attr.clone()
+        };
+        self.install(&a, &temp, true)?;
+        if dirty {
+            self.update(None, attr.fid, |e| {
+                e.attr = attr.clone();
+                e.dirty = true;
+            });
+        }
+        Ok(())
+    }
+
+    fn closed_quietly(&self, fid: Fid) {
+        if let Some(e) = self.state.lock().map.get_mut(&fid) {
+            e.open = e.open.saturating_sub(1);
+        }
+    }
+
+    pub fn closed(&self, fid: Fid) {
+        {
+            let mut st = self.state.lock();
+            if let Some(e) = st.map.get_mut(&fid) {
+                e.open = e.open.saturating_sub(1);
+                let e = e.clone();
+                self.persist(fid, Some(&e));
+            }
+        }
+        self.evict();
+    }
+
+    /// Forget an object entirely (it was removed).
+    pub fn forget(&self, fid: Fid) {
+        let mut st = self.state.lock();
+        if let Some(e) = st.map.remove(&fid) {
+            st.bytes -= e.data_bytes;
+            if e.open == 0 {
+                let _ = std::fs::remove_file(self.container(fid));
+            }
+        }
+        self.persist(fid, None);
+    }
+
+    /// Evict least recently used containers until within the limit; open and
+    /// dirty ones stay even if that leaves us over it.
+    pub fn evict(&self) {
+        let mut st = self.state.lock();
+        while st.bytes > self.limit {
+            let victim = st
+                .map
+                .iter()
+                .filter(|(_, e)| e.data_version.is_some() && e.open == 0 && !e.dirty)
+                .min_by_key(|(_, e)| e.last_use)
+                .map(|(f, _)| *f);
+            let Some(fid) = victim else { break };
+            let _ = std::fs::remove_file(self.container(fid));
+            let e = st.map.get_mut(&fid).expect("victim present");
+            let freed = e.data_bytes;
+            e.data_version = None;
+            e.data_bytes = 0;
+            let e = e.clone();
+            st.bytes -= freed;
+            self.persist(fid, Some(&e));
+        }
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> u64 {
+        self.state.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{FileType, Timespec};
+
+    fn attr(vnode: u64, size: u64, version: u64) -> Attr {
+        Attr {
+            fid: Fid::new(1, vnode, 1),
+            ftype: FileType::File,
+            mode: 0o644,
+            nlink: 1,
+            size,
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            version,
+        }
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("coda-cache-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn fill(c: &Cache, a: &Attr, open: bool) {
+        let t = c.temp_container(a.fid);
+        std::fs::write(&t, vec![7u8; a.size as usize]).unwrap();
+        c.install(a, &t, open).unwrap();
+    }
+
+    #[test]
+    fn least_recently_used_goes_first_and_open_files_stay() {
+        let dir = tmpdir("lru");
+        let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+        let c = Cache::open(&dir, db, 300).unwrap();
+        let (a, b, d, e) = (
+            attr(1, 100, 1),
+            attr(2, 100, 1),
+            attr(3, 100, 1),
+            attr(4, 100, 1),
+        );
+        fill(&c, &a, true); // stays open throughout
+        fill(&c, &b, false);
+        fill(&c, &d, false);
+        assert_eq!(c.bytes(), 300);
+        fill(&c, &e, false);
+        assert!(c.get(a.fid).unwrap().data_current(), "open: never evicted");
+        assert!(
+            !c.get(b.fid).unwrap().data_current(),
+            "least recently used went first"
+        );
+        assert!(!c.container(b.fid).exists());
+        assert!(c.get(d.fid).unwrap().data_current());
+        assert_eq!(c.bytes(), 300);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_index_survives_a_restart() {
+        let dir = tmpdir("restart");
+        let a = attr(9, 5, 3);
+        {
+            let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            fill(&c, &a, false);
+            let d = Attr {
+                fid: Fid::new(1, 1, 1),
+                ftype: FileType::Dir,
+                ..a.clone()
+            };
+            c.set_listing(
+                &d,
+                vec![DirEntry {
+                    name: "x".into(),
+                    fid: a.fid,
+                    ftype: FileType::File,
+                }],
+            );
+            std::fs::write(c.container(a.fid).with_extension("tmp1"), b"junk").unwrap();
+        }
+        let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        let e = c.get(a.fid).unwrap();
+        assert_eq!(e.data_version, Some(3));
+        assert_eq!(e.attr, a);
+        let d = c.get(Fid::new(1, 1, 1)).unwrap();
+        assert_eq!(d.listing_current().unwrap()[0].name, "x");
+        assert_eq!(c.bytes(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

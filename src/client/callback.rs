@@ -1,0 +1,111 @@
+//! Callback validity: which cached objects the server has promised to tell us
+//! about before they change, and the break generations that let a break
+//! arriving during a fetch win over the fetched copy.
+//!
+//! Only this small table is touched by the connection reader when a break
+//! arrives, under one short lock that no caller ever holds across a network
+//! wait, so the break is acknowledged at once.
+
+use std::collections::{HashMap, HashSet};
+
+use parking_lot::Mutex;
+
+use crate::proto::Fid;
+
+/// Taken before a request that would grant a callback; the grant is honoured
+/// only if no break for the fid (and no new session) happened in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token {
+    session: u64,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Table {
+    /// Bumped on every new server session: all callbacks die with a session.
+    session: u64,
+    /// Per-fid count of breaks received (only for fids ever broken).
+    generation: HashMap<Fid, u64>,
+    valid: HashSet<Fid>,
+}
+
+#[derive(Default)]
+pub(crate) struct Callbacks {
+    table: Mutex<Table>,
+}
+
+impl Callbacks {
+    pub fn token(&self, fid: Fid) -> Token {
+        let t = self.table.lock();
+        Token {
+            session: t.session,
+            generation: t.generation.get(&fid).copied().unwrap_or(0),
+        }
+    }
+
+    /// Record a callback the server granted, unless a break overtook it.
+    /// Returns whether the callback now holds.
+    pub fn grant(&self, fid: Fid, token: Token) -> bool {
+        let mut t = self.table.lock();
+        let now = t.generation.get(&fid).copied().unwrap_or(0);
+        if t.session != token.session || now != token.generation {
+            return false;
+        }
+        t.valid.insert(fid);
+        true
+    }
+
+    pub fn holds(&self, fid: Fid) -> bool {
+        self.table.lock().valid.contains(&fid)
+    }
+
+    /// The server broke these callbacks (or we dropped them ourselves).
+    pub fn break_fids(&self, fids: &[Fid]) {
+        let mut t = self.table.lock();
+        for f in fids {
+            t.valid.remove(f);
+            *t.generation.entry(*f).or_insert(0) += 1;
+        }
+    }
+
+    /// A new session with the server: no earlier promise holds any more.
+    pub fn new_session(&self) {
+        let mut t = self.table.lock();
+        t.session += 1;
+        t.valid.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_break_during_a_fetch_wins() {
+        let cb = Callbacks::default();
+        let f = Fid::new(1, 2, 1);
+        let tok = cb.token(f);
+        cb.break_fids(&[f]);
+        assert!(
+            !cb.grant(f, tok),
+            "the reply raced with a break: no callback"
+        );
+        assert!(!cb.holds(f));
+        let tok = cb.token(f);
+        assert!(cb.grant(f, tok));
+        assert!(cb.holds(f));
+        cb.break_fids(&[f]);
+        assert!(!cb.holds(f));
+    }
+
+    #[test]
+    fn a_new_session_voids_every_callback_and_pending_grant() {
+        let cb = Callbacks::default();
+        let (a, b) = (Fid::new(1, 1, 1), Fid::new(1, 2, 1));
+        assert!(cb.grant(a, cb.token(a)));
+        let tok = cb.token(b);
+        cb.new_session();
+        assert!(!cb.holds(a));
+        assert!(!cb.grant(b, tok));
+    }
+}

@@ -1,0 +1,839 @@
+//! Connections to the servers: the handshake, the control connection with its
+//! reader thread (replies demultiplexed by request id, callback breaks acked at
+//! once), the bulk connection pool that streams file data, the heartbeat, and
+//! the one interrupt mechanism every blocking wait obeys.
+//!
+//! Rule: no lock is held across a network wait. Locks here guard maps and
+//! the socket writer for the duration of one `write_all` only. (The one
+//! exception is `connect_gate`, which makes callers queue behind a single
+//! bounded handshake instead of each opening a session of their own.)
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::callback::Callbacks;
+use super::stats::Counters;
+use crate::proto::auth::{self, Transcript};
+use crate::proto::frame::{read_frame, write_frame};
+use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK, PROTOCOL_VERSION};
+use crate::{Error, Result};
+
+/// Who we are to every server: persistent id, per-start epoch, credentials.
+pub(crate) struct Identity {
+    pub client_id: [u8; 16],
+    pub epoch: u64,
+    pub user: String,
+    pub secret: [u8; 32],
+}
+
+/// Timing knobs taken from the config.
+#[derive(Clone, Copy)]
+pub(crate) struct Timing {
+    pub rpc_timeout: Duration,
+    pub dead_after: Duration,
+    pub bind_addr: Option<SocketAddr>,
+}
+
+// ---------------------------------------------------------------------------
+// Interrupts: one place that can make every wait return at once.
+
+struct InterruptState {
+    /// Dropped to interrupt: every `watch()` receiver then becomes ready.
+    tx: Option<Sender<()>>,
+    rx: Receiver<()>,
+    reason: String,
+}
+
+/// Waits select on `watch()`; `trigger` wakes them all and shuts down every
+/// socket registered with `guard` (handshakes and bulk transfers), so
+/// blocking reads and writes stop too. Failover will trigger it; `clear`
+/// (failback) arms it again.
+pub(crate) struct Interrupt {
+    state: Mutex<InterruptState>,
+    sockets: Mutex<HashMap<u64, TcpStream>>,
+    next_socket: AtomicU64,
+}
+
+/// Keeps a socket registered with an [`Interrupt`] while it blocks.
+pub(crate) struct SocketGuard<'a> {
+    owner: &'a Interrupt,
+    key: u64,
+}
+
+impl Drop for SocketGuard<'_> {
+    fn drop(&mut self) {
+        self.owner.sockets.lock().remove(&self.key);
+    }
+}
+
+impl Interrupt {
+    fn new() -> Interrupt {
+        let (tx, rx) = bounded(0);
+        Interrupt {
+            state: Mutex::new(InterruptState {
+                tx: Some(tx),
+                rx,
+                reason: String::new(),
+            }),
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(0),
+        }
+    }
+
+    /// Register `s` so an interrupt shuts it down; then check, so an
+    /// interrupt that came just before is not missed.
+    fn guard(&self, s: &TcpStream) -> Result<SocketGuard<'_>> {
+        let key = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = s.try_clone() {
+            self.sockets.lock().insert(key, c);
+        }
+        let g = SocketGuard { owner: self, key };
+        self.check()?;
+        Ok(g)
+    }
+
+    pub fn watch(&self) -> Receiver<()> {
+        self.state.lock().rx.clone()
+    }
+
+    pub fn check(&self) -> Result<()> {
+        let s = self.state.lock();
+        match s.tx {
+            Some(_) => Ok(()),
+            None => Err(Error::Eio(s.reason.clone())),
+        }
+    }
+
+    fn reason(&self) -> String {
+        self.state.lock().reason.clone()
+    }
+
+    fn trigger(&self, reason: &str) {
+        {
+            let mut s = self.state.lock();
+            s.reason = reason.to_string();
+            s.tx = None;
+        }
+        for s in self.sockets.lock().values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    #[allow(dead_code)] // failback arrives with a later issue
+    fn clear(&self) {
+        let (tx, rx) = bounded(0);
+        *self.state.lock() = InterruptState {
+            tx: Some(tx),
+            rx,
+            reason: String::new(),
+        };
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Handshake (both connection kinds).
+
+fn dial(addr: SocketAddr, t: &Timing) -> std::io::Result<TcpStream> {
+    let s = match t.bind_addr {
+        None => TcpStream::connect_timeout(&addr, t.rpc_timeout)?,
+        Some(local) => connect_from(local, addr)?,
+    };
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(t.rpc_timeout))?;
+    s.set_write_timeout(Some(t.rpc_timeout))?;
+    Ok(s)
+}
+
+/// std cannot bind before connecting, so do it with libc.
+fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::unix::io::FromRawFd;
+    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*v4.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: v6.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: v6.scope_id(),
+                };
+                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        (ss, len as libc::socklen_t)
+    }
+    let family = if remote.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket calls on an fd we own; it is wrapped in TcpStream
+    // (which closes it) as soon as it exists.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let (l, llen) = sockaddr(local);
+        if libc::bind(fd, &l as *const _ as *const libc::sockaddr, llen) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (r, rlen) = sockaddr(remote);
+        if libc::connect(fd, &r as *const _ as *const libc::sockaddr, rlen) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+fn send(s: &mut TcpStream, id: u64, m: &Msg) -> Result<()> {
+    write_frame(s, m.kind(), id, &m.encode())
+}
+
+fn recv(s: &mut TcpStream, server: &str, timeout: Duration) -> Result<Msg> {
+    match read_frame(s) {
+        Ok(Some(f)) => Msg::decode(&f),
+        Ok(None) => Err(Error::Eio(format!("server {server} closed the connection"))),
+        Err(e) => Err(net_error(e, server, timeout)),
+    }
+}
+
+/// A socket read that timed out is `Timeout`; other socket failures mean the
+/// server (or the path to it) is gone: `Eio`, naming the server.
+fn net_error(e: Error, server: &str, timeout: Duration) -> Error {
+    match e {
+        Error::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::Timeout(format!(
+                "no reply from server {server} within {} ms",
+                timeout.as_millis()
+            ))
+        }
+        Error::Io { context, source } => {
+            Error::Eio(format!("server {server}: {context}: {source}"))
+        }
+        other => other,
+    }
+}
+
+fn reply_error(m: Msg, server: &str, what: &str) -> Error {
+    match m {
+        Msg::Error { code, message, .. } => Error::from_wire(code, message),
+        other => Error::Protocol(format!("server {server} answered {what} with {other:?}")),
+    }
+}
+
+/// Open and authenticate one connection; returns it with the root fid.
+fn handshake(
+    server: &str,
+    kind: ConnKind,
+    id: &Identity,
+    t: &Timing,
+    interrupt: &Interrupt,
+) -> Result<(TcpStream, Fid)> {
+    let addr = server
+        .to_socket_addrs()
+        .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| Error::Eio(format!("server {server}: no address")))?;
+    let mut s = dial(addr, t).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ) {
+            Error::Timeout(format!("connecting to server {server}: {e}"))
+        } else {
+            Error::Eio(format!("connecting to server {server}: {e}"))
+        }
+    })?;
+    let _guard = interrupt.guard(&s)?;
+    let client_nonce = auth::random_bytes::<32>();
+    send(
+        &mut s,
+        0,
+        &Msg::Hello {
+            version: PROTOCOL_VERSION,
+            kind,
+            user: id.user.clone(),
+            client_id: id.client_id,
+            epoch: id.epoch,
+            client_nonce,
+        },
+    )
+    .map_err(|e| net_error(e, server, t.rpc_timeout))?;
+    let server_nonce = match recv(&mut s, server, t.rpc_timeout)? {
+        Msg::Challenge { server_nonce } => server_nonce,
+        m => return Err(reply_error(m, server, "Hello")),
+    };
+    let tr = Transcript {
+        user: &id.user,
+        client_id: &id.client_id,
+        epoch: id.epoch,
+        kind,
+        client_nonce: &client_nonce,
+        server_nonce: &server_nonce,
+    };
+    send(
+        &mut s,
+        0,
+        &Msg::Auth {
+            mac: auth::client_mac(&id.secret, &tr),
+        },
+    )
+    .map_err(|e| net_error(e, server, t.rpc_timeout))?;
+    match recv(&mut s, server, t.rpc_timeout)? {
+        Msg::Welcome {
+            root, server_mac, ..
+        } => {
+            if !auth::mac_eq(&server_mac, &auth::server_mac(&id.secret, &tr)) {
+                return Err(Error::Auth(format!(
+                    "server {server} failed to prove it knows the secret"
+                )));
+            }
+            Ok((s, root))
+        }
+        m => Err(reply_error(m, server, "Auth")),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A session: one authenticated control connection and its bulk connections.
+
+struct Control {
+    server: String,
+    /// A clone used only to shut the socket down, so killing the connection
+    /// never waits for a writer stuck on a full socket.
+    sock: TcpStream,
+    writer: Mutex<TcpStream>,
+    pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
+    dead: Mutex<Option<String>>,
+    last_heard: Mutex<Instant>,
+}
+
+impl Control {
+    /// Declare the connection dead: fail every pending call at once and
+    /// unblock the reader.
+    fn kill(&self, reason: &str) {
+        {
+            let mut d = self.dead.lock();
+            if d.is_some() {
+                return;
+            }
+            *d = Some(reason.to_string());
+        }
+        let _ = self.sock.shutdown(Shutdown::Both);
+        let waiters: Vec<_> = self.pending.lock().drain().collect();
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(Error::Eio(format!("server {}: {reason}", self.server))));
+        }
+    }
+
+    fn dead_error(&self) -> Option<Error> {
+        self.dead
+            .lock()
+            .as_ref()
+            .map(|r| Error::Eio(format!("server {}: {r}", self.server)))
+    }
+}
+
+pub(crate) struct Session {
+    pub root: Fid,
+    pub server: String,
+    ctl: Arc<Control>,
+    next_id: AtomicU64,
+    ident: Arc<Identity>,
+    timing: Timing,
+    bulk_pool: Mutex<Vec<TcpStream>>,
+    /// Clones of bulk sockets in use, so an interrupt can shut them down.
+    bulk_active: Mutex<HashMap<u64, TcpStream>>,
+}
+
+fn reader_loop(
+    ctl: Arc<Control>,
+    mut stream: TcpStream,
+    callbacks: Arc<Callbacks>,
+    counters: Arc<Counters>,
+) {
+    loop {
+        let frame = match read_frame(&mut stream) {
+            Ok(Some(f)) => f,
+            Ok(None) => return ctl.kill("connection closed by server"),
+            Err(e) => return ctl.kill(&format!("connection lost: {e}")),
+        };
+        *ctl.last_heard.lock() = Instant::now();
+        match Msg::decode(&frame) {
+            Ok(Msg::CallbackBreak { fids }) => {
+                // Invalidate first, then ack at once: the writer on the other
+                // client is waiting for this ack.
+                callbacks.break_fids(&fids);
+                Counters::add(&counters.breaks_received, fids.len() as u64);
+                let ack = Msg::BreakAck;
+                let r = write_frame(&mut *ctl.writer.lock(), ack.kind(), frame.id, &ack.encode());
+                if let Err(e) = r {
+                    return ctl.kill(&format!("sending BreakAck: {e}"));
+                }
+            }
+            Ok(m) => {
+                // Replies nobody waits for (heartbeat Pongs, timed-out calls) are dropped.
+                if let Some(tx) = ctl.pending.lock().remove(&frame.id) {
+                    let _ = tx.send(Ok(m));
+                }
+            }
+            Err(e) => {
+                let mut w = ctl.writer.lock();
+                let m = Msg::error(&e);
+                let _ = write_frame(&mut *w, m.kind(), frame.id, &m.encode());
+                drop(w);
+                return ctl.kill(&format!("protocol error: {e}"));
+            }
+        }
+    }
+}
+
+/// A bulk connection taken from the pool; goes back only after a transfer
+/// that left the stream at a frame boundary.
+pub(crate) struct Bulk<'a> {
+    session: &'a Session,
+    stream: Option<TcpStream>,
+    key: u64,
+    _interruptible: SocketGuard<'a>,
+}
+
+impl Drop for Bulk<'_> {
+    fn drop(&mut self) {
+        self.session.bulk_active.lock().remove(&self.key);
+    }
+}
+
+impl Bulk<'_> {
+    fn stream(&mut self) -> &mut TcpStream {
+        self.stream
+            .as_mut()
+            .expect("bulk stream present until released")
+    }
+
+    fn release(mut self) {
+        if let Some(s) = self.stream.take() {
+            self.session.bulk_pool.lock().push(s);
+        }
+    }
+}
+
+impl Session {
+    fn connect(
+        server: &str,
+        ident: Arc<Identity>,
+        timing: Timing,
+        callbacks: Arc<Callbacks>,
+        counters: Arc<Counters>,
+        interrupt: &Interrupt,
+    ) -> Result<Arc<Session>> {
+        let (s, root) = handshake(server, ConnKind::Control, &ident, &timing, interrupt)?;
+        // The reader blocks without a deadline; the heartbeat judges silence.
+        s.set_read_timeout(None)
+            .map_err(|e| Error::io("control socket", e))?;
+        let reader = s.try_clone().map_err(|e| Error::io("control socket", e))?;
+        let sock = s.try_clone().map_err(|e| Error::io("control socket", e))?;
+        let ctl = Arc::new(Control {
+            server: server.to_string(),
+            sock,
+            writer: Mutex::new(s),
+            pending: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+            last_heard: Mutex::new(Instant::now()),
+        });
+        let c2 = ctl.clone();
+        std::thread::Builder::new()
+            .name(format!("coda-ctl-{server}"))
+            .spawn(move || reader_loop(c2, reader, callbacks, counters))
+            .map_err(|e| Error::io("spawning the connection reader", e))?;
+        Ok(Arc::new(Session {
+            root,
+            server: server.to_string(),
+            ctl,
+            next_id: AtomicU64::new(1),
+            ident,
+            timing,
+            bulk_pool: Mutex::new(Vec::new()),
+            bulk_active: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.ctl.dead.lock().is_some()
+    }
+
+    pub fn kill(&self, reason: &str) {
+        self.ctl.kill(reason);
+        for (_, s) in self.bulk_active.lock().drain() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.bulk_pool.lock().clear();
+    }
+
+    /// One request on the control connection; waits for its reply, the
+    /// timeout, the connection's death or an interrupt, whichever is first.
+    pub fn call(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Msg> {
+        interrupt.check()?;
+        if let Some(e) = self.ctl.dead_error() {
+            return Err(e);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = bounded(1);
+        self.ctl.pending.lock().insert(id, tx);
+        // A kill that drained the table just before our insert would leave
+        // us waiting for the timeout: look again.
+        if let Some(e) = self.ctl.dead_error() {
+            self.ctl.pending.lock().remove(&id);
+            return Err(e);
+        }
+        let sent = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
+        if let Err(e) = sent {
+            self.ctl.pending.lock().remove(&id);
+            let e = net_error(e, &self.server, self.timing.rpc_timeout);
+            self.ctl.kill(&e.to_string());
+            return Err(e);
+        }
+        let watch = interrupt.watch();
+        let r = select! {
+            recv(rx) -> r => r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
+            recv(watch) -> _ => Err(Error::Eio(interrupt.reason())),
+            default(self.timing.rpc_timeout) => Err(Error::Timeout(format!(
+                "no reply from server {} within {} ms", self.server, self.timing.rpc_timeout.as_millis()))),
+        };
+        self.ctl.pending.lock().remove(&id);
+        match r? {
+            m @ Msg::Error { .. } => Err(reply_error(m, &self.server, "")),
+            m => Ok(m),
+        }
+    }
+
+    /// Send a Ping without waiting: the reader notes any frame as life.
+    pub fn ping(&self) {
+        if self.is_dead() {
+            return;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let m = Msg::Ping;
+        if let Err(e) = write_frame(&mut *self.ctl.writer.lock(), m.kind(), id, &m.encode()) {
+            self.ctl.kill(&format!("sending Ping: {e}"));
+        }
+    }
+
+    pub fn silent_for(&self) -> Duration {
+        self.ctl.last_heard.lock().elapsed()
+    }
+
+    fn bulk<'a>(&'a self, interrupt: &'a Interrupt) -> Result<Bulk<'a>> {
+        interrupt.check()?;
+        if let Some(e) = self.ctl.dead_error() {
+            return Err(e);
+        }
+        let pooled = self.bulk_pool.lock().pop();
+        let stream = match pooled {
+            Some(s) => s,
+            None => {
+                handshake(
+                    &self.server,
+                    ConnKind::Bulk,
+                    &self.ident,
+                    &self.timing,
+                    interrupt,
+                )?
+                .0
+            }
+        };
+        let key = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = stream.try_clone() {
+            self.bulk_active.lock().insert(key, c);
+        }
+        // Registered for kill (above) and for interrupts (here): either
+        // shuts the socket down and unblocks the transfer at once.
+        let guard = interrupt.guard(&stream);
+        let b = Bulk {
+            session: self,
+            stream: Some(stream),
+            key,
+            _interruptible: guard?,
+        };
+        Ok(b)
+    }
+
+    fn bulk_error(&self, e: Error, interrupt: &Interrupt) -> Error {
+        if let Err(i) = interrupt.check() {
+            return i;
+        }
+        net_error(e, &self.server, self.timing.rpc_timeout)
+    }
+
+    /// Fetch a whole file (or symlink target) into `dest`, streaming chunk by
+    /// chunk; each chunk must arrive within the RPC timeout.
+    pub fn fetch(&self, fid: Fid, dest: &mut File, interrupt: &Interrupt) -> Result<(Attr, u64)> {
+        let mut b = self.bulk(interrupt)?;
+        let server = self.server.clone();
+        send(b.stream(), 1, &Msg::Fetch { fid }).map_err(|e| self.bulk_error(e, interrupt))?;
+        let (attr, length) = match recv(b.stream(), &server, self.timing.rpc_timeout)
+            .map_err(|e| self.bulk_error(e, interrupt))?
+        {
+            Msg::FetchReply { attr, length } => (attr, length),
+            m @ Msg::Error { .. } => {
+                let e = reply_error(m, &server, "Fetch");
+                b.release();
+                return Err(e);
+            }
+            m => return Err(reply_error(m, &server, "Fetch")),
+        };
+        let mut buf = vec![0u8; BULK_CHUNK];
+        let mut left = length;
+        while left > 0 {
+            let want = left.min(BULK_CHUNK as u64) as usize;
+            let n = match b.stream().read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(self.bulk_error(
+                        Error::Eio(format!(
+                            "server {server}: connection ended inside fetched data"
+                        )),
+                        interrupt,
+                    ))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(self.bulk_error(Error::io("receiving file data", e), interrupt))
+                }
+            };
+            dest.write_all(&buf[..n])
+                .map_err(|e| Error::io("writing a cache container", e))?;
+            left -= n as u64;
+        }
+        b.release();
+        Ok((attr, length))
+    }
+
+    /// Upload `length` bytes of `src` (from offset 0) as staged upload
+    /// `upload_id`, streaming; returns once the server has fsynced it.
+    pub fn upload(
+        &self,
+        upload_id: u64,
+        src: &File,
+        length: u64,
+        interrupt: &Interrupt,
+    ) -> Result<()> {
+        let mut b = self.bulk(interrupt)?;
+        let server = self.server.clone();
+        send(b.stream(), 1, &Msg::Upload { upload_id, length })
+            .map_err(|e| self.bulk_error(e, interrupt))?;
+        let mut buf = vec![0u8; BULK_CHUNK];
+        let mut off = 0u64;
+        while off < length {
+            let want = (length - off).min(BULK_CHUNK as u64) as usize;
+            let n = src
+                .read_at(&mut buf[..want], off)
+                .map_err(|e| Error::io("reading a cache container", e))?;
+            if n == 0 {
+                return Err(Error::Eio(format!(
+                    "container shrank to {off} bytes while storing {length}"
+                )));
+            }
+            b.stream()
+                .write_all(&buf[..n])
+                .map_err(|e| self.bulk_error(Error::io("sending file data", e), interrupt))?;
+            off += n as u64;
+        }
+        match recv(b.stream(), &server, self.timing.rpc_timeout)
+            .map_err(|e| self.bulk_error(e, interrupt))?
+        {
+            Msg::Uploaded { upload_id: u } if u == upload_id => {
+                b.release();
+                Ok(())
+            }
+            m @ Msg::Error { .. } => Err(reply_error(m, &server, "Upload")),
+            m => Err(reply_error(m, &server, "Upload")),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The servers we know, the current session, and reconnecting on demand.
+
+pub(crate) struct Servers {
+    addrs: Vec<String>,
+    ident: Arc<Identity>,
+    timing: Timing,
+    callbacks: Arc<Callbacks>,
+    counters: Arc<Counters>,
+    current: Mutex<Option<Arc<Session>>>,
+    connect_gate: Mutex<()>,
+    sessions: AtomicU64,
+    pub interrupt: Interrupt,
+}
+
+impl Servers {
+    pub fn new(
+        addrs: Vec<String>,
+        ident: Identity,
+        timing: Timing,
+        callbacks: Arc<Callbacks>,
+        counters: Arc<Counters>,
+    ) -> Servers {
+        Servers {
+            addrs,
+            ident: Arc::new(ident),
+            timing,
+            callbacks,
+            counters,
+            current: Mutex::new(None),
+            connect_gate: Mutex::new(()),
+            sessions: AtomicU64::new(0),
+            interrupt: Interrupt::new(),
+        }
+    }
+
+    pub fn ident(&self) -> &Identity {
+        &self.ident
+    }
+
+    /// The live session, connecting (a new session: every callback void) if
+    /// there is none or it died.
+    pub fn session(&self) -> Result<Arc<Session>> {
+        self.interrupt.check()?;
+        if let Some(s) = self.current.lock().as_ref() {
+            if !s.is_dead() {
+                return Ok(s.clone());
+            }
+        }
+        let _gate = self.connect_gate.lock();
+        if let Some(s) = self.current.lock().as_ref() {
+            if !s.is_dead() {
+                return Ok(s.clone());
+            }
+        }
+        let mut last = Error::Invalid("no servers configured".into());
+        for addr in &self.addrs {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+            // Void old promises before a grant of the new session can land.
+            self.callbacks.new_session();
+            match Session::connect(
+                addr,
+                self.ident.clone(),
+                self.timing,
+                self.callbacks.clone(),
+                self.counters.clone(),
+                &self.interrupt,
+            ) {
+                Ok(s) => {
+                    if let Some(old) = self.current.lock().replace(s.clone()) {
+                        old.kill("replaced by a new session");
+                    }
+                    return Ok(s);
+                }
+                // Authentication failures are final: another server would say the same.
+                Err(e @ Error::Auth(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// One heartbeat: declare the server dead after `dead_after` of silence,
+    /// otherwise ping it.
+    pub fn heartbeat(&self) {
+        let s = self.current.lock().clone();
+        if let Some(s) = s {
+            if s.is_dead() {
+                return;
+            }
+            if s.silent_for() > self.timing.dead_after {
+                s.kill(&format!(
+                    "no reply for {} ms",
+                    self.timing.dead_after.as_millis()
+                ));
+            } else {
+                s.ping();
+            }
+        }
+    }
+
+    /// Make every pending and later remote operation fail with `Eio` at once.
+    #[allow(dead_code)] // failover arrives with a later issue
+    pub fn interrupt_all(&self, reason: &str) {
+        self.interrupt.trigger(reason);
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(s) = self.current.lock().take() {
+            s.kill("client shut down");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_unblocks_waits_and_guarded_sockets_at_once() {
+        let i = Interrupt::new();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _peer = l.accept().unwrap();
+        let watch = i.watch();
+        let t0 = Instant::now();
+        std::thread::scope(|sc| {
+            let _g = i.guard(&s).unwrap();
+            sc.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                i.trigger("failed over");
+            });
+            // Blocks (the peer sends nothing) until the interrupt shuts it down.
+            let mut b = [0u8; 1];
+            assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+        });
+        assert!(
+            watch.recv_timeout(Duration::from_secs(1)).is_err(),
+            "watchers wake"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2));
+        assert!(matches!(i.check(), Err(Error::Eio(m)) if m == "failed over"));
+        i.clear();
+        assert!(i.check().is_ok());
+    }
+}

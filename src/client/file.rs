@@ -1,0 +1,236 @@
+//! Open files: the caller works on the container's own fd at local-disk
+//! speed; closing a file that was written stores it back through the CML
+//! (write-through on close).
+
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use super::{Inner, Timespec};
+use crate::proto::{Fid, FileType, RecordOp};
+use crate::{Error, Result};
+
+/// A file opened through the cache. Owned by one thread at a time.
+pub struct File {
+    inner: Arc<Inner>,
+    fid: Fid,
+    file: std::fs::File,
+    readable: bool,
+    writable: bool,
+    append: bool,
+    /// Contents differ from the server's (written, or truncated at open).
+    changed: bool,
+    /// The container's (size, mtime) at open, to notice writes made directly
+    /// through `fd()`.
+    stamp: (u64, i64, i64),
+    done: bool,
+}
+
+fn stamp(f: &std::fs::File) -> (u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata()
+        .map(|m| (m.len(), m.mtime(), m.mtime_nsec()))
+        .unwrap_or((0, 0, 0))
+}
+
+pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Result<File> {
+    let allowed = libc::O_ACCMODE | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND;
+    let acc = flags & libc::O_ACCMODE;
+    if flags & !allowed != 0 || acc == libc::O_ACCMODE {
+        return Err(Error::Invalid(format!("open flags {flags:#o} for {path}")));
+    }
+    let (readable, writable) = (acc != libc::O_WRONLY, acc != libc::O_RDONLY);
+    let trunc = writable && flags & libc::O_TRUNC != 0;
+    if super::namei::split_path(path)?.is_empty() {
+        return Err(Error::IsDir(path.to_string()));
+    }
+    let (parent, name) = inner.resolve_parent(path)?;
+    let found = inner.lookup(parent, &name)?;
+    let (fid, created) = match found {
+        None if flags & libc::O_CREAT != 0 => (create(inner, parent, &name, mode)?, true),
+        None => return Err(Error::NotFound(path.to_string())),
+        Some(_) if flags & (libc::O_CREAT | libc::O_EXCL) == libc::O_CREAT | libc::O_EXCL => {
+            return Err(Error::Exists(path.to_string()))
+        }
+        Some(e) => {
+            let (fid, t) = match e.ftype {
+                FileType::Symlink => inner.resolve(path, true)?,
+                t => (e.fid, t),
+            };
+            if t == FileType::Dir {
+                return Err(Error::IsDir(path.to_string()));
+            }
+            (fid, false)
+        }
+    };
+    // From here on the cache counts us as an opener (so nothing evicts the
+    // container); every failure path must undo that.
+    if !created {
+        if trunc {
+            // Truncating: the old contents are not needed, so no fetch.
+            let attr = inner.getattr(fid)?;
+            inner.cache.install_empty(&attr, true)?;
+        } else {
+            inner.open_data(fid)?;
+        }
+    }
+    let container = inner.cache.container(fid);
+    // The fd is read-write even for O_WRONLY so the store can read it back;
+    // `read_at` still honours the mode the caller asked for.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .append(writable && flags & libc::O_APPEND != 0)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&container);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            inner.cache.closed(fid);
+            return Err(Error::io(
+                format!("opening container {}", container.display()),
+                e,
+            ));
+        }
+    };
+    let st = stamp(&file);
+    Ok(File {
+        inner: inner.clone(),
+        fid,
+        file,
+        readable,
+        writable,
+        append: flags & libc::O_APPEND != 0,
+        changed: trunc && !created,
+        stamp: st,
+        done: false,
+    })
+}
+
+/// Create an empty file through the CML; its container starts out empty
+/// and opened.
+fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+    let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
+    let now = Timespec::now();
+    let ptok = inner.callbacks.token(parent);
+    let tok = inner.callbacks.token(fid);
+    let op = RecordOp::Create {
+        parent,
+        name: name.to_string(),
+        fid,
+        mode: mode & 0o7777,
+        mtime: now,
+    };
+    let attr = inner.commit(op, None)?;
+    inner.cache.install_empty(&attr, false)?;
+    inner.callbacks.grant(fid, tok);
+    let entry = crate::proto::DirEntry {
+        name: name.to_string(),
+        fid,
+        ftype: FileType::File,
+    };
+    inner.after_dir_change(parent, ptok, now, |l| l.push(entry));
+    Ok(fid)
+}
+
+impl File {
+    /// The container file's OS descriptor (valid until close).
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
+        if !self.readable {
+            return Err(Error::BadHandle("file not open for reading".into()));
+        }
+        self.file
+            .read_at(buf, off)
+            .map_err(|e| Error::io("reading a container", e))
+    }
+
+    /// Write at `off`, or at the end when opened with `O_APPEND`.
+    pub fn write_at(&mut self, buf: &[u8], off: u64) -> Result<usize> {
+        if !self.writable {
+            return Err(Error::BadHandle("file not open for writing".into()));
+        }
+        if !self.changed {
+            self.changed = true;
+            self.inner.cache.update(None, self.fid, |e| e.dirty = true);
+        }
+        let off = if self.append {
+            self.file
+                .metadata()
+                .map_err(|e| Error::io("sizing a container", e))?
+                .len()
+        } else {
+            off
+        };
+        self.file
+            .write_at(buf, off)
+            .map_err(|e| Error::io("writing a container", e))
+    }
+
+    /// Store the file back if it was written and return the store's result.
+    pub fn close(mut self) -> Result<()> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let changed = self.writable && (self.changed || stamp(&self.file) != self.stamp);
+        let res = if changed { self.store() } else { Ok(()) };
+        self.inner.cache.closed(self.fid);
+        res
+    }
+
+    fn store(&self) -> Result<()> {
+        let inner = &self.inner;
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("sizing a container", e))?
+            .len();
+        inner.cache.update(None, self.fid, |e| {
+            e.dirty = true;
+            e.data_bytes = len;
+        });
+        let tok = inner.callbacks.token(self.fid);
+        let op = RecordOp::Store {
+            fid: self.fid,
+            expected_version: 0, // connected: last close wins
+            upload_id: 0,        // the CML sets it to the record's store id
+            length: len,
+            mtime: Timespec::now(),
+        };
+        match inner.commit(op, Some(&self.file)) {
+            Ok(attr) => {
+                inner.cache.update(Some(&attr), self.fid, |e| {
+                    e.attr = attr.clone();
+                    e.data_version = Some(attr.version);
+                    e.data_bytes = len;
+                    e.dirty = false;
+                });
+                inner.callbacks.grant(self.fid, tok);
+                Ok(())
+            }
+            Err(err) => {
+                // The container no longer matches any server version.
+                inner.cache.update(None, self.fid, |e| {
+                    e.data_version = None;
+                    e.dirty = false;
+                });
+                inner.callbacks.break_fids(&[self.fid]);
+                Err(err)
+            }
+        }
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}

@@ -1,0 +1,51 @@
+//! Counters a program (or a test) reads to see what the cache manager did.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A snapshot of the client's counters since `Client::new`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Whole-file fetches (files and symlink targets) over the bulk connection.
+    pub fetches: u64,
+    pub fetch_bytes: u64,
+    /// `GetAttrs` requests sent (one request may carry many fids).
+    pub getattr_rpcs: u64,
+    /// `ReadDir` pages requested.
+    pub readdir_rpcs: u64,
+    /// Fids whose callbacks the server broke.
+    pub breaks_received: u64,
+    /// `Reintegrate` batches the server committed.
+    pub reintegrations: u64,
+    /// Cached objects found unchanged by a version check instead of a refetch.
+    pub validations_unchanged: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub fetches: AtomicU64,
+    pub fetch_bytes: AtomicU64,
+    pub getattr_rpcs: AtomicU64,
+    pub readdir_rpcs: AtomicU64,
+    pub breaks_received: AtomicU64,
+    pub reintegrations: AtomicU64,
+    pub validations_unchanged: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ClientStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClientStats {
+            fetches: g(&self.fetches),
+            fetch_bytes: g(&self.fetch_bytes),
+            getattr_rpcs: g(&self.getattr_rpcs),
+            readdir_rpcs: g(&self.readdir_rpcs),
+            breaks_received: g(&self.breaks_received),
+            reintegrations: g(&self.reintegrations),
+            validations_unchanged: g(&self.validations_unchanged),
+        }
+    }
+}

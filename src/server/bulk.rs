@@ -1,0 +1,256 @@
+//! A bulk connection: one transfer at a time, on the connection's own
+//! thread. Fetch streams an object file with `sendfile` from an fd opened
+//! under the metadata snapshot (no lock held while sending); Upload streams
+//! raw bytes into a staging file in chunks and fsyncs it before replying.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::handshake::Identity;
+use super::log;
+use super::objects;
+use super::sessions::ClientCtx;
+use super::volume::FetchData;
+use super::wire::{close_after_error, frame_for, send};
+use super::Shared;
+use crate::proto::{read_frame, Fid, Msg, BULK_CHUNK};
+use crate::{Error, Result};
+
+/// A peer silent this long in the middle of raw upload bytes is dropped.
+const RAW_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+static TMP_SERIAL: AtomicU64 = AtomicU64::new(0);
+
+pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, serial: u64) {
+    let mut stream = match reader.get_ref().try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let attached = stream
+        .try_clone()
+        .map_err(|e| Error::io("clone socket", e))
+        .and_then(|s| {
+            shared
+                .registry
+                .attach_bulk(ident.client_id, ident.epoch, serial, s)
+        });
+    let ctx = match attached {
+        Ok(c) => c,
+        Err(e) => {
+            log::info(format_args!(
+                "bulk connection of client {} epoch {} refused: {e}",
+                objects::hex(&ident.client_id),
+                ident.epoch
+            ));
+            let _ = send(&mut stream, 0, &Msg::error(&e));
+            close_after_error(&mut stream);
+            return;
+        }
+    };
+    let protocol_error = loop {
+        let frame = match read_frame(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(Error::Io { .. }) => break false,
+            Err(e) => {
+                log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
+                let _ = send(&mut stream, 0, &Msg::error(&e));
+                break true;
+            }
+        };
+        let id = frame.id;
+        let step = match Msg::decode(&frame) {
+            Ok(Msg::Ping) => send(&mut stream, id, &Msg::Pong),
+            Ok(Msg::Fetch { fid }) => fetch(&shared, &ctx, &mut stream, id, fid),
+            Ok(Msg::Upload { upload_id, length }) => upload(
+                &shared,
+                &ctx,
+                &mut reader,
+                &mut stream,
+                id,
+                upload_id,
+                length,
+            ),
+            Ok(other) => Err(Error::Protocol(format!(
+                "message type {:#04x} is not a bulk-connection request",
+                other.kind()
+            ))),
+            Err(e) => Err(e),
+        };
+        match step {
+            Ok(()) => {}
+            Err(e @ Error::Protocol(_)) => {
+                log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
+                let _ = send(&mut stream, id, &Msg::error(&e));
+                break true;
+            }
+            Err(e) => {
+                // The stream is out of step (a transfer broke mid-way).
+                log::info(format_args!("{}: bulk connection dropped: {e}", ctx.name()));
+                break false;
+            }
+        }
+    };
+    shared.registry.detach_bulk(&ctx, serial);
+    if protocol_error {
+        close_after_error(&mut stream);
+    } else {
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Answer a Fetch. Errors about the object are replied and the connection
+/// goes on; only a broken socket is returned as an error.
+fn fetch(
+    shared: &Shared,
+    ctx: &ClientCtx,
+    stream: &mut TcpStream,
+    id: u64,
+    fid: Fid,
+) -> Result<()> {
+    shared.registry.register(ctx, &[fid]);
+    let (attr, data) = match shared.store.open_data(fid) {
+        Ok(x) => x,
+        Err(e) => {
+            shared.registry.unregister(ctx, &[fid]);
+            return send(stream, id, &Msg::error(&e));
+        }
+    };
+    match data {
+        FetchData::Bytes(b) => {
+            let mut out = frame_for(
+                id,
+                &Msg::FetchReply {
+                    attr,
+                    length: b.len() as u64,
+                },
+            );
+            out.extend_from_slice(&b);
+            stream
+                .write_all(&out)
+                .map_err(|e| Error::io("sending fetch data", e))
+        }
+        FetchData::File(file, length) => {
+            send(stream, id, &Msg::FetchReply { attr, length })?;
+            send_file(&file, stream, length)
+        }
+    }
+}
+
+/// Stream exactly `length` bytes of `file` with sendfile(2): the data goes
+/// from the page cache to the socket without passing through user space.
+fn send_file(file: &File, stream: &mut TcpStream, length: u64) -> Result<()> {
+    let mut offset: libc::off_t = 0;
+    let mut left = length;
+    while left > 0 {
+        let want = left.min(1 << 30) as usize;
+        // SAFETY: both fds are open for the duration of the call and
+        // `offset` is a valid pointer to a local.
+        let n = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut offset, want) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::io("sendfile", err));
+        }
+        if n == 0 {
+            // The file is shorter than its committed size: never expected,
+            // and the stream cannot be completed honestly.
+            return Err(Error::Eio(format!("object file ended {left} bytes early")));
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn upload(
+    shared: &Shared,
+    ctx: &ClientCtx,
+    reader: &mut BufReader<TcpStream>,
+    stream: &mut TcpStream,
+    id: u64,
+    upload_id: u64,
+    length: u64,
+) -> Result<()> {
+    let tmp: PathBuf = objects::staging_dir(&shared.root).join(format!(
+        "tmp-{}-{}",
+        objects::hex(&ctx.id),
+        TMP_SERIAL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = reader.get_ref().set_read_timeout(Some(RAW_READ_TIMEOUT));
+    let received = receive(reader, &tmp, length);
+    let _ = reader.get_ref().set_read_timeout(None);
+    let result = match received {
+        // The peer stopped inside the raw bytes: this transfer is lost and
+        // the stream is out of step, so the connection ends.
+        Err(Received::Broken(e)) => {
+            objects::remove_quietly(&tmp);
+            return Err(e);
+        }
+        // All bytes were read but could not be kept (disk full, ...): the
+        // stream is still in step, so reply and go on.
+        Err(Received::NotKept(e)) => {
+            objects::remove_quietly(&tmp);
+            Err(e)
+        }
+        Ok(()) => shared.registry.finish_upload(ctx, upload_id, &tmp),
+    };
+    match result {
+        Ok(()) => send(stream, id, &Msg::Uploaded { upload_id }),
+        Err(e) => send(stream, id, &Msg::error(&e)),
+    }
+}
+
+enum Received {
+    Broken(Error),
+    NotKept(Error),
+}
+
+/// Copy exactly `length` raw bytes from the connection into a new file and
+/// fsync it. After a write error the rest is still read (and discarded) so
+/// the connection stays usable.
+fn receive(
+    reader: &mut BufReader<TcpStream>,
+    tmp: &PathBuf,
+    length: u64,
+) -> std::result::Result<(), Received> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(|e| Error::io(format!("create {}", tmp.display()), e));
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut left = length;
+    let mut write_err = None;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = match reader.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(Received::Broken(Error::Protocol(format!(
+                    "connection ended {left} bytes before the end of an upload"
+                ))))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Received::Broken(Error::io("receiving upload", e))),
+        };
+        left -= n as u64;
+        if let (Ok(f), None) = (&mut file, &write_err) {
+            if let Err(e) = f.write_all(&buf[..n]) {
+                write_err = Some(Error::io(format!("write {}", tmp.display()), e));
+            }
+        }
+    }
+    let file = file.map_err(Received::NotKept)?;
+    if let Some(e) = write_err {
+        return Err(Received::NotKept(e));
+    }
+    file.sync_all()
+        .map_err(|e| Received::NotKept(Error::io(format!("fsync {}", tmp.display()), e)))
+}

@@ -1,0 +1,136 @@
+//! The metadata schema in `meta.redb`: table definitions and the encoding of
+//! an object record. Everything that must survive a crash lives here, so
+//! that one redb commit is the single point where a batch becomes real.
+
+use redb::TableDefinition;
+
+use crate::proto::codec::{Reader, Writer};
+use crate::proto::{Attr, Fid, FileType, MAX_SYMLINK};
+use crate::{Error, Result};
+
+/// fid bytes → encoded [`ObjectRec`].
+pub const OBJECTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("objects");
+/// (directory fid bytes, name) → child fid bytes followed by its file type.
+pub const DIRENTS: TableDefinition<(&[u8; 16], &str), &[u8; 17]> = TableDefinition::new("dirents");
+/// volume id → next vnode number never handed out.
+pub const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
+/// user name → 32-byte shared secret.
+pub const USERS: TableDefinition<&str, &[u8; 32]> = TableDefinition::new("users");
+/// client id → highest `store_id` applied for it (idempotent replay).
+pub const CLIENT_STORE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_store");
+/// (volume, first vnode) → client id (16 bytes) followed by u32 count.
+pub const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
+/// fids that existed once and were deleted: a reserved fid is usable once.
+pub const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves");
+/// Small server-wide values (server id, root fid).
+pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+
+pub const SERVER_ID_KEY: &str = "server_id";
+pub const ROOT_KEY: &str = "root";
+
+/// The root volume and its root directory, created by `coda-server init`.
+pub const ROOT_VOLUME: u32 = 1;
+pub const ROOT_FID: Fid = Fid::new(ROOT_VOLUME, 1, 1);
+
+/// What the server keeps per object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRec {
+    pub attr: Attr,
+    /// Data version: names the object file `<vnode>.<unique>.<dv>`. It only
+    /// grows, so a new file never reuses the name of one a reader may hold.
+    pub dv: u64,
+    /// Whether a data file exists; a file without one is empty.
+    pub has_file: bool,
+    /// For directories: the parent (the root points to itself). Needed to
+    /// refuse moving a directory into its own subtree.
+    pub parent: Fid,
+    /// For symlinks: the target.
+    pub target: String,
+}
+
+impl ObjectRec {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.attr(&self.attr)
+            .u64(self.dv)
+            .u8(self.has_file as u8)
+            .fid(&self.parent)
+            .str(&self.target);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ObjectRec> {
+        let corrupt = |e: Error| Error::Eio(format!("corrupt object record: {e}"));
+        let mut r = Reader::new(b);
+        let rec = ObjectRec {
+            attr: r.attr().map_err(corrupt)?,
+            dv: r.u64().map_err(corrupt)?,
+            has_file: r.bool().map_err(corrupt)?,
+            parent: r.fid().map_err(corrupt)?,
+            target: r.str(MAX_SYMLINK, "symlink target").map_err(corrupt)?,
+        };
+        r.finish().map_err(corrupt)?;
+        Ok(rec)
+    }
+}
+
+pub fn encode_entry(fid: Fid, ftype: FileType) -> [u8; 17] {
+    let mut b = [0u8; 17];
+    b[..16].copy_from_slice(&fid.to_bytes());
+    b[16] = ftype as u8;
+    b
+}
+
+pub fn decode_entry(b: &[u8; 17]) -> Result<(Fid, FileType)> {
+    let fid = Fid::from_bytes(
+        b[..16]
+            .try_into()
+            .expect("17-byte entry holds a 16-byte fid"),
+    );
+    let ftype = FileType::from_u8(b[16])
+        .ok_or_else(|| Error::Eio(format!("corrupt directory entry type {}", b[16])))?;
+    Ok((fid, ftype))
+}
+
+pub fn encode_reservation(client: &[u8; 16], count: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[..16].copy_from_slice(client);
+    b[16..].copy_from_slice(&count.to_be_bytes());
+    b
+}
+
+pub fn decode_reservation(b: &[u8; 20]) -> ([u8; 16], u32) {
+    let mut c = [0u8; 16];
+    c.copy_from_slice(&b[..16]);
+    (c, u32::from_be_bytes([b[16], b[17], b[18], b[19]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Timespec;
+
+    #[test]
+    fn object_records_round_trip() {
+        let rec = ObjectRec {
+            attr: Attr {
+                fid: Fid::new(1, 7, 1),
+                ftype: FileType::Symlink,
+                mode: 0o777,
+                nlink: 1,
+                size: 3,
+                mtime: Timespec { sec: 1, nsec: 2 },
+                ctime: Timespec { sec: 3, nsec: 4 },
+                version: 5,
+            },
+            dv: 9,
+            has_file: true,
+            parent: ROOT_FID,
+            target: "a/b".into(),
+        };
+        assert_eq!(ObjectRec::decode(&rec.encode()).unwrap(), rec);
+        assert!(ObjectRec::decode(&rec.encode()[..10]).is_err());
+        let (c, n) = decode_reservation(&encode_reservation(&[3; 16], 77));
+        assert_eq!((c, n), ([3; 16], 77));
+    }
+}

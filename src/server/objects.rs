@@ -1,0 +1,121 @@
+//! Object files on disk: where each object's data lives, staged uploads, and
+//! the startup sweep that removes files no committed metadata points to.
+//!
+//! Layout under the data directory:
+//! - `objects/<volume>/<vnode>.<unique>.<dv>`: file data, one file per data
+//!   version; a new version always gets a new name, so a fetch that opened
+//!   an old one keeps reading a consistent snapshot.
+//! - `staging/<client-hex>-<upload_id>`: uploads waiting for a Store record.
+//! - `staging/tmp-*`: uploads still arriving.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use crate::proto::Fid;
+use crate::{Error, Result};
+
+pub fn objects_dir(root: &Path, volume: u32) -> PathBuf {
+    root.join("objects").join(volume.to_string())
+}
+
+pub fn object_path(root: &Path, fid: Fid, dv: u64) -> PathBuf {
+    objects_dir(root, fid.volume).join(format!("{}.{}.{}", fid.vnode, fid.unique, dv))
+}
+
+pub fn staging_dir(root: &Path) -> PathBuf {
+    root.join("staging")
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn staged_path(root: &Path, client: &[u8; 16], upload_id: u64) -> PathBuf {
+    staging_dir(root).join(format!("{}-{upload_id}", hex(client)))
+}
+
+/// Parse an object file name back into (vnode, unique, dv).
+pub fn parse_object_name(name: &str) -> Option<(u64, u32, u64)> {
+    let mut it = name.split('.');
+    let vnode = it.next()?.parse().ok()?;
+    let unique = it.next()?.parse().ok()?;
+    let dv = it.next()?.parse().ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some((vnode, unique, dv))
+}
+
+/// fsync a directory so the names created or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync directory {}", dir.display()), e))
+}
+
+/// Remove a file, ignoring "already gone": used for garbage whose removal is
+/// an optimisation (the startup sweep would catch it anyway).
+pub fn remove_quietly(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            super::log::warn(format_args!("cannot remove {}: {e}", path.display()));
+        }
+    }
+}
+
+/// Delete every staged or partial upload: staged uploads belong to client
+/// sessions, and no session survives a server restart.
+pub fn clear_staging(root: &Path) -> Result<()> {
+    let dir = staging_dir(root);
+    fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let entries =
+        fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    for ent in entries.flatten() {
+        remove_quietly(&ent.path());
+    }
+    Ok(())
+}
+
+/// Every object file present on disk, as (path, fid, dv). Unparseable names
+/// are returned with `None` so the sweep can remove them too.
+/// An object file found on disk, and what its name says: (fid, dv).
+pub type FoundFile = (PathBuf, Option<(Fid, u64)>);
+
+pub fn list_object_files(root: &Path) -> Result<Vec<FoundFile>> {
+    let base = root.join("objects");
+    fs::create_dir_all(&base).map_err(|e| Error::io(format!("create {}", base.display()), e))?;
+    let mut out = Vec::new();
+    let vols = fs::read_dir(&base).map_err(|e| Error::io(format!("list {}", base.display()), e))?;
+    for vol in vols.flatten() {
+        let Some(volume) = vol.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let files = fs::read_dir(vol.path())
+            .map_err(|e| Error::io(format!("list {}", vol.path().display()), e))?;
+        for f in files.flatten() {
+            let parsed = f
+                .file_name()
+                .to_str()
+                .and_then(parse_object_name)
+                .map(|(vnode, unique, dv)| (Fid::new(volume, vnode, unique), dv));
+            out.push((f.path(), parsed));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_round_trip() {
+        let p = object_path(Path::new("/d"), Fid::new(3, 44, 1), 7);
+        assert_eq!(p, Path::new("/d/objects/3/44.1.7"));
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_object_name(name), Some((44, 1, 7)));
+        assert_eq!(parse_object_name("44.1"), None);
+        assert_eq!(parse_object_name("44.1.7.8"), None);
+        assert_eq!(parse_object_name("x.1.7"), None);
+    }
+}

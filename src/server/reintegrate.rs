@@ -1,0 +1,743 @@
+//! Reintegration: apply a batch of CML records in ONE redb write
+//! transaction, checking each record against the state the previous ones
+//! left. Either the commit happens and every record is applied, or nothing
+//! is (decision 1 and 9).
+//!
+//! Data files follow the metadata: a Store hard-links the staged upload to a
+//! fresh versioned object name and a truncate writes a fresh file; their
+//! directory is fsynced before the commit, and the files they replace are
+//! deleted only after it. A crash at any point leaves the committed record
+//! pointing at a complete file; the other files are garbage the startup
+//! sweep removes.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use redb::{ReadableTable, Table};
+
+use super::meta::*;
+use super::objects;
+use super::volume::{get_object, stale, ClientId, VolumeStore};
+use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Timespec};
+use crate::{Error, Result};
+
+/// Finds the staged file of an upload of the reintegrating client.
+pub type StagedLookup<'a> = &'a dyn Fn(u64) -> Option<PathBuf>;
+
+/// A committed (or replayed) batch.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// One attr per record, of the record's target after it.
+    pub results: Vec<Attr>,
+    /// Objects and directories the batch changed (callbacks to break).
+    pub changed: Vec<Fid>,
+    /// Objects the batch deleted (their callbacks are void for everyone).
+    pub deleted: Vec<Fid>,
+    /// Uploads consumed by Store records; their staged names can go.
+    pub consumed_uploads: Vec<u64>,
+    /// The batch had been applied before; nothing was done now.
+    pub replayed: bool,
+}
+
+/// Why a batch was refused: the error and the index of the failing record
+/// (`u32::MAX` when no single record is to blame).
+#[derive(Debug)]
+pub struct BatchError {
+    pub error: Error,
+    pub index: u32,
+}
+
+impl From<Error> for BatchError {
+    fn from(error: Error) -> BatchError {
+        BatchError {
+            error,
+            index: u32::MAX,
+        }
+    }
+}
+
+/// Most directory levels walked when checking a rename for a cycle; a
+/// deeper chain means corrupt parents, and refusing is the safe answer.
+const MAX_DEPTH: usize = 1 << 16;
+
+impl VolumeStore {
+    pub fn reintegrate(
+        &self,
+        client: &ClientId,
+        records: &[Record],
+        staged: StagedLookup,
+    ) -> std::result::Result<Outcome, BatchError> {
+        let txn = self.db.begin_write().map_err(Error::from)?;
+        let highest = {
+            let t = txn.open_table(CLIENT_STORE).map_err(Error::from)?;
+            let v = t.get(client).map_err(Error::from)?.map(|v| v.value());
+            v.unwrap_or(0)
+        };
+        let already = |r: &Record| highest > 0 && r.store_id <= highest;
+        if !records.is_empty() && records.iter().all(already) {
+            // The reply to this batch was lost: answer again, apply nothing.
+            let objects = txn.open_table(OBJECTS).map_err(Error::from)?;
+            let mut results = Vec::with_capacity(records.len());
+            for r in records {
+                results.push(current_attr(&objects, r.op.target())?);
+            }
+            drop(objects);
+            let _ = txn.abort();
+            return Ok(Outcome {
+                results,
+                replayed: true,
+                ..Outcome::default()
+            });
+        }
+
+        let (results, failure, files) = {
+            let mut batch = Batch {
+                objects: txn.open_table(OBJECTS).map_err(Error::from)?,
+                dirents: txn.open_table(DIRENTS).map_err(Error::from)?,
+                reserved: txn.open_table(RESERVED).map_err(Error::from)?,
+                graves: txn.open_table(GRAVES).map_err(Error::from)?,
+                store: self,
+                client,
+                staged,
+                now: Timespec::now(),
+                created: Vec::new(),
+                replaced: Vec::new(),
+                changed: BTreeSet::new(),
+                deleted: BTreeSet::new(),
+                sync_dirs: BTreeSet::new(),
+                consumed: Vec::new(),
+            };
+            let mut results = Vec::with_capacity(records.len());
+            let mut failure = None;
+            for (i, r) in records.iter().enumerate() {
+                // A record applied by an earlier batch (the client merged the
+                // rest of a half-acknowledged log into a new one) is skipped.
+                let step = if already(r) {
+                    current_attr(&batch.objects, r.op.target())
+                } else {
+                    batch.apply(&r.op)
+                };
+                match step {
+                    Ok(a) => results.push(a),
+                    Err(e) => {
+                        failure = Some(BatchError {
+                            error: e,
+                            index: i as u32,
+                        });
+                        break;
+                    }
+                }
+            }
+            if failure.is_none() {
+                failure = batch.sync_dirs().err().map(BatchError::from);
+            }
+            let files = BatchFiles {
+                created: std::mem::take(&mut batch.created),
+                replaced: std::mem::take(&mut batch.replaced),
+                changed: std::mem::take(&mut batch.changed),
+                deleted: std::mem::take(&mut batch.deleted),
+                consumed: std::mem::take(&mut batch.consumed),
+            };
+            (results, failure, files)
+        };
+        let BatchFiles {
+            created,
+            replaced,
+            changed,
+            deleted,
+            consumed,
+        } = files;
+        if let Some(f) = failure {
+            let _ = txn.abort();
+            created.iter().for_each(|p| objects::remove_quietly(p));
+            return Err(f);
+        }
+        let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
+        let commit = (|| -> Result<()> {
+            if top > highest {
+                txn.open_table(CLIENT_STORE)?.insert(client, top)?;
+            }
+            txn.commit()?;
+            Ok(())
+        })();
+        if let Err(e) = commit {
+            created.iter().for_each(|p| objects::remove_quietly(p));
+            return Err(e.into());
+        }
+        // Committed: the replaced files are unreferenced now.
+        replaced.iter().for_each(|p| objects::remove_quietly(p));
+        Ok(Outcome {
+            results,
+            changed: changed.into_iter().collect(),
+            deleted: deleted.into_iter().collect(),
+            consumed_uploads: consumed,
+            replayed: false,
+        })
+    }
+}
+
+/// The attr of an object now, or for one since deleted a placeholder with
+/// nlink 0 (the reply to a replayed Remove).
+fn current_attr<T: ReadableTable<&'static [u8; 16], &'static [u8]>>(
+    objects: &T,
+    fid: Fid,
+) -> Result<Attr> {
+    Ok(match get_object(objects, fid)? {
+        Some(rec) => rec.attr,
+        None => Attr {
+            fid,
+            ftype: FileType::File,
+            mode: 0,
+            nlink: 0,
+            size: 0,
+            mtime: Timespec::default(),
+            ctime: Timespec::default(),
+            version: 0,
+        },
+    })
+}
+
+struct BatchFiles {
+    created: Vec<PathBuf>,
+    replaced: Vec<PathBuf>,
+    changed: BTreeSet<Fid>,
+    deleted: BTreeSet<Fid>,
+    consumed: Vec<u64>,
+}
+
+struct Batch<'t, 's> {
+    objects: Table<'t, &'static [u8; 16], &'static [u8]>,
+    dirents: Table<'t, (&'static [u8; 16], &'static str), &'static [u8; 17]>,
+    reserved: Table<'t, (u32, u64), &'static [u8; 20]>,
+    graves: Table<'t, &'static [u8; 16], ()>,
+    store: &'s VolumeStore,
+    client: &'s ClientId,
+    staged: StagedLookup<'s>,
+    now: Timespec,
+    /// Object files made by this batch: removed if it aborts.
+    created: Vec<PathBuf>,
+    /// Object files this batch stops referencing: removed once it commits.
+    replaced: Vec<PathBuf>,
+    changed: BTreeSet<Fid>,
+    deleted: BTreeSet<Fid>,
+    sync_dirs: BTreeSet<PathBuf>,
+    consumed: Vec<u64>,
+}
+
+impl Batch<'_, '_> {
+    fn apply(&mut self, op: &RecordOp) -> Result<Attr> {
+        match op {
+            RecordOp::Store {
+                fid,
+                expected_version,
+                upload_id,
+                length,
+                mtime,
+            } => self.store(*fid, *expected_version, *upload_id, *length, *mtime),
+            RecordOp::Create {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+            } => self.create(*parent, name, *fid, FileType::File, *mode, "", *mtime),
+            RecordOp::Mkdir {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+            } => self.create(*parent, name, *fid, FileType::Dir, *mode, "", *mtime),
+            RecordOp::Symlink {
+                parent,
+                name,
+                fid,
+                target,
+                mtime,
+            } => self.create(
+                *parent,
+                name,
+                *fid,
+                FileType::Symlink,
+                0o777,
+                target,
+                *mtime,
+            ),
+            RecordOp::Link { parent, name, fid } => self.link(*parent, name, *fid),
+            RecordOp::Remove { parent, name, fid } => self.remove(*parent, name, *fid, false),
+            RecordOp::Rmdir { parent, name, fid } => self.remove(*parent, name, *fid, true),
+            RecordOp::Rename {
+                src_parent,
+                src_name,
+                dst_parent,
+                dst_name,
+                fid,
+            } => self.rename(*src_parent, src_name, *dst_parent, dst_name, *fid),
+            RecordOp::SetAttr {
+                fid,
+                expected_version,
+                mode,
+                size,
+                mtime,
+            } => self.setattr(*fid, *expected_version, *mode, *size, *mtime),
+        }
+    }
+
+    // ---- state access -------------------------------------------------
+
+    fn obj(&self, fid: Fid) -> Result<ObjectRec> {
+        get_object(&self.objects, fid)?.ok_or_else(|| stale(fid))
+    }
+
+    fn dir(&self, fid: Fid) -> Result<ObjectRec> {
+        let rec = self.obj(fid)?;
+        if rec.attr.ftype != FileType::Dir {
+            return Err(Error::NotDir(format!("{fid}")));
+        }
+        Ok(rec)
+    }
+
+    fn put(&mut self, rec: &ObjectRec) -> Result<()> {
+        self.objects
+            .insert(&rec.attr.fid.to_bytes(), rec.encode().as_slice())?;
+        self.changed.insert(rec.attr.fid);
+        Ok(())
+    }
+
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<(Fid, FileType)>> {
+        match self.dirents.get((&dir.to_bytes(), name))? {
+            Some(v) => Ok(Some(decode_entry(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn is_empty_dir(&self, dir: Fid) -> Result<bool> {
+        let key = dir.to_bytes();
+        let mut range = self.dirents.range((&key, "")..)?;
+        Ok(match range.next() {
+            Some(item) => item?.0.value().0 != &key,
+            None => true,
+        })
+    }
+
+    /// A directory's entries changed: one version step, new times, and the
+    /// entry and subdirectory counts (size and nlink) adjusted.
+    fn touch_dir(&mut self, dir: Fid, entries: i64, subdirs: i64) -> Result<()> {
+        let mut rec = self.obj(dir)?;
+        rec.attr.size = rec.attr.size.saturating_add_signed(entries);
+        rec.attr.nlink = (rec.attr.nlink as i64 + subdirs).max(2) as u32;
+        rec.attr.mtime = self.now;
+        self.bump(&mut rec);
+        self.put(&rec)
+    }
+
+    fn bump(&self, rec: &mut ObjectRec) {
+        rec.attr.version += 1;
+        rec.attr.ctime = self.now;
+    }
+
+    /// The object lost its last name: forget it, keep its fid from being
+    /// reused, and drop its data file after the commit.
+    fn delete(&mut self, mut rec: ObjectRec) -> Result<Attr> {
+        let fid = rec.attr.fid;
+        self.objects.remove(&fid.to_bytes())?;
+        self.graves.insert(&fid.to_bytes(), ())?;
+        if rec.has_file {
+            self.replaced
+                .push(objects::object_path(&self.store.root, fid, rec.dv));
+        }
+        self.changed.insert(fid);
+        self.deleted.insert(fid);
+        rec.attr.nlink = 0;
+        self.bump(&mut rec);
+        Ok(rec.attr)
+    }
+
+    fn check_version(rec: &ObjectRec, expected: u64) -> Result<()> {
+        if expected != 0 && expected != rec.attr.version {
+            return Err(Error::Conflict(format!(
+                "{} is at version {}, record expected {expected}",
+                rec.attr.fid, rec.attr.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// A new object's fid must be in a range reserved to this client, in the
+    /// parent's volume, with unique 1, and never used before.
+    fn check_new_fid(&self, parent: Fid, fid: Fid) -> Result<()> {
+        if fid.volume != parent.volume {
+            return Err(Error::Invalid(format!(
+                "new fid {fid} is not in the parent's volume {}",
+                parent.volume
+            )));
+        }
+        if fid.unique != 1 {
+            return Err(Error::Invalid(format!("new fid {fid} must have unique 1")));
+        }
+        let key = fid.to_bytes();
+        if self.objects.get(&key)?.is_some() || self.graves.get(&key)?.is_some() {
+            return Err(Error::Exists(format!("fid {fid} is already used")));
+        }
+        let mut below = self.reserved.range(..=(fid.volume, fid.vnode))?;
+        let owned = match below.next_back() {
+            Some(item) => {
+                let (k, v) = item?;
+                let (vol, first) = k.value();
+                let (owner, count) = decode_reservation(v.value());
+                vol == fid.volume && fid.vnode < first + count as u64 && &owner == self.client
+            }
+            None => false,
+        };
+        if !owned {
+            return Err(Error::Invalid(format!(
+                "fid {fid} is not reserved to this client (use AllocFids)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn same_volume(a: Fid, b: Fid) -> Result<()> {
+        if a.volume != b.volume {
+            return Err(Error::Invalid(format!(
+                "{a} and {b} are in different volumes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write a new data file for `rec` holding its first `size` bytes
+    /// (zero-extended), for a truncate.
+    fn truncated_copy(&mut self, rec: &ObjectRec, size: u64) -> Result<PathBuf> {
+        let fid = rec.attr.fid;
+        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
+        let _ = fs::remove_file(&path); // a leftover of an aborted batch
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        self.created.push(path.clone());
+        if rec.has_file {
+            let old = objects::object_path(&self.store.root, fid, rec.dv);
+            let src = fs::File::open(&old)
+                .map_err(|e| Error::io(format!("open {}", old.display()), e))?;
+            std::io::copy(&mut src.take(size), &mut out)
+                .map_err(|e| Error::io(format!("copy into {}", path.display()), e))?;
+        }
+        out.set_len(size)
+            .and_then(|_| out.flush())
+            .and_then(|_| out.sync_all())
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        self.sync_dirs
+            .insert(objects::objects_dir(&self.store.root, fid.volume));
+        Ok(path)
+    }
+
+    fn sync_dirs(&self) -> Result<()> {
+        for d in &self.sync_dirs {
+            objects::sync_dir(d)?;
+        }
+        Ok(())
+    }
+
+    // ---- records --------------------------------------------------------
+
+    fn store(
+        &mut self,
+        fid: Fid,
+        expected: u64,
+        upload_id: u64,
+        length: u64,
+        mtime: Timespec,
+    ) -> Result<Attr> {
+        let mut rec = self.obj(fid)?;
+        match rec.attr.ftype {
+            FileType::File => {}
+            FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
+            FileType::Symlink => return Err(Error::Invalid(format!("store into symlink {fid}"))),
+        }
+        Self::check_version(&rec, expected)?;
+        let staged = match (self.staged)(upload_id) {
+            Some(p) if !self.consumed.contains(&upload_id) => p,
+            _ => return Err(Error::NotFound(format!("upload {upload_id} is not staged"))),
+        };
+        let len = fs::metadata(&staged)
+            .map_err(|e| Error::io(format!("staged upload {upload_id}"), e))?
+            .len();
+        if len != length {
+            return Err(Error::Invalid(format!(
+                "upload {upload_id} holds {len} bytes, record says {length}"
+            )));
+        }
+        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
+        let _ = fs::remove_file(&path); // a leftover of an aborted batch
+                                        // A hard link, not a rename: if the batch aborts, the upload is
+                                        // still staged for the client's next attempt.
+        fs::hard_link(&staged, &path)
+            .map_err(|e| Error::io(format!("link {}", path.display()), e))?;
+        self.created.push(path);
+        self.sync_dirs
+            .insert(objects::objects_dir(&self.store.root, fid.volume));
+        self.consumed.push(upload_id);
+        if rec.has_file {
+            self.replaced
+                .push(objects::object_path(&self.store.root, fid, rec.dv));
+        }
+        rec.dv += 1;
+        rec.has_file = true;
+        rec.attr.size = length;
+        rec.attr.mtime = mtime;
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        parent: Fid,
+        name: &str,
+        fid: Fid,
+        ftype: FileType,
+        mode: u32,
+        target: &str,
+        mtime: Timespec,
+    ) -> Result<Attr> {
+        check_name(name)?;
+        self.dir(parent)?;
+        if self.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(format!("{name:?} in {parent}")));
+        }
+        if ftype == FileType::Symlink && target.is_empty() {
+            return Err(Error::Invalid("empty symlink target".into()));
+        }
+        self.check_new_fid(parent, fid)?;
+        let is_dir = ftype == FileType::Dir;
+        let rec = ObjectRec {
+            attr: Attr {
+                fid,
+                ftype,
+                mode: mode & 0o7777,
+                nlink: if is_dir { 2 } else { 1 },
+                size: target.len() as u64,
+                mtime,
+                ctime: self.now,
+                version: 1,
+            },
+            dv: 0,
+            has_file: false,
+            parent: if is_dir { parent } else { Fid::default() },
+            target: target.to_string(),
+        };
+        self.put(&rec)?;
+        self.dirents
+            .insert((&parent.to_bytes(), name), &encode_entry(fid, ftype))?;
+        self.touch_dir(parent, 1, is_dir as i64)?;
+        Ok(rec.attr)
+    }
+
+    fn link(&mut self, parent: Fid, name: &str, fid: Fid) -> Result<Attr> {
+        check_name(name)?;
+        self.dir(parent)?;
+        let mut rec = self.obj(fid)?;
+        match rec.attr.ftype {
+            FileType::File => {}
+            FileType::Dir => return Err(Error::IsDir(format!("hard link to directory {fid}"))),
+            FileType::Symlink => return Err(Error::Invalid(format!("hard link to symlink {fid}"))),
+        }
+        Self::same_volume(parent, fid)?;
+        if self.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(format!("{name:?} in {parent}")));
+        }
+        rec.attr.nlink += 1;
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        self.dirents.insert(
+            (&parent.to_bytes(), name),
+            &encode_entry(fid, FileType::File),
+        )?;
+        self.touch_dir(parent, 1, 0)?;
+        Ok(rec.attr)
+    }
+
+    /// The entry `name` in `dir` must exist and name `fid`; otherwise the
+    /// client's view of the directory is out of date.
+    fn expect_entry(&self, dir: Fid, name: &str, fid: Fid) -> Result<FileType> {
+        match self.lookup(dir, name)? {
+            None => Err(Error::NotFound(format!("{name:?} in {dir}"))),
+            Some((f, t)) if f == fid => Ok(t),
+            Some((f, _)) => Err(Error::Conflict(format!(
+                "{name:?} in {dir} names {f}, record expected {fid}"
+            ))),
+        }
+    }
+
+    /// Drop one link to `rec` (a file or symlink); deletes it at zero.
+    fn unlink(&mut self, mut rec: ObjectRec) -> Result<Attr> {
+        if rec.attr.nlink <= 1 {
+            return self.delete(rec);
+        }
+        rec.attr.nlink -= 1;
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+
+    fn remove(&mut self, parent: Fid, name: &str, fid: Fid, rmdir: bool) -> Result<Attr> {
+        check_name(name)?;
+        self.dir(parent)?;
+        self.expect_entry(parent, name, fid)?;
+        let rec = self.obj(fid)?;
+        let is_dir = rec.attr.ftype == FileType::Dir;
+        if rmdir && !is_dir {
+            return Err(Error::NotDir(format!("rmdir of non-directory {fid}")));
+        }
+        if !rmdir && is_dir {
+            return Err(Error::IsDir(format!("remove of directory {fid}")));
+        }
+        if is_dir && !self.is_empty_dir(fid)? {
+            return Err(Error::NotEmpty(format!("{name:?} in {parent}")));
+        }
+        self.dirents.remove((&parent.to_bytes(), name))?;
+        self.touch_dir(parent, -1, -(is_dir as i64))?;
+        if is_dir {
+            self.delete(rec)
+        } else {
+            self.unlink(rec)
+        }
+    }
+
+    fn rename(
+        &mut self,
+        src_parent: Fid,
+        src_name: &str,
+        dst_parent: Fid,
+        dst_name: &str,
+        fid: Fid,
+    ) -> Result<Attr> {
+        check_name(src_name)?;
+        check_name(dst_name)?;
+        self.dir(src_parent)?;
+        self.dir(dst_parent)?;
+        Self::same_volume(src_parent, dst_parent)?;
+        self.expect_entry(src_parent, src_name, fid)?;
+        let mut rec = self.obj(fid)?;
+        let is_dir = rec.attr.ftype == FileType::Dir;
+        if is_dir {
+            self.refuse_cycle(fid, dst_parent)?;
+        }
+        let mut replaced_any = false;
+        let mut replaced_dir = false;
+        if let Some((old, old_type)) = self.lookup(dst_parent, dst_name)? {
+            if old == fid {
+                // Two names of one object: POSIX says rename does nothing.
+                return Ok(rec.attr);
+            }
+            let victim = self.obj(old)?;
+            if is_dir {
+                if old_type != FileType::Dir {
+                    return Err(Error::NotDir(format!("{dst_name:?} in {dst_parent}")));
+                }
+                if !self.is_empty_dir(old)? {
+                    return Err(Error::NotEmpty(format!("{dst_name:?} in {dst_parent}")));
+                }
+                self.delete(victim)?;
+                replaced_dir = true;
+            } else {
+                if old_type == FileType::Dir {
+                    return Err(Error::IsDir(format!("{dst_name:?} in {dst_parent}")));
+                }
+                self.unlink(victim)?;
+            }
+            replaced_any = true;
+        }
+        self.dirents.remove((&src_parent.to_bytes(), src_name))?;
+        self.dirents.insert(
+            (&dst_parent.to_bytes(), dst_name),
+            &encode_entry(fid, rec.attr.ftype),
+        )?;
+        // Entry counts: the source loses a name, the destination gains one
+        // unless it replaced one. One step when they are the same directory,
+        // so its version moves by exactly one per record.
+        let (sub, gone, gone_dir) = (is_dir as i64, replaced_any as i64, replaced_dir as i64);
+        if src_parent == dst_parent {
+            self.touch_dir(src_parent, -gone, -gone_dir)?;
+        } else {
+            self.touch_dir(src_parent, -1, -sub)?;
+            self.touch_dir(dst_parent, 1 - gone, sub - gone_dir)?;
+        }
+        rec.parent = if is_dir { dst_parent } else { rec.parent };
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+
+    /// Refuse to move directory `fid` under `dst_parent` if `dst_parent` is
+    /// `fid` or lies beneath it: that would cut the subtree off the root.
+    fn refuse_cycle(&self, fid: Fid, dst_parent: Fid) -> Result<()> {
+        let mut cur = dst_parent;
+        for _ in 0..MAX_DEPTH {
+            if cur == fid {
+                return Err(Error::Invalid(format!(
+                    "cannot move directory {fid} into its own subtree"
+                )));
+            }
+            let up = self.obj(cur)?.parent;
+            if up == cur || up == Fid::default() {
+                return Ok(());
+            }
+            cur = up;
+        }
+        Err(Error::Eio(format!(
+            "directory chain above {dst_parent} too deep"
+        )))
+    }
+
+    fn setattr(
+        &mut self,
+        fid: Fid,
+        expected: u64,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<Timespec>,
+    ) -> Result<Attr> {
+        let mut rec = self.obj(fid)?;
+        Self::check_version(&rec, expected)?;
+        if let Some(m) = mode {
+            rec.attr.mode = m & 0o7777;
+        }
+        if let Some(size) = size {
+            match rec.attr.ftype {
+                FileType::File => {}
+                FileType::Dir => return Err(Error::IsDir(format!("truncate of directory {fid}"))),
+                FileType::Symlink => {
+                    return Err(Error::Invalid(format!("truncate of symlink {fid}")))
+                }
+            }
+            if size != rec.attr.size {
+                if size == 0 {
+                    // An empty file needs no data file at all.
+                } else {
+                    self.truncated_copy(&rec, size)?;
+                }
+                if rec.has_file {
+                    self.replaced
+                        .push(objects::object_path(&self.store.root, fid, rec.dv));
+                }
+                rec.dv += 1;
+                rec.has_file = size != 0;
+                rec.attr.size = size;
+                rec.attr.mtime = self.now;
+            }
+        }
+        if let Some(t) = mtime {
+            rec.attr.mtime = t;
+        }
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+}

@@ -1,0 +1,325 @@
+//! Client sessions and the callbacks they hold, under one lock so that
+//! "is this session still live" and "register this callback" can never be
+//! split by a restart or an unreachable verdict.
+//!
+//! A session is identified by client id; its epoch and a server-local
+//! generation tell a current connection from a replaced one. Nothing here
+//! is keyed by network address (decision 4).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use super::callbacks::CallbackTable;
+use super::log;
+use super::objects;
+use super::volume::ClientId;
+use super::wire::{frame_for, Out};
+use crate::proto::{Fid, Msg, MAX_FIDS};
+use crate::{Error, Result};
+
+/// Which session a connection or request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCtx {
+    pub id: ClientId,
+    pub epoch: u64,
+    pub gen: u64,
+}
+
+impl ClientCtx {
+    pub fn name(&self) -> String {
+        format!("client {} epoch {}", objects::hex(&self.id), self.epoch)
+    }
+}
+
+/// The way to a client's control connection: its outgoing frame queue, and
+/// the socket itself so the session can be cut from any thread.
+pub struct ControlLink {
+    pub out: Sender<Out>,
+    pub sock: TcpStream,
+}
+
+struct Session {
+    epoch: u64,
+    gen: u64,
+    control: ControlLink,
+    bulk: HashMap<u64, TcpStream>,
+    staged: HashSet<u64>,
+    /// Break id → who waits for its ack. Dropping the sender (session end)
+    /// releases the waiter at once: a gone client holds no promises.
+    pending_breaks: HashMap<u64, Sender<()>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<ClientId, Session>,
+    callbacks: CallbackTable,
+    next_gen: u64,
+    next_break: u64,
+}
+
+pub struct Registry {
+    root: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    pub fn new(root: &Path) -> Registry {
+        Registry {
+            root: root.to_path_buf(),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// A control connection finished its handshake. Any earlier session of
+    /// this client (another epoch: it restarted; the same epoch: it
+    /// reconnected) is ended first, so its callbacks are void.
+    pub fn open_control(&self, id: ClientId, epoch: u64, link: ControlLink) -> ClientCtx {
+        let mut g = self.inner.lock();
+        if let Some(old) = g.sessions.get(&id) {
+            let (old_epoch, old_gen) = (old.epoch, old.gen);
+            let why = if old_epoch == epoch {
+                "replaced by a new control connection".to_string()
+            } else {
+                format!("client restarted with epoch {epoch}")
+            };
+            self.end_locked(&mut g, &id, old_gen, &why);
+        }
+        g.next_gen += 1;
+        let gen = g.next_gen;
+        g.sessions.insert(
+            id,
+            Session {
+                epoch,
+                gen,
+                control: link,
+                bulk: HashMap::new(),
+                staged: HashSet::new(),
+                pending_breaks: HashMap::new(),
+            },
+        );
+        ClientCtx { id, epoch, gen }
+    }
+
+    /// A bulk connection joins the live control session of its (id, epoch).
+    pub fn attach_bulk(
+        &self,
+        id: ClientId,
+        epoch: u64,
+        serial: u64,
+        sock: TcpStream,
+    ) -> Result<ClientCtx> {
+        let mut g = self.inner.lock();
+        match g.sessions.get_mut(&id) {
+            Some(s) if s.epoch == epoch => {
+                s.bulk.insert(serial, sock);
+                Ok(ClientCtx {
+                    id,
+                    epoch,
+                    gen: s.gen,
+                })
+            }
+            _ => Err(Error::Stale(format!(
+                "no control session for client {} epoch {epoch}; connect control first",
+                objects::hex(&id)
+            ))),
+        }
+    }
+
+    pub fn detach_bulk(&self, ctx: &ClientCtx, serial: u64) {
+        let mut g = self.inner.lock();
+        if let Some(s) = g.sessions.get_mut(&ctx.id) {
+            if s.gen == ctx.gen {
+                s.bulk.remove(&serial);
+            }
+        }
+    }
+
+    /// End a session if it is still the one `gen` names: callbacks dropped,
+    /// staged uploads deleted, every connection of it cut.
+    pub fn end_session(&self, id: &ClientId, gen: u64, why: &str) {
+        let mut g = self.inner.lock();
+        self.end_locked(&mut g, id, gen, why);
+    }
+
+    fn end_locked(&self, g: &mut Inner, id: &ClientId, gen: u64, why: &str) {
+        match g.sessions.get(id) {
+            Some(s) if s.gen == gen => {}
+            _ => return,
+        }
+        let Some(s) = g.sessions.remove(id) else {
+            return;
+        };
+        let dropped = g.callbacks.drop_client(id);
+        let _ = s.control.sock.shutdown(Shutdown::Both);
+        for b in s.bulk.values() {
+            let _ = b.shutdown(Shutdown::Both);
+        }
+        for up in &s.staged {
+            objects::remove_quietly(&objects::staged_path(&self.root, id, *up));
+        }
+        log::info(format_args!(
+            "client {} epoch {} session ended ({why}); {dropped} callbacks dropped",
+            objects::hex(id),
+            s.epoch
+        ));
+    }
+
+    /// Cut every session (server shutdown).
+    pub fn end_all(&self) {
+        let mut g = self.inner.lock();
+        let ids: Vec<(ClientId, u64)> = g.sessions.iter().map(|(k, s)| (*k, s.gen)).collect();
+        for (id, gen) in ids {
+            self.end_locked(&mut g, &id, gen, "server shutting down");
+        }
+    }
+
+    fn live(g: &Inner, ctx: &ClientCtx) -> bool {
+        g.sessions.get(&ctx.id).is_some_and(|s| s.gen == ctx.gen)
+    }
+
+    /// Grant callbacks; must happen BEFORE the state is read (see PROTOCOL).
+    /// A request of an ended session gets none: its client must revalidate.
+    pub fn register(&self, ctx: &ClientCtx, fids: &[Fid]) {
+        let mut g = self.inner.lock();
+        if Self::live(&g, ctx) {
+            for &f in fids {
+                g.callbacks.add(ctx.id, f);
+            }
+        }
+    }
+
+    pub fn unregister(&self, ctx: &ClientCtx, fids: &[Fid]) {
+        let mut g = self.inner.lock();
+        for &f in fids {
+            g.callbacks.remove(&ctx.id, f);
+        }
+    }
+
+    /// The staged file of one of this session's uploads.
+    pub fn staged(&self, ctx: &ClientCtx, upload_id: u64) -> Option<PathBuf> {
+        let g = self.inner.lock();
+        match g.sessions.get(&ctx.id) {
+            Some(s) if s.gen == ctx.gen && s.staged.contains(&upload_id) => {
+                Some(objects::staged_path(&self.root, &ctx.id, upload_id))
+            }
+            _ => None,
+        }
+    }
+
+    /// An upload is complete and fsynced in `tmp`: give it its staged name,
+    /// but only if the session is still live (a dead session's uploads
+    /// would never be consumed nor cleaned).
+    pub fn finish_upload(&self, ctx: &ClientCtx, upload_id: u64, tmp: &Path) -> Result<()> {
+        let mut g = self.inner.lock();
+        match g.sessions.get_mut(&ctx.id) {
+            Some(s) if s.gen == ctx.gen => {
+                let dst = objects::staged_path(&self.root, &ctx.id, upload_id);
+                std::fs::rename(tmp, &dst)
+                    .map_err(|e| Error::io(format!("stage upload {upload_id}"), e))?;
+                s.staged.insert(upload_id);
+                Ok(())
+            }
+            _ => {
+                objects::remove_quietly(tmp);
+                Err(Error::Stale("the session of this upload ended".into()))
+            }
+        }
+    }
+
+    /// Store records of a committed batch consumed these uploads.
+    pub fn consume_uploads(&self, ctx: &ClientCtx, ids: &[u64]) {
+        let mut g = self.inner.lock();
+        if let Some(s) = g.sessions.get_mut(&ctx.id) {
+            if s.gen == ctx.gen {
+                for id in ids {
+                    if s.staged.remove(id) {
+                        objects::remove_quietly(&objects::staged_path(&self.root, &ctx.id, *id));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A BreakAck arrived on a control connection of `ctx`.
+    pub fn break_ack(&self, ctx: &ClientCtx, break_id: u64) {
+        let mut g = self.inner.lock();
+        if let Some(s) = g.sessions.get_mut(&ctx.id) {
+            if s.gen == ctx.gen {
+                if let Some(tx) = s.pending_breaks.remove(&break_id) {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    }
+
+    /// After a batch of `writer` committed: break every other holder's
+    /// callbacks on the changed objects and wait (all holders in parallel,
+    /// bounded by one `timeout`) for their acks; a holder that stays silent
+    /// is declared unreachable and cut. The writer gains callbacks on what
+    /// it changed and still exists.
+    pub fn break_callbacks(
+        &self,
+        writer: &ClientCtx,
+        changed: &[Fid],
+        deleted: &[Fid],
+        timeout: Duration,
+    ) {
+        let mut waits: Vec<(ClientId, u64, Receiver<()>)> = Vec::new();
+        {
+            let mut g = self.inner.lock();
+            let mut per_holder: HashMap<ClientId, Vec<Fid>> = HashMap::new();
+            for &fid in changed {
+                for h in g.callbacks.take_holders(fid, &writer.id) {
+                    per_holder.entry(h).or_default().push(fid);
+                }
+            }
+            for &fid in deleted {
+                g.callbacks.drop_fid(fid);
+            }
+            for (holder, fids) in per_holder {
+                for chunk in fids.chunks(MAX_FIDS) {
+                    g.next_break += 1;
+                    let break_id = g.next_break;
+                    let Some(s) = g.sessions.get_mut(&holder) else {
+                        break;
+                    };
+                    let (tx, rx) = bounded(1);
+                    s.pending_breaks.insert(break_id, tx);
+                    let msg = Msg::CallbackBreak {
+                        fids: chunk.to_vec(),
+                    };
+                    let _ = s.control.out.send(Out::Frame(frame_for(break_id, &msg)));
+                    waits.push((holder, s.gen, rx));
+                }
+            }
+            if Self::live(&g, writer) {
+                for &fid in changed {
+                    if !deleted.contains(&fid) {
+                        g.callbacks.add(writer.id, fid);
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut cut: HashSet<(ClientId, u64)> = HashSet::new();
+        for (holder, gen, rx) in waits {
+            if cut.contains(&(holder, gen)) {
+                continue;
+            }
+            if let Err(RecvTimeoutError::Timeout) = rx.recv_deadline(deadline) {
+                log::info(format_args!(
+                    "client {} did not acknowledge a callback break within {} ms: declared unreachable",
+                    objects::hex(&holder),
+                    timeout.as_millis()
+                ));
+                self.end_session(&holder, gen, "unreachable: break not acknowledged");
+                cut.insert((holder, gen));
+            }
+        }
+    }
+}

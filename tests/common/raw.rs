@@ -1,0 +1,396 @@
+//! A raw protocol client for tests: speaks the wire format frame by frame
+//! with no policy, so tests can send exactly what they mean (including
+//! garbage) and see exactly what the server answers.
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use coda::error::WireCode;
+use coda::proto::auth::{
+    client_mac, mac_eq, random_bytes, read_secret_file, server_mac, Transcript,
+};
+use coda::proto::frame::encode_frame;
+use coda::proto::{read_frame, Attr, ConnKind, Fid, Msg, Record, RecordOp, Timespec};
+
+pub struct Raw {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    next_id: u64,
+    pub root: Fid,
+    pub client_id: [u8; 16],
+    pub epoch: u64,
+    /// Answer CallbackBreak with BreakAck while waiting in `call`.
+    pub auto_ack: bool,
+    /// Every CallbackBreak seen: (break id, fids).
+    pub breaks: Vec<(u64, Vec<Fid>)>,
+}
+
+/// The Hello a client sends, for tests that drive the handshake by hand.
+pub fn hello(kind: ConnKind, user: &str, client_id: [u8; 16], epoch: u64, nonce: [u8; 32]) -> Msg {
+    Msg::Hello {
+        version: 1,
+        kind,
+        user: user.into(),
+        client_id,
+        epoch,
+        client_nonce: nonce,
+    }
+}
+
+impl Raw {
+    /// Connect and handshake; `Err(msg)` is the server's refusal (an Error
+    /// message) or a closed connection.
+    pub fn connect(
+        addr: SocketAddr,
+        user: &str,
+        secret: &[u8; 32],
+        kind: ConnKind,
+        client_id: [u8; 16],
+        epoch: u64,
+    ) -> Result<Raw, Msg> {
+        let stream = TcpStream::connect(addr).expect("connect to server");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut raw = Raw {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+            next_id: 1,
+            root: Fid::default(),
+            client_id,
+            epoch,
+            auto_ack: true,
+            breaks: Vec::new(),
+        };
+        let client_nonce: [u8; 32] = random_bytes();
+        raw.send_id(0, &hello(kind, user, client_id, epoch, client_nonce));
+        let server_nonce = match raw.recv() {
+            Some((_, Msg::Challenge { server_nonce })) => server_nonce,
+            Some((_, m)) => return Err(m),
+            None => return Err(closed()),
+        };
+        let t = Transcript {
+            user,
+            client_id: &client_id,
+            epoch,
+            kind,
+            client_nonce: &client_nonce,
+            server_nonce: &server_nonce,
+        };
+        raw.send_id(
+            0,
+            &Msg::Auth {
+                mac: client_mac(secret, &t),
+            },
+        );
+        match raw.recv() {
+            Some((
+                _,
+                Msg::Welcome {
+                    root,
+                    server_mac: m,
+                    ..
+                },
+            )) => {
+                assert!(
+                    mac_eq(&m, &server_mac(secret, &t)),
+                    "server MAC must verify"
+                );
+                raw.root = root;
+                Ok(raw)
+            }
+            Some((_, m)) => Err(m),
+            None => Err(closed()),
+        }
+    }
+
+    /// A control connection as `admin` with the test server's secret.
+    pub fn control(addr: SocketAddr, secret_file: &Path, client_id: [u8; 16], epoch: u64) -> Raw {
+        let secret = read_secret_file(secret_file).expect("read secret");
+        Raw::connect(addr, "admin", &secret, ConnKind::Control, client_id, epoch)
+            .expect("control handshake")
+    }
+
+    pub fn bulk(addr: SocketAddr, secret_file: &Path, client_id: [u8; 16], epoch: u64) -> Raw {
+        let secret = read_secret_file(secret_file).expect("read secret");
+        Raw::connect(addr, "admin", &secret, ConnKind::Bulk, client_id, epoch)
+            .expect("bulk handshake")
+    }
+
+    pub fn send_id(&mut self, id: u64, msg: &Msg) {
+        self.stream
+            .write_all(&encode_frame(msg.kind(), id, &msg.encode()))
+            .expect("send frame");
+    }
+
+    pub fn send(&mut self, msg: &Msg) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_id(id, msg);
+        id
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Next frame as (id, message); `None` when the server closed.
+    pub fn recv(&mut self) -> Option<(u64, Msg)> {
+        match read_frame(&mut self.reader) {
+            Ok(Some(f)) => Some((f.id, Msg::decode(&f).expect("server sent a valid message"))),
+            _ => None,
+        }
+    }
+
+    /// Read raw bytes following a FetchReply.
+    pub fn recv_raw(&mut self, len: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len as usize];
+        self.reader.read_exact(&mut buf).expect("raw bytes");
+        buf
+    }
+
+    /// True once the server has closed the connection (EOF or reset).
+    pub fn is_closed(&mut self) -> bool {
+        loop {
+            match self.recv() {
+                None => return true,
+                Some((id, Msg::CallbackBreak { fids })) => self.breaks.push((id, fids)),
+                Some(_) => continue,
+            }
+        }
+    }
+
+    /// Send a request and wait for its reply, noting (and acking, if
+    /// `auto_ack`) callback breaks that arrive meanwhile.
+    pub fn call(&mut self, msg: &Msg) -> Msg {
+        let id = self.send(msg);
+        loop {
+            match self.recv() {
+                Some((bid, Msg::CallbackBreak { fids })) => {
+                    self.breaks.push((bid, fids));
+                    if self.auto_ack {
+                        self.send_id(bid, &Msg::BreakAck);
+                    }
+                }
+                Some((rid, m)) if rid == id => return m,
+                Some((rid, m)) => panic!("unexpected frame id {rid}: {m:?}"),
+                None => panic!("server closed the connection while we waited for reply {id}"),
+            }
+        }
+    }
+
+    /// Reserve `n` vnodes in volume 1; returns the fids.
+    pub fn alloc(&mut self, n: u32) -> Vec<Fid> {
+        match self.call(&Msg::AllocFids {
+            volume: 1,
+            count: n,
+        }) {
+            Msg::FidRange {
+                volume,
+                first_vnode,
+                count,
+            } => (0..count as u64)
+                .map(|i| Fid::new(volume, first_vnode + i, 1))
+                .collect(),
+            m => panic!("AllocFids failed: {m:?}"),
+        }
+    }
+
+    pub fn reintegrate(&mut self, records: Vec<Record>) -> Msg {
+        self.call(&Msg::Reintegrate { records })
+    }
+
+    /// Apply a batch that must succeed; returns its result attrs.
+    pub fn apply(&mut self, records: Vec<Record>) -> Vec<Attr> {
+        match self.reintegrate(records) {
+            Msg::Reintegrated { results } => results,
+            m => panic!("batch refused: {m:?}"),
+        }
+    }
+
+    pub fn attr(&mut self, fid: Fid) -> Result<Attr, WireCode> {
+        match self.call(&Msg::GetAttrs { fids: vec![fid] }) {
+            Msg::Attrs { mut items } => items.remove(0),
+            m => panic!("GetAttrs: {m:?}"),
+        }
+    }
+
+    /// Every entry of a directory as (name, fid).
+    pub fn list(&mut self, dir: Fid) -> Vec<(String, Fid)> {
+        let mut out = Vec::new();
+        let mut cursor = 0;
+        loop {
+            match self.call(&Msg::ReadDir { fid: dir, cursor }) {
+                Msg::DirPage { entries, next, .. } => {
+                    out.extend(entries.into_iter().map(|e| (e.name, e.fid)));
+                    match next {
+                        Some(c) => cursor = c,
+                        None => return out,
+                    }
+                }
+                m => panic!("ReadDir: {m:?}"),
+            }
+        }
+    }
+
+    /// On a bulk connection: upload bytes, expect Uploaded.
+    pub fn upload(&mut self, upload_id: u64, data: &[u8]) -> Msg {
+        let id = self.send(&Msg::Upload {
+            upload_id,
+            length: data.len() as u64,
+        });
+        self.stream.write_all(data).expect("upload bytes");
+        match self.recv() {
+            Some((rid, m)) if rid == id => m,
+            other => panic!("upload reply: {other:?}"),
+        }
+    }
+
+    /// On a bulk connection: fetch an object; Ok((attr, data)) or the error.
+    pub fn fetch(&mut self, fid: Fid) -> Result<(Attr, Vec<u8>), Msg> {
+        let id = self.send(&Msg::Fetch { fid });
+        match self.recv() {
+            Some((rid, Msg::FetchReply { attr, length })) if rid == id => {
+                Ok((attr, self.recv_raw(length)))
+            }
+            Some((_, m)) => Err(m),
+            None => Err(closed()),
+        }
+    }
+}
+
+fn closed() -> Msg {
+    Msg::Error {
+        code: WireCode::Io,
+        index: u32::MAX,
+        message: "connection closed".into(),
+    }
+}
+
+/// Record builders, so tests read like the operations they perform.
+pub mod rec {
+    use super::*;
+
+    pub fn t() -> Timespec {
+        Timespec {
+            sec: 1_700_000_000,
+            nsec: 0,
+        }
+    }
+    pub fn create(id: u64, parent: Fid, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Create {
+                parent,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: t(),
+            },
+        }
+    }
+    pub fn mkdir(id: u64, parent: Fid, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Mkdir {
+                parent,
+                name: name.into(),
+                fid,
+                mode: 0o755,
+                mtime: t(),
+            },
+        }
+    }
+    pub fn symlink(id: u64, parent: Fid, name: &str, fid: Fid, target: &str) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Symlink {
+                parent,
+                name: name.into(),
+                fid,
+                target: target.into(),
+                mtime: t(),
+            },
+        }
+    }
+    pub fn link(id: u64, parent: Fid, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Link {
+                parent,
+                name: name.into(),
+                fid,
+            },
+        }
+    }
+    pub fn remove(id: u64, parent: Fid, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Remove {
+                parent,
+                name: name.into(),
+                fid,
+            },
+        }
+    }
+    pub fn rmdir(id: u64, parent: Fid, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Rmdir {
+                parent,
+                name: name.into(),
+                fid,
+            },
+        }
+    }
+    pub fn rename(id: u64, sp: Fid, sn: &str, dp: Fid, dn: &str, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Rename {
+                src_parent: sp,
+                src_name: sn.into(),
+                dst_parent: dp,
+                dst_name: dn.into(),
+                fid,
+            },
+        }
+    }
+    pub fn store(id: u64, fid: Fid, expected_version: u64, upload_id: u64, length: u64) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Store {
+                fid,
+                expected_version,
+                upload_id,
+                length,
+                mtime: t(),
+            },
+        }
+    }
+    pub fn truncate(id: u64, fid: Fid, size: u64) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::SetAttr {
+                fid,
+                expected_version: 0,
+                mode: None,
+                size: Some(size),
+                mtime: None,
+            },
+        }
+    }
+    pub fn chmod(id: u64, fid: Fid, expected_version: u64, mode: u32) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::SetAttr {
+                fid,
+                expected_version,
+                mode: Some(mode),
+                size: None,
+                mtime: None,
+            },
+        }
+    }
+}

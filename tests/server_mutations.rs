@@ -1,0 +1,123 @@
+//! Mutations through Reintegrate, checked through GetAttrs, ReadDir and
+//! Fetch against a real coda-server process.
+mod common;
+
+use coda::error::WireCode;
+use coda::proto::{FileType, Msg};
+use common::raw::{rec, Raw};
+use common::TestServer;
+
+const A: [u8; 16] = [0xa; 16];
+
+fn clients(s: &TestServer) -> (Raw, Raw) {
+    let c = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    let b = Raw::bulk(s.addr(), &s.secret_file(), A, 1);
+    (c, b)
+}
+
+fn error_of(m: Msg) -> (WireCode, u32) {
+    match m {
+        Msg::Error { code, index, .. } => (code, index),
+        m => panic!("expected an error, got {m:?}"),
+    }
+}
+
+#[test]
+fn create_store_fetch_and_list() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(4);
+    assert!(matches!(
+        b.upload(7, b"hello world"),
+        Msg::Uploaded { upload_id: 7 }
+    ));
+    let res = c.apply(vec![
+        rec::create(1, root, "a.txt", f[0]),
+        rec::store(2, f[0], 0, 7, 11),
+        rec::mkdir(3, root, "dir", f[1]),
+        rec::symlink(4, f[1], "ln", f[2], "../a.txt"),
+    ]);
+    assert_eq!(res.len(), 4);
+    assert_eq!(res[1].size, 11);
+    assert_eq!(res[1].version, 2, "created at 1, stored once");
+    let (attr, data) = b.fetch(f[0]).unwrap();
+    assert_eq!(data, b"hello world");
+    assert_eq!(attr.size, 11);
+    let (_, target) = b.fetch(f[2]).unwrap();
+    assert_eq!(target, b"../a.txt");
+    let names: Vec<String> = c.list(root).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["a.txt", "dir"]);
+    assert_eq!(c.list(f[1]), vec![("ln".to_string(), f[2])]);
+    let dir = c.attr(root).unwrap();
+    assert_eq!(dir.ftype, FileType::Dir);
+    assert_eq!(dir.nlink, 3, "root gained one subdirectory");
+    assert_eq!(dir.size, 2);
+}
+
+#[test]
+fn link_remove_rename_rmdir_setattr() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(8);
+    assert!(matches!(b.upload(1, b"0123456789"), Msg::Uploaded { .. }));
+    c.apply(vec![
+        rec::create(1, root, "x", f[0]),
+        rec::store(2, f[0], 0, 1, 10),
+        rec::link(3, root, "y", f[0]),
+        rec::mkdir(4, root, "d", f[1]),
+        rec::mkdir(5, root, "e", f[2]),
+    ]);
+    assert_eq!(c.attr(f[0]).unwrap().nlink, 2);
+    c.apply(vec![rec::remove(6, root, "x", f[0])]);
+    assert_eq!(c.attr(f[0]).unwrap().nlink, 1);
+    assert_eq!(
+        b.fetch(f[0]).unwrap().1,
+        b"0123456789",
+        "data survives via the other link"
+    );
+    c.apply(vec![rec::rename(7, root, "y", f[1], "z", f[0])]);
+    assert_eq!(c.list(f[1]), vec![("z".to_string(), f[0])]);
+    // A directory moved into its own subtree is refused.
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::rename(8, root, "d", f[1], "d2", f[1])])).0,
+        WireCode::Invalid
+    );
+    // A dir cannot replace a non-empty dir; it replaces an empty one.
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::rename(9, root, "e", root, "d", f[2])])).0,
+        WireCode::NotEmpty
+    );
+    let gone = c.apply(vec![rec::remove(20, f[1], "z", f[0])]);
+    assert_eq!(gone[0].nlink, 0, "the last link went");
+    c.apply(vec![rec::rename(21, root, "e", root, "d", f[2])]);
+    assert_eq!(c.attr(f[1]), Err(WireCode::Stale));
+    c.apply(vec![rec::create(22, f[2], "g", f[3])]);
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::rmdir(23, root, "d", f[2])])).0,
+        WireCode::NotEmpty
+    );
+    c.apply(vec![
+        rec::remove(24, f[2], "g", f[3]),
+        rec::rmdir(25, root, "d", f[2]),
+    ]);
+    assert_eq!(c.attr(f[2]), Err(WireCode::Stale));
+    assert_eq!(c.attr(f[0]), Err(WireCode::Stale));
+    assert!(b.fetch(f[0]).is_err());
+    // setattr: truncate and chmod.
+    assert!(matches!(b.upload(2, b"abcdef"), Msg::Uploaded { .. }));
+    c.apply(vec![
+        rec::create(26, root, "t", f[4]),
+        rec::store(27, f[4], 0, 2, 6),
+        rec::truncate(28, f[4], 3),
+    ]);
+    assert_eq!(b.fetch(f[4]).unwrap().1, b"abc");
+    c.apply(vec![rec::truncate(29, f[4], 5)]);
+    assert_eq!(b.fetch(f[4]).unwrap().1, b"abc\0\0");
+    let v = c.attr(f[4]).unwrap().version;
+    let a = c.apply(vec![rec::chmod(30, f[4], v, 0o600)]);
+    assert_eq!(a[0].mode, 0o600);
+    c.apply(vec![rec::truncate(31, f[4], 0)]);
+    assert_eq!(b.fetch(f[4]).unwrap().1, b"");
+}
