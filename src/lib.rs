@@ -4,10 +4,16 @@
 //! - [`proto`]: the wire format (docs/PROTOCOL.md is normative).
 //! - [`server`]: Vice, the file server behind `coda-server`.
 //! - [`client`]: Venus, the cache manager a program embeds.
+//! - [`ffi`]: the C ABI over the client (`include/coda.h`).
 
+/// cbindgen:ignore
 pub mod client;
+/// cbindgen:ignore
 pub mod error;
+pub mod ffi;
+/// cbindgen:ignore
 pub mod proto;
+/// cbindgen:ignore
 pub mod server;
 
 pub use error::{Error, Result};

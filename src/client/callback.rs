@@ -8,7 +8,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
+
+use super::event::EventBus;
 
 use crate::proto::Fid;
 
@@ -32,6 +36,8 @@ struct Table {
 #[derive(Default)]
 pub(crate) struct Callbacks {
     table: Mutex<Table>,
+    /// Breaks are reported here (and other client events ride along).
+    pub events: Arc<EventBus>,
 }
 
 impl Callbacks {
@@ -61,10 +67,12 @@ impl Callbacks {
 
     /// The server broke these callbacks (or we dropped them ourselves).
     pub fn break_fids(&self, fids: &[Fid]) {
-        let mut t = self.table.lock();
-        for f in fids {
-            t.valid.remove(f);
-            *t.generation.entry(*f).or_insert(0) += 1;
+        {
+            let mut t = self.table.lock();
+            for f in fids {
+                t.valid.remove(f);
+                *t.generation.entry(*f).or_insert(0) += 1;
+            }
         }
     }
 

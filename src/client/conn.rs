@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use crossbeam_channel::{bounded, select, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::callback::Callbacks;
+use super::event::Event;
 use super::stats::Counters;
 use crate::proto::auth::{self, Transcript};
 use crate::proto::frame::{read_frame, write_frame};
@@ -128,8 +129,7 @@ impl Interrupt {
         }
     }
 
-    #[allow(dead_code)] // failback arrives with a later issue
-    fn clear(&self) {
+    pub fn clear(&self) {
         let (tx, rx) = bounded(0);
         *self.state.lock() = InterruptState {
             tx: Some(tx),
@@ -346,16 +346,27 @@ struct Control {
     pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
+    callbacks: Arc<Callbacks>,
 }
 
 impl Control {
     /// Declare the connection dead: fail every pending call at once and
-    /// unblock the reader.
+    /// unblock the reader, and report the server down.
     fn kill(&self, reason: &str) {
+        if self.close(reason) {
+            self.callbacks.events.emit(Event::ServerDown {
+                server: self.server.clone(),
+            });
+        }
+    }
+
+    /// As `kill`, without reporting the server down (we are the ones
+    /// leaving). Returns whether this call closed the connection.
+    fn close(&self, reason: &str) -> bool {
         {
             let mut d = self.dead.lock();
             if d.is_some() {
-                return;
+                return false;
             }
             *d = Some(reason.to_string());
         }
@@ -364,6 +375,7 @@ impl Control {
         for (_, tx) in waiters {
             let _ = tx.send(Err(Error::Eio(format!("server {}: {reason}", self.server))));
         }
+        true
     }
 
     fn dead_error(&self) -> Option<Error> {
@@ -409,6 +421,9 @@ fn reader_loop(
                 let r = write_frame(&mut *ctl.writer.lock(), ack.kind(), frame.id, &ack.encode());
                 if let Err(e) = r {
                     return ctl.kill(&format!("sending BreakAck: {e}"));
+                }
+                for fid in fids {
+                    callbacks.events.emit(Event::CallbackBreak { fid });
                 }
             }
             Ok(m) => {
@@ -479,6 +494,7 @@ impl Session {
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
             last_heard: Mutex::new(Instant::now()),
+            callbacks: callbacks.clone(),
         });
         let c2 = ctl.clone();
         std::thread::Builder::new()
@@ -503,6 +519,11 @@ impl Session {
 
     pub fn kill(&self, reason: &str) {
         self.ctl.kill(reason);
+    }
+
+    /// Close without reporting the server down.
+    pub fn close(&self, reason: &str) {
+        self.ctl.close(reason);
         for (_, s) in self.bulk_active.lock().drain() {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -703,6 +724,7 @@ pub(crate) struct Servers {
     current: Mutex<Option<Arc<Session>>>,
     connect_gate: Mutex<()>,
     sessions: AtomicU64,
+    ever_connected: AtomicBool,
     pub interrupt: Interrupt,
 }
 
@@ -723,6 +745,7 @@ impl Servers {
             current: Mutex::new(None),
             connect_gate: Mutex::new(()),
             sessions: AtomicU64::new(0),
+            ever_connected: AtomicBool::new(false),
             interrupt: Interrupt::new(),
         }
     }
@@ -760,8 +783,13 @@ impl Servers {
                 &self.interrupt,
             ) {
                 Ok(s) => {
+                    if self.ever_connected.swap(true, Ordering::Relaxed) {
+                        self.callbacks.events.emit(Event::ServerUp {
+                            server: addr.clone(),
+                        });
+                    }
                     if let Some(old) = self.current.lock().replace(s.clone()) {
-                        old.kill("replaced by a new session");
+                        old.close("replaced by a new session");
                     }
                     return Ok(s);
                 }
@@ -792,15 +820,19 @@ impl Servers {
         }
     }
 
+    /// Whether a live session exists right now (no network traffic).
+    pub fn is_connected(&self) -> bool {
+        self.current.lock().as_ref().is_some_and(|s| !s.is_dead())
+    }
+
     /// Make every pending and later remote operation fail with `Eio` at once.
-    #[allow(dead_code)] // failover arrives with a later issue
     pub fn interrupt_all(&self, reason: &str) {
         self.interrupt.trigger(reason);
     }
 
     pub fn shutdown(&self) {
         if let Some(s) = self.current.lock().take() {
-            s.kill("client shut down");
+            s.close("client shut down");
         }
     }
 }

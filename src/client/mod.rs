@@ -10,6 +10,8 @@ mod callback;
 mod cml;
 mod config;
 mod conn;
+pub mod event;
+pub mod failover;
 mod file;
 mod namei;
 mod stats;
@@ -22,6 +24,7 @@ use crossbeam_channel::{bounded, select, Sender};
 use redb::Database;
 
 pub use config::Config;
+pub use event::{Event, EventBus};
 pub use file::File;
 pub use stats::ClientStats;
 
@@ -47,6 +50,8 @@ pub struct Stat {
     pub mtime: Timespec,
     /// Derived from the fid: stable for the object's life.
     pub ino: u64,
+    /// The object's version on the server: grows with every change.
+    pub version: u64,
 }
 
 impl From<&Attr> for Stat {
@@ -59,8 +64,20 @@ impl From<&Attr> for Stat {
             size: a.size,
             mtime: a.mtime,
             ino: a.fid.ino(),
+            version: a.version,
         }
     }
+}
+
+/// What the client can do right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    /// A server session is up.
+    Connected,
+    /// No server answers at the moment.
+    Disconnected,
+    /// Failed over: every remote operation returns EIO until failback.
+    FailedOver,
 }
 
 /// One entry of a directory listing (never `.` or `..`).
@@ -188,6 +205,69 @@ impl Client {
         })?;
         inner.revalidate_all()?;
         Ok(Client { inner })
+    }
+
+    /// Connected, disconnected, or failed over.
+    pub fn state(&self) -> ClientState {
+        let servers = &self.inner.servers;
+        if servers.interrupt.check().is_err() {
+            ClientState::FailedOver
+        } else if servers.is_connected() {
+            ClientState::Connected
+        } else {
+            ClientState::Disconnected
+        }
+    }
+
+    /// Events (server down/up, failover, failback, callback breaks), to pull
+    /// or to hand to a handler.
+    pub fn events(&self) -> &EventBus {
+        &self.inner.callbacks.events
+    }
+
+    /// Atomically repoint the symlink `link` to `target` (the local copy),
+    /// then make every pending and later remote operation fail with `Eio`
+    /// until [`Client::failback`]. Never waits for a server.
+    pub fn failover(&self, link: &Path, target: &Path) -> Result<()> {
+        failover::swap_link(link, target)?;
+        self.inner.servers.interrupt_all(&format!(
+            "failed over: {} -> {}",
+            link.display(),
+            target.display()
+        ));
+        self.events().emit(Event::Failover {
+            link: link.display().to_string(),
+            target: target.display().to_string(),
+        });
+        Ok(())
+    }
+
+    /// Undo a failover: once a server answers and the cache is revalidated,
+    /// repoint `link` to `target` (the remote tree) and let remote
+    /// operations through again. `Again` while no server answers (the client
+    /// then stays failed over).
+    pub fn failback(&self, link: &Path, target: &Path) -> Result<()> {
+        let servers = &self.inner.servers;
+        let reason = servers.interrupt.check().err();
+        servers.interrupt.clear();
+        let probe = servers
+            .session()
+            .and_then(|_| self.inner.revalidate_all())
+            .and_then(|_| failover::swap_link(link, target));
+        if let Err(e) = probe {
+            if let Some(Error::Eio(r)) = &reason {
+                servers.interrupt_all(r);
+            }
+            return Err(match e {
+                e @ (Error::Invalid(_) | Error::Io { .. }) => e,
+                e => Error::Again(format!("no server answers, staying failed over: {e}")),
+            });
+        }
+        self.events().emit(Event::Failback {
+            link: link.display().to_string(),
+            target: target.display().to_string(),
+        });
+        Ok(())
     }
 
     pub fn stat(&self, path: &str) -> Result<Stat> {

@@ -1,0 +1,340 @@
+"""coda.py: the coda client library through ctypes.
+
+Finds libcoda.so (the CODA_LIB environment variable, else the crate's
+target/ directory next to this file, else the system's loader path), turns
+negative return codes into OSError(errno, message) and offers Client and
+File objects that are context managers.
+
+    import coda
+    with coda.Client(servers="127.0.0.1:2432", cache_dir="/var/cache/coda",
+                     secret_file="/etc/coda/admin.secret") as c:
+        with c.open("/web/index.html") as f:
+            print(f.read().decode())
+"""
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+
+__all__ = ["Client", "File", "Error", "Event", "load_library",
+           "STATE_CONNECTED", "STATE_DISCONNECTED", "STATE_FAILED_OVER"]
+
+STATE_CONNECTED = 1
+STATE_DISCONNECTED = 2
+STATE_FAILED_OVER = 3
+
+TYPE_FILE, TYPE_DIR, TYPE_SYMLINK = 1, 2, 3
+EVENT_NAMES = {1: "server_down", 2: "server_up", 3: "failover", 4: "failback",
+               5: "callback_break"}
+
+# Library-specific codes (at or below -10000), see coda.h.
+ECONFLICT = -10001
+EPROTO = -10002
+EPANIC = -10003
+
+
+class StatT(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint64), ("mode", ctypes.c_uint32),
+                ("nlink", ctypes.c_uint32), ("mtime_sec", ctypes.c_int64),
+                ("mtime_nsec", ctypes.c_uint32), ("ino", ctypes.c_uint64),
+                ("version", ctypes.c_uint64)]
+
+
+class EventT(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_uint32), ("ino", ctypes.c_uint64),
+                ("detail", ctypes.c_char * 256)]
+
+
+class Event:
+    """One state change: .kind is a name ("failover", ...), .detail text."""
+
+    def __init__(self, raw):
+        self.kind = EVENT_NAMES.get(raw.kind, str(raw.kind))
+        self.ino = raw.ino
+        self.detail = raw.detail.decode("utf-8", "replace")
+
+    def __repr__(self):
+        return "Event(%s, %r)" % (self.kind, self.detail)
+
+
+# Errors are raised as OSError(errno, detail, path): Python picks the matching
+# subclass (FileNotFoundError, FileExistsError, ...). Library-specific codes
+# keep their negative value as errno.
+Error = OSError
+
+
+READDIR_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32)
+
+_lib = None
+
+
+def load_library(path=None):
+    """Load libcoda.so once and declare every function this module uses."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    candidates = [path, os.environ.get("CODA_LIB")]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for profile in ("release", "debug"):
+        candidates.append(os.path.join(here, "..", "..", "target", profile, "libcoda.so"))
+    candidates.append(ctypes.util.find_library("coda"))
+    lib = None
+    for c in candidates:
+        if c and (os.path.exists(c) or not os.path.sep in c):
+            lib = ctypes.CDLL(c)
+            break
+    if lib is None:
+        raise OSError(_errno.ENOENT, "libcoda.so not found: set CODA_LIB")
+    P, S, I, U32, U64, I64, SZ = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int,
+                                  ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64,
+                                  ctypes.c_size_t)
+    PP = ctypes.POINTER(ctypes.c_void_p)
+    sigs = {
+        "coda_version": ([], S),
+        "coda_strerror": ([I], S),
+        "coda_last_error": ([ctypes.c_char_p, SZ], I),
+        "coda_config_new": ([PP], I),
+        "coda_config_set": ([P, S, S], I),
+        "coda_config_free": ([P], None),
+        "coda_client_new": ([P, PP], I),
+        "coda_client_free": ([P], None),
+        "coda_client_state": ([P], I),
+        "coda_stat": ([P, S, ctypes.POINTER(StatT)], I),
+        "coda_lstat": ([P, S, ctypes.POINTER(StatT)], I),
+        "coda_readdir": ([P, S, READDIR_CB, P], I),
+        "coda_mkdir": ([P, S, U32], I),
+        "coda_rmdir": ([P, S], I),
+        "coda_unlink": ([P, S], I),
+        "coda_rename": ([P, S, S], I),
+        "coda_symlink": ([P, S, S], I),
+        "coda_readlink": ([P, S, ctypes.c_char_p, SZ], I),
+        "coda_chmod": ([P, S, U32], I),
+        "coda_truncate": ([P, S, U64], I),
+        "coda_open": ([P, S, I, U32, PP], I),
+        "coda_file_fd": ([P], I),
+        "coda_read": ([P, P, SZ, U64], I64),
+        "coda_write": ([P, P, SZ, U64], I64),
+        "coda_close": ([P], I),
+        "coda_failover": ([P, S, S], I),
+        "coda_failback": ([P, S, S], I),
+        "coda_event_next": ([P, ctypes.POINTER(EventT), I], I),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = res
+    _lib = lib
+    return lib
+
+
+def _b(s):
+    if isinstance(s, bytes):
+        return s
+    return os.fsencode(s) if not isinstance(s, str) else s.encode("utf-8", "surrogateescape")
+
+
+def _check(rc, what=""):
+    """Raise Error for a negative code, with the library's detail message."""
+    if rc >= 0:
+        return rc
+    lib = load_library()
+    buf = ctypes.create_string_buffer(1024)
+    lib.coda_last_error(buf, len(buf))
+    detail = buf.value.decode("utf-8", "replace") or lib.coda_strerror(rc).decode()
+    code = -rc if rc > -10000 else rc
+    raise OSError(code, detail, what or None)
+
+
+def version():
+    return load_library().coda_version().decode()
+
+
+def failover(link, target, client=None):
+    """Repoint the symlink `link` to `target` atomically; with a client, also
+    fail its remote operations with EIO until failback."""
+    lib = load_library()
+    h = client._h if client is not None else None
+    _check(lib.coda_failover(h, _b(link), _b(target)), link)
+
+
+def failback(link, target, client=None):
+    lib = load_library()
+    h = client._h if client is not None else None
+    _check(lib.coda_failback(h, _b(link), _b(target)), link)
+
+
+class Client:
+    """A connected client. Keyword arguments are configuration keys
+    (servers, cache_dir, secret_file, cache_size, heartbeat_ms, ...)."""
+
+    def __init__(self, **options):
+        lib = load_library()
+        self._lib = lib
+        self._h = None
+        cfg = ctypes.c_void_p()
+        _check(lib.coda_config_new(ctypes.byref(cfg)))
+        try:
+            for k, v in options.items():
+                _check(lib.coda_config_set(cfg, _b(k), _b(str(v))), k)
+            h = ctypes.c_void_p()
+            _check(lib.coda_client_new(cfg, ctypes.byref(h)))
+            self._h = h
+        finally:
+            lib.coda_config_free(cfg)
+
+    def close(self):
+        if self._h is not None:
+            self._lib.coda_client_free(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if self._h is None:
+            raise ValueError("client is closed")
+        return self._h
+
+    def state(self):
+        return _check(self._lib.coda_client_state(self._handle()))
+
+    def stat(self, path, follow=True):
+        st = StatT()
+        fn = self._lib.coda_stat if follow else self._lib.coda_lstat
+        _check(fn(self._handle(), _b(path), ctypes.byref(st)), path)
+        return st
+
+    def listdir(self, path):
+        names = []
+
+        def cb(_ud, name, _type):
+            names.append(name.decode("utf-8", "surrogateescape"))
+            return 0
+
+        _check(self._lib.coda_readdir(self._handle(), _b(path), READDIR_CB(cb), None), path)
+        return sorted(names)
+
+    def mkdir(self, path, mode=0o755):
+        _check(self._lib.coda_mkdir(self._handle(), _b(path), mode), path)
+
+    def rmdir(self, path):
+        _check(self._lib.coda_rmdir(self._handle(), _b(path)), path)
+
+    def unlink(self, path):
+        _check(self._lib.coda_unlink(self._handle(), _b(path)), path)
+
+    def rename(self, src, dst):
+        _check(self._lib.coda_rename(self._handle(), _b(src), _b(dst)), src)
+
+    def symlink(self, target, linkpath):
+        _check(self._lib.coda_symlink(self._handle(), _b(target), _b(linkpath)), linkpath)
+
+    def readlink(self, path):
+        buf = ctypes.create_string_buffer(4097)
+        n = _check(self._lib.coda_readlink(self._handle(), _b(path), buf, len(buf)), path)
+        return buf.raw[:n].decode("utf-8", "surrogateescape")
+
+    def chmod(self, path, mode):
+        _check(self._lib.coda_chmod(self._handle(), _b(path), mode), path)
+
+    def truncate(self, path, size):
+        _check(self._lib.coda_truncate(self._handle(), _b(path), size), path)
+
+    def open(self, path, mode="r", perm=0o644):
+        """Open like the built-in open() but binary: "r", "w", "a", "x", "r+"."""
+        flags = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                 "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                 "x": os.O_WRONLY | os.O_CREAT | os.O_EXCL, "r+": os.O_RDWR}.get(
+                     mode.replace("b", ""))
+        if flags is None:
+            raise ValueError("unsupported mode %r" % mode)
+        h = ctypes.c_void_p()
+        _check(self._lib.coda_open(self._handle(), _b(path), flags, perm, ctypes.byref(h)), path)
+        return File(self, h, path, append="a" in mode)
+
+    def read_file(self, path):
+        with self.open(path) as f:
+            return f.read()
+
+    def write_file(self, path, data):
+        with self.open(path, "w") as f:
+            f.write(data)
+
+    def failover(self, link, target):
+        failover(link, target, self)
+
+    def failback(self, link, target):
+        failback(link, target, self)
+
+    def next_event(self, timeout_ms=0):
+        """The next event, or None if none arrives within timeout_ms."""
+        ev = EventT()
+        rc = self._lib.coda_event_next(self._handle(), ctypes.byref(ev), int(timeout_ms))
+        if rc == -_errno.EAGAIN:
+            return None
+        _check(rc)
+        return Event(ev)
+
+
+class File:
+    """An open file with a position, like a binary file object."""
+
+    def __init__(self, client, handle, path, append=False):
+        self._c = client
+        self._h = handle
+        self.name = path
+        self._pos = 0
+        self._append = append
+
+    def fileno(self):
+        return _check(self._c._lib.coda_file_fd(self._h))
+
+    def pread(self, size, offset):
+        buf = ctypes.create_string_buffer(size)
+        n = _check(self._c._lib.coda_read(self._h, buf, size, offset), self.name)
+        return buf.raw[:n]
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            chunks = []
+            while True:
+                b = self.pread(1 << 20, self._pos)
+                if not b:
+                    break
+                chunks.append(b)
+                self._pos += len(b)
+            return b"".join(chunks)
+        b = self.pread(size, self._pos)
+        self._pos += len(b)
+        return b
+
+    def write(self, data):
+        data = _b(data)
+        n = _check(self._c._lib.coda_write(self._h, data, len(data), self._pos), self.name)
+        self._pos += n
+        return n
+
+    def seek(self, pos):
+        self._pos = pos
+
+    def close(self):
+        """Store back if written; raises the store's error."""
+        if self._h is not None:
+            h, self._h = self._h, None
+            _check(self._c._lib.coda_close(h), self.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,176 @@
+//! Events: how a program learns of state changes (server down/up, failover,
+//! failback, callback breaks) without polling the state.
+//!
+//! Two ways to receive them, both fed by [`EventBus::emit`]: a bounded queue
+//! that callers pull from with a timeout (what ctypes users prefer), and at
+//! most one registered handler, run on a dedicated dispatcher thread so a slow
+//! or re-entrant handler never stalls the library's connection threads.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use crate::proto::Fid;
+
+/// Most events kept for pulling; past this the oldest are dropped (and
+/// counted), so a program that never pulls costs bounded memory.
+pub const QUEUE_LIMIT: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    ServerDown { server: String },
+    ServerUp { server: String },
+    Failover { link: String, target: String },
+    Failback { link: String, target: String },
+    CallbackBreak { fid: Fid },
+}
+
+impl Event {
+    /// Stable numbers for the C ABI (`CODA_EVENT_*`).
+    pub fn kind_code(&self) -> u32 {
+        match self {
+            Event::ServerDown { .. } => 1,
+            Event::ServerUp { .. } => 2,
+            Event::Failover { .. } => 3,
+            Event::Failback { .. } => 4,
+            Event::CallbackBreak { .. } => 5,
+        }
+    }
+}
+
+pub type Handler = Arc<dyn Fn(&Event) + Send + Sync>;
+
+struct Queue {
+    events: VecDeque<Event>,
+    dropped: u64,
+}
+
+pub struct EventBus {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    handler: Arc<Mutex<Option<Handler>>>,
+    dispatch: Mutex<Option<Sender<Event>>>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> EventBus {
+        EventBus {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                dropped: 0,
+            }),
+            ready: Condvar::new(),
+            handler: Arc::new(Mutex::new(None)),
+            dispatch: Mutex::new(None),
+        }
+    }
+
+    pub fn emit(&self, ev: Event) {
+        if let Some(tx) = self.dispatch.lock().as_ref() {
+            let _ = tx.send(ev.clone());
+        }
+        let mut q = self.queue.lock();
+        if q.events.len() >= QUEUE_LIMIT {
+            q.events.pop_front();
+            q.dropped += 1;
+        }
+        q.events.push_back(ev);
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// Take the oldest queued event, waiting up to `timeout` for one.
+    pub fn next(&self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.queue.lock();
+        loop {
+            if let Some(ev) = q.events.pop_front() {
+                return Some(ev);
+            }
+            if self.ready.wait_until(&mut q, deadline).timed_out() {
+                return q.events.pop_front();
+            }
+        }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.lock().dropped
+    }
+
+    /// Install (or with `None`, remove) the handler. The first install starts
+    /// the dispatcher thread; it ends when the bus is dropped.
+    pub fn set_handler(&self, h: Option<Handler>) {
+        *self.handler.lock() = h;
+        let mut d = self.dispatch.lock();
+        if d.is_none() {
+            let (tx, rx): (Sender<Event>, Receiver<Event>) = crossbeam_channel::unbounded();
+            let handler = self.handler.clone();
+            let spawned = std::thread::Builder::new()
+                .name("coda-events".into())
+                .spawn(move || {
+                    for ev in rx {
+                        // Call outside the lock, so a handler may replace itself.
+                        let h = handler.lock().clone();
+                        if let Some(h) = h {
+                            h(&ev);
+                        }
+                    }
+                });
+            if spawned.is_ok() {
+                *d = Some(tx);
+            }
+        }
+    }
+}
+
+impl Drop for EventBus {
+    fn drop(&mut self) {
+        // Closing the channel ends the dispatcher thread.
+        self.dispatch.lock().take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulled_events_come_in_order_and_the_queue_is_bounded() {
+        let bus = EventBus::new();
+        assert_eq!(bus.next(Duration::from_millis(5)), None);
+        for i in 0..(QUEUE_LIMIT + 3) {
+            bus.emit(Event::ServerDown {
+                server: i.to_string(),
+            });
+        }
+        assert_eq!(bus.dropped(), 3);
+        assert_eq!(
+            bus.next(Duration::ZERO),
+            Some(Event::ServerDown { server: "3".into() })
+        );
+    }
+
+    #[test]
+    fn handler_runs_on_another_thread() {
+        let bus = EventBus::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let me = std::thread::current().id();
+        bus.set_handler(Some(Arc::new(move |ev| {
+            tx.send((ev.clone(), std::thread::current().id())).unwrap();
+        })));
+        bus.emit(Event::ServerUp { server: "s".into() });
+        let (ev, tid) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(ev, Event::ServerUp { server: "s".into() });
+        assert_ne!(tid, me);
+    }
+}
