@@ -220,7 +220,7 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let ident = match handshake::accept(&mut reader, &mut stream, &shared.store) {
+    let (ident, welcome) = match handshake::accept(&mut reader, &mut stream, &shared.store) {
         Ok(i) => i,
         Err(e) => {
             if !shared.stopping.load(Ordering::SeqCst) {
@@ -232,7 +232,7 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     };
     let _ = stream.set_read_timeout(None);
     match ident.kind {
-        ConnKind::Control => control::serve(Arc::clone(shared), reader, ident),
-        ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, serial),
+        ConnKind::Control => control::serve(Arc::clone(shared), reader, ident, welcome),
+        ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, welcome, serial),
     }
 }
