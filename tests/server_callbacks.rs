@@ -15,7 +15,10 @@ const B: [u8; 16] = [0xb; 16];
 fn setup(s: &TestServer, b: &mut Raw, bb: &mut Raw) -> Fid {
     let f = b.alloc(1)[0];
     assert!(matches!(bb.upload(1, b"one"), Msg::Uploaded { .. }));
-    b.apply(vec![rec::create(1, b.root, "f", f), rec::store(2, f, 0, 1, 3)]);
+    b.apply(vec![
+        rec::create(1, b.root, "f", f),
+        rec::store(2, f, 0, 1, 3),
+    ]);
     let _ = s;
     f
 }
@@ -23,7 +26,9 @@ fn setup(s: &TestServer, b: &mut Raw, bb: &mut Raw) -> Fid {
 fn no_frame_within(c: &mut Raw, d: Duration) -> bool {
     c.stream.set_read_timeout(Some(d)).unwrap();
     let got = c.recv();
-    c.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     got.is_none()
 }
 
@@ -36,13 +41,18 @@ fn holder_gets_the_break_before_the_writer_gets_its_reply() {
     let mut a = Raw::control(s.addr(), &s.secret_file(), A, 1);
     assert!(a.attr(f).is_ok()); // A now holds a callback on f
     assert!(matches!(bb.upload(2, b"two!"), Msg::Uploaded { .. }));
-    let id = b.send(&Msg::Reintegrate { records: vec![rec::store(3, f, 0, 2, 4)] });
+    let id = b.send(&Msg::Reintegrate {
+        records: vec![rec::store(3, f, 0, 2, 4)],
+    });
     let (bid, fids) = match a.recv() {
         Some((bid, Msg::CallbackBreak { fids })) => (bid, fids),
         other => panic!("expected a break, got {other:?}"),
     };
     assert_eq!(fids, vec![f]);
-    assert!(no_frame_within(&mut b, Duration::from_millis(200)), "B must wait for A's ack");
+    assert!(
+        no_frame_within(&mut b, Duration::from_millis(200)),
+        "B must wait for A's ack"
+    );
     a.send_id(bid, &Msg::BreakAck);
     match b.recv() {
         Some((rid, Msg::Reintegrated { results })) => {
@@ -88,7 +98,10 @@ fn several_holders_are_broken_in_parallel() {
     b.apply(vec![rec::store(3, f, 0, 2, 3)]);
     let took = t.elapsed();
     assert!(took >= Duration::from_millis(350), "waited {took:?}");
-    assert!(took < Duration::from_millis(1200), "one timeout for all holders, not four: {took:?}");
+    assert!(
+        took < Duration::from_millis(1200),
+        "one timeout for all holders, not four: {took:?}"
+    );
     for mut c in silent {
         assert!(c.is_closed());
         assert_eq!(c.breaks.len(), 1);
@@ -109,9 +122,18 @@ fn a_holder_that_never_acks_is_cut_after_the_break_timeout() {
     let t = Instant::now();
     b.apply(vec![rec::store(3, f, 0, 2, 3)]);
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(250), "answered after {took:?}");
-    assert!(took < Duration::from_millis(2000), "answered after {took:?}");
-    assert!(a.is_closed(), "the silent holder's control connection is closed");
+    assert!(
+        took >= Duration::from_millis(250),
+        "answered after {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    assert!(
+        a.is_closed(),
+        "the silent holder's control connection is closed"
+    );
     assert_eq!(a.breaks.len(), 1, "it was sent the break");
     assert!(ab.is_closed(), "and its bulk connection too");
     // It can come back (same epoch, new connection) and read again.
@@ -133,11 +155,24 @@ fn a_restarted_client_holds_no_callbacks_of_its_old_epoch() {
     assert!(matches!(bb.upload(2, b"two"), Msg::Uploaded { .. }));
     let t = Instant::now();
     b.apply(vec![rec::store(3, f, 0, 2, 3)]);
-    assert!(t.elapsed() < Duration::from_millis(1000), "no break to wait for");
-    assert!(no_frame_within(&mut new, Duration::from_millis(300)), "no break to the new epoch");
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "no break to wait for"
+    );
+    assert!(
+        no_frame_within(&mut new, Duration::from_millis(300)),
+        "no break to the new epoch"
+    );
     // The old epoch's bulk connections are refused now.
     let secret = coda::proto::auth::read_secret_file(&s.secret_file()).unwrap();
-    let r = Raw::connect(s.addr(), "admin", &secret, coda::proto::ConnKind::Bulk, A, 1);
+    let r = Raw::connect(
+        s.addr(),
+        "admin",
+        &secret,
+        coda::proto::ConnKind::Bulk,
+        A,
+        1,
+    );
     assert!(r.is_err());
 }
 
