@@ -147,9 +147,7 @@ impl Server {
             let _ = t.join();
         }
         // Workers finish what is queued (their replies go nowhere now).
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.pool.shutdown();
-        }
+        sh.pool.shutdown();
         log::info(format_args!("shut down"));
     }
 }
