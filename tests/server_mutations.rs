@@ -121,3 +121,155 @@ fn link_remove_rename_rmdir_setattr() {
     c.apply(vec![rec::truncate(31, f[4], 0)]);
     assert_eq!(b.fetch(f[4]).unwrap().1, b"");
 }
+
+#[test]
+fn a_batch_whose_third_record_fails_applies_nothing() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(4);
+    assert!(matches!(b.upload(5, b"data"), Msg::Uploaded { .. }));
+    let m = c.reintegrate(vec![
+        rec::create(1, root, "one", f[0]),
+        rec::store(2, f[0], 0, 5, 4),
+        rec::create(3, root, "one", f[1]), // name taken by record 1
+        rec::create(4, root, "two", f[2]),
+    ]);
+    assert_eq!(error_of(m), (WireCode::Exists, 2));
+    assert!(c.list(root).is_empty(), "nothing of the batch is visible");
+    assert_eq!(c.attr(f[0]), Err(WireCode::Stale));
+    // The upload is still staged: the corrected batch can use it.
+    c.apply(vec![
+        rec::create(1, root, "one", f[0]),
+        rec::store(2, f[0], 0, 5, 4),
+    ]);
+    assert_eq!(b.fetch(f[0]).unwrap().1, b"data");
+}
+
+#[test]
+fn a_replayed_batch_is_not_applied_twice() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(2);
+    assert!(matches!(b.upload(1, b"v1"), Msg::Uploaded { .. }));
+    let batch = vec![
+        rec::create(10, root, "f", f[0]),
+        rec::store(11, f[0], 0, 1, 2),
+    ];
+    let first = c.apply(batch.clone());
+    let again = c.apply(batch);
+    assert_eq!(first[1], again[1], "same attrs, no second application");
+    assert_eq!(c.attr(f[0]).unwrap().version, first[1].version);
+    assert_eq!(c.list(root).len(), 1);
+}
+
+#[test]
+fn expected_version_mismatch_is_a_conflict() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(1);
+    let created = c.apply(vec![rec::create(1, root, "f", f[0])]);
+    assert!(matches!(b.upload(1, b"x"), Msg::Uploaded { .. }));
+    let stale_version = created[0].version + 5;
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::store(2, f[0], stale_version, 1, 1)])),
+        (WireCode::Conflict, 0)
+    );
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::chmod(3, f[0], stale_version, 0o600)])),
+        (WireCode::Conflict, 0)
+    );
+    c.apply(vec![rec::store(4, f[0], created[0].version, 1, 1)]);
+}
+
+#[test]
+fn bad_names_and_unreserved_fids_are_refused() {
+    let s = TestServer::start();
+    let (mut c, _b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(1);
+    for bad in ["..", ".", "a/b", ""] {
+        let (code, index) = error_of(c.reintegrate(vec![rec::create(1, root, bad, f[0])]));
+        assert_eq!((code, index), (WireCode::Invalid, 0), "{bad:?}");
+    }
+    let foreign = coda::proto::Fid::new(1, 999_999, 1);
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::create(1, root, "n", foreign)])).0,
+        WireCode::Invalid
+    );
+    let other_volume = coda::proto::Fid::new(2, f[0].vnode, 1);
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::create(1, root, "n", other_volume)])).0,
+        WireCode::Invalid
+    );
+    // Another client cannot use A's reserved fid.
+    let mut other = Raw::control(s.addr(), &s.secret_file(), [0xb; 16], 1);
+    assert_eq!(
+        error_of(other.reintegrate(vec![rec::create(1, root, "n", f[0])])).0,
+        WireCode::Invalid
+    );
+    // A reserved fid is usable once, even after its object is gone.
+    c.apply(vec![
+        rec::create(1, root, "n", f[0]),
+        rec::remove(2, root, "n", f[0]),
+    ]);
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::create(3, root, "n", f[0])])).0,
+        WireCode::Exists
+    );
+    assert!(c.list(root).is_empty());
+}
+
+#[test]
+fn a_store_needs_its_upload_with_the_right_length() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(1);
+    c.apply(vec![rec::create(1, root, "f", f[0])]);
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::store(2, f[0], 0, 42, 3)])).0,
+        WireCode::NotFound
+    );
+    assert!(matches!(b.upload(42, b"abc"), Msg::Uploaded { .. }));
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::store(3, f[0], 0, 42, 4)])).0,
+        WireCode::Invalid
+    );
+    c.apply(vec![rec::store(4, f[0], 0, 42, 3)]);
+    // Consumed: a second Store of the same upload finds nothing.
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::store(5, f[0], 0, 42, 3)])).0,
+        WireCode::NotFound
+    );
+    assert_eq!(
+        error_of(c.reintegrate(vec![rec::store(6, root, 0, 42, 3)])).0,
+        WireCode::IsDir
+    );
+}
+
+#[test]
+fn a_large_file_round_trips_and_directories_page() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let f = c.alloc(2100);
+    assert!(matches!(b.upload(1, &data), Msg::Uploaded { .. }));
+    c.apply(vec![
+        rec::create(1, root, "big", f[0]),
+        rec::store(2, f[0], 0, 1, data.len() as u64),
+    ]);
+    assert!(b.fetch(f[0]).unwrap().1 == data);
+    let records = (1..2100)
+        .map(|i| rec::create(10 + i as u64, root, &format!("n{i:05}"), f[i]))
+        .collect();
+    c.apply(records);
+    let all = c.list(root);
+    assert_eq!(all.len(), 2100, "more than one page, all entries once");
+    let mut names: Vec<_> = all.iter().map(|(n, _)| n.clone()).collect();
+    names.dedup();
+    assert_eq!(names.len(), 2100);
+}

@@ -27,7 +27,13 @@ const RAW_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 static TMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
-pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, serial: u64) {
+pub fn serve(
+    shared: Arc<Shared>,
+    mut reader: BufReader<TcpStream>,
+    ident: Identity,
+    welcome: Msg,
+    serial: u64,
+) {
     let mut stream = match reader.get_ref().try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -53,6 +59,10 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
             return;
         }
     };
+    if send(&mut stream, 0, &welcome).is_err() {
+        shared.registry.detach_bulk(&ctx, serial);
+        return;
+    }
     let protocol_error = loop {
         let frame = match read_frame(&mut reader) {
             Ok(Some(f)) => f,

@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// frame (MAX_FIDS slots would not).
 pub const MAX_ATTRS_REPLY: usize = (MAX_FRAME - 9 - 4) / (1 + ATTR_LEN);
 
-pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity) {
+pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, welcome: Msg) {
     let mut stream = reader.get_ref().try_clone();
     let (sock_w, sock_s) = match (reader.get_ref().try_clone(), reader.get_ref().try_clone()) {
         (Ok(a), Ok(b)) => (a, b),
@@ -51,6 +51,8 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
             sock: sock_s,
         },
     );
+    // Welcome goes out only now that the session exists (see handshake).
+    let _ = tx.send(Out::Frame(frame_for(0, &welcome)));
     log::info(format_args!(
         "{} (user {}) connected: control from {}",
         ctx.name(),
@@ -66,7 +68,9 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
     if protocol_error {
         log::info(format_args!("{}: protocol error: {why}", ctx.name()));
     }
-    shared.registry.end_session(&ctx.id, ctx.gen, &why);
+    // Callbacks and staged uploads go at once; the socket closes below,
+    // after the writer flushed any last error frame.
+    shared.registry.leave(&ctx.id, ctx.gen, &why);
     let _ = tx.send(Out::Close);
     drop(tx);
     let _ = writer.join();

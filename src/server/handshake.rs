@@ -27,13 +27,17 @@ fn next_msg<R: BufRead>(r: &mut R, what: &str) -> Result<Msg> {
     }
 }
 
-/// Run the server side of the handshake. On failure the matching `Error`
-/// frame has been sent (when the socket allows) and the caller closes.
+/// Run the server side of the handshake up to (not including) Welcome,
+/// which the caller sends once the connection is attached to its session:
+/// a client that got Welcome on its control connection may open bulk ones
+/// at once, and they must find the session. On failure the matching
+/// `Error` frame has been sent (when the socket allows) and the caller
+/// closes.
 pub fn accept<R: BufRead>(
     reader: &mut R,
     stream: &mut TcpStream,
     store: &VolumeStore,
-) -> Result<Identity> {
+) -> Result<(Identity, Msg)> {
     let res = run(reader, stream, store);
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
@@ -48,7 +52,7 @@ fn run<R: BufRead>(
     reader: &mut R,
     stream: &mut TcpStream,
     store: &VolumeStore,
-) -> Result<Identity> {
+) -> Result<(Identity, Msg)> {
     let (version, kind, user, client_id, epoch, client_nonce) = match next_msg(reader, "Hello")? {
         Msg::Hello {
             version,
@@ -98,19 +102,18 @@ fn run<R: BufRead>(
             "user {user:?}: unknown user or wrong secret"
         )));
     }
-    send(
-        stream,
-        0,
-        &Msg::Welcome {
-            server_id: store.server_id(),
-            root: store.root_fid(),
-            server_mac: server_mac(&secret, &t),
+    let welcome = Msg::Welcome {
+        server_id: store.server_id(),
+        root: store.root_fid(),
+        server_mac: server_mac(&secret, &t),
+    };
+    Ok((
+        Identity {
+            user,
+            client_id,
+            epoch,
+            kind,
         },
-    )?;
-    Ok(Identity {
-        user,
-        client_id,
-        epoch,
-        kind,
-    })
+        welcome,
+    ))
 }

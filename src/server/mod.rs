@@ -147,9 +147,7 @@ impl Server {
             let _ = t.join();
         }
         // Workers finish what is queued (their replies go nowhere now).
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.pool.shutdown();
-        }
+        sh.pool.shutdown();
         log::info(format_args!("shut down"));
     }
 }
@@ -220,7 +218,7 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let ident = match handshake::accept(&mut reader, &mut stream, &shared.store) {
+    let (ident, welcome) = match handshake::accept(&mut reader, &mut stream, &shared.store) {
         Ok(i) => i,
         Err(e) => {
             if !shared.stopping.load(Ordering::SeqCst) {
@@ -232,7 +230,7 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     };
     let _ = stream.set_read_timeout(None);
     match ident.kind {
-        ConnKind::Control => control::serve(Arc::clone(shared), reader, ident),
-        ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, serial),
+        ConnKind::Control => control::serve(Arc::clone(shared), reader, ident, welcome),
+        ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, welcome, serial),
     }
 }

@@ -87,7 +87,7 @@ impl Registry {
             } else {
                 format!("client restarted with epoch {epoch}")
             };
-            self.end_locked(&mut g, &id, old_gen, &why);
+            self.end_locked(&mut g, &id, old_gen, &why, true);
         }
         g.next_gen += 1;
         let gen = g.next_gen;
@@ -143,10 +143,17 @@ impl Registry {
     /// staged uploads deleted, every connection of it cut.
     pub fn end_session(&self, id: &ClientId, gen: u64, why: &str) {
         let mut g = self.inner.lock();
-        self.end_locked(&mut g, id, gen, why);
+        self.end_locked(&mut g, id, gen, why, true);
     }
 
-    fn end_locked(&self, g: &mut Inner, id: &ClientId, gen: u64, why: &str) {
+    /// End a session from its own control connection, which closes its
+    /// socket itself (after flushing a last error frame to the peer).
+    pub fn leave(&self, id: &ClientId, gen: u64, why: &str) {
+        let mut g = self.inner.lock();
+        self.end_locked(&mut g, id, gen, why, false);
+    }
+
+    fn end_locked(&self, g: &mut Inner, id: &ClientId, gen: u64, why: &str, cut: bool) {
         match g.sessions.get(id) {
             Some(s) if s.gen == gen => {}
             _ => return,
@@ -155,7 +162,9 @@ impl Registry {
             return;
         };
         let dropped = g.callbacks.drop_client(id);
-        let _ = s.control.sock.shutdown(Shutdown::Both);
+        if cut {
+            let _ = s.control.sock.shutdown(Shutdown::Both);
+        }
         for b in s.bulk.values() {
             let _ = b.shutdown(Shutdown::Both);
         }
@@ -174,7 +183,7 @@ impl Registry {
         let mut g = self.inner.lock();
         let ids: Vec<(ClientId, u64)> = g.sessions.iter().map(|(k, s)| (*k, s.gen)).collect();
         for (id, gen) in ids {
-            self.end_locked(&mut g, &id, gen, "server shutting down");
+            self.end_locked(&mut g, &id, gen, "server shutting down", true);
         }
     }
 

@@ -203,14 +203,18 @@ impl VolumeStore {
         let mut entries = Vec::new();
         let mut next = None;
         let range = dirents.range((&key, "")..)?;
-        for (i, item) in range.skip(cursor as usize).enumerate() {
+        for (i, item) in range.enumerate() {
             let (k, v) = item?;
             let (dir, name) = k.value();
             if dir != &key {
-                break;
+                break; // past this directory's entries
             }
-            if i == MAX_DIR_PAGE {
-                next = Some(cursor + i as u32);
+            let Ok(i) = u32::try_from(i) else { break };
+            if i < cursor {
+                continue;
+            }
+            if entries.len() == MAX_DIR_PAGE {
+                next = Some(i);
                 break;
             }
             let (child, ftype) = decode_entry(v.value())?;

@@ -6,12 +6,15 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{unbounded, Sender};
+use parking_lot::Mutex;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// Shut down through `&self`: queued jobs hold the server state that owns
+/// the pool, so the pool cannot wait to be the last owner of itself.
 pub struct Pool {
-    tx: Option<Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
+    tx: Mutex<Option<Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -35,21 +38,22 @@ impl Pool {
             );
         }
         Ok(Pool {
-            tx: Some(tx),
-            threads,
+            tx: Mutex::new(Some(tx)),
+            threads: Mutex::new(threads),
         })
     }
 
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
-        if let Some(tx) = &self.tx {
+        if let Some(tx) = &*self.tx.lock() {
             let _ = tx.send(Box::new(job));
         }
     }
 
     /// Finish queued jobs and join the workers.
-    pub fn shutdown(&mut self) {
-        self.tx = None;
-        for t in self.threads.drain(..) {
+    pub fn shutdown(&self) {
+        self.tx.lock().take();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
             let _ = t.join();
         }
     }

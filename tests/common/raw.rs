@@ -132,6 +132,16 @@ impl Raw {
         id
     }
 
+    /// Like `send`, but a dead connection is an error, not a panic (for
+    /// tests that kill the server under a client).
+    pub fn try_send(&mut self, msg: &Msg) -> std::io::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stream
+            .write_all(&encode_frame(msg.kind(), id, &msg.encode()))?;
+        Ok(id)
+    }
+
     pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
     }

@@ -1,0 +1,210 @@
+//! Callbacks: granted on read, broken before another client's mutation is
+//! acknowledged, voided for silent or restarted holders.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use coda::proto::{Fid, Msg};
+use common::raw::{rec, Raw};
+use common::TestServer;
+
+const A: [u8; 16] = [0xa; 16];
+const B: [u8; 16] = [0xb; 16];
+
+/// Make a file "f" (by B) with some data; returns its fid.
+fn setup(s: &TestServer, b: &mut Raw, bb: &mut Raw) -> Fid {
+    let f = b.alloc(1)[0];
+    assert!(matches!(bb.upload(1, b"one"), Msg::Uploaded { .. }));
+    b.apply(vec![
+        rec::create(1, b.root, "f", f),
+        rec::store(2, f, 0, 1, 3),
+    ]);
+    let _ = s;
+    f
+}
+
+fn no_frame_within(c: &mut Raw, d: Duration) -> bool {
+    c.stream.set_read_timeout(Some(d)).unwrap();
+    let got = c.recv();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    got.is_none()
+}
+
+#[test]
+fn holder_gets_the_break_before_the_writer_gets_its_reply() {
+    let s = TestServer::start();
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut a = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    assert!(a.attr(f).is_ok()); // A now holds a callback on f
+    assert!(matches!(bb.upload(2, b"two!"), Msg::Uploaded { .. }));
+    let id = b.send(&Msg::Reintegrate {
+        records: vec![rec::store(3, f, 0, 2, 4)],
+    });
+    let (bid, fids) = match a.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => (bid, fids),
+        other => panic!("expected a break, got {other:?}"),
+    };
+    assert_eq!(fids, vec![f]);
+    assert!(
+        no_frame_within(&mut b, Duration::from_millis(200)),
+        "B must wait for A's ack"
+    );
+    a.send_id(bid, &Msg::BreakAck);
+    match b.recv() {
+        Some((rid, Msg::Reintegrated { results })) => {
+            assert_eq!(rid, id);
+            assert_eq!(results[0].size, 4);
+        }
+        other => panic!("expected Reintegrated, got {other:?}"),
+    }
+    // The writer kept a callback: A's mutation now breaks B's.
+    assert!(matches!(bb.upload(3, b"x"), Msg::Uploaded { .. }));
+    let mut ab = Raw::bulk(s.addr(), &s.secret_file(), A, 1);
+    assert!(matches!(ab.upload(9, b"three"), Msg::Uploaded { .. }));
+    let t = std::thread::spawn(move || {
+        let r = a.apply(vec![rec::store(100, f, 0, 9, 5)]);
+        (a, r)
+    });
+    let m = b.recv();
+    assert!(matches!(m, Some((_, Msg::CallbackBreak { .. }))), "{m:?}");
+    let (bid, _) = match m {
+        Some((bid, Msg::CallbackBreak { fids })) => (bid, fids),
+        _ => unreachable!(),
+    };
+    b.send_id(bid, &Msg::BreakAck);
+    let (_a, r) = t.join().unwrap();
+    assert_eq!(r[0].size, 5);
+}
+
+#[test]
+fn several_holders_are_broken_in_parallel() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "400"]);
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut silent = Vec::new();
+    for i in 0..4u8 {
+        let mut c = Raw::control(s.addr(), &s.secret_file(), [0x10 + i; 16], 1);
+        c.auto_ack = false;
+        assert!(c.attr(f).is_ok());
+        silent.push(c);
+    }
+    assert!(matches!(bb.upload(2, b"two"), Msg::Uploaded { .. }));
+    let t = Instant::now();
+    b.apply(vec![rec::store(3, f, 0, 2, 3)]);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(350), "waited {took:?}");
+    assert!(
+        took < Duration::from_millis(1200),
+        "one timeout for all holders, not four: {took:?}"
+    );
+    for mut c in silent {
+        assert!(c.is_closed());
+        assert_eq!(c.breaks.len(), 1);
+    }
+}
+
+#[test]
+fn a_holder_that_never_acks_is_cut_after_the_break_timeout() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "300"]);
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut a = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    let mut ab = Raw::bulk(s.addr(), &s.secret_file(), A, 1);
+    a.auto_ack = false;
+    assert!(a.attr(f).is_ok());
+    assert!(matches!(bb.upload(2, b"two"), Msg::Uploaded { .. }));
+    let t = Instant::now();
+    b.apply(vec![rec::store(3, f, 0, 2, 3)]);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "answered after {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    assert!(
+        a.is_closed(),
+        "the silent holder's control connection is closed"
+    );
+    assert_eq!(a.breaks.len(), 1, "it was sent the break");
+    assert!(ab.is_closed(), "and its bulk connection too");
+    // It can come back (same epoch, new connection) and read again.
+    let mut a2 = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    assert_eq!(a2.attr(f).unwrap().size, 3);
+}
+
+#[test]
+fn a_restarted_client_holds_no_callbacks_of_its_old_epoch() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "2000"]);
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut old = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    old.auto_ack = false;
+    assert!(old.attr(f).is_ok());
+    let mut new = Raw::control(s.addr(), &s.secret_file(), A, 2);
+    assert!(old.is_closed(), "the old epoch's connection is closed");
+    assert!(matches!(bb.upload(2, b"two"), Msg::Uploaded { .. }));
+    let t = Instant::now();
+    b.apply(vec![rec::store(3, f, 0, 2, 3)]);
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "no break to wait for"
+    );
+    assert!(
+        no_frame_within(&mut new, Duration::from_millis(300)),
+        "no break to the new epoch"
+    );
+    // The old epoch's bulk connections are refused now.
+    let secret = coda::proto::auth::read_secret_file(&s.secret_file()).unwrap();
+    let r = Raw::connect(
+        s.addr(),
+        "admin",
+        &secret,
+        coda::proto::ConnKind::Bulk,
+        A,
+        1,
+    );
+    assert!(r.is_err());
+}
+
+#[test]
+fn readdir_and_fetch_grant_callbacks_and_directory_changes_break_them() {
+    let s = TestServer::start();
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut a = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    let mut ab = Raw::bulk(s.addr(), &s.secret_file(), A, 1);
+    let root = a.root;
+    a.list(root);
+    assert_eq!(ab.fetch(f).unwrap().1, b"one");
+    let g = b.alloc(1)[0];
+    // A waits in a thread, acking breaks as they come.
+    let waiter = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match a.recv() {
+                Some((bid, Msg::CallbackBreak { fids })) => {
+                    a.send_id(bid, &Msg::BreakAck);
+                    seen.extend(fids);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        seen
+    });
+    b.apply(vec![rec::create(10, root, "g", g)]);
+    b.apply(vec![rec::remove(11, root, "f", f)]);
+    let seen = waiter.join().unwrap();
+    assert!(seen.contains(&root), "{seen:?}");
+    assert!(seen.contains(&f), "{seen:?}");
+}
