@@ -58,6 +58,13 @@
 // A server broke a callback (`ino` names the object).
 #define CODA_EVENT_CALLBACK_BREAK 5
 
+// A reintegration batch committed (`detail`: "N records, M left").
+#define CODA_EVENT_REINTEGRATED 6
+
+// Reintegration found a conflict (`ino` names the object; `detail` is
+// "conflict ID: PATH"; list them with `coda_conflicts_list`).
+#define CODA_EVENT_CONFLICT 7
+
 // Bytes of `coda_event.detail`, NUL included.
 #define CODA_EVENT_DETAIL_LEN 256
 

@@ -49,6 +49,9 @@ fn a_silent_server_is_declared_dead_after_dead_after_ms_not_the_rpc_timeout() {
     cfg.set("heartbeat_ms", "100").unwrap();
     cfg.set("dead_after_ms", "500").unwrap();
     cfg.set("rpc_timeout_ms", "20000").unwrap();
+    // Connected-mode liveness: with disconnected operation the mkdir would
+    // succeed locally (tests/disco_*.rs cover that).
+    cfg.set("disconnected_operation", "false").unwrap();
     let c = Client::new(cfg).unwrap();
     put(&c, "/f", b"x");
     srv.sigstop();
@@ -67,7 +70,9 @@ fn a_silent_server_is_declared_dead_after_dead_after_ms_not_the_rpc_timeout() {
 fn a_killed_server_fails_calls_at_once_and_the_next_call_reconnects() {
     let mut srv = start();
     let d = TempDir::new("c");
-    let c = client(&srv, d.path());
+    let mut cfg = config(&srv, d.path());
+    cfg.set("disconnected_operation", "false").unwrap();
+    let c = Client::new(cfg).unwrap();
     put(&c, "/f", b"kept");
     srv.kill9();
     let t0 = Instant::now();

@@ -123,7 +123,11 @@ struct State {
 }
 
 pub(crate) struct Cache {
+    dir: PathBuf,
     containers: PathBuf,
+    /// Containers that hold the only copy of data the CML still has to
+    /// store: never evicted (disconnected operation).
+    pinned: Mutex<std::collections::HashSet<Fid>>,
     db: Arc<Database>,
     limit: u64,
     state: Mutex<State>,
@@ -178,11 +182,53 @@ impl Cache {
             }
         }
         Ok(Cache {
+            dir: cache_dir.to_path_buf(),
+            pinned: Mutex::new(Default::default()),
             containers,
             db,
             limit,
             state: Mutex::new(State { map, clock, bytes }),
         })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pin(&self, fid: Fid) {
+        self.pinned.lock().insert(fid);
+    }
+
+    pub fn unpin(&self, fid: Fid) {
+        self.pinned.lock().remove(&fid);
+    }
+
+    /// A path that names `fid`, found through the cached listings (best
+    /// effort: for messages and conflict reports).
+    pub fn path_of(&self, fid: Fid) -> Option<String> {
+        let st = self.state.lock();
+        let mut names = Vec::new();
+        let mut cur = fid;
+        for _ in 0..crate::client::namei::MAX_DEPTH_FOR_NAMES {
+            let parent = st.map.iter().find_map(|(d, e)| {
+                let (_, l) = e.listing.as_ref()?;
+                l.iter()
+                    .find(|x| x.fid == cur)
+                    .map(|x| (*d, x.name.clone()))
+            });
+            match parent {
+                Some((d, n)) => {
+                    names.push(n);
+                    cur = d;
+                }
+                None => break,
+            }
+        }
+        if names.is_empty() {
+            return None;
+        }
+        names.reverse();
+        Some(format!("/{}", names.join("/")))
     }
 
     pub fn container(&self, fid: Fid) -> PathBuf {
@@ -372,12 +418,15 @@ impl Cache {
     /// Evict least recently used containers until within the limit; open and
     /// dirty ones stay even if that leaves us over it.
     pub fn evict(&self) {
+        let pinned = self.pinned.lock().clone();
         let mut st = self.state.lock();
         while st.bytes > self.limit {
             let victim = st
                 .map
                 .iter()
-                .filter(|(_, e)| e.data_version.is_some() && e.open == 0 && !e.dirty)
+                .filter(|(f, e)| {
+                    e.data_version.is_some() && e.open == 0 && !e.dirty && !pinned.contains(f)
+                })
                 .min_by_key(|(_, e)| e.last_use)
                 .map(|(f, _)| *f);
             let Some(fid) = victim else { break };

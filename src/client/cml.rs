@@ -1,41 +1,208 @@
 //! The client modification log: every mutation becomes a `Record`, persisted
-//! (durably) in `index.redb` before it is sent, then reintegrated. Connected,
-//! reintegration happens at once and the caller waits for the server's
-//! commit; the record then leaves the log. Also keeps the fid ranges the
-//! server reserved for us, so new objects have final fids even offline.
+//! (durably) in `index.redb` before it is sent or before the mutating call
+//! returns. Connected, reintegration happens at once and the caller waits for
+//! the server's commit; the record then leaves the log. Disconnected (or in
+//! write-disconnected mode) the record waits here, after the log
+//! optimisations, until `reintegrate.rs` sends it in batches. Also keeps the
+//! fid ranges the server reserved for us, so new objects have final fids even
+//! offline.
+//!
+//! An in-memory mirror of the log (`Log`) answers "which records mention this
+//! fid" without decoding the table, so optimisations stay cheap with tens of
+//! thousands of records.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 use super::conn::Servers;
+use super::emulation::EmuState;
 use super::stats::Counters;
 use crate::proto::{Attr, Fid, Msg, Record, RecordOp};
 use crate::{Error, Result};
 
 const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// fid → the server's version of the object before the pending records that
+/// change it: what the first of them expects (conflict detection).
+const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");
 
 const NEXT_STORE_ID: &str = "next_store_id";
+/// Records with store ids up to this may have reached the server (a batch
+/// was sent and its reply may have been lost): they are never cancelled by
+/// an optimisation, since the server may already have applied them.
+const SENT_UPTO: &str = "sent_upto";
 /// Fids reserved per AllocFids request.
-const FID_BATCH: u32 = 256;
+pub(crate) const FID_BATCH: u32 = 1024;
+/// Below this many reserved fids left in a volume, a connected client
+/// reserves a fresh range, so creation works for a while offline.
+pub(crate) const FID_RESERVE_LOW: u64 = 512;
 
 /// Whether a record whose reintegration failed for lack of a server stays
-/// in the log. Disconnected operation (a later issue) turns this on; until
-/// then the caller gets the error and the record is dropped.
-const KEEP_WHEN_UNREACHABLE: bool = false;
+/// in the log (disconnected operation). The `disconnected_operation` config
+/// key can still turn emulation off per client (`EmuState::enabled`).
+const KEEP_WHEN_UNREACHABLE: bool = true;
 
-pub(crate) struct Cml {
-    db: Arc<Database>,
-    /// Serialises reintegration. The server treats a batch whose store ids
-    /// are all at or below the highest it applied as a replay, so batches
-    /// must reach it in store-id order: one at a time.
-    gate: Mutex<()>,
-    /// volume → (next vnode, end) of the reserved range, mirrored in META.
-    fids: Mutex<HashMap<u32, (u64, u64)>>,
+/// The in-memory mirror of the `cml` table.
+#[derive(Default)]
+struct Log {
+    recs: BTreeMap<u64, Record>,
+    /// fid → store ids of the pending records that mention it (as target,
+    /// parent or new object).
+    by_fid: HashMap<Fid, BTreeSet<u64>>,
+    base: HashMap<Fid, u64>,
+    sent_upto: u64,
+    /// When each record was logged (this run; older ones count as old).
+    logged_at: HashMap<u64, Instant>,
+}
+
+/// Every fid a record mentions.
+pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
+    match op {
+        RecordOp::Store { fid, .. } | RecordOp::SetAttr { fid, .. } => vec![*fid],
+        RecordOp::Create { parent, fid, .. }
+        | RecordOp::Mkdir { parent, fid, .. }
+        | RecordOp::Symlink { parent, fid, .. }
+        | RecordOp::Link { parent, fid, .. }
+        | RecordOp::Remove { parent, fid, .. }
+        | RecordOp::Rmdir { parent, fid, .. } => vec![*parent, *fid],
+        RecordOp::Rename {
+            src_parent,
+            dst_parent,
+            fid,
+            ..
+        } => vec![*src_parent, *dst_parent, *fid],
+    }
+}
+
+/// The fid a record creates, if it creates one.
+pub(crate) fn created(op: &RecordOp) -> Option<Fid> {
+    match op {
+        RecordOp::Create { fid, .. }
+        | RecordOp::Mkdir { fid, .. }
+        | RecordOp::Symlink { fid, .. } => Some(*fid),
+        _ => None,
+    }
+}
+
+fn expected_mut(op: &mut RecordOp) -> Option<&mut u64> {
+    match op {
+        RecordOp::Store {
+            expected_version, ..
+        }
+        | RecordOp::SetAttr {
+            expected_version, ..
+        } => Some(expected_version),
+        _ => None,
+    }
+}
+
+/// Which attributes a SetAttr sets: setattrs of the same kind cancel.
+fn setattr_kind(op: &RecordOp) -> Option<(Fid, bool, bool, bool)> {
+    match op {
+        RecordOp::SetAttr {
+            fid,
+            mode,
+            size,
+            mtime,
+            ..
+        } => Some((*fid, mode.is_some(), size.is_some(), mtime.is_some())),
+        _ => None,
+    }
+}
+
+impl Log {
+    fn insert(&mut self, r: Record) {
+        for f in mentions(&r.op) {
+            self.by_fid.entry(f).or_default().insert(r.store_id);
+        }
+        self.recs.insert(r.store_id, r);
+    }
+
+    fn take(&mut self, id: u64) -> Option<Record> {
+        let r = self.recs.remove(&id)?;
+        for f in mentions(&r.op) {
+            if let Some(s) = self.by_fid.get_mut(&f) {
+                s.remove(&id);
+                if s.is_empty() {
+                    self.by_fid.remove(&f);
+                }
+            }
+        }
+        self.logged_at.remove(&id);
+        Some(r)
+    }
+
+    fn about(&self, fid: Fid) -> impl Iterator<Item = &Record> {
+        self.by_fid
+            .get(&fid)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.recs.get(id))
+    }
+
+    /// A pending record created `fid` (it does not exist on the server yet).
+    fn created_here(&self, fid: Fid) -> Option<u64> {
+        self.about(fid)
+            .find(|r| created(&r.op) == Some(fid))
+            .map(|r| r.store_id)
+    }
+
+    fn targets(&self, fid: Fid) -> bool {
+        self.about(fid).any(|r| r.op.target() == fid)
+    }
+
+    /// Store ids the optimisations cancel when `op` is logged, and whether
+    /// `op` itself is cancelled too (a remove of an object that only ever
+    /// existed in this log). Records that may have reached the server are
+    /// never touched.
+    fn cancellations(&self, op: &RecordOp) -> (Vec<u64>, bool) {
+        let movable = |id: &u64| *id > self.sent_upto;
+        match op {
+            RecordOp::Store { fid, .. } => {
+                let ids = self
+                    .about(*fid)
+                    .filter(|r| matches!(r.op, RecordOp::Store { fid: f, .. } if f == *fid))
+                    .map(|r| r.store_id)
+                    .filter(movable)
+                    .collect();
+                (ids, false)
+            }
+            RecordOp::SetAttr { fid, .. } => {
+                let kind = setattr_kind(op);
+                let ids = self
+                    .about(*fid)
+                    .filter(|r| setattr_kind(&r.op) == kind)
+                    .map(|r| r.store_id)
+                    .filter(movable)
+                    .collect();
+                (ids, false)
+            }
+            RecordOp::Remove { fid, .. } | RecordOp::Rmdir { fid, .. } => {
+                let Some(made) = self.created_here(*fid) else {
+                    return (vec![], false);
+                };
+                let all: Vec<&Record> = self.about(*fid).collect();
+                // Only records about the object itself, created in place:
+                // a link or rename of it, or an entry made inside the
+                // directory, would leave traces on the server the cancel
+                // would lose.
+                let only_own = all.iter().all(|r| {
+                    r.store_id == made
+                        || matches!(&r.op, RecordOp::Store { .. } | RecordOp::SetAttr { .. })
+                });
+                if !only_own || !all.iter().all(|r| movable(&r.store_id)) {
+                    return (vec![], false);
+                }
+                (all.iter().map(|r| r.store_id).collect(), true)
+            }
+            _ => (vec![], false),
+        }
+    }
 }
 
 fn encode_record(r: &Record) -> Vec<u8> {
@@ -45,7 +212,7 @@ fn encode_record(r: &Record) -> Vec<u8> {
     .encode()
 }
 
-fn decode_record(b: &[u8]) -> Result<Record> {
+pub(crate) fn decode_record(b: &[u8]) -> Result<Record> {
     let kind = Msg::Reintegrate { records: vec![] }.kind();
     match Msg::decode_body(kind, b)? {
         Msg::Reintegrate { mut records } if records.len() == 1 => Ok(records.remove(0)),
@@ -53,18 +220,79 @@ fn decode_record(b: &[u8]) -> Result<Record> {
     }
 }
 
+pub(crate) fn encode_records(r: &[Record]) -> Vec<u8> {
+    Msg::Reintegrate {
+        records: r.to_vec(),
+    }
+    .encode()
+}
+
+pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
+    let kind = Msg::Reintegrate { records: vec![] }.kind();
+    match Msg::decode_body(kind, b)? {
+        Msg::Reintegrate { records } => Ok(records),
+        _ => Err(Error::Protocol("bad record list".into())),
+    }
+}
+
 /// Failures that say "the server was not reached (or its answer was lost)",
 /// as opposed to the server refusing the record.
-fn unreachable(e: &Error) -> bool {
+pub(crate) fn unreachable(e: &Error) -> bool {
     matches!(e, Error::Timeout(_) | Error::Eio(_) | Error::Io { .. })
 }
 
+/// Why the connected write path left a record to the log.
+pub(crate) enum Deferred {
+    Unreachable,
+    Queued,
+}
+
+/// What logging a mutation did.
+pub(crate) struct Logged {
+    /// The record, or `None` when an optimisation cancelled it too.
+    pub record: Option<Record>,
+    /// Earlier records it cancelled.
+    pub cancelled: Vec<Record>,
+}
+
+pub(crate) struct Cml {
+    pub(crate) db: Arc<Database>,
+    /// Serialises reintegration. The server treats a batch whose store ids
+    /// are all at or below the highest it applied as a replay, so batches
+    /// must reach it in store-id order: one at a time.
+    pub(crate) gate: Mutex<()>,
+    /// volume → (next vnode, end) of the reserved range, mirrored in META.
+    fids: Mutex<HashMap<u32, (u64, u64)>>,
+    log: Mutex<Log>,
+    /// Connected / disconnected and the reintegrator's wake-up.
+    pub emu: Arc<EmuState>,
+}
+
+impl Drop for Cml {
+    fn drop(&mut self) {
+        // The client is going: its reintegrator thread must stop.
+        self.emu.stop();
+    }
+}
+
 impl Cml {
-    pub fn open(db: Arc<Database>) -> Result<Cml> {
+    pub fn open(db: Arc<Database>, emu: Arc<EmuState>) -> Result<Cml> {
         let w = db.begin_write()?;
         let mut fids = HashMap::new();
+        let mut log = Log::default();
         {
-            w.open_table(CML)?;
+            let cml = w.open_table(CML)?;
+            for row in cml.iter()? {
+                let (_, v) = row?;
+                log.insert(decode_record(v.value())?);
+            }
+            let base = w.open_table(BASE)?;
+            for row in base.iter()? {
+                let (k, v) = row?;
+                if let Ok(b) = <[u8; 16]>::try_from(k.value()) {
+                    log.base.insert(Fid::from_bytes(&b), v.value());
+                }
+            }
             let meta = w.open_table(META)?;
             for row in meta.iter()? {
                 let (k, v) = row?;
@@ -75,60 +303,272 @@ impl Cml {
                     fids.entry(vol).or_insert((0, 0)).0 = v;
                 } else if let Some(vol) = parse("fid_end.") {
                     fids.entry(vol).or_insert((0, 0)).1 = v;
+                } else if k == SENT_UPTO {
+                    log.sent_upto = v;
                 }
             }
         }
         w.commit()?;
+        emu.set_pending(log.recs.len());
         Ok(Cml {
             db,
             gate: Mutex::new(()),
             fids: Mutex::new(fids),
+            log: Mutex::new(log),
+            emu,
         })
     }
 
     /// Records not yet known to be on the server, in order.
-    pub fn pending(&self) -> Result<Vec<Record>> {
-        let r = self.db.begin_read()?;
-        let t = r.open_table(CML)?;
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (_, v) = row?;
-            out.push(decode_record(v.value())?);
-        }
-        Ok(out)
+    pub fn pending(&self) -> Vec<Record> {
+        self.log.lock().recs.values().cloned().collect()
     }
 
-    /// Give `op` the next store id and persist it, durably, in one transaction.
-    fn append(&self, mut op: RecordOp) -> Result<Record> {
+    pub fn len(&self) -> usize {
+        self.log.lock().recs.len()
+    }
+
+    /// A pending record mentions `fid`: its local state is ahead of the
+    /// server's, so the cached copy is what the client serves.
+    pub fn mentions(&self, fid: Fid) -> bool {
+        self.log.lock().by_fid.contains_key(&fid)
+    }
+
+    /// Fids with a pending Store: their containers hold the only copy of
+    /// the data and must never be evicted.
+    pub fn stored_fids(&self) -> Vec<Fid> {
+        let l = self.log.lock();
+        let mut v: Vec<Fid> = l
+            .recs
+            .values()
+            .filter_map(|r| match r.op {
+                RecordOp::Store { fid, .. } => Some(fid),
+                _ => None,
+            })
+            .collect();
+        v.dedup();
+        v
+    }
+
+    pub fn has_store(&self, fid: Fid) -> bool {
+        self.log
+            .lock()
+            .about(fid)
+            .any(|r| matches!(r.op, RecordOp::Store { fid: f, .. } if f == fid))
+    }
+
+    /// Log `op` durably. With `optimise`, apply the log optimisations
+    /// (a store cancels earlier stores of the file, a setattr earlier ones of
+    /// the same kind, removing an object created in this log cancels its
+    /// creation and everything about it). `cached_version` is the version of
+    /// the target this client knows: with `check`, a Store or SetAttr of an
+    /// object the server has carries the server's version from before the
+    /// pending records as its expected version, so reintegration detects a
+    /// conflicting change by someone else.
+    pub fn log(
+        &self,
+        mut op: RecordOp,
+        cached_version: Option<u64>,
+        optimise: bool,
+        check: bool,
+    ) -> Result<Logged> {
+        let mut log = self.log.lock();
+        let (cancel, self_cancelled) = if optimise {
+            log.cancellations(&op)
+        } else {
+            (vec![], false)
+        };
+        let target = op.target();
+        let fresh = log.created_here(target).is_some() || created(&op).is_some();
+        let new_base = match cached_version {
+            Some(v) if !fresh && !log.base.contains_key(&target) => Some(v),
+            _ => None,
+        };
+        let base = new_base.or_else(|| log.base.get(&target).copied());
+        if let Some(e) = expected_mut(&mut op) {
+            *e = match (check, fresh, base) {
+                (true, false, Some(b)) => b,
+                _ => 0,
+            };
+        }
+
         let mut w = self.db.begin_write()?;
         w.set_durability(Durability::Immediate);
         let rec;
         {
             let mut meta = w.open_table(META)?;
             let mut cml = w.open_table(CML)?;
-            let from_meta = meta.get(NEXT_STORE_ID)?.map(|v| v.value()).unwrap_or(1);
-            let from_log = cml.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            let store_id = from_meta.max(from_log);
-            if let RecordOp::Store { upload_id, .. } = &mut op {
-                *upload_id = store_id;
+            let mut bt = w.open_table(BASE)?;
+            for id in &cancel {
+                cml.remove(*id)?;
             }
-            rec = Record { store_id, op };
-            cml.insert(store_id, &encode_record(&rec)[..])?;
-            meta.insert(NEXT_STORE_ID, store_id + 1)?;
+            if self_cancelled {
+                rec = None;
+            } else {
+                let from_meta = meta.get(NEXT_STORE_ID)?.map(|v| v.value()).unwrap_or(1);
+                let from_log = cml.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+                let store_id = from_meta.max(from_log);
+                if let RecordOp::Store { upload_id, .. } = &mut op {
+                    *upload_id = store_id;
+                }
+                let r = Record { store_id, op };
+                cml.insert(store_id, &encode_record(&r)[..])?;
+                meta.insert(NEXT_STORE_ID, store_id + 1)?;
+                if let Some(b) = new_base {
+                    bt.insert(&target.to_bytes()[..], b)?;
+                }
+                rec = Some(r);
+            }
         }
         w.commit()?;
-        Ok(rec)
+        let cancelled: Vec<Record> = cancel.iter().filter_map(|id| log.take(*id)).collect();
+        if let Some(r) = &rec {
+            if let Some(b) = new_base {
+                log.base.insert(target, b);
+            }
+            log.logged_at.insert(r.store_id, Instant::now());
+            log.insert(r.clone());
+        }
+        self.drop_unused_bases(&mut log, cancelled.iter().map(|r| r.op.target()))?;
+        self.emu.set_pending(log.recs.len());
+        Ok(Logged {
+            record: rec,
+            cancelled,
+        })
     }
 
-    fn remove(&self, store_id: u64) -> Result<()> {
+    /// Forget the base version of fids no pending record targets any more.
+    fn drop_unused_bases(&self, log: &mut Log, fids: impl Iterator<Item = Fid>) -> Result<()> {
+        let gone: Vec<Fid> = fids
+            .filter(|f| log.base.contains_key(f) && !log.targets(*f))
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
         let w = self.db.begin_write()?;
-        w.open_table(CML)?.remove(store_id)?;
+        {
+            let mut bt = w.open_table(BASE)?;
+            for f in &gone {
+                bt.remove(&f.to_bytes()[..])?;
+                log.base.remove(f);
+            }
+        }
         w.commit()?;
         Ok(())
     }
 
-    /// A fresh fid in `volume` from our reserved range, reserving more first
-    /// if it ran out.
+    /// Take the records leaving the log (applied, or moved to a conflict)
+    /// and, for the applied ones, the server's new versions of their
+    /// targets: later records on those objects now expect these.
+    pub fn finish(&self, ids: &[u64], applied: &[(Fid, u64)]) -> Result<Vec<Record>> {
+        let mut log = self.log.lock();
+        let w = self.db.begin_write()?;
+        let mut out = Vec::new();
+        {
+            let mut cml = w.open_table(CML)?;
+            let mut bt = w.open_table(BASE)?;
+            for id in ids {
+                cml.remove(*id)?;
+                if let Some(r) = log.take(*id) {
+                    out.push(r);
+                }
+            }
+            let mut touched: Vec<Fid> = out.iter().map(|r| r.op.target()).collect();
+            touched.sort();
+            touched.dedup();
+            for (fid, v) in applied {
+                if log.base.contains_key(fid) {
+                    log.base.insert(*fid, *v);
+                }
+            }
+            for f in touched {
+                if !log.targets(f) {
+                    log.base.remove(&f);
+                    bt.remove(&f.to_bytes()[..])?;
+                } else if let Some(v) = log.base.get(&f) {
+                    bt.insert(&f.to_bytes()[..], *v)?;
+                }
+            }
+        }
+        w.commit()?;
+        self.emu.set_pending(log.recs.len());
+        Ok(out)
+    }
+
+    /// The next batch to send: up to `max` records (and `max_bytes` of
+    /// encoded records, so it fits one frame), only those logged before
+    /// `older_than` if given. Expected versions are set for sending: the
+    /// first record about an object in the batch expects the base version,
+    /// later ones check nothing (the batch is atomic, so the first check
+    /// covers them). Marks the batch as possibly sent, durably, first.
+    pub fn next_batch(
+        &self,
+        max: usize,
+        max_bytes: usize,
+        older_than: Option<Instant>,
+    ) -> Result<Vec<Record>> {
+        let mut log = self.log.lock();
+        let mut out: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        let mut seen = std::collections::HashSet::new();
+        for r in log.recs.values() {
+            if out.len() >= max {
+                break;
+            }
+            if let Some(t) = older_than {
+                if log.logged_at.get(&r.store_id).is_some_and(|at| *at > t) {
+                    break;
+                }
+            }
+            let n = encode_record(r).len();
+            if !out.is_empty() && bytes + n > max_bytes {
+                break;
+            }
+            bytes += n;
+            let mut r = r.clone();
+            let target = r.op.target();
+            let first = seen.insert(target);
+            let base = log.base.get(&target).copied();
+            if let Some(e) = expected_mut(&mut r.op) {
+                if *e != 0 {
+                    *e = if first { base.unwrap_or(*e) } else { 0 };
+                }
+            }
+            out.push(r);
+        }
+        if let Some(last) = out.last() {
+            if last.store_id > log.sent_upto {
+                log.sent_upto = last.store_id;
+                self.put_meta(&[(SENT_UPTO.to_string(), last.store_id)])?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records of the pending log that depend on the record `id` (which is
+    /// leaving it): those about the same objects, the object it creates, or
+    /// objects inside a directory it creates; transitively.
+    pub fn dependents(&self, id: u64) -> Vec<u64> {
+        let log = self.log.lock();
+        let Some(first) = log.recs.get(&id) else {
+            return vec![];
+        };
+        let mut tainted: BTreeSet<Fid> = BTreeSet::new();
+        tainted.insert(first.op.target());
+        let mut out = vec![id];
+        for (sid, r) in log.recs.range(id + 1..) {
+            // A record about a tainted object, or an entry in a tainted
+            // directory, depends on it.
+            if mentions(&r.op).iter().any(|f| tainted.contains(f)) {
+                tainted.insert(r.op.target());
+                out.push(*sid);
+            }
+        }
+        out
+    }
+
+    /// A fresh fid in `volume` from our reserved range. Connected, reserves
+    /// more first if it ran out; offline with none left: `NoSpace`.
     pub fn new_fid(&self, servers: &Servers, volume: u32) -> Result<Fid> {
         loop {
             {
@@ -144,29 +584,49 @@ impl Cml {
                     }
                 }
             }
-            // No lock held while we ask the server.
-            let s = servers.session()?;
-            match s.call(
-                &Msg::AllocFids {
-                    volume,
-                    count: FID_BATCH,
-                },
-                &servers.interrupt,
-            )? {
-                Msg::FidRange {
-                    volume: v,
-                    first_vnode,
-                    count,
-                } if v == volume && count > 0 => {
-                    let end = first_vnode + count as u64;
-                    self.put_meta(&[
-                        (format!("fid_next.{volume}"), first_vnode),
-                        (format!("fid_end.{volume}"), end),
-                    ])?;
-                    self.fids.lock().insert(volume, (first_vnode, end));
-                }
-                m => return Err(Error::Protocol(format!("AllocFids answered with {m:?}"))),
+            if self.emu.offline() {
+                return Err(Error::NoSpace(format!(
+                    "disconnected and no reserved fids left in volume {volume}"
+                )));
             }
+            self.reserve_fids(servers, volume)?;
+        }
+    }
+
+    /// Fids left in our reserved range of `volume`.
+    pub fn fids_left(&self, volume: u32) -> u64 {
+        self.fids
+            .lock()
+            .get(&volume)
+            .map(|(n, e)| e.saturating_sub(*n))
+            .unwrap_or(0)
+    }
+
+    /// Ask the server for a fresh range (replacing what is left of ours).
+    pub fn reserve_fids(&self, servers: &Servers, volume: u32) -> Result<()> {
+        // No lock held while we ask the server.
+        let s = servers.session()?;
+        match s.call(
+            &Msg::AllocFids {
+                volume,
+                count: FID_BATCH,
+            },
+            &servers.interrupt,
+        )? {
+            Msg::FidRange {
+                volume: v,
+                first_vnode,
+                count,
+            } if v == volume && count > 0 => {
+                let end = first_vnode + count as u64;
+                self.put_meta(&[
+                    (format!("fid_next.{volume}"), first_vnode),
+                    (format!("fid_end.{volume}"), end),
+                ])?;
+                self.fids.lock().insert(volume, (first_vnode, end));
+                Ok(())
+            }
+            m => Err(Error::Protocol(format!("AllocFids answered with {m:?}"))),
         }
     }
 
@@ -182,62 +642,52 @@ impl Cml {
         Ok(())
     }
 
-    /// The one write path: log `op`, upload `data` first if it is a Store,
-    /// reintegrate, and return the attr of the record's target after the
-    /// server committed it.
+    /// The connected write path: log `op`, upload `data` first if it is a
+    /// Store, reintegrate, and return the attr of the record's target after
+    /// the server committed it. `Deferred::Unreachable` when the server could
+    /// not be reached and the record stays in the log (disconnected
+    /// operation); `Deferred::Queued` (nothing logged) when other records
+    /// wait in the log: this one must not overtake them.
     pub fn commit(
         &self,
         servers: &Servers,
         counters: &Counters,
         op: RecordOp,
         data: Option<&File>,
-    ) -> Result<Attr> {
+    ) -> Result<std::result::Result<Attr, Deferred>> {
         let _order = self.gate.lock();
-        let rec = self.append(op)?;
-        let result = self.reintegrate(servers, &rec, data);
-        let keep = matches!(&result, Err(e) if unreachable(e)) && KEEP_WHEN_UNREACHABLE;
-        if !keep {
-            self.remove(rec.store_id)?;
+        if self.len() > 0 {
+            return Ok(Err(Deferred::Queued));
         }
+        let rec = self
+            .log(op, None, false, false)?
+            .record
+            .expect("an unoptimised record is never cancelled");
+        {
+            let mut log = self.log.lock();
+            if rec.store_id > log.sent_upto {
+                log.sent_upto = rec.store_id;
+            }
+        }
+        let result = self.send_one(servers, &rec, data);
+        let keep = matches!(&result, Err(Error::Eio(_) | Error::Timeout(_)))
+            && KEEP_WHEN_UNREACHABLE
+            && self.emu.enabled()
+            && servers.interrupt.check().is_ok();
+        if keep {
+            // Never cancel it: the server may have applied it already.
+            self.put_meta(&[(SENT_UPTO.to_string(), rec.store_id)])?;
+            return Ok(Err(Deferred::Unreachable));
+        }
+        self.finish(&[rec.store_id], &[])?;
         if result.is_ok() {
             Counters::add(&counters.reintegrations, 1);
+            Counters::add(&counters.records_reintegrated, 1);
         }
-        result
+        result.map(Ok)
     }
 
-    /// Send, in order, what a crashed run logged but may not have seen
-    /// committed. The server recognises records it already applied by their
-    /// store ids and does not apply them twice. A store whose container no
-    /// longer has the logged length cannot be replayed and is dropped.
-    pub fn replay(
-        &self,
-        servers: &Servers,
-        counters: &Counters,
-        container: impl Fn(Fid) -> std::path::PathBuf,
-    ) -> Result<()> {
-        let _order = self.gate.lock();
-        for rec in self.pending()? {
-            let data = match &rec.op {
-                RecordOp::Store { fid, length, .. } => match File::open(container(*fid)) {
-                    Ok(f) if f.metadata().map(|m| m.len()).ok() == Some(*length) => Some(f),
-                    _ => {
-                        self.remove(rec.store_id)?;
-                        continue;
-                    }
-                },
-                _ => None,
-            };
-            match self.reintegrate(servers, &rec, data.as_ref()) {
-                Ok(_) => Counters::add(&counters.reintegrations, 1),
-                Err(e) if unreachable(&e) => return Err(e),
-                Err(_) => {} // refused: it cannot apply any more; nobody waits for it
-            }
-            self.remove(rec.store_id)?;
-        }
-        Ok(())
-    }
-
-    fn reintegrate(&self, servers: &Servers, rec: &Record, data: Option<&File>) -> Result<Attr> {
+    fn send_one(&self, servers: &Servers, rec: &Record, data: Option<&File>) -> Result<Attr> {
         let s = servers.session()?;
         if let RecordOp::Store {
             upload_id, length, ..
@@ -263,37 +713,274 @@ mod tests {
     use super::*;
     use crate::proto::Timespec;
 
-    #[test]
-    fn store_ids_grow_across_restarts_and_records_round_trip() {
-        let dir = std::env::temp_dir().join(format!("coda-cml-{}", std::process::id()));
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("coda-cml-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let f = Fid::new(1, 5, 1);
-        let op = RecordOp::Store {
-            fid: f,
+        dir
+    }
+
+    fn open(dir: &std::path::Path) -> Cml {
+        Cml::open(
+            Arc::new(Database::create(dir.join("i.redb")).unwrap()),
+            Arc::new(EmuState::new(true)),
+        )
+        .unwrap()
+    }
+
+    fn store(fid: Fid) -> RecordOp {
+        RecordOp::Store {
+            fid,
             expected_version: 0,
             upload_id: 0,
             length: 3,
             mtime: Timespec::now(),
-        };
+        }
+    }
+
+    fn setattr(fid: Fid, mode: Option<u32>, size: Option<u64>) -> RecordOp {
+        RecordOp::SetAttr {
+            fid,
+            expected_version: 0,
+            mode,
+            size,
+            mtime: None,
+        }
+    }
+
+    const DIR: Fid = Fid::new(1, 1, 1);
+
+    fn create(fid: Fid, name: &str) -> RecordOp {
+        RecordOp::Create {
+            parent: DIR,
+            name: name.into(),
+            fid,
+            mode: 0o644,
+            mtime: Timespec::now(),
+        }
+    }
+
+    #[test]
+    fn store_ids_grow_across_restarts_and_records_round_trip() {
+        let dir = tmp("ids");
+        let f = Fid::new(1, 5, 1);
         let first = {
-            let cml = Cml::open(Arc::new(Database::create(dir.join("i.redb")).unwrap())).unwrap();
-            let a = cml.append(op.clone()).unwrap();
-            let b = cml.append(op.clone()).unwrap();
+            let cml = open(&dir);
+            let a = cml
+                .log(store(f), None, false, false)
+                .unwrap()
+                .record
+                .unwrap();
+            let b = cml
+                .log(store(f), None, false, false)
+                .unwrap()
+                .record
+                .unwrap();
             assert_eq!(b.store_id, a.store_id + 1);
             assert!(matches!(b.op, RecordOp::Store { upload_id, .. } if upload_id == b.store_id));
-            cml.remove(a.store_id).unwrap();
-            cml.remove(b.store_id).unwrap();
+            cml.finish(&[a.store_id, b.store_id], &[]).unwrap();
             b.store_id
         };
-        let cml = Cml::open(Arc::new(Database::create(dir.join("i.redb")).unwrap())).unwrap();
-        assert!(cml.pending().unwrap().is_empty());
-        let c = cml.append(op).unwrap();
+        let cml = open(&dir);
+        assert!(cml.pending().is_empty());
+        let c = cml
+            .log(store(f), None, false, false)
+            .unwrap()
+            .record
+            .unwrap();
         assert!(
             c.store_id > first,
             "the server would take a reused id for a replay"
         );
-        assert_eq!(cml.pending().unwrap(), vec![c]);
+        drop(cml);
+        assert_eq!(open(&dir).pending(), vec![c], "the log is durable");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_store_cancels_earlier_stores_of_the_same_file_and_keeps_the_base_version() {
+        let dir = tmp("store");
+        let cml = open(&dir);
+        let (f, g) = (Fid::new(1, 5, 1), Fid::new(1, 6, 1));
+        cml.log(store(f), Some(7), true, true).unwrap();
+        cml.log(store(g), Some(3), true, true).unwrap();
+        let l = cml.log(store(f), Some(8), true, true).unwrap();
+        assert_eq!(l.cancelled.len(), 1);
+        let p = cml.pending();
+        assert_eq!(p.len(), 2);
+        assert!(matches!(p[1].op, RecordOp::Store { fid, expected_version: 7, .. } if fid == f));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn setattrs_of_the_same_kind_cancel_and_other_kinds_stay() {
+        let dir = tmp("setattr");
+        let cml = open(&dir);
+        let f = Fid::new(1, 5, 1);
+        cml.log(setattr(f, Some(0o600), None), Some(2), true, true)
+            .unwrap();
+        cml.log(setattr(f, None, Some(0)), Some(3), true, true)
+            .unwrap();
+        let l = cml
+            .log(setattr(f, Some(0o644), None), Some(4), true, true)
+            .unwrap();
+        assert_eq!(l.cancelled.len(), 1);
+        let p = cml.pending();
+        assert_eq!(p.len(), 2);
+        assert!(matches!(
+            p[0].op,
+            RecordOp::SetAttr {
+                size: Some(0),
+                expected_version: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p[1].op,
+            RecordOp::SetAttr {
+                mode: Some(0o644),
+                ..
+            }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn removing_a_file_created_in_the_log_cancels_everything_about_it() {
+        let dir = tmp("remove");
+        let cml = open(&dir);
+        let (f, other) = (Fid::new(1, 50, 1), Fid::new(1, 51, 1));
+        cml.log(create(f, "a"), None, true, true).unwrap();
+        cml.log(create(other, "b"), None, true, true).unwrap();
+        cml.log(store(f), Some(1), true, true).unwrap();
+        cml.log(setattr(f, Some(0o600), None), Some(2), true, true)
+            .unwrap();
+        let l = cml
+            .log(
+                RecordOp::Remove {
+                    parent: DIR,
+                    name: "a".into(),
+                    fid: f,
+                },
+                Some(3),
+                true,
+                true,
+            )
+            .unwrap();
+        assert!(l.record.is_none(), "the remove itself is cancelled");
+        assert_eq!(l.cancelled.len(), 3);
+        let p = cml.pending();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].op.target(), other);
+        assert!(!cml.mentions(f));
+        // Offline-created objects are checked by nobody: expected stays 0.
+        cml.log(store(other), Some(1), true, true).unwrap();
+        assert!(matches!(
+            cml.pending()[1].op,
+            RecordOp::Store {
+                expected_version: 0,
+                ..
+            }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn removing_an_empty_directory_made_in_the_log_cancels_the_mkdir() {
+        let dir = tmp("rmdir");
+        let cml = open(&dir);
+        let d = Fid::new(1, 60, 1);
+        let mkdir = RecordOp::Mkdir {
+            parent: DIR,
+            name: "d".into(),
+            fid: d,
+            mode: 0o755,
+            mtime: Timespec::now(),
+        };
+        cml.log(mkdir, None, true, true).unwrap();
+        let rmdir = RecordOp::Rmdir {
+            parent: DIR,
+            name: "d".into(),
+            fid: d,
+        };
+        let l = cml.log(rmdir.clone(), Some(1), true, true).unwrap();
+        assert!(l.record.is_none());
+        assert!(cml.pending().is_empty());
+        // A directory that once held an entry of its own keeps its records.
+        let d2 = Fid::new(1, 61, 1);
+        let mk2 = RecordOp::Mkdir {
+            parent: DIR,
+            name: "e".into(),
+            fid: d2,
+            mode: 0o755,
+            mtime: Timespec::now(),
+        };
+        cml.log(mk2, None, true, true).unwrap();
+        let x = Fid::new(1, 62, 1);
+        let made_inside = RecordOp::Create {
+            parent: d2,
+            name: "x".into(),
+            fid: x,
+            mode: 0o644,
+            mtime: Timespec::now(),
+        };
+        cml.log(made_inside, None, true, true).unwrap();
+        let ren = RecordOp::Rename {
+            src_parent: d2,
+            src_name: "x".into(),
+            dst_parent: DIR,
+            dst_name: "x".into(),
+            fid: x,
+        };
+        cml.log(ren, Some(1), true, true).unwrap();
+        let rm2 = RecordOp::Rmdir {
+            parent: DIR,
+            name: "e".into(),
+            fid: d2,
+        };
+        let l = cml.log(rm2, Some(3), true, true).unwrap();
+        assert!(l.record.is_some() && l.cancelled.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_that_may_have_been_sent_are_never_cancelled() {
+        let dir = tmp("sent");
+        let cml = open(&dir);
+        let f = Fid::new(1, 5, 1);
+        cml.log(store(f), Some(4), true, true).unwrap();
+        let batch = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert_eq!(batch.len(), 1);
+        let l = cml.log(store(f), Some(5), true, true).unwrap();
+        assert!(l.cancelled.is_empty(), "in flight: kept");
+        // In one batch, only the first record about an object checks.
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert!(matches!(
+            b[0].op,
+            RecordOp::Store {
+                expected_version: 4,
+                ..
+            }
+        ));
+        assert!(matches!(
+            b[1].op,
+            RecordOp::Store {
+                expected_version: 0,
+                ..
+            }
+        ));
+        // After the first is applied (server now at 5), the second expects 5.
+        cml.finish(&[b[0].store_id], &[(f, 5)]).unwrap();
+        drop(cml);
+        let cml = open(&dir);
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert!(matches!(
+            b[0].op,
+            RecordOp::Store {
+                expected_version: 5,
+                ..
+            }
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -26,6 +26,13 @@ pub struct Config {
     pub bind_addr: Option<SocketAddr>,
     /// Bound on every wait for a reply (for bulk transfers: per chunk).
     pub rpc_timeout_ms: u64,
+    /// Serve from the cache and log mutations while no server answers
+    /// (disconnected operation). Off: calls fail with EIO/ETIMEDOUT instead.
+    pub disconnected_operation: bool,
+    /// Connected, but mutations are only logged and sent in batches once
+    /// older than `reintegration_age_ms` (for slow links).
+    pub write_disconnected: bool,
+    pub reintegration_age_ms: u64,
 }
 
 impl Default for Config {
@@ -48,6 +55,9 @@ impl Config {
             failover_target: None,
             bind_addr: None,
             rpc_timeout_ms: 10_000,
+            disconnected_operation: true,
+            write_disconnected: false,
+            reintegration_age_ms: 5_000,
         }
     }
 
@@ -113,6 +123,18 @@ impl Config {
                 };
                 self.bind_addr = Some(a.ok_or_else(|| bad("expected ip or ip:port"))?);
             }
+            "disconnected_operation" => {
+                self.disconnected_operation =
+                    parse_bool(v).ok_or_else(|| bad("expected true or false"))?
+            }
+            "write_disconnected" => {
+                self.write_disconnected =
+                    parse_bool(v).ok_or_else(|| bad("expected true or false"))?
+            }
+            "reintegration_age_ms" => {
+                self.reintegration_age_ms =
+                    v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
+            }
             _ => return Err(Error::Invalid(format!("unknown config key {key:?}"))),
         }
         Ok(())
@@ -143,6 +165,14 @@ impl Config {
 
 fn non_empty_path(v: &str) -> Option<PathBuf> {
     (!v.is_empty()).then(|| PathBuf::from(v))
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
 }
 
 fn parse_ms(v: &str) -> Option<u64> {

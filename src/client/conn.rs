@@ -533,6 +533,15 @@ impl Session {
     /// One request on the control connection; waits for its reply, the
     /// timeout, the connection's death or an interrupt, whichever is first.
     pub fn call(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Msg> {
+        match self.call_raw(msg, interrupt)? {
+            m @ Msg::Error { .. } => Err(reply_error(m, &self.server, "")),
+            m => Ok(m),
+        }
+    }
+
+    /// As `call`, but a server `Error` reply comes back as the message, so
+    /// the caller can read its record index (reintegration does).
+    pub fn call_raw(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Msg> {
         interrupt.check()?;
         if let Some(e) = self.ctl.dead_error() {
             return Err(e);
@@ -561,10 +570,7 @@ impl Session {
                 "no reply from server {} within {} ms", self.server, self.timing.rpc_timeout.as_millis()))),
         };
         self.ctl.pending.lock().remove(&id);
-        match r? {
-            m @ Msg::Error { .. } => Err(reply_error(m, &self.server, "")),
-            m => Ok(m),
-        }
+        r
     }
 
     /// Send a Ping without waiting: the reader notes any frame as life.

@@ -21,11 +21,34 @@ pub const QUEUE_LIMIT: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    ServerDown { server: String },
-    ServerUp { server: String },
-    Failover { link: String, target: String },
-    Failback { link: String, target: String },
-    CallbackBreak { fid: Fid },
+    ServerDown {
+        server: String,
+    },
+    ServerUp {
+        server: String,
+    },
+    Failover {
+        link: String,
+        target: String,
+    },
+    Failback {
+        link: String,
+        target: String,
+    },
+    CallbackBreak {
+        fid: Fid,
+    },
+    /// A reintegration batch committed on the server.
+    Reintegrated {
+        records: u64,
+        remaining: u64,
+    },
+    /// The server refused a record at reintegration: see `Client::conflicts`.
+    Conflict {
+        id: u64,
+        fid: Fid,
+        path: String,
+    },
 }
 
 impl Event {
@@ -37,6 +60,8 @@ impl Event {
             Event::Failover { .. } => 3,
             Event::Failback { .. } => 4,
             Event::CallbackBreak { .. } => 5,
+            Event::Reintegrated { .. } => 6,
+            Event::Conflict { .. } => 7,
         }
     }
 }

@@ -9,11 +9,14 @@ mod cache;
 mod callback;
 mod cml;
 mod config;
+mod conflict;
 mod conn;
+mod emulation;
 pub mod event;
 pub mod failover;
 mod file;
 mod namei;
+mod reintegrate;
 mod stats;
 
 use std::path::Path;
@@ -24,6 +27,7 @@ use crossbeam_channel::{bounded, select, Sender};
 use redb::Database;
 
 pub use config::Config;
+pub use conflict::{Conflict, Keep};
 pub use event::{Event, EventBus};
 pub use file::File;
 pub use stats::ClientStats;
@@ -158,7 +162,10 @@ impl Client {
         let callbacks = Arc::new(Callbacks::default());
         let counters = Arc::new(Counters::default());
         let cache = Cache::open(&cache_dir, db.clone(), cfg.cache_size)?;
-        let cml = Cml::open(db)?;
+        let cml = Cml::open(
+            db,
+            Arc::new(emulation::EmuState::new(cfg.disconnected_operation)),
+        )?;
         let timing = Timing {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
@@ -177,7 +184,8 @@ impl Client {
             callbacks.clone(),
             counters.clone(),
         ));
-        servers.session()?;
+        // No server: disconnected operation may still serve the cache.
+        let first = servers.session().map(|_| ());
 
         let (stop, stopped) = bounded::<()>(0);
         let hb = servers.clone();
@@ -200,10 +208,9 @@ impl Client {
             cml,
             _stop_heartbeat: stop,
         });
-        inner.cml.replay(&inner.servers, &inner.counters, |f| {
-            inner.cache.container(f)
-        })?;
-        inner.revalidate_all()?;
+        // Reintegrates what a crashed run logged (the server recognises
+        // records it already applied by their store ids), then revalidates.
+        inner.start_emulation(first, &cfg)?;
         Ok(Client { inner })
     }
 
@@ -212,7 +219,7 @@ impl Client {
         let servers = &self.inner.servers;
         if servers.interrupt.check().is_err() {
             ClientState::FailedOver
-        } else if servers.is_connected() {
+        } else if servers.is_connected() && !self.inner.cml.emu.offline() {
             ClientState::Connected
         } else {
             ClientState::Disconnected
@@ -272,12 +279,14 @@ impl Client {
 
     pub fn stat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, true)?;
-        Ok(Stat::from(&self.inner.getattr(fid)?))
+        let a = self.inner.getattr(fid);
+        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
     }
 
     pub fn lstat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, false)?;
-        Ok(Stat::from(&self.inner.getattr(fid)?))
+        let a = self.inner.getattr(fid);
+        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
     }
 
     pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>> {
@@ -287,7 +296,8 @@ impl Client {
         }
         Ok(self
             .inner
-            .listing(fid)?
+            .listing(fid)
+            .map_err(|e| emulation::at_path(e, path))?
             .into_iter()
             .map(|e| DirEntry {
                 name: e.name,
@@ -298,7 +308,7 @@ impl Client {
     }
 
     pub fn open(&self, path: &str, flags: i32, mode: u32) -> Result<File> {
-        file::open(&self.inner, path, flags, mode)
+        file::open(&self.inner, path, flags, mode).map_err(|e| emulation::at_path(e, path))
     }
 
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
@@ -551,11 +561,11 @@ impl Client {
 
 impl Inner {
     fn root(&self) -> Result<Fid> {
-        Ok(self.servers.session()?.root)
+        self.emulated_root()
     }
 
     fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
-        self.cml.commit(&self.servers, &self.counters, op, data)
+        self.commit_op(op, data)
     }
 
     /// Revalidate every cached object with a few `GetAttrs` (many fids each)
@@ -620,7 +630,11 @@ impl Inner {
                 return Ok(e.attr);
             }
         }
-        self.fetch_attrs(&[fid])?.remove(0)
+        self.emulate(
+            Some(fid),
+            || self.fetch_attrs(&[fid])?.remove(0),
+            || self.cached_attr(fid),
+        )
     }
 
     /// A directory's entries: cached while the callback holds, else read
@@ -635,6 +649,16 @@ impl Inner {
                 return Ok(l);
             }
         }
+        let offline = || {
+            self.cache
+                .get(dir)
+                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
+                .ok_or_else(|| emulation::uncached(dir))
+        };
+        self.emulate(Some(dir), || self.read_dir(dir), offline)
+    }
+
+    fn read_dir(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
         let tok = self.callbacks.token(dir);
         let s = self.servers.session()?;
         let mut restarts = 0;
@@ -687,6 +711,9 @@ impl Inner {
         if let Some(t) = self.cache.get(fid).and_then(|e| e.symlink) {
             return Ok(t);
         }
+        if self.cml.emu.offline() {
+            return Err(emulation::uncached(fid));
+        }
         let tmp = self.cache.temp_container(fid);
         let res = (|| {
             let mut f = std::fs::File::options()
@@ -719,6 +746,15 @@ impl Inner {
     /// an opener: trusted under a callback, revalidated by version when the
     /// callback is gone, fetched whole otherwise.
     fn open_data(&self, fid: Fid) -> Result<Attr> {
+        let offline = || {
+            self.cache
+                .try_open(fid)
+                .ok_or_else(|| emulation::uncached(fid))
+        };
+        self.emulate(Some(fid), || self.open_data_online(fid), offline)
+    }
+
+    fn open_data_online(&self, fid: Fid) -> Result<Attr> {
         if self.callbacks.holds(fid) {
             if let Some(a) = self.cache.try_open(fid) {
                 return Ok(a);
@@ -801,7 +837,9 @@ impl Inner {
                 _ => false,
             }
         });
-        if edited != Some(true) || !self.callbacks.grant(dir, tok) {
+        // A directory with logged changes is served from the cache anyway.
+        let local = self.cml.mentions(dir);
+        if edited != Some(true) || (!self.callbacks.grant(dir, tok) && !local) {
             self.callbacks.break_fids(&[dir]);
         }
     }

@@ -10,6 +10,8 @@ use crate::proto::{check_name, Fid, FileType};
 use crate::{Error, Result};
 
 pub(crate) const MAX_HOPS: usize = 40;
+/// Most directory levels `Cache::path_of` climbs.
+pub(crate) const MAX_DEPTH_FOR_NAMES: usize = 256;
 
 /// Check a caller's path and split it into components (`.` and empty ones
 /// dropped; `..` kept for the walk).
@@ -90,6 +92,7 @@ impl Inner {
     pub(crate) fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
         let comps = split_path(path)?;
         self.walk(path, comps, follow)
+            .map_err(|e| super::emulation::at_path(e, path))
     }
 
     /// The directory that holds `path`'s last component, and that name (for
@@ -103,7 +106,9 @@ impl Inner {
             return Err(Error::Invalid(format!("{path:?} ends in ..")));
         }
         check_name(&name)?;
-        let (dir, t) = self.walk(path, comps, true)?;
+        let (dir, t) = self
+            .walk(path, comps, true)
+            .map_err(|e| super::emulation::at_path(e, path))?;
         if t != FileType::Dir {
             return Err(Error::NotDir(path.to_string()));
         }

@@ -18,6 +18,8 @@ pub struct ClientStats {
     pub reintegrations: u64,
     /// Cached objects found unchanged by a version check instead of a refetch.
     pub validations_unchanged: u64,
+    /// CML records the server committed (a batch carries many).
+    pub records_reintegrated: u64,
 }
 
 #[derive(Default)]
@@ -29,6 +31,7 @@ pub(crate) struct Counters {
     pub breaks_received: AtomicU64,
     pub reintegrations: AtomicU64,
     pub validations_unchanged: AtomicU64,
+    pub records_reintegrated: AtomicU64,
 }
 
 impl Counters {
@@ -46,6 +49,7 @@ impl Counters {
             breaks_received: g(&self.breaks_received),
             reintegrations: g(&self.reintegrations),
             validations_unchanged: g(&self.validations_unchanged),
+            records_reintegrated: g(&self.records_reintegrated),
         }
     }
 }

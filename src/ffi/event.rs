@@ -21,6 +21,12 @@ pub const CODA_EVENT_FAILBACK: u32 = 4;
 /// A server broke a callback (`ino` names the object).
 pub const CODA_EVENT_CALLBACK_BREAK: u32 = 5;
 
+/// A reintegration batch committed (`detail`: "N records, M left").
+pub const CODA_EVENT_REINTEGRATED: u32 = 6;
+/// Reintegration found a conflict (`ino` names the object; `detail` is
+/// "conflict ID: PATH"; list them with `coda_conflicts_list`).
+pub const CODA_EVENT_CONFLICT: u32 = 7;
+
 /// Bytes of `coda_event.detail`, NUL included.
 pub const CODA_EVENT_DETAIL_LEN: usize = 256;
 
@@ -45,6 +51,10 @@ impl From<&Event> for coda_event {
                 (0, format!("{link} -> {target}"))
             }
             Event::CallbackBreak { fid } => (fid.ino(), fid.to_string()),
+            Event::Reintegrated { records, remaining } => {
+                (0, format!("{records} records, {remaining} left"))
+            }
+            Event::Conflict { id, fid, path } => (fid.ino(), format!("conflict {id}: {path}")),
         };
         let mut detail = [0 as c_char; CODA_EVENT_DETAIL_LEN];
         let mut n = text.len().min(CODA_EVENT_DETAIL_LEN - 1);

@@ -1,0 +1,382 @@
+//! Conflicts: records the server refused at reintegration (the object
+//! changed on the server since the client cached it, a name now exists, the
+//! object is gone...). The server's version stays; the client's is kept
+//! here: the refused record, the records that depend on it, and a copy of
+//! every file they stored, under `cache_dir/conflicts/`. Nothing is dropped
+//! until the user decides: keep the local version (the records are sent
+//! again, overriding the server's) or keep the server's (the local one is
+//! discarded).
+
+use std::path::PathBuf;
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::event::Event;
+use super::{Client, Inner, Stat};
+use crate::proto::codec::{Reader, Writer};
+use crate::proto::{Fid, FileType, Record, RecordOp, MAX_FIDS};
+use crate::{Error, Result};
+
+/// conflict id (the refused record's store id) → encoded [`Stored`].
+const CONFLICTS: TableDefinition<u64, &[u8]> = TableDefinition::new("conflicts");
+
+/// Which version a resolution keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Send the local changes again, replacing what the server has.
+    Local,
+    /// Discard the local changes; the server's version stays.
+    Server,
+}
+
+/// A conflict, as [`Client::conflicts`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// Stable id (the refused record's store id): pass it to resolve.
+    pub id: u64,
+    /// The object the refused record is about.
+    pub fid: Fid,
+    /// Its path when the conflict was found (best effort; empty if unknown).
+    pub path: String,
+    /// What the refused record did, e.g. `store`, `create "a"`.
+    pub op: String,
+    /// Why the server refused it (its error message).
+    pub reason: String,
+    /// The error kind the server gave: `Conflict`, `Exists`, `NotFound`...
+    pub kind: String,
+    /// Records held with it (the refused one and those depending on it).
+    pub records: usize,
+    /// The local contents of the file, if the records stored it: read it
+    /// to see the local version.
+    pub local_copy: Option<PathBuf>,
+}
+
+struct Stored {
+    fid: Fid,
+    path: String,
+    reason: String,
+    kind: String,
+    records: Vec<Record>,
+}
+
+impl Stored {
+    fn encode(&self) -> Vec<u8> {
+        let recs = super::cml::encode_records(&self.records);
+        let mut w = Writer::new();
+        w.fid(&self.fid)
+            .str(&self.path)
+            .str(&self.reason)
+            .str(&self.kind)
+            .u64(recs.len() as u64)
+            .bytes_fixed(&recs);
+        w.buf
+    }
+
+    fn decode(b: &[u8]) -> Result<Stored> {
+        let mut r = Reader::new(b);
+        let fid = r.fid()?;
+        let path = r.str(u16::MAX as usize, "path")?;
+        let reason = r.str(u16::MAX as usize, "reason")?;
+        let kind = r.str(64, "kind")?;
+        let n = r.u64()? as usize;
+        let rest = r.take(n)?;
+        r.finish()?;
+        Ok(Stored {
+            fid,
+            path,
+            reason,
+            kind,
+            records: super::cml::decode_records(rest)?,
+        })
+    }
+}
+
+fn describe(op: &RecordOp) -> String {
+    match op {
+        RecordOp::Store { .. } => "store".into(),
+        RecordOp::Create { name, .. } => format!("create {name:?}"),
+        RecordOp::Mkdir { name, .. } => format!("mkdir {name:?}"),
+        RecordOp::Symlink { name, .. } => format!("symlink {name:?}"),
+        RecordOp::Link { name, .. } => format!("link {name:?}"),
+        RecordOp::Remove { name, .. } => format!("remove {name:?}"),
+        RecordOp::Rmdir { name, .. } => format!("rmdir {name:?}"),
+        RecordOp::Rename {
+            src_name, dst_name, ..
+        } => format!("rename {src_name:?} to {dst_name:?}"),
+        RecordOp::SetAttr { .. } => "setattr".into(),
+    }
+}
+
+fn kind_name(e: &Error) -> String {
+    format!("{:?}", e.wire_code())
+}
+
+impl Inner {
+    fn conflicts_dir(&self) -> PathBuf {
+        self.cache.dir().join("conflicts")
+    }
+
+    fn copy_path(&self, id: u64, fid: Fid) -> PathBuf {
+        self.conflicts_dir().join(format!("{id}-{fid}"))
+    }
+
+    /// The record `id` was refused with `err`: move it and the records that
+    /// depend on it out of the log into a conflict, keeping a copy of every
+    /// file they store; show the server's version from now on.
+    pub(crate) fn make_conflict(&self, id: u64, err: &Error) -> Result<()> {
+        let _order = self.cml.gate.lock();
+        let ids = self.cml.dependents(id);
+        let pending = self.cml.pending();
+        let records: Vec<Record> = pending
+            .into_iter()
+            .filter(|r| ids.contains(&r.store_id))
+            .collect();
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let fid = first.op.target();
+        std::fs::create_dir_all(self.conflicts_dir())
+            .map_err(|e| Error::io("creating the conflicts directory", e))?;
+        for r in &records {
+            if let RecordOp::Store { fid, .. } = r.op {
+                let to = self.copy_path(id, fid);
+                // Copy, not move: the file may be open.
+                if std::fs::copy(self.cache.container(fid), &to).is_ok() {
+                    if let Ok(f) = std::fs::File::open(&to) {
+                        let _ = f.sync_all();
+                    }
+                }
+            }
+        }
+        let stored = Stored {
+            fid,
+            path: self.cache.path_of(fid).unwrap_or_default(),
+            reason: err.to_string(),
+            kind: kind_name(err),
+            records: records.clone(),
+        };
+        {
+            let w = self.cml.db.begin_write()?;
+            w.open_table(CONFLICTS)?.insert(id, &stored.encode()[..])?;
+            w.commit()?;
+        }
+        self.cml.finish(&ids, &[])?;
+        drop(_order);
+        self.forget_local(&records);
+        self.callbacks.events.emit(Event::Conflict {
+            id,
+            fid,
+            path: stored.path.clone(),
+        });
+        Ok(())
+    }
+
+    /// Stop trusting the local state of what `records` touched: the
+    /// server's version is what the client shows now.
+    fn forget_local(&self, records: &[Record]) {
+        let mut fids = Vec::new();
+        for r in records {
+            if let Some(f) = super::cml::created(&r.op) {
+                if !self.cml.mentions(f) {
+                    self.cache.unpin(f);
+                    self.cache.forget(f);
+                }
+            }
+            fids.extend(super::cml::mentions(&r.op));
+        }
+        fids.sort();
+        fids.dedup();
+        fids.retain(|f| !self.cml.mentions(*f));
+        for f in &fids {
+            if !self.cml.has_store(*f) {
+                self.cache.unpin(*f);
+            }
+            self.cache.update(None, *f, |e| {
+                e.data_version = None;
+                e.listing = None;
+                e.dirty = false;
+            });
+        }
+        self.callbacks.break_fids(&fids);
+    }
+
+    fn load_conflicts(&self) -> Result<Vec<(u64, Stored)>> {
+        let r = self.cml.db.begin_read()?;
+        let t = match r.open_table(CONFLICTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.value(), Stored::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn drop_conflict(&self, id: u64, s: &Stored) -> Result<()> {
+        let w = self.cml.db.begin_write()?;
+        w.open_table(CONFLICTS)?.remove(id)?;
+        w.commit()?;
+        for r in &s.records {
+            if let RecordOp::Store { fid, .. } = r.op {
+                let _ = std::fs::remove_file(self.copy_path(id, fid));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Client {
+    /// Conflicts found by reintegration and not yet resolved, oldest first.
+    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
+        let inner = &self.inner;
+        Ok(inner
+            .load_conflicts()?
+            .into_iter()
+            .map(|(id, s)| {
+                let copy = inner.copy_path(id, s.fid);
+                Conflict {
+                    id,
+                    fid: s.fid,
+                    path: s.path,
+                    op: describe(&s.records[0].op),
+                    reason: s.reason,
+                    kind: s.kind,
+                    records: s.records.len(),
+                    local_copy: copy.exists().then_some(copy),
+                }
+            })
+            .collect())
+    }
+
+    /// The server's current status of a conflict's object (`None` if it no
+    /// longer exists there): the other side of [`Conflict::local_copy`].
+    pub fn conflict_server_version(&self, id: u64) -> Result<Option<Stat>> {
+        let c = self.find_conflict(id)?;
+        match self.inner.fetch_attrs(&[c.fid])?.remove(0) {
+            Ok(a) => Ok(Some(Stat::from(&a))),
+            Err(Error::Stale(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn find_conflict(&self, id: u64) -> Result<Conflict> {
+        self.conflicts()?
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| Error::NotFound(format!("conflict {id}")))
+    }
+
+    /// Resolve conflict `id`. `Keep::Server` discards the local changes.
+    /// `Keep::Local` needs a server: it sends the records again without
+    /// version checks, first removing what now holds a name the local
+    /// version creates (a file, or an empty directory); if they are refused
+    /// again, that is a new conflict and this returns `Conflict`.
+    pub fn resolve_conflict(&self, id: u64, keep: Keep) -> Result<()> {
+        let inner = &self.inner;
+        let (_, stored) = inner
+            .load_conflicts()?
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .ok_or_else(|| Error::NotFound(format!("conflict {id}")))?;
+        if keep == Keep::Server {
+            inner.drop_conflict(id, &stored)?;
+            inner.forget_local(&stored.records);
+            return Ok(());
+        }
+        if inner.cml.emu.offline() {
+            return Err(Error::Timeout(format!(
+                "conflict {id}: keeping the local version needs a server"
+            )));
+        }
+        let mut ops = Vec::new();
+        let first = &stored.records[0].op;
+        if stored.kind == "Exists" {
+            let parent = match first {
+                RecordOp::Create { parent, name, .. }
+                | RecordOp::Mkdir { parent, name, .. }
+                | RecordOp::Symlink { parent, name, .. }
+                | RecordOp::Link { parent, name, .. } => Some((*parent, name.clone())),
+                _ => None,
+            };
+            if let Some((parent, name)) = parent {
+                inner.callbacks.break_fids(&[parent]);
+                if let Some(e) = inner.lookup(parent, &name)? {
+                    ops.push(if e.ftype == FileType::Dir {
+                        RecordOp::Rmdir {
+                            parent,
+                            name,
+                            fid: e.fid,
+                        }
+                    } else {
+                        RecordOp::Remove {
+                            parent,
+                            name,
+                            fid: e.fid,
+                        }
+                    });
+                }
+            }
+        }
+        let gone_already = matches!(first, RecordOp::Remove { .. } | RecordOp::Rmdir { .. })
+            && matches!(stored.kind.as_str(), "NotFound" | "Stale" | "Conflict");
+        for (i, r) in stored.records.iter().enumerate() {
+            if i == 0 && gone_already {
+                continue;
+            }
+            let mut op = r.op.clone();
+            if let RecordOp::Store { fid, .. } = op {
+                // Put the preserved contents back where the log reads them.
+                let copy = inner.copy_path(id, fid);
+                let to = inner.cache.container(fid);
+                std::fs::copy(&copy, &to)
+                    .map_err(|e| Error::io(format!("restoring {}", copy.display()), e))?;
+                inner.cache.update(None, fid, |e| e.data_version = None);
+                inner.cache.pin(fid);
+            }
+            if let RecordOp::Store {
+                expected_version, ..
+            }
+            | RecordOp::SetAttr {
+                expected_version, ..
+            } = &mut op
+            {
+                *expected_version = 0;
+            }
+            ops.push(op);
+        }
+        let mut first_new = None;
+        for op in ops {
+            let l = inner.cml.log(op, None, false, false)?;
+            if let Some(r) = l.record {
+                first_new.get_or_insert(r.store_id);
+            }
+        }
+        inner.drop_conflict(id, &stored)?;
+        inner.reintegrate_pending(None)?;
+        let mut touched: Vec<Fid> = stored
+            .records
+            .iter()
+            .flat_map(|r| super::cml::mentions(&r.op))
+            .collect();
+        touched.sort();
+        touched.dedup();
+        inner.callbacks.break_fids(&touched);
+        for chunk in touched.chunks(MAX_FIDS) {
+            let _ = inner.fetch_attrs(chunk);
+        }
+        if let Some(again) = self
+            .conflicts()?
+            .into_iter()
+            .find(|c| first_new.is_some_and(|f| c.id >= f))
+        {
+            return Err(Error::Conflict(format!(
+                "refused again: {} (conflict {})",
+                again.reason, again.id
+            )));
+        }
+        Ok(())
+    }
+}

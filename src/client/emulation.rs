@@ -1,0 +1,488 @@
+//! Disconnected operation (emulation): when no server answers, the client
+//! serves the volume from its cache. Reads of cached objects succeed;
+//! mutations go through the same write path (the CML) but stay in the log
+//! and are applied to the cache the way the server would apply them;
+//! anything that needs an object that is not cached fails at once with
+//! `Timeout` naming it, never waiting for a server.
+//!
+//! A background thread (the reintegrator) probes for a server while the
+//! client is disconnected and, once one answers, reintegrates the log
+//! (`reintegrate.rs`), revalidates the cache and goes back to connected
+//! operation. In `write_disconnected` mode the client stays connected but
+//! mutations are only logged, and the same thread sends the records older
+//! than `reintegration_age_ms` in batches.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
+use redb::TableDefinition;
+
+use super::cml::unreachable;
+use super::conn::Servers;
+use super::Inner;
+use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
+use crate::{Error, Result};
+
+/// Small values disconnected operation must find after a restart without a
+/// server (the root fid).
+const EMU: TableDefinition<&str, &[u8]> = TableDefinition::new("emulation");
+const ROOT_KEY: &str = "root";
+
+/// Connected or not, the mode, and the reintegrator's wake-up channel. Kept
+/// apart from `Inner` so the reintegrator thread can watch it without
+/// keeping the client alive.
+pub(crate) struct EmuState {
+    enabled: AtomicBool,
+    offline: AtomicBool,
+    write_disconnected: AtomicBool,
+    age_ms: AtomicU64,
+    pending: AtomicUsize,
+    stopped: AtomicBool,
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+    root: Mutex<Option<Fid>>,
+}
+
+impl EmuState {
+    pub fn new(enabled: bool) -> EmuState {
+        let (wake_tx, wake_rx) = bounded(1);
+        EmuState {
+            enabled: AtomicBool::new(enabled),
+            offline: AtomicBool::new(false),
+            write_disconnected: AtomicBool::new(false),
+            age_ms: AtomicU64::new(0),
+            pending: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+            wake_tx,
+            wake_rx,
+            root: Mutex::new(None),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Serving from the cache because no server answers.
+    pub fn offline(&self) -> bool {
+        self.offline.load(Ordering::Relaxed)
+    }
+
+    pub fn write_disconnected(&self) -> bool {
+        self.write_disconnected.load(Ordering::Relaxed)
+    }
+
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(self.age_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    pub fn set_pending(&self, n: usize) {
+        self.pending.store(n, Ordering::Relaxed);
+    }
+
+    pub fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.wake();
+    }
+}
+
+/// Mark an error as "object not cached while disconnected"; `at_path` later
+/// names the path the caller used.
+pub(crate) fn uncached(fid: Fid) -> Error {
+    Error::Timeout(format!(
+        "disconnected: object {fid} is not cached (no server answers)"
+    ))
+}
+
+/// Name the caller's path in an `uncached` error.
+pub(crate) fn at_path(e: Error, path: &str) -> Error {
+    match e {
+        Error::Timeout(m) if m.starts_with("disconnected:") => {
+            Error::Timeout(format!("{path}: {m}"))
+        }
+        e => e,
+    }
+}
+
+impl Inner {
+    /// Configure and start disconnected operation: decide whether the client
+    /// starts connected, pin the containers the log needs, reintegrate what
+    /// a previous run left (connected), and start the reintegrator thread.
+    pub(crate) fn start_emulation(
+        self: &Arc<Inner>,
+        first: Result<()>,
+        cfg: &super::Config,
+    ) -> Result<()> {
+        let emu = &self.cml.emu;
+        emu.enabled
+            .store(cfg.disconnected_operation, Ordering::Relaxed);
+        emu.write_disconnected
+            .store(cfg.write_disconnected, Ordering::Relaxed);
+        emu.age_ms
+            .store(cfg.reintegration_age_ms, Ordering::Relaxed);
+        *emu.root.lock() = self.load_root();
+        for fid in self.cml.stored_fids() {
+            self.cache.pin(fid);
+        }
+        match first {
+            Ok(()) => {
+                self.remember_root()?;
+                self.reintegrate_pending(None)?;
+                self.revalidate_all()?;
+                self.top_up_fids();
+            }
+            // Never connected with this cache: nothing to serve offline.
+            Err(e) if !emu.enabled() || emu.root.lock().is_none() || !unreachable(&e) => {
+                return Err(e)
+            }
+            Err(_) => emu.offline.store(true, Ordering::Relaxed),
+        }
+        let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
+        let weak = Arc::downgrade(self);
+        let state = self.cml.emu.clone();
+        let servers = self.servers.clone();
+        std::thread::Builder::new()
+            .name("coda-reintegrator".into())
+            .spawn(move || reintegrator(weak, state, servers, period))
+            .map_err(|e| Error::io("spawning the reintegrator thread", e))?;
+        Ok(())
+    }
+
+    fn load_root(&self) -> Option<Fid> {
+        let r = self.cml.db.begin_read().ok()?;
+        let t = r.open_table(EMU).ok()?;
+        let v = t.get(ROOT_KEY).ok()??;
+        let b: [u8; 16] = v.value().try_into().ok()?;
+        Some(Fid::from_bytes(&b))
+    }
+
+    /// Keep the root fid of the session, so a restart without a server can
+    /// still walk paths.
+    fn remember_root(&self) -> Result<()> {
+        let root = self.servers.session()?.root;
+        if *self.cml.emu.root.lock() == Some(root) {
+            return Ok(());
+        }
+        let w = self.cml.db.begin_write()?;
+        w.open_table(EMU)?.insert(ROOT_KEY, &root.to_bytes()[..])?;
+        w.commit()?;
+        *self.cml.emu.root.lock() = Some(root);
+        Ok(())
+    }
+
+    /// The root fid: the session's, or offline the one remembered.
+    pub(crate) fn emulated_root(&self) -> Result<Fid> {
+        let online = || self.servers.session().map(|s| s.root);
+        let offline = || {
+            self.cml
+                .emu
+                .root
+                .lock()
+                .ok_or_else(|| Error::Timeout("disconnected: the root is not known".into()))
+        };
+        self.emulate(None, online, offline)
+    }
+
+    /// Keep enough reserved fids that creating works for a while offline.
+    fn top_up_fids(&self) {
+        if let Some(root) = *self.cml.emu.root.lock() {
+            if self.cml.fids_left(root.volume) < super::cml::FID_RESERVE_LOW {
+                let _ = self.cml.reserve_fids(&self.servers, root.volume);
+            }
+        }
+    }
+
+    /// Run `online`; when the client is disconnected (or becomes so because
+    /// `online` could not reach a server), or `fid` has local changes not yet
+    /// on the server, run `offline` (the cache) instead.
+    pub(crate) fn emulate<T>(
+        &self,
+        fid: Option<Fid>,
+        online: impl FnOnce() -> Result<T>,
+        offline: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let emu = &self.cml.emu;
+        if emu.offline() {
+            return offline();
+        }
+        if let Some(f) = fid {
+            if emu.pending() > 0 && self.cml.mentions(f) && self.cache.get(f).is_some() {
+                return offline();
+            }
+        }
+        match online() {
+            Err(e) if self.went_offline(&e) => offline(),
+            r => r,
+        }
+    }
+
+    /// After `e` from the network: switch to disconnected operation if it
+    /// says no server answers (and emulation is on, and we are not failed
+    /// over, which must fail with EIO). Returns whether we are offline now.
+    pub(crate) fn went_offline(&self, e: &Error) -> bool {
+        let emu = &self.cml.emu;
+        // Local I/O errors (`Io`) are not a server's silence: only what the
+        // connection layer reports (`Eio`, `Timeout`) is.
+        if !emu.enabled()
+            || !matches!(e, Error::Eio(_) | Error::Timeout(_))
+            || self.servers.interrupt.check().is_err()
+            || emu.root.lock().is_none()
+        {
+            return false;
+        }
+        emu.offline.store(true, Ordering::Relaxed);
+        emu.wake();
+        true
+    }
+
+    /// Cached status, offline.
+    pub(crate) fn cached_attr(&self, fid: Fid) -> Result<Attr> {
+        self.cache
+            .get(fid)
+            .map(|e| e.attr)
+            .ok_or_else(|| uncached(fid))
+    }
+
+    /// The write path. Connected with an empty log: log, send, wait for the
+    /// server's commit (decision 1). Disconnected, in write-disconnected
+    /// mode, or while older records wait: log (with the optimisations) and
+    /// apply locally; the reintegrator sends it later.
+    pub(crate) fn commit_op(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
+        let emu = &self.cml.emu;
+        let connected = !emu.offline() && !emu.write_disconnected();
+        if connected {
+            // Records logged before this one go first (store-id order); the
+            // fast path below needs an empty log, checked under the gate.
+            if emu.pending() > 0 {
+                if let Err(e) = self.reintegrate_pending(None) {
+                    if !self.went_offline(&e) {
+                        return Err(e);
+                    }
+                }
+            }
+            match self
+                .cml
+                .commit(&self.servers, &self.counters, op.clone(), data)
+            {
+                Ok(Ok(attr)) => return Ok(attr),
+                Ok(Err(super::cml::Deferred::Unreachable)) => {
+                    // Kept in the log; the server may or may not have it.
+                    self.went_offline(&Error::Eio("the server stopped answering".into()));
+                    self.pin_if_store(&op);
+                    return self.apply_locally(&op, &[], false);
+                }
+                Ok(Err(super::cml::Deferred::Queued)) => {
+                    // Others logged first meanwhile: this one waits its turn
+                    // in the log like theirs.
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.check_locally(&op)?;
+        let (cached, check) = self.version_for(&op);
+        let logged = self
+            .cml
+            .log(op.clone(), cached, true, check && !connected)?;
+        self.pin_if_store(&op);
+        let attr = self.apply_locally(&op, &logged.cancelled, logged.record.is_none())?;
+        if connected {
+            // Connected semantics: return once the server has it.
+            if let Err(e) = self.reintegrate_pending(None) {
+                if !self.went_offline(&e) {
+                    return Err(e);
+                }
+            }
+        } else {
+            emu.wake();
+        }
+        Ok(attr)
+    }
+
+    fn pin_if_store(&self, op: &RecordOp) {
+        if let RecordOp::Store { fid, .. } = op {
+            self.cache.pin(*fid);
+        }
+    }
+
+    /// The cached version of the record's target and whether the record
+    /// should be checked against it (files only: directories change under
+    /// everyone's creates, and name conflicts catch what matters there).
+    fn version_for(&self, op: &RecordOp) -> (Option<u64>, bool) {
+        let fid = op.target();
+        match self.cache.get(fid) {
+            Some(e) => (Some(e.attr.version), e.attr.ftype == FileType::File),
+            None => (None, false),
+        }
+    }
+
+    /// What the server would refuse, refused locally before logging.
+    fn check_locally(&self, op: &RecordOp) -> Result<()> {
+        match op {
+            RecordOp::Create { .. } | RecordOp::Mkdir { .. } | RecordOp::Symlink { .. } => Ok(()),
+            RecordOp::Rmdir { fid, name, .. } => {
+                let e = self.cache.get(*fid).ok_or_else(|| uncached(*fid))?;
+                match e.listing_current() {
+                    Some([]) => Ok(()),
+                    Some(_) => Err(Error::NotEmpty(name.clone())),
+                    None => Err(uncached(*fid)),
+                }
+            }
+            op => {
+                let fid = op.target();
+                self.cache.get(fid).map(|_| ()).ok_or_else(|| uncached(fid))
+            }
+        }
+    }
+
+    /// The attr the server would give the record's target after applying
+    /// it: the cached one changed the same way, its version one step on (or
+    /// not, when the record replaced one the log cancelled).
+    fn apply_locally(
+        &self,
+        op: &RecordOp,
+        cancelled: &[crate::proto::Record],
+        gone: bool,
+    ) -> Result<Attr> {
+        let now = Timespec::now();
+        let fid = op.target();
+        let new = |ftype: FileType, mode: u32, size: u64, mtime: Timespec| Attr {
+            fid,
+            ftype,
+            mode: mode & 0o7777,
+            nlink: if ftype == FileType::Dir { 2 } else { 1 },
+            size,
+            mtime,
+            ctime: now,
+            version: 1,
+        };
+        let mut a = match op {
+            RecordOp::Create { mode, mtime, .. } => {
+                return Ok(new(FileType::File, *mode, 0, *mtime))
+            }
+            RecordOp::Mkdir { mode, mtime, .. } => return Ok(new(FileType::Dir, *mode, 0, *mtime)),
+            RecordOp::Symlink { target, mtime, .. } => {
+                return Ok(new(FileType::Symlink, 0o777, target.len() as u64, *mtime))
+            }
+            _ => self.cached_attr(fid)?,
+        };
+        let replaced = cancelled
+            .iter()
+            .filter(|r| {
+                r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
+            })
+            .count() as u64;
+        a.version = a.version + 1 - replaced.min(1);
+        a.ctime = now;
+        match op {
+            RecordOp::Store { length, mtime, .. } => {
+                a.size = *length;
+                a.mtime = *mtime;
+            }
+            RecordOp::SetAttr {
+                mode, size, mtime, ..
+            } => {
+                if let Some(m) = mode {
+                    a.mode = m & 0o7777;
+                }
+                if let Some(s) = size {
+                    if *s != a.size && mtime.is_none() {
+                        a.mtime = now;
+                    }
+                    a.size = *s;
+                }
+                if let Some(t) = mtime {
+                    a.mtime = *t;
+                }
+            }
+            RecordOp::Link { .. } => a.nlink += 1,
+            RecordOp::Remove { .. } => a.nlink = if gone { 0 } else { a.nlink.saturating_sub(1) },
+            RecordOp::Rmdir { .. } => a.nlink = 0,
+            _ => {}
+        }
+        Ok(a)
+    }
+
+    /// After reconnecting: revalidate what the log does not hold local
+    /// changes for (those stay as the client made them).
+    pub(crate) fn revalidate_unlogged(&self) -> Result<()> {
+        let fids: Vec<Fid> = self
+            .cache
+            .known_fids()
+            .into_iter()
+            .filter(|f| !self.cml.mentions(*f))
+            .collect();
+        for chunk in fids.chunks(crate::proto::MAX_FIDS) {
+            self.fetch_attrs(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// A server answers again: reintegrate the log, revalidate the cache,
+    /// and only then serve callers from the server again. Callers keep being
+    /// served from the cache meanwhile.
+    fn reconnect(&self) -> Result<()> {
+        self.remember_root()?;
+        self.reintegrate_pending(None)?;
+        self.revalidate_unlogged()?;
+        self.top_up_fids();
+        self.cml.emu.offline.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One turn of the reintegrator while connected: send what is due.
+    fn send_due(&self) -> Result<()> {
+        let emu = &self.cml.emu;
+        let age = if emu.write_disconnected() {
+            Some(emu.age())
+        } else {
+            None
+        };
+        self.reintegrate_pending(age)
+    }
+}
+
+/// The reintegrator thread: probes while disconnected, reintegrates when a
+/// server answers, sends aged records in write-disconnected mode. It holds
+/// the client only while it works, so dropping the client ends it.
+fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, period: Duration) {
+    loop {
+        let _ = state.wake_rx.recv_timeout(period);
+        if state.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if servers.interrupt.check().is_err() {
+            continue; // failed over: remote operations stay off until failback
+        }
+        if state.offline() {
+            // Probe without holding the client: a connect attempt may take
+            // up to the RPC timeout.
+            if servers.session().is_err() {
+                continue;
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.reconnect() {
+                inner.went_offline(&e);
+            }
+        } else if state.pending() > 0 {
+            let Some(inner) = weak.upgrade() else { return };
+            if let Err(e) = inner.send_due() {
+                inner.went_offline(&e);
+            }
+            if state.write_disconnected() && state.pending() > 0 {
+                // Records not yet aged: look again after a while, not at once.
+                std::thread::sleep(period);
+            }
+        }
+    }
+}
