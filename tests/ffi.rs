@@ -130,6 +130,11 @@ fn c_errors_null_and_bad_utf8() {
 }
 
 #[test]
+fn c_event_callback_runs_on_a_library_thread() {
+    run_c_test("t_event_callback", &[], &["-pthread"]);
+}
+
+#[test]
 fn c_failover_swaps_a_real_symlink() {
     run_c_test("t_failover", &[], &[]);
 }
