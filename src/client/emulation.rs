@@ -135,6 +135,7 @@ impl Inner {
         for fid in self.cml.stored_fids() {
             self.cache.pin(fid);
         }
+        self.redo_log_in_cache();
         match first {
             Ok(()) => {
                 self.remember_root()?;
@@ -157,6 +158,81 @@ impl Inner {
             .spawn(move || reintegrator(weak, state, servers, period))
             .map_err(|e| Error::io("spawning the reintegrator thread", e))?;
         Ok(())
+    }
+
+    /// Make the cached namespace show every pending record. The index is
+    /// written with eventual durability after the record (which is durable),
+    /// so a crash of the client can lose a listing edit whose record is in
+    /// the log; redoing the edits (idempotently) restores it, so the next
+    /// run neither loses sight of the change nor makes it twice.
+    fn redo_log_in_cache(&self) {
+        use crate::proto::DirEntry;
+        let ensure = |dir: Fid, name: &str, fid: Fid, ftype: FileType| {
+            self.cache.update(None, dir, |e| {
+                if let Some((_, l)) = &mut e.listing {
+                    if !l.iter().any(|x| x.name == name && x.fid == fid) {
+                        l.retain(|x| x.name != name);
+                        l.push(DirEntry {
+                            name: name.to_string(),
+                            fid,
+                            ftype,
+                        });
+                    }
+                }
+            });
+        };
+        let drop_name = |dir: Fid, name: &str, fid: Fid| {
+            self.cache.update(None, dir, |e| {
+                if let Some((_, l)) = &mut e.listing {
+                    l.retain(|x| !(x.name == name && x.fid == fid));
+                }
+            });
+        };
+        for r in self.cml.pending() {
+            match &r.op {
+                op @ (RecordOp::Create {
+                    parent, name, fid, ..
+                }
+                | RecordOp::Mkdir {
+                    parent, name, fid, ..
+                }
+                | RecordOp::Symlink {
+                    parent, name, fid, ..
+                }) => {
+                    if let Ok(attr) = self.apply_locally(op, &[], false) {
+                        let ftype = attr.ftype;
+                        self.cache.update(Some(&attr), *fid, |e| {
+                            if let RecordOp::Symlink { target, .. } = op {
+                                e.symlink = Some(target.clone());
+                            }
+                            if ftype == FileType::Dir && e.listing.is_none() {
+                                e.listing = Some((e.attr.version, Vec::new()));
+                            }
+                        });
+                        ensure(*parent, name, *fid, ftype);
+                    }
+                }
+                RecordOp::Link { parent, name, fid } => ensure(*parent, name, *fid, FileType::File),
+                RecordOp::Remove { parent, name, fid } | RecordOp::Rmdir { parent, name, fid } => {
+                    drop_name(*parent, name, *fid)
+                }
+                RecordOp::Rename {
+                    src_parent,
+                    src_name,
+                    dst_parent,
+                    dst_name,
+                    fid,
+                } => {
+                    let t = self
+                        .cache
+                        .get(*fid)
+                        .map_or(FileType::File, |e| e.attr.ftype);
+                    drop_name(*src_parent, src_name, *fid);
+                    ensure(*dst_parent, dst_name, *fid, t);
+                }
+                _ => {}
+            }
+        }
     }
 
     fn load_root(&self) -> Option<Fid> {
@@ -280,7 +356,9 @@ impl Inner {
                     // Kept in the log; the server may or may not have it.
                     self.went_offline(&Error::Eio("the server stopped answering".into()));
                     self.pin_if_store(&op);
-                    return self.apply_locally(&op, &[], false);
+                    let attr = self.apply_locally(&op, &[], false)?;
+                    self.keep_contents_current(&op, &attr);
+                    return Ok(attr);
                 }
                 Ok(Err(super::cml::Deferred::Queued)) => {
                     // Others logged first meanwhile: this one waits its turn
@@ -296,6 +374,7 @@ impl Inner {
             .log(op.clone(), cached, true, check && !connected)?;
         self.pin_if_store(&op);
         let attr = self.apply_locally(&op, &logged.cancelled, logged.record.is_none())?;
+        self.keep_contents_current(&op, &attr);
         if connected {
             // Connected semantics: return once the server has it.
             if let Err(e) = self.reintegrate_pending(None) {
@@ -307,6 +386,30 @@ impl Inner {
             emu.wake();
         }
         Ok(attr)
+    }
+
+    /// A rename, link or remove bumps the object's version without
+    /// changing its contents (or entries): what the cache holds stays the
+    /// current version's, so it can still be served offline.
+    fn keep_contents_current(&self, op: &RecordOp, attr: &Attr) {
+        if !matches!(
+            op,
+            RecordOp::Rename { .. } | RecordOp::Link { .. } | RecordOp::Remove { .. }
+        ) || attr.nlink == 0
+        {
+            return;
+        }
+        self.cache.update(None, attr.fid, |e| {
+            if e.data_current() {
+                e.data_version = Some(attr.version);
+            }
+            if e.listing_current().is_some() {
+                if let Some((v, _)) = &mut e.listing {
+                    *v = attr.version;
+                }
+            }
+            e.attr = attr.clone();
+        });
     }
 
     fn pin_if_store(&self, op: &RecordOp) {
@@ -484,5 +587,44 @@ fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, 
                 std::thread::sleep(period);
             }
         }
+    }
+}
+
+impl super::Client {
+    /// Records logged and not yet on the server.
+    pub fn pending_records(&self) -> usize {
+        self.inner.cml.len()
+    }
+
+    /// Send the whole log now (also in write-disconnected mode, whatever the
+    /// records' age), reconnecting first if disconnected. Returns once the
+    /// log is empty (conflicts set aside); `Eio`/`Timeout` if no server
+    /// answers, and the log stays as it was.
+    pub fn reintegrate_now(&self) -> Result<()> {
+        let inner = &self.inner;
+        if inner.cml.emu.offline() {
+            inner.servers.session()?;
+            return inner.reconnect().map_err(|e| {
+                inner.went_offline(&e);
+                e
+            });
+        }
+        inner.reintegrate_pending(None).map_err(|e| {
+            inner.went_offline(&e);
+            e
+        })
+    }
+
+    /// Turn write-disconnected mode on (mutations are logged and sent in
+    /// batches once older than `reintegration_age_ms`) or off (back to
+    /// write-through; what is logged is sent at once).
+    pub fn set_write_disconnected(&self, on: bool) {
+        let emu = &self.inner.cml.emu;
+        emu.write_disconnected.store(on, Ordering::Relaxed);
+        emu.wake();
+    }
+
+    pub fn write_disconnected(&self) -> bool {
+        self.inner.cml.emu.write_disconnected()
     }
 }
