@@ -186,15 +186,20 @@ impl Inner {
         }
         fids.sort();
         fids.dedup();
-        fids.retain(|f| !self.cml.mentions(*f));
         for f in &fids {
-            if !self.cml.has_store(*f) {
+            // Listings: reread (the local edits of the refused records are
+            // in them). Contents: the server's, unless a pending store still
+            // needs the container.
+            let keep_data = self.cml.has_store(*f);
+            if !keep_data {
                 self.cache.unpin(*f);
             }
             self.cache.update(None, *f, |e| {
-                e.data_version = None;
+                if !keep_data {
+                    e.data_version = None;
+                    e.dirty = false;
+                }
                 e.listing = None;
-                e.dirty = false;
             });
         }
         self.callbacks.break_fids(&fids);

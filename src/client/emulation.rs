@@ -44,6 +44,11 @@ pub(crate) struct EmuState {
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
     root: Mutex<Option<Fid>>,
+    /// Objects whose cached listing was edited locally. Their predicted
+    /// versions can coincide with the server's even though the entries
+    /// differ (a cancelled create bumped ours, someone else's create bumped
+    /// the server's), so once the log is empty their listings are reread.
+    edited: Mutex<std::collections::HashSet<Fid>>,
 }
 
 impl EmuState {
@@ -59,6 +64,7 @@ impl EmuState {
             wake_tx,
             wake_rx,
             root: Mutex::new(None),
+            edited: Mutex::new(Default::default()),
         }
     }
 
@@ -136,6 +142,9 @@ impl Inner {
             self.cache.pin(fid);
         }
         self.redo_log_in_cache();
+        for r in self.cml.pending() {
+            self.note_edited(&r.op);
+        }
         match first {
             Ok(()) => {
                 self.remember_root()?;
@@ -368,6 +377,7 @@ impl Inner {
             }
         }
         self.check_locally(&op)?;
+        self.note_edited(&op);
         let (cached, check) = self.version_for(&op);
         let logged = self
             .cml
@@ -410,6 +420,19 @@ impl Inner {
             }
             e.attr = attr.clone();
         });
+    }
+
+    fn note_edited(&self, op: &RecordOp) {
+        self.cml.emu.edited.lock().extend(super::cml::mentions(op));
+    }
+
+    /// The log is empty: reread every listing edited locally (see `edited`).
+    pub(crate) fn drop_edited_listings(&self) {
+        let fids: Vec<Fid> = self.cml.emu.edited.lock().drain().collect();
+        for f in &fids {
+            self.cache.update(None, *f, |e| e.listing = None);
+        }
+        self.callbacks.break_fids(&fids);
     }
 
     fn pin_if_store(&self, op: &RecordOp) {

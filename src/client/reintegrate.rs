@@ -30,7 +30,12 @@ impl Inner {
     pub(crate) fn reintegrate_pending(&self, min_age: Option<Duration>) -> Result<()> {
         loop {
             match self.one_batch(min_age)? {
-                Step::Done => return Ok(()),
+                Step::Done => {
+                    if self.cml.len() == 0 {
+                        self.drop_edited_listings();
+                    }
+                    return Ok(());
+                }
                 Step::Next => {}
                 // Outside the gate: making a conflict takes it.
                 Step::Refused(id, e) => self.make_conflict(id, &e)?,
