@@ -438,10 +438,12 @@ impl Cache {
 
     /// Forget an object entirely (it was removed).
     pub fn forget(&self, fid: Fid) {
+        let pinned = self.pinned.lock().contains(&fid);
         let mut st = self.state.lock();
         if let Some(e) = st.map.remove(&fid) {
             st.bytes -= e.data_bytes;
-            if e.open == 0 {
+            // A pinned container is still to be stored by the log.
+            if e.open == 0 && !pinned {
                 let _ = std::fs::remove_file(self.container(fid));
             }
         }

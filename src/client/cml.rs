@@ -160,7 +160,7 @@ impl Log {
     /// `op` itself is cancelled too (a remove of an object that only ever
     /// existed in this log). Records that may have reached the server are
     /// never touched.
-    fn cancellations(&self, op: &RecordOp) -> (Vec<u64>, bool) {
+    fn cancellations(&self, op: &RecordOp, last_link: bool) -> (Vec<u64>, bool) {
         let movable = |id: &u64| *id > self.sent_upto;
         match op {
             RecordOp::Store { fid, .. } => {
@@ -184,7 +184,21 @@ impl Log {
             }
             RecordOp::Remove { fid, .. } | RecordOp::Rmdir { fid, .. } => {
                 let Some(made) = self.created_here(*fid) else {
-                    return (vec![], false);
+                    // An object the server has: removing its last name makes
+                    // its logged stores and setattrs pointless (and their
+                    // container goes with the object).
+                    if !last_link {
+                        return (vec![], false);
+                    }
+                    let ids = self
+                        .about(*fid)
+                        .filter(|r| {
+                            matches!(&r.op, RecordOp::Store { fid: f, .. } | RecordOp::SetAttr { fid: f, .. } if f == fid)
+                        })
+                        .map(|r| r.store_id)
+                        .filter(movable)
+                        .collect();
+                    return (ids, false);
                 };
                 let all: Vec<&Record> = self.about(*fid).collect();
                 // Only records about the object itself, created in place:
@@ -367,14 +381,26 @@ impl Cml {
     /// conflicting change by someone else.
     pub fn log(
         &self,
-        mut op: RecordOp,
+        op: RecordOp,
         cached_version: Option<u64>,
         optimise: bool,
         check: bool,
     ) -> Result<Logged> {
+        self.log_with(op, cached_version, optimise, check, true)
+    }
+
+    /// As `log`; `last_link` says a Remove takes the object's last name.
+    pub fn log_with(
+        &self,
+        mut op: RecordOp,
+        cached_version: Option<u64>,
+        optimise: bool,
+        check: bool,
+        last_link: bool,
+    ) -> Result<Logged> {
         let mut log = self.log.lock();
         let (cancel, self_cancelled) = if optimise {
-            log.cancellations(&op)
+            log.cancellations(&op, last_link)
         } else {
             (vec![], false)
         };
@@ -882,6 +908,30 @@ mod tests {
                 ..
             }
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn removing_the_last_name_of_a_server_file_cancels_its_stores_and_setattrs() {
+        let dir = tmp("remove-old");
+        let cml = open(&dir);
+        let f = Fid::new(1, 70, 1);
+        cml.log(store(f), Some(4), true, true).unwrap();
+        cml.log(setattr(f, Some(0o600), None), Some(5), true, true)
+            .unwrap();
+        let rm = RecordOp::Remove {
+            parent: DIR,
+            name: "old".into(),
+            fid: f,
+        };
+        let l = cml
+            .log_with(rm.clone(), Some(6), true, true, false)
+            .unwrap();
+        assert!(l.cancelled.is_empty(), "another name remains: kept");
+        cml.finish(&[l.record.unwrap().store_id], &[]).unwrap();
+        let l = cml.log(rm, Some(6), true, true).unwrap();
+        assert_eq!(l.cancelled.len(), 2);
+        assert!(matches!(&cml.pending()[..], [r] if matches!(r.op, RecordOp::Remove { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

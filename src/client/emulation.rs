@@ -379,9 +379,13 @@ impl Inner {
         self.check_locally(&op)?;
         self.note_edited(&op);
         let (cached, check) = self.version_for(&op);
+        let last_link = self
+            .cache
+            .get(op.target())
+            .map_or(true, |e| e.attr.nlink <= 1);
         let logged = self
             .cml
-            .log(op.clone(), cached, true, check && !connected)?;
+            .log_with(op.clone(), cached, true, check && !connected, last_link)?;
         self.pin_if_store(&op);
         let attr = self.apply_locally(&op, &logged.cancelled, logged.record.is_none())?;
         self.keep_contents_current(&op, &attr);

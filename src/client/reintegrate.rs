@@ -115,6 +115,10 @@ impl Inner {
                         if let RecordOp::Store { fid, .. } = r.op {
                             if !self.cml.has_store(fid) {
                                 self.cache.unpin(fid);
+                                if self.cache.get(fid).is_none() {
+                                    // Forgotten while pinned: now garbage.
+                                    let _ = std::fs::remove_file(self.cache.container(fid));
+                                }
                             }
                             // The container is now that version's contents.
                             self.cache.update(None, fid, |e| {
