@@ -532,8 +532,13 @@ impl Session {
         self.ctl.dead.lock().is_some()
     }
 
+    /// The server is dead: fail pending calls and stop bulk transfers too
+    /// (a fetch from a hung server would otherwise wait out its timeout).
     pub fn kill(&self, reason: &str) {
         self.ctl.kill(reason);
+        for s in self.bulk_active.lock().values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Close without reporting the server down.
