@@ -12,7 +12,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use client_util::*;
-use coda::client::{Client, Event, Fid};
+use coda::client::{Client, Event};
 use common::{TempDir, TestServer};
 
 /// A client in another process: caches `reads`, then answers `read PATH`.

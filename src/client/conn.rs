@@ -40,6 +40,7 @@ pub(crate) struct Identity {
 #[derive(Clone, Copy)]
 pub(crate) struct Timing {
     pub rpc_timeout: Duration,
+    pub dead_after: Duration,
     pub bind_addr: Option<SocketAddr>,
 }
 
@@ -820,12 +821,28 @@ impl Servers {
         self.connect_gated(interrupt, timeout)
     }
 
+    /// The current session if it is alive and fresh. One silent for longer
+    /// than `dead_after` is killed here rather than used: the prober may not
+    /// have run yet (say this process was stopped), and the server may have
+    /// cut us off meanwhile.
     fn live(&self) -> Option<Arc<Session>> {
-        self.current
-            .lock()
-            .as_ref()
-            .filter(|s| !s.is_dead())
-            .cloned()
+        let s = self.current.lock().clone()?;
+        if s.is_dead() {
+            return None;
+        }
+        if s.silent_for() > self.timing.dead_after {
+            s.kill(&format!(
+                "no reply for {} ms",
+                self.timing.dead_after.as_millis()
+            ));
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Whether a live session was heard from within `dead_after`.
+    pub fn fresh(&self) -> bool {
+        self.live().is_some()
     }
 
     /// Connect to the first server that answers; the caller holds the gate.

@@ -165,6 +165,7 @@ impl Client {
         let cml = Cml::open(db)?;
         let timing = Timing {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
+            dead_after: Duration::from_millis(cfg.dead_after_ms),
             bind_addr: cfg.bind_addr,
         };
         let ident = Identity {
@@ -595,9 +596,17 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether the cached copy of `fid` may be used without asking: the
+    /// callback holds and the session is fresh (heard from within
+    /// `dead_after`; a client that was itself stopped, or cut off by a break
+    /// timeout it has not noticed yet, cannot know what it missed).
+    fn trusts(&self, fid: Fid) -> bool {
+        self.callbacks.holds(fid) && self.servers.fresh()
+    }
+
     /// Status of `fid`: from the cache while the callback holds, else asked.
     fn getattr(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(e) = self.cache.get(fid) {
                 return Ok(e.attr);
             }
@@ -608,7 +617,7 @@ impl Inner {
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
     fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
-        if self.callbacks.holds(dir) {
+        if self.trusts(dir) {
             if let Some(l) = self
                 .cache
                 .get(dir)
@@ -701,7 +710,7 @@ impl Inner {
     /// an opener: trusted under a callback, revalidated by version when the
     /// callback is gone, fetched whole otherwise.
     fn open_data(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(a) = self.cache.try_open(fid) {
                 return Ok(a);
             }
