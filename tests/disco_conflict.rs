@@ -126,6 +126,8 @@ fn conflicts_survive_a_client_restart() {
         let a = slow_prober(&srv, da.path());
         put(&a, "/f", b"base");
         srv.kill9();
+        // Written whether or not the client noticed the server died yet: a
+        // store that finds the server gone is checked like an offline one.
         put(&a, "/f", b"offline edit");
         srv.restart();
         let b = client(&srv, db.path());

@@ -257,7 +257,8 @@ pub(crate) fn unreachable(e: &Error) -> bool {
 
 /// Why the connected write path left a record to the log.
 pub(crate) enum Deferred {
-    Unreachable,
+    /// The record (this store id) stays in the log.
+    Unreachable(u64),
     Queued,
 }
 
@@ -461,6 +462,34 @@ impl Cml {
             record: rec,
             cancelled,
         })
+    }
+
+    /// The last record stays in the log because the server stopped
+    /// answering: from now on it is a disconnected record, so it checks the
+    /// version this client had (if its target is a file the server has).
+    pub fn check_kept(&self, id: u64, cached_version: Option<u64>) -> Result<()> {
+        let mut log = self.log.lock();
+        let Some(r) = log.recs.get(&id) else {
+            return Ok(());
+        };
+        let mut r = r.clone();
+        let target = r.op.target();
+        let (Some(v), Some(e)) = (cached_version, expected_mut(&mut r.op)) else {
+            return Ok(());
+        };
+        if log.created_here(target).is_some() {
+            return Ok(());
+        }
+        let base = *log.base.entry(target).or_insert(v);
+        *e = base;
+        let w = self.db.begin_write()?;
+        {
+            w.open_table(CML)?.insert(id, &encode_record(&r)[..])?;
+            w.open_table(BASE)?.insert(&target.to_bytes()[..], base)?;
+        }
+        w.commit()?;
+        log.recs.insert(id, r);
+        Ok(())
     }
 
     /// Forget the base version of fids no pending record targets any more.
@@ -703,7 +732,7 @@ impl Cml {
         if keep {
             // Never cancel it: the server may have applied it already.
             self.put_meta(&[(SENT_UPTO.to_string(), rec.store_id)])?;
-            return Ok(Err(Deferred::Unreachable));
+            return Ok(Err(Deferred::Unreachable(rec.store_id)));
         }
         self.finish(&[rec.store_id], &[])?;
         if result.is_ok() {

@@ -131,8 +131,14 @@ impl Inner {
         cfg: &super::Config,
     ) -> Result<()> {
         let emu = &self.cml.emu;
-        emu.enabled
-            .store(cfg.disconnected_operation, Ordering::Relaxed);
+        // Automatic failover is the other answer to a dead server (remote
+        // calls fail with EIO, programs use the local copy): with it
+        // configured, the client does not emulate.
+        let auto_failover = cfg.failover_link.is_some() && cfg.failover_target.is_some();
+        emu.enabled.store(
+            cfg.disconnected_operation && !auto_failover,
+            Ordering::Relaxed,
+        );
         emu.write_disconnected
             .store(cfg.write_disconnected, Ordering::Relaxed);
         emu.age_ms
@@ -301,6 +307,10 @@ impl Inner {
         if emu.offline() {
             return offline();
         }
+        // (The prober's "down" alone does not switch: it can be a client
+        // that was itself stopped and whose next call reconnects at once.
+        // A refused or reset connection fails a call at once; a hung
+        // server costs the first call up to `rpc_timeout_ms`.)
         if let Some(f) = fid {
             if emu.pending() > 0 && self.cml.mentions(f) && self.cache.get(f).is_some() {
                 return offline();
@@ -347,6 +357,7 @@ impl Inner {
         let emu = &self.cml.emu;
         let connected = !emu.offline() && !emu.write_disconnected();
         if connected {
+            let (cached, check) = self.version_for(&op);
             // Records logged before this one go first (store-id order); the
             // fast path below needs an empty log, checked under the gate.
             if emu.pending() > 0 {
@@ -361,8 +372,11 @@ impl Inner {
                 .commit(&self.servers, &self.counters, op.clone(), data)
             {
                 Ok(Ok(attr)) => return Ok(attr),
-                Ok(Err(super::cml::Deferred::Unreachable)) => {
-                    // Kept in the log; the server may or may not have it.
+                Ok(Err(super::cml::Deferred::Unreachable(id))) => {
+                    // Kept in the log; the server may or may not have it
+                    // (if it does, its store id makes the replay a no-op).
+                    // Sent later, it checks the version we had.
+                    self.cml.check_kept(id, if check { cached } else { None })?;
                     self.went_offline(&Error::Eio("the server stopped answering".into()));
                     self.pin_if_store(&op);
                     let attr = self.apply_locally(&op, &[], false)?;
@@ -543,28 +557,14 @@ impl Inner {
         Ok(a)
     }
 
-    /// After reconnecting: revalidate what the log does not hold local
-    /// changes for (those stay as the client made them).
-    pub(crate) fn revalidate_unlogged(&self) -> Result<()> {
-        let fids: Vec<Fid> = self
-            .cache
-            .known_fids()
-            .into_iter()
-            .filter(|f| !self.cml.mentions(*f))
-            .collect();
-        for chunk in fids.chunks(crate::proto::MAX_FIDS) {
-            self.fetch_attrs(chunk)?;
-        }
-        Ok(())
-    }
-
     /// A server answers again: reintegrate the log, revalidate the cache,
     /// and only then serve callers from the server again. Callers keep being
     /// served from the cache meanwhile.
     fn reconnect(&self) -> Result<()> {
         self.remember_root()?;
         self.reintegrate_pending(None)?;
-        self.revalidate_unlogged()?;
+        // Objects the log still holds changes for are skipped.
+        self.revalidate_all()?;
         self.top_up_fids();
         self.cml.emu.offline.store(false, Ordering::Relaxed);
         Ok(())
@@ -582,9 +582,10 @@ impl Inner {
     }
 }
 
-/// The reintegrator thread: probes while disconnected, reintegrates when a
-/// server answers, sends aged records in write-disconnected mode. It holds
-/// the client only while it works, so dropping the client ends it.
+/// The reintegrator thread: while disconnected, waits for the prober
+/// (probe.rs) to declare a server up, then reintegrates; sends aged records
+/// in write-disconnected mode. It holds the client only while it works, so
+/// dropping the client ends it.
 fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, period: Duration) {
     loop {
         let _ = state.wake_rx.recv_timeout(period);
@@ -595,12 +596,12 @@ fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, 
             continue; // failed over: remote operations stay off until failback
         }
         if state.offline() {
-            // Probe without holding the client: a connect attempt may take
-            // up to the RPC timeout.
-            if servers.session().is_err() {
+            let Some(inner) = weak.upgrade() else { return };
+            // Up after enough good pings and a revalidation (the prober's
+            // rule), so a flapping server does not start a reintegration.
+            if !inner.health.is_up() {
                 continue;
             }
-            let Some(inner) = weak.upgrade() else { return };
             if let Err(e) = inner.reconnect() {
                 inner.went_offline(&e);
             }
@@ -629,12 +630,16 @@ impl super::Client {
     /// answers, and the log stays as it was.
     pub fn reintegrate_now(&self) -> Result<()> {
         let inner = &self.inner;
-        if inner.cml.emu.offline() {
-            inner.servers.session()?;
-            return inner.reconnect().map_err(|e| {
+        if inner.cml.emu.offline() || !inner.health.is_up() {
+            let s = inner.servers.session()?;
+            inner.reconnect().map_err(|e| {
                 inner.went_offline(&e);
                 e
-            });
+            })?;
+            // The log went through and the cache is revalidated: as good a
+            // proof that the server is up as the prober's pings.
+            inner.health.mark_up(inner, &s.server);
+            return Ok(());
         }
         inner.reintegrate_pending(None).map_err(|e| {
             inner.went_offline(&e);

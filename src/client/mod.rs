@@ -16,6 +16,7 @@ pub mod event;
 pub mod failover;
 mod file;
 mod namei;
+mod probe;
 mod reintegrate;
 mod stats;
 
@@ -23,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, Sender};
+use crossbeam_channel::{bounded, Sender};
 use redb::Database;
 
 pub use config::Config;
@@ -32,14 +33,15 @@ pub use event::{Event, EventBus};
 pub use file::File;
 pub use stats::ClientStats;
 
-use crate::proto::{auth, Attr, Msg, RecordOp, MAX_FIDS, MAX_SYMLINK};
+use crate::proto::{auth, Attr, Msg, RecordOp, MAX_SYMLINK};
 pub use crate::proto::{Fid, FileType, Timespec};
 use crate::{Error, Result};
 
 use cache::Cache;
 use callback::{Callbacks, Token};
 use cml::Cml;
-use conn::{Identity, Servers, Timing};
+use conn::{Identity, Interrupt, Servers, Session, Timing};
+use probe::Health;
 use stats::Counters;
 
 /// An object's status, as `stat` reports it.
@@ -105,8 +107,9 @@ pub(crate) struct Inner {
     counters: Arc<Counters>,
     cache: Cache,
     cml: Cml,
-    /// Dropped with the client: stops the heartbeat thread.
-    _stop_heartbeat: Sender<()>,
+    health: Health,
+    /// Dropped with the client: stops the prober thread.
+    _stop_probe: Sender<()>,
 }
 
 impl Drop for Inner {
@@ -189,26 +192,16 @@ impl Client {
         let first = servers.session().map(|_| ());
 
         let (stop, stopped) = bounded::<()>(0);
-        let hb = servers.clone();
-        let period = Duration::from_millis(cfg.heartbeat_ms);
-        std::thread::Builder::new()
-            .name("coda-heartbeat".into())
-            .spawn(move || loop {
-                select! {
-                    recv(stopped) -> _ => return,
-                    default(period) => hb.heartbeat(),
-                }
-            })
-            .map_err(|e| Error::io("spawning the heartbeat thread", e))?;
-
         let inner = Arc::new(Inner {
             servers,
             callbacks,
             counters,
             cache,
             cml,
-            _stop_heartbeat: stop,
+            health: Health::new(&cfg),
+            _stop_probe: stop,
         });
+        probe::spawn(&inner, stopped)?;
         // Reintegrates what a crashed run logged (the server recognises
         // records it already applied by their store ids), then revalidates.
         inner.start_emulation(first, &cfg)?;
@@ -220,7 +213,10 @@ impl Client {
         let servers = &self.inner.servers;
         if servers.interrupt.check().is_err() {
             ClientState::FailedOver
-        } else if servers.is_connected() && !self.inner.cml.emu.offline() {
+        } else if self.inner.health.is_up()
+            && servers.is_connected()
+            && !self.inner.cml.emu.offline()
+        {
             ClientState::Connected
         } else {
             ClientState::Disconnected
@@ -237,17 +233,7 @@ impl Client {
     /// then make every pending and later remote operation fail with `Eio`
     /// until [`Client::failback`]. Never waits for a server.
     pub fn failover(&self, link: &Path, target: &Path) -> Result<()> {
-        failover::swap_link(link, target)?;
-        self.inner.servers.interrupt_all(&format!(
-            "failed over: {} -> {}",
-            link.display(),
-            target.display()
-        ));
-        self.events().emit(Event::Failover {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
+        self.inner.fail_over(link, target)
     }
 
     /// Undo a failover: once a server answers and the cache is revalidated,
@@ -255,27 +241,7 @@ impl Client {
     /// operations through again. `Again` while no server answers (the client
     /// then stays failed over).
     pub fn failback(&self, link: &Path, target: &Path) -> Result<()> {
-        let servers = &self.inner.servers;
-        let reason = servers.interrupt.check().err();
-        servers.interrupt.clear();
-        let probe = servers
-            .session()
-            .and_then(|_| self.inner.revalidate_all())
-            .and_then(|_| failover::swap_link(link, target));
-        if let Err(e) = probe {
-            if let Some(Error::Eio(r)) = &reason {
-                servers.interrupt_all(r);
-            }
-            return Err(match e {
-                e @ (Error::Invalid(_) | Error::Io { .. }) => e,
-                e => Error::Again(format!("no server answers, staying failed over: {e}")),
-            });
-        }
-        self.events().emit(Event::Failback {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
+        self.inner.fail_back(link, target)
     }
 
     pub fn stat(&self, path: &str) -> Result<Stat> {
@@ -572,9 +538,26 @@ impl Inner {
     /// Revalidate every cached object with a few `GetAttrs` (many fids each)
     /// instead of refetching: after a restart, unchanged objects are reused.
     fn revalidate_all(&self) -> Result<()> {
-        let fids = self.cache.known_fids();
-        for chunk in fids.chunks(MAX_FIDS) {
-            self.fetch_attrs(chunk)?;
+        let s = self.servers.session()?;
+        self.revalidate_on(&s, &self.servers.interrupt)
+    }
+
+    /// As `revalidate_all`, on a given session and interrupt (the prober
+    /// revalidates while callers are still failed over).
+    fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
+        // The server answers at most 14979 fids per GetAttrs (one reply
+        // frame); smaller batches also keep each reply quick.
+        const BATCH: usize = 4096;
+        // Objects with logged changes keep their local state until
+        // reintegrated (disconnected operation).
+        let fids: Vec<Fid> = self
+            .cache
+            .known_fids()
+            .into_iter()
+            .filter(|f| !self.cml.mentions(*f))
+            .collect();
+        for chunk in fids.chunks(BATCH) {
+            self.fetch_attrs_on(s, interrupt, chunk)?;
         }
         Ok(())
     }
@@ -583,13 +566,22 @@ impl Inner {
     /// the server granted (unless a break overtook them). Objects that are
     /// gone are forgotten.
     fn fetch_attrs(&self, fids: &[Fid]) -> Result<Vec<Result<Attr>>> {
-        let tokens: Vec<Token> = fids.iter().map(|f| self.callbacks.token(*f)).collect();
         let s = self.servers.session()?;
+        self.fetch_attrs_on(&s, &self.servers.interrupt, fids)
+    }
+
+    fn fetch_attrs_on(
+        &self,
+        s: &Session,
+        interrupt: &Interrupt,
+        fids: &[Fid],
+    ) -> Result<Vec<Result<Attr>>> {
+        let tokens: Vec<Token> = fids.iter().map(|f| self.callbacks.token(*f)).collect();
         let reply = s.call(
             &Msg::GetAttrs {
                 fids: fids.to_vec(),
             },
-            &self.servers.interrupt,
+            interrupt,
         )?;
         Counters::add(&self.counters.getattr_rpcs, 1);
         let Msg::Attrs { items } = reply else {
@@ -624,9 +616,17 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether the cached copy of `fid` may be used without asking: the
+    /// callback holds and the session is fresh (heard from within
+    /// `dead_after`; a client that was itself stopped, or cut off by a break
+    /// timeout it has not noticed yet, cannot know what it missed).
+    fn trusts(&self, fid: Fid) -> bool {
+        self.callbacks.holds(fid) && self.servers.fresh()
+    }
+
     /// Status of `fid`: from the cache while the callback holds, else asked.
     fn getattr(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(e) = self.cache.get(fid) {
                 return Ok(e.attr);
             }
@@ -641,7 +641,7 @@ impl Inner {
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
     fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
-        if self.callbacks.holds(dir) {
+        if self.trusts(dir) {
             if let Some(l) = self
                 .cache
                 .get(dir)
@@ -756,7 +756,7 @@ impl Inner {
     }
 
     fn open_data_online(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(a) = self.cache.try_open(fid) {
                 return Ok(a);
             }
