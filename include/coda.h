@@ -34,6 +34,12 @@
 
 #define CODA_TYPE_SYMLINK 3
 
+// `coda_conflict_resolve`: send the local version again, replacing the server's.
+#define CODA_KEEP_LOCAL 1
+
+// `coda_conflict_resolve`: discard the local version; the server's stays.
+#define CODA_KEEP_SERVER 2
+
 // The object changed on the server since the client cached it.
 #define CODA_ECONFLICT (0 - 10001)
 
@@ -96,6 +102,28 @@ typedef struct coda_stat_t {
   // The object's version on the server (grows with every change).
   uint64_t version;
 } coda_stat_t;
+
+// One conflict, borrowed for the duration of a `coda_conflicts_list`
+// callback: copy what you keep.
+typedef struct coda_conflict {
+  // Pass to `coda_conflict_resolve`.
+  uint64_t id;
+  // Inode number of the object the refused change is about.
+  uint64_t ino;
+  // Its path when the conflict was found ("" if unknown).
+  const char *path;
+  // What the refused change did, e.g. "store", "create \"a\"".
+  const char *op;
+  // Why the server refused it.
+  const char *reason;
+  // The server's error kind: "Conflict" (changed on the server),
+  // "Exists" (name taken), "NotFound", "Stale"...
+  const char *kind;
+  // A file holding the local contents, or NULL if no file was stored.
+  const char *local_copy;
+  // Changes held with it (the refused one and those depending on it).
+  uint32_t records;
+} coda_conflict;
 
 // One event. Plain data: copy it freely.
 typedef struct coda_event {
@@ -169,6 +197,23 @@ int coda_config_set(struct coda_config *cfg, const char *key, const char *value)
 
 // Free a configuration. NULL is allowed.
 void coda_config_free(struct coda_config *cfg);
+
+// Call `cb(userdata, conflict)` for each unresolved conflict, oldest first;
+// a non-zero return stops early. Returns the number passed to `cb`.
+int coda_conflicts_list(struct coda_client *client, int (*cb)(void *userdata, const struct coda_conflict *conflict), void *userdata);
+
+// Resolve conflict `id`: `CODA_KEEP_LOCAL` (needs a server; `CODA_ECONFLICT`
+// if the server refuses again, which is then a new conflict) or
+// `CODA_KEEP_SERVER`. `-ENOENT` for an unknown id.
+int coda_conflict_resolve(struct coda_client *client, uint64_t id, int keep);
+
+// Send every logged change now (whatever its age), reconnecting if
+// disconnected. Returns 0 once the log is empty (conflicts set aside), or
+// `-EIO`/`-ETIMEDOUT` if no server answers (the log is kept).
+int coda_reintegrate(struct coda_client *client);
+
+// Changes logged and not yet on the server (0 when connected and idle).
+int64_t coda_pending_records(struct coda_client *client);
 
 // Static, NUL-terminated text for any code this library returns (0, a
 // negative errno, or a `CODA_E*` code). Never NULL; never to be freed.

@@ -141,6 +141,11 @@ fn c_failover_swaps_a_real_symlink() {
 }
 
 #[test]
+fn c_conflicts_are_listed_and_resolved() {
+    run_c_test("t_conflict", &[], &[]);
+}
+
+#[test]
 fn c_automatic_failover_reports_server_down_and_failover_events() {
     run_c_test("t_auto_failover", &[], &[]);
 }
@@ -198,7 +203,7 @@ fn c_tests_under_asan_and_ubsan() {
         eprintln!("skipping: this C toolchain has no address/undefined sanitizer runtimes");
         return;
     }
-    for t in ["t_errors", "t_file", "t_dir", "t_failover"] {
+    for t in ["t_errors", "t_file", "t_dir", "t_failover", "t_conflict"] {
         run_c_test(t, &[], &flags);
     }
 }

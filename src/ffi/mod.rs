@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod config;
+pub mod conflict;
 pub mod error;
 pub mod event;
 pub mod failover;
