@@ -31,6 +31,13 @@ struct Table {
     /// Per-fid count of breaks received (only for fids ever broken).
     generation: HashMap<Fid, u64>,
     valid: HashSet<Fid>,
+    /// Callbacks that stand only on a volume callback (the volume's
+    /// pseudo-fid `volume.0.0`): a break of that breaks them all.
+    via_volume: HashMap<Fid, Vec<Fid>>,
+    /// Volumes with an object whose callback broke since `take_dirty`: the
+    /// cache may hold something stale there, so a volume stamp alone must
+    /// not vouch for it.
+    dirty_volumes: HashSet<u32>,
 }
 
 #[derive(Default)]
@@ -61,6 +68,34 @@ impl Callbacks {
         true
     }
 
+    /// A volume callback (`volume_fid`, with the token taken before asking)
+    /// makes `fids` trusted until it breaks. Returns whether it holds.
+    pub fn grant_via_volume(&self, volume_fid: Fid, token: Token, fids: &[Fid]) -> bool {
+        let mut t = self.table.lock();
+        let now = t.generation.get(&volume_fid).copied().unwrap_or(0);
+        if t.session != token.session || now != token.generation {
+            return false;
+        }
+        t.valid.insert(volume_fid);
+        for f in fids {
+            // Only fids not broken since the token was taken... the token
+            // is the volume's: a per-fid break after it is caught by the
+            // server breaking the volume callback too.
+            t.valid.insert(*f);
+        }
+        t.via_volume.entry(volume_fid).or_default().extend(fids);
+        true
+    }
+
+    /// Whether a callback of `volume` broke since the last call (and reset).
+    pub fn take_dirty(&self, volume: u32) -> bool {
+        self.table.lock().dirty_volumes.remove(&volume)
+    }
+
+    pub fn is_dirty(&self, volume: u32) -> bool {
+        self.table.lock().dirty_volumes.contains(&volume)
+    }
+
     pub fn holds(&self, fid: Fid) -> bool {
         self.table.lock().valid.contains(&fid)
     }
@@ -72,6 +107,15 @@ impl Callbacks {
             for f in fids {
                 t.valid.remove(f);
                 *t.generation.entry(*f).or_insert(0) += 1;
+                if f.vnode != 0 {
+                    t.dirty_volumes.insert(f.volume);
+                }
+                if let Some(covered) = t.via_volume.remove(f) {
+                    for c in covered {
+                        t.valid.remove(&c);
+                        *t.generation.entry(c).or_insert(0) += 1;
+                    }
+                }
             }
         }
     }
@@ -81,6 +125,7 @@ impl Callbacks {
         let mut t = self.table.lock();
         t.session += 1;
         t.valid.clear();
+        t.via_volume.clear();
     }
 }
 

@@ -423,6 +423,9 @@ fn reader_loop(
                 // Invalidate first, then ack at once: the writer on the other
                 // client is waiting for this ack.
                 callbacks.break_fids(&fids);
+                // A volume callback's pseudo-fid (vnode 0) is no object:
+                // not counted or reported as one.
+                let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
                 Counters::add(&counters.breaks_received, fids.len() as u64);
                 let ack = Msg::BreakAck;
                 let r = write_frame(&mut *ctl.writer.lock(), ack.kind(), frame.id, &ack.encode());

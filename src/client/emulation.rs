@@ -49,6 +49,8 @@ pub(crate) struct EmuState {
     /// differ (a cancelled create bumped ours, someone else's create bumped
     /// the server's), so once the log is empty their listings are reread.
     edited: Mutex<std::collections::HashSet<Fid>>,
+    /// volume → stamp the cache of it was last fully valid at (stamps.rs).
+    pub(crate) stamps: Mutex<std::collections::HashMap<u32, u64>>,
 }
 
 impl EmuState {
@@ -65,6 +67,7 @@ impl EmuState {
             wake_rx,
             root: Mutex::new(None),
             edited: Mutex::new(Default::default()),
+            stamps: Mutex::new(Default::default()),
         }
     }
 
@@ -144,6 +147,7 @@ impl Inner {
         emu.age_ms
             .store(cfg.reintegration_age_ms, Ordering::Relaxed);
         *emu.root.lock() = self.load_root();
+        self.take_saved_stamps();
         for fid in self.cml.stored_fids() {
             self.cache.pin(fid);
         }

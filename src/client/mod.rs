@@ -18,6 +18,7 @@ mod file;
 mod namei;
 mod probe;
 mod reintegrate;
+mod stamps;
 mod stats;
 
 use std::path::Path;
@@ -116,6 +117,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.servers.shutdown();
         self.cache.flush_lru();
+        self.save_stamps();
     }
 }
 
@@ -545,21 +547,9 @@ impl Inner {
     /// As `revalidate_all`, on a given session and interrupt (the prober
     /// revalidates while callers are still failed over).
     fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
-        // The server answers at most 14979 fids per GetAttrs (one reply
-        // frame); smaller batches also keep each reply quick.
-        const BATCH: usize = 4096;
-        // Objects with logged changes keep their local state until
-        // reintegrated (disconnected operation).
-        let fids: Vec<Fid> = self
-            .cache
-            .known_fids()
-            .into_iter()
-            .filter(|f| !self.cml.mentions(*f))
-            .collect();
-        for chunk in fids.chunks(BATCH) {
-            self.fetch_attrs_on(s, interrupt, chunk)?;
-        }
-        Ok(())
+        // One ValidateVolume per volume; objects of a volume whose stamp
+        // does not prove it unchanged are checked in batches (stamps.rs).
+        self.validate_volumes(s, interrupt)
     }
 
     /// `GetAttrs` for `fids`: caches what came back and takes the callbacks

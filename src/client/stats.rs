@@ -20,6 +20,8 @@ pub struct ClientStats {
     pub validations_unchanged: u64,
     /// CML records the server committed (a batch carries many).
     pub records_reintegrated: u64,
+    /// `ValidateVolume` requests (one per volume on reconnect or restart).
+    pub volume_validations: u64,
 }
 
 #[derive(Default)]
@@ -32,6 +34,7 @@ pub(crate) struct Counters {
     pub reintegrations: AtomicU64,
     pub validations_unchanged: AtomicU64,
     pub records_reintegrated: AtomicU64,
+    pub volume_validations: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +53,7 @@ impl Counters {
             reintegrations: g(&self.reintegrations),
             validations_unchanged: g(&self.validations_unchanged),
             records_reintegrated: g(&self.records_reintegrated),
+            volume_validations: g(&self.volume_validations),
         }
     }
 }

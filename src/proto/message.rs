@@ -178,6 +178,19 @@ pub enum Msg {
     Reintegrated {
         results: Vec<Attr>,
     },
+    /// Is every object of `volume` the client cached as of `stamp` still
+    /// valid, given the client's own changes? Grants a volume callback.
+    ValidateVolume {
+        volume: u32,
+        stamp: u64,
+    },
+    /// `valid`: no other client changed the volume after `stamp`; `stamp`
+    /// here is the volume's current one.
+    VolumeStamp {
+        volume: u32,
+        stamp: u64,
+        valid: bool,
+    },
     /// Server push: the callbacks on these fids are broken. Id chosen by server.
     CallbackBreak {
         fids: Vec<Fid>,
@@ -219,6 +232,8 @@ mod code {
     pub const FID_RANGE: u8 = 0x17;
     pub const REINTEGRATE: u8 = 0x18;
     pub const REINTEGRATED: u8 = 0x19;
+    pub const VALIDATE_VOLUME: u8 = 0x1A;
+    pub const VOLUME_STAMP: u8 = 0x1B;
     pub const CALLBACK_BREAK: u8 = 0x20;
     pub const BREAK_ACK: u8 = 0x21;
     pub const FETCH: u8 = 0x30;
@@ -274,6 +289,8 @@ impl Msg {
             Msg::FidRange { .. } => FID_RANGE,
             Msg::Reintegrate { .. } => REINTEGRATE,
             Msg::Reintegrated { .. } => REINTEGRATED,
+            Msg::ValidateVolume { .. } => VALIDATE_VOLUME,
+            Msg::VolumeStamp { .. } => VOLUME_STAMP,
             Msg::CallbackBreak { .. } => CALLBACK_BREAK,
             Msg::BreakAck => BREAK_ACK,
             Msg::Fetch { .. } => FETCH,
@@ -354,6 +371,16 @@ impl Msg {
             }
             Msg::AllocFids { volume, count } => {
                 w.u32(*volume).u32(*count);
+            }
+            Msg::ValidateVolume { volume, stamp } => {
+                w.u32(*volume).u64(*stamp);
+            }
+            Msg::VolumeStamp {
+                volume,
+                stamp,
+                valid,
+            } => {
+                w.u32(*volume).u64(*stamp).u8(*valid as u8);
             }
             Msg::FidRange {
                 volume,
@@ -486,6 +513,15 @@ impl Msg {
             ALLOC_FIDS => Msg::AllocFids {
                 volume: r.u32()?,
                 count: r.u32()?,
+            },
+            VALIDATE_VOLUME => Msg::ValidateVolume {
+                volume: r.u32()?,
+                stamp: r.u64()?,
+            },
+            VOLUME_STAMP => Msg::VolumeStamp {
+                volume: r.u32()?,
+                stamp: r.u64()?,
+                valid: r.bool()?,
             },
             FID_RANGE => Msg::FidRange {
                 volume: r.u32()?,
@@ -846,6 +882,15 @@ mod tests {
             },
             Msg::Reintegrated {
                 results: vec![attr()],
+            },
+            Msg::ValidateVolume {
+                volume: 1,
+                stamp: 7,
+            },
+            Msg::VolumeStamp {
+                volume: 1,
+                stamp: 9,
+                valid: true,
             },
             Msg::CallbackBreak { fids: vec![f] },
             Msg::BreakAck,

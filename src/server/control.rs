@@ -116,6 +116,7 @@ fn read_loop(
             m @ (Msg::GetAttrs { .. }
             | Msg::ReadDir { .. }
             | Msg::AllocFids { .. }
+            | Msg::ValidateVolume { .. }
             | Msg::Reintegrate { .. }) => {
                 let (shared2, ctx2, tx2) = (Arc::clone(shared), *ctx, tx.clone());
                 shared.pool.submit(move || {
@@ -181,6 +182,22 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
                 first_vnode,
                 count,
             })
+        }
+        Msg::ValidateVolume { volume, stamp } => {
+            // Callback first, then read (as for GetAttrs).
+            let vf = super::meta::volume_fid(volume);
+            shared.registry.register(ctx, &[vf]);
+            match shared.store.volume_stamp(volume, &ctx.id) {
+                Ok((now, foreign)) => Ok(Msg::VolumeStamp {
+                    volume,
+                    stamp: now,
+                    valid: foreign <= stamp,
+                }),
+                Err(e) => {
+                    shared.registry.unregister(ctx, &[vf]);
+                    Err(e)
+                }
+            }
         }
         Msg::Reintegrate { records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);

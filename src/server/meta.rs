@@ -14,6 +14,8 @@ pub const OBJECTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("obj
 pub const DIRENTS: TableDefinition<(&[u8; 16], &str), &[u8; 17]> = TableDefinition::new("dirents");
 /// volume id → next vnode number never handed out.
 pub const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
+/// volume id → its version stamp (see [`VolStamp`]).
+pub const VOLSTAMPS: TableDefinition<u32, &[u8]> = TableDefinition::new("volstamps");
 /// user name → 32-byte shared secret.
 pub const USERS: TableDefinition<&str, &[u8; 32]> = TableDefinition::new("users");
 /// client id → highest `store_id` applied for it (idempotent replay).
@@ -31,6 +33,68 @@ pub const ROOT_KEY: &str = "root";
 /// The root volume and its root directory, created by `coda-server init`.
 pub const ROOT_VOLUME: u32 = 1;
 pub const ROOT_FID: Fid = Fid::new(ROOT_VOLUME, 1, 1);
+
+/// A volume's version stamp: bumped in the same transaction as every batch
+/// that changes the volume. To answer "did any *other* client change it
+/// since stamp S" it also keeps the latest changer and the latest stamp by a
+/// different client (the largest stamp by anyone other than C is one of
+/// the two).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolStamp {
+    pub stamp: u64,
+    pub last: ([u8; 16], u64),
+    pub other: ([u8; 16], u64),
+}
+
+impl VolStamp {
+    pub fn bump(&mut self, client: &[u8; 16]) {
+        self.stamp += 1;
+        if self.last.0 != *client {
+            self.other = self.last;
+        }
+        self.last = (*client, self.stamp);
+    }
+
+    /// The latest stamp of a change by a client other than `client`.
+    pub fn foreign(&self, client: &[u8; 16]) -> u64 {
+        if self.last.0 == *client {
+            self.other.1
+        } else {
+            self.last.1
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.u64(self.stamp)
+            .bytes_fixed(&self.last.0)
+            .u64(self.last.1)
+            .bytes_fixed(&self.other.0)
+            .u64(self.other.1);
+        w.buf
+    }
+
+    pub fn decode(b: &[u8]) -> Result<VolStamp> {
+        let mut r = Reader::new(b);
+        let stamp = r.u64()?;
+        let l: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
+        let ls = r.u64()?;
+        let o: [u8; 16] = r.take(16)?.try_into().expect("16 bytes");
+        let os = r.u64()?;
+        r.finish()?;
+        Ok(VolStamp {
+            stamp,
+            last: (l, ls),
+            other: (o, os),
+        })
+    }
+}
+
+/// The pseudo-fid that stands for a volume callback: vnode 0 never names
+/// an object, so the callback table keeps it like any other fid.
+pub fn volume_fid(volume: u32) -> Fid {
+    Fid::new(volume, 0, 0)
+}
 
 /// What the server keeps per object.
 #[derive(Debug, Clone, PartialEq, Eq)]

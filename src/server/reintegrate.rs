@@ -155,10 +155,22 @@ impl VolumeStore {
             return Err(f);
         }
         let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
+        let volumes: BTreeSet<u32> = changed.iter().map(|f| f.volume).collect();
         let commit = (|| -> Result<()> {
             if top > highest {
                 txn.open_table(CLIENT_STORE)?.insert(client, top)?;
             }
+            // The volume stamps move in the same transaction as the batch.
+            let mut vs = txn.open_table(VOLSTAMPS)?;
+            for v in &volumes {
+                let mut s = match vs.get(*v)? {
+                    Some(b) => VolStamp::decode(b.value())?,
+                    None => VolStamp::default(),
+                };
+                s.bump(client);
+                vs.insert(*v, &s.encode()[..])?;
+            }
+            drop(vs);
             txn.commit()?;
             Ok(())
         })();
@@ -168,9 +180,14 @@ impl VolumeStore {
         }
         // Committed: the replaced files are unreferenced now.
         replaced.iter().for_each(|p| objects::remove_quietly(p));
+        // Holders of a volume callback hear of every change to the volume.
+        let changed = changed
+            .into_iter()
+            .chain(volumes.into_iter().map(volume_fid))
+            .collect();
         Ok(Outcome {
             results,
-            changed: changed.into_iter().collect(),
+            changed,
             deleted: deleted.into_iter().collect(),
             consumed_uploads: consumed,
             replayed: false,

@@ -189,6 +189,24 @@ impl VolumeStore {
         Ok(out)
     }
 
+    /// A volume's stamp and the latest stamp of a change by a client other
+    /// than `client`. `Stale` for a volume that does not exist.
+    pub fn volume_stamp(&self, volume: u32, client: &ClientId) -> Result<(u64, u64)> {
+        let txn = self.db.begin_read()?;
+        if txn.open_table(VOLUMES)?.get(volume)?.is_none() {
+            return Err(Error::Stale(format!("no volume {volume}")));
+        }
+        let s = match txn.open_table(VOLSTAMPS) {
+            Ok(t) => match t.get(volume)? {
+                Some(b) => VolStamp::decode(b.value())?,
+                None => VolStamp::default(),
+            },
+            Err(redb::TableError::TableDoesNotExist(_)) => VolStamp::default(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok((s.stamp, s.foreign(client)))
+    }
+
     /// One page of a directory, in name order; `cursor` counts entries
     /// already returned. Page and attr come from one snapshot.
     pub fn read_dir(&self, fid: Fid, cursor: u32) -> Result<(Attr, Vec<DirEntry>, Option<u32>)> {
