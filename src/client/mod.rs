@@ -5,11 +5,13 @@
 //! a control and bulk connections (`conn`), and sends every mutation through
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
+mod admin;
 mod cache;
 mod callback;
 mod cml;
 mod config;
 mod conn;
+pub mod control;
 pub mod event;
 pub mod failover;
 mod file;
@@ -23,6 +25,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, select, Sender};
 use redb::Database;
 
+pub use admin::{CachedObject, FlushReport};
 pub use config::Config;
 pub use event::{Event, EventBus};
 pub use file::File;
