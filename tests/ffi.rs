@@ -130,6 +130,11 @@ fn c_errors_null_and_bad_utf8() {
 }
 
 #[test]
+fn c_event_callback_runs_on_a_library_thread() {
+    run_c_test("t_event_callback", &[], &["-pthread"]);
+}
+
+#[test]
 fn c_failover_swaps_a_real_symlink() {
     run_c_test("t_failover", &[], &[]);
 }
@@ -161,6 +166,34 @@ fn c_tests_under_valgrind() {
             ],
             &[],
         );
+    }
+}
+
+/// The C tests built with AddressSanitizer and UndefinedBehaviorSanitizer,
+/// where the toolchain has them.
+#[test]
+fn c_tests_under_asan_and_ubsan() {
+    let flags = [
+        "-fsanitize=address,undefined",
+        "-fno-omit-frame-pointer",
+        "-fno-sanitize-recover=all",
+    ];
+    // Probe: a toolchain without the runtimes cannot link this.
+    let scratch = TempDir::new("asan-probe");
+    let src = scratch.path().join("p.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+    let probe = Command::new("cc")
+        .args(flags)
+        .arg(&src)
+        .arg("-o")
+        .arg(scratch.path().join("p"))
+        .status();
+    if !probe.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("skipping: this C toolchain has no address/undefined sanitizer runtimes");
+        return;
+    }
+    for t in ["t_errors", "t_file", "t_dir", "t_failover"] {
+        run_c_test(t, &[], &flags);
     }
 }
 

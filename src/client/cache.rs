@@ -8,7 +8,7 @@
 //! callback table; the cache only remembers versions so that an untrusted
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -120,6 +120,11 @@ struct State {
     map: HashMap<Fid, Entry>,
     clock: u64,
     bytes: u64,
+    /// Entries whose only unsaved change is their LRU position. Saving them
+    /// on every close would put an index write on the cached-open hot path;
+    /// recency is only a hint, so it is saved in one batch by `flush_lru`
+    /// (on shutdown) and whenever the entry is saved for another reason.
+    lru_unsaved: HashSet<Fid>,
 }
 
 pub(crate) struct Cache {
@@ -181,7 +186,12 @@ impl Cache {
             containers,
             db,
             limit,
-            state: Mutex::new(State { map, clock, bytes }),
+            state: Mutex::new(State {
+                map,
+                clock,
+                bytes,
+                lru_unsaved: HashSet::new(),
+            }),
         })
     }
 
@@ -350,11 +360,34 @@ impl Cache {
             let mut st = self.state.lock();
             if let Some(e) = st.map.get_mut(&fid) {
                 e.open = e.open.saturating_sub(1);
-                let e = e.clone();
-                self.persist(fid, Some(&e));
+                st.lru_unsaved.insert(fid);
             }
         }
         self.evict();
+    }
+
+    /// Save the LRU positions not saved yet, in one index transaction.
+    pub fn flush_lru(&self) {
+        let mut st = self.state.lock();
+        let fids: Vec<Fid> = st.lru_unsaved.drain().collect();
+        let rows: Vec<(Fid, Vec<u8>)> = fids
+            .iter()
+            .filter_map(|f| st.map.get(f).map(|e| (*f, e.encode())))
+            .collect();
+        drop(st);
+        let res: Result<()> = (|| {
+            let mut w = self.db.begin_write()?;
+            w.set_durability(Durability::Eventual);
+            {
+                let mut t = w.open_table(OBJECTS)?;
+                for (fid, row) in &rows {
+                    t.insert(&fid.to_bytes()[..], &row[..])?;
+                }
+            }
+            w.commit()?;
+            Ok(())
+        })();
+        let _ = res;
     }
 
     /// Forget an object entirely (it was removed).

@@ -93,7 +93,8 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
             ));
         }
     };
-    let st = stamp(&file);
+    // Only a writable fd can change the container behind our back.
+    let st = if writable { stamp(&file) } else { (0, 0, 0) };
     Ok(File {
         inner: inner.clone(),
         fid,

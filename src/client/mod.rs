@@ -111,6 +111,7 @@ pub(crate) struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.servers.shutdown();
+        self.cache.flush_lru();
     }
 }
 
