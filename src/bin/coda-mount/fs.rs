@@ -43,6 +43,10 @@ pub struct Shared {
 struct Handle {
     ino: u64,
     writable: bool,
+    /// Where it was opened and how: a written file is stored (closed) at
+    /// the first flush (close(2)) and opened again if written once more.
+    path: String,
+    flags: i32,
     file: Mutex<Option<File>>,
     _backing: Option<Arc<BackingId>>,
 }
@@ -257,6 +261,19 @@ impl CodaFs {
         self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
     }
 
+    /// The handle's `File`, opened again if a flush closed it (a write after
+    /// close(2) through a duplicated descriptor).
+    fn reopen<'a>(&self, h: &Handle, slot: &'a mut Option<File>) -> Result<&'a mut File, Errno> {
+        if slot.is_none() {
+            let f = self
+                .client
+                .open(&h.path, h.flags, 0)
+                .map_err(|e| errno(&e))?;
+            *slot = Some(f);
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
     fn new_fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
@@ -312,7 +329,8 @@ impl CodaFs {
     fn remember(
         &self,
         ino: u64,
-        writable: bool,
+        path: &str,
+        flags: i32,
         file: File,
         backing: Option<Arc<BackingId>>,
     ) -> u64 {
@@ -321,7 +339,10 @@ impl CodaFs {
             fh,
             Arc::new(Handle {
                 ino,
-                writable,
+                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+                path: path.to_string(),
+                // Reopening must neither create nor truncate again.
+                flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
                 file: Mutex::new(Some(file)),
                 _backing: backing,
             }),
@@ -537,14 +558,14 @@ impl Filesystem for CodaFs {
         );
         if !writable {
             if let Some(b) = self.backing_for(ino.0, &file, &reply) {
-                let fh = self.remember(ino.0, false, file, Some(b.clone()));
+                let fh = self.remember(ino.0, &path, cflags, file, Some(b.clone()));
                 self.shared
                     .passthrough_opens
                     .fetch_add(1, Ordering::Relaxed);
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
             }
         }
-        let fh = self.remember(ino.0, writable, file, None);
+        let fh = self.remember(ino.0, &path, cflags, file, None);
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), self.plain_flags());
     }
@@ -561,10 +582,8 @@ impl Filesystem for CodaFs {
         reply: ReplyData,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let g = h.file.lock();
-        let Some(f) = g.as_ref() else {
-            return reply.error(Errno::EBADF);
-        };
+        let mut g = h.file.lock();
+        let f = tri!(reply, self.reopen(&h, &mut g));
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -591,9 +610,7 @@ impl Filesystem for CodaFs {
     ) {
         let h = tri!(reply, self.handle(fh));
         let mut g = h.file.lock();
-        let Some(f) = g.as_mut() else {
-            return reply.error(Errno::EBADF);
-        };
+        let f = tri!(reply, self.reopen(&h, &mut g));
         let mut done = 0;
         while done < data.len() {
             match f.write_at(&data[done..], offset + done as u64) {
@@ -609,11 +626,27 @@ impl Filesystem for CodaFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // close(2) waits for this (release comes later, asynchronously):
+        // store a written file here, so close returns the store's result
+        // and the next opener, here or anywhere, sees the new contents.
+        let Ok(h) = self.handle(fh) else {
+            return reply.ok();
+        };
+        if !h.writable {
+            return reply.ok();
+        }
+        let f = h.file.lock().take();
+        match f.map(File::close) {
+            Some(Err(e)) => {
+                eprintln!("coda-mount: storing {}: {e}", h.path);
+                reply.error(errno(&e))
+            }
+            _ => reply.ok(),
+        }
     }
 
     fn fsync(
@@ -749,8 +782,7 @@ impl Filesystem for CodaFs {
                 return reply.error(e);
             }
         };
-        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let fh = self.remember(attr.ino.0, writable, file, None);
+        let fh = self.remember(attr.ino.0, &path, cflags, file, None);
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.created(
             &TTL,
