@@ -78,7 +78,7 @@ impl Mount {
             let _ = BufReader::new(out).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let mut m = Mount {
+        let m = Mount {
             child: Some(child),
             mountpoint: mountpoint.clone(),
             cache_dir: dir.join("cache"),
@@ -91,7 +91,6 @@ impl Mount {
             "coda-mount's first line"
         );
         assert!(is_mounted(&mountpoint));
-        m.child.as_ref().unwrap();
         m
     }
 
