@@ -23,6 +23,9 @@ pub struct Config {
     pub dead_after_ms: u64,
     pub failover_link: Option<PathBuf>,
     pub failover_target: Option<PathBuf>,
+    /// With automatic failover: swap back by itself once servers have been
+    /// up (and the cache revalidated) this long. `None`: only by call.
+    pub failback_after_ms: Option<u64>,
     pub bind_addr: Option<SocketAddr>,
     /// Bound on every wait for a reply (for bulk transfers: per chunk).
     pub rpc_timeout_ms: u64,
@@ -46,6 +49,7 @@ impl Config {
             dead_after_ms: 1000,
             failover_link: None,
             failover_target: None,
+            failback_after_ms: None,
             bind_addr: None,
             rpc_timeout_ms: 10_000,
         }
@@ -101,6 +105,16 @@ impl Config {
             }
             "failover_target" => {
                 self.failover_target = Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?)
+            }
+            "failback_after_ms" => {
+                // "off" (or 0) keeps failback manual, the default.
+                self.failback_after_ms = match v {
+                    "off" | "0" => None,
+                    _ => Some(
+                        v.parse::<u64>()
+                            .map_err(|_| bad("expected milliseconds or off"))?,
+                    ),
+                }
             }
             "bind_addr" => {
                 let a = if v.contains(':') {
@@ -218,6 +232,12 @@ mod tests {
         assert!(c.set("heartbeat_ms", "0").is_err());
         assert!(c.set("bind_addr", "127.0.0.1").is_ok());
         assert_eq!(c.bind_addr, Some("127.0.0.1:0".parse().unwrap()));
+        assert_eq!(c.failback_after_ms, None);
+        c.set("failback_after_ms", "1500").unwrap();
+        assert_eq!(c.failback_after_ms, Some(1500));
+        c.set("failback_after_ms", "off").unwrap();
+        assert_eq!(c.failback_after_ms, None);
+        assert!(c.set("failback_after_ms", "soon").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,7 +77,7 @@ impl Drop for SocketGuard<'_> {
 }
 
 impl Interrupt {
-    fn new() -> Interrupt {
+    pub(crate) fn new() -> Interrupt {
         let (tx, rx) = bounded(0);
         Interrupt {
             state: Mutex::new(InterruptState {
@@ -118,7 +118,7 @@ impl Interrupt {
         self.state.lock().reason.clone()
     }
 
-    fn trigger(&self, reason: &str) {
+    pub(crate) fn trigger(&self, reason: &str) {
         {
             let mut s = self.state.lock();
             s.reason = reason.to_string();
@@ -142,8 +142,14 @@ impl Interrupt {
 // ---------------------------------------------------------------------------
 // Handshake (both connection kinds).
 
-fn dial(addr: SocketAddr, t: &Timing) -> std::io::Result<TcpStream> {
-    let s = match t.bind_addr {
+fn dial(addr: SocketAddr, kind: ConnKind, t: &Timing) -> std::io::Result<TcpStream> {
+    // A configured port is for the control connection only: bulk connections
+    // to the same server from the same port would be the same TCP 4-tuple.
+    let local = match (t.bind_addr, kind) {
+        (Some(a), ConnKind::Bulk) => Some(SocketAddr::new(a.ip(), 0)),
+        (a, _) => a,
+    };
+    let s = match local {
         None => TcpStream::connect_timeout(&addr, t.rpc_timeout)?,
         Some(local) => connect_from(local, addr)?,
     };
@@ -274,7 +280,7 @@ fn handshake(
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::Eio(format!("server {server}: no address")))?;
-    let mut s = dial(addr, t).map_err(|e| {
+    let mut s = dial(addr, kind, t).map_err(|e| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -346,17 +352,18 @@ struct Control {
     pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
-    callbacks: Arc<Callbacks>,
+    /// Wakes the prober at once when the connection dies (reset, EOF), so a
+    /// refused reconnect can declare the server down without waiting a tick.
+    lost: Sender<()>,
 }
 
 impl Control {
-    /// Declare the connection dead: fail every pending call at once and
-    /// unblock the reader, and report the server down.
+    /// Declare the connection dead: fail every pending call at once, unblock
+    /// the reader, and tell the prober (which decides whether the server is
+    /// down: events are its job, so they are transition-accurate).
     fn kill(&self, reason: &str) {
         if self.close(reason) {
-            self.callbacks.events.emit(Event::ServerDown {
-                server: self.server.clone(),
-            });
+            let _ = self.lost.try_send(());
         }
     }
 
@@ -473,6 +480,9 @@ impl Bulk<'_> {
 }
 
 impl Session {
+    // Plain data handed down from `Servers`; a struct for it would only be
+    // unpacked here again.
+    #[allow(clippy::too_many_arguments)]
     fn connect(
         server: &str,
         ident: Arc<Identity>,
@@ -480,8 +490,14 @@ impl Session {
         callbacks: Arc<Callbacks>,
         counters: Arc<Counters>,
         interrupt: &Interrupt,
+        connect_timeout: Duration,
+        lost: Sender<()>,
     ) -> Result<Arc<Session>> {
-        let (s, root) = handshake(server, ConnKind::Control, &ident, &timing, interrupt)?;
+        let hs_timing = Timing {
+            rpc_timeout: connect_timeout,
+            ..timing
+        };
+        let (s, root) = handshake(server, ConnKind::Control, &ident, &hs_timing, interrupt)?;
         // The reader blocks without a deadline; the heartbeat judges silence.
         s.set_read_timeout(None)
             .map_err(|e| Error::io("control socket", e))?;
@@ -494,7 +510,7 @@ impl Session {
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
             last_heard: Mutex::new(Instant::now()),
-            callbacks: callbacks.clone(),
+            lost,
         });
         let c2 = ctl.clone();
         std::thread::Builder::new()
@@ -517,8 +533,13 @@ impl Session {
         self.ctl.dead.lock().is_some()
     }
 
+    /// The server is dead: fail pending calls and stop bulk transfers too
+    /// (a fetch from a hung server would otherwise wait out its timeout).
     pub fn kill(&self, reason: &str) {
         self.ctl.kill(reason);
+        for s in self.bulk_active.lock().values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     /// Close without reporting the server down.
@@ -533,6 +554,11 @@ impl Session {
     /// One request on the control connection; waits for its reply, the
     /// timeout, the connection's death or an interrupt, whichever is first.
     pub fn call(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Msg> {
+        self.call_within(msg, interrupt, self.timing.rpc_timeout)
+    }
+
+    /// As `call`, with its own bound on the wait (the prober's pings).
+    pub fn call_within(&self, msg: &Msg, interrupt: &Interrupt, timeout: Duration) -> Result<Msg> {
         interrupt.check()?;
         if let Some(e) = self.ctl.dead_error() {
             return Err(e);
@@ -557,8 +583,8 @@ impl Session {
         let r = select! {
             recv(rx) -> r => r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
             recv(watch) -> _ => Err(Error::Eio(interrupt.reason())),
-            default(self.timing.rpc_timeout) => Err(Error::Timeout(format!(
-                "no reply from server {} within {} ms", self.server, self.timing.rpc_timeout.as_millis()))),
+            default(timeout) => Err(Error::Timeout(format!(
+                "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
         };
         self.ctl.pending.lock().remove(&id);
         match r? {
@@ -724,7 +750,7 @@ pub(crate) struct Servers {
     current: Mutex<Option<Arc<Session>>>,
     connect_gate: Mutex<()>,
     sessions: AtomicU64,
-    ever_connected: AtomicBool,
+    lost: (Sender<()>, Receiver<()>),
     pub interrupt: Interrupt,
 }
 
@@ -745,7 +771,7 @@ impl Servers {
             current: Mutex::new(None),
             connect_gate: Mutex::new(()),
             sessions: AtomicU64::new(0),
-            ever_connected: AtomicBool::new(false),
+            lost: bounded(1),
             interrupt: Interrupt::new(),
         }
     }
@@ -754,20 +780,75 @@ impl Servers {
         &self.ident
     }
 
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Ready whenever a session's connection died (reset, EOF, write error).
+    pub fn lost_signal(&self) -> Receiver<()> {
+        self.lost.1.clone()
+    }
+
+    /// The current session, dead or alive, without connecting.
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.current.lock().clone()
+    }
+
     /// The live session, connecting (a new session: every callback void) if
     /// there is none or it died.
     pub fn session(&self) -> Result<Arc<Session>> {
         self.interrupt.check()?;
-        if let Some(s) = self.current.lock().as_ref() {
-            if !s.is_dead() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.live() {
+            return Ok(s);
         }
         let _gate = self.connect_gate.lock();
-        if let Some(s) = self.current.lock().as_ref() {
-            if !s.is_dead() {
-                return Ok(s.clone());
-            }
+        // A failover while we queued at the gate must not start a handshake.
+        self.interrupt.check()?;
+        self.connect_gated(&self.interrupt, self.timing.rpc_timeout)
+    }
+
+    /// The prober's way in: obeys its own interrupt (not the failover one, so
+    /// it can find a server again while failed over), never waits at the
+    /// connect gate longer than `timeout`, and bounds the handshake by it.
+    pub fn probe_session(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
+        interrupt.check()?;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let Some(_gate) = self.connect_gate.try_lock_for(timeout) else {
+            return Err(Error::Timeout("another connect is in progress".into()));
+        };
+        self.connect_gated(interrupt, timeout)
+    }
+
+    /// The current session if it is alive and fresh. One silent for longer
+    /// than `dead_after` is killed here rather than used: the prober may not
+    /// have run yet (say this process was stopped), and the server may have
+    /// cut us off meanwhile.
+    fn live(&self) -> Option<Arc<Session>> {
+        let s = self.current.lock().clone()?;
+        if s.is_dead() {
+            return None;
+        }
+        if s.silent_for() > self.timing.dead_after {
+            s.kill(&format!(
+                "no reply for {} ms",
+                self.timing.dead_after.as_millis()
+            ));
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Whether a live session was heard from within `dead_after`.
+    pub fn fresh(&self) -> bool {
+        self.live().is_some()
+    }
+
+    /// Connect to the first server that answers; the caller holds the gate.
+    fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
+        if let Some(s) = self.live() {
+            return Ok(s);
         }
         let mut last = Error::Invalid("no servers configured".into());
         for addr in &self.addrs {
@@ -780,14 +861,11 @@ impl Servers {
                 self.timing,
                 self.callbacks.clone(),
                 self.counters.clone(),
-                &self.interrupt,
+                interrupt,
+                timeout,
+                self.lost.0.clone(),
             ) {
                 Ok(s) => {
-                    if self.ever_connected.swap(true, Ordering::Relaxed) {
-                        self.callbacks.events.emit(Event::ServerUp {
-                            server: addr.clone(),
-                        });
-                    }
                     if let Some(old) = self.current.lock().replace(s.clone()) {
                         old.close("replaced by a new session");
                     }
@@ -799,25 +877,6 @@ impl Servers {
             }
         }
         Err(last)
-    }
-
-    /// One heartbeat: declare the server dead after `dead_after` of silence,
-    /// otherwise ping it.
-    pub fn heartbeat(&self) {
-        let s = self.current.lock().clone();
-        if let Some(s) = s {
-            if s.is_dead() {
-                return;
-            }
-            if s.silent_for() > self.timing.dead_after {
-                s.kill(&format!(
-                    "no reply for {} ms",
-                    self.timing.dead_after.as_millis()
-                ));
-            } else {
-                s.ping();
-            }
-        }
     }
 
     /// Whether a live session exists right now (no network traffic).

@@ -9,7 +9,65 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::event::Event;
+use super::probe::FailedOver;
+use super::Inner;
 use crate::{Error, Result};
+
+impl Inner {
+    /// Swap `link` to `target`, then fail every pending and later remote
+    /// operation with `Eio`. Takes no lock a network wait holds, so it
+    /// returns at once even while a server hangs.
+    pub(crate) fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
+        let mut failed = self.health.failed.lock();
+        let before = std::fs::read_link(link).ok();
+        swap_link(link, target)?;
+        self.servers.interrupt_all(&format!(
+            "failed over: {} -> {}",
+            link.display(),
+            target.display()
+        ));
+        // A second failover keeps the first one's record: failback restores
+        // what the link pointed to before the outage.
+        if failed.is_none() {
+            *failed = before.map(|before| FailedOver {
+                link: link.to_path_buf(),
+                before,
+            });
+        }
+        drop(failed);
+        self.callbacks.events.emit(Event::Failover {
+            link: link.display().to_string(),
+            target: target.display().to_string(),
+        });
+        Ok(())
+    }
+
+    /// Undo a failover: find a server through the prober's path (callers
+    /// stay failed over meanwhile), revalidate the cache, and only then swap
+    /// `link` to `target` and let remote operations through. `Again` while no
+    /// server answers.
+    pub(crate) fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
+        let again = |e: Error| Error::Again(format!("no server answers, staying failed over: {e}"));
+        let int = &self.health.interrupt;
+        let s = self
+            .servers
+            .probe_session(int, self.servers.timing().rpc_timeout)
+            .map_err(again)?;
+        self.revalidate_on(&s, int).map_err(again)?;
+        let mut failed = self.health.failed.lock();
+        swap_link(link, target)?;
+        self.servers.interrupt.clear();
+        *failed = None;
+        drop(failed);
+        self.health.mark_up(self, &s.server);
+        self.callbacks.events.emit(Event::Failback {
+            link: link.display().to_string(),
+            target: target.display().to_string(),
+        });
+        Ok(())
+    }
+}
 
 /// Atomically make the symlink `link` point to `target`. Refuses (`Invalid`)
 /// to replace anything that is not a symlink, and `NotFound` if `link` does

@@ -16,13 +16,14 @@ pub mod event;
 pub mod failover;
 mod file;
 mod namei;
+mod probe;
 mod stats;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, Sender};
+use crossbeam_channel::{bounded, Sender};
 use redb::Database;
 
 pub use admin::{CachedObject, FlushReport};
@@ -31,14 +32,15 @@ pub use event::{Event, EventBus};
 pub use file::File;
 pub use stats::ClientStats;
 
-use crate::proto::{auth, Attr, Msg, RecordOp, MAX_FIDS, MAX_SYMLINK};
+use crate::proto::{auth, Attr, Msg, RecordOp, MAX_SYMLINK};
 pub use crate::proto::{Fid, FileType, Timespec};
 use crate::{Error, Result};
 
 use cache::Cache;
 use callback::{Callbacks, Token};
 use cml::Cml;
-use conn::{Identity, Servers, Timing};
+use conn::{Identity, Interrupt, Servers, Session, Timing};
+use probe::Health;
 use stats::Counters;
 
 /// An object's status, as `stat` reports it.
@@ -104,8 +106,9 @@ pub(crate) struct Inner {
     counters: Arc<Counters>,
     cache: Cache,
     cml: Cml,
-    /// Dropped with the client: stops the heartbeat thread.
-    _stop_heartbeat: Sender<()>,
+    health: Health,
+    /// Dropped with the client: stops the prober thread.
+    _stop_probe: Sender<()>,
 }
 
 impl Drop for Inner {
@@ -184,26 +187,16 @@ impl Client {
         servers.session()?;
 
         let (stop, stopped) = bounded::<()>(0);
-        let hb = servers.clone();
-        let period = Duration::from_millis(cfg.heartbeat_ms);
-        std::thread::Builder::new()
-            .name("coda-heartbeat".into())
-            .spawn(move || loop {
-                select! {
-                    recv(stopped) -> _ => return,
-                    default(period) => hb.heartbeat(),
-                }
-            })
-            .map_err(|e| Error::io("spawning the heartbeat thread", e))?;
-
         let inner = Arc::new(Inner {
             servers,
             callbacks,
             counters,
             cache,
             cml,
-            _stop_heartbeat: stop,
+            health: Health::new(&cfg),
+            _stop_probe: stop,
         });
+        probe::spawn(&inner, stopped)?;
         inner.cml.replay(&inner.servers, &inner.counters, |f| {
             inner.cache.container(f)
         })?;
@@ -216,7 +209,7 @@ impl Client {
         let servers = &self.inner.servers;
         if servers.interrupt.check().is_err() {
             ClientState::FailedOver
-        } else if servers.is_connected() {
+        } else if self.inner.health.is_up() && servers.is_connected() {
             ClientState::Connected
         } else {
             ClientState::Disconnected
@@ -233,17 +226,7 @@ impl Client {
     /// then make every pending and later remote operation fail with `Eio`
     /// until [`Client::failback`]. Never waits for a server.
     pub fn failover(&self, link: &Path, target: &Path) -> Result<()> {
-        failover::swap_link(link, target)?;
-        self.inner.servers.interrupt_all(&format!(
-            "failed over: {} -> {}",
-            link.display(),
-            target.display()
-        ));
-        self.events().emit(Event::Failover {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
+        self.inner.fail_over(link, target)
     }
 
     /// Undo a failover: once a server answers and the cache is revalidated,
@@ -251,27 +234,7 @@ impl Client {
     /// operations through again. `Again` while no server answers (the client
     /// then stays failed over).
     pub fn failback(&self, link: &Path, target: &Path) -> Result<()> {
-        let servers = &self.inner.servers;
-        let reason = servers.interrupt.check().err();
-        servers.interrupt.clear();
-        let probe = servers
-            .session()
-            .and_then(|_| self.inner.revalidate_all())
-            .and_then(|_| failover::swap_link(link, target));
-        if let Err(e) = probe {
-            if let Some(Error::Eio(r)) = &reason {
-                servers.interrupt_all(r);
-            }
-            return Err(match e {
-                e @ (Error::Invalid(_) | Error::Io { .. }) => e,
-                e => Error::Again(format!("no server answers, staying failed over: {e}")),
-            });
-        }
-        self.events().emit(Event::Failback {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
+        self.inner.fail_back(link, target)
     }
 
     pub fn stat(&self, path: &str) -> Result<Stat> {
@@ -565,9 +528,19 @@ impl Inner {
     /// Revalidate every cached object with a few `GetAttrs` (many fids each)
     /// instead of refetching: after a restart, unchanged objects are reused.
     fn revalidate_all(&self) -> Result<()> {
+        let s = self.servers.session()?;
+        self.revalidate_on(&s, &self.servers.interrupt)
+    }
+
+    /// As `revalidate_all`, on a given session and interrupt (the prober
+    /// revalidates while callers are still failed over).
+    fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
+        // The server answers at most 14979 fids per GetAttrs (one reply
+        // frame); smaller batches also keep each reply quick.
+        const BATCH: usize = 4096;
         let fids = self.cache.known_fids();
-        for chunk in fids.chunks(MAX_FIDS) {
-            self.fetch_attrs(chunk)?;
+        for chunk in fids.chunks(BATCH) {
+            self.fetch_attrs_on(s, interrupt, chunk)?;
         }
         Ok(())
     }
@@ -576,13 +549,22 @@ impl Inner {
     /// the server granted (unless a break overtook them). Objects that are
     /// gone are forgotten.
     fn fetch_attrs(&self, fids: &[Fid]) -> Result<Vec<Result<Attr>>> {
-        let tokens: Vec<Token> = fids.iter().map(|f| self.callbacks.token(*f)).collect();
         let s = self.servers.session()?;
+        self.fetch_attrs_on(&s, &self.servers.interrupt, fids)
+    }
+
+    fn fetch_attrs_on(
+        &self,
+        s: &Session,
+        interrupt: &Interrupt,
+        fids: &[Fid],
+    ) -> Result<Vec<Result<Attr>>> {
+        let tokens: Vec<Token> = fids.iter().map(|f| self.callbacks.token(*f)).collect();
         let reply = s.call(
             &Msg::GetAttrs {
                 fids: fids.to_vec(),
             },
-            &self.servers.interrupt,
+            interrupt,
         )?;
         Counters::add(&self.counters.getattr_rpcs, 1);
         let Msg::Attrs { items } = reply else {
@@ -617,9 +599,17 @@ impl Inner {
         Ok(out)
     }
 
+    /// Whether the cached copy of `fid` may be used without asking: the
+    /// callback holds and the session is fresh (heard from within
+    /// `dead_after`; a client that was itself stopped, or cut off by a break
+    /// timeout it has not noticed yet, cannot know what it missed).
+    fn trusts(&self, fid: Fid) -> bool {
+        self.callbacks.holds(fid) && self.servers.fresh()
+    }
+
     /// Status of `fid`: from the cache while the callback holds, else asked.
     fn getattr(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(e) = self.cache.get(fid) {
                 return Ok(e.attr);
             }
@@ -630,7 +620,7 @@ impl Inner {
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
     fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
-        if self.callbacks.holds(dir) {
+        if self.trusts(dir) {
             if let Some(l) = self
                 .cache
                 .get(dir)
@@ -723,7 +713,7 @@ impl Inner {
     /// an opener: trusted under a callback, revalidated by version when the
     /// callback is gone, fetched whole otherwise.
     fn open_data(&self, fid: Fid) -> Result<Attr> {
-        if self.callbacks.holds(fid) {
+        if self.trusts(fid) {
             if let Some(a) = self.cache.try_open(fid) {
                 return Ok(a);
             }

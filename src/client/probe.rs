@@ -1,0 +1,246 @@
+//! Liveness: the prober thread owns the answer to "is a server up?".
+//!
+//! It heartbeats the live session, judges silence against `dead_after`, and
+//! turns a reset connection into a verdict at once by reconnecting: refused
+//! (or silent until the deadline) means down now. While down it dials every
+//! `heartbeat` through its own interrupt (so it keeps looking while failed
+//! over) and declares the server up only after [`UP_AFTER_PINGS`] good pings
+//! in a row and a revalidation of the cache. Server up/down events are
+//! emitted here only, once per transition; automatic failover and failback
+//! are started here too. The exact rule is in docs/CLIENT.md.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver};
+use parking_lot::Mutex;
+
+use super::conn::{Interrupt, Session};
+use super::event::Event;
+use super::{Config, Inner};
+use crate::proto::Msg;
+use crate::{Error, Result};
+
+/// Consecutive good pings before a server that was down counts as up: one
+/// answer from a flapping server or a half-restarted host proves little.
+pub(crate) const UP_AFTER_PINGS: u32 = 3;
+
+/// Where the link pointed before failover, so failback can restore it.
+#[derive(Clone)]
+pub(crate) struct FailedOver {
+    pub link: PathBuf,
+    pub before: PathBuf,
+}
+
+/// Liveness state shared by the prober and the client's calls.
+pub(crate) struct Health {
+    up: AtomicBool,
+    /// The prober's own interrupt: failover stops callers, never the prober.
+    pub interrupt: Interrupt,
+    /// Set while failed over. Held only around local link swaps, never
+    /// across a network wait, so failover cannot hang on it.
+    pub failed: Mutex<Option<FailedOver>>,
+    heartbeat: Duration,
+    dead_after: Duration,
+    auto_failover: Option<(PathBuf, PathBuf)>,
+    failback_after: Option<Duration>,
+}
+
+impl Health {
+    pub fn new(cfg: &Config) -> Health {
+        Health {
+            up: AtomicBool::new(true),
+            interrupt: Interrupt::new(),
+            failed: Mutex::new(None),
+            heartbeat: Duration::from_millis(cfg.heartbeat_ms),
+            dead_after: Duration::from_millis(cfg.dead_after_ms),
+            auto_failover: cfg.failover_link.clone().zip(cfg.failover_target.clone()),
+            failback_after: cfg.failback_after_ms.map(Duration::from_millis),
+        }
+    }
+
+    /// Whether the prober last judged a server up.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Record that a server answers and the cache is revalidated; reports
+    /// `ServerUp` only on the transition.
+    pub fn mark_up(&self, inner: &Inner, server: &str) {
+        if !self.up.swap(true, Ordering::SeqCst) {
+            inner.callbacks.events.emit(Event::ServerUp {
+                server: server.to_string(),
+            });
+        }
+    }
+
+    fn mark_down(&self, inner: &Inner, server: &str) {
+        if self.up.swap(false, Ordering::SeqCst) {
+            inner.callbacks.events.emit(Event::ServerDown {
+                server: server.to_string(),
+            });
+        }
+    }
+}
+
+/// Start the prober. It holds the client only weakly, and ends when `stop`
+/// is dropped (with the client).
+pub(crate) fn spawn(inner: &Arc<Inner>, stop: Receiver<()>) -> Result<()> {
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    let lost = inner.servers.lost_signal();
+    let mut p = Prober {
+        seen: inner.servers.current(),
+        good: 0,
+        up_since: Some(Instant::now()),
+    };
+    let period = inner.health.heartbeat;
+    std::thread::Builder::new()
+        .name("coda-probe".into())
+        .spawn(move || loop {
+            select! {
+                recv(stop) -> _ => return,
+                recv(lost) -> _ => {}
+                default(period) => {}
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            p.tick(&inner);
+        })
+        .map_err(|e| Error::io("spawning the prober thread", e))?;
+    Ok(())
+}
+
+struct Prober {
+    /// The session the prober last looked at: a different one means a new
+    /// session, whose callbacks must be regained by revalidation.
+    seen: Option<Arc<Session>>,
+    /// Consecutive good pings while down.
+    good: u32,
+    /// When the server was last declared up (None while down).
+    up_since: Option<Instant>,
+}
+
+fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
+    a.as_ref().is_some_and(|a| Arc::ptr_eq(a, b))
+}
+
+impl Prober {
+    fn tick(&mut self, inner: &Inner) {
+        if inner.health.is_up() {
+            self.watch(inner);
+        } else {
+            self.search(inner);
+        }
+        self.maybe_fail_back(inner);
+    }
+
+    fn server_name(&self) -> String {
+        self.seen
+            .as_ref()
+            .map_or_else(|| "servers".to_string(), |s| s.server.clone())
+    }
+
+    /// Up: heartbeat, judge silence, and answer a lost connection with an
+    /// immediate reconnect.
+    fn watch(&mut self, inner: &Inner) {
+        let h = &inner.health;
+        match inner.servers.current() {
+            Some(s) if !s.is_dead() => {
+                if !same(&self.seen, &s) {
+                    // A caller reconnected: regain the callbacks the old
+                    // session's death voided, in a few batches.
+                    self.seen = Some(s.clone());
+                    let _ = inner.revalidate_on(&s, &h.interrupt);
+                }
+                let silent = s.silent_for();
+                if silent > h.dead_after {
+                    s.kill(&format!("no reply for {} ms", silent.as_millis()));
+                    self.down(inner);
+                } else {
+                    s.ping();
+                }
+            }
+            dead => {
+                // Reset or closed. One reconnect now: a refusal proves the
+                // server is gone; success means only the connection was (a
+                // restart, or a server that cut us after a break timeout).
+                let left = dead
+                    .map_or(h.dead_after, |s| {
+                        h.dead_after.saturating_sub(s.silent_for())
+                    })
+                    .max(h.heartbeat);
+                match inner.servers.probe_session(&h.interrupt, left) {
+                    Ok(s) => {
+                        self.seen = Some(s.clone());
+                        let _ = inner.revalidate_on(&s, &h.interrupt);
+                    }
+                    Err(_) => self.down(inner),
+                }
+            }
+        }
+    }
+
+    fn down(&mut self, inner: &Inner) {
+        self.good = 0;
+        self.up_since = None;
+        inner.health.mark_down(inner, &self.server_name());
+        self.auto_failover(inner);
+    }
+
+    fn auto_failover(&self, inner: &Inner) {
+        let Some((link, target)) = &inner.health.auto_failover else {
+            return;
+        };
+        if inner.health.failed.lock().is_none() {
+            // A failure (link missing, not a symlink) is retried next tick.
+            let _ = inner.fail_over(link, target);
+        }
+    }
+
+    /// Down: look for a server; count good pings; revalidate; then up.
+    fn search(&mut self, inner: &Inner) {
+        let h = &inner.health;
+        let s = match inner.servers.probe_session(&h.interrupt, h.dead_after) {
+            Ok(s) => s,
+            Err(_) => {
+                self.good = 0;
+                self.auto_failover(inner);
+                return;
+            }
+        };
+        if !same(&self.seen, &s) {
+            self.seen = Some(s.clone());
+            self.good = 0;
+        }
+        match s.call_within(&Msg::Ping, &h.interrupt, h.dead_after) {
+            Ok(Msg::Pong) => self.good += 1,
+            _ => {
+                self.good = 0;
+                return;
+            }
+        }
+        if self.good < UP_AFTER_PINGS {
+            return;
+        }
+        if inner.revalidate_on(&s, &h.interrupt).is_err() {
+            self.good = 0;
+            return;
+        }
+        self.up_since = Some(Instant::now());
+        h.mark_up(inner, &s.server);
+    }
+
+    fn maybe_fail_back(&self, inner: &Inner) {
+        let (Some(after), Some(since)) = (inner.health.failback_after, self.up_since) else {
+            return;
+        };
+        if since.elapsed() < after {
+            return;
+        }
+        let failed = inner.health.failed.lock().clone();
+        if let Some(f) = failed {
+            let _ = inner.fail_back(&f.link, &f.before);
+        }
+    }
+}
