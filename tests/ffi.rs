@@ -97,6 +97,7 @@ fn run_c_test(name: &str, wrapper: &[&str], cflags: &[&str]) {
         .env("CODA_TEST_SERVER", server.addr().to_string())
         .env("CODA_TEST_SECRET", server.secret_file())
         .env("CODA_TEST_DIR", &work)
+        .env("CODA_TEST_SERVER_PID", server.pid().to_string())
         .output()
         .expect("run C test");
     print!("{}", String::from_utf8_lossy(&o.stdout));
@@ -137,6 +138,11 @@ fn c_event_callback_runs_on_a_library_thread() {
 #[test]
 fn c_failover_swaps_a_real_symlink() {
     run_c_test("t_failover", &[], &[]);
+}
+
+#[test]
+fn c_automatic_failover_reports_server_down_and_failover_events() {
+    run_c_test("t_auto_failover", &[], &[]);
 }
 
 fn have(tool: &str) -> bool {
