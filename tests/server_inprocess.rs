@@ -24,6 +24,7 @@ fn start_serve_and_shutdown_in_process() {
         root: root.clone(),
         listen: "127.0.0.1:0".parse().unwrap(),
         break_timeout: Duration::from_millis(500),
+        idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
     })
     .unwrap();
     let addr = srv.local_addr();
@@ -60,6 +61,7 @@ fn start_serve_and_shutdown_in_process() {
         root,
         listen: "127.0.0.1:0".parse().unwrap(),
         break_timeout: Duration::from_millis(500),
+        idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
     })
     .unwrap();
     let key = coda::proto::auth::read_secret_file(&secret).unwrap();

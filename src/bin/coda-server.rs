@@ -3,7 +3,7 @@
 //! ```text
 //! coda-server init    --root DIR [--user NAME]
 //! coda-server adduser --root DIR --user NAME
-//! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N]
+//! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //! ```
 //!
 //! `serve` prints `listening on HOST:PORT` as its first stdout line, then
@@ -15,12 +15,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use coda::server::{self, Server, ServerConfig, DEFAULT_BREAK_TIMEOUT};
+use coda::server::{self, Server, ServerConfig, DEFAULT_BREAK_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
   coda-server adduser --root DIR --user NAME
-  coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N]";
+  coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
 enum Fail {
@@ -34,13 +34,19 @@ struct Args {
     user: Option<String>,
     listen: Option<String>,
     break_ms: Option<String>,
+    idle_ms: Option<String>,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
         "init" => &["--root", "--user"],
         "adduser" => &["--root", "--user"],
-        "serve" => &["--root", "--listen", "--break-timeout-ms"],
+        "serve" => &[
+            "--root",
+            "--listen",
+            "--break-timeout-ms",
+            "--idle-timeout-ms",
+        ],
         _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
     };
     let mut a = Args::default();
@@ -60,6 +66,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             }
             "--user" => &mut a.user,
             "--listen" => &mut a.listen,
+            "--idle-timeout-ms" => &mut a.idle_ms,
             _ => &mut a.break_ms,
         };
         *slot = Some(value);
@@ -129,10 +136,21 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
     let set = stop_signals();
     // SAFETY: `set` is an initialised sigset_t.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let idle_timeout = match &args.idle_ms {
+        Some(v) => {
+            Duration::from_millis(v.parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                Fail::Usage(format!(
+                    "--idle-timeout-ms: {v:?} is not a positive integer"
+                ))
+            })?)
+        }
+        None => DEFAULT_IDLE_TIMEOUT,
+    };
     let server = Server::start(ServerConfig {
         root,
         listen,
         break_timeout,
+        idle_timeout,
     })
     .map_err(|e| Fail::Run(e.to_string()))?;
     {

@@ -106,6 +106,26 @@ impl EmuState {
     }
 }
 
+/// Open the cache index. A client of this process that was just dropped
+/// may still be finishing on one of its own threads (the reintegrator or
+/// the prober held it for a moment), so "already open" is retried briefly
+/// before it means another client.
+pub(crate) fn open_index(
+    path: &std::path::Path,
+) -> std::result::Result<redb::Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match redb::Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Mark an error as "object not cached while disconnected"; `at_path` later
 /// names the path the caller used.
 pub(crate) fn uncached(fid: Fid) -> Error {
@@ -400,7 +420,7 @@ impl Inner {
         let last_link = self
             .cache
             .get(op.target())
-            .map_or(true, |e| e.attr.nlink <= 1);
+            .is_none_or(|e| e.attr.nlink <= 1);
         let logged = self
             .cml
             .log_with(op.clone(), cached, true, check && !connected, last_link)?;
@@ -636,18 +656,16 @@ impl super::Client {
         let inner = &self.inner;
         if inner.cml.emu.offline() || !inner.health.is_up() {
             let s = inner.servers.session()?;
-            inner.reconnect().map_err(|e| {
-                inner.went_offline(&e);
-                e
+            inner.reconnect().inspect_err(|e| {
+                inner.went_offline(e);
             })?;
             // The log went through and the cache is revalidated: as good a
             // proof that the server is up as the prober's pings.
             inner.health.mark_up(inner, &s.server);
             return Ok(());
         }
-        inner.reintegrate_pending(None).map_err(|e| {
-            inner.went_offline(&e);
-            e
+        inner.reintegrate_pending(None).inspect_err(|e| {
+            inner.went_offline(e);
         })
     }
 

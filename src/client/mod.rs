@@ -5,12 +5,14 @@
 //! a control and bulk connections (`conn`), and sends every mutation through
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
+mod admin;
 mod cache;
 mod callback;
 mod cml;
 mod config;
 mod conflict;
 mod conn;
+pub mod control;
 mod emulation;
 pub mod event;
 pub mod failover;
@@ -26,8 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender};
-use redb::Database;
 
+pub use admin::{CachedObject, FlushReport};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
 pub use event::{Event, EventBus};
@@ -157,7 +159,7 @@ impl Client {
             .map_err(|e| Error::io(format!("creating cache_dir {}", cache_dir.display()), e))?;
         let client_id = load_client_id(&cache_dir)?;
         let epoch = u64::from_ne_bytes(auth::random_bytes::<8>());
-        let db = Database::create(cache_dir.join("index.redb")).map_err(|e| match e {
+        let db = emulation::open_index(&cache_dir.join("index.redb")).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::Again(format!(
                 "cache_dir {} is in use by another client",
                 cache_dir.display()

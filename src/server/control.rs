@@ -24,6 +24,8 @@ use crate::{Error, Result};
 pub const MAX_ATTRS_REPLY: usize = (MAX_FRAME - 9 - 4) / (1 + ATTR_LEN);
 
 pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, welcome: Msg) {
+    // A silent connection is reaped (see ServerConfig::idle_timeout).
+    let _ = reader.get_ref().set_read_timeout(Some(shared.idle_timeout));
     let mut stream = reader.get_ref().try_clone();
     let (sock_w, sock_s) = match (reader.get_ref().try_clone(), reader.get_ref().try_clone()) {
         (Ok(a), Ok(b)) => (a, b),
@@ -94,6 +96,15 @@ fn read_loop(
         let frame = match read_frame(reader) {
             Ok(Some(f)) => f,
             Ok(None) => return ("connection closed".into(), false),
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let ms = shared.idle_timeout.as_millis();
+                return (format!("silent for {ms} ms"), false);
+            }
             Err(Error::Io { source, .. }) => return (format!("connection lost: {source}"), false),
             Err(e) => {
                 let _ = tx.send(Out::Frame(frame_for(0, &Msg::error(&e))));

@@ -46,11 +46,31 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const WORKERS: usize = 16;
 
+/// Default silence after which a control connection is reaped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub root: PathBuf,
     pub listen: SocketAddr,
     pub break_timeout: Duration,
+    /// A control connection silent this long is closed and its session
+    /// (callbacks included) dropped. Clients ping every `heartbeat_ms`, so
+    /// this only reaps clients that vanished without closing (host gone,
+    /// cable cut, hung); such a client revalidates when it returns.
+    pub idle_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with the default timeouts.
+    pub fn new(root: PathBuf, listen: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            root,
+            listen,
+            break_timeout: DEFAULT_BREAK_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
 }
 
 /// Create a data directory with the root volume (volume 1, root directory
@@ -72,6 +92,7 @@ pub(crate) struct Shared {
     registry: Registry,
     pool: workers::Pool,
     break_timeout: Duration,
+    idle_timeout: Duration,
     stopping: AtomicBool,
     /// Every open connection, so shutdown can cut them all.
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -103,6 +124,7 @@ impl Server {
             registry: Registry::new(&cfg.root),
             pool,
             break_timeout: cfg.break_timeout,
+            idle_timeout: cfg.idle_timeout,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),

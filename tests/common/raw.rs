@@ -161,15 +161,36 @@ impl Raw {
         buf
     }
 
-    /// True once the server has closed the connection (EOF or reset).
-    pub fn is_closed(&mut self) -> bool {
+    /// Whether the server closes the connection (EOF or reset) within `d`,
+    /// skipping whatever it sends first; a read that times out is `false`.
+    pub fn closed_within(&mut self, d: Duration) -> bool {
+        self.stream.set_read_timeout(Some(d)).unwrap();
+        let deadline = std::time::Instant::now() + d;
         loop {
-            match self.recv() {
-                None => return true,
-                Some((id, Msg::CallbackBreak { fids })) => self.breaks.push((id, fids)),
-                Some(_) => continue,
+            match read_frame(&mut self.reader) {
+                Ok(Some(f)) if std::time::Instant::now() < deadline => {
+                    // Keep the breaks that arrive meanwhile, as `call` does.
+                    if let Ok(Msg::CallbackBreak { fids }) = Msg::decode(&f) {
+                        self.breaks.push((f.id, fids));
+                    }
+                }
+                Ok(Some(_)) => return false,
+                Ok(None) => return true,
+                Err(coda::Error::Io { source, .. }) => {
+                    return !matches!(
+                        source.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+                Err(_) => return true,
             }
         }
+    }
+
+    /// True once the server has closed the connection (EOF or reset)
+    /// within 10 s; a connection still open then is `false`, not a hang.
+    pub fn is_closed(&mut self) -> bool {
+        self.closed_within(Duration::from_secs(10))
     }
 
     /// Send a request and wait for its reply, noting (and acking, if

@@ -1,0 +1,261 @@
+//! The control socket of a running mount (`cache_dir/control.sock`): the
+//! `coda` CLI sends one request line, gets one response (protocol in
+//! `coda::client::control` and docs/MOUNT.md). Each connection gets its own
+//! thread, so a slow probe never delays a failover.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coda::client::control::{decode_request, Response, MAX_REQUEST};
+use coda::client::{CachedObject, Client, ClientState, FileType};
+use coda::Error;
+
+use crate::fs::Shared;
+
+/// What the handlers need to know about the mount.
+pub struct Ctx {
+    pub client: Client,
+    pub shared: Arc<Shared>,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub servers: Vec<String>,
+    pub started: Instant,
+}
+
+/// Removes the socket file when the mount ends.
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind the socket (replacing a stale one nobody listens on) and serve it
+/// on a thread of its own.
+pub fn start(ctx: Arc<Ctx>, path: &Path) -> std::io::Result<ControlSocket> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is served by another mount", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    // Only the mount's owner may drive it.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("coda-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let ctx = ctx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("coda-control-req".into())
+                    .spawn(move || serve_one(&ctx, conn));
+            }
+        })?;
+    Ok(ControlSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+fn serve_one(ctx: &Ctx, conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let read = BufReader::new(&conn)
+        .take(MAX_REQUEST as u64)
+        .read_line(&mut line);
+    let resp = match read {
+        Ok(_) if line.ends_with('\n') => handle(ctx, &decode_request(&line)),
+        _ => Response::Err {
+            errno: libc::EINVAL,
+            message: "expected one request line".into(),
+        },
+    };
+    let mut conn = conn;
+    let _ = conn.write_all(resp.encode().as_bytes());
+}
+
+fn fail(e: &Error) -> Response {
+    let c = e.code();
+    Response::Err {
+        errno: if c < 0 && c > -10000 { -c } else { libc::EIO },
+        message: e.to_string(),
+    }
+}
+
+fn usage(msg: &str) -> Response {
+    Response::Err {
+        errno: libc::EINVAL,
+        message: msg.to_string(),
+    }
+}
+
+fn state_name(client: &Client) -> &'static str {
+    match client.state() {
+        ClientState::Connected => "connected",
+        ClientState::Disconnected => "disconnected",
+        ClientState::FailedOver if client.operator_disconnected() => "disconnected by operator",
+        ClientState::FailedOver => "failed over",
+    }
+}
+
+/// Handle one request (`args[0]` is the command).
+pub fn handle(ctx: &Ctx, args: &[String]) -> Response {
+    let c = &ctx.client;
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["status"] => Response::Ok(status(ctx)),
+        ["checkservers"] => Response::Ok(check_servers(ctx)),
+        ["failover", link, target] => match c.failover(Path::new(link), Path::new(target)) {
+            Ok(()) => Response::Ok(vec![format!("failed over: {link} -> {target}")]),
+            Err(e) => fail(&e),
+        },
+        ["failback", link, target] => match c.failback(Path::new(link), Path::new(target)) {
+            Ok(()) => Response::Ok(vec![format!("failed back: {link} -> {target}")]),
+            Err(e) => fail(&e),
+        },
+        ["disconnect"] => match c.disconnect() {
+            Ok(()) => Response::Ok(vec!["disconnected".into()]),
+            Err(e) => fail(&e),
+        },
+        ["reconnect"] => match c.reconnect() {
+            Ok(()) => Response::Ok(vec!["reconnected".into()]),
+            Err(e) => fail(&e),
+        },
+        ["flush"] | ["flush", _] => match c.flush(a.get(1).copied()) {
+            Ok(r) => Response::Ok(vec![
+                format!("flushed: {}", r.flushed),
+                format!("busy: {}", r.busy),
+            ]),
+            Err(e) => fail(&e),
+        },
+        ["listcache"] => Response::Ok(c.cached_objects().iter().map(cache_line).collect()),
+        [cmd, ..] => usage(&format!("unknown command or wrong arguments: {cmd}")),
+        [] => usage("empty request"),
+    }
+}
+
+fn status(ctx: &Ctx) -> Vec<String> {
+    let c = &ctx.client;
+    let s = c.stats();
+    let sh = &ctx.shared;
+    let mut out = vec![format!("state: {}", state_name(c))];
+    if let Some(r) = c.interrupted() {
+        out.push(format!("reason: {r}"));
+    }
+    out.extend([
+        format!("mountpoint: {}", ctx.mountpoint.display()),
+        format!("cache_dir: {}", ctx.cache_dir.display()),
+        format!("servers: {}", ctx.servers.join(",")),
+        format!("pid: {}", std::process::id()),
+        format!("uptime_s: {}", ctx.started.elapsed().as_secs()),
+        format!(
+            "passthrough: {}",
+            if sh.passthrough.load(Ordering::Relaxed) {
+                "on"
+            } else {
+                "off"
+            }
+        ),
+        format!("open_files: {}", sh.open_files.load(Ordering::Relaxed)),
+        format!(
+            "passthrough_opens: {}",
+            sh.passthrough_opens.load(Ordering::Relaxed)
+        ),
+        format!("plain_opens: {}", sh.plain_opens.load(Ordering::Relaxed)),
+        format!("fetches: {}", s.fetches),
+        format!("fetch_bytes: {}", s.fetch_bytes),
+        format!("breaks_received: {}", s.breaks_received),
+        format!("reintegrations: {}", s.reintegrations),
+    ]);
+    out
+}
+
+/// `server ADDR up rtt_ms=N` / `server ADDR down: REASON`. The server of
+/// the client's session is asked a real question; the others (and all of
+/// them while failed over or disconnected, when the client may not talk
+/// to servers) are probed with a TCP connect, which says `reachable`.
+fn check_servers(ctx: &Ctx) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut asked = None;
+    if ctx.client.interrupted().is_none() {
+        match ctx.client.check_server() {
+            Ok((addr, rtt)) => {
+                out.push(format!(
+                    "server {addr} up rtt_ms={:.3}",
+                    rtt.as_secs_f64() * 1e3
+                ));
+                asked = Some(addr);
+            }
+            Err(e) => {
+                if let [only] = ctx.servers.as_slice() {
+                    return vec![format!("server {only} down: {e}")];
+                }
+            }
+        }
+    }
+    for addr in &ctx.servers {
+        if asked.as_deref() == Some(addr.as_str()) {
+            continue;
+        }
+        out.push(match tcp_probe(addr) {
+            Ok(()) => format!("server {addr} reachable (tcp connect)"),
+            Err(e) => format!("server {addr} down: {e}"),
+        });
+    }
+    out
+}
+
+fn tcp_probe(addr: &str) -> std::io::Result<()> {
+    let mut last = std::io::Error::other("no address");
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, Duration::from_millis(500)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// `TYPE SIZE CACHED STATE CALLBACK FLAGS FID PATH` (PATH last: it may hold
+/// spaces; `?` when no cached listing names the object).
+fn cache_line(o: &CachedObject) -> String {
+    let t = match o.ftype {
+        FileType::File => "file",
+        FileType::Dir => "dir",
+        FileType::Symlink => "symlink",
+    };
+    let mut flags = Vec::new();
+    if o.dirty {
+        flags.push("dirty".to_string());
+    }
+    if o.open > 0 {
+        flags.push(format!("open={}", o.open));
+    }
+    format!(
+        "{t} {} {} {} {} {} {} {}",
+        o.size,
+        o.cached_bytes.map_or("-".into(), |b| b.to_string()),
+        if o.current { "current" } else { "stale" },
+        if o.callback { "callback" } else { "-" },
+        if flags.is_empty() {
+            "-".into()
+        } else {
+            flags.join(",")
+        },
+        o.fid,
+        o.path.as_deref().unwrap_or("?"),
+    )
+}

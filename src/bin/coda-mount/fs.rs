@@ -1,0 +1,795 @@
+//! The FUSE file system: every kernel request becomes a call on the one
+//! `Client` (by path), and opened files are served from the client's
+//! container files, through the kernel's FUSE passthrough where it can.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use coda::client::{Client, ClientState, File, FileType as CodaType, Stat, Timespec};
+use coda::Error;
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::Mutex;
+
+/// Attribute and entry lifetime in the kernel: zero. The `Client` is the
+/// one place that knows whether a cached object is still valid (its
+/// callbacks are the truth, broken by the server before any change is
+/// acknowledged); a kernel copy kept for even a second could show another
+/// client's change late, or let `stat` succeed after a failover. Asking the
+/// client is cheap: under a callback it answers from memory.
+const TTL: Duration = Duration::ZERO;
+
+/// Counters and switches shared with the control socket (`coda status`).
+#[derive(Default)]
+pub struct Shared {
+    /// The kernel granted FUSE passthrough at init.
+    pub passthrough: AtomicBool,
+    pub passthrough_opens: AtomicU64,
+    pub plain_opens: AtomicU64,
+    pub open_files: AtomicU64,
+}
+
+/// One open file: the client's `File` (kept until release, whose close
+/// stores a written file back) and, for passthrough, the kernel's backing id.
+struct Handle {
+    ino: u64,
+    writable: bool,
+    /// Where it was opened and how: a written file is stored (closed) at
+    /// the first flush (close(2)) and opened again if written once more.
+    path: String,
+    flags: i32,
+    file: Mutex<Option<File>>,
+    _backing: Option<Arc<BackingId>>,
+}
+
+struct DirSnapshot {
+    entries: Vec<(u64, FileType, String)>,
+}
+
+pub struct CodaFs {
+    client: Client,
+    shared: Arc<Shared>,
+    want_passthrough: bool,
+    cache_dir: PathBuf,
+    uid: u32,
+    gid: u32,
+    /// The fid-derived inode number of `/` (FUSE calls the root 1).
+    root_ino: AtomicU64,
+    /// Inode number → path, learned from lookups (the client works by path).
+    paths: Mutex<HashMap<u64, String>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    dirs: Mutex<HashMap<u64, DirSnapshot>>,
+    /// Per inode, the backing file shared by its passthrough opens (the
+    /// kernel wants one per inode at a time) and which container it is.
+    backings: Mutex<HashMap<u64, (Weak<BackingId>, ContainerId)>>,
+    next_fh: AtomicU64,
+}
+
+fn errno(e: &Error) -> Errno {
+    let c = e.code();
+    if c < 0 && c > -10000 {
+        Errno::from_i32(-c)
+    } else {
+        Errno::EIO
+    }
+}
+
+fn to_system_time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+    }
+}
+
+fn from_system_time(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => Timespec {
+            sec: -(e.duration().as_secs() as i64),
+            nsec: 0,
+        },
+    }
+}
+
+fn kind(t: CodaType) -> FileType {
+    match t {
+        CodaType::File => FileType::RegularFile,
+        CodaType::Dir => FileType::Directory,
+        CodaType::Symlink => FileType::Symlink,
+    }
+}
+
+fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
+    let name = name.to_str().ok_or(Errno::EINVAL)?;
+    if name.is_empty() || name.contains('/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
+    })
+}
+
+/// (device, inode) of a container file.
+type ContainerId = (u64, u64);
+
+/// Which container an open fd is: what a backing id stands for.
+fn file_id(fd: i32) -> Option<ContainerId> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a valid open descriptor owned by a live `File`; st is a
+    // properly sized out-buffer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// Size and mtime of an open container.
+fn size_mtime(fd: i32) -> Option<(u64, SystemTime)> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a properly sized out-buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let t = to_system_time(Timespec {
+        sec: st.st_mtime,
+        nsec: st.st_mtime_nsec as u32,
+    });
+    Some((st.st_size as u64, t))
+}
+
+impl CodaFs {
+    pub fn new(
+        client: Client,
+        shared: Arc<Shared>,
+        want_passthrough: bool,
+        cache_dir: PathBuf,
+    ) -> CodaFs {
+        CodaFs {
+            client,
+            shared,
+            want_passthrough,
+            cache_dir,
+            // SAFETY: plain getters without preconditions.
+            uid: unsafe { libc::geteuid() },
+            gid: unsafe { libc::getegid() },
+            root_ino: AtomicU64::new(1),
+            paths: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            backings: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// After a failover every operation fails with EIO at once (the client
+    /// would answer cached objects from memory otherwise). An operator's
+    /// `coda disconnect` is not a failover: cached objects stay readable.
+    fn guard(&self) -> Result<(), Errno> {
+        if self.client.state() == ClientState::FailedOver && !self.client.operator_disconnected() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// The FUSE inode number of an object: its fid-derived number, with the
+    /// root's swapped for 1 (what FUSE calls the root).
+    fn fuse_ino(&self, ino: u64) -> u64 {
+        let root = self.root_ino.load(Ordering::Relaxed);
+        if ino == root {
+            1
+        } else if ino == 1 {
+            root
+        } else {
+            ino
+        }
+    }
+
+    fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
+        if ino.0 == 1 {
+            return Ok("/".into());
+        }
+        self.paths.lock().get(&ino.0).cloned().ok_or(Errno::ESTALE)
+    }
+
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        join(&self.path_of(parent)?, name)
+    }
+
+    fn attr(&self, st: &Stat) -> FileAttr {
+        let ino = self.fuse_ino(st.ino);
+        let mut size = st.size;
+        let mut mtime = to_system_time(st.mtime);
+        // A file being written here: its container is ahead of the server.
+        if st.ftype == CodaType::File {
+            let handles = self.handles.lock();
+            if let Some(h) = handles.values().find(|h| h.ino == ino && h.writable) {
+                if let Some((len, t)) = h.file.lock().as_ref().and_then(|f| size_mtime(f.fd())) {
+                    size = len;
+                    mtime = t;
+                }
+            }
+        }
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: kind(st.ftype),
+            perm: (st.mode & 0o7777) as u16,
+            nlink: st.nlink.max(1),
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// `lstat` a path, remember its inode's path, and build its attributes.
+    fn stat_path(&self, path: &str) -> Result<FileAttr, Errno> {
+        let st = self.client.lstat(path).map_err(|e| errno(&e))?;
+        let attr = self.attr(&st);
+        if attr.ino.0 != 1 {
+            self.paths.lock().insert(attr.ino.0, path.to_string());
+        }
+        Ok(attr)
+    }
+
+    fn forget_path(&self, path: &str) {
+        let prefix = format!("{path}/");
+        self.paths
+            .lock()
+            .retain(|_, p| p != path && !p.starts_with(&prefix));
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
+        self.handles.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// The handle's `File`, opened again if a flush closed it (a write after
+    /// close(2) through a duplicated descriptor).
+    fn reopen<'a>(&self, h: &Handle, slot: &'a mut Option<File>) -> Result<&'a mut File, Errno> {
+        if slot.is_none() {
+            let f = self
+                .client
+                .open(&h.path, h.flags, 0)
+                .map_err(|e| errno(&e))?;
+            *slot = Some(f);
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Client open flags from the kernel's: access mode, append, truncate
+    /// (the rest, like O_LARGEFILE or O_NOFOLLOW, is the kernel's business).
+    fn open_flags(flags: i32) -> i32 {
+        flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_TRUNC)
+    }
+
+    /// Non-passthrough opens use direct I/O while passthrough is on: the
+    /// kernel refuses to mix page-cached and passthrough opens of one inode,
+    /// and direct I/O opens may sit beside passthrough ones.
+    fn plain_flags(&self) -> FopenFlags {
+        if self.shared.passthrough.load(Ordering::Relaxed) {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
+    /// A backing id for a read-only open of `ino` on `file`'s container:
+    /// shared with the inode's other passthrough opens when they use the
+    /// same container; `None` (serve it plainly) when they use an older
+    /// container, or the kernel refuses.
+    fn backing_for(&self, ino: u64, file: &File, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        if !self.shared.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let id = file_id(file.fd())?;
+        let mut b = self.backings.lock();
+        if let Some((weak, which)) = b.get(&ino) {
+            if let Some(live) = weak.upgrade() {
+                return (*which == id).then_some(live);
+            }
+        }
+        // SAFETY: the fd belongs to `file`, alive for this call; the kernel
+        // takes its own reference to the file.
+        let fd = unsafe { BorrowedFd::borrow_raw(file.fd()) };
+        match reply.open_backing(fd) {
+            Ok(bid) => {
+                let bid = Arc::new(bid);
+                b.insert(ino, (Arc::downgrade(&bid), id));
+                Some(bid)
+            }
+            Err(e) => {
+                eprintln!("coda-mount: passthrough refused for inode {ino}: {e}");
+                None
+            }
+        }
+    }
+
+    fn remember(
+        &self,
+        ino: u64,
+        path: &str,
+        flags: i32,
+        file: File,
+        backing: Option<Arc<BackingId>>,
+    ) -> u64 {
+        let fh = self.new_fh();
+        self.handles.lock().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+                path: path.to_string(),
+                // Reopening must neither create nor truncate again.
+                flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
+                file: Mutex::new(Some(file)),
+                _backing: backing,
+            }),
+        );
+        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
+        fh
+    }
+}
+
+macro_rules! tri {
+    ($reply:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e),
+        }
+    };
+}
+
+impl Filesystem for CodaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let root = self.client.lstat("/").map_err(std::io::Error::other)?;
+        self.root_ino.store(root.ino, Ordering::Relaxed);
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        if self.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            // The containers may sit on a stacked file system (overlayfs).
+            && config.set_max_stack_depth(2).is_ok()
+        {
+            self.shared.passthrough.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, name));
+        let attr = tri!(reply, self.stat_path(&path));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.path_of(ino));
+        let attr = tri!(reply, self.stat_path(&path));
+        reply.attr(&TTL, &attr);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.path_of(ino));
+        // Ownership is the mounting user's; changing it is not supported.
+        if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+            return reply.error(Errno::EPERM);
+        }
+        if let Some(m) = mode {
+            tri!(
+                reply,
+                self.client.chmod(&path, m & 0o7777).map_err(|e| errno(&e))
+            );
+        }
+        if let Some(n) = size {
+            // ftruncate on a file open for writing: cut the container; the
+            // close stores it. Otherwise a truncate record right away.
+            let open = fh
+                .and_then(|fh| self.handle(fh).ok())
+                .filter(|h| h.writable);
+            match open {
+                Some(h) => {
+                    let g = h.file.lock();
+                    let Some(f) = g.as_ref() else {
+                        return reply.error(Errno::EBADF);
+                    };
+                    // SAFETY: the fd is the live container fd of `f`.
+                    if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
+                        return reply.error(Errno::from(std::io::Error::last_os_error()));
+                    }
+                }
+                None => tri!(reply, self.client.truncate(&path, n).map_err(|e| errno(&e))),
+            }
+        }
+        if let Some(t) = mtime {
+            let ts = match t {
+                TimeOrNow::Now => Timespec::now(),
+                TimeOrNow::SpecificTime(t) => from_system_time(t),
+            };
+            tri!(reply, self.client.utimes(&path, ts).map_err(|e| errno(&e)));
+        }
+        let attr = tri!(reply, self.stat_path(&path));
+        reply.attr(&TTL, &attr);
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.path_of(ino));
+        let t = tri!(reply, self.client.readlink(&path).map_err(|e| errno(&e)));
+        reply.data(t.as_bytes());
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, name));
+        tri!(
+            reply,
+            self.client
+                .mkdir(&path, mode & !umask & 0o7777)
+                .map_err(|e| errno(&e))
+        );
+        let attr = tri!(reply, self.stat_path(&path));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, name));
+        tri!(reply, self.client.unlink(&path).map_err(|e| errno(&e)));
+        self.forget_path(&path);
+        reply.ok();
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, name));
+        tri!(reply, self.client.rmdir(&path).map_err(|e| errno(&e)));
+        self.forget_path(&path);
+        reply.ok();
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, link_name));
+        let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
+        tri!(
+            reply,
+            self.client.symlink(target, &path).map_err(|e| errno(&e))
+        );
+        let attr = tri!(reply, self.stat_path(&path));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.guard());
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let from = tri!(reply, self.child(parent, name));
+        let to = tri!(reply, self.child(newparent, newname));
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) && self.client.lstat(&to).is_ok() {
+            return reply.error(Errno::EEXIST);
+        }
+        tri!(reply, self.client.rename(&from, &to).map_err(|e| errno(&e)));
+        // The replaced object's names are gone; the moved ones move.
+        self.forget_path(&to);
+        let prefix = format!("{from}/");
+        for p in self.paths.lock().values_mut() {
+            if *p == from {
+                p.clone_from(&to);
+            } else if let Some(rest) = p.strip_prefix(&prefix) {
+                *p = format!("{to}/{rest}");
+            }
+        }
+        reply.ok();
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.path_of(ino));
+        let cflags = Self::open_flags(flags.0);
+        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let file = tri!(
+            reply,
+            self.client.open(&path, cflags, 0).map_err(|e| errno(&e))
+        );
+        if !writable {
+            if let Some(b) = self.backing_for(ino.0, &file, &reply) {
+                let fh = self.remember(ino.0, &path, cflags, file, Some(b.clone()));
+                self.shared
+                    .passthrough_opens
+                    .fetch_add(1, Ordering::Relaxed);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
+            }
+        }
+        let fh = self.remember(ino.0, &path, cflags, file, None);
+        self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+        reply.opened(FileHandle(fh), self.plain_flags());
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        let mut g = h.file.lock();
+        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let h = tri!(reply, self.handle(fh));
+        let mut g = h.file.lock();
+        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut done = 0;
+        while done < data.len() {
+            match f.write_at(&data[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.written(done as u32);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) waits for this (release comes later, asynchronously):
+        // store a written file here, so close returns the store's result
+        // and the next opener, here or anywhere, sees the new contents.
+        let Ok(h) = self.handle(fh) else {
+            return reply.ok();
+        };
+        if !h.writable {
+            return reply.ok();
+        }
+        let f = h.file.lock().take();
+        match f.map(File::close) {
+            Some(Err(e)) => {
+                eprintln!("coda-mount: storing {}: {e}", h.path);
+                reply.error(errno(&e))
+            }
+            _ => reply.ok(),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Whole-file semantics: the file is stored when it is closed.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.handles.lock().remove(&fh.0);
+        let Some(h) = h else {
+            return reply.error(Errno::EBADF);
+        };
+        self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
+        let f = h.file.lock().take();
+        // Closing a written file stores it back (write-through on close).
+        if let Some(Err(e)) = f.map(File::close) {
+            eprintln!("coda-mount: storing inode {} on close: {e}", h.ino);
+            return reply.error(errno(&e));
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.path_of(ino));
+        let list = tri!(reply, self.client.readdir(&path).map_err(|e| errno(&e)));
+        let mut entries = vec![
+            (ino.0, FileType::Directory, ".".to_string()),
+            (ino.0, FileType::Directory, "..".to_string()),
+        ];
+        entries.extend(
+            list.into_iter()
+                .map(|e| (self.fuse_ino(e.fid.ino()), kind(e.ftype), e.name)),
+        );
+        let fh = self.new_fh();
+        self.dirs.lock().insert(fh, DirSnapshot { entries });
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        tri!(reply, self.guard());
+        let dirs = self.dirs.lock();
+        let Some(d) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (ino, k, name)) in d.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, *k, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The space that matters locally is the cache's file system.
+        let c = std::ffi::CString::new(self.cache_dir.as_os_str().as_encoded_bytes())
+            .unwrap_or_default();
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: c is NUL-terminated; s is a properly sized out-buffer.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+        }
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            255,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        tri!(reply, self.guard());
+        let path = tri!(reply, self.child(parent, name));
+        let cflags = Self::open_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
+        let file = tri!(
+            reply,
+            self.client
+                .open(&path, cflags, mode & !umask & 0o7777)
+                .map_err(|e| errno(&e))
+        );
+        let attr = match self.stat_path(&path) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = file.close();
+                return reply.error(e);
+            }
+        };
+        let fh = self.remember(attr.ino.0, &path, cflags, file, None);
+        self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+        reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            self.plain_flags(),
+        );
+    }
+}
