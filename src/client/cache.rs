@@ -133,6 +133,9 @@ pub(crate) struct Cache {
     /// Containers that hold the only copy of data the CML still has to
     /// store: never evicted (disconnected operation).
     pinned: Mutex<std::collections::HashSet<Fid>>,
+    /// Hoard priorities of the objects the last hoard walk reached
+    /// (hoard.rs); eviction takes low priority first, then least recent.
+    priorities: Mutex<HashMap<Fid, u32>>,
     db: Arc<Database>,
     limit: u64,
     state: Mutex<State>,
@@ -189,6 +192,7 @@ impl Cache {
         Ok(Cache {
             dir: cache_dir.to_path_buf(),
             pinned: Mutex::new(Default::default()),
+            priorities: Mutex::new(Default::default()),
             containers,
             db,
             limit,
@@ -199,6 +203,15 @@ impl Cache {
                 lru_unsaved: HashSet::new(),
             }),
         })
+    }
+
+    /// Replace the hoard priorities (after a hoard walk).
+    pub fn set_priorities(&self, p: HashMap<Fid, u32>) {
+        *self.priorities.lock() = p;
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     pub fn dir(&self) -> &Path {
@@ -454,15 +467,19 @@ impl Cache {
     /// dirty ones stay even if that leaves us over it.
     pub fn evict(&self) {
         let pinned = self.pinned.lock().clone();
+        let prio = self.priorities.lock().clone();
         let mut st = self.state.lock();
         while st.bytes > self.limit {
+            // Unhoarded (priority 0) first, least recently used first; then
+            // hoarded ones from the lowest priority up. Open, dirty and
+            // pinned (logged) containers never go.
             let victim = st
                 .map
                 .iter()
                 .filter(|(f, e)| {
                     e.data_version.is_some() && e.open == 0 && !e.dirty && !pinned.contains(f)
                 })
-                .min_by_key(|(_, e)| e.last_use)
+                .min_by_key(|(f, e)| (prio.get(f).copied().unwrap_or(0), e.last_use))
                 .map(|(f, _)| *f);
             let Some(fid) = victim else { break };
             let _ = std::fs::remove_file(self.container(fid));

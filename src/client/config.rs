@@ -36,6 +36,8 @@ pub struct Config {
     /// older than `reintegration_age_ms` (for slow links).
     pub write_disconnected: bool,
     pub reintegration_age_ms: u64,
+    /// Walk the hoard profile this often while connected (0: only on demand).
+    pub hoard_walk_ms: u64,
 }
 
 impl Default for Config {
@@ -62,6 +64,7 @@ impl Config {
             disconnected_operation: true,
             write_disconnected: false,
             reintegration_age_ms: 5_000,
+            hoard_walk_ms: 600_000,
         }
     }
 
@@ -144,6 +147,9 @@ impl Config {
             "write_disconnected" => {
                 self.write_disconnected =
                     parse_bool(v).ok_or_else(|| bad("expected true or false"))?
+            }
+            "hoard_walk_ms" => {
+                self.hoard_walk_ms = v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
             }
             "reintegration_age_ms" => {
                 self.reintegration_age_ms =

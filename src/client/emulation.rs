@@ -49,6 +49,9 @@ pub(crate) struct EmuState {
     /// differ (a cancelled create bumped ours, someone else's create bumped
     /// the server's), so once the log is empty their listings are reread.
     edited: Mutex<std::collections::HashSet<Fid>>,
+    /// Hoard walk period (0: on demand only) and when the last one ran.
+    hoard_every: AtomicU64,
+    last_walk: Mutex<Option<std::time::Instant>>,
     /// volume → stamp the cache of it was last fully valid at (stamps.rs).
     pub(crate) stamps: Mutex<std::collections::HashMap<u32, u64>>,
 }
@@ -68,6 +71,8 @@ impl EmuState {
             root: Mutex::new(None),
             edited: Mutex::new(Default::default()),
             stamps: Mutex::new(Default::default()),
+            hoard_every: AtomicU64::new(0),
+            last_walk: Mutex::new(None),
         }
     }
 
@@ -166,6 +171,7 @@ impl Inner {
             .store(cfg.write_disconnected, Ordering::Relaxed);
         emu.age_ms
             .store(cfg.reintegration_age_ms, Ordering::Relaxed);
+        emu.hoard_every.store(cfg.hoard_walk_ms, Ordering::Relaxed);
         *emu.root.lock() = self.load_root();
         self.take_saved_stamps();
         for fid in self.cml.stored_fids() {
@@ -606,6 +612,17 @@ impl Inner {
     }
 }
 
+/// A periodic hoard walk is due (the first one right after start).
+fn walk_due(state: &EmuState) -> bool {
+    let every = state.hoard_every.load(Ordering::Relaxed);
+    every > 0
+        && state.pending() == 0
+        && state
+            .last_walk
+            .lock()
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(every))
+}
+
 /// The reintegrator thread: while disconnected, waits for the prober
 /// (probe.rs) to declare a server up, then reintegrates; sends aged records
 /// in write-disconnected mode. It holds the client only while it works, so
@@ -629,6 +646,11 @@ fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, 
             if let Err(e) = inner.reconnect() {
                 inner.went_offline(&e);
             }
+        } else if walk_due(&state) {
+            let Some(inner) = weak.upgrade() else { return };
+            *state.last_walk.lock() = Some(std::time::Instant::now());
+            // Failures (a server that went away) only wait for the next turn.
+            let _ = inner.hoard_walk();
         } else if state.pending() > 0 {
             let Some(inner) = weak.upgrade() else { return };
             if let Err(e) = inner.send_due() {

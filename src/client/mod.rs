@@ -17,6 +17,7 @@ mod emulation;
 pub mod event;
 pub mod failover;
 mod file;
+mod hoard;
 mod namei;
 mod probe;
 mod reintegrate;
@@ -34,6 +35,7 @@ pub use config::Config;
 pub use conflict::{Conflict, Keep};
 pub use event::{Event, EventBus};
 pub use file::File;
+pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
 
 use crate::proto::{auth, Attr, Msg, RecordOp, MAX_SYMLINK};

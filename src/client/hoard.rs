@@ -1,0 +1,310 @@
+//! Hoarding: a profile of paths the user wants available while
+//! disconnected, with priorities, and a walk that prefetches them (on
+//! demand, and every `hoard_walk_ms` while connected).
+//!
+//! Profile format (one entry per line, `#` starts a comment), after Coda's
+//! hoard files:
+//!
+//! ```text
+//! /projects/paper      100:d+    # the directory and all its descendants
+//! /home/me/.profile    50        # one file
+//! /usr/share/dict      10:c      # the directory and its children
+//! ```
+//!
+//! Priority is 1..=1000 (higher is kept longer). `c` covers the children of
+//! a directory, `d` all its descendants; a trailing `+` (`c+`, `d+`) is
+//! accepted for Coda compatibility: every walk expands the entry afresh, so
+//! children made later are always covered. The walk records each reached
+//! object's priority in the cache, whose eviction takes unhoarded objects
+//! first (least recently used first), then hoarded ones from the lowest
+//! priority up; open, dirty and logged ones never.
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::{Client, Inner};
+use crate::proto::{Fid, FileType};
+use crate::{Error, Result};
+
+/// path → priority (u32) and expansion (u8) packed as `priority << 8 | exp`.
+const HOARD: TableDefinition<&str, u64> = TableDefinition::new("hoard");
+
+pub const MAX_PRIORITY: u32 = 1000;
+
+/// How far a hoard entry reaches below a directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expand {
+    /// The object itself.
+    Itself,
+    /// A directory and its entries.
+    Children,
+    /// A directory and everything below it.
+    Descendants,
+}
+
+/// One line of the hoard profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoardEntry {
+    pub path: String,
+    pub priority: u32,
+    pub expand: Expand,
+}
+
+/// What a hoard walk did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoardReport {
+    /// Objects the profile covers (files, directories, symlinks).
+    pub objects: u64,
+    /// Files fetched because they were not cached (or not current).
+    pub fetched: u64,
+    pub fetched_bytes: u64,
+    /// Files left out because the cache could not hold them as well.
+    pub skipped: u64,
+    /// Profile paths that do not resolve (yet).
+    pub missing: u64,
+}
+
+impl HoardEntry {
+    /// Parse one profile line (`PATH PRIORITY[:c|:c+|:d|:d+]`).
+    pub fn parse(line: &str) -> Result<HoardEntry> {
+        let bad = |why: &str| Error::Invalid(format!("hoard entry {line:?}: {why}"));
+        let mut it = line.split_whitespace();
+        let path = it.next().ok_or_else(|| bad("empty"))?;
+        let spec = it.next().ok_or_else(|| bad("no priority"))?;
+        if it.next().is_some() {
+            return Err(bad("expected PATH PRIORITY[:c|:d]"));
+        }
+        super::namei::split_path(path)?;
+        let (pri, exp) = spec.split_once(':').unwrap_or((spec, ""));
+        let priority: u32 = pri
+            .parse()
+            .ok()
+            .filter(|p| (1..=MAX_PRIORITY).contains(p))
+            .ok_or_else(|| bad("priority must be 1..=1000"))?;
+        let expand = match exp {
+            "" => Expand::Itself,
+            "c" | "c+" => Expand::Children,
+            "d" | "d+" => Expand::Descendants,
+            _ => return Err(bad("expansion must be c, c+, d or d+")),
+        };
+        Ok(HoardEntry {
+            path: path.to_string(),
+            priority,
+            expand,
+        })
+    }
+
+    fn pack(&self) -> u64 {
+        let e = match self.expand {
+            Expand::Itself => 0,
+            Expand::Children => 1,
+            Expand::Descendants => 2,
+        };
+        (self.priority as u64) << 8 | e
+    }
+
+    fn unpack(path: &str, v: u64) -> HoardEntry {
+        HoardEntry {
+            path: path.to_string(),
+            priority: (v >> 8) as u32,
+            expand: match v & 0xff {
+                1 => Expand::Children,
+                2 => Expand::Descendants,
+                _ => Expand::Itself,
+            },
+        }
+    }
+}
+
+/// Parse a whole profile (comments and blank lines skipped).
+pub fn parse_profile(text: &str) -> Result<Vec<HoardEntry>> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(HoardEntry::parse)
+        .collect()
+}
+
+impl Inner {
+    fn hoard_entries(&self) -> Result<Vec<HoardEntry>> {
+        let r = self.cml.db.begin_read()?;
+        let t = match r.open_table(HOARD) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(HoardEntry::unpack(k.value(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Walk the profile, highest priority first: resolve, list directories
+    /// as far as each entry reaches, fetch files not cached, and give every
+    /// object reached its priority (the highest entry covering it).
+    pub(crate) fn hoard_walk(&self) -> Result<HoardReport> {
+        let mut entries = self.hoard_entries()?;
+        entries.sort_by_key(|e| std::cmp::Reverse(e.priority));
+        let mut report = HoardReport::default();
+        let mut prio: HashMap<Fid, u32> = HashMap::new();
+        let mut hoarded_bytes = 0u64;
+        let limit = self.cache.limit();
+        for e in &entries {
+            let (fid, t) = match self.resolve(&e.path, true) {
+                Ok(x) => x,
+                Err(Error::NotFound(_)) | Err(Error::NotDir(_)) => {
+                    report.missing += 1;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            // (fid, type, depth left: None = unbounded)
+            let depth = match e.expand {
+                Expand::Itself => Some(0),
+                Expand::Children => Some(1),
+                Expand::Descendants => None,
+            };
+            let mut stack = vec![(fid, t, depth)];
+            while let Some((fid, t, depth)) = stack.pop() {
+                if prio.contains_key(&fid) {
+                    continue; // reached by a higher (or equal) entry already
+                }
+                prio.insert(fid, e.priority);
+                report.objects += 1;
+                match t {
+                    FileType::Dir => {
+                        let list = self.listing(fid)?;
+                        if depth == Some(0) {
+                            continue;
+                        }
+                        for child in list {
+                            stack.push((child.fid, child.ftype, depth.map(|d| d - 1)));
+                        }
+                    }
+                    FileType::Symlink => {
+                        self.readlink_fid(fid)?;
+                    }
+                    FileType::File => {
+                        let cached = self.cache.get(fid).filter(|c| c.data_current());
+                        let size = match &cached {
+                            Some(c) => c.data_bytes,
+                            None => self.getattr(fid)?.size,
+                        };
+                        if hoarded_bytes + size > limit {
+                            // What does not fit stays out, lowest priorities
+                            // first (they come last).
+                            report.skipped += 1;
+                            prio.remove(&fid);
+                            continue;
+                        }
+                        hoarded_bytes += size;
+                        if cached.is_none() || !self.callbacks.holds(fid) {
+                            let before = self.counters.snapshot().fetches;
+                            self.open_data(fid)?;
+                            self.cache.closed(fid);
+                            if self.counters.snapshot().fetches > before {
+                                report.fetched += 1;
+                                report.fetched_bytes += size;
+                            }
+                        }
+                    }
+                }
+            }
+            // Priorities take effect as the walk goes, so its own fetches
+            // evict unhoarded objects rather than what it just hoarded.
+            self.cache.set_priorities(prio.clone());
+        }
+        self.cache.set_priorities(prio);
+        Ok(report)
+    }
+}
+
+impl Client {
+    /// Add (or replace) a hoard profile entry.
+    pub fn hoard_add(&self, path: &str, priority: u32, expand: Expand) -> Result<()> {
+        let e = HoardEntry {
+            path: path.to_string(),
+            priority,
+            expand,
+        };
+        HoardEntry::parse(&format!("{} {}", e.path, e.priority))?; // same checks as a profile line
+        let w = self.inner.cml.db.begin_write()?;
+        w.open_table(HOARD)?.insert(path, e.pack())?;
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Remove a profile entry; `NotFound` if there is none for `path`.
+    pub fn hoard_remove(&self, path: &str) -> Result<()> {
+        let w = self.inner.cml.db.begin_write()?;
+        let gone = w.open_table(HOARD)?.remove(path)?.is_some();
+        w.commit()?;
+        if !gone {
+            return Err(Error::NotFound(format!("hoard entry {path}")));
+        }
+        Ok(())
+    }
+
+    /// Add every entry of a profile text (see the module docs for the format).
+    pub fn hoard_load(&self, profile: &str) -> Result<()> {
+        for e in parse_profile(profile)? {
+            self.hoard_add(&e.path, e.priority, e.expand)?;
+        }
+        Ok(())
+    }
+
+    /// The profile, highest priority first.
+    pub fn hoard_list(&self) -> Result<Vec<HoardEntry>> {
+        let mut v = self.inner.hoard_entries()?;
+        v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.path.cmp(&b.path)));
+        Ok(v)
+    }
+
+    /// Walk the profile now: prefetch what it covers (needs a server).
+    pub fn hoard_walk(&self) -> Result<HoardReport> {
+        if self.inner.cml.emu.offline() {
+            return Err(Error::Timeout(
+                "disconnected: a hoard walk needs a server".into(),
+            ));
+        }
+        self.inner.hoard_walk()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_lines_parse_like_codas() {
+        let p = parse_profile("# mine\n/a 100:d+\n/b/c 5   # one file\n\n/d 10:c\n").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                HoardEntry {
+                    path: "/a".into(),
+                    priority: 100,
+                    expand: Expand::Descendants
+                },
+                HoardEntry {
+                    path: "/b/c".into(),
+                    priority: 5,
+                    expand: Expand::Itself
+                },
+                HoardEntry {
+                    path: "/d".into(),
+                    priority: 10,
+                    expand: Expand::Children
+                },
+            ]
+        );
+        for bad in ["/a", "/a 0", "/a 1001", "/a 5:x", "a 5", "/a 5 6"] {
+            assert!(HoardEntry::parse(bad).is_err(), "{bad}");
+        }
+        let e = HoardEntry::parse("/x 700:c").unwrap();
+        assert_eq!(HoardEntry::unpack("/x", e.pack()), e);
+    }
+}
