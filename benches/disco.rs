@@ -1,0 +1,250 @@
+//! Disconnected-operation benchmarks. Each prints a ratio against a baseline
+//! measured in the same run (the machines are shared and noisy).
+//!
+//!   cargo bench --bench disco          (CODA_BENCH_QUICK=1 for a short run)
+//!
+//! 1. Reintegration of 10,000 small records (5,000 files created and
+//!    written while write-disconnected, sent by `reintegrate_now`) vs the
+//!    same changes made connected, one write-through round trip each.
+//! 2. Reintegration of 100 files of 10 MiB vs the same files stored
+//!    connected (write-through on close).
+//! 3. Revalidation of 100,000 cached files at client start: unchanged
+//!    volume (one ValidateVolume) vs every file checked (GetAttrs batches,
+//!    forced by another client's change to one file).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coda::client::{Client, Config};
+
+struct Server {
+    child: Child,
+    addr: String,
+    secret: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(dir: &Path) -> Server {
+    let bin = env!("CARGO_BIN_EXE_coda-server");
+    let root = dir.join("data");
+    let st = Command::new(bin)
+        .args(["init", "--root"])
+        .arg(&root)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut child = Command::new(bin)
+        .args(["serve", "--root"])
+        .arg(&root)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    Server {
+        child,
+        addr,
+        secret: root.join("admin.secret"),
+    }
+}
+
+fn config(s: &Server, cache: &Path) -> Config {
+    let mut c = Config::new();
+    c.set("servers", &s.addr).unwrap();
+    c.set("secret_file", s.secret.to_str().unwrap()).unwrap();
+    c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+    c.set("cache_size", "8G").unwrap();
+    c.set("hoard_walk_ms", "0").unwrap();
+    c.set("rpc_timeout_ms", "60000").unwrap();
+    c
+}
+
+fn write_disconnected(s: &Server, cache: &Path) -> Client {
+    let mut c = config(s, cache);
+    c.set("write_disconnected", "true").unwrap();
+    c.set("reintegration_age_ms", "86400000").unwrap();
+    Client::new(c).unwrap()
+}
+
+fn put(c: &Client, path: &str, data: &[u8]) {
+    let mut f = c
+        .open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
+        .unwrap();
+    let mut off = 0;
+    while off < data.len() {
+        off += f.write_at(&data[off..], off as u64).unwrap();
+    }
+    f.close().unwrap();
+}
+
+fn rate(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn small_records(s: &Server, scratch: &Path, files: usize) {
+    // Baseline: the same creates and writes, connected (one round trip and
+    // one server commit per record).
+    let conn = Client::new(config(s, &scratch.join("small-conn"))).unwrap();
+    conn.mkdir("/small-conn", 0o755).unwrap();
+    let t = Instant::now();
+    for i in 0..files {
+        put(&conn, &format!("/small-conn/f{i}"), b"x");
+    }
+    let connected = t.elapsed();
+    drop(conn);
+
+    let c = write_disconnected(s, &scratch.join("small-wd"));
+    c.mkdir("/small", 0o755).unwrap();
+    c.reintegrate_now().unwrap();
+    let t = Instant::now();
+    for i in 0..files {
+        put(&c, &format!("/small/f{i}"), b"x");
+    }
+    let logging = t.elapsed();
+    let records = c.pending_records() as u64;
+    let before = c.stats().reintegrations;
+    let t = Instant::now();
+    c.reintegrate_now().unwrap();
+    let reint = t.elapsed();
+    let batches = c.stats().reintegrations - before;
+    assert_eq!(c.pending_records(), 0);
+    println!(
+        "small records: {records} records reintegrated in {:.2} s ({:.0} records/s, {batches} batches); \
+         logging them took {:.2} s; connected write-through of the same: {:.2} s ({:.0} records/s); \
+         reintegration {:.1}x faster than write-through",
+        reint.as_secs_f64(),
+        rate(records, reint),
+        logging.as_secs_f64(),
+        connected.as_secs_f64(),
+        rate(2 * files as u64, connected),
+        connected.as_secs_f64() / reint.as_secs_f64()
+    );
+}
+
+fn big_files(s: &Server, scratch: &Path, files: usize, mib: usize) {
+    let data = vec![0x5au8; mib << 20];
+    let total = (files * mib) as f64;
+    let conn = Client::new(config(s, &scratch.join("big-conn"))).unwrap();
+    conn.mkdir("/big-conn", 0o755).unwrap();
+    let t = Instant::now();
+    for i in 0..files {
+        put(&conn, &format!("/big-conn/f{i}"), &data);
+    }
+    let connected = t.elapsed();
+    drop(conn);
+
+    let c = write_disconnected(s, &scratch.join("big-wd"));
+    c.mkdir("/big", 0o755).unwrap();
+    c.reintegrate_now().unwrap();
+    for i in 0..files {
+        put(&c, &format!("/big/f{i}"), &data);
+    }
+    let t = Instant::now();
+    c.reintegrate_now().unwrap();
+    let reint = t.elapsed();
+    println!(
+        "big files: {files} x {mib} MiB reintegrated in {:.2} s ({:.0} MiB/s); connected \
+         write-through of the same: {:.2} s ({:.0} MiB/s); ratio {:.2}",
+        reint.as_secs_f64(),
+        total / reint.as_secs_f64(),
+        connected.as_secs_f64(),
+        total / connected.as_secs_f64(),
+        connected.as_secs_f64() / reint.as_secs_f64()
+    );
+}
+
+fn revalidation(s: &Server, scratch: &Path, files: usize) {
+    let cache = scratch.join("reval");
+    {
+        let c = write_disconnected(s, &cache);
+        c.mkdir("/many", 0o755).unwrap();
+        for i in 0..files {
+            // An empty file: one Create record, cached with its status.
+            let f = c
+                .open(
+                    &format!("/many/f{i}"),
+                    libc::O_WRONLY | libc::O_CREAT,
+                    0o644,
+                )
+                .unwrap();
+            f.close().unwrap();
+        }
+        c.reintegrate_now().unwrap();
+    }
+    // Unchanged volume: one ValidateVolume.
+    let t = Instant::now();
+    let c = Client::new(config(s, &cache)).unwrap();
+    let unchanged = t.elapsed();
+    let su = c.stats();
+    drop(c);
+    // Another client changes one file: every cached file is checked.
+    {
+        let o = Client::new(config(s, &scratch.join("reval-other"))).unwrap();
+        put(&o, "/many/f0", b"changed");
+    }
+    let t = Instant::now();
+    let c = Client::new(config(s, &cache)).unwrap();
+    let changed = t.elapsed();
+    let sc = c.stats();
+    drop(c);
+    // The index load is common to both: time it alone (no server answers).
+    let mut off = config(s, &cache);
+    off.set("servers", "127.0.0.1:1").unwrap();
+    let t = Instant::now();
+    let c = Client::new(off).unwrap();
+    let load = t.elapsed();
+    drop(c);
+    println!(
+        "revalidation of {files} cached files at start: unchanged volume {:.3} s \
+         ({} ValidateVolume, {} GetAttrs); changed volume {:.3} s ({} ValidateVolume, {} GetAttrs); \
+         opening the cache alone (offline) {:.3} s; validation itself: unchanged {:.3} s vs every file {:.3} s",
+        unchanged.as_secs_f64(),
+        su.volume_validations,
+        su.getattr_rpcs,
+        changed.as_secs_f64(),
+        sc.volume_validations,
+        sc.getattr_rpcs,
+        load.as_secs_f64(),
+        unchanged.saturating_sub(load).as_secs_f64(),
+        changed.saturating_sub(load).as_secs_f64(),
+    );
+}
+
+fn main() {
+    let quick = std::env::var_os("CODA_BENCH_QUICK").is_some();
+    // `cargo test --benches` runs benches without --bench: stay tiny then.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let scratch = std::env::temp_dir().join(format!("coda-bench-disco-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let s = start_server(&scratch);
+    let (small, big, mib, many) = if smoke {
+        (50, 2, 1, 500)
+    } else if quick {
+        (1000, 10, 10, 10_000)
+    } else {
+        (5000, 100, 10, 100_000)
+    };
+    small_records(&s, &scratch, small);
+    big_files(&s, &scratch, big, mib);
+    revalidation(&s, &scratch, many);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
