@@ -318,8 +318,19 @@ impl Cache {
         Some(r)
     }
 
-    /// Record fresh status from the server.
+    /// Record fresh status from the server. Unchanged status is not written
+    /// again: revalidating 100,000 objects would otherwise be 100,000 index
+    /// transactions.
     pub fn set_attr(&self, attr: &Attr) {
+        if self
+            .state
+            .lock()
+            .map
+            .get(&attr.fid)
+            .is_some_and(|e| e.attr == *attr)
+        {
+            return;
+        }
         self.update(Some(attr), attr.fid, |e| e.attr = attr.clone());
     }
 
