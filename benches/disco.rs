@@ -102,21 +102,29 @@ fn rate(n: u64, d: Duration) -> f64 {
 fn small_records(s: &Server, scratch: &Path, files: usize) {
     // Baseline: the same creates and writes, connected (one round trip and
     // one server commit per record).
+    // 100 files per directory: a cached listing is rewritten whole in the
+    // index on every change, so huge directories would measure that.
     let conn = Client::new(config(s, &scratch.join("small-conn"))).unwrap();
     conn.mkdir("/small-conn", 0o755).unwrap();
+    for d in 0..files.div_ceil(100) {
+        conn.mkdir(&format!("/small-conn/d{d}"), 0o755).unwrap();
+    }
     let t = Instant::now();
     for i in 0..files {
-        put(&conn, &format!("/small-conn/f{i}"), b"x");
+        put(&conn, &format!("/small-conn/d{}/f{i}", i / 100), b"x");
     }
     let connected = t.elapsed();
     drop(conn);
 
     let c = write_disconnected(s, &scratch.join("small-wd"));
     c.mkdir("/small", 0o755).unwrap();
+    for d in 0..files.div_ceil(100) {
+        c.mkdir(&format!("/small/d{d}"), 0o755).unwrap();
+    }
     c.reintegrate_now().unwrap();
     let t = Instant::now();
     for i in 0..files {
-        put(&c, &format!("/small/f{i}"), b"x");
+        put(&c, &format!("/small/d{}/f{i}", i / 100), b"x");
     }
     let logging = t.elapsed();
     let records = c.pending_records() as u64;
@@ -176,11 +184,14 @@ fn revalidation(s: &Server, scratch: &Path, files: usize) {
     {
         let c = write_disconnected(s, &cache);
         c.mkdir("/many", 0o755).unwrap();
+        for d in 0..files.div_ceil(100) {
+            c.mkdir(&format!("/many/d{d}"), 0o755).unwrap();
+        }
         for i in 0..files {
             // An empty file: one Create record, cached with its status.
             let f = c
                 .open(
-                    &format!("/many/f{i}"),
+                    &format!("/many/d{}/f{i}", i / 100),
                     libc::O_WRONLY | libc::O_CREAT,
                     0o644,
                 )
@@ -198,7 +209,7 @@ fn revalidation(s: &Server, scratch: &Path, files: usize) {
     // Another client changes one file: every cached file is checked.
     {
         let o = Client::new(config(s, &scratch.join("reval-other"))).unwrap();
-        put(&o, "/many/f0", b"changed");
+        put(&o, "/many/d0/f0", b"changed");
     }
     let t = Instant::now();
     let c = Client::new(config(s, &cache)).unwrap();

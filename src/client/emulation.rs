@@ -474,13 +474,24 @@ impl Inner {
         self.cml.emu.edited.lock().extend(super::cml::mentions(op));
     }
 
-    /// The log is empty: reread every listing edited locally (see `edited`).
+    /// The log is empty: drop every listing edited locally (see `edited`)
+    /// so it is reread, and refresh those objects' status from the server
+    /// (their predicted versions may be off), many fids per request.
     pub(crate) fn drop_edited_listings(&self) {
         let fids: Vec<Fid> = self.cml.emu.edited.lock().drain().collect();
         for f in &fids {
             self.cache.update(None, *f, |e| e.listing = None);
         }
-        self.callbacks.break_fids(&fids);
+        let known: Vec<Fid> = fids
+            .iter()
+            .copied()
+            .filter(|f| self.cache.get(*f).is_some())
+            .collect();
+        for chunk in known.chunks(4096) {
+            if self.fetch_attrs(chunk).is_err() {
+                self.callbacks.break_fids(chunk);
+            }
+        }
     }
 
     fn pin_if_store(&self, op: &RecordOp) {
