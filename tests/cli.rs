@@ -72,14 +72,31 @@ fn every_command_against_a_running_mount() {
         "{o:?}"
     );
 
-    // disconnect / reconnect
+    // disconnect / reconnect (the flushed file is read back into the cache first)
+    assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
     let o = m.cli(&["disconnect"]);
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&m.cli(&["status"])).contains("state: disconnected by operator"));
+    // Disconnected operation: cached files read, changes are logged, and
+    // nothing reaches the server until reconnect.
+    assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
+    std::fs::write(m.path("web/offline.txt"), b"written while disconnected").unwrap();
+    let watcher = client_util::client(&srv, &d.path().join("watcher-cache"));
+    assert_eq!(
+        watcher.stat("/web/offline.txt").unwrap_err().code(),
+        -libc::ENOENT,
+        "a disconnected client sends nothing"
+    );
     let o = m.cli(&["reconnect"]);
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&m.cli(&["status"])).contains("state: connected"));
     assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
+    assert_eq!(
+        client_util::get(&watcher, "/web/offline.txt"),
+        b"written while disconnected",
+        "reconnect reintegrated the logged change"
+    );
+    drop(watcher);
 
     // failover / failback through the mount
     let link = d.path().join("web");

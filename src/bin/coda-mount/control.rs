@@ -105,10 +105,12 @@ fn usage(msg: &str) -> Response {
 }
 
 fn state_name(client: &Client) -> &'static str {
+    if client.operator_disconnected() {
+        return "disconnected by operator";
+    }
     match client.state() {
         ClientState::Connected => "connected",
         ClientState::Disconnected => "disconnected",
-        ClientState::FailedOver if client.operator_disconnected() => "disconnected by operator",
         ClientState::FailedOver => "failed over",
     }
 }
