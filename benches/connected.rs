@@ -9,64 +9,18 @@
 //! 3. A's close() of a 4 KiB write while B holds a callback on the file vs while
 //!    no one else does (p50 and p99 of each).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, Config};
+use coda::client::Client;
 
-struct Server {
-    child: Child,
-    addr: String,
-    secret: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &Path) -> Server {
-    let bin = env!("CARGO_BIN_EXE_coda-server");
-    let root = dir.join("data");
-    let st = Command::new(bin)
-        .args(["init", "--root"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let mut child = Command::new(bin)
-        .args(["serve", "--root"])
-        .arg(&root)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    Server {
-        child,
-        addr,
-        secret: root.join("admin.secret"),
-    }
-}
+mod common;
+use common::BenchServer as Server;
 
 fn client(s: &Server, cache: &Path) -> Client {
-    let mut c = Config::new();
-    c.set("servers", &s.addr).unwrap();
-    c.set("secret_file", s.secret.to_str().unwrap()).unwrap();
-    c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+    let mut c = s.config(cache);
     c.set("cache_size", "4G").unwrap();
     Client::new(c).unwrap()
 }
@@ -225,7 +179,7 @@ fn main() {
     let smoke = !std::env::args().any(|a| a == "--bench");
     let scratch = std::env::temp_dir().join(format!("coda-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
-    let s = start_server(&scratch);
+    let s = Server::start(&scratch);
     let a = client(&s, &scratch.join("cache-a"));
     let (iters, mib, rounds) = if smoke {
         (20, 4, 1)

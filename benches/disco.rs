@@ -12,65 +12,16 @@
 //!    volume (one ValidateVolume) vs every file checked (GetAttrs batches,
 //!    forced by another client's change to one file).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use coda::client::{Client, Config};
 
-struct Server {
-    child: Child,
-    addr: String,
-    secret: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &Path) -> Server {
-    let bin = env!("CARGO_BIN_EXE_coda-server");
-    let root = dir.join("data");
-    let st = Command::new(bin)
-        .args(["init", "--root"])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let mut child = Command::new(bin)
-        .args(["serve", "--root"])
-        .arg(&root)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    Server {
-        child,
-        addr,
-        secret: root.join("admin.secret"),
-    }
-}
+mod common;
+use common::BenchServer as Server;
 
 fn config(s: &Server, cache: &Path) -> Config {
-    let mut c = Config::new();
-    c.set("servers", &s.addr).unwrap();
-    c.set("secret_file", s.secret.to_str().unwrap()).unwrap();
-    c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+    let mut c = s.config(cache);
     c.set("cache_size", "8G").unwrap();
     c.set("hoard_walk_ms", "0").unwrap();
     c.set("rpc_timeout_ms", "60000").unwrap();
@@ -245,7 +196,7 @@ fn main() {
     let smoke = !std::env::args().any(|a| a == "--bench");
     let scratch = std::env::temp_dir().join(format!("coda-bench-disco-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
-    let s = start_server(&scratch);
+    let s = Server::start(&scratch);
     let (small, big, mib, many) = if smoke {
         (50, 2, 1, 500)
     } else if quick {

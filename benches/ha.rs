@@ -13,79 +13,19 @@
 //!
 //! Under `cargo test` (no `--bench` argument) it runs a tiny smoke version.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coda::client::{Client, ClientState, Config, Event};
 
-struct Server {
-    child: Child,
-    root: PathBuf,
-    addr: String,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let bin = env!("CARGO_BIN_EXE_coda-server");
-        let root = dir.join("data");
-        let st = Command::new(bin)
-            .args(["init", "--root"])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Server::serve(root, "127.0.0.1:0")
-    }
-
-    fn serve(root: PathBuf, listen: &str) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_coda-server"))
-            .args(["serve", "--root"])
-            .arg(&root)
-            .args(["--listen", listen])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap()
-            .to_string();
-        Server { child, root, addr }
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    fn secret(&self) -> PathBuf {
-        self.root.join("admin.secret")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::BenchServer as Server;
 
 fn config(s: &Server, cache: &Path) -> Config {
-    let mut c = Config::new();
-    c.set("servers", &s.addr).unwrap();
-    c.set("secret_file", s.secret().to_str().unwrap()).unwrap();
-    c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+    let mut c = s.config(cache);
     c.set("cache_size", "4G").unwrap();
     c
 }

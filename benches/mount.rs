@@ -16,14 +16,8 @@ use std::time::{Duration, Instant};
 
 use coda::client::{Client, Config};
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::BenchServer as Server;
 
 struct Mount {
     child: Child,
@@ -119,29 +113,9 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
 
-    let bin = env!("CARGO_BIN_EXE_coda-server");
-    let root = dir.join("data");
-    assert!(Command::new(bin)
-        .args(["init", "--root"])
-        .arg(&root)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
-    let mut srv = Command::new(bin)
-        .args(["serve", "--root"])
-        .arg(&root)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr = first_line(&mut srv)
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
-    let _srv = Proc(srv);
-    let secret = root.join("admin.secret");
+    let srv = Server::start(&dir);
+    let addr = srv.addr.clone();
+    let secret = srv.secret();
 
     // Seed the files through a client of its own.
     let small: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();

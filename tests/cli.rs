@@ -72,14 +72,31 @@ fn every_command_against_a_running_mount() {
         "{o:?}"
     );
 
-    // disconnect / reconnect
+    // disconnect / reconnect (the flushed file is read back into the cache first)
+    assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
     let o = m.cli(&["disconnect"]);
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&m.cli(&["status"])).contains("state: disconnected by operator"));
+    // Disconnected operation: cached files read, changes are logged, and
+    // nothing reaches the server until reconnect.
+    assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
+    std::fs::write(m.path("web/offline.txt"), b"written while disconnected").unwrap();
+    let watcher = client_util::client(&srv, &d.path().join("watcher-cache"));
+    assert_eq!(
+        watcher.stat("/web/offline.txt").unwrap_err().code(),
+        -libc::ENOENT,
+        "a disconnected client sends nothing"
+    );
     let o = m.cli(&["reconnect"]);
     assert_eq!(code(&o), 0, "{o:?}");
     assert!(stdout(&m.cli(&["status"])).contains("state: connected"));
     assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
+    assert_eq!(
+        client_util::get(&watcher, "/web/offline.txt"),
+        b"written while disconnected",
+        "reconnect reintegrated the logged change"
+    );
+    drop(watcher);
 
     // failover / failback through the mount
     let link = d.path().join("web");
@@ -221,4 +238,73 @@ fn bad_usage_exits_2() {
             "{o:?}"
         );
     }
+}
+
+/// A change held in write-disconnected mode meets a newer server version:
+/// `coda reintegrate` turns it into a conflict that `coda listconflicts`
+/// shows with both versions, and `coda resolve --keep local` settles it.
+#[test]
+fn conflicts_are_listed_and_resolved_and_hoarding_is_driven_from_the_cli() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    let d = TempDir::new("cli-conflict");
+    let m = Mount::start(
+        &srv,
+        d.path(),
+        &[
+            ("write_disconnected", "true"),
+            ("reintegration_age_ms", "600000"),
+        ],
+        &[],
+    );
+    let other = client_util::client(&srv, &d.path().join("other-cache"));
+    client_util::put(&other, "/doc", b"v1");
+    assert_eq!(std::fs::read(m.path("doc")).unwrap(), b"v1");
+
+    // Held by the mount's client (aging window of ten minutes)...
+    std::fs::write(m.path("doc"), b"local edit").unwrap();
+    // ...while another client changes the server's copy.
+    client_util::put(&other, "/doc", b"server edit");
+
+    let o = m.cli(&["reintegrate"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = m.cli(&["listconflicts"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let listing = stdout(&o);
+    let line = listing
+        .lines()
+        .find(|l| l.contains("| /doc |"))
+        .unwrap_or_else(|| panic!("no conflict for /doc in {listing:?}"));
+    let id = line.split_whitespace().next().unwrap().to_string();
+    let local = line
+        .split(" | ")
+        .find_map(|f| f.strip_prefix("local: "))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(std::fs::read(local).unwrap(), b"local edit", "{line}");
+    assert_eq!(client_util::get(&other, "/doc"), b"server edit");
+
+    assert_eq!(code(&m.cli(&["resolve", &id, "--keep", "sideways"])), 2);
+    assert_eq!(code(&m.cli(&["resolve", "999999", "--keep", "local"])), 1);
+    let o = m.cli(&["resolve", &id, "--keep", "local"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    let o = m.cli(&["reintegrate"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert_eq!(client_util::get(&other, "/doc"), b"local edit");
+    assert_eq!(stdout(&m.cli(&["listconflicts"])).trim(), "");
+
+    // Hoarding through the CLI.
+    client_util::put(&other, "/h1", b"hoard me");
+    let o = m.cli(&["hoard", "add", "/h1", "600"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert_eq!(stdout(&m.cli(&["hoard", "list"])).trim(), "/h1 600");
+    let o = m.cli(&["hoard", "walk"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert!(stdout(&o).contains("objects: 1"), "{o:?}");
+    assert_eq!(code(&m.cli(&["hoard", "add", "/h1", "0"])), 1);
+    assert_eq!(code(&m.cli(&["hoard", "bogus"])), 2);
+    let o = m.cli(&["hoard", "remove", "/h1"]);
+    assert_eq!(code(&o), 0, "{o:?}");
+    assert_eq!(stdout(&m.cli(&["hoard", "list"])).trim(), "");
 }

@@ -24,7 +24,15 @@ commands:
   reconnect                           undo disconnect
   flush [PATH]                        drop cached data of PATH (or everything)
   listcache                           list cached objects:
-                                      TYPE SIZE CACHED STATE CALLBACK FLAGS FID PATH";
+                                      TYPE SIZE CACHED STATE CALLBACK FLAGS FID PATH
+  listconflicts                       list reintegration conflicts: ID KIND RECORDS OP |
+                                      PATH | local: FILE | server: PATH | REASON
+  resolve ID --keep local|server      settle a conflict (local: resend the local version)
+  reintegrate                         send logged changes now
+  hoard add PATH PRIORITY[:c+|:d+]    keep PATH cached (c+: its entries, d+: everything below)
+  hoard remove PATH                   stop hoarding PATH
+  hoard list                          the hoard profile
+  hoard walk                          fetch what the profile covers now";
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 2;
@@ -110,15 +118,34 @@ fn main() {
         ("status" | "checkservers" | "disconnect" | "reconnect" | "listcache", []) => {
             vec![cmd.clone()]
         }
+        ("listconflicts" | "reintegrate", []) => vec![cmd.clone()],
+        ("resolve", [id, flag, keep]) if flag == "--keep" => {
+            if id.parse::<u64>().is_err() {
+                usage(&format!("resolve: {id:?} is not a conflict id"));
+            }
+            if keep != "local" && keep != "server" {
+                usage("resolve: --keep local or --keep server");
+            }
+            vec![cmd.clone(), id.clone(), keep.clone()]
+        }
+        ("resolve", _) => usage("resolve ID --keep local|server"),
+        ("hoard", [sub, path, prio]) if sub == "add" => {
+            vec![cmd.clone(), sub.clone(), format!("{path} {prio}")]
+        }
+        ("hoard", [sub, path]) if sub == "remove" => vec![cmd.clone(), sub.clone(), path.clone()],
+        ("hoard", [sub]) if sub == "list" || sub == "walk" => vec![cmd.clone(), sub.clone()],
+        ("hoard", _) => usage("hoard add PATH PRIORITY[:c+|:d+] | remove PATH | list | walk"),
         ("flush", []) => vec![cmd.clone()],
         ("flush", [p]) => vec![cmd.clone(), fs_path(&cache_dir, p)],
         ("failover" | "failback", r) => {
             let (l, t) = link_target(cmd, r);
             vec![cmd.clone(), l, t]
         }
-        ("status" | "checkservers" | "disconnect" | "reconnect" | "listcache" | "flush", _) => {
-            usage(&format!("{cmd}: too many arguments"))
-        }
+        (
+            "status" | "checkservers" | "disconnect" | "reconnect" | "listcache" | "flush"
+            | "listconflicts" | "reintegrate",
+            _,
+        ) => usage(&format!("{cmd}: too many arguments")),
         (c, _) => usage(&format!("unknown command {c}")),
     };
     let socket = control::socket_path(&cache_dir);

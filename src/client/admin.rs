@@ -3,6 +3,7 @@
 //! server. Used by `coda-mount`'s control socket and the `coda` CLI.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{Client, FileType};
@@ -152,10 +153,12 @@ impl Client {
         out
     }
 
-    /// Leave the servers on purpose: close the session and make every
-    /// remote operation fail with `Eio` until [`Client::reconnect`]. Objects
-    /// cached under a callback stay readable. Refused (`Invalid`) while
-    /// failed over: failback is the way back from there.
+    /// Leave the servers on purpose (Coda's `cfs disconnect`): with
+    /// disconnected operation on (the default), the client serves cached
+    /// objects and logs mutations exactly as when no server answers, and
+    /// sends nothing until [`Client::reconnect`]. With emulation off, every
+    /// remote operation fails with `Eio` until then. Refused (`Invalid`)
+    /// while failed over: failback is the way back from there.
     pub fn disconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
         match servers.interrupt.check() {
@@ -164,7 +167,13 @@ impl Client {
             }
             _ => {}
         }
-        servers.interrupt_all(OPERATOR_DISCONNECT);
+        let emu = &self.inner.cml.emu;
+        if emu.enabled() {
+            emu.held.store(true, Ordering::Relaxed);
+            emu.offline.store(true, Ordering::Relaxed);
+        } else {
+            servers.interrupt_all(OPERATOR_DISCONNECT);
+        }
         servers.shutdown();
         Ok(())
     }
@@ -175,6 +184,15 @@ impl Client {
     /// operator (a failover is undone by failback).
     pub fn reconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
+        let emu = &self.inner.cml.emu;
+        if emu.held.swap(false, Ordering::Relaxed) {
+            // Reintegrate what was logged meanwhile, then serve from the
+            // servers again.
+            return self.reintegrate_now().map_err(|e| {
+                emu.held.store(true, Ordering::Relaxed);
+                Error::Again(format!("no server answers, staying disconnected: {e}"))
+            });
+        }
         match servers.interrupt.check() {
             Ok(()) => return Ok(()),
             Err(Error::Eio(r)) if r == OPERATOR_DISCONNECT => {}
@@ -193,7 +211,8 @@ impl Client {
 
     /// Whether the operator disconnected the client (`coda disconnect`).
     pub fn operator_disconnected(&self) -> bool {
-        matches!(self.inner.servers.interrupt.check(), Err(Error::Eio(r)) if r == OPERATOR_DISCONNECT)
+        self.inner.cml.emu.held.load(Ordering::Relaxed)
+            || matches!(self.inner.servers.interrupt.check(), Err(Error::Eio(r)) if r == OPERATOR_DISCONNECT)
     }
 
     /// Why remote operations fail right now (failover or disconnect), if

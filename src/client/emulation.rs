@@ -36,8 +36,11 @@ const ROOT_KEY: &str = "root";
 /// keeping the client alive.
 pub(crate) struct EmuState {
     enabled: AtomicBool,
-    offline: AtomicBool,
+    pub(crate) offline: AtomicBool,
     write_disconnected: AtomicBool,
+    /// The operator disconnected us (`coda disconnect`): stay offline, and
+    /// do not reintegrate, until `Client::reconnect`.
+    pub(crate) held: AtomicBool,
     age_ms: AtomicU64,
     pending: AtomicUsize,
     stopped: AtomicBool,
@@ -63,6 +66,7 @@ impl EmuState {
             enabled: AtomicBool::new(enabled),
             offline: AtomicBool::new(false),
             write_disconnected: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             age_ms: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
@@ -648,6 +652,9 @@ fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, 
             continue; // failed over: remote operations stay off until failback
         }
         if state.offline() {
+            if state.held.load(Ordering::Relaxed) {
+                continue; // disconnected by the operator: wait for reconnect
+            }
             let Some(inner) = weak.upgrade() else { return };
             // Up after enough good pings and a revalidation (the prober's
             // rule), so a flapping server does not start a reintegration.

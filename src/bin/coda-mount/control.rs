@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coda::client::control::{decode_request, Response, MAX_REQUEST};
-use coda::client::{CachedObject, Client, ClientState, FileType};
+use coda::client::{
+    CachedObject, Client, ClientState, Conflict, Expand, FileType, HoardEntry, Keep,
+};
 use coda::Error;
 
 use crate::fs::Shared;
@@ -103,10 +105,12 @@ fn usage(msg: &str) -> Response {
 }
 
 fn state_name(client: &Client) -> &'static str {
+    if client.operator_disconnected() {
+        return "disconnected by operator";
+    }
     match client.state() {
         ClientState::Connected => "connected",
         ClientState::Disconnected => "disconnected",
-        ClientState::FailedOver if client.operator_disconnected() => "disconnected by operator",
         ClientState::FailedOver => "failed over",
     }
 }
@@ -142,6 +146,52 @@ pub fn handle(ctx: &Ctx, args: &[String]) -> Response {
             Err(e) => fail(&e),
         },
         ["listcache"] => Response::Ok(c.cached_objects().iter().map(cache_line).collect()),
+        ["listconflicts"] => match c.conflicts() {
+            Ok(list) => Response::Ok(list.iter().map(|k| conflict_line(ctx, k)).collect()),
+            Err(e) => fail(&e),
+        },
+        ["resolve", id, keep] => {
+            let Ok(id) = id.parse::<u64>() else {
+                return usage(&format!("resolve: {id:?} is not a conflict id"));
+            };
+            let keep = match *keep {
+                "local" => Keep::Local,
+                "server" => Keep::Server,
+                k => return usage(&format!("resolve: keep {k:?}: want local or server")),
+            };
+            match c.resolve_conflict(id, keep) {
+                Ok(()) => Response::Ok(vec![format!("resolved {id}: kept {}", a[2])]),
+                Err(e) => fail(&e),
+            }
+        }
+        ["reintegrate"] => match c.reintegrate_now() {
+            Ok(()) => Response::Ok(vec![format!("pending records: {}", c.pending_records())]),
+            Err(e) => fail(&e),
+        },
+        ["hoard", "add", entry] => match HoardEntry::parse(entry)
+            .and_then(|h| c.hoard_add(&h.path, h.priority, h.expand))
+        {
+            Ok(()) => Response::Ok(vec![format!("hoarding {entry}")]),
+            Err(e) => fail(&e),
+        },
+        ["hoard", "remove", path] => match c.hoard_remove(path) {
+            Ok(()) => Response::Ok(vec![format!("no longer hoarding {path}")]),
+            Err(e) => fail(&e),
+        },
+        ["hoard", "list"] => match c.hoard_list() {
+            Ok(list) => Response::Ok(list.iter().map(hoard_line).collect()),
+            Err(e) => fail(&e),
+        },
+        ["hoard", "walk"] => match c.hoard_walk() {
+            Ok(r) => Response::Ok(vec![
+                format!("objects: {}", r.objects),
+                format!("fetched: {}", r.fetched),
+                format!("fetched_bytes: {}", r.fetched_bytes),
+                format!("skipped: {}", r.skipped),
+                format!("missing: {}", r.missing),
+            ]),
+            Err(e) => fail(&e),
+        },
         [cmd, ..] => usage(&format!("unknown command or wrong arguments: {cmd}")),
         [] => usage("empty request"),
     }
@@ -227,6 +277,43 @@ fn tcp_probe(addr: &str) -> std::io::Result<()> {
         }
     }
     Err(last)
+}
+
+/// `ID KIND RECORDS OP | PATH | local: FILE | server: MOUNTED PATH | REASON`:
+/// the local version is the kept container, the server's is what the
+/// mount shows at the path.
+fn conflict_line(ctx: &Ctx, k: &Conflict) -> String {
+    let server = if k.path.is_empty() {
+        "?".to_string()
+    } else {
+        ctx.mountpoint
+            .join(k.path.trim_start_matches('/'))
+            .display()
+            .to_string()
+    };
+    format!(
+        "{} {} {} {} | {} | local: {} | server: {} | {}",
+        k.id,
+        k.kind,
+        k.records,
+        k.op,
+        if k.path.is_empty() { "?" } else { &k.path },
+        k.local_copy
+            .as_ref()
+            .map_or("-".to_string(), |p| p.display().to_string()),
+        server,
+        k.reason
+    )
+}
+
+/// A hoard profile line: `PATH PRIORITY[:c|:c+|:d|:d+]`.
+fn hoard_line(h: &HoardEntry) -> String {
+    let suffix = match h.expand {
+        Expand::Itself => "",
+        Expand::Children => ":c+",
+        Expand::Descendants => ":d+",
+    };
+    format!("{} {}{suffix}", h.path, h.priority)
 }
 
 /// `TYPE SIZE CACHED STATE CALLBACK FLAGS FID PATH` (PATH last: it may hold

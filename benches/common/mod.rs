@@ -1,0 +1,76 @@
+//! What every benchmark needs: a real `coda-server` process in a scratch
+//! directory (killed on drop), and client configurations pointing at it.
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use coda::client::Config;
+
+pub struct BenchServer {
+    child: Child,
+    pub root: PathBuf,
+    pub addr: String,
+}
+
+impl BenchServer {
+    /// `coda-server init` in `dir/data`, then serve it on a free loopback port.
+    pub fn start(dir: &Path) -> BenchServer {
+        let bin = env!("CARGO_BIN_EXE_coda-server");
+        let root = dir.join("data");
+        let st = Command::new(bin)
+            .args(["init", "--root"])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "coda-server init failed");
+        let mut child = Command::new(bin)
+            .args(["serve", "--root"])
+            .arg(&root)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        BenchServer { child, root, addr }
+    }
+
+    pub fn secret(&self) -> PathBuf {
+        self.root.join("admin.secret")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// A client configuration for this server with its own cache directory.
+    pub fn config(&self, cache: &Path) -> Config {
+        let mut c = Config::new();
+        c.set("servers", &self.addr).unwrap();
+        c.set("secret_file", self.secret().to_str().unwrap())
+            .unwrap();
+        c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+        c
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
