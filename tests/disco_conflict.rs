@@ -146,3 +146,34 @@ fn conflicts_survive_a_client_restart() {
     assert_eq!(get(&a, "/f"), b"online edit");
     assert!(cs[0].local_copy.as_ref().is_some_and(|p| !p.exists()));
 }
+
+/// A rename logged while disconnected onto a name that was free then, but
+/// that another client took meanwhile, does not silently replace the other
+/// client's file: it becomes a conflict and the server's file stays.
+#[test]
+fn an_offline_rename_onto_a_name_taken_meanwhile_is_a_conflict_not_a_replacement() {
+    let mut srv = start();
+    let (da, db) = (TempDir::new("ra"), TempDir::new("rb"));
+    let a = slow_prober(&srv, da.path());
+    put(&a, "/draft", b"a's draft");
+    assert_eq!(names(&a, "/"), vec!["draft"]);
+
+    srv.kill9();
+    a.rename("/draft", "/final").unwrap();
+    assert_eq!(names(&a, "/"), vec!["final"]);
+
+    srv.restart();
+    let b = client(&srv, db.path());
+    put(&b, "/final", b"b's final");
+    a.reintegrate_now().unwrap();
+
+    let cs = a.conflicts().unwrap();
+    assert_eq!(cs.len(), 1, "{cs:?}");
+    assert_eq!(cs[0].kind, "Exists");
+    assert_eq!(get(&b, "/final"), b"b's final", "b's file was not replaced");
+    assert_eq!(
+        get(&b, "/draft"),
+        b"a's draft",
+        "a's file is still under its old name"
+    );
+}

@@ -273,3 +273,68 @@ fn a_large_file_round_trips_and_directories_page() {
     names.dedup();
     assert_eq!(names.len(), 2100);
 }
+
+/// A rename states what it expects at its destination; a name that holds
+/// something else by then (another client's create while the renamer was
+/// disconnected) refuses the batch instead of being silently replaced.
+#[test]
+fn a_rename_onto_a_name_that_changed_meanwhile_is_refused() {
+    use coda::proto::Replaces;
+    let s = TestServer::start();
+    let (mut c, _b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(4);
+    c.apply(vec![
+        rec::create(1, root, "a", f[0]),
+        rec::create(2, root, "taken", f[1]),
+        rec::create(3, root, "b", f[2]),
+    ]);
+    let refused = |c: &mut common::raw::Raw, id, dst: &str, r| {
+        error_of(c.reintegrate(vec![rec::rename_expecting(
+            id, root, "a", root, dst, f[0], r,
+        )]))
+        .0
+    };
+    assert_eq!(
+        refused(&mut c, 4, "taken", Replaces::Nothing),
+        WireCode::Exists
+    );
+    assert_eq!(
+        refused(&mut c, 5, "taken", Replaces::Object(f[2])),
+        WireCode::Conflict
+    );
+    assert_eq!(
+        refused(&mut c, 6, "free", Replaces::Object(f[1])),
+        WireCode::Conflict
+    );
+    let names = |c: &mut common::raw::Raw| {
+        let mut n: Vec<String> = c.list(root).into_iter().map(|(n, _)| n).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&mut c), ["a", "b", "taken"], "nothing was applied");
+    c.apply(vec![rec::rename_expecting(
+        7,
+        root,
+        "a",
+        root,
+        "taken",
+        f[0],
+        Replaces::Object(f[1]),
+    )]);
+    c.apply(vec![rec::rename_expecting(
+        8,
+        root,
+        "b",
+        root,
+        "fresh",
+        f[2],
+        Replaces::Nothing,
+    )]);
+    assert_eq!(names(&mut c), ["fresh", "taken"]);
+    assert_eq!(
+        c.attr(f[1]),
+        Err(WireCode::Stale),
+        "the expected victim was replaced"
+    );
+}

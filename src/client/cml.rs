@@ -1010,6 +1010,7 @@ mod tests {
             dst_parent: DIR,
             dst_name: "x".into(),
             fid: x,
+            replaces: crate::proto::Replaces::Nothing,
         };
         cml.log(ren, Some(1), true, true).unwrap();
         let rm2 = RecordOp::Rmdir {

@@ -271,6 +271,7 @@ impl Inner {
                     dst_parent,
                     dst_name,
                     fid,
+                    ..
                 } => {
                     let t = self
                         .cache

@@ -38,7 +38,7 @@ pub use file::File;
 pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
 
-use crate::proto::{auth, Attr, Msg, RecordOp, MAX_SYMLINK};
+use crate::proto::{auth, Attr, Msg, RecordOp, Replaces, MAX_SYMLINK};
 pub use crate::proto::{Fid, FileType, Timespec};
 use crate::{Error, Result};
 
@@ -386,6 +386,12 @@ impl Client {
             dst_parent: dp,
             dst_name: dn.clone(),
             fid: src.fid,
+            // What we saw there: if the server holds something else by the
+            // time this applies (another client's create while we were
+            // disconnected), the record is refused, not silently replacing.
+            replaces: dst
+                .as_ref()
+                .map_or(Replaces::Nothing, |d| Replaces::Object(d.fid)),
         };
         let attr = inner.commit(op, None)?;
         inner.object_changed(&attr, tok);

@@ -26,6 +26,19 @@ pub struct Record {
     pub op: RecordOp,
 }
 
+/// What a rename expects to find at its destination name: checked by the
+/// server, so a rename logged while disconnected cannot silently replace a
+/// file another client put there meanwhile (that is a conflict instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaces {
+    /// No check: POSIX semantics, whatever is there is replaced.
+    Any,
+    /// The name must be free.
+    Nothing,
+    /// The name must hold this object.
+    Object(Fid),
+}
+
 /// `expected_version` of 0 means "do not check" (connected mode's
 /// last-close-wins); any other value must equal the object's version on the
 /// server or the whole batch fails with `Conflict`.
@@ -85,6 +98,7 @@ pub enum RecordOp {
         dst_parent: Fid,
         dst_name: String,
         fid: Fid,
+        replaces: Replaces,
     },
     SetAttr {
         fid: Fid,
@@ -641,6 +655,7 @@ fn encode_record(w: &mut Writer, r: &Record) {
             dst_parent,
             dst_name,
             fid,
+            replaces,
         } => {
             w.u8(rec::RENAME)
                 .fid(src_parent)
@@ -648,6 +663,11 @@ fn encode_record(w: &mut Writer, r: &Record) {
                 .fid(dst_parent)
                 .str(dst_name)
                 .fid(fid);
+            match replaces {
+                Replaces::Any => w.u8(0),
+                Replaces::Nothing => w.u8(1),
+                Replaces::Object(f) => w.u8(2).fid(f),
+            };
         }
         RecordOp::SetAttr {
             fid,
@@ -719,6 +739,12 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             dst_parent: r.fid()?,
             dst_name: name(r)?,
             fid: r.fid()?,
+            replaces: match r.u8()? {
+                0 => Replaces::Any,
+                1 => Replaces::Nothing,
+                2 => Replaces::Object(r.fid()?),
+                v => return Err(Error::Protocol(format!("bad rename expectation {v}"))),
+            },
         },
         rec::SETATTR => RecordOp::SetAttr {
             fid: r.fid()?,
@@ -813,6 +839,15 @@ mod tests {
                 dst_parent: f,
                 dst_name: "b".into(),
                 fid: f,
+                replaces: Replaces::Object(f),
+            },
+            RecordOp::Rename {
+                src_parent: f,
+                src_name: "a".into(),
+                dst_parent: f,
+                dst_name: "b".into(),
+                fid: f,
+                replaces: Replaces::Nothing,
             },
             RecordOp::SetAttr {
                 fid: f,

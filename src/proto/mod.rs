@@ -8,7 +8,7 @@ pub mod message;
 pub mod types;
 
 pub use frame::{read_frame, write_frame, Frame};
-pub use message::{ConnKind, Msg, Record, RecordOp};
+pub use message::{ConnKind, Msg, Record, RecordOp, Replaces};
 pub use types::{Attr, DirEntry, Fid, FileType, Timespec};
 
 /// Version carried in `Hello`; a server refuses any other.

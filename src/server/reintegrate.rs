@@ -20,7 +20,7 @@ use redb::{ReadableTable, Table};
 use super::meta::*;
 use super::objects;
 use super::volume::{get_object, stale, ClientId, VolumeStore};
-use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Timespec};
+use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
 use crate::{Error, Result};
 
 /// Finds the staged file of an upload of the reintegrating client.
@@ -291,7 +291,15 @@ impl Batch<'_, '_> {
                 dst_parent,
                 dst_name,
                 fid,
-            } => self.rename(*src_parent, src_name, *dst_parent, dst_name, *fid),
+                replaces,
+            } => self.rename(
+                *src_parent,
+                src_name,
+                *dst_parent,
+                dst_name,
+                *fid,
+                *replaces,
+            ),
             RecordOp::SetAttr {
                 fid,
                 expected_version,
@@ -634,6 +642,7 @@ impl Batch<'_, '_> {
         dst_parent: Fid,
         dst_name: &str,
         fid: Fid,
+        replaces: Replaces,
     ) -> Result<Attr> {
         check_name(src_name)?;
         check_name(dst_name)?;
@@ -641,6 +650,21 @@ impl Batch<'_, '_> {
         self.dir(dst_parent)?;
         Self::same_volume(src_parent, dst_parent)?;
         self.expect_entry(src_parent, src_name, fid)?;
+        // The destination must be what the client believed it was.
+        match (replaces, self.lookup(dst_parent, dst_name)?) {
+            (Replaces::Any, _) | (Replaces::Nothing, None) => {}
+            (Replaces::Object(want), Some((have, _))) if want == have => {}
+            (Replaces::Nothing, Some(_)) => {
+                return Err(Error::Exists(format!(
+                    "rename target {dst_name:?} in {dst_parent} was created meanwhile"
+                )))
+            }
+            (Replaces::Object(_), _) => {
+                return Err(Error::Conflict(format!(
+                    "rename target {dst_name:?} in {dst_parent} changed meanwhile"
+                )))
+            }
+        }
         let mut rec = self.obj(fid)?;
         let is_dir = rec.attr.ftype == FileType::Dir;
         if is_dir {

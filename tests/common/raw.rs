@@ -12,7 +12,7 @@ use coda::proto::auth::{
     client_mac, mac_eq, random_bytes, read_secret_file, server_mac, Transcript,
 };
 use coda::proto::frame::encode_frame;
-use coda::proto::{read_frame, Attr, ConnKind, Fid, Msg, Record, RecordOp, Timespec};
+use coda::proto::{read_frame, Attr, ConnKind, Fid, Msg, Record, RecordOp, Replaces, Timespec};
 
 pub struct Raw {
     pub stream: TcpStream,
@@ -377,6 +377,17 @@ pub mod rec {
         }
     }
     pub fn rename(id: u64, sp: Fid, sn: &str, dp: Fid, dn: &str, fid: Fid) -> Record {
+        rename_expecting(id, sp, sn, dp, dn, fid, Replaces::Any)
+    }
+    pub fn rename_expecting(
+        id: u64,
+        sp: Fid,
+        sn: &str,
+        dp: Fid,
+        dn: &str,
+        fid: Fid,
+        replaces: Replaces,
+    ) -> Record {
         Record {
             store_id: id,
             op: RecordOp::Rename {
@@ -385,6 +396,7 @@ pub mod rec {
                 dst_parent: dp,
                 dst_name: dn.into(),
                 fid,
+                replaces,
             },
         }
     }
