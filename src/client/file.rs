@@ -111,27 +111,19 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
 /// Create an empty file through the CML; its container starts out empty
 /// and opened.
 fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
-    let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
-    let now = Timespec::now();
-    let ptok = inner.callbacks.token(parent);
-    let tok = inner.callbacks.token(fid);
-    let op = RecordOp::Create {
+    inner.create_object(
         parent,
-        name: name.to_string(),
-        fid,
-        mode: mode & 0o7777,
-        mtime: now,
-    };
-    let attr = inner.commit(op, None)?;
-    inner.cache.install_empty(&attr, false)?;
-    inner.callbacks.grant(fid, tok);
-    let entry = crate::proto::DirEntry {
-        name: name.to_string(),
-        fid,
-        ftype: FileType::File,
-    };
-    inner.after_dir_change(parent, ptok, now, |l| l.push(entry));
-    Ok(fid)
+        name,
+        FileType::File,
+        |fid, now| RecordOp::Create {
+            parent,
+            name: name.to_string(),
+            fid,
+            mode: mode & 0o7777,
+            mtime: now,
+        },
+        |attr| inner.cache.install_empty(attr, false),
+    )
 }
 
 impl File {

@@ -290,27 +290,22 @@ impl Client {
         if inner.lookup(parent, &name)?.is_some() {
             return Err(Error::Exists(path.to_string()));
         }
-        let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
-        let now = Timespec::now();
-        let ptok = inner.callbacks.token(parent);
-        let tok = inner.callbacks.token(fid);
-        let op = RecordOp::Mkdir {
+        inner.create_object(
             parent,
-            name: name.clone(),
-            fid,
-            mode: mode & 0o7777,
-            mtime: now,
-        };
-        let attr = inner.commit(op, None)?;
-        inner.cache.set_listing(&attr, Vec::new());
-        inner.callbacks.grant(fid, tok);
-        inner.after_dir_change(parent, ptok, now, |l| {
-            l.push(crate::proto::DirEntry {
-                name,
+            &name,
+            FileType::Dir,
+            |fid, now| RecordOp::Mkdir {
+                parent,
+                name: name.clone(),
                 fid,
-                ftype: FileType::Dir,
-            })
-        });
+                mode: mode & 0o7777,
+                mtime: now,
+            },
+            |attr| {
+                inner.cache.set_listing(attr, Vec::new());
+                Ok(())
+            },
+        )?;
         Ok(())
     }
 
@@ -431,27 +426,22 @@ impl Client {
         if inner.lookup(parent, &name)?.is_some() {
             return Err(Error::Exists(linkpath.to_string()));
         }
-        let fid = inner.cml.new_fid(&inner.servers, parent.volume)?;
-        let now = Timespec::now();
-        let ptok = inner.callbacks.token(parent);
-        let tok = inner.callbacks.token(fid);
-        let op = RecordOp::Symlink {
+        inner.create_object(
             parent,
-            name: name.clone(),
-            fid,
-            target: target.to_string(),
-            mtime: now,
-        };
-        let attr = inner.commit(op, None)?;
-        inner.cache.set_symlink(&attr, target.to_string());
-        inner.callbacks.grant(fid, tok);
-        inner.after_dir_change(parent, ptok, now, |l| {
-            l.push(crate::proto::DirEntry {
-                name,
+            &name,
+            FileType::Symlink,
+            |fid, now| RecordOp::Symlink {
+                parent,
+                name: name.clone(),
                 fid,
-                ftype: FileType::Symlink,
-            })
-        });
+                target: target.to_string(),
+                mtime: now,
+            },
+            |attr| {
+                inner.cache.set_symlink(attr, target.to_string());
+                Ok(())
+            },
+        )?;
         Ok(())
     }
 
@@ -539,6 +529,34 @@ impl Client {
 }
 
 impl Inner {
+    /// Make a new object `name` in `parent` through the CML: a fresh fid,
+    /// the record `build` makes for it, `install` to cache what the server
+    /// answered, a callback on it, and the entry in the parent's listing.
+    /// The one path of create, mkdir and symlink.
+    pub(crate) fn create_object(
+        &self,
+        parent: Fid,
+        name: &str,
+        ftype: FileType,
+        build: impl FnOnce(Fid, Timespec) -> RecordOp,
+        install: impl FnOnce(&Attr) -> Result<()>,
+    ) -> Result<Fid> {
+        let fid = self.cml.new_fid(&self.servers, parent.volume)?;
+        let now = Timespec::now();
+        let ptok = self.callbacks.token(parent);
+        let tok = self.callbacks.token(fid);
+        let attr = self.commit(build(fid, now), None)?;
+        install(&attr)?;
+        self.callbacks.grant(fid, tok);
+        let entry = crate::proto::DirEntry {
+            name: name.to_string(),
+            fid,
+            ftype,
+        };
+        self.after_dir_change(parent, ptok, now, |l| l.push(entry));
+        Ok(fid)
+    }
+
     fn root(&self) -> Result<Fid> {
         self.emulated_root()
     }
