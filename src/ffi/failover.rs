@@ -7,6 +7,7 @@ use std::path::Path;
 use super::client::coda_client;
 use super::{boundary, c_str, handle};
 use crate::client::failover::swap_link;
+use crate::client::Client;
 
 /// Atomically repoint the symlink `link` to `target` (refusing anything that
 /// is not a symlink). With a client (which may be NULL, for scripts that hold
@@ -18,18 +19,7 @@ pub extern "C" fn coda_failover(
     link: *const c_char,
     target: *const c_char,
 ) -> c_int {
-    boundary(|| {
-        let link = c_str(link, "link")?;
-        let target = c_str(target, "target")?;
-        if client.is_null() {
-            swap_link(Path::new(link), Path::new(target))?;
-        } else {
-            handle(client as *const coda_client, "client")?
-                .inner
-                .failover(Path::new(link), Path::new(target))?;
-        }
-        Ok(0)
-    })
+    swap(client, link, target, Client::failover)
 }
 
 /// Undo a failover: repoint `link` to `target` (the remote tree) and let
@@ -41,15 +31,28 @@ pub extern "C" fn coda_failback(
     link: *const c_char,
     target: *const c_char,
 ) -> c_int {
+    swap(client, link, target, Client::failback)
+}
+
+/// The shared body: without a client only the link is swapped; with one,
+/// `with_client` (failover or failback) does the swap and the rest.
+fn swap(
+    client: *mut coda_client,
+    link: *const c_char,
+    target: *const c_char,
+    with_client: fn(&Client, &Path, &Path) -> crate::Result<()>,
+) -> c_int {
     boundary(|| {
-        let link = c_str(link, "link")?;
-        let target = c_str(target, "target")?;
+        let link = Path::new(c_str(link, "link")?);
+        let target = Path::new(c_str(target, "target")?);
         if client.is_null() {
-            swap_link(Path::new(link), Path::new(target))?;
+            swap_link(link, target)?;
         } else {
-            handle(client as *const coda_client, "client")?
-                .inner
-                .failback(Path::new(link), Path::new(target))?;
+            with_client(
+                &handle(client as *const coda_client, "client")?.inner,
+                link,
+                target,
+            )?;
         }
         Ok(0)
     })
