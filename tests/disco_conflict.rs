@@ -33,7 +33,7 @@ fn a_store_over_a_changed_file_and_a_taken_name_become_conflicts_and_the_rest_go
 
     srv.kill9();
     assert_eq!(get(&a, "/f"), b"base");
-    assert_eq!(a.state(), ClientState::Disconnected);
+    disco_util::wait_disconnected(&a);
     put(&a, "/f", b"local f");
     put(&a, "/g", b"local g");
     put(&a, "/dir/n", b"local n");

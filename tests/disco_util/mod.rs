@@ -51,3 +51,18 @@ pub fn tree(c: &Client) -> BTreeMap<String, Option<Vec<u8>>> {
     walk(c, "/", &mut out);
     out
 }
+
+/// Wait (bounded, generously) until the client has noticed its server is
+/// gone. A read served from the cache can come before the connection's
+/// reader thread has seen the close, so `state()` right after a kill races.
+pub fn wait_disconnected(c: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.state() != ClientState::Disconnected {
+        assert!(
+            Instant::now() < deadline,
+            "still {:?} long after the server went away",
+            c.state()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
