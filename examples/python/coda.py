@@ -46,6 +46,36 @@ class EventT(ctypes.Structure):
                 ("detail", ctypes.c_char * 256)]
 
 
+class ConflictT(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("ino", ctypes.c_uint64),
+                ("path", ctypes.c_char_p), ("op", ctypes.c_char_p),
+                ("reason", ctypes.c_char_p), ("kind", ctypes.c_char_p),
+                ("local_copy", ctypes.c_char_p), ("records", ctypes.c_uint32)]
+
+
+class Conflict:
+    """A reintegration conflict: .id (for resolve_conflict), .path, .op,
+    .kind ("Conflict", "Exists", ...), .reason, .local_copy (a file with the
+    local version, or None), .records."""
+
+    def __init__(self, raw):
+        text = lambda b: b.decode("utf-8", "replace") if b is not None else None
+        self.id = raw.id
+        self.ino = raw.ino
+        self.path = text(raw.path)
+        self.op = text(raw.op)
+        self.reason = text(raw.reason)
+        self.kind = text(raw.kind)
+        self.local_copy = text(raw.local_copy)
+        self.records = raw.records
+
+    def __repr__(self):
+        return "Conflict(%d, %s %s: %s)" % (self.id, self.kind, self.path, self.reason)
+
+
+KEEP_LOCAL, KEEP_SERVER = 1, 2
+
+
 class Event:
     """One state change: .kind is a name ("failover", ...), .detail text."""
 
@@ -65,6 +95,7 @@ Error = OSError
 
 
 READDIR_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32)
+CONFLICT_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ConflictT))
 
 _lib = None
 
@@ -119,6 +150,10 @@ def load_library(path=None):
         "coda_failover": ([P, S, S], I),
         "coda_failback": ([P, S, S], I),
         "coda_event_next": ([P, ctypes.POINTER(EventT), I], I),
+        "coda_conflicts_list": ([P, CONFLICT_CB, P], I),
+        "coda_conflict_resolve": ([P, U64, I], I),
+        "coda_reintegrate": ([P], I),
+        "coda_pending_records": ([P], I64),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -275,6 +310,31 @@ class Client:
 
     def failback(self, link, target):
         failback(link, target, self)
+
+    def conflicts(self):
+        """The unresolved reintegration conflicts, oldest first."""
+        found = []
+
+        def cb(_ud, c):
+            found.append(Conflict(c.contents))
+            return 0
+
+        _check(self._lib.coda_conflicts_list(self._handle(), CONFLICT_CB(cb), None))
+        return found
+
+    def resolve_conflict(self, conflict_id, keep):
+        """keep: "local" (send the local version again) or "server"."""
+        k = {"local": KEEP_LOCAL, "server": KEEP_SERVER}.get(keep)
+        if k is None:
+            raise ValueError("keep must be 'local' or 'server'")
+        _check(self._lib.coda_conflict_resolve(self._handle(), conflict_id, k))
+
+    def reintegrate(self):
+        """Send logged changes now (conflicts are set aside, see conflicts())."""
+        _check(self._lib.coda_reintegrate(self._handle()))
+
+    def pending_records(self):
+        return _check(self._lib.coda_pending_records(self._handle()))
 
     def next_event(self, timeout_ms=0):
         """The next event, or None if none arrives within timeout_ms."""

@@ -109,5 +109,37 @@ class Failover(unittest.TestCase):
         self.assertEqual(cm.exception.errno, errno.EINVAL)
 
 
+class Conflicts(unittest.TestCase):
+    def test_a_held_change_over_a_newer_server_version_is_a_conflict(self):
+        _seq[0] += 1
+        held = coda.Client(servers=os.environ["CODA_TEST_SERVER"],
+                           secret_file=os.environ["CODA_TEST_SECRET"],
+                           cache_dir=os.path.join(os.environ["CODA_TEST_DIR"],
+                                                  "cache-py-%d" % _seq[0]),
+                           write_disconnected="true", reintegration_age_ms=600000)
+        with held, client() as other:
+            other.write_file("/pyconflict", b"v1")
+            self.assertEqual(held.read_file("/pyconflict"), b"v1")
+            held.write_file("/pyconflict", b"held edit")
+            self.assertEqual(held.pending_records(), 1)
+            other.write_file("/pyconflict", b"server edit")
+            held.reintegrate()
+            self.assertEqual(held.pending_records(), 0)
+            (c,) = held.conflicts()
+            self.assertEqual(c.path, "/pyconflict")
+            self.assertEqual(c.kind, "Conflict")
+            with open(c.local_copy, "rb") as f:
+                self.assertEqual(f.read(), b"held edit")
+            with self.assertRaises(ValueError):
+                held.resolve_conflict(c.id, "sideways")
+            with self.assertRaises(OSError) as cm:
+                held.resolve_conflict(c.id + 999, "server")
+            self.assertEqual(cm.exception.errno, errno.ENOENT)
+            held.resolve_conflict(c.id, "local")
+            held.reintegrate()
+            self.assertEqual(held.conflicts(), [])
+            self.assertEqual(other.read_file("/pyconflict"), b"held edit")
+
+
 if __name__ == "__main__":
     unittest.main()
