@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use coda::client::Client;
 
 mod common;
-use common::BenchServer as Server;
+use common::{write_file, BenchServer as Server};
 
 fn client(s: &Server, cache: &Path) -> Client {
     let mut c = s.config(cache);
@@ -37,14 +37,6 @@ fn summarize(mut v: Vec<Duration>) -> (Duration, Duration) {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn write_file(c: &Client, path: &str, data: &[u8]) {
-    let mut f = c
-        .open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
-        .unwrap();
-    f.write_at(data, 0).unwrap();
-    f.close().unwrap();
 }
 
 fn cached_small_reads(a: &Client, scratch: &Path, iters: usize) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use coda::client::{Client, Config};
 
 mod common;
-use common::BenchServer as Server;
+use common::{write_file as put, BenchServer as Server};
 
 fn config(s: &Server, cache: &Path) -> Config {
     let mut c = s.config(cache);
@@ -33,17 +33,6 @@ fn write_disconnected(s: &Server, cache: &Path) -> Client {
     c.set("write_disconnected", "true").unwrap();
     c.set("reintegration_age_ms", "86400000").unwrap();
     Client::new(c).unwrap()
-}
-
-fn put(c: &Client, path: &str, data: &[u8]) {
-    let mut f = c
-        .open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
-        .unwrap();
-    let mut off = 0;
-    while off < data.len() {
-        off += f.write_at(&data[off..], off as u64).unwrap();
-    }
-    f.close().unwrap();
 }
 
 fn rate(n: u64, d: Duration) -> f64 {

@@ -22,23 +22,12 @@ use std::time::{Duration, Instant};
 use coda::client::{Client, ClientState, Config, Event};
 
 mod common;
-use common::BenchServer as Server;
+use common::{write_file, BenchServer as Server};
 
 fn config(s: &Server, cache: &Path) -> Config {
     let mut c = s.config(cache);
     c.set("cache_size", "4G").unwrap();
     c
-}
-
-fn write_file(c: &Client, path: &str, data: &[u8]) {
-    let mut f = c
-        .open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
-        .unwrap();
-    let mut off = 0;
-    while off < data.len() {
-        off += f.write_at(&data[off..], off as u64).unwrap();
-    }
-    f.close().unwrap();
 }
 
 fn ms(d: Duration) -> f64 {

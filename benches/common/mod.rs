@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use coda::client::Config;
+use coda::client::{Client, Config};
 
 pub struct BenchServer {
     child: Child,
@@ -73,4 +73,16 @@ impl Drop for BenchServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Create or truncate `path` and write all of `data` through `c`, stored on close.
+pub fn write_file(c: &Client, path: &str, data: &[u8]) {
+    let mut f = c
+        .open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)
+        .unwrap();
+    let mut off = 0;
+    while off < data.len() {
+        off += f.write_at(&data[off..], off as u64).unwrap();
+    }
+    f.close().unwrap();
 }

@@ -286,10 +286,7 @@ impl Client {
 
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
         let inner = &self.inner;
-        let (parent, name) = inner.resolve_parent(path)?;
-        if inner.lookup(parent, &name)?.is_some() {
-            return Err(Error::Exists(path.to_string()));
-        }
+        let (parent, name) = inner.free_name(path)?;
         inner.create_object(
             parent,
             &name,
@@ -422,10 +419,7 @@ impl Client {
             return Err(Error::Invalid(format!("symlink target {target:?}")));
         }
         let inner = &self.inner;
-        let (parent, name) = inner.resolve_parent(linkpath)?;
-        if inner.lookup(parent, &name)?.is_some() {
-            return Err(Error::Exists(linkpath.to_string()));
-        }
+        let (parent, name) = inner.free_name(linkpath)?;
         inner.create_object(
             parent,
             &name,
@@ -529,6 +523,16 @@ impl Client {
 }
 
 impl Inner {
+    /// The parent directory and last name of `path`, which must not exist
+    /// yet (`Exists` otherwise): where mkdir and symlink make their object.
+    fn free_name(&self, path: &str) -> Result<(Fid, String)> {
+        let (parent, name) = self.resolve_parent(path)?;
+        if self.lookup(parent, &name)?.is_some() {
+            return Err(Error::Exists(path.to_string()));
+        }
+        Ok((parent, name))
+    }
+
     /// Make a new object `name` in `parent` through the CML: a fresh fid,
     /// the record `build` makes for it, `install` to cache what the server
     /// answered, a callback on it, and the entry in the parent's listing.
