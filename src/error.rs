@@ -38,6 +38,10 @@ pub enum Error {
     Loop(String),
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// A volume's quota (or a per-session bound on staged uploads) would be
+    /// exceeded: `EDQUOT`, distinct from a full disk.
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("protocol error: {0}")]
@@ -89,6 +93,7 @@ impl Error {
             Error::NameTooLong(_) => -ENAMETOOLONG,
             Error::Loop(_) => -ELOOP,
             Error::NoSpace(_) => -ENOSPC,
+            Error::Quota(_) => -EDQUOT,
             Error::Conflict(_) => CODA_ECONFLICT,
             Error::Protocol(_) => CODA_EPROTO,
             Error::Auth(_) => -EACCES,
@@ -125,6 +130,7 @@ impl Error {
             Error::NameTooLong(_) => WireCode::NameTooLong,
             Error::Loop(_) => WireCode::Invalid,
             Error::NoSpace(_) => WireCode::NoSpace,
+            Error::Quota(_) => WireCode::Quota,
             Error::Conflict(_) => WireCode::Conflict,
             Error::Protocol(_) => WireCode::Protocol,
             Error::Auth(_) => WireCode::Auth,
@@ -132,7 +138,8 @@ impl Error {
             Error::Timeout(_) | Error::Again(_) => WireCode::Busy,
             Error::Eio(_) | Error::BadHandle(_) | Error::Panic(_) => WireCode::Io,
             Error::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => WireCode::NoSpace,
+                Some(libc::ENOSPC) => WireCode::NoSpace,
+                Some(libc::EDQUOT) => WireCode::Quota,
                 _ => WireCode::Io,
             },
         }
@@ -156,6 +163,7 @@ impl Error {
             WireCode::Stale => Error::Stale(message),
             WireCode::Busy => Error::Again(message),
             WireCode::Io => Error::Eio(message),
+            WireCode::Quota => Error::Quota(message),
         }
     }
 
@@ -186,6 +194,7 @@ fn errno_text(e: i32) -> &'static str {
         ENAMETOOLONG => "file name too long",
         ELOOP => "too many levels of symbolic links",
         ENOSPC => "no space left on device",
+        EDQUOT => "disk quota exceeded",
         ESTALE => "stale file handle",
         ETIMEDOUT => "timed out (server unreachable)",
         EAGAIN => "resource temporarily unavailable",
@@ -220,6 +229,7 @@ pub enum WireCode {
     Stale = 13,
     Busy = 14,
     Io = 15,
+    Quota = 16,
 }
 
 impl WireCode {
@@ -241,6 +251,7 @@ impl WireCode {
             13 => Stale,
             14 => Busy,
             15 => Io,
+            16 => Quota,
             _ => return None,
         })
     }
@@ -281,14 +292,14 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips() {
-        for v in 1..=15u16 {
+        for v in 1..=16u16 {
             let c = WireCode::from_u16(v).unwrap();
             assert_eq!(c as u16, v);
             let e = Error::from_wire(c, "x".into());
             assert_eq!(e.wire_code(), c);
         }
         assert!(WireCode::from_u16(0).is_none());
-        assert!(WireCode::from_u16(16).is_none());
+        assert!(WireCode::from_u16(17).is_none());
     }
 
     #[test]
