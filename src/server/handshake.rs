@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use super::volume::{ClientId, VolumeStore};
 use super::wire::send;
 use crate::proto::auth::{client_mac, mac_eq, random_bytes, server_mac, Transcript};
-use crate::proto::{read_frame, ConnKind, Msg, PROTOCOL_VERSION};
+use crate::proto::frame::{read_frame_max, MAX_HANDSHAKE_FRAME};
+use crate::proto::{ConnKind, Msg, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
 /// Who is on the other end, once proven.
@@ -21,7 +22,7 @@ pub struct Identity {
 }
 
 fn next_msg<R: BufRead>(r: &mut R, what: &str) -> Result<Msg> {
-    match read_frame(r)? {
+    match read_frame_max(r, MAX_HANDSHAKE_FRAME)? {
         Some(f) => Msg::decode(&f),
         None => Err(Error::Protocol(format!("connection closed before {what}"))),
     }
