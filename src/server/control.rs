@@ -236,7 +236,8 @@ fn read_loop(
                     (Arc::clone(shared), *ctx, tx.clone(), Arc::clone(flow));
                 // Keyed by session generation: requests are served round
                 // robin across sessions (workers.rs).
-                shared.pool.submit(ctx.gen, move || {
+                let heavy = matches!(m, Msg::Reintegrate { .. });
+                shared.pool.submit(ctx.gen, heavy, move || {
                     let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| Msg::error(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());

@@ -6,7 +6,10 @@
 //! sessions with queued work round robin, one request per turn, with at
 //! most [`PER_SESSION`] of a session's requests running at once. A client
 //! that pipelines hundreds of heavy batches therefore waits behind itself,
-//! while another client's request starts at the next free worker.
+//! while another client's request starts at the next free worker. Heavy
+//! requests (reintegration batches, which all serialize on the store's one
+//! write transaction) run one at a time per session, so a session never has
+//! more than one batch waiting for that transaction ahead of others.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,8 +24,10 @@ pub const PER_SESSION: usize = 4;
 
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<Job>,
+    /// (heavy, job), in arrival order; served in that order.
+    jobs: VecDeque<(bool, Job)>,
     running: usize,
+    heavy_running: bool,
     /// Whether the key is in `State::ready` (each key at most once).
     ready: bool,
 }
@@ -42,30 +47,47 @@ impl State {
         let Some(q) = self.queues.get_mut(&key) else {
             return;
         };
+        let runnable = match q.jobs.front() {
+            Some((heavy, _)) => q.running < PER_SESSION && !(*heavy && q.heavy_running),
+            None => false,
+        };
         if q.jobs.is_empty() && q.running == 0 {
             self.queues.remove(&key);
-        } else if !q.ready && !q.jobs.is_empty() && q.running < PER_SESSION {
+        } else if !q.ready && runnable {
             q.ready = true;
             self.ready.push_back(key);
         }
     }
 
     /// The next job in turn, or `None` when there is none now.
-    fn take(&mut self) -> Option<(u64, Job)> {
+    fn take(&mut self) -> Option<(u64, bool, Job)> {
         let key = self.ready.pop_front()?;
         let q = self.queues.get_mut(&key).expect("ready key has a queue");
         q.ready = false;
-        let job = q.jobs.pop_front().expect("ready queue has a job");
+        let (heavy, job) = q.jobs.pop_front().expect("ready queue has a job");
         q.running += 1;
+        q.heavy_running |= heavy;
         // Back of the ring: the others get their turn first.
         self.requeue(key);
-        Some((key, job))
+        Some((key, heavy, job))
     }
 
-    fn done(&mut self, key: u64) {
+    fn done(&mut self, key: u64, heavy: bool) {
         if let Some(q) = self.queues.get_mut(&key) {
             q.running -= 1;
+            if heavy {
+                q.heavy_running = false;
+            }
         }
+        self.requeue(key);
+    }
+
+    fn push(&mut self, key: u64, heavy: bool, job: Job) {
+        self.queues
+            .entry(key)
+            .or_default()
+            .jobs
+            .push_back((heavy, job));
         self.requeue(key);
     }
 }
@@ -103,18 +125,14 @@ impl Pool {
         })
     }
 
-    /// Queue `job` for the session `key` (see the module comment).
-    pub fn submit(&self, key: u64, job: impl FnOnce() + Send + 'static) {
+    /// Queue `job` for the session `key`; a `heavy` one waits for the
+    /// session's previous heavy job (see the module comment).
+    pub fn submit(&self, key: u64, heavy: bool, job: impl FnOnce() + Send + 'static) {
         let mut st = self.inner.state.lock();
         if st.closed {
             return;
         }
-        st.queues
-            .entry(key)
-            .or_default()
-            .jobs
-            .push_back(Box::new(job));
-        st.requeue(key);
+        st.push(key, heavy, Box::new(job));
         drop(st);
         self.inner.cv.notify_one();
     }
@@ -133,7 +151,7 @@ impl Pool {
 fn work(inner: &Inner) {
     let mut st = inner.state.lock();
     loop {
-        let Some((key, job)) = st.take() else {
+        let Some((key, heavy, job)) = st.take() else {
             if st.closed && st.queues.values().all(|q| q.jobs.is_empty()) {
                 return;
             }
@@ -147,7 +165,7 @@ fn work(inner: &Inner) {
             super::log::warn(format_args!("a request handler panicked"));
         }
         st = inner.state.lock();
-        st.done(key);
+        st.done(key, heavy);
         // A finished job may have made its session's next one runnable;
         // when closing, idle workers must see whether all is done.
         if st.closed {
@@ -172,14 +190,12 @@ mod tests {
     fn sessions_take_turns() {
         let mut st = State::default();
         for _ in 0..10 {
-            st.queues.entry(1).or_default().jobs.push_back(noop());
-            st.requeue(1);
+            st.push(1, false, noop());
         }
-        st.queues.entry(2).or_default().jobs.push_back(noop());
-        st.requeue(2);
+        st.push(2, false, noop());
         // Session 1 queued ten first, yet session 2 runs second.
-        let (a, _) = st.take().unwrap();
-        let (b, _) = st.take().unwrap();
+        let (a, _, _) = st.take().unwrap();
+        let (b, _, _) = st.take().unwrap();
         assert_eq!((a, b), (1, 2));
     }
 
@@ -187,24 +203,38 @@ mod tests {
     fn a_session_runs_at_most_per_session_at_once() {
         let mut st = State::default();
         for _ in 0..10 {
-            st.queues.entry(7).or_default().jobs.push_back(noop());
-            st.requeue(7);
+            st.push(7, false, noop());
         }
         for _ in 0..PER_SESSION {
             assert_eq!(st.take().unwrap().0, 7);
         }
         assert!(st.take().is_none());
-        st.done(7);
+        st.done(7, false);
         assert_eq!(st.take().unwrap().0, 7);
+    }
+
+    #[test]
+    fn a_session_runs_one_heavy_job_at_a_time_in_order() {
+        let mut st = State::default();
+        st.push(5, true, noop());
+        st.push(5, true, noop());
+        st.push(5, false, noop());
+        st.push(6, true, noop());
+        let (k, heavy, _) = st.take().unwrap();
+        assert_eq!((k, heavy), (5, true));
+        // Session 5's next is heavy too: it waits, session 6 runs.
+        assert_eq!(st.take().unwrap().0, 6);
+        assert!(st.take().is_none());
+        st.done(5, true);
+        assert_eq!(st.take().unwrap().0, 5);
     }
 
     #[test]
     fn idle_sessions_leave_no_queue() {
         let mut st = State::default();
-        st.queues.entry(3).or_default().jobs.push_back(noop());
-        st.requeue(3);
-        let (k, _) = st.take().unwrap();
-        st.done(k);
+        st.push(3, true, noop());
+        let (k, heavy, _) = st.take().unwrap();
+        st.done(k, heavy);
         assert!(st.queues.is_empty() && st.ready.is_empty());
     }
 
@@ -214,7 +244,7 @@ mod tests {
         let n = Arc::new(AtomicUsize::new(0));
         for i in 0..100u64 {
             let n = Arc::clone(&n);
-            pool.submit(i % 5, move || {
+            pool.submit(i % 5, i % 2 == 0, move || {
                 n.fetch_add(1, Ordering::SeqCst);
             });
         }
