@@ -47,6 +47,8 @@ struct FlowState {
     bytes: usize,
     /// The writer stopped: nothing will drain any more.
     closed: bool,
+    /// The reader is held at a bound (not reading).
+    paused: bool,
 }
 
 /// One connection's flow bounds, shared by its reader, its writer and the
@@ -64,12 +66,19 @@ impl Flow {
         let mut st = self.st.lock();
         while !st.closed && (st.outstanding >= MAX_OUTSTANDING || st.bytes >= MAX_QUEUED) {
             if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                st.paused = false;
                 return false;
             }
+            st.paused = true;
             // Bounded wait: shutdown is noticed even if nobody notifies.
             self.cv.wait_for(&mut st, Duration::from_millis(500));
         }
+        st.paused = false;
         !st.closed
+    }
+
+    fn paused(&self) -> bool {
+        self.st.lock().paused
     }
 
     /// A request of `reserve` bytes (its size plus the most its reply can
@@ -364,6 +373,17 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
     for out in rx {
         match out {
             Out::Frame(bytes) => {
+                // A callback break to a peer whose reader is held at its
+                // bound: its ack would sit behind its own backlog, and the
+                // writer that caused the break would wait for it. Cut it
+                // now (as unreachable) instead; it revalidates on return.
+                if flow.paused() {
+                    log::info(format_args!(
+                        "a callback break found the connection over its request bounds: cut"
+                    ));
+                    let _ = sock.shutdown(Shutdown::Both);
+                    return;
+                }
                 if sock.write_all(&bytes).is_err() {
                     let _ = sock.shutdown(Shutdown::Both);
                     return;
