@@ -49,6 +49,8 @@ struct FlowState {
     closed: bool,
     /// The reader is held at a bound (not reading).
     paused: bool,
+    /// Callback breaks written and not yet acknowledged.
+    unacked: usize,
 }
 
 /// One connection's flow bounds, shared by its reader, its writer and the
@@ -62,23 +64,45 @@ struct Flow {
 impl Flow {
     /// Wait until the connection is under both bounds; false once the writer
     /// is gone or the server stops.
-    fn wait_room(&self, shared: &Shared) -> bool {
+    fn wait_room(&self, shared: &Shared) -> std::result::Result<(), &'static str> {
         let mut st = self.st.lock();
         while !st.closed && (st.outstanding >= MAX_OUTSTANDING || st.bytes >= MAX_QUEUED) {
             if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 st.paused = false;
-                return false;
+                return Err("server stopping");
+            }
+            if st.unacked > 0 {
+                // The ack is behind this backlog, and another client's
+                // write waits for it: end the session instead (as for an
+                // unreachable holder).
+                st.paused = false;
+                return Err("a callback break waits behind this connection's backlog");
             }
             st.paused = true;
             // Bounded wait: shutdown is noticed even if nobody notifies.
             self.cv.wait_for(&mut st, Duration::from_millis(500));
         }
         st.paused = false;
-        !st.closed
+        if st.closed {
+            return Err("replies not taken");
+        }
+        Ok(())
     }
 
-    fn paused(&self) -> bool {
-        self.st.lock().paused
+    /// Before writing a callback break: false if the reader is held at a
+    /// bound (the ack could not be read in time); else counts it unacked.
+    fn break_sent(&self) -> bool {
+        let mut st = self.st.lock();
+        if st.paused {
+            return false;
+        }
+        st.unacked += 1;
+        true
+    }
+
+    fn break_acked(&self) {
+        let mut st = self.st.lock();
+        st.unacked = st.unacked.saturating_sub(1);
     }
 
     /// A request of `reserve` bytes (its size plus the most its reply can
@@ -198,8 +222,8 @@ fn read_loop(
 ) -> (String, bool) {
     loop {
         // Over a bound, stop reading: the peer's sends block in TCP.
-        if !flow.wait_room(shared) {
-            return ("replies not taken".into(), false);
+        if let Err(why) = flow.wait_room(shared) {
+            return (why.into(), false);
         }
         let frame = match read_frame(reader) {
             Ok(Some(f)) => f,
@@ -233,7 +257,10 @@ fn read_loop(
                 flow.start(pong.len());
                 let _ = tx.send(Out::Reply(pong));
             }
-            Msg::BreakAck => shared.registry.break_ack(ctx, id),
+            Msg::BreakAck => {
+                flow.break_acked();
+                shared.registry.break_ack(ctx, id)
+            }
             m @ (Msg::GetAttrs { .. }
             | Msg::ReadDir { .. }
             | Msg::AllocFids { .. }
@@ -377,7 +404,9 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
                 // bound: its ack would sit behind its own backlog, and the
                 // writer that caused the break would wait for it. Cut it
                 // now (as unreachable) instead; it revalidates on return.
-                if flow.paused() {
+                // CallbackBreak is the only frame other threads queue here.
+                let kind = Msg::CallbackBreak { fids: Vec::new() }.kind();
+                if bytes.get(4) == Some(&kind) && !flow.break_sent() {
                     log::info(format_args!(
                         "a callback break found the connection over its request bounds: cut"
                     ));
