@@ -41,6 +41,10 @@ use raw::{hello, rec, Raw};
 
 /// Flood batches answered, for the report.
 static FLOOD_DONE: AtomicU64 = AtomicU64::new(0);
+/// Uploads the server refused.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Bytes the uploader got accepted (staged, never committed), in all.
+static UPLOADED: AtomicU64 = AtomicU64::new(0);
 
 const PATTERNS: [&str; 5] = ["unread", "dribble", "idle", "upload", "flood"];
 
@@ -191,7 +195,6 @@ fn idle(t: &Target) {
 }
 
 fn upload(t: &Target) {
-    static SENT: AtomicU64 = AtomicU64::new(0);
     // The bulk connection joins the control session of the same id.
     let id = t.id();
     let Some(_ctl) = t.connect(ConnKind::Control, id) else {
@@ -202,13 +205,16 @@ fn upload(t: &Target) {
     };
     let chunk = vec![0x5Au8; 1 << 20];
     let mut up = 1u64;
-    while t.going() && SENT.load(Ordering::SeqCst) < t.upload_budget {
+    while t.going() && UPLOADED.load(Ordering::SeqCst) < t.upload_budget {
         match b.upload(up, &chunk) {
             Msg::Uploaded { .. } => {
-                SENT.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                UPLOADED.fetch_add(chunk.len() as u64, Ordering::SeqCst);
             }
             // Refused (quota, staged bound, full disk): back off a little.
-            _ => t.nap(Duration::from_millis(100)),
+            _ => {
+                REFUSED.fetch_add(1, Ordering::SeqCst);
+                t.nap(Duration::from_millis(100))
+            }
         }
         up += 1;
     }
@@ -432,6 +438,12 @@ fn main() {
         );
     }
     println!("server peak RSS (VmHWM) {hwm} MiB (goal <= 256 MiB)");
+    println!(
+        "uncommitted uploads: {} MiB accepted (the bench stops at {} MiB), {} refused",
+        UPLOADED.load(Ordering::SeqCst) >> 20,
+        budget >> 20,
+        REFUSED.load(Ordering::SeqCst)
+    );
     drop(c);
     drop(s);
     let _ = std::fs::remove_dir_all(&scratch);
