@@ -411,3 +411,88 @@ fn a_batch_flood_does_not_starve_another_session() {
     reader.join().unwrap();
     assert_eq!(replies.load(Ordering::SeqCst), BATCHES);
 }
+
+/// A client that holds a callback (on the volume, as every writer does) and
+/// keeps its pipeline full of batches cannot take a break in time: its ack
+/// would sit behind its own backlog. Another client's write is answered at
+/// once and the backlogged session is ended, instead of the writer waiting
+/// (here the break timeout is 30 s) for an ack that cannot come.
+#[test]
+fn a_backlogged_callback_holder_does_not_hold_up_another_writer() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "30000"]);
+    const BATCHES: usize = 100;
+    let mut h = Raw::control(s.addr(), &s.secret_file(), [0x72; 16], 1);
+    let fids = h.alloc(2);
+    let (f, g) = (fids[0], fids[1]);
+    // H writes, so it holds callbacks (the volume's among them) that W's
+    // write breaks; W holds none, so H's own writes wait for nobody.
+    h.apply(vec![
+        rec::create(1, h.root, "f", f),
+        rec::create(2, h.root, "g", g),
+    ]);
+    let mut w = Raw::control(s.addr(), &s.secret_file(), [0x71; 16], 1);
+    let mut hw = h.stream.try_clone().unwrap();
+    let mut next_store = 2u64;
+    let frames: Vec<Vec<u8>> = (0..BATCHES)
+        .map(|b| {
+            let records = (0..coda::proto::MAX_BATCH)
+                .map(|i| {
+                    next_store += 1;
+                    rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77))
+                })
+                .collect();
+            let m = Msg::Reintegrate { records };
+            encode_frame(m.kind(), 100 + b as u64, &m.encode())
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        for fr in frames {
+            if hw.write_all(&fr).is_err() {
+                return;
+            }
+        }
+    });
+    // H reads its replies (and never acks a break) until the server closes it.
+    let replies = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&replies);
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        h.stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        loop {
+            match h.recv() {
+                Some((_, Msg::Reintegrated { .. })) => {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(_) => {}
+                None => {
+                    let _ = closed_tx.send(());
+                    return;
+                }
+            }
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(120);
+    while replies.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < until, "H's flood never got a reply");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // W's write breaks H's volume callback; W's reply must not wait for
+    // H's ack. Bounded wait well under the 30 s break timeout.
+    let (wtx, wrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = w.reintegrate(vec![rec::chmod(1, g, 0, 0o640)]);
+        let _ = wtx.send(r);
+    });
+    match wrx.recv_timeout(Duration::from_secs(15)) {
+        Ok(Msg::Reintegrated { .. }) => {}
+        Ok(m) => panic!("W's write refused: {m:?}"),
+        Err(_) => panic!("W's write waited for the backlogged holder's ack"),
+    }
+    assert!(
+        closed_rx.recv_timeout(Duration::from_secs(15)).is_ok(),
+        "the backlogged holder's session was not ended"
+    );
+    let _ = writer.join();
+}

@@ -45,8 +45,8 @@ pub const MAX_QUEUED: usize = 4 << 20;
 struct FlowState {
     outstanding: usize,
     bytes: usize,
-    /// The writer stopped: nothing will drain any more.
-    closed: bool,
+    /// The writer stopped (and why): nothing will drain any more.
+    closed: Option<&'static str>,
     /// The reader is held at a bound (not reading).
     paused: bool,
     /// Callback breaks written and not yet acknowledged.
@@ -66,7 +66,7 @@ impl Flow {
     /// is gone or the server stops.
     fn wait_room(&self, shared: &Shared) -> std::result::Result<(), &'static str> {
         let mut st = self.st.lock();
-        while !st.closed && (st.outstanding >= MAX_OUTSTANDING || st.bytes >= MAX_QUEUED) {
+        while st.closed.is_none() && (st.outstanding >= MAX_OUTSTANDING || st.bytes >= MAX_QUEUED) {
             if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 st.paused = false;
                 return Err("server stopping");
@@ -83,10 +83,10 @@ impl Flow {
             self.cv.wait_for(&mut st, Duration::from_millis(500));
         }
         st.paused = false;
-        if st.closed {
-            return Err("replies not taken");
+        match st.closed {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Before writing a callback break: false if the reader is held at a
@@ -128,8 +128,8 @@ impl Flow {
         self.cv.notify_all();
     }
 
-    fn close(&self) {
-        self.st.lock().closed = true;
+    fn close(&self, why: &'static str) {
+        self.st.lock().closed = Some(why);
         self.cv.notify_all();
     }
 }
@@ -391,12 +391,13 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
 /// (peer gone, or stuck past the socket's send timeout) cuts the socket so
 /// the reader notices and the session ends.
 fn writer_loop(sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
-    write_all_out(sock, rx, flow);
+    let why = write_all_out(sock, rx, flow);
     // Wake a reader held by the bounds: nothing drains any more.
-    flow.close();
+    flow.close(why);
 }
 
-fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
+/// Returns why it stopped.
+fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
     for out in rx {
         match out {
             Out::Frame(bytes) => {
@@ -407,29 +408,27 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
                 // CallbackBreak is the only frame other threads queue here.
                 let kind = Msg::CallbackBreak { fids: Vec::new() }.kind();
                 if bytes.get(4) == Some(&kind) && !flow.break_sent() {
-                    log::info(format_args!(
-                        "a callback break found the connection over its request bounds: cut"
-                    ));
                     let _ = sock.shutdown(Shutdown::Both);
-                    return;
+                    return "a callback break found the connection held at its request bounds";
                 }
                 if sock.write_all(&bytes).is_err() {
                     let _ = sock.shutdown(Shutdown::Both);
-                    return;
+                    return "replies not taken";
                 }
             }
             Out::Reply(bytes) => {
                 if sock.write_all(&bytes).is_err() {
                     let _ = sock.shutdown(Shutdown::Both);
-                    return;
+                    return "replies not taken";
                 }
                 flow.sent(bytes.len());
             }
             Out::Close => {
                 let _ = sock.flush();
                 let _ = sock.shutdown(Shutdown::Write);
-                return;
+                return "closed";
             }
         }
     }
+    "closed"
 }
