@@ -139,6 +139,10 @@ pub(crate) struct Cache {
     db: Arc<Database>,
     limit: u64,
     state: Mutex<State>,
+    /// Containers put in place (renamed into `containers/`) since the
+    /// directory was last fsynced: their names may not survive a power cut
+    /// yet, so the first record naming one syncs the directory.
+    unsynced_names: Mutex<HashSet<Fid>>,
 }
 
 impl Cache {
@@ -189,6 +193,11 @@ impl Cache {
                 }
             }
         }
+        // Names a previous run put in place (and the containers directory
+        // itself) are made durable once here, so `make_durable` only has to
+        // sync the directory for containers installed by this run.
+        sync_dir(&containers)?;
+        sync_dir(cache_dir)?;
         Ok(Cache {
             dir: cache_dir.to_path_buf(),
             pinned: Mutex::new(Default::default()),
@@ -202,7 +211,31 @@ impl Cache {
                 bytes,
                 lru_unsaved: HashSet::new(),
             }),
+            unsynced_names: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Make the container of `fid` (open as `f`) durable: its data and
+    /// size, and its name if this run put it in place. Called before a
+    /// record that names the data is committed to the log, since that
+    /// record is what reintegration later sends over the server's copy.
+    pub fn make_durable(&self, fid: Fid, f: &std::fs::File) -> Result<()> {
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing container {fid}"), e))?;
+        // The set is only read and cleared under its lock, never held
+        // across the fsync; a name installed meanwhile stays in the set.
+        let pending = {
+            let mut u = self.unsynced_names.lock();
+            if !u.contains(&fid) {
+                return Ok(());
+            }
+            std::mem::take(&mut *u)
+        };
+        if let Err(e) = sync_dir(&self.containers) {
+            self.unsynced_names.lock().extend(pending);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Replace the hoard priorities (after a hoard walk).
@@ -355,6 +388,7 @@ impl Cache {
         let path = self.container(attr.fid);
         std::fs::rename(temp, &path)
             .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;
+        self.unsynced_names.lock().insert(attr.fid);
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
             e.data_version = Some(attr.version);
@@ -508,6 +542,13 @@ impl Cache {
     pub fn bytes(&self) -> u64 {
         self.state.lock().bytes
     }
+}
+
+/// fsync a directory, so the names in it survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
 #[cfg(test)]

@@ -408,6 +408,10 @@ impl Inner {
             {
                 Ok(Ok(attr)) => return Ok(attr),
                 Ok(Err(super::cml::Deferred::Unreachable(id))) => {
+                    // The server's ack was to be the durable copy; without
+                    // it the container is, so it reaches the disk before
+                    // the caller hears success.
+                    self.make_data_durable(&op, data)?;
                     // Kept in the log; the server may or may not have it
                     // (if it does, its store id makes the replay a no-op).
                     // Sent later, it checks the version we had.
@@ -426,6 +430,11 @@ impl Inner {
             }
         }
         self.check_locally(&op)?;
+        // The record about to be logged is acknowledged at once and sends
+        // the container later: its data must be on disk before the record
+        // is (after a power cut, a durable record over a lost container
+        // would send an empty file over the server's copy).
+        self.make_data_durable(&op, data)?;
         self.note_edited(&op);
         let (cached, check) = self.version_for(&op);
         let last_link = self
@@ -496,6 +505,13 @@ impl Inner {
             if self.fetch_attrs(chunk).is_err() {
                 self.callbacks.break_fids(chunk);
             }
+        }
+    }
+
+    fn make_data_durable(&self, op: &RecordOp, data: Option<&std::fs::File>) -> Result<()> {
+        match (op, data) {
+            (RecordOp::Store { fid, .. }, Some(f)) => self.cache.make_durable(*fid, f),
+            _ => Ok(()),
         }
     }
 
