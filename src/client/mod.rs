@@ -180,6 +180,7 @@ impl Client {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
             bind_addr: cfg.bind_addr,
+            bulk_max: cfg.bulk_connections.max(1),
         };
         let ident = Identity {
             client_id,
