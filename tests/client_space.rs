@@ -275,3 +275,48 @@ fn a_full_server_disk_gets_enospc_to_the_caller_and_a_backed_off_retry_of_the_lo
         ) || matches!(fresh.stat("/s/connected"), Err(coda::Error::NotFound(_)))
     );
 }
+
+#[test]
+fn a_full_cache_file_system_fails_only_the_calls_that_need_space_and_recovers() {
+    if !prerequisites("the full-cache test") {
+        return;
+    }
+    let srv = common::TestServer::start();
+    let work = TempDir::new("space-cache");
+    let fs = Tmpfs::mount(&work.path().join("cachefs"), "8m");
+    let cache = fs.at.join("cache");
+    let c = client(&srv, &cache);
+    c.mkdir("/t", 0o755).unwrap();
+    put(&c, "/t/first", b"cached before the disk filled");
+
+    let filler = fs.at.join("filler");
+    fill(&filler);
+    // Mutations until the index cannot grow (each one rewrites the cached
+    // listing of /t, which grows with every long name).
+    let long = "n".repeat(200);
+    let mut failed = None;
+    for i in 0..2000 {
+        if let Err(e) = c.mkdir(&format!("/t/{long}{i}"), 0o755) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (made, err) = failed.expect("a full cache file system fails some call");
+    eprintln!("mkdir {made} failed on the full cache: {err}");
+
+    // Space again: the client works, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    c.mkdir("/t/after", 0o755)
+        .expect("mkdir once the cache has room again");
+    put(&c, "/t/second", b"written after space came back");
+    assert_eq!(get(&c, "/t/second"), b"written after space came back");
+    c.reintegrate_now().unwrap();
+    assert_eq!(c.pending_records(), 0);
+    let fresh_dir = TempDir::new("space-cache-fresh");
+    let fresh = client(&srv, fresh_dir.path());
+    assert_eq!(get(&fresh, "/t/second"), b"written after space came back");
+    assert_eq!(get(&fresh, "/t/first"), b"cached before the disk filled");
+    assert!(fresh.stat("/t/after").is_ok());
+    drop(c);
+    drop(fs);
+}

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Durability, ReadableTable, TableDefinition};
 
+use super::cache::Index;
 use super::conn::Servers;
 use super::emulation::EmuState;
 use super::stats::Counters;
@@ -271,7 +272,7 @@ pub(crate) struct Logged {
 }
 
 pub(crate) struct Cml {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<Index>,
     /// Serialises reintegration. The server treats a batch whose store ids
     /// are all at or below the highest it applied as a replay, so batches
     /// must reach it in store-id order: one at a time.
@@ -291,7 +292,7 @@ impl Drop for Cml {
 }
 
 impl Cml {
-    pub fn open(db: Arc<Database>, emu: Arc<EmuState>) -> Result<Cml> {
+    pub fn open(db: Arc<Index>, emu: Arc<EmuState>) -> Result<Cml> {
         let w = db.begin_write()?;
         let mut fids = HashMap::new();
         let mut log = Log::default();
@@ -777,7 +778,7 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> Cml {
         Cml::open(
-            Arc::new(Database::create(dir.join("i.redb")).unwrap()),
+            Arc::new(Index::at(&dir.join("i.redb"))),
             Arc::new(EmuState::new(true)),
         )
         .unwrap()

@@ -236,6 +236,7 @@ impl Inner {
         for fid in self.cml.stored_fids() {
             self.cache.pin(fid);
         }
+        self.cache.sweep_unused_containers();
         self.redo_log_in_cache();
         for r in self.cml.pending() {
             self.note_edited(&r.op);

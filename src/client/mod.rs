@@ -161,7 +161,7 @@ impl Client {
             .map_err(|e| Error::io(format!("creating cache_dir {}", cache_dir.display()), e))?;
         let client_id = load_client_id(&cache_dir)?;
         let epoch = u64::from_ne_bytes(auth::random_bytes::<8>());
-        let db = emulation::open_index(&cache_dir.join("index.redb")).map_err(|e| match e {
+        let db = cache::Index::open(&cache_dir.join("index.redb")).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::Again(format!(
                 "cache_dir {} is in use by another client",
                 cache_dir.display()
