@@ -372,3 +372,45 @@ fn offline_writes_acknowledged_before_a_power_cut_reach_the_server_intact() {
         2 * FILES
     );
 }
+
+/// The window the fsync rule cannot close: a record logged by a connected
+/// close whose server never answered, then a power cut before the container
+/// reached the disk (close() had not returned). Simulated by cutting the
+/// logged container short: reintegration must keep the server's copy and
+/// report a conflict, not send the short file over it.
+#[test]
+fn a_logged_store_whose_container_lost_its_data_becomes_a_conflict() {
+    if std::env::var("CODA_POWERCUT_CHILD").is_ok() {
+        return;
+    }
+    let srv = TestServer::start();
+    let cache = TempDir::new("lost-data");
+    let mut cfg = config(&srv, cache.path());
+    cfg.set("reintegration_age_ms", "600000").unwrap();
+    let c = Client::new(cfg).unwrap();
+    let before = server_copy(1);
+    put(&c, "/x", &before);
+    c.set_write_disconnected(true);
+    put(&c, "/x", &offline_copy("x"));
+    assert_eq!(c.pending_records(), 1);
+    let fid = c.stat("/x").unwrap().fid;
+    let container = cache.path().join("containers").join(fid.to_string());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&container)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+
+    c.reintegrate_now().unwrap();
+    assert_eq!(c.pending_records(), 0);
+    let conflicts = c.conflicts().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(
+        conflicts[0].reason.contains("data lost locally"),
+        "{conflicts:?}"
+    );
+    let fresh_dir = TempDir::new("lost-data-fresh");
+    let fresh = client(&srv, fresh_dir.path());
+    assert_eq!(get(&fresh, "/x"), before, "the server's copy is kept");
+}

@@ -366,6 +366,19 @@ impl Cml {
         v
     }
 
+    /// A pending record after `id` stores or resizes `fid` (so its
+    /// container may legitimately differ from what record `id` logged).
+    pub fn resized_after(&self, fid: Fid, id: u64) -> bool {
+        self.log.lock().about(fid).any(|r| {
+            r.store_id > id
+                && match &r.op {
+                    RecordOp::Store { fid: f, .. } => *f == fid,
+                    RecordOp::SetAttr { fid: f, size, .. } => *f == fid && size.is_some(),
+                    _ => false,
+                }
+        })
+    }
+
     pub fn has_store(&self, fid: Fid) -> bool {
         self.log
             .lock()

@@ -113,6 +113,22 @@ impl Inner {
                     .metadata()
                     .map_err(|e| Error::io("sizing a container", e))?
                     .len();
+                // Shorter than when it was logged, with nothing since that
+                // explains it: its data was lost (a power cut before the
+                // container reached the disk). Never send that over the
+                // server's copy: keep it as a conflict the user sees.
+                let in_use = self.cache.get(*fid).is_some_and(|e| e.open > 0);
+                if len < *length && !in_use && !self.cml.resized_after(*fid, r.store_id) {
+                    return Ok(Step::Refused(
+                        r.store_id,
+                        Error::Eio(format!(
+                            "local copy {} has {len} of the {} bytes logged: data lost locally \
+                             (a crash before it reached the disk); the server's copy is kept",
+                            path.display(),
+                            *length
+                        )),
+                    ));
+                }
                 *length = len;
                 s.upload(*upload_id, &f, len, &self.servers.interrupt)?;
                 data += len;
