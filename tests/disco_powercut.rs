@@ -1,11 +1,12 @@
 //! The power-cut test of disconnected operation: the client's cache lives on
-//! a loop-mounted ext4; with the server down, a client process makes 20
-//! offline writes (10 overwrite files the server has, 10 create new ones),
-//! each close() returning 0. Then the power is "cut": the loop's backing
+//! a loop-mounted ext4; a client process writes a file while the server is
+//! stopped (SIGSTOP: the connected close keeps its record when no answer
+//! comes), then, disconnected, makes 20 offline writes (10 overwrite files
+//! the server has, 10 create new ones), each close() returning 0. Then the power is "cut": the loop's backing
 //! file is copied while still mounted (the copy keeps only what reached the
 //! disk), the client is killed with SIGKILL, and the copy is mounted as the
 //! cache of a new client. Once the server is back and the log reintegrated,
-//! every one of the 20 writes must be intact on the server or kept as a
+//! every one of the 21 writes must be intact on the server or kept as a
 //! conflict with its data: never an empty or truncated file over the
 //! server's copy.
 //!
@@ -18,7 +19,7 @@ mod client_util;
 mod common;
 mod disco_util;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -223,8 +224,17 @@ fn child_client() {
                 put(&c, &format!("/p/old{i}"), &server_copy(i));
                 assert_eq!(get(&c, &format!("/p/old{i}")), server_copy(i));
             }
+            put(&c, "/p/old-kept", &server_copy(FILES));
         }
         "offline" => {
+            // Connected; the test stops the server (SIGSTOP), then a close
+            // whose server never answers keeps its record and returns 0.
+            assert_eq!(c.state(), ClientState::Connected);
+            println!("@@ ready");
+            let mut l = String::new();
+            std::io::stdin().read_line(&mut l).unwrap();
+            put(&c, "/p/old-kept", &offline_copy("old-kept"));
+            println!("@@ closed /p/old-kept");
             assert_eq!(c.state(), ClientState::Disconnected);
             for i in 0..FILES {
                 let name = format!("old{i}");
@@ -301,11 +311,14 @@ fn offline_writes_acknowledged_before_a_power_cut_reach_the_server_intact() {
     // is about the writes made after this point).
     unsafe { libc::sync() };
 
-    srv.kill9();
     let mut writer = ChildClient::spawn(&srv, &cache, "offline");
+    writer.wait_for("@@ ready");
+    srv.sigstop();
+    writeln!(writer.child.stdin.as_mut().unwrap(), "go").unwrap();
     let seen = writer.wait_for("written");
     let closed = said(&seen).filter(|l| l.starts_with("closed ")).count();
-    assert_eq!(closed, 2 * FILES, "{seen:?}");
+    assert_eq!(closed, 2 * FILES + 1, "{seen:?}");
+    srv.kill9();
 
     // The power cut: only what reached the disk is in the copy.
     run(Command::new("cp")
@@ -329,11 +342,16 @@ fn offline_writes_acknowledged_before_a_power_cut_reach_the_server_intact() {
     let fresh = client(&srv, fresh_dir.path());
     let mut bad = Vec::new();
     let mut intact = 0;
-    for i in 0..FILES {
-        for (name, before) in [
-            (format!("old{i}"), Some(server_copy(i))),
-            (format!("new{i}"), None),
-        ] {
+    let writes = (0..FILES)
+        .flat_map(|i| {
+            [
+                (format!("old{i}"), Some(server_copy(i))),
+                (format!("new{i}"), None),
+            ]
+        })
+        .chain([("old-kept".to_string(), Some(server_copy(FILES)))]);
+    {
+        for (name, before) in writes {
             let path = format!("/p/{name}");
             let want = offline_copy(&name);
             let got = match fresh.stat(&path) {
@@ -368,8 +386,8 @@ fn offline_writes_acknowledged_before_a_power_cut_reach_the_server_intact() {
     drop(disk);
     assert!(
         bad.is_empty(),
-        "{intact} of {} offline writes intact; lost or damaged: {bad:#?}\nconflicts: {conflicts:#?}",
-        2 * FILES
+        "{intact} of {} acknowledged writes intact; lost or damaged: {bad:#?}\nconflicts: {conflicts:#?}",
+        2 * FILES + 1
     );
 }
 
