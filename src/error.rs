@@ -263,9 +263,21 @@ impl fmt::Display for WireCode {
     }
 }
 
+/// The context of an I/O failure inside the metadata store: the server
+/// reopens the store after one (redb refuses every later write until then).
+pub const METADATA_IO: &str = "metadata store";
+
 impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Error {
-        Error::Eio(format!("metadata store: {e}"))
+        match e {
+            // Kept as an OS error so ENOSPC stays ENOSPC.
+            redb::Error::Io(source) => Error::io(METADATA_IO, source),
+            redb::Error::PreviousIo => Error::io(
+                METADATA_IO,
+                io::Error::other("an earlier write failed; the store must be reopened"),
+            ),
+            e => Error::Eio(format!("metadata store: {e}")),
+        }
     }
 }
 

@@ -188,6 +188,30 @@ fn upload(
     upload_id: u64,
     length: u64,
 ) -> Result<()> {
+    // Admission before any byte is written. A refused upload's bytes are
+    // still read and discarded so the stream stays in step and the peer
+    // reads a clear error; one longer than any file the server would keep
+    // is not worth reading: the reply is sent and the connection closed.
+    let claim = match shared.registry.admit_upload(ctx, length) {
+        Ok(c) => c,
+        Err(e) => {
+            log::info(format_args!(
+                "{}: upload {upload_id} of {length} bytes refused: {e}",
+                ctx.name()
+            ));
+            if length > shared.store.max_file_size {
+                send(stream, id, &Msg::error(&e))?;
+                return Err(Error::Protocol(format!(
+                    "refused upload of {length} bytes not drained"
+                )));
+            }
+            let _ = reader.get_ref().set_read_timeout(Some(RAW_READ_TIMEOUT));
+            let drained = discard(reader, length);
+            let _ = reader.get_ref().set_read_timeout(None);
+            drained?;
+            return send(stream, id, &Msg::error(&e));
+        }
+    };
     let tmp: PathBuf = objects::staging_dir(&shared.root).join(format!(
         "tmp-{}-{}",
         objects::hex(&ctx.id),
@@ -201,20 +225,42 @@ fn upload(
         // the stream is out of step, so the connection ends.
         Err(Received::Broken(e)) => {
             objects::remove_quietly(&tmp);
+            shared.registry.release_upload(ctx, claim);
             return Err(e);
         }
         // All bytes were read but could not be kept (disk full, ...): the
         // stream is still in step, so reply and go on.
         Err(Received::NotKept(e)) => {
             objects::remove_quietly(&tmp);
-            Err(e)
+            shared.registry.release_upload(ctx, claim);
+            Err(super::volume::clear_space_error(e))
         }
-        Ok(()) => shared.registry.finish_upload(ctx, upload_id, &tmp),
+        Ok(()) => shared.registry.finish_upload(ctx, upload_id, &tmp, claim),
     };
     match result {
         Ok(()) => send(stream, id, &Msg::Uploaded { upload_id }),
         Err(e) => send(stream, id, &Msg::error(&e)),
     }
+}
+
+/// Read and drop exactly `length` raw bytes of a refused upload.
+fn discard(reader: &mut BufReader<TcpStream>, length: u64) -> Result<()> {
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut left = length;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        match reader.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(Error::Protocol(format!(
+                    "connection ended {left} bytes before the end of an upload"
+                )))
+            }
+            Ok(n) => left -= n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("receiving upload", e)),
+        }
+    }
+    Ok(())
 }
 
 enum Received {

@@ -24,6 +24,12 @@ pub const CLIENT_STORE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("
 pub const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
 /// fids that existed once and were deleted: a reserved fid is usable once.
 pub const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves");
+/// volume id → bytes of file data in it (the sizes of its files, each
+/// counted once however many names it has). Moves in the same transaction
+/// as every batch; computed once at open for data from before it existed.
+pub const VOLUSAGE: TableDefinition<u32, u64> = TableDefinition::new("volusage");
+/// volume id → quota in bytes; a volume without an entry is unlimited.
+pub const QUOTAS: TableDefinition<u32, u64> = TableDefinition::new("quotas");
 /// Small server-wide values (server id, root fid).
 pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 

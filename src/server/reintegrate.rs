@@ -15,11 +15,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use redb::{ReadableTable, Table};
+use redb::{Database, ReadableTable, Table};
 
 use super::meta::*;
 use super::objects;
-use super::volume::{get_object, stale, ClientId, VolumeStore};
+use super::volume::{get_object, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
 use crate::{Error, Result};
 
@@ -49,6 +49,12 @@ pub struct BatchError {
     pub index: u32,
 }
 
+impl CarriesError for BatchError {
+    fn error_mut(&mut self) -> &mut Error {
+        &mut self.error
+    }
+}
+
 impl From<Error> for BatchError {
     fn from(error: Error) -> BatchError {
         BatchError {
@@ -63,13 +69,25 @@ impl From<Error> for BatchError {
 const MAX_DEPTH: usize = 1 << 16;
 
 impl VolumeStore {
+    /// Apply a batch; a failure of the metadata store itself (a full disk)
+    /// fails this batch only and the store is reopened (see `with_db`).
     pub fn reintegrate(
         &self,
         client: &ClientId,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        let txn = self.db.begin_write().map_err(Error::from)?;
+        self.with_db(|db| self.reintegrate_in(db, client, records, staged))
+    }
+
+    fn reintegrate_in(
+        &self,
+        db: &Database,
+        client: &ClientId,
+        records: &[Record],
+        staged: StagedLookup,
+    ) -> std::result::Result<Outcome, BatchError> {
+        let txn = db.begin_write().map_err(Error::from)?;
         let highest = {
             let t = txn.open_table(CLIENT_STORE).map_err(Error::from)?;
             let v = t.get(client).map_err(Error::from)?.map(|v| v.value());
@@ -98,6 +116,8 @@ impl VolumeStore {
                 dirents: txn.open_table(DIRENTS).map_err(Error::from)?,
                 reserved: txn.open_table(RESERVED).map_err(Error::from)?,
                 graves: txn.open_table(GRAVES).map_err(Error::from)?,
+                usage: txn.open_table(VOLUSAGE).map_err(Error::from)?,
+                quotas: txn.open_table(QUOTAS).map_err(Error::from)?,
                 store: self,
                 client,
                 staged,
@@ -229,6 +249,8 @@ struct Batch<'t, 's> {
     dirents: Table<'t, (&'static [u8; 16], &'static str), &'static [u8; 17]>,
     reserved: Table<'t, (u32, u64), &'static [u8; 20]>,
     graves: Table<'t, &'static [u8; 16], ()>,
+    usage: Table<'t, u32, u64>,
+    quotas: Table<'t, u32, u64>,
     store: &'s VolumeStore,
     client: &'s ClientId,
     staged: StagedLookup<'s>,
@@ -358,6 +380,36 @@ impl Batch<'_, '_> {
         self.put(&rec)
     }
 
+    /// A file in `volume` goes from `old` to `new` bytes: move the volume's
+    /// usage (in this transaction), refusing growth past its quota.
+    fn charge(&mut self, volume: u32, old: u64, new: u64) -> Result<()> {
+        let used = self.usage.get(volume)?.map(|v| v.value()).unwrap_or(0);
+        let next = used.saturating_sub(old).saturating_add(new);
+        if new > old {
+            if let Some(quota) = self.quotas.get(volume)?.map(|v| v.value()) {
+                if next > quota {
+                    return Err(Error::Quota(format!(
+                        "volume {volume} would hold {next} bytes, over its quota of {quota}"
+                    )));
+                }
+            }
+        }
+        self.usage.insert(volume, next)?;
+        Ok(())
+    }
+
+    /// A file may not grow past the server's largest file size: a sparse
+    /// file that big would be fetched whole by every reader.
+    fn check_size(&self, size: u64) -> Result<()> {
+        let max = self.store.max_file_size;
+        if size > max {
+            return Err(Error::Invalid(format!(
+                "file size {size} exceeds the server's maximum file size {max}"
+            )));
+        }
+        Ok(())
+    }
+
     fn bump(&self, rec: &mut ObjectRec) {
         rec.attr.version += 1;
         rec.attr.ctime = self.now;
@@ -367,6 +419,9 @@ impl Batch<'_, '_> {
     /// reused, and drop its data file after the commit.
     fn delete(&mut self, mut rec: ObjectRec) -> Result<Attr> {
         let fid = rec.attr.fid;
+        if rec.attr.ftype == FileType::File {
+            self.charge(fid.volume, rec.attr.size, 0)?;
+        }
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
         if rec.has_file {
@@ -497,6 +552,8 @@ impl Batch<'_, '_> {
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
         }
+        self.charge(fid.volume, rec.attr.size, length)?;
+        self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
                                         // A hard link, not a rename: if the batch aborts, the upload is
@@ -759,6 +816,8 @@ impl Batch<'_, '_> {
                 }
             }
             if size != rec.attr.size {
+                self.charge(fid.volume, rec.attr.size, size)?;
+                self.check_size(size)?;
                 if size == 0 {
                     // An empty file needs no data file at all.
                 } else {
