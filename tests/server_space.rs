@@ -205,8 +205,14 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     // A store on the full disk is refused the same way.
     let e = try_put(&a, "/full-file", &vec![7u8; 256 * 1024]).unwrap_err();
     assert_eq!(e.code(), -libc::ENOSPC, "store on a full disk: {e}");
-    // Reads keep working while the disk is full.
+    // Reads keep working while the disk is full, for a new client too
+    // (its handshake reads the store; its cache is empty).
     assert_eq!(get(&a, "/before"), b"before the disk filled");
+    let cache_c = TempDir::new("space-full-c");
+    let c = Client::new(config(srv.addr, &secret, cache_c.path()))
+        .expect("a new client connects while the disk is full");
+    assert_eq!(get(&c, "/before"), b"before the disk filled");
+    drop(c);
 
     std::fs::remove_file(&filler).unwrap();
     // The same client works again (bounded wait: it may be backing off).
