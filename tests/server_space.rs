@@ -313,6 +313,20 @@ fn staged_uploads_are_bounded_per_session_and_in_total_and_freed_when_the_sessio
     let m = bulk_e.upload(9, b"x");
     assert_eq!(error_code(&m), Some((WireCode::Quota, u32::MAX)), "{m:?}");
 
+    // An upload longer than the largest file is refused with Invalid and
+    // its connection closed (its bytes are not worth reading).
+    let id = bulk_e.send(&Msg::Upload {
+        upload_id: 10,
+        length: 1 << 40,
+    });
+    match bulk_e.recv() {
+        Some((rid, m)) if rid == id => {
+            assert_eq!(error_code(&m), Some((WireCode::Invalid, u32::MAX)), "{m:?}")
+        }
+        other => panic!("reply to a 1 TiB upload: {other:?}"),
+    }
+    assert!(bulk_e.is_closed());
+
     // A Store consumes an upload and frees its bytes for the next one.
     let mut ctl_b = _ctl_b;
     let f = ctl_b.alloc(1)[0];

@@ -192,14 +192,22 @@ fn upload(
     // still read and discarded so the stream stays in step and the peer
     // reads a clear error; one longer than any file the server would keep
     // is not worth reading: the reply is sent and the connection closed.
-    let claim = match shared.registry.admit_upload(ctx, length) {
+    let max = shared.store.max_file_size;
+    let admitted = if length > max {
+        Err(Error::Invalid(format!(
+            "upload of {length} bytes exceeds the server's maximum file size {max}"
+        )))
+    } else {
+        shared.registry.admit_upload(ctx, length)
+    };
+    let claim = match admitted {
         Ok(c) => c,
         Err(e) => {
             log::info(format_args!(
                 "{}: upload {upload_id} of {length} bytes refused: {e}",
                 ctx.name()
             ));
-            if length > shared.store.max_file_size {
+            if length > max {
                 send(stream, id, &Msg::error(&e))?;
                 return Err(Error::Protocol(format!(
                     "refused upload of {length} bytes not drained"
