@@ -430,3 +430,30 @@ fn a_one_tib_truncate_is_refused_without_any_quota() {
     c.truncate("/sparse", 4096).unwrap();
     assert_eq!(get(&c, "/sparse"), vec![0u8; 4096]);
 }
+
+#[test]
+fn usage_is_computed_at_open_for_data_kept_before_usage_was() {
+    let mut srv = TestServer::start();
+    let cache = TempDir::new("space-usage");
+    let c = Client::new(config(srv.addr(), &srv.secret_file(), cache.path())).unwrap();
+    try_put(&c, "/one", &[1u8; 10_000]).unwrap();
+    try_put(&c, "/two", &[2u8; 2_000]).unwrap();
+    c.mkdir("/dir", 0o755).unwrap();
+    c.symlink("/one", "/link").unwrap();
+    drop(c);
+    assert!(srv.stop());
+    // A data directory of an older server has no usage table.
+    {
+        let db = redb::Database::open(srv.root().join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let usage: redb::TableDefinition<u32, u64> = redb::TableDefinition::new("volusage");
+        assert!(txn.delete_table(usage).unwrap());
+        txn.commit().unwrap();
+    }
+    let out = server_cmd(&["quota"], &srv.root());
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "volume 1: 12000 bytes used, quota unlimited"
+    );
+}
