@@ -225,27 +225,40 @@ impl VolumeStore {
     /// commit), so only the request that hit the failure fails, and the
     /// next one works as soon as the disk has room again. The failed
     /// request's error becomes a clear `NoSpace` when the disk was full.
+    ///
+    /// A request refused only because of an EARLIER failure (redb's
+    /// "previous I/O error", seen by a request that raced the failing one)
+    /// is run once more on the reopened store: it did nothing the first
+    /// time.
     pub(crate) fn with_db<T, E: CarriesError + From<Error>>(
         &self,
-        f: impl FnOnce(&Database) -> std::result::Result<T, E>,
+        f: impl Fn(&Database) -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        let guard = self.read_db()?;
-        let gen = guard.gen;
-        let db = guard.db.as_ref().expect("read_db returns an open store");
-        let result = f(db);
-        drop(guard);
-        match result {
-            Ok(v) => Ok(v),
-            Err(mut e) => {
-                let err = e.error_mut();
-                if is_store_failure(err) {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let guard = self.read_db()?;
+            let gen = guard.gen;
+            let db = guard.db.as_ref().expect("read_db returns an open store");
+            let result = f(db);
+            drop(guard);
+            let mut e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let err = e.error_mut();
+            if is_store_failure(err) {
+                if !err.is_previous_io() {
                     log::warn(format_args!("metadata store failed: {err}; reopening it"));
-                    let _ = self.reopen(gen);
                 }
-                let taken = std::mem::replace(err, Error::Eio(String::new()));
-                *err = clear_space_error(taken);
-                Err(e)
+                let reopened = self.reopen(gen).is_ok();
+                if err.is_previous_io() && reopened && attempt < 2 {
+                    continue;
+                }
             }
+            let taken = std::mem::replace(err, Error::Eio(String::new()));
+            *err = clear_space_error(taken);
+            return Err(e);
         }
     }
 
@@ -614,4 +627,36 @@ fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
     txn.open_table(USERS)?.insert(user, &secret)?;
     txn.commit()?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_are_recognised_and_a_full_disk_reads_as_no_space() {
+        let full = Error::from(redb::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(is_store_failure(&full));
+        assert!(!full.is_previous_io());
+        let e = clear_space_error(full);
+        assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        assert!(!e.to_string().contains('/'), "names no path: {e}");
+
+        let earlier = Error::from(redb::Error::PreviousIo);
+        assert!(is_store_failure(&earlier));
+        assert!(earlier.is_previous_io());
+
+        // An object file's ENOSPC is a clear NoSpace too, but not a store
+        // failure: the store needs no reopen for it.
+        let obj = Error::io(
+            "link /srv/objects/1/2.1.3",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(!is_store_failure(&obj));
+        assert!(matches!(clear_space_error(obj), Error::NoSpace(_)));
+        let other = clear_space_error(Error::Conflict("x".into()));
+        assert!(matches!(other, Error::Conflict(_)));
+    }
 }
