@@ -102,6 +102,9 @@ fn run<R: BufRead>(
             "user {user:?}: unknown user or wrong secret"
         )));
     }
+    // Only now, with the user proven: the id is someone's from here on, so
+    // a user presenting another's id is refused before it touches anything.
+    store.claim_client(&client_id, &user, kind == ConnKind::Control)?;
     let welcome = Msg::Welcome {
         server_id: store.server_id(),
         root: store.root_fid(),

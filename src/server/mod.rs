@@ -14,6 +14,7 @@ mod handshake;
 pub(crate) mod log;
 mod meta;
 mod objects;
+mod owners;
 mod reintegrate;
 mod sessions;
 mod volume;
