@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use redb::{Database, ReadableTable, Table};
@@ -68,6 +69,33 @@ impl From<Error> for BatchError {
 /// deeper chain means corrupt parents, and refusing is the safe answer.
 const MAX_DEPTH: usize = 1 << 16;
 
+/// How far above the highest store id applied for a client a new record's
+/// id may be. A client numbers its records 1, 2, 3, ... and never skips
+/// more than the records it cancelled locally, so a real log stays far
+/// below this; an id beyond it could only make the watermark leap and the
+/// client's later records be taken as replays and silently dropped.
+pub const MAX_STORE_ID_AHEAD: u64 = 1 << 32;
+
+/// Refuse a batch whose not-yet-applied records would move the watermark
+/// more than [`MAX_STORE_ID_AHEAD`] past `highest` (the record's index is
+/// reported; nothing is applied).
+pub fn check_ahead(highest: u64, records: &[Record]) -> std::result::Result<(), BatchError> {
+    let limit = highest.saturating_add(MAX_STORE_ID_AHEAD);
+    for (i, r) in records.iter().enumerate() {
+        if r.store_id > limit {
+            return Err(BatchError {
+                error: Error::Invalid(format!(
+                    "store id {} is more than {MAX_STORE_ID_AHEAD} above the last one applied \
+                     for this client ({highest})",
+                    r.store_id
+                )),
+                index: i as u32,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl VolumeStore {
     /// Apply a batch; a failure of the metadata store itself (a full disk)
     /// fails this batch only and the store is reopened (see `with_db`).
@@ -94,6 +122,7 @@ impl VolumeStore {
             v.unwrap_or(0)
         };
         let already = |r: &Record| highest > 0 && r.store_id <= highest;
+        check_ahead(highest, records)?;
         if !records.is_empty() && records.iter().all(already) {
             // The reply to this batch was lost: answer again, apply nothing.
             let objects = txn.open_table(OBJECTS).map_err(Error::from)?;
@@ -497,6 +526,7 @@ impl Batch<'_, '_> {
         let mut out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         self.created.push(path.clone());
@@ -839,5 +869,39 @@ impl Batch<'_, '_> {
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recs(ids: &[u64]) -> Vec<Record> {
+        ids.iter()
+            .map(|&store_id| Record {
+                store_id,
+                op: RecordOp::Remove {
+                    parent: ROOT_FID,
+                    name: "x".into(),
+                    fid: Fid::new(1, 2, 1),
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn store_ids_may_not_leap_past_the_watermark() {
+        // A new client's first records, and a long log after a watermark.
+        assert!(check_ahead(0, &recs(&[1, 2, 3])).is_ok());
+        assert!(check_ahead(0, &recs(&[MAX_STORE_ID_AHEAD])).is_ok());
+        assert!(check_ahead(1000, &recs(&[990, 1001, 1000 + MAX_STORE_ID_AHEAD])).is_ok());
+        // One id too far, anywhere in the batch, is blamed by index.
+        let e = check_ahead(0, &recs(&[1, 2, 1 << 62])).unwrap_err();
+        assert_eq!(e.index, 2);
+        assert!(matches!(e.error, Error::Invalid(_)));
+        let e = check_ahead(7, &recs(&[8 + MAX_STORE_ID_AHEAD])).unwrap_err();
+        assert_eq!(e.index, 0);
+        // No overflow near the top of the range.
+        assert!(check_ahead(u64::MAX - 1, &recs(&[u64::MAX])).is_ok());
     }
 }
