@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use super::log;
 use super::objects;
 use super::sessions::ClientCtx;
 use super::volume::FetchData;
-use super::wire::{close_after_error, frame_for, send};
+use super::wire::{close_after_error, error_reply, frame_for, send};
 use super::Shared;
 use crate::proto::{read_frame, Fid, Msg, BULK_CHUNK};
 use crate::{Error, Result};
@@ -54,7 +55,7 @@ pub fn serve(
                 objects::hex(&ident.client_id),
                 ident.epoch
             ));
-            let _ = send(&mut stream, 0, &Msg::error(&e));
+            let _ = send(&mut stream, 0, &error_reply(&e));
             close_after_error(&mut stream);
             return;
         }
@@ -69,7 +70,7 @@ pub fn serve(
             Ok(None) | Err(Error::Io { .. }) => break false,
             Err(e) => {
                 log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
-                let _ = send(&mut stream, 0, &Msg::error(&e));
+                let _ = send(&mut stream, 0, &error_reply(&e));
                 break true;
             }
         };
@@ -96,7 +97,7 @@ pub fn serve(
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
                 log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
-                let _ = send(&mut stream, id, &Msg::error(&e));
+                let _ = send(&mut stream, id, &error_reply(&e));
                 break true;
             }
             Err(e) => {
@@ -128,7 +129,7 @@ fn fetch(
         Ok(x) => x,
         Err(e) => {
             shared.registry.unregister(ctx, &[fid]);
-            return send(stream, id, &Msg::error(&e));
+            return send(stream, id, &error_reply(&e));
         }
     };
     match data {
@@ -208,7 +209,7 @@ fn upload(
                 ctx.name()
             ));
             if length > max {
-                send(stream, id, &Msg::error(&e))?;
+                send(stream, id, &error_reply(&e))?;
                 return Err(Error::Protocol(format!(
                     "refused upload of {length} bytes not drained"
                 )));
@@ -217,7 +218,7 @@ fn upload(
             let drained = discard(reader, length);
             let _ = reader.get_ref().set_read_timeout(None);
             drained?;
-            return send(stream, id, &Msg::error(&e));
+            return send(stream, id, &error_reply(&e));
         }
     };
     let tmp: PathBuf = objects::staging_dir(&shared.root).join(format!(
@@ -247,7 +248,7 @@ fn upload(
     };
     match result {
         Ok(()) => send(stream, id, &Msg::Uploaded { upload_id }),
-        Err(e) => send(stream, id, &Msg::error(&e)),
+        Err(e) => send(stream, id, &error_reply(&e)),
     }
 }
 
@@ -287,6 +288,7 @@ fn receive(
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(tmp)
         .map_err(|e| Error::io(format!("create {}", tmp.display()), e));
     let mut buf = vec![0u8; BULK_CHUNK];

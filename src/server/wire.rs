@@ -17,6 +17,33 @@ pub enum Out {
     Close,
 }
 
+/// The one way the server turns an [`Error`] into an Error message for a
+/// client. An OS error's detail names server paths (`.../staging/tmp-...`),
+/// which are no client's business: the client gets the code and the errno
+/// text, and the server log gets the whole story.
+pub fn error_reply(e: &Error) -> Msg {
+    error_reply_at(e, u32::MAX)
+}
+
+/// [`error_reply`] blaming record `index` of a batch.
+pub fn error_reply_at(e: &Error, index: u32) -> Msg {
+    match e {
+        Error::Io { source, .. } => {
+            super::log::warn(format_args!("error sent to a client as generic: {e}"));
+            let text = match source.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+                None => source.kind().to_string(),
+            };
+            Msg::Error {
+                code: e.wire_code(),
+                index,
+                message: format!("server storage error: {text}"),
+            }
+        }
+        _ => Msg::error_at(e, index),
+    }
+}
+
 /// Encode `msg` as a frame with `id`. A reply too big for a frame (which the
 /// limits should prevent) becomes an error reply rather than a broken stream.
 pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
@@ -26,7 +53,8 @@ pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
             "reply of {} bytes exceeds the frame limit",
             body.len()
         ));
-        return encode_frame(Msg::error(&e).kind(), id, &Msg::error(&e).encode());
+        let m = error_reply(&e);
+        return encode_frame(m.kind(), id, &m.encode());
     }
     encode_frame(msg.kind(), id, &body)
 }
