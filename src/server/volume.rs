@@ -109,11 +109,13 @@ impl VolumeStore {
                 root.display()
             )));
         }
-        fs::create_dir_all(root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        crate::fsmode::create_private_dir(root)?;
         fs::create_dir_all(objects::objects_dir(root, ROOT_VOLUME))
             .map_err(|e| Error::io("create objects directory", e))?;
         fs::create_dir_all(objects::staging_dir(root))
             .map_err(|e| Error::io("create staging directory", e))?;
+        // meta.redb holds every user's secret: 0600 from its first byte.
+        crate::fsmode::precreate_private_file(&db_path(root))?;
         let db = Database::create(db_path(root))?;
         let now = Timespec::now();
         let txn = db.begin_write()?;
@@ -140,6 +142,7 @@ impl VolumeStore {
             txn.open_table(VOLUMES)?
                 .insert(ROOT_VOLUME, ROOT_FID.vnode + 1)?;
             txn.open_table(CLIENT_STORE)?;
+            txn.open_table(CLIENT_OWNERS)?;
             txn.open_table(RESERVED)?;
             txn.open_table(GRAVES)?;
             txn.open_table(USERS)?;
@@ -163,6 +166,7 @@ impl VolumeStore {
     /// staged uploads and object files no committed record points to.
     /// `max_file_size` bounds the size a Store or truncate may set.
     pub fn open(root: &Path, max_file_size: u64) -> Result<VolumeStore> {
+        secure_data_dir(root)?;
         let db = open_db(root)?;
         ensure_usage(&db)?;
         let server_id = {
@@ -562,6 +566,32 @@ pub fn volume_quota(root: &Path, volume: u32, set: Option<Option<u64>>) -> Resul
         .unwrap_or(0);
     let quota = txn.open_table(QUOTAS)?.get(volume)?.map(|v| v.value());
     Ok(VolumeSpace { used, quota })
+}
+
+/// The data directory 0700; meta.redb, the secret files and every object
+/// file 0600 (SERVER.md "File modes"). Fixes what an older version or a
+/// loose umask left, with one message.
+fn secure_data_dir(root: &Path) -> Result<()> {
+    use crate::fsmode::{Fixed, DIR_MODE};
+    if !db_path(root).exists() {
+        return Ok(()); // open_db says what is wrong
+    }
+    let mut fixed = Fixed::default();
+    fixed.set(root, DIR_MODE)?;
+    fixed.files_in(root)?; // meta.redb, <user>.secret
+    fixed.files_in(&objects::staging_dir(root))?;
+    let base = root.join("objects");
+    if let Ok(vols) = fs::read_dir(&base) {
+        for vol in vols.flatten() {
+            if vol.file_type().is_ok_and(|t| t.is_dir()) {
+                fixed.files_in(&vol.path())?;
+            }
+        }
+    }
+    if let Some(m) = fixed.message() {
+        super::log::warn(format_args!("data directory {}: {m}", root.display()));
+    }
+    Ok(())
 }
 
 fn open_db(root: &Path) -> Result<Database> {
