@@ -73,9 +73,15 @@ fn another_users_client_id_is_refused_and_the_owners_writes_all_arrive() {
     let ctl_refused = is_auth_refusal(&ctl);
     if let Ok(mut b) = ctl {
         // What an attacker does once in: one harmless record numbered so
-        // high that every later store of admin's looks like a replay.
-        let f = b.alloc(1)[0];
-        b.apply(vec![rec::create(1 << 62, b.root, "bobs", f)]);
+        // high that every later store of admin's looks like a replay. Sent
+        // at once, before admin's client takes its session back.
+        let root = b.root;
+        let attack = Msg::Reintegrate {
+            records: vec![rec::chmod(1 << 62, root, 0, 0o755)],
+        };
+        if b.try_send(&attack).is_ok() {
+            let _ = b.recv();
+        }
     }
     let bulk = Raw::connect(srv.addr(), "bob", &bob, ConnKind::Bulk, id, 1);
     let bulk_seen = describe(&bulk);
