@@ -110,6 +110,9 @@ impl VolumeStore {
             )));
         }
         crate::fsmode::create_private_dir(root)?;
+        // A directory the operator made beforehand is made private too.
+        fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| Error::io(format!("chmod 700 {}", root.display()), e))?;
         fs::create_dir_all(objects::objects_dir(root, ROOT_VOLUME))
             .map_err(|e| Error::io("create objects directory", e))?;
         fs::create_dir_all(objects::staging_dir(root))
