@@ -110,7 +110,15 @@ pub(crate) fn precreate_private_file(path: &Path) -> Result<()> {
         Ok(f) => {
             // `mode` passes through the umask; state it exactly.
             f.set_permissions(fs::Permissions::from_mode(FILE_MODE))
-                .map_err(|e| Error::io(format!("chmod {}", path.display()), e))
+                .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+            // The new name must survive a power cut with what goes in it.
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(Error::io(format!("create {}", path.display()), e)),

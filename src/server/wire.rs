@@ -93,3 +93,33 @@ pub fn close_after_error(stream: &mut TcpStream) {
     }
     let _ = stream.shutdown(Shutdown::Both);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::WireCode;
+
+    #[test]
+    fn os_errors_reach_clients_without_paths() {
+        let e = Error::io(
+            "create /srv/coda/staging/tmp-00-1",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        match error_reply_at(&e, 3) {
+            Msg::Error {
+                code,
+                index,
+                message,
+            } => {
+                assert_eq!((code, index), (WireCode::NoSpace, 3));
+                assert!(message.starts_with("server storage error: "), "{message}");
+                assert!(!message.contains('/'), "{message}");
+            }
+            m => panic!("{m:?}"),
+        }
+        // Other errors keep their (path-free) detail.
+        let e = Error::Exists("name x".into());
+        assert!(matches!(error_reply(&e),
+            Msg::Error { code: WireCode::Exists, message, .. } if message.contains("name x")));
+    }
+}
