@@ -9,6 +9,7 @@
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -474,7 +475,12 @@ impl Cache {
     /// from the server's until stored.
     pub fn install_empty(&self, attr: &Attr, dirty: bool) -> Result<()> {
         let temp = self.temp_container(attr.fid);
-        std::fs::File::create(&temp)
+        std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
             .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
         let a = Attr {
             size: 0,

@@ -777,6 +777,18 @@ impl Cml {
     }
 }
 
+/// Whether this index has ever numbered a record: an index that has not
+/// must not carry on an old client id, whose store ids the server has
+/// already seen (see `identity.rs`).
+pub(crate) fn has_numbered_records(db: &Index) -> Result<bool> {
+    let r = db.begin_read()?;
+    match r.open_table(META) {
+        Ok(t) => Ok(t.get(NEXT_STORE_ID)?.is_some()),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
