@@ -335,3 +335,67 @@ fn a_full_cache_file_system_fails_only_the_calls_that_need_space_and_recovers() 
     drop(c);
     drop(fs);
 }
+
+fn set_quota(srv: &common::TestServer, bytes: &str) {
+    let out = Command::new(SERVER_BIN)
+        .args(["quota", "--root"])
+        .arg(srv.root())
+        .args(["--volume", "1", "--bytes", bytes])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "coda-server quota: {out:?}");
+}
+
+/// EDQUOT the same way: a connected close hears it; logged records stay
+/// pending (not conflicts), reported by the event, until the quota allows.
+#[test]
+fn a_volume_quota_refusal_keeps_the_logged_records_and_reports_edquot() {
+    let mut srv = common::TestServer::start();
+    assert!(srv.stop());
+    set_quota(&srv, "64k");
+    srv.restart();
+    let cache = TempDir::new("quota-cache");
+    let mut cfg = config(&srv, cache.path());
+    cfg.set("reintegration_age_ms", "600000").unwrap();
+    let c = Client::new(cfg).unwrap();
+    let big = data("over the quota ", 256 << 10);
+    match try_put(&c, "/connected", &big) {
+        Err(coda::Error::Quota(_)) => {}
+        r => panic!("a connected close past the quota: {r:?}"),
+    }
+
+    c.set_write_disconnected(true);
+    put(&c, "/logged", &big);
+    let pending = c.pending_records();
+    c.set_write_disconnected(false);
+    match c.reintegrate_now() {
+        Err(coda::Error::Quota(_)) => {}
+        r => panic!("reintegration past the quota: {r:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.events().next(Duration::from_millis(100)) {
+            Some(Event::ReintegrationStalled { code, .. }) => {
+                assert_eq!(code, -libc::EDQUOT);
+                break;
+            }
+            _ => assert!(Instant::now() < deadline, "no ReintegrationStalled event"),
+        }
+    }
+    assert_eq!(c.pending_records(), pending, "the records stay logged");
+    assert!(c.conflicts().unwrap().is_empty(), "not a conflict");
+
+    // The quota is lifted: the records arrive.
+    assert!(srv.stop());
+    set_quota(&srv, "none");
+    srv.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = c.reintegrate_now() {
+        assert!(Instant::now() < deadline, "still not reintegrated: {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(c.pending_records(), 0);
+    let fresh_dir = TempDir::new("quota-fresh");
+    let fresh = client(&srv, fresh_dir.path());
+    assert_eq!(get(&fresh, "/logged"), big);
+}
