@@ -44,6 +44,7 @@ fn main() -> coda::Result<()> {
         listen: "127.0.0.1:0".parse().unwrap(),
         break_timeout: Duration::from_millis(1000),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
+        space: Default::default(),
     })?;
     println!(
         "server: listening on {} with data in {}",

@@ -71,6 +71,12 @@
 // "conflict ID: PATH"; list them with `coda_conflicts_list`).
 #define CODA_EVENT_CONFLICT 7
 
+// Reintegration is backing off because the server is out of space or the
+// volume's quota is reached; the records stay pending (`ino` is the
+// negative errno's magnitude, ENOSPC or EDQUOT; `detail` is "N records
+// pending, retry in MS ms: MESSAGE").
+#define CODA_EVENT_REINTEGRATION_STALLED 8
+
 // Bytes of `coda_event.detail`, NUL included.
 #define CODA_EVENT_DETAIL_LEN 256
 

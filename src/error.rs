@@ -263,9 +263,38 @@ impl fmt::Display for WireCode {
     }
 }
 
+/// The context of an I/O failure inside the metadata store: the server
+/// reopens the store after one (redb refuses every later write until then).
+pub const METADATA_IO: &str = "metadata store";
+
+/// redb refused because an earlier operation failed (not this one).
+#[derive(Debug)]
+pub(crate) struct PreviousIo;
+
+impl fmt::Display for PreviousIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an earlier write failed; the store must be reopened")
+    }
+}
+
+impl std::error::Error for PreviousIo {}
+
+impl Error {
+    /// The metadata store refused because of an earlier failure.
+    pub(crate) fn is_previous_io(&self) -> bool {
+        matches!(self, Error::Io { source, .. }
+            if source.get_ref().is_some_and(|e| e.is::<PreviousIo>()))
+    }
+}
+
 impl From<redb::Error> for Error {
     fn from(e: redb::Error) -> Error {
-        Error::Eio(format!("metadata store: {e}"))
+        match e {
+            // Kept as an OS error so ENOSPC stays ENOSPC.
+            redb::Error::Io(source) => Error::io(METADATA_IO, source),
+            redb::Error::PreviousIo => Error::io(METADATA_IO, io::Error::other(PreviousIo)),
+            e => Error::Eio(format!("metadata store: {e}")),
+        }
     }
 }
 

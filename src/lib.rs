@@ -11,6 +11,7 @@ pub mod client;
 /// cbindgen:ignore
 pub mod error;
 pub mod ffi;
+mod fsmode;
 /// cbindgen:ignore
 pub mod proto;
 /// cbindgen:ignore

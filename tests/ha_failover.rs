@@ -73,6 +73,7 @@ fn kinds(evs: &[Event]) -> Vec<&'static str> {
             Event::CallbackBreak { .. } => "break",
             Event::Reintegrated { .. } => "reintegrated",
             Event::Conflict { .. } => "conflict",
+            Event::ReintegrationStalled { .. } => "stalled",
         })
         .collect()
 }

@@ -25,6 +25,7 @@ fn start_serve_and_shutdown_in_process() {
         listen: "127.0.0.1:0".parse().unwrap(),
         break_timeout: Duration::from_millis(500),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
+        space: Default::default(),
     })
     .unwrap();
     let addr = srv.local_addr();
@@ -62,6 +63,7 @@ fn start_serve_and_shutdown_in_process() {
         listen: "127.0.0.1:0".parse().unwrap(),
         break_timeout: Duration::from_millis(500),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
+        space: Default::default(),
     })
     .unwrap();
     let key = coda::proto::auth::read_secret_file(&secret).unwrap();

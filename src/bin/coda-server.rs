@@ -4,7 +4,14 @@
 //! coda-server init    --root DIR [--user NAME]
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
+//!                     [--max-file-size SIZE] [--max-staged SIZE]
+//!                     [--max-staged-per-session SIZE] [--max-staged-uploads N]
+//! coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
 //! ```
+//!
+//! SIZE is a byte count with an optional K, M, G or T suffix (powers of
+//! 1024). `quota` works on a stopped server only (the running server holds
+//! the metadata store's lock) and prints the volume's usage and quota.
 //!
 //! `serve` prints `listening on HOST:PORT` as its first stdout line, then
 //! runs until SIGTERM or SIGINT and exits 0 after a clean shutdown.
@@ -15,12 +22,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use coda::server::{self, Server, ServerConfig, DEFAULT_BREAK_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
+use coda::server::{
+    self, Server, ServerConfig, SpaceLimits, DEFAULT_BREAK_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+};
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
   coda-server adduser --root DIR --user NAME
-  coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]";
+  coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
+                      [--max-file-size SIZE] [--max-staged SIZE]
+                      [--max-staged-per-session SIZE] [--max-staged-uploads N]
+  coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
+SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
 enum Fail {
@@ -35,6 +48,12 @@ struct Args {
     listen: Option<String>,
     break_ms: Option<String>,
     idle_ms: Option<String>,
+    max_file_size: Option<String>,
+    max_staged: Option<String>,
+    max_staged_session: Option<String>,
+    max_staged_uploads: Option<String>,
+    volume: Option<String>,
+    bytes: Option<String>,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
@@ -46,7 +65,12 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--listen",
             "--break-timeout-ms",
             "--idle-timeout-ms",
+            "--max-file-size",
+            "--max-staged",
+            "--max-staged-per-session",
+            "--max-staged-uploads",
         ],
+        "quota" => &["--root", "--volume", "--bytes"],
         _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
     };
     let mut a = Args::default();
@@ -67,6 +91,12 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--user" => &mut a.user,
             "--listen" => &mut a.listen,
             "--idle-timeout-ms" => &mut a.idle_ms,
+            "--max-file-size" => &mut a.max_file_size,
+            "--max-staged" => &mut a.max_staged,
+            "--max-staged-per-session" => &mut a.max_staged_session,
+            "--max-staged-uploads" => &mut a.max_staged_uploads,
+            "--volume" => &mut a.volume,
+            "--bytes" => &mut a.bytes,
             _ => &mut a.break_ms,
         };
         *slot = Some(value);
@@ -109,8 +139,44 @@ fn run() -> Result<(), Fail> {
             println!("added {user}; secret in {}", secret.display());
             Ok(())
         }
+        "quota" => quota(&root, &args),
         _ => serve(root, &args),
     }
+}
+
+/// Parse SIZE: a byte count with an optional K/M/G/T suffix (powers of 1024).
+fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
+    let bad = || Fail::Usage(format!("{flag}: {v:?} is not a size (e.g. 4096, 100M, 2G)"));
+    let (digits, shift) = match v.chars().last() {
+        Some('K' | 'k') => (&v[..v.len() - 1], 10),
+        Some('M' | 'm') => (&v[..v.len() - 1], 20),
+        Some('G' | 'g') => (&v[..v.len() - 1], 30),
+        Some('T' | 't') => (&v[..v.len() - 1], 40),
+        _ => (v, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+fn quota(root: &std::path::Path, args: &Args) -> Result<(), Fail> {
+    let volume = match &args.volume {
+        Some(v) => v
+            .parse::<u32>()
+            .map_err(|_| Fail::Usage(format!("--volume: {v:?} is not a volume id")))?,
+        None => server::ROOT_VOLUME,
+    };
+    let set = match args.bytes.as_deref() {
+        None => None,
+        Some("none") | Some("unlimited") => Some(None),
+        Some(v) => Some(Some(parse_size("--bytes", v)?)),
+    };
+    let space = server::volume_quota(root, volume, set).map_err(|e| Fail::Run(e.to_string()))?;
+    let quota = match space.quota {
+        Some(q) => q.to_string(),
+        None => "unlimited".into(),
+    };
+    println!("volume {volume}: {} bytes used, quota {quota}", space.used);
+    Ok(())
 }
 
 fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
@@ -146,11 +212,27 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
         }
         None => DEFAULT_IDLE_TIMEOUT,
     };
+    let mut space = SpaceLimits::default();
+    if let Some(v) = &args.max_file_size {
+        space.max_file_size = parse_size("--max-file-size", v)?;
+    }
+    if let Some(v) = &args.max_staged {
+        space.staged.total_bytes = parse_size("--max-staged", v)?;
+    }
+    if let Some(v) = &args.max_staged_session {
+        space.staged.session_bytes = parse_size("--max-staged-per-session", v)?;
+    }
+    if let Some(v) = &args.max_staged_uploads {
+        space.staged.session_uploads = v
+            .parse()
+            .map_err(|_| Fail::Usage(format!("--max-staged-uploads: {v:?} is not a count")))?;
+    }
     let server = Server::start(ServerConfig {
         root,
         listen,
         break_timeout,
         idle_timeout,
+        space,
     })
     .map_err(|e| Fail::Run(e.to_string()))?;
     {

@@ -9,11 +9,14 @@
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use parking_lot::{Mutex, RwLock};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
@@ -136,14 +139,18 @@ pub(crate) struct Cache {
     /// Hoard priorities of the objects the last hoard walk reached
     /// (hoard.rs); eviction takes low priority first, then least recent.
     priorities: Mutex<HashMap<Fid, u32>>,
-    db: Arc<Database>,
+    db: Arc<Index>,
     limit: u64,
     state: Mutex<State>,
+    /// Containers put in place (renamed into `containers/`) since the
+    /// directory was last fsynced: their names may not survive a power cut
+    /// yet, so the first record naming one syncs the directory.
+    unsynced_names: Mutex<HashSet<Fid>>,
 }
 
 impl Cache {
     /// Load the index; drop what a crash may have left inconsistent.
-    pub fn open(cache_dir: &Path, db: Arc<Database>, limit: u64) -> Result<Cache> {
+    pub fn open(cache_dir: &Path, db: Arc<Index>, limit: u64) -> Result<Cache> {
         let containers = cache_dir.join("containers");
         std::fs::create_dir_all(&containers)
             .map_err(|e| Error::io(format!("creating {}", containers.display()), e))?;
@@ -189,6 +196,11 @@ impl Cache {
                 }
             }
         }
+        // Names a previous run put in place (and the containers directory
+        // itself) are made durable once here, so `make_durable` only has to
+        // sync the directory for containers installed by this run.
+        sync_dir(&containers)?;
+        sync_dir(cache_dir)?;
         Ok(Cache {
             dir: cache_dir.to_path_buf(),
             pinned: Mutex::new(Default::default()),
@@ -202,7 +214,66 @@ impl Cache {
                 bytes,
                 lru_unsaved: HashSet::new(),
             }),
+            unsynced_names: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Make the container of `fid` (open as `f`) durable: its data and
+    /// size, and its name if this run put it in place. Called before a
+    /// record that names the data is committed to the log, since that
+    /// record is what reintegration later sends over the server's copy.
+    pub fn make_durable(&self, fid: Fid, f: &std::fs::File) -> Result<()> {
+        f.sync_all()
+            .map_err(|e| Error::io(format!("syncing container {fid}"), e))?;
+        // The set is only read and cleared under its lock, never held
+        // across the fsync; a name installed meanwhile stays in the set.
+        let pending = {
+            let mut u = self.unsynced_names.lock();
+            if !u.contains(&fid) {
+                return Ok(());
+            }
+            std::mem::take(&mut *u)
+        };
+        if let Err(e) = sync_dir(&self.containers) {
+            self.unsynced_names.lock().extend(pending);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Remove the containers no version and no logged change needs: left
+    /// by a store that failed (its container is untrusted), by an object
+    /// forgotten while its file was open, or by a crash between writing a
+    /// container and indexing it. Run at start once the log's containers
+    /// are pinned, so they count against `cache_size` again or are gone.
+    pub fn sweep_unused_containers(&self) {
+        let pinned = self.pinned.lock().clone();
+        let Ok(rd) = std::fs::read_dir(&self.containers) else {
+            return;
+        };
+        let mut st = self.state.lock();
+        let mut untracked = Vec::new();
+        for d in rd.flatten() {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let Some(fid) = parse_fid(&name) else {
+                continue; // not a container name: not ours to judge
+            };
+            if pinned.contains(&fid) {
+                continue;
+            }
+            match st.map.get_mut(&fid) {
+                Some(e) if e.data_version.is_some() || e.open > 0 => {}
+                Some(e) => {
+                    st.bytes -= std::mem::take(&mut e.data_bytes);
+                    untracked.push(d.path());
+                }
+                None => untracked.push(d.path()),
+            }
+        }
+        drop(st);
+        for p in untracked {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Replace the hoard priorities (after a hoard walk).
@@ -355,6 +426,7 @@ impl Cache {
         let path = self.container(attr.fid);
         std::fs::rename(temp, &path)
             .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;
+        self.unsynced_names.lock().insert(attr.fid);
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
             e.data_version = Some(attr.version);
@@ -403,7 +475,12 @@ impl Cache {
     /// from the server's until stored.
     pub fn install_empty(&self, attr: &Attr, dirty: bool) -> Result<()> {
         let temp = self.temp_container(attr.fid);
-        std::fs::File::create(&temp)
+        std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
             .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
         let a = Attr {
             size: 0,
@@ -488,7 +565,12 @@ impl Cache {
                 .map
                 .iter()
                 .filter(|(f, e)| {
-                    e.data_version.is_some() && e.open == 0 && !e.dirty && !pinned.contains(f)
+                    // An untrusted container (a failed store) still takes
+                    // its bytes until it goes.
+                    (e.data_version.is_some() || e.data_bytes > 0)
+                        && e.open == 0
+                        && !e.dirty
+                        && !pinned.contains(f)
                 })
                 .min_by_key(|(f, e)| (prio.get(f).copied().unwrap_or(0), e.last_use))
                 .map(|(f, _)| *f);
@@ -508,6 +590,122 @@ impl Cache {
     pub fn bytes(&self) -> u64 {
         self.state.lock().bytes
     }
+}
+
+/// The client's index (`index.redb`: cache entries, the CML, conflicts),
+/// reopened after an I/O failure. redb refuses every write after one failed
+/// commit ("Previous I/O error occurred") until the database is opened
+/// again; a cache file system that filled up must cost only the calls that
+/// needed space, and work again once space is free.
+pub(crate) struct Index {
+    path: PathBuf,
+    /// `None` while being reopened (or after a reopen that failed: the
+    /// next call tries again).
+    db: RwLock<Option<Arc<Database>>>,
+    reopening: Mutex<()>,
+}
+
+#[allow(clippy::result_large_err)]
+fn unavailable() -> redb::TransactionError {
+    redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+}
+
+// The same error type as redb's own `begin_write`/`begin_read`, so every
+// caller's `?` goes on converting it as before.
+#[allow(clippy::result_large_err)]
+impl Index {
+    pub fn open(path: &Path) -> std::result::Result<Index, redb::DatabaseError> {
+        let db = super::emulation::open_index(path)?;
+        Ok(Index {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+            reopening: Mutex::new(()),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn at(path: &Path) -> Index {
+        Index::open(path).expect("open a test index")
+    }
+
+    fn current(&self) -> Option<Arc<Database>> {
+        self.db.read().clone()
+    }
+
+    pub fn begin_write(&self) -> std::result::Result<WriteTransaction, redb::TransactionError> {
+        let failed = match self.current() {
+            Some(db) => match db.begin_write() {
+                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => Some(db),
+                r => return r,
+            },
+            None => None,
+        };
+        self.reopen(failed)?;
+        self.current().ok_or_else(unavailable)?.begin_write()
+    }
+
+    pub fn begin_read(&self) -> std::result::Result<ReadTransaction, redb::TransactionError> {
+        match self.current() {
+            Some(db) => db.begin_read(),
+            None => {
+                self.reopen(None)?;
+                self.current().ok_or_else(unavailable)?.begin_read()
+            }
+        }
+    }
+
+    /// Drop the failed database (`failed`, or none left) and open the file
+    /// again; redb repairs it to its last committed state. One thread
+    /// reopens; the others fail their call meanwhile. No lock is held while
+    /// the file is opened.
+    fn reopen(
+        &self,
+        failed: Option<Arc<Database>>,
+    ) -> std::result::Result<(), redb::TransactionError> {
+        let Some(_one) = self.reopening.try_lock() else {
+            return Err(unavailable());
+        };
+        {
+            let mut cur = self.db.write();
+            match (&*cur, &failed) {
+                // Another thread reopened it since we failed.
+                (Some(c), Some(f)) if !Arc::ptr_eq(c, f) => return Ok(()),
+                (Some(_), None) => return Ok(()),
+                _ => *cur = None,
+            }
+        }
+        drop(failed);
+        match super::emulation::open_index(&self.path) {
+            Ok(db) => {
+                *self.db.write() = Some(Arc::new(db));
+                Ok(())
+            }
+            Err(redb::DatabaseError::Storage(e)) => Err(redb::TransactionError::Storage(e)),
+            Err(e) => Err(redb::TransactionError::Storage(redb::StorageError::Io(
+                std::io::Error::other(format!("reopening the index: {e}")),
+            ))),
+        }
+    }
+}
+
+/// The fid a container is named after (`Fid`'s display form).
+fn parse_fid(name: &str) -> Option<Fid> {
+    let mut it = name.split('.');
+    let volume = u32::from_str_radix(it.next()?, 16).ok()?;
+    let vnode = u64::from_str_radix(it.next()?, 16).ok()?;
+    let unique = u32::from_str_radix(it.next()?, 16).ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    let f = Fid::new(volume, vnode, unique);
+    (f.to_string() == name).then_some(f)
+}
+
+/// fsync a directory, so the names in it survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
 }
 
 #[cfg(test)]
@@ -544,7 +742,7 @@ mod tests {
     #[test]
     fn least_recently_used_goes_first_and_open_files_stay() {
         let dir = tmpdir("lru");
-        let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
         let c = Cache::open(&dir, db, 300).unwrap();
         let (a, b, d, e) = (
             attr(1, 100, 1),
@@ -569,11 +767,56 @@ mod tests {
     }
 
     #[test]
+    fn containers_nothing_needs_are_removed_after_a_restart() {
+        let dir = tmpdir("sweep");
+        let (kept, failed, logged) = (attr(1, 10, 1), attr(2, 20, 1), attr(3, 30, 1));
+        let orphan = Fid::new(1, 0x99, 1);
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            fill(&c, &kept, false);
+            fill(&c, &failed, false);
+            fill(&c, &logged, false);
+            // A store that failed leaves its container untrusted.
+            c.update(None, failed.fid, |e| e.data_version = None);
+            c.update(None, logged.fid, |e| e.data_version = None);
+            // A crash between writing a container and indexing it.
+            std::fs::write(c.container(orphan), b"orphan").unwrap();
+            std::fs::write(dir.join("containers").join("not-a-fid"), b"x").unwrap();
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        c.pin(logged.fid); // the log still has to store it
+        c.sweep_unused_containers();
+        assert!(c.container(kept.fid).exists());
+        assert!(c.container(logged.fid).exists(), "pinned: kept");
+        assert!(!c.container(failed.fid).exists(), "untrusted: removed");
+        assert!(!c.container(orphan).exists(), "unindexed: removed");
+        assert!(dir.join("containers").join("not-a-fid").exists());
+        assert_eq!(c.bytes(), 10);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_untrusted_container_is_evicted_like_any_other() {
+        let dir = tmpdir("evict-untrusted");
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 100).unwrap();
+        let (a, b) = (attr(1, 60, 1), attr(2, 60, 1));
+        fill(&c, &a, false);
+        c.update(None, a.fid, |e| e.data_version = None);
+        fill(&c, &b, false);
+        assert!(!c.container(a.fid).exists());
+        assert_eq!(c.bytes(), 60);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_index_survives_a_restart() {
         let dir = tmpdir("restart");
         let a = attr(9, 5, 3);
         {
-            let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
             let c = Cache::open(&dir, db, 1000).unwrap();
             fill(&c, &a, false);
             let d = Attr {
@@ -591,7 +834,7 @@ mod tests {
             );
             std::fs::write(c.container(a.fid).with_extension("tmp1"), b"junk").unwrap();
         }
-        let db = Arc::new(Database::create(dir.join("index.redb")).unwrap());
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
         let c = Cache::open(&dir, db, 1000).unwrap();
         let e = c.get(a.fid).unwrap();
         assert_eq!(e.data_version, Some(3));

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Durability, ReadableTable, TableDefinition};
 
+use super::cache::Index;
 use super::conn::Servers;
 use super::emulation::EmuState;
 use super::stats::Counters;
@@ -271,7 +272,7 @@ pub(crate) struct Logged {
 }
 
 pub(crate) struct Cml {
-    pub(crate) db: Arc<Database>,
+    pub(crate) db: Arc<Index>,
     /// Serialises reintegration. The server treats a batch whose store ids
     /// are all at or below the highest it applied as a replay, so batches
     /// must reach it in store-id order: one at a time.
@@ -291,7 +292,7 @@ impl Drop for Cml {
 }
 
 impl Cml {
-    pub fn open(db: Arc<Database>, emu: Arc<EmuState>) -> Result<Cml> {
+    pub fn open(db: Arc<Index>, emu: Arc<EmuState>) -> Result<Cml> {
         let w = db.begin_write()?;
         let mut fids = HashMap::new();
         let mut log = Log::default();
@@ -363,6 +364,19 @@ impl Cml {
             .collect();
         v.dedup();
         v
+    }
+
+    /// A pending record after `id` stores or resizes `fid` (so its
+    /// container may legitimately differ from what record `id` logged).
+    pub fn resized_after(&self, fid: Fid, id: u64) -> bool {
+        self.log.lock().about(fid).any(|r| {
+            r.store_id > id
+                && match &r.op {
+                    RecordOp::Store { fid: f, .. } => *f == fid,
+                    RecordOp::SetAttr { fid: f, size, .. } => *f == fid && size.is_some(),
+                    _ => false,
+                }
+        })
     }
 
     pub fn has_store(&self, fid: Fid) -> bool {
@@ -763,6 +777,18 @@ impl Cml {
     }
 }
 
+/// Whether this index has ever numbered a record: an index that has not
+/// must not carry on an old client id, whose store ids the server has
+/// already seen (see `identity.rs`).
+pub(crate) fn has_numbered_records(db: &Index) -> Result<bool> {
+    let r = db.begin_read()?;
+    match r.open_table(META) {
+        Ok(t) => Ok(t.get(NEXT_STORE_ID)?.is_some()),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -777,7 +803,7 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> Cml {
         Cml::open(
-            Arc::new(Database::create(dir.join("i.redb")).unwrap()),
+            Arc::new(Index::at(&dir.join("i.redb"))),
             Arc::new(EmuState::new(true)),
         )
         .unwrap()

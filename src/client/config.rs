@@ -38,6 +38,9 @@ pub struct Config {
     pub reintegration_age_ms: u64,
     /// Walk the hoard profile this often while connected (0: only on demand).
     pub hoard_walk_ms: u64,
+    /// Most bulk (file data) connections open to a server at once; more
+    /// concurrent fetches and stores wait for one.
+    pub bulk_connections: usize,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Config {
             write_disconnected: false,
             reintegration_age_ms: 5_000,
             hoard_walk_ms: 600_000,
+            bulk_connections: 4,
         }
     }
 
@@ -154,6 +158,13 @@ impl Config {
             "reintegration_age_ms" => {
                 self.reintegration_age_ms =
                     v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
+            }
+            "bulk_connections" => {
+                self.bulk_connections = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| bad("expected 1 to 1024"))?
             }
             _ => return Err(Error::Invalid(format!("unknown config key {key:?}"))),
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::callback::Callbacks;
 use super::event::Event;
@@ -42,6 +42,8 @@ pub(crate) struct Timing {
     pub rpc_timeout: Duration,
     pub dead_after: Duration,
     pub bind_addr: Option<SocketAddr>,
+    /// Most bulk connections of a session at once (`bulk_connections`).
+    pub bulk_max: usize,
 }
 
 // ---------------------------------------------------------------------------
@@ -403,6 +405,11 @@ pub(crate) struct Session {
     bulk_pool: Mutex<Vec<TcpStream>>,
     /// Clones of bulk sockets in use, so an interrupt can shut them down.
     bulk_active: Mutex<HashMap<u64, TcpStream>>,
+    /// Bulk connections taken (in use or being opened): at most
+    /// `timing.bulk_max`, so N concurrent opens never become N server
+    /// connections (and N server threads).
+    bulk_taken: Mutex<usize>,
+    bulk_free: Condvar,
 }
 
 fn reader_loop(
@@ -465,6 +472,7 @@ pub(crate) struct Bulk<'a> {
 impl Drop for Bulk<'_> {
     fn drop(&mut self) {
         self.session.bulk_active.lock().remove(&self.key);
+        self.session.give_back_slot();
     }
 }
 
@@ -529,6 +537,8 @@ impl Session {
             timing,
             bulk_pool: Mutex::new(Vec::new()),
             bulk_active: Mutex::new(HashMap::new()),
+            bulk_taken: Mutex::new(0),
+            bulk_free: Condvar::new(),
         }))
     }
 
@@ -543,6 +553,8 @@ impl Session {
         for s in self.bulk_active.lock().values() {
             let _ = s.shutdown(Shutdown::Both);
         }
+        // Callers waiting for a bulk connection fail now, not at their deadline.
+        self.bulk_free.notify_all();
     }
 
     /// Close without reporting the server down.
@@ -552,6 +564,7 @@ impl Session {
             let _ = s.shutdown(Shutdown::Both);
         }
         self.bulk_pool.lock().clear();
+        self.bulk_free.notify_all();
     }
 
     /// One request on the control connection; waits for its reply, the
@@ -622,24 +635,62 @@ impl Session {
         self.ctl.last_heard.lock().elapsed()
     }
 
-    fn bulk<'a>(&'a self, interrupt: &'a Interrupt) -> Result<Bulk<'a>> {
-        interrupt.check()?;
-        if let Some(e) = self.ctl.dead_error() {
-            return Err(e);
+    /// Wait (bounded by the RPC timeout; a failover or the session's death
+    /// ends the wait at once) until fewer than `bulk_max` bulk connections
+    /// are taken, and take one.
+    fn take_slot(&self, interrupt: &Interrupt) -> Result<()> {
+        let deadline = Instant::now() + self.timing.rpc_timeout;
+        let mut taken = self.bulk_taken.lock();
+        loop {
+            interrupt.check()?;
+            if let Some(e) = self.ctl.dead_error() {
+                return Err(e);
+            }
+            if *taken < self.timing.bulk_max {
+                *taken += 1;
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                // Not `Timeout`: the server answers, this client is busy.
+                return Err(Error::Again(format!(
+                    "all {} bulk connections to server {} stayed busy for {} ms",
+                    self.timing.bulk_max,
+                    self.server,
+                    self.timing.rpc_timeout.as_millis()
+                )));
+            }
+            // Interrupts do not signal the condvar: look again every 50 ms.
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            self.bulk_free.wait_for(&mut taken, slice);
         }
+    }
+
+    fn give_back_slot(&self) {
+        let mut taken = self.bulk_taken.lock();
+        *taken = taken.saturating_sub(1);
+        drop(taken);
+        self.bulk_free.notify_one();
+    }
+
+    fn bulk<'a>(&'a self, interrupt: &'a Interrupt) -> Result<Bulk<'a>> {
+        self.take_slot(interrupt)?;
         let pooled = self.bulk_pool.lock().pop();
         let stream = match pooled {
             Some(s) => s,
-            None => {
-                handshake(
-                    &self.server,
-                    ConnKind::Bulk,
-                    &self.ident,
-                    &self.timing,
-                    interrupt,
-                )?
-                .0
-            }
+            None => match handshake(
+                &self.server,
+                ConnKind::Bulk,
+                &self.ident,
+                &self.timing,
+                interrupt,
+            ) {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    self.give_back_slot();
+                    return Err(e);
+                }
+            },
         };
         let key = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = stream.try_clone() {
@@ -647,14 +698,21 @@ impl Session {
         }
         // Registered for kill (above) and for interrupts (here): either
         // shuts the socket down and unblocks the transfer at once.
-        let guard = interrupt.guard(&stream);
-        let b = Bulk {
+        let guard = match interrupt.guard(&stream) {
+            Ok(g) => g,
+            Err(e) => {
+                self.bulk_active.lock().remove(&key);
+                self.give_back_slot();
+                return Err(e);
+            }
+        };
+        // From here the Bulk's drop gives the slot back.
+        Ok(Bulk {
             session: self,
             stream: Some(stream),
             key,
-            _interruptible: guard?,
-        };
-        Ok(b)
+            _interruptible: guard,
+        })
     }
 
     fn bulk_error(&self, e: Error, interrupt: &Interrupt) -> Error {

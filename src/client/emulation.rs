@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
@@ -57,6 +57,27 @@ pub(crate) struct EmuState {
     last_walk: Mutex<Option<std::time::Instant>>,
     /// volume → stamp the cache of it was last fully valid at (stamps.rs).
     pub(crate) stamps: Mutex<std::collections::HashMap<u32, u64>>,
+    /// Set while the server refuses reintegration for lack of space or
+    /// quota: no batch is sent before it ends.
+    backoff: Mutex<Backoff>,
+}
+
+/// The first wait after a refusal for space, and the longest.
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Backoff {
+    /// When the next reintegration may be tried, and the last refusal
+    /// (quota or not, and its message).
+    until: Option<(Instant, bool, String)>,
+    step: Option<Duration>,
+}
+
+/// The server refused for lack of space or quota: retrying at once would
+/// only be refused again (and upload the same bytes again).
+pub(crate) fn space_error(e: &Error) -> bool {
+    matches!(e, Error::NoSpace(_) | Error::Quota(_))
 }
 
 impl EmuState {
@@ -77,7 +98,41 @@ impl EmuState {
             stamps: Mutex::new(Default::default()),
             hoard_every: AtomicU64::new(0),
             last_walk: Mutex::new(None),
+            backoff: Mutex::new(Backoff::default()),
         }
+    }
+
+    /// The refusal that started the current back-off, while it lasts.
+    pub fn backing_off(&self) -> Option<Error> {
+        let b = self.backoff.lock();
+        match &b.until {
+            Some((t, quota, m)) if Instant::now() < *t => Some(if *quota {
+                Error::Quota(m.clone())
+            } else {
+                Error::NoSpace(m.clone())
+            }),
+            _ => None,
+        }
+    }
+
+    /// Start (or lengthen: doubling, capped) the back-off after `e`;
+    /// returns how long it is.
+    pub fn back_off(&self, e: &Error) -> Duration {
+        let mut b = self.backoff.lock();
+        let step = b.step.map_or(BACKOFF_FIRST, |s| (s * 2).min(BACKOFF_MAX));
+        b.step = Some(step);
+        let (quota, m) = match e {
+            Error::Quota(m) => (true, m.clone()),
+            Error::NoSpace(m) => (false, m.clone()),
+            e => (false, e.to_string()),
+        };
+        b.until = Some((Instant::now() + step, quota, m));
+        step
+    }
+
+    /// A reintegration went through, or the user asked for one now.
+    pub fn reset_backoff(&self) {
+        *self.backoff.lock() = Backoff::default();
     }
 
     pub fn enabled(&self) -> bool {
@@ -181,6 +236,7 @@ impl Inner {
         for fid in self.cml.stored_fids() {
             self.cache.pin(fid);
         }
+        self.cache.sweep_unused_containers();
         self.redo_log_in_cache();
         for r in self.cml.pending() {
             self.note_edited(&r.op);
@@ -396,6 +452,11 @@ impl Inner {
             // Records logged before this one go first (store-id order); the
             // fast path below needs an empty log, checked under the gate.
             if emu.pending() > 0 {
+                // Behind records the server refused for space: this one
+                // would wait behind them, so the caller hears why now.
+                if let Some(e) = emu.backing_off() {
+                    return Err(e);
+                }
                 if let Err(e) = self.reintegrate_pending(None) {
                     if !self.went_offline(&e) {
                         return Err(e);
@@ -408,6 +469,10 @@ impl Inner {
             {
                 Ok(Ok(attr)) => return Ok(attr),
                 Ok(Err(super::cml::Deferred::Unreachable(id))) => {
+                    // The server's ack was to be the durable copy; without
+                    // it the container is, so it reaches the disk before
+                    // the caller hears success.
+                    self.make_data_durable(&op, data)?;
                     // Kept in the log; the server may or may not have it
                     // (if it does, its store id makes the replay a no-op).
                     // Sent later, it checks the version we had.
@@ -426,6 +491,11 @@ impl Inner {
             }
         }
         self.check_locally(&op)?;
+        // The record about to be logged is acknowledged at once and sends
+        // the container later: its data must be on disk before the record
+        // is (after a power cut, a durable record over a lost container
+        // would send an empty file over the server's copy).
+        self.make_data_durable(&op, data)?;
         self.note_edited(&op);
         let (cached, check) = self.version_for(&op);
         let last_link = self
@@ -496,6 +566,13 @@ impl Inner {
             if self.fetch_attrs(chunk).is_err() {
                 self.callbacks.break_fids(chunk);
             }
+        }
+    }
+
+    fn make_data_durable(&self, op: &RecordOp, data: Option<&std::fs::File>) -> Result<()> {
+        match (op, data) {
+            (RecordOp::Store { fid, .. }, Some(f)) => self.cache.make_durable(*fid, f),
+            _ => Ok(()),
         }
     }
 
@@ -608,7 +685,14 @@ impl Inner {
     /// served from the cache meanwhile.
     fn reconnect(&self) -> Result<()> {
         self.remember_root()?;
-        self.reintegrate_pending(None)?;
+        if self.cml.emu.backing_off().is_none() {
+            match self.reintegrate_pending(None) {
+                // The server answers but has no room: serve it again; the
+                // records stay logged and are retried after the back-off.
+                Err(e) if space_error(&e) => {}
+                r => r?,
+            }
+        }
         // Objects the log still holds changes for are skipped.
         self.revalidate_all()?;
         self.top_up_fids();
@@ -671,6 +755,9 @@ fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, 
             // Failures (a server that went away) only wait for the next turn.
             let _ = inner.hoard_walk();
         } else if state.pending() > 0 {
+            if state.backing_off().is_some() {
+                continue; // the server had no room: wait out the back-off
+            }
             let Some(inner) = weak.upgrade() else { return };
             if let Err(e) = inner.send_due() {
                 inner.went_offline(&e);
@@ -695,6 +782,8 @@ impl super::Client {
     /// answers, and the log stays as it was.
     pub fn reintegrate_now(&self) -> Result<()> {
         let inner = &self.inner;
+        // Asked for explicitly (space was freed, say): no waiting.
+        inner.cml.emu.reset_backoff();
         if inner.cml.emu.offline() || !inner.health.is_up() {
             let s = inner.servers.session()?;
             inner.reconnect().inspect_err(|e| {

@@ -49,6 +49,16 @@ pub enum Event {
         fid: Fid,
         path: String,
     },
+    /// Reintegration stopped because the server is out of space or the
+    /// volume's quota is reached (`code` is `-ENOSPC` or `-EDQUOT`): the
+    /// records stay in the log (`pending`) and are tried again after
+    /// `retry_ms` (doubling up to a minute), or at `reintegrate_now`.
+    ReintegrationStalled {
+        code: i32,
+        message: String,
+        pending: u64,
+        retry_ms: u64,
+    },
 }
 
 impl Event {
@@ -62,6 +72,7 @@ impl Event {
             Event::CallbackBreak { .. } => 5,
             Event::Reintegrated { .. } => 6,
             Event::Conflict { .. } => 7,
+            Event::ReintegrationStalled { .. } => 8,
         }
     }
 }

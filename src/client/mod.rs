@@ -18,12 +18,14 @@ pub mod event;
 pub mod failover;
 mod file;
 mod hoard;
+mod identity;
 mod namei;
 mod probe;
 mod reintegrate;
 mod stamps;
 mod stats;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,24 +127,23 @@ impl Drop for Inner {
     }
 }
 
-/// The persistent client id: made once, kept in `cache_dir/client_id`.
-fn load_client_id(cache_dir: &Path) -> Result<[u8; 16]> {
-    let p = cache_dir.join("client_id");
-    match std::fs::read(&p) {
-        Ok(b) if b.len() == 16 => Ok(b.try_into().expect("16 bytes")),
-        Ok(_) => Err(Error::Invalid(format!("{} is not 16 bytes", p.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id = auth::random_bytes::<16>();
-            // Write then rename, so a crash never leaves a short id behind.
-            let tmp = cache_dir.join("client_id.tmp");
-            std::fs::write(&tmp, id)
-                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-            std::fs::rename(&tmp, &p)
-                .map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
-            Ok(id)
-        }
-        Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
+/// Make `cache_dir` private: the directory 0700 and every file the cache
+/// keeps 0600 (CLIENT.md "File modes"). Containers are copies of files the
+/// mount may show only to some users; the cache must not hand them to
+/// every local user. Looser modes left by an older version are fixed, with
+/// one message.
+fn secure_cache_dir(cache_dir: &Path) -> Result<()> {
+    use crate::fsmode::{create_private_dir, Fixed, DIR_MODE};
+    create_private_dir(cache_dir)?;
+    let mut fixed = Fixed::default();
+    fixed.set(cache_dir, DIR_MODE)?;
+    fixed.files_in(cache_dir)?;
+    fixed.files_in(&cache_dir.join("containers"))?;
+    fixed.files_in(&cache_dir.join("conflicts"))?;
+    if let Some(m) = fixed.message() {
+        eprintln!("coda client: cache_dir {}: {m}", cache_dir.display());
     }
+    Ok(())
 }
 
 impl Client {
@@ -157,17 +158,19 @@ impl Client {
             .clone()
             .ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?;
         let secret = auth::read_secret_file(&secret_file)?;
-        std::fs::create_dir_all(&cache_dir)
-            .map_err(|e| Error::io(format!("creating cache_dir {}", cache_dir.display()), e))?;
-        let client_id = load_client_id(&cache_dir)?;
+        secure_cache_dir(&cache_dir)?;
+        let index = cache_dir.join("index.redb");
+        crate::fsmode::precreate_private_file(&index)?;
         let epoch = u64::from_ne_bytes(auth::random_bytes::<8>());
-        let db = emulation::open_index(&cache_dir.join("index.redb")).map_err(|e| match e {
+        let db = cache::Index::open(&index).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::Again(format!(
                 "cache_dir {} is in use by another client",
                 cache_dir.display()
             )),
             e => Error::from(e),
         })?;
+        // Decided by the index, which holds the store-id counter too.
+        let client_id = identity::settle(&cache_dir, &db)?;
         let db = Arc::new(db);
         let callbacks = Arc::new(Callbacks::default());
         let counters = Arc::new(Counters::default());
@@ -180,6 +183,7 @@ impl Client {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
             bind_addr: cfg.bind_addr,
+            bulk_max: cfg.bulk_connections.max(1),
         };
         let ident = Identity {
             client_id,
@@ -743,6 +747,7 @@ impl Inner {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&tmp)
                 .map_err(|e| Error::io("creating a temporary container", e))?;
             let tok = self.callbacks.token(fid);
@@ -801,7 +806,12 @@ impl Inner {
         let tok = self.callbacks.token(fid);
         let tmp = self.cache.temp_container(fid);
         let res = (|| {
-            let mut f = std::fs::File::create(&tmp)
+            let mut f = std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
                 .map_err(|e| Error::io("creating a temporary container", e))?;
             let (attr, len) =
                 self.servers

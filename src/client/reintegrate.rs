@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::emulation::space_error;
 use super::event::Event;
 use super::stats::Counters;
 use super::Inner;
@@ -28,6 +29,27 @@ impl Inner {
     /// in batches until it is empty, a server cannot be reached (the error),
     /// or the rest is too young.
     pub(crate) fn reintegrate_pending(&self, min_age: Option<Duration>) -> Result<()> {
+        let r = self.reintegrate_batches(min_age);
+        match &r {
+            Ok(()) => self.cml.emu.reset_backoff(),
+            Err(e) if space_error(e) => {
+                // Keep the records; wait before the next try (the
+                // reintegrator skips its turns until then) and say why.
+                let wait = self.cml.emu.back_off(e);
+                Counters::add(&self.counters.space_refusals, 1);
+                self.callbacks.events.emit(Event::ReintegrationStalled {
+                    code: e.code(),
+                    message: e.to_string(),
+                    pending: self.cml.len() as u64,
+                    retry_ms: wait.as_millis() as u64,
+                });
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn reintegrate_batches(&self, min_age: Option<Duration>) -> Result<()> {
         loop {
             match self.one_batch(min_age)? {
                 Step::Done => {
@@ -91,6 +113,22 @@ impl Inner {
                     .metadata()
                     .map_err(|e| Error::io("sizing a container", e))?
                     .len();
+                // Shorter than when it was logged, with nothing since that
+                // explains it: its data was lost (a power cut before the
+                // container reached the disk). Never send that over the
+                // server's copy: keep it as a conflict the user sees.
+                let in_use = self.cache.get(*fid).is_some_and(|e| e.open > 0);
+                if len < *length && !in_use && !self.cml.resized_after(*fid, r.store_id) {
+                    return Ok(Step::Refused(
+                        r.store_id,
+                        Error::Eio(format!(
+                            "local copy {} has {len} of the {} bytes logged: data lost locally \
+                             (a crash before it reached the disk); the server's copy is kept",
+                            path.display(),
+                            *length
+                        )),
+                    ));
+                }
                 *length = len;
                 s.upload(*upload_id, &f, len, &self.servers.interrupt)?;
                 data += len;
@@ -142,7 +180,12 @@ impl Inner {
                     message,
                 } if (index as usize) < batch.len() => {
                     let id = batch[index as usize].store_id;
-                    Ok(Step::Refused(id, Error::from_wire(code, message)))
+                    let e = Error::from_wire(code, message);
+                    if space_error(&e) {
+                        // Not the record's fault: it stays in the log.
+                        return Err(e);
+                    }
+                    Ok(Step::Refused(id, e))
                 }
                 Msg::Error { code, message, .. } => Err(Error::from_wire(code, message)),
                 m => Err(Error::Protocol(format!("Reintegrate answered with {m:?}"))),

@@ -22,6 +22,9 @@ pub struct ClientStats {
     pub records_reintegrated: u64,
     /// `ValidateVolume` requests (one per volume on reconnect or restart).
     pub volume_validations: u64,
+    /// Reintegrations the server refused for lack of space or quota (each
+    /// starts or lengthens the back-off).
+    pub space_refusals: u64,
 }
 
 #[derive(Default)]
@@ -35,6 +38,7 @@ pub(crate) struct Counters {
     pub validations_unchanged: AtomicU64,
     pub records_reintegrated: AtomicU64,
     pub volume_validations: AtomicU64,
+    pub space_refusals: AtomicU64,
 }
 
 impl Counters {
@@ -54,6 +58,7 @@ impl Counters {
             validations_unchanged: g(&self.validations_unchanged),
             records_reintegrated: g(&self.records_reintegrated),
             volume_validations: g(&self.volume_validations),
+            space_refusals: g(&self.space_refusals),
         }
     }
 }

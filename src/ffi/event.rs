@@ -26,6 +26,11 @@ pub const CODA_EVENT_REINTEGRATED: u32 = 6;
 /// Reintegration found a conflict (`ino` names the object; `detail` is
 /// "conflict ID: PATH"; list them with `coda_conflicts_list`).
 pub const CODA_EVENT_CONFLICT: u32 = 7;
+/// Reintegration is backing off because the server is out of space or the
+/// volume's quota is reached; the records stay pending (`ino` is the
+/// negative errno's magnitude, ENOSPC or EDQUOT; `detail` is "N records
+/// pending, retry in MS ms: MESSAGE").
+pub const CODA_EVENT_REINTEGRATION_STALLED: u32 = 8;
 
 /// Bytes of `coda_event.detail`, NUL included.
 pub const CODA_EVENT_DETAIL_LEN: usize = 256;
@@ -55,6 +60,15 @@ impl From<&Event> for coda_event {
                 (0, format!("{records} records, {remaining} left"))
             }
             Event::Conflict { id, fid, path } => (fid.ino(), format!("conflict {id}: {path}")),
+            Event::ReintegrationStalled {
+                code,
+                message,
+                pending,
+                retry_ms,
+            } => (
+                code.unsigned_abs() as u64,
+                format!("{pending} records pending, retry in {retry_ms} ms: {message}"),
+            ),
         };
         let mut detail = [0 as c_char; CODA_EVENT_DETAIL_LEN];
         let mut n = text.len().min(CODA_EVENT_DETAIL_LEN - 1);
@@ -156,6 +170,15 @@ mod tests {
                     target: s.clone(),
                 },
                 CODA_EVENT_FAILBACK,
+            ),
+            (
+                Event::ReintegrationStalled {
+                    code: -libc::ENOSPC,
+                    message: s.clone(),
+                    pending: 1,
+                    retry_ms: 1000,
+                },
+                CODA_EVENT_REINTEGRATION_STALLED,
             ),
             (
                 Event::CallbackBreak {

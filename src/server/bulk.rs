@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use super::log;
 use super::objects;
 use super::sessions::ClientCtx;
 use super::volume::FetchData;
-use super::wire::{close_after_error, frame_for, send};
+use super::wire::{close_after_error, error_reply, frame_for, send};
 use super::Shared;
 use crate::proto::{read_frame, Fid, Msg, BULK_CHUNK};
 use crate::{Error, Result};
@@ -54,7 +55,7 @@ pub fn serve(
                 objects::hex(&ident.client_id),
                 ident.epoch
             ));
-            let _ = send(&mut stream, 0, &Msg::error(&e));
+            let _ = send(&mut stream, 0, &error_reply(&e));
             close_after_error(&mut stream);
             return;
         }
@@ -69,7 +70,7 @@ pub fn serve(
             Ok(None) | Err(Error::Io { .. }) => break false,
             Err(e) => {
                 log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
-                let _ = send(&mut stream, 0, &Msg::error(&e));
+                let _ = send(&mut stream, 0, &error_reply(&e));
                 break true;
             }
         };
@@ -96,7 +97,7 @@ pub fn serve(
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
                 log::info(format_args!("{}: protocol error on bulk: {e}", ctx.name()));
-                let _ = send(&mut stream, id, &Msg::error(&e));
+                let _ = send(&mut stream, id, &error_reply(&e));
                 break true;
             }
             Err(e) => {
@@ -128,7 +129,7 @@ fn fetch(
         Ok(x) => x,
         Err(e) => {
             shared.registry.unregister(ctx, &[fid]);
-            return send(stream, id, &Msg::error(&e));
+            return send(stream, id, &error_reply(&e));
         }
     };
     match data {
@@ -188,6 +189,38 @@ fn upload(
     upload_id: u64,
     length: u64,
 ) -> Result<()> {
+    // Admission before any byte is written. A refused upload's bytes are
+    // still read and discarded so the stream stays in step and the peer
+    // reads a clear error; one longer than any file the server would keep
+    // is not worth reading: the reply is sent and the connection closed.
+    let max = shared.store.max_file_size;
+    let admitted = if length > max {
+        Err(Error::Invalid(format!(
+            "upload of {length} bytes exceeds the server's maximum file size {max}"
+        )))
+    } else {
+        shared.registry.admit_upload(ctx, length)
+    };
+    let claim = match admitted {
+        Ok(c) => c,
+        Err(e) => {
+            log::info(format_args!(
+                "{}: upload {upload_id} of {length} bytes refused: {e}",
+                ctx.name()
+            ));
+            if length > max {
+                send(stream, id, &error_reply(&e))?;
+                return Err(Error::Protocol(format!(
+                    "refused upload of {length} bytes not drained"
+                )));
+            }
+            let _ = reader.get_ref().set_read_timeout(Some(RAW_READ_TIMEOUT));
+            let drained = discard(reader, length);
+            let _ = reader.get_ref().set_read_timeout(None);
+            drained?;
+            return send(stream, id, &error_reply(&e));
+        }
+    };
     let tmp: PathBuf = objects::staging_dir(&shared.root).join(format!(
         "tmp-{}-{}",
         objects::hex(&ctx.id),
@@ -201,20 +234,42 @@ fn upload(
         // the stream is out of step, so the connection ends.
         Err(Received::Broken(e)) => {
             objects::remove_quietly(&tmp);
+            shared.registry.release_upload(ctx, claim);
             return Err(e);
         }
         // All bytes were read but could not be kept (disk full, ...): the
         // stream is still in step, so reply and go on.
         Err(Received::NotKept(e)) => {
             objects::remove_quietly(&tmp);
-            Err(e)
+            shared.registry.release_upload(ctx, claim);
+            Err(super::volume::clear_space_error(e))
         }
-        Ok(()) => shared.registry.finish_upload(ctx, upload_id, &tmp),
+        Ok(()) => shared.registry.finish_upload(ctx, upload_id, &tmp, claim),
     };
     match result {
         Ok(()) => send(stream, id, &Msg::Uploaded { upload_id }),
-        Err(e) => send(stream, id, &Msg::error(&e)),
+        Err(e) => send(stream, id, &error_reply(&e)),
     }
+}
+
+/// Read and drop exactly `length` raw bytes of a refused upload.
+fn discard(reader: &mut BufReader<TcpStream>, length: u64) -> Result<()> {
+    let mut buf = vec![0u8; BULK_CHUNK];
+    let mut left = length;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        match reader.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(Error::Protocol(format!(
+                    "connection ended {left} bytes before the end of an upload"
+                )))
+            }
+            Ok(n) => left -= n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("receiving upload", e)),
+        }
+    }
+    Ok(())
 }
 
 enum Received {
@@ -233,6 +288,7 @@ fn receive(
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(tmp)
         .map_err(|e| Error::io(format!("create {}", tmp.display()), e));
     let mut buf = vec![0u8; BULK_CHUNK];

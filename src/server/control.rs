@@ -24,7 +24,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use super::handshake::Identity;
 use super::log;
 use super::sessions::{ClientCtx, ControlLink};
-use super::wire::{close_after_error, frame_for, Out};
+use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out};
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
@@ -239,7 +239,7 @@ fn read_loop(
             }
             Err(Error::Io { source, .. }) => return (format!("connection lost: {source}"), false),
             Err(e) => {
-                let _ = tx.send(Out::Frame(frame_for(0, &Msg::error(&e))));
+                let _ = tx.send(Out::Frame(frame_for(0, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         };
@@ -247,7 +247,7 @@ fn read_loop(
         let msg = match Msg::decode(&frame) {
             Ok(m) => m,
             Err(e) => {
-                let _ = tx.send(Out::Frame(frame_for(id, &Msg::error(&e))));
+                let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         };
@@ -274,7 +274,7 @@ fn read_loop(
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
-                    let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| Msg::error(&e));
+                    let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
                     let _ = tx2.send(Out::Reply(bytes));
@@ -285,7 +285,7 @@ fn read_loop(
                     "message type {:#04x} is not a control-connection request",
                     other.kind()
                 ));
-                let _ = tx.send(Out::Frame(frame_for(id, &Msg::error(&e))));
+                let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         }
@@ -376,7 +376,7 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
                     if matches!(b.error, Error::Io { .. } | Error::Eio(_)) {
                         log::warn(format_args!("{}: batch failed: {}", ctx.name(), b.error));
                     }
-                    Ok(Msg::error_at(&b.error, b.index))
+                    Ok(error_reply_at(&b.error, b.index))
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::io::BufRead;
 use std::net::TcpStream;
 
 use super::volume::{ClientId, VolumeStore};
-use super::wire::send;
+use super::wire::{error_reply, send};
 use crate::proto::auth::{client_mac, mac_eq, random_bytes, server_mac, Transcript};
 use crate::proto::frame::{read_frame_max, MAX_HANDSHAKE_FRAME};
 use crate::proto::{ConnKind, Msg, PROTOCOL_VERSION};
@@ -43,7 +43,7 @@ pub fn accept<R: BufRead>(
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
         if !matches!(e, Error::Io { .. }) {
-            let _ = send(stream, 0, &Msg::error(e));
+            let _ = send(stream, 0, &error_reply(e));
         }
     }
     res
@@ -103,6 +103,9 @@ fn run<R: BufRead>(
             "user {user:?}: unknown user or wrong secret"
         )));
     }
+    // Only now, with the user proven: the id is someone's from here on, so
+    // a user presenting another's id is refused before it touches anything.
+    store.claim_client(&client_id, &user, kind == ConnKind::Control)?;
     let welcome = Msg::Welcome {
         server_id: store.server_id(),
         root: store.root_fid(),

@@ -20,10 +20,21 @@ pub const VOLSTAMPS: TableDefinition<u32, &[u8]> = TableDefinition::new("volstam
 pub const USERS: TableDefinition<&str, &[u8; 32]> = TableDefinition::new("users");
 /// client id → highest `store_id` applied for it (idempotent replay).
 pub const CLIENT_STORE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_store");
+/// client id → the user it belongs to: the first user whose authenticated
+/// control connection presented it. The id is sent in clear, so state
+/// keyed by it (session, replay watermark, reservations, staged uploads)
+/// is only safe because no other user may present it.
+pub const CLIENT_OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
 /// (volume, first vnode) → client id (16 bytes) followed by u32 count.
 pub const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
 /// fids that existed once and were deleted: a reserved fid is usable once.
 pub const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves");
+/// volume id → bytes of file data in it (the sizes of its files, each
+/// counted once however many names it has). Moves in the same transaction
+/// as every batch; computed once at open for data from before it existed.
+pub const VOLUSAGE: TableDefinition<u32, u64> = TableDefinition::new("volusage");
+/// volume id → quota in bytes; a volume without an entry is unlimited.
+pub const QUOTAS: TableDefinition<u32, u64> = TableDefinition::new("quotas");
 /// Small server-wide values (server id, root fid).
 pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 

@@ -21,6 +21,7 @@ mod handshake;
 pub(crate) mod log;
 mod meta;
 mod objects;
+mod owners;
 mod reintegrate;
 mod sessions;
 mod volume;
@@ -45,6 +46,26 @@ use sessions::Registry;
 use volume::VolumeStore;
 
 pub use meta::{ROOT_FID, ROOT_VOLUME};
+pub use sessions::{StagedLimits, DEFAULT_STAGED_LIMITS};
+pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
+
+/// Bounds on the disk space clients can take outside the volume quotas
+/// (see docs/SERVER.md, "Full disk, quotas and staged uploads").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpaceLimits {
+    /// Largest file size a Store or truncate may set.
+    pub max_file_size: u64,
+    pub staged: StagedLimits,
+}
+
+impl Default for SpaceLimits {
+    fn default() -> SpaceLimits {
+        SpaceLimits {
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            staged: DEFAULT_STAGED_LIMITS,
+        }
+    }
+}
 
 /// Default time a callback holder gets to acknowledge a break.
 pub const DEFAULT_BREAK_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -78,6 +99,7 @@ pub struct ServerConfig {
     /// this only reaps clients that vanished without closing (host gone,
     /// cable cut, hung); such a client revalidates when it returns.
     pub idle_timeout: Duration,
+    pub space: SpaceLimits,
 }
 
 impl ServerConfig {
@@ -88,6 +110,7 @@ impl ServerConfig {
             listen,
             break_timeout: DEFAULT_BREAK_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            space: SpaceLimits::default(),
         }
     }
 }
@@ -134,7 +157,7 @@ pub struct Server {
 impl Server {
     /// Open the data directory, bind, start the threads; returns at once.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
-        let store = VolumeStore::open(&cfg.root)?;
+        let store = VolumeStore::open(&cfg.root, cfg.space.max_file_size)?;
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -147,7 +170,7 @@ impl Server {
         let shared = Arc::new(Shared {
             root: cfg.root.clone(),
             store,
-            registry: Registry::new(&cfg.root),
+            registry: Registry::with_limits(&cfg.root, cfg.space.staged),
             pool,
             break_timeout: cfg.break_timeout,
             idle_timeout: cfg.idle_timeout,

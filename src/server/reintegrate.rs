@@ -13,13 +13,14 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use redb::{ReadableTable, Table};
+use redb::{Database, ReadableTable, Table};
 
 use super::meta::*;
 use super::objects;
-use super::volume::{get_object, stale, ClientId, VolumeStore};
+use super::volume::{get_object, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
 use crate::{Error, Result};
 
@@ -49,6 +50,12 @@ pub struct BatchError {
     pub index: u32,
 }
 
+impl CarriesError for BatchError {
+    fn error_mut(&mut self) -> &mut Error {
+        &mut self.error
+    }
+}
+
 impl From<Error> for BatchError {
     fn from(error: Error) -> BatchError {
         BatchError {
@@ -62,20 +69,60 @@ impl From<Error> for BatchError {
 /// deeper chain means corrupt parents, and refusing is the safe answer.
 const MAX_DEPTH: usize = 1 << 16;
 
+/// How far above the highest store id applied for a client a new record's
+/// id may be. A client numbers its records 1, 2, 3, ... and never skips
+/// more than the records it cancelled locally, so a real log stays far
+/// below this; an id beyond it could only make the watermark leap and the
+/// client's later records be taken as replays and silently dropped.
+pub const MAX_STORE_ID_AHEAD: u64 = 1 << 32;
+
+/// Refuse a batch whose not-yet-applied records would move the watermark
+/// more than [`MAX_STORE_ID_AHEAD`] past `highest` (the record's index is
+/// reported; nothing is applied).
+pub fn check_ahead(highest: u64, records: &[Record]) -> std::result::Result<(), BatchError> {
+    let limit = highest.saturating_add(MAX_STORE_ID_AHEAD);
+    for (i, r) in records.iter().enumerate() {
+        if r.store_id > limit {
+            return Err(BatchError {
+                error: Error::Invalid(format!(
+                    "store id {} is more than {MAX_STORE_ID_AHEAD} above the last one applied \
+                     for this client ({highest})",
+                    r.store_id
+                )),
+                index: i as u32,
+            });
+        }
+    }
+    Ok(())
+}
+
 impl VolumeStore {
+    /// Apply a batch; a failure of the metadata store itself (a full disk)
+    /// fails this batch only and the store is reopened (see `with_db`).
     pub fn reintegrate(
         &self,
         client: &ClientId,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        let txn = self.db.begin_write().map_err(Error::from)?;
+        self.with_db(|db| self.reintegrate_in(db, client, records, staged))
+    }
+
+    fn reintegrate_in(
+        &self,
+        db: &Database,
+        client: &ClientId,
+        records: &[Record],
+        staged: StagedLookup,
+    ) -> std::result::Result<Outcome, BatchError> {
+        let txn = db.begin_write().map_err(Error::from)?;
         let highest = {
             let t = txn.open_table(CLIENT_STORE).map_err(Error::from)?;
             let v = t.get(client).map_err(Error::from)?.map(|v| v.value());
             v.unwrap_or(0)
         };
         let already = |r: &Record| highest > 0 && r.store_id <= highest;
+        check_ahead(highest, records)?;
         if !records.is_empty() && records.iter().all(already) {
             // The reply to this batch was lost: answer again, apply nothing.
             let objects = txn.open_table(OBJECTS).map_err(Error::from)?;
@@ -98,6 +145,8 @@ impl VolumeStore {
                 dirents: txn.open_table(DIRENTS).map_err(Error::from)?,
                 reserved: txn.open_table(RESERVED).map_err(Error::from)?,
                 graves: txn.open_table(GRAVES).map_err(Error::from)?,
+                usage: txn.open_table(VOLUSAGE).map_err(Error::from)?,
+                quotas: txn.open_table(QUOTAS).map_err(Error::from)?,
                 store: self,
                 client,
                 staged,
@@ -229,6 +278,8 @@ struct Batch<'t, 's> {
     dirents: Table<'t, (&'static [u8; 16], &'static str), &'static [u8; 17]>,
     reserved: Table<'t, (u32, u64), &'static [u8; 20]>,
     graves: Table<'t, &'static [u8; 16], ()>,
+    usage: Table<'t, u32, u64>,
+    quotas: Table<'t, u32, u64>,
     store: &'s VolumeStore,
     client: &'s ClientId,
     staged: StagedLookup<'s>,
@@ -358,6 +409,36 @@ impl Batch<'_, '_> {
         self.put(&rec)
     }
 
+    /// A file in `volume` goes from `old` to `new` bytes: move the volume's
+    /// usage (in this transaction), refusing growth past its quota.
+    fn charge(&mut self, volume: u32, old: u64, new: u64) -> Result<()> {
+        let used = self.usage.get(volume)?.map(|v| v.value()).unwrap_or(0);
+        let next = used.saturating_sub(old).saturating_add(new);
+        if new > old {
+            if let Some(quota) = self.quotas.get(volume)?.map(|v| v.value()) {
+                if next > quota {
+                    return Err(Error::Quota(format!(
+                        "volume {volume} would hold {next} bytes, over its quota of {quota}"
+                    )));
+                }
+            }
+        }
+        self.usage.insert(volume, next)?;
+        Ok(())
+    }
+
+    /// A file may not grow past the server's largest file size: a sparse
+    /// file that big would be fetched whole by every reader.
+    fn check_size(&self, size: u64) -> Result<()> {
+        let max = self.store.max_file_size;
+        if size > max {
+            return Err(Error::Invalid(format!(
+                "file size {size} exceeds the server's maximum file size {max}"
+            )));
+        }
+        Ok(())
+    }
+
     fn bump(&self, rec: &mut ObjectRec) {
         rec.attr.version += 1;
         rec.attr.ctime = self.now;
@@ -367,6 +448,9 @@ impl Batch<'_, '_> {
     /// reused, and drop its data file after the commit.
     fn delete(&mut self, mut rec: ObjectRec) -> Result<Attr> {
         let fid = rec.attr.fid;
+        if rec.attr.ftype == FileType::File {
+            self.charge(fid.volume, rec.attr.size, 0)?;
+        }
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
         if rec.has_file {
@@ -442,6 +526,7 @@ impl Batch<'_, '_> {
         let mut out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         self.created.push(path.clone());
@@ -497,6 +582,8 @@ impl Batch<'_, '_> {
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
         }
+        self.charge(fid.volume, rec.attr.size, length)?;
+        self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
                                         // A hard link, not a rename: if the batch aborts, the upload is
@@ -759,6 +846,8 @@ impl Batch<'_, '_> {
                 }
             }
             if size != rec.attr.size {
+                self.charge(fid.volume, rec.attr.size, size)?;
+                self.check_size(size)?;
                 if size == 0 {
                     // An empty file needs no data file at all.
                 } else {
@@ -780,5 +869,39 @@ impl Batch<'_, '_> {
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recs(ids: &[u64]) -> Vec<Record> {
+        ids.iter()
+            .map(|&store_id| Record {
+                store_id,
+                op: RecordOp::Remove {
+                    parent: ROOT_FID,
+                    name: "x".into(),
+                    fid: Fid::new(1, 2, 1),
+                },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn store_ids_may_not_leap_past_the_watermark() {
+        // A new client's first records, and a long log after a watermark.
+        assert!(check_ahead(0, &recs(&[1, 2, 3])).is_ok());
+        assert!(check_ahead(0, &recs(&[MAX_STORE_ID_AHEAD])).is_ok());
+        assert!(check_ahead(1000, &recs(&[990, 1001, 1000 + MAX_STORE_ID_AHEAD])).is_ok());
+        // One id too far, anywhere in the batch, is blamed by index.
+        let e = check_ahead(0, &recs(&[1, 2, 1 << 62])).unwrap_err();
+        assert_eq!(e.index, 2);
+        assert!(matches!(e.error, Error::Invalid(_)));
+        let e = check_ahead(7, &recs(&[8 + MAX_STORE_ID_AHEAD])).unwrap_err();
+        assert_eq!(e.index, 0);
+        // No overflow near the top of the range.
+        assert!(check_ahead(u64::MAX - 1, &recs(&[u64::MAX])).is_ok());
     }
 }

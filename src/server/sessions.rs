@@ -48,15 +48,49 @@ struct Session {
     gen: u64,
     control: ControlLink,
     bulk: HashMap<u64, TcpStream>,
-    staged: HashSet<u64>,
+    /// Staged upload id → its length in bytes.
+    staged: HashMap<u64, u64>,
+    /// Bytes of this session's uploads still arriving (admitted, not yet
+    /// staged), so concurrent bulk connections cannot pass the bound.
+    arriving: u64,
+    arriving_count: u32,
     /// Break id → who waits for its ack. Dropping the sender (session end)
     /// releases the waiter at once: a gone client holds no promises.
     pending_breaks: HashMap<u64, Sender<()>>,
 }
 
+/// Bounds on uploads staged but not yet consumed by a Store: they hold disk
+/// space outside any volume's quota until a batch uses them or the session
+/// ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagedLimits {
+    /// Bytes one session may have staged or arriving.
+    pub session_bytes: u64,
+    /// Uploads one session may have staged or arriving.
+    pub session_uploads: u32,
+    /// Bytes all sessions together may have staged or arriving.
+    pub total_bytes: u64,
+}
+
+/// Defaults: a session may stage 4 GiB in 1,024 uploads (a largest file
+/// fits), the server 16 GiB in all.
+pub const DEFAULT_STAGED_LIMITS: StagedLimits = StagedLimits {
+    session_bytes: 4 << 30,
+    session_uploads: 1024,
+    total_bytes: 16 << 30,
+};
+
+impl Default for StagedLimits {
+    fn default() -> StagedLimits {
+        DEFAULT_STAGED_LIMITS
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     sessions: HashMap<ClientId, Session>,
+    /// Bytes staged or arriving over all sessions.
+    staged_total: u64,
     callbacks: CallbackTable,
     next_gen: u64,
     next_break: u64,
@@ -64,13 +98,23 @@ struct Inner {
 
 pub struct Registry {
     root: PathBuf,
+    limits: StagedLimits,
     inner: Mutex<Inner>,
 }
 
+/// An admitted upload's claim on the staged-bytes bounds. Given back by
+/// [`Registry::finish_upload`] (the bytes become staged) or
+/// [`Registry::release_upload`] (the transfer failed).
+#[derive(Debug)]
+pub struct UploadClaim {
+    length: u64,
+}
+
 impl Registry {
-    pub fn new(root: &Path) -> Registry {
+    pub fn with_limits(root: &Path, limits: StagedLimits) -> Registry {
         Registry {
             root: root.to_path_buf(),
+            limits,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -98,7 +142,9 @@ impl Registry {
                 gen,
                 control: link,
                 bulk: HashMap::new(),
-                staged: HashSet::new(),
+                staged: HashMap::new(),
+                arriving: 0,
+                arriving_count: 0,
                 pending_breaks: HashMap::new(),
             },
         );
@@ -168,9 +214,12 @@ impl Registry {
         for b in s.bulk.values() {
             let _ = b.shutdown(Shutdown::Both);
         }
-        for up in &s.staged {
+        for up in s.staged.keys() {
             objects::remove_quietly(&objects::staged_path(&self.root, id, *up));
         }
+        // Uploads still arriving give their claims back as they fail.
+        let held: u64 = s.staged.values().sum();
+        g.staged_total = g.staged_total.saturating_sub(held);
         log::info(format_args!(
             "client {} epoch {} session ended ({why}); {dropped} callbacks dropped",
             objects::hex(id),
@@ -213,31 +262,106 @@ impl Registry {
     pub fn staged(&self, ctx: &ClientCtx, upload_id: u64) -> Option<PathBuf> {
         let g = self.inner.lock();
         match g.sessions.get(&ctx.id) {
-            Some(s) if s.gen == ctx.gen && s.staged.contains(&upload_id) => {
+            Some(s) if s.gen == ctx.gen && s.staged.contains_key(&upload_id) => {
                 Some(objects::staged_path(&self.root, &ctx.id, upload_id))
             }
             _ => None,
         }
     }
 
+    /// Admit an announced upload of `length` bytes against the staged
+    /// bounds, before any byte of it is written: `Quota` past the session's
+    /// bytes or count, or past the server's total. The claim holds the
+    /// bytes until the upload is staged or given back.
+    pub fn admit_upload(&self, ctx: &ClientCtx, length: u64) -> Result<UploadClaim> {
+        let mut g = self.inner.lock();
+        let total = g.staged_total;
+        let lim = self.limits;
+        let s = match g.sessions.get_mut(&ctx.id) {
+            Some(s) if s.gen == ctx.gen => s,
+            _ => return Err(Error::Stale("the session of this upload ended".into())),
+        };
+        let held = s.staged.values().sum::<u64>().saturating_add(s.arriving);
+        let count = s.staged.len() as u64 + s.arriving_count as u64;
+        if count >= lim.session_uploads as u64 {
+            return Err(Error::Quota(format!(
+                "{count} uploads already staged by this session (at most {}); store or drop some first",
+                lim.session_uploads
+            )));
+        }
+        if held.saturating_add(length) > lim.session_bytes {
+            return Err(Error::Quota(format!(
+                "upload of {length} bytes: this session has {held} staged, at most {} allowed",
+                lim.session_bytes
+            )));
+        }
+        if total.saturating_add(length) > lim.total_bytes {
+            return Err(Error::Quota(format!(
+                "upload of {length} bytes: the server holds {total} staged bytes, at most {}",
+                lim.total_bytes
+            )));
+        }
+        s.arriving += length;
+        s.arriving_count += 1;
+        g.staged_total += length;
+        Ok(UploadClaim { length })
+    }
+
+    /// An admitted upload failed: give its claim back.
+    pub fn release_upload(&self, ctx: &ClientCtx, claim: UploadClaim) {
+        let mut g = self.inner.lock();
+        Self::unclaim(&mut g, ctx, claim.length);
+        g.staged_total = g.staged_total.saturating_sub(claim.length);
+    }
+
+    /// Take a claim off its session's arriving counts (if the session is
+    /// still the one that made it).
+    fn unclaim(g: &mut Inner, ctx: &ClientCtx, length: u64) {
+        if let Some(s) = g.sessions.get_mut(&ctx.id) {
+            if s.gen == ctx.gen {
+                s.arriving = s.arriving.saturating_sub(length);
+                s.arriving_count = s.arriving_count.saturating_sub(1);
+            }
+        }
+    }
+
     /// An upload is complete and fsynced in `tmp`: give it its staged name,
     /// but only if the session is still live (a dead session's uploads
-    /// would never be consumed nor cleaned).
-    pub fn finish_upload(&self, ctx: &ClientCtx, upload_id: u64, tmp: &Path) -> Result<()> {
+    /// would never be consumed nor cleaned). Its claim's bytes stay counted
+    /// as staged until consumed or the session ends.
+    pub fn finish_upload(
+        &self,
+        ctx: &ClientCtx,
+        upload_id: u64,
+        tmp: &Path,
+        claim: UploadClaim,
+    ) -> Result<()> {
         let mut g = self.inner.lock();
-        match g.sessions.get_mut(&ctx.id) {
+        let length = claim.length;
+        Self::unclaim(&mut g, ctx, length);
+        let mut freed = length;
+        let result = match g.sessions.get_mut(&ctx.id) {
             Some(s) if s.gen == ctx.gen => {
                 let dst = objects::staged_path(&self.root, &ctx.id, upload_id);
-                std::fs::rename(tmp, &dst)
-                    .map_err(|e| Error::io(format!("stage upload {upload_id}"), e))?;
-                s.staged.insert(upload_id);
-                Ok(())
+                match std::fs::rename(tmp, &dst) {
+                    Ok(()) => {
+                        // Re-sending an upload id replaces the staged file.
+                        freed = s.staged.insert(upload_id, length).unwrap_or(0);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        objects::remove_quietly(tmp);
+                        Err(Error::io(format!("stage upload {upload_id}"), e))
+                    }
+                }
             }
             _ => {
                 objects::remove_quietly(tmp);
                 Err(Error::Stale("the session of this upload ended".into()))
             }
-        }
+        };
+        g.staged_total = g.staged_total.saturating_sub(freed);
+        result
     }
 
     /// Store records of a committed batch consumed these uploads.
@@ -245,11 +369,14 @@ impl Registry {
         let mut g = self.inner.lock();
         if let Some(s) = g.sessions.get_mut(&ctx.id) {
             if s.gen == ctx.gen {
+                let mut freed = 0u64;
                 for id in ids {
-                    if s.staged.remove(id) {
+                    if let Some(len) = s.staged.remove(id) {
+                        freed += len;
                         objects::remove_quietly(&objects::staged_path(&self.root, &ctx.id, *id));
                     }
                 }
+                g.staged_total = g.staged_total.saturating_sub(freed);
             }
         }
     }

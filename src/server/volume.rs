@@ -5,11 +5,13 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use parking_lot::{RwLock, RwLockReadGuard};
 use redb::{Database, ReadableTable};
 
+use super::log;
 use super::meta::*;
 use super::objects;
-use crate::error::WireCode;
+use crate::error::{WireCode, METADATA_IO};
 use crate::proto::{Attr, DirEntry, Fid, FileType, Timespec, MAX_DIR_PAGE};
 use crate::{Error, Result};
 
@@ -18,10 +20,57 @@ pub type ClientId = [u8; 16];
 /// Most vnodes one AllocFids may reserve.
 pub const MAX_ALLOC: u32 = 4096;
 
+/// Largest file the server stores unless configured otherwise (4 GiB): a
+/// Store or truncate past it is refused with `Invalid` (EFBIG-like).
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
+
 pub struct VolumeStore {
-    pub(crate) db: Database,
+    /// The open metadata store, swapped for a fresh handle after an I/O
+    /// failure (see [`VolumeStore::with_db`]).
+    db: RwLock<DbSlot>,
     pub(crate) root: PathBuf,
     server_id: [u8; 16],
+    pub(crate) max_file_size: u64,
+}
+
+/// The metadata store handle and how many times it was (re)opened, so
+/// that of several threads that saw one failure only the first reopens.
+/// `None` while a reopen failed (disk still full): the next request tries
+/// again.
+struct DbSlot {
+    db: Option<Database>,
+    gen: u64,
+}
+
+/// A request's error type that carries an [`Error`] (so `with_db` can see
+/// a storage failure and make its message clear).
+pub(crate) trait CarriesError {
+    fn error_mut(&mut self) -> &mut Error;
+}
+
+impl CarriesError for Error {
+    fn error_mut(&mut self) -> &mut Error {
+        self
+    }
+}
+
+/// An I/O failure inside redb: after one, redb refuses every later write
+/// ("Previous I/O error") until the database is closed and reopened.
+fn is_store_failure(e: &Error) -> bool {
+    matches!(e, Error::Io { context, .. } if context == METADATA_IO)
+}
+
+/// A full disk (or a file-system quota of the server's own user) becomes a
+/// clear `NoSpace` that names no server path; anything else is unchanged.
+pub(crate) fn clear_space_error(e: Error) -> Error {
+    match &e {
+        Error::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            Error::NoSpace("the server's disk is full; retry when space is freed".into())
+        }
+        _ => e,
+    }
 }
 
 /// What a fetch streams: an open object file (read without any lock held,
@@ -60,11 +109,16 @@ impl VolumeStore {
                 root.display()
             )));
         }
-        fs::create_dir_all(root).map_err(|e| Error::io(format!("create {}", root.display()), e))?;
+        crate::fsmode::create_private_dir(root)?;
+        // A directory the operator made beforehand is made private too.
+        fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| Error::io(format!("chmod 700 {}", root.display()), e))?;
         fs::create_dir_all(objects::objects_dir(root, ROOT_VOLUME))
             .map_err(|e| Error::io("create objects directory", e))?;
         fs::create_dir_all(objects::staging_dir(root))
             .map_err(|e| Error::io("create staging directory", e))?;
+        // meta.redb holds every user's secret: 0600 from its first byte.
+        crate::fsmode::precreate_private_file(&db_path(root))?;
         let db = Database::create(db_path(root))?;
         let now = Timespec::now();
         let txn = db.begin_write()?;
@@ -91,6 +145,7 @@ impl VolumeStore {
             txn.open_table(VOLUMES)?
                 .insert(ROOT_VOLUME, ROOT_FID.vnode + 1)?;
             txn.open_table(CLIENT_STORE)?;
+            txn.open_table(CLIENT_OWNERS)?;
             txn.open_table(RESERVED)?;
             txn.open_table(GRAVES)?;
             txn.open_table(USERS)?;
@@ -112,8 +167,11 @@ impl VolumeStore {
 
     /// Open a data directory for serving, removing leftovers of a crash:
     /// staged uploads and object files no committed record points to.
-    pub fn open(root: &Path) -> Result<VolumeStore> {
+    /// `max_file_size` bounds the size a Store or truncate may set.
+    pub fn open(root: &Path, max_file_size: u64) -> Result<VolumeStore> {
+        secure_data_dir(root)?;
         let db = open_db(root)?;
+        ensure_usage(&db)?;
         let server_id = {
             let txn = db.begin_read()?;
             let settings = txn.open_table(SETTINGS)?;
@@ -125,9 +183,13 @@ impl VolumeStore {
                 .map_err(|_| Error::Eio("metadata server id is not 16 bytes".into()))?
         };
         let store = VolumeStore {
-            db,
+            db: RwLock::new(DbSlot {
+                db: Some(db),
+                gen: 1,
+            }),
             root: root.to_path_buf(),
             server_id,
+            max_file_size,
         };
         objects::clear_staging(root)?;
         store.sweep_objects()?;
@@ -138,7 +200,11 @@ impl VolumeStore {
     /// new file of a batch that crashed before its commit, or the old file of
     /// one that crashed after its commit but before the cleanup.
     fn sweep_objects(&self) -> Result<()> {
-        let txn = self.db.begin_read()?;
+        self.with_db(|db| self.sweep_objects_in(db))
+    }
+
+    fn sweep_objects_in(&self, db: &Database) -> Result<()> {
+        let txn = db.begin_read()?;
         let table = txn.open_table(OBJECTS)?;
         let mut removed = 0;
         for (path, parsed) in objects::list_object_files(&self.root)? {
@@ -160,6 +226,93 @@ impl VolumeStore {
         Ok(())
     }
 
+    /// Run `f` on the metadata store. Concurrent requests share the handle
+    /// (read lock); after `f` hits an I/O failure of the store, the handle
+    /// is dropped and the database reopened (redb recovers from its last
+    /// commit), so only the request that hit the failure fails, and the
+    /// next one works as soon as the disk has room again. The failed
+    /// request's error becomes a clear `NoSpace` when the disk was full.
+    ///
+    /// A request refused only because of an EARLIER failure (redb's
+    /// "previous I/O error", seen by a request that raced the failing one)
+    /// is run once more on the reopened store: it did nothing the first
+    /// time.
+    pub(crate) fn with_db<T, E: CarriesError + From<Error>>(
+        &self,
+        f: impl Fn(&Database) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let guard = self.read_db()?;
+            let gen = guard.gen;
+            let db = guard.db.as_ref().expect("read_db returns an open store");
+            let result = f(db);
+            drop(guard);
+            let mut e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let err = e.error_mut();
+            if is_store_failure(err) {
+                if !err.is_previous_io() {
+                    log::warn(format_args!("metadata store failed: {err}; reopening it"));
+                }
+                let reopened = self.reopen(gen).is_ok();
+                if err.is_previous_io() && reopened && attempt < 2 {
+                    continue;
+                }
+            }
+            let taken = std::mem::replace(err, Error::Eio(String::new()));
+            *err = clear_space_error(taken);
+            return Err(e);
+        }
+    }
+
+    /// A read guard on an open store, reopening it first if an earlier
+    /// reopen failed. Bounded: two attempts, then the open error.
+    fn read_db(&self) -> Result<RwLockReadGuard<'_, DbSlot>> {
+        let mut last = None;
+        for _ in 0..2 {
+            let g = self.db.read();
+            if g.db.is_some() {
+                return Ok(g);
+            }
+            let gen = g.gen;
+            drop(g);
+            if let Err(e) = self.reopen(gen) {
+                last = Some(e);
+            }
+        }
+        Err(clear_space_error(last.unwrap_or_else(|| {
+            Error::Eio("metadata store unavailable".into())
+        })))
+    }
+
+    /// Drop the store handle seen at generation `seen` and open it again,
+    /// unless another thread already did. Holds the write lock throughout:
+    /// redb locks the file, so the old handle (and every transaction on
+    /// it) must be gone before the new open.
+    fn reopen(&self, seen: u64) -> Result<()> {
+        let mut g = self.db.write();
+        if g.gen != seen && g.db.is_some() {
+            return Ok(());
+        }
+        g.db = None;
+        g.gen += 1;
+        match open_db(&self.root) {
+            Ok(db) => {
+                log::info(format_args!("metadata store reopened"));
+                g.db = Some(db);
+                Ok(())
+            }
+            Err(e) => {
+                log::warn(format_args!("cannot reopen the metadata store yet: {e}"));
+                Err(e)
+            }
+        }
+    }
+
     pub fn server_id(&self) -> [u8; 16] {
         self.server_id
     }
@@ -169,88 +322,46 @@ impl VolumeStore {
     }
 
     pub fn user_secret(&self, user: &str) -> Result<Option<[u8; 32]>> {
-        let txn = self.db.begin_read()?;
-        let users = txn.open_table(USERS)?;
-        let secret = users.get(user)?.map(|v| *v.value());
-        Ok(secret)
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let users = txn.open_table(USERS)?;
+            let secret = users.get(user)?.map(|v| *v.value());
+            Ok(secret)
+        })
     }
 
     /// Attrs of many fids from one consistent snapshot.
     pub fn get_attrs(&self, fids: &[Fid]) -> Result<Vec<std::result::Result<Attr, WireCode>>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let mut out = Vec::with_capacity(fids.len());
-        for &fid in fids {
-            out.push(match get_object(&table, fid)? {
-                Some(rec) => Ok(rec.attr),
-                None => Err(WireCode::Stale),
-            });
-        }
-        Ok(out)
+        self.with_db(|db| get_attrs_in(db, fids))
     }
 
     /// A volume's stamp and the latest stamp of a change by a client other
     /// than `client`. `Stale` for a volume that does not exist.
     pub fn volume_stamp(&self, volume: u32, client: &ClientId) -> Result<(u64, u64)> {
-        let txn = self.db.begin_read()?;
-        if txn.open_table(VOLUMES)?.get(volume)?.is_none() {
-            return Err(Error::Stale(format!("no volume {volume}")));
-        }
-        let s = match txn.open_table(VOLSTAMPS) {
-            Ok(t) => match t.get(volume)? {
-                Some(b) => VolStamp::decode(b.value())?,
-                None => VolStamp::default(),
-            },
-            Err(redb::TableError::TableDoesNotExist(_)) => VolStamp::default(),
-            Err(e) => return Err(e.into()),
-        };
-        Ok((s.stamp, s.foreign(client)))
+        self.with_db(|db| volume_stamp_in(db, volume, client))
     }
 
     /// One page of a directory, in name order; `cursor` counts entries
     /// already returned. Page and attr come from one snapshot.
     pub fn read_dir(&self, fid: Fid, cursor: u32) -> Result<(Attr, Vec<DirEntry>, Option<u32>)> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let rec = get_object(&table, fid)?.ok_or_else(|| stale(fid))?;
-        if rec.attr.ftype != FileType::Dir {
-            return Err(Error::NotDir(format!("{fid}")));
-        }
-        let dirents = txn.open_table(DIRENTS)?;
-        let key = fid.to_bytes();
-        let mut entries = Vec::new();
-        let mut next = None;
-        let range = dirents.range((&key, "")..)?;
-        for (i, item) in range.enumerate() {
-            let (k, v) = item?;
-            let (dir, name) = k.value();
-            if dir != &key {
-                break; // past this directory's entries
-            }
-            let Ok(i) = u32::try_from(i) else { break };
-            if i < cursor {
-                continue;
-            }
-            if entries.len() == MAX_DIR_PAGE {
-                next = Some(i);
-                break;
-            }
-            let (child, ftype) = decode_entry(v.value())?;
-            entries.push(DirEntry {
-                name: name.to_string(),
-                fid: child,
-                ftype,
-            });
-        }
-        Ok((rec.attr, entries, next))
+        self.with_db(|db| read_dir_in(db, fid, cursor))
     }
 
     /// The attr and data of an object for a fetch. The file is opened by its
     /// versioned name; if a commit replaced and deleted it between reading
     /// the record and opening it, read the record again.
     pub fn open_data(&self, fid: Fid) -> Result<(Attr, FetchData)> {
+        self.with_db(|db| self.open_data_in(db, fid))
+    }
+
+    /// Reserve `count` fresh vnodes in `volume` for `client`, durably.
+    pub fn alloc_fids(&self, client: &ClientId, volume: u32, count: u32) -> Result<u64> {
+        self.with_db(|db| alloc_fids_in(db, client, volume, count))
+    }
+
+    fn open_data_in(&self, db: &Database, fid: Fid) -> Result<(Attr, FetchData)> {
         for _ in 0..8 {
-            let txn = self.db.begin_read()?;
+            let txn = db.begin_read()?;
             let table = txn.open_table(OBJECTS)?;
             let rec = get_object(&table, fid)?.ok_or_else(|| stale(fid))?;
             match rec.attr.ftype {
@@ -276,32 +387,214 @@ impl VolumeStore {
         }
         Err(Error::Again(format!("{fid} keeps changing; fetch again")))
     }
+}
 
-    /// Reserve `count` fresh vnodes in `volume` for `client`, durably.
-    pub fn alloc_fids(&self, client: &ClientId, volume: u32, count: u32) -> Result<u64> {
-        if count == 0 || count > MAX_ALLOC {
-            return Err(Error::Invalid(format!(
-                "AllocFids count {count} not in 1..={MAX_ALLOC}"
-            )));
-        }
-        let txn = self.db.begin_write()?;
-        let first = {
-            let mut vols = txn.open_table(VOLUMES)?;
-            let first = vols
-                .get(volume)?
-                .map(|v| v.value())
-                .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
-            let end = first
-                .checked_add(count as u64)
-                .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
-            vols.insert(volume, end)?;
-            txn.open_table(RESERVED)?
-                .insert((volume, first), &encode_reservation(client, count))?;
-            first
-        };
-        txn.commit()?;
-        Ok(first)
+fn get_attrs_in(db: &Database, fids: &[Fid]) -> Result<Vec<std::result::Result<Attr, WireCode>>> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(OBJECTS)?;
+    let mut out = Vec::with_capacity(fids.len());
+    for &fid in fids {
+        out.push(match get_object(&table, fid)? {
+            Some(rec) => Ok(rec.attr),
+            None => Err(WireCode::Stale),
+        });
     }
+    Ok(out)
+}
+
+fn volume_stamp_in(db: &Database, volume: u32, client: &ClientId) -> Result<(u64, u64)> {
+    let txn = db.begin_read()?;
+    if txn.open_table(VOLUMES)?.get(volume)?.is_none() {
+        return Err(Error::Stale(format!("no volume {volume}")));
+    }
+    let s = match txn.open_table(VOLSTAMPS) {
+        Ok(t) => match t.get(volume)? {
+            Some(b) => VolStamp::decode(b.value())?,
+            None => VolStamp::default(),
+        },
+        Err(redb::TableError::TableDoesNotExist(_)) => VolStamp::default(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((s.stamp, s.foreign(client)))
+}
+
+fn read_dir_in(db: &Database, fid: Fid, cursor: u32) -> Result<(Attr, Vec<DirEntry>, Option<u32>)> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(OBJECTS)?;
+    let rec = get_object(&table, fid)?.ok_or_else(|| stale(fid))?;
+    if rec.attr.ftype != FileType::Dir {
+        return Err(Error::NotDir(format!("{fid}")));
+    }
+    let dirents = txn.open_table(DIRENTS)?;
+    let key = fid.to_bytes();
+    let mut entries = Vec::new();
+    let mut next = None;
+    let range = dirents.range((&key, "")..)?;
+    for (i, item) in range.enumerate() {
+        let (k, v) = item?;
+        let (dir, name) = k.value();
+        if dir != &key {
+            break; // past this directory's entries
+        }
+        let Ok(i) = u32::try_from(i) else { break };
+        if i < cursor {
+            continue;
+        }
+        if entries.len() == MAX_DIR_PAGE {
+            next = Some(i);
+            break;
+        }
+        let (child, ftype) = decode_entry(v.value())?;
+        entries.push(DirEntry {
+            name: name.to_string(),
+            fid: child,
+            ftype,
+        });
+    }
+    Ok((rec.attr, entries, next))
+}
+
+fn alloc_fids_in(db: &Database, client: &ClientId, volume: u32, count: u32) -> Result<u64> {
+    if count == 0 || count > MAX_ALLOC {
+        return Err(Error::Invalid(format!(
+            "AllocFids count {count} not in 1..={MAX_ALLOC}"
+        )));
+    }
+    let txn = db.begin_write()?;
+    let first = {
+        let mut vols = txn.open_table(VOLUMES)?;
+        let first = vols
+            .get(volume)?
+            .map(|v| v.value())
+            .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
+        let end = first
+            .checked_add(count as u64)
+            .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
+        vols.insert(volume, end)?;
+        txn.open_table(RESERVED)?
+            .insert((volume, first), &encode_reservation(client, count))?;
+        first
+    };
+    txn.commit()?;
+    Ok(first)
+}
+
+/// Give every volume without a usage record one, computed from its files
+/// (a data directory from before usage was kept). Done once: later batches
+/// keep it up to date in their own transaction.
+fn ensure_usage(db: &Database) -> Result<()> {
+    let missing: Vec<u32> = {
+        let txn = db.begin_read()?;
+        let vols = txn.open_table(VOLUMES)?;
+        let usage = match txn.open_table(VOLUSAGE) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut missing = Vec::new();
+        for item in vols.iter()? {
+            let v = item?.0.value();
+            let known = match &usage {
+                Some(t) => t.get(v)?.is_some(),
+                None => false,
+            };
+            if !known {
+                missing.push(v);
+            }
+        }
+        missing
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let txn = db.begin_write()?;
+    {
+        let mut sums: std::collections::BTreeMap<u32, u64> =
+            missing.iter().map(|v| (*v, 0)).collect();
+        let objects = txn.open_table(OBJECTS)?;
+        for item in objects.iter()? {
+            let (_, v) = item?;
+            let rec = ObjectRec::decode(v.value())?;
+            if rec.attr.ftype == FileType::File {
+                if let Some(sum) = sums.get_mut(&rec.attr.fid.volume) {
+                    *sum = sum.saturating_add(rec.attr.size);
+                }
+            }
+        }
+        drop(objects);
+        let mut usage = txn.open_table(VOLUSAGE)?;
+        for (v, sum) in sums {
+            usage.insert(v, sum)?;
+        }
+        txn.open_table(QUOTAS)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+/// A volume's usage and quota, as kept in the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeSpace {
+    pub used: u64,
+    pub quota: Option<u64>,
+}
+
+/// Read (and with `set`, change) a volume's quota in a data directory whose
+/// server is stopped: redb locks the database while a server serves it.
+pub fn volume_quota(root: &Path, volume: u32, set: Option<Option<u64>>) -> Result<VolumeSpace> {
+    let db = open_db(root)?;
+    ensure_usage(&db)?;
+    if let Some(quota) = set {
+        let txn = db.begin_write()?;
+        {
+            if txn.open_table(VOLUMES)?.get(volume)?.is_none() {
+                return Err(Error::NotFound(format!("volume {volume}")));
+            }
+            let mut q = txn.open_table(QUOTAS)?;
+            match quota {
+                Some(b) => q.insert(volume, b)?,
+                None => q.remove(volume)?,
+            };
+        }
+        txn.commit()?;
+    }
+    let txn = db.begin_read()?;
+    if txn.open_table(VOLUMES)?.get(volume)?.is_none() {
+        return Err(Error::NotFound(format!("volume {volume}")));
+    }
+    let used = txn
+        .open_table(VOLUSAGE)?
+        .get(volume)?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let quota = txn.open_table(QUOTAS)?.get(volume)?.map(|v| v.value());
+    Ok(VolumeSpace { used, quota })
+}
+
+/// The data directory 0700; meta.redb, the secret files and every object
+/// file 0600 (SERVER.md "File modes"). Fixes what an older version or a
+/// loose umask left, with one message.
+fn secure_data_dir(root: &Path) -> Result<()> {
+    use crate::fsmode::{Fixed, DIR_MODE};
+    if !db_path(root).exists() {
+        return Ok(()); // open_db says what is wrong
+    }
+    let mut fixed = Fixed::default();
+    fixed.set(root, DIR_MODE)?;
+    fixed.files_in(root)?; // meta.redb, <user>.secret
+    fixed.files_in(&objects::staging_dir(root))?;
+    let base = root.join("objects");
+    if let Ok(vols) = fs::read_dir(&base) {
+        for vol in vols.flatten() {
+            if vol.file_type().is_ok_and(|t| t.is_dir()) {
+                fixed.files_in(&vol.path())?;
+            }
+        }
+    }
+    if let Some(m) = fixed.message() {
+        super::log::warn(format_args!("data directory {}: {m}", root.display()));
+    }
+    Ok(())
 }
 
 fn open_db(root: &Path) -> Result<Database> {
@@ -313,7 +606,14 @@ fn open_db(root: &Path) -> Result<Database> {
             root.display()
         )));
     }
-    Ok(Database::open(path)?)
+    match Database::open(path) {
+        Ok(db) => Ok(db),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(Error::Again(format!(
+            "{} is in use by a running coda-server: stop it first",
+            root.display()
+        ))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn check_user(user: &str) -> Result<()> {
@@ -360,4 +660,36 @@ fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
     txn.open_table(USERS)?.insert(user, &secret)?;
     txn.commit()?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_failures_are_recognised_and_a_full_disk_reads_as_no_space() {
+        let full = Error::from(redb::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(is_store_failure(&full));
+        assert!(!full.is_previous_io());
+        let e = clear_space_error(full);
+        assert!(matches!(e, Error::NoSpace(_)), "{e}");
+        assert!(!e.to_string().contains('/'), "names no path: {e}");
+
+        let earlier = Error::from(redb::Error::PreviousIo);
+        assert!(is_store_failure(&earlier));
+        assert!(earlier.is_previous_io());
+
+        // An object file's ENOSPC is a clear NoSpace too, but not a store
+        // failure: the store needs no reopen for it.
+        let obj = Error::io(
+            "link /srv/objects/1/2.1.3",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert!(!is_store_failure(&obj));
+        assert!(matches!(clear_space_error(obj), Error::NoSpace(_)));
+        let other = clear_space_error(Error::Conflict("x".into()));
+        assert!(matches!(other, Error::Conflict(_)));
+    }
 }

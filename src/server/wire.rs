@@ -19,6 +19,33 @@ pub enum Out {
     Close,
 }
 
+/// The one way the server turns an [`Error`] into an Error message for a
+/// client. An OS error's detail names server paths (`.../staging/tmp-...`),
+/// which are no client's business: the client gets the code and the errno
+/// text, and the server log gets the whole story.
+pub fn error_reply(e: &Error) -> Msg {
+    error_reply_at(e, u32::MAX)
+}
+
+/// [`error_reply`] blaming record `index` of a batch.
+pub fn error_reply_at(e: &Error, index: u32) -> Msg {
+    match e {
+        Error::Io { source, .. } => {
+            super::log::warn(format_args!("error sent to a client as generic: {e}"));
+            let text = match source.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+                None => source.kind().to_string(),
+            };
+            Msg::Error {
+                code: e.wire_code(),
+                index,
+                message: format!("server storage error: {text}"),
+            }
+        }
+        _ => Msg::error_at(e, index),
+    }
+}
+
 /// Encode `msg` as a frame with `id`. A reply too big for a frame (which the
 /// limits should prevent) becomes an error reply rather than a broken stream.
 pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
@@ -28,7 +55,8 @@ pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
             "reply of {} bytes exceeds the frame limit",
             body.len()
         ));
-        return encode_frame(Msg::error(&e).kind(), id, &Msg::error(&e).encode());
+        let m = error_reply(&e);
+        return encode_frame(m.kind(), id, &m.encode());
     }
     encode_frame(msg.kind(), id, &body)
 }
@@ -66,4 +94,34 @@ pub fn close_after_error(stream: &mut TcpStream) {
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::WireCode;
+
+    #[test]
+    fn os_errors_reach_clients_without_paths() {
+        let e = Error::io(
+            "create /srv/coda/staging/tmp-00-1",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        match error_reply_at(&e, 3) {
+            Msg::Error {
+                code,
+                index,
+                message,
+            } => {
+                assert_eq!((code, index), (WireCode::NoSpace, 3));
+                assert!(message.starts_with("server storage error: "), "{message}");
+                assert!(!message.contains('/'), "{message}");
+            }
+            m => panic!("{m:?}"),
+        }
+        // Other errors keep their (path-free) detail.
+        let e = Error::Exists("name x".into());
+        assert!(matches!(error_reply(&e),
+            Msg::Error { code: WireCode::Exists, message, .. } if message.contains("name x")));
+    }
 }
