@@ -12,7 +12,8 @@
 //!   idle      1,000 idle unauthenticated connections (reopened when cut);
 //!   upload    a bulk connection uploading 1 MiB chunks it never commits
 //!             (bounded here to 256 MiB, 64 MiB quick, so the bench cannot
-//!             fill the disk it runs on);
+//!             fill the disk it runs on; the server runs with
+//!             --max-staged 128M --max-staged-per-session 64M);
 //!   flood     a control connection pipelining 4,096-record batches.
 //! Every hostile loop stops by itself at the end of its phase. Printed: the
 //! good client's p50/p99 per phase, p99 against alone (goal <= 3x), and the
@@ -394,7 +395,12 @@ fn main() {
     };
     let scratch = std::env::temp_dir().join(format!("coda-bench-abuse-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
-    let s = Server::start(&scratch);
+    // Staged-upload bounds below the uploader's budget, so the bench shows
+    // them refusing it (the defaults, 4 GiB a session, are above it).
+    let s = Server::start_with(
+        &scratch,
+        &["--max-staged", "128M", "--max-staged-per-session", "64M"],
+    );
     let mut cfg = s.config(&scratch.join("cache-good"));
     cfg.set("cache_size", "1G").unwrap();
     let c = Client::new(cfg).unwrap();
