@@ -77,8 +77,9 @@ impl Config {
             "servers" => {
                 let list: Vec<String> = v
                     .split(',')
-                    .map(|s| s.trim().to_string())
+                    .map(str::trim)
                     .filter(|s| !s.is_empty())
+                    .map(with_default_port)
                     .collect();
                 if list.is_empty() {
                     return Err(bad("needs at least one host:port"));
@@ -213,6 +214,18 @@ pub(crate) fn parse_size(v: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// `localhost` or `10.0.0.5` alone means the default port (2432); a bare
+/// IPv6 address gets its brackets. Names are resolved when connecting.
+fn with_default_port(s: &str) -> String {
+    let port = crate::proto::DEFAULT_PORT;
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Ok(ip) => format!("{ip}:{port}"),
+        Err(_) if !s.contains(':') => format!("{s}:{port}"),
+        Err(_) => s.to_string(),
+    }
+}
+
 fn check_host_port(s: &str) -> std::result::Result<(), ()> {
     let (host, port) = s.rsplit_once(':').ok_or(())?;
     if host.is_empty() || port.parse::<u16>().is_err() {
@@ -264,7 +277,12 @@ mod tests {
         );
         assert!(c.set("servers", "a:1, b:2").is_ok());
         assert_eq!(c.servers, vec!["a:1".to_string(), "b:2".to_string()]);
-        assert!(c.set("servers", "nohost").is_err());
+        assert!(c.set("servers", "localhost").is_ok());
+        assert_eq!(c.servers, vec!["localhost:2432".to_string()]);
+        assert!(c.set("servers", "::1, 10.0.0.5").is_ok());
+        assert_eq!(c.servers, vec!["[::1]:2432", "10.0.0.5:2432"]);
+        assert!(c.set("servers", "host:").is_err());
+        assert!(c.set("servers", "host:port").is_err());
         assert!(c.set("heartbeat_ms", "0").is_err());
         assert!(c.set("bind_addr", "127.0.0.1").is_ok());
         assert_eq!(c.bind_addr, Some("127.0.0.1:0".parse().unwrap()));
