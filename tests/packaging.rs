@@ -1,0 +1,323 @@
+//! What a newcomer installs and reads: man pages in step with `--help`,
+//! `--version`, `coda-mount`'s refusals of a bad mountpoint, host names in
+//! `--listen` and `servers`, the Python package (pip into a venv, imported
+//! from elsewhere, its tests under pytest) and the Debian package (built,
+//! installed with dpkg, its systemd units' command lines run, removed).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use common::{prereq, TempDir, TestServer};
+
+const BINS: [(&str, &str, &str); 3] = [
+    (
+        "coda-server",
+        env!("CARGO_BIN_EXE_coda-server"),
+        "man/coda-server.8",
+    ),
+    (
+        "coda-mount",
+        env!("CARGO_BIN_EXE_coda-mount"),
+        "man/coda-mount.8",
+    ),
+    ("coda", env!("CARGO_BIN_EXE_coda"), "man/coda.1"),
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every `--flag` of a binary's `--help` appears in its man page (troff
+/// writes a hyphen as `\-`), and `--version` prints name and version.
+#[test]
+fn man_pages_name_every_flag_of_help() {
+    for (name, bin, page) in BINS {
+        let help = run(Command::new(bin).arg("--help"), &format!("{name} --help"));
+        let man = std::fs::read_to_string(repo().join(page))
+            .unwrap()
+            .replace("\\-", "-");
+        let mut flags: Vec<&str> = help
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .collect();
+        flags.sort();
+        flags.dedup();
+        assert!(flags.len() >= 2, "{name} --help lists flags: {help}");
+        for f in flags {
+            assert!(
+                man.contains(f),
+                "{page} does not mention {f} (from {name} --help)"
+            );
+        }
+        let v = run(
+            Command::new(bin).arg("--version"),
+            &format!("{name} --version"),
+        );
+        assert_eq!(v.trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
+    }
+    // `coda help` works without a mount, and so do the subcommands' names.
+    let help = run(Command::new(BINS[2].1).arg("help"), "coda help");
+    let man = std::fs::read_to_string(repo().join("man/coda.1")).unwrap();
+    for cmd in [
+        "status",
+        "checkservers",
+        "failover",
+        "listconflicts",
+        "hoard walk",
+    ] {
+        assert!(help.contains(cmd) && man.contains(cmd), "{cmd}");
+    }
+    let mount_help = run(Command::new(BINS[1].1).arg("--help"), "coda-mount --help");
+    assert!(mount_help.contains("--nonempty") && mount_help.contains("/dev/fuse"));
+}
+
+/// `coda-mount` refuses a regular file, a non-empty directory (unless
+/// `--nonempty`), and an existing mount, each with a clear message and
+/// exit code 1, before it talks to any server.
+#[test]
+fn coda_mount_refuses_bad_mountpoints() {
+    let d = TempDir::new("mountpoint");
+    let conf = d.path().join("c.conf");
+    std::fs::write(
+        &conf,
+        "servers = 127.0.0.1:1\ncache_dir = /nonexistent-coda\nsecret_file = /x\n",
+    )
+    .unwrap();
+    let mount = |mp: &Path, extra: &[&str]| {
+        Command::new(BINS[1].1)
+            .arg("--config")
+            .arg(&conf)
+            .args(extra)
+            .arg(mp)
+            .output()
+            .unwrap()
+    };
+    let file = d.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let o = mount(&file, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is not a directory"), "{}", stderr(&o));
+
+    let full = d.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep"), "x").unwrap();
+    let o = mount(&full, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is not empty (--nonempty mounts over it"),
+        "{}",
+        stderr(&o)
+    );
+
+    let missing = d.path().join("missing");
+    let o = mount(&missing, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+
+    // "/" is a mount point everywhere; --nonempty does not let it through.
+    let o = mount(Path::new("/"), &["--nonempty"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("/ is already a mount point"),
+        "{}",
+        stderr(&o)
+    );
+    // The file and the directory were left alone.
+    assert_eq!(std::fs::read_to_string(full.join("keep")).unwrap(), "x");
+    assert!(file.is_file());
+}
+
+/// A `coda-server serve` child, killed by PID on drop.
+struct Serve(Child, String);
+
+impl Serve {
+    fn start(root: &Path, listen: &str) -> Serve {
+        let mut c = Command::new(BINS[0].1)
+            .args(["serve", "--root"])
+            .arg(root)
+            .args(["--listen", listen])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(c.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Serve(c, line.trim().to_string())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--listen localhost:PORT` resolves the name; a client configured with
+/// `servers = localhost:PORT` reaches it. A name that does not resolve is a
+/// usage error naming it.
+#[test]
+fn host_names_in_listen_and_servers() {
+    let d = TempDir::new("localhost");
+    let root = d.path().join("data");
+    run(
+        Command::new(BINS[0].1).args(["init", "--root"]).arg(&root),
+        "coda-server init",
+    );
+    let s = Serve::start(&root, "localhost:0");
+    let addr =
+        s.1.strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line {:?}", s.1));
+    let port = addr.rsplit_once(':').unwrap().1;
+    let mut cfg = coda::client::Config::new();
+    cfg.set("servers", &format!("localhost:{port}")).unwrap();
+    cfg.set("secret_file", root.join("admin.secret").to_str().unwrap())
+        .unwrap();
+    cfg.set("cache_dir", d.path().join("cache").to_str().unwrap())
+        .unwrap();
+    let c = coda::client::Client::new(cfg).expect("connect through localhost");
+    c.mkdir("/by-name", 0o755).unwrap();
+    assert!(c.stat("/by-name").is_ok());
+    drop(c);
+
+    let o = Command::new(BINS[0].1)
+        .args(["serve", "--root"])
+        .arg(&root)
+        .args(["--listen", "no-such-host.invalid:2432"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot resolve \"no-such-host.invalid:2432\""),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// The libcoda.so that `cargo test` built (target/debug), with the
+/// `libcoda.so.0` name programs ask for.
+fn debug_lib_dir() -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(
+        Command::new(cargo)
+            .args(["build", "--lib", "--quiet"])
+            .current_dir(repo()),
+        "cargo build --lib",
+    );
+    let soname = dir.join("libcoda.so.0");
+    if std::fs::symlink_metadata(&soname).is_err() {
+        let _ = std::os::unix::fs::symlink("libcoda.so", &soname);
+    }
+    dir
+}
+
+/// `pip install .` into a venv (made by `make test`: the venv with pytest
+/// and setuptools, so no network here), `import coda` from another
+/// directory finding the library on the system path, then the package's
+/// tests under pytest.
+#[test]
+fn python_package_installs_imports_and_passes_pytest() {
+    if !prereq::require_python() {
+        return;
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target"));
+    let made = target.join("pyenv");
+    if !prereq::require(
+        "python",
+        made.join("bin/pytest").exists(),
+        &format!("the venv {} with pytest and setuptools", made.display()),
+        "Run `make deps` (or `make test`), which makes it: python3 -m venv target/pyenv && \
+         target/pyenv/bin/pip install pytest setuptools wheel",
+    ) {
+        return;
+    }
+    let d = TempDir::new("pypkg");
+    // Installed afresh each run into the prepared venv (pytest is there).
+    let py = made.join("bin/python");
+    let scratch = d.path().join("build");
+    std::fs::create_dir_all(&scratch).unwrap();
+    run(
+        Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-build-isolation",
+                "--disable-pip-version-check",
+                "--no-index",
+                "--no-deps",
+                "--force-reinstall",
+            ])
+            .arg(repo())
+            .env("TMPDIR", &scratch),
+        "pip install .",
+    );
+    let lib = debug_lib_dir();
+    let elsewhere = d.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let out = run(
+        Command::new(&py)
+            .args([
+                "-c",
+                "import coda, sys; print(coda.__file__); print(coda.version()); \
+                 print(coda.Client.listdir.__annotations__['return'])",
+            ])
+            .current_dir(&elsewhere)
+            .env_remove("CODA_LIB")
+            .env_remove("PYTHONPATH")
+            .env("LD_LIBRARY_PATH", &lib),
+        "import coda from another directory",
+    );
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(made.to_str().unwrap()) && first.ends_with("coda/__init__.py"),
+        "coda imported from the venv, not the source tree: {out}"
+    );
+    assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+
+    let server = TestServer::start();
+    let out = run(
+        Command::new(&py)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg(repo().join("ffi-tests/python"))
+            .current_dir(&elsewhere)
+            .env_remove("PYTHONPATH")
+            .env("CODA_LIB", lib.join("libcoda.so"))
+            .env("CODA_TEST_SERVER", server.addr().to_string())
+            .env("CODA_TEST_SECRET", server.secret_file())
+            .env("CODA_TEST_DIR", d.path()),
+        "pytest ffi-tests/python",
+    );
+    assert!(out.contains(" passed"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+}
