@@ -326,7 +326,7 @@ fn python_ctypes_module() {
         .args(["-m", "unittest", "discover", "-v", "-s"])
         .arg(repo().join("ffi-tests/python"))
         .env("CODA_LIB", lib_dir().join("libcoda.so"))
-        .env("PYTHONPATH", repo().join("examples/python"))
+        .env("PYTHONPATH", repo().join("python"))
         .env("CODA_TEST_SERVER", server.addr().to_string())
         .env("CODA_TEST_SECRET", server.secret_file())
         .env("CODA_TEST_DIR", scratch.path())
