@@ -93,6 +93,7 @@ deb:
 	$(MAKE) install DESTDIR=$(abspath $(DEB_STAGE)) PREFIX=/usr LIBDIR=/usr/lib \
 	    MANDIR=/usr/share/man PROFILE=$(PROFILE)
 	gzip -9n $(DEB_STAGE)/usr/share/man/man1/*.1 $(DEB_STAGE)/usr/share/man/man8/*.8
+	strip --strip-debug $(DEB_STAGE)/usr/bin/* $(DEB_STAGE)/usr/lib/libcoda.so.* $(DEB_STAGE)/usr/lib/libcoda.a
 	install -d $(DEB_STAGE)/lib/systemd/system $(DEB_STAGE)/DEBIAN \
 	    $(DEB_STAGE)/usr/share/doc/coda $(DEB_STAGE)/etc/coda
 	install -m 0644 packaging/systemd/coda-server.service packaging/systemd/coda-mount@.service \

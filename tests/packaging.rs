@@ -321,3 +321,234 @@ fn python_package_installs_imports_and_passes_pytest() {
     assert!(out.contains(" passed"), "{out}");
     assert!(!out.contains("failed"), "{out}");
 }
+
+/// systemd's escaping of a path for an instance name (`systemd-escape
+/// --path`): `/` separators become `-`, other bytes outside
+/// `[A-Za-z0-9:_.]` become `\xNN`.
+fn systemd_escape_path(p: &Path) -> String {
+    let s = p.to_str().unwrap().trim_matches('/');
+    let mut out = String::new();
+    for (i, b) in s.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b":_.".contains(&b) => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+/// The `Exec...=` lines of a unit file.
+fn exec_lines(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A child started from a unit's ExecStart line (through `sh -c`, which
+/// parses the quoting as systemd would for these lines), killed on drop.
+struct Service(Child);
+
+impl Service {
+    fn start(line: &str) -> (Service, String) {
+        let mut c = Command::new("sh")
+            .args(["-c", &format!("exec {line}")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = c.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let first = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_default();
+        (Service(c), first.trim().to_string())
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the package (and the config this test put in /etc/coda) even
+/// when the test fails half-way.
+struct Installed(Vec<PathBuf>);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = Command::new("dpkg").args(["--purge", "coda"]).output();
+    }
+}
+
+/// `make deb`, `dpkg -i` it, use what it installed: the binaries on PATH,
+/// the library through pkg-config with no extra path, the man pages, and
+/// both systemd units by their ExecStart lines (no systemd in CI): the
+/// server serves, coda-mount@ mounts and a file written through the mount
+/// is read back by a C program built against the installed library. Then
+/// `dpkg --purge` removes it all.
+#[test]
+fn debian_package_builds_installs_and_its_services_run() {
+    if !prereq::require_root("deb", "dpkg -i installs the package")
+        || !prereq::require_tool("deb", "dpkg-deb", "dpkg")
+        || !prereq::require_cc()
+        || !prereq::require_tool("cc", "pkg-config", "pkg-config")
+        || !prereq::require_fuse()
+    {
+        return;
+    }
+    let before = Command::new("dpkg").args(["-s", "coda"]).output().unwrap();
+    assert!(
+        !before.status.success(),
+        "a package named coda is installed already; this test would replace and remove it \
+         (dpkg -r coda first, or CODA_SKIP=deb)"
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The debug profile: what `cargo test` built already, so no new build.
+    run(
+        Command::new("make")
+            .args(["-s", "deb", "PROFILE=debug"])
+            .arg(format!("CARGO={cargo}"))
+            .current_dir(repo()),
+        "make deb",
+    );
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target"));
+    let deb = target.join(format!(
+        "deb/coda_{}_{}.deb",
+        env!("CARGO_PKG_VERSION"),
+        run(
+            Command::new("dpkg").arg("--print-architecture"),
+            "dpkg --print-architecture"
+        )
+        .trim()
+    ));
+    assert!(deb.exists(), "{}", deb.display());
+    let d = TempDir::new("deb");
+    let mountpoint = d.path().join("mnt");
+    std::fs::create_dir(&mountpoint).unwrap();
+    let instance = systemd_escape_path(&mountpoint);
+    let conf = PathBuf::from(format!("/etc/coda/{instance}.conf"));
+    let mut installed = Installed(vec![]);
+    run(Command::new("dpkg").arg("-i").arg(&deb), "dpkg -i");
+
+    for b in ["coda-server", "coda-mount", "coda"] {
+        let v = run(Command::new(format!("/usr/bin/{b}")).arg("--version"), b);
+        assert_eq!(v.trim(), format!("{b} {}", env!("CARGO_PKG_VERSION")));
+    }
+    for f in [
+        "/usr/lib/libcoda.so.0",
+        "/usr/lib/libcoda.a",
+        "/usr/include/coda.h",
+        "/usr/share/man/man8/coda-server.8.gz",
+        "/usr/share/man/man8/coda-mount.8.gz",
+        "/usr/share/man/man1/coda.1.gz",
+    ] {
+        assert!(Path::new(f).exists(), "{f} installed");
+    }
+    let v = run(
+        Command::new("pkg-config").args(["--modversion", "coda"]),
+        "pkg-config",
+    );
+    assert_eq!(v.trim(), env!("CARGO_PKG_VERSION"));
+
+    // coda-server.service, its data directory moved into the scratch dir
+    // and its port to a free one (tests never take fixed ports).
+    let unit = std::fs::read_to_string("/lib/systemd/system/coda-server.service").unwrap();
+    assert!(unit.contains("NoNewPrivileges=yes") && unit.contains("ProtectSystem=strict"));
+    let data = d.path().join("var-lib-coda");
+    let adapt = |l: &str| {
+        l.replace("/var/lib/coda", data.to_str().unwrap())
+            .replace("0.0.0.0:2432", "127.0.0.1:0")
+    };
+    for pre in exec_lines(&unit, "ExecStartPre") {
+        run(
+            Command::new("sh").args(["-c", &adapt(&pre)]),
+            "ExecStartPre",
+        );
+    }
+    let start = exec_lines(&unit, "ExecStart");
+    assert_eq!(start.len(), 1, "{unit}");
+    assert!(start[0].starts_with("/usr/bin/coda-server serve"));
+    let (mut server, first) = Service::start(&adapt(&start[0]));
+    let addr = first
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("coda-server.service's first line: {first:?}"))
+        .to_string();
+
+    // coda-mount@INSTANCE.service with /etc/coda/INSTANCE.conf, as written.
+    std::fs::write(
+        &conf,
+        format!(
+            "servers = {addr}\ncache_dir = {}\nsecret_file = {}\n",
+            d.path().join("cache").display(),
+            data.join("admin.secret").display()
+        ),
+    )
+    .unwrap();
+    installed.0.push(conf.clone());
+    let unit = std::fs::read_to_string("/lib/systemd/system/coda-mount@.service").unwrap();
+    let start = exec_lines(&unit, "ExecStart");
+    assert_eq!(start.len(), 1, "{unit}");
+    let line = start[0]
+        .replace("%i", &instance.replace('\\', "\\\\"))
+        .replace("%f", mountpoint.to_str().unwrap());
+    let (mut mount, first) = Service::start(&line);
+    assert_eq!(first, format!("mounted on {}", mountpoint.display()));
+    std::fs::create_dir(mountpoint.join("web")).unwrap();
+    std::fs::write(mountpoint.join("web/index.html"), "from the package\n").unwrap();
+
+    // A C program built against the installed library, no paths given.
+    let exe = d.path().join("readwrite");
+    run(
+        Command::new("sh").arg("-c").arg(format!(
+            "cc {} -o {} $(pkg-config --cflags --libs coda)",
+            repo().join("examples/c/readwrite.c").display(),
+            exe.display()
+        )),
+        "cc against the installed library",
+    );
+    let out = run(
+        Command::new(&exe)
+            .arg(&addr)
+            .arg(data.join("admin.secret"))
+            .arg(d.path().join("cache-c"))
+            .env_remove("LD_LIBRARY_PATH"),
+        "the program using /usr/lib/libcoda.so.0",
+    );
+    assert!(out.contains("  web"), "{out}");
+
+    assert_eq!(mount.terminate().and_then(|s| s.code()), Some(0));
+    assert_eq!(server.terminate().and_then(|s| s.code()), Some(0));
+    drop(installed);
+    assert!(
+        !Path::new("/usr/bin/coda-server").exists(),
+        "dpkg --purge removed it"
+    );
+    assert!(!Path::new("/usr/lib/libcoda.so.0").exists());
+}
