@@ -60,8 +60,9 @@ uninstall:
 	for b in $(BINS); do rm -f $(DESTDIR)$(BINDIR)/$$b; done
 
 # Install what is missing: Debian packages (as root; otherwise name them),
-# the pinned cbindgen, and a venv with pytest and setuptools for the Python
-# package's test (PyPI, once; the tests themselves need no network).
+# the pinned cbindgen, a venv with pytest and setuptools for the Python
+# package's test, and a wheelhouse from which the README test's
+# `pip install .` builds offline (PyPI, once; the tests need no network).
 deps:
 	@missing=""; for p in $(DEB_DEPS); do \
 	    dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -79,6 +80,8 @@ deps:
 	    $(CARGO) install --locked cbindgen@$(CBINDGEN_VERSION)
 	@test -x $(PYENV)/bin/pytest || { python3 -m venv $(PYENV) && \
 	    $(PYENV)/bin/pip install -q --disable-pip-version-check pytest setuptools wheel; }
+	@test -d $(TARGET_DIR)/wheelhouse || $(PYENV)/bin/pip download -q --disable-pip-version-check \
+	    -d $(TARGET_DIR)/wheelhouse "setuptools>=70.1" wheel
 
 # The README's test command.
 test: deps
