@@ -271,7 +271,8 @@ fn readme_commands_work_in_order_in_a_fresh_clone() {
     );
     for want in [
         "mounted on ",
-        "state: disconnected by operator",
+        "\ndisconnected\n<h1>hello</h1>\nreconnected\n",
+        "state: connected",
         "<h1>hello</h1>",
         "failed over: ",
         "b'hi' [",
