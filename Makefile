@@ -79,9 +79,11 @@ deps:
 	@cbindgen --version 2>/dev/null | grep -qx "cbindgen $(CBINDGEN_VERSION)" || \
 	    $(CARGO) install --locked cbindgen@$(CBINDGEN_VERSION)
 	@test -x $(PYENV)/bin/pytest || { python3 -m venv $(PYENV) && \
-	    $(PYENV)/bin/pip install -q --disable-pip-version-check pytest setuptools wheel; }
+	    $(PYENV)/bin/pip install -q --disable-pip-version-check pytest setuptools wheel; } || \
+	    echo "could not make the venv $(PYENV) (python3-venv missing?): the Python tests will say so"
 	@test -d $(TARGET_DIR)/wheelhouse || $(PYENV)/bin/pip download -q --disable-pip-version-check \
-	    -d $(TARGET_DIR)/wheelhouse "setuptools>=70.1" wheel
+	    -d $(TARGET_DIR)/wheelhouse "setuptools>=70.1" wheel || \
+	    echo "could not fill $(TARGET_DIR)/wheelhouse: the README test will say so"
 
 # The README's test command.
 test: deps

@@ -90,6 +90,40 @@ fn man_pages_name_every_flag_of_help() {
     assert!(mount_help.contains("--nonempty") && mount_help.contains("/dev/fuse"));
 }
 
+/// A missing prerequisite fails, naming it, how to get it and the opt-out;
+/// listed in CODA_SKIP it skips; present it runs. Never a silent pass.
+#[test]
+fn missing_prerequisites_fail_unless_skipped_by_name() {
+    let how = "Install it (Debian: apt-get install fuse3)";
+    let err = prereq::decide("fuse", false, "/dev/fuse", how, "").unwrap_err();
+    assert!(err.contains("missing prerequisite: /dev/fuse"), "{err}");
+    assert!(
+        err.contains("apt-get install fuse3") && err.contains("CODA_SKIP=fuse"),
+        "{err}"
+    );
+    assert!(prereq::decide("fuse", false, "/dev/fuse", how, "asan,valgrind").is_err());
+    assert!(prereq::decide("fuse", false, "/dev/fuse", how, "fusex").is_err());
+    assert_eq!(
+        prereq::decide("fuse", false, "/dev/fuse", how, "asan,fuse"),
+        Ok(false)
+    );
+    assert_eq!(
+        prereq::decide("fuse", false, "/dev/fuse", how, "asan fuse"),
+        Ok(false)
+    );
+    assert_eq!(prereq::decide("fuse", true, "/dev/fuse", how, ""), Ok(true));
+    // The real probe for a program that does not exist fails the same way.
+    let r = std::panic::catch_unwind(|| {
+        prereq::require_tool("no-such-key", "coda-no-such-tool", "coda-no-such-package")
+    });
+    let msg = r.unwrap_err();
+    let msg = msg.downcast_ref::<String>().unwrap();
+    assert!(
+        msg.contains("`coda-no-such-tool`") && msg.contains("apt-get install coda-no-such-package"),
+        "{msg}"
+    );
+}
+
 /// `coda-mount` refuses a regular file, a non-empty directory (unless
 /// `--nonempty`), and an existing mount, each with a clear message and
 /// exit code 1, before it talks to any server.

@@ -1,34 +1,45 @@
 //! Prerequisites of the tests (a tool, a device, root): a missing one fails
 //! the test with a message naming it and how to get it, unless the person
 //! running the tests opted out of it by name in `CODA_SKIP`
-//! (`CODA_SKIP=fuse,asan,valgrind,nginx,powercut,deb,python,cc,cbindgen`),
+//! (`CODA_SKIP=fuse,asan,valgrind,nginx,powercut,deb,python,cc,cbindgen,git`),
 //! and then the test says it skipped. Never a silent pass.
 
 use std::process::Command;
 
-/// Whether `key` is listed in `CODA_SKIP` (comma- or space-separated).
-pub fn skipped(key: &str) -> bool {
-    std::env::var("CODA_SKIP")
-        .unwrap_or_default()
-        .split([',', ' '])
-        .any(|k| k.trim() == key || k.trim() == "all")
+/// Whether `key` is listed in `skip` (the value of `CODA_SKIP`: names
+/// separated by commas or spaces).
+pub fn listed(skip: &str, key: &str) -> bool {
+    skip.split([',', ' ']).any(|k| k.trim() == key)
+}
+
+/// The decision, without side effects: `Ok(true)` go on, `Ok(false)` skip
+/// (opted out), `Err(message)` fail with that message.
+pub fn decide(key: &str, present: bool, what: &str, how: &str, skip: &str) -> Result<bool, String> {
+    if present {
+        Ok(true)
+    } else if listed(skip, key) {
+        Ok(false)
+    } else {
+        Err(format!(
+            "missing prerequisite: {what}. {how}. \
+             (To skip the tests needing it instead: CODA_SKIP={key})"
+        ))
+    }
 }
 
 /// `present`: go on (true). Missing and opted out: print that the test
 /// skipped and return false (the caller returns). Missing otherwise: fail,
 /// naming `what` and `how` to get it.
 pub fn require(key: &str, present: bool, what: &str, how: &str) -> bool {
-    if present {
-        return true;
+    let skip = std::env::var("CODA_SKIP").unwrap_or_default();
+    match decide(key, present, what, how, &skip) {
+        Ok(true) => true,
+        Ok(false) => {
+            eprintln!("SKIPPED (CODA_SKIP={key}): {what} is missing");
+            false
+        }
+        Err(msg) => panic!("{msg}"),
     }
-    if skipped(key) {
-        eprintln!("SKIPPED (CODA_SKIP={key}): {what} is missing");
-        return false;
-    }
-    panic!(
-        "missing prerequisite: {what}. {how}. \
-         (To skip the tests needing it instead: CODA_SKIP={key})"
-    );
 }
 
 /// Whether `tool` is on PATH.
