@@ -16,16 +16,22 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Bytes of container files kept before least recently used ones go.
     pub cache_size: u64,
+    /// Who the client authenticates as (default `admin`).
     pub user: String,
     /// File holding the user's secret as 64 hex digits, mode 0600 (required).
     pub secret_file: Option<PathBuf>,
+    /// Period of the liveness probe of the servers.
     pub heartbeat_ms: u64,
+    /// Silence after which a server is declared down.
     pub dead_after_ms: u64,
+    /// With `failover_target`: the symlink repointed on automatic failover.
     pub failover_link: Option<PathBuf>,
+    /// With `failover_link`: the local copy the link points to when failed over.
     pub failover_target: Option<PathBuf>,
     /// With automatic failover: swap back by itself once servers have been
     /// up (and the cache revalidated) this long. `None`: only by call.
     pub failback_after_ms: Option<u64>,
+    /// Local address of the control connection (`None`: the kernel's choice).
     pub bind_addr: Option<SocketAddr>,
     /// Bound on every wait for a reply (for bulk transfers: per chunk).
     pub rpc_timeout_ms: u64,
@@ -35,6 +41,7 @@ pub struct Config {
     /// Connected, but mutations are only logged and sent in batches once
     /// older than `reintegration_age_ms` (for slow links).
     pub write_disconnected: bool,
+    /// With `write_disconnected`: how old a logged change gets before it is sent.
     pub reintegration_age_ms: u64,
     /// Walk the hoard profile this often while connected (0: only on demand).
     pub hoard_walk_ms: u64,
@@ -47,6 +54,7 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The defaults (those of `coda_config_new`).
     pub fn new() -> Config {
         Config {
             servers: vec![format!("127.0.0.1:{}", crate::proto::DEFAULT_PORT)],
