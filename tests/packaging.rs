@@ -180,6 +180,52 @@ fn coda_mount_refuses_bad_mountpoints() {
     assert!(file.is_file());
 }
 
+/// As a user who cannot open /dev/fuse and has no fusermount3, coda-mount
+/// says so, naming /dev/fuse, instead of a bare errno from the mount.
+#[test]
+fn coda_mount_names_dev_fuse_when_it_cannot_use_it() {
+    use std::os::unix::fs::PermissionsExt;
+    if !prereq::require_root("root", "to run coda-mount as the user nobody")
+        || !prereq::require_fuse()
+    {
+        return;
+    }
+    let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    if mode & 0o006 != 0 {
+        eprintln!("/dev/fuse is open to every user here (mode {mode:o}): nothing to refuse");
+        return;
+    }
+    let d = TempDir::new("nofuse");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mp = d.path().join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    std::fs::set_permissions(&mp, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let conf = d.path().join("c.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "servers = 127.0.0.1:1\ncache_dir = {}\nsecret_file = /x\n",
+            d.path().join("cache").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = Command::new("runuser")
+        .args(["-u", "nobody", "--", "env", "PATH=/nonexistent"])
+        .arg(BINS[1].1)
+        .arg("--config")
+        .arg(&conf)
+        .arg(&mp)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no access to /dev/fuse and no fusermount3"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// A `coda-server serve` child, killed by PID on drop.
 struct Serve(Child, String);
 

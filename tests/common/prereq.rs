@@ -1,7 +1,7 @@
 //! Prerequisites of the tests (a tool, a device, root): a missing one fails
 //! the test with a message naming it and how to get it, unless the person
 //! running the tests opted out of it by name in `CODA_SKIP`
-//! (`CODA_SKIP=fuse,asan,valgrind,nginx,powercut,deb,python,cc,cbindgen,git`),
+//! (`CODA_SKIP=fuse,asan,valgrind,nginx,powercut,deb,root,python,cc,cbindgen,git`),
 //! and then the test says it skipped. Never a silent pass.
 
 use std::process::Command;
