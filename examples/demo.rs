@@ -2,7 +2,8 @@
 //! directory, then write and read through two clients and show what the
 //! callbacks did.
 //!
-//!   cargo run --example demo
+//!   cargo run --example demo              (server log lines hidden)
+//!   cargo run --example demo -- --verbose (server log lines on stderr)
 
 use std::time::Duration;
 
@@ -35,8 +36,41 @@ fn read(c: &Client, path: &str) -> coda::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn main() -> coda::Result<()> {
+/// The in-process server logs to stderr; the demo's story is stdout. Send
+/// stderr to `log` unless asked for it, and hand back the real stderr so an
+/// error still reaches the user.
+fn hide_stderr(log: &std::path::Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::create(log).ok()?;
+    // SAFETY: dup/dup2 on valid descriptors; the saved one is kept open.
+    unsafe {
+        let saved = libc::dup(2);
+        (saved >= 0 && libc::dup2(f.as_raw_fd(), 2) >= 0).then_some(saved)
+    }
+}
+
+fn main() {
     let dir = std::env::temp_dir().join(format!("coda-demo-{}", std::process::id()));
+    let verbose = std::env::args().any(|a| a == "--verbose" || a == "-v");
+    let _ = std::fs::create_dir_all(&dir);
+    let saved = if verbose {
+        None
+    } else {
+        hide_stderr(&dir.join("server.log"))
+    };
+    let result = run(&dir);
+    if let Some(fd) = saved {
+        // SAFETY: fd is the stderr saved above.
+        unsafe { libc::dup2(fd, 2) };
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        eprintln!("demo failed: {e} (run with --verbose for the server's log)");
+        std::process::exit(1);
+    }
+}
+
+fn run(dir: &std::path::Path) -> coda::Result<()> {
     let root = dir.join("server");
     let secret = coda::server::init(&root, "admin")?;
     let server = Server::start(ServerConfig {
@@ -90,6 +124,5 @@ fn main() -> coda::Result<()> {
     drop(a);
     drop(b);
     server.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -27,11 +27,13 @@
 // Failed over: every remote operation returns -EIO until failback.
 #define CODA_STATE_FAILED_OVER 3
 
-// Entry types passed to the readdir callback.
+// Entry types passed to the readdir callback: a regular file.
 #define CODA_TYPE_FILE 1
 
+// A directory.
 #define CODA_TYPE_DIR 2
 
+// A symbolic link.
 #define CODA_TYPE_SYMLINK 3
 
 // `coda_conflict_resolve`: send the local version again, replacing the server's.
@@ -83,8 +85,10 @@
 // Kept equal to Cargo.toml's version; a test checks it.
 #define CODA_VERSION_MAJOR 0
 
+// The minor version (compatible additions).
 #define CODA_VERSION_MINOR 1
 
+// The patch version (fixes).
 #define CODA_VERSION_PATCH 0
 
 // A connected client (Venus). Safe to use from many threads at once.
@@ -99,11 +103,17 @@ typedef struct coda_file coda_file;
 // What `coda_stat` reports. Fixed-width fields; `mode` is POSIX `st_mode`
 // with the type bits; `ino` is derived from the fid and stable.
 typedef struct coda_stat_t {
+  // Size in bytes.
   uint64_t size;
+  // POSIX `st_mode`: type and permission bits.
   uint32_t mode;
+  // Link count.
   uint32_t nlink;
+  // Modification time, seconds since the epoch.
   int64_t mtime_sec;
+  // Modification time, nanoseconds within the second.
   uint32_t mtime_nsec;
+  // Inode number, derived from the fid and stable.
   uint64_t ino;
   // The object's version on the server (grows with every change).
   uint64_t version;

@@ -1,7 +1,7 @@
 //! The crate's one error type and the one place errno values are decided.
 //!
 //! Every failure inside the crate is an [`Error`]; the wire carries a stable
-//! [`WireCode`] for it, and the C ABI turns it into a negative errno (or a
+//! [`WireCode`](crate::error::WireCode) for it, and the C ABI turns it into a negative errno (or a
 //! `CODA_E*` code at or below -10000 for what only this library can produce).
 
 use std::fmt;
@@ -10,60 +10,84 @@ use std::io;
 /// Library-specific codes, all at or below -10000 so they never collide with
 /// an errno. A code is never reused for another meaning.
 pub const CODA_ECONFLICT: i32 = -10001;
+/// The server or a peer broke the protocol (a malformed or unexpected message).
 pub const CODA_EPROTO: i32 = -10002;
+/// A panic inside the library was caught at the C boundary.
 pub const CODA_EPANIC: i32 = -10003;
 
+/// The crate's result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What went wrong, with a human-readable detail (which path, which server).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The path or object does not exist (`ENOENT`).
     #[error("no such file or directory: {0}")]
     NotFound(String),
+    /// The name is taken already (`EEXIST`).
     #[error("already exists: {0}")]
     Exists(String),
+    /// A path component is not a directory (`ENOTDIR`).
     #[error("not a directory: {0}")]
     NotDir(String),
+    /// A directory where a file was wanted (`EISDIR`).
     #[error("is a directory: {0}")]
     IsDir(String),
+    /// The directory is not empty (`ENOTEMPTY`).
     #[error("directory not empty: {0}")]
     NotEmpty(String),
+    /// A bad argument or configuration value (`EINVAL`).
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// Not allowed (`EACCES`).
     #[error("permission denied: {0}")]
     Access(String),
+    /// A name or path beyond the limits (`ENAMETOOLONG`).
     #[error("name too long: {0}")]
     NameTooLong(String),
+    /// Too many symbolic links on the way (`ELOOP`).
     #[error("too many levels of symbolic links: {0}")]
     Loop(String),
+    /// No space left on the server or in the cache (`ENOSPC`).
     #[error("no space left: {0}")]
     NoSpace(String),
     /// A volume's quota (or a per-session bound on staged uploads) would be
     /// exceeded: `EDQUOT`, distinct from a full disk.
     #[error("quota exceeded: {0}")]
     Quota(String),
+    /// A reintegration conflict (`CODA_ECONFLICT`).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The protocol was broken (`CODA_EPROTO`).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Authentication failed (`EACCES`).
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// The object changed or vanished under a handle (`ESTALE`).
     #[error("stale file handle: {0}")]
     Stale(String),
+    /// No answer in time (`ETIMEDOUT`).
     #[error("timed out: {0}")]
     Timeout(String),
+    /// Temporarily impossible; retry (`EAGAIN`).
     #[error("try again: {0}")]
     Again(String),
     /// Remote operations are failed on purpose (failover) or the server is gone.
     #[error("I/O error: {0}")]
     Eio(String),
+    /// A closed or unknown handle (`EBADF`).
     #[error("bad file handle: {0}")]
     BadHandle(String),
+    /// A panic caught inside the library (`CODA_EPANIC`).
     #[error("panic inside the library: {0}")]
     Panic(String),
+    /// An operating-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done (which file, which step).
         context: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
@@ -214,25 +238,42 @@ fn errno_text(e: i32) -> &'static str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum WireCode {
+    /// `Error::NotFound`.
     NotFound = 1,
+    /// `Error::Exists`.
     Exists = 2,
+    /// `Error::NotDir`.
     NotDir = 3,
+    /// `Error::IsDir`.
     IsDir = 4,
+    /// `Error::NotEmpty`.
     NotEmpty = 5,
+    /// `Error::Invalid`.
     Invalid = 6,
+    /// `Error::Access`.
     Access = 7,
+    /// `Error::NameTooLong`.
     NameTooLong = 8,
+    /// `Error::NoSpace`.
     NoSpace = 9,
+    /// `Error::Conflict`.
     Conflict = 10,
+    /// `Error::Protocol`.
     Protocol = 11,
+    /// `Error::Auth`.
     Auth = 12,
+    /// `Error::Stale`.
     Stale = 13,
+    /// The object is busy (`Error::Again` on the client).
     Busy = 14,
+    /// A server-side I/O error (details stay on the server).
     Io = 15,
+    /// `Error::Quota`.
     Quota = 16,
 }
 
 impl WireCode {
+    /// The code for a number read off the wire; `None` for an unknown one.
     pub fn from_u16(v: u16) -> Option<WireCode> {
         use WireCode::*;
         Some(match v {

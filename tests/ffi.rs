@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{TempDir, TestServer};
+use common::{prereq, TempDir, TestServer};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -44,6 +44,7 @@ fn lib_dir() -> &'static Path {
 
 fn cc(out: &Path, sources: &[PathBuf], extra: &[&str]) {
     let lib = lib_dir();
+    need_cc();
     let mut cmd = Command::new("cc");
     cmd.args([
         "-std=c99",
@@ -76,6 +77,9 @@ fn cc(out: &Path, sources: &[PathBuf], extra: &[&str]) {
 /// Compile one C test and run it against a fresh server, optionally under a
 /// wrapper (valgrind).
 fn run_c_test(name: &str, wrapper: &[&str], cflags: &[&str]) {
+    if !prereq::require_cc() {
+        return;
+    }
     let server = TestServer::start();
     let scratch = TempDir::new(name);
     let exe = scratch.path().join(name);
@@ -150,19 +154,20 @@ fn c_automatic_failover_reports_server_down_and_failover_events() {
     run_c_test("t_auto_failover", &[], &[]);
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+/// `cc` must be there: a test that got past `require_cc` (or opted out of
+/// nothing) and still has no compiler fails naming it.
+fn need_cc() {
+    assert!(
+        prereq::have_tool("cc"),
+        "missing prerequisite: the C compiler `cc` (Debian: apt-get install gcc)"
+    );
 }
 
 /// Every C test again under valgrind: no invalid access, no leak of ours.
 #[test]
 fn c_tests_under_valgrind() {
-    if !have("valgrind") {
-        panic!("valgrind is not installed (.ci/run installs it)");
+    if !prereq::require_tool("valgrind", "valgrind", "valgrind") || !prereq::require_cc() {
+        return;
     }
     for t in ["t_connect", "t_errors", "t_file"] {
         run_c_test(
@@ -189,6 +194,9 @@ fn c_tests_under_asan_and_ubsan() {
         "-fno-omit-frame-pointer",
         "-fno-sanitize-recover=all",
     ];
+    if !prereq::require_cc() {
+        return;
+    }
     // Probe: a toolchain without the runtimes cannot link this.
     let scratch = TempDir::new("asan-probe");
     let src = scratch.path().join("p.c");
@@ -199,8 +207,12 @@ fn c_tests_under_asan_and_ubsan() {
         .arg("-o")
         .arg(scratch.path().join("p"))
         .status();
-    if !probe.map(|s| s.success()).unwrap_or(false) {
-        eprintln!("skipping: this C toolchain has no address/undefined sanitizer runtimes");
+    if !prereq::require(
+        "asan",
+        probe.map(|s| s.success()).unwrap_or(false),
+        "the address/undefined sanitizer runtimes of `cc`",
+        "Install them (Debian 12: apt-get install gcc, which brings libasan8 and libubsan1)",
+    ) {
         return;
     }
     for t in ["t_errors", "t_file", "t_dir", "t_failover", "t_conflict"] {
@@ -211,6 +223,9 @@ fn c_tests_under_asan_and_ubsan() {
 /// The header alone compiles as C99 and as C++ with warnings as errors.
 #[test]
 fn header_compiles_alone_as_c_and_cpp() {
+    if !prereq::require_cc() || !prereq::require_tool("cc", "c++", "g++") {
+        return;
+    }
     let scratch = TempDir::new("header");
     let src = scratch.path().join("h.c");
     std::fs::write(&src, "#include \"coda.h\"\nint main(void) { return 0; }\n").unwrap();
@@ -245,8 +260,13 @@ fn header_compiles_alone_as_c_and_cpp() {
 /// The committed header is exactly what the pinned cbindgen generates.
 #[test]
 fn header_matches_cbindgen() {
-    if !have("cbindgen") {
-        panic!("cbindgen is not installed (.ci/run installs the pinned version)");
+    if !prereq::require(
+        "cbindgen",
+        prereq::have_tool("cbindgen"),
+        "the program `cbindgen`",
+        "Install the pinned version: cargo install --locked cbindgen@0.29.4 (`make test` does)",
+    ) {
+        return;
     }
     let o = Command::new("cbindgen")
         .args(["--quiet", "--verify", "--output", "include/coda.h"])
@@ -297,13 +317,16 @@ fn exported_symbols_match_the_list() {
 /// The Python ctypes module's unittest suite.
 #[test]
 fn python_ctypes_module() {
+    if !prereq::require_python() {
+        return;
+    }
     let server = TestServer::start();
     let scratch = TempDir::new("python");
     let o = Command::new("python3")
         .args(["-m", "unittest", "discover", "-v", "-s"])
         .arg(repo().join("ffi-tests/python"))
         .env("CODA_LIB", lib_dir().join("libcoda.so"))
-        .env("PYTHONPATH", repo().join("examples/python"))
+        .env("PYTHONPATH", repo().join("python"))
         .env("CODA_TEST_SERVER", server.addr().to_string())
         .env("CODA_TEST_SECRET", server.secret_file())
         .env("CODA_TEST_DIR", scratch.path())

@@ -228,6 +228,15 @@ fn scenario(variant: &str, stop_server: fn(&mut TestServer)) {
     if !fuse_available() {
         return;
     }
+    let have_nginx = nginx_bin().is_absolute() || common::prereq::have_tool("nginx");
+    if !common::prereq::require(
+        "nginx",
+        have_nginx,
+        "the program `nginx`",
+        "Install it (Debian: apt-get install nginx; `make test` does it as root)",
+    ) {
+        return;
+    }
     let runs: usize = std::env::var("CODA_SCENARIO_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """demo.py: write, read and list files through coda from Python.
 
-    CODA_LIB=target/debug/libcoda.so python3 examples/python/demo.py \
+    CODA_LIB=target/debug/libcoda.so PYTHONPATH=python python3 examples/python/demo.py \
         SERVER SECRET_FILE CACHE_DIR
 """
 import sys

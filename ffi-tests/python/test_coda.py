@@ -1,4 +1,5 @@
-"""unittest tests of examples/python/coda.py against a real coda-server.
+"""Tests of the coda Python package (python/coda) against a real coda-server;
+unittest style, run under pytest or unittest.
 
 Run by `cargo test` (tests/ffi.rs), which starts the server and sets
 CODA_LIB, CODA_TEST_SERVER, CODA_TEST_SECRET and CODA_TEST_DIR."""

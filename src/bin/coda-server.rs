@@ -17,7 +17,7 @@
 //! runs until SIGTERM or SIGINT and exits 0 after a clean shutdown.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -33,6 +33,8 @@ const USAGE: &str = "usage:
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
   coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
+  coda-server --version | --help
+ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
 SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
@@ -116,6 +118,10 @@ fn run() -> Result<(), Fail> {
         println!("{USAGE}");
         return Ok(());
     }
+    if cmd == "--version" || cmd == "-V" {
+        println!("coda-server {}", env!("CARGO_PKG_VERSION"));
+        return Ok(());
+    }
     let args = parse(cmd, &argv[1..])?;
     let root = args.root.clone().expect("parse checked --root");
     let fail = |e: coda::Error| Fail::Run(e.to_string());
@@ -179,13 +185,26 @@ fn quota(root: &std::path::Path, args: &Args) -> Result<(), Fail> {
     Ok(())
 }
 
+/// `--listen HOST:PORT`, where HOST is an address or a name (`localhost`);
+/// a name binds its first address, as a client connecting to it would try.
+fn resolve_listen(spec: &str) -> Result<SocketAddr, Fail> {
+    if let Ok(a) = spec.parse() {
+        return Ok(a);
+    }
+    if spec
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(Fail::Usage(format!("--listen: {spec:?} is not HOST:PORT")));
+    }
+    spec.to_socket_addrs()
+        .map_err(|e| Fail::Usage(format!("--listen: cannot resolve {spec:?}: {e}")))?
+        .next()
+        .ok_or_else(|| Fail::Usage(format!("--listen: {spec:?} has no address")))
+}
+
 fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
-    let listen: SocketAddr = args
-        .listen
-        .as_deref()
-        .unwrap_or("127.0.0.1:2432")
-        .parse()
-        .map_err(|e| Fail::Usage(format!("--listen: {e} (want HOST:PORT)")))?;
+    let listen = resolve_listen(args.listen.as_deref().unwrap_or("127.0.0.1:2432"))?;
     let break_timeout = match &args.break_ms {
         Some(v) => {
             Duration::from_millis(v.parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {

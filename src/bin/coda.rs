@@ -15,6 +15,7 @@ use coda::client::Config;
 
 const USAGE: &str = "\
 usage: coda (--cache-dir DIR | --config FILE) COMMAND [ARGS]
+       coda help | --help | --version
 commands:
   status                              state of the mount and its client
   checkservers                        probe the servers (exit 1 if one is down)
@@ -106,8 +107,17 @@ fn main() {
                 println!("{USAGE}");
                 exit(0);
             }
+            "-V" | "--version" => {
+                println!("coda {}", env!("CARGO_PKG_VERSION"));
+                exit(0);
+            }
             o => usage(&format!("unknown option {o}")),
         }
+    }
+    // `coda help` needs no mount to ask.
+    if argv.get(i).map(String::as_str) == Some("help") {
+        println!("{USAGE}");
+        exit(0);
     }
     let cache_dir = cache_dir.unwrap_or_else(|| usage("--cache-dir DIR is required"));
     let Some(cmd) = argv.get(i) else {

@@ -16,16 +16,22 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Bytes of container files kept before least recently used ones go.
     pub cache_size: u64,
+    /// Who the client authenticates as (default `admin`).
     pub user: String,
     /// File holding the user's secret as 64 hex digits, mode 0600 (required).
     pub secret_file: Option<PathBuf>,
+    /// Period of the liveness probe of the servers.
     pub heartbeat_ms: u64,
+    /// Silence after which a server is declared down.
     pub dead_after_ms: u64,
+    /// With `failover_target`: the symlink repointed on automatic failover.
     pub failover_link: Option<PathBuf>,
+    /// With `failover_link`: the local copy the link points to when failed over.
     pub failover_target: Option<PathBuf>,
     /// With automatic failover: swap back by itself once servers have been
     /// up (and the cache revalidated) this long. `None`: only by call.
     pub failback_after_ms: Option<u64>,
+    /// Local address of the control connection (`None`: the kernel's choice).
     pub bind_addr: Option<SocketAddr>,
     /// Bound on every wait for a reply (for bulk transfers: per chunk).
     pub rpc_timeout_ms: u64,
@@ -35,6 +41,7 @@ pub struct Config {
     /// Connected, but mutations are only logged and sent in batches once
     /// older than `reintegration_age_ms` (for slow links).
     pub write_disconnected: bool,
+    /// With `write_disconnected`: how old a logged change gets before it is sent.
     pub reintegration_age_ms: u64,
     /// Walk the hoard profile this often while connected (0: only on demand).
     pub hoard_walk_ms: u64,
@@ -50,6 +57,7 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The defaults (those of `coda_config_new`).
     pub fn new() -> Config {
         Config {
             servers: vec![format!("127.0.0.1:{}", crate::proto::DEFAULT_PORT)],
@@ -81,8 +89,9 @@ impl Config {
             "servers" => {
                 let list: Vec<String> = v
                     .split(',')
-                    .map(|s| s.trim().to_string())
+                    .map(str::trim)
                     .filter(|s| !s.is_empty())
+                    .map(with_default_port)
                     .collect();
                 if list.is_empty() {
                     return Err(bad("needs at least one host:port"));
@@ -224,6 +233,18 @@ pub(crate) fn parse_size(v: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(mult)
 }
 
+/// `localhost` or `10.0.0.5` alone means the default port (2432); a bare
+/// IPv6 address gets its brackets. Names are resolved when connecting.
+fn with_default_port(s: &str) -> String {
+    let port = crate::proto::DEFAULT_PORT;
+    match s.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        Ok(ip) => format!("{ip}:{port}"),
+        Err(_) if !s.contains(':') => format!("{s}:{port}"),
+        Err(_) => s.to_string(),
+    }
+}
+
 fn check_host_port(s: &str) -> std::result::Result<(), ()> {
     let (host, port) = s.rsplit_once(':').ok_or(())?;
     if host.is_empty() || port.parse::<u16>().is_err() {
@@ -275,7 +296,12 @@ mod tests {
         );
         assert!(c.set("servers", "a:1, b:2").is_ok());
         assert_eq!(c.servers, vec!["a:1".to_string(), "b:2".to_string()]);
-        assert!(c.set("servers", "nohost").is_err());
+        assert!(c.set("servers", "localhost").is_ok());
+        assert_eq!(c.servers, vec!["localhost:2432".to_string()]);
+        assert!(c.set("servers", "::1, 10.0.0.5").is_ok());
+        assert_eq!(c.servers, vec!["[::1]:2432", "10.0.0.5:2432"]);
+        assert!(c.set("servers", "host:").is_err());
+        assert!(c.set("servers", "host:port").is_err());
         assert!(c.set("heartbeat_ms", "0").is_err());
         assert!(c.set("bind_addr", "127.0.0.1").is_ok());
         assert_eq!(c.bind_addr, Some("127.0.0.1:0".parse().unwrap()));

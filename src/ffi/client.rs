@@ -20,9 +20,11 @@ pub const CODA_STATE_DISCONNECTED: c_int = 2;
 /// Failed over: every remote operation returns -EIO until failback.
 pub const CODA_STATE_FAILED_OVER: c_int = 3;
 
-/// Entry types passed to the readdir callback.
+/// Entry types passed to the readdir callback: a regular file.
 pub const CODA_TYPE_FILE: u32 = 1;
+/// A directory.
 pub const CODA_TYPE_DIR: u32 = 2;
+/// A symbolic link.
 pub const CODA_TYPE_SYMLINK: u32 = 3;
 
 /// What `coda_stat` reports. Fixed-width fields; `mode` is POSIX `st_mode`
@@ -30,11 +32,17 @@ pub const CODA_TYPE_SYMLINK: u32 = 3;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct coda_stat_t {
+    /// Size in bytes.
     pub size: u64,
+    /// POSIX `st_mode`: type and permission bits.
     pub mode: u32,
+    /// Link count.
     pub nlink: u32,
+    /// Modification time, seconds since the epoch.
     pub mtime_sec: i64,
+    /// Modification time, nanoseconds within the second.
     pub mtime_nsec: u32,
+    /// Inode number, derived from the fid and stable.
     pub ino: u64,
     /// The object's version on the server (grows with every change).
     pub version: u64,

@@ -3,7 +3,7 @@
 //! Conventions (see docs and C-API.md): every fallible export returns `0` or
 //! a count on success and a negative errno (or `CODA_E*` ≤ -10000) on
 //! failure; outputs are written only on success; NULL or non-UTF-8 input is
-//! `-EINVAL`; every export runs inside [`boundary`], so a panic becomes
+//! `-EINVAL`; every export runs inside `boundary`, so a panic becomes
 //! `CODA_EPANIC` and never unwinds into C.
 #![allow(non_camel_case_types)]
 // These exports exist to be called from C, where `unsafe` means nothing;

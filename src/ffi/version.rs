@@ -4,7 +4,9 @@ use std::ffi::c_char;
 
 /// Kept equal to Cargo.toml's version; a test checks it.
 pub const CODA_VERSION_MAJOR: u32 = 0;
+/// The minor version (compatible additions).
 pub const CODA_VERSION_MINOR: u32 = 1;
+/// The patch version (fixes).
 pub const CODA_VERSION_PATCH: u32 = 0;
 
 /// The version as "MAJOR.MINOR.PATCH", static and NUL-terminated.

@@ -13,6 +13,7 @@ use crate::{Error, Result};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Bytes of a user's secret (written as 64 hex digits in its file).
 pub const SECRET_LEN: usize = 32;
 
 /// Fill a buffer from the OS's random source.
@@ -24,11 +25,17 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 
 /// What the client's MAC covers.
 pub struct Transcript<'a> {
+    /// The user authenticating.
     pub user: &'a str,
+    /// The client's persistent identity.
     pub client_id: &'a [u8; 16],
+    /// The client's epoch (new at every start).
     pub epoch: u64,
+    /// Which of the two connections this is.
     pub kind: ConnKind,
+    /// The client's fresh random nonce.
     pub client_nonce: &'a [u8; 32],
+    /// The server's fresh random nonce.
     pub server_nonce: &'a [u8; 32],
 }
 
@@ -45,10 +52,12 @@ fn mac(secret: &[u8], label: &[u8], t: &Transcript) -> [u8; 32] {
     m.finalize().into_bytes().into()
 }
 
+/// The client's proof: HMAC-SHA256 of the transcript under the secret, labelled "client".
 pub fn client_mac(secret: &[u8], t: &Transcript) -> [u8; 32] {
     mac(secret, b"coda-v1 client", t)
 }
 
+/// The server's proof: HMAC-SHA256 of the transcript under the secret, labelled "server".
 pub fn server_mac(secret: &[u8], t: &Transcript) -> [u8; 32] {
     mac(secret, b"coda-v1 server", t)
 }
@@ -63,6 +72,7 @@ pub fn encode_secret(s: &[u8; SECRET_LEN]) -> String {
     s.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The secret from its file's text: 64 hex digits, surrounding whitespace ignored.
 pub fn decode_secret(text: &str) -> Result<[u8; SECRET_LEN]> {
     let t = text.trim();
     if t.len() != SECRET_LEN * 2 || !t.bytes().all(|c| c.is_ascii_hexdigit()) {

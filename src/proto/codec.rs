@@ -4,35 +4,44 @@
 use super::types::{Attr, DirEntry, Fid, FileType, Timespec};
 use crate::{Error, Result};
 
+/// Builds a message body: big-endian integers and length-prefixed fields.
 #[derive(Default)]
 pub struct Writer {
+    /// The bytes written so far.
     pub buf: Vec<u8>,
 }
 
 impl Writer {
+    /// An empty body.
     pub fn new() -> Writer {
         Writer::default()
     }
+    /// Append a byte.
     pub fn u8(&mut self, v: u8) -> &mut Self {
         self.buf.push(v);
         self
     }
+    /// Append a big-endian u16.
     pub fn u16(&mut self, v: u16) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
     }
+    /// Append a big-endian u32.
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
     }
+    /// Append a big-endian u64.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
     }
+    /// Append a big-endian i64.
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.buf.extend_from_slice(&v.to_be_bytes());
         self
     }
+    /// Append bytes as they are (a fixed-size field).
     pub fn bytes_fixed(&mut self, v: &[u8]) -> &mut Self {
         self.buf.extend_from_slice(v);
         self
@@ -44,12 +53,15 @@ impl Writer {
         self.buf.extend_from_slice(s.as_bytes());
         self
     }
+    /// Append a fid (16 bytes).
     pub fn fid(&mut self, f: &Fid) -> &mut Self {
         self.u32(f.volume).u64(f.vnode).u32(f.unique)
     }
+    /// Append a time (seconds, nanoseconds).
     pub fn time(&mut self, t: &Timespec) -> &mut Self {
         self.i64(t.sec).u32(t.nsec)
     }
+    /// Append attributes (`ATTR_LEN` bytes).
     pub fn attr(&mut self, a: &Attr) -> &mut Self {
         self.fid(&a.fid)
             .u8(a.ftype as u8)
@@ -60,21 +72,25 @@ impl Writer {
             .time(&a.ctime)
             .u64(a.version)
     }
+    /// Append a directory entry.
     pub fn entry(&mut self, e: &DirEntry) -> &mut Self {
         self.str(&e.name).fid(&e.fid).u8(e.ftype as u8)
     }
+    /// Append an optional u32 (presence byte, then the value).
     pub fn opt_u32(&mut self, v: Option<u32>) -> &mut Self {
         match v {
             Some(x) => self.u8(1).u32(x),
             None => self.u8(0),
         }
     }
+    /// Append an optional u64 (presence byte, then the value).
     pub fn opt_u64(&mut self, v: Option<u64>) -> &mut Self {
         match v {
             Some(x) => self.u8(1).u64(x),
             None => self.u8(0),
         }
     }
+    /// Append an optional time (presence byte, then the value).
     pub fn opt_time(&mut self, v: Option<Timespec>) -> &mut Self {
         match v {
             Some(x) => self.u8(1).time(&x),
@@ -83,6 +99,7 @@ impl Writer {
     }
 }
 
+/// Reads a message body; every read is bounds-checked and a short body is a protocol error.
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -93,9 +110,11 @@ fn short() -> Error {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Reader<'a> {
         Reader { buf, pos: 0 }
     }
+    /// Bytes not read yet.
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
@@ -109,6 +128,7 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+    /// The next `n` bytes.
     pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.remaining() < n {
             return Err(short());
@@ -117,21 +137,27 @@ impl<'a> Reader<'a> {
         self.pos += n;
         Ok(s)
     }
+    /// Read a byte.
     pub fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
+    /// Read a big-endian u16.
     pub fn u16(&mut self) -> Result<u16> {
         Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
     }
+    /// Read a big-endian u32.
     pub fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
     }
+    /// Read a big-endian u64.
     pub fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
     }
+    /// Read a big-endian i64.
     pub fn i64(&mut self) -> Result<i64> {
         Ok(i64::from_be_bytes(self.take(8)?.try_into().unwrap()))
     }
+    /// Read a fixed-size byte array.
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         Ok(self.take(N)?.try_into().unwrap())
     }
@@ -158,6 +184,7 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    /// Read a boolean (0 or 1; anything else is a protocol error).
     pub fn bool(&mut self) -> Result<bool> {
         match self.u8()? {
             0 => Ok(false),
@@ -165,6 +192,7 @@ impl<'a> Reader<'a> {
             v => Err(Error::Protocol(format!("bad boolean {v}"))),
         }
     }
+    /// Read a fid.
     pub fn fid(&mut self) -> Result<Fid> {
         Ok(Fid {
             volume: self.u32()?,
@@ -172,6 +200,7 @@ impl<'a> Reader<'a> {
             unique: self.u32()?,
         })
     }
+    /// Read a time (nanoseconds below one second).
     pub fn time(&mut self) -> Result<Timespec> {
         let sec = self.i64()?;
         let nsec = self.u32()?;
@@ -180,10 +209,12 @@ impl<'a> Reader<'a> {
         }
         Ok(Timespec { sec, nsec })
     }
+    /// Read a file type.
     pub fn ftype(&mut self) -> Result<FileType> {
         let v = self.u8()?;
         FileType::from_u8(v).ok_or_else(|| Error::Protocol(format!("bad file type {v}")))
     }
+    /// Read attributes.
     pub fn attr(&mut self) -> Result<Attr> {
         Ok(Attr {
             fid: self.fid()?,
@@ -196,6 +227,7 @@ impl<'a> Reader<'a> {
             version: self.u64()?,
         })
     }
+    /// Read a directory entry.
     pub fn entry(&mut self) -> Result<DirEntry> {
         Ok(DirEntry {
             name: self.str(super::MAX_NAME, "name")?,
@@ -206,12 +238,15 @@ impl<'a> Reader<'a> {
     fn opt(&mut self) -> Result<bool> {
         self.bool()
     }
+    /// Read an optional u32.
     pub fn opt_u32(&mut self) -> Result<Option<u32>> {
         Ok(if self.opt()? { Some(self.u32()?) } else { None })
     }
+    /// Read an optional u64.
     pub fn opt_u64(&mut self) -> Result<Option<u64>> {
         Ok(if self.opt()? { Some(self.u64()?) } else { None })
     }
+    /// Read an optional time.
     pub fn opt_time(&mut self) -> Result<Option<Timespec>> {
         Ok(if self.opt()? {
             Some(self.time()?)
@@ -223,5 +258,7 @@ impl<'a> Reader<'a> {
 
 /// Smallest encodings, for [`Reader::count`] pre-checks.
 pub const FID_LEN: usize = 16;
+/// Encoded size of `Attr`.
 pub const ATTR_LEN: usize = FID_LEN + 1 + 4 + 4 + 8 + 12 + 12 + 8;
+/// Smallest encoded size of a `DirEntry` (a one-byte name).
 pub const ENTRY_MIN_LEN: usize = 2 + 1 + FID_LEN + 1;

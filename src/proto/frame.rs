@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use super::MAX_FRAME;
 use crate::{Error, Result};
 
+/// Bytes before a frame's body: length, type and request id.
 pub const HEADER_LEN: usize = 4 + 1 + 8;
 
 /// Largest frame accepted before a connection has authenticated: Hello and
@@ -19,10 +20,14 @@ pub const MAX_HANDSHAKE_FRAME: usize = 1024;
 /// more than this.
 const BODY_STEP: usize = 64 * 1024;
 
+/// One frame of the wire format: a message type, a request id and its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// The message type.
     pub kind: u8,
+    /// The request id (a reply carries its request's).
     pub id: u64,
+    /// The message's fields, encoded.
     pub body: Vec<u8>,
 }
 

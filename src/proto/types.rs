@@ -5,12 +5,16 @@ use std::fmt;
 /// A file's stable identity: (volume, vnode, uniquifier). Names change, fids don't.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Fid {
+    /// The volume holding the object.
     pub volume: u32,
+    /// The object's number within the volume.
     pub vnode: u64,
+    /// Distinguishes reuses of a vnode number.
     pub unique: u32,
 }
 
 impl Fid {
+    /// A fid from its parts.
     pub const fn new(volume: u32, vnode: u64, unique: u32) -> Fid {
         Fid {
             volume,
@@ -34,6 +38,7 @@ impl Fid {
         b
     }
 
+    /// A fid from its 16-byte wire form.
     pub fn from_bytes(b: &[u8; 16]) -> Fid {
         Fid {
             volume: u32::from_be_bytes(b[..4].try_into().unwrap()),
@@ -49,15 +54,20 @@ impl fmt::Display for Fid {
     }
 }
 
+/// What kind of object a fid names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FileType {
+    /// A regular file.
     File = 1,
+    /// A directory.
     Dir = 2,
+    /// A symbolic link.
     Symlink = 3,
 }
 
 impl FileType {
+    /// The type for a wire code; `None` for an unknown one.
     pub fn from_u8(v: u8) -> Option<FileType> {
         match v {
             1 => Some(FileType::File),
@@ -80,11 +90,14 @@ impl FileType {
 /// Seconds and nanoseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
 pub struct Timespec {
+    /// Seconds since the epoch.
     pub sec: i64,
+    /// Nanoseconds within the second.
     pub nsec: u32,
 }
 
 impl Timespec {
+    /// The current time.
     pub fn now() -> Timespec {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -100,14 +113,21 @@ impl Timespec {
 /// every mutation of the object (for a directory: of its entries).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attr {
+    /// The object.
     pub fid: Fid,
+    /// Its type.
     pub ftype: FileType,
     /// Permission bits only (`0o7777`); the type is `ftype`.
     pub mode: u32,
+    /// Link count.
     pub nlink: u32,
+    /// Size in bytes.
     pub size: u64,
+    /// Last modification of the contents.
     pub mtime: Timespec,
+    /// Last change of the attributes.
     pub ctime: Timespec,
+    /// The object's version on the server.
     pub version: u64,
 }
 
@@ -118,9 +138,13 @@ impl Attr {
     }
 }
 
+/// One name in a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
+    /// The name (one path component).
     pub name: String,
+    /// The object it names.
     pub fid: Fid,
+    /// That object's type.
     pub ftype: FileType,
 }

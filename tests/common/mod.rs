@@ -2,6 +2,7 @@
 //! at run time, killed by PID and cleaned up even when a test fails.
 #![allow(dead_code)]
 
+pub mod prereq;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

@@ -13,14 +13,10 @@ use crate::common::TestServer;
 pub const MOUNT_BIN: &str = env!("CARGO_BIN_EXE_coda-mount");
 pub const CLI_BIN: &str = env!("CARGO_BIN_EXE_coda");
 
-/// FUSE needs /dev/fuse (and root, which CI has). Tests skip, loudly, only
-/// when the device is missing.
+/// FUSE needs /dev/fuse (and root, which CI has). Without it the test
+/// fails naming it, unless `CODA_SKIP=fuse` (then it says it skipped).
 pub fn fuse_available() -> bool {
-    if Path::new("/dev/fuse").exists() {
-        return true;
-    }
-    eprintln!("SKIPPED: /dev/fuse is absent; the FUSE mount cannot be tested here");
-    false
+    crate::common::prereq::require_fuse()
 }
 
 /// Whether `path` is a mountpoint right now (per /proc/self/mounts).

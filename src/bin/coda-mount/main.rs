@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--allow-other]
-//!            [--threads N] MOUNTPOINT
+//!            [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -16,7 +16,7 @@ mod fs;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,29 @@ use coda::client::{Client, Config};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--allow-other] [--threads N] MOUNTPOINT";
+[--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+       coda-mount --help | --version";
+
+const HELP: &str = "\
+Mount the coda file system on MOUNTPOINT with FUSE. Prints \"mounted on MOUNTPOINT\"
+once ready; SIGTERM, SIGINT or SIGHUP unmounts. The `coda` command drives it
+through a control socket in cache_dir.
+
+options:
+  --config FILE      client configuration: servers, cache_dir, secret_file, ...
+                     (one `key = value` a line; keys as for coda_config_set)
+  --daemon           go to the background once mounted; log to cache_dir/coda-mount.log
+  --no-passthrough   serve reads through this process instead of FUSE passthrough
+  --allow-other      let users other than the mounting one use the mount
+                     (non-root: needs user_allow_other in /etc/fuse.conf)
+  --threads N        FUSE worker threads, 1 to 256 (default 8)
+  --nonempty         mount over a directory that is not empty (hides its contents)
+  -h, --help         this text
+  -V, --version      the version
+
+MOUNTPOINT must be an existing empty directory that is not already a mount.
+Needs /dev/fuse, and root or fusermount3 (Debian: apt install fuse3).
+Exit codes: 0 clean unmount, 1 failure, 2 usage. See docs/MOUNT.md.";
 
 struct Args {
     config: PathBuf,
@@ -32,6 +54,7 @@ struct Args {
     daemon: bool,
     passthrough: bool,
     allow_other: bool,
+    nonempty: bool,
     threads: usize,
 }
 
@@ -49,6 +72,7 @@ fn parse_args() -> Args {
         daemon: false,
         passthrough: true,
         allow_other: false,
+        nonempty: false,
         threads: 8,
     };
     let mut it = std::env::args_os().skip(1);
@@ -62,6 +86,7 @@ fn parse_args() -> Args {
             Some("--daemon") => a.daemon = true,
             Some("--no-passthrough") => a.passthrough = false,
             Some("--allow-other") => a.allow_other = true,
+            Some("--nonempty") => a.nonempty = true,
             Some("--threads") => {
                 a.threads = it
                     .next()
@@ -70,7 +95,11 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|| usage("--threads needs a number from 1 to 256"))
             }
             Some("-h" | "--help") => {
-                println!("{USAGE}");
+                println!("{USAGE}\n\n{HELP}");
+                std::process::exit(0);
+            }
+            Some("-V" | "--version") => {
+                println!("coda-mount {}", env!("CARGO_PKG_VERSION"));
                 std::process::exit(0);
             }
             Some(s) if s.starts_with('-') => usage(&format!("unknown option {s}")),
@@ -196,8 +225,93 @@ enum Stop {
     Ended(Option<String>),
 }
 
+/// Whether `path` is the mount point of some mount (per /proc/self/mountinfo,
+/// whose fifth field is the mount point with spaces and the like octal-escaped).
+fn is_mount_point(path: &Path) -> bool {
+    let want = path.display().to_string();
+    let want = want
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// Refuse a mountpoint FUSE would take badly or a user would regret: not a
+/// directory, already mounted (stacking hides the first mount), or holding
+/// files that the mount would hide (unless `--nonempty`). Also name
+/// /dev/fuse when it cannot be used, instead of a bare errno from the mount.
+fn check_mountpoint(args: &Args) -> Result<(), String> {
+    let mp = &args.mountpoint;
+    let meta = std::fs::metadata(mp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "mountpoint {} does not exist (create it: mkdir -p {0})",
+                mp.display()
+            )
+        } else {
+            format!("mountpoint {}: {e}", mp.display())
+        }
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("mountpoint {} is not a directory", mp.display()));
+    }
+    let canon =
+        std::fs::canonicalize(mp).map_err(|e| format!("mountpoint {}: {e}", mp.display()))?;
+    if is_mount_point(&canon) {
+        return Err(format!(
+            "{} is already a mount point (unmount it first: umount {0})",
+            canon.display()
+        ));
+    }
+    if !args.nonempty {
+        let mut entries =
+            std::fs::read_dir(mp).map_err(|e| format!("mountpoint {}: {e}", mp.display()))?;
+        if entries.next().is_some() {
+            return Err(format!(
+                "mountpoint {} is not empty (--nonempty mounts over it, hiding what is there)",
+                mp.display()
+            ));
+        }
+    }
+    let dev = c"/dev/fuse";
+    if !Path::new("/dev/fuse").exists() {
+        return Err(
+            "/dev/fuse does not exist: load the fuse kernel module (modprobe fuse), \
+or in a container pass the device in (--device /dev/fuse)"
+                .into(),
+        );
+    }
+    // SAFETY: plain syscalls on a NUL-terminated path.
+    let (root, usable) = unsafe {
+        (
+            libc::geteuid() == 0,
+            libc::access(dev.as_ptr(), libc::R_OK | libc::W_OK) == 0,
+        )
+    };
+    if !root && !usable && !on_path("fusermount3") {
+        return Err("no access to /dev/fuse and no fusermount3: run as root, \
+or install fuse3 (apt install fuse3) for the setuid fusermount3"
+            .into());
+    }
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
 fn main() {
     let args = parse_args();
+    if let Err(msg) = check_mountpoint(&args) {
+        eprintln!("coda-mount: {msg}");
+        std::process::exit(1);
+    }
     let cfg = Config::from_file(&args.config).unwrap_or_else(|e| {
         eprintln!("coda-mount: {e}");
         std::process::exit(1)
@@ -246,7 +360,18 @@ fn main() {
     fcfg.clone_fd = true;
     let mut session = match fuser::Session::new(filesystem, &args.mountpoint, &fcfg) {
         Ok(s) => s,
-        Err(e) => report.fail(&format!("mounting on {}: {e}", args.mountpoint.display())),
+        Err(e) => {
+            let hint = match e.raw_os_error() {
+                Some(libc::EACCES | libc::EPERM) => {
+                    " (no permission to mount: needs root, or access to /dev/fuse and fusermount3)"
+                }
+                _ => "",
+            };
+            report.fail(&format!(
+                "mounting on {}: {e}{hint}",
+                args.mountpoint.display()
+            ))
+        }
     };
     let mut unmounter = session.unmount_callable();
     let (tx, rx) = bounded::<Stop>(4);
