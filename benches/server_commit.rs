@@ -137,7 +137,7 @@ fn main() {
         servers.push((mode, s, scratch));
     }
     std::env::remove_var("CODA_SERVER_NO_GROUP_COMMIT");
-    let mut rates = vec![Vec::new(), Vec::new()];
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for (k, &n) in SESSIONS.iter().enumerate() {
         for (m, (mode, s, _)) in servers.iter().enumerate() {
             let (done, took) = run(s, n, k as u8 + 1, dur);
