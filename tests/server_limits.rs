@@ -496,3 +496,103 @@ fn a_backlogged_callback_holder_does_not_hold_up_another_writer() {
     );
     let _ = writer.join();
 }
+
+/// A TCP connection to `dst` from the loopback address `src` (any of
+/// 127/8 is local on Linux), so one test can speak from two addresses.
+fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        panic!("the test server listens on IPv4 loopback")
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns until
+    // it is handed to TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let from = sin(src, 0);
+        let r = libc::bind(fd, &from as *const _ as *const libc::sockaddr, len);
+        assert_eq!(r, 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let to = sin(*dst.ip(), dst.port());
+        let r = libc::connect(fd, &to as *const _ as *const libc::sockaddr, len);
+        assert_eq!(
+            r,
+            0,
+            "connect from {src}: {}",
+            std::io::Error::last_os_error()
+        );
+        s
+    }
+}
+
+/// One address opening far more handshakes than the server's whole
+/// unauthenticated budget (256) evicts only its own: another address's
+/// handshake in progress still completes.
+#[test]
+fn one_address_cannot_evict_other_addresses_handshakes() {
+    use coda::proto::auth::{client_mac, random_bytes, read_secret_file, Transcript};
+    use coda::proto::read_frame;
+    let s = TestServer::start();
+    let secret = read_secret_file(&s.secret_file()).unwrap();
+    // A: from 127.0.0.1, halfway through its handshake (Challenge read).
+    let mut a = TcpStream::connect(s.addr()).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (id, nonce): ([u8; 16], [u8; 32]) = ([0x47; 16], random_bytes());
+    let h = hello(ConnKind::Control, "admin", id, 1, nonce);
+    a.write_all(&encode_frame(h.kind(), 0, &h.encode()))
+        .unwrap();
+    let f = read_frame(&mut a).unwrap().expect("challenge frame");
+    let Ok(Msg::Challenge { server_nonce }) = Msg::decode(&f) else {
+        panic!("expected a Challenge")
+    };
+    // 300 idle connections from 127.0.0.2.
+    let flood: Vec<TcpStream> = (0..300)
+        .map(|_| connect_from([127, 0, 0, 2].into(), s.addr()))
+        .collect();
+    // A client accepted after the flood: the acceptor has taken (and
+    // evicted for) every flood connection before it.
+    let mut c = Raw::control(s.addr(), &s.secret_file(), [0x48; 16], 1);
+    assert!(c.attr(c.root).is_ok());
+    // A finishes its handshake: it was not evicted.
+    let t = Transcript {
+        user: "admin",
+        client_id: &id,
+        epoch: 1,
+        kind: ConnKind::Control,
+        client_nonce: &nonce,
+        server_nonce: &server_nonce,
+    };
+    let auth = Msg::Auth {
+        mac: client_mac(&secret, &t),
+    };
+    a.write_all(&encode_frame(auth.kind(), 0, &auth.encode()))
+        .unwrap();
+    let f = read_frame(&mut a)
+        .ok()
+        .flatten()
+        .expect("A's handshake was cut: another address's flood evicted it");
+    assert!(matches!(Msg::decode(&f), Ok(Msg::Welcome { .. })));
+    // The flood lost its own oldest: all but the last 32 are closed
+    // (bounded wait for the FINs to be seen).
+    let mut flood = flood;
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut open: Vec<usize> = (0..268).collect();
+    while !open.is_empty() && Instant::now() < until {
+        open.retain(|&i| !closed_now(&mut flood[i]));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        open.is_empty(),
+        "{} of the oldest flood handshakes still open",
+        open.len()
+    );
+}
