@@ -596,3 +596,86 @@ fn one_address_cannot_evict_other_addresses_handshakes() {
         open.len()
     );
 }
+
+/// A callback holder that stops reading while its replies pile up (its
+/// writer stuck on a full socket, its reader held at the bounds) is cut
+/// when another client's write breaks its callback: the write is answered
+/// without waiting for the break timeout (ten minutes here).
+#[test]
+fn a_holder_that_stops_reading_is_cut_at_once_by_a_break() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "600000"]);
+    let mut h = Raw::control(s.addr(), &s.secret_file(), [0x73; 16], 1);
+    let root = h.root;
+    // H holds a callback on the root directory.
+    assert!(h.attr(root).is_ok());
+    // A small receive buffer, so H's unread replies fill the socket and
+    // the server's writer for H blocks (rather than the reader only
+    // pausing at the bounds with everything written).
+    {
+        use std::os::fd::AsRawFd;
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt on a descriptor H's stream owns.
+        let r = unsafe {
+            libc::setsockopt(
+                h.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &small as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    }
+    // Then H asks for about 1 MiB replies, many of them, and reads none.
+    let big = Msg::GetAttrs {
+        fids: vec![root; coda::server::MAX_ATTRS_REPLY],
+    };
+    let frames: Vec<Vec<u8>> = (0..100)
+        .map(|i| encode_frame(big.kind(), 1000 + i, &big.encode()))
+        .collect();
+    let mut hw = h.stream.try_clone().unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        for fr in frames {
+            if hw.write_all(&fr).is_err() {
+                break;
+            }
+            let _ = sent_tx.send(());
+        }
+    });
+    // Far more replies than the socket holds are on their way before W
+    // writes, so the break is queued behind a writer stuck on them.
+    for _ in 0..16 {
+        sent_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("H's requests are taken");
+    }
+    let mut w = Raw::control(s.addr(), &s.secret_file(), [0x74; 16], 1);
+    let f = w.alloc(1)[0];
+    let (wtx, wrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = w.reintegrate(vec![rec::create(1, root, "f", f)]);
+        let _ = wtx.send(r);
+    });
+    match wrx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Msg::Reintegrated { .. }) => {}
+        Ok(m) => panic!("W's write refused: {m:?}"),
+        Err(_) => panic!("W's write waited for the non-reading holder's ack"),
+    }
+    // H's session was ended: draining what it was sent ends in a close.
+    h.stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut drained = 0usize;
+    loop {
+        match h.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("H's connection was not closed: {e}"),
+        }
+        assert!(drained < 1 << 30, "H's connection was never closed");
+    }
+    let _ = sender.join();
+}

@@ -46,6 +46,7 @@ use crate::{Error, Result};
 use sessions::Registry;
 use volume::VolumeStore;
 
+pub use control::MAX_ATTRS_REPLY;
 pub use meta::{ROOT_FID, ROOT_VOLUME};
 pub use sessions::{StagedLimits, DEFAULT_STAGED_LIMITS};
 pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
