@@ -526,3 +526,32 @@ fn send_all(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+
+    #[test]
+    fn a_break_and_a_full_socket_meet_once_whichever_comes_first() {
+        // A break queued first: the writer that then finds the socket full
+        // gives up on the connection.
+        let f = Flow::default();
+        assert!(f.queue_break());
+        assert!(!f.block());
+        // Written (now awaiting its ack): a full socket still ends it.
+        assert!(f.break_sent());
+        assert!(!f.block());
+        f.break_acked();
+        // No break around: the writer just waits for room...
+        assert!(f.block());
+        // ...and a break arriving meanwhile is refused (session to end).
+        assert!(!f.queue_break());
+        f.unblock();
+        assert!(f.queue_break());
+        assert!(f.break_sent());
+        f.break_acked();
+        // A reader held at its bounds refuses a break too.
+        f.st.lock().paused = true;
+        assert!(!f.queue_break());
+    }
+}
