@@ -1,7 +1,9 @@
 //! Reintegration: apply a batch of CML records in ONE redb write
 //! transaction, checking each record against the state the previous ones
 //! left. Either the commit happens and every record is applied, or nothing
-//! is (decision 1 and 9).
+//! is (decision 1 and 9). Batches of several sessions that arrive during a
+//! commit share the next transaction (group commit, docs/SERVER.md); each
+//! is still all-or-nothing on its own.
 //!
 //! Data files follow the metadata: a Store hard-links the staged upload to a
 //! fresh versioned object name and a truncate writes a fresh file; their
