@@ -650,6 +650,18 @@ fn a_holder_that_stops_reading_is_cut_at_once_by_a_break() {
             .recv_timeout(Duration::from_secs(60))
             .expect("H's requests are taken");
     }
+    // Wait (bounded) until the server's socket to H holds over 1 MiB H has
+    // not taken: its writer is then on a full socket, with more replies
+    // queued behind (the break will queue behind them).
+    let h_port = h.stream.local_addr().unwrap().port();
+    let until = Instant::now() + Duration::from_secs(60);
+    while unsent_to(s.addr().port(), h_port) < 1 << 20 {
+        assert!(
+            Instant::now() < until,
+            "the server's socket to H never filled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut w = Raw::control(s.addr(), &s.secret_file(), [0x74; 16], 1);
     let f = w.alloc(1)[0];
     let (wtx, wrx) = std::sync::mpsc::channel();
@@ -678,4 +690,23 @@ fn a_holder_that_stops_reading_is_cut_at_once_by_a_break() {
         assert!(drained < 1 << 30, "H's connection was never closed");
     }
     let _ = sender.join();
+}
+
+/// Bytes in the send queue of the loopback TCP socket from `local_port` to
+/// `remote_port` (/proc/net/tcp's tx_queue), 0 if not found.
+fn unsent_to(local_port: u16, remote_port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |a: &str| {
+        a.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 4 && port(f[1]) == Some(local_port) && port(f[2]) == Some(remote_port) {
+            let tx = f[4].split(':').next().unwrap_or("0");
+            return u64::from_str_radix(tx, 16).unwrap_or(0);
+        }
+    }
+    0
 }
