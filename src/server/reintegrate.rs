@@ -150,11 +150,13 @@ impl GroupCommit {
     }
 }
 
-/// Files the leader tidies if its thread unwinds mid-group: the waiting
-/// workers get an error instead of sleeping forever.
+/// If the leader's thread unwinds mid-group, the other workers of the
+/// group get an error instead of sleeping forever.
 struct LeaderGuard<'a> {
     group: &'a GroupCommit,
     tickets: Vec<u64>,
+    /// The leader's own ticket: nobody waits for it then.
+    own: u64,
     armed: bool,
 }
 
@@ -165,7 +167,7 @@ impl Drop for LeaderGuard<'_> {
         }
         let mut g = self.group.state.lock();
         g.busy = false;
-        for t in &self.tickets {
+        for t in self.tickets.iter().filter(|t| **t != self.own) {
             g.done.insert(
                 *t,
                 Err(Error::Eio("the server failed while committing the batch".into()).into()),
@@ -238,6 +240,7 @@ impl VolumeStore {
             let mut guard = LeaderGuard {
                 group,
                 tickets: jobs.iter().map(|(t, _)| *t).collect(),
+                own: ticket,
                 armed: true,
             };
             let only: Vec<Arc<Job>> = jobs.iter().map(|(_, j)| j.clone()).collect();
