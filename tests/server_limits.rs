@@ -496,3 +496,217 @@ fn a_backlogged_callback_holder_does_not_hold_up_another_writer() {
     );
     let _ = writer.join();
 }
+
+/// A TCP connection to `dst` from the loopback address `src` (any of
+/// 127/8 is local on Linux), so one test can speak from two addresses.
+fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(dst) = dst else {
+        panic!("the test server listens on IPv4 loopback")
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns until
+    // it is handed to TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let from = sin(src, 0);
+        let r = libc::bind(fd, &from as *const _ as *const libc::sockaddr, len);
+        assert_eq!(r, 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let to = sin(*dst.ip(), dst.port());
+        let r = libc::connect(fd, &to as *const _ as *const libc::sockaddr, len);
+        assert_eq!(
+            r,
+            0,
+            "connect from {src}: {}",
+            std::io::Error::last_os_error()
+        );
+        s
+    }
+}
+
+/// One address opening far more handshakes than the server's whole
+/// unauthenticated budget (256) evicts only its own: another address's
+/// handshake in progress still completes.
+#[test]
+fn one_address_cannot_evict_other_addresses_handshakes() {
+    use coda::proto::auth::{client_mac, random_bytes, read_secret_file, Transcript};
+    use coda::proto::read_frame;
+    let s = TestServer::start();
+    let secret = read_secret_file(&s.secret_file()).unwrap();
+    // A: from 127.0.0.1, halfway through its handshake (Challenge read).
+    let mut a = TcpStream::connect(s.addr()).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (id, nonce): ([u8; 16], [u8; 32]) = ([0x47; 16], random_bytes());
+    let h = hello(ConnKind::Control, "admin", id, 1, nonce);
+    a.write_all(&encode_frame(h.kind(), 0, &h.encode()))
+        .unwrap();
+    let f = read_frame(&mut a).unwrap().expect("challenge frame");
+    let Ok(Msg::Challenge { server_nonce }) = Msg::decode(&f) else {
+        panic!("expected a Challenge")
+    };
+    // 300 idle connections from 127.0.0.2.
+    let flood: Vec<TcpStream> = (0..300)
+        .map(|_| connect_from([127, 0, 0, 2].into(), s.addr()))
+        .collect();
+    // A client accepted after the flood: the acceptor has taken (and
+    // evicted for) every flood connection before it.
+    let mut c = Raw::control(s.addr(), &s.secret_file(), [0x48; 16], 1);
+    assert!(c.attr(c.root).is_ok());
+    // A finishes its handshake: it was not evicted.
+    let t = Transcript {
+        user: "admin",
+        client_id: &id,
+        epoch: 1,
+        kind: ConnKind::Control,
+        client_nonce: &nonce,
+        server_nonce: &server_nonce,
+    };
+    let auth = Msg::Auth {
+        mac: client_mac(&secret, &t),
+    };
+    a.write_all(&encode_frame(auth.kind(), 0, &auth.encode()))
+        .unwrap();
+    let f = read_frame(&mut a)
+        .ok()
+        .flatten()
+        .expect("A's handshake was cut: another address's flood evicted it");
+    assert!(matches!(Msg::decode(&f), Ok(Msg::Welcome { .. })));
+    // The flood lost its own oldest: all but the last 32 are closed
+    // (bounded wait for the FINs to be seen).
+    let mut flood = flood;
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut open: Vec<usize> = (0..268).collect();
+    while !open.is_empty() && Instant::now() < until {
+        open.retain(|&i| !closed_now(&mut flood[i]));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        open.is_empty(),
+        "{} of the oldest flood handshakes still open",
+        open.len()
+    );
+}
+
+/// A callback holder that stops reading while its replies pile up (its
+/// writer stuck on a full socket, its reader held at the bounds) is cut
+/// when another client's write breaks its callback: the write is answered
+/// without waiting for the break timeout (ten minutes here).
+#[test]
+fn a_holder_that_stops_reading_is_cut_at_once_by_a_break() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "600000"]);
+    let mut h = Raw::control(s.addr(), &s.secret_file(), [0x73; 16], 1);
+    let root = h.root;
+    // H holds a callback on the root directory.
+    assert!(h.attr(root).is_ok());
+    // A small receive buffer, so H's unread replies fill the socket and
+    // the server's writer for H blocks (rather than the reader only
+    // pausing at the bounds with everything written).
+    {
+        use std::os::fd::AsRawFd;
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt on a descriptor H's stream owns.
+        let r = unsafe {
+            libc::setsockopt(
+                h.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &small as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    }
+    // Then H asks for about 1 MiB replies, many of them, and reads none.
+    let big = Msg::GetAttrs {
+        fids: vec![root; coda::server::MAX_ATTRS_REPLY],
+    };
+    let frames: Vec<Vec<u8>> = (0..100)
+        .map(|i| encode_frame(big.kind(), 1000 + i, &big.encode()))
+        .collect();
+    let mut hw = h.stream.try_clone().unwrap();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let sender = std::thread::spawn(move || {
+        for fr in frames {
+            if hw.write_all(&fr).is_err() {
+                break;
+            }
+            let _ = sent_tx.send(());
+        }
+    });
+    // Far more replies than the socket holds are on their way before W
+    // writes, so the break is queued behind a writer stuck on them.
+    for _ in 0..16 {
+        sent_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("H's requests are taken");
+    }
+    // Wait (bounded) until the server's socket to H holds over 1 MiB H has
+    // not taken: its writer is then on a full socket, with more replies
+    // queued behind (the break will queue behind them).
+    let h_port = h.stream.local_addr().unwrap().port();
+    let until = Instant::now() + Duration::from_secs(60);
+    while unsent_to(s.addr().port(), h_port) < 1 << 20 {
+        assert!(
+            Instant::now() < until,
+            "the server's socket to H never filled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut w = Raw::control(s.addr(), &s.secret_file(), [0x74; 16], 1);
+    let f = w.alloc(1)[0];
+    let (wtx, wrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = w.reintegrate(vec![rec::create(1, root, "f", f)]);
+        let _ = wtx.send(r);
+    });
+    match wrx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Msg::Reintegrated { .. }) => {}
+        Ok(m) => panic!("W's write refused: {m:?}"),
+        Err(_) => panic!("W's write waited for the non-reading holder's ack"),
+    }
+    // H's session was ended: draining what it was sent ends in a close.
+    h.stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut drained = 0usize;
+    loop {
+        match h.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("H's connection was not closed: {e}"),
+        }
+        assert!(drained < 1 << 30, "H's connection was never closed");
+    }
+    let _ = sender.join();
+}
+
+/// Bytes in the send queue of the loopback TCP socket from `local_port` to
+/// `remote_port` (/proc/net/tcp's tx_queue), 0 if not found.
+fn unsent_to(local_port: u16, remote_port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port = |a: &str| {
+        a.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 4 && port(f[1]) == Some(local_port) && port(f[2]) == Some(remote_port) {
+            let tx = f[4].split(':').next().unwrap_or("0");
+            return u64::from_str_radix(tx, 16).unwrap_or(0);
+        }
+    }
+    0
+}

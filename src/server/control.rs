@@ -51,6 +51,10 @@ struct FlowState {
     paused: bool,
     /// Callback breaks written and not yet acknowledged.
     unacked: usize,
+    /// Callback breaks queued to the writer and not yet written.
+    queued_breaks: usize,
+    /// The writer waits for room in a full socket (the peer takes no bytes).
+    blocked: bool,
 }
 
 /// One connection's flow bounds, shared by its reader, its writer and the
@@ -71,7 +75,7 @@ impl Flow {
                 st.paused = false;
                 return Err("server stopping");
             }
-            if st.unacked > 0 {
+            if st.unacked > 0 || st.queued_breaks > 0 {
                 // The ack is behind this backlog, and another client's
                 // write waits for it: end the session instead (as for an
                 // unreachable holder).
@@ -89,10 +93,39 @@ impl Flow {
         }
     }
 
+    /// Before queueing a callback break: false if the connection is jammed
+    /// (the reader held at a bound or the writer blocked on a full socket),
+    /// so the ack could not come in time; else counts it queued.
+    fn queue_break(&self) -> bool {
+        let mut st = self.st.lock();
+        if st.paused || st.blocked {
+            return false;
+        }
+        st.queued_breaks += 1;
+        true
+    }
+
+    /// The writer found the socket full: false (cut the connection) if a
+    /// break is queued behind or written and unacknowledged, since another
+    /// client's write waits for its ack; else marks the writer blocked.
+    fn block(&self) -> bool {
+        let mut st = self.st.lock();
+        if st.queued_breaks > 0 || st.unacked > 0 {
+            return false;
+        }
+        st.blocked = true;
+        true
+    }
+
+    fn unblock(&self) {
+        self.st.lock().blocked = false;
+    }
+
     /// Before writing a callback break: false if the reader is held at a
     /// bound (the ack could not be read in time); else counts it unacked.
     fn break_sent(&self) -> bool {
         let mut st = self.st.lock();
+        st.queued_breaks = st.queued_breaks.saturating_sub(1);
         if st.paused {
             return false;
         }
@@ -178,6 +211,10 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
         ControlLink {
             out: tx.clone(),
             sock: sock_s,
+            break_gate: {
+                let flow = Arc::clone(&flow);
+                Arc::new(move || flow.queue_break())
+            },
         },
     );
     // Welcome goes out only now that the session exists (see handshake).
@@ -411,15 +448,15 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
                     let _ = sock.shutdown(Shutdown::Both);
                     return "a callback break found the connection held at its request bounds";
                 }
-                if sock.write_all(&bytes).is_err() {
+                if let Err(why) = send_all(&sock, &bytes, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
-                    return "replies not taken";
+                    return why;
                 }
             }
             Out::Reply(bytes) => {
-                if sock.write_all(&bytes).is_err() {
+                if let Err(why) = send_all(&sock, &bytes, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
-                    return "replies not taken";
+                    return why;
                 }
                 flow.sent(bytes.len());
             }
@@ -431,4 +468,90 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
         }
     }
     "closed"
+}
+
+/// Write all of `buf`. When the socket is full the writer notes it is
+/// blocked (so a callback break for this peer ends the session at once
+/// instead of queueing behind bytes nobody takes) and waits for room, at
+/// most the send timeout per wait; a break already queued or unacked when
+/// the socket fills ends it too.
+fn send_all(
+    sock: &TcpStream,
+    mut buf: &[u8],
+    flow: &Flow,
+) -> std::result::Result<(), &'static str> {
+    use std::os::fd::AsRawFd;
+    const TAKEN_TOO_SLOW: &str = "replies not taken";
+    const JAMMED: &str = "a callback break found the connection's socket full";
+    let fd = sock.as_raw_fd();
+    let wait_ms = super::SEND_TIMEOUT.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // Bounded: each turn either writes bytes or waits at most wait_ms for
+    // room, and a peer taking nothing for that long is cut.
+    while !buf.is_empty() {
+        // SAFETY: a plain send of a live buffer on a socket this thread
+        // holds open; MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            buf = &buf[n as usize..];
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if n < 0 => {
+                if !flow.block() {
+                    return Err(JAMMED);
+                }
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: poll on one pollfd this frame owns.
+                let r = unsafe { libc::poll(&mut p, 1, wait_ms) };
+                flow.unblock();
+                if r == 0 {
+                    return Err(TAKEN_TOO_SLOW);
+                }
+            }
+            _ => return Err(TAKEN_TOO_SLOW),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod flow_tests {
+    use super::*;
+
+    #[test]
+    fn a_break_and_a_full_socket_meet_once_whichever_comes_first() {
+        // A break queued first: the writer that then finds the socket full
+        // gives up on the connection.
+        let f = Flow::default();
+        assert!(f.queue_break());
+        assert!(!f.block());
+        // Written (now awaiting its ack): a full socket still ends it.
+        assert!(f.break_sent());
+        assert!(!f.block());
+        f.break_acked();
+        // No break around: the writer just waits for room...
+        assert!(f.block());
+        // ...and a break arriving meanwhile is refused (session to end).
+        assert!(!f.queue_break());
+        f.unblock();
+        assert!(f.queue_break());
+        assert!(f.break_sent());
+        f.break_acked();
+        // A reader held at its bounds refuses a break too.
+        f.st.lock().paused = true;
+        assert!(!f.queue_break());
+    }
 }

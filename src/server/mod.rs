@@ -10,7 +10,8 @@
 //!
 //! Limits (docs/SERVER.md "Limits"): the whole handshake has one deadline;
 //! at most `max_handshaking` connections may be unauthenticated at once (a
-//! new one evicts the oldest); the soft RLIMIT_NOFILE is raised to the hard
+//! new one evicts the oldest), and at most `per_ip` from one source address
+//! (a new one evicts that address's oldest); the soft RLIMIT_NOFILE is raised to the hard
 //! limit at start, connections are capped below it, and one spare
 //! descriptor is kept so a full descriptor table never wedges accept(2).
 
@@ -28,10 +29,10 @@ mod volume;
 mod wire;
 mod workers;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use crate::{Error, Result};
 use sessions::Registry;
 use volume::VolumeStore;
 
+pub use control::MAX_ATTRS_REPLY;
 pub use meta::{ROOT_FID, ROOT_VOLUME};
 pub use sessions::{StagedLimits, DEFAULT_STAGED_LIMITS};
 pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
@@ -81,6 +83,9 @@ const CONN_STACK: usize = 512 * 1024;
 pub(crate) const SMALL_STACK: usize = 128 * 1024;
 /// Most unauthenticated connections, whatever the descriptor limit.
 const MAX_HANDSHAKING: usize = 256;
+/// Most unauthenticated connections from one source address, so one
+/// address cannot evict everyone else's handshakes.
+pub const MAX_HANDSHAKING_PER_IP: usize = 32;
 /// Descriptors one connection may hold (the socket and its clones).
 const FDS_PER_CONN: usize = 6;
 /// Descriptors kept out of connections' reach (data files, redb, logs).
@@ -138,9 +143,11 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// Every open connection, so shutdown can cut them all.
     conns: Mutex<HashMap<u64, TcpStream>>,
-    /// Serials of the connections still in their handshake, oldest first.
-    handshaking: Mutex<BTreeSet<u64>>,
+    /// The connections still in their handshake, oldest first.
+    handshaking: Mutex<Handshakes>,
     max_handshaking: usize,
+    /// Of those, most from one source address.
+    per_ip: usize,
     max_conns: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
@@ -176,8 +183,9 @@ impl Server {
             idle_timeout: cfg.idle_timeout,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
-            handshaking: Mutex::new(BTreeSet::new()),
+            handshaking: Mutex::new(Handshakes::default()),
             max_handshaking,
+            per_ip: (max_handshaking / 2).clamp(1, MAX_HANDSHAKING_PER_IP),
             max_conns,
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
@@ -285,8 +293,8 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
-        let stream = match conn {
-            Ok((s, _)) => s,
+        let (stream, ip) = match conn {
+            Ok((s, a)) => (s, a.ip().to_canonical()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
                 log::warn(format_args!("accept: {e}; shedding one connection"));
                 evict_oldest_handshake(&shared);
@@ -318,12 +326,11 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
         let evicted = {
             let mut h = shared.handshaking.lock();
-            let ev = if h.len() >= shared.max_handshaking {
-                h.pop_first()
-            } else {
-                None
-            };
-            h.insert(serial);
+            let ev = h.to_evict(ip, shared.max_handshaking, shared.per_ip);
+            if let Some(old) = ev {
+                h.remove(old);
+            }
+            h.insert(serial, ip);
             ev
         };
         if let Some(old) = evicted {
@@ -335,7 +342,7 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             .stack_size(CONN_STACK)
             .spawn(move || {
                 connection(&s2, stream, serial);
-                s2.handshaking.lock().remove(&serial);
+                s2.handshaking.lock().remove(serial);
                 s2.conns.lock().remove(&serial);
             });
         let mut threads = shared.threads.lock();
@@ -344,7 +351,7 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Ok(h) => threads.push(h),
             Err(e) => {
                 log::warn(format_args!("cannot spawn a connection thread: {e}"));
-                shared.handshaking.lock().remove(&serial);
+                shared.handshaking.lock().remove(serial);
                 if let Some(c) = shared.conns.lock().remove(&serial) {
                     let _ = c.shutdown(Shutdown::Both);
                 }
@@ -371,6 +378,55 @@ fn evict_oldest_handshake(shared: &Shared) -> bool {
             true
         }
         None => false,
+    }
+}
+
+/// The connections in their handshake: serial (in accept order) → source
+/// address, with a count per address.
+#[derive(Default)]
+struct Handshakes {
+    order: BTreeMap<u64, IpAddr>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+impl Handshakes {
+    fn insert(&mut self, serial: u64, ip: IpAddr) {
+        if self.order.insert(serial, ip).is_none() {
+            *self.per_ip.entry(ip).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, serial: u64) {
+        if let Some(ip) = self.order.remove(&serial) {
+            self.uncount(ip);
+        }
+    }
+
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    fn pop_first(&mut self) -> Option<u64> {
+        let (serial, ip) = self.order.pop_first()?;
+        self.uncount(ip);
+        Some(serial)
+    }
+
+    /// The handshake to close so a new one from `ip` fits: that address's
+    /// oldest once it holds `per_ip`, else the oldest of all at `max`.
+    fn to_evict(&self, ip: IpAddr, max: usize, per_ip: usize) -> Option<u64> {
+        if self.per_ip.get(&ip).copied().unwrap_or(0) >= per_ip {
+            return self.order.iter().find(|(_, a)| **a == ip).map(|(s, _)| *s);
+        }
+        if self.order.len() >= max {
+            return self.order.keys().next().copied();
+        }
+        None
     }
 }
 
@@ -437,7 +493,7 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         at: Instant::now() + HANDSHAKE_TIMEOUT,
     };
     let accepted = handshake::accept(&mut timed, &mut stream, &shared.store);
-    shared.handshaking.lock().remove(&serial);
+    shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,
         Err(e) => {
@@ -452,5 +508,40 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     match ident.kind {
         ConnKind::Control => control::serve(Arc::clone(shared), reader, ident, welcome),
         ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, welcome, serial),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_evicts_only_its_own_handshakes() {
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let mut h = Handshakes::default();
+        h.insert(1, a);
+        // b fills its share: from then on each new b evicts b's oldest.
+        for s in 2..6 {
+            assert_eq!(h.to_evict(b, 8, 4), None);
+            h.insert(s, b);
+        }
+        assert_eq!(h.to_evict(b, 8, 4), Some(2));
+        h.remove(2);
+        h.insert(6, b);
+        assert_eq!(h.to_evict(b, 8, 4), Some(3));
+        // Another address still gets in without evicting anyone...
+        assert_eq!(h.to_evict(a, 8, 4), None);
+        for s in 7..10 {
+            h.insert(s, a);
+        }
+        // ...until the total is full: then the oldest of all goes.
+        assert_eq!(h.order.len(), 8);
+        assert_eq!(h.to_evict("10.0.0.3".parse().unwrap(), 8, 4), Some(1));
+        assert_eq!(h.pop_first(), Some(1));
+        assert_eq!(h.per_ip[&a], 3);
+        for s in 3..10 {
+            h.remove(s);
+        }
+        assert!(h.order.is_empty() && h.per_ip.is_empty());
     }
 }

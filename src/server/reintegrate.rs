@@ -1,7 +1,9 @@
 //! Reintegration: apply a batch of CML records in ONE redb write
 //! transaction, checking each record against the state the previous ones
 //! left. Either the commit happens and every record is applied, or nothing
-//! is (decision 1 and 9).
+//! is (decision 1 and 9). Batches of several sessions that arrive during a
+//! commit share the next transaction (group commit, docs/SERVER.md); each
+//! is still all-or-nothing on its own.
 //!
 //! Data files follow the metadata: a Store hard-links the staged upload to a
 //! fresh versioned object name and a truncate writes a fresh file; their
@@ -10,17 +12,20 @@
 //! pointing at a complete file; the other files are garbage the startup
 //! sweep removes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use redb::{Database, ReadableTable, Table};
+use redb::{Database, ReadableTable, Table, WriteTransaction};
 
 use super::meta::*;
 use super::objects;
-use super::volume::{get_object, stale, CarriesError, ClientId, VolumeStore};
+use super::volume::{get_object, is_store_failure, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
 use crate::{Error, Result};
 
@@ -96,116 +101,320 @@ pub fn check_ahead(highest: u64, records: &[Record]) -> std::result::Result<(), 
     Ok(())
 }
 
+/// One batch waiting for (or inside) a group commit. Owns its input, so
+/// whichever worker leads the group can apply it.
+struct Job {
+    client: ClientId,
+    records: Vec<Record>,
+    /// The staged files of the batch's Store records, looked up by the
+    /// submitting worker (the lookup belongs to its session).
+    staged: HashMap<u64, PathBuf>,
+}
+
+type JobResult = std::result::Result<Outcome, BatchError>;
+
+/// Group commit: batches that arrive while a commit is in progress are
+/// applied together in the next write transaction, with one fsync. The
+/// first waiting worker that finds no commit in progress leads the next
+/// group; the others sleep until their result is filed.
+pub(crate) struct GroupCommit {
+    state: Mutex<GroupState>,
+    cv: Condvar,
+    /// Most batches per transaction; 1 turns grouping off (bench knob).
+    max_group: usize,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: VecDeque<(u64, Arc<Job>)>,
+    busy: bool,
+    done: HashMap<u64, JobResult>,
+    next_ticket: u64,
+}
+
+/// Set to `1` in the server's environment to commit every batch alone
+/// (one fsync each): only for measuring what grouping gains.
+pub const NO_GROUP_COMMIT_ENV: &str = "CODA_SERVER_NO_GROUP_COMMIT";
+
+/// Largest group; the worker pool (16) bounds it anyway.
+const MAX_GROUP: usize = 64;
+
+impl GroupCommit {
+    pub(crate) fn from_env() -> GroupCommit {
+        let off = std::env::var(NO_GROUP_COMMIT_ENV).is_ok_and(|v| v == "1");
+        GroupCommit {
+            state: Mutex::new(GroupState::default()),
+            cv: Condvar::new(),
+            max_group: if off { 1 } else { MAX_GROUP },
+        }
+    }
+}
+
+/// If the leader's thread unwinds mid-group, the other workers of the
+/// group get an error instead of sleeping forever.
+struct LeaderGuard<'a> {
+    group: &'a GroupCommit,
+    tickets: Vec<u64>,
+    /// The leader's own ticket: nobody waits for it then.
+    own: u64,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut g = self.group.state.lock();
+        g.busy = false;
+        for t in self.tickets.iter().filter(|t| **t != self.own) {
+            g.done.insert(
+                *t,
+                Err(Error::Eio("the server failed while committing the batch".into()).into()),
+            );
+        }
+        self.group.cv.notify_all();
+    }
+}
+
+/// A batch applied inside the group's transaction, not yet committed.
+struct Applied {
+    outcome: Outcome,
+    created: Vec<PathBuf>,
+    replaced: Vec<PathBuf>,
+    sync_dirs: BTreeSet<PathBuf>,
+}
+
+/// A batch that failed inside the group's transaction. `wrote`: it had
+/// already changed the transaction, so the group must start again without
+/// it (its own object files are already removed).
+struct Failed {
+    error: BatchError,
+    wrote: bool,
+}
+
 impl VolumeStore {
-    /// Apply a batch; a failure of the metadata store itself (a full disk)
-    /// fails this batch only and the store is reopened (see `with_db`).
+    /// Apply a batch, grouped with the batches of other sessions that
+    /// arrive meanwhile; returns once its commit is durable. A failure of
+    /// the metadata store itself (a full disk) fails the group and the
+    /// store is reopened (see `with_db`).
     pub fn reintegrate(
         &self,
         client: &ClientId,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        self.with_db(|db| self.reintegrate_in(db, client, records, staged))
+        let mut files = HashMap::new();
+        for r in records {
+            if let RecordOp::Store { upload_id, .. } = r.op {
+                if let Some(p) = staged(upload_id) {
+                    files.insert(upload_id, p);
+                }
+            }
+        }
+        let job = Arc::new(Job {
+            client: *client,
+            records: records.to_vec(),
+            staged: files,
+        });
+        let group = &self.group;
+        let mut g = group.state.lock();
+        let ticket = g.next_ticket;
+        g.next_ticket += 1;
+        g.queue.push_back((ticket, job));
+        // Bounded: each turn either finds the result, leads a group that
+        // takes at least this ticket's predecessors, or sleeps until a
+        // leader files results.
+        loop {
+            if let Some(r) = g.done.remove(&ticket) {
+                return r;
+            }
+            if g.busy {
+                group.cv.wait(&mut g);
+                continue;
+            }
+            g.busy = true;
+            let take = g.queue.len().min(group.max_group);
+            let jobs: Vec<(u64, Arc<Job>)> = g.queue.drain(..take).collect();
+            drop(g);
+            let mut guard = LeaderGuard {
+                group,
+                tickets: jobs.iter().map(|(t, _)| *t).collect(),
+                own: ticket,
+                armed: true,
+            };
+            let only: Vec<Arc<Job>> = jobs.iter().map(|(_, j)| j.clone()).collect();
+            let results = self.commit_group(&only);
+            g = group.state.lock();
+            guard.armed = false;
+            g.busy = false;
+            for ((t, _), r) in jobs.into_iter().zip(results) {
+                g.done.insert(t, r);
+            }
+            group.cv.notify_all();
+        }
     }
 
-    fn reintegrate_in(
-        &self,
-        db: &Database,
-        client: &ClientId,
-        records: &[Record],
-        staged: StagedLookup,
-    ) -> std::result::Result<Outcome, BatchError> {
-        let txn = db.begin_write().map_err(Error::from)?;
-        let highest = {
-            let t = txn.open_table(CLIENT_STORE).map_err(Error::from)?;
-            let v = t.get(client).map_err(Error::from)?.map(|v| v.value());
-            v.unwrap_or(0)
-        };
-        let already = |r: &Record| highest > 0 && r.store_id <= highest;
-        check_ahead(highest, records)?;
-        if !records.is_empty() && records.iter().all(already) {
-            // The reply to this batch was lost: answer again, apply nothing.
-            let objects = txn.open_table(OBJECTS).map_err(Error::from)?;
-            let mut results = Vec::with_capacity(records.len());
-            for r in records {
-                results.push(current_attr(&objects, r.op.target())?);
-            }
-            drop(objects);
-            let _ = txn.abort();
-            return Ok(Outcome {
-                results,
-                replayed: true,
-                ..Outcome::default()
-            });
+    /// Commit `jobs` in one transaction (retrying without a batch that
+    /// failed after writing); one result per job, in order.
+    fn commit_group(&self, jobs: &[Arc<Job>]) -> Vec<JobResult> {
+        match self.with_db(|db| self.group_in(db, jobs)) {
+            Ok(v) => v,
+            // The store itself failed: nothing of the group was committed.
+            Err(e) => jobs
+                .iter()
+                .map(|_| Err(BatchError::from(same_error(&e))))
+                .collect(),
         }
+    }
 
-        let (results, failure, files) = {
-            let mut batch = Batch {
-                objects: txn.open_table(OBJECTS).map_err(Error::from)?,
-                dirents: txn.open_table(DIRENTS).map_err(Error::from)?,
-                reserved: txn.open_table(RESERVED).map_err(Error::from)?,
-                graves: txn.open_table(GRAVES).map_err(Error::from)?,
-                usage: txn.open_table(VOLUSAGE).map_err(Error::from)?,
-                quotas: txn.open_table(QUOTAS).map_err(Error::from)?,
-                store: self,
-                client,
-                staged,
-                now: Timespec::now(),
-                created: Vec::new(),
-                replaced: Vec::new(),
-                changed: BTreeSet::new(),
-                deleted: BTreeSet::new(),
-                sync_dirs: BTreeSet::new(),
-                consumed: Vec::new(),
-            };
-            let mut results = Vec::with_capacity(records.len());
-            let mut failure = None;
-            for (i, r) in records.iter().enumerate() {
-                // A record applied by an earlier batch (the client merged the
-                // rest of a half-acknowledged log into a new one) is skipped.
-                let step = if already(r) {
-                    current_attr(&batch.objects, r.op.target())
-                } else {
-                    batch.apply(&r.op)
-                };
-                match step {
-                    Ok(a) => results.push(a),
-                    Err(e) => {
-                        failure = Some(BatchError {
-                            error: e,
-                            index: i as u32,
-                        });
+    fn group_in(&self, db: &Database, jobs: &[Arc<Job>]) -> Result<Vec<JobResult>> {
+        let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
+        // Each round that does not commit settles at least one more job.
+        for _round in 0..=jobs.len() {
+            let txn = db.begin_write()?;
+            let mut applied: Vec<(usize, Applied)> = Vec::new();
+            let mut restart = false;
+            let mut fatal = None;
+            for (i, job) in jobs.iter().enumerate() {
+                if out[i].is_some() {
+                    continue;
+                }
+                match self.apply_job(&txn, job) {
+                    Ok(a) => applied.push((i, a)),
+                    Err(f) if is_store_failure(&f.error.error) => {
+                        fatal = Some(f.error.error);
                         break;
+                    }
+                    Err(f) => {
+                        out[i] = Some(Err(f.error));
+                        if f.wrote {
+                            restart = true;
+                            break;
+                        }
                     }
                 }
             }
-            if failure.is_none() {
-                failure = batch.sync_dirs().err().map(BatchError::from);
-            }
-            let files = BatchFiles {
-                created: std::mem::take(&mut batch.created),
-                replaced: std::mem::take(&mut batch.replaced),
-                changed: std::mem::take(&mut batch.changed),
-                deleted: std::mem::take(&mut batch.deleted),
-                consumed: std::mem::take(&mut batch.consumed),
+            let discard = |applied: &[(usize, Applied)]| {
+                for (_, a) in applied {
+                    a.created.iter().for_each(|p| objects::remove_quietly(p));
+                }
             };
-            (results, failure, files)
-        };
-        let BatchFiles {
-            created,
-            replaced,
-            changed,
-            deleted,
-            consumed,
-        } = files;
-        if let Some(f) = failure {
-            let _ = txn.abort();
-            created.iter().for_each(|p| objects::remove_quietly(p));
-            return Err(f);
+            if let Some(e) = fatal {
+                let _ = txn.abort();
+                discard(&applied);
+                return Err(e);
+            }
+            if restart {
+                let _ = txn.abort();
+                discard(&applied);
+                continue;
+            }
+            let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
+            let commit = (|| -> Result<()> {
+                for d in dirs {
+                    objects::sync_dir(d)?;
+                }
+                txn.commit()?;
+                Ok(())
+            })();
+            if let Err(e) = commit {
+                discard(&applied);
+                return Err(e);
+            }
+            for (i, a) in applied {
+                // Committed: the replaced files are unreferenced now.
+                a.replaced.iter().for_each(|p| objects::remove_quietly(p));
+                out[i] = Some(Ok(a.outcome));
+            }
+            break;
         }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::Eio("batch not settled".into()).into())))
+            .collect())
+    }
+
+    /// Apply one batch inside the group's transaction: all of it, or (on
+    /// failure) nothing the caller keeps.
+    fn apply_job(&self, txn: &WriteTransaction, job: &Job) -> std::result::Result<Applied, Failed> {
+        let early = |e: BatchError| Failed {
+            error: e,
+            wrote: false,
+        };
+        let client = &job.client;
+        let records = &job.records[..];
+        let highest = (|| -> Result<u64> {
+            let t = txn.open_table(CLIENT_STORE)?;
+            let v = t.get(client)?.map(|v| v.value());
+            Ok(v.unwrap_or(0))
+        })()
+        .map_err(|e| early(e.into()))?;
+        let already = |r: &Record| highest > 0 && r.store_id <= highest;
+        check_ahead(highest, records).map_err(early)?;
+        if !records.is_empty() && records.iter().all(already) {
+            // The reply to this batch was lost: answer again, apply nothing.
+            let results = (|| -> Result<Vec<Attr>> {
+                let objects = txn.open_table(OBJECTS)?;
+                records
+                    .iter()
+                    .map(|r| current_attr(&objects, r.op.target()))
+                    .collect()
+            })()
+            .map_err(|e| early(e.into()))?;
+            return Ok(Applied {
+                outcome: Outcome {
+                    results,
+                    replayed: true,
+                    ..Outcome::default()
+                },
+                created: Vec::new(),
+                replaced: Vec::new(),
+                sync_dirs: BTreeSet::new(),
+            });
+        }
+        let lookup = |up: u64| job.staged.get(&up).cloned();
+        let mut batch = Batch::open(txn, self, client, &lookup).map_err(|e| early(e.into()))?;
+        let mut results = Vec::with_capacity(records.len());
+        let mut failure = None;
+        for (i, r) in records.iter().enumerate() {
+            // A record applied by an earlier batch (the client merged the
+            // rest of a half-acknowledged log into a new one) is skipped.
+            let step = if already(r) {
+                current_attr(&batch.objects, r.op.target())
+            } else {
+                batch.apply(&r.op)
+            };
+            match step {
+                Ok(a) => results.push(a),
+                Err(e) => {
+                    failure = Some(BatchError {
+                        error: e,
+                        index: i as u32,
+                    });
+                    break;
+                }
+            }
+        }
+        let wrote = batch.wrote;
+        let created = std::mem::take(&mut batch.created);
+        let fail = |error: BatchError, wrote: bool| {
+            created.iter().for_each(|p| objects::remove_quietly(p));
+            Failed { error, wrote }
+        };
+        if let Some(f) = failure {
+            drop(batch);
+            return Err(fail(f, wrote));
+        }
+        let replaced = std::mem::take(&mut batch.replaced);
+        let changed = std::mem::take(&mut batch.changed);
+        let deleted = std::mem::take(&mut batch.deleted);
+        let consumed = std::mem::take(&mut batch.consumed);
+        let sync_dirs = std::mem::take(&mut batch.sync_dirs);
+        drop(batch);
         let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
         let volumes: BTreeSet<u32> = changed.iter().map(|f| f.volume).collect();
-        let commit = (|| -> Result<()> {
+        let marks = (|| -> Result<()> {
             if top > highest {
                 txn.open_table(CLIENT_STORE)?.insert(client, top)?;
             }
@@ -219,28 +428,43 @@ impl VolumeStore {
                 s.bump(client);
                 vs.insert(*v, &s.encode()[..])?;
             }
-            drop(vs);
-            txn.commit()?;
             Ok(())
         })();
-        if let Err(e) = commit {
-            created.iter().for_each(|p| objects::remove_quietly(p));
-            return Err(e.into());
+        if let Err(e) = marks {
+            return Err(fail(e.into(), true));
         }
-        // Committed: the replaced files are unreferenced now.
-        replaced.iter().for_each(|p| objects::remove_quietly(p));
         // Holders of a volume callback hear of every change to the volume.
         let changed = changed
             .into_iter()
             .chain(volumes.into_iter().map(volume_fid))
             .collect();
-        Ok(Outcome {
-            results,
-            changed,
-            deleted: deleted.into_iter().collect(),
-            consumed_uploads: consumed,
-            replayed: false,
+        Ok(Applied {
+            outcome: Outcome {
+                results,
+                changed,
+                deleted: deleted.into_iter().collect(),
+                consumed_uploads: consumed,
+                replayed: false,
+            },
+            created,
+            replaced,
+            sync_dirs,
         })
+    }
+}
+
+/// The same failure again, for every batch of a group the store failed.
+fn same_error(e: &Error) -> Error {
+    match e {
+        Error::Io { context, source } => Error::io(
+            context.clone(),
+            match source.raw_os_error() {
+                Some(n) => std::io::Error::from_raw_os_error(n),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            },
+        ),
+        Error::NoSpace(m) => Error::NoSpace(m.clone()),
+        other => Error::Eio(other.to_string()),
     }
 }
 
@@ -265,14 +489,6 @@ fn current_attr<T: ReadableTable<&'static [u8; 16], &'static [u8]>>(
     })
 }
 
-struct BatchFiles {
-    created: Vec<PathBuf>,
-    replaced: Vec<PathBuf>,
-    changed: BTreeSet<Fid>,
-    deleted: BTreeSet<Fid>,
-    consumed: Vec<u64>,
-}
-
 struct Batch<'t, 's> {
     objects: Table<'t, &'static [u8; 16], &'static [u8]>,
     dirents: Table<'t, (&'static [u8; 16], &'static str), &'static [u8; 17]>,
@@ -292,9 +508,39 @@ struct Batch<'t, 's> {
     deleted: BTreeSet<Fid>,
     sync_dirs: BTreeSet<PathBuf>,
     consumed: Vec<u64>,
+    /// Something was written to the transaction (a failure then spoils it
+    /// for the rest of the group).
+    wrote: bool,
 }
 
-impl Batch<'_, '_> {
+impl<'t, 's> Batch<'t, 's> {
+    fn open(
+        txn: &'t WriteTransaction,
+        store: &'s VolumeStore,
+        client: &'s ClientId,
+        staged: StagedLookup<'s>,
+    ) -> Result<Batch<'t, 's>> {
+        Ok(Batch {
+            objects: txn.open_table(OBJECTS)?,
+            dirents: txn.open_table(DIRENTS)?,
+            reserved: txn.open_table(RESERVED)?,
+            graves: txn.open_table(GRAVES)?,
+            usage: txn.open_table(VOLUSAGE)?,
+            quotas: txn.open_table(QUOTAS)?,
+            store,
+            client,
+            staged,
+            now: Timespec::now(),
+            created: Vec::new(),
+            replaced: Vec::new(),
+            changed: BTreeSet::new(),
+            deleted: BTreeSet::new(),
+            sync_dirs: BTreeSet::new(),
+            consumed: Vec::new(),
+            wrote: false,
+        })
+    }
+
     fn apply(&mut self, op: &RecordOp) -> Result<Attr> {
         match op {
             RecordOp::Store {
@@ -376,6 +622,7 @@ impl Batch<'_, '_> {
     }
 
     fn put(&mut self, rec: &ObjectRec) -> Result<()> {
+        self.wrote = true;
         self.objects
             .insert(&rec.attr.fid.to_bytes(), rec.encode().as_slice())?;
         self.changed.insert(rec.attr.fid);
@@ -423,6 +670,7 @@ impl Batch<'_, '_> {
                 }
             }
         }
+        self.wrote = true;
         self.usage.insert(volume, next)?;
         Ok(())
     }
@@ -451,6 +699,7 @@ impl Batch<'_, '_> {
         if rec.attr.ftype == FileType::File {
             self.charge(fid.volume, rec.attr.size, 0)?;
         }
+        self.wrote = true;
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
         if rec.has_file {
@@ -546,13 +795,6 @@ impl Batch<'_, '_> {
         Ok(path)
     }
 
-    fn sync_dirs(&self) -> Result<()> {
-        for d in &self.sync_dirs {
-            objects::sync_dir(d)?;
-        }
-        Ok(())
-    }
-
     // ---- records --------------------------------------------------------
 
     fn store(
@@ -645,6 +887,7 @@ impl Batch<'_, '_> {
             target: target.to_string(),
         };
         self.put(&rec)?;
+        self.wrote = true;
         self.dirents
             .insert((&parent.to_bytes(), name), &encode_entry(fid, ftype))?;
         self.touch_dir(parent, 1, is_dir as i64)?;
@@ -667,6 +910,7 @@ impl Batch<'_, '_> {
         rec.attr.nlink += 1;
         self.bump(&mut rec);
         self.put(&rec)?;
+        self.wrote = true;
         self.dirents.insert(
             (&parent.to_bytes(), name),
             &encode_entry(fid, FileType::File),
@@ -713,6 +957,7 @@ impl Batch<'_, '_> {
         if is_dir && !self.is_empty_dir(fid)? {
             return Err(Error::NotEmpty(format!("{name:?} in {parent}")));
         }
+        self.wrote = true;
         self.dirents.remove((&parent.to_bytes(), name))?;
         self.touch_dir(parent, -1, -(is_dir as i64))?;
         if is_dir {
@@ -782,7 +1027,9 @@ impl Batch<'_, '_> {
             }
             replaced_any = true;
         }
+        self.wrote = true;
         self.dirents.remove((&src_parent.to_bytes(), src_name))?;
+        self.wrote = true;
         self.dirents.insert(
             (&dst_parent.to_bytes(), dst_name),
             &encode_entry(fid, rec.attr.ftype),
@@ -887,6 +1134,163 @@ mod tests {
                 },
             })
             .collect()
+    }
+
+    fn create(store_id: u64, name: &str, fid: Fid) -> Record {
+        Record {
+            store_id,
+            op: RecordOp::Create {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: Timespec::default(),
+            },
+        }
+    }
+
+    fn job(client: ClientId, records: Vec<Record>) -> Arc<Job> {
+        Arc::new(Job {
+            client,
+            records,
+            staged: HashMap::new(),
+        })
+    }
+
+    fn fids(store: &VolumeStore, client: &ClientId, n: u32) -> Vec<Fid> {
+        let first = store.alloc_fids(client, ROOT_VOLUME, n).unwrap();
+        (0..n as u64).map(|i| Fid::new(1, first + i, 1)).collect()
+    }
+
+    fn watermark(store: &VolumeStore, client: &ClientId) -> u64 {
+        store
+            .with_db(|db| -> Result<u64> {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(CLIENT_STORE)?;
+                let v = t.get(client)?.map(|v| v.value());
+                Ok(v.unwrap_or(0))
+            })
+            .unwrap()
+    }
+
+    /// One group holding good batches, a batch that fails after writing
+    /// (the group restarts without it), one that fails before writing, and
+    /// one refused because of an earlier batch of the same group: each
+    /// outcome is exactly what applying them one by one would give.
+    #[test]
+    fn a_failing_batch_leaves_nothing_and_fails_no_other_batch_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let (a, b, c, d, e) = ([1u8; 16], [2u8; 16], [3u8; 16], [4u8; 16], [5u8; 16]);
+        let (fa, fb, fc, fe) = (
+            fids(&store, &a, 2),
+            fids(&store, &b, 2),
+            fids(&store, &c, 1),
+            fids(&store, &e, 1),
+        );
+        let ghost = Record {
+            store_id: 2,
+            op: RecordOp::Remove {
+                parent: ROOT_FID,
+                name: "ghost".into(),
+                fid: Fid::new(1, 999, 1),
+            },
+        };
+        let jobs = vec![
+            job(a, vec![create(1, "a1", fa[0]), create(2, "a2", fa[1])]),
+            // Writes b1, then fails at its second record.
+            job(b, vec![create(1, "b1", fb[0]), ghost.clone()]),
+            job(c, vec![create(7, "c1", fc[0])]),
+            // Fails at its first record, before writing anything.
+            job(
+                d,
+                vec![Record {
+                    store_id: 1,
+                    ..ghost
+                }],
+            ),
+            // "a1" was created by the first batch of this very group.
+            job(e, vec![create(1, "a1", fe[0])]),
+        ];
+        let out = store.commit_group(&jobs);
+        assert_eq!(out.len(), 5);
+        let ok: Vec<bool> = out.iter().map(|r| r.is_ok()).collect();
+        assert_eq!(ok, [true, false, true, false, false]);
+        let err = |i: usize| out[i].as_ref().unwrap_err();
+        assert!(matches!(err(1).error, Error::NotFound(_)) && err(1).index == 1);
+        assert!(matches!(err(3).error, Error::NotFound(_)) && err(3).index == 0);
+        assert!(matches!(err(4).error, Error::Exists(_)) && err(4).index == 0);
+        let done = out[0].as_ref().unwrap();
+        assert_eq!(done.results.len(), 2);
+        assert!(!done.replayed);
+
+        let (attr, entries, _) = store.read_dir(ROOT_FID, 0).unwrap();
+        let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a1", "a2", "c1"]);
+        // Three creates, one version step each; nothing of b's batch.
+        assert_eq!(attr.version, 1 + 3);
+        assert_eq!(attr.size, 3);
+        let attrs = store.get_attrs(&[fb[0], fa[0]]).unwrap();
+        assert!(attrs[0].is_err(), "b1 left nothing");
+        assert_eq!(attrs[1].as_ref().unwrap().fid, fa[0]);
+        // The replay watermark moved for the committed batches only.
+        assert_eq!(watermark(&store, &a), 2);
+        assert_eq!(watermark(&store, &b), 0);
+        assert_eq!(watermark(&store, &c), 7);
+        assert_eq!(watermark(&store, &d), 0);
+        assert_eq!(watermark(&store, &e), 0);
+        // b's fid is still its own to use: its batch, fixed, commits.
+        let again = store.commit_group(&[job(b, vec![create(1, "b1", fb[0])])]);
+        assert!(again[0].is_ok());
+        // a's batch resent (its reply lost) is answered, not applied again.
+        let replay = store.commit_group(&[job(a, vec![create(1, "a1", fa[0])])]);
+        assert!(replay[0].as_ref().unwrap().replayed);
+        assert_eq!(store.read_dir(ROOT_FID, 0).unwrap().0.version, 1 + 4);
+    }
+
+    /// Many threads reintegrating at once through the grouping: every batch
+    /// is answered and applied exactly once.
+    #[test]
+    fn concurrent_batches_all_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        const THREADS: u8 = 8;
+        const EACH: u64 = 20;
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let store = &store;
+                s.spawn(move || {
+                    let client = [t + 1; 16];
+                    let fs = fids(store, &client, EACH as u32);
+                    let none = |_: u64| None;
+                    for (i, fid) in fs.into_iter().enumerate() {
+                        let r = create(i as u64 + 1, &format!("t{t}_{i}"), fid);
+                        let out = store.reintegrate(&client, &[r], &none).unwrap();
+                        assert_eq!(out.results[0].fid, fid);
+                    }
+                });
+            }
+        });
+        let mut n = 0;
+        let mut cursor = 0;
+        for _ in 0..1000 {
+            let (_, entries, next) = store.read_dir(ROOT_FID, cursor).unwrap();
+            n += entries.len();
+            match next {
+                Some(c) => cursor = c,
+                None => break,
+            }
+        }
+        assert_eq!(n, THREADS as usize * EACH as usize);
+        let attr = store.read_dir(ROOT_FID, 0).unwrap().0;
+        assert_eq!(attr.version, 1 + THREADS as u64 * EACH);
+        for t in 0..THREADS {
+            assert_eq!(watermark(&store, &[t + 1; 16]), EACH);
+        }
     }
 
     #[test]

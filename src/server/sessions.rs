@@ -41,6 +41,9 @@ impl ClientCtx {
 pub struct ControlLink {
     pub out: Sender<Out>,
     pub sock: TcpStream,
+    /// Called before a callback break is queued: false when the connection
+    /// is jammed (reader held at its bounds or writer on a full socket).
+    pub break_gate: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 struct Session {
@@ -417,6 +420,7 @@ impl Registry {
             for &fid in deleted {
                 g.callbacks.drop_fid(fid);
             }
+            let mut jammed = Vec::new();
             for (holder, fids) in per_holder {
                 for chunk in fids.chunks(MAX_FIDS) {
                     g.next_break += 1;
@@ -424,6 +428,12 @@ impl Registry {
                     let Some(s) = g.sessions.get_mut(&holder) else {
                         break;
                     };
+                    // Its ack would sit behind bytes it does not take: end
+                    // the session now rather than wait out the timeout.
+                    if !(s.control.break_gate)() {
+                        jammed.push((holder, s.gen));
+                        break;
+                    }
                     let (tx, rx) = bounded(1);
                     s.pending_breaks.insert(break_id, tx);
                     let msg = Msg::CallbackBreak {
@@ -432,6 +442,16 @@ impl Registry {
                     let _ = s.control.out.send(Out::Frame(frame_for(break_id, &msg)));
                     waits.push((holder, s.gen, rx));
                 }
+            }
+            for (holder, gen) in jammed {
+                self.end_locked(
+                    &mut g,
+                    &holder,
+                    gen,
+                    "a callback break found the connection jammed (requests held at their \
+                     bounds or its socket full)",
+                    true,
+                );
             }
             if Self::live(&g, writer) {
                 for &fid in changed {

@@ -31,6 +31,8 @@ pub struct VolumeStore {
     pub(crate) root: PathBuf,
     server_id: [u8; 16],
     pub(crate) max_file_size: u64,
+    /// Batches waiting for the next shared commit (`reintegrate.rs`).
+    pub(crate) group: super::reintegrate::GroupCommit,
 }
 
 /// The metadata store handle and how many times it was (re)opened, so
@@ -56,7 +58,7 @@ impl CarriesError for Error {
 
 /// An I/O failure inside redb: after one, redb refuses every later write
 /// ("Previous I/O error") until the database is closed and reopened.
-fn is_store_failure(e: &Error) -> bool {
+pub(crate) fn is_store_failure(e: &Error) -> bool {
     matches!(e, Error::Io { context, .. } if context == METADATA_IO)
 }
 
@@ -190,6 +192,7 @@ impl VolumeStore {
             root: root.to_path_buf(),
             server_id,
             max_file_size,
+            group: super::reintegrate::GroupCommit::from_env(),
         };
         objects::clear_staging(root)?;
         store.sweep_objects()?;

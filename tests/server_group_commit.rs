@@ -1,0 +1,275 @@
+//! Group commit: batches of many sessions that arrive together share one
+//! durable commit, and each stays all-or-nothing on its own. A batch that
+//! fails in the middle leaves nothing and fails no other batch; a kill -9
+//! during a concurrent load loses no acknowledged batch and half-applies
+//! none.
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use std::io::Write;
+
+use coda::error::WireCode;
+use coda::proto::frame::encode_frame;
+use coda::proto::{Fid, Msg, Record};
+use common::raw::{rec, Raw};
+use common::TestServer;
+
+fn random_u64() -> u64 {
+    u64::from_le_bytes(coda::proto::auth::random_bytes())
+}
+
+/// Send a batch and wait for its answer, acknowledging callback breaks
+/// (the other writers' commits break this one's volume callback) on the
+/// way. `None`: the connection died.
+fn reintegrate(c: &mut Raw, records: Vec<Record>) -> Option<Msg> {
+    let id = c.try_send(&Msg::Reintegrate { records }).ok()?;
+    // Bounded by the server: each frame is a break or the reply.
+    loop {
+        match c.recv()? {
+            (bid, Msg::CallbackBreak { .. }) => {
+                let ack = Msg::BreakAck;
+                let frame = encode_frame(ack.kind(), bid, &ack.encode());
+                c.stream.write_all(&frame).ok()?;
+            }
+            (rid, m) if rid == id => return Some(m),
+            (rid, m) => panic!("unexpected frame {rid}: {m:?}"),
+        }
+    }
+}
+
+fn data_of(writer: usize, round: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k * 7 + writer * 31 + round * 13) as u8)
+        .collect()
+}
+
+const WRITERS: usize = 8;
+const ROUNDS: usize = 12;
+
+#[test]
+fn a_batch_failing_in_the_middle_leaves_nothing_and_the_others_commit_exactly() {
+    // Writers ack breaks only between their own requests: a generous break
+    // timeout keeps a slow machine from cutting one of them.
+    let s = TestServer::start_with(&["--break-timeout-ms", "60000"]);
+    let (addr, secret) = (s.addr(), s.secret_file());
+    let handles: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                let id = [0x10 + w as u8; 16];
+                let mut c = Raw::control(addr, &secret, id, 1);
+                let mut b = Raw::bulk(addr, &secret, id, 1);
+                let fids = c.alloc(3 * ROUNDS as u32);
+                let root = c.root;
+                let mut good = Vec::new();
+                let mut bad = Vec::new();
+                let mut next_id = 1;
+                for r in 0..ROUNDS {
+                    let (f, g) = (fids[3 * r], fids[3 * r + 1]);
+                    let data = data_of(w, r, 4096);
+                    let up = r as u64 + 1;
+                    assert!(matches!(b.upload(up, &data), Msg::Uploaded { .. }));
+                    // Writer 0 sends every other batch with a last record
+                    // that must fail (no such entry), after three writes.
+                    let failing = w == 0 && r % 2 == 1;
+                    let (fname, gname) = if failing {
+                        (format!("bad_f{r}"), format!("bad_g{r}"))
+                    } else {
+                        (format!("w{w}_f{r}"), format!("w{w}_g{r}"))
+                    };
+                    let mut records = vec![
+                        rec::create(next_id, root, &fname, f),
+                        rec::store(next_id + 1, f, 0, up, data.len() as u64),
+                        rec::create(next_id + 2, root, &gname, g),
+                    ];
+                    if failing {
+                        records.push(rec::remove(next_id + 3, root, "ghost", fids[3 * r + 2]));
+                    }
+                    match reintegrate(&mut c, records).expect("server answers") {
+                        Msg::Reintegrated { results } if !failing => {
+                            assert_eq!(results.len(), 3);
+                            assert_eq!(results[1].size, 4096);
+                            next_id += 3;
+                            good.push((fname, gname, f, g, data));
+                        }
+                        Msg::Error { code, index, .. } if failing => {
+                            assert_eq!((code, index), (WireCode::NotFound, 3));
+                            // It took nothing: its store ids, fids and
+                            // staged upload serve a corrected batch (under
+                            // other names, so the bad ones can be checked
+                            // absent at the end).
+                            let (rf, rg) = (format!("retry_f{r}"), format!("retry_g{r}"));
+                            let records = vec![
+                                rec::create(next_id, root, &rf, f),
+                                rec::store(next_id + 1, f, 0, up, data.len() as u64),
+                                rec::create(next_id + 2, root, &rg, g),
+                            ];
+                            let m = reintegrate(&mut c, records).expect("server answers");
+                            assert!(matches!(m, Msg::Reintegrated { .. }), "retry: {m:?}");
+                            next_id += 3;
+                            bad.push((fname, gname));
+                            good.push((rf, rg, f, g, data));
+                        }
+                        m => panic!("writer {w} round {r}: {m:?}"),
+                    }
+                }
+                // Closed at once: a finished writer that kept its session
+                // would hold callbacks it no longer acknowledges.
+                drop((c, b));
+                (w, good, bad)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("writer"))
+        .collect();
+
+    let mut c = Raw::control(addr, &secret, [0x99; 16], 1);
+    let mut b = Raw::bulk(addr, &secret, [0x99; 16], 1);
+    let names: HashMap<String, Fid> = c.list(c.root).into_iter().collect();
+    let mut expected = HashSet::new();
+    for (w, good, bad) in &results {
+        assert_eq!(good.len(), ROUNDS);
+        assert_eq!(bad.len(), if *w == 0 { ROUNDS / 2 } else { 0 });
+        for (fname, gname, f, g, data) in good {
+            assert_eq!(names.get(fname), Some(f), "{fname} committed");
+            assert_eq!(names.get(gname), Some(g), "{gname} committed");
+            let (attr, got) = b.fetch(*f).expect("fetch");
+            assert_eq!(attr.size, 4096);
+            assert!(got == *data, "{fname}: data intact");
+            expected.insert(fname.clone());
+            expected.insert(gname.clone());
+        }
+        for (fname, gname) in bad {
+            assert!(!names.contains_key(fname) && !names.contains_key(gname));
+        }
+    }
+    let all: HashSet<String> = names.keys().cloned().collect();
+    assert_eq!(all, expected, "exactly the committed batches' names");
+    // Only the committed stores made object files (plus nothing half-made).
+    let files = std::fs::read_dir(s.root().join("objects/1"))
+        .unwrap()
+        .count();
+    assert_eq!(files, WRITERS * ROUNDS);
+}
+
+struct Sent {
+    f: String,
+    g: String,
+    f_fid: Fid,
+    data: Vec<u8>,
+}
+
+const KILLS: u64 = 5;
+const CRASH_WRITERS: usize = 4;
+const PER_WRITER: usize = 200;
+
+/// Send batches until the connection dies; returns how many were
+/// acknowledged (each is recorded in `sent` before it goes out).
+fn crash_writer(
+    mut c: Raw,
+    mut b: Raw,
+    w: usize,
+    iter: u64,
+    fids: Vec<Fid>,
+    sent: Arc<Mutex<Vec<Sent>>>,
+) -> usize {
+    let root = c.root;
+    let mut acked = 0;
+    for i in 0..PER_WRITER {
+        let (f_fid, g_fid) = (fids[2 * i], fids[2 * i + 1]);
+        let len = (random_u64() % (64 * 1024)) as usize >> (i % 6);
+        let data = data_of(w, i + iter as usize, len);
+        let upload_id = i as u64 + 1;
+        let up = b
+            .try_send(&Msg::Upload {
+                upload_id,
+                length: data.len() as u64,
+            })
+            .and_then(|_| b.send_bytes(&data));
+        if up.is_err() || !matches!(b.recv(), Some((_, Msg::Uploaded { .. }))) {
+            return acked;
+        }
+        let (f, g) = (format!("k{iter}_w{w}_f{i}"), format!("k{iter}_w{w}_g{i}"));
+        let base = iter * 10_000 + i as u64 * 3 + 1;
+        let records = vec![
+            rec::create(base, root, &f, f_fid),
+            rec::store(base + 1, f_fid, 0, upload_id, data.len() as u64),
+            rec::create(base + 2, root, &g, g_fid),
+        ];
+        sent.lock().unwrap().push(Sent { f, g, f_fid, data });
+        match reintegrate(&mut c, records) {
+            Some(Msg::Reintegrated { .. }) => acked = i + 1,
+            Some(m) => panic!("writer {w} batch {i} refused: {m:?}"),
+            None => return acked,
+        }
+    }
+    acked
+}
+
+#[test]
+fn kill9_during_concurrent_batches_loses_no_acknowledged_one_and_halves_none() {
+    let mut s = TestServer::start_with(&["--break-timeout-ms", "60000"]);
+    let mut total_acked = 0;
+    for iter in 1..=KILLS {
+        let mut threads = Vec::new();
+        let mut logs = Vec::new();
+        for w in 0..CRASH_WRITERS {
+            let id = [0x40 + w as u8; 16];
+            let mut c = Raw::control(s.addr(), &s.secret_file(), id, iter);
+            let b = Raw::bulk(s.addr(), &s.secret_file(), id, iter);
+            let fids = c.alloc(2 * PER_WRITER as u32);
+            let sent = Arc::new(Mutex::new(Vec::new()));
+            logs.push(Arc::clone(&sent));
+            threads.push(std::thread::spawn(move || {
+                crash_writer(c, b, w, iter, fids, sent)
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(50 + random_u64() % 400));
+        s.kill9();
+        let acked: Vec<usize> = threads
+            .into_iter()
+            .map(|t| t.join().expect("writer thread"))
+            .collect();
+        total_acked += acked.iter().sum::<usize>();
+        s.restart();
+
+        let mut c = Raw::control(s.addr(), &s.secret_file(), [0x98; 16], 100 + iter);
+        let mut b = Raw::bulk(s.addr(), &s.secret_file(), [0x98; 16], 100 + iter);
+        let names: HashMap<String, Fid> = c.list(c.root).into_iter().collect();
+        for (w, sent) in logs.iter().enumerate() {
+            for (i, batch) in sent.lock().unwrap().iter().enumerate() {
+                let has_f = names.contains_key(&batch.f);
+                assert_eq!(
+                    has_f,
+                    names.contains_key(&batch.g),
+                    "kill {iter} writer {w} batch {i} half applied"
+                );
+                if i < acked[w] {
+                    assert!(has_f, "kill {iter} writer {w}: acknowledged batch {i} lost");
+                }
+                if has_f {
+                    assert_eq!(names[&batch.f], batch.f_fid);
+                    let (attr, data) = b.fetch(batch.f_fid).expect("fetch after restart");
+                    assert_eq!(attr.size, batch.data.len() as u64);
+                    assert!(data == batch.data, "kill {iter} writer {w} batch {i}: data");
+                }
+            }
+        }
+        let staged = std::fs::read_dir(s.root().join("staging")).unwrap().count();
+        assert_eq!(staged, 0, "staging is empty after a restart");
+        let files = std::fs::read_dir(s.root().join("objects/1"))
+            .unwrap()
+            .count();
+        let with_data = names.keys().filter(|n| n.contains("_f")).count();
+        assert_eq!(
+            files, with_data,
+            "kill {iter}: unreferenced object files remain"
+        );
+    }
+    eprintln!("{KILLS} kills, {total_acked} acknowledged batches, all intact");
+}
