@@ -742,7 +742,7 @@ impl Cml {
         let keep = matches!(&result, Err(Error::Eio(_) | Error::Timeout(_)))
             && KEEP_WHEN_UNREACHABLE
             && self.emu.enabled()
-            && servers.interrupt.check().is_ok();
+            && !self.emu.mode.failed_over();
         if keep {
             // Never cancel it: the server may have applied it already.
             self.put_meta(&[(SENT_UPTO.to_string(), rec.store_id)])?;

@@ -3,10 +3,10 @@
 //! once), the bulk connection pool that streams file data, the heartbeat, and
 //! the one interrupt mechanism every blocking wait obeys.
 //!
-//! Rule: no lock is held across a network wait. Locks here guard maps and
-//! the socket writer for the duration of one `write_all` only. (The one
-//! exception is `connect_gate`, which makes callers queue behind a single
-//! bounded handshake instead of each opening a session of their own.)
+//! Rule: no lock is held across a network wait or a connect. Locks here
+//! guard maps, flags and the socket writer for the duration of one
+//! `write_all` only. A socket is registered with the interrupt before it
+//! connects, so a failover or release stops a connect in progress too.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -49,20 +49,36 @@ pub(crate) struct Timing {
 // ---------------------------------------------------------------------------
 // Interrupts: one place that can make every wait return at once.
 
-struct InterruptState {
-    /// Dropped to interrupt: every `watch()` receiver then becomes ready.
-    tx: Option<Sender<()>>,
-    rx: Receiver<()>,
-    reason: String,
+thread_local! {
+    /// The release generation the current call started in (`enter_call`):
+    /// a release after it ends the call's waits.
+    static CALL_GEN: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
-/// Waits select on `watch()`; `trigger` wakes them all and shuts down every
-/// socket registered with `guard` (handshakes and bulk transfers), so
-/// blocking reads and writes stop too. Failover will trigger it; `clear`
-/// (failback) arms it again.
+struct InterruptState {
+    /// Dropped to wake every `watch()` receiver (trigger or release).
+    tx: Option<Sender<()>>,
+    rx: Receiver<()>,
+    /// Set while triggered (sticky until `clear`): every call fails.
+    triggered: Option<String>,
+    /// Bumped by each release; calls that entered before it fail.
+    gen: u64,
+    released: String,
+}
+
+/// Waits select on `watch()`; `trigger` (failover) wakes them all and shuts
+/// down every socket registered with `guard` (handshakes, connects and bulk
+/// transfers), so blocking reads and writes stop too, until `clear`
+/// (failback). `release` (the mode left "connected") does the same once,
+/// for the calls that entered (`enter_call`) before it only: they are
+/// answered in the new mode, and later calls (the reintegrator's) go on.
 pub(crate) struct Interrupt {
+    /// Guards the flags above; held only to read or swap them.
     state: Mutex<InterruptState>,
-    sockets: Mutex<HashMap<u64, TcpStream>>,
+    /// Registered sockets with the generation of the call that registered
+    /// them (None: not a caller's); held only to insert, remove, or shut
+    /// them down (shutdown never blocks).
+    sockets: Mutex<HashMap<u64, (Option<u64>, TcpStream)>>,
     next_socket: AtomicU64,
 }
 
@@ -78,6 +94,18 @@ impl Drop for SocketGuard<'_> {
     }
 }
 
+/// Marks the current thread's call as begun in the generation it read;
+/// restores the outer mark when dropped (calls nest).
+pub(crate) struct CallGuard {
+    outer: Option<u64>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        CALL_GEN.with(|c| c.set(self.outer));
+    }
+}
+
 impl Interrupt {
     pub(crate) fn new() -> Interrupt {
         let (tx, rx) = bounded(0);
@@ -85,116 +113,175 @@ impl Interrupt {
             state: Mutex::new(InterruptState {
                 tx: Some(tx),
                 rx,
-                reason: String::new(),
+                triggered: None,
+                gen: 0,
+                released: String::new(),
             }),
             sockets: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(0),
         }
     }
 
+    /// Begin a caller's call: a release from now on ends its waits. Read
+    /// the mode after this (the mode is set before it releases).
+    pub(crate) fn enter_call(&self) -> CallGuard {
+        let gen = self.state.lock().gen;
+        let outer = CALL_GEN.with(|c| c.replace(Some(c.get().unwrap_or(gen))));
+        CallGuard { outer }
+    }
+
     /// Register `s` so an interrupt shuts it down; then check, so an
     /// interrupt that came just before is not missed.
-    fn guard(&self, s: &TcpStream) -> Result<SocketGuard<'_>> {
+    pub(crate) fn guard(&self, s: &TcpStream) -> Result<SocketGuard<'_>> {
         let key = self.next_socket.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = s.try_clone() {
-            self.sockets.lock().insert(key, c);
+            let gen = CALL_GEN.with(|c| c.get());
+            self.sockets.lock().insert(key, (gen, c));
         }
         let g = SocketGuard { owner: self, key };
         self.check()?;
         Ok(g)
     }
 
+    /// Ready when this call should stop waiting (look with `check`).
     pub fn watch(&self) -> Receiver<()> {
-        self.state.lock().rx.clone()
+        let s = self.state.lock();
+        if Self::stale(&s) {
+            // Released already: a receiver that is ready at once.
+            let (_, rx) = bounded(0);
+            return rx;
+        }
+        s.rx.clone()
+    }
+
+    fn stale(s: &InterruptState) -> bool {
+        CALL_GEN.with(|c| c.get()).is_some_and(|g| g < s.gen)
     }
 
     pub fn check(&self) -> Result<()> {
         let s = self.state.lock();
-        match s.tx {
-            Some(_) => Ok(()),
-            None => Err(Error::Eio(s.reason.clone())),
+        if let Some(r) = &s.triggered {
+            return Err(Error::Eio(r.clone()));
         }
-    }
-
-    fn reason(&self) -> String {
-        self.state.lock().reason.clone()
+        if Self::stale(&s) {
+            return Err(Error::Eio(s.released.clone()));
+        }
+        Ok(())
     }
 
     pub(crate) fn trigger(&self, reason: &str) {
         {
             let mut s = self.state.lock();
-            s.reason = reason.to_string();
+            s.triggered = Some(reason.to_string());
             s.tx = None;
         }
-        for s in self.sockets.lock().values() {
+        for (_, s) in self.sockets.lock().values() {
             let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// End the waits of every call that entered before now (see the type).
+    pub(crate) fn release(&self, reason: &str) {
+        let gen = {
+            let mut s = self.state.lock();
+            s.gen += 1;
+            s.released = reason.to_string();
+            if s.triggered.is_none() {
+                let (tx, rx) = bounded(0);
+                s.tx = Some(tx);
+                s.rx = rx;
+            }
+            s.gen
+        };
+        for (g, s) in self.sockets.lock().values() {
+            if g.is_some_and(|g| g < gen) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
     }
 
     pub fn clear(&self) {
         let (tx, rx) = bounded(0);
-        *self.state.lock() = InterruptState {
-            tx: Some(tx),
-            rx,
-            reason: String::new(),
-        };
+        let mut s = self.state.lock();
+        s.tx = Some(tx);
+        s.rx = rx;
+        s.triggered = None;
     }
 }
 
 // ---------------------------------------------------------------------------
 // Handshake (both connection kinds).
 
-fn dial(addr: SocketAddr, kind: ConnKind, t: &Timing) -> std::io::Result<TcpStream> {
+/// How often a wait that cannot select on the interrupt (a lock, a
+/// condvar, a connect in progress) looks at it again.
+const GATE_SLICE: Duration = Duration::from_millis(5);
+
+fn dial(
+    addr: SocketAddr,
+    kind: ConnKind,
+    t: &Timing,
+    interrupt: &Interrupt,
+) -> std::io::Result<TcpStream> {
     // A configured port is for the control connection only: bulk connections
     // to the same server from the same port would be the same TCP 4-tuple.
     let local = match (t.bind_addr, kind) {
         (Some(a), ConnKind::Bulk) => Some(SocketAddr::new(a.ip(), 0)),
         (a, _) => a,
     };
-    let s = match local {
-        None => TcpStream::connect_timeout(&addr, t.rpc_timeout)?,
-        Some(local) => connect_from(local, addr)?,
-    };
+    let s = connect_interruptible(local, addr, t.rpc_timeout, interrupt)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(t.rpc_timeout))?;
     s.set_write_timeout(Some(t.rpc_timeout))?;
     Ok(s)
 }
 
-/// std cannot bind before connecting, so do it with libc.
-fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::unix::io::FromRawFd;
-    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match a {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*v4.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: v6.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: v6.scope_id(),
-                };
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
-    }
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Connect to `remote` (from `local` if given, with `SO_REUSEADDR`: std
+/// cannot bind before connecting), within `timeout`. The socket is
+/// registered with the interrupt before it connects, and the connect is
+/// non-blocking, watched in short slices: a failover or release ends it at
+/// once instead of after `timeout`.
+fn connect_interruptible(
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+    timeout: Duration,
+    interrupt: &Interrupt,
+) -> std::io::Result<TcpStream> {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    let interrupted = |e: Error| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e);
     let family = if remote.is_ipv4() {
         libc::AF_INET
     } else {
@@ -202,30 +289,80 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStr
     };
     // SAFETY: plain socket calls on an fd we own; it is wrapped in TcpStream
     // (which closes it) as soon as it exists.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+    let stream = unsafe {
+        let fd = libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let stream = TcpStream::from_raw_fd(fd);
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = stream.as_raw_fd();
+    if let Some(local) = local {
         let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
         let (l, llen) = sockaddr(local);
-        if libc::bind(fd, &l as *const _ as *const libc::sockaddr, llen) != 0 {
-            return Err(std::io::Error::last_os_error());
+        // SAFETY: valid fd, option and address buffers of the given sizes.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if libc::bind(fd, &l as *const _ as *const libc::sockaddr, llen) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
-        let (r, rlen) = sockaddr(remote);
-        if libc::connect(fd, &r as *const _ as *const libc::sockaddr, rlen) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
     }
+    let _guard = interrupt.guard(&stream).map_err(interrupted)?;
+    let (r, rlen) = sockaddr(remote);
+    // SAFETY: valid fd and address buffer.
+    if unsafe { libc::connect(fd, &r as *const _ as *const libc::sockaddr, rlen) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        // Bounded by the deadline; each turn waits at most one slice.
+        loop {
+            interrupt.check().map_err(interrupted)?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {} ms", timeout.as_millis()),
+                ));
+            }
+            let slice = (deadline - now).min(GATE_SLICE);
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, slice.as_millis().max(1) as libc::c_int) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                break;
+            }
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        interrupt.check().map_err(interrupted)?;
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 fn send(s: &mut TcpStream, id: u64, m: &Msg) -> Result<()> {
@@ -282,7 +419,7 @@ fn handshake(
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::Eio(format!("server {server}: no address")))?;
-    let mut s = dial(addr, kind, t).map_err(|e| {
+    let mut s = dial(addr, kind, t, interrupt).map_err(|e| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -608,12 +745,21 @@ impl Session {
             self.ctl.kill(&e.to_string());
             return Err(e);
         }
-        let watch = interrupt.watch();
-        let r = select! {
-            recv(rx) -> r => r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
-            recv(watch) -> _ => Err(Error::Eio(interrupt.reason())),
-            default(timeout) => Err(Error::Timeout(format!(
-                "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
+        let deadline = Instant::now() + timeout;
+        // Bounded: each turn ends by the deadline, or by an interrupt or
+        // release (a release that is not ours wakes us once per release).
+        let r = loop {
+            let watch = interrupt.watch();
+            if let Err(e) = interrupt.check() {
+                break Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(rx) -> r => break r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
+                recv(watch) -> _ => continue,
+                default(left) => break Err(Error::Timeout(format!(
+                    "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
+            }
         };
         self.ctl.pending.lock().remove(&id);
         r
@@ -660,8 +806,9 @@ impl Session {
                     self.timing.rpc_timeout.as_millis()
                 )));
             }
-            // Interrupts do not signal the condvar: look again every 50 ms.
-            let slice = (deadline - now).min(Duration::from_millis(50));
+            // Interrupts do not signal the condvar: look again every 5 ms
+            // (a failover releases waiters within that).
+            let slice = (deadline - now).min(GATE_SLICE);
             self.bulk_free.wait_for(&mut taken, slice);
         }
     }
@@ -818,11 +965,29 @@ pub(crate) struct Servers {
     timing: Timing,
     callbacks: Arc<Callbacks>,
     counters: Arc<Counters>,
+    /// The current session; held only to read or replace it.
     current: Mutex<Option<Arc<Session>>>,
-    connect_gate: Mutex<()>,
+    /// Whether a caller is connecting: the others queue behind its one
+    /// bounded handshake instead of each opening a session of their own.
+    /// The lock guards only the flag (never held while connecting); the
+    /// waiters poll the interrupt, so a failover or release frees them.
+    connecting: Mutex<bool>,
+    connect_done: Condvar,
     sessions: AtomicU64,
     lost: (Sender<()>, Receiver<()>),
     pub interrupt: Interrupt,
+}
+
+/// The turn to connect; handed on when dropped.
+struct ConnectTurn<'a> {
+    servers: &'a Servers,
+}
+
+impl Drop for ConnectTurn<'_> {
+    fn drop(&mut self) {
+        *self.servers.connecting.lock() = false;
+        self.servers.connect_done.notify_all();
+    }
 }
 
 impl Servers {
@@ -840,7 +1005,8 @@ impl Servers {
             callbacks,
             counters,
             current: Mutex::new(None),
-            connect_gate: Mutex::new(()),
+            connecting: Mutex::new(false),
+            connect_done: Condvar::new(),
             sessions: AtomicU64::new(0),
             lost: bounded(1),
             interrupt: Interrupt::new(),
@@ -872,8 +1038,8 @@ impl Servers {
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let _gate = self.connect_gate.lock();
-        // A failover while we queued at the gate must not start a handshake.
+        let _turn = self.connect_turn(&self.interrupt, self.timing.rpc_timeout)?;
+        // A failover while we queued must not start a handshake.
         self.interrupt.check()?;
         self.connect_gated(&self.interrupt, self.timing.rpc_timeout)
     }
@@ -886,10 +1052,30 @@ impl Servers {
         if let Some(s) = self.live() {
             return Ok(s);
         }
-        let Some(_gate) = self.connect_gate.try_lock_for(timeout) else {
-            return Err(Error::Timeout("another connect is in progress".into()));
-        };
+        let _turn = self.connect_turn(interrupt, timeout)?;
         self.connect_gated(interrupt, timeout)
+    }
+
+    /// Wait (at most `timeout`; an interrupt or release ends it at once)
+    /// until no other caller is connecting, and take the turn. No lock is
+    /// held while the turn's holder connects.
+    fn connect_turn(&self, interrupt: &Interrupt, timeout: Duration) -> Result<ConnectTurn<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut busy = self.connecting.lock();
+        loop {
+            interrupt.check()?;
+            if !*busy {
+                *busy = true;
+                return Ok(ConnectTurn { servers: self });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout("another connect is in progress".into()));
+            }
+            // Interrupts do not signal the condvar: look again shortly.
+            self.connect_done
+                .wait_for(&mut busy, (deadline - now).min(GATE_SLICE));
+        }
     }
 
     /// The current session if it is alive and fresh. One silent for longer
@@ -953,11 +1139,6 @@ impl Servers {
     /// Whether a live session exists right now (no network traffic).
     pub fn is_connected(&self) -> bool {
         self.current.lock().as_ref().is_some_and(|s| !s.is_dead())
-    }
-
-    /// Make every pending and later remote operation fail with `Eio` at once.
-    pub fn interrupt_all(&self, reason: &str) {
-        self.interrupt.trigger(reason);
     }
 
     pub fn shutdown(&self) {

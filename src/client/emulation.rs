@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use redb::TableDefinition;
 
 use super::cml::unreachable;
-use super::conn::Servers;
+use super::mode::Mode;
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -31,16 +31,12 @@ use crate::{Error, Result};
 const EMU: TableDefinition<&str, &[u8]> = TableDefinition::new("emulation");
 const ROOT_KEY: &str = "root";
 
-/// Connected or not, the mode, and the reintegrator's wake-up channel. Kept
-/// apart from `Inner` so the reintegrator thread can watch it without
-/// keeping the client alive.
+/// The mode and the reintegrator's wake-up channel. Kept apart from
+/// `Inner` so the reintegrator thread can watch it without keeping the
+/// client alive.
 pub(crate) struct EmuState {
-    enabled: AtomicBool,
-    pub(crate) offline: AtomicBool,
-    write_disconnected: AtomicBool,
-    /// The operator disconnected us (`coda disconnect`): stay offline, and
-    /// do not reintegrate, until `Client::reconnect`.
-    pub(crate) held: AtomicBool,
+    /// Connected, write-disconnected, emulating, held or failed over.
+    pub(crate) mode: Mode,
     age_ms: AtomicU64,
     pending: AtomicUsize,
     stopped: AtomicBool,
@@ -84,10 +80,7 @@ impl EmuState {
     pub fn new(enabled: bool) -> EmuState {
         let (wake_tx, wake_rx) = bounded(1);
         EmuState {
-            enabled: AtomicBool::new(enabled),
-            offline: AtomicBool::new(false),
-            write_disconnected: AtomicBool::new(false),
-            held: AtomicBool::new(false),
+            mode: Mode::new(enabled),
             age_ms: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
@@ -136,16 +129,16 @@ impl EmuState {
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.mode.enabled()
     }
 
-    /// Serving from the cache because no server answers.
+    /// Serving from the cache (no server answers, or held by the operator).
     pub fn offline(&self) -> bool {
-        self.offline.load(Ordering::Relaxed)
+        self.mode.emulating()
     }
 
     pub fn write_disconnected(&self) -> bool {
-        self.write_disconnected.load(Ordering::Relaxed)
+        self.mode.write_disconnected()
     }
 
     pub fn age(&self) -> Duration {
@@ -190,22 +183,12 @@ pub(crate) fn open_index(
     }
 }
 
-/// Mark an error as "object not cached while disconnected"; `at_path` later
-/// names the path the caller used.
+/// "Object not cached while disconnected"; `Inner::at_path` later names
+/// the path the caller used.
 pub(crate) fn uncached(fid: Fid) -> Error {
     Error::Timeout(format!(
         "disconnected: object {fid} is not cached (no server answers)"
     ))
-}
-
-/// Name the caller's path in an `uncached` error.
-pub(crate) fn at_path(e: Error, path: &str) -> Error {
-    match e {
-        Error::Timeout(m) if m.starts_with("disconnected:") => {
-            Error::Timeout(format!("{path}: {m}"))
-        }
-        e => e,
-    }
 }
 
 impl Inner {
@@ -222,12 +205,10 @@ impl Inner {
         // calls fail with EIO, programs use the local copy): with it
         // configured, the client does not emulate.
         let auto_failover = cfg.failover_link.is_some() && cfg.failover_target.is_some();
-        emu.enabled.store(
+        emu.mode.configure(
             cfg.disconnected_operation && !auto_failover,
-            Ordering::Relaxed,
+            cfg.write_disconnected,
         );
-        emu.write_disconnected
-            .store(cfg.write_disconnected, Ordering::Relaxed);
         emu.age_ms
             .store(cfg.reintegration_age_ms, Ordering::Relaxed);
         emu.hoard_every.store(cfg.hoard_walk_ms, Ordering::Relaxed);
@@ -252,15 +233,14 @@ impl Inner {
             Err(e) if !emu.enabled() || emu.root.lock().is_none() || !unreachable(&e) => {
                 return Err(e)
             }
-            Err(_) => emu.offline.store(true, Ordering::Relaxed),
+            Err(_) => emu.mode.start_emulating(),
         }
         let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
         let weak = Arc::downgrade(self);
         let state = self.cml.emu.clone();
-        let servers = self.servers.clone();
         std::thread::Builder::new()
             .name("coda-reintegrator".into())
-            .spawn(move || reintegrator(weak, state, servers, period))
+            .spawn(move || reintegrator(weak, state, period))
             .map_err(|e| Error::io("spawning the reintegrator thread", e))?;
         Ok(())
     }
@@ -395,13 +375,15 @@ impl Inner {
         offline: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let emu = &self.cml.emu;
+        // Entered before the mode is read: if the mode leaves "connected"
+        // after this, the release ends `online`'s waits at once.
+        let _call = self.servers.interrupt.enter_call();
         if emu.offline() {
             return offline();
         }
-        // (The prober's "down" alone does not switch: it can be a client
-        // that was itself stopped and whose next call reconnects at once.
-        // A refused or reset connection fails a call at once; a hung
-        // server costs the first call up to `rpc_timeout_ms`.)
+        // (A refused or reset connection fails a call at once; a hung
+        // server is judged by the prober after `dead_after_ms`, which
+        // switches the mode and releases this call.)
         if let Some(f) = fid {
             if emu.pending() > 0 && self.cml.mentions(f) && self.cache.get(f).is_some() {
                 return offline();
@@ -417,19 +399,33 @@ impl Inner {
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
-        let emu = &self.cml.emu;
         // Local I/O errors (`Io`) are not a server's silence: only what the
         // connection layer reports (`Eio`, `Timeout`) is.
-        if !emu.enabled()
-            || !matches!(e, Error::Eio(_) | Error::Timeout(_))
-            || self.servers.interrupt.check().is_err()
-            || emu.root.lock().is_none()
-        {
+        if !matches!(e, Error::Eio(_) | Error::Timeout(_)) {
             return false;
         }
-        emu.offline.store(true, Ordering::Relaxed);
+        self.server_lost()
+    }
+
+    /// No server answers: emulate (if the mode allows), releasing the
+    /// calls that started while connected. Returns whether we emulate.
+    pub(crate) fn server_lost(&self) -> bool {
+        let emu = &self.cml.emu;
+        let root_known = emu.root.lock().is_some();
+        if !emu.mode.server_lost(root_known, &self.servers.interrupt) {
+            return false;
+        }
         emu.wake();
         true
+    }
+
+    /// Name the caller's path in an error of disconnected operation (a
+    /// `Timeout` while the mode is emulating: nothing else times out then).
+    pub(crate) fn at_path(&self, e: Error, path: &str) -> Error {
+        match e {
+            Error::Timeout(m) if self.cml.emu.offline() => Error::Timeout(format!("{path}: {m}")),
+            e => e,
+        }
     }
 
     /// Cached status, offline.
@@ -446,6 +442,8 @@ impl Inner {
     /// apply locally; the reintegrator sends it later.
     pub(crate) fn commit_op(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
         let emu = &self.cml.emu;
+        // Before the mode is read (see `emulate`).
+        let _call = self.servers.interrupt.enter_call();
         let connected = !emu.offline() && !emu.write_disconnected();
         if connected {
             let (cached, check) = self.version_for(&op);
@@ -696,7 +694,7 @@ impl Inner {
         // Objects the log still holds changes for are skipped.
         self.revalidate_all()?;
         self.top_up_fids();
-        self.cml.emu.offline.store(false, Ordering::Relaxed);
+        self.cml.emu.mode.reconnected();
         Ok(())
     }
 
@@ -727,17 +725,19 @@ fn walk_due(state: &EmuState) -> bool {
 /// (probe.rs) to declare a server up, then reintegrates; sends aged records
 /// in write-disconnected mode. It holds the client only while it works, so
 /// dropping the client ends it.
-fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, period: Duration) {
+fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, period: Duration) {
     loop {
         let _ = state.wake_rx.recv_timeout(period);
         if state.stopped.load(Ordering::Relaxed) {
             return;
         }
-        if servers.interrupt.check().is_err() {
-            continue; // failed over: remote operations stay off until failback
+        if state.mode.remote_stopped() {
+            // Failed over (until failback), or held without disconnected
+            // operation (until reconnect): remote operations stay off.
+            continue;
         }
         if state.offline() {
-            if state.held.load(Ordering::Relaxed) {
+            if state.mode.held() {
                 continue; // disconnected by the operator: wait for reconnect
             }
             let Some(inner) = weak.upgrade() else { return };
@@ -804,7 +804,7 @@ impl super::Client {
     /// write-through; what is logged is sent at once).
     pub fn set_write_disconnected(&self, on: bool) {
         let emu = &self.inner.cml.emu;
-        emu.write_disconnected.store(on, Ordering::Relaxed);
+        emu.mode.set_write_disconnected(on);
         emu.wake();
     }
 

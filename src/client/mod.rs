@@ -19,6 +19,7 @@ pub mod failover;
 mod file;
 mod hoard;
 mod identity;
+mod mode;
 mod namei;
 mod probe;
 mod reintegrate;
@@ -220,16 +221,20 @@ impl Client {
 
     /// Connected, disconnected, or failed over.
     pub fn state(&self) -> ClientState {
-        let servers = &self.inner.servers;
-        if servers.interrupt.check().is_err() {
-            ClientState::FailedOver
-        } else if self.inner.health.is_up()
-            && servers.is_connected()
-            && !self.inner.cml.emu.offline()
-        {
-            ClientState::Connected
-        } else {
-            ClientState::Disconnected
+        use mode::ModeKind;
+        match self.inner.cml.emu.mode.kind() {
+            ModeKind::FailedOver => ClientState::FailedOver,
+            // Without disconnected operation a hold stops remote calls the
+            // way a failover does, and shows as one (as it always has).
+            ModeKind::OperatorHeld if !self.inner.cml.emu.mode.enabled() => ClientState::FailedOver,
+            ModeKind::OperatorHeld | ModeKind::Emulating => ClientState::Disconnected,
+            ModeKind::Connected | ModeKind::WriteDisconnected => {
+                if self.inner.health.is_up() && self.inner.servers.is_connected() {
+                    ClientState::Connected
+                } else {
+                    ClientState::Disconnected
+                }
+            }
         }
     }
 
@@ -257,13 +262,13 @@ impl Client {
     pub fn stat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, true)?;
         let a = self.inner.getattr(fid);
-        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
+        Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
     pub fn lstat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, false)?;
         let a = self.inner.getattr(fid);
-        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
+        Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
     pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>> {
@@ -274,7 +279,7 @@ impl Client {
         Ok(self
             .inner
             .listing(fid)
-            .map_err(|e| emulation::at_path(e, path))?
+            .map_err(|e| self.inner.at_path(e, path))?
             .into_iter()
             .map(|e| DirEntry {
                 name: e.name,
@@ -285,7 +290,7 @@ impl Client {
     }
 
     pub fn open(&self, path: &str, flags: i32, mode: u32) -> Result<File> {
-        file::open(&self.inner, path, flags, mode).map_err(|e| emulation::at_path(e, path))
+        file::open(&self.inner, path, flags, mode).map_err(|e| self.inner.at_path(e, path))
     }
 
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {

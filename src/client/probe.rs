@@ -15,7 +15,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
-use parking_lot::Mutex;
 
 use super::conn::{Interrupt, Session};
 use super::event::Event;
@@ -27,21 +26,12 @@ use crate::{Error, Result};
 /// answer from a flapping server or a half-restarted host proves little.
 pub(crate) const UP_AFTER_PINGS: u32 = 3;
 
-/// Where the link pointed before failover, so failback can restore it.
-#[derive(Clone)]
-pub(crate) struct FailedOver {
-    pub link: PathBuf,
-    pub before: PathBuf,
-}
-
-/// Liveness state shared by the prober and the client's calls.
+/// Liveness state shared by the prober and the client's calls (the
+/// prober's verdict; the mode is `mode.rs`).
 pub(crate) struct Health {
     up: AtomicBool,
     /// The prober's own interrupt: failover stops callers, never the prober.
     pub interrupt: Interrupt,
-    /// Set while failed over. Held only around local link swaps, never
-    /// across a network wait, so failover cannot hang on it.
-    pub failed: Mutex<Option<FailedOver>>,
     heartbeat: Duration,
     dead_after: Duration,
     auto_failover: Option<(PathBuf, PathBuf)>,
@@ -53,7 +43,6 @@ impl Health {
         Health {
             up: AtomicBool::new(true),
             interrupt: Interrupt::new(),
-            failed: Mutex::new(None),
             heartbeat: Duration::from_millis(cfg.heartbeat_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
             auto_failover: cfg.failover_link.clone().zip(cfg.failover_target.clone()),
@@ -82,6 +71,10 @@ impl Health {
                 server: server.to_string(),
             });
         }
+        // The mode leaves "connected" now (with disconnected operation):
+        // calls blocked on the dead server, in a handshake or at the
+        // connect gate are answered from the cache at once.
+        inner.server_lost();
     }
 }
 
@@ -192,7 +185,7 @@ impl Prober {
         let Some((link, target)) = &inner.health.auto_failover else {
             return;
         };
-        if inner.health.failed.lock().is_none() {
+        if !inner.cml.emu.mode.failed_over() {
             // A failure (link missing, not a symlink) is retried next tick.
             let _ = inner.fail_over(link, target);
         }
@@ -228,6 +221,12 @@ impl Prober {
             return;
         }
         self.up_since = Some(Instant::now());
+        // The cache is revalidated: with nothing logged, connected again
+        // now (before ServerUp); otherwise the reintegrator sends the log
+        // first and then switches.
+        if inner.cml.emu.pending() == 0 && !inner.cml.emu.mode.failed_over() {
+            inner.cml.emu.mode.reconnected();
+        }
         h.mark_up(inner, &s.server);
     }
 
@@ -238,8 +237,7 @@ impl Prober {
         if since.elapsed() < after {
             return;
         }
-        let failed = inner.health.failed.lock().clone();
-        if let Some(f) = failed {
+        if let Some(f) = inner.cml.emu.mode.failback_record() {
             let _ = inner.fail_back(&f.link, &f.before);
         }
     }
