@@ -250,12 +250,6 @@ pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     }
 }
 
-/// Failures that say "the server was not reached (or its answer was lost)",
-/// as opposed to the server refusing the record.
-pub(crate) fn unreachable(e: &Error) -> bool {
-    matches!(e, Error::Timeout(_) | Error::Eio(_) | Error::Io { .. })
-}
-
 /// Why the connected write path left a record to the log.
 pub(crate) enum Deferred {
     /// The record (this store id) stays in the log.
@@ -739,7 +733,7 @@ impl Cml {
             }
         }
         let result = self.send_one(servers, &rec, data);
-        let keep = matches!(&result, Err(Error::Eio(_) | Error::Timeout(_)))
+        let keep = result.as_ref().is_err_and(super::mode::unreachable)
             && KEEP_WHEN_UNREACHABLE
             && self.emu.enabled()
             && !self.emu.mode.failed_over();

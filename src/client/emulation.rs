@@ -20,8 +20,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use redb::TableDefinition;
 
-use super::cml::unreachable;
-use super::mode::Mode;
+use super::mode::{unreachable, Mode};
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -399,9 +398,9 @@ impl Inner {
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
-        // Local I/O errors (`Io`) are not a server's silence: only what the
-        // connection layer reports (`Eio`, `Timeout`) is.
-        if !matches!(e, Error::Eio(_) | Error::Timeout(_)) {
+        // Local failures (`Io`: the index, a container) are not a
+        // server's silence.
+        if !unreachable(e) {
             return false;
         }
         self.server_lost()

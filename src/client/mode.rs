@@ -13,6 +13,18 @@ use std::path::PathBuf;
 use parking_lot::Mutex;
 
 use super::conn::Interrupt;
+use crate::Error;
+
+/// The one rule for "no server answers (or its answer was lost)", as
+/// opposed to a server's refusal or a local failure. The connection layer
+/// reports a server's silence, a reset, a refused connect or an interrupt
+/// as `Eio` or `Timeout` and nothing else; local store (redb, containers)
+/// failures are `Error::Io` and never count. (A server's own I/O error
+/// reply also arrives as `Eio`: the server cannot apply now; the record is
+/// kept and retried, like a silence.)
+pub(crate) fn unreachable(e: &Error) -> bool {
+    matches!(e, Error::Eio(_) | Error::Timeout(_))
+}
 
 /// The mode as one value (derived from the state below, in this order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +234,29 @@ impl Mode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_store_failure_is_never_taken_for_a_lost_server() {
+        let redb_failures = [
+            redb::Error::DatabaseAlreadyOpen,
+            redb::Error::Corrupted("bad page".into()),
+            redb::Error::Io(std::io::Error::other("disk")),
+            redb::Error::PreviousIo,
+        ];
+        for e in redb_failures {
+            let e = Error::from(e);
+            assert!(matches!(e, Error::Io { .. }), "{e:?}");
+            assert!(!unreachable(&e), "{e:?}");
+            assert_eq!(e.code(), -libc::EIO);
+        }
+        assert!(!unreachable(&Error::io(
+            "reading a cache container",
+            std::io::Error::other("x")
+        )));
+        assert!(unreachable(&Error::Eio("server a: connection lost".into())));
+        assert!(unreachable(&Error::Timeout("no reply".into())));
+        assert!(!unreachable(&Error::NoSpace("full".into())));
+    }
 
     #[test]
     fn the_mode_is_one_value_and_leaving_connected_releases_calls() {
