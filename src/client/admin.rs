@@ -160,7 +160,7 @@ impl Client {
     /// while failed over: failback is the way back from there.
     pub fn disconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
-        let mode = &self.inner.cml.emu.mode;
+        let mode = &self.inner.emu.mode;
         if mode.hold(&servers.interrupt, OPERATOR_DISCONNECT).is_err() {
             let why = self.interrupted().unwrap_or_default();
             return Err(Error::Invalid(format!("failed over ({why}); use failback")));
@@ -175,7 +175,7 @@ impl Client {
     /// operator (a failover is undone by failback).
     pub fn reconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
-        let emu = &self.inner.cml.emu;
+        let emu = &self.inner.emu;
         let mode = &emu.mode;
         if mode.failed_over() {
             let why = self.interrupted().unwrap_or_default();
@@ -204,7 +204,7 @@ impl Client {
 
     /// Whether the operator disconnected the client (`coda disconnect`).
     pub fn operator_disconnected(&self) -> bool {
-        self.inner.cml.emu.mode.held()
+        self.inner.emu.mode.held()
     }
 
     /// Why remote operations fail right now (failover or disconnect), if

@@ -12,7 +12,7 @@
 //! thousands of records.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,10 +20,7 @@ use parking_lot::Mutex;
 use redb::{Durability, ReadableTable, TableDefinition};
 
 use super::cache::Index;
-use super::conn::Servers;
-use super::emulation::EmuState;
-use super::stats::Counters;
-use crate::proto::{Attr, Fid, Msg, Record, RecordOp};
+use crate::proto::{Fid, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
 const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
@@ -36,17 +33,7 @@ const NEXT_STORE_ID: &str = "next_store_id";
 /// Records with store ids up to this may have reached the server (a batch
 /// was sent and its reply may have been lost): they are never cancelled by
 /// an optimisation, since the server may already have applied them.
-const SENT_UPTO: &str = "sent_upto";
-/// Fids reserved per AllocFids request.
-pub(crate) const FID_BATCH: u32 = 1024;
-/// Below this many reserved fids left in a volume, a connected client
-/// reserves a fresh range, so creation works for a while offline.
-pub(crate) const FID_RESERVE_LOW: u64 = 512;
-
-/// Whether a record whose reintegration failed for lack of a server stays
-/// in the log (disconnected operation). The `disconnected_operation` config
-/// key can still turn emulation off per client (`EmuState::enabled`).
-const KEEP_WHEN_UNREACHABLE: bool = true;
+pub(crate) const SENT_UPTO: &str = "sent_upto";
 
 /// The in-memory mirror of the `cml` table.
 #[derive(Default)]
@@ -59,6 +46,10 @@ struct Log {
     sent_upto: u64,
     /// When each record was logged (this run; older ones count as old).
     logged_at: HashMap<u64, Instant>,
+    /// Records of connected writers still waiting for their Reintegrate
+    /// (in memory only: after a restart every record is backlog). Backlog
+    /// reintegration stops at them; their writers send them.
+    connected: BTreeSet<u64>,
 }
 
 /// Every fid a record mentions.
@@ -135,6 +126,7 @@ impl Log {
             }
         }
         self.logged_at.remove(&id);
+        self.connected.remove(&id);
         Some(r)
     }
 
@@ -250,13 +242,6 @@ pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     }
 }
 
-/// Why the connected write path left a record to the log.
-pub(crate) enum Deferred {
-    /// The record (this store id) stays in the log.
-    Unreachable(u64),
-    Queued,
-}
-
 /// What logging a mutation did.
 pub(crate) struct Logged {
     /// The record, or `None` when an optimisation cancelled it too.
@@ -267,28 +252,15 @@ pub(crate) struct Logged {
 
 pub(crate) struct Cml {
     pub(crate) db: Arc<Index>,
-    /// Serialises reintegration. The server treats a batch whose store ids
-    /// are all at or below the highest it applied as a replay, so batches
-    /// must reach it in store-id order: one at a time.
-    pub(crate) gate: Mutex<()>,
-    /// volume → (next vnode, end) of the reserved range, mirrored in META.
-    fids: Mutex<HashMap<u32, (u64, u64)>>,
     log: Mutex<Log>,
-    /// Connected / disconnected and the reintegrator's wake-up.
-    pub emu: Arc<EmuState>,
-}
-
-impl Drop for Cml {
-    fn drop(&mut self) {
-        // The client is going: its reintegrator thread must stop.
-        self.emu.stop();
-    }
+    /// How many records are pending, for readers that must not take the
+    /// log's lock (the reintegrator thread's turns).
+    pending: Arc<AtomicUsize>,
 }
 
 impl Cml {
-    pub fn open(db: Arc<Index>, emu: Arc<EmuState>) -> Result<Cml> {
+    pub fn open(db: Arc<Index>, pending: Arc<AtomicUsize>) -> Result<Cml> {
         let w = db.begin_write()?;
-        let mut fids = HashMap::new();
         let mut log = Log::default();
         {
             let cml = w.open_table(CML)?;
@@ -306,27 +278,56 @@ impl Cml {
             let meta = w.open_table(META)?;
             for row in meta.iter()? {
                 let (k, v) = row?;
-                let k = k.value().to_string();
-                let v = v.value();
-                let parse = |p: &str| k.strip_prefix(p).and_then(|s| s.parse::<u32>().ok());
-                if let Some(vol) = parse("fid_next.") {
-                    fids.entry(vol).or_insert((0, 0)).0 = v;
-                } else if let Some(vol) = parse("fid_end.") {
-                    fids.entry(vol).or_insert((0, 0)).1 = v;
-                } else if k == SENT_UPTO {
-                    log.sent_upto = v;
+                if k.value() == SENT_UPTO {
+                    log.sent_upto = v.value();
                 }
             }
         }
         w.commit()?;
-        emu.set_pending(log.recs.len());
+        pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Cml {
             db,
-            gate: Mutex::new(()),
-            fids: Mutex::new(fids),
             log: Mutex::new(log),
-            emu,
+            pending,
         })
+    }
+
+    /// Records logged while disconnected, write-disconnected or behind
+    /// others: a connected writer must queue behind them.
+    pub fn has_backlog(&self) -> bool {
+        let l = self.log.lock();
+        l.recs.len() > l.connected.len()
+    }
+
+    /// The connected records at the head of the log that `ready` accepts,
+    /// in order, stopping at the first other record; marked as possibly
+    /// sent (in memory: optimisations never touch them). Also says
+    /// whether the head of the log is backlog.
+    pub fn connected_head(&self, ready: impl Fn(u64) -> bool) -> (Vec<Record>, bool) {
+        let mut l = self.log.lock();
+        let mut out = Vec::new();
+        let mut backlog = false;
+        for (id, r) in &l.recs {
+            if !l.connected.contains(id) {
+                backlog = out.is_empty();
+                break;
+            }
+            if !ready(*id) || out.len() >= MAX_BATCH {
+                break;
+            }
+            out.push(r.clone());
+        }
+        if let Some(last) = out.last() {
+            l.sent_upto = l.sent_upto.max(last.store_id);
+        }
+        (out, backlog)
+    }
+
+    /// Make the in-memory `sent_upto` durable (a connected record is kept
+    /// after its send failed: the server may have applied it).
+    pub fn persist_sent_upto(&self) -> Result<()> {
+        let v = self.log.lock().sent_upto;
+        self.put_meta(&[(SENT_UPTO.to_string(), v)])
     }
 
     /// Records not yet known to be on the server, in order.
@@ -401,11 +402,30 @@ impl Cml {
     /// As `log`; `last_link` says a Remove takes the object's last name.
     pub fn log_with(
         &self,
+        op: RecordOp,
+        cached_version: Option<u64>,
+        optimise: bool,
+        check: bool,
+        last_link: bool,
+    ) -> Result<Logged> {
+        self.log_inner(op, cached_version, optimise, check, last_link, false)
+    }
+
+    /// Log the record of a connected writer (unoptimised, unchecked), which
+    /// sends it itself (`reintegrate.rs`); backlog reintegration leaves it.
+    pub fn log_connected(&self, op: RecordOp) -> Result<Record> {
+        let l = self.log_inner(op, None, false, false, true, true)?;
+        Ok(l.record.expect("an unoptimised record is never cancelled"))
+    }
+
+    fn log_inner(
+        &self,
         mut op: RecordOp,
         cached_version: Option<u64>,
         optimise: bool,
         check: bool,
         last_link: bool,
+        connected: bool,
     ) -> Result<Logged> {
         let mut log = self.log.lock();
         let (cancel, self_cancelled) = if optimise {
@@ -443,8 +463,11 @@ impl Cml {
                 let from_meta = meta.get(NEXT_STORE_ID)?.map(|v| v.value()).unwrap_or(1);
                 let from_log = cml.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
                 let store_id = from_meta.max(from_log);
+                // A connected writer uploaded first, under an id of its own.
                 if let RecordOp::Store { upload_id, .. } = &mut op {
-                    *upload_id = store_id;
+                    if *upload_id == 0 {
+                        *upload_id = store_id;
+                    }
                 }
                 let r = Record { store_id, op };
                 cml.insert(store_id, &encode_record(&r)[..])?;
@@ -462,10 +485,13 @@ impl Cml {
                 log.base.insert(target, b);
             }
             log.logged_at.insert(r.store_id, Instant::now());
+            if connected {
+                log.connected.insert(r.store_id);
+            }
             log.insert(r.clone());
         }
         self.drop_unused_bases(&mut log, cancelled.iter().map(|r| r.op.target()))?;
-        self.emu.set_pending(log.recs.len());
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Logged {
             record: rec,
             cancelled,
@@ -477,6 +503,7 @@ impl Cml {
     /// version this client had (if its target is a file the server has).
     pub fn check_kept(&self, id: u64, cached_version: Option<u64>) -> Result<()> {
         let mut log = self.log.lock();
+        log.connected.remove(&id);
         let Some(r) = log.recs.get(&id) else {
             return Ok(());
         };
@@ -520,6 +547,27 @@ impl Cml {
         Ok(())
     }
 
+    /// Remove connected records the server acknowledged. Not fsynced: a
+    /// crash before the index reaches the disk leaves them logged, and
+    /// their replay is answered "already applied" by their store ids.
+    pub fn finish_acked(&self, ids: &[u64]) -> Result<()> {
+        let mut w = self.db.begin_write()?;
+        w.set_durability(Durability::None);
+        {
+            let mut cml = w.open_table(CML)?;
+            for id in ids {
+                cml.remove(*id)?;
+            }
+        }
+        w.commit()?;
+        let mut log = self.log.lock();
+        for id in ids {
+            log.take(*id);
+        }
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Take the records leaving the log (applied, or moved to a conflict)
     /// and, for the applied ones, the server's new versions of their
     /// targets: later records on those objects now expect these.
@@ -554,7 +602,7 @@ impl Cml {
             }
         }
         w.commit()?;
-        self.emu.set_pending(log.recs.len());
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(out)
     }
 
@@ -575,7 +623,7 @@ impl Cml {
         let mut bytes = 0;
         let mut seen = std::collections::HashSet::new();
         for r in log.recs.values() {
-            if out.len() >= max {
+            if out.len() >= max || log.connected.contains(&r.store_id) {
                 break;
             }
             if let Some(t) = older_than {
@@ -630,70 +678,7 @@ impl Cml {
         out
     }
 
-    /// A fresh fid in `volume` from our reserved range. Connected, reserves
-    /// more first if it ran out; offline with none left: `NoSpace`.
-    pub fn new_fid(&self, servers: &Servers, volume: u32) -> Result<Fid> {
-        loop {
-            {
-                let mut f = self.fids.lock();
-                if let Some((next, end)) = f.get_mut(&volume) {
-                    if *next < *end {
-                        let vnode = *next;
-                        *next += 1;
-                        let n = *next;
-                        drop(f);
-                        self.put_meta(&[(format!("fid_next.{volume}"), n)])?;
-                        return Ok(Fid::new(volume, vnode, 1));
-                    }
-                }
-            }
-            if self.emu.offline() {
-                return Err(Error::NoSpace(format!(
-                    "disconnected and no reserved fids left in volume {volume}"
-                )));
-            }
-            self.reserve_fids(servers, volume)?;
-        }
-    }
-
-    /// Fids left in our reserved range of `volume`.
-    pub fn fids_left(&self, volume: u32) -> u64 {
-        self.fids
-            .lock()
-            .get(&volume)
-            .map(|(n, e)| e.saturating_sub(*n))
-            .unwrap_or(0)
-    }
-
-    /// Ask the server for a fresh range (replacing what is left of ours).
-    pub fn reserve_fids(&self, servers: &Servers, volume: u32) -> Result<()> {
-        // No lock held while we ask the server.
-        let s = servers.session()?;
-        match s.call(
-            &Msg::AllocFids {
-                volume,
-                count: FID_BATCH,
-            },
-            &servers.interrupt,
-        )? {
-            Msg::FidRange {
-                volume: v,
-                first_vnode,
-                count,
-            } if v == volume && count > 0 => {
-                let end = first_vnode + count as u64;
-                self.put_meta(&[
-                    (format!("fid_next.{volume}"), first_vnode),
-                    (format!("fid_end.{volume}"), end),
-                ])?;
-                self.fids.lock().insert(volume, (first_vnode, end));
-                Ok(())
-            }
-            m => Err(Error::Protocol(format!("AllocFids answered with {m:?}"))),
-        }
-    }
-
-    fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
+    pub(crate) fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
         let w = self.db.begin_write()?;
         {
             let mut meta = w.open_table(META)?;
@@ -703,71 +688,6 @@ impl Cml {
         }
         w.commit()?;
         Ok(())
-    }
-
-    /// The connected write path: log `op`, upload `data` first if it is a
-    /// Store, reintegrate, and return the attr of the record's target after
-    /// the server committed it. `Deferred::Unreachable` when the server could
-    /// not be reached and the record stays in the log (disconnected
-    /// operation); `Deferred::Queued` (nothing logged) when other records
-    /// wait in the log: this one must not overtake them.
-    pub fn commit(
-        &self,
-        servers: &Servers,
-        counters: &Counters,
-        op: RecordOp,
-        data: Option<&File>,
-    ) -> Result<std::result::Result<Attr, Deferred>> {
-        let _order = self.gate.lock();
-        if self.len() > 0 {
-            return Ok(Err(Deferred::Queued));
-        }
-        let rec = self
-            .log(op, None, false, false)?
-            .record
-            .expect("an unoptimised record is never cancelled");
-        {
-            let mut log = self.log.lock();
-            if rec.store_id > log.sent_upto {
-                log.sent_upto = rec.store_id;
-            }
-        }
-        let result = self.send_one(servers, &rec, data);
-        let keep = result.as_ref().is_err_and(super::mode::unreachable)
-            && KEEP_WHEN_UNREACHABLE
-            && self.emu.enabled()
-            && !self.emu.mode.failed_over();
-        if keep {
-            // Never cancel it: the server may have applied it already.
-            self.put_meta(&[(SENT_UPTO.to_string(), rec.store_id)])?;
-            return Ok(Err(Deferred::Unreachable(rec.store_id)));
-        }
-        self.finish(&[rec.store_id], &[])?;
-        if result.is_ok() {
-            Counters::add(&counters.reintegrations, 1);
-            Counters::add(&counters.records_reintegrated, 1);
-        }
-        result.map(Ok)
-    }
-
-    fn send_one(&self, servers: &Servers, rec: &Record, data: Option<&File>) -> Result<Attr> {
-        let s = servers.session()?;
-        if let RecordOp::Store {
-            upload_id, length, ..
-        } = &rec.op
-        {
-            let f = data.ok_or_else(|| Error::Invalid("a store needs its container".into()))?;
-            s.upload(*upload_id, f, *length, &servers.interrupt)?;
-        }
-        match s.call(
-            &Msg::Reintegrate {
-                records: vec![rec.clone()],
-            },
-            &servers.interrupt,
-        )? {
-            Msg::Reintegrated { mut results } if results.len() == 1 => Ok(results.remove(0)),
-            m => Err(Error::Protocol(format!("Reintegrate answered with {m:?}"))),
-        }
     }
 }
 
@@ -798,7 +718,7 @@ mod tests {
     fn open(dir: &std::path::Path) -> Cml {
         Cml::open(
             Arc::new(Index::at(&dir.join("i.redb"))),
-            Arc::new(EmuState::new(true)),
+            Arc::new(AtomicUsize::new(0)),
         )
         .unwrap()
     }

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use redb::TableDefinition;
 
 use super::mode::{unreachable, Mode};
+use super::reintegrate::Deferred;
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -37,7 +38,8 @@ pub(crate) struct EmuState {
     /// Connected, write-disconnected, emulating, held or failed over.
     pub(crate) mode: Mode,
     age_ms: AtomicU64,
-    pending: AtomicUsize,
+    /// Pending records, shared with the log (which keeps it current).
+    pending: Arc<AtomicUsize>,
     stopped: AtomicBool,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -76,12 +78,12 @@ pub(crate) fn space_error(e: &Error) -> bool {
 }
 
 impl EmuState {
-    pub fn new(enabled: bool) -> EmuState {
+    pub fn new(enabled: bool, pending: Arc<AtomicUsize>) -> EmuState {
         let (wake_tx, wake_rx) = bounded(1);
         EmuState {
             mode: Mode::new(enabled),
             age_ms: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            pending,
             stopped: AtomicBool::new(false),
             wake_tx,
             wake_rx,
@@ -148,10 +150,6 @@ impl EmuState {
         self.pending.load(Ordering::Relaxed)
     }
 
-    pub fn set_pending(&self, n: usize) {
-        self.pending.store(n, Ordering::Relaxed);
-    }
-
     pub fn wake(&self) {
         let _ = self.wake_tx.try_send(());
     }
@@ -199,7 +197,7 @@ impl Inner {
         first: Result<()>,
         cfg: &super::Config,
     ) -> Result<()> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         // Automatic failover is the other answer to a dead server (remote
         // calls fail with EIO, programs use the local copy): with it
         // configured, the client does not emulate.
@@ -236,7 +234,7 @@ impl Inner {
         }
         let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
         let weak = Arc::downgrade(self);
-        let state = self.cml.emu.clone();
+        let state = self.emu.clone();
         std::thread::Builder::new()
             .name("coda-reintegrator".into())
             .spawn(move || reintegrator(weak, state, period))
@@ -332,13 +330,13 @@ impl Inner {
     /// still walk paths.
     fn remember_root(&self) -> Result<()> {
         let root = self.servers.session()?.root;
-        if *self.cml.emu.root.lock() == Some(root) {
+        if *self.emu.root.lock() == Some(root) {
             return Ok(());
         }
         let w = self.cml.db.begin_write()?;
         w.open_table(EMU)?.insert(ROOT_KEY, &root.to_bytes()[..])?;
         w.commit()?;
-        *self.cml.emu.root.lock() = Some(root);
+        *self.emu.root.lock() = Some(root);
         Ok(())
     }
 
@@ -346,8 +344,7 @@ impl Inner {
     pub(crate) fn emulated_root(&self) -> Result<Fid> {
         let online = || self.servers.session().map(|s| s.root);
         let offline = || {
-            self.cml
-                .emu
+            self.emu
                 .root
                 .lock()
                 .ok_or_else(|| Error::Timeout("disconnected: the root is not known".into()))
@@ -357,9 +354,9 @@ impl Inner {
 
     /// Keep enough reserved fids that creating works for a while offline.
     fn top_up_fids(&self) {
-        if let Some(root) = *self.cml.emu.root.lock() {
-            if self.cml.fids_left(root.volume) < super::cml::FID_RESERVE_LOW {
-                let _ = self.cml.reserve_fids(&self.servers, root.volume);
+        if let Some(root) = *self.emu.root.lock() {
+            if self.fids.left(root.volume) < super::fids::FID_RESERVE_LOW {
+                let _ = self.fids.reserve(&self.servers, root.volume);
             }
         }
     }
@@ -373,7 +370,7 @@ impl Inner {
         online: impl FnOnce() -> Result<T>,
         offline: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         // Entered before the mode is read: if the mode leaves "connected"
         // after this, the release ends `online`'s waits at once.
         let _call = self.servers.interrupt.enter_call();
@@ -409,7 +406,7 @@ impl Inner {
     /// No server answers: emulate (if the mode allows), releasing the
     /// calls that started while connected. Returns whether we emulate.
     pub(crate) fn server_lost(&self) -> bool {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         let root_known = emu.root.lock().is_some();
         if !emu.mode.server_lost(root_known, &self.servers.interrupt) {
             return false;
@@ -422,7 +419,7 @@ impl Inner {
     /// `Timeout` while the mode is emulating: nothing else times out then).
     pub(crate) fn at_path(&self, e: Error, path: &str) -> Error {
         match e {
-            Error::Timeout(m) if self.cml.emu.offline() => Error::Timeout(format!("{path}: {m}")),
+            Error::Timeout(m) if self.emu.offline() => Error::Timeout(format!("{path}: {m}")),
             e => e,
         }
     }
@@ -440,32 +437,22 @@ impl Inner {
     /// mode, or while older records wait: log (with the optimisations) and
     /// apply locally; the reintegrator sends it later.
     pub(crate) fn commit_op(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         // Before the mode is read (see `emulate`).
         let _call = self.servers.interrupt.enter_call();
-        let connected = !emu.offline() && !emu.write_disconnected();
+        let mut connected = !emu.offline() && !emu.write_disconnected();
         if connected {
             let (cached, check) = self.version_for(&op);
-            // Records logged before this one go first (store-id order); the
-            // fast path below needs an empty log, checked under the gate.
+            // Behind records the server refused for space: this one would
+            // wait behind them, so the caller hears why now.
             if emu.pending() > 0 {
-                // Behind records the server refused for space: this one
-                // would wait behind them, so the caller hears why now.
                 if let Some(e) = emu.backing_off() {
                     return Err(e);
                 }
-                if let Err(e) = self.reintegrate_pending(None) {
-                    if !self.went_offline(&e) {
-                        return Err(e);
-                    }
-                }
             }
-            match self
-                .cml
-                .commit(&self.servers, &self.counters, op.clone(), data)
-            {
-                Ok(Ok(attr)) => return Ok(attr),
-                Ok(Err(super::cml::Deferred::Unreachable(id))) => {
+            match self.commit_connected(op.clone(), data)? {
+                Ok(attr) => return Ok(attr),
+                Err(Deferred::Unreachable(id)) => {
                     // The server's ack was to be the durable copy; without
                     // it the container is, so it reaches the disk before
                     // the caller hears success.
@@ -480,11 +467,19 @@ impl Inner {
                     self.keep_contents_current(&op, &attr);
                     return Ok(attr);
                 }
-                Ok(Err(super::cml::Deferred::Queued)) => {
-                    // Others logged first meanwhile: this one waits its turn
-                    // in the log like theirs.
+                Err(Deferred::NotLogged(Some(e))) => {
+                    // The data could not be uploaded: no server. Logged
+                    // below as a disconnected record (or the error, without
+                    // emulation).
+                    if !self.went_offline(&e) {
+                        return Err(e);
+                    }
+                    connected = false;
                 }
-                Err(e) => return Err(e),
+                Err(Deferred::NotLogged(None)) => {
+                    // Records logged earlier go first (store-id order):
+                    // this one waits its turn in the log like theirs.
+                }
             }
         }
         self.check_locally(&op)?;
@@ -543,14 +538,14 @@ impl Inner {
     }
 
     fn note_edited(&self, op: &RecordOp) {
-        self.cml.emu.edited.lock().extend(super::cml::mentions(op));
+        self.emu.edited.lock().extend(super::cml::mentions(op));
     }
 
     /// The log is empty: drop every listing edited locally (see `edited`)
     /// so it is reread, and refresh those objects' status from the server
     /// (their predicted versions may be off), many fids per request.
     pub(crate) fn drop_edited_listings(&self) {
-        let fids: Vec<Fid> = self.cml.emu.edited.lock().drain().collect();
+        let fids: Vec<Fid> = self.emu.edited.lock().drain().collect();
         for f in &fids {
             self.cache.update(None, *f, |e| e.listing = None);
         }
@@ -682,7 +677,7 @@ impl Inner {
     /// served from the cache meanwhile.
     fn reconnect(&self) -> Result<()> {
         self.remember_root()?;
-        if self.cml.emu.backing_off().is_none() {
+        if self.emu.backing_off().is_none() {
             match self.reintegrate_pending(None) {
                 // The server answers but has no room: serve it again; the
                 // records stay logged and are retried after the back-off.
@@ -693,13 +688,13 @@ impl Inner {
         // Objects the log still holds changes for are skipped.
         self.revalidate_all()?;
         self.top_up_fids();
-        self.cml.emu.mode.reconnected();
+        self.emu.mode.reconnected();
         Ok(())
     }
 
     /// One turn of the reintegrator while connected: send what is due.
     fn send_due(&self) -> Result<()> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         let age = if emu.write_disconnected() {
             Some(emu.age())
         } else {
@@ -782,8 +777,8 @@ impl super::Client {
     pub fn reintegrate_now(&self) -> Result<()> {
         let inner = &self.inner;
         // Asked for explicitly (space was freed, say): no waiting.
-        inner.cml.emu.reset_backoff();
-        if inner.cml.emu.offline() || !inner.health.is_up() {
+        inner.emu.reset_backoff();
+        if inner.emu.offline() || !inner.health.is_up() {
             let s = inner.servers.session()?;
             inner.reconnect().inspect_err(|e| {
                 inner.went_offline(e);
@@ -802,12 +797,12 @@ impl super::Client {
     /// batches once older than `reintegration_age_ms`) or off (back to
     /// write-through; what is logged is sent at once).
     pub fn set_write_disconnected(&self, on: bool) {
-        let emu = &self.inner.cml.emu;
+        let emu = &self.inner.emu;
         emu.mode.set_write_disconnected(on);
         emu.wake();
     }
 
     pub fn write_disconnected(&self) -> bool {
-        self.inner.cml.emu.write_disconnected()
+        self.inner.emu.write_disconnected()
     }
 }

@@ -26,7 +26,7 @@ impl Inner {
             link: link.to_path_buf(),
             before,
         });
-        self.cml.emu.mode.fail_over(
+        self.emu.mode.fail_over(
             record,
             &self.servers.interrupt,
             &format!("failed over: {} -> {}", link.display(), target.display()),
@@ -51,7 +51,7 @@ impl Inner {
             .map_err(again)?;
         self.revalidate_on(&s, int).map_err(again)?;
         swap_link(link, target)?;
-        self.cml.emu.mode.fail_back(&self.servers.interrupt);
+        self.emu.mode.fail_back(&self.servers.interrupt);
         self.health.mark_up(self, &s.server);
         self.callbacks.events.emit(Event::Failback {
             link: link.display().to_string(),

@@ -265,7 +265,7 @@ impl Client {
 
     /// Walk the profile now: prefetch what it covers (needs a server).
     pub fn hoard_walk(&self) -> Result<HoardReport> {
-        if self.inner.cml.emu.offline() {
+        if self.inner.emu.offline() {
             return Err(Error::Timeout(
                 "disconnected: a hoard walk needs a server".into(),
             ));

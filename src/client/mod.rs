@@ -16,6 +16,7 @@ pub mod control;
 mod emulation;
 pub mod event;
 pub mod failover;
+mod fids;
 mod file;
 mod hoard;
 mod identity;
@@ -114,7 +115,14 @@ pub(crate) struct Inner {
     callbacks: Arc<Callbacks>,
     counters: Arc<Counters>,
     cache: Cache,
+    /// The persisted log and its optimiser (no network, no mode).
     cml: Cml,
+    /// Fid ranges reserved by the server.
+    fids: fids::Fids,
+    /// Who sends now; connected records waiting for their Reintegrate.
+    outbox: reintegrate::Outbox,
+    /// The mode, and the reintegrator thread's wake-up.
+    emu: Arc<emulation::EmuState>,
     health: Health,
     /// Dropped with the client: stops the prober thread.
     _stop_probe: Sender<()>,
@@ -122,6 +130,8 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The client is going: its reintegrator thread must stop.
+        self.emu.stop();
         self.servers.shutdown();
         self.cache.flush_lru();
         self.save_stamps();
@@ -176,10 +186,13 @@ impl Client {
         let callbacks = Arc::new(Callbacks::default());
         let counters = Arc::new(Counters::default());
         let cache = Cache::open(&cache_dir, db.clone(), cfg.cache_size)?;
-        let cml = Cml::open(
-            db,
-            Arc::new(emulation::EmuState::new(cfg.disconnected_operation)),
-        )?;
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let emu = Arc::new(emulation::EmuState::new(
+            cfg.disconnected_operation,
+            pending.clone(),
+        ));
+        let fids = fids::Fids::open(db.clone())?;
+        let cml = Cml::open(db, pending)?;
         let timing = Timing {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
@@ -209,6 +222,9 @@ impl Client {
             counters,
             cache,
             cml,
+            fids,
+            outbox: reintegrate::Outbox::new(),
+            emu,
             health: Health::new(&cfg),
             _stop_probe: stop,
         });
@@ -222,11 +238,11 @@ impl Client {
     /// Connected, disconnected, or failed over.
     pub fn state(&self) -> ClientState {
         use mode::ModeKind;
-        match self.inner.cml.emu.mode.kind() {
+        match self.inner.emu.mode.kind() {
             ModeKind::FailedOver => ClientState::FailedOver,
             // Without disconnected operation a hold stops remote calls the
             // way a failover does, and shows as one (as it always has).
-            ModeKind::OperatorHeld if !self.inner.cml.emu.mode.enabled() => ClientState::FailedOver,
+            ModeKind::OperatorHeld if !self.inner.emu.mode.enabled() => ClientState::FailedOver,
             ModeKind::OperatorHeld | ModeKind::Emulating => ClientState::Disconnected,
             ModeKind::Connected | ModeKind::WriteDisconnected => {
                 if self.inner.health.is_up() && self.inner.servers.is_connected() {
@@ -554,7 +570,9 @@ impl Inner {
         build: impl FnOnce(Fid, Timespec) -> RecordOp,
         install: impl FnOnce(&Attr) -> Result<()>,
     ) -> Result<Fid> {
-        let fid = self.cml.new_fid(&self.servers, parent.volume)?;
+        let fid = self
+            .fids
+            .new_fid(&self.servers, parent.volume, !self.emu.offline())?;
         let now = Timespec::now();
         let ptok = self.callbacks.token(parent);
         let tok = self.callbacks.token(fid);
@@ -743,7 +761,7 @@ impl Inner {
         if let Some(t) = self.cache.get(fid).and_then(|e| e.symlink) {
             return Ok(t);
         }
-        if self.cml.emu.offline() {
+        if self.emu.offline() {
             return Err(emulation::uncached(fid));
         }
         let tmp = self.cache.temp_container(fid);

@@ -87,6 +87,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, stop: Receiver<()>) -> Result<()> {
         seen: inner.servers.current(),
         good: 0,
         up_since: Some(Instant::now()),
+        last_tick: Instant::now(),
     };
     let period = inner.health.heartbeat;
     std::thread::Builder::new()
@@ -112,6 +113,10 @@ struct Prober {
     good: u32,
     /// When the server was last declared up (None while down).
     up_since: Option<Instant>,
+    /// When the prober last ran: a tick much later than the heartbeat
+    /// means this process itself was stopped, and the server's silence
+    /// proves nothing.
+    last_tick: Instant,
 }
 
 fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
@@ -120,8 +125,10 @@ fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
 
 impl Prober {
     fn tick(&mut self, inner: &Inner) {
+        let stalled = self.last_tick.elapsed() > inner.health.dead_after;
+        self.last_tick = Instant::now();
         if inner.health.is_up() {
-            self.watch(inner);
+            self.watch(inner, stalled);
         } else {
             self.search(inner);
         }
@@ -136,9 +143,15 @@ impl Prober {
 
     /// Up: heartbeat, judge silence, and answer a lost connection with an
     /// immediate reconnect.
-    fn watch(&mut self, inner: &Inner) {
+    fn watch(&mut self, inner: &Inner, stalled: bool) {
         let h = &inner.health;
         match inner.servers.current() {
+            Some(s) if !s.is_dead() && stalled && s.silent_for() > h.dead_after => {
+                // This process was stopped: the session cannot be trusted,
+                // but the server may be fine. Reconnect now (the next tick
+                // takes the branch below); only that failing means down.
+                s.kill("this client was stopped longer than dead_after");
+            }
             Some(s) if !s.is_dead() => {
                 if !same(&self.seen, &s) {
                     // A caller reconnected: regain the callbacks the old
@@ -185,7 +198,7 @@ impl Prober {
         let Some((link, target)) = &inner.health.auto_failover else {
             return;
         };
-        if !inner.cml.emu.mode.failed_over() {
+        if !inner.emu.mode.failed_over() {
             // A failure (link missing, not a symlink) is retried next tick.
             let _ = inner.fail_over(link, target);
         }
@@ -224,8 +237,8 @@ impl Prober {
         // The cache is revalidated: with nothing logged, connected again
         // now (before ServerUp); otherwise the reintegrator sends the log
         // first and then switches.
-        if inner.cml.emu.pending() == 0 && !inner.cml.emu.mode.failed_over() {
-            inner.cml.emu.mode.reconnected();
+        if inner.emu.pending() == 0 && !inner.emu.mode.failed_over() {
+            inner.emu.mode.reconnected();
         }
         h.mark_up(inner, &s.server);
     }
@@ -237,7 +250,7 @@ impl Prober {
         if since.elapsed() < after {
             return;
         }
-        if let Some(f) = inner.cml.emu.mode.failback_record() {
+        if let Some(f) = inner.emu.mode.failback_record() {
             let _ = inner.fail_back(&f.link, &f.before);
         }
     }
