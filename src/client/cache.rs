@@ -128,7 +128,15 @@ struct State {
     /// recency is only a hint, so it is saved in one batch by `flush_lru`
     /// (on shutdown) and whenever the entry is saved for another reason.
     lru_unsaved: HashSet<Fid>,
+    /// Entries with a large listing whose last change is not saved yet
+    /// (written `DEFER_BATCH` at a time, and on shutdown).
+    deferred: HashSet<Fid>,
 }
+
+/// Listings longer than this are saved in batches (see `update`).
+const DEFER_LISTING: usize = 128;
+/// Deferred entries that trigger a write of them all.
+const DEFER_BATCH: usize = 64;
 
 pub(crate) struct Cache {
     dir: PathBuf,
@@ -213,6 +221,7 @@ impl Cache {
                 clock,
                 bytes,
                 lru_unsaved: HashSet::new(),
+                deferred: HashSet::new(),
             }),
             unsynced_names: Mutex::new(HashSet::new()),
         })
@@ -343,21 +352,40 @@ impl Cache {
         self.state.lock().map.keys().copied().collect()
     }
 
-    fn persist(&self, fid: Fid, e: Option<&Entry>) {
+    /// Write the current entries of `fids` (removing those gone) to the
+    /// index. The transaction begins first (redb runs one at a time) and
+    /// the rows are read from the map inside it, under the state lock only
+    /// while reading: a later transaction reads a later state, so the last
+    /// commit holds the newest rows; no lock is held across the commit.
+    fn persist(&self, fids: &[Fid]) {
+        if fids.is_empty() {
+            return;
+        }
         // The index is a cache: eventual durability is enough, and a failed
         // write only costs a refetch later.
         let res: Result<()> = (|| {
             let mut w = self.db.begin_write()?;
             w.set_durability(Durability::Eventual);
+            let rows: Vec<(Fid, Option<Vec<u8>>)> = {
+                let mut st = self.state.lock();
+                fids.iter()
+                    .map(|f| {
+                        st.deferred.remove(f);
+                        (*f, st.map.get(f).map(|e| e.encode()))
+                    })
+                    .collect()
+            };
             {
                 let mut t = w.open_table(OBJECTS)?;
-                let k = fid.to_bytes();
-                match e {
-                    Some(e) => {
-                        t.insert(&k[..], &e.encode()[..])?;
-                    }
-                    None => {
-                        t.remove(&k[..])?;
+                for (fid, row) in &rows {
+                    let k = fid.to_bytes();
+                    match row {
+                        Some(r) => {
+                            t.insert(&k[..], &r[..])?;
+                        }
+                        None => {
+                            t.remove(&k[..])?;
+                        }
                     }
                 }
             }
@@ -383,9 +411,28 @@ impl Cache {
         };
         let before_bytes = e.data_bytes;
         let r = f(e);
-        let after = e.clone();
-        st.bytes = st.bytes - before_bytes + after.data_bytes;
-        self.persist(fid, Some(&after));
+        let after_bytes = e.data_bytes;
+        // A large listing is written in batches, not on every entry it
+        // gains: rewriting it per create would make filling a directory
+        // quadratic. A crash can lose such a write; the entry's version
+        // goes with its listing, so revalidation rereads it.
+        let defer = e
+            .listing
+            .as_ref()
+            .is_some_and(|(_, l)| l.len() > DEFER_LISTING);
+        st.bytes = st.bytes - before_bytes + after_bytes;
+        let flush: Vec<Fid> = if defer {
+            st.deferred.insert(fid);
+            if st.deferred.len() >= DEFER_BATCH {
+                st.deferred.iter().copied().collect()
+            } else {
+                Vec::new()
+            }
+        } else {
+            vec![fid]
+        };
+        drop(st);
+        self.persist(&flush);
         Some(r)
     }
 
@@ -513,28 +560,17 @@ impl Cache {
         self.evict();
     }
 
-    /// Save the LRU positions not saved yet, in one index transaction.
+    /// Save the LRU positions and deferred listings not saved yet, in one
+    /// index transaction.
     pub fn flush_lru(&self) {
-        let mut st = self.state.lock();
-        let fids: Vec<Fid> = st.lru_unsaved.drain().collect();
-        let rows: Vec<(Fid, Vec<u8>)> = fids
-            .iter()
-            .filter_map(|f| st.map.get(f).map(|e| (*f, e.encode())))
-            .collect();
-        drop(st);
-        let res: Result<()> = (|| {
-            let mut w = self.db.begin_write()?;
-            w.set_durability(Durability::Eventual);
-            {
-                let mut t = w.open_table(OBJECTS)?;
-                for (fid, row) in &rows {
-                    t.insert(&fid.to_bytes()[..], &row[..])?;
-                }
-            }
-            w.commit()?;
-            Ok(())
-        })();
-        let _ = res;
+        let fids: Vec<Fid> = {
+            let mut st = self.state.lock();
+            let mut v: Vec<Fid> = st.lru_unsaved.drain().collect();
+            v.extend(st.deferred.iter().copied());
+            v.retain(|f| st.map.contains_key(f));
+            v
+        };
+        self.persist(&fids);
     }
 
     /// Forget an object entirely (it was removed).
@@ -548,7 +584,8 @@ impl Cache {
                 let _ = std::fs::remove_file(self.container(fid));
             }
         }
-        self.persist(fid, None);
+        drop(st);
+        self.persist(&[fid]);
     }
 
     /// Evict least recently used containers until within the limit; open and
@@ -557,6 +594,7 @@ impl Cache {
         let pinned = self.pinned.lock().clone();
         let prio = self.priorities.lock().clone();
         let mut st = self.state.lock();
+        let mut evicted = Vec::new();
         while st.bytes > self.limit {
             // Unhoarded (priority 0) first, least recently used first; then
             // hoarded ones from the lowest priority up. Open, dirty and
@@ -580,10 +618,11 @@ impl Cache {
             let freed = e.data_bytes;
             e.data_version = None;
             e.data_bytes = 0;
-            let e = e.clone();
             st.bytes -= freed;
-            self.persist(fid, Some(&e));
+            evicted.push(fid);
         }
+        drop(st);
+        self.persist(&evicted);
     }
 
     #[cfg(test)]

@@ -14,9 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use redb::{Durability, ReadableTable, TableDefinition};
 
 use super::cache::Index;
@@ -50,6 +50,8 @@ struct Log {
     /// (in memory only: after a restart every record is backlog). Backlog
     /// reintegration stops at them; their writers send them.
     connected: BTreeSet<u64>,
+    /// A change is committed (or committing) and not yet applied here.
+    applying: bool,
 }
 
 /// Every fid a record mentions.
@@ -143,10 +145,6 @@ impl Log {
         self.about(fid)
             .find(|r| created(&r.op) == Some(fid))
             .map(|r| r.store_id)
-    }
-
-    fn targets(&self, fid: Fid) -> bool {
-        self.about(fid).any(|r| r.op.target() == fid)
     }
 
     /// Store ids the optimisations cancel when `op` is logged, and whether
@@ -252,7 +250,11 @@ pub(crate) struct Logged {
 
 pub(crate) struct Cml {
     pub(crate) db: Arc<Index>,
+    /// The in-memory mirror. Guards the mirror only: never held while the
+    /// index commits (see `begin` and `commit`).
     log: Mutex<Log>,
+    /// Signalled when a committed change has been applied to the mirror.
+    applied: Condvar,
     /// How many records are pending, for readers that must not take the
     /// log's lock (the reintegrator thread's turns).
     pending: Arc<AtomicUsize>,
@@ -288,6 +290,7 @@ impl Cml {
         Ok(Cml {
             db,
             log: Mutex::new(log),
+            applied: Condvar::new(),
             pending,
         })
     }
@@ -427,7 +430,7 @@ impl Cml {
         last_link: bool,
         connected: bool,
     ) -> Result<Logged> {
-        let mut log = self.log.lock();
+        let (mut w, log) = self.begin()?;
         let (cancel, self_cancelled) = if optimise {
             log.cancellations(&op, last_link)
         } else {
@@ -446,8 +449,27 @@ impl Cml {
                 _ => 0,
             };
         }
+        // Bases no record will target once the cancelled ones are gone.
+        let gone_bases: Vec<Fid> = {
+            let mut fids: Vec<Fid> = cancel
+                .iter()
+                .filter_map(|id| log.recs.get(id).map(|r| r.op.target()))
+                .collect();
+            fids.sort();
+            fids.dedup();
+            fids.into_iter()
+                .filter(|f| {
+                    // (The new record keeps its own target's base.)
+                    let kept_by_new = *f == target && !self_cancelled;
+                    log.base.contains_key(f)
+                        && !kept_by_new
+                        && !log
+                            .about(*f)
+                            .any(|r| r.op.target() == *f && !cancel.contains(&r.store_id))
+                })
+                .collect()
+        };
 
-        let mut w = self.db.begin_write()?;
         w.set_durability(Durability::Immediate);
         let rec;
         {
@@ -456,6 +478,9 @@ impl Cml {
             let mut bt = w.open_table(BASE)?;
             for id in &cancel {
                 cml.remove(*id)?;
+            }
+            for f in &gone_bases {
+                bt.remove(&f.to_bytes()[..])?;
             }
             if self_cancelled {
                 rec = None;
@@ -478,8 +503,11 @@ impl Cml {
                 rec = Some(r);
             }
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
         let cancelled: Vec<Record> = cancel.iter().filter_map(|id| log.take(*id)).collect();
+        for f in &gone_bases {
+            log.base.remove(f);
+        }
         if let Some(r) = &rec {
             if let Some(b) = new_base {
                 log.base.insert(target, b);
@@ -490,7 +518,6 @@ impl Cml {
             }
             log.insert(r.clone());
         }
-        self.drop_unused_bases(&mut log, cancelled.iter().map(|r| r.op.target()))?;
         self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Logged {
             record: rec,
@@ -498,11 +525,51 @@ impl Cml {
         })
     }
 
+    /// Begin a change of the log: the write transaction first (redb runs
+    /// one at a time), then the mirror's lock, once the previous writer has
+    /// applied its committed change to it. The caller plans under the lock
+    /// and stages its rows in the transaction, then calls `commit`.
+    fn begin(&self) -> Result<(redb::WriteTransaction, MutexGuard<'_, Log>)> {
+        let w = self.db.begin_write()?;
+        let mut log = self.log.lock();
+        // Bounded: the previous writer has committed and needs only this
+        // lock to apply; a minute without it means something is wrong.
+        for _ in 0..1200 {
+            if !log.applying {
+                return Ok((w, log));
+            }
+            self.applied.wait_for(&mut log, Duration::from_millis(50));
+        }
+        Err(Error::Again(
+            "the log's previous change was never applied".into(),
+        ))
+    }
+
+    /// Commit `w` with the mirror's lock released (no lock is held across
+    /// the fsync), then take the lock again to apply the change. Readers
+    /// meanwhile see the log as it was, and the next writer waits in
+    /// `begin` until this change is applied, so the mirror follows the
+    /// table in commit order. On failure nothing is applied.
+    fn commit<'a>(
+        &'a self,
+        w: redb::WriteTransaction,
+        mut log: MutexGuard<'a, Log>,
+    ) -> Result<MutexGuard<'a, Log>> {
+        log.applying = true;
+        drop(log);
+        let r = w.commit();
+        let mut log = self.log.lock();
+        log.applying = false;
+        self.applied.notify_all();
+        r?;
+        Ok(log)
+    }
+
     /// The last record stays in the log because the server stopped
     /// answering: from now on it is a disconnected record, so it checks the
     /// version this client had (if its target is a file the server has).
     pub fn check_kept(&self, id: u64, cached_version: Option<u64>) -> Result<()> {
-        let mut log = self.log.lock();
+        let (w, mut log) = self.begin()?;
         log.connected.remove(&id);
         let Some(r) = log.recs.get(&id) else {
             return Ok(());
@@ -515,35 +582,15 @@ impl Cml {
         if log.created_here(target).is_some() {
             return Ok(());
         }
-        let base = *log.base.entry(target).or_insert(v);
+        let base = log.base.get(&target).copied().unwrap_or(v);
         *e = base;
-        let w = self.db.begin_write()?;
         {
             w.open_table(CML)?.insert(id, &encode_record(&r)[..])?;
             w.open_table(BASE)?.insert(&target.to_bytes()[..], base)?;
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
+        log.base.entry(target).or_insert(base);
         log.recs.insert(id, r);
-        Ok(())
-    }
-
-    /// Forget the base version of fids no pending record targets any more.
-    fn drop_unused_bases(&self, log: &mut Log, fids: impl Iterator<Item = Fid>) -> Result<()> {
-        let gone: Vec<Fid> = fids
-            .filter(|f| log.base.contains_key(f) && !log.targets(*f))
-            .collect();
-        if gone.is_empty() {
-            return Ok(());
-        }
-        let w = self.db.begin_write()?;
-        {
-            let mut bt = w.open_table(BASE)?;
-            for f in &gone {
-                bt.remove(&f.to_bytes()[..])?;
-                log.base.remove(f);
-            }
-        }
-        w.commit()?;
         Ok(())
     }
 
@@ -551,7 +598,7 @@ impl Cml {
     /// crash before the index reaches the disk leaves them logged, and
     /// their replay is answered "already applied" by their store ids.
     pub fn finish_acked(&self, ids: &[u64]) -> Result<()> {
-        let mut w = self.db.begin_write()?;
+        let (mut w, log) = self.begin()?;
         w.set_durability(Durability::None);
         {
             let mut cml = w.open_table(CML)?;
@@ -559,8 +606,7 @@ impl Cml {
                 cml.remove(*id)?;
             }
         }
-        w.commit()?;
-        let mut log = self.log.lock();
+        let mut log = self.commit(w, log)?;
         for id in ids {
             log.take(*id);
         }
@@ -572,36 +618,59 @@ impl Cml {
     /// and, for the applied ones, the server's new versions of their
     /// targets: later records on those objects now expect these.
     pub fn finish(&self, ids: &[u64], applied: &[(Fid, u64)]) -> Result<Vec<Record>> {
-        let mut log = self.log.lock();
-        let w = self.db.begin_write()?;
-        let mut out = Vec::new();
+        let (w, log) = self.begin()?;
+        let leaving: BTreeSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| log.recs.contains_key(id))
+            .collect();
+        let mut touched: Vec<Fid> = leaving
+            .iter()
+            .filter_map(|id| log.recs.get(id).map(|r| r.op.target()))
+            .collect();
+        touched.sort();
+        touched.dedup();
+        let mut bases: HashMap<Fid, Option<u64>> = HashMap::new();
         {
             let mut cml = w.open_table(CML)?;
             let mut bt = w.open_table(BASE)?;
             for id in ids {
                 cml.remove(*id)?;
-                if let Some(r) = log.take(*id) {
-                    out.push(r);
-                }
-            }
-            let mut touched: Vec<Fid> = out.iter().map(|r| r.op.target()).collect();
-            touched.sort();
-            touched.dedup();
-            for (fid, v) in applied {
-                if log.base.contains_key(fid) {
-                    log.base.insert(*fid, *v);
-                }
             }
             for f in touched {
-                if !log.targets(f) {
-                    log.base.remove(&f);
+                let still = log
+                    .about(f)
+                    .any(|r| r.op.target() == f && !leaving.contains(&r.store_id));
+                if !still {
                     bt.remove(&f.to_bytes()[..])?;
+                    bases.insert(f, None);
                 } else if let Some(v) = log.base.get(&f) {
-                    bt.insert(&f.to_bytes()[..], *v)?;
+                    let v = applied
+                        .iter()
+                        .find(|(a, _)| *a == f)
+                        .map_or(*v, |(_, v)| *v);
+                    bt.insert(&f.to_bytes()[..], v)?;
+                    bases.insert(f, Some(v));
                 }
             }
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
+        let out: Vec<Record> = ids.iter().filter_map(|id| log.take(*id)).collect();
+        for (fid, v) in applied {
+            if log.base.contains_key(fid) {
+                log.base.insert(*fid, *v);
+            }
+        }
+        for (f, b) in bases {
+            match b {
+                None => {
+                    log.base.remove(&f);
+                }
+                Some(v) => {
+                    log.base.insert(f, v);
+                }
+            }
+        }
         self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(out)
     }
@@ -647,11 +716,16 @@ impl Cml {
             }
             out.push(r);
         }
-        if let Some(last) = out.last() {
-            if last.store_id > log.sent_upto {
-                log.sent_upto = last.store_id;
-                self.put_meta(&[(SENT_UPTO.to_string(), last.store_id)])?;
-            }
+        let raise = out
+            .last()
+            .map(|r| r.store_id)
+            .filter(|id| *id > log.sent_upto);
+        if let Some(id) = raise {
+            // In memory first (optimisations stop touching them now), then
+            // durably, without the lock, before anything is sent.
+            log.sent_upto = id;
+            drop(log);
+            self.put_meta(&[(SENT_UPTO.to_string(), id)])?;
         }
         Ok(out)
     }
