@@ -115,7 +115,7 @@ impl Client {
             }
             paths.insert(fid, path.clone());
             if let Some((_, l)) = by_fid.get(&fid).and_then(|e| e.listing.as_ref()) {
-                for d in l {
+                for d in l.iter() {
                     let child = if path == "/" {
                         format!("/{}", d.name)
                     } else {

@@ -36,7 +36,9 @@ pub(crate) struct Entry {
     /// Written locally and not yet stored on the server.
     pub dirty: bool,
     /// Directories: entries as of `listing_version`.
-    pub listing: Option<(u64, Vec<DirEntry>)>,
+    /// Shared, so copying an entry (every `get`) never copies a large
+    /// listing; edits go through `Arc::make_mut`.
+    pub listing: Option<(u64, Arc<Vec<DirEntry>>)>,
     /// Symlinks: the target (immutable for the life of the fid).
     pub symlink: Option<String>,
     /// Open `File`s on the container (not persisted: nothing is open after a restart).
@@ -70,6 +72,14 @@ impl Entry {
         }
     }
 
+    /// As `listing_current`, shared (no copy).
+    pub fn listing_shared(&self) -> Option<Arc<Vec<DirEntry>>> {
+        match &self.listing {
+            Some((v, l)) if *v == self.attr.version => Some(l.clone()),
+            _ => None,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.attr(&self.attr)
@@ -80,7 +90,7 @@ impl Entry {
         match &self.listing {
             Some((v, l)) => {
                 w.u8(1).u64(*v).u32(l.len() as u32);
-                for e in l {
+                for e in l.iter() {
                     w.entry(e);
                 }
             }
@@ -109,7 +119,7 @@ impl Entry {
             for _ in 0..n {
                 l.push(r.entry()?);
             }
-            e.listing = Some((v, l));
+            e.listing = Some((v, Arc::new(l)));
         }
         if r.bool()? {
             e.symlink = Some(r.str(MAX_SYMLINK, "symlink target")?);
@@ -455,7 +465,7 @@ impl Cache {
     pub fn set_listing(&self, attr: &Attr, entries: Vec<DirEntry>) {
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
-            e.listing = Some((attr.version, entries));
+            e.listing = Some((attr.version, Arc::new(entries)));
         });
     }
 

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use redb::TableDefinition;
 
 use super::mode::{unreachable, Mode};
+use super::namespace;
 use super::reintegrate::Deferred;
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
@@ -248,72 +249,34 @@ impl Inner {
     /// the log; redoing the edits (idempotently) restores it, so the next
     /// run neither loses sight of the change nor makes it twice.
     fn redo_log_in_cache(&self) {
-        use crate::proto::DirEntry;
-        let ensure = |dir: Fid, name: &str, fid: Fid, ftype: FileType| {
-            self.cache.update(None, dir, |e| {
-                if let Some((_, l)) = &mut e.listing {
-                    if !l.iter().any(|x| x.name == name && x.fid == fid) {
-                        l.retain(|x| x.name != name);
-                        l.push(DirEntry {
-                            name: name.to_string(),
-                            fid,
-                            ftype,
-                        });
-                    }
-                }
-            });
-        };
-        let drop_name = |dir: Fid, name: &str, fid: Fid| {
-            self.cache.update(None, dir, |e| {
-                if let Some((_, l)) = &mut e.listing {
-                    l.retain(|x| !(x.name == name && x.fid == fid));
-                }
-            });
-        };
         for r in self.cml.pending() {
-            match &r.op {
-                op @ (RecordOp::Create {
-                    parent, name, fid, ..
+            let op = &r.op;
+            if super::cml::created(op).is_some() {
+                if let Ok(attr) = self.apply_locally(op, &[], false) {
+                    let ftype = attr.ftype;
+                    self.cache.update(Some(&attr), op.target(), |e| {
+                        if let RecordOp::Symlink { target, .. } = op {
+                            e.symlink = Some(target.clone());
+                        }
+                        if ftype == FileType::Dir && e.listing.is_none() {
+                            e.listing = Some((e.attr.version, Arc::new(Vec::new())));
+                        }
+                    });
+                } else {
+                    continue;
                 }
-                | RecordOp::Mkdir {
-                    parent, name, fid, ..
-                }
-                | RecordOp::Symlink {
-                    parent, name, fid, ..
-                }) => {
-                    if let Ok(attr) = self.apply_locally(op, &[], false) {
-                        let ftype = attr.ftype;
-                        self.cache.update(Some(&attr), *fid, |e| {
-                            if let RecordOp::Symlink { target, .. } = op {
-                                e.symlink = Some(target.clone());
-                            }
-                            if ftype == FileType::Dir && e.listing.is_none() {
-                                e.listing = Some((e.attr.version, Vec::new()));
-                            }
-                        });
-                        ensure(*parent, name, *fid, ftype);
+            }
+            let ftype = self
+                .cache
+                .get(op.target())
+                .map_or(FileType::File, |e| e.attr.ftype);
+            let edits = namespace::listing_edits(op, ftype);
+            for (dir, _) in &edits {
+                self.cache.update(None, *dir, |e| {
+                    if let Some((_, l)) = &mut e.listing {
+                        namespace::apply_edits(Arc::make_mut(l), *dir, &edits);
                     }
-                }
-                RecordOp::Link { parent, name, fid } => ensure(*parent, name, *fid, FileType::File),
-                RecordOp::Remove { parent, name, fid } | RecordOp::Rmdir { parent, name, fid } => {
-                    drop_name(*parent, name, *fid)
-                }
-                RecordOp::Rename {
-                    src_parent,
-                    src_name,
-                    dst_parent,
-                    dst_name,
-                    fid,
-                    ..
-                } => {
-                    let t = self
-                        .cache
-                        .get(*fid)
-                        .map_or(FileType::File, |e| e.attr.ftype);
-                    drop_name(*src_parent, src_name, *fid);
-                    ensure(*dst_parent, dst_name, *fid, t);
-                }
-                _ => {}
+                });
             }
         }
     }
@@ -613,63 +576,13 @@ impl Inner {
         cancelled: &[crate::proto::Record],
         gone: bool,
     ) -> Result<Attr> {
-        let now = Timespec::now();
         let fid = op.target();
-        let new = |ftype: FileType, mode: u32, size: u64, mtime: Timespec| Attr {
-            fid,
-            ftype,
-            mode: mode & 0o7777,
-            nlink: if ftype == FileType::Dir { 2 } else { 1 },
-            size,
-            mtime,
-            ctime: now,
-            version: 1,
-        };
-        let mut a = match op {
-            RecordOp::Create { mode, mtime, .. } => {
-                return Ok(new(FileType::File, *mode, 0, *mtime))
-            }
-            RecordOp::Mkdir { mode, mtime, .. } => return Ok(new(FileType::Dir, *mode, 0, *mtime)),
-            RecordOp::Symlink { target, mtime, .. } => {
-                return Ok(new(FileType::Symlink, 0o777, target.len() as u64, *mtime))
-            }
-            _ => self.cached_attr(fid)?,
-        };
-        let replaced = cancelled
-            .iter()
-            .filter(|r| {
-                r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
-            })
-            .count() as u64;
-        a.version = a.version + 1 - replaced.min(1);
-        a.ctime = now;
-        match op {
-            RecordOp::Store { length, mtime, .. } => {
-                a.size = *length;
-                a.mtime = *mtime;
-            }
-            RecordOp::SetAttr {
-                mode, size, mtime, ..
-            } => {
-                if let Some(m) = mode {
-                    a.mode = m & 0o7777;
-                }
-                if let Some(s) = size {
-                    if *s != a.size && mtime.is_none() {
-                        a.mtime = now;
-                    }
-                    a.size = *s;
-                }
-                if let Some(t) = mtime {
-                    a.mtime = *t;
-                }
-            }
-            RecordOp::Link { .. } => a.nlink += 1,
-            RecordOp::Remove { .. } => a.nlink = if gone { 0 } else { a.nlink.saturating_sub(1) },
-            RecordOp::Rmdir { .. } => a.nlink = 0,
-            _ => {}
-        }
-        Ok(a)
+        let replaced = cancelled.iter().any(|r| {
+            r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
+        });
+        let cached = self.cache.get(fid).map(|e| e.attr);
+        namespace::target_attr(op, cached, replaced, gone, Timespec::now())
+            .ok_or_else(|| uncached(fid))
     }
 
     /// A server answers again: reintegrate the log, revalidate the cache,

@@ -113,7 +113,6 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
 fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
     inner.create_object(
         parent,
-        name,
         FileType::File,
         |fid, now| RecordOp::Create {
             parent,

@@ -180,7 +180,7 @@ impl Inner {
                         if depth == Some(0) {
                             continue;
                         }
-                        for child in list {
+                        for child in list.iter() {
                             stack.push((child.fid, child.ftype, depth.map(|d| d - 1)));
                         }
                     }

@@ -22,6 +22,7 @@ mod hoard;
 mod identity;
 mod mode;
 mod namei;
+mod namespace;
 mod probe;
 mod reintegrate;
 mod stamps;
@@ -296,9 +297,9 @@ impl Client {
             .inner
             .listing(fid)
             .map_err(|e| self.inner.at_path(e, path))?
-            .into_iter()
+            .iter()
             .map(|e| DirEntry {
-                name: e.name,
+                name: e.name.clone(),
                 ftype: e.ftype,
                 fid: e.fid,
             })
@@ -314,7 +315,6 @@ impl Client {
         let (parent, name) = inner.free_name(path)?;
         inner.create_object(
             parent,
-            &name,
             FileType::Dir,
             |fid, now| RecordOp::Mkdir {
                 parent,
@@ -367,9 +367,9 @@ impl Client {
                 fid,
             }
         };
-        let attr = inner.commit(op, None)?;
+        let attr = inner.commit(op.clone(), None)?;
         inner.object_changed(&attr, tok);
-        inner.after_dir_change(parent, ptok, now, |l| l.retain(|e| e.name != name));
+        inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
         Ok(())
     }
 
@@ -410,7 +410,7 @@ impl Client {
                 .as_ref()
                 .map_or(Replaces::Nothing, |d| Replaces::Object(d.fid)),
         };
-        let attr = inner.commit(op, None)?;
+        let attr = inner.commit(op.clone(), None)?;
         inner.object_changed(&attr, tok);
         if let Some(d) = &dst {
             // The replaced object lost a link (or is gone): re-ask next time.
@@ -419,23 +419,7 @@ impl Client {
                 inner.cache.forget(d.fid);
             }
         }
-        let moved = crate::proto::DirEntry {
-            name: dn.clone(),
-            fid: src.fid,
-            ftype: src.ftype,
-        };
-        if sp == dp {
-            inner.after_dir_change(sp, stok, now, |l| {
-                l.retain(|e| e.name != sn && e.name != dn);
-                l.push(moved);
-            });
-        } else {
-            inner.after_dir_change(sp, stok, now, |l| l.retain(|e| e.name != sn));
-            inner.after_dir_change(dp, dtok, now, |l| {
-                l.retain(|e| e.name != dn);
-                l.push(moved);
-            });
-        }
+        inner.after_record(&op, src.ftype, &[(sp, stok), (dp, dtok)], now);
         Ok(())
     }
 
@@ -447,7 +431,6 @@ impl Client {
         let (parent, name) = inner.free_name(linkpath)?;
         inner.create_object(
             parent,
-            &name,
             FileType::Symlink,
             |fid, now| RecordOp::Symlink {
                 parent,
@@ -565,7 +548,6 @@ impl Inner {
     pub(crate) fn create_object(
         &self,
         parent: Fid,
-        name: &str,
         ftype: FileType,
         build: impl FnOnce(Fid, Timespec) -> RecordOp,
         install: impl FnOnce(&Attr) -> Result<()>,
@@ -576,15 +558,11 @@ impl Inner {
         let now = Timespec::now();
         let ptok = self.callbacks.token(parent);
         let tok = self.callbacks.token(fid);
-        let attr = self.commit(build(fid, now), None)?;
+        let op = build(fid, now);
+        let attr = self.commit(op.clone(), None)?;
         install(&attr)?;
         self.callbacks.grant(fid, tok);
-        let entry = crate::proto::DirEntry {
-            name: name.to_string(),
-            fid,
-            ftype,
-        };
-        self.after_dir_change(parent, ptok, now, |l| l.push(entry));
+        self.after_record(&op, ftype, &[(parent, ptok)], now);
         Ok(fid)
     }
 
@@ -689,23 +667,19 @@ impl Inner {
 
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
-    fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
+    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
         if self.trusts(dir) {
-            if let Some(l) = self
-                .cache
-                .get(dir)
-                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
-            {
+            if let Some(l) = self.cache.get(dir).and_then(|e| e.listing_shared()) {
                 return Ok(l);
             }
         }
         let offline = || {
             self.cache
                 .get(dir)
-                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
+                .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir), offline)
+        self.emulate(Some(dir), || self.read_dir(dir).map(Arc::new), offline)
     }
 
     fn read_dir(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
@@ -752,7 +726,7 @@ impl Inner {
     }
 
     fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
-        Ok(self.listing(dir)?.into_iter().find(|e| e.name == name))
+        Ok(self.listing(dir)?.iter().find(|e| e.name == name).cloned())
     }
 
     /// A symlink's target: fetched once, then cached for the fid's life (a
@@ -868,6 +842,23 @@ impl Inner {
         }
     }
 
+    /// After `op` committed (or was applied locally): edit each directory
+    /// it changed the way the server did (`namespace::listing_edits`), one
+    /// `after_dir_change` per directory, with the token taken for it before.
+    fn after_record(&self, op: &RecordOp, ftype: FileType, toks: &[(Fid, Token)], now: Timespec) {
+        let edits = namespace::listing_edits(op, ftype);
+        let mut dirs: Vec<Fid> = edits.iter().map(|(d, _)| *d).collect();
+        dirs.dedup();
+        for dir in dirs {
+            let Some((_, tok)) = toks.iter().find(|(d, _)| *d == dir) else {
+                continue;
+            };
+            self.after_dir_change(dir, *tok, now, |l| {
+                namespace::apply_edits(l, dir, &edits)
+            });
+        }
+    }
+
     /// After a record changed `dir`'s entries: edit the cached listing the
     /// same way and bump its version by one, as the server did. If the
     /// listing was not current, or a break overtook us, drop the callback so
@@ -883,7 +874,7 @@ impl Inner {
             let version = e.attr.version;
             match &mut e.listing {
                 Some((v, l)) if *v == version => {
-                    edit(l);
+                    edit(Arc::make_mut(l));
                     *v += 1;
                     e.attr.version += 1;
                     e.attr.mtime = mtime;
