@@ -664,7 +664,7 @@ fn unavailable() -> redb::TransactionError {
 #[allow(clippy::result_large_err)]
 impl Index {
     pub fn open(path: &Path) -> std::result::Result<Index, redb::DatabaseError> {
-        let db = super::emulation::open_index(path)?;
+        let db = open_index(path)?;
         Ok(Index {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
@@ -724,7 +724,7 @@ impl Index {
             }
         }
         drop(failed);
-        match super::emulation::open_index(&self.path) {
+        match open_index(&self.path) {
             Ok(db) => {
                 *self.db.write() = Some(Arc::new(db));
                 Ok(())
@@ -755,6 +755,26 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+/// Open the cache index. A client of this process that was just dropped
+/// may still be finishing on one of its own threads (the reintegrator or
+/// the prober held it for a moment), so "already open" is retried briefly
+/// before it means another client.
+pub(crate) fn open_index(
+    path: &std::path::Path,
+) -> std::result::Result<redb::Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match redb::Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]

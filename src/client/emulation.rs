@@ -22,7 +22,7 @@ use redb::TableDefinition;
 
 use super::mode::{unreachable, Mode};
 use super::namespace;
-use super::reintegrate::Deferred;
+use super::reintegrate::{space_error, Deferred};
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -70,12 +70,6 @@ struct Backoff {
     /// (quota or not, and its message).
     until: Option<(Instant, bool, String)>,
     step: Option<Duration>,
-}
-
-/// The server refused for lack of space or quota: retrying at once would
-/// only be refused again (and upload the same bytes again).
-pub(crate) fn space_error(e: &Error) -> bool {
-    matches!(e, Error::NoSpace(_) | Error::Quota(_))
 }
 
 impl EmuState {
@@ -158,26 +152,6 @@ impl EmuState {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
         self.wake();
-    }
-}
-
-/// Open the cache index. A client of this process that was just dropped
-/// may still be finishing on one of its own threads (the reintegrator or
-/// the prober held it for a moment), so "already open" is retried briefly
-/// before it means another client.
-pub(crate) fn open_index(
-    path: &std::path::Path,
-) -> std::result::Result<redb::Database, redb::DatabaseError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        match redb::Database::create(path) {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                if std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r,
-        }
     }
 }
 

@@ -853,9 +853,7 @@ impl Inner {
             let Some((_, tok)) = toks.iter().find(|(d, _)| *d == dir) else {
                 continue;
             };
-            self.after_dir_change(dir, *tok, now, |l| {
-                namespace::apply_edits(l, dir, &edits)
-            });
+            self.after_dir_change(dir, *tok, now, |l| namespace::apply_edits(l, dir, &edits));
         }
     }
 

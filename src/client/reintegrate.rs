@@ -15,7 +15,6 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::conn::Session;
-use super::emulation::space_error;
 use super::event::Event;
 use super::stats::Counters;
 use super::Inner;
@@ -136,6 +135,12 @@ impl Outbox {
             }
         }
     }
+}
+
+/// The server refused for lack of space or quota: retrying at once would
+/// only be refused again (and upload the same bytes again).
+pub(crate) fn space_error(e: &Error) -> bool {
+    matches!(e, Error::NoSpace(_) | Error::Quota(_))
 }
 
 /// Why the connected write path left a record to the log, or did not send.
