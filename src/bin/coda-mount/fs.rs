@@ -18,7 +18,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 /// Attribute and entry lifetime in the kernel: zero. The `Client` is the
 /// one place that knows whether a cached object is still valid (its
@@ -47,7 +47,13 @@ struct Handle {
     /// the first flush (close(2)) and opened again if written once more.
     path: String,
     flags: i32,
+    /// The open file; the lock guards only the slot and local reads and
+    /// writes of the container, never a refetch (see `file_for`).
     file: Mutex<Option<File>>,
+    /// Set while one thread opens the file again; the others wait on
+    /// `reopened` without holding `file`.
+    reopening: Mutex<bool>,
+    reopened: Condvar,
     _backing: Option<Arc<BackingId>>,
 }
 
@@ -262,16 +268,38 @@ impl CodaFs {
     }
 
     /// The handle's `File`, opened again if a flush closed it (a write after
-    /// close(2) through a duplicated descriptor).
-    fn reopen<'a>(&self, h: &Handle, slot: &'a mut Option<File>) -> Result<&'a mut File, Errno> {
-        if slot.is_none() {
-            let f = self
-                .client
-                .open(&h.path, h.flags, 0)
-                .map_err(|e| errno(&e))?;
-            *slot = Some(f);
+    /// close(2) through a duplicated descriptor). The open may refetch from
+    /// the server: no lock is held across it; one thread opens, the others
+    /// wait for it.
+    fn file_for<'a>(&self, h: &'a Handle) -> Result<MutexGuard<'a, Option<File>>, Errno> {
+        // Bounded: each turn finds the file, opens it, or waits one slice
+        // for the thread that opens it (whose open is itself bounded).
+        for _ in 0..12_000 {
+            let g = h.file.lock();
+            if g.is_some() {
+                return Ok(g);
+            }
+            drop(g);
+            {
+                let mut busy = h.reopening.lock();
+                if *busy {
+                    h.reopened
+                        .wait_for(&mut busy, std::time::Duration::from_millis(50));
+                    continue;
+                }
+                *busy = true;
+            }
+            let opened = self.client.open(&h.path, h.flags, 0);
+            *h.reopening.lock() = false;
+            h.reopened.notify_all();
+            let f = opened.map_err(|e| errno(&e))?;
+            let mut g = h.file.lock();
+            if g.is_none() {
+                *g = Some(f);
+            }
+            return Ok(g);
         }
-        Ok(slot.as_mut().expect("just filled"))
+        Err(Errno::EIO)
     }
 
     fn new_fh(&self) -> u64 {
@@ -344,6 +372,8 @@ impl CodaFs {
                 // Reopening must neither create nor truncate again.
                 flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
                 file: Mutex::new(Some(file)),
+                reopening: Mutex::new(false),
+                reopened: Condvar::new(),
                 _backing: backing,
             }),
         );
@@ -582,8 +612,8 @@ impl Filesystem for CodaFs {
         reply: ReplyData,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let mut g = h.file.lock();
-        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut g = tri!(reply, self.file_for(&h));
+        let f = g.as_mut().expect("file_for fills the slot");
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -609,8 +639,8 @@ impl Filesystem for CodaFs {
         reply: ReplyWrite,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let mut g = h.file.lock();
-        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut g = tri!(reply, self.file_for(&h));
+        let f = g.as_mut().expect("file_for fills the slot");
         let mut done = 0;
         while done < data.len() {
             match f.write_at(&data[done..], offset + done as u64) {
