@@ -6,6 +6,7 @@
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
 mod admin;
+mod at;
 mod cache;
 mod callback;
 mod cml;
@@ -311,23 +312,8 @@ impl Client {
     }
 
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
-        let inner = &self.inner;
-        let (parent, name) = inner.free_name(path)?;
-        inner.create_object(
-            parent,
-            FileType::Dir,
-            |fid, now| RecordOp::Mkdir {
-                parent,
-                name: name.clone(),
-                fid,
-                mode: mode & 0o7777,
-                mtime: now,
-            },
-            |attr| {
-                inner.cache.set_listing(attr, Vec::new());
-                Ok(())
-            },
-        )?;
+        let (parent, name) = self.inner.free_name(path)?;
+        self.mkdir_at(parent, &name, mode)?;
         Ok(())
     }
 
@@ -340,8 +326,14 @@ impl Client {
     }
 
     fn remove(&self, path: &str, dir: bool) -> Result<()> {
+        let (parent, name) = self.inner.resolve_parent(path)?;
+        self.remove_entry(parent, &name, dir, path)
+    }
+
+    /// `remove` of the entry `name` in `parent` (`path` names it in errors).
+    fn remove_entry(&self, parent: Fid, name: &str, dir: bool, path: &str) -> Result<()> {
         let inner = &self.inner;
-        let (parent, name) = inner.resolve_parent(path)?;
+        let name = name.to_string();
         let ent = inner
             .lookup(parent, &name)?
             .ok_or_else(|| Error::NotFound(path.to_string()))?;
@@ -374,9 +366,24 @@ impl Client {
     }
 
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (sp, sn) = self.inner.resolve_parent(from)?;
+        let (dp, dn) = self.inner.resolve_parent(to)?;
+        self.rename_entries(sp, &sn, dp, &dn, from, to)
+    }
+
+    /// `rename` of entries given by directory and name (`from` and `to`
+    /// name them in errors).
+    fn rename_entries(
+        &self,
+        sp: Fid,
+        sn: &str,
+        dp: Fid,
+        dn: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<()> {
         let inner = &self.inner;
-        let (sp, sn) = inner.resolve_parent(from)?;
-        let (dp, dn) = inner.resolve_parent(to)?;
+        let (sn, dn) = (sn.to_string(), dn.to_string());
         let src = inner
             .lookup(sp, &sn)?
             .ok_or_else(|| Error::NotFound(from.to_string()))?;
@@ -424,26 +431,8 @@ impl Client {
     }
 
     pub fn symlink(&self, target: &str, linkpath: &str) -> Result<()> {
-        if target.is_empty() || target.len() > MAX_SYMLINK || target.contains('\0') {
-            return Err(Error::Invalid(format!("symlink target {target:?}")));
-        }
-        let inner = &self.inner;
-        let (parent, name) = inner.free_name(linkpath)?;
-        inner.create_object(
-            parent,
-            FileType::Symlink,
-            |fid, now| RecordOp::Symlink {
-                parent,
-                name: name.clone(),
-                fid,
-                target: target.to_string(),
-                mtime: now,
-            },
-            |attr| {
-                inner.cache.set_symlink(attr, target.to_string());
-                Ok(())
-            },
-        )?;
+        let (parent, name) = self.inner.free_name(linkpath)?;
+        self.symlink_at(parent, &name, target)?;
         Ok(())
     }
 
