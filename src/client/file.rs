@@ -137,6 +137,11 @@ pub(crate) fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> 
 }
 
 impl File {
+    /// The fid of the open object.
+    pub fn fid(&self) -> Fid {
+        self.fid
+    }
+
     /// The container file's OS descriptor (valid until close).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -469,11 +469,31 @@ impl Client {
         size: Option<u64>,
         mtime: Option<Timespec>,
     ) -> Result<()> {
-        let inner = &self.inner;
-        let (fid, t) = inner.resolve(path, true)?;
+        let (fid, t) = self.inner.resolve(path, true)?;
         if size.is_some() && t == FileType::Dir {
             return Err(Error::IsDir(path.to_string()));
         }
+        self.setattr_fid(fid, mode, size, mtime)
+    }
+
+    /// Change the status of object `fid`: mode, size (a file's), mtime.
+    pub fn setattr_fid(
+        &self,
+        fid: Fid,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<Timespec>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if let Some(t) = mtime {
+            if t.nsec >= 1_000_000_000 {
+                return Err(Error::Invalid(format!(
+                    "nanoseconds {} out of range",
+                    t.nsec
+                )));
+            }
+        }
+        let mode = mode.map(|m| m & 0o7777);
         let tok = inner.callbacks.token(fid);
         let op = RecordOp::SetAttr {
             fid,
