@@ -276,7 +276,19 @@ impl Inner {
             };
             if batch.is_empty() {
                 if backlog {
-                    let _ = self.reintegrate_holding(token, None);
+                    if let Err(e) = self.reintegrate_holding(token, None) {
+                        // The records queued behind the backlog cannot go
+                        // either: their writers hear why now (no server:
+                        // they keep their records; a full server: the
+                        // back-off's error), instead of leading again and
+                        // again into the same failure.
+                        let queued: Vec<Queued> = std::mem::take(&mut out.state.lock().queue)
+                            .into_values()
+                            .collect();
+                        for q in queued {
+                            let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
+                        }
+                    }
                 }
                 return;
             }
