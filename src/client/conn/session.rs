@@ -167,10 +167,12 @@ fn connect_interruptible(
                 break;
             }
         }
+        // An interrupt shuts the socket down, which ends the connect with a
+        // reset: report the interrupt, not the reset.
+        interrupt.check().map_err(interrupted)?;
         if let Some(e) = stream.take_error()? {
             return Err(e);
         }
-        interrupt.check().map_err(interrupted)?;
     }
     stream.set_nonblocking(false)?;
     Ok(stream)
@@ -764,5 +766,59 @@ impl Session {
             m @ Msg::Error { .. } => Err(reply_error(m, &server, "Upload")),
             m => Err(reply_error(m, &server, "Upload")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::FromRawFd;
+
+    /// A listener whose accept queue is full: a further connect stays in
+    /// SYN_SENT (its SYNs are dropped), as toward a host that went away.
+    fn full_listener() -> (std::net::TcpListener, Vec<TcpStream>) {
+        // SAFETY: plain socket calls; the fd is owned by the TcpListener.
+        let l = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let (a, len) = sockaddr("127.0.0.1:0".parse().unwrap());
+            assert_eq!(
+                libc::bind(fd, &a as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            assert_eq!(libc::listen(fd, 0), 0);
+            std::net::TcpListener::from_raw_fd(fd)
+        };
+        let addr = l.local_addr().unwrap();
+        // Fill the queue (never accepted); stop at the first that hangs.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        (l, held)
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_connect_in_progress_at_once() {
+        let (l, _held) = full_listener();
+        let addr = l.local_addr().unwrap();
+        let i = Interrupt::new();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let r = connect_interruptible(None, addr, Duration::from_secs(60), &i);
+                tx.send(r.map(|_| ()).map_err(|e| e.kind())).unwrap();
+            });
+            // Still connecting (the queue is full): nothing came back.
+            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+            i.trigger("failed over");
+            let r = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the connect ends when the interrupt fires, not after 60 s");
+            assert_eq!(r, Err(std::io::ErrorKind::ConnectionAborted));
+        });
     }
 }
