@@ -334,7 +334,9 @@ impl From<redb::Error> for Error {
             // Kept as an OS error so ENOSPC stays ENOSPC.
             redb::Error::Io(source) => Error::io(METADATA_IO, source),
             redb::Error::PreviousIo => Error::io(METADATA_IO, io::Error::other(PreviousIo)),
-            e => Error::Eio(format!("metadata store: {e}")),
+            // A local store failure, never `Eio`: the client reads `Eio` as
+            // "the server is unreachable" (client/mode.rs `unreachable`).
+            e => Error::io("metadata store error", io::Error::other(e.to_string())),
         }
     }
 }

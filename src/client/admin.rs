@@ -3,15 +3,14 @@
 //! server. Used by `coda-mount`'s control socket and the `coda` CLI.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{Client, FileType};
 use crate::proto::{Fid, Msg};
 use crate::{Error, Result};
 
-/// The interrupt reason that marks an operator's `disconnect` (as opposed
-/// to a failover): `reconnect` lifts only this one.
+/// Why remote operations stop after an operator's `disconnect` (a message
+/// only: the mode, not this text, says the client is held).
 const OPERATOR_DISCONNECT: &str = "disconnected by the operator (coda disconnect)";
 
 /// One object in the cache, as `coda listcache` shows it.
@@ -116,7 +115,7 @@ impl Client {
             }
             paths.insert(fid, path.clone());
             if let Some((_, l)) = by_fid.get(&fid).and_then(|e| e.listing.as_ref()) {
-                for d in l {
+                for d in l.iter() {
                     let child = if path == "/" {
                         format!("/{}", d.name)
                     } else {
@@ -161,18 +160,10 @@ impl Client {
     /// while failed over: failback is the way back from there.
     pub fn disconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
-        match servers.interrupt.check() {
-            Err(Error::Eio(r)) if r != OPERATOR_DISCONNECT => {
-                return Err(Error::Invalid(format!("failed over ({r}); use failback")))
-            }
-            _ => {}
-        }
-        let emu = &self.inner.cml.emu;
-        if emu.enabled() {
-            emu.held.store(true, Ordering::Relaxed);
-            emu.offline.store(true, Ordering::Relaxed);
-        } else {
-            servers.interrupt_all(OPERATOR_DISCONNECT);
+        let mode = &self.inner.emu.mode;
+        if mode.hold(&servers.interrupt, OPERATOR_DISCONNECT).is_err() {
+            let why = self.interrupted().unwrap_or_default();
+            return Err(Error::Invalid(format!("failed over ({why}); use failback")));
         }
         servers.shutdown();
         Ok(())
@@ -184,35 +175,36 @@ impl Client {
     /// operator (a failover is undone by failback).
     pub fn reconnect(&self) -> Result<()> {
         let servers = &self.inner.servers;
-        let emu = &self.inner.cml.emu;
-        if emu.held.swap(false, Ordering::Relaxed) {
+        let emu = &self.inner.emu;
+        let mode = &emu.mode;
+        if mode.failed_over() {
+            let why = self.interrupted().unwrap_or_default();
+            return Err(Error::Invalid(format!("{why}; use failback")));
+        }
+        if !mode.unhold(&servers.interrupt) {
+            return Ok(());
+        }
+        let again =
+            |e: Error| Error::Again(format!("no server answers, staying disconnected: {e}"));
+        if mode.enabled() {
             // Reintegrate what was logged meanwhile, then serve from the
             // servers again.
             return self.reintegrate_now().map_err(|e| {
-                emu.held.store(true, Ordering::Relaxed);
-                Error::Again(format!("no server answers, staying disconnected: {e}"))
+                let _ = mode.hold(&servers.interrupt, OPERATOR_DISCONNECT);
+                again(e)
             });
         }
-        match servers.interrupt.check() {
-            Ok(()) => return Ok(()),
-            Err(Error::Eio(r)) if r == OPERATOR_DISCONNECT => {}
-            Err(e) => return Err(Error::Invalid(format!("{e}; use failback"))),
-        }
-        servers.interrupt.clear();
         if let Err(e) = servers.session().and_then(|_| self.inner.revalidate_all()) {
-            servers.interrupt_all(OPERATOR_DISCONNECT);
+            let _ = mode.hold(&servers.interrupt, OPERATOR_DISCONNECT);
             servers.shutdown();
-            return Err(Error::Again(format!(
-                "no server answers, staying disconnected: {e}"
-            )));
+            return Err(again(e));
         }
         Ok(())
     }
 
     /// Whether the operator disconnected the client (`coda disconnect`).
     pub fn operator_disconnected(&self) -> bool {
-        self.inner.cml.emu.held.load(Ordering::Relaxed)
-            || matches!(self.inner.servers.interrupt.check(), Err(Error::Eio(r)) if r == OPERATOR_DISCONNECT)
+        self.inner.emu.mode.held()
     }
 
     /// Why remote operations fail right now (failover or disconnect), if

@@ -36,7 +36,9 @@ pub(crate) struct Entry {
     /// Written locally and not yet stored on the server.
     pub dirty: bool,
     /// Directories: entries as of `listing_version`.
-    pub listing: Option<(u64, Vec<DirEntry>)>,
+    /// Shared, so copying an entry (every `get`) never copies a large
+    /// listing; edits go through `Arc::make_mut`.
+    pub listing: Option<(u64, Arc<Vec<DirEntry>>)>,
     /// Symlinks: the target (immutable for the life of the fid).
     pub symlink: Option<String>,
     /// Open `File`s on the container (not persisted: nothing is open after a restart).
@@ -70,6 +72,14 @@ impl Entry {
         }
     }
 
+    /// As `listing_current`, shared (no copy).
+    pub fn listing_shared(&self) -> Option<Arc<Vec<DirEntry>>> {
+        match &self.listing {
+            Some((v, l)) if *v == self.attr.version => Some(l.clone()),
+            _ => None,
+        }
+    }
+
     fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.attr(&self.attr)
@@ -80,7 +90,7 @@ impl Entry {
         match &self.listing {
             Some((v, l)) => {
                 w.u8(1).u64(*v).u32(l.len() as u32);
-                for e in l {
+                for e in l.iter() {
                     w.entry(e);
                 }
             }
@@ -109,7 +119,7 @@ impl Entry {
             for _ in 0..n {
                 l.push(r.entry()?);
             }
-            e.listing = Some((v, l));
+            e.listing = Some((v, Arc::new(l)));
         }
         if r.bool()? {
             e.symlink = Some(r.str(MAX_SYMLINK, "symlink target")?);
@@ -128,7 +138,15 @@ struct State {
     /// recency is only a hint, so it is saved in one batch by `flush_lru`
     /// (on shutdown) and whenever the entry is saved for another reason.
     lru_unsaved: HashSet<Fid>,
+    /// Entries with a large listing whose last change is not saved yet
+    /// (written `DEFER_BATCH` at a time, and on shutdown).
+    deferred: HashSet<Fid>,
 }
+
+/// Listings longer than this are saved in batches (see `update`).
+const DEFER_LISTING: usize = 128;
+/// Deferred entries that trigger a write of them all.
+const DEFER_BATCH: usize = 64;
 
 pub(crate) struct Cache {
     dir: PathBuf,
@@ -213,6 +231,7 @@ impl Cache {
                 clock,
                 bytes,
                 lru_unsaved: HashSet::new(),
+                deferred: HashSet::new(),
             }),
             unsynced_names: Mutex::new(HashSet::new()),
         })
@@ -343,21 +362,40 @@ impl Cache {
         self.state.lock().map.keys().copied().collect()
     }
 
-    fn persist(&self, fid: Fid, e: Option<&Entry>) {
+    /// Write the current entries of `fids` (removing those gone) to the
+    /// index. The transaction begins first (redb runs one at a time) and
+    /// the rows are read from the map inside it, under the state lock only
+    /// while reading: a later transaction reads a later state, so the last
+    /// commit holds the newest rows; no lock is held across the commit.
+    fn persist(&self, fids: &[Fid]) {
+        if fids.is_empty() {
+            return;
+        }
         // The index is a cache: eventual durability is enough, and a failed
         // write only costs a refetch later.
         let res: Result<()> = (|| {
             let mut w = self.db.begin_write()?;
             w.set_durability(Durability::Eventual);
+            let rows: Vec<(Fid, Option<Vec<u8>>)> = {
+                let mut st = self.state.lock();
+                fids.iter()
+                    .map(|f| {
+                        st.deferred.remove(f);
+                        (*f, st.map.get(f).map(|e| e.encode()))
+                    })
+                    .collect()
+            };
             {
                 let mut t = w.open_table(OBJECTS)?;
-                let k = fid.to_bytes();
-                match e {
-                    Some(e) => {
-                        t.insert(&k[..], &e.encode()[..])?;
-                    }
-                    None => {
-                        t.remove(&k[..])?;
+                for (fid, row) in &rows {
+                    let k = fid.to_bytes();
+                    match row {
+                        Some(r) => {
+                            t.insert(&k[..], &r[..])?;
+                        }
+                        None => {
+                            t.remove(&k[..])?;
+                        }
                     }
                 }
             }
@@ -383,9 +421,28 @@ impl Cache {
         };
         let before_bytes = e.data_bytes;
         let r = f(e);
-        let after = e.clone();
-        st.bytes = st.bytes - before_bytes + after.data_bytes;
-        self.persist(fid, Some(&after));
+        let after_bytes = e.data_bytes;
+        // A large listing is written in batches, not on every entry it
+        // gains: rewriting it per create would make filling a directory
+        // quadratic. A crash can lose such a write; the entry's version
+        // goes with its listing, so revalidation rereads it.
+        let defer = e
+            .listing
+            .as_ref()
+            .is_some_and(|(_, l)| l.len() > DEFER_LISTING);
+        st.bytes = st.bytes - before_bytes + after_bytes;
+        let flush: Vec<Fid> = if defer {
+            st.deferred.insert(fid);
+            if st.deferred.len() >= DEFER_BATCH {
+                st.deferred.iter().copied().collect()
+            } else {
+                Vec::new()
+            }
+        } else {
+            vec![fid]
+        };
+        drop(st);
+        self.persist(&flush);
         Some(r)
     }
 
@@ -408,7 +465,7 @@ impl Cache {
     pub fn set_listing(&self, attr: &Attr, entries: Vec<DirEntry>) {
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
-            e.listing = Some((attr.version, entries));
+            e.listing = Some((attr.version, Arc::new(entries)));
         });
     }
 
@@ -513,28 +570,17 @@ impl Cache {
         self.evict();
     }
 
-    /// Save the LRU positions not saved yet, in one index transaction.
+    /// Save the LRU positions and deferred listings not saved yet, in one
+    /// index transaction.
     pub fn flush_lru(&self) {
-        let mut st = self.state.lock();
-        let fids: Vec<Fid> = st.lru_unsaved.drain().collect();
-        let rows: Vec<(Fid, Vec<u8>)> = fids
-            .iter()
-            .filter_map(|f| st.map.get(f).map(|e| (*f, e.encode())))
-            .collect();
-        drop(st);
-        let res: Result<()> = (|| {
-            let mut w = self.db.begin_write()?;
-            w.set_durability(Durability::Eventual);
-            {
-                let mut t = w.open_table(OBJECTS)?;
-                for (fid, row) in &rows {
-                    t.insert(&fid.to_bytes()[..], &row[..])?;
-                }
-            }
-            w.commit()?;
-            Ok(())
-        })();
-        let _ = res;
+        let fids: Vec<Fid> = {
+            let mut st = self.state.lock();
+            let mut v: Vec<Fid> = st.lru_unsaved.drain().collect();
+            v.extend(st.deferred.iter().copied());
+            v.retain(|f| st.map.contains_key(f));
+            v
+        };
+        self.persist(&fids);
     }
 
     /// Forget an object entirely (it was removed).
@@ -548,7 +594,8 @@ impl Cache {
                 let _ = std::fs::remove_file(self.container(fid));
             }
         }
-        self.persist(fid, None);
+        drop(st);
+        self.persist(&[fid]);
     }
 
     /// Evict least recently used containers until within the limit; open and
@@ -557,6 +604,7 @@ impl Cache {
         let pinned = self.pinned.lock().clone();
         let prio = self.priorities.lock().clone();
         let mut st = self.state.lock();
+        let mut evicted = Vec::new();
         while st.bytes > self.limit {
             // Unhoarded (priority 0) first, least recently used first; then
             // hoarded ones from the lowest priority up. Open, dirty and
@@ -580,10 +628,11 @@ impl Cache {
             let freed = e.data_bytes;
             e.data_version = None;
             e.data_bytes = 0;
-            let e = e.clone();
             st.bytes -= freed;
-            self.persist(fid, Some(&e));
+            evicted.push(fid);
         }
+        drop(st);
+        self.persist(&evicted);
     }
 
     #[cfg(test)]
@@ -615,7 +664,7 @@ fn unavailable() -> redb::TransactionError {
 #[allow(clippy::result_large_err)]
 impl Index {
     pub fn open(path: &Path) -> std::result::Result<Index, redb::DatabaseError> {
-        let db = super::emulation::open_index(path)?;
+        let db = open_index(path)?;
         Ok(Index {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
@@ -675,7 +724,7 @@ impl Index {
             }
         }
         drop(failed);
-        match super::emulation::open_index(&self.path) {
+        match open_index(&self.path) {
             Ok(db) => {
                 *self.db.write() = Some(Arc::new(db));
                 Ok(())
@@ -706,6 +755,26 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing directory {}", dir.display()), e))
+}
+
+/// Open the cache index. A client of this process that was just dropped
+/// may still be finishing on one of its own threads (the reintegrator or
+/// the prober held it for a moment), so "already open" is retried briefly
+/// before it means another client.
+pub(crate) fn open_index(
+    path: &std::path::Path,
+) -> std::result::Result<redb::Database, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match redb::Database::create(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 #[cfg(test)]

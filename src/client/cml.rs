@@ -12,18 +12,15 @@
 //! thousands of records.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use redb::{Durability, ReadableTable, TableDefinition};
 
 use super::cache::Index;
-use super::conn::Servers;
-use super::emulation::EmuState;
-use super::stats::Counters;
-use crate::proto::{Attr, Fid, Msg, Record, RecordOp};
+use crate::proto::{Fid, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
 const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
@@ -36,17 +33,7 @@ const NEXT_STORE_ID: &str = "next_store_id";
 /// Records with store ids up to this may have reached the server (a batch
 /// was sent and its reply may have been lost): they are never cancelled by
 /// an optimisation, since the server may already have applied them.
-const SENT_UPTO: &str = "sent_upto";
-/// Fids reserved per AllocFids request.
-pub(crate) const FID_BATCH: u32 = 1024;
-/// Below this many reserved fids left in a volume, a connected client
-/// reserves a fresh range, so creation works for a while offline.
-pub(crate) const FID_RESERVE_LOW: u64 = 512;
-
-/// Whether a record whose reintegration failed for lack of a server stays
-/// in the log (disconnected operation). The `disconnected_operation` config
-/// key can still turn emulation off per client (`EmuState::enabled`).
-const KEEP_WHEN_UNREACHABLE: bool = true;
+pub(crate) const SENT_UPTO: &str = "sent_upto";
 
 /// The in-memory mirror of the `cml` table.
 #[derive(Default)]
@@ -59,6 +46,12 @@ struct Log {
     sent_upto: u64,
     /// When each record was logged (this run; older ones count as old).
     logged_at: HashMap<u64, Instant>,
+    /// Records of connected writers still waiting for their Reintegrate
+    /// (in memory only: after a restart every record is backlog). Backlog
+    /// reintegration stops at them; their writers send them.
+    connected: BTreeSet<u64>,
+    /// A change is committed (or committing) and not yet applied here.
+    applying: bool,
 }
 
 /// Every fid a record mentions.
@@ -135,6 +128,7 @@ impl Log {
             }
         }
         self.logged_at.remove(&id);
+        self.connected.remove(&id);
         Some(r)
     }
 
@@ -151,10 +145,6 @@ impl Log {
         self.about(fid)
             .find(|r| created(&r.op) == Some(fid))
             .map(|r| r.store_id)
-    }
-
-    fn targets(&self, fid: Fid) -> bool {
-        self.about(fid).any(|r| r.op.target() == fid)
     }
 
     /// Store ids the optimisations cancel when `op` is logged, and whether
@@ -250,19 +240,6 @@ pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     }
 }
 
-/// Failures that say "the server was not reached (or its answer was lost)",
-/// as opposed to the server refusing the record.
-pub(crate) fn unreachable(e: &Error) -> bool {
-    matches!(e, Error::Timeout(_) | Error::Eio(_) | Error::Io { .. })
-}
-
-/// Why the connected write path left a record to the log.
-pub(crate) enum Deferred {
-    /// The record (this store id) stays in the log.
-    Unreachable(u64),
-    Queued,
-}
-
 /// What logging a mutation did.
 pub(crate) struct Logged {
     /// The record, or `None` when an optimisation cancelled it too.
@@ -273,28 +250,19 @@ pub(crate) struct Logged {
 
 pub(crate) struct Cml {
     pub(crate) db: Arc<Index>,
-    /// Serialises reintegration. The server treats a batch whose store ids
-    /// are all at or below the highest it applied as a replay, so batches
-    /// must reach it in store-id order: one at a time.
-    pub(crate) gate: Mutex<()>,
-    /// volume → (next vnode, end) of the reserved range, mirrored in META.
-    fids: Mutex<HashMap<u32, (u64, u64)>>,
+    /// The in-memory mirror. Guards the mirror only: never held while the
+    /// index commits (see `begin` and `commit`).
     log: Mutex<Log>,
-    /// Connected / disconnected and the reintegrator's wake-up.
-    pub emu: Arc<EmuState>,
-}
-
-impl Drop for Cml {
-    fn drop(&mut self) {
-        // The client is going: its reintegrator thread must stop.
-        self.emu.stop();
-    }
+    /// Signalled when a committed change has been applied to the mirror.
+    applied: Condvar,
+    /// How many records are pending, for readers that must not take the
+    /// log's lock (the reintegrator thread's turns).
+    pending: Arc<AtomicUsize>,
 }
 
 impl Cml {
-    pub fn open(db: Arc<Index>, emu: Arc<EmuState>) -> Result<Cml> {
+    pub fn open(db: Arc<Index>, pending: Arc<AtomicUsize>) -> Result<Cml> {
         let w = db.begin_write()?;
-        let mut fids = HashMap::new();
         let mut log = Log::default();
         {
             let cml = w.open_table(CML)?;
@@ -312,27 +280,57 @@ impl Cml {
             let meta = w.open_table(META)?;
             for row in meta.iter()? {
                 let (k, v) = row?;
-                let k = k.value().to_string();
-                let v = v.value();
-                let parse = |p: &str| k.strip_prefix(p).and_then(|s| s.parse::<u32>().ok());
-                if let Some(vol) = parse("fid_next.") {
-                    fids.entry(vol).or_insert((0, 0)).0 = v;
-                } else if let Some(vol) = parse("fid_end.") {
-                    fids.entry(vol).or_insert((0, 0)).1 = v;
-                } else if k == SENT_UPTO {
-                    log.sent_upto = v;
+                if k.value() == SENT_UPTO {
+                    log.sent_upto = v.value();
                 }
             }
         }
         w.commit()?;
-        emu.set_pending(log.recs.len());
+        pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Cml {
             db,
-            gate: Mutex::new(()),
-            fids: Mutex::new(fids),
             log: Mutex::new(log),
-            emu,
+            applied: Condvar::new(),
+            pending,
         })
+    }
+
+    /// Records logged while disconnected, write-disconnected or behind
+    /// others: a connected writer must queue behind them.
+    pub fn has_backlog(&self) -> bool {
+        let l = self.log.lock();
+        l.recs.len() > l.connected.len()
+    }
+
+    /// The connected records at the head of the log that `ready` accepts,
+    /// in order, stopping at the first other record; marked as possibly
+    /// sent (in memory: optimisations never touch them). Also says
+    /// whether the head of the log is backlog.
+    pub fn connected_head(&self, ready: impl Fn(u64) -> bool) -> (Vec<Record>, bool) {
+        let mut l = self.log.lock();
+        let mut out = Vec::new();
+        let mut backlog = false;
+        for (id, r) in &l.recs {
+            if !l.connected.contains(id) {
+                backlog = out.is_empty();
+                break;
+            }
+            if !ready(*id) || out.len() >= MAX_BATCH {
+                break;
+            }
+            out.push(r.clone());
+        }
+        if let Some(last) = out.last() {
+            l.sent_upto = l.sent_upto.max(last.store_id);
+        }
+        (out, backlog)
+    }
+
+    /// Make the in-memory `sent_upto` durable (a connected record is kept
+    /// after its send failed: the server may have applied it).
+    pub fn persist_sent_upto(&self) -> Result<()> {
+        let v = self.log.lock().sent_upto;
+        self.put_meta(&[(SENT_UPTO.to_string(), v)])
     }
 
     /// Records not yet known to be on the server, in order.
@@ -407,13 +405,32 @@ impl Cml {
     /// As `log`; `last_link` says a Remove takes the object's last name.
     pub fn log_with(
         &self,
-        mut op: RecordOp,
+        op: RecordOp,
         cached_version: Option<u64>,
         optimise: bool,
         check: bool,
         last_link: bool,
     ) -> Result<Logged> {
-        let mut log = self.log.lock();
+        self.log_inner(op, cached_version, optimise, check, last_link, false)
+    }
+
+    /// Log the record of a connected writer (unoptimised, unchecked), which
+    /// sends it itself (`reintegrate.rs`); backlog reintegration leaves it.
+    pub fn log_connected(&self, op: RecordOp) -> Result<Record> {
+        let l = self.log_inner(op, None, false, false, true, true)?;
+        Ok(l.record.expect("an unoptimised record is never cancelled"))
+    }
+
+    fn log_inner(
+        &self,
+        mut op: RecordOp,
+        cached_version: Option<u64>,
+        optimise: bool,
+        check: bool,
+        last_link: bool,
+        connected: bool,
+    ) -> Result<Logged> {
+        let (mut w, log) = self.begin()?;
         let (cancel, self_cancelled) = if optimise {
             log.cancellations(&op, last_link)
         } else {
@@ -432,8 +449,27 @@ impl Cml {
                 _ => 0,
             };
         }
+        // Bases no record will target once the cancelled ones are gone.
+        let gone_bases: Vec<Fid> = {
+            let mut fids: Vec<Fid> = cancel
+                .iter()
+                .filter_map(|id| log.recs.get(id).map(|r| r.op.target()))
+                .collect();
+            fids.sort();
+            fids.dedup();
+            fids.into_iter()
+                .filter(|f| {
+                    // (The new record keeps its own target's base.)
+                    let kept_by_new = *f == target && !self_cancelled;
+                    log.base.contains_key(f)
+                        && !kept_by_new
+                        && !log
+                            .about(*f)
+                            .any(|r| r.op.target() == *f && !cancel.contains(&r.store_id))
+                })
+                .collect()
+        };
 
-        let mut w = self.db.begin_write()?;
         w.set_durability(Durability::Immediate);
         let rec;
         {
@@ -443,14 +479,20 @@ impl Cml {
             for id in &cancel {
                 cml.remove(*id)?;
             }
+            for f in &gone_bases {
+                bt.remove(&f.to_bytes()[..])?;
+            }
             if self_cancelled {
                 rec = None;
             } else {
                 let from_meta = meta.get(NEXT_STORE_ID)?.map(|v| v.value()).unwrap_or(1);
                 let from_log = cml.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
                 let store_id = from_meta.max(from_log);
+                // A connected writer uploaded first, under an id of its own.
                 if let RecordOp::Store { upload_id, .. } = &mut op {
-                    *upload_id = store_id;
+                    if *upload_id == 0 {
+                        *upload_id = store_id;
+                    }
                 }
                 let r = Record { store_id, op };
                 cml.insert(store_id, &encode_record(&r)[..])?;
@@ -461,28 +503,74 @@ impl Cml {
                 rec = Some(r);
             }
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
         let cancelled: Vec<Record> = cancel.iter().filter_map(|id| log.take(*id)).collect();
+        for f in &gone_bases {
+            log.base.remove(f);
+        }
         if let Some(r) = &rec {
             if let Some(b) = new_base {
                 log.base.insert(target, b);
             }
             log.logged_at.insert(r.store_id, Instant::now());
+            if connected {
+                log.connected.insert(r.store_id);
+            }
             log.insert(r.clone());
         }
-        self.drop_unused_bases(&mut log, cancelled.iter().map(|r| r.op.target()))?;
-        self.emu.set_pending(log.recs.len());
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Logged {
             record: rec,
             cancelled,
         })
     }
 
+    /// Begin a change of the log: the write transaction first (redb runs
+    /// one at a time), then the mirror's lock, once the previous writer has
+    /// applied its committed change to it. The caller plans under the lock
+    /// and stages its rows in the transaction, then calls `commit`.
+    fn begin(&self) -> Result<(redb::WriteTransaction, MutexGuard<'_, Log>)> {
+        let w = self.db.begin_write()?;
+        let mut log = self.log.lock();
+        // Bounded: the previous writer has committed and needs only this
+        // lock to apply; a minute without it means something is wrong.
+        for _ in 0..1200 {
+            if !log.applying {
+                return Ok((w, log));
+            }
+            self.applied.wait_for(&mut log, Duration::from_millis(50));
+        }
+        Err(Error::Again(
+            "the log's previous change was never applied".into(),
+        ))
+    }
+
+    /// Commit `w` with the mirror's lock released (no lock is held across
+    /// the fsync), then take the lock again to apply the change. Readers
+    /// meanwhile see the log as it was, and the next writer waits in
+    /// `begin` until this change is applied, so the mirror follows the
+    /// table in commit order. On failure nothing is applied.
+    fn commit<'a>(
+        &'a self,
+        w: redb::WriteTransaction,
+        mut log: MutexGuard<'a, Log>,
+    ) -> Result<MutexGuard<'a, Log>> {
+        log.applying = true;
+        drop(log);
+        let r = w.commit();
+        let mut log = self.log.lock();
+        log.applying = false;
+        self.applied.notify_all();
+        r?;
+        Ok(log)
+    }
+
     /// The last record stays in the log because the server stopped
     /// answering: from now on it is a disconnected record, so it checks the
     /// version this client had (if its target is a file the server has).
     pub fn check_kept(&self, id: u64, cached_version: Option<u64>) -> Result<()> {
-        let mut log = self.log.lock();
+        let (w, mut log) = self.begin()?;
+        log.connected.remove(&id);
         let Some(r) = log.recs.get(&id) else {
             return Ok(());
         };
@@ -494,35 +582,35 @@ impl Cml {
         if log.created_here(target).is_some() {
             return Ok(());
         }
-        let base = *log.base.entry(target).or_insert(v);
+        let base = log.base.get(&target).copied().unwrap_or(v);
         *e = base;
-        let w = self.db.begin_write()?;
         {
             w.open_table(CML)?.insert(id, &encode_record(&r)[..])?;
             w.open_table(BASE)?.insert(&target.to_bytes()[..], base)?;
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
+        log.base.entry(target).or_insert(base);
         log.recs.insert(id, r);
         Ok(())
     }
 
-    /// Forget the base version of fids no pending record targets any more.
-    fn drop_unused_bases(&self, log: &mut Log, fids: impl Iterator<Item = Fid>) -> Result<()> {
-        let gone: Vec<Fid> = fids
-            .filter(|f| log.base.contains_key(f) && !log.targets(*f))
-            .collect();
-        if gone.is_empty() {
-            return Ok(());
-        }
-        let w = self.db.begin_write()?;
+    /// Remove connected records the server acknowledged. Not fsynced: a
+    /// crash before the index reaches the disk leaves them logged, and
+    /// their replay is answered "already applied" by their store ids.
+    pub fn finish_acked(&self, ids: &[u64]) -> Result<()> {
+        let (mut w, log) = self.begin()?;
+        w.set_durability(Durability::None);
         {
-            let mut bt = w.open_table(BASE)?;
-            for f in &gone {
-                bt.remove(&f.to_bytes()[..])?;
-                log.base.remove(f);
+            let mut cml = w.open_table(CML)?;
+            for id in ids {
+                cml.remove(*id)?;
             }
         }
-        w.commit()?;
+        let mut log = self.commit(w, log)?;
+        for id in ids {
+            log.take(*id);
+        }
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -530,37 +618,60 @@ impl Cml {
     /// and, for the applied ones, the server's new versions of their
     /// targets: later records on those objects now expect these.
     pub fn finish(&self, ids: &[u64], applied: &[(Fid, u64)]) -> Result<Vec<Record>> {
-        let mut log = self.log.lock();
-        let w = self.db.begin_write()?;
-        let mut out = Vec::new();
+        let (w, log) = self.begin()?;
+        let leaving: BTreeSet<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| log.recs.contains_key(id))
+            .collect();
+        let mut touched: Vec<Fid> = leaving
+            .iter()
+            .filter_map(|id| log.recs.get(id).map(|r| r.op.target()))
+            .collect();
+        touched.sort();
+        touched.dedup();
+        let mut bases: HashMap<Fid, Option<u64>> = HashMap::new();
         {
             let mut cml = w.open_table(CML)?;
             let mut bt = w.open_table(BASE)?;
             for id in ids {
                 cml.remove(*id)?;
-                if let Some(r) = log.take(*id) {
-                    out.push(r);
-                }
-            }
-            let mut touched: Vec<Fid> = out.iter().map(|r| r.op.target()).collect();
-            touched.sort();
-            touched.dedup();
-            for (fid, v) in applied {
-                if log.base.contains_key(fid) {
-                    log.base.insert(*fid, *v);
-                }
             }
             for f in touched {
-                if !log.targets(f) {
-                    log.base.remove(&f);
+                let still = log
+                    .about(f)
+                    .any(|r| r.op.target() == f && !leaving.contains(&r.store_id));
+                if !still {
                     bt.remove(&f.to_bytes()[..])?;
+                    bases.insert(f, None);
                 } else if let Some(v) = log.base.get(&f) {
-                    bt.insert(&f.to_bytes()[..], *v)?;
+                    let v = applied
+                        .iter()
+                        .find(|(a, _)| *a == f)
+                        .map_or(*v, |(_, v)| *v);
+                    bt.insert(&f.to_bytes()[..], v)?;
+                    bases.insert(f, Some(v));
                 }
             }
         }
-        w.commit()?;
-        self.emu.set_pending(log.recs.len());
+        let mut log = self.commit(w, log)?;
+        let out: Vec<Record> = ids.iter().filter_map(|id| log.take(*id)).collect();
+        for (fid, v) in applied {
+            if log.base.contains_key(fid) {
+                log.base.insert(*fid, *v);
+            }
+        }
+        for (f, b) in bases {
+            match b {
+                None => {
+                    log.base.remove(&f);
+                }
+                Some(v) => {
+                    log.base.insert(f, v);
+                }
+            }
+        }
+        self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(out)
     }
 
@@ -581,7 +692,7 @@ impl Cml {
         let mut bytes = 0;
         let mut seen = std::collections::HashSet::new();
         for r in log.recs.values() {
-            if out.len() >= max {
+            if out.len() >= max || log.connected.contains(&r.store_id) {
                 break;
             }
             if let Some(t) = older_than {
@@ -605,11 +716,16 @@ impl Cml {
             }
             out.push(r);
         }
-        if let Some(last) = out.last() {
-            if last.store_id > log.sent_upto {
-                log.sent_upto = last.store_id;
-                self.put_meta(&[(SENT_UPTO.to_string(), last.store_id)])?;
-            }
+        let raise = out
+            .last()
+            .map(|r| r.store_id)
+            .filter(|id| *id > log.sent_upto);
+        if let Some(id) = raise {
+            // In memory first (optimisations stop touching them now), then
+            // durably, without the lock, before anything is sent.
+            log.sent_upto = id;
+            drop(log);
+            self.put_meta(&[(SENT_UPTO.to_string(), id)])?;
         }
         Ok(out)
     }
@@ -636,70 +752,7 @@ impl Cml {
         out
     }
 
-    /// A fresh fid in `volume` from our reserved range. Connected, reserves
-    /// more first if it ran out; offline with none left: `NoSpace`.
-    pub fn new_fid(&self, servers: &Servers, volume: u32) -> Result<Fid> {
-        loop {
-            {
-                let mut f = self.fids.lock();
-                if let Some((next, end)) = f.get_mut(&volume) {
-                    if *next < *end {
-                        let vnode = *next;
-                        *next += 1;
-                        let n = *next;
-                        drop(f);
-                        self.put_meta(&[(format!("fid_next.{volume}"), n)])?;
-                        return Ok(Fid::new(volume, vnode, 1));
-                    }
-                }
-            }
-            if self.emu.offline() {
-                return Err(Error::NoSpace(format!(
-                    "disconnected and no reserved fids left in volume {volume}"
-                )));
-            }
-            self.reserve_fids(servers, volume)?;
-        }
-    }
-
-    /// Fids left in our reserved range of `volume`.
-    pub fn fids_left(&self, volume: u32) -> u64 {
-        self.fids
-            .lock()
-            .get(&volume)
-            .map(|(n, e)| e.saturating_sub(*n))
-            .unwrap_or(0)
-    }
-
-    /// Ask the server for a fresh range (replacing what is left of ours).
-    pub fn reserve_fids(&self, servers: &Servers, volume: u32) -> Result<()> {
-        // No lock held while we ask the server.
-        let s = servers.session()?;
-        match s.call(
-            &Msg::AllocFids {
-                volume,
-                count: FID_BATCH,
-            },
-            &servers.interrupt,
-        )? {
-            Msg::FidRange {
-                volume: v,
-                first_vnode,
-                count,
-            } if v == volume && count > 0 => {
-                let end = first_vnode + count as u64;
-                self.put_meta(&[
-                    (format!("fid_next.{volume}"), first_vnode),
-                    (format!("fid_end.{volume}"), end),
-                ])?;
-                self.fids.lock().insert(volume, (first_vnode, end));
-                Ok(())
-            }
-            m => Err(Error::Protocol(format!("AllocFids answered with {m:?}"))),
-        }
-    }
-
-    fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
+    pub(crate) fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
         let w = self.db.begin_write()?;
         {
             let mut meta = w.open_table(META)?;
@@ -709,71 +762,6 @@ impl Cml {
         }
         w.commit()?;
         Ok(())
-    }
-
-    /// The connected write path: log `op`, upload `data` first if it is a
-    /// Store, reintegrate, and return the attr of the record's target after
-    /// the server committed it. `Deferred::Unreachable` when the server could
-    /// not be reached and the record stays in the log (disconnected
-    /// operation); `Deferred::Queued` (nothing logged) when other records
-    /// wait in the log: this one must not overtake them.
-    pub fn commit(
-        &self,
-        servers: &Servers,
-        counters: &Counters,
-        op: RecordOp,
-        data: Option<&File>,
-    ) -> Result<std::result::Result<Attr, Deferred>> {
-        let _order = self.gate.lock();
-        if self.len() > 0 {
-            return Ok(Err(Deferred::Queued));
-        }
-        let rec = self
-            .log(op, None, false, false)?
-            .record
-            .expect("an unoptimised record is never cancelled");
-        {
-            let mut log = self.log.lock();
-            if rec.store_id > log.sent_upto {
-                log.sent_upto = rec.store_id;
-            }
-        }
-        let result = self.send_one(servers, &rec, data);
-        let keep = matches!(&result, Err(Error::Eio(_) | Error::Timeout(_)))
-            && KEEP_WHEN_UNREACHABLE
-            && self.emu.enabled()
-            && servers.interrupt.check().is_ok();
-        if keep {
-            // Never cancel it: the server may have applied it already.
-            self.put_meta(&[(SENT_UPTO.to_string(), rec.store_id)])?;
-            return Ok(Err(Deferred::Unreachable(rec.store_id)));
-        }
-        self.finish(&[rec.store_id], &[])?;
-        if result.is_ok() {
-            Counters::add(&counters.reintegrations, 1);
-            Counters::add(&counters.records_reintegrated, 1);
-        }
-        result.map(Ok)
-    }
-
-    fn send_one(&self, servers: &Servers, rec: &Record, data: Option<&File>) -> Result<Attr> {
-        let s = servers.session()?;
-        if let RecordOp::Store {
-            upload_id, length, ..
-        } = &rec.op
-        {
-            let f = data.ok_or_else(|| Error::Invalid("a store needs its container".into()))?;
-            s.upload(*upload_id, f, *length, &servers.interrupt)?;
-        }
-        match s.call(
-            &Msg::Reintegrate {
-                records: vec![rec.clone()],
-            },
-            &servers.interrupt,
-        )? {
-            Msg::Reintegrated { mut results } if results.len() == 1 => Ok(results.remove(0)),
-            m => Err(Error::Protocol(format!("Reintegrate answered with {m:?}"))),
-        }
     }
 }
 
@@ -804,7 +792,7 @@ mod tests {
     fn open(dir: &std::path::Path) -> Cml {
         Cml::open(
             Arc::new(Index::at(&dir.join("i.redb"))),
-            Arc::new(EmuState::new(true)),
+            Arc::new(AtomicUsize::new(0)),
         )
         .unwrap()
     }

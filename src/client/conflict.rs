@@ -124,7 +124,7 @@ impl Inner {
     /// depend on it out of the log into a conflict, keeping a copy of every
     /// file they store; show the server's version from now on.
     pub(crate) fn make_conflict(&self, id: u64, err: &Error) -> Result<()> {
-        let _order = self.cml.gate.lock();
+        // Called by reintegration, which holds the outbox's token.
         let ids = self.cml.dependents(id);
         let pending = self.cml.pending();
         let records: Vec<Record> = pending
@@ -161,7 +161,6 @@ impl Inner {
             w.commit()?;
         }
         self.cml.finish(&ids, &[])?;
-        drop(_order);
         self.forget_local(&records);
         self.callbacks.events.emit(Event::Conflict {
             id,
@@ -291,7 +290,7 @@ impl Client {
             inner.forget_local(&stored.records);
             return Ok(());
         }
-        if inner.cml.emu.offline() {
+        if inner.emu.offline() {
             return Err(Error::Timeout(format!(
                 "conflict {id}: keeping the local version needs a server"
             )));

@@ -20,8 +20,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use redb::TableDefinition;
 
-use super::cml::unreachable;
-use super::conn::Servers;
+use super::mode::{unreachable, Mode};
+use super::namespace;
+use super::reintegrate::{space_error, Deferred};
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -31,18 +32,15 @@ use crate::{Error, Result};
 const EMU: TableDefinition<&str, &[u8]> = TableDefinition::new("emulation");
 const ROOT_KEY: &str = "root";
 
-/// Connected or not, the mode, and the reintegrator's wake-up channel. Kept
-/// apart from `Inner` so the reintegrator thread can watch it without
-/// keeping the client alive.
+/// The mode and the reintegrator's wake-up channel. Kept apart from
+/// `Inner` so the reintegrator thread can watch it without keeping the
+/// client alive.
 pub(crate) struct EmuState {
-    enabled: AtomicBool,
-    pub(crate) offline: AtomicBool,
-    write_disconnected: AtomicBool,
-    /// The operator disconnected us (`coda disconnect`): stay offline, and
-    /// do not reintegrate, until `Client::reconnect`.
-    pub(crate) held: AtomicBool,
+    /// Connected, write-disconnected, emulating, held or failed over.
+    pub(crate) mode: Mode,
     age_ms: AtomicU64,
-    pending: AtomicUsize,
+    /// Pending records, shared with the log (which keeps it current).
+    pending: Arc<AtomicUsize>,
     stopped: AtomicBool,
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -74,22 +72,13 @@ struct Backoff {
     step: Option<Duration>,
 }
 
-/// The server refused for lack of space or quota: retrying at once would
-/// only be refused again (and upload the same bytes again).
-pub(crate) fn space_error(e: &Error) -> bool {
-    matches!(e, Error::NoSpace(_) | Error::Quota(_))
-}
-
 impl EmuState {
-    pub fn new(enabled: bool) -> EmuState {
+    pub fn new(enabled: bool, pending: Arc<AtomicUsize>) -> EmuState {
         let (wake_tx, wake_rx) = bounded(1);
         EmuState {
-            enabled: AtomicBool::new(enabled),
-            offline: AtomicBool::new(false),
-            write_disconnected: AtomicBool::new(false),
-            held: AtomicBool::new(false),
+            mode: Mode::new(enabled),
             age_ms: AtomicU64::new(0),
-            pending: AtomicUsize::new(0),
+            pending,
             stopped: AtomicBool::new(false),
             wake_tx,
             wake_rx,
@@ -136,16 +125,16 @@ impl EmuState {
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.mode.enabled()
     }
 
-    /// Serving from the cache because no server answers.
+    /// Serving from the cache (no server answers, or held by the operator).
     pub fn offline(&self) -> bool {
-        self.offline.load(Ordering::Relaxed)
+        self.mode.emulating()
     }
 
     pub fn write_disconnected(&self) -> bool {
-        self.write_disconnected.load(Ordering::Relaxed)
+        self.mode.write_disconnected()
     }
 
     pub fn age(&self) -> Duration {
@@ -154,10 +143,6 @@ impl EmuState {
 
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
-    }
-
-    pub fn set_pending(&self, n: usize) {
-        self.pending.store(n, Ordering::Relaxed);
     }
 
     pub fn wake(&self) {
@@ -170,42 +155,12 @@ impl EmuState {
     }
 }
 
-/// Open the cache index. A client of this process that was just dropped
-/// may still be finishing on one of its own threads (the reintegrator or
-/// the prober held it for a moment), so "already open" is retried briefly
-/// before it means another client.
-pub(crate) fn open_index(
-    path: &std::path::Path,
-) -> std::result::Result<redb::Database, redb::DatabaseError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        match redb::Database::create(path) {
-            Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                if std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            r => return r,
-        }
-    }
-}
-
-/// Mark an error as "object not cached while disconnected"; `at_path` later
-/// names the path the caller used.
+/// "Object not cached while disconnected"; `Inner::at_path` later names
+/// the path the caller used.
 pub(crate) fn uncached(fid: Fid) -> Error {
     Error::Timeout(format!(
         "disconnected: object {fid} is not cached (no server answers)"
     ))
-}
-
-/// Name the caller's path in an `uncached` error.
-pub(crate) fn at_path(e: Error, path: &str) -> Error {
-    match e {
-        Error::Timeout(m) if m.starts_with("disconnected:") => {
-            Error::Timeout(format!("{path}: {m}"))
-        }
-        e => e,
-    }
 }
 
 impl Inner {
@@ -217,17 +172,15 @@ impl Inner {
         first: Result<()>,
         cfg: &super::Config,
     ) -> Result<()> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         // Automatic failover is the other answer to a dead server (remote
         // calls fail with EIO, programs use the local copy): with it
         // configured, the client does not emulate.
         let auto_failover = cfg.failover_link.is_some() && cfg.failover_target.is_some();
-        emu.enabled.store(
+        emu.mode.configure(
             cfg.disconnected_operation && !auto_failover,
-            Ordering::Relaxed,
+            cfg.write_disconnected,
         );
-        emu.write_disconnected
-            .store(cfg.write_disconnected, Ordering::Relaxed);
         emu.age_ms
             .store(cfg.reintegration_age_ms, Ordering::Relaxed);
         emu.hoard_every.store(cfg.hoard_walk_ms, Ordering::Relaxed);
@@ -252,15 +205,14 @@ impl Inner {
             Err(e) if !emu.enabled() || emu.root.lock().is_none() || !unreachable(&e) => {
                 return Err(e)
             }
-            Err(_) => emu.offline.store(true, Ordering::Relaxed),
+            Err(_) => emu.mode.start_emulating(),
         }
         let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
         let weak = Arc::downgrade(self);
-        let state = self.cml.emu.clone();
-        let servers = self.servers.clone();
+        let state = self.emu.clone();
         std::thread::Builder::new()
             .name("coda-reintegrator".into())
-            .spawn(move || reintegrator(weak, state, servers, period))
+            .spawn(move || reintegrator(weak, state, period))
             .map_err(|e| Error::io("spawning the reintegrator thread", e))?;
         Ok(())
     }
@@ -271,72 +223,34 @@ impl Inner {
     /// the log; redoing the edits (idempotently) restores it, so the next
     /// run neither loses sight of the change nor makes it twice.
     fn redo_log_in_cache(&self) {
-        use crate::proto::DirEntry;
-        let ensure = |dir: Fid, name: &str, fid: Fid, ftype: FileType| {
-            self.cache.update(None, dir, |e| {
-                if let Some((_, l)) = &mut e.listing {
-                    if !l.iter().any(|x| x.name == name && x.fid == fid) {
-                        l.retain(|x| x.name != name);
-                        l.push(DirEntry {
-                            name: name.to_string(),
-                            fid,
-                            ftype,
-                        });
-                    }
-                }
-            });
-        };
-        let drop_name = |dir: Fid, name: &str, fid: Fid| {
-            self.cache.update(None, dir, |e| {
-                if let Some((_, l)) = &mut e.listing {
-                    l.retain(|x| !(x.name == name && x.fid == fid));
-                }
-            });
-        };
         for r in self.cml.pending() {
-            match &r.op {
-                op @ (RecordOp::Create {
-                    parent, name, fid, ..
+            let op = &r.op;
+            if super::cml::created(op).is_some() {
+                if let Ok(attr) = self.apply_locally(op, &[], false) {
+                    let ftype = attr.ftype;
+                    self.cache.update(Some(&attr), op.target(), |e| {
+                        if let RecordOp::Symlink { target, .. } = op {
+                            e.symlink = Some(target.clone());
+                        }
+                        if ftype == FileType::Dir && e.listing.is_none() {
+                            e.listing = Some((e.attr.version, Arc::new(Vec::new())));
+                        }
+                    });
+                } else {
+                    continue;
                 }
-                | RecordOp::Mkdir {
-                    parent, name, fid, ..
-                }
-                | RecordOp::Symlink {
-                    parent, name, fid, ..
-                }) => {
-                    if let Ok(attr) = self.apply_locally(op, &[], false) {
-                        let ftype = attr.ftype;
-                        self.cache.update(Some(&attr), *fid, |e| {
-                            if let RecordOp::Symlink { target, .. } = op {
-                                e.symlink = Some(target.clone());
-                            }
-                            if ftype == FileType::Dir && e.listing.is_none() {
-                                e.listing = Some((e.attr.version, Vec::new()));
-                            }
-                        });
-                        ensure(*parent, name, *fid, ftype);
+            }
+            let ftype = self
+                .cache
+                .get(op.target())
+                .map_or(FileType::File, |e| e.attr.ftype);
+            let edits = namespace::listing_edits(op, ftype);
+            for (dir, _) in &edits {
+                self.cache.update(None, *dir, |e| {
+                    if let Some((_, l)) = &mut e.listing {
+                        namespace::apply_edits(Arc::make_mut(l), *dir, &edits);
                     }
-                }
-                RecordOp::Link { parent, name, fid } => ensure(*parent, name, *fid, FileType::File),
-                RecordOp::Remove { parent, name, fid } | RecordOp::Rmdir { parent, name, fid } => {
-                    drop_name(*parent, name, *fid)
-                }
-                RecordOp::Rename {
-                    src_parent,
-                    src_name,
-                    dst_parent,
-                    dst_name,
-                    fid,
-                    ..
-                } => {
-                    let t = self
-                        .cache
-                        .get(*fid)
-                        .map_or(FileType::File, |e| e.attr.ftype);
-                    drop_name(*src_parent, src_name, *fid);
-                    ensure(*dst_parent, dst_name, *fid, t);
-                }
-                _ => {}
+                });
             }
         }
     }
@@ -353,13 +267,13 @@ impl Inner {
     /// still walk paths.
     fn remember_root(&self) -> Result<()> {
         let root = self.servers.session()?.root;
-        if *self.cml.emu.root.lock() == Some(root) {
+        if *self.emu.root.lock() == Some(root) {
             return Ok(());
         }
         let w = self.cml.db.begin_write()?;
         w.open_table(EMU)?.insert(ROOT_KEY, &root.to_bytes()[..])?;
         w.commit()?;
-        *self.cml.emu.root.lock() = Some(root);
+        *self.emu.root.lock() = Some(root);
         Ok(())
     }
 
@@ -367,8 +281,7 @@ impl Inner {
     pub(crate) fn emulated_root(&self) -> Result<Fid> {
         let online = || self.servers.session().map(|s| s.root);
         let offline = || {
-            self.cml
-                .emu
+            self.emu
                 .root
                 .lock()
                 .ok_or_else(|| Error::Timeout("disconnected: the root is not known".into()))
@@ -378,9 +291,9 @@ impl Inner {
 
     /// Keep enough reserved fids that creating works for a while offline.
     fn top_up_fids(&self) {
-        if let Some(root) = *self.cml.emu.root.lock() {
-            if self.cml.fids_left(root.volume) < super::cml::FID_RESERVE_LOW {
-                let _ = self.cml.reserve_fids(&self.servers, root.volume);
+        if let Some(root) = *self.emu.root.lock() {
+            if self.fids.left(root.volume) < super::fids::FID_RESERVE_LOW {
+                let _ = self.fids.reserve(&self.servers, root.volume);
             }
         }
     }
@@ -394,14 +307,16 @@ impl Inner {
         online: impl FnOnce() -> Result<T>,
         offline: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
+        // Entered before the mode is read: if the mode leaves "connected"
+        // after this, the release ends `online`'s waits at once.
+        let _call = self.servers.interrupt.enter_call();
         if emu.offline() {
             return offline();
         }
-        // (The prober's "down" alone does not switch: it can be a client
-        // that was itself stopped and whose next call reconnects at once.
-        // A refused or reset connection fails a call at once; a hung
-        // server costs the first call up to `rpc_timeout_ms`.)
+        // (A refused or reset connection fails a call at once; a hung
+        // server is judged by the prober after `dead_after_ms`, which
+        // switches the mode and releases this call.)
         if let Some(f) = fid {
             if emu.pending() > 0 && self.cml.mentions(f) && self.cache.get(f).is_some() {
                 return offline();
@@ -417,19 +332,33 @@ impl Inner {
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
-        let emu = &self.cml.emu;
-        // Local I/O errors (`Io`) are not a server's silence: only what the
-        // connection layer reports (`Eio`, `Timeout`) is.
-        if !emu.enabled()
-            || !matches!(e, Error::Eio(_) | Error::Timeout(_))
-            || self.servers.interrupt.check().is_err()
-            || emu.root.lock().is_none()
-        {
+        // Local failures (`Io`: the index, a container) are not a
+        // server's silence.
+        if !unreachable(e) {
             return false;
         }
-        emu.offline.store(true, Ordering::Relaxed);
+        self.server_lost()
+    }
+
+    /// No server answers: emulate (if the mode allows), releasing the
+    /// calls that started while connected. Returns whether we emulate.
+    pub(crate) fn server_lost(&self) -> bool {
+        let emu = &self.emu;
+        let root_known = emu.root.lock().is_some();
+        if !emu.mode.server_lost(root_known, &self.servers.interrupt) {
+            return false;
+        }
         emu.wake();
         true
+    }
+
+    /// Name the caller's path in an error of disconnected operation (a
+    /// `Timeout` while the mode is emulating: nothing else times out then).
+    pub(crate) fn at_path(&self, e: Error, path: &str) -> Error {
+        match e {
+            Error::Timeout(m) if self.emu.offline() => Error::Timeout(format!("{path}: {m}")),
+            e => e,
+        }
     }
 
     /// Cached status, offline.
@@ -445,30 +374,22 @@ impl Inner {
     /// mode, or while older records wait: log (with the optimisations) and
     /// apply locally; the reintegrator sends it later.
     pub(crate) fn commit_op(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
-        let emu = &self.cml.emu;
-        let connected = !emu.offline() && !emu.write_disconnected();
+        let emu = &self.emu;
+        // Before the mode is read (see `emulate`).
+        let _call = self.servers.interrupt.enter_call();
+        let mut connected = !emu.offline() && !emu.write_disconnected();
         if connected {
             let (cached, check) = self.version_for(&op);
-            // Records logged before this one go first (store-id order); the
-            // fast path below needs an empty log, checked under the gate.
+            // Behind records the server refused for space: this one would
+            // wait behind them, so the caller hears why now.
             if emu.pending() > 0 {
-                // Behind records the server refused for space: this one
-                // would wait behind them, so the caller hears why now.
                 if let Some(e) = emu.backing_off() {
                     return Err(e);
                 }
-                if let Err(e) = self.reintegrate_pending(None) {
-                    if !self.went_offline(&e) {
-                        return Err(e);
-                    }
-                }
             }
-            match self
-                .cml
-                .commit(&self.servers, &self.counters, op.clone(), data)
-            {
-                Ok(Ok(attr)) => return Ok(attr),
-                Ok(Err(super::cml::Deferred::Unreachable(id))) => {
+            match self.commit_connected(op.clone(), data)? {
+                Ok(attr) => return Ok(attr),
+                Err(Deferred::Unreachable(id)) => {
                     // The server's ack was to be the durable copy; without
                     // it the container is, so it reaches the disk before
                     // the caller hears success.
@@ -483,11 +404,19 @@ impl Inner {
                     self.keep_contents_current(&op, &attr);
                     return Ok(attr);
                 }
-                Ok(Err(super::cml::Deferred::Queued)) => {
-                    // Others logged first meanwhile: this one waits its turn
-                    // in the log like theirs.
+                Err(Deferred::NotLogged(Some(e))) => {
+                    // The data could not be uploaded: no server. Logged
+                    // below as a disconnected record (or the error, without
+                    // emulation).
+                    if !self.went_offline(&e) {
+                        return Err(e);
+                    }
+                    connected = false;
                 }
-                Err(e) => return Err(e),
+                Err(Deferred::NotLogged(None)) => {
+                    // Records logged earlier go first (store-id order):
+                    // this one waits its turn in the log like theirs.
+                }
             }
         }
         self.check_locally(&op)?;
@@ -546,14 +475,14 @@ impl Inner {
     }
 
     fn note_edited(&self, op: &RecordOp) {
-        self.cml.emu.edited.lock().extend(super::cml::mentions(op));
+        self.emu.edited.lock().extend(super::cml::mentions(op));
     }
 
     /// The log is empty: drop every listing edited locally (see `edited`)
     /// so it is reread, and refresh those objects' status from the server
     /// (their predicted versions may be off), many fids per request.
     pub(crate) fn drop_edited_listings(&self) {
-        let fids: Vec<Fid> = self.cml.emu.edited.lock().drain().collect();
+        let fids: Vec<Fid> = self.emu.edited.lock().drain().collect();
         for f in &fids {
             self.cache.update(None, *f, |e| e.listing = None);
         }
@@ -621,63 +550,13 @@ impl Inner {
         cancelled: &[crate::proto::Record],
         gone: bool,
     ) -> Result<Attr> {
-        let now = Timespec::now();
         let fid = op.target();
-        let new = |ftype: FileType, mode: u32, size: u64, mtime: Timespec| Attr {
-            fid,
-            ftype,
-            mode: mode & 0o7777,
-            nlink: if ftype == FileType::Dir { 2 } else { 1 },
-            size,
-            mtime,
-            ctime: now,
-            version: 1,
-        };
-        let mut a = match op {
-            RecordOp::Create { mode, mtime, .. } => {
-                return Ok(new(FileType::File, *mode, 0, *mtime))
-            }
-            RecordOp::Mkdir { mode, mtime, .. } => return Ok(new(FileType::Dir, *mode, 0, *mtime)),
-            RecordOp::Symlink { target, mtime, .. } => {
-                return Ok(new(FileType::Symlink, 0o777, target.len() as u64, *mtime))
-            }
-            _ => self.cached_attr(fid)?,
-        };
-        let replaced = cancelled
-            .iter()
-            .filter(|r| {
-                r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
-            })
-            .count() as u64;
-        a.version = a.version + 1 - replaced.min(1);
-        a.ctime = now;
-        match op {
-            RecordOp::Store { length, mtime, .. } => {
-                a.size = *length;
-                a.mtime = *mtime;
-            }
-            RecordOp::SetAttr {
-                mode, size, mtime, ..
-            } => {
-                if let Some(m) = mode {
-                    a.mode = m & 0o7777;
-                }
-                if let Some(s) = size {
-                    if *s != a.size && mtime.is_none() {
-                        a.mtime = now;
-                    }
-                    a.size = *s;
-                }
-                if let Some(t) = mtime {
-                    a.mtime = *t;
-                }
-            }
-            RecordOp::Link { .. } => a.nlink += 1,
-            RecordOp::Remove { .. } => a.nlink = if gone { 0 } else { a.nlink.saturating_sub(1) },
-            RecordOp::Rmdir { .. } => a.nlink = 0,
-            _ => {}
-        }
-        Ok(a)
+        let replaced = cancelled.iter().any(|r| {
+            r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
+        });
+        let cached = self.cache.get(fid).map(|e| e.attr);
+        namespace::target_attr(op, cached, replaced, gone, Timespec::now())
+            .ok_or_else(|| uncached(fid))
     }
 
     /// A server answers again: reintegrate the log, revalidate the cache,
@@ -685,7 +564,7 @@ impl Inner {
     /// served from the cache meanwhile.
     fn reconnect(&self) -> Result<()> {
         self.remember_root()?;
-        if self.cml.emu.backing_off().is_none() {
+        if self.emu.backing_off().is_none() {
             match self.reintegrate_pending(None) {
                 // The server answers but has no room: serve it again; the
                 // records stay logged and are retried after the back-off.
@@ -696,13 +575,13 @@ impl Inner {
         // Objects the log still holds changes for are skipped.
         self.revalidate_all()?;
         self.top_up_fids();
-        self.cml.emu.offline.store(false, Ordering::Relaxed);
+        self.emu.mode.reconnected();
         Ok(())
     }
 
     /// One turn of the reintegrator while connected: send what is due.
     fn send_due(&self) -> Result<()> {
-        let emu = &self.cml.emu;
+        let emu = &self.emu;
         let age = if emu.write_disconnected() {
             Some(emu.age())
         } else {
@@ -727,17 +606,19 @@ fn walk_due(state: &EmuState) -> bool {
 /// (probe.rs) to declare a server up, then reintegrates; sends aged records
 /// in write-disconnected mode. It holds the client only while it works, so
 /// dropping the client ends it.
-fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, servers: Arc<Servers>, period: Duration) {
+fn reintegrator(weak: Weak<Inner>, state: Arc<EmuState>, period: Duration) {
     loop {
         let _ = state.wake_rx.recv_timeout(period);
         if state.stopped.load(Ordering::Relaxed) {
             return;
         }
-        if servers.interrupt.check().is_err() {
-            continue; // failed over: remote operations stay off until failback
+        if state.mode.remote_stopped() {
+            // Failed over (until failback), or held without disconnected
+            // operation (until reconnect): remote operations stay off.
+            continue;
         }
         if state.offline() {
-            if state.held.load(Ordering::Relaxed) {
+            if state.mode.held() {
                 continue; // disconnected by the operator: wait for reconnect
             }
             let Some(inner) = weak.upgrade() else { return };
@@ -783,8 +664,8 @@ impl super::Client {
     pub fn reintegrate_now(&self) -> Result<()> {
         let inner = &self.inner;
         // Asked for explicitly (space was freed, say): no waiting.
-        inner.cml.emu.reset_backoff();
-        if inner.cml.emu.offline() || !inner.health.is_up() {
+        inner.emu.reset_backoff();
+        if inner.emu.offline() || !inner.health.is_up() {
             let s = inner.servers.session()?;
             inner.reconnect().inspect_err(|e| {
                 inner.went_offline(e);
@@ -803,12 +684,12 @@ impl super::Client {
     /// batches once older than `reintegration_age_ms`) or off (back to
     /// write-through; what is logged is sent at once).
     pub fn set_write_disconnected(&self, on: bool) {
-        let emu = &self.inner.cml.emu;
-        emu.write_disconnected.store(on, Ordering::Relaxed);
+        let emu = &self.inner.emu;
+        emu.mode.set_write_disconnected(on);
         emu.wake();
     }
 
     pub fn write_disconnected(&self) -> bool {
-        self.inner.cml.emu.write_disconnected()
+        self.inner.emu.write_disconnected()
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::event::Event;
-use super::probe::FailedOver;
+use super::mode::FailedOver;
 use super::Inner;
 use crate::{Error, Result};
 
@@ -19,23 +19,18 @@ impl Inner {
     /// operation with `Eio`. Takes no lock a network wait holds, so it
     /// returns at once even while a server hangs.
     pub(crate) fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
-        let mut failed = self.health.failed.lock();
+        // No lock held across the swap (it fsyncs the directory).
         let before = std::fs::read_link(link).ok();
         swap_link(link, target)?;
-        self.servers.interrupt_all(&format!(
-            "failed over: {} -> {}",
-            link.display(),
-            target.display()
-        ));
-        // A second failover keeps the first one's record: failback restores
-        // what the link pointed to before the outage.
-        if failed.is_none() {
-            *failed = before.map(|before| FailedOver {
-                link: link.to_path_buf(),
-                before,
-            });
-        }
-        drop(failed);
+        let record = before.map(|before| FailedOver {
+            link: link.to_path_buf(),
+            before,
+        });
+        self.emu.mode.fail_over(
+            record,
+            &self.servers.interrupt,
+            &format!("failed over: {} -> {}", link.display(), target.display()),
+        );
         self.callbacks.events.emit(Event::Failover {
             link: link.display().to_string(),
             target: target.display().to_string(),
@@ -55,11 +50,8 @@ impl Inner {
             .probe_session(int, self.servers.timing().rpc_timeout)
             .map_err(again)?;
         self.revalidate_on(&s, int).map_err(again)?;
-        let mut failed = self.health.failed.lock();
         swap_link(link, target)?;
-        self.servers.interrupt.clear();
-        *failed = None;
-        drop(failed);
+        self.emu.mode.fail_back(&self.servers.interrupt);
         self.health.mark_up(self, &s.server);
         self.callbacks.events.emit(Event::Failback {
             link: link.display().to_string(),

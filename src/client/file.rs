@@ -39,8 +39,6 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
     if flags & !allowed != 0 || acc == libc::O_ACCMODE {
         return Err(Error::Invalid(format!("open flags {flags:#o} for {path}")));
     }
-    let (readable, writable) = (acc != libc::O_WRONLY, acc != libc::O_RDONLY);
-    let trunc = writable && flags & libc::O_TRUNC != 0;
     if super::namei::split_path(path)?.is_empty() {
         return Err(Error::IsDir(path.to_string()));
     }
@@ -63,6 +61,19 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
             (fid, false)
         }
     };
+    open_fid(inner, fid, flags, created)
+}
+
+/// Open the object `fid` (a file; `created`: made by this open, its empty
+/// container already in place). The fid-based core of `open`.
+pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) -> Result<File> {
+    let acc = flags & libc::O_ACCMODE;
+    let allowed = libc::O_ACCMODE | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND;
+    if flags & !allowed != 0 || acc == libc::O_ACCMODE {
+        return Err(Error::Invalid(format!("open flags {flags:#o} for {fid}")));
+    }
+    let (readable, writable) = (acc != libc::O_WRONLY, acc != libc::O_RDONLY);
+    let trunc = writable && flags & libc::O_TRUNC != 0;
     // From here on the cache counts us as an opener (so nothing evicts the
     // container); every failure path must undo that.
     if !created {
@@ -110,10 +121,9 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
 
 /// Create an empty file through the CML; its container starts out empty
 /// and opened.
-fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+pub(crate) fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
     inner.create_object(
         parent,
-        name,
         FileType::File,
         |fid, now| RecordOp::Create {
             parent,
@@ -127,6 +137,11 @@ fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid>
 }
 
 impl File {
+    /// The fid of the open object.
+    pub fn fid(&self) -> Fid {
+        self.fid
+    }
+
     /// The container file's OS descriptor (valid until close).
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -180,7 +180,7 @@ impl Inner {
                         if depth == Some(0) {
                             continue;
                         }
-                        for child in list {
+                        for child in list.iter() {
                             stack.push((child.fid, child.ftype, depth.map(|d| d - 1)));
                         }
                     }
@@ -265,7 +265,7 @@ impl Client {
 
     /// Walk the profile now: prefetch what it covers (needs a server).
     pub fn hoard_walk(&self) -> Result<HoardReport> {
-        if self.inner.cml.emu.offline() {
+        if self.inner.emu.offline() {
             return Err(Error::Timeout(
                 "disconnected: a hoard walk needs a server".into(),
             ));

@@ -6,6 +6,7 @@
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
 mod admin;
+mod at;
 mod cache;
 mod callback;
 mod cml;
@@ -16,10 +17,13 @@ pub mod control;
 mod emulation;
 pub mod event;
 pub mod failover;
+mod fids;
 mod file;
 mod hoard;
 mod identity;
+mod mode;
 mod namei;
+mod namespace;
 mod probe;
 mod reintegrate;
 mod stamps;
@@ -113,7 +117,14 @@ pub(crate) struct Inner {
     callbacks: Arc<Callbacks>,
     counters: Arc<Counters>,
     cache: Cache,
+    /// The persisted log and its optimiser (no network, no mode).
     cml: Cml,
+    /// Fid ranges reserved by the server.
+    fids: fids::Fids,
+    /// Who sends now; connected records waiting for their Reintegrate.
+    outbox: reintegrate::Outbox,
+    /// The mode, and the reintegrator thread's wake-up.
+    emu: Arc<emulation::EmuState>,
     health: Health,
     /// Dropped with the client: stops the prober thread.
     _stop_probe: Sender<()>,
@@ -121,6 +132,8 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // The client is going: its reintegrator thread must stop.
+        self.emu.stop();
         self.servers.shutdown();
         self.cache.flush_lru();
         self.save_stamps();
@@ -175,10 +188,13 @@ impl Client {
         let callbacks = Arc::new(Callbacks::default());
         let counters = Arc::new(Counters::default());
         let cache = Cache::open(&cache_dir, db.clone(), cfg.cache_size)?;
-        let cml = Cml::open(
-            db,
-            Arc::new(emulation::EmuState::new(cfg.disconnected_operation)),
-        )?;
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let emu = Arc::new(emulation::EmuState::new(
+            cfg.disconnected_operation,
+            pending.clone(),
+        ));
+        let fids = fids::Fids::open(db.clone())?;
+        let cml = Cml::open(db, pending)?;
         let timing = Timing {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
@@ -208,6 +224,9 @@ impl Client {
             counters,
             cache,
             cml,
+            fids,
+            outbox: reintegrate::Outbox::new(),
+            emu,
             health: Health::new(&cfg),
             _stop_probe: stop,
         });
@@ -220,16 +239,20 @@ impl Client {
 
     /// Connected, disconnected, or failed over.
     pub fn state(&self) -> ClientState {
-        let servers = &self.inner.servers;
-        if servers.interrupt.check().is_err() {
-            ClientState::FailedOver
-        } else if self.inner.health.is_up()
-            && servers.is_connected()
-            && !self.inner.cml.emu.offline()
-        {
-            ClientState::Connected
-        } else {
-            ClientState::Disconnected
+        use mode::ModeKind;
+        match self.inner.emu.mode.kind() {
+            ModeKind::FailedOver => ClientState::FailedOver,
+            // Without disconnected operation a hold stops remote calls the
+            // way a failover does, and shows as one (as it always has).
+            ModeKind::OperatorHeld if !self.inner.emu.mode.enabled() => ClientState::FailedOver,
+            ModeKind::OperatorHeld | ModeKind::Emulating => ClientState::Disconnected,
+            ModeKind::Connected | ModeKind::WriteDisconnected => {
+                if self.inner.health.is_up() && self.inner.servers.is_connected() {
+                    ClientState::Connected
+                } else {
+                    ClientState::Disconnected
+                }
+            }
         }
     }
 
@@ -257,13 +280,13 @@ impl Client {
     pub fn stat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, true)?;
         let a = self.inner.getattr(fid);
-        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
+        Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
     pub fn lstat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, false)?;
         let a = self.inner.getattr(fid);
-        Ok(Stat::from(&a.map_err(|e| emulation::at_path(e, path))?))
+        Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
     pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>> {
@@ -274,10 +297,10 @@ impl Client {
         Ok(self
             .inner
             .listing(fid)
-            .map_err(|e| emulation::at_path(e, path))?
-            .into_iter()
+            .map_err(|e| self.inner.at_path(e, path))?
+            .iter()
             .map(|e| DirEntry {
-                name: e.name,
+                name: e.name.clone(),
                 ftype: e.ftype,
                 fid: e.fid,
             })
@@ -285,28 +308,12 @@ impl Client {
     }
 
     pub fn open(&self, path: &str, flags: i32, mode: u32) -> Result<File> {
-        file::open(&self.inner, path, flags, mode).map_err(|e| emulation::at_path(e, path))
+        file::open(&self.inner, path, flags, mode).map_err(|e| self.inner.at_path(e, path))
     }
 
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
-        let inner = &self.inner;
-        let (parent, name) = inner.free_name(path)?;
-        inner.create_object(
-            parent,
-            &name,
-            FileType::Dir,
-            |fid, now| RecordOp::Mkdir {
-                parent,
-                name: name.clone(),
-                fid,
-                mode: mode & 0o7777,
-                mtime: now,
-            },
-            |attr| {
-                inner.cache.set_listing(attr, Vec::new());
-                Ok(())
-            },
-        )?;
+        let (parent, name) = self.inner.free_name(path)?;
+        self.mkdir_at(parent, &name, mode)?;
         Ok(())
     }
 
@@ -319,8 +326,14 @@ impl Client {
     }
 
     fn remove(&self, path: &str, dir: bool) -> Result<()> {
+        let (parent, name) = self.inner.resolve_parent(path)?;
+        self.remove_entry(parent, &name, dir, path)
+    }
+
+    /// `remove` of the entry `name` in `parent` (`path` names it in errors).
+    fn remove_entry(&self, parent: Fid, name: &str, dir: bool, path: &str) -> Result<()> {
         let inner = &self.inner;
-        let (parent, name) = inner.resolve_parent(path)?;
+        let name = name.to_string();
         let ent = inner
             .lookup(parent, &name)?
             .ok_or_else(|| Error::NotFound(path.to_string()))?;
@@ -346,16 +359,31 @@ impl Client {
                 fid,
             }
         };
-        let attr = inner.commit(op, None)?;
+        let attr = inner.commit(op.clone(), None)?;
         inner.object_changed(&attr, tok);
-        inner.after_dir_change(parent, ptok, now, |l| l.retain(|e| e.name != name));
+        inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
         Ok(())
     }
 
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (sp, sn) = self.inner.resolve_parent(from)?;
+        let (dp, dn) = self.inner.resolve_parent(to)?;
+        self.rename_entries(sp, &sn, dp, &dn, from, to)
+    }
+
+    /// `rename` of entries given by directory and name (`from` and `to`
+    /// name them in errors).
+    fn rename_entries(
+        &self,
+        sp: Fid,
+        sn: &str,
+        dp: Fid,
+        dn: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<()> {
         let inner = &self.inner;
-        let (sp, sn) = inner.resolve_parent(from)?;
-        let (dp, dn) = inner.resolve_parent(to)?;
+        let (sn, dn) = (sn.to_string(), dn.to_string());
         let src = inner
             .lookup(sp, &sn)?
             .ok_or_else(|| Error::NotFound(from.to_string()))?;
@@ -389,7 +417,7 @@ impl Client {
                 .as_ref()
                 .map_or(Replaces::Nothing, |d| Replaces::Object(d.fid)),
         };
-        let attr = inner.commit(op, None)?;
+        let attr = inner.commit(op.clone(), None)?;
         inner.object_changed(&attr, tok);
         if let Some(d) = &dst {
             // The replaced object lost a link (or is gone): re-ask next time.
@@ -398,48 +426,13 @@ impl Client {
                 inner.cache.forget(d.fid);
             }
         }
-        let moved = crate::proto::DirEntry {
-            name: dn.clone(),
-            fid: src.fid,
-            ftype: src.ftype,
-        };
-        if sp == dp {
-            inner.after_dir_change(sp, stok, now, |l| {
-                l.retain(|e| e.name != sn && e.name != dn);
-                l.push(moved);
-            });
-        } else {
-            inner.after_dir_change(sp, stok, now, |l| l.retain(|e| e.name != sn));
-            inner.after_dir_change(dp, dtok, now, |l| {
-                l.retain(|e| e.name != dn);
-                l.push(moved);
-            });
-        }
+        inner.after_record(&op, src.ftype, &[(sp, stok), (dp, dtok)], now);
         Ok(())
     }
 
     pub fn symlink(&self, target: &str, linkpath: &str) -> Result<()> {
-        if target.is_empty() || target.len() > MAX_SYMLINK || target.contains('\0') {
-            return Err(Error::Invalid(format!("symlink target {target:?}")));
-        }
-        let inner = &self.inner;
-        let (parent, name) = inner.free_name(linkpath)?;
-        inner.create_object(
-            parent,
-            &name,
-            FileType::Symlink,
-            |fid, now| RecordOp::Symlink {
-                parent,
-                name: name.clone(),
-                fid,
-                target: target.to_string(),
-                mtime: now,
-            },
-            |attr| {
-                inner.cache.set_symlink(attr, target.to_string());
-                Ok(())
-            },
-        )?;
+        let (parent, name) = self.inner.free_name(linkpath)?;
+        self.symlink_at(parent, &name, target)?;
         Ok(())
     }
 
@@ -476,11 +469,31 @@ impl Client {
         size: Option<u64>,
         mtime: Option<Timespec>,
     ) -> Result<()> {
-        let inner = &self.inner;
-        let (fid, t) = inner.resolve(path, true)?;
+        let (fid, t) = self.inner.resolve(path, true)?;
         if size.is_some() && t == FileType::Dir {
             return Err(Error::IsDir(path.to_string()));
         }
+        self.setattr_fid(fid, mode, size, mtime)
+    }
+
+    /// Change the status of object `fid`: mode, size (a file's), mtime.
+    pub fn setattr_fid(
+        &self,
+        fid: Fid,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<Timespec>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        if let Some(t) = mtime {
+            if t.nsec >= 1_000_000_000 {
+                return Err(Error::Invalid(format!(
+                    "nanoseconds {} out of range",
+                    t.nsec
+                )));
+            }
+        }
+        let mode = mode.map(|m| m & 0o7777);
         let tok = inner.callbacks.token(fid);
         let op = RecordOp::SetAttr {
             fid,
@@ -544,24 +557,21 @@ impl Inner {
     pub(crate) fn create_object(
         &self,
         parent: Fid,
-        name: &str,
         ftype: FileType,
         build: impl FnOnce(Fid, Timespec) -> RecordOp,
         install: impl FnOnce(&Attr) -> Result<()>,
     ) -> Result<Fid> {
-        let fid = self.cml.new_fid(&self.servers, parent.volume)?;
+        let fid = self
+            .fids
+            .new_fid(&self.servers, parent.volume, !self.emu.offline())?;
         let now = Timespec::now();
         let ptok = self.callbacks.token(parent);
         let tok = self.callbacks.token(fid);
-        let attr = self.commit(build(fid, now), None)?;
+        let op = build(fid, now);
+        let attr = self.commit(op.clone(), None)?;
         install(&attr)?;
         self.callbacks.grant(fid, tok);
-        let entry = crate::proto::DirEntry {
-            name: name.to_string(),
-            fid,
-            ftype,
-        };
-        self.after_dir_change(parent, ptok, now, |l| l.push(entry));
+        self.after_record(&op, ftype, &[(parent, ptok)], now);
         Ok(fid)
     }
 
@@ -666,23 +676,19 @@ impl Inner {
 
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
-    fn listing(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
+    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
         if self.trusts(dir) {
-            if let Some(l) = self
-                .cache
-                .get(dir)
-                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
-            {
+            if let Some(l) = self.cache.get(dir).and_then(|e| e.listing_shared()) {
                 return Ok(l);
             }
         }
         let offline = || {
             self.cache
                 .get(dir)
-                .and_then(|e| e.listing_current().map(<[_]>::to_vec))
+                .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir), offline)
+        self.emulate(Some(dir), || self.read_dir(dir).map(Arc::new), offline)
     }
 
     fn read_dir(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
@@ -729,7 +735,7 @@ impl Inner {
     }
 
     fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
-        Ok(self.listing(dir)?.into_iter().find(|e| e.name == name))
+        Ok(self.listing(dir)?.iter().find(|e| e.name == name).cloned())
     }
 
     /// A symlink's target: fetched once, then cached for the fid's life (a
@@ -738,7 +744,7 @@ impl Inner {
         if let Some(t) = self.cache.get(fid).and_then(|e| e.symlink) {
             return Ok(t);
         }
-        if self.cml.emu.offline() {
+        if self.emu.offline() {
             return Err(emulation::uncached(fid));
         }
         let tmp = self.cache.temp_container(fid);
@@ -845,6 +851,21 @@ impl Inner {
         }
     }
 
+    /// After `op` committed (or was applied locally): edit each directory
+    /// it changed the way the server did (`namespace::listing_edits`), one
+    /// `after_dir_change` per directory, with the token taken for it before.
+    fn after_record(&self, op: &RecordOp, ftype: FileType, toks: &[(Fid, Token)], now: Timespec) {
+        let edits = namespace::listing_edits(op, ftype);
+        let mut dirs: Vec<Fid> = edits.iter().map(|(d, _)| *d).collect();
+        dirs.dedup();
+        for dir in dirs {
+            let Some((_, tok)) = toks.iter().find(|(d, _)| *d == dir) else {
+                continue;
+            };
+            self.after_dir_change(dir, *tok, now, |l| namespace::apply_edits(l, dir, &edits));
+        }
+    }
+
     /// After a record changed `dir`'s entries: edit the cached listing the
     /// same way and bump its version by one, as the server did. If the
     /// listing was not current, or a break overtook us, drop the callback so
@@ -860,7 +881,7 @@ impl Inner {
             let version = e.attr.version;
             match &mut e.listing {
                 Some((v, l)) if *v == version => {
-                    edit(l);
+                    edit(Arc::make_mut(l));
                     *v += 1;
                     e.attr.version += 1;
                     e.attr.mtime = mtime;

@@ -92,7 +92,7 @@ impl Inner {
     pub(crate) fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
         let comps = split_path(path)?;
         self.walk(path, comps, follow)
-            .map_err(|e| super::emulation::at_path(e, path))
+            .map_err(|e| self.at_path(e, path))
     }
 
     /// The directory that holds `path`'s last component, and that name (for
@@ -108,7 +108,7 @@ impl Inner {
         check_name(&name)?;
         let (dir, t) = self
             .walk(path, comps, true)
-            .map_err(|e| super::emulation::at_path(e, path))?;
+            .map_err(|e| self.at_path(e, path))?;
         if t != FileType::Dir {
             return Err(Error::NotDir(path.to_string()));
         }

@@ -15,7 +15,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
-use parking_lot::Mutex;
 
 use super::conn::{Interrupt, Session};
 use super::event::Event;
@@ -27,21 +26,12 @@ use crate::{Error, Result};
 /// answer from a flapping server or a half-restarted host proves little.
 pub(crate) const UP_AFTER_PINGS: u32 = 3;
 
-/// Where the link pointed before failover, so failback can restore it.
-#[derive(Clone)]
-pub(crate) struct FailedOver {
-    pub link: PathBuf,
-    pub before: PathBuf,
-}
-
-/// Liveness state shared by the prober and the client's calls.
+/// Liveness state shared by the prober and the client's calls (the
+/// prober's verdict; the mode is `mode.rs`).
 pub(crate) struct Health {
     up: AtomicBool,
     /// The prober's own interrupt: failover stops callers, never the prober.
     pub interrupt: Interrupt,
-    /// Set while failed over. Held only around local link swaps, never
-    /// across a network wait, so failover cannot hang on it.
-    pub failed: Mutex<Option<FailedOver>>,
     heartbeat: Duration,
     dead_after: Duration,
     auto_failover: Option<(PathBuf, PathBuf)>,
@@ -53,7 +43,6 @@ impl Health {
         Health {
             up: AtomicBool::new(true),
             interrupt: Interrupt::new(),
-            failed: Mutex::new(None),
             heartbeat: Duration::from_millis(cfg.heartbeat_ms),
             dead_after: Duration::from_millis(cfg.dead_after_ms),
             auto_failover: cfg.failover_link.clone().zip(cfg.failover_target.clone()),
@@ -82,6 +71,10 @@ impl Health {
                 server: server.to_string(),
             });
         }
+        // The mode leaves "connected" now (with disconnected operation):
+        // calls blocked on the dead server, in a handshake or at the
+        // connect gate are answered from the cache at once.
+        inner.server_lost();
     }
 }
 
@@ -94,6 +87,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, stop: Receiver<()>) -> Result<()> {
         seen: inner.servers.current(),
         good: 0,
         up_since: Some(Instant::now()),
+        last_tick: Instant::now(),
     };
     let period = inner.health.heartbeat;
     std::thread::Builder::new()
@@ -119,6 +113,10 @@ struct Prober {
     good: u32,
     /// When the server was last declared up (None while down).
     up_since: Option<Instant>,
+    /// When the prober last ran: a tick much later than the heartbeat
+    /// means this process itself was stopped, and the server's silence
+    /// proves nothing.
+    last_tick: Instant,
 }
 
 fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
@@ -127,8 +125,10 @@ fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
 
 impl Prober {
     fn tick(&mut self, inner: &Inner) {
+        let stalled = self.last_tick.elapsed() > inner.health.dead_after;
+        self.last_tick = Instant::now();
         if inner.health.is_up() {
-            self.watch(inner);
+            self.watch(inner, stalled);
         } else {
             self.search(inner);
         }
@@ -143,9 +143,15 @@ impl Prober {
 
     /// Up: heartbeat, judge silence, and answer a lost connection with an
     /// immediate reconnect.
-    fn watch(&mut self, inner: &Inner) {
+    fn watch(&mut self, inner: &Inner, stalled: bool) {
         let h = &inner.health;
         match inner.servers.current() {
+            Some(s) if !s.is_dead() && stalled && s.silent_for() > h.dead_after => {
+                // This process was stopped: the session cannot be trusted,
+                // but the server may be fine. Reconnect now (the next tick
+                // takes the branch below); only that failing means down.
+                s.kill("this client was stopped longer than dead_after");
+            }
             Some(s) if !s.is_dead() => {
                 if !same(&self.seen, &s) {
                     // A caller reconnected: regain the callbacks the old
@@ -192,7 +198,7 @@ impl Prober {
         let Some((link, target)) = &inner.health.auto_failover else {
             return;
         };
-        if inner.health.failed.lock().is_none() {
+        if !inner.emu.mode.failed_over() {
             // A failure (link missing, not a symlink) is retried next tick.
             let _ = inner.fail_over(link, target);
         }
@@ -228,6 +234,12 @@ impl Prober {
             return;
         }
         self.up_since = Some(Instant::now());
+        // The cache is revalidated: with nothing logged, connected again
+        // now (before ServerUp); otherwise the reintegrator sends the log
+        // first and then switches.
+        if inner.emu.pending() == 0 && !inner.emu.mode.failed_over() {
+            inner.emu.mode.reconnected();
+        }
         h.mark_up(inner, &s.server);
     }
 
@@ -238,8 +250,7 @@ impl Prober {
         if since.elapsed() < after {
             return;
         }
-        let failed = inner.health.failed.lock().clone();
-        if let Some(f) = failed {
+        if let Some(f) = inner.emu.mode.failback_record() {
             let _ = inner.fail_back(&f.link, &f.before);
         }
     }

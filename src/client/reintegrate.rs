@@ -6,14 +6,152 @@
 //! conflict (`conflict.rs`), with the local data preserved; the rest of the
 //! log goes on reintegrating.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::emulation::space_error;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use super::conn::Session;
 use super::event::Event;
 use super::stats::Counters;
 use super::Inner;
-use crate::proto::{Msg, RecordOp, MAX_BATCH};
+use crate::proto::{Attr, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
+
+// ---------------------------------------------------------------------------
+// The outbox: who may send now, and the connected records waiting to go.
+//
+// The server treats a batch whose store ids are all at or below the highest
+// it applied as a replay, so records must reach it in store-id order. One
+// *token* says who sends: a connected writer that leads, or a backlog
+// reintegration. No lock is held while it sends: the token is a flag.
+// Connected writers upload their data first (in parallel, under upload ids
+// of their own), then log the record and queue it; whoever holds the token
+// sends every queued record at the head of the log in one Reintegrate (a
+// group commit), and hands each writer its result.
+
+/// What a waiting connected writer is told.
+enum Outcome {
+    Done(Result<Attr>),
+    /// The token is free and your record is queued: lead.
+    Lead,
+}
+
+struct Queued {
+    /// The session its data was uploaded on (staged uploads die with it).
+    staged_on: Option<Arc<Session>>,
+    tx: Sender<Outcome>,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// The token: someone is sending.
+    sending: bool,
+    /// Logged connected records waiting for a Reintegrate, by store id.
+    queue: BTreeMap<u64, Queued>,
+}
+
+pub(crate) struct Outbox {
+    /// Guards the token and the queue; held only to look
+    /// at or change them, never across I/O.
+    state: Mutex<OutState>,
+    /// Signalled when the token is given back.
+    free: Condvar,
+    /// Upload ids of connected writers: high bit set, so they never meet
+    /// the store ids that logged records upload under.
+    next_upload: AtomicU64,
+}
+
+/// The right to send; given back when dropped.
+pub(crate) struct Token<'a> {
+    out: &'a Outbox,
+}
+
+impl Drop for Token<'_> {
+    fn drop(&mut self) {
+        self.out.state.lock().sending = false;
+        self.out.free.notify_all();
+        self.out.kick();
+    }
+}
+
+/// How long a waiting writer sleeps before it looks again by itself (a
+/// safety net: hand-offs wake it at once).
+const WAIT_SLICE: Duration = Duration::from_millis(50);
+
+impl Outbox {
+    pub fn new() -> Outbox {
+        let start = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>()) >> 24;
+        Outbox {
+            state: Mutex::new(OutState::default()),
+            free: Condvar::new(),
+            next_upload: AtomicU64::new((1 << 63) | start),
+        }
+    }
+
+    fn upload_id(&self) -> u64 {
+        self.next_upload.fetch_add(1, Ordering::Relaxed) | (1 << 63)
+    }
+
+    /// Take the token, waiting at most `timeout` (`Again` after it).
+    pub fn token(&self, timeout: Duration) -> Result<Token<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        // Bounded by the deadline.
+        loop {
+            if !st.sending {
+                st.sending = true;
+                return Ok(Token { out: self });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Again(
+                    "another reintegration kept the log busy".into(),
+                ));
+            }
+            self.free
+                .wait_for(&mut st, (deadline - now).min(WAIT_SLICE));
+        }
+    }
+
+    fn try_token(&self) -> Option<Token<'_>> {
+        let mut st = self.state.lock();
+        if st.sending {
+            return None;
+        }
+        st.sending = true;
+        Some(Token { out: self })
+    }
+
+    /// The token is free and records wait: tell the first writer to lead.
+    fn kick(&self) {
+        let st = self.state.lock();
+        if !st.sending {
+            if let Some((_, q)) = st.queue.iter().next() {
+                let _ = q.tx.send(Outcome::Lead);
+            }
+        }
+    }
+}
+
+/// The server refused for lack of space or quota: retrying at once would
+/// only be refused again (and upload the same bytes again).
+pub(crate) fn space_error(e: &Error) -> bool {
+    matches!(e, Error::NoSpace(_) | Error::Quota(_))
+}
+
+/// Why the connected write path left a record to the log, or did not send.
+pub(crate) enum Deferred {
+    /// The record (this store id) was logged, its send failed for lack of a
+    /// server: it stays in the log.
+    Unreachable(u64),
+    /// Nothing logged: the data could not be uploaded (no server), or
+    /// records logged earlier wait (this one must not overtake them).
+    NotLogged(Option<Error>),
+}
 
 /// Records per batch: bounded so one batch is one bounded transaction on
 /// the server and one frame on the wire.
@@ -25,17 +163,248 @@ const BATCH_BYTES: usize = 768 << 10;
 const BATCH_DATA: u64 = 256 << 20;
 
 impl Inner {
+    /// The connected write path: upload the data (no lock held, in
+    /// parallel with other writers), log the record durably, queue it, and
+    /// wait until it is sent (by this writer or the one leading) and the
+    /// server committed it. Returns the target's attr.
+    pub(crate) fn commit_connected(
+        &self,
+        mut op: RecordOp,
+        data: Option<&std::fs::File>,
+    ) -> Result<std::result::Result<Attr, Deferred>> {
+        let out = &self.outbox;
+        if self.cml.has_backlog() {
+            return Ok(Err(Deferred::NotLogged(None)));
+        }
+        let mut staged_on = None;
+        if let RecordOp::Store {
+            upload_id, length, ..
+        } = &mut op
+        {
+            let f = data.ok_or_else(|| Error::Invalid("a store needs its container".into()))?;
+            *upload_id = out.upload_id();
+            let sent = self.servers.session().and_then(|s| {
+                s.upload(*upload_id, f, *length, &self.servers.interrupt)
+                    .map(|_| s)
+            });
+            match sent {
+                Ok(s) => staged_on = Some(s),
+                Err(e) if super::mode::unreachable(&e) => {
+                    return Ok(Err(Deferred::NotLogged(Some(e))))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let rec = self.cml.log_connected(op)?;
+        let id = rec.store_id;
+        let (tx, rx) = unbounded();
+        out.state.lock().queue.insert(id, Queued { staged_on, tx });
+        let result = self.await_sent(id, &rx);
+        match result {
+            Ok(a) => Ok(Ok(a)),
+            Err(e) if super::mode::unreachable(&e) && self.keeps_unreachable() => {
+                // Never cancel it: the server may have applied it already.
+                self.cml.persist_sent_upto()?;
+                Ok(Err(Deferred::Unreachable(id)))
+            }
+            Err(e) => {
+                // Refused (or no emulation): the record leaves the log.
+                self.cml.finish(&[id], &[])?;
+                out.kick();
+                Err(e)
+            }
+        }
+    }
+
+    /// A connected record whose send failed for lack of a server stays in
+    /// the log (disconnected operation), unless emulation is off or the
+    /// client failed over.
+    fn keeps_unreachable(&self) -> bool {
+        self.emu.enabled() && !self.emu.mode.failed_over()
+    }
+
+    /// Wait for record `id`'s outcome, leading whenever the token is free.
+    /// Bounded: past the deadline a record still queued is taken out and
+    /// reported unreachable; one being sent is waited for (its send is
+    /// bounded by the RPC timeout).
+    fn await_sent(&self, id: u64, rx: &Receiver<Outcome>) -> Result<Attr> {
+        let out = &self.outbox;
+        let t = self.servers.timing();
+        let deadline = Instant::now() + 2 * t.rpc_timeout + t.dead_after;
+        loop {
+            if let Ok(Outcome::Done(r)) = rx.try_recv() {
+                return r;
+            }
+            if let Some(token) = out.try_token() {
+                self.lead(&token);
+                drop(token);
+                if let Ok(Outcome::Done(r)) = rx.try_recv() {
+                    return r;
+                }
+            }
+            if Instant::now() >= deadline {
+                let mut st = out.state.lock();
+                if st.queue.remove(&id).is_some() {
+                    return Err(Error::Timeout(
+                        "the record waited too long for its turn to be sent".into(),
+                    ));
+                }
+                drop(st);
+                return match rx.recv_timeout(t.rpc_timeout + t.dead_after) {
+                    Ok(Outcome::Done(r)) => r,
+                    _ => Err(Error::Timeout("no outcome for the record's send".into())),
+                };
+            }
+            // Otherwise told to lead, or look again after the slice.
+            if let Ok(Outcome::Done(r)) = rx.recv_timeout(WAIT_SLICE) {
+                return r;
+            }
+        }
+    }
+
+    /// Holding the token: send the queued connected records at the head of
+    /// the log, batch after batch; a backlog record at the head is sent by
+    /// backlog reintegration (under the same token).
+    fn lead(&self, token: &Token<'_>) {
+        let out = &self.outbox;
+        // Bounded: each turn sends (or settles) at least one record, or stops.
+        for _ in 0..1_000_000 {
+            let (batch, backlog) = {
+                let st = out.state.lock();
+                let queued = |id: u64| st.queue.contains_key(&id);
+                self.cml.connected_head(queued)
+            };
+            if batch.is_empty() {
+                if backlog {
+                    if let Err(e) = self.reintegrate_holding(token, None) {
+                        // The records queued behind the backlog cannot go
+                        // either: their writers hear why now (no server:
+                        // they keep their records; a full server: the
+                        // back-off's error), instead of leading again and
+                        // again into the same failure.
+                        let queued: Vec<Queued> = std::mem::take(&mut out.state.lock().queue)
+                            .into_values()
+                            .collect();
+                        for q in queued {
+                            let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
+                        }
+                    }
+                }
+                return;
+            }
+            let waiters: Vec<(u64, Queued)> = {
+                let mut st = out.state.lock();
+                batch
+                    .iter()
+                    .filter_map(|r| st.queue.remove(&r.store_id).map(|q| (r.store_id, q)))
+                    .collect()
+            };
+            match self.send_connected(&batch, &waiters) {
+                Ok(results) => {
+                    let ids: Vec<u64> = batch.iter().map(|r| r.store_id).collect();
+                    // If this fails the records stay logged and are sent
+                    // again later: the server answers them as replays.
+                    let _ = self.cml.finish_acked(&ids);
+                    for ((_, q), a) in waiters.iter().zip(results) {
+                        let _ = q.tx.send(Outcome::Done(Ok(a)));
+                    }
+                    Counters::add(&self.counters.reintegrations, 1);
+                    Counters::add(&self.counters.records_reintegrated, ids.len() as u64);
+                }
+                Err((Some(index), e)) => {
+                    // The batch is atomic: nothing applied. The refused
+                    // record's writer hears why; the others go again.
+                    let mut st = out.state.lock();
+                    for (i, (id, q)) in waiters.into_iter().enumerate() {
+                        if i == index {
+                            let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
+                        } else {
+                            st.queue.insert(id, q);
+                        }
+                    }
+                    // The refused record heads the log until its writer
+                    // removes it: stop; that writer kicks the next one.
+                    return;
+                }
+                Err((None, e)) => {
+                    for (_, q) in waiters {
+                        let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One Reintegrate of connected records, uploading again the data of
+    /// those staged on an earlier session. `Err((index, e))` when the server
+    /// refused record `index`.
+    fn send_connected(
+        &self,
+        batch: &[Record],
+        waiters: &[(u64, Queued)],
+    ) -> std::result::Result<Vec<Attr>, (Option<usize>, Error)> {
+        let s = self.servers.session().map_err(|e| (None, e))?;
+        for (r, (_, q)) in batch.iter().zip(waiters) {
+            let RecordOp::Store {
+                fid,
+                upload_id,
+                length,
+                ..
+            } = &r.op
+            else {
+                continue;
+            };
+            if q.staged_on.as_ref().is_some_and(|x| Arc::ptr_eq(x, &s)) {
+                continue;
+            }
+            let f = std::fs::File::open(self.cache.container(*fid))
+                .map_err(|e| (None, Error::io("reopening a container", e)))?;
+            s.upload(*upload_id, &f, *length, &self.servers.interrupt)
+                .map_err(|e| (None, e))?;
+        }
+        let reply = s
+            .call_raw(
+                &Msg::Reintegrate {
+                    records: batch.to_vec(),
+                },
+                &self.servers.interrupt,
+            )
+            .map_err(|e| (None, e))?;
+        match reply {
+            Msg::Reintegrated { results } if results.len() == batch.len() => Ok(results),
+            Msg::Error {
+                code,
+                index,
+                message,
+            } if (index as usize) < batch.len() => {
+                Err((Some(index as usize), Error::from_wire(code, message)))
+            }
+            Msg::Error { code, message, .. } => Err((None, Error::from_wire(code, message))),
+            m => Err((
+                None,
+                Error::Protocol(format!("Reintegrate answered with {m:?}")),
+            )),
+        }
+    }
+
     /// Send the pending log (only records older than `min_age`, if given)
     /// in batches until it is empty, a server cannot be reached (the error),
     /// or the rest is too young.
     pub(crate) fn reintegrate_pending(&self, min_age: Option<Duration>) -> Result<()> {
+        let token = self.outbox.token(self.servers.timing().rpc_timeout)?;
+        self.reintegrate_holding(&token, min_age)
+    }
+
+    /// As `reintegrate_pending`, for the holder of the token.
+    fn reintegrate_holding(&self, _token: &Token<'_>, min_age: Option<Duration>) -> Result<()> {
         let r = self.reintegrate_batches(min_age);
         match &r {
-            Ok(()) => self.cml.emu.reset_backoff(),
+            Ok(()) => self.emu.reset_backoff(),
             Err(e) if space_error(e) => {
                 // Keep the records; wait before the next try (the
                 // reintegrator skips its turns until then) and say why.
-                let wait = self.cml.emu.back_off(e);
+                let wait = self.emu.back_off(e);
                 Counters::add(&self.counters.space_refusals, 1);
                 self.callbacks.events.emit(Event::ReintegrationStalled {
                     code: e.code(),
@@ -59,7 +428,6 @@ impl Inner {
                     return Ok(());
                 }
                 Step::Next => {}
-                // Outside the gate: making a conflict takes it.
                 Step::Refused(id, e) => self.make_conflict(id, &e)?,
             }
         }
@@ -67,7 +435,6 @@ impl Inner {
 
     fn one_batch(&self, min_age: Option<Duration>) -> Result<Step> {
         {
-            let _order = self.cml.gate.lock();
             let older = min_age.and_then(|a| Instant::now().checked_sub(a));
             if min_age.is_some() && older.is_none() {
                 return Ok(Step::Done);
@@ -199,4 +566,34 @@ enum Step {
     Next,
     /// The server refused record `id` (or its data is gone).
     Refused(u64, Error),
+}
+
+/// The same error again, for each writer of a batch that failed as one.
+fn dup(e: &Error) -> Error {
+    match e {
+        Error::Io { context, source } => Error::io(
+            context.clone(),
+            std::io::Error::new(source.kind(), source.to_string()),
+        ),
+        Error::NotFound(m) => Error::NotFound(m.clone()),
+        Error::Exists(m) => Error::Exists(m.clone()),
+        Error::NotDir(m) => Error::NotDir(m.clone()),
+        Error::IsDir(m) => Error::IsDir(m.clone()),
+        Error::NotEmpty(m) => Error::NotEmpty(m.clone()),
+        Error::Invalid(m) => Error::Invalid(m.clone()),
+        Error::Access(m) => Error::Access(m.clone()),
+        Error::NameTooLong(m) => Error::NameTooLong(m.clone()),
+        Error::Loop(m) => Error::Loop(m.clone()),
+        Error::NoSpace(m) => Error::NoSpace(m.clone()),
+        Error::Quota(m) => Error::Quota(m.clone()),
+        Error::Conflict(m) => Error::Conflict(m.clone()),
+        Error::Protocol(m) => Error::Protocol(m.clone()),
+        Error::Auth(m) => Error::Auth(m.clone()),
+        Error::Stale(m) => Error::Stale(m.clone()),
+        Error::Timeout(m) => Error::Timeout(m.clone()),
+        Error::Again(m) => Error::Again(m.clone()),
+        Error::Eio(m) => Error::Eio(m.clone()),
+        Error::BadHandle(m) => Error::BadHandle(m.clone()),
+        Error::Panic(m) => Error::Panic(m.clone()),
+    }
 }

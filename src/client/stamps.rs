@@ -37,7 +37,7 @@ impl Inner {
             let w = self.cml.db.begin_write()?;
             {
                 let mut t = w.open_table(STAMPS)?;
-                let mut m = self.cml.emu.stamps.lock();
+                let mut m = self.emu.stamps.lock();
                 while let Some((k, v)) = t.pop_first()? {
                     m.insert(k.value(), v.value());
                 }
@@ -50,7 +50,7 @@ impl Inner {
 
     /// At a clean shutdown: keep the stamps of volumes nothing went stale in.
     pub(crate) fn save_stamps(&self) {
-        let stamps = self.cml.emu.stamps.lock().clone();
+        let stamps = self.emu.stamps.lock().clone();
         let res: Result<()> = (|| {
             let w = self.cml.db.begin_write()?;
             {
@@ -85,7 +85,7 @@ impl Inner {
             }
         }
         for (volume, fids) in by_volume {
-            let known = self.cml.emu.stamps.lock().get(&volume).copied();
+            let known = self.emu.stamps.lock().get(&volume).copied();
             // Something of the volume went stale since: check it all.
             let known = known.filter(|_| !self.callbacks.take_dirty(volume));
             let vf = volume_fid(volume);
@@ -118,7 +118,7 @@ impl Inner {
                 // it: trusted under the volume callback until it breaks.
                 Counters::add(&self.counters.validations_unchanged, fids.len() as u64);
                 self.callbacks.grant_via_volume(vf, tok, &fids);
-                self.cml.emu.stamps.lock().insert(volume, now);
+                self.emu.stamps.lock().insert(volume, now);
                 continue;
             }
             for chunk in fids.chunks(BATCH) {
@@ -127,7 +127,7 @@ impl Inner {
             if now != u64::MAX {
                 // The stamp read before the pass: a change after it breaks
                 // the volume callback registered with it (the token says).
-                self.cml.emu.stamps.lock().insert(volume, now);
+                self.emu.stamps.lock().insert(volume, now);
                 self.callbacks.grant(vf, tok);
             }
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use coda::client::{Client, ClientState, File, FileType as CodaType, Stat, Timespec};
+use coda::client::{Client, ClientState, Fid, File, FileType as CodaType, Stat, Timespec};
 use coda::Error;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -18,7 +18,7 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
     WriteFlags,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 /// Attribute and entry lifetime in the kernel: zero. The `Client` is the
 /// one place that knows whether a cached object is still valid (its
@@ -43,11 +43,17 @@ pub struct Shared {
 struct Handle {
     ino: u64,
     writable: bool,
-    /// Where it was opened and how: a written file is stored (closed) at
-    /// the first flush (close(2)) and opened again if written once more.
-    path: String,
+    /// What was opened and how: a written file is stored (closed) at the
+    /// first flush (close(2)) and opened again if written once more.
+    fid: Fid,
     flags: i32,
+    /// The open file; the lock guards only the slot and local reads and
+    /// writes of the container, never a refetch (see `file_for`).
     file: Mutex<Option<File>>,
+    /// Set while one thread opens the file again; the others wait on
+    /// `reopened` without holding `file`.
+    reopening: Mutex<bool>,
+    reopened: Condvar,
     _backing: Option<Arc<BackingId>>,
 }
 
@@ -64,8 +70,11 @@ pub struct CodaFs {
     gid: u32,
     /// The fid-derived inode number of `/` (FUSE calls the root 1).
     root_ino: AtomicU64,
-    /// Inode number → path, learned from lookups (the client works by path).
-    paths: Mutex<HashMap<u64, String>>,
+    /// Inode number → fid, learned from lookups; every operation works on
+    /// fids (the client's fid API), so a rename moves nothing here.
+    fids: Mutex<HashMap<u64, Fid>>,
+    /// The root's fid (FUSE inode 1), from `init`.
+    root_fid: Mutex<Option<Fid>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     dirs: Mutex<HashMap<u64, DirSnapshot>>,
     /// Per inode, the backing file shared by its passthrough opens (the
@@ -112,16 +121,13 @@ fn kind(t: CodaType) -> FileType {
     }
 }
 
-fn join(parent: &str, name: &OsStr) -> Result<String, Errno> {
+/// A name FUSE hands us, as the client's fid API takes it.
+fn entry_name(name: &OsStr) -> Result<String, Errno> {
     let name = name.to_str().ok_or(Errno::EINVAL)?;
     if name.is_empty() || name.contains('/') {
         return Err(Errno::EINVAL);
     }
-    Ok(if parent == "/" {
-        format!("/{name}")
-    } else {
-        format!("{parent}/{name}")
-    })
+    Ok(name.to_string())
 }
 
 /// (device, inode) of a container file.
@@ -165,7 +171,8 @@ impl CodaFs {
             uid: unsafe { libc::geteuid() },
             gid: unsafe { libc::getegid() },
             root_ino: AtomicU64::new(1),
-            paths: Mutex::new(HashMap::new()),
+            fids: Mutex::new(HashMap::new()),
+            root_fid: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
@@ -196,15 +203,16 @@ impl CodaFs {
         }
     }
 
-    fn path_of(&self, ino: INodeNo) -> Result<String, Errno> {
+    fn fid_of(&self, ino: INodeNo) -> Result<Fid, Errno> {
         if ino.0 == 1 {
-            return Ok("/".into());
+            return (*self.root_fid.lock()).ok_or(Errno::ESTALE);
         }
-        self.paths.lock().get(&ino.0).cloned().ok_or(Errno::ESTALE)
+        self.fids.lock().get(&ino.0).copied().ok_or(Errno::ESTALE)
     }
 
-    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
-        join(&self.path_of(parent)?, name)
+    /// The directory's fid and the name in it.
+    fn child(&self, parent: INodeNo, name: &OsStr) -> Result<(Fid, String), Errno> {
+        Ok((self.fid_of(parent)?, entry_name(name)?))
     }
 
     fn attr(&self, st: &Stat) -> FileAttr {
@@ -240,21 +248,24 @@ impl CodaFs {
         }
     }
 
-    /// `lstat` a path, remember its inode's path, and build its attributes.
-    fn stat_path(&self, path: &str) -> Result<FileAttr, Errno> {
-        let st = self.client.lstat(path).map_err(|e| errno(&e))?;
+    /// The status of `fid` (a symlink's own), its inode remembered.
+    fn stat_fid(&self, fid: Fid) -> Result<FileAttr, Errno> {
+        let st = self.client.getattr_fid(fid).map_err(|e| errno(&e))?;
         let attr = self.attr(&st);
         if attr.ino.0 != 1 {
-            self.paths.lock().insert(attr.ino.0, path.to_string());
+            self.fids.lock().insert(attr.ino.0, fid);
         }
         Ok(attr)
     }
 
-    fn forget_path(&self, path: &str) {
-        let prefix = format!("{path}/");
-        self.paths
-            .lock()
-            .retain(|_, p| p != path && !p.starts_with(&prefix));
+    /// The entry `name` of `parent` (`ENOENT` if none), its status.
+    fn stat_child(&self, parent: Fid, name: &str) -> Result<FileAttr, Errno> {
+        let e = self
+            .client
+            .lookup_at(parent, name)
+            .map_err(|e| errno(&e))?
+            .ok_or(Errno::ENOENT)?;
+        self.stat_fid(e.fid)
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -262,16 +273,38 @@ impl CodaFs {
     }
 
     /// The handle's `File`, opened again if a flush closed it (a write after
-    /// close(2) through a duplicated descriptor).
-    fn reopen<'a>(&self, h: &Handle, slot: &'a mut Option<File>) -> Result<&'a mut File, Errno> {
-        if slot.is_none() {
-            let f = self
-                .client
-                .open(&h.path, h.flags, 0)
-                .map_err(|e| errno(&e))?;
-            *slot = Some(f);
+    /// close(2) through a duplicated descriptor). The open may refetch from
+    /// the server: no lock is held across it; one thread opens, the others
+    /// wait for it.
+    fn file_for<'a>(&self, h: &'a Handle) -> Result<MutexGuard<'a, Option<File>>, Errno> {
+        // Bounded: each turn finds the file, opens it, or waits one slice
+        // for the thread that opens it (whose open is itself bounded).
+        for _ in 0..12_000 {
+            let g = h.file.lock();
+            if g.is_some() {
+                return Ok(g);
+            }
+            drop(g);
+            {
+                let mut busy = h.reopening.lock();
+                if *busy {
+                    h.reopened
+                        .wait_for(&mut busy, std::time::Duration::from_millis(50));
+                    continue;
+                }
+                *busy = true;
+            }
+            let opened = self.client.open_fid(h.fid, h.flags);
+            *h.reopening.lock() = false;
+            h.reopened.notify_all();
+            let f = opened.map_err(|e| errno(&e))?;
+            let mut g = h.file.lock();
+            if g.is_none() {
+                *g = Some(f);
+            }
+            return Ok(g);
         }
-        Ok(slot.as_mut().expect("just filled"))
+        Err(Errno::EIO)
     }
 
     fn new_fh(&self) -> u64 {
@@ -329,7 +362,7 @@ impl CodaFs {
     fn remember(
         &self,
         ino: u64,
-        path: &str,
+        fid: Fid,
         flags: i32,
         file: File,
         backing: Option<Arc<BackingId>>,
@@ -340,10 +373,12 @@ impl CodaFs {
             Arc::new(Handle {
                 ino,
                 writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
-                path: path.to_string(),
+                fid,
                 // Reopening must neither create nor truncate again.
                 flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
                 file: Mutex::new(Some(file)),
+                reopening: Mutex::new(false),
+                reopened: Condvar::new(),
                 _backing: backing,
             }),
         );
@@ -364,7 +399,9 @@ macro_rules! tri {
 impl Filesystem for CodaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let root = self.client.lstat("/").map_err(std::io::Error::other)?;
+        let root_fid = self.client.root_fid().map_err(std::io::Error::other)?;
         self.root_ino.store(root.ino, Ordering::Relaxed);
+        *self.root_fid.lock() = Some(root_fid);
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         if self.want_passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
@@ -378,15 +415,15 @@ impl Filesystem for CodaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, name));
-        let attr = tri!(reply, self.stat_path(&path));
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        let attr = tri!(reply, self.stat_child(dir, &name));
         reply.entry(&TTL, &attr, Generation(0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.path_of(ino));
-        let attr = tri!(reply, self.stat_path(&path));
+        let fid = tri!(reply, self.fid_of(ino));
+        let attr = tri!(reply, self.stat_fid(fid));
         reply.attr(&TTL, &attr);
     }
 
@@ -409,7 +446,7 @@ impl Filesystem for CodaFs {
         reply: ReplyAttr,
     ) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.path_of(ino));
+        let fid = tri!(reply, self.fid_of(ino));
         // Ownership is the mounting user's; changing it is not supported.
         if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
             return reply.error(Errno::EPERM);
@@ -417,7 +454,9 @@ impl Filesystem for CodaFs {
         if let Some(m) = mode {
             tri!(
                 reply,
-                self.client.chmod(&path, m & 0o7777).map_err(|e| errno(&e))
+                self.client
+                    .setattr_fid(fid, Some(m & 0o7777), None, None)
+                    .map_err(|e| errno(&e))
             );
         }
         if let Some(n) = size {
@@ -437,7 +476,12 @@ impl Filesystem for CodaFs {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
-                None => tri!(reply, self.client.truncate(&path, n).map_err(|e| errno(&e))),
+                None => tri!(
+                    reply,
+                    self.client
+                        .setattr_fid(fid, None, Some(n), None)
+                        .map_err(|e| errno(&e))
+                ),
             }
         }
         if let Some(t) = mtime {
@@ -445,16 +489,21 @@ impl Filesystem for CodaFs {
                 TimeOrNow::Now => Timespec::now(),
                 TimeOrNow::SpecificTime(t) => from_system_time(t),
             };
-            tri!(reply, self.client.utimes(&path, ts).map_err(|e| errno(&e)));
+            tri!(
+                reply,
+                self.client
+                    .setattr_fid(fid, None, None, Some(ts))
+                    .map_err(|e| errno(&e))
+            );
         }
-        let attr = tri!(reply, self.stat_path(&path));
+        let attr = tri!(reply, self.stat_fid(fid));
         reply.attr(&TTL, &attr);
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.path_of(ino));
-        let t = tri!(reply, self.client.readlink(&path).map_err(|e| errno(&e)));
+        let fid = tri!(reply, self.fid_of(ino));
+        let t = tri!(reply, self.client.readlink_fid(fid).map_err(|e| errno(&e)));
         reply.data(t.as_bytes());
     }
 
@@ -468,30 +517,38 @@ impl Filesystem for CodaFs {
         reply: ReplyEntry,
     ) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, name));
-        tri!(
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        let fid = tri!(
             reply,
             self.client
-                .mkdir(&path, mode & !umask & 0o7777)
+                .mkdir_at(dir, &name, mode & !umask & 0o7777)
                 .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_path(&path));
+        let attr = tri!(reply, self.stat_fid(fid));
         reply.entry(&TTL, &attr, Generation(0));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, name));
-        tri!(reply, self.client.unlink(&path).map_err(|e| errno(&e)));
-        self.forget_path(&path);
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        tri!(
+            reply,
+            self.client
+                .remove_at(dir, &name, false)
+                .map_err(|e| errno(&e))
+        );
         reply.ok();
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, name));
-        tri!(reply, self.client.rmdir(&path).map_err(|e| errno(&e)));
-        self.forget_path(&path);
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        tri!(
+            reply,
+            self.client
+                .remove_at(dir, &name, true)
+                .map_err(|e| errno(&e))
+        );
         reply.ok();
     }
 
@@ -504,13 +561,15 @@ impl Filesystem for CodaFs {
         reply: ReplyEntry,
     ) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, link_name));
+        let (dir, name) = tri!(reply, self.child(parent, link_name));
         let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
-        tri!(
+        let fid = tri!(
             reply,
-            self.client.symlink(target, &path).map_err(|e| errno(&e))
+            self.client
+                .symlink_at(dir, &name, target)
+                .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_path(&path));
+        let attr = tri!(reply, self.stat_fid(fid));
         reply.entry(&TTL, &attr, Generation(0));
     }
 
@@ -528,44 +587,45 @@ impl Filesystem for CodaFs {
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         }
-        let from = tri!(reply, self.child(parent, name));
-        let to = tri!(reply, self.child(newparent, newname));
-        if flags.contains(RenameFlags::RENAME_NOREPLACE) && self.client.lstat(&to).is_ok() {
+        let (sdir, sname) = tri!(reply, self.child(parent, name));
+        let (ddir, dname) = tri!(reply, self.child(newparent, newname));
+        if flags.contains(RenameFlags::RENAME_NOREPLACE)
+            && self
+                .client
+                .lookup_at(ddir, &dname)
+                .is_ok_and(|e| e.is_some())
+        {
             return reply.error(Errno::EEXIST);
         }
-        tri!(reply, self.client.rename(&from, &to).map_err(|e| errno(&e)));
-        // The replaced object's names are gone; the moved ones move.
-        self.forget_path(&to);
-        let prefix = format!("{from}/");
-        for p in self.paths.lock().values_mut() {
-            if *p == from {
-                p.clone_from(&to);
-            } else if let Some(rest) = p.strip_prefix(&prefix) {
-                *p = format!("{to}/{rest}");
-            }
-        }
+        tri!(
+            reply,
+            self.client
+                .rename_at(sdir, &sname, ddir, &dname)
+                .map_err(|e| errno(&e))
+        );
+        // Inodes are keyed by fid: a rename moves nothing here.
         reply.ok();
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.path_of(ino));
+        let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
         let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
         let file = tri!(
             reply,
-            self.client.open(&path, cflags, 0).map_err(|e| errno(&e))
+            self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
         );
         if !writable {
             if let Some(b) = self.backing_for(ino.0, &file, &reply) {
-                let fh = self.remember(ino.0, &path, cflags, file, Some(b.clone()));
+                let fh = self.remember(ino.0, fid, cflags, file, Some(b.clone()));
                 self.shared
                     .passthrough_opens
                     .fetch_add(1, Ordering::Relaxed);
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
             }
         }
-        let fh = self.remember(ino.0, &path, cflags, file, None);
+        let fh = self.remember(ino.0, fid, cflags, file, None);
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), self.plain_flags());
     }
@@ -582,8 +642,8 @@ impl Filesystem for CodaFs {
         reply: ReplyData,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let mut g = h.file.lock();
-        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut g = tri!(reply, self.file_for(&h));
+        let f = g.as_mut().expect("file_for fills the slot");
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -609,8 +669,8 @@ impl Filesystem for CodaFs {
         reply: ReplyWrite,
     ) {
         let h = tri!(reply, self.handle(fh));
-        let mut g = h.file.lock();
-        let f = tri!(reply, self.reopen(&h, &mut g));
+        let mut g = tri!(reply, self.file_for(&h));
+        let f = g.as_mut().expect("file_for fills the slot");
         let mut done = 0;
         while done < data.len() {
             match f.write_at(&data[done..], offset + done as u64) {
@@ -642,7 +702,7 @@ impl Filesystem for CodaFs {
         let f = h.file.lock().take();
         match f.map(File::close) {
             Some(Err(e)) => {
-                eprintln!("coda-mount: storing {}: {e}", h.path);
+                eprintln!("coda-mount: storing {}: {e}", h.fid);
                 reply.error(errno(&e))
             }
             _ => reply.ok(),
@@ -687,8 +747,8 @@ impl Filesystem for CodaFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.path_of(ino));
-        let list = tri!(reply, self.client.readdir(&path).map_err(|e| errno(&e)));
+        let fid = tri!(reply, self.fid_of(ino));
+        let list = tri!(reply, self.client.readdir_fid(fid).map_err(|e| errno(&e)));
         let mut entries = vec![
             (ino.0, FileType::Directory, ".".to_string()),
             (ino.0, FileType::Directory, "..".to_string()),
@@ -767,22 +827,38 @@ impl Filesystem for CodaFs {
         reply: ReplyCreate,
     ) {
         tri!(reply, self.guard());
-        let path = tri!(reply, self.child(parent, name));
-        let cflags = Self::open_flags(flags) | libc::O_CREAT | (flags & libc::O_EXCL);
-        let file = tri!(
-            reply,
-            self.client
-                .open(&path, cflags, mode & !umask & 0o7777)
-                .map_err(|e| errno(&e))
-        );
-        let attr = match self.stat_path(&path) {
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        let cflags = Self::open_flags(flags);
+        let made = self
+            .client
+            .create_at(dir, &name, mode & !umask & 0o7777, cflags);
+        let file = match made {
+            Ok(f) => f,
+            // Made meanwhile by someone else: open it, unless O_EXCL.
+            Err(Error::Exists(_)) if flags & libc::O_EXCL == 0 => {
+                let e = tri!(
+                    reply,
+                    self.client
+                        .lookup_at(dir, &name)
+                        .map_err(|e| errno(&e))
+                        .and_then(|e| e.ok_or(Errno::ENOENT))
+                );
+                tri!(
+                    reply,
+                    self.client.open_fid(e.fid, cflags).map_err(|e| errno(&e))
+                )
+            }
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let fid = file.fid();
+        let attr = match self.stat_fid(fid) {
             Ok(a) => a,
             Err(e) => {
                 let _ = file.close();
                 return reply.error(e);
             }
         };
-        let fh = self.remember(attr.ino.0, &path, cflags, file, None);
+        let fh = self.remember(attr.ino.0, fid, cflags, file, None);
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.created(
             &TTL,

@@ -1,12 +1,6 @@
-//! Connections to the servers: the handshake, the control connection with its
-//! reader thread (replies demultiplexed by request id, callback breaks acked at
-//! once), the bulk connection pool that streams file data, the heartbeat, and
-//! the one interrupt mechanism every blocking wait obeys.
-//!
-//! Rule: no lock is held across a network wait. Locks here guard maps and
-//! the socket writer for the duration of one `write_all` only. (The one
-//! exception is `connect_gate`, which makes callers queue behind a single
-//! bounded handshake instead of each opening a session of their own.)
+//! A session: the handshake, one authenticated control connection with its
+//! reader thread (replies demultiplexed by request id, callback breaks
+//! acked at once), and the bulk connections that stream file data.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -17,184 +11,88 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, select, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use super::callback::Callbacks;
-use super::event::Event;
-use super::stats::Counters;
+use super::interrupt::{Interrupt, SocketGuard};
+use super::{Identity, Timing, GATE_SLICE};
+use crate::client::callback::Callbacks;
+use crate::client::event::Event;
+use crate::client::stats::Counters;
 use crate::proto::auth::{self, Transcript};
 use crate::proto::frame::{read_frame, write_frame};
 use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK, PROTOCOL_VERSION};
 use crate::{Error, Result};
 
-/// Who we are to every server: persistent id, per-start epoch, credentials.
-pub(crate) struct Identity {
-    pub client_id: [u8; 16],
-    pub epoch: u64,
-    pub user: String,
-    pub secret: [u8; 32],
-}
-
-/// Timing knobs taken from the config.
-#[derive(Clone, Copy)]
-pub(crate) struct Timing {
-    pub rpc_timeout: Duration,
-    pub dead_after: Duration,
-    pub bind_addr: Option<SocketAddr>,
-    /// Most bulk connections of a session at once (`bulk_connections`).
-    pub bulk_max: usize,
-}
-
-// ---------------------------------------------------------------------------
-// Interrupts: one place that can make every wait return at once.
-
-struct InterruptState {
-    /// Dropped to interrupt: every `watch()` receiver then becomes ready.
-    tx: Option<Sender<()>>,
-    rx: Receiver<()>,
-    reason: String,
-}
-
-/// Waits select on `watch()`; `trigger` wakes them all and shuts down every
-/// socket registered with `guard` (handshakes and bulk transfers), so
-/// blocking reads and writes stop too. Failover will trigger it; `clear`
-/// (failback) arms it again.
-pub(crate) struct Interrupt {
-    state: Mutex<InterruptState>,
-    sockets: Mutex<HashMap<u64, TcpStream>>,
-    next_socket: AtomicU64,
-}
-
-/// Keeps a socket registered with an [`Interrupt`] while it blocks.
-pub(crate) struct SocketGuard<'a> {
-    owner: &'a Interrupt,
-    key: u64,
-}
-
-impl Drop for SocketGuard<'_> {
-    fn drop(&mut self) {
-        self.owner.sockets.lock().remove(&self.key);
-    }
-}
-
-impl Interrupt {
-    pub(crate) fn new() -> Interrupt {
-        let (tx, rx) = bounded(0);
-        Interrupt {
-            state: Mutex::new(InterruptState {
-                tx: Some(tx),
-                rx,
-                reason: String::new(),
-            }),
-            sockets: Mutex::new(HashMap::new()),
-            next_socket: AtomicU64::new(0),
-        }
-    }
-
-    /// Register `s` so an interrupt shuts it down; then check, so an
-    /// interrupt that came just before is not missed.
-    fn guard(&self, s: &TcpStream) -> Result<SocketGuard<'_>> {
-        let key = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        if let Ok(c) = s.try_clone() {
-            self.sockets.lock().insert(key, c);
-        }
-        let g = SocketGuard { owner: self, key };
-        self.check()?;
-        Ok(g)
-    }
-
-    pub fn watch(&self) -> Receiver<()> {
-        self.state.lock().rx.clone()
-    }
-
-    pub fn check(&self) -> Result<()> {
-        let s = self.state.lock();
-        match s.tx {
-            Some(_) => Ok(()),
-            None => Err(Error::Eio(s.reason.clone())),
-        }
-    }
-
-    fn reason(&self) -> String {
-        self.state.lock().reason.clone()
-    }
-
-    pub(crate) fn trigger(&self, reason: &str) {
-        {
-            let mut s = self.state.lock();
-            s.reason = reason.to_string();
-            s.tx = None;
-        }
-        for s in self.sockets.lock().values() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    pub fn clear(&self) {
-        let (tx, rx) = bounded(0);
-        *self.state.lock() = InterruptState {
-            tx: Some(tx),
-            rx,
-            reason: String::new(),
-        };
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Handshake (both connection kinds).
 
-fn dial(addr: SocketAddr, kind: ConnKind, t: &Timing) -> std::io::Result<TcpStream> {
+fn dial(
+    addr: SocketAddr,
+    kind: ConnKind,
+    t: &Timing,
+    interrupt: &Interrupt,
+) -> std::io::Result<TcpStream> {
     // A configured port is for the control connection only: bulk connections
     // to the same server from the same port would be the same TCP 4-tuple.
     let local = match (t.bind_addr, kind) {
         (Some(a), ConnKind::Bulk) => Some(SocketAddr::new(a.ip(), 0)),
         (a, _) => a,
     };
-    let s = match local {
-        None => TcpStream::connect_timeout(&addr, t.rpc_timeout)?,
-        Some(local) => connect_from(local, addr)?,
-    };
+    let s = connect_interruptible(local, addr, t.rpc_timeout, interrupt)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(t.rpc_timeout))?;
     s.set_write_timeout(Some(t.rpc_timeout))?;
     Ok(s)
 }
 
-/// std cannot bind before connecting, so do it with libc.
-fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::unix::io::FromRawFd;
-    fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let len = match a {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*v4.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
-                std::mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: v6.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: v6.scope_id(),
-                };
-                unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
-                std::mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
-    }
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any sockaddr.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// Connect to `remote` (from `local` if given, with `SO_REUSEADDR`: std
+/// cannot bind before connecting), within `timeout`. The socket is
+/// registered with the interrupt before it connects, and the connect is
+/// non-blocking, watched in short slices: a failover or release ends it at
+/// once instead of after `timeout`.
+fn connect_interruptible(
+    local: Option<SocketAddr>,
+    remote: SocketAddr,
+    timeout: Duration,
+    interrupt: &Interrupt,
+) -> std::io::Result<TcpStream> {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    let interrupted = |e: Error| std::io::Error::new(std::io::ErrorKind::ConnectionAborted, e);
     let family = if remote.is_ipv4() {
         libc::AF_INET
     } else {
@@ -202,30 +100,82 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStr
     };
     // SAFETY: plain socket calls on an fd we own; it is wrapped in TcpStream
     // (which closes it) as soon as it exists.
-    unsafe {
-        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+    let stream = unsafe {
+        let fd = libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let stream = TcpStream::from_raw_fd(fd);
+        TcpStream::from_raw_fd(fd)
+    };
+    let fd = stream.as_raw_fd();
+    if let Some(local) = local {
         let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
         let (l, llen) = sockaddr(local);
-        if libc::bind(fd, &l as *const _ as *const libc::sockaddr, llen) != 0 {
-            return Err(std::io::Error::last_os_error());
+        // SAFETY: valid fd, option and address buffers of the given sizes.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                &one as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            if libc::bind(fd, &l as *const _ as *const libc::sockaddr, llen) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
-        let (r, rlen) = sockaddr(remote);
-        if libc::connect(fd, &r as *const _ as *const libc::sockaddr, rlen) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
     }
+    let _guard = interrupt.guard(&stream).map_err(interrupted)?;
+    let (r, rlen) = sockaddr(remote);
+    // SAFETY: valid fd and address buffer.
+    if unsafe { libc::connect(fd, &r as *const _ as *const libc::sockaddr, rlen) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        // Bounded by the deadline; each turn waits at most one slice.
+        loop {
+            interrupt.check().map_err(interrupted)?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect timed out after {} ms", timeout.as_millis()),
+                ));
+            }
+            let slice = (deadline - now).min(GATE_SLICE);
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, slice.as_millis().max(1) as libc::c_int) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                break;
+            }
+        }
+        // An interrupt shuts the socket down, which ends the connect with a
+        // reset: report the interrupt, not the reset.
+        interrupt.check().map_err(interrupted)?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 fn send(s: &mut TcpStream, id: u64, m: &Msg) -> Result<()> {
@@ -282,7 +232,7 @@ fn handshake(
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::Eio(format!("server {server}: no address")))?;
-    let mut s = dial(addr, kind, t).map_err(|e| {
+    let mut s = dial(addr, kind, t, interrupt).map_err(|e| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -494,7 +444,7 @@ impl Session {
     // Plain data handed down from `Servers`; a struct for it would only be
     // unpacked here again.
     #[allow(clippy::too_many_arguments)]
-    fn connect(
+    pub(super) fn connect(
         server: &str,
         ident: Arc<Identity>,
         timing: Timing,
@@ -608,12 +558,21 @@ impl Session {
             self.ctl.kill(&e.to_string());
             return Err(e);
         }
-        let watch = interrupt.watch();
-        let r = select! {
-            recv(rx) -> r => r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
-            recv(watch) -> _ => Err(Error::Eio(interrupt.reason())),
-            default(timeout) => Err(Error::Timeout(format!(
-                "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
+        let deadline = Instant::now() + timeout;
+        // Bounded: each turn ends by the deadline, or by an interrupt or
+        // release (a release that is not ours wakes us once per release).
+        let r = loop {
+            let watch = interrupt.watch();
+            if let Err(e) = interrupt.check() {
+                break Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(rx) -> r => break r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
+                recv(watch) -> _ => continue,
+                default(left) => break Err(Error::Timeout(format!(
+                    "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
+            }
         };
         self.ctl.pending.lock().remove(&id);
         r
@@ -660,8 +619,9 @@ impl Session {
                     self.timing.rpc_timeout.as_millis()
                 )));
             }
-            // Interrupts do not signal the condvar: look again every 50 ms.
-            let slice = (deadline - now).min(Duration::from_millis(50));
+            // Interrupts do not signal the condvar: look again every 5 ms
+            // (a failover releases waiters within that).
+            let slice = (deadline - now).min(GATE_SLICE);
             self.bulk_free.wait_for(&mut taken, slice);
         }
     }
@@ -809,193 +769,56 @@ impl Session {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The servers we know, the current session, and reconnecting on demand.
-
-pub(crate) struct Servers {
-    addrs: Vec<String>,
-    ident: Arc<Identity>,
-    timing: Timing,
-    callbacks: Arc<Callbacks>,
-    counters: Arc<Counters>,
-    current: Mutex<Option<Arc<Session>>>,
-    connect_gate: Mutex<()>,
-    sessions: AtomicU64,
-    lost: (Sender<()>, Receiver<()>),
-    pub interrupt: Interrupt,
-}
-
-impl Servers {
-    pub fn new(
-        addrs: Vec<String>,
-        ident: Identity,
-        timing: Timing,
-        callbacks: Arc<Callbacks>,
-        counters: Arc<Counters>,
-    ) -> Servers {
-        Servers {
-            addrs,
-            ident: Arc::new(ident),
-            timing,
-            callbacks,
-            counters,
-            current: Mutex::new(None),
-            connect_gate: Mutex::new(()),
-            sessions: AtomicU64::new(0),
-            lost: bounded(1),
-            interrupt: Interrupt::new(),
-        }
-    }
-
-    pub fn ident(&self) -> &Identity {
-        &self.ident
-    }
-
-    pub fn timing(&self) -> Timing {
-        self.timing
-    }
-
-    /// Ready whenever a session's connection died (reset, EOF, write error).
-    pub fn lost_signal(&self) -> Receiver<()> {
-        self.lost.1.clone()
-    }
-
-    /// The current session, dead or alive, without connecting.
-    pub fn current(&self) -> Option<Arc<Session>> {
-        self.current.lock().clone()
-    }
-
-    /// The live session, connecting (a new session: every callback void) if
-    /// there is none or it died.
-    pub fn session(&self) -> Result<Arc<Session>> {
-        self.interrupt.check()?;
-        if let Some(s) = self.live() {
-            return Ok(s);
-        }
-        let _gate = self.connect_gate.lock();
-        // A failover while we queued at the gate must not start a handshake.
-        self.interrupt.check()?;
-        self.connect_gated(&self.interrupt, self.timing.rpc_timeout)
-    }
-
-    /// The prober's way in: obeys its own interrupt (not the failover one, so
-    /// it can find a server again while failed over), never waits at the
-    /// connect gate longer than `timeout`, and bounds the handshake by it.
-    pub fn probe_session(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
-        interrupt.check()?;
-        if let Some(s) = self.live() {
-            return Ok(s);
-        }
-        let Some(_gate) = self.connect_gate.try_lock_for(timeout) else {
-            return Err(Error::Timeout("another connect is in progress".into()));
-        };
-        self.connect_gated(interrupt, timeout)
-    }
-
-    /// The current session if it is alive and fresh. One silent for longer
-    /// than `dead_after` is killed here rather than used: the prober may not
-    /// have run yet (say this process was stopped), and the server may have
-    /// cut us off meanwhile.
-    fn live(&self) -> Option<Arc<Session>> {
-        let s = self.current.lock().clone()?;
-        if s.is_dead() {
-            return None;
-        }
-        if s.silent_for() > self.timing.dead_after {
-            s.kill(&format!(
-                "no reply for {} ms",
-                self.timing.dead_after.as_millis()
-            ));
-            return None;
-        }
-        Some(s)
-    }
-
-    /// Whether a live session was heard from within `dead_after`.
-    pub fn fresh(&self) -> bool {
-        self.live().is_some()
-    }
-
-    /// Connect to the first server that answers; the caller holds the gate.
-    fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
-        if let Some(s) = self.live() {
-            return Ok(s);
-        }
-        let mut last = Error::Invalid("no servers configured".into());
-        for addr in &self.addrs {
-            self.sessions.fetch_add(1, Ordering::Relaxed);
-            // Void old promises before a grant of the new session can land.
-            self.callbacks.new_session();
-            match Session::connect(
-                addr,
-                self.ident.clone(),
-                self.timing,
-                self.callbacks.clone(),
-                self.counters.clone(),
-                interrupt,
-                timeout,
-                self.lost.0.clone(),
-            ) {
-                Ok(s) => {
-                    if let Some(old) = self.current.lock().replace(s.clone()) {
-                        old.close("replaced by a new session");
-                    }
-                    return Ok(s);
-                }
-                // Authentication failures are final: another server would say the same.
-                Err(e @ Error::Auth(_)) => return Err(e),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
-    }
-
-    /// Whether a live session exists right now (no network traffic).
-    pub fn is_connected(&self) -> bool {
-        self.current.lock().as_ref().is_some_and(|s| !s.is_dead())
-    }
-
-    /// Make every pending and later remote operation fail with `Eio` at once.
-    pub fn interrupt_all(&self, reason: &str) {
-        self.interrupt.trigger(reason);
-    }
-
-    pub fn shutdown(&self) {
-        if let Some(s) = self.current.lock().take() {
-            s.close("client shut down");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::io::FromRawFd;
+
+    /// A listener whose accept queue is full: a further connect stays in
+    /// SYN_SENT (its SYNs are dropped), as toward a host that went away.
+    fn full_listener() -> (std::net::TcpListener, Vec<TcpStream>) {
+        // SAFETY: plain socket calls; the fd is owned by the TcpListener.
+        let l = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let (a, len) = sockaddr("127.0.0.1:0".parse().unwrap());
+            assert_eq!(
+                libc::bind(fd, &a as *const _ as *const libc::sockaddr, len),
+                0
+            );
+            assert_eq!(libc::listen(fd, 0), 0);
+            std::net::TcpListener::from_raw_fd(fd)
+        };
+        let addr = l.local_addr().unwrap();
+        // Fill the queue (never accepted); stop at the first that hangs.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        (l, held)
+    }
 
     #[test]
-    fn an_interrupt_unblocks_waits_and_guarded_sockets_at_once() {
+    fn an_interrupt_ends_a_connect_in_progress_at_once() {
+        let (l, _held) = full_listener();
+        let addr = l.local_addr().unwrap();
         let i = Interrupt::new();
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let _peer = l.accept().unwrap();
-        let watch = i.watch();
-        let t0 = Instant::now();
+        let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::scope(|sc| {
-            let _g = i.guard(&s).unwrap();
             sc.spawn(|| {
-                std::thread::sleep(Duration::from_millis(100));
-                i.trigger("failed over");
+                let r = connect_interruptible(None, addr, Duration::from_secs(60), &i);
+                tx.send(r.map(|_| ()).map_err(|e| e.kind())).unwrap();
             });
-            // Blocks (the peer sends nothing) until the interrupt shuts it down.
-            let mut b = [0u8; 1];
-            assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+            // Still connecting (the queue is full): nothing came back.
+            assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+            i.trigger("failed over");
+            let r = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the connect ends when the interrupt fires, not after 60 s");
+            assert_eq!(r, Err(std::io::ErrorKind::ConnectionAborted));
         });
-        assert!(
-            watch.recv_timeout(Duration::from_secs(1)).is_err(),
-            "watchers wake"
-        );
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        assert!(matches!(i.check(), Err(Error::Eio(m)) if m == "failed over"));
-        i.clear();
-        assert!(i.check().is_ok());
     }
 }

@@ -1,0 +1,161 @@
+//! The fid-based API under the path API: every operation on an object
+//! (`getattr_fid`, `open_fid`, `readdir_fid`) or on a name in a directory
+//! (`lookup_at`, `mkdir_at`, `remove_at`, `rename_at`, ...). The path
+//! operations resolve a path and call these; a program that keeps fids
+//! (the mount keys its inodes by them) calls them directly.
+
+use super::{file, DirEntry, File, Stat};
+use super::{Client, RecordOp};
+use crate::proto::{Fid, FileType, MAX_SYMLINK};
+use crate::{Error, Result};
+
+impl Client {
+    /// The fid of `/`.
+    pub fn root_fid(&self) -> Result<Fid> {
+        self.inner.emulated_root()
+    }
+
+    /// The entry `name` in directory `parent`, if there is one.
+    pub fn lookup_at(&self, parent: Fid, name: &str) -> Result<Option<DirEntry>> {
+        check_name(name)?;
+        Ok(self.inner.lookup(parent, name)?.map(|e| DirEntry {
+            name: e.name,
+            ftype: e.ftype,
+            fid: e.fid,
+        }))
+    }
+
+    /// The status of object `fid` (a symlink's own).
+    pub fn getattr_fid(&self, fid: Fid) -> Result<Stat> {
+        Ok(Stat::from(&self.inner.getattr(fid)?))
+    }
+
+    /// The entries of directory `fid`.
+    pub fn readdir_fid(&self, fid: Fid) -> Result<Vec<DirEntry>> {
+        Ok(self
+            .inner
+            .listing(fid)?
+            .iter()
+            .map(|e| DirEntry {
+                name: e.name.clone(),
+                ftype: e.ftype,
+                fid: e.fid,
+            })
+            .collect())
+    }
+
+    /// The target of symlink `fid`.
+    pub fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        self.inner.readlink_fid(fid)
+    }
+
+    /// Open the file `fid` (flags as `open`, without `O_CREAT`).
+    pub fn open_fid(&self, fid: Fid, flags: i32) -> Result<File> {
+        if flags & libc::O_CREAT != 0 {
+            return Err(Error::Invalid(
+                "open_fid does not create; use create_at".into(),
+            ));
+        }
+        file::open_fid(&self.inner, fid, flags, false)
+    }
+
+    /// Create the file `name` in `parent` (`Exists` if the name is taken)
+    /// and open it with `flags`.
+    pub fn create_at(&self, parent: Fid, name: &str, mode: u32, flags: i32) -> Result<File> {
+        check_name(name)?;
+        if self.inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        let fid = file::create(&self.inner, parent, name, mode)?;
+        file::open_fid(
+            &self.inner,
+            fid,
+            flags & !(libc::O_CREAT | libc::O_EXCL),
+            true,
+        )
+    }
+
+    /// Make the directory `name` in `parent`; returns its fid.
+    pub fn mkdir_at(&self, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+        check_name(name)?;
+        let inner = &self.inner;
+        if inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        inner.create_object(
+            parent,
+            FileType::Dir,
+            |fid, now| RecordOp::Mkdir {
+                parent,
+                name: name.to_string(),
+                fid,
+                mode: mode & 0o7777,
+                mtime: now,
+            },
+            |attr| {
+                inner.cache.set_listing(attr, Vec::new());
+                Ok(())
+            },
+        )
+    }
+
+    /// Make the symlink `name` in `parent` pointing to `target`.
+    pub fn symlink_at(&self, parent: Fid, name: &str, target: &str) -> Result<Fid> {
+        check_name(name)?;
+        if target.is_empty() || target.len() > MAX_SYMLINK || target.contains('\0') {
+            return Err(Error::Invalid(format!("symlink target {target:?}")));
+        }
+        let inner = &self.inner;
+        if inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        inner.create_object(
+            parent,
+            FileType::Symlink,
+            |fid, now| RecordOp::Symlink {
+                parent,
+                name: name.to_string(),
+                fid,
+                target: target.to_string(),
+                mtime: now,
+            },
+            |attr| {
+                inner.cache.set_symlink(attr, target.to_string());
+                Ok(())
+            },
+        )
+    }
+
+    /// Remove the name `name` from `parent`: a directory (`dir`, which must
+    /// be empty) or anything else.
+    pub fn remove_at(&self, parent: Fid, name: &str, dir: bool) -> Result<()> {
+        check_name(name)?;
+        self.remove_entry(parent, name, dir, name)
+    }
+
+    /// Rename `src_name` in `src_parent` to `dst_name` in `dst_parent`.
+    pub fn rename_at(
+        &self,
+        src_parent: Fid,
+        src_name: &str,
+        dst_parent: Fid,
+        dst_name: &str,
+    ) -> Result<()> {
+        check_name(src_name)?;
+        check_name(dst_name)?;
+        self.rename_entries(
+            src_parent, src_name, dst_parent, dst_name, src_name, dst_name,
+        )
+    }
+}
+
+/// A name in a directory: one component, not `.` or `..`.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(Error::Invalid(format!("name {name:?}")));
+    }
+    if name.len() > crate::proto::MAX_NAME {
+        return Err(Error::NameTooLong(name.to_string()));
+    }
+    Ok(())
+}

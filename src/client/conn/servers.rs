@@ -1,0 +1,208 @@
+//! The servers we know, the current session, and connecting on demand
+//! (one caller's handshake at a time, no lock held across it).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use super::interrupt::Interrupt;
+use super::session::Session;
+use super::{Identity, Timing, GATE_SLICE};
+use crate::client::callback::Callbacks;
+use crate::client::stats::Counters;
+use crate::{Error, Result};
+
+// ---------------------------------------------------------------------------
+// The servers we know, the current session, and reconnecting on demand.
+
+pub(crate) struct Servers {
+    addrs: Vec<String>,
+    ident: Arc<Identity>,
+    timing: Timing,
+    callbacks: Arc<Callbacks>,
+    counters: Arc<Counters>,
+    /// The current session; held only to read or replace it.
+    current: Mutex<Option<Arc<Session>>>,
+    /// Whether a caller is connecting: the others queue behind its one
+    /// bounded handshake instead of each opening a session of their own.
+    /// The lock guards only the flag (never held while connecting); the
+    /// waiters poll the interrupt, so a failover or release frees them.
+    connecting: Mutex<bool>,
+    connect_done: Condvar,
+    sessions: AtomicU64,
+    lost: (Sender<()>, Receiver<()>),
+    pub interrupt: Interrupt,
+}
+
+/// The turn to connect; handed on when dropped.
+struct ConnectTurn<'a> {
+    servers: &'a Servers,
+}
+
+impl Drop for ConnectTurn<'_> {
+    fn drop(&mut self) {
+        *self.servers.connecting.lock() = false;
+        self.servers.connect_done.notify_all();
+    }
+}
+
+impl Servers {
+    pub fn new(
+        addrs: Vec<String>,
+        ident: Identity,
+        timing: Timing,
+        callbacks: Arc<Callbacks>,
+        counters: Arc<Counters>,
+    ) -> Servers {
+        Servers {
+            addrs,
+            ident: Arc::new(ident),
+            timing,
+            callbacks,
+            counters,
+            current: Mutex::new(None),
+            connecting: Mutex::new(false),
+            connect_done: Condvar::new(),
+            sessions: AtomicU64::new(0),
+            lost: bounded(1),
+            interrupt: Interrupt::new(),
+        }
+    }
+
+    pub fn ident(&self) -> &Identity {
+        &self.ident
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Ready whenever a session's connection died (reset, EOF, write error).
+    pub fn lost_signal(&self) -> Receiver<()> {
+        self.lost.1.clone()
+    }
+
+    /// The current session, dead or alive, without connecting.
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.current.lock().clone()
+    }
+
+    /// The live session, connecting (a new session: every callback void) if
+    /// there is none or it died.
+    pub fn session(&self) -> Result<Arc<Session>> {
+        self.interrupt.check()?;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _turn = self.connect_turn(&self.interrupt, self.timing.rpc_timeout)?;
+        // A failover while we queued must not start a handshake.
+        self.interrupt.check()?;
+        self.connect_gated(&self.interrupt, self.timing.rpc_timeout)
+    }
+
+    /// The prober's way in: obeys its own interrupt (not the failover one, so
+    /// it can find a server again while failed over), never waits at the
+    /// connect gate longer than `timeout`, and bounds the handshake by it.
+    pub fn probe_session(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
+        interrupt.check()?;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let _turn = self.connect_turn(interrupt, timeout)?;
+        self.connect_gated(interrupt, timeout)
+    }
+
+    /// Wait (at most `timeout`; an interrupt or release ends it at once)
+    /// until no other caller is connecting, and take the turn. No lock is
+    /// held while the turn's holder connects.
+    fn connect_turn(&self, interrupt: &Interrupt, timeout: Duration) -> Result<ConnectTurn<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut busy = self.connecting.lock();
+        loop {
+            interrupt.check()?;
+            if !*busy {
+                *busy = true;
+                return Ok(ConnectTurn { servers: self });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout("another connect is in progress".into()));
+            }
+            // Interrupts do not signal the condvar: look again shortly.
+            self.connect_done
+                .wait_for(&mut busy, (deadline - now).min(GATE_SLICE));
+        }
+    }
+
+    /// The current session if it is alive and fresh. One silent for longer
+    /// than `dead_after` is killed here rather than used: the prober may not
+    /// have run yet (say this process was stopped), and the server may have
+    /// cut us off meanwhile.
+    fn live(&self) -> Option<Arc<Session>> {
+        let s = self.current.lock().clone()?;
+        if s.is_dead() {
+            return None;
+        }
+        if s.silent_for() > self.timing.dead_after {
+            s.kill(&format!(
+                "no reply for {} ms",
+                self.timing.dead_after.as_millis()
+            ));
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Whether a live session was heard from within `dead_after`.
+    pub fn fresh(&self) -> bool {
+        self.live().is_some()
+    }
+
+    /// Connect to the first server that answers; the caller holds the gate.
+    fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let mut last = Error::Invalid("no servers configured".into());
+        for addr in &self.addrs {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+            // Void old promises before a grant of the new session can land.
+            self.callbacks.new_session();
+            match Session::connect(
+                addr,
+                self.ident.clone(),
+                self.timing,
+                self.callbacks.clone(),
+                self.counters.clone(),
+                interrupt,
+                timeout,
+                self.lost.0.clone(),
+            ) {
+                Ok(s) => {
+                    if let Some(old) = self.current.lock().replace(s.clone()) {
+                        old.close("replaced by a new session");
+                    }
+                    return Ok(s);
+                }
+                // Authentication failures are final: another server would say the same.
+                Err(e @ Error::Auth(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Whether a live session exists right now (no network traffic).
+    pub fn is_connected(&self) -> bool {
+        self.current.lock().as_ref().is_some_and(|s| !s.is_dead())
+    }
+
+    pub fn shutdown(&self) {
+        if let Some(s) = self.current.lock().take() {
+            s.close("client shut down");
+        }
+    }
+}
