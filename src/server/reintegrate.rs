@@ -1173,13 +1173,42 @@ mod tests {
             .unwrap()
     }
 
+    /// A scratch directory removed when the test ends (the crate keeps
+    /// no temp-dir dependency: see Cargo.toml).
+    struct TestDir(std::path::PathBuf);
+
+    impl TestDir {
+        fn new() -> TestDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static SERIAL: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "coda-unit-reint-{}-{}",
+                std::process::id(),
+                SERIAL.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TestDir(p)
+        }
+
+        fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// One group holding good batches, a batch that fails after writing
     /// (the group restarts without it), one that fails before writing, and
     /// one refused because of an earlier batch of the same group: each
     /// outcome is exactly what applying them one by one would give.
     #[test]
     fn a_failing_batch_leaves_nothing_and_fails_no_other_batch_of_its_group() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = TestDir::new();
         let root = dir.path().join("data");
         VolumeStore::init(&root, "admin").unwrap();
         let store = VolumeStore::open(&root, u64::MAX).unwrap();
@@ -1254,7 +1283,7 @@ mod tests {
     /// is answered and applied exactly once.
     #[test]
     fn concurrent_batches_all_commit() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = TestDir::new();
         let root = dir.path().join("data");
         VolumeStore::init(&root, "admin").unwrap();
         let store = VolumeStore::open(&root, u64::MAX).unwrap();
