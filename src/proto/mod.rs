@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod codec;
 pub mod frame;
+pub mod handshake;
 pub mod message;
 pub mod types;
 
