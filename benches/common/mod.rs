@@ -17,6 +17,11 @@ pub struct BenchServer {
 impl BenchServer {
     /// `coda-server init` in `dir/data`, then serve it on a free loopback port.
     pub fn start(dir: &Path) -> BenchServer {
+        BenchServer::start_with(dir, &[])
+    }
+
+    /// Like `start`, with extra arguments for `serve`.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> BenchServer {
         let bin = env!("CARGO_BIN_EXE_coda-server");
         let root = dir.join("data");
         let st = Command::new(bin)
@@ -31,6 +36,7 @@ impl BenchServer {
             .args(["serve", "--root"])
             .arg(&root)
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -49,6 +55,10 @@ impl BenchServer {
 
     pub fn secret(&self) -> PathBuf {
         self.root.join("admin.secret")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: i32) {

@@ -1,6 +1,8 @@
 //! Frames: `u32 length | u8 type | u64 request id | body`, length counting
-//! type, id and body. The length is checked against [`MAX_FRAME`] before any
-//! allocation, so a hostile peer cannot make us reserve memory.
+//! type, id and body. The length is checked against a limit ([`MAX_FRAME`],
+//! or [`MAX_HANDSHAKE_FRAME`] before authentication) before anything is
+//! read, and the body buffer grows only as its bytes arrive, so a peer that
+//! announces a large frame and stops makes us hold nothing it did not send.
 
 use std::io::{self, Read, Write};
 
@@ -8,6 +10,14 @@ use super::MAX_FRAME;
 use crate::{Error, Result};
 
 pub const HEADER_LEN: usize = 4 + 1 + 8;
+
+/// Largest frame accepted before a connection has authenticated: Hello and
+/// Auth are a few hundred bytes at most (user name ≤ MAX_USER).
+pub const MAX_HANDSHAKE_FRAME: usize = 1024;
+
+/// Body bytes read per step; the buffer never runs ahead of the stream by
+/// more than this.
+const BODY_STEP: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -19,6 +29,11 @@ pub struct Frame {
 /// Read one frame. `Ok(None)` is a clean end of stream before a frame began;
 /// a stream ending inside a frame is a protocol error.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>> {
+    read_frame_max(r, MAX_FRAME)
+}
+
+/// [`read_frame`] with a smaller length limit (the handshake's).
+pub fn read_frame_max<R: Read>(r: &mut R, max: usize) -> Result<Option<Frame>> {
     let mut len = [0u8; 4];
     match read_full(r, &mut len)? {
         0 => return Ok(None),
@@ -35,9 +50,10 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>> {
             "frame length {len} below minimum 9"
         )));
     }
-    if len > MAX_FRAME {
+    let max = max.min(MAX_FRAME);
+    if len > max {
         return Err(Error::Protocol(format!(
-            "frame length {len} exceeds limit {MAX_FRAME}"
+            "frame length {len} exceeds limit {max}"
         )));
     }
     let mut head = [0u8; 9];
@@ -46,11 +62,18 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>> {
             "connection closed inside a frame header".into(),
         ));
     }
-    let mut body = vec![0u8; len - 9];
-    if read_full(r, &mut body)? != body.len() {
-        return Err(Error::Protocol(
-            "connection closed inside a frame body".into(),
-        ));
+    let want = len - 9;
+    let mut body = Vec::with_capacity(want.min(BODY_STEP));
+    while body.len() < want {
+        let have = body.len();
+        let step = (want - have).min(BODY_STEP);
+        body.resize(have + step, 0);
+        let got = read_full(r, &mut body[have..])?;
+        if got != step {
+            return Err(Error::Protocol(
+                "connection closed inside a frame body".into(),
+            ));
+        }
     }
     Ok(Some(Frame {
         kind: head[0],
@@ -130,6 +153,26 @@ mod tests {
         let mut bytes = u32::MAX.to_be_bytes().to_vec();
         bytes.extend_from_slice(&[0; 9]);
         assert!(matches!(parse_frame(&bytes), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn handshake_limit_refuses_a_large_frame() {
+        let bytes = encode_frame(1, 0, &[0u8; 2000]);
+        let mut r = io::Cursor::new(&bytes);
+        assert!(matches!(
+            read_frame_max(&mut r, MAX_HANDSHAKE_FRAME),
+            Err(Error::Protocol(_))
+        ));
+        let mut r = io::Cursor::new(&bytes);
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().body.len(), 2000);
+    }
+
+    #[test]
+    fn a_large_body_arriving_in_steps_round_trips() {
+        let body: Vec<u8> = (0..(3 * BODY_STEP + 17)).map(|i| i as u8).collect();
+        let bytes = encode_frame(2, 9, &body);
+        let (f, used) = parse_frame(&bytes).unwrap();
+        assert_eq!((f.body, used), (body, bytes.len()));
     }
 
     #[test]

@@ -3,10 +3,21 @@
 //! the worker pool, and a writer thread owns the socket's sending side so
 //! frames from many threads never interleave and no worker blocks on a
 //! slow peer.
+//!
+//! Flow bounds: a connection has at most [`MAX_OUTSTANDING`] requests
+//! between read and reply written, and at most about [`MAX_QUEUED`] bytes
+//! of requests, promised replies and queued replies. At either bound the
+//! reader stops reading until the writer drains, so a client that never
+//! reads its replies is held back by TCP itself and costs the server a
+//! bounded amount of memory; the writer's send timeout still cuts a peer
+//! that takes nothing at all.
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
@@ -16,12 +27,125 @@ use super::sessions::{ClientCtx, ControlLink};
 use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out};
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
-use crate::proto::{read_frame, Msg, MAX_FRAME};
+use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
 use crate::{Error, Result};
 
 /// Most fids one GetAttrs may name: every slot of the reply must fit in one
 /// frame (MAX_FIDS slots would not).
 pub const MAX_ATTRS_REPLY: usize = (MAX_FRAME - 9 - 4) / (1 + ATTR_LEN);
+
+/// Most requests of one connection read and not yet answered on the wire.
+pub const MAX_OUTSTANDING: usize = 64;
+/// Bytes of requests in flight plus replies promised or queued on one
+/// connection past which the reader stops reading (it may overshoot by one
+/// request and one reply, each at most MAX_FRAME).
+pub const MAX_QUEUED: usize = 4 << 20;
+
+#[derive(Default)]
+struct FlowState {
+    outstanding: usize,
+    bytes: usize,
+    /// The writer stopped (and why): nothing will drain any more.
+    closed: Option<&'static str>,
+    /// The reader is held at a bound (not reading).
+    paused: bool,
+    /// Callback breaks written and not yet acknowledged.
+    unacked: usize,
+}
+
+/// One connection's flow bounds, shared by its reader, its writer and the
+/// workers answering it.
+#[derive(Default)]
+struct Flow {
+    st: Mutex<FlowState>,
+    cv: Condvar,
+}
+
+impl Flow {
+    /// Wait until the connection is under both bounds; false once the writer
+    /// is gone or the server stops.
+    fn wait_room(&self, shared: &Shared) -> std::result::Result<(), &'static str> {
+        let mut st = self.st.lock();
+        while st.closed.is_none() && (st.outstanding >= MAX_OUTSTANDING || st.bytes >= MAX_QUEUED) {
+            if shared.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                st.paused = false;
+                return Err("server stopping");
+            }
+            if st.unacked > 0 {
+                // The ack is behind this backlog, and another client's
+                // write waits for it: end the session instead (as for an
+                // unreachable holder).
+                st.paused = false;
+                return Err("a callback break waits behind this connection's backlog");
+            }
+            st.paused = true;
+            // Bounded wait: shutdown is noticed even if nobody notifies.
+            self.cv.wait_for(&mut st, Duration::from_millis(500));
+        }
+        st.paused = false;
+        match st.closed {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
+    /// Before writing a callback break: false if the reader is held at a
+    /// bound (the ack could not be read in time); else counts it unacked.
+    fn break_sent(&self) -> bool {
+        let mut st = self.st.lock();
+        if st.paused {
+            return false;
+        }
+        st.unacked += 1;
+        true
+    }
+
+    fn break_acked(&self) {
+        let mut st = self.st.lock();
+        st.unacked = st.unacked.saturating_sub(1);
+    }
+
+    /// A request of `reserve` bytes (its size plus the most its reply can
+    /// take) was read.
+    fn start(&self, reserve: usize) {
+        let mut st = self.st.lock();
+        st.outstanding += 1;
+        st.bytes += reserve;
+    }
+
+    /// Its reply, `actual` bytes, replaces the reservation in the queue.
+    fn replied(&self, reserve: usize, actual: usize) {
+        let mut st = self.st.lock();
+        st.bytes = st.bytes.saturating_sub(reserve) + actual;
+    }
+
+    /// The writer put a reply of `len` bytes on the wire.
+    fn sent(&self, len: usize) {
+        let mut st = self.st.lock();
+        st.outstanding = st.outstanding.saturating_sub(1);
+        st.bytes = st.bytes.saturating_sub(len);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn close(&self, why: &'static str) {
+        self.st.lock().closed = Some(why);
+        self.cv.notify_all();
+    }
+}
+
+/// The most a reply to `msg` can take on the wire, so the bytes bound
+/// holds before the reply exists.
+fn reply_bound(msg: &Msg) -> usize {
+    let est = match msg {
+        Msg::GetAttrs { fids } => 16 + fids.len() * (1 + ATTR_LEN),
+        Msg::ReadDir { .. } => 64 + ATTR_LEN + MAX_DIR_PAGE * (MAX_NAME + 32),
+        Msg::Reintegrate { records } => 64 + records.len() * ATTR_LEN,
+        _ => 64,
+    };
+    // An error reply (message up to MAX_MESSAGE) may be the answer instead.
+    est.clamp(crate::proto::MAX_MESSAGE + 64, MAX_FRAME + 4)
+}
 
 pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, welcome: Msg) {
     // A silent connection is reaped (see ServerConfig::idle_timeout).
@@ -35,9 +159,12 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
         }
     };
     let (tx, rx) = unbounded::<Out>();
+    let flow = Arc::new(Flow::default());
+    let flow_w = Arc::clone(&flow);
     let writer = match std::thread::Builder::new()
         .name("coda-ctl-writer".into())
-        .spawn(move || writer_loop(sock_w, rx))
+        .stack_size(super::SMALL_STACK)
+        .spawn(move || writer_loop(sock_w, rx, &flow_w))
     {
         Ok(h) => h,
         Err(e) => {
@@ -66,7 +193,7 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
             .unwrap_or_default()
     ));
 
-    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &tx);
+    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &tx, &flow);
     if protocol_error {
         log::info(format_args!("{}: protocol error: {why}", ctx.name()));
     }
@@ -91,8 +218,13 @@ fn read_loop(
     reader: &mut BufReader<TcpStream>,
     ctx: &ClientCtx,
     tx: &Sender<Out>,
+    flow: &Arc<Flow>,
 ) -> (String, bool) {
     loop {
+        // Over a bound, stop reading: the peer's sends block in TCP.
+        if let Err(why) = flow.wait_room(shared) {
+            return (why.into(), false);
+        }
         let frame = match read_frame(reader) {
             Ok(Some(f)) => f,
             Ok(None) => return ("connection closed".into(), false),
@@ -121,18 +253,31 @@ fn read_loop(
         };
         match msg {
             Msg::Ping => {
-                let _ = tx.send(Out::Frame(frame_for(id, &Msg::Pong)));
+                let pong = frame_for(id, &Msg::Pong);
+                flow.start(pong.len());
+                let _ = tx.send(Out::Reply(pong));
             }
-            Msg::BreakAck => shared.registry.break_ack(ctx, id),
+            Msg::BreakAck => {
+                flow.break_acked();
+                shared.registry.break_ack(ctx, id)
+            }
             m @ (Msg::GetAttrs { .. }
             | Msg::ReadDir { .. }
             | Msg::AllocFids { .. }
             | Msg::ValidateVolume { .. }
             | Msg::Reintegrate { .. }) => {
-                let (shared2, ctx2, tx2) = (Arc::clone(shared), *ctx, tx.clone());
-                shared.pool.submit(move || {
+                let reserve = frame.body.len() + reply_bound(&m);
+                flow.start(reserve);
+                let (shared2, ctx2, tx2, flow2) =
+                    (Arc::clone(shared), *ctx, tx.clone(), Arc::clone(flow));
+                // Keyed by session generation: requests are served round
+                // robin across sessions (workers.rs).
+                let heavy = matches!(m, Msg::Reintegrate { .. });
+                shared.pool.submit(ctx.gen, heavy, move || {
                     let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| error_reply(&e));
-                    let _ = tx2.send(Out::Frame(frame_for(id, &reply)));
+                    let bytes = frame_for(id, &reply);
+                    flow2.replied(reserve, bytes.len());
+                    let _ = tx2.send(Out::Reply(bytes));
                 });
             }
             other => {
@@ -245,20 +390,45 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
 /// Owns the sending side: writes queued frames in order. A write that fails
 /// (peer gone, or stuck past the socket's send timeout) cuts the socket so
 /// the reader notices and the session ends.
-fn writer_loop(mut sock: TcpStream, rx: Receiver<Out>) {
+fn writer_loop(sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
+    let why = write_all_out(sock, rx, flow);
+    // Wake a reader held by the bounds: nothing drains any more.
+    flow.close(why);
+}
+
+/// Returns why it stopped.
+fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
     for out in rx {
         match out {
             Out::Frame(bytes) => {
+                // A callback break to a peer whose reader is held at its
+                // bound: its ack would sit behind its own backlog, and the
+                // writer that caused the break would wait for it. Cut it
+                // now (as unreachable) instead; it revalidates on return.
+                // CallbackBreak is the only frame other threads queue here.
+                let kind = Msg::CallbackBreak { fids: Vec::new() }.kind();
+                if bytes.get(4) == Some(&kind) && !flow.break_sent() {
+                    let _ = sock.shutdown(Shutdown::Both);
+                    return "a callback break found the connection held at its request bounds";
+                }
                 if sock.write_all(&bytes).is_err() {
                     let _ = sock.shutdown(Shutdown::Both);
-                    return;
+                    return "replies not taken";
                 }
+            }
+            Out::Reply(bytes) => {
+                if sock.write_all(&bytes).is_err() {
+                    let _ = sock.shutdown(Shutdown::Both);
+                    return "replies not taken";
+                }
+                flow.sent(bytes.len());
             }
             Out::Close => {
                 let _ = sock.flush();
                 let _ = sock.shutdown(Shutdown::Write);
-                return;
+                return "closed";
             }
         }
     }
+    "closed"
 }

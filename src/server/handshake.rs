@@ -10,8 +10,9 @@ use std::net::TcpStream;
 use super::volume::{ClientId, VolumeStore};
 use super::wire::{error_reply, send};
 use crate::proto::auth::random_bytes;
+use crate::proto::frame::{read_frame_max, MAX_HANDSHAKE_FRAME};
 use crate::proto::handshake::ServerHandshake;
-use crate::proto::{read_frame, ConnKind, Msg};
+use crate::proto::{ConnKind, Msg};
 use crate::{Error, Result};
 
 /// Who is on the other end, once proven.
@@ -24,7 +25,7 @@ pub struct Identity {
 }
 
 fn next_msg<R: BufRead>(r: &mut R, what: &str) -> Result<Msg> {
-    match read_frame(r)? {
+    match read_frame_max(r, MAX_HANDSHAKE_FRAME)? {
         Some(f) => Msg::decode(&f),
         None => Err(Error::Protocol(format!("connection closed before {what}"))),
     }

@@ -5,7 +5,14 @@
 //! the crash-consistency argument, docs/PROTOCOL.md for the wire.
 //!
 //! Threads: one acceptor; per connection a reader (plus a writer thread for
-//! control connections); a fixed pool of workers for control requests.
+//! control connections), on small stacks; a fixed pool of workers for
+//! control requests, shared round robin by the sessions (workers.rs).
+//!
+//! Limits (docs/SERVER.md "Limits"): the whole handshake has one deadline;
+//! at most `max_handshaking` connections may be unauthenticated at once (a
+//! new one evicts the oldest); the soft RLIMIT_NOFILE is raised to the hard
+//! limit at start, connections are capped below it, and one spare
+//! descriptor is kept so a full descriptor table never wedges accept(2).
 
 mod bulk;
 mod callbacks;
@@ -21,14 +28,15 @@ mod volume;
 mod wire;
 mod workers;
 
-use std::collections::HashMap;
-use std::io::BufReader;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -66,6 +74,17 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that does not take our bytes for this long is cut.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const WORKERS: usize = 16;
+/// Stack of a connection thread: it runs the handshake and the bulk
+/// transfers, nothing deep; small so a thousand connections cost little.
+const CONN_STACK: usize = 512 * 1024;
+/// Stack of a control connection's writer thread (it only writes).
+pub(crate) const SMALL_STACK: usize = 128 * 1024;
+/// Most unauthenticated connections, whatever the descriptor limit.
+const MAX_HANDSHAKING: usize = 256;
+/// Descriptors one connection may hold (the socket and its clones).
+const FDS_PER_CONN: usize = 6;
+/// Descriptors kept out of connections' reach (data files, redb, logs).
+const FD_RESERVE: usize = 64;
 
 /// Default silence after which a control connection is reaped.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -119,6 +138,10 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     /// Every open connection, so shutdown can cut them all.
     conns: Mutex<HashMap<u64, TcpStream>>,
+    /// Serials of the connections still in their handshake, oldest first.
+    handshaking: Mutex<BTreeSet<u64>>,
+    max_handshaking: usize,
+    max_conns: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
 }
@@ -141,6 +164,9 @@ impl Server {
             .local_addr()
             .map_err(|e| Error::io("local address", e))?;
         let pool = workers::Pool::new(WORKERS).map_err(|e| Error::io("start workers", e))?;
+        let nofile = raise_nofile();
+        let max_conns = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONN).max(8);
+        let max_handshaking = (max_conns / 4).clamp(4, MAX_HANDSHAKING);
         let shared = Arc::new(Shared {
             root: cfg.root.clone(),
             store,
@@ -150,6 +176,9 @@ impl Server {
             idle_timeout: cfg.idle_timeout,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            handshaking: Mutex::new(BTreeSet::new()),
+            max_handshaking,
+            max_conns,
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
         });
@@ -159,7 +188,8 @@ impl Server {
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
         log::info(format_args!(
-            "serving {} on {addr} (break timeout {} ms)",
+            "serving {} on {addr} (break timeout {} ms; {nofile} descriptors, \
+             at most {max_conns} connections, {max_handshaking} unauthenticated)",
             cfg.root.display(),
             cfg.break_timeout.as_millis()
         ));
@@ -210,29 +240,102 @@ fn wake_addr(addr: SocketAddr) -> SocketAddr {
     a
 }
 
+/// Raise the soft descriptor limit to the hard one (a server's connections
+/// are descriptors); returns the soft limit now in force.
+fn raise_nofile() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            log::warn(format_args!(
+                "cannot raise the descriptor limit from {} to {}",
+                lim.rlim_cur, lim.rlim_max
+            ));
+        }
+    }
+    // RLIM_INFINITY and other huge values: what matters is "plenty".
+    usize::try_from(lim.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .min(1 << 20)
+}
+
+/// A descriptor held in reserve: when accept(2) fails for want of
+/// descriptors, it is released so the waiting connection can be taken
+/// and closed instead of sitting in the backlog forever.
+fn spare_fd() -> Option<File> {
+    File::open("/dev/null").ok()
+}
+
 fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    for conn in listener.incoming() {
+    let mut spare = spare_fd();
+    loop {
+        let conn = listener.accept();
         if shared.stopping.load(Ordering::SeqCst) {
             break;
         }
         let stream = match conn {
-            Ok(s) => s,
+            Ok((s, _)) => s,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                log::warn(format_args!("accept: {e}; shedding one connection"));
+                evict_oldest_handshake(&shared);
+                spare.take();
+                if let Ok((s, _)) = listener.accept() {
+                    drop(s);
+                }
+                spare = spare_fd();
+                if spare.is_none() {
+                    // Still no descriptor: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                continue;
+            }
             Err(e) => {
                 log::warn(format_args!("accept: {e}"));
-                // e.g. EMFILE: do not spin on it.
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
+        if !admit(&shared) {
+            // Every slot is an authenticated connection: refuse the new one.
+            drop(stream);
+            continue;
+        }
         let serial = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Ok(c) = stream.try_clone() {
             shared.conns.lock().insert(serial, c);
         }
+        let evicted = {
+            let mut h = shared.handshaking.lock();
+            let ev = if h.len() >= shared.max_handshaking {
+                h.pop_first()
+            } else {
+                None
+            };
+            h.insert(serial);
+            ev
+        };
+        if let Some(old) = evicted {
+            cut(&shared, old);
+        }
         let s2 = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name(format!("coda-conn-{serial}"))
+            .stack_size(CONN_STACK)
             .spawn(move || {
                 connection(&s2, stream, serial);
+                s2.handshaking.lock().remove(&serial);
                 s2.conns.lock().remove(&serial);
             });
         let mut threads = shared.threads.lock();
@@ -241,11 +344,77 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Ok(h) => threads.push(h),
             Err(e) => {
                 log::warn(format_args!("cannot spawn a connection thread: {e}"));
+                shared.handshaking.lock().remove(&serial);
                 if let Some(c) = shared.conns.lock().remove(&serial) {
                     let _ = c.shutdown(Shutdown::Both);
                 }
             }
         }
+    }
+}
+
+/// Room for one more connection: under the cap, or made by evicting the
+/// oldest unauthenticated one (a real client finishes its handshake in one
+/// round trip; idle or dribbling peers are the ones that sit there).
+fn admit(shared: &Shared) -> bool {
+    if shared.conns.lock().len() < shared.max_conns {
+        return true;
+    }
+    evict_oldest_handshake(shared)
+}
+
+fn evict_oldest_handshake(shared: &Shared) -> bool {
+    let oldest = shared.handshaking.lock().pop_first();
+    match oldest {
+        Some(old) => {
+            cut(shared, old);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Cut a connection by serial; its thread sees the error and ends.
+fn cut(shared: &Shared, serial: u64) {
+    if let Some(c) = shared.conns.lock().get(&serial) {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+/// The handshake's reader: one deadline for the whole handshake, not one
+/// per read, so a peer sending a byte now and then is cut on time.
+struct Deadline<'a> {
+    inner: &'a mut BufReader<TcpStream>,
+    at: Instant,
+}
+
+impl Deadline<'_> {
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        self.inner.get_ref().set_read_timeout(Some(left))
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.inner.read(buf)
+    }
+}
+
+impl BufRead for Deadline<'_> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.arm()?;
+        self.inner.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n)
     }
 }
 
@@ -263,7 +432,13 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
-    let (ident, welcome) = match handshake::accept(&mut reader, &mut stream, &shared.store) {
+    let mut timed = Deadline {
+        inner: &mut reader,
+        at: Instant::now() + HANDSHAKE_TIMEOUT,
+    };
+    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store);
+    shared.handshaking.lock().remove(&serial);
+    let (ident, welcome) = match accepted {
         Ok(i) => i,
         Err(e) => {
             if !shared.stopping.load(Ordering::SeqCst) {

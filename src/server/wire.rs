@@ -13,6 +13,8 @@ use crate::{Error, Result};
 /// What a control connection's writer thread is asked to do.
 pub enum Out {
     Frame(Vec<u8>),
+    /// A reply counted against the connection's flow bounds (control.rs).
+    Reply(Vec<u8>),
     /// Flush what came before, then stop sending (FIN).
     Close,
 }

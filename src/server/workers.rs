@@ -1,60 +1,254 @@
 //! A fixed pool of worker threads for control-connection requests. Readers
 //! hand requests here so a request waiting for break acks never stops its
 //! connection's reader from answering pings or taking acks.
+//!
+//! Fairness: every session has its own queue and the workers serve the
+//! sessions with queued work round robin, one request per turn, with at
+//! most [`PER_SESSION`] of a session's requests running at once. A client
+//! that pipelines hundreds of heavy batches therefore waits behind itself,
+//! while another client's request starts at the next free worker. Heavy
+//! requests (reintegration batches, which all serialize on the store's one
+//! write transaction) run one at a time per session, so a session never has
+//! more than one batch waiting for that transaction ahead of others.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{unbounded, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Most requests of one session running at once.
+pub const PER_SESSION: usize = 4;
+
+#[derive(Default)]
+struct Queue {
+    /// (heavy, job), in arrival order; served in that order.
+    jobs: VecDeque<(bool, Job)>,
+    running: usize,
+    heavy_running: bool,
+    /// Whether the key is in `State::ready` (each key at most once).
+    ready: bool,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<u64, Queue>,
+    /// Keys with queued work and a free slot, in turn order.
+    ready: VecDeque<u64>,
+    closed: bool,
+}
+
+impl State {
+    /// Put `key` in the ring if it has work and room; drop an idle queue so
+    /// the map holds only live sessions.
+    fn requeue(&mut self, key: u64) {
+        let Some(q) = self.queues.get_mut(&key) else {
+            return;
+        };
+        let runnable = match q.jobs.front() {
+            Some((heavy, _)) => q.running < PER_SESSION && !(*heavy && q.heavy_running),
+            None => false,
+        };
+        if q.jobs.is_empty() && q.running == 0 {
+            self.queues.remove(&key);
+        } else if !q.ready && runnable {
+            q.ready = true;
+            self.ready.push_back(key);
+        }
+    }
+
+    /// The next job in turn, or `None` when there is none now.
+    fn take(&mut self) -> Option<(u64, bool, Job)> {
+        let key = self.ready.pop_front()?;
+        let q = self.queues.get_mut(&key).expect("ready key has a queue");
+        q.ready = false;
+        let (heavy, job) = q.jobs.pop_front().expect("ready queue has a job");
+        q.running += 1;
+        q.heavy_running |= heavy;
+        // Back of the ring: the others get their turn first.
+        self.requeue(key);
+        Some((key, heavy, job))
+    }
+
+    fn done(&mut self, key: u64, heavy: bool) {
+        if let Some(q) = self.queues.get_mut(&key) {
+            q.running -= 1;
+            if heavy {
+                q.heavy_running = false;
+            }
+        }
+        self.requeue(key);
+    }
+
+    fn push(&mut self, key: u64, heavy: bool, job: Job) {
+        self.queues
+            .entry(key)
+            .or_default()
+            .jobs
+            .push_back((heavy, job));
+        self.requeue(key);
+    }
+}
+
+struct Inner {
+    state: Mutex<State>,
+    cv: Condvar,
+}
 
 /// Shut down through `&self`: queued jobs hold the server state that owns
 /// the pool, so the pool cannot wait to be the last owner of itself.
 pub struct Pool {
-    tx: Mutex<Option<Sender<Job>>>,
+    inner: std::sync::Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Pool {
     pub fn new(size: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = unbounded::<Job>();
+        let inner = std::sync::Arc::new(Inner {
+            state: Mutex::new(State::default()),
+            cv: Condvar::new(),
+        });
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
-            let rx = rx.clone();
+            let inner = std::sync::Arc::clone(&inner);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("coda-worker-{i}"))
-                    .spawn(move || {
-                        for job in rx {
-                            // A bug in one request must not take a worker
-                            // (and with it the server's capacity) down.
-                            if catch_unwind(AssertUnwindSafe(job)).is_err() {
-                                super::log::warn(format_args!("a request handler panicked"));
-                            }
-                        }
-                    })?,
+                    .spawn(move || work(&inner))?,
             );
         }
         Ok(Pool {
-            tx: Mutex::new(Some(tx)),
+            inner,
             threads: Mutex::new(threads),
         })
     }
 
-    pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
-        if let Some(tx) = &*self.tx.lock() {
-            let _ = tx.send(Box::new(job));
+    /// Queue `job` for the session `key`; a `heavy` one waits for the
+    /// session's previous heavy job (see the module comment).
+    pub fn submit(&self, key: u64, heavy: bool, job: impl FnOnce() + Send + 'static) {
+        let mut st = self.inner.state.lock();
+        if st.closed {
+            return;
         }
+        st.push(key, heavy, Box::new(job));
+        drop(st);
+        self.inner.cv.notify_one();
     }
 
     /// Finish queued jobs and join the workers.
     pub fn shutdown(&self) {
-        self.tx.lock().take();
+        self.inner.state.lock().closed = true;
+        self.inner.cv.notify_all();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+fn work(inner: &Inner) {
+    let mut st = inner.state.lock();
+    loop {
+        let Some((key, heavy, job)) = st.take() else {
+            if st.closed && st.queues.values().all(|q| q.jobs.is_empty()) {
+                return;
+            }
+            inner.cv.wait(&mut st);
+            continue;
+        };
+        drop(st);
+        // A bug in one request must not take a worker (and with it the
+        // server's capacity) down.
+        if catch_unwind(AssertUnwindSafe(job)).is_err() {
+            super::log::warn(format_args!("a request handler panicked"));
+        }
+        st = inner.state.lock();
+        st.done(key, heavy);
+        // A finished job may have made its session's next one runnable;
+        // when closing, idle workers must see whether all is done.
+        if st.closed {
+            inner.cv.notify_all();
+        } else {
+            inner.cv.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn noop() -> Job {
+        Box::new(|| {})
+    }
+
+    #[test]
+    fn sessions_take_turns() {
+        let mut st = State::default();
+        for _ in 0..10 {
+            st.push(1, false, noop());
+        }
+        st.push(2, false, noop());
+        // Session 1 queued ten first, yet session 2 runs second.
+        let (a, _, _) = st.take().unwrap();
+        let (b, _, _) = st.take().unwrap();
+        assert_eq!((a, b), (1, 2));
+    }
+
+    #[test]
+    fn a_session_runs_at_most_per_session_at_once() {
+        let mut st = State::default();
+        for _ in 0..10 {
+            st.push(7, false, noop());
+        }
+        for _ in 0..PER_SESSION {
+            assert_eq!(st.take().unwrap().0, 7);
+        }
+        assert!(st.take().is_none());
+        st.done(7, false);
+        assert_eq!(st.take().unwrap().0, 7);
+    }
+
+    #[test]
+    fn a_session_runs_one_heavy_job_at_a_time_in_order() {
+        let mut st = State::default();
+        st.push(5, true, noop());
+        st.push(5, true, noop());
+        st.push(5, false, noop());
+        st.push(6, true, noop());
+        let (k, heavy, _) = st.take().unwrap();
+        assert_eq!((k, heavy), (5, true));
+        // Session 5's next is heavy too: it waits, session 6 runs.
+        assert_eq!(st.take().unwrap().0, 6);
+        assert!(st.take().is_none());
+        st.done(5, true);
+        assert_eq!(st.take().unwrap().0, 5);
+    }
+
+    #[test]
+    fn idle_sessions_leave_no_queue() {
+        let mut st = State::default();
+        st.push(3, true, noop());
+        let (k, heavy, _) = st.take().unwrap();
+        st.done(k, heavy);
+        assert!(st.queues.is_empty() && st.ready.is_empty());
+    }
+
+    #[test]
+    fn pool_runs_everything_and_shuts_down() {
+        let pool = Pool::new(3).unwrap();
+        let n = Arc::new(AtomicUsize::new(0));
+        for i in 0..100u64 {
+            let n = Arc::clone(&n);
+            pool.submit(i % 5, i % 2 == 0, move || {
+                n.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        pool.shutdown();
+        assert_eq!(n.load(Ordering::SeqCst), 100);
     }
 }

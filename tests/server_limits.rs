@@ -1,0 +1,498 @@
+//! Bounded resources and fairness (issue 9 §4), against real coda-server
+//! processes attacked by real sockets: unread replies, dribbled and oversized
+//! handshakes, a thousand idle connections, and batch floods.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coda::error::WireCode;
+use coda::proto::frame::encode_frame;
+use coda::proto::{ConnKind, Fid, Msg};
+use common::raw::{hello, rec, Raw};
+use common::{TempDir, TestServer, SERVER_BIN};
+
+/// A field of /proc/<pid>/status, in KiB.
+fn status_kib(pid: i32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status is needed for this test: {e}"));
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+fn mib(kib: u64) -> u64 {
+    kib / 1024
+}
+
+fn raise_own_nofile(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert!(
+        lim.rlim_max >= want,
+        "this test needs RLIMIT_NOFILE hard limit >= {want} (have {})",
+        lim.rlim_max
+    );
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        assert_eq!(
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) },
+            0,
+            "raise the test's own descriptor limit"
+        );
+    }
+}
+
+/// Whether the server has closed `s` (EOF or reset), without waiting.
+fn closed_now(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 256];
+    let r = loop {
+        match s.read(&mut b) {
+            Ok(0) => break true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+            Err(_) => break true,
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    r
+}
+
+/// A server process started with a given descriptor limit (soft, hard), so
+/// the test does not depend on the limits of the machine it runs on.
+struct LimitedServer {
+    _dir: TempDir,
+    child: Child,
+    addr: SocketAddr,
+    secret: std::path::PathBuf,
+}
+
+impl LimitedServer {
+    fn start(soft: u64, hard: u64) -> LimitedServer {
+        let dir = TempDir::new("limits");
+        let root = dir.path().join("data");
+        let out = Command::new(SERVER_BIN)
+            .args(["init", "--root"])
+            .arg(&root)
+            .output()
+            .expect("run coda-server init");
+        assert!(out.status.success(), "coda-server init failed");
+        let mut cmd = Command::new(SERVER_BIN);
+        cmd.args(["serve", "--root"])
+            .arg(&root)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn coda-server serve");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .expect("read coda-server's first line");
+        let addr = match line.trim().strip_prefix("listening on ") {
+            Some(a) => a.parse().unwrap(),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("unexpected first line from coda-server: {line:?}");
+            }
+        };
+        LimitedServer {
+            secret: root.join("admin.secret"),
+            _dir: dir,
+            child,
+            addr,
+        }
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for LimitedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that sends requests and never reads a reply is held back by
+/// the server (which stops reading it) instead of growing the server's
+/// memory without bound; another client keeps getting answers.
+#[test]
+fn unread_replies_do_not_grow_server_memory() {
+    let s = TestServer::start();
+    let mut hog = Raw::control(s.addr(), &s.secret_file(), [0x41; 16], 1);
+    let root = hog.root;
+    // Each request of ~240 KB asks for a reply of ~1 MiB.
+    let n = (coda::proto::MAX_FRAME - 13) / (1 + coda::proto::codec::ATTR_LEN);
+    let req = Msg::GetAttrs {
+        fids: vec![root; n],
+    };
+    let frame = encode_frame(req.kind(), 1, &req.encode());
+    hog.stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0;
+    // Bounded: 400 requests (~400 MiB of replies), or until the server
+    // stops taking them (a write times out), or 60 s.
+    while sent < 400 && Instant::now() < until {
+        if hog.stream.write_all(&frame).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let peak = status_kib(s.pid(), "VmHWM");
+    assert!(
+        mib(peak) < 256,
+        "server peak RSS {} MiB after {sent} unread 1 MiB replies (bound 256 MiB)",
+        mib(peak)
+    );
+    assert!(sent < 400, "the server kept reading all {sent} requests");
+    // A well-behaved client is served meanwhile.
+    let mut good = Raw::control(s.addr(), &s.secret_file(), [0x42; 16], 1);
+    assert!(good.attr(good.root).is_ok());
+    assert_eq!(good.call(&Msg::Ping), Msg::Pong);
+    drop(hog);
+    assert_eq!(good.call(&Msg::Ping), Msg::Pong);
+}
+
+/// One deadline covers the whole handshake: a peer sending one byte a
+/// second (each read well within the deadline) is cut long before its
+/// Hello is complete.
+#[test]
+fn a_dribbled_handshake_is_cut_at_the_deadline() {
+    let s = TestServer::start();
+    let h = hello(ConnKind::Control, "admin", [0x43; 16], 1, [0; 32]);
+    let bytes = encode_frame(h.kind(), 0, &h.encode());
+    // ~80 bytes at one a second: 8 times the 10 s deadline.
+    assert!(bytes.len() > 60);
+    let mut c = TcpStream::connect(s.addr()).unwrap();
+    let mut cut_after = None;
+    for (i, b) in bytes.iter().enumerate() {
+        if c.write_all(&[*b]).is_err() || closed_now(&mut c) {
+            cut_after = Some(i);
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        cut_after.is_some(),
+        "a handshake dribbled over {} s was never cut",
+        bytes.len()
+    );
+    // And the server still serves.
+    let mut good = Raw::control(s.addr(), &s.secret_file(), [0x44; 16], 1);
+    assert_eq!(good.call(&Msg::Ping), Msg::Pong);
+}
+
+/// Before authentication a frame is at most 1 KiB: a peer announcing a
+/// 1 MiB Hello is refused at once with Error{Protocol}, not waited for.
+#[test]
+fn an_oversized_handshake_frame_is_refused_at_once() {
+    let s = TestServer::start();
+    let mut peers = Vec::new();
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(s.addr()).unwrap();
+        let mut head = ((1u32 << 20) - 100).to_be_bytes().to_vec();
+        head.push(Msg::Ping.kind());
+        head.extend_from_slice(&0u64.to_be_bytes());
+        c.write_all(&head).unwrap();
+        peers.push(c);
+    }
+    for c in &mut peers {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let f = coda::proto::read_frame(c)
+            .expect("a frame before the close")
+            .expect("an Error frame, not a silent close");
+        match Msg::decode(&f).unwrap() {
+            Msg::Error { code, .. } => assert_eq!(code, WireCode::Protocol),
+            m => panic!("expected Error{{Protocol}}, got {m:?}"),
+        }
+    }
+}
+
+/// Authenticated peers announcing 1 MiB frames and sending only a little
+/// do not make the server reserve the announced size.
+#[test]
+fn announced_frames_are_not_reserved_before_their_bytes_arrive() {
+    let s = TestServer::start();
+    const PEERS: usize = 100;
+    let mut conns: Vec<Raw> = (0..PEERS)
+        .map(|i| {
+            let mut id = [0x50; 16];
+            id[0] = i as u8;
+            Raw::control(s.addr(), &s.secret_file(), id, 1)
+        })
+        .collect();
+    for c in &mut conns {
+        assert_eq!(c.call(&Msg::Ping), Msg::Pong);
+    }
+    let before = status_kib(s.pid(), "VmData");
+    for c in &mut conns {
+        let mut head = ((1u32 << 20) - 100).to_be_bytes().to_vec();
+        head.push(Msg::GetAttrs { fids: vec![] }.kind());
+        head.extend_from_slice(&7u64.to_be_bytes());
+        head.extend_from_slice(&[0u8; 1024]);
+        c.send_bytes(&head).unwrap();
+    }
+    // Wait (bounded) until the server has read what we sent: a fresh
+    // connection's Ping is answered after those reads were scheduled.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut probe = Raw::control(s.addr(), &s.secret_file(), [0x60; 16], 1);
+    assert_eq!(probe.call(&Msg::Ping), Msg::Pong);
+    let after = status_kib(s.pid(), "VmData");
+    let grew = after.saturating_sub(before);
+    assert!(
+        mib(grew) < (PEERS as u64) / 2,
+        "server data grew by {} MiB for {PEERS} peers announcing 1 MiB each",
+        mib(grew)
+    );
+}
+
+/// With a descriptor limit of 1024 (soft and hard, so raising cannot help),
+/// 1,000 idle unauthenticated connections do not lock out a real client:
+/// it connects, authenticates and stats a file while they sit there (before
+/// the 10 s handshake deadline would have freed them).
+#[test]
+fn a_thousand_idle_connections_do_not_lock_out_a_real_client() {
+    raise_own_nofile(1500);
+    let s = LimitedServer::start(1024, 1024);
+    let mut idle = Vec::new();
+    let first_open = Instant::now();
+    for _ in 0..1000 {
+        if let Ok(c) = TcpStream::connect_timeout(&s.addr, Duration::from_secs(5)) {
+            idle.push(c);
+        }
+    }
+    assert!(idle.len() >= 900, "opened only {} idle sockets", idle.len());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (addr, secret) = (s.addr, s.secret.clone());
+    std::thread::spawn(move || {
+        let r = Raw::connect(
+            addr,
+            "admin",
+            &coda::proto::auth::read_secret_file(&secret).unwrap(),
+            ConnKind::Control,
+            [0x45; 16],
+            1,
+        );
+        let ok = r.map(|mut c| c.attr(c.root).is_ok()).unwrap_or(false);
+        let _ = tx.send(ok);
+    });
+    // Bounded by the handshake deadline at which the server would free the
+    // idle connections' descriptors anyway (less a second): the client must
+    // get in while they are all still there.
+    let there_until = first_open + coda::server::HANDSHAKE_TIMEOUT - Duration::from_secs(1);
+    let got = rx.recv_timeout(there_until.saturating_duration_since(Instant::now()));
+    assert_eq!(
+        got,
+        Ok(true),
+        "a real client could not authenticate and stat while 1,000 idle connections sat there"
+    );
+    drop(idle);
+}
+
+/// At start the server raises its soft descriptor limit to the hard one.
+#[test]
+fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert!(
+        lim.rlim_max >= 2048,
+        "this test needs RLIMIT_NOFILE hard limit >= 2048 (have {})",
+        lim.rlim_max
+    );
+    let s = LimitedServer::start(1024, 2048);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files in /proc/<pid>/limits");
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums, ["2048", "2048"], "{line}");
+}
+
+/// One client pipelining many 4,096-record batches slows only itself:
+/// another client's ReadDir and GetAttrs are answered while most of the
+/// flood is still unanswered.
+#[test]
+fn a_batch_flood_does_not_starve_another_session() {
+    let s = TestServer::start();
+    let mut setup = Raw::control(s.addr(), &s.secret_file(), [0x46; 16], 1);
+    let f = setup.alloc(1)[0];
+    setup.apply(vec![rec::create(1, setup.root, "target", f)]);
+    drop(setup);
+
+    const BATCHES: usize = 100;
+    let mut flood = Raw::control(s.addr(), &s.secret_file(), [0x47; 16], 1);
+    let mut w = flood.stream.try_clone().unwrap();
+    let mut next_store = 1u64;
+    let frames: Vec<Vec<u8>> = (0..BATCHES)
+        .map(|b| {
+            let records = (0..coda::proto::MAX_BATCH)
+                .map(|i| {
+                    next_store += 1;
+                    rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77))
+                })
+                .collect();
+            let m = Msg::Reintegrate { records };
+            encode_frame(m.kind(), 1 + b as u64, &m.encode())
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        for fr in frames {
+            if w.write_all(&fr).is_err() {
+                return;
+            }
+        }
+    });
+    let replies = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&replies);
+    let reader = std::thread::spawn(move || {
+        flood
+            .stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        while r2.load(Ordering::SeqCst) < BATCHES {
+            match flood.recv() {
+                Some((_, Msg::Reintegrated { .. })) => {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                }
+                Some((_, m)) => panic!("flood batch refused: {m:?}"),
+                None => return,
+            }
+        }
+    });
+    // Bounded wait for the flood to be under way.
+    let until = Instant::now() + Duration::from_secs(120);
+    while replies.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < until, "the flood never got a reply");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut good = Raw::control(s.addr(), &s.secret_file(), [0x48; 16], 1);
+    let names = good.list(good.root);
+    assert!(names.iter().any(|(n, _)| n == "target"));
+    assert!(good.attr(Fid::new(1, 1, 1)).is_ok());
+    let done = replies.load(Ordering::SeqCst);
+    assert!(
+        done < BATCHES / 2,
+        "another client's ReadDir waited for {done} of {BATCHES} flood batches"
+    );
+    writer.join().unwrap();
+    reader.join().unwrap();
+    assert_eq!(replies.load(Ordering::SeqCst), BATCHES);
+}
+
+/// A client that holds a callback (on the volume, as every writer does) and
+/// keeps its pipeline full of batches cannot take a break in time: its ack
+/// would sit behind its own backlog. Another client's write is answered at
+/// once and the backlogged session is ended, instead of the writer waiting
+/// (here the break timeout is 30 s) for an ack that cannot come.
+#[test]
+fn a_backlogged_callback_holder_does_not_hold_up_another_writer() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "30000"]);
+    const BATCHES: usize = 100;
+    let mut h = Raw::control(s.addr(), &s.secret_file(), [0x72; 16], 1);
+    let fids = h.alloc(2);
+    let (f, g) = (fids[0], fids[1]);
+    // H writes, so it holds callbacks (the volume's among them) that W's
+    // write breaks; W holds none, so H's own writes wait for nobody.
+    h.apply(vec![
+        rec::create(1, h.root, "f", f),
+        rec::create(2, h.root, "g", g),
+    ]);
+    let mut w = Raw::control(s.addr(), &s.secret_file(), [0x71; 16], 1);
+    let mut hw = h.stream.try_clone().unwrap();
+    let mut next_store = 2u64;
+    let frames: Vec<Vec<u8>> = (0..BATCHES)
+        .map(|b| {
+            let records = (0..coda::proto::MAX_BATCH)
+                .map(|i| {
+                    next_store += 1;
+                    rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77))
+                })
+                .collect();
+            let m = Msg::Reintegrate { records };
+            encode_frame(m.kind(), 100 + b as u64, &m.encode())
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        for fr in frames {
+            if hw.write_all(&fr).is_err() {
+                return;
+            }
+        }
+    });
+    // H reads its replies (and never acks a break) until the server closes it.
+    let replies = Arc::new(AtomicUsize::new(0));
+    let r2 = Arc::clone(&replies);
+    let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        h.stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        loop {
+            match h.recv() {
+                Some((_, Msg::Reintegrated { .. })) => {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                }
+                Some(_) => {}
+                None => {
+                    let _ = closed_tx.send(());
+                    return;
+                }
+            }
+        }
+    });
+    let until = Instant::now() + Duration::from_secs(120);
+    while replies.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < until, "H's flood never got a reply");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // W's write breaks H's volume callback; W's reply must not wait for
+    // H's ack. Bounded wait well under the 30 s break timeout.
+    let (wtx, wrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = w.reintegrate(vec![rec::chmod(1, g, 0, 0o640)]);
+        let _ = wtx.send(r);
+    });
+    match wrx.recv_timeout(Duration::from_secs(15)) {
+        Ok(Msg::Reintegrated { .. }) => {}
+        Ok(m) => panic!("W's write refused: {m:?}"),
+        Err(_) => panic!("W's write waited for the backlogged holder's ack"),
+    }
+    assert!(
+        closed_rx.recv_timeout(Duration::from_secs(15)).is_ok(),
+        "the backlogged holder's session was not ended"
+    );
+    let _ = writer.join();
+}
