@@ -7,7 +7,13 @@
 //! 1. cached open+read+close of a 4 KiB file vs the same on a local file;
 //! 2. cold fetch of a 256 MiB file vs copying it through a plain loopback socket;
 //! 3. A's close() of a 4 KiB write while B holds a callback on the file vs while
-//!    no one else does (p50 and p99 of each).
+//!    no one else does (p50 and p99 of each);
+//! 4. parallel small stores: 1, 2 and 4 threads of one client each creating
+//!    distinct 4 KiB files (open O_CREAT|O_WRONLY, write, close): files/s
+//!    and the ratio 4 threads / 1 thread;
+//! 5. client fsyncs per connected create (a child process of this bench run
+//!    under `strace -f -c`; skipped with a note without strace);
+//! 6. 10,000 creates in one directory: time of the second 5,000 / the first.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -165,7 +171,228 @@ fn callback_break_cost(s: &Server, a: &Client, scratch: &Path, iters: usize) {
     );
 }
 
+/// One client, `threads` threads, each creating `per_thread` distinct 4 KiB
+/// files in a directory of its own. Returns files/s for the whole client.
+fn parallel_stores(
+    s: &Server,
+    scratch: &Path,
+    threads: usize,
+    per_thread: usize,
+    tag: &str,
+) -> f64 {
+    let cache = scratch.join(format!("par-{tag}"));
+    let c = client(s, &cache);
+    for t in 0..threads {
+        c.mkdir(&format!("/par{tag}-{t}"), 0o755).unwrap();
+    }
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (c, barrier, tag) = (c.clone(), barrier.clone(), tag.to_string());
+            std::thread::spawn(move || {
+                let data = vec![t as u8; 4096];
+                barrier.wait();
+                for k in 0..per_thread {
+                    let mut f = c
+                        .open(
+                            &format!("/par{tag}-{t}/f{k}"),
+                            libc::O_CREAT | libc::O_WRONLY,
+                            0o644,
+                        )
+                        .unwrap();
+                    assert_eq!(f.write_at(&data, 0).unwrap(), 4096);
+                    f.close().unwrap();
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let t = Instant::now();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let rate = (threads * per_thread) as f64 / t.elapsed().as_secs_f64();
+    drop(c);
+    let _ = std::fs::remove_dir_all(&cache);
+    rate
+}
+
+fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: usize) {
+    // Rounds interleave the thread counts, so a busy spell on the shared
+    // machine hits all of them alike; the medians are compared.
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for round in 0..rounds {
+        for (i, threads) in [1, 2, 4].into_iter().enumerate() {
+            let tag = format!("{threads}-r{round}");
+            rates[i].push(parallel_stores(s, scratch, threads, per_thread, &tag));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let one = median(&mut rates[0].clone());
+    for (i, threads) in [1, 2, 4].into_iter().enumerate() {
+        let all: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
+        let m = median(&mut rates[i]);
+        println!(
+            "parallel small stores: {threads} thread(s) x {per_thread} files of 4 KiB: median {m:.0} files/s over {rounds} rounds ({}) = {:.2}x one thread{}",
+            all.join(", "),
+            m / one,
+            if threads == 4 { " (target >= 2.5x)" } else { "" }
+        );
+    }
+}
+
+/// What the child run under strace does: connect, then `n` connected
+/// creates of 4 KiB files in a fresh directory; setup is the same for every
+/// `n`, so the difference of two runs is the creates' own fsyncs.
+fn fsync_child(n: usize) {
+    let v = |k: &str| std::env::var(k).unwrap();
+    let mut cfg = coda::client::Config::new();
+    cfg.set("servers", &v("CODA_BENCH_SERVER")).unwrap();
+    cfg.set("secret_file", &v("CODA_BENCH_SECRET")).unwrap();
+    cfg.set("cache_dir", &v("CODA_BENCH_CACHE")).unwrap();
+    let c = Client::new(cfg).unwrap();
+    let dir = v("CODA_BENCH_DIR");
+    c.mkdir(&dir, 0o755).unwrap();
+    let data = vec![3u8; 4096];
+    let empty = std::env::var_os("CODA_BENCH_EMPTY").is_some();
+    for k in 0..n {
+        if empty {
+            let f = c
+                .open(
+                    &format!("{dir}/f{k}"),
+                    libc::O_CREAT | libc::O_WRONLY,
+                    0o644,
+                )
+                .unwrap();
+            f.close().unwrap();
+        } else {
+            write_file(&c, &format!("{dir}/f{k}"), &data);
+        }
+    }
+}
+
+/// fsync-family calls of one child run (`strace -c` summary), or why not.
+fn child_fsyncs(
+    s: &Server,
+    scratch: &Path,
+    tag: &str,
+    n: usize,
+    empty: bool,
+) -> Result<u64, String> {
+    let out = scratch.join(format!("strace-{tag}"));
+    let mut cmd = std::process::Command::new("strace");
+    if empty {
+        cmd.env("CODA_BENCH_EMPTY", "1");
+    }
+    let st = cmd
+        .args([
+            "-f",
+            "-c",
+            "-e",
+            "trace=fsync,fdatasync,sync_file_range,syncfs,msync",
+            "-o",
+        ])
+        .arg(&out)
+        .arg(std::env::current_exe().unwrap())
+        .env("CODA_BENCH_FSYNC_CHILD", n.to_string())
+        .env("CODA_BENCH_SERVER", &s.addr)
+        .env("CODA_BENCH_SECRET", s.secret())
+        .env("CODA_BENCH_CACHE", scratch.join(format!("fs-cache-{tag}")))
+        .env("CODA_BENCH_DIR", format!("/fsync-{tag}"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("no strace: {e}"))?;
+    if !st.success() {
+        return Err(format!("strace or its child failed: {st}"));
+    }
+    let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+    // Summary rows: "% time seconds usecs/call calls [errors] syscall".
+    let total = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let name = *f.last()?;
+            if !name.contains("sync") || f.len() < 5 {
+                return None;
+            }
+            f[3].parse::<u64>().ok()
+        })
+        .sum();
+    Ok(total)
+}
+
+fn fsyncs_per_create(s: &Server, scratch: &Path, n: usize) {
+    for (empty, what) in [
+        (false, "create+write 4 KiB+close"),
+        (true, "create+close, empty"),
+    ] {
+        let tag = if empty { "empty" } else { "4k" };
+        match (
+            child_fsyncs(s, scratch, &format!("{tag}-zero"), 0, empty),
+            child_fsyncs(s, scratch, &format!("{tag}-many"), n, empty),
+        ) {
+            (Ok(base), Ok(with)) => println!(
+                "connected {what}: {:.2} client fsyncs per file ({with} with {n} files, {base} without; target <= 1)",
+                with.saturating_sub(base) as f64 / n as f64
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                println!("connected {what}: client fsyncs per file: skipped ({e})")
+            }
+        }
+    }
+}
+
+fn creates_in_one_dir(s: &Server, scratch: &Path, n: usize) {
+    let cache = scratch.join("onedir");
+    let c = client(s, &cache);
+    c.mkdir("/onedir", 0o755).unwrap();
+    let data = vec![5u8; 64];
+    // Every `chunk` creates in the big directory, `probe` creates in a fresh
+    // small one: the machine is shared, so the big directory's cost is also
+    // compared with the small one's measured at the same moments.
+    let chunk = (n / 40).max(1);
+    let probe = (chunk / 10).max(1);
+    let mut big = [Duration::ZERO; 2];
+    let mut small = [Duration::ZERO; 2];
+    let mut k = 0;
+    while k < n {
+        let half = (k >= n / 2) as usize;
+        let t = Instant::now();
+        for j in k..(k + chunk).min(n) {
+            write_file(&c, &format!("/onedir/f{j}"), &data);
+        }
+        big[half] += t.elapsed();
+        let d = format!("/small{k}");
+        c.mkdir(&d, 0o755).unwrap();
+        let t = Instant::now();
+        for j in 0..probe {
+            write_file(&c, &format!("{d}/f{j}"), &data);
+        }
+        small[half] += t.elapsed();
+        k += chunk;
+    }
+    let raw = big[1].as_secs_f64() / big[0].as_secs_f64();
+    let load = small[1].as_secs_f64() / small[0].as_secs_f64();
+    println!(
+        "{n} creates in one directory: first {} {:.2} s, second {} {:.2} s; second / first {raw:.2} (target <= 1.2); small-directory creates at the same moments: second / first {load:.2}, so {:.2} with the machine's drift taken out",
+        n / 2,
+        big[0].as_secs_f64(),
+        n / 2,
+        big[1].as_secs_f64(),
+        raw / load
+    );
+    drop(c);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 fn main() {
+    if let Ok(n) = std::env::var("CODA_BENCH_FSYNC_CHILD") {
+        fsync_child(n.parse().unwrap());
+        return;
+    }
     let quick = std::env::var_os("CODA_BENCH_QUICK").is_some();
     // `cargo test --benches` runs benches with --bench absent: stay tiny then.
     let smoke = !std::env::args().any(|a| a == "--bench");
@@ -183,6 +410,16 @@ fn main() {
     cached_small_reads(&a, &scratch, iters);
     cold_fetch(&s, &a, &scratch, mib, rounds);
     callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    let (per_thread, rounds, creates, one_dir) = if smoke {
+        (5, 1, 5, 40)
+    } else if quick {
+        (50, 3, 50, 2000)
+    } else {
+        (100, 5, 200, 10_000)
+    };
+    parallel_small_stores(&s, &scratch, per_thread, rounds);
+    fsyncs_per_create(&s, &scratch, creates);
+    creates_in_one_dir(&s, &scratch, one_dir);
     drop(a);
     drop(s);
     let _ = std::fs::remove_dir_all(&scratch);

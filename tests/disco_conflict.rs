@@ -97,9 +97,12 @@ fn keeping_the_local_version_of_a_name_conflict_replaces_the_servers_entry() {
     a.mkdir("/p", 0o755).unwrap();
     srv.kill9();
     put(&a, "/p/x", b"mine");
+    // Held until B has written (see the rename test below).
+    a.disconnect().unwrap();
     srv.restart();
     let b = client(&srv, db.path());
     put(&b, "/p/x", b"theirs");
+    a.reconnect().unwrap();
     a.reintegrate_now().unwrap();
     let cs = a.conflicts().unwrap();
     assert_eq!(cs.len(), 1, "{cs:?}");
@@ -129,9 +132,12 @@ fn conflicts_survive_a_client_restart() {
         // Written whether or not the client noticed the server died yet: a
         // store that finds the server gone is checked like an offline one.
         put(&a, "/f", b"offline edit");
+        // Held until B has written (see the rename test below).
+        a.disconnect().unwrap();
         srv.restart();
         let b = client(&srv, db.path());
         put(&b, "/f", b"online edit");
+        a.reconnect().unwrap();
         a.reintegrate_now().unwrap();
         assert_eq!(a.conflicts().unwrap().len(), 1);
     }
@@ -161,10 +167,15 @@ fn an_offline_rename_onto_a_name_taken_meanwhile_is_a_conflict_not_a_replacement
     srv.kill9();
     a.rename("/draft", "/final").unwrap();
     assert_eq!(names(&a, "/"), vec!["final"]);
+    // Held by the operator until B has written: otherwise A's reintegrator
+    // may find the restarted server first and send the rename before B's
+    // file exists (then there is nothing to conflict with).
+    a.disconnect().unwrap();
 
     srv.restart();
     let b = client(&srv, db.path());
     put(&b, "/final", b"b's final");
+    a.reconnect().unwrap();
     a.reintegrate_now().unwrap();
 
     let cs = a.conflicts().unwrap();

@@ -16,7 +16,6 @@ mod disco_util;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use client_util::*;
 use coda::client::{Client, Config, FileType};
@@ -269,6 +268,55 @@ impl Run {
     }
 }
 
+/// An inotify watch for files created in (or moved into) a directory: the
+/// events queue in the kernel, so a file that appears and goes at once is
+/// still seen.
+struct Watch(std::os::fd::OwnedFd);
+
+impl Watch {
+    fn new(dir: &std::path::Path) -> Watch {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                path.as_ptr(),
+                libc::IN_CREATE | libc::IN_MOVED_TO,
+            )
+        };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Watch(fd)
+    }
+
+    /// Block (bounded) until the first event.
+    fn wait_for_a_file(&self) {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let n = unsafe { libc::poll(&mut p, 1, 60_000) };
+        assert!(
+            n == 1,
+            "no upload reached the server's staging directory within a minute"
+        );
+    }
+}
+
 #[test]
 fn a_thousand_offline_changes_survive_client_kills_and_reach_the_server_exactly() {
     let mut srv = TestServer::start();
@@ -295,10 +343,16 @@ fn a_thousand_offline_changes_survive_client_kills_and_reach_the_server_exactly(
 
     // The server returns; the client is killed once while reintegrating.
     srv.restart();
+    // Killed once its first upload reaches the server's staging directory:
+    // the server is stopped at that moment, so the kill lands after the
+    // reintegration began and before its batch can commit.
+    let staging = Watch::new(&srv.root().join("staging"));
     let mut run = spawn(&srv, cache.path(), end, end, true);
-    std::thread::sleep(Duration::from_millis(150));
+    staging.wait_for_a_file();
+    srv.sigstop();
     let _ = run.child.kill();
     let _ = run.child.wait();
+    srv.sigcont();
     let lines = spawn(&srv, cache.path(), end, end, true).finish();
     assert!(
         lines.iter().any(|l| l.ends_with("conflicts 0")),

@@ -42,6 +42,33 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The scheduler state (R, S, D, ...) of one of this process's threads.
+fn thread_state(tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // "tid (comm) S ...": the state follows the last ')'.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Whether a TCP connection to the local `port` holds bytes its owner has
+/// not read (a request sent to a stopped server).
+fn unread_at(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = f
+            .get(1)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| u16::from_str_radix(p, 16).ok());
+        let state = f.get(3).copied();
+        let rx_queue = f
+            .get(4)
+            .and_then(|q| q.split(':').nth(1))
+            .and_then(|q| u64::from_str_radix(q, 16).ok());
+        // 01: established; a listening socket's queue counts connections.
+        local_port == Some(port) && state == Some("01") && rx_queue.unwrap_or(0) > 0
+    })
+}
+
 /// Events other than callback breaks, pulled until `last` arrives.
 fn transitions_until(c: &Client, last: fn(&Event) -> bool) -> Vec<Event> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -144,18 +171,27 @@ fn failover_by_call_fails_a_read_blocked_on_a_hung_server() {
 
     srv.sigstop();
     let (tx, rx) = crossbeam_channel::unbounded();
+    let (tid_tx, tid_rx) = crossbeam_channel::unbounded();
     for path in ["/big", "/small"] {
-        let (c, tx) = (c.clone(), tx.clone());
+        let (c, tx, tid_tx) = (c.clone(), tx.clone(), tid_tx.clone());
         std::thread::spawn(move || {
+            let _ = tid_tx.send(unsafe { libc::gettid() });
             let _ = tx.send(c.open(path, libc::O_RDONLY, 0).map(|_| ()));
         });
     }
     let c3 = c.clone();
     std::thread::spawn(move || {
+        let _ = tid_tx.send(unsafe { libc::gettid() });
         let _ = tx.send(c3.stat("/small").map(|_| ()));
     });
-    // Give the calls time to block on the server (they cannot finish).
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the calls are blocked: every caller asleep in the kernel and
+    // a request sitting unread at the stopped server.
+    let tids: Vec<i32> = (0..3)
+        .map(|_| tid_rx.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    wait_until("the calls to block on the hung server", || {
+        tids.iter().all(|t| thread_state(*t) == Some('S')) && unread_at(srv.addr().port())
+    });
     assert!(
         rx.try_recv().is_err(),
         "nothing finishes while the server hangs"

@@ -1,15 +1,18 @@
 //! The handshake of every connection (PROTOCOL.md "Handshake"): Hello,
 //! Challenge with a fresh nonce, Auth checked in constant time, Welcome
-//! proving the server knows the secret too.
+//! proving the server knows the secret too. The message logic is
+//! `proto::handshake::ServerHandshake`; this drives it over the socket and
+//! adds what needs the store (secrets, the client id's owner).
 
 use std::io::BufRead;
 use std::net::TcpStream;
 
 use super::volume::{ClientId, VolumeStore};
 use super::wire::{error_reply, send};
-use crate::proto::auth::{client_mac, mac_eq, random_bytes, server_mac, Transcript};
+use crate::proto::auth::random_bytes;
 use crate::proto::frame::{read_frame_max, MAX_HANDSHAKE_FRAME};
-use crate::proto::{ConnKind, Msg, PROTOCOL_VERSION};
+use crate::proto::handshake::ServerHandshake;
+use crate::proto::{ConnKind, Msg};
 use crate::{Error, Result};
 
 /// Who is on the other end, once proven.
@@ -54,69 +57,26 @@ fn run<R: BufRead>(
     stream: &mut TcpStream,
     store: &VolumeStore,
 ) -> Result<(Identity, Msg)> {
-    let (version, kind, user, client_id, epoch, client_nonce) = match next_msg(reader, "Hello")? {
-        Msg::Hello {
-            version,
-            kind,
-            user,
-            client_id,
-            epoch,
-            client_nonce,
-        } => (version, kind, user, client_id, epoch, client_nonce),
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected Hello, got message type {:#04x}",
-                other.kind()
-            )))
-        }
-    };
-    if version != PROTOCOL_VERSION {
-        return Err(Error::Protocol(format!(
-            "protocol version {version} not supported (server speaks {PROTOCOL_VERSION})"
-        )));
-    }
-    let server_nonce: [u8; 32] = random_bytes();
-    send(stream, 0, &Msg::Challenge { server_nonce })?;
-    let mac = match next_msg(reader, "Auth")? {
-        Msg::Auth { mac } => mac,
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected Auth, got message type {:#04x}",
-                other.kind()
-            )))
-        }
-    };
-    let t = Transcript {
-        user: &user,
-        client_id: &client_id,
-        epoch,
-        kind,
-        client_nonce: &client_nonce,
-        server_nonce: &server_nonce,
-    };
-    // An unknown user is checked against a random key, so the answer (and
-    // its timing) does not tell which users exist.
-    let known = store.user_secret(&user)?;
-    let secret = known.unwrap_or_else(random_bytes);
-    if !mac_eq(&mac, &client_mac(&secret, &t)) || known.is_none() {
-        return Err(Error::Auth(format!(
-            "user {user:?}: unknown user or wrong secret"
-        )));
-    }
+    let mut hs = ServerHandshake::new(random_bytes());
+    let challenge = hs.hello(next_msg(reader, hs.expecting())?)?;
+    send(stream, 0, &challenge)?;
+    let proven = hs.auth(next_msg(reader, hs.expecting())?, |user| {
+        store.user_secret(user)
+    })?;
     // Only now, with the user proven: the id is someone's from here on, so
     // a user presenting another's id is refused before it touches anything.
-    store.claim_client(&client_id, &user, kind == ConnKind::Control)?;
-    let welcome = Msg::Welcome {
-        server_id: store.server_id(),
-        root: store.root_fid(),
-        server_mac: server_mac(&secret, &t),
-    };
+    store.claim_client(
+        &proven.client_id,
+        &proven.user,
+        proven.kind == ConnKind::Control,
+    )?;
+    let welcome = proven.welcome(store.server_id(), store.root_fid());
     Ok((
         Identity {
-            user,
-            client_id,
-            epoch,
-            kind,
+            user: proven.user,
+            client_id: proven.client_id,
+            epoch: proven.epoch,
+            kind: proven.kind,
         },
         welcome,
     ))

@@ -19,9 +19,9 @@ use super::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
 use crate::client::event::Event;
 use crate::client::stats::Counters;
-use crate::proto::auth::{self, Transcript};
+use crate::proto::auth;
 use crate::proto::frame::{read_frame, write_frame};
-use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK, PROTOCOL_VERSION};
+use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK};
 use crate::{Error, Result};
 
 // ---------------------------------------------------------------------------
@@ -243,52 +243,23 @@ fn handshake(
         }
     })?;
     let _guard = interrupt.guard(&s)?;
-    let client_nonce = auth::random_bytes::<32>();
-    send(
-        &mut s,
-        0,
-        &Msg::Hello {
-            version: PROTOCOL_VERSION,
-            kind,
-            user: id.user.clone(),
-            client_id: id.client_id,
-            epoch: id.epoch,
-            client_nonce,
-        },
-    )
-    .map_err(|e| net_error(e, server, t.rpc_timeout))?;
-    let server_nonce = match recv(&mut s, server, t.rpc_timeout)? {
-        Msg::Challenge { server_nonce } => server_nonce,
-        m => return Err(reply_error(m, server, "Hello")),
-    };
-    let tr = Transcript {
-        user: &id.user,
-        client_id: &id.client_id,
-        epoch: id.epoch,
+    let (mut hs, hello) = crate::proto::handshake::ClientHandshake::start(
+        &id.user,
+        id.client_id,
+        id.epoch,
         kind,
-        client_nonce: &client_nonce,
-        server_nonce: &server_nonce,
-    };
-    send(
-        &mut s,
-        0,
-        &Msg::Auth {
-            mac: auth::client_mac(&id.secret, &tr),
-        },
-    )
-    .map_err(|e| net_error(e, server, t.rpc_timeout))?;
-    match recv(&mut s, server, t.rpc_timeout)? {
-        Msg::Welcome {
-            root, server_mac, ..
-        } => {
-            if !auth::mac_eq(&server_mac, &auth::server_mac(&id.secret, &tr)) {
-                return Err(Error::Auth(format!(
-                    "server {server} failed to prove it knows the secret"
-                )));
-            }
-            Ok((s, root))
+        id.secret,
+        auth::random_bytes::<32>(),
+    );
+    let mut out = hello;
+    // Bounded: the machine ends after at most two received messages.
+    loop {
+        send(&mut s, 0, &out).map_err(|e| net_error(e, server, t.rpc_timeout))?;
+        let reply = recv(&mut s, server, t.rpc_timeout)?;
+        match hs.receive(reply).map_err(|f| f.into_error(server))? {
+            crate::proto::handshake::ClientStep::Send(m) => out = m,
+            crate::proto::handshake::ClientStep::Welcome { root, .. } => return Ok((s, root)),
         }
-        m => Err(reply_error(m, server, "Auth")),
     }
 }
 
