@@ -54,7 +54,7 @@ pub(crate) struct EmuState {
     hoard_every: AtomicU64,
     last_walk: Mutex<Option<std::time::Instant>>,
     /// volume → stamp the cache of it was last fully valid at (stamps.rs).
-    pub(crate) stamps: Mutex<std::collections::HashMap<u32, u64>>,
+    pub(crate) stamps: super::stamps::Stamps,
     /// Set while the server refuses reintegration for lack of space or
     /// quota: no batch is sent before it ends.
     backoff: Mutex<Backoff>,
@@ -84,7 +84,7 @@ impl EmuState {
             wake_rx,
             root: Mutex::new(None),
             edited: Mutex::new(Default::default()),
-            stamps: Mutex::new(Default::default()),
+            stamps: Default::default(),
             hoard_every: AtomicU64::new(0),
             last_walk: Mutex::new(None),
             backoff: Mutex::new(Backoff::default()),
@@ -185,7 +185,7 @@ impl Inner {
             .store(cfg.reintegration_age_ms, Ordering::Relaxed);
         emu.hoard_every.store(cfg.hoard_walk_ms, Ordering::Relaxed);
         *emu.root.lock() = self.load_root();
-        self.take_saved_stamps();
+        emu.stamps.take_saved(&self.cml.db);
         for fid in self.cml.stored_fids() {
             self.cache.pin(fid);
         }

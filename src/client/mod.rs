@@ -136,7 +136,7 @@ impl Drop for Inner {
         self.emu.stop();
         self.servers.shutdown();
         self.cache.flush_lru();
-        self.save_stamps();
+        self.emu.stamps.save(&self.cml.db, &self.callbacks);
     }
 }
 
@@ -539,7 +539,99 @@ impl Client {
     }
 }
 
+/// Path walks (namei.rs) go through the cache and, where it misses, the
+/// server or the emulation.
+impl namei::Tree for Inner {
+    fn root(&self) -> Result<Fid> {
+        Inner::root(self)
+    }
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
+        Inner::lookup(self, dir, name)
+    }
+    fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        Inner::readlink_fid(self, fid)
+    }
+    fn at_path(&self, e: Error, path: &str) -> Error {
+        Inner::at_path(self, e, path)
+    }
+}
+
+/// A hoard walk (hoard.rs) reaches objects as the client's callers do.
+impl hoard::Source for Inner {
+    fn resolve(&self, path: &str) -> Result<(Fid, FileType)> {
+        Inner::resolve(self, path, true)
+    }
+    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
+        Inner::listing(self, dir)
+    }
+    fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        Inner::readlink_fid(self, fid)
+    }
+    fn getattr(&self, fid: Fid) -> Result<Attr> {
+        Inner::getattr(self, fid)
+    }
+    fn fetch(&self, fid: Fid) -> Result<()> {
+        self.open_data(fid)?;
+        self.cache.closed(fid);
+        Ok(())
+    }
+}
+
 impl Inner {
+    /// Walk the hoard profile now (hoard.rs).
+    pub(crate) fn hoard_walk(&self) -> Result<HoardReport> {
+        hoard::walk(
+            &self.cml.db,
+            &self.cache,
+            &self.callbacks,
+            &self.counters,
+            self,
+        )
+    }
+
+    /// The object `path` names (the final symlink followed if `follow`).
+    pub(crate) fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
+        namei::resolve(self, path, follow)
+    }
+
+    /// The directory that holds `path`'s last component, and that name.
+    pub(crate) fn resolve_parent(&self, path: &str) -> Result<(Fid, String)> {
+        namei::resolve_parent(self, path)
+    }
+
+    /// Swap `link` to `target` and fail remote operations (failover.rs).
+    pub(crate) fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
+        failover::fail_over(
+            &self.emu.mode,
+            &self.servers.interrupt,
+            &self.callbacks.events,
+            link,
+            target,
+        )
+    }
+
+    /// Undo a failover: find a server through the prober's path (callers
+    /// stay failed over meanwhile), revalidate the cache, and only then swap
+    /// `link` to `target` and let remote operations through. `Again` while no
+    /// server answers.
+    pub(crate) fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
+        let again = |e: Error| Error::Again(format!("no server answers, staying failed over: {e}"));
+        let int = &self.health.interrupt;
+        let s = self
+            .servers
+            .probe_session(int, self.servers.timing().rpc_timeout)
+            .map_err(again)?;
+        self.revalidate_on(&s, int).map_err(again)?;
+        failover::finish_fail_back(
+            &self.emu.mode,
+            &self.servers.interrupt,
+            &self.callbacks.events,
+            link,
+            target,
+            || self.health.mark_up(self, &s.server),
+        )
+    }
+
     /// The parent directory and last name of `path`, which must not exist
     /// yet (`Exists` otherwise): where mkdir and symlink make their object.
     fn free_name(&self, path: &str) -> Result<(Fid, String)> {
@@ -595,7 +687,17 @@ impl Inner {
     fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
         // One ValidateVolume per volume; objects of a volume whose stamp
         // does not prove it unchanged are checked in batches (stamps.rs).
-        self.validate_volumes(s, interrupt)
+        let parts = stamps::Parts {
+            cache: &self.cache,
+            cml: &self.cml,
+            callbacks: &self.callbacks,
+            counters: &self.counters,
+        };
+        self.emu
+            .stamps
+            .validate_volumes(&parts, s, interrupt, |fids| {
+                self.fetch_attrs_on(s, interrupt, fids)
+            })
     }
 
     /// `GetAttrs` for `fids`: caches what came back and takes the callbacks
