@@ -578,6 +578,15 @@ impl hoard::Source for Inner {
 }
 
 impl Inner {
+    /// The parts conflicts live in (conflict.rs).
+    pub(crate) fn conflicts(&self) -> conflict::Conflicts<'_> {
+        conflict::Conflicts {
+            cache: &self.cache,
+            cml: &self.cml,
+            callbacks: &self.callbacks,
+        }
+    }
+
     /// Walk the hoard profile now (hoard.rs).
     pub(crate) fn hoard_walk(&self) -> Result<HoardReport> {
         hoard::walk(

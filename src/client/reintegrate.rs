@@ -428,7 +428,7 @@ impl Inner {
                     return Ok(());
                 }
                 Step::Next => {}
-                Step::Refused(id, e) => self.make_conflict(id, &e)?,
+                Step::Refused(id, e) => self.conflicts().make(id, &e)?,
             }
         }
     }
