@@ -14,7 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
@@ -22,7 +22,7 @@ use redb::TableDefinition;
 
 use super::mode::{unreachable, Mode};
 use super::namespace;
-use super::reintegrate::{space_error, Deferred};
+use super::reintegrate::{space_error, Backoff, Deferred};
 use super::Inner;
 use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
 use crate::{Error, Result};
@@ -57,19 +57,7 @@ pub(crate) struct EmuState {
     pub(crate) stamps: super::stamps::Stamps,
     /// Set while the server refuses reintegration for lack of space or
     /// quota: no batch is sent before it ends.
-    backoff: Mutex<Backoff>,
-}
-
-/// The first wait after a refusal for space, and the longest.
-pub(crate) const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-#[derive(Default)]
-struct Backoff {
-    /// When the next reintegration may be tried, and the last refusal
-    /// (quota or not, and its message).
-    until: Option<(Instant, bool, String)>,
-    step: Option<Duration>,
+    pub(crate) backoff: Backoff,
 }
 
 impl EmuState {
@@ -87,41 +75,18 @@ impl EmuState {
             stamps: Default::default(),
             hoard_every: AtomicU64::new(0),
             last_walk: Mutex::new(None),
-            backoff: Mutex::new(Backoff::default()),
+            backoff: Backoff::default(),
         }
     }
 
     /// The refusal that started the current back-off, while it lasts.
     pub fn backing_off(&self) -> Option<Error> {
-        let b = self.backoff.lock();
-        match &b.until {
-            Some((t, quota, m)) if Instant::now() < *t => Some(if *quota {
-                Error::Quota(m.clone())
-            } else {
-                Error::NoSpace(m.clone())
-            }),
-            _ => None,
-        }
-    }
-
-    /// Start (or lengthen: doubling, capped) the back-off after `e`;
-    /// returns how long it is.
-    pub fn back_off(&self, e: &Error) -> Duration {
-        let mut b = self.backoff.lock();
-        let step = b.step.map_or(BACKOFF_FIRST, |s| (s * 2).min(BACKOFF_MAX));
-        b.step = Some(step);
-        let (quota, m) = match e {
-            Error::Quota(m) => (true, m.clone()),
-            Error::NoSpace(m) => (false, m.clone()),
-            e => (false, e.to_string()),
-        };
-        b.until = Some((Instant::now() + step, quota, m));
-        step
+        self.backoff.current()
     }
 
     /// A reintegration went through, or the user asked for one now.
     pub fn reset_backoff(&self) {
-        *self.backoff.lock() = Backoff::default();
+        self.backoff.reset()
     }
 
     pub fn enabled(&self) -> bool {

@@ -577,7 +577,43 @@ impl hoard::Source for Inner {
     }
 }
 
+/// Reintegration (reintegrate.rs) rereads the listings emulation edited.
+impl reintegrate::OnEmpty for Inner {
+    fn log_emptied(&self) {
+        self.drop_edited_listings();
+    }
+}
+
 impl Inner {
+    /// The parts the one sender of records works with (reintegrate.rs).
+    fn reintegrator(&self) -> reintegrate::Reintegrator<'_> {
+        reintegrate::Reintegrator {
+            outbox: &self.outbox,
+            servers: &self.servers,
+            cml: &self.cml,
+            cache: &self.cache,
+            callbacks: &self.callbacks,
+            counters: &self.counters,
+            mode: &self.emu.mode,
+            backoff: &self.emu.backoff,
+            on_empty: self,
+        }
+    }
+
+    /// The connected write path (reintegrate.rs).
+    pub(crate) fn commit_connected(
+        &self,
+        op: RecordOp,
+        data: Option<&std::fs::File>,
+    ) -> Result<std::result::Result<Attr, reintegrate::Deferred>> {
+        self.reintegrator().commit_connected(op, data)
+    }
+
+    /// Send the pending log (reintegrate.rs).
+    pub(crate) fn reintegrate_pending(&self, min_age: Option<Duration>) -> Result<()> {
+        self.reintegrator().reintegrate_pending(min_age)
+    }
+
     /// The parts conflicts live in (conflict.rs).
     pub(crate) fn conflicts(&self) -> conflict::Conflicts<'_> {
         conflict::Conflicts {
