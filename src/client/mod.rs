@@ -673,7 +673,7 @@ impl Inner {
             &self.callbacks.events,
             link,
             target,
-            || self.health.mark_up(self, &s.server),
+            || self.health.mark_up(&self.callbacks.events, &s.server),
         )
     }
 
@@ -1333,6 +1333,37 @@ impl Inner {
     }
 }
 
+/// The prober's view of the client (probe.rs).
+impl probe::Watched for Inner {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn servers(&self) -> &Servers {
+        &self.servers
+    }
+    fn events(&self) -> &EventBus {
+        &self.callbacks.events
+    }
+    fn mode(&self) -> &mode::Mode {
+        &self.emu.mode
+    }
+    fn pending(&self) -> usize {
+        self.emu.pending()
+    }
+    fn server_lost(&self) -> bool {
+        Inner::server_lost(self)
+    }
+    fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
+        Inner::revalidate_on(self, s, interrupt)
+    }
+    fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
+        Inner::fail_over(self, link, target)
+    }
+    fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
+        Inner::fail_back(self, link, target)
+    }
+}
+
 /// The reintegrator thread's turns (emulation.rs).
 impl emulation::Turns for Inner {
     fn health_up(&self) -> bool {
@@ -1373,7 +1404,7 @@ impl Client {
             })?;
             // The log went through and the cache is revalidated: as good a
             // proof that the server is up as the prober's pings.
-            inner.health.mark_up(inner, &s.server);
+            inner.health.mark_up(&inner.callbacks.events, &s.server);
             return Ok(());
         }
         inner.reintegrate_pending(None).inspect_err(|e| {
