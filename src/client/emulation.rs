@@ -146,7 +146,7 @@ impl EmuState {
     }
 }
 
-/// "Object not cached while disconnected"; `Inner::at_path` later names
+/// "Object not cached while disconnected"; `at_path` (mod.rs) later names
 /// the path the caller used.
 pub(crate) fn uncached(fid: Fid) -> Error {
     Error::Timeout(format!(
@@ -306,7 +306,7 @@ pub(crate) trait Turns: Send + Sync + 'static {
     fn went_offline(&self, e: &Error) -> bool;
     /// Send the records that are due (write-disconnected: the aged ones).
     fn send_due(&self) -> Result<()>;
-    fn hoard_walk(&self) -> Result<super::HoardReport>;
+    fn hoard_walk(&self) -> Result<super::hoard::HoardReport>;
 }
 
 /// Start the reintegrator thread; it holds only `weak`, so dropping the

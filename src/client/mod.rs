@@ -1333,6 +1333,46 @@ impl Inner {
     }
 }
 
+/// Open files (file.rs) store through the client's write path.
+impl file::Store for Inner {
+    fn cache(&self) -> &Cache {
+        &self.cache
+    }
+    fn callbacks(&self) -> &Callbacks {
+        &self.callbacks
+    }
+    fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
+        Inner::commit(self, op, data)
+    }
+}
+
+impl file::Opener for Inner {
+    fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
+        Inner::resolve(self, path, follow)
+    }
+    fn resolve_parent(&self, path: &str) -> Result<(Fid, String)> {
+        Inner::resolve_parent(self, path)
+    }
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
+        Inner::lookup(self, dir, name)
+    }
+    fn getattr(&self, fid: Fid) -> Result<Attr> {
+        Inner::getattr(self, fid)
+    }
+    fn open_data(&self, fid: Fid) -> Result<Attr> {
+        Inner::open_data(self, fid)
+    }
+    fn create_object(
+        &self,
+        parent: Fid,
+        ftype: FileType,
+        build: impl FnOnce(Fid, Timespec) -> RecordOp,
+        install: impl FnOnce(&Attr) -> Result<()>,
+    ) -> Result<Fid> {
+        Inner::create_object(self, parent, ftype, build, install)
+    }
+}
+
 /// The prober's view of the client (probe.rs).
 impl probe::Watched for Inner {
     fn health(&self) -> &Health {

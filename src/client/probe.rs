@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 
+use super::config::Config;
 use super::conn::{Interrupt, Servers, Session};
 use super::event::{Event, EventBus};
 use super::mode::Mode;
-use super::Config;
 use crate::proto::Msg;
 use crate::{Error, Result};
 
