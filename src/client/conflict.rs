@@ -11,8 +11,11 @@ use std::path::PathBuf;
 
 use redb::{ReadableTable, TableDefinition};
 
+use super::cache::Cache;
+use super::callback::Callbacks;
+use super::cml::Cml;
 use super::event::Event;
-use super::{Client, Inner, Stat};
+use super::{Client, Stat};
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Fid, FileType, Record, RecordOp, MAX_FIDS};
 use crate::{Error, Result};
@@ -111,7 +114,16 @@ fn kind_name(e: &Error) -> String {
     format!("{:?}", e.wire_code())
 }
 
-impl Inner {
+/// The parts conflicts are kept in and act on: the cache (containers,
+/// names), the log (its records and the table of conflicts) and the
+/// callbacks (what the client must no longer trust).
+pub(crate) struct Conflicts<'a> {
+    pub cache: &'a Cache,
+    pub cml: &'a Cml,
+    pub callbacks: &'a Callbacks,
+}
+
+impl Conflicts<'_> {
     fn conflicts_dir(&self) -> PathBuf {
         self.cache.dir().join("conflicts")
     }
@@ -123,7 +135,7 @@ impl Inner {
     /// The record `id` was refused with `err`: move it and the records that
     /// depend on it out of the log into a conflict, keeping a copy of every
     /// file they store; show the server's version from now on.
-    pub(crate) fn make_conflict(&self, id: u64, err: &Error) -> Result<()> {
+    pub(crate) fn make(&self, id: u64, err: &Error) -> Result<()> {
         // Called by reintegration, which holds the outbox's token.
         let ids = self.cml.dependents(id);
         let pending = self.cml.pending();
@@ -204,7 +216,7 @@ impl Inner {
         self.callbacks.break_fids(&fids);
     }
 
-    fn load_conflicts(&self) -> Result<Vec<(u64, Stored)>> {
+    fn load(&self) -> Result<Vec<(u64, Stored)>> {
         let r = self.cml.db.begin_read()?;
         let t = match r.open_table(CONFLICTS) {
             Ok(t) => t,
@@ -219,7 +231,7 @@ impl Inner {
         Ok(out)
     }
 
-    fn drop_conflict(&self, id: u64, s: &Stored) -> Result<()> {
+    fn remove(&self, id: u64, s: &Stored) -> Result<()> {
         let w = self.cml.db.begin_write()?;
         w.open_table(CONFLICTS)?.remove(id)?;
         w.commit()?;
@@ -235,12 +247,12 @@ impl Inner {
 impl Client {
     /// Conflicts found by reintegration and not yet resolved, oldest first.
     pub fn conflicts(&self) -> Result<Vec<Conflict>> {
-        let inner = &self.inner;
-        Ok(inner
-            .load_conflicts()?
+        let parts = self.inner.conflicts();
+        Ok(parts
+            .load()?
             .into_iter()
             .map(|(id, s)| {
-                let copy = inner.copy_path(id, s.fid);
+                let copy = parts.copy_path(id, s.fid);
                 Conflict {
                     id,
                     fid: s.fid,
@@ -280,14 +292,15 @@ impl Client {
     /// again, that is a new conflict and this returns `Conflict`.
     pub fn resolve_conflict(&self, id: u64, keep: Keep) -> Result<()> {
         let inner = &self.inner;
-        let (_, stored) = inner
-            .load_conflicts()?
+        let parts = inner.conflicts();
+        let (_, stored) = parts
+            .load()?
             .into_iter()
             .find(|(i, _)| *i == id)
             .ok_or_else(|| Error::NotFound(format!("conflict {id}")))?;
         if keep == Keep::Server {
-            inner.drop_conflict(id, &stored)?;
-            inner.forget_local(&stored.records);
+            parts.remove(id, &stored)?;
+            parts.forget_local(&stored.records);
             return Ok(());
         }
         if inner.emu.offline() {
@@ -333,7 +346,7 @@ impl Client {
             let mut op = r.op.clone();
             if let RecordOp::Store { fid, .. } = op {
                 // Put the preserved contents back where the log reads them.
-                let copy = inner.copy_path(id, fid);
+                let copy = parts.copy_path(id, fid);
                 let to = inner.cache.container(fid);
                 std::fs::copy(&copy, &to)
                     .map_err(|e| Error::io(format!("restoring {}", copy.display()), e))?;
@@ -358,7 +371,7 @@ impl Client {
                 first_new.get_or_insert(r.store_id);
             }
         }
-        inner.drop_conflict(id, &stored)?;
+        parts.remove(id, &stored)?;
         inner.reintegrate_pending(None)?;
         let mut touched: Vec<Fid> = stored
             .records

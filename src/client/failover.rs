@@ -9,56 +9,61 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::event::Event;
-use super::mode::FailedOver;
-use super::Inner;
+use super::conn::Interrupt;
+use super::event::{Event, EventBus};
+use super::mode::{FailedOver, Mode};
 use crate::{Error, Result};
 
-impl Inner {
-    /// Swap `link` to `target`, then fail every pending and later remote
-    /// operation with `Eio`. Takes no lock a network wait holds, so it
-    /// returns at once even while a server hangs.
-    pub(crate) fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
-        // No lock held across the swap (it fsyncs the directory).
-        let before = std::fs::read_link(link).ok();
-        swap_link(link, target)?;
-        let record = before.map(|before| FailedOver {
-            link: link.to_path_buf(),
-            before,
-        });
-        self.emu.mode.fail_over(
-            record,
-            &self.servers.interrupt,
-            &format!("failed over: {} -> {}", link.display(), target.display()),
-        );
-        self.callbacks.events.emit(Event::Failover {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
-    }
+/// Swap `link` to `target`, then fail every pending and later remote
+/// operation with `Eio` (`mode` interrupts what waits on `interrupt`).
+/// Takes no lock a network wait holds, so it returns at once even while a
+/// server hangs.
+pub(crate) fn fail_over(
+    mode: &Mode,
+    interrupt: &Interrupt,
+    events: &EventBus,
+    link: &Path,
+    target: &Path,
+) -> Result<()> {
+    // No lock held across the swap (it fsyncs the directory).
+    let before = std::fs::read_link(link).ok();
+    swap_link(link, target)?;
+    let record = before.map(|before| FailedOver {
+        link: link.to_path_buf(),
+        before,
+    });
+    mode.fail_over(
+        record,
+        interrupt,
+        &format!("failed over: {} -> {}", link.display(), target.display()),
+    );
+    events.emit(Event::Failover {
+        link: link.display().to_string(),
+        target: target.display().to_string(),
+    });
+    Ok(())
+}
 
-    /// Undo a failover: find a server through the prober's path (callers
-    /// stay failed over meanwhile), revalidate the cache, and only then swap
-    /// `link` to `target` and let remote operations through. `Again` while no
-    /// server answers.
-    pub(crate) fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
-        let again = |e: Error| Error::Again(format!("no server answers, staying failed over: {e}"));
-        let int = &self.health.interrupt;
-        let s = self
-            .servers
-            .probe_session(int, self.servers.timing().rpc_timeout)
-            .map_err(again)?;
-        self.revalidate_on(&s, int).map_err(again)?;
-        swap_link(link, target)?;
-        self.emu.mode.fail_back(&self.servers.interrupt);
-        self.health.mark_up(self, &s.server);
-        self.callbacks.events.emit(Event::Failback {
-            link: link.display().to_string(),
-            target: target.display().to_string(),
-        });
-        Ok(())
-    }
+/// The end of a failback, once a server answered and the cache is
+/// revalidated: swap `link` to `target`, let remote operations through
+/// again, and say so. `mark_up` runs between the two, as the prober's
+/// health must be up before the event tells anyone.
+pub(crate) fn finish_fail_back(
+    mode: &Mode,
+    interrupt: &Interrupt,
+    events: &EventBus,
+    link: &Path,
+    target: &Path,
+    mark_up: impl FnOnce(),
+) -> Result<()> {
+    swap_link(link, target)?;
+    mode.fail_back(interrupt);
+    mark_up();
+    events.emit(Event::Failback {
+        link: link.display().to_string(),
+        target: target.display().to_string(),
+    });
+    Ok(())
 }
 
 /// Atomically make the symlink `link` point to `target`. Refuses (`Invalid`)

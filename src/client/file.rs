@@ -6,13 +6,40 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use super::{Inner, Timespec};
-use crate::proto::{Fid, FileType, RecordOp};
+use super::cache::Cache;
+use super::callback::Callbacks;
+use crate::proto::Timespec;
+use crate::proto::{Attr, DirEntry, Fid, FileType, RecordOp};
 use crate::{Error, Result};
+
+/// What an open file needs of the client until it is closed: the cache,
+/// the callbacks, and the write path its store goes through.
+pub(crate) trait Store: Send + Sync {
+    fn cache(&self) -> &Cache;
+    fn callbacks(&self) -> &Callbacks;
+    fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr>;
+}
+
+/// What opening (and creating) a file needs of the client besides.
+pub(crate) trait Opener: Store + 'static {
+    fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)>;
+    fn resolve_parent(&self, path: &str) -> Result<(Fid, String)>;
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<DirEntry>>;
+    fn getattr(&self, fid: Fid) -> Result<Attr>;
+    /// Make `fid`'s data current in its container, counted as opened.
+    fn open_data(&self, fid: Fid) -> Result<Attr>;
+    fn create_object(
+        &self,
+        parent: Fid,
+        ftype: FileType,
+        build: impl FnOnce(Fid, Timespec) -> RecordOp,
+        install: impl FnOnce(&Attr) -> Result<()>,
+    ) -> Result<Fid>;
+}
 
 /// A file opened through the cache. Owned by one thread at a time.
 pub struct File {
-    inner: Arc<Inner>,
+    inner: Arc<dyn Store>,
     fid: Fid,
     file: std::fs::File,
     readable: bool,
@@ -33,7 +60,7 @@ fn stamp(f: &std::fs::File) -> (u64, i64, i64) {
         .unwrap_or((0, 0, 0))
 }
 
-pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Result<File> {
+pub(crate) fn open<C: Opener>(inner: &Arc<C>, path: &str, flags: i32, mode: u32) -> Result<File> {
     let allowed = libc::O_ACCMODE | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND;
     let acc = flags & libc::O_ACCMODE;
     if flags & !allowed != 0 || acc == libc::O_ACCMODE {
@@ -66,7 +93,12 @@ pub(crate) fn open(inner: &Arc<Inner>, path: &str, flags: i32, mode: u32) -> Res
 
 /// Open the object `fid` (a file; `created`: made by this open, its empty
 /// container already in place). The fid-based core of `open`.
-pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) -> Result<File> {
+pub(crate) fn open_fid<C: Opener>(
+    inner: &Arc<C>,
+    fid: Fid,
+    flags: i32,
+    created: bool,
+) -> Result<File> {
     let acc = flags & libc::O_ACCMODE;
     let allowed = libc::O_ACCMODE | libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_APPEND;
     if flags & !allowed != 0 || acc == libc::O_ACCMODE {
@@ -80,12 +112,12 @@ pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) 
         if trunc {
             // Truncating: the old contents are not needed, so no fetch.
             let attr = inner.getattr(fid)?;
-            inner.cache.install_empty(&attr, true)?;
+            inner.cache().install_empty(&attr, true)?;
         } else {
             inner.open_data(fid)?;
         }
     }
-    let container = inner.cache.container(fid);
+    let container = inner.cache().container(fid);
     // The fd is read-write even for O_WRONLY so the store can read it back;
     // `read_at` still honours the mode the caller asked for.
     let opened = std::fs::OpenOptions::new()
@@ -97,7 +129,7 @@ pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) 
     let file = match opened {
         Ok(f) => f,
         Err(e) => {
-            inner.cache.closed(fid);
+            inner.cache().closed(fid);
             return Err(Error::io(
                 format!("opening container {}", container.display()),
                 e,
@@ -107,7 +139,7 @@ pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) 
     // Only a writable fd can change the container behind our back.
     let st = if writable { stamp(&file) } else { (0, 0, 0) };
     Ok(File {
-        inner: inner.clone(),
+        inner: inner.clone() as Arc<dyn Store>,
         fid,
         file,
         readable,
@@ -121,7 +153,7 @@ pub(crate) fn open_fid(inner: &Arc<Inner>, fid: Fid, flags: i32, created: bool) 
 
 /// Create an empty file through the CML; its container starts out empty
 /// and opened.
-pub(crate) fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+pub(crate) fn create<C: Opener>(inner: &Arc<C>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
     inner.create_object(
         parent,
         FileType::File,
@@ -132,7 +164,7 @@ pub(crate) fn create(inner: &Arc<Inner>, parent: Fid, name: &str, mode: u32) -> 
             mode: mode & 0o7777,
             mtime: now,
         },
-        |attr| inner.cache.install_empty(attr, false),
+        |attr| inner.cache().install_empty(attr, false),
     )
 }
 
@@ -163,7 +195,9 @@ impl File {
         }
         if !self.changed {
             self.changed = true;
-            self.inner.cache.update(None, self.fid, |e| e.dirty = true);
+            self.inner
+                .cache()
+                .update(None, self.fid, |e| e.dirty = true);
         }
         let off = if self.append {
             self.file
@@ -190,7 +224,7 @@ impl File {
         self.done = true;
         let changed = self.writable && (self.changed || stamp(&self.file) != self.stamp);
         let res = if changed { self.store() } else { Ok(()) };
-        self.inner.cache.closed(self.fid);
+        self.inner.cache().closed(self.fid);
         res
     }
 
@@ -201,11 +235,11 @@ impl File {
             .metadata()
             .map_err(|e| Error::io("sizing a container", e))?
             .len();
-        inner.cache.update(None, self.fid, |e| {
+        inner.cache().update(None, self.fid, |e| {
             e.dirty = true;
             e.data_bytes = len;
         });
-        let tok = inner.callbacks.token(self.fid);
+        let tok = inner.callbacks().token(self.fid);
         let op = RecordOp::Store {
             fid: self.fid,
             expected_version: 0, // connected: last close wins
@@ -215,22 +249,22 @@ impl File {
         };
         match inner.commit(op, Some(&self.file)) {
             Ok(attr) => {
-                inner.cache.update(Some(&attr), self.fid, |e| {
+                inner.cache().update(Some(&attr), self.fid, |e| {
                     e.attr = attr.clone();
                     e.data_version = Some(attr.version);
                     e.data_bytes = len;
                     e.dirty = false;
                 });
-                inner.callbacks.grant(self.fid, tok);
+                inner.callbacks().grant(self.fid, tok);
                 Ok(())
             }
             Err(err) => {
                 // The container no longer matches any server version.
-                inner.cache.update(None, self.fid, |e| {
+                inner.cache().update(None, self.fid, |e| {
                     e.data_version = None;
                     e.dirty = false;
                 });
-                inner.callbacks.break_fids(&[self.fid]);
+                inner.callbacks().break_fids(&[self.fid]);
                 Err(err)
             }
         }

@@ -23,8 +23,13 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, TableDefinition};
 
-use super::{Client, Inner};
-use crate::proto::{Fid, FileType};
+use std::sync::Arc;
+
+use super::cache::{Cache, Index};
+use super::callback::Callbacks;
+use super::stats::Counters;
+use super::Client;
+use crate::proto::{Attr, DirEntry, Fid, FileType};
 use crate::{Error, Result};
 
 /// path → priority (u32) and expansion (u8) packed as `priority << 8 | exp`.
@@ -126,100 +131,115 @@ pub fn parse_profile(text: &str) -> Result<Vec<HoardEntry>> {
         .collect()
 }
 
-impl Inner {
-    fn hoard_entries(&self) -> Result<Vec<HoardEntry>> {
-        let r = self.cml.db.begin_read()?;
-        let t = match r.open_table(HOARD) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for row in t.iter()? {
-            let (k, v) = row?;
-            out.push(HoardEntry::unpack(k.value(), v.value()));
-        }
-        Ok(out)
-    }
+/// What a hoard walk needs of the client besides the cache and counters:
+/// to name, list, read and fetch objects (from the server when not cached).
+pub(crate) trait Source {
+    fn resolve(&self, path: &str) -> Result<(Fid, FileType)>;
+    fn listing(&self, dir: Fid) -> Result<Arc<Vec<DirEntry>>>;
+    fn readlink_fid(&self, fid: Fid) -> Result<String>;
+    fn getattr(&self, fid: Fid) -> Result<Attr>;
+    /// Make `fid`'s data current in the cache (it stays closed).
+    fn fetch(&self, fid: Fid) -> Result<()>;
+}
 
-    /// Walk the profile, highest priority first: resolve, list directories
-    /// as far as each entry reaches, fetch files not cached, and give every
-    /// object reached its priority (the highest entry covering it).
-    pub(crate) fn hoard_walk(&self) -> Result<HoardReport> {
-        let mut entries = self.hoard_entries()?;
-        entries.sort_by_key(|e| std::cmp::Reverse(e.priority));
-        let mut report = HoardReport::default();
-        let mut prio: HashMap<Fid, u32> = HashMap::new();
-        let mut hoarded_bytes = 0u64;
-        let limit = self.cache.limit();
-        for e in &entries {
-            let (fid, t) = match self.resolve(&e.path, true) {
-                Ok(x) => x,
-                Err(Error::NotFound(_)) | Err(Error::NotDir(_)) => {
-                    report.missing += 1;
-                    continue;
-                }
-                Err(err) => return Err(err),
-            };
-            // (fid, type, depth left: None = unbounded)
-            let depth = match e.expand {
-                Expand::Itself => Some(0),
-                Expand::Children => Some(1),
-                Expand::Descendants => None,
-            };
-            let mut stack = vec![(fid, t, depth)];
-            while let Some((fid, t, depth)) = stack.pop() {
-                if prio.contains_key(&fid) {
-                    continue; // reached by a higher (or equal) entry already
-                }
-                prio.insert(fid, e.priority);
-                report.objects += 1;
-                match t {
-                    FileType::Dir => {
-                        let list = self.listing(fid)?;
-                        if depth == Some(0) {
-                            continue;
-                        }
-                        for child in list.iter() {
-                            stack.push((child.fid, child.ftype, depth.map(|d| d - 1)));
-                        }
+/// The profile as stored in the index.
+pub(crate) fn entries(db: &Index) -> Result<Vec<HoardEntry>> {
+    let r = db.begin_read()?;
+    let t = match r.open_table(HOARD) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = Vec::new();
+    for row in t.iter()? {
+        let (k, v) = row?;
+        out.push(HoardEntry::unpack(k.value(), v.value()));
+    }
+    Ok(out)
+}
+
+/// Walk the profile, highest priority first: resolve, list directories
+/// as far as each entry reaches, fetch files not cached, and give every
+/// object reached its priority (the highest entry covering it).
+pub(crate) fn walk(
+    db: &Index,
+    cache: &Cache,
+    callbacks: &Callbacks,
+    counters: &Counters,
+    src: &impl Source,
+) -> Result<HoardReport> {
+    let mut entries = entries(db)?;
+    entries.sort_by_key(|e| std::cmp::Reverse(e.priority));
+    let mut report = HoardReport::default();
+    let mut prio: HashMap<Fid, u32> = HashMap::new();
+    let mut hoarded_bytes = 0u64;
+    let limit = cache.limit();
+    for e in &entries {
+        let (fid, t) = match src.resolve(&e.path) {
+            Ok(x) => x,
+            Err(Error::NotFound(_)) | Err(Error::NotDir(_)) => {
+                report.missing += 1;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        // (fid, type, depth left: None = unbounded)
+        let depth = match e.expand {
+            Expand::Itself => Some(0),
+            Expand::Children => Some(1),
+            Expand::Descendants => None,
+        };
+        let mut stack = vec![(fid, t, depth)];
+        while let Some((fid, t, depth)) = stack.pop() {
+            if prio.contains_key(&fid) {
+                continue; // reached by a higher (or equal) entry already
+            }
+            prio.insert(fid, e.priority);
+            report.objects += 1;
+            match t {
+                FileType::Dir => {
+                    let list = src.listing(fid)?;
+                    if depth == Some(0) {
+                        continue;
                     }
-                    FileType::Symlink => {
-                        self.readlink_fid(fid)?;
+                    for child in list.iter() {
+                        stack.push((child.fid, child.ftype, depth.map(|d| d - 1)));
                     }
-                    FileType::File => {
-                        let cached = self.cache.get(fid).filter(|c| c.data_current());
-                        let size = match &cached {
-                            Some(c) => c.data_bytes,
-                            None => self.getattr(fid)?.size,
-                        };
-                        if hoarded_bytes + size > limit {
-                            // What does not fit stays out, lowest priorities
-                            // first (they come last).
-                            report.skipped += 1;
-                            prio.remove(&fid);
-                            continue;
-                        }
-                        hoarded_bytes += size;
-                        if cached.is_none() || !self.callbacks.holds(fid) {
-                            let before = self.counters.snapshot().fetches;
-                            self.open_data(fid)?;
-                            self.cache.closed(fid);
-                            if self.counters.snapshot().fetches > before {
-                                report.fetched += 1;
-                                report.fetched_bytes += size;
-                            }
+                }
+                FileType::Symlink => {
+                    src.readlink_fid(fid)?;
+                }
+                FileType::File => {
+                    let cached = cache.get(fid).filter(|c| c.data_current());
+                    let size = match &cached {
+                        Some(c) => c.data_bytes,
+                        None => src.getattr(fid)?.size,
+                    };
+                    if hoarded_bytes + size > limit {
+                        // What does not fit stays out, lowest priorities
+                        // first (they come last).
+                        report.skipped += 1;
+                        prio.remove(&fid);
+                        continue;
+                    }
+                    hoarded_bytes += size;
+                    if cached.is_none() || !callbacks.holds(fid) {
+                        let before = counters.snapshot().fetches;
+                        src.fetch(fid)?;
+                        if counters.snapshot().fetches > before {
+                            report.fetched += 1;
+                            report.fetched_bytes += size;
                         }
                     }
                 }
             }
-            // Priorities take effect as the walk goes, so its own fetches
-            // evict unhoarded objects rather than what it just hoarded.
-            self.cache.set_priorities(prio.clone());
         }
-        self.cache.set_priorities(prio);
-        Ok(report)
+        // Priorities take effect as the walk goes, so its own fetches
+        // evict unhoarded objects rather than what it just hoarded.
+        cache.set_priorities(prio.clone());
     }
+    cache.set_priorities(prio);
+    Ok(report)
 }
 
 impl Client {
@@ -258,7 +278,7 @@ impl Client {
 
     /// The profile, highest priority first.
     pub fn hoard_list(&self) -> Result<Vec<HoardEntry>> {
-        let mut v = self.inner.hoard_entries()?;
+        let mut v = entries(&self.inner.cml.db)?;
         v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.path.cmp(&b.path)));
         Ok(v)
     }

@@ -136,7 +136,7 @@ impl Drop for Inner {
         self.emu.stop();
         self.servers.shutdown();
         self.cache.flush_lru();
-        self.save_stamps();
+        self.emu.stamps.save(&self.cml.db, &self.callbacks);
     }
 }
 
@@ -539,7 +539,144 @@ impl Client {
     }
 }
 
+/// Path walks (namei.rs) go through the cache and, where it misses, the
+/// server or the emulation.
+impl namei::Tree for Inner {
+    fn root(&self) -> Result<Fid> {
+        Inner::root(self)
+    }
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
+        Inner::lookup(self, dir, name)
+    }
+    fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        Inner::readlink_fid(self, fid)
+    }
+    fn at_path(&self, e: Error, path: &str) -> Error {
+        Inner::at_path(self, e, path)
+    }
+}
+
+/// A hoard walk (hoard.rs) reaches objects as the client's callers do.
+impl hoard::Source for Inner {
+    fn resolve(&self, path: &str) -> Result<(Fid, FileType)> {
+        Inner::resolve(self, path, true)
+    }
+    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
+        Inner::listing(self, dir)
+    }
+    fn readlink_fid(&self, fid: Fid) -> Result<String> {
+        Inner::readlink_fid(self, fid)
+    }
+    fn getattr(&self, fid: Fid) -> Result<Attr> {
+        Inner::getattr(self, fid)
+    }
+    fn fetch(&self, fid: Fid) -> Result<()> {
+        self.open_data(fid)?;
+        self.cache.closed(fid);
+        Ok(())
+    }
+}
+
+/// Reintegration (reintegrate.rs) rereads the listings emulation edited.
+impl reintegrate::OnEmpty for Inner {
+    fn log_emptied(&self) {
+        self.drop_edited_listings();
+    }
+}
+
 impl Inner {
+    /// The parts the one sender of records works with (reintegrate.rs).
+    fn reintegrator(&self) -> reintegrate::Reintegrator<'_> {
+        reintegrate::Reintegrator {
+            outbox: &self.outbox,
+            servers: &self.servers,
+            cml: &self.cml,
+            cache: &self.cache,
+            callbacks: &self.callbacks,
+            counters: &self.counters,
+            mode: &self.emu.mode,
+            backoff: &self.emu.backoff,
+            on_empty: self,
+        }
+    }
+
+    /// The connected write path (reintegrate.rs).
+    pub(crate) fn commit_connected(
+        &self,
+        op: RecordOp,
+        data: Option<&std::fs::File>,
+    ) -> Result<std::result::Result<Attr, reintegrate::Deferred>> {
+        self.reintegrator().commit_connected(op, data)
+    }
+
+    /// Send the pending log (reintegrate.rs).
+    pub(crate) fn reintegrate_pending(&self, min_age: Option<Duration>) -> Result<()> {
+        self.reintegrator().reintegrate_pending(min_age)
+    }
+
+    /// The parts conflicts live in (conflict.rs).
+    pub(crate) fn conflicts(&self) -> conflict::Conflicts<'_> {
+        conflict::Conflicts {
+            cache: &self.cache,
+            cml: &self.cml,
+            callbacks: &self.callbacks,
+        }
+    }
+
+    /// Walk the hoard profile now (hoard.rs).
+    pub(crate) fn hoard_walk(&self) -> Result<HoardReport> {
+        hoard::walk(
+            &self.cml.db,
+            &self.cache,
+            &self.callbacks,
+            &self.counters,
+            self,
+        )
+    }
+
+    /// The object `path` names (the final symlink followed if `follow`).
+    pub(crate) fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
+        namei::resolve(self, path, follow)
+    }
+
+    /// The directory that holds `path`'s last component, and that name.
+    pub(crate) fn resolve_parent(&self, path: &str) -> Result<(Fid, String)> {
+        namei::resolve_parent(self, path)
+    }
+
+    /// Swap `link` to `target` and fail remote operations (failover.rs).
+    pub(crate) fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
+        failover::fail_over(
+            &self.emu.mode,
+            &self.servers.interrupt,
+            &self.callbacks.events,
+            link,
+            target,
+        )
+    }
+
+    /// Undo a failover: find a server through the prober's path (callers
+    /// stay failed over meanwhile), revalidate the cache, and only then swap
+    /// `link` to `target` and let remote operations through. `Again` while no
+    /// server answers.
+    pub(crate) fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
+        let again = |e: Error| Error::Again(format!("no server answers, staying failed over: {e}"));
+        let int = &self.health.interrupt;
+        let s = self
+            .servers
+            .probe_session(int, self.servers.timing().rpc_timeout)
+            .map_err(again)?;
+        self.revalidate_on(&s, int).map_err(again)?;
+        failover::finish_fail_back(
+            &self.emu.mode,
+            &self.servers.interrupt,
+            &self.callbacks.events,
+            link,
+            target,
+            || self.health.mark_up(&self.callbacks.events, &s.server),
+        )
+    }
+
     /// The parent directory and last name of `path`, which must not exist
     /// yet (`Exists` otherwise): where mkdir and symlink make their object.
     fn free_name(&self, path: &str) -> Result<(Fid, String)> {
@@ -595,7 +732,17 @@ impl Inner {
     fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
         // One ValidateVolume per volume; objects of a volume whose stamp
         // does not prove it unchanged are checked in batches (stamps.rs).
-        self.validate_volumes(s, interrupt)
+        let parts = stamps::Parts {
+            cache: &self.cache,
+            cml: &self.cml,
+            callbacks: &self.callbacks,
+            counters: &self.counters,
+        };
+        self.emu
+            .stamps
+            .validate_volumes(&parts, s, interrupt, |fids| {
+                self.fetch_attrs_on(s, interrupt, fids)
+            })
     }
 
     /// `GetAttrs` for `fids`: caches what came back and takes the callbacks
@@ -896,5 +1043,425 @@ impl Inner {
         if edited != Some(true) || (!self.callbacks.grant(dir, tok) && !local) {
             self.callbacks.break_fids(&[dir]);
         }
+    }
+}
+
+/// Disconnected operation (emulation.rs keeps its state and the local
+/// helpers; these need the whole client).
+impl Inner {
+    /// Configure and start disconnected operation: decide whether the client
+    /// starts connected, pin the containers the log needs, reintegrate what
+    /// a previous run left (connected), and start the reintegrator thread.
+    pub(crate) fn start_emulation(
+        self: &Arc<Inner>,
+        first: Result<()>,
+        cfg: &Config,
+    ) -> Result<()> {
+        let emu = &self.emu;
+        // Automatic failover is the other answer to a dead server (remote
+        // calls fail with EIO, programs use the local copy): with it
+        // configured, the client does not emulate.
+        let auto_failover = cfg.failover_link.is_some() && cfg.failover_target.is_some();
+        emu.mode.configure(
+            cfg.disconnected_operation && !auto_failover,
+            cfg.write_disconnected,
+        );
+        emu.set_periods(cfg.reintegration_age_ms, cfg.hoard_walk_ms);
+        emu.set_root(emulation::load_root(&self.cml.db));
+        emu.stamps.take_saved(&self.cml.db);
+        for fid in self.cml.stored_fids() {
+            self.cache.pin(fid);
+        }
+        self.cache.sweep_unused_containers();
+        emulation::redo_log_in_cache(&self.cache, &self.cml);
+        for r in self.cml.pending() {
+            self.emu.note_edited(&r.op);
+        }
+        match first {
+            Ok(()) => {
+                self.remember_root()?;
+                self.reintegrate_pending(None)?;
+                self.revalidate_all()?;
+                self.top_up_fids();
+            }
+            // Never connected with this cache: nothing to serve offline.
+            Err(e) if !emu.enabled() || emu.root().is_none() || !mode::unreachable(&e) => {
+                return Err(e)
+            }
+            Err(_) => emu.mode.start_emulating(),
+        }
+        let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
+        let weak = Arc::downgrade(self);
+        let state = self.emu.clone();
+        emulation::spawn_reintegrator(weak, state, period)
+    }
+
+    /// Keep the root fid of the session, so a restart without a server can
+    /// still walk paths.
+    fn remember_root(&self) -> Result<()> {
+        let root = self.servers.session()?.root;
+        if self.emu.root() == Some(root) {
+            return Ok(());
+        }
+        emulation::store_root(&self.cml.db, root)?;
+        self.emu.set_root(Some(root));
+        Ok(())
+    }
+
+    /// The root fid: the session's, or offline the one remembered.
+    pub(crate) fn emulated_root(&self) -> Result<Fid> {
+        let online = || self.servers.session().map(|s| s.root);
+        let offline = || {
+            self.emu
+                .root()
+                .ok_or_else(|| Error::Timeout("disconnected: the root is not known".into()))
+        };
+        self.emulate(None, online, offline)
+    }
+
+    /// Keep enough reserved fids that creating works for a while offline.
+    fn top_up_fids(&self) {
+        if let Some(root) = self.emu.root() {
+            if self.fids.left(root.volume) < fids::FID_RESERVE_LOW {
+                let _ = self.fids.reserve(&self.servers, root.volume);
+            }
+        }
+    }
+
+    /// Run `online`; when the client is disconnected (or becomes so because
+    /// `online` could not reach a server), or `fid` has local changes not yet
+    /// on the server, run `offline` (the cache) instead.
+    pub(crate) fn emulate<T>(
+        &self,
+        fid: Option<Fid>,
+        online: impl FnOnce() -> Result<T>,
+        offline: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let emu = &self.emu;
+        // Entered before the mode is read: if the mode leaves "connected"
+        // after this, the release ends `online`'s waits at once.
+        let _call = self.servers.interrupt.enter_call();
+        if emu.offline() {
+            return offline();
+        }
+        // (A refused or reset connection fails a call at once; a hung
+        // server is judged by the prober after `dead_after_ms`, which
+        // switches the mode and releases this call.)
+        if let Some(f) = fid {
+            if emu.pending() > 0 && self.cml.mentions(f) && self.cache.get(f).is_some() {
+                return offline();
+            }
+        }
+        match online() {
+            Err(e) if self.went_offline(&e) => offline(),
+            r => r,
+        }
+    }
+
+    /// After `e` from the network: switch to disconnected operation if it
+    /// says no server answers (and emulation is on, and we are not failed
+    /// over, which must fail with EIO). Returns whether we are offline now.
+    pub(crate) fn went_offline(&self, e: &Error) -> bool {
+        // Local failures (`Io`: the index, a container) are not a
+        // server's silence.
+        if !mode::unreachable(e) {
+            return false;
+        }
+        self.server_lost()
+    }
+
+    /// No server answers: emulate (if the mode allows), releasing the
+    /// calls that started while connected. Returns whether we emulate.
+    pub(crate) fn server_lost(&self) -> bool {
+        let emu = &self.emu;
+        let root_known = emu.root().is_some();
+        if !emu.mode.server_lost(root_known, &self.servers.interrupt) {
+            return false;
+        }
+        emu.wake();
+        true
+    }
+
+    /// Name the caller's path in an error of disconnected operation (a
+    /// `Timeout` while the mode is emulating: nothing else times out then).
+    pub(crate) fn at_path(&self, e: Error, path: &str) -> Error {
+        match e {
+            Error::Timeout(m) if self.emu.offline() => Error::Timeout(format!("{path}: {m}")),
+            e => e,
+        }
+    }
+
+    /// Cached status, offline.
+    pub(crate) fn cached_attr(&self, fid: Fid) -> Result<Attr> {
+        self.cache
+            .get(fid)
+            .map(|e| e.attr)
+            .ok_or_else(|| emulation::uncached(fid))
+    }
+
+    /// The write path. Connected with an empty log: log, send, wait for the
+    /// server's commit (decision 1). Disconnected, in write-disconnected
+    /// mode, or while older records wait: log (with the optimisations) and
+    /// apply locally; the reintegrator sends it later.
+    pub(crate) fn commit_op(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
+        let emu = &self.emu;
+        // Before the mode is read (see `emulate`).
+        let _call = self.servers.interrupt.enter_call();
+        let mut connected = !emu.offline() && !emu.write_disconnected();
+        if connected {
+            let (cached, check) = emulation::version_for(&self.cache, &op);
+            // Behind records the server refused for space: this one would
+            // wait behind them, so the caller hears why now.
+            if emu.pending() > 0 {
+                if let Some(e) = emu.backing_off() {
+                    return Err(e);
+                }
+            }
+            match self.commit_connected(op.clone(), data)? {
+                Ok(attr) => return Ok(attr),
+                Err(reintegrate::Deferred::Unreachable(id)) => {
+                    // The server's ack was to be the durable copy; without
+                    // it the container is, so it reaches the disk before
+                    // the caller hears success.
+                    emulation::make_data_durable(&self.cache, &op, data)?;
+                    // Kept in the log; the server may or may not have it
+                    // (if it does, its store id makes the replay a no-op).
+                    // Sent later, it checks the version we had.
+                    self.cml.check_kept(id, if check { cached } else { None })?;
+                    self.went_offline(&Error::Eio("the server stopped answering".into()));
+                    emulation::pin_if_store(&self.cache, &op);
+                    let attr = emulation::apply_locally(&self.cache, &op, &[], false)?;
+                    emulation::keep_contents_current(&self.cache, &op, &attr);
+                    return Ok(attr);
+                }
+                Err(reintegrate::Deferred::NotLogged(Some(e))) => {
+                    // The data could not be uploaded: no server. Logged
+                    // below as a disconnected record (or the error, without
+                    // emulation).
+                    if !self.went_offline(&e) {
+                        return Err(e);
+                    }
+                    connected = false;
+                }
+                Err(reintegrate::Deferred::NotLogged(None)) => {
+                    // Records logged earlier go first (store-id order):
+                    // this one waits its turn in the log like theirs.
+                }
+            }
+        }
+        emulation::check_locally(&self.cache, &op)?;
+        // The record about to be logged is acknowledged at once and sends
+        // the container later: its data must be on disk before the record
+        // is (after a power cut, a durable record over a lost container
+        // would send an empty file over the server's copy).
+        emulation::make_data_durable(&self.cache, &op, data)?;
+        self.emu.note_edited(&op);
+        let (cached, check) = emulation::version_for(&self.cache, &op);
+        let last_link = self
+            .cache
+            .get(op.target())
+            .is_none_or(|e| e.attr.nlink <= 1);
+        let logged = self
+            .cml
+            .log_with(op.clone(), cached, true, check && !connected, last_link)?;
+        emulation::pin_if_store(&self.cache, &op);
+        let attr =
+            emulation::apply_locally(&self.cache, &op, &logged.cancelled, logged.record.is_none())?;
+        emulation::keep_contents_current(&self.cache, &op, &attr);
+        if connected {
+            // Connected semantics: return once the server has it.
+            if let Err(e) = self.reintegrate_pending(None) {
+                if !self.went_offline(&e) {
+                    return Err(e);
+                }
+            }
+        } else {
+            emu.wake();
+        }
+        Ok(attr)
+    }
+
+    /// The log is empty: drop every listing edited locally (see `edited`)
+    /// so it is reread, and refresh those objects' status from the server
+    /// (their predicted versions may be off), many fids per request.
+    pub(crate) fn drop_edited_listings(&self) {
+        let fids: Vec<Fid> = self.emu.take_edited();
+        for f in &fids {
+            self.cache.update(None, *f, |e| e.listing = None);
+        }
+        let known: Vec<Fid> = fids
+            .iter()
+            .copied()
+            .filter(|f| self.cache.get(*f).is_some())
+            .collect();
+        for chunk in known.chunks(4096) {
+            if self.fetch_attrs(chunk).is_err() {
+                self.callbacks.break_fids(chunk);
+            }
+        }
+    }
+
+    /// A server answers again: reintegrate the log, revalidate the cache,
+    /// and only then serve callers from the server again. Callers keep being
+    /// served from the cache meanwhile.
+    fn reconnect(&self) -> Result<()> {
+        self.remember_root()?;
+        if self.emu.backing_off().is_none() {
+            match self.reintegrate_pending(None) {
+                // The server answers but has no room: serve it again; the
+                // records stay logged and are retried after the back-off.
+                Err(e) if reintegrate::space_error(&e) => {}
+                r => r?,
+            }
+        }
+        // Objects the log still holds changes for are skipped.
+        self.revalidate_all()?;
+        self.top_up_fids();
+        self.emu.mode.reconnected();
+        Ok(())
+    }
+
+    /// One turn of the reintegrator while connected: send what is due.
+    fn send_due(&self) -> Result<()> {
+        let emu = &self.emu;
+        let age = if emu.write_disconnected() {
+            Some(emu.age())
+        } else {
+            None
+        };
+        self.reintegrate_pending(age)
+    }
+}
+
+/// Open files (file.rs) store through the client's write path.
+impl file::Store for Inner {
+    fn cache(&self) -> &Cache {
+        &self.cache
+    }
+    fn callbacks(&self) -> &Callbacks {
+        &self.callbacks
+    }
+    fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
+        Inner::commit(self, op, data)
+    }
+}
+
+impl file::Opener for Inner {
+    fn resolve(&self, path: &str, follow: bool) -> Result<(Fid, FileType)> {
+        Inner::resolve(self, path, follow)
+    }
+    fn resolve_parent(&self, path: &str) -> Result<(Fid, String)> {
+        Inner::resolve_parent(self, path)
+    }
+    fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
+        Inner::lookup(self, dir, name)
+    }
+    fn getattr(&self, fid: Fid) -> Result<Attr> {
+        Inner::getattr(self, fid)
+    }
+    fn open_data(&self, fid: Fid) -> Result<Attr> {
+        Inner::open_data(self, fid)
+    }
+    fn create_object(
+        &self,
+        parent: Fid,
+        ftype: FileType,
+        build: impl FnOnce(Fid, Timespec) -> RecordOp,
+        install: impl FnOnce(&Attr) -> Result<()>,
+    ) -> Result<Fid> {
+        Inner::create_object(self, parent, ftype, build, install)
+    }
+}
+
+/// The prober's view of the client (probe.rs).
+impl probe::Watched for Inner {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    fn servers(&self) -> &Servers {
+        &self.servers
+    }
+    fn events(&self) -> &EventBus {
+        &self.callbacks.events
+    }
+    fn mode(&self) -> &mode::Mode {
+        &self.emu.mode
+    }
+    fn pending(&self) -> usize {
+        self.emu.pending()
+    }
+    fn server_lost(&self) -> bool {
+        Inner::server_lost(self)
+    }
+    fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
+        Inner::revalidate_on(self, s, interrupt)
+    }
+    fn fail_over(&self, link: &Path, target: &Path) -> Result<()> {
+        Inner::fail_over(self, link, target)
+    }
+    fn fail_back(&self, link: &Path, target: &Path) -> Result<()> {
+        Inner::fail_back(self, link, target)
+    }
+}
+
+/// The reintegrator thread's turns (emulation.rs).
+impl emulation::Turns for Inner {
+    fn health_up(&self) -> bool {
+        self.health.is_up()
+    }
+    fn reconnect(&self) -> Result<()> {
+        Inner::reconnect(self)
+    }
+    fn went_offline(&self, e: &Error) -> bool {
+        Inner::went_offline(self, e)
+    }
+    fn send_due(&self) -> Result<()> {
+        Inner::send_due(self)
+    }
+    fn hoard_walk(&self) -> Result<HoardReport> {
+        Inner::hoard_walk(self)
+    }
+}
+
+impl Client {
+    /// Records logged and not yet on the server.
+    pub fn pending_records(&self) -> usize {
+        self.inner.cml.len()
+    }
+
+    /// Send the whole log now (also in write-disconnected mode, whatever the
+    /// records' age), reconnecting first if disconnected. Returns once the
+    /// log is empty (conflicts set aside); `Eio`/`Timeout` if no server
+    /// answers, and the log stays as it was.
+    pub fn reintegrate_now(&self) -> Result<()> {
+        let inner = &self.inner;
+        // Asked for explicitly (space was freed, say): no waiting.
+        inner.emu.reset_backoff();
+        if inner.emu.offline() || !inner.health.is_up() {
+            let s = inner.servers.session()?;
+            inner.reconnect().inspect_err(|e| {
+                inner.went_offline(e);
+            })?;
+            // The log went through and the cache is revalidated: as good a
+            // proof that the server is up as the prober's pings.
+            inner.health.mark_up(&inner.callbacks.events, &s.server);
+            return Ok(());
+        }
+        inner.reintegrate_pending(None).inspect_err(|e| {
+            inner.went_offline(e);
+        })
+    }
+
+    /// Turn write-disconnected mode on (mutations are logged and sent in
+    /// batches once older than `reintegration_age_ms`) or off (back to
+    /// write-through; what is logged is sent at once).
+    pub fn set_write_disconnected(&self, on: bool) {
+        let emu = &self.inner.emu;
+        emu.mode.set_write_disconnected(on);
+        emu.wake();
+    }
+
+    pub fn write_disconnected(&self) -> bool {
+        self.inner.emu.write_disconnected()
     }
 }

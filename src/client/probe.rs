@@ -9,22 +9,40 @@
 //! emitted here only, once per transition; automatic failover and failback
 //! are started here too. The exact rule is in docs/CLIENT.md.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 
-use super::conn::{Interrupt, Session};
-use super::event::Event;
-use super::{Config, Inner};
+use super::config::Config;
+use super::conn::{Interrupt, Servers, Session};
+use super::event::{Event, EventBus};
+use super::mode::Mode;
 use crate::proto::Msg;
 use crate::{Error, Result};
 
 /// Consecutive good pings before a server that was down counts as up: one
 /// answer from a flapping server or a half-restarted host proves little.
 pub(crate) const UP_AFTER_PINGS: u32 = 3;
+
+/// What the prober needs of the client: its parts, and the steps that
+/// involve the whole client (revalidation, the switch to emulation,
+/// failover and failback).
+pub(crate) trait Watched: Send + Sync + 'static {
+    fn health(&self) -> &Health;
+    fn servers(&self) -> &Servers;
+    fn events(&self) -> &EventBus;
+    fn mode(&self) -> &Mode;
+    /// Records logged and not yet on the server.
+    fn pending(&self) -> usize;
+    /// No server answers: emulate if the mode allows.
+    fn server_lost(&self) -> bool;
+    fn revalidate_on(&self, s: &Session, interrupt: &Interrupt) -> Result<()>;
+    fn fail_over(&self, link: &Path, target: &Path) -> Result<()>;
+    fn fail_back(&self, link: &Path, target: &Path) -> Result<()>;
+}
 
 /// Liveness state shared by the prober and the client's calls (the
 /// prober's verdict; the mode is `mode.rs`).
@@ -57,17 +75,17 @@ impl Health {
 
     /// Record that a server answers and the cache is revalidated; reports
     /// `ServerUp` only on the transition.
-    pub fn mark_up(&self, inner: &Inner, server: &str) {
+    pub fn mark_up(&self, events: &EventBus, server: &str) {
         if !self.up.swap(true, Ordering::SeqCst) {
-            inner.callbacks.events.emit(Event::ServerUp {
+            events.emit(Event::ServerUp {
                 server: server.to_string(),
             });
         }
     }
 
-    fn mark_down(&self, inner: &Inner, server: &str) {
+    fn mark_down(&self, inner: &impl Watched, server: &str) {
         if self.up.swap(false, Ordering::SeqCst) {
-            inner.callbacks.events.emit(Event::ServerDown {
+            inner.events().emit(Event::ServerDown {
                 server: server.to_string(),
             });
         }
@@ -80,16 +98,16 @@ impl Health {
 
 /// Start the prober. It holds the client only weakly, and ends when `stop`
 /// is dropped (with the client).
-pub(crate) fn spawn(inner: &Arc<Inner>, stop: Receiver<()>) -> Result<()> {
-    let weak: Weak<Inner> = Arc::downgrade(inner);
-    let lost = inner.servers.lost_signal();
+pub(crate) fn spawn<C: Watched>(inner: &Arc<C>, stop: Receiver<()>) -> Result<()> {
+    let weak: Weak<C> = Arc::downgrade(inner);
+    let lost = inner.servers().lost_signal();
     let mut p = Prober {
-        seen: inner.servers.current(),
+        seen: inner.servers().current(),
         good: 0,
         up_since: Some(Instant::now()),
         last_tick: Instant::now(),
     };
-    let period = inner.health.heartbeat;
+    let period = inner.health().heartbeat;
     std::thread::Builder::new()
         .name("coda-probe".into())
         .spawn(move || loop {
@@ -99,7 +117,7 @@ pub(crate) fn spawn(inner: &Arc<Inner>, stop: Receiver<()>) -> Result<()> {
                 default(period) => {}
             }
             let Some(inner) = weak.upgrade() else { return };
-            p.tick(&inner);
+            p.tick(&*inner);
         })
         .map_err(|e| Error::io("spawning the prober thread", e))?;
     Ok(())
@@ -124,10 +142,10 @@ fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
 }
 
 impl Prober {
-    fn tick(&mut self, inner: &Inner) {
-        let stalled = self.last_tick.elapsed() > inner.health.dead_after;
+    fn tick(&mut self, inner: &impl Watched) {
+        let stalled = self.last_tick.elapsed() > inner.health().dead_after;
         self.last_tick = Instant::now();
-        if inner.health.is_up() {
+        if inner.health().is_up() {
             self.watch(inner, stalled);
         } else {
             self.search(inner);
@@ -143,9 +161,9 @@ impl Prober {
 
     /// Up: heartbeat, judge silence, and answer a lost connection with an
     /// immediate reconnect.
-    fn watch(&mut self, inner: &Inner, stalled: bool) {
-        let h = &inner.health;
-        match inner.servers.current() {
+    fn watch(&mut self, inner: &impl Watched, stalled: bool) {
+        let h = inner.health();
+        match inner.servers().current() {
             Some(s) if !s.is_dead() && stalled && s.silent_for() > h.dead_after => {
                 // This process was stopped: the session cannot be trusted,
                 // but the server may be fine. Reconnect now (the next tick
@@ -176,7 +194,7 @@ impl Prober {
                         h.dead_after.saturating_sub(s.silent_for())
                     })
                     .max(h.heartbeat);
-                match inner.servers.probe_session(&h.interrupt, left) {
+                match inner.servers().probe_session(&h.interrupt, left) {
                     Ok(s) => {
                         self.seen = Some(s.clone());
                         let _ = inner.revalidate_on(&s, &h.interrupt);
@@ -187,27 +205,27 @@ impl Prober {
         }
     }
 
-    fn down(&mut self, inner: &Inner) {
+    fn down(&mut self, inner: &impl Watched) {
         self.good = 0;
         self.up_since = None;
-        inner.health.mark_down(inner, &self.server_name());
+        inner.health().mark_down(inner, &self.server_name());
         self.auto_failover(inner);
     }
 
-    fn auto_failover(&self, inner: &Inner) {
-        let Some((link, target)) = &inner.health.auto_failover else {
+    fn auto_failover(&self, inner: &impl Watched) {
+        let Some((link, target)) = &inner.health().auto_failover else {
             return;
         };
-        if !inner.emu.mode.failed_over() {
+        if !inner.mode().failed_over() {
             // A failure (link missing, not a symlink) is retried next tick.
             let _ = inner.fail_over(link, target);
         }
     }
 
     /// Down: look for a server; count good pings; revalidate; then up.
-    fn search(&mut self, inner: &Inner) {
-        let h = &inner.health;
-        let s = match inner.servers.probe_session(&h.interrupt, h.dead_after) {
+    fn search(&mut self, inner: &impl Watched) {
+        let h = inner.health();
+        let s = match inner.servers().probe_session(&h.interrupt, h.dead_after) {
             Ok(s) => s,
             Err(_) => {
                 self.good = 0;
@@ -237,20 +255,20 @@ impl Prober {
         // The cache is revalidated: with nothing logged, connected again
         // now (before ServerUp); otherwise the reintegrator sends the log
         // first and then switches.
-        if inner.emu.pending() == 0 && !inner.emu.mode.failed_over() {
-            inner.emu.mode.reconnected();
+        if inner.pending() == 0 && !inner.mode().failed_over() {
+            inner.mode().reconnected();
         }
-        h.mark_up(inner, &s.server);
+        h.mark_up(inner.events(), &s.server);
     }
 
-    fn maybe_fail_back(&self, inner: &Inner) {
-        let (Some(after), Some(since)) = (inner.health.failback_after, self.up_since) else {
+    fn maybe_fail_back(&self, inner: &impl Watched) {
+        let (Some(after), Some(since)) = (inner.health().failback_after, self.up_since) else {
             return;
         };
         if since.elapsed() < after {
             return;
         }
-        if let Some(f) = inner.emu.mode.failback_record() {
+        if let Some(f) = inner.mode().failback_record() {
             let _ = inner.fail_back(&f.link, &f.before);
         }
     }

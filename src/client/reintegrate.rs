@@ -14,10 +14,14 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use super::conn::Session;
+use super::cache::Cache;
+use super::callback::Callbacks;
+use super::cml::Cml;
+use super::conflict::Conflicts;
+use super::conn::{Servers, Session};
 use super::event::Event;
+use super::mode::Mode;
 use super::stats::Counters;
-use super::Inner;
 use crate::proto::{Attr, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
@@ -153,6 +157,60 @@ pub(crate) enum Deferred {
     NotLogged(Option<Error>),
 }
 
+/// The first wait after a refusal for space, and the longest.
+pub(crate) const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Set while the server refuses reintegration for lack of space or quota:
+/// no batch is sent before it ends.
+#[derive(Default)]
+pub(crate) struct Backoff {
+    state: Mutex<BackoffState>,
+}
+
+#[derive(Default)]
+struct BackoffState {
+    /// When the next reintegration may be tried, and the last refusal
+    /// (quota or not, and its message).
+    until: Option<(Instant, bool, String)>,
+    step: Option<Duration>,
+}
+
+impl Backoff {
+    /// The refusal that started the current back-off, while it lasts.
+    pub fn current(&self) -> Option<Error> {
+        let b = self.state.lock();
+        match &b.until {
+            Some((t, quota, m)) if Instant::now() < *t => Some(if *quota {
+                Error::Quota(m.clone())
+            } else {
+                Error::NoSpace(m.clone())
+            }),
+            _ => None,
+        }
+    }
+
+    /// Start (or lengthen: doubling, capped) the back-off after `e`;
+    /// returns how long it is.
+    pub fn start(&self, e: &Error) -> Duration {
+        let mut b = self.state.lock();
+        let step = b.step.map_or(BACKOFF_FIRST, |s| (s * 2).min(BACKOFF_MAX));
+        b.step = Some(step);
+        let (quota, m) = match e {
+            Error::Quota(m) => (true, m.clone()),
+            Error::NoSpace(m) => (false, m.clone()),
+            e => (false, e.to_string()),
+        };
+        b.until = Some((Instant::now() + step, quota, m));
+        step
+    }
+
+    /// A reintegration went through, or the user asked for one now.
+    pub fn reset(&self) {
+        *self.state.lock() = BackoffState::default();
+    }
+}
+
 /// Records per batch: bounded so one batch is one bounded transaction on
 /// the server and one frame on the wire.
 pub(crate) const BATCH_RECORDS: usize = 1024;
@@ -162,7 +220,27 @@ const BATCH_BYTES: usize = 768 << 10;
 /// batch's time stays bounded and progress is committed as it goes.
 const BATCH_DATA: u64 = 256 << 20;
 
-impl Inner {
+/// Told when a reintegration emptied the log (emulation.rs rereads the
+/// listings it edited meanwhile).
+pub(crate) trait OnEmpty {
+    fn log_emptied(&self);
+}
+
+/// The one sender of records: the parts it reads and updates, borrowed for
+/// one call.
+pub(crate) struct Reintegrator<'a> {
+    pub outbox: &'a Outbox,
+    pub servers: &'a Servers,
+    pub cml: &'a Cml,
+    pub cache: &'a Cache,
+    pub callbacks: &'a Callbacks,
+    pub counters: &'a Counters,
+    pub mode: &'a Mode,
+    pub backoff: &'a Backoff,
+    pub on_empty: &'a dyn OnEmpty,
+}
+
+impl Reintegrator<'_> {
     /// The connected write path: upload the data (no lock held, in
     /// parallel with other writers), log the record durably, queue it, and
     /// wait until it is sent (by this writer or the one leading) and the
@@ -220,7 +298,7 @@ impl Inner {
     /// the log (disconnected operation), unless emulation is off or the
     /// client failed over.
     fn keeps_unreachable(&self) -> bool {
-        self.emu.enabled() && !self.emu.mode.failed_over()
+        self.mode.enabled() && !self.mode.failed_over()
     }
 
     /// Wait for record `id`'s outcome, leading whenever the token is free.
@@ -400,11 +478,11 @@ impl Inner {
     fn reintegrate_holding(&self, _token: &Token<'_>, min_age: Option<Duration>) -> Result<()> {
         let r = self.reintegrate_batches(min_age);
         match &r {
-            Ok(()) => self.emu.reset_backoff(),
+            Ok(()) => self.backoff.reset(),
             Err(e) if space_error(e) => {
                 // Keep the records; wait before the next try (the
                 // reintegrator skips its turns until then) and say why.
-                let wait = self.emu.back_off(e);
+                let wait = self.backoff.start(e);
                 Counters::add(&self.counters.space_refusals, 1);
                 self.callbacks.events.emit(Event::ReintegrationStalled {
                     code: e.code(),
@@ -423,12 +501,17 @@ impl Inner {
             match self.one_batch(min_age)? {
                 Step::Done => {
                     if self.cml.len() == 0 {
-                        self.drop_edited_listings();
+                        self.on_empty.log_emptied();
                     }
                     return Ok(());
                 }
                 Step::Next => {}
-                Step::Refused(id, e) => self.make_conflict(id, &e)?,
+                Step::Refused(id, e) => Conflicts {
+                    cache: self.cache,
+                    cml: self.cml,
+                    callbacks: self.callbacks,
+                }
+                .make(id, &e)?,
             }
         }
     }

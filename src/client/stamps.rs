@@ -10,14 +10,17 @@
 //! remembered. A foreign change breaks the volume callback (the server sends
 //! a `CallbackBreak` for the volume's pseudo-fid `volume.0.0`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
+use parking_lot::Mutex;
 use redb::TableDefinition;
 
+use super::cache::{Cache, Index};
+use super::callback::Callbacks;
+use super::cml::Cml;
 use super::conn::{Interrupt, Session};
 use super::stats::Counters;
-use super::Inner;
-use crate::proto::{Fid, Msg};
+use crate::proto::{Attr, Fid, Msg};
 use crate::{Error, Result};
 
 /// volume → the stamp the client's cache of it was last fully valid at.
@@ -28,16 +31,30 @@ pub(crate) fn volume_fid(volume: u32) -> Fid {
     Fid::new(volume, 0, 0)
 }
 
-impl Inner {
+/// What a volume pass reads and updates besides the stamps themselves.
+pub(crate) struct Parts<'a> {
+    pub cache: &'a Cache,
+    pub cml: &'a Cml,
+    pub callbacks: &'a Callbacks,
+    pub counters: &'a Counters,
+}
+
+/// The stamps the client knows, per volume.
+#[derive(Default)]
+pub(crate) struct Stamps {
+    known: Mutex<HashMap<u32, u64>>,
+}
+
+impl Stamps {
     /// Load the stamps a clean shutdown saved, and delete them: if this run
     /// crashes, the index may have lost updates, and a stamp must not vouch
     /// for it.
-    pub(crate) fn take_saved_stamps(&self) {
+    pub(crate) fn take_saved(&self, db: &Index) {
         let res: Result<()> = (|| {
-            let w = self.cml.db.begin_write()?;
+            let w = db.begin_write()?;
             {
                 let mut t = w.open_table(STAMPS)?;
-                let mut m = self.emu.stamps.lock();
+                let mut m = self.known.lock();
                 while let Some((k, v)) = t.pop_first()? {
                     m.insert(k.value(), v.value());
                 }
@@ -49,14 +66,14 @@ impl Inner {
     }
 
     /// At a clean shutdown: keep the stamps of volumes nothing went stale in.
-    pub(crate) fn save_stamps(&self) {
-        let stamps = self.emu.stamps.lock().clone();
+    pub(crate) fn save(&self, db: &Index, callbacks: &Callbacks) {
+        let stamps = self.known.lock().clone();
         let res: Result<()> = (|| {
-            let w = self.cml.db.begin_write()?;
+            let w = db.begin_write()?;
             {
                 let mut t = w.open_table(STAMPS)?;
                 for (v, s) in stamps {
-                    if !self.callbacks.is_dirty(v) {
+                    if !callbacks.is_dirty(v) {
                         t.insert(v, s)?;
                     }
                 }
@@ -70,8 +87,15 @@ impl Inner {
     /// Validate the cached objects (those without logged changes: they keep
     /// their local state until reintegrated) volume by volume: one
     /// `ValidateVolume` each; where the stamp does not prove the volume
-    /// unchanged, `GetAttrs` in batches of many fids, never one per file.
-    pub(crate) fn validate_volumes(&self, s: &Session, interrupt: &Interrupt) -> Result<()> {
+    /// unchanged, `GetAttrs` in batches of many fids, never one per file
+    /// (`fetch_attrs` caches what one batch answers).
+    pub(crate) fn validate_volumes(
+        &self,
+        p: &Parts,
+        s: &Session,
+        interrupt: &Interrupt,
+        mut fetch_attrs: impl FnMut(&[Fid]) -> Result<Vec<Result<Attr>>>,
+    ) -> Result<()> {
         // The server answers at most 14979 fids per GetAttrs (one reply
         // frame); smaller batches also keep each reply quick.
         const BATCH: usize = 4096;
@@ -79,17 +103,17 @@ impl Inner {
         // The session's own volume even with nothing cached: an empty
         // cache is trivially valid, and the stamp then covers what follows.
         by_volume.entry(s.root.volume).or_default();
-        for f in self.cache.known_fids() {
-            if !self.cml.mentions(f) {
+        for f in p.cache.known_fids() {
+            if !p.cml.mentions(f) {
                 by_volume.entry(f.volume).or_default().push(f);
             }
         }
         for (volume, fids) in by_volume {
-            let known = self.emu.stamps.lock().get(&volume).copied();
+            let known = self.known.lock().get(&volume).copied();
             // Something of the volume went stale since: check it all.
-            let known = known.filter(|_| !self.callbacks.take_dirty(volume));
+            let known = known.filter(|_| !p.callbacks.take_dirty(volume));
             let vf = volume_fid(volume);
-            let tok = self.callbacks.token(vf);
+            let tok = p.callbacks.token(vf);
             let reply = s.call(
                 &Msg::ValidateVolume {
                     volume,
@@ -112,23 +136,23 @@ impl Inner {
                 Err(Error::Stale(_)) => (u64::MAX, false),
                 Err(e) => return Err(e),
             };
-            Counters::add(&self.counters.volume_validations, 1);
+            Counters::add(&p.counters.volume_validations, 1);
             if valid {
                 // Every cached object of the volume is as the server has
                 // it: trusted under the volume callback until it breaks.
-                Counters::add(&self.counters.validations_unchanged, fids.len() as u64);
-                self.callbacks.grant_via_volume(vf, tok, &fids);
-                self.emu.stamps.lock().insert(volume, now);
+                Counters::add(&p.counters.validations_unchanged, fids.len() as u64);
+                p.callbacks.grant_via_volume(vf, tok, &fids);
+                self.known.lock().insert(volume, now);
                 continue;
             }
             for chunk in fids.chunks(BATCH) {
-                self.fetch_attrs_on(s, interrupt, chunk)?;
+                fetch_attrs(chunk)?;
             }
             if now != u64::MAX {
                 // The stamp read before the pass: a change after it breaks
                 // the volume callback registered with it (the token says).
-                self.emu.stamps.lock().insert(volume, now);
-                self.callbacks.grant(vf, tok);
+                self.known.lock().insert(volume, now);
+                p.callbacks.grant(vf, tok);
             }
         }
         Ok(())
