@@ -1,6 +1,6 @@
 //! Venus: the client cache manager a program embeds.
 //!
-//! A [`Client`] keeps whole files in a local cache (`cache`), trusts them
+//! A [`Client`](crate::client::Client) keeps whole files in a local cache (`cache`), trusts them
 //! while the server's callbacks hold (`callback`), talks to the server over
 //! a control and bulk connections (`conn`), and sends every mutation through
 //! the client modification log (`cml`). See docs/CLIENT.md.
