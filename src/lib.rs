@@ -5,8 +5,8 @@
 //! - [`server`]: Vice, the file server behind `coda-server`.
 //! - [`client`]: Venus, the cache manager a program embeds.
 //! - [`ffi`]: the C ABI over the client (`include/coda.h`).
-// Every public item is documented; client, server and proto::message are
-// still being finished (allowed until then) so clippy -D warnings stays green.
+// Every public item is documented; client is still being finished (allowed
+// until then) so clippy -D warnings stays green.
 #![warn(missing_docs)]
 
 /// Venus: the client cache manager a program embeds.
@@ -27,7 +27,6 @@ pub mod proto;
 /// Vice: the file server behind `coda-server`.
 ///
 /// cbindgen:ignore
-#[allow(missing_docs)]
 pub mod server;
 
 pub use error::{Error, Result};

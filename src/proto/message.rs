@@ -14,7 +14,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum ConnKind {
+    /// Requests, replies and callback breaks (wire value 0).
     Control = 0,
+    /// `Fetch` and `Upload` with their raw file bytes (wire value 1).
     Bulk = 1,
 }
 
@@ -22,7 +24,10 @@ pub enum ConnKind {
 /// (it grows), so a batch replayed after a lost reply is recognised.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// The record's id in the client's log (from 1): the server remembers the
+    /// highest it applied per client and applies each id once (replay detection).
     pub store_id: u64,
+    /// The mutation itself.
     pub op: RecordOp,
 }
 
@@ -46,65 +51,112 @@ pub enum Replaces {
 pub enum RecordOp {
     /// Replace the contents of `fid` with the staged upload `upload_id`.
     Store {
+        /// The file whose contents are replaced (must be a file).
         fid: Fid,
+        /// The file's version the client last saw; 0 skips the check.
         expected_version: u64,
+        /// The staged upload (of this client) that becomes the contents.
         upload_id: u64,
+        /// The upload's length; a staged upload of another length is `Invalid`.
         length: u64,
+        /// The file's new modification time.
         mtime: Timespec,
     },
+    /// Create the empty file `name` in `parent` as `fid`.
     Create {
+        /// The directory that gets the new entry.
         parent: Fid,
+        /// The new entry's name; it must be free.
         name: String,
+        /// The new file's fid: reserved to this client by `AllocFids`, never used.
         fid: Fid,
+        /// Permission bits of the new file.
         mode: u32,
+        /// Modification time of the new file.
         mtime: Timespec,
     },
+    /// Create the empty directory `name` in `parent` as `fid`.
     Mkdir {
+        /// The directory that gets the new entry.
         parent: Fid,
+        /// The new entry's name; it must be free.
         name: String,
+        /// The new directory's fid: reserved to this client by `AllocFids`, never used.
         fid: Fid,
+        /// Permission bits of the new directory.
         mode: u32,
+        /// Modification time of the new directory.
         mtime: Timespec,
     },
+    /// Create the symlink `name` in `parent` as `fid`, pointing at `target`.
     Symlink {
+        /// The directory that gets the new entry.
         parent: Fid,
+        /// The new entry's name; it must be free.
         name: String,
+        /// The new symlink's fid: reserved to this client by `AllocFids`, never used.
         fid: Fid,
+        /// What the link points at: non-empty, at most 4096 bytes.
         target: String,
+        /// Modification time of the new symlink.
         mtime: Timespec,
     },
+    /// Add the hard link `name` in `parent` to the existing file `fid`.
     Link {
+        /// The directory that gets the new entry.
         parent: Fid,
+        /// The new entry's name; it must be free.
         name: String,
+        /// The file linked to (a directory is `IsDir`, a symlink `Invalid`).
         fid: Fid,
     },
     /// Unlink `name` from `parent`; it must name `fid`.
     Remove {
+        /// The directory holding the entry.
         parent: Fid,
+        /// The entry removed.
         name: String,
+        /// The object the client believes `name` names (not a directory);
+        /// another one there is a `Conflict`.
         fid: Fid,
     },
     /// Remove the empty directory `name` from `parent`; it must name `fid`.
     Rmdir {
+        /// The directory holding the entry.
         parent: Fid,
+        /// The entry removed.
         name: String,
+        /// The empty directory the client believes `name` names; another
+        /// object there is a `Conflict`.
         fid: Fid,
     },
     /// POSIX rename of `src_name` (which must name `fid`) to `dst_name`,
     /// replacing a file or an empty directory there.
     Rename {
+        /// The directory the entry leaves.
         src_parent: Fid,
+        /// The entry's current name.
         src_name: String,
+        /// The directory the entry moves to (same volume as `src_parent`).
         dst_parent: Fid,
+        /// The entry's new name.
         dst_name: String,
+        /// The object being moved; `src_name` must name it.
         fid: Fid,
+        /// What the client expects at `dst_name`, checked before replacing.
         replaces: Replaces,
     },
+    /// Change some of an object's attributes; `None` leaves one as it is.
     SetAttr {
+        /// The object changed.
         fid: Fid,
+        /// The object's version the client last saw; 0 skips the check.
         expected_version: u64,
+        /// New permission bits.
         mode: Option<u32>,
+        /// New size (files only): truncates or extends with zeros.
         size: Option<u64>,
+        /// New modification time (without it, a size change sets the server's time).
         mtime: Option<Timespec>,
     },
 }
@@ -126,106 +178,169 @@ impl RecordOp {
     }
 }
 
+/// One protocol message: the body of a frame whose header type code is
+/// [`Msg::kind`]. Variants are grouped as in docs/PROTOCOL.md.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
     // Handshake, on both connection kinds.
+    /// Client's opening message (0x01) on every connection.
     Hello {
+        /// Protocol version; only 1 is accepted.
         version: u16,
+        /// Whether this connection is the control or a bulk connection.
         kind: ConnKind,
+        /// The user whose shared secret authenticates the connection (≤ 64 bytes).
         user: String,
+        /// The client's stable identity; the server keys all client state by
+        /// `(client_id, epoch)`, never by address.
         client_id: [u8; 16],
+        /// Changes when the client restarts; a control `Hello` with a new
+        /// epoch drops everything the old one held.
         epoch: u64,
+        /// The client's fresh random contribution to the MAC transcript.
         client_nonce: [u8; 32],
     },
+    /// Server's answer to `Hello` (0x02), sent even for an unknown user.
     Challenge {
+        /// Fresh random per connection, so a recorded handshake cannot be replayed.
         server_nonce: [u8; 32],
     },
+    /// Client's proof of the secret (0x03).
     Auth {
+        /// HMAC-SHA256(secret, "coda-v1 client" || transcript).
         mac: [u8; 32],
     },
+    /// Handshake success (0x04), sent once the connection is attached to its session.
     Welcome {
+        /// The server's identity, chosen at random when its data directory was made.
         server_id: [u8; 16],
+        /// The fid of the root directory.
         root: Fid,
+        /// HMAC-SHA256(secret, "coda-v1 server" || transcript): the server's
+        /// proof of the secret, checked by the client.
         server_mac: [u8; 32],
     },
     /// Failure reply to any request (same id), or to the handshake.
     /// `index` names the failing record of a batch, `u32::MAX` otherwise.
     Error {
+        /// What went wrong; maps to an errno at the C ABI.
         code: WireCode,
+        /// The failing record's position in a `Reintegrate` batch.
         index: u32,
+        /// Human-readable detail (≤ 4096 bytes); never names a server path.
         message: String,
     },
 
     // Control connection.
+    /// Heartbeat request (0x10); keeps the control session from being reaped.
     Ping,
+    /// Reply to `Ping` (0x11).
     Pong,
+    /// Fetch the attrs of these objects (0x12); grants a callback on each found.
     GetAttrs {
+        /// The objects asked about (at most 14979, what one reply can hold).
         fids: Vec<Fid>,
     },
     /// One slot per requested fid, in order: the attr, or why not.
     Attrs {
+        /// Per fid: its attr, or the error code (`Stale` if it does not exist).
         items: Vec<std::result::Result<Attr, WireCode>>,
     },
+    /// Read one page of a directory's entries, in name order (0x14); grants a callback.
     ReadDir {
+        /// The directory read.
         fid: Fid,
+        /// Where to start: 0 for the first page, else a previous page's `next`.
         cursor: u32,
     },
+    /// One page of a directory (0x15).
     DirPage {
+        /// The directory's attr; if its version changes between pages the
+        /// client restarts from cursor 0.
         attr: Attr,
+        /// The page's entries (at most 2048).
         entries: Vec<DirEntry>,
+        /// Cursor of the following page; `None` on the last.
         next: Option<u32>,
     },
+    /// Reserve fresh vnode numbers for objects the client will create (0x16).
     AllocFids {
+        /// The volume to reserve in.
         volume: u32,
+        /// How many (at most 4096).
         count: u32,
     },
+    /// The reserved range (0x17): vnodes `first_vnode..first_vnode + count`, unique 1.
     FidRange {
+        /// The volume reserved in.
         volume: u32,
+        /// The first vnode number of the range.
         first_vnode: u64,
+        /// How many vnode numbers were reserved.
         count: u32,
     },
+    /// Apply a batch of mutations atomically (0x18): all commit or none does.
     Reintegrate {
+        /// The mutations, checked and applied in order (at most 4096).
         records: Vec<Record>,
     },
     /// The batch committed: one attr per record, of `record.op.target()` after
     /// it (for Remove/Rmdir of the last link: the attr it had, nlink 0).
     Reintegrated {
+        /// One attr per record, in the batch's order.
         results: Vec<Attr>,
     },
     /// Is every object of `volume` the client cached as of `stamp` still
     /// valid, given the client's own changes? Grants a volume callback.
     ValidateVolume {
+        /// The volume asked about.
         volume: u32,
+        /// The volume stamp the client read before its last full validation.
         stamp: u64,
     },
     /// `valid`: no other client changed the volume after `stamp`; `stamp`
     /// here is the volume's current one.
     VolumeStamp {
+        /// The volume answered about.
         volume: u32,
+        /// The volume's current stamp, for the client's next validation.
         stamp: u64,
+        /// True when no other client's batch committed after the asked stamp.
         valid: bool,
     },
     /// Server push: the callbacks on these fids are broken. Id chosen by server.
     CallbackBreak {
+        /// Objects whose cached copies are no longer current; `(volume, 0, 0)`
+        /// breaks a volume callback.
         fids: Vec<Fid>,
     },
+    /// Client's acknowledgement of a `CallbackBreak` (0x21), carrying its frame id.
     BreakAck,
 
     // Bulk connection.
+    /// Fetch a file's contents, or a symlink's target (0x30); grants a callback.
     Fetch {
+        /// The object fetched.
         fid: Fid,
     },
     /// Followed on the stream by exactly `length` raw bytes (not framed).
     FetchReply {
+        /// The object's attr matching the bytes that follow.
         attr: Attr,
+        /// How many raw bytes follow.
         length: u64,
     },
     /// Followed on the stream by exactly `length` raw bytes (not framed).
     Upload {
+        /// The client-chosen id a later `Store` record names; a second upload
+        /// with the same id replaces the staged one.
         upload_id: u64,
+        /// How many raw bytes follow.
         length: u64,
     },
+    /// The upload is staged and fsynced (0x33).
     Uploaded {
+        /// The `upload_id` of the upload now staged.
         upload_id: u64,
     },
 }
@@ -274,6 +389,7 @@ impl Msg {
         Msg::error_at(e, u32::MAX)
     }
 
+    /// Build an error reply naming the failing record `index` of a batch.
     pub fn error_at(e: &Error, index: u32) -> Msg {
         let mut message = e.to_string();
         truncate_utf8(&mut message, MAX_MESSAGE);
@@ -437,6 +553,7 @@ impl Msg {
         Msg::decode_body(frame.kind, &frame.body)
     }
 
+    /// Decode a body of message type `kind`, as `decode` does for a whole frame.
     pub fn decode_body(kind: u8, body: &[u8]) -> Result<Msg> {
         use code::*;
         let mut r = Reader::new(body);

@@ -5,8 +5,6 @@ pub mod auth;
 pub mod codec;
 pub mod frame;
 pub mod handshake;
-// Its fields are documented in docs/PROTOCOL.md; doc comments still to come.
-#[allow(missing_docs)]
 pub mod message;
 pub mod types;
 

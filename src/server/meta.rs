@@ -43,6 +43,7 @@ pub const ROOT_KEY: &str = "root";
 
 /// The root volume and its root directory, created by `coda-server init`.
 pub const ROOT_VOLUME: u32 = 1;
+/// The root directory's fid (vnode 1 of the root volume), sent in `Welcome`.
 pub const ROOT_FID: Fid = Fid::new(ROOT_VOLUME, 1, 1);
 
 /// A volume's version stamp: bumped in the same transaction as every batch

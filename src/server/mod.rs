@@ -57,6 +57,7 @@ pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
 pub struct SpaceLimits {
     /// Largest file size a Store or truncate may set.
     pub max_file_size: u64,
+    /// Bounds on uploads staged (or arriving) and not yet consumed by a Store.
     pub staged: StagedLimits,
 }
 
@@ -94,16 +95,22 @@ const FD_RESERVE: usize = 64;
 /// Default silence after which a control connection is reaped.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Everything `Server::start` needs; `ServerConfig::new` fills in the defaults.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The data directory (meta.redb, secrets, object files) made by `coda-server init`.
     pub root: PathBuf,
+    /// Address to accept control and bulk connections on (port 0: any free port).
     pub listen: SocketAddr,
+    /// How long a writer's reply waits for a holder to acknowledge a callback
+    /// break before that holder is declared unreachable and its session dropped.
     pub break_timeout: Duration,
     /// A control connection silent this long is closed and its session
     /// (callbacks included) dropped. Clients ping every `heartbeat_ms`, so
     /// this only reaps clients that vanished without closing (host gone,
     /// cable cut, hung); such a client revalidates when it returns.
     pub idle_timeout: Duration,
+    /// Largest file size and bounds on staged uploads.
     pub space: SpaceLimits,
 }
 
@@ -208,6 +215,7 @@ impl Server {
         })
     }
 
+    /// The address actually bound (useful when `listen` had port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

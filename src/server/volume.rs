@@ -538,7 +538,9 @@ fn ensure_usage(db: &Database) -> Result<()> {
 /// A volume's usage and quota, as kept in the metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VolumeSpace {
+    /// Bytes of file data the volume holds now, counted against its quota.
     pub used: u64,
+    /// The most file bytes the volume may hold; `None` means no quota.
     pub quota: Option<u64>,
 }
 
