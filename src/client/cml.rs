@@ -29,7 +29,14 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// change it: what the first of them expects (conflict detection).
 const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");
 
+/// The end of the store-id lease: every id below it may have been used,
+/// by a record that is on disk or by a connected record that a power cut
+/// took before its commit reached the disk (connected records are not
+/// fsynced: see `log_connected`). A restarted client starts at it, so an id
+/// the server may have applied is never used again.
 const NEXT_STORE_ID: &str = "next_store_id";
+/// Store ids leased per durable write of `NEXT_STORE_ID`.
+const STORE_ID_LEASE: u64 = 64;
 /// Records with store ids up to this may have reached the server (a batch
 /// was sent and its reply may have been lost): they are never cancelled by
 /// an optimisation, since the server may already have applied them.
@@ -52,6 +59,10 @@ struct Log {
     connected: BTreeSet<u64>,
     /// A change is committed (or committing) and not yet applied here.
     applying: bool,
+    /// The next store id to hand out, and the durable lease end
+    /// (`NEXT_STORE_ID`) it must stay below without a durable commit.
+    next_id: u64,
+    lease_end: u64,
 }
 
 /// Every fid a record mentions.
@@ -283,9 +294,16 @@ impl Cml {
                 if k.value() == SENT_UPTO {
                     log.sent_upto = v.value();
                 }
+                if k.value() == NEXT_STORE_ID {
+                    log.lease_end = v.value();
+                }
             }
         }
         w.commit()?;
+        // Ids below the lease end may have gone to the server in records
+        // this index lost: start past them (and past every logged record).
+        let after_log = log.recs.keys().next_back().map_or(1, |id| id + 1);
+        log.next_id = log.lease_end.max(after_log).max(1);
         pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(Cml {
             db,
@@ -327,7 +345,9 @@ impl Cml {
     }
 
     /// Make the in-memory `sent_upto` durable (a connected record is kept
-    /// after its send failed: the server may have applied it).
+    /// after its send failed: the server may have applied it). The commit
+    /// is durable, so it also makes every earlier connected record durable
+    /// (redb persists non-durable commits with the next durable one).
     pub fn persist_sent_upto(&self) -> Result<()> {
         let v = self.log.lock().sent_upto;
         self.put_meta(&[(SENT_UPTO.to_string(), v)])
@@ -470,7 +490,22 @@ impl Cml {
                 .collect()
         };
 
-        w.set_durability(Durability::Immediate);
+        // A connected writer's record needs no fsync: it waits for the
+        // server's commit, which is the durable copy; if the server stops
+        // answering, `keep_connected` makes it durable before the writer is
+        // told anything. Every other record is acknowledged once logged.
+        // Either way the store-id lease is extended durably before an id
+        // past it is used, so no id is ever handed out twice.
+        let store_id = log
+            .next_id
+            .max(log.recs.keys().next_back().map_or(1, |id| id + 1));
+        let extend = !self_cancelled && store_id >= log.lease_end;
+        let new_lease = store_id + STORE_ID_LEASE;
+        w.set_durability(if connected && !extend {
+            Durability::None
+        } else {
+            Durability::Immediate
+        });
         let rec;
         {
             let mut meta = w.open_table(META)?;
@@ -485,9 +520,6 @@ impl Cml {
             if self_cancelled {
                 rec = None;
             } else {
-                let from_meta = meta.get(NEXT_STORE_ID)?.map(|v| v.value()).unwrap_or(1);
-                let from_log = cml.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-                let store_id = from_meta.max(from_log);
                 // A connected writer uploaded first, under an id of its own.
                 if let RecordOp::Store { upload_id, .. } = &mut op {
                     if *upload_id == 0 {
@@ -496,7 +528,9 @@ impl Cml {
                 }
                 let r = Record { store_id, op };
                 cml.insert(store_id, &encode_record(&r)[..])?;
-                meta.insert(NEXT_STORE_ID, store_id + 1)?;
+                if extend {
+                    meta.insert(NEXT_STORE_ID, new_lease)?;
+                }
                 if let Some(b) = new_base {
                     bt.insert(&target.to_bytes()[..], b)?;
                 }
@@ -504,6 +538,12 @@ impl Cml {
             }
         }
         let mut log = self.commit(w, log)?;
+        if !self_cancelled {
+            log.next_id = store_id + 1;
+            if extend {
+                log.lease_end = new_lease;
+            }
+        }
         let cancelled: Vec<Record> = cancel.iter().filter_map(|id| log.take(*id)).collect();
         for f in &gone_bases {
             log.base.remove(f);
@@ -863,6 +903,40 @@ mod tests {
         );
         drop(cml);
         assert_eq!(open(&dir).pending(), vec![c], "the log is durable");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Connected records are committed without an fsync, so a power cut
+    /// can take one the server already applied. Ids come from a durable
+    /// lease: a restarted client starts past every id it may have used.
+    #[test]
+    fn connected_records_take_ids_from_a_durable_lease_never_reused_after_a_restart() {
+        let dir = tmp("lease");
+        let f = Fid::new(1, 5, 1);
+        let used = {
+            let cml = open(&dir);
+            let ids: Vec<u64> = (0..3)
+                .map(|_| cml.log_connected(store(f)).unwrap().store_id)
+                .collect();
+            assert_eq!(ids, vec![1, 2, 3], "consecutive within a run");
+            cml.finish_acked(&ids).unwrap();
+            3
+        };
+        let cml = open(&dir);
+        let next = cml.log_connected(store(f)).unwrap().store_id;
+        assert!(
+            next > used && next >= STORE_ID_LEASE,
+            "a restart starts at the lease end ({STORE_ID_LEASE}), got {next}"
+        );
+        // Crossing the lease end extends it: ids keep growing by one.
+        let more: Vec<u64> = (0..STORE_ID_LEASE + 2)
+            .map(|_| cml.log_connected(store(f)).unwrap().store_id)
+            .collect();
+        assert!(more.windows(2).all(|w| w[1] == w[0] + 1));
+        let top = *more.last().unwrap();
+        drop(cml);
+        let cml = open(&dir);
+        assert!(cml.log_connected(store(f)).unwrap().store_id > top);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

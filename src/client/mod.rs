@@ -1220,10 +1220,8 @@ impl Inner {
             match self.commit_connected(op.clone(), data)? {
                 Ok(attr) => return Ok(attr),
                 Err(reintegrate::Deferred::Unreachable(id)) => {
-                    // The server's ack was to be the durable copy; without
-                    // it the container is, so it reaches the disk before
-                    // the caller hears success.
-                    emulation::make_data_durable(&self.cache, &op, data)?;
+                    // (commit_connected made the container and the record
+                    // durable, in that order.)
                     // Kept in the log; the server may or may not have it
                     // (if it does, its store id makes the replay a no-op).
                     // Sent later, it checks the version we had.

@@ -273,6 +273,10 @@ impl Reintegrator<'_> {
                 Err(e) => return Err(e),
             }
         }
+        let store_fid = match &op {
+            RecordOp::Store { fid, .. } => Some(*fid),
+            _ => None,
+        };
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
         let (tx, rx) = unbounded();
@@ -281,7 +285,15 @@ impl Reintegrator<'_> {
         match result {
             Ok(a) => Ok(Ok(a)),
             Err(e) if super::mode::unreachable(&e) && self.keeps_unreachable() => {
+                // The server's commit was to be the durable copy; without
+                // it the record and its container are, and the container
+                // reaches the disk first (a durable record over a lost
+                // container would send an empty file later).
+                if let (Some(fid), Some(f)) = (store_fid, data) {
+                    self.cache.make_durable(fid, f)?;
+                }
                 // Never cancel it: the server may have applied it already.
+                // This durable commit also makes the record itself durable.
                 self.cml.persist_sent_upto()?;
                 Ok(Err(Deferred::Unreachable(id)))
             }
