@@ -58,12 +58,17 @@ use stats::Counters;
 /// An object's status, as `stat` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
+    /// The object's file identifier: volume, vnode and uniquifier.
     pub fid: Fid,
+    /// File, directory or symlink.
     pub ftype: FileType,
     /// POSIX `st_mode`: type bits and permission bits.
     pub mode: u32,
+    /// Number of directory entries naming the object.
     pub nlink: u32,
+    /// Length in bytes (a symlink's: its target's length).
     pub size: u64,
+    /// Last modification time, as the server (or the local log) set it.
     pub mtime: Timespec,
     /// Derived from the fid: stable for the object's life.
     pub ino: u64,
@@ -100,8 +105,11 @@ pub enum ClientState {
 /// One entry of a directory listing (never `.` or `..`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
+    /// The entry's name within its directory.
     pub name: String,
+    /// The type of the object it names, known without a `stat`.
     pub ftype: FileType,
+    /// The object it names.
     pub fid: Fid,
 }
 
@@ -277,18 +285,26 @@ impl Client {
         self.inner.fail_back(link, target)
     }
 
+    /// Status of the object at `path`, following a final symlink. Served from
+    /// the cache while its callback holds; `NotFound` (ENOENT) if no entry,
+    /// `Timeout` (ETIMEDOUT) if it is not cached and no server answers.
     pub fn stat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, true)?;
         let a = self.inner.getattr(fid);
         Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
+    /// Like [`Client::stat`] but a final symlink is reported itself, not
+    /// followed.
     pub fn lstat(&self, path: &str) -> Result<Stat> {
         let (fid, _) = self.inner.resolve(path, false)?;
         let a = self.inner.getattr(fid);
         Ok(Stat::from(&a.map_err(|e| self.inner.at_path(e, path))?))
     }
 
+    /// The entries of the directory at `path` (never `.` or `..`), from the
+    /// cached listing when it is current. `NotDir` (ENOTDIR) if `path` is not
+    /// a directory.
     pub fn readdir(&self, path: &str) -> Result<Vec<DirEntry>> {
         let (fid, t) = self.inner.resolve(path, true)?;
         if t != FileType::Dir {
@@ -307,20 +323,34 @@ impl Client {
             .collect())
     }
 
+    /// Open the file at `path` with POSIX `flags` (access mode plus
+    /// `O_CREAT`, `O_EXCL`, `O_TRUNC`, `O_APPEND`; anything else is `Invalid`,
+    /// EINVAL), creating it with permission bits `mode` under `O_CREAT`. The
+    /// whole file is fetched into the cache first; writes go to the local
+    /// copy and are stored at [`File::close`]. `IsDir` (EISDIR) for a
+    /// directory, `NotFound` (ENOENT) without `O_CREAT`, `Exists` (EEXIST)
+    /// under `O_CREAT|O_EXCL`.
     pub fn open(&self, path: &str, flags: i32, mode: u32) -> Result<File> {
         file::open(&self.inner, path, flags, mode).map_err(|e| self.inner.at_path(e, path))
     }
 
+    /// Create the directory `path` with permission bits `mode`. `Exists`
+    /// (EEXIST) if the name is taken; while disconnected the creation is
+    /// logged and reintegrated later.
     pub fn mkdir(&self, path: &str, mode: u32) -> Result<()> {
         let (parent, name) = self.inner.free_name(path)?;
         self.mkdir_at(parent, &name, mode)?;
         Ok(())
     }
 
+    /// Remove the empty directory at `path`. `NotDir` (ENOTDIR) if it is not
+    /// a directory, `NotEmpty` (ENOTEMPTY) if it has entries.
     pub fn rmdir(&self, path: &str) -> Result<()> {
         self.remove(path, true)
     }
 
+    /// Remove the entry `path` naming a file or symlink. `IsDir` (EISDIR) for
+    /// a directory (use [`Client::rmdir`]).
     pub fn unlink(&self, path: &str) -> Result<()> {
         self.remove(path, false)
     }
@@ -365,6 +395,12 @@ impl Client {
         Ok(())
     }
 
+    /// Move the entry `from` to `to`, replacing what `to` names, with POSIX
+    /// rules: a directory only replaces a directory and a non-directory only
+    /// a non-directory (`NotDir`/`IsDir`, ENOTDIR/EISDIR, otherwise), and
+    /// renaming an object onto itself does nothing.
+    /// Logged with what `to` held, so a replay refuses to clobber an object
+    /// another client put there meanwhile.
     pub fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (sp, sn) = self.inner.resolve_parent(from)?;
         let (dp, dn) = self.inner.resolve_parent(to)?;
@@ -430,12 +466,17 @@ impl Client {
         Ok(())
     }
 
+    /// Create a symlink at `linkpath` whose contents are `target` (not
+    /// resolved or checked to exist). `Exists` (EEXIST) if `linkpath` is
+    /// taken, `Invalid` (EINVAL) for an empty or over-long target.
     pub fn symlink(&self, target: &str, linkpath: &str) -> Result<()> {
         let (parent, name) = self.inner.free_name(linkpath)?;
         self.symlink_at(parent, &name, target)?;
         Ok(())
     }
 
+    /// The target stored in the symlink at `path` (a final symlink is not
+    /// followed). `Invalid` (EINVAL) if `path` is not a symlink.
     pub fn readlink(&self, path: &str) -> Result<String> {
         let (fid, t) = self.inner.resolve(path, false)?;
         if t != FileType::Symlink {
@@ -444,14 +485,21 @@ impl Client {
         self.inner.readlink_fid(fid)
     }
 
+    /// Set the permission bits of `path` (following symlinks) to
+    /// `mode & 0o7777`; the type bits of `mode` are ignored.
     pub fn chmod(&self, path: &str, mode: u32) -> Result<()> {
         self.setattr(path, Some(mode & 0o7777), None, None)
     }
 
+    /// Cut or zero-extend the file at `path` to `size` bytes; a cached copy
+    /// is resized in place rather than fetched again. `IsDir` (EISDIR) for a
+    /// directory.
     pub fn truncate(&self, path: &str, size: u64) -> Result<()> {
         self.setattr(path, None, Some(size), None)
     }
 
+    /// Set the modification time of `path` (following symlinks). `Invalid`
+    /// (EINVAL) if `mtime.nsec` is not below one second.
     pub fn utimes(&self, path: &str, mtime: Timespec) -> Result<()> {
         if mtime.nsec >= 1_000_000_000 {
             return Err(Error::Invalid(format!(
@@ -530,10 +578,15 @@ impl Client {
         Ok(())
     }
 
+    /// A snapshot of this client's counters (fetches, RPCs, callback breaks,
+    /// reintegrations) since it was started.
     pub fn stats(&self) -> ClientStats {
         self.inner.counters.snapshot()
     }
 
+    /// The 16-byte identity this client presents to servers, kept in the
+    /// cache index so it survives restarts; servers track callbacks and
+    /// reintegration per client id.
     pub fn client_id(&self) -> [u8; 16] {
         self.inner.servers.ident().client_id
     }
@@ -1459,6 +1512,8 @@ impl Client {
         emu.wake();
     }
 
+    /// Whether write-disconnected mode is on (see
+    /// [`Client::set_write_disconnected`]).
     pub fn write_disconnected(&self) -> bool {
         self.inner.emu.write_disconnected()
     }

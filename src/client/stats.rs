@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ClientStats {
     /// Whole-file fetches (files and symlink targets) over the bulk connection.
     pub fetches: u64,
+    /// Bytes those fetches brought into the cache.
     pub fetch_bytes: u64,
     /// `GetAttrs` requests sent (one request may carry many fids).
     pub getattr_rpcs: u64,
