@@ -17,6 +17,7 @@ pub const SOCKET_NAME: &str = "control.sock";
 /// Longest request line accepted (bytes).
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+/// Where the control socket of the mount using `cache_dir` lives.
 pub fn socket_path(cache_dir: &Path) -> PathBuf {
     cache_dir.join(SOCKET_NAME)
 }
@@ -24,8 +25,15 @@ pub fn socket_path(cache_dir: &Path) -> PathBuf {
 /// A response: success with output lines, or an errno and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
+    /// The command succeeded; its output, one string per line.
     Ok(Vec<String>),
-    Err { errno: i32, message: String },
+    /// The command failed.
+    Err {
+        /// A positive errno (`EINVAL` for a malformed request).
+        errno: i32,
+        /// Why, for a person; newlines are flattened to spaces on the wire.
+        message: String,
+    },
 }
 
 /// Encode a request line; `None` if a field holds a TAB or newline (or the
@@ -48,6 +56,9 @@ pub fn decode_request(line: &str) -> Vec<String> {
 }
 
 impl Response {
+    /// The response as sent on the socket: `ok` and the output lines, or
+    /// one `err ERRNO MESSAGE` line. Newlines inside a line become spaces so
+    /// the framing holds.
     pub fn encode(&self) -> String {
         let one_line = |s: &str| s.replace(['\n', '\r'], " ");
         match self {
@@ -63,6 +74,8 @@ impl Response {
         }
     }
 
+    /// Parse everything read from the socket; `None` if the first line is
+    /// neither `ok` nor `err` with a numeric errno.
     pub fn decode(text: &str) -> Option<Response> {
         let mut lines = text.lines();
         let first = lines.next()?;

@@ -19,34 +19,57 @@ use crate::proto::Fid;
 /// counted), so a program that never pulls costs bounded memory.
 pub const QUEUE_LIMIT: usize = 1024;
 
+/// A state change the client reports; [`Event::kind_code`] gives its
+/// `CODA_EVENT_*` number at the C ABI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// The prober (or a failed call) found the server unreachable; sent once
+    /// per up-to-down transition, as the client leaves connected mode.
     ServerDown {
+        /// The server's address as configured.
         server: String,
     },
+    /// The server answers again; sent once per down-to-up transition.
     ServerUp {
+        /// The server's address as configured.
         server: String,
     },
+    /// `Client::failover` swapped `link` to a local tree: remote operations
+    /// now fail with EIO until failback.
     Failover {
+        /// The symlink that was repointed.
         link: String,
+        /// Where it points now (the local tree).
         target: String,
     },
+    /// `Client::failback` finished: `link` points at the remote tree again
+    /// and remote operations go through.
     Failback {
+        /// The symlink that was repointed.
         link: String,
+        /// Where it points now (the remote tree).
         target: String,
     },
+    /// The server broke the callback on `fid`: the cached copy is no longer
+    /// trusted and is revalidated on next use.
     CallbackBreak {
+        /// The object whose cached state may be stale.
         fid: Fid,
     },
     /// A reintegration batch committed on the server.
     Reintegrated {
+        /// Log records the batch carried.
         records: u64,
+        /// Records still in the log after it.
         remaining: u64,
     },
     /// The server refused a record at reintegration: see `Client::conflicts`.
     Conflict {
+        /// The conflict's id, for `Client::conflicts` and its resolution.
         id: u64,
+        /// The object the refused record touched.
         fid: Fid,
+        /// Its path when the record was logged.
         path: String,
     },
     /// Reintegration stopped because the server is out of space or the
@@ -54,9 +77,13 @@ pub enum Event {
     /// records stay in the log (`pending`) and are tried again after
     /// `retry_ms` (doubling up to a minute), or at `reintegrate_now`.
     ReintegrationStalled {
+        /// `-ENOSPC` or `-EDQUOT`.
         code: i32,
+        /// The server's message.
         message: String,
+        /// Records waiting in the log.
         pending: u64,
+        /// Milliseconds until the next attempt.
         retry_ms: u64,
     },
 }
@@ -77,6 +104,8 @@ impl Event {
     }
 }
 
+/// An event callback; run on the bus's dispatcher thread, never on a
+/// connection thread, so it may block or call back into the client.
 pub type Handler = Arc<dyn Fn(&Event) + Send + Sync>;
 
 struct Queue {
@@ -84,6 +113,8 @@ struct Queue {
     dropped: u64,
 }
 
+/// Fans events out to the pull queue and the registered handler; one per
+/// client.
 pub struct EventBus {
     queue: Mutex<Queue>,
     ready: Condvar,
@@ -98,6 +129,8 @@ impl Default for EventBus {
 }
 
 impl EventBus {
+    /// An empty bus with no handler; the dispatcher thread starts only when
+    /// a handler is installed.
     pub fn new() -> EventBus {
         EventBus {
             queue: Mutex::new(Queue {
@@ -110,6 +143,9 @@ impl EventBus {
         }
     }
 
+    /// Deliver `ev` to the handler (if any) and append it to the queue,
+    /// dropping the oldest event when [`QUEUE_LIMIT`] is reached. Never
+    /// blocks on the handler.
     pub fn emit(&self, ev: Event) {
         if let Some(tx) = self.dispatch.lock().as_ref() {
             let _ = tx.send(ev.clone());
