@@ -19,7 +19,9 @@ pub struct CachedObject {
     /// Found by walking the cached directory listings from the root; `None`
     /// when no cached listing names the object.
     pub path: Option<String>,
+    /// The object's identifier.
     pub fid: Fid,
+    /// File, directory or symlink.
     pub ftype: FileType,
     /// Size as the server last reported it.
     pub size: u64,
@@ -29,6 +31,8 @@ pub struct CachedObject {
     pub current: bool,
     /// A callback from the current session holds: trusted without asking.
     pub callback: bool,
+    /// Written locally and not yet stored on the server: never evicted or
+    /// flushed until it is.
     pub dirty: bool,
     /// Open `File`s on the container.
     pub open: u32,

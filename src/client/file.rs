@@ -179,6 +179,9 @@ impl File {
         self.file.as_raw_fd()
     }
 
+    /// Read into `buf` from offset `off` of the local container, returning
+    /// the bytes read (0 at end of file); no server is involved. `BadHandle`
+    /// (EBADF) if the file was opened write-only.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize> {
         if !self.readable {
             return Err(Error::BadHandle("file not open for reading".into()));

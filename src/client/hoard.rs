@@ -51,8 +51,11 @@ pub enum Expand {
 /// One line of the hoard profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoardEntry {
+    /// The hoarded path, from the volume root; need not exist yet.
     pub path: String,
+    /// 1..=1000: higher is walked first and evicted last.
     pub priority: u32,
+    /// How far below `path` the entry reaches.
     pub expand: Expand,
 }
 
@@ -63,6 +66,7 @@ pub struct HoardReport {
     pub objects: u64,
     /// Files fetched because they were not cached (or not current).
     pub fetched: u64,
+    /// Bytes those fetches brought into the cache.
     pub fetched_bytes: u64,
     /// Files left out because the cache could not hold them as well.
     pub skipped: u64,
