@@ -51,7 +51,8 @@ pub enum Expand {
 /// One line of the hoard profile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HoardEntry {
-    /// The hoarded path, from the volume root; need not exist yet.
+    /// The hoarded path, as the other `Client` calls take one; it need not
+    /// exist yet (a walk counts it as missing).
     pub path: String,
     /// 1..=1000: higher is walked first and evicted last.
     pub priority: u32,
