@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use client_util::*;
-use coda::client::{Client, Config, FileType};
+use coda::client::{Client, FileType};
 use common::{TempDir, TestServer};
 
 const DIRS: u64 = 5;
@@ -166,16 +166,6 @@ fn apply(c: &Client, k: u64) {
     }
 }
 
-fn child_config() -> Config {
-    let v = |k: &str| std::env::var(k).unwrap();
-    let mut cfg = Config::new();
-    cfg.set("servers", &v("CODA_SERVER")).unwrap();
-    cfg.set("cache_dir", &v("CODA_CACHE")).unwrap();
-    cfg.set("secret_file", &v("CODA_SECRET")).unwrap();
-    cfg.set("rpc_timeout_ms", "5000").unwrap();
-    cfg
-}
-
 /// The child process: apply changes FROM..TO, printing each as done; with
 /// CODA_CLEAN, wait until everything is reintegrated and report conflicts.
 #[test]
@@ -185,7 +175,7 @@ fn child_writer() {
     }
     let from: u64 = std::env::var("CODA_FROM").unwrap().parse().unwrap();
     let to: u64 = std::env::var("CODA_TO").unwrap().parse().unwrap();
-    let c = Client::new(child_config()).expect("client starts");
+    let c = Client::new(disco_util::child_config()).expect("client starts");
     if from == 0 {
         for d in 0..DIRS {
             if exists(&c, &format!("/d{d}")).is_none() {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use client_util::*;
-use coda::client::{Client, ClientState, Config};
+use coda::client::{Client, ClientState};
 use common::{TempDir, TestServer};
 
 const FILES: usize = 10;
@@ -200,23 +200,13 @@ fn said(lines: &[String]) -> impl Iterator<Item = &str> {
         .filter_map(|l| l.split_once("@@ ").map(|(_, x)| x))
 }
 
-fn child_config() -> Config {
-    let v = |k: &str| std::env::var(k).unwrap();
-    let mut cfg = Config::new();
-    cfg.set("servers", &v("CODA_SERVER")).unwrap();
-    cfg.set("cache_dir", &v("CODA_CACHE")).unwrap();
-    cfg.set("secret_file", &v("CODA_SECRET")).unwrap();
-    cfg.set("rpc_timeout_ms", "5000").unwrap();
-    cfg
-}
-
 /// The client process of the test below, one phase per run.
 #[test]
 fn child_client() {
     let Ok(phase) = std::env::var("CODA_POWERCUT_CHILD") else {
         return; // only meaningful as the child of the test below
     };
-    let c = Client::new(child_config()).expect("client starts");
+    let c = Client::new(disco_util::child_config()).expect("client starts");
     match phase.as_str() {
         "setup" => {
             c.mkdir("/p", 0o755).unwrap();

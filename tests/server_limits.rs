@@ -357,19 +357,7 @@ fn a_batch_flood_does_not_starve_another_session() {
     const BATCHES: usize = 100;
     let mut flood = Raw::control(s.addr(), &s.secret_file(), [0x47; 16], 1);
     let mut w = flood.stream.try_clone().unwrap();
-    let mut next_store = 1u64;
-    let frames: Vec<Vec<u8>> = (0..BATCHES)
-        .map(|b| {
-            let records = (0..coda::proto::MAX_BATCH)
-                .map(|i| {
-                    next_store += 1;
-                    rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77))
-                })
-                .collect();
-            let m = Msg::Reintegrate { records };
-            encode_frame(m.kind(), 1 + b as u64, &m.encode())
-        })
-        .collect();
+    let frames = chmod_flood(BATCHES, f, 2, 1);
     let writer = std::thread::spawn(move || {
         for fr in frames {
             if w.write_all(&fr).is_err() {
@@ -434,19 +422,7 @@ fn a_backlogged_callback_holder_does_not_hold_up_another_writer() {
     ]);
     let mut w = Raw::control(s.addr(), &s.secret_file(), [0x71; 16], 1);
     let mut hw = h.stream.try_clone().unwrap();
-    let mut next_store = 2u64;
-    let frames: Vec<Vec<u8>> = (0..BATCHES)
-        .map(|b| {
-            let records = (0..coda::proto::MAX_BATCH)
-                .map(|i| {
-                    next_store += 1;
-                    rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77))
-                })
-                .collect();
-            let m = Msg::Reintegrate { records };
-            encode_frame(m.kind(), 100 + b as u64, &m.encode())
-        })
-        .collect();
+    let frames = chmod_flood(BATCHES, f, 3, 100);
     let writer = std::thread::spawn(move || {
         for fr in frames {
             if hw.write_all(&fr).is_err() {
@@ -711,4 +687,23 @@ fn unsent_to(local_port: u16, remote_port: u16) -> u64 {
         }
     }
     0
+}
+
+/// `batches` Reintegrate frames of MAX_BATCH chmods of `f` each, store ids
+/// from `first_store` on, request ids from `first_id` on: a batch flood.
+fn chmod_flood(batches: usize, f: Fid, first_store: u64, first_id: u64) -> Vec<Vec<u8>> {
+    let mut next_store = first_store;
+    (0..batches)
+        .map(|b| {
+            let records = (0..coda::proto::MAX_BATCH)
+                .map(|i| {
+                    let r = rec::chmod(next_store, f, 0, 0o600 | (i as u32 & 0o77));
+                    next_store += 1;
+                    r
+                })
+                .collect();
+            let m = Msg::Reintegrate { records };
+            encode_frame(m.kind(), first_id + b as u64, &m.encode())
+        })
+        .collect()
 }

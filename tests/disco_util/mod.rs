@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, ClientState};
+use coda::client::{Client, ClientState, Config};
 
 /// Wait (bounded, generously: this is not a timing assertion) until the
 /// client is connected again and its log is empty.
@@ -65,4 +65,16 @@ pub fn wait_disconnected(c: &Client) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The configuration of a test's child client process, from the
+/// environment its parent sets (CODA_SERVER, CODA_CACHE, CODA_SECRET).
+pub fn child_config() -> Config {
+    let v = |k: &str| std::env::var(k).unwrap();
+    let mut cfg = Config::new();
+    cfg.set("servers", &v("CODA_SERVER")).unwrap();
+    cfg.set("cache_dir", &v("CODA_CACHE")).unwrap();
+    cfg.set("secret_file", &v("CODA_SECRET")).unwrap();
+    cfg.set("rpc_timeout_ms", "5000").unwrap();
+    cfg
 }
