@@ -641,6 +641,10 @@ impl Cache {
     }
 }
 
+/// Small durable counters of the index (store-id lease, fid leases, what
+/// was sent): key → value. Written by `cml.rs` and `fids.rs`.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
 /// The client's index (`index.redb`: cache entries, the CML, conflicts),
 /// reopened after an I/O failure. redb refuses every write after one failed
 /// commit ("Previous I/O error occurred") until the database is opened
@@ -675,6 +679,19 @@ impl Index {
     #[cfg(test)]
     pub fn at(path: &Path) -> Index {
         Index::open(path).expect("open a test index")
+    }
+
+    /// Write `kv` to the `meta` table in one durable commit.
+    pub fn put_meta(&self, kv: &[(String, u64)]) -> crate::Result<()> {
+        let w = self.begin_write()?;
+        {
+            let mut meta = w.open_table(META)?;
+            for (k, v) in kv {
+                meta.insert(k.as_str(), *v)?;
+            }
+        }
+        w.commit()?;
+        Ok(())
     }
 
     fn current(&self) -> Option<Arc<Database>> {

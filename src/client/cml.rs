@@ -19,12 +19,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use redb::{Durability, ReadableTable, TableDefinition};
 
-use super::cache::Index;
+use super::cache::{Index, META};
 use crate::proto::{Fid, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
 const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// fid → the server's version of the object before the pending records that
 /// change it: what the first of them expects (conflict detection).
 const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");
@@ -793,15 +792,7 @@ impl Cml {
     }
 
     pub(crate) fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
-        let w = self.db.begin_write()?;
-        {
-            let mut meta = w.open_table(META)?;
-            for (k, v) in kv {
-                meta.insert(k.as_str(), *v)?;
-            }
-        }
-        w.commit()?;
-        Ok(())
+        self.db.put_meta(kv)
     }
 }
 

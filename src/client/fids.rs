@@ -14,14 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
-use redb::{ReadableTable, TableDefinition};
+use redb::ReadableTable;
 
-use super::cache::Index;
+use super::cache::{Index, META};
 use super::conn::Servers;
 use crate::proto::{Fid, Msg};
 use crate::{Error, Result};
-
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Fids reserved per AllocFids request.
 pub(crate) const FID_BATCH: u32 = 1024;
@@ -186,15 +184,7 @@ impl Fids {
     }
 
     fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
-        let w = self.db.begin_write()?;
-        {
-            let mut meta = w.open_table(META)?;
-            for (k, v) in kv {
-                meta.insert(k.as_str(), *v)?;
-            }
-        }
-        w.commit()?;
-        Ok(())
+        self.db.put_meta(kv)
     }
 }
 
