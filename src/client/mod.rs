@@ -310,17 +310,8 @@ impl Client {
         if t != FileType::Dir {
             return Err(Error::NotDir(path.to_string()));
         }
-        Ok(self
-            .inner
-            .listing(fid)
-            .map_err(|e| self.inner.at_path(e, path))?
-            .iter()
-            .map(|e| DirEntry {
-                name: e.name.clone(),
-                ftype: e.ftype,
-                fid: e.fid,
-            })
-            .collect())
+        self.readdir_fid(fid)
+            .map_err(|e| self.inner.at_path(e, path))
     }
 
     /// Open the file at `path` with POSIX `flags` (access mode plus
