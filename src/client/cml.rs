@@ -71,6 +71,7 @@ pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
         RecordOp::Create { parent, fid, .. }
         | RecordOp::Mkdir { parent, fid, .. }
         | RecordOp::Symlink { parent, fid, .. }
+        | RecordOp::Mknod { parent, fid, .. }
         | RecordOp::Link { parent, fid, .. }
         | RecordOp::Remove { parent, fid, .. }
         | RecordOp::Rmdir { parent, fid, .. } => vec![*parent, *fid],
@@ -88,7 +89,8 @@ pub(crate) fn created(op: &RecordOp) -> Option<Fid> {
     match op {
         RecordOp::Create { fid, .. }
         | RecordOp::Mkdir { fid, .. }
-        | RecordOp::Symlink { fid, .. } => Some(*fid),
+        | RecordOp::Symlink { fid, .. }
+        | RecordOp::Mknod { fid, .. } => Some(*fid),
         _ => None,
     }
 }
@@ -106,15 +108,28 @@ fn expected_mut(op: &mut RecordOp) -> Option<&mut u64> {
 }
 
 /// Which attributes a SetAttr sets: setattrs of the same kind cancel.
-fn setattr_kind(op: &RecordOp) -> Option<(Fid, bool, bool, bool)> {
+fn setattr_kind(op: &RecordOp) -> Option<(Fid, [bool; 6])> {
     match op {
         RecordOp::SetAttr {
             fid,
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
             ..
-        } => Some((*fid, mode.is_some(), size.is_some(), mtime.is_some())),
+        } => Some((
+            *fid,
+            [
+                mode.is_some(),
+                size.is_some(),
+                mtime.is_some(),
+                uid.is_some(),
+                gid.is_some(),
+                atime.is_some(),
+            ],
+        )),
         _ => None,
     }
 }
@@ -845,6 +860,9 @@ mod tests {
             mode,
             size,
             mtime: None,
+            uid: None,
+            gid: None,
+            atime: None,
         }
     }
 
@@ -857,6 +875,8 @@ mod tests {
             fid,
             mode: 0o644,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         }
     }
 
@@ -1054,6 +1074,8 @@ mod tests {
             fid: d,
             mode: 0o755,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(mkdir, None, true, true).unwrap();
         let rmdir = RecordOp::Rmdir {
@@ -1072,6 +1094,8 @@ mod tests {
             fid: d2,
             mode: 0o755,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(mk2, None, true, true).unwrap();
         let x = Fid::new(1, 62, 1);
@@ -1081,6 +1105,8 @@ mod tests {
             fid: x,
             mode: 0o644,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(made_inside, None, true, true).unwrap();
         let ren = RecordOp::Rename {

@@ -2,7 +2,7 @@
 //! speed; closing a file that was written stores it back through the CML
 //! (write-through on close).
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -54,7 +54,6 @@ pub struct File {
 }
 
 fn stamp(f: &std::fs::File) -> (u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
     f.metadata()
         .map(|m| (m.len(), m.mtime(), m.mtime_nsec()))
         .unwrap_or((0, 0, 0))
@@ -72,7 +71,10 @@ pub(crate) fn open<C: Opener>(inner: &Arc<C>, path: &str, flags: i32, mode: u32)
     let (parent, name) = inner.resolve_parent(path)?;
     let found = inner.lookup(parent, &name)?;
     let (fid, created) = match found {
-        None if flags & libc::O_CREAT != 0 => (create(inner, parent, &name, mode)?, true),
+        None if flags & libc::O_CREAT != 0 => (
+            create(inner, parent, &name, mode, super::Owner::process())?,
+            true,
+        ),
         None => return Err(Error::NotFound(path.to_string())),
         Some(_) if flags & (libc::O_CREAT | libc::O_EXCL) == libc::O_CREAT | libc::O_EXCL => {
             return Err(Error::Exists(path.to_string()))
@@ -153,7 +155,13 @@ pub(crate) fn open_fid<C: Opener>(
 
 /// Create an empty file through the CML; its container starts out empty
 /// and opened.
-pub(crate) fn create<C: Opener>(inner: &Arc<C>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+pub(crate) fn create<C: Opener>(
+    inner: &Arc<C>,
+    parent: Fid,
+    name: &str,
+    mode: u32,
+    owner: super::Owner,
+) -> Result<Fid> {
     inner.create_object(
         parent,
         FileType::File,
@@ -163,6 +171,8 @@ pub(crate) fn create<C: Opener>(inner: &Arc<C>, parent: Fid, name: &str, mode: u
             fid,
             mode: mode & 0o7777,
             mtime: now,
+            uid: owner.uid,
+            gid: owner.gid,
         },
         |attr| inner.cache().install_empty(attr, false),
     )
@@ -233,11 +243,17 @@ impl File {
 
     fn store(&self) -> Result<()> {
         let inner = &self.inner;
-        let len = self
+        let meta = self
             .file
             .metadata()
-            .map_err(|e| Error::io("sizing a container", e))?
-            .len();
+            .map_err(|e| Error::io("sizing a container", e))?;
+        let len = meta.len();
+        // The container's mtime: the last write's time, or what a program
+        // set after writing (`cp -p`, `tar`), kept by the store.
+        let mtime = Timespec {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32,
+        };
         inner.cache().update(None, self.fid, |e| {
             e.dirty = true;
             e.data_bytes = len;
@@ -248,7 +264,7 @@ impl File {
             expected_version: 0, // connected: last close wins
             upload_id: 0,        // the CML sets it to the record's store id
             length: len,
-            mtime: Timespec::now(),
+            mtime,
         };
         match inner.commit(op, Some(&self.file)) {
             Ok(attr) => {

@@ -74,6 +74,57 @@ pub struct Stat {
     pub ino: u64,
     /// The object's version on the server: grows with every change.
     pub version: u64,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Last access time, as last set explicitly (reads do not move it).
+    pub atime: Timespec,
+    /// Last status change.
+    pub ctime: Timespec,
+    /// Device number of a device node; 0 otherwise.
+    pub rdev: u64,
+}
+
+/// The numeric owner and group a new object gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Numeric user id.
+    pub uid: u32,
+    /// Numeric group id.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// This process's effective user and group: the owner of objects the
+    /// library creates unless a caller (the mount) says otherwise.
+    pub fn process() -> Owner {
+        // SAFETY: plain getters without preconditions.
+        unsafe {
+            Owner {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+            }
+        }
+    }
+}
+
+/// A status change: each `Some` field is set, in one record (so the
+/// object's ctime and version move once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetStatus {
+    /// Permission bits (`& 0o7777`).
+    pub mode: Option<u32>,
+    /// Size (files only): cut or zero-extended.
+    pub size: Option<u64>,
+    /// Modification time.
+    pub mtime: Option<Timespec>,
+    /// Access time.
+    pub atime: Option<Timespec>,
+    /// Numeric owner.
+    pub uid: Option<u32>,
+    /// Numeric group.
+    pub gid: Option<u32>,
 }
 
 impl From<&Attr> for Stat {
@@ -87,6 +138,11 @@ impl From<&Attr> for Stat {
             mtime: a.mtime,
             ino: a.fid.ino(),
             version: a.version,
+            uid: a.uid,
+            gid: a.gid,
+            atime: a.atime,
+            ctime: a.ctime,
+            rdev: a.rdev,
         }
     }
 }
@@ -386,6 +442,30 @@ impl Client {
         Ok(())
     }
 
+    /// A hard link: the name `name` in `parent` for `fid` (not a directory).
+    fn link_entry(&self, fid: Fid, parent: Fid, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        let ftype = inner.getattr(fid)?.ftype;
+        if ftype == FileType::Dir {
+            return Err(Error::IsDir(format!("hard link to directory {fid}")));
+        }
+        if inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        let now = Timespec::now();
+        let ptok = inner.callbacks.token(parent);
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::Link {
+            parent,
+            name: name.to_string(),
+            fid,
+        };
+        let attr = inner.commit(op.clone(), None)?;
+        inner.object_changed(&attr, tok);
+        inner.after_record(&op, ftype, &[(parent, ptok)], now);
+        Ok(())
+    }
+
     /// Move the entry `from` to `to`, replacing what `to` names, with POSIX
     /// rules: a directory only replaces a directory and a non-directory only
     /// a non-directory (`NotDir`/`IsDir`, ENOTDIR/EISDIR, otherwise), and
@@ -523,8 +603,31 @@ impl Client {
         size: Option<u64>,
         mtime: Option<Timespec>,
     ) -> Result<()> {
+        self.set_status_fid(
+            fid,
+            &SetStatus {
+                mode,
+                size,
+                mtime,
+                ..SetStatus::default()
+            },
+        )
+    }
+
+    /// Change any part of the status of object `fid` (a symlink's own) in
+    /// one record: mode, size (a file's), times, owner, group. Permission
+    /// to do so is the caller's business (the mount's kernel checks).
+    pub fn set_status_fid(&self, fid: Fid, set: &SetStatus) -> Result<()> {
         let inner = &self.inner;
-        if let Some(t) = mtime {
+        let SetStatus {
+            mode,
+            size,
+            mtime,
+            atime,
+            uid,
+            gid,
+        } = *set;
+        for t in [mtime, atime].into_iter().flatten() {
             if t.nsec >= 1_000_000_000 {
                 return Err(Error::Invalid(format!(
                     "nanoseconds {} out of range",
@@ -540,6 +643,9 @@ impl Client {
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
         };
         let attr = inner.commit(op, None)?;
         // Status changes leave the contents as they were (or cut/extended
@@ -1073,6 +1179,9 @@ impl Inner {
             match &mut e.listing {
                 Some((v, l)) if *v == version => {
                     edit(Arc::make_mut(l));
+                    // As the server counts them: entries, and 2 + subdirectories.
+                    e.attr.size = l.len() as u64;
+                    e.attr.nlink = 2 + l.iter().filter(|d| d.ftype == FileType::Dir).count() as u32;
                     *v += 1;
                     e.attr.version += 1;
                     e.attr.mtime = mtime;

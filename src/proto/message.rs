@@ -3,7 +3,7 @@
 
 use super::codec::{Reader, Writer, ATTR_LEN, ENTRY_MIN_LEN, FID_LEN};
 use super::frame::Frame;
-use super::types::{Attr, DirEntry, Fid, Timespec};
+use super::types::{Attr, DirEntry, Fid, FileType, Timespec};
 use super::{MAX_BATCH, MAX_DIR_PAGE, MAX_FIDS, MAX_MESSAGE, MAX_NAME, MAX_SYMLINK, MAX_USER};
 use crate::error::WireCode;
 use crate::{Error, Result};
@@ -74,6 +74,10 @@ pub enum RecordOp {
         mode: u32,
         /// Modification time of the new file.
         mtime: Timespec,
+        /// Numeric owner of the new file.
+        uid: u32,
+        /// Numeric group of the new file.
+        gid: u32,
     },
     /// Create the empty directory `name` in `parent` as `fid`.
     Mkdir {
@@ -87,6 +91,10 @@ pub enum RecordOp {
         mode: u32,
         /// Modification time of the new directory.
         mtime: Timespec,
+        /// Numeric owner of the new directory.
+        uid: u32,
+        /// Numeric group of the new directory.
+        gid: u32,
     },
     /// Create the symlink `name` in `parent` as `fid`, pointing at `target`.
     Symlink {
@@ -100,6 +108,10 @@ pub enum RecordOp {
         target: String,
         /// Modification time of the new symlink.
         mtime: Timespec,
+        /// Numeric owner of the new symlink.
+        uid: u32,
+        /// Numeric group of the new symlink.
+        gid: u32,
     },
     /// Add the hard link `name` in `parent` to the existing file `fid`.
     Link {
@@ -158,6 +170,34 @@ pub enum RecordOp {
         size: Option<u64>,
         /// New modification time (without it, a size change sets the server's time).
         mtime: Option<Timespec>,
+        /// New owner.
+        uid: Option<u32>,
+        /// New group.
+        gid: Option<u32>,
+        /// New access time.
+        atime: Option<Timespec>,
+    },
+    /// Create the special file (fifo, socket, device node) `name` in
+    /// `parent` as `fid`: metadata only, it never holds data.
+    Mknod {
+        /// The directory that gets the new entry.
+        parent: Fid,
+        /// The new entry's name; it must be free.
+        name: String,
+        /// The new object's fid: reserved to this client by `AllocFids`, never used.
+        fid: Fid,
+        /// Fifo, Socket, CharDev or BlockDev (anything else is `Invalid`).
+        ftype: FileType,
+        /// Permission bits.
+        mode: u32,
+        /// Device number (device nodes; 0 for the others).
+        rdev: u64,
+        /// Modification time of the new object.
+        mtime: Timespec,
+        /// Numeric owner.
+        uid: u32,
+        /// Numeric group.
+        gid: u32,
     },
 }
 
@@ -173,7 +213,8 @@ impl RecordOp {
             | RecordOp::Remove { fid, .. }
             | RecordOp::Rmdir { fid, .. }
             | RecordOp::Rename { fid, .. }
-            | RecordOp::SetAttr { fid, .. } => *fid,
+            | RecordOp::SetAttr { fid, .. }
+            | RecordOp::Mknod { fid, .. } => *fid,
         }
     }
 }
@@ -238,7 +279,7 @@ pub enum Msg {
     Pong,
     /// Fetch the attrs of these objects (0x12); grants a callback on each found.
     GetAttrs {
-        /// The objects asked about (at most 14979, what one reply can hold).
+        /// The objects asked about (at most 11154, what one reply can hold).
         fids: Vec<Fid>,
     },
     /// One slot per requested fid, in order: the attr, or why not.
@@ -381,6 +422,7 @@ mod rec {
     pub const RMDIR: u8 = 7;
     pub const RENAME: u8 = 8;
     pub const SETATTR: u8 = 9;
+    pub const MKNOD: u8 = 10;
 }
 
 impl Msg {
@@ -721,13 +763,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             mode,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::CREATE)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .u32(*mode)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Mkdir {
             parent,
@@ -735,13 +781,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             mode,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::MKDIR)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .u32(*mode)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Symlink {
             parent,
@@ -749,13 +799,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             target,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::SYMLINK)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .str(target)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Link { parent, name, fid } => {
             w.u8(rec::LINK).fid(parent).str(name).fid(fid);
@@ -792,13 +846,41 @@ fn encode_record(w: &mut Writer, r: &Record) {
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
         } => {
             w.u8(rec::SETATTR)
                 .fid(fid)
                 .u64(*expected_version)
                 .opt_u32(*mode)
                 .opt_u64(*size)
-                .opt_time(*mtime);
+                .opt_time(*mtime)
+                .opt_u32(*uid)
+                .opt_u32(*gid)
+                .opt_time(*atime);
+        }
+        RecordOp::Mknod {
+            parent,
+            name,
+            fid,
+            ftype,
+            mode,
+            rdev,
+            mtime,
+            uid,
+            gid,
+        } => {
+            w.u8(rec::MKNOD)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u8(*ftype as u8)
+                .u32(*mode)
+                .u64(*rdev)
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
     }
 }
@@ -820,6 +902,8 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             fid: r.fid()?,
             mode: r.u32()?,
             mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
         },
         rec::MKDIR => RecordOp::Mkdir {
             parent: r.fid()?,
@@ -827,6 +911,8 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             fid: r.fid()?,
             mode: r.u32()?,
             mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
         },
         rec::SYMLINK => RecordOp::Symlink {
             parent: r.fid()?,
@@ -834,6 +920,8 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             fid: r.fid()?,
             target: r.str(MAX_SYMLINK, "symlink target")?,
             mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
         },
         rec::LINK => RecordOp::Link {
             parent: r.fid()?,
@@ -869,6 +957,23 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             mode: r.opt_u32()?,
             size: r.opt_u64()?,
             mtime: r.opt_time()?,
+            uid: r.opt_u32()?,
+            gid: r.opt_u32()?,
+            atime: r.opt_time()?,
+        },
+        rec::MKNOD => RecordOp::Mknod {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            ftype: match r.ftype()? {
+                t if t.is_special() => t,
+                t => return Err(Error::Protocol(format!("mknod of type {t:?}"))),
+            },
+            mode: r.u32()?,
+            rdev: r.u64()?,
+            mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
         },
         v => return Err(Error::Protocol(format!("unknown record type {v}"))),
     };
@@ -900,6 +1005,10 @@ mod tests {
             mtime: Timespec { sec: 5, nsec: 6 },
             ctime: Timespec { sec: 7, nsec: 8 },
             version: 9,
+            uid: 1000,
+            gid: 100,
+            atime: Timespec { sec: 10, nsec: 11 },
+            rdev: 0x0801,
         }
     }
 
@@ -920,6 +1029,8 @@ mod tests {
                 fid: f,
                 mode: 0o600,
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Mkdir {
                 parent: f,
@@ -927,6 +1038,8 @@ mod tests {
                 fid: f,
                 mode: 0o755,
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Symlink {
                 parent: f,
@@ -934,6 +1047,8 @@ mod tests {
                 fid: f,
                 target: "/x".into(),
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Link {
                 parent: f,
@@ -972,6 +1087,20 @@ mod tests {
                 mode: Some(0o700),
                 size: None,
                 mtime: Some(t),
+                uid: Some(0),
+                gid: None,
+                atime: Some(t),
+            },
+            RecordOp::Mknod {
+                parent: f,
+                name: "dev".into(),
+                fid: f,
+                ftype: FileType::CharDev,
+                mode: 0o600,
+                rdev: (1 << 8) | 3,
+                mtime: t,
+                uid: 0,
+                gid: 0,
             },
         ];
         vec![

@@ -485,8 +485,23 @@ fn current_attr<T: ReadableTable<&'static [u8; 16], &'static [u8]>>(
             mtime: Timespec::default(),
             ctime: Timespec::default(),
             version: 0,
+            uid: 0,
+            gid: 0,
+            atime: Timespec::default(),
+            rdev: 0,
         },
     })
+}
+
+/// What a creating record makes (Create, Mkdir, Symlink, Mknod).
+struct New<'a> {
+    ftype: FileType,
+    mode: u32,
+    target: &'a str,
+    mtime: Timespec,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
 }
 
 struct Batch<'t, 's> {
@@ -556,29 +571,99 @@ impl<'t, 's> Batch<'t, 's> {
                 fid,
                 mode,
                 mtime,
-            } => self.create(*parent, name, *fid, FileType::File, *mode, "", *mtime),
+                uid,
+                gid,
+            } => self.create(
+                *parent,
+                name,
+                *fid,
+                New {
+                    ftype: FileType::File,
+                    mode: *mode,
+                    target: "",
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
+            ),
             RecordOp::Mkdir {
                 parent,
                 name,
                 fid,
                 mode,
                 mtime,
-            } => self.create(*parent, name, *fid, FileType::Dir, *mode, "", *mtime),
+                uid,
+                gid,
+            } => self.create(
+                *parent,
+                name,
+                *fid,
+                New {
+                    ftype: FileType::Dir,
+                    mode: *mode,
+                    target: "",
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
+            ),
             RecordOp::Symlink {
                 parent,
                 name,
                 fid,
                 target,
                 mtime,
+                uid,
+                gid,
             } => self.create(
                 *parent,
                 name,
                 *fid,
-                FileType::Symlink,
-                0o777,
-                target,
-                *mtime,
+                New {
+                    ftype: FileType::Symlink,
+                    mode: 0o777,
+                    target,
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
             ),
+            RecordOp::Mknod {
+                parent,
+                name,
+                fid,
+                ftype,
+                mode,
+                rdev,
+                mtime,
+                uid,
+                gid,
+            } => {
+                if !ftype.is_special() {
+                    return Err(Error::Invalid(format!("mknod of a {ftype:?}")));
+                }
+                let rdev = match ftype {
+                    FileType::CharDev | FileType::BlockDev => *rdev,
+                    _ => 0,
+                };
+                self.create(
+                    *parent,
+                    name,
+                    *fid,
+                    New {
+                        ftype: *ftype,
+                        mode: *mode,
+                        target: "",
+                        mtime: *mtime,
+                        uid: *uid,
+                        gid: *gid,
+                        rdev,
+                    },
+                )
+            }
             RecordOp::Link { parent, name, fid } => self.link(*parent, name, *fid),
             RecordOp::Remove { parent, name, fid } => self.remove(*parent, name, *fid, false),
             RecordOp::Rmdir { parent, name, fid } => self.remove(*parent, name, *fid, true),
@@ -603,7 +688,17 @@ impl<'t, 's> Batch<'t, 's> {
                 mode,
                 size,
                 mtime,
-            } => self.setattr(*fid, *expected_version, *mode, *size, *mtime),
+                uid,
+                gid,
+                atime,
+            } => self.setattr(
+                *fid,
+                *expected_version,
+                *mode,
+                *size,
+                *mtime,
+                (*uid, *gid, *atime),
+            ),
         }
     }
 
@@ -809,7 +904,7 @@ impl<'t, 's> Batch<'t, 's> {
         match rec.attr.ftype {
             FileType::File => {}
             FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
-            FileType::Symlink => return Err(Error::Invalid(format!("store into symlink {fid}"))),
+            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
         }
         Self::check_version(&rec, expected)?;
         let staged = match (self.staged)(upload_id) {
@@ -849,17 +944,16 @@ impl<'t, 's> Batch<'t, 's> {
         Ok(rec.attr)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn create(
-        &mut self,
-        parent: Fid,
-        name: &str,
-        fid: Fid,
-        ftype: FileType,
-        mode: u32,
-        target: &str,
-        mtime: Timespec,
-    ) -> Result<Attr> {
+    fn create(&mut self, parent: Fid, name: &str, fid: Fid, new: New) -> Result<Attr> {
+        let New {
+            ftype,
+            mode,
+            target,
+            mtime,
+            uid,
+            gid,
+            rdev,
+        } = new;
         check_name(name)?;
         self.dir(parent)?;
         if self.lookup(parent, name)?.is_some() {
@@ -880,6 +974,10 @@ impl<'t, 's> Batch<'t, 's> {
                 mtime,
                 ctime: self.now,
                 version: 1,
+                uid,
+                gid,
+                atime: mtime,
+                rdev,
             },
             dv: 0,
             has_file: false,
@@ -898,10 +996,10 @@ impl<'t, 's> Batch<'t, 's> {
         check_name(name)?;
         self.dir(parent)?;
         let mut rec = self.obj(fid)?;
-        match rec.attr.ftype {
-            FileType::File => {}
-            FileType::Dir => return Err(Error::IsDir(format!("hard link to directory {fid}"))),
-            FileType::Symlink => return Err(Error::Invalid(format!("hard link to symlink {fid}"))),
+        // Any object but a directory may have several names (POSIX link(2)
+        // of a symlink links the symlink itself).
+        if rec.attr.ftype == FileType::Dir {
+            return Err(Error::IsDir(format!("hard link to directory {fid}")));
         }
         Self::same_volume(parent, fid)?;
         if self.lookup(parent, name)?.is_some() {
@@ -913,7 +1011,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.dirents.insert(
             (&parent.to_bytes(), name),
-            &encode_entry(fid, FileType::File),
+            &encode_entry(fid, rec.attr.ftype),
         )?;
         self.touch_dir(parent, 1, 0)?;
         Ok(rec.attr)
@@ -1078,19 +1176,27 @@ impl<'t, 's> Batch<'t, 's> {
         mode: Option<u32>,
         size: Option<u64>,
         mtime: Option<Timespec>,
+        (uid, gid, atime): (Option<u32>, Option<u32>, Option<Timespec>),
     ) -> Result<Attr> {
         let mut rec = self.obj(fid)?;
         Self::check_version(&rec, expected)?;
         if let Some(m) = mode {
             rec.attr.mode = m & 0o7777;
         }
+        if let Some(u) = uid {
+            rec.attr.uid = u;
+        }
+        if let Some(g) = gid {
+            rec.attr.gid = g;
+        }
+        if let Some(t) = atime {
+            rec.attr.atime = t;
+        }
         if let Some(size) = size {
             match rec.attr.ftype {
                 FileType::File => {}
                 FileType::Dir => return Err(Error::IsDir(format!("truncate of directory {fid}"))),
-                FileType::Symlink => {
-                    return Err(Error::Invalid(format!("truncate of symlink {fid}")))
-                }
+                t => return Err(Error::Invalid(format!("truncate of {t:?} {fid}"))),
             }
             if size != rec.attr.size {
                 self.charge(fid.volume, rec.attr.size, size)?;
@@ -1145,6 +1251,8 @@ mod tests {
                 fid,
                 mode: 0o644,
                 mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
             },
         }
     }

@@ -135,6 +135,12 @@ impl VolumeStore {
                     mtime: now,
                     ctime: now,
                     version: 1,
+                    // Whoever ran `init` owns the root (plain POSIX metadata).
+                    // SAFETY: plain getters without preconditions.
+                    uid: unsafe { libc::geteuid() },
+                    gid: unsafe { libc::getegid() },
+                    atime: now,
+                    rdev: 0,
                 },
                 dv: 0,
                 has_file: false,
@@ -373,10 +379,14 @@ impl VolumeStore {
                     let data = rec.target.clone().into_bytes();
                     return Ok((rec.attr, FetchData::Bytes(data)));
                 }
+                // Special files are metadata only: they fetch as empty.
+                t if t.is_special() => {
+                    return Ok((rec.attr, FetchData::Bytes(Vec::new())));
+                }
                 FileType::File if !rec.has_file => {
                     return Ok((rec.attr, FetchData::Bytes(Vec::new())));
                 }
-                FileType::File => {}
+                _ => {}
             }
             let path = objects::object_path(&self.root, fid, rec.dv);
             match File::open(&path) {

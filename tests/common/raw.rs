@@ -1,6 +1,9 @@
 //! A raw protocol client for tests: speaks the wire format frame by frame
 //! with no policy, so tests can send exactly what they mean (including
 //! garbage) and see exactly what the server answers.
+// The error of a raw call is the server's reply itself (a whole `Msg`,
+// large since attrs carry owners and times): tests match on it.
+#![allow(clippy::result_large_err)]
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,7 +33,7 @@ pub struct Raw {
 /// The Hello a client sends, for tests that drive the handshake by hand.
 pub fn hello(kind: ConnKind, user: &str, client_id: [u8; 16], epoch: u64, nonce: [u8; 32]) -> Msg {
     Msg::Hello {
-        version: 1,
+        version: coda::proto::PROTOCOL_VERSION,
         kind,
         user: user.into(),
         client_id,
@@ -319,6 +322,8 @@ pub mod rec {
                 fid,
                 mode: 0o644,
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -331,6 +336,8 @@ pub mod rec {
                 fid,
                 mode: 0o755,
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -343,6 +350,8 @@ pub mod rec {
                 fid,
                 target: target.into(),
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -421,6 +430,74 @@ pub mod rec {
                 mode: None,
                 size: Some(size),
                 mtime: None,
+                uid: None,
+                gid: None,
+                atime: None,
+            },
+        }
+    }
+    /// Any status change, as the mount's setattr sends it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        id: u64,
+        fid: Fid,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    ) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::SetAttr {
+                fid,
+                expected_version: 0,
+                mode,
+                size: None,
+                mtime,
+                uid,
+                gid,
+                atime,
+            },
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        id: u64,
+        parent: Fid,
+        name: &str,
+        fid: Fid,
+        ftype: coda::proto::FileType,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Mknod {
+                parent,
+                name: name.into(),
+                fid,
+                ftype,
+                mode: 0o640,
+                rdev,
+                mtime: t(),
+                uid,
+                gid,
+            },
+        }
+    }
+    pub fn create_as(id: u64, parent: Fid, name: &str, fid: Fid, uid: u32, gid: u32) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Create {
+                parent,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: t(),
+                uid,
+                gid,
             },
         }
     }
@@ -433,6 +510,9 @@ pub mod rec {
                 mode: Some(mode),
                 size: None,
                 mtime: None,
+                uid: None,
+                gid: None,
+                atime: None,
             },
         }
     }

@@ -323,6 +323,10 @@ fn cache_line(o: &CachedObject) -> String {
         FileType::File => "file",
         FileType::Dir => "dir",
         FileType::Symlink => "symlink",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+        FileType::CharDev => "chardev",
+        FileType::BlockDev => "blockdev",
     };
     let mut flags = Vec::new();
     if o.dirty {

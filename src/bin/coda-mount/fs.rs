@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use coda::client::{Client, ClientState, Fid, File, FileType as CodaType, Stat, Timespec};
+use coda::client::{
+    Client, ClientState, Fid, File, FileType as CodaType, Owner, SetStatus, Stat, Timespec,
+};
 use coda::Error;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -118,6 +120,17 @@ fn kind(t: CodaType) -> FileType {
         CodaType::File => FileType::RegularFile,
         CodaType::Dir => FileType::Directory,
         CodaType::Symlink => FileType::Symlink,
+        CodaType::Fifo => FileType::NamedPipe,
+        CodaType::Socket => FileType::Socket,
+        CodaType::CharDev => FileType::CharDevice,
+        CodaType::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn time_or_now(t: TimeOrNow) -> Timespec {
+    match t {
+        TimeOrNow::Now => Timespec::now(),
+        TimeOrNow::SpecificTime(t) => from_system_time(t),
     }
 }
 
@@ -229,22 +242,66 @@ impl CodaFs {
                 }
             }
         }
+        // Run by root, the mount shows the owners the server keeps (and the
+        // kernel checks permissions against them); run by a user, every
+        // object is that user's, as only that user can reach the mount.
+        let (uid, gid) = if self.posix_owners() {
+            (st.uid, st.gid)
+        } else {
+            (self.uid, self.gid)
+        };
         FileAttr {
             ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
-            atime: mtime,
+            atime: to_system_time(st.atime),
             mtime,
-            ctime: mtime,
+            ctime: to_system_time(st.ctime),
             crtime: mtime,
             kind: kind(st.ftype),
             perm: (st.mode & 0o7777) as u16,
             nlink: st.nlink.max(1),
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
+            uid,
+            gid,
+            rdev: st.rdev as u32,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    /// Whether objects show (and get) real owners: the mount runs as root.
+    fn posix_owners(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// The owner of an object `req` creates in `parent`: the caller, with
+    /// the group of a set-group-ID directory (POSIX); the mounting user's
+    /// own objects when it is not root (see `attr`).
+    fn owner_for(&self, req: &Request, parent: Fid) -> Owner {
+        if !self.posix_owners() {
+            return Owner {
+                uid: self.uid,
+                gid: self.gid,
+            };
+        }
+        let mut owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        if let Ok(dir) = self.client.getattr_fid(parent) {
+            if dir.mode & libc::S_ISGID != 0 {
+                owner.gid = dir.gid;
+            }
+        }
+        owner
+    }
+
+    /// Mode bits of a new directory in `parent`: a set-group-ID directory
+    /// passes the bit on (POSIX).
+    fn dir_mode(&self, parent: Fid, mode: u32) -> u32 {
+        match self.client.getattr_fid(parent) {
+            Ok(dir) if dir.mode & libc::S_ISGID != 0 => mode | libc::S_ISGID,
+            _ => mode,
         }
     }
 
@@ -435,7 +492,7 @@ impl Filesystem for CodaFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -447,53 +504,71 @@ impl Filesystem for CodaFs {
     ) {
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
-        // Ownership is the mounting user's; changing it is not supported.
-        if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+        // Who may chown, chgrp or set times is the kernel's check
+        // (`default_permissions`). A mount run by a user shows everything
+        // as that user's and cannot give objects away.
+        if !self.posix_owners()
+            && (uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid))
+        {
             return reply.error(Errno::EPERM);
         }
-        if let Some(m) = mode {
-            tri!(
-                reply,
-                self.client
-                    .setattr_fid(fid, Some(m & 0o7777), None, None)
-                    .map_err(|e| errno(&e))
-            );
+        let mut set = SetStatus {
+            mode: mode.map(|m| m & 0o7777),
+            atime: atime.map(time_or_now),
+            mtime: mtime.map(time_or_now),
+            ..SetStatus::default()
+        };
+        if self.posix_owners() {
+            set.uid = uid;
+            set.gid = gid;
         }
-        if let Some(n) = size {
-            // ftruncate on a file open for writing: cut the container; the
-            // close stores it. Otherwise a truncate record right away.
-            let open = fh
-                .and_then(|fh| self.handle(fh).ok())
-                .filter(|h| h.writable);
-            match open {
-                Some(h) => {
-                    let g = h.file.lock();
-                    let Some(f) = g.as_ref() else {
-                        return reply.error(Errno::EBADF);
-                    };
+        // A file open for writing here: its container is ahead of the
+        // server and the close stores it. Cut it there (ftruncate), and
+        // give it the times set now, so the store keeps them (`cp -p`).
+        let open = fh
+            .and_then(|fh| self.handle(fh).ok())
+            .filter(|h| h.writable)
+            .or_else(|| {
+                let handles = self.handles.lock();
+                handles
+                    .values()
+                    .find(|h| h.ino == ino.0 && h.writable && h.file.lock().is_some())
+                    .cloned()
+            });
+        if let Some(h) = &open {
+            let g = h.file.lock();
+            if let Some(f) = g.as_ref() {
+                if let Some(n) = size {
                     // SAFETY: the fd is the live container fd of `f`.
                     if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
+                } else if set.mtime.is_some() {
+                    let omit = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    };
+                    let ts = |t: Option<Timespec>| {
+                        t.map_or(omit, |t| libc::timespec {
+                            tv_sec: t.sec,
+                            tv_nsec: t.nsec as i64,
+                        })
+                    };
+                    let times = [ts(set.atime), ts(set.mtime)];
+                    // SAFETY: a live fd and a two-element array.
+                    unsafe { libc::futimens(f.fd(), times.as_ptr()) };
                 }
-                None => tri!(
-                    reply,
-                    self.client
-                        .setattr_fid(fid, None, Some(n), None)
-                        .map_err(|e| errno(&e))
-                ),
+            } else if fh.is_some() && size.is_some() {
+                return reply.error(Errno::EBADF);
             }
         }
-        if let Some(t) = mtime {
-            let ts = match t {
-                TimeOrNow::Now => Timespec::now(),
-                TimeOrNow::SpecificTime(t) => from_system_time(t),
-            };
+        if open.is_none() {
+            set.size = size;
+        }
+        if set != SetStatus::default() {
             tri!(
                 reply,
-                self.client
-                    .setattr_fid(fid, None, None, Some(ts))
-                    .map_err(|e| errno(&e))
+                self.client.set_status_fid(fid, &set).map_err(|e| errno(&e))
             );
         }
         let attr = tri!(reply, self.stat_fid(fid));
@@ -509,7 +584,7 @@ impl Filesystem for CodaFs {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -518,10 +593,12 @@ impl Filesystem for CodaFs {
     ) {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
+        let owner = self.owner_for(req, dir);
+        let mode = self.dir_mode(dir, mode & !umask & 0o7777);
         let fid = tri!(
             reply,
             self.client
-                .mkdir_at(dir, &name, mode & !umask & 0o7777)
+                .mkdir_at_as(dir, &name, mode, owner)
                 .map_err(|e| errno(&e))
         );
         let attr = tri!(reply, self.stat_fid(fid));
@@ -554,7 +631,7 @@ impl Filesystem for CodaFs {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
@@ -566,7 +643,7 @@ impl Filesystem for CodaFs {
         let fid = tri!(
             reply,
             self.client
-                .symlink_at(dir, &name, target)
+                .symlink_at_as(dir, &name, target, self.owner_for(req, dir))
                 .map_err(|e| errno(&e))
         );
         let attr = tri!(reply, self.stat_fid(fid));
@@ -818,7 +895,7 @@ impl Filesystem for CodaFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -829,9 +906,10 @@ impl Filesystem for CodaFs {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         let cflags = Self::open_flags(flags);
+        let owner = self.owner_for(req, dir);
         let made = self
             .client
-            .create_at(dir, &name, mode & !umask & 0o7777, cflags);
+            .create_at_as(dir, &name, mode & !umask & 0o7777, cflags, owner);
         let file = match made {
             Ok(f) => f,
             // Made meanwhile by someone else: open it, unless O_EXCL.
@@ -867,5 +945,70 @@ impl Filesystem for CodaFs {
             FileHandle(fh),
             self.plain_flags(),
         );
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        let fid = if mode & libc::S_IFMT == libc::S_IFREG {
+            // mknod of a regular file: an empty file.
+            let owner = self.owner_for(req, dir);
+            let f = tri!(
+                reply,
+                self.client
+                    .create_at_as(dir, &name, mode & !umask & 0o7777, libc::O_RDONLY, owner)
+                    .map_err(|e| errno(&e))
+            );
+            let fid = f.fid();
+            tri!(reply, f.close().map_err(|e| errno(&e)));
+            fid
+        } else {
+            let Some(ftype) = CodaType::special_from_mode(mode) else {
+                return reply.error(Errno::EINVAL);
+            };
+            tri!(
+                reply,
+                self.client
+                    .mknod_at(
+                        dir,
+                        &name,
+                        ftype,
+                        mode & !umask & 0o7777,
+                        u64::from(rdev),
+                        self.owner_for(req, dir),
+                    )
+                    .map_err(|e| errno(&e))
+            )
+        };
+        let attr = tri!(reply, self.stat_fid(fid));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let fid = tri!(reply, self.fid_of(ino));
+        let (dir, name) = tri!(reply, self.child(newparent, newname));
+        tri!(
+            reply,
+            self.client.link_at(fid, dir, &name).map_err(|e| errno(&e))
+        );
+        let attr = tri!(reply, self.stat_fid(fid));
+        reply.entry(&TTL, &attr, Generation(0));
     }
 }
