@@ -154,6 +154,20 @@ fn file_id(fd: i32) -> Option<ContainerId> {
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
+/// Ctime of an open container: a change made through it (write,
+/// ftruncate, fallocate) is a status change the server has not seen yet.
+fn container_ctime(fd: i32) -> Option<SystemTime> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a properly sized out-buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    Some(to_system_time(Timespec {
+        sec: st.st_ctime,
+        nsec: st.st_ctime_nsec as u32,
+    }))
+}
+
 /// Size and mtime of an open container.
 fn size_mtime(fd: i32) -> Option<(u64, SystemTime)> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -232,13 +246,19 @@ impl CodaFs {
         let ino = self.fuse_ino(st.ino);
         let mut size = st.size;
         let mut mtime = to_system_time(st.mtime);
+        let mut ctime = to_system_time(st.ctime);
         // A file being written here: its container is ahead of the server.
         if st.ftype == CodaType::File {
             let handles = self.handles.lock();
             if let Some(h) = handles.values().find(|h| h.ino == ino && h.writable) {
-                if let Some((len, t)) = h.file.lock().as_ref().and_then(|f| size_mtime(f.fd())) {
-                    size = len;
-                    mtime = t;
+                if let Some(f) = h.file.lock().as_ref() {
+                    if let Some((len, t)) = size_mtime(f.fd()) {
+                        size = len;
+                        mtime = t;
+                    }
+                    if let Some(c) = container_ctime(f.fd()) {
+                        ctime = ctime.max(c);
+                    }
                 }
             }
         }
@@ -256,7 +276,7 @@ impl CodaFs {
             blocks: size.div_ceil(512),
             atime: to_system_time(st.atime),
             mtime,
-            ctime: to_system_time(st.ctime),
+            ctime,
             crtime: mtime,
             kind: kind(st.ftype),
             perm: (st.mode & 0o7777) as u16,
@@ -1010,5 +1030,31 @@ impl Filesystem for CodaFs {
         );
         let attr = tri!(reply, self.stat_fid(fid));
         reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // On the open container, like a write: the close stores it.
+        let h = tri!(reply, self.handle(fh));
+        if !h.writable {
+            return reply.error(Errno::EBADF);
+        }
+        let g = tri!(reply, self.file_for(&h));
+        let f = g.as_ref().expect("file_for fills the slot");
+        // SAFETY: the fd is the live container fd of `f`.
+        let r =
+            unsafe { libc::fallocate(f.fd(), mode, offset as libc::off_t, length as libc::off_t) };
+        if r != 0 {
+            return reply.error(Errno::from(std::io::Error::last_os_error()));
+        }
+        reply.ok();
     }
 }
