@@ -2,7 +2,7 @@
 //! second client of the same server: owners (chown as root), hard links
 //! and link counts, special files, times (exact utimensat, times set while
 //! open for writing kept at close, `touch -h` on symlinks), and the
-//! owner of a record logged while disconnected.
+//! owner of a record logged while disconnected; user extended attributes.
 
 mod client_util;
 mod common;
@@ -248,6 +248,14 @@ fn a_record_logged_disconnected_carries_its_owner_and_times_to_the_server() {
         },
     )
     .unwrap();
+    c.setxattr_fid(
+        fid,
+        "user.k",
+        b"logged value",
+        coda::client::XattrHow::Create,
+    )
+    .unwrap();
+    assert_eq!(c.getxattr_fid(fid, "user.k").unwrap(), b"logged value");
     // Applied locally at once...
     let local = c.getattr_fid(fid).unwrap();
     assert_eq!((local.uid, local.gid, local.atime), (4242, 77, t));
@@ -258,8 +266,120 @@ fn a_record_logged_disconnected_carries_its_owner_and_times_to_the_server() {
     assert_eq!(c.pending_records(), 0);
     let st = other.stat("/logged").unwrap();
     assert_eq!((st.uid, st.gid, st.atime), (4242, 77, t));
+    assert_eq!(
+        other.getxattr_fid(st.fid, "user.k").unwrap(),
+        b"logged value"
+    );
     let st = other.stat("/dir").unwrap();
     assert_eq!((st.uid, st.gid, st.mode & 0o7777), (4242, 4343, 0o750));
     let st = other.lstat("/dir/p").unwrap();
     assert_eq!((st.ftype, st.uid), (FileType::Fifo, 4242));
+}
+
+fn xattr_call(r: isize) -> Result<usize, i32> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+fn setx(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<usize, i32> {
+    let (c, n) = (cpath(p), CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings and a live buffer of that length.
+    xattr_call(unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    } as isize)
+}
+
+fn getx(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (c, n) = (cpath(p), CString::new(name).unwrap());
+    let mut buf = vec![0u8; 70_000];
+    // SAFETY: NUL-terminated strings and a live buffer of that length.
+    let len = xattr_call(unsafe {
+        libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    })?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+fn listx(p: &Path) -> Vec<String> {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a NUL-terminated path and a live buffer of that length.
+    let len =
+        xattr_call(unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
+            .unwrap();
+    buf[..len]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8(s.to_vec()).unwrap())
+        .collect()
+}
+
+fn removex(p: &Path, name: &str) -> Result<usize, i32> {
+    let (c, n) = (cpath(p), CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings.
+    xattr_call(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) } as isize)
+}
+
+#[test]
+fn user_extended_attributes_are_kept_with_the_flags_and_limits_of_linux() {
+    let Some((srv, d)) = setup() else { return };
+    let m = Mount::start(&srv, d.path(), &[], &[]);
+    let other = client_util::client(&srv, &d.path().join("other-cache"));
+    let f = m.path("x");
+    std::fs::write(&f, b"data").unwrap();
+    assert_eq!(getx(&f, "user.none"), Err(libc::ENODATA));
+    setx(&f, "user.a", b"one", 0).unwrap();
+    setx(&f, "user.b", b"", 0).unwrap();
+    assert_eq!(
+        setx(&f, "user.a", b"two", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        setx(&f, "user.c", b"two", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
+    setx(&f, "user.a", b"two", libc::XATTR_REPLACE).unwrap();
+    assert_eq!(getx(&f, "user.a").unwrap(), b"two");
+    assert_eq!(getx(&f, "user.b").unwrap(), b"");
+    assert_eq!(listx(&f), vec!["user.a", "user.b"]);
+    // Another client sees them; a change there is seen here.
+    let fid = other.stat("/x").unwrap().fid;
+    assert_eq!(other.getxattr_fid(fid, "user.a").unwrap(), b"two");
+    other
+        .setxattr_fid(fid, "user.z", b"from b", coda::client::XattrHow::Set)
+        .unwrap();
+    assert!(eventually(std::time::Duration::from_secs(10), || getx(
+        &f, "user.z"
+    )
+    .is_ok_and(|v| v == b"from b")));
+    // Removal, and removal of what is not there.
+    removex(&f, "user.b").unwrap();
+    assert_eq!(removex(&f, "user.b"), Err(libc::ENODATA));
+    assert_eq!(listx(&f), vec!["user.a", "user.z"]);
+    // Limits: a 64 KiB value is the largest; namespaces other than user.
+    // are refused.
+    setx(&f, "user.big", &vec![7u8; 60_000], 0).unwrap();
+    assert_eq!(getx(&f, "user.big").unwrap().len(), 60_000);
+    assert!(setx(&f, "user.huge", &vec![7u8; 70_000], 0).is_err());
+    assert_eq!(setx(&f, "trusted.t", b"v", 0), Err(libc::EOPNOTSUPP));
+    assert_eq!(getx(&f, "security.selinux"), Err(libc::ENODATA));
+    // A change of attributes is a status change.
+    let before = std::fs::metadata(&f).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    setx(&f, "user.a", b"three", 0).unwrap();
+    let after = std::fs::metadata(&f).unwrap();
+    assert!(
+        (after.ctime(), after.ctime_nsec()) > (before.ctime(), before.ctime_nsec()),
+        "ctime moves"
+    );
+    assert_eq!(after.mtime(), before.mtime(), "mtime does not");
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use coda::error::WireCode;
-use coda::proto::{ConnKind, FileType, Msg, Timespec};
+use coda::proto::{ConnKind, FileType, Msg, Record, RecordOp, Timespec, XattrHow};
 use common::raw::{hello, rec, Raw};
 use common::TestServer;
 
@@ -201,4 +201,86 @@ fn a_protocol_1_client_is_refused_with_a_version_error() {
         }
         m => panic!("expected a version error, got {m:?}"),
     }
+}
+
+fn setx(id: u64, fid: coda::proto::Fid, name: &str, how: XattrHow, value: &[u8]) -> Record {
+    Record {
+        store_id: id,
+        op: RecordOp::SetXattr {
+            fid,
+            name: name.into(),
+            how,
+            value: value.to_vec(),
+        },
+    }
+}
+
+fn xattrs(c: &mut Raw, fid: coda::proto::Fid) -> (u64, Vec<(String, Vec<u8>)>) {
+    match c.call(&Msg::GetXattrs { fid }) {
+        Msg::Xattrs { version, items } => (version, items),
+        m => panic!("GetXattrs: {m:?}"),
+    }
+}
+
+#[test]
+fn extended_attributes_are_kept_per_object_with_create_and_replace_checks() {
+    let s = TestServer::start();
+    let (mut c, _b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(1);
+    c.apply(vec![rec::create(1, root, "f", f[0])]);
+    assert_eq!(xattrs(&mut c, f[0]).1, vec![]);
+    let r = c.apply(vec![
+        setx(2, f[0], "user.b", XattrHow::Set, b"2"),
+        setx(3, f[0], "user.a", XattrHow::Create, b"1"),
+        setx(4, f[0], "user.b", XattrHow::Replace, b"22"),
+    ]);
+    let (version, items) = xattrs(&mut c, f[0]);
+    assert_eq!(version, r[2].version, "the list comes with its version");
+    assert_eq!(
+        items,
+        vec![
+            ("user.a".into(), b"1".to_vec()),
+            ("user.b".into(), b"22".to_vec())
+        ],
+        "in name order"
+    );
+    let code = |m: Msg| match m {
+        Msg::Error { code, .. } => code,
+        m => panic!("expected an error, got {m:?}"),
+    };
+    assert_eq!(
+        code(c.reintegrate(vec![setx(5, f[0], "user.a", XattrHow::Create, b"x")])),
+        WireCode::Exists
+    );
+    assert_eq!(
+        code(c.reintegrate(vec![setx(6, f[0], "user.c", XattrHow::Replace, b"x")])),
+        WireCode::NotFound
+    );
+    assert_eq!(
+        code(c.reintegrate(vec![setx(7, f[0], "user.c", XattrHow::Remove, b"")])),
+        WireCode::NotFound
+    );
+    // Names and values of one object: 64 KiB together at most.
+    assert_eq!(
+        code(c.reintegrate(vec![
+            setx(8, f[0], "user.big1", XattrHow::Set, &[1; 40_000]),
+            setx(9, f[0], "user.big2", XattrHow::Set, &[1; 40_000]),
+        ])),
+        WireCode::Invalid
+    );
+    c.apply(vec![setx(10, f[0], "user.a", XattrHow::Remove, b"")]);
+    assert_eq!(
+        xattrs(&mut c, f[0]).1,
+        vec![("user.b".into(), b"22".to_vec())]
+    );
+    // They survive a restart of the server.
+    drop(c);
+    let mut s = s;
+    s.restart();
+    let (mut c, _b) = clients(&s);
+    assert_eq!(
+        xattrs(&mut c, f[0]).1,
+        vec![("user.b".into(), b"22".to_vec())]
+    );
 }

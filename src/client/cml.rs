@@ -67,7 +67,9 @@ struct Log {
 /// Every fid a record mentions.
 pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
     match op {
-        RecordOp::Store { fid, .. } | RecordOp::SetAttr { fid, .. } => vec![*fid],
+        RecordOp::Store { fid, .. }
+        | RecordOp::SetAttr { fid, .. }
+        | RecordOp::SetXattr { fid, .. } => vec![*fid],
         RecordOp::Create { parent, fid, .. }
         | RecordOp::Mkdir { parent, fid, .. }
         | RecordOp::Symlink { parent, fid, .. }

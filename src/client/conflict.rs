@@ -108,6 +108,7 @@ fn describe(op: &RecordOp) -> String {
         } => format!("rename {src_name:?} to {dst_name:?}"),
         RecordOp::SetAttr { .. } => "setattr".into(),
         RecordOp::Mknod { name, .. } => format!("mknod {name:?}"),
+        RecordOp::SetXattr { name, .. } => format!("set attribute {name:?}"),
     }
 }
 

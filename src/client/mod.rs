@@ -28,6 +28,7 @@ mod probe;
 mod reintegrate;
 mod stamps;
 mod stats;
+mod xattr;
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -45,7 +46,7 @@ pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
 
 use crate::proto::{auth, Attr, Msg, RecordOp, Replaces, MAX_SYMLINK};
-pub use crate::proto::{Fid, FileType, Timespec};
+pub use crate::proto::{Fid, FileType, Timespec, XattrHow};
 use crate::{Error, Result};
 
 use cache::Cache;
@@ -190,6 +191,8 @@ pub(crate) struct Inner {
     /// The mode, and the reintegrator thread's wake-up.
     emu: Arc<emulation::EmuState>,
     health: Health,
+    /// Extended attributes read or set, by object version (xattr.rs).
+    xattr_cache: xattr::XattrCache,
     /// Dropped with the client: stops the prober thread.
     _stop_probe: Sender<()>,
 }
@@ -292,6 +295,7 @@ impl Client {
             outbox: reintegrate::Outbox::new(),
             emu,
             health: Health::new(&cfg),
+            xattr_cache: xattr::XattrCache::default(),
             _stop_probe: stop,
         });
         probe::spawn(&inner, stopped)?;
@@ -857,6 +861,9 @@ impl Inner {
         let op = build(fid, now);
         let attr = self.commit(op.clone(), None)?;
         install(&attr)?;
+        // A new object has no extended attributes: known without asking,
+        // even while its creation is only in the log.
+        self.xattr_cache.put(fid, attr.version, Default::default());
         self.callbacks.grant(fid, tok);
         self.after_record(&op, ftype, &[(parent, ptok)], now);
         Ok(fid)
@@ -867,7 +874,11 @@ impl Inner {
     }
 
     fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
-        self.commit_op(op, data)
+        let fid = op.target();
+        let attr = self.commit_op(op, data)?;
+        // None of these records touches extended attributes.
+        self.xattr_cache.carry(fid, attr.version);
+        Ok(attr)
     }
 
     /// Revalidate every cached object with a few `GetAttrs` (many fids each)

@@ -73,7 +73,7 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
             ),
             put(*dst_parent, dst_name, *fid, ftype),
         ],
-        RecordOp::Store { .. } | RecordOp::SetAttr { .. } => vec![],
+        RecordOp::Store { .. } | RecordOp::SetAttr { .. } | RecordOp::SetXattr { .. } => vec![],
     }
 }
 

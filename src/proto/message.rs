@@ -5,6 +5,7 @@ use super::codec::{Reader, Writer, ATTR_LEN, ENTRY_MIN_LEN, FID_LEN};
 use super::frame::Frame;
 use super::types::{Attr, DirEntry, Fid, FileType, Timespec};
 use super::{MAX_BATCH, MAX_DIR_PAGE, MAX_FIDS, MAX_MESSAGE, MAX_NAME, MAX_SYMLINK, MAX_USER};
+use super::{MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::error::WireCode;
 use crate::{Error, Result};
 
@@ -42,6 +43,19 @@ pub enum Replaces {
     Nothing,
     /// The name must hold this object.
     Object(Fid),
+}
+
+/// What a `SetXattr` record does, with the `setxattr(2)` flags' checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrHow {
+    /// Set, whether or not the attribute exists (wire 0).
+    Set = 0,
+    /// Set; the attribute must not exist (`XATTR_CREATE`, else `Exists`) (wire 1).
+    Create = 1,
+    /// Set; the attribute must exist (`XATTR_REPLACE`, else `NotFound`) (wire 2).
+    Replace = 2,
+    /// Remove; the attribute must exist (else `NotFound`) (wire 3).
+    Remove = 3,
 }
 
 /// `expected_version` of 0 means "do not check" (connected mode's
@@ -177,6 +191,17 @@ pub enum RecordOp {
         /// New access time.
         atime: Option<Timespec>,
     },
+    /// Set, create, replace or remove one extended attribute of `fid`.
+    SetXattr {
+        /// The object changed.
+        fid: Fid,
+        /// The attribute's full name (`user.x`): 1 to 255 bytes.
+        name: String,
+        /// What to do, and what must hold first.
+        how: XattrHow,
+        /// The value (at most 64 KiB; empty for a removal).
+        value: Vec<u8>,
+    },
     /// Create the special file (fifo, socket, device node) `name` in
     /// `parent` as `fid`: metadata only, it never holds data.
     Mknod {
@@ -214,7 +239,8 @@ impl RecordOp {
             | RecordOp::Rmdir { fid, .. }
             | RecordOp::Rename { fid, .. }
             | RecordOp::SetAttr { fid, .. }
-            | RecordOp::Mknod { fid, .. } => *fid,
+            | RecordOp::Mknod { fid, .. }
+            | RecordOp::SetXattr { fid, .. } => *fid,
         }
     }
 }
@@ -349,6 +375,19 @@ pub enum Msg {
         /// True when no other client's batch committed after the asked stamp.
         valid: bool,
     },
+    /// The extended attributes of an object (0x1C).
+    GetXattrs {
+        /// The object asked about.
+        fid: Fid,
+    },
+    /// Reply to `GetXattrs` (0x1D): the object's version the list belongs
+    /// to, and its (name, value) pairs in name order.
+    Xattrs {
+        /// The object's version when the list was read.
+        version: u64,
+        /// Every extended attribute of the object.
+        items: Vec<(String, Vec<u8>)>,
+    },
     /// Server push: the callbacks on these fids are broken. Id chosen by server.
     CallbackBreak {
         /// Objects whose cached copies are no longer current; `(volume, 0, 0)`
@@ -404,6 +443,8 @@ mod code {
     pub const REINTEGRATED: u8 = 0x19;
     pub const VALIDATE_VOLUME: u8 = 0x1A;
     pub const VOLUME_STAMP: u8 = 0x1B;
+    pub const GET_XATTRS: u8 = 0x1C;
+    pub const XATTRS: u8 = 0x1D;
     pub const CALLBACK_BREAK: u8 = 0x20;
     pub const BREAK_ACK: u8 = 0x21;
     pub const FETCH: u8 = 0x30;
@@ -423,6 +464,7 @@ mod rec {
     pub const RENAME: u8 = 8;
     pub const SETATTR: u8 = 9;
     pub const MKNOD: u8 = 10;
+    pub const SETXATTR: u8 = 11;
 }
 
 impl Msg {
@@ -463,6 +505,8 @@ impl Msg {
             Msg::Reintegrated { .. } => REINTEGRATED,
             Msg::ValidateVolume { .. } => VALIDATE_VOLUME,
             Msg::VolumeStamp { .. } => VOLUME_STAMP,
+            Msg::GetXattrs { .. } => GET_XATTRS,
+            Msg::Xattrs { .. } => XATTRS,
             Msg::CallbackBreak { .. } => CALLBACK_BREAK,
             Msg::BreakAck => BREAK_ACK,
             Msg::Fetch { .. } => FETCH,
@@ -553,6 +597,15 @@ impl Msg {
                 valid,
             } => {
                 w.u32(*volume).u64(*stamp).u8(*valid as u8);
+            }
+            Msg::GetXattrs { fid } => {
+                w.fid(fid);
+            }
+            Msg::Xattrs { version, items } => {
+                w.u64(*version).u32(items.len() as u32);
+                for (name, value) in items {
+                    w.str(name).blob(value);
+                }
             }
             Msg::FidRange {
                 volume,
@@ -696,6 +749,19 @@ impl Msg {
                 stamp: r.u64()?,
                 valid: r.bool()?,
             },
+            GET_XATTRS => Msg::GetXattrs { fid: r.fid()? },
+            XATTRS => {
+                let version = r.u64()?;
+                // The smallest pair: a one-byte name and an empty value.
+                let n = r.count(MAX_XATTR_BYTES, 2 + 1 + 4, "extended attributes")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = r.str(MAX_XATTR_NAME, "attribute name")?;
+                    let value = r.blob(MAX_XATTR_VALUE, "attribute value")?;
+                    items.push((name, value));
+                }
+                Msg::Xattrs { version, items }
+            }
             FID_RANGE => Msg::FidRange {
                 volume: r.u32()?,
                 first_vnode: r.u64()?,
@@ -860,6 +926,18 @@ fn encode_record(w: &mut Writer, r: &Record) {
                 .opt_u32(*gid)
                 .opt_time(*atime);
         }
+        RecordOp::SetXattr {
+            fid,
+            name,
+            how,
+            value,
+        } => {
+            w.u8(rec::SETXATTR)
+                .fid(fid)
+                .str(name)
+                .u8(*how as u8)
+                .blob(value);
+        }
         RecordOp::Mknod {
             parent,
             name,
@@ -960,6 +1038,18 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             uid: r.opt_u32()?,
             gid: r.opt_u32()?,
             atime: r.opt_time()?,
+        },
+        rec::SETXATTR => RecordOp::SetXattr {
+            fid: r.fid()?,
+            name: r.str(MAX_XATTR_NAME, "attribute name")?,
+            how: match r.u8()? {
+                0 => XattrHow::Set,
+                1 => XattrHow::Create,
+                2 => XattrHow::Replace,
+                3 => XattrHow::Remove,
+                v => return Err(Error::Protocol(format!("bad xattr operation {v}"))),
+            },
+            value: r.blob(MAX_XATTR_VALUE, "attribute value")?,
         },
         rec::MKNOD => RecordOp::Mknod {
             parent: r.fid()?,
@@ -1091,6 +1181,18 @@ mod tests {
                 gid: None,
                 atime: Some(t),
             },
+            RecordOp::SetXattr {
+                fid: f,
+                name: "user.k".into(),
+                how: XattrHow::Create,
+                value: vec![0, 1, 2],
+            },
+            RecordOp::SetXattr {
+                fid: f,
+                name: "user.k".into(),
+                how: XattrHow::Remove,
+                value: vec![],
+            },
             RecordOp::Mknod {
                 parent: f,
                 name: "dev".into(),
@@ -1172,6 +1274,11 @@ mod tests {
                 volume: 1,
                 stamp: 9,
                 valid: true,
+            },
+            Msg::GetXattrs { fid: f },
+            Msg::Xattrs {
+                version: 3,
+                items: vec![("user.a".into(), vec![]), ("user.b".into(), vec![9; 300])],
             },
             Msg::CallbackBreak { fids: vec![f] },
             Msg::BreakAck,

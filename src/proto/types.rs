@@ -182,6 +182,9 @@ impl Attr {
     }
 }
 
+/// An object's extended attributes: (name, value) pairs in name order.
+pub type Xattrs = Vec<(String, Vec<u8>)>;
+
 /// One name in a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {

@@ -6,6 +6,7 @@ use redb::TableDefinition;
 
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, Fid, FileType, MAX_SYMLINK};
+use crate::proto::{MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
 /// fid bytes → encoded [`ObjectRec`].
@@ -122,6 +123,8 @@ pub struct ObjectRec {
     pub parent: Fid,
     /// For symlinks: the target.
     pub target: String,
+    /// Extended attributes, in name order.
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
 /// Version of the extension an object record carries after its first
@@ -151,7 +154,11 @@ impl ObjectRec {
             .u32(a.uid)
             .u32(a.gid)
             .time(&a.atime)
-            .u64(a.rdev);
+            .u64(a.rdev)
+            .u32(self.xattrs.len() as u32);
+        for (name, value) in &self.xattrs {
+            w.str(name).blob(value);
+        }
         w.buf
     }
 
@@ -186,6 +193,7 @@ impl ObjectRec {
                 has_file: r.bool()?,
                 parent: r.fid()?,
                 target: r.str(MAX_SYMLINK, "symlink target")?,
+                xattrs: Vec::new(),
             })
         })()
         .map_err(corrupt)?;
@@ -196,6 +204,16 @@ impl ObjectRec {
                     rec.attr.gid = r.u32().map_err(corrupt)?;
                     rec.attr.atime = r.time().map_err(corrupt)?;
                     rec.attr.rdev = r.u64().map_err(corrupt)?;
+                    let n = r
+                        .count(MAX_XATTR_BYTES, 7, "extended attributes")
+                        .map_err(corrupt)?;
+                    for _ in 0..n {
+                        let name = r.str(MAX_XATTR_NAME, "attribute name").map_err(corrupt)?;
+                        let value = r
+                            .blob(MAX_XATTR_VALUE, "attribute value")
+                            .map_err(corrupt)?;
+                        rec.xattrs.push((name, value));
+                    }
                 }
                 v => return Err(Error::Eio(format!("object record extension {v} unknown"))),
             }
@@ -262,17 +280,20 @@ mod tests {
             has_file: true,
             parent: ROOT_FID,
             target: "a/b".into(),
+            xattrs: vec![("user.a".into(), vec![1, 2]), ("user.b".into(), vec![])],
         };
         assert_eq!(ObjectRec::decode(&rec.encode()).unwrap(), rec);
         assert!(ObjectRec::decode(&rec.encode()[..10]).is_err());
         // A record of format 1 (before owners, atime and rdev) still reads:
         // its fields are the new encoding without the extension.
         let v1 = rec.encode();
-        let old = &v1[..v1.len() - (1 + 4 + 4 + 12 + 8)];
+        let ext = 1 + 4 + 4 + 12 + 8 + 4 + (2 + 6 + 4 + 2) + (2 + 6 + 4);
+        let old = &v1[..v1.len() - ext];
         let back = ObjectRec::decode(old).unwrap();
         assert_eq!((back.attr.uid, back.attr.gid, back.attr.rdev), (0, 0, 0));
         assert_eq!(back.attr.atime, rec.attr.mtime);
         assert_eq!(back.target, rec.target);
+        assert!(back.xattrs.is_empty());
         let (c, n) = decode_reservation(&encode_reservation(&[3; 16], 77));
         assert_eq!((c, n), ([3; 16], 77));
     }

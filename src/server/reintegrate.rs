@@ -27,6 +27,7 @@ use super::meta::*;
 use super::objects;
 use super::volume::{get_object, is_store_failure, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
+use crate::proto::{XattrHow, MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
 /// Finds the staged file of an upload of the reintegrating client.
@@ -631,6 +632,12 @@ impl<'t, 's> Batch<'t, 's> {
                     rdev: 0,
                 },
             ),
+            RecordOp::SetXattr {
+                fid,
+                name,
+                how,
+                value,
+            } => self.set_xattr(*fid, name, *how, value),
             RecordOp::Mknod {
                 parent,
                 name,
@@ -983,12 +990,51 @@ impl<'t, 's> Batch<'t, 's> {
             has_file: false,
             parent: if is_dir { parent } else { Fid::default() },
             target: target.to_string(),
+            xattrs: Vec::new(),
         };
         self.put(&rec)?;
         self.wrote = true;
         self.dirents
             .insert((&parent.to_bytes(), name), &encode_entry(fid, ftype))?;
         self.touch_dir(parent, 1, is_dir as i64)?;
+        Ok(rec.attr)
+    }
+
+    /// One extended attribute set, created, replaced or removed, with the
+    /// `setxattr(2)` flags' checks; the object's version and ctime move.
+    fn set_xattr(&mut self, fid: Fid, name: &str, how: XattrHow, value: &[u8]) -> Result<Attr> {
+        if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains('\0') {
+            return Err(Error::Invalid(format!("attribute name {name:?}")));
+        }
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(Error::Invalid(format!(
+                "attribute value of {} bytes exceeds {MAX_XATTR_VALUE}",
+                value.len()
+            )));
+        }
+        let mut rec = self.obj(fid)?;
+        let at = rec.xattrs.binary_search_by(|(n, _)| n.as_str().cmp(name));
+        match (how, at) {
+            (XattrHow::Create, Ok(_)) => {
+                return Err(Error::Exists(format!("attribute {name:?} of {fid}")))
+            }
+            (XattrHow::Replace | XattrHow::Remove, Err(_)) => {
+                return Err(Error::NotFound(format!("attribute {name:?} of {fid}")))
+            }
+            (XattrHow::Remove, Ok(i)) => {
+                rec.xattrs.remove(i);
+            }
+            (_, Ok(i)) => rec.xattrs[i].1 = value.to_vec(),
+            (_, Err(i)) => rec.xattrs.insert(i, (name.to_string(), value.to_vec())),
+        }
+        let total: usize = rec.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if total > MAX_XATTR_BYTES {
+            return Err(Error::Invalid(format!(
+                "extended attributes of {fid} would take {total} bytes, over {MAX_XATTR_BYTES}"
+            )));
+        }
+        self.bump(&mut rec);
+        self.put(&rec)?;
         Ok(rec.attr)
     }
 

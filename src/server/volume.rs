@@ -146,6 +146,7 @@ impl VolumeStore {
                 has_file: false,
                 parent: ROOT_FID,
                 target: String::new(),
+                xattrs: Vec::new(),
             };
             txn.open_table(OBJECTS)?
                 .insert(&ROOT_FID.to_bytes(), root_rec.encode().as_slice())?;
@@ -361,6 +362,16 @@ impl VolumeStore {
     /// the record and opening it, read the record again.
     pub fn open_data(&self, fid: Fid) -> Result<(Attr, FetchData)> {
         self.with_db(|db| self.open_data_in(db, fid))
+    }
+
+    /// The extended attributes of `fid` and the object's version.
+    pub fn get_xattrs(&self, fid: Fid) -> Result<(u64, crate::proto::Xattrs)> {
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let rec = get_object(&table, fid)?.ok_or_else(|| stale(fid))?;
+            Ok((rec.attr.version, rec.xattrs))
+        })
     }
 
     /// Reserve `count` fresh vnodes in `volume` for `client`, durably.

@@ -12,13 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coda::client::{
     Client, ClientState, Fid, File, FileType as CodaType, Owner, SetStatus, Stat, Timespec,
+    XattrHow,
 };
 use coda::Error;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -131,6 +132,33 @@ fn time_or_now(t: TimeOrNow) -> Timespec {
     match t {
         TimeOrNow::Now => Timespec::now(),
         TimeOrNow::SpecificTime(t) => from_system_time(t),
+    }
+}
+
+/// Extended attributes kept: the `user.` namespace. The others (security,
+/// trusted, system: SELinux labels, capabilities, POSIX ACLs) are the local
+/// kernel's business and have no meaning for other clients.
+fn xattr_name(name: &OsStr) -> Option<&str> {
+    name.to_str().filter(|n| n.starts_with("user."))
+}
+
+/// An xattr call's error: "no such attribute" is ENODATA, not ENOENT.
+fn xattr_errno(e: &Error) -> Errno {
+    match e {
+        Error::NotFound(_) => Errno::ENODATA,
+        e => errno(e),
+    }
+}
+
+/// Reply with `data` the way getxattr/listxattr want it: its size when
+/// asked with size 0, ERANGE when it does not fit.
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32)
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(data)
     }
 }
 
@@ -1055,6 +1083,83 @@ impl Filesystem for CodaFs {
         if r != 0 {
             return reply.error(Errno::from(std::io::Error::last_os_error()));
         }
+        reply.ok();
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.guard());
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        let how = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
+            0 => XattrHow::Set,
+            libc::XATTR_CREATE => XattrHow::Create,
+            libc::XATTR_REPLACE => XattrHow::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if value.len() > coda::proto::MAX_XATTR_VALUE {
+            return reply.error(Errno::E2BIG);
+        }
+        let fid = tri!(reply, self.fid_of(ino));
+        tri!(
+            reply,
+            self.client
+                .setxattr_fid(fid, name, value, how)
+                .map_err(|e| xattr_errno(&e))
+        );
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        tri!(reply, self.guard());
+        // Other namespaces hold nothing here: answered without the client
+        // (the kernel asks for security.capability on writes).
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let fid = tri!(reply, self.fid_of(ino));
+        let v = tri!(
+            reply,
+            self.client
+                .getxattr_fid(fid, name)
+                .map_err(|e| xattr_errno(&e))
+        );
+        xattr_reply(reply, size, &v);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        tri!(reply, self.guard());
+        let fid = tri!(reply, self.fid_of(ino));
+        let all = tri!(reply, self.client.xattrs_fid(fid).map_err(|e| errno(&e)));
+        let mut names = Vec::new();
+        for (n, _) in all {
+            names.extend_from_slice(n.as_bytes());
+            names.push(0);
+        }
+        xattr_reply(reply, size, &names);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.guard());
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        let fid = tri!(reply, self.fid_of(ino));
+        tri!(
+            reply,
+            self.client
+                .setxattr_fid(fid, name, &[], XattrHow::Remove)
+                .map_err(|e| xattr_errno(&e))
+        );
         reply.ok();
     }
 }
