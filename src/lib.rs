@@ -27,5 +27,6 @@ pub mod proto;
 ///
 /// cbindgen:ignore
 pub mod server;
+mod sparse;
 
 pub use error::{Error, Result};

@@ -383,3 +383,66 @@ fn user_extended_attributes_are_kept_with_the_flags_and_limits_of_linux() {
     );
     assert_eq!(after.mtime(), before.mtime(), "mtime does not");
 }
+
+/// Bytes of disk the files under `dir` take (holes take none).
+fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let md = e.metadata().unwrap();
+        total += if md.is_dir() {
+            disk_bytes(&e.path())
+        } else {
+            md.blocks() * 512
+        };
+    }
+    total
+}
+
+#[test]
+fn sparse_files_stay_sparse_on_the_mount_the_server_and_another_client() {
+    let Some((srv, d)) = setup() else { return };
+    let m = Mount::start(&srv, d.path(), &[], &[]);
+    let gib: u64 = 1 << 30;
+    // truncate -s 3G
+    std::fs::File::create(m.path("big"))
+        .unwrap()
+        .set_len(3 * gib)
+        .unwrap();
+    assert_eq!(std::fs::metadata(m.path("big")).unwrap().len(), 3 * gib);
+    // A 1-byte write at 2.5 GiB.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path("big"))
+            .unwrap();
+        f.write_all_at(b"!", 5 * gib / 2).unwrap();
+    }
+    let limit = 16 << 20;
+    let server = disk_bytes(&srv.root().join("objects"));
+    assert!(server < limit, "the server keeps {server} bytes for 1 byte");
+    let cache = disk_bytes(&m.cache_dir.join("containers"));
+    assert!(cache < limit, "the mount's cache keeps {cache} bytes");
+    // Another client fetches it sparse, with the byte where it was.
+    let other_cache = d.path().join("other-cache");
+    let other = client_util::client(&srv, &other_cache);
+    let f = other.open("/big", libc::O_RDONLY, 0).unwrap();
+    let mut b = [0u8; 3];
+    f.read_at(&mut b, 5 * gib / 2 - 1).unwrap();
+    assert_eq!(&b, b"\0!\0");
+    f.close().unwrap();
+    assert_eq!(other.stat("/big").unwrap().size, 3 * gib);
+    let fetched = disk_bytes(&other_cache.join("containers"));
+    assert!(
+        fetched < limit,
+        "the other client's copy takes {fetched} bytes"
+    );
+    // Reading through the mount finds the byte too.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(m.path("big")).unwrap();
+        let mut b = [7u8; 2];
+        f.read_exact_at(&mut b, 5 * gib / 2).unwrap();
+        assert_eq!(&b, b"!\0");
+    }
+}

@@ -284,3 +284,82 @@ fn extended_attributes_are_kept_per_object_with_create_and_replace_checks() {
         vec![("user.b".into(), b"22".to_vec())]
     );
 }
+
+/// Bytes of disk the files under `dir` take (holes take none).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let md = e.metadata().unwrap();
+        total += if md.is_dir() {
+            disk_bytes(&e.path())
+        } else {
+            md.blocks() * 512
+        };
+    }
+    total
+}
+
+#[test]
+fn sparse_files_keep_their_holes_in_uploads_objects_truncates_and_fetches() {
+    let s = TestServer::start();
+    let (mut c, mut b) = clients(&s);
+    let root = c.root;
+    let f = c.alloc(1);
+    let gib: u64 = 1 << 30;
+    let m = b.upload_sparse(1, gib, &[(0, b"head"), (gib / 2, b"middle")]);
+    assert!(matches!(m, Msg::Uploaded { .. }), "{m:?}");
+    c.apply(vec![
+        rec::create(1, root, "sparse", f[0]),
+        rec::store(2, f[0], 0, 1, gib),
+    ]);
+    let objects = s.root().join("objects");
+    assert!(
+        disk_bytes(&objects) < 8 << 20,
+        "a 1 GiB file with 10 bytes of data takes {} bytes on the server",
+        disk_bytes(&objects)
+    );
+    // The fetch sends the data extents only.
+    let (attr, length, parts) = b.fetch_extents(f[0]).unwrap();
+    assert_eq!((attr.size, length), (gib, gib));
+    let sent: usize = parts.iter().map(|(_, d)| d.len()).sum();
+    assert!(sent < 1 << 20, "{sent} bytes sent for 10 bytes of data");
+    let at = |off: u64, n: usize| -> Vec<u8> {
+        let mut out = vec![0u8; n];
+        for (o, d) in &parts {
+            for (i, byte) in out.iter_mut().enumerate() {
+                let p = off + i as u64;
+                if p >= *o && p < o + d.len() as u64 {
+                    *byte = d[(p - o) as usize];
+                }
+            }
+        }
+        out
+    };
+    assert_eq!(at(0, 4), b"head");
+    assert_eq!(at(gib / 2, 6), b"middle");
+    assert_eq!(at(gib / 4, 4), [0; 4]);
+    // Growing by truncate, and cutting, keep the holes.
+    c.apply(vec![rec::truncate(3, f[0], 3 * gib)]);
+    assert!(disk_bytes(&objects) < 8 << 20, "the grown copy is sparse");
+    c.apply(vec![rec::truncate(4, f[0], gib / 2 + 3)]);
+    let (_, length, parts) = b.fetch_extents(f[0]).unwrap();
+    assert_eq!(length, gib / 2 + 3);
+    let tail = parts
+        .iter()
+        .find(|(o, d)| o + d.len() as u64 == length)
+        .unwrap();
+    assert!(tail.1.ends_with(b"mid"), "cut inside the data");
+    // Extents that overlap, run backwards or past the end are a protocol
+    // error that closes only that connection.
+    let _ = b.send(&Msg::Upload {
+        upload_id: 2,
+        length: 100,
+        extents: vec![(50, 10), (40, 5)],
+    });
+    match b.recv() {
+        Some((_, Msg::Error { code, .. })) => assert_eq!(code, WireCode::Protocol),
+        m => panic!("expected a protocol error, got {m:?}"),
+    }
+    assert!(c.attr(f[0]).is_ok(), "the control connection goes on");
+}

@@ -403,20 +403,26 @@ pub enum Msg {
         /// The object fetched.
         fid: Fid,
     },
-    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    /// Followed on the stream by the raw bytes of its extents (not framed).
     FetchReply {
         /// The object's attr matching the bytes that follow.
         attr: Attr,
-        /// How many raw bytes follow.
+        /// The file's length: what is not in an extent is a hole (zeros).
         length: u64,
+        /// The data extents `(offset, length)`, in order, not overlapping:
+        /// their bytes follow, one extent after the other.
+        extents: Vec<(u64, u64)>,
     },
-    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    /// Followed on the stream by the raw bytes of its extents (not framed).
     Upload {
         /// The client-chosen id a later `Store` record names; a second upload
         /// with the same id replaces the staged one.
         upload_id: u64,
-        /// How many raw bytes follow.
+        /// The file's length: what is not in an extent is a hole (zeros).
         length: u64,
+        /// The data extents `(offset, length)`, in order, not overlapping:
+        /// their bytes follow, one extent after the other.
+        extents: Vec<(u64, u64)>,
     },
     /// The upload is staged and fsynced (0x33).
     Uploaded {
@@ -629,11 +635,21 @@ impl Msg {
             Msg::Fetch { fid } => {
                 w.fid(fid);
             }
-            Msg::FetchReply { attr, length } => {
+            Msg::FetchReply {
+                attr,
+                length,
+                extents,
+            } => {
                 w.attr(attr).u64(*length);
+                encode_extents(&mut w, extents);
             }
-            Msg::Upload { upload_id, length } => {
+            Msg::Upload {
+                upload_id,
+                length,
+                extents,
+            } => {
                 w.u64(*upload_id).u64(*length);
+                encode_extents(&mut w, extents);
             }
             Msg::Uploaded { upload_id } => {
                 w.u64(*upload_id);
@@ -784,14 +800,24 @@ impl Msg {
                 Msg::Reintegrated { results }
             }
             FETCH => Msg::Fetch { fid: r.fid()? },
-            FETCH_REPLY => Msg::FetchReply {
-                attr: r.attr()?,
-                length: r.u64()?,
-            },
-            UPLOAD => Msg::Upload {
-                upload_id: r.u64()?,
-                length: r.u64()?,
-            },
+            FETCH_REPLY => {
+                let attr = r.attr()?;
+                let length = r.u64()?;
+                Msg::FetchReply {
+                    attr,
+                    length,
+                    extents: decode_extents(&mut r, length)?,
+                }
+            }
+            UPLOAD => {
+                let upload_id = r.u64()?;
+                let length = r.u64()?;
+                Msg::Upload {
+                    upload_id,
+                    length,
+                    extents: decode_extents(&mut r, length)?,
+                }
+            }
             UPLOADED => Msg::Uploaded {
                 upload_id: r.u64()?,
             },
@@ -804,6 +830,34 @@ impl Msg {
         r.finish()?;
         Ok(msg)
     }
+}
+
+fn encode_extents(w: &mut Writer, extents: &[(u64, u64)]) {
+    w.u32(extents.len() as u32);
+    for (off, len) in extents {
+        w.u64(*off).u64(*len);
+    }
+}
+
+/// Extents of a file of `length` bytes: in order, not overlapping, none
+/// empty, within the file (anything else is a protocol error).
+fn decode_extents(r: &mut Reader, length: u64) -> Result<Vec<(u64, u64)>> {
+    let n = r.count(crate::sparse::MAX_EXTENTS, 16, "extents")?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push((r.u64()?, r.u64()?));
+    }
+    if crate::sparse::check_extents(&out, length).is_none() {
+        return Err(Error::Protocol(
+            "extents out of order, overlapping, empty or past the end".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The bytes the extents of a transfer cover (checked when decoded).
+pub fn extent_bytes(extents: &[(u64, u64)]) -> u64 {
+    extents.iter().map(|e| e.1).sum()
 }
 
 fn encode_record(w: &mut Writer, r: &Record) {
@@ -1286,10 +1340,12 @@ mod tests {
             Msg::FetchReply {
                 attr: attr(),
                 length: 1 << 40,
+                extents: vec![(0, 10), (1 << 39, 4096)],
             },
             Msg::Upload {
                 upload_id: 1,
                 length: 2,
+                extents: vec![(0, 2)],
             },
             Msg::Uploaded { upload_id: 1 },
         ]

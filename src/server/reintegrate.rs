@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -874,7 +873,7 @@ impl<'t, 's> Batch<'t, 's> {
         let fid = rec.attr.fid;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
-        let mut out = fs::OpenOptions::new()
+        let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -882,14 +881,15 @@ impl<'t, 's> Batch<'t, 's> {
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         self.created.push(path.clone());
         if rec.has_file {
+            // Data extents only: a hole (or a file grown by truncate) is
+            // not written out as zeros.
             let old = objects::object_path(&self.store.root, fid, rec.dv);
             let src = fs::File::open(&old)
                 .map_err(|e| Error::io(format!("open {}", old.display()), e))?;
-            std::io::copy(&mut src.take(size), &mut out)
+            crate::sparse::copy_sparse(&src, &out, size)
                 .map_err(|e| Error::io(format!("copy into {}", path.display()), e))?;
         }
         out.set_len(size)
-            .and_then(|_| out.flush())
             .and_then(|_| out.sync_all())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         self.sync_dirs

@@ -269,12 +269,9 @@ impl Raw {
         }
     }
 
-    /// On a bulk connection: upload bytes, expect Uploaded.
+    /// On a bulk connection: upload bytes (one dense extent), expect Uploaded.
     pub fn upload(&mut self, upload_id: u64, data: &[u8]) -> Msg {
-        let id = self.send(&Msg::Upload {
-            upload_id,
-            length: data.len() as u64,
-        });
+        let id = self.send(&dense_upload(upload_id, data.len() as u64));
         self.stream.write_all(data).expect("upload bytes");
         match self.recv() {
             Some((rid, m)) if rid == id => m,
@@ -282,16 +279,70 @@ impl Raw {
         }
     }
 
+    /// On a bulk connection: upload a file of `length` bytes holding only
+    /// the given extents (the rest holes), expect Uploaded.
+    pub fn upload_sparse(&mut self, upload_id: u64, length: u64, extents: &[(u64, &[u8])]) -> Msg {
+        let id = self.send(&Msg::Upload {
+            upload_id,
+            length,
+            extents: extents.iter().map(|(o, d)| (*o, d.len() as u64)).collect(),
+        });
+        for (_, d) in extents {
+            self.stream.write_all(d).expect("upload bytes");
+        }
+        match self.recv() {
+            Some((rid, m)) if rid == id => m,
+            other => panic!("upload reply: {other:?}"),
+        }
+    }
+
     /// On a bulk connection: fetch an object; Ok((attr, data)) or the error.
+    /// The data is the whole file, holes filled with zeros.
     pub fn fetch(&mut self, fid: Fid) -> Result<(Attr, Vec<u8>), Msg> {
+        let (attr, length, extents) = self.fetch_extents(fid)?;
+        let mut data = vec![0u8; length as usize];
+        for (off, bytes) in extents {
+            data[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok((attr, data))
+    }
+
+    /// On a bulk connection: fetch an object as the server sends it: its
+    /// attr, length and data extents with their bytes.
+    #[allow(clippy::type_complexity)]
+    pub fn fetch_extents(&mut self, fid: Fid) -> Result<(Attr, u64, Vec<(u64, Vec<u8>)>), Msg> {
         let id = self.send(&Msg::Fetch { fid });
         match self.recv() {
-            Some((rid, Msg::FetchReply { attr, length })) if rid == id => {
-                Ok((attr, self.recv_raw(length)))
+            Some((
+                rid,
+                Msg::FetchReply {
+                    attr,
+                    length,
+                    extents,
+                },
+            )) if rid == id => {
+                let parts = extents
+                    .iter()
+                    .map(|(o, l)| (*o, self.recv_raw(*l)))
+                    .collect();
+                Ok((attr, length, parts))
             }
             Some((_, m)) => Err(m),
             None => Err(closed()),
         }
+    }
+}
+
+/// An Upload of `length` bytes sent as one dense extent (none when empty).
+pub fn dense_upload(upload_id: u64, length: u64) -> Msg {
+    Msg::Upload {
+        upload_id,
+        length,
+        extents: if length == 0 {
+            vec![]
+        } else {
+            vec![(0, length)]
+        },
     }
 }
 
