@@ -245,9 +245,9 @@ fn encode_record(r: &Record) -> Vec<u8> {
 }
 
 pub(crate) fn decode_record(b: &[u8]) -> Result<Record> {
-    let kind = Msg::Reintegrate { records: vec![] }.kind();
-    match Msg::decode_body(kind, b)? {
-        Msg::Reintegrate { mut records } if records.len() == 1 => Ok(records.remove(0)),
+    let mut records = decode_records(b)?;
+    match records.len() {
+        1 => Ok(records.remove(0)),
         _ => Err(Error::Protocol("bad CML row".into())),
     }
 }
@@ -261,9 +261,15 @@ pub(crate) fn encode_records(r: &[Record]) -> Vec<u8> {
 
 pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     let kind = Msg::Reintegrate { records: vec![] }.kind();
-    match Msg::decode_body(kind, b)? {
-        Msg::Reintegrate { records } => Ok(records),
-        _ => Err(Error::Protocol("bad record list".into())),
+    match Msg::decode_body(kind, b) {
+        Ok(Msg::Reintegrate { records }) => Ok(records),
+        Ok(_) => Err(Error::Protocol("bad record list".into())),
+        // A log written before owners (protocol 1): its creations are the
+        // process's, as they were then.
+        Err(e) => {
+            let me = super::Owner::process();
+            crate::proto::message::decode_records_v1(b, (me.uid, me.gid)).map_err(|_| e)
+        }
     }
 }
 

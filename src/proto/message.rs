@@ -787,7 +787,7 @@ impl Msg {
                 let n = r.count(MAX_BATCH, 9, "records")?;
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
-                    records.push(decode_record(&mut r)?);
+                    records.push(decode_record(&mut r, None)?);
                 }
                 Msg::Reintegrate { records }
             }
@@ -1017,8 +1017,30 @@ fn encode_record(w: &mut Writer, r: &Record) {
     }
 }
 
-fn decode_record(r: &mut Reader) -> Result<Record> {
+/// A `Reintegrate` body written by protocol 1 (a client log from before
+/// owners): creating records get `owner`, SetAttr changes no owner, group
+/// or atime. Only for reading such a log once; nothing sends this.
+pub fn decode_records_v1(body: &[u8], owner: (u32, u32)) -> Result<Vec<Record>> {
+    let mut r = Reader::new(body);
+    let n = r.count(MAX_BATCH, 9, "records")?;
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        records.push(decode_record(&mut r, Some(owner))?);
+    }
+    r.finish()?;
+    Ok(records)
+}
+
+/// One record; `legacy` (protocol 1) gives creating records that owner and
+/// reads SetAttr without its owner, group and atime.
+fn decode_record(r: &mut Reader, legacy: Option<(u32, u32)>) -> Result<Record> {
     let store_id = r.u64()?;
+    let owner = |r: &mut Reader| -> Result<(u32, u32)> {
+        match legacy {
+            Some(o) => Ok(o),
+            None => Ok((r.u32()?, r.u32()?)),
+        }
+    };
     let name = |r: &mut Reader| r.str(MAX_NAME, "name");
     let op = match r.u8()? {
         rec::STORE => RecordOp::Store {
@@ -1028,33 +1050,48 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             length: r.u64()?,
             mtime: r.time()?,
         },
-        rec::CREATE => RecordOp::Create {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            mode: r.u32()?,
-            mtime: r.time()?,
-            uid: r.u32()?,
-            gid: r.u32()?,
-        },
-        rec::MKDIR => RecordOp::Mkdir {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            mode: r.u32()?,
-            mtime: r.time()?,
-            uid: r.u32()?,
-            gid: r.u32()?,
-        },
-        rec::SYMLINK => RecordOp::Symlink {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            target: r.str(MAX_SYMLINK, "symlink target")?,
-            mtime: r.time()?,
-            uid: r.u32()?,
-            gid: r.u32()?,
-        },
+        rec::CREATE => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (mode, mtime) = (r.u32()?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Create {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+                uid,
+                gid,
+            }
+        }
+        rec::MKDIR => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (mode, mtime) = (r.u32()?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Mkdir {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+                uid,
+                gid,
+            }
+        }
+        rec::SYMLINK => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (target, mtime) = (r.str(MAX_SYMLINK, "symlink target")?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Symlink {
+                parent,
+                name,
+                fid,
+                target,
+                mtime,
+                uid,
+                gid,
+            }
+        }
         rec::LINK => RecordOp::Link {
             parent: r.fid()?,
             name: name(r)?,
@@ -1089,9 +1126,13 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             mode: r.opt_u32()?,
             size: r.opt_u64()?,
             mtime: r.opt_time()?,
-            uid: r.opt_u32()?,
-            gid: r.opt_u32()?,
-            atime: r.opt_time()?,
+            uid: if legacy.is_some() { None } else { r.opt_u32()? },
+            gid: if legacy.is_some() { None } else { r.opt_u32()? },
+            atime: if legacy.is_some() {
+                None
+            } else {
+                r.opt_time()?
+            },
         },
         rec::SETXATTR => RecordOp::SetXattr {
             fid: r.fid()?,
@@ -1349,6 +1390,44 @@ mod tests {
             },
             Msg::Uploaded { upload_id: 1 },
         ]
+    }
+
+    #[test]
+    fn a_protocol_1_log_still_reads() {
+        // A Create and a SetAttr as protocol 1 wrote them.
+        let f = Fid::new(1, 2, 1);
+        let mut w = Writer::new();
+        w.u32(2);
+        w.u64(1).u8(rec::CREATE).fid(&f).str("a").fid(&f).u32(0o644);
+        w.time(&Timespec { sec: 5, nsec: 0 });
+        w.u64(2)
+            .u8(rec::SETATTR)
+            .fid(&f)
+            .u64(0)
+            .opt_u32(Some(0o600));
+        w.opt_u64(None).opt_time(None);
+        let recs = decode_records_v1(&w.buf, (7, 8)).unwrap();
+        assert!(matches!(
+            recs[0].op,
+            RecordOp::Create {
+                uid: 7,
+                gid: 8,
+                mode: 0o644,
+                ..
+            }
+        ));
+        assert!(matches!(
+            recs[1].op,
+            RecordOp::SetAttr {
+                mode: Some(0o600),
+                uid: None,
+                gid: None,
+                atime: None,
+                ..
+            }
+        ));
+        // The same bytes are not a protocol-2 body.
+        assert!(Msg::decode_body(code::REINTEGRATE, &w.buf).is_err());
     }
 
     #[test]
