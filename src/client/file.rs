@@ -215,6 +215,34 @@ impl File {
             .map_err(|e| Error::io("writing a container", e))
     }
 
+    /// Store the file now if it was written since it was opened (or last
+    /// synced), keeping it open: what fsync(2) and every close(2) of one of
+    /// several descriptor copies ask of the mount. Connected, the server
+    /// has the data when this returns; disconnected, the record and its
+    /// container are durable in the local log.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.done || !self.writable {
+            return Ok(());
+        }
+        // Taken before the store: a write through `fd()` while it runs
+        // changes the stamp again, so the next sync or close stores again.
+        let before = stamp(&self.file);
+        if !self.changed && before == self.stamp {
+            return Ok(());
+        }
+        self.store()?;
+        self.changed = false;
+        self.stamp = before;
+        Ok(())
+    }
+
+    /// Close without storing: the object is gone (removed while open, as
+    /// POSIX allows), so what was written has nowhere to go.
+    pub fn abandon(mut self) {
+        self.done = true;
+        self.inner.cache().closed(self.fid);
+    }
+
     /// Store the file back if it was written and return the store's result.
     pub fn close(mut self) -> Result<()> {
         self.finish()
