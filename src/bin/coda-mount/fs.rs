@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -62,6 +62,9 @@ struct Handle {
     /// The object was removed while open: the handle lives on its
     /// container alone until release, as POSIX keeps an unlinked file.
     gone: AtomicBool,
+    /// A descriptor of the open container (a dup of the `File`'s): its
+    /// size and times, read without waiting for a store under way.
+    container: std::fs::File,
 }
 
 /// A client error that says the object no longer exists.
@@ -254,12 +257,17 @@ impl CodaFs {
         let mut mtime = to_system_time(st.mtime);
         // A file being written here: its container is ahead of the server.
         if st.ftype == CodaType::File {
+            // The newest writable open (the latest container), read through
+            // its own descriptor: a store under way has the `File` out of
+            // its slot, and the server's size is the one before the store.
             let handles = self.handles.lock();
-            if let Some(h) = handles.values().find(|h| h.ino == ino && h.writable) {
-                if let Some((len, t)) = h.file.lock().as_ref().and_then(|f| size_mtime(f.fd())) {
-                    size = len;
-                    mtime = t;
-                }
+            let newest = handles
+                .iter()
+                .filter(|(_, h)| h.ino == ino && h.writable)
+                .max_by_key(|(fh, _)| **fh);
+            if let Some((len, t)) = newest.and_then(|(_, h)| size_mtime(h.container.as_raw_fd())) {
+                size = len;
+                mtime = t;
             }
         }
         FileAttr {
@@ -424,12 +432,20 @@ impl CodaFs {
         flags: i32,
         file: File,
         backing: Option<Arc<BackingId>>,
-    ) -> u64 {
+    ) -> Result<u64, Errno> {
         let mode = self
             .client
             .getattr_fid(fid)
             .map(|st| st.mode & 0o7777)
             .unwrap_or(0o600);
+        // SAFETY: the fd is the live container fd of `file`; dup gives us
+        // our own descriptor of it (or -1).
+        let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(Errno::from(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a new descriptor nobody else owns.
+        let container = unsafe { std::fs::File::from_raw_fd(dup) };
         let fh = self.new_fh();
         self.handles.lock().insert(
             fh,
@@ -445,10 +461,11 @@ impl CodaFs {
                 _backing: backing,
                 mode: AtomicU32::new(mode),
                 gone: AtomicBool::new(false),
+                container,
             }),
         );
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
-        fh
+        Ok(fh)
     }
 }
 
@@ -490,9 +507,7 @@ impl CodaFs {
     /// The status of an open file whose object is gone: its container's
     /// size and times, the last known mode, no links.
     fn orphan_attr(&self, h: &Handle) -> Result<FileAttr, Errno> {
-        let g = self.file_for(h)?;
-        let f = g.as_ref().ok_or(Errno::EBADF)?;
-        let (size, mtime) = size_mtime(f.fd()).ok_or(Errno::EIO)?;
+        let (size, mtime) = size_mtime(h.container.as_raw_fd()).ok_or(Errno::EIO)?;
         Ok(FileAttr {
             ino: INodeNo(h.ino),
             size,
@@ -525,14 +540,13 @@ impl CodaFs {
             h.mode.store(m & 0o7777, Ordering::Relaxed);
         }
         {
-            let g = self.file_for(h)?;
-            let f = g.as_ref().ok_or(Errno::EBADF)?;
+            let fd = h.container.as_raw_fd();
             if let Some(n) = size {
                 if !h.writable {
                     return Err(Errno::EBADF);
                 }
-                // SAFETY: the fd is the live container fd of `f`.
-                if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
+                // SAFETY: the handle's own live descriptor of the container.
+                if unsafe { libc::ftruncate(fd, n as libc::off_t) } != 0 {
                     return Err(Errno::from(std::io::Error::last_os_error()));
                 }
             }
@@ -552,7 +566,7 @@ impl CodaFs {
                     },
                 ];
                 // SAFETY: live fd; `times` holds the two entries futimens reads.
-                unsafe { libc::futimens(f.fd(), times.as_ptr()) };
+                unsafe { libc::futimens(fd, times.as_ptr()) };
             }
         }
         self.orphan_attr(h)
@@ -731,6 +745,10 @@ impl Filesystem for CodaFs {
             }
         }
         if let Some(n) = size {
+            // Not while a store of this inode is uploading the container:
+            // the upload reads the length it announced (writes can only
+            // grow the file; a cut is the one change that would starve it).
+            let _turn = tri!(reply, self.store_turn(ino.0));
             // ftruncate on a file open for writing: cut the container; the
             // close stores it. Otherwise a truncate record right away.
             let open = fh
@@ -738,12 +756,10 @@ impl Filesystem for CodaFs {
                 .filter(|h| h.writable);
             match open {
                 Some(h) => {
-                    let g = tri!(reply, self.file_for(&h));
-                    let Some(f) = g.as_ref() else {
-                        return reply.error(Errno::EBADF);
-                    };
-                    // SAFETY: the fd is the live container fd of `f`.
-                    if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
+                    // The handle's own descriptor of the container: no wait
+                    // for a store under way (the next flush stores the cut).
+                    // SAFETY: a live descriptor owned by the handle.
+                    if unsafe { libc::ftruncate(h.container.as_raw_fd(), n as libc::off_t) } != 0 {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
@@ -760,6 +776,19 @@ impl Filesystem for CodaFs {
                 TimeOrNow::Now => Timespec::now(),
                 TimeOrNow::SpecificTime(t) => from_system_time(t),
             };
+            // Times set while the file is open for writing (tar, cp -p):
+            // store what was written first, so the store at close, which
+            // stamps the time of the store, does not overwrite them.
+            let open: Vec<Arc<Handle>> = self
+                .handles
+                .lock()
+                .values()
+                .filter(|h| h.ino == ino.0 && h.writable)
+                .cloned()
+                .collect();
+            for h in open {
+                tri!(reply, self.sync_handle(&h));
+            }
             tri!(
                 reply,
                 self.client
@@ -890,13 +919,16 @@ impl Filesystem for CodaFs {
         // this container (or free): shared writable mmap (SQLite's WAL)
         // needs it, and writes land in the container the store reads.
         if let Some(b) = self.backing_for(ino.0, &file, &reply) {
-            let fh = self.remember(ino.0, fid, cflags, file, Some(b.clone()));
+            let fh = tri!(
+                reply,
+                self.remember(ino.0, fid, cflags, file, Some(b.clone()))
+            );
             self.shared
                 .passthrough_opens
                 .fetch_add(1, Ordering::Relaxed);
             return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
         }
-        let fh = self.remember(ino.0, fid, cflags, file, None);
+        let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), self.plain_flags());
     }
@@ -1146,7 +1178,10 @@ impl Filesystem for CodaFs {
         };
         let backing = self.backing_with(attr.ino.0, &file, |fd| reply.open_backing(fd));
         if let Some(b) = backing {
-            let fh = self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()));
+            let fh = tri!(
+                reply,
+                self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
+            );
             self.shared
                 .passthrough_opens
                 .fetch_add(1, Ordering::Relaxed);
@@ -1159,7 +1194,7 @@ impl Filesystem for CodaFs {
                 &b,
             );
         }
-        let fh = self.remember(attr.ino.0, fid, cflags, file, None);
+        let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.created(
             &TTL,
