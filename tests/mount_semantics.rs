@@ -426,3 +426,29 @@ fn locks_are_coherent_within_one_mount_and_per_client_across_mounts() {
         assert!(can_lock(kind, &m1.path("db")), "{kind} after release");
     }
 }
+
+#[test]
+fn times_set_while_open_for_writing_are_kept_at_close() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    for (i, args) in MODES.iter().enumerate() {
+        let d = TempDir::new(&format!("sem-times{i}"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        // What tar and cp -p do: write, set the times on the descriptor,
+        // then close.
+        let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+        let name = format!("copied{i}");
+        let mut f = std::fs::File::create(m.path(&name)).unwrap();
+        f.write_all(b"contents").unwrap();
+        f.set_modified(when).unwrap();
+        drop(f);
+        let md = std::fs::metadata(m.path(&name)).unwrap();
+        assert_eq!(md.modified().unwrap(), when, "mode {args:?}");
+        assert_eq!(md.len(), 8);
+        let other = client_util::client(&srv, &d.path().join("other"));
+        let st = other.stat(&format!("/{name}")).unwrap();
+        assert_eq!((st.mtime.sec, st.size), (1_600_000_000, 8));
+    }
+}

@@ -236,6 +236,34 @@ impl File {
         Ok(())
     }
 
+    /// Set the container's modification time to `t` and take that as the
+    /// stored state, when nothing was written since the last store (a
+    /// time set on an open file, after `sync`): the times a program sets
+    /// before close (tar, cp -p) then survive the close. Returns whether
+    /// it did; if the file has unstored writes, the store at close stamps
+    /// its own time, as a write after the time was set would.
+    pub fn set_container_mtime(&mut self, t: Timespec) -> bool {
+        if self.done || !self.writable || self.changed || stamp(&self.file) != self.stamp {
+            return false;
+        }
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: t.sec,
+                tv_nsec: t.nsec as _,
+            },
+        ];
+        // SAFETY: our live descriptor; `times` holds the two entries.
+        if unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) } != 0 {
+            return false;
+        }
+        self.stamp = stamp(&self.file);
+        true
+    }
+
     /// Close without storing: the object is gone (removed while open, as
     /// POSIX allows), so what was written has nowhere to go.
     pub fn abandon(mut self) {
