@@ -13,6 +13,7 @@
 
 mod control;
 mod fs;
+mod kcache;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, Config};
+use coda::client::{Client, Config, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
@@ -373,6 +374,22 @@ fn main() {
             ))
         }
     };
+    // Kernel caching: notifications go out through the session's channel;
+    // the client tells us (synchronously) what it stops trusting.
+    if let Err(e) = shared.kcache.start(session.notifier()) {
+        eprintln!("coda-mount: no kernel caching (notifier thread: {e})");
+    }
+    let hook_shared = shared.clone();
+    client.set_invalidation_hook(Some(Arc::new(move |inv: &Invalidation| {
+        let kc = &hook_shared.kcache;
+        match inv {
+            Invalidation::Fids { fids, from_server } => {
+                let inos: Vec<u64> = fids.iter().map(|f| kc.fuse_ino(f.ino())).collect();
+                kc.invalidate(&inos, *from_server);
+            }
+            Invalidation::All => kc.invalidate_all(false),
+        }
+    })));
     let mut unmounter = session.unmount_callable();
     let (tx, rx) = bounded::<Stop>(4);
     let ended = tx.clone();
