@@ -293,9 +293,21 @@ impl CodaFs {
             .map_err(|e| errno(&e))?
             .ok_or(Errno::ENOENT)?;
         let attr = self.stat_fid(e.fid)?;
-        let trusted = self.client.trusts_cached(parent) && self.client.trusts_cached(e.fid);
+        let trusted = self.client.trusts_cached(parent)
+            && self.client.trusts_cached(e.fid)
+            && !self.being_written(attr.ino.0);
         self.shared.kcache.note_inode(attr.ino.0);
         Ok((attr, trusted))
+    }
+
+    /// Whether `ino` is open for writing here: its size and times are the
+    /// container's until the store at close, which the client has not
+    /// vouched for, so the kernel gets no lifetime for them.
+    fn being_written(&self, ino: u64) -> bool {
+        self.handles
+            .lock()
+            .values()
+            .any(|h| h.ino == ino && h.writable)
     }
 
     /// The entry reply for an object this mount just made in `dir`.
@@ -505,7 +517,8 @@ impl Filesystem for CodaFs {
         let t = self.shared.kcache.ticket();
         let attr = tri!(reply, self.stat_fid(fid));
         self.shared.kcache.note_inode(attr.ino.0);
-        let (ttl, _g) = self.shared.kcache.ttl(t, self.client.trusts_cached(fid));
+        let trusted = self.client.trusts_cached(fid) && !self.being_written(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
         reply.attr(&ttl, &attr);
     }
 
@@ -925,7 +938,9 @@ impl Filesystem for CodaFs {
                     // Gone meanwhile: left out (a lookup will say so).
                     if let Ok(attr) = self.stat_fid(f) {
                         self.shared.kcache.note_inode(attr.ino.0);
-                        let trusted = dir_trusted && self.client.trusts_cached(f);
+                        let trusted = dir_trusted
+                            && self.client.trusts_cached(f)
+                            && !self.being_written(attr.ino.0);
                         out.push((i, attr, name, trusted));
                     }
                 }
