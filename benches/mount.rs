@@ -16,6 +16,9 @@
 //! 7. the large-file figures: sequential read of a cached 256 MiB file with
 //!    FUSE passthrough and without.
 //!
+//! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
+//! mount as it was before kernel caching), the baseline for that change.
+//!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -478,6 +481,8 @@ fn main() {
 
     let pt = mount(&dir, &addr, &secret, "pt", &[]);
     let plain = mount(&dir, &addr, &secret, "plain", &["--no-passthrough"]);
+    // The mount as it was before kernel caching: the baseline for it.
+    let nocache = mount(&dir, &addr, &secret, "nocache", &["--no-kernel-cache"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
         .arg("--cache-dir")
         .arg(dir.join("pt-cache"))
@@ -503,6 +508,13 @@ fn main() {
             root: pt.mnt.join("bench"),
         },
     ];
+    // All but tar also on the mount without kernel caching (same server).
+    std::fs::create_dir_all(nocache.mnt.join("bench-nc")).unwrap();
+    let nc = Target {
+        name: "coda --no-kernel-cache",
+        root: nocache.mnt.join("bench-nc"),
+    };
+    let read_targets = [&targets[0], &targets[1], &targets[2], &nc];
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },
@@ -510,7 +522,7 @@ fn main() {
     );
 
     // 1. nginx on 1,000 small files, 16 connections.
-    for t in &targets {
+    for t in read_targets {
         let www = t.root.join("www");
         std::fs::create_dir_all(&www).unwrap();
         for i in 0..1000 {
@@ -519,8 +531,8 @@ fn main() {
     }
     let mut rps = Vec::new();
     let mut p99 = Vec::new();
-    for t in &targets {
-        let n = Nginx::start(&dir.join(format!("nginx-{}", t.name)), &t.root.join("www"));
+    for (i, t) in read_targets.iter().enumerate() {
+        let n = Nginx::start(&dir.join(format!("nginx-{i}")), &t.root.join("www"));
         load(n.addr, 1000, 16, Duration::from_millis(300)); // warm up
         let (r, p) = load(n.addr, 1000, 16, Duration::from_secs(web_secs));
         rps.push((t.name, r));
@@ -536,17 +548,20 @@ fn main() {
 
     // 2. cached 4 KiB open+read+close, interleaved.
     let mut buf = vec![0u8; 4096];
-    let files: Vec<PathBuf> = targets.iter().map(|t| t.root.join("www/f1.html")).collect();
+    let files: Vec<PathBuf> = read_targets
+        .iter()
+        .map(|t| t.root.join("www/f1.html"))
+        .collect();
     for f in &files {
         open_read_close(f, &mut buf);
     }
-    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); read_targets.len()];
     for _ in 0..rounds {
         for (i, f) in files.iter().enumerate() {
             lat[i].push(open_read_close(f, &mut buf));
         }
     }
-    let vals: Vec<(&str, f64)> = targets
+    let vals: Vec<(&str, f64)> = read_targets
         .iter()
         .zip(lat)
         .map(|(t, l)| (t.name, median(l).as_secs_f64() * 1e6))
@@ -557,7 +572,7 @@ fn main() {
         false,
         &vals,
     );
-    for t in &targets {
+    for t in read_targets {
         let _ = Command::new("rm")
             .arg("-r")
             .arg(t.root.join("www"))
@@ -565,12 +580,12 @@ fn main() {
     }
 
     // 3. small files in 100 directories.
-    let res: Vec<[f64; 4]> = targets
+    let res: Vec<[f64; 4]> = read_targets
         .iter()
         .map(|t| small_files(&t.root, nfiles))
         .collect();
     for (k, what) in ["create", "stat", "read", "delete"].iter().enumerate() {
-        let vals: Vec<(&str, f64)> = targets
+        let vals: Vec<(&str, f64)> = read_targets
             .iter()
             .zip(&res)
             .map(|(t, r)| (t.name, r[k]))
@@ -592,9 +607,12 @@ fn main() {
     report(&format!("tar -x of {ntar} files"), "s", false, &vals);
 
     // 5. one directory.
-    let res: Vec<[f64; 4]> = targets.iter().map(|t| one_dir(&t.root, ndir)).collect();
+    let res: Vec<[f64; 4]> = read_targets
+        .iter()
+        .map(|t| one_dir(&t.root, ndir))
+        .collect();
     for (k, what) in ["create", "ls -l", "stat all", "rm -r"].iter().enumerate() {
-        let vals: Vec<(&str, f64)> = targets
+        let vals: Vec<(&str, f64)> = read_targets
             .iter()
             .zip(&res)
             .map(|(t, r)| (t.name, r[k]))
@@ -661,5 +679,6 @@ fn main() {
     drop(bind);
     drop(pt);
     drop(plain);
+    drop(nocache);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -417,7 +417,7 @@ impl CodaFs {
     /// keeps them.
     fn cache_flags(&self, ino: u64, fid: Fid, file: &File, writable: bool) -> FopenFlags {
         let flags = self.plain_flags();
-        if flags.contains(FopenFlags::FOPEN_DIRECT_IO) {
+        if flags.contains(FopenFlags::FOPEN_DIRECT_IO) || !self.shared.kcache.enabled() {
             return flags;
         }
         let version = (!writable && self.client.trusts_cached(fid))
