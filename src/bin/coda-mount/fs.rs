@@ -171,15 +171,6 @@ fn size_mtime(fd: i32) -> Option<(u64, SystemTime)> {
     Some((st.st_size as u64, t))
 }
 
-macro_rules! tri {
-    ($reply:expr, $e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(e) => return $reply.error(e),
-        }
-    };
-}
-
 impl CodaFs {
     pub fn new(
         client: Client,
@@ -312,7 +303,10 @@ impl CodaFs {
 
     /// The entry reply for an object this mount just made in `dir`.
     fn reply_made(&self, reply: ReplyEntry, t: crate::kcache::Ticket, dir: Fid, fid: Fid) {
-        let attr = tri!(reply, self.stat_fid(fid));
+        let attr = match self.stat_fid(fid) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
         let trusted = self.client.trusts_cached(dir) && self.client.trusts_cached(fid);
         self.shared.kcache.note_inode(attr.ino.0);
         let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
@@ -466,6 +460,15 @@ impl CodaFs {
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
         fh
     }
+}
+
+macro_rules! tri {
+    ($reply:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.error(e),
+        }
+    };
 }
 
 impl Filesystem for CodaFs {
