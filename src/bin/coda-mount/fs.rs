@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -64,6 +65,20 @@ struct Handle {
     reopening: Mutex<bool>,
     reopened: Condvar,
     _backing: Option<Arc<BackingId>>,
+    /// Permission bits as last known: what fstat shows once the object is
+    /// gone (unlinked or renamed over while open).
+    mode: AtomicU32,
+    /// The object was removed while open: the handle lives on its
+    /// container alone until release, as POSIX keeps an unlinked file.
+    gone: AtomicBool,
+    /// A descriptor of the open container (a dup of the `File`'s): its
+    /// size and times, read without waiting for a store under way.
+    container: std::fs::File,
+}
+
+/// A client error that says the object no longer exists.
+fn is_gone(e: &Error) -> bool {
+    matches!(e, Error::NotFound(_) | Error::Stale(_))
 }
 
 /// One entry of a readdirplus slice: position, inode, type, name, fid.
@@ -97,6 +112,25 @@ pub struct CodaFs {
     /// kernel wants one per inode at a time) and which container it is.
     backings: Mutex<HashMap<u64, (Weak<BackingId>, ContainerId)>>,
     next_fh: AtomicU64,
+    /// Inodes with a store under way: stores of one inode run one after
+    /// the other, so the last one to start reads the container last and
+    /// the server ends with the latest contents (no lock is held across
+    /// a store; the others wait on `stored`).
+    storing: Mutex<std::collections::HashSet<u64>>,
+    stored: Condvar,
+}
+
+/// This thread's turn to store an inode (see `CodaFs::storing`).
+struct StoreTurn<'a> {
+    fs: &'a CodaFs,
+    ino: u64,
+}
+
+impl Drop for StoreTurn<'_> {
+    fn drop(&mut self) {
+        self.fs.storing.lock().remove(&self.ino);
+        self.fs.stored.notify_all();
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -193,6 +227,8 @@ impl CodaFs {
             dirs: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            storing: Mutex::new(std::collections::HashSet::new()),
+            stored: Condvar::new(),
         }
     }
 
@@ -237,12 +273,17 @@ impl CodaFs {
         let mut mtime = to_system_time(st.mtime);
         // A file being written here: its container is ahead of the server.
         if st.ftype == CodaType::File {
+            // The newest writable open (the latest container), read through
+            // its own descriptor: a store under way has the `File` out of
+            // its slot, and the server's size is the one before the store.
             let handles = self.handles.lock();
-            if let Some(h) = handles.values().find(|h| h.ino == ino && h.writable) {
-                if let Some((len, t)) = h.file.lock().as_ref().and_then(|f| size_mtime(f.fd())) {
-                    size = len;
-                    mtime = t;
-                }
+            let newest = handles
+                .iter()
+                .filter(|(_, h)| h.ino == ino && h.writable)
+                .max_by_key(|(fh, _)| **fh);
+            if let Some((len, t)) = newest.and_then(|(_, h)| size_mtime(h.container.as_raw_fd())) {
+                size = len;
+                mtime = t;
             }
         }
         FileAttr {
@@ -378,6 +419,19 @@ impl CodaFs {
     /// same container; `None` (serve it plainly) when they use an older
     /// container, or the kernel refuses.
     fn backing_for(&self, ino: u64, file: &File, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        self.backing_with(ino, file, |fd| reply.open_backing(fd))
+    }
+
+    /// `backing_for` for any reply that can register a backing file (open
+    /// or create). The backing file is the container opened read-write
+    /// (a new description of the same inode): opens of one inode share it,
+    /// and a writable open's writes go through it.
+    fn backing_with(
+        &self,
+        ino: u64,
+        file: &File,
+        register: impl FnOnce(BorrowedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
@@ -388,10 +442,22 @@ impl CodaFs {
                 return (*which == id).then_some(live);
             }
         }
-        // SAFETY: the fd belongs to `file`, alive for this call; the kernel
-        // takes its own reference to the file.
-        let fd = unsafe { BorrowedFd::borrow_raw(file.fd()) };
-        match reply.open_backing(fd) {
+        // A read-write description of the container: a read-only open may
+        // register the backing that a later writable open shares.
+        let rw = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", file.fd()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("coda-mount: reopening the container of inode {ino}: {e}");
+                return None;
+            }
+        };
+        // The kernel takes its own reference to the file.
+        match register(rw.as_fd()) {
             Ok(bid) => {
                 let bid = Arc::new(bid);
                 b.insert(ino, (Arc::downgrade(&bid), id));
@@ -441,7 +507,20 @@ impl CodaFs {
         flags: i32,
         file: File,
         backing: Option<Arc<BackingId>>,
-    ) -> u64 {
+    ) -> Result<u64, Errno> {
+        let mode = self
+            .client
+            .getattr_fid(fid)
+            .map(|st| st.mode & 0o7777)
+            .unwrap_or(0o600);
+        // SAFETY: the fd is the live container fd of `file`; dup gives us
+        // our own descriptor of it (or -1).
+        let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(Errno::from(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a new descriptor nobody else owns.
+        let container = unsafe { std::fs::File::from_raw_fd(dup) };
         let fh = self.new_fh();
         self.handles.lock().insert(
             fh,
@@ -455,10 +534,203 @@ impl CodaFs {
                 reopening: Mutex::new(false),
                 reopened: Condvar::new(),
                 _backing: backing,
+                mode: AtomicU32::new(mode),
+                gone: AtomicBool::new(false),
+                container,
             }),
         );
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
-        fh
+        Ok(fh)
+    }
+}
+
+/// Open files whose object is gone (unlinked or renamed over while open):
+/// POSIX keeps such a file usable through its descriptors until the last
+/// close, so these requests are answered from the handle's container.
+impl CodaFs {
+    /// An open handle of inode `ino`, a writable one if there is one.
+    fn open_handle(&self, ino: u64) -> Option<Arc<Handle>> {
+        let handles = self.handles.lock();
+        let mut found: Option<&Arc<Handle>> = None;
+        for h in handles.values().filter(|h| h.ino == ino) {
+            if h.writable || found.is_none() {
+                found = Some(h);
+            }
+            if h.writable {
+                break;
+            }
+        }
+        found.cloned()
+    }
+
+    /// If `ino` is open and its object is gone, the handle to answer from
+    /// (every handle of the inode is marked gone).
+    fn orphan(&self, ino: u64, fid: Fid) -> Option<Arc<Handle>> {
+        let h = self.open_handle(ino)?;
+        if !h.gone.load(Ordering::Relaxed) {
+            match self.client.getattr_fid(fid) {
+                Err(e) if is_gone(&e) => {}
+                _ => return None,
+            }
+            for other in self.handles.lock().values().filter(|o| o.ino == ino) {
+                other.gone.store(true, Ordering::Relaxed);
+            }
+        }
+        Some(h)
+    }
+
+    /// The status of an open file whose object is gone: its container's
+    /// size and times, the last known mode, no links.
+    fn orphan_attr(&self, h: &Handle) -> Result<FileAttr, Errno> {
+        let (size, mtime) = size_mtime(h.container.as_raw_fd()).ok_or(Errno::EIO)?;
+        Ok(FileAttr {
+            ino: INodeNo(h.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: FileType::RegularFile,
+            perm: h.mode.load(Ordering::Relaxed) as u16,
+            nlink: 0,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// setattr on an open file whose object is gone: mode and size change
+    /// on the handle and its container (nothing is stored anywhere).
+    fn orphan_setattr(
+        &self,
+        h: &Handle,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<FileAttr, Errno> {
+        if let Some(m) = mode {
+            h.mode.store(m & 0o7777, Ordering::Relaxed);
+        }
+        {
+            let fd = h.container.as_raw_fd();
+            if let Some(n) = size {
+                if !h.writable {
+                    return Err(Errno::EBADF);
+                }
+                // SAFETY: the handle's own live descriptor of the container.
+                if unsafe { libc::ftruncate(fd, n as libc::off_t) } != 0 {
+                    return Err(Errno::from(std::io::Error::last_os_error()));
+                }
+            }
+            if let Some(t) = mtime {
+                let ts = match t {
+                    TimeOrNow::Now => Timespec::now(),
+                    TimeOrNow::SpecificTime(t) => from_system_time(t),
+                };
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    libc::timespec {
+                        tv_sec: ts.sec,
+                        tv_nsec: ts.nsec as _,
+                    },
+                ];
+                // SAFETY: live fd; `times` holds the two entries futimens reads.
+                unsafe { libc::futimens(fd, times.as_ptr()) };
+            }
+        }
+        self.orphan_attr(h)
+    }
+
+    /// Store what a writable handle wrote, keeping it open (fsync(2), and
+    /// each close(2) of a descriptor copy). Nothing to store once the
+    /// object is gone.
+    fn sync_handle(&self, h: &Handle) -> Result<(), Errno> {
+        if !h.writable || h.gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _turn = self.store_turn(h.ino)?;
+        match self.with_file_out(h, File::sync).unwrap_or(Ok(())) {
+            Ok(()) => Ok(()),
+            Err(e) if is_gone(&e) => {
+                h.gone.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("coda-mount: storing {}: {e}", h.fid);
+                Err(errno(&e))
+            }
+        }
+    }
+
+    /// Wait (bounded) until no other store of `ino` is under way, and take
+    /// the turn.
+    fn store_turn(&self, ino: u64) -> Result<StoreTurn<'_>, Errno> {
+        let mut busy = self.storing.lock();
+        // Bounded: each store is itself bounded by the client's timeouts.
+        for _ in 0..12_000 {
+            if busy.insert(ino) {
+                return Ok(StoreTurn { fs: self, ino });
+            }
+            self.stored.wait_for(&mut busy, Duration::from_millis(50));
+        }
+        Err(Errno::EIO)
+    }
+
+    /// Run `op` on the handle's `File` taken out of its slot, so no lock is
+    /// held across what `op` does (a store talks to the server); the
+    /// handle's other users wait in `file_for` meanwhile (as for a reopen).
+    /// `None` if the slot was empty.
+    fn with_file_out<R>(&self, h: &Handle, op: impl FnOnce(&mut File) -> R) -> Option<R> {
+        for _ in 0..12_000 {
+            let mut busy = h.reopening.lock();
+            if *busy {
+                h.reopened.wait_for(&mut busy, Duration::from_millis(50));
+                continue;
+            }
+            *busy = true;
+            drop(busy);
+            let taken = h.file.lock().take();
+            let out = taken.map(|mut f| {
+                let r = op(&mut f);
+                *h.file.lock() = Some(f);
+                r
+            });
+            *h.reopening.lock() = false;
+            h.reopened.notify_all();
+            return out;
+        }
+        None
+    }
+
+    /// A write by a process without CAP_FSETID clears set-user-ID, and
+    /// set-group-ID when group execute is set, as the kernel does for a
+    /// local file (it does not for FUSE direct-I/O writes). Root is taken
+    /// as the one holding CAP_FSETID.
+    fn kill_privs(&self, req: &Request, h: &Handle) {
+        if req.uid() == 0 || h.gone.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(st) = self.client.getattr_fid(h.fid) else {
+            return;
+        };
+        let mut m = st.mode & 0o7777;
+        let before = m;
+        m &= !libc::S_ISUID;
+        if m & libc::S_IXGRP != 0 {
+            m &= !libc::S_ISGID;
+        }
+        if m != before {
+            if let Err(e) = self.client.setattr_fid(h.fid, Some(m), None, None) {
+                eprintln!("coda-mount: clearing set-id bits of {}: {e}", h.fid);
+            }
+            h.mode.store(m, Ordering::Relaxed);
+        }
     }
 }
 
@@ -518,7 +790,17 @@ impl Filesystem for CodaFs {
         self.shared.getattrs.fetch_add(1, Ordering::Relaxed);
         let fid = tri!(reply, self.fid_of(ino));
         let t = self.shared.kcache.ticket();
-        let attr = tri!(reply, self.stat_fid(fid));
+        let attr = match self.stat_fid(fid) {
+            Ok(a) => a,
+            // An unlinked open file: its container's status, never kept.
+            Err(e) => match self.orphan(ino.0, fid) {
+                Some(h) => {
+                    let attr = tri!(reply, self.orphan_attr(&h));
+                    return reply.attr(&TTL, &attr);
+                }
+                None => return reply.error(e),
+            },
+        };
         self.shared.kcache.note_inode(attr.ino.0);
         let trusted = self.client.trusts_cached(fid) && !self.being_written(attr.ino.0);
         let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
@@ -549,6 +831,10 @@ impl Filesystem for CodaFs {
         if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
             return reply.error(Errno::EPERM);
         }
+        if let Some(h) = self.orphan(ino.0, fid) {
+            let attr = tri!(reply, self.orphan_setattr(&h, mode, size, mtime));
+            return reply.attr(&TTL, &attr);
+        }
         if let Some(m) = mode {
             tri!(
                 reply,
@@ -556,8 +842,15 @@ impl Filesystem for CodaFs {
                     .setattr_fid(fid, Some(m & 0o7777), None, None)
                     .map_err(|e| errno(&e))
             );
+            for h in self.handles.lock().values().filter(|h| h.ino == ino.0) {
+                h.mode.store(m & 0o7777, Ordering::Relaxed);
+            }
         }
         if let Some(n) = size {
+            // Not while a store of this inode is uploading the container:
+            // the upload reads the length it announced (writes can only
+            // grow the file; a cut is the one change that would starve it).
+            let _turn = tri!(reply, self.store_turn(ino.0));
             // ftruncate on a file open for writing: cut the container; the
             // close stores it. Otherwise a truncate record right away.
             let open = fh
@@ -565,12 +858,10 @@ impl Filesystem for CodaFs {
                 .filter(|h| h.writable);
             match open {
                 Some(h) => {
-                    let g = h.file.lock();
-                    let Some(f) = g.as_ref() else {
-                        return reply.error(Errno::EBADF);
-                    };
-                    // SAFETY: the fd is the live container fd of `f`.
-                    if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
+                    // The handle's own descriptor of the container: no wait
+                    // for a store under way (the next flush stores the cut).
+                    // SAFETY: a live descriptor owned by the handle.
+                    if unsafe { libc::ftruncate(h.container.as_raw_fd(), n as libc::off_t) } != 0 {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
@@ -587,6 +878,22 @@ impl Filesystem for CodaFs {
                 TimeOrNow::Now => Timespec::now(),
                 TimeOrNow::SpecificTime(t) => from_system_time(t),
             };
+            // Times set while the file is open for writing (tar, cp -p):
+            // store what was written first, so the store at close, which
+            // stamps the time of the store, does not overwrite them.
+            let open: Vec<Arc<Handle>> = self
+                .handles
+                .lock()
+                .values()
+                .filter(|h| h.ino == ino.0 && h.writable)
+                .cloned()
+                .collect();
+            for h in open {
+                tri!(reply, self.sync_handle(&h));
+                // The container shows the same time (fstat before release
+                // reads it), and it counts as stored.
+                self.with_file_out(&h, |f| f.set_container_mtime(ts));
+            }
             tri!(
                 reply,
                 self.client
@@ -714,18 +1021,28 @@ impl Filesystem for CodaFs {
             reply,
             self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
         );
-        if !writable {
-            if let Some(b) = self.backing_for(ino.0, &file, &reply) {
-                let fh = self.remember(ino.0, fid, cflags, file, Some(b.clone()));
-                self.shared
-                    .passthrough_opens
-                    .fetch_add(1, Ordering::Relaxed);
-                // Nothing to store at close(2): no flush request.
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b);
-            }
+        // Writable opens use passthrough too when the inode's backing is
+        // this container (or free): shared writable mmap (SQLite's WAL)
+        // needs it, and writes land in the container the store reads.
+        if let Some(b) = self.backing_for(ino.0, &file, &reply) {
+            let fh = tri!(
+                reply,
+                self.remember(ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+            // A read-only open has nothing to store at close(2): no flush
+            // request (its flush does nothing).
+            let flags = if writable {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_NOFLUSH
+            };
+            return reply.opened_passthrough(FileHandle(fh), flags, &b);
         }
         let flags = self.cache_flags(ino.0, fid, &file, writable);
-        let fh = self.remember(ino.0, fid, cflags, file, None);
+        let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         reply.opened(FileHandle(fh), flags);
     }
@@ -759,7 +1076,7 @@ impl Filesystem for CodaFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -770,6 +1087,7 @@ impl Filesystem for CodaFs {
         reply: ReplyWrite,
     ) {
         let h = tri!(reply, self.handle(fh));
+        self.kill_privs(req, &h);
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
         let mut done = 0;
@@ -791,22 +1109,17 @@ impl Filesystem for CodaFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2) waits for this (release comes later, asynchronously):
-        // store a written file here, so close returns the store's result
-        // and the next opener, here or anywhere, sees the new contents.
+        // close(2) of each copy of a descriptor waits for this (release
+        // comes once, after the last): store what was written here, so
+        // close returns the store's result and the next opener, here or
+        // anywhere, sees the new contents; the file stays open for the
+        // other copies (a child's exit must not close the parent's file).
         let Ok(h) = self.handle(fh) else {
             return reply.ok();
         };
-        if !h.writable {
-            return reply.ok();
-        }
-        let f = h.file.lock().take();
-        match f.map(File::close) {
-            Some(Err(e)) => {
-                eprintln!("coda-mount: storing {}: {e}", h.fid);
-                reply.error(errno(&e))
-            }
-            _ => reply.ok(),
+        match self.sync_handle(&h) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -814,12 +1127,17 @@ impl Filesystem for CodaFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Whole-file semantics: the file is stored when it is closed.
-        reply.ok();
+        // Durable when this returns: stored on the server (connected), or
+        // logged with its container fsynced (disconnected).
+        let h = tri!(reply, self.handle(fh));
+        match self.sync_handle(&h) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(
@@ -838,12 +1156,26 @@ impl Filesystem for CodaFs {
         };
         self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
         let f = h.file.lock().take();
-        // Closing a written file stores it back (write-through on close).
-        if let Some(Err(e)) = f.map(File::close) {
-            eprintln!("coda-mount: storing inode {} on close: {e}", h.ino);
-            return reply.error(errno(&e));
+        let Some(f) = f else {
+            return reply.ok();
+        };
+        if h.gone.load(Ordering::Relaxed) {
+            f.abandon();
+            return reply.ok();
         }
-        reply.ok();
+        let _turn = if h.writable {
+            self.store_turn(h.ino).ok()
+        } else {
+            None
+        };
+        // Closing a written file stores what the last flush did not.
+        match f.close() {
+            Err(e) if !is_gone(&e) => {
+                eprintln!("coda-mount: storing inode {} on close: {e}", h.ino);
+                reply.error(errno(&e))
+            }
+            _ => reply.ok(),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1056,9 +1388,29 @@ impl Filesystem for CodaFs {
                 return reply.error(e);
             }
         };
-        let fh = self.remember(attr.ino.0, fid, cflags, file, None);
+        let backing = self.backing_with(attr.ino.0, &file, |fd| reply.open_backing(fd));
+        if let Some(b) = backing {
+            let fh = tri!(
+                reply,
+                self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+            return reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &b,
+            );
+        }
+        let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
-        let trusted = self.client.trusts_cached(dir) && self.client.trusts_cached(fid);
+        let trusted = self.client.trusts_cached(dir)
+            && self.client.trusts_cached(fid)
+            && !self.being_written(attr.ino.0);
         self.shared.kcache.note_inode(attr.ino.0);
         let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
         reply.created(
