@@ -5,6 +5,7 @@
 //!
 //!   cargo bench --bench mount                      (needs root, /dev/fuse, bindfs, nginx)
 //!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
+//!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
 //!
 //! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
 //!    (the load generator is in this file): requests/s and p99;
@@ -445,6 +446,14 @@ fn main() {
         (2000, 16usize << 20, 1000, 1000, 1000, 2)
     } else {
         (5000, 256usize << 20, 10_000, 10_000, 10_000, 5)
+    };
+    // CODA_BENCH_FILES=N: N files for the small-file, tar and one-directory runs.
+    let (nfiles, ndir, ntar) = match std::env::var("CODA_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => (n, n, n),
+        _ => (nfiles, ndir, ntar),
     };
     let dir = std::env::temp_dir().join(format!("coda-bench-mount-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
