@@ -19,17 +19,16 @@ use coda::Error;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-/// Attribute and entry lifetime in the kernel: zero. The `Client` is the
-/// one place that knows whether a cached object is still valid (its
-/// callbacks are the truth, broken by the server before any change is
-/// acknowledged); a kernel copy kept for even a second could show another
-/// client's change late, or let `stat` succeed after a failover. Asking the
-/// client is cheap: under a callback it answers from memory.
+/// Attribute and entry lifetime in the kernel for answers the client did not
+/// give from a callback it holds (and for replies to changes): zero, the
+/// `Client` is the judge of validity. Answers it vouched for get
+/// `kcache::TRUSTED_TTL` and are dropped by notification when it stops
+/// trusting them (see kcache.rs and docs/MOUNT.md, "Caching").
 const TTL: Duration = Duration::ZERO;
 
 /// Counters and switches shared with the control socket (`coda status`).
@@ -40,6 +39,16 @@ pub struct Shared {
     pub passthrough_opens: AtomicU64,
     pub plain_opens: AtomicU64,
     pub open_files: AtomicU64,
+    /// Read requests the kernel sent (pages it did not have cached).
+    pub reads: AtomicU64,
+    /// Lookup and getattr requests the kernel sent (what it did not have
+    /// cached).
+    pub lookups: AtomicU64,
+    pub getattrs: AtomicU64,
+    /// Opens answered with FOPEN_KEEP_CACHE (the kernel kept its pages).
+    pub kept_cache_opens: AtomicU64,
+    /// What the kernel caches, and how it is told to drop it.
+    pub kcache: crate::kcache::KernelCache,
 }
 
 /// One open file: the client's `File` (kept until release, whose close
@@ -75,8 +84,15 @@ fn is_gone(e: &Error) -> bool {
     matches!(e, Error::NotFound(_) | Error::Stale(_))
 }
 
+/// One entry of a readdirplus slice: position, inode, type, name, fid.
+type PlusItem = (usize, u64, FileType, String, Option<Fid>);
+
 struct DirSnapshot {
+    /// The directory's fid (readdirplus asks about its entries).
+    dir: Fid,
     entries: Vec<(u64, FileType, String)>,
+    /// The entries' fids, by position (`None` for `.` and `..`).
+    fids: Vec<Option<Fid>>,
 }
 
 pub struct CodaFs {
@@ -405,14 +421,43 @@ impl CodaFs {
         Ok(attr)
     }
 
-    /// The entry `name` of `parent` (`ENOENT` if none), its status.
-    fn stat_child(&self, parent: Fid, name: &str) -> Result<FileAttr, Errno> {
+    /// The entry `name` of `parent` (`ENOENT` if none), its status, with whether the client vouched for the answer
+    /// (the directory's and the object's callbacks hold): what the kernel
+    /// may keep.
+    fn stat_child_trusted(&self, parent: Fid, name: &str) -> Result<(FileAttr, bool), Errno> {
         let e = self
             .client
             .lookup_at(parent, name)
             .map_err(|e| errno(&e))?
             .ok_or(Errno::ENOENT)?;
-        self.stat_fid(e.fid)
+        let attr = self.stat_fid(e.fid)?;
+        let trusted = self.client.trusts_cached(parent)
+            && self.client.trusts_cached(e.fid)
+            && !self.being_written(attr.ino.0);
+        self.shared.kcache.note_inode(attr.ino.0);
+        Ok((attr, trusted))
+    }
+
+    /// Whether `ino` is open for writing here: its size and times are the
+    /// container's until the store at close, which the client has not
+    /// vouched for, so the kernel gets no lifetime for them.
+    fn being_written(&self, ino: u64) -> bool {
+        self.handles
+            .lock()
+            .values()
+            .any(|h| h.ino == ino && h.writable)
+    }
+
+    /// The entry reply for an object this mount just made in `dir`.
+    fn reply_made(&self, reply: ReplyEntry, t: crate::kcache::Ticket, dir: Fid, fid: Fid) {
+        let attr = match self.stat_fid(fid) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        let trusted = self.client.trusts_cached(dir) && self.client.trusts_cached(fid);
+        self.shared.kcache.note_inode(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.entry(&ttl, &attr, Generation(0));
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -527,6 +572,36 @@ impl CodaFs {
             Err(e) => {
                 eprintln!("coda-mount: passthrough refused for inode {ino}: {e}");
                 None
+            }
+        }
+    }
+
+    /// Page-cache flags of a plain open: direct I/O beside passthrough;
+    /// otherwise the kernel keeps the pages it has (FOPEN_KEEP_CACHE) when
+    /// they are of this very version of the file, per the client (its
+    /// callback holds; same version, same container). A writer's open never
+    /// keeps them.
+    fn cache_flags(&self, ino: u64, fid: Fid, file: &File, writable: bool) -> FopenFlags {
+        let flags = self.plain_flags();
+        if flags.contains(FopenFlags::FOPEN_DIRECT_IO) || !self.shared.kcache.enabled() {
+            return flags;
+        }
+        let version = (!writable && self.client.trusts_cached(fid))
+            .then(|| {
+                let st = self.client.getattr_fid(fid).ok()?;
+                let (dev, cino) = file_id(file.fd())?;
+                Some((st.version, dev, cino))
+            })
+            .flatten();
+        match version {
+            Some(v) if self.shared.kcache.keep_pages(ino, v) => {
+                self.shared.kept_cache_opens.fetch_add(1, Ordering::Relaxed);
+                flags | FopenFlags::FOPEN_KEEP_CACHE
+            }
+            Some(_) => flags,
+            None => {
+                self.shared.kcache.forget_pages(ino);
+                flags
             }
         }
     }
@@ -781,6 +856,19 @@ impl Filesystem for CodaFs {
         self.root_ino.store(root.ino, Ordering::Relaxed);
         *self.root_fid.lock() = Some(root_fid);
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        self.shared.kcache.set_root(root.ino);
+        // Kernel caching (see kcache.rs): listings with attributes (one
+        // request for `ls -l`), symlink targets in the page cache, lookups in
+        // one directory in parallel. Each is optional: without it the
+        // kernel just asks more often.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
         if self.want_passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             // The containers may sit on a stacked file system (overlayfs).
@@ -793,22 +881,36 @@ impl Filesystem for CodaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         tri!(reply, self.guard());
-        let (dir, name) = tri!(reply, self.child(parent, name));
-        let attr = tri!(reply, self.stat_child(dir, &name));
-        reply.entry(&TTL, &attr, Generation(0));
+        let (dir, name_s) = tri!(reply, self.child(parent, name));
+        self.shared.lookups.fetch_add(1, Ordering::Relaxed);
+        // Noted before asking: a break of the directory meanwhile names it.
+        self.shared.kcache.note_entry(parent.0, name);
+        let t = self.shared.kcache.ticket();
+        let (attr, trusted) = tri!(reply, self.stat_child_trusted(dir, &name_s));
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.entry(&ttl, &attr, Generation(0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         tri!(reply, self.guard());
+        self.shared.getattrs.fetch_add(1, Ordering::Relaxed);
         let fid = tri!(reply, self.fid_of(ino));
+        let t = self.shared.kcache.ticket();
         let attr = match self.stat_fid(fid) {
             Ok(a) => a,
+            // An unlinked open file: its container's status, never kept.
             Err(e) => match self.orphan(ino.0, fid) {
-                Some(h) => tri!(reply, self.orphan_attr(&h)),
+                Some(h) => {
+                    let attr = tri!(reply, self.orphan_attr(&h));
+                    return reply.attr(&TTL, &attr);
+                }
                 None => return reply.error(e),
             },
         };
-        reply.attr(&TTL, &attr);
+        self.shared.kcache.note_inode(attr.ino.0);
+        let trusted = self.client.trusts_cached(fid) && !self.being_written(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.attr(&ttl, &attr);
     }
 
     fn setattr(
@@ -935,14 +1037,14 @@ impl Filesystem for CodaFs {
         let (dir, name) = tri!(reply, self.child(parent, name));
         let owner = self.owner_for(req, dir);
         let mode = self.dir_mode(dir, mode & !umask & 0o7777);
+        let t = self.shared.kcache.ticket();
         let fid = tri!(
             reply,
             self.client
                 .mkdir_at_as(dir, &name, mode, owner)
                 .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_fid(fid));
-        reply.entry(&TTL, &attr, Generation(0));
+        self.reply_made(reply, t, dir, fid);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -980,14 +1082,14 @@ impl Filesystem for CodaFs {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, link_name));
         let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
+        let t = self.shared.kcache.ticket();
         let fid = tri!(
             reply,
             self.client
                 .symlink_at_as(dir, &name, target, self.owner_for(req, dir))
                 .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_fid(fid));
-        reply.entry(&TTL, &attr, Generation(0));
+        self.reply_made(reply, t, dir, fid);
     }
 
     fn rename(
@@ -1028,6 +1130,7 @@ impl Filesystem for CodaFs {
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
+        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
         let file = tri!(
             reply,
             self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
@@ -1043,11 +1146,19 @@ impl Filesystem for CodaFs {
             self.shared
                 .passthrough_opens
                 .fetch_add(1, Ordering::Relaxed);
-            return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
+            // A read-only open has nothing to store at close(2): no flush
+            // request (its flush does nothing).
+            let flags = if writable {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_NOFLUSH
+            };
+            return reply.opened_passthrough(FileHandle(fh), flags, &b);
         }
+        let flags = self.cache_flags(ino.0, fid, &file, writable);
         let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
-        reply.opened(FileHandle(fh), self.plain_flags());
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn read(
@@ -1061,6 +1172,7 @@ impl Filesystem for CodaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
@@ -1183,18 +1295,114 @@ impl Filesystem for CodaFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
+        let t = self.shared.kcache.ticket();
         let list = tri!(reply, self.client.readdir_fid(fid).map_err(|e| errno(&e)));
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".to_string()),
-            (ino.0, FileType::Directory, "..".to_string()),
-        ];
-        entries.extend(
-            list.into_iter()
-                .map(|e| (self.fuse_ino(e.fid.ino()), kind(e.ftype), e.name)),
-        );
+        let mut entries = Vec::with_capacity(list.len() + 2);
+        entries.push((ino.0, FileType::Directory, ".".to_string()));
+        entries.push((ino.0, FileType::Directory, "..".to_string()));
+        let mut fids = Vec::with_capacity(list.len() + 2);
+        fids.extend([None, None]);
+        for e in list {
+            entries.push((self.fuse_ino(e.fid.ino()), kind(e.ftype), e.name));
+            fids.push(Some(e.fid));
+        }
+        // The kernel may keep the listing (CACHE_DIR) while the client
+        // vouches for the directory, and keep the listing it already has
+        // (KEEP_CACHE) when that is of the same version.
+        let version = self
+            .client
+            .trusts_cached(fid)
+            .then(|| self.client.getattr_fid(fid).ok())
+            .flatten()
+            .map(|st| st.version);
         let fh = self.new_fh();
-        self.dirs.lock().insert(fh, DirSnapshot { entries });
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        self.dirs.lock().insert(
+            fh,
+            DirSnapshot {
+                dir: fid,
+                entries,
+                fids,
+            },
+        );
+        self.shared.kcache.note_inode(ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, version.is_some());
+        let mut flags = FopenFlags::empty();
+        match version {
+            Some(v) if !ttl.is_zero() => {
+                flags |= FopenFlags::FOPEN_CACHE_DIR;
+                if self.shared.kcache.keep_pages(ino.0, (v, 0, 0)) {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+            }
+            _ => self.shared.kcache.forget_pages(ino.0),
+        }
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        tri!(reply, self.guard());
+        // A bounded slice, copied out: the client may ask the server about
+        // an entry, and no lock is held across that.
+        let (dir, slice): (Fid, Vec<PlusItem>) = {
+            let dirs = self.dirs.lock();
+            let Some(d) = dirs.get(&fh.0) else {
+                return reply.error(Errno::EBADF);
+            };
+            let slice = d
+                .entries
+                .iter()
+                .zip(&d.fids)
+                .enumerate()
+                .skip(offset as usize)
+                .take(1024)
+                .map(|(i, ((ino, k, name), fid))| (i, *ino, *k, name.clone(), *fid))
+                .collect();
+            (d.dir, slice)
+        };
+        let t = self.shared.kcache.ticket();
+        let dir_trusted = self.client.trusts_cached(dir);
+        let dot = tri!(reply, self.stat_fid(dir));
+        let mut out = Vec::with_capacity(slice.len());
+        for (i, child_ino, _k, name, fid) in slice {
+            match fid {
+                // `.` and `..`: the kernel links neither; any attributes do.
+                None => out.push((
+                    i,
+                    FileAttr {
+                        ino: INodeNo(child_ino),
+                        ..dot
+                    },
+                    name,
+                    false,
+                )),
+                Some(f) => {
+                    self.shared.kcache.note_entry(ino.0, OsStr::new(&name));
+                    // Gone meanwhile: left out (a lookup will say so).
+                    if let Ok(attr) = self.stat_fid(f) {
+                        self.shared.kcache.note_inode(attr.ino.0);
+                        let trusted = dir_trusted
+                            && self.client.trusts_cached(f)
+                            && !self.being_written(attr.ino.0);
+                        out.push((i, attr, name, trusted));
+                    }
+                }
+            }
+        }
+        let (ttl, _g) = self.shared.kcache.ttl(t, true);
+        for (i, attr, name, trusted) in &out {
+            let ttl = if *trusted { ttl } else { Duration::ZERO };
+            if reply.add(attr.ino, (*i + 1) as u64, name, &ttl, attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn readdir(
@@ -1265,6 +1473,7 @@ impl Filesystem for CodaFs {
         let (dir, name) = tri!(reply, self.child(parent, name));
         let cflags = Self::open_flags(flags);
         let owner = self.owner_for(req, dir);
+        let t = self.shared.kcache.ticket();
         let made = self
             .client
             .create_at_as(dir, &name, mode & !umask & 0o7777, cflags, owner);
@@ -1314,8 +1523,13 @@ impl Filesystem for CodaFs {
         }
         let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+        let trusted = self.client.trusts_cached(dir)
+            && self.client.trusts_cached(fid)
+            && !self.being_written(attr.ino.0);
+        self.shared.kcache.note_inode(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
         reply.created(
-            &TTL,
+            &ttl,
             &attr,
             Generation(0),
             FileHandle(fh),
