@@ -93,7 +93,7 @@ impl Client {
                 mtime: now,
             },
             |attr| {
-                inner.cache.set_listing(attr, Vec::new());
+                inner.cache.set_listing(attr, Default::default());
                 Ok(())
             },
         )

@@ -210,7 +210,7 @@ impl Conflicts<'_> {
                     e.data_version = None;
                     e.dirty = false;
                 }
-                e.listing = None;
+                e.clear_listing();
             });
         }
         self.callbacks.break_fids(&fids);

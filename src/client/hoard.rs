@@ -29,7 +29,7 @@ use super::cache::{Cache, Index};
 use super::callback::Callbacks;
 use super::stats::Counters;
 use super::Client;
-use crate::proto::{Attr, DirEntry, Fid, FileType};
+use crate::proto::{Attr, Fid, FileType};
 use crate::{Error, Result};
 
 /// path → priority (u32) and expansion (u8) packed as `priority << 8 | exp`.
@@ -140,7 +140,7 @@ pub fn parse_profile(text: &str) -> Result<Vec<HoardEntry>> {
 /// to name, list, read and fetch objects (from the server when not cached).
 pub(crate) trait Source {
     fn resolve(&self, path: &str) -> Result<(Fid, FileType)>;
-    fn listing(&self, dir: Fid) -> Result<Arc<Vec<DirEntry>>>;
+    fn listing(&self, dir: Fid) -> Result<Arc<super::namespace::Listing>>;
     fn readlink_fid(&self, fid: Fid) -> Result<String>;
     fn getattr(&self, fid: Fid) -> Result<Attr>;
     /// Make `fid`'s data current in the cache (it stays closed).

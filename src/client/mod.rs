@@ -605,7 +605,7 @@ impl hoard::Source for Inner {
     fn resolve(&self, path: &str) -> Result<(Fid, FileType)> {
         Inner::resolve(self, path, true)
     }
-    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
+    fn listing(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
         Inner::listing(self, dir)
     }
     fn readlink_fid(&self, fid: Fid) -> Result<String> {
@@ -867,7 +867,7 @@ impl Inner {
 
     /// A directory's entries: cached while the callback holds, else read
     /// page by page (restarting if the directory changes between pages).
-    fn listing(&self, dir: Fid) -> Result<Arc<Vec<crate::proto::DirEntry>>> {
+    fn listing(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
         if self.trusts(dir) {
             if let Some(l) = self.cache.get(dir).and_then(|e| e.listing_shared()) {
                 return Ok(l);
@@ -879,10 +879,10 @@ impl Inner {
                 .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir).map(Arc::new), offline)
+        self.emulate(Some(dir), || self.read_dir(dir), offline)
     }
 
-    fn read_dir(&self, dir: Fid) -> Result<Vec<crate::proto::DirEntry>> {
+    fn read_dir(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
         let tok = self.callbacks.token(dir);
         let s = self.servers.session()?;
         let mut restarts = 0;
@@ -916,9 +916,10 @@ impl Inner {
                 match next {
                     Some(n) => cursor = n,
                     None => {
-                        self.cache.set_listing(&attr, entries.clone());
+                        let l = Arc::new(namespace::Listing::from_entries(entries));
+                        self.cache.set_listing(&attr, l.clone());
                         self.callbacks.grant(dir, tok);
-                        return Ok(entries);
+                        return Ok(l);
                     }
                 }
             }
@@ -926,7 +927,7 @@ impl Inner {
     }
 
     fn lookup(&self, dir: Fid, name: &str) -> Result<Option<crate::proto::DirEntry>> {
-        Ok(self.listing(dir)?.iter().find(|e| e.name == name).cloned())
+        Ok(self.listing(dir)?.get(name).cloned())
     }
 
     /// A symlink's target: fetched once, then cached for the fid's life (a
@@ -1053,7 +1054,7 @@ impl Inner {
             let Some((_, tok)) = toks.iter().find(|(d, _)| *d == dir) else {
                 continue;
             };
-            self.after_dir_change(dir, *tok, now, |l| namespace::apply_edits(l, dir, &edits));
+            self.after_dir_change(dir, *tok, now, &edits);
         }
     }
 
@@ -1066,21 +1067,18 @@ impl Inner {
         dir: Fid,
         tok: Token,
         mtime: Timespec,
-        edit: impl FnOnce(&mut Vec<crate::proto::DirEntry>),
+        edits: &[(Fid, namespace::Edit)],
     ) {
         let edited = self.cache.update(None, dir, |e| {
-            let version = e.attr.version;
-            match &mut e.listing {
-                Some((v, l)) if *v == version => {
-                    edit(Arc::make_mut(l));
-                    *v += 1;
-                    e.attr.version += 1;
-                    e.attr.mtime = mtime;
-                    e.attr.ctime = mtime;
-                    true
-                }
-                _ => false,
+            if e.listing_current().is_none() {
+                return false;
             }
+            e.edit_listing(dir, edits);
+            e.attr.version += 1;
+            e.set_listing_version(e.attr.version);
+            e.attr.mtime = mtime;
+            e.attr.ctime = mtime;
+            true
         });
         // A directory with logged changes is served from the cache anyway.
         let local = self.cml.mentions(dir);
@@ -1329,7 +1327,7 @@ impl Inner {
     pub(crate) fn drop_edited_listings(&self) {
         let fids: Vec<Fid> = self.emu.take_edited();
         for f in &fids {
-            self.cache.update(None, *f, |e| e.listing = None);
+            self.cache.update(None, *f, |e| e.clear_listing());
         }
         let known: Vec<Fid> = fids
             .iter()
