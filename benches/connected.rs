@@ -407,9 +407,21 @@ fn main() {
     } else {
         (5000, 256, 3)
     };
-    cached_small_reads(&a, &scratch, iters);
-    cold_fetch(&s, &a, &scratch, mib, rounds);
-    callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    // CODA_BENCH_ONLY=reads,fetch,break,parallel,fsync,onedir runs only those lines.
+    let only = std::env::var("CODA_BENCH_ONLY").ok();
+    let runs = |what: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == what))
+    };
+    if runs("reads") {
+        cached_small_reads(&a, &scratch, iters);
+    }
+    if runs("fetch") {
+        cold_fetch(&s, &a, &scratch, mib, rounds);
+    }
+    if runs("break") {
+        callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    }
     let (per_thread, rounds, creates, one_dir) = if smoke {
         (5, 1, 5, 40)
     } else if quick {
@@ -417,9 +429,15 @@ fn main() {
     } else {
         (100, 5, 200, 10_000)
     };
-    parallel_small_stores(&s, &scratch, per_thread, rounds);
-    fsyncs_per_create(&s, &scratch, creates);
-    creates_in_one_dir(&s, &scratch, one_dir);
+    if runs("parallel") {
+        parallel_small_stores(&s, &scratch, per_thread, rounds);
+    }
+    if runs("fsync") {
+        fsyncs_per_create(&s, &scratch, creates);
+    }
+    if runs("onedir") {
+        creates_in_one_dir(&s, &scratch, one_dir);
+    }
     drop(a);
     drop(s);
     let _ = std::fs::remove_dir_all(&scratch);
