@@ -1104,11 +1104,21 @@ impl Inner {
         // calls fail with EIO, programs use the local copy): with it
         // configured, the client does not emulate.
         let auto_failover = cfg.failover_link.is_some() && cfg.failover_target.is_some();
+        // Write-back mode is write-disconnected mode with a bound: a record
+        // is sent once half the bound old, and the reintegrator looks at
+        // least every quarter of it, so it reaches the server within the
+        // bound (plus the send itself).
+        let write_back = cfg.write_back_ms > 0;
         emu.mode.configure(
             cfg.disconnected_operation && !auto_failover,
-            cfg.write_disconnected,
+            cfg.write_disconnected || write_back,
         );
-        emu.set_periods(cfg.reintegration_age_ms, cfg.hoard_walk_ms);
+        let age = if write_back {
+            cfg.write_back_ms / 2
+        } else {
+            cfg.reintegration_age_ms
+        };
+        emu.set_periods(age, cfg.hoard_walk_ms);
         emu.set_root(emulation::load_root(&self.cml.db));
         emu.stamps.take_saved(&self.cml.db);
         for fid in self.cml.stored_fids() {
@@ -1132,7 +1142,11 @@ impl Inner {
             }
             Err(_) => emu.mode.start_emulating(),
         }
-        let period = Duration::from_millis(cfg.heartbeat_ms.max(10));
+        let mut period = cfg.heartbeat_ms;
+        if write_back {
+            period = period.min(cfg.write_back_ms / 4);
+        }
+        let period = Duration::from_millis(period.max(10));
         let weak = Arc::downgrade(self);
         let state = self.emu.clone();
         emulation::spawn_reintegrator(weak, state, period)
