@@ -192,7 +192,9 @@ fn parallel_stores(
             std::thread::spawn(move || {
                 let data = vec![t as u8; 4096];
                 barrier.wait();
+                let (mut to, mut tc) = (Duration::ZERO, Duration::ZERO);
                 for k in 0..per_thread {
+                    let t0 = Instant::now();
                     let mut f = c
                         .open(
                             &format!("/par{tag}-{t}/f{k}"),
@@ -200,8 +202,14 @@ fn parallel_stores(
                             0o644,
                         )
                         .unwrap();
+                    to += t0.elapsed();
                     assert_eq!(f.write_at(&data, 0).unwrap(), 4096);
+                    let t1 = Instant::now();
                     f.close().unwrap();
+                    tc += t1.elapsed();
+                }
+                if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+                    println!("  thread {t}: open {to:?} close {tc:?}");
                 }
             })
         })
@@ -212,6 +220,15 @@ fn parallel_stores(
         w.join().unwrap();
     }
     let rate = (threads * per_thread) as f64 / t.elapsed().as_secs_f64();
+    let st = c.stats();
+    if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+        println!(
+            "  {threads} thread(s): {} records in {} Reintegrates ({:.2} per batch)",
+            st.records_reintegrated,
+            st.reintegrations,
+            st.records_reintegrated as f64 / st.reintegrations.max(1) as f64
+        );
+    }
     drop(c);
     let _ = std::fs::remove_dir_all(&cache);
     rate
