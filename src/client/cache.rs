@@ -1063,6 +1063,78 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn ent(name: &str, vnode: u64) -> DirEntry {
+        DirEntry {
+            name: name.into(),
+            fid: Fid::new(1, vnode, 1),
+            ftype: FileType::File,
+        }
+    }
+
+    #[test]
+    fn a_listing_is_saved_one_row_per_name_and_its_edits_survive_a_restart() {
+        use crate::client::namespace::Edit;
+        use redb::ReadableTableMetadata;
+        let dir = tmpdir("entries");
+        let d = Attr {
+            fid: Fid::new(1, 1, 1),
+            ftype: FileType::Dir,
+            ..attr(1, 0, 4)
+        };
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            let all: Vec<DirEntry> = (0..300).map(|i| ent(&format!("n{i}"), 100 + i)).collect();
+            c.set_listing(&d, Arc::new(Listing::from_entries(all)));
+            let edits = vec![
+                (d.fid, Edit::Put(ent("new", 7))),
+                (
+                    d.fid,
+                    Edit::Drop {
+                        name: "n5".into(),
+                        fid: Fid::new(1, 105, 1),
+                    },
+                ),
+                // Names another object: left alone.
+                (
+                    d.fid,
+                    Edit::Drop {
+                        name: "n6".into(),
+                        fid: Fid::new(1, 999, 1),
+                    },
+                ),
+            ];
+            c.update(None, d.fid, |e| e.edit_listing(d.fid, &edits));
+            // The directory's own row does not hold its entries: a create
+            // rewrites one row of `entries`, not the listing.
+            let r = c.db.begin_read().unwrap();
+            let row = r
+                .open_table(OBJECTS)
+                .unwrap()
+                .get(&d.fid.to_bytes()[..])
+                .unwrap()
+                .unwrap()
+                .value()
+                .len();
+            assert!(row < 100, "the directory's row is {row} bytes");
+            assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 300);
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        let e = c.get(d.fid).unwrap();
+        let l = e.listing_current().unwrap();
+        assert_eq!(l.iter().count(), 300);
+        assert_eq!(l.get("new").unwrap().fid, Fid::new(1, 7, 1));
+        assert!(l.get("n5").is_none());
+        assert_eq!(l.get("n6").unwrap().fid, Fid::new(1, 106, 1));
+        // Dropped whole: no row is left behind.
+        c.update(None, d.fid, |e| e.clear_listing());
+        let r = c.db.begin_read().unwrap();
+        assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 0);
+        drop(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_index_survives_a_restart() {
         let dir = tmpdir("restart");
