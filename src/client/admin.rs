@@ -5,7 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::{Client, FileType};
+use super::api::Client;
+use crate::proto::FileType;
 use crate::proto::{Fid, Msg};
 use crate::{Error, Result};
 

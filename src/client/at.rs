@@ -4,8 +4,9 @@
 //! operations resolve a path and call these; a program that keeps fids
 //! (the mount keys its inodes by them) calls them directly.
 
-use super::{file, DirEntry, File, Stat};
-use super::{Client, RecordOp};
+use super::api::{Client, DirEntry, Stat};
+use super::{file, File};
+use crate::proto::RecordOp;
 use crate::proto::{Fid, FileType, MAX_SYMLINK};
 use crate::{Error, Result};
 
