@@ -322,6 +322,11 @@ fn hung_cached_read(
         std::thread::sleep(Duration::from_millis(100 + (run as u64 * 37) % 200));
         let t0 = Instant::now();
         srv.signal(libc::SIGSTOP);
+        // On a loaded machine the server's other threads can still answer
+        // for a moment after kill(2) returns (the group stop begins when
+        // the thread chosen for the signal runs): start the read once every
+        // thread is stopped, so it really meets a hung server.
+        wait_all_threads_stopped(srv.pid());
         if late {
             while c.state() == ClientState::Connected {
                 assert!(t0.elapsed() < Duration::from_secs(30), "never judged dead");
@@ -347,6 +352,27 @@ fn hung_cached_read(
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(out)
+}
+
+/// Wait (bounded) until every thread of process `pid` is stopped (state
+/// `T` in /proc).
+fn wait_all_threads_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let all = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|st| st.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+                .unwrap_or(true)
+        });
+        if all {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// Scenario 4: no false alarm under load. Returns (ServerDown events seen by
