@@ -32,7 +32,7 @@ pub enum Keep {
     Server,
 }
 
-/// A conflict, as [`Client::conflicts`] lists it.
+/// A conflict, as [`Client::conflicts`](crate::client::Client::conflicts) lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     /// Stable id (the refused record's store id): pass it to resolve.
