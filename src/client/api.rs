@@ -17,7 +17,7 @@ use super::cml::Cml;
 use super::config::Config;
 use super::conflict::{describe, Conflict, Keep};
 use super::conn::{Identity, Servers, Timing};
-use super::event::EventBus;
+use super::event::{EventBus, InvalidationHook};
 use super::file::File;
 use super::hoard::{entries, parse_profile, Expand, HoardEntry, HoardReport, HOARD};
 use super::inner::{secure_cache_dir, Inner};
@@ -193,6 +193,23 @@ impl Client {
     /// or to hand to a handler.
     pub fn events(&self) -> &EventBus {
         &self.inner.callbacks.events
+    }
+
+    /// Subscribe (or with `None`, unsubscribe) to invalidations: every
+    /// callback the client stops trusting, and every new session. Runs
+    /// synchronously on the thread that learned of it; for a server's break
+    /// that is before the break is acknowledged, so whoever keeps copies
+    /// (the mount's kernel caches) drops them before the writer's change is.
+    /// The hook must return soon and must not call the client.
+    pub fn set_invalidation_hook(&self, hook: Option<InvalidationHook>) {
+        self.inner.callbacks.set_hook(hook);
+    }
+
+    /// Whether the client answers for `fid` from its cache without asking
+    /// the server: its callback holds and the session is fresh. A copy of
+    /// such an answer stays right until an invalidation names it.
+    pub fn trusts_cached(&self, fid: Fid) -> bool {
+        self.inner.trusts(fid)
     }
 
     /// Atomically repoint the symlink `link` to `target` (the local copy),

@@ -35,7 +35,7 @@ pub use admin::{CachedObject, FlushReport};
 pub use api::{Client, ClientState, DirEntry, Stat};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
-pub use event::{Event, EventBus};
+pub use event::{Event, EventBus, Invalidation, InvalidationHook};
 pub use file::File;
 pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
