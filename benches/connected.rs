@@ -192,7 +192,9 @@ fn parallel_stores(
             std::thread::spawn(move || {
                 let data = vec![t as u8; 4096];
                 barrier.wait();
+                let (mut to, mut tc) = (Duration::ZERO, Duration::ZERO);
                 for k in 0..per_thread {
+                    let t0 = Instant::now();
                     let mut f = c
                         .open(
                             &format!("/par{tag}-{t}/f{k}"),
@@ -200,8 +202,14 @@ fn parallel_stores(
                             0o644,
                         )
                         .unwrap();
+                    to += t0.elapsed();
                     assert_eq!(f.write_at(&data, 0).unwrap(), 4096);
+                    let t1 = Instant::now();
                     f.close().unwrap();
+                    tc += t1.elapsed();
+                }
+                if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+                    println!("  thread {t}: open {to:?} close {tc:?}");
                 }
             })
         })
@@ -212,6 +220,15 @@ fn parallel_stores(
         w.join().unwrap();
     }
     let rate = (threads * per_thread) as f64 / t.elapsed().as_secs_f64();
+    let st = c.stats();
+    if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+        println!(
+            "  {threads} thread(s): {} records in {} Reintegrates ({:.2} per batch)",
+            st.records_reintegrated,
+            st.reintegrations,
+            st.records_reintegrated as f64 / st.reintegrations.max(1) as f64
+        );
+    }
     drop(c);
     let _ = std::fs::remove_dir_all(&cache);
     rate
@@ -407,9 +424,21 @@ fn main() {
     } else {
         (5000, 256, 3)
     };
-    cached_small_reads(&a, &scratch, iters);
-    cold_fetch(&s, &a, &scratch, mib, rounds);
-    callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    // CODA_BENCH_ONLY=reads,fetch,break,parallel,fsync,onedir runs only those lines.
+    let only = std::env::var("CODA_BENCH_ONLY").ok();
+    let runs = |what: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == what))
+    };
+    if runs("reads") {
+        cached_small_reads(&a, &scratch, iters);
+    }
+    if runs("fetch") {
+        cold_fetch(&s, &a, &scratch, mib, rounds);
+    }
+    if runs("break") {
+        callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    }
     let (per_thread, rounds, creates, one_dir) = if smoke {
         (5, 1, 5, 40)
     } else if quick {
@@ -417,9 +446,15 @@ fn main() {
     } else {
         (100, 5, 200, 10_000)
     };
-    parallel_small_stores(&s, &scratch, per_thread, rounds);
-    fsyncs_per_create(&s, &scratch, creates);
-    creates_in_one_dir(&s, &scratch, one_dir);
+    if runs("parallel") {
+        parallel_small_stores(&s, &scratch, per_thread, rounds);
+    }
+    if runs("fsync") {
+        fsyncs_per_create(&s, &scratch, creates);
+    }
+    if runs("onedir") {
+        creates_in_one_dir(&s, &scratch, one_dir);
+    }
     drop(a);
     drop(s);
     let _ = std::fs::remove_dir_all(&scratch);

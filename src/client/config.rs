@@ -43,6 +43,10 @@ pub struct Config {
     pub write_disconnected: bool,
     /// With `write_disconnected`: how old a logged change gets before it is sent.
     pub reintegration_age_ms: u64,
+    /// Write-back mode (0: off): a mutation returns once it is durable in
+    /// the local log and reaches the server within this many milliseconds
+    /// (write-disconnected mode with this bound; see CLIENT.md).
+    pub write_back_ms: u64,
     /// Walk the hoard profile this often while connected (0: only on demand).
     pub hoard_walk_ms: u64,
     /// Most bulk (file data) connections open to a server at once; more
@@ -75,6 +79,7 @@ impl Config {
             disconnected_operation: true,
             write_disconnected: false,
             reintegration_age_ms: 5_000,
+            write_back_ms: 0,
             hoard_walk_ms: 600_000,
             bulk_connections: 4,
         }
@@ -167,6 +172,9 @@ impl Config {
             "reintegration_age_ms" => {
                 self.reintegration_age_ms =
                     v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
+            }
+            "write_back_ms" => {
+                self.write_back_ms = v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
             }
             "bulk_connections" => {
                 self.bulk_connections = v

@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, select, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::interrupt::{Interrupt, SocketGuard};
-use super::{Identity, Timing, GATE_SLICE};
+use super::params::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
 use crate::client::event::Event;
 use crate::client::stats::Counters;
