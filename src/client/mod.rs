@@ -5,6 +5,7 @@
 //! a control and bulk connections (`conn`), and sends every mutation through
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
+mod acl;
 mod admin;
 mod at;
 mod cache;
@@ -36,6 +37,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Sender};
 
+pub use acl::{AclInfo, WhoAmI};
 pub use admin::{CachedObject, FlushReport};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
@@ -174,11 +176,13 @@ impl Client {
             .cache_dir
             .clone()
             .ok_or_else(|| Error::Invalid("config: cache_dir is required".into()))?;
-        let secret_file = cfg
-            .secret_file
-            .clone()
-            .ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?;
-        let secret = auth::read_secret_file(&secret_file)?;
+        // `anonymous` has no secret (the server must allow it: SERVER.md).
+        let secret = match cfg.secret_file.clone() {
+            None if cfg.user == crate::proto::acl::ANONYMOUS => [0u8; 32],
+            f => auth::read_secret_file(
+                &f.ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?,
+            )?,
+        };
         secure_cache_dir(&cache_dir)?;
         let index = cache_dir.join("index.redb");
         crate::fsmode::precreate_private_file(&index)?;
