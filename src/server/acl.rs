@@ -1095,6 +1095,83 @@ mod tests {
     }
 
     #[test]
+    fn an_old_data_directory_gets_the_default_list_and_keeps_its_admin() {
+        use crate::proto::{Attr, Timespec};
+        let dir = std::env::temp_dir().join(format!("coda-acl-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Database::create(dir.join("meta.redb")).unwrap();
+        let rec = |fid: Fid, ftype| ObjectRec {
+            attr: Attr {
+                fid,
+                ftype,
+                mode: 0o755,
+                nlink: 1,
+                size: 0,
+                mtime: Timespec::default(),
+                ctime: Timespec::default(),
+                version: 1,
+            },
+            dv: 0,
+            has_file: false,
+            parent: ROOT_FID,
+            target: String::new(),
+        };
+        let (sub, file) = (Fid::new(1, 2, 1), Fid::new(1, 3, 1));
+        // What a data directory from before access control holds.
+        let txn = db.begin_write().unwrap();
+        {
+            let mut o = txn.open_table(OBJECTS).unwrap();
+            o.insert(
+                &ROOT_FID.to_bytes(),
+                rec(ROOT_FID, FileType::Dir).encode().as_slice(),
+            )
+            .unwrap();
+            o.insert(&sub.to_bytes(), rec(sub, FileType::Dir).encode().as_slice())
+                .unwrap();
+            o.insert(
+                &file.to_bytes(),
+                rec(file, FileType::File).encode().as_slice(),
+            )
+            .unwrap();
+            let mut d = txn.open_table(DIRENTS).unwrap();
+            d.insert(
+                (&ROOT_FID.to_bytes(), "sub"),
+                &encode_entry(sub, FileType::Dir),
+            )
+            .unwrap();
+            d.insert((&sub.to_bytes(), "f"), &encode_entry(file, FileType::File))
+                .unwrap();
+            let mut u = txn.open_table(USERS).unwrap();
+            u.insert("admin", &[1; 32]).unwrap();
+            u.insert("bob", &[2; 32]).unwrap();
+            txn.open_table(SETTINGS).unwrap();
+        }
+        txn.commit().unwrap();
+        migrate(&db).unwrap();
+        migrate(&db).unwrap(); // once only: a second open changes nothing
+        let txn = db.begin_read().unwrap();
+        let acls = txn.open_table(ACLS).unwrap();
+        assert_eq!(load_acl(&acls, ROOT_FID).unwrap(), Acl::default_root());
+        assert_eq!(load_acl(&acls, sub).unwrap(), Acl::default_root());
+        let owners = txn.open_table(OBJ_OWNERS).unwrap();
+        assert_eq!(load_owner(&owners, file, false).unwrap(), (0, sub));
+        let who = |u| {
+            who_in(
+                &txn.open_table(MEMBERSHIPS).unwrap(),
+                &txn.open_table(USER_IDS).unwrap(),
+                u,
+            )
+            .unwrap()
+        };
+        assert!(who("admin").admin(), "upgrading keeps admin's access");
+        assert!(!who("bob").admin());
+        assert_eq!((who("admin").id, who("bob").id), (1, 2));
+        drop((acls, owners, txn, db));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn owner_records_round_trip() {
         let (o, d) = decode_owner(&encode_owner(42, Fid::new(1, 9, 1)));
         assert_eq!((o, d), (42, Fid::new(1, 9, 1)));
