@@ -5,6 +5,7 @@
 
 mod client_util;
 mod common;
+mod mount_util;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -526,4 +527,59 @@ fn anonymous_reads_public_trees_and_changes_nothing() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn the_cli_drives_acls_through_mounts_and_bobs_mount_gets_eacces() {
+    if !mount_util::fuse_available() {
+        return;
+    }
+    let srv = TestServer::start();
+    add_user(&srv, "bob");
+    let d = TempDir::new("acl-mount");
+    let (ad, bd) = (d.path().join("admin"), d.path().join("bob"));
+    std::fs::create_dir_all(&ad).unwrap();
+    std::fs::create_dir_all(&bd).unwrap();
+    let admin = mount_util::Mount::start(&srv, &ad, &[], &[]);
+    std::fs::create_dir(admin.path("web")).unwrap();
+    std::fs::write(admin.path("web/index.html"), b"hello").unwrap();
+    let out = |o: std::process::Output| {
+        assert!(o.status.success(), "{o:?}");
+        mount_util::stdout(&o)
+    };
+    assert!(out(admin.cli(&["whoami"])).starts_with("user: admin\n"));
+    let web = admin.path("web").display().to_string();
+    let acl = out(admin.cli(&["setacl", &web, "bob", "rlidw"]));
+    assert_eq!(
+        acl,
+        "System:Administrators rlidwka\nSystem:AnyUser rl\nbob rlidw\n"
+    );
+    out(admin.cli(&["setacl", &web, "bob", "-d"]));
+    assert!(out(admin.cli(&["listacl", "/web"])).ends_with("bob rlidw\nbob -d\n"));
+    let bad = admin.cli(&["setacl", &web, "bob", "rx"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+
+    let secret = srv.root().join("bob.secret").display().to_string();
+    let bob =
+        mount_util::Mount::start(&srv, &bd, &[("user", "bob"), ("secret_file", &secret)], &[]);
+    assert!(out(bob.cli(&["whoami"])).starts_with("user: bob\nid: 2\n"));
+    assert_eq!(std::fs::read(bob.path("web/index.html")).unwrap(), b"hello");
+    std::fs::write(bob.path("web/bob.txt"), b"from bob").unwrap();
+    let eacces = |e: std::io::Error| e.raw_os_error();
+    assert_eq!(
+        std::fs::remove_file(bob.path("web/index.html")).map_err(eacces),
+        Err(Some(libc::EACCES)),
+        "bob holds -d"
+    );
+    assert_eq!(
+        std::fs::create_dir(bob.path("elsewhere")).map_err(eacces),
+        Err(Some(libc::EACCES)),
+        "the root gives bob rl only"
+    );
+    let refused = bob.cli(&["setacl", "/web", "bob", "all"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert_eq!(
+        std::fs::read(admin.path("web/bob.txt")).unwrap(),
+        b"from bob"
+    );
 }
