@@ -457,6 +457,16 @@ fn library_clients_see_eacces_and_manage_acls() {
     f.write_at(b"defaced", 0).unwrap();
     assert_eq!(f.close().unwrap_err().code(), eacces);
     assert_eq!(client_util::get(&admin, "/pub/index.html"), b"<h1>hi</h1>");
+    // Disconnected, the access calls need the server: EIO, never the cache.
+    bob.disconnect().unwrap();
+    assert_eq!(bob.acl_get("/pub").unwrap_err().code(), -libc::EIO);
+    assert_eq!(
+        bob.acl_set("/pub", "bob", "rl").unwrap_err().code(),
+        -libc::EIO
+    );
+    assert_eq!(bob.whoami().unwrap_err().code(), -libc::EIO);
+    bob.reconnect().unwrap();
+    assert_eq!(bob.whoami().unwrap().user, "bob");
 }
 
 #[test]

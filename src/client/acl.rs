@@ -64,7 +64,7 @@ impl Client {
     /// The user this client authenticates as, its id and its groups.
     pub fn whoami(&self) -> Result<WhoAmI> {
         let servers = &self.inner.servers;
-        let s = servers.session()?;
+        let s = self.acl_session()?;
         match s.call(&Msg::WhoAmI, &servers.interrupt)? {
             Msg::WhoReply { user, id, groups } => Ok(WhoAmI { user, id, groups }),
             m => Err(Error::Protocol(format!("WhoAmI answered with {m:?}"))),
@@ -80,9 +80,21 @@ impl Client {
         }
     }
 
+    /// The server's session, unless the client serves from its cache
+    /// (disconnected, or held by `coda disconnect`): rights are the
+    /// server's to say.
+    fn acl_session(&self) -> Result<std::sync::Arc<super::conn::Session>> {
+        if self.inner.emu.mode.emulating() {
+            return Err(Error::Eio(
+                "access lists need the server; the client is disconnected".into(),
+            ));
+        }
+        self.inner.servers.session()
+    }
+
     fn acl_call(&self, msg: &Msg) -> Result<AclInfo> {
         let servers = &self.inner.servers;
-        let s = servers.session()?;
+        let s = self.acl_session()?;
         match s.call(msg, &servers.interrupt)? {
             Msg::AclReply { entries, rights } => Ok(AclInfo { entries, rights }),
             m => Err(Error::Protocol(format!(
