@@ -386,6 +386,10 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
             }
         }
         Msg::AllocFids { volume, count } => {
+            if who.anonymous() {
+                // anonymous never creates: no reservations for it to hoard.
+                return Err(Error::Access("anonymous may not reserve fids".into()));
+            }
             let first_vnode = shared.store.alloc_fids(&ctx.id, volume, count)?;
             Ok(Msg::FidRange {
                 volume,
