@@ -593,3 +593,29 @@ fn the_cli_drives_acls_through_mounts_and_bobs_mount_gets_eacces() {
         b"from bob"
     );
 }
+
+#[test]
+fn a_denied_record_logged_while_disconnected_is_kept_aside_and_the_rest_arrive() {
+    let srv = TestServer::start();
+    add_user(&srv, "bob");
+    let d = TempDir::new("acl-disco");
+    let admin = client_util::client(&srv, &d.path().join("admin"));
+    admin.mkdir("/pub", 0o755).unwrap();
+    admin.acl_set("/pub", "bob", "rlidw").unwrap();
+    let bob = lib_client(&srv, &d.path().join("bob"), "bob");
+    client_util::names(&bob, "/");
+    client_util::names(&bob, "/pub");
+    bob.disconnect().unwrap();
+    // Offline the client cannot know the rights: both are logged.
+    bob.mkdir("/denied", 0o755).unwrap();
+    bob.mkdir("/pub/ok", 0o755).unwrap();
+    assert_eq!(bob.pending_records(), 2);
+    bob.reconnect().unwrap();
+    bob.reintegrate_now().unwrap();
+    assert_eq!(bob.pending_records(), 0);
+    let conflicts = bob.conflicts().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert_eq!(conflicts[0].path, "/denied", "{conflicts:?}");
+    assert_eq!(client_util::names(&admin, "/"), ["pub"]);
+    assert_eq!(client_util::names(&admin, "/pub"), ["ok"]);
+}
