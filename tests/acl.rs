@@ -177,9 +177,9 @@ fn each_right_grants_exactly_its_operations() {
 
     // r (with l): data.
     w.acl(m, "bob", "rl");
-    let (_, mut bulk) = w.as_user("bob");
+    let (ctl, mut bulk) = w.as_user("bob");
     assert_eq!(bulk.fetch(f).unwrap().1, b"secret");
-    drop(bulk);
+    drop((ctl, bulk));
 
     // i: create, mkdir, symlink, link; bob's own new file takes its first
     // contents without w. Not delete, not write admin's file.
@@ -191,29 +191,31 @@ fn each_right_grants_exactly_its_operations() {
         rec::symlink(3, m, "bl", new[2], "b1"),
         rec::link(4, m, "b1-again", new[0]),
     ]);
+    // Its owner may chmod the new directory with i (Coda: i or d).
+    bob.apply(vec![rec::chmod(5, new[1], 0, 0o700)]);
     assert!(matches!(
-        store(&mut bob, &mut bulk, 5, new[0], 1, b"mine"),
+        store(&mut bob, &mut bulk, 6, new[0], 1, b"mine"),
         Msg::Reintegrated { .. }
     ));
     assert_eq!(
-        refusal(store(&mut bob, &mut bulk, 6, new[0], 2, b"again")),
+        refusal(store(&mut bob, &mut bulk, 7, new[0], 2, b"again")),
         (ACCESS, 0),
         "only a virgin file is the owner's to fill without w"
     );
     assert_eq!(
-        refusal(store(&mut bob, &mut bulk, 7, f, 3, b"pay 9999")),
+        refusal(store(&mut bob, &mut bulk, 8, f, 3, b"pay 9999")),
         (ACCESS, 0)
     );
     assert_eq!(
-        refusal(bob.reintegrate(vec![rec::remove(8, m, "b1-again", new[0])])),
+        refusal(bob.reintegrate(vec![rec::remove(9, m, "b1-again", new[0])])),
         (ACCESS, 0)
     );
     assert_eq!(
-        refusal(bob.reintegrate(vec![rec::rmdir(9, m, "sub", sub)])),
+        refusal(bob.reintegrate(vec![rec::rmdir(10, m, "sub", sub)])),
         (ACCESS, 0)
     );
     assert_eq!(
-        refusal(bob.reintegrate(vec![rec::rename(10, m, "b1", m, "b2", new[0])])),
+        refusal(bob.reintegrate(vec![rec::rename(11, m, "b1", m, "b2", new[0])])),
         (ACCESS, 0),
         "rename needs d on its source"
     );
@@ -223,13 +225,13 @@ fn each_right_grants_exactly_its_operations() {
     w.acl(m, "bob", "rlid");
     let (mut bob, bulk) = w.as_user("bob");
     bob.apply(vec![
-        rec::remove(11, m, "b1-again", new[0]),
-        rec::rmdir(12, m, "sub", sub),
-        rec::rename(13, m, "b1", m, "b2", new[0]),
+        rec::remove(12, m, "b1-again", new[0]),
+        rec::rmdir(13, m, "sub", sub),
+        rec::rename(14, m, "b1", m, "b2", new[0]),
     ]);
     // Writing admin's file still needs w.
     assert_eq!(
-        refusal(bob.reintegrate(vec![rec::truncate(14, f, 1)])),
+        refusal(bob.reintegrate(vec![rec::truncate(15, f, 1)])),
         (ACCESS, 0)
     );
     drop((bob, bulk));
@@ -238,23 +240,23 @@ fn each_right_grants_exactly_its_operations() {
     w.acl(m, "bob", "rlidw");
     let (mut bob, mut bulk) = w.as_user("bob");
     assert!(matches!(
-        store(&mut bob, &mut bulk, 15, f, 4, b"edited"),
+        store(&mut bob, &mut bulk, 16, f, 4, b"edited"),
         Msg::Reintegrated { .. }
     ));
-    bob.apply(vec![rec::truncate(16, f, 3)]);
+    bob.apply(vec![rec::truncate(17, f, 3)]);
     assert_eq!(
-        refusal(bob.reintegrate(vec![rec::chmod(17, f, 0, 0o600)])),
+        refusal(bob.reintegrate(vec![rec::chmod(18, f, 0, 0o600)])),
         (ACCESS, 0)
     );
     // ...but bob chmods his own file.
-    bob.apply(vec![rec::chmod(18, new[0], 0, 0o600)]);
+    bob.apply(vec![rec::chmod(19, new[0], 0, 0o600)]);
     assert_eq!(refusal(set_acl(&mut bob, m, "bob", "all")).0, ACCESS);
     drop((bob, bulk));
 
     // a: administer the list, and chmod anything in the directory.
     w.acl(m, "bob", "rlidwa");
     let (mut bob, _bulk) = w.as_user("bob");
-    bob.apply(vec![rec::chmod(19, f, 0, 0o640)]);
+    bob.apply(vec![rec::chmod(20, f, 0, 0o640)]);
     ok_acl(&mut bob, m, ANY_USER, "l");
     match bob.call(&Msg::GetAcl { fid: m }) {
         Msg::AclReply { entries, rights } => {
@@ -311,9 +313,9 @@ fn owner_mode_bits_restrict_others_and_writes_by_others_clear_setuid() {
     let mode = || w.as_user("admin").0.attr(f).unwrap().mode;
     // No owner read bit: bob (not the owner) cannot read, whatever his rights.
     chmod(10, 0o244);
-    let (_, mut bulk) = w.as_user("bob");
+    let (ctl, mut bulk) = w.as_user("bob");
     assert_eq!(refusal(bulk.fetch(f).unwrap_err()).0, ACCESS);
-    drop(bulk);
+    drop((ctl, bulk));
     assert_eq!(w.as_user("admin").1.fetch(f).unwrap().1, b"secret");
     // No owner write bit: bob cannot store or truncate.
     chmod(11, 0o4555);

@@ -209,7 +209,8 @@ pub fn may_store(who: &Who, rights: u8, obj: &ObjInfo, dir: Fid) -> Result<()> {
     Ok(())
 }
 
-/// SetAttr: `w` on the governing directory (for a directory its own list);
+/// SetAttr: `w` on the governing directory (a directory: any of `i`, `d`,
+/// `w` on its own list);
 /// a mode change only by the owner or a holder of `a`; a truncate by anyone
 /// but the owner needs the owner's write bit. The owner of a virgin file
 /// passes (as for Store).
@@ -224,7 +225,16 @@ pub fn may_setattr(
     if who.admin() || (who.owns(obj.owner) && obj.virgin) {
         return Ok(());
     }
-    need(who, rights, WRITE, dir, "changing attributes")?;
+    if obj.ftype == FileType::Dir {
+        // Coda asks i or d of a directory's own list; w is enough too.
+        if rights & (INSERT | DELETE | WRITE) == 0 {
+            return Err(denied(format!(
+                "changing attributes needs right 'i', 'd' or 'w' on directory {dir}"
+            )));
+        }
+    } else {
+        need(who, rights, WRITE, dir, "changing attributes")?;
+    }
     if chmod && !who.owns(obj.owner) && rights & ADMINISTER == 0 {
         return Err(denied(format!(
             "chmod of {} needs its owner or right 'a' on directory {dir}",
@@ -1086,6 +1096,12 @@ mod tests {
         .is_ok());
         assert!(may_setattr(&bob, rlw, &file(9, 0o444, false), d, false, true).is_err());
         assert!(may_setattr(&bob, rlw, &file(9, 0o644, false), d, false, true).is_ok());
+        let dir = ObjInfo {
+            ftype: FileType::Dir,
+            ..file(7, 0o755, false)
+        };
+        assert!(may_setattr(&bob, INSERT, &dir, d, true, false).is_ok());
+        assert!(may_setattr(&bob, READ | LOOKUP, &dir, d, false, false).is_err());
         assert!(store_clears_setid(&bob, &file(9, 0o4755, false)));
         assert!(!store_clears_setid(&bob, &file(7, 0o4755, false)));
         assert!(!store_clears_setid(
