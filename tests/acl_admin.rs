@@ -148,8 +148,18 @@ fn users_and_groups_change_while_the_server_runs() {
 
     // A removed user cannot connect, and its name is free again; its new
     // namesake gets a new id (objects the old one owned stay its old id's).
+    let mut carol = connect(&srv, "carol", 3, 2).unwrap();
     ok(&srv, &["user", "remove", "carol"]);
     assert!(!srv.root().join("carol.secret").exists());
+    // Her open connection is refused from then on.
+    match carol.call(&Msg::WhoAmI) {
+        Msg::Error {
+            code: WireCode::Auth,
+            ..
+        } => {}
+        m => panic!("a removed user's request: {m:?}"),
+    }
+    drop(carol);
     assert!(matches!(connect(&srv, "admin", 1, 2).map(|_| ()), Ok(())));
     ok(&srv, &["user", "add", "carol"]);
     assert_eq!(ok(&srv, &["user", "list"]), "admin\t1\nbob\t2\ncarol\t4\n");

@@ -514,6 +514,17 @@ impl VolumeStore {
         }
         let who = Arc::new(self.with_db(|db| {
             let txn = db.begin_read()?;
+            // A user removed (or anonymous access turned off) while its
+            // connections are open: every further request is refused.
+            let exists = if user == ANONYMOUS {
+                let on = txn.open_table(SETTINGS)?.get(ANONYMOUS_KEY)?;
+                on.is_some_and(|v| v.value() == [1])
+            } else {
+                txn.open_table(USERS)?.get(user)?.is_some()
+            };
+            if !exists {
+                return Err(Error::Auth(format!("user {user} no longer exists")));
+            }
             who_in(
                 &txn.open_table(MEMBERSHIPS)?,
                 &txn.open_table(USER_IDS)?,
@@ -799,8 +810,9 @@ pub fn assign_user_id(txn: &WriteTransaction, user: &str) -> Result<u32> {
     Ok(id)
 }
 
-/// Remove a user: its secret, id and memberships (ACL entries naming it
-/// stay; objects it owns keep its old id, which is never handed out again).
+/// Remove a user: its secret, id, memberships and client ids (ACL entries
+/// naming it stay; objects it owns keep its old id, which is never handed
+/// out again). Its open connections get `Auth` for every further request.
 pub fn remove_user(db: &Database, root: &std::path::Path, user: &str) -> Result<()> {
     let txn = db.begin_write()?;
     {
@@ -822,6 +834,20 @@ pub fn remove_user(db: &Database, root: &std::path::Path, user: &str) -> Result<
         for g in &mine {
             members.remove((user, g.as_str()))?;
             groups.remove((g.as_str(), user))?;
+        }
+        // Its client ids are free again: a later user of the same name
+        // must not take over their sessions' state.
+        let mut owners = txn.open_table(CLIENT_OWNERS)?;
+        let ids: Vec<[u8; 16]> = owners
+            .iter()?
+            .filter_map(|i| match i {
+                Ok((k, v)) if v.value() == user => Some(Ok(*k.value())),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        for id in &ids {
+            owners.remove(id)?;
         }
     }
     txn.commit()?;
