@@ -621,3 +621,34 @@ fn a_denied_record_logged_while_disconnected_is_kept_aside_and_the_rest_arrive()
     assert_eq!(client_util::names(&admin, "/"), ["pub"]);
     assert_eq!(client_util::names(&admin, "/pub"), ["ok"]);
 }
+
+#[test]
+fn taking_a_right_away_reaches_contents_a_client_already_cached() {
+    let srv = TestServer::start();
+    add_user(&srv, "bob");
+    let d = TempDir::new("acl-revoke");
+    let admin = client_util::client(&srv, &d.path().join("admin"));
+    admin.mkdir("/pub", 0o755).unwrap();
+    client_util::put(&admin, "/pub/f", b"data");
+    let bob = lib_client(&srv, &d.path().join("bob"), "bob");
+    assert_eq!(client_util::get(&bob, "/pub/f"), b"data");
+    // The cached copy is not served once r is gone: the list's files
+    // changed status, so bob's client fetches, and is refused.
+    admin.acl_set("/pub", "bob", "-r").unwrap();
+    let eacces = -libc::EACCES;
+    let opened = bob.open("/pub/f", libc::O_RDONLY, 0);
+    assert_eq!(opened.err().map(|e| e.code()), Some(eacces));
+    assert_eq!(
+        bob.stat("/pub/f").unwrap().size,
+        4,
+        "l still lets bob see status"
+    );
+    admin.acl_set("/pub", "bob", "-rl").unwrap();
+    assert_eq!(bob.stat("/pub/f").unwrap_err().code(), eacces);
+    assert_eq!(bob.readdir("/pub").unwrap_err().code(), eacces);
+    // Given back, it reads again; the setter's own cache stayed coherent.
+    admin.acl_set("/pub", "bob", "-none").unwrap();
+    assert_eq!(client_util::get(&bob, "/pub/f"), b"data");
+    client_util::put(&admin, "/pub/f", b"new");
+    assert_eq!(client_util::get(&bob, "/pub/f"), b"new");
+}

@@ -680,12 +680,30 @@ impl VolumeStore {
                 let mut fids = vec![dir, volume_fid(dir.volume)];
                 let key = dir.to_bytes();
                 let dirents = txn.open_table(DIRENTS)?;
+                let owners = txn.open_table(OBJ_OWNERS)?;
+                let now = crate::proto::Timespec::now();
+                // Bounded by the directory's size.
                 for item in dirents.range((&key, "")..)? {
                     let (k, v) = item?;
-                    if k.value().0 != &key || fids.len() >= crate::proto::MAX_FIDS {
+                    if k.value().0 != &key {
                         break;
                     }
-                    fids.push(decode_entry(v.value())?.0);
+                    let (child, ftype) = decode_entry(v.value())?;
+                    // The files this list governs change status: their
+                    // version moves on, so a client that cached their
+                    // contents under the old list fetches (and is checked)
+                    // again instead of serving its copy. Subdirectories
+                    // keep their own lists.
+                    if ftype != FileType::Dir && load_owner(&owners, child, false)?.1 == dir {
+                        if let Some(mut c) = get_object(&objects, child)? {
+                            c.attr.version += 1;
+                            c.attr.ctime = now;
+                            objects.insert(&child.to_bytes(), c.encode().as_slice())?;
+                        }
+                    }
+                    if fids.len() < crate::proto::MAX_FIDS {
+                        fids.push(child);
+                    }
                 }
                 let mine = who.rights(&acl);
                 (acl, mine, fids)
