@@ -197,7 +197,8 @@ int coda_acl_set(struct coda_client *client, const char *path, const char *name,
 int coda_whoami(struct coda_client *client, char *buf, size_t len);
 
 // Connect and authenticate with the options in `cfg` (which stays the
-// caller's). `cache_dir` and `secret_file` must be set.
+// caller's). `cache_dir` and `secret_file` must be set (`secret_file`
+// not with `user` = `anonymous`).
 int coda_client_new(const struct coda_config *cfg, struct coda_client **out);
 
 // Disconnect and free the client. NULL is allowed. No other thread may be
