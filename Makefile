@@ -23,7 +23,8 @@ BINS := coda-server coda-mount coda
 CBINDGEN_VERSION := 0.29.4
 # What the tests use from Debian 12 (see README, "Two commands").
 DEB_DEPS := gcc g++ make pkg-config binutils git valgrind python3 python3-venv \
-	python3-pip fuse3 nginx e2fsprogs ca-certificates
+	python3-pip fuse3 nginx e2fsprogs ca-certificates \
+	tar rsync autoconf automake
 PYENV := $(TARGET_DIR)/pyenv
 
 .PHONY: build install uninstall test deps deb

@@ -215,6 +215,62 @@ impl File {
             .map_err(|e| Error::io("writing a container", e))
     }
 
+    /// Store the file now if it was written since it was opened (or last
+    /// synced), keeping it open: what fsync(2) and every close(2) of one of
+    /// several descriptor copies ask of the mount. Connected, the server
+    /// has the data when this returns; disconnected, the record and its
+    /// container are durable in the local log.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.done || !self.writable {
+            return Ok(());
+        }
+        // Taken before the store: a write through `fd()` while it runs
+        // changes the stamp again, so the next sync or close stores again.
+        let before = stamp(&self.file);
+        if !self.changed && before == self.stamp {
+            return Ok(());
+        }
+        self.store()?;
+        self.changed = false;
+        self.stamp = before;
+        Ok(())
+    }
+
+    /// Set the container's modification time to `t` and take that as the
+    /// stored state, when nothing was written since the last store (a
+    /// time set on an open file, after `sync`): the times a program sets
+    /// before close (tar, cp -p) then survive the close. Returns whether
+    /// it did; if the file has unstored writes, the store at close stamps
+    /// its own time, as a write after the time was set would.
+    pub fn set_container_mtime(&mut self, t: Timespec) -> bool {
+        if self.done || !self.writable || self.changed || stamp(&self.file) != self.stamp {
+            return false;
+        }
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: t.sec,
+                tv_nsec: t.nsec as _,
+            },
+        ];
+        // SAFETY: our live descriptor; `times` holds the two entries.
+        if unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) } != 0 {
+            return false;
+        }
+        self.stamp = stamp(&self.file);
+        true
+    }
+
+    /// Close without storing: the object is gone (removed while open, as
+    /// POSIX allows), so what was written has nowhere to go.
+    pub fn abandon(mut self) {
+        self.done = true;
+        self.inner.cache().closed(self.fid);
+    }
+
     /// Store the file back if it was written and return the store's result.
     pub fn close(mut self) -> Result<()> {
         self.finish()

@@ -41,7 +41,7 @@ pub use acl::{AclInfo, WhoAmI};
 pub use admin::{CachedObject, FlushReport};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
-pub use event::{Event, EventBus};
+pub use event::{Event, EventBus, Invalidation, InvalidationHook};
 pub use file::File;
 pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
@@ -272,6 +272,23 @@ impl Client {
     /// or to hand to a handler.
     pub fn events(&self) -> &EventBus {
         &self.inner.callbacks.events
+    }
+
+    /// Subscribe (or with `None`, unsubscribe) to invalidations: every
+    /// callback the client stops trusting, and every new session. Runs
+    /// synchronously on the thread that learned of it; for a server's break
+    /// that is before the break is acknowledged, so whoever keeps copies
+    /// (the mount's kernel caches) drops them before the writer's change is.
+    /// The hook must return soon and must not call the client.
+    pub fn set_invalidation_hook(&self, hook: Option<InvalidationHook>) {
+        self.inner.callbacks.set_hook(hook);
+    }
+
+    /// Whether the client answers for `fid` from its cache without asking
+    /// the server: its callback holds and the session is fresh. A copy of
+    /// such an answer stays right until an invalidation names it.
+    pub fn trusts_cached(&self, fid: Fid) -> bool {
+        self.inner.trusts(fid)
     }
 
     /// Atomically repoint the symlink `link` to `target` (the local copy),

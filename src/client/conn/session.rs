@@ -350,7 +350,7 @@ fn reader_loop(
             Ok(Msg::CallbackBreak { fids }) => {
                 // Invalidate first, then ack at once: the writer on the other
                 // client is waiting for this ack.
-                callbacks.break_fids(&fids);
+                callbacks.server_broke(&fids);
                 // A volume callback's pseudo-fid (vnode 0) is no object:
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
