@@ -135,6 +135,11 @@ fn c_errors_null_and_bad_utf8() {
 }
 
 #[test]
+fn c_access_lists_and_whoami() {
+    run_c_test("t_acl", &[], &[]);
+}
+
+#[test]
 fn c_event_callback_runs_on_a_library_thread() {
     run_c_test("t_event_callback", &[], &["-pthread"]);
 }

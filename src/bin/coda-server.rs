@@ -28,14 +28,22 @@ use coda::server::{
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
-  coda-server adduser --root DIR --user NAME
+  coda-server adduser --root DIR --user NAME           (same as: user add NAME)
+  coda-server user    add|remove NAME --root DIR
+  coda-server user    list --root DIR
+  coda-server group   add GROUP [USER...] --root DIR   (creates GROUP if new)
+  coda-server group   remove GROUP [USER...] --root DIR (no USER: the whole group)
+  coda-server group   members GROUP --root DIR | group list --root DIR
+  coda-server anonymous on|off --root DIR   (anonymous: no secret, rights rl at most)
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
   coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
   coda-server --version | --help
 ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
-SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)";
+SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)
+user, group, anonymous and adduser work while the server runs (through
+DIR/admin.sock) and while it is stopped. Group names contain ':' (bob:friends).";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
 enum Fail {
@@ -122,6 +130,9 @@ fn run() -> Result<(), Fail> {
         println!("coda-server {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if matches!(cmd.as_str(), "user" | "group" | "anonymous") {
+        return admin(cmd, &argv[1..]);
+    }
     let args = parse(cmd, &argv[1..])?;
     let root = args.root.clone().expect("parse checked --root");
     let fail = |e: coda::Error| Fail::Run(e.to_string());
@@ -141,8 +152,9 @@ fn run() -> Result<(), Fail> {
                 .user
                 .as_deref()
                 .ok_or_else(|| Fail::Usage("adduser: --user NAME is required".into()))?;
-            let secret = server::add_user(&root, user).map_err(fail)?;
-            println!("added {user}; secret in {}", secret.display());
+            let words = ["user", "add", user].map(String::from);
+            let out = server::admin_command(&root, &words).map_err(fail)?;
+            print!("{out}");
             Ok(())
         }
         "quota" => quota(&root, &args),
@@ -151,6 +163,48 @@ fn run() -> Result<(), Fail> {
 }
 
 /// Parse SIZE: a byte count with an optional K/M/G/T suffix (powers of 1024).
+/// `user`, `group` and `anonymous`: words and `--root DIR` in any order.
+fn admin(cmd: &str, rest: &[String]) -> Result<(), Fail> {
+    let mut words = vec![cmd.to_string()];
+    let mut root = None;
+    let mut it = rest.iter();
+    while let Some(w) = it.next() {
+        if w == "--root" {
+            let v = it
+                .next()
+                .ok_or_else(|| Fail::Usage("--root needs a value".into()))?;
+            root = Some(PathBuf::from(v));
+        } else if w.starts_with("--") {
+            return Err(Fail::Usage(format!("{cmd}: unknown option {w:?}")));
+        } else {
+            words.push(w.clone());
+        }
+    }
+    let root = root.ok_or_else(|| Fail::Usage(format!("{cmd}: --root DIR is required")))?;
+    let known = matches!(
+        words
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["user", "add" | "remove", _]
+            | ["user", "list"]
+            | ["group", "add" | "remove", _, ..]
+            | ["group", "members", _]
+            | ["group", "list"]
+            | ["anonymous", "on" | "off"]
+    );
+    if !known {
+        return Err(Fail::Usage(format!(
+            "{cmd}: cannot understand {:?}",
+            words[1..].join(" ")
+        )));
+    }
+    let out = server::admin_command(&root, &words).map_err(|e| Fail::Run(e.to_string()))?;
+    print!("{out}");
+    Ok(())
+}
+
 fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
     let bad = || Fail::Usage(format!("{flag}: {v:?} is not a size (e.g. 4096, 100M, 2G)"));
     let (digits, shift) = match v.chars().last() {

@@ -155,11 +155,13 @@ impl Client {
             .cache_dir
             .clone()
             .ok_or_else(|| Error::Invalid("config: cache_dir is required".into()))?;
-        let secret_file = cfg
-            .secret_file
-            .clone()
-            .ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?;
-        let secret = auth::read_secret_file(&secret_file)?;
+        // `anonymous` has no secret (the server must allow it: SERVER.md).
+        let secret = match cfg.secret_file.clone() {
+            None if cfg.user == crate::proto::acl::ANONYMOUS => [0u8; 32],
+            f => auth::read_secret_file(
+                &f.ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?,
+            )?,
+        };
         secure_cache_dir(&cache_dir)?;
         let index = cache_dir.join("index.redb");
         crate::fsmode::precreate_private_file(&index)?;

@@ -5,6 +5,7 @@
 //! a control and bulk connections (`conn`), and sends every mutation through
 //! the client modification log (`cml`). See docs/CLIENT.md.
 
+mod acl;
 mod admin;
 mod api;
 mod at;
@@ -32,6 +33,7 @@ mod stamps;
 mod stats;
 mod xattr;
 
+pub use acl::{AclInfo, WhoAmI};
 pub use admin::{CachedObject, FlushReport};
 pub use api::{Client, ClientState, DirEntry, Owner, SetStatus, Stat};
 pub use config::Config;

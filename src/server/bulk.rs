@@ -77,7 +77,7 @@ pub fn serve(
         let id = frame.id;
         let step = match Msg::decode(&frame) {
             Ok(Msg::Ping) => send(&mut stream, id, &Msg::Pong),
-            Ok(Msg::Fetch { fid }) => fetch(&shared, &ctx, &mut stream, id, fid),
+            Ok(Msg::Fetch { fid }) => fetch(&shared, &ctx, &ident.user, &mut stream, id, fid),
             Ok(Msg::Upload {
                 upload_id,
                 length,
@@ -125,10 +125,19 @@ pub fn serve(
 fn fetch(
     shared: &Shared,
     ctx: &ClientCtx,
+    user: &str,
     stream: &mut TcpStream,
     id: u64,
     fid: Fid,
 ) -> Result<()> {
+    // Data needs `r` (a symlink's target `l`) and the owner's read bit.
+    let allowed = shared
+        .store
+        .who(user)
+        .and_then(|who| shared.store.check_fetch(&who, fid));
+    if let Err(e) = allowed {
+        return send(stream, id, &error_reply(&e));
+    }
     shared.registry.register(ctx, &[fid]);
     let (attr, data) = match shared.store.open_data(fid) {
         Ok(x) => x,

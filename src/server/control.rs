@@ -232,7 +232,8 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
             .unwrap_or_default()
     ));
 
-    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &tx, &flow);
+    let user: Arc<str> = Arc::from(ident.user.as_str());
+    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &user, &tx, &flow);
     if protocol_error {
         log::info(format_args!("{}: protocol error: {why}", ctx.name()));
     }
@@ -256,6 +257,7 @@ fn read_loop(
     shared: &Arc<Shared>,
     reader: &mut BufReader<TcpStream>,
     ctx: &ClientCtx,
+    user: &Arc<str>,
     tx: &Sender<Out>,
     flow: &Arc<Flow>,
 ) -> (String, bool) {
@@ -305,16 +307,21 @@ fn read_loop(
             | Msg::AllocFids { .. }
             | Msg::ValidateVolume { .. }
             | Msg::GetXattrs { .. }
-            | Msg::Reintegrate { .. }) => {
+            | Msg::Reintegrate { .. }
+            | Msg::GetAcl { .. }
+            | Msg::SetAcl { .. }
+            | Msg::WhoAmI) => {
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
                 let (shared2, ctx2, tx2, flow2) =
                     (Arc::clone(shared), *ctx, tx.clone(), Arc::clone(flow));
+                let user2 = Arc::clone(user);
                 // Keyed by session generation: requests are served round
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
-                    let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| error_reply(&e));
+                    let reply =
+                        handle(&shared2, &ctx2, &user2, m).unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
                     let _ = tx2.send(Out::Reply(bytes));
@@ -333,7 +340,9 @@ fn read_loop(
 }
 
 /// One request on a worker thread.
-fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
+fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg> {
+    // The rights checks (acl.rs) act for the connection's user.
+    let who = shared.store.who(user)?;
     match msg {
         Msg::GetAttrs { fids } => {
             if fids.len() > MAX_ATTRS_REPLY {
@@ -345,7 +354,14 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
             // Callback first, then read: a commit after the read is
             // followed by a break (PROTOCOL "Callbacks").
             shared.registry.register(ctx, &fids);
-            let items = shared.store.get_attrs(&fids)?;
+            let mut items = shared.store.get_attrs(&fids)?;
+            // Status needs `l` on the object's directory.
+            let seen = shared.store.may_lookup(&who, &fids)?;
+            for (it, ok) in items.iter_mut().zip(seen) {
+                if !ok {
+                    *it = Err(crate::error::WireCode::Access);
+                }
+            }
             let missing: Vec<_> = fids
                 .iter()
                 .zip(&items)
@@ -358,6 +374,7 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
             Ok(Msg::Attrs { items })
         }
         Msg::ReadDir { fid, cursor } => {
+            shared.store.check_list(&who, fid)?;
             shared.registry.register(ctx, &[fid]);
             match shared.store.read_dir(fid, cursor) {
                 Ok((attr, entries, next)) => Ok(Msg::DirPage {
@@ -374,10 +391,18 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
         Msg::GetXattrs { fid } => {
             // No callback: the reply carries the object's version, and the
             // client keeps the list only while its attr has that version.
+            // Extended attributes are status: `l`, as for GetAttrs.
+            if !shared.store.may_lookup(&who, &[fid])?[0] {
+                return Err(Error::Access(format!("no lookup right on {fid}")));
+            }
             let (version, items) = shared.store.get_xattrs(fid)?;
             Ok(Msg::Xattrs { version, items })
         }
         Msg::AllocFids { volume, count } => {
+            if who.anonymous() {
+                // anonymous never creates: no reservations for it to hoard.
+                return Err(Error::Access("anonymous may not reserve fids".into()));
+            }
             let first_vnode = shared.store.alloc_fids(&ctx.id, volume, count)?;
             Ok(Msg::FidRange {
                 volume,
@@ -403,7 +428,10 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
         }
         Msg::Reintegrate { records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);
-            match shared.store.reintegrate(&ctx.id, &records, &lookup) {
+            match shared
+                .store
+                .reintegrate_as(&ctx.id, Some(who), &records, &lookup)
+            {
                 Ok(out) => {
                     shared.registry.consume_uploads(ctx, &out.consumed_uploads);
                     if !out.replayed {
@@ -426,6 +454,37 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
                 }
             }
         }
+        Msg::GetAcl { fid } => {
+            let (acl, rights) = shared.store.get_acl(&who, fid)?;
+            Ok(Msg::AclReply {
+                entries: acl.entries,
+                rights,
+            })
+        }
+        Msg::SetAcl {
+            fid,
+            name,
+            rights,
+            negative,
+        } => {
+            let (acl, mine, fids) = shared
+                .store
+                .set_acl(&who, &ctx.id, fid, &name, rights, negative)?;
+            // Other clients' cached listings, status and data under the
+            // directory were granted under the old list: they revalidate.
+            shared
+                .registry
+                .break_callbacks(ctx, &fids, &[], shared.break_timeout);
+            Ok(Msg::AclReply {
+                entries: acl.entries,
+                rights: mine,
+            })
+        }
+        Msg::WhoAmI => Ok(Msg::WhoReply {
+            user: who.user.clone(),
+            id: who.id,
+            groups: who.groups.clone(),
+        }),
         other => Err(Error::Protocol(format!(
             "unexpected message {:#04x}",
             other.kind()

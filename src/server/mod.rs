@@ -15,6 +15,8 @@
 //! limit at start, connections are capped below it, and one spare
 //! descriptor is kept so a full descriptor table never wedges accept(2).
 
+mod acl;
+mod admin;
 mod bulk;
 mod callbacks;
 mod control;
@@ -135,8 +137,18 @@ pub fn init(root: &Path, user: &str) -> Result<PathBuf> {
 }
 
 /// Add a user to an existing data directory; returns its secret file path.
+/// With the server stopped only; [`admin_command`] works either way.
 pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
     VolumeStore::add_user(root, user)
+}
+
+/// Run an administration command (`user add NAME`, `user remove NAME`,
+/// `user list`, `group add GROUP [USER...]`, `group remove GROUP [USER...]`,
+/// `group members GROUP`, `group list`, `anonymous on|off`) on the data
+/// directory `root`: through the running server's administration socket,
+/// or on the metadata directly when no server runs. Returns its output.
+pub fn admin_command(root: &Path, words: &[String]) -> Result<String> {
+    admin::command(root, words)
 }
 
 /// What every thread of a running server shares.
@@ -166,6 +178,8 @@ pub struct Server {
     shared: Arc<Shared>,
     addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
+    /// The administration socket's thread and path (admin.rs).
+    admin: Option<(JoinHandle<()>, PathBuf)>,
 }
 
 impl Server {
@@ -202,6 +216,23 @@ impl Server {
             .name("coda-accept".into())
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
+        // Users and groups change while serving through this socket; a
+        // server without it still serves (the commands then say why).
+        let admin = match admin::bind(&cfg.root) {
+            Ok((l, path)) => {
+                let s3 = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name("coda-admin".into())
+                    .stack_size(SMALL_STACK)
+                    .spawn(move || admin::serve(s3, l))
+                    .ok()
+                    .map(|h| (h, path))
+            }
+            Err(e) => {
+                log::warn(format_args!("no administration socket: {e}"));
+                None
+            }
+        };
         log::info(format_args!(
             "serving {} on {addr} (break timeout {} ms; {nofile} descriptors, \
              at most {max_conns} connections, {max_handshaking} unauthenticated)",
@@ -212,6 +243,7 @@ impl Server {
             shared,
             addr,
             acceptor: Some(acceptor),
+            admin,
         })
     }
 
@@ -228,6 +260,12 @@ impl Server {
         let _ = TcpStream::connect_timeout(&wake_addr(self.addr), Duration::from_secs(1));
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
+        }
+        if let Some((h, path)) = self.admin.take() {
+            // Wake it out of accept(2); it sees `stopping` and ends.
+            let _ = std::os::unix::net::UnixStream::connect(&path);
+            let _ = h.join();
+            let _ = std::fs::remove_file(&path);
         }
         sh.registry.end_all();
         for s in sh.conns.lock().values() {

@@ -110,6 +110,9 @@ struct Job {
     /// The staged files of the batch's Store records, looked up by the
     /// submitting worker (the lookup belongs to its session).
     staged: HashMap<u64, PathBuf>,
+    /// The user whose rights each record is checked against (`acl.rs`);
+    /// None only for in-crate callers that check nothing.
+    who: Option<Arc<super::acl::Who>>,
 }
 
 type JobResult = std::result::Result<Outcome, BatchError>;
@@ -369,9 +372,22 @@ impl VolumeStore {
     /// arrive meanwhile; returns once its commit is durable. A failure of
     /// the metadata store itself (a full disk) fails the group and the
     /// store is reopened (see `with_db`).
+    #[cfg(test)]
     pub fn reintegrate(
         &self,
         client: &ClientId,
+        records: &[Record],
+        staged: StagedLookup,
+    ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_as(client, None, records, staged)
+    }
+
+    /// `reintegrate`, each record checked against `who`'s rights: a record
+    /// it may not apply fails the batch with `Access`.
+    pub fn reintegrate_as(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
@@ -387,6 +403,7 @@ impl VolumeStore {
             client: *client,
             records: records.to_vec(),
             staged: files,
+            who,
         });
         let group = &self.group;
         let large = is_large(&job);
@@ -634,7 +651,8 @@ impl VolumeStore {
             });
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
-        let mut batch = Batch::open(txn, self, client, &lookup).map_err(|e| early(e.into()))?;
+        let mut batch = Batch::open(txn, self, client, &lookup, job.who.clone())
+            .map_err(|e| early(e.into()))?;
         let mut results = Vec::with_capacity(records.len());
         let mut failure = None;
         let mut gave_way = false;
@@ -787,6 +805,8 @@ struct Batch<'t, 's> {
     store: &'s VolumeStore,
     client: &'s ClientId,
     staged: StagedLookup<'s>,
+    /// Rights checks, owners and access lists (`acl.rs`).
+    guard: super::acl::Guard<'t>,
     now: Timespec,
     /// Object files made by this batch: removed if it aborts.
     created: Vec<PathBuf>,
@@ -807,6 +827,7 @@ impl<'t, 's> Batch<'t, 's> {
         store: &'s VolumeStore,
         client: &'s ClientId,
         staged: StagedLookup<'s>,
+        who: Option<Arc<super::acl::Who>>,
     ) -> Result<Batch<'t, 's>> {
         Ok(Batch {
             objects: txn.open_table(OBJECTS)?,
@@ -818,6 +839,7 @@ impl<'t, 's> Batch<'t, 's> {
             store,
             client,
             staged,
+            guard: super::acl::Guard::open(txn, who)?,
             now: Timespec::now(),
             created: Vec::new(),
             replaced: Vec::new(),
@@ -830,6 +852,7 @@ impl<'t, 's> Batch<'t, 's> {
     }
 
     fn apply(&mut self, op: &RecordOp) -> Result<Attr> {
+        self.guard.authorize(&self.objects, &self.dirents, op)?;
         match op {
             RecordOp::Store {
                 fid,
@@ -1076,6 +1099,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
+        self.guard.deleted(fid)?;
         if rec.has_file {
             self.replaced
                 .push(objects::object_path(&self.store.root, fid, rec.dv));
@@ -1199,6 +1223,7 @@ impl<'t, 's> Batch<'t, 's> {
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
         }
+        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
         self.charge(fid.volume, rec.attr.size, length)?;
         self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
@@ -1219,6 +1244,9 @@ impl<'t, 's> Batch<'t, 's> {
         rec.has_file = true;
         rec.attr.size = length;
         rec.attr.mtime = mtime;
+        if clear_setid {
+            rec.attr.mode &= !0o6000;
+        }
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
@@ -1269,6 +1297,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.dirents
             .insert((&parent.to_bytes(), name), &encode_entry(fid, ftype))?;
+        self.guard.created(fid, ftype, parent)?;
         self.touch_dir(parent, 1, is_dir as i64)?;
         Ok(rec.attr)
     }
@@ -1462,6 +1491,7 @@ impl<'t, 's> Batch<'t, 's> {
             self.touch_dir(dst_parent, 1 - gone, sub - gone_dir)?;
         }
         rec.parent = if is_dir { dst_parent } else { rec.parent };
+        self.guard.moved(fid, rec.attr.ftype, dst_parent)?;
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
@@ -1581,6 +1611,7 @@ mod tests {
             client,
             records,
             staged: HashMap::new(),
+            who: None,
         })
     }
 
