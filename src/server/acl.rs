@@ -1192,11 +1192,16 @@ mod tests {
                 mtime: Timespec::default(),
                 ctime: Timespec::default(),
                 version: 1,
+                uid: 0,
+                gid: 0,
+                atime: Timespec::default(),
+                rdev: 0,
             },
             dv: 0,
             has_file: false,
             parent: ROOT_FID,
             target: String::new(),
+            xattrs: Vec::new(),
         };
         let (sub, file) = (Fid::new(1, 2, 1), Fid::new(1, 3, 1));
         // What a data directory from before access control holds.
