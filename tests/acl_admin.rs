@@ -41,6 +41,7 @@ fn fails(srv: &TestServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+#[allow(clippy::result_large_err)] // a refusal is the message itself
 fn connect(srv: &TestServer, user: &str, id: u8, epoch: u64) -> Result<Raw, Msg> {
     let secret = read_secret_file(&srv.root().join(format!("{user}.secret")))
         .unwrap_or_else(|e| panic!("{user}'s secret: {e}"));
