@@ -27,5 +27,9 @@ pub mod proto;
 ///
 /// cbindgen:ignore
 pub mod server;
+/// The TLS layer under every connection.
+///
+/// cbindgen:ignore
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -179,6 +179,7 @@ impl Client {
             .clone()
             .ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?;
         let secret = auth::read_secret_file(&secret_file)?;
+        let tls = conn::tls_config(&cfg, &secret_file)?;
         secure_cache_dir(&cache_dir)?;
         let index = cache_dir.join("index.redb");
         crate::fsmode::precreate_private_file(&index)?;
@@ -214,6 +215,7 @@ impl Client {
             epoch,
             user: cfg.user.clone(),
             secret,
+            tls,
         };
         let servers = Arc::new(Servers::new(
             cfg.servers.clone(),

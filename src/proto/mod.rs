@@ -13,7 +13,7 @@ pub use message::{ConnKind, Msg, Record, RecordOp, Replaces};
 pub use types::{Attr, DirEntry, Fid, FileType, Timespec};
 
 /// Version carried in `Hello`; a server refuses any other.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame (type + id + body) accepted, checked before allocating.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest name of a directory entry, in bytes.

@@ -5,7 +5,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
+
+use crate::tls::Stream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -30,7 +32,7 @@ static TMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 pub fn serve(
     shared: Arc<Shared>,
-    mut reader: BufReader<TcpStream>,
+    mut reader: BufReader<Stream>,
     ident: Identity,
     welcome: Msg,
     serial: u64,
@@ -40,6 +42,7 @@ pub fn serve(
         Err(_) => return,
     };
     let attached = stream
+        .tcp()
         .try_clone()
         .map_err(|e| Error::io("clone socket", e))
         .and_then(|s| {
@@ -115,15 +118,39 @@ pub fn serve(
     }
 }
 
+/// [`send_file`] through TLS: read a chunk, write it sealed.
+fn seal_file(file: &File, stream: &mut Stream, length: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; TLS_CHUNK.min(length as usize)];
+    let mut off = 0u64;
+    // Bounded: each turn sends bytes or fails.
+    while off < length {
+        let want = (length - off).min(buf.len() as u64) as usize;
+        let n = match file.read_at(&mut buf[..want], off) {
+            Ok(0) => {
+                return Err(Error::Eio(format!(
+                    "object file ended {} bytes early",
+                    length - off
+                )))
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("reading an object file", e)),
+        };
+        stream
+            .write_all(&buf[..n])
+            .map_err(|e| Error::io("sending fetch data", e))?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Bytes read from an object file per TLS write: sixteen full records.
+const TLS_CHUNK: usize = 256 * 1024;
+
 /// Answer a Fetch. Errors about the object are replied and the connection
 /// goes on; only a broken socket is returned as an error.
-fn fetch(
-    shared: &Shared,
-    ctx: &ClientCtx,
-    stream: &mut TcpStream,
-    id: u64,
-    fid: Fid,
-) -> Result<()> {
+fn fetch(shared: &Shared, ctx: &ClientCtx, stream: &mut Stream, id: u64, fid: Fid) -> Result<()> {
     shared.registry.register(ctx, &[fid]);
     let (attr, data) = match shared.store.open_data(fid) {
         Ok(x) => x,
@@ -153,9 +180,14 @@ fn fetch(
     }
 }
 
-/// Stream exactly `length` bytes of `file` with sendfile(2): the data goes
-/// from the page cache to the socket without passing through user space.
-fn send_file(file: &File, stream: &mut TcpStream, length: u64) -> Result<()> {
+/// Stream exactly `length` bytes of `file`: on a plaintext stream with
+/// sendfile(2), from the page cache to the socket without passing through
+/// user space; on TLS through the record layer, a chunk at a time (the
+/// file is never whole in memory).
+fn send_file(file: &File, stream: &mut Stream, length: u64) -> Result<()> {
+    if stream.is_tls() {
+        return seal_file(file, stream, length);
+    }
     let mut offset: libc::off_t = 0;
     let mut left = length;
     while left > 0 {
@@ -183,8 +215,8 @@ fn send_file(file: &File, stream: &mut TcpStream, length: u64) -> Result<()> {
 fn upload(
     shared: &Shared,
     ctx: &ClientCtx,
-    reader: &mut BufReader<TcpStream>,
-    stream: &mut TcpStream,
+    reader: &mut BufReader<Stream>,
+    stream: &mut Stream,
     id: u64,
     upload_id: u64,
     length: u64,
@@ -253,7 +285,7 @@ fn upload(
 }
 
 /// Read and drop exactly `length` raw bytes of a refused upload.
-fn discard(reader: &mut BufReader<TcpStream>, length: u64) -> Result<()> {
+fn discard(reader: &mut BufReader<Stream>, length: u64) -> Result<()> {
     let mut buf = vec![0u8; BULK_CHUNK];
     let mut left = length;
     while left > 0 {
@@ -281,7 +313,7 @@ enum Received {
 /// fsync it. After a write error the rest is still read (and discarded) so
 /// the connection stays usable.
 fn receive(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     tmp: &PathBuf,
     length: u64,
 ) -> std::result::Result<(), Received> {
