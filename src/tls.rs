@@ -321,7 +321,7 @@ fn plaintext_peer(peer: &str, we_are_server: bool) -> Error {
         ))
     } else {
         Error::Protocol(format!(
-            "server {peer} speaks plaintext but this client requires TLS: the server runs \
+            "{peer} speaks plaintext but this client requires TLS: the server runs \
              with --insecure-plaintext; set insecure_plaintext on both sides or on neither"
         ))
     }
@@ -498,6 +498,18 @@ impl Stream {
                 match sock.read(&mut buf) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e)
+                        if deadline.is_some()
+                            && matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            ) =>
+                    {
+                        return Err(io_err(
+                            "receiving",
+                            io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"),
+                        ))
+                    }
                     Err(e) => return Err(io_err("receiving", e)),
                 }
             };

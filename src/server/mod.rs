@@ -543,13 +543,19 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
             Err(e) => return quiet(&e),
         },
         None => {
-            // A TLS client cannot read our plaintext refusal: say it here.
             let mut first = [0u8; 1];
-            if matches!(stream.peek(&mut first), Ok(1) if first[0] == crate::tls::TLS_HANDSHAKE_BYTE)
-            {
-                return quiet(&crate::tls::tls_client_on_plaintext_server(&peer));
+            let tls_hello = matches!(stream.peek(&mut first), Ok(1) if first[0] == crate::tls::TLS_HANDSHAKE_BYTE);
+            let mut stream = Stream::plain(stream);
+            if tls_hello {
+                // Answered in plaintext: the client sees a non-TLS reply
+                // and says which setting differs (tls.rs).
+                let e = crate::tls::tls_client_on_plaintext_server(&peer);
+                quiet(&e);
+                let _ = wire::send(&mut stream, 0, &wire::error_reply(&e));
+                wire::close_after_error(&mut stream);
+                return;
             }
-            Stream::plain(stream)
+            stream
         }
     };
     let binding = match stream.channel_binding() {
