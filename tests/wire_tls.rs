@@ -18,6 +18,7 @@ use coda::tls::Stream;
 use coda::Error;
 use common::{TempDir, TestServer};
 use parking_lot::Mutex;
+use rustls::pki_types::pem::PemObject;
 
 /// What the relay does to the bytes it passes on.
 #[derive(Clone)]
@@ -367,4 +368,87 @@ fn a_tls_handshake_that_never_completes_is_cut() {
     assert!(closed, "the server never cut an unfinished TLS handshake");
     let mut good = common::raw::Raw::control(s.addr(), &s.secret_file(), [1; 16], 1);
     assert_eq!(good.call(&coda::proto::Msg::Ping), coda::proto::Msg::Pong);
+}
+
+/// `tls_ca`: a server certificate issued by a site CA for the address the
+/// client dials is accepted; the self-signed one is not.
+#[test]
+fn a_site_ca_replaces_pinning() {
+    let mut s = TestServer::start();
+    let d = TempDir::new("ca");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "coda test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca_file = d.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let with_ca = |s: &TestServer, tag: &str| {
+        let mut c = client_util::config(s, &d.path().join(tag));
+        c.set("disconnected_operation", "false").unwrap();
+        c.set("tls_ca", ca_file.to_str().unwrap()).unwrap();
+        c
+    };
+    // The self-signed certificate is not the CA's.
+    let e = Client::new(with_ca(&s, "a")).err().expect("refused");
+    assert!(
+        matches!(&e, Error::Auth(m) if m.contains("certificate refused") && m.contains("UnknownIssuer")),
+        "{e}"
+    );
+    // One the CA issued for 127.0.0.1, in place of it.
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(coda::tls::cert_path(&s.root()), cert.pem()).unwrap();
+    std::fs::write(coda::tls::key_path(&s.root()), key.serialize_pem()).unwrap();
+    s.restart();
+    let c = Client::new(with_ca(&s, "b")).expect("the CA's certificate is accepted");
+    put(&c, "/ca", b"issued");
+    assert_eq!(get(&c, "/ca"), b"issued");
+}
+
+/// A data directory made before TLS: `serve` says what to run, and
+/// `init-tls` makes the key, certificate and fingerprint file.
+#[test]
+fn a_data_directory_made_before_tls_is_told_how_to_get_a_certificate() {
+    let d = TempDir::new("old");
+    let root = d.path().join("data");
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::SERVER_BIN)
+            .args(args)
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["init"]).status.success());
+    std::fs::remove_dir_all(root.join("tls")).unwrap();
+    std::fs::remove_file(root.join("server.fingerprint")).unwrap();
+    let out = run(&["serve", "--listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "has no TLS key and certificate ({}, {}): run `coda-server init-tls --root {}`",
+            coda::tls::key_path(&root).display(),
+            coda::tls::cert_path(&root).display(),
+            root.display()
+        )),
+        "{err}"
+    );
+    let out = run(&["init-tls"]);
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stdout);
+    let fp = std::fs::read_to_string(root.join("server.fingerprint")).unwrap();
+    assert!(said.contains(fp.trim()), "{said}");
+    let der = rustls::pki_types::CertificateDer::from_pem_file(coda::tls::cert_path(&root));
+    assert_eq!(coda::tls::fingerprint(&der.unwrap()), fp.trim());
+    // A second init-tls does not replace the key clients pinned.
+    assert!(!run(&["init-tls"]).status.success());
 }
