@@ -427,7 +427,7 @@ fn main() {
     let (small, tls_rounds) = if smoke {
         (5, 1)
     } else if quick {
-        (100, 2)
+        (100, 3)
     } else {
         (400, 5)
     };

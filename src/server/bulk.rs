@@ -6,8 +6,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::net::Shutdown;
-
-use crate::tls::Stream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
@@ -23,6 +21,7 @@ use super::volume::FetchData;
 use super::wire::{close_after_error, error_reply, frame_for, send};
 use super::Shared;
 use crate::proto::{read_frame, Fid, Msg, BULK_CHUNK};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// A peer silent this long in the middle of raw upload bytes is dropped.

@@ -14,8 +14,6 @@
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
-
-use crate::tls::Stream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +28,7 @@ use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// Most fids one GetAttrs may name: every slot of the reply must fit in one
