@@ -58,8 +58,8 @@ pub fn fingerprint_path(root: &Path) -> PathBuf {
 /// beside a client's secret file.
 pub const FINGERPRINT_FILE: &str = "server.fingerprint";
 
-/// Ciphertext read from the socket per step: a few full records.
-const NET_CHUNK: usize = 64 * 1024;
+/// Ciphertext read from the socket per step: sixteen full records.
+const NET_CHUNK: usize = 256 * 1024;
 /// Bytes of sealed records rustls may hold before a write must drain them.
 const SEND_BUFFER: usize = 256 * 1024;
 
@@ -364,6 +364,38 @@ impl State {
             self.pending.extend_from_slice(&fresh[n..]);
         }
         taken.map(|_| ())
+    }
+
+    /// Copy decrypted bytes into `buf`, feeding buffered ciphertext as the
+    /// plaintext drains (rustls holds only 16 KiB of it), so one call
+    /// returns as much as is already here, not one record. `None`: nothing
+    /// yet (read the socket); `Some(0)`: the end of the stream.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let mut got = 0;
+        // Bounded: each turn copies bytes or ends.
+        while got < buf.len() {
+            match self.conn.reader().read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got += n;
+                    if self.pending.is_empty() {
+                        break;
+                    }
+                    self.feed(&[])?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok((got > 0).then_some(got));
+                }
+                // The peer closed TCP without close_notify. Frames delimit
+                // themselves, so this is just the end of the stream (as a
+                // reset would be), never accepted data.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                // What came before is delivered; the error returns next read.
+                Err(_) if got > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(got))
     }
 
     /// Give rustls as much of `bytes` as it takes; returns how much.
@@ -707,13 +739,9 @@ impl Read for Stream {
                 if let Err(e) = st.feed(&net[..fresh]) {
                     break Err(e);
                 }
-                match st.conn.reader().read(buf) {
-                    Ok(n) => break Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // The peer closed TCP without close_notify. Frames
-                    // delimit themselves, so this is just the end of the
-                    // stream (as a reset would be), never accepted data.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(0),
+                match st.fill(buf) {
+                    Ok(Some(n)) => break Ok(n),
+                    Ok(None) => {}
                     Err(e) => break Err(e),
                 }
             }
@@ -733,7 +761,7 @@ impl Read for Stream {
                     let mut st = t.lock();
                     // Tell rustls the stream ended; what it decrypted is read first.
                     let _ = st.conn.read_tls(&mut &[][..]);
-                    break Ok(st.conn.reader().read(buf).unwrap_or(0));
+                    break Ok(st.fill(buf).ok().flatten().unwrap_or(0));
                 }
                 Ok(n) => fresh = n,
             }
