@@ -155,7 +155,9 @@ fn unread(t: &Target) {
 fn dribble(t: &Target) {
     let h = hello(ConnKind::Control, "admin", t.id(), 1, [0; 32]);
     let bytes = encode_frame(h.kind(), 0, &h.encode());
-    let mut conns: Vec<(TcpStream, usize)> = Vec::new();
+    // Inside TLS, as a client past the TLS handshake (plaintext bytes to a
+    // TLS server are refused at their first byte).
+    let mut conns: Vec<(coda::tls::Stream, usize)> = Vec::new();
     while t.going() {
         conns.retain_mut(|(c, i)| {
             if *i >= bytes.len() || c.write_all(&bytes[*i..*i + 1]).is_err() {
@@ -165,9 +167,9 @@ fn dribble(t: &Target) {
             true
         });
         while conns.len() < 50 {
-            match TcpStream::connect(t.addr) {
-                Ok(c) => conns.push((c, 0)),
-                Err(_) => break,
+            match TcpStream::connect(t.addr).ok().and_then(raw::try_tls_over) {
+                Some(c) => conns.push((c, 0)),
+                None => break,
             }
         }
         t.nap(Duration::from_secs(1));

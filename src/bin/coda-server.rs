@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! coda-server init    --root DIR [--user NAME]
+//! coda-server init-tls --root DIR
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //!                     [--max-file-size SIZE] [--max-staged SIZE]
 //!                     [--max-staged-per-session SIZE] [--max-staged-uploads N]
+//!                     [--insecure-plaintext]
 //! coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
 //! ```
 //!
@@ -28,6 +30,7 @@ use coda::server::{
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
+  coda-server init-tls --root DIR   (TLS key and certificate for a root made before TLS)
   coda-server adduser --root DIR --user NAME           (same as: user add NAME)
   coda-server user    add|remove NAME --root DIR
   coda-server user    list --root DIR
@@ -38,6 +41,7 @@ const USAGE: &str = "usage:
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
+                      [--insecure-plaintext]
   coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
   coda-server --version | --help
 ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
@@ -64,11 +68,13 @@ struct Args {
     max_staged_uploads: Option<String>,
     volume: Option<String>,
     bytes: Option<String>,
+    insecure_plaintext: bool,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
         "init" => &["--root", "--user"],
+        "init-tls" => &["--root"],
         "adduser" => &["--root", "--user"],
         "serve" => &[
             "--root",
@@ -79,6 +85,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--max-staged",
             "--max-staged-per-session",
             "--max-staged-uploads",
+            "--insecure-plaintext",
         ],
         "quota" => &["--root", "--volume", "--bytes"],
         _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
@@ -88,6 +95,10 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     while let Some(flag) = it.next() {
         if !allowed.contains(&flag.as_str()) {
             return Err(Fail::Usage(format!("{cmd}: unknown option {flag:?}")));
+        }
+        if flag == "--insecure-plaintext" {
+            a.insecure_plaintext = true;
+            continue;
         }
         let value = it
             .next()
@@ -141,9 +152,20 @@ fn run() -> Result<(), Fail> {
             let user = args.user.as_deref().unwrap_or("admin");
             let secret = server::init(&root, user).map_err(fail)?;
             println!(
-                "initialised {}; secret of {user} in {}",
+                "initialised {}; secret of {user} in {}; TLS certificate fingerprint in {} \
+                 (copy both to clients)",
                 root.display(),
-                secret.display()
+                secret.display(),
+                coda::tls::fingerprint_path(&root).display()
+            );
+            Ok(())
+        }
+        "init-tls" => {
+            let fp = server::init_tls(&root).map_err(fail)?;
+            println!(
+                "TLS key and certificate in {}; fingerprint {fp} in {} (copy it to clients)",
+                root.join("tls").display(),
+                coda::tls::fingerprint_path(&root).display()
             );
             Ok(())
         }
@@ -306,6 +328,7 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
         break_timeout,
         idle_timeout,
         space,
+        insecure_plaintext: args.insecure_plaintext,
     })
     .map_err(|e| Fail::Run(e.to_string()))?;
     {

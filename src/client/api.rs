@@ -162,6 +162,7 @@ impl Client {
                 &f.ok_or_else(|| Error::Invalid("config: secret_file is required".into()))?,
             )?,
         };
+        let tls = super::conn::tls_config(&cfg, cfg.secret_file.as_deref())?;
         secure_cache_dir(&cache_dir)?;
         let index = cache_dir.join("index.redb");
         crate::fsmode::precreate_private_file(&index)?;
@@ -197,6 +198,7 @@ impl Client {
             epoch,
             user: cfg.user.clone(),
             secret,
+            tls,
         };
         let servers = Arc::new(Servers::new(
             cfg.servers.clone(),

@@ -52,6 +52,15 @@ pub struct Config {
     /// Most bulk (file data) connections open to a server at once; more
     /// concurrent fetches and stores wait for one.
     pub bulk_connections: usize,
+    /// File of the pinned server certificate fingerprints (`sha256:<hex>`,
+    /// one per line). `None`: `server.fingerprint` beside `secret_file`.
+    pub tls_fingerprint_file: Option<PathBuf>,
+    /// PEM file of a site CA: servers' certificates must chain to it and
+    /// name the host in `servers` (instead of pinning).
+    pub tls_ca: Option<PathBuf>,
+    /// Talk to servers without TLS; only servers started with
+    /// `--insecure-plaintext` accept it (and only they are reachable).
+    pub insecure_plaintext: bool,
 }
 
 impl Default for Config {
@@ -82,6 +91,9 @@ impl Config {
             write_back_ms: 0,
             hoard_walk_ms: 600_000,
             bulk_connections: 4,
+            tls_fingerprint_file: None,
+            tls_ca: None,
+            insecure_plaintext: false,
         }
     }
 
@@ -182,6 +194,15 @@ impl Config {
                     .ok()
                     .filter(|n| (1..=1024).contains(n))
                     .ok_or_else(|| bad("expected 1 to 1024"))?
+            }
+            "tls_fingerprint_file" => {
+                self.tls_fingerprint_file =
+                    Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?)
+            }
+            "tls_ca" => self.tls_ca = Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?),
+            "insecure_plaintext" => {
+                self.insecure_plaintext =
+                    parse_bool(v).ok_or_else(|| bad("expected true or false"))?
             }
             _ => return Err(Error::Invalid(format!("unknown config key {key:?}"))),
         }

@@ -28,6 +28,7 @@ use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// Most fids one GetAttrs may name: every slot of the reply must fit in one
@@ -182,11 +183,14 @@ fn reply_bound(msg: &Msg) -> usize {
     est.clamp(crate::proto::MAX_MESSAGE + 64, MAX_FRAME + 4)
 }
 
-pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, welcome: Msg) {
+pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity, welcome: Msg) {
     // A silent connection is reaped (see ServerConfig::idle_timeout).
     let _ = reader.get_ref().set_read_timeout(Some(shared.idle_timeout));
     let mut stream = reader.get_ref().try_clone();
-    let (sock_w, sock_s) = match (reader.get_ref().try_clone(), reader.get_ref().try_clone()) {
+    let (sock_w, sock_s) = match (
+        reader.get_ref().try_clone(),
+        reader.get_ref().tcp().try_clone(),
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             log::warn(format_args!("cannot clone a socket; dropping connection"));
@@ -255,7 +259,7 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
 /// Returns why the connection ended and whether it was the peer's fault.
 fn read_loop(
     shared: &Arc<Shared>,
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     ctx: &ClientCtx,
     user: &Arc<str>,
     tx: &Sender<Out>,
@@ -495,14 +499,16 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
 /// Owns the sending side: writes queued frames in order. A write that fails
 /// (peer gone, or stuck past the socket's send timeout) cuts the socket so
 /// the reader notices and the session ends.
-fn writer_loop(sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
+fn writer_loop(sock: Stream, rx: Receiver<Out>, flow: &Flow) {
     let why = write_all_out(sock, rx, flow);
     // Wake a reader held by the bounds: nothing drains any more.
     flow.close(why);
 }
 
 /// Returns why it stopped.
-fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
+fn write_all_out(mut sock: Stream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
+    // Sealed records of the frame being sent (TLS), reused.
+    let mut sealed = Vec::new();
     for out in rx {
         match out {
             Out::Frame(bytes) => {
@@ -516,13 +522,13 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
                     let _ = sock.shutdown(Shutdown::Both);
                     return "a callback break found the connection held at its request bounds";
                 }
-                if let Err(why) = send_all(&sock, &bytes, flow) {
+                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
                     return why;
                 }
             }
             Out::Reply(bytes) => {
-                if let Err(why) = send_all(&sock, &bytes, flow) {
+                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
                     return why;
                 }
@@ -530,12 +536,27 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
             }
             Out::Close => {
                 let _ = sock.flush();
-                let _ = sock.shutdown(Shutdown::Write);
+                sock.close_write();
                 return "closed";
             }
         }
     }
     "closed"
+}
+
+/// Seal a frame (on a TLS stream) and send it with [`send_all`].
+fn send_sealed(
+    sock: &Stream,
+    frame: &[u8],
+    sealed: &mut Vec<u8>,
+    flow: &Flow,
+) -> std::result::Result<(), &'static str> {
+    sealed.clear();
+    match sock.seal(frame, sealed) {
+        Ok(true) => send_all(sock.tcp(), sealed, flow),
+        Ok(false) => send_all(sock.tcp(), frame, flow),
+        Err(_) => Err("TLS sealing failed"),
+    }
 }
 
 /// Write all of `buf`. When the socket is full the writer notes it is

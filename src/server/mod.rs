@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::proto::ConnKind;
+use crate::tls::Stream;
 use crate::{Error, Result};
 use sessions::Registry;
 use volume::VolumeStore;
@@ -114,6 +115,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Largest file size and bounds on staged uploads.
     pub space: SpaceLimits,
+    /// Serve without TLS (`--insecure-plaintext`): only clients that say
+    /// `insecure_plaintext = true` too can talk to it. Off (the default),
+    /// every connection is TLS 1.3 with the key and certificate under
+    /// `root/tls` (docs/SERVER.md "TLS").
+    pub insecure_plaintext: bool,
 }
 
 impl ServerConfig {
@@ -125,15 +131,31 @@ impl ServerConfig {
             break_timeout: DEFAULT_BREAK_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             space: SpaceLimits::default(),
+            insecure_plaintext: false,
         }
     }
 }
 
 /// Create a data directory with the root volume (volume 1, root directory
-/// (1, 1, 1), mode 0755) and `user`; returns the path of the user's secret
+/// (1, 1, 1), mode 0755) and `user`, and the server's TLS key and
+/// certificate (`tls::generate`); returns the path of the user's secret
 /// file (`root/<user>.secret`, mode 0600). Refuses an existing server.
 pub fn init(root: &Path, user: &str) -> Result<PathBuf> {
-    VolumeStore::init(root, user)
+    let secret = VolumeStore::init(root, user)?;
+    crate::tls::generate(root)?;
+    Ok(secret)
+}
+
+/// Give an existing data directory (made before TLS) its TLS key and
+/// certificate; returns the fingerprint clients pin.
+pub fn init_tls(root: &Path) -> Result<String> {
+    if !root.join("meta.redb").exists() {
+        return Err(Error::NotFound(format!(
+            "{} holds no coda server (run coda-server init)",
+            root.display()
+        )));
+    }
+    crate::tls::generate(root)
 }
 
 /// Add a user to an existing data directory; returns its secret file path.
@@ -154,6 +176,8 @@ pub fn admin_command(root: &Path, words: &[String]) -> Result<String> {
 /// What every thread of a running server shares.
 pub(crate) struct Shared {
     root: PathBuf,
+    /// None: `insecure_plaintext`.
+    tls: Option<Arc<rustls::ServerConfig>>,
     store: VolumeStore,
     registry: Registry,
     pool: workers::Pool,
@@ -185,6 +209,11 @@ pub struct Server {
 impl Server {
     /// Open the data directory, bind, start the threads; returns at once.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
+        let tls = if cfg.insecure_plaintext {
+            None
+        } else {
+            Some(crate::tls::server_config(&cfg.root)?)
+        };
         let store = VolumeStore::open(&cfg.root, cfg.space.max_file_size)?;
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
@@ -195,8 +224,10 @@ impl Server {
         let nofile = raise_nofile();
         let max_conns = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONN).max(8);
         let max_handshaking = (max_conns / 4).clamp(4, MAX_HANDSHAKING);
+        let plaintext = tls.is_none();
         let shared = Arc::new(Shared {
             root: cfg.root.clone(),
+            tls,
             store,
             registry: Registry::with_limits(&cfg.root, cfg.space.staged),
             pool,
@@ -234,9 +265,17 @@ impl Server {
             }
         };
         log::info(format_args!(
-            "serving {} on {addr} (break timeout {} ms; {nofile} descriptors, \
+            "serving {} on {addr} ({}; break timeout {} ms; {nofile} descriptors, \
              at most {max_conns} connections, {max_handshaking} unauthenticated)",
             cfg.root.display(),
+            if plaintext {
+                "INSECURE PLAINTEXT".to_string()
+            } else {
+                format!(
+                    "TLS 1.3, certificate {}",
+                    crate::tls::cert_path(&cfg.root).display()
+                )
+            },
             cfg.break_timeout.as_millis()
         ));
         Ok(Server {
@@ -486,7 +525,7 @@ fn cut(shared: &Shared, serial: u64) {
 /// The handshake's reader: one deadline for the whole handshake, not one
 /// per read, so a peer sending a byte now and then is cut on time.
 struct Deadline<'a> {
-    inner: &'a mut BufReader<TcpStream>,
+    inner: &'a mut BufReader<Stream>,
     at: Instant,
 }
 
@@ -520,9 +559,9 @@ impl BufRead for Deadline<'_> {
     }
 }
 
-/// One accepted connection: handshake under a deadline, then serve it as
-/// the kind it declared.
-fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
+/// One accepted connection: TLS and coda handshakes under one deadline,
+/// then serve it as the kind it declared.
+fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -530,22 +569,51 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let quiet = |e: &Error| {
+        if !shared.stopping.load(Ordering::SeqCst) {
+            log::info(format_args!("handshake from {peer} failed: {e}"));
+        }
+    };
+    let mut stream = match &shared.tls {
+        Some(cfg) => match Stream::accept(stream, Arc::clone(cfg), &peer, deadline) {
+            Ok(s) => s,
+            Err(e) => return quiet(&e),
+        },
+        None => {
+            let mut first = [0u8; 1];
+            let tls_hello = matches!(stream.peek(&mut first), Ok(1) if first[0] == crate::tls::TLS_HANDSHAKE_BYTE);
+            let mut stream = Stream::plain(stream);
+            if tls_hello {
+                // Answered in plaintext: the client sees a non-TLS reply
+                // and says which setting differs (tls.rs).
+                let e = crate::tls::tls_client_on_plaintext_server(&peer);
+                quiet(&e);
+                let _ = wire::send(&mut stream, 0, &wire::error_reply(&e));
+                wire::close_after_error(&mut stream);
+                return;
+            }
+            stream
+        }
+    };
+    let binding = match stream.channel_binding() {
+        Ok(b) => b,
+        Err(e) => return quiet(&e),
+    };
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
     let mut timed = Deadline {
         inner: &mut reader,
-        at: Instant::now() + HANDSHAKE_TIMEOUT,
+        at: deadline,
     };
-    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store);
+    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store, binding);
     shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,
         Err(e) => {
-            if !shared.stopping.load(Ordering::SeqCst) {
-                log::info(format_args!("handshake from {peer} failed: {e}"));
-            }
+            quiet(&e);
             wire::close_after_error(&mut stream);
             return;
         }

@@ -15,6 +15,6 @@ mod servers;
 mod session;
 
 pub(crate) use interrupt::Interrupt;
-pub(crate) use params::{Identity, Timing};
+pub(crate) use params::{tls_config, Identity, Timing};
 pub(crate) use servers::Servers;
 pub(crate) use session::Session;
