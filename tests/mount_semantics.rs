@@ -452,3 +452,47 @@ fn times_set_while_open_for_writing_are_kept_at_close() {
         assert_eq!((st.mtime.sec, st.size), (1_600_000_000, 8));
     }
 }
+
+#[test]
+fn an_o_trunc_open_beside_an_open_for_writing_truncates_the_one_file() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    for (i, args) in MODES.iter().enumerate() {
+        let d = TempDir::new(&format!("sem-otrunc{i}"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        let name = format!("shared{i}");
+        let p = m.path(&name);
+        std::fs::write(&p, b"old contents").unwrap();
+        // A writer holds the file open (with passthrough: the inode has a
+        // backing file) when another descriptor opens it with O_TRUNC.
+        let mut w = rw(&p);
+        w.write_all(b"written").unwrap();
+        let mut t = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("O_TRUNC open beside a writer, mode {args:?}: {e}"));
+        // One file, as locally: the writer's descriptor sees the cut.
+        assert_eq!(w.metadata().unwrap().len(), 0, "mode {args:?}");
+        t.write_all(b"xy").unwrap();
+        drop(t);
+        assert_eq!(std::fs::read(&p).unwrap(), b"xy", "mode {args:?}");
+        drop(w);
+        assert_eq!(std::fs::read(&p).unwrap(), b"xy", "mode {args:?}");
+        // A reader holds it open: the O_TRUNC open works too.
+        let r = std::fs::File::open(&p).unwrap();
+        let mut t = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("O_TRUNC open beside a reader, mode {args:?}: {e}"));
+        t.write_all(b"z").unwrap();
+        drop(t);
+        drop(r);
+        assert_eq!(std::fs::read(&p).unwrap(), b"z", "mode {args:?}");
+        let other = client_util::client(&srv, &d.path().join("other"));
+        assert_eq!(client_util::get(&other, &format!("/{name}")), b"z");
+    }
+}

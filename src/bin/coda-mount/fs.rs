@@ -606,6 +606,43 @@ impl CodaFs {
         }
     }
 
+    /// The client's `File` for an open of `ino`. A truncating open of an
+    /// inode that is open here already truncates the container those opens
+    /// share, in place, instead of getting a new empty one: every descriptor
+    /// of the inode is then one file (as locally), and with passthrough the
+    /// open can use the inode's live backing file, without which the kernel
+    /// fails the open with EIO (it wants every open of an inode with a
+    /// backing file to be passthrough on that same file).
+    fn open_file(&self, ino: u64, fid: Fid, cflags: i32) -> Result<File, Errno> {
+        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let shared = writable
+            && cflags & libc::O_TRUNC != 0
+            && self
+                .open_handle(ino)
+                .is_some_and(|h| !h.gone.load(Ordering::Relaxed));
+        if !shared {
+            return self.client.open_fid(fid, cflags).map_err(|e| errno(&e));
+        }
+        let mut file = self
+            .client
+            .open_fid(fid, cflags & !libc::O_TRUNC)
+            .map_err(|e| errno(&e))?;
+        // An empty write marks the file changed (stored at close, even if
+        // it was empty already), as the client's own O_TRUNC does.
+        let cut = file.write_at(&[], 0).map_err(|e| errno(&e)).and_then(|_| {
+            // SAFETY: the `File`'s live container descriptor.
+            if unsafe { libc::ftruncate(file.fd(), 0) } != 0 {
+                return Err(Errno::from(std::io::Error::last_os_error()));
+            }
+            Ok(())
+        });
+        if let Err(e) = cut {
+            file.abandon();
+            return Err(e);
+        }
+        Ok(file)
+    }
+
     fn remember(
         &self,
         ino: u64,
@@ -1131,10 +1168,7 @@ impl Filesystem for CodaFs {
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
         let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let file = tri!(
-            reply,
-            self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
-        );
+        let file = tri!(reply, self.open_file(ino.0, fid, cflags));
         // Writable opens use passthrough too when the inode's backing is
         // this container (or free): shared writable mmap (SQLite's WAL)
         // needs it, and writes land in the container the store reads.
