@@ -496,3 +496,52 @@ fn an_o_trunc_open_beside_an_open_for_writing_truncates_the_one_file() {
         assert_eq!(client_util::get(&other, &format!("/{name}")), b"z");
     }
 }
+
+#[test]
+fn opens_after_the_file_changed_elsewhere_work_beside_older_opens() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let srv = client_util::start();
+    for (i, args) in MODES.iter().enumerate() {
+        let d = TempDir::new(&format!("sem-newver{i}"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        let name = format!("page{i}");
+        let p = m.path(&name);
+        std::fs::write(&p, b"version one").unwrap();
+        // An older open stays (with passthrough: the inode's backing file
+        // is the old container) while another client stores a new version.
+        let old = std::fs::File::open(&p).unwrap();
+        let mut buf = [0u8; 64];
+        let n = old.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"version one");
+        let other = client_util::client(&srv, &d.path().join("other"));
+        client_util::put(&other, &format!("/{name}"), b"version two, longer");
+        assert!(
+            eventually(Duration::from_secs(20), || std::fs::metadata(&p)
+                .map(|m| m.len() == 19)
+                .unwrap_or(false)),
+            "the mount sees the new size, mode {args:?}"
+        );
+        let got = std::fs::read(&p)
+            .unwrap_or_else(|e| panic!("open beside an older open, mode {args:?}: {e}"));
+        assert_eq!(got, b"version two, longer", "mode {args:?}");
+        // With passthrough the older open keeps the version it opened (its
+        // reads go to its own container). The plain path shares the kernel's
+        // page cache of the inode, which the newer open filled.
+        if args.is_empty() && status_line(&m, "passthrough") == "on" {
+            let n = old.read_at(&mut buf, 0).unwrap();
+            assert_eq!(&buf[..n], b"version one");
+        }
+        let mut w = rw(&p);
+        w.write_all(b"V").unwrap();
+        drop(w);
+        drop(old);
+        assert_eq!(
+            client_util::get(&other, &format!("/{name}")),
+            b"Version two, longer",
+            "mode {args:?}"
+        );
+    }
+}

@@ -576,6 +576,20 @@ impl CodaFs {
         }
     }
 
+    /// The inode's live backing file, for an open that could not share it
+    /// (its container is not the backing's: the file changed while older
+    /// opens of it stay open here). The kernel fails any open of an inode
+    /// with a backing file unless it is passthrough on that very file, so
+    /// such an open names it too, with direct I/O: its reads and writes
+    /// then come to us and are served from its own container; only an
+    /// mmap of it would use the backing file.
+    fn live_backing(&self, ino: u64) -> Option<Arc<BackingId>> {
+        if !self.shared.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.backings.lock().get(&ino)?.0.upgrade()
+    }
+
     /// Page-cache flags of a plain open: direct I/O beside passthrough;
     /// otherwise the kernel keeps the pages it has (FOPEN_KEEP_CACHE) when
     /// they are of this very version of the file, per the client (its
@@ -1189,6 +1203,14 @@ impl Filesystem for CodaFs {
             };
             return reply.opened_passthrough(FileHandle(fh), flags, &b);
         }
+        if let Some(b) = self.live_backing(ino.0) {
+            let fh = tri!(
+                reply,
+                self.remember(ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &b);
+        }
         let flags = self.cache_flags(ino.0, fid, &file, writable);
         let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
@@ -1552,6 +1574,21 @@ impl Filesystem for CodaFs {
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
+                &b,
+            );
+        }
+        if let Some(b) = self.live_backing(attr.ino.0) {
+            let fh = tri!(
+                reply,
+                self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
                 &b,
             );
         }
