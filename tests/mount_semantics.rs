@@ -545,3 +545,41 @@ fn opens_after_the_file_changed_elsewhere_work_beside_older_opens() {
         );
     }
 }
+
+#[test]
+fn an_unchanged_files_backing_is_kept_across_opens_and_a_changed_one_replaced() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    let d = TempDir::new("sem-kept");
+    let m = Mount::start(&srv, d.path(), &[], &[]);
+    if status_line(&m, "passthrough") != "on" {
+        // Nothing to keep without passthrough (mount_basic checks that the
+        // kernel has it where it should).
+        eprintln!("kernel without FUSE passthrough: no backing files to keep");
+        return;
+    }
+    let p = m.path("kept");
+    std::fs::write(&p, b"first").unwrap();
+    let before: u64 = status_line(&m, "backing_files").parse().unwrap();
+    for _ in 0..5 {
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+    }
+    let after: u64 = status_line(&m, "backing_files").parse().unwrap();
+    assert!(
+        after <= before + 1,
+        "one backing file for 5 opens: {before} -> {after}"
+    );
+    // Another client changes it while nothing is open here: the next open
+    // reads the new version (through a new backing file).
+    let other = client_util::client(&srv, &d.path().join("other"));
+    client_util::put(&other, "/kept", b"second version");
+    assert!(eventually(Duration::from_secs(20), || std::fs::read(&p)
+        .map(|v| v == b"second version")
+        .unwrap_or(false)));
+    // Written here, then read back here and there.
+    std::fs::write(&p, b"third").unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"third");
+    assert_eq!(client_util::get(&other, "/kept"), b"third");
+}

@@ -38,6 +38,9 @@ pub struct Shared {
     pub passthrough: AtomicBool,
     pub passthrough_opens: AtomicU64,
     pub plain_opens: AtomicU64,
+    /// Backing files registered with the kernel (an unchanged file's is
+    /// kept across opens).
+    pub backing_files: AtomicU64,
     pub open_files: AtomicU64,
     /// Read requests the kernel sent (pages it did not have cached).
     pub reads: AtomicU64,
@@ -113,7 +116,7 @@ pub struct CodaFs {
     dirs: Mutex<HashMap<u64, DirSnapshot>>,
     /// Per inode, the backing file shared by its passthrough opens (the
     /// kernel wants one per inode at a time) and which container it is.
-    backings: Mutex<HashMap<u64, (Weak<BackingId>, ContainerId)>>,
+    backings: Mutex<HashMap<u64, Backing>>,
     next_fh: AtomicU64,
     /// Inodes with a store under way: stores of one inode run one after
     /// the other, so the last one to start reads the container last and
@@ -121,6 +124,20 @@ pub struct CodaFs {
     /// a store; the others wait on `stored`).
     storing: Mutex<std::collections::HashSet<u64>>,
     stored: Condvar,
+}
+
+/// How many inodes' backing files stay registered with no open using them.
+const KEPT_BACKINGS: usize = 1024;
+
+/// An inode's backing file. It stays registered after the last open is
+/// released (`kept`), so the next open of an unchanged file costs no
+/// reopen of its container and no register/unregister with the kernel;
+/// it goes when the kernel forgets the inode, when the container changes
+/// and no open uses the old one, or past `KEPT_BACKINGS`.
+struct Backing {
+    live: Weak<BackingId>,
+    which: ContainerId,
+    kept: Option<Arc<BackingId>>,
 }
 
 /// This thread's turn to store an inode (see `CodaFs::storing`).
@@ -543,10 +560,29 @@ impl CodaFs {
         }
         let id = file_id(file.fd())?;
         let mut b = self.backings.lock();
-        if let Some((weak, which)) = b.get(&ino) {
-            if let Some(live) = weak.upgrade() {
-                return (*which == id).then_some(live);
+        if let Some(e) = b.get_mut(&ino) {
+            if let Some(live) = e.live.upgrade() {
+                if e.which == id {
+                    if e.kept.is_none() {
+                        e.kept = Some(live.clone());
+                    }
+                    return Some(live);
+                }
+                // Another container: usable once no open uses the old
+                // backing (only `live` and the kept reference are left; the
+                // kernel let go of it when the last such open was released).
+                if Arc::strong_count(&live) > 1 + usize::from(e.kept.is_some()) {
+                    return None;
+                }
             }
+            b.remove(&ino);
+        }
+        if b.len() >= KEPT_BACKINGS {
+            // Bounded: let the kept ones go (opens in use hold their own).
+            b.retain(|_, e| {
+                e.kept = None;
+                e.live.strong_count() > 0
+            });
         }
         // A read-write description of the container: a read-only open may
         // register the backing that a later writable open shares.
@@ -565,8 +601,16 @@ impl CodaFs {
         // The kernel takes its own reference to the file.
         match register(rw.as_fd()) {
             Ok(bid) => {
+                self.shared.backing_files.fetch_add(1, Ordering::Relaxed);
                 let bid = Arc::new(bid);
-                b.insert(ino, (Arc::downgrade(&bid), id));
+                b.insert(
+                    ino,
+                    Backing {
+                        live: Arc::downgrade(&bid),
+                        which: id,
+                        kept: Some(bid.clone()),
+                    },
+                );
                 Some(bid)
             }
             Err(e) => {
@@ -587,7 +631,7 @@ impl CodaFs {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
-        self.backings.lock().get(&ino)?.0.upgrade()
+        self.backings.lock().get(&ino)?.live.upgrade()
     }
 
     /// Page-cache flags of a plain open: direct I/O beside passthrough;
@@ -928,6 +972,18 @@ impl Filesystem for CodaFs {
             self.shared.passthrough.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // The kernel dropped the inode (or a lookup reply it could not use):
+        // let a kept backing go; opens still in use hold their own.
+        let mut b = self.backings.lock();
+        if let Some(e) = b.get_mut(&ino.0) {
+            e.kept = None;
+            if e.live.strong_count() == 0 {
+                b.remove(&ino.0);
+            }
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
