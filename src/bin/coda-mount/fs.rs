@@ -128,12 +128,15 @@ pub struct CodaFs {
 
 /// How many inodes' backing files stay registered with no open using them.
 const KEPT_BACKINGS: usize = 1024;
+/// The largest container whose backing file is kept (see `Backing`).
+const KEPT_MAX_SIZE: u64 = 64 << 10;
 
 /// An inode's backing file. It stays registered after the last open is
 /// released (`kept`), so the next open of an unchanged file costs no
 /// reopen of its container and no register/unregister with the kernel;
 /// it goes when the kernel forgets the inode, when the container changes
-/// and no open uses the old one, or past `KEPT_BACKINGS`.
+/// and no open uses the old one, or past `KEPT_BACKINGS`. Only files of at
+/// most `KEPT_MAX_SIZE` keep theirs.
 struct Backing {
     live: Weak<BackingId>,
     which: ContainerId,
@@ -247,6 +250,14 @@ fn file_id(fd: i32) -> Option<ContainerId> {
     // SAFETY: fd is a valid open descriptor owned by a live `File`; st is a
     // properly sized out-buffer.
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// `file_id` and the container's size, from one fstat.
+fn file_id_size(fd: i32) -> Option<(ContainerId, u64)> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a properly sized out-buffer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0)
+        .then_some(((st.st_dev, st.st_ino), st.st_size as u64))
 }
 
 /// Ctime of an open container: a change made through it (write,
@@ -558,12 +569,16 @@ impl CodaFs {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
-        let id = file_id(file.fd())?;
+        let (id, size) = file_id_size(file.fd())?;
+        // Only small files' backings are kept: a kept one holds its
+        // container (disk space too, once the client evicted it), and for a
+        // large file the registration is a small part of reading it.
+        let keep = size <= KEPT_MAX_SIZE;
         let mut b = self.backings.lock();
         if let Some(e) = b.get_mut(&ino) {
             if let Some(live) = e.live.upgrade() {
                 if e.which == id {
-                    if e.kept.is_none() {
+                    if e.kept.is_none() && keep {
                         e.kept = Some(live.clone());
                     }
                     return Some(live);
@@ -608,7 +623,7 @@ impl CodaFs {
                     Backing {
                         live: Arc::downgrade(&bid),
                         which: id,
-                        kept: Some(bid.clone()),
+                        kept: keep.then(|| bid.clone()),
                     },
                 );
                 Some(bid)
