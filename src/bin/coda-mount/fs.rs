@@ -77,9 +77,12 @@ struct Handle {
     /// The object was removed while open: the handle lives on its
     /// container alone until release, as POSIX keeps an unlinked file.
     gone: AtomicBool,
-    /// A descriptor of the open container (a dup of the `File`'s): its
-    /// size and times, read without waiting for a store under way.
-    container: std::fs::File,
+    /// For a writable open, a descriptor of the open container (a dup of
+    /// the `File`'s): its size and times, read without waiting for a store
+    /// under way. A read-only open's `File` is never out of its slot (no
+    /// store) until release, so it uses the `File`'s own (one dup and close
+    /// fewer per open). See `with_container`.
+    container: Option<std::fs::File>,
 }
 
 /// A client error that says the object no longer exists.
@@ -260,6 +263,17 @@ fn file_id_size(fd: i32) -> Option<(ContainerId, u64)> {
         .then_some(((st.st_dev, st.st_ino), st.st_size as u64))
 }
 
+/// Run `f` on a descriptor of the handle's open container: its own dup
+/// (writable), or its `File`'s under the slot lock (read-only; nothing but a
+/// local fstat/futimens is done under it). `None` once released.
+fn with_container<R>(h: &Handle, f: impl FnOnce(i32) -> R) -> Option<R> {
+    if let Some(c) = &h.container {
+        return Some(f(c.as_raw_fd()));
+    }
+    let g = h.file.lock();
+    g.as_ref().map(|file| f(file.fd()))
+}
+
 /// Ctime of an open container: a change made through it (write,
 /// ftruncate, fallocate) is a status change the server has not seen yet.
 fn container_ctime(fd: i32) -> Option<SystemTime> {
@@ -366,13 +380,15 @@ impl CodaFs {
                 .filter(|(_, h)| h.ino == ino && h.writable)
                 .max_by_key(|(fh, _)| **fh);
             if let Some((_, h)) = newest {
-                let fd = h.container.as_raw_fd();
-                if let Some((len, t)) = size_mtime(fd) {
-                    size = len;
-                    mtime = t;
-                }
-                if let Some(c) = container_ctime(fd) {
-                    ctime = ctime.max(c);
+                let got = with_container(h, |fd| (size_mtime(fd), container_ctime(fd)));
+                if let Some((sm, c)) = got {
+                    if let Some((len, t)) = sm {
+                        size = len;
+                        mtime = t;
+                    }
+                    if let Some(c) = c {
+                        ctime = ctime.max(c);
+                    }
                 }
             }
         }
@@ -729,20 +745,25 @@ impl CodaFs {
             .getattr_fid(fid)
             .map(|st| st.mode & 0o7777)
             .unwrap_or(0o600);
-        // SAFETY: the fd is the live container fd of `file`; dup gives us
-        // our own descriptor of it (or -1).
-        let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(Errno::from(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a new descriptor nobody else owns.
-        let container = unsafe { std::fs::File::from_raw_fd(dup) };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let container = if writable {
+            // SAFETY: the fd is the live container fd of `file`; dup gives
+            // us our own descriptor of it (or -1).
+            let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Errno::from(std::io::Error::last_os_error()));
+            }
+            // SAFETY: `dup` is a new descriptor nobody else owns.
+            Some(unsafe { std::fs::File::from_raw_fd(dup) })
+        } else {
+            None
+        };
         let fh = self.new_fh();
         self.handles.lock().insert(
             fh,
             Arc::new(Handle {
                 ino,
-                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+                writable,
                 fid,
                 // Reopening must neither create nor truncate again.
                 flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
@@ -798,7 +819,7 @@ impl CodaFs {
     /// The status of an open file whose object is gone: its container's
     /// size and times, the last known mode, no links.
     fn orphan_attr(&self, h: &Handle) -> Result<FileAttr, Errno> {
-        let (size, mtime) = size_mtime(h.container.as_raw_fd()).ok_or(Errno::EIO)?;
+        let (size, mtime) = with_container(h, size_mtime).flatten().ok_or(Errno::EIO)?;
         Ok(FileAttr {
             ino: INodeNo(h.ino),
             size,
@@ -830,8 +851,10 @@ impl CodaFs {
         if let Some(m) = mode {
             h.mode.store(m & 0o7777, Ordering::Relaxed);
         }
-        {
-            let fd = h.container.as_raw_fd();
+        if size.is_some() && !h.writable {
+            return Err(Errno::EBADF);
+        }
+        let changed = with_container(h, |fd| -> Result<(), Errno> {
             if let Some(n) = size {
                 if !h.writable {
                     return Err(Errno::EBADF);
@@ -859,7 +882,9 @@ impl CodaFs {
                 // SAFETY: live fd; `times` holds the two entries futimens reads.
                 unsafe { libc::futimens(fd, times.as_ptr()) };
             }
-        }
+            Ok(())
+        });
+        changed.unwrap_or(Err(Errno::EBADF))?;
         self.orphan_attr(h)
     }
 
@@ -1099,7 +1124,9 @@ impl Filesystem for CodaFs {
                     // The handle's own descriptor of the container: no wait
                     // for a store under way (the next flush stores the cut).
                     // SAFETY: a live descriptor owned by the handle.
-                    if unsafe { libc::ftruncate(h.container.as_raw_fd(), n as libc::off_t) } != 0 {
+                    let cut =
+                        with_container(&h, |fd| unsafe { libc::ftruncate(fd, n as libc::off_t) });
+                    if cut != Some(0) {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
@@ -1761,15 +1788,10 @@ impl Filesystem for CodaFs {
         }
         // The handle's own descriptor of the container, as for ftruncate.
         // SAFETY: a live descriptor owned by the handle.
-        let r = unsafe {
-            libc::fallocate(
-                h.container.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        };
-        if r != 0 {
+        let r = with_container(&h, |fd| unsafe {
+            libc::fallocate(fd, mode, offset as libc::off_t, length as libc::off_t)
+        });
+        if r != Some(0) {
             return reply.error(Errno::from(std::io::Error::last_os_error()));
         }
         reply.ok();
