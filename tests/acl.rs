@@ -504,6 +504,12 @@ fn anonymous_reads_public_trees_and_changes_nothing() {
     c.set("cache_dir", d.path().join("anon").to_str().unwrap())
         .unwrap();
     c.set("user", "anonymous").unwrap();
+    // No secret file to find the server's fingerprint beside: it is named.
+    c.set(
+        "tls_fingerprint_file",
+        srv.fingerprint_file().to_str().unwrap(),
+    )
+    .unwrap();
     let anon = Client::new(c).expect("anonymous needs no secret file");
     assert_eq!(client_util::get(&anon, "/index.html"), b"public");
     assert_eq!(anon.whoami().unwrap().user, "anonymous");

@@ -288,15 +288,16 @@ const LARGE: u64 = 1000;
 fn pipelined_large_batches_beside_small_writers_commit_whole_in_order() {
     let s = TestServer::start_with(&["--break-timeout-ms", "60000"]);
     let (addr, secret) = (s.addr(), s.secret_file());
-    let mut l = Raw::control(addr, &secret, [0x70; 16], 1);
-    let f = l.alloc(1)[0];
-    let root = l.root;
-    let v0 = l.apply(vec![rec::create(1, root, "large", f)])[0].version;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Small writers that have committed one chmod: the large batches go
+    // only once all three are writing (their TLS handshakes take a while
+    // on a loaded machine).
+    let writing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let small: Vec<_> = (0..3u8)
         .map(|w| {
             let (secret, stop) = (secret.clone(), Arc::clone(&stop));
+            let writing = Arc::clone(&writing);
             std::thread::spawn(move || {
                 let mut c = Raw::control(addr, &secret, [0x71 + w; 16], 1);
                 let g = c.alloc(1)[0];
@@ -313,11 +314,29 @@ fn pipelined_large_batches_beside_small_writers_commit_whole_in_order() {
                         matches!(m, Some(Msg::Reintegrated { .. })),
                         "small {w}: {m:?}"
                     );
+                    if n == 2 {
+                        writing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                 }
                 n - 1
             })
         })
         .collect();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while writing.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the small writers did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The large client comes once they write (its create in the root is
+    // the last change there, so no break waits on it before it reads).
+    let mut l = Raw::control(addr, &secret, [0x70; 16], 1);
+    let f = l.alloc(1)[0];
+    let root = l.root;
+    let v0 = l.apply(vec![rec::create(1, root, "large", f)])[0].version;
 
     // Batch b's record i expects version v0 + b*LARGE + i; batch 3's last
     // record expects a version that never comes. Batch 4 goes on from

@@ -246,6 +246,10 @@ fn status(ctx: &Ctx) -> Vec<String> {
             sh.passthrough_opens.load(Ordering::Relaxed)
         ),
         format!("plain_opens: {}", sh.plain_opens.load(Ordering::Relaxed)),
+        format!(
+            "backing_files: {}",
+            sh.backing_files.load(Ordering::Relaxed)
+        ),
         format!("fuse_reads: {}", sh.reads.load(Ordering::Relaxed)),
         format!("fuse_lookups: {}", sh.lookups.load(Ordering::Relaxed)),
         format!("fuse_getattrs: {}", sh.getattrs.load(Ordering::Relaxed)),
