@@ -471,7 +471,21 @@ pub enum Msg {
         /// The groups it belongs to (`System:AnyUser` included).
         groups: Vec<String>,
     },
+    /// Ask the numeric ids of users by name (0x46): how a mount maps owner
+    /// numbers to local uids (docs/MOUNT.md "Mapped owners").
+    UserIds {
+        /// User names, at most [`MAX_USER_IDS`].
+        names: Vec<String>,
+    },
+    /// The answer to `UserIds` (0x47): one id per name, 0 for no such user.
+    UserIdsReply {
+        /// The ids, in the order of the names asked.
+        ids: Vec<u32>,
+    },
 }
+
+/// The most names one `UserIds` request may ask about.
+pub const MAX_USER_IDS: usize = 1024;
 
 mod code {
     pub const HELLO: u8 = 0x01;
@@ -504,6 +518,8 @@ mod code {
     pub const SET_ACL: u8 = 0x42;
     pub const WHO_AM_I: u8 = 0x44;
     pub const WHO_REPLY: u8 = 0x45;
+    pub const USER_IDS: u8 = 0x46;
+    pub const USER_IDS_REPLY: u8 = 0x47;
 }
 
 mod rec {
@@ -571,6 +587,8 @@ impl Msg {
             Msg::SetAcl { .. } => SET_ACL,
             Msg::WhoAmI => WHO_AM_I,
             Msg::WhoReply { .. } => WHO_REPLY,
+            Msg::UserIds { .. } => USER_IDS,
+            Msg::UserIdsReply { .. } => USER_IDS_REPLY,
         }
     }
 
@@ -733,6 +751,18 @@ impl Msg {
                 w.str(user).u32(*id).u32(groups.len() as u32);
                 for g in groups {
                     w.str(g);
+                }
+            }
+            Msg::UserIds { names } => {
+                w.u32(names.len() as u32);
+                for n in names {
+                    w.str(n);
+                }
+            }
+            Msg::UserIdsReply { ids } => {
+                w.u32(ids.len() as u32);
+                for id in ids {
+                    w.u32(*id);
                 }
             }
         }
@@ -940,6 +970,22 @@ impl Msg {
                     groups.push(r.str(MAX_ACL_NAME, "group name")?);
                 }
                 Msg::WhoReply { user, id, groups }
+            }
+            USER_IDS => {
+                let n = r.count(MAX_USER_IDS, 2, "user names")?;
+                let mut names = Vec::with_capacity(n);
+                for _ in 0..n {
+                    names.push(r.str(MAX_USER, "user name")?);
+                }
+                Msg::UserIds { names }
+            }
+            USER_IDS_REPLY => {
+                let n = r.count(MAX_USER_IDS, 4, "user ids")?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(r.u32()?);
+                }
+                Msg::UserIdsReply { ids }
             }
             other => {
                 return Err(Error::Protocol(format!(
@@ -1547,6 +1593,10 @@ mod tests {
                 id: 2,
                 groups: vec!["System:AnyUser".into()],
             },
+            Msg::UserIds {
+                names: vec!["bob".into(), "admin".into()],
+            },
+            Msg::UserIdsReply { ids: vec![2, 0] },
         ]
     }
 

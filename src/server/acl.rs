@@ -524,6 +524,20 @@ impl<'t> Guard<'t> {
 // ---- the store: identities, reads, access lists, migration ----------------
 
 impl VolumeStore {
+    /// The numeric ids of users by name (0 for a name that is no user):
+    /// the `UserIds` request, with which a mount maps owners.
+    pub fn user_ids(&self, names: &[String]) -> Result<Vec<u32>> {
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let ids = txn.open_table(USER_IDS)?;
+            let mut out = Vec::with_capacity(names.len());
+            for n in names {
+                out.push(ids.get(n.as_str())?.map(|v| v.value()).unwrap_or(0));
+            }
+            Ok(out)
+        })
+    }
+
     /// The user as the checks see it: id and groups, cached until users or
     /// groups change.
     pub fn who(&self, user: &str) -> Result<Arc<Who>> {

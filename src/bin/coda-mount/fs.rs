@@ -127,6 +127,8 @@ pub struct CodaFs {
     /// a store; the others wait on `stored`).
     storing: Mutex<std::collections::HashSet<u64>>,
     stored: Condvar,
+    /// `uid_map` (idmap.rs): owners shown as mapped local uids.
+    idmap: Option<crate::idmap::IdMap>,
 }
 
 /// How many inodes' backing files stay registered with no open using them.
@@ -326,7 +328,14 @@ impl CodaFs {
             next_fh: AtomicU64::new(1),
             storing: Mutex::new(std::collections::HashSet::new()),
             stored: Condvar::new(),
+            idmap: None,
         }
+    }
+
+    /// Show owners through a `uid_map` (docs/MOUNT.md "Mapped owners").
+    pub fn with_idmap(mut self, idmap: Option<crate::idmap::IdMap>) -> CodaFs {
+        self.idmap = idmap;
+        self
     }
 
     /// After a failover every operation fails with EIO at once (the client
@@ -395,11 +404,14 @@ impl CodaFs {
         // Run by root, the mount shows the owners the server keeps (and the
         // kernel checks permissions against them); run by a user, every
         // object is that user's, as only that user can reach the mount.
-        let (uid, gid) = if self.posix_owners() {
+        let (mut uid, gid) = if self.posix_owners() {
             (st.uid, st.gid)
         } else {
             (self.uid, self.gid)
         };
+        if let Some(m) = &self.idmap {
+            uid = m.attr_uid(&self.client, st.uid);
+        }
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -428,9 +440,10 @@ impl CodaFs {
     /// the group of a set-group-ID directory (POSIX); the mounting user's
     /// own objects when it is not root (see `attr`).
     fn owner_for(&self, req: &Request, parent: Fid) -> Owner {
+        let mapped = self.idmap.as_ref().map(|m| m.new_owner(&self.client));
         if !self.posix_owners() {
             return Owner {
-                uid: self.uid,
+                uid: mapped.map_or(self.uid, |id| id.unwrap_or(0)),
                 gid: self.gid,
             };
         }
@@ -438,6 +451,10 @@ impl CodaFs {
             uid: req.uid(),
             gid: req.gid(),
         };
+        if let Some(id) = mapped {
+            // Whoever calls, the mount acts for its coda user.
+            owner.uid = id.unwrap_or(0);
+        }
         if let Ok(dir) = self.client.getattr_fid(parent) {
             if dir.mode & libc::S_ISGID != 0 {
                 owner.gid = dir.gid;
@@ -1103,6 +1120,12 @@ impl Filesystem for CodaFs {
         if self.posix_owners() {
             set.uid = uid;
             set.gid = gid;
+        }
+        if let (Some(m), Some(u)) = (&self.idmap, uid) {
+            let id = tri!(reply, m.chown_uid(u).map_err(Errno::from_i32));
+            // A chown to the owner it has (tar, cp -p) is no chown.
+            let same = self.client.getattr_fid(fid).is_ok_and(|st| st.uid == id);
+            set.uid = (!same).then_some(id);
         }
         if let Some(m) = mode {
             for h in self.handles.lock().values().filter(|h| h.ino == ino.0) {

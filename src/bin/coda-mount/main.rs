@@ -13,6 +13,7 @@
 
 mod control;
 mod fs;
+mod idmap;
 mod kcache;
 
 use std::io::{Read, Write};
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, Config, Invalidation};
+use coda::client::{Client, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
@@ -318,7 +319,7 @@ fn main() {
         eprintln!("coda-mount: {msg}");
         std::process::exit(1);
     }
-    let cfg = Config::from_file(&args.config).unwrap_or_else(|e| {
+    let (cfg, mount_keys) = idmap::load_config(&args.config).unwrap_or_else(|e| {
         eprintln!("coda-mount: {e}");
         std::process::exit(1)
     });
@@ -345,12 +346,19 @@ fn main() {
         Err(e) => report.fail(&format!("starting the client: {e}")),
     };
     let shared = Arc::new(fs::Shared::default());
+    let idmap = idmap::IdMap::new(&mount_keys, &cache_dir);
+    if let Some(m) = &idmap {
+        if let Err(e) = m.resolve(&client) {
+            eprintln!("coda-mount: uid_map: cannot ask the server for user ids yet: {e}");
+        }
+    }
     let filesystem = fs::CodaFs::new(
         client.clone(),
         shared.clone(),
         args.passthrough,
         cache_dir.clone(),
-    );
+    )
+    .with_idmap(idmap);
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         fuser::MountOption::FSName("coda".into()),
