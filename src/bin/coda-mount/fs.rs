@@ -128,7 +128,7 @@ pub struct CodaFs {
     storing: Mutex<std::collections::HashSet<u64>>,
     stored: Condvar,
     /// `uid_map` (idmap.rs): owners shown as mapped local uids.
-    idmap: Option<crate::idmap::IdMap>,
+    idmap: Option<Arc<crate::idmap::IdMap>>,
 }
 
 /// How many inodes' backing files stay registered with no open using them.
@@ -333,7 +333,7 @@ impl CodaFs {
     }
 
     /// Show owners through a `uid_map` (docs/MOUNT.md "Mapped owners").
-    pub fn with_idmap(mut self, idmap: Option<crate::idmap::IdMap>) -> CodaFs {
+    pub fn with_idmap(mut self, idmap: Option<Arc<crate::idmap::IdMap>>) -> CodaFs {
         self.idmap = idmap;
         self
     }
@@ -410,7 +410,7 @@ impl CodaFs {
             (self.uid, self.gid)
         };
         if let Some(m) = &self.idmap {
-            uid = m.attr_uid(&self.client, st.uid);
+            uid = m.attr_uid(st.uid);
         }
         FileAttr {
             ino: INodeNo(ino),
@@ -440,7 +440,7 @@ impl CodaFs {
     /// the group of a set-group-ID directory (POSIX); the mounting user's
     /// own objects when it is not root (see `attr`).
     fn owner_for(&self, req: &Request, parent: Fid) -> Owner {
-        let mapped = self.idmap.as_ref().map(|m| m.new_owner(&self.client));
+        let mapped = self.idmap.as_ref().map(|m| m.new_owner());
         if !self.posix_owners() {
             return Owner {
                 uid: mapped.map_or(self.uid, |id| id.unwrap_or(0)),

@@ -8,16 +8,18 @@
 
 use coda::client::{Client, Config};
 use coda::{Error, Result};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The uid shown for an owner no map entry names (`nobody` on Debian).
 pub const DEFAULT_UNMAPPED: u32 = 65534;
 
-/// How often a mount whose ids are unknown asks the server again.
+/// How often a mount whose ids are unknown asks the server again, and
+/// how many times (a day).
 const RETRY: Duration = Duration::from_secs(5);
+const RETRIES: u32 = 17_280;
 
 /// The mount-only keys of a config file (the others go to the client).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -119,8 +121,6 @@ pub struct IdMap {
     /// Where the ids learnt from the server are kept (`cache_dir/idmap`).
     file: PathBuf,
     ids: RwLock<Ids>,
-    /// When the server was last asked (not held while asking).
-    asked: Mutex<Option<Instant>>,
 }
 
 impl IdMap {
@@ -135,7 +135,6 @@ impl IdMap {
             unmapped: keys.unmapped_uid.unwrap_or(DEFAULT_UNMAPPED),
             file: cache_dir.join("idmap"),
             ids: RwLock::new(Ids::default()),
-            asked: Mutex::new(None),
         };
         if let Ok(text) = std::fs::read_to_string(&map.file) {
             let mut known = HashMap::new();
@@ -159,9 +158,8 @@ impl IdMap {
 
     /// Learn the users' ids (and the mount's own) from the server and keep
     /// them. Fails while no server answers; the map then keeps what an
-    /// earlier run learnt and `attr_uid` asks again now and then.
+    /// earlier run learnt (see `resolve_later`).
     pub fn resolve(&self, client: &Client) -> Result<()> {
-        *self.asked.lock() = Some(Instant::now());
         let names: Vec<String> = self.users.iter().map(|(n, _)| n.clone()).collect();
         let ids = client.user_ids(&names)?;
         let own = client.whoami()?.id;
@@ -199,25 +197,31 @@ impl IdMap {
         *self.ids.write() = ids;
     }
 
-    /// Ask the server again if the ids are unknown and it was not asked
-    /// lately (a mount started while no server answered).
-    fn refresh(&self, client: &Client) {
-        if self.ids.read().own.is_some() {
-            return;
+    /// Until the ids are known (a mount started while no server
+    /// answered), ask again every 5 s on a thread of its own: never on a
+    /// request's path, where a lock may be held. Gives up after a day
+    /// (logged); what an earlier run learnt is shown meanwhile.
+    pub fn resolve_later(map: std::sync::Arc<IdMap>, client: Client) {
+        let spawned = std::thread::Builder::new()
+            .name("coda-idmap".into())
+            .spawn(move || {
+                for _ in 0..RETRIES {
+                    std::thread::sleep(RETRY);
+                    if map.resolve(&client).is_ok() {
+                        return;
+                    }
+                }
+                eprintln!(
+                    "coda-mount: uid_map: no user ids from the server after a day; giving up"
+                );
+            });
+        if let Err(e) = spawned {
+            eprintln!("coda-mount: uid_map: cannot start the thread asking for user ids: {e}");
         }
-        {
-            let mut asked = self.asked.lock();
-            if asked.is_some_and(|t| t.elapsed() < RETRY) {
-                return;
-            }
-            *asked = Some(Instant::now());
-        }
-        let _ = self.resolve(client);
     }
 
     /// The local uid an object owned by coda user id `owner` shows.
-    pub fn attr_uid(&self, client: &Client, owner: u32) -> u32 {
-        self.refresh(client);
+    pub fn attr_uid(&self, owner: u32) -> u32 {
         self.local_uid(owner)
     }
 
@@ -233,8 +237,7 @@ impl IdMap {
     /// The owner (coda user id) of a new object: the user the mount acts
     /// for, whoever the local caller is (the server records that user as
     /// its owner too). `None` while that id is unknown.
-    pub fn new_owner(&self, client: &Client) -> Option<u32> {
-        self.refresh(client);
+    pub fn new_owner(&self) -> Option<u32> {
         self.ids.read().own
     }
 

@@ -346,10 +346,11 @@ fn main() {
         Err(e) => report.fail(&format!("starting the client: {e}")),
     };
     let shared = Arc::new(fs::Shared::default());
-    let idmap = idmap::IdMap::new(&mount_keys, &cache_dir);
+    let idmap = idmap::IdMap::new(&mount_keys, &cache_dir).map(Arc::new);
     if let Some(m) = &idmap {
         if let Err(e) = m.resolve(&client) {
             eprintln!("coda-mount: uid_map: cannot ask the server for user ids yet: {e}");
+            idmap::IdMap::resolve_later(Arc::clone(m), client.clone());
         }
     }
     let filesystem = fs::CodaFs::new(
