@@ -311,3 +311,46 @@ fn a_mapped_local_user_is_refused_what_its_coda_user_may_not_do() {
     assert_eq!(chown(&mine, LOCAL_BOB), 0, "to its own owner: no change");
     assert_eq!(admin.lstat("/bobs/mine.txt").unwrap().uid, bob_id);
 }
+
+/// `UserIds` (what a mapped mount asks): names to ids for any user, 0 for
+/// a name that is no user, refused to anonymous, and too many names at
+/// once is a clear error before anything is sent.
+#[test]
+fn user_ids_answer_users_and_refuse_anonymous() {
+    let srv = TestServer::start();
+    coda_server(&srv, &["user", "add", "bob"]);
+    let d = TempDir::new("user-ids");
+    let mut c = client_util::config(&srv, &d.path().join("bob"));
+    c.set("user", "bob").unwrap();
+    c.set(
+        "secret_file",
+        srv.root().join("bob.secret").to_str().unwrap(),
+    )
+    .unwrap();
+    let bob = Client::new(c).unwrap();
+    assert_eq!(
+        bob.user_ids(&["bob".into(), "admin".into(), "carol".into()])
+            .unwrap(),
+        [2, 1, 0]
+    );
+    let many: Vec<String> = (0..1025).map(|i| format!("u{i}")).collect();
+    let e = bob.user_ids(&many).unwrap_err();
+    assert_eq!(e.code(), -libc::EINVAL, "{e}");
+
+    coda_server(&srv, &["anonymous", "on"]);
+    let mut c = coda::client::Config::new();
+    c.set("servers", &srv.addr().to_string()).unwrap();
+    c.set("cache_dir", d.path().join("anon").to_str().unwrap())
+        .unwrap();
+    c.set("user", "anonymous").unwrap();
+    c.set(
+        "tls_fingerprint_file",
+        srv.fingerprint_file().to_str().unwrap(),
+    )
+    .unwrap();
+    let anon = Client::new(c).unwrap();
+    assert_eq!(
+        anon.user_ids(&["bob".into()]).unwrap_err().code(),
+        -libc::EACCES
+    );
+}
