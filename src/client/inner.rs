@@ -739,18 +739,37 @@ impl Inner {
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
     /// A lost connection alone is no such proof: unless the prober already
-    /// judged the server down, one reconnect is tried first, and only its
-    /// failure counts.
+    /// judged the server down, a server that answers a Ping now (on the
+    /// current session or a new one) keeps us connected.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
         // Local failures (`Io`: the index, a container) are not a
         // server's silence.
         if !mode::unreachable(e) {
             return false;
         }
-        if !self.emu.offline() && self.servers.session().is_ok() {
+        if !self.emu.offline() && self.server_answers() {
             return false;
         }
         self.server_lost()
+    }
+
+    /// Whether a server answers a Ping now. A round trip, not just a
+    /// session: the current one may not have noticed yet that its server
+    /// died. If the current session turns out closed (the server ended it),
+    /// one new session is tried; a session that merely timed out is not
+    /// (its server is hung, and the prober judges that).
+    fn server_answers(&self) -> bool {
+        for attempt in 0..2 {
+            let Ok(s) = self.servers.session() else {
+                return false;
+            };
+            match s.sync(&self.servers.interrupt) {
+                Ok(()) => return true,
+                Err(_) if attempt == 0 && s.is_dead() => continue,
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// No server answers: emulate (if the mode allows), releasing the
