@@ -382,7 +382,18 @@ impl Inner {
                 .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir), offline)
+        match self.emulate(Some(dir), || self.read_dir(dir), offline) {
+            // Connected, with changes in `dir` still in the log (write-back
+            // mode, or records queued behind others), and its listing not
+            // cached (dropped to be reread when the log last emptied): the
+            // server must have those changes before it lists the
+            // directory, so send the log first instead of failing.
+            Err(Error::Timeout(_)) if !self.emu.offline() && self.emu.pending() > 0 => {
+                self.reintegrate_pending(None)?;
+                self.emulate(Some(dir), || self.read_dir(dir), offline)
+            }
+            r => r,
+        }
     }
 
     pub(crate) fn read_dir(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
