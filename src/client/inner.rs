@@ -841,7 +841,26 @@ impl Inner {
                 }
             }
         }
-        emulation::check_locally(&self.cache, &op)?;
+        if let Err(e) = emulation::check_locally(&self.cache, &op) {
+            // Connected (write-back mode, or records queued behind others)
+            // and what the check needs is not cached (a listing dropped to
+            // be reread when the log last emptied): send the log, read it
+            // from the server, and check again, instead of failing.
+            if !matches!(e, Error::Timeout(_)) || emu.offline() {
+                return Err(e);
+            }
+            self.reintegrate_pending(None)?;
+            let fid = op.target();
+            match &op {
+                RecordOp::Rmdir { .. } => {
+                    self.listing(fid)?;
+                }
+                _ => {
+                    self.getattr(fid)?;
+                }
+            }
+            emulation::check_locally(&self.cache, &op)?;
+        }
         // The record about to be logged is acknowledged at once and sends
         // the container later: its data must be on disk before the record
         // is (after a power cut, a durable record over a lost container
