@@ -382,7 +382,18 @@ impl Inner {
                 .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir), offline)
+        match self.emulate(Some(dir), || self.read_dir(dir), offline) {
+            // Connected, with changes in `dir` still in the log (write-back
+            // mode, or records queued behind others), and its listing not
+            // cached (dropped to be reread when the log last emptied): the
+            // server must have those changes before it lists the
+            // directory, so send the log first instead of failing.
+            Err(Error::Timeout(_)) if !self.emu.offline() && self.emu.pending() > 0 => {
+                self.reintegrate_pending(None)?;
+                self.emulate(Some(dir), || self.read_dir(dir), offline)
+            }
+            r => r,
+        }
     }
 
     pub(crate) fn read_dir(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
@@ -849,7 +860,26 @@ impl Inner {
                 }
             }
         }
-        emulation::check_locally(&self.cache, &op)?;
+        if let Err(e) = emulation::check_locally(&self.cache, &op) {
+            // Connected (write-back mode, or records queued behind others)
+            // and what the check needs is not cached (a listing dropped to
+            // be reread when the log last emptied): send the log, read it
+            // from the server, and check again, instead of failing.
+            if !matches!(e, Error::Timeout(_)) || emu.offline() {
+                return Err(e);
+            }
+            self.reintegrate_pending(None)?;
+            let fid = op.target();
+            match &op {
+                RecordOp::Rmdir { .. } => {
+                    self.listing(fid)?;
+                }
+                _ => {
+                    self.getattr(fid)?;
+                }
+            }
+            emulation::check_locally(&self.cache, &op)?;
+        }
         // The record about to be logged is acknowledged at once and sends
         // the container later: its data must be on disk before the record
         // is (after a power cut, a durable record over a lost container
