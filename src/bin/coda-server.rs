@@ -12,8 +12,9 @@
 //! ```
 //!
 //! SIZE is a byte count with an optional K, M, G or T suffix (powers of
-//! 1024). `quota` works on a stopped server only (the running server holds
-//! the metadata store's lock) and prints the volume's usage and quota.
+//! 1024). `quota` prints the volume's usage and quota (after setting it);
+//! like `user` and `group` it works while the server runs (through
+//! DIR/admin.sock) and while it is stopped.
 //!
 //! `serve` prints `listening on HOST:PORT` as its first stdout line, then
 //! runs until SIGTERM or SIGINT and exits 0 after a clean shutdown.
@@ -42,11 +43,11 @@ const USAGE: &str = "usage:
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
                       [--insecure-plaintext]
-  coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
+  coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
   coda-server --version | --help
 ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
 SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)
-user, group, anonymous and adduser work while the server runs (through
+user, group, anonymous, adduser and quota work while the server runs (through
 DIR/admin.sock) and while it is stopped. Group names contain ':' (bob:friends).";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
@@ -253,11 +254,7 @@ fn quota(root: &std::path::Path, args: &Args) -> Result<(), Fail> {
         Some(v) => Some(Some(parse_size("--bytes", v)?)),
     };
     let space = server::volume_quota(root, volume, set).map_err(|e| Fail::Run(e.to_string()))?;
-    let quota = match space.quota {
-        Some(q) => q.to_string(),
-        None => "unlimited".into(),
-    };
-    println!("volume {volume}: {} bytes used, quota {quota}", space.used);
+    print!("{}", space.line(volume));
     Ok(())
 }
 

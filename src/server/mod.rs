@@ -166,7 +166,8 @@ pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
 
 /// Run an administration command (`user add NAME`, `user remove NAME`,
 /// `user list`, `group add GROUP [USER...]`, `group remove GROUP [USER...]`,
-/// `group members GROUP`, `group list`, `anonymous on|off`) on the data
+/// `group members GROUP`, `group list`, `anonymous on|off`, `quota VOLUME
+/// [BYTES|none]`) on the data
 /// directory `root`: through the running server's administration socket,
 /// or on the metadata directly when no server runs. Returns its output.
 pub fn admin_command(root: &Path, words: &[String]) -> Result<String> {
