@@ -614,6 +614,9 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    // Until the peer is proven, its TLS and coda handshakes yield the CPU
+    // to authenticated work (SERVER.md "CPU priority").
+    let lowered = workers::lower_for_handshake();
     let quiet = |e: &Error| {
         if !shared.stopping.load(Ordering::SeqCst) {
             log::info(format_args!("handshake from {peer} failed: {e}"));
@@ -660,6 +663,7 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         shared.break_timeout,
         owners::refresh_every(shared.forget_clients_after),
     );
+    workers::restore_priority(lowered);
     shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,
