@@ -265,6 +265,7 @@ fn read_loop(
     tx: &Sender<Out>,
     flow: &Arc<Flow>,
 ) -> (String, bool) {
+    let mut lowered = false;
     loop {
         // Over a bound, stop reading: the peer's sends block in TCP.
         if let Err(why) = flow.wait_room(shared) {
@@ -288,6 +289,12 @@ fn read_loop(
                 return (e.to_string(), true);
             }
         };
+        if frame.body.len() > super::workers::BULK_FRAME && !lowered {
+            // Bulk frames: this reader's TLS decryption and decoding give
+            // way to other sessions' under contention, from now on (a
+            // thread may not be able to raise itself again).
+            lowered = super::workers::set_thread_nice(super::workers::LOW_NICE);
+        }
         let id = frame.id;
         let msg = match Msg::decode(&frame) {
             Ok(m) => m,
