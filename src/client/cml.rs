@@ -344,9 +344,15 @@ impl Cml {
 
     /// The connected records at the head of the log that `ready` accepts,
     /// in order, stopping at the first other record; marked as possibly
-    /// sent (in memory: optimisations never touch them). Also says
-    /// whether the head of the log is backlog.
-    pub fn connected_head(&self, ready: impl Fn(u64) -> bool) -> (Vec<Record>, bool) {
+    /// sent (in memory: optimisations never touch them). Records at the
+    /// very head that are `in_flight` (sent in a batch not yet answered)
+    /// are passed over. Also says whether the head of the log (past those)
+    /// is backlog.
+    pub fn connected_head(
+        &self,
+        ready: impl Fn(u64) -> bool,
+        in_flight: impl Fn(u64) -> bool,
+    ) -> (Vec<Record>, bool) {
         let mut l = self.log.lock();
         let mut out = Vec::new();
         let mut backlog = false;
@@ -354,6 +360,9 @@ impl Cml {
             if !l.connected.contains(id) {
                 backlog = out.is_empty();
                 break;
+            }
+            if out.is_empty() && in_flight(*id) {
+                continue;
             }
             if !ready(*id) || out.len() >= MAX_BATCH {
                 break;
