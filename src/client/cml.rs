@@ -968,6 +968,37 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The next connected batch starts past the records in flight at the
+    /// head of the log, takes the queued ones in order, and stops at the
+    /// first record not queued (its writer has not queued it yet, or it
+    /// was refused and is leaving).
+    #[test]
+    fn connected_head_passes_over_records_in_flight_and_stops_at_a_gap() {
+        let dir = tmp("head");
+        let cml = open(&dir);
+        let ids: Vec<u64> = (0..6u64)
+            .map(|i| {
+                cml.log_connected(create(Fid::new(1, 10 + i, 1), &format!("n{i}")))
+                    .unwrap()
+                    .store_id
+            })
+            .collect();
+        let ids_of = |b: Vec<Record>| b.iter().map(|r| r.store_id).collect::<Vec<_>>();
+        // 0 and 1 in flight; 2 and 3 queued; 4 not queued; 5 queued.
+        let flying = |id: u64| id == ids[0] || id == ids[1];
+        let queued = |id: u64| [ids[2], ids[3], ids[5]].contains(&id);
+        let (b, backlog) = cml.connected_head(queued, flying);
+        assert_eq!((ids_of(b), backlog), (vec![ids[2], ids[3]], false));
+        // In flight only at the head: a record in flight after a queued
+        // one ends the batch there (never sent out of order).
+        let (b, _) = cml.connected_head(|id| id == ids[0], |id| id == ids[1]);
+        assert_eq!(ids_of(b), vec![ids[0]]);
+        // Nothing in flight: from the head.
+        let (b, _) = cml.connected_head(|_| true, |_| false);
+        assert_eq!(ids_of(b), ids);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_store_cancels_earlier_stores_of_the_same_file_and_keeps_the_base_version() {
         let dir = tmp("store");

@@ -66,7 +66,11 @@ struct Queued {
 /// in flight let every writer's record go at once instead of in turns.
 pub(crate) const MAX_IN_FLIGHT: usize = 8;
 
-#[derive(Default)]
+/// Set to a number from 1 to `MAX_IN_FLIGHT` in the client's environment
+/// to allow fewer batches in flight (1: one at a time, as before
+/// pipelining): only for measuring what pipelining gains.
+pub(crate) const MAX_IN_FLIGHT_ENV: &str = "CODA_CLIENT_MAX_IN_FLIGHT";
+
 struct OutState {
     /// The token: someone is choosing and writing a batch, or a backlog
     /// reintegration runs.
@@ -82,12 +86,14 @@ struct OutState {
     last_top: u64,
     /// A batch failed: nothing is sent until `in_flight` is 0.
     halted: bool,
+    /// `MAX_IN_FLIGHT`, or less (`MAX_IN_FLIGHT_ENV`).
+    max_in_flight: usize,
 }
 
 impl OutState {
     /// A connected writer may take the token and send a batch now.
     fn may_send(&self) -> bool {
-        !self.sending && !self.halted && self.in_flight < MAX_IN_FLIGHT
+        !self.sending && !self.halted && self.in_flight < self.max_in_flight
     }
 }
 
@@ -122,8 +128,20 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 impl Outbox {
     pub fn new() -> Outbox {
         let start = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>()) >> 24;
+        let max_in_flight = std::env::var(MAX_IN_FLIGHT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(MAX_IN_FLIGHT, |n| n.clamp(1, MAX_IN_FLIGHT));
         Outbox {
-            state: Mutex::new(OutState::default()),
+            state: Mutex::new(OutState {
+                sending: false,
+                queue: BTreeMap::new(),
+                in_flight: 0,
+                flying: BTreeSet::new(),
+                last_top: 0,
+                halted: false,
+                max_in_flight,
+            }),
             free: Condvar::new(),
             next_upload: AtomicU64::new((1 << 63) | start),
         }
