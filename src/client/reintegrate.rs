@@ -388,17 +388,24 @@ impl Reintegrator<'_> {
                 }
             }
             if Instant::now() >= deadline {
-                let mut st = out.state.lock();
-                if st.queue.remove(&id).is_some() {
-                    return Err(Error::Timeout(
-                        "the record waited too long for its turn to be sent".into(),
-                    ));
+                // Its batch is in flight (or comes back to the queue, not
+                // applied after an earlier failure: then it is taken out).
+                let end = Instant::now() + t.rpc_timeout + t.dead_after;
+                // Bounded by `end`.
+                loop {
+                    if out.state.lock().queue.remove(&id).is_some() {
+                        return Err(Error::Timeout(
+                            "the record waited too long for its turn to be sent".into(),
+                        ));
+                    }
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout("no outcome for the record's send".into()));
+                    }
+                    if let Ok(Outcome::Done(r)) = rx.recv_timeout(left.min(WAIT_SLICE)) {
+                        return r;
+                    }
                 }
-                drop(st);
-                return match rx.recv_timeout(t.rpc_timeout + t.dead_after) {
-                    Ok(Outcome::Done(r)) => r,
-                    _ => Err(Error::Timeout("no outcome for the record's send".into())),
-                };
             }
             // Otherwise told to lead, or look again after the slice.
             if let Ok(Outcome::Done(r)) = rx.recv_timeout(WAIT_SLICE) {
