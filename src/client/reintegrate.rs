@@ -421,15 +421,32 @@ impl Reintegrator<'_> {
     /// token) once nothing is in flight.
     fn lead(&self, token: Token<'_>) {
         let out = &self.outbox;
-        let (batch, backlog, idle) = {
-            let st = out.state.lock();
-            let queued = |id: u64| st.queue.contains_key(&id);
-            let flying = |id: u64| st.flying.contains(&id);
-            let (batch, backlog) = self.cml.connected_head(queued, flying);
-            (batch, backlog, st.in_flight == 0)
+        // One look at the queue: the batch and its writers (taken out
+        // together, so a writer giving up meanwhile cannot shift them).
+        let (batch, backlog, waiters, after) = {
+            let mut st = out.state.lock();
+            let (batch, backlog) = {
+                let queued = |id: u64| st.queue.contains_key(&id);
+                let flying = |id: u64| st.flying.contains(&id);
+                self.cml.connected_head(queued, flying)
+            };
+            if batch.is_empty() {
+                (batch, backlog && st.in_flight == 0, Vec::new(), 0)
+            } else {
+                let waiters: Vec<(u64, Queued)> = batch
+                    .iter()
+                    .filter_map(|r| st.queue.remove(&r.store_id).map(|q| (r.store_id, q)))
+                    .collect();
+                // Sent while another is unanswered: only after it.
+                let after = if st.in_flight > 0 { st.last_top } else { 0 };
+                st.in_flight += 1;
+                st.flying.extend(batch.iter().map(|r| r.store_id));
+                st.last_top = batch.iter().map(|r| r.store_id).max().unwrap_or(0);
+                (batch, false, waiters, after)
+            }
         };
         if batch.is_empty() {
-            if backlog && idle {
+            if backlog {
                 if let Err(e) = self.reintegrate_holding(&token, None) {
                     // The records queued behind the backlog cannot go
                     // either: their writers hear why now (no server:
@@ -448,20 +465,6 @@ impl Reintegrator<'_> {
             return;
         }
         let ids: Vec<u64> = batch.iter().map(|r| r.store_id).collect();
-        let top = ids.iter().copied().max().unwrap_or(0);
-        let (waiters, after) = {
-            let mut st = out.state.lock();
-            let waiters: Vec<(u64, Queued)> = ids
-                .iter()
-                .filter_map(|id| st.queue.remove(id).map(|q| (*id, q)))
-                .collect();
-            // Sent while another is unanswered: only after it.
-            let after = if st.in_flight > 0 { st.last_top } else { 0 };
-            st.in_flight += 1;
-            st.flying.extend(ids.iter().copied());
-            st.last_top = top;
-            (waiters, after)
-        };
         let answer = match self.servers.session() {
             Err(e) => Err((None, e)),
             Ok(s) => match self.send_connected(&s, &batch, &waiters, after) {
