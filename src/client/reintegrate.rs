@@ -293,6 +293,15 @@ fn inline_enabled() -> bool {
 /// rest upload): the batch stays well inside one frame.
 const INLINE_BATCH: u64 = 512 << 10;
 
+/// The inline data a batch of `records` may carry: `INLINE_BATCH`, less
+/// whatever the records themselves take beyond half a frame (names,
+/// attribute values), so the batch always fits in one frame.
+fn inline_room(records: &[Record]) -> u64 {
+    let own = super::cml::encode_records(records).len() as u64;
+    let frame = crate::proto::MAX_FRAME as u64;
+    INLINE_BATCH.min((frame - (64 << 10)).saturating_sub(own))
+}
+
 /// The wire form of the records of a batch: small stores carry their data
 /// (`StoreInline`), and a Create followed at once by such a store of the
 /// same file goes as one `CreateWith` (adjacent only: the merged record
@@ -592,6 +601,7 @@ impl Reintegrator<'_> {
     ) -> std::result::Result<super::conn::Sent<'s>, (Option<usize>, Error)> {
         let mut records = batch.to_vec();
         let mut inline_bytes = 0u64;
+        let room = inline_room(batch);
         for (r, (_, q)) in records.iter_mut().zip(waiters) {
             let RecordOp::Store {
                 fid,
@@ -608,7 +618,7 @@ impl Reintegrator<'_> {
             if let Some(data) = q
                 .inline
                 .as_ref()
-                .filter(|d| d.len() as u64 == *length && inline_bytes + *length <= INLINE_BATCH)
+                .filter(|d| d.len() as u64 == *length && inline_bytes + *length <= room)
             {
                 inline_bytes += *length;
                 if let RecordOp::Store {
@@ -840,6 +850,7 @@ impl Reintegrator<'_> {
             // later write would only be stored again by a later record).
             let mut data = 0u64;
             let mut inline_bytes = 0u64;
+            let room = inline_room(&batch);
             let mut inlined = BTreeSet::new();
             let mut cut = batch.len();
             for (i, r) in batch.iter_mut().enumerate() {
@@ -889,10 +900,7 @@ impl Reintegrator<'_> {
                     ));
                 }
                 *length = len;
-                if len <= MAX_INLINE as u64
-                    && inline_bytes + len <= INLINE_BATCH
-                    && inline_enabled()
-                {
+                if len <= MAX_INLINE as u64 && inline_bytes + len <= room && inline_enabled() {
                     // Carried in the record: no upload round trip.
                     inline_bytes += len;
                     inlined.insert(r.store_id);
@@ -1066,6 +1074,25 @@ mod tests {
                 data: data.to_vec(),
             },
         }
+    }
+
+    #[test]
+    fn inline_data_never_takes_a_batch_past_one_frame() {
+        assert_eq!(inline_room(&[]), INLINE_BATCH);
+        let xattr = |id: u64| Record {
+            store_id: id,
+            op: RecordOp::SetXattr {
+                fid: Fid::new(1, 10, 1),
+                name: "user.big".into(),
+                how: crate::proto::XattrHow::Set,
+                value: vec![0; 64 << 10],
+            },
+        };
+        let heavy: Vec<Record> = (1..=12).map(xattr).collect();
+        let own = crate::client::cml::encode_records(&heavy).len() as u64;
+        let room = inline_room(&heavy);
+        assert!(room < INLINE_BATCH);
+        assert!(own + room + (64 << 10) <= crate::proto::MAX_FRAME as u64);
     }
 
     #[test]
