@@ -5,7 +5,8 @@
 //! is copied while still mounted (the copy keeps only what reached the
 //! disk) and the server is killed with SIGKILL. The server restarted on the
 //! copy must serve every acknowledged file whole: the batch commit fsyncs
-//! the data of the files it stores before it acknowledges.
+//! the data of the files it stores before it acknowledges, also the data
+//! carried inline by `CreateWith` records (every other batch).
 //!
 //! Needs root, `losetup`, `mkfs.ext4`, `mount`/`umount` and `e2fsck`: when
 //! missing the test fails naming them, unless `CODA_SKIP` contains
@@ -82,6 +83,26 @@ fn stored_files_acknowledged_before_a_power_cut_survive_it_whole() {
         for k in 0..PER_BATCH {
             let i = batch * PER_BATCH + k;
             let data = data_for(i);
+            if batch % 2 == 1 {
+                // Created with its data inline (`CreateWith`): the commit
+                // fsyncs the data file it wrote, as a staged upload's.
+                assert!(data.len() <= coda::proto::MAX_INLINE);
+                store_id += 1;
+                records.push(coda::proto::Record {
+                    store_id,
+                    op: coda::proto::RecordOp::CreateWith {
+                        parent: root_fid,
+                        name: format!("f{i}"),
+                        fid: fids[i],
+                        mode: 0o644,
+                        mtime: rec::t(),
+                        uid: 0,
+                        gid: 0,
+                        data,
+                    },
+                });
+                continue;
+            }
             let upload_id = i as u64 + 1;
             assert!(
                 matches!(b.upload(upload_id, &data), Msg::Uploaded { .. }),

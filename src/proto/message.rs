@@ -94,6 +94,40 @@ pub enum RecordOp {
         /// Numeric group of the new file.
         gid: u32,
     },
+    /// Replace the contents of `fid` with `data`, carried in the record
+    /// (at most [`MAX_INLINE`](super::MAX_INLINE) bytes): a small store
+    /// without a staged upload, so without its round trip.
+    StoreInline {
+        /// The file whose contents are replaced (must be a file).
+        fid: Fid,
+        /// The file's version the client last saw; 0 skips the check.
+        expected_version: u64,
+        /// The file's new modification time.
+        mtime: Timespec,
+        /// The new contents.
+        data: Vec<u8>,
+    },
+    /// Create the file `name` in `parent` as `fid` holding `data` (at most
+    /// [`MAX_INLINE`](super::MAX_INLINE) bytes): a Create and its first
+    /// store in one record, applied and committed together.
+    CreateWith {
+        /// The directory that gets the new entry.
+        parent: Fid,
+        /// The new entry's name; it must be free.
+        name: String,
+        /// The new file's fid: reserved to this client by `AllocFids`, never used.
+        fid: Fid,
+        /// Permission bits of the new file.
+        mode: u32,
+        /// Modification time of the new file.
+        mtime: Timespec,
+        /// Numeric owner of the new file.
+        uid: u32,
+        /// Numeric group of the new file.
+        gid: u32,
+        /// The new file's contents.
+        data: Vec<u8>,
+    },
     /// Create the empty directory `name` in `parent` as `fid`.
     Mkdir {
         /// The directory that gets the new entry.
@@ -232,6 +266,8 @@ impl RecordOp {
     pub fn target(&self) -> Fid {
         match self {
             RecordOp::Store { fid, .. }
+            | RecordOp::StoreInline { fid, .. }
+            | RecordOp::CreateWith { fid, .. }
             | RecordOp::Create { fid, .. }
             | RecordOp::Mkdir { fid, .. }
             | RecordOp::Symlink { fid, .. }
@@ -545,6 +581,8 @@ mod rec {
     pub const SETATTR: u8 = 9;
     pub const MKNOD: u8 = 10;
     pub const SETXATTR: u8 = 11;
+    pub const STORE_INLINE: u8 = 12;
+    pub const CREATE_WITH: u8 = 13;
 }
 
 impl Msg {
@@ -1088,6 +1126,38 @@ fn encode_record(w: &mut Writer, r: &Record) {
                 .u32(*uid)
                 .u32(*gid);
         }
+        RecordOp::StoreInline {
+            fid,
+            expected_version,
+            mtime,
+            data,
+        } => {
+            w.u8(rec::STORE_INLINE)
+                .fid(fid)
+                .u64(*expected_version)
+                .time(mtime)
+                .blob(data);
+        }
+        RecordOp::CreateWith {
+            parent,
+            name,
+            fid,
+            mode,
+            mtime,
+            uid,
+            gid,
+            data,
+        } => {
+            w.u8(rec::CREATE_WITH)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u32(*mode)
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid)
+                .blob(data);
+        }
         RecordOp::Mkdir {
             parent,
             name,
@@ -1352,6 +1422,24 @@ fn decode_record(r: &mut Reader, legacy: Option<(u32, u32)>) -> Result<Record> {
             mtime: r.time()?,
             uid: r.u32()?,
             gid: r.u32()?,
+        },
+        // Inline data is bounded by the frame here; the server refuses
+        // more than `MAX_INLINE` with a clear error naming the record.
+        rec::STORE_INLINE => RecordOp::StoreInline {
+            fid: r.fid()?,
+            expected_version: r.u64()?,
+            mtime: r.time()?,
+            data: r.blob(super::MAX_FRAME, "inline data")?,
+        },
+        rec::CREATE_WITH => RecordOp::CreateWith {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            mode: r.u32()?,
+            mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            data: r.blob(super::MAX_FRAME, "inline data")?,
         },
         v => return Err(Error::Protocol(format!("unknown record type {v}"))),
     };

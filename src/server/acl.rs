@@ -414,6 +414,7 @@ impl<'t> Guard<'t> {
         let on = |dir: Fid| self.rights_on(who, dir);
         match op {
             RecordOp::Create { parent, .. }
+            | RecordOp::CreateWith { parent, .. }
             | RecordOp::Mkdir { parent, .. }
             | RecordOp::Symlink { parent, .. }
             | RecordOp::Mknod { parent, .. } => {
@@ -444,10 +445,12 @@ impl<'t> Guard<'t> {
                 };
                 need(who, on(*dst_parent)?, want, *dst_parent, "renaming")
             }
-            RecordOp::Store { fid, .. } => match self.info(objects, *fid)? {
-                Some((obj, dir)) => may_store(who, on(dir)?, &obj, dir),
-                None => Ok(()),
-            },
+            RecordOp::Store { fid, .. } | RecordOp::StoreInline { fid, .. } => {
+                match self.info(objects, *fid)? {
+                    Some((obj, dir)) => may_store(who, on(dir)?, &obj, dir),
+                    None => Ok(()),
+                }
+            }
             RecordOp::SetAttr {
                 fid,
                 mode,
