@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
