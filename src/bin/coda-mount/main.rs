@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -27,7 +27,7 @@ use coda::client::{Client, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--no-kernel-cache] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+[--no-kernel-cache] [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
 const HELP: &str = "\
@@ -42,6 +42,8 @@ options:
   --no-passthrough   serve reads through this process instead of FUSE passthrough
   --no-kernel-cache  give the kernel no lifetimes for names, attributes, listings
                      or pages: every lookup and stat asks this process
+  --no-fast-open     open every file through the client, even an unchanged cached
+                     one whose kept backing file could be reused (a baseline)
   --allow-other      let users other than the mounting one use the mount
                      (non-root: needs user_allow_other in /etc/fuse.conf)
   --threads N        FUSE worker threads, 1 to 256 (default 8)
@@ -59,6 +61,7 @@ struct Args {
     daemon: bool,
     passthrough: bool,
     kernel_cache: bool,
+    fast_open: bool,
     allow_other: bool,
     nonempty: bool,
     threads: usize,
@@ -78,6 +81,7 @@ fn parse_args() -> Args {
         daemon: false,
         passthrough: true,
         kernel_cache: true,
+        fast_open: true,
         allow_other: false,
         nonempty: false,
         threads: 8,
@@ -93,6 +97,7 @@ fn parse_args() -> Args {
             Some("--daemon") => a.daemon = true,
             Some("--no-passthrough") => a.passthrough = false,
             Some("--no-kernel-cache") => a.kernel_cache = false,
+            Some("--no-fast-open") => a.fast_open = false,
             Some("--allow-other") => a.allow_other = true,
             Some("--nonempty") => a.nonempty = true,
             Some("--threads") => {
@@ -314,8 +319,26 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Raise the soft descriptor limit to the hard one: each kept backing file
+/// (up to 1,024, fs.rs) holds a descriptor of its container beside those of
+/// the open files.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
+    raise_nofile();
     if let Err(msg) = check_mountpoint(&args) {
         eprintln!("coda-mount: {msg}");
         std::process::exit(1);
@@ -354,6 +377,9 @@ fn main() {
             idmap::IdMap::resolve_later(Arc::clone(m), client.clone());
         }
     }
+    shared
+        .no_fast_open
+        .store(!args.fast_open, std::sync::atomic::Ordering::Relaxed);
     let filesystem = fs::CodaFs::new(
         client.clone(),
         shared.clone(),
