@@ -20,7 +20,7 @@ use std::process::Command;
 use coda::proto::Msg;
 use common::raw::{rec, Raw};
 use common::{TempDir, TestServer};
-use powercut_util::{missing_prerequisites, run, LoopMount};
+use powercut_util::{make_image, may_run, run, LoopMount};
 
 const W: [u8; 16] = [0x5e; 16];
 /// Files stored in one batch, and batches.
@@ -37,23 +37,13 @@ fn data_for(i: usize) -> Vec<u8> {
 
 #[test]
 fn stored_files_acknowledged_before_a_power_cut_survive_it_whole() {
-    if let Some(m) = missing_prerequisites() {
-        if std::env::var("CODA_SKIP").is_ok_and(|s| s.contains("powercut")) {
-            eprintln!("SKIPPED the server power-cut test (CODA_SKIP): missing {m}");
-            return;
-        }
-        panic!("the server power-cut test needs {m} (set CODA_SKIP=powercut to skip it)");
+    if !may_run("the server power-cut test") {
+        return;
     }
     let work = TempDir::new("srv-powercut");
     let image = work.path().join("server.img");
     let copy = work.path().join("server-after-power-cut.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-        .arg(&image));
+    make_image(&image);
 
     // The server's data directory moves onto the loop file system: made
     // by `init`, copied in, and the loop mounted over it.

@@ -840,6 +840,21 @@ struct New<'a> {
     rdev: u64,
 }
 
+impl New<'static> {
+    /// A regular file (Create, and the create half of CreateWith).
+    fn file(mode: u32, mtime: Timespec, uid: u32, gid: u32) -> Self {
+        New {
+            ftype: FileType::File,
+            mode,
+            target: "",
+            mtime,
+            uid,
+            gid,
+            rdev: 0,
+        }
+    }
+}
+
 struct Batch<'t, 's> {
     objects: Table<'t, &'static [u8; 16], &'static [u8]>,
     dirents: Table<'t, (&'static [u8; 16], &'static str), &'static [u8; 17]>,
@@ -930,20 +945,7 @@ impl<'t, 's> Batch<'t, 's> {
                 data,
             } => {
                 check_inline(data)?;
-                self.create(
-                    *parent,
-                    name,
-                    *fid,
-                    New {
-                        ftype: FileType::File,
-                        mode: *mode,
-                        target: "",
-                        mtime: *mtime,
-                        uid: *uid,
-                        gid: *gid,
-                        rdev: 0,
-                    },
-                )?;
+                self.create(*parent, name, *fid, New::file(*mode, *mtime, *uid, *gid))?;
                 // The creator stores into its own new file: the create's
                 // rights check covers it (as a Store of a virgin file).
                 self.store_inline(*fid, 0, *mtime, data)
@@ -956,20 +958,7 @@ impl<'t, 's> Batch<'t, 's> {
                 mtime,
                 uid,
                 gid,
-            } => self.create(
-                *parent,
-                name,
-                *fid,
-                New {
-                    ftype: FileType::File,
-                    mode: *mode,
-                    target: "",
-                    mtime: *mtime,
-                    uid: *uid,
-                    gid: *gid,
-                    rdev: 0,
-                },
-            ),
+            } => self.create(*parent, name, *fid, New::file(*mode, *mtime, *uid, *gid)),
             RecordOp::Mkdir {
                 parent,
                 name,

@@ -33,28 +33,15 @@ pub struct MountKeys {
 /// Read a mount config file: the client's keys into a `Config` (as
 /// `Config::from_file` does), `uid_map` and `unmapped_uid` into `MountKeys`.
 pub fn load_config(path: &Path) -> Result<(Config, MountKeys)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
-    let mut cfg = Config::new();
     let mut keys = MountKeys::default();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let at = |e: Error| Error::Invalid(format!("{}:{}: {e}", path.display(), i + 1));
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            at(Error::Invalid(format!(
-                "expected key = value, got {line:?}"
-            )))
-        })?;
-        let (k, v) = (k.trim(), v.trim());
+    let cfg = Config::from_file_with(path, |k, v| {
         match k {
-            "uid_map" => keys.uid_map = parse_uid_map(v).map_err(at)?,
-            "unmapped_uid" => keys.unmapped_uid = Some(parse_uid(v).map_err(at)?),
-            _ => cfg.set(k, v).map_err(at)?,
+            "uid_map" => keys.uid_map = parse_uid_map(v)?,
+            "unmapped_uid" => keys.unmapped_uid = Some(parse_uid(v)?),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if keys.unmapped_uid.is_some() && keys.uid_map.is_empty() {
         return Err(Error::Invalid(format!(
             "{}: unmapped_uid needs uid_map",
