@@ -330,9 +330,15 @@ fn a_thousand_offline_changes_survive_client_kills_and_reach_the_server_exactly(
     assert!(srv.stop());
     let end = SETUP + OFFLINE;
     let mut next = SETUP;
-    // Two SIGKILLs in the middle of the offline changes.
-    for stop_at in [SETUP + 250, SETUP + 600] {
-        let mut run = spawn(&srv, cache.path(), next, end, false);
+    // Two SIGKILLs in the middle of the offline changes. Small stores are
+    // logged with their bytes inside (StoreInline); the second run logs
+    // plain Stores of fsynced containers (no inline data), so the log holds
+    // both kinds and the replay below has uploads to make.
+    for (stop_at, env) in [
+        (SETUP + 250, &[][..]),
+        (SETUP + 600, &[("CODA_CLIENT_NO_INLINE", "1")][..]),
+    ] {
+        let mut run = spawn_with(&srv, cache.path(), next, end, false, env);
         let (last, lines) = run.read(|l| l == format!("op {stop_at}"));
         assert!(
             lines.iter().any(|l| l.ends_with("state Disconnected")),
@@ -350,7 +356,8 @@ fn a_thousand_offline_changes_survive_client_kills_and_reach_the_server_exactly(
     // the server is stopped at that moment, so the kill lands after the
     // reintegration began and before its batch can commit.
     // Small files would go inline (no upload to watch for): this run
-    // uploads every store; the next one replays with inline records.
+    // uploads every plain store (the inline ones carry their data); the
+    // next one replays with inline records.
     let staging = Watch::new(&srv.root().join("staging"));
     let mut run = spawn_with(
         &srv,

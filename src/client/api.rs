@@ -814,7 +814,17 @@ impl Client {
                 inner.cache.update(None, fid, |e| e.data_version = None);
                 inner.cache.pin(fid);
             }
+            if let RecordOp::StoreInline { fid, data, .. } = &op {
+                // The record carries the data; the container, the cache's
+                // working copy, gets it back too.
+                super::conflict::write_synced(&inner.cache.container(*fid), data)?;
+                inner.cache.update(None, *fid, |e| e.data_version = None);
+                inner.cache.pin(*fid);
+            }
             if let RecordOp::Store {
+                expected_version, ..
+            }
+            | RecordOp::StoreInline {
                 expected_version, ..
             }
             | RecordOp::SetAttr {

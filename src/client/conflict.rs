@@ -154,14 +154,23 @@ impl Conflicts<'_> {
         std::fs::create_dir_all(self.conflicts_dir())
             .map_err(|e| Error::io("creating the conflicts directory", e))?;
         for r in &records {
-            if let RecordOp::Store { fid, .. } = r.op {
-                let to = self.copy_path(id, fid);
-                // Copy, not move: the file may be open.
-                if std::fs::copy(self.cache.container(fid), &to).is_ok() {
-                    if let Ok(f) = std::fs::File::open(&to) {
-                        let _ = f.sync_all();
+            match &r.op {
+                RecordOp::Store { fid, .. } => {
+                    let to = self.copy_path(id, *fid);
+                    // Copy, not move: the file may be open.
+                    if std::fs::copy(self.cache.container(*fid), &to).is_ok() {
+                        if let Ok(f) = std::fs::File::open(&to) {
+                            let _ = f.sync_all();
+                        }
                     }
                 }
+                // The record is the data's durable copy (the container may
+                // hold later, unstored writes, or nothing after a power
+                // cut): the preserved copy is what the record carries.
+                RecordOp::StoreInline { fid, data, .. } => {
+                    let _ = write_synced(&self.copy_path(id, *fid), data);
+                }
+                _ => {}
             }
         }
         let stored = Stored {
@@ -240,10 +249,27 @@ impl Conflicts<'_> {
         w.open_table(CONFLICTS)?.remove(id)?;
         w.commit()?;
         for r in &s.records {
-            if let RecordOp::Store { fid, .. } = r.op {
+            if let Some(fid) = super::cml::stored(&r.op) {
                 let _ = std::fs::remove_file(self.copy_path(id, fid));
             }
         }
         Ok(())
     }
+}
+
+/// Write `data` as the whole of the file at `path` (made 0600 if new) and
+/// fsync it.
+pub(crate) fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }

@@ -24,8 +24,8 @@ use super::cache::{Cache, Index};
 use super::cml::Cml;
 use super::mode::Mode;
 use super::namespace;
-use super::reintegrate::Backoff;
-use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec};
+use super::reintegrate::{self, Backoff};
+use crate::proto::{Attr, Fid, FileType, RecordOp, Timespec, MAX_INLINE};
 use crate::{Error, Result};
 
 /// Small values disconnected operation must find after a restart without a
@@ -192,9 +192,47 @@ pub(crate) fn make_data_durable(
     }
 }
 
+/// The form a store is logged in when the log is its durable copy
+/// (disconnected, write-back): one of at most `MAX_INLINE` bytes carries its
+/// container's bytes inside the record (`StoreInline`), within the log's
+/// `LOG_INLINE_MAX`. `None` for any other record, or when the container
+/// cannot be read whole (logged as a plain Store then).
+pub(crate) fn inline_form(
+    cml: &Cml,
+    op: &RecordOp,
+    data: Option<&std::fs::File>,
+) -> Option<RecordOp> {
+    let (
+        RecordOp::Store {
+            fid,
+            expected_version,
+            length,
+            mtime,
+            ..
+        },
+        Some(f),
+    ) = (op, data)
+    else {
+        return None;
+    };
+    if *length > MAX_INLINE as u64 || !reintegrate::inline_enabled() || !cml.inline_room(*length) {
+        return None;
+    }
+    let mut buf = vec![0u8; *length as usize];
+    std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, 0).ok()?;
+    Some(RecordOp::StoreInline {
+        fid: *fid,
+        expected_version: *expected_version,
+        mtime: *mtime,
+        data: buf,
+    })
+}
+
 pub(crate) fn pin_if_store(cache: &Cache, op: &RecordOp) {
-    if let RecordOp::Store { fid, .. } = op {
-        cache.pin(*fid);
+    // A StoreInline's container is not the durable copy (the record is),
+    // but it is the only working copy of what the file now holds.
+    if let Some(fid) = super::cml::stored(op) {
+        cache.pin(fid);
     }
 }
 
@@ -241,9 +279,14 @@ pub(crate) fn apply_locally(
     gone: bool,
 ) -> Result<Attr> {
     let fid = op.target();
-    let replaced = cancelled.iter().any(|r| {
-        r.op.target() == fid && std::mem::discriminant(&r.op) == std::mem::discriminant(op)
-    });
+    // (A store with its data inline replaces a plain one, and back.)
+    let same_kind = |o: &RecordOp| {
+        std::mem::discriminant(o) == std::mem::discriminant(op)
+            || (super::cml::stored(o).is_some() && super::cml::stored(op).is_some())
+    };
+    let replaced = cancelled
+        .iter()
+        .any(|r| r.op.target() == fid && same_kind(&r.op));
     let cached = cache.get(fid).map(|e| e.attr);
     namespace::target_attr(op, cached, replaced, gone, Timespec::now()).ok_or_else(|| uncached(fid))
 }
@@ -271,6 +314,12 @@ pub(crate) fn redo_log_in_cache(cache: &Cache, cml: &Cml) {
                 continue;
             }
         }
+        if let RecordOp::StoreInline {
+            fid, data, mtime, ..
+        } = op
+        {
+            redo_inline_store(cache, cml, r.store_id, *fid, data, *mtime);
+        }
         let ftype = cache
             .get(op.target())
             .map_or(FileType::File, |e| e.attr.ftype);
@@ -279,6 +328,34 @@ pub(crate) fn redo_log_in_cache(cache: &Cache, cml: &Cml) {
             cache.update(None, *dir, |e| e.edit_listing(*dir, &edits));
         }
     }
+}
+
+/// A `StoreInline`'s container was never fsynced (the record is the
+/// durable copy): after a power cut it may be short, stale or missing.
+/// Unless a later record stores or resizes the file (the container is then
+/// theirs), put the record's bytes back in it, so the cache serves what the
+/// log will send.
+fn redo_inline_store(cache: &Cache, cml: &Cml, id: u64, fid: Fid, data: &[u8], mtime: Timespec) {
+    if cml.resized_after(fid, id) {
+        return;
+    }
+    let path = cache.container(fid);
+    if std::fs::read(&path).is_ok_and(|b| b == data) {
+        return;
+    }
+    // The working copy only: no fsync (the record stays the durable copy
+    // until the server has it, and a later start redoes this again).
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let len = data.len() as u64;
+    cache.update(None, fid, |e| {
+        e.attr.size = len;
+        e.attr.mtime = mtime;
+        e.data_version = Some(e.attr.version);
+        e.data_bytes = len;
+        e.dirty = true;
+    });
 }
 
 /// The root fid remembered by an earlier run, if any.

@@ -880,11 +880,20 @@ impl Inner {
             }
             emulation::check_locally(&self.cache, &op)?;
         }
-        // The record about to be logged is acknowledged at once and sends
-        // the container later: its data must be on disk before the record
-        // is (after a power cut, a durable record over a lost container
-        // would send an empty file over the server's copy).
-        emulation::make_data_durable(&self.cache, &op, data)?;
+        // The record about to be logged is acknowledged at once. A small
+        // store carries its bytes inside it (`StoreInline`): its one
+        // durable commit is the data's durable copy, and the container,
+        // the cache's working copy, needs no fsync. Any other store sends
+        // its container later, so the data must be on disk before the
+        // record is (after a power cut, a durable record over a lost
+        // container would send an empty file over the server's copy).
+        let op = match emulation::inline_form(&self.cml, &op, data) {
+            Some(inline) => inline,
+            None => {
+                emulation::make_data_durable(&self.cache, &op, data)?;
+                op
+            }
+        };
         self.emu.note_edited(&op);
         let (cached, check) = emulation::version_for(&self.cache, &op);
         let last_link = self

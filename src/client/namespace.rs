@@ -261,6 +261,10 @@ pub(crate) fn target_attr(
             a.size = *length;
             a.mtime = *mtime;
         }
+        RecordOp::StoreInline { data, mtime, .. } => {
+            a.size = data.len() as u64;
+            a.mtime = *mtime;
+        }
         RecordOp::SetAttr {
             mode,
             size,

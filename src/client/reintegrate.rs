@@ -284,7 +284,7 @@ const BATCH_DATA: u64 = 256 << 20;
 pub(crate) const NO_INLINE_ENV: &str = "CODA_CLIENT_NO_INLINE";
 
 /// Small stores go inline (unless `NO_INLINE_ENV` is set).
-fn inline_enabled() -> bool {
+pub(crate) fn inline_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os(NO_INLINE_ENV).is_none())
 }
@@ -962,7 +962,7 @@ impl Reintegrator<'_> {
                         .collect();
                     let done = self.cml.finish(&ids, &applied)?;
                     for (r, a) in done.iter().zip(&results) {
-                        if let RecordOp::Store { fid, .. } = r.op {
+                        if let Some(fid) = super::cml::stored(&r.op) {
                             if !self.cml.has_store(fid) {
                                 self.cache.unpin(fid);
                                 if self.cache.get(fid).is_none() {

@@ -1,0 +1,116 @@
+//! In write-back (and disconnected) mode a store of at most 64 KiB is
+//! logged with its bytes inside the record (CLIENT.md "Inline data in the
+//! log"): the record's one durable commit is the data's durable copy and
+//! the container, the cache's working copy, is not fsynced. So whatever
+//! happens to the container afterwards (a power cut that loses it, later
+//! writes), the record decides what reaches the server, what a conflict
+//! preserves and what a restart puts back in the cache.
+
+mod client_util;
+mod common;
+
+use client_util::*;
+use coda::client::{Client, Keep};
+use common::{TempDir, TestServer};
+
+/// Long enough that nothing is sent by itself while a test looks.
+const NEVER_MS: &str = "600000";
+
+fn write_back_client(srv: &TestServer, dir: &std::path::Path) -> Client {
+    let mut cfg = config(srv, dir);
+    cfg.set("write_back_ms", NEVER_MS).unwrap();
+    Client::new(cfg).expect("client connects")
+}
+
+fn container(cache: &std::path::Path, c: &Client, path: &str) -> std::path::PathBuf {
+    cache
+        .join("containers")
+        .join(c.stat(path).unwrap().fid.to_string())
+}
+
+/// A client stopped with small stores in its log, whose containers then
+/// lose their data (what a power cut does to files never fsynced), starts
+/// again on the same cache: the records carry the bytes, so the server gets
+/// them intact and the cache serves them again. Before, such a store was
+/// sent from its container, and an emptied container made it a conflict.
+#[test]
+fn small_write_back_stores_survive_the_loss_of_their_containers() {
+    let srv = start();
+    let cache = TempDir::new("wbi-lost");
+    let sizes = [1usize, 4096, 65536];
+    let data = |i: usize| -> Vec<u8> { (0..sizes[i]).map(|k| (k * 31 + i) as u8).collect() };
+    let mut paths = Vec::new();
+    {
+        let a = write_back_client(&srv, cache.path());
+        a.mkdir("/lost", 0o755).unwrap();
+        for i in 0..sizes.len() {
+            let p = format!("/lost/f{i}");
+            put(&a, &p, &data(i));
+            paths.push((p.clone(), container(cache.path(), &a, &p)));
+        }
+        assert_eq!(
+            a.pending_records(),
+            1 + 2 * sizes.len(),
+            "mkdir, creates, stores"
+        );
+        // Dropped without sending (write-back with a long delay).
+    }
+    for (_, c) in &paths {
+        std::fs::write(c, b"").unwrap();
+    }
+    std::fs::remove_file(&paths[0].1).unwrap();
+
+    let a = client(&srv, cache.path());
+    assert_eq!(a.pending_records(), 0, "the log went at start");
+    assert!(a.conflicts().unwrap().is_empty(), "nothing was lost");
+    for (i, (p, c)) in paths.iter().enumerate() {
+        assert_eq!(
+            std::fs::read(c).unwrap(),
+            data(i),
+            "container of {p} redone"
+        );
+        assert_eq!(get(&a, p), data(i), "{p}");
+    }
+    let other = TempDir::new("wbi-lost-b");
+    let b = client(&srv, other.path());
+    for (i, (p, _)) in paths.iter().enumerate() {
+        assert_eq!(get(&b, p), data(i), "{p} on the server");
+    }
+}
+
+/// A write-back store over a file another client changed meanwhile is a
+/// conflict; the local copy it preserves is the data the store logged,
+/// even when the container was written again afterwards, and keeping the
+/// local version puts exactly that data on the server.
+#[test]
+fn a_conflicting_inline_store_preserves_the_logged_bytes() {
+    let srv = start();
+    let (da, db) = (TempDir::new("wbi-a"), TempDir::new("wbi-b"));
+    let b = client(&srv, db.path());
+    put(&b, "/f", b"base");
+    let a = write_back_client(&srv, da.path());
+    assert_eq!(get(&a, "/f"), b"base");
+    put(&a, "/f", b"logged by a");
+    assert_eq!(a.pending_records(), 1);
+    // Later, unstored writes to the working copy: not what was logged.
+    std::fs::write(container(da.path(), &a, "/f"), b"scribbled over").unwrap();
+    put(&b, "/f", b"changed by b");
+
+    a.reintegrate_now().unwrap();
+    assert_eq!(a.pending_records(), 0);
+    let cs = a.conflicts().unwrap();
+    assert_eq!(cs.len(), 1, "{cs:?}");
+    assert_eq!(
+        (cs[0].kind.as_str(), cs[0].op.as_str()),
+        ("Conflict", "store")
+    );
+    let local = cs[0].local_copy.clone().expect("local copy kept");
+    assert_eq!(std::fs::read(&local).unwrap(), b"logged by a");
+    assert_eq!(get(&a, "/f"), b"changed by b");
+
+    a.resolve_conflict(cs[0].id, Keep::Local).unwrap();
+    assert!(a.conflicts().unwrap().is_empty());
+    assert_eq!(get(&b, "/f"), b"logged by a");
+    assert_eq!(get(&a, "/f"), b"logged by a");
+    assert!(!local.exists(), "the copy goes with the conflict");
+}
