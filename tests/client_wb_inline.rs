@@ -6,8 +6,19 @@
 //! writes), the record decides what reaches the server, what a conflict
 //! preserves and what a restart puts back in the cache.
 
+//!
+//! A new file's Create is logged without a sync of its own: it becomes
+//! durable with the file's first close or fsync (its first store's commit,
+//! or a sync of the log when it stores nothing), so a small file's create,
+//! write and close cost one log commit. The killed client runs in a child
+//! process: this test binary again, with `CODA_WBI_CHILD` set.
+
 mod client_util;
 mod common;
+mod disco_util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 
 use client_util::*;
 use coda::client::{Client, Keep};
@@ -113,4 +124,93 @@ fn a_conflicting_inline_store_preserves_the_logged_bytes() {
     assert_eq!(get(&b, "/f"), b"logged by a");
     assert_eq!(get(&a, "/f"), b"logged by a");
     assert!(!local.exists(), "the copy goes with the conflict");
+}
+
+#[test]
+fn child_creator() {
+    if std::env::var("CODA_WBI_CHILD").is_err() {
+        return; // only meaningful as the child of the test below
+    }
+    let mut cfg = disco_util::child_config();
+    cfg.set("write_back_ms", NEVER_MS).unwrap();
+    let c = Client::new(cfg).expect("client starts");
+    c.mkdir("/e", 0o755).unwrap();
+    put(&c, "/e/written", b"small");
+    // Created, written and fsynced, still open when the process dies.
+    let mut f = c
+        .open("/e/synced", libc::O_WRONLY | libc::O_CREAT, 0o600)
+        .unwrap();
+    f.write_at(b"fsynced", 0).unwrap();
+    f.sync().unwrap();
+    // Created and closed without a write, last: no store, and no later
+    // record's commit; the close syncs the log.
+    c.open("/e/empty", libc::O_WRONLY | libc::O_CREAT, 0o640)
+        .unwrap()
+        .close()
+        .unwrap();
+    println!("acknowledged {}", c.pending_records());
+    std::thread::sleep(std::time::Duration::from_secs(120));
+    drop(f);
+}
+
+/// The child, killed (and reaped) on drop whatever happens to the test.
+struct Creator(Child);
+
+impl Drop for Creator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A write-back client killed with SIGKILL after a close or an fsync
+/// returned keeps the file those made: written, empty, or still open.
+#[test]
+fn files_created_in_write_back_survive_a_kill_once_closed_or_fsynced() {
+    let srv = start();
+    let cache = TempDir::new("wbi-killed");
+    let mut w = Creator(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_creator",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CODA_WBI_CHILD", "1")
+            .env("CODA_SERVER", srv.addr().to_string())
+            .env("CODA_CACHE", cache.path())
+            .env("CODA_SECRET", srv.secret_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the creator"),
+    );
+    let mut said = Vec::new();
+    for l in BufReader::new(w.0.stdout.take().unwrap()).lines() {
+        let l = l.unwrap();
+        let done = l.contains("acknowledged");
+        said.push(l);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        said.iter().any(|l| l.contains("acknowledged 6")),
+        "mkdir, 3 creates, 2 stores logged: {said:?}"
+    );
+    w.0.kill().unwrap(); // SIGKILL: no clean shutdown
+    w.0.wait().unwrap();
+    drop(w);
+
+    let a = client(&srv, cache.path());
+    assert_eq!(a.pending_records(), 0, "the log went at start");
+    assert!(a.conflicts().unwrap().is_empty());
+    let other = TempDir::new("wbi-killed-b");
+    let b = client(&srv, other.path());
+    assert_eq!(names(&b, "/e"), vec!["empty", "synced", "written"]);
+    assert_eq!(get(&b, "/e/written"), b"small");
+    assert_eq!(get(&b, "/e/synced"), b"fsynced");
+    let st = b.stat("/e/empty").unwrap();
+    assert_eq!((st.size, st.mode & 0o777), (0, 0o640));
 }

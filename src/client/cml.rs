@@ -65,6 +65,9 @@ struct Log {
     connected: BTreeSet<u64>,
     /// A change is committed (or committing) and not yet applied here.
     applying: bool,
+    /// A record logged with `log_lazy` is not yet durable: no durable
+    /// commit of the log came after it.
+    lazy: bool,
     /// The next store id to hand out, and the durable lease end
     /// (`NEXT_STORE_ID`) it must stay below without a durable commit.
     next_id: u64,
@@ -308,6 +311,18 @@ pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     }
 }
 
+/// When a logged record reaches the disk.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Durable before `log` returns (acknowledged at once).
+    Now,
+    /// A connected writer's record: the server's commit is the durable
+    /// copy (see `log_inner`).
+    Connected,
+    /// With the next durable commit of the log (`log_lazy`).
+    Lazy,
+}
+
 /// What logging a mutation did.
 pub(crate) struct Logged {
     /// The record, or `None` when an optimisation cancelled it too.
@@ -505,13 +520,41 @@ impl Cml {
         check: bool,
         last_link: bool,
     ) -> Result<Logged> {
-        self.log_inner(op, cached_version, optimise, check, last_link, false)
+        self.log_inner(op, cached_version, optimise, check, last_link, Sync::Now)
+    }
+
+    /// As `log` (optimised), but not made durable now: the record becomes
+    /// durable with the next durable commit of the log (redb keeps commits
+    /// in order, so a crash loses it only together with everything logged
+    /// after it), at the latest with `sync_lazy`. For the Create of a file
+    /// the caller holds open: its close or fsync logs the file's first
+    /// store, whose commit makes both durable with one sync.
+    pub fn log_lazy(
+        &self,
+        op: RecordOp,
+        cached_version: Option<u64>,
+        check: bool,
+    ) -> Result<Logged> {
+        self.log_inner(op, cached_version, true, check, true, Sync::Lazy)
+    }
+
+    /// Make the records logged with `log_lazy` durable, if a durable commit
+    /// has not already.
+    pub fn sync_lazy(&self) -> Result<()> {
+        let (mut w, log) = self.begin()?;
+        if !log.lazy {
+            return Ok(());
+        }
+        w.set_durability(Durability::Immediate);
+        let mut log = self.commit(w, log)?;
+        log.lazy = false;
+        Ok(())
     }
 
     /// Log the record of a connected writer (unoptimised, unchecked), which
     /// sends it itself (`reintegrate.rs`); backlog reintegration leaves it.
     pub fn log_connected(&self, op: RecordOp) -> Result<Record> {
-        let l = self.log_inner(op, None, false, false, true, true)?;
+        let l = self.log_inner(op, None, false, false, true, Sync::Connected)?;
         Ok(l.record.expect("an unoptimised record is never cancelled"))
     }
 
@@ -522,8 +565,9 @@ impl Cml {
         optimise: bool,
         check: bool,
         last_link: bool,
-        connected: bool,
+        sync: Sync,
     ) -> Result<Logged> {
+        let connected = sync == Sync::Connected;
         let (mut w, log) = self.begin()?;
         let (cancel, self_cancelled) = if optimise {
             log.cancellations(&op, last_link)
@@ -575,10 +619,11 @@ impl Cml {
             .max(log.recs.keys().next_back().map_or(1, |id| id + 1));
         let extend = !self_cancelled && store_id >= log.lease_end;
         let new_lease = store_id + STORE_ID_LEASE;
-        w.set_durability(if connected && !extend {
-            Durability::None
-        } else {
+        let durable = sync == Sync::Now || extend;
+        w.set_durability(if durable {
             Durability::Immediate
+        } else {
+            Durability::None
         });
         let rec;
         {
@@ -612,6 +657,11 @@ impl Cml {
             }
         }
         let mut log = self.commit(w, log)?;
+        if durable {
+            log.lazy = false;
+        } else if sync == Sync::Lazy {
+            log.lazy = true;
+        }
         if !self_cancelled {
             log.next_id = store_id + 1;
             if extend {

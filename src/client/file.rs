@@ -18,6 +18,9 @@ pub(crate) trait Store: Send + Sync {
     fn cache(&self) -> &Cache;
     fn callbacks(&self) -> &Callbacks;
     fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr>;
+    /// Make durable the log records not yet durable (the lazily logged
+    /// Create of a file this client created: `Cml::log_lazy`).
+    fn sync_log(&self) -> Result<()>;
 }
 
 /// What opening (and creating) a file needs of the client besides.
@@ -51,6 +54,10 @@ pub struct File {
     /// through `fd()`.
     stamp: (u64, i64, i64),
     done: bool,
+    /// Opened by its creator: its Create may not be durable yet (logged
+    /// lazily in write-back or disconnected mode) until the first close or
+    /// fsync, which stores it or else syncs the log.
+    created: bool,
 }
 
 fn stamp(f: &std::fs::File) -> (u64, i64, i64) {
@@ -150,6 +157,7 @@ pub(crate) fn open_fid<C: Opener>(
         changed: trunc && !created,
         stamp: st,
         done: false,
+        created,
     })
 }
 
@@ -232,18 +240,30 @@ impl File {
     /// container are durable in the local log.
     pub fn sync(&mut self) -> Result<()> {
         if self.done || !self.writable {
-            return Ok(());
+            return self.settle_create();
         }
         // Taken before the store: a write through `fd()` while it runs
         // changes the stamp again, so the next sync or close stores again.
         let before = stamp(&self.file);
         if !self.changed && before == self.stamp {
-            return Ok(());
+            return self.settle_create();
         }
         self.store()?;
+        // (The store's durable commit made the Create durable too.)
+        self.created = false;
         self.changed = false;
         self.stamp = before;
         Ok(())
+    }
+
+    /// A file created by this open and closed or fsynced without a store:
+    /// its Create is made durable now (see `created`).
+    fn settle_create(&mut self) -> Result<()> {
+        if !self.created {
+            return Ok(());
+        }
+        self.created = false;
+        self.inner.sync_log()
     }
 
     /// Set the container's modification time to `t` and take that as the
@@ -292,7 +312,11 @@ impl File {
         }
         self.done = true;
         let changed = self.writable && (self.changed || stamp(&self.file) != self.stamp);
-        let res = if changed { self.store() } else { Ok(()) };
+        let res = if changed {
+            self.store()
+        } else {
+            self.settle_create()
+        };
         self.inner.cache().closed(self.fid);
         res
     }

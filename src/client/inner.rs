@@ -900,9 +900,15 @@ impl Inner {
             .cache
             .get(op.target())
             .is_none_or(|e| e.attr.nlink <= 1);
-        let logged = self
-            .cml
-            .log_with(op.clone(), cached, true, check && !connected, last_link)?;
+        // The Create of a file (always opened by its creator: `at.rs`) is
+        // made durable by the file's first close or fsync (`file.rs`), so
+        // a new small file's create, write and close cost one log commit.
+        let logged = if !connected && matches!(op, RecordOp::Create { .. }) {
+            self.cml.log_lazy(op.clone(), cached, check)?
+        } else {
+            self.cml
+                .log_with(op.clone(), cached, true, check && !connected, last_link)?
+        };
         emulation::pin_if_store(&self.cache, &op);
         let attr =
             emulation::apply_locally(&self.cache, &op, &logged.cancelled, logged.record.is_none())?;
@@ -982,6 +988,9 @@ impl file::Store for Inner {
     }
     fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
         Inner::commit(self, op, data)
+    }
+    fn sync_log(&self) -> Result<()> {
+        self.cml.sync_lazy()
     }
 }
 
