@@ -214,3 +214,37 @@ fn files_created_in_write_back_survive_a_kill_once_closed_or_fsynced() {
     let st = b.stat("/e/empty").unwrap();
     assert_eq!((st.size, st.mode & 0o777), (0, 0o640));
 }
+
+/// In write-back mode, a directory whose listing changed in the log (a file
+/// created in it) has extended attributes the client never read: setting
+/// or reading one asks the server for the list (the log changes none of
+/// it) instead of failing with `Timeout` (ETIMEDOUT through the mount) for
+/// want of a cached list.
+#[test]
+fn xattrs_of_a_directory_with_logged_changes_are_read_from_the_server() {
+    use coda::client::XattrHow;
+    let srv = start();
+    let (da, db) = (TempDir::new("wbi-xa"), TempDir::new("wbi-xb"));
+    let b = client(&srv, db.path());
+    b.mkdir("/x", 0o755).unwrap();
+    let x = b.stat("/x").unwrap().fid;
+    b.setxattr_fid(x, "user.old", b"1", XattrHow::Set).unwrap();
+    let a = write_back_client(&srv, da.path());
+    put(&a, "/x/f", b"f");
+    assert_eq!(a.pending_records(), 2);
+    a.setxattr_fid(x, "user.new", b"2", XattrHow::Create)
+        .unwrap();
+    let want = vec![
+        ("user.new".to_string(), b"2".to_vec()),
+        ("user.old".to_string(), b"1".to_vec()),
+    ];
+    assert_eq!(a.xattrs_fid(x).unwrap(), want);
+    assert_eq!(a.getxattr_fid(x, "user.old").unwrap(), b"1");
+    let e = a
+        .setxattr_fid(x, "user.old", b"again", XattrHow::Create)
+        .unwrap_err();
+    assert!(matches!(e, coda::Error::Exists(_)), "{e}");
+    a.reintegrate_now().unwrap();
+    assert_eq!(a.pending_records(), 0);
+    assert_eq!(b.xattrs_fid(x).unwrap(), want);
+}

@@ -480,6 +480,14 @@ impl Cml {
             .any(|r| stored(&r.op) == Some(fid))
     }
 
+    /// The pending records that mention `fid`, in order.
+    pub fn records_about(&self, fid: Fid) -> Vec<Record> {
+        let l = self.log.lock();
+        let mut v: Vec<Record> = l.about(fid).cloned().collect();
+        v.sort_by_key(|r| r.store_id);
+        v
+    }
+
     /// Whether `len` more bytes of file data may go inside a log record
     /// (`LOG_INLINE_MAX`).
     pub fn inline_room(&self, len: u64) -> bool {

@@ -62,6 +62,38 @@ impl Inner {
         if let Some(l) = self.xattr_cache.get(fid, attr.version) {
             return Ok((attr.version, l));
         }
+        if !self.emu.offline() && self.emu.pending() > 0 && self.cml.mentions(fid) {
+            // Connected (write-back) with changes of `fid` in the log (an
+            // entry made in a directory, a store) and its list not cached:
+            // the server's list with the log's own SetXattr records of
+            // `fid` applied is the list as this client changed it.
+            let logged = self.cml.records_about(fid);
+            let online = || {
+                let s = self.servers.session()?;
+                match s.call(&Msg::GetXattrs { fid }, &self.servers.interrupt)? {
+                    Msg::Xattrs { mut items, .. } => {
+                        for r in &logged {
+                            if let RecordOp::SetXattr {
+                                fid: f,
+                                name,
+                                how,
+                                value,
+                            } = &r.op
+                            {
+                                if *f == fid {
+                                    apply(&mut items, name, *how, value);
+                                }
+                            }
+                        }
+                        let l = Arc::new(items);
+                        self.xattr_cache.put(fid, attr.version, l.clone());
+                        Ok((attr.version, l))
+                    }
+                    m => Err(Error::Protocol(format!("GetXattrs answered with {m:?}"))),
+                }
+            };
+            return self.emulate(None, online, || Err(emulation::uncached(fid)));
+        }
         self.emulate(
             Some(fid),
             || {
@@ -77,6 +109,19 @@ impl Inner {
             },
             || Err(emulation::uncached(fid)),
         )
+    }
+}
+
+/// `how` applied to a list sorted by name (as the server applies it, once
+/// checked).
+fn apply(list: &mut Vec<(String, Vec<u8>)>, name: &str, how: XattrHow, value: &[u8]) {
+    match (how, list.binary_search_by(|(n, _)| n.as_str().cmp(name))) {
+        (XattrHow::Remove, Ok(i)) => {
+            list.remove(i);
+        }
+        (XattrHow::Remove, Err(_)) => {}
+        (_, Ok(i)) => list[i].1 = value.to_vec(),
+        (_, Err(i)) => list.insert(i, (name.to_string(), value.to_vec())),
     }
 }
 
