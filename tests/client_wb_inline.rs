@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use client_util::*;
-use coda::client::{Client, Keep};
+use coda::client::{Client, ClientState, Keep};
 use common::{TempDir, TestServer};
 
 /// Long enough that nothing is sent by itself while a test looks.
@@ -46,7 +46,7 @@ fn container(cache: &std::path::Path, c: &Client, path: &str) -> std::path::Path
 /// sent from its container, and an emptied container made it a conflict.
 #[test]
 fn small_write_back_stores_survive_the_loss_of_their_containers() {
-    let srv = start();
+    let mut srv = start();
     let cache = TempDir::new("wbi-lost");
     let sizes = [1usize, 4096, 65536];
     let data = |i: usize| -> Vec<u8> { (0..sizes[i]).map(|k| (k * 31 + i) as u8).collect() };
@@ -71,6 +71,22 @@ fn small_write_back_stores_survive_the_loss_of_their_containers() {
     }
     std::fs::remove_file(&paths[0].1).unwrap();
 
+    // Started with no server: the cache serves the logged bytes.
+    srv.kill9();
+    {
+        let a = client(&srv, cache.path());
+        assert_eq!(a.state(), ClientState::Disconnected);
+        assert_eq!(a.pending_records(), 1 + 2 * sizes.len());
+        for (i, (p, c)) in paths.iter().enumerate() {
+            assert_eq!(
+                std::fs::read(c).unwrap(),
+                data(i),
+                "container of {p} redone"
+            );
+            assert_eq!(get(&a, p), data(i), "{p} offline");
+        }
+    }
+    srv.restart();
     let a = client(&srv, cache.path());
     assert_eq!(a.pending_records(), 0, "the log went at start");
     assert!(a.conflicts().unwrap().is_empty(), "nothing was lost");

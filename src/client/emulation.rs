@@ -340,14 +340,14 @@ fn redo_inline_store(cache: &Cache, cml: &Cml, id: u64, fid: Fid, data: &[u8], m
         return;
     }
     let path = cache.container(fid);
-    if std::fs::read(&path).is_ok_and(|b| b == data) {
-        return;
-    }
     // The working copy only: no fsync (the record stays the durable copy
     // until the server has it, and a later start redoes this again).
-    if std::fs::write(&path, data).is_err() {
+    if !std::fs::read(&path).is_ok_and(|b| b == data) && std::fs::write(&path, data).is_err() {
         return;
     }
+    // The entry too (the index's own commits after the record's may be
+    // lost, and an entry whose size disagrees with its container is not
+    // trusted at open): the cache serves what the log will send.
     let len = data.len() as u64;
     cache.update(None, fid, |e| {
         e.attr.size = len;
