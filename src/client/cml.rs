@@ -549,6 +549,13 @@ impl Cml {
     /// Make the records logged with `log_lazy` durable, if a durable commit
     /// has not already.
     pub fn sync_lazy(&self) -> Result<()> {
+        {
+            // Nothing lazy, and no change being committed that may be.
+            let l = self.log.lock();
+            if !l.lazy && !l.applying {
+                return Ok(());
+            }
+        }
         let (mut w, log) = self.begin()?;
         if !log.lazy {
             return Ok(());

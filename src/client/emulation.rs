@@ -386,6 +386,8 @@ pub(crate) trait Turns: Send + Sync + 'static {
     /// Send the records that are due (write-disconnected: the aged ones).
     fn send_due(&self) -> Result<()>;
     fn hoard_walk(&self) -> Result<super::hoard::HoardReport>;
+    /// Make lazily logged records durable (`Cml::sync_lazy`).
+    fn sync_log(&self);
 }
 
 /// Start the reintegrator thread; it holds only `weak`, so dropping the
@@ -422,6 +424,12 @@ fn reintegrator<C: Turns>(weak: Weak<C>, state: Arc<EmuState>, period: Duration)
         let _ = state.wake_rx.recv_timeout(period);
         if state.stopped.load(Ordering::Relaxed) {
             return;
+        }
+        {
+            // The Create of a file still open (logged lazily) is durable
+            // within a turn even if the file stays open.
+            let Some(inner) = weak.upgrade() else { return };
+            inner.sync_log();
         }
         if state.mode.remote_stopped() {
             // Failed over (until failback), or held without disconnected

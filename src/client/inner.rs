@@ -1069,4 +1069,8 @@ impl emulation::Turns for Inner {
     fn hoard_walk(&self) -> Result<HoardReport> {
         Inner::hoard_walk(self)
     }
+    fn sync_log(&self) {
+        // A failure leaves the records lazy; the next turn tries again.
+        let _ = self.cml.sync_lazy();
+    }
 }
