@@ -264,3 +264,50 @@ fn xattrs_of_a_directory_with_logged_changes_are_read_from_the_server() {
     assert_eq!(a.pending_records(), 0);
     assert_eq!(b.xattrs_fid(x).unwrap(), want);
 }
+
+#[test]
+fn child_exiter() {
+    if std::env::var("CODA_WBI_EXIT_CHILD").is_err() {
+        return; // only meaningful as the child of the test below
+    }
+    let c = Client::new(disco_util::child_config()).expect("client starts");
+    c.mkdir("/made", 0o755).unwrap();
+    put(&c, "/made/f", b"connected");
+    // An open file keeps the client's insides alive past the last handle,
+    // as a thread of the client holding it for a turn does.
+    let f = c.open("/made/f", libc::O_RDONLY, 0).unwrap();
+    drop(c);
+    println!("dropped");
+    std::mem::forget(f);
+    std::process::exit(0);
+}
+
+/// The index's commits are not synced one by one (redb keeps such a commit
+/// in memory until a synced one follows). The last `Client` handle makes
+/// them durable when it is dropped, even while the client lives on
+/// (an open file, or its prober holding it for a turn) and the process then
+/// exits: a client started on that cache with no server still finds what
+/// the first one made. Before, this depended on which thread dropped the
+/// client last (`disco_crash` failed now and then: NotFound for a
+/// directory the connected run had made).
+#[test]
+fn dropping_the_last_client_handle_makes_the_index_durable_before_the_process_exits() {
+    let mut srv = start();
+    let cache = TempDir::new("wbi-exit");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_exiter", "--nocapture", "--test-threads=1"])
+        .env("CODA_WBI_EXIT_CHILD", "1")
+        .env("CODA_SERVER", srv.addr().to_string())
+        .env("CODA_CACHE", cache.path())
+        .env("CODA_SECRET", srv.secret_file())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the child");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("dropped"), "{said}");
+    srv.kill9();
+    let a = client(&srv, cache.path());
+    assert_eq!(a.state(), ClientState::Disconnected);
+    assert_eq!(names(&a, "/made"), vec!["f"]);
+    assert_eq!(get(&a, "/made/f"), b"connected");
+}

@@ -143,9 +143,37 @@ pub struct DirEntry {
 
 /// The cache manager. Cheap to clone and share: every method takes `&self`
 /// and may be called from many threads at once.
-#[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
+}
+
+impl Clone for Client {
+    fn clone(&self) -> Client {
+        self.inner
+            .handles
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Client {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // The last handle: make the index durable here, before the caller
+        // goes on (and perhaps exits). The client itself may outlive it for
+        // a moment on a thread of its own (the prober or the reintegrator
+        // holding it for a turn), whose drop a process exit would cut short,
+        // losing every index commit not synced.
+        if self
+            .inner
+            .handles
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.inner.flush_index();
+        }
+    }
 }
 
 impl Client {
@@ -223,6 +251,7 @@ impl Client {
             health: Health::new(&cfg),
             xattr_cache: super::xattr::XattrCache::default(),
             _stop_probe: stop,
+            handles: std::sync::atomic::AtomicUsize::new(1),
         });
         probe::spawn(&inner, stopped)?;
         // Reintegrates what a crashed run logged (the server recognises

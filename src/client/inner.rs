@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     pub(crate) xattr_cache: super::xattr::XattrCache,
     /// Dropped with the client: stops the prober thread.
     pub(crate) _stop_probe: Sender<()>,
+    /// `Client` handles alive (api.rs): the last one to go makes the index
+    /// durable itself (`flush_index`).
+    pub(crate) handles: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -53,6 +56,15 @@ impl Drop for Inner {
         // The client is going: its reintegrator thread must stop.
         self.emu.stop();
         self.servers.shutdown();
+        self.flush_index();
+    }
+}
+
+impl Inner {
+    /// One durable commit of the index: the LRU positions and volume stamps
+    /// not saved yet, and every earlier commit not synced (redb keeps a
+    /// commit not synced only in memory until a synced one follows).
+    pub(crate) fn flush_index(&self) {
         self.cache.flush_lru();
         self.emu.stamps.save(&self.cml.db, &self.callbacks);
     }
