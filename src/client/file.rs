@@ -236,8 +236,10 @@ impl File {
     /// Store the file now if it was written since it was opened (or last
     /// synced), keeping it open: what fsync(2) and every close(2) of one of
     /// several descriptor copies ask of the mount. Connected, the server
-    /// has the data when this returns; disconnected, the record and its
-    /// container are durable in the local log.
+    /// has the data when this returns; disconnected (or in write-back
+    /// mode), the record is durable in the local log, holding the bytes of
+    /// a file of at most 64 KiB or with the container fsynced first, and so
+    /// is the file's Create if this open made it.
     pub fn sync(&mut self) -> Result<()> {
         if self.done || !self.writable {
             return self.settle_create();
