@@ -117,6 +117,69 @@ struct Job {
     /// The user whose rights each record is checked against (`acl.rs`);
     /// None only for in-crate callers that check nothing.
     who: Option<Arc<super::acl::Who>>,
+    /// Per record: its inline data already written and fsynced to a file
+    /// of its own (`Prepared`), for the commit to rename into place.
+    prepared: Vec<Option<PathBuf>>,
+}
+
+/// Most records of one batch whose inline data is written ahead of the
+/// commit; the rest are written inside it, as before. Connected writers
+/// send a record or two per batch; a large replay batch keeps the group's
+/// parallel fsyncs.
+const PREPARE_MAX: usize = 8;
+
+/// The inline data of a batch's first records, each written to a file of
+/// its own and fsynced by the batch's worker before the batch joins a
+/// group commit (docs/SERVER.md "Group commit"). Creating and syncing a
+/// new file is the slowest step of applying an inline store; done here it
+/// runs beside other batches' work instead of inside the group's one
+/// writer, and the commit only renames the file to its versioned name
+/// (the objects directory's fsync, which the commit makes anyway, makes
+/// that name durable). A file the commit did not take (the batch failed,
+/// was a replay, or its group started again) is removed when this drops.
+struct Prepared(Vec<Option<PathBuf>>);
+
+impl Prepared {
+    fn new(root: &std::path::Path, records: &[Record]) -> Prepared {
+        let mut paths: Vec<Option<PathBuf>> = Vec::with_capacity(records.len());
+        for r in records {
+            let data = match &r.op {
+                RecordOp::StoreInline { fid, data, .. }
+                | RecordOp::CreateWith { fid, data, .. }
+                    if data.len() <= crate::proto::MAX_INLINE =>
+                {
+                    Some((*fid, data))
+                }
+                _ => None,
+            };
+            let ahead = paths.iter().flatten().count() < PREPARE_MAX;
+            paths.push(match data {
+                // A failure here (a full disk) is met again, and
+                // reported, when the commit writes the data itself.
+                Some((fid, data)) if ahead => objects::prepare_data(root, fid, data).ok(),
+                _ => None,
+            });
+        }
+        let mut p = Prepared(paths);
+        let files: Vec<&PathBuf> = p.0.iter().flatten().collect();
+        if !files.is_empty() && objects::sync_files(&files).is_err() {
+            p.remove();
+        }
+        p
+    }
+
+    fn remove(&mut self) {
+        for p in self.0.iter_mut().filter_map(Option::take) {
+            objects::remove_quietly(&p);
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // Renamed by a commit: already gone (quietly ignored).
+        self.remove();
+    }
 }
 
 type JobResult = std::result::Result<Outcome, BatchError>;
@@ -409,12 +472,15 @@ impl VolumeStore {
                 }
             }
         }
+        // Removes what the commit did not take, whatever the outcome.
+        let prepared = Prepared::new(&self.root, records);
         let job = Arc::new(Job {
             client: *client,
             after,
             records: records.to_vec(),
             staged: files,
             who,
+            prepared: prepared.0.clone(),
         });
         let group = &self.group;
         let large = is_large(&job);
@@ -594,12 +660,11 @@ impl VolumeStore {
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
             let commit = (|| -> Result<()> {
-                // Durable before acknowledged: the stored data, then the
-                // names, then the metadata that points at them.
-                objects::sync_files(&files).map_err(super::volume::clear_space_error)?;
-                for d in dirs {
-                    objects::sync_dir(d)?;
-                }
+                // Durable before acknowledged: the stored data and the
+                // new names (at once), then the metadata that points at
+                // them.
+                let dirs: Vec<&PathBuf> = dirs.into_iter().collect();
+                objects::sync_files_and_dirs(&files, &dirs, super::volume::clear_space_error)?;
                 txn.commit()?;
                 Ok(())
             })();
@@ -695,6 +760,7 @@ impl VolumeStore {
             let step = if already(r) {
                 current_attr(&batch.objects, r.op.target())
             } else {
+                batch.prepared = job.prepared.get(i).cloned().flatten();
                 batch.apply(&r.op)
             };
             match step {
@@ -879,6 +945,9 @@ struct Batch<'t, 's> {
     /// before the commit (an upload is not synced when it arrives).
     sync_files: Vec<PathBuf>,
     consumed: Vec<u64>,
+    /// The record being applied's inline data, already written and
+    /// fsynced (`Prepared`): renamed into place instead of written.
+    prepared: Option<PathBuf>,
     /// Something was written to the transaction (a failure then spoils it
     /// for the rest of the group).
     wrote: bool,
@@ -911,6 +980,7 @@ impl<'t, 's> Batch<'t, 's> {
             sync_dirs: BTreeSet::new(),
             sync_files: Vec::new(),
             consumed: Vec::new(),
+            prepared: None,
             wrote: false,
         })
     }
@@ -1352,15 +1422,26 @@ impl<'t, 's> Batch<'t, 's> {
         self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(data));
-        self.created.push(path.clone());
-        written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-        self.sync_files.push(path);
+                                        // Written and fsynced ahead (`Prepared`): only its name is new.
+                                        // Gone (taken by an earlier round of a group that started again):
+                                        // written here, as it always was.
+        let ready = self
+            .prepared
+            .take()
+            .is_some_and(|p| fs::rename(p, &path).is_ok());
+        if ready {
+            self.created.push(path);
+        } else {
+            let written = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(data));
+            self.created.push(path.clone());
+            written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            self.sync_files.push(path);
+        }
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
         if rec.has_file {
@@ -1744,6 +1825,7 @@ mod tests {
             records,
             staged: HashMap::new(),
             who: None,
+            prepared: Vec::new(),
         })
     }
 
@@ -1961,6 +2043,89 @@ mod tests {
         let replay = store.commit_group(&[job_after(a, 4, vec![create(5, "a5", fa[4])])]);
         assert!(replay[0].as_ref().is_ok_and(|o| o.replayed));
         assert_eq!(names(&store), ["a1", "a3", "a4", "a5", "c1", "c2"]);
+    }
+
+    /// Inline data written ahead of the commit (`Prepared`) lands under
+    /// the object's versioned name with its bytes, also when its group
+    /// starts again without a failed batch (the file renamed in the first
+    /// round went with that round and is written again in the next), a
+    /// stored file's old version goes, and no prepared file is left
+    /// behind by a commit, a failure or a replay.
+    #[test]
+    fn inline_data_written_ahead_lands_whole_and_leaves_no_file_behind() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let (fa, fb) = (fids(&store, &a, 1), fids(&store, &b, 1));
+        let with = |store_id, name: &str, fid, data: &[u8]| Record {
+            store_id,
+            op: RecordOp::CreateWith {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+                data: data.to_vec(),
+            },
+        };
+        let ghost = Record {
+            store_id: 2,
+            op: RecordOp::Remove {
+                parent: ROOT_FID,
+                name: "ghost".into(),
+                fid: Fid::new(1, 999, 1),
+            },
+        };
+        let ra = vec![with(1, "a1", fa[0], b"first")];
+        // Writes b1, then fails at its second record: the group restarts.
+        let rb = vec![with(1, "b1", fb[0], b"other"), ghost];
+        let (pa, pb) = (
+            Prepared::new(&store.root, &ra),
+            Prepared::new(&store.root, &rb),
+        );
+        assert!(pa.0[0].as_ref().is_some_and(|p| p.exists()));
+        assert!(pb.0[0].is_some() && pb.0[1].is_none());
+        let with_prepared = |client, records, p: &Prepared| {
+            Arc::new(Job {
+                prepared: p.0.clone(),
+                ..Arc::into_inner(job(client, records)).unwrap()
+            })
+        };
+        let out = store.commit_group(&[with_prepared(a, ra, &pa), with_prepared(b, rb, &pb)]);
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().index, 1);
+        drop((pa, pb));
+        assert_eq!(
+            fs::read(objects::object_path(&root, fa[0], 1)).unwrap(),
+            b"first"
+        );
+        assert!(!objects::object_path(&root, fb[0], 1).exists());
+        // The whole path: a new version stored, then its replay.
+        let again = vec![Record {
+            store_id: 2,
+            op: RecordOp::StoreInline {
+                fid: fa[0],
+                expected_version: 0,
+                mtime: Timespec::default(),
+                data: b"second".to_vec(),
+            },
+        }];
+        assert!(!store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
+        assert!(store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
+        assert_eq!(
+            fs::read(objects::object_path(&root, fa[0], 2)).unwrap(),
+            b"second"
+        );
+        assert!(!objects::object_path(&root, fa[0], 1).exists());
+        let names: Vec<String> = fs::read_dir(objects::objects_dir(&root, fa[0].volume))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".new")), "{names:?}");
     }
 
     /// A large batch that gives way keeps its place: a successor of its
