@@ -118,8 +118,9 @@ struct Job {
     /// None only for in-crate callers that check nothing.
     who: Option<Arc<super::acl::Who>>,
     /// Per record: its inline data already written and fsynced to a file
-    /// of its own (`Prepared`), for the commit to rename into place.
-    prepared: Vec<Option<PathBuf>>,
+    /// of its own (`Prepared`), for the commit to rename into place. Set
+    /// before the batch is ready in the queue (`Waiting::ready`).
+    prepared: std::sync::OnceLock<Vec<Option<PathBuf>>>,
 }
 
 /// Most records of one batch whose inline data is written ahead of the
@@ -129,17 +130,27 @@ struct Job {
 const PREPARE_MAX: usize = 8;
 
 /// The inline data of a batch's first records, each written to a file of
-/// its own and fsynced by the batch's worker before the batch joins a
-/// group commit (docs/SERVER.md "Group commit"). Creating and syncing a
-/// new file is the slowest step of applying an inline store; done here it
-/// runs beside other batches' work instead of inside the group's one
-/// writer, and the commit only renames the file to its versioned name
+/// its own and fsynced by the batch's worker after the batch took its
+/// place in the group queue and before it is ready there (docs/SERVER.md
+/// "Group commit"). Creating and syncing a new file is the slowest step of
+/// applying an inline store; done here it runs beside other batches' work
+/// (also the same session's next batches: its place is fixed, so they may
+/// start) instead of inside the group's one writer, and the commit only
+/// renames the file to its versioned name
 /// (the objects directory's fsync, which the commit makes anyway, makes
 /// that name durable). A file the commit did not take (the batch failed,
 /// was a replay, or its group started again) is removed when this drops.
 struct Prepared(Vec<Option<PathBuf>>);
 
 impl Prepared {
+    /// Whether any of `records` carries inline data to prepare.
+    fn wanted(records: &[Record]) -> bool {
+        records.iter().any(|r| {
+            matches!(&r.op, RecordOp::StoreInline { data, .. } | RecordOp::CreateWith { data, .. }
+                if data.len() <= crate::proto::MAX_INLINE)
+        })
+    }
+
     fn new(root: &std::path::Path, records: &[Record]) -> Prepared {
         let mut paths: Vec<Option<PathBuf>> = Vec::with_capacity(records.len());
         for r in records {
@@ -203,6 +214,9 @@ struct Waiting {
     /// When it was queued; a large batch yields only until
     /// `since + MAX_DEFER`.
     since: Instant,
+    /// Its inline data is prepared (`Prepared`): until then neither it nor
+    /// a later batch of its client is taken.
+    ready: bool,
 }
 
 #[derive(Default)]
@@ -291,13 +305,17 @@ fn select(
     max_group: usize,
 ) -> Pick {
     let mut behind: Vec<ClientId> = Vec::new();
-    let small_waits = queue.iter().any(|w| !is_large(&w.job));
+    let small_waits = queue.iter().any(|w| w.ready && !is_large(&w.job));
     for (i, w) in queue.iter().enumerate() {
         // Starving large batches alternate with groups of small ones.
         if forced_last && small_waits {
             break;
         }
         if behind.contains(&w.job.client) {
+            continue;
+        }
+        if !w.ready {
+            behind.push(w.job.client);
             continue;
         }
         if is_large(&w.job) && now >= w.since + MAX_DEFER {
@@ -317,7 +335,7 @@ fn select(
         if behind.contains(&w.job.client) {
             continue;
         }
-        if is_large(&w.job) {
+        if is_large(&w.job) || !w.ready {
             behind.push(w.job.client);
         } else {
             at.push(i);
@@ -338,6 +356,9 @@ fn select(
             continue;
         }
         behind.push(w.job.client);
+        if !w.ready {
+            continue;
+        }
         let mut from = last_small.map_or(now, |t| t + LULL);
         if let Some(p) = paced {
             // The share applies only while small batches keep coming.
@@ -386,6 +407,23 @@ impl GroupCommit {
         g.queue
             .iter()
             .any(|w| w.job.client != *client && !is_large(&w.job))
+    }
+}
+
+/// Marks a queued batch ready (`Waiting::ready`) when dropped.
+struct MarkReady<'a> {
+    group: &'a GroupCommit,
+    ticket: u64,
+}
+
+impl Drop for MarkReady<'_> {
+    fn drop(&mut self) {
+        let mut g = self.group.state.lock();
+        if let Some(w) = g.queue.iter_mut().find(|w| w.ticket == self.ticket) {
+            w.ready = true;
+        }
+        drop(g);
+        self.group.cv.notify_all();
     }
 }
 
@@ -472,16 +510,15 @@ impl VolumeStore {
                 }
             }
         }
-        // Removes what the commit did not take, whatever the outcome.
-        let prepared = Prepared::new(&self.root, records);
         let job = Arc::new(Job {
             client: *client,
             after,
             records: records.to_vec(),
             staged: files,
             who,
-            prepared: prepared.0.clone(),
+            prepared: std::sync::OnceLock::new(),
         });
+        let wanted = Prepared::wanted(records);
         let group = &self.group;
         let large = is_large(&job);
         let mut g = group.state.lock();
@@ -493,13 +530,23 @@ impl VolumeStore {
         }
         g.queue.push_back(Waiting {
             ticket,
-            job,
+            job: job.clone(),
             since: now,
+            ready: !wanted,
         });
         drop(g);
         // Its place among its session's batches is fixed now: the
         // session's next batch may go to a worker and queue behind it.
         super::workers::release_heavy();
+        // Removes what the commit did not take, whatever the outcome.
+        let _prepared = wanted.then(|| {
+            // Ready even if preparing unwinds (the commit then writes).
+            let _ready = MarkReady { group, ticket };
+            let p = Prepared::new(&self.root, &job.records);
+            let _ = job.prepared.set(p.0.clone());
+            p
+        });
+        drop(job);
         let mut g = group.state.lock();
         // Bounded: each turn finds the result, leads a group, or sleeps
         // until a leader files results, a large batch's lull or starvation
@@ -760,7 +807,7 @@ impl VolumeStore {
             let step = if already(r) {
                 current_attr(&batch.objects, r.op.target())
             } else {
-                batch.prepared = job.prepared.get(i).cloned().flatten();
+                batch.prepared = job.prepared.get().and_then(|p| p.get(i).cloned().flatten());
                 batch.apply(&r.op)
             };
             match step {
@@ -1825,7 +1872,7 @@ mod tests {
             records,
             staged: HashMap::new(),
             who: None,
-            prepared: Vec::new(),
+            prepared: std::sync::OnceLock::new(),
         })
     }
 
@@ -2090,10 +2137,9 @@ mod tests {
         assert!(pa.0[0].as_ref().is_some_and(|p| p.exists()));
         assert!(pb.0[0].is_some() && pb.0[1].is_none());
         let with_prepared = |client, records, p: &Prepared| {
-            Arc::new(Job {
-                prepared: p.0.clone(),
-                ..Arc::into_inner(job(client, records)).unwrap()
-            })
+            let j = job(client, records);
+            j.prepared.set(p.0.clone()).unwrap();
+            j
         };
         let out = store.commit_group(&[with_prepared(a, ra, &pa), with_prepared(b, rb, &pb)]);
         assert!(out[0].is_ok());
@@ -2170,10 +2216,47 @@ mod tests {
             ticket,
             job: job([client; 16], recs(&ids)),
             since,
+            ready: true,
         }
     }
 
     const BIG: usize = SMALL_BATCH + 1;
+
+    /// A batch whose inline data is still being written is not taken, nor
+    /// any later batch of its client (their order holds); other clients'
+    /// batches go.
+    #[test]
+    fn a_batch_not_ready_holds_back_its_client_only() {
+        let t = Instant::now();
+        let mut q: VecDeque<Waiting> = [
+            waiting(0, 1, 1, t),
+            waiting(1, 1, 1, t),
+            waiting(2, 1, 1, t),
+            waiting(3, 2, 1, t),
+            waiting(4, 3, BIG, t),
+        ]
+        .into();
+        q[1].ready = false;
+        q[4].ready = false;
+        let pick = select(&q, t, Some(t), None, false, MAX_GROUP);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![0, 3],
+                yielding: false
+            }
+        );
+        // Only a large batch not ready: nothing to do yet.
+        let q: VecDeque<Waiting> = [Waiting {
+            ready: false,
+            ..waiting(4, 3, BIG, t)
+        }]
+        .into();
+        assert_eq!(
+            select(&q, t + MAX_DEFER, None, None, false, MAX_GROUP),
+            Pick::Nothing
+        );
+    }
 
     #[test]
     fn small_batches_go_first_and_a_large_one_alone() {
