@@ -153,6 +153,7 @@ impl Prepared {
 
     fn new(root: &std::path::Path, records: &[Record]) -> Prepared {
         let mut paths: Vec<Option<PathBuf>> = Vec::with_capacity(records.len());
+        let mut tried = 0;
         for r in records {
             let data = match &r.op {
                 RecordOp::StoreInline { fid, data, .. }
@@ -163,11 +164,13 @@ impl Prepared {
                 }
                 _ => None,
             };
-            let ahead = paths.iter().flatten().count() < PREPARE_MAX;
             paths.push(match data {
                 // A failure here (a full disk) is met again, and
                 // reported, when the commit writes the data itself.
-                Some((fid, data)) if ahead => objects::prepare_data(root, fid, data).ok(),
+                Some((fid, data)) if tried < PREPARE_MAX => {
+                    tried += 1;
+                    objects::prepare_data(root, fid, data).ok()
+                }
                 _ => None,
             });
         }
@@ -2221,6 +2224,35 @@ mod tests {
     }
 
     const BIG: usize = SMALL_BATCH + 1;
+
+    /// At most `PREPARE_MAX` records of a batch are prepared (the first
+    /// ones with inline data); the files go when the `Prepared` drops.
+    #[test]
+    fn a_batch_prepares_its_first_inline_records_only() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let mut records = recs(&[1]);
+        records.extend((2..=PREPARE_MAX as u64 + 3).map(|id| Record {
+            store_id: id,
+            op: RecordOp::StoreInline {
+                fid: Fid::new(1, id, 1),
+                expected_version: 0,
+                mtime: Timespec::default(),
+                data: vec![id as u8; 10],
+            },
+        }));
+        let p = Prepared::new(&store.root, &records);
+        let made: Vec<bool> = p.0.iter().map(Option::is_some).collect();
+        let mut want = vec![false];
+        want.extend((0..PREPARE_MAX + 2).map(|i| i < PREPARE_MAX));
+        assert_eq!(made, want);
+        let kept: Vec<PathBuf> = p.0.iter().flatten().cloned().collect();
+        assert_eq!(fs::read(&kept[0]).unwrap(), vec![2u8; 10]);
+        drop(p);
+        assert!(kept.iter().all(|k| !k.exists()));
+    }
 
     /// A batch whose inline data is still being written is not taken, nor
     /// any later batch of its client (their order holds); other clients'
