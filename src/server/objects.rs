@@ -46,6 +46,38 @@ pub fn parse_object_name(name: &str) -> Option<(u64, u32, u64)> {
     Some((vnode, unique, dv))
 }
 
+/// A fresh, unique name in `fid`'s objects directory for a data file
+/// written ahead of its batch's commit (`prepare_data`). Not an object
+/// name (`parse_object_name` refuses it), so a leftover of a crash is
+/// removed by the startup sweep.
+fn prepared_path(root: &Path, fid: Fid) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    objects_dir(root, fid.volume).join(format!("{}.{}.new{n}", fid.vnode, fid.unique))
+}
+
+/// Write `data` to a new file in `fid`'s objects directory, ahead of the
+/// commit of the batch that stores it (the caller fsyncs it, see
+/// `reintegrate.rs` "Prepared"); the commit then only renames it to its
+/// versioned name. On failure nothing is left behind.
+pub fn prepare_data(root: &Path, fid: Fid, data: &[u8]) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = prepared_path(root, fid);
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(data));
+    if let Err(e) = written {
+        remove_quietly(&path);
+        return Err(Error::io(format!("write {}", path.display()), e));
+    }
+    Ok(path)
+}
+
 /// fsync a directory so the names created or removed in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -79,6 +111,30 @@ pub fn sync_files(files: &[&PathBuf]) -> Result<()> {
             h.join()
                 .unwrap_or_else(|_| Err(Error::Eio("an fsync thread panicked".into())))
         })
+    })
+}
+
+/// Make a group commit's data durable: fsync the data of every file in
+/// `files` and every directory in `dirs`, all at once (each mostly waits on
+/// the device, and the file system joins concurrent fsyncs into one journal
+/// commit, where one after the other costs a commit each). Returns once all
+/// are done; the first error, a file's mapped by `file_err`.
+pub fn sync_files_and_dirs(
+    files: &[&PathBuf],
+    dirs: &[&PathBuf],
+    file_err: impl Fn(Error) -> Error + Sync,
+) -> Result<()> {
+    if dirs.is_empty() || files.is_empty() {
+        sync_files(files).map_err(&file_err)?;
+        return dirs.iter().try_for_each(|d| sync_dir(d));
+    }
+    std::thread::scope(|s| {
+        let dirs_done = s.spawn(|| dirs.iter().try_for_each(|d| sync_dir(d)));
+        let f = sync_files(files).map_err(&file_err);
+        let d = dirs_done
+            .join()
+            .unwrap_or_else(|_| Err(Error::Eio("an fsync thread panicked".into())));
+        f.and(d)
     })
 }
 
@@ -146,5 +202,10 @@ mod tests {
         assert_eq!(parse_object_name("44.1"), None);
         assert_eq!(parse_object_name("44.1.7.8"), None);
         assert_eq!(parse_object_name("x.1.7"), None);
+        // A data file written ahead of its commit is never taken for one.
+        let p = prepared_path(Path::new("/d"), Fid::new(3, 44, 1));
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with("44.1.new"), "{name}");
+        assert_eq!(parse_object_name(name), None);
     }
 }

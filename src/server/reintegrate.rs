@@ -117,6 +117,83 @@ struct Job {
     /// The user whose rights each record is checked against (`acl.rs`);
     /// None only for in-crate callers that check nothing.
     who: Option<Arc<super::acl::Who>>,
+    /// Per record: its inline data already written and fsynced to a file
+    /// of its own (`Prepared`), for the commit to rename into place. Set
+    /// before the batch is ready in the queue (`Waiting::ready`).
+    prepared: std::sync::OnceLock<Vec<Option<PathBuf>>>,
+}
+
+/// Most records of one batch whose inline data is written ahead of the
+/// commit; the rest are written inside it, as before. Connected writers
+/// send a record or two per batch; a large replay batch keeps the group's
+/// parallel fsyncs.
+const PREPARE_MAX: usize = 8;
+
+/// The inline data of a batch's first records, each written to a file of
+/// its own and fsynced by the batch's worker after the batch took its
+/// place in the group queue and before it is ready there (docs/SERVER.md
+/// "Group commit"). Creating and syncing a new file is the slowest step of
+/// applying an inline store; done here it runs beside other batches' work
+/// (also the same session's next batches: its place is fixed, so they may
+/// start) instead of inside the group's one writer, and the commit only
+/// renames the file to its versioned name
+/// (the objects directory's fsync, which the commit makes anyway, makes
+/// that name durable). A file the commit did not take (the batch failed,
+/// was a replay, or its group started again) is removed when this drops.
+struct Prepared(Vec<Option<PathBuf>>);
+
+impl Prepared {
+    /// Whether any of `records` carries inline data to prepare.
+    fn wanted(records: &[Record]) -> bool {
+        records.iter().any(|r| {
+            matches!(&r.op, RecordOp::StoreInline { data, .. } | RecordOp::CreateWith { data, .. }
+                if data.len() <= crate::proto::MAX_INLINE)
+        })
+    }
+
+    fn new(root: &std::path::Path, records: &[Record]) -> Prepared {
+        let mut paths: Vec<Option<PathBuf>> = Vec::with_capacity(records.len());
+        let mut tried = 0;
+        for r in records {
+            let data = match &r.op {
+                RecordOp::StoreInline { fid, data, .. }
+                | RecordOp::CreateWith { fid, data, .. }
+                    if data.len() <= crate::proto::MAX_INLINE =>
+                {
+                    Some((*fid, data))
+                }
+                _ => None,
+            };
+            paths.push(match data {
+                // A failure here (a full disk) is met again, and
+                // reported, when the commit writes the data itself.
+                Some((fid, data)) if tried < PREPARE_MAX => {
+                    tried += 1;
+                    objects::prepare_data(root, fid, data).ok()
+                }
+                _ => None,
+            });
+        }
+        let mut p = Prepared(paths);
+        let files: Vec<&PathBuf> = p.0.iter().flatten().collect();
+        if !files.is_empty() && objects::sync_files(&files).is_err() {
+            p.remove();
+        }
+        p
+    }
+
+    fn remove(&mut self) {
+        for p in self.0.iter_mut().filter_map(Option::take) {
+            objects::remove_quietly(&p);
+        }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // Renamed by a commit: already gone (quietly ignored).
+        self.remove();
+    }
 }
 
 type JobResult = std::result::Result<Outcome, BatchError>;
@@ -140,6 +217,9 @@ struct Waiting {
     /// When it was queued; a large batch yields only until
     /// `since + MAX_DEFER`.
     since: Instant,
+    /// Its inline data is prepared (`Prepared`): until then neither it nor
+    /// a later batch of its client is taken.
+    ready: bool,
 }
 
 #[derive(Default)]
@@ -228,13 +308,17 @@ fn select(
     max_group: usize,
 ) -> Pick {
     let mut behind: Vec<ClientId> = Vec::new();
-    let small_waits = queue.iter().any(|w| !is_large(&w.job));
+    let small_waits = queue.iter().any(|w| w.ready && !is_large(&w.job));
     for (i, w) in queue.iter().enumerate() {
         // Starving large batches alternate with groups of small ones.
         if forced_last && small_waits {
             break;
         }
         if behind.contains(&w.job.client) {
+            continue;
+        }
+        if !w.ready {
+            behind.push(w.job.client);
             continue;
         }
         if is_large(&w.job) && now >= w.since + MAX_DEFER {
@@ -254,7 +338,7 @@ fn select(
         if behind.contains(&w.job.client) {
             continue;
         }
-        if is_large(&w.job) {
+        if is_large(&w.job) || !w.ready {
             behind.push(w.job.client);
         } else {
             at.push(i);
@@ -275,6 +359,9 @@ fn select(
             continue;
         }
         behind.push(w.job.client);
+        if !w.ready {
+            continue;
+        }
         let mut from = last_small.map_or(now, |t| t + LULL);
         if let Some(p) = paced {
             // The share applies only while small batches keep coming.
@@ -323,6 +410,23 @@ impl GroupCommit {
         g.queue
             .iter()
             .any(|w| w.job.client != *client && !is_large(&w.job))
+    }
+}
+
+/// Marks a queued batch ready (`Waiting::ready`) when dropped.
+struct MarkReady<'a> {
+    group: &'a GroupCommit,
+    ticket: u64,
+}
+
+impl Drop for MarkReady<'_> {
+    fn drop(&mut self) {
+        let mut g = self.group.state.lock();
+        if let Some(w) = g.queue.iter_mut().find(|w| w.ticket == self.ticket) {
+            w.ready = true;
+        }
+        drop(g);
+        self.group.cv.notify_all();
     }
 }
 
@@ -415,7 +519,9 @@ impl VolumeStore {
             records: records.to_vec(),
             staged: files,
             who,
+            prepared: std::sync::OnceLock::new(),
         });
+        let wanted = Prepared::wanted(records);
         let group = &self.group;
         let large = is_large(&job);
         let mut g = group.state.lock();
@@ -427,13 +533,23 @@ impl VolumeStore {
         }
         g.queue.push_back(Waiting {
             ticket,
-            job,
+            job: job.clone(),
             since: now,
+            ready: !wanted,
         });
         drop(g);
         // Its place among its session's batches is fixed now: the
         // session's next batch may go to a worker and queue behind it.
         super::workers::release_heavy();
+        // Removes what the commit did not take, whatever the outcome.
+        let _prepared = wanted.then(|| {
+            // Ready even if preparing unwinds (the commit then writes).
+            let _ready = MarkReady { group, ticket };
+            let p = Prepared::new(&self.root, &job.records);
+            let _ = job.prepared.set(p.0.clone());
+            p
+        });
+        drop(job);
         let mut g = group.state.lock();
         // Bounded: each turn finds the result, leads a group, or sleeps
         // until a leader files results, a large batch's lull or starvation
@@ -594,12 +710,11 @@ impl VolumeStore {
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
             let commit = (|| -> Result<()> {
-                // Durable before acknowledged: the stored data, then the
-                // names, then the metadata that points at them.
-                objects::sync_files(&files).map_err(super::volume::clear_space_error)?;
-                for d in dirs {
-                    objects::sync_dir(d)?;
-                }
+                // Durable before acknowledged: the stored data and the
+                // new names (at once), then the metadata that points at
+                // them.
+                let dirs: Vec<&PathBuf> = dirs.into_iter().collect();
+                objects::sync_files_and_dirs(&files, &dirs, super::volume::clear_space_error)?;
                 txn.commit()?;
                 Ok(())
             })();
@@ -695,6 +810,7 @@ impl VolumeStore {
             let step = if already(r) {
                 current_attr(&batch.objects, r.op.target())
             } else {
+                batch.prepared = job.prepared.get().and_then(|p| p.get(i).cloned().flatten());
                 batch.apply(&r.op)
             };
             match step {
@@ -879,6 +995,9 @@ struct Batch<'t, 's> {
     /// before the commit (an upload is not synced when it arrives).
     sync_files: Vec<PathBuf>,
     consumed: Vec<u64>,
+    /// The record being applied's inline data, already written and
+    /// fsynced (`Prepared`): renamed into place instead of written.
+    prepared: Option<PathBuf>,
     /// Something was written to the transaction (a failure then spoils it
     /// for the rest of the group).
     wrote: bool,
@@ -911,6 +1030,7 @@ impl<'t, 's> Batch<'t, 's> {
             sync_dirs: BTreeSet::new(),
             sync_files: Vec::new(),
             consumed: Vec::new(),
+            prepared: None,
             wrote: false,
         })
     }
@@ -1352,15 +1472,26 @@ impl<'t, 's> Batch<'t, 's> {
         self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
-        let written = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut f| f.write_all(data));
-        self.created.push(path.clone());
-        written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-        self.sync_files.push(path);
+                                        // Written and fsynced ahead (`Prepared`): only its name is new.
+                                        // Gone (taken by an earlier round of a group that started again):
+                                        // written here, as it always was.
+        let ready = self
+            .prepared
+            .take()
+            .is_some_and(|p| fs::rename(p, &path).is_ok());
+        if ready {
+            self.created.push(path);
+        } else {
+            let written = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(data));
+            self.created.push(path.clone());
+            written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            self.sync_files.push(path);
+        }
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
         if rec.has_file {
@@ -1744,6 +1875,7 @@ mod tests {
             records,
             staged: HashMap::new(),
             who: None,
+            prepared: std::sync::OnceLock::new(),
         })
     }
 
@@ -1963,6 +2095,88 @@ mod tests {
         assert_eq!(names(&store), ["a1", "a3", "a4", "a5", "c1", "c2"]);
     }
 
+    /// Inline data written ahead of the commit (`Prepared`) lands under
+    /// the object's versioned name with its bytes, also when its group
+    /// starts again without a failed batch (the file renamed in the first
+    /// round went with that round and is written again in the next), a
+    /// stored file's old version goes, and no prepared file is left
+    /// behind by a commit, a failure or a replay.
+    #[test]
+    fn inline_data_written_ahead_lands_whole_and_leaves_no_file_behind() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let (fa, fb) = (fids(&store, &a, 1), fids(&store, &b, 1));
+        let with = |store_id, name: &str, fid, data: &[u8]| Record {
+            store_id,
+            op: RecordOp::CreateWith {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+                data: data.to_vec(),
+            },
+        };
+        let ghost = Record {
+            store_id: 2,
+            op: RecordOp::Remove {
+                parent: ROOT_FID,
+                name: "ghost".into(),
+                fid: Fid::new(1, 999, 1),
+            },
+        };
+        let ra = vec![with(1, "a1", fa[0], b"first")];
+        // Writes b1, then fails at its second record: the group restarts.
+        let rb = vec![with(1, "b1", fb[0], b"other"), ghost];
+        let (pa, pb) = (
+            Prepared::new(&store.root, &ra),
+            Prepared::new(&store.root, &rb),
+        );
+        assert!(pa.0[0].as_ref().is_some_and(|p| p.exists()));
+        assert!(pb.0[0].is_some() && pb.0[1].is_none());
+        let with_prepared = |client, records, p: &Prepared| {
+            let j = job(client, records);
+            j.prepared.set(p.0.clone()).unwrap();
+            j
+        };
+        let out = store.commit_group(&[with_prepared(a, ra, &pa), with_prepared(b, rb, &pb)]);
+        assert!(out[0].is_ok());
+        assert_eq!(out[1].as_ref().unwrap_err().index, 1);
+        drop((pa, pb));
+        assert_eq!(
+            fs::read(objects::object_path(&root, fa[0], 1)).unwrap(),
+            b"first"
+        );
+        assert!(!objects::object_path(&root, fb[0], 1).exists());
+        // The whole path: a new version stored, then its replay.
+        let again = vec![Record {
+            store_id: 2,
+            op: RecordOp::StoreInline {
+                fid: fa[0],
+                expected_version: 0,
+                mtime: Timespec::default(),
+                data: b"second".to_vec(),
+            },
+        }];
+        assert!(!store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
+        assert!(store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
+        assert_eq!(
+            fs::read(objects::object_path(&root, fa[0], 2)).unwrap(),
+            b"second"
+        );
+        assert!(!objects::object_path(&root, fa[0], 1).exists());
+        let names: Vec<String> = fs::read_dir(objects::objects_dir(&root, fa[0].volume))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".new")), "{names:?}");
+    }
+
     /// A large batch that gives way keeps its place: a successor of its
     /// client that were applied meanwhile would be refused; once the large
     /// batch commits whole, the successor applies.
@@ -2005,10 +2219,76 @@ mod tests {
             ticket,
             job: job([client; 16], recs(&ids)),
             since,
+            ready: true,
         }
     }
 
     const BIG: usize = SMALL_BATCH + 1;
+
+    /// At most `PREPARE_MAX` records of a batch are prepared (the first
+    /// ones with inline data); the files go when the `Prepared` drops.
+    #[test]
+    fn a_batch_prepares_its_first_inline_records_only() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let mut records = recs(&[1]);
+        records.extend((2..=PREPARE_MAX as u64 + 3).map(|id| Record {
+            store_id: id,
+            op: RecordOp::StoreInline {
+                fid: Fid::new(1, id, 1),
+                expected_version: 0,
+                mtime: Timespec::default(),
+                data: vec![id as u8; 10],
+            },
+        }));
+        let p = Prepared::new(&store.root, &records);
+        let made: Vec<bool> = p.0.iter().map(Option::is_some).collect();
+        let mut want = vec![false];
+        want.extend((0..PREPARE_MAX + 2).map(|i| i < PREPARE_MAX));
+        assert_eq!(made, want);
+        let kept: Vec<PathBuf> = p.0.iter().flatten().cloned().collect();
+        assert_eq!(fs::read(&kept[0]).unwrap(), vec![2u8; 10]);
+        drop(p);
+        assert!(kept.iter().all(|k| !k.exists()));
+    }
+
+    /// A batch whose inline data is still being written is not taken, nor
+    /// any later batch of its client (their order holds); other clients'
+    /// batches go.
+    #[test]
+    fn a_batch_not_ready_holds_back_its_client_only() {
+        let t = Instant::now();
+        let mut q: VecDeque<Waiting> = [
+            waiting(0, 1, 1, t),
+            waiting(1, 1, 1, t),
+            waiting(2, 1, 1, t),
+            waiting(3, 2, 1, t),
+            waiting(4, 3, BIG, t),
+        ]
+        .into();
+        q[1].ready = false;
+        q[4].ready = false;
+        let pick = select(&q, t, Some(t), None, false, MAX_GROUP);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![0, 3],
+                yielding: false
+            }
+        );
+        // Only a large batch not ready: nothing to do yet.
+        let q: VecDeque<Waiting> = [Waiting {
+            ready: false,
+            ..waiting(4, 3, BIG, t)
+        }]
+        .into();
+        assert_eq!(
+            select(&q, t + MAX_DEFER, None, None, false, MAX_GROUP),
+            Pick::Nothing
+        );
+    }
 
     #[test]
     fn small_batches_go_first_and_a_large_one_alone() {

@@ -129,8 +129,12 @@ impl TestServer {
         }
     }
 
+    /// SIGSTOP, and wait (bounded) until every thread of the server is
+    /// stopped: `kill` only queues the signal, and a server still running
+    /// for a moment could answer a request the test sends right after.
     pub fn sigstop(&self) {
         unsafe { libc::kill(self.pid(), libc::SIGSTOP) };
+        wait_stopped(self.pid());
     }
     pub fn sigcont(&self) {
         unsafe { libc::kill(self.pid(), libc::SIGCONT) };
@@ -182,5 +186,34 @@ impl Drop for TestServer {
             unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
         }
         self.kill9();
+    }
+}
+
+/// Waits (at most 5 s) until every thread of `pid` is in the stopped state
+/// (`T` in /proc/PID/task/*/stat), after a SIGSTOP was sent to it.
+pub fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let all_stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true; // gone: nothing left to run
+        };
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            match stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+            {
+                Some(state) => state == "T" || state == "t" || state == "Z" || state == "X",
+                None => true,
+            }
+        })
+    };
+    while !all_stopped() {
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not stop within 5 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
