@@ -912,10 +912,14 @@ impl Inner {
             .cache
             .get(op.target())
             .is_none_or(|e| e.attr.nlink <= 1);
-        // The Create of a file (always opened by its creator: `at.rs`) is
-        // made durable by the file's first close or fsync (`file.rs`), so
-        // a new small file's create, write and close cost one log commit.
-        let logged = if !connected && matches!(op, RecordOp::Create { .. }) {
+        // In write-back (or write-disconnected) mode, opted into as a
+        // trade, the Create of a file (always opened by its creator:
+        // `at.rs`) is made durable by the file's first close or fsync
+        // (`file.rs`), so a new small file's create, write and close cost
+        // one log commit. Disconnected operation, which nobody opts into,
+        // keeps the rule: durable before the call returns.
+        let lazy_create = !connected && !emu.offline() && emu.write_disconnected();
+        let logged = if lazy_create && matches!(op, RecordOp::Create { .. }) {
             self.cml.log_lazy(op.clone(), cached, check)?
         } else {
             self.cml
