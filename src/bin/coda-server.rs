@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! coda-server init    --root DIR [--user NAME]
+//! coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
+//! coda-server group status --root DIR
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //!                     [--max-file-size SIZE] [--max-staged SIZE]
@@ -28,6 +30,8 @@ use coda::server::{
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
+  coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
+  coda-server group status --root DIR   (asks every member of DIR's group)
   coda-server adduser --root DIR --user NAME
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
@@ -56,11 +60,15 @@ struct Args {
     max_staged_uploads: Option<String>,
     volume: Option<String>,
     bytes: Option<String>,
+    node: Option<String>,
+    group: Option<String>,
+    from: Option<String>,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
-        "init" => &["--root", "--user"],
+        "init" => &["--root", "--user", "--node", "--group", "--from"],
+        "group status" => &["--root"],
         "adduser" => &["--root", "--user"],
         "serve" => &[
             "--root",
@@ -99,6 +107,9 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--max-staged-uploads" => &mut a.max_staged_uploads,
             "--volume" => &mut a.volume,
             "--bytes" => &mut a.bytes,
+            "--node" => &mut a.node,
+            "--group" => &mut a.group,
+            "--from" => &mut a.from,
             _ => &mut a.break_ms,
         };
         *slot = Some(value);
@@ -122,10 +133,35 @@ fn run() -> Result<(), Fail> {
         println!("coda-server {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    if cmd == "group" {
+        let sub = argv.get(1).map(String::as_str).unwrap_or("");
+        let args = parse(&format!("group {sub}"), argv.get(2..).unwrap_or(&[]))?;
+        return group_status(&args.root.expect("parse checked --root"));
+    }
     let args = parse(cmd, &argv[1..])?;
     let root = args.root.clone().expect("parse checked --root");
     let fail = |e: coda::Error| Fail::Run(e.to_string());
     match cmd.as_str() {
+        "init" if args.node.is_some() || args.group.is_some() || args.from.is_some() => {
+            let (Some(node), Some(group)) = (&args.node, &args.group) else {
+                return Err(Fail::Usage(
+                    "init: a group member needs both --node N and --group ADDR1,ADDR2,...".into(),
+                ));
+            };
+            let node: u64 = node
+                .parse()
+                .map_err(|_| Fail::Usage(format!("--node: {node:?} is not a member number")))?;
+            let said = server::replication::init_member(
+                &root,
+                node,
+                group,
+                args.user.as_deref(),
+                args.from.as_deref().map(std::path::Path::new),
+            )
+            .map_err(fail)?;
+            println!("{said}");
+            Ok(())
+        }
         "init" => {
             let user = args.user.as_deref().unwrap_or("admin");
             let secret = server::init(&root, user).map_err(fail)?;
@@ -203,8 +239,52 @@ fn resolve_listen(spec: &str) -> Result<SocketAddr, Fail> {
         .ok_or_else(|| Fail::Usage(format!("--listen: {spec:?} has no address")))
 }
 
+/// `group status`: every member's view, the leader's first.
+fn group_status(root: &std::path::Path) -> Result<(), Fail> {
+    let reports = server::replication::group_status(root).map_err(|e| Fail::Run(e.to_string()))?;
+    let leader = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term);
+    match leader {
+        Some(l) => println!("leader {} term {} commit {}", l.id, l.term, l.commit),
+        None => println!("leader none"),
+    }
+    let commit = leader.map(|l| l.commit).unwrap_or(0);
+    for r in &reports {
+        match &r.status {
+            Ok(s) => println!(
+                "member {} {} {} term {} applied {} lag {}",
+                r.member.id,
+                r.member.addr,
+                s.role,
+                s.term,
+                s.applied,
+                commit.saturating_sub(s.applied)
+            ),
+            Err(e) => println!("member {} {} unreachable ({e})", r.member.id, r.member.addr),
+        }
+    }
+    Ok(())
+}
+
 fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
-    let listen = resolve_listen(args.listen.as_deref().unwrap_or("127.0.0.1:2432"))?;
+    // A group member serves clients and peers on its group address.
+    let member = server::replication::config::GroupConfig::load(&root)
+        .map_err(|e| Fail::Run(e.to_string()))?
+        .map(|g| g.me().addr.clone());
+    if member.is_some() && args.listen.is_some() {
+        return Err(Fail::Usage(
+            "serve: a group member listens on its group address; drop --listen".into(),
+        ));
+    }
+    let listen = resolve_listen(
+        args.listen
+            .as_deref()
+            .or(member.as_deref())
+            .unwrap_or("127.0.0.1:2432"),
+    )?;
     let break_timeout = match &args.break_ms {
         Some(v) => {
             Duration::from_millis(v.parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {

@@ -24,6 +24,7 @@ mod meta;
 mod objects;
 mod owners;
 mod reintegrate;
+pub mod replication;
 mod sessions;
 mod volume;
 mod wire;
@@ -75,7 +76,7 @@ pub const DEFAULT_BREAK_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A connection that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that does not take our bytes for this long is cut.
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const WORKERS: usize = 16;
 /// Stack of a connection thread: it runs the handshake and the bulk
 /// transfers, nothing deep; small so a thousand connections cost little.
@@ -158,6 +159,8 @@ pub(crate) struct Shared {
     max_conns: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
+    /// The Raft node of a group member (None: a lone server).
+    repl: Option<replication::Replicator>,
 }
 
 /// A running server. Dropping it without `shutdown` leaves its threads
@@ -172,6 +175,7 @@ impl Server {
     /// Open the data directory, bind, start the threads; returns at once.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
         let store = VolumeStore::open(&cfg.root, cfg.space.max_file_size)?;
+        let repl = replication::Replicator::start(&cfg.root)?;
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -196,6 +200,7 @@ impl Server {
             max_conns,
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
+            repl,
         });
         let s2 = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
@@ -228,6 +233,9 @@ impl Server {
         let _ = TcpStream::connect_timeout(&wake_addr(self.addr), Duration::from_secs(1));
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
+        }
+        if let Some(r) = &sh.repl {
+            r.stop();
         }
         sh.registry.end_all();
         for s in sh.conns.lock().values() {
@@ -496,6 +504,21 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    if let Some(r) = &shared.repl {
+        // Peers share the port: their first byte is not a frame's.
+        let first = Deadline {
+            inner: &mut reader,
+            at: Instant::now() + HANDSHAKE_TIMEOUT,
+        }
+        .fill_buf()
+        .ok()
+        .and_then(|b| b.first().copied());
+        if first.is_some_and(replication::is_peer_start) {
+            shared.handshaking.lock().remove(serial);
+            r.serve_peer(reader, stream);
+            return;
+        }
+    }
     let mut timed = Deadline {
         inner: &mut reader,
         at: Instant::now() + HANDSHAKE_TIMEOUT,
@@ -513,6 +536,18 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
         }
     };
     let _ = stream.set_read_timeout(None);
+    if let (Some(r), ConnKind::Control) = (&shared.repl, ident.kind) {
+        if !r.is_leader() {
+            // Until the volume store is replicated only the leader serves.
+            let msg = match r.leader() {
+                Some((id, addr)) => format!("not the leader; the leader is member {id} at {addr}"),
+                None => "not the leader; no leader elected yet".into(),
+            };
+            let _ = wire::send(&mut stream, 0, &wire::error_reply(&Error::Again(msg)));
+            wire::close_after_error(&mut stream);
+            return;
+        }
+    }
     match ident.kind {
         ConnKind::Control => control::serve(Arc::clone(shared), reader, ident, welcome),
         ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, welcome, serial),

@@ -1,0 +1,370 @@
+//! Server replication (issue 14): a group of coda-servers agreeing on a log
+//! through Raft. The engine is the `raft` crate (TiKV's): it is sans-I/O —
+//! a `RawNode` we tick and feed, handing back what to persist and send —
+//! so it runs on our own threads and sockets with no async runtime, which
+//! the library must not have (openraft needs one).
+//!
+//! Parts: `config` (the group file and key), `storage` (the log and hard
+//! state in `DIR/raft.redb`, fsynced before anything that depends on them
+//! is sent), `transport` (the peer handshake and frames on the member's one
+//! listening port), `peers` (outbound connections with bounded queues and
+//! reconnect), `node` (the thread that owns the engine).
+//!
+//! See docs/SERVER.md "Replication" for what is replicated so far.
+
+pub mod config;
+pub mod node;
+mod peers;
+pub mod storage;
+pub mod transport;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use parking_lot::Mutex;
+use protobuf::Message as _;
+
+use self::config::{GroupConfig, Member};
+use self::node::{Driver, Input, NodeStatus, Published};
+use self::storage::RaftStore;
+use self::transport::{KIND_RAFT, KIND_STATUS, KIND_STATUS_REQ};
+use crate::server::log;
+use crate::{Error, Result};
+
+/// Inputs queued for the node thread at most; peers' messages beyond it are
+/// dropped (the engine resends).
+const INBOX: usize = 8192;
+/// A peer connection silent this long is closed (heartbeats come every 150 ms).
+const PEER_IDLE: Duration = Duration::from_secs(30);
+
+/// Initialise member `node` of the group whose addresses are `group` (in
+/// node order). The first member (`from` = None) creates the volume store
+/// with `user` and the group key; the others copy both from `from`, a data
+/// directory initialised for another member and not yet served. Returns
+/// what to tell the operator.
+pub fn init_member(
+    root: &Path,
+    node: u64,
+    group: &str,
+    user: Option<&str>,
+    from: Option<&Path>,
+) -> Result<String> {
+    let cfg = GroupConfig::from_list(node, group)?;
+    if crate::server::volume::db_path(root).exists() {
+        return Err(Error::Exists(format!(
+            "{} already holds a coda server",
+            root.display()
+        )));
+    }
+    let said = match from {
+        None => {
+            let secret = crate::server::init(root, user.unwrap_or("admin"))?;
+            config::generate_key(root)?;
+            format!(
+                "initialised {} as member {node} of {}; secret of {} in {}; \
+                 initialise the other members with --from {}",
+                root.display(),
+                cfg.members.len(),
+                user.unwrap_or("admin"),
+                secret.display(),
+                root.display()
+            )
+        }
+        Some(src) => {
+            if user.is_some() {
+                return Err(Error::Invalid(
+                    "--user is for the first member; --from copies its users".into(),
+                ));
+            }
+            copy_from(src, root, &cfg)?;
+            format!(
+                "initialised {} as member {node} of {} (volume store, users and group key copied from {})",
+                root.display(),
+                cfg.members.len(),
+                src.display()
+            )
+        }
+    };
+    let voters: Vec<u64> = cfg.members.iter().map(|m| m.id).collect();
+    RaftStore::create(root, &voters)?;
+    cfg.save(root)?;
+    Ok(said)
+}
+
+/// Copy the first member's store, user secrets and group key: every member
+/// starts from the same state (same server id, root fid and users).
+fn copy_from(src: &Path, root: &Path, cfg: &GroupConfig) -> Result<()> {
+    let theirs = GroupConfig::load(src)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} is not a group member's data directory",
+            src.display()
+        ))
+    })?;
+    let addrs = |g: &GroupConfig| g.members.iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
+    if addrs(&theirs) != addrs(cfg) {
+        return Err(Error::Invalid(format!(
+            "{} was initialised for the group {}, not {}",
+            src.display(),
+            addrs(&theirs).join(","),
+            addrs(cfg).join(",")
+        )));
+    }
+    let served = RaftStore::open(src)?.mem().rl().hard_state().term > 0;
+    if served {
+        return Err(Error::Invalid(format!(
+            "{} has served already; a new member joins a running group with \
+             `coda-server group add` instead",
+            src.display()
+        )));
+    }
+    crate::fsmode::create_private_dir(root)?;
+    fs::create_dir_all(crate::server::objects::objects_dir(
+        root,
+        crate::server::ROOT_VOLUME,
+    ))
+    .map_err(|e| Error::io("create objects directory", e))?;
+    fs::create_dir_all(crate::server::objects::staging_dir(root))
+        .map_err(|e| Error::io("create staging directory", e))?;
+    let entries = fs::read_dir(src).map_err(|e| Error::io(format!("read {}", src.display()), e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::io("read directory", e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "meta.redb" || name == config::KEY_FILE || name.ends_with(".secret") {
+            let bytes = fs::read(e.path())
+                .map_err(|err| Error::io(format!("read {}", e.path().display()), err))?;
+            config::write_file_durably(&root.join(&name), &bytes, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
+/// A running member's replication: the node thread and its handles.
+pub struct Replicator {
+    inbox: Sender<Input>,
+    group: Arc<Mutex<GroupConfig>>,
+    key: [u8; 32],
+    me: u64,
+    published: Arc<Published>,
+    stopping: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Replicator {
+    /// Start replication if `root` is a group member; `None` for a lone server.
+    pub fn start(root: &Path) -> Result<Option<Replicator>> {
+        let Some(cfg) = GroupConfig::load(root)? else {
+            return Ok(None);
+        };
+        let key = config::read_key(root)?;
+        let store = RaftStore::open(root)?;
+        let me = cfg.node;
+        let node = node::raw_node(me, &store)?;
+        let group = Arc::new(Mutex::new(cfg));
+        let (tx, rx) = bounded(INBOX);
+        let published = Arc::new(Published::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let driver = Driver {
+            node,
+            store,
+            inbox: rx,
+            peers: peers::Peers::new(me, key, Arc::clone(&group)),
+            group: Arc::clone(&group),
+            root: PathBuf::from(root),
+            published: Arc::clone(&published),
+            stopping: Arc::clone(&stopping),
+            sm: Box::new(node::NoState),
+            waiting: Default::default(),
+            next_serial: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("coda-raft".into())
+            .spawn(move || driver.run())
+            .map_err(|e| Error::io("start the raft node thread", e))?;
+        log::info(format_args!("replication: member {me} started"));
+        Ok(Some(Replicator {
+            inbox: tx,
+            group,
+            key,
+            me,
+            published,
+            stopping,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// This member's node id.
+    pub fn id(&self) -> u64 {
+        self.me
+    }
+
+    /// Whether this member is the leader as far as it knows.
+    pub fn is_leader(&self) -> bool {
+        self.published.leader.load(Ordering::SeqCst) == self.me
+            && !self.published.failed.load(Ordering::SeqCst)
+    }
+
+    /// The leader's node id and address, if one is known.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let id = self.published.leader.load(Ordering::SeqCst);
+        let addr = self.group.lock().addr_of(id).map(str::to_string)?;
+        Some((id, addr))
+    }
+
+    /// The node's state (asks the node thread; bounded wait).
+    pub fn status(&self) -> Result<NodeStatus> {
+        let (tx, rx) = bounded(1);
+        self.inbox
+            .send_timeout(Input::Status(tx), Duration::from_secs(2))
+            .map_err(|_| Error::Again("the raft node is not running".into()))?;
+        rx.recv_timeout(Duration::from_secs(2))
+            .map_err(|_| Error::Timeout("the raft node did not answer".into()))
+    }
+
+    /// Append `data` to the replicated log; returns its index once a
+    /// majority has it and this member applied it. Only the leader takes
+    /// proposals (others answer `Again` naming the leader).
+    pub fn propose(&self, data: Vec<u8>, timeout: Duration) -> Result<u64> {
+        let (tx, rx) = bounded(1);
+        self.inbox
+            .send_timeout(Input::Propose(data, tx), timeout)
+            .map_err(|_| Error::Again("the raft node is not running".into()))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| Error::Timeout("no majority applied the change in time".into()))?
+    }
+
+    /// Add member `id` at `addr` (`Some`) or remove it (`None`), through the log.
+    pub fn change_membership(
+        &self,
+        id: u64,
+        addr: Option<String>,
+        timeout: Duration,
+    ) -> Result<u64> {
+        let (tx, rx) = bounded(1);
+        self.inbox
+            .send_timeout(Input::Membership(id, addr, tx), timeout)
+            .map_err(|_| Error::Again("the raft node is not running".into()))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| Error::Timeout("the membership change was not applied in time".into()))?
+    }
+
+    /// Stop the node thread (and its peer connections).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serve an accepted connection whose first byte says it is a peer's.
+    pub fn serve_peer<R: BufRead>(&self, mut reader: R, mut stream: TcpStream) {
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        let from = match transport::accept(&mut reader, &mut stream, &self.key, self.me) {
+            Ok(f) => f,
+            Err(e) => {
+                log::info(format_args!(
+                    "replication: peer handshake from {peer} failed: {e}"
+                ));
+                return;
+            }
+        };
+        let _ = stream.set_read_timeout(Some(PEER_IDLE));
+        loop {
+            let frame = match transport::read_frame(&mut reader) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(_) => return,
+            };
+            match frame {
+                (KIND_RAFT, body) if from != 0 => {
+                    let Ok(m) = raft::eraftpb::Message::parse_from_bytes(&body) else {
+                        log::warn(format_args!("replication: bad message from member {from}"));
+                        return;
+                    };
+                    if m.from != from {
+                        log::warn(format_args!(
+                            "replication: member {from} sent a message as {}",
+                            m.from
+                        ));
+                        return;
+                    }
+                    match self.inbox.try_send(Input::Raft(Box::new(m))) {
+                        Ok(()) | Err(TrySendError::Full(_)) => {}
+                        Err(TrySendError::Disconnected(_)) => return,
+                    }
+                }
+                (KIND_STATUS_REQ, _) => {
+                    let text = match self.status() {
+                        Ok(s) => s.encode(),
+                        Err(e) => format!("error {e}\n"),
+                    };
+                    if transport::write_frame(&mut stream, KIND_STATUS, text.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+/// Whether the first byte of a connection marks a peer (clients' frames
+/// start with the high byte of a small length: zero).
+pub fn is_peer_start(first: u8) -> bool {
+    first == transport::MAGIC[0]
+}
+
+/// One member's answer to `group status`.
+#[derive(Debug, Clone)]
+pub struct MemberReport {
+    /// The member as the group file lists it.
+    pub member: Member,
+    /// Its status, or why it could not be had.
+    pub status: std::result::Result<NodeStatus, String>,
+}
+
+/// Ask every member listed in `root`'s group file for its status.
+pub fn group_status(root: &Path) -> Result<Vec<MemberReport>> {
+    let cfg = GroupConfig::load(root)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} is not a group member's data directory",
+            root.display()
+        ))
+    })?;
+    let key = config::read_key(root)?;
+    let mut out = Vec::new();
+    let members = cfg.members.clone();
+    for m in members {
+        let status = ask_status(&m.addr, m.id, &key).map_err(|e| e.to_string());
+        out.push(MemberReport { member: m, status });
+    }
+    Ok(out)
+}
+
+/// Ask one member for its status over a peer connection (node id 0).
+pub fn ask_status(addr: &str, id: u64, key: &[u8; 32]) -> Result<NodeStatus> {
+    let mut s = transport::dial(config::resolve(addr)?, key, 0, id)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| Error::io("peer socket", e))?;
+    transport::write_frame(&mut s, KIND_STATUS_REQ, &[])?;
+    let mut r = BufReader::new(s.try_clone().map_err(|e| Error::io("peer socket", e))?);
+    match transport::read_frame(&mut r)? {
+        Some((KIND_STATUS, body)) => {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            if let Some(err) = text.strip_prefix("error ") {
+                return Err(Error::Again(err.trim().to_string()));
+            }
+            NodeStatus::decode(&text)
+        }
+        _ => Err(Error::Protocol("no status reply".into())),
+    }
+}

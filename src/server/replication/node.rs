@@ -1,0 +1,464 @@
+//! The node thread: the only owner of the engine's `RawNode`. It ticks,
+//! steps peers' messages, takes proposals, and for every ready makes the
+//! log durable (one fsync) before sending what must follow it, then
+//! applies committed entries and answers the proposers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+
+use super::config::{GroupConfig, Member};
+use super::peers::Peers;
+use super::storage::RaftStore;
+use crate::server::log;
+use crate::{Error, Result};
+
+/// One engine tick. Heartbeats go every `HEARTBEAT_TICKS`, and a follower
+/// that hears no leader for a random 1–2 × `ELECTION_TICKS` ticks stands.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Ticks between heartbeats (150 ms).
+pub const HEARTBEAT_TICKS: usize = 3;
+/// Election timeout in ticks (0.5 s, randomised up to 1 s by the engine).
+pub const ELECTION_TICKS: usize = 10;
+
+/// What other threads hand the node thread.
+pub enum Input {
+    /// A message from a peer.
+    Raft(Box<Message>),
+    /// Append `data` to the log; answered with its index once applied here.
+    Propose(Vec<u8>, Sender<Result<u64>>),
+    /// Add (`Some(addr)`) or remove (`None`) member `id`; answered once applied.
+    Membership(u64, Option<String>, Sender<Result<u64>>),
+    /// A snapshot of the node's state.
+    Status(Sender<NodeStatus>),
+}
+
+/// One member's view, for `group status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub id: u64,
+    /// "leader", "follower", "candidate" or "precandidate".
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of (0: none).
+    pub leader: u64,
+    /// Highest index known committed.
+    pub commit: u64,
+    /// Highest index applied here.
+    pub applied: u64,
+    /// Last index in the log here.
+    pub last: u64,
+    /// Voters of the configuration in force.
+    pub voters: Vec<u64>,
+    /// On the leader: each member's highest replicated index.
+    pub matched: Vec<(u64, u64)>,
+}
+
+impl NodeStatus {
+    /// Text form: one `key value` per line.
+    pub fn encode(&self) -> String {
+        let mut s = format!(
+            "id {}\nrole {}\nterm {}\nleader {}\ncommit {}\napplied {}\nlast {}\nvoters {}\n",
+            self.id,
+            self.role,
+            self.term,
+            self.leader,
+            self.commit,
+            self.applied,
+            self.last,
+            self.voters
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for (id, m) in &self.matched {
+            s.push_str(&format!("matched {id} {m}\n"));
+        }
+        s
+    }
+
+    /// Parse [`NodeStatus::encode`]'s text.
+    pub fn decode(text: &str) -> Result<NodeStatus> {
+        let mut st = NodeStatus::default();
+        let bad = || Error::Protocol(format!("bad status reply {text:?}"));
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let num =
+                |i: usize| -> Result<u64> { f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
+            match f.first().copied() {
+                Some("id") => st.id = num(1)?,
+                Some("role") => st.role = f.get(1).ok_or_else(bad)?.to_string(),
+                Some("term") => st.term = num(1)?,
+                Some("leader") => st.leader = num(1)?,
+                Some("commit") => st.commit = num(1)?,
+                Some("applied") => st.applied = num(1)?,
+                Some("last") => st.last = num(1)?,
+                Some("voters") => {
+                    st.voters = f
+                        .get(1)
+                        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+                        .unwrap_or_default()
+                }
+                Some("matched") => st.matched.push((num(1)?, num(2)?)),
+                _ => {}
+            }
+        }
+        Ok(st)
+    }
+}
+
+/// What the node thread publishes for other threads without a round trip.
+#[derive(Default)]
+pub struct Published {
+    /// The leader's node id (0: none known).
+    pub leader: AtomicU64,
+    /// The current term.
+    pub term: AtomicU64,
+    /// Set when the node thread stopped for good (its log could not be written).
+    pub failed: AtomicBool,
+}
+
+/// Applies committed normal entries. Step 1 of issue 14 has no replicated
+/// state yet: entries carry no data besides the leaders' empty ones.
+pub trait StateMachine: Send {
+    /// Apply entry `index`; its result goes back to the proposer.
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<()>;
+}
+
+/// The state machine of a group with nothing replicated yet.
+pub struct NoState;
+
+impl StateMachine for NoState {
+    fn apply(&mut self, _index: u64, _data: &[u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+pub(super) struct Driver {
+    pub node: RawNode<raft::storage::MemStorage>,
+    pub store: RaftStore,
+    pub inbox: Receiver<Input>,
+    pub peers: Peers,
+    pub group: Arc<Mutex<GroupConfig>>,
+    pub root: std::path::PathBuf,
+    pub published: Arc<Published>,
+    pub stopping: Arc<AtomicBool>,
+    pub sm: Box<dyn StateMachine>,
+    /// Proposals of ours not yet applied: our serial → waiter.
+    pub waiting: HashMap<u64, Sender<Result<u64>>>,
+    pub next_serial: u64,
+}
+
+/// Build the engine over the durable log.
+pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::storage::MemStorage>> {
+    let cfg = raft::Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied: store.applied(),
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        // A leader that stops hearing a majority steps down, and a member
+        // cut off and back does not depose a healthy leader.
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| Error::Invalid(format!("raft config: {e}")))?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    RawNode::new(&cfg, store.mem(), &logger).map_err(|e| Error::Invalid(format!("raft: {e}")))
+}
+
+fn context(node: u64, serial: u64) -> Vec<u8> {
+    let mut c = node.to_be_bytes().to_vec();
+    c.extend_from_slice(&serial.to_be_bytes());
+    c
+}
+
+fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
+    if c.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(c[..8].try_into().ok()?),
+        u64::from_be_bytes(c[8..].try_into().ok()?),
+    ))
+}
+
+fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "precandidate",
+    }
+}
+
+impl Driver {
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stopping.load(Ordering::SeqCst) {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(input) => {
+                    self.take(input);
+                    // Take whatever else is queued before one ready: one
+                    // fsync covers them all.
+                    for _ in 0..256 {
+                        match self.inbox.try_recv() {
+                            Ok(i) => self.take(i),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick = Instant::now() + TICK;
+            }
+            if let Err(e) = self.on_ready() {
+                log::warn(format_args!(
+                    "replication: node {} stops: its log cannot be written: {e}",
+                    self.node.raft.id
+                ));
+                self.published.failed.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+        for (_, w) in self.waiting.drain() {
+            let _ = w.send(Err(Error::Again("the server is stopping".into())));
+        }
+        self.peers.stop();
+    }
+
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Raft(m) => {
+                // Messages from a node we don't know (removed, or a stale
+                // incarnation) are the engine's to ignore.
+                let _ = self.node.step(*m);
+            }
+            Input::Propose(data, done) => {
+                if self.node.raft.state != StateRole::Leader {
+                    let _ = done.send(Err(self.not_leader()));
+                    return;
+                }
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                match self.node.propose(context(self.node.raft.id, serial), data) {
+                    Ok(()) => {
+                        self.waiting.insert(serial, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(Error::Again(format!("proposal refused: {e}"))));
+                    }
+                }
+            }
+            Input::Membership(id, addr, done) => {
+                if self.node.raft.state != StateRole::Leader {
+                    let _ = done.send(Err(self.not_leader()));
+                    return;
+                }
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                let mut cc = ConfChange {
+                    node_id: id,
+                    ..Default::default()
+                };
+                cc.set_change_type(if addr.is_some() {
+                    ConfChangeType::AddNode
+                } else {
+                    ConfChangeType::RemoveNode
+                });
+                // The context names the proposer and, for an addition, the address.
+                let mut ctx = context(self.node.raft.id, serial);
+                ctx.extend_from_slice(addr.as_deref().unwrap_or("").as_bytes());
+                cc.context = ctx.into();
+                match self.node.propose_conf_change(Vec::new(), cc) {
+                    Ok(()) => {
+                        self.waiting.insert(serial, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(Error::Again(format!("change refused: {e}"))));
+                    }
+                }
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader = self.node.raft.leader_id;
+        let addr = self.group.lock().addr_of(leader).map(str::to_string);
+        match addr {
+            Some(a) => Error::Again(format!(
+                "not the leader; the leader is member {leader} at {a}"
+            )),
+            None => Error::Again("not the leader; no leader known".into()),
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let r = &self.node.raft;
+        let mut matched: Vec<(u64, u64)> = Vec::new();
+        if r.state == StateRole::Leader {
+            matched = r.prs().iter().map(|(id, p)| (*id, p.matched)).collect();
+            matched.sort_unstable();
+        }
+        let mut voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        NodeStatus {
+            id: r.id,
+            role: role_name(r.state).into(),
+            term: r.term,
+            leader: r.leader_id,
+            commit: r.raft_log.committed,
+            applied: self.store.applied(),
+            last: r.raft_log.last_index(),
+            voters,
+            matched,
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.peers.send(m);
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        // A leader may send before its own fsync (the engine counts its own
+        // vote only once persisted); everything else waits for the disk.
+        if !ready.messages().is_empty() {
+            let m = ready.take_messages();
+            self.send(m);
+        }
+        if !ready.snapshot().is_empty() {
+            return Err(Error::Invalid(
+                "a snapshot arrived; this member cannot install one yet".into(),
+            ));
+        }
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+        if let Some(ss) = ready.ss() {
+            self.published.leader.store(ss.leader_id, Ordering::SeqCst);
+            if ss.raft_state != StateRole::Leader {
+                for (_, w) in self.waiting.drain() {
+                    let _ = w.send(Err(Error::Again(
+                        "leadership changed before the change was applied; retry".into(),
+                    )));
+                }
+            }
+            log::info(format_args!(
+                "replication: node {} is {} (leader {}, term {})",
+                self.node.raft.id,
+                role_name(ss.raft_state),
+                ss.leader_id,
+                self.node.raft.term
+            ));
+        }
+        self.store.persist(ready.entries(), ready.hs())?;
+        if let Some(hs) = ready.hs() {
+            self.published.term.store(hs.term, Ordering::SeqCst);
+        }
+        if !ready.persisted_messages().is_empty() {
+            let m = ready.take_persisted_messages();
+            self.send(m);
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.persist_commit(commit)?;
+        }
+        let m = light.take_messages();
+        self.send(m);
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let me = self.node.raft.id;
+        for e in entries {
+            let (mine, result) = match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let r = if e.data.is_empty() {
+                        Ok(())
+                    } else {
+                        self.sm.apply(e.index, &e.data)
+                    };
+                    (parse_context(&e.context), r)
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| Error::Eio(format!("conf change does not decode: {err}")))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|err| Error::Eio(format!("conf change: {err}")))?;
+                    self.store.persist_conf(&cs)?;
+                    let ctx = &cc.context;
+                    let addr = ctx
+                        .get(16..)
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    self.update_members(cc.node_id, cc.get_change_type(), addr)?;
+                    (ctx.get(..16).and_then(parse_context), Ok(()))
+                }
+                EntryType::EntryConfChangeV2 => (None, Ok(())),
+            };
+            if let Some((node, serial)) = mine {
+                if node == me {
+                    if let Some(w) = self.waiting.remove(&serial) {
+                        let _ = w.send(result.map(|()| e.index));
+                    }
+                }
+            }
+        }
+        self.store.set_applied(last)
+    }
+
+    fn update_members(&mut self, id: u64, change: ConfChangeType, addr: String) -> Result<()> {
+        let mut g = self.group.lock();
+        match change {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if !addr.is_empty() {
+                    g.members.retain(|m| m.id != id);
+                    g.members.push(Member { id, addr });
+                    g.members.sort_by_key(|m| m.id);
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                if id != g.node {
+                    g.members.retain(|m| m.id != id);
+                }
+                self.peers.forget(id);
+            }
+        }
+        let g2 = g.clone();
+        drop(g);
+        g2.save(&self.root)
+    }
+}

@@ -1,0 +1,203 @@
+//! A replicated group of real `coda-server` processes on loopback ports
+//! chosen at run time, each killed by PID and cleaned up on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use coda::server::replication::{ask_status, config::read_key, node::NodeStatus};
+
+use crate::common::{TempDir, SERVER_BIN};
+
+/// Bounded wait for an observable condition.
+pub fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Member {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("member running").id() as i32
+    }
+}
+
+pub struct Group {
+    pub dir: TempDir,
+    pub members: Vec<Member>,
+    key: [u8; 32],
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().unwrap()
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(SERVER_BIN)
+        .args(args)
+        .output()
+        .expect("run coda-server");
+    assert!(
+        out.status.success(),
+        "coda-server {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Group {
+    /// Initialise `n` members (the first generates, the others copy) and serve them all.
+    pub fn start(n: usize) -> Group {
+        let dir = TempDir::new("group");
+        let addrs: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let list = addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let root = dir.path().join(format!("m{}", i + 1));
+            let node = (i + 1).to_string();
+            let mut args = vec![
+                "init",
+                "--root",
+                root.to_str().unwrap(),
+                "--node",
+                &node,
+                "--group",
+                &list,
+            ];
+            let first = dir.path().join("m1");
+            if i > 0 {
+                args.extend(["--from", first.to_str().unwrap()]);
+            }
+            run(&args);
+            members.push(Member {
+                id: i as u64 + 1,
+                addr: *addr,
+                root,
+                child: None,
+            });
+        }
+        let key = read_key(&members[0].root).expect("group key");
+        let mut g = Group { dir, members, key };
+        for i in 0..n {
+            g.serve(i);
+        }
+        g
+    }
+
+    pub fn secret_file(&self) -> PathBuf {
+        self.members[0].root.join("admin.secret")
+    }
+
+    /// Start member index `i` (0-based) on its group address.
+    pub fn serve(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {} already running", m.id);
+        // The port may be held a moment by the killed process's sockets.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpListener::bind(m.addr).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut child = Command::new(SERVER_BIN)
+            .args(["serve", "--root"])
+            .arg(&m.root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn coda-server serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read coda-server's first line");
+        assert_eq!(line.trim(), format!("listening on {}", m.addr));
+        m.child = Some(child);
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigstop(&self, i: usize) {
+        unsafe { libc::kill(self.members[i].pid(), libc::SIGSTOP) };
+    }
+
+    pub fn sigcont(&self, i: usize) {
+        unsafe { libc::kill(self.members[i].pid(), libc::SIGCONT) };
+    }
+
+    /// Member `i`'s own view, if it answers.
+    pub fn status(&self, i: usize) -> Option<NodeStatus> {
+        let m = &self.members[i];
+        if !m.running() {
+            return None;
+        }
+        ask_status(&m.addr.to_string(), m.id, &self.key).ok()
+    }
+
+    /// Index of the member that is leader, as the members in `among` see
+    /// it: it says so itself and every other of them names it, in its term.
+    pub fn wait_leader(&self, among: &[usize]) -> usize {
+        wait_until("a leader all live members agree on", 30, || {
+            let sts: Vec<NodeStatus> = among
+                .iter()
+                .map(|&i| self.status(i))
+                .collect::<Option<_>>()?;
+            let leader = sts.iter().find(|s| s.role == "leader")?;
+            sts.iter()
+                .all(|s| s.leader == leader.id && s.term == leader.term)
+                .then(|| {
+                    among
+                        .iter()
+                        .copied()
+                        .find(|&i| self.members[i].id == leader.id)
+                })
+                .flatten()
+        })
+    }
+
+    /// Wait until every member in `among` has applied the leader's commit index.
+    pub fn wait_caught_up(&self, among: &[usize]) -> u64 {
+        wait_until("every member applied the leader's commit", 30, || {
+            let l = self.wait_leader(among);
+            let commit = self.status(l)?.commit;
+            among
+                .iter()
+                .all(|&i| self.status(i).is_some_and(|s| s.applied >= commit))
+                .then_some(commit)
+        })
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
