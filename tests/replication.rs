@@ -1,6 +1,7 @@
 //! Replicated servers (issue 14): three real coda-server processes on
 //! loopback. No timing thresholds: outcomes are asserted, waits are bounds.
 
+mod client_util;
 mod common;
 mod replication_util;
 
@@ -159,4 +160,115 @@ fn init_refuses_a_bad_group_and_a_served_source() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the group has members 1 to 3"));
     assert!(!fresh.join("meta.redb").exists());
+}
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use coda::client::Client;
+
+/// Write `data` as the whole of `path`; Ok only if the client acknowledged it.
+fn try_put(c: &Client, path: &str, data: &[u8]) -> coda::Result<()> {
+    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
+    let mut off = 0;
+    while off < data.len() {
+        off += f.write_at(&data[off..], off as u64)?;
+    }
+    f.close()
+}
+
+/// Bring a client's log to the group (bounded), so what it acknowledged
+/// while cut off is on the servers too.
+fn drain(c: &Client) {
+    wait_until("the client's log reaches the group", 60, || {
+        let _ = c.reintegrate_now();
+        (c.pending_records() == 0).then_some(())
+    });
+}
+
+#[test]
+fn kill_9_of_the_leader_while_two_clients_write_loses_no_acknowledged_write() {
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let caches = common::TempDir::new("repl-clients");
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let cfg = g.client_config(&caches.path().join(format!("c{w}")));
+        let stop = Arc::clone(&stop);
+        let progress = Arc::clone(&progress);
+        writers.push(std::thread::spawn(move || {
+            let c = Client::new(cfg).expect("client connects");
+            let mut acked = Vec::new();
+            for i in 0..400 {
+                if stop.load(Ordering::SeqCst) && i % 10 == 0 {
+                    break;
+                }
+                let path = format!("/w{w}-{}", i % 10);
+                let data = format!("writer {w} write {i}\n").repeat(1 + i % 7);
+                if try_put(&c, &path, data.as_bytes()).is_ok() {
+                    acked.push((path, data));
+                    progress.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            drain(&c);
+            (c, acked)
+        }));
+    }
+    wait_until("both writers under way", 60, || {
+        (progress.load(Ordering::SeqCst) >= 20).then_some(())
+    });
+    g.kill9(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    // Acknowledged writes resume after the failover.
+    let after = progress.load(Ordering::SeqCst);
+    wait_until("writes after the failover", 60, || {
+        (progress.load(Ordering::SeqCst) >= after + 20).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    let mut last: std::collections::HashMap<String, String> = Default::default();
+    for t in writers {
+        let (c, acked) = t.join().expect("writer");
+        assert!(!acked.is_empty());
+        for (p, d) in acked {
+            last.insert(p, d);
+        }
+        drop(c);
+    }
+    // A fresh client reads every file's last acknowledged contents from the new leader.
+    let reader = Client::new(g.client_config(&caches.path().join("reader"))).unwrap();
+    for (p, d) in &last {
+        assert_eq!(
+            String::from_utf8(client_util::get(&reader, p)).unwrap(),
+            *d,
+            "{p} on the new leader (member {})",
+            g.members[l2].id
+        );
+    }
+}
+
+#[test]
+fn a_follower_killed_and_restarted_catches_up_file_data_included() {
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let f = (l + 1) % 3;
+    let caches = common::TempDir::new("repl-catchup");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    client_util::put(&c, "/before", b"written while all three ran\n");
+    g.kill9(f);
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    client_util::put(&c, "/while-down", &big);
+    c.mkdir("/dir", 0o755).unwrap();
+    client_util::put(&c, "/dir/small", b"small file while member was down\n");
+    assert!(!g.has_object(f, b"small file while member was down\n"));
+    g.serve(f);
+    g.wait_caught_up(&[0, 1, 2]);
+    assert!(g.has_object(f, b"written while all three ran\n"));
+    assert!(g.has_object(f, b"small file while member was down\n"));
+    assert!(
+        g.has_object(f, &big),
+        "the 3 MB file reached the returning member"
+    );
 }

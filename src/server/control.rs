@@ -369,7 +369,10 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
             }
         }
         Msg::AllocFids { volume, count } => {
-            let first_vnode = shared.store.alloc_fids(&ctx.id, volume, count)?;
+            let first_vnode = match &shared.repl {
+                Some(r) => super::replication::machine::alloc_fids(shared, r, ctx, volume, count)?,
+                None => shared.store.alloc_fids(&ctx.id, volume, count)?,
+            };
             Ok(Msg::FidRange {
                 volume,
                 first_vnode,
@@ -394,7 +397,11 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
         }
         Msg::Reintegrate { records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);
-            match shared.store.reintegrate(&ctx.id, &records, &lookup) {
+            let result = match &shared.repl {
+                Some(r) => super::replication::machine::reintegrate(shared, r, ctx, &records),
+                None => shared.store.reintegrate(&ctx.id, &records, &lookup),
+            };
+            match result {
                 Ok(out) => {
                     shared.registry.consume_uploads(ctx, &out.consumed_uploads);
                     if !out.replayed {

@@ -143,7 +143,7 @@ pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
 /// What every thread of a running server shares.
 pub(crate) struct Shared {
     root: PathBuf,
-    store: VolumeStore,
+    store: Arc<VolumeStore>,
     registry: Registry,
     pool: workers::Pool,
     break_timeout: Duration,
@@ -174,8 +174,8 @@ pub struct Server {
 impl Server {
     /// Open the data directory, bind, start the threads; returns at once.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
-        let store = VolumeStore::open(&cfg.root, cfg.space.max_file_size)?;
-        let repl = replication::Replicator::start(&cfg.root)?;
+        let store = Arc::new(VolumeStore::open(&cfg.root, cfg.space.max_file_size)?);
+        let repl = replication::Replicator::start(&cfg.root, &store)?;
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -202,6 +202,15 @@ impl Server {
             next_conn: AtomicU64::new(1),
             repl,
         });
+        if let Some(r) = &shared.repl {
+            // A deposed leader drops its clients: they find the new one.
+            let weak = Arc::downgrade(&shared);
+            r.on_step_down(Box::new(move || {
+                if let Some(sh) = weak.upgrade() {
+                    sh.registry.end_all();
+                }
+            }));
+        }
         let s2 = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
             .name("coda-accept".into())

@@ -109,6 +109,9 @@ struct Job {
     /// The staged files of the batch's Store records, looked up by the
     /// submitting worker (the lookup belongs to its session).
     staged: HashMap<u64, PathBuf>,
+    /// The time to stamp changes with (a replicated batch carries the
+    /// leader's, so every member writes the same ctimes); None: now.
+    now: Option<Timespec>,
 }
 
 type JobResult = std::result::Result<Outcome, BatchError>;
@@ -204,6 +207,18 @@ impl VolumeStore {
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_at(client, records, staged, None)
+    }
+
+    /// [`VolumeStore::reintegrate`] stamping changes with `now` when given
+    /// (replication applies a batch with the time its leader chose).
+    pub fn reintegrate_at(
+        &self,
+        client: &ClientId,
+        records: &[Record],
+        staged: StagedLookup,
+        now: Option<Timespec>,
+    ) -> std::result::Result<Outcome, BatchError> {
         let mut files = HashMap::new();
         for r in records {
             if let RecordOp::Store { upload_id, .. } = r.op {
@@ -216,6 +231,7 @@ impl VolumeStore {
             client: *client,
             records: records.to_vec(),
             staged: files,
+            now,
         });
         let group = &self.group;
         let mut g = group.state.lock();
@@ -375,6 +391,9 @@ impl VolumeStore {
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
         let mut batch = Batch::open(txn, self, client, &lookup).map_err(|e| early(e.into()))?;
+        if let Some(now) = job.now {
+            batch.now = now;
+        }
         let mut results = Vec::with_capacity(records.len());
         let mut failure = None;
         for (i, r) in records.iter().enumerate() {
@@ -1154,6 +1173,7 @@ mod tests {
             client,
             records,
             staged: HashMap::new(),
+            now: None,
         })
     }
 

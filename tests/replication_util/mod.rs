@@ -151,6 +151,42 @@ impl Group {
         unsafe { libc::kill(self.members[i].pid(), libc::SIGCONT) };
     }
 
+    /// Every member's address, as a client's `servers` lists them.
+    pub fn servers(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client of the whole group with its own cache under `cache`.
+    pub fn client_config(&self, cache: &std::path::Path) -> coda::client::Config {
+        let mut c = coda::client::Config::new();
+        c.set("servers", &self.servers()).unwrap();
+        c.set("cache_dir", cache.to_str().unwrap()).unwrap();
+        c.set("secret_file", self.secret_file().to_str().unwrap())
+            .unwrap();
+        c.set("rpc_timeout_ms", "5000").unwrap();
+        c.set("heartbeat_ms", "100").unwrap();
+        c.set("dead_after_ms", "1000").unwrap();
+        c
+    }
+
+    /// Whether some object file of member `i` holds exactly `data`.
+    pub fn has_object(&self, i: usize, data: &[u8]) -> bool {
+        let dir = self.members[i].root.join("objects");
+        let Ok(vols) = std::fs::read_dir(&dir) else {
+            return false;
+        };
+        vols.flatten().any(|v| {
+            std::fs::read_dir(v.path()).is_ok_and(|fs| {
+                fs.flatten()
+                    .any(|f| std::fs::read(f.path()).is_ok_and(|b| b == data))
+            })
+        })
+    }
+
     /// Member `i`'s own view, if it answers.
     pub fn status(&self, i: usize) -> Option<NodeStatus> {
         let m = &self.members[i];

@@ -13,6 +13,8 @@
 //! See docs/SERVER.md "Replication" for what is replicated so far.
 
 pub mod config;
+mod data;
+pub(crate) mod machine;
 pub mod node;
 mod peers;
 pub mod storage;
@@ -151,6 +153,7 @@ pub struct Replicator {
     group: Arc<Mutex<GroupConfig>>,
     key: [u8; 32],
     me: u64,
+    root: PathBuf,
     published: Arc<Published>,
     stopping: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -158,7 +161,10 @@ pub struct Replicator {
 
 impl Replicator {
     /// Start replication if `root` is a group member; `None` for a lone server.
-    pub fn start(root: &Path) -> Result<Option<Replicator>> {
+    pub fn start(
+        root: &Path,
+        volumes: &Arc<crate::server::volume::VolumeStore>,
+    ) -> Result<Option<Replicator>> {
         let Some(cfg) = GroupConfig::load(root)? else {
             return Ok(None);
         };
@@ -179,9 +185,16 @@ impl Replicator {
             root: PathBuf::from(root),
             published: Arc::clone(&published),
             stopping: Arc::clone(&stopping),
-            sm: Box::new(node::NoState),
+            sm: Box::new(machine::Machine {
+                store: Arc::clone(volumes),
+                root: PathBuf::from(root),
+                key,
+                me,
+                group: Arc::clone(&group),
+            }),
             waiting: Default::default(),
             next_serial: 0,
+            was_leader: false,
         };
         let thread = std::thread::Builder::new()
             .name("coda-raft".into())
@@ -193,6 +206,7 @@ impl Replicator {
             group,
             key,
             me,
+            root: PathBuf::from(root),
             published,
             stopping,
             thread: Mutex::new(Some(thread)),
@@ -207,6 +221,7 @@ impl Replicator {
     /// Whether this member is the leader as far as it knows.
     pub fn is_leader(&self) -> bool {
         self.published.leader.load(Ordering::SeqCst) == self.me
+            && self.published.serving.load(Ordering::SeqCst)
             && !self.published.failed.load(Ordering::SeqCst)
     }
 
@@ -230,7 +245,7 @@ impl Replicator {
     /// Append `data` to the replicated log; returns its index once a
     /// majority has it and this member applied it. Only the leader takes
     /// proposals (others answer `Again` naming the leader).
-    pub fn propose(&self, data: Vec<u8>, timeout: Duration) -> Result<u64> {
+    pub fn propose(&self, data: Vec<u8>, timeout: Duration) -> Result<node::Applied> {
         let (tx, rx) = bounded(1);
         self.inbox
             .send_timeout(Input::Propose(data, tx), timeout)
@@ -250,8 +265,18 @@ impl Replicator {
         self.inbox
             .send_timeout(Input::Membership(id, addr, tx), timeout)
             .map_err(|_| Error::Again("the raft node is not running".into()))?;
-        rx.recv_timeout(timeout)
-            .map_err(|_| Error::Timeout("the membership change was not applied in time".into()))?
+        let applied = rx.recv_timeout(timeout).map_err(|_| {
+            Error::Timeout("the membership change was not applied in time".into())
+        })??;
+        applied
+            .downcast::<u64>()
+            .map(|b| *b)
+            .map_err(|_| Error::Eio("membership change result of an unexpected type".into()))
+    }
+
+    /// Call `f` whenever this member stops being the leader.
+    pub fn on_step_down(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.published.on_step_down.lock() = Some(f);
     }
 
     /// Stop the node thread (and its peer connections).
@@ -300,6 +325,17 @@ impl Replicator {
                     match self.inbox.try_send(Input::Raft(Box::new(m))) {
                         Ok(()) | Err(TrySendError::Full(_)) => {}
                         Err(TrySendError::Disconnected(_)) => return,
+                    }
+                }
+                (transport::KIND_PUSH, body) if from != 0 => {
+                    if let Err(e) = data::serve_push(&self.root, &mut reader, &mut stream, &body) {
+                        log::warn(format_args!("replication: data from member {from}: {e}"));
+                        return;
+                    }
+                }
+                (transport::KIND_FETCH, body) if from != 0 => {
+                    if data::serve_fetch(&self.root, &mut stream, &body).is_err() {
+                        return;
                     }
                 }
                 (KIND_STATUS_REQ, _) => {

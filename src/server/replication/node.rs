@@ -32,10 +32,12 @@ pub const ELECTION_TICKS: usize = 10;
 pub enum Input {
     /// A message from a peer.
     Raft(Box<Message>),
-    /// Append `data` to the log; answered with its index once applied here.
-    Propose(Vec<u8>, Sender<Result<u64>>),
-    /// Add (`Some(addr)`) or remove (`None`) member `id`; answered once applied.
-    Membership(u64, Option<String>, Sender<Result<u64>>),
+    /// Append `data` to the log; answered with the state machine's result
+    /// once applied here.
+    Propose(Vec<u8>, Sender<Result<Applied>>),
+    /// Add (`Some(addr)`) or remove (`None`) member `id`; answered (with
+    /// the entry's index) once applied.
+    Membership(u64, Option<String>, Sender<Result<Applied>>),
     /// A snapshot of the node's state.
     Status(Sender<NodeStatus>),
 }
@@ -126,22 +128,22 @@ pub struct Published {
     pub term: AtomicU64,
     /// Set when the node thread stopped for good (its log could not be written).
     pub failed: AtomicBool,
+    /// The leader applied an entry of its own term: its store holds
+    /// everything committed before it, so it may serve clients.
+    pub serving: AtomicBool,
+    /// Called when this member stops being the leader.
+    pub on_step_down: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
-/// Applies committed normal entries. Step 1 of issue 14 has no replicated
-/// state yet: entries carry no data besides the leaders' empty ones.
+/// What an applied entry hands back to its proposer.
+pub type Applied = Box<dyn std::any::Any + Send>;
+
+/// Applies committed normal entries (the volume store: machine.rs).
 pub trait StateMachine: Send {
-    /// Apply entry `index`; its result goes back to the proposer.
-    fn apply(&mut self, index: u64, data: &[u8]) -> Result<()>;
-}
-
-/// The state machine of a group with nothing replicated yet.
-pub struct NoState;
-
-impl StateMachine for NoState {
-    fn apply(&mut self, _index: u64, _data: &[u8]) -> Result<()> {
-        Ok(())
-    }
+    /// Apply entry `index`; the value goes back to the proposer. An error
+    /// means this member could not apply what the others did: the node
+    /// stops rather than diverge.
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied>;
 }
 
 pub(super) struct Driver {
@@ -155,8 +157,9 @@ pub(super) struct Driver {
     pub stopping: Arc<AtomicBool>,
     pub sm: Box<dyn StateMachine>,
     /// Proposals of ours not yet applied: our serial → waiter.
-    pub waiting: HashMap<u64, Sender<Result<u64>>>,
+    pub waiting: HashMap<u64, Sender<Result<Applied>>>,
     pub next_serial: u64,
+    pub was_leader: bool,
 }
 
 /// Build the engine over the durable log.
@@ -361,6 +364,14 @@ impl Driver {
         self.apply(committed)?;
         if let Some(ss) = ready.ss() {
             self.published.leader.store(ss.leader_id, Ordering::SeqCst);
+            self.published.serving.store(false, Ordering::SeqCst);
+            let leader = ss.raft_state == StateRole::Leader;
+            if self.was_leader && !leader {
+                if let Some(f) = self.published.on_step_down.lock().as_ref() {
+                    f();
+                }
+            }
+            self.was_leader = leader;
             if ss.raft_state != StateRole::Leader {
                 for (_, w) in self.waiting.drain() {
                     let _ = w.send(Err(Error::Again(
@@ -402,12 +413,15 @@ impl Driver {
         };
         let me = self.node.raft.id;
         for e in entries {
-            let (mine, result) = match e.get_entry_type() {
+            if e.term == self.node.raft.term && self.node.raft.state == StateRole::Leader {
+                self.published.serving.store(true, Ordering::SeqCst);
+            }
+            let (mine, result): (_, Applied) = match e.get_entry_type() {
                 EntryType::EntryNormal => {
-                    let r = if e.data.is_empty() {
-                        Ok(())
+                    let r: Applied = if e.data.is_empty() {
+                        Box::new(())
                     } else {
-                        self.sm.apply(e.index, &e.data)
+                        self.sm.apply(e.index, &e.data)?
                     };
                     (parse_context(&e.context), r)
                 }
@@ -425,14 +439,14 @@ impl Driver {
                         .map(|b| String::from_utf8_lossy(b).into_owned())
                         .unwrap_or_default();
                     self.update_members(cc.node_id, cc.get_change_type(), addr)?;
-                    (ctx.get(..16).and_then(parse_context), Ok(()))
+                    (ctx.get(..16).and_then(parse_context), Box::new(e.index))
                 }
-                EntryType::EntryConfChangeV2 => (None, Ok(())),
+                EntryType::EntryConfChangeV2 => (None, Box::new(())),
             };
             if let Some((node, serial)) = mine {
                 if node == me {
                     if let Some(w) = self.waiting.remove(&serial) {
-                        let _ = w.send(result.map(|()| e.index));
+                        let _ = w.send(Ok(result));
                     }
                 }
             }

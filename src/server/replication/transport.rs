@@ -33,6 +33,14 @@ pub const KIND_RAFT: u8 = 1;
 pub const KIND_STATUS_REQ: u8 = 2;
 /// The reply: text lines `key value`.
 pub const KIND_STATUS: u8 = 3;
+/// A Store's data pushed to a follower: header, then the bytes and their SHA-256.
+pub const KIND_PUSH: u8 = 4;
+/// The follower's answer to a push: 0 = durable, 1 + text = failed.
+pub const KIND_PUSHED: u8 = 5;
+/// A request for a replicated upload (client id, upload id).
+pub const KIND_FETCH: u8 = 6;
+/// The answer: 0 = none, or 1 + length, then the bytes and their SHA-256.
+pub const KIND_FILE: u8 = 7;
 /// How long connecting and the peer handshake may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -1,0 +1,355 @@
+//! The replicated state machine: today's volume store. The leader turns a
+//! client's Reintegrate batch or AllocFids request into a log entry; every
+//! member applies the entry to its own store in log order, so all stores
+//! go through the same states. The leader answers the client with the
+//! result of its own application, after the entry committed (a majority
+//! has it durably) and its callbacks were broken, as for a lone server.
+//!
+//! Determinism: a batch carries the time the leader stamped it with, its
+//! Store records' data is in `replstage/` on every member that applies it
+//! (pushed before the proposal, pulled if missed), and the store-id replay
+//! rule lives in the store, so an entry applied again after a crash, or a
+//! client's retry on a new leader, changes nothing twice. AllocFids records
+//! the last log index it applied in the same transaction for the same
+//! reason.
+
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redb::ReadableTable;
+
+use super::config::{resolve, GroupConfig};
+use super::data::{fetch, push, replstage_dir, replstage_path};
+use super::node::StateMachine;
+use super::Replicator;
+use crate::proto::{Msg, Record, RecordOp, Timespec};
+use crate::server::meta::{encode_reservation, CLIENT_STORE, RESERVED, SETTINGS, VOLUMES};
+use crate::server::reintegrate::{BatchError, Outcome};
+use crate::server::sessions::ClientCtx;
+use crate::server::volume::{is_store_failure, ClientId, VolumeStore, MAX_ALLOC};
+use crate::server::{log, objects, Shared};
+use crate::{Error, Result};
+
+const OP_REINTEGRATE: u8 = 1;
+const OP_ALLOC: u8 = 2;
+/// The settings key of the last log index an AllocFids applied.
+const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
+/// How long a client's request waits for its entry to commit and apply.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What an applied entry hands back to its proposer.
+pub type Applied = Box<dyn Any + Send>;
+
+/// The volume store as a state machine.
+pub struct Machine {
+    pub(super) store: Arc<VolumeStore>,
+    pub(super) root: PathBuf,
+    pub(super) key: [u8; 32],
+    pub(super) me: u64,
+    pub(super) group: Arc<Mutex<GroupConfig>>,
+}
+
+fn encode_reintegrate(client: &ClientId, now: Timespec, records: &[Record]) -> Vec<u8> {
+    let msg = Msg::Reintegrate {
+        records: records.to_vec(),
+    };
+    let mut b = vec![OP_REINTEGRATE];
+    b.extend_from_slice(client);
+    b.extend_from_slice(&now.sec.to_be_bytes());
+    b.extend_from_slice(&now.nsec.to_be_bytes());
+    b.push(msg.kind());
+    b.extend_from_slice(&msg.encode());
+    b
+}
+
+fn encode_alloc(client: &ClientId, volume: u32, count: u32) -> Vec<u8> {
+    let mut b = vec![OP_ALLOC];
+    b.extend_from_slice(client);
+    b.extend_from_slice(&volume.to_be_bytes());
+    b.extend_from_slice(&count.to_be_bytes());
+    b
+}
+
+fn bad_entry() -> Error {
+    Error::Eio("a replicated log entry does not decode".into())
+}
+
+impl StateMachine for Machine {
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied> {
+        let client: ClientId = data
+            .get(1..17)
+            .ok_or_else(bad_entry)?
+            .try_into()
+            .expect("16");
+        match data[0] {
+            OP_REINTEGRATE => {
+                let b = data.get(17..).ok_or_else(bad_entry)?;
+                if b.len() < 13 {
+                    return Err(bad_entry());
+                }
+                let now = Timespec {
+                    sec: i64::from_be_bytes(b[..8].try_into().expect("8")),
+                    nsec: u32::from_be_bytes(b[8..12].try_into().expect("4")),
+                };
+                let Msg::Reintegrate { records } = Msg::decode_body(b[12], &b[13..])? else {
+                    return Err(bad_entry());
+                };
+                self.ensure_data(&client, &records)?;
+                let root = self.root.clone();
+                let lookup = move |up: u64| {
+                    let p = replstage_path(&root, &client, up);
+                    p.exists().then_some(p)
+                };
+                let res = self
+                    .store
+                    .reintegrate_at(&client, &records, &lookup, Some(now));
+                if let Err(b) = &res {
+                    if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
+                        // Another member may have applied it: stop rather than diverge.
+                        return Err(Error::Eio(format!(
+                            "entry {index} failed here only: {}",
+                            b.error
+                        )));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            OP_ALLOC => {
+                let b = data.get(17..25).ok_or_else(bad_entry)?;
+                let volume = u32::from_be_bytes(b[..4].try_into().expect("4"));
+                let count = u32::from_be_bytes(b[4..].try_into().expect("4"));
+                let res = alloc_at(&self.store, index, &client, volume, count);
+                if let Err(e) = &res {
+                    if is_store_failure(e) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            _ => Err(bad_entry()),
+        }
+    }
+}
+
+impl Machine {
+    /// Make sure the data of every not-yet-applied Store of the batch is
+    /// here, pulling what this member missed from the others.
+    fn ensure_data(&self, client: &ClientId, records: &[Record]) -> Result<()> {
+        let highest = self.store.with_db(|db| -> Result<u64> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(CLIENT_STORE)?;
+            let v = t.get(client)?.map(|v| v.value());
+            Ok(v.unwrap_or(0))
+        })?;
+        for r in records {
+            let RecordOp::Store { upload_id, .. } = r.op else {
+                continue;
+            };
+            if r.store_id <= highest || replstage_path(&self.root, client, upload_id).exists() {
+                continue;
+            }
+            let members = self.group.lock().members.clone();
+            let mut got = false;
+            for m in members.iter().filter(|m| m.id != self.me) {
+                let Ok(addr) = resolve(&m.addr) else { continue };
+                match fetch(
+                    addr, &self.key, self.me, m.id, &self.root, client, upload_id,
+                ) {
+                    Ok(true) => {
+                        got = true;
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => log::info(format_args!(
+                        "replication: fetching upload {upload_id} from member {}: {e}",
+                        m.id
+                    )),
+                }
+            }
+            if !got {
+                return Err(Error::Eio(format!(
+                    "the data of upload {upload_id} of client {} is on no reachable member",
+                    objects::hex(client)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// AllocFids as an entry: exactly once per index, even if applied again
+/// after a crash between the store's commit and the log's applied mark.
+fn alloc_at(
+    store: &VolumeStore,
+    index: u64,
+    client: &ClientId,
+    volume: u32,
+    count: u32,
+) -> Result<u64> {
+    if count == 0 || count > MAX_ALLOC {
+        return Err(Error::Invalid(format!(
+            "AllocFids count {count} not in 1..={MAX_ALLOC}"
+        )));
+    }
+    store.with_db(|db| -> Result<u64> {
+        let txn = db.begin_write()?;
+        let first = {
+            let mut settings = txn.open_table(SETTINGS)?;
+            let done = settings
+                .get(ALLOC_INDEX_KEY)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if done >= index {
+                return Err(Error::Again(format!("entry {index} was applied before")));
+            }
+            settings.insert(ALLOC_INDEX_KEY, index.to_be_bytes().as_slice())?;
+            let mut vols = txn.open_table(VOLUMES)?;
+            let first = vols
+                .get(volume)?
+                .map(|v| v.value())
+                .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
+            let end = first
+                .checked_add(count as u64)
+                .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
+            vols.insert(volume, end)?;
+            txn.open_table(RESERVED)?
+                .insert((volume, first), &encode_reservation(client, count))?;
+            first
+        };
+        txn.commit()?;
+        Ok(first)
+    })
+}
+
+/// Propose, wait for this member's application, and unwrap its result.
+fn propose<T: 'static>(repl: &Replicator, data: Vec<u8>) -> Result<T> {
+    let applied = repl.propose(data, COMMIT_TIMEOUT)?;
+    applied
+        .downcast::<T>()
+        .map(|b| *b)
+        .map_err(|_| Error::Eio("replicated result of an unexpected type".into()))
+}
+
+/// A client's session on a leader that could not get its request committed
+/// is ended, so the client looks for the new leader and retries there (the
+/// replay rule keeps a batch that did commit from applying twice).
+fn leadership_lost(shared: &Shared, ctx: &ClientCtx, e: &Error) {
+    if matches!(e, Error::Again(_) | Error::Timeout(_)) {
+        shared
+            .registry
+            .end_session(&ctx.id, ctx.gen, &format!("replication: {e}"));
+    }
+}
+
+/// The leader's AllocFids.
+pub(crate) fn alloc_fids(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    volume: u32,
+    count: u32,
+) -> Result<u64> {
+    match propose::<Result<u64>>(repl, encode_alloc(&ctx.id, volume, count)) {
+        Ok(r) => r,
+        Err(e) => {
+            leadership_lost(shared, ctx, &e);
+            Err(e)
+        }
+    }
+}
+
+/// The leader's Reintegrate: data to a majority, then the entry.
+pub(crate) fn reintegrate(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    records: &[Record],
+) -> std::result::Result<Outcome, BatchError> {
+    let fail = |e: Error| {
+        leadership_lost(shared, ctx, &e);
+        BatchError::from(e)
+    };
+    let mut files = Vec::new();
+    for r in records {
+        if let RecordOp::Store { upload_id, .. } = r.op {
+            if let Some(p) = shared.registry.staged(ctx, upload_id) {
+                files.push((upload_id, p));
+            }
+        }
+    }
+    if !files.is_empty() {
+        let dir = replstage_dir(&shared.root);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create replstage", e))?;
+        for (up, p) in &files {
+            let dst = replstage_path(&shared.root, &ctx.id, *up);
+            let _ = std::fs::remove_file(&dst);
+            std::fs::hard_link(p, &dst).map_err(|e| Error::io("link upload into replstage", e))?;
+        }
+        objects::sync_dir(&dir)?;
+        push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
+    }
+    let data = encode_reintegrate(&ctx.id, Timespec::now(), records);
+    match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
+        Ok(r) => r,
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// Push the batch's files to the followers; returns once, counting this
+/// member, a majority of the voters holds every one durably.
+fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf)]) -> Result<()> {
+    let st = repl.status()?;
+    let others: Vec<(u64, String)> = {
+        let g = repl.group.lock();
+        st.voters
+            .iter()
+            .filter(|v| **v != repl.me)
+            .filter_map(|v| g.addr_of(*v).map(|a| (*v, a.to_string())))
+            .collect()
+    };
+    let need = st.voters.len() / 2; // besides this member
+    if need == 0 {
+        return Ok(());
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (id, addr) in others {
+        let tx = tx.clone();
+        let key = repl.key;
+        let me = repl.me;
+        let client = *client;
+        let files = files.to_vec();
+        // Detached: a slow member finishes (or times out) on its own.
+        let _ = std::thread::Builder::new()
+            .name(format!("coda-push-{id}"))
+            .spawn(move || {
+                let r = resolve(&addr).and_then(|a| {
+                    files
+                        .iter()
+                        .try_for_each(|(up, p)| push(a, &key, me, id, &client, *up, p))
+                });
+                let _ = tx.send((id, r));
+            });
+    }
+    drop(tx);
+    let mut ok = 0;
+    let mut last = None;
+    while let Ok((id, r)) = rx.recv() {
+        match r {
+            Ok(()) => {
+                ok += 1;
+                if ok >= need {
+                    return Ok(());
+                }
+            }
+            Err(e) => last = Some(format!("member {id}: {e}")),
+        }
+    }
+    Err(Error::Again(format!(
+        "the data reached no majority of the group ({})",
+        last.unwrap_or_default()
+    )))
+}
