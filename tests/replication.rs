@@ -272,3 +272,60 @@ fn a_follower_killed_and_restarted_catches_up_file_data_included() {
         "the 3 MB file reached the returning member"
     );
 }
+
+#[test]
+fn all_three_killed_and_restarted_keep_every_acknowledged_write() {
+    let mut g = Group::start(3);
+    g.wait_leader(&[0, 1, 2]);
+    let caches = common::TempDir::new("repl-restart");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let data = format!("acknowledged write {i}\n").repeat(i + 1);
+        client_util::put(&c, &format!("/f{}", i % 7), data.as_bytes());
+        acked.push((format!("/f{}", i % 7), data));
+    }
+    drop(c);
+    for i in 0..3 {
+        g.kill9(i);
+    }
+    for i in 0..3 {
+        g.serve(i);
+    }
+    g.wait_caught_up(&[0, 1, 2]);
+    let reader = Client::new(g.client_config(&caches.path().join("reader"))).unwrap();
+    let last: std::collections::HashMap<_, _> = acked.into_iter().collect();
+    for (p, d) in &last {
+        assert_eq!(
+            String::from_utf8(client_util::get(&reader, p)).unwrap(),
+            *d,
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn sigstop_of_the_leader_while_a_client_writes_loses_nothing_and_writes_resume() {
+    let g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let caches = common::TempDir::new("repl-sigstop");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    client_util::put(&c, "/before", b"before the stop\n");
+    g.sigstop(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    g.wait_leader(&rest);
+    // The client's session to the stopped leader is judged dead; the write
+    // is acknowledged (connected to the new leader, or logged and then
+    // reintegrated there).
+    try_put(&c, "/during", b"while the old leader is stopped\n").unwrap();
+    drain(&c);
+    g.sigcont(l);
+    g.wait_caught_up(&[0, 1, 2]);
+    let reader = Client::new(g.client_config(&caches.path().join("reader"))).unwrap();
+    assert_eq!(client_util::get(&reader, "/before"), b"before the stop\n");
+    assert_eq!(
+        client_util::get(&reader, "/during"),
+        b"while the old leader is stopped\n"
+    );
+    assert!(g.has_object(l, b"while the old leader is stopped\n"));
+}
