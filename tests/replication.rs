@@ -329,3 +329,70 @@ fn sigstop_of_the_leader_while_a_client_writes_loses_nothing_and_writes_resume()
     );
     assert!(g.has_object(l, b"while the old leader is stopped\n"));
 }
+
+#[test]
+fn members_are_added_removed_and_a_wiped_one_replaced_online() {
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let caches = common::TempDir::new("repl-members");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    client_util::put(&c, "/a", b"written by three members\n");
+    // A fourth member, made while the group runs, catches up from the log.
+    let four = g.join(4, l);
+    let out = g.membership(
+        l,
+        &[
+            "add",
+            "--node",
+            "4",
+            "--addr",
+            &g.members[four].addr.to_string(),
+        ],
+    );
+    assert!(out.starts_with("member 4 added at log index "), "{out}");
+    let all = [0, 1, 2, four];
+    g.wait_caught_up(&all);
+    assert_eq!(g.status(l).unwrap().voters, vec![1, 2, 3, 4]);
+    assert!(g.has_object(four, b"written by three members\n"));
+    client_util::put(&c, "/b", b"written by four members\n");
+    wait_until("member 4 has the new file", 30, || {
+        g.has_object(four, b"written by four members\n")
+            .then_some(())
+    });
+    // A follower's disk is lost: it is removed, wiped, and replaced by a
+    // new member 5 built from the initial store and the log.
+    let lost = (0..3).find(|&i| i != l).unwrap();
+    let lost_id = g.members[lost].id;
+    g.kill9(lost);
+    std::fs::remove_dir_all(&g.members[lost].root).unwrap();
+    let out = g.membership(l, &["remove", "--node", &lost_id.to_string()]);
+    assert!(
+        out.starts_with(&format!("member {lost_id} removed")),
+        "{out}"
+    );
+    let five = g.join(5, l);
+    g.membership(
+        l,
+        &[
+            "add",
+            "--node",
+            "5",
+            "--addr",
+            &g.members[five].addr.to_string(),
+        ],
+    );
+    let live: Vec<usize> = (0..g.members.len())
+        .filter(|&i| g.members[i].running())
+        .collect();
+    g.wait_caught_up(&live);
+    let mut voters = vec![1, 2, 3, 4, 5];
+    voters.retain(|v| *v != lost_id);
+    assert_eq!(g.status(l).unwrap().voters, voters);
+    assert!(g.has_object(five, b"written by three members\n"));
+    assert!(g.has_object(five, b"written by four members\n"));
+    // Writes go on, and reach the new member.
+    client_util::put(&c, "/c", b"after the replacement\n");
+    wait_until("member 5 has the newest file", 30, || {
+        g.has_object(five, b"after the replacement\n").then_some(())
+    });
+}

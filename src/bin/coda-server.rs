@@ -4,6 +4,8 @@
 //! coda-server init    --root DIR [--user NAME]
 //! coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
 //! coda-server group status --root DIR
+//! coda-server group add    --root DIR --node N --addr ADDR
+//! coda-server group remove --root DIR --node N
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //!                     [--max-file-size SIZE] [--max-staged SIZE]
@@ -32,6 +34,8 @@ const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
   coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
   coda-server group status --root DIR   (asks every member of DIR's group)
+  coda-server group add    --root DIR --node N --addr ADDR   (N initialised with init --from)
+  coda-server group remove --root DIR --node N
   coda-server adduser --root DIR --user NAME
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
@@ -63,12 +67,15 @@ struct Args {
     node: Option<String>,
     group: Option<String>,
     from: Option<String>,
+    addr: Option<String>,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
         "init" => &["--root", "--user", "--node", "--group", "--from"],
         "group status" => &["--root"],
+        "group add" => &["--root", "--node", "--addr"],
+        "group remove" => &["--root", "--node"],
         "adduser" => &["--root", "--user"],
         "serve" => &[
             "--root",
@@ -110,6 +117,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--node" => &mut a.node,
             "--group" => &mut a.group,
             "--from" => &mut a.from,
+            "--addr" => &mut a.addr,
             _ => &mut a.break_ms,
         };
         *slot = Some(value);
@@ -136,7 +144,28 @@ fn run() -> Result<(), Fail> {
     if cmd == "group" {
         let sub = argv.get(1).map(String::as_str).unwrap_or("");
         let args = parse(&format!("group {sub}"), argv.get(2..).unwrap_or(&[]))?;
-        return group_status(&args.root.expect("parse checked --root"));
+        let root = args.root.clone().expect("parse checked --root");
+        if sub == "status" {
+            return group_status(&root);
+        }
+        let node: u64 = args
+            .node
+            .as_deref()
+            .ok_or_else(|| Fail::Usage(format!("group {sub}: --node N is required")))?
+            .parse()
+            .map_err(|_| Fail::Usage("--node: not a member number".into()))?;
+        if sub == "add" && args.addr.is_none() {
+            return Err(Fail::Usage(
+                "group add: --addr HOST:PORT is required".into(),
+            ));
+        }
+        let index = server::replication::change_membership(&root, node, args.addr.as_deref())
+            .map_err(|e| Fail::Run(e.to_string()))?;
+        println!(
+            "member {node} {} at log index {index}",
+            if sub == "add" { "added" } else { "removed" }
+        );
+        return Ok(());
     }
     let args = parse(cmd, &argv[1..])?;
     let root = args.root.clone().expect("parse checked --root");

@@ -151,6 +151,47 @@ impl Group {
         unsafe { libc::kill(self.members[i].pid(), libc::SIGCONT) };
     }
 
+    /// Initialise a new member `id` from member index `from`'s directory
+    /// (running or not), serve it, and return its index. It is not a
+    /// member until `group add`.
+    pub fn join(&mut self, id: u64, from: usize) -> usize {
+        let addr = free_port();
+        let root = self.dir.path().join(format!("m{id}"));
+        // Its position in --group is its node id.
+        assert_eq!(id as usize, self.members.len() + 1);
+        let mut list: Vec<String> = self.members.iter().map(|m| m.addr.to_string()).collect();
+        list.push(addr.to_string());
+        run(&[
+            "init",
+            "--root",
+            root.to_str().unwrap(),
+            "--node",
+            &id.to_string(),
+            "--group",
+            &list.join(","),
+            "--from",
+            self.members[from].root.to_str().unwrap(),
+        ]);
+        self.members.push(Member {
+            id,
+            addr,
+            root,
+            child: None,
+        });
+        let i = self.members.len() - 1;
+        self.serve(i);
+        i
+    }
+
+    /// `coda-server group add/remove` against member index `via`.
+    pub fn membership(&self, via: usize, args: &[&str]) -> String {
+        let mut a = vec!["group"];
+        a.extend_from_slice(&args[..1]);
+        a.extend(["--root", self.members[via].root.to_str().unwrap()]);
+        a.extend_from_slice(&args[1..]);
+        run(&a)
+    }
+
     /// Every member's address, as a client's `servers` lists them.
     pub fn servers(&self) -> String {
         self.members

@@ -29,8 +29,11 @@ pub struct Member {
 pub struct GroupConfig {
     /// This member's node id.
     pub node: u64,
-    /// Every member of the group as initialised (node id order).
+    /// Every member of the group as this member knows it (node id order).
     pub members: Vec<Member>,
+    /// The voters the group was initialised with: the configuration the
+    /// log starts from on every member, including ones added later.
+    pub initial: Vec<u64>,
 }
 
 /// Path of the group file.
@@ -68,7 +71,12 @@ impl GroupConfig {
                 members.len()
             )));
         }
-        Ok(GroupConfig { node, members })
+        let initial = members.iter().map(|m| m.id).collect();
+        Ok(GroupConfig {
+            node,
+            members,
+            initial,
+        })
     }
 
     /// Read `DIR/group`; `Ok(None)` when the directory is a lone server.
@@ -82,6 +90,7 @@ impl GroupConfig {
         let bad = |line: &str| Error::Invalid(format!("{}: bad line {line:?}", path.display()));
         let mut node = None;
         let mut members = Vec::new();
+        let mut initial = Vec::new();
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -89,6 +98,12 @@ impl GroupConfig {
             let f: Vec<&str> = line.split_whitespace().collect();
             match f.as_slice() {
                 ["node", n] => node = Some(n.parse::<u64>().map_err(|_| bad(line))?),
+                ["initial", ids] => {
+                    initial = ids
+                        .split(',')
+                        .map(|i| i.parse::<u64>().map_err(|_| bad(line)))
+                        .collect::<Result<_>>()?
+                }
                 ["member", id, addr] => members.push(Member {
                     id: id.parse().map_err(|_| bad(line))?,
                     addr: addr.to_string(),
@@ -103,7 +118,14 @@ impl GroupConfig {
                 path.display()
             )));
         }
-        Ok(Some(GroupConfig { node, members }))
+        if initial.is_empty() {
+            initial = members.iter().map(|m| m.id).collect();
+        }
+        Ok(Some(GroupConfig {
+            node,
+            members,
+            initial,
+        }))
     }
 
     /// Write `DIR/group` (fsynced, then renamed into place).
@@ -111,6 +133,8 @@ impl GroupConfig {
         let mut text =
             String::from("# coda-server group: this member's node id and every member\n");
         let _ = writeln!(text, "node {}", self.node);
+        let initial: Vec<String> = self.initial.iter().map(u64::to_string).collect();
+        let _ = writeln!(text, "initial {}", initial.join(","));
         for m in &self.members {
             let _ = writeln!(text, "member {} {}", m.id, m.addr);
         }

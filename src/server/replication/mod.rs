@@ -46,11 +46,19 @@ const INBOX: usize = 8192;
 /// A peer connection silent this long is closed (heartbeats come every 150 ms).
 const PEER_IDLE: Duration = Duration::from_secs(30);
 
+/// The volume store as it was made by `init`, kept by every member: a
+/// member added later starts from it and replays the whole log (there is no
+/// log compaction yet, so the log holds every change since).
+pub const INITIAL_STORE: &str = "initial.redb";
+
 /// Initialise member `node` of the group whose addresses are `group` (in
 /// node order). The first member (`from` = None) creates the volume store
 /// with `user` and the group key; the others copy both from `from`, a data
-/// directory initialised for another member and not yet served. Returns
-/// what to tell the operator.
+/// directory of another member: one not yet served for a member of the
+/// initial group, any (even running) for a member added later, which
+/// starts from the initial store and catches up from the log once
+/// `coda-server group add` made it a member. Returns what to tell the
+/// operator.
 pub fn init_member(
     root: &Path,
     node: u64,
@@ -58,7 +66,7 @@ pub fn init_member(
     user: Option<&str>,
     from: Option<&Path>,
 ) -> Result<String> {
-    let cfg = GroupConfig::from_list(node, group)?;
+    let mut cfg = GroupConfig::from_list(node, group)?;
     if crate::server::volume::db_path(root).exists() {
         return Err(Error::Exists(format!(
             "{} already holds a coda server",
@@ -69,6 +77,9 @@ pub fn init_member(
         None => {
             let secret = crate::server::init(root, user.unwrap_or("admin"))?;
             config::generate_key(root)?;
+            let bytes = fs::read(crate::server::volume::db_path(root))
+                .map_err(|e| Error::io("read the new store", e))?;
+            config::write_file_durably(&root.join(INITIAL_STORE), &bytes, 0o600)?;
             format!(
                 "initialised {} as member {node} of {}; secret of {} in {}; \
                  initialise the other members with --from {}",
@@ -85,46 +96,70 @@ pub fn init_member(
                     "--user is for the first member; --from copies its users".into(),
                 ));
             }
-            copy_from(src, root, &cfg)?;
+            let joining = copy_from(src, root, &mut cfg)?;
+            let how = if joining {
+                "; add it with `coda-server group add` on a running member"
+            } else {
+                ""
+            };
             format!(
-                "initialised {} as member {node} of {} (volume store, users and group key copied from {})",
+                "initialised {} as member {node} (volume store, users and group key copied from {}){how}",
                 root.display(),
-                cfg.members.len(),
                 src.display()
             )
         }
     };
-    let voters: Vec<u64> = cfg.members.iter().map(|m| m.id).collect();
-    RaftStore::create(root, &voters)?;
+    RaftStore::create(root, &cfg.initial)?;
     cfg.save(root)?;
     Ok(said)
 }
 
-/// Copy the first member's store, user secrets and group key: every member
+/// Copy another member's store, user secrets and group key: every member
 /// starts from the same state (same server id, root fid and users).
-fn copy_from(src: &Path, root: &Path, cfg: &GroupConfig) -> Result<()> {
+/// Returns whether `cfg`'s member joins a running group.
+fn copy_from(src: &Path, root: &Path, cfg: &mut GroupConfig) -> Result<bool> {
     let theirs = GroupConfig::load(src)?.ok_or_else(|| {
         Error::Invalid(format!(
             "{} is not a group member's data directory",
             src.display()
         ))
     })?;
-    let addrs = |g: &GroupConfig| g.members.iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
-    if addrs(&theirs) != addrs(cfg) {
-        return Err(Error::Invalid(format!(
-            "{} was initialised for the group {}, not {}",
-            src.display(),
-            addrs(&theirs).join(","),
-            addrs(cfg).join(",")
-        )));
-    }
-    let served = RaftStore::open(src)?.mem().rl().hard_state().term > 0;
-    if served {
-        return Err(Error::Invalid(format!(
-            "{} has served already; a new member joins a running group with \
-             `coda-server group add` instead",
-            src.display()
-        )));
+    let joining = !theirs.initial.contains(&cfg.node);
+    if joining {
+        if theirs.members.iter().any(|m| m.id == cfg.node) {
+            return Err(Error::Invalid(format!(
+                "member {} exists already; a replacement gets a new node id",
+                cfg.node
+            )));
+        }
+        let me = cfg.me().clone();
+        cfg.members = theirs.members.clone();
+        cfg.members.push(me);
+        cfg.members.sort_by_key(|m| m.id);
+        cfg.initial = theirs.initial.clone();
+    } else {
+        let addrs = |g: &GroupConfig| g.members.iter().map(|m| m.addr.clone()).collect::<Vec<_>>();
+        if addrs(&theirs) != addrs(cfg) {
+            return Err(Error::Invalid(format!(
+                "{} was initialised for the group {}, not {}",
+                src.display(),
+                addrs(&theirs).join(","),
+                addrs(cfg).join(",")
+            )));
+        }
+        let served = match RaftStore::open(src) {
+            Ok(s) => s.mem().rl().hard_state().term > 0,
+            Err(Error::Again(_)) => true,
+            Err(e) => return Err(e),
+        };
+        if served {
+            return Err(Error::Invalid(format!(
+                "{} has served already: member {} of the initial group can no longer be made \
+                 from it (a replacement gets a new node id and joins with `coda-server group add`)",
+                src.display(),
+                cfg.node
+            )));
+        }
     }
     crate::fsmode::create_private_dir(root)?;
     fs::create_dir_all(crate::server::objects::objects_dir(
@@ -138,13 +173,22 @@ fn copy_from(src: &Path, root: &Path, cfg: &GroupConfig) -> Result<()> {
     for e in entries {
         let e = e.map_err(|e| Error::io("read directory", e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == "meta.redb" || name == config::KEY_FILE || name.ends_with(".secret") {
+        let copy = name == INITIAL_STORE
+            || name == config::KEY_FILE
+            || name.ends_with(".secret")
+            || (name == "meta.redb" && !joining);
+        if copy {
             let bytes = fs::read(e.path())
                 .map_err(|err| Error::io(format!("read {}", e.path().display()), err))?;
             config::write_file_durably(&root.join(&name), &bytes, 0o600)?;
         }
     }
-    Ok(())
+    if joining {
+        let bytes = fs::read(root.join(INITIAL_STORE))
+            .map_err(|e| Error::io("read the initial store", e))?;
+        config::write_file_durably(&crate::server::volume::db_path(root), &bytes, 0o600)?;
+    }
+    Ok(joining)
 }
 
 /// A running member's replication: the node thread and its handles.
@@ -274,6 +318,26 @@ impl Replicator {
             .map_err(|_| Error::Eio("membership change result of an unexpected type".into()))
     }
 
+    /// `add ID ADDR` or `remove ID` from `group add/remove`.
+    fn membership_request(&self, text: &str) -> Result<u64> {
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let id = |s: &str| {
+            s.parse::<u64>()
+                .ok()
+                .filter(|i| *i > 0)
+                .ok_or_else(|| Error::Invalid(format!("{s:?} is not a node id")))
+        };
+        let timeout = Duration::from_secs(20);
+        match f.as_slice() {
+            ["add", n, addr] => {
+                config::resolve(addr)?;
+                self.change_membership(id(n)?, Some(addr.to_string()), timeout)
+            }
+            ["remove", n] => self.change_membership(id(n)?, None, timeout),
+            _ => Err(Error::Invalid(format!("bad membership request {text:?}"))),
+        }
+    }
+
     /// Call `f` whenever this member stops being the leader.
     pub fn on_step_down(&self, f: Box<dyn Fn() + Send + Sync>) {
         *self.published.on_step_down.lock() = Some(f);
@@ -338,6 +402,22 @@ impl Replicator {
                         return;
                     }
                 }
+                (transport::KIND_MEMBERSHIP_REQ, body) if from == 0 => {
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    let reply = match self.membership_request(&text) {
+                        Ok(index) => format!("ok {index}"),
+                        Err(e) => format!("error {e}"),
+                    };
+                    if transport::write_frame(
+                        &mut stream,
+                        transport::KIND_MEMBERSHIP,
+                        reply.as_bytes(),
+                    )
+                    .is_err()
+                    {
+                        return;
+                    }
+                }
                 (KIND_STATUS_REQ, _) => {
                     let text = match self.status() {
                         Ok(s) => s.encode(),
@@ -384,6 +464,52 @@ pub fn group_status(root: &Path) -> Result<Vec<MemberReport>> {
         out.push(MemberReport { member: m, status });
     }
     Ok(out)
+}
+
+/// `group add` (`Some(addr)`) or `group remove` (`None`) of member `id`:
+/// asks every member `root`'s group file lists until the leader takes it.
+/// Returns the log index of the change.
+pub fn change_membership(root: &Path, id: u64, addr: Option<&str>) -> Result<u64> {
+    let cfg = GroupConfig::load(root)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} is not a group member's data directory",
+            root.display()
+        ))
+    })?;
+    let key = config::read_key(root)?;
+    let req = match addr {
+        Some(a) => format!("add {id} {a}"),
+        None => format!("remove {id}"),
+    };
+    let mut last = Error::Again("no member answered".into());
+    for m in &cfg.members {
+        let attempt = (|| -> Result<u64> {
+            let mut s = transport::dial(config::resolve(&m.addr)?, &key, 0, m.id)?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| Error::io("peer socket", e))?;
+            transport::write_frame(&mut s, transport::KIND_MEMBERSHIP_REQ, req.as_bytes())?;
+            match transport::read_frame(&mut s)? {
+                Some((transport::KIND_MEMBERSHIP, body)) => {
+                    let text = String::from_utf8_lossy(&body).into_owned();
+                    match text.strip_prefix("ok ") {
+                        Some(i) => i
+                            .trim()
+                            .parse()
+                            .map_err(|_| Error::Protocol(format!("bad reply {text:?}"))),
+                        None => Err(Error::Again(
+                            text.strip_prefix("error ").unwrap_or(&text).to_string(),
+                        )),
+                    }
+                }
+                _ => Err(Error::Protocol("no membership reply".into())),
+            }
+        })();
+        match attempt {
+            Ok(i) => return Ok(i),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Ask one member for its status over a peer connection (node id 0).

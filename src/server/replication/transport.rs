@@ -41,6 +41,11 @@ pub const KIND_PUSHED: u8 = 5;
 pub const KIND_FETCH: u8 = 6;
 /// The answer: 0 = none, or 1 + length, then the bytes and their SHA-256.
 pub const KIND_FILE: u8 = 7;
+/// A membership change from `group add/remove` (node id 0): text
+/// `add ID ADDR` or `remove ID`.
+pub const KIND_MEMBERSHIP_REQ: u8 = 8;
+/// Its answer: `ok INDEX` or `error TEXT`.
+pub const KIND_MEMBERSHIP: u8 = 9;
 /// How long connecting and the peer handshake may take.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 
