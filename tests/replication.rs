@@ -396,3 +396,65 @@ fn members_are_added_removed_and_a_wiped_one_replaced_online() {
         g.has_object(five, b"after the replacement\n").then_some(())
     });
 }
+
+#[test]
+fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
+    use common::raw::rec;
+    let (g, cutter) = Group::start_behind_proxies(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let mut raw = wait_until("the leader takes a control connection", 10, || {
+        Raw::connect(
+            g.members[l].addr,
+            "admin",
+            &secret,
+            ConnKind::Control,
+            [9; 16],
+            1,
+        )
+        .ok()
+    });
+    let fids = raw.alloc(2);
+    let root = raw.root;
+    cutter.cut(g.members[l].id);
+    // The cut-off leader cannot commit: the batch is not acknowledged.
+    raw.send(&Msg::Reintegrate {
+        records: vec![rec::create(1, root, "from-the-minority", fids[0])],
+    });
+    match raw.recv() {
+        None | Some((_, Msg::Error { .. })) => {}
+        Some((_, m)) => panic!("a minority leader answered {m:?}"),
+    }
+    // The majority elects a leader of its own and takes writes.
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    let caches = common::TempDir::new("repl-cut");
+    let mut cfg = g.client_config(&caches.path().join("c"));
+    cfg.set("servers", &g.members[l2].addr.to_string()).unwrap();
+    let c = Client::new(cfg).unwrap();
+    client_util::put(
+        &c,
+        "/from-the-majority",
+        b"written while member was cut off\n",
+    );
+    // Healed, the old leader follows and catches up; the minority's batch
+    // was never applied anywhere.
+    cutter.heal(g.members[l].id);
+    g.wait_caught_up(&[0, 1, 2]);
+    assert_eq!(g.status(l).unwrap().role, "follower");
+    assert!(g.has_object(l, b"written while member was cut off\n"));
+    let names: Vec<String> = c
+        .readdir("/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(
+        names.contains(&"from-the-majority".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"from-the-minority".to_string()),
+        "{names:?}"
+    );
+}

@@ -303,11 +303,6 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
     let member = server::replication::config::GroupConfig::load(&root)
         .map_err(|e| Fail::Run(e.to_string()))?
         .map(|g| g.me().addr.clone());
-    if member.is_some() && args.listen.is_some() {
-        return Err(Fail::Usage(
-            "serve: a group member listens on its group address; drop --listen".into(),
-        ));
-    }
     let listen = resolve_listen(
         args.listen
             .as_deref()

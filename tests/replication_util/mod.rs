@@ -44,6 +44,8 @@ pub struct Group {
     pub dir: TempDir,
     pub members: Vec<Member>,
     key: [u8; 32],
+    /// Where each member really binds, when behind a proxy.
+    listen: Vec<Option<SocketAddr>>,
 }
 
 fn free_port() -> SocketAddr {
@@ -100,7 +102,12 @@ impl Group {
             });
         }
         let key = read_key(&members[0].root).expect("group key");
-        let mut g = Group { dir, members, key };
+        let mut g = Group {
+            dir,
+            members,
+            key,
+            listen: vec![None; n],
+        };
         for i in 0..n {
             g.serve(i);
         }
@@ -113,16 +120,21 @@ impl Group {
 
     /// Start member index `i` (0-based) on its group address.
     pub fn serve(&mut self, i: usize) {
+        let bind = self.listen.get(i).copied().flatten();
         let m = &mut self.members[i];
         assert!(m.child.is_none(), "member {} already running", m.id);
+        let bind_at = bind.unwrap_or(m.addr);
         // The port may be held a moment by the killed process's sockets.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpListener::bind(m.addr).is_err() && Instant::now() < deadline {
+        while TcpListener::bind(bind_at).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        let mut child = Command::new(SERVER_BIN)
-            .args(["serve", "--root"])
-            .arg(&m.root)
+        let mut cmd = Command::new(SERVER_BIN);
+        cmd.args(["serve", "--root"]).arg(&m.root);
+        if let Some(b) = bind {
+            cmd.args(["--listen", &b.to_string()]);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -131,7 +143,7 @@ impl Group {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .expect("read coda-server's first line");
-        assert_eq!(line.trim(), format!("listening on {}", m.addr));
+        assert_eq!(line.trim(), format!("listening on {bind_at}"));
         m.child = Some(child);
     }
 
@@ -276,5 +288,168 @@ impl Drop for Group {
         for i in 0..self.members.len() {
             self.kill9(i);
         }
+    }
+}
+
+/// A TCP proxy the test controls, in front of every member: each member's
+/// group address is its proxy, which forwards to the address the member
+/// really binds. Client connections always pass; peer connections (they
+/// start with `CODARFT1`, then the dialer's and the dialled node ids) of a
+/// member that is cut off are refused and, when the cut starts, closed.
+pub struct Cutter {
+    cut: std::sync::Arc<parking_lot::Mutex<std::collections::HashSet<u64>>>,
+    /// Open peer connections: (from, to, the two sockets).
+    open: std::sync::Arc<parking_lot::Mutex<Vec<(u64, u64, std::net::TcpStream)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    listeners: Vec<SocketAddr>,
+}
+
+impl Cutter {
+    /// Cut member `id` off from every other member (clients still reach it).
+    pub fn cut(&self, id: u64) {
+        self.cut.lock().insert(id);
+        for (f, t, s) in self.open.lock().iter() {
+            if *f == id || *t == id {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// Let member `id` talk to the others again.
+    pub fn heal(&self, id: u64) {
+        self.cut.lock().remove(&id);
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for a in &self.listeners {
+            let _ = std::net::TcpStream::connect(a);
+        }
+        for (_, _, s) in self.open.lock().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+impl Group {
+    /// Like [`Group::start`], with every member behind a proxy the returned
+    /// [`Cutter`] controls.
+    pub fn start_behind_proxies(n: usize) -> (Group, Cutter) {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let dir = TempDir::new("group");
+        let proxies: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = proxies.iter().map(|l| l.local_addr().unwrap()).collect();
+        let real: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let cutter = Cutter {
+            cut: Default::default(),
+            open: Default::default(),
+            stop: Default::default(),
+            listeners: addrs.clone(),
+        };
+        for (l, target) in proxies.into_iter().zip(real.clone()) {
+            let cut = Arc::clone(&cutter.cut);
+            let open = Arc::clone(&cutter.open);
+            let stop = Arc::clone(&cutter.stop);
+            std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut c) = conn else { continue };
+                    let cut = Arc::clone(&cut);
+                    let open = Arc::clone(&open);
+                    std::thread::spawn(move || {
+                        let mut head = [0u8; 24];
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                        if c.read_exact(&mut head[..1]).is_err() {
+                            return;
+                        }
+                        let mut len = 1;
+                        let mut ids = None;
+                        if head[0] == b'C' {
+                            if c.read_exact(&mut head[1..]).is_err() {
+                                return;
+                            }
+                            len = 24;
+                            let from = u64::from_be_bytes(head[8..16].try_into().unwrap());
+                            let to = u64::from_be_bytes(head[16..24].try_into().unwrap());
+                            let g = cut.lock();
+                            if g.contains(&from) || g.contains(&to) {
+                                return;
+                            }
+                            ids = Some((from, to));
+                        }
+                        let _ = c.set_read_timeout(None);
+                        let Ok(mut up) = std::net::TcpStream::connect(target) else {
+                            return;
+                        };
+                        if up.write_all(&head[..len]).is_err() {
+                            return;
+                        }
+                        if let Some((f, t)) = ids {
+                            open.lock().push((f, t, c.try_clone().unwrap()));
+                            open.lock().push((f, t, up.try_clone().unwrap()));
+                        }
+                        let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                        let t = std::thread::spawn(move || pump(c2, up2));
+                        pump(up, c);
+                        let _ = t.join();
+                    });
+                }
+            });
+        }
+        let list = addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let root = dir.path().join(format!("m{}", i + 1));
+            let node = (i + 1).to_string();
+            let first = dir.path().join("m1");
+            let mut args = vec![
+                "init",
+                "--root",
+                root.to_str().unwrap(),
+                "--node",
+                &node,
+                "--group",
+                &list,
+            ];
+            if i > 0 {
+                args.extend(["--from", first.to_str().unwrap()]);
+            }
+            run(&args);
+            members.push(Member {
+                id: i as u64 + 1,
+                addr: *addr,
+                root,
+                child: None,
+            });
+        }
+        let key = read_key(&members[0].root).expect("group key");
+        let mut g = Group {
+            dir,
+            members,
+            key,
+            listen: real.iter().map(|a| Some(*a)).collect(),
+        };
+        for i in 0..n {
+            g.serve(i);
+        }
+        (g, cutter)
     }
 }
