@@ -467,6 +467,11 @@ impl Session {
         self.ctl.dead.lock().is_some()
     }
 
+    /// The server address this session was opened to.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
     /// The server is dead: fail pending calls and stop bulk transfers too
     /// (a fetch from a hung server would otherwise wait out its timeout).
     pub fn kill(&self, reason: &str) {
