@@ -113,7 +113,7 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
         let stop = Arc::clone(&stop);
         clients.push(std::thread::spawn(move || {
             let c = Client::new(cfg).expect("client connects");
-            let mut rng = Rng(seed ^ ((k as u64 + 1) * 0x9e37_79b9_7f4a_7c15));
+            let mut rng = Rng(seed ^ (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 let file = rng.below(FILES as u64) as usize;

@@ -360,6 +360,10 @@ impl Driver {
                 "a snapshot arrived; this member cannot install one yet".into(),
             ));
         }
+        // The log and the commit index reach the disk before anything is
+        // applied: the applied mark must never be ahead of the commit
+        // index a restart reads.
+        self.store.persist(ready.entries(), ready.hs())?;
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
         if let Some(ss) = ready.ss() {
@@ -387,7 +391,6 @@ impl Driver {
                 self.node.raft.term
             ));
         }
-        self.store.persist(ready.entries(), ready.hs())?;
         if let Some(hs) = ready.hs() {
             self.published.term.store(hs.term, Ordering::SeqCst);
         }
