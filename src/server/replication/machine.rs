@@ -37,6 +37,8 @@ const OP_REINTEGRATE: u8 = 1;
 const OP_ALLOC: u8 = 2;
 /// The settings key of the last log index an AllocFids applied.
 const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
+/// How long a member that missed a Store's data keeps asking the others.
+const FETCH_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a client's request waits for its entry to commit and apply.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -151,22 +153,30 @@ impl Machine {
             if r.store_id <= highest || replstage_path(&self.root, client, upload_id).exists() {
                 continue;
             }
-            let members = self.group.lock().members.clone();
+            // Members come and go (killed, stopped, cut off): ask them all
+            // in rounds for a while before giving up.
+            let deadline = std::time::Instant::now() + FETCH_PATIENCE;
             let mut got = false;
-            for m in members.iter().filter(|m| m.id != self.me) {
-                let Ok(addr) = resolve(&m.addr) else { continue };
-                match fetch(
-                    addr, &self.key, self.me, m.id, &self.root, client, upload_id,
-                ) {
-                    Ok(true) => {
-                        got = true;
-                        break;
+            while !got && std::time::Instant::now() < deadline {
+                let members = self.group.lock().members.clone();
+                for m in members.iter().filter(|m| m.id != self.me) {
+                    let Ok(addr) = resolve(&m.addr) else { continue };
+                    match fetch(
+                        addr, &self.key, self.me, m.id, &self.root, client, upload_id,
+                    ) {
+                        Ok(true) => {
+                            got = true;
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(e) => log::info(format_args!(
+                            "replication: fetching upload {upload_id} from member {}: {e}",
+                            m.id
+                        )),
                     }
-                    Ok(false) => {}
-                    Err(e) => log::info(format_args!(
-                        "replication: fetching upload {upload_id} from member {}: {e}",
-                        m.id
-                    )),
+                }
+                if !got {
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             }
             if !got {
