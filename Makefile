@@ -21,9 +21,12 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 MAJOR := $(firstword $(subst ., ,$(VERSION)))
 BINS := coda-server coda-mount coda
 CBINDGEN_VERSION := 0.29.4
+# The POSIX conformance suite tests/mount_pjdfstest.rs runs.
+PJDFSTEST_VERSION := 0.2.2
 # What the tests use from Debian 12 (see README, "Two commands").
 DEB_DEPS := gcc g++ make pkg-config binutils git valgrind python3 python3-venv \
-	python3-pip fuse3 nginx e2fsprogs ca-certificates
+	python3-pip fuse3 nginx e2fsprogs ca-certificates \
+	tar rsync autoconf automake
 PYENV := $(TARGET_DIR)/pyenv
 
 .PHONY: build install uninstall test deps deb
@@ -78,6 +81,8 @@ deps:
 	fi
 	@cbindgen --version 2>/dev/null | grep -qx "cbindgen $(CBINDGEN_VERSION)" || \
 	    $(CARGO) install --locked cbindgen@$(CBINDGEN_VERSION)
+	@pjdfstest --version 2>/dev/null | grep -qx "pjdfstest $(PJDFSTEST_VERSION)" || \
+	    $(CARGO) install --locked pjdfstest@$(PJDFSTEST_VERSION)
 	@test -x $(PYENV)/bin/pytest || { python3 -m venv $(PYENV) && \
 	    $(PYENV)/bin/pip install -q --disable-pip-version-check pytest setuptools wheel; } || \
 	    echo "could not make the venv $(PYENV) (python3-venv missing?): the Python tests will say so"

@@ -1,15 +1,29 @@
-//! FUSE mount benchmarks (issue: coda-mount and the CLI). Ratios against a
-//! local file measured in the same run (the machines are shared and noisy).
+//! FUSE mount benchmarks (issue 11): coda's mount against a local directory
+//! and bindfs (a plain FUSE pass-through over a local directory) measured in
+//! the same run, rounds interleaved, each figure also as a ratio to local
+//! (the machines are shared and noisy: compare ratios, not absolutes).
 //!
-//!   cargo bench --bench mount        (needs root and /dev/fuse)
+//!   cargo bench --bench mount                      (needs root, /dev/fuse, bindfs, nginx)
+//!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
+//!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
 //!
-//! 1. open+read+close of a cached 4 KiB file through the mount vs a local file;
-//! 2. sequential read of a cached 256 MiB file through the mount, with FUSE
-//!    passthrough and without (`--no-passthrough`), vs the same local file.
+//! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
+//!    (the load generator is in this file): requests/s and p99;
+//! 2. cached 4 KiB open+read+close;
+//! 3. 10,000 4 KiB files in 100 directories: create, stat, read, delete;
+//! 4. `tar -x` of a generated 10,000-file tree;
+//! 5. one directory of 10,000 files: create, `ls -l`, stat all, `rm -r`;
+//! 6. write-back mode (when the client has it): the create and tar figures;
+//! 7. the large-file figures: sequential read of a cached 256 MiB file with
+//!    FUSE passthrough and without.
+//!
+//! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
+//! mount as it was before kernel caching), the baseline for that change.
 //!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,16 +112,348 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// bindfs over `src` on `mnt`, unmounted on drop.
+struct Bindfs {
+    mnt: PathBuf,
+}
+
+impl Bindfs {
+    fn mount(src: &Path, mnt: &Path) -> Bindfs {
+        std::fs::create_dir_all(src).unwrap();
+        std::fs::create_dir_all(mnt).unwrap();
+        let st = Command::new("bindfs")
+            .arg(src)
+            .arg(mnt)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("mount bench needs bindfs (Debian: apt-get install bindfs; `make deps` installs it): {e}")
+            });
+        assert!(
+            st.success(),
+            "bindfs {} {}: {st}",
+            src.display(),
+            mnt.display()
+        );
+        Bindfs {
+            mnt: mnt.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount")
+            .arg("-u")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// One file system under test: a name and a scratch directory on it.
+struct Target {
+    name: &'static str,
+    root: PathBuf,
+}
+
+/// Figures of one workload, per target (same order as the targets).
+fn report(what: &str, unit: &str, higher_is_better: bool, vals: &[(&str, f64)]) {
+    let local = vals[0].1;
+    let mut line = format!("{what}:");
+    for (name, v) in vals {
+        let ratio = if higher_is_better {
+            v / local
+        } else {
+            local / v
+        };
+        // Ratios are fractions of local speed: above 1 is faster than local.
+        let prec = if *v >= 100.0 {
+            0
+        } else if *v >= 1.0 {
+            2
+        } else {
+            4
+        };
+        if *name == "local" {
+            line.push_str(&format!(" local {v:.prec$} {unit};"));
+        } else {
+            line.push_str(&format!(
+                " {name} {v:.prec$} {unit} ({ratio:.3}x local speed);"
+            ));
+        }
+    }
+    println!("{}", line.trim_end_matches(';'));
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+fn page(i: usize) -> Vec<u8> {
+    let mut v = format!("<html>file {i}</html>\n").into_bytes();
+    v.resize(4096, b'.');
+    v
+}
+
+/// Files/s for create, stat, read, delete of `n` 4 KiB files in 100 dirs.
+fn small_files(root: &Path, n: usize) -> [f64; 4] {
+    let base = root.join("small");
+    std::fs::create_dir_all(&base).unwrap();
+    let path = |i: usize| base.join(format!("d{:02}/f{i}", i % 100));
+    let data = page(0);
+    let t = Instant::now();
+    for d in 0..100.min(n) {
+        std::fs::create_dir(base.join(format!("d{d:02}"))).unwrap();
+    }
+    for i in 0..n {
+        std::fs::write(path(i), &data).unwrap();
+    }
+    let create = n as f64 / secs(t);
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::metadata(path(i)).unwrap();
+    }
+    let stat = n as f64 / secs(t);
+    let t = Instant::now();
+    let mut buf = vec![0u8; 8192];
+    for i in 0..n {
+        let mut f = std::fs::File::open(path(i)).unwrap();
+        while f.read(&mut buf).unwrap() > 0 {}
+    }
+    let read = n as f64 / secs(t);
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(path(i)).unwrap();
+    }
+    for d in 0..100.min(n) {
+        std::fs::remove_dir(base.join(format!("d{d:02}"))).unwrap();
+    }
+    let delete = n as f64 / secs(t);
+    std::fs::remove_dir(&base).unwrap();
+    [create, stat, read, delete]
+}
+
+/// Seconds for create, `ls -l`, stat all, `rm -r` of one directory of `n`.
+fn one_dir(root: &Path, n: usize) -> [f64; 4] {
+    let dir = root.join("onedir");
+    std::fs::create_dir(&dir).unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::File::create(dir.join(format!("file-{i:05}"))).unwrap();
+    }
+    let create = secs(t);
+    let t = Instant::now();
+    let out = Command::new("ls").arg("-l").arg(&dir).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.iter().filter(|&&c| c == b'\n').count(), n + 1);
+    let ls = secs(t);
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::metadata(dir.join(format!("file-{i:05}"))).unwrap();
+    }
+    let stat = secs(t);
+    let t = Instant::now();
+    let st = Command::new("rm").arg("-r").arg(&dir).status().unwrap();
+    assert!(st.success());
+    [create, ls, stat, secs(t)]
+}
+
+/// A tar file of `n` small files in a nested tree (like a source tree).
+fn make_tar(dir: &Path, n: usize) -> PathBuf {
+    let src = dir.join("tar-src");
+    for i in 0..n {
+        let d = src.join(format!("m{}/s{}", i % 10, i % 97));
+        if i < 970 {
+            std::fs::create_dir_all(&d).unwrap();
+        }
+        let len = 200 + (i * 7919) % 6000;
+        std::fs::write(d.join(format!("f{i}.c")), vec![b'x'; len]).unwrap();
+    }
+    let tar = dir.join("tree.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _ = std::fs::remove_dir_all(&src);
+    tar
+}
+
+/// Seconds for `tar -x` of `tar` into `root/tar` (removed afterwards, untimed).
+fn untar(root: &Path, tar: &Path) -> f64 {
+    let to = root.join("tar");
+    std::fs::create_dir(&to).unwrap();
+    let t = Instant::now();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar -x into {}", to.display());
+    let s = secs(t);
+    let st = Command::new("rm").arg("-r").arg(&to).status().unwrap();
+    assert!(st.success());
+    s
+}
+
+/// nginx as our child, serving `root` on a free loopback port.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    fn start(prefix: &Path, root: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir_all(prefix.join("tmp")).unwrap();
+        let p = prefix.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\n\
+             error_log {p}/error.log;\npid {p}/nginx.pid;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
+               client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n\
+               fastcgi_temp_path {p}/tmp/fastcgi;\n  uwsgi_temp_path {p}/tmp/uwsgi;\n\
+               scgi_temp_path {p}/tmp/scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {};\n\
+                 location / {{ }}\n  }}\n}}\n",
+            root.display()
+        );
+        let cpath = prefix.join("nginx.conf");
+        std::fs::write(&cpath, conf).unwrap();
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nginx");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(format!("{p}/"))
+            .arg("-c")
+            .arg(&cpath)
+            .arg("-e")
+            .arg(prefix.join("error.log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("mount bench needs nginx (Debian: apt-get install nginx): {e}")
+            });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // Owned at once, so a failure below still kills and reaps it.
+        let n = Nginx { child, addr };
+        for _ in 0..500 {
+            if TcpStream::connect(addr).is_ok() {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nginx did not listen on {addr}");
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One keep-alive GET; the body's length.
+fn get(s: &mut BufReader<TcpStream>, path: &str) -> std::io::Result<usize> {
+    s.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n").as_bytes())?;
+    let mut len = None;
+    let mut status = String::new();
+    s.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("GET {path}: {status:?}")));
+    }
+    loop {
+        let mut h = String::new();
+        if s.read_line(&mut h)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().ok();
+        }
+    }
+    let len = len.ok_or_else(|| std::io::Error::other("no content-length"))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok(len)
+}
+
+/// `conns` keep-alive connections asking for random files among `files`
+/// for `dur`: requests/s and p99 latency.
+fn load(addr: SocketAddr, files: usize, conns: usize, dur: Duration) -> (f64, Duration) {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..conns)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut s = BufReader::new(TcpStream::connect(addr).unwrap());
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1);
+                while start.elapsed() < dur {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let path = format!("/f{}.html", x as usize % files);
+                    let t = Instant::now();
+                    let n = get(&mut s, &path).unwrap();
+                    assert_eq!(n, 4096);
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort();
+    let p99 = all[(all.len() * 99 / 100).min(all.len() - 1)];
+    (all.len() as f64 / elapsed, p99)
+}
+
 fn main() {
     let smoke = !std::env::args().any(|a| a == "--bench");
+    let quick = smoke || std::env::var_os("CODA_BENCH_QUICK").is_some();
     if !Path::new("/dev/fuse").exists() {
-        println!("mount bench: SKIPPED (/dev/fuse is absent)");
-        return;
+        panic!("mount bench: /dev/fuse is absent (FUSE needed)");
     }
-    let (rounds, big) = if smoke {
-        (50, 1usize << 20)
+    let (rounds, big, nfiles, ndir, ntar, web_secs) = if smoke {
+        (50, 1usize << 20, 200, 200, 200, 1)
+    } else if quick {
+        (2000, 16usize << 20, 1000, 1000, 1000, 2)
     } else {
-        (5000, 256usize << 20)
+        (5000, 256usize << 20, 10_000, 10_000, 10_000, 5)
+    };
+    // CODA_BENCH_FILES=N: N files for the small-file, tar and one-directory runs.
+    let (nfiles, ndir, ntar) = match std::env::var("CODA_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => (n, n, n),
+        _ => (nfiles, ndir, ntar),
     };
     let dir = std::env::temp_dir().join(format!("coda-bench-mount-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -138,14 +484,14 @@ fn main() {
             f.close().unwrap();
         }
     }
-    let local_small = dir.join("local-small");
     let local_big = dir.join("local-big");
-    std::fs::write(&local_small, &small).unwrap();
     std::fs::write(&local_big, &data).unwrap();
     drop(data);
 
     let pt = mount(&dir, &addr, &secret, "pt", &[]);
     let plain = mount(&dir, &addr, &secret, "plain", &["--no-passthrough"]);
+    // The mount as it was before kernel caching: the baseline for it.
+    let nocache = mount(&dir, &addr, &secret, "nocache", &["--no-kernel-cache"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
         .arg("--cache-dir")
         .arg(dir.join("pt-cache"))
@@ -153,25 +499,148 @@ fn main() {
         .output()
         .unwrap();
     let passthrough = String::from_utf8_lossy(&status.stdout).contains("passthrough: on");
-
-    // 1. cached 4 KiB open+read+close, interleaved with the local baseline.
-    let msmall = pt.mnt.join("small");
-    let mut buf = vec![0u8; 4096];
-    open_read_close(&msmall, &mut buf); // fetch into the cache
-    let (mut m, mut l) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        m.push(open_read_close(&msmall, &mut buf));
-        l.push(open_read_close(&local_small, &mut buf));
-    }
-    let (m, l) = (median(m), median(l));
+    let bind = Bindfs::mount(&dir.join("bindfs-src"), &dir.join("bindfs-mnt"));
+    let local_root = dir.join("local");
+    std::fs::create_dir_all(&local_root).unwrap();
+    std::fs::create_dir_all(pt.mnt.join("bench")).unwrap();
+    let targets = [
+        Target {
+            name: "local",
+            root: local_root,
+        },
+        Target {
+            name: "bindfs",
+            root: bind.mnt.clone(),
+        },
+        Target {
+            name: "coda",
+            root: pt.mnt.join("bench"),
+        },
+    ];
+    // All but tar also on the mount without kernel caching (same server).
+    std::fs::create_dir_all(nocache.mnt.join("bench-nc")).unwrap();
+    let nc = Target {
+        name: "coda --no-kernel-cache",
+        root: nocache.mnt.join("bench-nc"),
+    };
+    let read_targets = [&targets[0], &targets[1], &targets[2], &nc];
     println!(
-        "cached open+read+close 4 KiB ({rounds} rounds): mount p50 {:.1} µs, local p50 {:.1} µs, ratio {:.2}x",
-        m.as_secs_f64() * 1e6,
-        l.as_secs_f64() * 1e6,
-        m.as_secs_f64() / l.as_secs_f64()
+        "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
+        if quick { "quick" } else { "full" },
+        if passthrough { "on" } else { "off" }
     );
 
-    // 2. sequential read of the big cached file: passthrough, plain, local.
+    // 1. nginx on 1,000 small files, 16 connections.
+    for t in read_targets {
+        let www = t.root.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        for i in 0..1000 {
+            std::fs::write(www.join(format!("f{i}.html")), page(i)).unwrap();
+        }
+    }
+    let mut rps = Vec::new();
+    let mut p99 = Vec::new();
+    for (i, t) in read_targets.iter().enumerate() {
+        let n = Nginx::start(&dir.join(format!("nginx-{i}")), &t.root.join("www"));
+        load(n.addr, 1000, 16, Duration::from_millis(300)); // warm up
+        let (r, p) = load(n.addr, 1000, 16, Duration::from_secs(web_secs));
+        rps.push((t.name, r));
+        p99.push((t.name, p.as_secs_f64() * 1e3));
+    }
+    report(
+        "nginx 1,000 x 4 KiB, 16 connections: requests",
+        "req/s",
+        true,
+        &rps,
+    );
+    report("nginx p99 latency", "ms", false, &p99);
+
+    // 2. cached 4 KiB open+read+close, interleaved.
+    let mut buf = vec![0u8; 4096];
+    let files: Vec<PathBuf> = read_targets
+        .iter()
+        .map(|t| t.root.join("www/f1.html"))
+        .collect();
+    for f in &files {
+        open_read_close(f, &mut buf);
+    }
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); read_targets.len()];
+    for _ in 0..rounds {
+        for (i, f) in files.iter().enumerate() {
+            lat[i].push(open_read_close(f, &mut buf));
+        }
+    }
+    let vals: Vec<(&str, f64)> = read_targets
+        .iter()
+        .zip(lat)
+        .map(|(t, l)| (t.name, median(l).as_secs_f64() * 1e6))
+        .collect();
+    report(
+        &format!("cached open+read+close 4 KiB, p50 of {rounds}"),
+        "µs",
+        false,
+        &vals,
+    );
+    for t in read_targets {
+        let _ = Command::new("rm")
+            .arg("-r")
+            .arg(t.root.join("www"))
+            .status();
+    }
+
+    // 3. small files in 100 directories.
+    let res: Vec<[f64; 4]> = read_targets
+        .iter()
+        .map(|t| small_files(&t.root, nfiles))
+        .collect();
+    for (k, what) in ["create", "stat", "read", "delete"].iter().enumerate() {
+        let vals: Vec<(&str, f64)> = read_targets
+            .iter()
+            .zip(&res)
+            .map(|(t, r)| (t.name, r[k]))
+            .collect();
+        report(
+            &format!("{nfiles} x 4 KiB in 100 dirs: {what}"),
+            "files/s",
+            true,
+            &vals,
+        );
+    }
+
+    // 4. tar -x of a generated tree.
+    let tar = make_tar(&dir, ntar);
+    let vals: Vec<(&str, f64)> = targets
+        .iter()
+        .map(|t| (t.name, untar(&t.root, &tar)))
+        .collect();
+    report(&format!("tar -x of {ntar} files"), "s", false, &vals);
+
+    // 5. one directory.
+    let res: Vec<[f64; 4]> = read_targets
+        .iter()
+        .map(|t| one_dir(&t.root, ndir))
+        .collect();
+    for (k, what) in ["create", "ls -l", "stat all", "rm -r"].iter().enumerate() {
+        let vals: Vec<(&str, f64)> = read_targets
+            .iter()
+            .zip(&res)
+            .map(|(t, r)| (t.name, r[k]))
+            .collect();
+        report(
+            &format!("one directory of {ndir}: {what}"),
+            "s",
+            false,
+            &vals,
+        );
+    }
+
+    // 6. write-back mode.
+    println!(
+        "TODO write-back mode: the client has no write_back_ms option on main yet; \
+         the create and tar figures with it on go here once it does"
+    );
+
+    // 7. sequential read of the big cached file: passthrough, plain, local.
     let mb = big as f64 / (1 << 20) as f64;
     for (name, mnt) in [
         (
@@ -216,7 +685,9 @@ fn main() {
             m.as_secs_f64() / l.as_secs_f64()
         );
     }
+    drop(bind);
     drop(pt);
     drop(plain);
+    drop(nocache);
     let _ = std::fs::remove_dir_all(&dir);
 }

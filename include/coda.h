@@ -36,6 +36,9 @@
 // A symbolic link.
 #define CODA_TYPE_SYMLINK 3
 
+// A special file: fifo, socket or device node (metadata only).
+#define CODA_TYPE_SPECIAL 4
+
 // `coda_conflict_resolve`: send the local version again, replacing the server's.
 #define CODA_KEEP_LOCAL 1
 

@@ -27,5 +27,9 @@ pub mod proto;
 ///
 /// cbindgen:ignore
 pub mod server;
+/// Data extents of sparse files.
+///
+/// cbindgen:ignore
+mod sparse;
 
 pub use error::{Error, Result};

@@ -50,10 +50,7 @@ fn writer(
         let data = data_for(iter, i);
         let upload_id = i as u64 + 1;
         let sent = b
-            .try_send(&Msg::Upload {
-                upload_id,
-                length: data.len() as u64,
-            })
+            .try_send(&common::raw::dense_upload(upload_id, data.len() as u64))
             .and_then(|_| b.send_bytes(&data));
         if sent.is_err() || !matches!(b.recv(), Some((_, Msg::Uploaded { .. }))) {
             return acked;

@@ -186,10 +186,7 @@ fn crash_writer(
         let data = data_of(w, i + iter as usize, len);
         let upload_id = i as u64 + 1;
         let up = b
-            .try_send(&Msg::Upload {
-                upload_id,
-                length: data.len() as u64,
-            })
+            .try_send(&common::raw::dense_upload(upload_id, data.len() as u64))
             .and_then(|_| b.send_bytes(&data));
         if up.is_err() || !matches!(b.recv(), Some((_, Msg::Uploaded { .. }))) {
             return acked;

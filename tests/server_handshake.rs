@@ -209,10 +209,7 @@ fn a_connection_closing_mid_upload_loses_only_that_upload() {
     let s = TestServer::start();
     let mut c = Raw::control(s.addr(), &s.secret_file(), ID, 1);
     let mut b = Raw::bulk(s.addr(), &s.secret_file(), ID, 1);
-    b.send(&Msg::Upload {
-        upload_id: 3,
-        length: 1000,
-    });
+    b.send(&common::raw::dense_upload(3, 1000));
     b.send_bytes(&[7; 100]).unwrap();
     drop(b);
     let f = c.alloc(1);

@@ -315,10 +315,7 @@ fn staged_uploads_are_bounded_per_session_and_in_total_and_freed_when_the_sessio
 
     // An upload longer than the largest file is refused with Invalid and
     // its connection closed (its bytes are not worth reading).
-    let id = bulk_e.send(&Msg::Upload {
-        upload_id: 10,
-        length: 1 << 40,
-    });
+    let id = bulk_e.send(&common::raw::dense_upload(10, 1 << 40));
     match bulk_e.recv() {
         Some((rid, m)) if rid == id => {
             assert_eq!(error_code(&m), Some((WireCode::Invalid, u32::MAX)), "{m:?}")

@@ -141,6 +141,8 @@ impl Client {
                     FileType::Dir => e.listing_current().is_some(),
                     FileType::Symlink => e.symlink.is_some(),
                     FileType::File => e.data_current(),
+                    // Metadata only: the status is all there is.
+                    _ => true,
                 },
                 callback: inner.callbacks.holds(*fid),
                 dirty: e.dirty,

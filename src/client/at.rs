@@ -4,7 +4,7 @@
 //! operations resolve a path and call these; a program that keeps fids
 //! (the mount keys its inodes by them) calls them directly.
 
-use super::{file, DirEntry, File, Stat};
+use super::{file, DirEntry, File, Owner, Stat};
 use super::{Client, RecordOp};
 use crate::proto::{Fid, FileType, MAX_SYMLINK};
 use crate::{Error, Result};
@@ -62,11 +62,23 @@ impl Client {
     /// Create the file `name` in `parent` (`Exists` if the name is taken)
     /// and open it with `flags`.
     pub fn create_at(&self, parent: Fid, name: &str, mode: u32, flags: i32) -> Result<File> {
+        self.create_at_as(parent, name, mode, flags, Owner::process())
+    }
+
+    /// `create_at` giving the new file `owner`.
+    pub fn create_at_as(
+        &self,
+        parent: Fid,
+        name: &str,
+        mode: u32,
+        flags: i32,
+        owner: Owner,
+    ) -> Result<File> {
         check_name(name)?;
         if self.inner.lookup(parent, name)?.is_some() {
             return Err(Error::Exists(name.to_string()));
         }
-        let fid = file::create(&self.inner, parent, name, mode)?;
+        let fid = file::create(&self.inner, parent, name, mode, owner)?;
         file::open_fid(
             &self.inner,
             fid,
@@ -77,6 +89,11 @@ impl Client {
 
     /// Make the directory `name` in `parent`; returns its fid.
     pub fn mkdir_at(&self, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+        self.mkdir_at_as(parent, name, mode, Owner::process())
+    }
+
+    /// `mkdir_at` giving the new directory `owner`.
+    pub fn mkdir_at_as(&self, parent: Fid, name: &str, mode: u32, owner: Owner) -> Result<Fid> {
         check_name(name)?;
         let inner = &self.inner;
         if inner.lookup(parent, name)?.is_some() {
@@ -91,6 +108,8 @@ impl Client {
                 fid,
                 mode: mode & 0o7777,
                 mtime: now,
+                uid: owner.uid,
+                gid: owner.gid,
             },
             |attr| {
                 inner.cache.set_listing(attr, Vec::new());
@@ -101,6 +120,17 @@ impl Client {
 
     /// Make the symlink `name` in `parent` pointing to `target`.
     pub fn symlink_at(&self, parent: Fid, name: &str, target: &str) -> Result<Fid> {
+        self.symlink_at_as(parent, name, target, Owner::process())
+    }
+
+    /// `symlink_at` giving the new symlink `owner`.
+    pub fn symlink_at_as(
+        &self,
+        parent: Fid,
+        name: &str,
+        target: &str,
+        owner: Owner,
+    ) -> Result<Fid> {
         check_name(name)?;
         if target.is_empty() || target.len() > MAX_SYMLINK || target.contains('\0') {
             return Err(Error::Invalid(format!("symlink target {target:?}")));
@@ -118,12 +148,59 @@ impl Client {
                 fid,
                 target: target.to_string(),
                 mtime: now,
+                uid: owner.uid,
+                gid: owner.gid,
             },
             |attr| {
                 inner.cache.set_symlink(attr, target.to_string());
                 Ok(())
             },
         )
+    }
+
+    /// Make the special file `name` in `parent`: a fifo, socket or device
+    /// node (`ftype`), kept as metadata only (type, mode, `rdev`, owner);
+    /// `Invalid` for another type. Returns its fid.
+    pub fn mknod_at(
+        &self,
+        parent: Fid,
+        name: &str,
+        ftype: FileType,
+        mode: u32,
+        rdev: u64,
+        owner: Owner,
+    ) -> Result<Fid> {
+        check_name(name)?;
+        if !ftype.is_special() {
+            return Err(Error::Invalid(format!("mknod of a {ftype:?}")));
+        }
+        let inner = &self.inner;
+        if inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        inner.create_object(
+            parent,
+            ftype,
+            |fid, now| RecordOp::Mknod {
+                parent,
+                name: name.to_string(),
+                fid,
+                ftype,
+                mode: mode & 0o7777,
+                rdev,
+                mtime: now,
+                uid: owner.uid,
+                gid: owner.gid,
+            },
+            |_| Ok(()),
+        )
+    }
+
+    /// Add the name `name` in `parent` for the existing object `fid` (a
+    /// hard link; `IsDir` for a directory, `Exists` if the name is taken).
+    pub fn link_at(&self, fid: Fid, parent: Fid, name: &str) -> Result<()> {
+        check_name(name)?;
+        self.link_entry(fid, parent, name)
     }
 
     /// Remove the name `name` from `parent`: a directory (`dir`, which must

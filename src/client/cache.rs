@@ -809,6 +809,10 @@ mod tests {
             mtime: Timespec::default(),
             ctime: Timespec::default(),
             version,
+            uid: 0,
+            gid: 0,
+            atime: Timespec::default(),
+            rdev: 0,
         }
     }
 

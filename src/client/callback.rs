@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::event::EventBus;
+use super::event::{EventBus, Invalidation, InvalidationHook};
 
 use crate::proto::Fid;
 
@@ -45,6 +45,8 @@ pub(crate) struct Callbacks {
     table: Mutex<Table>,
     /// Breaks are reported here (and other client events ride along).
     pub events: Arc<EventBus>,
+    /// Told synchronously of every invalidation (see `Invalidation`).
+    hook: Mutex<Option<InvalidationHook>>,
 }
 
 impl Callbacks {
@@ -100,8 +102,19 @@ impl Callbacks {
         self.table.lock().valid.contains(&fid)
     }
 
-    /// The server broke these callbacks (or we dropped them ourselves).
+    /// We dropped these callbacks ourselves.
     pub fn break_fids(&self, fids: &[Fid]) {
+        self.forget(fids, false);
+    }
+
+    /// The server broke these callbacks: the subscriber hears of it before
+    /// the caller acknowledges the break.
+    pub fn server_broke(&self, fids: &[Fid]) {
+        self.forget(fids, true);
+    }
+
+    fn forget(&self, fids: &[Fid], from_server: bool) {
+        let mut gone: Vec<Fid> = Vec::new();
         {
             let mut t = self.table.lock();
             for f in fids {
@@ -109,14 +122,35 @@ impl Callbacks {
                 *t.generation.entry(*f).or_insert(0) += 1;
                 if f.vnode != 0 {
                     t.dirty_volumes.insert(f.volume);
+                    gone.push(*f);
                 }
                 if let Some(covered) = t.via_volume.remove(f) {
                     for c in covered {
                         t.valid.remove(&c);
                         *t.generation.entry(c).or_insert(0) += 1;
+                        gone.push(c);
                     }
                 }
             }
+        }
+        if !gone.is_empty() {
+            self.tell(&Invalidation::Fids {
+                fids: gone,
+                from_server,
+            });
+        }
+    }
+
+    /// Install (or remove) the invalidation subscriber.
+    pub fn set_hook(&self, hook: Option<InvalidationHook>) {
+        *self.hook.lock() = hook;
+    }
+
+    /// Run the subscriber, outside every lock of ours.
+    fn tell(&self, inv: &Invalidation) {
+        let hook = self.hook.lock().clone();
+        if let Some(h) = hook {
+            h(inv);
         }
     }
 
@@ -126,6 +160,8 @@ impl Callbacks {
         t.session += 1;
         t.valid.clear();
         t.via_volume.clear();
+        drop(t);
+        self.tell(&Invalidation::All);
     }
 }
 

@@ -67,10 +67,13 @@ struct Log {
 /// Every fid a record mentions.
 pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
     match op {
-        RecordOp::Store { fid, .. } | RecordOp::SetAttr { fid, .. } => vec![*fid],
+        RecordOp::Store { fid, .. }
+        | RecordOp::SetAttr { fid, .. }
+        | RecordOp::SetXattr { fid, .. } => vec![*fid],
         RecordOp::Create { parent, fid, .. }
         | RecordOp::Mkdir { parent, fid, .. }
         | RecordOp::Symlink { parent, fid, .. }
+        | RecordOp::Mknod { parent, fid, .. }
         | RecordOp::Link { parent, fid, .. }
         | RecordOp::Remove { parent, fid, .. }
         | RecordOp::Rmdir { parent, fid, .. } => vec![*parent, *fid],
@@ -88,7 +91,8 @@ pub(crate) fn created(op: &RecordOp) -> Option<Fid> {
     match op {
         RecordOp::Create { fid, .. }
         | RecordOp::Mkdir { fid, .. }
-        | RecordOp::Symlink { fid, .. } => Some(*fid),
+        | RecordOp::Symlink { fid, .. }
+        | RecordOp::Mknod { fid, .. } => Some(*fid),
         _ => None,
     }
 }
@@ -106,15 +110,28 @@ fn expected_mut(op: &mut RecordOp) -> Option<&mut u64> {
 }
 
 /// Which attributes a SetAttr sets: setattrs of the same kind cancel.
-fn setattr_kind(op: &RecordOp) -> Option<(Fid, bool, bool, bool)> {
+fn setattr_kind(op: &RecordOp) -> Option<(Fid, [bool; 6])> {
     match op {
         RecordOp::SetAttr {
             fid,
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
             ..
-        } => Some((*fid, mode.is_some(), size.is_some(), mtime.is_some())),
+        } => Some((
+            *fid,
+            [
+                mode.is_some(),
+                size.is_some(),
+                mtime.is_some(),
+                uid.is_some(),
+                gid.is_some(),
+                atime.is_some(),
+            ],
+        )),
         _ => None,
     }
 }
@@ -228,9 +245,9 @@ fn encode_record(r: &Record) -> Vec<u8> {
 }
 
 pub(crate) fn decode_record(b: &[u8]) -> Result<Record> {
-    let kind = Msg::Reintegrate { records: vec![] }.kind();
-    match Msg::decode_body(kind, b)? {
-        Msg::Reintegrate { mut records } if records.len() == 1 => Ok(records.remove(0)),
+    let mut records = decode_records(b)?;
+    match records.len() {
+        1 => Ok(records.remove(0)),
         _ => Err(Error::Protocol("bad CML row".into())),
     }
 }
@@ -244,9 +261,15 @@ pub(crate) fn encode_records(r: &[Record]) -> Vec<u8> {
 
 pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
     let kind = Msg::Reintegrate { records: vec![] }.kind();
-    match Msg::decode_body(kind, b)? {
-        Msg::Reintegrate { records } => Ok(records),
-        _ => Err(Error::Protocol("bad record list".into())),
+    match Msg::decode_body(kind, b) {
+        Ok(Msg::Reintegrate { records }) => Ok(records),
+        Ok(_) => Err(Error::Protocol("bad record list".into())),
+        // A log written before owners (protocol 1): its creations are the
+        // process's, as they were then.
+        Err(e) => {
+            let me = super::Owner::process();
+            crate::proto::message::decode_records_v1(b, (me.uid, me.gid)).map_err(|_| e)
+        }
     }
 }
 
@@ -845,6 +868,9 @@ mod tests {
             mode,
             size,
             mtime: None,
+            uid: None,
+            gid: None,
+            atime: None,
         }
     }
 
@@ -857,6 +883,8 @@ mod tests {
             fid,
             mode: 0o644,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         }
     }
 
@@ -1054,6 +1082,8 @@ mod tests {
             fid: d,
             mode: 0o755,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(mkdir, None, true, true).unwrap();
         let rmdir = RecordOp::Rmdir {
@@ -1072,6 +1102,8 @@ mod tests {
             fid: d2,
             mode: 0o755,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(mk2, None, true, true).unwrap();
         let x = Fid::new(1, 62, 1);
@@ -1081,6 +1113,8 @@ mod tests {
             fid: x,
             mode: 0o644,
             mtime: Timespec::now(),
+            uid: 0,
+            gid: 0,
         };
         cml.log(made_inside, None, true, true).unwrap();
         let ren = RecordOp::Rename {

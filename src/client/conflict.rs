@@ -107,6 +107,8 @@ fn describe(op: &RecordOp) -> String {
             src_name, dst_name, ..
         } => format!("rename {src_name:?} to {dst_name:?}"),
         RecordOp::SetAttr { .. } => "setattr".into(),
+        RecordOp::Mknod { name, .. } => format!("mknod {name:?}"),
+        RecordOp::SetXattr { name, .. } => format!("set attribute {name:?}"),
     }
 }
 
@@ -315,6 +317,7 @@ impl Client {
                 RecordOp::Create { parent, name, .. }
                 | RecordOp::Mkdir { parent, name, .. }
                 | RecordOp::Symlink { parent, name, .. }
+                | RecordOp::Mknod { parent, name, .. }
                 | RecordOp::Link { parent, name, .. } => Some((*parent, name.clone())),
                 _ => None,
             };

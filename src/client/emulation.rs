@@ -209,7 +209,10 @@ pub(crate) fn version_for(cache: &Cache, op: &RecordOp) -> (Option<u64>, bool) {
 /// What the server would refuse, refused locally before logging.
 pub(crate) fn check_locally(cache: &Cache, op: &RecordOp) -> Result<()> {
     match op {
-        RecordOp::Create { .. } | RecordOp::Mkdir { .. } | RecordOp::Symlink { .. } => Ok(()),
+        RecordOp::Create { .. }
+        | RecordOp::Mkdir { .. }
+        | RecordOp::Symlink { .. }
+        | RecordOp::Mknod { .. } => Ok(()),
         RecordOp::Rmdir { fid, name, .. } => {
             let e = cache.get(*fid).ok_or_else(|| uncached(*fid))?;
             match e.listing_current() {

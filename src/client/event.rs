@@ -104,6 +104,31 @@ impl Event {
     }
 }
 
+/// What the client stopped trusting, told synchronously to the
+/// invalidation subscriber ([`crate::client::Client::set_invalidation_hook`]):
+/// a program that keeps its own copy of cached state (the mount's kernel
+/// caches) drops it here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The callbacks on these objects are gone (including objects that were
+    /// trusted only through a broken volume callback).
+    Fids {
+        /// The objects whose cached state may be stale.
+        fids: Vec<Fid>,
+        /// A break sent by the server (the subscriber runs on the connection
+        /// reader, before the break is acknowledged); otherwise the client
+        /// dropped them itself (its own change, a conflict, a flush).
+        from_server: bool,
+    },
+    /// Every promise is void: a new session with the server (after a
+    /// reconnection the client revalidates everything it cached).
+    All,
+}
+
+/// An invalidation subscriber; runs on the thread that learned of the
+/// invalidation, so it must return soon (bounded) and not call the client.
+pub type InvalidationHook = Arc<dyn Fn(&Invalidation) + Send + Sync>;
+
 /// An event callback; run on the bus's dispatcher thread, never on a
 /// connection thread, so it may block or call back into the client.
 pub type Handler = Arc<dyn Fn(&Event) + Send + Sync>;

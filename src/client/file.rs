@@ -2,7 +2,7 @@
 //! speed; closing a file that was written stores it back through the CML
 //! (write-through on close).
 
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
@@ -54,7 +54,6 @@ pub struct File {
 }
 
 fn stamp(f: &std::fs::File) -> (u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
     f.metadata()
         .map(|m| (m.len(), m.mtime(), m.mtime_nsec()))
         .unwrap_or((0, 0, 0))
@@ -72,7 +71,10 @@ pub(crate) fn open<C: Opener>(inner: &Arc<C>, path: &str, flags: i32, mode: u32)
     let (parent, name) = inner.resolve_parent(path)?;
     let found = inner.lookup(parent, &name)?;
     let (fid, created) = match found {
-        None if flags & libc::O_CREAT != 0 => (create(inner, parent, &name, mode)?, true),
+        None if flags & libc::O_CREAT != 0 => (
+            create(inner, parent, &name, mode, super::Owner::process())?,
+            true,
+        ),
         None => return Err(Error::NotFound(path.to_string())),
         Some(_) if flags & (libc::O_CREAT | libc::O_EXCL) == libc::O_CREAT | libc::O_EXCL => {
             return Err(Error::Exists(path.to_string()))
@@ -153,7 +155,13 @@ pub(crate) fn open_fid<C: Opener>(
 
 /// Create an empty file through the CML; its container starts out empty
 /// and opened.
-pub(crate) fn create<C: Opener>(inner: &Arc<C>, parent: Fid, name: &str, mode: u32) -> Result<Fid> {
+pub(crate) fn create<C: Opener>(
+    inner: &Arc<C>,
+    parent: Fid,
+    name: &str,
+    mode: u32,
+    owner: super::Owner,
+) -> Result<Fid> {
     inner.create_object(
         parent,
         FileType::File,
@@ -163,6 +171,8 @@ pub(crate) fn create<C: Opener>(inner: &Arc<C>, parent: Fid, name: &str, mode: u
             fid,
             mode: mode & 0o7777,
             mtime: now,
+            uid: owner.uid,
+            gid: owner.gid,
         },
         |attr| inner.cache().install_empty(attr, false),
     )
@@ -215,6 +225,62 @@ impl File {
             .map_err(|e| Error::io("writing a container", e))
     }
 
+    /// Store the file now if it was written since it was opened (or last
+    /// synced), keeping it open: what fsync(2) and every close(2) of one of
+    /// several descriptor copies ask of the mount. Connected, the server
+    /// has the data when this returns; disconnected, the record and its
+    /// container are durable in the local log.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.done || !self.writable {
+            return Ok(());
+        }
+        // Taken before the store: a write through `fd()` while it runs
+        // changes the stamp again, so the next sync or close stores again.
+        let before = stamp(&self.file);
+        if !self.changed && before == self.stamp {
+            return Ok(());
+        }
+        self.store()?;
+        self.changed = false;
+        self.stamp = before;
+        Ok(())
+    }
+
+    /// Set the container's modification time to `t` and take that as the
+    /// stored state, when nothing was written since the last store (a
+    /// time set on an open file, after `sync`): the times a program sets
+    /// before close (tar, cp -p) then survive the close. Returns whether
+    /// it did; if the file has unstored writes, the store at close stamps
+    /// its own time, as a write after the time was set would.
+    pub fn set_container_mtime(&mut self, t: Timespec) -> bool {
+        if self.done || !self.writable || self.changed || stamp(&self.file) != self.stamp {
+            return false;
+        }
+        let times = [
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+            libc::timespec {
+                tv_sec: t.sec,
+                tv_nsec: t.nsec as _,
+            },
+        ];
+        // SAFETY: our live descriptor; `times` holds the two entries.
+        if unsafe { libc::futimens(self.file.as_raw_fd(), times.as_ptr()) } != 0 {
+            return false;
+        }
+        self.stamp = stamp(&self.file);
+        true
+    }
+
+    /// Close without storing: the object is gone (removed while open, as
+    /// POSIX allows), so what was written has nowhere to go.
+    pub fn abandon(mut self) {
+        self.done = true;
+        self.inner.cache().closed(self.fid);
+    }
+
     /// Store the file back if it was written and return the store's result.
     pub fn close(mut self) -> Result<()> {
         self.finish()
@@ -233,11 +299,17 @@ impl File {
 
     fn store(&self) -> Result<()> {
         let inner = &self.inner;
-        let len = self
+        let meta = self
             .file
             .metadata()
-            .map_err(|e| Error::io("sizing a container", e))?
-            .len();
+            .map_err(|e| Error::io("sizing a container", e))?;
+        let len = meta.len();
+        // The container's mtime: the last write's time, or what a program
+        // set after writing (`cp -p`, `tar`), kept by the store.
+        let mtime = Timespec {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32,
+        };
         inner.cache().update(None, self.fid, |e| {
             e.dirty = true;
             e.data_bytes = len;
@@ -248,7 +320,7 @@ impl File {
             expected_version: 0, // connected: last close wins
             upload_id: 0,        // the CML sets it to the record's store id
             length: len,
-            mtime: Timespec::now(),
+            mtime,
         };
         match inner.commit(op, Some(&self.file)) {
             Ok(attr) => {

@@ -214,6 +214,8 @@ pub(crate) fn walk(
                 FileType::Symlink => {
                     src.readlink_fid(fid)?;
                 }
+                // Special files are their status, already cached.
+                FileType::Fifo | FileType::Socket | FileType::CharDev | FileType::BlockDev => {}
                 FileType::File => {
                     let cached = cache.get(fid).filter(|c| c.data_current());
                     let size = match &cached {

@@ -28,6 +28,7 @@ mod probe;
 mod reintegrate;
 mod stamps;
 mod stats;
+mod xattr;
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -39,13 +40,13 @@ use crossbeam_channel::{bounded, Sender};
 pub use admin::{CachedObject, FlushReport};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
-pub use event::{Event, EventBus};
+pub use event::{Event, EventBus, Invalidation, InvalidationHook};
 pub use file::File;
 pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
 
 use crate::proto::{auth, Attr, Msg, RecordOp, Replaces, MAX_SYMLINK};
-pub use crate::proto::{Fid, FileType, Timespec};
+pub use crate::proto::{Fid, FileType, Timespec, XattrHow};
 use crate::{Error, Result};
 
 use cache::Cache;
@@ -74,6 +75,57 @@ pub struct Stat {
     pub ino: u64,
     /// The object's version on the server: grows with every change.
     pub version: u64,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Last access time, as last set explicitly (reads do not move it).
+    pub atime: Timespec,
+    /// Last status change.
+    pub ctime: Timespec,
+    /// Device number of a device node; 0 otherwise.
+    pub rdev: u64,
+}
+
+/// The numeric owner and group a new object gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Numeric user id.
+    pub uid: u32,
+    /// Numeric group id.
+    pub gid: u32,
+}
+
+impl Owner {
+    /// This process's effective user and group: the owner of objects the
+    /// library creates unless a caller (the mount) says otherwise.
+    pub fn process() -> Owner {
+        // SAFETY: plain getters without preconditions.
+        unsafe {
+            Owner {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+            }
+        }
+    }
+}
+
+/// A status change: each `Some` field is set, in one record (so the
+/// object's ctime and version move once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetStatus {
+    /// Permission bits (`& 0o7777`).
+    pub mode: Option<u32>,
+    /// Size (files only): cut or zero-extended.
+    pub size: Option<u64>,
+    /// Modification time.
+    pub mtime: Option<Timespec>,
+    /// Access time.
+    pub atime: Option<Timespec>,
+    /// Numeric owner.
+    pub uid: Option<u32>,
+    /// Numeric group.
+    pub gid: Option<u32>,
 }
 
 impl From<&Attr> for Stat {
@@ -87,6 +139,11 @@ impl From<&Attr> for Stat {
             mtime: a.mtime,
             ino: a.fid.ino(),
             version: a.version,
+            uid: a.uid,
+            gid: a.gid,
+            atime: a.atime,
+            ctime: a.ctime,
+            rdev: a.rdev,
         }
     }
 }
@@ -134,6 +191,8 @@ pub(crate) struct Inner {
     /// The mode, and the reintegrator thread's wake-up.
     emu: Arc<emulation::EmuState>,
     health: Health,
+    /// Extended attributes read or set, by object version (xattr.rs).
+    xattr_cache: xattr::XattrCache,
     /// Dropped with the client: stops the prober thread.
     _stop_probe: Sender<()>,
 }
@@ -236,6 +295,7 @@ impl Client {
             outbox: reintegrate::Outbox::new(),
             emu,
             health: Health::new(&cfg),
+            xattr_cache: xattr::XattrCache::default(),
             _stop_probe: stop,
         });
         probe::spawn(&inner, stopped)?;
@@ -268,6 +328,23 @@ impl Client {
     /// or to hand to a handler.
     pub fn events(&self) -> &EventBus {
         &self.inner.callbacks.events
+    }
+
+    /// Subscribe (or with `None`, unsubscribe) to invalidations: every
+    /// callback the client stops trusting, and every new session. Runs
+    /// synchronously on the thread that learned of it; for a server's break
+    /// that is before the break is acknowledged, so whoever keeps copies
+    /// (the mount's kernel caches) drops them before the writer's change is.
+    /// The hook must return soon and must not call the client.
+    pub fn set_invalidation_hook(&self, hook: Option<InvalidationHook>) {
+        self.inner.callbacks.set_hook(hook);
+    }
+
+    /// Whether the client answers for `fid` from its cache without asking
+    /// the server: its callback holds and the session is fresh. A copy of
+    /// such an answer stays right until an invalidation names it.
+    pub fn trusts_cached(&self, fid: Fid) -> bool {
+        self.inner.trusts(fid)
     }
 
     /// Atomically repoint the symlink `link` to `target` (the local copy),
@@ -383,6 +460,30 @@ impl Client {
         let attr = inner.commit(op.clone(), None)?;
         inner.object_changed(&attr, tok);
         inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
+        Ok(())
+    }
+
+    /// A hard link: the name `name` in `parent` for `fid` (not a directory).
+    fn link_entry(&self, fid: Fid, parent: Fid, name: &str) -> Result<()> {
+        let inner = &self.inner;
+        let ftype = inner.getattr(fid)?.ftype;
+        if ftype == FileType::Dir {
+            return Err(Error::IsDir(format!("hard link to directory {fid}")));
+        }
+        if inner.lookup(parent, name)?.is_some() {
+            return Err(Error::Exists(name.to_string()));
+        }
+        let now = Timespec::now();
+        let ptok = inner.callbacks.token(parent);
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::Link {
+            parent,
+            name: name.to_string(),
+            fid,
+        };
+        let attr = inner.commit(op.clone(), None)?;
+        inner.object_changed(&attr, tok);
+        inner.after_record(&op, ftype, &[(parent, ptok)], now);
         Ok(())
     }
 
@@ -523,8 +624,31 @@ impl Client {
         size: Option<u64>,
         mtime: Option<Timespec>,
     ) -> Result<()> {
+        self.set_status_fid(
+            fid,
+            &SetStatus {
+                mode,
+                size,
+                mtime,
+                ..SetStatus::default()
+            },
+        )
+    }
+
+    /// Change any part of the status of object `fid` (a symlink's own) in
+    /// one record: mode, size (a file's), times, owner, group. Permission
+    /// to do so is the caller's business (the mount's kernel checks).
+    pub fn set_status_fid(&self, fid: Fid, set: &SetStatus) -> Result<()> {
         let inner = &self.inner;
-        if let Some(t) = mtime {
+        let SetStatus {
+            mode,
+            size,
+            mtime,
+            atime,
+            uid,
+            gid,
+        } = *set;
+        for t in [mtime, atime].into_iter().flatten() {
             if t.nsec >= 1_000_000_000 {
                 return Err(Error::Invalid(format!(
                     "nanoseconds {} out of range",
@@ -540,6 +664,9 @@ impl Client {
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
         };
         let attr = inner.commit(op, None)?;
         // Status changes leave the contents as they were (or cut/extended
@@ -751,6 +878,9 @@ impl Inner {
         let op = build(fid, now);
         let attr = self.commit(op.clone(), None)?;
         install(&attr)?;
+        // A new object has no extended attributes: known without asking,
+        // even while its creation is only in the log.
+        self.xattr_cache.put(fid, attr.version, Default::default());
         self.callbacks.grant(fid, tok);
         self.after_record(&op, ftype, &[(parent, ptok)], now);
         Ok(fid)
@@ -761,7 +891,11 @@ impl Inner {
     }
 
     fn commit(&self, op: RecordOp, data: Option<&std::fs::File>) -> Result<Attr> {
-        self.commit_op(op, data)
+        let fid = op.target();
+        let attr = self.commit_op(op, data)?;
+        // None of these records touches extended attributes.
+        self.xattr_cache.carry(fid, attr.version);
+        Ok(attr)
     }
 
     /// Revalidate every cached object with a few `GetAttrs` (many fids each)
@@ -1073,6 +1207,9 @@ impl Inner {
             match &mut e.listing {
                 Some((v, l)) if *v == version => {
                     edit(Arc::make_mut(l));
+                    // As the server counts them: entries, and 2 + subdirectories.
+                    e.attr.size = l.len() as u64;
+                    e.attr.nlink = 2 + l.iter().filter(|d| d.ftype == FileType::Dir).count() as u32;
                     *v += 1;
                     e.attr.version += 1;
                     e.attr.mtime = mtime;

@@ -39,7 +39,14 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
         RecordOp::Symlink {
             parent, name, fid, ..
         } => vec![put(*parent, name, *fid, FileType::Symlink)],
-        RecordOp::Link { parent, name, fid } => vec![put(*parent, name, *fid, FileType::File)],
+        RecordOp::Mknod {
+            parent,
+            name,
+            fid,
+            ftype,
+            ..
+        } => vec![put(*parent, name, *fid, *ftype)],
+        RecordOp::Link { parent, name, fid } => vec![put(*parent, name, *fid, ftype)],
         RecordOp::Remove { parent, name, fid } | RecordOp::Rmdir { parent, name, fid } => {
             vec![(
                 *parent,
@@ -66,7 +73,7 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
             ),
             put(*dst_parent, dst_name, *fid, ftype),
         ],
-        RecordOp::Store { .. } | RecordOp::SetAttr { .. } => vec![],
+        RecordOp::Store { .. } | RecordOp::SetAttr { .. } | RecordOp::SetXattr { .. } => vec![],
     }
 }
 
@@ -105,7 +112,7 @@ pub(crate) fn target_attr(
     now: Timespec,
 ) -> Option<Attr> {
     let fid = op.target();
-    let new = |ftype: FileType, mode: u32, size: u64, mtime: Timespec| Attr {
+    let new = |ftype: FileType, mode: u32, size: u64, mtime: Timespec, owner: (u32, u32)| Attr {
         fid,
         ftype,
         mode: mode & 0o7777,
@@ -114,12 +121,50 @@ pub(crate) fn target_attr(
         mtime,
         ctime: now,
         version: 1,
+        uid: owner.0,
+        gid: owner.1,
+        atime: mtime,
+        rdev: 0,
     };
     let mut a = match op {
-        RecordOp::Create { mode, mtime, .. } => return Some(new(FileType::File, *mode, 0, *mtime)),
-        RecordOp::Mkdir { mode, mtime, .. } => return Some(new(FileType::Dir, *mode, 0, *mtime)),
-        RecordOp::Symlink { target, mtime, .. } => {
-            return Some(new(FileType::Symlink, 0o777, target.len() as u64, *mtime))
+        RecordOp::Create {
+            mode,
+            mtime,
+            uid,
+            gid,
+            ..
+        } => return Some(new(FileType::File, *mode, 0, *mtime, (*uid, *gid))),
+        RecordOp::Mkdir {
+            mode,
+            mtime,
+            uid,
+            gid,
+            ..
+        } => return Some(new(FileType::Dir, *mode, 0, *mtime, (*uid, *gid))),
+        RecordOp::Symlink {
+            target,
+            mtime,
+            uid,
+            gid,
+            ..
+        } => {
+            let len = target.len() as u64;
+            return Some(new(FileType::Symlink, 0o777, len, *mtime, (*uid, *gid)));
+        }
+        RecordOp::Mknod {
+            ftype,
+            mode,
+            rdev,
+            mtime,
+            uid,
+            gid,
+            ..
+        } => {
+            let mut a = new(*ftype, *mode, 0, *mtime, (*uid, *gid));
+            if matches!(ftype, FileType::CharDev | FileType::BlockDev) {
+                a.rdev = *rdev;
+            }
+            return Some(a);
         }
         _ => cached?,
     };
@@ -131,10 +176,25 @@ pub(crate) fn target_attr(
             a.mtime = *mtime;
         }
         RecordOp::SetAttr {
-            mode, size, mtime, ..
+            mode,
+            size,
+            mtime,
+            uid,
+            gid,
+            atime,
+            ..
         } => {
             if let Some(m) = mode {
                 a.mode = m & 0o7777;
+            }
+            if let Some(u) = uid {
+                a.uid = *u;
+            }
+            if let Some(g) = gid {
+                a.gid = *g;
+            }
+            if let Some(t) = atime {
+                a.atime = *t;
             }
             if let Some(s) = size {
                 if *s != a.size && mtime.is_none() {
@@ -187,6 +247,8 @@ mod tests {
             fid: F,
             mode: 0o644,
             mtime: t,
+            uid: 0,
+            gid: 0,
         };
         let mut l = vec![ent("b", G)];
         let e = listing_edits(&create, FileType::File);
@@ -255,6 +317,10 @@ mod tests {
             mtime: t,
             ctime: t,
             version: 7,
+            uid: 0,
+            gid: 0,
+            atime: t,
+            rdev: 0,
         };
         let st = RecordOp::Store {
             fid: F,
@@ -274,6 +340,9 @@ mod tests {
             mode: Some(0o100600),
             size: None,
             mtime: None,
+            uid: None,
+            gid: None,
+            atime: None,
         };
         let a = target_attr(&chmod, Some(base.clone()), false, false, t).unwrap();
         assert_eq!((a.mode, a.size, a.version), (0o600, 5, 8));
@@ -302,6 +371,8 @@ mod tests {
             fid: G,
             mode: 0o40755,
             mtime: t,
+            uid: 0,
+            gid: 0,
         };
         let a = target_attr(&mk, None, false, false, t).unwrap();
         assert_eq!(

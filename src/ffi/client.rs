@@ -26,6 +26,8 @@ pub const CODA_TYPE_FILE: u32 = 1;
 pub const CODA_TYPE_DIR: u32 = 2;
 /// A symbolic link.
 pub const CODA_TYPE_SYMLINK: u32 = 3;
+/// A special file: fifo, socket or device node (metadata only).
+pub const CODA_TYPE_SPECIAL: u32 = 4;
 
 /// What `coda_stat` reports. Fixed-width fields; `mode` is POSIX `st_mode`
 /// with the type bits; `ino` is derived from the fid and stable.
@@ -168,6 +170,7 @@ pub extern "C" fn coda_readdir(
                 FileType::File => CODA_TYPE_FILE,
                 FileType::Dir => CODA_TYPE_DIR,
                 FileType::Symlink => CODA_TYPE_SYMLINK,
+                _ => CODA_TYPE_SPECIAL,
             };
             n += 1;
             if cb(userdata, name.as_ptr(), t) != 0 {

@@ -71,6 +71,10 @@ impl Writer {
             .time(&a.mtime)
             .time(&a.ctime)
             .u64(a.version)
+            .u32(a.uid)
+            .u32(a.gid)
+            .time(&a.atime)
+            .u64(a.rdev)
     }
     /// Append a directory entry.
     pub fn entry(&mut self, e: &DirEntry) -> &mut Self {
@@ -89,6 +93,12 @@ impl Writer {
             Some(x) => self.u8(1).u64(x),
             None => self.u8(0),
         }
+    }
+    /// Bytes with a u32 length prefix (an extended attribute's value).
+    pub fn blob(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.buf.extend_from_slice(v);
+        self
     }
     /// Append an optional time (presence byte, then the value).
     pub fn opt_time(&mut self, v: Option<Timespec>) -> &mut Self {
@@ -225,6 +235,10 @@ impl<'a> Reader<'a> {
             mtime: self.time()?,
             ctime: self.time()?,
             version: self.u64()?,
+            uid: self.u32()?,
+            gid: self.u32()?,
+            atime: self.time()?,
+            rdev: self.u64()?,
         })
     }
     /// Read a directory entry.
@@ -237,6 +251,16 @@ impl<'a> Reader<'a> {
     }
     fn opt(&mut self) -> Result<bool> {
         self.bool()
+    }
+    /// Bytes with a u32 length prefix, at most `max` of them.
+    pub fn blob(&mut self, max: usize, what: &str) -> Result<Vec<u8>> {
+        let len = self.u32()? as usize;
+        if len > max {
+            return Err(Error::Protocol(format!(
+                "{what} of {len} bytes exceeds limit {max}"
+            )));
+        }
+        Ok(self.take(len)?.to_vec())
     }
     /// Read an optional u32.
     pub fn opt_u32(&mut self) -> Result<Option<u32>> {
@@ -259,6 +283,6 @@ impl<'a> Reader<'a> {
 /// Smallest encodings, for [`Reader::count`] pre-checks.
 pub const FID_LEN: usize = 16;
 /// Encoded size of `Attr`.
-pub const ATTR_LEN: usize = FID_LEN + 1 + 4 + 4 + 8 + 12 + 12 + 8;
+pub const ATTR_LEN: usize = FID_LEN + 1 + 4 + 4 + 8 + 12 + 12 + 8 + 4 + 4 + 12 + 8;
 /// Smallest encoded size of a `DirEntry` (a one-byte name).
 pub const ENTRY_MIN_LEN: usize = 2 + 1 + FID_LEN + 1;

@@ -3,8 +3,9 @@
 
 use super::codec::{Reader, Writer, ATTR_LEN, ENTRY_MIN_LEN, FID_LEN};
 use super::frame::Frame;
-use super::types::{Attr, DirEntry, Fid, Timespec};
+use super::types::{Attr, DirEntry, Fid, FileType, Timespec};
 use super::{MAX_BATCH, MAX_DIR_PAGE, MAX_FIDS, MAX_MESSAGE, MAX_NAME, MAX_SYMLINK, MAX_USER};
+use super::{MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::error::WireCode;
 use crate::{Error, Result};
 
@@ -44,6 +45,19 @@ pub enum Replaces {
     Object(Fid),
 }
 
+/// What a `SetXattr` record does, with the `setxattr(2)` flags' checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrHow {
+    /// Set, whether or not the attribute exists (wire 0).
+    Set = 0,
+    /// Set; the attribute must not exist (`XATTR_CREATE`, else `Exists`) (wire 1).
+    Create = 1,
+    /// Set; the attribute must exist (`XATTR_REPLACE`, else `NotFound`) (wire 2).
+    Replace = 2,
+    /// Remove; the attribute must exist (else `NotFound`) (wire 3).
+    Remove = 3,
+}
+
 /// `expected_version` of 0 means "do not check" (connected mode's
 /// last-close-wins); any other value must equal the object's version on the
 /// server or the whole batch fails with `Conflict`.
@@ -74,6 +88,10 @@ pub enum RecordOp {
         mode: u32,
         /// Modification time of the new file.
         mtime: Timespec,
+        /// Numeric owner of the new file.
+        uid: u32,
+        /// Numeric group of the new file.
+        gid: u32,
     },
     /// Create the empty directory `name` in `parent` as `fid`.
     Mkdir {
@@ -87,6 +105,10 @@ pub enum RecordOp {
         mode: u32,
         /// Modification time of the new directory.
         mtime: Timespec,
+        /// Numeric owner of the new directory.
+        uid: u32,
+        /// Numeric group of the new directory.
+        gid: u32,
     },
     /// Create the symlink `name` in `parent` as `fid`, pointing at `target`.
     Symlink {
@@ -100,6 +122,10 @@ pub enum RecordOp {
         target: String,
         /// Modification time of the new symlink.
         mtime: Timespec,
+        /// Numeric owner of the new symlink.
+        uid: u32,
+        /// Numeric group of the new symlink.
+        gid: u32,
     },
     /// Add the hard link `name` in `parent` to the existing file `fid`.
     Link {
@@ -158,6 +184,45 @@ pub enum RecordOp {
         size: Option<u64>,
         /// New modification time (without it, a size change sets the server's time).
         mtime: Option<Timespec>,
+        /// New owner.
+        uid: Option<u32>,
+        /// New group.
+        gid: Option<u32>,
+        /// New access time.
+        atime: Option<Timespec>,
+    },
+    /// Set, create, replace or remove one extended attribute of `fid`.
+    SetXattr {
+        /// The object changed.
+        fid: Fid,
+        /// The attribute's full name (`user.x`): 1 to 255 bytes.
+        name: String,
+        /// What to do, and what must hold first.
+        how: XattrHow,
+        /// The value (at most 64 KiB; empty for a removal).
+        value: Vec<u8>,
+    },
+    /// Create the special file (fifo, socket, device node) `name` in
+    /// `parent` as `fid`: metadata only, it never holds data.
+    Mknod {
+        /// The directory that gets the new entry.
+        parent: Fid,
+        /// The new entry's name; it must be free.
+        name: String,
+        /// The new object's fid: reserved to this client by `AllocFids`, never used.
+        fid: Fid,
+        /// Fifo, Socket, CharDev or BlockDev (anything else is `Invalid`).
+        ftype: FileType,
+        /// Permission bits.
+        mode: u32,
+        /// Device number (device nodes; 0 for the others).
+        rdev: u64,
+        /// Modification time of the new object.
+        mtime: Timespec,
+        /// Numeric owner.
+        uid: u32,
+        /// Numeric group.
+        gid: u32,
     },
 }
 
@@ -173,7 +238,9 @@ impl RecordOp {
             | RecordOp::Remove { fid, .. }
             | RecordOp::Rmdir { fid, .. }
             | RecordOp::Rename { fid, .. }
-            | RecordOp::SetAttr { fid, .. } => *fid,
+            | RecordOp::SetAttr { fid, .. }
+            | RecordOp::Mknod { fid, .. }
+            | RecordOp::SetXattr { fid, .. } => *fid,
         }
     }
 }
@@ -238,7 +305,7 @@ pub enum Msg {
     Pong,
     /// Fetch the attrs of these objects (0x12); grants a callback on each found.
     GetAttrs {
-        /// The objects asked about (at most 14979, what one reply can hold).
+        /// The objects asked about (at most 11154, what one reply can hold).
         fids: Vec<Fid>,
     },
     /// One slot per requested fid, in order: the attr, or why not.
@@ -308,6 +375,19 @@ pub enum Msg {
         /// True when no other client's batch committed after the asked stamp.
         valid: bool,
     },
+    /// The extended attributes of an object (0x1C).
+    GetXattrs {
+        /// The object asked about.
+        fid: Fid,
+    },
+    /// Reply to `GetXattrs` (0x1D): the object's version the list belongs
+    /// to, and its (name, value) pairs in name order.
+    Xattrs {
+        /// The object's version when the list was read.
+        version: u64,
+        /// Every extended attribute of the object.
+        items: Vec<(String, Vec<u8>)>,
+    },
     /// Server push: the callbacks on these fids are broken. Id chosen by server.
     CallbackBreak {
         /// Objects whose cached copies are no longer current; `(volume, 0, 0)`
@@ -323,20 +403,26 @@ pub enum Msg {
         /// The object fetched.
         fid: Fid,
     },
-    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    /// Followed on the stream by the raw bytes of its extents (not framed).
     FetchReply {
         /// The object's attr matching the bytes that follow.
         attr: Attr,
-        /// How many raw bytes follow.
+        /// The file's length: what is not in an extent is a hole (zeros).
         length: u64,
+        /// The data extents `(offset, length)`, in order, not overlapping:
+        /// their bytes follow, one extent after the other.
+        extents: Vec<(u64, u64)>,
     },
-    /// Followed on the stream by exactly `length` raw bytes (not framed).
+    /// Followed on the stream by the raw bytes of its extents (not framed).
     Upload {
         /// The client-chosen id a later `Store` record names; a second upload
         /// with the same id replaces the staged one.
         upload_id: u64,
-        /// How many raw bytes follow.
+        /// The file's length: what is not in an extent is a hole (zeros).
         length: u64,
+        /// The data extents `(offset, length)`, in order, not overlapping:
+        /// their bytes follow, one extent after the other.
+        extents: Vec<(u64, u64)>,
     },
     /// The upload is staged and fsynced (0x33).
     Uploaded {
@@ -363,6 +449,8 @@ mod code {
     pub const REINTEGRATED: u8 = 0x19;
     pub const VALIDATE_VOLUME: u8 = 0x1A;
     pub const VOLUME_STAMP: u8 = 0x1B;
+    pub const GET_XATTRS: u8 = 0x1C;
+    pub const XATTRS: u8 = 0x1D;
     pub const CALLBACK_BREAK: u8 = 0x20;
     pub const BREAK_ACK: u8 = 0x21;
     pub const FETCH: u8 = 0x30;
@@ -381,6 +469,8 @@ mod rec {
     pub const RMDIR: u8 = 7;
     pub const RENAME: u8 = 8;
     pub const SETATTR: u8 = 9;
+    pub const MKNOD: u8 = 10;
+    pub const SETXATTR: u8 = 11;
 }
 
 impl Msg {
@@ -421,6 +511,8 @@ impl Msg {
             Msg::Reintegrated { .. } => REINTEGRATED,
             Msg::ValidateVolume { .. } => VALIDATE_VOLUME,
             Msg::VolumeStamp { .. } => VOLUME_STAMP,
+            Msg::GetXattrs { .. } => GET_XATTRS,
+            Msg::Xattrs { .. } => XATTRS,
             Msg::CallbackBreak { .. } => CALLBACK_BREAK,
             Msg::BreakAck => BREAK_ACK,
             Msg::Fetch { .. } => FETCH,
@@ -512,6 +604,15 @@ impl Msg {
             } => {
                 w.u32(*volume).u64(*stamp).u8(*valid as u8);
             }
+            Msg::GetXattrs { fid } => {
+                w.fid(fid);
+            }
+            Msg::Xattrs { version, items } => {
+                w.u64(*version).u32(items.len() as u32);
+                for (name, value) in items {
+                    w.str(name).blob(value);
+                }
+            }
             Msg::FidRange {
                 volume,
                 first_vnode,
@@ -534,11 +635,21 @@ impl Msg {
             Msg::Fetch { fid } => {
                 w.fid(fid);
             }
-            Msg::FetchReply { attr, length } => {
+            Msg::FetchReply {
+                attr,
+                length,
+                extents,
+            } => {
                 w.attr(attr).u64(*length);
+                encode_extents(&mut w, extents);
             }
-            Msg::Upload { upload_id, length } => {
+            Msg::Upload {
+                upload_id,
+                length,
+                extents,
+            } => {
                 w.u64(*upload_id).u64(*length);
+                encode_extents(&mut w, extents);
             }
             Msg::Uploaded { upload_id } => {
                 w.u64(*upload_id);
@@ -654,6 +765,19 @@ impl Msg {
                 stamp: r.u64()?,
                 valid: r.bool()?,
             },
+            GET_XATTRS => Msg::GetXattrs { fid: r.fid()? },
+            XATTRS => {
+                let version = r.u64()?;
+                // The smallest pair: a one-byte name and an empty value.
+                let n = r.count(MAX_XATTR_BYTES, 2 + 1 + 4, "extended attributes")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = r.str(MAX_XATTR_NAME, "attribute name")?;
+                    let value = r.blob(MAX_XATTR_VALUE, "attribute value")?;
+                    items.push((name, value));
+                }
+                Msg::Xattrs { version, items }
+            }
             FID_RANGE => Msg::FidRange {
                 volume: r.u32()?,
                 first_vnode: r.u64()?,
@@ -663,7 +787,7 @@ impl Msg {
                 let n = r.count(MAX_BATCH, 9, "records")?;
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
-                    records.push(decode_record(&mut r)?);
+                    records.push(decode_record(&mut r, None)?);
                 }
                 Msg::Reintegrate { records }
             }
@@ -676,14 +800,24 @@ impl Msg {
                 Msg::Reintegrated { results }
             }
             FETCH => Msg::Fetch { fid: r.fid()? },
-            FETCH_REPLY => Msg::FetchReply {
-                attr: r.attr()?,
-                length: r.u64()?,
-            },
-            UPLOAD => Msg::Upload {
-                upload_id: r.u64()?,
-                length: r.u64()?,
-            },
+            FETCH_REPLY => {
+                let attr = r.attr()?;
+                let length = r.u64()?;
+                Msg::FetchReply {
+                    attr,
+                    length,
+                    extents: decode_extents(&mut r, length)?,
+                }
+            }
+            UPLOAD => {
+                let upload_id = r.u64()?;
+                let length = r.u64()?;
+                Msg::Upload {
+                    upload_id,
+                    length,
+                    extents: decode_extents(&mut r, length)?,
+                }
+            }
             UPLOADED => Msg::Uploaded {
                 upload_id: r.u64()?,
             },
@@ -696,6 +830,34 @@ impl Msg {
         r.finish()?;
         Ok(msg)
     }
+}
+
+fn encode_extents(w: &mut Writer, extents: &[(u64, u64)]) {
+    w.u32(extents.len() as u32);
+    for (off, len) in extents {
+        w.u64(*off).u64(*len);
+    }
+}
+
+/// Extents of a file of `length` bytes: in order, not overlapping, none
+/// empty, within the file (anything else is a protocol error).
+fn decode_extents(r: &mut Reader, length: u64) -> Result<Vec<(u64, u64)>> {
+    let n = r.count(crate::sparse::MAX_EXTENTS, 16, "extents")?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push((r.u64()?, r.u64()?));
+    }
+    if crate::sparse::check_extents(&out, length).is_none() {
+        return Err(Error::Protocol(
+            "extents out of order, overlapping, empty or past the end".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The bytes the extents of a transfer cover (checked when decoded).
+pub fn extent_bytes(extents: &[(u64, u64)]) -> u64 {
+    extents.iter().map(|e| e.1).sum()
 }
 
 fn encode_record(w: &mut Writer, r: &Record) {
@@ -721,13 +883,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             mode,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::CREATE)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .u32(*mode)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Mkdir {
             parent,
@@ -735,13 +901,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             mode,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::MKDIR)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .u32(*mode)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Symlink {
             parent,
@@ -749,13 +919,17 @@ fn encode_record(w: &mut Writer, r: &Record) {
             fid,
             target,
             mtime,
+            uid,
+            gid,
         } => {
             w.u8(rec::SYMLINK)
                 .fid(parent)
                 .str(name)
                 .fid(fid)
                 .str(target)
-                .time(mtime);
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
         RecordOp::Link { parent, name, fid } => {
             w.u8(rec::LINK).fid(parent).str(name).fid(fid);
@@ -792,19 +966,81 @@ fn encode_record(w: &mut Writer, r: &Record) {
             mode,
             size,
             mtime,
+            uid,
+            gid,
+            atime,
         } => {
             w.u8(rec::SETATTR)
                 .fid(fid)
                 .u64(*expected_version)
                 .opt_u32(*mode)
                 .opt_u64(*size)
-                .opt_time(*mtime);
+                .opt_time(*mtime)
+                .opt_u32(*uid)
+                .opt_u32(*gid)
+                .opt_time(*atime);
+        }
+        RecordOp::SetXattr {
+            fid,
+            name,
+            how,
+            value,
+        } => {
+            w.u8(rec::SETXATTR)
+                .fid(fid)
+                .str(name)
+                .u8(*how as u8)
+                .blob(value);
+        }
+        RecordOp::Mknod {
+            parent,
+            name,
+            fid,
+            ftype,
+            mode,
+            rdev,
+            mtime,
+            uid,
+            gid,
+        } => {
+            w.u8(rec::MKNOD)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u8(*ftype as u8)
+                .u32(*mode)
+                .u64(*rdev)
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid);
         }
     }
 }
 
-fn decode_record(r: &mut Reader) -> Result<Record> {
+/// A `Reintegrate` body written by protocol 1 (a client log from before
+/// owners): creating records get `owner`, SetAttr changes no owner, group
+/// or atime. Only for reading such a log once; nothing sends this.
+pub fn decode_records_v1(body: &[u8], owner: (u32, u32)) -> Result<Vec<Record>> {
+    let mut r = Reader::new(body);
+    let n = r.count(MAX_BATCH, 9, "records")?;
+    let mut records = Vec::with_capacity(n);
+    for _ in 0..n {
+        records.push(decode_record(&mut r, Some(owner))?);
+    }
+    r.finish()?;
+    Ok(records)
+}
+
+/// One record; `legacy` (protocol 1) gives creating records that owner and
+/// reads SetAttr without its owner, group and atime.
+fn decode_record(r: &mut Reader, legacy: Option<(u32, u32)>) -> Result<Record> {
     let store_id = r.u64()?;
+    let owner = |r: &mut Reader| -> Result<(u32, u32)> {
+        match legacy {
+            Some(o) => Ok(o),
+            None => Ok((r.u32()?, r.u32()?)),
+        }
+    };
     let name = |r: &mut Reader| r.str(MAX_NAME, "name");
     let op = match r.u8()? {
         rec::STORE => RecordOp::Store {
@@ -814,27 +1050,48 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             length: r.u64()?,
             mtime: r.time()?,
         },
-        rec::CREATE => RecordOp::Create {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            mode: r.u32()?,
-            mtime: r.time()?,
-        },
-        rec::MKDIR => RecordOp::Mkdir {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            mode: r.u32()?,
-            mtime: r.time()?,
-        },
-        rec::SYMLINK => RecordOp::Symlink {
-            parent: r.fid()?,
-            name: name(r)?,
-            fid: r.fid()?,
-            target: r.str(MAX_SYMLINK, "symlink target")?,
-            mtime: r.time()?,
-        },
+        rec::CREATE => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (mode, mtime) = (r.u32()?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Create {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+                uid,
+                gid,
+            }
+        }
+        rec::MKDIR => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (mode, mtime) = (r.u32()?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Mkdir {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+                uid,
+                gid,
+            }
+        }
+        rec::SYMLINK => {
+            let (parent, name, fid) = (r.fid()?, name(r)?, r.fid()?);
+            let (target, mtime) = (r.str(MAX_SYMLINK, "symlink target")?, r.time()?);
+            let (uid, gid) = owner(r)?;
+            RecordOp::Symlink {
+                parent,
+                name,
+                fid,
+                target,
+                mtime,
+                uid,
+                gid,
+            }
+        }
         rec::LINK => RecordOp::Link {
             parent: r.fid()?,
             name: name(r)?,
@@ -869,6 +1126,39 @@ fn decode_record(r: &mut Reader) -> Result<Record> {
             mode: r.opt_u32()?,
             size: r.opt_u64()?,
             mtime: r.opt_time()?,
+            uid: if legacy.is_some() { None } else { r.opt_u32()? },
+            gid: if legacy.is_some() { None } else { r.opt_u32()? },
+            atime: if legacy.is_some() {
+                None
+            } else {
+                r.opt_time()?
+            },
+        },
+        rec::SETXATTR => RecordOp::SetXattr {
+            fid: r.fid()?,
+            name: r.str(MAX_XATTR_NAME, "attribute name")?,
+            how: match r.u8()? {
+                0 => XattrHow::Set,
+                1 => XattrHow::Create,
+                2 => XattrHow::Replace,
+                3 => XattrHow::Remove,
+                v => return Err(Error::Protocol(format!("bad xattr operation {v}"))),
+            },
+            value: r.blob(MAX_XATTR_VALUE, "attribute value")?,
+        },
+        rec::MKNOD => RecordOp::Mknod {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            ftype: match r.ftype()? {
+                t if t.is_special() => t,
+                t => return Err(Error::Protocol(format!("mknod of type {t:?}"))),
+            },
+            mode: r.u32()?,
+            rdev: r.u64()?,
+            mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
         },
         v => return Err(Error::Protocol(format!("unknown record type {v}"))),
     };
@@ -900,6 +1190,10 @@ mod tests {
             mtime: Timespec { sec: 5, nsec: 6 },
             ctime: Timespec { sec: 7, nsec: 8 },
             version: 9,
+            uid: 1000,
+            gid: 100,
+            atime: Timespec { sec: 10, nsec: 11 },
+            rdev: 0x0801,
         }
     }
 
@@ -920,6 +1214,8 @@ mod tests {
                 fid: f,
                 mode: 0o600,
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Mkdir {
                 parent: f,
@@ -927,6 +1223,8 @@ mod tests {
                 fid: f,
                 mode: 0o755,
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Symlink {
                 parent: f,
@@ -934,6 +1232,8 @@ mod tests {
                 fid: f,
                 target: "/x".into(),
                 mtime: t,
+                uid: 7,
+                gid: 8,
             },
             RecordOp::Link {
                 parent: f,
@@ -972,6 +1272,32 @@ mod tests {
                 mode: Some(0o700),
                 size: None,
                 mtime: Some(t),
+                uid: Some(0),
+                gid: None,
+                atime: Some(t),
+            },
+            RecordOp::SetXattr {
+                fid: f,
+                name: "user.k".into(),
+                how: XattrHow::Create,
+                value: vec![0, 1, 2],
+            },
+            RecordOp::SetXattr {
+                fid: f,
+                name: "user.k".into(),
+                how: XattrHow::Remove,
+                value: vec![],
+            },
+            RecordOp::Mknod {
+                parent: f,
+                name: "dev".into(),
+                fid: f,
+                ftype: FileType::CharDev,
+                mode: 0o600,
+                rdev: (1 << 8) | 3,
+                mtime: t,
+                uid: 0,
+                gid: 0,
             },
         ];
         vec![
@@ -1044,19 +1370,64 @@ mod tests {
                 stamp: 9,
                 valid: true,
             },
+            Msg::GetXattrs { fid: f },
+            Msg::Xattrs {
+                version: 3,
+                items: vec![("user.a".into(), vec![]), ("user.b".into(), vec![9; 300])],
+            },
             Msg::CallbackBreak { fids: vec![f] },
             Msg::BreakAck,
             Msg::Fetch { fid: f },
             Msg::FetchReply {
                 attr: attr(),
                 length: 1 << 40,
+                extents: vec![(0, 10), (1 << 39, 4096)],
             },
             Msg::Upload {
                 upload_id: 1,
                 length: 2,
+                extents: vec![(0, 2)],
             },
             Msg::Uploaded { upload_id: 1 },
         ]
+    }
+
+    #[test]
+    fn a_protocol_1_log_still_reads() {
+        // A Create and a SetAttr as protocol 1 wrote them.
+        let f = Fid::new(1, 2, 1);
+        let mut w = Writer::new();
+        w.u32(2);
+        w.u64(1).u8(rec::CREATE).fid(&f).str("a").fid(&f).u32(0o644);
+        w.time(&Timespec { sec: 5, nsec: 0 });
+        w.u64(2)
+            .u8(rec::SETATTR)
+            .fid(&f)
+            .u64(0)
+            .opt_u32(Some(0o600));
+        w.opt_u64(None).opt_time(None);
+        let recs = decode_records_v1(&w.buf, (7, 8)).unwrap();
+        assert!(matches!(
+            recs[0].op,
+            RecordOp::Create {
+                uid: 7,
+                gid: 8,
+                mode: 0o644,
+                ..
+            }
+        ));
+        assert!(matches!(
+            recs[1].op,
+            RecordOp::SetAttr {
+                mode: Some(0o600),
+                uid: None,
+                gid: None,
+                atime: None,
+                ..
+            }
+        ));
+        // The same bytes are not a protocol-2 body.
+        assert!(Msg::decode_body(code::REINTEGRATE, &w.buf).is_err());
     }
 
     #[test]

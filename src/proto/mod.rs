@@ -9,11 +9,11 @@ pub mod message;
 pub mod types;
 
 pub use frame::{read_frame, write_frame, Frame};
-pub use message::{ConnKind, Msg, Record, RecordOp, Replaces};
-pub use types::{Attr, DirEntry, Fid, FileType, Timespec};
+pub use message::{extent_bytes, ConnKind, Msg, Record, RecordOp, Replaces, XattrHow};
+pub use types::{Attr, DirEntry, Fid, FileType, Timespec, Xattrs};
 
 /// Version carried in `Hello`; a server refuses any other.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame (type + id + body) accepted, checked before allocating.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Largest name of a directory entry, in bytes.
@@ -28,6 +28,12 @@ pub const MAX_BATCH: usize = 4096;
 pub const MAX_FIDS: usize = 16384;
 /// Most entries in one ReadDir page.
 pub const MAX_DIR_PAGE: usize = 2048;
+/// Largest extended attribute name, in bytes (as Linux).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest extended attribute value, in bytes (as Linux's `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 65536;
+/// Most bytes (names and values) of all extended attributes of one object.
+pub const MAX_XATTR_BYTES: usize = 65536;
 /// Largest error message carried on the wire.
 pub const MAX_MESSAGE: usize = 4096;
 /// Chunk size for raw bulk data on the bulk connection.

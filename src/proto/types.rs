@@ -64,6 +64,14 @@ pub enum FileType {
     Dir = 2,
     /// A symbolic link.
     Symlink = 3,
+    /// A named pipe (metadata only: no data is stored).
+    Fifo = 4,
+    /// A Unix domain socket's name (metadata only).
+    Socket = 5,
+    /// A character device node (metadata only: type and `rdev`).
+    CharDev = 6,
+    /// A block device node (metadata only: type and `rdev`).
+    BlockDev = 7,
 }
 
 impl FileType {
@@ -73,6 +81,10 @@ impl FileType {
             1 => Some(FileType::File),
             2 => Some(FileType::Dir),
             3 => Some(FileType::Symlink),
+            4 => Some(FileType::Fifo),
+            5 => Some(FileType::Socket),
+            6 => Some(FileType::CharDev),
+            7 => Some(FileType::BlockDev),
             _ => None,
         }
     }
@@ -83,7 +95,31 @@ impl FileType {
             FileType::File => libc::S_IFREG,
             FileType::Dir => libc::S_IFDIR,
             FileType::Symlink => libc::S_IFLNK,
+            FileType::Fifo => libc::S_IFIFO,
+            FileType::Socket => libc::S_IFSOCK,
+            FileType::CharDev => libc::S_IFCHR,
+            FileType::BlockDev => libc::S_IFBLK,
         }
+    }
+
+    /// The type of a special file from the `S_IF*` bits of a mode (what
+    /// `mknod` takes); `None` for a file, directory or symlink.
+    pub fn special_from_mode(mode: u32) -> Option<FileType> {
+        match mode & libc::S_IFMT {
+            libc::S_IFIFO => Some(FileType::Fifo),
+            libc::S_IFSOCK => Some(FileType::Socket),
+            libc::S_IFCHR => Some(FileType::CharDev),
+            libc::S_IFBLK => Some(FileType::BlockDev),
+            _ => None,
+        }
+    }
+
+    /// Fifos, sockets and device nodes: metadata only, never data.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            FileType::Fifo | FileType::Socket | FileType::CharDev | FileType::BlockDev
+        )
     }
 }
 
@@ -129,6 +165,14 @@ pub struct Attr {
     pub ctime: Timespec,
     /// The object's version on the server.
     pub version: u64,
+    /// Numeric owner (plain POSIX metadata, see docs/MOUNT.md "POSIX").
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Last access, as set explicitly (the server never moves it on reads).
+    pub atime: Timespec,
+    /// Device number of a character or block device node; 0 otherwise.
+    pub rdev: u64,
 }
 
 impl Attr {
@@ -137,6 +181,9 @@ impl Attr {
         self.ftype.mode_bits() | (self.mode & 0o7777)
     }
 }
+
+/// An object's extended attributes: (name, value) pairs in name order.
+pub type Xattrs = Vec<(String, Vec<u8>)>;
 
 /// One name in a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +78,11 @@ pub fn serve(
         let step = match Msg::decode(&frame) {
             Ok(Msg::Ping) => send(&mut stream, id, &Msg::Pong),
             Ok(Msg::Fetch { fid }) => fetch(&shared, &ctx, &mut stream, id, fid),
-            Ok(Msg::Upload { upload_id, length }) => upload(
+            Ok(Msg::Upload {
+                upload_id,
+                length,
+                extents,
+            }) => upload(
                 &shared,
                 &ctx,
                 &mut reader,
@@ -86,6 +90,7 @@ pub fn serve(
                 id,
                 upload_id,
                 length,
+                &extents,
             ),
             Ok(other) => Err(Error::Protocol(format!(
                 "message type {:#04x} is not a bulk-connection request",
@@ -134,11 +139,17 @@ fn fetch(
     };
     match data {
         FetchData::Bytes(b) => {
+            let length = b.len() as u64;
             let mut out = frame_for(
                 id,
                 &Msg::FetchReply {
                     attr,
-                    length: b.len() as u64,
+                    length,
+                    extents: if b.is_empty() {
+                        vec![]
+                    } else {
+                        vec![(0, length)]
+                    },
                 },
             );
             out.extend_from_slice(&b);
@@ -147,16 +158,30 @@ fn fetch(
                 .map_err(|e| Error::io("sending fetch data", e))
         }
         FetchData::File(file, length) => {
-            send(stream, id, &Msg::FetchReply { attr, length })?;
-            send_file(&file, stream, length)
+            // Holes stay holes: only the data extents travel.
+            let extents = crate::sparse::data_extents(&file, length);
+            send(
+                stream,
+                id,
+                &Msg::FetchReply {
+                    attr,
+                    length,
+                    extents: extents.clone(),
+                },
+            )?;
+            for (off, len) in extents {
+                send_file(&file, stream, off, len)?;
+            }
+            Ok(())
         }
     }
 }
 
-/// Stream exactly `length` bytes of `file` with sendfile(2): the data goes
-/// from the page cache to the socket without passing through user space.
-fn send_file(file: &File, stream: &mut TcpStream, length: u64) -> Result<()> {
-    let mut offset: libc::off_t = 0;
+/// Stream exactly `length` bytes of `file` from offset `from` with
+/// sendfile(2): the data goes from the page cache to the socket without
+/// passing through user space.
+fn send_file(file: &File, stream: &mut TcpStream, from: u64, length: u64) -> Result<()> {
+    let mut offset = from as libc::off_t;
     let mut left = length;
     while left > 0 {
         let want = left.min(1 << 30) as usize;
@@ -180,6 +205,7 @@ fn send_file(file: &File, stream: &mut TcpStream, length: u64) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn upload(
     shared: &Shared,
     ctx: &ClientCtx,
@@ -188,7 +214,10 @@ fn upload(
     id: u64,
     upload_id: u64,
     length: u64,
+    extents: &[(u64, u64)],
 ) -> Result<()> {
+    // What arrives and is kept: the data extents (holes cost nothing).
+    let data = crate::proto::extent_bytes(extents);
     // Admission before any byte is written. A refused upload's bytes are
     // still read and discarded so the stream stays in step and the peer
     // reads a clear error; one longer than any file the server would keep
@@ -199,7 +228,7 @@ fn upload(
             "upload of {length} bytes exceeds the server's maximum file size {max}"
         )))
     } else {
-        shared.registry.admit_upload(ctx, length)
+        shared.registry.admit_upload(ctx, data)
     };
     let claim = match admitted {
         Ok(c) => c,
@@ -215,7 +244,7 @@ fn upload(
                 )));
             }
             let _ = reader.get_ref().set_read_timeout(Some(RAW_READ_TIMEOUT));
-            let drained = discard(reader, length);
+            let drained = discard(reader, data);
             let _ = reader.get_ref().set_read_timeout(None);
             drained?;
             return send(stream, id, &error_reply(&e));
@@ -227,7 +256,7 @@ fn upload(
         TMP_SERIAL.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = reader.get_ref().set_read_timeout(Some(RAW_READ_TIMEOUT));
-    let received = receive(reader, &tmp, length);
+    let received = receive(reader, &tmp, length, extents);
     let _ = reader.get_ref().set_read_timeout(None);
     let result = match received {
         // The peer stopped inside the raw bytes: this transfer is lost and
@@ -284,32 +313,39 @@ fn receive(
     reader: &mut BufReader<TcpStream>,
     tmp: &PathBuf,
     length: u64,
+    extents: &[(u64, u64)],
 ) -> std::result::Result<(), Received> {
+    // The file has its full length from the start; each extent's bytes
+    // are written where they belong and the rest stays a hole.
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(tmp)
+        .and_then(|f| f.set_len(length).map(|_| f))
         .map_err(|e| Error::io(format!("create {}", tmp.display()), e));
     let mut buf = vec![0u8; BULK_CHUNK];
-    let mut left = length;
     let mut write_err = None;
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = match reader.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Err(Received::Broken(Error::Protocol(format!(
-                    "connection ended {left} bytes before the end of an upload"
-                ))))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Received::Broken(Error::io("receiving upload", e))),
-        };
-        left -= n as u64;
-        if let (Ok(f), None) = (&mut file, &write_err) {
-            if let Err(e) = f.write_all(&buf[..n]) {
-                write_err = Some(Error::io(format!("write {}", tmp.display()), e));
+    for &(at, len) in extents {
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = match reader.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(Received::Broken(Error::Protocol(format!(
+                        "connection ended {left} bytes before the end of an upload"
+                    ))))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Received::Broken(Error::io("receiving upload", e))),
+            };
+            let pos = at + (len - left);
+            left -= n as u64;
+            if let (Ok(f), None) = (&mut file, &write_err) {
+                if let Err(e) = f.write_all_at(&buf[..n], pos) {
+                    write_err = Some(Error::io(format!("write {}", tmp.display()), e));
+                }
             }
         }
     }

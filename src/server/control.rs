@@ -173,6 +173,8 @@ fn reply_bound(msg: &Msg) -> usize {
     let est = match msg {
         Msg::GetAttrs { fids } => 16 + fids.len() * (1 + ATTR_LEN),
         Msg::ReadDir { .. } => 64 + ATTR_LEN + MAX_DIR_PAGE * (MAX_NAME + 32),
+        // Names and values, plus at most 6 bytes of lengths per byte of them.
+        Msg::GetXattrs { .. } => 64 + 7 * crate::proto::MAX_XATTR_BYTES,
         Msg::Reintegrate { records } => 64 + records.len() * ATTR_LEN,
         _ => 64,
     };
@@ -302,6 +304,7 @@ fn read_loop(
             | Msg::ReadDir { .. }
             | Msg::AllocFids { .. }
             | Msg::ValidateVolume { .. }
+            | Msg::GetXattrs { .. }
             | Msg::Reintegrate { .. }) => {
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
@@ -367,6 +370,12 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
                     Err(e)
                 }
             }
+        }
+        Msg::GetXattrs { fid } => {
+            // No callback: the reply carries the object's version, and the
+            // client keeps the list only while its attr has that version.
+            let (version, items) = shared.store.get_xattrs(fid)?;
+            Ok(Msg::Xattrs { version, items })
         }
         Msg::AllocFids { volume, count } => {
             let first_vnode = match &shared.repl {

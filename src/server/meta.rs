@@ -6,6 +6,7 @@ use redb::TableDefinition;
 
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, Fid, FileType, MAX_SYMLINK};
+use crate::proto::{MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
 /// fid bytes → encoded [`ObjectRec`].
@@ -122,29 +123,101 @@ pub struct ObjectRec {
     pub parent: Fid,
     /// For symlinks: the target.
     pub target: String,
+    /// Extended attributes, in name order.
+    pub xattrs: Vec<(String, Vec<u8>)>,
 }
+
+/// Version of the extension an object record carries after its first
+/// fields. Records written before it existed (no extension) read as owned
+/// by uid/gid 0, with atime = mtime and no device number.
+const OBJECT_EXT_V2: u8 = 2;
 
 impl ObjectRec {
     pub fn encode(&self) -> Vec<u8> {
+        let a = &self.attr;
         let mut w = Writer::new();
-        w.attr(&self.attr)
+        // The first fields keep the layout of format 1 (an attr of protocol
+        // 1); what came later is a versioned extension at the end.
+        w.fid(&a.fid)
+            .u8(a.ftype as u8)
+            .u32(a.mode)
+            .u32(a.nlink)
+            .u64(a.size)
+            .time(&a.mtime)
+            .time(&a.ctime)
+            .u64(a.version)
             .u64(self.dv)
             .u8(self.has_file as u8)
             .fid(&self.parent)
-            .str(&self.target);
+            .str(&self.target)
+            .u8(OBJECT_EXT_V2)
+            .u32(a.uid)
+            .u32(a.gid)
+            .time(&a.atime)
+            .u64(a.rdev)
+            .u32(self.xattrs.len() as u32);
+        for (name, value) in &self.xattrs {
+            w.str(name).blob(value);
+        }
         w.buf
     }
 
     pub fn decode(b: &[u8]) -> Result<ObjectRec> {
         let corrupt = |e: Error| Error::Eio(format!("corrupt object record: {e}"));
         let mut r = Reader::new(b);
-        let rec = ObjectRec {
-            attr: r.attr().map_err(corrupt)?,
-            dv: r.u64().map_err(corrupt)?,
-            has_file: r.bool().map_err(corrupt)?,
-            parent: r.fid().map_err(corrupt)?,
-            target: r.str(MAX_SYMLINK, "symlink target").map_err(corrupt)?,
-        };
+        let mut rec = (|| -> Result<ObjectRec> {
+            let fid = r.fid()?;
+            let ftype = r.ftype()?;
+            let mode = r.u32()?;
+            let nlink = r.u32()?;
+            let size = r.u64()?;
+            let mtime = r.time()?;
+            let ctime = r.time()?;
+            let version = r.u64()?;
+            Ok(ObjectRec {
+                attr: Attr {
+                    fid,
+                    ftype,
+                    mode,
+                    nlink,
+                    size,
+                    mtime,
+                    ctime,
+                    version,
+                    uid: 0,
+                    gid: 0,
+                    atime: mtime,
+                    rdev: 0,
+                },
+                dv: r.u64()?,
+                has_file: r.bool()?,
+                parent: r.fid()?,
+                target: r.str(MAX_SYMLINK, "symlink target")?,
+                xattrs: Vec::new(),
+            })
+        })()
+        .map_err(corrupt)?;
+        if r.remaining() > 0 {
+            match r.u8().map_err(corrupt)? {
+                OBJECT_EXT_V2 => {
+                    rec.attr.uid = r.u32().map_err(corrupt)?;
+                    rec.attr.gid = r.u32().map_err(corrupt)?;
+                    rec.attr.atime = r.time().map_err(corrupt)?;
+                    rec.attr.rdev = r.u64().map_err(corrupt)?;
+                    let n = r
+                        .count(MAX_XATTR_BYTES, 7, "extended attributes")
+                        .map_err(corrupt)?;
+                    for _ in 0..n {
+                        let name = r.str(MAX_XATTR_NAME, "attribute name").map_err(corrupt)?;
+                        let value = r
+                            .blob(MAX_XATTR_VALUE, "attribute value")
+                            .map_err(corrupt)?;
+                        rec.xattrs.push((name, value));
+                    }
+                }
+                v => return Err(Error::Eio(format!("object record extension {v} unknown"))),
+            }
+        }
         r.finish().map_err(corrupt)?;
         Ok(rec)
     }
@@ -198,14 +271,29 @@ mod tests {
                 mtime: Timespec { sec: 1, nsec: 2 },
                 ctime: Timespec { sec: 3, nsec: 4 },
                 version: 5,
+                uid: 1000,
+                gid: 50,
+                atime: Timespec { sec: 6, nsec: 7 },
+                rdev: 0,
             },
             dv: 9,
             has_file: true,
             parent: ROOT_FID,
             target: "a/b".into(),
+            xattrs: vec![("user.a".into(), vec![1, 2]), ("user.b".into(), vec![])],
         };
         assert_eq!(ObjectRec::decode(&rec.encode()).unwrap(), rec);
         assert!(ObjectRec::decode(&rec.encode()[..10]).is_err());
+        // A record of format 1 (before owners, atime and rdev) still reads:
+        // its fields are the new encoding without the extension.
+        let v1 = rec.encode();
+        let ext = 1 + 4 + 4 + 12 + 8 + 4 + (2 + 6 + 4 + 2) + (2 + 6 + 4);
+        let old = &v1[..v1.len() - ext];
+        let back = ObjectRec::decode(old).unwrap();
+        assert_eq!((back.attr.uid, back.attr.gid, back.attr.rdev), (0, 0, 0));
+        assert_eq!(back.attr.atime, rec.attr.mtime);
+        assert_eq!(back.target, rec.target);
+        assert!(back.xattrs.is_empty());
         let (c, n) = decode_reservation(&encode_reservation(&[3; 16], 77));
         assert_eq!((c, n), ([3; 16], 77));
     }

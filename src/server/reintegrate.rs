@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -27,6 +26,7 @@ use super::meta::*;
 use super::objects;
 use super::volume::{get_object, is_store_failure, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
+use crate::proto::{XattrHow, MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
 /// Finds the staged file of an upload of the reintegrating client.
@@ -504,8 +504,23 @@ fn current_attr<T: ReadableTable<&'static [u8; 16], &'static [u8]>>(
             mtime: Timespec::default(),
             ctime: Timespec::default(),
             version: 0,
+            uid: 0,
+            gid: 0,
+            atime: Timespec::default(),
+            rdev: 0,
         },
     })
+}
+
+/// What a creating record makes (Create, Mkdir, Symlink, Mknod).
+struct New<'a> {
+    ftype: FileType,
+    mode: u32,
+    target: &'a str,
+    mtime: Timespec,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
 }
 
 struct Batch<'t, 's> {
@@ -575,29 +590,105 @@ impl<'t, 's> Batch<'t, 's> {
                 fid,
                 mode,
                 mtime,
-            } => self.create(*parent, name, *fid, FileType::File, *mode, "", *mtime),
+                uid,
+                gid,
+            } => self.create(
+                *parent,
+                name,
+                *fid,
+                New {
+                    ftype: FileType::File,
+                    mode: *mode,
+                    target: "",
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
+            ),
             RecordOp::Mkdir {
                 parent,
                 name,
                 fid,
                 mode,
                 mtime,
-            } => self.create(*parent, name, *fid, FileType::Dir, *mode, "", *mtime),
+                uid,
+                gid,
+            } => self.create(
+                *parent,
+                name,
+                *fid,
+                New {
+                    ftype: FileType::Dir,
+                    mode: *mode,
+                    target: "",
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
+            ),
             RecordOp::Symlink {
                 parent,
                 name,
                 fid,
                 target,
                 mtime,
+                uid,
+                gid,
             } => self.create(
                 *parent,
                 name,
                 *fid,
-                FileType::Symlink,
-                0o777,
-                target,
-                *mtime,
+                New {
+                    ftype: FileType::Symlink,
+                    mode: 0o777,
+                    target,
+                    mtime: *mtime,
+                    uid: *uid,
+                    gid: *gid,
+                    rdev: 0,
+                },
             ),
+            RecordOp::SetXattr {
+                fid,
+                name,
+                how,
+                value,
+            } => self.set_xattr(*fid, name, *how, value),
+            RecordOp::Mknod {
+                parent,
+                name,
+                fid,
+                ftype,
+                mode,
+                rdev,
+                mtime,
+                uid,
+                gid,
+            } => {
+                if !ftype.is_special() {
+                    return Err(Error::Invalid(format!("mknod of a {ftype:?}")));
+                }
+                let rdev = match ftype {
+                    FileType::CharDev | FileType::BlockDev => *rdev,
+                    _ => 0,
+                };
+                self.create(
+                    *parent,
+                    name,
+                    *fid,
+                    New {
+                        ftype: *ftype,
+                        mode: *mode,
+                        target: "",
+                        mtime: *mtime,
+                        uid: *uid,
+                        gid: *gid,
+                        rdev,
+                    },
+                )
+            }
             RecordOp::Link { parent, name, fid } => self.link(*parent, name, *fid),
             RecordOp::Remove { parent, name, fid } => self.remove(*parent, name, *fid, false),
             RecordOp::Rmdir { parent, name, fid } => self.remove(*parent, name, *fid, true),
@@ -622,7 +713,17 @@ impl<'t, 's> Batch<'t, 's> {
                 mode,
                 size,
                 mtime,
-            } => self.setattr(*fid, *expected_version, *mode, *size, *mtime),
+                uid,
+                gid,
+                atime,
+            } => self.setattr(
+                *fid,
+                *expected_version,
+                *mode,
+                *size,
+                *mtime,
+                (*uid, *gid, *atime),
+            ),
         }
     }
 
@@ -791,7 +892,7 @@ impl<'t, 's> Batch<'t, 's> {
         let fid = rec.attr.fid;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
-        let mut out = fs::OpenOptions::new()
+        let out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
@@ -799,14 +900,15 @@ impl<'t, 's> Batch<'t, 's> {
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         self.created.push(path.clone());
         if rec.has_file {
+            // Data extents only: a hole (or a file grown by truncate) is
+            // not written out as zeros.
             let old = objects::object_path(&self.store.root, fid, rec.dv);
             let src = fs::File::open(&old)
                 .map_err(|e| Error::io(format!("open {}", old.display()), e))?;
-            std::io::copy(&mut src.take(size), &mut out)
+            crate::sparse::copy_sparse(&src, &out, size)
                 .map_err(|e| Error::io(format!("copy into {}", path.display()), e))?;
         }
         out.set_len(size)
-            .and_then(|_| out.flush())
             .and_then(|_| out.sync_all())
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         self.sync_dirs
@@ -828,7 +930,7 @@ impl<'t, 's> Batch<'t, 's> {
         match rec.attr.ftype {
             FileType::File => {}
             FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
-            FileType::Symlink => return Err(Error::Invalid(format!("store into symlink {fid}"))),
+            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
         }
         Self::check_version(&rec, expected)?;
         let staged = match (self.staged)(upload_id) {
@@ -868,17 +970,16 @@ impl<'t, 's> Batch<'t, 's> {
         Ok(rec.attr)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn create(
-        &mut self,
-        parent: Fid,
-        name: &str,
-        fid: Fid,
-        ftype: FileType,
-        mode: u32,
-        target: &str,
-        mtime: Timespec,
-    ) -> Result<Attr> {
+    fn create(&mut self, parent: Fid, name: &str, fid: Fid, new: New) -> Result<Attr> {
+        let New {
+            ftype,
+            mode,
+            target,
+            mtime,
+            uid,
+            gid,
+            rdev,
+        } = new;
         check_name(name)?;
         self.dir(parent)?;
         if self.lookup(parent, name)?.is_some() {
@@ -899,11 +1000,16 @@ impl<'t, 's> Batch<'t, 's> {
                 mtime,
                 ctime: self.now,
                 version: 1,
+                uid,
+                gid,
+                atime: mtime,
+                rdev,
             },
             dv: 0,
             has_file: false,
             parent: if is_dir { parent } else { Fid::default() },
             target: target.to_string(),
+            xattrs: Vec::new(),
         };
         self.put(&rec)?;
         self.wrote = true;
@@ -913,14 +1019,52 @@ impl<'t, 's> Batch<'t, 's> {
         Ok(rec.attr)
     }
 
+    /// One extended attribute set, created, replaced or removed, with the
+    /// `setxattr(2)` flags' checks; the object's version and ctime move.
+    fn set_xattr(&mut self, fid: Fid, name: &str, how: XattrHow, value: &[u8]) -> Result<Attr> {
+        if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains('\0') {
+            return Err(Error::Invalid(format!("attribute name {name:?}")));
+        }
+        if value.len() > MAX_XATTR_VALUE {
+            return Err(Error::Invalid(format!(
+                "attribute value of {} bytes exceeds {MAX_XATTR_VALUE}",
+                value.len()
+            )));
+        }
+        let mut rec = self.obj(fid)?;
+        let at = rec.xattrs.binary_search_by(|(n, _)| n.as_str().cmp(name));
+        match (how, at) {
+            (XattrHow::Create, Ok(_)) => {
+                return Err(Error::Exists(format!("attribute {name:?} of {fid}")))
+            }
+            (XattrHow::Replace | XattrHow::Remove, Err(_)) => {
+                return Err(Error::NotFound(format!("attribute {name:?} of {fid}")))
+            }
+            (XattrHow::Remove, Ok(i)) => {
+                rec.xattrs.remove(i);
+            }
+            (_, Ok(i)) => rec.xattrs[i].1 = value.to_vec(),
+            (_, Err(i)) => rec.xattrs.insert(i, (name.to_string(), value.to_vec())),
+        }
+        let total: usize = rec.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+        if total > MAX_XATTR_BYTES {
+            return Err(Error::Invalid(format!(
+                "extended attributes of {fid} would take {total} bytes, over {MAX_XATTR_BYTES}"
+            )));
+        }
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+
     fn link(&mut self, parent: Fid, name: &str, fid: Fid) -> Result<Attr> {
         check_name(name)?;
         self.dir(parent)?;
         let mut rec = self.obj(fid)?;
-        match rec.attr.ftype {
-            FileType::File => {}
-            FileType::Dir => return Err(Error::IsDir(format!("hard link to directory {fid}"))),
-            FileType::Symlink => return Err(Error::Invalid(format!("hard link to symlink {fid}"))),
+        // Any object but a directory may have several names (POSIX link(2)
+        // of a symlink links the symlink itself).
+        if rec.attr.ftype == FileType::Dir {
+            return Err(Error::IsDir(format!("hard link to directory {fid}")));
         }
         Self::same_volume(parent, fid)?;
         if self.lookup(parent, name)?.is_some() {
@@ -932,7 +1076,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.dirents.insert(
             (&parent.to_bytes(), name),
-            &encode_entry(fid, FileType::File),
+            &encode_entry(fid, rec.attr.ftype),
         )?;
         self.touch_dir(parent, 1, 0)?;
         Ok(rec.attr)
@@ -1097,19 +1241,27 @@ impl<'t, 's> Batch<'t, 's> {
         mode: Option<u32>,
         size: Option<u64>,
         mtime: Option<Timespec>,
+        (uid, gid, atime): (Option<u32>, Option<u32>, Option<Timespec>),
     ) -> Result<Attr> {
         let mut rec = self.obj(fid)?;
         Self::check_version(&rec, expected)?;
         if let Some(m) = mode {
             rec.attr.mode = m & 0o7777;
         }
+        if let Some(u) = uid {
+            rec.attr.uid = u;
+        }
+        if let Some(g) = gid {
+            rec.attr.gid = g;
+        }
+        if let Some(t) = atime {
+            rec.attr.atime = t;
+        }
         if let Some(size) = size {
             match rec.attr.ftype {
                 FileType::File => {}
                 FileType::Dir => return Err(Error::IsDir(format!("truncate of directory {fid}"))),
-                FileType::Symlink => {
-                    return Err(Error::Invalid(format!("truncate of symlink {fid}")))
-                }
+                t => return Err(Error::Invalid(format!("truncate of {t:?} {fid}"))),
             }
             if size != rec.attr.size {
                 self.charge(fid.volume, rec.attr.size, size)?;
@@ -1164,6 +1316,8 @@ mod tests {
                 fid,
                 mode: 0o644,
                 mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
             },
         }
     }

@@ -135,11 +135,18 @@ impl VolumeStore {
                     mtime: now,
                     ctime: now,
                     version: 1,
+                    // Whoever ran `init` owns the root (plain POSIX metadata).
+                    // SAFETY: plain getters without preconditions.
+                    uid: unsafe { libc::geteuid() },
+                    gid: unsafe { libc::getegid() },
+                    atime: now,
+                    rdev: 0,
                 },
                 dv: 0,
                 has_file: false,
                 parent: ROOT_FID,
                 target: String::new(),
+                xattrs: Vec::new(),
             };
             txn.open_table(OBJECTS)?
                 .insert(&ROOT_FID.to_bytes(), root_rec.encode().as_slice())?;
@@ -357,6 +364,16 @@ impl VolumeStore {
         self.with_db(|db| self.open_data_in(db, fid))
     }
 
+    /// The extended attributes of `fid` and the object's version.
+    pub fn get_xattrs(&self, fid: Fid) -> Result<(u64, crate::proto::Xattrs)> {
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let rec = get_object(&table, fid)?.ok_or_else(|| stale(fid))?;
+            Ok((rec.attr.version, rec.xattrs))
+        })
+    }
+
     /// Reserve `count` fresh vnodes in `volume` for `client`, durably.
     pub fn alloc_fids(&self, client: &ClientId, volume: u32, count: u32) -> Result<u64> {
         self.with_db(|db| alloc_fids_in(db, client, volume, count))
@@ -373,10 +390,14 @@ impl VolumeStore {
                     let data = rec.target.clone().into_bytes();
                     return Ok((rec.attr, FetchData::Bytes(data)));
                 }
+                // Special files are metadata only: they fetch as empty.
+                t if t.is_special() => {
+                    return Ok((rec.attr, FetchData::Bytes(Vec::new())));
+                }
                 FileType::File if !rec.has_file => {
                     return Ok((rec.attr, FetchData::Bytes(Vec::new())));
                 }
-                FileType::File => {}
+                _ => {}
             }
             let path = objects::object_path(&self.root, fid, rec.dv);
             match File::open(&path) {

@@ -1,6 +1,9 @@
 //! A raw protocol client for tests: speaks the wire format frame by frame
 //! with no policy, so tests can send exactly what they mean (including
 //! garbage) and see exactly what the server answers.
+// The error of a raw call is the server's reply itself (a whole `Msg`,
+// large since attrs carry owners and times): tests match on it.
+#![allow(clippy::result_large_err)]
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,7 +33,7 @@ pub struct Raw {
 /// The Hello a client sends, for tests that drive the handshake by hand.
 pub fn hello(kind: ConnKind, user: &str, client_id: [u8; 16], epoch: u64, nonce: [u8; 32]) -> Msg {
     Msg::Hello {
-        version: 1,
+        version: coda::proto::PROTOCOL_VERSION,
         kind,
         user: user.into(),
         client_id,
@@ -266,12 +269,9 @@ impl Raw {
         }
     }
 
-    /// On a bulk connection: upload bytes, expect Uploaded.
+    /// On a bulk connection: upload bytes (one dense extent), expect Uploaded.
     pub fn upload(&mut self, upload_id: u64, data: &[u8]) -> Msg {
-        let id = self.send(&Msg::Upload {
-            upload_id,
-            length: data.len() as u64,
-        });
+        let id = self.send(&dense_upload(upload_id, data.len() as u64));
         self.stream.write_all(data).expect("upload bytes");
         match self.recv() {
             Some((rid, m)) if rid == id => m,
@@ -279,16 +279,70 @@ impl Raw {
         }
     }
 
+    /// On a bulk connection: upload a file of `length` bytes holding only
+    /// the given extents (the rest holes), expect Uploaded.
+    pub fn upload_sparse(&mut self, upload_id: u64, length: u64, extents: &[(u64, &[u8])]) -> Msg {
+        let id = self.send(&Msg::Upload {
+            upload_id,
+            length,
+            extents: extents.iter().map(|(o, d)| (*o, d.len() as u64)).collect(),
+        });
+        for (_, d) in extents {
+            self.stream.write_all(d).expect("upload bytes");
+        }
+        match self.recv() {
+            Some((rid, m)) if rid == id => m,
+            other => panic!("upload reply: {other:?}"),
+        }
+    }
+
     /// On a bulk connection: fetch an object; Ok((attr, data)) or the error.
+    /// The data is the whole file, holes filled with zeros.
     pub fn fetch(&mut self, fid: Fid) -> Result<(Attr, Vec<u8>), Msg> {
+        let (attr, length, extents) = self.fetch_extents(fid)?;
+        let mut data = vec![0u8; length as usize];
+        for (off, bytes) in extents {
+            data[off as usize..off as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok((attr, data))
+    }
+
+    /// On a bulk connection: fetch an object as the server sends it: its
+    /// attr, length and data extents with their bytes.
+    #[allow(clippy::type_complexity)]
+    pub fn fetch_extents(&mut self, fid: Fid) -> Result<(Attr, u64, Vec<(u64, Vec<u8>)>), Msg> {
         let id = self.send(&Msg::Fetch { fid });
         match self.recv() {
-            Some((rid, Msg::FetchReply { attr, length })) if rid == id => {
-                Ok((attr, self.recv_raw(length)))
+            Some((
+                rid,
+                Msg::FetchReply {
+                    attr,
+                    length,
+                    extents,
+                },
+            )) if rid == id => {
+                let parts = extents
+                    .iter()
+                    .map(|(o, l)| (*o, self.recv_raw(*l)))
+                    .collect();
+                Ok((attr, length, parts))
             }
             Some((_, m)) => Err(m),
             None => Err(closed()),
         }
+    }
+}
+
+/// An Upload of `length` bytes sent as one dense extent (none when empty).
+pub fn dense_upload(upload_id: u64, length: u64) -> Msg {
+    Msg::Upload {
+        upload_id,
+        length,
+        extents: if length == 0 {
+            vec![]
+        } else {
+            vec![(0, length)]
+        },
     }
 }
 
@@ -319,6 +373,8 @@ pub mod rec {
                 fid,
                 mode: 0o644,
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -331,6 +387,8 @@ pub mod rec {
                 fid,
                 mode: 0o755,
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -343,6 +401,8 @@ pub mod rec {
                 fid,
                 target: target.into(),
                 mtime: t(),
+                uid: 0,
+                gid: 0,
             },
         }
     }
@@ -421,6 +481,74 @@ pub mod rec {
                 mode: None,
                 size: Some(size),
                 mtime: None,
+                uid: None,
+                gid: None,
+                atime: None,
+            },
+        }
+    }
+    /// Any status change, as the mount's setattr sends it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        id: u64,
+        fid: Fid,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    ) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::SetAttr {
+                fid,
+                expected_version: 0,
+                mode,
+                size: None,
+                mtime,
+                uid,
+                gid,
+                atime,
+            },
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        id: u64,
+        parent: Fid,
+        name: &str,
+        fid: Fid,
+        ftype: coda::proto::FileType,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Mknod {
+                parent,
+                name: name.into(),
+                fid,
+                ftype,
+                mode: 0o640,
+                rdev,
+                mtime: t(),
+                uid,
+                gid,
+            },
+        }
+    }
+    pub fn create_as(id: u64, parent: Fid, name: &str, fid: Fid, uid: u32, gid: u32) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Create {
+                parent,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: t(),
+                uid,
+                gid,
             },
         }
     }
@@ -433,6 +561,9 @@ pub mod rec {
                 mode: Some(mode),
                 size: None,
                 mtime: None,
+                uid: None,
+                gid: None,
+                atime: None,
             },
         }
     }

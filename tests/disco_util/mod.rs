@@ -44,6 +44,9 @@ pub fn tree(c: &Client) -> BTreeMap<String, Option<Vec<u8>>> {
                     let d = crate::client_util::get(c, &p);
                     out.insert(p, Some(d));
                 }
+                t => {
+                    out.insert(p, Some(format!("{t:?}").into_bytes()));
+                }
             }
         }
     }

@@ -123,7 +123,12 @@ pub fn handle(ctx: &Ctx, args: &[String]) -> Response {
         ["status"] => Response::Ok(status(ctx)),
         ["checkservers"] => Response::Ok(check_servers(ctx)),
         ["failover", link, target] => match c.failover(Path::new(link), Path::new(target)) {
-            Ok(()) => Response::Ok(vec![format!("failed over: {link} -> {target}")]),
+            Ok(()) => {
+                // Nothing the kernel cached may be served after the swap:
+                // dropped before the operator hears the failover is done.
+                ctx.shared.kcache.invalidate_all(true);
+                Response::Ok(vec![format!("failed over: {link} -> {target}")])
+            }
             Err(e) => fail(&e),
         },
         ["failback", link, target] => match c.failback(Path::new(link), Path::new(target)) {
@@ -225,6 +230,13 @@ fn status(ctx: &Ctx) -> Vec<String> {
             sh.passthrough_opens.load(Ordering::Relaxed)
         ),
         format!("plain_opens: {}", sh.plain_opens.load(Ordering::Relaxed)),
+        format!("fuse_reads: {}", sh.reads.load(Ordering::Relaxed)),
+        format!("fuse_lookups: {}", sh.lookups.load(Ordering::Relaxed)),
+        format!("fuse_getattrs: {}", sh.getattrs.load(Ordering::Relaxed)),
+        format!(
+            "kept_cache_opens: {}",
+            sh.kept_cache_opens.load(Ordering::Relaxed)
+        ),
         format!("fetches: {}", s.fetches),
         format!("fetch_bytes: {}", s.fetch_bytes),
         format!("breaks_received: {}", s.breaks_received),
@@ -323,6 +335,10 @@ fn cache_line(o: &CachedObject) -> String {
         FileType::File => "file",
         FileType::Dir => "dir",
         FileType::Symlink => "symlink",
+        FileType::Fifo => "fifo",
+        FileType::Socket => "socket",
+        FileType::CharDev => "chardev",
+        FileType::BlockDev => "blockdev",
     };
     let mut flags = Vec::new();
     if o.dirty {

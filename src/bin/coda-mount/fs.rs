@@ -4,28 +4,31 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use coda::client::{Client, ClientState, Fid, File, FileType as CodaType, Stat, Timespec};
+use coda::client::{
+    Client, ClientState, Fid, File, FileType as CodaType, Owner, SetStatus, Stat, Timespec,
+    XattrHow,
+};
 use coda::Error;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-/// Attribute and entry lifetime in the kernel: zero. The `Client` is the
-/// one place that knows whether a cached object is still valid (its
-/// callbacks are the truth, broken by the server before any change is
-/// acknowledged); a kernel copy kept for even a second could show another
-/// client's change late, or let `stat` succeed after a failover. Asking the
-/// client is cheap: under a callback it answers from memory.
+/// Attribute and entry lifetime in the kernel for answers the client did not
+/// give from a callback it holds (and for replies to changes): zero, the
+/// `Client` is the judge of validity. Answers it vouched for get
+/// `kcache::TRUSTED_TTL` and are dropped by notification when it stops
+/// trusting them (see kcache.rs and docs/MOUNT.md, "Caching").
 const TTL: Duration = Duration::ZERO;
 
 /// Counters and switches shared with the control socket (`coda status`).
@@ -36,6 +39,16 @@ pub struct Shared {
     pub passthrough_opens: AtomicU64,
     pub plain_opens: AtomicU64,
     pub open_files: AtomicU64,
+    /// Read requests the kernel sent (pages it did not have cached).
+    pub reads: AtomicU64,
+    /// Lookup and getattr requests the kernel sent (what it did not have
+    /// cached).
+    pub lookups: AtomicU64,
+    pub getattrs: AtomicU64,
+    /// Opens answered with FOPEN_KEEP_CACHE (the kernel kept its pages).
+    pub kept_cache_opens: AtomicU64,
+    /// What the kernel caches, and how it is told to drop it.
+    pub kcache: crate::kcache::KernelCache,
 }
 
 /// One open file: the client's `File` (kept until release, whose close
@@ -55,10 +68,31 @@ struct Handle {
     reopening: Mutex<bool>,
     reopened: Condvar,
     _backing: Option<Arc<BackingId>>,
+    /// Permission bits as last known: what fstat shows once the object is
+    /// gone (unlinked or renamed over while open).
+    mode: AtomicU32,
+    /// The object was removed while open: the handle lives on its
+    /// container alone until release, as POSIX keeps an unlinked file.
+    gone: AtomicBool,
+    /// A descriptor of the open container (a dup of the `File`'s): its
+    /// size and times, read without waiting for a store under way.
+    container: std::fs::File,
 }
 
+/// A client error that says the object no longer exists.
+fn is_gone(e: &Error) -> bool {
+    matches!(e, Error::NotFound(_) | Error::Stale(_))
+}
+
+/// One entry of a readdirplus slice: position, inode, type, name, fid.
+type PlusItem = (usize, u64, FileType, String, Option<Fid>);
+
 struct DirSnapshot {
+    /// The directory's fid (readdirplus asks about its entries).
+    dir: Fid,
     entries: Vec<(u64, FileType, String)>,
+    /// The entries' fids, by position (`None` for `.` and `..`).
+    fids: Vec<Option<Fid>>,
 }
 
 pub struct CodaFs {
@@ -81,6 +115,25 @@ pub struct CodaFs {
     /// kernel wants one per inode at a time) and which container it is.
     backings: Mutex<HashMap<u64, (Weak<BackingId>, ContainerId)>>,
     next_fh: AtomicU64,
+    /// Inodes with a store under way: stores of one inode run one after
+    /// the other, so the last one to start reads the container last and
+    /// the server ends with the latest contents (no lock is held across
+    /// a store; the others wait on `stored`).
+    storing: Mutex<std::collections::HashSet<u64>>,
+    stored: Condvar,
+}
+
+/// This thread's turn to store an inode (see `CodaFs::storing`).
+struct StoreTurn<'a> {
+    fs: &'a CodaFs,
+    ino: u64,
+}
+
+impl Drop for StoreTurn<'_> {
+    fn drop(&mut self) {
+        self.fs.storing.lock().remove(&self.ino);
+        self.fs.stored.notify_all();
+    }
 }
 
 fn errno(e: &Error) -> Errno {
@@ -118,6 +171,44 @@ fn kind(t: CodaType) -> FileType {
         CodaType::File => FileType::RegularFile,
         CodaType::Dir => FileType::Directory,
         CodaType::Symlink => FileType::Symlink,
+        CodaType::Fifo => FileType::NamedPipe,
+        CodaType::Socket => FileType::Socket,
+        CodaType::CharDev => FileType::CharDevice,
+        CodaType::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn time_or_now(t: TimeOrNow) -> Timespec {
+    match t {
+        TimeOrNow::Now => Timespec::now(),
+        TimeOrNow::SpecificTime(t) => from_system_time(t),
+    }
+}
+
+/// Extended attributes kept: the `user.` namespace. The others (security,
+/// trusted, system: SELinux labels, capabilities, POSIX ACLs) are the local
+/// kernel's business and have no meaning for other clients.
+fn xattr_name(name: &OsStr) -> Option<&str> {
+    name.to_str().filter(|n| n.starts_with("user."))
+}
+
+/// An xattr call's error: "no such attribute" is ENODATA, not ENOENT.
+fn xattr_errno(e: &Error) -> Errno {
+    match e {
+        Error::NotFound(_) => Errno::ENODATA,
+        e => errno(e),
+    }
+}
+
+/// Reply with `data` the way getxattr/listxattr want it: its size when
+/// asked with size 0, ERANGE when it does not fit.
+fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32)
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE)
+    } else {
+        reply.data(data)
     }
 }
 
@@ -139,6 +230,20 @@ fn file_id(fd: i32) -> Option<ContainerId> {
     // SAFETY: fd is a valid open descriptor owned by a live `File`; st is a
     // properly sized out-buffer.
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
+/// Ctime of an open container: a change made through it (write,
+/// ftruncate, fallocate) is a status change the server has not seen yet.
+fn container_ctime(fd: i32) -> Option<SystemTime> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a properly sized out-buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    Some(to_system_time(Timespec {
+        sec: st.st_ctime,
+        nsec: st.st_ctime_nsec as u32,
+    }))
 }
 
 /// Size and mtime of an open container.
@@ -177,6 +282,8 @@ impl CodaFs {
             dirs: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            storing: Mutex::new(std::collections::HashSet::new()),
+            stored: Condvar::new(),
         }
     }
 
@@ -219,32 +326,88 @@ impl CodaFs {
         let ino = self.fuse_ino(st.ino);
         let mut size = st.size;
         let mut mtime = to_system_time(st.mtime);
+        let mut ctime = to_system_time(st.ctime);
         // A file being written here: its container is ahead of the server.
         if st.ftype == CodaType::File {
+            // The newest writable open (the latest container), read through
+            // its own descriptor: a store under way has the `File` out of
+            // its slot, and the server's size is the one before the store.
             let handles = self.handles.lock();
-            if let Some(h) = handles.values().find(|h| h.ino == ino && h.writable) {
-                if let Some((len, t)) = h.file.lock().as_ref().and_then(|f| size_mtime(f.fd())) {
+            let newest = handles
+                .iter()
+                .filter(|(_, h)| h.ino == ino && h.writable)
+                .max_by_key(|(fh, _)| **fh);
+            if let Some((_, h)) = newest {
+                let fd = h.container.as_raw_fd();
+                if let Some((len, t)) = size_mtime(fd) {
                     size = len;
                     mtime = t;
                 }
+                if let Some(c) = container_ctime(fd) {
+                    ctime = ctime.max(c);
+                }
             }
         }
+        // Run by root, the mount shows the owners the server keeps (and the
+        // kernel checks permissions against them); run by a user, every
+        // object is that user's, as only that user can reach the mount.
+        let (uid, gid) = if self.posix_owners() {
+            (st.uid, st.gid)
+        } else {
+            (self.uid, self.gid)
+        };
         FileAttr {
             ino: INodeNo(ino),
             size,
             blocks: size.div_ceil(512),
-            atime: mtime,
+            atime: to_system_time(st.atime),
             mtime,
-            ctime: mtime,
+            ctime,
             crtime: mtime,
             kind: kind(st.ftype),
             perm: (st.mode & 0o7777) as u16,
             nlink: st.nlink.max(1),
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
+            uid,
+            gid,
+            rdev: st.rdev as u32,
             blksize: 4096,
             flags: 0,
+        }
+    }
+
+    /// Whether objects show (and get) real owners: the mount runs as root.
+    fn posix_owners(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// The owner of an object `req` creates in `parent`: the caller, with
+    /// the group of a set-group-ID directory (POSIX); the mounting user's
+    /// own objects when it is not root (see `attr`).
+    fn owner_for(&self, req: &Request, parent: Fid) -> Owner {
+        if !self.posix_owners() {
+            return Owner {
+                uid: self.uid,
+                gid: self.gid,
+            };
+        }
+        let mut owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        if let Ok(dir) = self.client.getattr_fid(parent) {
+            if dir.mode & libc::S_ISGID != 0 {
+                owner.gid = dir.gid;
+            }
+        }
+        owner
+    }
+
+    /// Mode bits of a new directory in `parent`: a set-group-ID directory
+    /// passes the bit on (POSIX).
+    fn dir_mode(&self, parent: Fid, mode: u32) -> u32 {
+        match self.client.getattr_fid(parent) {
+            Ok(dir) if dir.mode & libc::S_ISGID != 0 => mode | libc::S_ISGID,
+            _ => mode,
         }
     }
 
@@ -258,14 +421,43 @@ impl CodaFs {
         Ok(attr)
     }
 
-    /// The entry `name` of `parent` (`ENOENT` if none), its status.
-    fn stat_child(&self, parent: Fid, name: &str) -> Result<FileAttr, Errno> {
+    /// The entry `name` of `parent` (`ENOENT` if none), its status, with whether the client vouched for the answer
+    /// (the directory's and the object's callbacks hold): what the kernel
+    /// may keep.
+    fn stat_child_trusted(&self, parent: Fid, name: &str) -> Result<(FileAttr, bool), Errno> {
         let e = self
             .client
             .lookup_at(parent, name)
             .map_err(|e| errno(&e))?
             .ok_or(Errno::ENOENT)?;
-        self.stat_fid(e.fid)
+        let attr = self.stat_fid(e.fid)?;
+        let trusted = self.client.trusts_cached(parent)
+            && self.client.trusts_cached(e.fid)
+            && !self.being_written(attr.ino.0);
+        self.shared.kcache.note_inode(attr.ino.0);
+        Ok((attr, trusted))
+    }
+
+    /// Whether `ino` is open for writing here: its size and times are the
+    /// container's until the store at close, which the client has not
+    /// vouched for, so the kernel gets no lifetime for them.
+    fn being_written(&self, ino: u64) -> bool {
+        self.handles
+            .lock()
+            .values()
+            .any(|h| h.ino == ino && h.writable)
+    }
+
+    /// The entry reply for an object this mount just made in `dir`.
+    fn reply_made(&self, reply: ReplyEntry, t: crate::kcache::Ticket, dir: Fid, fid: Fid) {
+        let attr = match self.stat_fid(fid) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        let trusted = self.client.trusts_cached(dir) && self.client.trusts_cached(fid);
+        self.shared.kcache.note_inode(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.entry(&ttl, &attr, Generation(0));
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Handle>, Errno> {
@@ -333,6 +525,19 @@ impl CodaFs {
     /// same container; `None` (serve it plainly) when they use an older
     /// container, or the kernel refuses.
     fn backing_for(&self, ino: u64, file: &File, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        self.backing_with(ino, file, |fd| reply.open_backing(fd))
+    }
+
+    /// `backing_for` for any reply that can register a backing file (open
+    /// or create). The backing file is the container opened read-write
+    /// (a new description of the same inode): opens of one inode share it,
+    /// and a writable open's writes go through it.
+    fn backing_with(
+        &self,
+        ino: u64,
+        file: &File,
+        register: impl FnOnce(BorrowedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
@@ -343,10 +548,22 @@ impl CodaFs {
                 return (*which == id).then_some(live);
             }
         }
-        // SAFETY: the fd belongs to `file`, alive for this call; the kernel
-        // takes its own reference to the file.
-        let fd = unsafe { BorrowedFd::borrow_raw(file.fd()) };
-        match reply.open_backing(fd) {
+        // A read-write description of the container: a read-only open may
+        // register the backing that a later writable open shares.
+        let rw = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", file.fd()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("coda-mount: reopening the container of inode {ino}: {e}");
+                return None;
+            }
+        };
+        // The kernel takes its own reference to the file.
+        match register(rw.as_fd()) {
             Ok(bid) => {
                 let bid = Arc::new(bid);
                 b.insert(ino, (Arc::downgrade(&bid), id));
@@ -359,6 +576,36 @@ impl CodaFs {
         }
     }
 
+    /// Page-cache flags of a plain open: direct I/O beside passthrough;
+    /// otherwise the kernel keeps the pages it has (FOPEN_KEEP_CACHE) when
+    /// they are of this very version of the file, per the client (its
+    /// callback holds; same version, same container). A writer's open never
+    /// keeps them.
+    fn cache_flags(&self, ino: u64, fid: Fid, file: &File, writable: bool) -> FopenFlags {
+        let flags = self.plain_flags();
+        if flags.contains(FopenFlags::FOPEN_DIRECT_IO) || !self.shared.kcache.enabled() {
+            return flags;
+        }
+        let version = (!writable && self.client.trusts_cached(fid))
+            .then(|| {
+                let st = self.client.getattr_fid(fid).ok()?;
+                let (dev, cino) = file_id(file.fd())?;
+                Some((st.version, dev, cino))
+            })
+            .flatten();
+        match version {
+            Some(v) if self.shared.kcache.keep_pages(ino, v) => {
+                self.shared.kept_cache_opens.fetch_add(1, Ordering::Relaxed);
+                flags | FopenFlags::FOPEN_KEEP_CACHE
+            }
+            Some(_) => flags,
+            None => {
+                self.shared.kcache.forget_pages(ino);
+                flags
+            }
+        }
+    }
+
     fn remember(
         &self,
         ino: u64,
@@ -366,7 +613,20 @@ impl CodaFs {
         flags: i32,
         file: File,
         backing: Option<Arc<BackingId>>,
-    ) -> u64 {
+    ) -> Result<u64, Errno> {
+        let mode = self
+            .client
+            .getattr_fid(fid)
+            .map(|st| st.mode & 0o7777)
+            .unwrap_or(0o600);
+        // SAFETY: the fd is the live container fd of `file`; dup gives us
+        // our own descriptor of it (or -1).
+        let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(Errno::from(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `dup` is a new descriptor nobody else owns.
+        let container = unsafe { std::fs::File::from_raw_fd(dup) };
         let fh = self.new_fh();
         self.handles.lock().insert(
             fh,
@@ -380,10 +640,203 @@ impl CodaFs {
                 reopening: Mutex::new(false),
                 reopened: Condvar::new(),
                 _backing: backing,
+                mode: AtomicU32::new(mode),
+                gone: AtomicBool::new(false),
+                container,
             }),
         );
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
-        fh
+        Ok(fh)
+    }
+}
+
+/// Open files whose object is gone (unlinked or renamed over while open):
+/// POSIX keeps such a file usable through its descriptors until the last
+/// close, so these requests are answered from the handle's container.
+impl CodaFs {
+    /// An open handle of inode `ino`, a writable one if there is one.
+    fn open_handle(&self, ino: u64) -> Option<Arc<Handle>> {
+        let handles = self.handles.lock();
+        let mut found: Option<&Arc<Handle>> = None;
+        for h in handles.values().filter(|h| h.ino == ino) {
+            if h.writable || found.is_none() {
+                found = Some(h);
+            }
+            if h.writable {
+                break;
+            }
+        }
+        found.cloned()
+    }
+
+    /// If `ino` is open and its object is gone, the handle to answer from
+    /// (every handle of the inode is marked gone).
+    fn orphan(&self, ino: u64, fid: Fid) -> Option<Arc<Handle>> {
+        let h = self.open_handle(ino)?;
+        if !h.gone.load(Ordering::Relaxed) {
+            match self.client.getattr_fid(fid) {
+                Err(e) if is_gone(&e) => {}
+                _ => return None,
+            }
+            for other in self.handles.lock().values().filter(|o| o.ino == ino) {
+                other.gone.store(true, Ordering::Relaxed);
+            }
+        }
+        Some(h)
+    }
+
+    /// The status of an open file whose object is gone: its container's
+    /// size and times, the last known mode, no links.
+    fn orphan_attr(&self, h: &Handle) -> Result<FileAttr, Errno> {
+        let (size, mtime) = size_mtime(h.container.as_raw_fd()).ok_or(Errno::EIO)?;
+        Ok(FileAttr {
+            ino: INodeNo(h.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind: FileType::RegularFile,
+            perm: h.mode.load(Ordering::Relaxed) as u16,
+            nlink: 0,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// setattr on an open file whose object is gone: mode and size change
+    /// on the handle and its container (nothing is stored anywhere).
+    fn orphan_setattr(
+        &self,
+        h: &Handle,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime: Option<TimeOrNow>,
+    ) -> Result<FileAttr, Errno> {
+        if let Some(m) = mode {
+            h.mode.store(m & 0o7777, Ordering::Relaxed);
+        }
+        {
+            let fd = h.container.as_raw_fd();
+            if let Some(n) = size {
+                if !h.writable {
+                    return Err(Errno::EBADF);
+                }
+                // SAFETY: the handle's own live descriptor of the container.
+                if unsafe { libc::ftruncate(fd, n as libc::off_t) } != 0 {
+                    return Err(Errno::from(std::io::Error::last_os_error()));
+                }
+            }
+            if let Some(t) = mtime {
+                let ts = match t {
+                    TimeOrNow::Now => Timespec::now(),
+                    TimeOrNow::SpecificTime(t) => from_system_time(t),
+                };
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    libc::timespec {
+                        tv_sec: ts.sec,
+                        tv_nsec: ts.nsec as _,
+                    },
+                ];
+                // SAFETY: live fd; `times` holds the two entries futimens reads.
+                unsafe { libc::futimens(fd, times.as_ptr()) };
+            }
+        }
+        self.orphan_attr(h)
+    }
+
+    /// Store what a writable handle wrote, keeping it open (fsync(2), and
+    /// each close(2) of a descriptor copy). Nothing to store once the
+    /// object is gone.
+    fn sync_handle(&self, h: &Handle) -> Result<(), Errno> {
+        if !h.writable || h.gone.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let _turn = self.store_turn(h.ino)?;
+        match self.with_file_out(h, File::sync).unwrap_or(Ok(())) {
+            Ok(()) => Ok(()),
+            Err(e) if is_gone(&e) => {
+                h.gone.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("coda-mount: storing {}: {e}", h.fid);
+                Err(errno(&e))
+            }
+        }
+    }
+
+    /// Wait (bounded) until no other store of `ino` is under way, and take
+    /// the turn.
+    fn store_turn(&self, ino: u64) -> Result<StoreTurn<'_>, Errno> {
+        let mut busy = self.storing.lock();
+        // Bounded: each store is itself bounded by the client's timeouts.
+        for _ in 0..12_000 {
+            if busy.insert(ino) {
+                return Ok(StoreTurn { fs: self, ino });
+            }
+            self.stored.wait_for(&mut busy, Duration::from_millis(50));
+        }
+        Err(Errno::EIO)
+    }
+
+    /// Run `op` on the handle's `File` taken out of its slot, so no lock is
+    /// held across what `op` does (a store talks to the server); the
+    /// handle's other users wait in `file_for` meanwhile (as for a reopen).
+    /// `None` if the slot was empty.
+    fn with_file_out<R>(&self, h: &Handle, op: impl FnOnce(&mut File) -> R) -> Option<R> {
+        for _ in 0..12_000 {
+            let mut busy = h.reopening.lock();
+            if *busy {
+                h.reopened.wait_for(&mut busy, Duration::from_millis(50));
+                continue;
+            }
+            *busy = true;
+            drop(busy);
+            let taken = h.file.lock().take();
+            let out = taken.map(|mut f| {
+                let r = op(&mut f);
+                *h.file.lock() = Some(f);
+                r
+            });
+            *h.reopening.lock() = false;
+            h.reopened.notify_all();
+            return out;
+        }
+        None
+    }
+
+    /// A write by a process without CAP_FSETID clears set-user-ID, and
+    /// set-group-ID when group execute is set, as the kernel does for a
+    /// local file (it does not for FUSE direct-I/O writes). Root is taken
+    /// as the one holding CAP_FSETID.
+    fn kill_privs(&self, req: &Request, h: &Handle) {
+        if req.uid() == 0 || h.gone.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(st) = self.client.getattr_fid(h.fid) else {
+            return;
+        };
+        let mut m = st.mode & 0o7777;
+        let before = m;
+        m &= !libc::S_ISUID;
+        if m & libc::S_IXGRP != 0 {
+            m &= !libc::S_ISGID;
+        }
+        if m != before {
+            if let Err(e) = self.client.setattr_fid(h.fid, Some(m), None, None) {
+                eprintln!("coda-mount: clearing set-id bits of {}: {e}", h.fid);
+            }
+            h.mode.store(m, Ordering::Relaxed);
+        }
     }
 }
 
@@ -403,6 +856,19 @@ impl Filesystem for CodaFs {
         self.root_ino.store(root.ino, Ordering::Relaxed);
         *self.root_fid.lock() = Some(root_fid);
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        self.shared.kcache.set_root(root.ino);
+        // Kernel caching (see kcache.rs): listings with attributes (one
+        // request for `ls -l`), symlink targets in the page cache, lookups in
+        // one directory in parallel. Each is optional: without it the
+        // kernel just asks more often.
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
         if self.want_passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             // The containers may sit on a stacked file system (overlayfs).
@@ -415,16 +881,36 @@ impl Filesystem for CodaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         tri!(reply, self.guard());
-        let (dir, name) = tri!(reply, self.child(parent, name));
-        let attr = tri!(reply, self.stat_child(dir, &name));
-        reply.entry(&TTL, &attr, Generation(0));
+        let (dir, name_s) = tri!(reply, self.child(parent, name));
+        self.shared.lookups.fetch_add(1, Ordering::Relaxed);
+        // Noted before asking: a break of the directory meanwhile names it.
+        self.shared.kcache.note_entry(parent.0, name);
+        let t = self.shared.kcache.ticket();
+        let (attr, trusted) = tri!(reply, self.stat_child_trusted(dir, &name_s));
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.entry(&ttl, &attr, Generation(0));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         tri!(reply, self.guard());
+        self.shared.getattrs.fetch_add(1, Ordering::Relaxed);
         let fid = tri!(reply, self.fid_of(ino));
-        let attr = tri!(reply, self.stat_fid(fid));
-        reply.attr(&TTL, &attr);
+        let t = self.shared.kcache.ticket();
+        let attr = match self.stat_fid(fid) {
+            Ok(a) => a,
+            // An unlinked open file: its container's status, never kept.
+            Err(e) => match self.orphan(ino.0, fid) {
+                Some(h) => {
+                    let attr = tri!(reply, self.orphan_attr(&h));
+                    return reply.attr(&TTL, &attr);
+                }
+                None => return reply.error(e),
+            },
+        };
+        self.shared.kcache.note_inode(attr.ino.0);
+        let trusted = self.client.trusts_cached(fid) && !self.being_written(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+        reply.attr(&ttl, &attr);
     }
 
     fn setattr(
@@ -435,7 +921,7 @@ impl Filesystem for CodaFs {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -447,19 +933,40 @@ impl Filesystem for CodaFs {
     ) {
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
-        // Ownership is the mounting user's; changing it is not supported.
-        if uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid) {
+        // Who may chown, chgrp or set times is the kernel's check
+        // (`default_permissions`). A mount run by a user shows everything
+        // as that user's and cannot give objects away.
+        if !self.posix_owners()
+            && (uid.is_some_and(|u| u != self.uid) || gid.is_some_and(|g| g != self.gid))
+        {
             return reply.error(Errno::EPERM);
         }
+        if let Some(h) = self.orphan(ino.0, fid) {
+            let attr = tri!(reply, self.orphan_setattr(&h, mode, size, mtime));
+            return reply.attr(&TTL, &attr);
+        }
+        // Mode, owner, group and times go in one record (one ctime, one
+        // version step); a size has its own, below.
+        let mut set = SetStatus {
+            mode: mode.map(|m| m & 0o7777),
+            atime: atime.map(time_or_now),
+            mtime: mtime.map(time_or_now),
+            ..SetStatus::default()
+        };
+        if self.posix_owners() {
+            set.uid = uid;
+            set.gid = gid;
+        }
         if let Some(m) = mode {
-            tri!(
-                reply,
-                self.client
-                    .setattr_fid(fid, Some(m & 0o7777), None, None)
-                    .map_err(|e| errno(&e))
-            );
+            for h in self.handles.lock().values().filter(|h| h.ino == ino.0) {
+                h.mode.store(m & 0o7777, Ordering::Relaxed);
+            }
         }
         if let Some(n) = size {
+            // Not while a store of this inode is uploading the container:
+            // the upload reads the length it announced (writes can only
+            // grow the file; a cut is the one change that would starve it).
+            let _turn = tri!(reply, self.store_turn(ino.0));
             // ftruncate on a file open for writing: cut the container; the
             // close stores it. Otherwise a truncate record right away.
             let open = fh
@@ -467,12 +974,10 @@ impl Filesystem for CodaFs {
                 .filter(|h| h.writable);
             match open {
                 Some(h) => {
-                    let g = h.file.lock();
-                    let Some(f) = g.as_ref() else {
-                        return reply.error(Errno::EBADF);
-                    };
-                    // SAFETY: the fd is the live container fd of `f`.
-                    if unsafe { libc::ftruncate(f.fd(), n as libc::off_t) } != 0 {
+                    // The handle's own descriptor of the container: no wait
+                    // for a store under way (the next flush stores the cut).
+                    // SAFETY: a live descriptor owned by the handle.
+                    if unsafe { libc::ftruncate(h.container.as_raw_fd(), n as libc::off_t) } != 0 {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
@@ -484,16 +989,28 @@ impl Filesystem for CodaFs {
                 ),
             }
         }
-        if let Some(t) = mtime {
-            let ts = match t {
-                TimeOrNow::Now => Timespec::now(),
-                TimeOrNow::SpecificTime(t) => from_system_time(t),
-            };
+        if let Some(ts) = set.mtime {
+            // Times set while the file is open for writing (tar, cp -p):
+            // store what was written first, so the store at close does not
+            // overwrite them.
+            let open: Vec<Arc<Handle>> = self
+                .handles
+                .lock()
+                .values()
+                .filter(|h| h.ino == ino.0 && h.writable)
+                .cloned()
+                .collect();
+            for h in open {
+                tri!(reply, self.sync_handle(&h));
+                // The container shows the same time (fstat before release
+                // reads it), and it counts as stored.
+                self.with_file_out(&h, |f| f.set_container_mtime(ts));
+            }
+        }
+        if set != SetStatus::default() {
             tri!(
                 reply,
-                self.client
-                    .setattr_fid(fid, None, None, Some(ts))
-                    .map_err(|e| errno(&e))
+                self.client.set_status_fid(fid, &set).map_err(|e| errno(&e))
             );
         }
         let attr = tri!(reply, self.stat_fid(fid));
@@ -509,7 +1026,7 @@ impl Filesystem for CodaFs {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -518,14 +1035,16 @@ impl Filesystem for CodaFs {
     ) {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
+        let owner = self.owner_for(req, dir);
+        let mode = self.dir_mode(dir, mode & !umask & 0o7777);
+        let t = self.shared.kcache.ticket();
         let fid = tri!(
             reply,
             self.client
-                .mkdir_at(dir, &name, mode & !umask & 0o7777)
+                .mkdir_at_as(dir, &name, mode, owner)
                 .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_fid(fid));
-        reply.entry(&TTL, &attr, Generation(0));
+        self.reply_made(reply, t, dir, fid);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -554,7 +1073,7 @@ impl Filesystem for CodaFs {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
@@ -563,14 +1082,14 @@ impl Filesystem for CodaFs {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, link_name));
         let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
+        let t = self.shared.kcache.ticket();
         let fid = tri!(
             reply,
             self.client
-                .symlink_at(dir, &name, target)
+                .symlink_at_as(dir, &name, target, self.owner_for(req, dir))
                 .map_err(|e| errno(&e))
         );
-        let attr = tri!(reply, self.stat_fid(fid));
-        reply.entry(&TTL, &attr, Generation(0));
+        self.reply_made(reply, t, dir, fid);
     }
 
     fn rename(
@@ -616,18 +1135,30 @@ impl Filesystem for CodaFs {
             reply,
             self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
         );
-        if !writable {
-            if let Some(b) = self.backing_for(ino.0, &file, &reply) {
-                let fh = self.remember(ino.0, fid, cflags, file, Some(b.clone()));
-                self.shared
-                    .passthrough_opens
-                    .fetch_add(1, Ordering::Relaxed);
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b);
-            }
+        // Writable opens use passthrough too when the inode's backing is
+        // this container (or free): shared writable mmap (SQLite's WAL)
+        // needs it, and writes land in the container the store reads.
+        if let Some(b) = self.backing_for(ino.0, &file, &reply) {
+            let fh = tri!(
+                reply,
+                self.remember(ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+            // A read-only open has nothing to store at close(2): no flush
+            // request (its flush does nothing).
+            let flags = if writable {
+                FopenFlags::empty()
+            } else {
+                FopenFlags::FOPEN_NOFLUSH
+            };
+            return reply.opened_passthrough(FileHandle(fh), flags, &b);
         }
-        let fh = self.remember(ino.0, fid, cflags, file, None);
+        let flags = self.cache_flags(ino.0, fid, &file, writable);
+        let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
-        reply.opened(FileHandle(fh), self.plain_flags());
+        reply.opened(FileHandle(fh), flags);
     }
 
     fn read(
@@ -641,6 +1172,7 @@ impl Filesystem for CodaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
@@ -658,7 +1190,7 @@ impl Filesystem for CodaFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -669,6 +1201,7 @@ impl Filesystem for CodaFs {
         reply: ReplyWrite,
     ) {
         let h = tri!(reply, self.handle(fh));
+        self.kill_privs(req, &h);
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
         let mut done = 0;
@@ -690,22 +1223,17 @@ impl Filesystem for CodaFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close(2) waits for this (release comes later, asynchronously):
-        // store a written file here, so close returns the store's result
-        // and the next opener, here or anywhere, sees the new contents.
+        // close(2) of each copy of a descriptor waits for this (release
+        // comes once, after the last): store what was written here, so
+        // close returns the store's result and the next opener, here or
+        // anywhere, sees the new contents; the file stays open for the
+        // other copies (a child's exit must not close the parent's file).
         let Ok(h) = self.handle(fh) else {
             return reply.ok();
         };
-        if !h.writable {
-            return reply.ok();
-        }
-        let f = h.file.lock().take();
-        match f.map(File::close) {
-            Some(Err(e)) => {
-                eprintln!("coda-mount: storing {}: {e}", h.fid);
-                reply.error(errno(&e))
-            }
-            _ => reply.ok(),
+        match self.sync_handle(&h) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -713,12 +1241,17 @@ impl Filesystem for CodaFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Whole-file semantics: the file is stored when it is closed.
-        reply.ok();
+        // Durable when this returns: stored on the server (connected), or
+        // logged with its container fsynced (disconnected).
+        let h = tri!(reply, self.handle(fh));
+        match self.sync_handle(&h) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(
@@ -737,29 +1270,139 @@ impl Filesystem for CodaFs {
         };
         self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
         let f = h.file.lock().take();
-        // Closing a written file stores it back (write-through on close).
-        if let Some(Err(e)) = f.map(File::close) {
-            eprintln!("coda-mount: storing inode {} on close: {e}", h.ino);
-            return reply.error(errno(&e));
+        let Some(f) = f else {
+            return reply.ok();
+        };
+        if h.gone.load(Ordering::Relaxed) {
+            f.abandon();
+            return reply.ok();
         }
-        reply.ok();
+        let _turn = if h.writable {
+            self.store_turn(h.ino).ok()
+        } else {
+            None
+        };
+        // Closing a written file stores what the last flush did not.
+        match f.close() {
+            Err(e) if !is_gone(&e) => {
+                eprintln!("coda-mount: storing inode {} on close: {e}", h.ino);
+                reply.error(errno(&e))
+            }
+            _ => reply.ok(),
+        }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
+        let t = self.shared.kcache.ticket();
         let list = tri!(reply, self.client.readdir_fid(fid).map_err(|e| errno(&e)));
-        let mut entries = vec![
-            (ino.0, FileType::Directory, ".".to_string()),
-            (ino.0, FileType::Directory, "..".to_string()),
-        ];
-        entries.extend(
-            list.into_iter()
-                .map(|e| (self.fuse_ino(e.fid.ino()), kind(e.ftype), e.name)),
-        );
+        let mut entries = Vec::with_capacity(list.len() + 2);
+        entries.push((ino.0, FileType::Directory, ".".to_string()));
+        entries.push((ino.0, FileType::Directory, "..".to_string()));
+        let mut fids = Vec::with_capacity(list.len() + 2);
+        fids.extend([None, None]);
+        for e in list {
+            entries.push((self.fuse_ino(e.fid.ino()), kind(e.ftype), e.name));
+            fids.push(Some(e.fid));
+        }
+        // The kernel may keep the listing (CACHE_DIR) while the client
+        // vouches for the directory, and keep the listing it already has
+        // (KEEP_CACHE) when that is of the same version.
+        let version = self
+            .client
+            .trusts_cached(fid)
+            .then(|| self.client.getattr_fid(fid).ok())
+            .flatten()
+            .map(|st| st.version);
         let fh = self.new_fh();
-        self.dirs.lock().insert(fh, DirSnapshot { entries });
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        self.dirs.lock().insert(
+            fh,
+            DirSnapshot {
+                dir: fid,
+                entries,
+                fids,
+            },
+        );
+        self.shared.kcache.note_inode(ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, version.is_some());
+        let mut flags = FopenFlags::empty();
+        match version {
+            Some(v) if !ttl.is_zero() => {
+                flags |= FopenFlags::FOPEN_CACHE_DIR;
+                if self.shared.kcache.keep_pages(ino.0, (v, 0, 0)) {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+            }
+            _ => self.shared.kcache.forget_pages(ino.0),
+        }
+        reply.opened(FileHandle(fh), flags);
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        tri!(reply, self.guard());
+        // A bounded slice, copied out: the client may ask the server about
+        // an entry, and no lock is held across that.
+        let (dir, slice): (Fid, Vec<PlusItem>) = {
+            let dirs = self.dirs.lock();
+            let Some(d) = dirs.get(&fh.0) else {
+                return reply.error(Errno::EBADF);
+            };
+            let slice = d
+                .entries
+                .iter()
+                .zip(&d.fids)
+                .enumerate()
+                .skip(offset as usize)
+                .take(1024)
+                .map(|(i, ((ino, k, name), fid))| (i, *ino, *k, name.clone(), *fid))
+                .collect();
+            (d.dir, slice)
+        };
+        let t = self.shared.kcache.ticket();
+        let dir_trusted = self.client.trusts_cached(dir);
+        let dot = tri!(reply, self.stat_fid(dir));
+        let mut out = Vec::with_capacity(slice.len());
+        for (i, child_ino, _k, name, fid) in slice {
+            match fid {
+                // `.` and `..`: the kernel links neither; any attributes do.
+                None => out.push((
+                    i,
+                    FileAttr {
+                        ino: INodeNo(child_ino),
+                        ..dot
+                    },
+                    name,
+                    false,
+                )),
+                Some(f) => {
+                    self.shared.kcache.note_entry(ino.0, OsStr::new(&name));
+                    // Gone meanwhile: left out (a lookup will say so).
+                    if let Ok(attr) = self.stat_fid(f) {
+                        self.shared.kcache.note_inode(attr.ino.0);
+                        let trusted = dir_trusted
+                            && self.client.trusts_cached(f)
+                            && !self.being_written(attr.ino.0);
+                        out.push((i, attr, name, trusted));
+                    }
+                }
+            }
+        }
+        let (ttl, _g) = self.shared.kcache.ttl(t, true);
+        for (i, attr, name, trusted) in &out {
+            let ttl = if *trusted { ttl } else { Duration::ZERO };
+            if reply.add(attr.ino, (*i + 1) as u64, name, &ttl, attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     fn readdir(
@@ -818,7 +1461,7 @@ impl Filesystem for CodaFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -829,9 +1472,11 @@ impl Filesystem for CodaFs {
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         let cflags = Self::open_flags(flags);
+        let owner = self.owner_for(req, dir);
+        let t = self.shared.kcache.ticket();
         let made = self
             .client
-            .create_at(dir, &name, mode & !umask & 0o7777, cflags);
+            .create_at_as(dir, &name, mode & !umask & 0o7777, cflags, owner);
         let file = match made {
             Ok(f) => f,
             // Made meanwhile by someone else: open it, unless O_EXCL.
@@ -858,14 +1503,210 @@ impl Filesystem for CodaFs {
                 return reply.error(e);
             }
         };
-        let fh = self.remember(attr.ino.0, fid, cflags, file, None);
+        let backing = self.backing_with(attr.ino.0, &file, |fd| reply.open_backing(fd));
+        if let Some(b) = backing {
+            let fh = tri!(
+                reply,
+                self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
+            return reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &b,
+            );
+        }
+        let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+        let trusted = self.client.trusts_cached(dir)
+            && self.client.trusts_cached(fid)
+            && !self.being_written(attr.ino.0);
+        self.shared.kcache.note_inode(attr.ino.0);
+        let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
         reply.created(
-            &TTL,
+            &ttl,
             &attr,
             Generation(0),
             FileHandle(fh),
             self.plain_flags(),
         );
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let (dir, name) = tri!(reply, self.child(parent, name));
+        let fid = if mode & libc::S_IFMT == libc::S_IFREG {
+            // mknod of a regular file: an empty file.
+            let owner = self.owner_for(req, dir);
+            let f = tri!(
+                reply,
+                self.client
+                    .create_at_as(dir, &name, mode & !umask & 0o7777, libc::O_RDONLY, owner)
+                    .map_err(|e| errno(&e))
+            );
+            let fid = f.fid();
+            tri!(reply, f.close().map_err(|e| errno(&e)));
+            fid
+        } else {
+            let Some(ftype) = CodaType::special_from_mode(mode) else {
+                return reply.error(Errno::EINVAL);
+            };
+            tri!(
+                reply,
+                self.client
+                    .mknod_at(
+                        dir,
+                        &name,
+                        ftype,
+                        mode & !umask & 0o7777,
+                        u64::from(rdev),
+                        self.owner_for(req, dir),
+                    )
+                    .map_err(|e| errno(&e))
+            )
+        };
+        let attr = tri!(reply, self.stat_fid(fid));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        tri!(reply, self.guard());
+        let fid = tri!(reply, self.fid_of(ino));
+        let (dir, name) = tri!(reply, self.child(newparent, newname));
+        tri!(
+            reply,
+            self.client.link_at(fid, dir, &name).map_err(|e| errno(&e))
+        );
+        let attr = tri!(reply, self.stat_fid(fid));
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        // On the open container, like a write: the close stores it.
+        let h = tri!(reply, self.handle(fh));
+        if !h.writable {
+            return reply.error(Errno::EBADF);
+        }
+        // The handle's own descriptor of the container, as for ftruncate.
+        // SAFETY: a live descriptor owned by the handle.
+        let r = unsafe {
+            libc::fallocate(
+                h.container.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                length as libc::off_t,
+            )
+        };
+        if r != 0 {
+            return reply.error(Errno::from(std::io::Error::last_os_error()));
+        }
+        reply.ok();
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        tri!(reply, self.guard());
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        let how = match flags & (libc::XATTR_CREATE | libc::XATTR_REPLACE) {
+            0 => XattrHow::Set,
+            libc::XATTR_CREATE => XattrHow::Create,
+            libc::XATTR_REPLACE => XattrHow::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        if value.len() > coda::proto::MAX_XATTR_VALUE {
+            return reply.error(Errno::E2BIG);
+        }
+        let fid = tri!(reply, self.fid_of(ino));
+        tri!(
+            reply,
+            self.client
+                .setxattr_fid(fid, name, value, how)
+                .map_err(|e| xattr_errno(&e))
+        );
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        tri!(reply, self.guard());
+        // Other namespaces hold nothing here: answered without the client
+        // (the kernel asks for security.capability on writes).
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::ENODATA);
+        };
+        let fid = tri!(reply, self.fid_of(ino));
+        let v = tri!(
+            reply,
+            self.client
+                .getxattr_fid(fid, name)
+                .map_err(|e| xattr_errno(&e))
+        );
+        xattr_reply(reply, size, &v);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        tri!(reply, self.guard());
+        let fid = tri!(reply, self.fid_of(ino));
+        let all = tri!(reply, self.client.xattrs_fid(fid).map_err(|e| errno(&e)));
+        let mut names = Vec::new();
+        for (n, _) in all {
+            names.extend_from_slice(n.as_bytes());
+            names.push(0);
+        }
+        xattr_reply(reply, size, &names);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        tri!(reply, self.guard());
+        let Some(name) = xattr_name(name) else {
+            return reply.error(Errno::EOPNOTSUPP);
+        };
+        let fid = tri!(reply, self.fid_of(ino));
+        tri!(
+            reply,
+            self.client
+                .setxattr_fid(fid, name, &[], XattrHow::Remove)
+                .map_err(|e| xattr_errno(&e))
+        );
+        reply.ok();
     }
 }

@@ -2,8 +2,8 @@
 //! programs read and write it under a path (what `/coda` is for Coda).
 //!
 //! ```text
-//! coda-mount --config FILE [--daemon] [--no-passthrough] [--allow-other]
-//!            [--threads N] [--nonempty] MOUNTPOINT
+//! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
+//!            [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -13,6 +13,7 @@
 
 mod control;
 mod fs;
+mod kcache;
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -20,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, Config};
+use coda::client::{Client, Config, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+[--no-kernel-cache] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
 const HELP: &str = "\
@@ -37,6 +38,8 @@ options:
                      (one `key = value` a line; keys as for coda_config_set)
   --daemon           go to the background once mounted; log to cache_dir/coda-mount.log
   --no-passthrough   serve reads through this process instead of FUSE passthrough
+  --no-kernel-cache  give the kernel no lifetimes for names, attributes, listings
+                     or pages: every lookup and stat asks this process
   --allow-other      let users other than the mounting one use the mount
                      (non-root: needs user_allow_other in /etc/fuse.conf)
   --threads N        FUSE worker threads, 1 to 256 (default 8)
@@ -53,6 +56,7 @@ struct Args {
     mountpoint: PathBuf,
     daemon: bool,
     passthrough: bool,
+    kernel_cache: bool,
     allow_other: bool,
     nonempty: bool,
     threads: usize,
@@ -71,6 +75,7 @@ fn parse_args() -> Args {
         mountpoint: PathBuf::new(),
         daemon: false,
         passthrough: true,
+        kernel_cache: true,
         allow_other: false,
         nonempty: false,
         threads: 8,
@@ -85,6 +90,7 @@ fn parse_args() -> Args {
             }
             Some("--daemon") => a.daemon = true,
             Some("--no-passthrough") => a.passthrough = false,
+            Some("--no-kernel-cache") => a.kernel_cache = false,
             Some("--allow-other") => a.allow_other = true,
             Some("--nonempty") => a.nonempty = true,
             Some("--threads") => {
@@ -373,6 +379,24 @@ fn main() {
             ))
         }
     };
+    // Kernel caching: notifications go out through the session's channel;
+    // the client tells us (synchronously) what it stops trusting.
+    if args.kernel_cache {
+        if let Err(e) = shared.kcache.start(session.notifier()) {
+            eprintln!("coda-mount: no kernel caching (notifier thread: {e})");
+        }
+    }
+    let hook_shared = shared.clone();
+    client.set_invalidation_hook(Some(Arc::new(move |inv: &Invalidation| {
+        let kc = &hook_shared.kcache;
+        match inv {
+            Invalidation::Fids { fids, from_server } => {
+                let inos: Vec<u64> = fids.iter().map(|f| kc.fuse_ino(f.ino())).collect();
+                kc.invalidate(&inos, *from_server);
+            }
+            Invalidation::All => kc.invalidate_all(false),
+        }
+    })));
     let mut unmounter = session.unmount_callable();
     let (tx, rx) = bounded::<Stop>(4);
     let ended = tx.clone();

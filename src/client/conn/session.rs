@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -350,7 +350,7 @@ fn reader_loop(
             Ok(Msg::CallbackBreak { fids }) => {
                 // Invalidate first, then ack at once: the writer on the other
                 // client is waiting for this ack.
-                callbacks.break_fids(&fids);
+                callbacks.server_broke(&fids);
                 // A volume callback's pseudo-fid (vnode 0) is no object:
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
@@ -664,10 +664,14 @@ impl Session {
         let mut b = self.bulk(interrupt)?;
         let server = self.server.clone();
         send(b.stream(), 1, &Msg::Fetch { fid }).map_err(|e| self.bulk_error(e, interrupt))?;
-        let (attr, length) = match recv(b.stream(), &server, self.timing.rpc_timeout)
+        let (attr, length, extents) = match recv(b.stream(), &server, self.timing.rpc_timeout)
             .map_err(|e| self.bulk_error(e, interrupt))?
         {
-            Msg::FetchReply { attr, length } => (attr, length),
+            Msg::FetchReply {
+                attr,
+                length,
+                extents,
+            } => (attr, length, extents),
             m @ Msg::Error { .. } => {
                 let e = reply_error(m, &server, "Fetch");
                 b.release();
@@ -675,29 +679,40 @@ impl Session {
             }
             m => return Err(reply_error(m, &server, "Fetch")),
         };
+        // Holes stay holes: the container gets its length, and each
+        // extent's bytes are written where they belong.
+        let start = dest
+            .stream_position()
+            .map_err(|e| Error::io("positioning a cache container", e))?;
+        dest.set_len(start + length)
+            .map_err(|e| Error::io("sizing a cache container", e))?;
         let mut buf = vec![0u8; BULK_CHUNK];
-        let mut left = length;
-        while left > 0 {
-            let want = left.min(BULK_CHUNK as u64) as usize;
-            let n = match b.stream().read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(self.bulk_error(
-                        Error::Eio(format!(
-                            "server {server}: connection ended inside fetched data"
-                        )),
-                        interrupt,
-                    ))
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(self.bulk_error(Error::io("receiving file data", e), interrupt))
-                }
-            };
-            dest.write_all(&buf[..n])
-                .map_err(|e| Error::io("writing a cache container", e))?;
-            left -= n as u64;
+        for &(at, len) in &extents {
+            let mut left = len;
+            while left > 0 {
+                let want = left.min(BULK_CHUNK as u64) as usize;
+                let n = match b.stream().read(&mut buf[..want]) {
+                    Ok(0) => {
+                        return Err(self.bulk_error(
+                            Error::Eio(format!(
+                                "server {server}: connection ended inside fetched data"
+                            )),
+                            interrupt,
+                        ))
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(self.bulk_error(Error::io("receiving file data", e), interrupt))
+                    }
+                };
+                dest.write_all_at(&buf[..n], start + at + (len - left))
+                    .map_err(|e| Error::io("writing a cache container", e))?;
+                left -= n as u64;
+            }
         }
+        dest.seek(std::io::SeekFrom::Start(start + length))
+            .map_err(|e| Error::io("positioning a cache container", e))?;
         b.release();
         Ok((attr, length))
     }
@@ -713,24 +728,36 @@ impl Session {
     ) -> Result<()> {
         let mut b = self.bulk(interrupt)?;
         let server = self.server.clone();
-        send(b.stream(), 1, &Msg::Upload { upload_id, length })
-            .map_err(|e| self.bulk_error(e, interrupt))?;
+        // Holes stay holes: only the container's data extents travel.
+        let extents = crate::sparse::data_extents(src, length);
+        send(
+            b.stream(),
+            1,
+            &Msg::Upload {
+                upload_id,
+                length,
+                extents: extents.clone(),
+            },
+        )
+        .map_err(|e| self.bulk_error(e, interrupt))?;
         let mut buf = vec![0u8; BULK_CHUNK];
-        let mut off = 0u64;
-        while off < length {
-            let want = (length - off).min(BULK_CHUNK as u64) as usize;
-            let n = src
-                .read_at(&mut buf[..want], off)
-                .map_err(|e| Error::io("reading a cache container", e))?;
-            if n == 0 {
-                return Err(Error::Eio(format!(
-                    "container shrank to {off} bytes while storing {length}"
-                )));
+        for (at, len) in extents {
+            let (mut off, length) = (at, at + len);
+            while off < length {
+                let want = (length - off).min(BULK_CHUNK as u64) as usize;
+                let n = src
+                    .read_at(&mut buf[..want], off)
+                    .map_err(|e| Error::io("reading a cache container", e))?;
+                if n == 0 {
+                    return Err(Error::Eio(format!(
+                        "container shrank to {off} bytes while storing {length}"
+                    )));
+                }
+                b.stream()
+                    .write_all(&buf[..n])
+                    .map_err(|e| self.bulk_error(Error::io("sending file data", e), interrupt))?;
+                off += n as u64;
             }
-            b.stream()
-                .write_all(&buf[..n])
-                .map_err(|e| self.bulk_error(Error::io("sending file data", e), interrupt))?;
-            off += n as u64;
         }
         match recv(b.stream(), &server, self.timing.rpc_timeout)
             .map_err(|e| self.bulk_error(e, interrupt))?

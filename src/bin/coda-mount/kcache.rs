@@ -1,0 +1,273 @@
+//! The kernel's caches of the mount (dentries, attributes, file pages,
+//! directory listings), kept coherent with the client: the kernel is given a
+//! lifetime only for answers the client gave from a callback it holds, and is
+//! told at once (FUSE notify) when the client stops trusting something.
+//!
+//! The notifications are written to /dev/fuse by one thread of their own:
+//! `inval_entry` waits for the directory's lock in the kernel, which a
+//! request of ours may hold while it waits for the server, so a notification
+//! must never be sent from a thread that request could be waiting for (the
+//! client's connection reader). The reader only waits, bounded, for the
+//! notifier to finish.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use fuser::{INodeNo, Notifier};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+
+/// How long the kernel may keep an entry or attribute the client vouched
+/// for. Long: every change that matters reaches the kernel as a
+/// notification; the lifetime only bounds what a lost notification costs.
+pub const TRUSTED_TTL: Duration = Duration::from_secs(60);
+
+/// How long the connection reader waits for the kernel to drop what a
+/// server's break named before it acknowledges the break. Normally
+/// microseconds; the bound matters only when the kernel waits for a
+/// directory lock held by a request that itself waits for this reader.
+const BREAK_WAIT: Duration = Duration::from_secs(1);
+
+/// One batch of notifications, in order: inodes (attributes and pages),
+/// then entries (parent, name).
+struct Job {
+    inodes: Vec<u64>,
+    entries: Vec<(u64, OsString)>,
+    done: Option<Sender<()>>,
+}
+
+/// Kernel-cache bookkeeping shared by the FUSE handlers, the client's
+/// invalidation hook and the control socket.
+pub struct KernelCache {
+    /// Bumped (under the write lock) by every invalidation; a reply that
+    /// gives the kernel a lifetime checks, under the read lock, that no
+    /// invalidation came since it asked the client.
+    epoch: RwLock<u64>,
+    /// The notifier thread's queue; `None` until the session exists (and
+    /// then no lifetimes are given).
+    jobs: Mutex<Option<Sender<Job>>>,
+    /// Names given to the kernel with a lifetime, per parent inode: what to
+    /// drop when the parent's callback breaks.
+    entries: Mutex<HashMap<u64, HashSet<OsString>>>,
+    /// Inodes the kernel may hold attributes or pages of.
+    inodes: Mutex<HashSet<u64>>,
+    /// Per inode, the version (and container) whose pages the kernel holds:
+    /// an open of the same keeps them (FOPEN_KEEP_CACHE).
+    versions: Mutex<HashMap<u64, (u64, u64, u64)>>,
+    /// The fid-derived inode number of `/` (FUSE calls it 1).
+    root: AtomicU64,
+}
+
+impl Default for KernelCache {
+    fn default() -> Self {
+        KernelCache::new()
+    }
+}
+
+/// Taken before asking the client; see [`KernelCache::ttl`].
+#[derive(Clone, Copy)]
+pub struct Ticket(u64);
+
+impl KernelCache {
+    pub fn new() -> KernelCache {
+        KernelCache {
+            epoch: RwLock::new(0),
+            jobs: Mutex::new(None),
+            entries: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(HashSet::new()),
+            versions: Mutex::new(HashMap::new()),
+            root: AtomicU64::new(1),
+        }
+    }
+
+    pub fn set_root(&self, ino: u64) {
+        self.root.store(ino, Ordering::Relaxed);
+    }
+
+    /// The FUSE inode number of a fid-derived one (the root's is 1).
+    pub fn fuse_ino(&self, ino: u64) -> u64 {
+        let root = self.root.load(Ordering::Relaxed);
+        if ino == root {
+            1
+        } else if ino == 1 {
+            root
+        } else {
+            ino
+        }
+    }
+
+    /// Start the notifier thread on the session's notifier: from now on
+    /// trusted answers get a lifetime.
+    pub fn start(&self, notifier: Notifier) -> std::io::Result<()> {
+        let (tx, rx) = unbounded::<Job>();
+        std::thread::Builder::new()
+            .name("coda-notify".into())
+            .spawn(move || notify_loop(notifier, rx))?;
+        *self.jobs.lock() = Some(tx);
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.jobs.lock().is_some()
+    }
+
+    /// Before asking the client for an answer the kernel may keep.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(*self.epoch.read())
+    }
+
+    /// Register `name` in `parent` as possibly cached, before asking the
+    /// client about it: an invalidation of the parent that comes while the
+    /// question is out then names it too.
+    pub fn note_entry(&self, parent: u64, name: &std::ffi::OsStr) {
+        if !self.enabled() {
+            return;
+        }
+        let mut e = self.entries.lock();
+        let set = e.entry(parent).or_default();
+        if !set.contains(name) {
+            set.insert(name.to_os_string());
+        }
+    }
+
+    pub fn note_inode(&self, ino: u64) {
+        if self.enabled() {
+            self.inodes.lock().insert(ino);
+        }
+    }
+
+    /// The lifetime for an answer asked with `t`, with the read lock held:
+    /// reply while holding the guard, so that an invalidation either comes
+    /// after the kernel has the reply (and drops it) or before (and the
+    /// reply carries no lifetime).
+    pub fn ttl(&self, t: Ticket, trusted: bool) -> (Duration, RwLockReadGuard<'_, u64>) {
+        let g = self.epoch.read();
+        let ttl = if trusted && *g == t.0 && self.enabled() {
+            TRUSTED_TTL
+        } else {
+            Duration::ZERO
+        };
+        (ttl, g)
+    }
+
+    /// Whether the kernel may keep the pages it has of `ino` for an open of
+    /// `version` in container `(dev, ino)`; records it as the one it has.
+    pub fn keep_pages(&self, ino: u64, version: (u64, u64, u64)) -> bool {
+        let mut v = self.versions.lock();
+        v.insert(ino, version) == Some(version)
+    }
+
+    /// The kernel drops its pages of `ino` at the next open.
+    pub fn forget_pages(&self, ino: u64) {
+        self.versions.lock().remove(&ino);
+    }
+
+    /// The client stopped trusting these inodes (fuse numbers): drop their
+    /// attributes, pages and, for directories, the names under them. With
+    /// `wait`, returns once the kernel has (or after `BREAK_WAIT`).
+    pub fn invalidate(&self, inos: &[u64], wait: bool) {
+        *self.epoch.write() += 1;
+        let Some(tx) = self.jobs.lock().clone() else {
+            return;
+        };
+        let mut entries = Vec::new();
+        {
+            let mut e = self.entries.lock();
+            for ino in inos {
+                if let Some(names) = e.remove(ino) {
+                    entries.extend(names.into_iter().map(|n| (*ino, n)));
+                }
+            }
+        }
+        {
+            let mut v = self.versions.lock();
+            for ino in inos {
+                v.remove(ino);
+            }
+        }
+        self.send(&tx, inos.to_vec(), entries, wait);
+    }
+
+    /// Drop everything the kernel may hold (failover, a new session).
+    pub fn invalidate_all(&self, wait: bool) {
+        *self.epoch.write() += 1;
+        let Some(tx) = self.jobs.lock().clone() else {
+            return;
+        };
+        let entries: Vec<(u64, OsString)> = std::mem::take(&mut *self.entries.lock())
+            .into_iter()
+            .flat_map(|(p, names)| names.into_iter().map(move |n| (p, n)))
+            .collect();
+        let mut inodes: Vec<u64> = self.inodes.lock().iter().copied().collect();
+        inodes.push(1);
+        self.versions.lock().clear();
+        self.send(&tx, inodes, entries, wait);
+    }
+
+    fn send(&self, tx: &Sender<Job>, inodes: Vec<u64>, entries: Vec<(u64, OsString)>, wait: bool) {
+        if inodes.is_empty() && entries.is_empty() {
+            return;
+        }
+        let (done_tx, done_rx) = bounded(1);
+        let job = Job {
+            inodes,
+            entries,
+            done: wait.then_some(done_tx),
+        };
+        if tx.send(job).is_ok() && wait && done_rx.recv_timeout(BREAK_WAIT).is_err() {
+            eprintln!(
+                "coda-mount: the kernel took over {} ms to drop invalidated entries; \
+                 acknowledging the break anyway",
+                BREAK_WAIT.as_millis()
+            );
+        }
+    }
+}
+
+fn notify_loop(n: Notifier, rx: Receiver<Job>) {
+    for job in rx {
+        for ino in &job.inodes {
+            // Offset 0, length 0: the attributes and every page. ENOENT
+            // (the kernel has forgotten the inode) is the normal case.
+            let _ = n.inval_inode(INodeNo(*ino), 0, 0);
+        }
+        for (parent, name) in &job.entries {
+            let _ = n.inval_entry(INodeNo(*parent), name);
+        }
+        if let Some(d) = job.done {
+            let _ = d.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_lifetime_without_a_session_or_after_an_invalidation() {
+        let k = KernelCache::new();
+        let t = k.ticket();
+        assert_eq!(k.ttl(t, true).0, Duration::ZERO, "no notifier yet");
+        let (tx, _rx) = unbounded();
+        *k.jobs.lock() = Some(tx);
+        let t = k.ticket();
+        assert_eq!(k.ttl(t, true).0, TRUSTED_TTL);
+        assert_eq!(k.ttl(t, false).0, Duration::ZERO, "not vouched for");
+        k.invalidate(&[7], false);
+        assert_eq!(k.ttl(t, true).0, Duration::ZERO, "an invalidation came");
+        assert_eq!(k.ttl(k.ticket(), true).0, TRUSTED_TTL);
+    }
+
+    #[test]
+    fn pages_are_kept_only_for_the_same_version() {
+        let k = KernelCache::new();
+        assert!(!k.keep_pages(5, (1, 2, 3)), "first open: nothing cached");
+        assert!(k.keep_pages(5, (1, 2, 3)));
+        assert!(!k.keep_pages(5, (1, 2, 4)), "new version");
+        k.forget_pages(5);
+        assert!(!k.keep_pages(5, (1, 2, 4)));
+    }
+}
