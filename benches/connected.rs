@@ -14,6 +14,10 @@
 //! 5. client fsyncs per connected create (a child process of this bench run
 //!    under `strace -f -c`; skipped with a note without strace);
 //! 6. 10,000 creates in one directory: time of the second 5,000 / the first.
+//! 7. TLS against plaintext (a second server with --insecure-plaintext):
+//!    cold fetch of a 256 MiB file over TLS vs the plain socket copy and vs
+//!    the plaintext fetch; small stores (create + write 4 KiB + close) over
+//!    TLS vs plaintext.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -192,7 +196,9 @@ fn parallel_stores(
             std::thread::spawn(move || {
                 let data = vec![t as u8; 4096];
                 barrier.wait();
+                let (mut to, mut tc) = (Duration::ZERO, Duration::ZERO);
                 for k in 0..per_thread {
+                    let t0 = Instant::now();
                     let mut f = c
                         .open(
                             &format!("/par{tag}-{t}/f{k}"),
@@ -200,8 +206,14 @@ fn parallel_stores(
                             0o644,
                         )
                         .unwrap();
+                    to += t0.elapsed();
                     assert_eq!(f.write_at(&data, 0).unwrap(), 4096);
+                    let t1 = Instant::now();
                     f.close().unwrap();
+                    tc += t1.elapsed();
+                }
+                if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+                    println!("  thread {t}: open {to:?} close {tc:?}");
                 }
             })
         })
@@ -212,6 +224,15 @@ fn parallel_stores(
         w.join().unwrap();
     }
     let rate = (threads * per_thread) as f64 / t.elapsed().as_secs_f64();
+    let st = c.stats();
+    if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+        println!(
+            "  {threads} thread(s): {} records in {} Reintegrates ({:.2} per batch)",
+            st.records_reintegrated,
+            st.reintegrations,
+            st.records_reintegrated as f64 / st.reintegrations.max(1) as f64
+        );
+    }
     drop(c);
     let _ = std::fs::remove_dir_all(&cache);
     rate
@@ -407,9 +428,21 @@ fn main() {
     } else {
         (5000, 256, 3)
     };
-    cached_small_reads(&a, &scratch, iters);
-    cold_fetch(&s, &a, &scratch, mib, rounds);
-    callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    // CODA_BENCH_ONLY=reads,fetch,break,parallel,fsync,onedir,tls runs only those lines.
+    let only = std::env::var("CODA_BENCH_ONLY").ok();
+    let runs = |what: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == what))
+    };
+    if runs("reads") {
+        cached_small_reads(&a, &scratch, iters);
+    }
+    if runs("fetch") {
+        cold_fetch(&s, &a, &scratch, mib, rounds);
+    }
+    if runs("break") {
+        callback_break_cost(&s, &a, &scratch, iters.min(2000));
+    }
     let (per_thread, rounds, creates, one_dir) = if smoke {
         (5, 1, 5, 40)
     } else if quick {
@@ -417,10 +450,113 @@ fn main() {
     } else {
         (100, 5, 200, 10_000)
     };
-    parallel_small_stores(&s, &scratch, per_thread, rounds);
-    fsyncs_per_create(&s, &scratch, creates);
-    creates_in_one_dir(&s, &scratch, one_dir);
+    if runs("parallel") {
+        parallel_small_stores(&s, &scratch, per_thread, rounds);
+    }
+    if runs("fsync") {
+        fsyncs_per_create(&s, &scratch, creates);
+    }
+    if runs("onedir") {
+        creates_in_one_dir(&s, &scratch, one_dir);
+    }
+    let (small, tls_rounds) = if smoke {
+        (5, 1)
+    } else if quick {
+        (100, 3)
+    } else {
+        (400, 5)
+    };
+    if runs("tls") {
+        tls_vs_plaintext(&s, &a, &scratch, mib, small, tls_rounds);
+    }
     drop(a);
     drop(s);
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// 7: the same work over TLS (server `s`) and over plaintext (a second
+/// server), rounds interleaved so a busy spell on the machine hits both.
+fn tls_vs_plaintext(
+    s: &Server,
+    a: &Client,
+    scratch: &Path,
+    mib: usize,
+    small: usize,
+    rounds: usize,
+) {
+    let pdir = scratch.join("plain");
+    std::fs::create_dir_all(&pdir).unwrap();
+    let p = Server::start_with(&pdir, &["--insecure-plaintext"]);
+    let plain_client = |cache: &Path| {
+        let mut c = p.config(cache);
+        c.set("insecure_plaintext", "true").unwrap();
+        c.set("cache_size", "4G").unwrap();
+        Client::new(c).unwrap()
+    };
+    // The file to fetch, on both servers ("/big" on s is cold_fetch's).
+    let size = mib << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    let local = scratch.join("tls-local-big");
+    std::fs::write(&local, &data).unwrap();
+    write_file(a, "/tls-big", &data);
+    let pa = plain_client(&scratch.join("plain-a"));
+    write_file(&pa, "/tls-big", &data);
+    drop(data);
+    let fetch = |c: &Client| {
+        let t = Instant::now();
+        let f = c.open("/tls-big", libc::O_RDONLY, 0).unwrap();
+        let d = t.elapsed();
+        f.close().unwrap();
+        d
+    };
+    let stores = |c: &Client, tag: &str| {
+        let buf = vec![7u8; 4096];
+        let dir = format!("/tls-small-{tag}");
+        c.mkdir(&dir, 0o755).unwrap();
+        let t = Instant::now();
+        for i in 0..small {
+            write_file(c, &format!("{dir}/f{i}"), &buf);
+        }
+        t.elapsed() / small as u32
+    };
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let (mut vs_copy, mut vs_plain, mut store_ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let base = socket_copy(&local, &scratch.join("tls-copy-big"));
+        let tc = scratch.join(format!("tls-cold-{r}"));
+        let t = fetch(&client(s, &tc));
+        let pc = scratch.join(format!("plain-cold-{r}"));
+        let pl = fetch(&plain_client(&pc));
+        let _ = std::fs::remove_dir_all(&tc);
+        let _ = std::fs::remove_dir_all(&pc);
+        let ts = stores(a, &format!("t{r}"));
+        let ps = stores(&pa, &format!("p{r}"));
+        println!(
+            "tls round {r}: cold fetch {mib} MiB: TLS {:.0} ms, plaintext {:.0} ms, socket copy {:.0} ms; \
+             small store: TLS {:.0} us, plaintext {:.0} us",
+            t.as_secs_f64() * 1e3,
+            pl.as_secs_f64() * 1e3,
+            base.as_secs_f64() * 1e3,
+            us(ts),
+            us(ps)
+        );
+        vs_copy.push(base.as_secs_f64() / t.as_secs_f64());
+        vs_plain.push(pl.as_secs_f64() / t.as_secs_f64());
+        store_ratio.push(ts.as_secs_f64() / ps.as_secs_f64());
+    }
+    println!(
+        "tls: cold fetch {mib} MiB throughput, TLS / plain socket copy: median {:.2} (target >= 0.7); \
+         TLS / plaintext fetch: median {:.2}",
+        median(&mut vs_copy),
+        median(&mut vs_plain)
+    );
+    println!(
+        "tls: small store (4 KiB create+write+close) time, TLS / plaintext: median {:.2} (target <= 1.1)",
+        median(&mut store_ratio)
+    );
+    drop(pa);
+    let _ = std::fs::remove_dir_all(scratch.join("plain-a"));
 }

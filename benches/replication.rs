@@ -17,7 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coda::client::{Client, Config};
-use coda::server::replication::{ask_status, config::read_key};
+use coda::server::replication::{
+    ask_status,
+    transport::{peer_key, PeerKey},
+};
 
 mod common;
 use common::{write_file, BenchServer};
@@ -28,7 +31,7 @@ struct Group {
     roots: Vec<PathBuf>,
     addrs: Vec<SocketAddr>,
     children: Vec<Option<Child>>,
-    key: [u8; 32],
+    key: PeerKey,
 }
 
 impl Group {
@@ -60,7 +63,7 @@ impl Group {
             }
             assert!(c.stdout(Stdio::null()).status().unwrap().success());
         }
-        let key = read_key(&roots[0]).unwrap();
+        let key = peer_key(&roots[0], true).unwrap();
         let mut g = Group {
             roots,
             addrs,

@@ -79,6 +79,7 @@ fn run(dir: &std::path::Path) -> coda::Result<()> {
         break_timeout: Duration::from_millis(1000),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
+        insecure_plaintext: false,
     })?;
     println!(
         "server: listening on {} with data in {}",

@@ -60,6 +60,8 @@ static inline coda_config *test_config(const char *tag) {
     CHECK_RC(coda_config_new(&cfg), 0);
     CHECK_RC(coda_config_set(cfg, "servers", env_or_die("CODA_TEST_SERVER")), 0);
     CHECK_RC(coda_config_set(cfg, "secret_file", env_or_die("CODA_TEST_SECRET")), 0);
+    /* Named, so a test that moves the secret elsewhere still pins the server. */
+    CHECK_RC(coda_config_set(cfg, "tls_fingerprint_file", env_or_die("CODA_TEST_FINGERPRINT")), 0);
     CHECK_RC(coda_config_set(cfg, "cache_dir", cache), 0);
     return cfg;
 }

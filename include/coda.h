@@ -18,6 +18,27 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// Right `r`: read the files of the directory.
+#define CODA_ACL_READ 1
+
+// Right `l`: look up, list, get status.
+#define CODA_ACL_LOOKUP 2
+
+// Right `i`: insert new names.
+#define CODA_ACL_INSERT 4
+
+// Right `d`: delete names.
+#define CODA_ACL_DELETE 8
+
+// Right `w`: write files and their attributes.
+#define CODA_ACL_WRITE 16
+
+// Right `k`: lock.
+#define CODA_ACL_LOCK 32
+
+// Right `a`: administer the access list.
+#define CODA_ACL_ADMINISTER 64
+
 // Connected to at least one server.
 #define CODA_STATE_CONNECTED 1
 
@@ -159,8 +180,28 @@ typedef struct coda_event {
 extern "C" {
 #endif // __cplusplus
 
+// Call `cb` once per entry of the access list of the directory `path`:
+// the user or group name, its rights (`CODA_ACL_*` bits) and whether the
+// entry is negative (1) or positive (0); a non-zero return stops early.
+// Returns the calling user's own rights on the directory (`CODA_ACL_*`
+// bits, >= 0), or a negative errno: `-EACCES` without the `l` right,
+// `-ENOTDIR` for a non-directory.
+int coda_acl_get(struct coda_client *client, const char *path, int (*cb)(void *userdata, const char *name, uint32_t rights, int negative), void *userdata);
+
+// Set `name`'s entry in the access list of the directory `path`. `rights`
+// as `coda setacl` takes them: letters of `rlidwka`, `all`, `read`,
+// `write`, a leading `-` for a negative entry, `none` (`-none`) to remove
+// the positive (negative) entry. Needs the `a` right (`-EACCES`); an
+// unknown user or group is `-ENOENT`, bad rights `-EINVAL`.
+int coda_acl_set(struct coda_client *client, const char *path, const char *name, const char *rights);
+
+// Copy the name of the user the client authenticates as into `buf` (NUL
+// terminated, truncated to fit `len`); returns the name's full length.
+int coda_whoami(struct coda_client *client, char *buf, size_t len);
+
 // Connect and authenticate with the options in `cfg` (which stays the
-// caller's). `cache_dir` and `secret_file` must be set.
+// caller's). `cache_dir` and `secret_file` must be set (`secret_file`
+// not with `user` = `anonymous`).
 int coda_client_new(const struct coda_config *cfg, struct coda_client **out);
 
 // Disconnect and free the client. NULL is allowed. No other thread may be

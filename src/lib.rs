@@ -31,5 +31,9 @@ pub mod server;
 ///
 /// cbindgen:ignore
 mod sparse;
+/// The TLS layer under every connection.
+///
+/// cbindgen:ignore
+pub mod tls;
 
 pub use error::{Error, Result};

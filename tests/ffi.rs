@@ -100,6 +100,7 @@ fn run_c_test(name: &str, wrapper: &[&str], cflags: &[&str]) {
     let o = cmd
         .env("CODA_TEST_SERVER", server.addr().to_string())
         .env("CODA_TEST_SECRET", server.secret_file())
+        .env("CODA_TEST_FINGERPRINT", server.fingerprint_file())
         .env("CODA_TEST_DIR", &work)
         .env("CODA_TEST_SERVER_PID", server.pid().to_string())
         .output()
@@ -132,6 +133,11 @@ fn c_directory_operations() {
 #[test]
 fn c_errors_null_and_bad_utf8() {
     run_c_test("t_errors", &[], &[]);
+}
+
+#[test]
+fn c_access_lists_and_whoami() {
+    run_c_test("t_acl", &[], &[]);
 }
 
 #[test]
@@ -176,6 +182,12 @@ fn c_tests_under_valgrind() {
                 "valgrind",
                 "--quiet",
                 "--error-exitcode=99",
+                // TLS record bytes made by ring's assembly (see the file).
+                concat!(
+                    "--suppressions=",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/ffi-tests/valgrind.supp"
+                ),
                 "--leak-check=full",
                 "--errors-for-leak-kinds=definite",
                 "--show-leak-kinds=definite",
@@ -329,6 +341,7 @@ fn python_ctypes_module() {
         .env("PYTHONPATH", repo().join("python"))
         .env("CODA_TEST_SERVER", server.addr().to_string())
         .env("CODA_TEST_SECRET", server.secret_file())
+        .env("CODA_TEST_FINGERPRINT", server.fingerprint_file())
         .env("CODA_TEST_DIR", scratch.path())
         .output()
         .expect("run python3");

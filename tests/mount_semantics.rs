@@ -452,3 +452,134 @@ fn times_set_while_open_for_writing_are_kept_at_close() {
         assert_eq!((st.mtime.sec, st.size), (1_600_000_000, 8));
     }
 }
+
+#[test]
+fn an_o_trunc_open_beside_an_open_for_writing_truncates_the_one_file() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    for (i, args) in MODES.iter().enumerate() {
+        let d = TempDir::new(&format!("sem-otrunc{i}"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        let name = format!("shared{i}");
+        let p = m.path(&name);
+        std::fs::write(&p, b"old contents").unwrap();
+        // A writer holds the file open (with passthrough: the inode has a
+        // backing file) when another descriptor opens it with O_TRUNC.
+        let mut w = rw(&p);
+        w.write_all(b"written").unwrap();
+        let mut t = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("O_TRUNC open beside a writer, mode {args:?}: {e}"));
+        // One file, as locally: the writer's descriptor sees the cut.
+        assert_eq!(w.metadata().unwrap().len(), 0, "mode {args:?}");
+        t.write_all(b"xy").unwrap();
+        drop(t);
+        assert_eq!(std::fs::read(&p).unwrap(), b"xy", "mode {args:?}");
+        drop(w);
+        assert_eq!(std::fs::read(&p).unwrap(), b"xy", "mode {args:?}");
+        // A reader holds it open: the O_TRUNC open works too.
+        let r = std::fs::File::open(&p).unwrap();
+        let mut t = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap_or_else(|e| panic!("O_TRUNC open beside a reader, mode {args:?}: {e}"));
+        t.write_all(b"z").unwrap();
+        drop(t);
+        drop(r);
+        assert_eq!(std::fs::read(&p).unwrap(), b"z", "mode {args:?}");
+        let other = client_util::client(&srv, &d.path().join("other"));
+        assert_eq!(client_util::get(&other, &format!("/{name}")), b"z");
+    }
+}
+
+#[test]
+fn opens_after_the_file_changed_elsewhere_work_beside_older_opens() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let srv = client_util::start();
+    for (i, args) in MODES.iter().enumerate() {
+        let d = TempDir::new(&format!("sem-newver{i}"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        let name = format!("page{i}");
+        let p = m.path(&name);
+        std::fs::write(&p, b"version one").unwrap();
+        // An older open stays (with passthrough: the inode's backing file
+        // is the old container) while another client stores a new version.
+        let old = std::fs::File::open(&p).unwrap();
+        let mut buf = [0u8; 64];
+        let n = old.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"version one");
+        let other = client_util::client(&srv, &d.path().join("other"));
+        client_util::put(&other, &format!("/{name}"), b"version two, longer");
+        assert!(
+            eventually(Duration::from_secs(20), || std::fs::metadata(&p)
+                .map(|m| m.len() == 19)
+                .unwrap_or(false)),
+            "the mount sees the new size, mode {args:?}"
+        );
+        let got = std::fs::read(&p)
+            .unwrap_or_else(|e| panic!("open beside an older open, mode {args:?}: {e}"));
+        assert_eq!(got, b"version two, longer", "mode {args:?}");
+        // With passthrough the older open keeps the version it opened (its
+        // reads go to its own container). The plain path shares the kernel's
+        // page cache of the inode, which the newer open filled.
+        if args.is_empty() && status_line(&m, "passthrough") == "on" {
+            let n = old.read_at(&mut buf, 0).unwrap();
+            assert_eq!(&buf[..n], b"version one");
+        }
+        let mut w = rw(&p);
+        w.write_all(b"V").unwrap();
+        drop(w);
+        drop(old);
+        assert_eq!(
+            client_util::get(&other, &format!("/{name}")),
+            b"Version two, longer",
+            "mode {args:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unchanged_files_backing_is_kept_across_opens_and_a_changed_one_replaced() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    let d = TempDir::new("sem-kept");
+    let m = Mount::start(&srv, d.path(), &[], &[]);
+    if status_line(&m, "passthrough") != "on" {
+        // Nothing to keep without passthrough (mount_basic checks that the
+        // kernel has it where it should).
+        eprintln!("kernel without FUSE passthrough: no backing files to keep");
+        return;
+    }
+    let p = m.path("kept");
+    std::fs::write(&p, b"first").unwrap();
+    let before: u64 = status_line(&m, "backing_files").parse().unwrap();
+    for _ in 0..5 {
+        assert_eq!(std::fs::read(&p).unwrap(), b"first");
+    }
+    let after: u64 = status_line(&m, "backing_files").parse().unwrap();
+    assert!(
+        after <= before + 1,
+        "one backing file for 5 opens: {before} -> {after}"
+    );
+    // Another client changes it while nothing is open here: the next open
+    // reads the new version (through a new backing file).
+    let other = client_util::client(&srv, &d.path().join("other"));
+    client_util::put(&other, "/kept", b"second version");
+    assert!(eventually(Duration::from_secs(20), || std::fs::read(&p)
+        .map(|v| v == b"second version")
+        .unwrap_or(false)));
+    // Written here, then read back here and there.
+    std::fs::write(&p, b"third").unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"third");
+    assert_eq!(client_util::get(&other, "/kept"), b"third");
+}

@@ -270,3 +270,149 @@ fn kill9_during_concurrent_batches_loses_no_acknowledged_one_and_halves_none() {
     }
     eprintln!("{KILLS} kills, {total_acked} acknowledged batches, all intact");
 }
+
+/// Records in each of the pipelining client's batches: large (more than
+/// the server's 64-record "small" bound), so each commits alone and gives
+/// way to small batches.
+const LARGE: u64 = 1000;
+
+/// One client pipelines five large batches on one connection (without
+/// waiting for replies) while three others keep committing one-record
+/// batches. Every record of the large client expects the exact version
+/// the one before it left, so any reordering or partial application
+/// would be refused. Batch 3 fails at its last record and leaves nothing;
+/// the others commit whole, in the order they were sent; and the large
+/// batches commit while the small writers are still writing (the
+/// starvation bound).
+#[test]
+fn pipelined_large_batches_beside_small_writers_commit_whole_in_order() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "60000"]);
+    let (addr, secret) = (s.addr(), s.secret_file());
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Small writers that have committed one chmod: the large batches go
+    // only once all three are writing (their TLS handshakes take a while
+    // on a loaded machine).
+    let writing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let small: Vec<_> = (0..3u8)
+        .map(|w| {
+            let (secret, stop) = (secret.clone(), Arc::clone(&stop));
+            let writing = Arc::clone(&writing);
+            std::thread::spawn(move || {
+                let mut c = Raw::control(addr, &secret, [0x71 + w; 16], 1);
+                let g = c.alloc(1)[0];
+                let root = c.root;
+                c.apply(vec![rec::create(1, root, &format!("small{w}"), g)]);
+                let mut n = 1u64;
+                // Bounded by the large client: it sets `stop` when its
+                // batches are answered (or the test fails on its deadline).
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    let m =
+                        reintegrate(&mut c, vec![rec::chmod(n, g, 0, 0o600 | (n as u32 & 0o77))]);
+                    assert!(
+                        matches!(m, Some(Msg::Reintegrated { .. })),
+                        "small {w}: {m:?}"
+                    );
+                    if n == 2 {
+                        writing.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                n - 1
+            })
+        })
+        .collect();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while writing.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the small writers did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The large client comes once they write (its create in the root is
+    // the last change there, so no break waits on it before it reads).
+    let mut l = Raw::control(addr, &secret, [0x70; 16], 1);
+    let f = l.alloc(1)[0];
+    let root = l.root;
+    let v0 = l.apply(vec![rec::create(1, root, "large", f)])[0].version;
+
+    // Batch b's record i expects version v0 + b*LARGE + i; batch 3's last
+    // record expects a version that never comes. Batch 4 goes on from
+    // where batch 2 left the file.
+    let mut frames = Vec::new();
+    let mut store = 1;
+    for b in 0..5u64 {
+        let base = v0 + b.min(3) * LARGE;
+        let records: Vec<Record> = (0..LARGE)
+            .map(|i| {
+                store += 1;
+                let expect = if b == 3 && i == LARGE - 1 {
+                    1
+                } else {
+                    base + i
+                };
+                rec::chmod(store, f, expect, 0o600 | ((b * LARGE + i) as u32 & 0o77))
+            })
+            .collect();
+        let m = Msg::Reintegrate { records };
+        frames.push(encode_frame(m.kind(), 100 + b, &m.encode()));
+    }
+    for fr in &frames {
+        l.stream.write_all(fr).unwrap();
+    }
+    let mut replies: HashMap<u64, Msg> = HashMap::new();
+    // Bounded: each frame is a break, a reply, or the read times out.
+    while replies.len() < frames.len() {
+        match l.recv().expect("the large client's replies") {
+            (bid, Msg::CallbackBreak { .. }) => {
+                let ack = Msg::BreakAck;
+                l.stream
+                    .write_all(&encode_frame(ack.kind(), bid, &ack.encode()))
+                    .unwrap();
+            }
+            (id, m) => {
+                replies.insert(id, m);
+            }
+        }
+    }
+    let running = small.iter().all(|t| !t.is_finished());
+    // Closed first: it acks no more breaks, and the small writers' last
+    // batches would wait for it.
+    drop(l);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let done: Vec<u64> = small.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(running, "the small writers were still writing");
+    assert!(
+        done.iter().all(|n| *n > 0),
+        "every small writer committed: {done:?}"
+    );
+
+    for b in [0u64, 1, 2, 4] {
+        match &replies[&(100 + b)] {
+            Msg::Reintegrated { results } => {
+                assert_eq!(results.len() as u64, LARGE);
+                let from = v0 + b.min(3) * LARGE;
+                assert_eq!(results[0].version, from + 1, "batch {b} in order");
+                assert_eq!(results.last().unwrap().version, from + LARGE);
+            }
+            m => panic!("batch {b}: {m:?}"),
+        }
+    }
+    match &replies[&103] {
+        Msg::Error { code, index, .. } => {
+            assert_eq!(*code, WireCode::Conflict);
+            assert_eq!(*index as u64, LARGE - 1);
+        }
+        m => panic!("batch 3 must fail at its last record: {m:?}"),
+    }
+    let mut c = Raw::control(addr, &secret, [0x7f; 16], 1);
+    let a = c.attr(f).unwrap();
+    assert_eq!(
+        a.version,
+        v0 + 4 * LARGE,
+        "batches 0, 1, 2 and 4 whole; 3 not at all"
+    );
+    assert_eq!(a.mode & 0o7777, 0o600 | ((5 * LARGE - 1) as u32 & 0o77));
+}

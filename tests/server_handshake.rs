@@ -43,9 +43,7 @@ fn wrong_secret_and_unknown_user_get_auth_error_and_close() {
         assert_eq!(code_of(&err), WireCode::Auth, "{user}");
     }
     // The connection is closed after the refusal.
-    let c = TcpStream::connect(s.addr()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut raw = RawConn(c);
+    let mut raw = RawConn::connect(&s);
     raw.send(0, &hello(ConnKind::Control, "admin", ID, 1, [0; 32]));
     assert!(matches!(raw.recv(), Some(Msg::Challenge { .. })));
     raw.send(0, &Msg::Auth { mac: [0; 32] });
@@ -74,6 +72,7 @@ fn a_replayed_auth_fails_against_a_new_challenge() {
         kind: ConnKind::Control,
         client_nonce: &nonce,
         server_nonce: &server_nonce,
+        binding: &first.0.channel_binding().unwrap(),
     };
     let auth = Msg::Auth {
         mac: client_mac(&secret, &t),
@@ -248,12 +247,12 @@ fn sigterm_exits_zero_promptly() {
     assert!(c.is_closed());
 }
 
-/// A bare socket for driving the handshake by hand.
-struct RawConn(TcpStream);
+/// A bare TLS connection for driving the handshake by hand.
+struct RawConn(coda::tls::Stream);
 
 impl RawConn {
     fn connect(s: &TestServer) -> RawConn {
-        let c = TcpStream::connect(s.addr()).unwrap();
+        let c = common::raw::tls_stream(s.addr());
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         RawConn(c)
     }

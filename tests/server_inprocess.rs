@@ -26,6 +26,7 @@ fn start_serve_and_shutdown_in_process() {
         break_timeout: Duration::from_millis(500),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
+        insecure_plaintext: false,
     })
     .unwrap();
     let addr = srv.local_addr();
@@ -64,6 +65,7 @@ fn start_serve_and_shutdown_in_process() {
         break_timeout: Duration::from_millis(500),
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
+        insecure_plaintext: false,
     })
     .unwrap();
     let key = coda::proto::auth::read_secret_file(&secret).unwrap();

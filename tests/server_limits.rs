@@ -53,8 +53,9 @@ fn raise_own_nofile(want: u64) {
 }
 
 /// Whether the server has closed `s` (EOF or reset), without waiting.
-fn closed_now(s: &mut TcpStream) -> bool {
+fn closed_now(s: &TcpStream) -> bool {
     s.set_nonblocking(true).unwrap();
+    let mut s = s;
     let mut b = [0u8; 256];
     let r = loop {
         match s.read(&mut b) {
@@ -192,10 +193,11 @@ fn a_dribbled_handshake_is_cut_at_the_deadline() {
     let bytes = encode_frame(h.kind(), 0, &h.encode());
     // ~80 bytes at one a second: 8 times the 10 s deadline.
     assert!(bytes.len() > 60);
-    let mut c = TcpStream::connect(s.addr()).unwrap();
+    // Inside TLS (one record per byte), as a client that passed TLS would.
+    let mut c = common::raw::tls_stream(s.addr());
     let mut cut_after = None;
     for (i, b) in bytes.iter().enumerate() {
-        if c.write_all(&[*b]).is_err() || closed_now(&mut c) {
+        if c.write_all(&[*b]).is_err() || closed_now(c.tcp()) {
             cut_after = Some(i);
             break;
         }
@@ -220,7 +222,7 @@ fn an_oversized_handshake_frame_is_refused_at_once() {
     // As many as one address may hold in the handshake at once: more would
     // (rightly) close this address's oldest handshake without an answer.
     for _ in 0..coda::server::MAX_HANDSHAKING_PER_IP {
-        let mut c = TcpStream::connect(s.addr()).unwrap();
+        let mut c = common::raw::tls_stream(s.addr());
         let mut head = ((1u32 << 20) - 100).to_be_bytes().to_vec();
         head.push(Msg::Ping.kind());
         head.extend_from_slice(&0u64.to_be_bytes());
@@ -522,7 +524,7 @@ fn one_address_cannot_evict_other_addresses_handshakes() {
     let s = TestServer::start();
     let secret = read_secret_file(&s.secret_file()).unwrap();
     // A: from 127.0.0.1, halfway through its handshake (Challenge read).
-    let mut a = TcpStream::connect(s.addr()).unwrap();
+    let mut a = common::raw::tls_stream(s.addr());
     a.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let (id, nonce): ([u8; 16], [u8; 32]) = ([0x47; 16], random_bytes());
     let h = hello(ConnKind::Control, "admin", id, 1, nonce);
@@ -548,6 +550,7 @@ fn one_address_cannot_evict_other_addresses_handshakes() {
         kind: ConnKind::Control,
         client_nonce: &nonce,
         server_nonce: &server_nonce,
+        binding: &a.channel_binding().unwrap(),
     };
     let auth = Msg::Auth {
         mac: client_mac(&secret, &t),
@@ -561,11 +564,11 @@ fn one_address_cannot_evict_other_addresses_handshakes() {
     assert!(matches!(Msg::decode(&f), Ok(Msg::Welcome { .. })));
     // The flood lost its own oldest: all but the last 32 are closed
     // (bounded wait for the FINs to be seen).
-    let mut flood = flood;
+    let flood = flood;
     let until = Instant::now() + Duration::from_secs(10);
     let mut open: Vec<usize> = (0..268).collect();
     while !open.is_empty() && Instant::now() < until {
-        open.retain(|&i| !closed_now(&mut flood[i]));
+        open.retain(|&i| !closed_now(&flood[i]));
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(

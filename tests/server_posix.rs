@@ -182,7 +182,7 @@ fn hard_links_count_names_of_any_non_directory() {
 #[test]
 fn a_protocol_1_client_is_refused_with_a_version_error() {
     let s = TestServer::start();
-    let mut sock = std::net::TcpStream::connect(s.addr()).unwrap();
+    let mut sock = common::raw::tls_stream(s.addr());
     let mut h = hello(ConnKind::Control, "admin", A, 1, [1; 32]);
     if let Msg::Hello { version, .. } = &mut h {
         *version = 1;

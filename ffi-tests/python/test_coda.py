@@ -55,6 +55,31 @@ class Directories(unittest.TestCase):
             self.assertNotIn("pydir", c.listdir("/"))
 
 
+class AccessLists(unittest.TestCase):
+    def test_whoami_get_and_set(self):
+        with client() as c:
+            self.assertEqual(c.whoami(), "admin")
+            c.mkdir("/pyacl")
+            entries, mine = c.get_acl("/pyacl")
+            self.assertEqual(entries, [("System:Administrators", "rlidwka"),
+                                       ("System:AnyUser", "rl")])
+            self.assertEqual(mine, "rlidwka")
+            c.set_acl("/pyacl", "System:AnyUser", "-w")
+            c.set_acl("/pyacl", "System:AnyUser", "none")
+            self.assertEqual(c.get_acl("/pyacl")[0],
+                             [("System:Administrators", "rlidwka"), ("System:AnyUser", "-w")])
+            with self.assertRaises(OSError) as e:
+                c.set_acl("/pyacl", "nosuchuser", "rl")
+            self.assertEqual(e.exception.errno, errno.ENOENT)
+            with self.assertRaises(OSError) as e:
+                c.set_acl("/pyacl", "admin", "rx")
+            self.assertEqual(e.exception.errno, errno.EINVAL)
+            c.write_file("/pyacl/f", b"x")
+            with self.assertRaises(OSError) as e:
+                c.get_acl("/pyacl/f")
+            self.assertEqual(e.exception.errno, errno.ENOTDIR)
+
+
 class Errors(unittest.TestCase):
     def test_errors_are_oserror_with_errno(self):
         with client() as c:

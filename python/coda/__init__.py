@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import errno as _errno
 import os
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 PathLike = Union[str, bytes, "os.PathLike[str]"]
 
@@ -103,6 +103,16 @@ Error = OSError
 
 READDIR_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32)
 CONFLICT_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ConflictT))
+ACL_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32,
+                          ctypes.c_int)
+
+_RIGHTS = "rlidwka"
+
+
+def rights_string(bits: int) -> str:
+    """Rights bits as Coda's letters in order ("rl"), or "none"."""
+    s = "".join(c for i, c in enumerate(_RIGHTS) if bits & (1 << i))
+    return s or "none"
 
 _lib: Optional[ctypes.CDLL] = None
 
@@ -179,6 +189,9 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
         "coda_conflict_resolve": ([P, U64, I], I),
         "coda_reintegrate": ([P], I),
         "coda_pending_records": ([P], I64),
+        "coda_acl_get": ([P, S, ACL_CB, P], I),
+        "coda_acl_set": ([P, S, S, S], I),
+        "coda_whoami": ([P, ctypes.c_char_p, SZ], I),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -381,6 +394,31 @@ class Client:
     def pending_records(self) -> int:
         """How many changes are logged and not yet reintegrated."""
         return _check(self._lib.coda_pending_records(self._handle()))
+
+    def get_acl(self, path: PathLike) -> Tuple[List[Tuple[str, str]], str]:
+        """The access list of directory `path` as (name, rights) pairs, a
+        negative entry's rights with a leading "-", and this user's own
+        rights: ([("System:AnyUser", "rl"), ("bob", "-w")], "rlidwka")."""
+        entries = []
+
+        def cb(_ud: object, name: bytes, rights: int, negative: int) -> int:
+            entries.append((name.decode("utf-8", "replace"),
+                            ("-" if negative else "") + rights_string(rights)))
+            return 0
+
+        mine = _check(self._lib.coda_acl_get(self._handle(), _b(path), ACL_CB(cb), None), path)
+        return entries, rights_string(mine)
+
+    def set_acl(self, path: PathLike, name: str, rights: str) -> None:
+        """Set `name`'s entry on directory `path`: "rl", "all", "-w"
+        (negative), "none" / "-none" (remove)."""
+        _check(self._lib.coda_acl_set(self._handle(), _b(path), _b(name), _b(rights)), path)
+
+    def whoami(self) -> str:
+        """The user this client authenticates as."""
+        buf = ctypes.create_string_buffer(256)
+        _check(self._lib.coda_whoami(self._handle(), buf, len(buf)))
+        return buf.value.decode("utf-8", "replace")
 
     def next_event(self, timeout_ms: int = 0) -> Optional[Event]:
         """The next event, or None if none arrives within timeout_ms."""

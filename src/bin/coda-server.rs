@@ -3,13 +3,15 @@
 //! ```text
 //! coda-server init    --root DIR [--user NAME]
 //! coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
-//! coda-server group status --root DIR
-//! coda-server group add    --root DIR --node N --addr ADDR
-//! coda-server group remove --root DIR --node N
+//! coda-server group status --root DIR [--insecure-plaintext]
+//! coda-server group add    --root DIR --node N --addr ADDR [--insecure-plaintext]
+//! coda-server group remove --root DIR --node N [--insecure-plaintext]
+//! coda-server init-tls --root DIR
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //!                     [--max-file-size SIZE] [--max-staged SIZE]
 //!                     [--max-staged-per-session SIZE] [--max-staged-uploads N]
+//!                     [--insecure-plaintext]
 //! coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
 //! ```
 //!
@@ -36,14 +38,25 @@ const USAGE: &str = "usage:
   coda-server group status --root DIR   (asks every member of DIR's group)
   coda-server group add    --root DIR --node N --addr ADDR   (N initialised with init --from)
   coda-server group remove --root DIR --node N
-  coda-server adduser --root DIR --user NAME
+      (group status/add/remove: --insecure-plaintext when the members serve so)
+  coda-server init-tls --root DIR   (TLS key and certificate for a root made before TLS)
+  coda-server adduser --root DIR --user NAME           (same as: user add NAME)
+  coda-server user    add|remove NAME --root DIR
+  coda-server user    list --root DIR
+  coda-server group   add GROUP [USER...] --root DIR   (creates GROUP if new)
+  coda-server group   remove GROUP [USER...] --root DIR (no USER: the whole group)
+  coda-server group   members GROUP --root DIR | group list --root DIR
+  coda-server anonymous on|off --root DIR   (anonymous: no secret, rights rl at most)
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
+                      [--insecure-plaintext]
   coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
   coda-server --version | --help
 ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
-SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)";
+SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)
+user, group, anonymous and adduser work while the server runs (through
+DIR/admin.sock) and while it is stopped. Group names contain ':' (bob:friends).";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
 enum Fail {
@@ -68,14 +81,16 @@ struct Args {
     group: Option<String>,
     from: Option<String>,
     addr: Option<String>,
+    insecure_plaintext: bool,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
         "init" => &["--root", "--user", "--node", "--group", "--from"],
-        "group status" => &["--root"],
-        "group add" => &["--root", "--node", "--addr"],
-        "group remove" => &["--root", "--node"],
+        "group status" => &["--root", "--insecure-plaintext"],
+        "group add" => &["--root", "--node", "--addr", "--insecure-plaintext"],
+        "group remove" => &["--root", "--node", "--insecure-plaintext"],
+        "init-tls" => &["--root"],
         "adduser" => &["--root", "--user"],
         "serve" => &[
             "--root",
@@ -86,6 +101,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--max-staged",
             "--max-staged-per-session",
             "--max-staged-uploads",
+            "--insecure-plaintext",
         ],
         "quota" => &["--root", "--volume", "--bytes"],
         _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
@@ -95,6 +111,10 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     while let Some(flag) = it.next() {
         if !allowed.contains(&flag.as_str()) {
             return Err(Fail::Usage(format!("{cmd}: unknown option {flag:?}")));
+        }
+        if flag == "--insecure-plaintext" {
+            a.insecure_plaintext = true;
+            continue;
         }
         let value = it
             .next()
@@ -141,12 +161,18 @@ fn run() -> Result<(), Fail> {
         println!("coda-server {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
-    if cmd == "group" {
+    // `group status` and `group add|remove --node N` manage a replicated
+    // group's members; other `group` words manage user groups.
+    let replica_words = cmd == "group"
+        && (argv.get(1).is_some_and(|w| w == "status")
+            || (argv.get(1).is_some_and(|w| w == "add" || w == "remove")
+                && argv.iter().any(|w| w == "--node")));
+    if replica_words {
         let sub = argv.get(1).map(String::as_str).unwrap_or("");
         let args = parse(&format!("group {sub}"), argv.get(2..).unwrap_or(&[]))?;
         let root = args.root.clone().expect("parse checked --root");
         if sub == "status" {
-            return group_status(&root);
+            return group_status(&root, !args.insecure_plaintext);
         }
         let node: u64 = args
             .node
@@ -159,13 +185,21 @@ fn run() -> Result<(), Fail> {
                 "group add: --addr HOST:PORT is required".into(),
             ));
         }
-        let index = server::replication::change_membership(&root, node, args.addr.as_deref())
-            .map_err(|e| Fail::Run(e.to_string()))?;
+        let index = server::replication::change_membership(
+            &root,
+            node,
+            args.addr.as_deref(),
+            !args.insecure_plaintext,
+        )
+        .map_err(|e| Fail::Run(e.to_string()))?;
         println!(
             "member {node} {} at log index {index}",
             if sub == "add" { "added" } else { "removed" }
         );
         return Ok(());
+    }
+    if matches!(cmd.as_str(), "user" | "group" | "anonymous") {
+        return admin(cmd, &argv[1..]);
     }
     let args = parse(cmd, &argv[1..])?;
     let root = args.root.clone().expect("parse checked --root");
@@ -195,9 +229,20 @@ fn run() -> Result<(), Fail> {
             let user = args.user.as_deref().unwrap_or("admin");
             let secret = server::init(&root, user).map_err(fail)?;
             println!(
-                "initialised {}; secret of {user} in {}",
+                "initialised {}; secret of {user} in {}; TLS certificate fingerprint in {} \
+                 (copy both to clients)",
                 root.display(),
-                secret.display()
+                secret.display(),
+                coda::tls::fingerprint_path(&root).display()
+            );
+            Ok(())
+        }
+        "init-tls" => {
+            let fp = server::init_tls(&root).map_err(fail)?;
+            println!(
+                "TLS key and certificate in {}; fingerprint {fp} in {} (copy it to clients)",
+                root.join("tls").display(),
+                coda::tls::fingerprint_path(&root).display()
             );
             Ok(())
         }
@@ -206,8 +251,9 @@ fn run() -> Result<(), Fail> {
                 .user
                 .as_deref()
                 .ok_or_else(|| Fail::Usage("adduser: --user NAME is required".into()))?;
-            let secret = server::add_user(&root, user).map_err(fail)?;
-            println!("added {user}; secret in {}", secret.display());
+            let words = ["user", "add", user].map(String::from);
+            let out = server::admin_command(&root, &words).map_err(fail)?;
+            print!("{out}");
             Ok(())
         }
         "quota" => quota(&root, &args),
@@ -216,6 +262,48 @@ fn run() -> Result<(), Fail> {
 }
 
 /// Parse SIZE: a byte count with an optional K/M/G/T suffix (powers of 1024).
+/// `user`, `group` and `anonymous`: words and `--root DIR` in any order.
+fn admin(cmd: &str, rest: &[String]) -> Result<(), Fail> {
+    let mut words = vec![cmd.to_string()];
+    let mut root = None;
+    let mut it = rest.iter();
+    while let Some(w) = it.next() {
+        if w == "--root" {
+            let v = it
+                .next()
+                .ok_or_else(|| Fail::Usage("--root needs a value".into()))?;
+            root = Some(PathBuf::from(v));
+        } else if w.starts_with("--") {
+            return Err(Fail::Usage(format!("{cmd}: unknown option {w:?}")));
+        } else {
+            words.push(w.clone());
+        }
+    }
+    let root = root.ok_or_else(|| Fail::Usage(format!("{cmd}: --root DIR is required")))?;
+    let known = matches!(
+        words
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["user", "add" | "remove", _]
+            | ["user", "list"]
+            | ["group", "add" | "remove", _, ..]
+            | ["group", "members", _]
+            | ["group", "list"]
+            | ["anonymous", "on" | "off"]
+    );
+    if !known {
+        return Err(Fail::Usage(format!(
+            "{cmd}: cannot understand {:?}",
+            words[1..].join(" ")
+        )));
+    }
+    let out = server::admin_command(&root, &words).map_err(|e| Fail::Run(e.to_string()))?;
+    print!("{out}");
+    Ok(())
+}
+
 fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
     let bad = || Fail::Usage(format!("{flag}: {v:?} is not a size (e.g. 4096, 100M, 2G)"));
     let (digits, shift) = match v.chars().last() {
@@ -269,8 +357,9 @@ fn resolve_listen(spec: &str) -> Result<SocketAddr, Fail> {
 }
 
 /// `group status`: every member's view, the leader's first.
-fn group_status(root: &std::path::Path) -> Result<(), Fail> {
-    let reports = server::replication::group_status(root).map_err(|e| Fail::Run(e.to_string()))?;
+fn group_status(root: &std::path::Path, tls: bool) -> Result<(), Fail> {
+    let reports =
+        server::replication::group_status(root, tls).map_err(|e| Fail::Run(e.to_string()))?;
     let leader = reports
         .iter()
         .filter_map(|r| r.status.as_ref().ok())
@@ -356,6 +445,7 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
         break_timeout,
         idle_timeout,
         space,
+        insecure_plaintext: args.insecure_plaintext,
     })
     .map_err(|e| Fail::Run(e.to_string()))?;
     {

@@ -33,7 +33,11 @@ commands:
   hoard add PATH PRIORITY[:c+|:d+]    keep PATH cached (c+: its entries, d+: everything below)
   hoard remove PATH                   stop hoarding PATH
   hoard list                          the hoard profile
-  hoard walk                          fetch what the profile covers now";
+  hoard walk                          fetch what the profile covers now
+  listacl PATH                        a directory's access list: NAME RIGHTS (-RIGHTS: negative)
+  setacl PATH NAME RIGHTS             set NAME's entry: rlidwka letters, all, read, write,
+                                      -RIGHTS for a negative entry, none / -none to remove
+  whoami                              the user the mount acts for, its id and groups";
 
 const EXIT_FAILED: i32 = 1;
 const EXIT_USAGE: i32 = 2;
@@ -145,6 +149,21 @@ fn main() {
         ("hoard", [sub, path]) if sub == "remove" => vec![cmd.clone(), sub.clone(), path.clone()],
         ("hoard", [sub]) if sub == "list" || sub == "walk" => vec![cmd.clone(), sub.clone()],
         ("hoard", _) => usage("hoard add PATH PRIORITY[:c+|:d+] | remove PATH | list | walk"),
+        ("listacl", [p]) => vec![cmd.clone(), fs_path(&cache_dir, p)],
+        ("setacl", [p, name, rights]) => {
+            if let Err(e) = coda::proto::acl::parse_rights(rights) {
+                usage(&format!("setacl: {e}"));
+            }
+            vec![
+                cmd.clone(),
+                fs_path(&cache_dir, p),
+                name.clone(),
+                rights.clone(),
+            ]
+        }
+        ("whoami", []) => vec![cmd.clone()],
+        ("listacl", _) => usage("listacl PATH"),
+        ("setacl", _) => usage("setacl PATH NAME RIGHTS"),
         ("flush", []) => vec![cmd.clone()],
         ("flush", [p]) => vec![cmd.clone(), fs_path(&cache_dir, p)],
         ("failover" | "failback", r) => {
@@ -153,7 +172,7 @@ fn main() {
         }
         (
             "status" | "checkservers" | "disconnect" | "reconnect" | "listcache" | "flush"
-            | "listconflicts" | "reintegrate",
+            | "listconflicts" | "reintegrate" | "whoami",
             _,
         ) => usage(&format!("{cmd}: too many arguments")),
         (c, _) => usage(&format!("unknown command {c}")),
@@ -213,11 +232,11 @@ fn no_mount(e: &std::io::Error) -> bool {
     )
 }
 
-/// `flush` takes a path in the file system (`/web/index.html`); a path
+/// `flush`, `listacl` and `setacl` take a path in the file system (`/web/index.html`); a path
 /// under the mountpoint is translated (the mount says where it is).
 fn fs_path(cache_dir: &Path, p: &str) -> String {
     if !p.starts_with('/') {
-        usage("flush: PATH must be absolute (in the file system, or under the mountpoint)");
+        usage("PATH must be absolute (in the file system, or under the mountpoint)");
     }
     let socket = control::socket_path(cache_dir);
     if let Ok(Response::Ok(lines)) = control::call(&socket, &["status"], Duration::from_secs(10)) {

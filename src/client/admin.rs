@@ -5,7 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use super::{Client, FileType};
+use super::api::Client;
+use crate::proto::FileType;
 use crate::proto::{Fid, Msg};
 use crate::{Error, Result};
 
@@ -68,13 +69,13 @@ impl Client {
                 if e.open > 0 || e.dirty {
                     return Some(false);
                 }
-                let had = e.data_version.is_some() || e.listing.is_some();
+                let had = e.data_version.is_some() || e.has_listing();
                 if e.data_version.is_some() {
                     let _ = std::fs::remove_file(&container);
                 }
                 e.data_version = None;
                 e.data_bytes = 0;
-                e.listing = None;
+                e.clear_listing();
                 had.then_some(true)
             });
             match outcome.flatten() {
@@ -102,8 +103,8 @@ impl Client {
         // Roots: cached directories no cached listing names.
         let named: HashSet<Fid> = entries
             .iter()
-            .filter_map(|(_, e)| e.listing.as_ref())
-            .flat_map(|(_, l)| l.iter().map(|d| d.fid))
+            .filter_map(|(_, e)| e.any_listing())
+            .flat_map(|l| l.iter().map(|d| d.fid))
             .collect();
         let by_fid: HashMap<Fid, &super::cache::Entry> =
             entries.iter().map(|(f, e)| (*f, e)).collect();
@@ -118,7 +119,7 @@ impl Client {
                 continue;
             }
             paths.insert(fid, path.clone());
-            if let Some((_, l)) = by_fid.get(&fid).and_then(|e| e.listing.as_ref()) {
+            if let Some(l) = by_fid.get(&fid).and_then(|e| e.any_listing()) {
                 for d in l.iter() {
                     let child = if path == "/" {
                         format!("/{}", d.name)

@@ -4,8 +4,9 @@
 //! operations resolve a path and call these; a program that keeps fids
 //! (the mount keys its inodes by them) calls them directly.
 
-use super::{file, DirEntry, File, Owner, Stat};
-use super::{Client, RecordOp};
+use super::api::{Client, DirEntry, Owner, Stat};
+use super::{file, File};
+use crate::proto::RecordOp;
 use crate::proto::{Fid, FileType, MAX_SYMLINK};
 use crate::{Error, Result};
 
@@ -112,7 +113,7 @@ impl Client {
                 gid: owner.gid,
             },
             |attr| {
-                inner.cache.set_listing(attr, Vec::new());
+                inner.cache.set_listing(attr, Default::default());
                 Ok(())
             },
         )

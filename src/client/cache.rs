@@ -8,9 +8,10 @@
 //! callback table; the cache only remembers versions so that an untrusted
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -18,11 +19,50 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
 };
 
+use super::namespace::{Edit, Listing};
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
 use crate::{Error, Result};
 
 const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+/// Directory entries of cached listings, one row per name: key = the
+/// directory's fid (16 bytes) followed by the name, value = the entry.
+/// Adding or removing a name writes one row, not the whole listing.
+const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
+
+/// The key range of `dir`'s rows in `ENTRIES`: names are UTF-8, which
+/// never contains the byte 0xFF, so every name sorts below it.
+fn entries_range(dir: Fid) -> (Vec<u8>, Vec<u8>) {
+    let start = dir.to_bytes().to_vec();
+    let mut end = start.clone();
+    end.push(0xFF);
+    (start, end)
+}
+
+fn entry_key(dir: Fid, name: &str) -> Vec<u8> {
+    let mut k = dir.to_bytes().to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// What of a directory's listing changed since its rows were last saved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Journal {
+    #[default]
+    Clean,
+    /// These names (their rows are rewritten or removed).
+    Names(BTreeSet<String>),
+    /// The listing was replaced or dropped: all its rows are rewritten.
+    Whole,
+}
+
+/// How `persist` saves one directory's rows (taken from its journal).
+enum SaveRows {
+    Nothing,
+    Clear,
+    Whole(Arc<Listing>),
+    Names(Vec<(String, Option<DirEntry>)>),
+}
 
 /// What we know about one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +75,12 @@ pub(crate) struct Entry {
     pub last_use: u64,
     /// Written locally and not yet stored on the server.
     pub dirty: bool,
-    /// Directories: entries as of `listing_version`.
-    /// Shared, so copying an entry (every `get`) never copies a large
-    /// listing; edits go through `Arc::make_mut`.
-    pub listing: Option<(u64, Arc<Vec<DirEntry>>)>,
+    /// Directories: entries as of a version. Shared, so copying an entry
+    /// (every `get`) never copies a large listing; edits go through the
+    /// methods below, which note what to save (`journal`).
+    listing: Option<(u64, Arc<Listing>)>,
+    /// The listing's changes not saved to the index yet (not persisted).
+    journal: Journal,
     /// Symlinks: the target (immutable for the life of the fid).
     pub symlink: Option<String>,
     /// Open `File`s on the container (not persisted: nothing is open after a restart).
@@ -54,6 +96,7 @@ impl Entry {
             last_use: 0,
             dirty: false,
             listing: None,
+            journal: Journal::Clean,
             symlink: None,
             open: 0,
         }
@@ -65,7 +108,7 @@ impl Entry {
     }
 
     /// The cached listing belongs to the version we know of.
-    pub fn listing_current(&self) -> Option<&[DirEntry]> {
+    pub fn listing_current(&self) -> Option<&Listing> {
         match &self.listing {
             Some((v, l)) if *v == self.attr.version => Some(l),
             _ => None,
@@ -73,10 +116,76 @@ impl Entry {
     }
 
     /// As `listing_current`, shared (no copy).
-    pub fn listing_shared(&self) -> Option<Arc<Vec<DirEntry>>> {
+    pub fn listing_shared(&self) -> Option<Arc<Listing>> {
         match &self.listing {
             Some((v, l)) if *v == self.attr.version => Some(l.clone()),
             _ => None,
+        }
+    }
+
+    /// The cached listing of whatever version (for names in reports).
+    pub fn any_listing(&self) -> Option<&Listing> {
+        self.listing.as_ref().map(|(_, l)| &**l)
+    }
+
+    pub fn has_listing(&self) -> bool {
+        self.listing.is_some()
+    }
+
+    /// Replace the listing: `l` as of `version`.
+    pub fn set_listing(&mut self, version: u64, l: Arc<Listing>) {
+        self.listing = Some((version, l));
+        self.journal = Journal::Whole;
+    }
+
+    /// Forget the listing (it is reread when needed).
+    pub fn clear_listing(&mut self) {
+        if self.listing.take().is_some() {
+            self.journal = Journal::Whole;
+        }
+    }
+
+    /// The listing (if any) now holds the contents of `version`.
+    pub fn set_listing_version(&mut self, version: u64) {
+        if let Some((v, _)) = &mut self.listing {
+            *v = version;
+        }
+    }
+
+    /// Apply the edits of directory `dir` among `edits` to the listing (of
+    /// whatever version); false if there is none.
+    pub fn edit_listing(&mut self, dir: Fid, edits: &[(Fid, Edit)]) -> bool {
+        let Some((_, l)) = &mut self.listing else {
+            return false;
+        };
+        super::namespace::apply_edits(Arc::make_mut(l), dir, edits);
+        let names = edits
+            .iter()
+            .filter(|(d, _)| *d == dir)
+            .map(|(_, e)| e.name());
+        match &mut self.journal {
+            Journal::Whole => {}
+            Journal::Names(set) => set.extend(names.map(str::to_string)),
+            j @ Journal::Clean => *j = Journal::Names(names.map(str::to_string).collect()),
+        }
+        true
+    }
+
+    /// What `persist` must write of the listing's rows; the journal is
+    /// clean afterwards.
+    fn take_rows(&mut self) -> SaveRows {
+        match (std::mem::take(&mut self.journal), &self.listing) {
+            (Journal::Clean, _) => SaveRows::Nothing,
+            (_, None) => SaveRows::Clear,
+            (Journal::Whole, Some((_, l))) => SaveRows::Whole(l.clone()),
+            (Journal::Names(n), Some((_, l))) => SaveRows::Names(
+                n.into_iter()
+                    .map(|name| {
+                        let e = l.get(&name).cloned();
+                        (name, e)
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -87,12 +196,10 @@ impl Entry {
             .u64(self.data_bytes)
             .u64(self.last_use)
             .u8(self.dirty as u8);
+        // The entries themselves are rows of `ENTRIES`.
         match &self.listing {
-            Some((v, l)) => {
-                w.u8(1).u64(*v).u32(l.len() as u32);
-                for e in l.iter() {
-                    w.entry(e);
-                }
+            Some((v, _)) => {
+                w.u8(2).u64(*v);
             }
             None => {
                 w.u8(0);
@@ -112,14 +219,22 @@ impl Entry {
         e.data_bytes = r.u64()?;
         e.last_use = r.u64()?;
         e.dirty = r.bool()?;
-        if r.bool()? {
-            let v = r.u64()?;
-            let n = r.count(usize::MAX, 20, "cached entries")?;
-            let mut l = Vec::with_capacity(n);
-            for _ in 0..n {
-                l.push(r.entry()?);
+        match r.u8()? {
+            0 => {}
+            // Written by an older version: the entries inline. Saved as
+            // rows the next time the entry is saved.
+            1 => {
+                let v = r.u64()?;
+                let n = r.count(usize::MAX, 20, "cached entries")?;
+                let mut l = Vec::with_capacity(n);
+                for _ in 0..n {
+                    l.push(r.entry()?);
+                }
+                e.set_listing(v, Arc::new(Listing::from_entries(l)));
             }
-            e.listing = Some((v, Arc::new(l)));
+            // Rows of `ENTRIES`, filled in by `Cache::open`.
+            2 => e.listing = Some((r.u64()?, Arc::new(Listing::default()))),
+            n => return Err(Error::Protocol(format!("cached listing tag {n}"))),
         }
         if r.bool()? {
             e.symlink = Some(r.str(MAX_SYMLINK, "symlink target")?);
@@ -138,15 +253,14 @@ struct State {
     /// recency is only a hint, so it is saved in one batch by `flush_lru`
     /// (on shutdown) and whenever the entry is saved for another reason.
     lru_unsaved: HashSet<Fid>,
-    /// Entries with a large listing whose last change is not saved yet
-    /// (written `DEFER_BATCH` at a time, and on shutdown).
-    deferred: HashSet<Fid>,
 }
 
-/// Listings longer than this are saved in batches (see `update`).
-const DEFER_LISTING: usize = 128;
-/// Deferred entries that trigger a write of them all.
-const DEFER_BATCH: usize = 64;
+/// Index commits are not fsynced (`Durability::None`): everything in the
+/// index but the log can be lost and revalidated. redb frees the pages
+/// such commits replace only at a durable commit, so every this many
+/// commits one is durable (also: every durable log or lease commit, and
+/// shutdown).
+const DURABLE_EVERY: u32 = 256;
 
 pub(crate) struct Cache {
     dir: PathBuf,
@@ -164,6 +278,8 @@ pub(crate) struct Cache {
     /// directory was last fsynced: their names may not survive a power cut
     /// yet, so the first record naming one syncs the directory.
     unsynced_names: Mutex<HashSet<Fid>>,
+    /// Index commits since the last durable one (see `DURABLE_EVERY`).
+    undurable: AtomicU32,
 }
 
 impl Cache {
@@ -176,6 +292,7 @@ impl Cache {
         {
             let w = db.begin_write()?;
             w.open_table(OBJECTS)?;
+            w.open_table(ENTRIES)?;
             w.commit()?;
             let r = db.begin_read()?;
             let t = r.open_table(OBJECTS)?;
@@ -187,6 +304,24 @@ impl Cache {
                 // An undecodable row is dropped, not fatal: the cache is only a cache.
                 if let Ok(e) = Entry::decode(v.value()) {
                     map.insert(Fid::from_bytes(&key), e);
+                }
+            }
+            // Rows of a directory without a listing are left over: ignored
+            // (and removed when a listing of it is saved whole).
+            let t = r.open_table(ENTRIES)?;
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let Some(dir) = k.value().get(..16) else {
+                    continue;
+                };
+                let dir = Fid::from_bytes(dir.try_into().expect("16 bytes"));
+                let Some(e) = map.get_mut(&dir) else { continue };
+                let Some((_, l)) = &mut e.listing else {
+                    continue;
+                };
+                let mut rd = Reader::new(v.value());
+                if let Ok(d) = rd.entry() {
+                    Arc::get_mut(l).expect("not shared yet").put(d);
                 }
             }
         }
@@ -231,9 +366,9 @@ impl Cache {
                 clock,
                 bytes,
                 lru_unsaved: HashSet::new(),
-                deferred: HashSet::new(),
             }),
             unsynced_names: Mutex::new(HashSet::new()),
+            undurable: AtomicU32::new(0),
         })
     }
 
@@ -324,7 +459,7 @@ impl Cache {
         let mut cur = fid;
         for _ in 0..crate::client::namei::MAX_DEPTH_FOR_NAMES {
             let parent = st.map.iter().find_map(|(d, e)| {
-                let (_, l) = e.listing.as_ref()?;
+                let l = e.any_listing()?;
                 l.iter()
                     .find(|x| x.fid == cur)
                     .map(|x| (*d, x.name.clone()))
@@ -367,27 +502,39 @@ impl Cache {
     /// the rows are read from the map inside it, under the state lock only
     /// while reading: a later transaction reads a later state, so the last
     /// commit holds the newest rows; no lock is held across the commit.
-    fn persist(&self, fids: &[Fid]) {
-        if fids.is_empty() {
+    ///
+    /// Not fsynced (but every `DURABLE_EVERY`th, or when `durable`): the
+    /// index is a cache, and a crash that loses such a commit loses only
+    /// what revalidation rereads (entry and listing carry their version in
+    /// one row), what the log's redo restores (`redo_log_in_cache`), or
+    /// containers the start-up checks drop (`open`).
+    fn persist(&self, fids: &[Fid], durable: bool) {
+        if fids.is_empty() && !durable {
             return;
         }
-        // The index is a cache: eventual durability is enough, and a failed
-        // write only costs a refetch later.
+        let durable =
+            durable || self.undurable.fetch_add(1, Ordering::Relaxed) + 1 >= DURABLE_EVERY;
         let res: Result<()> = (|| {
             let mut w = self.db.begin_write()?;
-            w.set_durability(Durability::Eventual);
-            let rows: Vec<(Fid, Option<Vec<u8>>)> = {
+            if durable {
+                self.undurable.store(0, Ordering::Relaxed);
+                w.set_durability(Durability::Immediate);
+            } else {
+                w.set_durability(Durability::None);
+            }
+            let rows: Vec<(Fid, Option<Vec<u8>>, SaveRows)> = {
                 let mut st = self.state.lock();
                 fids.iter()
-                    .map(|f| {
-                        st.deferred.remove(f);
-                        (*f, st.map.get(f).map(|e| e.encode()))
+                    .map(|f| match st.map.get_mut(f) {
+                        Some(e) => (*f, Some(e.encode()), e.take_rows()),
+                        None => (*f, None, SaveRows::Clear),
                     })
                     .collect()
             };
             {
                 let mut t = w.open_table(OBJECTS)?;
-                for (fid, row) in &rows {
+                let mut ents = w.open_table(ENTRIES)?;
+                for (fid, row, save) in &rows {
                     let k = fid.to_bytes();
                     match row {
                         Some(r) => {
@@ -397,12 +544,50 @@ impl Cache {
                             t.remove(&k[..])?;
                         }
                     }
+                    match save {
+                        SaveRows::Nothing => {}
+                        SaveRows::Clear | SaveRows::Whole(_) => {
+                            let (a, b) = entries_range(*fid);
+                            ents.retain_in::<&[u8], _>(&a[..]..&b[..], |_, _| false)?;
+                            if let SaveRows::Whole(l) = save {
+                                for d in l.iter() {
+                                    let mut v = Writer::new();
+                                    v.entry(d);
+                                    ents.insert(&entry_key(*fid, &d.name)[..], &v.buf[..])?;
+                                }
+                            }
+                        }
+                        SaveRows::Names(names) => {
+                            for (name, d) in names {
+                                let key = entry_key(*fid, name);
+                                match d {
+                                    Some(d) => {
+                                        let mut v = Writer::new();
+                                        v.entry(d);
+                                        ents.insert(&key[..], &v.buf[..])?;
+                                    }
+                                    None => {
+                                        ents.remove(&key[..])?;
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
             w.commit()?;
             Ok(())
         })();
-        let _ = res;
+        if res.is_err() {
+            // The journals taken are lost with the commit: save those
+            // listings whole next time.
+            let mut st = self.state.lock();
+            for f in fids {
+                if let Some(e) = st.map.get_mut(f) {
+                    e.journal = Journal::Whole;
+                }
+            }
+        }
     }
 
     /// Change (or create from `attr`) an entry and persist it.
@@ -422,27 +607,9 @@ impl Cache {
         let before_bytes = e.data_bytes;
         let r = f(e);
         let after_bytes = e.data_bytes;
-        // A large listing is written in batches, not on every entry it
-        // gains: rewriting it per create would make filling a directory
-        // quadratic. A crash can lose such a write; the entry's version
-        // goes with its listing, so revalidation rereads it.
-        let defer = e
-            .listing
-            .as_ref()
-            .is_some_and(|(_, l)| l.len() > DEFER_LISTING);
         st.bytes = st.bytes - before_bytes + after_bytes;
-        let flush: Vec<Fid> = if defer {
-            st.deferred.insert(fid);
-            if st.deferred.len() >= DEFER_BATCH {
-                st.deferred.iter().copied().collect()
-            } else {
-                Vec::new()
-            }
-        } else {
-            vec![fid]
-        };
         drop(st);
-        self.persist(&flush);
+        self.persist(&[fid], false);
         Some(r)
     }
 
@@ -462,10 +629,10 @@ impl Cache {
         self.update(Some(attr), attr.fid, |e| e.attr = attr.clone());
     }
 
-    pub fn set_listing(&self, attr: &Attr, entries: Vec<DirEntry>) {
+    pub fn set_listing(&self, attr: &Attr, entries: Arc<Listing>) {
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
-            e.listing = Some((attr.version, Arc::new(entries)));
+            e.set_listing(attr.version, entries);
         });
     }
 
@@ -570,17 +737,16 @@ impl Cache {
         self.evict();
     }
 
-    /// Save the LRU positions and deferred listings not saved yet, in one
-    /// index transaction.
+    /// Save the LRU positions not saved yet, in one durable index
+    /// transaction (on shutdown: it also makes every earlier commit durable).
     pub fn flush_lru(&self) {
         let fids: Vec<Fid> = {
             let mut st = self.state.lock();
             let mut v: Vec<Fid> = st.lru_unsaved.drain().collect();
-            v.extend(st.deferred.iter().copied());
             v.retain(|f| st.map.contains_key(f));
             v
         };
-        self.persist(&fids);
+        self.persist(&fids, true);
     }
 
     /// Forget an object entirely (it was removed).
@@ -595,7 +761,7 @@ impl Cache {
             }
         }
         drop(st);
-        self.persist(&[fid]);
+        self.persist(&[fid], false);
     }
 
     /// Evict least recently used containers until within the limit; open and
@@ -632,7 +798,7 @@ impl Cache {
             evicted.push(fid);
         }
         drop(st);
-        self.persist(&evicted);
+        self.persist(&evicted, false);
     }
 
     #[cfg(test)]
@@ -901,6 +1067,80 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    fn ent(name: &str, vnode: u64) -> DirEntry {
+        DirEntry {
+            name: name.into(),
+            fid: Fid::new(1, vnode, 1),
+            ftype: FileType::File,
+        }
+    }
+
+    #[test]
+    fn a_listing_is_saved_one_row_per_name_and_its_edits_survive_a_restart() {
+        use crate::client::namespace::Edit;
+        use redb::ReadableTableMetadata;
+        let dir = tmpdir("entries");
+        let d = Attr {
+            fid: Fid::new(1, 1, 1),
+            ftype: FileType::Dir,
+            ..attr(1, 0, 4)
+        };
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            let all: Vec<DirEntry> = (0..300).map(|i| ent(&format!("n{i}"), 100 + i)).collect();
+            c.set_listing(&d, Arc::new(Listing::from_entries(all)));
+            let edits = vec![
+                (d.fid, Edit::Put(ent("new", 7))),
+                (
+                    d.fid,
+                    Edit::Drop {
+                        name: "n5".into(),
+                        fid: Fid::new(1, 105, 1),
+                    },
+                ),
+                // Names another object: left alone.
+                (
+                    d.fid,
+                    Edit::Drop {
+                        name: "n6".into(),
+                        fid: Fid::new(1, 999, 1),
+                    },
+                ),
+            ];
+            c.update(None, d.fid, |e| e.edit_listing(d.fid, &edits));
+            // The directory's own row does not hold its entries: a create
+            // rewrites one row of `entries`, not the listing.
+            let r = c.db.begin_read().unwrap();
+            let row = r
+                .open_table(OBJECTS)
+                .unwrap()
+                .get(&d.fid.to_bytes()[..])
+                .unwrap()
+                .unwrap()
+                .value()
+                .len();
+            // (The attributes alone are ~120 bytes; 300 entries would be
+            // several KiB.)
+            assert!(row < 256, "the directory's row is {row} bytes");
+            assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 300);
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        let e = c.get(d.fid).unwrap();
+        let l = e.listing_current().unwrap();
+        assert_eq!(l.iter().count(), 300);
+        assert_eq!(l.get("new").unwrap().fid, Fid::new(1, 7, 1));
+        assert!(l.get("n5").is_none());
+        assert_eq!(l.get("n6").unwrap().fid, Fid::new(1, 106, 1));
+        // Dropped whole: no row is left behind.
+        c.update(None, d.fid, |e| e.clear_listing());
+        let r = c.db.begin_read().unwrap();
+        assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 0);
+        drop(r);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_index_survives_a_restart() {
         let dir = tmpdir("restart");
@@ -916,11 +1156,11 @@ mod tests {
             };
             c.set_listing(
                 &d,
-                vec![DirEntry {
+                Arc::new(Listing::from_entries(vec![DirEntry {
                     name: "x".into(),
                     fid: a.fid,
                     ftype: FileType::File,
-                }],
+                }])),
             );
             std::fs::write(c.container(a.fid).with_extension("tmp1"), b"junk").unwrap();
         }
@@ -930,7 +1170,7 @@ mod tests {
         assert_eq!(e.data_version, Some(3));
         assert_eq!(e.attr, a);
         let d = c.get(Fid::new(1, 1, 1)).unwrap();
-        assert_eq!(d.listing_current().unwrap()[0].name, "x");
+        assert_eq!(d.listing_current().unwrap().get("x").unwrap().fid, a.fid);
         assert_eq!(c.bytes(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -43,11 +43,24 @@ pub struct Config {
     pub write_disconnected: bool,
     /// With `write_disconnected`: how old a logged change gets before it is sent.
     pub reintegration_age_ms: u64,
+    /// Write-back mode (0: off): a mutation returns once it is durable in
+    /// the local log and reaches the server within this many milliseconds
+    /// (write-disconnected mode with this bound; see CLIENT.md).
+    pub write_back_ms: u64,
     /// Walk the hoard profile this often while connected (0: only on demand).
     pub hoard_walk_ms: u64,
     /// Most bulk (file data) connections open to a server at once; more
     /// concurrent fetches and stores wait for one.
     pub bulk_connections: usize,
+    /// File of the pinned server certificate fingerprints (`sha256:<hex>`,
+    /// one per line). `None`: `server.fingerprint` beside `secret_file`.
+    pub tls_fingerprint_file: Option<PathBuf>,
+    /// PEM file of a site CA: servers' certificates must chain to it and
+    /// name the host in `servers` (instead of pinning).
+    pub tls_ca: Option<PathBuf>,
+    /// Talk to servers without TLS; only servers started with
+    /// `--insecure-plaintext` accept it (and only they are reachable).
+    pub insecure_plaintext: bool,
 }
 
 impl Default for Config {
@@ -75,8 +88,12 @@ impl Config {
             disconnected_operation: true,
             write_disconnected: false,
             reintegration_age_ms: 5_000,
+            write_back_ms: 0,
             hoard_walk_ms: 600_000,
             bulk_connections: 4,
+            tls_fingerprint_file: None,
+            tls_ca: None,
+            insecure_plaintext: false,
         }
     }
 
@@ -168,12 +185,24 @@ impl Config {
                 self.reintegration_age_ms =
                     v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
             }
+            "write_back_ms" => {
+                self.write_back_ms = v.parse::<u64>().map_err(|_| bad("expected milliseconds"))?
+            }
             "bulk_connections" => {
                 self.bulk_connections = v
                     .parse::<usize>()
                     .ok()
                     .filter(|n| (1..=1024).contains(n))
                     .ok_or_else(|| bad("expected 1 to 1024"))?
+            }
+            "tls_fingerprint_file" => {
+                self.tls_fingerprint_file =
+                    Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?)
+            }
+            "tls_ca" => self.tls_ca = Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?),
+            "insecure_plaintext" => {
+                self.insecure_plaintext =
+                    parse_bool(v).ok_or_else(|| bad("expected true or false"))?
             }
             _ => return Err(Error::Invalid(format!("unknown config key {key:?}"))),
         }

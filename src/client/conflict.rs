@@ -15,9 +15,9 @@ use super::cache::Cache;
 use super::callback::Callbacks;
 use super::cml::Cml;
 use super::event::Event;
-use super::{Client, Stat};
+
 use crate::proto::codec::{Reader, Writer};
-use crate::proto::{Fid, FileType, Record, RecordOp, MAX_FIDS};
+use crate::proto::{Fid, Record, RecordOp};
 use crate::{Error, Result};
 
 /// conflict id (the refused record's store id) → encoded [`Stored`].
@@ -32,7 +32,7 @@ pub enum Keep {
     Server,
 }
 
-/// A conflict, as [`Client::conflicts`] lists it.
+/// A conflict, as [`Client::conflicts`](crate::client::Client::conflicts) lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     /// Stable id (the refused record's store id): pass it to resolve.
@@ -54,12 +54,12 @@ pub struct Conflict {
     pub local_copy: Option<PathBuf>,
 }
 
-struct Stored {
-    fid: Fid,
-    path: String,
-    reason: String,
-    kind: String,
-    records: Vec<Record>,
+pub(crate) struct Stored {
+    pub(crate) fid: Fid,
+    pub(crate) path: String,
+    pub(crate) reason: String,
+    pub(crate) kind: String,
+    pub(crate) records: Vec<Record>,
 }
 
 impl Stored {
@@ -94,7 +94,7 @@ impl Stored {
     }
 }
 
-fn describe(op: &RecordOp) -> String {
+pub(crate) fn describe(op: &RecordOp) -> String {
     match op {
         RecordOp::Store { .. } => "store".into(),
         RecordOp::Create { name, .. } => format!("create {name:?}"),
@@ -126,11 +126,11 @@ pub(crate) struct Conflicts<'a> {
 }
 
 impl Conflicts<'_> {
-    fn conflicts_dir(&self) -> PathBuf {
+    pub(crate) fn conflicts_dir(&self) -> PathBuf {
         self.cache.dir().join("conflicts")
     }
 
-    fn copy_path(&self, id: u64, fid: Fid) -> PathBuf {
+    pub(crate) fn copy_path(&self, id: u64, fid: Fid) -> PathBuf {
         self.conflicts_dir().join(format!("{id}-{fid}"))
     }
 
@@ -186,7 +186,7 @@ impl Conflicts<'_> {
 
     /// Stop trusting the local state of what `records` touched: the
     /// server's version is what the client shows now.
-    fn forget_local(&self, records: &[Record]) {
+    pub(crate) fn forget_local(&self, records: &[Record]) {
         let mut fids = Vec::new();
         for r in records {
             if let Some(f) = super::cml::created(&r.op) {
@@ -212,13 +212,13 @@ impl Conflicts<'_> {
                     e.data_version = None;
                     e.dirty = false;
                 }
-                e.listing = None;
+                e.clear_listing();
             });
         }
         self.callbacks.break_fids(&fids);
     }
 
-    fn load(&self) -> Result<Vec<(u64, Stored)>> {
+    pub(crate) fn load(&self) -> Result<Vec<(u64, Stored)>> {
         let r = self.cml.db.begin_read()?;
         let t = match r.open_table(CONFLICTS) {
             Ok(t) => t,
@@ -233,7 +233,7 @@ impl Conflicts<'_> {
         Ok(out)
     }
 
-    fn remove(&self, id: u64, s: &Stored) -> Result<()> {
+    pub(crate) fn remove(&self, id: u64, s: &Stored) -> Result<()> {
         let w = self.cml.db.begin_write()?;
         w.open_table(CONFLICTS)?.remove(id)?;
         w.commit()?;
@@ -241,161 +241,6 @@ impl Conflicts<'_> {
             if let RecordOp::Store { fid, .. } = r.op {
                 let _ = std::fs::remove_file(self.copy_path(id, fid));
             }
-        }
-        Ok(())
-    }
-}
-
-impl Client {
-    /// Conflicts found by reintegration and not yet resolved, oldest first.
-    pub fn conflicts(&self) -> Result<Vec<Conflict>> {
-        let parts = self.inner.conflicts();
-        Ok(parts
-            .load()?
-            .into_iter()
-            .map(|(id, s)| {
-                let copy = parts.copy_path(id, s.fid);
-                Conflict {
-                    id,
-                    fid: s.fid,
-                    path: s.path,
-                    op: describe(&s.records[0].op),
-                    reason: s.reason,
-                    kind: s.kind,
-                    records: s.records.len(),
-                    local_copy: copy.exists().then_some(copy),
-                }
-            })
-            .collect())
-    }
-
-    /// The server's current status of a conflict's object (`None` if it no
-    /// longer exists there): the other side of [`Conflict::local_copy`].
-    pub fn conflict_server_version(&self, id: u64) -> Result<Option<Stat>> {
-        let c = self.find_conflict(id)?;
-        match self.inner.fetch_attrs(&[c.fid])?.remove(0) {
-            Ok(a) => Ok(Some(Stat::from(&a))),
-            Err(Error::Stale(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn find_conflict(&self, id: u64) -> Result<Conflict> {
-        self.conflicts()?
-            .into_iter()
-            .find(|c| c.id == id)
-            .ok_or_else(|| Error::NotFound(format!("conflict {id}")))
-    }
-
-    /// Resolve conflict `id`. `Keep::Server` discards the local changes.
-    /// `Keep::Local` needs a server: it sends the records again without
-    /// version checks, first removing what now holds a name the local
-    /// version creates (a file, or an empty directory); if they are refused
-    /// again, that is a new conflict and this returns `Conflict`.
-    pub fn resolve_conflict(&self, id: u64, keep: Keep) -> Result<()> {
-        let inner = &self.inner;
-        let parts = inner.conflicts();
-        let (_, stored) = parts
-            .load()?
-            .into_iter()
-            .find(|(i, _)| *i == id)
-            .ok_or_else(|| Error::NotFound(format!("conflict {id}")))?;
-        if keep == Keep::Server {
-            parts.remove(id, &stored)?;
-            parts.forget_local(&stored.records);
-            return Ok(());
-        }
-        if inner.emu.offline() {
-            return Err(Error::Timeout(format!(
-                "conflict {id}: keeping the local version needs a server"
-            )));
-        }
-        let mut ops = Vec::new();
-        let first = &stored.records[0].op;
-        if stored.kind == "Exists" {
-            let parent = match first {
-                RecordOp::Create { parent, name, .. }
-                | RecordOp::Mkdir { parent, name, .. }
-                | RecordOp::Symlink { parent, name, .. }
-                | RecordOp::Mknod { parent, name, .. }
-                | RecordOp::Link { parent, name, .. } => Some((*parent, name.clone())),
-                _ => None,
-            };
-            if let Some((parent, name)) = parent {
-                inner.callbacks.break_fids(&[parent]);
-                if let Some(e) = inner.lookup(parent, &name)? {
-                    ops.push(if e.ftype == FileType::Dir {
-                        RecordOp::Rmdir {
-                            parent,
-                            name,
-                            fid: e.fid,
-                        }
-                    } else {
-                        RecordOp::Remove {
-                            parent,
-                            name,
-                            fid: e.fid,
-                        }
-                    });
-                }
-            }
-        }
-        let gone_already = matches!(first, RecordOp::Remove { .. } | RecordOp::Rmdir { .. })
-            && matches!(stored.kind.as_str(), "NotFound" | "Stale" | "Conflict");
-        for (i, r) in stored.records.iter().enumerate() {
-            if i == 0 && gone_already {
-                continue;
-            }
-            let mut op = r.op.clone();
-            if let RecordOp::Store { fid, .. } = op {
-                // Put the preserved contents back where the log reads them.
-                let copy = parts.copy_path(id, fid);
-                let to = inner.cache.container(fid);
-                std::fs::copy(&copy, &to)
-                    .map_err(|e| Error::io(format!("restoring {}", copy.display()), e))?;
-                inner.cache.update(None, fid, |e| e.data_version = None);
-                inner.cache.pin(fid);
-            }
-            if let RecordOp::Store {
-                expected_version, ..
-            }
-            | RecordOp::SetAttr {
-                expected_version, ..
-            } = &mut op
-            {
-                *expected_version = 0;
-            }
-            ops.push(op);
-        }
-        let mut first_new = None;
-        for op in ops {
-            let l = inner.cml.log(op, None, false, false)?;
-            if let Some(r) = l.record {
-                first_new.get_or_insert(r.store_id);
-            }
-        }
-        parts.remove(id, &stored)?;
-        inner.reintegrate_pending(None)?;
-        let mut touched: Vec<Fid> = stored
-            .records
-            .iter()
-            .flat_map(|r| super::cml::mentions(&r.op))
-            .collect();
-        touched.sort();
-        touched.dedup();
-        inner.callbacks.break_fids(&touched);
-        for chunk in touched.chunks(MAX_FIDS) {
-            let _ = inner.fetch_attrs(chunk);
-        }
-        if let Some(again) = self
-            .conflicts()?
-            .into_iter()
-            .find(|c| first_new.is_some_and(|f| c.id >= f))
-        {
-            return Err(Error::Conflict(format!(
-                "refused again: {} (conflict {})",
-                again.reason, again.id
-            )));
         }
         Ok(())
     }

@@ -170,9 +170,7 @@ pub(crate) fn keep_contents_current(cache: &Cache, op: &RecordOp, attr: &Attr) {
             e.data_version = Some(attr.version);
         }
         if e.listing_current().is_some() {
-            if let Some((v, _)) = &mut e.listing {
-                *v = attr.version;
-            }
+            e.set_listing_version(attr.version);
         }
         e.attr = attr.clone();
     });
@@ -215,9 +213,9 @@ pub(crate) fn check_locally(cache: &Cache, op: &RecordOp) -> Result<()> {
         | RecordOp::Mknod { .. } => Ok(()),
         RecordOp::Rmdir { fid, name, .. } => {
             let e = cache.get(*fid).ok_or_else(|| uncached(*fid))?;
-            match e.listing_current() {
-                Some([]) => Ok(()),
-                Some(_) => Err(Error::NotEmpty(name.clone())),
+            match e.listing_current().map(|l| l.is_empty()) {
+                Some(true) => Ok(()),
+                Some(false) => Err(Error::NotEmpty(name.clone())),
                 None => Err(uncached(*fid)),
             }
         }
@@ -260,8 +258,8 @@ pub(crate) fn redo_log_in_cache(cache: &Cache, cml: &Cml) {
                     if let RecordOp::Symlink { target, .. } = op {
                         e.symlink = Some(target.clone());
                     }
-                    if ftype == FileType::Dir && e.listing.is_none() {
-                        e.listing = Some((e.attr.version, Arc::new(Vec::new())));
+                    if ftype == FileType::Dir && !e.has_listing() {
+                        e.set_listing(e.attr.version, Default::default());
                     }
                 });
             } else {
@@ -273,11 +271,7 @@ pub(crate) fn redo_log_in_cache(cache: &Cache, cml: &Cml) {
             .map_or(FileType::File, |e| e.attr.ftype);
         let edits = namespace::listing_edits(op, ftype);
         for (dir, _) in &edits {
-            cache.update(None, *dir, |e| {
-                if let Some((_, l)) = &mut e.listing {
-                    namespace::apply_edits(Arc::make_mut(l), *dir, &edits);
-                }
-            });
+            cache.update(None, *dir, |e| e.edit_listing(*dir, &edits));
         }
     }
 }

@@ -28,12 +28,12 @@ use std::sync::Arc;
 use super::cache::{Cache, Index};
 use super::callback::Callbacks;
 use super::stats::Counters;
-use super::Client;
-use crate::proto::{Attr, DirEntry, Fid, FileType};
+
+use crate::proto::{Attr, Fid, FileType};
 use crate::{Error, Result};
 
 /// path → priority (u32) and expansion (u8) packed as `priority << 8 | exp`.
-const HOARD: TableDefinition<&str, u64> = TableDefinition::new("hoard");
+pub(crate) const HOARD: TableDefinition<&str, u64> = TableDefinition::new("hoard");
 
 pub const MAX_PRIORITY: u32 = 1000;
 
@@ -105,7 +105,7 @@ impl HoardEntry {
         })
     }
 
-    fn pack(&self) -> u64 {
+    pub(crate) fn pack(&self) -> u64 {
         let e = match self.expand {
             Expand::Itself => 0,
             Expand::Children => 1,
@@ -140,7 +140,7 @@ pub fn parse_profile(text: &str) -> Result<Vec<HoardEntry>> {
 /// to name, list, read and fetch objects (from the server when not cached).
 pub(crate) trait Source {
     fn resolve(&self, path: &str) -> Result<(Fid, FileType)>;
-    fn listing(&self, dir: Fid) -> Result<Arc<Vec<DirEntry>>>;
+    fn listing(&self, dir: Fid) -> Result<Arc<super::namespace::Listing>>;
     fn readlink_fid(&self, fid: Fid) -> Result<String>;
     fn getattr(&self, fid: Fid) -> Result<Attr>;
     /// Make `fid`'s data current in the cache (it stays closed).
@@ -247,58 +247,6 @@ pub(crate) fn walk(
     }
     cache.set_priorities(prio);
     Ok(report)
-}
-
-impl Client {
-    /// Add (or replace) a hoard profile entry.
-    pub fn hoard_add(&self, path: &str, priority: u32, expand: Expand) -> Result<()> {
-        let e = HoardEntry {
-            path: path.to_string(),
-            priority,
-            expand,
-        };
-        HoardEntry::parse(&format!("{} {}", e.path, e.priority))?; // same checks as a profile line
-        let w = self.inner.cml.db.begin_write()?;
-        w.open_table(HOARD)?.insert(path, e.pack())?;
-        w.commit()?;
-        Ok(())
-    }
-
-    /// Remove a profile entry; `NotFound` if there is none for `path`.
-    pub fn hoard_remove(&self, path: &str) -> Result<()> {
-        let w = self.inner.cml.db.begin_write()?;
-        let gone = w.open_table(HOARD)?.remove(path)?.is_some();
-        w.commit()?;
-        if !gone {
-            return Err(Error::NotFound(format!("hoard entry {path}")));
-        }
-        Ok(())
-    }
-
-    /// Add every entry of a profile text (see the module docs for the format).
-    pub fn hoard_load(&self, profile: &str) -> Result<()> {
-        for e in parse_profile(profile)? {
-            self.hoard_add(&e.path, e.priority, e.expand)?;
-        }
-        Ok(())
-    }
-
-    /// The profile, highest priority first.
-    pub fn hoard_list(&self) -> Result<Vec<HoardEntry>> {
-        let mut v = entries(&self.inner.cml.db)?;
-        v.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.path.cmp(&b.path)));
-        Ok(v)
-    }
-
-    /// Walk the profile now: prefetch what it covers (needs a server).
-    pub fn hoard_walk(&self) -> Result<HoardReport> {
-        if self.inner.emu.offline() {
-            return Err(Error::Timeout(
-                "disconnected: a hoard walk needs a server".into(),
-            ));
-        }
-        self.inner.hoard_walk()
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! (`redo_log_in_cache`) and local application while disconnected
 //! (`apply_locally`) all use them.
 
+use std::collections::BTreeMap;
+
 use crate::proto::{Attr, DirEntry, Fid, FileType, RecordOp, Timespec};
 
 /// One change of one directory's listing.
@@ -77,21 +79,99 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
     }
 }
 
-/// Apply one edit to a listing; idempotent (redo may apply it twice).
-pub(crate) fn apply_edit(l: &mut Vec<DirEntry>, e: &Edit) {
-    match e {
-        Edit::Put(d) => {
-            if !l.iter().any(|x| x.name == d.name && x.fid == d.fid) {
-                l.retain(|x| x.name != d.name);
-                l.push(d.clone());
+/// A cached directory listing, keyed by name: looking a name up, adding
+/// or removing one costs O(log n), never a pass over (or a copy of) the
+/// whole listing. Iterates in name order. It also counts its
+/// subdirectories, so a directory's link count (2 + subdirectories, as
+/// the server keeps it) follows a local edit without a pass either.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Listing {
+    entries: BTreeMap<String, DirEntry>,
+    subdirs: usize,
+}
+
+impl Listing {
+    /// The entries as the server listed them (a later duplicate name wins).
+    pub fn from_entries(v: Vec<DirEntry>) -> Listing {
+        let mut l = Listing::default();
+        for e in v {
+            l.put(e);
+        }
+        l
+    }
+
+    /// The entry `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<&DirEntry> {
+        self.entries.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &DirEntry> + '_ {
+        self.entries.values()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The number of entries that are directories.
+    pub fn subdirs(&self) -> usize {
+        self.subdirs
+    }
+
+    /// Make `d` the entry of its name (replacing whatever it named).
+    pub fn put(&mut self, d: DirEntry) {
+        let is_dir = d.ftype == FileType::Dir;
+        if let Some(old) = self.entries.insert(d.name.clone(), d) {
+            if old.ftype == FileType::Dir {
+                self.subdirs -= 1;
             }
         }
-        Edit::Drop { name, fid } => l.retain(|x| !(x.name == *name && x.fid == *fid)),
+        if is_dir {
+            self.subdirs += 1;
+        }
+    }
+
+    /// Drop the entry `name` if it names `fid`.
+    pub fn drop_entry(&mut self, name: &str, fid: Fid) {
+        if self.entries.get(name).is_some_and(|x| x.fid == fid) {
+            if let Some(old) = self.entries.remove(name) {
+                if old.ftype == FileType::Dir {
+                    self.subdirs -= 1;
+                }
+            }
+        }
+    }
+}
+
+impl Edit {
+    /// The name this edit changes.
+    pub fn name(&self) -> &str {
+        match self {
+            Edit::Put(d) => &d.name,
+            Edit::Drop { name, .. } => name,
+        }
+    }
+}
+
+/// Apply one edit to a listing; idempotent (redo may apply it twice).
+pub(crate) fn apply_edit(l: &mut Listing, e: &Edit) {
+    match e {
+        Edit::Put(d) => {
+            if l.get(&d.name) != Some(d) {
+                l.put(d.clone());
+            }
+        }
+        Edit::Drop { name, fid } => l.drop_entry(name, *fid),
     }
 }
 
 /// Apply the edits of `dir` among `edits`.
-pub(crate) fn apply_edits(l: &mut Vec<DirEntry>, dir: Fid, edits: &[(Fid, Edit)]) {
+pub(crate) fn apply_edits(l: &mut Listing, dir: Fid, edits: &[(Fid, Edit)]) {
     for (d, e) in edits {
         if *d == dir {
             apply_edit(l, e);
@@ -232,7 +312,7 @@ mod tests {
         }
     }
 
-    fn names(l: &[DirEntry]) -> Vec<(String, Fid)> {
+    fn names(l: &Listing) -> Vec<(String, Fid)> {
         let mut v: Vec<_> = l.iter().map(|e| (e.name.clone(), e.fid)).collect();
         v.sort();
         v
@@ -250,7 +330,7 @@ mod tests {
             uid: 0,
             gid: 0,
         };
-        let mut l = vec![ent("b", G)];
+        let mut l = Listing::from_entries(vec![ent("b", G)]);
         let e = listing_edits(&create, FileType::File);
         apply_edits(&mut l, D, &e);
         apply_edits(&mut l, D, &e); // redo after a crash: no second entry
@@ -262,7 +342,7 @@ mod tests {
             fid: F,
         };
         apply_edits(&mut l, D, &listing_edits(&rm, FileType::File));
-        assert_eq!(l.len(), 2);
+        assert_eq!(l.iter().count(), 2);
         let rm = RecordOp::Remove {
             parent: D,
             name: "b".into(),
@@ -283,14 +363,15 @@ mod tests {
             replaces: Replaces::Object(G),
         };
         let edits = listing_edits(&ren, FileType::Dir);
-        let mut src = vec![ent("a", F), ent("k", Fid::new(1, 9, 1))];
-        let mut dst = vec![ent("x", G)];
+        let mut src = Listing::from_entries(vec![ent("a", F), ent("k", Fid::new(1, 9, 1))]);
+        let mut dst = Listing::from_entries(vec![ent("x", G)]);
         apply_edits(&mut src, D, &edits);
         apply_edits(&mut dst, E, &edits);
         assert_eq!(names(&src), vec![("k".into(), Fid::new(1, 9, 1))]);
-        assert_eq!(dst.len(), 1);
-        assert_eq!((dst[0].name.as_str(), dst[0].fid), ("x", F));
-        assert_eq!(dst[0].ftype, FileType::Dir);
+        assert_eq!(dst.iter().count(), 1);
+        let x = dst.get("x").unwrap();
+        assert_eq!((x.name.as_str(), x.fid), ("x", F));
+        assert_eq!(x.ftype, FileType::Dir);
         // Within one directory: the old name goes, the new one replaces.
         let ren = RecordOp::Rename {
             src_parent: D,
@@ -300,7 +381,7 @@ mod tests {
             fid: F,
             replaces: Replaces::Object(G),
         };
-        let mut l = vec![ent("a", F), ent("b", G)];
+        let mut l = Listing::from_entries(vec![ent("a", F), ent("b", G)]);
         apply_edits(&mut l, D, &listing_edits(&ren, FileType::File));
         assert_eq!(names(&l), vec![("b".into(), F)]);
     }

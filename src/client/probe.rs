@@ -110,17 +110,40 @@ pub(crate) fn spawn<C: Watched>(inner: &Arc<C>, stop: Receiver<()>) -> Result<()
     let period = inner.health().heartbeat;
     std::thread::Builder::new()
         .name("coda-probe".into())
-        .spawn(move || loop {
-            select! {
-                recv(stop) -> _ => return,
-                recv(lost) -> _ => {}
-                default(period) => {}
+        .spawn(move || {
+            let mut wait = period;
+            loop {
+                select! {
+                    recv(stop) -> _ => return,
+                    recv(lost) -> _ => {}
+                    default(wait) => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                p.tick(&*inner);
+                wait = next_wait(&*inner, period);
             }
-            let Some(inner) = weak.upgrade() else { return };
-            p.tick(&*inner);
         })
         .map_err(|e| Error::io("spawning the prober thread", e))?;
     Ok(())
+}
+
+/// How long the prober sleeps before its next tick: a heartbeat, or less
+/// while up, so that it wakes just as the live session's silence passes
+/// `dead_after`. Judging only at heartbeat ticks would declare a hung
+/// server dead up to a heartbeat late, and keep the calls blocked on it
+/// (released only then) that much longer.
+fn next_wait(inner: &impl Watched, period: Duration) -> Duration {
+    let h = inner.health();
+    if !h.is_up() {
+        return period;
+    }
+    match inner.servers().current() {
+        Some(s) if !s.is_dead() => {
+            let left = h.dead_after.saturating_sub(s.silent_for());
+            (left + Duration::from_millis(1)).min(period)
+        }
+        _ => period,
+    }
 }
 
 struct Prober {

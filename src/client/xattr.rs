@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{emulation, Client, Inner, RecordOp};
+use super::api::Client;
+use super::emulation;
+use super::inner::Inner;
+use crate::proto::RecordOp;
 use crate::proto::{Fid, Msg, XattrHow, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 

@@ -69,7 +69,8 @@ pub(crate) fn client<'a>(p: *mut coda_client) -> Result<&'a Client> {
 }
 
 /// Connect and authenticate with the options in `cfg` (which stays the
-/// caller's). `cache_dir` and `secret_file` must be set.
+/// caller's). `cache_dir` and `secret_file` must be set (`secret_file`
+/// not with `user` = `anonymous`).
 #[no_mangle]
 pub extern "C" fn coda_client_new(cfg: *const coda_config, out: *mut *mut coda_client) -> c_int {
     boundary(|| {

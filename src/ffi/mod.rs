@@ -10,6 +10,7 @@
 // pointer validity is the C caller's documented contract, NULL is checked.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+pub mod acl;
 pub mod client;
 pub mod config;
 pub mod conflict;

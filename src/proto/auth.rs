@@ -37,6 +37,11 @@ pub struct Transcript<'a> {
     pub client_nonce: &'a [u8; 32],
     /// The server's fresh random nonce.
     pub server_nonce: &'a [u8; 32],
+    /// The TLS session's channel binding (`tls::Stream::channel_binding`;
+    /// zeros on a plaintext connection): a MAC made for one TLS session
+    /// proves nothing on another, so a relay terminating TLS towards
+    /// each side cannot pass a client's proof on.
+    pub binding: &'a [u8; 32],
 }
 
 fn mac(secret: &[u8], label: &[u8], t: &Transcript) -> [u8; 32] {
@@ -49,6 +54,7 @@ fn mac(secret: &[u8], label: &[u8], t: &Transcript) -> [u8; 32] {
     m.update(&[t.kind as u8]);
     m.update(t.client_nonce);
     m.update(t.server_nonce);
+    m.update(t.binding);
     m.finalize().into_bytes().into()
 }
 
@@ -120,6 +126,7 @@ mod tests {
             kind: ConnKind::Control,
             client_nonce: &cn,
             server_nonce: &sn,
+            binding: &[0; 32],
         };
         let a = client_mac(&secret, &t);
         let sn2 = [4u8; 32];

@@ -23,8 +23,13 @@ struct Hello {
 }
 
 impl Hello {
-    fn transcript<'a>(&'a self, server_nonce: &'a [u8; 32]) -> Transcript<'a> {
+    fn transcript<'a>(
+        &'a self,
+        server_nonce: &'a [u8; 32],
+        binding: &'a [u8; 32],
+    ) -> Transcript<'a> {
         Transcript {
+            binding,
             user: &self.user,
             client_id: &self.client_id,
             epoch: self.epoch,
@@ -57,6 +62,7 @@ enum ServerState {
 /// the `Error` the server sends back (scrubbed by the caller).
 pub struct ServerHandshake {
     server_nonce: [u8; 32],
+    binding: [u8; 32],
     state: ServerState,
 }
 
@@ -89,10 +95,13 @@ impl Proven {
 
 impl ServerHandshake {
     /// `server_nonce` must be fresh for every connection (it is what makes a
-    /// recorded handshake useless); tests pass a fixed one.
-    pub fn new(server_nonce: [u8; 32]) -> Self {
+    /// recorded handshake useless); tests pass a fixed one. `binding` is
+    /// the connection's TLS channel binding (zeros in plaintext): both MACs
+    /// cover it, so they hold for this TLS session only.
+    pub fn new(server_nonce: [u8; 32], binding: [u8; 32]) -> Self {
         ServerHandshake {
             server_nonce,
+            binding,
             state: ServerState::AwaitHello,
         }
     }
@@ -160,7 +169,7 @@ impl ServerHandshake {
             Msg::Auth { mac } => mac,
             other => return Err(unexpected("Auth", &other)),
         };
-        let t = hello.transcript(&self.server_nonce);
+        let t = hello.transcript(&self.server_nonce, &self.binding);
         let known = secret_of(&hello.user)?;
         let secret = known.unwrap_or_else(random_bytes);
         if !mac_eq(&mac, &client_mac(&secret, &t)) || known.is_none() {
@@ -244,12 +253,15 @@ impl ClientFailure {
 /// the Auth to send, then the Welcome's data once the server proved itself.
 pub struct ClientHandshake {
     hello: Hello,
+    binding: [u8; 32],
     secret: [u8; 32],
     state: ClientState,
 }
 
 impl ClientHandshake {
-    /// `client_nonce` must be fresh for every connection; tests pass a fixed one.
+    /// `client_nonce` must be fresh for every connection; tests pass a fixed
+    /// one. `binding` is the connection's TLS channel binding (zeros in
+    /// plaintext), as on the server's side.
     pub fn start(
         user: &str,
         client_id: [u8; 16],
@@ -257,6 +269,7 @@ impl ClientHandshake {
         kind: ConnKind,
         secret: [u8; 32],
         client_nonce: [u8; 32],
+        binding: [u8; 32],
     ) -> (Self, Msg) {
         let hello = Hello {
             user: user.to_string(),
@@ -276,6 +289,7 @@ impl ClientHandshake {
         (
             ClientHandshake {
                 hello,
+                binding,
                 secret,
                 state: ClientState::AwaitChallenge,
             },
@@ -288,7 +302,7 @@ impl ClientHandshake {
         match std::mem::replace(&mut self.state, ClientState::Finished) {
             ClientState::AwaitChallenge => match msg {
                 Msg::Challenge { server_nonce } => {
-                    let t = self.hello.transcript(&server_nonce);
+                    let t = self.hello.transcript(&server_nonce, &self.binding);
                     let mac = client_mac(&self.secret, &t);
                     self.state = ClientState::AwaitWelcome { server_nonce };
                     Ok(ClientStep::Send(Msg::Auth { mac }))
@@ -304,7 +318,7 @@ impl ClientHandshake {
                     root,
                     server_mac: mac,
                 } => {
-                    let t = self.hello.transcript(&server_nonce);
+                    let t = self.hello.transcript(&server_nonce, &self.binding);
                     if !mac_eq(&mac, &server_mac(&self.secret, &t)) {
                         return Err(ClientFailure::ServerNotProven);
                     }
@@ -337,7 +351,7 @@ mod tests {
     }
 
     fn client(secret: [u8; 32]) -> (ClientHandshake, Msg) {
-        ClientHandshake::start("alice", ID, 7, ConnKind::Control, secret, [2; 32])
+        ClientHandshake::start("alice", ID, 7, ConnKind::Control, secret, [2; 32], [8; 32])
     }
 
     fn secrets(user: &str) -> Result<Option<[u8; 32]>> {
@@ -348,7 +362,7 @@ mod tests {
     #[test]
     fn a_good_secret_proves_both_sides() {
         let (mut c, hello) = client(SECRET);
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         assert_eq!(s.expecting(), "Hello");
         let challenge = s.hello(hello).unwrap();
         assert!(matches!(challenge, Msg::Challenge { server_nonce } if server_nonce == [3; 32]));
@@ -382,7 +396,7 @@ mod tests {
         user_secrets: fn(&str) -> Result<Option<[u8; 32]>>,
     ) -> Result<Proven> {
         let (mut c, hello) = client(secret);
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let challenge = s.hello(hello).unwrap();
         let auth = match c.receive(challenge).unwrap() {
             ClientStep::Send(m) => m,
@@ -421,7 +435,7 @@ mod tests {
 
     #[test]
     fn another_version_is_refused() {
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let e = s
             .hello(Msg::Hello {
                 version: PROTOCOL_VERSION + 1,
@@ -447,20 +461,20 @@ mod tests {
     #[test]
     fn messages_out_of_order_are_refused() {
         // Auth before Hello.
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let e = s.hello(Msg::Auth { mac: [0; 32] }).unwrap_err();
         assert!(
             matches!(&e, Error::Protocol(m) if m.starts_with("expected Hello")),
             "{e}"
         );
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let e = s.auth(Msg::Auth { mac: [0; 32] }, secrets).unwrap_err();
         assert!(
             matches!(&e, Error::Protocol(m) if m.starts_with("expected Hello")),
             "{e}"
         );
         // A second Hello where Auth belongs; the secret is never looked up.
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let (_, hello) = client(SECRET);
         s.hello(hello.clone()).unwrap();
         let e = s
@@ -511,7 +525,7 @@ mod tests {
     fn a_server_that_does_not_know_the_secret_is_dropped() {
         let (mut c, hello) = client(SECRET);
         // An impostor runs the server side with another secret for alice.
-        let mut s = ServerHandshake::new([3; 32]);
+        let mut s = ServerHandshake::new([3; 32], [8; 32]);
         let challenge = s.hello(hello).unwrap();
         let auth = match c.receive(challenge).unwrap() {
             ClientStep::Send(m) => m,
@@ -531,5 +545,24 @@ mod tests {
             f.into_error("s:1"),
             Error::Auth(m) if m == "server s:1 failed to prove it knows the secret"
         ));
+    }
+
+    /// A relay that terminates TLS towards each side sees two sessions with
+    /// two channel bindings: the client's proof, made for its session, does
+    /// not pass on the relay's session to the server.
+    #[test]
+    fn a_proof_made_for_another_tls_session_is_refused() {
+        let (mut c, hello) = client(SECRET); // binding [8; 32]
+        let mut s = ServerHandshake::new([3; 32], [7; 32]);
+        let challenge = s.hello(hello).unwrap();
+        let auth = match c.receive(challenge).unwrap() {
+            ClientStep::Send(m) => m,
+            other => panic!("{other:?}"),
+        };
+        let e = s.auth(auth, secrets).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "authentication failed: user \"alice\": unknown user or wrong secret"
+        );
     }
 }

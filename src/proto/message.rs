@@ -1,6 +1,7 @@
 //! Every message of the protocol, with its type code, encoding and decoding.
 //! Type codes and layouts are normative in docs/PROTOCOL.md.
 
+use super::acl::{check_acl_name, AclEntry, MAX_ACL_ENTRIES, MAX_ACL_NAME};
 use super::codec::{Reader, Writer, ATTR_LEN, ENTRY_MIN_LEN, FID_LEN};
 use super::frame::Frame;
 use super::types::{Attr, DirEntry, Fid, FileType, Timespec};
@@ -429,6 +430,42 @@ pub enum Msg {
         /// The `upload_id` of the upload now staged.
         upload_id: u64,
     },
+
+    // Access control, on the control connection.
+    /// Read a directory's access list (0x40); needs `l` on it.
+    GetAcl {
+        /// The directory.
+        fid: Fid,
+    },
+    /// A directory's access list (0x41), the answer to `GetAcl` and `SetAcl`.
+    AclReply {
+        /// The entries, positive and negative, in name order.
+        entries: Vec<AclEntry>,
+        /// The asking user's rights on the directory, as bits.
+        rights: u8,
+    },
+    /// Set one entry of a directory's access list (0x42); needs `a` on it.
+    SetAcl {
+        /// The directory.
+        fid: Fid,
+        /// The user or group the entry is for.
+        name: String,
+        /// The rights; 0 removes the entry of that sign.
+        rights: u8,
+        /// Whether the entry is a negative one.
+        negative: bool,
+    },
+    /// Ask who the connection is authenticated as (0x44).
+    WhoAmI,
+    /// The answer to `WhoAmI` (0x45).
+    WhoReply {
+        /// The authenticated user.
+        user: String,
+        /// Its numeric id on the server (0 for `anonymous`).
+        id: u32,
+        /// The groups it belongs to (`System:AnyUser` included).
+        groups: Vec<String>,
+    },
 }
 
 mod code {
@@ -457,6 +494,11 @@ mod code {
     pub const FETCH_REPLY: u8 = 0x31;
     pub const UPLOAD: u8 = 0x32;
     pub const UPLOADED: u8 = 0x33;
+    pub const GET_ACL: u8 = 0x40;
+    pub const ACL_REPLY: u8 = 0x41;
+    pub const SET_ACL: u8 = 0x42;
+    pub const WHO_AM_I: u8 = 0x44;
+    pub const WHO_REPLY: u8 = 0x45;
 }
 
 mod rec {
@@ -519,6 +561,11 @@ impl Msg {
             Msg::FetchReply { .. } => FETCH_REPLY,
             Msg::Upload { .. } => UPLOAD,
             Msg::Uploaded { .. } => UPLOADED,
+            Msg::GetAcl { .. } => GET_ACL,
+            Msg::AclReply { .. } => ACL_REPLY,
+            Msg::SetAcl { .. } => SET_ACL,
+            Msg::WhoAmI => WHO_AM_I,
+            Msg::WhoReply { .. } => WHO_REPLY,
         }
     }
 
@@ -653,6 +700,31 @@ impl Msg {
             }
             Msg::Uploaded { upload_id } => {
                 w.u64(*upload_id);
+            }
+            Msg::GetAcl { fid } => {
+                w.fid(fid);
+            }
+            Msg::AclReply { entries, rights } => {
+                w.u32(entries.len() as u32);
+                for e in entries {
+                    w.str(&e.name).u8(e.rights).u8(e.negative as u8);
+                }
+                w.u8(*rights);
+            }
+            Msg::SetAcl {
+                fid,
+                name,
+                rights,
+                negative,
+            } => {
+                w.fid(fid).str(name).u8(*rights).u8(*negative as u8);
+            }
+            Msg::WhoAmI => {}
+            Msg::WhoReply { user, id, groups } => {
+                w.str(user).u32(*id).u32(groups.len() as u32);
+                for g in groups {
+                    w.str(g);
+                }
             }
         }
         w.buf
@@ -821,6 +893,44 @@ impl Msg {
             UPLOADED => Msg::Uploaded {
                 upload_id: r.u64()?,
             },
+            GET_ACL => Msg::GetAcl { fid: r.fid()? },
+            ACL_REPLY => {
+                let n = r.count(MAX_ACL_ENTRIES, 4, "acl entries")?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    entries.push(AclEntry {
+                        name: r.str(MAX_ACL_NAME, "acl name")?,
+                        rights: rights(&mut r)?,
+                        negative: r.bool()?,
+                    });
+                }
+                Msg::AclReply {
+                    entries,
+                    rights: rights(&mut r)?,
+                }
+            }
+            SET_ACL => {
+                let fid = r.fid()?;
+                let name = r.str(MAX_ACL_NAME, "acl name")?;
+                check_acl_name(&name).map_err(|e| Error::Protocol(e.to_string()))?;
+                Msg::SetAcl {
+                    fid,
+                    name,
+                    rights: rights(&mut r)?,
+                    negative: r.bool()?,
+                }
+            }
+            WHO_AM_I => Msg::WhoAmI,
+            WHO_REPLY => {
+                let user = r.str(MAX_USER, "user name")?;
+                let id = r.u32()?;
+                let n = r.count(MAX_ACL_ENTRIES, 4, "groups")?;
+                let mut groups = Vec::with_capacity(n);
+                for _ in 0..n {
+                    groups.push(r.str(MAX_ACL_NAME, "group name")?);
+                }
+                Msg::WhoReply { user, id, groups }
+            }
             other => {
                 return Err(Error::Protocol(format!(
                     "unknown message type {other:#04x}"
@@ -1165,6 +1275,15 @@ fn decode_record(r: &mut Reader, legacy: Option<(u32, u32)>) -> Result<Record> {
     Ok(Record { store_id, op })
 }
 
+/// A rights byte: only the seven right bits may be set.
+fn rights(r: &mut Reader) -> Result<u8> {
+    let v = r.u8()?;
+    if v & !super::acl::ALL != 0 {
+        return Err(Error::Protocol(format!("bad rights byte {v:#04x}")));
+    }
+    Ok(v)
+}
+
 fn truncate_utf8(s: &mut String, max: usize) {
     if s.len() > max {
         let mut cut = max;
@@ -1389,6 +1508,34 @@ mod tests {
                 extents: vec![(0, 2)],
             },
             Msg::Uploaded { upload_id: 1 },
+            Msg::GetAcl { fid: f },
+            Msg::AclReply {
+                entries: vec![
+                    crate::proto::acl::AclEntry {
+                        name: "System:AnyUser".into(),
+                        rights: 3,
+                        negative: false,
+                    },
+                    crate::proto::acl::AclEntry {
+                        name: "bob".into(),
+                        rights: 16,
+                        negative: true,
+                    },
+                ],
+                rights: 0x7f,
+            },
+            Msg::SetAcl {
+                fid: f,
+                name: "bob".into(),
+                rights: 1,
+                negative: true,
+            },
+            Msg::WhoAmI,
+            Msg::WhoReply {
+                user: "bob".into(),
+                id: 2,
+                groups: vec!["System:AnyUser".into()],
+            },
         ]
     }
 

@@ -1,6 +1,7 @@
 //! The wire format: frames, messages, handshake and limits. No I/O policy
 //! lives here; `docs/PROTOCOL.md` is the normative description.
 
+pub mod acl;
 pub mod auth;
 pub mod codec;
 pub mod frame;

@@ -28,6 +28,7 @@ use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// Most fids one GetAttrs may name: every slot of the reply must fit in one
@@ -182,11 +183,14 @@ fn reply_bound(msg: &Msg) -> usize {
     est.clamp(crate::proto::MAX_MESSAGE + 64, MAX_FRAME + 4)
 }
 
-pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Identity, welcome: Msg) {
+pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity, welcome: Msg) {
     // A silent connection is reaped (see ServerConfig::idle_timeout).
     let _ = reader.get_ref().set_read_timeout(Some(shared.idle_timeout));
     let mut stream = reader.get_ref().try_clone();
-    let (sock_w, sock_s) = match (reader.get_ref().try_clone(), reader.get_ref().try_clone()) {
+    let (sock_w, sock_s) = match (
+        reader.get_ref().try_clone(),
+        reader.get_ref().tcp().try_clone(),
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             log::warn(format_args!("cannot clone a socket; dropping connection"));
@@ -232,7 +236,8 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
             .unwrap_or_default()
     ));
 
-    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &tx, &flow);
+    let user: Arc<str> = Arc::from(ident.user.as_str());
+    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &user, &tx, &flow);
     if protocol_error {
         log::info(format_args!("{}: protocol error: {why}", ctx.name()));
     }
@@ -254,8 +259,9 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<TcpStream>, ident: Ident
 /// Returns why the connection ended and whether it was the peer's fault.
 fn read_loop(
     shared: &Arc<Shared>,
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<Stream>,
     ctx: &ClientCtx,
+    user: &Arc<str>,
     tx: &Sender<Out>,
     flow: &Arc<Flow>,
 ) -> (String, bool) {
@@ -305,16 +311,21 @@ fn read_loop(
             | Msg::AllocFids { .. }
             | Msg::ValidateVolume { .. }
             | Msg::GetXattrs { .. }
-            | Msg::Reintegrate { .. }) => {
+            | Msg::Reintegrate { .. }
+            | Msg::GetAcl { .. }
+            | Msg::SetAcl { .. }
+            | Msg::WhoAmI) => {
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
                 let (shared2, ctx2, tx2, flow2) =
                     (Arc::clone(shared), *ctx, tx.clone(), Arc::clone(flow));
+                let user2 = Arc::clone(user);
                 // Keyed by session generation: requests are served round
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
-                    let reply = handle(&shared2, &ctx2, m).unwrap_or_else(|e| error_reply(&e));
+                    let reply =
+                        handle(&shared2, &ctx2, &user2, m).unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
                     let _ = tx2.send(Out::Reply(bytes));
@@ -333,7 +344,9 @@ fn read_loop(
 }
 
 /// One request on a worker thread.
-fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
+fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg> {
+    // The rights checks (acl.rs) act for the connection's user.
+    let who = shared.store.who(user)?;
     match msg {
         Msg::GetAttrs { fids } => {
             if fids.len() > MAX_ATTRS_REPLY {
@@ -345,7 +358,14 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
             // Callback first, then read: a commit after the read is
             // followed by a break (PROTOCOL "Callbacks").
             shared.registry.register(ctx, &fids);
-            let items = shared.store.get_attrs(&fids)?;
+            let mut items = shared.store.get_attrs(&fids)?;
+            // Status needs `l` on the object's directory.
+            let seen = shared.store.may_lookup(&who, &fids)?;
+            for (it, ok) in items.iter_mut().zip(seen) {
+                if !ok {
+                    *it = Err(crate::error::WireCode::Access);
+                }
+            }
             let missing: Vec<_> = fids
                 .iter()
                 .zip(&items)
@@ -358,6 +378,7 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
             Ok(Msg::Attrs { items })
         }
         Msg::ReadDir { fid, cursor } => {
+            shared.store.check_list(&who, fid)?;
             shared.registry.register(ctx, &[fid]);
             match shared.store.read_dir(fid, cursor) {
                 Ok((attr, entries, next)) => Ok(Msg::DirPage {
@@ -374,10 +395,18 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
         Msg::GetXattrs { fid } => {
             // No callback: the reply carries the object's version, and the
             // client keeps the list only while its attr has that version.
+            // Extended attributes are status: `l`, as for GetAttrs.
+            if !shared.store.may_lookup(&who, &[fid])?[0] {
+                return Err(Error::Access(format!("no lookup right on {fid}")));
+            }
             let (version, items) = shared.store.get_xattrs(fid)?;
             Ok(Msg::Xattrs { version, items })
         }
         Msg::AllocFids { volume, count } => {
+            if who.anonymous() {
+                // anonymous never creates: no reservations for it to hoard.
+                return Err(Error::Access("anonymous may not reserve fids".into()));
+            }
             let first_vnode = match &shared.repl {
                 Some(r) => super::replication::machine::alloc_fids(shared, r, ctx, volume, count)?,
                 None => shared.store.alloc_fids(&ctx.id, volume, count)?,
@@ -407,8 +436,10 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
         Msg::Reintegrate { records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);
             let result = match &shared.repl {
-                Some(r) => super::replication::machine::reintegrate(shared, r, ctx, &records),
-                None => shared.store.reintegrate(&ctx.id, &records, &lookup),
+                Some(r) => super::replication::machine::reintegrate(shared, r, ctx, who, &records),
+                None => shared
+                    .store
+                    .reintegrate_as(&ctx.id, Some(who), &records, &lookup),
             };
             match result {
                 Ok(out) => {
@@ -433,6 +464,37 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
                 }
             }
         }
+        Msg::GetAcl { fid } => {
+            let (acl, rights) = shared.store.get_acl(&who, fid)?;
+            Ok(Msg::AclReply {
+                entries: acl.entries,
+                rights,
+            })
+        }
+        Msg::SetAcl {
+            fid,
+            name,
+            rights,
+            negative,
+        } => {
+            let (acl, mine, fids) = shared
+                .store
+                .set_acl(&who, &ctx.id, fid, &name, rights, negative)?;
+            // Other clients' cached listings, status and data under the
+            // directory were granted under the old list: they revalidate.
+            shared
+                .registry
+                .break_callbacks(ctx, &fids, &[], shared.break_timeout);
+            Ok(Msg::AclReply {
+                entries: acl.entries,
+                rights: mine,
+            })
+        }
+        Msg::WhoAmI => Ok(Msg::WhoReply {
+            user: who.user.clone(),
+            id: who.id,
+            groups: who.groups.clone(),
+        }),
         other => Err(Error::Protocol(format!(
             "unexpected message {:#04x}",
             other.kind()
@@ -443,14 +505,16 @@ fn handle(shared: &Shared, ctx: &ClientCtx, msg: Msg) -> Result<Msg> {
 /// Owns the sending side: writes queued frames in order. A write that fails
 /// (peer gone, or stuck past the socket's send timeout) cuts the socket so
 /// the reader notices and the session ends.
-fn writer_loop(sock: TcpStream, rx: Receiver<Out>, flow: &Flow) {
+fn writer_loop(sock: Stream, rx: Receiver<Out>, flow: &Flow) {
     let why = write_all_out(sock, rx, flow);
     // Wake a reader held by the bounds: nothing drains any more.
     flow.close(why);
 }
 
 /// Returns why it stopped.
-fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
+fn write_all_out(mut sock: Stream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
+    // Sealed records of the frame being sent (TLS), reused.
+    let mut sealed = Vec::new();
     for out in rx {
         match out {
             Out::Frame(bytes) => {
@@ -464,13 +528,13 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
                     let _ = sock.shutdown(Shutdown::Both);
                     return "a callback break found the connection held at its request bounds";
                 }
-                if let Err(why) = send_all(&sock, &bytes, flow) {
+                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
                     return why;
                 }
             }
             Out::Reply(bytes) => {
-                if let Err(why) = send_all(&sock, &bytes, flow) {
+                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
                     let _ = sock.shutdown(Shutdown::Both);
                     return why;
                 }
@@ -478,12 +542,27 @@ fn write_all_out(mut sock: TcpStream, rx: Receiver<Out>, flow: &Flow) -> &'stati
             }
             Out::Close => {
                 let _ = sock.flush();
-                let _ = sock.shutdown(Shutdown::Write);
+                sock.close_write();
                 return "closed";
             }
         }
     }
     "closed"
+}
+
+/// Seal a frame (on a TLS stream) and send it with [`send_all`].
+fn send_sealed(
+    sock: &Stream,
+    frame: &[u8],
+    sealed: &mut Vec<u8>,
+    flow: &Flow,
+) -> std::result::Result<(), &'static str> {
+    sealed.clear();
+    match sock.seal(frame, sealed) {
+        Ok(true) => send_all(sock.tcp(), sealed, flow),
+        Ok(false) => send_all(sock.tcp(), frame, flow),
+        Err(_) => Err("TLS sealing failed"),
+    }
 }
 
 /// Write all of `buf`. When the socket is full the writer notes it is

@@ -5,7 +5,6 @@
 //! adds what needs the store (secrets, the client id's owner).
 
 use std::io::BufRead;
-use std::net::TcpStream;
 
 use super::volume::{ClientId, VolumeStore};
 use super::wire::{error_reply, send};
@@ -13,6 +12,7 @@ use crate::proto::auth::random_bytes;
 use crate::proto::frame::{read_frame_max, MAX_HANDSHAKE_FRAME};
 use crate::proto::handshake::ServerHandshake;
 use crate::proto::{ConnKind, Msg};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// Who is on the other end, once proven.
@@ -39,10 +39,11 @@ fn next_msg<R: BufRead>(r: &mut R, what: &str) -> Result<Msg> {
 /// closes.
 pub fn accept<R: BufRead>(
     reader: &mut R,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     store: &VolumeStore,
+    binding: [u8; 32],
 ) -> Result<(Identity, Msg)> {
-    let res = run(reader, stream, store);
+    let res = run(reader, stream, store, binding);
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
         if !matches!(e, Error::Io { .. }) {
@@ -54,10 +55,11 @@ pub fn accept<R: BufRead>(
 
 fn run<R: BufRead>(
     reader: &mut R,
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     store: &VolumeStore,
+    binding: [u8; 32],
 ) -> Result<(Identity, Msg)> {
-    let mut hs = ServerHandshake::new(random_bytes());
+    let mut hs = ServerHandshake::new(random_bytes(), binding);
     let challenge = hs.hello(next_msg(reader, hs.expecting())?)?;
     send(stream, 0, &challenge)?;
     let proven = hs.auth(next_msg(reader, hs.expecting())?, |user| {

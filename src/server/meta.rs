@@ -36,11 +36,29 @@ pub const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves"
 pub const VOLUSAGE: TableDefinition<u32, u64> = TableDefinition::new("volusage");
 /// volume id → quota in bytes; a volume without an entry is unlimited.
 pub const QUOTAS: TableDefinition<u32, u64> = TableDefinition::new("quotas");
+/// directory fid → its access list (`acl::encode_acl`). Every directory
+/// has one: a new directory gets a copy of its parent's.
+pub const ACLS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("acls");
+/// object fid → owner's user id (u32, 0: nobody) followed by the fid of the
+/// directory whose access list governs the object (itself for a directory;
+/// for a file or symlink the directory it was created in or last renamed
+/// into: files do not record a parent, and may have names in several).
+pub const OBJ_OWNERS: TableDefinition<&[u8; 16], &[u8; 20]> = TableDefinition::new("obj_owners");
+/// user name → numeric user id (from 1, never reused).
+pub const USER_IDS: TableDefinition<&str, u32> = TableDefinition::new("user_ids");
+/// (group, member) → (); (group, "") marks that the group exists.
+pub const GROUPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("groups");
+/// (member, group) → (): the reverse of `GROUPS`, for a user's groups.
+pub const MEMBERSHIPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("memberships");
 /// Small server-wide values (server id, root fid).
 pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 
 pub const SERVER_ID_KEY: &str = "server_id";
 pub const ROOT_KEY: &str = "root";
+/// The next user id to hand out (u32, big-endian).
+pub const NEXT_USER_ID_KEY: &str = "next_user_id";
+/// Whether `anonymous` may authenticate without a secret (one byte, 0 or 1).
+pub const ANONYMOUS_KEY: &str = "anonymous";
 
 /// The root volume and its root directory, created by `coda-server init`.
 pub const ROOT_VOLUME: u32 = 1;

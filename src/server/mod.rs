@@ -15,6 +15,8 @@
 //! limit at start, connections are capped below it, and one spare
 //! descriptor is kept so a full descriptor table never wedges accept(2).
 
+mod acl;
+mod admin;
 mod bulk;
 mod callbacks;
 mod control;
@@ -43,6 +45,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::proto::ConnKind;
+use crate::tls::Stream;
 use crate::{Error, Result};
 use sessions::Registry;
 use volume::VolumeStore;
@@ -113,6 +116,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Largest file size and bounds on staged uploads.
     pub space: SpaceLimits,
+    /// Serve without TLS (`--insecure-plaintext`): only clients that say
+    /// `insecure_plaintext = true` too can talk to it. Off (the default),
+    /// every connection is TLS 1.3 with the key and certificate under
+    /// `root/tls` (docs/SERVER.md "TLS").
+    pub insecure_plaintext: bool,
 }
 
 impl ServerConfig {
@@ -124,25 +132,53 @@ impl ServerConfig {
             break_timeout: DEFAULT_BREAK_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             space: SpaceLimits::default(),
+            insecure_plaintext: false,
         }
     }
 }
 
 /// Create a data directory with the root volume (volume 1, root directory
-/// (1, 1, 1), mode 0755) and `user`; returns the path of the user's secret
+/// (1, 1, 1), mode 0755) and `user`, and the server's TLS key and
+/// certificate (`tls::generate`); returns the path of the user's secret
 /// file (`root/<user>.secret`, mode 0600). Refuses an existing server.
 pub fn init(root: &Path, user: &str) -> Result<PathBuf> {
-    VolumeStore::init(root, user)
+    let secret = VolumeStore::init(root, user)?;
+    crate::tls::generate(root)?;
+    Ok(secret)
+}
+
+/// Give an existing data directory (made before TLS) its TLS key and
+/// certificate; returns the fingerprint clients pin.
+pub fn init_tls(root: &Path) -> Result<String> {
+    if !root.join("meta.redb").exists() {
+        return Err(Error::NotFound(format!(
+            "{} holds no coda server (run coda-server init)",
+            root.display()
+        )));
+    }
+    crate::tls::generate(root)
 }
 
 /// Add a user to an existing data directory; returns its secret file path.
+/// With the server stopped only; [`admin_command`] works either way.
 pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
     VolumeStore::add_user(root, user)
+}
+
+/// Run an administration command (`user add NAME`, `user remove NAME`,
+/// `user list`, `group add GROUP [USER...]`, `group remove GROUP [USER...]`,
+/// `group members GROUP`, `group list`, `anonymous on|off`) on the data
+/// directory `root`: through the running server's administration socket,
+/// or on the metadata directly when no server runs. Returns its output.
+pub fn admin_command(root: &Path, words: &[String]) -> Result<String> {
+    admin::command(root, words)
 }
 
 /// What every thread of a running server shares.
 pub(crate) struct Shared {
     root: PathBuf,
+    /// None: `insecure_plaintext`.
+    tls: Option<Arc<rustls::ServerConfig>>,
     store: Arc<VolumeStore>,
     registry: Registry,
     pool: workers::Pool,
@@ -169,13 +205,20 @@ pub struct Server {
     shared: Arc<Shared>,
     addr: SocketAddr,
     acceptor: Option<JoinHandle<()>>,
+    /// The administration socket's thread and path (admin.rs).
+    admin: Option<(JoinHandle<()>, PathBuf)>,
 }
 
 impl Server {
     /// Open the data directory, bind, start the threads; returns at once.
     pub fn start(cfg: ServerConfig) -> Result<Server> {
+        let tls = if cfg.insecure_plaintext {
+            None
+        } else {
+            Some(crate::tls::server_config(&cfg.root)?)
+        };
         let store = Arc::new(VolumeStore::open(&cfg.root, cfg.space.max_file_size)?);
-        let repl = replication::Replicator::start(&cfg.root, &store)?;
+        let repl = replication::Replicator::start(&cfg.root, &store, tls.is_some())?;
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -185,8 +228,10 @@ impl Server {
         let nofile = raise_nofile();
         let max_conns = (nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONN).max(8);
         let max_handshaking = (max_conns / 4).clamp(4, MAX_HANDSHAKING);
+        let plaintext = tls.is_none();
         let shared = Arc::new(Shared {
             root: cfg.root.clone(),
+            tls,
             store,
             registry: Registry::with_limits(&cfg.root, cfg.space.staged),
             pool,
@@ -216,16 +261,42 @@ impl Server {
             .name("coda-accept".into())
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
+        // Users and groups change while serving through this socket; a
+        // server without it still serves (the commands then say why).
+        let admin = match admin::bind(&cfg.root) {
+            Ok((l, path)) => {
+                let s3 = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name("coda-admin".into())
+                    .stack_size(SMALL_STACK)
+                    .spawn(move || admin::serve(s3, l))
+                    .ok()
+                    .map(|h| (h, path))
+            }
+            Err(e) => {
+                log::warn(format_args!("no administration socket: {e}"));
+                None
+            }
+        };
         log::info(format_args!(
-            "serving {} on {addr} (break timeout {} ms; {nofile} descriptors, \
+            "serving {} on {addr} ({}; break timeout {} ms; {nofile} descriptors, \
              at most {max_conns} connections, {max_handshaking} unauthenticated)",
             cfg.root.display(),
+            if plaintext {
+                "INSECURE PLAINTEXT".to_string()
+            } else {
+                format!(
+                    "TLS 1.3, certificate {}",
+                    crate::tls::cert_path(&cfg.root).display()
+                )
+            },
             cfg.break_timeout.as_millis()
         ));
         Ok(Server {
             shared,
             addr,
             acceptor: Some(acceptor),
+            admin,
         })
     }
 
@@ -245,6 +316,12 @@ impl Server {
         }
         if let Some(r) = &sh.repl {
             r.stop();
+        }
+        if let Some((h, path)) = self.admin.take() {
+            // Wake it out of accept(2); it sees `stopping` and ends.
+            let _ = std::os::unix::net::UnixStream::connect(&path);
+            let _ = h.join();
+            let _ = std::fs::remove_file(&path);
         }
         sh.registry.end_all();
         for s in sh.conns.lock().values() {
@@ -465,7 +542,7 @@ fn cut(shared: &Shared, serial: u64) {
 /// The handshake's reader: one deadline for the whole handshake, not one
 /// per read, so a peer sending a byte now and then is cut on time.
 struct Deadline<'a> {
-    inner: &'a mut BufReader<TcpStream>,
+    inner: &'a mut BufReader<Stream>,
     at: Instant,
 }
 
@@ -499,9 +576,9 @@ impl BufRead for Deadline<'_> {
     }
 }
 
-/// One accepted connection: handshake under a deadline, then serve it as
-/// the kind it declared.
-fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
+/// One accepted connection: TLS and coda handshakes under one deadline,
+/// then serve it as the kind it declared.
+fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
@@ -509,6 +586,37 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let quiet = |e: &Error| {
+        if !shared.stopping.load(Ordering::SeqCst) {
+            log::info(format_args!("handshake from {peer} failed: {e}"));
+        }
+    };
+    let mut stream = match &shared.tls {
+        Some(cfg) => match Stream::accept(stream, Arc::clone(cfg), &peer, deadline) {
+            Ok(s) => s,
+            Err(e) => return quiet(&e),
+        },
+        None => {
+            let mut first = [0u8; 1];
+            let tls_hello = matches!(stream.peek(&mut first), Ok(1) if first[0] == crate::tls::TLS_HANDSHAKE_BYTE);
+            let mut stream = Stream::plain(stream);
+            if tls_hello {
+                // Answered in plaintext: the client sees a non-TLS reply
+                // and says which setting differs (tls.rs).
+                let e = crate::tls::tls_client_on_plaintext_server(&peer);
+                quiet(&e);
+                let _ = wire::send(&mut stream, 0, &wire::error_reply(&e));
+                wire::close_after_error(&mut stream);
+                return;
+            }
+            stream
+        }
+    };
+    let binding = match stream.channel_binding() {
+        Ok(b) => b,
+        Err(e) => return quiet(&e),
+    };
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
@@ -530,16 +638,14 @@ fn connection(shared: &Arc<Shared>, mut stream: TcpStream, serial: u64) {
     }
     let mut timed = Deadline {
         inner: &mut reader,
-        at: Instant::now() + HANDSHAKE_TIMEOUT,
+        at: deadline,
     };
-    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store);
+    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store, binding);
     shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,
         Err(e) => {
-            if !shared.stopping.load(Ordering::SeqCst) {
-                log::info(format_args!("handshake from {peer} failed: {e}"));
-            }
+            quiet(&e);
             wire::close_after_error(&mut stream);
             return;
         }

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use std::fs;
@@ -112,6 +113,9 @@ struct Job {
     /// The time to stamp changes with (a replicated batch carries the
     /// leader's, so every member writes the same ctimes); None: now.
     now: Option<Timespec>,
+    /// The user whose rights each record is checked against (`acl.rs`);
+    /// None only for in-crate callers that check nothing.
+    who: Option<Arc<super::acl::Who>>,
 }
 
 type JobResult = std::result::Result<Outcome, BatchError>;
@@ -119,7 +123,8 @@ type JobResult = std::result::Result<Outcome, BatchError>;
 /// Group commit: batches that arrive while a commit is in progress are
 /// applied together in the next write transaction, with one fsync. The
 /// first waiting worker that finds no commit in progress leads the next
-/// group; the others sleep until their result is filed.
+/// group; the others sleep until their result is filed. Large batches are
+/// kept from costing small ones their wait (see [`select`]).
 pub(crate) struct GroupCommit {
     state: Mutex<GroupState>,
     cv: Condvar,
@@ -127,12 +132,29 @@ pub(crate) struct GroupCommit {
     max_group: usize,
 }
 
+/// A batch in the queue.
+struct Waiting {
+    ticket: u64,
+    job: Arc<Job>,
+    /// When it was queued; a large batch yields only until
+    /// `since + MAX_DEFER`.
+    since: Instant,
+}
+
 #[derive(Default)]
 struct GroupState {
-    queue: VecDeque<(u64, Arc<Job>)>,
+    /// In ticket order (arrival order; a yielded batch goes back to its
+    /// place).
+    queue: VecDeque<Waiting>,
     busy: bool,
     done: HashMap<u64, JobResult>,
     next_ticket: u64,
+    /// When a small batch was last queued: a large one waits for a lull.
+    last_small: Option<Instant>,
+    /// Set when a large batch commits (see `PACE`).
+    paced: Option<Paced>,
+    /// The last group was a starving large batch.
+    forced_last: bool,
 }
 
 /// Set to `1` in the server's environment to commit every batch alone
@@ -142,6 +164,143 @@ pub const NO_GROUP_COMMIT_ENV: &str = "CODA_SERVER_NO_GROUP_COMMIT";
 /// Largest group; the worker pool (16) bounds it anyway.
 const MAX_GROUP: usize = 64;
 
+/// A batch of more records than this is large: it commits in a
+/// transaction of its own, after the small batches waiting, and yields to
+/// small batches that arrive while it is applied. A client's ordinary
+/// writes are batches of one or a few records; a log replayed after a
+/// disconnection comes in batches of up to `MAX_BATCH` (4,096).
+pub const SMALL_BATCH: usize = 64;
+
+/// The starvation bound: a large batch yields (and waits for a lull) at
+/// most this long after it was queued; then it is applied next, whole.
+pub const MAX_DEFER: Duration = Duration::from_millis(500);
+
+/// A large batch starts only once no small batch was queued for this long
+/// (or at `MAX_DEFER`), so it rarely has to yield halfway.
+const LULL: Duration = Duration::from_millis(5);
+
+/// Large batches (of all clients together, so a flood cannot take more
+/// by reconnecting under new ids) take at most 1/(1 + PACE) of the write
+/// transaction's time while small batches keep coming: after one that
+/// took `t` to apply and commit, the next large batch waits `PACE * t`
+/// (unless no small batch was queued meanwhile, or `MAX_DEFER` passed).
+const PACE: u32 = 8;
+
+/// Records a yielding large batch applies between looks at the queue.
+const YIELD_EVERY: usize = 64;
+
+fn is_large(job: &Job) -> bool {
+    job.records.len() > SMALL_BATCH
+}
+
+/// What the leader does next.
+#[derive(Debug, PartialEq)]
+enum Pick {
+    /// Apply these queue positions (in order) in one transaction;
+    /// `yielding`: the one large batch gives way to small ones.
+    Group {
+        at: Vec<usize>,
+        yielding: bool,
+    },
+    /// Only large batches wait and none may start before this.
+    WaitUntil(Instant),
+    Nothing,
+}
+
+/// The leader's choice (pure, so it is unit-tested). A client's batches
+/// are applied in the order they were queued, so a batch is taken only if
+/// every earlier batch of its client is taken before it in the same group.
+/// In this order:
+/// 1. a large batch that has waited `MAX_DEFER`, alone and not yielding
+///    (the starvation bound), unless the last group was one too and small
+///    batches wait;
+/// 2. the small batches, in arrival order, at most `max_group`;
+/// 3. the oldest large batch, alone and yielding, once small batches left
+///    a lull of `LULL` and its client's share allows it (`PACE`); else
+///    wait for the first of those moments or a `MAX_DEFER`.
+fn select(
+    queue: &VecDeque<Waiting>,
+    now: Instant,
+    last_small: Option<Instant>,
+    paced: Option<Paced>,
+    forced_last: bool,
+    max_group: usize,
+) -> Pick {
+    let mut behind: Vec<ClientId> = Vec::new();
+    let small_waits = queue.iter().any(|w| !is_large(&w.job));
+    for (i, w) in queue.iter().enumerate() {
+        // Starving large batches alternate with groups of small ones.
+        if forced_last && small_waits {
+            break;
+        }
+        if behind.contains(&w.job.client) {
+            continue;
+        }
+        if is_large(&w.job) && now >= w.since + MAX_DEFER {
+            return Pick::Group {
+                at: vec![i],
+                yielding: false,
+            };
+        }
+        behind.push(w.job.client);
+    }
+    behind.clear();
+    let mut at = Vec::new();
+    for (i, w) in queue.iter().enumerate() {
+        if at.len() >= max_group {
+            break;
+        }
+        if behind.contains(&w.job.client) {
+            continue;
+        }
+        if is_large(&w.job) {
+            behind.push(w.job.client);
+        } else {
+            at.push(i);
+        }
+    }
+    if !at.is_empty() {
+        return Pick::Group {
+            at,
+            yielding: false,
+        };
+    }
+    // Every client's first batch is large: the oldest that may start
+    // goes; else wait for the first moment one may.
+    let mut wake: Option<Instant> = None;
+    behind.clear();
+    for (i, w) in queue.iter().enumerate() {
+        if behind.contains(&w.job.client) {
+            continue;
+        }
+        behind.push(w.job.client);
+        let mut from = last_small.map_or(now, |t| t + LULL);
+        if let Some(p) = paced {
+            // The share applies only while small batches keep coming.
+            if last_small.is_some_and(|t| t > p.set) {
+                from = from.max(p.until);
+            }
+        }
+        if now >= from {
+            return Pick::Group {
+                at: vec![i],
+                yielding: true,
+            };
+        }
+        let at = from.min(w.since + MAX_DEFER);
+        wake = Some(wake.map_or(at, |t: Instant| t.min(at)));
+    }
+    wake.map_or(Pick::Nothing, Pick::WaitUntil)
+}
+
+/// When the next large batch may start (see `PACE`).
+#[derive(Clone, Copy, Debug)]
+struct Paced {
+    /// When its last large batch committed.
+    set: Instant,
+    until: Instant,
+}
+
 impl GroupCommit {
     pub(crate) fn from_env() -> GroupCommit {
         let off = std::env::var(NO_GROUP_COMMIT_ENV).is_ok_and(|v| v == "1");
@@ -150,6 +309,19 @@ impl GroupCommit {
             cv: Condvar::new(),
             max_group: if off { 1 } else { MAX_GROUP },
         }
+    }
+
+    /// Whether the large batch of `client` queued at `since` should give
+    /// way now: a small batch of another client waits and the large one
+    /// is not yet past its starvation bound.
+    fn should_yield(&self, client: &ClientId, since: Instant) -> bool {
+        if Instant::now() >= since + MAX_DEFER {
+            return false;
+        }
+        let g = self.state.lock();
+        g.queue
+            .iter()
+            .any(|w| w.job.client != *client && !is_large(&w.job))
     }
 }
 
@@ -194,6 +366,8 @@ struct Applied {
 struct Failed {
     error: BatchError,
     wrote: bool,
+    /// It stopped to give way to small batches (not an error of its own).
+    gave_way: bool,
 }
 
 impl VolumeStore {
@@ -201,20 +375,34 @@ impl VolumeStore {
     /// arrive meanwhile; returns once its commit is durable. A failure of
     /// the metadata store itself (a full disk) fails the group and the
     /// store is reopened (see `with_db`).
+    #[cfg(test)]
     pub fn reintegrate(
         &self,
         client: &ClientId,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        self.reintegrate_at(client, records, staged, None)
+        self.reintegrate_at(client, None, records, staged, None)
     }
 
-    /// [`VolumeStore::reintegrate`] stamping changes with `now` when given
-    /// (replication applies a batch with the time its leader chose).
+    /// `reintegrate`, each record checked against `who`'s rights: a record
+    /// it may not apply fails the batch with `Access`.
+    pub fn reintegrate_as(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
+        records: &[Record],
+        staged: StagedLookup,
+    ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_at(client, who, records, staged, None)
+    }
+
+    /// [`VolumeStore::reintegrate_as`] stamping changes with `now` when
+    /// given (replication applies a batch with the time its leader chose).
     pub fn reintegrate_at(
         &self,
         client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
         records: &[Record],
         staged: StagedLookup,
         now: Option<Timespec>,
@@ -232,15 +420,30 @@ impl VolumeStore {
             records: records.to_vec(),
             staged: files,
             now,
+            who,
         });
         let group = &self.group;
+        let large = is_large(&job);
         let mut g = group.state.lock();
         let ticket = g.next_ticket;
         g.next_ticket += 1;
-        g.queue.push_back((ticket, job));
-        // Bounded: each turn either finds the result, leads a group that
-        // takes at least this ticket's predecessors, or sleeps until a
-        // leader files results.
+        let now = Instant::now();
+        if !large {
+            g.last_small = Some(now);
+        }
+        g.queue.push_back(Waiting {
+            ticket,
+            job,
+            since: now,
+        });
+        drop(g);
+        // Its place among its session's batches is fixed now: the
+        // session's next batch may go to a worker and queue behind it.
+        super::workers::release_heavy();
+        let mut g = group.state.lock();
+        // Bounded: each turn finds the result, leads a group, or sleeps
+        // until a leader files results, a large batch's lull or starvation
+        // bound comes, or (a safety net) a short while passes.
         loop {
             if let Some(r) = g.done.remove(&ticket) {
                 return r;
@@ -249,23 +452,65 @@ impl VolumeStore {
                 group.cv.wait(&mut g);
                 continue;
             }
+            let pick = select(
+                &g.queue,
+                Instant::now(),
+                g.last_small,
+                g.paced,
+                g.forced_last,
+                group.max_group,
+            );
+            let (at, yielding) = match pick {
+                Pick::Group { at, yielding } => (at, yielding),
+                Pick::WaitUntil(t) => {
+                    group.cv.wait_until(&mut g, t);
+                    continue;
+                }
+                Pick::Nothing => {
+                    group.cv.wait_for(&mut g, Duration::from_millis(100));
+                    continue;
+                }
+            };
             g.busy = true;
-            let take = g.queue.len().min(group.max_group);
-            let jobs: Vec<(u64, Arc<Job>)> = g.queue.drain(..take).collect();
+            g.forced_last = at.len() == 1 && !yielding && is_large(&g.queue[at[0]].job);
+            let mut jobs: Vec<Waiting> = Vec::with_capacity(at.len());
+            for &i in at.iter().rev() {
+                jobs.extend(g.queue.remove(i));
+            }
+            jobs.reverse();
             drop(g);
             let mut guard = LeaderGuard {
                 group,
-                tickets: jobs.iter().map(|(t, _)| *t).collect(),
+                tickets: jobs.iter().map(|w| w.ticket).collect(),
                 own: ticket,
                 armed: true,
             };
-            let only: Vec<Arc<Job>> = jobs.iter().map(|(_, j)| j.clone()).collect();
-            let results = self.commit_group(&only);
+            let only: Vec<Arc<Job>> = jobs.iter().map(|w| w.job.clone()).collect();
+            let give_way = || group.should_yield(&jobs[0].job.client, jobs[0].since);
+            let started = Instant::now();
+            let results = self.commit_group_or_yield(&only, yielding.then_some(&give_way as _));
+            let now = Instant::now();
             g = group.state.lock();
             guard.armed = false;
             g.busy = false;
-            for ((t, _), r) in jobs.into_iter().zip(results) {
-                g.done.insert(t, r);
+            match results {
+                Some(results) => {
+                    if jobs.len() == 1 && is_large(&jobs[0].job) {
+                        let until = now + (now - started) * PACE;
+                        g.paced = Some(Paced { set: now, until });
+                    }
+                    for (w, r) in jobs.into_iter().zip(results) {
+                        g.done.insert(w.ticket, r);
+                    }
+                }
+                None => {
+                    // It gave way: back to its place, to start again later.
+                    for w in jobs {
+                        let pos = g.queue.iter().position(|q| q.ticket > w.ticket);
+                        let pos = pos.unwrap_or(g.queue.len());
+                        g.queue.insert(pos, w);
+                    }
+                }
             }
             group.cv.notify_all();
         }
@@ -273,18 +518,37 @@ impl VolumeStore {
 
     /// Commit `jobs` in one transaction (retrying without a batch that
     /// failed after writing); one result per job, in order.
+    #[cfg(test)]
     fn commit_group(&self, jobs: &[Arc<Job>]) -> Vec<JobResult> {
-        match self.with_db(|db| self.group_in(db, jobs)) {
+        self.commit_group_or_yield(jobs, None)
+            .expect("a group that may not yield is settled")
+    }
+
+    /// As `commit_group`, for a group whose one (large) batch gives way
+    /// when `give_way` says so: then nothing is committed and `None` is
+    /// returned.
+    fn commit_group_or_yield(
+        &self,
+        jobs: &[Arc<Job>],
+        give_way: Option<&dyn Fn() -> bool>,
+    ) -> Option<Vec<JobResult>> {
+        match self.with_db(|db| self.group_in(db, jobs, give_way)) {
             Ok(v) => v,
             // The store itself failed: nothing of the group was committed.
-            Err(e) => jobs
-                .iter()
-                .map(|_| Err(BatchError::from(same_error(&e))))
-                .collect(),
+            Err(e) => Some(
+                jobs.iter()
+                    .map(|_| Err(BatchError::from(same_error(&e))))
+                    .collect(),
+            ),
         }
     }
 
-    fn group_in(&self, db: &Database, jobs: &[Arc<Job>]) -> Result<Vec<JobResult>> {
+    fn group_in(
+        &self,
+        db: &Database,
+        jobs: &[Arc<Job>],
+        give_way: Option<&dyn Fn() -> bool>,
+    ) -> Result<Option<Vec<JobResult>>> {
         let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
         // Each round that does not commit settles at least one more job.
         for _round in 0..=jobs.len() {
@@ -296,8 +560,15 @@ impl VolumeStore {
                 if out[i].is_some() {
                     continue;
                 }
-                match self.apply_job(&txn, job) {
+                match self.apply_job(&txn, job, give_way) {
                     Ok(a) => applied.push((i, a)),
+                    Err(f) if f.gave_way => {
+                        let _ = txn.abort();
+                        for (_, a) in &applied {
+                            a.created.iter().for_each(|p| objects::remove_quietly(p));
+                        }
+                        return Ok(None);
+                    }
                     Err(f) if is_store_failure(&f.error.error) => {
                         fatal = Some(f.error.error);
                         break;
@@ -345,18 +616,25 @@ impl VolumeStore {
             }
             break;
         }
-        Ok(out
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::Eio("batch not settled".into()).into())))
-            .collect())
+        Ok(Some(
+            out.into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(Error::Eio("batch not settled".into()).into())))
+                .collect(),
+        ))
     }
 
     /// Apply one batch inside the group's transaction: all of it, or (on
     /// failure) nothing the caller keeps.
-    fn apply_job(&self, txn: &WriteTransaction, job: &Job) -> std::result::Result<Applied, Failed> {
+    fn apply_job(
+        &self,
+        txn: &WriteTransaction,
+        job: &Job,
+        give_way: Option<&dyn Fn() -> bool>,
+    ) -> std::result::Result<Applied, Failed> {
         let early = |e: BatchError| Failed {
             error: e,
             wrote: false,
+            gave_way: false,
         };
         let client = &job.client;
         let records = &job.records[..];
@@ -390,13 +668,19 @@ impl VolumeStore {
             });
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
-        let mut batch = Batch::open(txn, self, client, &lookup).map_err(|e| early(e.into()))?;
+        let mut batch = Batch::open(txn, self, client, &lookup, job.who.clone())
+            .map_err(|e| early(e.into()))?;
         if let Some(now) = job.now {
             batch.now = now;
         }
         let mut results = Vec::with_capacity(records.len());
         let mut failure = None;
+        let mut gave_way = false;
         for (i, r) in records.iter().enumerate() {
+            if i % YIELD_EVERY == YIELD_EVERY - 1 && give_way.is_some_and(|f| f()) {
+                gave_way = true;
+                break;
+            }
             // A record applied by an earlier batch (the client merged the
             // rest of a half-acknowledged log into a new one) is skipped.
             let step = if already(r) {
@@ -419,8 +703,16 @@ impl VolumeStore {
         let created = std::mem::take(&mut batch.created);
         let fail = |error: BatchError, wrote: bool| {
             created.iter().for_each(|p| objects::remove_quietly(p));
-            Failed { error, wrote }
+            Failed {
+                error,
+                wrote,
+                gave_way,
+            }
         };
+        if gave_way {
+            drop(batch);
+            return Err(fail(Error::Again("gave way".into()).into(), true));
+        }
         if let Some(f) = failure {
             drop(batch);
             return Err(fail(f, wrote));
@@ -533,6 +825,8 @@ struct Batch<'t, 's> {
     store: &'s VolumeStore,
     client: &'s ClientId,
     staged: StagedLookup<'s>,
+    /// Rights checks, owners and access lists (`acl.rs`).
+    guard: super::acl::Guard<'t>,
     now: Timespec,
     /// Object files made by this batch: removed if it aborts.
     created: Vec<PathBuf>,
@@ -553,6 +847,7 @@ impl<'t, 's> Batch<'t, 's> {
         store: &'s VolumeStore,
         client: &'s ClientId,
         staged: StagedLookup<'s>,
+        who: Option<Arc<super::acl::Who>>,
     ) -> Result<Batch<'t, 's>> {
         Ok(Batch {
             objects: txn.open_table(OBJECTS)?,
@@ -564,6 +859,7 @@ impl<'t, 's> Batch<'t, 's> {
             store,
             client,
             staged,
+            guard: super::acl::Guard::open(txn, who)?,
             now: Timespec::now(),
             created: Vec::new(),
             replaced: Vec::new(),
@@ -576,6 +872,7 @@ impl<'t, 's> Batch<'t, 's> {
     }
 
     fn apply(&mut self, op: &RecordOp) -> Result<Attr> {
+        self.guard.authorize(&self.objects, &self.dirents, op)?;
         match op {
             RecordOp::Store {
                 fid,
@@ -822,6 +1119,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
+        self.guard.deleted(fid)?;
         if rec.has_file {
             self.replaced
                 .push(objects::object_path(&self.store.root, fid, rec.dv));
@@ -945,6 +1243,7 @@ impl<'t, 's> Batch<'t, 's> {
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
         }
+        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
         self.charge(fid.volume, rec.attr.size, length)?;
         self.check_size(length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
@@ -965,6 +1264,9 @@ impl<'t, 's> Batch<'t, 's> {
         rec.has_file = true;
         rec.attr.size = length;
         rec.attr.mtime = mtime;
+        if clear_setid {
+            rec.attr.mode &= !0o6000;
+        }
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
@@ -1015,6 +1317,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.wrote = true;
         self.dirents
             .insert((&parent.to_bytes(), name), &encode_entry(fid, ftype))?;
+        self.guard.created(fid, ftype, parent)?;
         self.touch_dir(parent, 1, is_dir as i64)?;
         Ok(rec.attr)
     }
@@ -1208,6 +1511,7 @@ impl<'t, 's> Batch<'t, 's> {
             self.touch_dir(dst_parent, 1 - gone, sub - gone_dir)?;
         }
         rec.parent = if is_dir { dst_parent } else { rec.parent };
+        self.guard.moved(fid, rec.attr.ftype, dst_parent)?;
         self.bump(&mut rec);
         self.put(&rec)?;
         Ok(rec.attr)
@@ -1328,6 +1632,7 @@ mod tests {
             records,
             staged: HashMap::new(),
             now: None,
+            who: None,
         })
     }
 
@@ -1451,6 +1756,172 @@ mod tests {
         let replay = store.commit_group(&[job(a, vec![create(1, "a1", fa[0])])]);
         assert!(replay[0].as_ref().unwrap().replayed);
         assert_eq!(store.read_dir(ROOT_FID, 0).unwrap().0.version, 1 + 4);
+    }
+
+    fn waiting(ticket: u64, client: u8, records: usize, since: Instant) -> Waiting {
+        let ids: Vec<u64> = (1..=records as u64).collect();
+        Waiting {
+            ticket,
+            job: job([client; 16], recs(&ids)),
+            since,
+        }
+    }
+
+    const BIG: usize = SMALL_BATCH + 1;
+
+    #[test]
+    fn small_batches_go_first_and_a_large_one_alone() {
+        let t = Instant::now();
+        let q: VecDeque<Waiting> = [
+            waiting(0, 1, BIG, t),
+            waiting(1, 2, 1, t),
+            waiting(2, 3, SMALL_BATCH, t),
+        ]
+        .into();
+        // Queued before them, the large batch still waits for the small.
+        let pick = select(&q, t, Some(t), None, false, MAX_GROUP);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![1, 2],
+                yielding: false
+            }
+        );
+        // Alone once the small ones left a lull, and it gives way.
+        let q: VecDeque<Waiting> = [waiting(0, 1, BIG, t), waiting(3, 4, BIG, t)].into();
+        let pick = select(&q, t + LULL, Some(t), None, false, MAX_GROUP);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![0],
+                yielding: true
+            }
+        );
+        // No group commit: one batch per transaction.
+        let q: VecDeque<Waiting> = [waiting(1, 2, 1, t), waiting(2, 3, 1, t)].into();
+        let pick = select(&q, t, None, None, false, 1);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![0],
+                yielding: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_clients_batches_keep_their_order() {
+        let t = Instant::now();
+        // Client 1's small batch is behind its own large one: not taken.
+        let q: VecDeque<Waiting> = [
+            waiting(0, 1, 1, t),
+            waiting(1, 1, BIG, t),
+            waiting(2, 1, 1, t),
+            waiting(3, 2, 1, t),
+            waiting(4, 2, 1, t),
+        ]
+        .into();
+        let pick = select(&q, t, Some(t), None, false, MAX_GROUP);
+        assert_eq!(
+            pick,
+            Pick::Group {
+                at: vec![0, 3, 4],
+                yielding: false
+            }
+        );
+        // A starving large batch behind its client's large one waits too.
+        let old = t - MAX_DEFER;
+        let q: VecDeque<Waiting> = [waiting(0, 1, BIG, t), waiting(1, 1, BIG, old)].into();
+        let pick = select(&q, t, Some(t), None, false, MAX_GROUP);
+        assert_eq!(pick, Pick::WaitUntil(t + LULL));
+    }
+
+    #[test]
+    fn a_large_batch_waits_for_a_lull_and_its_share_but_not_past_its_bound() {
+        let t = Instant::now();
+        let q: VecDeque<Waiting> = [waiting(0, 1, BIG, t)].into();
+        // Small batches came just now: wait for the lull.
+        assert_eq!(
+            select(&q, t, Some(t), None, false, MAX_GROUP),
+            Pick::WaitUntil(t + LULL)
+        );
+        // A large batch committed and small ones kept coming: its share.
+        let paced = Some(Paced {
+            set: t,
+            until: t + Duration::from_millis(100),
+        });
+        let later = t + Duration::from_millis(10);
+        assert_eq!(
+            select(&q, later, Some(later), paced, false, MAX_GROUP),
+            Pick::WaitUntil(t + Duration::from_millis(100))
+        );
+        // Nobody else wrote since: the share does not hold it back.
+        assert!(matches!(
+            select(&q, later, Some(t), paced, false, MAX_GROUP),
+            Pick::Group { yielding: true, .. }
+        ));
+        // Past MAX_DEFER it goes first, whole, before small batches; then
+        // the small ones get their turn before the next starving one.
+        let old = t - MAX_DEFER;
+        let q: VecDeque<Waiting> = [
+            waiting(0, 1, BIG, old),
+            waiting(1, 3, BIG, old),
+            waiting(2, 2, 1, t),
+        ]
+        .into();
+        assert_eq!(
+            select(&q, t, Some(t), paced, false, MAX_GROUP),
+            Pick::Group {
+                at: vec![0],
+                yielding: false
+            }
+        );
+        assert_eq!(
+            select(&q, t, Some(t), paced, true, MAX_GROUP),
+            Pick::Group {
+                at: vec![2],
+                yielding: false
+            }
+        );
+        assert_eq!(
+            select(&VecDeque::new(), t, None, None, false, MAX_GROUP),
+            Pick::Nothing
+        );
+    }
+
+    /// A large batch that gives way leaves nothing behind, and applied
+    /// later it commits whole.
+    #[test]
+    fn a_large_batch_that_gives_way_leaves_nothing_then_commits_whole() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let client = [9u8; 16];
+        let fs = fids(&store, &client, BIG as u32);
+        let records: Vec<Record> = fs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| create(i as u64 + 1, &format!("n{i}"), *f))
+            .collect();
+        let jobs = [job(client, records)];
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let give_way = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
+        };
+        assert!(store
+            .commit_group_or_yield(&jobs, Some(&give_way))
+            .is_none());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let (attr, entries, _) = store.read_dir(ROOT_FID, 0).unwrap();
+        assert!(entries.is_empty() && attr.version == 1);
+        assert_eq!(watermark(&store, &client), 0);
+        let never = || false;
+        let out = store.commit_group_or_yield(&jobs, Some(&never)).unwrap();
+        assert_eq!(out[0].as_ref().unwrap().results.len(), BIG);
+        assert_eq!(store.read_dir(ROOT_FID, 0).unwrap().0.size, BIG as u64);
+        assert_eq!(watermark(&store, &client), BIG as u64);
     }
 
     /// Many threads reintegrating at once through the grouping: every batch

@@ -33,6 +33,8 @@ pub struct VolumeStore {
     pub(crate) max_file_size: u64,
     /// Batches waiting for the next shared commit (`reintegrate.rs`).
     pub(crate) group: super::reintegrate::GroupCommit,
+    /// Cached identities for the rights checks (`acl.rs`).
+    pub(crate) access: super::acl::AccessState,
 }
 
 /// The metadata store handle and how many times it was (re)opened, so
@@ -164,13 +166,18 @@ impl VolumeStore {
             settings.insert(ROOT_KEY, ROOT_FID.to_bytes().as_slice())?;
         }
         txn.commit()?;
-        add_user_to(&db, root, user)
+        // Root's default list; the init user is the first administrator.
+        super::acl::migrate(&db)?;
+        let path = add_user_to(&db, root, user)?;
+        super::acl::group_add(&db, crate::proto::acl::ADMINISTRATORS, &[user.to_string()])?;
+        Ok(path)
     }
 
     /// Add a user to an existing data directory (the server may be stopped).
     pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
         check_user(user)?;
         let db = open_db(root)?;
+        super::acl::migrate(&db)?;
         add_user_to(&db, root, user)
     }
 
@@ -181,6 +188,7 @@ impl VolumeStore {
         secure_data_dir(root)?;
         let db = open_db(root)?;
         ensure_usage(&db)?;
+        super::acl::migrate(&db)?;
         let server_id = {
             let txn = db.begin_read()?;
             let settings = txn.open_table(SETTINGS)?;
@@ -200,6 +208,7 @@ impl VolumeStore {
             server_id,
             max_file_size,
             group: super::reintegrate::GroupCommit::from_env(),
+            access: Default::default(),
         };
         objects::clear_staging(root)?;
         store.sweep_objects()?;
@@ -336,6 +345,12 @@ impl VolumeStore {
             let txn = db.begin_read()?;
             let users = txn.open_table(USERS)?;
             let secret = users.get(user)?.map(|v| *v.value());
+            if secret.is_none() && user == crate::proto::acl::ANONYMOUS {
+                let on = txn.open_table(SETTINGS)?.get(ANONYMOUS_KEY)?;
+                if on.is_some_and(|v| v.value() == [1]) {
+                    return Ok(Some(super::acl::ANONYMOUS_SECRET));
+                }
+            }
             Ok(secret)
         })
     }
@@ -623,7 +638,7 @@ fn secure_data_dir(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn open_db(root: &Path) -> Result<Database> {
+pub(crate) fn open_db(root: &Path) -> Result<Database> {
     let path = db_path(root);
     if !path.exists() {
         return Err(Error::NotFound(format!(
@@ -642,7 +657,12 @@ fn open_db(root: &Path) -> Result<Database> {
     }
 }
 
-fn check_user(user: &str) -> Result<()> {
+pub(crate) fn check_user(user: &str) -> Result<()> {
+    if user == crate::proto::acl::ANONYMOUS {
+        return Err(Error::Invalid(format!(
+            "{user:?} is reserved (see coda-server anonymous)"
+        )));
+    }
     let ok = !user.is_empty()
         && user.len() <= crate::proto::MAX_USER
         && user
@@ -661,7 +681,7 @@ fn check_user(user: &str) -> Result<()> {
 /// Store a fresh secret for `user` and write it to `root/<user>.secret`
 /// (mode 0600). The file is written first: a user whose secret nobody can
 /// read would be useless.
-fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
+pub(crate) fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     {
@@ -684,6 +704,7 @@ fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     let txn = db.begin_write()?;
     txn.open_table(USERS)?.insert(user, &secret)?;
+    super::acl::assign_user_id(&txn, user)?;
     txn.commit()?;
     Ok(path)
 }

@@ -3,11 +3,12 @@
 //! error frame reaches the peer instead of being destroyed by a reset.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use crate::proto::frame::encode_frame;
 use crate::proto::{Msg, MAX_FRAME};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 /// What a control connection's writer thread is asked to do.
@@ -63,7 +64,7 @@ pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
 
 /// Send one message directly (handshake and bulk connections, which have a
 /// single thread writing).
-pub fn send(stream: &mut TcpStream, id: u64, msg: &Msg) -> Result<()> {
+pub fn send(stream: &mut Stream, id: u64, msg: &Msg) -> Result<()> {
     stream
         .write_all(&frame_for(id, msg))
         .map_err(|e| Error::io("sending frame", e))
@@ -77,9 +78,9 @@ const DRAIN_BYTES: usize = 4 << 20;
 /// then read and discard what the peer still sends for a short while.
 /// Closing with unread input would make the kernel send a reset, which can
 /// destroy the error frame before the peer reads it.
-pub fn close_after_error(stream: &mut TcpStream) {
+pub fn close_after_error(stream: &mut Stream) {
     let _ = stream.flush();
-    let _ = stream.shutdown(Shutdown::Write);
+    stream.close_write();
     let deadline = Instant::now() + DRAIN_TIME;
     let mut buf = [0u8; 16 * 1024];
     let mut total = 0;
@@ -88,7 +89,8 @@ pub fn close_after_error(stream: &mut TcpStream) {
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             break;
         }
-        match stream.read(&mut buf) {
+        // The raw socket: what is left is discarded, not decrypted.
+        match stream.tcp().read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => total += n,
         }

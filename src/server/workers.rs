@@ -10,9 +10,15 @@
 //! requests (reintegration batches, which all serialize on the store's one
 //! write transaction) run one at a time per session, so a session never has
 //! more than one batch waiting for that transaction ahead of others.
+//! A heavy job that has fixed its order among its session's heavy jobs
+//! (a batch queued for the group commit, reintegrate.rs) calls
+//! [`release_heavy`]: the session's next heavy job may then start, so a
+//! client's pipelined batches can join one group commit, still in order.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
@@ -72,6 +78,14 @@ impl State {
         Some((key, heavy, job))
     }
 
+    /// The session's running heavy job no longer holds its heavy slot.
+    fn release_heavy(&mut self, key: u64) {
+        if let Some(q) = self.queues.get_mut(&key) {
+            q.heavy_running = false;
+        }
+        self.requeue(key);
+    }
+
     fn done(&mut self, key: u64, heavy: bool) {
         if let Some(q) = self.queues.get_mut(&key) {
             q.running -= 1;
@@ -97,22 +111,40 @@ struct Inner {
     cv: Condvar,
 }
 
+thread_local! {
+    /// The pool and session of the heavy job this worker runs, while the
+    /// job holds its session's heavy slot.
+    static HEAVY: RefCell<Option<(Arc<Inner>, u64)>> = const { RefCell::new(None) };
+}
+
+/// Called from inside a heavy job (on its worker thread): its order among
+/// its session's heavy jobs is fixed, so the session's next heavy job may
+/// start while this one still runs. Does nothing on any other thread, or
+/// the second time.
+pub fn release_heavy() {
+    let Some((inner, key)) = HEAVY.with(|h| h.borrow_mut().take()) else {
+        return;
+    };
+    inner.state.lock().release_heavy(key);
+    inner.cv.notify_one();
+}
+
 /// Shut down through `&self`: queued jobs hold the server state that owns
 /// the pool, so the pool cannot wait to be the last owner of itself.
 pub struct Pool {
-    inner: std::sync::Arc<Inner>,
+    inner: Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Pool {
     pub fn new(size: usize) -> std::io::Result<Pool> {
-        let inner = std::sync::Arc::new(Inner {
+        let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
         });
         let mut threads = Vec::with_capacity(size);
         for i in 0..size {
-            let inner = std::sync::Arc::clone(&inner);
+            let inner = Arc::clone(&inner);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("coda-worker-{i}"))
@@ -148,7 +180,7 @@ impl Pool {
     }
 }
 
-fn work(inner: &Inner) {
+fn work(inner: &Arc<Inner>) {
     let mut st = inner.state.lock();
     loop {
         let Some((key, heavy, job)) = st.take() else {
@@ -159,11 +191,16 @@ fn work(inner: &Inner) {
             continue;
         };
         drop(st);
+        if heavy {
+            HEAVY.with(|h| *h.borrow_mut() = Some((Arc::clone(inner), key)));
+        }
         // A bug in one request must not take a worker (and with it the
         // server's capacity) down.
         if catch_unwind(AssertUnwindSafe(job)).is_err() {
             super::log::warn(format_args!("a request handler panicked"));
         }
+        // Still heavy unless the job released its slot.
+        let heavy = HEAVY.with(|h| h.borrow_mut().take()).is_some();
         st = inner.state.lock();
         st.done(key, heavy);
         // A finished job may have made its session's next one runnable;
@@ -224,6 +261,25 @@ mod tests {
         assert_eq!((k, heavy), (5, true));
         // Session 5's next is heavy too: it waits, session 6 runs.
         assert_eq!(st.take().unwrap().0, 6);
+        assert!(st.take().is_none());
+        st.done(5, true);
+        assert_eq!(st.take().unwrap().0, 5);
+    }
+
+    #[test]
+    fn a_released_heavy_job_lets_the_next_one_start_while_it_runs() {
+        let mut st = State::default();
+        st.push(5, true, noop());
+        st.push(5, true, noop());
+        let (k, heavy, _) = st.take().unwrap();
+        assert_eq!((k, heavy), (5, true));
+        assert!(st.take().is_none());
+        // The first has fixed its order (queued for the group commit).
+        st.release_heavy(5);
+        assert_eq!(st.take().unwrap().0, 5);
+        // The first ends without its slot; the second still holds one.
+        st.done(5, false);
+        st.push(5, true, noop());
         assert!(st.take().is_none());
         st.done(5, true);
         assert_eq!(st.take().unwrap().0, 5);

@@ -19,6 +19,12 @@ pub fn config(server: &TestServer, cache_dir: &Path) -> Config {
     c.set("cache_dir", cache_dir.to_str().unwrap()).unwrap();
     c.set("secret_file", server.secret_file().to_str().unwrap())
         .unwrap();
+    // Named, so a test that moves the secret elsewhere still pins it.
+    c.set(
+        "tls_fingerprint_file",
+        server.fingerprint_file().to_str().unwrap(),
+    )
+    .unwrap();
     c.set("rpc_timeout_ms", "5000").unwrap();
     c
 }

@@ -112,6 +112,11 @@ impl TestServer {
     pub fn secret_file(&self) -> PathBuf {
         self.root().join("admin.secret")
     }
+    /// The server's certificate fingerprint file clients pin, as
+    /// `coda-server init` wrote it.
+    pub fn fingerprint_file(&self) -> PathBuf {
+        self.root().join("server.fingerprint")
+    }
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("server running").id() as i32
     }

@@ -8,7 +8,10 @@
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use coda::tls::Stream;
 
 use coda::error::WireCode;
 use coda::proto::auth::{
@@ -18,8 +21,10 @@ use coda::proto::frame::encode_frame;
 use coda::proto::{read_frame, Attr, ConnKind, Fid, Msg, Record, RecordOp, Replaces, Timespec};
 
 pub struct Raw {
-    pub stream: TcpStream,
-    reader: BufReader<TcpStream>,
+    /// TLS, as every test server speaks it; a clone writes from another
+    /// thread while `recv` reads.
+    pub stream: Stream,
+    reader: BufReader<Stream>,
     next_id: u64,
     pub root: Fid,
     pub client_id: [u8; 16],
@@ -53,10 +58,11 @@ impl Raw {
         client_id: [u8; 16],
         epoch: u64,
     ) -> Result<Raw, Msg> {
-        let stream = TcpStream::connect(addr).expect("connect to server");
+        let stream = tls_stream(addr);
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
+        let binding = stream.channel_binding().expect("channel binding");
         let mut raw = Raw {
             reader: BufReader::new(stream.try_clone().unwrap()),
             stream,
@@ -81,6 +87,7 @@ impl Raw {
             kind,
             client_nonce: &client_nonce,
             server_nonce: &server_nonce,
+            binding: &binding,
         };
         raw.send_id(
             0,
@@ -344,6 +351,78 @@ pub fn dense_upload(upload_id: u64, length: u64) -> Msg {
             vec![(0, length)]
         },
     }
+}
+
+/// A TLS connection to a test server, before any coda message. The test
+/// client trusts whatever certificate the server presents: the tests that
+/// need the client's pinning use the real client (tests/wire_tls.rs).
+pub fn tls_stream(addr: SocketAddr) -> Stream {
+    let tcp = TcpStream::connect(addr).expect("connect to server");
+    tls_over(tcp)
+}
+
+/// TLS over an already connected socket (see [`tls_stream`]).
+pub fn tls_over(tcp: TcpStream) -> Stream {
+    try_tls_over(tcp).expect("TLS handshake")
+}
+
+/// [`tls_over`], with `None` when the handshake fails (a server cutting
+/// hostile connections).
+pub fn try_tls_over(tcp: TcpStream) -> Option<Stream> {
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    Stream::connect(tcp, any_cert(), "coda-server", "test server").ok()
+}
+
+fn any_cert() -> Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+    #[derive(Debug)]
+    struct Any(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("no TLS 1.2".into()))
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let p = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Any(p)))
+        .with_no_client_auth();
+    Arc::new(cfg)
 }
 
 fn closed() -> Msg {

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coda::server::replication::{ask_status, config::read_key, node::NodeStatus};
+use coda::server::replication::{
+    ask_status,
+    node::NodeStatus,
+    transport::{peer_key, PeerKey},
+};
 
 use crate::common::{TempDir, SERVER_BIN};
 
@@ -43,7 +47,7 @@ impl Member {
 pub struct Group {
     pub dir: TempDir,
     pub members: Vec<Member>,
-    key: [u8; 32],
+    key: PeerKey,
     /// Where each member really binds, when behind a proxy.
     listen: Vec<Option<SocketAddr>>,
 }
@@ -101,7 +105,7 @@ impl Group {
                 child: None,
             });
         }
-        let key = read_key(&members[0].root).expect("group key");
+        let key = peer_key(&members[0].root, true).expect("group key");
         let mut g = Group {
             dir,
             members,
@@ -440,7 +444,7 @@ impl Group {
                 child: None,
             });
         }
-        let key = read_key(&members[0].root).expect("group key");
+        let key = peer_key(&members[0].root, true).expect("group key");
         let mut g = Group {
             dir,
             members,

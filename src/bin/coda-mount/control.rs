@@ -197,6 +197,22 @@ pub fn handle(ctx: &Ctx, args: &[String]) -> Response {
             ]),
             Err(e) => fail(&e),
         },
+        ["listacl", path] => match c.acl_get(path) {
+            Ok(acl) => Response::Ok(acl_lines(&acl)),
+            Err(e) => fail(&e),
+        },
+        ["setacl", path, name, rights] => match c.acl_set(path, name, rights) {
+            Ok(acl) => Response::Ok(acl_lines(&acl)),
+            Err(e) => fail(&e),
+        },
+        ["whoami"] => match c.whoami() {
+            Ok(w) => Response::Ok(vec![
+                format!("user: {}", w.user),
+                format!("id: {}", w.id),
+                format!("groups: {}", w.groups.join(" ")),
+            ]),
+            Err(e) => fail(&e),
+        },
         [cmd, ..] => usage(&format!("unknown command or wrong arguments: {cmd}")),
         [] => usage("empty request"),
     }
@@ -230,6 +246,10 @@ fn status(ctx: &Ctx) -> Vec<String> {
             sh.passthrough_opens.load(Ordering::Relaxed)
         ),
         format!("plain_opens: {}", sh.plain_opens.load(Ordering::Relaxed)),
+        format!(
+            "backing_files: {}",
+            sh.backing_files.load(Ordering::Relaxed)
+        ),
         format!("fuse_reads: {}", sh.reads.load(Ordering::Relaxed)),
         format!("fuse_lookups: {}", sh.lookups.load(Ordering::Relaxed)),
         format!("fuse_getattrs: {}", sh.getattrs.load(Ordering::Relaxed)),
@@ -361,4 +381,17 @@ fn cache_line(o: &CachedObject) -> String {
         o.fid,
         o.path.as_deref().unwrap_or("?"),
     )
+}
+
+/// `coda listacl` lines: `NAME RIGHTS`, a negative entry's rights with a
+/// leading `-` (what `coda setacl` takes back).
+fn acl_lines(acl: &coda::client::AclInfo) -> Vec<String> {
+    acl.entries
+        .iter()
+        .map(|e| {
+            let sign = if e.negative { "-" } else { "" };
+            let rights = coda::proto::acl::rights_string(e.rights);
+            format!("{} {sign}{rights}", e.name)
+        })
+        .collect()
 }

@@ -38,6 +38,9 @@ pub struct Shared {
     pub passthrough: AtomicBool,
     pub passthrough_opens: AtomicU64,
     pub plain_opens: AtomicU64,
+    /// Backing files registered with the kernel (an unchanged file's is
+    /// kept across opens).
+    pub backing_files: AtomicU64,
     pub open_files: AtomicU64,
     /// Read requests the kernel sent (pages it did not have cached).
     pub reads: AtomicU64,
@@ -74,9 +77,12 @@ struct Handle {
     /// The object was removed while open: the handle lives on its
     /// container alone until release, as POSIX keeps an unlinked file.
     gone: AtomicBool,
-    /// A descriptor of the open container (a dup of the `File`'s): its
-    /// size and times, read without waiting for a store under way.
-    container: std::fs::File,
+    /// For a writable open, a descriptor of the open container (a dup of
+    /// the `File`'s): its size and times, read without waiting for a store
+    /// under way. A read-only open's `File` is never out of its slot (no
+    /// store) until release, so it uses the `File`'s own (one dup and close
+    /// fewer per open). See `with_container`.
+    container: Option<std::fs::File>,
 }
 
 /// A client error that says the object no longer exists.
@@ -113,7 +119,7 @@ pub struct CodaFs {
     dirs: Mutex<HashMap<u64, DirSnapshot>>,
     /// Per inode, the backing file shared by its passthrough opens (the
     /// kernel wants one per inode at a time) and which container it is.
-    backings: Mutex<HashMap<u64, (Weak<BackingId>, ContainerId)>>,
+    backings: Mutex<HashMap<u64, Backing>>,
     next_fh: AtomicU64,
     /// Inodes with a store under way: stores of one inode run one after
     /// the other, so the last one to start reads the container last and
@@ -121,6 +127,23 @@ pub struct CodaFs {
     /// a store; the others wait on `stored`).
     storing: Mutex<std::collections::HashSet<u64>>,
     stored: Condvar,
+}
+
+/// How many inodes' backing files stay registered with no open using them.
+const KEPT_BACKINGS: usize = 1024;
+/// The largest container whose backing file is kept (see `Backing`).
+const KEPT_MAX_SIZE: u64 = 64 << 10;
+
+/// An inode's backing file. It stays registered after the last open is
+/// released (`kept`), so the next open of an unchanged file costs no
+/// reopen of its container and no register/unregister with the kernel;
+/// it goes when the kernel forgets the inode, when the container changes
+/// and no open uses the old one, or past `KEPT_BACKINGS`. Only files of at
+/// most `KEPT_MAX_SIZE` keep theirs.
+struct Backing {
+    live: Weak<BackingId>,
+    which: ContainerId,
+    kept: Option<Arc<BackingId>>,
 }
 
 /// This thread's turn to store an inode (see `CodaFs::storing`).
@@ -232,6 +255,25 @@ fn file_id(fd: i32) -> Option<ContainerId> {
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
+/// `file_id` and the container's size, from one fstat.
+fn file_id_size(fd: i32) -> Option<(ContainerId, u64)> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is a live descriptor; st is a properly sized out-buffer.
+    (unsafe { libc::fstat(fd, &mut st) } == 0)
+        .then_some(((st.st_dev, st.st_ino), st.st_size as u64))
+}
+
+/// Run `f` on a descriptor of the handle's open container: its own dup
+/// (writable), or its `File`'s under the slot lock (read-only; nothing but a
+/// local fstat/futimens is done under it). `None` once released.
+fn with_container<R>(h: &Handle, f: impl FnOnce(i32) -> R) -> Option<R> {
+    if let Some(c) = &h.container {
+        return Some(f(c.as_raw_fd()));
+    }
+    let g = h.file.lock();
+    g.as_ref().map(|file| f(file.fd()))
+}
+
 /// Ctime of an open container: a change made through it (write,
 /// ftruncate, fallocate) is a status change the server has not seen yet.
 fn container_ctime(fd: i32) -> Option<SystemTime> {
@@ -338,13 +380,15 @@ impl CodaFs {
                 .filter(|(_, h)| h.ino == ino && h.writable)
                 .max_by_key(|(fh, _)| **fh);
             if let Some((_, h)) = newest {
-                let fd = h.container.as_raw_fd();
-                if let Some((len, t)) = size_mtime(fd) {
-                    size = len;
-                    mtime = t;
-                }
-                if let Some(c) = container_ctime(fd) {
-                    ctime = ctime.max(c);
+                let got = with_container(h, |fd| (size_mtime(fd), container_ctime(fd)));
+                if let Some((sm, c)) = got {
+                    if let Some((len, t)) = sm {
+                        size = len;
+                        mtime = t;
+                    }
+                    if let Some(c) = c {
+                        ctime = ctime.max(c);
+                    }
                 }
             }
         }
@@ -541,12 +585,35 @@ impl CodaFs {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
-        let id = file_id(file.fd())?;
+        let (id, size) = file_id_size(file.fd())?;
+        // Only small files' backings are kept: a kept one holds its
+        // container (disk space too, once the client evicted it), and for a
+        // large file the registration is a small part of reading it.
+        let keep = size <= KEPT_MAX_SIZE;
         let mut b = self.backings.lock();
-        if let Some((weak, which)) = b.get(&ino) {
-            if let Some(live) = weak.upgrade() {
-                return (*which == id).then_some(live);
+        if let Some(e) = b.get_mut(&ino) {
+            if let Some(live) = e.live.upgrade() {
+                if e.which == id {
+                    if e.kept.is_none() && keep {
+                        e.kept = Some(live.clone());
+                    }
+                    return Some(live);
+                }
+                // Another container: usable once no open uses the old
+                // backing (only `live` and the kept reference are left; the
+                // kernel let go of it when the last such open was released).
+                if Arc::strong_count(&live) > 1 + usize::from(e.kept.is_some()) {
+                    return None;
+                }
             }
+            b.remove(&ino);
+        }
+        if b.len() >= KEPT_BACKINGS {
+            // Bounded: let the kept ones go (opens in use hold their own).
+            b.retain(|_, e| {
+                e.kept = None;
+                e.live.strong_count() > 0
+            });
         }
         // A read-write description of the container: a read-only open may
         // register the backing that a later writable open shares.
@@ -565,8 +632,16 @@ impl CodaFs {
         // The kernel takes its own reference to the file.
         match register(rw.as_fd()) {
             Ok(bid) => {
+                self.shared.backing_files.fetch_add(1, Ordering::Relaxed);
                 let bid = Arc::new(bid);
-                b.insert(ino, (Arc::downgrade(&bid), id));
+                b.insert(
+                    ino,
+                    Backing {
+                        live: Arc::downgrade(&bid),
+                        which: id,
+                        kept: keep.then(|| bid.clone()),
+                    },
+                );
                 Some(bid)
             }
             Err(e) => {
@@ -574,6 +649,20 @@ impl CodaFs {
                 None
             }
         }
+    }
+
+    /// The inode's live backing file, for an open that could not share it
+    /// (its container is not the backing's: the file changed while older
+    /// opens of it stay open here). The kernel fails any open of an inode
+    /// with a backing file unless it is passthrough on that very file, so
+    /// such an open names it too, with direct I/O: its reads and writes
+    /// then come to us and are served from its own container; only an
+    /// mmap of it would use the backing file.
+    fn live_backing(&self, ino: u64) -> Option<Arc<BackingId>> {
+        if !self.shared.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.backings.lock().get(&ino)?.live.upgrade()
     }
 
     /// Page-cache flags of a plain open: direct I/O beside passthrough;
@@ -606,6 +695,43 @@ impl CodaFs {
         }
     }
 
+    /// The client's `File` for an open of `ino`. A truncating open of an
+    /// inode that is open here already truncates the container those opens
+    /// share, in place, instead of getting a new empty one: every descriptor
+    /// of the inode is then one file (as locally), and with passthrough the
+    /// open can use the inode's live backing file, without which the kernel
+    /// fails the open with EIO (it wants every open of an inode with a
+    /// backing file to be passthrough on that same file).
+    fn open_file(&self, ino: u64, fid: Fid, cflags: i32) -> Result<File, Errno> {
+        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let shared = writable
+            && cflags & libc::O_TRUNC != 0
+            && self
+                .open_handle(ino)
+                .is_some_and(|h| !h.gone.load(Ordering::Relaxed));
+        if !shared {
+            return self.client.open_fid(fid, cflags).map_err(|e| errno(&e));
+        }
+        let mut file = self
+            .client
+            .open_fid(fid, cflags & !libc::O_TRUNC)
+            .map_err(|e| errno(&e))?;
+        // An empty write marks the file changed (stored at close, even if
+        // it was empty already), as the client's own O_TRUNC does.
+        let cut = file.write_at(&[], 0).map_err(|e| errno(&e)).and_then(|_| {
+            // SAFETY: the `File`'s live container descriptor.
+            if unsafe { libc::ftruncate(file.fd(), 0) } != 0 {
+                return Err(Errno::from(std::io::Error::last_os_error()));
+            }
+            Ok(())
+        });
+        if let Err(e) = cut {
+            file.abandon();
+            return Err(e);
+        }
+        Ok(file)
+    }
+
     fn remember(
         &self,
         ino: u64,
@@ -619,20 +745,25 @@ impl CodaFs {
             .getattr_fid(fid)
             .map(|st| st.mode & 0o7777)
             .unwrap_or(0o600);
-        // SAFETY: the fd is the live container fd of `file`; dup gives us
-        // our own descriptor of it (or -1).
-        let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(Errno::from(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `dup` is a new descriptor nobody else owns.
-        let container = unsafe { std::fs::File::from_raw_fd(dup) };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let container = if writable {
+            // SAFETY: the fd is the live container fd of `file`; dup gives
+            // us our own descriptor of it (or -1).
+            let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(Errno::from(std::io::Error::last_os_error()));
+            }
+            // SAFETY: `dup` is a new descriptor nobody else owns.
+            Some(unsafe { std::fs::File::from_raw_fd(dup) })
+        } else {
+            None
+        };
         let fh = self.new_fh();
         self.handles.lock().insert(
             fh,
             Arc::new(Handle {
                 ino,
-                writable: flags & libc::O_ACCMODE != libc::O_RDONLY,
+                writable,
                 fid,
                 // Reopening must neither create nor truncate again.
                 flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
@@ -688,7 +819,7 @@ impl CodaFs {
     /// The status of an open file whose object is gone: its container's
     /// size and times, the last known mode, no links.
     fn orphan_attr(&self, h: &Handle) -> Result<FileAttr, Errno> {
-        let (size, mtime) = size_mtime(h.container.as_raw_fd()).ok_or(Errno::EIO)?;
+        let (size, mtime) = with_container(h, size_mtime).flatten().ok_or(Errno::EIO)?;
         Ok(FileAttr {
             ino: INodeNo(h.ino),
             size,
@@ -720,8 +851,10 @@ impl CodaFs {
         if let Some(m) = mode {
             h.mode.store(m & 0o7777, Ordering::Relaxed);
         }
-        {
-            let fd = h.container.as_raw_fd();
+        if size.is_some() && !h.writable {
+            return Err(Errno::EBADF);
+        }
+        let changed = with_container(h, |fd| -> Result<(), Errno> {
             if let Some(n) = size {
                 if !h.writable {
                     return Err(Errno::EBADF);
@@ -749,7 +882,9 @@ impl CodaFs {
                 // SAFETY: live fd; `times` holds the two entries futimens reads.
                 unsafe { libc::futimens(fd, times.as_ptr()) };
             }
-        }
+            Ok(())
+        });
+        changed.unwrap_or(Err(Errno::EBADF))?;
         self.orphan_attr(h)
     }
 
@@ -879,6 +1014,18 @@ impl Filesystem for CodaFs {
         Ok(())
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // The kernel dropped the inode (or a lookup reply it could not use):
+        // let a kept backing go; opens still in use hold their own.
+        let mut b = self.backings.lock();
+        if let Some(e) = b.get_mut(&ino.0) {
+            e.kept = None;
+            if e.live.strong_count() == 0 {
+                b.remove(&ino.0);
+            }
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         tri!(reply, self.guard());
         let (dir, name_s) = tri!(reply, self.child(parent, name));
@@ -977,7 +1124,9 @@ impl Filesystem for CodaFs {
                     // The handle's own descriptor of the container: no wait
                     // for a store under way (the next flush stores the cut).
                     // SAFETY: a live descriptor owned by the handle.
-                    if unsafe { libc::ftruncate(h.container.as_raw_fd(), n as libc::off_t) } != 0 {
+                    let cut =
+                        with_container(&h, |fd| unsafe { libc::ftruncate(fd, n as libc::off_t) });
+                    if cut != Some(0) {
                         return reply.error(Errno::from(std::io::Error::last_os_error()));
                     }
                 }
@@ -1131,10 +1280,7 @@ impl Filesystem for CodaFs {
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
         let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
-        let file = tri!(
-            reply,
-            self.client.open_fid(fid, cflags).map_err(|e| errno(&e))
-        );
+        let file = tri!(reply, self.open_file(ino.0, fid, cflags));
         // Writable opens use passthrough too when the inode's backing is
         // this container (or free): shared writable mmap (SQLite's WAL)
         // needs it, and writes land in the container the store reads.
@@ -1154,6 +1300,14 @@ impl Filesystem for CodaFs {
                 FopenFlags::FOPEN_NOFLUSH
             };
             return reply.opened_passthrough(FileHandle(fh), flags, &b);
+        }
+        if let Some(b) = self.live_backing(ino.0) {
+            let fh = tri!(
+                reply,
+                self.remember(ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO, &b);
         }
         let flags = self.cache_flags(ino.0, fid, &file, writable);
         let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
@@ -1521,6 +1675,21 @@ impl Filesystem for CodaFs {
                 &b,
             );
         }
+        if let Some(b) = self.live_backing(attr.ino.0) {
+            let fh = tri!(
+                reply,
+                self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
+            );
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.created_passthrough(
+                &TTL,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO,
+                &b,
+            );
+        }
         let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
         let trusted = self.client.trusts_cached(dir)
@@ -1619,15 +1788,10 @@ impl Filesystem for CodaFs {
         }
         // The handle's own descriptor of the container, as for ftruncate.
         // SAFETY: a live descriptor owned by the handle.
-        let r = unsafe {
-            libc::fallocate(
-                h.container.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        };
-        if r != 0 {
+        let r = with_container(&h, |fd| unsafe {
+            libc::fallocate(fd, mode, offset as libc::off_t, length as libc::off_t)
+        });
+        if r != Some(0) {
             return reply.error(Errno::from(std::io::Error::last_os_error()));
         }
         reply.ok();

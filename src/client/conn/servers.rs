@@ -9,8 +9,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::interrupt::Interrupt;
+use super::params::{Identity, Timing, GATE_SLICE};
 use super::session::Session;
-use super::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
 use crate::client::stats::Counters;
 use crate::{Error, Result};

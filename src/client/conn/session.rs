@@ -15,13 +15,14 @@ use crossbeam_channel::{bounded, select, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::interrupt::{Interrupt, SocketGuard};
-use super::{Identity, Timing, GATE_SLICE};
+use super::params::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
 use crate::client::event::Event;
 use crate::client::stats::Counters;
 use crate::proto::auth;
 use crate::proto::frame::{read_frame, write_frame};
 use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 // ---------------------------------------------------------------------------
@@ -178,11 +179,11 @@ fn connect_interruptible(
     Ok(stream)
 }
 
-fn send(s: &mut TcpStream, id: u64, m: &Msg) -> Result<()> {
+fn send(s: &mut Stream, id: u64, m: &Msg) -> Result<()> {
     write_frame(s, m.kind(), id, &m.encode())
 }
 
-fn recv(s: &mut TcpStream, server: &str, timeout: Duration) -> Result<Msg> {
+fn recv(s: &mut Stream, server: &str, timeout: Duration) -> Result<Msg> {
     match read_frame(s) {
         Ok(Some(f)) => Msg::decode(&f),
         Ok(None) => Err(Error::Eio(format!("server {server} closed the connection"))),
@@ -191,7 +192,9 @@ fn recv(s: &mut TcpStream, server: &str, timeout: Duration) -> Result<Msg> {
 }
 
 /// A socket read that timed out is `Timeout`; other socket failures mean the
-/// server (or the path to it) is gone: `Eio`, naming the server.
+/// server (or the path to it) is gone: `Eio`, naming the server. A record
+/// that fails TLS's integrity check is such a failure too: the connection
+/// is dropped, nothing of it is taken as data.
 fn net_error(e: Error, server: &str, timeout: Duration) -> Error {
     match e {
         Error::Io { source, .. }
@@ -226,13 +229,13 @@ fn handshake(
     id: &Identity,
     t: &Timing,
     interrupt: &Interrupt,
-) -> Result<(TcpStream, Fid)> {
+) -> Result<(Stream, Fid)> {
     let addr = server
         .to_socket_addrs()
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
         .next()
         .ok_or_else(|| Error::Eio(format!("server {server}: no address")))?;
-    let mut s = dial(addr, kind, t, interrupt).map_err(|e| {
+    let s = dial(addr, kind, t, interrupt).map_err(|e| {
         if matches!(
             e.kind(),
             std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
@@ -243,6 +246,16 @@ fn handshake(
         }
     })?;
     let _guard = interrupt.guard(&s)?;
+    let mut s = match &id.tls {
+        Some(cfg) => {
+            let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            Stream::connect(s, cfg.clone(), host, &format!("server {server}"))
+                .map_err(|e| net_error(e, server, t.rpc_timeout))?
+        }
+        None => Stream::plain(s),
+    };
+    let binding = s.channel_binding()?;
     let (mut hs, hello) = crate::proto::handshake::ClientHandshake::start(
         &id.user,
         id.client_id,
@@ -250,6 +263,7 @@ fn handshake(
         kind,
         id.secret,
         auth::random_bytes::<32>(),
+        binding,
     );
     let mut out = hello;
     // Bounded: the machine ends after at most two received messages.
@@ -271,7 +285,7 @@ struct Control {
     /// A clone used only to shut the socket down, so killing the connection
     /// never waits for a writer stuck on a full socket.
     sock: TcpStream,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Stream>,
     pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
@@ -323,7 +337,7 @@ pub(crate) struct Session {
     next_id: AtomicU64,
     ident: Arc<Identity>,
     timing: Timing,
-    bulk_pool: Mutex<Vec<TcpStream>>,
+    bulk_pool: Mutex<Vec<Stream>>,
     /// Clones of bulk sockets in use, so an interrupt can shut them down.
     bulk_active: Mutex<HashMap<u64, TcpStream>>,
     /// Bulk connections taken (in use or being opened): at most
@@ -335,7 +349,7 @@ pub(crate) struct Session {
 
 fn reader_loop(
     ctl: Arc<Control>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     callbacks: Arc<Callbacks>,
     counters: Arc<Counters>,
 ) {
@@ -385,7 +399,7 @@ fn reader_loop(
 /// that left the stream at a frame boundary.
 pub(crate) struct Bulk<'a> {
     session: &'a Session,
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     key: u64,
     _interruptible: SocketGuard<'a>,
 }
@@ -398,7 +412,7 @@ impl Drop for Bulk<'_> {
 }
 
 impl Bulk<'_> {
-    fn stream(&mut self) -> &mut TcpStream {
+    fn stream(&mut self) -> &mut Stream {
         self.stream
             .as_mut()
             .expect("bulk stream present until released")
@@ -434,7 +448,10 @@ impl Session {
         s.set_read_timeout(None)
             .map_err(|e| Error::io("control socket", e))?;
         let reader = s.try_clone().map_err(|e| Error::io("control socket", e))?;
-        let sock = s.try_clone().map_err(|e| Error::io("control socket", e))?;
+        let sock = s
+            .tcp()
+            .try_clone()
+            .map_err(|e| Error::io("control socket", e))?;
         let ctl = Arc::new(Control {
             server: server.to_string(),
             sock,
@@ -629,12 +646,12 @@ impl Session {
             },
         };
         let key = self.next_id.fetch_add(1, Ordering::Relaxed);
-        if let Ok(c) = stream.try_clone() {
+        if let Ok(c) = stream.tcp().try_clone() {
             self.bulk_active.lock().insert(key, c);
         }
         // Registered for kill (above) and for interrupts (here): either
         // shuts the socket down and unblocks the transfer at once.
-        let guard = match interrupt.guard(&stream) {
+        let guard = match interrupt.guard(stream.tcp()) {
             Ok(g) => g,
             Err(e) => {
                 self.bulk_active.lock().remove(&key);

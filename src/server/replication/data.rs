@@ -21,7 +21,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::transport::{
-    dial, read_frame, write_frame, KIND_FETCH, KIND_FILE, KIND_PUSH, KIND_PUSHED,
+    dial, read_frame, write_frame, PeerKey, KIND_FETCH, KIND_FILE, KIND_PUSH, KIND_PUSHED,
 };
 use crate::proto::auth::random_bytes;
 use crate::server::objects::{hex, sync_dir};
@@ -139,7 +139,7 @@ fn receive_bytes<R: Read>(
 /// Push one upload to member `to`; returns once it is durable there.
 pub fn push(
     addr: SocketAddr,
-    key: &[u8; 32],
+    key: &PeerKey,
     me: u64,
     to: u64,
     client: &[u8; 16],
@@ -190,7 +190,7 @@ pub fn serve_push<R: BufRead, W: Write>(
 /// Pull one upload from member `from`; `Ok(false)` if it has none.
 pub fn fetch(
     addr: SocketAddr,
-    key: &[u8; 32],
+    key: &PeerKey,
     me: u64,
     from: u64,
     root: &Path,

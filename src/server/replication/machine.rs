@@ -24,8 +24,10 @@ use redb::ReadableTable;
 use super::config::{resolve, GroupConfig};
 use super::data::{fetch, push, replstage_dir, replstage_path};
 use super::node::StateMachine;
+use super::transport::PeerKey;
 use super::Replicator;
 use crate::proto::{Msg, Record, RecordOp, Timespec};
+use crate::server::acl::Who;
 use crate::server::meta::{encode_reservation, CLIENT_STORE, RESERVED, SETTINGS, VOLUMES};
 use crate::server::reintegrate::{BatchError, Outcome};
 use crate::server::sessions::ClientCtx;
@@ -49,12 +51,12 @@ pub type Applied = Box<dyn Any + Send>;
 pub struct Machine {
     pub(super) store: Arc<VolumeStore>,
     pub(super) root: PathBuf,
-    pub(super) key: [u8; 32],
+    pub(super) key: PeerKey,
     pub(super) me: u64,
     pub(super) group: Arc<Mutex<GroupConfig>>,
 }
 
-fn encode_reintegrate(client: &ClientId, now: Timespec, records: &[Record]) -> Vec<u8> {
+fn encode_reintegrate(client: &ClientId, now: Timespec, who: &Who, records: &[Record]) -> Vec<u8> {
     let msg = Msg::Reintegrate {
         records: records.to_vec(),
     };
@@ -62,6 +64,7 @@ fn encode_reintegrate(client: &ClientId, now: Timespec, records: &[Record]) -> V
     b.extend_from_slice(client);
     b.extend_from_slice(&now.sec.to_be_bytes());
     b.extend_from_slice(&now.nsec.to_be_bytes());
+    encode_who(&mut b, who);
     b.push(msg.kind());
     b.extend_from_slice(&msg.encode());
     b
@@ -73,6 +76,50 @@ fn encode_alloc(client: &ClientId, volume: u32, count: u32) -> Vec<u8> {
     b.extend_from_slice(&volume.to_be_bytes());
     b.extend_from_slice(&count.to_be_bytes());
     b
+}
+
+/// The user a batch acts for, as the leader resolved it: every member
+/// checks the batch's rights against the same user, id and groups, whatever
+/// its own user table says. `u16 len | name`, `u32 id`, `u16 count`, then
+/// each group as `u16 len | name`.
+fn encode_who(b: &mut Vec<u8>, who: &Who) {
+    let put = |b: &mut Vec<u8>, s: &str| {
+        let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        b.extend_from_slice(s);
+    };
+    put(b, &who.user);
+    b.extend_from_slice(&who.id.to_be_bytes());
+    let n = who.groups.len().min(u16::MAX as usize);
+    b.extend_from_slice(&(n as u16).to_be_bytes());
+    for g in &who.groups[..n] {
+        put(b, g);
+    }
+}
+
+/// Decode [`encode_who`] from the front of `b`; returns it and the rest.
+fn decode_who(b: &[u8]) -> Result<(Who, &[u8])> {
+    fn take(b: &[u8], n: usize) -> Result<(&[u8], &[u8])> {
+        (b.len() >= n).then(|| b.split_at(n)).ok_or_else(bad_entry)
+    }
+    fn string(b: &[u8]) -> Result<(String, &[u8])> {
+        let (len, b) = take(b, 2)?;
+        let (s, b) = take(b, u16::from_be_bytes([len[0], len[1]]) as usize)?;
+        let s = String::from_utf8(s.to_vec()).map_err(|_| bad_entry())?;
+        Ok((s, b))
+    }
+    let (user, b) = string(b)?;
+    let (id, b) = take(b, 4)?;
+    let id = u32::from_be_bytes(id.try_into().expect("4"));
+    let (n, mut b) = take(b, 2)?;
+    let n = u16::from_be_bytes([n[0], n[1]]);
+    let mut groups = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (g, rest) = string(b)?;
+        groups.push(g);
+        b = rest;
+    }
+    Ok((Who { user, id, groups }, b))
 }
 
 fn bad_entry() -> Error {
@@ -89,14 +136,16 @@ impl StateMachine for Machine {
         match data[0] {
             OP_REINTEGRATE => {
                 let b = data.get(17..).ok_or_else(bad_entry)?;
-                if b.len() < 13 {
+                if b.len() < 12 {
                     return Err(bad_entry());
                 }
                 let now = Timespec {
                     sec: i64::from_be_bytes(b[..8].try_into().expect("8")),
                     nsec: u32::from_be_bytes(b[8..12].try_into().expect("4")),
                 };
-                let Msg::Reintegrate { records } = Msg::decode_body(b[12], &b[13..])? else {
+                let (who, b) = decode_who(&b[12..])?;
+                let (&kind, body) = b.split_first().ok_or_else(bad_entry)?;
+                let Msg::Reintegrate { records } = Msg::decode_body(kind, body)? else {
                     return Err(bad_entry());
                 };
                 self.ensure_data(&client, &records)?;
@@ -105,9 +154,13 @@ impl StateMachine for Machine {
                     let p = replstage_path(&root, &client, up);
                     p.exists().then_some(p)
                 };
-                let res = self
-                    .store
-                    .reintegrate_at(&client, &records, &lookup, Some(now));
+                let res = self.store.reintegrate_at(
+                    &client,
+                    Some(Arc::new(who)),
+                    &records,
+                    &lookup,
+                    Some(now),
+                );
                 if let Err(b) = &res {
                     if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
                         // Another member may have applied it: stop rather than diverge.
@@ -277,6 +330,7 @@ pub(crate) fn reintegrate(
     shared: &Shared,
     repl: &Replicator,
     ctx: &ClientCtx,
+    who: Arc<Who>,
     records: &[Record],
 ) -> std::result::Result<Outcome, BatchError> {
     let fail = |e: Error| {
@@ -302,7 +356,7 @@ pub(crate) fn reintegrate(
         objects::sync_dir(&dir)?;
         push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
     }
-    let data = encode_reintegrate(&ctx.id, Timespec::now(), records);
+    let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, records);
     match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
         Ok(r) => r,
         Err(e) => Err(fail(e)),
@@ -328,7 +382,7 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
     let (tx, rx) = crossbeam_channel::unbounded();
     for (id, addr) in others {
         let tx = tx.clone();
-        let key = repl.key;
+        let key = repl.key.clone();
         let me = repl.me;
         let client = *client;
         let files = files.to_vec();

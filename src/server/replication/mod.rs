@@ -20,9 +20,9 @@ mod peers;
 pub mod storage;
 pub mod transport;
 
+use crate::tls::Stream;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use protobuf::Message as _;
 use self::config::{GroupConfig, Member};
 use self::node::{Driver, Input, NodeStatus, Published};
 use self::storage::RaftStore;
-use self::transport::{KIND_RAFT, KIND_STATUS, KIND_STATUS_REQ};
+use self::transport::{PeerKey, KIND_RAFT, KIND_STATUS, KIND_STATUS_REQ};
 use crate::server::log;
 use crate::{Error, Result};
 
@@ -103,7 +103,7 @@ pub fn init_member(
                 ""
             };
             format!(
-                "initialised {} as member {node} (volume store, users and group key copied from {}){how}",
+                "initialised {} as member {node} (volume store, users, group key and TLS certificate copied from {}){how}",
                 root.display(),
                 src.display()
             )
@@ -183,6 +183,35 @@ fn copy_from(src: &Path, root: &Path, cfg: &mut GroupConfig) -> Result<bool> {
             config::write_file_durably(&root.join(&name), &bytes, 0o600)?;
         }
     }
+    // The group's one certificate: clients pin one fingerprint file for
+    // every member, and members pin it for each other.
+    let tls_dir = root.join("tls");
+    fs::create_dir_all(&tls_dir).map_err(|e| Error::io("create the tls directory", e))?;
+    for (from, to, mode) in [
+        (crate::tls::key_path(src), crate::tls::key_path(root), 0o600),
+        (
+            crate::tls::cert_path(src),
+            crate::tls::cert_path(root),
+            0o644,
+        ),
+        (
+            crate::tls::fingerprint_path(src),
+            crate::tls::fingerprint_path(root),
+            0o600,
+        ),
+    ] {
+        let bytes = fs::read(&from).map_err(|e| {
+            Error::io(
+                format!(
+                    "read {} (the group's TLS files; run `coda-server init-tls` on {} first)",
+                    from.display(),
+                    src.display()
+                ),
+                e,
+            )
+        })?;
+        config::write_file_durably(&to, &bytes, mode)?;
+    }
     if joining {
         let bytes = fs::read(root.join(INITIAL_STORE))
             .map_err(|e| Error::io("read the initial store", e))?;
@@ -195,7 +224,7 @@ fn copy_from(src: &Path, root: &Path, cfg: &mut GroupConfig) -> Result<bool> {
 pub struct Replicator {
     inbox: Sender<Input>,
     group: Arc<Mutex<GroupConfig>>,
-    key: [u8; 32],
+    key: PeerKey,
     me: u64,
     root: PathBuf,
     published: Arc<Published>,
@@ -204,15 +233,17 @@ pub struct Replicator {
 }
 
 impl Replicator {
-    /// Start replication if `root` is a group member; `None` for a lone server.
+    /// Start replication if `root` is a group member; `None` for a lone
+    /// server. `tls`: peer connections use TLS (the server serves TLS).
     pub fn start(
         root: &Path,
         volumes: &Arc<crate::server::volume::VolumeStore>,
+        tls: bool,
     ) -> Result<Option<Replicator>> {
         let Some(cfg) = GroupConfig::load(root)? else {
             return Ok(None);
         };
-        let key = config::read_key(root)?;
+        let key = transport::peer_key(root, tls)?;
         let store = RaftStore::open(root)?;
         let me = cfg.node;
         let node = node::raw_node(me, &store)?;
@@ -224,7 +255,7 @@ impl Replicator {
             node,
             store,
             inbox: rx,
-            peers: peers::Peers::new(me, key, Arc::clone(&group)),
+            peers: peers::Peers::new(me, key.clone(), Arc::clone(&group)),
             group: Arc::clone(&group),
             root: PathBuf::from(root),
             published: Arc::clone(&published),
@@ -232,7 +263,7 @@ impl Replicator {
             sm: Box::new(machine::Machine {
                 store: Arc::clone(volumes),
                 root: PathBuf::from(root),
-                key,
+                key: key.clone(),
                 me,
                 group: Arc::clone(&group),
             }),
@@ -352,12 +383,12 @@ impl Replicator {
     }
 
     /// Serve an accepted connection whose first byte says it is a peer's.
-    pub fn serve_peer<R: BufRead>(&self, mut reader: R, mut stream: TcpStream) {
+    pub fn serve_peer<R: BufRead>(&self, mut reader: R, mut stream: Stream) {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
-        let from = match transport::accept(&mut reader, &mut stream, &self.key, self.me) {
+        let from = match transport::accept(&mut reader, &mut stream, &self.key.secret, self.me) {
             Ok(f) => f,
             Err(e) => {
                 log::info(format_args!(
@@ -449,14 +480,16 @@ pub struct MemberReport {
 }
 
 /// Ask every member listed in `root`'s group file for its status.
-pub fn group_status(root: &Path) -> Result<Vec<MemberReport>> {
+/// `tls`: over TLS pinned to `root`'s `server.fingerprint` (the members
+/// serve TLS).
+pub fn group_status(root: &Path, tls: bool) -> Result<Vec<MemberReport>> {
     let cfg = GroupConfig::load(root)?.ok_or_else(|| {
         Error::Invalid(format!(
             "{} is not a group member's data directory",
             root.display()
         ))
     })?;
-    let key = config::read_key(root)?;
+    let key = transport::peer_key(root, tls)?;
     let mut out = Vec::new();
     let members = cfg.members.clone();
     for m in members {
@@ -469,14 +502,15 @@ pub fn group_status(root: &Path) -> Result<Vec<MemberReport>> {
 /// `group add` (`Some(addr)`) or `group remove` (`None`) of member `id`:
 /// asks every member `root`'s group file lists until the leader takes it.
 /// Returns the log index of the change.
-pub fn change_membership(root: &Path, id: u64, addr: Option<&str>) -> Result<u64> {
+/// `tls` as for [`group_status`].
+pub fn change_membership(root: &Path, id: u64, addr: Option<&str>, tls: bool) -> Result<u64> {
     let cfg = GroupConfig::load(root)?.ok_or_else(|| {
         Error::Invalid(format!(
             "{} is not a group member's data directory",
             root.display()
         ))
     })?;
-    let key = config::read_key(root)?;
+    let key = transport::peer_key(root, tls)?;
     let req = match addr {
         Some(a) => format!("add {id} {a}"),
         None => format!("remove {id}"),
@@ -513,7 +547,7 @@ pub fn change_membership(root: &Path, id: u64, addr: Option<&str>) -> Result<u64
 }
 
 /// Ask one member for its status over a peer connection (node id 0).
-pub fn ask_status(addr: &str, id: u64, key: &[u8; 32]) -> Result<NodeStatus> {
+pub fn ask_status(addr: &str, id: u64, key: &PeerKey) -> Result<NodeStatus> {
     let mut s = transport::dial(config::resolve(addr)?, key, 0, id)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| Error::io("peer socket", e))?;

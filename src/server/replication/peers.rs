@@ -3,9 +3,9 @@
 //! or a dead connection drops messages instead of blocking the node thread;
 //! a failed connection is retried no sooner than `RETRY` later.
 
+use crate::tls::Stream;
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,6 +17,7 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use super::config::{resolve, GroupConfig};
+use super::transport::PeerKey;
 use super::transport::{dial, write_frame, KIND_RAFT};
 use crate::server::log;
 
@@ -36,14 +37,14 @@ struct Peer {
 /// Every outbound connection of this member.
 pub struct Peers {
     me: u64,
-    key: [u8; 32],
+    key: PeerKey,
     group: Arc<Mutex<GroupConfig>>,
     peers: HashMap<u64, Peer>,
 }
 
 impl Peers {
     /// No connection is made until there is something to send.
-    pub fn new(me: u64, key: [u8; 32], group: Arc<Mutex<GroupConfig>>) -> Peers {
+    pub fn new(me: u64, key: PeerKey, group: Arc<Mutex<GroupConfig>>) -> Peers {
         Peers {
             me,
             key,
@@ -97,7 +98,7 @@ impl Peers {
         let link = Link {
             me: self.me,
             to,
-            key: self.key,
+            key: self.key.clone(),
             group: Arc::clone(&self.group),
             stop: Arc::clone(&stop),
         };
@@ -113,14 +114,14 @@ impl Peers {
 struct Link {
     me: u64,
     to: u64,
-    key: [u8; 32],
+    key: PeerKey,
     group: Arc<Mutex<GroupConfig>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Link {
     fn run(self, rx: Receiver<Message>) {
-        let mut conn: Option<TcpStream> = None;
+        let mut conn: Option<Stream> = None;
         let mut next_try = Instant::now();
         let mut was_down = false;
         while !self.stop.load(Ordering::SeqCst) {
@@ -182,7 +183,7 @@ impl Link {
         }
     }
 
-    fn connect(&self) -> crate::Result<TcpStream> {
+    fn connect(&self) -> crate::Result<Stream> {
         let addr = self
             .group
             .lock()

@@ -8,6 +8,12 @@
 //! checks it and sends its own HMAC. Only then does either side read a
 //! frame: `u32 length | u8 kind | body`.
 //!
+//! When the member serves TLS (the default) a peer connection is TLS
+//! first: the dialer pins the fingerprints in its own data directory's
+//! `server.fingerprint` (every member has the first member's certificate,
+//! copied by `init --from`), and the magic and everything after it travel
+//! inside TLS. With `--insecure-plaintext` they travel in clear.
+//!
 //! Raft messages flow one way on a connection (each member dials every
 //! other and sends its messages on its own connection), so the engine's
 //! messages need no reply path. Node id 0 is the `group status` command:
@@ -15,13 +21,43 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::proto::auth::random_bytes;
+use crate::tls::{Stream, Trust};
 use crate::{Error, Result};
+
+/// What a member needs to dial another: the group key, and the TLS
+/// settings (None: plaintext, the member serves `--insecure-plaintext`).
+#[derive(Clone)]
+pub struct PeerKey {
+    /// The group key both sides prove they hold.
+    pub secret: [u8; 32],
+    /// The client side of TLS, pinned to the group's certificate.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The peer key of a data directory: its group key, and TLS pinned to
+/// its `server.fingerprint` when `tls`.
+pub fn peer_key(root: &Path, tls: bool) -> Result<PeerKey> {
+    let secret = super::config::read_key(root)?;
+    let tls = if tls {
+        let file = crate::tls::fingerprint_path(root);
+        let fingerprints = crate::tls::read_fingerprints(&file)?;
+        Some(crate::tls::client_config(&Trust::Pinned {
+            fingerprints,
+            file,
+        })?)
+    } else {
+        None
+    };
+    Ok(PeerKey { secret, tls })
+}
 
 /// First bytes of every peer connection.
 pub const MAGIC: &[u8; 8] = b"CODARFT1";
@@ -76,13 +112,18 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 /// Connect to a member and prove we hold the group key (and that it does).
-pub fn dial(addr: SocketAddr, key: &[u8; 32], from: u64, to: u64) -> Result<TcpStream> {
-    let mut s = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(io("connect to peer"))?;
+pub fn dial(addr: SocketAddr, peer_key: &PeerKey, from: u64, to: u64) -> Result<Stream> {
+    let key = &peer_key.secret;
+    let s = TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(io("connect to peer"))?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(DIAL_TIMEOUT))
         .map_err(io("peer socket"))?;
     s.set_write_timeout(Some(DIAL_TIMEOUT))
         .map_err(io("peer socket"))?;
+    let mut s = match &peer_key.tls {
+        Some(cfg) => Stream::connect(s, Arc::clone(cfg), "coda-server", &addr.to_string())?,
+        None => Stream::plain(s),
+    };
     let nc: [u8; 32] = random_bytes();
     let mut hello = Vec::with_capacity(56);
     hello.extend_from_slice(MAGIC);
@@ -90,6 +131,7 @@ pub fn dial(addr: SocketAddr, key: &[u8; 32], from: u64, to: u64) -> Result<TcpS
     hello.extend_from_slice(&to.to_be_bytes());
     hello.extend_from_slice(&nc);
     s.write_all(&hello).map_err(io("peer hello"))?;
+    s.flush().map_err(io("peer hello"))?;
     let mut answer = [0u8; 64];
     s.read_exact(&mut answer).map_err(io("peer challenge"))?;
     let ns: [u8; 32] = answer[..32].try_into().expect("32 bytes");
@@ -100,12 +142,13 @@ pub fn dial(addr: SocketAddr, key: &[u8; 32], from: u64, to: u64) -> Result<TcpS
         .finalize()
         .into_bytes();
     s.write_all(&proof).map_err(io("peer proof"))?;
+    s.flush().map_err(io("peer proof"))?;
     s.set_read_timeout(None).map_err(io("peer socket"))?;
     Ok(s)
 }
 
 /// The acceptor's half, after the magic was seen: returns the dialer's node id.
-pub fn accept<R: Read>(r: &mut R, w: &mut TcpStream, key: &[u8; 32], me: u64) -> Result<u64> {
+pub fn accept<R: Read>(r: &mut R, w: &mut Stream, key: &[u8; 32], me: u64) -> Result<u64> {
     let mut hello = [0u8; 56];
     r.read_exact(&mut hello).map_err(io("peer hello"))?;
     if &hello[..8] != MAGIC {
@@ -127,6 +170,7 @@ pub fn accept<R: Read>(r: &mut R, w: &mut TcpStream, key: &[u8; 32], me: u64) ->
     answer.extend_from_slice(&ns);
     answer.extend_from_slice(&proof);
     w.write_all(&answer).map_err(io("peer challenge"))?;
+    w.flush().map_err(io("peer challenge"))?;
     let mut theirs = [0u8; 32];
     r.read_exact(&mut theirs).map_err(io("peer proof"))?;
     mac(key, LABEL_DIALER, from, to, &nc, &ns)
@@ -145,7 +189,9 @@ pub fn write_frame<W: Write>(w: &mut W, kind: u8, body: &[u8]) -> Result<()> {
     buf.extend_from_slice(&len.to_be_bytes());
     buf.push(kind);
     buf.extend_from_slice(body);
-    w.write_all(&buf).map_err(io("send to peer"))
+    w.write_all(&buf)
+        .and_then(|()| w.flush())
+        .map_err(io("send to peer"))
 }
 
 /// Read one frame; `Ok(None)` at a clean end of stream.
@@ -187,7 +233,8 @@ mod tests {
         let t = std::thread::spawn(move || {
             let mut out = Vec::new();
             for _ in 0..2 {
-                let (mut s, _) = l.accept().unwrap();
+                let (s, _) = l.accept().unwrap();
+                let mut s = Stream::plain(s);
                 let mut r = s.try_clone().unwrap();
                 let res = accept(&mut r, &mut s, &[7; 32], 2);
                 if let Ok(from) = res {
@@ -199,9 +246,13 @@ mod tests {
             }
             out
         });
-        let mut s = dial(addr, &[7; 32], 1, 2).unwrap();
+        let key = |b| PeerKey {
+            secret: [b; 32],
+            tls: None,
+        };
+        let mut s = dial(addr, &key(7), 1, 2).unwrap();
         write_frame(&mut s, KIND_RAFT, b"hello").unwrap();
-        assert!(matches!(dial(addr, &[8; 32], 3, 2), Err(Error::Auth(_))));
+        assert!(matches!(dial(addr, &key(8), 3, 2), Err(Error::Auth(_))));
         let got = t.join().unwrap();
         assert_eq!(got[0], (1, (KIND_RAFT, b"hello".to_vec())));
         assert_eq!(got[1].0, 0);

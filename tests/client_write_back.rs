@@ -1,0 +1,181 @@
+//! Write-back mode (`write_back_ms`, CLIENT.md "Write-back mode"): a
+//! mutation returns once it is durable in the local log; the change reaches
+//! the server within the configured delay, and the server breaks the other
+//! clients' callbacks when it lands. A client killed with SIGKILL loses
+//! nothing it acknowledged: the log is sent when it starts again.
+//!
+//! The killed client runs in a child process: this test binary again, with
+//! `CODA_WB_CHILD` set, running the `child_writer` test.
+
+mod client_util;
+mod common;
+mod disco_util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use client_util::*;
+use coda::client::Client;
+use common::{TempDir, TestServer};
+
+/// Long enough that nothing is sent by itself while a test looks.
+const NEVER_MS: &str = "600000";
+
+fn write_back_client(srv: &TestServer, dir: &std::path::Path, ms: &str) -> Client {
+    let mut cfg = config(srv, dir);
+    cfg.set("write_back_ms", ms).unwrap();
+    Client::new(cfg).expect("client connects")
+}
+
+#[test]
+fn a_write_back_change_is_logged_at_close_and_breaks_other_callbacks_when_it_lands() {
+    let srv = start();
+    let (da, db) = (TempDir::new("wb-a"), TempDir::new("wb-b"));
+    let b = client(&srv, db.path());
+    put(&b, "/shared", b"version 1");
+    let a = write_back_client(&srv, da.path(), NEVER_MS);
+    assert_eq!(get(&a, "/shared"), b"version 1");
+    assert_eq!(get(&b, "/shared"), b"version 1"); // B holds a callback
+    let breaks = b.stats().breaks_received;
+
+    put(&a, "/shared", b"version 2");
+    a.mkdir("/new", 0o755).unwrap();
+    put(&a, "/new/file", b"made in write-back mode");
+    // Closed: the changes are in A's log, not on the server yet.
+    assert!(a.pending_records() >= 3, "{}", a.pending_records());
+    assert_eq!(get(&a, "/shared"), b"version 2", "A sees its own change");
+    assert_eq!(get(&a, "/new/file"), b"made in write-back mode");
+    assert_eq!(b.stats().breaks_received, breaks);
+    assert_eq!(get(&b, "/shared"), b"version 1");
+    assert!(b.stat("/new").is_err(), "not on the server yet");
+
+    // Sent now: the server broke B's callbacks (on /shared, and on / for
+    // the mkdir) before acknowledging.
+    a.reintegrate_now().unwrap();
+    assert_eq!(a.pending_records(), 0);
+    assert_eq!(b.stats().breaks_received, breaks + 2);
+    assert_eq!(get(&b, "/shared"), b"version 2");
+    assert_eq!(get(&b, "/new/file"), b"made in write-back mode");
+    assert!(a.conflicts().unwrap().is_empty());
+}
+
+#[test]
+fn write_back_changes_reach_the_server_by_themselves() {
+    let srv = start();
+    let (da, db) = (TempDir::new("wb-a"), TempDir::new("wb-b"));
+    let a = write_back_client(&srv, da.path(), "400");
+    a.mkdir("/bulk", 0o755).unwrap();
+    for i in 0..20 {
+        put(&a, &format!("/bulk/f{i}"), format!("file {i}").as_bytes());
+    }
+    let closed = Instant::now();
+    let b = client(&srv, db.path());
+    // Bounded wait for the observable outcome (no timing threshold: the
+    // delay is printed, the bench measures it).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.pending_records() > 0 || b.stat("/bulk/f19").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "not on the server after a minute: {} records pending",
+            a.pending_records()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "write_back_ms = 400: on the server {:?} after the last close",
+        closed.elapsed()
+    );
+    for i in 0..20 {
+        assert_eq!(
+            get(&b, &format!("/bulk/f{i}")),
+            format!("file {i}").as_bytes()
+        );
+    }
+}
+
+const KILLED_FILES: usize = 50;
+
+#[test]
+fn child_writer() {
+    if std::env::var("CODA_WB_CHILD").is_err() {
+        return; // only meaningful as the child of the test below
+    }
+    let mut cfg = disco_util::child_config();
+    cfg.set("write_back_ms", NEVER_MS).unwrap();
+    let c = Client::new(cfg).expect("client starts");
+    c.mkdir("/killed", 0o755).unwrap();
+    for i in 0..KILLED_FILES {
+        put(&c, &format!("/killed/f{i}"), format!("kept {i}").as_bytes());
+    }
+    println!("acknowledged {}", c.pending_records());
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// The child, killed (and reaped) on drop whatever happens to the test.
+struct Writer(Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_write_back_client_killed_with_sigkill_loses_nothing_it_acknowledged() {
+    let srv = start();
+    let cache = TempDir::new("wb-killed");
+    let mut w = Writer(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
+            .env("CODA_WB_CHILD", "1")
+            .env("CODA_SERVER", srv.addr().to_string())
+            .env("CODA_CACHE", cache.path())
+            .env("CODA_SECRET", srv.secret_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the writer"),
+    );
+    let mut said = Vec::new();
+    for l in BufReader::new(w.0.stdout.take().unwrap()).lines() {
+        let l = l.unwrap();
+        let done = l.contains("acknowledged");
+        said.push(l);
+        if done {
+            break;
+        }
+    }
+    let pending: usize = said
+        .iter()
+        .find_map(|l| l.split("acknowledged ").nth(1))
+        .unwrap_or_else(|| panic!("the writer ended early: {said:?}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(pending > 0, "the writer's changes were still in its log");
+    w.0.kill().unwrap(); // SIGKILL: no clean shutdown
+    w.0.wait().unwrap();
+    drop(w);
+
+    let other = TempDir::new("wb-other");
+    let b = client(&srv, other.path());
+    assert!(
+        b.stat("/killed").is_err(),
+        "nothing was sent before the kill"
+    );
+    // Started again on the same cache (write-through now): the log left
+    // behind is sent first.
+    let a = client(&srv, cache.path());
+    disco_util::wait_reintegrated(&a);
+    for i in 0..KILLED_FILES {
+        assert_eq!(
+            get(&b, &format!("/killed/f{i}")),
+            format!("kept {i}").as_bytes(),
+            "/killed/f{i}"
+        );
+    }
+    assert_eq!(b.readdir("/killed").unwrap().len(), KILLED_FILES);
+    assert!(a.conflicts().unwrap().is_empty());
+}
