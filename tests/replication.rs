@@ -421,7 +421,7 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
     let l = g.wait_leader(&[0, 1, 2]);
     let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
     let mut raw = wait_until("the leader takes a control connection", 10, || {
-        Raw::connect(
+        Raw::connect_plain(
             g.members[l].addr,
             "admin",
             &secret,
