@@ -475,3 +475,64 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
         "{names:?}"
     );
 }
+
+/// A replicated batch is checked against the rights of the user it acts
+/// for on every member, not only on the leader: a create the leader
+/// refuses (bob has no insert right in the root) exists on no member, so
+/// the next leader does not show it either.
+#[test]
+fn a_batch_refused_for_its_user_is_refused_on_every_member() {
+    use common::raw::rec;
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    // Each member's own user table (users are not replicated); bob
+    // authenticates to the leader with the leader's secret for him.
+    for m in &g.members {
+        let out = Command::new(SERVER_BIN)
+            .args(["user", "add", "bob", "--root"])
+            .arg(&m.root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let bob = coda::proto::auth::read_secret_file(&g.members[l].root.join("bob.secret")).unwrap();
+    let mut raw = wait_until("the leader takes bob's control connection", 10, || {
+        Raw::connect(
+            g.members[l].addr,
+            "bob",
+            &bob,
+            ConnKind::Control,
+            [5; 16],
+            1,
+        )
+        .ok()
+    });
+    let fids = raw.alloc(1);
+    let root = raw.root;
+    match raw.reintegrate(vec![rec::create(1, root, "bobs-file", fids[0])]) {
+        Msg::Error { code, .. } => assert_eq!(code, coda::error::WireCode::Access),
+        m => panic!("bob's create in the root answered {m:?}"),
+    }
+    drop(raw);
+    let admin = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let names = |addr| {
+        let mut raw = wait_until("a leader takes the admin's connection", 20, || {
+            Raw::connect(addr, "admin", &admin, ConnKind::Control, [6; 16], 1).ok()
+        });
+        raw.list(raw.root)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>()
+    };
+    assert!(!names(g.members[l].addr).contains(&"bobs-file".to_string()));
+    // The followers applied the same entry: make one of them the leader.
+    g.wait_caught_up(&[0, 1, 2]);
+    g.kill9(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    let seen = names(g.members[l2].addr);
+    assert!(
+        !seen.contains(&"bobs-file".to_string()),
+        "a follower applied the refused create: {seen:?}"
+    );
+}
