@@ -479,7 +479,8 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
 /// A replicated batch is checked against the rights of the user it acts
 /// for on every member, not only on the leader: a create the leader
 /// refuses (bob has no insert right in the root) exists on no member, so
-/// the next leader does not show it either.
+/// the next leader does not show it either. An access list change made on
+/// the leader is there on the next one.
 #[test]
 fn a_batch_refused_for_its_user_is_refused_on_every_member() {
     use common::raw::rec;
@@ -515,24 +516,54 @@ fn a_batch_refused_for_its_user_is_refused_on_every_member() {
     }
     drop(raw);
     let admin = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
-    let names = |addr| {
-        let mut raw = wait_until("a leader takes the admin's connection", 20, || {
+    let admin_on = |addr| {
+        wait_until("a leader takes the admin's connection", 20, || {
             Raw::connect(addr, "admin", &admin, ConnKind::Control, [6; 16], 1).ok()
-        });
+        })
+    };
+    let names = |raw: &mut Raw| {
         raw.list(raw.root)
             .into_iter()
             .map(|(n, _)| n)
             .collect::<Vec<_>>()
     };
-    assert!(!names(g.members[l].addr).contains(&"bobs-file".to_string()));
+    // An access list change goes through the log too.
+    let bob_rights = |raw: &mut Raw| match raw.call(&Msg::GetAcl { fid: raw.root }) {
+        Msg::AclReply { entries, .. } => entries
+            .into_iter()
+            .find(|e| e.name == "bob" && !e.negative)
+            .map(|e| e.rights),
+        m => panic!("GetAcl: {m:?}"),
+    };
+    let rli = coda::proto::acl::READ | coda::proto::acl::LOOKUP | coda::proto::acl::INSERT;
+    let mut a = admin_on(g.members[l].addr);
+    assert!(!names(&mut a).contains(&"bobs-file".to_string()));
+    let root = a.root;
+    match a.call(&Msg::SetAcl {
+        fid: root,
+        name: "bob".into(),
+        rights: rli,
+        negative: false,
+    }) {
+        Msg::AclReply { .. } => {}
+        m => panic!("SetAcl: {m:?}"),
+    }
+    assert_eq!(bob_rights(&mut a), Some(rli));
+    drop(a);
     // The followers applied the same entry: make one of them the leader.
     g.wait_caught_up(&[0, 1, 2]);
     g.kill9(l);
     let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
     let l2 = g.wait_leader(&rest);
-    let seen = names(g.members[l2].addr);
+    let mut a = admin_on(g.members[l2].addr);
+    let seen = names(&mut a);
     assert!(
         !seen.contains(&"bobs-file".to_string()),
         "a follower applied the refused create: {seen:?}"
+    );
+    assert_eq!(
+        bob_rights(&mut a),
+        Some(rli),
+        "the new leader lost the access list change"
     );
 }

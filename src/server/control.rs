@@ -477,9 +477,14 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
             rights,
             negative,
         } => {
-            let (acl, mine, fids) = shared
-                .store
-                .set_acl(&who, &ctx.id, fid, &name, rights, negative)?;
+            let (acl, mine, fids) = match &shared.repl {
+                Some(r) => super::replication::machine::set_acl(
+                    shared, r, ctx, &who, fid, &name, rights, negative,
+                )?,
+                None => shared
+                    .store
+                    .set_acl(&who, &ctx.id, fid, &name, rights, negative)?,
+            };
             // Other clients' cached listings, status and data under the
             // directory were granted under the old list: they revalidate.
             shared

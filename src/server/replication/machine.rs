@@ -26,7 +26,7 @@ use super::data::{fetch, push, replstage_dir, replstage_path};
 use super::node::StateMachine;
 use super::transport::PeerKey;
 use super::Replicator;
-use crate::proto::{Msg, Record, RecordOp, Timespec};
+use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
 use crate::server::acl::Who;
 use crate::server::meta::{encode_reservation, CLIENT_STORE, RESERVED, SETTINGS, VOLUMES};
 use crate::server::reintegrate::{BatchError, Outcome};
@@ -37,6 +37,7 @@ use crate::{Error, Result};
 
 const OP_REINTEGRATE: u8 = 1;
 const OP_ALLOC: u8 = 2;
+const OP_SET_ACL: u8 = 3;
 /// The settings key of the last log index an AllocFids applied.
 const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
 /// How long a member that missed a Store's data keeps asking the others.
@@ -122,6 +123,31 @@ fn decode_who(b: &[u8]) -> Result<(Who, &[u8])> {
     Ok((Who { user, id, groups }, b))
 }
 
+/// A SetAcl: the user it acts for, the directory, the entry.
+fn encode_set_acl(
+    client: &ClientId,
+    who: &Who,
+    dir: Fid,
+    name: &str,
+    rights: u8,
+    negative: bool,
+) -> Vec<u8> {
+    let mut b = vec![OP_SET_ACL];
+    b.extend_from_slice(client);
+    encode_who(&mut b, who);
+    b.extend_from_slice(&dir.volume.to_be_bytes());
+    b.extend_from_slice(&dir.vnode.to_be_bytes());
+    b.extend_from_slice(&dir.unique.to_be_bytes());
+    b.push(rights);
+    b.push(negative as u8);
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// What SetAcl answers: the new list, the caller's rights, the fids whose
+/// callbacks break.
+pub(crate) type AclChange = (super::super::acl::Acl, u8, Vec<Fid>);
+
 fn bad_entry() -> Error {
     Error::Eio("a replicated log entry does not decode".into())
 }
@@ -184,7 +210,52 @@ impl StateMachine for Machine {
                 }
                 Ok(Box::new(res))
             }
+            OP_SET_ACL => {
+                let (who, b) = decode_who(data.get(17..).ok_or_else(bad_entry)?)?;
+                if b.len() < 18 {
+                    return Err(bad_entry());
+                }
+                let dir = Fid {
+                    volume: u32::from_be_bytes(b[..4].try_into().expect("4")),
+                    vnode: u64::from_be_bytes(b[4..12].try_into().expect("8")),
+                    unique: u32::from_be_bytes(b[12..16].try_into().expect("4")),
+                };
+                let name = std::str::from_utf8(&b[18..]).map_err(|_| bad_entry())?;
+                // Setting an entry is idempotent: applied again, it changes nothing.
+                let res: Result<AclChange> =
+                    self.store
+                        .set_acl(&who, &client, dir, name, b[16], b[17] != 0);
+                if let Err(e) = &res {
+                    if is_store_failure(e) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
             _ => Err(bad_entry()),
+        }
+    }
+}
+
+/// The leader's SetAcl: through the log, so every member keeps the same
+/// access lists.
+#[allow(clippy::too_many_arguments)] // SetAcl's own fields, plus its session
+pub(crate) fn set_acl(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    who: &Who,
+    dir: Fid,
+    name: &str,
+    rights: u8,
+    negative: bool,
+) -> Result<AclChange> {
+    let data = encode_set_acl(&ctx.id, who, dir, name, rights, negative);
+    match propose::<Result<AclChange>>(repl, data) {
+        Ok(r) => r,
+        Err(e) => {
+            leadership_lost(shared, ctx, &e);
+            Err(e)
         }
     }
 }
