@@ -488,3 +488,26 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
         last.unwrap_or_default()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_of_an_entry_decodes_as_encoded_and_a_cut_one_is_refused() {
+        let who = Who {
+            user: "bob".into(),
+            id: 7,
+            groups: vec!["System:AnyUser".into(), "bob:friends".into()],
+        };
+        let mut b = Vec::new();
+        encode_who(&mut b, &who);
+        b.extend_from_slice(b"rest");
+        let (back, rest) = decode_who(&b).unwrap();
+        assert_eq!(back, who);
+        assert_eq!(rest, b"rest");
+        for cut in 0..b.len() - 4 {
+            assert!(decode_who(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}
