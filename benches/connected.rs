@@ -10,7 +10,8 @@
 //!    no one else does (p50 and p99 of each);
 //! 4. parallel small stores: 1, 2 and 4 threads of one client each creating
 //!    distinct 4 KiB files (open O_CREAT|O_WRONLY, write, close): files/s
-//!    and the ratio 4 threads / 1 thread;
+//!    and the ratio 4 threads / 1 thread (CODA_BENCH_VERBOSE=1: records per
+//!    Reintegrate, and client and server CPU per file);
 //! 5. client fsyncs per connected create (a child process of this bench run
 //!    under `strace -f -c`; skipped with a note without strace);
 //! 6. 10,000 creates in one directory: time of the second 5,000 / the first.
@@ -218,24 +219,55 @@ fn parallel_stores(
             })
         })
         .collect();
+    let cpu0 = (own_cpu(), process_cpu(s.pid()));
     barrier.wait();
     let t = Instant::now();
     for w in workers {
         w.join().unwrap();
     }
-    let rate = (threads * per_thread) as f64 / t.elapsed().as_secs_f64();
+    let wall = t.elapsed();
+    let rate = (threads * per_thread) as f64 / wall.as_secs_f64();
     let st = c.stats();
     if std::env::var_os("CODA_BENCH_VERBOSE").is_some() {
+        let (client_cpu, server_cpu) = (own_cpu() - cpu0.0, process_cpu(s.pid()) - cpu0.1);
+        let files = (threads * per_thread) as f64;
         println!(
-            "  {threads} thread(s): {} records in {} Reintegrates ({:.2} per batch)",
+            "  {threads} thread(s): {} records in {} Reintegrates ({:.2} per batch); CPU per file: client {:.2} ms, server {:.2} ms; cores busy {:.2}",
             st.records_reintegrated,
             st.reintegrations,
-            st.records_reintegrated as f64 / st.reintegrations.max(1) as f64
+            st.records_reintegrated as f64 / st.reintegrations.max(1) as f64,
+            client_cpu.as_secs_f64() * 1e3 / files,
+            server_cpu.as_secs_f64() * 1e3 / files,
+            (client_cpu + server_cpu).as_secs_f64() / wall.as_secs_f64(),
         );
     }
     drop(c);
     let _ = std::fs::remove_dir_all(&cache);
     rate
+}
+
+/// User + system CPU time of this process (all threads) so far.
+fn own_cpu() -> Duration {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// User + system CPU time of process `pid` so far (`/proc/PID/stat`);
+/// zero if it cannot be read.
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // utime and stime are fields 14 and 15: indexes 11 and 12 here.
+    let t = ticks(11) + ticks(12);
+    Duration::from_millis(t * 1000 / hz)
 }
 
 fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: usize) {

@@ -358,6 +358,8 @@ struct Applied {
     created: Vec<PathBuf>,
     replaced: Vec<PathBuf>,
     sync_dirs: BTreeSet<PathBuf>,
+    /// Stored data not yet fsynced (an upload is not synced on arrival).
+    sync_files: Vec<PathBuf>,
 }
 
 /// A batch that failed inside the group's transaction. `wrote`: it had
@@ -598,7 +600,11 @@ impl VolumeStore {
                 continue;
             }
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
+            let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
             let commit = (|| -> Result<()> {
+                // Durable before acknowledged: the stored data, then the
+                // names, then the metadata that points at them.
+                objects::sync_files(&files).map_err(super::volume::clear_space_error)?;
                 for d in dirs {
                     objects::sync_dir(d)?;
                 }
@@ -665,6 +671,7 @@ impl VolumeStore {
                 created: Vec::new(),
                 replaced: Vec::new(),
                 sync_dirs: BTreeSet::new(),
+                sync_files: Vec::new(),
             });
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
@@ -722,6 +729,7 @@ impl VolumeStore {
         let deleted = std::mem::take(&mut batch.deleted);
         let consumed = std::mem::take(&mut batch.consumed);
         let sync_dirs = std::mem::take(&mut batch.sync_dirs);
+        let sync_files = std::mem::take(&mut batch.sync_files);
         drop(batch);
         let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
         let volumes: BTreeSet<u32> = changed.iter().map(|f| f.volume).collect();
@@ -760,6 +768,7 @@ impl VolumeStore {
             created,
             replaced,
             sync_dirs,
+            sync_files,
         })
     }
 }
@@ -835,6 +844,9 @@ struct Batch<'t, 's> {
     changed: BTreeSet<Fid>,
     deleted: BTreeSet<Fid>,
     sync_dirs: BTreeSet<PathBuf>,
+    /// Object files linked from uploads, whose data must be fsynced
+    /// before the commit (an upload is not synced when it arrives).
+    sync_files: Vec<PathBuf>,
     consumed: Vec<u64>,
     /// Something was written to the transaction (a failure then spoils it
     /// for the rest of the group).
@@ -866,6 +878,7 @@ impl<'t, 's> Batch<'t, 's> {
             changed: BTreeSet::new(),
             deleted: BTreeSet::new(),
             sync_dirs: BTreeSet::new(),
+            sync_files: Vec::new(),
             consumed: Vec::new(),
             wrote: false,
         })
@@ -1252,7 +1265,8 @@ impl<'t, 's> Batch<'t, 's> {
                                         // still staged for the client's next attempt.
         fs::hard_link(&staged, &path)
             .map_err(|e| Error::io(format!("link {}", path.display()), e))?;
-        self.created.push(path);
+        self.created.push(path.clone());
+        self.sync_files.push(path);
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
         self.consumed.push(upload_id);
