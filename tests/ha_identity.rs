@@ -34,6 +34,17 @@ impl ChildClient {
         reads: &[&str],
         reopen: bool,
     ) -> ChildClient {
+        ChildClient::spawn(srv, cache, bind, reads, reopen, 500)
+    }
+
+    fn spawn(
+        srv: &TestServer,
+        cache: &Path,
+        bind: Option<&str>,
+        reads: &[&str],
+        reopen: bool,
+        dead_after_ms: u64,
+    ) -> ChildClient {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["child_process_client", "--exact", "--nocapture"])
             .env("CODA_HA_CHILD", "1")
@@ -43,6 +54,7 @@ impl ChildClient {
             .env("CODA_HA_READ", reads.join(","))
             .env("CODA_HA_REOPEN", if reopen { "1" } else { "" })
             .env("CODA_HA_BIND", bind.unwrap_or(""))
+            .env("CODA_HA_DEAD_AFTER", dead_after_ms.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn the child client");
@@ -104,7 +116,8 @@ fn child_process_client() {
         cfg.set("secret_file", &var("CODA_HA_SECRET")).unwrap();
         cfg.set("cache_dir", &var("CODA_HA_CACHE")).unwrap();
         cfg.set("heartbeat_ms", "100").unwrap();
-        cfg.set("dead_after_ms", "500").unwrap();
+        let dead_after = std::env::var("CODA_HA_DEAD_AFTER").unwrap_or_else(|_| "500".into());
+        cfg.set("dead_after_ms", &dead_after).unwrap();
         if !var("CODA_HA_BIND").is_empty() {
             cfg.set("bind_addr", &var("CODA_HA_BIND")).unwrap();
         }
@@ -276,4 +289,25 @@ fn a_client_whose_break_times_out_revalidates_and_the_writer_is_not_held() {
 
     x.signal(libc::SIGCONT);
     assert_eq!(x.read("/f"), "new", "the cut client revalidates");
+}
+
+/// A client whose own `dead_after` is longer than the server's break
+/// timeout, stopped for longer than the break timeout only: it still thinks
+/// its session fresh when it resumes, but the server dropped its callbacks.
+/// The break timeout it learned from Welcome tells it to ask first.
+#[test]
+fn a_client_stopped_past_the_break_timeout_but_not_its_dead_after_asks_before_trusting() {
+    let srv = TestServer::start_with(&["--break-timeout-ms", "300"]);
+    let d = TempDir::new("ha-id");
+    let w = client(&srv, &d.path().join("w"));
+    put(&w, "/f", b"old");
+    let mut x = ChildClient::spawn(&srv, &d.path().join("x"), None, &["/f"], false, 10_000);
+    x.signal(libc::SIGSTOP);
+    let w2 = w.clone();
+    bounded("the writer", move || put(&w2, "/f", b"new"));
+    // Queue the read before the client runs again, so that it races the
+    // client's reading of the break and of the closed connection.
+    writeln!(x.stdin, "read /f").unwrap();
+    x.signal(libc::SIGCONT);
+    assert_eq!(x.expect("@@data"), "new", "the stopped client revalidates");
 }

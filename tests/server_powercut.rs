@@ -12,116 +12,19 @@
 //! "powercut" (then it says it skipped).
 
 mod common;
+mod powercut_util;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use coda::proto::Msg;
 use common::raw::{rec, Raw};
 use common::{TempDir, TestServer};
+use powercut_util::{missing_prerequisites, run, LoopMount};
 
 const W: [u8; 16] = [0x5e; 16];
 /// Files stored in one batch, and batches.
 const PER_BATCH: usize = 4;
 const BATCHES: usize = 5;
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// `None` when every prerequisite is there; otherwise what is missing.
-fn missing_prerequisites() -> Option<String> {
-    let mut missing = Vec::new();
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root (mount and losetup need it)".to_string());
-    }
-    for t in ["losetup", "mkfs.ext4", "mount", "umount", "e2fsck"] {
-        if !have(t) {
-            missing.push(t.to_string());
-        }
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (loop devices)".to_string());
-    }
-    (!missing.is_empty()).then(|| missing.join(", "))
-}
-
-/// A file system image attached to a loop device and mounted; unmounted and
-/// detached on drop, even when the test fails.
-struct LoopMount {
-    dev: String,
-    at: PathBuf,
-    mounted: bool,
-}
-
-impl LoopMount {
-    fn attach(image: &Path, at: &Path) -> LoopMount {
-        let out = run(Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(image));
-        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        let mut m = LoopMount {
-            dev,
-            at: at.to_path_buf(),
-            mounted: false,
-        };
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .arg(&m.dev)
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // A crash image the kernel will not mount as is: repair, retry.
-            let _ = Command::new("e2fsck").arg("-fy").arg(&m.dev).status();
-            run(Command::new("mount").arg(&m.dev).arg(at));
-        }
-        m.mounted = true;
-        m
-    }
-
-    fn detach(&mut self) {
-        if self.mounted {
-            let ok = Command::new("umount")
-                .arg(&self.at)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-            }
-            self.mounted = false;
-        }
-        if !self.dev.is_empty() {
-            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-            self.dev.clear();
-        }
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
 
 /// Contents of file `i`: several pages, distinct per file, so a lost,
 /// zeroed or truncated file shows.

@@ -345,11 +345,13 @@ impl Inner {
     }
 
     /// Whether the cached copy of `fid` may be used without asking: the
-    /// callback holds and the session is fresh (heard from within
-    /// `dead_after`; a client that was itself stopped, or cut off by a break
-    /// timeout it has not noticed yet, cannot know what it missed).
+    /// session is fresh and the callback holds. The callback is looked at
+    /// again after `fresh`: a client that was itself stopped, or cut off by
+    /// a break timeout it has not noticed yet, learns of the breaks it
+    /// missed in `fresh`'s round trip (the first look only spares that trip
+    /// for objects with no callback anyway).
     pub(crate) fn trusts(&self, fid: Fid) -> bool {
-        self.callbacks.holds(fid) && self.servers.fresh()
+        self.callbacks.holds(fid) && self.servers.fresh() && self.callbacks.holds(fid)
     }
 
     /// Status of `fid`: from the cache while the callback holds, else asked.
@@ -698,11 +700,14 @@ impl Inner {
 
     /// Run `online`; when the client is disconnected (or becomes so because
     /// `online` could not reach a server), or `fid` has local changes not yet
-    /// on the server, run `offline` (the cache) instead.
+    /// on the server, run `offline` (the cache) instead. A call that failed
+    /// only because its connection was lost (the server ended the session,
+    /// say, after a break this client was too stopped to acknowledge) runs
+    /// once more on the new session: the cache may be stale by then.
     pub(crate) fn emulate<T>(
         &self,
         fid: Option<Fid>,
-        online: impl FnOnce() -> Result<T>,
+        online: impl Fn() -> Result<T>,
         offline: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let emu = &self.emu;
@@ -722,6 +727,10 @@ impl Inner {
         }
         match online() {
             Err(e) if self.went_offline(&e) => offline(),
+            Err(e) if mode::unreachable(&e) && self.servers.fresh() => match online() {
+                Err(e) if self.went_offline(&e) => offline(),
+                r => r,
+            },
             r => r,
         }
     }
@@ -729,10 +738,16 @@ impl Inner {
     /// After `e` from the network: switch to disconnected operation if it
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
+    /// A lost connection alone is no such proof: unless the prober already
+    /// judged the server down, one reconnect is tried first, and only its
+    /// failure counts.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
         // Local failures (`Io`: the index, a container) are not a
         // server's silence.
         if !mode::unreachable(e) {
+            return false;
+        }
+        if !self.emu.offline() && self.servers.session().is_ok() {
             return false;
         }
         self.server_lost()

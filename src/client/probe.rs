@@ -106,22 +106,20 @@ pub(crate) fn spawn<C: Watched>(inner: &Arc<C>, stop: Receiver<()>) -> Result<()
         good: 0,
         up_since: Some(Instant::now()),
         last_tick: Instant::now(),
+        planned: inner.health().heartbeat,
     };
     let period = inner.health().heartbeat;
     std::thread::Builder::new()
         .name("coda-probe".into())
-        .spawn(move || {
-            let mut wait = period;
-            loop {
-                select! {
-                    recv(stop) -> _ => return,
-                    recv(lost) -> _ => {}
-                    default(wait) => {}
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                p.tick(&*inner);
-                wait = next_wait(&*inner, period);
+        .spawn(move || loop {
+            select! {
+                recv(stop) -> _ => return,
+                recv(lost) -> _ => {}
+                default(p.planned) => {}
             }
+            let Some(inner) = weak.upgrade() else { return };
+            p.tick(&*inner);
+            p.planned = next_wait(&*inner, period);
         })
         .map_err(|e| Error::io("spawning the prober thread", e))?;
     Ok(())
@@ -154,10 +152,12 @@ struct Prober {
     good: u32,
     /// When the server was last declared up (None while down).
     up_since: Option<Instant>,
-    /// When the prober last ran: a tick much later than the heartbeat
-    /// means this process itself was stopped, and the server's silence
-    /// proves nothing.
+    /// When the prober last ran, and how long it meant to sleep after: a
+    /// tick more than a heartbeat later than planned means this process (or
+    /// this thread) was stopped or starved, and the server's silence
+    /// meanwhile proves nothing.
     last_tick: Instant,
+    planned: Duration,
 }
 
 fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
@@ -166,7 +166,8 @@ fn same(a: &Option<Arc<Session>>, b: &Arc<Session>) -> bool {
 
 impl Prober {
     fn tick(&mut self, inner: &impl Watched) {
-        let stalled = self.last_tick.elapsed() > inner.health().dead_after;
+        let late = self.last_tick.elapsed().saturating_sub(self.planned);
+        let stalled = late > inner.health().heartbeat;
         self.last_tick = Instant::now();
         if inner.health().is_up() {
             self.watch(inner, stalled);
@@ -188,10 +189,20 @@ impl Prober {
         let h = inner.health();
         match inner.servers().current() {
             Some(s) if !s.is_dead() && stalled && s.silent_for() > h.dead_after => {
-                // This process was stopped: the session cannot be trusted,
-                // but the server may be fine. Reconnect now (the next tick
-                // takes the branch below); only that failing means down.
-                s.kill("this client was stopped longer than dead_after");
+                // This process was stopped: the silence is ours, and the
+                // server may be fine. Ask it now; a Pong means the session
+                // stands (and every break sent before it is applied). A
+                // server that ended the session meanwhile closed the
+                // connection: the next tick reconnects, and only that
+                // failing means down. No answer at all within `dead_after`
+                // of our own running time is a verdict.
+                if s.sync(&h.interrupt).is_err() && !s.is_dead() {
+                    s.kill(&format!(
+                        "no reply within {} ms after this client resumed",
+                        h.dead_after.as_millis()
+                    ));
+                    self.down(inner);
+                }
             }
             Some(s) if !s.is_dead() => {
                 if !same(&self.seen, &s) {

@@ -84,11 +84,12 @@ pub struct Proven {
 
 impl Proven {
     /// The Welcome that ends a successful handshake.
-    pub fn welcome(&self, server_id: [u8; 16], root: Fid) -> Msg {
+    pub fn welcome(&self, server_id: [u8; 16], root: Fid, break_timeout_ms: u32) -> Msg {
         Msg::Welcome {
             server_id,
             root,
             server_mac: self.server_mac,
+            break_timeout_ms,
         }
     }
 }
@@ -209,6 +210,8 @@ pub enum ClientStep {
         server_id: [u8; 16],
         /// The root directory's fid.
         root: Fid,
+        /// The server's callback break timeout (see `Msg::Welcome`).
+        break_timeout: std::time::Duration,
     },
 }
 
@@ -317,12 +320,17 @@ impl ClientHandshake {
                     server_id,
                     root,
                     server_mac: mac,
+                    break_timeout_ms,
                 } => {
                     let t = self.hello.transcript(&server_nonce, &self.binding);
                     if !mac_eq(&mac, &server_mac(&self.secret, &t)) {
                         return Err(ClientFailure::ServerNotProven);
                     }
-                    Ok(ClientStep::Welcome { server_id, root })
+                    Ok(ClientStep::Welcome {
+                        server_id,
+                        root,
+                        break_timeout: std::time::Duration::from_millis(break_timeout_ms.into()),
+                    })
                 }
                 msg => Err(ClientFailure::Unexpected {
                     after: "Auth",
@@ -376,8 +384,13 @@ mod tests {
         assert_eq!(proven.client_id, ID);
         assert_eq!(proven.epoch, 7);
         assert_eq!(proven.kind, ConnKind::Control);
-        match c.receive(proven.welcome([9; 16], root())).unwrap() {
-            ClientStep::Welcome { server_id, root: r } => {
+        match c.receive(proven.welcome([9; 16], root(), 750)).unwrap() {
+            ClientStep::Welcome {
+                server_id,
+                root: r,
+                break_timeout,
+            } => {
+                assert_eq!(break_timeout, std::time::Duration::from_millis(750));
                 assert_eq!(server_id, [9; 16]);
                 assert_eq!(r, root());
             }
@@ -491,6 +504,7 @@ mod tests {
                 server_id: [0; 16],
                 root: root(),
                 server_mac: [0; 32],
+                break_timeout_ms: 1000,
             })
             .unwrap_err();
         assert!(matches!(
@@ -538,6 +552,7 @@ mod tests {
                 server_id: [9; 16],
                 root: root(),
                 server_mac: [0; 32],
+                break_timeout_ms: 1000,
             })
             .unwrap_err();
         assert!(matches!(f, ClientFailure::ServerNotProven));

@@ -287,6 +287,11 @@ pub enum Msg {
         /// HMAC-SHA256(secret, "coda-v1 server" || transcript): the server's
         /// proof of the secret, checked by the client.
         server_mac: [u8; 32],
+        /// How long the server waits for a callback break's acknowledgement
+        /// before it ends the session and drops its promises. A client that
+        /// has heard nothing for a good part of this must make a round trip
+        /// before it trusts a callback: it may have been cut off unawares.
+        break_timeout_ms: u32,
     },
     /// Failure reply to any request (same id), or to the handshake.
     /// `index` names the failing record of a batch, `u32::MAX` otherwise.
@@ -598,8 +603,12 @@ impl Msg {
                 server_id,
                 root,
                 server_mac,
+                break_timeout_ms,
             } => {
-                w.bytes_fixed(server_id).fid(root).bytes_fixed(server_mac);
+                w.bytes_fixed(server_id)
+                    .fid(root)
+                    .bytes_fixed(server_mac)
+                    .u32(*break_timeout_ms);
             }
             Msg::Error {
                 code,
@@ -765,6 +774,7 @@ impl Msg {
                 server_id: r.array()?,
                 root: r.fid()?,
                 server_mac: r.array()?,
+                break_timeout_ms: r.u32()?,
             },
             ERROR => {
                 let c = r.u16()?;
@@ -1436,6 +1446,7 @@ mod tests {
                 server_id: [3; 16],
                 root: f,
                 server_mac: [4; 32],
+                break_timeout_ms: 1000,
             },
             Msg::Error {
                 code: WireCode::NotFound,

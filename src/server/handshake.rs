@@ -5,6 +5,7 @@
 //! adds what needs the store (secrets, the client id's owner).
 
 use std::io::BufRead;
+use std::time::Duration;
 
 use super::volume::{ClientId, VolumeStore};
 use super::wire::{error_reply, send};
@@ -42,8 +43,9 @@ pub fn accept<R: BufRead>(
     stream: &mut Stream,
     store: &VolumeStore,
     binding: [u8; 32],
+    break_timeout: Duration,
 ) -> Result<(Identity, Msg)> {
-    let res = run(reader, stream, store, binding);
+    let res = run(reader, stream, store, binding, break_timeout);
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
         if !matches!(e, Error::Io { .. }) {
@@ -58,6 +60,7 @@ fn run<R: BufRead>(
     stream: &mut Stream,
     store: &VolumeStore,
     binding: [u8; 32],
+    break_timeout: Duration,
 ) -> Result<(Identity, Msg)> {
     let mut hs = ServerHandshake::new(random_bytes(), binding);
     let challenge = hs.hello(next_msg(reader, hs.expecting())?)?;
@@ -72,7 +75,8 @@ fn run<R: BufRead>(
         &proven.user,
         proven.kind == ConnKind::Control,
     )?;
-    let welcome = proven.welcome(store.server_id(), store.root_fid());
+    let timeout_ms = u32::try_from(break_timeout.as_millis()).unwrap_or(u32::MAX);
+    let welcome = proven.welcome(store.server_id(), store.root_fid(), timeout_ms);
     Ok((
         Identity {
             user: proven.user,

@@ -640,7 +640,13 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         inner: &mut reader,
         at: deadline,
     };
-    let accepted = handshake::accept(&mut timed, &mut stream, &shared.store, binding);
+    let accepted = handshake::accept(
+        &mut timed,
+        &mut stream,
+        &shared.store,
+        binding,
+        shared.break_timeout,
+    );
     shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,

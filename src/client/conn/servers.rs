@@ -159,9 +159,15 @@ impl Servers {
         Some(s)
     }
 
-    /// Whether a live session was heard from within `dead_after`.
+    /// Whether callbacks may be trusted now: the session is live and was
+    /// heard from within its trust window (see `Session::heard_recently`),
+    /// or it answers a round trip now, which applies every break the server
+    /// sent before the answer. Check the callback after this, not before.
     pub fn fresh(&self) -> bool {
-        self.live().is_some()
+        let Some(s) = self.live() else {
+            return false;
+        };
+        s.heard_recently() || s.sync(&self.interrupt).is_ok()
     }
 
     /// Connect to the first server that answers; the caller holds the gate.

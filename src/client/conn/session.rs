@@ -222,14 +222,20 @@ fn reply_error(m: Msg, server: &str, what: &str) -> Error {
     }
 }
 
-/// Open and authenticate one connection; returns it with the root fid.
+/// What the server's Welcome told us.
+struct Welcomed {
+    root: Fid,
+    break_timeout: Duration,
+}
+
+/// Open and authenticate one connection; returns it with what the Welcome said.
 fn handshake(
     server: &str,
     kind: ConnKind,
     id: &Identity,
     t: &Timing,
     interrupt: &Interrupt,
-) -> Result<(Stream, Fid)> {
+) -> Result<(Stream, Welcomed)> {
     let addr = server
         .to_socket_addrs()
         .map_err(|e| Error::Eio(format!("server {server}: cannot resolve: {e}")))?
@@ -272,7 +278,19 @@ fn handshake(
         let reply = recv(&mut s, server, t.rpc_timeout)?;
         match hs.receive(reply).map_err(|f| f.into_error(server))? {
             crate::proto::handshake::ClientStep::Send(m) => out = m,
-            crate::proto::handshake::ClientStep::Welcome { root, .. } => return Ok((s, root)),
+            crate::proto::handshake::ClientStep::Welcome {
+                root,
+                break_timeout,
+                ..
+            } => {
+                return Ok((
+                    s,
+                    Welcomed {
+                        root,
+                        break_timeout,
+                    },
+                ))
+            }
         }
     }
 }
@@ -333,6 +351,13 @@ impl Control {
 pub(crate) struct Session {
     pub root: Fid,
     pub server: String,
+    /// How long after the last frame heard from the server its callbacks
+    /// may be trusted blind. The server ends a session whose client leaves
+    /// a break unacknowledged for its break timeout; a client that was
+    /// stopped (or starved of CPU) that long cannot tell from its own state
+    /// whether that happened, so past this window it makes a round trip
+    /// first (`sync`).
+    trust_window: Duration,
     ctl: Arc<Control>,
     next_id: AtomicU64,
     ident: Arc<Identity>,
@@ -443,7 +468,7 @@ impl Session {
             rpc_timeout: connect_timeout,
             ..timing
         };
-        let (s, root) = handshake(server, ConnKind::Control, &ident, &hs_timing, interrupt)?;
+        let (s, welcomed) = handshake(server, ConnKind::Control, &ident, &hs_timing, interrupt)?;
         // The reader blocks without a deadline; the heartbeat judges silence.
         s.set_read_timeout(None)
             .map_err(|e| Error::io("control socket", e))?;
@@ -467,7 +492,10 @@ impl Session {
             .spawn(move || reader_loop(c2, reader, callbacks, counters))
             .map_err(|e| Error::io("spawning the connection reader", e))?;
         Ok(Arc::new(Session {
-            root,
+            root: welcomed.root,
+            // Half the server's break timeout: the other half is margin for
+            // scheduling delays and clocks that run at different rates.
+            trust_window: (welcomed.break_timeout / 2).min(timing.dead_after),
             server: server.to_string(),
             ctl,
             next_id: AtomicU64::new(1),
@@ -585,6 +613,28 @@ impl Session {
 
     pub fn silent_for(&self) -> Duration {
         self.ctl.last_heard.lock().elapsed()
+    }
+
+    /// Whether a frame arrived recently enough that the server cannot have
+    /// dropped our callbacks without our having read why.
+    pub fn heard_recently(&self) -> bool {
+        self.silent_for() < self.trust_window
+    }
+
+    /// A Ping answered: frames are read in order, so every callback break
+    /// the server sent before its Pong has been applied when this returns
+    /// Ok, and a server that ended the session has closed the connection,
+    /// which this reports as an error (and the session as dead).
+    pub fn sync(&self, interrupt: &Interrupt) -> Result<()> {
+        let timeout = self.timing.rpc_timeout.min(self.timing.dead_after);
+        match self.call_within(&Msg::Ping, interrupt, timeout)? {
+            Msg::Pong => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "server {} answered Ping with message kind {:#04x}",
+                self.server,
+                other.kind()
+            ))),
+        }
     }
 
     /// Wait (bounded by the RPC timeout; a failover or the session's death
