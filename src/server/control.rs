@@ -298,6 +298,14 @@ fn read_loop(
         };
         match msg {
             Msg::Ping => {
+                // A Pong renews the client's trust in its callbacks: only
+                // a leader whose lease holds may send one.
+                if let Some(r) = &shared.repl {
+                    if let Err(e) = r.confirm_leader(super::replication::LEASE_PATIENCE) {
+                        let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
+                        return (format!("replication: {e}"), false);
+                    }
+                }
                 let pong = frame_for(id, &Msg::Pong);
                 flow.start(pong.len());
                 let _ = tx.send(Out::Reply(pong));
@@ -324,8 +332,11 @@ fn read_loop(
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
-                    let reply =
-                        handle(&shared2, &ctx2, &user2, m).unwrap_or_else(|e| error_reply(&e));
+                    let reply = match leader_lease(&shared2, &ctx2) {
+                        Ok(()) => handle(&shared2, &ctx2, &user2, m),
+                        Err(e) => Err(e),
+                    }
+                    .unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
                     let _ = tx2.send(Out::Reply(bytes));
@@ -341,6 +352,23 @@ fn read_loop(
             }
         }
     }
+}
+
+/// In a group, a request is served only by a leader whose lease holds when
+/// the request is taken up (node.rs `LEASE`): a leader cut off from the
+/// others answers no read it can no longer vouch for. One that cannot
+/// confirm its leadership ends the session, which voids the client's
+/// callbacks; the client finds the leader and revalidates there.
+pub(crate) fn leader_lease(shared: &Shared, ctx: &ClientCtx) -> Result<()> {
+    let Some(r) = &shared.repl else {
+        return Ok(());
+    };
+    r.confirm_leader(super::replication::LEASE_PATIENCE)
+        .inspect_err(|e| {
+            shared
+                .registry
+                .end_session(&ctx.id, ctx.gen, &format!("replication: {e}"))
+        })
 }
 
 /// One request on a worker thread.

@@ -219,6 +219,12 @@ impl Server {
         };
         let store = Arc::new(VolumeStore::open(&cfg.root, cfg.space.max_file_size)?);
         let repl = replication::Replicator::start(&cfg.root, &store, tls.is_some())?;
+        if let Some(r) = &repl {
+            // Clients trust callbacks blind for half the break timeout
+            // after a frame (client/conn/session.rs): a new leader waits
+            // that out, plus a margin for frames still on their way.
+            r.set_write_delay(cfg.break_timeout / 2 + replication::WRITE_DELAY_MARGIN);
+        }
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -658,13 +664,14 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     };
     let _ = stream.set_read_timeout(None);
     if let (Some(r), ConnKind::Control) = (&shared.repl, ident.kind) {
-        if !r.is_leader() {
-            // Until the volume store is replicated only the leader serves.
-            let msg = match r.leader() {
-                Some((id, addr)) => format!("not the leader; the leader is member {id} at {addr}"),
-                None => "not the leader; no leader elected yet".into(),
-            };
-            let _ = wire::send(&mut stream, 0, &wire::error_reply(&Error::Again(msg)));
+        // Only the leader serves, and only while a majority confirms it.
+        let ok = if r.is_leader() {
+            r.confirm_leader(replication::LEASE_PATIENCE)
+        } else {
+            Err(r.redirect())
+        };
+        if let Err(e) = ok {
+            let _ = wire::send(&mut stream, 0, &wire::error_reply(&e));
             wire::close_after_error(&mut stream);
             return;
         }

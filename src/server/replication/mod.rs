@@ -46,6 +46,14 @@ const INBOX: usize = 8192;
 /// A peer connection silent this long is closed (heartbeats come every 150 ms).
 const PEER_IDLE: Duration = Duration::from_secs(30);
 
+/// How long a client's request waits for the leader to confirm its lease
+/// before the session ends (the client then looks for the leader).
+pub const LEASE_PATIENCE: Duration = Duration::from_secs(2);
+/// Added to the clients' blind-trust window before a new leader
+/// acknowledges writes: a frame the previous leader sent within its lease
+/// may reach (and be read by) its client this much later.
+pub const WRITE_DELAY_MARGIN: Duration = Duration::from_millis(250);
+
 /// The volume store as it was made by `init`, kept by every member: a
 /// member added later starts from it and replays the whole log (there is no
 /// log compaction yet, so the log holds every change since).
@@ -270,6 +278,10 @@ impl Replicator {
             waiting: Default::default(),
             next_serial: 0,
             was_leader: false,
+            reads_out: Default::default(),
+            read_seq: 0,
+            last_read_ask: None,
+            confirmed: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("coda-raft".into())
@@ -298,6 +310,66 @@ impl Replicator {
         self.published.leader.load(Ordering::SeqCst) == self.me
             && self.published.serving.load(Ordering::SeqCst)
             && !self.published.failed.load(Ordering::SeqCst)
+    }
+
+    /// Serve a client's request only as a leader whose lease holds (a
+    /// majority confirmed a heartbeat round asked for within the last
+    /// [`node::LEASE`], and this member applied what was committed then):
+    /// waits up to `patience` for one. Otherwise `Again`, naming the leader
+    /// if another is known: the caller ends the client's session, which
+    /// voids its callbacks, and the client finds the leader.
+    pub fn confirm_leader(&self, patience: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + patience;
+        let mut l = self.published.lease.lock();
+        loop {
+            if self.published.leader.load(Ordering::SeqCst) != self.me
+                || self.published.failed.load(Ordering::SeqCst)
+            {
+                drop(l);
+                return Err(self.redirect());
+            }
+            let now = std::time::Instant::now();
+            if l.until.is_some_and(|u| u > now) {
+                return Ok(());
+            }
+            if now >= deadline {
+                return Err(Error::Again(format!(
+                    "member {} could not confirm its leadership with a majority within {} ms",
+                    self.me,
+                    patience.as_millis()
+                )));
+            }
+            // Woken by a renewal or a role change; looks again at least
+            // every 50 ms (the leader id changes without a signal).
+            let slice = (deadline - now).min(Duration::from_millis(50));
+            self.published.lease_changed.wait_for(&mut l, slice);
+        }
+    }
+
+    /// The error a member that is not (or no longer) the leader answers.
+    pub fn redirect(&self) -> Error {
+        match self.leader().filter(|(id, _)| *id != self.me) {
+            Some((id, addr)) => Error::Again(format!(
+                "not the leader; the leader is member {id} at {addr}"
+            )),
+            None => Error::Again("not the leader; no leader elected yet".into()),
+        }
+    }
+
+    /// How long a new leader waits, from its election, before it
+    /// acknowledges a write (see [`node::Lease::writes_from`]).
+    pub fn set_write_delay(&self, d: Duration) {
+        self.published.lease.lock().write_delay = d;
+    }
+
+    /// Block until this leader may acknowledge writes (bounded by the
+    /// write delay).
+    pub fn wait_writable(&self) {
+        let l = *self.published.lease.lock();
+        if let Some(at) = l.writes_from {
+            let left = at.saturating_duration_since(std::time::Instant::now());
+            std::thread::sleep(left.min(l.write_delay));
+        }
     }
 
     /// The leader's node id and address, if one is known.

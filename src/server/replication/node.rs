@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
@@ -27,6 +27,19 @@ pub const TICK: Duration = Duration::from_millis(50);
 pub const HEARTBEAT_TICKS: usize = 3;
 /// Election timeout in ticks (0.5 s, randomised up to 1 s by the engine).
 pub const ELECTION_TICKS: usize = 10;
+/// How long a confirmed heartbeat round lets the leader serve reads, from
+/// the moment it asked for the round. A member that answered the round
+/// refuses every vote until it has ticked `ELECTION_TICKS` times since
+/// (`check_quorum`'s in-lease rule), at least `ELECTION_TICKS - 1` tick
+/// intervals (this thread never ticks faster than `TICK`): 450 ms. Any
+/// majority that could elect another leader holds such a member, so none
+/// is elected within the lease; 150 ms of it is kept as margin for clock
+/// drift and scheduling.
+pub const LEASE: Duration = Duration::from_millis(300);
+/// How often the leader asks for a heartbeat round to renew its lease.
+const LEASE_RENEW: Duration = TICK;
+/// A round unanswered this long is forgotten and asked again.
+const READ_GIVE_UP: Duration = Duration::from_secs(1);
 
 /// What other threads hand the node thread.
 pub enum Input {
@@ -133,6 +146,25 @@ pub struct Published {
     pub serving: AtomicBool,
     /// Called when this member stops being the leader.
     pub on_step_down: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The leader's read lease (see [`LEASE`]).
+    pub lease: Mutex<Lease>,
+    /// Signalled when the lease is renewed or lost.
+    pub lease_changed: Condvar,
+}
+
+/// What the leader may do when, as far as its clock and the engine's
+/// in-lease rule tell.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Lease {
+    /// Until when no other member can have been elected: reads (and the
+    /// callbacks granted with them) are served only before it.
+    pub until: Option<Instant>,
+    /// A new leader acknowledges writes only from this instant: clients
+    /// of the leader before it may trust their callbacks blind for their
+    /// trust window after its last frame, which it sent within its lease.
+    pub writes_from: Option<Instant>,
+    /// That wait: the clients' trust window plus a margin (set by the server).
+    pub write_delay: Duration,
 }
 
 /// What an applied entry hands back to its proposer.
@@ -160,6 +192,13 @@ pub(super) struct Driver {
     pub waiting: HashMap<u64, Sender<Result<Applied>>>,
     pub next_serial: u64,
     pub was_leader: bool,
+    /// Heartbeat rounds asked for (ReadIndex), by their context: when.
+    pub reads_out: HashMap<u64, Instant>,
+    pub read_seq: u64,
+    pub last_read_ask: Option<Instant>,
+    /// Rounds confirmed by a majority: (commit index then, asked at),
+    /// granted as lease once this member applied that index.
+    pub confirmed: Vec<(u64, Instant)>,
 }
 
 /// Build the engine over the durable log.
@@ -232,7 +271,10 @@ impl Driver {
                 self.node.tick();
                 next_tick = Instant::now() + TICK;
             }
-            if let Err(e) = self.on_ready() {
+            self.renew_lease();
+            let r = self.on_ready();
+            self.grant_lease();
+            if let Err(e) = r {
                 log::warn(format_args!(
                     "replication: node {} stops: its log cannot be written: {e}",
                     self.node.raft.id
@@ -305,6 +347,56 @@ impl Driver {
         }
     }
 
+    /// On the leader, ask the engine for a heartbeat round (ReadIndex,
+    /// `ReadOnlyOption::Safe`) every `LEASE_RENEW`, one at a time.
+    fn renew_lease(&mut self) {
+        if self.node.raft.state != StateRole::Leader
+            || !self.published.serving.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let now = Instant::now();
+        self.reads_out
+            .retain(|_, at| now.duration_since(*at) < READ_GIVE_UP);
+        if !self.reads_out.is_empty()
+            || self
+                .last_read_ask
+                .is_some_and(|t| now.duration_since(t) < LEASE_RENEW)
+        {
+            return;
+        }
+        self.read_seq += 1;
+        self.reads_out.insert(self.read_seq, now);
+        self.last_read_ask = Some(now);
+        self.node.read_index(self.read_seq.to_be_bytes().to_vec());
+    }
+
+    /// A confirmed round whose commit index is applied here extends the
+    /// lease to `LEASE` past the moment the round was asked for.
+    fn grant_lease(&mut self) {
+        if self.confirmed.is_empty() {
+            return;
+        }
+        let applied = self.store.applied();
+        let mut best: Option<Instant> = None;
+        self.confirmed.retain(|(index, at)| {
+            if *index <= applied {
+                best = best.max(Some(*at));
+                false
+            } else {
+                true
+            }
+        });
+        let Some(at) = best else { return };
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        let mut l = self.published.lease.lock();
+        l.until = l.until.max(Some(at + LEASE));
+        drop(l);
+        self.published.lease_changed.notify_all();
+    }
+
     fn not_leader(&self) -> Error {
         let leader = self.node.raft.leader_id;
         let addr = self.group.lock().addr_of(leader).map(str::to_string);
@@ -366,10 +458,31 @@ impl Driver {
         self.store.persist(ready.entries(), ready.hs())?;
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
+        for rs in ready.take_read_states() {
+            let seq = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
+            if let Some(at) = seq.ok().and_then(|s| self.reads_out.remove(&s)) {
+                self.confirmed.push((rs.index, at));
+            }
+        }
         if let Some(ss) = ready.ss() {
             self.published.leader.store(ss.leader_id, Ordering::SeqCst);
             self.published.serving.store(false, Ordering::SeqCst);
             let leader = ss.raft_state == StateRole::Leader;
+            {
+                // A role change ends the lease; a new leader waits out the
+                // trust its predecessor's clients may still place in their
+                // callbacks before it acknowledges a write.
+                let mut l = self.published.lease.lock();
+                l.until = None;
+                if leader && !self.was_leader {
+                    l.writes_from = Some(Instant::now() + l.write_delay);
+                }
+                drop(l);
+                self.published.lease_changed.notify_all();
+                self.reads_out.clear();
+                self.confirmed.clear();
+                self.last_read_ask = None;
+            }
             if self.was_leader && !leader {
                 if let Some(f) = self.published.on_step_down.lock().as_ref() {
                     f();
