@@ -480,23 +480,52 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
 /// for on every member, not only on the leader: a create the leader
 /// refuses (bob has no insert right in the root) exists on no member, so
 /// the next leader does not show it either. An access list change made on
-/// the leader is there on the next one.
+/// the leader is there on the next one. A user and a group added through
+/// any member's administration socket reach every member.
 #[test]
 fn a_batch_refused_for_its_user_is_refused_on_every_member() {
     use common::raw::rec;
     let mut g = Group::start(3);
     let l = g.wait_leader(&[0, 1, 2]);
-    // Each member's own user table (users are not replicated); bob
-    // authenticates to the leader with the leader's secret for him.
-    for m in &g.members {
+    // Users and groups go through the log: bob is added through a
+    // follower's administration socket (it forwards the entry to the
+    // leader), and every member stores the one secret the entry carries.
+    let f = (0..3).find(|&i| i != l).unwrap();
+    let admin_cmd = |i: usize, words: &[&str]| {
         let out = Command::new(SERVER_BIN)
-            .args(["user", "add", "bob", "--root"])
-            .arg(&m.root)
+            .args(words)
+            .arg("--root")
+            .arg(&g.members[i].root)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{out:?}");
+        assert!(out.status.success(), "{words:?} on member {i}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    admin_cmd(f, &["user", "add", "bob"]);
+    let bob = wait_until("bob's one secret on every member", 20, || {
+        let s: Vec<_> = g
+            .members
+            .iter()
+            .map(|m| coda::proto::auth::read_secret_file(&m.root.join("bob.secret")).ok())
+            .collect();
+        (s.iter().all(|x| x.is_some() && *x == s[0])).then(|| s[0].unwrap())
+    });
+    // Added again on another member: refused there, as on a lone server.
+    let again = Command::new(SERVER_BIN)
+        .args(["user", "add", "bob", "--root"])
+        .arg(&g.members[l].root)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "{again:?}");
+    admin_cmd(l, &["group", "add", "admin:friends", "bob"]);
+    for i in 0..3 {
+        wait_until("the group on every member", 20, || {
+            admin_cmd(i, &["group", "members", "admin:friends"])
+                .lines()
+                .any(|x| x.split_whitespace().any(|w| w == "bob"))
+                .then_some(())
+        });
     }
-    let bob = coda::proto::auth::read_secret_file(&g.members[l].root.join("bob.secret")).unwrap();
     let mut raw = wait_until("the leader takes bob's control connection", 10, || {
         Raw::connect(
             g.members[l].addr,

@@ -221,9 +221,15 @@ impl Server {
         let repl = replication::Replicator::start(&cfg.root, &store, tls.is_some())?;
         if let Some(r) = &repl {
             // Clients trust callbacks blind for half the break timeout
-            // after a frame (client/conn/session.rs): a new leader waits
-            // that out, plus a margin for frames still on their way.
-            r.set_write_delay(cfg.break_timeout / 2 + replication::WRITE_DELAY_MARGIN);
+            // after a frame (client/conn/session.rs). The old leader sent
+            // its last frame within its lease, which ended at least
+            // LEASE_SLACK before this member's election: a new leader
+            // waits out the rest, plus a margin for frames still on their
+            // way.
+            r.set_write_delay(
+                (cfg.break_timeout / 2 + replication::WRITE_DELAY_MARGIN)
+                    .saturating_sub(replication::node::LEASE_SLACK),
+            );
         }
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;

@@ -11,13 +11,15 @@
 //! share the object file's inode, so they cost nothing until the object is
 //! replaced): a member that comes back later may need to pull them.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use super::transport::{
@@ -25,6 +27,7 @@ use super::transport::{
 };
 use crate::proto::auth::random_bytes;
 use crate::server::objects::{hex, sync_dir};
+use crate::tls::Stream;
 use crate::{Error, Result};
 
 const CHUNK: usize = 256 * 1024;
@@ -136,8 +139,45 @@ fn receive_bytes<R: Read>(
     result
 }
 
-/// Push one upload to member `to`; returns once it is durable there.
+/// Idle data connections kept per member: a push reuses one instead of
+/// paying a connect, a TLS handshake and the group-key proof per file
+/// (that was most of a small replicated store's cost).
+#[derive(Default)]
+pub struct DataPool {
+    idle: Mutex<HashMap<u64, Vec<(Stream, Instant)>>>,
+}
+
+/// Idle connections kept per member at most (one per push in flight).
+const POOL_PER_MEMBER: usize = 8;
+/// A pooled connection idle this long is closed rather than reused (well
+/// under the 30 s after which the member closes a silent peer connection;
+/// those to a removed member go so too).
+const POOL_IDLE: Duration = Duration::from_secs(10);
+
+impl DataPool {
+    fn take(&self, to: u64) -> Option<Stream> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(&to)?;
+        list.retain(|(_, at)| at.elapsed() < POOL_IDLE);
+        list.pop().map(|(s, _)| s)
+    }
+
+    fn put(&self, to: u64, s: Stream) {
+        let mut idle = self.idle.lock();
+        let list = idle.entry(to).or_default();
+        if list.len() < POOL_PER_MEMBER {
+            list.push((s, Instant::now()));
+        }
+    }
+}
+
+/// Push one upload to member `to`; returns once it is durable there. A
+/// pooled connection that fails (the member restarted, or closed it) is
+/// dropped and the push made again on a new one; the receiver's rename
+/// makes a second copy of the same bytes harmless.
+#[allow(clippy::too_many_arguments)] // the upload's names, and where to
 pub fn push(
+    pool: &DataPool,
     addr: SocketAddr,
     key: &PeerKey,
     me: u64,
@@ -146,18 +186,33 @@ pub fn push(
     upload: u64,
     path: &Path,
 ) -> Result<()> {
-    let mut f = File::open(path).map_err(io("open upload to replicate"))?;
-    let len = f.metadata().map_err(io("stat upload to replicate"))?.len();
-    let mut s = dial(addr, key, me, to)?;
+    if let Some(s) = pool.take(to) {
+        if let Ok(s) = push_on(s, to, client, upload, path) {
+            pool.put(to, s);
+            return Ok(());
+        }
+    }
+    let s = dial(addr, key, me, to)?;
     s.set_write_timeout(Some(STALL))
         .map_err(io("peer socket"))?;
     s.set_read_timeout(Some(STALL)).map_err(io("peer socket"))?;
-    let mut w = std::io::BufWriter::with_capacity(CHUNK, s.try_clone().map_err(io("peer socket"))?);
-    write_frame(&mut w, KIND_PUSH, &header(client, upload, Some(len)))?;
-    send_bytes(&mut w, &mut f, len)?;
-    drop(w);
+    let s = push_on(s, to, client, upload, path)?;
+    pool.put(to, s);
+    Ok(())
+}
+
+/// One push on an open connection; hands the connection back when the
+/// member acknowledged (it is then between frames, ready for the next).
+fn push_on(mut s: Stream, to: u64, client: &[u8; 16], upload: u64, path: &Path) -> Result<Stream> {
+    let mut f = File::open(path).map_err(io("open upload to replicate"))?;
+    let len = f.metadata().map_err(io("stat upload to replicate"))?.len();
+    {
+        let mut w = std::io::BufWriter::with_capacity(CHUNK.min(len as usize + 64), &mut s);
+        write_frame(&mut w, KIND_PUSH, &header(client, upload, Some(len)))?;
+        send_bytes(&mut w, &mut f, len)?;
+    }
     match read_frame(&mut s)? {
-        Some((KIND_PUSHED, b)) if b == [0] => Ok(()),
+        Some((KIND_PUSHED, b)) if b == [0] => Ok(s),
         Some((KIND_PUSHED, b)) => Err(Error::Eio(format!(
             "member {to} could not store the data: {}",
             String::from_utf8_lossy(b.get(1..).unwrap_or_default())

@@ -38,6 +38,7 @@ use crate::{Error, Result};
 const OP_REINTEGRATE: u8 = 1;
 const OP_ALLOC: u8 = 2;
 const OP_SET_ACL: u8 = 3;
+const OP_ADMIN: u8 = 4;
 /// The settings key of the last log index an AllocFids applied.
 const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
 /// How long a member that missed a Store's data keeps asking the others.
@@ -232,9 +233,67 @@ impl StateMachine for Machine {
                 }
                 Ok(Box::new(res))
             }
+            OP_ADMIN => {
+                let b = data.get(17..).ok_or_else(bad_entry)?;
+                if b.len() < 32 {
+                    return Err(bad_entry());
+                }
+                let secret: [u8; 32] = b[..32].try_into().expect("32");
+                let line = std::str::from_utf8(&b[32..]).map_err(|_| bad_entry())?;
+                let words: Vec<String> = line.split('\t').map(str::to_string).collect();
+                let res: Result<String> = self.store.with_db(|db| match words.as_slice() {
+                    [u, a, name] if u == "user" && a == "add" => {
+                        crate::server::volume::check_user(name)?;
+                        let path =
+                            crate::server::volume::add_user_with(db, &self.root, name, secret)?;
+                        Ok(format!("added {name}; secret in {}\n", path.display()))
+                    }
+                    _ => crate::server::admin::run_command(db, &self.root, &words),
+                });
+                // Identities are cached per user: users or groups may have moved.
+                self.store.access.changed();
+                if let Err(e) = &res {
+                    if is_store_failure(e) || matches!(e, Error::Io { .. }) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
             _ => Err(bad_entry()),
         }
     }
+}
+
+/// The administration commands that change users, groups or anonymous
+/// access: in a group they are log entries.
+pub(crate) fn is_replicated_admin(words: &[String]) -> bool {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    matches!(
+        w.as_slice(),
+        ["user", "add" | "remove", ..] | ["group", "add" | "remove", ..] | ["anonymous", ..]
+    )
+}
+
+/// An administration command through the log: every member applies it to
+/// its own store (a new user's secret, drawn here, goes in the entry, so
+/// every member writes the same secret file). Any member takes it; a
+/// follower forwards it to the leader. Answers with this member's result.
+pub(crate) fn admin(repl: &Replicator, words: &[String]) -> Result<String> {
+    if words.iter().any(|w| w.contains('\t') || w.contains('\n')) {
+        return Err(Error::Invalid(
+            "a word of the command holds a tab or newline".into(),
+        ));
+    }
+    let secret: [u8; 32] = crate::proto::auth::random_bytes();
+    let mut b = vec![OP_ADMIN];
+    b.extend_from_slice(&[0u8; 16]);
+    b.extend_from_slice(&secret);
+    b.extend_from_slice(words.join("\t").as_bytes());
+    let applied = repl.propose_from_any_member(b, COMMIT_TIMEOUT)?;
+    applied
+        .downcast::<Result<String>>()
+        .map(|b| *b)
+        .map_err(|_| Error::Eio("replicated result of an unexpected type".into()))?
 }
 
 /// The leader's SetAcl: through the log, so every member keeps the same
@@ -461,6 +520,7 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
         let me = repl.me;
         let client = *client;
         let files = files.to_vec();
+        let pool = Arc::clone(&repl.data_pool);
         // Detached: a slow member finishes (or times out) on its own.
         let _ = std::thread::Builder::new()
             .name(format!("coda-push-{id}"))
@@ -468,7 +528,7 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
                 let r = resolve(&addr).and_then(|a| {
                     files
                         .iter()
-                        .try_for_each(|(up, p)| push(a, &key, me, id, &client, *up, p))
+                        .try_for_each(|(up, p)| push(&pool, a, &key, me, id, &client, *up, p))
                 });
                 let _ = tx.send((id, r));
             });

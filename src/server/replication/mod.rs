@@ -238,6 +238,8 @@ pub struct Replicator {
     published: Arc<Published>,
     stopping: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Open data connections to the other members, reused by pushes.
+    data_pool: Arc<data::DataPool>,
 }
 
 impl Replicator {
@@ -297,6 +299,7 @@ impl Replicator {
             published,
             stopping,
             thread: Mutex::new(Some(thread)),
+            data_pool: Arc::default(),
         }))
     }
 
@@ -396,6 +399,21 @@ impl Replicator {
         let (tx, rx) = bounded(1);
         self.inbox
             .send_timeout(Input::Propose(data, tx), timeout)
+            .map_err(|_| Error::Again("the raft node is not running".into()))?;
+        rx.recv_timeout(timeout)
+            .map_err(|_| Error::Timeout("no majority applied the change in time".into()))?
+    }
+
+    /// As [`Replicator::propose`], from any member: a follower forwards
+    /// the entry to the leader and answers once it applied it itself.
+    pub fn propose_from_any_member(
+        &self,
+        data: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<node::Applied> {
+        let (tx, rx) = bounded(1);
+        self.inbox
+            .send_timeout(Input::ProposeAny(data, tx), timeout)
             .map_err(|_| Error::Again("the raft node is not running".into()))?;
         rx.recv_timeout(timeout)
             .map_err(|_| Error::Timeout("no majority applied the change in time".into()))?

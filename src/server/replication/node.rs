@@ -36,6 +36,9 @@ pub const ELECTION_TICKS: usize = 10;
 /// is elected within the lease; 150 ms of it is kept as margin for clock
 /// drift and scheduling.
 pub const LEASE: Duration = Duration::from_millis(300);
+/// How long, at least, after the end of a leader's lease another can be
+/// elected (450 ms of refused votes minus `LEASE`).
+pub const LEASE_SLACK: Duration = Duration::from_millis(150);
 /// How often the leader asks for a heartbeat round to renew its lease.
 const LEASE_RENEW: Duration = TICK;
 /// A round unanswered this long is forgotten and asked again.
@@ -48,6 +51,9 @@ pub enum Input {
     /// Append `data` to the log; answered with the state machine's result
     /// once applied here.
     Propose(Vec<u8>, Sender<Result<Applied>>),
+    /// As `Propose`, also on a follower (the engine forwards it to the
+    /// leader); answered once applied here.
+    ProposeAny(Vec<u8>, Sender<Result<Applied>>),
     /// Add (`Some(addr)`) or remove (`None`) member `id`; answered (with
     /// the entry's index) once applied.
     Membership(u64, Option<String>, Sender<Result<Applied>>),
@@ -296,22 +302,8 @@ impl Driver {
                 // incarnation) are the engine's to ignore.
                 let _ = self.node.step(*m);
             }
-            Input::Propose(data, done) => {
-                if self.node.raft.state != StateRole::Leader {
-                    let _ = done.send(Err(self.not_leader()));
-                    return;
-                }
-                self.next_serial += 1;
-                let serial = self.next_serial;
-                match self.node.propose(context(self.node.raft.id, serial), data) {
-                    Ok(()) => {
-                        self.waiting.insert(serial, done);
-                    }
-                    Err(e) => {
-                        let _ = done.send(Err(Error::Again(format!("proposal refused: {e}"))));
-                    }
-                }
-            }
+            Input::Propose(data, done) => self.propose(data, done, false),
+            Input::ProposeAny(data, done) => self.propose(data, done, true),
             Input::Membership(id, addr, done) => {
                 if self.node.raft.state != StateRole::Leader {
                     let _ = done.send(Err(self.not_leader()));
@@ -343,6 +335,26 @@ impl Driver {
             }
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// Take a proposal: on the leader, or with `forward` on a follower
+    /// that knows the leader (the engine forwards it there).
+    fn propose(&mut self, data: Vec<u8>, done: Sender<Result<Applied>>, forward: bool) {
+        if self.node.raft.state != StateRole::Leader && !(forward && self.node.raft.leader_id != 0)
+        {
+            let _ = done.send(Err(self.not_leader()));
+            return;
+        }
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        match self.node.propose(context(self.node.raft.id, serial), data) {
+            Ok(()) => {
+                self.waiting.insert(serial, done);
+            }
+            Err(e) => {
+                let _ = done.send(Err(Error::Again(format!("proposal refused: {e}"))));
             }
         }
     }
