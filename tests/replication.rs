@@ -6,6 +6,7 @@ mod common;
 mod replication_util;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use coda::proto::ConnKind;
 use coda::proto::Msg;
@@ -474,6 +475,87 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
         !names.contains(&"from-the-minority".to_string()),
         "{names:?}"
     );
+}
+
+/// A leader cut off from the others stops answering reads before the
+/// majority can acknowledge a write (its lease): no ReadDir sent to it
+/// after the new leader acknowledged a create is answered with the listing
+/// from before, and the old leader ends the session rather than answer.
+#[test]
+fn a_cut_off_leader_answers_no_read_once_the_majority_took_a_write() {
+    let (g, cutter) = Group::start_behind_proxies(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let mut raw = wait_until("the leader takes a control connection", 10, || {
+        Raw::connect_plain(
+            g.members[l].addr,
+            "admin",
+            &secret,
+            ConnKind::Control,
+            [10; 16],
+            1,
+        )
+        .ok()
+    });
+    let root = raw.root;
+    assert!(!raw.list(root).iter().any(|(n, _)| n == "after-the-cut"));
+    // Reads on the old leader, back to back, each with the instant it was
+    // sent, until it stops answering (bounded).
+    let reader = std::thread::spawn(move || {
+        let mut answered = Vec::new();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end {
+            let sent = Instant::now();
+            let id = raw.send(&Msg::ReadDir {
+                fid: root,
+                cursor: 0,
+            });
+            let reply = loop {
+                match raw.recv() {
+                    Some((rid, m)) if rid == id => break Some(m),
+                    Some(_) => continue, // a callback break
+                    None => break None,
+                }
+            };
+            match reply {
+                Some(Msg::DirPage { entries, .. }) => {
+                    let has = entries.iter().any(|e| e.name == "after-the-cut");
+                    answered.push((sent, has));
+                }
+                other => return (answered, other),
+            }
+        }
+        (answered, None)
+    });
+    cutter.cut(g.members[l].id);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    let caches = common::TempDir::new("repl-lease");
+    let mut cfg = g.client_config(&caches.path().join("c"));
+    cfg.set("servers", &g.members[l2].addr.to_string()).unwrap();
+    let c = wait_until("a client of the new leader", 30, || {
+        Client::new(cfg.clone()).ok()
+    });
+    let acked = wait_until("the majority acknowledges a create", 30, || {
+        (committed_put(&c, "/after-the-cut", b"new\n") == Some(true)).then(Instant::now)
+    });
+    let (answered, last) = reader.join().unwrap();
+    assert!(
+        matches!(last, None | Some(Msg::Error { .. })),
+        "the old leader's last answer: {last:?}"
+    );
+    let stale = answered
+        .iter()
+        .filter(|(sent, has)| *sent > acked && !has)
+        .count();
+    assert_eq!(
+        stale,
+        0,
+        "{stale} of {} reads sent to the old leader after the majority's write were answered \
+         without it",
+        answered.len()
+    );
+    cutter.heal(g.members[l].id);
 }
 
 /// A replicated batch is checked against the rights of the user it acts

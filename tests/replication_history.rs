@@ -101,6 +101,7 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
     eprintln!("history seed {seed} (CODA_HISTORY_SEED to repeat)");
     let (mut g, cutter) = Group::start_behind_proxies(3);
     g.wait_leader(&[0, 1, 2]);
+    let t0 = Instant::now();
     let caches = common::TempDir::new("history");
     let history = Arc::new(Mutex::new(Vec::<Op>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,7 +113,9 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
         let history = Arc::clone(&history);
         let stop = Arc::clone(&stop);
         clients.push(std::thread::spawn(move || {
-            let c = Client::new(cfg).expect("client connects");
+            // A member starved of CPU may miss a first connect's 500 ms:
+            // the history starts once the client is in.
+            let c = wait_until("the client connects", 60, || Client::new(cfg.clone()).ok());
             let mut rng = Rng(seed ^ (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
@@ -172,6 +175,9 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
     let mut rng = Rng(seed.rotate_left(17) | 1);
     let end = Instant::now() + RUN;
     let mut faults = Vec::new();
+    // When each fault began and healed (ms from the start), printed with a
+    // failure so a violation can be placed against them.
+    let mut timeline = Vec::new();
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(500 + rng.below(1000)));
         let live: Vec<usize> = (0..3).collect();
@@ -182,6 +188,7 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
         };
         let fault = rng.below(3);
         faults.push((fault, g.members[target].id));
+        let began = t0.elapsed().as_millis();
         match fault {
             0 => g.kill9(target),
             1 => g.sigstop(target),
@@ -193,6 +200,12 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
             1 => g.sigcont(target),
             _ => cutter.heal(g.members[target].id),
         }
+        timeline.push(format!(
+            "{} member {} {began}..{} ms",
+            ["kill -9", "SIGSTOP", "cut"][fault as usize],
+            g.members[target].id,
+            t0.elapsed().as_millis()
+        ));
     }
     stop.store(true, Ordering::SeqCst);
     g.wait_caught_up(&[0, 1, 2]);
@@ -227,15 +240,30 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
         writes > 20 && reads > 20,
         "too little happened: {writes} writes, {reads} reads"
     );
-    let violations = check(&ops, &finals);
+    let violations = check(&ops, &finals, t0);
     assert!(
         violations.is_empty(),
-        "seed {seed}: {} violations: {violations:#?}",
+        "seed {seed}: {} violations: {violations:#?}\nfaults: {timeline:#?}",
         violations.len()
     );
 }
 
-fn check(ops: &[Op], finals: &[String]) -> Vec<String> {
+/// An operation with its times from the start, for a violation's report.
+fn show(o: &Op, t0: Instant) -> String {
+    format!(
+        "client {} {:?} file {} {}..{} ms ok {} unknown {} connected {}",
+        o.client,
+        o.kind,
+        o.file,
+        o.invoke.duration_since(t0).as_millis(),
+        o.complete.duration_since(t0).as_millis(),
+        o.ok,
+        o.unknown,
+        o.connected
+    )
+}
+
+fn check(ops: &[Op], finals: &[String], t0: Instant) -> Vec<String> {
     let mut bad = Vec::new();
     // Every value written per file (any outcome).
     let mut written: HashMap<(usize, &str), &Op> = HashMap::new();
@@ -302,8 +330,14 @@ fn check(ops: &[Op], finals: &[String]) -> Vec<String> {
             };
             if stale {
                 bad.push(format!(
-                    "client {} read {v:?} from file {} after client {}'s write {wv:?} was acknowledged",
-                    r.client, r.file, w.client
+                    "client {} read {v:?} from file {} after client {}'s write {wv:?} was acknowledged \
+                     [read: {}] [write: {}] [source: {}]",
+                    r.client,
+                    r.file,
+                    w.client,
+                    show(r, t0),
+                    show(w, t0),
+                    source.map(|s| show(s, t0)).unwrap_or_default()
                 ));
             }
         }
