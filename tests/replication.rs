@@ -558,6 +558,44 @@ fn a_cut_off_leader_answers_no_read_once_the_majority_took_a_write() {
     cutter.heal(g.members[l].id);
 }
 
+/// A Store naming an upload the leader does not hold (a client staged it
+/// with a leader before this one) is refused at its record with NotFound,
+/// as a lone server refuses it, and nothing is proposed: a log entry
+/// naming data on no member would hold every member waiting for it. The
+/// group goes on committing.
+#[test]
+fn a_store_of_an_upload_not_staged_on_the_leader_is_refused_and_the_group_goes_on() {
+    use common::raw::rec;
+    let g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let mut raw = wait_until("the leader takes a control connection", 10, || {
+        Raw::connect(
+            g.members[l].addr,
+            "admin",
+            &secret,
+            ConnKind::Control,
+            [11; 16],
+            1,
+        )
+        .ok()
+    });
+    let fids = raw.alloc(2);
+    let root = raw.root;
+    let made = raw.apply(vec![rec::create(1, root, "f", fids[0])]);
+    match raw.reintegrate(vec![rec::store(2, fids[0], made[0].version, 77, 5)]) {
+        Msg::Error { code, index, .. } => {
+            assert_eq!(code, coda::error::WireCode::NotFound);
+            assert_eq!(index, 0);
+        }
+        m => panic!("a Store of an upload never staged answered {m:?}"),
+    }
+    raw.apply(vec![rec::create(3, root, "g", fids[1])]);
+    g.wait_caught_up(&[0, 1, 2]);
+    let names: Vec<String> = raw.list(root).into_iter().map(|(n, _)| n).collect();
+    assert!(names.contains(&"g".to_string()), "{names:?}");
+}
+
 /// A replicated batch is checked against the rights of the user it acts
 /// for on every member, not only on the leader: a create the leader
 /// refuses (bob has no insert right in the root) exists on no member, so

@@ -469,11 +469,29 @@ pub(crate) fn reintegrate(
         leadership_lost(shared, ctx, &e);
         BatchError::from(e)
     };
+    let highest = shared.store.with_db(|db| -> Result<u64> {
+        let txn = db.begin_read()?;
+        let t = txn.open_table(CLIENT_STORE)?;
+        let v = t.get(&ctx.id)?.map(|v| v.value());
+        Ok(v.unwrap_or(0))
+    })?;
     let mut files = Vec::new();
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         if let RecordOp::Store { upload_id, .. } = r.op {
-            if let Some(p) = shared.registry.staged(ctx, upload_id) {
-                files.push((upload_id, p));
+            match shared.registry.staged(ctx, upload_id) {
+                Some(p) => files.push((upload_id, p)),
+                // A replayed record is skipped by every member; a new one
+                // whose data is not staged here (the client's upload went
+                // to a leader before this one) is refused as a lone server
+                // refuses it. Proposed, it would name data on no member,
+                // and every member would wait for it.
+                None if r.store_id > highest => {
+                    return Err(BatchError {
+                        error: Error::NotFound(format!("upload {upload_id} is not staged")),
+                        index: i as u32,
+                    });
+                }
+                None => {}
             }
         }
     }
