@@ -52,6 +52,9 @@ struct Op {
     unknown: bool,
     /// The client was connected at invocation and completion.
     connected: bool,
+    /// An unknown write: when the client's log had drained (it reached the
+    /// group, or was refused, by then).
+    landed: Option<Instant>,
 }
 
 /// A small deterministic generator (no rand crate): xorshift.
@@ -138,6 +141,7 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
                         ok: r.is_ok() && !logged,
                         unknown: r.is_ok() && logged,
                         connected: connected0 && c.state() == ClientState::Connected,
+                        landed: None,
                     }
                 } else {
                     let r = read(&c, &path);
@@ -151,11 +155,11 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
                         complete,
                         unknown: false,
                         connected: connected0 && c.state() == ClientState::Connected,
+                        landed: None,
                     }
                 };
-                let logged = op.unknown;
-                history.lock().unwrap().push(op);
-                if logged {
+                let mut op = op;
+                if op.unknown {
                     // Wait until the client's log reached the group before
                     // the next operation (bounded): writing while a client
                     // reintegrates races its version bookkeeping, a client
@@ -165,7 +169,9 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
                         let _ = c.reintegrate_now();
                         std::thread::sleep(Duration::from_millis(20));
                     }
+                    op.landed = (c.pending_records() == 0).then(Instant::now);
                 }
+                history.lock().unwrap().push(op);
                 std::thread::sleep(Duration::from_millis(rng.below(20)));
             }
             c
@@ -325,7 +331,12 @@ fn check(ops: &[Op], finals: &[String], t0: Instant) -> Vec<String> {
                 continue;
             }
             let stale = match source {
-                None => true,                     // empty, yet w had been acknowledged
+                None => true, // empty, yet w had been acknowledged
+                // A write of unknown outcome (logged while disconnected)
+                // reached the group at some point before the client's log
+                // drained: only one that had landed before w began is
+                // replaced by it.
+                Some(s) if s.unknown => s.landed.is_some_and(|l| l < w.invoke),
                 Some(s) => s.complete < w.invoke, // the value read was replaced by w
             };
             if stale {
