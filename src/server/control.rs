@@ -480,6 +480,12 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
                             shared.break_timeout,
                         );
                     }
+                    // A new group leader acknowledges only once its
+                    // predecessor's clients stopped trusting blind (its
+                    // own holders were told above, at once).
+                    if let Some(r) = &shared.repl {
+                        r.wait_writable();
+                    }
                     Ok(Msg::Reintegrated {
                         results: out.results,
                     })
@@ -518,6 +524,9 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
             shared
                 .registry
                 .break_callbacks(ctx, &fids, &[], shared.break_timeout);
+            if let Some(r) = &shared.repl {
+                r.wait_writable();
+            }
             Ok(Msg::AclReply {
                 entries: acl.entries,
                 rights: mine,

@@ -310,15 +310,13 @@ pub(crate) fn set_acl(
     negative: bool,
 ) -> Result<AclChange> {
     let data = encode_set_acl(&ctx.id, who, dir, name, rights, negative);
-    let r = match propose::<Result<AclChange>>(repl, data) {
+    match propose::<Result<AclChange>>(repl, data) {
         Ok(r) => r,
         Err(e) => {
             leadership_lost(shared, ctx, &e);
             Err(e)
         }
-    };
-    repl.wait_writable();
-    r
+    }
 }
 
 impl Machine {
@@ -507,12 +505,10 @@ pub(crate) fn reintegrate(
         push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
     }
     let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, records);
-    let r = match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
+    match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
         Ok(r) => r,
         Err(e) => Err(fail(e)),
-    };
-    repl.wait_writable();
-    r
+    }
 }
 
 /// Push the batch's files to the followers; returns once, counting this
