@@ -278,7 +278,13 @@ impl Replicator {
                 group: Arc::clone(&group),
             }),
             waiting: Default::default(),
-            next_serial: 0,
+            // Entries name their proposer's serial: a restarted member
+            // replaying its old entries must not take one of them for a
+            // new proposal of its own, so serials never restart from 0.
+            next_serial: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
             was_leader: false,
             reads_out: Default::default(),
             read_seq: 0,
