@@ -13,7 +13,9 @@
 //! 3. 10,000 4 KiB files in 100 directories: create, stat, read, delete;
 //! 4. `tar -x` of a generated 10,000-file tree;
 //! 5. one directory of 10,000 files: create, `ls -l`, stat all, `rm -r`;
-//! 6. write-back mode (when the client has it): the create and tar figures;
+//! 6. write-back mode (`write_back_ms`): create and delete of 4 KiB files and
+//!    `tar -x`, against local and the connected mount in the same round,
+//!    and the same creates and deletes counted until the server has them;
 //! 7. the large-file figures: sequential read of a cached 256 MiB file with
 //!    FUSE passthrough and without.
 //!
@@ -60,11 +62,23 @@ fn first_line(c: &mut Child) -> String {
 }
 
 fn mount(dir: &Path, addr: &str, secret: &Path, tag: &str, args: &[&str]) -> Mount {
+    mount_with(dir, addr, secret, tag, args, "")
+}
+
+/// `mount` with extra lines for the config file (`write_back_ms = N`).
+fn mount_with(
+    dir: &Path,
+    addr: &str,
+    secret: &Path,
+    tag: &str,
+    args: &[&str],
+    conf_extra: &str,
+) -> Mount {
     let conf = dir.join(format!("{tag}.conf"));
     std::fs::write(
         &conf,
         format!(
-            "servers = {addr}\nsecret_file = {}\ncache_dir = {}\ncache_size = 4G\n",
+            "servers = {addr}\nsecret_file = {}\ncache_dir = {}\ncache_size = 4G\n{conf_extra}",
             secret.display(),
             dir.join(format!("{tag}-cache")).display()
         ),
@@ -236,6 +250,43 @@ fn small_files(root: &Path, n: usize) -> [f64; 4] {
     let delete = n as f64 / secs(t);
     std::fs::remove_dir(&base).unwrap();
     [create, stat, read, delete]
+}
+
+/// `write_back_ms` of the write-back mount: long enough that a run's
+/// records are sent in batches behind the calls, as in a bulk load.
+const WRITE_BACK_MS: u64 = 2000;
+
+/// Files/s for create (and write 4 KiB, close) and for delete of `n` files
+/// in 100 directories (the directories' own mkdir and rmdir not timed).
+fn create_delete(root: &Path, n: usize) -> (f64, f64) {
+    create_delete_drained(root, n, &|| 0.0)
+}
+
+/// `create_delete`, with `drain()` (seconds) counted in after each part.
+fn create_delete_drained(root: &Path, n: usize, drain: &dyn Fn() -> f64) -> (f64, f64) {
+    let base = root.join("cd");
+    std::fs::create_dir_all(&base).unwrap();
+    let path = |i: usize| base.join(format!("d{:02}/f{i}", i % 100));
+    for d in 0..100.min(n) {
+        std::fs::create_dir(base.join(format!("d{d:02}"))).unwrap();
+    }
+    drain();
+    let data = page(0);
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::write(path(i), &data).unwrap();
+    }
+    let create = n as f64 / (secs(t) + drain());
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(path(i)).unwrap();
+    }
+    let delete = n as f64 / (secs(t) + drain());
+    for d in 0..100.min(n) {
+        std::fs::remove_dir(base.join(format!("d{d:02}"))).unwrap();
+    }
+    std::fs::remove_dir(&base).unwrap();
+    (create, delete)
 }
 
 /// Seconds for create, `ls -l`, stat all, `rm -r` of one directory of `n`.
@@ -634,11 +685,76 @@ fn main() {
         );
     }
 
-    // 6. write-back mode.
-    println!(
-        "TODO write-back mode: the client has no write_back_ms option on main yet; \
-         the create and tar figures with it on go here once it does"
+    // 6. write-back mode: close returns once the change is durable in the
+    // local log; "until on the server" adds the wait for the log to drain
+    // (`coda reintegrate` right after the last call), the honest figure
+    // for how long the server took to have it all.
+    let wb = mount_with(
+        &dir,
+        &addr,
+        &secret,
+        "wb",
+        &[],
+        &format!("write_back_ms = {WRITE_BACK_MS}\n"),
     );
+    std::fs::create_dir_all(wb.mnt.join("bench-wb")).unwrap();
+    let wbt = Target {
+        name: "coda write-back",
+        root: wb.mnt.join("bench-wb"),
+    };
+    let drain = || {
+        let t = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_coda"))
+            .arg("--cache-dir")
+            .arg(&wb.cache)
+            .arg("reintegrate")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("records: 0"),
+            "coda reintegrate: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        secs(t)
+    };
+    let mut cr = Vec::new();
+    let mut del = Vec::new();
+    let mut tarv = Vec::new();
+    for t in [&targets[0], &targets[2], &wbt] {
+        let (c, d) = create_delete(&t.root, nfiles);
+        let x = untar(&t.root, &tar);
+        if t.name == "coda write-back" {
+            // Logged only: the drain is what the server still had to take.
+            let (c2, d2) = create_delete_drained(&t.root, nfiles, &drain);
+            println!(
+                "write-back ({WRITE_BACK_MS} ms), until on the server: create {:.0} files/s, delete {:.0} files/s",
+                c2, d2
+            );
+        }
+        cr.push((t.name, c));
+        del.push((t.name, d));
+        tarv.push((t.name, x));
+    }
+    report(
+        &format!("write-back: {nfiles} x 4 KiB in 100 dirs: create"),
+        "files/s",
+        true,
+        &cr,
+    );
+    report(
+        &format!("write-back: {nfiles} x 4 KiB in 100 dirs: delete"),
+        "files/s",
+        true,
+        &del,
+    );
+    report(
+        &format!("write-back: tar -x of {ntar} files"),
+        "s",
+        false,
+        &tarv,
+    );
+    drop(wb);
 
     // 7. sequential read of the big cached file: passthrough, plain, local.
     let mb = big as f64 / (1 << 20) as f64;

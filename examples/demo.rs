@@ -80,6 +80,7 @@ fn run(dir: &std::path::Path) -> coda::Result<()> {
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
         insecure_plaintext: false,
+        forget_clients_after: coda::server::DEFAULT_FORGET_CLIENTS_AFTER,
     })?;
     println!(
         "server: listening on {} with data in {}",

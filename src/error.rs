@@ -73,6 +73,10 @@ pub enum Error {
     /// Temporarily impossible; retry (`EAGAIN`).
     #[error("try again: {0}")]
     Again(String),
+    /// A pipelined batch was not applied because the batch it was sent
+    /// after did not apply (`EAGAIN`: the client sends it again).
+    #[error("not applied: {0}")]
+    NotApplied(String),
     /// Remote operations are failed on purpose (failover) or the server is gone.
     #[error("I/O error: {0}")]
     Eio(String),
@@ -123,7 +127,7 @@ impl Error {
             Error::Auth(_) => -EACCES,
             Error::Stale(_) => -ESTALE,
             Error::Timeout(_) => -ETIMEDOUT,
-            Error::Again(_) => -EAGAIN,
+            Error::Again(_) | Error::NotApplied(_) => -EAGAIN,
             Error::Eio(_) => -EIO,
             Error::BadHandle(_) => -EBADF,
             Error::Panic(_) => CODA_EPANIC,
@@ -160,6 +164,7 @@ impl Error {
             Error::Auth(_) => WireCode::Auth,
             Error::Stale(_) => WireCode::Stale,
             Error::Timeout(_) | Error::Again(_) => WireCode::Busy,
+            Error::NotApplied(_) => WireCode::NotApplied,
             Error::Eio(_) | Error::BadHandle(_) | Error::Panic(_) => WireCode::Io,
             Error::Io { source, .. } => match source.raw_os_error() {
                 Some(libc::ENOSPC) => WireCode::NoSpace,
@@ -188,6 +193,7 @@ impl Error {
             WireCode::Busy => Error::Again(message),
             WireCode::Io => Error::Eio(message),
             WireCode::Quota => Error::Quota(message),
+            WireCode::NotApplied => Error::NotApplied(message),
         }
     }
 
@@ -270,6 +276,9 @@ pub enum WireCode {
     Io = 15,
     /// `Error::Quota`.
     Quota = 16,
+    /// `Error::NotApplied`: a `ReintegrateAfter` whose predecessor did not
+    /// apply.
+    NotApplied = 17,
 }
 
 impl WireCode {
@@ -293,6 +302,7 @@ impl WireCode {
             14 => Busy,
             15 => Io,
             16 => Quota,
+            17 => NotApplied,
             _ => return None,
         })
     }
@@ -364,14 +374,14 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips() {
-        for v in 1..=16u16 {
+        for v in 1..=17u16 {
             let c = WireCode::from_u16(v).unwrap();
             assert_eq!(c as u16, v);
             let e = Error::from_wire(c, "x".into());
             assert_eq!(e.wire_code(), c);
         }
         assert!(WireCode::from_u16(0).is_none());
-        assert!(WireCode::from_u16(17).is_none());
+        assert!(WireCode::from_u16(18).is_none());
     }
 
     #[test]

@@ -188,3 +188,67 @@ fn users_and_groups_change_while_the_server_runs() {
     let out = run(&srv, &["group", "add"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `coda-server quota` works while the server runs (through admin.sock, as
+/// `user` and `group` do): a quota set then refuses the next store past it
+/// with `Quota` (EDQUOT), and raising it lets the same store through, with
+/// no restart in between.
+#[test]
+fn a_quota_set_on_a_running_server_applies_to_the_next_store() {
+    let srv = TestServer::start();
+    assert_eq!(
+        ok(&srv, &["quota", "--volume", "1"]),
+        "volume 1: 0 bytes used, quota unlimited\n"
+    );
+    let mut c = connect(&srv, "admin", 0x51, 1).unwrap();
+    let mut bulk = common::raw::Raw::bulk(srv.addr(), &srv.secret_file(), [0x51; 16], 1);
+    let root = c.root;
+    let f = c.alloc(2);
+    let data = vec![7u8; 60 * 1024];
+    assert!(matches!(bulk.upload(1, &data), Msg::Uploaded { .. }));
+    c.apply(vec![
+        rec::create(1, root, "first", f[0]),
+        rec::store(2, f[0], 0, 1, data.len() as u64),
+    ]);
+
+    // 100 KiB: the first 60 KiB fit, a second 60 KiB does not.
+    assert_eq!(
+        ok(&srv, &["quota", "--volume", "1", "--bytes", "100K"]),
+        "volume 1: 61440 bytes used, quota 102400\n"
+    );
+    assert!(matches!(bulk.upload(2, &data), Msg::Uploaded { .. }));
+    c.apply(vec![rec::create(3, root, "second", f[1])]);
+    match c.reintegrate(vec![rec::store(4, f[1], 0, 2, data.len() as u64)]) {
+        Msg::Error {
+            code: WireCode::Quota,
+            index: 0,
+            ..
+        } => {}
+        m => panic!("a store past the quota just set: {m:?}"),
+    }
+    assert_eq!(c.attr(f[1]).unwrap().size, 0, "nothing of it applied");
+
+    // Raised while running: the same store goes through.
+    assert_eq!(
+        ok(&srv, &["quota", "--volume", "1", "--bytes", "1M"]),
+        "volume 1: 61440 bytes used, quota 1048576\n"
+    );
+    assert!(matches!(bulk.upload(3, &data), Msg::Uploaded { .. }));
+    c.apply(vec![rec::store(4, f[1], 0, 3, data.len() as u64)]);
+    assert_eq!(c.attr(f[1]).unwrap().size, data.len() as u64);
+    assert_eq!(
+        ok(&srv, &["quota", "--bytes", "none"]),
+        "volume 1: 122880 bytes used, quota unlimited\n"
+    );
+
+    // Bad input: a clear error, the quota unchanged.
+    assert!(fails(&srv, &["quota", "--volume", "9"]).contains("volume 9"));
+    assert_eq!(
+        run(&srv, &["quota", "--bytes", "lots"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        ok(&srv, &["quota"]),
+        "volume 1: 122880 bytes used, quota unlimited\n"
+    );
+}

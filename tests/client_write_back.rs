@@ -94,6 +94,59 @@ fn write_back_changes_reach_the_server_by_themselves() {
     }
 }
 
+/// A chmod or a time set on a directory while its records
+/// wait in the log (write-back, so also disconnected) changes its status,
+/// not its entries: it stays listable from the cache. (The listing kept the
+/// old version's stamp, so the directory read as uncached: `ls` of it
+/// failed with ETIMEDOUT, and so did `rm -r` after a `tar -x`, which sets
+/// every directory's times last.)
+#[test]
+fn a_directory_whose_status_changed_in_the_log_stays_listable() {
+    let srv = start();
+    let da = TempDir::new("wb-dir");
+    let a = write_back_client(&srv, da.path(), NEVER_MS);
+    a.mkdir("/d", 0o755).unwrap();
+    put(&a, "/d/x", b"x");
+    a.chmod("/d", 0o700).unwrap();
+    let names = |p: &str| -> Vec<String> {
+        let mut v: Vec<String> = a
+            .readdir(p)
+            .unwrap_or_else(|e| panic!("readdir {p}: {e}"))
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names("/d"), ["x"]);
+    let t = coda::client::Timespec {
+        sec: 1_000_000,
+        nsec: 0,
+    };
+    a.mkdir("/e", 0o755).unwrap();
+    put(&a, "/e/y", b"y");
+    let e = a.stat("/e").unwrap();
+    a.set_status_fid(
+        e.fid,
+        &coda::client::SetStatus {
+            mtime: Some(t),
+            atime: Some(t),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(names("/e"), ["y"]);
+    assert_eq!(a.stat("/e").unwrap().mtime, t);
+    assert_eq!(get(&a, "/d/x"), b"x");
+    // Nothing was sent to get there; and everything lands when it is.
+    assert!(a.pending_records() >= 6, "{}", a.pending_records());
+    a.reintegrate_now().unwrap();
+    assert_eq!(a.pending_records(), 0);
+    assert_eq!(names("/d"), ["x"]);
+    assert_eq!(names("/e"), ["y"]);
+    assert!(a.conflicts().unwrap().is_empty());
+}
+
 const KILLED_FILES: usize = 50;
 
 #[test]

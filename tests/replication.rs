@@ -639,8 +639,15 @@ fn a_batch_refused_for_its_user_is_refused_on_every_member() {
     assert!(!again.status.success(), "{again:?}");
     admin_cmd(l, &["group", "add", "admin:friends", "bob"]);
     for i in 0..3 {
+        // A member that has not applied the entry yet has no such group:
+        // asked again until it has.
         wait_until("the group on every member", 20, || {
-            admin_cmd(i, &["group", "members", "admin:friends"])
+            let out = Command::new(SERVER_BIN)
+                .args(["group", "members", "admin:friends", "--root"])
+                .arg(&g.members[i].root)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
                 .lines()
                 .any(|x| x.split_whitespace().any(|w| w == "bob"))
                 .then_some(())
@@ -715,4 +722,79 @@ fn a_batch_refused_for_its_user_is_refused_on_every_member() {
         Some(rli),
         "the new leader lost the access list change"
     );
+}
+
+/// A pipelined batch (`ReintegrateAfter`) goes through the log with its
+/// `after`, and the rule is decided on every member: one sent ahead of the
+/// client's watermark is refused `NotApplied` and applied by no member (the
+/// next leader does not show it), one whose predecessor applied is applied
+/// everywhere. A quota set through a follower's administration socket
+/// reaches every member, so the next leader refuses the same growth.
+#[test]
+fn a_pipelined_batch_and_a_quota_are_decided_alike_on_every_member() {
+    use coda::error::WireCode;
+    use common::raw::rec;
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let connect = |addr| {
+        wait_until("a leader takes a control connection", 20, || {
+            Raw::connect(addr, "admin", &secret, ConnKind::Control, [12; 16], 1).ok()
+        })
+    };
+    let mut raw = connect(g.members[l].addr);
+    let root = raw.root;
+    let f = raw.alloc(4);
+    match raw.call(&Msg::ReintegrateAfter {
+        after: 5,
+        records: vec![rec::create(6, root, "early", f[0])],
+    }) {
+        Msg::Error { code, .. } => assert_eq!(code, WireCode::NotApplied),
+        m => panic!("a batch ahead of its predecessor answered {m:?}"),
+    }
+    raw.apply(vec![rec::create(1, root, "a", f[1])]);
+    match raw.call(&Msg::ReintegrateAfter {
+        after: 1,
+        records: vec![rec::create(2, root, "b", f[2])],
+    }) {
+        Msg::Reintegrated { .. } => {}
+        m => panic!("a batch after its applied predecessor answered {m:?}"),
+    }
+    drop(raw);
+    let fo = (0..3).find(|&i| i != l).unwrap();
+    let quota = |i: usize, bytes: Option<&str>| {
+        let mut cmd = Command::new(SERVER_BIN);
+        cmd.args(["quota", "--volume", "1", "--root"])
+            .arg(&g.members[i].root);
+        if let Some(b) = bytes {
+            cmd.args(["--bytes", b]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "quota on member {i}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    quota(fo, Some("100"));
+    for i in 0..3 {
+        wait_until("the quota on every member", 20, || {
+            quota(i, None).contains("quota 100").then_some(())
+        });
+    }
+    g.wait_caught_up(&[0, 1, 2]);
+    g.kill9(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    let mut raw = connect(g.members[l2].addr);
+    let names: Vec<String> = raw.list(root).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"a".to_string()) && names.contains(&"b".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"early".to_string()),
+        "a member applied the NotApplied batch: {names:?}"
+    );
+    match raw.reintegrate(vec![rec::truncate(3, f[1], 4096)]) {
+        Msg::Error { code, .. } => assert_eq!(code, WireCode::Quota),
+        m => panic!("growth past the replicated quota answered {m:?}"),
+    }
 }

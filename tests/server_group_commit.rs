@@ -416,3 +416,104 @@ fn pipelined_large_batches_beside_small_writers_commit_whole_in_order() {
     );
     assert_eq!(a.mode & 0o7777, 0o600 | ((5 * LARGE - 1) as u32 & 0o77));
 }
+
+/// Pipelined batches of one client on one connection, all written before
+/// any answer: batch 1 creates `x` and then fails (a remove of a name that
+/// does not exist); batches 2 and 3 are `ReintegrateAfter` their
+/// predecessors and are refused `NotApplied`, applying nothing. No store id
+/// of theirs counts as applied: the records sent again as one plain batch
+/// all apply (were the watermark past them, they would be answered as
+/// replays and silently dropped). A pipeline whose batches all apply
+/// commits each, in order.
+#[test]
+fn a_pipelined_batch_after_a_failed_one_is_not_applied_and_its_records_go_again() {
+    let s = TestServer::start();
+    let mut c = Raw::control(s.addr(), &s.secret_file(), [0x5a; 16], 1);
+    let root = c.root;
+    let f = c.alloc(8);
+    let ghost = Fid::new(1, 999_999, 1);
+    let batches = [
+        Msg::Reintegrate {
+            records: vec![
+                rec::create(1, root, "x", f[0]),
+                rec::remove(2, root, "ghost", ghost),
+            ],
+        },
+        Msg::ReintegrateAfter {
+            after: 2,
+            records: vec![rec::create(3, root, "y", f[1])],
+        },
+        Msg::ReintegrateAfter {
+            after: 3,
+            records: vec![rec::create(4, root, "z", f[2])],
+        },
+    ];
+    let ids: Vec<u64> = batches.iter().map(|m| c.send(m)).collect();
+    let mut replies: HashMap<u64, Msg> = HashMap::new();
+    // Bounded: each frame is a reply (no other client holds callbacks).
+    while replies.len() < ids.len() {
+        let (id, m) = c.recv().expect("the replies");
+        replies.insert(id, m);
+    }
+    match &replies[&ids[0]] {
+        Msg::Error { code, index, .. } => assert_eq!((*code, *index), (WireCode::NotFound, 1)),
+        m => panic!("batch 1: {m:?}"),
+    }
+    for id in &ids[1..] {
+        match &replies[id] {
+            Msg::Error { code, index, .. } => {
+                assert_eq!((*code, *index), (WireCode::NotApplied, u32::MAX))
+            }
+            m => panic!("a successor of the failed batch: {m:?}"),
+        }
+    }
+    assert!(c.list(root).is_empty(), "nothing applied");
+
+    // The records not applied, again, in store-id order.
+    let again = c.apply(vec![
+        rec::create(1, root, "x", f[0]),
+        rec::create(3, root, "y", f[1]),
+        rec::create(4, root, "z", f[2]),
+    ]);
+    let fids: Vec<Fid> = again.iter().map(|a| a.fid).collect();
+    assert_eq!(fids, f[..3], "applied now");
+    // A pipeline that succeeds: each batch after the one before.
+    let ok = [
+        Msg::Reintegrate {
+            records: vec![rec::create(5, root, "a", f[3])],
+        },
+        Msg::ReintegrateAfter {
+            after: 5,
+            records: vec![rec::create(6, root, "b", f[4])],
+        },
+        Msg::ReintegrateAfter {
+            after: 6,
+            records: vec![rec::create(7, root, "c", f[5])],
+        },
+    ];
+    let ids: Vec<u64> = ok.iter().map(|m| c.send(m)).collect();
+    let mut n = 0;
+    while n < ids.len() {
+        let (id, m) = c.recv().expect("the replies");
+        assert!(ids.contains(&id));
+        assert!(
+            matches!(m, Msg::Reintegrated { ref results } if results.len() == 1),
+            "{m:?}"
+        );
+        n += 1;
+    }
+    let mut names: Vec<String> = c.list(root).into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c", "x", "y", "z"]);
+    // A batch whose predecessor never reached the server (after 9) is
+    // refused even on a fresh connection: the rule needs no session state.
+    let mut c2 = Raw::control(s.addr(), &s.secret_file(), [0x5a; 16], 2);
+    match c2.call(&Msg::ReintegrateAfter {
+        after: 9,
+        records: vec![rec::create(10, root, "late", f[6])],
+    }) {
+        Msg::Error { code, .. } => assert_eq!(code, WireCode::NotApplied),
+        m => panic!("{m:?}"),
+    }
+    assert_eq!(c2.list(root).len(), 6);
+}

@@ -27,6 +27,7 @@ fn start_serve_and_shutdown_in_process() {
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
         insecure_plaintext: false,
+        forget_clients_after: coda::server::DEFAULT_FORGET_CLIENTS_AFTER,
     })
     .unwrap();
     let addr = srv.local_addr();
@@ -66,6 +67,7 @@ fn start_serve_and_shutdown_in_process() {
         idle_timeout: coda::server::DEFAULT_IDLE_TIMEOUT,
         space: Default::default(),
         insecure_plaintext: false,
+        forget_clients_after: coda::server::DEFAULT_FORGET_CLIENTS_AFTER,
     })
     .unwrap();
     let key = coda::proto::auth::read_secret_file(&secret).unwrap();

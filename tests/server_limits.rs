@@ -710,3 +710,98 @@ fn chmod_flood(batches: usize, f: Fid, first_store: u64, first_id: u64) -> Vec<V
         })
         .collect()
 }
+
+/// (thread name, nice value) of every thread of `pid`.
+fn thread_nices(pid: i32) -> Vec<(String, i64)> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/task is needed for this test: {e}"));
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (head, rest) = s.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_string();
+        // After the name: state is field 3, nice field 19.
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((name, nice));
+    }
+    out
+}
+
+/// Nice values of the server's connection threads, sorted.
+fn conn_nices(pid: i32) -> Vec<i64> {
+    let mut v: Vec<i64> = thread_nices(pid)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("coda-conn"))
+        .map(|(_, nice)| nice)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether a thread of this process may lower itself and go back to nice
+/// 0 (root or CAP_SYS_NICE): the server, our child, can then too.
+fn can_renice() -> bool {
+    std::thread::spawn(|| unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 1) == 0
+            && libc::setpriority(libc::PRIO_PROCESS, tid, 0) == 0
+    })
+    .join()
+    .unwrap()
+}
+
+/// Work no well-behaved client waits on yields the CPU (SERVER.md "CPU
+/// priority"): a connection still in its handshake is served at nice 10
+/// (when the server can raise the thread again once the peer is proven),
+/// and so is, from its first bulk frame on, the reader of a control
+/// connection that sends a 4,096-record batch; an authenticated
+/// connection sending small requests stays at 0.
+#[test]
+fn handshakes_and_bulk_readers_run_at_low_cpu_priority() {
+    const LOW: i64 = 10;
+    let s = TestServer::start();
+    let renice = can_renice();
+    let mut good = Raw::control(s.addr(), &s.secret_file(), [0x61; 16], 1);
+    assert_eq!(conn_nices(s.pid()), [0], "an authenticated connection");
+
+    // TLS done, Hello not sent: the server's thread waits in the handshake.
+    let pending =
+        common::raw::try_tls_over(TcpStream::connect(s.addr()).unwrap()).expect("TLS handshake");
+    let want = if renice { vec![0, LOW] } else { vec![0, 0] };
+    let until = Instant::now() + Duration::from_secs(30);
+    while conn_nices(s.pid()) != want {
+        assert!(
+            Instant::now() < until,
+            "connection threads at {:?}, expected {want:?}",
+            conn_nices(s.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(pending);
+
+    let mut flood = Raw::control(s.addr(), &s.secret_file(), [0x62; 16], 1);
+    let f = flood.alloc(1)[0];
+    flood.apply(vec![rec::create(1, flood.root, "target", f)]);
+    let until = Instant::now() + Duration::from_secs(30);
+    while conn_nices(s.pid()) != [0, 0] {
+        assert!(
+            Instant::now() < until,
+            "after the handshake ended and another was proven: {:?}",
+            conn_nices(s.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One large batch: its reader is lowered, for good.
+    let frame = chmod_flood(1, f, 2, 100).pop().unwrap();
+    flood.stream.write_all(&frame).unwrap();
+    match flood.recv() {
+        Some((100, Msg::Reintegrated { .. })) => {}
+        m => panic!("the large batch: {m:?}"),
+    }
+    assert_eq!(conn_nices(s.pid()), [0, LOW]);
+    // The small client's thread is untouched and still serves.
+    assert!(good.attr(good.root).is_ok());
+    assert_eq!(conn_nices(s.pid()), [0, LOW]);
+}

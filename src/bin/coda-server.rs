@@ -11,13 +11,14 @@
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
 //!                     [--max-file-size SIZE] [--max-staged SIZE]
 //!                     [--max-staged-per-session SIZE] [--max-staged-uploads N]
-//!                     [--insecure-plaintext]
+//!                     [--insecure-plaintext] [--forget-clients-after DURATION]
 //! coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
 //! ```
 //!
 //! SIZE is a byte count with an optional K, M, G or T suffix (powers of
-//! 1024). `quota` works on a stopped server only (the running server holds
-//! the metadata store's lock) and prints the volume's usage and quota.
+//! 1024). `quota` prints the volume's usage and quota (after setting it);
+//! like `user` and `group` it works while the server runs (through
+//! DIR/admin.sock) and while it is stopped.
 //!
 //! `serve` prints `listening on HOST:PORT` as its first stdout line, then
 //! runs until SIGTERM or SIGINT and exits 0 after a clean shutdown.
@@ -50,12 +51,13 @@ const USAGE: &str = "usage:
   coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
                       [--max-file-size SIZE] [--max-staged SIZE]
                       [--max-staged-per-session SIZE] [--max-staged-uploads N]
-                      [--insecure-plaintext]
-  coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]   (server stopped)
+                      [--insecure-plaintext] [--forget-clients-after DURATION]
+  coda-server quota   --root DIR [--volume N] [--bytes SIZE|none]
   coda-server --version | --help
 ADDR: HOST:PORT, HOST an address or a name (localhost:2432); default 127.0.0.1:2432
 SIZE: bytes, or with a K, M, G or T suffix (powers of 1024)
-user, group, anonymous and adduser work while the server runs (through
+DURATION: days, or with an s, m, h or d suffix (default 180d)
+user, group, anonymous, adduser and quota work while the server runs (through
 DIR/admin.sock) and while it is stopped. Group names contain ':' (bob:friends).";
 
 /// Exit codes: 1 = the operation failed, 2 = bad usage.
@@ -75,6 +77,7 @@ struct Args {
     max_staged: Option<String>,
     max_staged_session: Option<String>,
     max_staged_uploads: Option<String>,
+    forget_after: Option<String>,
     volume: Option<String>,
     bytes: Option<String>,
     node: Option<String>,
@@ -102,6 +105,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--max-staged-per-session",
             "--max-staged-uploads",
             "--insecure-plaintext",
+            "--forget-clients-after",
         ],
         "quota" => &["--root", "--volume", "--bytes"],
         _ => return Err(Fail::Usage(format!("unknown command {cmd:?}"))),
@@ -132,6 +136,7 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--max-staged" => &mut a.max_staged,
             "--max-staged-per-session" => &mut a.max_staged_session,
             "--max-staged-uploads" => &mut a.max_staged_uploads,
+            "--forget-clients-after" => &mut a.forget_after,
             "--volume" => &mut a.volume,
             "--bytes" => &mut a.bytes,
             "--node" => &mut a.node,
@@ -317,6 +322,24 @@ fn parse_size(flag: &str, v: &str) -> Result<u64, Fail> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
+/// A positive duration: days, or a number with an s, m, h or d suffix.
+fn parse_duration(flag: &str, v: &str) -> Result<Duration, Fail> {
+    let bad = || {
+        Fail::Usage(format!(
+            "{flag}: {v:?} is not a duration (e.g. 180d, 12h, 30s)"
+        ))
+    };
+    let (digits, unit) = match v.chars().last() {
+        Some('s') => (&v[..v.len() - 1], 1),
+        Some('m') => (&v[..v.len() - 1], 60),
+        Some('h') => (&v[..v.len() - 1], 3600),
+        Some('d') => (&v[..v.len() - 1], 86400),
+        _ => (v, 86400),
+    };
+    let n: u64 = digits.parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+    n.checked_mul(unit).map(Duration::from_secs).ok_or_else(bad)
+}
+
 fn quota(root: &std::path::Path, args: &Args) -> Result<(), Fail> {
     let volume = match &args.volume {
         Some(v) => v
@@ -330,11 +353,7 @@ fn quota(root: &std::path::Path, args: &Args) -> Result<(), Fail> {
         Some(v) => Some(Some(parse_size("--bytes", v)?)),
     };
     let space = server::volume_quota(root, volume, set).map_err(|e| Fail::Run(e.to_string()))?;
-    let quota = match space.quota {
-        Some(q) => q.to_string(),
-        None => "unlimited".into(),
-    };
-    println!("volume {volume}: {} bytes used, quota {quota}", space.used);
+    print!("{}", space.line(volume));
     Ok(())
 }
 
@@ -439,6 +458,10 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
             .parse()
             .map_err(|_| Fail::Usage(format!("--max-staged-uploads: {v:?} is not a count")))?;
     }
+    let forget_clients_after = match &args.forget_after {
+        Some(v) => parse_duration("--forget-clients-after", v)?,
+        None => server::DEFAULT_FORGET_CLIENTS_AFTER,
+    };
     let server = Server::start(ServerConfig {
         root,
         listen,
@@ -446,6 +469,7 @@ fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
         idle_timeout,
         space,
         insecure_plaintext: args.insecure_plaintext,
+        forget_clients_after,
     })
     .map_err(|e| Fail::Run(e.to_string()))?;
     {

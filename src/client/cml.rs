@@ -344,9 +344,15 @@ impl Cml {
 
     /// The connected records at the head of the log that `ready` accepts,
     /// in order, stopping at the first other record; marked as possibly
-    /// sent (in memory: optimisations never touch them). Also says
-    /// whether the head of the log is backlog.
-    pub fn connected_head(&self, ready: impl Fn(u64) -> bool) -> (Vec<Record>, bool) {
+    /// sent (in memory: optimisations never touch them). Records at the
+    /// very head that are `in_flight` (sent in a batch not yet answered)
+    /// are passed over. Also says whether the head of the log (past those)
+    /// is backlog.
+    pub fn connected_head(
+        &self,
+        ready: impl Fn(u64) -> bool,
+        in_flight: impl Fn(u64) -> bool,
+    ) -> (Vec<Record>, bool) {
         let mut l = self.log.lock();
         let mut out = Vec::new();
         let mut backlog = false;
@@ -354,6 +360,9 @@ impl Cml {
             if !l.connected.contains(id) {
                 backlog = out.is_empty();
                 break;
+            }
+            if out.is_empty() && in_flight(*id) {
+                continue;
             }
             if !ready(*id) || out.len() >= MAX_BATCH {
                 break;
@@ -956,6 +965,37 @@ mod tests {
         drop(cml);
         let cml = open(&dir);
         assert!(cml.log_connected(store(f)).unwrap().store_id > top);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The next connected batch starts past the records in flight at the
+    /// head of the log, takes the queued ones in order, and stops at the
+    /// first record not queued (its writer has not queued it yet, or it
+    /// was refused and is leaving).
+    #[test]
+    fn connected_head_passes_over_records_in_flight_and_stops_at_a_gap() {
+        let dir = tmp("head");
+        let cml = open(&dir);
+        let ids: Vec<u64> = (0..6u64)
+            .map(|i| {
+                cml.log_connected(create(Fid::new(1, 10 + i, 1), &format!("n{i}")))
+                    .unwrap()
+                    .store_id
+            })
+            .collect();
+        let ids_of = |b: Vec<Record>| b.iter().map(|r| r.store_id).collect::<Vec<_>>();
+        // 0 and 1 in flight; 2 and 3 queued; 4 not queued; 5 queued.
+        let flying = |id: u64| id == ids[0] || id == ids[1];
+        let queued = |id: u64| [ids[2], ids[3], ids[5]].contains(&id);
+        let (b, backlog) = cml.connected_head(queued, flying);
+        assert_eq!((ids_of(b), backlog), (vec![ids[2], ids[3]], false));
+        // In flight only at the head: a record in flight after a queued
+        // one ends the batch there (never sent out of order).
+        let (b, _) = cml.connected_head(|id| id == ids[0], |id| id == ids[1]);
+        assert_eq!(ids_of(b), vec![ids[0]]);
+        // Nothing in flight: from the head.
+        let (b, _) = cml.connected_head(|_| true, |_| false);
+        assert_eq!(ids_of(b), ids);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

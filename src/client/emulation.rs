@@ -154,13 +154,18 @@ pub(crate) fn uncached(fid: Fid) -> Error {
     ))
 }
 
-/// A rename, link or remove bumps the object's version without
-/// changing its contents (or entries): what the cache holds stays the
-/// current version's, so it can still be served offline.
+/// A rename, link or remove, a status change that sets no size (mode,
+/// owner, times) and an extended attribute bump the object's version
+/// without changing its contents (or entries): what the cache holds stays
+/// the current version's, so it can still be served offline.
 pub(crate) fn keep_contents_current(cache: &Cache, op: &RecordOp, attr: &Attr) {
     if !matches!(
         op,
-        RecordOp::Rename { .. } | RecordOp::Link { .. } | RecordOp::Remove { .. }
+        RecordOp::Rename { .. }
+            | RecordOp::Link { .. }
+            | RecordOp::Remove { .. }
+            | RecordOp::SetAttr { size: None, .. }
+            | RecordOp::SetXattr { .. }
     ) || attr.nlink == 0
     {
         return;

@@ -382,7 +382,18 @@ impl Inner {
                 .and_then(|e| e.listing_shared())
                 .ok_or_else(|| emulation::uncached(dir))
         };
-        self.emulate(Some(dir), || self.read_dir(dir), offline)
+        match self.emulate(Some(dir), || self.read_dir(dir), offline) {
+            // Connected, with changes in `dir` still in the log (write-back
+            // mode, or records queued behind others), and its listing not
+            // cached (dropped to be reread when the log last emptied): the
+            // server must have those changes before it lists the
+            // directory, so send the log first instead of failing.
+            Err(Error::Timeout(_)) if !self.emu.offline() && self.emu.pending() > 0 => {
+                self.reintegrate_pending(None)?;
+                self.emulate(Some(dir), || self.read_dir(dir), offline)
+            }
+            r => r,
+        }
     }
 
     pub(crate) fn read_dir(&self, dir: Fid) -> Result<Arc<namespace::Listing>> {
@@ -739,18 +750,37 @@ impl Inner {
     /// says no server answers (and emulation is on, and we are not failed
     /// over, which must fail with EIO). Returns whether we are offline now.
     /// A lost connection alone is no such proof: unless the prober already
-    /// judged the server down, one reconnect is tried first, and only its
-    /// failure counts.
+    /// judged the server down, a server that answers a Ping now (on the
+    /// current session or a new one) keeps us connected.
     pub(crate) fn went_offline(&self, e: &Error) -> bool {
         // Local failures (`Io`: the index, a container) are not a
         // server's silence.
         if !mode::unreachable(e) {
             return false;
         }
-        if !self.emu.offline() && self.servers.session().is_ok() {
+        if !self.emu.offline() && self.server_answers() {
             return false;
         }
         self.server_lost()
+    }
+
+    /// Whether a server answers a Ping now. A round trip, not just a
+    /// session: the current one may not have noticed yet that its server
+    /// died. If the current session turns out closed (the server ended it),
+    /// one new session is tried; a session that merely timed out is not
+    /// (its server is hung, and the prober judges that).
+    fn server_answers(&self) -> bool {
+        for attempt in 0..2 {
+            let Ok(s) = self.servers.session() else {
+                return false;
+            };
+            match s.sync(&self.servers.interrupt) {
+                Ok(()) => return true,
+                Err(_) if attempt == 0 && s.is_dead() => continue,
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     /// No server answers: emulate (if the mode allows), releasing the
@@ -830,7 +860,26 @@ impl Inner {
                 }
             }
         }
-        emulation::check_locally(&self.cache, &op)?;
+        if let Err(e) = emulation::check_locally(&self.cache, &op) {
+            // Connected (write-back mode, or records queued behind others)
+            // and what the check needs is not cached (a listing dropped to
+            // be reread when the log last emptied): send the log, read it
+            // from the server, and check again, instead of failing.
+            if !matches!(e, Error::Timeout(_)) || emu.offline() {
+                return Err(e);
+            }
+            self.reintegrate_pending(None)?;
+            let fid = op.target();
+            match &op {
+                RecordOp::Rmdir { .. } => {
+                    self.listing(fid)?;
+                }
+                _ => {
+                    self.getattr(fid)?;
+                }
+            }
+            emulation::check_locally(&self.cache, &op)?;
+        }
         // The record about to be logged is acknowledged at once and sends
         // the container later: its data must be on disk before the record
         // is (after a power cut, a durable record over a lost container

@@ -6,7 +6,7 @@
 //! conflict (`conflict.rs`), with the local data preserved; the rest of the
 //! log goes on reintegrating.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use super::conn::{Servers, Session};
 use super::event::Event;
 use super::mode::Mode;
 use super::stats::Counters;
+use crate::error::WireCode;
 use crate::proto::{Attr, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
@@ -35,7 +36,17 @@ use crate::{Error, Result};
 // Connected writers upload their data first (in parallel, under upload ids
 // of their own), then log the record and queue it; whoever holds the token
 // sends every queued record at the head of the log in one Reintegrate (a
-// group commit), and hands each writer its result.
+// group commit) and gives the token back as soon as the request is written:
+// up to `MAX_IN_FLIGHT` connected batches are in flight at once, each
+// waited for by its own sender, which hands each writer its result.
+//
+// A batch sent while others are in flight is a `ReintegrateAfter` naming
+// the highest store id of the batch sent before it: the server applies it
+// only if that one applied (PROTOCOL.md "Pipelined batches"). Once a batch
+// fails, nothing more is sent until every batch in flight has its answer;
+// then the records not applied go again from the head of the log. Backlog
+// reintegration takes the token only with nothing in flight and keeps it
+// for its whole run (one batch at a time).
 
 /// What a waiting connected writer is told.
 enum Outcome {
@@ -50,19 +61,47 @@ struct Queued {
     tx: Sender<Outcome>,
 }
 
-#[derive(Default)]
+/// Most connected batches sent and not yet answered. The server takes a
+/// session's batches in order and groups them into its commits, so a few
+/// in flight let every writer's record go at once instead of in turns.
+pub(crate) const MAX_IN_FLIGHT: usize = 8;
+
+/// Set to a number from 1 to `MAX_IN_FLIGHT` in the client's environment
+/// to allow fewer batches in flight (1: one at a time, as before
+/// pipelining): only for measuring what pipelining gains.
+pub(crate) const MAX_IN_FLIGHT_ENV: &str = "CODA_CLIENT_MAX_IN_FLIGHT";
+
 struct OutState {
-    /// The token: someone is sending.
+    /// The token: someone is choosing and writing a batch, or a backlog
+    /// reintegration runs.
     sending: bool,
     /// Logged connected records waiting for a Reintegrate, by store id.
     queue: BTreeMap<u64, Queued>,
+    /// Connected batches sent, not yet answered.
+    in_flight: usize,
+    /// Store ids of their records (the next batch starts after them).
+    flying: BTreeSet<u64>,
+    /// Highest store id of the last batch sent (what the next one sent
+    /// while it is in flight must come after).
+    last_top: u64,
+    /// A batch failed: nothing is sent until `in_flight` is 0.
+    halted: bool,
+    /// `MAX_IN_FLIGHT`, or less (`MAX_IN_FLIGHT_ENV`).
+    max_in_flight: usize,
+}
+
+impl OutState {
+    /// A connected writer may take the token and send a batch now.
+    fn may_send(&self) -> bool {
+        !self.sending && !self.halted && self.in_flight < self.max_in_flight
+    }
 }
 
 pub(crate) struct Outbox {
-    /// Guards the token and the queue; held only to look
-    /// at or change them, never across I/O.
+    /// Guards the token, the queue and the batches in flight; held only to
+    /// look at or change them, never across I/O.
     state: Mutex<OutState>,
-    /// Signalled when the token is given back.
+    /// Signalled when the token is given back or a batch is answered.
     free: Condvar,
     /// Upload ids of connected writers: high bit set, so they never meet
     /// the store ids that logged records upload under.
@@ -89,8 +128,20 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 impl Outbox {
     pub fn new() -> Outbox {
         let start = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>()) >> 24;
+        let max_in_flight = std::env::var(MAX_IN_FLIGHT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(MAX_IN_FLIGHT, |n| n.clamp(1, MAX_IN_FLIGHT));
         Outbox {
-            state: Mutex::new(OutState::default()),
+            state: Mutex::new(OutState {
+                sending: false,
+                queue: BTreeMap::new(),
+                in_flight: 0,
+                flying: BTreeSet::new(),
+                last_top: 0,
+                halted: false,
+                max_in_flight,
+            }),
             free: Condvar::new(),
             next_upload: AtomicU64::new((1 << 63) | start),
         }
@@ -100,13 +151,15 @@ impl Outbox {
         self.next_upload.fetch_add(1, Ordering::Relaxed) | (1 << 63)
     }
 
-    /// Take the token, waiting at most `timeout` (`Again` after it).
+    /// Take the token with no connected batch in flight (backlog
+    /// reintegration sends one batch at a time), waiting at most `timeout`
+    /// (`Again` after it).
     pub fn token(&self, timeout: Duration) -> Result<Token<'_>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock();
         // Bounded by the deadline.
         loop {
-            if !st.sending {
+            if !st.sending && st.in_flight == 0 {
                 st.sending = true;
                 return Ok(Token { out: self });
             }
@@ -121,20 +174,23 @@ impl Outbox {
         }
     }
 
+    /// The token for a connected writer, if a batch may be sent now.
     fn try_token(&self) -> Option<Token<'_>> {
         let mut st = self.state.lock();
-        if st.sending {
+        if !st.may_send() {
             return None;
         }
         st.sending = true;
         Some(Token { out: self })
     }
 
-    /// The token is free and records wait: tell the first writer to lead.
+    /// A batch may be sent and records wait: tell the first writers to
+    /// lead (one of them takes the token; a writer busy waiting for its
+    /// own batch's answer does not answer at once, so a few are told).
     fn kick(&self) {
         let st = self.state.lock();
-        if !st.sending {
-            if let Some((_, q)) = st.queue.iter().next() {
+        if st.may_send() {
+            for q in st.queue.values().take(MAX_IN_FLIGHT) {
                 let _ = q.tx.send(Outcome::Lead);
             }
         }
@@ -313,7 +369,7 @@ impl Reintegrator<'_> {
         self.mode.enabled() && !self.mode.failed_over()
     }
 
-    /// Wait for record `id`'s outcome, leading whenever the token is free.
+    /// Wait for record `id`'s outcome, leading whenever a batch may be sent.
     /// Bounded: past the deadline a record still queued is taken out and
     /// reported unreachable; one being sent is waited for (its send is
     /// bounded by the RPC timeout).
@@ -326,24 +382,30 @@ impl Reintegrator<'_> {
                 return r;
             }
             if let Some(token) = out.try_token() {
-                self.lead(&token);
-                drop(token);
+                self.lead(token);
                 if let Ok(Outcome::Done(r)) = rx.try_recv() {
                     return r;
                 }
             }
             if Instant::now() >= deadline {
-                let mut st = out.state.lock();
-                if st.queue.remove(&id).is_some() {
-                    return Err(Error::Timeout(
-                        "the record waited too long for its turn to be sent".into(),
-                    ));
+                // Its batch is in flight (or comes back to the queue, not
+                // applied after an earlier failure: then it is taken out).
+                let end = Instant::now() + t.rpc_timeout + t.dead_after;
+                // Bounded by `end`.
+                loop {
+                    if out.state.lock().queue.remove(&id).is_some() {
+                        return Err(Error::Timeout(
+                            "the record waited too long for its turn to be sent".into(),
+                        ));
+                    }
+                    let left = end.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout("no outcome for the record's send".into()));
+                    }
+                    if let Ok(Outcome::Done(r)) = rx.recv_timeout(left.min(WAIT_SLICE)) {
+                        return r;
+                    }
                 }
-                drop(st);
-                return match rx.recv_timeout(t.rpc_timeout + t.dead_after) {
-                    Ok(Outcome::Done(r)) => r,
-                    _ => Err(Error::Timeout("no outcome for the record's send".into())),
-                };
             }
             // Otherwise told to lead, or look again after the slice.
             if let Ok(Outcome::Done(r)) = rx.recv_timeout(WAIT_SLICE) {
@@ -353,88 +415,83 @@ impl Reintegrator<'_> {
     }
 
     /// Holding the token: send the queued connected records at the head of
-    /// the log, batch after batch; a backlog record at the head is sent by
-    /// backlog reintegration (under the same token).
-    fn lead(&self, token: &Token<'_>) {
+    /// the log (past those in flight) as one batch, give the token back
+    /// once it is written, wait for its answer and settle it. A backlog
+    /// record at the head is sent by backlog reintegration (under the same
+    /// token) once nothing is in flight.
+    fn lead(&self, token: Token<'_>) {
         let out = &self.outbox;
-        // Bounded: each turn sends (or settles) at least one record, or stops.
-        for _ in 0..1_000_000 {
+        // One look at the queue: the batch and its writers (taken out
+        // together, so a writer giving up meanwhile cannot shift them).
+        let (batch, backlog, waiters, after) = {
+            let mut st = out.state.lock();
             let (batch, backlog) = {
-                let st = out.state.lock();
                 let queued = |id: u64| st.queue.contains_key(&id);
-                self.cml.connected_head(queued)
+                let flying = |id: u64| st.flying.contains(&id);
+                self.cml.connected_head(queued, flying)
             };
             if batch.is_empty() {
-                if backlog {
-                    if let Err(e) = self.reintegrate_holding(token, None) {
-                        // The records queued behind the backlog cannot go
-                        // either: their writers hear why now (no server:
-                        // they keep their records; a full server: the
-                        // back-off's error), instead of leading again and
-                        // again into the same failure.
-                        let queued: Vec<Queued> = std::mem::take(&mut out.state.lock().queue)
-                            .into_values()
-                            .collect();
-                        for q in queued {
-                            let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
-                        }
-                    }
-                }
-                return;
-            }
-            let waiters: Vec<(u64, Queued)> = {
-                let mut st = out.state.lock();
-                batch
+                (batch, backlog && st.in_flight == 0, Vec::new(), 0)
+            } else {
+                let waiters: Vec<(u64, Queued)> = batch
                     .iter()
                     .filter_map(|r| st.queue.remove(&r.store_id).map(|q| (r.store_id, q)))
-                    .collect()
-            };
-            match self.send_connected(&batch, &waiters) {
-                Ok(results) => {
-                    let ids: Vec<u64> = batch.iter().map(|r| r.store_id).collect();
-                    // If this fails the records stay logged and are sent
-                    // again later: the server answers them as replays.
-                    let _ = self.cml.finish_acked(&ids);
-                    for ((_, q), a) in waiters.iter().zip(results) {
-                        let _ = q.tx.send(Outcome::Done(Ok(a)));
-                    }
-                    Counters::add(&self.counters.reintegrations, 1);
-                    Counters::add(&self.counters.records_reintegrated, ids.len() as u64);
-                }
-                Err((Some(index), e)) => {
-                    // The batch is atomic: nothing applied. The refused
-                    // record's writer hears why; the others go again.
-                    let mut st = out.state.lock();
-                    for (i, (id, q)) in waiters.into_iter().enumerate() {
-                        if i == index {
-                            let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
-                        } else {
-                            st.queue.insert(id, q);
-                        }
-                    }
-                    // The refused record heads the log until its writer
-                    // removes it: stop; that writer kicks the next one.
-                    return;
-                }
-                Err((None, e)) => {
-                    for (_, q) in waiters {
+                    .collect();
+                // Sent while another is unanswered: only after it.
+                let after = if st.in_flight > 0 { st.last_top } else { 0 };
+                st.in_flight += 1;
+                st.flying.extend(batch.iter().map(|r| r.store_id));
+                st.last_top = batch.iter().map(|r| r.store_id).max().unwrap_or(0);
+                (batch, false, waiters, after)
+            }
+        };
+        if batch.is_empty() {
+            if backlog {
+                if let Err(e) = self.reintegrate_holding(&token, None) {
+                    // The records queued behind the backlog cannot go
+                    // either: their writers hear why now (no server:
+                    // they keep their records; a full server: the
+                    // back-off's error), instead of leading again and
+                    // again into the same failure.
+                    let queued: Vec<Queued> = std::mem::take(&mut out.state.lock().queue)
+                        .into_values()
+                        .collect();
+                    for q in queued {
                         let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
                     }
-                    return;
                 }
             }
+            // A backlog behind batches in flight: the last answer kicks.
+            return;
         }
+        let ids: Vec<u64> = batch.iter().map(|r| r.store_id).collect();
+        let answer = match self.servers.session() {
+            Err(e) => Err((None, e)),
+            Ok(s) => match self.send_connected(&s, &batch, &waiters, after) {
+                Err(e) => Err(e),
+                Ok(sent) => {
+                    Counters::add(&self.counters.batches_sent, 1);
+                    // Written: the next batch may go while this one is
+                    // answered.
+                    drop(token);
+                    let reply = sent.wait(&self.servers.interrupt);
+                    Self::answer(reply, batch.len(), after)
+                }
+            },
+        };
+        self.settle(&ids, waiters, answer);
     }
 
-    /// One Reintegrate of connected records, uploading again the data of
-    /// those staged on an earlier session. `Err((index, e))` when the server
-    /// refused record `index`.
-    fn send_connected(
+    /// Upload again the data of records staged on an earlier session, then
+    /// write one Reintegrate of connected records (a `ReintegrateAfter` if
+    /// `after` is not 0).
+    fn send_connected<'s>(
         &self,
+        s: &'s Session,
         batch: &[Record],
         waiters: &[(u64, Queued)],
-    ) -> std::result::Result<Vec<Attr>, (Option<usize>, Error)> {
-        let s = self.servers.session().map_err(|e| (None, e))?;
+        after: u64,
+    ) -> std::result::Result<super::conn::Sent<'s>, (Option<usize>, Error)> {
         for (r, (_, q)) in batch.iter().zip(waiters) {
             let RecordOp::Store {
                 fid,
@@ -445,7 +502,7 @@ impl Reintegrator<'_> {
             else {
                 continue;
             };
-            if q.staged_on.as_ref().is_some_and(|x| Arc::ptr_eq(x, &s)) {
+            if q.staged_on.as_ref().is_some_and(|x| std::ptr::eq(&**x, s)) {
                 continue;
             }
             let f = std::fs::File::open(self.cache.container(*fid))
@@ -453,21 +510,35 @@ impl Reintegrator<'_> {
             s.upload(*upload_id, &f, *length, &self.servers.interrupt)
                 .map_err(|e| (None, e))?;
         }
-        let reply = s
-            .call_raw(
-                &Msg::Reintegrate {
-                    records: batch.to_vec(),
-                },
-                &self.servers.interrupt,
-            )
-            .map_err(|e| (None, e))?;
-        match reply {
-            Msg::Reintegrated { results } if results.len() == batch.len() => Ok(results),
+        let records = batch.to_vec();
+        let msg = if after == 0 {
+            Msg::Reintegrate { records }
+        } else {
+            Msg::ReintegrateAfter { after, records }
+        };
+        s.send_raw(&msg, &self.servers.interrupt)
+            .map_err(|e| (None, e))
+    }
+
+    /// The server's answer to a batch of `n` connected records:
+    /// `Err((index, e))` when it refused record `index`; `Ok(None)` when a
+    /// pipelined batch was not applied because the one before it was not.
+    fn answer(
+        reply: Result<Msg>,
+        n: usize,
+        after: u64,
+    ) -> std::result::Result<Option<Vec<Attr>>, (Option<usize>, Error)> {
+        match reply.map_err(|e| (None, e))? {
+            Msg::Reintegrated { results } if results.len() == n => Ok(Some(results)),
+            Msg::Error {
+                code: WireCode::NotApplied,
+                ..
+            } if after != 0 => Ok(None),
             Msg::Error {
                 code,
                 index,
                 message,
-            } if (index as usize) < batch.len() => {
+            } if (index as usize) < n => {
                 Err((Some(index as usize), Error::from_wire(code, message)))
             }
             Msg::Error { code, message, .. } => Err((None, Error::from_wire(code, message))),
@@ -476,6 +547,77 @@ impl Reintegrator<'_> {
                 Error::Protocol(format!("Reintegrate answered with {m:?}")),
             )),
         }
+    }
+
+    /// Hand the writers of a batch its answer: applied, each its attr; not
+    /// applied (after an earlier failure), all go again; a refused record's
+    /// writer hears why and the others go again (the batch is atomic);
+    /// no answer, all hear the error. After any failure nothing more is sent
+    /// until every batch in flight is answered.
+    fn settle(
+        &self,
+        ids: &[u64],
+        waiters: Vec<(u64, Queued)>,
+        answer: std::result::Result<Option<Vec<Attr>>, (Option<usize>, Error)>,
+    ) {
+        let out = &self.outbox;
+        if let Ok(Some(_)) = &answer {
+            // If this fails the records stay logged and are sent again
+            // later: the server answers them as replays. Done before the
+            // batch leaves the flight, so the next batch never starts at a
+            // record still in the log as if unsent.
+            let _ = self.cml.finish_acked(ids);
+            Counters::add(&self.counters.reintegrations, 1);
+            Counters::add(&self.counters.records_reintegrated, ids.len() as u64);
+        }
+        let mut tell: Vec<(Queued, Result<Attr>)> = Vec::new();
+        {
+            let mut st = out.state.lock();
+            st.in_flight -= 1;
+            for id in ids {
+                st.flying.remove(id);
+            }
+            match answer {
+                Ok(Some(results)) => {
+                    for ((_, q), a) in waiters.into_iter().zip(results) {
+                        tell.push((q, Ok(a)));
+                    }
+                }
+                Ok(None) => {
+                    Counters::add(&self.counters.batches_not_applied, 1);
+                    st.halted = true;
+                    for (id, q) in waiters {
+                        st.queue.insert(id, q);
+                    }
+                }
+                Err((Some(index), e)) => {
+                    // The refused record heads the log until its writer
+                    // removes it (and kicks).
+                    st.halted = true;
+                    for (i, (id, q)) in waiters.into_iter().enumerate() {
+                        if i == index {
+                            tell.push((q, Err(dup(&e))));
+                        } else {
+                            st.queue.insert(id, q);
+                        }
+                    }
+                }
+                Err((None, e)) => {
+                    st.halted = true;
+                    for (_, q) in waiters {
+                        tell.push((q, Err(dup(&e))));
+                    }
+                }
+            }
+            if st.in_flight == 0 {
+                st.halted = false;
+            }
+        }
+        for (q, r) in tell {
+            let _ = q.tx.send(Outcome::Done(r));
+        }
+        out.free.notify_all();
+        out.kick();
     }
 
     /// Send the pending log (only records older than `min_age`, if given)
@@ -687,6 +829,7 @@ fn dup(e: &Error) -> Error {
         Error::Stale(m) => Error::Stale(m.clone()),
         Error::Timeout(m) => Error::Timeout(m.clone()),
         Error::Again(m) => Error::Again(m.clone()),
+        Error::NotApplied(m) => Error::NotApplied(m.clone()),
         Error::Eio(m) => Error::Eio(m.clone()),
         Error::BadHandle(m) => Error::BadHandle(m.clone()),
         Error::Panic(m) => Error::Panic(m.clone()),

@@ -26,6 +26,12 @@ pub struct ClientStats {
     /// Reintegrations the server refused for lack of space or quota (each
     /// starts or lengthens the back-off).
     pub space_refusals: u64,
+    /// Connected `Reintegrate` batches written to the server (several may
+    /// be in flight at once; each is answered once).
+    pub batches_sent: u64,
+    /// Pipelined batches the server answered `NotApplied` (the batch before
+    /// them did not apply); their records were sent again.
+    pub batches_not_applied: u64,
 }
 
 #[derive(Default)]
@@ -40,6 +46,8 @@ pub(crate) struct Counters {
     pub records_reintegrated: AtomicU64,
     pub volume_validations: AtomicU64,
     pub space_refusals: AtomicU64,
+    pub batches_sent: AtomicU64,
+    pub batches_not_applied: AtomicU64,
 }
 
 impl Counters {
@@ -60,6 +68,8 @@ impl Counters {
             records_reintegrated: g(&self.records_reintegrated),
             volume_validations: g(&self.volume_validations),
             space_refusals: g(&self.space_refusals),
+            batches_sent: g(&self.batches_sent),
+            batches_not_applied: g(&self.batches_not_applied),
         }
     }
 }

@@ -357,6 +357,16 @@ pub enum Msg {
         /// The mutations, checked and applied in order (at most 4096).
         records: Vec<Record>,
     },
+    /// A `Reintegrate` sent before the reply to the client's previous batch
+    /// (0x1E): applied only if the client's highest applied store id is at
+    /// least `after` (else `Error{NotApplied}`, nothing applied).
+    ReintegrateAfter {
+        /// The highest store id of the batch sent before this one; 0 is no
+        /// condition.
+        after: u64,
+        /// The mutations, as in `Reintegrate`.
+        records: Vec<Record>,
+    },
     /// The batch committed: one attr per record, of `record.op.target()` after
     /// it (for Remove/Rmdir of the last link: the attr it had, nlink 0).
     Reintegrated {
@@ -493,6 +503,7 @@ mod code {
     pub const VOLUME_STAMP: u8 = 0x1B;
     pub const GET_XATTRS: u8 = 0x1C;
     pub const XATTRS: u8 = 0x1D;
+    pub const REINTEGRATE_AFTER: u8 = 0x1E;
     pub const CALLBACK_BREAK: u8 = 0x20;
     pub const BREAK_ACK: u8 = 0x21;
     pub const FETCH: u8 = 0x30;
@@ -555,6 +566,7 @@ impl Msg {
             Msg::AllocFids { .. } => ALLOC_FIDS,
             Msg::FidRange { .. } => FID_RANGE,
             Msg::Reintegrate { .. } => REINTEGRATE,
+            Msg::ReintegrateAfter { .. } => REINTEGRATE_AFTER,
             Msg::Reintegrated { .. } => REINTEGRATED,
             Msg::ValidateVolume { .. } => VALIDATE_VOLUME,
             Msg::VolumeStamp { .. } => VOLUME_STAMP,
@@ -678,6 +690,12 @@ impl Msg {
             }
             Msg::Reintegrate { records } => {
                 w.u32(records.len() as u32);
+                for r in records {
+                    encode_record(&mut w, r);
+                }
+            }
+            Msg::ReintegrateAfter { after, records } => {
+                w.u64(*after).u32(records.len() as u32);
                 for r in records {
                     encode_record(&mut w, r);
                 }
@@ -872,6 +890,15 @@ impl Msg {
                     records.push(decode_record(&mut r, None)?);
                 }
                 Msg::Reintegrate { records }
+            }
+            REINTEGRATE_AFTER => {
+                let after = r.u64()?;
+                let n = r.count(MAX_BATCH, 9, "records")?;
+                let mut records = Vec::with_capacity(n);
+                for _ in 0..n {
+                    records.push(decode_record(&mut r, None)?);
+                }
+                Msg::ReintegrateAfter { after, records }
             }
             REINTEGRATED => {
                 let n = r.count(MAX_BATCH, ATTR_LEN, "results")?;
@@ -1477,6 +1504,19 @@ mod tests {
                 volume: 1,
                 first_vnode: 100,
                 count: 64,
+            },
+            Msg::ReintegrateAfter {
+                after: 41,
+                records: ops
+                    .iter()
+                    .take(2)
+                    .cloned()
+                    .enumerate()
+                    .map(|(i, op)| Record {
+                        store_id: 42 + i as u64,
+                        op,
+                    })
+                    .collect(),
             },
             Msg::Reintegrate {
                 records: ops

@@ -1,5 +1,5 @@
-//! User, group and anonymous-access administration (`coda-server user`,
-//! `group`, `anonymous`) while the server runs. redb lets one process open
+//! User, group, anonymous-access and quota administration (`coda-server
+//! user`, `group`, `anonymous`, `quota`) while the server runs. redb lets one process open
 //! the metadata, so the command goes to the running server over a Unix
 //! socket in its data directory (`admin.sock`, mode 0600 in the 0700
 //! directory, and the peer must be root or the server's own user); with no
@@ -60,6 +60,21 @@ pub fn run_command(db: &Database, root: &Path, words: &[String]) -> Result<Strin
             acl::set_anonymous(db, *on == "on")?;
             Ok(format!("anonymous access {on}\n"))
         }
+        ["quota", volume, set @ ..] if set.len() <= 1 => {
+            let v: u32 = volume
+                .parse()
+                .map_err(|_| Error::Invalid(format!("{volume:?} is not a volume id")))?;
+            let set = match set.first() {
+                None => None,
+                Some(&("none" | "unlimited")) => Some(None),
+                Some(b) => {
+                    Some(Some(b.parse::<u64>().map_err(|_| {
+                        Error::Invalid(format!("{b:?} is not a byte count"))
+                    })?))
+                }
+            };
+            Ok(super::volume::volume_quota_in(db, v, set)?.line(v))
+        }
         _ => Err(Error::Invalid(format!(
             "unknown administration command {:?}",
             words.join(" ")
@@ -86,7 +101,8 @@ pub fn command(root: &Path, words: &[String]) -> Result<String> {
                 && super::replication::config::GroupConfig::load(root)?.is_some()
             {
                 return Err(Error::Again(format!(
-                    "{} is a member of a replicated group: users and groups change through                      a running member (coda-server serve), which puts the change in the log",
+                    "{} is a member of a replicated group: users, groups and quotas change \
+                     through a running member (coda-server serve), which puts the change in the log",
                     root.display()
                 )));
             }
@@ -168,7 +184,7 @@ pub fn serve(shared: Arc<Shared>, listener: UnixListener) {
             .map(str::to_string)
             .collect();
         let res = match &shared.repl {
-            // A group's users and groups change through its log.
+            // A group's users, groups and quotas change through its log.
             Some(r) if super::replication::machine::is_replicated_admin(&words) => {
                 super::replication::machine::admin(r, &words)
             }

@@ -176,7 +176,9 @@ fn reply_bound(msg: &Msg) -> usize {
         Msg::ReadDir { .. } => 64 + ATTR_LEN + MAX_DIR_PAGE * (MAX_NAME + 32),
         // Names and values, plus at most 6 bytes of lengths per byte of them.
         Msg::GetXattrs { .. } => 64 + 7 * crate::proto::MAX_XATTR_BYTES,
-        Msg::Reintegrate { records } => 64 + records.len() * ATTR_LEN,
+        Msg::Reintegrate { records } | Msg::ReintegrateAfter { records, .. } => {
+            64 + records.len() * ATTR_LEN
+        }
         _ => 64,
     };
     // An error reply (message up to MAX_MESSAGE) may be the answer instead.
@@ -265,6 +267,7 @@ fn read_loop(
     tx: &Sender<Out>,
     flow: &Arc<Flow>,
 ) -> (String, bool) {
+    let mut lowered = false;
     loop {
         // Over a bound, stop reading: the peer's sends block in TCP.
         if let Err(why) = flow.wait_room(shared) {
@@ -288,6 +291,12 @@ fn read_loop(
                 return (e.to_string(), true);
             }
         };
+        if frame.body.len() > super::workers::BULK_FRAME && !lowered {
+            // Bulk frames: this reader's TLS decryption and decoding give
+            // way to other sessions' under contention, from now on (a
+            // thread may not be able to raise itself again).
+            lowered = super::workers::set_thread_nice(super::workers::LOW_NICE);
+        }
         let id = frame.id;
         let msg = match Msg::decode(&frame) {
             Ok(m) => m,
@@ -320,6 +329,7 @@ fn read_loop(
             | Msg::ValidateVolume { .. }
             | Msg::GetXattrs { .. }
             | Msg::Reintegrate { .. }
+            | Msg::ReintegrateAfter { .. }
             | Msg::GetAcl { .. }
             | Msg::SetAcl { .. }
             | Msg::WhoAmI) => {
@@ -330,7 +340,7 @@ fn read_loop(
                 let user2 = Arc::clone(user);
                 // Keyed by session generation: requests are served round
                 // robin across sessions (workers.rs).
-                let heavy = matches!(m, Msg::Reintegrate { .. });
+                let heavy = matches!(m, Msg::Reintegrate { .. } | Msg::ReintegrateAfter { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
                     let reply = match leader_lease(&shared2, &ctx2) {
                         Ok(()) => handle(&shared2, &ctx2, &user2, m),
@@ -375,6 +385,11 @@ pub(crate) fn leader_lease(shared: &Shared, ctx: &ClientCtx) -> Result<()> {
 fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg> {
     // The rights checks (acl.rs) act for the connection's user.
     let who = shared.store.who(user)?;
+    // A plain batch is a pipelined one with no condition.
+    let msg = match msg {
+        Msg::Reintegrate { records } => Msg::ReintegrateAfter { after: 0, records },
+        m => m,
+    };
     match msg {
         Msg::GetAttrs { fids } => {
             if fids.len() > MAX_ATTRS_REPLY {
@@ -461,13 +476,20 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
                 }
             }
         }
-        Msg::Reintegrate { records } => {
+        Msg::ReintegrateAfter { after, records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);
+            // Replicated: through the log, `after` inside the entry, so the
+            // "after" rule is decided on every member at apply time against
+            // the replicated watermark.
             let result = match &shared.repl {
-                Some(r) => super::replication::machine::reintegrate(shared, r, ctx, who, &records),
-                None => shared
-                    .store
-                    .reintegrate_as(&ctx.id, Some(who), &records, &lookup),
+                Some(r) => {
+                    super::replication::machine::reintegrate(shared, r, ctx, who, after, &records)
+                }
+                None => {
+                    shared
+                        .store
+                        .reintegrate_after(&ctx.id, Some(who), after, &records, &lookup)
+                }
             };
             match result {
                 Ok(out) => {

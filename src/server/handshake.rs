@@ -44,8 +44,9 @@ pub fn accept<R: BufRead>(
     store: &VolumeStore,
     binding: [u8; 32],
     break_timeout: Duration,
+    seen_refresh: u64,
 ) -> Result<(Identity, Msg)> {
-    let res = run(reader, stream, store, binding, break_timeout);
+    let res = run(reader, stream, store, binding, break_timeout, seen_refresh);
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
         if !matches!(e, Error::Io { .. }) {
@@ -61,6 +62,7 @@ fn run<R: BufRead>(
     store: &VolumeStore,
     binding: [u8; 32],
     break_timeout: Duration,
+    seen_refresh: u64,
 ) -> Result<(Identity, Msg)> {
     let mut hs = ServerHandshake::new(random_bytes(), binding);
     let challenge = hs.hello(next_msg(reader, hs.expecting())?)?;
@@ -74,6 +76,7 @@ fn run<R: BufRead>(
         &proven.client_id,
         &proven.user,
         proven.kind == ConnKind::Control,
+        seen_refresh,
     )?;
     let timeout_ms = u32::try_from(break_timeout.as_millis()).unwrap_or(u32::MAX);
     let welcome = proven.welcome(store.server_id(), store.root_fid(), timeout_ms);

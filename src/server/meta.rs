@@ -26,6 +26,11 @@ pub const CLIENT_STORE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("
 /// keyed by it (session, replay watermark, reservations, staged uploads)
 /// is only safe because no other user may present it.
 pub const CLIENT_OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
+/// client id → when its owner last presented it on a control connection
+/// (Unix seconds; refreshed at most once per `owners::refresh_every`, and
+/// by the sweep while its session lives). An id not seen for the server's
+/// `forget_clients_after` is forgotten (owners.rs).
+pub const CLIENT_SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_seen");
 /// (volume, first vnode) → client id (16 bytes) followed by u32 count.
 pub const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
 /// fids that existed once and were deleted: a reserved fid is usable once.

@@ -52,6 +52,7 @@ use volume::VolumeStore;
 
 pub use control::MAX_ATTRS_REPLY;
 pub use meta::{ROOT_FID, ROOT_VOLUME};
+pub use owners::DEFAULT_FORGET_CLIENTS_AFTER;
 pub use sessions::{StagedLimits, DEFAULT_STAGED_LIMITS};
 pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
 
@@ -121,6 +122,11 @@ pub struct ServerConfig {
     /// every connection is TLS 1.3 with the key and certificate under
     /// `root/tls` (docs/SERVER.md "TLS").
     pub insecure_plaintext: bool,
+    /// A client id its owner has not presented for this long (and whose
+    /// session is not live) is forgotten, with its store-id watermark, so
+    /// the ownership table stays bounded (docs/SERVER.md "Forgotten client
+    /// ids").
+    pub forget_clients_after: Duration,
 }
 
 impl ServerConfig {
@@ -133,6 +139,7 @@ impl ServerConfig {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             space: SpaceLimits::default(),
             insecure_plaintext: false,
+            forget_clients_after: DEFAULT_FORGET_CLIENTS_AFTER,
         }
     }
 }
@@ -167,7 +174,8 @@ pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
 
 /// Run an administration command (`user add NAME`, `user remove NAME`,
 /// `user list`, `group add GROUP [USER...]`, `group remove GROUP [USER...]`,
-/// `group members GROUP`, `group list`, `anonymous on|off`) on the data
+/// `group members GROUP`, `group list`, `anonymous on|off`, `quota VOLUME
+/// [BYTES|none]`) on the data
 /// directory `root`: through the running server's administration socket,
 /// or on the metadata directly when no server runs. Returns its output.
 pub fn admin_command(root: &Path, words: &[String]) -> Result<String> {
@@ -184,6 +192,7 @@ pub(crate) struct Shared {
     pool: workers::Pool,
     break_timeout: Duration,
     idle_timeout: Duration,
+    forget_clients_after: Duration,
     stopping: AtomicBool,
     /// Every open connection, so shutdown can cut them all.
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -249,6 +258,7 @@ impl Server {
             pool,
             break_timeout: cfg.break_timeout,
             idle_timeout: cfg.idle_timeout,
+            forget_clients_after: cfg.forget_clients_after,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             handshaking: Mutex::new(Handshakes::default()),
@@ -273,6 +283,18 @@ impl Server {
             .name("coda-accept".into())
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
+        // Not in a replicated group: forgetting an id drops its store-id
+        // watermark, replicated state that every member must keep alike
+        // (docs/SERVER.md "Forgotten client ids").
+        if shared.repl.is_none() {
+            let s4 = Arc::clone(&shared);
+            let sweeper = std::thread::Builder::new()
+                .name("coda-sweep".into())
+                .stack_size(SMALL_STACK)
+                .spawn(move || sweep_loop(s4))
+                .map_err(|e| Error::io("start sweeper", e))?;
+            shared.threads.lock().push(sweeper);
+        }
         // Users and groups change while serving through this socket; a
         // server without it still serves (the commands then say why).
         let admin = match admin::bind(&cfg.root) {
@@ -346,6 +368,33 @@ impl Server {
         // Workers finish what is queued (their replies go nowhere now).
         sh.pool.shutdown();
         log::info(format_args!("shut down"));
+    }
+}
+
+/// Forget client ids not presented for `forget_clients_after` (owners.rs):
+/// at start, then every quarter of that time (an hour at most). Sleeps in
+/// short steps so shutdown never waits for it.
+fn sweep_loop(shared: Arc<Shared>) {
+    let every = Duration::from_secs(owners::refresh_every(shared.forget_clients_after))
+        .min(Duration::from_secs(3600));
+    let forget_after = shared.forget_clients_after.as_secs();
+    let mut next = Instant::now();
+    while !shared.stopping.load(Ordering::SeqCst) {
+        if Instant::now() >= next {
+            let live = shared.registry.live_ids();
+            match shared
+                .store
+                .sweep_clients(&live, owners::now_secs(), forget_after)
+            {
+                Ok(0) => {}
+                Ok(n) => log::info(format_args!(
+                    "forgot {n} client id(s) not seen for {forget_after} s"
+                )),
+                Err(e) => log::warn(format_args!("sweeping client ids: {e}")),
+            }
+            next = Instant::now() + every;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -599,6 +648,9 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    // Until the peer is proven, its TLS and coda handshakes yield the CPU
+    // to authenticated work (SERVER.md "CPU priority").
+    let lowered = workers::lower_for_handshake();
     let quiet = |e: &Error| {
         if !shared.stopping.load(Ordering::SeqCst) {
             log::info(format_args!("handshake from {peer} failed: {e}"));
@@ -658,7 +710,9 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         &shared.store,
         binding,
         shared.break_timeout,
+        owners::refresh_every(shared.forget_clients_after),
     );
+    workers::restore_priority(lowered);
     shared.handshaking.lock().remove(serial);
     let (ident, welcome) = match accepted {
         Ok(i) => i,

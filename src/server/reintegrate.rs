@@ -106,6 +106,9 @@ pub fn check_ahead(highest: u64, records: &[Record]) -> std::result::Result<(), 
 /// whichever worker leads the group can apply it.
 struct Job {
     client: ClientId,
+    /// Applied only if the client's watermark is at least this (a
+    /// pipelined batch names its predecessor's highest store id); 0: always.
+    after: u64,
     records: Vec<Record>,
     /// The staged files of the batch's Store records, looked up by the
     /// submitting worker (the lookup belongs to its session).
@@ -384,27 +387,32 @@ impl VolumeStore {
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        self.reintegrate_at(client, None, records, staged, None)
+        self.reintegrate_after(client, None, 0, records, staged)
     }
 
-    /// `reintegrate`, each record checked against `who`'s rights: a record
-    /// it may not apply fails the batch with `Access`.
-    pub fn reintegrate_as(
+    /// `reintegrate`, each record checked against `who`'s rights (a record
+    /// it may not apply fails the batch with `Access`); for a pipelined
+    /// batch (`ReintegrateAfter`) nothing is applied, with `NotApplied`,
+    /// unless the client's highest applied store id is at least `after`
+    /// when the batch's turn comes in its transaction (0: no condition).
+    pub fn reintegrate_after(
         &self,
         client: &ClientId,
         who: Option<Arc<super::acl::Who>>,
+        after: u64,
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        self.reintegrate_at(client, who, records, staged, None)
+        self.reintegrate_at(client, who, after, records, staged, None)
     }
 
-    /// [`VolumeStore::reintegrate_as`] stamping changes with `now` when
+    /// [`VolumeStore::reintegrate_after`] stamping changes with `now` when
     /// given (replication applies a batch with the time its leader chose).
     pub fn reintegrate_at(
         &self,
         client: &ClientId,
         who: Option<Arc<super::acl::Who>>,
+        after: u64,
         records: &[Record],
         staged: StagedLookup,
         now: Option<Timespec>,
@@ -419,6 +427,7 @@ impl VolumeStore {
         }
         let job = Arc::new(Job {
             client: *client,
+            after,
             records: records.to_vec(),
             staged: files,
             now,
@@ -651,6 +660,19 @@ impl VolumeStore {
         })()
         .map_err(|e| early(e.into()))?;
         let already = |r: &Record| highest > 0 && r.store_id <= highest;
+        // Read in this transaction, after the batches before this one in
+        // it (an earlier batch of the client that failed is not among
+        // them): exactly "the batch sent before this one applied".
+        if job.after > highest {
+            return Err(early(
+                Error::NotApplied(format!(
+                    "the batch before it (up to store id {}) was not applied; this client's \
+                     last applied store id is {highest}",
+                    job.after
+                ))
+                .into(),
+            ));
+        }
         check_ahead(highest, records).map_err(early)?;
         if !records.is_empty() && records.iter().all(already) {
             // The reply to this batch was lost: answer again, apply nothing.
@@ -1641,8 +1663,13 @@ mod tests {
     }
 
     fn job(client: ClientId, records: Vec<Record>) -> Arc<Job> {
+        job_after(client, 0, records)
+    }
+
+    fn job_after(client: ClientId, after: u64, records: Vec<Record>) -> Arc<Job> {
         Arc::new(Job {
             client,
+            after,
             records,
             staged: HashMap::new(),
             now: None,
@@ -1770,6 +1797,136 @@ mod tests {
         let replay = store.commit_group(&[job(a, vec![create(1, "a1", fa[0])])]);
         assert!(replay[0].as_ref().unwrap().replayed);
         assert_eq!(store.read_dir(ROOT_FID, 0).unwrap().0.version, 1 + 4);
+    }
+
+    /// Pipelined batches (`ReintegrateAfter`): a batch applies only if the
+    /// one its client sent before it did, judged inside the transaction,
+    /// so a group that restarts without a failed batch refuses that
+    /// batch's successors, and a successor applied out of turn (before
+    /// its predecessor, e.g. over a new connection) is refused too.
+    #[test]
+    fn a_pipelined_batch_applies_only_after_its_predecessor() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let (a, b, c) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let (fa, fb, fc) = (
+            fids(&store, &a, 6),
+            fids(&store, &b, 2),
+            fids(&store, &c, 2),
+        );
+        let ghost = |store_id| Record {
+            store_id,
+            op: RecordOp::Remove {
+                parent: ROOT_FID,
+                name: "ghost".into(),
+                fid: Fid::new(1, 999, 1),
+            },
+        };
+        let not_applied = |r: &JobResult| {
+            matches!(
+                r,
+                Err(BatchError {
+                    error: Error::NotApplied(_),
+                    index: u32::MAX
+                })
+            )
+        };
+        let jobs = vec![
+            // c: a good batch and its successor, around a failure of b
+            // that makes the group start again.
+            job(c, vec![create(1, "c1", fc[0])]),
+            // a's first batch writes a1, then fails at its second record.
+            job(a, vec![create(1, "a1", fa[0]), ghost(2)]),
+            job(b, vec![create(1, "b1", fb[0]), ghost(2)]),
+            job_after(c, 1, vec![create(2, "c2", fc[1])]),
+            // a's successors: the chain stops at the failure.
+            job_after(a, 2, vec![create(3, "a3", fa[2])]),
+            job_after(a, 3, vec![create(4, "a4", fa[3])]),
+        ];
+        let out = store.commit_group(&jobs);
+        assert!(out[0].is_ok() && out[3].is_ok(), "{out:?}");
+        assert!(matches!(&out[1], Err(e) if matches!(e.error, Error::NotFound(_)) && e.index == 1));
+        assert!(matches!(&out[2], Err(e) if matches!(e.error, Error::NotFound(_)) && e.index == 1));
+        assert!(not_applied(&out[4]) && not_applied(&out[5]), "{out:?}");
+        let names = |store: &VolumeStore| -> Vec<String> {
+            let (_, entries, _) = store.read_dir(ROOT_FID, 0).unwrap();
+            entries.into_iter().map(|e| e.name).collect()
+        };
+        assert_eq!(names(&store), ["c1", "c2"]);
+        // No store id of a refused batch counts as applied.
+        assert_eq!(watermark(&store, &a), 0);
+        assert_eq!(watermark(&store, &b), 0);
+        assert_eq!(watermark(&store, &c), 2);
+
+        // The client sends the records not applied again, in order, as one
+        // plain batch, then pipelines again after it (another group).
+        let again = store.commit_group(&[
+            job(
+                a,
+                vec![
+                    create(1, "a1", fa[0]),
+                    create(3, "a3", fa[2]),
+                    create(4, "a4", fa[3]),
+                ],
+            ),
+            job_after(a, 4, vec![create(5, "a5", fa[4])]),
+        ]);
+        assert!(again.iter().all(|r| r.is_ok()), "{again:?}");
+        assert_eq!(watermark(&store, &a), 5);
+        // A successor that overtakes its predecessor is refused, applies
+        // nothing, and may follow once the predecessor applied.
+        let early = store.commit_group(&[job_after(a, 6, vec![create(7, "a7", fa[5])])]);
+        assert!(not_applied(&early[0]));
+        assert_eq!(watermark(&store, &a), 5);
+        let pair = store.commit_group(&[
+            job(a, vec![ghost(6)]),
+            job_after(a, 6, vec![create(7, "a7", fa[5])]),
+        ]);
+        assert!(matches!(&pair[0], Err(e) if matches!(e.error, Error::NotFound(_))));
+        assert!(not_applied(&pair[1]));
+        assert_eq!(watermark(&store, &a), 5);
+        // A successor resent after its reply was lost is a replay.
+        let replay = store.commit_group(&[job_after(a, 4, vec![create(5, "a5", fa[4])])]);
+        assert!(replay[0].as_ref().is_ok_and(|o| o.replayed));
+        assert_eq!(names(&store), ["a1", "a3", "a4", "a5", "c1", "c2"]);
+    }
+
+    /// A large batch that gives way keeps its place: a successor of its
+    /// client that were applied meanwhile would be refused; once the large
+    /// batch commits whole, the successor applies.
+    #[test]
+    fn a_successor_of_a_large_batch_that_gave_way_waits_for_it() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let client = [9u8; 16];
+        let fs = fids(&store, &client, BIG as u32 + 1);
+        let records: Vec<Record> = fs[..BIG]
+            .iter()
+            .enumerate()
+            .map(|(i, f)| create(i as u64 + 1, &format!("n{i}"), *f))
+            .collect();
+        let large = [job(client, records)];
+        let next = || {
+            [job_after(
+                client,
+                BIG as u64,
+                vec![create(BIG as u64 + 1, "last", fs[BIG])],
+            )]
+        };
+        let yes = || true;
+        assert!(store.commit_group_or_yield(&large, Some(&yes)).is_none());
+        let early = store.commit_group(&next());
+        assert!(matches!(&early[0], Err(e) if matches!(e.error, Error::NotApplied(_))));
+        let never = || false;
+        let out = store.commit_group_or_yield(&large, Some(&never)).unwrap();
+        assert!(out[0].is_ok());
+        assert!(store.commit_group(&next())[0].is_ok());
+        assert_eq!(watermark(&store, &client), BIG as u64 + 1);
+        assert_eq!(store.read_dir(ROOT_FID, 0).unwrap().0.size, BIG as u64 + 1);
     }
 
     fn waiting(ticket: u64, client: u8, records: usize, since: Instant) -> Waiting {

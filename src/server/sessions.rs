@@ -230,6 +230,12 @@ impl Registry {
         ));
     }
 
+    /// The client ids with a live session (their owners are never
+    /// forgotten, owners.rs).
+    pub fn live_ids(&self) -> std::collections::HashSet<ClientId> {
+        self.inner.lock().sessions.keys().copied().collect()
+    }
+
     /// Cut every session (server shutdown).
     pub fn end_all(&self) {
         let mut g = self.inner.lock();

@@ -580,11 +580,55 @@ pub struct VolumeSpace {
     pub quota: Option<u64>,
 }
 
-/// Read (and with `set`, change) a volume's quota in a data directory whose
-/// server is stopped: redb locks the database while a server serves it.
+/// Read (and with `set`, change) a volume's quota: through the running
+/// server's administration socket when one serves `root`, else on the
+/// metadata directly (admin.rs).
 pub fn volume_quota(root: &Path, volume: u32, set: Option<Option<u64>>) -> Result<VolumeSpace> {
-    let db = open_db(root)?;
-    ensure_usage(&db)?;
+    let mut words = vec!["quota".to_string(), volume.to_string()];
+    match set {
+        None => {}
+        Some(None) => words.push("none".into()),
+        Some(Some(b)) => words.push(b.to_string()),
+    }
+    let out = super::admin::command(root, &words)?;
+    parse_space(&out)
+        .ok_or_else(|| Error::Protocol(format!("quota command answered {:?}", out.trim_end())))
+}
+
+/// The quota command's output line, as [`VolumeSpace::line`] writes it.
+fn parse_space(line: &str) -> Option<VolumeSpace> {
+    let rest = line.trim_end().split_once(": ")?.1;
+    let (used, quota) = rest.split_once(" bytes used, quota ")?;
+    Some(VolumeSpace {
+        used: used.parse().ok()?,
+        quota: match quota {
+            "unlimited" => None,
+            q => Some(q.parse().ok()?),
+        },
+    })
+}
+
+impl VolumeSpace {
+    /// `volume N: USED bytes used, quota Q|unlimited` (the command's output).
+    pub fn line(&self, volume: u32) -> String {
+        let quota = match self.quota {
+            Some(q) => q.to_string(),
+            None => "unlimited".into(),
+        };
+        format!("volume {volume}: {} bytes used, quota {quota}\n", self.used)
+    }
+}
+
+/// Read (and with `set`, change) a volume's quota in an open metadata
+/// store. A change commits before this returns; the next batch's
+/// transaction reads it (quotas are not cached), so a running server
+/// applies it from its next batch on.
+pub(crate) fn volume_quota_in(
+    db: &Database,
+    volume: u32,
+    set: Option<Option<u64>>,
+) -> Result<VolumeSpace> {
+    ensure_usage(db)?;
     if let Some(quota) = set {
         let txn = db.begin_write()?;
         {

@@ -19,11 +19,76 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Nice value of a thread doing work nobody well-behaved is waiting on
+/// (SERVER.md "CPU priority"): unauthenticated handshakes, and the reader
+/// of a control connection that sends bulk frames. Under CPU contention
+/// such threads get a small share; on an idle machine they run at full
+/// speed all the same.
+pub const LOW_NICE: i32 = 10;
+
+/// A control frame larger than this is bulk work (a large batch, a
+/// GetAttrs of thousands of fids): its connection's reader is lowered.
+pub const BULK_FRAME: usize = 64 * 1024;
+
+/// Set to `1` in the server's environment to keep every thread at its
+/// normal priority: only for measuring what lowering gains.
+pub const NO_NICE_ENV: &str = "CODA_SERVER_NO_NICE";
+
+fn nice_disabled() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var(NO_NICE_ENV).is_ok_and(|v| v == "1"))
+}
+
+/// Set the calling thread's nice value (Linux: nice is per thread).
+/// Returns whether the OS took it.
+pub fn set_thread_nice(n: i32) -> bool {
+    if nice_disabled() {
+        return false;
+    }
+    // SAFETY: gettid and setpriority on the calling thread's own id.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, n) == 0
+    }
+}
+
+/// Whether a thread may go back to nice 0 after lowering itself (root, or
+/// CAP_SYS_NICE, or an RLIMIT_NICE that allows it). Tried once, on a
+/// thread of its own, so no serving thread is ever left lowered by the
+/// test.
+pub fn can_renice() -> bool {
+    static CAN: OnceLock<bool> = OnceLock::new();
+    *CAN.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("coda-nicetest".into())
+            .stack_size(64 * 1024)
+            .spawn(|| set_thread_nice(1) && set_thread_nice(0))
+            .ok()
+            .and_then(|h| h.join().ok())
+            .unwrap_or(false)
+    })
+}
+
+/// Lower the calling thread for an unauthenticated handshake, if it can be
+/// raised again once the peer is proven (else it stays as it is: the same
+/// thread goes on to serve the connection). Returns whether it lowered.
+pub fn lower_for_handshake() -> bool {
+    can_renice() && set_thread_nice(LOW_NICE)
+}
+
+/// Back to normal priority after [`lower_for_handshake`] returned true.
+pub fn restore_priority(lowered: bool) {
+    if lowered && !set_thread_nice(0) {
+        super::log::warn(format_args!("could not restore a thread's priority"));
+    }
+}
 
 /// Most requests of one session running at once.
 pub const PER_SESSION: usize = 4;
@@ -221,6 +286,28 @@ mod tests {
 
     fn noop() -> Job {
         Box::new(|| {})
+    }
+
+    fn nice_of_this_thread() -> i32 {
+        // SAFETY: getpriority on the calling thread's own id.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
+    #[test]
+    fn a_handshake_thread_is_lowered_only_when_it_can_be_restored() {
+        std::thread::spawn(|| {
+            let lowered = lower_for_handshake();
+            assert_eq!(lowered, can_renice());
+            let want = if lowered { LOW_NICE } else { 0 };
+            assert_eq!(nice_of_this_thread(), want);
+            restore_priority(lowered);
+            assert_eq!(nice_of_this_thread(), 0);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

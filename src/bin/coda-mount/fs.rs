@@ -52,6 +52,8 @@ pub struct Shared {
     pub kept_cache_opens: AtomicU64,
     /// What the kernel caches, and how it is told to drop it.
     pub kcache: crate::kcache::KernelCache,
+    /// How many FUSE threads wait for the next request (gate.rs).
+    pub gate: crate::gate::Gate,
 }
 
 /// One open file: the client's `File` (kept until release, whose close
@@ -1015,6 +1017,7 @@ impl Filesystem for CodaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        let _pass = self.shared.gate.enter();
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
         let mut b = self.backings.lock();
@@ -1027,6 +1030,7 @@ impl Filesystem for CodaFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name_s) = tri!(reply, self.child(parent, name));
         self.shared.lookups.fetch_add(1, Ordering::Relaxed);
@@ -1039,6 +1043,7 @@ impl Filesystem for CodaFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         self.shared.getattrs.fetch_add(1, Ordering::Relaxed);
         let fid = tri!(reply, self.fid_of(ino));
@@ -1078,6 +1083,7 @@ impl Filesystem for CodaFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         // Who may chown, chgrp or set times is the kernel's check
@@ -1167,6 +1173,7 @@ impl Filesystem for CodaFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let t = tri!(reply, self.client.readlink_fid(fid).map_err(|e| errno(&e)));
@@ -1182,6 +1189,7 @@ impl Filesystem for CodaFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         let owner = self.owner_for(req, dir);
@@ -1197,6 +1205,7 @@ impl Filesystem for CodaFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         tri!(
@@ -1209,6 +1218,7 @@ impl Filesystem for CodaFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         tri!(
@@ -1228,6 +1238,7 @@ impl Filesystem for CodaFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, link_name));
         let target = tri!(reply, target.to_str().ok_or(Errno::EINVAL));
@@ -1251,6 +1262,7 @@ impl Filesystem for CodaFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
@@ -1276,6 +1288,7 @@ impl Filesystem for CodaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
@@ -1326,6 +1339,7 @@ impl Filesystem for CodaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.shared.gate.enter();
         self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
@@ -1354,6 +1368,7 @@ impl Filesystem for CodaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.shared.gate.enter();
         let h = tri!(reply, self.handle(fh));
         self.kill_privs(req, &h);
         let mut g = tri!(reply, self.file_for(&h));
@@ -1377,6 +1392,7 @@ impl Filesystem for CodaFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         // close(2) of each copy of a descriptor waits for this (release
         // comes once, after the last): store what was written here, so
         // close returns the store's result and the next opener, here or
@@ -1399,6 +1415,7 @@ impl Filesystem for CodaFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         // Durable when this returns: stored on the server (connected), or
         // logged with its container fsynced (disconnected).
         let h = tri!(reply, self.handle(fh));
@@ -1418,6 +1435,7 @@ impl Filesystem for CodaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.error(Errno::EBADF);
@@ -1447,6 +1465,7 @@ impl Filesystem for CodaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let t = self.shared.kcache.ticket();
@@ -1501,6 +1520,7 @@ impl Filesystem for CodaFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         // A bounded slice, copied out: the client may ask the server about
         // an entry, and no lock is held across that.
@@ -1567,6 +1587,7 @@ impl Filesystem for CodaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let dirs = self.dirs.lock();
         let Some(d) = dirs.get(&fh.0) else {
@@ -1588,11 +1609,13 @@ impl Filesystem for CodaFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         self.dirs.lock().remove(&fh.0);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.shared.gate.enter();
         // The space that matters locally is the cache's file system.
         let c = std::ffi::CString::new(self.cache_dir.as_os_str().as_encoded_bytes())
             .unwrap_or_default();
@@ -1623,6 +1646,7 @@ impl Filesystem for CodaFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         let cflags = Self::open_flags(flags);
@@ -1716,6 +1740,7 @@ impl Filesystem for CodaFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let (dir, name) = tri!(reply, self.child(parent, name));
         let fid = if mode & libc::S_IFMT == libc::S_IFREG {
@@ -1760,6 +1785,7 @@ impl Filesystem for CodaFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let (dir, name) = tri!(reply, self.child(newparent, newname));
@@ -1781,6 +1807,7 @@ impl Filesystem for CodaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         // On the open container, like a write: the close stores it.
         let h = tri!(reply, self.handle(fh));
         if !h.writable {
@@ -1807,6 +1834,7 @@ impl Filesystem for CodaFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let Some(name) = xattr_name(name) else {
             return reply.error(Errno::EOPNOTSUPP);
@@ -1831,6 +1859,7 @@ impl Filesystem for CodaFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         // Other namespaces hold nothing here: answered without the client
         // (the kernel asks for security.capability on writes).
@@ -1848,6 +1877,7 @@ impl Filesystem for CodaFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let all = tri!(reply, self.client.xattrs_fid(fid).map_err(|e| errno(&e)));
@@ -1860,6 +1890,7 @@ impl Filesystem for CodaFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
         let Some(name) = xattr_name(name) else {
             return reply.error(Errno::EOPNOTSUPP);

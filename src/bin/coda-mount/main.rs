@@ -13,6 +13,7 @@
 
 mod control;
 mod fs;
+mod gate;
 mod kcache;
 
 use std::io::{Read, Write};
@@ -363,6 +364,7 @@ fn main() {
     // Several threads: one request waiting for a server never stalls the
     // others (reads of cached files answer at once).
     fcfg.n_threads = Some(args.threads);
+    shared.gate.set_threads(args.threads);
     fcfg.clone_fd = true;
     let mut session = match fuser::Session::new(filesystem, &args.mountpoint, &fcfg) {
         Ok(s) => s,

@@ -17,4 +17,4 @@ mod session;
 pub(crate) use interrupt::Interrupt;
 pub(crate) use params::{tls_config, Identity, Timing};
 pub(crate) use servers::Servers;
-pub(crate) use session::Session;
+pub(crate) use session::{Sent, Session};

@@ -348,6 +348,43 @@ impl Control {
     }
 }
 
+/// A request written on the control connection, its reply not yet read.
+/// Dropping it forgets the request (a late reply is then dropped).
+pub(crate) struct Sent<'a> {
+    session: &'a Session,
+    id: u64,
+    rx: crossbeam_channel::Receiver<Result<Msg>>,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Drop for Sent<'_> {
+    fn drop(&mut self) {
+        self.session.ctl.pending.lock().remove(&self.id);
+    }
+}
+
+impl Sent<'_> {
+    /// The reply (a server `Error` comes back as the message), or the
+    /// timeout, the connection's death or an interrupt, whichever is first.
+    pub fn wait(self, interrupt: &Interrupt) -> Result<Msg> {
+        let server = &self.session.server;
+        // Bounded: each turn ends by the deadline, or by an interrupt or
+        // release (a release that is not ours wakes us once per release).
+        loop {
+            let watch = interrupt.watch();
+            interrupt.check()?;
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.rx) -> r => return r.unwrap_or_else(|_| Err(Error::Eio(format!("server {server}: connection lost")))),
+                recv(watch) -> _ => continue,
+                default(left) => return Err(Error::Timeout(format!(
+                    "no reply from server {server} within {} ms", self.timeout.as_millis()))),
+            }
+        }
+    }
+}
+
 pub(crate) struct Session {
     pub root: Fid,
     pub server: String,
@@ -559,6 +596,24 @@ impl Session {
     }
 
     fn call_raw_within(&self, msg: &Msg, interrupt: &Interrupt, timeout: Duration) -> Result<Msg> {
+        self.send_raw_within(msg, interrupt, timeout)?
+            .wait(interrupt)
+    }
+
+    /// Send a request without waiting for its reply: the reintegrator keeps
+    /// several batches in flight. Requests are written in the order of the
+    /// calls (one writer at a time); `Sent::wait` then reads the reply as
+    /// `call_raw` would, within the RPC timeout counted from now.
+    pub fn send_raw(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Sent<'_>> {
+        self.send_raw_within(msg, interrupt, self.timing.rpc_timeout)
+    }
+
+    fn send_raw_within(
+        &self,
+        msg: &Msg,
+        interrupt: &Interrupt,
+        timeout: Duration,
+    ) -> Result<Sent<'_>> {
         interrupt.check()?;
         if let Some(e) = self.ctl.dead_error() {
             return Err(e);
@@ -566,37 +621,26 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = bounded(1);
         self.ctl.pending.lock().insert(id, tx);
+        // From here on, dropping `sent` forgets the request.
+        let sent = Sent {
+            session: self,
+            id,
+            rx,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
         // A kill that drained the table just before our insert would leave
         // us waiting for the timeout: look again.
         if let Some(e) = self.ctl.dead_error() {
-            self.ctl.pending.lock().remove(&id);
             return Err(e);
         }
-        let sent = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
-        if let Err(e) = sent {
-            self.ctl.pending.lock().remove(&id);
+        let written = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
+        if let Err(e) = written {
             let e = net_error(e, &self.server, self.timing.rpc_timeout);
             self.ctl.kill(&e.to_string());
             return Err(e);
         }
-        let deadline = Instant::now() + timeout;
-        // Bounded: each turn ends by the deadline, or by an interrupt or
-        // release (a release that is not ours wakes us once per release).
-        let r = loop {
-            let watch = interrupt.watch();
-            if let Err(e) = interrupt.check() {
-                break Err(e);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            select! {
-                recv(rx) -> r => break r.unwrap_or_else(|_| Err(Error::Eio(format!("server {}: connection lost", self.server)))),
-                recv(watch) -> _ => continue,
-                default(left) => break Err(Error::Timeout(format!(
-                    "no reply from server {} within {} ms", self.server, timeout.as_millis()))),
-            }
-        };
-        self.ctl.pending.lock().remove(&id);
-        r
+        Ok(sent)
     }
 
     /// Send a Ping without waiting: the reader notes any frame as life.

@@ -58,8 +58,18 @@ pub struct Machine {
     pub(super) group: Arc<Mutex<GroupConfig>>,
 }
 
-fn encode_reintegrate(client: &ClientId, now: Timespec, who: &Who, records: &[Record]) -> Vec<u8> {
-    let msg = Msg::Reintegrate {
+/// A batch's entry carries its `after` (0: none) as the message
+/// `ReintegrateAfter`; entries written before pipelining hold `Reintegrate`
+/// and apply as `after` 0.
+fn encode_reintegrate(
+    client: &ClientId,
+    now: Timespec,
+    who: &Who,
+    after: u64,
+    records: &[Record],
+) -> Vec<u8> {
+    let msg = Msg::ReintegrateAfter {
+        after,
         records: records.to_vec(),
     };
     let mut b = vec![OP_REINTEGRATE];
@@ -172,10 +182,12 @@ impl StateMachine for Machine {
                 };
                 let (who, b) = decode_who(&b[12..])?;
                 let (&kind, body) = b.split_first().ok_or_else(bad_entry)?;
-                let Msg::Reintegrate { records } = Msg::decode_body(kind, body)? else {
-                    return Err(bad_entry());
+                let (after, records) = match Msg::decode_body(kind, body)? {
+                    Msg::Reintegrate { records } => (0, records),
+                    Msg::ReintegrateAfter { after, records } => (after, records),
+                    _ => return Err(bad_entry()),
                 };
-                self.ensure_data(&client, &records)?;
+                self.ensure_data(&client, after, &records)?;
                 let root = self.root.clone();
                 let lookup = move |up: u64| {
                     let p = replstage_path(&root, &client, up);
@@ -184,6 +196,7 @@ impl StateMachine for Machine {
                 let res = self.store.reintegrate_at(
                     &client,
                     Some(Arc::new(who)),
+                    after,
                     &records,
                     &lookup,
                     Some(now),
@@ -264,13 +277,17 @@ impl StateMachine for Machine {
     }
 }
 
-/// The administration commands that change users, groups or anonymous
-/// access: in a group they are log entries.
+/// The administration commands that change users, groups, anonymous
+/// access or a volume's quota: in a group they are log entries (a quota is
+/// checked by every member's batches, so all must hold the same one).
 pub(crate) fn is_replicated_admin(words: &[String]) -> bool {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     matches!(
         w.as_slice(),
-        ["user", "add" | "remove", ..] | ["group", "add" | "remove", ..] | ["anonymous", ..]
+        ["user", "add" | "remove", ..]
+            | ["group", "add" | "remove", ..]
+            | ["anonymous", ..]
+            | ["quota", _, _]
     )
 }
 
@@ -322,13 +339,18 @@ pub(crate) fn set_acl(
 impl Machine {
     /// Make sure the data of every not-yet-applied Store of the batch is
     /// here, pulling what this member missed from the others.
-    fn ensure_data(&self, client: &ClientId, records: &[Record]) -> Result<()> {
+    fn ensure_data(&self, client: &ClientId, after: u64, records: &[Record]) -> Result<()> {
         let highest = self.store.with_db(|db| -> Result<u64> {
             let txn = db.begin_read()?;
             let t = txn.open_table(CLIENT_STORE)?;
             let v = t.get(client)?.map(|v| v.value());
             Ok(v.unwrap_or(0))
         })?;
+        if after > highest {
+            // The store refuses it (NotApplied) on every member, the
+            // watermark being replicated: its data is not needed.
+            return Ok(());
+        }
         for r in records {
             let RecordOp::Store { upload_id, .. } = r.op else {
                 continue;
@@ -455,12 +477,17 @@ pub(crate) fn alloc_fids(
     }
 }
 
-/// The leader's Reintegrate: data to a majority, then the entry.
+/// The leader's Reintegrate: data to a majority, then the entry. A
+/// pipelined batch's `after` is not checked here but when the entry is
+/// applied, on every member against the replicated watermark, so a
+/// NotApplied batch is refused alike everywhere (its predecessor may be in
+/// the log ahead of it, not yet applied).
 pub(crate) fn reintegrate(
     shared: &Shared,
     repl: &Replicator,
     ctx: &ClientCtx,
     who: Arc<Who>,
+    after: u64,
     records: &[Record],
 ) -> std::result::Result<Outcome, BatchError> {
     let fail = |e: Error| {
@@ -504,7 +531,7 @@ pub(crate) fn reintegrate(
         objects::sync_dir(&dir)?;
         push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
     }
-    let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, records);
+    let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, after, records);
     match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
         Ok(r) => r,
         Err(e) => Err(fail(e)),
