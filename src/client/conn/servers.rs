@@ -163,11 +163,13 @@ impl Servers {
     /// heard from within its trust window (see `Session::heard_recently`),
     /// or it answers a round trip now, which applies every break the server
     /// sent before the answer. Check the callback after this, not before.
+    /// A round trip slower than the trust window proves nothing (the
+    /// answer vouches only for a moment after the Ping was written).
     pub fn fresh(&self) -> bool {
         let Some(s) = self.live() else {
             return false;
         };
-        s.heard_recently() || s.sync(&self.interrupt).is_ok()
+        s.heard_recently() || (s.sync(&self.interrupt).is_ok() && s.heard_recently())
     }
 
     /// Connect to the first server that answers; the caller holds the gate.
