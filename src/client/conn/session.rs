@@ -445,12 +445,6 @@ fn reader_loop(
             Err(e) => return ctl.kill(&format!("connection lost: {e}")),
         };
         *ctl.last_heard.lock() = Instant::now();
-        // Before the reply is handed over: a caller granting callbacks
-        // with it finds the session vouched for from the request's sending.
-        if let Some(at) = ctl.asked.lock().remove(&frame.id) {
-            let mut v = ctl.vouched.lock();
-            *v = (*v).max(at);
-        }
         match Msg::decode(&frame) {
             Ok(Msg::CallbackBreak { fids }) => {
                 // Invalidate first, then ack at once: the writer on the other
@@ -470,6 +464,14 @@ fn reader_loop(
                 }
             }
             Ok(m) => {
+                // A reply (a break's id is the server's own, never one of
+                // ours): before it is handed over, so a caller granting
+                // callbacks with it finds the session vouched for from the
+                // request's writing.
+                if let Some(at) = ctl.asked.lock().remove(&frame.id) {
+                    let mut v = ctl.vouched.lock();
+                    *v = (*v).max(at);
+                }
                 // Replies nobody waits for (heartbeat Pongs, timed-out calls) are dropped.
                 if let Some(tx) = ctl.pending.lock().remove(&frame.id) {
                     let _ = tx.send(Ok(m));
