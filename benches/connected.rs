@@ -272,6 +272,25 @@ fn process_cpu(pid: u32) -> Duration {
     Duration::from_millis(t * 1000 / hz)
 }
 
+/// CPU time of every thread of process `pid` so far, in nanoseconds
+/// (`/proc/PID/task/*/schedstat`: finer than the clock ticks of `stat`).
+fn threads_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
 fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: usize) {
     // Rounds interleave the thread counts, so a busy spell on the shared
     // machine hits all of them alike; the medians are compared. The last
@@ -549,12 +568,16 @@ fn tls_vs_plaintext(
     let pa = plain_client(&scratch.join("plain-a"));
     write_file(&pa, "/tls-big", &data);
     drop(data);
-    let fetch = |c: &Client| {
+    // Wall time, and the CPU time the client (this process) and the server
+    // spent on it: on a loaded machine the CPU times are the steadier figure.
+    let fetch = |c: &Client, server: u32| {
+        let (c0, s0) = (threads_cpu(std::process::id()), threads_cpu(server));
         let t = Instant::now();
         let f = c.open("/tls-big", libc::O_RDONLY, 0).unwrap();
         let d = t.elapsed();
+        let (c1, s1) = (threads_cpu(std::process::id()), threads_cpu(server));
         f.close().unwrap();
-        d
+        (d, c1.saturating_sub(c0), s1.saturating_sub(s0))
     };
     let stores = |c: &Client, tag: &str| {
         let buf = vec![7u8; 4096];
@@ -571,12 +594,24 @@ fn tls_vs_plaintext(
         v[v.len() / 2]
     };
     let (mut vs_copy, mut vs_plain, mut store_ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_client, mut cpu_server) = (Vec::new(), Vec::new());
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for r in 0..rounds {
         let base = socket_copy(&local, &scratch.join("tls-copy-big"));
         let tc = scratch.join(format!("tls-cold-{r}"));
-        let t = fetch(&client(s, &tc));
+        let (t, tcc, tsc) = fetch(&client(s, &tc), s.pid());
         let pc = scratch.join(format!("plain-cold-{r}"));
-        let pl = fetch(&plain_client(&pc));
+        let (pl, pcc, psc) = fetch(&plain_client(&pc), p.pid());
+        println!(
+            "tls round {r}: cold fetch CPU: TLS client {:.0} ms + server {:.0} ms, \
+             plaintext client {:.0} ms + server {:.0} ms",
+            ms(tcc),
+            ms(tsc),
+            ms(pcc),
+            ms(psc)
+        );
+        cpu_client.push(ms(tcc) / ms(pcc).max(0.001));
+        cpu_server.push(ms(tsc) / ms(psc).max(0.001));
         let _ = std::fs::remove_dir_all(&tc);
         let _ = std::fs::remove_dir_all(&pc);
         let ts = stores(a, &format!("t{r}"));
@@ -603,6 +638,11 @@ fn tls_vs_plaintext(
     println!(
         "tls: small store (4 KiB create+write+close) time, TLS / plaintext: median {:.2} (target <= 1.1)",
         median(&mut store_ratio)
+    );
+    println!(
+        "tls: cold fetch CPU, TLS / plaintext: client median {:.2}, server median {:.2}",
+        median(&mut cpu_client),
+        median(&mut cpu_server)
     );
     drop(pa);
     let _ = std::fs::remove_dir_all(scratch.join("plain-a"));

@@ -6,6 +6,7 @@
 //!   cargo bench --bench mount                      (needs root, /dev/fuse, bindfs, nginx)
 //!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
 //!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
+//!   CODA_BENCH_ONLY=read ...                       (only 1 and 2: the cached read path)
 //!
 //! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
 //!    (the load generator is in this file): requests/s and p99;
@@ -21,6 +22,8 @@
 //!
 //! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
 //! mount as it was before kernel caching), the baseline for that change.
+//! 1 and 2 also on a third with `--no-fast-open` (every open through the
+//! client), the baseline for the fast open of an unchanged cached file.
 //!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
@@ -543,6 +546,9 @@ fn main() {
     let plain = mount(&dir, &addr, &secret, "plain", &["--no-passthrough"]);
     // The mount as it was before kernel caching: the baseline for it.
     let nocache = mount(&dir, &addr, &secret, "nocache", &["--no-kernel-cache"]);
+    // The mount with every open through the client: the baseline for the
+    // fast open of an unchanged cached file (sections 1 and 2).
+    let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-fast-open"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
         .arg("--cache-dir")
         .arg(dir.join("pt-cache"))
@@ -575,6 +581,12 @@ fn main() {
         root: nocache.mnt.join("bench-nc"),
     };
     let read_targets = [&targets[0], &targets[1], &targets[2], &nc];
+    std::fs::create_dir_all(nofast.mnt.join("bench-nf")).unwrap();
+    let nf = Target {
+        name: "coda --no-fast-open",
+        root: nofast.mnt.join("bench-nf"),
+    };
+    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf];
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },
@@ -582,7 +594,7 @@ fn main() {
     );
 
     // 1. nginx on 1,000 small files, 16 connections.
-    for t in read_targets {
+    for t in web_targets {
         let www = t.root.join("www");
         std::fs::create_dir_all(&www).unwrap();
         for i in 0..1000 {
@@ -591,7 +603,7 @@ fn main() {
     }
     let mut rps = Vec::new();
     let mut p99 = Vec::new();
-    for (i, t) in read_targets.iter().enumerate() {
+    for (i, t) in web_targets.iter().enumerate() {
         let n = Nginx::start(&dir.join(format!("nginx-{i}")), &t.root.join("www"));
         load(n.addr, 1000, 16, Duration::from_millis(300)); // warm up
         let (r, p) = load(n.addr, 1000, 16, Duration::from_secs(web_secs));
@@ -608,20 +620,20 @@ fn main() {
 
     // 2. cached 4 KiB open+read+close, interleaved.
     let mut buf = vec![0u8; 4096];
-    let files: Vec<PathBuf> = read_targets
+    let files: Vec<PathBuf> = web_targets
         .iter()
         .map(|t| t.root.join("www/f1.html"))
         .collect();
     for f in &files {
         open_read_close(f, &mut buf);
     }
-    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); read_targets.len()];
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); web_targets.len()];
     for _ in 0..rounds {
         for (i, f) in files.iter().enumerate() {
             lat[i].push(open_read_close(f, &mut buf));
         }
     }
-    let vals: Vec<(&str, f64)> = read_targets
+    let vals: Vec<(&str, f64)> = web_targets
         .iter()
         .zip(lat)
         .map(|(t, l)| (t.name, median(l).as_secs_f64() * 1e6))
@@ -632,11 +644,15 @@ fn main() {
         false,
         &vals,
     );
-    for t in read_targets {
+    for t in web_targets {
         let _ = Command::new("rm")
             .arg("-r")
             .arg(t.root.join("www"))
             .status();
+    }
+    if std::env::var("CODA_BENCH_ONLY").as_deref() == Ok("read") {
+        println!("CODA_BENCH_ONLY=read: sections 3 to 7 skipped");
+        return;
     }
 
     // 3. small files in 100 directories.
@@ -805,5 +821,6 @@ fn main() {
     drop(pt);
     drop(plain);
     drop(nocache);
+    drop(nofast);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -205,6 +205,18 @@ struct Run {
 }
 
 fn spawn(srv: &TestServer, cache: &std::path::Path, from: u64, to: u64, clean: bool) -> Run {
+    spawn_with(srv, cache, from, to, clean, &[])
+}
+
+/// As `spawn`, with more environment for the child.
+fn spawn_with(
+    srv: &TestServer,
+    cache: &std::path::Path,
+    from: u64,
+    to: u64,
+    clean: bool,
+    env: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
         .env("CODA_DISCO_CHILD", "1")
@@ -218,6 +230,7 @@ fn spawn(srv: &TestServer, cache: &std::path::Path, from: u64, to: u64, clean: b
     if clean {
         cmd.env("CODA_CLEAN", "1");
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().expect("spawn the writer");
     let lines = BufReader::new(child.stdout.take().unwrap()).lines();
     Run { child, lines }
@@ -336,8 +349,17 @@ fn a_thousand_offline_changes_survive_client_kills_and_reach_the_server_exactly(
     // Killed once its first upload reaches the server's staging directory:
     // the server is stopped at that moment, so the kill lands after the
     // reintegration began and before its batch can commit.
+    // Small files would go inline (no upload to watch for): this run
+    // uploads every store; the next one replays with inline records.
     let staging = Watch::new(&srv.root().join("staging"));
-    let mut run = spawn(&srv, cache.path(), end, end, true);
+    let mut run = spawn_with(
+        &srv,
+        cache.path(),
+        end,
+        end,
+        true,
+        &[("CODA_CLIENT_NO_INLINE", "1")],
+    );
     staging.wait_for_a_file();
     srv.sigstop();
     let _ = run.child.kill();

@@ -27,7 +27,7 @@ use std::process::{Child, Command, Stdio};
 use client_util::*;
 use coda::client::{Client, ClientState};
 use common::{TempDir, TestServer};
-use powercut_util::{missing_prerequisites, run, LoopMount};
+use powercut_util::{make_image, may_run, run, LoopMount};
 
 const FILES: usize = 10;
 
@@ -177,23 +177,13 @@ fn offline_writes_acknowledged_before_a_power_cut_reach_the_server_intact() {
     if std::env::var("CODA_POWERCUT_CHILD").is_ok() {
         return;
     }
-    if let Some(m) = missing_prerequisites() {
-        if std::env::var("CODA_SKIP").is_ok_and(|s| s.contains("powercut")) {
-            eprintln!("SKIPPED the power-cut test (CODA_SKIP): missing {m}");
-            return;
-        }
-        panic!("the power-cut test needs {m} (set CODA_SKIP=powercut to skip it)");
+    if !may_run("the power-cut test") {
+        return;
     }
     let work = TempDir::new("powercut");
     let image = work.path().join("cache.img");
     let copy = work.path().join("cache-after-power-cut.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-        .arg(&image));
+    make_image(&image);
     let mnt = work.path().join("mnt");
     let mut srv = TestServer::start();
     let mut disk = LoopMount::attach(&image, &mnt);

@@ -71,6 +71,30 @@ impl Client {
         }
     }
 
+    /// The numeric ids of users by name, as the server keeps them (0 for a
+    /// name that is no user): the numbers a mapped mount reads owners as
+    /// (docs/MOUNT.md "Mapped owners"). Asks the server, as `whoami` does.
+    pub fn user_ids(&self, names: &[String]) -> Result<Vec<u32>> {
+        if names.len() > crate::proto::message::MAX_USER_IDS {
+            return Err(Error::Invalid(format!(
+                "{} user names; at most {} at once",
+                names.len(),
+                crate::proto::message::MAX_USER_IDS
+            )));
+        }
+        let servers = &self.inner.servers;
+        let s = self.acl_session()?;
+        match s.call(
+            &Msg::UserIds {
+                names: names.to_vec(),
+            },
+            &servers.interrupt,
+        )? {
+            Msg::UserIdsReply { ids } if ids.len() == names.len() => Ok(ids),
+            m => Err(Error::Protocol(format!("UserIds answered with {m:?}"))),
+        }
+    }
+
     fn acl_dir(&self, path: &str) -> Result<Fid> {
         match self.inner.resolve(path, true)? {
             (fid, FileType::Dir) => Ok(fid),

@@ -273,6 +273,23 @@ impl Client {
         self.inner.trusts(fid)
     }
 
+    /// The version and permission bits of the regular file `fid` when the
+    /// client vouches, right now, that its cached container holds that very
+    /// version: the callback holds on a fresh session, the contents are
+    /// current and nothing written here waits to be stored. `None`
+    /// otherwise (then only an open through the client is right). A copy
+    /// of a container opened for this version stays right until an
+    /// invalidation names `fid`. Never waits for a server.
+    pub fn trusted_data_version(&self, fid: Fid) -> Option<(u64, u32)> {
+        if !self.inner.trusts(fid) {
+            return None;
+        }
+        let e = self.inner.cache.get(fid)?;
+        let ok = e.attr.ftype == FileType::File && e.data_current() && !e.dirty;
+        // Checked again: a break that came while the entry was read.
+        (ok && self.inner.trusts(fid)).then_some((e.attr.version, e.attr.mode & 0o7777))
+    }
+
     /// Atomically repoint the symlink `link` to `target` (the local copy),
     /// then make every pending and later remote operation fail with `Eio`
     /// until [`Client::failback`]. Never waits for a server.

@@ -68,9 +68,11 @@ struct Log {
 pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
     match op {
         RecordOp::Store { fid, .. }
+        | RecordOp::StoreInline { fid, .. }
         | RecordOp::SetAttr { fid, .. }
         | RecordOp::SetXattr { fid, .. } => vec![*fid],
         RecordOp::Create { parent, fid, .. }
+        | RecordOp::CreateWith { parent, fid, .. }
         | RecordOp::Mkdir { parent, fid, .. }
         | RecordOp::Symlink { parent, fid, .. }
         | RecordOp::Mknod { parent, fid, .. }
@@ -90,6 +92,7 @@ pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
 pub(crate) fn created(op: &RecordOp) -> Option<Fid> {
     match op {
         RecordOp::Create { fid, .. }
+        | RecordOp::CreateWith { fid, .. }
         | RecordOp::Mkdir { fid, .. }
         | RecordOp::Symlink { fid, .. }
         | RecordOp::Mknod { fid, .. } => Some(*fid),

@@ -212,6 +212,17 @@ impl Config {
     /// Read `key = value` lines; `#` starts a comment; blank lines are skipped.
     /// Errors name the file and line.
     pub fn from_file(path: &Path) -> Result<Config> {
+        Config::from_file_with(path, |_, _| Ok(false))
+    }
+
+    /// As [`Config::from_file`], for a program with keys of its own (the
+    /// mount's): `own(key, value)` is asked first, and a key it claims
+    /// (returns `Ok(true)` for) is not the client's. Its errors name the
+    /// file and line too.
+    pub fn from_file_with(
+        path: &Path,
+        mut own: impl FnMut(&str, &str) -> Result<bool>,
+    ) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("config file {}", path.display()), e))?;
         let mut cfg = Config::new();
@@ -226,7 +237,10 @@ impl Config {
                     "expected key = value, got {line:?}"
                 )))
             })?;
-            cfg.set(k.trim(), v.trim()).map_err(at)?;
+            let (k, v) = (k.trim(), v.trim());
+            if !own(k, v).map_err(at)? {
+                cfg.set(k, v).map_err(at)?;
+            }
         }
         Ok(cfg)
     }

@@ -96,8 +96,10 @@ impl Stored {
 
 pub(crate) fn describe(op: &RecordOp) -> String {
     match op {
-        RecordOp::Store { .. } => "store".into(),
-        RecordOp::Create { name, .. } => format!("create {name:?}"),
+        RecordOp::Store { .. } | RecordOp::StoreInline { .. } => "store".into(),
+        RecordOp::Create { name, .. } | RecordOp::CreateWith { name, .. } => {
+            format!("create {name:?}")
+        }
         RecordOp::Mkdir { name, .. } => format!("mkdir {name:?}"),
         RecordOp::Symlink { name, .. } => format!("symlink {name:?}"),
         RecordOp::Link { name, .. } => format!("link {name:?}"),

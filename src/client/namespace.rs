@@ -34,6 +34,9 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
     match op {
         RecordOp::Create {
             parent, name, fid, ..
+        }
+        | RecordOp::CreateWith {
+            parent, name, fid, ..
         } => vec![put(*parent, name, *fid, FileType::File)],
         RecordOp::Mkdir {
             parent, name, fid, ..
@@ -75,7 +78,10 @@ pub(crate) fn listing_edits(op: &RecordOp, ftype: FileType) -> Vec<(Fid, Edit)> 
             ),
             put(*dst_parent, dst_name, *fid, ftype),
         ],
-        RecordOp::Store { .. } | RecordOp::SetAttr { .. } | RecordOp::SetXattr { .. } => vec![],
+        RecordOp::Store { .. }
+        | RecordOp::StoreInline { .. }
+        | RecordOp::SetAttr { .. }
+        | RecordOp::SetXattr { .. } => vec![],
     }
 }
 

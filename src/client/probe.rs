@@ -212,7 +212,12 @@ impl Prober {
                     let _ = inner.revalidate_on(&s, &h.interrupt);
                 }
                 let silent = s.silent_for();
-                if silent > h.dead_after {
+                // Frames waiting in the socket mean the reader, not the
+                // server, is behind (this thread may have been descheduled
+                // or stopped between its lateness check and here). The
+                // reader's writes are bounded, so this grace is too.
+                let reader_behind = s.has_unread() && silent < 2 * h.dead_after;
+                if silent > h.dead_after && !reader_behind {
                     s.kill(&format!("no reply for {} ms", silent.as_millis()));
                     self.down(inner);
                 } else {

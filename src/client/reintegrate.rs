@@ -23,7 +23,7 @@ use super::event::Event;
 use super::mode::Mode;
 use super::stats::Counters;
 use crate::error::WireCode;
-use crate::proto::{Attr, Msg, Record, RecordOp, MAX_BATCH};
+use crate::proto::{Attr, Msg, Record, RecordOp, MAX_BATCH, MAX_INLINE};
 use crate::{Error, Result};
 
 // ---------------------------------------------------------------------------
@@ -58,6 +58,9 @@ enum Outcome {
 struct Queued {
     /// The session its data was uploaded on (staged uploads die with it).
     staged_on: Option<Arc<Session>>,
+    /// A small store's data, read at its commit and not uploaded: it goes
+    /// inline in the record.
+    inline: Option<Vec<u8>>,
     tx: Sender<Outcome>,
 }
 
@@ -275,6 +278,84 @@ const BATCH_BYTES: usize = 768 << 10;
 /// File data uploaded per batch: beyond this the batch is cut short, so a
 /// batch's time stays bounded and progress is committed as it goes.
 const BATCH_DATA: u64 = 256 << 20;
+/// Set (to anything) in the client's environment to send no inline data:
+/// every store uploaded, no Create merged with its Store (the client as it
+/// was before inline records): only for measuring what they gain.
+pub(crate) const NO_INLINE_ENV: &str = "CODA_CLIENT_NO_INLINE";
+
+/// Small stores go inline (unless `NO_INLINE_ENV` is set).
+fn inline_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(NO_INLINE_ENV).is_none())
+}
+
+/// Most bytes of file data carried inline by one batch's records (the
+/// rest upload): the batch stays well inside one frame.
+const INLINE_BATCH: u64 = 512 << 10;
+
+/// The inline data a batch of `records` may carry: `INLINE_BATCH`, less
+/// whatever the records themselves take beyond half a frame (names,
+/// attribute values), so the batch always fits in one frame.
+fn inline_room(records: &[Record]) -> u64 {
+    let own = super::cml::encode_records(records).len() as u64;
+    let frame = crate::proto::MAX_FRAME as u64;
+    INLINE_BATCH.min((frame - (64 << 10)).saturating_sub(own))
+}
+
+/// The wire form of the records of a batch: small stores carry their data
+/// (`StoreInline`), and a Create followed at once by such a store of the
+/// same file goes as one `CreateWith` (adjacent only: the merged record
+/// then sits where both did, so the order of everything else holds).
+/// Returns the wire records and, for each record of `batch`, the index of
+/// the wire record that carries it.
+pub(crate) fn merge_creates(batch: &[Record]) -> (Vec<Record>, Vec<usize>) {
+    let mut wire: Vec<Record> = Vec::with_capacity(batch.len());
+    let mut carried_by = Vec::with_capacity(batch.len());
+    for r in batch {
+        if let (
+            RecordOp::StoreInline {
+                fid: sf,
+                mtime,
+                data,
+                ..
+            },
+            Some(w),
+        ) = (&r.op, wire.len().checked_sub(1))
+        {
+            if let RecordOp::Create {
+                parent,
+                name,
+                fid,
+                mode,
+                uid,
+                gid,
+                ..
+            } = &wire[w].op
+            {
+                if fid == sf {
+                    wire[w].op = RecordOp::CreateWith {
+                        parent: *parent,
+                        name: name.clone(),
+                        fid: *fid,
+                        mode: *mode,
+                        mtime: *mtime,
+                        uid: *uid,
+                        gid: *gid,
+                        data: data.clone(),
+                    };
+                    // It carries the store's (higher) id: the server's
+                    // watermark then ends where the log's records do.
+                    wire[w].store_id = r.store_id;
+                    carried_by.push(w);
+                    continue;
+                }
+            }
+        }
+        carried_by.push(wire.len());
+        wire.push(r.clone());
+    }
+    (wire, carried_by)
+}
 
 /// Told when a reintegration emptied the log (emulation.rs rereads the
 /// listings it edited meanwhile).
@@ -311,12 +392,31 @@ impl Reintegrator<'_> {
             return Ok(Err(Deferred::NotLogged(None)));
         }
         let mut staged_on = None;
+        let mut inline = None;
         if let RecordOp::Store {
             upload_id, length, ..
         } = &mut op
         {
             let f = data.ok_or_else(|| Error::Invalid("a store needs its container".into()))?;
             *upload_id = out.upload_id();
+            // A small file's data rides in the record (`send_connected`):
+            // no upload, so one round trip. The upload id stays set for a
+            // resend from the log.
+            if *length <= MAX_INLINE as u64 && inline_enabled() {
+                let mut buf = vec![0u8; *length as usize];
+                std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, 0)
+                    .map_err(|e| Error::io("reading a container", e))?;
+                inline = Some(buf);
+            }
+        }
+        if let (
+            RecordOp::Store {
+                upload_id, length, ..
+            },
+            Some(f),
+            None,
+        ) = (&mut op, data, &inline)
+        {
             let sent = self.servers.session().and_then(|s| {
                 s.upload(*upload_id, f, *length, &self.servers.interrupt)
                     .map(|_| s)
@@ -336,7 +436,14 @@ impl Reintegrator<'_> {
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
         let (tx, rx) = unbounded();
-        out.state.lock().queue.insert(id, Queued { staged_on, tx });
+        out.state.lock().queue.insert(
+            id,
+            Queued {
+                staged_on,
+                inline,
+                tx,
+            },
+        );
         let result = self.await_sent(id, &rx);
         match result {
             Ok(a) => Ok(Ok(a)),
@@ -492,7 +599,10 @@ impl Reintegrator<'_> {
         waiters: &[(u64, Queued)],
         after: u64,
     ) -> std::result::Result<super::conn::Sent<'s>, (Option<usize>, Error)> {
-        for (r, (_, q)) in batch.iter().zip(waiters) {
+        let mut records = batch.to_vec();
+        let mut inline_bytes = 0u64;
+        let room = inline_room(batch);
+        for (r, (_, q)) in records.iter_mut().zip(waiters) {
             let RecordOp::Store {
                 fid,
                 upload_id,
@@ -505,12 +615,33 @@ impl Reintegrator<'_> {
             if q.staged_on.as_ref().is_some_and(|x| std::ptr::eq(&**x, s)) {
                 continue;
             }
+            if let Some(data) = q
+                .inline
+                .as_ref()
+                .filter(|d| d.len() as u64 == *length && inline_bytes + *length <= room)
+            {
+                inline_bytes += *length;
+                if let RecordOp::Store {
+                    fid,
+                    expected_version,
+                    mtime,
+                    ..
+                } = r.op
+                {
+                    r.op = RecordOp::StoreInline {
+                        fid,
+                        expected_version,
+                        mtime,
+                        data: data.clone(),
+                    };
+                }
+                continue;
+            }
             let f = std::fs::File::open(self.cache.container(*fid))
                 .map_err(|e| (None, Error::io("reopening a container", e)))?;
             s.upload(*upload_id, &f, *length, &self.servers.interrupt)
                 .map_err(|e| (None, e))?;
         }
-        let records = batch.to_vec();
         let msg = if after == 0 {
             Msg::Reintegrate { records }
         } else {
@@ -518,6 +649,38 @@ impl Reintegrator<'_> {
         };
         s.send_raw(&msg, &self.servers.interrupt)
             .map_err(|e| (None, e))
+    }
+
+    /// The inline form of a Store: its container's first `length` bytes
+    /// carried in the record (None for another record).
+    fn inline_store(&self, op: &RecordOp) -> Result<Option<RecordOp>> {
+        let RecordOp::Store {
+            fid,
+            expected_version,
+            length,
+            mtime,
+            ..
+        } = op
+        else {
+            return Ok(None);
+        };
+        let f = std::fs::File::open(self.cache.container(*fid))
+            .map_err(|e| Error::io("reopening a container", e))?;
+        let mut data = Vec::with_capacity(*length as usize);
+        std::io::Read::read_to_end(&mut std::io::Read::take(&f, *length), &mut data)
+            .map_err(|e| Error::io("reading a container", e))?;
+        if data.len() as u64 != *length {
+            return Err(Error::Eio(format!(
+                "container of {fid} holds {} of the {length} bytes to store",
+                data.len()
+            )));
+        }
+        Ok(Some(RecordOp::StoreInline {
+            fid: *fid,
+            expected_version: *expected_version,
+            mtime: *mtime,
+            data,
+        }))
     }
 
     /// The server's answer to a batch of `n` connected records:
@@ -686,6 +849,9 @@ impl Reintegrator<'_> {
             // Upload the data of the stores: the container as it is now (a
             // later write would only be stored again by a later record).
             let mut data = 0u64;
+            let mut inline_bytes = 0u64;
+            let room = inline_room(&batch);
+            let mut inlined = BTreeSet::new();
             let mut cut = batch.len();
             for (i, r) in batch.iter_mut().enumerate() {
                 let RecordOp::Store {
@@ -734,16 +900,58 @@ impl Reintegrator<'_> {
                     ));
                 }
                 *length = len;
+                if len <= MAX_INLINE as u64 && inline_bytes + len <= room && inline_enabled() {
+                    // Carried in the record: no upload round trip.
+                    inline_bytes += len;
+                    inlined.insert(r.store_id);
+                    continue;
+                }
                 s.upload(*upload_id, &f, len, &self.servers.interrupt)?;
                 data += len;
             }
             batch.truncate(cut);
+            let mut wire = Vec::with_capacity(batch.len());
+            for r in &batch {
+                let op = match &r.op {
+                    RecordOp::Store { .. } if inlined.contains(&r.store_id) => {
+                        match self.inline_store(&r.op) {
+                            Ok(op) => op.expect("a store"),
+                            Err(e) => return Ok(Step::Refused(r.store_id, e)),
+                        }
+                    }
+                    op => op.clone(),
+                };
+                wire.push(Record {
+                    store_id: r.store_id,
+                    op,
+                });
+            }
+            let (wire, carried_by) = merge_creates(&wire);
             let reply = s.call_raw(
                 &Msg::Reintegrate {
-                    records: batch.clone(),
+                    records: wire.clone(),
                 },
                 &self.servers.interrupt,
             )?;
+            // Back to one answer per record of the log.
+            let reply = match reply {
+                Msg::Reintegrated { results } if results.len() == wire.len() => Msg::Reintegrated {
+                    results: carried_by.iter().map(|w| results[*w].clone()).collect(),
+                },
+                Msg::Error {
+                    code,
+                    index,
+                    message,
+                } if (index as usize) < wire.len() => Msg::Error {
+                    code,
+                    index: carried_by
+                        .iter()
+                        .position(|w| *w == index as usize)
+                        .unwrap_or(0) as u32,
+                    message,
+                },
+                m => m,
+            };
             match reply {
                 Msg::Reintegrated { results } if results.len() == batch.len() => {
                     let ids: Vec<u64> = batch.iter().map(|r| r.store_id).collect();
@@ -833,5 +1041,109 @@ fn dup(e: &Error) -> Error {
         Error::Eio(m) => Error::Eio(m.clone()),
         Error::BadHandle(m) => Error::BadHandle(m.clone()),
         Error::Panic(m) => Error::Panic(m.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Fid, Timespec};
+
+    fn create(id: u64, fid: Fid) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::Create {
+                parent: Fid::new(1, 1, 1),
+                name: format!("n{id}"),
+                fid,
+                mode: 0o600,
+                mtime: Timespec { sec: 1, nsec: 0 },
+                uid: 5,
+                gid: 6,
+            },
+        }
+    }
+
+    fn inline(id: u64, fid: Fid, data: &[u8]) -> Record {
+        Record {
+            store_id: id,
+            op: RecordOp::StoreInline {
+                fid,
+                expected_version: 0,
+                mtime: Timespec { sec: 9, nsec: 0 },
+                data: data.to_vec(),
+            },
+        }
+    }
+
+    #[test]
+    fn inline_data_never_takes_a_batch_past_one_frame() {
+        assert_eq!(inline_room(&[]), INLINE_BATCH);
+        let xattr = |id: u64| Record {
+            store_id: id,
+            op: RecordOp::SetXattr {
+                fid: Fid::new(1, 10, 1),
+                name: "user.big".into(),
+                how: crate::proto::XattrHow::Set,
+                value: vec![0; 64 << 10],
+            },
+        };
+        let heavy: Vec<Record> = (1..=12).map(xattr).collect();
+        let own = crate::client::cml::encode_records(&heavy).len() as u64;
+        let room = inline_room(&heavy);
+        assert!(room < INLINE_BATCH);
+        assert!(own + room + (64 << 10) <= crate::proto::MAX_FRAME as u64);
+    }
+
+    #[test]
+    fn a_create_and_the_inline_store_right_after_it_merge_into_one_record() {
+        let (a, b, c) = (Fid::new(1, 10, 1), Fid::new(1, 11, 1), Fid::new(1, 12, 1));
+        let batch = vec![
+            create(1, a),
+            inline(2, a, b"aa"),
+            create(3, b),
+            create(4, c),
+            inline(5, c, b"cc"),
+            // Not right after its create: kept apart.
+            inline(6, b, b"bb"),
+            // A store of a file the server has stays a store.
+            inline(7, a, b"again"),
+        ];
+        let (wire, carried_by) = merge_creates(&batch);
+        assert_eq!(carried_by, vec![0, 0, 1, 2, 2, 3, 4]);
+        assert_eq!(wire.len(), 5);
+        match &wire[0].op {
+            RecordOp::CreateWith {
+                fid,
+                name,
+                mode,
+                mtime,
+                uid,
+                gid,
+                data,
+                ..
+            } => {
+                assert_eq!(
+                    (*fid, name.as_str(), *mode, *uid, *gid),
+                    (a, "n1", 0o600, 5, 6)
+                );
+                assert_eq!(mtime.sec, 9, "the store's time");
+                assert_eq!(data, b"aa");
+            }
+            op => panic!("{op:?}"),
+        }
+        assert_eq!(
+            wire[0].store_id, 2,
+            "the store's id: the highest of the two"
+        );
+        assert!(matches!(wire[1].op, RecordOp::Create { fid, .. } if fid == b));
+        assert!(
+            matches!(&wire[2].op, RecordOp::CreateWith { fid, data, .. } if *fid == c && data == b"cc")
+        );
+        assert_eq!(wire[2].store_id, 5);
+        assert!(matches!(wire[3].op, RecordOp::StoreInline { fid, .. } if fid == b));
+        assert!(matches!(wire[4].op, RecordOp::StoreInline { fid, .. } if fid == a));
+        let ids: Vec<u64> = wire.iter().map(|r| r.store_id).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 }

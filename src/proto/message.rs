@@ -94,6 +94,40 @@ pub enum RecordOp {
         /// Numeric group of the new file.
         gid: u32,
     },
+    /// Replace the contents of `fid` with `data`, carried in the record
+    /// (at most [`MAX_INLINE`](super::MAX_INLINE) bytes): a small store
+    /// without a staged upload, so without its round trip.
+    StoreInline {
+        /// The file whose contents are replaced (must be a file).
+        fid: Fid,
+        /// The file's version the client last saw; 0 skips the check.
+        expected_version: u64,
+        /// The file's new modification time.
+        mtime: Timespec,
+        /// The new contents.
+        data: Vec<u8>,
+    },
+    /// Create the file `name` in `parent` as `fid` holding `data` (at most
+    /// [`MAX_INLINE`](super::MAX_INLINE) bytes): a Create and its first
+    /// store in one record, applied and committed together.
+    CreateWith {
+        /// The directory that gets the new entry.
+        parent: Fid,
+        /// The new entry's name; it must be free.
+        name: String,
+        /// The new file's fid: reserved to this client by `AllocFids`, never used.
+        fid: Fid,
+        /// Permission bits of the new file.
+        mode: u32,
+        /// Modification time of the new file.
+        mtime: Timespec,
+        /// Numeric owner of the new file.
+        uid: u32,
+        /// Numeric group of the new file.
+        gid: u32,
+        /// The new file's contents.
+        data: Vec<u8>,
+    },
     /// Create the empty directory `name` in `parent` as `fid`.
     Mkdir {
         /// The directory that gets the new entry.
@@ -232,6 +266,8 @@ impl RecordOp {
     pub fn target(&self) -> Fid {
         match self {
             RecordOp::Store { fid, .. }
+            | RecordOp::StoreInline { fid, .. }
+            | RecordOp::CreateWith { fid, .. }
             | RecordOp::Create { fid, .. }
             | RecordOp::Mkdir { fid, .. }
             | RecordOp::Symlink { fid, .. }
@@ -481,7 +517,21 @@ pub enum Msg {
         /// The groups it belongs to (`System:AnyUser` included).
         groups: Vec<String>,
     },
+    /// Ask the numeric ids of users by name (0x46): how a mount maps owner
+    /// numbers to local uids (docs/MOUNT.md "Mapped owners").
+    UserIds {
+        /// User names, at most [`MAX_USER_IDS`].
+        names: Vec<String>,
+    },
+    /// The answer to `UserIds` (0x47): one id per name, 0 for no such user.
+    UserIdsReply {
+        /// The ids, in the order of the names asked.
+        ids: Vec<u32>,
+    },
 }
+
+/// The most names one `UserIds` request may ask about.
+pub const MAX_USER_IDS: usize = 1024;
 
 mod code {
     pub const HELLO: u8 = 0x01;
@@ -515,6 +565,8 @@ mod code {
     pub const SET_ACL: u8 = 0x42;
     pub const WHO_AM_I: u8 = 0x44;
     pub const WHO_REPLY: u8 = 0x45;
+    pub const USER_IDS: u8 = 0x46;
+    pub const USER_IDS_REPLY: u8 = 0x47;
 }
 
 mod rec {
@@ -529,6 +581,8 @@ mod rec {
     pub const SETATTR: u8 = 9;
     pub const MKNOD: u8 = 10;
     pub const SETXATTR: u8 = 11;
+    pub const STORE_INLINE: u8 = 12;
+    pub const CREATE_WITH: u8 = 13;
 }
 
 impl Msg {
@@ -583,6 +637,8 @@ impl Msg {
             Msg::SetAcl { .. } => SET_ACL,
             Msg::WhoAmI => WHO_AM_I,
             Msg::WhoReply { .. } => WHO_REPLY,
+            Msg::UserIds { .. } => USER_IDS,
+            Msg::UserIdsReply { .. } => USER_IDS_REPLY,
         }
     }
 
@@ -751,6 +807,18 @@ impl Msg {
                 w.str(user).u32(*id).u32(groups.len() as u32);
                 for g in groups {
                     w.str(g);
+                }
+            }
+            Msg::UserIds { names } => {
+                w.u32(names.len() as u32);
+                for n in names {
+                    w.str(n);
+                }
+            }
+            Msg::UserIdsReply { ids } => {
+                w.u32(ids.len() as u32);
+                for id in ids {
+                    w.u32(*id);
                 }
             }
         }
@@ -968,6 +1036,22 @@ impl Msg {
                 }
                 Msg::WhoReply { user, id, groups }
             }
+            USER_IDS => {
+                let n = r.count(MAX_USER_IDS, 2, "user names")?;
+                let mut names = Vec::with_capacity(n);
+                for _ in 0..n {
+                    names.push(r.str(MAX_USER, "user name")?);
+                }
+                Msg::UserIds { names }
+            }
+            USER_IDS_REPLY => {
+                let n = r.count(MAX_USER_IDS, 4, "user ids")?;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(r.u32()?);
+                }
+                Msg::UserIdsReply { ids }
+            }
             other => {
                 return Err(Error::Protocol(format!(
                     "unknown message type {other:#04x}"
@@ -1041,6 +1125,38 @@ fn encode_record(w: &mut Writer, r: &Record) {
                 .time(mtime)
                 .u32(*uid)
                 .u32(*gid);
+        }
+        RecordOp::StoreInline {
+            fid,
+            expected_version,
+            mtime,
+            data,
+        } => {
+            w.u8(rec::STORE_INLINE)
+                .fid(fid)
+                .u64(*expected_version)
+                .time(mtime)
+                .blob(data);
+        }
+        RecordOp::CreateWith {
+            parent,
+            name,
+            fid,
+            mode,
+            mtime,
+            uid,
+            gid,
+            data,
+        } => {
+            w.u8(rec::CREATE_WITH)
+                .fid(parent)
+                .str(name)
+                .fid(fid)
+                .u32(*mode)
+                .time(mtime)
+                .u32(*uid)
+                .u32(*gid)
+                .blob(data);
         }
         RecordOp::Mkdir {
             parent,
@@ -1306,6 +1422,24 @@ fn decode_record(r: &mut Reader, legacy: Option<(u32, u32)>) -> Result<Record> {
             mtime: r.time()?,
             uid: r.u32()?,
             gid: r.u32()?,
+        },
+        // Inline data is bounded by the frame here; the server refuses
+        // more than `MAX_INLINE` with a clear error naming the record.
+        rec::STORE_INLINE => RecordOp::StoreInline {
+            fid: r.fid()?,
+            expected_version: r.u64()?,
+            mtime: r.time()?,
+            data: r.blob(super::MAX_FRAME, "inline data")?,
+        },
+        rec::CREATE_WITH => RecordOp::CreateWith {
+            parent: r.fid()?,
+            name: name(r)?,
+            fid: r.fid()?,
+            mode: r.u32()?,
+            mtime: r.time()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            data: r.blob(super::MAX_FRAME, "inline data")?,
         },
         v => return Err(Error::Protocol(format!("unknown record type {v}"))),
     };
@@ -1587,6 +1721,10 @@ mod tests {
                 id: 2,
                 groups: vec!["System:AnyUser".into()],
             },
+            Msg::UserIds {
+                names: vec!["bob".into(), "admin".into()],
+            },
+            Msg::UserIdsReply { ids: vec![2, 0] },
         ]
     }
 

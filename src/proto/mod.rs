@@ -35,6 +35,8 @@ pub const MAX_XATTR_NAME: usize = 255;
 pub const MAX_XATTR_VALUE: usize = 65536;
 /// Most bytes (names and values) of all extended attributes of one object.
 pub const MAX_XATTR_BYTES: usize = 65536;
+/// Most bytes of data one `StoreInline` or `CreateWith` record carries.
+pub const MAX_INLINE: usize = 65536;
 /// Largest error message carried on the wire.
 pub const MAX_MESSAGE: usize = 4096;
 /// Chunk size for raw bulk data on the bulk connection.

@@ -414,6 +414,7 @@ impl<'t> Guard<'t> {
         let on = |dir: Fid| self.rights_on(who, dir);
         match op {
             RecordOp::Create { parent, .. }
+            | RecordOp::CreateWith { parent, .. }
             | RecordOp::Mkdir { parent, .. }
             | RecordOp::Symlink { parent, .. }
             | RecordOp::Mknod { parent, .. } => {
@@ -444,10 +445,12 @@ impl<'t> Guard<'t> {
                 };
                 need(who, on(*dst_parent)?, want, *dst_parent, "renaming")
             }
-            RecordOp::Store { fid, .. } => match self.info(objects, *fid)? {
-                Some((obj, dir)) => may_store(who, on(dir)?, &obj, dir),
-                None => Ok(()),
-            },
+            RecordOp::Store { fid, .. } | RecordOp::StoreInline { fid, .. } => {
+                match self.info(objects, *fid)? {
+                    Some((obj, dir)) => may_store(who, on(dir)?, &obj, dir),
+                    None => Ok(()),
+                }
+            }
             RecordOp::SetAttr {
                 fid,
                 mode,
@@ -524,6 +527,20 @@ impl<'t> Guard<'t> {
 // ---- the store: identities, reads, access lists, migration ----------------
 
 impl VolumeStore {
+    /// The numeric ids of users by name (0 for a name that is no user):
+    /// the `UserIds` request, with which a mount maps owners.
+    pub fn user_ids(&self, names: &[String]) -> Result<Vec<u32>> {
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let ids = txn.open_table(USER_IDS)?;
+            let mut out = Vec::with_capacity(names.len());
+            for n in names {
+                out.push(ids.get(n.as_str())?.map(|v| v.value()).unwrap_or(0));
+            }
+            Ok(out)
+        })
+    }
+
     /// The user as the checks see it: id and groups, cached until users or
     /// groups change.
     pub fn who(&self, user: &str) -> Result<Arc<Who>> {

@@ -332,7 +332,8 @@ fn read_loop(
             | Msg::ReintegrateAfter { .. }
             | Msg::GetAcl { .. }
             | Msg::SetAcl { .. }
-            | Msg::WhoAmI) => {
+            | Msg::WhoAmI
+            | Msg::UserIds { .. }) => {
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
                 let (shared2, ctx2, tx2, flow2) =
@@ -559,6 +560,16 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
             id: who.id,
             groups: who.groups.clone(),
         }),
+        // Names to ids, so a mount can show owners as local uids; not for
+        // anonymous (it has no business learning who exists).
+        Msg::UserIds { names } => {
+            if who.user == crate::proto::acl::ANONYMOUS {
+                return Err(Error::Access("anonymous may not look up users".into()));
+            }
+            Ok(Msg::UserIdsReply {
+                ids: shared.store.user_ids(&names)?,
+            })
+        }
         other => Err(Error::Protocol(format!(
             "unexpected message {:#04x}",
             other.kind()

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
@@ -796,6 +797,20 @@ impl VolumeStore {
 }
 
 /// The same failure again, for every batch of a group the store failed.
+/// Inline data past `MAX_INLINE` is refused with the record's index, like
+/// any other bad record: the batch applies nothing.
+fn check_inline(data: &[u8]) -> Result<()> {
+    if data.len() > crate::proto::MAX_INLINE {
+        return Err(Error::Invalid(format!(
+            "inline data of {} bytes (at most {} in one record; larger files go as a \
+             staged upload and a Store)",
+            data.len(),
+            crate::proto::MAX_INLINE
+        )));
+    }
+    Ok(())
+}
+
 fn same_error(e: &Error) -> Error {
     match e {
         Error::Io { context, source } => Error::io(
@@ -844,6 +859,21 @@ struct New<'a> {
     uid: u32,
     gid: u32,
     rdev: u64,
+}
+
+impl New<'static> {
+    /// A regular file (Create, and the create half of CreateWith).
+    fn file(mode: u32, mtime: Timespec, uid: u32, gid: u32) -> Self {
+        New {
+            ftype: FileType::File,
+            mode,
+            target: "",
+            mtime,
+            uid,
+            gid,
+            rdev: 0,
+        }
+    }
 }
 
 struct Batch<'t, 's> {
@@ -916,6 +946,31 @@ impl<'t, 's> Batch<'t, 's> {
                 length,
                 mtime,
             } => self.store(*fid, *expected_version, *upload_id, *length, *mtime),
+            RecordOp::StoreInline {
+                fid,
+                expected_version,
+                mtime,
+                data,
+            } => {
+                check_inline(data)?;
+                self.store_inline(*fid, *expected_version, *mtime, data)
+            }
+            RecordOp::CreateWith {
+                parent,
+                name,
+                fid,
+                mode,
+                mtime,
+                uid,
+                gid,
+                data,
+            } => {
+                check_inline(data)?;
+                self.create(*parent, name, *fid, New::file(*mode, *mtime, *uid, *gid))?;
+                // The creator stores into its own new file: the create's
+                // rights check covers it (as a Store of a virgin file).
+                self.store_inline(*fid, 0, *mtime, data)
+            }
             RecordOp::Create {
                 parent,
                 name,
@@ -924,20 +979,7 @@ impl<'t, 's> Batch<'t, 's> {
                 mtime,
                 uid,
                 gid,
-            } => self.create(
-                *parent,
-                name,
-                *fid,
-                New {
-                    ftype: FileType::File,
-                    mode: *mode,
-                    target: "",
-                    mtime: *mtime,
-                    uid: *uid,
-                    gid: *gid,
-                    rdev: 0,
-                },
-            ),
+            } => self.create(*parent, name, *fid, New::file(*mode, *mtime, *uid, *gid)),
             RecordOp::Mkdir {
                 parent,
                 name,
@@ -1292,6 +1334,56 @@ impl<'t, 's> Batch<'t, 's> {
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
         self.consumed.push(upload_id);
+        if rec.has_file {
+            self.replaced
+                .push(objects::object_path(&self.store.root, fid, rec.dv));
+        }
+        rec.dv += 1;
+        rec.has_file = true;
+        rec.attr.size = length;
+        rec.attr.mtime = mtime;
+        if clear_setid {
+            rec.attr.mode &= !0o6000;
+        }
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
+    }
+
+    /// Store `data` carried in the record: written to the object's next
+    /// data file here, fsynced with the batch's commit (`sync_files`), as a
+    /// staged upload's link is.
+    fn store_inline(
+        &mut self,
+        fid: Fid,
+        expected: u64,
+        mtime: Timespec,
+        data: &[u8],
+    ) -> Result<Attr> {
+        let mut rec = self.obj(fid)?;
+        match rec.attr.ftype {
+            FileType::File => {}
+            FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
+            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
+        }
+        Self::check_version(&rec, expected)?;
+        let length = data.len() as u64;
+        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
+        self.charge(fid.volume, rec.attr.size, length)?;
+        self.check_size(length)?;
+        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
+        let _ = fs::remove_file(&path); // a leftover of an aborted batch
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(data));
+        self.created.push(path.clone());
+        written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        self.sync_files.push(path);
+        self.sync_dirs
+            .insert(objects::objects_dir(&self.store.root, fid.volume));
         if rec.has_file {
             self.replaced
                 .push(objects::object_path(&self.store.root, fid, rec.dv));

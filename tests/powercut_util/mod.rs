@@ -45,6 +45,32 @@ pub fn missing_prerequisites() -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(", "))
 }
 
+/// Whether the power-cut test `what` may run: true when every prerequisite
+/// is there; false (saying so) when one is missing and `CODA_SKIP`
+/// contains `powercut`; otherwise the test fails, naming what is missing.
+pub fn may_run(what: &str) -> bool {
+    let Some(m) = missing_prerequisites() else {
+        return true;
+    };
+    if std::env::var("CODA_SKIP").is_ok_and(|s| s.contains("powercut")) {
+        eprintln!("SKIPPED {what} (CODA_SKIP): missing {m}");
+        return false;
+    }
+    panic!("{what} needs {m} (set CODA_SKIP=powercut to skip it)");
+}
+
+/// A fresh 64 MiB ext4 image at `image` (initialised whole, so nothing is
+/// left for the kernel to write lazily behind the test's back).
+pub fn make_image(image: &Path) {
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(image));
+}
+
 /// A file system image attached to a loop device and mounted; unmounted and
 /// detached on drop, even when the test fails.
 pub struct LoopMount {

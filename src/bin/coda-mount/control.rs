@@ -257,6 +257,7 @@ fn status(ctx: &Ctx) -> Vec<String> {
             "kept_cache_opens: {}",
             sh.kept_cache_opens.load(Ordering::Relaxed)
         ),
+        format!("fast_opens: {}", sh.fast_opens.load(Ordering::Relaxed)),
         format!("fetches: {}", s.fetches),
         format!("fetch_bytes: {}", s.fetch_bytes),
         format!("breaks_received: {}", s.breaks_received),

@@ -50,6 +50,11 @@ pub struct Shared {
     pub getattrs: AtomicU64,
     /// Opens answered with FOPEN_KEEP_CACHE (the kernel kept its pages).
     pub kept_cache_opens: AtomicU64,
+    /// Read-only opens answered from a kept backing file without the
+    /// client's open (see `CodaFs::fast_open`).
+    pub fast_opens: AtomicU64,
+    /// `--no-fast-open`: every open goes through the client.
+    pub no_fast_open: AtomicBool,
     /// What the kernel caches, and how it is told to drop it.
     pub kcache: crate::kcache::KernelCache,
     /// How many FUSE threads wait for the next request (gate.rs).
@@ -83,8 +88,9 @@ struct Handle {
     /// the `File`'s): its size and times, read without waiting for a store
     /// under way. A read-only open's `File` is never out of its slot (no
     /// store) until release, so it uses the `File`'s own (one dup and close
-    /// fewer per open). See `with_container`.
-    container: Option<std::fs::File>,
+    /// fewer per open); a fast open has no `File` and shares the kept
+    /// backing's descriptor. See `with_container`.
+    container: Option<Arc<std::fs::File>>,
 }
 
 /// A client error that says the object no longer exists.
@@ -129,6 +135,8 @@ pub struct CodaFs {
     /// a store; the others wait on `stored`).
     storing: Mutex<std::collections::HashSet<u64>>,
     stored: Condvar,
+    /// `uid_map` (idmap.rs): owners shown as mapped local uids.
+    idmap: Option<Arc<crate::idmap::IdMap>>,
 }
 
 /// How many inodes' backing files stay registered with no open using them.
@@ -146,6 +154,15 @@ struct Backing {
     live: Weak<BackingId>,
     which: ContainerId,
     kept: Option<Arc<BackingId>>,
+    /// The read-write description of the container registered with the
+    /// kernel: what a fast open's handle answers fstat of an unlinked
+    /// file from.
+    file: Arc<std::fs::File>,
+    /// The version of the file this container holds, as the client vouched
+    /// for it with no invalidation in between (kcache's mark goes with it):
+    /// a read-only open of that version may reuse the kept backing without
+    /// the client's open (`CodaFs::fast_open`).
+    fast: Option<u64>,
 }
 
 /// This thread's turn to store an inode (see `CodaFs::storing`).
@@ -328,7 +345,14 @@ impl CodaFs {
             next_fh: AtomicU64::new(1),
             storing: Mutex::new(std::collections::HashSet::new()),
             stored: Condvar::new(),
+            idmap: None,
         }
+    }
+
+    /// Show owners through a `uid_map` (docs/MOUNT.md "Mapped owners").
+    pub fn with_idmap(mut self, idmap: Option<Arc<crate::idmap::IdMap>>) -> CodaFs {
+        self.idmap = idmap;
+        self
     }
 
     /// After a failover every operation fails with EIO at once (the client
@@ -397,11 +421,14 @@ impl CodaFs {
         // Run by root, the mount shows the owners the server keeps (and the
         // kernel checks permissions against them); run by a user, every
         // object is that user's, as only that user can reach the mount.
-        let (uid, gid) = if self.posix_owners() {
+        let (mut uid, gid) = if self.posix_owners() {
             (st.uid, st.gid)
         } else {
             (self.uid, self.gid)
         };
+        if let Some(m) = &self.idmap {
+            uid = m.attr_uid(st.uid);
+        }
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -430,9 +457,10 @@ impl CodaFs {
     /// the group of a set-group-ID directory (POSIX); the mounting user's
     /// own objects when it is not root (see `attr`).
     fn owner_for(&self, req: &Request, parent: Fid) -> Owner {
+        let mapped = self.idmap.as_ref().map(|m| m.new_owner());
         if !self.posix_owners() {
             return Owner {
-                uid: self.uid,
+                uid: mapped.map_or(self.uid, |id| id.unwrap_or(0)),
                 gid: self.gid,
             };
         }
@@ -440,6 +468,10 @@ impl CodaFs {
             uid: req.uid(),
             gid: req.gid(),
         };
+        if let Some(id) = mapped {
+            // Whoever calls, the mount acts for its coda user.
+            owner.uid = id.unwrap_or(0);
+        }
         if let Ok(dir) = self.client.getattr_fid(parent) {
             if dir.mode & libc::S_ISGID != 0 {
                 owner.gid = dir.gid;
@@ -614,6 +646,7 @@ impl CodaFs {
             // Bounded: let the kept ones go (opens in use hold their own).
             b.retain(|_, e| {
                 e.kept = None;
+                e.fast = None;
                 e.live.strong_count() > 0
             });
         }
@@ -642,6 +675,8 @@ impl CodaFs {
                         live: Arc::downgrade(&bid),
                         which: id,
                         kept: keep.then(|| bid.clone()),
+                        file: Arc::new(rw),
+                        fast: None,
                     },
                 );
                 Some(bid)
@@ -650,6 +685,82 @@ impl CodaFs {
                 eprintln!("coda-mount: passthrough refused for inode {ino}: {e}");
                 None
             }
+        }
+    }
+
+    /// A read-only open of `ino` answered without the client's open: the
+    /// kept backing file of a small unchanged file, reused when the mount
+    /// marked its container for a version (`vouch_fast`), no invalidation
+    /// has named the inode since, and the client still vouches for that
+    /// same version (its callback holds on a fresh session, the contents
+    /// are current and nothing written here waits to be stored). Saves the
+    /// client's open of the container (openat, fstat, close and its cache
+    /// bookkeeping); whatever fails a check goes the ordinary way.
+    fn fast_open(&self, ino: u64, fid: Fid) -> Option<(u64, Arc<BackingId>)> {
+        let marked = self.shared.kcache.fast_version(ino)?;
+        let (version, mode) = self.client.trusted_data_version(fid)?;
+        if version != marked {
+            return None;
+        }
+        let (bid, file) = {
+            let b = self.backings.lock();
+            let e = b.get(&ino)?;
+            if e.fast != Some(version) {
+                return None;
+            }
+            (e.kept.clone()?, e.file.clone())
+        };
+        let fh = self.new_fh();
+        self.handles.lock().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                writable: false,
+                fid,
+                flags: libc::O_RDONLY,
+                // No `File`: the kernel reads the backing file itself; a
+                // read that still came here would open one (`file_for`).
+                file: Mutex::new(None),
+                reopening: Mutex::new(false),
+                reopened: Condvar::new(),
+                _backing: Some(bid.clone()),
+                mode: AtomicU32::new(mode),
+                gone: AtomicBool::new(false),
+                container: Some(file),
+            }),
+        );
+        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
+        Some((fh, bid))
+    }
+
+    /// After a read-only passthrough open through the client: mark the
+    /// inode's kept backing for the version the client vouches for, if it
+    /// is the container that open got and no invalidation came since `t`
+    /// (taken before the open). The container of a version changes only by
+    /// a fetch, which follows an invalidation, so the pair stays right
+    /// until one names the inode.
+    fn vouch_fast(&self, ino: u64, fid: Fid, file: &File, t: crate::kcache::Ticket) {
+        let Some((version, _)) = self.client.trusted_data_version(fid) else {
+            return;
+        };
+        let Some(id) = file_id(file.fd()) else {
+            return;
+        };
+        let mut b = self.backings.lock();
+        let Some(e) = b.get_mut(&ino) else {
+            return;
+        };
+        if e.which != id || e.kept.is_none() {
+            e.fast = None;
+            self.shared.kcache.unvouch_open(ino);
+            return;
+        }
+        // Under the backings lock: a fast open sees both marks or neither
+        // matching.
+        if self.shared.kcache.vouch_open(ino, t, version) {
+            e.fast = Some(version);
+        } else {
+            e.fast = None;
         }
     }
 
@@ -756,7 +867,7 @@ impl CodaFs {
                 return Err(Errno::from(std::io::Error::last_os_error()));
             }
             // SAFETY: `dup` is a new descriptor nobody else owns.
-            Some(unsafe { std::fs::File::from_raw_fd(dup) })
+            Some(Arc::new(unsafe { std::fs::File::from_raw_fd(dup) }))
         } else {
             None
         };
@@ -1021,8 +1132,10 @@ impl Filesystem for CodaFs {
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
         let mut b = self.backings.lock();
+        self.shared.kcache.unvouch_open(ino.0);
         if let Some(e) = b.get_mut(&ino.0) {
             e.kept = None;
+            e.fast = None;
             if e.live.strong_count() == 0 {
                 b.remove(&ino.0);
             }
@@ -1109,6 +1222,12 @@ impl Filesystem for CodaFs {
         if self.posix_owners() {
             set.uid = uid;
             set.gid = gid;
+        }
+        if let (Some(m), Some(u)) = (&self.idmap, uid) {
+            let id = tri!(reply, m.chown_uid(u).map_err(Errno::from_i32));
+            // A chown to the owner it has (tar, cp -p) is no chown.
+            let same = self.client.getattr_fid(fid).is_ok_and(|st| st.uid == id);
+            set.uid = (!same).then_some(id);
         }
         if let Some(m) = mode {
             for h in self.handles.lock().values().filter(|h| h.ino == ino.0) {
@@ -1293,11 +1412,29 @@ impl Filesystem for CodaFs {
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
         let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let passthrough = self.shared.passthrough.load(Ordering::Relaxed);
+        if cflags == libc::O_RDONLY
+            && passthrough
+            && !self.shared.no_fast_open.load(Ordering::Relaxed)
+        {
+            if let Some((fh, b)) = self.fast_open(ino.0, fid) {
+                self.shared.fast_opens.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .passthrough_opens
+                    .fetch_add(1, Ordering::Relaxed);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b);
+            }
+        }
+        // Before the client is asked: see `vouch_fast`.
+        let t = self.shared.kcache.ticket();
         let file = tri!(reply, self.open_file(ino.0, fid, cflags));
         // Writable opens use passthrough too when the inode's backing is
         // this container (or free): shared writable mmap (SQLite's WAL)
         // needs it, and writes land in the container the store reads.
         if let Some(b) = self.backing_for(ino.0, &file, &reply) {
+            if cflags == libc::O_RDONLY && !self.shared.no_fast_open.load(Ordering::Relaxed) {
+                self.vouch_fast(ino.0, fid, &file, t);
+            }
             let fh = tri!(
                 reply,
                 self.remember(ino.0, fid, cflags, file, Some(b.clone()))

@@ -30,6 +30,10 @@ pub const TRUSTED_TTL: Duration = Duration::from_secs(60);
 /// directory lock held by a request that itself waits for this reader.
 const BREAK_WAIT: Duration = Duration::from_secs(1);
 
+/// How many inodes may be marked for fast opens at once (fs.rs keeps at
+/// most 1,024 backing files anyway).
+const FAST_MAX: usize = 4096;
+
 /// One batch of notifications, in order: inodes (attributes and pages),
 /// then entries (parent, name).
 struct Job {
@@ -56,6 +60,11 @@ pub struct KernelCache {
     /// Per inode, the version (and container) whose pages the kernel holds:
     /// an open of the same keeps them (FOPEN_KEEP_CACHE).
     versions: Mutex<HashMap<u64, (u64, u64, u64)>>,
+    /// Per inode, the version whose kept container a read-only open may
+    /// reuse without the client's open (fs.rs, "fast opens"): set only when
+    /// no invalidation came between asking the client and now, dropped by
+    /// every invalidation naming the inode (and by all of them at once).
+    fast: Mutex<HashMap<u64, u64>>,
     /// The fid-derived inode number of `/` (FUSE calls it 1).
     root: AtomicU64,
 }
@@ -78,6 +87,7 @@ impl KernelCache {
             entries: Mutex::new(HashMap::new()),
             inodes: Mutex::new(HashSet::new()),
             versions: Mutex::new(HashMap::new()),
+            fast: Mutex::new(HashMap::new()),
             root: AtomicU64::new(1),
         }
     }
@@ -159,6 +169,35 @@ impl KernelCache {
         v.insert(ino, version) == Some(version)
     }
 
+    /// Mark `ino`'s container for `version` as reusable by read-only opens,
+    /// if no invalidation came since `t` was taken (before the client was
+    /// asked about it). Under the epoch's read lock, so an invalidation
+    /// either comes after (and drops the mark) or before (and none is set).
+    pub fn vouch_open(&self, ino: u64, t: Ticket, version: u64) -> bool {
+        let g = self.epoch.read();
+        if *g != t.0 || !self.enabled() {
+            return false;
+        }
+        let mut f = self.fast.lock();
+        if f.len() >= FAST_MAX && !f.contains_key(&ino) {
+            // Bounded; whatever is dropped is marked again by its next open.
+            f.clear();
+        }
+        f.insert(ino, version);
+        true
+    }
+
+    /// The version a read-only open of `ino` may reuse the kept container
+    /// of, if it is still marked.
+    pub fn fast_version(&self, ino: u64) -> Option<u64> {
+        self.fast.lock().get(&ino).copied()
+    }
+
+    /// `ino` may no longer be opened without the client.
+    pub fn unvouch_open(&self, ino: u64) {
+        self.fast.lock().remove(&ino);
+    }
+
     /// The kernel drops its pages of `ino` at the next open.
     pub fn forget_pages(&self, ino: u64) {
         self.versions.lock().remove(&ino);
@@ -187,12 +226,19 @@ impl KernelCache {
                 v.remove(ino);
             }
         }
+        {
+            let mut f = self.fast.lock();
+            for ino in inos {
+                f.remove(ino);
+            }
+        }
         self.send(&tx, inos.to_vec(), entries, wait);
     }
 
     /// Drop everything the kernel may hold (failover, a new session).
     pub fn invalidate_all(&self, wait: bool) {
         *self.epoch.write() += 1;
+        self.fast.lock().clear();
         let Some(tx) = self.jobs.lock().clone() else {
             return;
         };
@@ -259,6 +305,32 @@ mod tests {
         k.invalidate(&[7], false);
         assert_eq!(k.ttl(t, true).0, Duration::ZERO, "an invalidation came");
         assert_eq!(k.ttl(k.ticket(), true).0, TRUSTED_TTL);
+    }
+
+    #[test]
+    fn fast_opens_are_marked_only_without_an_invalidation_in_between() {
+        let k = KernelCache::new();
+        let t = k.ticket();
+        assert!(!k.vouch_open(5, t, 1), "no notifier yet");
+        let (tx, _rx) = unbounded();
+        *k.jobs.lock() = Some(tx);
+        let t = k.ticket();
+        k.invalidate(&[9], false);
+        assert!(!k.vouch_open(5, t, 1), "an invalidation came meanwhile");
+        assert_eq!(k.fast_version(5), None);
+        let t = k.ticket();
+        assert!(k.vouch_open(5, t, 1));
+        assert!(k.vouch_open(6, t, 2));
+        assert_eq!(k.fast_version(5), Some(1));
+        k.invalidate(&[5], false);
+        assert_eq!(k.fast_version(5), None, "its invalidation drops it");
+        assert_eq!(k.fast_version(6), Some(2), "another's does not");
+        k.unvouch_open(6);
+        assert_eq!(k.fast_version(6), None);
+        let t = k.ticket();
+        assert!(k.vouch_open(6, t, 3));
+        k.invalidate_all(false);
+        assert_eq!(k.fast_version(6), None, "failover, a new session");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -14,6 +14,7 @@
 mod control;
 mod fs;
 mod gate;
+mod idmap;
 mod kcache;
 
 use std::io::{Read, Write};
@@ -22,11 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::client::{Client, Config, Invalidation};
+use coda::client::{Client, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--no-kernel-cache] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+[--no-kernel-cache] [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
 const HELP: &str = "\
@@ -41,6 +42,8 @@ options:
   --no-passthrough   serve reads through this process instead of FUSE passthrough
   --no-kernel-cache  give the kernel no lifetimes for names, attributes, listings
                      or pages: every lookup and stat asks this process
+  --no-fast-open     open every file through the client, even an unchanged cached
+                     one whose kept backing file could be reused (a baseline)
   --allow-other      let users other than the mounting one use the mount
                      (non-root: needs user_allow_other in /etc/fuse.conf)
   --threads N        FUSE worker threads, 1 to 256 (default 8)
@@ -58,6 +61,7 @@ struct Args {
     daemon: bool,
     passthrough: bool,
     kernel_cache: bool,
+    fast_open: bool,
     allow_other: bool,
     nonempty: bool,
     threads: usize,
@@ -77,6 +81,7 @@ fn parse_args() -> Args {
         daemon: false,
         passthrough: true,
         kernel_cache: true,
+        fast_open: true,
         allow_other: false,
         nonempty: false,
         threads: 8,
@@ -92,6 +97,7 @@ fn parse_args() -> Args {
             Some("--daemon") => a.daemon = true,
             Some("--no-passthrough") => a.passthrough = false,
             Some("--no-kernel-cache") => a.kernel_cache = false,
+            Some("--no-fast-open") => a.fast_open = false,
             Some("--allow-other") => a.allow_other = true,
             Some("--nonempty") => a.nonempty = true,
             Some("--threads") => {
@@ -313,13 +319,31 @@ fn on_path(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Raise the soft descriptor limit to the hard one: each kept backing file
+/// (up to 1,024, fs.rs) holds a descriptor of its container beside those of
+/// the open files.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
+    raise_nofile();
     if let Err(msg) = check_mountpoint(&args) {
         eprintln!("coda-mount: {msg}");
         std::process::exit(1);
     }
-    let cfg = Config::from_file(&args.config).unwrap_or_else(|e| {
+    let (cfg, mount_keys) = idmap::load_config(&args.config).unwrap_or_else(|e| {
         eprintln!("coda-mount: {e}");
         std::process::exit(1)
     });
@@ -346,12 +370,23 @@ fn main() {
         Err(e) => report.fail(&format!("starting the client: {e}")),
     };
     let shared = Arc::new(fs::Shared::default());
+    let idmap = idmap::IdMap::new(&mount_keys, &cache_dir).map(Arc::new);
+    if let Some(m) = &idmap {
+        if let Err(e) = m.resolve(&client) {
+            eprintln!("coda-mount: uid_map: cannot ask the server for user ids yet: {e}");
+            idmap::IdMap::resolve_later(Arc::clone(m), client.clone());
+        }
+    }
+    shared
+        .no_fast_open
+        .store(!args.fast_open, std::sync::atomic::Ordering::Relaxed);
     let filesystem = fs::CodaFs::new(
         client.clone(),
         shared.clone(),
         args.passthrough,
         cache_dir.clone(),
-    );
+    )
+    .with_idmap(idmap);
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         fuser::MountOption::FSName("coda".into()),

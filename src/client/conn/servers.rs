@@ -149,7 +149,11 @@ impl Servers {
         if s.is_dead() {
             return None;
         }
-        if s.silent_for() > self.timing.dead_after {
+        let silent = s.silent_for();
+        // (Unread frames: the reader is behind, not the server; see the prober.)
+        if silent > self.timing.dead_after
+            && !(s.has_unread() && silent < 2 * self.timing.dead_after)
+        {
             s.kill(&format!(
                 "no reply for {} ms",
                 self.timing.dead_after.as_millis()

@@ -696,6 +696,21 @@ impl Session {
         self.ctl.last_heard.lock().elapsed()
     }
 
+    /// Whether the control socket holds bytes (or its end) that the reader
+    /// has not taken yet. Then the silence is ours, not the server's: this
+    /// process was stopped or starved and its reader has not caught up.
+    pub fn has_unread(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.ctl.sock.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call; no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents != 0
+    }
+
     /// Whether the server answered a request written recently enough that
     /// it cannot have dropped our callbacks without our having read why
     /// (counted from the request's writing: see `Control::vouched`).
