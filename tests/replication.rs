@@ -798,3 +798,92 @@ fn a_pipelined_batch_and_a_quota_are_decided_alike_on_every_member() {
         m => panic!("growth past the replicated quota answered {m:?}"),
     }
 }
+
+/// In a group as on a lone server: a writer's reply waits for the breaks
+/// of its objects sent for an earlier writer and not yet acknowledged (the
+/// history test's stale reads after the merge of inline data: two inline
+/// stores of one file committed close together, and the second writer
+/// heard "done" while a holder still trusted its copy of the first).
+#[test]
+fn a_leader_answers_a_writer_only_after_earlier_breaks_of_its_objects_are_acknowledged() {
+    use coda::proto::{Record, RecordOp};
+    use common::raw::rec;
+    let inline = |id: u64, fid, data: &[u8]| Record {
+        store_id: id,
+        op: RecordOp::StoreInline {
+            fid,
+            expected_version: 0,
+            mtime: rec::t(),
+            data: data.to_vec(),
+        },
+    };
+    // A break timeout far beyond the test's own waits: nobody is cut.
+    let g = Group::start_with(3, &["--break-timeout-ms", "4000"]);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let connect = |id: u8| {
+        wait_until("the leader takes a control connection", 10, || {
+            Raw::connect(
+                g.members[l].addr,
+                "admin",
+                &secret,
+                ConnKind::Control,
+                [id; 16],
+                1,
+            )
+            .ok()
+        })
+    };
+    let mut b = connect(0xb);
+    let f = b.alloc(1)[0];
+    let root = b.root;
+    b.apply(vec![rec::create(1, root, "f", f), inline(2, f, b"one")]);
+    let mut c = connect(0xc);
+    c.auto_ack = false;
+    assert!(c.attr(f).is_ok()); // C holds a callback on f
+    let mut a = connect(0xa);
+    let b_id = b.send(&Msg::Reintegrate {
+        records: vec![inline(3, f, b"from B")],
+    });
+    let c_break = match c.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => {
+            assert_eq!(fids, vec![f]);
+            bid
+        }
+        other => panic!("expected a break at C, got {other:?}"),
+    };
+    let a_id = a.send(&Msg::Reintegrate {
+        records: vec![inline(1, f, b"from A")],
+    });
+    match b.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => {
+            assert!(fids.contains(&f), "{fids:?}");
+            b.send_id(bid, &Msg::BreakAck);
+        }
+        other => panic!("expected A's break at B, got {other:?}"),
+    }
+    a.stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let early = a.recv();
+    assert!(
+        early.is_none(),
+        "A heard {early:?} while C still trusted its copy of f"
+    );
+    a.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    c.send_id(c_break, &Msg::BreakAck);
+    match a.recv() {
+        Some((rid, Msg::Reintegrated { results })) => {
+            assert_eq!(rid, a_id);
+            assert_eq!(results[0].size, 6);
+        }
+        other => panic!("expected A's Reintegrated, got {other:?}"),
+    }
+    match b.recv() {
+        Some((rid, Msg::Reintegrated { .. })) => assert_eq!(rid, b_id),
+        other => panic!("expected B's Reintegrated, got {other:?}"),
+    }
+    assert!(c.attr(f).is_ok(), "C was not cut");
+}

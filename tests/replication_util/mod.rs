@@ -53,6 +53,8 @@ pub struct Group {
     /// Members serve `--insecure-plaintext` (behind the proxies, which must
     /// read a peer connection's ids: inside TLS they could not).
     pub plaintext: bool,
+    /// More arguments for every member's `serve`.
+    pub extra: Vec<String>,
 }
 
 fn free_port() -> SocketAddr {
@@ -76,6 +78,11 @@ fn run(args: &[&str]) -> String {
 impl Group {
     /// Initialise `n` members (the first generates, the others copy) and serve them all.
     pub fn start(n: usize) -> Group {
+        Group::start_with(n, &[])
+    }
+
+    /// Like [`Group::start`], with `extra` arguments for every `serve`.
+    pub fn start_with(n: usize, extra: &[&str]) -> Group {
         let dir = TempDir::new("group");
         let addrs: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
         let list = addrs
@@ -115,6 +122,7 @@ impl Group {
             key,
             listen: vec![None; n],
             plaintext: false,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         for i in 0..n {
             g.serve(i);
@@ -145,6 +153,7 @@ impl Group {
         if self.plaintext {
             cmd.arg("--insecure-plaintext");
         }
+        cmd.args(&self.extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -464,6 +473,7 @@ impl Group {
             key,
             listen: real.iter().map(|a| Some(*a)).collect(),
             plaintext: true,
+            extra: Vec::new(),
         };
         for i in 0..n {
             g.serve(i);
