@@ -1,6 +1,8 @@
 //! Replicated servers (issue 14) against a single server in the same run.
 //!
 //!   cargo bench --bench replication          (CODA_BENCH_QUICK=1 for a short run)
+//!   CODA_BENCH_FAILOVERS=N sets the number of failovers of each kind;
+//!   CODA_BENCH_SERVER=PATH runs another coda-server binary.
 //!
 //! 1. small connected stores (create + write 4 KiB + close), median per file:
 //!    a group of three vs a single server (goal <= 1.5x);
@@ -25,7 +27,13 @@ use coda::server::replication::{
 mod common;
 use common::{write_file, BenchServer};
 
-const BIN: &str = env!("CARGO_BIN_EXE_coda-server");
+const BUILT_BIN: &str = env!("CARGO_BIN_EXE_coda-server");
+
+/// The server binary: `CODA_BENCH_SERVER` names another (a copy of an
+/// earlier build, to measure before and after a change on one machine).
+fn server_bin() -> String {
+    std::env::var("CODA_BENCH_SERVER").unwrap_or_else(|_| BUILT_BIN.to_string())
+}
 
 struct Group {
     roots: Vec<PathBuf>,
@@ -51,7 +59,7 @@ impl Group {
             .join(",");
         let roots: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("m{}", i + 1))).collect();
         for (i, r) in roots.iter().enumerate() {
-            let mut c = Command::new(BIN);
+            let mut c = Command::new(server_bin());
             c.args(["init", "--root"]).arg(r).args([
                 "--node",
                 &(i + 1).to_string(),
@@ -87,7 +95,7 @@ impl Group {
             .append(true)
             .open(&log_path)
             .unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(server_bin())
             .args(["serve", "--root"])
             .arg(&self.roots[i])
             .stdout(Stdio::piped())
@@ -337,6 +345,15 @@ fn main() {
         (true, _) => (5, 4, 1, 1),
         (false, true) => (50, 64, 3, 2),
         (false, false) => (300, 256, 20, 5),
+    };
+    // `CODA_BENCH_FAILOVERS=N`: N failovers of each kind (20 kill -9 runs
+    // in quick mode, say, without the full run's 256 MiB store).
+    let (kills, stops) = match std::env::var("CODA_BENCH_FAILOVERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(n) if n > 0 => (n, n),
+        _ => (kills, stops),
     };
     let single = BenchServer::start(&scratch.join("single"));
     let mut sc = single.config(&scratch.join("cache-single"));
