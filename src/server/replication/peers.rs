@@ -137,6 +137,12 @@ impl Link {
                     Err(_) => break,
                 }
             }
+            // A member that died (or closed an idle connection) left it
+            // half-closed: a write would still succeed and be lost, and a
+            // lost vote costs a whole election timeout. Dial again now.
+            if conn.as_ref().is_some_and(|s| closed_by_peer(s.tcp())) {
+                conn = None;
+            }
             if conn.is_none() {
                 if Instant::now() < next_try {
                     continue; // dropped: the engine will resend
@@ -193,5 +199,53 @@ impl Link {
         let s = dial(resolve(&addr)?, &self.key, self.me, self.to)?;
         let _ = s.set_write_timeout(Some(SEND_TIMEOUT));
         Ok(s)
+    }
+}
+
+/// Whether the other end closed or reset `s`: we never read a connection
+/// we dialled after its handshake, so bytes may wait unread in it (a TLS
+/// session ticket); `POLLRDHUP` reports the close behind them.
+fn closed_by_peer(s: &std::net::TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::closed_by_peer;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_connection_the_other_end_closed_is_seen_before_a_write_is_lost() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut theirs, _) = l.accept().unwrap();
+        assert!(!closed_by_peer(&ours), "open and idle");
+        theirs.write_all(b"t").unwrap();
+        // Bytes waiting (a TLS session ticket, say) are not a close.
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(ours.peek(&mut b).unwrap(), 1, "the byte arrived");
+        assert!(!closed_by_peer(&ours), "bytes pending");
+        drop(theirs);
+        // Our write would still succeed now; the close is seen behind the
+        // unread byte.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !closed_by_peer(&ours) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
