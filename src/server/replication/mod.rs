@@ -290,6 +290,9 @@ impl Replicator {
             read_seq: 0,
             last_read_ask: None,
             confirmed: Vec::new(),
+            heard: std::time::Instant::now(),
+            grants: Default::default(),
+            lease_end_ever: None,
         };
         let thread = std::thread::Builder::new()
             .name("coda-raft".into())

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 
 use super::config::{GroupConfig, Member};
@@ -21,12 +21,23 @@ use crate::server::log;
 use crate::{Error, Result};
 
 /// One engine tick. Heartbeats go every `HEARTBEAT_TICKS`, and a follower
-/// that hears no leader for a random 1–2 × `ELECTION_TICKS` ticks stands.
+/// that hears no leader for a random `MIN_ELECTION_TICKS` to
+/// `MAX_ELECTION_TICKS` ticks stands.
 pub const TICK: Duration = Duration::from_millis(50);
 /// Ticks between heartbeats (150 ms).
 pub const HEARTBEAT_TICKS: usize = 3;
-/// Election timeout in ticks (0.5 s, randomised up to 1 s by the engine).
+/// The engine's election timeout in ticks (0.5 s): a member that heard a
+/// leader refuses (pre-)votes until it has ticked this often since
+/// (`check_quorum`'s in-lease rule, which [`LEASE`] relies on).
 pub const ELECTION_TICKS: usize = 10;
+/// The fewest ticks without a leader before a follower stands: two past
+/// `ELECTION_TICKS`, so the others (whose ticks run in phases of their own,
+/// and may run late on a loaded machine) have left the in-lease window when
+/// its vote requests arrive. Standing at `ELECTION_TICKS` got it ignored and
+/// cost a second round of 0.5–1 s.
+pub const MIN_ELECTION_TICKS: usize = ELECTION_TICKS + 2;
+/// The random timeout is drawn below this (so 0.6–1 s).
+pub const MAX_ELECTION_TICKS: usize = 2 * ELECTION_TICKS;
 /// How long a confirmed heartbeat round lets the leader serve reads, from
 /// the moment it asked for the round. A member that answered the round
 /// refuses every vote until it has ticked `ELECTION_TICKS` times since
@@ -205,6 +216,15 @@ pub(super) struct Driver {
     /// Rounds confirmed by a majority: (commit index then, asked at),
     /// granted as lease once this member applied that index.
     pub confirmed: Vec<(u64, Instant)>,
+    /// When this member last took a heartbeat from a leader, or the node
+    /// thread's start: it answered no heartbeat round asked after this.
+    pub heard: Instant,
+    /// Votes granted to this member as a candidate: (term, voter) → when
+    /// the voter last heard a leader, by our clock, or None if it did not
+    /// say (an older member).
+    pub grants: HashMap<(u64, u64), Option<Instant>>,
+    /// The end of the last lease this member held as leader.
+    pub lease_end_ever: Option<Instant>,
 }
 
 /// Build the engine over the durable log.
@@ -212,6 +232,8 @@ pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::stora
     let cfg = raft::Config {
         id,
         election_tick: ELECTION_TICKS,
+        min_election_tick: MIN_ELECTION_TICKS,
+        max_election_tick: MAX_ELECTION_TICKS,
         heartbeat_tick: HEARTBEAT_TICKS,
         applied: store.applied(),
         max_size_per_msg: 1 << 20,
@@ -242,6 +264,29 @@ fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
         u64::from_be_bytes(c[..8].try_into().ok()?),
         u64::from_be_bytes(c[8..].try_into().ok()?),
     ))
+}
+
+/// When a new leader may acknowledge writes, from what it can prove:
+/// every lease an earlier leader held was confirmed by a majority, which
+/// shares a member with the majority that elected this one (itself or a
+/// voter). That member answered the lease's round after the round was
+/// asked and before its vote, so the lease ended by [`LEASE`] after the
+/// latest "last heard a leader" among them (`heard`: this member's;
+/// `voters`: each voter's, None if it did not say), or at this member's own
+/// last lease end, and the old leader's clients trust their callbacks blind
+/// no longer than `trust` after it. None when a voter did not say.
+fn proven_writes_from(
+    heard: Instant,
+    voters: impl IntoIterator<Item = Option<Instant>>,
+    own_lease_end: Option<Instant>,
+    trust: Duration,
+) -> Option<Instant> {
+    let mut latest = heard;
+    for at in voters {
+        latest = latest.max(at?);
+    }
+    let end = (latest + LEASE).max(own_lease_end.unwrap_or(latest));
+    Some(end + trust)
 }
 
 fn role_name(r: StateRole) -> &'static str {
@@ -298,6 +343,21 @@ impl Driver {
     fn take(&mut self, input: Input) {
         match input {
             Input::Raft(m) => {
+                match m.get_msg_type() {
+                    MessageType::MsgHeartbeat => self.heard = Instant::now(),
+                    MessageType::MsgRequestVoteResponse if !m.reject => {
+                        // The voter's "heard a leader this long ago" (see
+                        // `send`), as an instant of our clock: late by the
+                        // message's transit, so never too early.
+                        let ago = <[u8; 8]>::try_from(m.context.as_ref())
+                            .ok()
+                            .map(|b| Duration::from_micros(u64::from_be_bytes(b)));
+                        let at = ago.and_then(|a| Instant::now().checked_sub(a));
+                        self.grants.retain(|(t, _), _| *t >= m.term);
+                        self.grants.insert((m.term, m.from), at);
+                    }
+                    _ => {}
+                }
                 // Messages from a node we don't know (removed, or a stale
                 // incarnation) are the engine's to ignore.
                 let _ = self.node.step(*m);
@@ -405,6 +465,7 @@ impl Driver {
         }
         let mut l = self.published.lease.lock();
         l.until = l.until.max(Some(at + LEASE));
+        self.lease_end_ever = self.lease_end_ever.max(l.until);
         drop(l);
         self.published.lease_changed.notify_all();
     }
@@ -443,9 +504,28 @@ impl Driver {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        for m in msgs {
+        for mut m in msgs {
+            if m.get_msg_type() == MessageType::MsgRequestVoteResponse && !m.reject {
+                // A granted vote says how long ago this member last took
+                // a heartbeat (rounded up): it answered no lease round
+                // asked since (see `writes_from`). The engine leaves a
+                // vote response's context unused.
+                let ago = self.heard.elapsed().as_micros() as u64 + 1;
+                m.context = ago.to_be_bytes().to_vec().into();
+            }
             self.peers.send(m);
         }
+    }
+
+    /// See [`proven_writes_from`], for this member in its current term.
+    fn proven_writes_from(&self, trust: Duration) -> Option<Instant> {
+        let term = self.node.raft.term;
+        let voters = self
+            .grants
+            .iter()
+            .filter(|((t, _), _)| *t == term)
+            .map(|(_, at)| *at);
+        proven_writes_from(self.heard, voters, self.lease_end_ever, trust)
     }
 
     fn on_ready(&mut self) -> Result<()> {
@@ -487,7 +567,16 @@ impl Driver {
                 let mut l = self.published.lease.lock();
                 l.until = None;
                 if leader && !self.was_leader {
-                    l.writes_from = Some(Instant::now() + l.write_delay);
+                    // The in-lease rule proves that no lease ended later
+                    // than LEASE_SLACK before this election; the voters'
+                    // "last heard" often prove an earlier end. Either is a
+                    // bound: the earlier wins.
+                    let now = Instant::now();
+                    let full = now + l.write_delay;
+                    let proven = self
+                        .proven_writes_from(l.write_delay + LEASE_SLACK)
+                        .map_or(full, |p| p.clamp(now, full));
+                    l.writes_from = Some(proven);
                 }
                 drop(l);
                 self.published.lease_changed.notify_all();
@@ -602,5 +691,46 @@ impl Driver {
         let g2 = g.clone();
         drop(g);
         g2.save(&self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRUST: Duration = Duration::from_millis(750);
+
+    #[test]
+    fn a_new_leader_waits_from_the_latest_last_heard_of_its_electors() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Itself last heard a leader at t0, its voter 40 ms later: any
+        // earlier lease ended by then + LEASE, trusted TRUST after that.
+        assert_eq!(
+            proven_writes_from(t0, [Some(t0 + ms(40))], None, TRUST),
+            Some(t0 + ms(40) + LEASE + TRUST)
+        );
+        // Its own last lease as leader, ending later, wins.
+        assert_eq!(
+            proven_writes_from(t0, [Some(t0)], Some(t0 + ms(900)), TRUST),
+            Some(t0 + ms(900) + TRUST)
+        );
+        // A vote that did not say when its voter heard a leader proves nothing.
+        assert_eq!(proven_writes_from(t0, [Some(t0), None], None, TRUST), None);
+        // A lone member: its own last hearing (or start) only.
+        assert_eq!(
+            proven_writes_from(t0, [], None, TRUST),
+            Some(t0 + LEASE + TRUST)
+        );
+    }
+
+    #[test]
+    fn election_timeouts_start_past_the_in_lease_window() {
+        // A candidate standing while the others still refuse votes loses
+        // a whole round; two ticks of phase slack keep it out.
+        const { assert!(MIN_ELECTION_TICKS >= ELECTION_TICKS + 2) };
+        const { assert!(MAX_ELECTION_TICKS > MIN_ELECTION_TICKS) };
+        // The lease plus its slack fits in the refused-vote window.
+        assert!(LEASE + LEASE_SLACK <= TICK * (ELECTION_TICKS as u32 - 1));
     }
 }
