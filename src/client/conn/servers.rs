@@ -17,6 +17,12 @@ use crate::{Error, Result};
 
 /// Pause between rounds of asking a group's members while none is leader.
 const LEADER_WAIT: Duration = Duration::from_millis(50);
+/// While a group's members answer that they are electing a leader, a
+/// connect waits for it at least this long, whatever its own timeout (the
+/// prober's is what is left of `dead_after`): the group answers, so this is
+/// not the loss of the servers, and an election takes 0.6–1 s after the
+/// last heartbeat, twice that when it needs a second round.
+const ELECTION_PATIENCE: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------
 // The servers we know, the current session, and reconnecting on demand.
@@ -183,7 +189,8 @@ impl Servers {
     /// stopped server accepts TCP and then says nothing until the timeout);
     /// a refusal naming the leader is followed at once; and while the
     /// others answer that no leader is elected yet they are asked again,
-    /// within `timeout`, before the suspect.
+    /// within `timeout` or `ELECTION_PATIENCE`, whichever is longer,
+    /// before the suspect.
     fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
         if let Some(s) = self.live() {
             return Ok(s);
@@ -195,7 +202,8 @@ impl Servers {
             .filter(|s| s.is_dead())
             .map(|s| s.server().to_string())
             .filter(|_| self.addrs.len() > 1);
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let mut deadline = start + timeout;
         let mut last = Error::Invalid("no servers configured".into());
         // Bounded by the deadline: each round sleeps a slice at least.
         loop {
@@ -221,6 +229,9 @@ impl Servers {
                 no_leader |=
                     msg.contains("no leader elected yet") || msg.contains("not the leader");
                 last = e;
+            }
+            if no_leader {
+                deadline = deadline.max(start + ELECTION_PATIENCE);
             }
             if !no_leader || Instant::now() + LEADER_WAIT >= deadline {
                 break;
