@@ -13,6 +13,7 @@
 mod client_util;
 mod common;
 mod mount_util;
+mod replication_util;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::{TempDir, TestServer};
 use mount_util::*;
+use replication_util::Group;
 
 const MAX_GAP: Duration = Duration::from_millis(1500);
 const PERIOD: Duration = Duration::from_millis(20);
@@ -109,10 +111,15 @@ struct Answer {
 }
 
 fn get(addr: SocketAddr) -> (u16, String) {
+    get_within(addr, Duration::from_millis(1000))
+}
+
+/// [`get`], waiting up to `wait` for the answer.
+fn get_within(addr: SocketAddr, wait: Duration) -> (u16, String) {
     let go = || -> std::io::Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-        s.set_read_timeout(Some(Duration::from_millis(1000)))?;
-        s.set_write_timeout(Some(Duration::from_millis(1000)))?;
+        s.set_read_timeout(Some(wait))?;
+        s.set_write_timeout(Some(wait))?;
         s.write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;
@@ -140,6 +147,11 @@ struct Load {
 
 impl Load {
     fn start(addr: SocketAddr) -> Load {
+        Load::start_within(addr, Duration::from_millis(1000))
+    }
+
+    /// [`Load::start`], each request waiting up to `wait` for its answer.
+    fn start_within(addr: SocketAddr, wait: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let answers = Arc::new(Mutex::new(Vec::new()));
         let (s, a) = (stop.clone(), answers.clone());
@@ -148,7 +160,7 @@ impl Load {
             let end = Instant::now() + Duration::from_secs(60);
             while !s.load(Ordering::Relaxed) && Instant::now() < end {
                 let t0 = Instant::now();
-                let (status, body) = get(addr);
+                let (status, body) = get_within(addr, wait);
                 a.lock().unwrap().push(Answer {
                     at: Instant::now(),
                     status,
@@ -195,14 +207,19 @@ struct Outcome {
 
 /// The assertions of step 4 on one run's answers.
 fn judge(answers: &[Answer], variant: &str) -> Outcome {
+    judge_remote(answers, variant, "remote")
+}
+
+/// [`judge`], with `remote` the page the servers held last.
+fn judge_remote(answers: &[Answer], variant: &str, remote: &str) -> Outcome {
     let first_local = answers
         .iter()
         .position(|a| is(a, "local"))
         .unwrap_or_else(|| panic!("{variant}: never a \"local\" answer: {answers:?}"));
     let last_remote = answers[..first_local]
         .iter()
-        .rposition(|a| is(a, "remote"))
-        .unwrap_or_else(|| panic!("{variant}: no \"remote\" answer before the failover"));
+        .rposition(|a| is(a, remote))
+        .unwrap_or_else(|| panic!("{variant}: no {remote:?} answer before the failover"));
     let gap = answers[first_local].at - answers[last_remote].at;
     let errors = first_local - last_remote - 1;
     for a in &answers[first_local..] {
@@ -343,4 +360,145 @@ fn web_server_fails_over_by_itself_when_the_server_is_killed() {
 #[test]
 fn web_server_fails_over_by_itself_when_the_server_hangs() {
     scenario("SIGSTOP", |s| s.sigstop());
+}
+
+/// The replicated variant: three real members, the mount lists them all.
+/// `kill -9` of the leader is not a failover: nginx goes on answering 200
+/// with the servers' page while another member is elected, and a page
+/// written through the new leader reaches it (so it is served remotely,
+/// not from a stale cache). Only when every member is stopped does the
+/// link flip to the local copy.
+#[test]
+fn web_server_keeps_serving_the_remote_page_while_the_group_leader_is_killed() {
+    if !fuse_available() {
+        return;
+    }
+    let have_nginx = nginx_bin().is_absolute() || common::prereq::have_tool("nginx");
+    if !common::prereq::require(
+        "nginx",
+        have_nginx,
+        "the program `nginx`",
+        "Install it (Debian: apt-get install nginx; `make test` does it as root)",
+    ) {
+        return;
+    }
+    let variant = "group";
+    let mut g = Group::start(3);
+    let all = [0, 1, 2];
+    let leader = g.wait_leader(&all);
+    let d = TempDir::new("web-group");
+    let dir = d.path();
+
+    // 1. The group holds /web/index.html ("remote"); a local copy ("local").
+    let writer = coda::client::Client::new(g.client_config(&dir.join("seed-cache")))
+        .expect("a client of the group");
+    writer.mkdir("/web", 0o755).unwrap();
+    client_util::put(&writer, "/web/index.html", b"remote");
+    std::fs::create_dir_all(dir.join("local/web")).unwrap();
+    std::fs::write(dir.join("local/web/index.html"), b"local").unwrap();
+
+    // 2. Mount the group, link web -> mnt/web, nginx serving `root web;`.
+    let link = dir.join("web");
+    let remote_target = dir.join("mnt/web");
+    let local_target = dir.join("local/web");
+    std::os::unix::fs::symlink(&remote_target, &link).unwrap();
+    let config = dir.join("coda.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "servers = {}\ncache_dir = {}\nsecret_file = {}\nrpc_timeout_ms = 5000\n\
+             heartbeat_ms = 100\ndead_after_ms = 1000\n\
+             failover_link = {}\nfailover_target = {}\n",
+            g.servers(),
+            dir.join("cache").display(),
+            g.secret_file().display(),
+            link.display(),
+            local_target.display()
+        ),
+    )
+    .unwrap();
+    let _m = Mount::start_config(config, dir, &[]);
+    let nginx = Nginx::start(dir);
+    assert_eq!(get(nginx.addr), (200, "remote".to_string()));
+
+    // 3. A client loop requests the page continuously. A request that
+    // needs the servers while the group elects waits for the new leader
+    // (about a second, longer on a loaded machine): slow, not an error, so
+    // each may take up to 10 s.
+    let load = Load::start_within(nginx.addr, Duration::from_secs(10));
+    assert!(
+        eventually(Duration::from_secs(5), || load.seen(|a| is(a, "remote"))),
+        "{variant}: remote answers before the outage"
+    );
+
+    // 4. kill -9 of the leader; the other two elect another.
+    g.kill9(leader);
+    let rest: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let new_leader = g.wait_leader(&rest);
+    assert_ne!(new_leader, leader);
+    // A newer page through the new leader reaches nginx: the mount is
+    // connected to the group again, not serving its cache blind.
+    // (Bounded retries: the writer's own session may have died with the
+    // leader; a write it logged meanwhile is sent once it reconnects.)
+    let written = eventually(Duration::from_secs(30), || {
+        let put = || -> coda::Result<()> {
+            let mut f = writer.open(
+                "/web/index.html",
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+                0o644,
+            )?;
+            let page = b"remote2";
+            let mut off = 0;
+            while off < page.len() {
+                off += f.write_at(&page[off..], off as u64)?;
+            }
+            f.close()
+        };
+        put().is_ok()
+    });
+    assert!(written, "{variant}: the writer wrote the newer page");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let _ = writer.reintegrate_now();
+            writer.pending_records() == 0
+        }),
+        "{variant}: the newer page reached the group"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || load.seen(|a| is(a, "remote2"))),
+        "{variant}: the page written through the new leader is served"
+    );
+    let during = load.answers.lock().unwrap().clone();
+    let bad: Vec<&Answer> = during
+        .iter()
+        .filter(|a| !is(a, "remote") && !is(a, "remote2"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{variant}: while the leader was killed and another elected, every answer is 200 \
+         with the servers' page; not these: {bad:?}"
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), remote_target);
+    drop(writer);
+
+    // 5. Every member stopped: now the link flips to the local copy.
+    for i in rest {
+        g.kill9(i);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || load.seen(|a| is(a, "local"))),
+        "{variant}: the link flipped to the local copy once no member answers"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let answers = load.finish();
+    let o = judge_remote(&answers, variant, "remote2");
+    eprintln!(
+        "scenario {variant}: {} answers before all members were stopped, none an error; gap {} ms \
+         between the last remote and the first local answer, {} errors in between, {} answers",
+        during.len(),
+        o.gap.as_millis(),
+        o.errors,
+        o.answers
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), local_target);
 }

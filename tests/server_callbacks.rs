@@ -208,3 +208,77 @@ fn readdir_and_fetch_grant_callbacks_and_directory_changes_break_them() {
     assert!(seen.contains(&root), "{seen:?}");
     assert!(seen.contains(&f), "{seen:?}");
 }
+
+/// A small store carrying its bytes in the record (no upload first).
+fn store_inline(id: u64, fid: Fid, data: &[u8]) -> coda::proto::Record {
+    coda::proto::Record {
+        store_id: id,
+        op: coda::proto::RecordOp::StoreInline {
+            fid,
+            expected_version: 0,
+            mtime: rec::t(),
+            data: data.to_vec(),
+        },
+    }
+}
+
+/// Two writers of one file, one right after the other: the second commits
+/// while the first one's break is still unacknowledged (its holder took it
+/// out of the table, but still trusts its cache). The second writer's reply
+/// must wait for that ack too, or a client that hears "done" from it can
+/// read the holder's stale copy (seen in the replicated history test, where
+/// inline stores commit close together).
+#[test]
+fn a_writer_waits_for_breaks_of_the_same_object_still_unacknowledged() {
+    let s = TestServer::start_with(&["--break-timeout-ms", "20000"]);
+    let mut b = Raw::control(s.addr(), &s.secret_file(), B, 1);
+    let mut bb = Raw::bulk(s.addr(), &s.secret_file(), B, 1);
+    let f = setup(&s, &mut b, &mut bb);
+    let mut c = Raw::control(s.addr(), &s.secret_file(), [0xc; 16], 1);
+    c.auto_ack = false;
+    assert!(c.attr(f).is_ok()); // C holds a callback on f
+    let mut a = Raw::control(s.addr(), &s.secret_file(), A, 1);
+    // B writes: C is sent a break, and does not ack it yet.
+    let b_id = b.send(&Msg::Reintegrate {
+        records: vec![store_inline(3, f, b"from B")],
+    });
+    let c_break = match c.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => {
+            assert_eq!(fids, vec![f]);
+            bid
+        }
+        other => panic!("expected a break at C, got {other:?}"),
+    };
+    // A writes after B committed: its only holder is B (the writer gained
+    // one), which acks at once.
+    let a_id = a.send(&Msg::Reintegrate {
+        records: vec![store_inline(1, f, b"from A")],
+    });
+    match b.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => {
+            assert!(fids.contains(&f), "{fids:?}");
+            b.send_id(bid, &Msg::BreakAck);
+        }
+        other => panic!("expected A's break at B, got {other:?}"),
+    }
+    assert!(
+        no_frame_within(&mut a, Duration::from_millis(300)),
+        "A must not hear its store is done while C still trusts its copy"
+    );
+    c.send_id(c_break, &Msg::BreakAck);
+    match a.recv() {
+        Some((rid, Msg::Reintegrated { results })) => {
+            assert_eq!(rid, a_id);
+            assert_eq!(results[0].size, 6);
+        }
+        other => panic!("expected A's Reintegrated, got {other:?}"),
+    }
+    match b.recv() {
+        Some((rid, Msg::Reintegrated { .. })) => assert_eq!(rid, b_id),
+        other => panic!("expected B's Reintegrated, got {other:?}"),
+    }
+    // Nobody was cut: C answered, and A's change reached the store.
+    assert!(c.attr(f).is_ok());
+    let (_, data) = bb.fetch(f).expect("fetch f");
+    assert_eq!(data, b"from A");
+}

@@ -2,6 +2,10 @@
 //!
 //! ```text
 //! coda-server init    --root DIR [--user NAME]
+//! coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
+//! coda-server group status --root DIR [--insecure-plaintext]
+//! coda-server group add    --root DIR --node N --addr ADDR [--insecure-plaintext]
+//! coda-server group remove --root DIR --node N [--insecure-plaintext]
 //! coda-server init-tls --root DIR
 //! coda-server adduser --root DIR --user NAME
 //! coda-server serve   --root DIR [--listen ADDR] [--break-timeout-ms N] [--idle-timeout-ms N]
@@ -31,6 +35,11 @@ use coda::server::{
 
 const USAGE: &str = "usage:
   coda-server init    --root DIR [--user NAME]
+  coda-server init    --root DIR --node N --group ADDR1,ADDR2,ADDR3 [--user NAME | --from DIR0]
+  coda-server group status --root DIR   (asks every member of DIR's group)
+  coda-server group add    --root DIR --node N --addr ADDR   (N initialised with init --from)
+  coda-server group remove --root DIR --node N
+      (group status/add/remove: --insecure-plaintext when the members serve so)
   coda-server init-tls --root DIR   (TLS key and certificate for a root made before TLS)
   coda-server adduser --root DIR --user NAME           (same as: user add NAME)
   coda-server user    add|remove NAME --root DIR
@@ -71,12 +80,19 @@ struct Args {
     forget_after: Option<String>,
     volume: Option<String>,
     bytes: Option<String>,
+    node: Option<String>,
+    group: Option<String>,
+    from: Option<String>,
+    addr: Option<String>,
     insecure_plaintext: bool,
 }
 
 fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
     let allowed: &[&str] = match cmd {
-        "init" => &["--root", "--user"],
+        "init" => &["--root", "--user", "--node", "--group", "--from"],
+        "group status" => &["--root", "--insecure-plaintext"],
+        "group add" => &["--root", "--node", "--addr", "--insecure-plaintext"],
+        "group remove" => &["--root", "--node", "--insecure-plaintext"],
         "init-tls" => &["--root"],
         "adduser" => &["--root", "--user"],
         "serve" => &[
@@ -123,6 +139,10 @@ fn parse(cmd: &str, rest: &[String]) -> Result<Args, Fail> {
             "--forget-clients-after" => &mut a.forget_after,
             "--volume" => &mut a.volume,
             "--bytes" => &mut a.bytes,
+            "--node" => &mut a.node,
+            "--group" => &mut a.group,
+            "--from" => &mut a.from,
+            "--addr" => &mut a.addr,
             _ => &mut a.break_ms,
         };
         *slot = Some(value);
@@ -146,6 +166,43 @@ fn run() -> Result<(), Fail> {
         println!("coda-server {}", env!("CARGO_PKG_VERSION"));
         return Ok(());
     }
+    // `group status` and `group add|remove --node N` manage a replicated
+    // group's members; other `group` words manage user groups.
+    let replica_words = cmd == "group"
+        && (argv.get(1).is_some_and(|w| w == "status")
+            || (argv.get(1).is_some_and(|w| w == "add" || w == "remove")
+                && argv.iter().any(|w| w == "--node")));
+    if replica_words {
+        let sub = argv.get(1).map(String::as_str).unwrap_or("");
+        let args = parse(&format!("group {sub}"), argv.get(2..).unwrap_or(&[]))?;
+        let root = args.root.clone().expect("parse checked --root");
+        if sub == "status" {
+            return group_status(&root, !args.insecure_plaintext);
+        }
+        let node: u64 = args
+            .node
+            .as_deref()
+            .ok_or_else(|| Fail::Usage(format!("group {sub}: --node N is required")))?
+            .parse()
+            .map_err(|_| Fail::Usage("--node: not a member number".into()))?;
+        if sub == "add" && args.addr.is_none() {
+            return Err(Fail::Usage(
+                "group add: --addr HOST:PORT is required".into(),
+            ));
+        }
+        let index = server::replication::change_membership(
+            &root,
+            node,
+            args.addr.as_deref(),
+            !args.insecure_plaintext,
+        )
+        .map_err(|e| Fail::Run(e.to_string()))?;
+        println!(
+            "member {node} {} at log index {index}",
+            if sub == "add" { "added" } else { "removed" }
+        );
+        return Ok(());
+    }
     if matches!(cmd.as_str(), "user" | "group" | "anonymous") {
         return admin(cmd, &argv[1..]);
     }
@@ -153,6 +210,26 @@ fn run() -> Result<(), Fail> {
     let root = args.root.clone().expect("parse checked --root");
     let fail = |e: coda::Error| Fail::Run(e.to_string());
     match cmd.as_str() {
+        "init" if args.node.is_some() || args.group.is_some() || args.from.is_some() => {
+            let (Some(node), Some(group)) = (&args.node, &args.group) else {
+                return Err(Fail::Usage(
+                    "init: a group member needs both --node N and --group ADDR1,ADDR2,...".into(),
+                ));
+            };
+            let node: u64 = node
+                .parse()
+                .map_err(|_| Fail::Usage(format!("--node: {node:?} is not a member number")))?;
+            let said = server::replication::init_member(
+                &root,
+                node,
+                group,
+                args.user.as_deref(),
+                args.from.as_deref().map(std::path::Path::new),
+            )
+            .map_err(fail)?;
+            println!("{said}");
+            Ok(())
+        }
         "init" => {
             let user = args.user.as_deref().unwrap_or("admin");
             let secret = server::init(&root, user).map_err(fail)?;
@@ -298,8 +375,48 @@ fn resolve_listen(spec: &str) -> Result<SocketAddr, Fail> {
         .ok_or_else(|| Fail::Usage(format!("--listen: {spec:?} has no address")))
 }
 
+/// `group status`: every member's view, the leader's first.
+fn group_status(root: &std::path::Path, tls: bool) -> Result<(), Fail> {
+    let reports =
+        server::replication::group_status(root, tls).map_err(|e| Fail::Run(e.to_string()))?;
+    let leader = reports
+        .iter()
+        .filter_map(|r| r.status.as_ref().ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term);
+    match leader {
+        Some(l) => println!("leader {} term {} commit {}", l.id, l.term, l.commit),
+        None => println!("leader none"),
+    }
+    let commit = leader.map(|l| l.commit).unwrap_or(0);
+    for r in &reports {
+        match &r.status {
+            Ok(s) => println!(
+                "member {} {} {} term {} applied {} lag {}",
+                r.member.id,
+                r.member.addr,
+                s.role,
+                s.term,
+                s.applied,
+                commit.saturating_sub(s.applied)
+            ),
+            Err(e) => println!("member {} {} unreachable ({e})", r.member.id, r.member.addr),
+        }
+    }
+    Ok(())
+}
+
 fn serve(root: PathBuf, args: &Args) -> Result<(), Fail> {
-    let listen = resolve_listen(args.listen.as_deref().unwrap_or("127.0.0.1:2432"))?;
+    // A group member serves clients and peers on its group address.
+    let member = server::replication::config::GroupConfig::load(&root)
+        .map_err(|e| Fail::Run(e.to_string()))?
+        .map(|g| g.me().addr.clone());
+    let listen = resolve_listen(
+        args.listen
+            .as_deref()
+            .or(member.as_deref())
+            .unwrap_or("127.0.0.1:2432"),
+    )?;
     let break_timeout = match &args.break_ms {
         Some(v) => {
             Duration::from_millis(v.parse::<u64>().ok().filter(|ms| *ms > 0).ok_or_else(|| {

@@ -97,6 +97,15 @@ pub fn command(root: &Path, words: &[String]) -> Result<String> {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
+            if super::replication::machine::is_replicated_admin(words)
+                && super::replication::config::GroupConfig::load(root)?.is_some()
+            {
+                return Err(Error::Again(format!(
+                    "{} is a member of a replicated group: users, groups and quotas change \
+                     through a running member (coda-server serve), which puts the change in the log",
+                    root.display()
+                )));
+            }
             let db = super::volume::open_db(root)?;
             acl::migrate(&db)?;
             run_command(&db, root, words)
@@ -174,9 +183,15 @@ pub fn serve(shared: Arc<Shared>, listener: UnixListener) {
             .split('\t')
             .map(str::to_string)
             .collect();
-        let res = shared
-            .store
-            .with_db(|db| run_command(db, &shared.root, &words));
+        let res = match &shared.repl {
+            // A group's users, groups and quotas change through its log.
+            Some(r) if super::replication::machine::is_replicated_admin(&words) => {
+                super::replication::machine::admin(r, &words)
+            }
+            _ => shared
+                .store
+                .with_db(|db| run_command(db, &shared.root, &words)),
+        };
         // Identities are cached per user: users or groups may have moved.
         shared.store.access.changed();
         let reply = match res {

@@ -83,7 +83,13 @@ pub fn serve(
         let id = frame.id;
         let step = match Msg::decode(&frame) {
             Ok(Msg::Ping) => send(&mut stream, id, &Msg::Pong),
-            Ok(Msg::Fetch { fid }) => fetch(&shared, &ctx, &ident.user, &mut stream, id, fid),
+            Ok(Msg::Fetch { fid }) => match super::control::leader_lease(&shared, &ctx) {
+                Ok(()) => fetch(&shared, &ctx, &ident.user, &mut stream, id, fid),
+                Err(e) => {
+                    let _ = send(&mut stream, id, &error_reply(&e));
+                    break false;
+                }
+            },
             Ok(Msg::Upload {
                 upload_id,
                 length,

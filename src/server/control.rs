@@ -307,6 +307,14 @@ fn read_loop(
         };
         match msg {
             Msg::Ping => {
+                // A Pong renews the client's trust in its callbacks: only
+                // a leader whose lease holds may send one.
+                if let Some(r) = &shared.repl {
+                    if let Err(e) = r.confirm_leader(super::replication::LEASE_PATIENCE) {
+                        let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
+                        return (format!("replication: {e}"), false);
+                    }
+                }
                 let pong = frame_for(id, &Msg::Pong);
                 flow.start(pong.len());
                 let _ = tx.send(Out::Reply(pong));
@@ -335,8 +343,11 @@ fn read_loop(
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. } | Msg::ReintegrateAfter { .. });
                 shared.pool.submit(ctx.gen, heavy, move || {
-                    let reply =
-                        handle(&shared2, &ctx2, &user2, m).unwrap_or_else(|e| error_reply(&e));
+                    let reply = match leader_lease(&shared2, &ctx2) {
+                        Ok(()) => handle(&shared2, &ctx2, &user2, m),
+                        Err(e) => Err(e),
+                    }
+                    .unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
                     let _ = tx2.send(Out::Reply(bytes));
@@ -352,6 +363,23 @@ fn read_loop(
             }
         }
     }
+}
+
+/// In a group, a request is served only by a leader whose lease holds when
+/// the request is taken up (node.rs `LEASE`): a leader cut off from the
+/// others answers no read it can no longer vouch for. One that cannot
+/// confirm its leadership ends the session, which voids the client's
+/// callbacks; the client finds the leader and revalidates there.
+pub(crate) fn leader_lease(shared: &Shared, ctx: &ClientCtx) -> Result<()> {
+    let Some(r) = &shared.repl else {
+        return Ok(());
+    };
+    r.confirm_leader(super::replication::LEASE_PATIENCE)
+        .inspect_err(|e| {
+            shared
+                .registry
+                .end_session(&ctx.id, ctx.gen, &format!("replication: {e}"))
+        })
 }
 
 /// One request on a worker thread.
@@ -423,7 +451,10 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
                 // anonymous never creates: no reservations for it to hoard.
                 return Err(Error::Access("anonymous may not reserve fids".into()));
             }
-            let first_vnode = shared.store.alloc_fids(&ctx.id, volume, count)?;
+            let first_vnode = match &shared.repl {
+                Some(r) => super::replication::machine::alloc_fids(shared, r, ctx, volume, count)?,
+                None => shared.store.alloc_fids(&ctx.id, volume, count)?,
+            };
             Ok(Msg::FidRange {
                 volume,
                 first_vnode,
@@ -448,10 +479,20 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
         }
         Msg::ReintegrateAfter { after, records } => {
             let lookup = |up: u64| shared.registry.staged(ctx, up);
-            match shared
-                .store
-                .reintegrate_after(&ctx.id, Some(who), after, &records, &lookup)
-            {
+            // Replicated: through the log, `after` inside the entry, so the
+            // "after" rule is decided on every member at apply time against
+            // the replicated watermark.
+            let result = match &shared.repl {
+                Some(r) => {
+                    super::replication::machine::reintegrate(shared, r, ctx, who, after, &records)
+                }
+                None => {
+                    shared
+                        .store
+                        .reintegrate_after(&ctx.id, Some(who), after, &records, &lookup)
+                }
+            };
+            match result {
                 Ok(out) => {
                     shared.registry.consume_uploads(ctx, &out.consumed_uploads);
                     if !out.replayed {
@@ -461,6 +502,12 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
                             &out.deleted,
                             shared.break_timeout,
                         );
+                    }
+                    // A new group leader acknowledges only once its
+                    // predecessor's clients stopped trusting blind (its
+                    // own holders were told above, at once).
+                    if let Some(r) = &shared.repl {
+                        r.wait_writable();
                     }
                     Ok(Msg::Reintegrated {
                         results: out.results,
@@ -487,14 +534,22 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
             rights,
             negative,
         } => {
-            let (acl, mine, fids) = shared
-                .store
-                .set_acl(&who, &ctx.id, fid, &name, rights, negative)?;
+            let (acl, mine, fids) = match &shared.repl {
+                Some(r) => super::replication::machine::set_acl(
+                    shared, r, ctx, &who, fid, &name, rights, negative,
+                )?,
+                None => shared
+                    .store
+                    .set_acl(&who, &ctx.id, fid, &name, rights, negative)?,
+            };
             // Other clients' cached listings, status and data under the
             // directory were granted under the old list: they revalidate.
             shared
                 .registry
                 .break_callbacks(ctx, &fids, &[], shared.break_timeout);
+            if let Some(r) = &shared.repl {
+                r.wait_writable();
+            }
             Ok(Msg::AclReply {
                 entries: acl.entries,
                 rights: mine,

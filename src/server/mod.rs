@@ -26,6 +26,7 @@ mod meta;
 mod objects;
 mod owners;
 mod reintegrate;
+pub mod replication;
 mod sessions;
 mod volume;
 mod wire;
@@ -79,7 +80,7 @@ pub const DEFAULT_BREAK_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A connection that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that does not take our bytes for this long is cut.
-const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const WORKERS: usize = 16;
 /// Stack of a connection thread: it runs the handshake and the bulk
 /// transfers, nothing deep; small so a thousand connections cost little.
@@ -186,7 +187,7 @@ pub(crate) struct Shared {
     root: PathBuf,
     /// None: `insecure_plaintext`.
     tls: Option<Arc<rustls::ServerConfig>>,
-    store: VolumeStore,
+    store: Arc<VolumeStore>,
     registry: Registry,
     pool: workers::Pool,
     break_timeout: Duration,
@@ -203,6 +204,8 @@ pub(crate) struct Shared {
     max_conns: usize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
+    /// The Raft node of a group member (None: a lone server).
+    repl: Option<replication::Replicator>,
 }
 
 /// A running server. Dropping it without `shutdown` leaves its threads
@@ -223,7 +226,20 @@ impl Server {
         } else {
             Some(crate::tls::server_config(&cfg.root)?)
         };
-        let store = VolumeStore::open(&cfg.root, cfg.space.max_file_size)?;
+        let store = Arc::new(VolumeStore::open(&cfg.root, cfg.space.max_file_size)?);
+        let repl = replication::Replicator::start(&cfg.root, &store, tls.is_some())?;
+        if let Some(r) = &repl {
+            // Clients trust callbacks blind for half the break timeout
+            // after a frame (client/conn/session.rs). The old leader sent
+            // its last frame within its lease, which ended at least
+            // LEASE_SLACK before this member's election: a new leader
+            // waits out the rest, plus a margin for frames still on their
+            // way.
+            r.set_write_delay(
+                (cfg.break_timeout / 2 + replication::WRITE_DELAY_MARGIN)
+                    .saturating_sub(replication::node::LEASE_SLACK),
+            );
+        }
         let listener = TcpListener::bind(cfg.listen)
             .map_err(|e| Error::io(format!("listen on {}", cfg.listen), e))?;
         let addr = listener
@@ -251,19 +267,34 @@ impl Server {
             max_conns,
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
+            repl,
         });
+        if let Some(r) = &shared.repl {
+            // A deposed leader drops its clients: they find the new one.
+            let weak = Arc::downgrade(&shared);
+            r.on_step_down(Box::new(move || {
+                if let Some(sh) = weak.upgrade() {
+                    sh.registry.end_all();
+                }
+            }));
+        }
         let s2 = Arc::clone(&shared);
         let acceptor = std::thread::Builder::new()
             .name("coda-accept".into())
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
-        let s4 = Arc::clone(&shared);
-        let sweeper = std::thread::Builder::new()
-            .name("coda-sweep".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || sweep_loop(s4))
-            .map_err(|e| Error::io("start sweeper", e))?;
-        shared.threads.lock().push(sweeper);
+        // Not in a replicated group: forgetting an id drops its store-id
+        // watermark, replicated state that every member must keep alike
+        // (docs/SERVER.md "Forgotten client ids").
+        if shared.repl.is_none() {
+            let s4 = Arc::clone(&shared);
+            let sweeper = std::thread::Builder::new()
+                .name("coda-sweep".into())
+                .stack_size(SMALL_STACK)
+                .spawn(move || sweep_loop(s4))
+                .map_err(|e| Error::io("start sweeper", e))?;
+            shared.threads.lock().push(sweeper);
+        }
         // Users and groups change while serving through this socket; a
         // server without it still serves (the commands then say why).
         let admin = match admin::bind(&cfg.root) {
@@ -316,6 +347,9 @@ impl Server {
         let _ = TcpStream::connect_timeout(&wake_addr(self.addr), Duration::from_secs(1));
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
+        }
+        if let Some(r) = &sh.repl {
+            r.stop();
         }
         if let Some((h, path)) = self.admin.take() {
             // Wake it out of accept(2); it sees `stopping` and ends.
@@ -651,6 +685,21 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         return;
     };
     let mut reader = BufReader::with_capacity(64 * 1024, read_half);
+    if let Some(r) = &shared.repl {
+        // Peers share the port: their first byte is not a frame's.
+        let first = Deadline {
+            inner: &mut reader,
+            at: Instant::now() + HANDSHAKE_TIMEOUT,
+        }
+        .fill_buf()
+        .ok()
+        .and_then(|b| b.first().copied());
+        if first.is_some_and(replication::is_peer_start) {
+            shared.handshaking.lock().remove(serial);
+            r.serve_peer(reader, stream);
+            return;
+        }
+    }
     let mut timed = Deadline {
         inner: &mut reader,
         at: deadline,
@@ -674,6 +723,19 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         }
     };
     let _ = stream.set_read_timeout(None);
+    if let (Some(r), ConnKind::Control) = (&shared.repl, ident.kind) {
+        // Only the leader serves, and only while a majority confirms it.
+        let ok = if r.is_leader() {
+            r.confirm_leader(replication::LEASE_PATIENCE)
+        } else {
+            Err(r.redirect())
+        };
+        if let Err(e) = ok {
+            let _ = wire::send(&mut stream, 0, &wire::error_reply(&e));
+            wire::close_after_error(&mut stream);
+            return;
+        }
+    }
     match ident.kind {
         ConnKind::Control => control::serve(Arc::clone(shared), reader, ident, welcome),
         ConnKind::Bulk => bulk::serve(Arc::clone(shared), reader, ident, welcome, serial),

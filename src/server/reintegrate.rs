@@ -114,6 +114,9 @@ struct Job {
     /// The staged files of the batch's Store records, looked up by the
     /// submitting worker (the lookup belongs to its session).
     staged: HashMap<u64, PathBuf>,
+    /// The time to stamp changes with (a replicated batch carries the
+    /// leader's, so every member writes the same ctimes); None: now.
+    now: Option<Timespec>,
     /// The user whose rights each record is checked against (`acl.rs`);
     /// None only for in-crate callers that check nothing.
     who: Option<Arc<super::acl::Who>>,
@@ -505,6 +508,20 @@ impl VolumeStore {
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_at(client, who, after, records, staged, None)
+    }
+
+    /// [`VolumeStore::reintegrate_after`] stamping changes with `now` when
+    /// given (replication applies a batch with the time its leader chose).
+    pub fn reintegrate_at(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
+        after: u64,
+        records: &[Record],
+        staged: StagedLookup,
+        now: Option<Timespec>,
+    ) -> std::result::Result<Outcome, BatchError> {
         let mut files = HashMap::new();
         for r in records {
             if let RecordOp::Store { upload_id, .. } = r.op {
@@ -518,6 +535,7 @@ impl VolumeStore {
             after,
             records: records.to_vec(),
             staged: files,
+            now,
             who,
             prepared: std::sync::OnceLock::new(),
         });
@@ -797,6 +815,9 @@ impl VolumeStore {
         let lookup = |up: u64| job.staged.get(&up).cloned();
         let mut batch = Batch::open(txn, self, client, &lookup, job.who.clone())
             .map_err(|e| early(e.into()))?;
+        if let Some(now) = job.now {
+            batch.now = now;
+        }
         let mut results = Vec::with_capacity(records.len());
         let mut failure = None;
         let mut gave_way = false;
@@ -1874,6 +1895,7 @@ mod tests {
             after,
             records,
             staged: HashMap::new(),
+            now: None,
             who: None,
             prepared: std::sync::OnceLock::new(),
         })

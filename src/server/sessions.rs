@@ -11,7 +11,7 @@ use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::Mutex;
 
 use super::callbacks::CallbackTable;
@@ -89,6 +89,21 @@ impl Default for StagedLimits {
     }
 }
 
+/// A break sent and not yet acknowledged: its holder still trusts the
+/// object, so a later writer of the object waits for it too.
+struct InFlight {
+    holder: ClientId,
+    gen: u64,
+    /// Done (acked, or the session ended) once it is not `Empty`.
+    ack: Receiver<()>,
+}
+
+impl InFlight {
+    fn pending(&self) -> bool {
+        matches!(self.ack.try_recv(), Err(TryRecvError::Empty))
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     sessions: HashMap<ClientId, Session>,
@@ -97,6 +112,10 @@ struct Inner {
     callbacks: CallbackTable,
     next_gen: u64,
     next_break: u64,
+    /// Fid → its breaks not yet acknowledged. Taking a holder out of the
+    /// callback table does not make it stop trusting: until its ack, the
+    /// next writer of the same object must not be acknowledged either.
+    in_flight: HashMap<Fid, Vec<InFlight>>,
 }
 
 pub struct Registry {
@@ -395,9 +414,9 @@ impl Registry {
         let mut g = self.inner.lock();
         if let Some(s) = g.sessions.get_mut(&ctx.id) {
             if s.gen == ctx.gen {
-                if let Some(tx) = s.pending_breaks.remove(&break_id) {
-                    let _ = tx.send(());
-                }
+                // Dropped, not sent: every waiter (the writer that broke
+                // it and later writers of its objects) sees it done.
+                s.pending_breaks.remove(&break_id);
             }
         }
     }
@@ -406,7 +425,10 @@ impl Registry {
     /// callbacks on the changed objects and wait (all holders in parallel,
     /// bounded by one `timeout`) for their acks; a holder that stays silent
     /// is declared unreachable and cut. The writer gains callbacks on what
-    /// it changed and still exists.
+    /// it changed and still exists. Breaks of the same objects sent for an
+    /// earlier writer and not yet acknowledged are waited for as well: their
+    /// holders still trust what they cached, so this writer's change must
+    /// not be acknowledged before they heard of the earlier one.
     pub fn break_callbacks(
         &self,
         writer: &ClientCtx,
@@ -417,6 +439,21 @@ impl Registry {
         let mut waits: Vec<(ClientId, u64, Receiver<()>)> = Vec::new();
         {
             let mut g = self.inner.lock();
+            for fid in changed {
+                if let Some(list) = g.in_flight.get_mut(fid) {
+                    list.retain(InFlight::pending);
+                    // (The writer's own unacked break is its reader's
+                    // business, not a promise to anyone else.)
+                    waits.extend(
+                        list.iter()
+                            .filter(|f| f.holder != writer.id)
+                            .map(|f| (f.holder, f.gen, f.ack.clone())),
+                    );
+                    if list.is_empty() {
+                        g.in_flight.remove(fid);
+                    }
+                }
+            }
             let mut per_holder: HashMap<ClientId, Vec<Fid>> = HashMap::new();
             for &fid in changed {
                 for h in g.callbacks.take_holders(fid, &writer.id) {
@@ -446,7 +483,15 @@ impl Registry {
                         fids: chunk.to_vec(),
                     };
                     let _ = s.control.out.send(Out::Frame(frame_for(break_id, &msg)));
-                    waits.push((holder, s.gen, rx));
+                    let gen = s.gen;
+                    for fid in chunk {
+                        g.in_flight.entry(*fid).or_default().push(InFlight {
+                            holder,
+                            gen,
+                            ack: rx.clone(),
+                        });
+                    }
+                    waits.push((holder, gen, rx));
                 }
             }
             for (holder, gen) in jammed {
@@ -481,6 +526,17 @@ impl Registry {
                 ));
                 self.end_session(&holder, gen, "unreachable: break not acknowledged");
                 cut.insert((holder, gen));
+            }
+        }
+        // Every break waited for is done now (acked, or its session ended
+        // and dropped the sender): forget them, and any others done.
+        let mut g = self.inner.lock();
+        for fid in changed {
+            if let Some(list) = g.in_flight.get_mut(fid) {
+                list.retain(InFlight::pending);
+                if list.is_empty() {
+                    g.in_flight.remove(fid);
+                }
             }
         }
     }

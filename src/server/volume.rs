@@ -726,6 +726,17 @@ pub(crate) fn check_user(user: &str) -> Result<()> {
 /// (mode 0600). The file is written first: a user whose secret nobody can
 /// read would be useless.
 pub(crate) fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<PathBuf> {
+    add_user_with(db, root, user, crate::proto::auth::random_bytes())
+}
+
+/// [`add_user_to`] with a given secret (a replicated group: every member
+/// stores the one its leader drew).
+pub(crate) fn add_user_with(
+    db: &Database,
+    root: &Path,
+    user: &str,
+    secret: [u8; 32],
+) -> Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     {
@@ -734,7 +745,6 @@ pub(crate) fn add_user_to(db: &Database, root: &Path, user: &str) -> Result<Path
             return Err(Error::Exists(format!("user {user}")));
         }
     }
-    let secret: [u8; 32] = crate::proto::auth::random_bytes();
     let path = root.join(format!("{user}.secret"));
     let mut f = fs::OpenOptions::new()
         .write(true)

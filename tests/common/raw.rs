@@ -58,7 +58,30 @@ impl Raw {
         client_id: [u8; 16],
         epoch: u64,
     ) -> Result<Raw, Msg> {
-        let stream = tls_stream(addr);
+        Raw::connect_over(tls_stream(addr), user, secret, kind, client_id, epoch)
+    }
+
+    /// [`Raw::connect`] without TLS (a server run `--insecure-plaintext`).
+    pub fn connect_plain(
+        addr: SocketAddr,
+        user: &str,
+        secret: &[u8; 32],
+        kind: ConnKind,
+        client_id: [u8; 16],
+        epoch: u64,
+    ) -> Result<Raw, Msg> {
+        let tcp = TcpStream::connect(addr).map_err(|_| closed())?;
+        Raw::connect_over(Stream::plain(tcp), user, secret, kind, client_id, epoch)
+    }
+
+    fn connect_over(
+        stream: Stream,
+        user: &str,
+        secret: &[u8; 32],
+        kind: ConnKind,
+        client_id: [u8; 16],
+        epoch: u64,
+    ) -> Result<Raw, Msg> {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();

@@ -55,7 +55,12 @@ impl Mount {
     /// Mount `server` on `dir/mnt` (cache in `dir/cache`), waiting for the
     /// `mounted on` line.
     pub fn start(server: &TestServer, dir: &Path, extra: &[(&str, &str)], args: &[&str]) -> Mount {
-        let config = write_config(server, dir, extra);
+        Mount::start_config(write_config(server, dir, extra), dir, args)
+    }
+
+    /// Mount with the config file `config` (its cache in `dir/cache`) on
+    /// `dir/mnt`: for servers that are not one `TestServer` (a group).
+    pub fn start_config(config: PathBuf, dir: &Path, args: &[&str]) -> Mount {
         let mountpoint = dir.join("mnt");
         std::fs::create_dir_all(&mountpoint).unwrap();
         let mut child = Command::new(MOUNT_BIN)

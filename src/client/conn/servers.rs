@@ -15,6 +15,15 @@ use crate::client::callback::Callbacks;
 use crate::client::stats::Counters;
 use crate::{Error, Result};
 
+/// Pause between rounds of asking a group's members while none is leader.
+const LEADER_WAIT: Duration = Duration::from_millis(50);
+/// While a group's members answer that they are electing a leader, a
+/// connect waits for it at least this long, whatever its own timeout (the
+/// prober's is what is left of `dead_after`): the group answers, so this is
+/// not the loss of the servers, and an election takes 0.6–1 s after the
+/// last heartbeat, twice that when it needs a second round.
+const ELECTION_PATIENCE: Duration = Duration::from_secs(3);
+
 // ---------------------------------------------------------------------------
 // The servers we know, the current session, and reconnecting on demand.
 
@@ -164,45 +173,105 @@ impl Servers {
     /// heard from within its trust window (see `Session::heard_recently`),
     /// or it answers a round trip now, which applies every break the server
     /// sent before the answer. Check the callback after this, not before.
+    /// A round trip slower than the trust window proves nothing (the
+    /// answer vouches only for a moment after the Ping was written).
     pub fn fresh(&self) -> bool {
         let Some(s) = self.live() else {
             return false;
         };
-        s.heard_recently() || s.sync(&self.interrupt).is_ok()
+        s.heard_recently() || (s.sync(&self.interrupt).is_ok() && s.heard_recently())
     }
 
     /// Connect to the first server that answers; the caller holds the gate.
+    ///
+    /// With several servers (a replicated group, docs/SERVER.md
+    /// "Replication"): the server whose session just died is tried last (a
+    /// stopped server accepts TCP and then says nothing until the timeout);
+    /// a refusal naming the leader is followed at once; and while the
+    /// others answer that no leader is elected yet they are asked again,
+    /// within `timeout` or `ELECTION_PATIENCE`, whichever is longer,
+    /// before the suspect.
     fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
         if let Some(s) = self.live() {
             return Ok(s);
         }
+        let suspect = self
+            .current
+            .lock()
+            .as_ref()
+            .filter(|s| s.is_dead())
+            .map(|s| s.server().to_string())
+            .filter(|_| self.addrs.len() > 1);
+        let start = Instant::now();
+        let mut deadline = start + timeout;
         let mut last = Error::Invalid("no servers configured".into());
-        for addr in &self.addrs {
-            self.sessions.fetch_add(1, Ordering::Relaxed);
-            // Void old promises before a grant of the new session can land.
-            self.callbacks.new_session();
-            match Session::connect(
-                addr,
-                self.ident.clone(),
-                self.timing,
-                self.callbacks.clone(),
-                self.counters.clone(),
-                interrupt,
-                timeout,
-                self.lost.0.clone(),
-            ) {
-                Ok(s) => {
-                    if let Some(old) = self.current.lock().replace(s.clone()) {
-                        old.close("replaced by a new session");
+        // Bounded by the deadline: each round sleeps a slice at least.
+        loop {
+            let mut no_leader = false;
+            for addr in self.addrs.iter().filter(|a| Some(*a) != suspect.as_ref()) {
+                let e = match self.try_server(addr, interrupt, timeout) {
+                    Ok(s) => return Ok(s),
+                    Err(e @ Error::Auth(_)) => return Err(e),
+                    Err(e) => e,
+                };
+                let msg = e.to_string();
+                if let Some(leader) = msg.split("; the leader is member ").nth(1) {
+                    let to = leader.split(" at ").nth(1).unwrap_or("").trim();
+                    if !to.is_empty() && Some(to) != suspect.as_deref() && to != addr {
+                        match self.try_server(to, interrupt, timeout) {
+                            Ok(s) => return Ok(s),
+                            Err(e @ Error::Auth(_)) => return Err(e),
+                            Err(e) => last = e,
+                        }
+                        continue;
                     }
-                    return Ok(s);
                 }
-                // Authentication failures are final: another server would say the same.
-                Err(e @ Error::Auth(_)) => return Err(e),
+                no_leader |=
+                    msg.contains("no leader elected yet") || msg.contains("not the leader");
+                last = e;
+            }
+            if no_leader {
+                deadline = deadline.max(start + ELECTION_PATIENCE);
+            }
+            if !no_leader || Instant::now() + LEADER_WAIT >= deadline {
+                break;
+            }
+            interrupt.check()?;
+            std::thread::sleep(LEADER_WAIT);
+        }
+        if let Some(addr) = &suspect {
+            match self.try_server(addr, interrupt, timeout) {
+                Ok(s) => return Ok(s),
                 Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    /// One connection attempt; the new session becomes the current one.
+    fn try_server(
+        &self,
+        addr: &str,
+        interrupt: &Interrupt,
+        timeout: Duration,
+    ) -> Result<Arc<Session>> {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        // Void old promises before a grant of the new session can land.
+        self.callbacks.new_session();
+        let s = Session::connect(
+            addr,
+            self.ident.clone(),
+            self.timing,
+            self.callbacks.clone(),
+            self.counters.clone(),
+            interrupt,
+            timeout,
+            self.lost.0.clone(),
+        )?;
+        if let Some(old) = self.current.lock().replace(s.clone()) {
+            old.close("replaced by a new session");
+        }
+        Ok(s)
     }
 
     /// Whether a live session exists right now (no network traffic).

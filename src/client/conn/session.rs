@@ -307,6 +307,16 @@ struct Control {
     pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
+    /// When each request still unanswered was written (calls and pings).
+    asked: Mutex<HashMap<u64, Instant>>,
+    /// When the latest request whose reply has been read was written: the
+    /// server answered it at some moment after this, so its callbacks stood
+    /// then. Blind trust counts from here, not from the reply's arrival: a
+    /// reply held up on its way (a server stopped between taking a request
+    /// and answering it, a deposed group leader resumed) vouches only for
+    /// that earlier moment, and the breaks that followed may never come on
+    /// this connection (they go to the new leader's sessions).
+    vouched: Mutex<Instant>,
     /// Wakes the prober at once when the connection dies (reset, EOF), so a
     /// refused reconnect can declare the server down without waiting a tick.
     lost: Sender<()>,
@@ -340,6 +350,18 @@ impl Control {
         true
     }
 
+    /// Note when request `id` is written (just before: the server cannot
+    /// answer it earlier). Bounded: requests never answered (pings to a
+    /// server that went silent) are forgotten past a few thousand, which
+    /// only costs trust, never grants it.
+    fn note_asked(&self, id: u64) {
+        let mut a = self.asked.lock();
+        if a.len() >= 4096 {
+            a.clear();
+        }
+        a.insert(id, Instant::now());
+    }
+
     fn dead_error(&self) -> Option<Error> {
         self.dead
             .lock()
@@ -361,6 +383,7 @@ pub(crate) struct Sent<'a> {
 impl Drop for Sent<'_> {
     fn drop(&mut self) {
         self.session.ctl.pending.lock().remove(&self.id);
+        self.session.ctl.asked.lock().remove(&self.id);
     }
 }
 
@@ -388,8 +411,8 @@ impl Sent<'_> {
 pub(crate) struct Session {
     pub root: Fid,
     pub server: String,
-    /// How long after the last frame heard from the server its callbacks
-    /// may be trusted blind. The server ends a session whose client leaves
+    /// How long after the writing of the last request the server answered
+    /// its callbacks may be trusted blind. The server ends a session whose client leaves
     /// a break unacknowledged for its break timeout; a client that was
     /// stopped (or starved of CPU) that long cannot tell from its own state
     /// whether that happened, so past this window it makes a round trip
@@ -441,6 +464,14 @@ fn reader_loop(
                 }
             }
             Ok(m) => {
+                // A reply (a break's id is the server's own, never one of
+                // ours): before it is handed over, so a caller granting
+                // callbacks with it finds the session vouched for from the
+                // request's writing.
+                if let Some(at) = ctl.asked.lock().remove(&frame.id) {
+                    let mut v = ctl.vouched.lock();
+                    *v = (*v).max(at);
+                }
                 // Replies nobody waits for (heartbeat Pongs, timed-out calls) are dropped.
                 if let Some(tx) = ctl.pending.lock().remove(&frame.id) {
                     let _ = tx.send(Ok(m));
@@ -505,6 +536,8 @@ impl Session {
             rpc_timeout: connect_timeout,
             ..timing
         };
+        // The Welcome vouches for the session from before the Hello.
+        let asked_at = Instant::now();
         let (s, welcomed) = handshake(server, ConnKind::Control, &ident, &hs_timing, interrupt)?;
         // The reader blocks without a deadline; the heartbeat judges silence.
         s.set_read_timeout(None)
@@ -521,6 +554,8 @@ impl Session {
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
             last_heard: Mutex::new(Instant::now()),
+            asked: Mutex::new(HashMap::new()),
+            vouched: Mutex::new(asked_at),
             lost,
         });
         let c2 = ctl.clone();
@@ -547,6 +582,11 @@ impl Session {
 
     pub fn is_dead(&self) -> bool {
         self.ctl.dead.lock().is_some()
+    }
+
+    /// The server address this session was opened to.
+    pub fn server(&self) -> &str {
+        &self.server
     }
 
     /// The server is dead: fail pending calls and stop bulk transfers too
@@ -629,6 +669,7 @@ impl Session {
         if let Some(e) = self.ctl.dead_error() {
             return Err(e);
         }
+        self.ctl.note_asked(id);
         let written = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
         if let Err(e) = written {
             let e = net_error(e, &self.server, self.timing.rpc_timeout);
@@ -645,6 +686,7 @@ impl Session {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let m = Msg::Ping;
+        self.ctl.note_asked(id);
         if let Err(e) = write_frame(&mut *self.ctl.writer.lock(), m.kind(), id, &m.encode()) {
             self.ctl.kill(&format!("sending Ping: {e}"));
         }
@@ -669,10 +711,11 @@ impl Session {
         n > 0 && p.revents != 0
     }
 
-    /// Whether a frame arrived recently enough that the server cannot have
-    /// dropped our callbacks without our having read why.
+    /// Whether the server answered a request written recently enough that
+    /// it cannot have dropped our callbacks without our having read why
+    /// (counted from the request's writing: see `Control::vouched`).
     pub fn heard_recently(&self) -> bool {
-        self.silent_for() < self.trust_window
+        self.ctl.vouched.lock().elapsed() < self.trust_window
     }
 
     /// A Ping answered: frames are read in order, so every callback break

@@ -1,0 +1,618 @@
+//! The replicated state machine: today's volume store. The leader turns a
+//! client's Reintegrate batch or AllocFids request into a log entry; every
+//! member applies the entry to its own store in log order, so all stores
+//! go through the same states. The leader answers the client with the
+//! result of its own application, after the entry committed (a majority
+//! has it durably) and its callbacks were broken, as for a lone server.
+//!
+//! Determinism: a batch carries the time the leader stamped it with, its
+//! Store records' data is in `replstage/` on every member that applies it
+//! (pushed before the proposal, pulled if missed), and the store-id replay
+//! rule lives in the store, so an entry applied again after a crash, or a
+//! client's retry on a new leader, changes nothing twice. AllocFids records
+//! the last log index it applied in the same transaction for the same
+//! reason.
+
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redb::ReadableTable;
+
+use super::config::{resolve, GroupConfig};
+use super::data::{fetch, push, replstage_dir, replstage_path};
+use super::node::StateMachine;
+use super::transport::PeerKey;
+use super::Replicator;
+use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
+use crate::server::acl::Who;
+use crate::server::meta::{encode_reservation, CLIENT_STORE, RESERVED, SETTINGS, VOLUMES};
+use crate::server::reintegrate::{BatchError, Outcome};
+use crate::server::sessions::ClientCtx;
+use crate::server::volume::{is_store_failure, ClientId, VolumeStore, MAX_ALLOC};
+use crate::server::{log, objects, Shared};
+use crate::{Error, Result};
+
+const OP_REINTEGRATE: u8 = 1;
+const OP_ALLOC: u8 = 2;
+const OP_SET_ACL: u8 = 3;
+const OP_ADMIN: u8 = 4;
+/// The settings key of the last log index an AllocFids applied.
+const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
+/// How long a member that missed a Store's data keeps asking the others.
+const FETCH_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a client's request waits for its entry to commit and apply.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What an applied entry hands back to its proposer.
+pub type Applied = Box<dyn Any + Send>;
+
+/// The volume store as a state machine.
+pub struct Machine {
+    pub(super) store: Arc<VolumeStore>,
+    pub(super) root: PathBuf,
+    pub(super) key: PeerKey,
+    pub(super) me: u64,
+    pub(super) group: Arc<Mutex<GroupConfig>>,
+}
+
+/// A batch's entry carries its `after` (0: none) as the message
+/// `ReintegrateAfter`; entries written before pipelining hold `Reintegrate`
+/// and apply as `after` 0.
+fn encode_reintegrate(
+    client: &ClientId,
+    now: Timespec,
+    who: &Who,
+    after: u64,
+    records: &[Record],
+) -> Vec<u8> {
+    let msg = Msg::ReintegrateAfter {
+        after,
+        records: records.to_vec(),
+    };
+    let mut b = vec![OP_REINTEGRATE];
+    b.extend_from_slice(client);
+    b.extend_from_slice(&now.sec.to_be_bytes());
+    b.extend_from_slice(&now.nsec.to_be_bytes());
+    encode_who(&mut b, who);
+    b.push(msg.kind());
+    b.extend_from_slice(&msg.encode());
+    b
+}
+
+fn encode_alloc(client: &ClientId, volume: u32, count: u32) -> Vec<u8> {
+    let mut b = vec![OP_ALLOC];
+    b.extend_from_slice(client);
+    b.extend_from_slice(&volume.to_be_bytes());
+    b.extend_from_slice(&count.to_be_bytes());
+    b
+}
+
+/// The user a batch acts for, as the leader resolved it: every member
+/// checks the batch's rights against the same user, id and groups, whatever
+/// its own user table says. `u16 len | name`, `u32 id`, `u16 count`, then
+/// each group as `u16 len | name`.
+fn encode_who(b: &mut Vec<u8>, who: &Who) {
+    let put = |b: &mut Vec<u8>, s: &str| {
+        let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        b.extend_from_slice(s);
+    };
+    put(b, &who.user);
+    b.extend_from_slice(&who.id.to_be_bytes());
+    let n = who.groups.len().min(u16::MAX as usize);
+    b.extend_from_slice(&(n as u16).to_be_bytes());
+    for g in &who.groups[..n] {
+        put(b, g);
+    }
+}
+
+/// Decode [`encode_who`] from the front of `b`; returns it and the rest.
+fn decode_who(b: &[u8]) -> Result<(Who, &[u8])> {
+    fn take(b: &[u8], n: usize) -> Result<(&[u8], &[u8])> {
+        (b.len() >= n).then(|| b.split_at(n)).ok_or_else(bad_entry)
+    }
+    fn string(b: &[u8]) -> Result<(String, &[u8])> {
+        let (len, b) = take(b, 2)?;
+        let (s, b) = take(b, u16::from_be_bytes([len[0], len[1]]) as usize)?;
+        let s = String::from_utf8(s.to_vec()).map_err(|_| bad_entry())?;
+        Ok((s, b))
+    }
+    let (user, b) = string(b)?;
+    let (id, b) = take(b, 4)?;
+    let id = u32::from_be_bytes(id.try_into().expect("4"));
+    let (n, mut b) = take(b, 2)?;
+    let n = u16::from_be_bytes([n[0], n[1]]);
+    let mut groups = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let (g, rest) = string(b)?;
+        groups.push(g);
+        b = rest;
+    }
+    Ok((Who { user, id, groups }, b))
+}
+
+/// A SetAcl: the user it acts for, the directory, the entry.
+fn encode_set_acl(
+    client: &ClientId,
+    who: &Who,
+    dir: Fid,
+    name: &str,
+    rights: u8,
+    negative: bool,
+) -> Vec<u8> {
+    let mut b = vec![OP_SET_ACL];
+    b.extend_from_slice(client);
+    encode_who(&mut b, who);
+    b.extend_from_slice(&dir.volume.to_be_bytes());
+    b.extend_from_slice(&dir.vnode.to_be_bytes());
+    b.extend_from_slice(&dir.unique.to_be_bytes());
+    b.push(rights);
+    b.push(negative as u8);
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// What SetAcl answers: the new list, the caller's rights, the fids whose
+/// callbacks break.
+pub(crate) type AclChange = (super::super::acl::Acl, u8, Vec<Fid>);
+
+fn bad_entry() -> Error {
+    Error::Eio("a replicated log entry does not decode".into())
+}
+
+impl StateMachine for Machine {
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied> {
+        let client: ClientId = data
+            .get(1..17)
+            .ok_or_else(bad_entry)?
+            .try_into()
+            .expect("16");
+        match data[0] {
+            OP_REINTEGRATE => {
+                let b = data.get(17..).ok_or_else(bad_entry)?;
+                if b.len() < 12 {
+                    return Err(bad_entry());
+                }
+                let now = Timespec {
+                    sec: i64::from_be_bytes(b[..8].try_into().expect("8")),
+                    nsec: u32::from_be_bytes(b[8..12].try_into().expect("4")),
+                };
+                let (who, b) = decode_who(&b[12..])?;
+                let (&kind, body) = b.split_first().ok_or_else(bad_entry)?;
+                let (after, records) = match Msg::decode_body(kind, body)? {
+                    Msg::Reintegrate { records } => (0, records),
+                    Msg::ReintegrateAfter { after, records } => (after, records),
+                    _ => return Err(bad_entry()),
+                };
+                self.ensure_data(&client, after, &records)?;
+                let root = self.root.clone();
+                let lookup = move |up: u64| {
+                    let p = replstage_path(&root, &client, up);
+                    p.exists().then_some(p)
+                };
+                let res = self.store.reintegrate_at(
+                    &client,
+                    Some(Arc::new(who)),
+                    after,
+                    &records,
+                    &lookup,
+                    Some(now),
+                );
+                if let Err(b) = &res {
+                    if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
+                        // Another member may have applied it: stop rather than diverge.
+                        return Err(Error::Eio(format!(
+                            "entry {index} failed here only: {}",
+                            b.error
+                        )));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            OP_ALLOC => {
+                let b = data.get(17..25).ok_or_else(bad_entry)?;
+                let volume = u32::from_be_bytes(b[..4].try_into().expect("4"));
+                let count = u32::from_be_bytes(b[4..].try_into().expect("4"));
+                let res = alloc_at(&self.store, index, &client, volume, count);
+                if let Err(e) = &res {
+                    if is_store_failure(e) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            OP_SET_ACL => {
+                let (who, b) = decode_who(data.get(17..).ok_or_else(bad_entry)?)?;
+                if b.len() < 18 {
+                    return Err(bad_entry());
+                }
+                let dir = Fid {
+                    volume: u32::from_be_bytes(b[..4].try_into().expect("4")),
+                    vnode: u64::from_be_bytes(b[4..12].try_into().expect("8")),
+                    unique: u32::from_be_bytes(b[12..16].try_into().expect("4")),
+                };
+                let name = std::str::from_utf8(&b[18..]).map_err(|_| bad_entry())?;
+                // Setting an entry is idempotent: applied again, it changes nothing.
+                let res: Result<AclChange> =
+                    self.store
+                        .set_acl(&who, &client, dir, name, b[16], b[17] != 0);
+                if let Err(e) = &res {
+                    if is_store_failure(e) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            OP_ADMIN => {
+                let b = data.get(17..).ok_or_else(bad_entry)?;
+                if b.len() < 32 {
+                    return Err(bad_entry());
+                }
+                let secret: [u8; 32] = b[..32].try_into().expect("32");
+                let line = std::str::from_utf8(&b[32..]).map_err(|_| bad_entry())?;
+                let words: Vec<String> = line.split('\t').map(str::to_string).collect();
+                let res: Result<String> = self.store.with_db(|db| match words.as_slice() {
+                    [u, a, name] if u == "user" && a == "add" => {
+                        crate::server::volume::check_user(name)?;
+                        let path =
+                            crate::server::volume::add_user_with(db, &self.root, name, secret)?;
+                        Ok(format!("added {name}; secret in {}\n", path.display()))
+                    }
+                    _ => crate::server::admin::run_command(db, &self.root, &words),
+                });
+                // Identities are cached per user: users or groups may have moved.
+                self.store.access.changed();
+                if let Err(e) = &res {
+                    if is_store_failure(e) || matches!(e, Error::Io { .. }) {
+                        return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
+                    }
+                }
+                Ok(Box::new(res))
+            }
+            _ => Err(bad_entry()),
+        }
+    }
+}
+
+/// The administration commands that change users, groups, anonymous
+/// access or a volume's quota: in a group they are log entries (a quota is
+/// checked by every member's batches, so all must hold the same one).
+pub(crate) fn is_replicated_admin(words: &[String]) -> bool {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    matches!(
+        w.as_slice(),
+        ["user", "add" | "remove", ..]
+            | ["group", "add" | "remove", ..]
+            | ["anonymous", ..]
+            | ["quota", _, _]
+    )
+}
+
+/// An administration command through the log: every member applies it to
+/// its own store (a new user's secret, drawn here, goes in the entry, so
+/// every member writes the same secret file). Any member takes it; a
+/// follower forwards it to the leader. Answers with this member's result.
+pub(crate) fn admin(repl: &Replicator, words: &[String]) -> Result<String> {
+    if words.iter().any(|w| w.contains('\t') || w.contains('\n')) {
+        return Err(Error::Invalid(
+            "a word of the command holds a tab or newline".into(),
+        ));
+    }
+    let secret: [u8; 32] = crate::proto::auth::random_bytes();
+    let mut b = vec![OP_ADMIN];
+    b.extend_from_slice(&[0u8; 16]);
+    b.extend_from_slice(&secret);
+    b.extend_from_slice(words.join("\t").as_bytes());
+    let applied = repl.propose_from_any_member(b, COMMIT_TIMEOUT)?;
+    applied
+        .downcast::<Result<String>>()
+        .map(|b| *b)
+        .map_err(|_| Error::Eio("replicated result of an unexpected type".into()))?
+}
+
+/// The leader's SetAcl: through the log, so every member keeps the same
+/// access lists.
+#[allow(clippy::too_many_arguments)] // SetAcl's own fields, plus its session
+pub(crate) fn set_acl(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    who: &Who,
+    dir: Fid,
+    name: &str,
+    rights: u8,
+    negative: bool,
+) -> Result<AclChange> {
+    let data = encode_set_acl(&ctx.id, who, dir, name, rights, negative);
+    match propose::<Result<AclChange>>(repl, data) {
+        Ok(r) => r,
+        Err(e) => {
+            leadership_lost(shared, ctx, &e);
+            Err(e)
+        }
+    }
+}
+
+impl Machine {
+    /// Make sure the data of every not-yet-applied Store of the batch is
+    /// here, pulling what this member missed from the others.
+    fn ensure_data(&self, client: &ClientId, after: u64, records: &[Record]) -> Result<()> {
+        let highest = self.store.with_db(|db| -> Result<u64> {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(CLIENT_STORE)?;
+            let v = t.get(client)?.map(|v| v.value());
+            Ok(v.unwrap_or(0))
+        })?;
+        if after > highest {
+            // The store refuses it (NotApplied) on every member, the
+            // watermark being replicated: its data is not needed.
+            return Ok(());
+        }
+        for r in records {
+            let RecordOp::Store { upload_id, .. } = r.op else {
+                continue;
+            };
+            if r.store_id <= highest || replstage_path(&self.root, client, upload_id).exists() {
+                continue;
+            }
+            // Members come and go (killed, stopped, cut off): ask them all
+            // in rounds for a while before giving up.
+            let deadline = std::time::Instant::now() + FETCH_PATIENCE;
+            let mut got = false;
+            while !got && std::time::Instant::now() < deadline {
+                let members = self.group.lock().members.clone();
+                for m in members.iter().filter(|m| m.id != self.me) {
+                    let Ok(addr) = resolve(&m.addr) else { continue };
+                    match fetch(
+                        addr, &self.key, self.me, m.id, &self.root, client, upload_id,
+                    ) {
+                        Ok(true) => {
+                            got = true;
+                            break;
+                        }
+                        Ok(false) => {}
+                        Err(e) => log::info(format_args!(
+                            "replication: fetching upload {upload_id} from member {}: {e}",
+                            m.id
+                        )),
+                    }
+                }
+                if !got {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            if !got {
+                return Err(Error::Eio(format!(
+                    "the data of upload {upload_id} of client {} is on no reachable member",
+                    objects::hex(client)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// AllocFids as an entry: exactly once per index, even if applied again
+/// after a crash between the store's commit and the log's applied mark.
+fn alloc_at(
+    store: &VolumeStore,
+    index: u64,
+    client: &ClientId,
+    volume: u32,
+    count: u32,
+) -> Result<u64> {
+    if count == 0 || count > MAX_ALLOC {
+        return Err(Error::Invalid(format!(
+            "AllocFids count {count} not in 1..={MAX_ALLOC}"
+        )));
+    }
+    store.with_db(|db| -> Result<u64> {
+        let txn = db.begin_write()?;
+        let first = {
+            let mut settings = txn.open_table(SETTINGS)?;
+            let done = settings
+                .get(ALLOC_INDEX_KEY)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if done >= index {
+                return Err(Error::Again(format!("entry {index} was applied before")));
+            }
+            settings.insert(ALLOC_INDEX_KEY, index.to_be_bytes().as_slice())?;
+            let mut vols = txn.open_table(VOLUMES)?;
+            let first = vols
+                .get(volume)?
+                .map(|v| v.value())
+                .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
+            let end = first
+                .checked_add(count as u64)
+                .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
+            vols.insert(volume, end)?;
+            txn.open_table(RESERVED)?
+                .insert((volume, first), &encode_reservation(client, count))?;
+            first
+        };
+        txn.commit()?;
+        Ok(first)
+    })
+}
+
+/// Propose, wait for this member's application, and unwrap its result.
+fn propose<T: 'static>(repl: &Replicator, data: Vec<u8>) -> Result<T> {
+    let applied = repl.propose(data, COMMIT_TIMEOUT)?;
+    applied
+        .downcast::<T>()
+        .map(|b| *b)
+        .map_err(|_| Error::Eio("replicated result of an unexpected type".into()))
+}
+
+/// A client's session on a leader that could not get its request committed
+/// is ended, so the client looks for the new leader and retries there (the
+/// replay rule keeps a batch that did commit from applying twice).
+fn leadership_lost(shared: &Shared, ctx: &ClientCtx, e: &Error) {
+    if matches!(e, Error::Again(_) | Error::Timeout(_)) {
+        shared
+            .registry
+            .end_session(&ctx.id, ctx.gen, &format!("replication: {e}"));
+    }
+}
+
+/// The leader's AllocFids.
+pub(crate) fn alloc_fids(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    volume: u32,
+    count: u32,
+) -> Result<u64> {
+    match propose::<Result<u64>>(repl, encode_alloc(&ctx.id, volume, count)) {
+        Ok(r) => r,
+        Err(e) => {
+            leadership_lost(shared, ctx, &e);
+            Err(e)
+        }
+    }
+}
+
+/// The leader's Reintegrate: data to a majority, then the entry. A
+/// pipelined batch's `after` is not checked here but when the entry is
+/// applied, on every member against the replicated watermark, so a
+/// NotApplied batch is refused alike everywhere (its predecessor may be in
+/// the log ahead of it, not yet applied).
+pub(crate) fn reintegrate(
+    shared: &Shared,
+    repl: &Replicator,
+    ctx: &ClientCtx,
+    who: Arc<Who>,
+    after: u64,
+    records: &[Record],
+) -> std::result::Result<Outcome, BatchError> {
+    let fail = |e: Error| {
+        leadership_lost(shared, ctx, &e);
+        BatchError::from(e)
+    };
+    let highest = shared.store.with_db(|db| -> Result<u64> {
+        let txn = db.begin_read()?;
+        let t = txn.open_table(CLIENT_STORE)?;
+        let v = t.get(&ctx.id)?.map(|v| v.value());
+        Ok(v.unwrap_or(0))
+    })?;
+    let mut files = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if let RecordOp::Store { upload_id, .. } = r.op {
+            match shared.registry.staged(ctx, upload_id) {
+                Some(p) => files.push((upload_id, p)),
+                // A replayed record is skipped by every member; a new one
+                // whose data is not staged here (the client's upload went
+                // to a leader before this one) is refused as a lone server
+                // refuses it. Proposed, it would name data on no member,
+                // and every member would wait for it.
+                None if r.store_id > highest => {
+                    return Err(BatchError {
+                        error: Error::NotFound(format!("upload {upload_id} is not staged")),
+                        index: i as u32,
+                    });
+                }
+                None => {}
+            }
+        }
+    }
+    if !files.is_empty() {
+        let dir = replstage_dir(&shared.root);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create replstage", e))?;
+        for (up, p) in &files {
+            let dst = replstage_path(&shared.root, &ctx.id, *up);
+            let _ = std::fs::remove_file(&dst);
+            std::fs::hard_link(p, &dst).map_err(|e| Error::io("link upload into replstage", e))?;
+        }
+        objects::sync_dir(&dir)?;
+        push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
+    }
+    let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, after, records);
+    match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
+        Ok(r) => r,
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// Push the batch's files to the followers; returns once, counting this
+/// member, a majority of the voters holds every one durably.
+fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf)]) -> Result<()> {
+    let st = repl.status()?;
+    let others: Vec<(u64, String)> = {
+        let g = repl.group.lock();
+        st.voters
+            .iter()
+            .filter(|v| **v != repl.me)
+            .filter_map(|v| g.addr_of(*v).map(|a| (*v, a.to_string())))
+            .collect()
+    };
+    let need = st.voters.len() / 2; // besides this member
+    if need == 0 {
+        return Ok(());
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for (id, addr) in others {
+        let tx = tx.clone();
+        let key = repl.key.clone();
+        let me = repl.me;
+        let client = *client;
+        let files = files.to_vec();
+        let pool = Arc::clone(&repl.data_pool);
+        // Detached: a slow member finishes (or times out) on its own.
+        let _ = std::thread::Builder::new()
+            .name(format!("coda-push-{id}"))
+            .spawn(move || {
+                let r = resolve(&addr).and_then(|a| {
+                    files
+                        .iter()
+                        .try_for_each(|(up, p)| push(&pool, a, &key, me, id, &client, *up, p))
+                });
+                let _ = tx.send((id, r));
+            });
+    }
+    drop(tx);
+    let mut ok = 0;
+    let mut last = None;
+    while let Ok((id, r)) = rx.recv() {
+        match r {
+            Ok(()) => {
+                ok += 1;
+                if ok >= need {
+                    return Ok(());
+                }
+            }
+            Err(e) => last = Some(format!("member {id}: {e}")),
+        }
+    }
+    Err(Error::Again(format!(
+        "the data reached no majority of the group ({})",
+        last.unwrap_or_default()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_of_an_entry_decodes_as_encoded_and_a_cut_one_is_refused() {
+        let who = Who {
+            user: "bob".into(),
+            id: 7,
+            groups: vec!["System:AnyUser".into(), "bob:friends".into()],
+        };
+        let mut b = Vec::new();
+        encode_who(&mut b, &who);
+        b.extend_from_slice(b"rest");
+        let (back, rest) = decode_who(&b).unwrap();
+        assert_eq!(back, who);
+        assert_eq!(rest, b"rest");
+        for cut in 0..b.len() - 4 {
+            assert!(decode_who(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,736 @@
+//! The node thread: the only owner of the engine's `RawNode`. It ticks,
+//! steps peers' messages, takes proposals, and for every ready makes the
+//! log durable (one fsync) before sending what must follow it, then
+//! applies committed entries and answers the proposers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
+use raft::{RawNode, StateRole};
+
+use super::config::{GroupConfig, Member};
+use super::peers::Peers;
+use super::storage::RaftStore;
+use crate::server::log;
+use crate::{Error, Result};
+
+/// One engine tick. Heartbeats go every `HEARTBEAT_TICKS`, and a follower
+/// that hears no leader for a random `MIN_ELECTION_TICKS` to
+/// `MAX_ELECTION_TICKS` ticks stands.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Ticks between heartbeats (150 ms).
+pub const HEARTBEAT_TICKS: usize = 3;
+/// The engine's election timeout in ticks (0.5 s): a member that heard a
+/// leader refuses (pre-)votes until it has ticked this often since
+/// (`check_quorum`'s in-lease rule, which [`LEASE`] relies on).
+pub const ELECTION_TICKS: usize = 10;
+/// The fewest ticks without a leader before a follower stands: two past
+/// `ELECTION_TICKS`, so the others (whose ticks run in phases of their own,
+/// and may run late on a loaded machine) have left the in-lease window when
+/// its vote requests arrive. Standing at `ELECTION_TICKS` got it ignored and
+/// cost a second round of 0.5–1 s.
+pub const MIN_ELECTION_TICKS: usize = ELECTION_TICKS + 2;
+/// The random timeout is drawn below this (so 0.6–1 s).
+pub const MAX_ELECTION_TICKS: usize = 2 * ELECTION_TICKS;
+/// How long a confirmed heartbeat round lets the leader serve reads, from
+/// the moment it asked for the round. A member that answered the round
+/// refuses every vote until it has ticked `ELECTION_TICKS` times since
+/// (`check_quorum`'s in-lease rule), at least `ELECTION_TICKS - 1` tick
+/// intervals (this thread never ticks faster than `TICK`): 450 ms. Any
+/// majority that could elect another leader holds such a member, so none
+/// is elected within the lease; 150 ms of it is kept as margin for clock
+/// drift and scheduling.
+pub const LEASE: Duration = Duration::from_millis(300);
+/// How long, at least, after the end of a leader's lease another can be
+/// elected (450 ms of refused votes minus `LEASE`).
+pub const LEASE_SLACK: Duration = Duration::from_millis(150);
+/// How often the leader asks for a heartbeat round to renew its lease.
+const LEASE_RENEW: Duration = TICK;
+/// A round unanswered this long is forgotten and asked again.
+const READ_GIVE_UP: Duration = Duration::from_secs(1);
+
+/// What other threads hand the node thread.
+pub enum Input {
+    /// A message from a peer.
+    Raft(Box<Message>),
+    /// Append `data` to the log; answered with the state machine's result
+    /// once applied here.
+    Propose(Vec<u8>, Sender<Result<Applied>>),
+    /// As `Propose`, also on a follower (the engine forwards it to the
+    /// leader); answered once applied here.
+    ProposeAny(Vec<u8>, Sender<Result<Applied>>),
+    /// Add (`Some(addr)`) or remove (`None`) member `id`; answered (with
+    /// the entry's index) once applied.
+    Membership(u64, Option<String>, Sender<Result<Applied>>),
+    /// A snapshot of the node's state.
+    Status(Sender<NodeStatus>),
+}
+
+/// One member's view, for `group status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This node's id.
+    pub id: u64,
+    /// "leader", "follower", "candidate" or "precandidate".
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of (0: none).
+    pub leader: u64,
+    /// Highest index known committed.
+    pub commit: u64,
+    /// Highest index applied here.
+    pub applied: u64,
+    /// Last index in the log here.
+    pub last: u64,
+    /// Voters of the configuration in force.
+    pub voters: Vec<u64>,
+    /// On the leader: each member's highest replicated index.
+    pub matched: Vec<(u64, u64)>,
+}
+
+impl NodeStatus {
+    /// Text form: one `key value` per line.
+    pub fn encode(&self) -> String {
+        let mut s = format!(
+            "id {}\nrole {}\nterm {}\nleader {}\ncommit {}\napplied {}\nlast {}\nvoters {}\n",
+            self.id,
+            self.role,
+            self.term,
+            self.leader,
+            self.commit,
+            self.applied,
+            self.last,
+            self.voters
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for (id, m) in &self.matched {
+            s.push_str(&format!("matched {id} {m}\n"));
+        }
+        s
+    }
+
+    /// Parse [`NodeStatus::encode`]'s text.
+    pub fn decode(text: &str) -> Result<NodeStatus> {
+        let mut st = NodeStatus::default();
+        let bad = || Error::Protocol(format!("bad status reply {text:?}"));
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let num =
+                |i: usize| -> Result<u64> { f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad) };
+            match f.first().copied() {
+                Some("id") => st.id = num(1)?,
+                Some("role") => st.role = f.get(1).ok_or_else(bad)?.to_string(),
+                Some("term") => st.term = num(1)?,
+                Some("leader") => st.leader = num(1)?,
+                Some("commit") => st.commit = num(1)?,
+                Some("applied") => st.applied = num(1)?,
+                Some("last") => st.last = num(1)?,
+                Some("voters") => {
+                    st.voters = f
+                        .get(1)
+                        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+                        .unwrap_or_default()
+                }
+                Some("matched") => st.matched.push((num(1)?, num(2)?)),
+                _ => {}
+            }
+        }
+        Ok(st)
+    }
+}
+
+/// What the node thread publishes for other threads without a round trip.
+#[derive(Default)]
+pub struct Published {
+    /// The leader's node id (0: none known).
+    pub leader: AtomicU64,
+    /// The current term.
+    pub term: AtomicU64,
+    /// Set when the node thread stopped for good (its log could not be written).
+    pub failed: AtomicBool,
+    /// The leader applied an entry of its own term: its store holds
+    /// everything committed before it, so it may serve clients.
+    pub serving: AtomicBool,
+    /// Called when this member stops being the leader.
+    pub on_step_down: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// The leader's read lease (see [`LEASE`]).
+    pub lease: Mutex<Lease>,
+    /// Signalled when the lease is renewed or lost.
+    pub lease_changed: Condvar,
+}
+
+/// What the leader may do when, as far as its clock and the engine's
+/// in-lease rule tell.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Lease {
+    /// Until when no other member can have been elected: reads (and the
+    /// callbacks granted with them) are served only before it.
+    pub until: Option<Instant>,
+    /// A new leader acknowledges writes only from this instant: clients
+    /// of the leader before it may trust their callbacks blind for their
+    /// trust window after its last frame, which it sent within its lease.
+    pub writes_from: Option<Instant>,
+    /// That wait: the clients' trust window plus a margin (set by the server).
+    pub write_delay: Duration,
+}
+
+/// What an applied entry hands back to its proposer.
+pub type Applied = Box<dyn std::any::Any + Send>;
+
+/// Applies committed normal entries (the volume store: machine.rs).
+pub trait StateMachine: Send {
+    /// Apply entry `index`; the value goes back to the proposer. An error
+    /// means this member could not apply what the others did: the node
+    /// stops rather than diverge.
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied>;
+}
+
+pub(super) struct Driver {
+    pub node: RawNode<raft::storage::MemStorage>,
+    pub store: RaftStore,
+    pub inbox: Receiver<Input>,
+    pub peers: Peers,
+    pub group: Arc<Mutex<GroupConfig>>,
+    pub root: std::path::PathBuf,
+    pub published: Arc<Published>,
+    pub stopping: Arc<AtomicBool>,
+    pub sm: Box<dyn StateMachine>,
+    /// Proposals of ours not yet applied: our serial → waiter.
+    pub waiting: HashMap<u64, Sender<Result<Applied>>>,
+    pub next_serial: u64,
+    pub was_leader: bool,
+    /// Heartbeat rounds asked for (ReadIndex), by their context: when.
+    pub reads_out: HashMap<u64, Instant>,
+    pub read_seq: u64,
+    pub last_read_ask: Option<Instant>,
+    /// Rounds confirmed by a majority: (commit index then, asked at),
+    /// granted as lease once this member applied that index.
+    pub confirmed: Vec<(u64, Instant)>,
+    /// When this member last took a heartbeat from a leader, or the node
+    /// thread's start: it answered no heartbeat round asked after this.
+    pub heard: Instant,
+    /// Votes granted to this member as a candidate: (term, voter) → when
+    /// the voter last heard a leader, by our clock, or None if it did not
+    /// say (an older member).
+    pub grants: HashMap<(u64, u64), Option<Instant>>,
+    /// The end of the last lease this member held as leader.
+    pub lease_end_ever: Option<Instant>,
+}
+
+/// Build the engine over the durable log.
+pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::storage::MemStorage>> {
+    let cfg = raft::Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        min_election_tick: MIN_ELECTION_TICKS,
+        max_election_tick: MAX_ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied: store.applied(),
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        // A leader that stops hearing a majority steps down, and a member
+        // cut off and back does not depose a healthy leader.
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    cfg.validate()
+        .map_err(|e| Error::Invalid(format!("raft config: {e}")))?;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    RawNode::new(&cfg, store.mem(), &logger).map_err(|e| Error::Invalid(format!("raft: {e}")))
+}
+
+fn context(node: u64, serial: u64) -> Vec<u8> {
+    let mut c = node.to_be_bytes().to_vec();
+    c.extend_from_slice(&serial.to_be_bytes());
+    c
+}
+
+fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
+    if c.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_be_bytes(c[..8].try_into().ok()?),
+        u64::from_be_bytes(c[8..].try_into().ok()?),
+    ))
+}
+
+/// When a new leader may acknowledge writes, from what it can prove:
+/// every lease an earlier leader held was confirmed by a majority, which
+/// shares a member with the majority that elected this one (itself or a
+/// voter). That member answered the lease's round after the round was
+/// asked and before its vote, so the lease ended by [`LEASE`] after the
+/// latest "last heard a leader" among them (`heard`: this member's;
+/// `voters`: each voter's, None if it did not say), or at this member's own
+/// last lease end, and the old leader's clients trust their callbacks blind
+/// no longer than `trust` after it. None when a voter did not say.
+fn proven_writes_from(
+    heard: Instant,
+    voters: impl IntoIterator<Item = Option<Instant>>,
+    own_lease_end: Option<Instant>,
+    trust: Duration,
+) -> Option<Instant> {
+    let mut latest = heard;
+    for at in voters {
+        latest = latest.max(at?);
+    }
+    let end = (latest + LEASE).max(own_lease_end.unwrap_or(latest));
+    Some(end + trust)
+}
+
+fn role_name(r: StateRole) -> &'static str {
+    match r {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "precandidate",
+    }
+}
+
+impl Driver {
+    pub fn run(mut self) {
+        let mut next_tick = Instant::now() + TICK;
+        while !self.stopping.load(Ordering::SeqCst) {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.inbox.recv_timeout(wait) {
+                Ok(input) => {
+                    self.take(input);
+                    // Take whatever else is queued before one ready: one
+                    // fsync covers them all.
+                    for _ in 0..256 {
+                        match self.inbox.try_recv() {
+                            Ok(i) => self.take(i),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                self.node.tick();
+                next_tick = Instant::now() + TICK;
+            }
+            self.renew_lease();
+            let r = self.on_ready();
+            self.grant_lease();
+            if let Err(e) = r {
+                log::warn(format_args!(
+                    "replication: node {} stops: its log cannot be written: {e}",
+                    self.node.raft.id
+                ));
+                self.published.failed.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+        for (_, w) in self.waiting.drain() {
+            let _ = w.send(Err(Error::Again("the server is stopping".into())));
+        }
+        self.peers.stop();
+    }
+
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Raft(m) => {
+                match m.get_msg_type() {
+                    MessageType::MsgHeartbeat => self.heard = Instant::now(),
+                    MessageType::MsgRequestVoteResponse if !m.reject => {
+                        // The voter's "heard a leader this long ago" (see
+                        // `send`), as an instant of our clock: late by the
+                        // message's transit, so never too early.
+                        let ago = <[u8; 8]>::try_from(m.context.as_ref())
+                            .ok()
+                            .map(|b| Duration::from_micros(u64::from_be_bytes(b)));
+                        let at = ago.and_then(|a| Instant::now().checked_sub(a));
+                        self.grants.retain(|(t, _), _| *t >= m.term);
+                        self.grants.insert((m.term, m.from), at);
+                    }
+                    _ => {}
+                }
+                // Messages from a node we don't know (removed, or a stale
+                // incarnation) are the engine's to ignore.
+                let _ = self.node.step(*m);
+            }
+            Input::Propose(data, done) => self.propose(data, done, false),
+            Input::ProposeAny(data, done) => self.propose(data, done, true),
+            Input::Membership(id, addr, done) => {
+                if self.node.raft.state != StateRole::Leader {
+                    let _ = done.send(Err(self.not_leader()));
+                    return;
+                }
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                let mut cc = ConfChange {
+                    node_id: id,
+                    ..Default::default()
+                };
+                cc.set_change_type(if addr.is_some() {
+                    ConfChangeType::AddNode
+                } else {
+                    ConfChangeType::RemoveNode
+                });
+                // The context names the proposer and, for an addition, the address.
+                let mut ctx = context(self.node.raft.id, serial);
+                ctx.extend_from_slice(addr.as_deref().unwrap_or("").as_bytes());
+                cc.context = ctx.into();
+                match self.node.propose_conf_change(Vec::new(), cc) {
+                    Ok(()) => {
+                        self.waiting.insert(serial, done);
+                    }
+                    Err(e) => {
+                        let _ = done.send(Err(Error::Again(format!("change refused: {e}"))));
+                    }
+                }
+            }
+            Input::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// Take a proposal: on the leader, or with `forward` on a follower
+    /// that knows the leader (the engine forwards it there).
+    fn propose(&mut self, data: Vec<u8>, done: Sender<Result<Applied>>, forward: bool) {
+        if self.node.raft.state != StateRole::Leader && !(forward && self.node.raft.leader_id != 0)
+        {
+            let _ = done.send(Err(self.not_leader()));
+            return;
+        }
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        match self.node.propose(context(self.node.raft.id, serial), data) {
+            Ok(()) => {
+                self.waiting.insert(serial, done);
+            }
+            Err(e) => {
+                let _ = done.send(Err(Error::Again(format!("proposal refused: {e}"))));
+            }
+        }
+    }
+
+    /// On the leader, ask the engine for a heartbeat round (ReadIndex,
+    /// `ReadOnlyOption::Safe`) every `LEASE_RENEW`, one at a time.
+    fn renew_lease(&mut self) {
+        if self.node.raft.state != StateRole::Leader
+            || !self.published.serving.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let now = Instant::now();
+        self.reads_out
+            .retain(|_, at| now.duration_since(*at) < READ_GIVE_UP);
+        if !self.reads_out.is_empty()
+            || self
+                .last_read_ask
+                .is_some_and(|t| now.duration_since(t) < LEASE_RENEW)
+        {
+            return;
+        }
+        self.read_seq += 1;
+        self.reads_out.insert(self.read_seq, now);
+        self.last_read_ask = Some(now);
+        self.node.read_index(self.read_seq.to_be_bytes().to_vec());
+    }
+
+    /// A confirmed round whose commit index is applied here extends the
+    /// lease to `LEASE` past the moment the round was asked for.
+    fn grant_lease(&mut self) {
+        if self.confirmed.is_empty() {
+            return;
+        }
+        let applied = self.store.applied();
+        let mut best: Option<Instant> = None;
+        self.confirmed.retain(|(index, at)| {
+            if *index <= applied {
+                best = best.max(Some(*at));
+                false
+            } else {
+                true
+            }
+        });
+        let Some(at) = best else { return };
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        let mut l = self.published.lease.lock();
+        l.until = l.until.max(Some(at + LEASE));
+        self.lease_end_ever = self.lease_end_ever.max(l.until);
+        drop(l);
+        self.published.lease_changed.notify_all();
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader = self.node.raft.leader_id;
+        let addr = self.group.lock().addr_of(leader).map(str::to_string);
+        match addr {
+            Some(a) => Error::Again(format!(
+                "not the leader; the leader is member {leader} at {a}"
+            )),
+            None => Error::Again("not the leader; no leader known".into()),
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        let r = &self.node.raft;
+        let mut matched: Vec<(u64, u64)> = Vec::new();
+        if r.state == StateRole::Leader {
+            matched = r.prs().iter().map(|(id, p)| (*id, p.matched)).collect();
+            matched.sort_unstable();
+        }
+        let mut voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        NodeStatus {
+            id: r.id,
+            role: role_name(r.state).into(),
+            term: r.term,
+            leader: r.leader_id,
+            commit: r.raft_log.committed,
+            applied: self.store.applied(),
+            last: r.raft_log.last_index(),
+            voters,
+            matched,
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for mut m in msgs {
+            if m.get_msg_type() == MessageType::MsgRequestVoteResponse && !m.reject {
+                // A granted vote says how long ago this member last took
+                // a heartbeat (rounded up): it answered no lease round
+                // asked since (see `writes_from`). The engine leaves a
+                // vote response's context unused.
+                let ago = self.heard.elapsed().as_micros() as u64 + 1;
+                m.context = ago.to_be_bytes().to_vec().into();
+            }
+            self.peers.send(m);
+        }
+    }
+
+    /// See [`proven_writes_from`], for this member in its current term.
+    fn proven_writes_from(&self, trust: Duration) -> Option<Instant> {
+        let term = self.node.raft.term;
+        let voters = self
+            .grants
+            .iter()
+            .filter(|((t, _), _)| *t == term)
+            .map(|(_, at)| *at);
+        proven_writes_from(self.heard, voters, self.lease_end_ever, trust)
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        // A leader may send before its own fsync (the engine counts its own
+        // vote only once persisted); everything else waits for the disk.
+        if !ready.messages().is_empty() {
+            let m = ready.take_messages();
+            self.send(m);
+        }
+        if !ready.snapshot().is_empty() {
+            return Err(Error::Invalid(
+                "a snapshot arrived; this member cannot install one yet".into(),
+            ));
+        }
+        // The log and the commit index reach the disk before anything is
+        // applied: the applied mark must never be ahead of the commit
+        // index a restart reads.
+        self.store.persist(ready.entries(), ready.hs())?;
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+        for rs in ready.take_read_states() {
+            let seq = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
+            if let Some(at) = seq.ok().and_then(|s| self.reads_out.remove(&s)) {
+                self.confirmed.push((rs.index, at));
+            }
+        }
+        if let Some(ss) = ready.ss() {
+            self.published.leader.store(ss.leader_id, Ordering::SeqCst);
+            self.published.serving.store(false, Ordering::SeqCst);
+            let leader = ss.raft_state == StateRole::Leader;
+            {
+                // A role change ends the lease; a new leader waits out the
+                // trust its predecessor's clients may still place in their
+                // callbacks before it acknowledges a write.
+                let mut l = self.published.lease.lock();
+                l.until = None;
+                if leader && !self.was_leader {
+                    // The in-lease rule proves that no lease ended later
+                    // than LEASE_SLACK before this election; the voters'
+                    // "last heard" often prove an earlier end. Either is a
+                    // bound: the earlier wins.
+                    let now = Instant::now();
+                    let full = now + l.write_delay;
+                    let proven = self
+                        .proven_writes_from(l.write_delay + LEASE_SLACK)
+                        .map_or(full, |p| p.clamp(now, full));
+                    l.writes_from = Some(proven);
+                }
+                drop(l);
+                self.published.lease_changed.notify_all();
+                self.reads_out.clear();
+                self.confirmed.clear();
+                self.last_read_ask = None;
+            }
+            if self.was_leader && !leader {
+                if let Some(f) = self.published.on_step_down.lock().as_ref() {
+                    f();
+                }
+            }
+            self.was_leader = leader;
+            if ss.raft_state != StateRole::Leader {
+                for (_, w) in self.waiting.drain() {
+                    let _ = w.send(Err(Error::Again(
+                        "leadership changed before the change was applied; retry".into(),
+                    )));
+                }
+            }
+            log::info(format_args!(
+                "replication: node {} is {} (leader {}, term {})",
+                self.node.raft.id,
+                role_name(ss.raft_state),
+                ss.leader_id,
+                self.node.raft.term
+            ));
+        }
+        if let Some(hs) = ready.hs() {
+            self.published.term.store(hs.term, Ordering::SeqCst);
+        }
+        if !ready.persisted_messages().is_empty() {
+            let m = ready.take_persisted_messages();
+            self.send(m);
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.persist_commit(commit)?;
+        }
+        let m = light.take_messages();
+        self.send(m);
+        let committed = light.take_committed_entries();
+        self.apply(committed)?;
+        self.node.advance_apply();
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let me = self.node.raft.id;
+        for e in entries {
+            if e.term == self.node.raft.term && self.node.raft.state == StateRole::Leader {
+                self.published.serving.store(true, Ordering::SeqCst);
+            }
+            let (mine, result): (_, Applied) = match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let r: Applied = if e.data.is_empty() {
+                        Box::new(())
+                    } else {
+                        self.sm.apply(e.index, &e.data)?
+                    };
+                    (parse_context(&e.context), r)
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data)
+                        .map_err(|err| Error::Eio(format!("conf change does not decode: {err}")))?;
+                    let cs = self
+                        .node
+                        .apply_conf_change(&cc)
+                        .map_err(|err| Error::Eio(format!("conf change: {err}")))?;
+                    self.store.persist_conf(&cs)?;
+                    let ctx = &cc.context;
+                    let addr = ctx
+                        .get(16..)
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    self.update_members(cc.node_id, cc.get_change_type(), addr)?;
+                    (ctx.get(..16).and_then(parse_context), Box::new(e.index))
+                }
+                EntryType::EntryConfChangeV2 => (None, Box::new(())),
+            };
+            if let Some((node, serial)) = mine {
+                if node == me {
+                    if let Some(w) = self.waiting.remove(&serial) {
+                        let _ = w.send(Ok(result));
+                    }
+                }
+            }
+        }
+        self.store.set_applied(last)
+    }
+
+    fn update_members(&mut self, id: u64, change: ConfChangeType, addr: String) -> Result<()> {
+        let mut g = self.group.lock();
+        match change {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                if !addr.is_empty() {
+                    g.members.retain(|m| m.id != id);
+                    g.members.push(Member { id, addr });
+                    g.members.sort_by_key(|m| m.id);
+                }
+            }
+            ConfChangeType::RemoveNode => {
+                if id != g.node {
+                    g.members.retain(|m| m.id != id);
+                }
+                self.peers.forget(id);
+            }
+        }
+        let g2 = g.clone();
+        drop(g);
+        g2.save(&self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRUST: Duration = Duration::from_millis(750);
+
+    #[test]
+    fn a_new_leader_waits_from_the_latest_last_heard_of_its_electors() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Itself last heard a leader at t0, its voter 40 ms later: any
+        // earlier lease ended by then + LEASE, trusted TRUST after that.
+        assert_eq!(
+            proven_writes_from(t0, [Some(t0 + ms(40))], None, TRUST),
+            Some(t0 + ms(40) + LEASE + TRUST)
+        );
+        // Its own last lease as leader, ending later, wins.
+        assert_eq!(
+            proven_writes_from(t0, [Some(t0)], Some(t0 + ms(900)), TRUST),
+            Some(t0 + ms(900) + TRUST)
+        );
+        // A vote that did not say when its voter heard a leader proves nothing.
+        assert_eq!(proven_writes_from(t0, [Some(t0), None], None, TRUST), None);
+        // A lone member: its own last hearing (or start) only.
+        assert_eq!(
+            proven_writes_from(t0, [], None, TRUST),
+            Some(t0 + LEASE + TRUST)
+        );
+    }
+
+    #[test]
+    fn election_timeouts_start_past_the_in_lease_window() {
+        // A candidate standing while the others still refuse votes loses
+        // a whole round; two ticks of phase slack keep it out.
+        const { assert!(MIN_ELECTION_TICKS >= ELECTION_TICKS + 2) };
+        const { assert!(MAX_ELECTION_TICKS > MIN_ELECTION_TICKS) };
+        // The lease plus its slack fits in the refused-vote window.
+        assert!(LEASE + LEASE_SLACK <= TICK * (ELECTION_TICKS as u32 - 1));
+    }
+}

@@ -1,0 +1,259 @@
+//! The Raft log and hard state, durable in `DIR/raft.redb` (its own file,
+//! so the log's fsyncs and the volume store's never wait on one lock).
+//! Reads are served by the engine's `MemStorage`, loaded from the file at
+//! start; every write goes to the file first (commit = fsync) and only then
+//! to memory, so nothing the engine sends on was not on disk.
+
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState};
+use raft::storage::MemStorage;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::{Error, Result};
+
+/// Log index → the entry, protobuf-encoded.
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// "hard" → HardState, "conf" → ConfState, "applied" → u64 (big-endian).
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+
+/// The file's name in the data directory.
+pub const RAFT_DB: &str = "raft.redb";
+
+/// Path of the Raft log file.
+pub fn raft_db_path(root: &Path) -> PathBuf {
+    root.join(RAFT_DB)
+}
+
+fn pb_err(e: protobuf::ProtobufError) -> Error {
+    Error::Eio(format!("raft log record does not decode: {e}"))
+}
+
+/// The durable half of the engine's storage plus the in-memory copy it reads.
+pub struct RaftStore {
+    db: Database,
+    mem: MemStorage,
+    applied: u64,
+}
+
+impl RaftStore {
+    /// Create the log of a new member whose group's voters are `voters`.
+    pub fn create(root: &Path, voters: &[u64]) -> Result<()> {
+        let path = raft_db_path(root);
+        if path.exists() {
+            return Err(Error::Exists(format!("{} exists", path.display())));
+        }
+        crate::fsmode::precreate_private_file(&path)?;
+        let db = Database::create(&path)?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(LOG)?;
+            let mut st = txn.open_table(STATE)?;
+            let cs = ConfState::from((voters.to_vec(), Vec::<u64>::new()));
+            st.insert("conf", cs.write_to_bytes().map_err(pb_err)?.as_slice())?;
+            st.insert(
+                "hard",
+                HardState::default()
+                    .write_to_bytes()
+                    .map_err(pb_err)?
+                    .as_slice(),
+            )?;
+            st.insert("applied", 0u64.to_be_bytes().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Open the log and load it into memory.
+    pub fn open(root: &Path) -> Result<RaftStore> {
+        let path = raft_db_path(root);
+        let db = match Database::open(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::Again(format!(
+                    "{} is in use by a running coda-server",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mem = MemStorage::new();
+        let mut applied;
+        {
+            let txn = db.begin_read()?;
+            let st = txn.open_table(STATE)?;
+            let get = |k: &str| -> Result<Vec<u8>> {
+                st.get(k)?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| Error::Eio(format!("{}: no {k} record", path.display())))
+            };
+            let hs = HardState::parse_from_bytes(&get("hard")?).map_err(pb_err)?;
+            let cs = ConfState::parse_from_bytes(&get("conf")?).map_err(pb_err)?;
+            let a = get("applied")?;
+            applied = u64::from_be_bytes(
+                a.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Eio("bad applied record".into()))?,
+            );
+            let log = txn.open_table(LOG)?;
+            let mut entries = Vec::new();
+            for item in log.iter()? {
+                let (_, v) = item?;
+                entries.push(Entry::parse_from_bytes(v.value()).map_err(pb_err)?);
+            }
+            // Entries may be applied again (the state machine knows them),
+            // never applied past what is known committed.
+            applied = applied.min(hs.commit);
+            let mut core = mem.wl();
+            core.append(&entries)
+                .map_err(|e| Error::Eio(format!("raft log: {e}")))?;
+            core.set_hardstate(hs);
+            core.set_conf_state(cs);
+        }
+        Ok(RaftStore { db, mem, applied })
+    }
+
+    /// The engine's view (cheap clone of a shared handle).
+    pub fn mem(&self) -> MemStorage {
+        self.mem.clone()
+    }
+
+    /// Index of the last entry applied to the state machine.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Make new entries and/or a new hard state durable (one fsync), then
+    /// visible to the engine. Entries replace any at the same or later index.
+    pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        if entries.is_empty() && hs.is_none() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut log = txn.open_table(LOG)?;
+            if let Some(first) = entries.first() {
+                // A leader's entries win over ours from that index on.
+                let stale: Vec<u64> = log
+                    .range(first.index..)?
+                    .map(|r| r.map(|(k, _)| k.value()))
+                    .collect::<std::result::Result<_, _>>()?;
+                for k in stale {
+                    log.remove(k)?;
+                }
+                for e in entries {
+                    log.insert(e.index, e.write_to_bytes().map_err(pb_err)?.as_slice())?;
+                }
+            }
+            if let Some(hs) = hs {
+                txn.open_table(STATE)?
+                    .insert("hard", hs.write_to_bytes().map_err(pb_err)?.as_slice())?;
+            }
+        }
+        txn.commit()?;
+        let mut core = self.mem.wl();
+        if !entries.is_empty() {
+            core.append(entries)
+                .map_err(|e| Error::Eio(format!("raft log: {e}")))?;
+        }
+        if let Some(hs) = hs {
+            core.set_hardstate(hs.clone());
+        }
+        Ok(())
+    }
+
+    /// Record a new commit index (from a light ready) durably.
+    pub fn persist_commit(&mut self, commit: u64) -> Result<()> {
+        let mut hs = self.mem.rl().hard_state().clone();
+        hs.commit = commit;
+        self.persist(&[], Some(&hs))
+    }
+
+    /// Record the configuration in force after a membership change.
+    pub fn persist_conf(&mut self, cs: &ConfState) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(STATE)?
+            .insert("conf", cs.write_to_bytes().map_err(pb_err)?.as_slice())?;
+        txn.commit()?;
+        self.mem.wl().set_conf_state(cs.clone());
+        Ok(())
+    }
+
+    /// Record that entries up to `index` are applied. Not fsynced on its
+    /// own: losing it only means re-applying entries the state machine
+    /// recognises as done.
+    pub fn set_applied(&mut self, index: u64) -> Result<()> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Eventual);
+        txn.open_table(STATE)?
+            .insert("applied", index.to_be_bytes().as_slice())?;
+        txn.commit()?;
+        self.applied = index;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("coda-raftstore-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_and_hard_state_survive_a_reopen_a_leader_overwrites_a_tail_and_applied_stays_within_commit(
+    ) {
+        let d = scratch("reopen");
+        RaftStore::create(&d, &[1, 2, 3]).unwrap();
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            let hs = HardState {
+                term: 2,
+                vote: 3,
+                ..Default::default()
+            };
+            s.persist(
+                &[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")],
+                Some(&hs),
+            )
+            .unwrap();
+            // A new leader's entry 2 at term 2 replaces 2 and 3.
+            s.persist(&[entry(2, 2, b"x")], None).unwrap();
+            s.persist_commit(2).unwrap();
+            // An applied mark past the commit index (a kill between the two
+            // writes) is read back as the commit index.
+            s.set_applied(3).unwrap();
+        }
+        let s = RaftStore::open(&d).unwrap();
+        let m = s.mem();
+        let st = m.initial_state().unwrap();
+        assert_eq!(
+            (st.hard_state.term, st.hard_state.vote, st.hard_state.commit),
+            (2, 3, 2)
+        );
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        assert_eq!(m.last_index().unwrap(), 2);
+        assert_eq!(m.term(2).unwrap(), 2);
+        let es = m
+            .entries(1, 3, None, raft::GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es[1].data.as_ref(), b"x");
+        assert_eq!(s.applied(), 2);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

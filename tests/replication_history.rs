@@ -1,0 +1,357 @@
+//! A randomized history test in the style of Jepsen (issue 14): three
+//! clients (each its own `Client` with its own cache, in threads of this
+//! process) read and write unique values on three files of a replicated
+//! group of three real coda-server processes, while a scheduler kills,
+//! stops and cuts off members. Every operation is recorded with its
+//! invocation and completion times and its outcome; a checker then
+//! asserts:
+//!
+//! 1. every acknowledged write is in the final state unless a later
+//!    acknowledged write replaced it;
+//! 2. no read returns a value that was never written;
+//! 3. a read that starts after another client's write was acknowledged
+//!    (both connected) returns that value or a later one.
+//!
+//! A write counts as acknowledged when `close` returned success and the
+//! client's log was empty right after (the group committed it); one that
+//! returned with records still logged (disconnected) is "unknown": it may
+//! reach the group later. Bounded: about 40 s of operations.
+
+mod common;
+mod replication_util;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coda::client::{Client, ClientState};
+use replication_util::{wait_until, Group};
+
+const FILES: usize = 3;
+const CLIENTS: usize = 3;
+const RUN: Duration = Duration::from_secs(40);
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Write(String),
+    /// The value read ("" = empty file or none yet).
+    Read(String),
+}
+
+#[derive(Debug, Clone)]
+struct Op {
+    client: usize,
+    file: usize,
+    kind: Kind,
+    invoke: Instant,
+    complete: Instant,
+    /// Writes: committed by the group. Reads: answered.
+    ok: bool,
+    /// Unknown outcome (a write logged while disconnected).
+    unknown: bool,
+    /// The client was connected at invocation and completion.
+    connected: bool,
+    /// An unknown write: when the client's log had drained (it reached the
+    /// group, or was refused, by then).
+    landed: Option<Instant>,
+}
+
+/// A small deterministic generator (no rand crate): xorshift.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn write(c: &Client, path: &str, v: &str) -> coda::Result<()> {
+    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
+    f.write_at(v.as_bytes(), 0)?;
+    f.close()
+}
+
+fn read(c: &Client, path: &str) -> coda::Result<String> {
+    let f = match c.open(path, libc::O_RDONLY, 0) {
+        Ok(f) => f,
+        Err(coda::Error::NotFound(_)) => return Ok(String::new()),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; 256];
+    let n = f.read_at(&mut buf, 0)?;
+    f.close()?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn random_histories_under_kills_stops_and_cuts_are_consistent() {
+    let seed = std::env::var("CODA_HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("history seed {seed} (CODA_HISTORY_SEED to repeat)");
+    let (mut g, cutter) = Group::start_behind_proxies(3);
+    g.wait_leader(&[0, 1, 2]);
+    let t0 = Instant::now();
+    let caches = common::TempDir::new("history");
+    let history = Arc::new(Mutex::new(Vec::<Op>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let mut cfg = g.client_config(&caches.path().join(format!("c{k}")));
+        cfg.set("rpc_timeout_ms", "3000").unwrap();
+        cfg.set("dead_after_ms", "500").unwrap();
+        let history = Arc::clone(&history);
+        let stop = Arc::clone(&stop);
+        clients.push(std::thread::spawn(move || {
+            // A member starved of CPU may miss a first connect's 500 ms:
+            // the history starts once the client is in.
+            let c = wait_until("the client connects", 60, || Client::new(cfg.clone()).ok());
+            let mut rng = Rng(seed ^ (k as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let file = rng.below(FILES as u64) as usize;
+                let path = format!("/h{file}");
+                let connected0 = c.state() == ClientState::Connected;
+                let invoke = Instant::now();
+                let op = if rng.below(2) == 0 {
+                    n += 1;
+                    let v = format!("c{k}-{n}");
+                    let r = write(&c, &path, &v);
+                    let complete = Instant::now();
+                    let logged = c.pending_records() > 0;
+                    Op {
+                        client: k,
+                        file,
+                        kind: Kind::Write(v),
+                        invoke,
+                        complete,
+                        ok: r.is_ok() && !logged,
+                        unknown: r.is_ok() && logged,
+                        connected: connected0 && c.state() == ClientState::Connected,
+                        landed: None,
+                    }
+                } else {
+                    let r = read(&c, &path);
+                    let complete = Instant::now();
+                    Op {
+                        client: k,
+                        file,
+                        ok: r.is_ok(),
+                        kind: Kind::Read(r.unwrap_or_default()),
+                        invoke,
+                        complete,
+                        unknown: false,
+                        connected: connected0 && c.state() == ClientState::Connected,
+                        landed: None,
+                    }
+                };
+                let mut op = op;
+                if op.unknown {
+                    // Wait until the client's log reached the group before
+                    // the next operation (bounded): writing while a client
+                    // reintegrates races its version bookkeeping, a client
+                    // matter outside this test.
+                    let end = Instant::now() + Duration::from_secs(30);
+                    while c.pending_records() > 0 && Instant::now() < end {
+                        let _ = c.reintegrate_now();
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    op.landed = (c.pending_records() == 0).then(Instant::now);
+                }
+                history.lock().unwrap().push(op);
+                std::thread::sleep(Duration::from_millis(rng.below(20)));
+            }
+            c
+        }));
+    }
+    // The scheduler: one fault at a time, healed before the next.
+    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let end = Instant::now() + RUN;
+    let mut faults = Vec::new();
+    // When each fault began and healed (ms from the start), printed with a
+    // failure so a violation can be placed against them.
+    let mut timeline = Vec::new();
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(500 + rng.below(1000)));
+        let live: Vec<usize> = (0..3).collect();
+        let target = if rng.below(2) == 0 {
+            g.wait_leader(&live)
+        } else {
+            rng.below(3) as usize
+        };
+        let fault = rng.below(3);
+        faults.push((fault, g.members[target].id));
+        let began = t0.elapsed().as_millis();
+        match fault {
+            0 => g.kill9(target),
+            1 => g.sigstop(target),
+            _ => cutter.cut(g.members[target].id),
+        }
+        std::thread::sleep(Duration::from_millis(1000 + rng.below(2000)));
+        match fault {
+            0 => g.serve(target),
+            1 => g.sigcont(target),
+            _ => cutter.heal(g.members[target].id),
+        }
+        timeline.push(format!(
+            "{} member {} {began}..{} ms",
+            ["kill -9", "SIGSTOP", "cut"][fault as usize],
+            g.members[target].id,
+            t0.elapsed().as_millis()
+        ));
+    }
+    stop.store(true, Ordering::SeqCst);
+    g.wait_caught_up(&[0, 1, 2]);
+    let mut done = Vec::new();
+    for t in clients {
+        let c = t.join().expect("client thread");
+        // Logged writes reach the group (or are refused as conflicts).
+        wait_until("every client's log drained", 60, || {
+            let _ = c.reintegrate_now();
+            (c.pending_records() == 0).then_some(())
+        });
+        done.push(c);
+    }
+    let reader = Client::new(g.client_config(&caches.path().join("final"))).unwrap();
+    let finals: Vec<String> = (0..FILES)
+        .map(|f| read(&reader, &format!("/h{f}")).unwrap())
+        .collect();
+    let ops = history.lock().unwrap().clone();
+    let writes = ops
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Write(_)) && o.ok)
+        .count();
+    let reads = ops
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Read(_)) && o.ok)
+        .count();
+    eprintln!(
+        "history: {} ops, {writes} acknowledged writes, {reads} reads, faults {faults:?}",
+        ops.len()
+    );
+    assert!(
+        writes > 20 && reads > 20,
+        "too little happened: {writes} writes, {reads} reads"
+    );
+    let violations = check(&ops, &finals, t0);
+    assert!(
+        violations.is_empty(),
+        "seed {seed}: {} violations: {violations:#?}\nfaults: {timeline:#?}",
+        violations.len()
+    );
+}
+
+/// An operation with its times from the start, for a violation's report.
+fn show(o: &Op, t0: Instant) -> String {
+    format!(
+        "client {} {:?} file {} {}..{} ms ok {} unknown {} connected {}",
+        o.client,
+        o.kind,
+        o.file,
+        o.invoke.duration_since(t0).as_millis(),
+        o.complete.duration_since(t0).as_millis(),
+        o.ok,
+        o.unknown,
+        o.connected
+    )
+}
+
+fn check(ops: &[Op], finals: &[String], t0: Instant) -> Vec<String> {
+    let mut bad = Vec::new();
+    // Every value written per file (any outcome).
+    let mut written: HashMap<(usize, &str), &Op> = HashMap::new();
+    for o in ops {
+        if let Kind::Write(v) = &o.kind {
+            written.insert((o.file, v.as_str()), o);
+        }
+    }
+    let acked = |f: usize| {
+        ops.iter()
+            .filter(move |o| o.file == f && o.ok && matches!(o.kind, Kind::Write(_)))
+    };
+    // 1. The final value is the last acknowledged write's or a later one's.
+    for (f, fin) in finals.iter().enumerate() {
+        let Some(w) = written.get(&(f, fin.as_str())) else {
+            if !fin.is_empty() || acked(f).next().is_some() {
+                bad.push(format!("file {f}: final value {fin:?} was never written"));
+            }
+            continue;
+        };
+        for a in acked(f) {
+            // `a` finished before `w` began: `w` is later, fine. `a` began
+            // after `w` finished and was acknowledged: it must have replaced w.
+            if a.invoke > w.complete && w.ok {
+                bad.push(format!(
+                    "file {f}: final {fin:?} but the acknowledged write {:?} came after it",
+                    a.kind
+                ));
+            }
+            if a.invoke > w.complete && !w.ok && !w.unknown {
+                bad.push(format!("file {f}: final {fin:?} is a failed write's"));
+            }
+        }
+    }
+    for r in ops
+        .iter()
+        .filter(|o| o.ok && matches!(o.kind, Kind::Read(_)))
+    {
+        let Kind::Read(v) = &r.kind else { continue };
+        // 2. Reads return written values.
+        let source = written.get(&(r.file, v.as_str()));
+        if !v.is_empty() && source.is_none() {
+            bad.push(format!(
+                "read of file {} returned {v:?}, never written",
+                r.file
+            ));
+            continue;
+        }
+        if !r.connected {
+            continue;
+        }
+        // 3. No read older than a write acknowledged to another connected
+        // client before the read began.
+        for w in
+            acked(r.file).filter(|w| w.client != r.client && w.connected && w.complete < r.invoke)
+        {
+            let Kind::Write(wv) = &w.kind else { continue };
+            if wv == v {
+                continue;
+            }
+            let stale = match source {
+                None => true, // empty, yet w had been acknowledged
+                // A write of unknown outcome (logged while disconnected)
+                // reached the group at some point before the client's log
+                // drained: only one that had landed before w began is
+                // replaced by it.
+                Some(s) if s.unknown => s.landed.is_some_and(|l| l < w.invoke),
+                Some(s) => s.complete < w.invoke, // the value read was replaced by w
+            };
+            if stale {
+                bad.push(format!(
+                    "client {} read {v:?} from file {} after client {}'s write {wv:?} was acknowledged \
+                     [read: {}] [write: {}] [source: {}]",
+                    r.client,
+                    r.file,
+                    w.client,
+                    show(r, t0),
+                    show(w, t0),
+                    source.map(|s| show(s, t0)).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    bad
+}
