@@ -262,6 +262,13 @@ struct State {
 /// shutdown).
 const DURABLE_EVERY: u32 = 256;
 
+thread_local! {
+    /// Saves held back by `Cache::deferred` on this thread: per frame, the
+    /// cache (by address) and the fids to save at the frame's end.
+    static DEFERRED: std::cell::RefCell<Vec<(usize, Vec<Fid>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub(crate) struct Cache {
     dir: PathBuf,
     containers: PathBuf,
@@ -280,6 +287,8 @@ pub(crate) struct Cache {
     unsynced_names: Mutex<HashSet<Fid>>,
     /// Index commits since the last durable one (see `DURABLE_EVERY`).
     undurable: AtomicU32,
+    /// Index transactions committed by the cache (for tests).
+    commits: AtomicU32,
 }
 
 impl Cache {
@@ -369,6 +378,7 @@ impl Cache {
             }),
             unsynced_names: Mutex::new(HashSet::new()),
             undurable: AtomicU32::new(0),
+            commits: AtomicU32::new(0),
         })
     }
 
@@ -376,9 +386,16 @@ impl Cache {
     /// size, and its name if this run put it in place. Called before a
     /// record that names the data is committed to the log, since that
     /// record is what reintegration later sends over the server's copy.
+    ///
+    /// The entry's row is written here too (not synced: the record's
+    /// durable commit that follows carries it to disk): a store does not
+    /// save the entry before its record (`File::store`), and the start-up
+    /// check trusts a container whose size the row names, so a plain
+    /// store's logged data stays served after a crash.
     pub fn make_durable(&self, fid: Fid, f: &std::fs::File) -> Result<()> {
         f.sync_all()
             .map_err(|e| Error::io(format!("syncing container {fid}"), e))?;
+        self.persist_now(&[fid], false);
         // The set is only read and cleared under its lock, never held
         // across the fsync; a name installed meanwhile stays in the set.
         let pending = {
@@ -509,6 +526,56 @@ impl Cache {
     /// one row), what the log's redo restores (`redo_log_in_cache`), or
     /// containers the start-up checks drop (`open`).
     fn persist(&self, fids: &[Fid], durable: bool) {
+        if !durable && self.defer(fids) {
+            return;
+        }
+        self.persist_now(fids, durable);
+    }
+
+    /// Within `deferred` on this thread: note `fids` for its one commit.
+    fn defer(&self, fids: &[Fid]) -> bool {
+        let me = self as *const Cache as usize;
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            match d.iter_mut().rev().find(|(c, _)| *c == me) {
+                Some((_, v)) => {
+                    v.extend_from_slice(fids);
+                    true
+                }
+                None => false,
+            }
+        })
+    }
+
+    /// Run `f`, saving the entries it changes in one index transaction at
+    /// its end instead of one each (a create: the new entry and its
+    /// parent's listing edit). Only this thread's saves of this cache wait;
+    /// the map changes at once. What waits is an unsynced commit either
+    /// way, made durable only by a later durable commit, so nothing that
+    /// runs within `f` may rely on it being written (`make_durable` writes
+    /// at once).
+    pub fn deferred<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Frame<'a>(&'a Cache);
+        impl Drop for Frame<'_> {
+            fn drop(&mut self) {
+                let fids = DEFERRED
+                    .with(|d| d.borrow_mut().pop())
+                    .map(|(_, v)| v)
+                    .unwrap_or_default();
+                let mut seen = HashSet::new();
+                let fids: Vec<Fid> = fids.into_iter().filter(|f| seen.insert(*f)).collect();
+                self.0.persist(&fids, false);
+            }
+        }
+        DEFERRED.with(|d| {
+            d.borrow_mut()
+                .push((self as *const Cache as usize, Vec::new()))
+        });
+        let _frame = Frame(self);
+        f()
+    }
+
+    fn persist_now(&self, fids: &[Fid], durable: bool) {
         if fids.is_empty() && !durable {
             return;
         }
@@ -576,6 +643,7 @@ impl Cache {
                 }
             }
             w.commit()?;
+            self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
         if res.is_err() {
@@ -597,6 +665,20 @@ impl Cache {
         fid: Fid,
         f: impl FnOnce(&mut Entry) -> R,
     ) -> Option<R> {
+        let r = self.change(attr_if_new, fid, f)?;
+        self.persist(&[fid], false);
+        Some(r)
+    }
+
+    /// Change (or create from `attr`) an entry in memory only: for what the
+    /// next save of the entry writes anyway, or what a restart drops (the
+    /// dirty flag, which start-up clears).
+    pub fn change<R>(
+        &self,
+        attr_if_new: Option<&Attr>,
+        fid: Fid,
+        f: impl FnOnce(&mut Entry) -> R,
+    ) -> Option<R> {
         let mut st = self.state.lock();
         let e = match st.map.entry(fid) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -608,8 +690,6 @@ impl Cache {
         let r = f(e);
         let after_bytes = e.data_bytes;
         st.bytes = st.bytes - before_bytes + after_bytes;
-        drop(st);
-        self.persist(&[fid], false);
         Some(r)
     }
 
@@ -698,6 +778,10 @@ impl Cache {
     /// `O_TRUNC` opens that need no fetch. `dirty` marks contents that differ
     /// from the server's until stored.
     pub fn install_empty(&self, attr: &Attr, dirty: bool) -> Result<()> {
+        self.deferred(|| self.install_empty_now(attr, dirty))
+    }
+
+    fn install_empty_now(&self, attr: &Attr, dirty: bool) -> Result<()> {
         let temp = self.temp_container(attr.fid);
         std::fs::File::options()
             .write(true)
@@ -1139,6 +1223,53 @@ mod tests {
         assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 0);
         drop(r);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn deferred_saves_are_one_transaction_and_survive_a_restart() {
+        let dir = tmpdir("deferred");
+        let other_dir = tmpdir("deferred-other");
+        let a = attr(9, 0, 3);
+        let d = Attr {
+            fid: Fid::new(1, 1, 1),
+            ftype: FileType::Dir,
+            ..attr(1, 0, 1)
+        };
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            let other = Cache::open(
+                &other_dir,
+                Arc::new(Index::at(&other_dir.join("index.redb"))),
+                1000,
+            )
+            .unwrap();
+            c.set_listing(&d, Arc::new(Listing::from_entries(vec![])));
+            let before = c.commits.load(Ordering::Relaxed);
+            c.deferred(|| {
+                // A create: the new (empty, opened) file and the parent's edit.
+                c.install_empty(&a, false).unwrap();
+                let edits = [(d.fid, Edit::Put(ent("new", 9)))];
+                c.update(None, d.fid, |e| e.edit_listing(d.fid, &edits));
+                // Another cache's saves on this thread are not held back.
+                other.set_attr(&attr(5, 0, 1));
+                assert_eq!(other.commits.load(Ordering::Relaxed), 1);
+                assert_eq!(c.commits.load(Ordering::Relaxed), before);
+            });
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1);
+            // In memory only: not a transaction.
+            c.change(None, a.fid, |e| e.dirty = true);
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1);
+            c.closed(a.fid);
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        let e = c.get(a.fid).unwrap();
+        assert_eq!((e.data_version, e.data_bytes), (Some(3), 0));
+        let l = c.get(d.fid).unwrap();
+        assert_eq!(l.listing_current().unwrap().get("new").unwrap().fid, a.fid);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&other_dir);
     }
 
     #[test]

@@ -216,9 +216,11 @@ impl File {
         }
         if !self.changed {
             self.changed = true;
+            // In memory only: start-up clears dirty flags anyway, and the
+            // store at close saves the entry.
             self.inner
                 .cache()
-                .update(None, self.fid, |e| e.dirty = true);
+                .change(None, self.fid, |e| e.dirty = true);
         }
         let off = if self.append {
             self.file
@@ -336,7 +338,9 @@ impl File {
             sec: meta.mtime(),
             nsec: meta.mtime_nsec() as u32,
         };
-        inner.cache().update(None, self.fid, |e| {
+        // Saved once, after the store (and before the record's commit only
+        // when a durable record names the container: `make_durable`).
+        inner.cache().change(None, self.fid, |e| {
             e.dirty = true;
             e.data_bytes = len;
         });

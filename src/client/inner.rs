@@ -256,13 +256,18 @@ impl Inner {
         let tok = self.callbacks.token(fid);
         let op = build(fid, now);
         let attr = self.commit(op.clone(), None)?;
-        install(&attr)?;
-        // A new object has no extended attributes: known without asking,
-        // even while its creation is only in the log.
-        self.xattr_cache.put(fid, attr.version, Default::default());
-        self.callbacks.grant(fid, tok);
-        self.after_record(&op, ftype, &[(parent, ptok)], now);
-        Ok(fid)
+        // The new entry and the parent's listing edit are saved in one
+        // index transaction (unsynced, after the record's commit, as each
+        // was on its own).
+        self.cache.deferred(|| {
+            install(&attr)?;
+            // A new object has no extended attributes: known without asking,
+            // even while its creation is only in the log.
+            self.xattr_cache.put(fid, attr.version, Default::default());
+            self.callbacks.grant(fid, tok);
+            self.after_record(&op, ftype, &[(parent, ptok)], now);
+            Ok(fid)
+        })
     }
 
     pub(crate) fn root(&self) -> Result<Fid> {
