@@ -1421,13 +1421,7 @@ impl<'t, 's> Batch<'t, 's> {
         length: u64,
         mtime: Timespec,
     ) -> Result<Attr> {
-        let mut rec = self.obj(fid)?;
-        match rec.attr.ftype {
-            FileType::File => {}
-            FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
-            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
-        }
-        Self::check_version(&rec, expected)?;
+        let rec = self.store_target(fid, expected)?;
         let staged = match (self.staged)(upload_id) {
             Some(p) if !self.consumed.contains(&upload_id) => p,
             _ => return Err(Error::NotFound(format!("upload {upload_id} is not staged"))),
@@ -1440,20 +1434,60 @@ impl<'t, 's> Batch<'t, 's> {
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
         }
-        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
-        self.charge(fid.volume, rec.attr.size, length)?;
-        self.check_size(length)?;
-        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
-        let _ = fs::remove_file(&path); // a leftover of an aborted batch
-                                        // A hard link, not a rename: if the batch aborts, the upload is
-                                        // still staged for the client's next attempt.
+        let (clear_setid, path) = self.next_data_file(fid, &rec, length)?;
+        // A hard link, not a rename: if the batch aborts, the upload is
+        // still staged for the client's next attempt.
         fs::hard_link(&staged, &path)
             .map_err(|e| Error::io(format!("link {}", path.display()), e))?;
         self.created.push(path.clone());
         self.sync_files.push(path);
+        self.consumed.push(upload_id);
+        self.finish_store(fid, rec, length, mtime, clear_setid)
+    }
+
+    /// The file a store replaces: a regular file at the version the client
+    /// had.
+    fn store_target(&self, fid: Fid, expected: u64) -> Result<ObjectRec> {
+        let rec = self.obj(fid)?;
+        match rec.attr.ftype {
+            FileType::File => {}
+            FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
+            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
+        }
+        Self::check_version(&rec, expected)?;
+        Ok(rec)
+    }
+
+    /// Checks a store of `length` bytes against the quota and the largest
+    /// file, and names its data file (the object's next version; a leftover
+    /// of an aborted batch there is removed). Also says whether the store
+    /// clears the file's set-id bits.
+    fn next_data_file(
+        &mut self,
+        fid: Fid,
+        rec: &ObjectRec,
+        length: u64,
+    ) -> Result<(bool, std::path::PathBuf)> {
+        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
+        self.charge(fid.volume, rec.attr.size, length)?;
+        self.check_size(length)?;
+        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
+        let _ = fs::remove_file(&path);
+        Ok((clear_setid, path))
+    }
+
+    /// The object's status after its next data file is in place: the
+    /// previous one replaced (removed after the commit), a new version.
+    fn finish_store(
+        &mut self,
+        fid: Fid,
+        mut rec: ObjectRec,
+        length: u64,
+        mtime: Timespec,
+        clear_setid: bool,
+    ) -> Result<Attr> {
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
-        self.consumed.push(upload_id);
         if rec.has_file {
             self.replaced
                 .push(objects::object_path(&self.store.root, fid, rec.dv));
@@ -1480,22 +1514,12 @@ impl<'t, 's> Batch<'t, 's> {
         mtime: Timespec,
         data: &[u8],
     ) -> Result<Attr> {
-        let mut rec = self.obj(fid)?;
-        match rec.attr.ftype {
-            FileType::File => {}
-            FileType::Dir => return Err(Error::IsDir(format!("store into directory {fid}"))),
-            t => return Err(Error::Invalid(format!("store into {t:?} {fid}"))),
-        }
-        Self::check_version(&rec, expected)?;
+        let rec = self.store_target(fid, expected)?;
         let length = data.len() as u64;
-        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
-        self.charge(fid.volume, rec.attr.size, length)?;
-        self.check_size(length)?;
-        let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
-        let _ = fs::remove_file(&path); // a leftover of an aborted batch
-                                        // Written and fsynced ahead (`Prepared`): only its name is new.
-                                        // Gone (taken by an earlier round of a group that started again):
-                                        // written here, as it always was.
+        let (clear_setid, path) = self.next_data_file(fid, &rec, length)?;
+        // Written and fsynced ahead (`Prepared`): only its name is new.
+        // Gone (taken by an earlier round of a group that started again):
+        // written here, as it always was.
         let ready = self
             .prepared
             .take()
@@ -1513,22 +1537,7 @@ impl<'t, 's> Batch<'t, 's> {
             written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             self.sync_files.push(path);
         }
-        self.sync_dirs
-            .insert(objects::objects_dir(&self.store.root, fid.volume));
-        if rec.has_file {
-            self.replaced
-                .push(objects::object_path(&self.store.root, fid, rec.dv));
-        }
-        rec.dv += 1;
-        rec.has_file = true;
-        rec.attr.size = length;
-        rec.attr.mtime = mtime;
-        if clear_setid {
-            rec.attr.mode &= !0o6000;
-        }
-        self.bump(&mut rec);
-        self.put(&rec)?;
-        Ok(rec.attr)
+        self.finish_store(fid, rec, length, mtime, clear_setid)
     }
 
     fn create(&mut self, parent: Fid, name: &str, fid: Fid, new: New) -> Result<Attr> {
