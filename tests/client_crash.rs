@@ -11,10 +11,10 @@ mod client_util;
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use client_util::*;
-use common::{TempDir, TestServer};
+use common::{KillOnDrop, TempDir, TestServer};
 
 const FILES: usize = 300;
 
@@ -66,21 +66,11 @@ fn disco_util_config() -> coda::client::Config {
     cfg
 }
 
-/// The child, killed (and reaped) on drop whatever happens to the test.
-struct Writer(Child);
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_client_killed_after_connected_changes_restarts_and_shows_every_acknowledged_one() {
     let srv = TestServer::start();
     let cache = TempDir::new("crash-cache");
-    let mut w = Writer(
+    let mut w = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
             .env("CODA_CRASH_CHILD", "1")

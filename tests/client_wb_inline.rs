@@ -18,11 +18,11 @@ mod common;
 mod disco_util;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use client_util::*;
 use coda::client::{Client, ClientState, Keep};
-use common::{TempDir, TestServer};
+use common::{KillOnDrop, TempDir, TestServer};
 
 /// Long enough that nothing is sent by itself while a test looks.
 const NEVER_MS: &str = "600000";
@@ -169,23 +169,13 @@ fn child_creator() {
     drop(f);
 }
 
-/// The child, killed (and reaped) on drop whatever happens to the test.
-struct Creator(Child);
-
-impl Drop for Creator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A write-back client killed with SIGKILL after a close or an fsync
 /// returned keeps the file those made: written, empty, or still open.
 #[test]
 fn files_created_in_write_back_survive_a_kill_once_closed_or_fsynced() {
     let srv = start();
     let cache = TempDir::new("wbi-killed");
-    let mut w = Creator(
+    let mut w = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",

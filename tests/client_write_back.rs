@@ -12,12 +12,12 @@ mod common;
 mod disco_util;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use client_util::*;
 use coda::client::Client;
-use common::{TempDir, TestServer};
+use common::{KillOnDrop, TempDir, TestServer};
 
 /// Long enough that nothing is sent by itself while a test looks.
 const NEVER_MS: &str = "600000";
@@ -165,21 +165,11 @@ fn child_writer() {
     std::thread::sleep(Duration::from_secs(120));
 }
 
-/// The child, killed (and reaped) on drop whatever happens to the test.
-struct Writer(Child);
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_write_back_client_killed_with_sigkill_loses_nothing_it_acknowledged() {
     let srv = start();
     let cache = TempDir::new("wb-killed");
-    let mut w = Writer(
+    let mut w = KillOnDrop(
         Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
             .env("CODA_WB_CHILD", "1")

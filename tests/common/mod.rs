@@ -217,3 +217,14 @@ pub fn wait_stopped(pid: i32) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// A child process, killed (SIGKILL) and reaped on drop whatever happens to
+/// the test.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
