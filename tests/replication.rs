@@ -118,17 +118,7 @@ fn a_follower_refuses_a_client_naming_the_leader_and_the_leader_serves_it() {
         ),
         m => panic!("expected an error naming the leader, got {m:?}"),
     }
-    let mut raw = wait_until("the leader takes a control connection", 10, || {
-        Raw::connect(
-            g.members[l].addr,
-            "admin",
-            &secret,
-            ConnKind::Control,
-            [4; 16],
-            1,
-        )
-        .ok()
-    });
+    let mut raw = g.raw_control(l, 4, false);
     assert!(raw.alloc(1).len() == 1);
 }
 
@@ -420,18 +410,7 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
     use common::raw::rec;
     let (g, cutter) = Group::start_behind_proxies(3);
     let l = g.wait_leader(&[0, 1, 2]);
-    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
-    let mut raw = wait_until("the leader takes a control connection", 10, || {
-        Raw::connect_plain(
-            g.members[l].addr,
-            "admin",
-            &secret,
-            ConnKind::Control,
-            [9; 16],
-            1,
-        )
-        .ok()
-    });
+    let mut raw = g.raw_control(l, 9, true);
     let fids = raw.alloc(2);
     let root = raw.root;
     cutter.cut(g.members[l].id);
@@ -485,18 +464,7 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
 fn a_cut_off_leader_answers_no_read_once_the_majority_took_a_write() {
     let (g, cutter) = Group::start_behind_proxies(3);
     let l = g.wait_leader(&[0, 1, 2]);
-    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
-    let mut raw = wait_until("the leader takes a control connection", 10, || {
-        Raw::connect_plain(
-            g.members[l].addr,
-            "admin",
-            &secret,
-            ConnKind::Control,
-            [10; 16],
-            1,
-        )
-        .ok()
-    });
+    let mut raw = g.raw_control(l, 10, true);
     let root = raw.root;
     assert!(!raw.list(root).iter().any(|(n, _)| n == "after-the-cut"));
     // Reads on the old leader, back to back, each with the instant it was
@@ -568,18 +536,7 @@ fn a_store_of_an_upload_not_staged_on_the_leader_is_refused_and_the_group_goes_o
     use common::raw::rec;
     let g = Group::start(3);
     let l = g.wait_leader(&[0, 1, 2]);
-    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
-    let mut raw = wait_until("the leader takes a control connection", 10, || {
-        Raw::connect(
-            g.members[l].addr,
-            "admin",
-            &secret,
-            ConnKind::Control,
-            [11; 16],
-            1,
-        )
-        .ok()
-    });
+    let mut raw = g.raw_control(l, 11, false);
     let fids = raw.alloc(2);
     let root = raw.root;
     let made = raw.apply(vec![rec::create(1, root, "f", fids[0])]);
@@ -820,20 +777,7 @@ fn a_leader_answers_a_writer_only_after_earlier_breaks_of_its_objects_are_acknow
     // A break timeout far beyond the test's own waits: nobody is cut.
     let g = Group::start_with(3, &["--break-timeout-ms", "4000"]);
     let l = g.wait_leader(&[0, 1, 2]);
-    let secret = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
-    let connect = |id: u8| {
-        wait_until("the leader takes a control connection", 10, || {
-            Raw::connect(
-                g.members[l].addr,
-                "admin",
-                &secret,
-                ConnKind::Control,
-                [id; 16],
-                1,
-            )
-            .ok()
-        })
-    };
+    let connect = |id: u8| g.raw_control(l, id, false);
     let mut b = connect(0xb);
     let f = b.alloc(1)[0];
     let root = b.root;

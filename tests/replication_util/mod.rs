@@ -175,8 +175,10 @@ impl Group {
         }
     }
 
+    /// SIGSTOP member `i` and wait until it is stopped (`wait_stopped`).
     pub fn sigstop(&self, i: usize) {
         unsafe { libc::kill(self.members[i].pid(), libc::SIGSTOP) };
+        crate::common::wait_stopped(self.members[i].pid());
     }
 
     pub fn sigcont(&self, i: usize) {
@@ -273,6 +275,25 @@ impl Group {
             return None;
         }
         ask_status(&m.addr.to_string(), m.id, &self.key).ok()
+    }
+
+    /// A raw control connection as `admin` with client id `[id; 16]` to
+    /// member `i`, waited for (bounded) until the member takes it (a
+    /// leader just elected may still refuse). `plain`: without TLS (a
+    /// group behind the test's proxies).
+    pub fn raw_control(&self, i: usize, id: u8, plain: bool) -> crate::common::raw::Raw {
+        use crate::common::raw::Raw;
+        use coda::proto::ConnKind;
+        let secret = coda::proto::auth::read_secret_file(&self.secret_file()).unwrap();
+        let addr = self.members[i].addr;
+        wait_until("the leader takes a control connection", 10, || {
+            let c = if plain {
+                Raw::connect_plain
+            } else {
+                Raw::connect
+            };
+            c(addr, "admin", &secret, ConnKind::Control, [id; 16], 1).ok()
+        })
     }
 
     /// Index of the member that is leader, as the members in `among` see
