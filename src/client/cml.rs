@@ -494,13 +494,6 @@ impl Cml {
         self.log.lock().inline_bytes + len <= LOG_INLINE_MAX
     }
 
-    /// The pending record that creates `fid` (its store id), if the object
-    /// exists only in this log so far.
-    #[allow(dead_code)] // (the log's API for a Create still pending)
-    pub fn created_in_log(&self, fid: Fid) -> Option<u64> {
-        self.log.lock().created_here(fid)
-    }
-
     /// Log `op` durably. With `optimise`, apply the log optimisations
     /// (a store cancels earlier stores of the file, a setattr earlier ones of
     /// the same kind, removing an object created in this log cancels its
@@ -1156,7 +1149,7 @@ mod tests {
             assert!(cml.inline_room(LOG_INLINE_MAX - 2) && !cml.inline_room(LOG_INLINE_MAX - 1));
             // A file made in the log and removed: nothing of it is left.
             cml.log(create(g, "g"), None, true, true).unwrap();
-            assert!(cml.created_in_log(g).is_some());
+            assert!(cml.log.lock().created_here(g).is_some());
             cml.log(inline(g, b"gg"), Some(1), true, true).unwrap();
             let rm = RecordOp::Remove {
                 parent: DIR,
@@ -1166,7 +1159,7 @@ mod tests {
             let l = cml.log(rm, Some(2), true, true).unwrap();
             assert!(l.record.is_none() && l.cancelled.len() == 2);
             assert_eq!(cml.log.lock().inline_bytes, 2);
-            assert!(cml.created_in_log(g).is_none());
+            assert!(cml.log.lock().created_here(g).is_none());
         }
         let cml = open(&dir);
         assert_eq!(cml.log.lock().inline_bytes, 2, "counted again at open");
