@@ -63,6 +63,10 @@ struct Log {
     /// (in memory only: after a restart every record is backlog). Backlog
     /// reintegration stops at them; their writers send them.
     connected: BTreeSet<u64>,
+    /// Connected records kept in the mirror only, not (yet) in the table
+    /// (`log_connected`): written by the next durable commit of the log,
+    /// or never, if their batch is acknowledged first.
+    unwritten: BTreeSet<u64>,
     /// A change is committed (or committing) and not yet applied here.
     applying: bool,
     /// A record logged with `log_lazy` is not yet durable: no durable
@@ -168,7 +172,39 @@ fn setattr_kind(op: &RecordOp) -> Option<(Fid, [bool; 6])> {
     }
 }
 
+/// Stage in `w` the rows of the connected records held in memory only
+/// (`Log::unwritten`), but those in `except` (which `w` removes): the
+/// caller's commit is durable, and redb's durable commit carries every
+/// earlier one to disk, so the log on disk holds every record logged
+/// before it, as when each record was written at once. Returns the ids
+/// staged, for `Log::wrote` once committed.
+fn stage_unwritten(log: &Log, w: &redb::WriteTransaction, except: &[u64]) -> Result<Vec<u64>> {
+    let ids: Vec<u64> = log
+        .unwritten
+        .iter()
+        .copied()
+        .filter(|id| !except.contains(id))
+        .collect();
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    let mut cml = w.open_table(CML)?;
+    for id in &ids {
+        if let Some(r) = log.recs.get(id) {
+            cml.insert(*id, &encode_record(r)[..])?;
+        }
+    }
+    Ok(ids)
+}
+
 impl Log {
+    /// The records `ids` are in the table now.
+    fn wrote(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.unwritten.remove(id);
+        }
+    }
+
     fn insert(&mut self, r: Record) {
         for f in mentions(&r.op) {
             self.by_fid.entry(f).or_default().insert(r.store_id);
@@ -192,6 +228,7 @@ impl Log {
         }
         self.logged_at.remove(&id);
         self.connected.remove(&id);
+        self.unwritten.remove(&id);
         Some(r)
     }
 
@@ -431,7 +468,19 @@ impl Cml {
     /// (redb persists non-durable commits with the next durable one).
     pub fn persist_sent_upto(&self) -> Result<()> {
         let v = self.log.lock().sent_upto;
-        self.put_meta(&[(SENT_UPTO.to_string(), v)])
+        self.put_sent_upto(v)
+    }
+
+    /// Write `sent_upto` in one durable commit of the log, with the
+    /// connected records held in memory only (`unwritten`).
+    fn put_sent_upto(&self, v: u64) -> Result<()> {
+        let (mut w, log) = self.begin()?;
+        w.set_durability(Durability::Immediate);
+        w.open_table(META)?.insert(SENT_UPTO, v)?;
+        let staged = stage_unwritten(&log, &w, &[])?;
+        let mut log = self.commit(w, log)?;
+        log.wrote(&staged);
+        Ok(())
     }
 
     /// Records not yet known to be on the server, in order.
@@ -554,14 +603,52 @@ impl Cml {
             return Ok(());
         }
         w.set_durability(Durability::Immediate);
+        let staged = stage_unwritten(&log, &w, &[])?;
         let mut log = self.commit(w, log)?;
+        log.wrote(&staged);
         log.lazy = false;
         Ok(())
     }
 
     /// Log the record of a connected writer (unoptimised, unchecked), which
     /// sends it itself (`reintegrate.rs`); backlog reintegration leaves it.
+    ///
+    /// Kept in the mirror only (no index transaction) while its id is
+    /// inside the durable lease: a commit that is not fsynced reaches the
+    /// disk only with a later durable one, and the usual end of a
+    /// connected record is its acknowledgement, which removes it again, so
+    /// writing it and removing it are two commits of the one index (whose
+    /// writer redb runs one at a time) that nothing needs. Every durable
+    /// commit of the log writes the records still held so
+    /// (`stage_unwritten`), so what a crash can find in the log is as
+    /// before: the kept record of a server that stopped answering
+    /// (`persist_sent_upto`), and the records logged before a durable
+    /// record.
     pub fn log_connected(&self, op: RecordOp) -> Result<Record> {
+        {
+            let mut log = self.settled()?;
+            let store_id = log
+                .next_id
+                .max(log.recs.keys().next_back().map_or(1, |id| id + 1));
+            if store_id < log.lease_end {
+                let mut op = op;
+                if let RecordOp::Store { upload_id, .. } = &mut op {
+                    if *upload_id == 0 {
+                        *upload_id = store_id;
+                    }
+                }
+                let r = Record { store_id, op };
+                log.next_id = store_id + 1;
+                log.logged_at.insert(store_id, Instant::now());
+                log.connected.insert(store_id);
+                log.unwritten.insert(store_id);
+                log.insert(r.clone());
+                self.pending.store(log.recs.len(), Ordering::Relaxed);
+                return Ok(r);
+            }
+        }
+        // Past the lease: one durable commit extends it (and writes this
+        // record and the others held in memory).
         let l = self.log_inner(op, None, false, false, true, Sync::Connected)?;
         Ok(l.record.expect("an unoptimised record is never cancelled"))
     }
@@ -664,7 +751,13 @@ impl Cml {
                 rec = Some(r);
             }
         }
+        let staged = if durable {
+            stage_unwritten(&log, &w, &cancel)?
+        } else {
+            Vec::new()
+        };
         let mut log = self.commit(w, log)?;
+        log.wrote(&staged);
         if durable {
             log.lazy = false;
         } else if sync == Sync::Lazy {
@@ -703,12 +796,20 @@ impl Cml {
     /// and stages its rows in the transaction, then calls `commit`.
     fn begin(&self) -> Result<(redb::WriteTransaction, MutexGuard<'_, Log>)> {
         let w = self.db.begin_write()?;
+        Ok((w, self.settled()?))
+    }
+
+    /// The mirror's lock, once no committed change is waiting to be
+    /// applied to it: a change of the mirror alone (`log_connected`,
+    /// `finish_acked` of records held in memory) takes its place in the
+    /// commit order here.
+    fn settled(&self) -> Result<MutexGuard<'_, Log>> {
         let mut log = self.log.lock();
         // Bounded: the previous writer has committed and needs only this
         // lock to apply; a minute without it means something is wrong.
         for _ in 0..1200 {
             if !log.applying {
-                return Ok((w, log));
+                return Ok(log);
             }
             self.applied.wait_for(&mut log, Duration::from_millis(50));
         }
@@ -748,20 +849,31 @@ impl Cml {
         };
         let mut r = r.clone();
         let target = r.op.target();
-        let (Some(v), Some(e)) = (cached_version, expected_mut(&mut r.op)) else {
-            return Ok(());
-        };
-        if log.created_here(target).is_some() {
+        let mut base = None;
+        if let (Some(v), Some(e)) = (cached_version, expected_mut(&mut r.op)) {
+            if log.created_here(target).is_none() {
+                let b = log.base.get(&target).copied().unwrap_or(v);
+                *e = b;
+                base = Some(b);
+            }
+        }
+        // A backlog record from now on: in the table, whatever it checks.
+        if base.is_none() && !log.unwritten.contains(&id) {
             return Ok(());
         }
-        let base = log.base.get(&target).copied().unwrap_or(v);
-        *e = base;
-        {
+        let staged = {
             w.open_table(CML)?.insert(id, &encode_record(&r)[..])?;
-            w.open_table(BASE)?.insert(&target.to_bytes()[..], base)?;
-        }
+            if let Some(b) = base {
+                w.open_table(BASE)?.insert(&target.to_bytes()[..], b)?;
+            }
+            stage_unwritten(&log, &w, &[id])?
+        };
         let mut log = self.commit(w, log)?;
-        log.base.entry(target).or_insert(base);
+        log.wrote(&staged);
+        log.unwritten.remove(&id);
+        if let Some(b) = base {
+            log.base.entry(target).or_insert(b);
+        }
         log.recs.insert(id, r);
         Ok(())
     }
@@ -770,6 +882,21 @@ impl Cml {
     /// crash before the index reaches the disk leaves them logged, and
     /// their replay is answered "already applied" by their store ids.
     pub fn finish_acked(&self, ids: &[u64]) -> Result<()> {
+        {
+            // Held in memory only (the usual case): nothing to remove from
+            // the table.
+            let mut log = self.settled()?;
+            if ids
+                .iter()
+                .all(|id| !log.recs.contains_key(id) || log.unwritten.contains(id))
+            {
+                for id in ids {
+                    log.take(*id);
+                }
+                self.pending.store(log.recs.len(), Ordering::Relaxed);
+                return Ok(());
+            }
+        }
         let (mut w, log) = self.begin()?;
         w.set_durability(Durability::None);
         {
@@ -826,7 +953,9 @@ impl Cml {
                 }
             }
         }
+        let staged = stage_unwritten(&log, &w, ids)?;
         let mut log = self.commit(w, log)?;
+        log.wrote(&staged);
         let out: Vec<Record> = ids.iter().filter_map(|id| log.take(*id)).collect();
         for (fid, v) in applied {
             if log.base.contains_key(fid) {
@@ -897,7 +1026,7 @@ impl Cml {
             // durably, without the lock, before anything is sent.
             log.sent_upto = id;
             drop(log);
-            self.put_meta(&[(SENT_UPTO.to_string(), id)])?;
+            self.put_sent_upto(id)?;
         }
         Ok(out)
     }
@@ -922,10 +1051,6 @@ impl Cml {
             }
         }
         out
-    }
-
-    pub(crate) fn put_meta(&self, kv: &[(String, u64)]) -> Result<()> {
-        self.db.put_meta(kv)
     }
 }
 
@@ -1066,6 +1191,102 @@ mod tests {
         drop(cml);
         let cml = open(&dir);
         assert!(cml.log_connected(store(f)).unwrap().store_id > top);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The store ids whose rows are in the log's table now.
+    fn rows(cml: &Cml) -> Vec<u64> {
+        let r = cml.db.begin_read().unwrap();
+        let t = r.open_table(CML).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|row| row.unwrap().0.value())
+            .collect()
+    }
+
+    /// A connected record inside the lease is held in memory only: its
+    /// acknowledgement leaves no transaction behind, and the next durable
+    /// commit of the log writes those still held (a kept record after the
+    /// server stopped answering, a record logged durably behind them), so
+    /// a restart finds them.
+    #[test]
+    fn connected_records_stay_in_memory_until_a_durable_commit_writes_them() {
+        let dir = tmp("unwritten");
+        let f = Fid::new(1, 5, 1);
+        let (a, b, c, d) = {
+            let cml = open(&dir);
+            // The first one extends the lease: one durable commit.
+            let a = cml.log_connected(store(f)).unwrap().store_id;
+            assert_eq!(rows(&cml), vec![a]);
+            let b = cml.log_connected(store(f)).unwrap().store_id;
+            let c = cml
+                .log_connected(create(Fid::new(1, 6, 1), "c"))
+                .unwrap()
+                .store_id;
+            assert_eq!(rows(&cml), vec![a], "held in memory only");
+            assert_eq!(cml.len(), 3);
+            cml.finish_acked(&[a, b]).unwrap();
+            assert_eq!(rows(&cml), Vec::<u64>::new(), "the written one removed");
+            assert_eq!(cml.len(), 1);
+            // The server stopped answering: the durable commit writes it.
+            cml.persist_sent_upto().unwrap();
+            assert_eq!(rows(&cml), vec![c]);
+            // Another held record, then a record logged durably behind it.
+            let d = cml.log_connected(store(f)).unwrap().store_id;
+            assert_eq!(rows(&cml), vec![c]);
+            let e = cml
+                .log(
+                    setattr(Fid::new(1, 7, 1), Some(0o600), None),
+                    Some(1),
+                    false,
+                    false,
+                )
+                .unwrap()
+                .record
+                .unwrap()
+                .store_id;
+            assert_eq!(rows(&cml), vec![c, d, e]);
+            (a, b, c, d)
+        };
+        let cml = open(&dir);
+        let ids: Vec<u64> = cml.pending().iter().map(|r| r.store_id).collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(&ids[..2], &[c, d]);
+        assert!(!ids.contains(&a) && !ids.contains(&b));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A kept record (the server stopped answering) is written by
+    /// `check_kept` even when it checks no version (a file created in the
+    /// log), and a refused one held in memory leaves with `finish`.
+    #[test]
+    fn a_kept_connected_record_is_written_and_a_refused_one_leaves() {
+        let dir = tmp("kept");
+        {
+            let cml = open(&dir);
+            let first = cml
+                .log_connected(store(Fid::new(1, 4, 1)))
+                .unwrap()
+                .store_id;
+            cml.finish_acked(&[first]).unwrap();
+            let made = Fid::new(1, 8, 1);
+            let k = cml.log_connected(create(made, "k")).unwrap().store_id;
+            let r = cml
+                .log_connected(store(Fid::new(1, 9, 1)))
+                .unwrap()
+                .store_id;
+            cml.check_kept(k, Some(3)).unwrap();
+            assert_eq!(
+                rows(&cml),
+                vec![k, r],
+                "the kept record and the one before the commit"
+            );
+            cml.finish(&[r], &[]).unwrap();
+            assert_eq!(rows(&cml), vec![k]);
+            assert!(cml.has_backlog(), "the kept record is backlog now");
+        }
+        let cml = open(&dir);
+        assert_eq!(cml.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
