@@ -126,3 +126,120 @@ fn a_client_killed_after_connected_changes_restarts_and_shows_every_acknowledged
     assert_eq!(get(&o, "/big/after"), b"after the crash");
     assert_eq!(o.readdir("/big").unwrap().len(), FILES - FILES / 3 + 1);
 }
+
+const THREADS: usize = 4;
+const PER_THREAD: usize = 60;
+
+fn par_data(t: usize, k: usize) -> Vec<u8> {
+    format!("thread {t} file {k} ")
+        .repeat(1 + k % 7)
+        .into_bytes()
+}
+
+#[test]
+fn child_parallel_writer() {
+    if std::env::var("CODA_CRASH_CHILD").is_err() {
+        return; // only meaningful as the child of the test below
+    }
+    let c = coda::client::Client::new(disco_util_config()).expect("client starts");
+    c.mkdir("/par", 0o755).unwrap();
+    let ts: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for k in 0..PER_THREAD {
+                    put(&c, &format!("/par/t{t}-f{k}"), &par_data(t, k));
+                    // Said only once the create and the store returned.
+                    println!("stored {t} {k}");
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// Four threads of one client store small files at once (connected
+/// records held in memory until acknowledged, `Cml::log_connected`); the
+/// client is killed while they are at it, right after some returned.
+/// Restarted, it shows every file whose store returned, whole, and files
+/// it was still writing only as what the server committed (nothing, an
+/// empty new file, or the whole contents).
+#[test]
+fn concurrent_stores_survive_a_kill_right_after_they_return() {
+    let srv = TestServer::start();
+    let cache = TempDir::new("crash-par-cache");
+    let mut w = KillOnDrop(
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_parallel_writer",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CODA_CRASH_CHILD", "1")
+            .env("CODA_SERVER", srv.addr().to_string())
+            .env("CODA_CACHE", cache.path())
+            .env("CODA_SECRET", srv.secret_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the writer"),
+    );
+    let out = BufReader::new(w.0.stdout.take().unwrap());
+    let mut acked = Vec::new();
+    for l in out.lines() {
+        let l = l.unwrap();
+        let mut it = l.split_whitespace();
+        if it.next() != Some("stored") {
+            continue;
+        }
+        let t: usize = it.next().unwrap().parse().unwrap();
+        let k: usize = it.next().unwrap().parse().unwrap();
+        acked.push((t, k));
+        // Mid-run: the other threads are between create and store, or
+        // waiting for their batch.
+        if acked.len() == THREADS * PER_THREAD / 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        acked.len(),
+        THREADS * PER_THREAD / 2,
+        "the writer ended early"
+    );
+    w.0.kill().unwrap(); // SIGKILL right after those returned
+    w.0.wait().unwrap();
+    drop(w);
+
+    let c = client(&srv, cache.path());
+    let other = TempDir::new("crash-par-other");
+    let o = client(&srv, other.path());
+    for (t, k) in &acked {
+        let name = format!("/par/t{t}-f{k}");
+        assert_eq!(
+            get(&c, &name),
+            par_data(*t, *k),
+            "{name} (restarted client)"
+        );
+        assert_eq!(get(&o, &name), par_data(*t, *k), "{name} (another client)");
+    }
+    for e in c.readdir("/par").unwrap() {
+        let (t, k) = e.name[1..]
+            .split_once("-f")
+            .map(|(t, k)| (t.parse::<usize>().unwrap(), k.parse::<usize>().unwrap()))
+            .unwrap();
+        let got = get(&o, &format!("/par/{}", e.name));
+        assert!(
+            got.is_empty() || got == par_data(t, k),
+            "{}: {} bytes, neither empty nor whole",
+            e.name,
+            got.len()
+        );
+    }
+    // And the restarted client goes on storing.
+    put(&c, "/par/after", b"after the crash");
+    assert_eq!(get(&o, "/par/after"), b"after the crash");
+}
