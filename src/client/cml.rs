@@ -34,8 +34,10 @@ const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");
 /// fsynced: see `log_connected`). A restarted client starts at it, so an id
 /// the server may have applied is never used again.
 const NEXT_STORE_ID: &str = "next_store_id";
-/// Store ids leased per durable write of `NEXT_STORE_ID`.
-const STORE_ID_LEASE: u64 = 64;
+/// Store ids leased per durable write of `NEXT_STORE_ID`. Large: the
+/// write's fsync holds every writer of the log (redb commits one at a
+/// time), and ids skipped after a crash cost nothing (a u64 counter).
+const STORE_ID_LEASE: u64 = 1024;
 /// Records with store ids up to this may have reached the server (a batch
 /// was sent and its reply may have been lost): they are never cancelled by
 /// an optimisation, since the server may already have applied them.
