@@ -289,7 +289,22 @@ pub(crate) struct Cache {
     undurable: AtomicU32,
     /// Index transactions committed by the cache (for tests).
     commits: AtomicU32,
+    /// Unsynced saves handed to the thread committing (`hand_off`).
+    handoff: Mutex<Handoff>,
 }
+
+/// The cache's group commit of unsynced saves: the entries waiting, and
+/// whether a thread is committing (it takes them in its next round).
+#[derive(Default)]
+struct Handoff {
+    fids: Vec<Fid>,
+    busy: bool,
+}
+
+/// Rounds one thread commits for the others before it goes back to its
+/// own work (what arrives later waits for the next save, or a durable
+/// commit, which takes it along).
+const HANDOFF_ROUNDS: usize = 8;
 
 impl Cache {
     /// Load the index; drop what a crash may have left inconsistent.
@@ -379,6 +394,7 @@ impl Cache {
             unsynced_names: Mutex::new(HashSet::new()),
             undurable: AtomicU32::new(0),
             commits: AtomicU32::new(0),
+            handoff: Mutex::new(Handoff::default()),
         })
     }
 
@@ -529,7 +545,47 @@ impl Cache {
         if !durable && self.defer(fids) {
             return;
         }
-        self.persist_now(fids, durable);
+        if !durable {
+            return self.hand_off(fids);
+        }
+        // Durable: the saves handed off and not yet committed go with it.
+        let mut all = std::mem::take(&mut self.handoff.lock().fids);
+        all.extend_from_slice(fids);
+        self.persist_now(&dedup(all), true);
+    }
+
+    /// An unsynced save, as a group commit: the fids join those waiting;
+    /// if a thread is committing, it takes them in its next round and this
+    /// one goes on at once (nothing waits for an unsynced commit: see
+    /// `persist`); otherwise this thread commits, one transaction for all
+    /// that arrived meanwhile, round after round while more arrive (at
+    /// most `HANDOFF_ROUNDS`). Threads saving at once so share redb's one
+    /// writer instead of queueing for it one transaction each. No lock is
+    /// held across a commit.
+    fn hand_off(&self, fids: &[Fid]) {
+        if fids.is_empty() {
+            return;
+        }
+        {
+            let mut h = self.handoff.lock();
+            h.fids.extend_from_slice(fids);
+            if h.busy {
+                return;
+            }
+            h.busy = true;
+        }
+        for _ in 0..HANDOFF_ROUNDS {
+            let batch = {
+                let mut h = self.handoff.lock();
+                if h.fids.is_empty() {
+                    h.busy = false;
+                    return;
+                }
+                std::mem::take(&mut h.fids)
+            };
+            self.persist_now(&dedup(batch), false);
+        }
+        self.handoff.lock().busy = false;
     }
 
     /// Within `deferred` on this thread: note `fids` for its one commit.
@@ -562,9 +618,7 @@ impl Cache {
                     .with(|d| d.borrow_mut().pop())
                     .map(|(_, v)| v)
                     .unwrap_or_default();
-                let mut seen = HashSet::new();
-                let fids: Vec<Fid> = fids.into_iter().filter(|f| seen.insert(*f)).collect();
-                self.0.persist(&fids, false);
+                self.0.persist(&dedup(fids), false);
             }
         }
         DEFERRED.with(|d| {
@@ -1004,6 +1058,12 @@ impl Index {
     }
 }
 
+/// `fids` without repeats, in their first order.
+fn dedup(fids: Vec<Fid>) -> Vec<Fid> {
+    let mut seen = HashSet::new();
+    fids.into_iter().filter(|f| seen.insert(*f)).collect()
+}
+
 /// The fid a container is named after (`Fid`'s display form).
 fn parse_fid(name: &str) -> Option<Fid> {
     let mut it = name.split('.');
@@ -1270,6 +1330,48 @@ mod tests {
         assert_eq!(l.listing_current().unwrap().get("new").unwrap().fid, a.fid);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&other_dir);
+    }
+
+    /// Saves made while another thread commits are handed to it: they
+    /// return at once, and its next round commits them all in one
+    /// transaction; a durable commit takes along those still waiting.
+    #[test]
+    fn unsynced_saves_during_a_commit_go_in_the_committers_next_round() {
+        let dir = tmpdir("handoff");
+        let (a, b, x) = (attr(11, 0, 1), attr(12, 0, 2), attr(13, 0, 3));
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open(&dir, db, 1000).unwrap();
+            let before = c.commits.load(Ordering::Relaxed);
+            // Another thread is committing.
+            c.handoff.lock().busy = true;
+            c.set_attr(&a);
+            c.set_attr(&b);
+            assert_eq!(c.commits.load(Ordering::Relaxed), before, "handed off");
+            assert_eq!(c.handoff.lock().fids, vec![a.fid, b.fid]);
+            // Its next round: one transaction for both, and it is done.
+            c.handoff.lock().busy = false;
+            c.set_attr(&x);
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1);
+            let h = c.handoff.lock();
+            assert!(h.fids.is_empty() && !h.busy);
+            drop(h);
+            // Waiting when a durable commit comes: it takes them along.
+            c.handoff.lock().busy = true;
+            c.set_attr(&Attr {
+                size: 7,
+                ..a.clone()
+            });
+            c.flush_lru();
+            assert!(c.handoff.lock().fids.is_empty());
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 2);
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        assert_eq!(c.get(a.fid).unwrap().attr.size, 7);
+        assert_eq!(c.get(b.fid).unwrap().attr.version, 2);
+        assert_eq!(c.get(x.fid).unwrap().attr.version, 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
