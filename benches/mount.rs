@@ -23,7 +23,9 @@
 //! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
 //! mount as it was before kernel caching), the baseline for that change.
 //! 1 and 2 also on a third with `--no-fast-open` (every open through the
-//! client), the baseline for the fast open of an unchanged cached file.
+//! client), the baseline for the fast open of an unchanged cached file,
+//! and on a fourth with `--no-open` (read-only: no FUSE open, release or
+//! flush at all), serving the files the `coda` target wrote.
 //!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
@@ -549,6 +551,8 @@ fn main() {
     // The mount with every open through the client: the baseline for the
     // fast open of an unchanged cached file (sections 1 and 2).
     let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-fast-open"]);
+    // Read-only serving without open requests (sections 1 and 2).
+    let noopen = mount(&dir, &addr, &secret, "noopen", &["--no-open"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
         .arg("--cache-dir")
         .arg(dir.join("pt-cache"))
@@ -586,7 +590,12 @@ fn main() {
         name: "coda --no-fast-open",
         root: nofast.mnt.join("bench-nf"),
     };
-    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf];
+    // Read-only: it serves what the `coda` target writes (same server).
+    let no = Target {
+        name: "coda --no-open",
+        root: noopen.mnt.join("bench"),
+    };
+    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },
@@ -594,7 +603,7 @@ fn main() {
     );
 
     // 1. nginx on 1,000 small files, 16 connections.
-    for t in web_targets {
+    for t in web_targets.iter().filter(|t| t.name != no.name) {
         let www = t.root.join("www");
         std::fs::create_dir_all(&www).unwrap();
         for i in 0..1000 {
@@ -644,7 +653,7 @@ fn main() {
         false,
         &vals,
     );
-    for t in web_targets {
+    for t in web_targets.iter().filter(|t| t.name != no.name) {
         let _ = Command::new("rm")
             .arg("-r")
             .arg(t.root.join("www"))
@@ -822,5 +831,6 @@ fn main() {
     drop(plain);
     drop(nocache);
     drop(nofast);
+    drop(noopen);
     let _ = std::fs::remove_dir_all(&dir);
 }

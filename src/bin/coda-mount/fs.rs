@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[path = "noopen.rs"]
+mod noopen;
+
 use coda::client::{
     Client, ClientState, Fid, File, FileType as CodaType, Owner, SetStatus, Stat, Timespec,
     XattrHow,
@@ -55,6 +58,9 @@ pub struct Shared {
     pub fast_opens: AtomicU64,
     /// `--no-fast-open`: every open goes through the client.
     pub no_fast_open: AtomicBool,
+    /// `--no-open`: opens answer ENOSYS, so the kernel stops sending open,
+    /// release and flush (noopen.rs).
+    pub no_open: AtomicBool,
     /// What the kernel caches, and how it is told to drop it.
     pub kcache: crate::kcache::KernelCache,
     /// How many FUSE threads wait for the next request (gate.rs).
@@ -1408,6 +1414,10 @@ impl Filesystem for CodaFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _pass = self.shared.gate.enter();
+        if self.no_open() {
+            // The kernel takes this for the whole mount (noopen.rs).
+            return reply.error(Errno::ENOSYS);
+        }
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
@@ -1478,6 +1488,9 @@ impl Filesystem for CodaFs {
     ) {
         let _pass = self.shared.gate.enter();
         self.shared.reads.fetch_add(1, Ordering::Relaxed);
+        if fh.0 == 0 && self.no_open() {
+            return self.read_by_inode(_ino, offset, size, reply);
+        }
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
@@ -1530,6 +1543,10 @@ impl Filesystem for CodaFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.shared.gate.enter();
+        if fh.0 == 0 && self.no_open() {
+            // Nothing to store (read-only mount): no more flush requests.
+            return reply.error(Errno::ENOSYS);
+        }
         // close(2) of each copy of a descriptor waits for this (release
         // comes once, after the last): store what was written here, so
         // close returns the store's result and the next opener, here or
@@ -1555,6 +1572,9 @@ impl Filesystem for CodaFs {
         let _pass = self.shared.gate.enter();
         // Durable when this returns: stored on the server (connected), or
         // logged with its container fsynced (disconnected).
+        if fh.0 == 0 && self.no_open() {
+            return reply.ok(); // a no-open file is never written
+        }
         let h = tri!(reply, self.handle(fh));
         match self.sync_handle(&h) {
             Ok(()) => reply.ok(),
