@@ -61,6 +61,10 @@ pub struct Shared {
     /// `--no-open`: opens answer ENOSYS, so the kernel stops sending open,
     /// release and flush (noopen.rs).
     pub no_open: AtomicBool,
+    /// Open and flush requests the kernel sent (with `--no-open`, one
+    /// each: the first, answered ENOSYS).
+    pub open_requests: AtomicU64,
+    pub flush_requests: AtomicU64,
     /// What the kernel caches, and how it is told to drop it.
     pub kcache: crate::kcache::KernelCache,
     /// How many FUSE threads wait for the next request (gate.rs).
@@ -1414,6 +1418,7 @@ impl Filesystem for CodaFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _pass = self.shared.gate.enter();
+        self.shared.open_requests.fetch_add(1, Ordering::Relaxed);
         if self.no_open() {
             // The kernel takes this for the whole mount (noopen.rs).
             return reply.error(Errno::ENOSYS);
@@ -1543,6 +1548,7 @@ impl Filesystem for CodaFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.shared.gate.enter();
+        self.shared.flush_requests.fetch_add(1, Ordering::Relaxed);
         if fh.0 == 0 && self.no_open() {
             // Nothing to store (read-only mount): no more flush requests.
             return reply.error(Errno::ENOSYS);
