@@ -280,3 +280,88 @@ fn no_open_refuses_to_run_without_the_kernel_cache() {
         "{out:?}"
     );
 }
+
+/// A `coda-mount` whose stderr goes to a file; killed and unmounted on drop.
+struct Logged {
+    child: std::process::Child,
+    mnt: std::path::PathBuf,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.mnt)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn unmount_ends_the_session_at_once_with_many_inodes_cached() {
+    if !fuse_available() {
+        return;
+    }
+    let srv = client_util::start();
+    let d = TempDir::new("no-umount");
+    let other = client_util::client(&srv, &d.path().join("other-cache"));
+    let conf = write_config(&srv, d.path(), &[]);
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let log = d.path().join("stderr.log");
+    for args in [&["--no-open"][..], &[][..]] {
+        other.mkdir("/many", 0o755).unwrap();
+        for i in 0..300 {
+            client_util::put(&other, &format!("/many/f{i}"), b"x");
+        }
+        let child = Command::new(MOUNT_BIN)
+            .arg("--config")
+            .arg(&conf)
+            .args(args)
+            .arg(&mnt)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Logged {
+            child,
+            mnt: mnt.clone(),
+        };
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(m.child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("mounted on"), "{line:?}");
+        for i in 0..300 {
+            assert_eq!(std::fs::read(mnt.join(format!("many/f{i}"))).unwrap(), b"x");
+        }
+        // Quiet for a moment: every request thread goes back to reading
+        // (gate.rs). Then another client renames the directory away: the
+        // mount drops the kernel's entry for it, and the kernel forgets its
+        // 300 inodes at once (BATCH_FORGET), which must not hold a thread
+        // for long: the unmount right after waits for every thread.
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        other
+            .rename("/many", &format!("/gone{}", args.len()))
+            .unwrap();
+        unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
+        assert!(
+            eventually(std::time::Duration::from_secs(60), || matches!(
+                m.child.try_wait(),
+                Ok(Some(_))
+            )),
+            "coda-mount {args:?} did not exit"
+        );
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(err.contains("unmounting"), "{args:?}: {err}");
+        assert!(
+            !err.contains("did not end"),
+            "{args:?}: the session must end when the mount goes: {err}"
+        );
+    }
+}

@@ -1138,10 +1138,14 @@ impl Filesystem for CodaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        let _pass = self.shared.gate.enter();
+        // Not through the gate: fuser calls this once per inode of a batch
+        // forget, one request, and the gate could park the thread 250 ms
+        // after each (at unmount, when the kernel forgets every inode at
+        // once and the other threads are gone, for each of them: the
+        // session outlived its 5 s). It never waits for a server anyway.
+        let mut b = self.backings.lock();
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
-        let mut b = self.backings.lock();
         self.shared.kcache.unvouch_open(ino.0);
         if let Some(e) = b.get_mut(&ino.0) {
             e.kept = None;
