@@ -18,12 +18,16 @@
 //!    `tar -x`, against local and the connected mount in the same round,
 //!    and the same creates and deletes counted until the server has them;
 //! 7. the large-file figures: sequential read of a cached 256 MiB file with
-//!    FUSE passthrough and without.
+//!    FUSE passthrough and without;
+//! 8. large-file writes: a sequential 256 MiB write and 2,000 random 4 KiB
+//!    writes into it, each ended by fsync and close, local, bindfs and coda.
 //!
 //! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
 //! mount as it was before kernel caching), the baseline for that change.
 //! 1 and 2 also on a third with `--no-fast-open` (every open through the
-//! client), the baseline for the fast open of an unchanged cached file.
+//! client), the baseline for the fast open of an unchanged cached file,
+//! and on a fourth with `--no-open` (read-only: no FUSE open, release or
+//! flush at all), serving the files the `coda` target wrote.
 //!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
@@ -121,6 +125,45 @@ fn seq_read(p: &Path) -> Duration {
     let t = Instant::now();
     let mut f = std::fs::File::open(p).unwrap();
     while f.read(&mut buf).unwrap() > 0 {}
+    t.elapsed()
+}
+
+/// Writes `len` bytes to a new file at `p` in 1 MiB chunks, then fsync and close.
+fn seq_write(p: &Path, len: usize) -> Duration {
+    let chunk: Vec<u8> = (0..1usize << 20).map(|i| (i % 253) as u8).collect();
+    let t = Instant::now();
+    let mut f = std::fs::File::create(p).unwrap();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    t.elapsed()
+}
+
+/// `n` 4 KiB writes at pseudo-random 4 KiB-aligned offsets of the `len`-byte
+/// file at `p` (the same offsets for every target of a round), then fsync and close.
+fn rand_write(p: &Path, len: usize, n: usize, seed: u64) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let block = [0x5au8; 4096];
+    let blocks = (len / 4096).max(1) as u64;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let t = Instant::now();
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    for _ in 0..n {
+        // xorshift64: cheap and repeatable.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        f.write_all_at(&block, (x % blocks) * 4096).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
     t.elapsed()
 }
 
@@ -549,6 +592,8 @@ fn main() {
     // The mount with every open through the client: the baseline for the
     // fast open of an unchanged cached file (sections 1 and 2).
     let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-fast-open"]);
+    // Read-only serving without open requests (sections 1 and 2).
+    let noopen = mount(&dir, &addr, &secret, "noopen", &["--no-open"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
         .arg("--cache-dir")
         .arg(dir.join("pt-cache"))
@@ -586,7 +631,12 @@ fn main() {
         name: "coda --no-fast-open",
         root: nofast.mnt.join("bench-nf"),
     };
-    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf];
+    // Read-only: it serves what the `coda` target writes (same server).
+    let no = Target {
+        name: "coda --no-open",
+        root: noopen.mnt.join("bench"),
+    };
+    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },
@@ -594,12 +644,17 @@ fn main() {
     );
 
     // 1. nginx on 1,000 small files, 16 connections.
-    for t in web_targets {
+    for t in web_targets.iter().filter(|t| t.name != no.name) {
         let www = t.root.join("www");
         std::fs::create_dir_all(&www).unwrap();
         for i in 0..1000 {
             std::fs::write(www.join(format!("f{i}.html")), page(i)).unwrap();
         }
+    }
+    // The other mounts wrote their files (so hold them); the --no-open one
+    // fetches each at its first read: read them all once first.
+    for i in 0..1000 {
+        std::fs::read(no.root.join(format!("www/f{i}.html"))).unwrap();
     }
     let mut rps = Vec::new();
     let mut p99 = Vec::new();
@@ -644,7 +699,7 @@ fn main() {
         false,
         &vals,
     );
-    for t in web_targets {
+    for t in web_targets.iter().filter(|t| t.name != no.name) {
         let _ = Command::new("rm")
             .arg("-r")
             .arg(t.root.join("www"))
@@ -817,10 +872,51 @@ fn main() {
             m.as_secs_f64() / l.as_secs_f64()
         );
     }
+    // 8. large-file writes: a sequential write of the big file and random
+    // 4 KiB writes into it, each ended by fsync and close (what a program
+    // waits for before it can count on the data), local, bindfs and coda.
+    let nrand = if smoke { 50 } else { 2000 };
+    let roots = [
+        ("local", dir.join("local")),
+        ("bindfs", bind.mnt.clone()),
+        ("coda", pt.mnt.join("bench")),
+    ];
+    let mut seq_w: Vec<(&str, Vec<Duration>)> = roots.iter().map(|r| (r.0, Vec::new())).collect();
+    let mut rand_w = seq_w.clone();
+    for round in 0..3 {
+        for (i, (_, root)) in roots.iter().enumerate() {
+            let p = root.join(format!("bigw-{round}"));
+            seq_w[i].1.push(seq_write(&p, big));
+            rand_w[i].1.push(rand_write(&p, big, nrand, round as u64));
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    let mbs: Vec<(&str, f64)> = seq_w
+        .into_iter()
+        .map(|(n, v)| (n, mb / median(v).as_secs_f64()))
+        .collect();
+    report(
+        &format!("sequential write {mb:.0} MiB + fsync + close"),
+        "MiB/s",
+        true,
+        &mbs,
+    );
+    let rates: Vec<(&str, f64)> = rand_w
+        .into_iter()
+        .map(|(n, v)| (n, nrand as f64 / median(v).as_secs_f64()))
+        .collect();
+    report(
+        &format!("random 4 KiB writes into it ({nrand}) + fsync + close"),
+        "writes/s",
+        true,
+        &rates,
+    );
+
     drop(bind);
     drop(pt);
     drop(plain);
     drop(nocache);
     drop(nofast);
+    drop(noopen);
     let _ = std::fs::remove_dir_all(&dir);
 }

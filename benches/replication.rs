@@ -2,7 +2,8 @@
 //!
 //!   cargo bench --bench replication          (CODA_BENCH_QUICK=1 for a short run)
 //!   CODA_BENCH_FAILOVERS=N sets the number of failovers of each kind;
-//!   CODA_BENCH_SERVER=PATH runs another coda-server binary.
+//!   CODA_BENCH_SERVER=PATH runs another coda-server binary;
+//!   CODA_BENCH_ONLY=small runs section 1 only.
 //!
 //! 1. small connected stores (create + write 4 KiB + close), median per file:
 //!    a group of three vs a single server (goal <= 1.5x);
@@ -376,6 +377,16 @@ fn main() {
         ms(gr),
         ms(gr) / ms(s)
     );
+    if std::env::var("CODA_BENCH_ONLY").is_ok_and(|v| v == "small") {
+        drop((gc, g, sc, single));
+        // `CODA_BENCH_KEEP`: the members' logs stay (`CODA_REPL_TRACE`'s lines).
+        if std::env::var_os("CODA_BENCH_KEEP").is_some() {
+            println!("kept {}", scratch.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        return;
+    }
     let bs = big_store(&sc, "/big", mib);
     let bg = big_store(&gc, "/big", mib);
     println!(

@@ -831,3 +831,57 @@ fn a_leader_answers_a_writer_only_after_earlier_breaks_of_its_objects_are_acknow
     }
     assert!(c.attr(f).is_ok(), "C was not cut");
 }
+
+/// A client whose leader stops keeps asking the group while it elects
+/// another, and its write completes connected there: it never reports the
+/// servers down and never logs the write. The election is held back (one
+/// follower's peer links cut) until well after the client judged its
+/// session dead, longer than the prober's own connect timeout (what is
+/// left of `dead_after`), so only the client's election patience keeps it
+/// connected.
+#[test]
+fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_leader() {
+    let (g, cutter) = Group::start_behind_proxies(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let caches = common::TempDir::new("repl-patience");
+    let c = std::sync::Arc::new(Client::new(g.client_config(&caches.path().join("c"))).unwrap());
+    client_util::put(&c, "/before", b"before the stop\n");
+    while c.events().next(Duration::ZERO).is_some() {}
+    // No leader can be elected while one of the two others is cut off.
+    cutter.cut(g.members[rest[0]].id);
+    g.sigstop(l);
+    let writer = {
+        let c = std::sync::Arc::clone(&c);
+        std::thread::spawn(move || {
+            let r = try_put(&c, "/during", b"written during the election\n");
+            (r, c.pending_records())
+        })
+    };
+    wait_until("the client judges its session dead", 30, || {
+        (c.state() != coda::client::ClientState::Connected).then_some(())
+    });
+    // Past the prober's connect timeout (at most `dead_after`, 1 s here),
+    // well within the client's 3 s of election patience.
+    std::thread::sleep(Duration::from_millis(1200));
+    cutter.heal(g.members[rest[0]].id);
+    let (r, pending) = writer.join().unwrap();
+    let mut events = Vec::new();
+    while let Some(ev) = c.events().next(Duration::ZERO) {
+        events.push(ev);
+    }
+    r.expect("the write completes");
+    assert_eq!(
+        pending, 0,
+        "the write was logged, not sent to the new leader; events {events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, coda::client::Event::ServerDown { .. })),
+        "the client reported the servers down: {events:?}"
+    );
+    let l2 = g.wait_leader(&rest);
+    assert!(g.has_object(l2, b"written during the election\n"));
+    g.sigcont(l);
+}

@@ -241,7 +241,7 @@ fn judge_remote(answers: &[Answer], variant: &str, remote: &str) -> Outcome {
     }
 }
 
-fn scenario(variant: &str, stop_server: fn(&mut TestServer)) {
+fn scenario(variant: &str, mount_args: &[&str], stop_server: fn(&mut TestServer)) {
     if !fuse_available() {
         return;
     }
@@ -285,7 +285,7 @@ fn scenario(variant: &str, stop_server: fn(&mut TestServer)) {
             ("heartbeat_ms", "100"),
             ("dead_after_ms", "500"),
         ],
-        &[],
+        mount_args,
     );
     let nginx = Nginx::start(dir);
     assert_eq!(get(nginx.addr), (200, "remote".to_string()));
@@ -354,12 +354,20 @@ fn scenario(variant: &str, stop_server: fn(&mut TestServer)) {
 
 #[test]
 fn web_server_fails_over_by_itself_when_the_server_is_killed() {
-    scenario("kill -9", |s| s.kill9());
+    scenario("kill -9", &[], |s| s.kill9());
+}
+
+/// The same on a `--no-open` mount, where the kernel serves the page from
+/// its own cache without asking `coda-mount` at each open: the failover
+/// still drops it at once (docs/MOUNT.md, "No-open mode").
+#[test]
+fn web_server_on_a_no_open_mount_fails_over_by_itself_when_the_server_is_killed() {
+    scenario("--no-open, kill -9", &["--no-open"], |s| s.kill9());
 }
 
 #[test]
 fn web_server_fails_over_by_itself_when_the_server_hangs() {
-    scenario("SIGSTOP", |s| s.sigstop());
+    scenario("SIGSTOP", &[], |s| s.sigstop());
 }
 
 /// The replicated variant: three real members, the mount lists them all.

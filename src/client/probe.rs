@@ -219,6 +219,17 @@ impl Prober {
                 let reader_behind = s.has_unread() && silent < 2 * h.dead_after;
                 if silent > h.dead_after && !reader_behind {
                     s.kill(&format!("no reply for {} ms", silent.as_millis()));
+                    // In a group, a hung leader (stopped, cut off) is not
+                    // the loss of the servers: one reconnect first, which
+                    // waits out an election the others report (the silent
+                    // one is tried last), as after a reset.
+                    if inner.servers().several() {
+                        if let Ok(s) = inner.servers().probe_session(&h.interrupt, h.dead_after) {
+                            self.seen = Some(s.clone());
+                            let _ = inner.revalidate_on(&s, &h.interrupt);
+                            return;
+                        }
+                    }
                     self.down(inner);
                 } else {
                     s.ping();

@@ -258,6 +258,22 @@ fn status(ctx: &Ctx) -> Vec<String> {
             sh.kept_cache_opens.load(Ordering::Relaxed)
         ),
         format!("fast_opens: {}", sh.fast_opens.load(Ordering::Relaxed)),
+        format!(
+            "no_open: {}",
+            if sh.no_open.load(Ordering::Relaxed) {
+                "on"
+            } else {
+                "off"
+            }
+        ),
+        format!(
+            "fuse_open_requests: {}",
+            sh.open_requests.load(Ordering::Relaxed)
+        ),
+        format!(
+            "fuse_flush_requests: {}",
+            sh.flush_requests.load(Ordering::Relaxed)
+        ),
         format!("fetches: {}", s.fetches),
         format!("fetch_bytes: {}", s.fetch_bytes),
         format!("breaks_received: {}", s.breaks_received),

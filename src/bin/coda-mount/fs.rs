@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[path = "noopen.rs"]
+mod noopen;
+
 use coda::client::{
     Client, ClientState, Fid, File, FileType as CodaType, Owner, SetStatus, Stat, Timespec,
     XattrHow,
@@ -55,6 +58,13 @@ pub struct Shared {
     pub fast_opens: AtomicU64,
     /// `--no-fast-open`: every open goes through the client.
     pub no_fast_open: AtomicBool,
+    /// `--no-open`: opens answer ENOSYS, so the kernel stops sending open,
+    /// release and flush (noopen.rs).
+    pub no_open: AtomicBool,
+    /// Open and flush requests the kernel sent (with `--no-open`, one
+    /// each: the first, answered ENOSYS).
+    pub open_requests: AtomicU64,
+    pub flush_requests: AtomicU64,
     /// What the kernel caches, and how it is told to drop it.
     pub kcache: crate::kcache::KernelCache,
     /// How many FUSE threads wait for the next request (gate.rs).
@@ -1128,10 +1138,14 @@ impl Filesystem for CodaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        let _pass = self.shared.gate.enter();
+        // Not through the gate: fuser calls this once per inode of a batch
+        // forget, one request, and the gate could park the thread 250 ms
+        // after each (at unmount, when the kernel forgets every inode at
+        // once and the other threads are gone, for each of them: the
+        // session outlived its 5 s). It never waits for a server anyway.
+        let mut b = self.backings.lock();
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
-        let mut b = self.backings.lock();
         self.shared.kcache.unvouch_open(ino.0);
         if let Some(e) = b.get_mut(&ino.0) {
             e.kept = None;
@@ -1408,6 +1422,11 @@ impl Filesystem for CodaFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _pass = self.shared.gate.enter();
+        self.shared.open_requests.fetch_add(1, Ordering::Relaxed);
+        if self.no_open() {
+            // The kernel takes this for the whole mount (noopen.rs).
+            return reply.error(Errno::ENOSYS);
+        }
         tri!(reply, self.guard());
         let fid = tri!(reply, self.fid_of(ino));
         let cflags = Self::open_flags(flags.0);
@@ -1478,6 +1497,9 @@ impl Filesystem for CodaFs {
     ) {
         let _pass = self.shared.gate.enter();
         self.shared.reads.fetch_add(1, Ordering::Relaxed);
+        if fh.0 == 0 && self.no_open() {
+            return self.read_by_inode(_ino, offset, size, reply);
+        }
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
@@ -1530,6 +1552,11 @@ impl Filesystem for CodaFs {
         reply: ReplyEmpty,
     ) {
         let _pass = self.shared.gate.enter();
+        self.shared.flush_requests.fetch_add(1, Ordering::Relaxed);
+        if fh.0 == 0 && self.no_open() {
+            // Nothing to store (read-only mount): no more flush requests.
+            return reply.error(Errno::ENOSYS);
+        }
         // close(2) of each copy of a descriptor waits for this (release
         // comes once, after the last): store what was written here, so
         // close returns the store's result and the next opener, here or
@@ -1555,6 +1582,9 @@ impl Filesystem for CodaFs {
         let _pass = self.shared.gate.enter();
         // Durable when this returns: stored on the server (connected), or
         // logged with its container fsynced (disconnected).
+        if fh.0 == 0 && self.no_open() {
+            return reply.ok(); // a no-open file is never written
+        }
         let h = tri!(reply, self.handle(fh));
         match self.sync_handle(&h) {
             Ok(()) => reply.ok(),

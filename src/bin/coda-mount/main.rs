@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--no-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -27,7 +27,8 @@ use coda::client::{Client, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--no-kernel-cache] [--no-fast-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+[--no-kernel-cache] [--no-fast-open] [--no-open] [--allow-other] [--threads N] \
+[--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
 const HELP: &str = "\
@@ -44,6 +45,11 @@ options:
                      or pages: every lookup and stat asks this process
   --no-fast-open     open every file through the client, even an unchanged cached
                      one whose kept backing file could be reused (a baseline)
+  --no-open          read-only serving (a web root): the kernel opens and closes
+                     files without asking this process (no open, release or
+                     flush requests), keeping their pages until the client
+                     drops them; the mount is read-only (writes: EROFS).
+                     Not with --no-kernel-cache. See docs/MOUNT.md, \"No-open mode\"
   --allow-other      let users other than the mounting one use the mount
                      (non-root: needs user_allow_other in /etc/fuse.conf)
   --threads N        FUSE worker threads, 1 to 256 (default 8)
@@ -62,6 +68,7 @@ struct Args {
     passthrough: bool,
     kernel_cache: bool,
     fast_open: bool,
+    no_open: bool,
     allow_other: bool,
     nonempty: bool,
     threads: usize,
@@ -82,6 +89,7 @@ fn parse_args() -> Args {
         passthrough: true,
         kernel_cache: true,
         fast_open: true,
+        no_open: false,
         allow_other: false,
         nonempty: false,
         threads: 8,
@@ -98,6 +106,7 @@ fn parse_args() -> Args {
             Some("--no-passthrough") => a.passthrough = false,
             Some("--no-kernel-cache") => a.kernel_cache = false,
             Some("--no-fast-open") => a.fast_open = false,
+            Some("--no-open") => a.no_open = true,
             Some("--allow-other") => a.allow_other = true,
             Some("--nonempty") => a.nonempty = true,
             Some("--threads") => {
@@ -122,6 +131,11 @@ fn parse_args() -> Args {
     }
     a.config = config.unwrap_or_else(|| usage("--config FILE is required"));
     a.mountpoint = mountpoint.unwrap_or_else(|| usage("MOUNTPOINT is required"));
+    // Without open requests the kernel keeps every file's pages: only the
+    // client's invalidations keep them true.
+    if a.no_open && !a.kernel_cache {
+        usage("--no-open needs the kernel cache: not with --no-kernel-cache");
+    }
     a
 }
 
@@ -380,10 +394,14 @@ fn main() {
     shared
         .no_fast_open
         .store(!args.fast_open, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .no_open
+        .store(args.no_open, std::sync::atomic::Ordering::Relaxed);
     let filesystem = fs::CodaFs::new(
         client.clone(),
         shared.clone(),
-        args.passthrough,
+        // Passthrough is granted in an open reply, which no-open never sends.
+        args.passthrough && !args.no_open,
         cache_dir.clone(),
     )
     .with_idmap(idmap);
@@ -393,6 +411,11 @@ fn main() {
         fuser::MountOption::Subtype("coda".into()),
         fuser::MountOption::DefaultPermissions,
     ];
+    if args.no_open {
+        // Writes need an open (the store at close); the kernel refuses
+        // every write open of a read-only mount with EROFS before asking us.
+        fcfg.mount_options.push(fuser::MountOption::RO);
+    }
     if args.allow_other {
         fcfg.acl = fuser::SessionACL::All;
     }

@@ -274,6 +274,11 @@ impl Servers {
         Ok(s)
     }
 
+    /// Whether several servers are configured (a replicated group).
+    pub fn several(&self) -> bool {
+        self.addrs.len() > 1
+    }
+
     /// Whether a live session exists right now (no network traffic).
     pub fn is_connected(&self) -> bool {
         self.current.lock().as_ref().is_some_and(|s| !s.is_dead())

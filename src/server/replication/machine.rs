@@ -490,6 +490,7 @@ pub(crate) fn reintegrate(
     after: u64,
     records: &[Record],
 ) -> std::result::Result<Outcome, BatchError> {
+    super::trace(format_args!("reintegrate enter"));
     let fail = |e: Error| {
         leadership_lost(shared, ctx, &e);
         BatchError::from(e)
@@ -532,10 +533,16 @@ pub(crate) fn reintegrate(
         push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
     }
     let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, after, records);
-    match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
+    super::trace(format_args!(
+        "reintegrate propose {} records",
+        records.len()
+    ));
+    let r = match propose::<std::result::Result<Outcome, BatchError>>(repl, data) {
         Ok(r) => r,
         Err(e) => Err(fail(e)),
-    }
+    };
+    super::trace(format_args!("reintegrate done"));
+    r
 }
 
 /// Push the batch's files to the followers; returns once, counting this

@@ -40,6 +40,21 @@ use self::transport::{PeerKey, KIND_RAFT, KIND_STATUS, KIND_STATUS_REQ};
 use crate::server::log;
 use crate::{Error, Result};
 
+/// Measurement aid: with `CODA_REPL_TRACE` set, each step of a proposal
+/// (taken, sent, made durable, acknowledged, committed, applied, answered)
+/// prints a line to stderr with its time in µs (docs/BENCHMARKS.md,
+/// "Where a small store's time goes in a group").
+pub(crate) fn trace(args: std::fmt::Arguments) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("CODA_REPL_TRACE").is_some()) {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        eprintln!("TRACE {t} {args}");
+    }
+}
+
 /// Inputs queued for the node thread at most; peers' messages beyond it are
 /// dropped (the engine resends).
 const INBOX: usize = 8192;

@@ -17,6 +17,7 @@ use raft::{RawNode, StateRole};
 use super::config::{GroupConfig, Member};
 use super::peers::Peers;
 use super::storage::RaftStore;
+use super::trace;
 use crate::server::log;
 use crate::{Error, Result};
 
@@ -343,6 +344,20 @@ impl Driver {
     fn take(&mut self, input: Input) {
         match input {
             Input::Raft(m) => {
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgAppend | MessageType::MsgAppendResponse
+                ) {
+                    trace(format_args!(
+                        "n{} recv {:?} from {} idx {} n {} commit {}",
+                        self.node.raft.id,
+                        m.get_msg_type(),
+                        m.from,
+                        m.index,
+                        m.entries.len(),
+                        m.commit
+                    ));
+                }
                 match m.get_msg_type() {
                     MessageType::MsgHeartbeat => self.heard = Instant::now(),
                     MessageType::MsgRequestVoteResponse if !m.reject => {
@@ -362,7 +377,10 @@ impl Driver {
                 // incarnation) are the engine's to ignore.
                 let _ = self.node.step(*m);
             }
-            Input::Propose(data, done) => self.propose(data, done, false),
+            Input::Propose(data, done) => {
+                trace(format_args!("n{} propose", self.node.raft.id));
+                self.propose(data, done, false)
+            }
             Input::ProposeAny(data, done) => self.propose(data, done, true),
             Input::Membership(id, addr, done) => {
                 if self.node.raft.state != StateRole::Leader {
@@ -513,6 +531,20 @@ impl Driver {
                 let ago = self.heard.elapsed().as_micros() as u64 + 1;
                 m.context = ago.to_be_bytes().to_vec().into();
             }
+            if matches!(
+                m.get_msg_type(),
+                MessageType::MsgAppend | MessageType::MsgAppendResponse
+            ) {
+                trace(format_args!(
+                    "n{} send {:?} to {} idx {} n {} commit {}",
+                    m.from,
+                    m.get_msg_type(),
+                    m.to,
+                    m.index,
+                    m.entries.len(),
+                    m.commit
+                ));
+            }
             self.peers.send(m);
         }
     }
@@ -533,6 +565,15 @@ impl Driver {
             return Ok(());
         }
         let mut ready = self.node.ready();
+        let id = self.node.raft.id;
+        trace(format_args!(
+            "n{id} ready ents {} hs {} committed {} msgs {} pmsgs {}",
+            ready.entries().len(),
+            ready.hs().is_some(),
+            ready.committed_entries().len(),
+            ready.messages().len(),
+            ready.persisted_messages().len()
+        ));
         // A leader may send before its own fsync (the engine counts its own
         // vote only once persisted); everything else waits for the disk.
         if !ready.messages().is_empty() {
@@ -544,12 +585,24 @@ impl Driver {
                 "a snapshot arrived; this member cannot install one yet".into(),
             ));
         }
-        // The log and the commit index reach the disk before anything is
-        // applied: the applied mark must never be ahead of the commit
-        // index a restart reads.
+        // The log reaches the disk before anything is applied, and the
+        // commit index is written (unsynced, in the same file) before the
+        // applied mark: any state a crash leaves is a prefix of these
+        // writes, so a restart never reads an applied mark ahead of the
+        // commit index.
         self.store.persist(ready.entries(), ready.hs())?;
+        // What waited for the disk goes now, before the state machine
+        // applies: a follower's acknowledgement of new entries must not
+        // wait for its application of earlier ones (an fsync of the
+        // volume store), which is off the leader's commit path.
+        if !ready.persisted_messages().is_empty() {
+            let m = ready.take_persisted_messages();
+            self.send(m);
+        }
+        trace(format_args!("n{id} persisted"));
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
+        trace(format_args!("n{id} applied"));
         for rs in ready.take_read_states() {
             let seq = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
             if let Some(at) = seq.ok().and_then(|s| self.reads_out.remove(&s)) {
@@ -608,18 +661,22 @@ impl Driver {
         if let Some(hs) = ready.hs() {
             self.published.term.store(hs.term, Ordering::SeqCst);
         }
-        if !ready.persisted_messages().is_empty() {
-            let m = ready.take_persisted_messages();
-            self.send(m);
-        }
         let mut light = self.node.advance(ready);
+        trace(format_args!(
+            "n{id} light commit {:?} msgs {} committed {}",
+            light.commit_index(),
+            light.messages().len(),
+            light.committed_entries().len()
+        ));
         if let Some(commit) = light.commit_index() {
             self.store.persist_commit(commit)?;
+            trace(format_args!("n{id} commit persisted"));
         }
         let m = light.take_messages();
         self.send(m);
         let committed = light.take_committed_entries();
         self.apply(committed)?;
+        trace(format_args!("n{id} light applied"));
         self.node.advance_apply();
         Ok(())
     }
@@ -638,7 +695,9 @@ impl Driver {
                     let r: Applied = if e.data.is_empty() {
                         Box::new(())
                     } else {
-                        self.sm.apply(e.index, &e.data)?
+                        let r = self.sm.apply(e.index, &e.data)?;
+                        trace(format_args!("n{me} sm applied {}", e.index));
+                        r
                     };
                     (parse_context(&e.context), r)
                 }
@@ -663,6 +722,7 @@ impl Driver {
             if let Some((node, serial)) = mine {
                 if node == me {
                     if let Some(w) = self.waiting.remove(&serial) {
+                        trace(format_args!("n{me} answer {}", e.index));
                         let _ = w.send(Ok(result));
                     }
                 }

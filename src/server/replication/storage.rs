@@ -124,13 +124,28 @@ impl RaftStore {
         self.applied
     }
 
-    /// Make new entries and/or a new hard state durable (one fsync), then
-    /// visible to the engine. Entries replace any at the same or later index.
+    /// Make new entries and/or a new hard state durable (one fsync; none
+    /// when only the commit index moved), then visible to the engine.
+    /// Entries replace any at the same or later index.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         if entries.is_empty() && hs.is_none() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // A new commit index alone is not fsynced: Raft needs the entries,
+        // the term and the vote durable, never the commit index (a restart
+        // that reads an older one learns the newer from the leader, and
+        // re-applies what lies between, as after a lost applied mark). A
+        // later durable commit of this file makes it durable too.
+        let commit_only = entries.is_empty()
+            && hs.is_some_and(|h| {
+                let cur = self.mem.rl();
+                let cur = cur.hard_state();
+                h.term == cur.term && h.vote == cur.vote
+            });
+        if commit_only {
+            txn.set_durability(redb::Durability::None);
+        }
         {
             let mut log = txn.open_table(LOG)?;
             if let Some(first) = entries.first() {
@@ -163,7 +178,8 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Record a new commit index (from a light ready) durably.
+    /// Record a new commit index (from a light ready; not fsynced, see
+    /// [`RaftStore::persist`]).
     pub fn persist_commit(&mut self, commit: u64) -> Result<()> {
         let mut hs = self.mem.rl().hard_state().clone();
         hs.commit = commit;
@@ -181,11 +197,12 @@ impl RaftStore {
     }
 
     /// Record that entries up to `index` are applied. Not fsynced on its
-    /// own: losing it only means re-applying entries the state machine
-    /// recognises as done.
+    /// own (`Durability::None`: redb's `Eventual` syncs on Linux): losing
+    /// it only means re-applying entries the state machine recognises as
+    /// done. The next durable write of this file makes it durable.
     pub fn set_applied(&mut self, index: u64) -> Result<()> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::Eventual);
+        txn.set_durability(redb::Durability::None);
         txn.open_table(STATE)?
             .insert("applied", index.to_be_bytes().as_slice())?;
         txn.commit()?;
