@@ -436,8 +436,13 @@ impl Client {
             }
         };
         let attr = inner.commit(op.clone(), None)?;
-        inner.object_changed(&attr, tok);
-        inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
+        // The removed entry and the parent's listing edit are saved in one
+        // index transaction (unsynced, after the record's commit, as each
+        // was on its own).
+        inner.cache.deferred(|| {
+            inner.object_changed(&attr, tok);
+            inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
+        });
         Ok(())
     }
 
