@@ -85,3 +85,47 @@ fn cache_size_evicts_least_recently_used_first_and_never_an_open_file() {
     assert_eq!(read_file(&held), mb);
     held.close().unwrap();
 }
+
+/// An unlink, a rename (over another file, and into another directory) and
+/// a hard link each save their index changes (the object, a replaced one,
+/// the listings' edits) together: after a restart the cached listings are
+/// the server's, reused without a readdir, and every entry is right.
+#[test]
+fn namespace_changes_are_saved_whole_and_reused_after_a_restart() {
+    let srv = start();
+    let d = TempDir::new("ns");
+    let c = client(&srv, d.path());
+    c.mkdir("/a", 0o755).unwrap();
+    c.mkdir("/b", 0o755).unwrap();
+    for n in ["gone", "old", "over", "moved", "linked"] {
+        put(&c, &format!("/a/{n}"), n.as_bytes());
+    }
+    c.unlink("/a/gone").unwrap();
+    c.rename("/a/old", "/a/over").unwrap();
+    c.rename("/a/moved", "/b/moved").unwrap();
+    let (f, b) = (c.stat("/a/linked").unwrap().fid, c.stat("/b").unwrap().fid);
+    c.link_at(f, b, "link").unwrap();
+    let names = |c: &Client, p: &str| {
+        let mut v: Vec<String> = c.readdir(p).unwrap().into_iter().map(|e| e.name).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&c, "/a"), ["linked", "over"]);
+    assert_eq!(names(&c, "/b"), ["link", "moved"]);
+    drop(c);
+
+    let c = client(&srv, d.path());
+    assert_eq!(names(&c, "/a"), ["linked", "over"]);
+    assert_eq!(names(&c, "/b"), ["link", "moved"]);
+    assert_eq!(
+        c.stats().readdir_rpcs,
+        0,
+        "the listings saved before the restart are current"
+    );
+    assert_eq!(get(&c, "/a/over"), b"old");
+    assert_eq!(get(&c, "/b/moved"), b"moved");
+    assert_eq!(get(&c, "/b/link"), b"linked");
+    assert_eq!(c.stat("/a/linked").unwrap().nlink, 2);
+    assert!(c.stat("/a/gone").is_err());
+    assert!(c.stat("/a/old").is_err());
+}

@@ -170,3 +170,90 @@ fn an_unchanged_file_keeps_its_pages_across_opens_and_a_changed_one_does_not() {
     assert_eq!(std::fs::read(&p).unwrap(), b);
     assert!(counter(&m, "fuse_reads") > reads);
 }
+
+/// A file made through the mount is in the kernel's caches from its create
+/// on: the open's permission check asks no getattr, and a later stat or
+/// unlink of the name asks no lookup (the create's reply carried the
+/// lifetime). Another client's rename, removal or mode change of such a file
+/// still reaches the mount at once.
+#[test]
+fn a_file_made_here_is_kept_from_its_create_and_others_changes_still_reach_it() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let srv = client_util::start();
+    for (k, args) in [&[][..], &["--no-passthrough"][..]].iter().enumerate() {
+        let d = TempDir::new(&format!("kcmk{k}"));
+        let other = client_util::client(&srv, &d.path().join("other-cache"));
+        let m = Mount::start(&srv, d.path(), &[], args);
+        let dir = format!("made{k}");
+        std::fs::create_dir(m.path(&dir)).unwrap();
+        std::fs::metadata(m.path(&dir)).unwrap();
+        std::fs::metadata(m.path("")).unwrap();
+
+        // The first file in the directory (whose attributes the kernel
+        // holds from the mkdir): no getattr at all.
+        let getattrs = counter(&m, "fuse_getattrs");
+        let f = m.path(&format!("{dir}/a.txt"));
+        std::fs::File::create(&f).unwrap();
+        assert_eq!(
+            counter(&m, "fuse_getattrs"),
+            getattrs,
+            "{args:?}: the create's reply carries the new file's attributes"
+        );
+        let lookups = counter(&m, "fuse_lookups");
+        std::fs::write(&f, b"hello").unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 5);
+        assert_eq!(std::fs::read(&f).unwrap(), b"hello");
+        std::fs::remove_file(&f).unwrap();
+        assert_eq!(
+            counter(&m, "fuse_lookups"),
+            lookups,
+            "{args:?}: the created name stays in the kernel until its unlink"
+        );
+        assert_eq!(
+            std::fs::metadata(&f).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+
+        // Others' changes to files made here.
+        let rel = |n: &str| format!("/{dir}/{n}");
+        std::fs::write(m.path(&format!("{dir}/b.txt")), b"b").unwrap();
+        std::fs::write(m.path(&format!("{dir}/c.txt")), b"c").unwrap();
+        std::fs::File::create(m.path(&format!("{dir}/e.txt"))).unwrap();
+        other.rename(&rel("b.txt"), &rel("moved.txt")).unwrap();
+        assert_eq!(
+            std::fs::metadata(m.path(&format!("{dir}/b.txt")))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            std::fs::read(m.path(&format!("{dir}/moved.txt"))).unwrap(),
+            b"b"
+        );
+        other.unlink(&rel("c.txt")).unwrap();
+        assert_eq!(
+            std::fs::metadata(m.path(&format!("{dir}/c.txt")))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::NotFound
+        );
+        other.chmod(&rel("e.txt"), 0o600).unwrap();
+        assert_eq!(
+            std::fs::metadata(m.path(&format!("{dir}/e.txt")))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        client_util::put(&other, &rel("e.txt"), b"from the other client");
+        assert_eq!(
+            std::fs::read(m.path(&format!("{dir}/e.txt"))).unwrap(),
+            b"from the other client"
+        );
+        assert_eq!(listing(&m.path(&dir)), ["e.txt", "moved.txt"]);
+    }
+}

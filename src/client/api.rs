@@ -436,8 +436,13 @@ impl Client {
             }
         };
         let attr = inner.commit(op.clone(), None)?;
-        inner.object_changed(&attr, tok);
-        inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
+        // The removed entry and the parent's listing edit are saved in one
+        // index transaction (unsynced, after the record's commit, as each
+        // was on its own).
+        inner.cache.deferred(|| {
+            inner.object_changed(&attr, tok);
+            inner.after_record(&op, ent.ftype, &[(parent, ptok)], now);
+        });
         Ok(())
     }
 
@@ -460,8 +465,11 @@ impl Client {
             fid,
         };
         let attr = inner.commit(op.clone(), None)?;
-        inner.object_changed(&attr, tok);
-        inner.after_record(&op, ftype, &[(parent, ptok)], now);
+        // One index transaction for the object and the listing edit.
+        inner.cache.deferred(|| {
+            inner.object_changed(&attr, tok);
+            inner.after_record(&op, ftype, &[(parent, ptok)], now);
+        });
         Ok(())
     }
 
@@ -524,15 +532,19 @@ impl Client {
                 .map_or(Replaces::Nothing, |d| Replaces::Object(d.fid)),
         };
         let attr = inner.commit(op.clone(), None)?;
-        inner.object_changed(&attr, tok);
-        if let Some(d) = &dst {
-            // The replaced object lost a link (or is gone): re-ask next time.
-            inner.callbacks.break_fids(&[d.fid]);
-            if d.ftype == FileType::Dir {
-                inner.cache.forget(d.fid);
+        // One index transaction for the object, a replaced directory and
+        // both listings' edits.
+        inner.cache.deferred(|| {
+            inner.object_changed(&attr, tok);
+            if let Some(d) = &dst {
+                // The replaced object lost a link (or is gone): re-ask next time.
+                inner.callbacks.break_fids(&[d.fid]);
+                if d.ftype == FileType::Dir {
+                    inner.cache.forget(d.fid);
+                }
             }
-        }
-        inner.after_record(&op, src.ftype, &[(sp, stok), (dp, dtok)], now);
+            inner.after_record(&op, src.ftype, &[(sp, stok), (dp, dtok)], now);
+        });
         Ok(())
     }
 

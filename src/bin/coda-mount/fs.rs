@@ -536,6 +536,24 @@ impl CodaFs {
             .any(|h| h.ino == ino && h.writable)
     }
 
+    /// Whether the reply to a create may give the kernel a lifetime for the
+    /// new entry and its attributes: only for a file this create made
+    /// (`fresh`, so no other open writes it) in a directory the client
+    /// vouches for. The attributes are the ones the create set; the kernel
+    /// drops size and times itself at each write through the open file
+    /// (FUSE's write paths invalidate them), and the store at close, like
+    /// every own change, drops them by notification. Without it the kernel
+    /// asks again at once (a getattr for the open's permission check, a
+    /// lookup for the next stat or unlink of the name).
+    fn create_trusted(&self, fresh: bool, dir: Fid, fid: Fid, ino: u64) -> bool {
+        let trusted = fresh
+            && !self.being_written(ino)
+            && self.client.trusts_cached(dir)
+            && self.client.trusts_cached(fid);
+        self.shared.kcache.note_inode(ino);
+        trusted
+    }
+
     /// The entry reply for an object this mount just made in `dir`.
     fn reply_made(&self, reply: ReplyEntry, t: crate::kcache::Ticket, dir: Fid, fid: Fid) {
         let attr = match self.stat_fid(fid) {
@@ -1340,6 +1358,7 @@ impl Filesystem for CodaFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
+        let os_name = name;
         let (dir, name) = tri!(reply, self.child(parent, name));
         tri!(
             reply,
@@ -1347,12 +1366,14 @@ impl Filesystem for CodaFs {
                 .remove_at(dir, &name, false)
                 .map_err(|e| errno(&e))
         );
+        self.shared.kcache.forget_entry(parent.0, os_name);
         reply.ok();
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
+        let os_name = name;
         let (dir, name) = tri!(reply, self.child(parent, name));
         tri!(
             reply,
@@ -1360,6 +1381,7 @@ impl Filesystem for CodaFs {
                 .remove_at(dir, &name, true)
                 .map_err(|e| errno(&e))
         );
+        self.shared.kcache.forget_entry(parent.0, os_name);
         reply.ok();
     }
 
@@ -1815,13 +1837,18 @@ impl Filesystem for CodaFs {
     ) {
         let _pass = self.shared.gate.enter();
         tri!(reply, self.guard());
+        let os_name = name;
         let (dir, name) = tri!(reply, self.child(parent, name));
         let cflags = Self::open_flags(flags);
         let owner = self.owner_for(req, dir);
+        // Noted before asking: a break of the directory meanwhile names the
+        // new entry (see `create_trusted`).
+        self.shared.kcache.note_entry(parent.0, os_name);
         let t = self.shared.kcache.ticket();
         let made = self
             .client
             .create_at_as(dir, &name, mode & !umask & 0o7777, cflags, owner);
+        let fresh = made.is_ok();
         let file = match made {
             Ok(f) => f,
             // Made meanwhile by someone else: open it, unless O_EXCL.
@@ -1848,6 +1875,7 @@ impl Filesystem for CodaFs {
                 return reply.error(e);
             }
         };
+        let trusted = self.create_trusted(fresh, dir, fid, attr.ino.0);
         let backing = self.backing_with(attr.ino.0, &file, |fd| reply.open_backing(fd));
         if let Some(b) = backing {
             let fh = tri!(
@@ -1857,8 +1885,9 @@ impl Filesystem for CodaFs {
             self.shared
                 .passthrough_opens
                 .fetch_add(1, Ordering::Relaxed);
+            let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
             return reply.created_passthrough(
-                &TTL,
+                &ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
@@ -1872,8 +1901,9 @@ impl Filesystem for CodaFs {
                 self.remember(attr.ino.0, fid, cflags, file, Some(b.clone()))
             );
             self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
             return reply.created_passthrough(
-                &TTL,
+                &ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
@@ -1883,10 +1913,6 @@ impl Filesystem for CodaFs {
         }
         let fh = tri!(reply, self.remember(attr.ino.0, fid, cflags, file, None));
         self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
-        let trusted = self.client.trusts_cached(dir)
-            && self.client.trusts_cached(fid)
-            && !self.being_written(attr.ino.0);
-        self.shared.kcache.note_inode(attr.ino.0);
         let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
         reply.created(
             &ttl,

@@ -142,6 +142,18 @@ impl KernelCache {
         }
     }
 
+    /// The name `name` of `parent` is gone (this mount removed it, and the
+    /// kernel dropped its dentry itself): no break needs to name it.
+    pub fn forget_entry(&self, parent: u64, name: &std::ffi::OsStr) {
+        let mut e = self.entries.lock();
+        if let Some(set) = e.get_mut(&parent) {
+            set.remove(name);
+            if set.is_empty() {
+                e.remove(&parent);
+            }
+        }
+    }
+
     pub fn note_inode(&self, ino: u64) {
         if self.enabled() {
             self.inodes.lock().insert(ino);
