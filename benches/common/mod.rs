@@ -14,6 +14,16 @@ pub struct BenchServer {
     pub addr: String,
 }
 
+/// Names another `coda-server` binary for the benches to start (for
+/// example one built from an older commit), so a before/after pair runs
+/// the same client against both servers in one session.
+pub const SERVER_BIN_ENV: &str = "CODA_BENCH_SERVER_BIN";
+
+/// The `coda-server` binary to start: [`SERVER_BIN_ENV`]'s, else this build's.
+pub fn server_bin() -> String {
+    std::env::var(SERVER_BIN_ENV).unwrap_or_else(|_| env!("CARGO_BIN_EXE_coda-server").into())
+}
+
 impl BenchServer {
     /// `coda-server init` in `dir/data`, then serve it on a free loopback port.
     pub fn start(dir: &Path) -> BenchServer {
@@ -22,7 +32,7 @@ impl BenchServer {
 
     /// Like `start`, with extra arguments for `serve`.
     pub fn start_with(dir: &Path, extra: &[&str]) -> BenchServer {
-        let bin = env!("CARGO_BIN_EXE_coda-server");
+        let bin = &server_bin();
         let root = dir.join("data");
         let st = Command::new(bin)
             .args(["init", "--root"])
