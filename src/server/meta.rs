@@ -55,6 +55,18 @@ pub const USER_IDS: TableDefinition<&str, u32> = TableDefinition::new("user_ids"
 pub const GROUPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("groups");
 /// (member, group) → (): the reverse of `GROUPS`, for a user's groups.
 pub const MEMBERSHIPS: TableDefinition<(&str, &str), ()> = TableDefinition::new("memberships");
+/// file fid → the whole content of a small file (1 to [`SMALL_DATA_MAX`]
+/// bytes), kept here instead of in an object file: written in the batch's
+/// own transaction, so the batch's one commit makes it durable (no data
+/// file to create, fsync, rename and name durably). Such a file's record
+/// has `has_file == false` and a non-zero size; an empty file has neither
+/// a row nor a data file.
+pub const SMALL_DATA: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("small_data");
+/// Largest file content kept in [`SMALL_DATA`]; a larger one gets an object
+/// file. 16 KiB: covers the small files a build or a checkout writes by
+/// the thousand, while a row stays a few redb pages (docs/SERVER.md
+/// "Small files").
+pub const SMALL_DATA_MAX: u64 = 16 * 1024;
 /// Small server-wide values (server id, root fid).
 pub const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
 
@@ -139,7 +151,8 @@ pub struct ObjectRec {
     /// Data version: names the object file `<vnode>.<unique>.<dv>`. It only
     /// grows, so a new file never reuses the name of one a reader may hold.
     pub dv: u64,
-    /// Whether a data file exists; a file without one is empty.
+    /// Whether a data file exists; a file without one is empty, or (size
+    /// above 0) small, its bytes in [`SMALL_DATA`].
     pub has_file: bool,
     /// For directories: the parent (the root points to itself). Needed to
     /// refuse moving a directory into its own subtree.

@@ -150,7 +150,7 @@ impl Prepared {
     fn wanted(records: &[Record]) -> bool {
         records.iter().any(|r| {
             matches!(&r.op, RecordOp::StoreInline { data, .. } | RecordOp::CreateWith { data, .. }
-                if data.len() <= crate::proto::MAX_INLINE)
+                if needs_file(data))
         })
     }
 
@@ -161,7 +161,7 @@ impl Prepared {
             let data = match &r.op {
                 RecordOp::StoreInline { fid, data, .. }
                 | RecordOp::CreateWith { fid, data, .. }
-                    if data.len() <= crate::proto::MAX_INLINE =>
+                    if needs_file(data) =>
                 {
                     Some((*fid, data))
                 }
@@ -190,6 +190,13 @@ impl Prepared {
             objects::remove_quietly(&p);
         }
     }
+}
+
+/// Inline data that goes to an object file: above `SMALL_DATA_MAX` (a
+/// small file's bytes go into its row in the commit itself), and within
+/// `MAX_INLINE` (more is refused).
+fn needs_file(data: &[u8]) -> bool {
+    data.len() as u64 > SMALL_DATA_MAX && data.len() <= crate::proto::MAX_INLINE
 }
 
 impl Drop for Prepared {
@@ -927,6 +934,11 @@ fn check_inline(data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// A regular file whose bytes are in its `SMALL_DATA` row.
+fn is_small(rec: &ObjectRec) -> bool {
+    rec.attr.ftype == FileType::File && !rec.has_file && rec.attr.size > 0
+}
+
 fn same_error(e: &Error) -> Error {
     match e {
         Error::Io { context, source } => Error::io(
@@ -999,6 +1011,8 @@ struct Batch<'t, 's> {
     graves: Table<'t, &'static [u8; 16], ()>,
     usage: Table<'t, u32, u64>,
     quotas: Table<'t, u32, u64>,
+    /// Small files' bytes (`SMALL_DATA`).
+    small: Table<'t, &'static [u8; 16], &'static [u8]>,
     store: &'s VolumeStore,
     client: &'s ClientId,
     staged: StagedLookup<'s>,
@@ -1039,6 +1053,7 @@ impl<'t, 's> Batch<'t, 's> {
             graves: txn.open_table(GRAVES)?,
             usage: txn.open_table(VOLUSAGE)?,
             quotas: txn.open_table(QUOTAS)?,
+            small: txn.open_table(SMALL_DATA)?,
             store,
             client,
             staged,
@@ -1317,10 +1332,7 @@ impl<'t, 's> Batch<'t, 's> {
         self.objects.remove(&fid.to_bytes())?;
         self.graves.insert(&fid.to_bytes(), ())?;
         self.guard.deleted(fid)?;
-        if rec.has_file {
-            self.replaced
-                .push(objects::object_path(&self.store.root, fid, rec.dv));
-        }
+        self.drop_data(&rec)?;
         self.changed.insert(fid);
         self.deleted.insert(fid);
         rec.attr.nlink = 0;
@@ -1384,6 +1396,13 @@ impl<'t, 's> Batch<'t, 's> {
     /// Write a new data file for `rec` holding its first `size` bytes
     /// (zero-extended), for a truncate.
     fn truncated_copy(&mut self, rec: &ObjectRec, size: u64) -> Result<PathBuf> {
+        let small = if is_small(rec) {
+            let mut b = self.small_bytes(rec)?;
+            b.truncate(size as usize);
+            Some(b)
+        } else {
+            None
+        };
         let fid = rec.attr.fid;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path); // a leftover of an aborted batch
@@ -1394,7 +1413,11 @@ impl<'t, 's> Batch<'t, 's> {
             .open(&path)
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         self.created.push(path.clone());
-        if rec.has_file {
+        if let Some(b) = small {
+            (&out)
+                .write_all(&b)
+                .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        } else if rec.has_file {
             // Data extents only: a hole (or a file grown by truncate) is
             // not written out as zeros.
             let old = objects::object_path(&self.store.root, fid, rec.dv);
@@ -1409,6 +1432,18 @@ impl<'t, 's> Batch<'t, 's> {
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
         Ok(path)
+    }
+
+    /// Up to the first `size` bytes of `rec`'s data file (for a truncate
+    /// that leaves a small file).
+    fn read_head(&self, rec: &ObjectRec, size: u64) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let path = objects::object_path(&self.store.root, rec.attr.fid, rec.dv);
+        let mut b = Vec::with_capacity(size as usize);
+        fs::File::open(&path)
+            .and_then(|f| f.take(size).read_to_end(&mut b))
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        Ok(b)
     }
 
     // ---- records --------------------------------------------------------
@@ -1433,6 +1468,13 @@ impl<'t, 's> Batch<'t, 's> {
             return Err(Error::Invalid(format!(
                 "upload {upload_id} holds {len} bytes, record says {length}"
             )));
+        }
+        if length <= SMALL_DATA_MAX {
+            let clear_setid = self.check_store(fid, &rec, length)?;
+            let data = fs::read(&staged)
+                .map_err(|e| Error::io(format!("read staged upload {upload_id}"), e))?;
+            self.consumed.push(upload_id);
+            return self.finish_small(rec, &data, mtime, clear_setid);
         }
         let (clear_setid, path) = self.next_data_file(fid, &rec, length)?;
         // A hard link, not a rename: if the batch aborts, the upload is
@@ -1468,12 +1510,70 @@ impl<'t, 's> Batch<'t, 's> {
         rec: &ObjectRec,
         length: u64,
     ) -> Result<(bool, std::path::PathBuf)> {
-        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
-        self.charge(fid.volume, rec.attr.size, length)?;
-        self.check_size(length)?;
+        let clear_setid = self.check_store(fid, rec, length)?;
         let path = objects::object_path(&self.store.root, fid, rec.dv + 1);
         let _ = fs::remove_file(&path);
         Ok((clear_setid, path))
+    }
+
+    /// Checks a store of `length` bytes against the quota and the largest
+    /// file; says whether it clears the file's set-id bits.
+    fn check_store(&mut self, fid: Fid, rec: &ObjectRec, length: u64) -> Result<bool> {
+        let clear_setid = self.guard.store_clears_setid(&self.objects, fid)?;
+        self.charge(fid.volume, rec.attr.size, length)?;
+        self.check_size(length)?;
+        Ok(clear_setid)
+    }
+
+    /// The bytes of small file `rec`, as this transaction has them.
+    fn small_bytes(&self, rec: &ObjectRec) -> Result<Vec<u8>> {
+        let row = self
+            .small
+            .get(&rec.attr.fid.to_bytes())?
+            .map(|v| v.value().to_vec());
+        super::volume::check_small(rec, row)
+    }
+
+    /// Forget `rec`'s current data: its small row now, its object file
+    /// once the batch commits.
+    fn drop_data(&mut self, rec: &ObjectRec) -> Result<()> {
+        let fid = rec.attr.fid;
+        if rec.has_file {
+            self.replaced
+                .push(objects::object_path(&self.store.root, fid, rec.dv));
+        } else if is_small(rec) {
+            self.wrote = true;
+            self.small.remove(&fid.to_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The object's status with `data` (at most `SMALL_DATA_MAX` bytes) as
+    /// its whole content, kept in its row: no data file, nothing to fsync
+    /// but the commit. The previous content is dropped.
+    fn finish_small(
+        &mut self,
+        mut rec: ObjectRec,
+        data: &[u8],
+        mtime: Timespec,
+        clear_setid: bool,
+    ) -> Result<Attr> {
+        let fid = rec.attr.fid;
+        self.drop_data(&rec)?;
+        if !data.is_empty() {
+            self.wrote = true;
+            self.small.insert(&fid.to_bytes(), data)?;
+        }
+        rec.dv += 1;
+        rec.has_file = false;
+        rec.attr.size = data.len() as u64;
+        rec.attr.mtime = mtime;
+        if clear_setid {
+            rec.attr.mode &= !0o6000;
+        }
+        self.bump(&mut rec);
+        self.put(&rec)?;
+        Ok(rec.attr)
     }
 
     /// The object's status after its next data file is in place: the
@@ -1488,10 +1588,7 @@ impl<'t, 's> Batch<'t, 's> {
     ) -> Result<Attr> {
         self.sync_dirs
             .insert(objects::objects_dir(&self.store.root, fid.volume));
-        if rec.has_file {
-            self.replaced
-                .push(objects::object_path(&self.store.root, fid, rec.dv));
-        }
+        self.drop_data(&rec)?;
         rec.dv += 1;
         rec.has_file = true;
         rec.attr.size = length;
@@ -1516,6 +1613,10 @@ impl<'t, 's> Batch<'t, 's> {
     ) -> Result<Attr> {
         let rec = self.store_target(fid, expected)?;
         let length = data.len() as u64;
+        if length <= SMALL_DATA_MAX {
+            let clear_setid = self.check_store(fid, &rec, length)?;
+            return self.finish_small(rec, data, mtime, clear_setid);
+        }
         let (clear_setid, path) = self.next_data_file(fid, &rec, length)?;
         // Written and fsynced ahead (`Prepared`): only its name is new.
         // Gone (taken by an earlier round of a group that started again):
@@ -1838,17 +1939,31 @@ impl<'t, 's> Batch<'t, 's> {
             if size != rec.attr.size {
                 self.charge(fid.volume, rec.attr.size, size)?;
                 self.check_size(size)?;
-                if size == 0 {
-                    // An empty file needs no data file at all.
+                // An empty file needs no data at all; a small one keeps
+                // its bytes in its row, a larger one a data file.
+                let small = if size == 0 {
+                    None
+                } else if size <= SMALL_DATA_MAX {
+                    let mut b = if is_small(&rec) {
+                        self.small_bytes(&rec)?
+                    } else if rec.has_file {
+                        self.read_head(&rec, size)?
+                    } else {
+                        Vec::new()
+                    };
+                    b.resize(size as usize, 0);
+                    Some(b)
                 } else {
                     self.truncated_copy(&rec, size)?;
-                }
-                if rec.has_file {
-                    self.replaced
-                        .push(objects::object_path(&self.store.root, fid, rec.dv));
+                    None
+                };
+                self.drop_data(&rec)?;
+                if let Some(b) = &small {
+                    self.wrote = true;
+                    self.small.insert(&fid.to_bytes(), b.as_slice())?;
                 }
                 rec.dv += 1;
-                rec.has_file = size != 0;
+                rec.has_file = size > SMALL_DATA_MAX;
                 rec.attr.size = size;
                 rec.attr.mtime = self.now;
             }
@@ -1865,6 +1980,9 @@ impl<'t, 's> Batch<'t, 's> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inline data big enough for an object file of its own.
+    const BIG_DATA: usize = SMALL_DATA_MAX as usize + 1;
 
     fn recs(ids: &[u64]) -> Vec<Record> {
         ids.iter()
@@ -2134,6 +2252,7 @@ mod tests {
     /// behind by a commit, a failure or a replay.
     #[test]
     fn inline_data_written_ahead_lands_whole_and_leaves_no_file_behind() {
+        assert!(!needs_file(b"small"), "small data is not written ahead");
         let dir = TestDir::new();
         let root = dir.path().join("data");
         VolumeStore::init(&root, "admin").unwrap();
@@ -2161,9 +2280,11 @@ mod tests {
                 fid: Fid::new(1, 999, 1),
             },
         };
-        let ra = vec![with(1, "a1", fa[0], b"first")];
+        // Past the small-file limit: small data goes into the commit.
+        let first = vec![1u8; BIG_DATA];
+        let ra = vec![with(1, "a1", fa[0], &first)];
         // Writes b1, then fails at its second record: the group restarts.
-        let rb = vec![with(1, "b1", fb[0], b"other"), ghost];
+        let rb = vec![with(1, "b1", fb[0], &vec![2u8; BIG_DATA]), ghost];
         let (pa, pb) = (
             Prepared::new(&store.root, &ra),
             Prepared::new(&store.root, &rb),
@@ -2181,7 +2302,7 @@ mod tests {
         drop((pa, pb));
         assert_eq!(
             fs::read(objects::object_path(&root, fa[0], 1)).unwrap(),
-            b"first"
+            first
         );
         assert!(!objects::object_path(&root, fb[0], 1).exists());
         // The whole path: a new version stored, then its replay.
@@ -2191,14 +2312,14 @@ mod tests {
                 fid: fa[0],
                 expected_version: 0,
                 mtime: Timespec::default(),
-                data: b"second".to_vec(),
+                data: vec![3u8; BIG_DATA],
             },
         }];
         assert!(!store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
         assert!(store.reintegrate(&a, &again, &|_| None).unwrap().replayed);
         assert_eq!(
             fs::read(objects::object_path(&root, fa[0], 2)).unwrap(),
-            b"second"
+            vec![3u8; BIG_DATA]
         );
         assert!(!objects::object_path(&root, fa[0], 1).exists());
         let names: Vec<String> = fs::read_dir(objects::objects_dir(&root, fa[0].volume))
@@ -2206,6 +2327,153 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.contains(".new")), "{names:?}");
+    }
+
+    /// What a fetch of `fid` serves now: its bytes, and whether they came
+    /// from an object file.
+    fn fetched(store: &VolumeStore, fid: Fid) -> (Vec<u8>, bool) {
+        use std::io::Read;
+        match store.open_data(fid).unwrap().1 {
+            super::super::volume::FetchData::Bytes(b) => (b, false),
+            super::super::volume::FetchData::File(mut f, len) => {
+                let mut b = Vec::new();
+                f.read_to_end(&mut b).unwrap();
+                b.resize(len as usize, 0);
+                (b, true)
+            }
+        }
+    }
+
+    /// Names in a volume's objects directory.
+    fn object_names(root: &std::path::Path) -> Vec<String> {
+        fs::read_dir(objects::objects_dir(root, 1))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Rows in `SMALL_DATA`.
+    fn small_rows(store: &VolumeStore) -> u64 {
+        store
+            .with_db(|db| -> Result<u64> {
+                let txn = db.begin_read()?;
+                Ok(redb::ReadableTableMetadata::len(
+                    &txn.open_table(SMALL_DATA)?,
+                )?)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_small_file_lives_in_the_index_moves_to_a_data_file_and_back_and_survives_a_reopen() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let mut store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 1)[0];
+        let mut id = 0;
+        let mut apply = |store: &VolumeStore, op: RecordOp, staged: StagedLookup| {
+            id += 1;
+            let r = Record { store_id: id, op };
+            store.reintegrate(&a, &[r], staged).unwrap().results[0].clone()
+        };
+        let inline = |data: &[u8]| RecordOp::StoreInline {
+            fid: f,
+            expected_version: 0,
+            mtime: Timespec::default(),
+            data: data.to_vec(),
+        };
+        let truncate = |size| RecordOp::SetAttr {
+            fid: f,
+            expected_version: 0,
+            mode: None,
+            size: Some(size),
+            mtime: None,
+            uid: None,
+            gid: None,
+            atime: None,
+        };
+        // Small: its bytes in its row, no object file.
+        let small = vec![7u8; SMALL_DATA_MAX as usize];
+        let attr = apply(
+            &store,
+            RecordOp::CreateWith {
+                parent: ROOT_FID,
+                name: "f".into(),
+                fid: f,
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+                data: small.clone(),
+            },
+            &|_| None,
+        );
+        assert_eq!(attr.size, SMALL_DATA_MAX);
+        assert_eq!(fetched(&store, f), (small.clone(), false));
+        assert!(object_names(&root).is_empty(), "{:?}", object_names(&root));
+        assert_eq!(small_rows(&store), 1);
+
+        // Grown past the limit: a data file, the row gone.
+        let big = vec![9u8; BIG_DATA];
+        apply(&store, inline(&big), &|_| None);
+        assert_eq!(fetched(&store, f), (big.clone(), true));
+        assert_eq!(small_rows(&store), 0);
+        assert_eq!(object_names(&root).len(), 1);
+
+        // Shrunk back by a store: the row again, the data file removed.
+        apply(&store, inline(b"tiny"), &|_| None);
+        assert_eq!(fetched(&store, f), (b"tiny".to_vec(), false));
+        assert!(object_names(&root).is_empty(), "{:?}", object_names(&root));
+
+        // Truncated up to 64 KiB (a data file of the bytes and zeros),
+        // then down to 3 bytes (a row of its head).
+        apply(&store, truncate(65536), &|_| None);
+        let mut want = b"tiny".to_vec();
+        want.resize(65536, 0);
+        assert_eq!(fetched(&store, f), (want, true));
+        assert_eq!(small_rows(&store), 0);
+        apply(&store, truncate(3), &|_| None);
+        assert_eq!(fetched(&store, f), (b"tin".to_vec(), false));
+        assert!(object_names(&root).is_empty(), "{:?}", object_names(&root));
+        // Extended while small: zeros after the bytes, still a row.
+        apply(&store, truncate(5), &|_| None);
+        assert_eq!(fetched(&store, f), (b"tin\0\0".to_vec(), false));
+
+        // A small staged upload is read into the row too.
+        let up = dir.path().join("upload");
+        fs::write(&up, b"from an upload").unwrap();
+        let store_op = RecordOp::Store {
+            fid: f,
+            expected_version: 0,
+            upload_id: 5,
+            length: 14,
+            mtime: Timespec::default(),
+        };
+        apply(&store, store_op, &|n| (n == 5).then(|| up.clone()));
+        assert_eq!(fetched(&store, f), (b"from an upload".to_vec(), false));
+
+        // Reopened (as after a restart): the row is served, and the sweep
+        // takes nothing for missing.
+        drop(store);
+        store = VolumeStore::open(&root, u64::MAX).unwrap();
+        assert_eq!(fetched(&store, f), (b"from an upload".to_vec(), false));
+        assert_eq!(small_rows(&store), 1);
+
+        // Removed: the row goes with the object.
+        apply(
+            &store,
+            RecordOp::Remove {
+                parent: ROOT_FID,
+                name: "f".into(),
+                fid: f,
+            },
+            &|_| None,
+        );
+        assert!(matches!(store.open_data(f), Err(Error::Stale(_))));
+        assert_eq!(small_rows(&store), 0);
+        assert!(object_names(&root).is_empty(), "{:?}", object_names(&root));
     }
 
     /// A large batch that gives way keeps its place: a successor of its
@@ -2271,7 +2539,7 @@ mod tests {
                 fid: Fid::new(1, id, 1),
                 expected_version: 0,
                 mtime: Timespec::default(),
-                data: vec![id as u8; 10],
+                data: vec![id as u8; BIG_DATA],
             },
         }));
         let p = Prepared::new(&store.root, &records);
@@ -2280,7 +2548,7 @@ mod tests {
         want.extend((0..PREPARE_MAX + 2).map(|i| i < PREPARE_MAX));
         assert_eq!(made, want);
         let kept: Vec<PathBuf> = p.0.iter().flatten().cloned().collect();
-        assert_eq!(fs::read(&kept[0]).unwrap(), vec![2u8; 10]);
+        assert_eq!(fs::read(&kept[0]).unwrap(), vec![2u8; BIG_DATA]);
         drop(p);
         assert!(kept.iter().all(|k| !k.exists()));
     }

@@ -98,6 +98,34 @@ pub(crate) fn get_object<T: ReadableTable<&'static [u8; 16], &'static [u8]>>(
     }
 }
 
+/// The content of small file `rec` (its row in `SMALL_DATA`), in a read
+/// transaction. A data directory from before small files has no such
+/// table: then no file is small.
+pub(crate) fn read_small(txn: &redb::ReadTransaction, rec: &ObjectRec) -> Result<Vec<u8>> {
+    let fid = rec.attr.fid;
+    let row = match txn.open_table(SMALL_DATA) {
+        Ok(t) => t.get(&fid.to_bytes())?.map(|v| v.value().to_vec()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    check_small(rec, row)
+}
+
+/// A small file's row checked against its record: a file whose record
+/// says it holds bytes must have them, all of them.
+pub(crate) fn check_small(rec: &ObjectRec, row: Option<Vec<u8>>) -> Result<Vec<u8>> {
+    let data = row.unwrap_or_default();
+    if data.len() as u64 != rec.attr.size {
+        return Err(Error::Eio(format!(
+            "{} has size {} but {} bytes of small data",
+            rec.attr.fid,
+            rec.attr.size,
+            data.len()
+        )));
+    }
+    Ok(data)
+}
+
 pub(crate) fn stale(fid: Fid) -> Error {
     Error::Stale(format!("no object {fid}"))
 }
@@ -159,6 +187,7 @@ impl VolumeStore {
             txn.open_table(CLIENT_OWNERS)?;
             txn.open_table(RESERVED)?;
             txn.open_table(GRAVES)?;
+            txn.open_table(SMALL_DATA)?;
             txn.open_table(USERS)?;
             let mut settings = txn.open_table(SETTINGS)?;
             let id: [u8; 16] = crate::proto::auth::random_bytes();
@@ -409,8 +438,15 @@ impl VolumeStore {
                 t if t.is_special() => {
                     return Ok((rec.attr, FetchData::Bytes(Vec::new())));
                 }
+                // Empty, or small: its bytes come from the same snapshot
+                // as its attr.
                 FileType::File if !rec.has_file => {
-                    return Ok((rec.attr, FetchData::Bytes(Vec::new())));
+                    let data = if rec.attr.size == 0 {
+                        Vec::new()
+                    } else {
+                        read_small(&txn, &rec)?
+                    };
+                    return Ok((rec.attr, FetchData::Bytes(data)));
                 }
                 _ => {}
             }
