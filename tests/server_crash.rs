@@ -79,6 +79,8 @@ fn writer(
 fn kill9_at_random_moments_loses_no_acknowledged_batch() {
     let mut s = TestServer::start();
     let mut total_acked = 0;
+    // Every attempted f's size: a small one has no object file.
+    let mut sizes: HashMap<String, usize> = HashMap::new();
     for iter in 1..=ITERATIONS {
         let mut c = Raw::control(s.addr(), &s.secret_file(), W, iter);
         let b = Raw::bulk(s.addr(), &s.secret_file(), W, iter);
@@ -96,6 +98,9 @@ fn kill9_at_random_moments_loses_no_acknowledged_batch() {
         let mut b = Raw::bulk(s.addr(), &s.secret_file(), W, 1000 + iter);
         let names: HashMap<String, Fid> = c.list(c.root).into_iter().collect();
         let attempted = attempted.lock().unwrap();
+        for batch in attempted.iter() {
+            sizes.insert(batch.f.clone(), batch.data.len());
+        }
         for (i, batch) in attempted.iter().enumerate() {
             let has_f = names.contains_key(&batch.f);
             let has_g = names.contains_key(&batch.g);
@@ -111,15 +116,18 @@ fn kill9_at_random_moments_loses_no_acknowledged_batch() {
             }
         }
         // Nothing half-made survives a restart: no staged uploads, and one
-        // object file per file that has data.
+        // object file per file whose data is past the small-file limit.
         let staged = std::fs::read_dir(s.root().join("staging")).unwrap().count();
         assert_eq!(staged, 0, "staging is empty after a restart");
         let files = std::fs::read_dir(s.root().join("objects/1"))
             .unwrap()
             .count();
-        // Every f present was stored in its own (atomic) batch, and a store
-        // always makes a data file, even of 0 bytes (lengths here can be 0).
-        let with_data = names.keys().filter(|n| n.starts_with('f')).count();
+        // Every f present was stored in its own (atomic) batch; a store of
+        // at most SMALL_DATA_MAX bytes (0 included) keeps them in the index.
+        let with_data = names
+            .keys()
+            .filter(|n| n.starts_with('f') && sizes[*n] as u64 > coda::server::SMALL_DATA_MAX)
+            .count();
         assert_eq!(
             files, with_data,
             "iteration {iter}: unreferenced object files remain"

@@ -150,11 +150,13 @@ fn a_batch_failing_in_the_middle_leaves_nothing_and_the_others_commit_exactly() 
     }
     let all: HashSet<String> = names.keys().cloned().collect();
     assert_eq!(all, expected, "exactly the committed batches' names");
-    // Only the committed stores made object files (plus nothing half-made).
+    // Nothing half-made is left, and 4 KiB stores keep their bytes in the
+    // index (SERVER.md "Small files"): no object file at all.
     let files = std::fs::read_dir(s.root().join("objects/1"))
         .unwrap()
         .count();
-    assert_eq!(files, WRITERS * ROUNDS);
+    const { assert!(4096 <= coda::server::SMALL_DATA_MAX) };
+    assert_eq!(files, 0);
 }
 
 struct Sent {
@@ -212,6 +214,8 @@ fn crash_writer(
 fn kill9_during_concurrent_batches_loses_no_acknowledged_one_and_halves_none() {
     let mut s = TestServer::start_with(&["--break-timeout-ms", "60000"]);
     let mut total_acked = 0;
+    // Every sent f's size: a small one has no object file.
+    let mut sizes: HashMap<String, usize> = HashMap::new();
     for iter in 1..=KILLS {
         let mut threads = Vec::new();
         let mut logs = Vec::new();
@@ -238,6 +242,11 @@ fn kill9_during_concurrent_batches_loses_no_acknowledged_one_and_halves_none() {
         let mut c = Raw::control(s.addr(), &s.secret_file(), [0x98; 16], 100 + iter);
         let mut b = Raw::bulk(s.addr(), &s.secret_file(), [0x98; 16], 100 + iter);
         let names: HashMap<String, Fid> = c.list(c.root).into_iter().collect();
+        for sent in &logs {
+            for batch in sent.lock().unwrap().iter() {
+                sizes.insert(batch.f.clone(), batch.data.len());
+            }
+        }
         for (w, sent) in logs.iter().enumerate() {
             for (i, batch) in sent.lock().unwrap().iter().enumerate() {
                 let has_f = names.contains_key(&batch.f);
@@ -262,7 +271,11 @@ fn kill9_during_concurrent_batches_loses_no_acknowledged_one_and_halves_none() {
         let files = std::fs::read_dir(s.root().join("objects/1"))
             .unwrap()
             .count();
-        let with_data = names.keys().filter(|n| n.contains("_f")).count();
+        // Only data past the small-file limit has an object file.
+        let with_data = names
+            .keys()
+            .filter(|n| n.contains("_f") && sizes[*n] as u64 > coda::server::SMALL_DATA_MAX)
+            .count();
         assert_eq!(
             files, with_data,
             "kill {iter}: unreferenced object files remain"

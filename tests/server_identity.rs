@@ -244,7 +244,8 @@ fn the_data_directory_is_private_and_loose_modes_are_fixed_at_start() {
     let d = TempDir::new("ident-modes");
     {
         let c = client(&srv, &d.path().join("c"));
-        put(&c, "/secret-data", b"only for admin");
+        // Past the small-file limit, so it gets an object file.
+        put(&c, "/secret-data", &[b'a'; 64 * 1024]);
     }
     let objects = object_files(&root);
     assert!(!objects.is_empty(), "the store left an object file");

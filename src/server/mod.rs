@@ -51,7 +51,7 @@ use sessions::Registry;
 use volume::VolumeStore;
 
 pub use control::MAX_ATTRS_REPLY;
-pub use meta::{ROOT_FID, ROOT_VOLUME};
+pub use meta::{ROOT_FID, ROOT_VOLUME, SMALL_DATA_MAX};
 pub use owners::DEFAULT_FORGET_CLIENTS_AFTER;
 pub use sessions::{StagedLimits, DEFAULT_STAGED_LIMITS};
 pub use volume::{volume_quota, VolumeSpace, DEFAULT_MAX_FILE_SIZE};
