@@ -254,8 +254,17 @@ impl Group {
         c
     }
 
-    /// Whether some object file of member `i` holds exactly `data`.
+    /// Whether member `i`'s disk holds `data` as a file's content: some
+    /// object file holds exactly it, or (a small file, whose bytes live in
+    /// its row of the index: SERVER.md "Small files") `meta.redb` holds it.
+    /// The member is running and has its index open, so the file's bytes
+    /// are searched; the Raft log is in another file (`raft.redb`), so only
+    /// applied data is found.
     pub fn has_object(&self, i: usize, data: &[u8]) -> bool {
+        if !data.is_empty() && data.len() as u64 <= coda::server::SMALL_DATA_MAX {
+            let meta = std::fs::read(self.members[i].root.join("meta.redb")).unwrap_or_default();
+            return meta.windows(data.len()).any(|w| w == data);
+        }
         let dir = self.members[i].root.join("objects");
         let Ok(vols) = std::fs::read_dir(&dir) else {
             return false;
