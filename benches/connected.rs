@@ -195,7 +195,7 @@ fn parallel_stores(
         .map(|t| {
             let (c, barrier, tag) = (c.clone(), barrier.clone(), tag.to_string());
             std::thread::spawn(move || {
-                let data = vec![t as u8; 4096];
+                let data = vec![t as u8; parallel_bytes()];
                 barrier.wait();
                 let (mut to, mut tc) = (Duration::ZERO, Duration::ZERO);
                 for k in 0..per_thread {
@@ -208,7 +208,7 @@ fn parallel_stores(
                         )
                         .unwrap();
                     to += t0.elapsed();
-                    assert_eq!(f.write_at(&data, 0).unwrap(), 4096);
+                    assert_eq!(f.write_at(&data, 0).unwrap(), data.len());
                     let t1 = Instant::now();
                     f.close().unwrap();
                     tc += t1.elapsed();
@@ -249,6 +249,16 @@ fn parallel_stores(
     // rounds' creates by this bench's own cleanup.
     drop(c);
     rate
+}
+
+/// Bytes per file of the parallel small stores: 4 KiB, or
+/// `CODA_BENCH_PARALLEL_BYTES` (to compare sizes, e.g. around the server's
+/// small-file limit).
+fn parallel_bytes() -> usize {
+    std::env::var("CODA_BENCH_PARALLEL_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096)
 }
 
 /// User + system CPU time of this process (all threads) so far.
@@ -338,7 +348,11 @@ fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: 
             _ => String::new(),
         };
         println!(
-            "parallel small stores: {threads} thread(s) x {per_thread} files of 4 KiB: median {m:.0} files/s over {rounds} rounds ({}) = {:.2}x one thread{note}",
+            "parallel small stores: {threads} thread(s) x {per_thread} files of {}: median {m:.0} files/s over {rounds} rounds ({}) = {:.2}x one thread{note}",
+            match parallel_bytes() {
+                4096 => "4 KiB".to_string(),
+                n => format!("{n} bytes"),
+            },
             all.join(", "),
             m / one,
         );
