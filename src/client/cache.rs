@@ -7,14 +7,18 @@
 //! Whether cached status may be *trusted* is not decided here but by the
 //! callback table; the cache only remembers versions so that an untrusted
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
+//!
+//! New files take an empty container made ahead of time (`Spares`,
+//! `cache_dir/spares/`) by a thread off the callers' path.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use redb::{
     Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
 };
@@ -291,6 +295,20 @@ pub(crate) struct Cache {
     commits: AtomicU32,
     /// Unsynced saves handed to the thread committing (`hand_off`).
     handoff: Mutex<Handoff>,
+    /// Empty containers made ahead of time for new files.
+    spares: Arc<Spares>,
+    /// The thread refilling `spares` (`None` when the pool is off);
+    /// stopped and joined when the cache is dropped.
+    spare_maker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.spares.stop();
+        if let Some(h) = self.spare_maker.lock().take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// The cache's group commit of unsynced saves: the entries waiting, and
@@ -309,6 +327,17 @@ const HANDOFF_ROUNDS: usize = 8;
 impl Cache {
     /// Load the index; drop what a crash may have left inconsistent.
     pub fn open(cache_dir: &Path, db: Arc<Index>, limit: u64) -> Result<Cache> {
+        Cache::open_with_spares(cache_dir, db, limit, SPARES_TARGET)
+    }
+
+    /// `open`, keeping up to `target` empty containers ready (0: no pool
+    /// thread; spares left by an earlier run are still used up).
+    pub fn open_with_spares(
+        cache_dir: &Path,
+        db: Arc<Index>,
+        limit: u64,
+        target: usize,
+    ) -> Result<Cache> {
         let containers = cache_dir.join("containers");
         std::fs::create_dir_all(&containers)
             .map_err(|e| Error::io(format!("creating {}", containers.display()), e))?;
@@ -378,7 +407,20 @@ impl Cache {
         // sync the directory for containers installed by this run.
         sync_dir(&containers)?;
         sync_dir(cache_dir)?;
+        let spares = Spares::open(&cache_dir.join("spares"), target);
+        let spare_maker = if target > 0 {
+            let s = spares.clone();
+            let h = std::thread::Builder::new()
+                .name("coda-spares".into())
+                .spawn(move || s.run())
+                .map_err(|e| Error::io("starting the spare container thread", e))?;
+            Some(h)
+        } else {
+            None
+        };
         Ok(Cache {
+            spares,
+            spare_maker: Mutex::new(spare_maker),
             dir: cache_dir.to_path_buf(),
             pinned: Mutex::new(Default::default()),
             priorities: Mutex::new(Default::default()),
@@ -836,19 +878,35 @@ impl Cache {
     }
 
     fn install_empty_now(&self, attr: &Attr, dirty: bool) -> Result<()> {
-        let temp = self.temp_container(attr.fid);
-        std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
         let a = Attr {
             size: 0,
             ..attr.clone()
         };
-        self.install(&a, &temp, true)?;
+        // A spare is renamed into place like a fetched temporary; when the
+        // pool is empty (or its spare is gone) the container is made here,
+        // so no caller ever waits for the pool's thread.
+        let spare = self.spares.take();
+        let took = match &spare {
+            Some(p) => match self.install(&a, p, true) {
+                Ok(()) => true,
+                Err(_) => {
+                    let _ = std::fs::remove_file(p);
+                    false
+                }
+            },
+            None => false,
+        };
+        if !took {
+            let temp = self.temp_container(attr.fid);
+            std::fs::File::options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
+            self.install(&a, &temp, true)?;
+        }
         if dirty {
             self.update(None, attr.fid, |e| {
                 e.attr = attr.clone();
@@ -942,6 +1000,159 @@ impl Cache {
     #[cfg(test)]
     pub fn bytes(&self) -> u64 {
         self.state.lock().bytes
+    }
+
+    /// Spare containers ready now (tests).
+    #[cfg(test)]
+    fn spares_ready(&self) -> Vec<PathBuf> {
+        self.spares.pool.lock().ready.clone()
+    }
+}
+
+/// Spares the pool keeps ready, and the level below which its thread
+/// refills it: a burst of creates between refills takes them all, and the
+/// rest fall back to creating their own.
+const SPARES_TARGET: usize = 48;
+const SPARES_LOW: usize = 16;
+/// The pool thread's waits after a failed create (a full disk, no inodes,
+/// an unusable directory): doubled per failure up to the maximum.
+const SPARES_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const SPARES_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Empty 0600 files made ahead of time in `cache_dir/spares/`, one of which
+/// a new file's container takes (`install_empty`) instead of creating one
+/// on the caller's path: allocating an inode is most of a small create's
+/// CPU on ext4. A spare is not a container until renamed into
+/// `containers/`: the index never names one, the sweep and the cache's
+/// size never see one (0 bytes; an inode each). Making a container
+/// durable is unchanged (`make_durable` syncs the file and `containers/`).
+struct Spares {
+    dir: PathBuf,
+    target: usize,
+    pool: Mutex<Pool>,
+    /// Wakes the thread when the pool falls below `SPARES_LOW`, or to stop.
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Pool {
+    ready: Vec<PathBuf>,
+    stop: bool,
+}
+
+impl Spares {
+    /// Take up the spares an earlier run left: an empty regular file with
+    /// one link is as good as a new one; anything else (a power cut may
+    /// leave a renamed spare's old name too) is removed.
+    /// Never fails: without its directory the pool stays empty and every
+    /// create makes its own container, as before there was a pool.
+    fn open(dir: &Path, target: usize) -> Arc<Spares> {
+        let _ = crate::fsmode::create_private_dir(dir);
+        // Every name is judged before any is removed: removing one of two
+        // names of a file must not make the other look reusable.
+        let (ready, junk): (Vec<_>, Vec<_>) = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| {
+                let reusable = d.file_name().to_string_lossy().starts_with("spare.")
+                    && std::fs::symlink_metadata(d.path())
+                        .is_ok_and(|m| m.is_file() && m.len() == 0 && m.nlink() == 1);
+                (d.path(), reusable)
+            })
+            .partition(|(_, reusable)| *reusable);
+        for (p, _) in junk {
+            let _ = std::fs::remove_file(p);
+        }
+        let ready: Vec<PathBuf> = ready.into_iter().map(|(p, _)| p).collect();
+        Arc::new(Spares {
+            dir: dir.to_path_buf(),
+            target,
+            pool: Mutex::new(Pool { ready, stop: false }),
+            wake: Condvar::new(),
+        })
+    }
+
+    fn take(&self) -> Option<PathBuf> {
+        let mut p = self.pool.lock();
+        let s = p.ready.pop();
+        if p.ready.len() < SPARES_LOW {
+            self.wake.notify_one();
+        }
+        s
+    }
+
+    fn stop(&self) {
+        self.pool.lock().stop = true;
+        self.wake.notify_all();
+    }
+
+    /// One new empty spare (no lock held: it allocates an inode).
+    fn make_one(&self) -> std::io::Result<PathBuf> {
+        let n: u64 = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>());
+        let path = self.dir.join(format!("spare.{n:016x}"));
+        let create = || {
+            std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+        };
+        match create() {
+            // The directory could not be made at start (a full disk).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::fsmode::create_private_dir(&self.dir)
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+                create()?;
+            }
+            r => {
+                r?;
+            }
+        }
+        Ok(path)
+    }
+
+    /// The pool thread: refill to `target` whenever below `SPARES_LOW`;
+    /// after a failed create wait (bounded, doubling) before trying again,
+    /// whatever takes happen meanwhile. Ends on `stop`; spares it made stay
+    /// for the next run.
+    fn run(&self) {
+        let mut backoff = SPARES_BACKOFF_MIN;
+        let mut retry_at: Option<Instant> = None;
+        loop {
+            let need = {
+                let mut p = self.pool.lock();
+                if let Some(at) = retry_at.take() {
+                    while !p.stop && Instant::now() < at {
+                        self.wake.wait_until(&mut p, at);
+                    }
+                }
+                while !p.stop && p.ready.len() >= SPARES_LOW.min(self.target) {
+                    self.wake.wait(&mut p);
+                }
+                if p.stop {
+                    return;
+                }
+                self.target.saturating_sub(p.ready.len())
+            };
+            for _ in 0..need {
+                match self.make_one() {
+                    Ok(path) => {
+                        backoff = SPARES_BACKOFF_MIN;
+                        let mut p = self.pool.lock();
+                        p.ready.push(path);
+                        if p.stop {
+                            return;
+                        }
+                    }
+                    Err(_) => {
+                        retry_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(SPARES_BACKOFF_MAX);
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1405,6 +1616,125 @@ mod tests {
         let d = c.get(Fid::new(1, 1, 1)).unwrap();
         assert_eq!(d.listing_current().unwrap().get("x").unwrap().fid, a.fid);
         assert_eq!(c.bytes(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn inode(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().ino()
+    }
+
+    /// Wait (bounded) until the pool's thread has made `n` spares.
+    fn wait_for_spares(c: &Cache, n: usize) -> Vec<PathBuf> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = c.spares_ready();
+            if s.len() >= n {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "only {} spares made", s.len());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_new_file_takes_a_spare_and_the_pool_is_refilled() {
+        let dir = tmpdir("spare-take");
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 8).unwrap();
+        let ready = wait_for_spares(&c, 8);
+        let top = ready.last().unwrap().clone();
+        let ino = inode(&top);
+        let a = attr(3, 0, 1);
+        c.install_empty(&a, true).unwrap();
+        // The container is the spare taken, renamed into place.
+        assert_eq!(inode(&c.container(a.fid)), ino);
+        assert!(!top.exists(), "the spare's name is gone");
+        let m = std::fs::metadata(c.container(a.fid)).unwrap();
+        assert_eq!((m.len(), m.mode() & 0o777), (0, 0o600));
+        let e = c.get(a.fid).unwrap();
+        assert_eq!((e.data_version, e.dirty, e.open), (Some(1), true, 1));
+        assert_eq!(c.bytes(), 0);
+        // Below the low-water mark the thread makes more.
+        for v in 10..20 {
+            c.install_empty(&attr(v, 0, 1), false).unwrap();
+        }
+        wait_for_spares(&c, 8);
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn with_the_pool_empty_or_failing_a_new_file_makes_its_own_container() {
+        let dir = tmpdir("spare-none");
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+            assert!(c.spares_ready().is_empty());
+            let a = attr(4, 0, 1);
+            c.install_empty(&a, false).unwrap();
+            assert_eq!(std::fs::metadata(c.container(a.fid)).unwrap().len(), 0);
+            assert_eq!(c.get(a.fid).unwrap().data_version, Some(1));
+        }
+        // The pool's directory unusable (as on a full disk): its thread
+        // fails and backs off; callers do not notice, and dropping the
+        // cache stops the thread during its back-off.
+        std::fs::remove_dir_all(dir.join("spares")).unwrap();
+        std::fs::write(dir.join("spares"), b"not a directory").unwrap();
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 8).unwrap();
+        for v in 5..10 {
+            let a = attr(v, 0, 1);
+            c.install_empty(&a, false).unwrap();
+            assert!(c.container(a.fid).exists());
+        }
+        assert!(c.spares_ready().is_empty());
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn spares_left_at_a_restart_are_reused_never_taken_for_containers() {
+        let dir = tmpdir("spare-restart");
+        let left = {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open_with_spares(&dir, db, 1000, 8).unwrap();
+            fill(&c, &attr(1, 5, 1), false);
+            wait_for_spares(&c, 8)
+        };
+        // What a crash may leave besides: a spare with data, a second name.
+        let spares = dir.join("spares");
+        std::fs::write(spares.join("spare.00000000000000aa"), b"data").unwrap();
+        std::fs::hard_link(&left[0], spares.join("spare.00000000000000bb")).unwrap();
+        std::fs::write(spares.join("other"), b"").unwrap();
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+        c.sweep_unused_containers();
+        let mut kept: Vec<PathBuf> = c.spares_ready();
+        kept.sort();
+        let mut want: Vec<PathBuf> = left[1..].to_vec();
+        want.sort();
+        assert_eq!(kept, want, "empty single-link spares are reused");
+        let mut on_disk: Vec<PathBuf> = std::fs::read_dir(&spares)
+            .unwrap()
+            .map(|d| d.unwrap().path())
+            .collect();
+        on_disk.sort();
+        // Both names of left[0] were judged while it had two: both removed.
+        assert_eq!(on_disk, want, "anything else is removed");
+        // None of them is a container, indexed, or counted.
+        assert_eq!(c.known_fids(), vec![Fid::new(1, 1, 1)]);
+        assert_eq!(c.bytes(), 5);
+        let names: Vec<String> = std::fs::read_dir(dir.join("containers"))
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![Fid::new(1, 1, 1).to_string()]);
+        let a = attr(2, 0, 1);
+        // The pool's next spare (`take` pops the last).
+        let ino = inode(c.spares_ready().last().unwrap());
+        c.install_empty(&a, false).unwrap();
+        assert_eq!(inode(&c.container(a.fid)), ino);
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -82,6 +82,7 @@ pub(crate) fn secure_cache_dir(cache_dir: &Path) -> Result<()> {
     fixed.set(cache_dir, DIR_MODE)?;
     fixed.files_in(cache_dir)?;
     fixed.files_in(&cache_dir.join("containers"))?;
+    fixed.files_in(&cache_dir.join("spares"))?;
     fixed.files_in(&cache_dir.join("conflicts"))?;
     if let Some(m) = fixed.message() {
         eprintln!("coda client: cache_dir {}: {m}", cache_dir.display());
