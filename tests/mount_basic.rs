@@ -139,19 +139,7 @@ fn operations_fail_with_eio_after_failover_and_work_after_failback() {
     let d = TempDir::new("fo");
     let m = Mount::start(&srv, d.path(), &[], &[]);
     std::fs::write(m.path("f"), b"data").unwrap();
-    let link = d.path().join("web");
-    std::os::unix::fs::symlink("mnt", &link).unwrap();
-    let local = d.path().join("local");
-    std::fs::create_dir(&local).unwrap();
-
-    let out = m.cli(&[
-        "failover",
-        "--link",
-        link.to_str().unwrap(),
-        "--target",
-        local.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    let (link, local) = m.failover_to_local(d.path());
     assert_eq!(std::fs::read_link(&link).unwrap(), local);
     let t0 = std::time::Instant::now();
     for r in [

@@ -116,18 +116,7 @@ fn cached_paths_fail_with_eio_at_once_after_failover() {
         std::fs::metadata(m.path("site/index.html")).unwrap();
         assert_eq!(listing(&m.path("site")), ["index.html"]);
     }
-    let link = d.path().join("web");
-    std::os::unix::fs::symlink("mnt", &link).unwrap();
-    let local = d.path().join("local");
-    std::fs::create_dir(&local).unwrap();
-    let out = m.cli(&[
-        "failover",
-        "--link",
-        link.to_str().unwrap(),
-        "--target",
-        local.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    m.failover_to_local(d.path());
     for r in [
         std::fs::metadata(m.path("site/index.html")).map(|_| ()),
         std::fs::read(m.path("site/index.html")).map(|_| ()),

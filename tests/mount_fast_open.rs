@@ -112,18 +112,7 @@ fn a_fast_open_after_failover_is_eio_and_earlier_descriptors_still_read() {
     warm(&m, &page, &bytes(7));
     let mut kept = std::fs::File::open(&page).unwrap();
 
-    let link = d.path().join("web");
-    std::os::unix::fs::symlink("mnt", &link).unwrap();
-    let local = d.path().join("local");
-    std::fs::create_dir(&local).unwrap();
-    let out = m.cli(&[
-        "failover",
-        "--link",
-        link.to_str().unwrap(),
-        "--target",
-        local.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    m.failover_to_local(d.path());
     let fast = counter(&m, "fast_opens");
     for _ in 0..3 {
         let e = std::fs::File::open(&page).unwrap_err();

@@ -206,18 +206,7 @@ fn cached_files_fail_with_eio_at_once_after_failover() {
         assert_eq!(std::fs::read(&page).unwrap(), b"page");
     }
     let held = std::fs::File::open(&page).unwrap();
-    let link = d.path().join("web");
-    std::os::unix::fs::symlink("mnt", &link).unwrap();
-    let local = d.path().join("local");
-    std::fs::create_dir(&local).unwrap();
-    let out = m.cli(&[
-        "failover",
-        "--link",
-        link.to_str().unwrap(),
-        "--target",
-        local.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    m.failover_to_local(d.path());
     for r in [
         std::fs::read(&page).map(|_| ()),
         std::fs::metadata(&page).map(|_| ()),

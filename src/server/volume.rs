@@ -530,27 +530,43 @@ fn read_dir_in(db: &Database, fid: Fid, cursor: u32) -> Result<(Attr, Vec<DirEnt
 }
 
 fn alloc_fids_in(db: &Database, client: &ClientId, volume: u32, count: u32) -> Result<u64> {
+    check_alloc_count(count)?;
+    let txn = db.begin_write()?;
+    let first = reserve_vnodes(&txn, client, volume, count)?;
+    txn.commit()?;
+    Ok(first)
+}
+
+/// An AllocFids count is 1..=`MAX_ALLOC`.
+pub(crate) fn check_alloc_count(count: u32) -> Result<()> {
     if count == 0 || count > MAX_ALLOC {
         return Err(Error::Invalid(format!(
             "AllocFids count {count} not in 1..={MAX_ALLOC}"
         )));
     }
-    let txn = db.begin_write()?;
-    let first = {
-        let mut vols = txn.open_table(VOLUMES)?;
-        let first = vols
-            .get(volume)?
-            .map(|v| v.value())
-            .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
-        let end = first
-            .checked_add(count as u64)
-            .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
-        vols.insert(volume, end)?;
-        txn.open_table(RESERVED)?
-            .insert((volume, first), &encode_reservation(client, count))?;
-        first
-    };
-    txn.commit()?;
+    Ok(())
+}
+
+/// Reserve `count` vnodes of `volume` for `client` in `txn`: the volume's
+/// next vnode moves past them and the reservation is recorded. Returns the
+/// first. Shared by a lone server and a group's applied AllocFids entry.
+pub(crate) fn reserve_vnodes(
+    txn: &redb::WriteTransaction,
+    client: &ClientId,
+    volume: u32,
+    count: u32,
+) -> Result<u64> {
+    let mut vols = txn.open_table(VOLUMES)?;
+    let first = vols
+        .get(volume)?
+        .map(|v| v.value())
+        .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
+    let end = first
+        .checked_add(count as u64)
+        .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
+    vols.insert(volume, end)?;
+    txn.open_table(RESERVED)?
+        .insert((volume, first), &encode_reservation(client, count))?;
     Ok(first)
 }
 

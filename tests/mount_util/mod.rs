@@ -103,6 +103,25 @@ impl Mount {
         self.mountpoint.join(rel.trim_start_matches('/'))
     }
 
+    /// `coda failover` of this mount, as an operator runs it: a link
+    /// `dir/web` to the mount point (`mnt`) is swapped to a new, empty
+    /// `dir/local`. Asserts the command succeeded; returns (link, local).
+    pub fn failover_to_local(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let link = dir.join("web");
+        std::os::unix::fs::symlink("mnt", &link).unwrap();
+        let local = dir.join("local");
+        std::fs::create_dir(&local).unwrap();
+        let out = self.cli(&[
+            "failover",
+            "--link",
+            link.to_str().unwrap(),
+            "--target",
+            local.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        (link, local)
+    }
+
     /// Run the CLI against this mount's cache.
     pub fn cli(&self, args: &[&str]) -> Output {
         cli(&self.cache_dir, args)

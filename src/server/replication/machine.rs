@@ -28,10 +28,12 @@ use super::transport::PeerKey;
 use super::Replicator;
 use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
 use crate::server::acl::Who;
-use crate::server::meta::{encode_reservation, CLIENT_STORE, RESERVED, SETTINGS, VOLUMES};
+use crate::server::meta::{CLIENT_STORE, SETTINGS};
 use crate::server::reintegrate::{BatchError, Outcome};
 use crate::server::sessions::ClientCtx;
-use crate::server::volume::{is_store_failure, ClientId, VolumeStore, MAX_ALLOC};
+use crate::server::volume::{
+    check_alloc_count, is_store_failure, reserve_vnodes, ClientId, VolumeStore,
+};
 use crate::server::{log, objects, Shared};
 use crate::{Error, Result};
 
@@ -404,11 +406,7 @@ fn alloc_at(
     volume: u32,
     count: u32,
 ) -> Result<u64> {
-    if count == 0 || count > MAX_ALLOC {
-        return Err(Error::Invalid(format!(
-            "AllocFids count {count} not in 1..={MAX_ALLOC}"
-        )));
-    }
+    check_alloc_count(count)?;
     store.with_db(|db| -> Result<u64> {
         let txn = db.begin_write()?;
         let first = {
@@ -422,18 +420,8 @@ fn alloc_at(
                 return Err(Error::Again(format!("entry {index} was applied before")));
             }
             settings.insert(ALLOC_INDEX_KEY, index.to_be_bytes().as_slice())?;
-            let mut vols = txn.open_table(VOLUMES)?;
-            let first = vols
-                .get(volume)?
-                .map(|v| v.value())
-                .ok_or_else(|| Error::NotFound(format!("volume {volume}")))?;
-            let end = first
-                .checked_add(count as u64)
-                .ok_or_else(|| Error::NoSpace(format!("volume {volume} out of vnodes")))?;
-            vols.insert(volume, end)?;
-            txn.open_table(RESERVED)?
-                .insert((volume, first), &encode_reservation(client, count))?;
-            first
+            drop(settings);
+            reserve_vnodes(&txn, client, volume, count)?
         };
         txn.commit()?;
         Ok(first)
