@@ -11,10 +11,9 @@ mod client_util;
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use client_util::*;
-use common::{KillOnDrop, TempDir, TestServer};
+use common::{child_test, KillOnDrop, TempDir, TestServer};
 
 const FILES: usize = 300;
 
@@ -71,14 +70,7 @@ fn a_client_killed_after_connected_changes_restarts_and_shows_every_acknowledged
     let srv = TestServer::start();
     let cache = TempDir::new("crash-cache");
     let mut w = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
-            .env("CODA_CRASH_CHILD", "1")
-            .env("CODA_SERVER", srv.addr().to_string())
-            .env("CODA_CACHE", cache.path())
-            .env("CODA_SECRET", srv.secret_file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        child_test("child_writer", "CODA_CRASH_CHILD", &srv, cache.path())
             .spawn()
             .expect("spawn the writer"),
     );
@@ -172,21 +164,14 @@ fn concurrent_stores_survive_a_kill_right_after_they_return() {
     let srv = TestServer::start();
     let cache = TempDir::new("crash-par-cache");
     let mut w = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_parallel_writer",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CODA_CRASH_CHILD", "1")
-            .env("CODA_SERVER", srv.addr().to_string())
-            .env("CODA_CACHE", cache.path())
-            .env("CODA_SECRET", srv.secret_file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the writer"),
+        child_test(
+            "child_parallel_writer",
+            "CODA_CRASH_CHILD",
+            &srv,
+            cache.path(),
+        )
+        .spawn()
+        .expect("spawn the writer"),
     );
     let out = BufReader::new(w.0.stdout.take().unwrap());
     let mut acked = Vec::new();

@@ -18,11 +18,10 @@ mod common;
 mod disco_util;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 
 use client_util::*;
 use coda::client::{Client, ClientState, Keep};
-use common::{KillOnDrop, TempDir, TestServer};
+use common::{child_test, KillOnDrop, TempDir, TestServer};
 
 /// Long enough that nothing is sent by itself while a test looks.
 const NEVER_MS: &str = "600000";
@@ -176,19 +175,7 @@ fn files_created_in_write_back_survive_a_kill_once_closed_or_fsynced() {
     let srv = start();
     let cache = TempDir::new("wbi-killed");
     let mut w = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_creator",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("CODA_WBI_CHILD", "1")
-            .env("CODA_SERVER", srv.addr().to_string())
-            .env("CODA_CACHE", cache.path())
-            .env("CODA_SECRET", srv.secret_file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        child_test("child_creator", "CODA_WBI_CHILD", &srv, cache.path())
             .spawn()
             .expect("spawn the creator"),
     );
@@ -284,13 +271,7 @@ fn child_exiter() {
 fn dropping_the_last_client_handle_makes_the_index_durable_before_the_process_exits() {
     let mut srv = start();
     let cache = TempDir::new("wbi-exit");
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_exiter", "--nocapture", "--test-threads=1"])
-        .env("CODA_WBI_EXIT_CHILD", "1")
-        .env("CODA_SERVER", srv.addr().to_string())
-        .env("CODA_CACHE", cache.path())
-        .env("CODA_SECRET", srv.secret_file())
-        .stderr(Stdio::inherit())
+    let out = child_test("child_exiter", "CODA_WBI_EXIT_CHILD", &srv, cache.path())
         .output()
         .expect("run the child");
     let said = String::from_utf8_lossy(&out.stdout);

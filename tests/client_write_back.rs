@@ -12,12 +12,11 @@ mod common;
 mod disco_util;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use client_util::*;
 use coda::client::Client;
-use common::{KillOnDrop, TempDir, TestServer};
+use common::{child_test, KillOnDrop, TempDir, TestServer};
 
 /// Long enough that nothing is sent by itself while a test looks.
 const NEVER_MS: &str = "600000";
@@ -170,14 +169,7 @@ fn a_write_back_client_killed_with_sigkill_loses_nothing_it_acknowledged() {
     let srv = start();
     let cache = TempDir::new("wb-killed");
     let mut w = KillOnDrop(
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_writer", "--nocapture", "--test-threads=1"])
-            .env("CODA_WB_CHILD", "1")
-            .env("CODA_SERVER", srv.addr().to_string())
-            .env("CODA_CACHE", cache.path())
-            .env("CODA_SECRET", srv.secret_file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        child_test("child_writer", "CODA_WB_CHILD", &srv, cache.path())
             .spawn()
             .expect("spawn the writer"),
     );

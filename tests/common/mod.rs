@@ -218,6 +218,22 @@ pub fn wait_stopped(pid: i32) {
     }
 }
 
+/// This test binary again, to run only the test `name` as a child process:
+/// the child test does its work only when the variable `marker` is set,
+/// and finds the server and its cache in `CODA_SERVER`, `CODA_SECRET` and
+/// `CODA_CACHE`. Its stdout is piped (what it has done, line by line).
+pub fn child_test(name: &str, marker: &str, srv: &TestServer, cache: &Path) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(marker, "1")
+        .env("CODA_SERVER", srv.addr().to_string())
+        .env("CODA_CACHE", cache)
+        .env("CODA_SECRET", srv.secret_file())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    c
+}
+
 /// A child process, killed (SIGKILL) and reaped on drop whatever happens to
 /// the test.
 pub struct KillOnDrop(pub std::process::Child);
