@@ -85,36 +85,7 @@ impl Group {
     pub fn start_with(n: usize, extra: &[&str]) -> Group {
         let dir = TempDir::new("group");
         let addrs: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
-        let list = addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let root = dir.path().join(format!("m{}", i + 1));
-            let node = (i + 1).to_string();
-            let mut args = vec![
-                "init",
-                "--root",
-                root.to_str().unwrap(),
-                "--node",
-                &node,
-                "--group",
-                &list,
-            ];
-            let first = dir.path().join("m1");
-            if i > 0 {
-                args.extend(["--from", first.to_str().unwrap()]);
-            }
-            run(&args);
-            members.push(Member {
-                id: i as u64 + 1,
-                addr: *addr,
-                root,
-                child: None,
-            });
-        }
+        let members = init_members(dir.path(), &addrs);
         let key = peer_key(&members[0].root, true).expect("group key");
         let mut g = Group {
             dir,
@@ -466,36 +437,7 @@ impl Group {
                 }
             });
         }
-        let list = addrs
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut members = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let root = dir.path().join(format!("m{}", i + 1));
-            let node = (i + 1).to_string();
-            let first = dir.path().join("m1");
-            let mut args = vec![
-                "init",
-                "--root",
-                root.to_str().unwrap(),
-                "--node",
-                &node,
-                "--group",
-                &list,
-            ];
-            if i > 0 {
-                args.extend(["--from", first.to_str().unwrap()]);
-            }
-            run(&args);
-            members.push(Member {
-                id: i as u64 + 1,
-                addr: *addr,
-                root,
-                child: None,
-            });
-        }
+        let members = init_members(dir.path(), &addrs);
         let key = peer_key(&members[0].root, false).expect("group key");
         let mut g = Group {
             dir,
@@ -510,4 +452,40 @@ impl Group {
         }
         (g, cutter)
     }
+}
+
+/// `coda-server init` of one member per address in `dir/m1`, `dir/m2`, ...
+/// (the first makes the group key and secrets, the others copy them).
+fn init_members(dir: &std::path::Path, addrs: &[SocketAddr]) -> Vec<Member> {
+    let list = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let first = dir.join("m1");
+    let mut members = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let root = dir.join(format!("m{}", i + 1));
+        let node = (i + 1).to_string();
+        let mut args = vec![
+            "init",
+            "--root",
+            root.to_str().unwrap(),
+            "--node",
+            &node,
+            "--group",
+            &list,
+        ];
+        if i > 0 {
+            args.extend(["--from", first.to_str().unwrap()]);
+        }
+        run(&args);
+        members.push(Member {
+            id: i as u64 + 1,
+            addr: *addr,
+            root,
+            child: None,
+        });
+    }
+    members
 }
