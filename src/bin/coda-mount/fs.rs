@@ -1525,16 +1525,8 @@ impl Filesystem for CodaFs {
         let h = tri!(reply, self.handle(fh));
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) => return reply.error(errno(&e)),
-            }
-        }
-        reply.data(&buf[..got]);
+        let buf = tri!(reply, read_upto(f, offset, size));
+        reply.data(&buf);
     }
 
     fn write(
@@ -2097,4 +2089,20 @@ impl Filesystem for CodaFs {
         );
         reply.ok();
     }
+}
+
+/// Up to `size` bytes of `f` from `offset`: short only at the end of the
+/// file (a FUSE read answers a short count only there).
+pub(crate) fn read_upto(f: &File, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; size as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(errno(&e)),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
 }

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 
 use fuser::{Errno, INodeNo, ReplyData};
 
-use super::{errno, CodaFs, Fid};
+use super::{errno, read_upto, CodaFs, Fid};
 
 impl CodaFs {
     /// `--no-open` is on.
@@ -65,16 +65,6 @@ impl CodaFs {
             .client
             .open_fid(fid, libc::O_RDONLY)
             .map_err(|e| errno(&e))?;
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) => return Err(errno(&e)),
-            }
-        }
-        buf.truncate(got);
-        Ok(buf)
+        read_upto(&f, offset, size)
     }
 }
