@@ -62,20 +62,25 @@ fn prepared_path(root: &Path, fid: Fid) -> PathBuf {
 /// `reintegrate.rs` "Prepared"); the commit then only renames it to its
 /// versioned name. On failure nothing is left behind.
 pub fn prepare_data(root: &Path, fid: Fid, data: &[u8]) -> Result<PathBuf> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = prepared_path(root, fid);
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(data));
-    if let Err(e) = written {
+    if let Err(e) = write_new(&path, data) {
         remove_quietly(&path);
         return Err(Error::io(format!("write {}", path.display()), e));
     }
     Ok(path)
+}
+
+/// Create the object file `path` (it must not exist; owner-only) holding
+/// `data`. Not synced: the caller decides when.
+pub fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
 }
 
 /// fsync a directory so the names created or removed in it are durable.

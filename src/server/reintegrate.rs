@@ -1628,12 +1628,7 @@ impl<'t, 's> Batch<'t, 's> {
         if ready {
             self.created.push(path);
         } else {
-            let written = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .and_then(|mut f| f.write_all(data));
+            let written = objects::write_new(&path, data);
             self.created.push(path.clone());
             written.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
             self.sync_files.push(path);
