@@ -953,19 +953,23 @@ impl Inner {
     /// (their predicted versions may be off), many fids per request.
     pub(crate) fn drop_edited_listings(&self) {
         let fids: Vec<Fid> = self.emu.take_edited();
-        for f in &fids {
-            self.cache.update(None, *f, |e| e.clear_listing());
-        }
-        let known: Vec<Fid> = fids
-            .iter()
-            .copied()
-            .filter(|f| self.cache.get(*f).is_some())
-            .collect();
-        for chunk in known.chunks(4096) {
-            if self.fetch_attrs(chunk).is_err() {
-                self.callbacks.break_fids(chunk);
+        // One index transaction for all the entries changed here (not one
+        // per directory and per refreshed status).
+        self.cache.deferred(|| {
+            for f in &fids {
+                self.cache.update(None, *f, |e| e.clear_listing());
             }
-        }
+            let known: Vec<Fid> = fids
+                .iter()
+                .copied()
+                .filter(|f| self.cache.get(*f).is_some())
+                .collect();
+            for chunk in known.chunks(4096) {
+                if self.fetch_attrs(chunk).is_err() {
+                    self.callbacks.break_fids(chunk);
+                }
+            }
+        })
     }
 
     /// A server answers again: reintegrate the log, revalidate the cache,

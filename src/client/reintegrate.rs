@@ -971,7 +971,10 @@ impl Reintegrator<'_> {
                                 }
                             }
                             // The container is now that version's contents.
-                            self.cache.update(None, fid, |e| {
+                            // In memory only: start-up clears every dirty
+                            // flag anyway, and an index transaction per
+                            // record here was most of a backlog's cost.
+                            self.cache.change(None, fid, |e| {
                                 if e.data_version == Some(a.version) {
                                     e.dirty = false;
                                 }
