@@ -14,7 +14,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -259,6 +259,86 @@ struct State {
     lru_unsaved: HashSet<Fid>,
 }
 
+impl State {
+    /// The rows saving `fid` as it is now (its listing's journal taken).
+    fn row(&mut self, fid: Fid) -> Row {
+        match self.map.get_mut(&fid) {
+            Some(e) => Row {
+                fid,
+                entry: Some(e.encode()),
+                rows: e.take_rows(),
+            },
+            None => Row {
+                fid,
+                entry: None,
+                rows: SaveRows::Clear,
+            },
+        }
+    }
+}
+
+/// One entry's save, made (encoded) but not yet written: its object row
+/// (`None`: removed) and its listing's rows.
+pub(crate) struct Row {
+    fid: Fid,
+    entry: Option<Vec<u8>>,
+    rows: SaveRows,
+}
+
+/// Write `rows` in `w`, in order.
+fn write_rows(w: &WriteTransaction, rows: &[Row]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut t = w.open_table(OBJECTS)?;
+    let mut ents = w.open_table(ENTRIES)?;
+    for Row { fid, entry, rows } in rows {
+        let k = fid.to_bytes();
+        match entry {
+            Some(r) => {
+                t.insert(&k[..], &r[..])?;
+            }
+            None => {
+                t.remove(&k[..])?;
+            }
+        }
+        match rows {
+            SaveRows::Nothing => {}
+            SaveRows::Clear | SaveRows::Whole(_) => {
+                let (a, b) = entries_range(*fid);
+                ents.retain_in::<&[u8], _>(&a[..]..&b[..], |_, _| false)?;
+                if let SaveRows::Whole(l) = rows {
+                    for d in l.iter() {
+                        let mut v = Writer::new();
+                        v.entry(d);
+                        ents.insert(&entry_key(*fid, &d.name)[..], &v.buf[..])?;
+                    }
+                }
+            }
+            SaveRows::Names(names) => {
+                for (name, d) in names {
+                    let key = entry_key(*fid, name);
+                    match d {
+                        Some(d) => {
+                            let mut v = Writer::new();
+                            v.entry(d);
+                            ents.insert(&key[..], &v.buf[..])?;
+                        }
+                        None => {
+                            ents.remove(&key[..])?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Most saves that wait to ride (`Cache::ride`) before the cache commits
+/// them itself.
+const RIDERS_MAX: usize = 256;
+
 /// Index commits are not fsynced (`Durability::None`): everything in the
 /// index but the log can be lost and revalidated. redb frees the pages
 /// such commits replace only at a durable commit, so every this many
@@ -291,6 +371,8 @@ pub(crate) struct Cache {
     unsynced_names: Mutex<HashSet<Fid>>,
     /// Index commits since the last durable one (see `DURABLE_EVERY`).
     undurable: AtomicU32,
+    /// Unsynced saves wait for the log's next transaction (`set_riding`).
+    riding: AtomicBool,
     /// Index transactions committed by the cache (for tests).
     commits: AtomicU32,
     /// Unsynced saves handed to the thread committing (`hand_off`).
@@ -435,6 +517,7 @@ impl Cache {
             }),
             unsynced_names: Mutex::new(HashSet::new()),
             undurable: AtomicU32::new(0),
+            riding: AtomicBool::new(false),
             commits: AtomicU32::new(0),
             handoff: Mutex::new(Handoff::default()),
         })
@@ -587,6 +670,9 @@ impl Cache {
         if !durable && self.defer(fids) {
             return;
         }
+        if !durable && self.riding.load(Ordering::Relaxed) {
+            return self.ride(fids);
+        }
         if !durable {
             return self.hand_off(fids);
         }
@@ -672,11 +758,13 @@ impl Cache {
     }
 
     fn persist_now(&self, fids: &[Fid], durable: bool) {
-        if fids.is_empty() && !durable {
+        if fids.is_empty() && !durable && !self.db.has_riders() {
             return;
         }
         let durable =
             durable || self.undurable.fetch_add(1, Ordering::Relaxed) + 1 >= DURABLE_EVERY;
+        let mut fids = fids.to_vec();
+        let mut riders = Vec::new();
         let res: Result<()> = (|| {
             let mut w = self.db.begin_write()?;
             if durable {
@@ -685,59 +773,18 @@ impl Cache {
             } else {
                 w.set_durability(Durability::None);
             }
-            let rows: Vec<(Fid, Option<Vec<u8>>, SaveRows)> = {
+            // The saves waiting to ride (`ride`) go first, taken under the
+            // same lock as this save's rows are made: every row is written
+            // in the order it was made.
+            let rows: Vec<Row> = {
                 let mut st = self.state.lock();
-                fids.iter()
-                    .map(|f| match st.map.get_mut(f) {
-                        Some(e) => (*f, Some(e.encode()), e.take_rows()),
-                        None => (*f, None, SaveRows::Clear),
-                    })
-                    .collect()
+                riders = self.db.take_riders();
+                fids.extend(self.db.take_lost(&mut st));
+                fids = dedup(std::mem::take(&mut fids));
+                fids.iter().map(|f| st.row(*f)).collect()
             };
-            {
-                let mut t = w.open_table(OBJECTS)?;
-                let mut ents = w.open_table(ENTRIES)?;
-                for (fid, row, save) in &rows {
-                    let k = fid.to_bytes();
-                    match row {
-                        Some(r) => {
-                            t.insert(&k[..], &r[..])?;
-                        }
-                        None => {
-                            t.remove(&k[..])?;
-                        }
-                    }
-                    match save {
-                        SaveRows::Nothing => {}
-                        SaveRows::Clear | SaveRows::Whole(_) => {
-                            let (a, b) = entries_range(*fid);
-                            ents.retain_in::<&[u8], _>(&a[..]..&b[..], |_, _| false)?;
-                            if let SaveRows::Whole(l) = save {
-                                for d in l.iter() {
-                                    let mut v = Writer::new();
-                                    v.entry(d);
-                                    ents.insert(&entry_key(*fid, &d.name)[..], &v.buf[..])?;
-                                }
-                            }
-                        }
-                        SaveRows::Names(names) => {
-                            for (name, d) in names {
-                                let key = entry_key(*fid, name);
-                                match d {
-                                    Some(d) => {
-                                        let mut v = Writer::new();
-                                        v.entry(d);
-                                        ents.insert(&key[..], &v.buf[..])?;
-                                    }
-                                    None => {
-                                        ents.remove(&key[..])?;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+            write_rows(&w, &riders)?;
+            write_rows(&w, &rows)?;
             w.commit()?;
             self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
@@ -746,11 +793,47 @@ impl Cache {
             // The journals taken are lost with the commit: save those
             // listings whole next time.
             let mut st = self.state.lock();
-            for f in fids {
+            for f in fids.iter().chain(riders.iter().map(|r| &r.fid)) {
                 if let Some(e) = st.map.get_mut(f) {
                     e.journal = Journal::Whole;
                 }
             }
+        }
+    }
+
+    /// An unsynced save in riding mode (`set_riding`): the rows are made
+    /// now and wait in the index (`Index::take_riders`) for the next
+    /// transaction of the log, which writes them in its own commit, or for
+    /// the next save of the cache that commits (at most `RIDERS_MAX` wait).
+    /// An unsynced commit is lost in a crash like a save not yet written
+    /// (redb writes its header only at a durable commit), and every durable
+    /// commit of the log or the cache writes them: so they are as durable
+    /// as before, minus one index transaction per save.
+    fn ride(&self, fids: &[Fid]) {
+        let waiting = {
+            let mut st = self.state.lock();
+            let mut fids = fids.to_vec();
+            fids.extend(self.db.take_lost(&mut st));
+            let rows: Vec<Row> = dedup(fids).into_iter().map(|f| st.row(f)).collect();
+            self.db.push_riders(rows)
+        };
+        if waiting >= RIDERS_MAX {
+            self.persist_now(&[], false);
+        }
+    }
+
+    /// Riding mode: unsynced saves wait for the next transaction of the
+    /// log instead of committing one of their own (write-back and
+    /// write-disconnected modes, where nearly every call logs a record).
+    pub fn set_riding(&self, on: bool) {
+        self.riding.store(on, Ordering::Relaxed);
+    }
+
+    /// Commit the saves waiting to ride, if any (the reintegrator's turn:
+    /// none waits longer than that without a mutation coming).
+    pub fn flush_riders(&self) {
+        if self.db.has_riders() {
+            self.persist_now(&[], false);
         }
     }
 
@@ -1171,6 +1254,11 @@ pub(crate) struct Index {
     /// next call tries again).
     db: RwLock<Option<Arc<Database>>>,
     reopening: Mutex<()>,
+    /// Cache saves waiting for the next transaction (`Cache::ride`).
+    riders: Mutex<Vec<Row>>,
+    /// Entries whose waiting saves a failed commit lost: saved again
+    /// (listings whole) by the cache's next save.
+    lost: Mutex<HashSet<Fid>>,
 }
 
 #[allow(clippy::result_large_err)]
@@ -1188,7 +1276,55 @@ impl Index {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
             reopening: Mutex::new(()),
+            riders: Mutex::new(Vec::new()),
+            lost: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Add made saves to those waiting; returns how many wait.
+    fn push_riders(&self, rows: Vec<Row>) -> usize {
+        let mut r = self.riders.lock();
+        r.extend(rows);
+        r.len()
+    }
+
+    fn has_riders(&self) -> bool {
+        !self.riders.lock().is_empty() || !self.lost.lock().is_empty()
+    }
+
+    fn take_riders(&self) -> Vec<Row> {
+        std::mem::take(&mut *self.riders.lock())
+    }
+
+    /// The entries whose saves were lost, their listings to be saved whole.
+    fn take_lost(&self, st: &mut State) -> Vec<Fid> {
+        let lost: Vec<Fid> = self.lost.lock().drain().collect();
+        for f in &lost {
+            if let Some(e) = st.map.get_mut(f) {
+                e.journal = Journal::Whole;
+            }
+        }
+        lost
+    }
+
+    /// Write the cache saves waiting to ride in `w`, a transaction of the
+    /// log, before its own changes are staged; the caller passes what this
+    /// returns to `riders_failed` if `w` does not commit.
+    pub(crate) fn stage_riders(&self, w: &WriteTransaction) -> crate::Result<Vec<Row>> {
+        let rows = self.take_riders();
+        if let Err(e) = write_rows(w, &rows) {
+            self.riders_failed(rows);
+            return Err(e);
+        }
+        Ok(rows)
+    }
+
+    /// The transaction that staged `rows` did not commit: their entries
+    /// are saved again by the cache's next save.
+    pub(crate) fn riders_failed(&self, rows: Vec<Row>) {
+        if !rows.is_empty() {
+            self.lost.lock().extend(rows.into_iter().map(|r| r.fid));
+        }
     }
 
     #[cfg(test)]
@@ -1541,6 +1677,85 @@ mod tests {
         assert_eq!(l.listing_current().unwrap().get("new").unwrap().fid, a.fid);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&other_dir);
+    }
+
+    /// Riding mode: unsynced saves commit nothing of their own; the next
+    /// transaction that stages them (the log's) writes them, in the order
+    /// they were made; past `RIDERS_MAX` the cache commits them itself;
+    /// saves a failed transaction lost are saved again (listings whole).
+    #[test]
+    fn riding_saves_wait_for_a_transaction_and_are_written_in_order() {
+        let dir = tmpdir("riding");
+        let a = attr(9, 0, 3);
+        let d = Attr {
+            fid: Fid::new(1, 1, 1),
+            ftype: FileType::Dir,
+            ..attr(1, 0, 1)
+        };
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open_with_spares(&dir, db.clone(), 1000, 0).unwrap();
+            c.set_riding(true);
+            let before = c.commits.load(Ordering::Relaxed);
+            c.set_listing(&d, Arc::new(Listing::from_entries(vec![])));
+            c.install_empty(&a, false).unwrap();
+            for edit in [
+                Edit::Put(ent("new", 9)),
+                Edit::Drop {
+                    name: "new".into(),
+                    fid: a.fid,
+                },
+                Edit::Put(ent("again", 9)),
+            ] {
+                let edits = [(d.fid, edit)];
+                c.update(None, d.fid, |e| e.edit_listing(d.fid, &edits));
+            }
+            assert_eq!(c.commits.load(Ordering::Relaxed), before);
+            assert!(db.has_riders());
+            // A transaction of the log takes them along.
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert("x", 1).unwrap();
+            let staged = db.stage_riders(&w).unwrap();
+            assert_eq!(staged.len(), 5);
+            w.commit().unwrap();
+            assert!(!db.has_riders());
+            // Lost with a transaction that failed: saved again, whole.
+            c.update(None, d.fid, |e| {
+                e.edit_listing(d.fid, &[(d.fid, Edit::Put(ent("third", 10)))])
+            });
+            let w = db.begin_write().unwrap();
+            let staged = db.stage_riders(&w).unwrap();
+            drop(w);
+            db.riders_failed(staged);
+            c.flush_riders();
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1);
+            // Too many waiting: the cache commits them itself.
+            for v in 0..RIDERS_MAX as u64 {
+                c.set_attr(&attr(100 + v, 0, 1));
+            }
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 2);
+            assert!(!db.has_riders());
+            // Not riding: a save commits at once, as always.
+            c.set_riding(false);
+            c.set_attr(&attr(50, 0, 1));
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 3);
+            c.set_riding(true);
+            c.set_attr(&attr(51, 0, 1));
+            // Dropped without a durable commit: what waited is lost, as an
+            // unsynced commit would be.
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+        let e = c.get(a.fid).unwrap();
+        assert_eq!((e.data_version, e.data_bytes), (Some(3), 0));
+        let l = c.get(d.fid).unwrap();
+        let l = l.listing_current().unwrap();
+        assert!(l.get("new").is_none());
+        assert_eq!(l.get("again").unwrap().fid, a.fid);
+        assert_eq!(l.get("third").unwrap().fid.vnode, 10);
+        assert!(c.get(attr(100 + RIDERS_MAX as u64 - 1, 0, 1).fid).is_some());
+        assert!(c.get(attr(50, 0, 1).fid).is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Saves made while another thread commits are handed to it: they

@@ -830,9 +830,15 @@ impl Cml {
         w: redb::WriteTransaction,
         mut log: MutexGuard<'a, Log>,
     ) -> Result<MutexGuard<'a, Log>> {
+        // The cache's saves waiting for a transaction ride in this one
+        // (`Cache::set_riding`): one commit instead of one more each.
+        let riders = self.db.stage_riders(&w)?;
         log.applying = true;
         drop(log);
         let r = w.commit();
+        if r.is_err() {
+            self.db.riders_failed(riders);
+        }
         let mut log = self.log.lock();
         log.applying = false;
         self.applied.notify_all();

@@ -690,6 +690,9 @@ impl Inner {
             period = period.min(cfg.write_back_ms / 4);
         }
         let period = Duration::from_millis(period.max(10));
+        // Nearly every call logs a record in these modes: the cache's
+        // unsynced saves ride in the log's transactions.
+        self.cache.set_riding(cfg.write_disconnected || write_back);
         let weak = Arc::downgrade(self);
         let state = self.emu.clone();
         emulation::spawn_reintegrator(weak, state, period)
@@ -1098,5 +1101,7 @@ impl emulation::Turns for Inner {
     fn sync_log(&self) {
         // A failure leaves the records lazy; the next turn tries again.
         let _ = self.cml.sync_lazy();
+        // Saves waiting to ride wait no longer than a turn.
+        self.cache.flush_riders();
     }
 }
