@@ -23,6 +23,7 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
 };
 
+use super::cml::CML;
 use super::namespace::{Edit, Listing};
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
@@ -285,9 +286,39 @@ pub(crate) struct Row {
     rows: SaveRows,
 }
 
+/// A row waiting in the index for the next transaction (`Index::ride`).
+pub(crate) enum Rider {
+    /// A cache save (`Cache::ride`).
+    Cache(Row),
+    /// A log record held in memory (`Cml::log_lazy`): its store id and
+    /// encoding.
+    Log(u64, Vec<u8>),
+}
+
+/// Write the riders in `w`, in order; a log record in `removing` (which
+/// `w` removes from the log) is left out.
+fn write_riders(w: &WriteTransaction, riders: &[Rider], removing: &[u64]) -> Result<()> {
+    let mut rows = Vec::new();
+    for r in riders {
+        match r {
+            Rider::Cache(row) => rows.push(row),
+            Rider::Log(id, bytes) => {
+                // The cache rows that follow a record are about it, and
+                // all are written by this one transaction: order within it
+                // does not matter.
+                if !removing.contains(id) {
+                    w.open_table(CML)?.insert(*id, &bytes[..])?;
+                }
+            }
+        }
+    }
+    write_rows(w, rows)
+}
+
 /// Write `rows` in `w`, in order.
-fn write_rows(w: &WriteTransaction, rows: &[Row]) -> Result<()> {
-    if rows.is_empty() {
+fn write_rows<'r>(w: &WriteTransaction, rows: impl IntoIterator<Item = &'r Row>) -> Result<()> {
+    let mut rows = rows.into_iter().peekable();
+    if rows.peek().is_none() {
         return Ok(());
     }
     let mut t = w.open_table(OBJECTS)?;
@@ -783,17 +814,18 @@ impl Cache {
                 fids = dedup(std::mem::take(&mut fids));
                 fids.iter().map(|f| st.row(*f)).collect()
             };
-            write_rows(&w, &riders)?;
+            write_riders(&w, &riders, &[])?;
             write_rows(&w, &rows)?;
             w.commit()?;
             self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
         if res.is_err() {
+            self.db.riders_failed(riders);
             // The journals taken are lost with the commit: save those
             // listings whole next time.
             let mut st = self.state.lock();
-            for f in fids.iter().chain(riders.iter().map(|r| &r.fid)) {
+            for f in &fids {
                 if let Some(e) = st.map.get_mut(f) {
                     e.journal = Journal::Whole;
                 }
@@ -1254,8 +1286,9 @@ pub(crate) struct Index {
     /// next call tries again).
     db: RwLock<Option<Arc<Database>>>,
     reopening: Mutex<()>,
-    /// Cache saves waiting for the next transaction (`Cache::ride`).
-    riders: Mutex<Vec<Row>>,
+    /// Cache saves and log records waiting for the next transaction
+    /// (`Cache::ride`, `Cml::log_lazy`).
+    riders: Mutex<Vec<Rider>>,
     /// Entries whose waiting saves a failed commit lost: saved again
     /// (listings whole) by the cache's next save.
     lost: Mutex<HashSet<Fid>>,
@@ -1284,15 +1317,21 @@ impl Index {
     /// Add made saves to those waiting; returns how many wait.
     fn push_riders(&self, rows: Vec<Row>) -> usize {
         let mut r = self.riders.lock();
-        r.extend(rows);
+        r.extend(rows.into_iter().map(Rider::Cache));
         r.len()
+    }
+
+    /// A log record (`id`, encoded) to write with the next transaction
+    /// that writes the riders, before the cache saves made after it.
+    pub(crate) fn push_log_rider(&self, id: u64, bytes: Vec<u8>) {
+        self.riders.lock().push(Rider::Log(id, bytes));
     }
 
     fn has_riders(&self) -> bool {
         !self.riders.lock().is_empty() || !self.lost.lock().is_empty()
     }
 
-    fn take_riders(&self) -> Vec<Row> {
+    fn take_riders(&self) -> Vec<Rider> {
         std::mem::take(&mut *self.riders.lock())
     }
 
@@ -1307,23 +1346,42 @@ impl Index {
         lost
     }
 
-    /// Write the cache saves waiting to ride in `w`, a transaction of the
-    /// log, before its own changes are staged; the caller passes what this
-    /// returns to `riders_failed` if `w` does not commit.
-    pub(crate) fn stage_riders(&self, w: &WriteTransaction) -> crate::Result<Vec<Row>> {
-        let rows = self.take_riders();
-        if let Err(e) = write_rows(w, &rows) {
-            self.riders_failed(rows);
+    /// Write the riders in `w`, a transaction of the log, but the log
+    /// records in `removing` (which `w` removes); the caller passes what
+    /// this returns to `riders_failed` if `w` does not commit.
+    pub(crate) fn stage_riders(
+        &self,
+        w: &WriteTransaction,
+        removing: &[u64],
+    ) -> crate::Result<Vec<Rider>> {
+        let riders = self.take_riders();
+        if let Err(e) = write_riders(w, &riders, removing) {
+            self.riders_failed(riders);
             return Err(e);
         }
-        Ok(rows)
+        Ok(riders)
     }
 
-    /// The transaction that staged `rows` did not commit: their entries
-    /// are saved again by the cache's next save.
-    pub(crate) fn riders_failed(&self, rows: Vec<Row>) {
-        if !rows.is_empty() {
-            self.lost.lock().extend(rows.into_iter().map(|r| r.fid));
+    /// The transaction that staged `riders` did not commit: the log
+    /// records wait again, first (they are older than any rider made
+    /// since); the cache entries are saved again by the cache's next save.
+    pub(crate) fn riders_failed(&self, riders: Vec<Rider>) {
+        let mut again = Vec::new();
+        let mut lost = Vec::new();
+        for r in riders {
+            match r {
+                Rider::Log(..) => again.push(r),
+                Rider::Cache(row) => lost.push(row.fid),
+            }
+        }
+        if !again.is_empty() {
+            let mut q = self.riders.lock();
+            let later = std::mem::take(&mut *q);
+            *q = again;
+            q.extend(later);
+        }
+        if !lost.is_empty() {
+            self.lost.lock().extend(lost);
         }
     }
 
@@ -1715,7 +1773,7 @@ mod tests {
             // A transaction of the log takes them along.
             let w = db.begin_write().unwrap();
             w.open_table(META).unwrap().insert("x", 1).unwrap();
-            let staged = db.stage_riders(&w).unwrap();
+            let staged = db.stage_riders(&w, &[]).unwrap();
             assert_eq!(staged.len(), 5);
             w.commit().unwrap();
             assert!(!db.has_riders());
@@ -1724,7 +1782,7 @@ mod tests {
                 e.edit_listing(d.fid, &[(d.fid, Edit::Put(ent("third", 10)))])
             });
             let w = db.begin_write().unwrap();
-            let staged = db.stage_riders(&w).unwrap();
+            let staged = db.stage_riders(&w, &[]).unwrap();
             drop(w);
             db.riders_failed(staged);
             c.flush_riders();

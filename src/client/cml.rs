@@ -23,7 +23,7 @@ use super::cache::{Index, META};
 use crate::proto::{Fid, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
-const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
+pub(crate) const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
 /// fid → the server's version of the object before the pending records that
 /// change it: what the first of them expects (conflict detection).
 const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");
@@ -480,7 +480,7 @@ impl Cml {
         w.set_durability(Durability::Immediate);
         w.open_table(META)?.insert(SENT_UPTO, v)?;
         let staged = stage_unwritten(&log, &w, &[])?;
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, &[])?;
         log.wrote(&staged);
         Ok(())
     }
@@ -587,6 +587,34 @@ impl Cml {
         cached_version: Option<u64>,
         check: bool,
     ) -> Result<Logged> {
+        {
+            // A record that creates an object cancels nothing and checks no
+            // version: with its id inside the durable lease it needs no
+            // transaction of its own. It waits in the index's riders
+            // (`Index::push_log_rider`), which the next transaction of the
+            // log or the cache writes, before the cache's saves about it
+            // made meanwhile; so what a crash can find is as with an
+            // unsynced commit of its own: the record with or without the
+            // saves after it, never those saves without it.
+            let mut log = self.settled()?;
+            let store_id = log
+                .next_id
+                .max(log.recs.keys().next_back().map_or(1, |id| id + 1));
+            let (cancel, gone) = log.cancellations(&op, true);
+            if created(&op).is_some() && cancel.is_empty() && !gone && store_id < log.lease_end {
+                let r = Record { store_id, op };
+                self.db.push_log_rider(store_id, encode_record(&r));
+                log.next_id = store_id + 1;
+                log.logged_at.insert(store_id, Instant::now());
+                log.lazy = true;
+                log.insert(r.clone());
+                self.pending.store(log.recs.len(), Ordering::Relaxed);
+                return Ok(Logged {
+                    record: Some(r),
+                    cancelled: vec![],
+                });
+            }
+        }
         self.log_inner(op, cached_version, true, check, true, Sync::Lazy)
     }
 
@@ -606,7 +634,7 @@ impl Cml {
         }
         w.set_durability(Durability::Immediate);
         let staged = stage_unwritten(&log, &w, &[])?;
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, &[])?;
         log.wrote(&staged);
         log.lazy = false;
         Ok(())
@@ -758,7 +786,7 @@ impl Cml {
         } else {
             Vec::new()
         };
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, &cancel)?;
         log.wrote(&staged);
         if durable {
             log.lazy = false;
@@ -829,10 +857,11 @@ impl Cml {
         &'a self,
         w: redb::WriteTransaction,
         mut log: MutexGuard<'a, Log>,
+        removing: &[u64],
     ) -> Result<MutexGuard<'a, Log>> {
         // The cache's saves waiting for a transaction ride in this one
         // (`Cache::set_riding`): one commit instead of one more each.
-        let riders = self.db.stage_riders(&w)?;
+        let riders = self.db.stage_riders(&w, removing)?;
         log.applying = true;
         drop(log);
         let r = w.commit();
@@ -876,7 +905,7 @@ impl Cml {
             }
             stage_unwritten(&log, &w, &[id])?
         };
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, &[])?;
         log.wrote(&staged);
         log.unwritten.remove(&id);
         if let Some(b) = base {
@@ -913,7 +942,7 @@ impl Cml {
                 cml.remove(*id)?;
             }
         }
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, ids)?;
         for id in ids {
             log.take(*id);
         }
@@ -962,7 +991,7 @@ impl Cml {
             }
         }
         let staged = stage_unwritten(&log, &w, ids)?;
-        let mut log = self.commit(w, log)?;
+        let mut log = self.commit(w, log, ids)?;
         log.wrote(&staged);
         let out: Vec<Record> = ids.iter().filter_map(|id| log.take(*id)).collect();
         for (fid, v) in applied {
@@ -1261,6 +1290,59 @@ mod tests {
         assert_eq!(ids.len(), 3);
         assert_eq!(&ids[..2], &[c, d]);
         assert!(!ids.contains(&a) && !ids.contains(&b));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lazily logged create inside the lease takes no transaction of its
+    /// own: it waits in the index's riders and the next transaction writes
+    /// it (here the file's durable inline store, one commit for both); a
+    /// remove that cancels it before then leaves no row; one still waiting
+    /// when the client dies is lost, as an unsynced commit would be, and
+    /// nothing logged before it.
+    #[test]
+    fn a_lazy_create_waits_for_the_next_transaction_of_the_log() {
+        let dir = tmp("lazy");
+        let (first, a, s) = {
+            let cml = open(&dir);
+            // The first record extends the lease (a durable commit).
+            let first = cml
+                .log(
+                    setattr(Fid::new(1, 7, 1), Some(0o600), None),
+                    Some(1),
+                    false,
+                    false,
+                )
+                .unwrap()
+                .record
+                .unwrap()
+                .store_id;
+            let f = Fid::new(1, 8, 1);
+            let a = cml.log_lazy(create(f, "a"), None, false).unwrap();
+            let a = a.record.unwrap().store_id;
+            assert_eq!(rows(&cml), vec![first], "no transaction");
+            assert_eq!(cml.len(), 2);
+            let s = cml.log(inline(f, b"abc"), None, true, false).unwrap();
+            let s = s.record.unwrap().store_id;
+            assert_eq!(rows(&cml), vec![first, a, s]);
+            let g = Fid::new(1, 9, 1);
+            cml.log_lazy(create(g, "b"), None, false).unwrap();
+            let rm = RecordOp::Remove {
+                parent: DIR,
+                name: "b".into(),
+                fid: g,
+            };
+            let l = cml.log(rm, None, true, false).unwrap();
+            assert!(l.record.is_none());
+            assert_eq!(l.cancelled.len(), 1);
+            assert_eq!(rows(&cml), vec![first, a, s], "cancelled unwritten");
+            cml.log_lazy(create(Fid::new(1, 10, 1), "c"), None, false)
+                .unwrap();
+            assert_eq!(cml.len(), 4);
+            (first, a, s)
+        };
+        let cml = open(&dir);
+        let ids: Vec<u64> = cml.pending().iter().map(|r| r.store_id).collect();
+        assert_eq!(ids, vec![first, a, s]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
