@@ -7,6 +7,7 @@
 //!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
 //!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
 //!   CODA_BENCH_ONLY=read ...                       (only 1 and 2: the cached read path)
+//!   CODA_BENCH_MOUNT_BASE=PATH ...                 (6 also on that coda-mount binary)
 //!
 //! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
 //!    (the load generator is in this file): requests/s and p99;
@@ -93,7 +94,13 @@ fn mount_with(
     .unwrap();
     let mnt = dir.join(format!("{tag}-mnt"));
     std::fs::create_dir_all(&mnt).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_coda-mount"))
+    // CODA_BENCH_MOUNT_BASE: another build's coda-mount (the "base" mounts
+    // of section 6), for before/after in one run.
+    let bin = match std::env::var("CODA_BENCH_MOUNT_BASE") {
+        Ok(b) if tag.ends_with("base") => b,
+        _ => env!("CARGO_BIN_EXE_coda-mount").to_string(),
+    };
+    let mut child = Command::new(bin)
         .arg("--config")
         .arg(&conf)
         .args(args)
@@ -773,11 +780,29 @@ fn main() {
         name: "coda write-back",
         root: wb.mnt.join("bench-wb"),
     };
-    let drain = || {
+    // The same on another build's coda-mount, if named (before/after).
+    let wb_base = std::env::var_os("CODA_BENCH_MOUNT_BASE").map(|_| {
+        mount_with(
+            &dir,
+            &addr,
+            &secret,
+            "wbbase",
+            &[],
+            &format!("write_back_ms = {WRITE_BACK_MS}\n"),
+        )
+    });
+    let wbt_base = wb_base.as_ref().map(|m| {
+        std::fs::create_dir_all(m.mnt.join("bench-wb")).unwrap();
+        Target {
+            name: "coda write-back (base build)",
+            root: m.mnt.join("bench-wb"),
+        }
+    });
+    let drain_of = |cache: &Path| {
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_coda"))
             .arg("--cache-dir")
-            .arg(&wb.cache)
+            .arg(cache)
             .arg("reintegrate")
             .output()
             .unwrap();
@@ -792,16 +817,27 @@ fn main() {
     let mut cr = Vec::new();
     let mut del = Vec::new();
     let mut tarv = Vec::new();
-    for t in [&targets[0], &targets[2], &wbt] {
+    let mut onedir = Vec::new();
+    let mut wb_targets = vec![&targets[0], &targets[2], &wbt];
+    wb_targets.extend(wbt_base.as_ref());
+    for t in wb_targets {
         let (c, d) = create_delete(&t.root, nfiles);
         let x = untar(&t.root, &tar);
-        if t.name == "coda write-back" {
+        let cache = match t.name {
+            "coda write-back" => Some(&wb.cache),
+            "coda write-back (base build)" => wb_base.as_ref().map(|m| &m.cache),
+            _ => None,
+        };
+        if let Some(cache) = cache {
             // Logged only: the drain is what the server still had to take.
-            let (c2, d2) = create_delete_drained(&t.root, nfiles, &drain);
+            let (c2, d2) = create_delete_drained(&t.root, nfiles, &|| drain_of(cache));
             println!(
-                "write-back ({WRITE_BACK_MS} ms), until on the server: create {:.0} files/s, delete {:.0} files/s",
-                c2, d2
+                "{} ({WRITE_BACK_MS} ms), until on the server: create {:.0} files/s, delete {:.0} files/s",
+                t.name, c2, d2
             );
+        }
+        if t.name != "coda" {
+            onedir.push((t.name, one_dir(&t.root, ndir)));
         }
         cr.push((t.name, c));
         del.push((t.name, d));
@@ -825,7 +861,17 @@ fn main() {
         false,
         &tarv,
     );
+    for (k, what) in ["create", "ls -l", "stat all", "rm -r"].iter().enumerate() {
+        let vals: Vec<(&str, f64)> = onedir.iter().map(|(n, r)| (*n, r[k])).collect();
+        report(
+            &format!("write-back: one directory of {ndir}: {what}"),
+            "s",
+            false,
+            &vals,
+        );
+    }
     drop(wb);
+    drop(wb_base);
 
     // 7. sequential read of the big cached file: passthrough, plain, local.
     let mb = big as f64 / (1 << 20) as f64;
