@@ -286,7 +286,8 @@ pub(crate) struct Row {
     rows: SaveRows,
 }
 
-/// A row waiting in the index for the next transaction (`Index::ride`).
+/// A row waiting in the index for the next transaction (`Cache::ride`,
+/// `Index::push_log_rider`).
 pub(crate) enum Rider {
     /// A cache save (`Cache::ride`).
     Cache(Row),
