@@ -423,6 +423,30 @@ impl GroupCommit {
     }
 }
 
+/// The group commit held by a thread that is not applying batches (a
+/// journal checkpoint): batches wait for it as for a group in progress.
+pub(crate) struct Held<'a>(&'a GroupCommit);
+
+impl GroupCommit {
+    /// Hold the group commit if no group is in progress (and, with
+    /// `idle_only`, no batch waits); None otherwise.
+    pub(crate) fn try_hold(&self, idle_only: bool) -> Option<Held<'_>> {
+        let mut g = self.state.lock();
+        if g.busy || (idle_only && !g.queue.is_empty()) {
+            return None;
+        }
+        g.busy = true;
+        Some(Held(self))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().busy = false;
+        self.0.cv.notify_all();
+    }
+}
+
 /// Marks a queued batch ready (`Waiting::ready`) when dropped.
 struct MarkReady<'a> {
     group: &'a GroupCommit,
@@ -475,6 +499,8 @@ struct Applied {
     sync_dirs: BTreeSet<PathBuf>,
     /// Stored data not yet fsynced (an upload is not synced on arrival).
     sync_files: Vec<PathBuf>,
+    /// The time the batch stamped its changes with (journaled with it).
+    now: Timespec,
 }
 
 /// A batch that failed inside the group's transaction. `wrote`: it had
@@ -687,7 +713,7 @@ impl VolumeStore {
         let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
         // Each round that does not commit settles at least one more job.
         for _round in 0..=jobs.len() {
-            let txn = db.begin_write()?;
+            let mut txn = db.begin_write()?;
             let mut applied: Vec<(usize, Applied)> = Vec::new();
             let mut restart = false;
             let mut fatal = None;
@@ -734,6 +760,13 @@ impl VolumeStore {
             }
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
+            // Metadata and small data only: durable in the journal
+            // (docs/SERVER.md "Commit journal").
+            let journaled =
+                files.is_empty() && dirs.is_empty() && self.journal_group(&txn, jobs, &applied)?;
+            if journaled {
+                txn.set_durability(redb::Durability::None);
+            }
             let commit = (|| -> Result<()> {
                 // Durable before acknowledged: the stored data and the
                 // new names (at once), then the metadata that points at
@@ -744,9 +777,13 @@ impl VolumeStore {
                 Ok(())
             })();
             if let Err(e) = commit {
+                if journaled {
+                    self.cancel_journaled();
+                }
                 discard(&applied);
                 return Err(e);
             }
+            self.after_commit(db, journaled);
             for (i, a) in applied {
                 // Committed: the replaced files are unreferenced now.
                 a.replaced.iter().for_each(|p| objects::remove_quietly(p));
@@ -817,6 +854,7 @@ impl VolumeStore {
                 replaced: Vec::new(),
                 sync_dirs: BTreeSet::new(),
                 sync_files: Vec::new(),
+                now: job.now.unwrap_or_default(),
             });
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
@@ -876,6 +914,7 @@ impl VolumeStore {
         let consumed = std::mem::take(&mut batch.consumed);
         let sync_dirs = std::mem::take(&mut batch.sync_dirs);
         let sync_files = std::mem::take(&mut batch.sync_files);
+        let now = batch.now;
         drop(batch);
         let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
         let volumes: BTreeSet<u32> = changed.iter().map(|f| f.volume).collect();
@@ -915,7 +954,219 @@ impl VolumeStore {
             replaced,
             sync_dirs,
             sync_files,
+            now,
         })
+    }
+}
+
+impl VolumeStore {
+    /// Journal the group applied in `txn` (docs/SERVER.md "Commit
+    /// journal") when it touched no object file and its record fits:
+    /// append it, sync, and note its sequence number in `txn`. Returns
+    /// whether it is durable in the journal (then `txn` may commit without
+    /// a sync); false: commit durably, as without a journal.
+    fn journal_group(
+        &self,
+        txn: &WriteTransaction,
+        jobs: &[Arc<Job>],
+        applied: &[(usize, Applied)],
+    ) -> Result<bool> {
+        let files = |a: &Applied| {
+            !(a.created.is_empty()
+                && a.replaced.is_empty()
+                && a.sync_files.is_empty()
+                && a.sync_dirs.is_empty())
+        };
+        if applied.iter().any(|(_, a)| files(a)) {
+            return Ok(false);
+        }
+        // A batch answered again changed nothing: nothing to journal.
+        let live: Vec<&(usize, Applied)> = applied
+            .iter()
+            .filter(|(_, a)| !a.outcome.replayed)
+            .collect();
+        // A Store's bytes come from a staged upload, gone after the
+        // commit: replay could not read them again.
+        let staged = |i: usize| {
+            jobs[i]
+                .records
+                .iter()
+                .any(|r| matches!(r.op, RecordOp::Store { .. }))
+        };
+        if live.is_empty() || live.iter().any(|(i, _)| staged(*i)) {
+            return Ok(false);
+        }
+        let mut j = self.wal.journal.lock();
+        let Some(journal) = j.as_mut().filter(|j| !j.is_broken()) else {
+            return Ok(false);
+        };
+        let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
+            let job = &jobs[*i];
+            super::wal::EntryRef {
+                client: &job.client,
+                after: job.after,
+                records: &job.records,
+                now: a.now,
+                who: job.who.as_deref(),
+            }
+        }));
+        if !journal.fits(payload.len()) {
+            return Ok(false);
+        }
+        let seq = journal.next_seq();
+        txn.open_table(SETTINGS)?
+            .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+        if let Err(e) = journal.append(&payload).and_then(|()| journal.sync()) {
+            super::log::warn(format_args!(
+                "commit journal failed ({e}); committing durably until it is reset"
+            ));
+            return Ok(false);
+        }
+        self.wal.since.lock().get_or_insert_with(Instant::now);
+        Ok(true)
+    }
+
+    /// The group just journaled did not commit: its record is not to be
+    /// replayed. If even this fails, a restart applies it (its client,
+    /// told it failed, sends it again and finds it applied).
+    fn cancel_journaled(&self) {
+        let mut j = self.wal.journal.lock();
+        if let Some(journal) = j.as_mut() {
+            let r = journal
+                .append(&super::wal::encode_cancel())
+                .and_then(|()| journal.sync());
+            if let Err(e) = r {
+                super::log::warn(format_args!("cannot cancel a journaled group: {e}"));
+            }
+        }
+    }
+
+    /// After a group's commit: a durable one covers everything journaled
+    /// (the journal starts again); past half the journal, checkpoint.
+    fn after_commit(&self, db: &Database, journaled: bool) {
+        let mut j = self.wal.journal.lock();
+        let Some(journal) = j.as_mut() else { return };
+        let r = if journaled {
+            if journal.used() <= journal.room() / 2 {
+                return;
+            }
+            self.checkpoint_locked(db, journal)
+        } else if journal.records() > 0 || journal.is_broken() {
+            self.reset_journal(journal)
+        } else {
+            return;
+        };
+        if let Err(e) = r {
+            super::log::warn(format_args!("commit journal checkpoint failed: {e}"));
+        }
+    }
+
+    /// Make every commit durable (an empty durable commit covers the
+    /// earlier non-durable ones) and start the journal again.
+    pub(crate) fn checkpoint_locked(
+        &self,
+        db: &Database,
+        journal: &mut crate::journal::Journal,
+    ) -> Result<()> {
+        db.begin_write()?.commit()?;
+        self.reset_journal(journal)
+    }
+
+    fn reset_journal(&self, journal: &mut crate::journal::Journal) -> Result<()> {
+        journal.reset()?;
+        *self.wal.since.lock() = None;
+        Ok(())
+    }
+
+    /// (Re)open the journal and apply the groups it holds that redb does
+    /// not (the store was reopened, or the server stopped without a
+    /// checkpoint), in order and as first applied, then checkpoint.
+    /// `keep`: use the journal from now on (None: as before).
+    pub(crate) fn replay_in(&self, db: &Database, keep: Option<bool>) -> Result<()> {
+        let mut j = self.wal.journal.lock();
+        let keep = keep.unwrap_or(j.is_some());
+        let path = super::wal::path(&self.root);
+        if !keep && !path.exists() {
+            return Ok(());
+        }
+        *j = None;
+        let (mut journal, found) = crate::journal::Journal::open(&path, super::wal::capacity())?;
+        let applied = {
+            let txn = db.begin_read()?;
+            let settings = txn.open_table(SETTINGS)?;
+            let v = settings.get(super::wal::JOURNAL_SEQ_KEY)?;
+            v.and_then(|v| v.value().try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        let groups = super::wal::pending(&found, journal.start_seq(), applied)?;
+        let n = groups.len();
+        for (seq, entries) in groups {
+            self.replay_group(db, seq, entries)?;
+        }
+        if !found.is_empty() || journal.is_broken() {
+            self.checkpoint_locked(db, &mut journal)?;
+        }
+        if n > 0 {
+            super::log::info(format_args!(
+                "applied {n} group(s) of batches from the commit journal"
+            ));
+        }
+        *j = keep.then_some(journal);
+        Ok(())
+    }
+
+    /// One journaled group, applied again in one transaction.
+    fn replay_group(&self, db: &Database, seq: u64, entries: Vec<super::wal::Entry>) -> Result<()> {
+        let jobs: Vec<Job> = entries
+            .into_iter()
+            .map(|e| Job {
+                client: e.client,
+                after: e.after,
+                records: e.records,
+                staged: HashMap::new(),
+                now: Some(e.now),
+                who: e.who.map(Arc::new),
+                prepared: std::sync::OnceLock::new(),
+            })
+            .collect();
+        let mut skip = vec![false; jobs.len()];
+        // Each round that does not commit skips one more batch.
+        for _round in 0..=jobs.len() {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None);
+            let mut restart = false;
+            for (i, job) in jobs.iter().enumerate() {
+                if skip[i] {
+                    continue;
+                }
+                match self.apply_job(&txn, job, None) {
+                    Ok(_) => {}
+                    Err(f) if is_store_failure(&f.error.error) => return Err(f.error.error),
+                    Err(f) => {
+                        // It applied when journaled, on the same state:
+                        // say so loudly, keep the others.
+                        super::log::warn(format_args!(
+                            "journal record {seq}: a batch no longer applies: {}",
+                            f.error.error
+                        ));
+                        skip[i] = true;
+                        if f.wrote {
+                            restart = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if restart {
+                let _ = txn.abort();
+                continue;
+            }
+            txn.open_table(SETTINGS)?
+                .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+            txn.commit()?;
+            return Ok(());
+        }
+        Err(Error::Eio(format!("journal record {seq} did not settle")))
     }
 }
 
