@@ -1047,7 +1047,8 @@ impl VolumeStore {
         let mut j = self.wal.journal.lock();
         let Some(journal) = j.as_mut() else { return };
         let r = if journaled {
-            if journal.used() <= journal.room() / 2 {
+            let full = journal.used() > journal.room() / 2;
+            if !full && journal.records() < super::wal::CHECKPOINT_GROUPS {
                 return;
             }
             self.checkpoint_locked(db, journal)
@@ -1090,7 +1091,19 @@ impl VolumeStore {
             return Ok(());
         }
         *j = None;
-        let (mut journal, found) = crate::journal::Journal::open(&path, super::wal::capacity())?;
+        let existed = path.exists();
+        let (mut journal, found) =
+            match crate::journal::Journal::open(&path, super::wal::capacity()) {
+                Ok(v) => v,
+                // No journal could be made (a full disk): serve without one,
+                // every group committing durably.
+                Err(e) if !existed => {
+                    super::log::warn(format_args!("serving without a commit journal: {e}"));
+                    let _ = std::fs::remove_file(path.with_extension("new"));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
         let applied = {
             let txn = db.begin_read()?;
             let settings = txn.open_table(SETTINGS)?;

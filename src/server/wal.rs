@@ -27,9 +27,15 @@ use crate::{Error, Result};
 /// The journal's file in the data directory.
 pub const JOURNAL_FILE: &str = "commit.journal";
 
-/// Its size when created (8 MiB: a checkpoint about every 900 files of
-/// 4 KiB, at half of it).
-pub const DEFAULT_CAPACITY: u64 = 8 << 20;
+/// Its size when created (4 MiB: a group of 64 batches of 16 KiB fits in
+/// half of it).
+pub const DEFAULT_CAPACITY: u64 = 4 << 20;
+
+/// A checkpoint after this many journaled groups (or past half the
+/// journal): redb writes fresh pages for every commit and reuses the ones
+/// they free only after a durable commit, so this bounds how far
+/// `meta.redb` grows, and how much one checkpoint writes, between two.
+pub const CHECKPOINT_GROUPS: u64 = 256;
 
 /// Set in the server's environment to the journal's size in bytes when it
 /// is created (tests use a small one to make checkpoints frequent).
