@@ -2623,6 +2623,134 @@ mod tests {
             .unwrap()
     }
 
+    /// Records in the store's commit journal since its last reset.
+    fn journaled(store: &VolumeStore) -> u64 {
+        store.wal.journal.lock().as_ref().map_or(0, |j| j.records())
+    }
+
+    fn create_with(store_id: u64, name: &str, fid: Fid, data: Vec<u8>) -> Record {
+        Record {
+            store_id,
+            op: RecordOp::CreateWith {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+                data,
+            },
+        }
+    }
+
+    #[test]
+    fn only_groups_without_object_files_go_to_the_journal_and_a_durable_commit_resets_it() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 4);
+        let ok = |r: Vec<JobResult>| r.into_iter().for_each(|r| assert!(r.is_ok(), "{r:?}"));
+        ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
+        assert_eq!(journaled(&store), 1);
+        ok(store.commit_group(&[
+            job(a, vec![create_with(2, "y", f[1], vec![1; 4096])]),
+            job([2u8; 16], vec![]),
+        ]));
+        assert_eq!(journaled(&store), 2, "one record per group");
+        // Past SMALL_DATA_MAX: an object file, so a durable commit, which
+        // makes everything before it durable too.
+        ok(store.commit_group(&[job(a, vec![create_with(3, "z", f[2], vec![2; BIG_DATA])])]));
+        assert_eq!(journaled(&store), 0, "the durable commit reset the journal");
+        ok(store.commit_group(&[job(a, vec![create(4, "w", f[3])])]));
+        assert_eq!(journaled(&store), 1);
+    }
+
+    #[test]
+    fn a_store_reopened_after_losing_its_unsynced_commits_gets_them_back_identical() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 3);
+        let mut before = Vec::new();
+        for (i, fid) in f.iter().enumerate() {
+            let name = format!("f{i}");
+            let r = create_with(i as u64 + 1, &name, *fid, vec![i as u8; 100]);
+            let out = store
+                .commit_group(&[job(a, vec![r])])
+                .pop()
+                .unwrap()
+                .unwrap();
+            before.push(out.results[0].clone());
+        }
+        let r = Record {
+            store_id: 4,
+            op: RecordOp::Rename {
+                src_parent: ROOT_FID,
+                src_name: "f0".into(),
+                dst_parent: ROOT_FID,
+                dst_name: "g0".into(),
+                fid: f[0],
+                replaces: Replaces::Nothing,
+            },
+        };
+        ok_one(store.commit_group(&[job(a, vec![r])]));
+        assert_eq!(journaled(&store), 4);
+        // A crash: never closed (redb's close would make its unsynced
+        // commits durable with one of its own), so its last durable
+        // commit (AllocFids') is all a new open finds in meta.redb.
+        std::mem::forget(store);
+        let copy_to = |name: &str| {
+            let to = dir.path().join(name);
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&root)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            to
+        };
+        let lost = copy_to("lost");
+        fs::remove_file(lost.join(super::super::wal::JOURNAL_FILE)).unwrap();
+        let copy = VolumeStore::open(&lost, u64::MAX).unwrap();
+        assert!(
+            copy.get_attrs(&f).unwrap().iter().all(|r| r.is_err()),
+            "without the journal the creates are gone"
+        );
+        drop(copy);
+        let root = copy_to("crashed");
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        assert_eq!(journaled(&store), 0, "replayed and checkpointed");
+        let after = store.get_attrs(&f).unwrap();
+        for (i, (b, got)) in before.iter().zip(&after).enumerate() {
+            let got = got.as_ref().unwrap();
+            // The same times as first stamped (the rename moved f0's ctime
+            // on, in its own replayed group).
+            if i > 0 {
+                assert_eq!(got, b, "f{i}");
+            }
+            assert_eq!(fetched(&store, f[i]), (vec![i as u8; 100], false));
+        }
+        let names: Vec<String> = store
+            .read_dir(ROOT_FID, 0)
+            .unwrap()
+            .1
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["f1", "f2", "g0"]);
+        assert_eq!(watermark(&store, &a), 4);
+    }
+
+    fn ok_one(mut r: Vec<JobResult>) {
+        assert!(r.pop().unwrap().is_ok());
+    }
+
     #[test]
     fn a_small_file_lives_in_the_index_moves_to_a_data_file_and_back_and_survives_a_reopen() {
         let dir = TestDir::new();

@@ -134,8 +134,8 @@ pub(crate) fn stale(fid: Fid) -> Error {
 
 impl Drop for VolumeStore {
     fn drop(&mut self) {
-        // Redb drops its non-durable commits when closed: make them
-        // durable so the next open has nothing to replay.
+        // A clean close: everything durable in redb, the journal empty,
+        // so the next open has nothing to replay.
         if self.wal.journal.lock().is_some() {
             self.checkpoint();
         }
