@@ -124,6 +124,11 @@ struct Job {
     /// of its own (`Prepared`), for the commit to rename into place. Set
     /// before the batch is ready in the queue (`Waiting::ready`).
     prepared: std::sync::OnceLock<Vec<Option<PathBuf>>>,
+    /// A replicated member's apply: the log index written in the batch's
+    /// own transaction (`replication::machine`), whose commit may then skip
+    /// its fsync (the Raft log holds the entry durably). None: a lone
+    /// server's batch, committed durably.
+    log_index: Option<u64>,
 }
 
 /// Most records of one batch whose inline data is written ahead of the
@@ -529,6 +534,24 @@ impl VolumeStore {
         staged: StagedLookup,
         now: Option<Timespec>,
     ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_logged(client, who, after, records, staged, now, None)
+    }
+
+    /// [`VolumeStore::reintegrate_at`] for a replicated log entry: with
+    /// `log_index`, the index goes in the batch's transaction and the
+    /// commit skips its fsync when it touches no object file (see
+    /// `commit_durability`).
+    #[allow(clippy::too_many_arguments)] // reintegrate_at's, plus the index
+    pub(crate) fn reintegrate_logged(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
+        after: u64,
+        records: &[Record],
+        staged: StagedLookup,
+        now: Option<Timespec>,
+        log_index: Option<u64>,
+    ) -> std::result::Result<Outcome, BatchError> {
         let mut files = HashMap::new();
         for r in records {
             if let RecordOp::Store { upload_id, .. } = r.op {
@@ -545,6 +568,7 @@ impl VolumeStore {
             now,
             who,
             prepared: std::sync::OnceLock::new(),
+            log_index,
         });
         let wanted = Prepared::wanted(records);
         let group = &self.group;
@@ -687,7 +711,7 @@ impl VolumeStore {
         let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
         // Each round that does not commit settles at least one more job.
         for _round in 0..=jobs.len() {
-            let txn = db.begin_write()?;
+            let mut txn = db.begin_write()?;
             let mut applied: Vec<(usize, Applied)> = Vec::new();
             let mut restart = false;
             let mut fatal = None;
@@ -731,6 +755,11 @@ impl VolumeStore {
                 let _ = txn.abort();
                 discard(&applied);
                 continue;
+            }
+            if let Err(e) = commit_durability(&mut txn, jobs, &applied) {
+                let _ = txn.abort();
+                discard(&applied);
+                return Err(e);
             }
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
@@ -917,6 +946,44 @@ impl VolumeStore {
             sync_files,
         })
     }
+}
+
+/// A replicated entry's batch (every job of the group carries its log
+/// index) writes the index in its transaction, and commits without an
+/// fsync unless it touches an object file: the Raft log holds the entry
+/// durably, and a crash re-applies it from there (docs/SERVER.md
+/// "Replication"). A commit that creates, replaces or syncs a file stays
+/// durable: the files it replaces are deleted right after it, so the
+/// durable state must not name them.
+fn commit_durability(
+    txn: &mut WriteTransaction,
+    jobs: &[Arc<Job>],
+    applied: &[(usize, Applied)],
+) -> Result<()> {
+    let Some(index) = jobs
+        .iter()
+        .map(|j| j.log_index)
+        .collect::<Option<Vec<u64>>>()
+    else {
+        return Ok(());
+    };
+    if let Some(top) = index.into_iter().max() {
+        txn.open_table(SETTINGS)?.insert(
+            super::replication::machine::APPLIED_KEY,
+            top.to_be_bytes().as_slice(),
+        )?;
+    }
+    let files = applied.iter().any(|(_, a)| {
+        !(a.created.is_empty()
+            && a.replaced.is_empty()
+            && a.sync_files.is_empty()
+            && a.sync_dirs.is_empty()
+            && a.outcome.consumed_uploads.is_empty())
+    });
+    if !files {
+        txn.set_durability(redb::Durability::None);
+    }
+    Ok(())
 }
 
 /// The same failure again, for every batch of a group the store failed.
@@ -2020,6 +2087,7 @@ mod tests {
             now: None,
             who: None,
             prepared: std::sync::OnceLock::new(),
+            log_index: None,
         })
     }
 

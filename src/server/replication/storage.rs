@@ -196,13 +196,29 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Record that entries up to `index` are applied. Not fsynced on its
-    /// own (`Durability::None`: redb's `Eventual` syncs on Linux): losing
-    /// it only means re-applying entries the state machine recognises as
-    /// done. The next durable write of this file makes it durable.
-    pub fn set_applied(&mut self, index: u64) -> Result<()> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None);
+    /// Record that entries up to `index` are applied, in memory: the
+    /// durable applied mark is the volume store's own, in the transaction
+    /// of the entry's changes (`machine::APPLIED_KEY`).
+    pub fn set_applied(&mut self, index: u64) {
+        self.applied = index;
+    }
+
+    /// At start: the state machine holds the entries through `mark` (None:
+    /// it keeps no mark, and this file's own applied record, written before
+    /// the store kept one, stands). Never past the known commit index: the
+    /// engine learns the rest from the leader, and the state machine skips
+    /// what it holds already.
+    pub fn start_from(&mut self, mark: Option<u64>) {
+        if let Some(m) = mark {
+            self.applied = m.min(self.mem.rl().hard_state().commit);
+        }
+    }
+
+    /// Write this file's applied record (a test makes a log as an older
+    /// member left it).
+    #[cfg(test)]
+    fn write_applied(&mut self, index: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
         txn.open_table(STATE)?
             .insert("applied", index.to_be_bytes().as_slice())?;
         txn.commit()?;
@@ -254,7 +270,7 @@ mod tests {
             s.persist_commit(2).unwrap();
             // An applied mark past the commit index (a kill between the two
             // writes) is read back as the commit index.
-            s.set_applied(3).unwrap();
+            s.write_applied(3).unwrap();
         }
         let s = RaftStore::open(&d).unwrap();
         let m = s.mem();
