@@ -960,18 +960,16 @@ fn commit_durability(
     jobs: &[Arc<Job>],
     applied: &[(usize, Applied)],
 ) -> Result<()> {
-    let Some(index) = jobs
-        .iter()
-        .map(|j| j.log_index)
-        .collect::<Option<Vec<u64>>>()
-    else {
-        return Ok(());
-    };
-    if let Some(top) = index.into_iter().max() {
+    // The mark goes with the entry's changes whatever else shares the
+    // transaction; the fsync is skipped only if every batch is an entry.
+    if let Some(top) = jobs.iter().filter_map(|j| j.log_index).max() {
         txn.open_table(SETTINGS)?.insert(
             super::replication::machine::APPLIED_KEY,
             top.to_be_bytes().as_slice(),
         )?;
+    }
+    if jobs.iter().any(|j| j.log_index.is_none()) {
+        return Ok(());
     }
     let files = applied.iter().any(|(_, a)| {
         !(a.created.is_empty()

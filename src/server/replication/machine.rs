@@ -733,6 +733,93 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::meta::ROOT_FID;
+
+    fn machine(root: &std::path::Path) -> Machine {
+        let store = Arc::new(VolumeStore::open(root, u64::MAX).unwrap());
+        let group = GroupConfig::from_list(1, "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").unwrap();
+        let key = PeerKey {
+            secret: [7; 32],
+            tls: None,
+        };
+        Machine::new(store, root.into(), key, 1, Arc::new(Mutex::new(group))).unwrap()
+    }
+
+    fn create(client: &ClientId, who: &Who, store_id: u64, name: &str, vnode: u64) -> Vec<u8> {
+        let rec = Record {
+            store_id,
+            op: RecordOp::Create {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid: Fid::new(1, vnode, 1),
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+            },
+        };
+        encode_reintegrate(client, Timespec::now(), who, 0, &[rec])
+    }
+
+    /// Each entry's changes commit with the store's mark; a member that
+    /// starts again over that store skips the entries the mark covers (an
+    /// AllocFids or a batch applied twice would reserve or create twice)
+    /// and applies the next one.
+    #[test]
+    fn the_store_keeps_its_applied_index_with_each_entry_and_a_restart_applies_none_twice() {
+        let dir = std::env::temp_dir().join(format!("coda-unit-machine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let client = [9u8; 16];
+        let alloc = encode_alloc(&client, 1, 4);
+        let first = {
+            let mut m = machine(&root);
+            assert_eq!(store_mark(&m.store).unwrap(), None);
+            let who = m.store.who("admin").unwrap();
+            let r = m.apply(5, &alloc).unwrap();
+            let first = (*r.downcast::<Result<u64>>().unwrap()).unwrap();
+            assert_eq!(store_mark(&m.store).unwrap(), Some(5));
+            let r = m.apply(6, &create(&client, &who, 1, "a", first)).unwrap();
+            let out = r
+                .downcast::<std::result::Result<Outcome, BatchError>>()
+                .unwrap();
+            assert!(!out.unwrap().replayed);
+            assert_eq!(store_mark(&m.store).unwrap(), Some(6));
+            // An empty entry changes nothing but the mark.
+            m.applied_through(7, false).unwrap();
+            assert_eq!(store_mark(&m.store).unwrap(), Some(7));
+            assert_eq!(m.durable(), 0);
+            m.applied_through(7, true).unwrap();
+            assert_eq!(m.durable(), 7);
+            first
+        };
+        let mut m = machine(&root);
+        assert_eq!((m.start_mark, m.durable()), (7, 7));
+        let who = m.store.who("admin").unwrap();
+        // Applied again after a restart: skipped, nothing reserved or created.
+        assert!(m
+            .apply(5, &alloc)
+            .unwrap()
+            .downcast::<Result<u64>>()
+            .is_err());
+        let again = create(&client, &who, 2, "b", first + 1);
+        assert!(m.apply(6, &again).unwrap().is::<()>());
+        assert!(m
+            .store
+            .read_dir(ROOT_FID, 0)
+            .unwrap()
+            .1
+            .iter()
+            .all(|e| e.name != "b"));
+        // The next entry applies.
+        let r = m.apply(8, &alloc).unwrap();
+        let next = (*r.downcast::<Result<u64>>().unwrap()).unwrap();
+        assert_eq!(next, first + 4);
+        assert_eq!(store_mark(&m.store).unwrap(), Some(8));
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_user_of_an_entry_decodes_as_encoded_and_a_cut_one_is_refused() {
