@@ -26,8 +26,11 @@ pub(crate) const FID_BATCH: u32 = 1024;
 /// Below this many reserved fids left in a volume, a connected client
 /// reserves a fresh range, so creation works for a while offline.
 pub(crate) const FID_RESERVE_LOW: u64 = 512;
-/// Vnodes handed out per durable write of the lease.
-const LEASE: u64 = 64;
+/// Vnodes handed out per durable write of the lease: a quarter of a
+/// range, so the creators of a range wait for the lease write four times
+/// (every thread creating meanwhile queues behind it), and a crash skips at
+/// most a quarter of it.
+const LEASE: u64 = FID_BATCH as u64 / 4;
 
 #[derive(Clone, Copy, Default)]
 struct Range {
@@ -203,8 +206,9 @@ mod tests {
             .unwrap();
         drop(f);
         let f = Fids::open(db.clone()).unwrap();
-        let got: Vec<u64> = (0..70).map(|_| f.take(7).unwrap().unwrap()).collect();
-        assert_eq!(got, (100..170).collect::<Vec<_>>());
+        let n = LEASE + 6;
+        let got: Vec<u64> = (0..n).map(|_| f.take(7).unwrap().unwrap()).collect();
+        assert_eq!(got, (100..100 + n).collect::<Vec<_>>());
         drop(f);
         // A "crash": the lease says 100 + 2 * LEASE; nothing below it again.
         let f = Fids::open(db.clone()).unwrap();
