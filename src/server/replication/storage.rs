@@ -125,6 +125,9 @@ fn pb_err(e: protobuf::ProtobufError) -> Error {
 pub struct RaftStore {
     db: Database,
     journal: Journal,
+    /// `CODA_REPL_NO_JOURNAL` (a measurement aid: the baseline of
+    /// docs/BENCHMARKS.md `rapply`): every write a durable redb commit.
+    no_journal: bool,
     mem: MemStorage,
     applied: u64,
 }
@@ -231,6 +234,7 @@ impl RaftStore {
         Ok(RaftStore {
             db,
             journal,
+            no_journal: std::env::var_os("CODA_REPL_NO_JOURNAL").is_some(),
             mem,
             applied,
         })
@@ -265,8 +269,8 @@ impl RaftStore {
                 let cur = cur.hard_state();
                 h.term == cur.term && h.vote == cur.vote
             });
-        let mut durable = false;
-        if !commit_only {
+        let mut durable = self.no_journal && !commit_only;
+        if !commit_only && !durable {
             let record = encode_record(entries, hs)?;
             if !self.journal.fits(record.len()) {
                 // Full: everything before goes durable in redb, then the
