@@ -31,8 +31,9 @@ pub const RAFT_DB: &str = "raft.redb";
 /// The journal's name in the data directory.
 pub const RAFT_JOURNAL: &str = "raft.journal";
 /// The journal's size: a small store's two entries take ~5 KiB, so about
-/// 1,500 files between two durable commits of `raft.redb`.
-const JOURNAL_CAPACITY: u64 = 8 << 20;
+/// 800 files between two durable commits of `raft.redb` (each member writes
+/// it whole once, at its first start).
+const JOURNAL_CAPACITY: u64 = 4 << 20;
 
 /// Path of the Raft log file.
 pub fn raft_db_path(root: &Path) -> PathBuf {
