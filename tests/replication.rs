@@ -890,9 +890,11 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
 /// `victims` picks (given the leader) right after. Members apply entries
 /// without the volume store's fsync (the Raft log holds them durably), and
 /// the periodic checkpoint is held off here, so the killed members' stores
-/// hold none of the stores durably: each restarts from its store's mark and
-/// re-applies them from its log. Every acknowledged store is read back,
-/// and the stopped members' stores are the same, row for row.
+/// hold durably only what came before a large store in the middle (a data
+/// file: that commit is durable, its mark with it): each restarts from its
+/// store's mark and re-applies the rest from its log, each entry once.
+/// Every acknowledged store is read back, and the stopped members' stores
+/// are the same, row for row.
 fn small_stores_survive_a_kill_9_of(victims: impl Fn(usize) -> Vec<usize>) {
     let mut g = Group::start_with_env(3, &[], &[("CODA_REPL_CHECKPOINT_MS", "3600000")]);
     let l = g.wait_leader(&[0, 1, 2]);
@@ -900,6 +902,11 @@ fn small_stores_survive_a_kill_9_of(victims: impl Fn(usize) -> Vec<usize>) {
     let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
     let mut last = std::collections::BTreeMap::new();
     for i in 0..24 {
+        if i == 12 {
+            let big = vec![b'L'; 100_000];
+            client_util::put(&c, "/large", &big);
+            last.insert("/large".to_string(), big);
+        }
         let path = format!("/small{}", i % 16);
         let data = format!("small store {i} ").repeat(300).into_bytes();
         client_util::put(&c, &path, &data);
@@ -915,7 +922,7 @@ fn small_stores_survive_a_kill_9_of(victims: impl Fn(usize) -> Vec<usize>) {
     for &v in &victims {
         let st = replication_util::store_state(&g.members[v].root);
         assert!(
-            st.applied.unwrap_or(0) < commit,
+            st.applied.is_some_and(|a| a < commit),
             "member {}'s store holds the log through {:?} durably, the group committed {commit}: \
              the stores were expected in its log only",
             g.members[v].id,

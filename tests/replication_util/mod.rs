@@ -364,6 +364,10 @@ pub fn store_state(root: &std::path::Path) -> StoreState {
     const SMALL_DATA: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("small_data");
     const CLIENT_STORE: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_store");
     const VOLSTAMPS: TableDefinition<u32, &[u8]> = TableDefinition::new("volstamps");
+    // AllocFids's effects: a range reserved twice would move these on one member only.
+    const VOLUMES: TableDefinition<u32, u64> = TableDefinition::new("volumes");
+    const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
+    const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves");
     const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
     let db = redb::Database::open(root.join("meta.redb")).expect("open the member's store");
     let txn = db.begin_read().unwrap();
@@ -397,6 +401,9 @@ pub fn store_state(root: &std::path::Path) -> StoreState {
             ("small_data", rows!(SMALL_DATA)),
             ("client_store", rows!(CLIENT_STORE)),
             ("volstamps", rows!(VOLSTAMPS)),
+            ("volumes", rows!(VOLUMES)),
+            ("reserved", rows!(RESERVED)),
+            ("graves", rows!(GRAVES)),
         ],
     }
 }
