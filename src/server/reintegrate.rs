@@ -124,6 +124,11 @@ struct Job {
     /// of its own (`Prepared`), for the commit to rename into place. Set
     /// before the batch is ready in the queue (`Waiting::ready`).
     prepared: std::sync::OnceLock<Vec<Option<PathBuf>>>,
+    /// A replicated member's apply: the log index written in the batch's
+    /// own transaction (`replication::machine`), whose commit may then skip
+    /// its fsync (the Raft log holds the entry durably). None: a lone
+    /// server's batch, committed durably.
+    log_index: Option<u64>,
 }
 
 /// Most records of one batch whose inline data is written ahead of the
@@ -555,6 +560,24 @@ impl VolumeStore {
         staged: StagedLookup,
         now: Option<Timespec>,
     ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_logged(client, who, after, records, staged, now, None)
+    }
+
+    /// [`VolumeStore::reintegrate_at`] for a replicated log entry: with
+    /// `log_index`, the index goes in the batch's transaction and the
+    /// commit skips its fsync when it touches no object file (see
+    /// `commit_durability`).
+    #[allow(clippy::too_many_arguments)] // reintegrate_at's, plus the index
+    pub(crate) fn reintegrate_logged(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
+        after: u64,
+        records: &[Record],
+        staged: StagedLookup,
+        now: Option<Timespec>,
+        log_index: Option<u64>,
+    ) -> std::result::Result<Outcome, BatchError> {
         let mut files = HashMap::new();
         for r in records {
             if let RecordOp::Store { upload_id, .. } = r.op {
@@ -571,6 +594,7 @@ impl VolumeStore {
             now,
             who,
             prepared: std::sync::OnceLock::new(),
+            log_index,
         });
         let wanted = Prepared::wanted(records);
         let group = &self.group;
@@ -758,12 +782,22 @@ impl VolumeStore {
                 discard(&applied);
                 continue;
             }
+            if let Err(e) = commit_durability(&mut txn, jobs, &applied) {
+                let _ = txn.abort();
+                discard(&applied);
+                return Err(e);
+            }
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
             // Metadata and small data only: durable in the journal
-            // (docs/SERVER.md "Commit journal").
-            let journaled =
-                files.is_empty() && dirs.is_empty() && self.journal_group(&txn, jobs, &applied)?;
+            // (docs/SERVER.md "Commit journal"). A replicated entry's
+            // durable copy is the Raft log (`commit_durability`), never
+            // this journal.
+            let entries = jobs.iter().any(|j| j.log_index.is_some());
+            let journaled = !entries
+                && files.is_empty()
+                && dirs.is_empty()
+                && self.journal_group(&txn, jobs, &applied)?;
             if journaled {
                 txn.set_durability(redb::Durability::None);
             }
@@ -783,7 +817,9 @@ impl VolumeStore {
                 discard(&applied);
                 return Err(e);
             }
-            self.after_commit(db, journaled);
+            if !entries {
+                self.after_commit(db, journaled);
+            }
             for (i, a) in applied {
                 // Committed: the replaced files are unreferenced now.
                 a.replaced.iter().for_each(|p| objects::remove_quietly(p));
@@ -1140,6 +1176,7 @@ impl VolumeStore {
                 now: Some(e.now),
                 who: e.who.map(Arc::new),
                 prepared: std::sync::OnceLock::new(),
+                log_index: None,
             })
             .collect();
         let mut skip = vec![false; jobs.len()];
@@ -1181,6 +1218,42 @@ impl VolumeStore {
         }
         Err(Error::Eio(format!("journal record {seq} did not settle")))
     }
+}
+
+/// A replicated entry's batch (every job of the group carries its log
+/// index) writes the index in its transaction, and commits without an
+/// fsync unless it touches an object file: the Raft log holds the entry
+/// durably, and a crash re-applies it from there (docs/SERVER.md
+/// "Replication"). A commit that creates, replaces or syncs a file stays
+/// durable: the files it replaces are deleted right after it, so the
+/// durable state must not name them.
+fn commit_durability(
+    txn: &mut WriteTransaction,
+    jobs: &[Arc<Job>],
+    applied: &[(usize, Applied)],
+) -> Result<()> {
+    // The mark goes with the entry's changes whatever else shares the
+    // transaction; the fsync is skipped only if every batch is an entry.
+    if let Some(top) = jobs.iter().filter_map(|j| j.log_index).max() {
+        txn.open_table(SETTINGS)?.insert(
+            super::replication::machine::APPLIED_KEY,
+            top.to_be_bytes().as_slice(),
+        )?;
+    }
+    if jobs.iter().any(|j| j.log_index.is_none()) {
+        return Ok(());
+    }
+    let files = applied.iter().any(|(_, a)| {
+        !(a.created.is_empty()
+            && a.replaced.is_empty()
+            && a.sync_files.is_empty()
+            && a.sync_dirs.is_empty()
+            && a.outcome.consumed_uploads.is_empty())
+    });
+    if !files {
+        txn.set_durability(redb::Durability::None);
+    }
+    Ok(())
 }
 
 /// The same failure again, for every batch of a group the store failed.
@@ -2284,6 +2357,7 @@ mod tests {
             now: None,
             who: None,
             prepared: std::sync::OnceLock::new(),
+            log_index: None,
         })
     }
 
