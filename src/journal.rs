@@ -248,10 +248,19 @@ impl Journal {
         block[..HEADER_BYTES].copy_from_slice(&h);
         block[HEADER_COPY as usize..HEADER_COPY as usize + HEADER_BYTES].copy_from_slice(&h);
         self.buf.clear();
-        self.file
+        let r = self
+            .file
             .write_all_at(&block, 0)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| Error::io(format!("reset journal {}", self.path.display()), e))?;
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
+            // The header may say either start now: appending after it
+            // could write where a scan never looks.
+            self.broken = true;
+            return Err(Error::io(
+                format!("reset journal {}", self.path.display()),
+                e,
+            ));
+        }
         self.start_seq = start;
         self.prev_crc = seed(start);
         self.pos = HEADER_LEN;

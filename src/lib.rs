@@ -20,8 +20,6 @@ pub mod error;
 pub mod ffi;
 mod fsmode;
 /// The write-ahead journal under the server's group commit (generic).
-// Parts of its API are for its next users (the client's log).
-#[allow(dead_code)]
 pub(crate) mod journal;
 /// The wire format: frames, messages, handshake and limits.
 ///

@@ -144,3 +144,123 @@ fn stored_files_acknowledged_before_a_power_cut_survive_it_whole() {
     drop(b);
     srv.kill9();
 }
+
+/// Small batches (inline data of at most 16 KiB, renames, removes) are
+/// durable in the server's commit journal, and redb commits them without
+/// a sync (docs/SERVER.md "Commit journal"): after a power cut the server
+/// applies them again from the journal.
+#[test]
+fn small_batches_acknowledged_before_a_power_cut_come_back_from_the_journal() {
+    if !may_run("the server power-cut test") {
+        return;
+    }
+    let work = TempDir::new("srv-powercut-journal");
+    let image = work.path().join("server.img");
+    let copy = work.path().join("server-after-power-cut.img");
+    make_image(&image);
+    // No idle checkpoint before the cut: the journal alone has them.
+    let mut srv = TestServer::start_env(&[], &[("CODA_SERVER_JOURNAL_IDLE_MS", "3600000")]);
+    srv.kill9();
+    let root = srv.root();
+    let staging = work.path().join("mnt");
+    let mut disk = LoopMount::attach(&image, &staging);
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(root.join("."))
+        .arg(&staging));
+    disk.detach();
+    drop(disk);
+    let mut disk = LoopMount::attach(&image, &root);
+    unsafe { libc::sync() };
+    srv.restart();
+
+    let mut c = Raw::control(srv.addr(), &srv.secret_file(), W, 3);
+    let n = 30;
+    let fids = c.alloc(n as u32);
+    let root_fid = c.root;
+    let small = |i: usize, round: usize| -> Vec<u8> {
+        format!("small file {i}, round {round}\n")
+            .repeat(20 + 13 * i)
+            .into_bytes()
+    };
+    let mut store_id = 0;
+    let mut next = || {
+        store_id += 1;
+        store_id
+    };
+    for (i, fid) in fids.iter().enumerate() {
+        let data = small(i, 0);
+        assert!(data.len() as u64 <= coda::server::SMALL_DATA_MAX);
+        let r = coda::proto::Record {
+            store_id: next(),
+            op: coda::proto::RecordOp::CreateWith {
+                parent: root_fid,
+                name: format!("s{i}"),
+                fid: *fid,
+                mode: 0o644,
+                mtime: rec::t(),
+                uid: 0,
+                gid: 0,
+                data,
+            },
+        };
+        assert!(matches!(c.reintegrate(vec![r]), Msg::Reintegrated { .. }));
+    }
+    // Stores over the first ten, renames of the next ten, removes of five.
+    for (i, fid) in fids.iter().enumerate().take(10) {
+        let r = coda::proto::Record {
+            store_id: next(),
+            op: coda::proto::RecordOp::StoreInline {
+                fid: *fid,
+                expected_version: 0,
+                mtime: rec::t(),
+                data: small(i, 1),
+            },
+        };
+        assert!(matches!(c.reintegrate(vec![r]), Msg::Reintegrated { .. }));
+    }
+    for (i, fid) in fids.iter().enumerate().take(20).skip(10) {
+        let (from, to) = (format!("s{i}"), format!("moved{i}"));
+        let r = rec::rename(next(), root_fid, &from, root_fid, &to, *fid);
+        assert!(matches!(c.reintegrate(vec![r]), Msg::Reintegrated { .. }));
+    }
+    for (i, fid) in fids.iter().enumerate().take(25).skip(20) {
+        let r = rec::remove(next(), root_fid, &format!("s{i}"), *fid);
+        assert!(matches!(c.reintegrate(vec![r]), Msg::Reintegrated { .. }));
+    }
+
+    run(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&image)
+        .arg(&copy));
+    drop(c);
+    srv.kill9();
+    disk.detach();
+    drop(disk);
+
+    let _disk = LoopMount::attach(&copy, &root);
+    srv.restart();
+    let mut c = Raw::control(srv.addr(), &srv.secret_file(), W, 4);
+    let mut b = Raw::bulk(srv.addr(), &srv.secret_file(), W, 4);
+    let names: std::collections::HashMap<String, _> = c.list(c.root).into_iter().collect();
+    for (i, fid) in fids.iter().enumerate() {
+        let (name, want) = match i {
+            0..10 => (format!("s{i}"), Some(small(i, 1))),
+            10..20 => (format!("moved{i}"), Some(small(i, 0))),
+            20..25 => (format!("s{i}"), None),
+            _ => (format!("s{i}"), Some(small(i, 0))),
+        };
+        let Some(want) = want else {
+            assert_eq!(names.get(&name), None, "{name} was removed before the cut");
+            continue;
+        };
+        assert_eq!(names.get(&name), Some(fid), "{name} after the power cut");
+        let (attr, data) = b.fetch(*fid).expect("fetch after the power cut");
+        assert_eq!(attr.size, want.len() as u64, "{name}'s size");
+        assert!(data == want, "{name}'s data after the power cut");
+    }
+    assert_eq!(names.len(), n - 5, "nothing else: {names:?}");
+    drop(c);
+    drop(b);
+    srv.kill9();
+}

@@ -190,9 +190,10 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     // Metadata-only changes until one needs a page the disk cannot give:
     // that commit fails inside the metadata store.
     let mut refused = None;
+    let mut made = 0;
     for i in 0..200 {
         match a.mkdir(&format!("/full{i}"), 0o755) {
-            Ok(()) => continue,
+            Ok(()) => made = i + 1,
             Err(e) => {
                 refused = Some(e);
                 break;
@@ -237,6 +238,28 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     assert_eq!(get(&b, "/after-a"), b"written by a after");
     assert_eq!(get(&b, "/before"), b"before the disk filled");
     assert_eq!(get(&a, "/after-b"), b"written by b after");
+    // Every mkdir acknowledged before the failure is still there: the
+    // reopened store (back at its last durable commit) applied the commit
+    // journal again, and not the refused one.
+    let names: Vec<String> = b
+        .readdir("/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    for i in 0..20 {
+        assert!(names.contains(&format!("pre{i}")), "pre{i} lost: {names:?}");
+    }
+    for i in 0..made {
+        assert!(
+            names.contains(&format!("full{i}")),
+            "full{i} lost: {names:?}"
+        );
+    }
+    assert!(
+        !names.contains(&format!("full{made}")),
+        "the refused mkdir applied"
+    );
     drop(a);
     drop(b);
     drop(srv);

@@ -392,13 +392,14 @@ fn group_status(root: &std::path::Path, tls: bool) -> Result<(), Fail> {
     for r in &reports {
         match &r.status {
             Ok(s) => println!(
-                "member {} {} {} term {} applied {} lag {}",
+                "member {} {} {} term {} applied {} lag {} durable {}",
                 r.member.id,
                 r.member.addr,
                 s.role,
                 s.term,
                 s.applied,
-                commit.saturating_sub(s.applied)
+                commit.saturating_sub(s.applied),
+                s.durable
             ),
             Err(e) => println!("member {} {} unreachable ({e})", r.member.id, r.member.addr),
         }

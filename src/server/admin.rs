@@ -106,6 +106,7 @@ pub fn command(root: &Path, words: &[String]) -> Result<String> {
                     root.display()
                 )));
             }
+            super::wal::settle(root)?;
             let db = super::volume::open_db(root)?;
             acl::migrate(&db)?;
             run_command(&db, root, words)

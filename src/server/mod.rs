@@ -29,6 +29,7 @@ mod reintegrate;
 pub mod replication;
 mod sessions;
 mod volume;
+mod wal;
 mod wire;
 mod workers;
 
@@ -367,6 +368,7 @@ impl Server {
         }
         // Workers finish what is queued (their replies go nowhere now).
         sh.pool.shutdown();
+        sh.store.checkpoint();
         log::info(format_args!("shut down"));
     }
 }
@@ -394,6 +396,7 @@ fn sweep_loop(shared: Arc<Shared>) {
             }
             next = Instant::now() + every;
         }
+        shared.store.checkpoint_if_idle();
         std::thread::sleep(Duration::from_millis(100));
     }
 }

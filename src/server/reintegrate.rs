@@ -124,6 +124,11 @@ struct Job {
     /// of its own (`Prepared`), for the commit to rename into place. Set
     /// before the batch is ready in the queue (`Waiting::ready`).
     prepared: std::sync::OnceLock<Vec<Option<PathBuf>>>,
+    /// A replicated member's apply: the log index written in the batch's
+    /// own transaction (`replication::machine`), whose commit may then skip
+    /// its fsync (the Raft log holds the entry durably). None: a lone
+    /// server's batch, committed durably.
+    log_index: Option<u64>,
 }
 
 /// Most records of one batch whose inline data is written ahead of the
@@ -423,6 +428,30 @@ impl GroupCommit {
     }
 }
 
+/// The group commit held by a thread that is not applying batches (a
+/// journal checkpoint): batches wait for it as for a group in progress.
+pub(crate) struct Held<'a>(&'a GroupCommit);
+
+impl GroupCommit {
+    /// Hold the group commit if no group is in progress (and, with
+    /// `idle_only`, no batch waits); None otherwise.
+    pub(crate) fn try_hold(&self, idle_only: bool) -> Option<Held<'_>> {
+        let mut g = self.state.lock();
+        if g.busy || (idle_only && !g.queue.is_empty()) {
+            return None;
+        }
+        g.busy = true;
+        Some(Held(self))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().busy = false;
+        self.0.cv.notify_all();
+    }
+}
+
 /// Marks a queued batch ready (`Waiting::ready`) when dropped.
 struct MarkReady<'a> {
     group: &'a GroupCommit,
@@ -475,6 +504,8 @@ struct Applied {
     sync_dirs: BTreeSet<PathBuf>,
     /// Stored data not yet fsynced (an upload is not synced on arrival).
     sync_files: Vec<PathBuf>,
+    /// The time the batch stamped its changes with (journaled with it).
+    now: Timespec,
 }
 
 /// A batch that failed inside the group's transaction. `wrote`: it had
@@ -529,6 +560,24 @@ impl VolumeStore {
         staged: StagedLookup,
         now: Option<Timespec>,
     ) -> std::result::Result<Outcome, BatchError> {
+        self.reintegrate_logged(client, who, after, records, staged, now, None)
+    }
+
+    /// [`VolumeStore::reintegrate_at`] for a replicated log entry: with
+    /// `log_index`, the index goes in the batch's transaction and the
+    /// commit skips its fsync when it touches no object file (see
+    /// `commit_durability`).
+    #[allow(clippy::too_many_arguments)] // reintegrate_at's, plus the index
+    pub(crate) fn reintegrate_logged(
+        &self,
+        client: &ClientId,
+        who: Option<Arc<super::acl::Who>>,
+        after: u64,
+        records: &[Record],
+        staged: StagedLookup,
+        now: Option<Timespec>,
+        log_index: Option<u64>,
+    ) -> std::result::Result<Outcome, BatchError> {
         let mut files = HashMap::new();
         for r in records {
             if let RecordOp::Store { upload_id, .. } = r.op {
@@ -545,6 +594,7 @@ impl VolumeStore {
             now,
             who,
             prepared: std::sync::OnceLock::new(),
+            log_index,
         });
         let wanted = Prepared::wanted(records);
         let group = &self.group;
@@ -687,7 +737,7 @@ impl VolumeStore {
         let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
         // Each round that does not commit settles at least one more job.
         for _round in 0..=jobs.len() {
-            let txn = db.begin_write()?;
+            let mut txn = db.begin_write()?;
             let mut applied: Vec<(usize, Applied)> = Vec::new();
             let mut restart = false;
             let mut fatal = None;
@@ -732,8 +782,25 @@ impl VolumeStore {
                 discard(&applied);
                 continue;
             }
+            if let Err(e) = commit_durability(&mut txn, jobs, &applied) {
+                let _ = txn.abort();
+                discard(&applied);
+                return Err(e);
+            }
             let dirs: BTreeSet<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_dirs).collect();
             let files: Vec<&PathBuf> = applied.iter().flat_map(|(_, a)| &a.sync_files).collect();
+            // Metadata and small data only: durable in the journal
+            // (docs/SERVER.md "Commit journal"). A replicated entry's
+            // durable copy is the Raft log (`commit_durability`), never
+            // this journal.
+            let entries = jobs.iter().any(|j| j.log_index.is_some());
+            let journaled = !entries
+                && files.is_empty()
+                && dirs.is_empty()
+                && self.journal_group(&txn, jobs, &applied)?;
+            if journaled {
+                txn.set_durability(redb::Durability::None);
+            }
             let commit = (|| -> Result<()> {
                 // Durable before acknowledged: the stored data and the
                 // new names (at once), then the metadata that points at
@@ -744,8 +811,14 @@ impl VolumeStore {
                 Ok(())
             })();
             if let Err(e) = commit {
+                if journaled {
+                    self.cancel_journaled();
+                }
                 discard(&applied);
                 return Err(e);
+            }
+            if !entries {
+                self.after_commit(db, journaled);
             }
             for (i, a) in applied {
                 // Committed: the replaced files are unreferenced now.
@@ -817,6 +890,7 @@ impl VolumeStore {
                 replaced: Vec::new(),
                 sync_dirs: BTreeSet::new(),
                 sync_files: Vec::new(),
+                now: job.now.unwrap_or_default(),
             });
         }
         let lookup = |up: u64| job.staged.get(&up).cloned();
@@ -876,6 +950,7 @@ impl VolumeStore {
         let consumed = std::mem::take(&mut batch.consumed);
         let sync_dirs = std::mem::take(&mut batch.sync_dirs);
         let sync_files = std::mem::take(&mut batch.sync_files);
+        let now = batch.now;
         drop(batch);
         let top = records.iter().map(|r| r.store_id).max().unwrap_or(0);
         let volumes: BTreeSet<u32> = changed.iter().map(|f| f.volume).collect();
@@ -915,8 +990,270 @@ impl VolumeStore {
             replaced,
             sync_dirs,
             sync_files,
+            now,
         })
     }
+}
+
+impl VolumeStore {
+    /// Journal the group applied in `txn` (docs/SERVER.md "Commit
+    /// journal") when it touched no object file and its record fits:
+    /// append it, sync, and note its sequence number in `txn`. Returns
+    /// whether it is durable in the journal (then `txn` may commit without
+    /// a sync); false: commit durably, as without a journal.
+    fn journal_group(
+        &self,
+        txn: &WriteTransaction,
+        jobs: &[Arc<Job>],
+        applied: &[(usize, Applied)],
+    ) -> Result<bool> {
+        let files = |a: &Applied| {
+            !(a.created.is_empty()
+                && a.replaced.is_empty()
+                && a.sync_files.is_empty()
+                && a.sync_dirs.is_empty())
+        };
+        if applied.iter().any(|(_, a)| files(a)) {
+            return Ok(false);
+        }
+        // A batch answered again changed nothing: nothing to journal.
+        let live: Vec<&(usize, Applied)> = applied
+            .iter()
+            .filter(|(_, a)| !a.outcome.replayed)
+            .collect();
+        // A Store's bytes come from a staged upload, gone after the
+        // commit: replay could not read them again.
+        let staged = |i: usize| {
+            jobs[i]
+                .records
+                .iter()
+                .any(|r| matches!(r.op, RecordOp::Store { .. }))
+        };
+        if live.is_empty() || live.iter().any(|(i, _)| staged(*i)) {
+            return Ok(false);
+        }
+        let mut j = self.wal.journal.lock();
+        let Some(journal) = j.as_mut().filter(|j| !j.is_broken()) else {
+            return Ok(false);
+        };
+        let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
+            let job = &jobs[*i];
+            super::wal::EntryRef {
+                client: &job.client,
+                after: job.after,
+                records: &job.records,
+                now: a.now,
+                who: job.who.as_deref(),
+            }
+        }));
+        if !journal.fits(payload.len()) {
+            return Ok(false);
+        }
+        let seq = journal.next_seq();
+        txn.open_table(SETTINGS)?
+            .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+        if let Err(e) = journal.append(&payload).and_then(|()| journal.sync()) {
+            super::log::warn(format_args!(
+                "commit journal failed ({e}); committing durably until it is reset"
+            ));
+            return Ok(false);
+        }
+        self.wal.since.lock().get_or_insert_with(Instant::now);
+        Ok(true)
+    }
+
+    /// The group just journaled did not commit: its record is not to be
+    /// replayed. If even this fails, a restart applies it (its client,
+    /// told it failed, sends it again and finds it applied).
+    fn cancel_journaled(&self) {
+        let mut j = self.wal.journal.lock();
+        if let Some(journal) = j.as_mut() {
+            let r = journal
+                .append(&super::wal::encode_cancel())
+                .and_then(|()| journal.sync());
+            if let Err(e) = r {
+                super::log::warn(format_args!("cannot cancel a journaled group: {e}"));
+            }
+        }
+    }
+
+    /// After a group's commit: a durable one covers everything journaled
+    /// (the journal starts again); past half the journal, checkpoint.
+    fn after_commit(&self, db: &Database, journaled: bool) {
+        let mut j = self.wal.journal.lock();
+        let Some(journal) = j.as_mut() else { return };
+        let r = if journaled {
+            let full = journal.used() > journal.room() / 2;
+            if !full && journal.records() < super::wal::CHECKPOINT_GROUPS {
+                return;
+            }
+            self.checkpoint_locked(db, journal)
+        } else if journal.records() > 0 || journal.is_broken() {
+            self.reset_journal(journal)
+        } else {
+            return;
+        };
+        if let Err(e) = r {
+            super::log::warn(format_args!("commit journal checkpoint failed: {e}"));
+        }
+    }
+
+    /// Make every commit durable (an empty durable commit covers the
+    /// earlier non-durable ones) and start the journal again.
+    pub(crate) fn checkpoint_locked(
+        &self,
+        db: &Database,
+        journal: &mut crate::journal::Journal,
+    ) -> Result<()> {
+        db.begin_write()?.commit()?;
+        self.reset_journal(journal)
+    }
+
+    fn reset_journal(&self, journal: &mut crate::journal::Journal) -> Result<()> {
+        journal.reset()?;
+        *self.wal.since.lock() = None;
+        Ok(())
+    }
+
+    /// (Re)open the journal and apply the groups it holds that redb does
+    /// not (the store was reopened, or the server stopped without a
+    /// checkpoint), in order and as first applied, then checkpoint.
+    /// `keep`: use the journal from now on (None: as before).
+    pub(crate) fn replay_in(&self, db: &Database, keep: Option<bool>) -> Result<()> {
+        let mut j = self.wal.journal.lock();
+        let keep = keep.unwrap_or(j.is_some());
+        let path = super::wal::path(&self.root);
+        if !keep && !path.exists() {
+            return Ok(());
+        }
+        *j = None;
+        let existed = path.exists();
+        let (mut journal, found) =
+            match crate::journal::Journal::open(&path, super::wal::capacity()) {
+                Ok(v) => v,
+                // No journal could be made (a full disk): serve without one,
+                // every group committing durably.
+                Err(e) if !existed => {
+                    super::log::warn(format_args!("serving without a commit journal: {e}"));
+                    let _ = std::fs::remove_file(path.with_extension("new"));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+        let applied = {
+            let txn = db.begin_read()?;
+            let settings = txn.open_table(SETTINGS)?;
+            let v = settings.get(super::wal::JOURNAL_SEQ_KEY)?;
+            v.and_then(|v| v.value().try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        let groups = super::wal::pending(&found, journal.start_seq(), applied)?;
+        let n = groups.len();
+        for (seq, entries) in groups {
+            self.replay_group(db, seq, entries)?;
+        }
+        if !found.is_empty() || journal.is_broken() {
+            self.checkpoint_locked(db, &mut journal)?;
+        }
+        if n > 0 {
+            super::log::info(format_args!(
+                "applied {n} group(s) of batches from the commit journal"
+            ));
+        }
+        *j = keep.then_some(journal);
+        Ok(())
+    }
+
+    /// One journaled group, applied again in one transaction.
+    fn replay_group(&self, db: &Database, seq: u64, entries: Vec<super::wal::Entry>) -> Result<()> {
+        let jobs: Vec<Job> = entries
+            .into_iter()
+            .map(|e| Job {
+                client: e.client,
+                after: e.after,
+                records: e.records,
+                staged: HashMap::new(),
+                now: Some(e.now),
+                who: e.who.map(Arc::new),
+                prepared: std::sync::OnceLock::new(),
+                log_index: None,
+            })
+            .collect();
+        let mut skip = vec![false; jobs.len()];
+        // Each round that does not commit skips one more batch.
+        for _round in 0..=jobs.len() {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None);
+            let mut restart = false;
+            for (i, job) in jobs.iter().enumerate() {
+                if skip[i] {
+                    continue;
+                }
+                match self.apply_job(&txn, job, None) {
+                    Ok(_) => {}
+                    Err(f) if is_store_failure(&f.error.error) => return Err(f.error.error),
+                    Err(f) => {
+                        // It applied when journaled, on the same state:
+                        // say so loudly, keep the others.
+                        super::log::warn(format_args!(
+                            "journal record {seq}: a batch no longer applies: {}",
+                            f.error.error
+                        ));
+                        skip[i] = true;
+                        if f.wrote {
+                            restart = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if restart {
+                let _ = txn.abort();
+                continue;
+            }
+            txn.open_table(SETTINGS)?
+                .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+            txn.commit()?;
+            return Ok(());
+        }
+        Err(Error::Eio(format!("journal record {seq} did not settle")))
+    }
+}
+
+/// A replicated entry's batch (every job of the group carries its log
+/// index) writes the index in its transaction, and commits without an
+/// fsync unless it touches an object file: the Raft log holds the entry
+/// durably, and a crash re-applies it from there (docs/SERVER.md
+/// "Replication"). A commit that creates, replaces or syncs a file stays
+/// durable: the files it replaces are deleted right after it, so the
+/// durable state must not name them.
+fn commit_durability(
+    txn: &mut WriteTransaction,
+    jobs: &[Arc<Job>],
+    applied: &[(usize, Applied)],
+) -> Result<()> {
+    // The mark goes with the entry's changes whatever else shares the
+    // transaction; the fsync is skipped only if every batch is an entry.
+    if let Some(top) = jobs.iter().filter_map(|j| j.log_index).max() {
+        txn.open_table(SETTINGS)?.insert(
+            super::replication::machine::APPLIED_KEY,
+            top.to_be_bytes().as_slice(),
+        )?;
+    }
+    if jobs.iter().any(|j| j.log_index.is_none()) {
+        return Ok(());
+    }
+    let files = applied.iter().any(|(_, a)| {
+        !(a.created.is_empty()
+            && a.replaced.is_empty()
+            && a.sync_files.is_empty()
+            && a.sync_dirs.is_empty()
+            && a.outcome.consumed_uploads.is_empty())
+    });
+    if !files {
+        txn.set_durability(redb::Durability::None);
+    }
+    Ok(())
 }
 
 /// The same failure again, for every batch of a group the store failed.
@@ -2020,6 +2357,7 @@ mod tests {
             now: None,
             who: None,
             prepared: std::sync::OnceLock::new(),
+            log_index: None,
         })
     }
 
@@ -2357,6 +2695,134 @@ mod tests {
                 )?)
             })
             .unwrap()
+    }
+
+    /// Records in the store's commit journal since its last reset.
+    fn journaled(store: &VolumeStore) -> u64 {
+        store.wal.journal.lock().as_ref().map_or(0, |j| j.records())
+    }
+
+    fn create_with(store_id: u64, name: &str, fid: Fid, data: Vec<u8>) -> Record {
+        Record {
+            store_id,
+            op: RecordOp::CreateWith {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid,
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+                data,
+            },
+        }
+    }
+
+    #[test]
+    fn only_groups_without_object_files_go_to_the_journal_and_a_durable_commit_resets_it() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 4);
+        let ok = |r: Vec<JobResult>| r.into_iter().for_each(|r| assert!(r.is_ok(), "{r:?}"));
+        ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
+        assert_eq!(journaled(&store), 1);
+        ok(store.commit_group(&[
+            job(a, vec![create_with(2, "y", f[1], vec![1; 4096])]),
+            job([2u8; 16], vec![]),
+        ]));
+        assert_eq!(journaled(&store), 2, "one record per group");
+        // Past SMALL_DATA_MAX: an object file, so a durable commit, which
+        // makes everything before it durable too.
+        ok(store.commit_group(&[job(a, vec![create_with(3, "z", f[2], vec![2; BIG_DATA])])]));
+        assert_eq!(journaled(&store), 0, "the durable commit reset the journal");
+        ok(store.commit_group(&[job(a, vec![create(4, "w", f[3])])]));
+        assert_eq!(journaled(&store), 1);
+    }
+
+    #[test]
+    fn a_store_reopened_after_losing_its_unsynced_commits_gets_them_back_identical() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 3);
+        let mut before = Vec::new();
+        for (i, fid) in f.iter().enumerate() {
+            let name = format!("f{i}");
+            let r = create_with(i as u64 + 1, &name, *fid, vec![i as u8; 100]);
+            let out = store
+                .commit_group(&[job(a, vec![r])])
+                .pop()
+                .unwrap()
+                .unwrap();
+            before.push(out.results[0].clone());
+        }
+        let r = Record {
+            store_id: 4,
+            op: RecordOp::Rename {
+                src_parent: ROOT_FID,
+                src_name: "f0".into(),
+                dst_parent: ROOT_FID,
+                dst_name: "g0".into(),
+                fid: f[0],
+                replaces: Replaces::Nothing,
+            },
+        };
+        ok_one(store.commit_group(&[job(a, vec![r])]));
+        assert_eq!(journaled(&store), 4);
+        // A crash: never closed (redb's close would make its unsynced
+        // commits durable with one of its own), so its last durable
+        // commit (AllocFids') is all a new open finds in meta.redb.
+        std::mem::forget(store);
+        let copy_to = |name: &str| {
+            let to = dir.path().join(name);
+            let st = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&root)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            to
+        };
+        let lost = copy_to("lost");
+        fs::remove_file(lost.join(super::super::wal::JOURNAL_FILE)).unwrap();
+        let copy = VolumeStore::open(&lost, u64::MAX).unwrap();
+        assert!(
+            copy.get_attrs(&f).unwrap().iter().all(|r| r.is_err()),
+            "without the journal the creates are gone"
+        );
+        drop(copy);
+        let root = copy_to("crashed");
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        assert_eq!(journaled(&store), 0, "replayed and checkpointed");
+        let after = store.get_attrs(&f).unwrap();
+        for (i, (b, got)) in before.iter().zip(&after).enumerate() {
+            let got = got.as_ref().unwrap();
+            // The same times as first stamped (the rename moved f0's ctime
+            // on, in its own replayed group).
+            if i > 0 {
+                assert_eq!(got, b, "f{i}");
+            }
+            assert_eq!(fetched(&store, f[i]), (vec![i as u8; 100], false));
+        }
+        let names: Vec<String> = store
+            .read_dir(ROOT_FID, 0)
+            .unwrap()
+            .1
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["f1", "f2", "g0"]);
+        assert_eq!(watermark(&store, &a), 4);
+    }
+
+    fn ok_one(mut r: Vec<JobResult>) {
+        assert!(r.pop().unwrap().is_ok());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct VolumeStore {
     pub(crate) group: super::reintegrate::GroupCommit,
     /// Cached identities for the rights checks (`acl.rs`).
     pub(crate) access: super::acl::AccessState,
+    /// The commit journal of a lone server (`wal.rs`).
+    pub(crate) wal: super::wal::Wal,
 }
 
 /// The metadata store handle and how many times it was (re)opened, so
@@ -130,6 +132,16 @@ pub(crate) fn stale(fid: Fid) -> Error {
     Error::Stale(format!("no object {fid}"))
 }
 
+impl Drop for VolumeStore {
+    fn drop(&mut self) {
+        // A clean close: everything durable in redb, the journal empty,
+        // so the next open has nothing to replay.
+        if self.wal.journal.lock().is_some() {
+            self.checkpoint();
+        }
+    }
+}
+
 impl VolumeStore {
     /// Create a data directory with the root volume and one user; returns the
     /// path of the user's secret file.
@@ -205,6 +217,7 @@ impl VolumeStore {
     /// Add a user to an existing data directory (the server may be stopped).
     pub fn add_user(root: &Path, user: &str) -> Result<PathBuf> {
         check_user(user)?;
+        super::wal::settle(root)?;
         let db = open_db(root)?;
         super::acl::migrate(&db)?;
         add_user_to(&db, root, user)
@@ -238,7 +251,12 @@ impl VolumeStore {
             max_file_size,
             group: super::reintegrate::GroupCommit::from_env(),
             access: Default::default(),
+            wal: super::wal::Wal::off(),
         };
+        // What the journal holds beyond redb's last durable commit is
+        // applied before anything reads the store.
+        let keep = super::wal::wanted(root);
+        store.with_db(|db| store.replay_in(db, Some(keep)))?;
         objects::clear_staging(root)?;
         store.sweep_objects()?;
         Ok(store)
@@ -348,7 +366,10 @@ impl VolumeStore {
         }
         g.db = None;
         g.gen += 1;
-        match open_db(&self.root) {
+        // Redb comes back at its last durable commit: the journaled
+        // commits after it are applied again first.
+        let opened = open_db(&self.root).and_then(|db| self.replay_in(&db, None).map(|()| db));
+        match opened {
             Ok(db) => {
                 log::info(format_args!("metadata store reopened"));
                 g.db = Some(db);

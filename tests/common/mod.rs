@@ -44,6 +44,8 @@ pub struct TestServer {
     child: Option<Child>,
     addr: SocketAddr,
     extra_args: Vec<String>,
+    /// Extra environment of every `serve` (`start_env`).
+    env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -54,6 +56,12 @@ impl TestServer {
 
     /// Like `start`, with extra arguments for `serve` (e.g. `--break-timeout-ms 300`).
     pub fn start_with(extra: &[&str]) -> TestServer {
+        TestServer::start_env(extra, &[])
+    }
+
+    /// Like `start_with`, serving with `env` added to the environment
+    /// (kept across restarts).
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> TestServer {
         let dir = TempDir::new("server");
         let root = dir.path().join("data");
         let out = Command::new(SERVER_BIN)
@@ -71,6 +79,10 @@ impl TestServer {
             child: None,
             addr: "127.0.0.1:0".parse().unwrap(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.serve("127.0.0.1:0");
         s
@@ -82,6 +94,7 @@ impl TestServer {
             .arg(self.root())
             .args(["--listen", listen])
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

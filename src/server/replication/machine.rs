@@ -8,10 +8,17 @@
 //! Determinism: a batch carries the time the leader stamped it with, its
 //! Store records' data is in `replstage/` on every member that applies it
 //! (pushed before the proposal, pulled if missed), and the store-id replay
-//! rule lives in the store, so an entry applied again after a crash, or a
-//! client's retry on a new leader, changes nothing twice. AllocFids records
-//! the last log index it applied in the same transaction for the same
-//! reason.
+//! rule lives in the store, so a client's retry on a new leader changes
+//! nothing twice.
+//!
+//! Durability: the Raft log holds every committed entry durably, so the
+//! store's own commit of an entry skips its fsync (unless it touches an
+//! object file). The store keeps the last log index it applied
+//! ([`APPLIED_KEY`]) in the same transaction as the entry's changes, so
+//! whatever state a crash leaves, the store knows exactly which entries it
+//! holds: a restart re-applies the ones after it, each once. A durable
+//! checkpoint every [`CHECKPOINT_EVERY`] (and at a clean stop) bounds that
+//! replay, and lets redb reuse the pages the unsynced commits freed.
 
 use std::any::Any;
 use std::path::PathBuf;
@@ -43,6 +50,14 @@ const OP_SET_ACL: u8 = 3;
 const OP_ADMIN: u8 = 4;
 /// The settings key of the last log index an AllocFids applied.
 const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
+/// The settings key of the last log index whose effects the store holds,
+/// written in the same transaction as them (big-endian u64).
+pub(crate) const APPLIED_KEY: &str = "raft_applied";
+/// How often, at most, the store's applied state is made durable (one
+/// fsync); `CODA_REPL_CHECKPOINT_MS` sets another interval (tests).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Entries applied without an fsync after which a checkpoint comes early.
+const CHECKPOINT_ENTRIES: u64 = 1000;
 /// How long a member that missed a Store's data keeps asking the others.
 const FETCH_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a client's request waits for its entry to commit and apply.
@@ -58,6 +73,19 @@ pub struct Machine {
     pub(super) key: PeerKey,
     pub(super) me: u64,
     pub(super) group: Arc<Mutex<GroupConfig>>,
+    /// The store's [`APPLIED_KEY`] at start: entries up to it are in the
+    /// store already and are not applied again.
+    pub(super) start_mark: u64,
+    /// The last index whose effects are in the store (in memory).
+    pub(super) applied: u64,
+    /// The last index written as [`APPLIED_KEY`].
+    pub(super) marked: u64,
+    /// The last index the store holds durably, as far as this member made it so.
+    pub(super) durable: u64,
+    /// When the last checkpoint was made.
+    pub(super) checkpointed: std::time::Instant,
+    /// See [`CHECKPOINT_EVERY`].
+    pub(super) checkpoint_every: Duration,
 }
 
 /// A batch's entry carries its `after` (0: none) as the message
@@ -167,6 +195,95 @@ fn bad_entry() -> Error {
 
 impl StateMachine for Machine {
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied> {
+        if index <= self.start_mark {
+            // In the store already: its changes committed with this mark.
+            // Nobody waits for it (proposers' serials are new at start).
+            return Ok(Box::new(()));
+        }
+        let r = self.apply_entry(index, data);
+        if r.is_ok() {
+            self.applied = index;
+        }
+        r
+    }
+
+    fn applied_through(&mut self, index: u64, durable: bool) -> Result<()> {
+        self.applied = self.applied.max(index);
+        if self.marked < self.applied || (durable && self.durable < self.applied) {
+            self.write_mark(durable)?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let behind = self.applied.saturating_sub(self.durable);
+        if behind > 0
+            && (behind >= CHECKPOINT_ENTRIES
+                || self.checkpointed.elapsed() >= self.checkpoint_every)
+        {
+            self.write_mark(true)?;
+        }
+        Ok(())
+    }
+
+    fn durable(&self) -> u64 {
+        self.durable
+    }
+}
+
+impl Machine {
+    /// A member's state machine over `store`, which holds the entries up to
+    /// its [`APPLIED_KEY`] (see [`store_mark`]).
+    pub(super) fn new(
+        store: Arc<VolumeStore>,
+        root: PathBuf,
+        key: PeerKey,
+        me: u64,
+        group: Arc<Mutex<GroupConfig>>,
+    ) -> Result<Machine> {
+        let mark = store_mark(&store)?.unwrap_or(0);
+        let every = std::env::var("CODA_REPL_CHECKPOINT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(CHECKPOINT_EVERY, Duration::from_millis);
+        Ok(Machine {
+            store,
+            root,
+            key,
+            me,
+            group,
+            start_mark: mark,
+            applied: mark,
+            marked: mark,
+            durable: mark,
+            checkpointed: std::time::Instant::now(),
+            checkpoint_every: every,
+        })
+    }
+
+    /// Write [`APPLIED_KEY`] = the applied index, with an fsync if `durable`
+    /// (which makes every earlier unsynced commit durable too).
+    fn write_mark(&mut self, durable: bool) -> Result<()> {
+        let index = self.applied;
+        self.store.with_db(|db| -> Result<()> {
+            let mut txn = db.begin_write()?;
+            if !durable {
+                txn.set_durability(redb::Durability::None);
+            }
+            txn.open_table(SETTINGS)?
+                .insert(APPLIED_KEY, index.to_be_bytes().as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })?;
+        self.marked = index;
+        if durable {
+            self.durable = index;
+            self.checkpointed = std::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    fn apply_entry(&mut self, index: u64, data: &[u8]) -> Result<Applied> {
         let client: ClientId = data
             .get(1..17)
             .ok_or_else(bad_entry)?
@@ -195,13 +312,14 @@ impl StateMachine for Machine {
                     let p = replstage_path(&root, &client, up);
                     p.exists().then_some(p)
                 };
-                let res = self.store.reintegrate_at(
+                let res = self.store.reintegrate_logged(
                     &client,
                     Some(Arc::new(who)),
                     after,
                     &records,
                     &lookup,
                     Some(now),
+                    Some(index),
                 );
                 if let Err(b) = &res {
                     if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
@@ -212,6 +330,8 @@ impl StateMachine for Machine {
                         )));
                     }
                 }
+                // Committed with the mark, the batch's changes or not.
+                self.marked = index;
                 Ok(Box::new(res))
             }
             OP_ALLOC => {
@@ -223,6 +343,8 @@ impl StateMachine for Machine {
                     if is_store_failure(e) {
                         return Err(Error::Eio(format!("entry {index} failed here only: {e}")));
                     }
+                } else {
+                    self.marked = index;
                 }
                 Ok(Box::new(res))
             }
@@ -397,8 +519,9 @@ impl Machine {
     }
 }
 
-/// AllocFids as an entry: exactly once per index, even if applied again
-/// after a crash between the store's commit and the log's applied mark.
+/// AllocFids as an entry: exactly once per index (its own mark, kept from
+/// before [`APPLIED_KEY`], still guards it). Committed without an fsync,
+/// with [`APPLIED_KEY`], like a batch.
 fn alloc_at(
     store: &VolumeStore,
     index: u64,
@@ -408,7 +531,8 @@ fn alloc_at(
 ) -> Result<u64> {
     check_alloc_count(count)?;
     store.with_db(|db| -> Result<u64> {
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::None);
         let first = {
             let mut settings = txn.open_table(SETTINGS)?;
             let done = settings
@@ -420,11 +544,28 @@ fn alloc_at(
                 return Err(Error::Again(format!("entry {index} was applied before")));
             }
             settings.insert(ALLOC_INDEX_KEY, index.to_be_bytes().as_slice())?;
+            settings.insert(APPLIED_KEY, index.to_be_bytes().as_slice())?;
             drop(settings);
             reserve_vnodes(&txn, client, volume, count)?
         };
         txn.commit()?;
         Ok(first)
+    })
+}
+
+/// The store's [`APPLIED_KEY`]: None for a store that never applied an
+/// entry with it (new, or written before it existed).
+pub(crate) fn store_mark(store: &VolumeStore) -> Result<Option<u64>> {
+    store.with_db(|db| -> Result<Option<u64>> {
+        let txn = db.begin_read()?;
+        let settings = match txn.open_table(SETTINGS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let v = settings.get(APPLIED_KEY)?;
+        Ok(v.and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map(u64::from_be_bytes))
     })
 }
 
@@ -592,6 +733,93 @@ fn push_to_majority(repl: &Replicator, client: &ClientId, files: &[(u64, PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::meta::ROOT_FID;
+
+    fn machine(root: &std::path::Path) -> Machine {
+        let store = Arc::new(VolumeStore::open(root, u64::MAX).unwrap());
+        let group = GroupConfig::from_list(1, "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3").unwrap();
+        let key = PeerKey {
+            secret: [7; 32],
+            tls: None,
+        };
+        Machine::new(store, root.into(), key, 1, Arc::new(Mutex::new(group))).unwrap()
+    }
+
+    fn create(client: &ClientId, who: &Who, store_id: u64, name: &str, vnode: u64) -> Vec<u8> {
+        let rec = Record {
+            store_id,
+            op: RecordOp::Create {
+                parent: ROOT_FID,
+                name: name.into(),
+                fid: Fid::new(1, vnode, 1),
+                mode: 0o644,
+                mtime: Timespec::default(),
+                uid: 0,
+                gid: 0,
+            },
+        };
+        encode_reintegrate(client, Timespec::now(), who, 0, &[rec])
+    }
+
+    /// Each entry's changes commit with the store's mark; a member that
+    /// starts again over that store skips the entries the mark covers (an
+    /// AllocFids or a batch applied twice would reserve or create twice)
+    /// and applies the next one.
+    #[test]
+    fn the_store_keeps_its_applied_index_with_each_entry_and_a_restart_applies_none_twice() {
+        let dir = std::env::temp_dir().join(format!("coda-unit-machine-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let client = [9u8; 16];
+        let alloc = encode_alloc(&client, 1, 4);
+        let first = {
+            let mut m = machine(&root);
+            assert_eq!(store_mark(&m.store).unwrap(), None);
+            let who = m.store.who("admin").unwrap();
+            let r = m.apply(5, &alloc).unwrap();
+            let first = (*r.downcast::<Result<u64>>().unwrap()).unwrap();
+            assert_eq!(store_mark(&m.store).unwrap(), Some(5));
+            let r = m.apply(6, &create(&client, &who, 1, "a", first)).unwrap();
+            let out = r
+                .downcast::<std::result::Result<Outcome, BatchError>>()
+                .unwrap();
+            assert!(!out.unwrap().replayed);
+            assert_eq!(store_mark(&m.store).unwrap(), Some(6));
+            // An empty entry changes nothing but the mark.
+            m.applied_through(7, false).unwrap();
+            assert_eq!(store_mark(&m.store).unwrap(), Some(7));
+            assert_eq!(m.durable(), 0);
+            m.applied_through(7, true).unwrap();
+            assert_eq!(m.durable(), 7);
+            first
+        };
+        let mut m = machine(&root);
+        assert_eq!((m.start_mark, m.durable()), (7, 7));
+        let who = m.store.who("admin").unwrap();
+        // Applied again after a restart: skipped, nothing reserved or created.
+        assert!(m
+            .apply(5, &alloc)
+            .unwrap()
+            .downcast::<Result<u64>>()
+            .is_err());
+        let again = create(&client, &who, 2, "b", first + 1);
+        assert!(m.apply(6, &again).unwrap().is::<()>());
+        assert!(m
+            .store
+            .read_dir(ROOT_FID, 0)
+            .unwrap()
+            .1
+            .iter()
+            .all(|e| e.name != "b"));
+        // The next entry applies.
+        let r = m.apply(8, &alloc).unwrap();
+        let next = (*r.downcast::<Result<u64>>().unwrap()).unwrap();
+        assert_eq!(next, first + 4);
+        assert_eq!(store_mark(&m.store).unwrap(), Some(8));
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_user_of_an_entry_decodes_as_encoded_and_a_cut_one_is_refused() {

@@ -269,10 +269,25 @@ impl Replicator {
             return Ok(None);
         };
         let key = transport::peer_key(root, tls)?;
-        let store = RaftStore::open(root)?;
+        let mut store = RaftStore::open(root)?;
         let me = cfg.node;
-        let node = node::raw_node(me, &store)?;
         let group = Arc::new(Mutex::new(cfg));
+        let sm = machine::Machine::new(
+            Arc::clone(volumes),
+            PathBuf::from(root),
+            key.clone(),
+            me,
+            Arc::clone(&group),
+        )?;
+        store.start_from(machine::store_mark(volumes)?);
+        log::info(format_args!(
+            "replication: member {me}: the store holds the log through {}, the log is committed \
+             through {} (re-applied from {} on)",
+            sm.start_mark,
+            store.mem().rl().hard_state().commit,
+            store.applied() + 1
+        ));
+        let node = node::raw_node(me, &store)?;
         let (tx, rx) = bounded(INBOX);
         let published = Arc::new(Published::default());
         let stopping = Arc::new(AtomicBool::new(false));
@@ -285,13 +300,7 @@ impl Replicator {
             root: PathBuf::from(root),
             published: Arc::clone(&published),
             stopping: Arc::clone(&stopping),
-            sm: Box::new(machine::Machine {
-                store: Arc::clone(volumes),
-                root: PathBuf::from(root),
-                key: key.clone(),
-                me,
-                group: Arc::clone(&group),
-            }),
+            sm: Box::new(sm),
             waiting: Default::default(),
             // Entries name their proposer's serial: a restarted member
             // replaying its old entries must not take one of them for a

@@ -88,6 +88,9 @@ pub struct NodeStatus {
     pub commit: u64,
     /// Highest index applied here.
     pub applied: u64,
+    /// Highest index this member's volume store holds durably, as far as
+    /// it knows (a crash re-applies from the log after it).
+    pub durable: u64,
     /// Last index in the log here.
     pub last: u64,
     /// Voters of the configuration in force.
@@ -100,13 +103,14 @@ impl NodeStatus {
     /// Text form: one `key value` per line.
     pub fn encode(&self) -> String {
         let mut s = format!(
-            "id {}\nrole {}\nterm {}\nleader {}\ncommit {}\napplied {}\nlast {}\nvoters {}\n",
+            "id {}\nrole {}\nterm {}\nleader {}\ncommit {}\napplied {}\ndurable {}\nlast {}\nvoters {}\n",
             self.id,
             self.role,
             self.term,
             self.leader,
             self.commit,
             self.applied,
+            self.durable,
             self.last,
             self.voters
                 .iter()
@@ -135,6 +139,7 @@ impl NodeStatus {
                 Some("leader") => st.leader = num(1)?,
                 Some("commit") => st.commit = num(1)?,
                 Some("applied") => st.applied = num(1)?,
+                Some("durable") => st.durable = num(1)?,
                 Some("last") => st.last = num(1)?,
                 Some("voters") => {
                     st.voters = f
@@ -194,6 +199,22 @@ pub trait StateMachine: Send {
     /// means this member could not apply what the others did: the node
     /// stops rather than diverge.
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied>;
+    /// Every entry through `index` is applied (some changed nothing here:
+    /// an empty entry, a membership change); `durable`: make that durable
+    /// now.
+    fn applied_through(&mut self, _index: u64, _durable: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Called on every turn of the node thread: make the applied state
+    /// durable when it is due (a periodic checkpoint).
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The last index applied durably, as far as the state machine knows
+    /// (a restart re-applies from at most there).
+    fn durable(&self) -> u64 {
+        0
+    }
 }
 
 pub(super) struct Driver {
@@ -324,7 +345,7 @@ impl Driver {
                 next_tick = Instant::now() + TICK;
             }
             self.renew_lease();
-            let r = self.on_ready();
+            let r = self.on_ready().and_then(|()| self.sm.tick());
             self.grant_lease();
             if let Err(e) = r {
                 log::warn(format_args!(
@@ -337,6 +358,15 @@ impl Driver {
         }
         for (_, w) in self.waiting.drain() {
             let _ = w.send(Err(Error::Again("the server is stopping".into())));
+        }
+        // A clean stop leaves the store durable: nothing to re-apply at start.
+        if !self.published.failed.load(Ordering::SeqCst) {
+            let applied = self.store.applied();
+            if let Err(e) = self.sm.applied_through(applied, true) {
+                log::warn(format_args!(
+                    "replication: the applied state could not be made durable at stop: {e}"
+                ));
+            }
         }
         self.peers.stop();
     }
@@ -515,6 +545,7 @@ impl Driver {
             leader: r.leader_id,
             commit: r.raft_log.committed,
             applied: self.store.applied(),
+            durable: self.sm.durable(),
             last: r.raft_log.last_index(),
             voters,
             matched,
@@ -686,6 +717,7 @@ impl Driver {
             return Ok(());
         };
         let me = self.node.raft.id;
+        let mut conf_changed = false;
         for e in entries {
             if e.term == self.node.raft.term && self.node.raft.state == StateRole::Leader {
                 self.published.serving.store(true, Ordering::SeqCst);
@@ -709,6 +741,7 @@ impl Driver {
                         .apply_conf_change(&cc)
                         .map_err(|err| Error::Eio(format!("conf change: {err}")))?;
                     self.store.persist_conf(&cs)?;
+                    conf_changed = true;
                     let ctx = &cc.context;
                     let addr = ctx
                         .get(16..)
@@ -728,7 +761,11 @@ impl Driver {
                 }
             }
         }
-        self.store.set_applied(last)
+        // A membership change is re-applied after a crash only if the
+        // store's mark lost it: made durable at once (they are rare).
+        self.sm.applied_through(last, conf_changed)?;
+        self.store.set_applied(last);
+        Ok(())
     }
 
     fn update_members(&mut self, id: u64, change: ConfChangeType, addr: String) -> Result<()> {

@@ -1,8 +1,14 @@
-//! The Raft log and hard state, durable in `DIR/raft.redb` (its own file,
-//! so the log's fsyncs and the volume store's never wait on one lock).
-//! Reads are served by the engine's `MemStorage`, loaded from the file at
-//! start; every write goes to the file first (commit = fsync) and only then
-//! to memory, so nothing the engine sends on was not on disk.
+//! The Raft log and hard state, in `DIR/raft.redb` (its own file, so the
+//! log's fsyncs and the volume store's never wait on one lock), made
+//! durable through `DIR/raft.journal` (`crate::journal`): each new run of
+//! entries and hard state is appended there and fdatasynced (one
+//! sequential write into a preallocated file), then committed to redb
+//! without an fsync. When the journal is full, redb commits durably and
+//! the journal starts again; at start its records are written into redb
+//! again, in order (each replaces the log from its first index, so
+//! replaying records redb already holds changes nothing). Reads are served
+//! by the engine's `MemStorage`, loaded at start; every write is durable
+//! before it reaches memory, so nothing the engine sends on was not on disk.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +17,7 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::storage::MemStorage;
 use redb::{Database, ReadableTable, TableDefinition};
 
+use crate::journal::Journal;
 use crate::{Error, Result};
 
 /// Log index → the entry, protobuf-encoded.
@@ -21,9 +28,94 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 /// The file's name in the data directory.
 pub const RAFT_DB: &str = "raft.redb";
 
+/// The journal's name in the data directory.
+pub const RAFT_JOURNAL: &str = "raft.journal";
+/// The journal's size: a small store's two entries take ~5 KiB, so about
+/// 800 files between two durable commits of `raft.redb` (each member writes
+/// it whole once, at its first start).
+const JOURNAL_CAPACITY: u64 = 4 << 20;
+
 /// Path of the Raft log file.
 pub fn raft_db_path(root: &Path) -> PathBuf {
     root.join(RAFT_DB)
+}
+
+/// A journal record: `u32 n`, n × (`u32 len`, an entry), then optionally
+/// `u32 len`, the hard state (all big-endian, protobuf-encoded).
+fn encode_record(entries: &[Entry], hs: Option<&HardState>) -> Result<Vec<u8>> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    let put = |b: &mut Vec<u8>, bytes: Vec<u8>| {
+        b.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        b.extend_from_slice(&bytes);
+    };
+    for e in entries {
+        put(&mut b, e.write_to_bytes().map_err(pb_err)?);
+    }
+    if let Some(hs) = hs {
+        put(&mut b, hs.write_to_bytes().map_err(pb_err)?);
+    }
+    Ok(b)
+}
+
+fn decode_record(b: &[u8]) -> Result<(Vec<Entry>, Option<HardState>)> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+        if b.len() < n {
+            return Err(Error::Eio("a raft journal record does not decode".into()));
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Ok(head)
+    }
+    fn len(b: &mut &[u8]) -> Result<usize> {
+        Ok(u32::from_be_bytes(take(b, 4)?.try_into().expect("4")) as usize)
+    }
+    let mut b = b;
+    let n = len(&mut b)?;
+    let mut entries = Vec::new();
+    for _ in 0..n {
+        let l = len(&mut b)?;
+        entries.push(Entry::parse_from_bytes(take(&mut b, l)?).map_err(pb_err)?);
+    }
+    let hs = if b.is_empty() {
+        None
+    } else {
+        let l = len(&mut b)?;
+        let hs = HardState::parse_from_bytes(take(&mut b, l)?).map_err(pb_err)?;
+        if !b.is_empty() {
+            return Err(Error::Eio("a raft journal record runs past its end".into()));
+        }
+        Some(hs)
+    };
+    Ok((entries, hs))
+}
+
+/// Write entries (replacing the log from the first one's index) and a
+/// hard state into `txn`.
+fn write_log(
+    txn: &redb::WriteTransaction,
+    entries: &[Entry],
+    hs: Option<&HardState>,
+) -> Result<()> {
+    let mut log = txn.open_table(LOG)?;
+    if let Some(first) = entries.first() {
+        // A leader's entries win over ours from that index on.
+        let stale: Vec<u64> = log
+            .range(first.index..)?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in stale {
+            log.remove(k)?;
+        }
+        for e in entries {
+            log.insert(e.index, e.write_to_bytes().map_err(pb_err)?.as_slice())?;
+        }
+    }
+    if let Some(hs) = hs {
+        txn.open_table(STATE)?
+            .insert("hard", hs.write_to_bytes().map_err(pb_err)?.as_slice())?;
+    }
+    Ok(())
 }
 
 fn pb_err(e: protobuf::ProtobufError) -> Error {
@@ -33,6 +125,10 @@ fn pb_err(e: protobuf::ProtobufError) -> Error {
 /// The durable half of the engine's storage plus the in-memory copy it reads.
 pub struct RaftStore {
     db: Database,
+    journal: Journal,
+    /// `CODA_REPL_NO_JOURNAL` (a measurement aid: the baseline of
+    /// docs/BENCHMARKS.md `rapply`): every write a durable redb commit.
+    no_journal: bool,
     mem: MemStorage,
     applied: u64,
 }
@@ -78,6 +174,31 @@ impl RaftStore {
             }
             Err(e) => return Err(e.into()),
         };
+        // What the journal holds since redb's last durable commit goes
+        // into redb again, durably, before anything is read.
+        let (mut journal, records) = Journal::open(&root.join(RAFT_JOURNAL), JOURNAL_CAPACITY)?;
+        if !records.is_empty() {
+            let txn = db.begin_write()?;
+            // A commit index redb holds (written alone, made durable by a
+            // later commit) stays: the journal's may be older.
+            let commit = match txn.open_table(STATE)?.get("hard")? {
+                Some(v) => {
+                    HardState::parse_from_bytes(v.value())
+                        .map_err(pb_err)?
+                        .commit
+                }
+                None => 0,
+            };
+            for r in &records {
+                let (entries, mut hs) = decode_record(r)?;
+                if let Some(h) = hs.as_mut() {
+                    h.commit = h.commit.max(commit);
+                }
+                write_log(&txn, &entries, hs.as_ref())?;
+            }
+            txn.commit()?;
+            journal.reset()?;
+        }
         let mem = MemStorage::new();
         let mut applied;
         {
@@ -111,7 +232,13 @@ impl RaftStore {
             core.set_hardstate(hs);
             core.set_conf_state(cs);
         }
-        Ok(RaftStore { db, mem, applied })
+        Ok(RaftStore {
+            db,
+            journal,
+            no_journal: std::env::var_os("CODA_REPL_NO_JOURNAL").is_some(),
+            mem,
+            applied,
+        })
     }
 
     /// The engine's view (cheap clone of a shared handle).
@@ -124,48 +251,48 @@ impl RaftStore {
         self.applied
     }
 
-    /// Make new entries and/or a new hard state durable (one fsync; none
-    /// when only the commit index moved), then visible to the engine.
-    /// Entries replace any at the same or later index.
+    /// Make new entries and/or a new hard state durable (one journal
+    /// append and fdatasync; nothing synced when only the commit index
+    /// moved), then visible to the engine. Entries replace any at the same
+    /// or later index.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         if entries.is_empty() && hs.is_none() {
             return Ok(());
         }
-        let mut txn = self.db.begin_write()?;
-        // A new commit index alone is not fsynced: Raft needs the entries,
-        // the term and the vote durable, never the commit index (a restart
-        // that reads an older one learns the newer from the leader, and
-        // re-applies what lies between, as after a lost applied mark). A
-        // later durable commit of this file makes it durable too.
+        // A new commit index alone is not made durable: Raft needs the
+        // entries, the term and the vote durable, never the commit index (a
+        // restart that reads an older one learns the newer from the leader,
+        // and re-applies what lies between, as after a lost applied mark).
+        // A later durable commit of this file makes it durable too.
         let commit_only = entries.is_empty()
             && hs.is_some_and(|h| {
                 let cur = self.mem.rl();
                 let cur = cur.hard_state();
                 h.term == cur.term && h.vote == cur.vote
             });
-        if commit_only {
+        let mut durable = self.no_journal && !commit_only;
+        if !commit_only && !durable {
+            let record = encode_record(entries, hs)?;
+            if !self.journal.fits(record.len()) {
+                // Full: everything before goes durable in redb, then the
+                // journal starts again (every record in it must be newer
+                // than redb's durable state, or a replay would undo it).
+                self.checkpoint()?;
+            }
+            if self.journal.fits(record.len()) {
+                self.journal.append(&record)?;
+                self.journal.sync()?;
+            } else {
+                // Larger than the whole journal: a durable commit of its
+                // own (the journal is empty, so no replay can undo it).
+                durable = true;
+            }
+        }
+        let mut txn = self.db.begin_write()?;
+        if !durable {
             txn.set_durability(redb::Durability::None);
         }
-        {
-            let mut log = txn.open_table(LOG)?;
-            if let Some(first) = entries.first() {
-                // A leader's entries win over ours from that index on.
-                let stale: Vec<u64> = log
-                    .range(first.index..)?
-                    .map(|r| r.map(|(k, _)| k.value()))
-                    .collect::<std::result::Result<_, _>>()?;
-                for k in stale {
-                    log.remove(k)?;
-                }
-                for e in entries {
-                    log.insert(e.index, e.write_to_bytes().map_err(pb_err)?.as_slice())?;
-                }
-            }
-            if let Some(hs) = hs {
-                txn.open_table(STATE)?
-                    .insert("hard", hs.write_to_bytes().map_err(pb_err)?.as_slice())?;
-            }
-        }
+        write_log(&txn, entries, hs)?;
         txn.commit()?;
         let mut core = self.mem.wl();
         if !entries.is_empty() {
@@ -178,6 +305,13 @@ impl RaftStore {
         Ok(())
     }
 
+    /// Make redb hold everything durably (one fsync), then start the
+    /// journal again.
+    fn checkpoint(&mut self) -> Result<()> {
+        self.db.begin_write()?.commit()?;
+        self.journal.reset()
+    }
+
     /// Record a new commit index (from a light ready; not fsynced, see
     /// [`RaftStore::persist`]).
     pub fn persist_commit(&mut self, commit: u64) -> Result<()> {
@@ -186,23 +320,42 @@ impl RaftStore {
         self.persist(&[], Some(&hs))
     }
 
-    /// Record the configuration in force after a membership change.
+    /// Record the configuration in force after a membership change
+    /// (a durable commit, which carries every earlier one: the journal
+    /// starts again).
     pub fn persist_conf(&mut self, cs: &ConfState) -> Result<()> {
         let txn = self.db.begin_write()?;
         txn.open_table(STATE)?
             .insert("conf", cs.write_to_bytes().map_err(pb_err)?.as_slice())?;
         txn.commit()?;
+        self.journal.reset()?;
         self.mem.wl().set_conf_state(cs.clone());
         Ok(())
     }
 
-    /// Record that entries up to `index` are applied. Not fsynced on its
-    /// own (`Durability::None`: redb's `Eventual` syncs on Linux): losing
-    /// it only means re-applying entries the state machine recognises as
-    /// done. The next durable write of this file makes it durable.
-    pub fn set_applied(&mut self, index: u64) -> Result<()> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None);
+    /// Record that entries up to `index` are applied, in memory: the
+    /// durable applied mark is the volume store's own, in the transaction
+    /// of the entry's changes (`machine::APPLIED_KEY`).
+    pub fn set_applied(&mut self, index: u64) {
+        self.applied = index;
+    }
+
+    /// At start: the state machine holds the entries through `mark` (None:
+    /// it keeps no mark, and this file's own applied record, written before
+    /// the store kept one, stands). Never past the known commit index: the
+    /// engine learns the rest from the leader, and the state machine skips
+    /// what it holds already.
+    pub fn start_from(&mut self, mark: Option<u64>) {
+        if let Some(m) = mark {
+            self.applied = m.min(self.mem.rl().hard_state().commit);
+        }
+    }
+
+    /// Write this file's applied record (a test makes a log as an older
+    /// member left it).
+    #[cfg(test)]
+    fn write_applied(&mut self, index: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
         txn.open_table(STATE)?
             .insert("applied", index.to_be_bytes().as_slice())?;
         txn.commit()?;
@@ -254,7 +407,7 @@ mod tests {
             s.persist_commit(2).unwrap();
             // An applied mark past the commit index (a kill between the two
             // writes) is read back as the commit index.
-            s.set_applied(3).unwrap();
+            s.write_applied(3).unwrap();
         }
         let s = RaftStore::open(&d).unwrap();
         let m = s.mem();
@@ -271,6 +424,58 @@ mod tests {
             .unwrap();
         assert_eq!(es[1].data.as_ref(), b"x");
         assert_eq!(s.applied(), 2);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Entries and hard states since redb's last durable commit are in the
+    /// journal only (redb commits them without an fsync): a `raft.redb` as
+    /// a crash left it, holding none of them, reads back whole, a leader's
+    /// overwrite of a tail included; and a journal replayed over a redb
+    /// that holds its records already changes nothing.
+    #[test]
+    fn the_journal_brings_back_what_redb_lost_and_replays_over_what_it_kept() {
+        let d = scratch("journal");
+        RaftStore::create(&d, &[1, 2, 3]).unwrap();
+        let old = d.join("raft.redb.old");
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            s.persist(&[entry(1, 1, b"a")], None).unwrap();
+            s.checkpoint().unwrap();
+            std::fs::copy(d.join(RAFT_DB), &old).unwrap();
+            let hs = HardState {
+                term: 2,
+                vote: 2,
+                commit: 3,
+                ..Default::default()
+            };
+            s.persist(
+                &[entry(2, 1, b"b"), entry(3, 1, b"c"), entry(4, 1, b"d")],
+                None,
+            )
+            .unwrap();
+            s.persist(&[entry(3, 2, b"x")], Some(&hs)).unwrap();
+        }
+        let check = |d: &Path| {
+            let s = RaftStore::open(d).unwrap();
+            let m = s.mem();
+            let st = m.initial_state().unwrap();
+            assert_eq!((st.hard_state.term, st.hard_state.vote), (2, 2));
+            assert_eq!(m.last_index().unwrap(), 3);
+            let es = m
+                .entries(1, 4, None, raft::GetEntriesContext::empty(false))
+                .unwrap();
+            let data: Vec<&[u8]> = es.iter().map(|e| e.data.as_ref()).collect();
+            assert_eq!(data, [&b"a"[..], b"b", b"x"]);
+        };
+        // Replayed over a redb that holds it all (a clean close).
+        std::fs::copy(d.join(RAFT_JOURNAL), d.join("journal.kept")).unwrap();
+        check(&d);
+        // Replayed over the redb of before the journaled writes.
+        std::fs::copy(&old, d.join(RAFT_DB)).unwrap();
+        std::fs::copy(d.join("journal.kept"), d.join(RAFT_JOURNAL)).unwrap();
+        check(&d);
+        // Opened again, nothing left to replay, the same.
+        check(&d);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

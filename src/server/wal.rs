@@ -1,0 +1,408 @@
+//! The lone server's commit journal (docs/SERVER.md "Commit journal"): a
+//! group of small batches (metadata and small inline data, no object file)
+//! is made durable by appending it to `commit.journal` and one
+//! `fdatasync`, then committed to redb without a sync of its own
+//! (`Durability::None`). A later durable redb commit makes those commits
+//! durable too, and the journal starts again (a checkpoint). At open, the
+//! groups journaled after the last durable commit are applied again, in
+//! order, through the same apply code.
+//!
+//! Which records are still needed is decided by redb itself: each
+//! journaled group writes its journal sequence number into the settings
+//! table in its own transaction, so the durable store says exactly up to
+//! which record it already holds, whatever commit (a checkpoint, an ACL
+//! change, an AllocFids) made it durable.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::acl::Who;
+use super::volume::{ClientId, VolumeStore};
+use crate::journal::Journal;
+use crate::proto::{Msg, Record, Timespec};
+use crate::{Error, Result};
+
+/// The journal's file in the data directory.
+pub const JOURNAL_FILE: &str = "commit.journal";
+
+/// Its size when created (4 MiB: a group of 64 batches of 16 KiB fits in
+/// half of it).
+pub const DEFAULT_CAPACITY: u64 = 4 << 20;
+
+/// A checkpoint after this many journaled groups (or past half the
+/// journal): redb writes fresh pages for every commit and reuses the ones
+/// they free only after a durable commit, so this bounds how far
+/// `meta.redb` grows, and how much one checkpoint writes, between two.
+pub const CHECKPOINT_GROUPS: u64 = 256;
+
+/// Set in the server's environment to the journal's size in bytes when it
+/// is created (tests use a small one to make checkpoints frequent).
+pub const CAPACITY_ENV: &str = "CODA_SERVER_JOURNAL_BYTES";
+
+/// Set to `1` in the server's environment to commit every group durably
+/// in redb, as before the journal (measuring what it gains).
+pub const NO_JOURNAL_ENV: &str = "CODA_SERVER_NO_JOURNAL";
+
+/// A journal holding records this long is checkpointed once the server
+/// is idle.
+pub const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
+
+/// Set in the server's environment to another idle delay in milliseconds
+/// (tests that look at the journal before a restart set a long one).
+pub const IDLE_ENV: &str = "CODA_SERVER_JOURNAL_IDLE_MS";
+
+fn idle_checkpoint() -> Duration {
+    static IDLE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::env::var(IDLE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(IDLE_CHECKPOINT, Duration::from_millis)
+    })
+}
+
+/// The settings key of the last journal sequence number applied.
+pub(crate) const JOURNAL_SEQ_KEY: &str = "journal_seq";
+
+const KIND_GROUP: u8 = 1;
+/// The group journaled just before failed to commit: not to be replayed.
+const KIND_CANCEL: u8 = 2;
+
+/// One applied batch, everything needed to apply it again identically.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub client: ClientId,
+    pub after: u64,
+    pub records: Vec<Record>,
+    /// The time the apply stamped changes with.
+    pub now: Timespec,
+    /// The user its rights were checked against (None: none checked).
+    pub who: Option<Who>,
+}
+
+/// A journal record read back.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Group(Vec<Entry>),
+    Cancel,
+}
+
+/// `u8 KIND_GROUP | u32 count`, then per batch: client id, `i64 sec |
+/// u32 nsec`, `u8` has-user (then the user as `u16 len | name`, `u32 id`,
+/// `u16 count`, each group `u16 len | name`), `u8` message kind, `u32 len |
+/// ReintegrateAfter body` (the wire encoding of `after` and the records).
+pub(crate) fn encode_group<'a>(entries: impl ExactSizeIterator<Item = EntryRef<'a>>) -> Vec<u8> {
+    let mut b = vec![KIND_GROUP];
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        b.extend_from_slice(e.client);
+        b.extend_from_slice(&e.now.sec.to_le_bytes());
+        b.extend_from_slice(&e.now.nsec.to_le_bytes());
+        match e.who {
+            None => b.push(0),
+            Some(w) => {
+                b.push(1);
+                put_str(&mut b, &w.user);
+                b.extend_from_slice(&w.id.to_le_bytes());
+                let n = w.groups.len().min(u16::MAX as usize);
+                b.extend_from_slice(&(n as u16).to_le_bytes());
+                for g in &w.groups[..n] {
+                    put_str(&mut b, g);
+                }
+            }
+        }
+        let msg = Msg::ReintegrateAfter {
+            after: e.after,
+            records: e.records.to_vec(),
+        };
+        let body = msg.encode();
+        b.push(msg.kind());
+        b.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        b.extend_from_slice(&body);
+    }
+    b
+}
+
+/// A batch to encode, borrowed from the group being committed.
+pub(crate) struct EntryRef<'a> {
+    pub client: &'a ClientId,
+    pub after: u64,
+    pub records: &'a [Record],
+    pub now: Timespec,
+    pub who: Option<&'a Who>,
+}
+
+pub(crate) fn encode_cancel() -> Vec<u8> {
+    vec![KIND_CANCEL]
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    b.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    b.extend_from_slice(s);
+}
+
+/// Reads the fields of a journal record; every short read is an error.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(Error::Eio("a commit journal record is cut short".into()));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.u16()? as usize;
+        String::from_utf8(self.take(n)?.to_vec())
+            .map_err(|_| Error::Eio("a commit journal record holds a bad name".into()))
+    }
+}
+
+pub(crate) fn decode(payload: &[u8]) -> Result<Decoded> {
+    let mut r = Reader(payload);
+    match r.take(1)?[0] {
+        KIND_CANCEL => return Ok(Decoded::Cancel),
+        KIND_GROUP => {}
+        k => return Err(Error::Eio(format!("commit journal record of kind {k}"))),
+    }
+    let n = r.u32()?;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let client: ClientId = r.take(16)?.try_into().expect("16");
+        let sec = i64::from_le_bytes(r.take(8)?.try_into().expect("8"));
+        let nsec = r.u32()?;
+        let who = match r.take(1)?[0] {
+            0 => None,
+            _ => {
+                let user = r.str()?;
+                let id = r.u32()?;
+                let count = r.u16()?;
+                let mut groups = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    groups.push(r.str()?);
+                }
+                Some(Who { user, id, groups })
+            }
+        };
+        let kind = r.take(1)?[0];
+        let len = r.u32()? as usize;
+        let body = r.take(len)?;
+        let (after, records) = match Msg::decode_body(kind, body)? {
+            Msg::ReintegrateAfter { after, records } => (after, records),
+            _ => return Err(Error::Eio("a commit journal batch does not decode".into())),
+        };
+        out.push(Entry {
+            client,
+            after,
+            records,
+            now: Timespec { sec, nsec },
+            who,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err(Error::Eio(
+            "a commit journal record has trailing bytes".into(),
+        ));
+    }
+    Ok(Decoded::Group(out))
+}
+
+/// The groups of `records` (numbered from `first_seq`) that redb does not
+/// hold yet (sequence above `applied`), in order, cancelled ones left out.
+pub(crate) fn pending(
+    records: &[Vec<u8>],
+    first_seq: u64,
+    applied: u64,
+) -> Result<Vec<(u64, Vec<Entry>)>> {
+    let mut out: Vec<(u64, Vec<Entry>)> = Vec::new();
+    for (i, payload) in records.iter().enumerate() {
+        let seq = first_seq + i as u64;
+        match decode(payload)? {
+            Decoded::Cancel => {
+                if out.last().is_some_and(|(s, _)| *s + 1 == seq) {
+                    out.pop();
+                }
+            }
+            Decoded::Group(g) if seq > applied => out.push((seq, g)),
+            Decoded::Group(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The journal of a lone server (None: off, for a replicated member or
+/// by `NO_JOURNAL_ENV`). Its lock is only ever taken by the thread that
+/// holds the group commit (`GroupState::busy`) or by the store's (re)open,
+/// so it is never waited for across the syncs it covers.
+pub(crate) struct Wal {
+    pub(crate) journal: Mutex<Option<Journal>>,
+    /// When the first record since the last checkpoint was appended
+    /// (apart from `journal`: the idle check reads it without waiting).
+    pub(crate) since: Mutex<Option<Instant>>,
+}
+
+impl Wal {
+    pub(crate) fn off() -> Wal {
+        Wal {
+            journal: Mutex::new(None),
+            since: Mutex::new(None),
+        }
+    }
+
+    /// Whether the journal holds records and the first is older than
+    /// `IDLE_CHECKPOINT` (or `IDLE_ENV`).
+    fn idle_due(&self) -> bool {
+        self.since
+            .lock()
+            .is_some_and(|t| t.elapsed() >= idle_checkpoint())
+    }
+}
+
+/// The size a new journal gets.
+pub(crate) fn capacity() -> u64 {
+    std::env::var(CAPACITY_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_CAPACITY)
+        .max(crate::journal::MIN_CAPACITY)
+}
+
+pub(crate) fn path(root: &Path) -> PathBuf {
+    root.join(JOURNAL_FILE)
+}
+
+/// Whether this process journals: a lone server, unless switched off.
+pub(crate) fn wanted(root: &Path) -> bool {
+    let off = std::env::var(NO_JOURNAL_ENV).is_ok_and(|v| v == "1");
+    !off && !super::replication::config::group_path(root).exists()
+}
+
+/// Apply what the journal of `root` holds to its redb, for a command that
+/// opens the metadata itself while no server runs (so it neither misses
+/// nor reorders journaled batches).
+pub(crate) fn settle(root: &Path) -> Result<()> {
+    if !path(root).exists() {
+        return Ok(());
+    }
+    // Opening replays and checkpoints; dropping closes.
+    drop(VolumeStore::open(root, u64::MAX)?);
+    Ok(())
+}
+
+impl VolumeStore {
+    /// Checkpoint when the journal has held records for
+    /// `IDLE_CHECKPOINT` and no batch waits (the server's sweeper calls
+    /// this every 100 ms), so a quiet server's redb is durable by itself.
+    pub fn checkpoint_if_idle(&self) {
+        if !self.wal.idle_due() {
+            return;
+        }
+        if let Some(_held) = self.group.try_hold(true) {
+            self.checkpoint_held();
+        }
+    }
+
+    /// Checkpoint now (clean shutdown): waits, bounded, for a group in
+    /// progress to end.
+    pub fn checkpoint(&self) {
+        for _ in 0..100 {
+            if let Some(_held) = self.group.try_hold(false) {
+                self.checkpoint_held();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        super::log::warn(format_args!(
+            "no journal checkpoint: the group commit stayed busy"
+        ));
+    }
+
+    fn checkpoint_held(&self) {
+        let r = self.with_db(|db| {
+            let mut j = self.wal.journal.lock();
+            match j.as_mut() {
+                Some(journal) if journal.records() > 0 || journal.is_broken() => {
+                    self.checkpoint_locked(db, journal)
+                }
+                _ => Ok(()),
+            }
+        });
+        if let Err(e) = r {
+            super::log::warn(format_args!("commit journal checkpoint failed: {e}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Fid, RecordOp};
+
+    fn entry(store_id: u64, who: Option<Who>) -> Entry {
+        Entry {
+            client: [store_id as u8; 16],
+            after: store_id.saturating_sub(1),
+            records: vec![Record {
+                store_id,
+                op: RecordOp::StoreInline {
+                    fid: Fid {
+                        volume: 1,
+                        vnode: 7,
+                        unique: 9,
+                    },
+                    expected_version: 3,
+                    mtime: Timespec { sec: 5, nsec: 6 },
+                    data: vec![1, 2, 3],
+                },
+            }],
+            now: Timespec {
+                sec: 1_700_000_000,
+                nsec: 42,
+            },
+            who,
+        }
+    }
+
+    fn encode(entries: &[Entry]) -> Vec<u8> {
+        encode_group(entries.iter().map(|e| EntryRef {
+            client: &e.client,
+            after: e.after,
+            records: &e.records,
+            now: e.now,
+            who: e.who.as_ref(),
+        }))
+    }
+
+    #[test]
+    fn a_group_round_trips_and_cancels_drop_their_group() {
+        let who = Who {
+            user: "alice".into(),
+            id: 1001,
+            groups: vec!["System:AnyUser".into(), "staff".into()],
+        };
+        let g1 = vec![entry(1, Some(who)), entry(2, None)];
+        let g2 = vec![entry(3, None)];
+        let b1 = encode(&g1);
+        assert_eq!(decode(&b1).unwrap(), Decoded::Group(g1.clone()));
+        // A cut record is an error, not a shorter group.
+        assert!(decode(&b1[..b1.len() - 1]).is_err());
+        let recs = vec![b1.clone(), encode(&g2), encode_cancel(), b1];
+        // Numbered from 10; redb already holds up to 9: all but the
+        // cancelled one come back, in order.
+        let p = pending(&recs, 10, 9).unwrap();
+        assert_eq!(p, vec![(10, g1.clone()), (13, g1.clone())]);
+        // Redb holds up to 12: only the last one.
+        assert_eq!(pending(&recs, 10, 12).unwrap(), vec![(13, g1)]);
+    }
+}
