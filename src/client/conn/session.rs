@@ -472,8 +472,12 @@ fn reader_loop(
                     let mut v = ctl.vouched.lock();
                     *v = (*v).max(at);
                 }
-                // Replies nobody waits for (heartbeat Pongs, timed-out calls) are dropped.
-                if let Some(tx) = ctl.pending.lock().remove(&frame.id) {
+                // Replies nobody waits for (heartbeat Pongs, timed-out calls)
+                // are dropped. The table's lock is released before the send:
+                // the woken caller's first act is to take it (`Sent::drop`),
+                // and finding it held would cost both threads a futex round.
+                let waiter = ctl.pending.lock().remove(&frame.id);
+                if let Some(tx) = waiter {
                     let _ = tx.send(Ok(m));
                 }
             }
