@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
 use super::interrupt::{Interrupt, SocketGuard};
@@ -304,7 +304,7 @@ struct Control {
     /// never waits for a writer stuck on a full socket.
     sock: TcpStream,
     writer: Mutex<Stream>,
-    pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
+    pending: Mutex<HashMap<u64, Arc<Slot>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
     /// When each request still unanswered was written (calls and pings).
@@ -344,8 +344,8 @@ impl Control {
         }
         let _ = self.sock.shutdown(Shutdown::Both);
         let waiters: Vec<_> = self.pending.lock().drain().collect();
-        for (_, tx) in waiters {
-            let _ = tx.send(Err(Error::Eio(format!("server {}: {reason}", self.server))));
+        for (_, slot) in waiters {
+            slot.put(Err(Error::Eio(format!("server {}: {reason}", self.server))));
         }
         true
     }
@@ -370,12 +370,48 @@ impl Control {
     }
 }
 
+/// Where a request's reply is left for its caller: filled once (by the
+/// reader, or a kill with the connection's error), or flagged by an
+/// interrupt. A mutex and condvar, not a channel: crossbeam's blocking
+/// receive spins and yields (sched_yield) four times before it sleeps,
+/// which on a busy machine hands the CPU to others at every call.
+#[derive(Default)]
+struct Slot {
+    st: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    reply: Option<Result<Msg>>,
+    /// An interrupt came since the caller last looked.
+    interrupted: bool,
+}
+
+impl Slot {
+    /// Leave the reply (the first one wins) and wake the caller; the lock
+    /// is released before the wake, so the caller does not wait for it.
+    fn put(&self, r: Result<Msg>) {
+        let mut st = self.st.lock();
+        if st.reply.is_none() {
+            st.reply = Some(r);
+        }
+        drop(st);
+        self.cv.notify_one();
+    }
+
+    fn interrupt(&self) {
+        self.st.lock().interrupted = true;
+        self.cv.notify_one();
+    }
+}
+
 /// A request written on the control connection, its reply not yet read.
 /// Dropping it forgets the request (a late reply is then dropped).
 pub(crate) struct Sent<'a> {
     session: &'a Session,
     id: u64,
-    rx: crossbeam_channel::Receiver<Result<Msg>>,
+    slot: Arc<Slot>,
     timeout: Duration,
     deadline: Instant,
 }
@@ -392,17 +428,29 @@ impl Sent<'_> {
     /// timeout, the connection's death or an interrupt, whichever is first.
     pub fn wait(self, interrupt: &Interrupt) -> Result<Msg> {
         let server = &self.session.server;
+        let slot = Arc::clone(&self.slot);
+        let _wake = interrupt.on_interrupt(Box::new(move || slot.interrupt()))?;
+        let mut st = self.slot.st.lock();
         // Bounded: each turn ends by the deadline, or by an interrupt or
         // release (a release that is not ours wakes us once per release).
         loop {
-            let watch = interrupt.watch();
-            interrupt.check()?;
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            select! {
-                recv(self.rx) -> r => return r.unwrap_or_else(|_| Err(Error::Eio(format!("server {server}: connection lost")))),
-                recv(watch) -> _ => continue,
-                default(left) => return Err(Error::Timeout(format!(
-                    "no reply from server {server} within {} ms", self.timeout.as_millis()))),
+            if let Some(r) = st.reply.take() {
+                return r;
+            }
+            if std::mem::take(&mut st.interrupted) {
+                drop(st);
+                interrupt.check()?;
+                st = self.slot.st.lock();
+                continue;
+            }
+            if self.slot.cv.wait_until(&mut st, self.deadline).timed_out() {
+                if let Some(r) = st.reply.take() {
+                    return r;
+                }
+                return Err(Error::Timeout(format!(
+                    "no reply from server {server} within {} ms",
+                    self.timeout.as_millis()
+                )));
             }
         }
     }
@@ -477,8 +525,8 @@ fn reader_loop(
                 // the woken caller's first act is to take it (`Sent::drop`),
                 // and finding it held would cost both threads a futex round.
                 let waiter = ctl.pending.lock().remove(&frame.id);
-                if let Some(tx) = waiter {
-                    let _ = tx.send(Ok(m));
+                if let Some(slot) = waiter {
+                    slot.put(Ok(m));
                 }
             }
             Err(e) => {
@@ -658,13 +706,13 @@ impl Session {
             return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = bounded(1);
-        self.ctl.pending.lock().insert(id, tx);
+        let slot = Arc::new(Slot::default());
+        self.ctl.pending.lock().insert(id, Arc::clone(&slot));
         // From here on, dropping `sent` forgets the request.
         let sent = Sent {
             session: self,
             id,
-            rx,
+            slot,
             timeout,
             deadline: Instant::now() + timeout,
         };
