@@ -72,16 +72,17 @@ pub fn error_reply_at(e: &Error, index: u32) -> Msg {
 /// Encode `msg` as a frame with `id`. A reply too big for a frame (which the
 /// limits should prevent) becomes an error reply rather than a broken stream.
 pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
-    let body = msg.encode();
-    if 9 + body.len() > MAX_FRAME {
+    // Header and body in one buffer (no body encoded apart and copied).
+    let frame = msg.encode_frame(id);
+    if frame.len() - 4 > MAX_FRAME {
         let e = Error::Invalid(format!(
             "reply of {} bytes exceeds the frame limit",
-            body.len()
+            frame.len() - 13
         ));
         let m = error_reply(&e);
         return encode_frame(m.kind(), id, &m.encode());
     }
-    encode_frame(msg.kind(), id, &body)
+    frame
 }
 
 /// Send one message directly (handshake and bulk connections, which have a

@@ -20,7 +20,7 @@ use crate::client::callback::Callbacks;
 use crate::client::event::Event;
 use crate::client::stats::Counters;
 use crate::proto::auth;
-use crate::proto::frame::{read_frame, write_frame};
+use crate::proto::frame::{read_frame, write_msg};
 use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK};
 use crate::tls::Stream;
 use crate::{Error, Result};
@@ -180,7 +180,21 @@ fn connect_interruptible(
 }
 
 fn send(s: &mut Stream, id: u64, m: &Msg) -> Result<()> {
-    write_frame(s, m.kind(), id, &m.encode())
+    write_msg(s, id, m)
+}
+
+/// Write a frame `Msg::encode_frame` made, refusing one over the limit
+/// (as `write_frame` does).
+fn write_encoded(s: &mut Stream, frame: &[u8]) -> Result<()> {
+    if frame.len() - 4 > crate::proto::MAX_FRAME {
+        return Err(Error::Invalid(format!(
+            "frame of {} bytes exceeds limit {}",
+            frame.len() - 4,
+            crate::proto::MAX_FRAME
+        )));
+    }
+    s.write_all(frame)
+        .map_err(|e| Error::io("sending frame", e))
 }
 
 fn recv(s: &mut Stream, server: &str, timeout: Duration) -> Result<Msg> {
@@ -502,8 +516,7 @@ fn reader_loop(
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
                 Counters::add(&counters.breaks_received, fids.len() as u64);
-                let ack = Msg::BreakAck;
-                let r = write_frame(&mut *ctl.writer.lock(), ack.kind(), frame.id, &ack.encode());
+                let r = write_msg(&mut *ctl.writer.lock(), frame.id, &Msg::BreakAck);
                 if let Err(e) = r {
                     return ctl.kill(&format!("sending BreakAck: {e}"));
                 }
@@ -532,7 +545,7 @@ fn reader_loop(
             Err(e) => {
                 let mut w = ctl.writer.lock();
                 let m = Msg::error(&e);
-                let _ = write_frame(&mut *w, m.kind(), frame.id, &m.encode());
+                let _ = write_msg(&mut *w, frame.id, &m);
                 drop(w);
                 return ctl.kill(&format!("protocol error: {e}"));
             }
@@ -722,7 +735,9 @@ impl Session {
             return Err(e);
         }
         self.ctl.note_asked(id);
-        let written = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
+        // Encoded before the writer's lock is taken.
+        let frame = msg.encode_frame(id);
+        let written = write_encoded(&mut self.ctl.writer.lock(), &frame);
         if let Err(e) = written {
             let e = net_error(e, &self.server, self.timing.rpc_timeout);
             self.ctl.kill(&e.to_string());
@@ -739,7 +754,7 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let m = Msg::Ping;
         self.ctl.note_asked(id);
-        if let Err(e) = write_frame(&mut *self.ctl.writer.lock(), m.kind(), id, &m.encode()) {
+        if let Err(e) = write_msg(&mut *self.ctl.writer.lock(), id, &m) {
             self.ctl.kill(&format!("sending Ping: {e}"));
         }
     }
