@@ -143,6 +143,11 @@ impl Flow {
         st.unacked = st.unacked.saturating_sub(1);
     }
 
+    /// Nothing of this connection is between read and on the wire.
+    fn idle(&self) -> bool {
+        self.st.lock().outstanding == 0
+    }
+
     /// A request of `reserve` bytes (its size plus the most its reply can
     /// take) was read.
     fn start(&self, reserve: usize) {
@@ -169,6 +174,25 @@ impl Flow {
     fn close(&self, why: &'static str) {
         self.st.lock().closed = Some(why);
         self.cv.notify_all();
+    }
+}
+
+/// Most fids of a `GetAttrs` the connection's reader answers itself.
+pub const QUICK_FIDS: usize = 16;
+
+/// A request the connection's reader may answer itself, when nothing else
+/// of its session is in flight (`Flow::idle`) and the server is not in a
+/// replicated group (confirming the lease may wait): a short read of the
+/// metadata store that neither writes, nor syncs, nor waits for anyone's
+/// acks, so pings and break acks behind it wait microseconds. Everything
+/// else goes to the workers.
+fn quick(msg: &Msg) -> bool {
+    match msg {
+        Msg::GetAttrs { fids } => fids.len() <= QUICK_FIDS,
+        Msg::ValidateVolume { .. } | Msg::GetXattrs { .. } | Msg::GetAcl { .. } | Msg::WhoAmI => {
+            true
+        }
+        _ => false,
     }
 }
 
@@ -536,6 +560,9 @@ fn read_loop(
             | Msg::SetAcl { .. }
             | Msg::WhoAmI
             | Msg::UserIds { .. }) => {
+                // A quick read of a session with nothing else in flight is
+                // answered here: no worker hop (see `quick`).
+                let inline = shared.repl.is_none() && quick(&m) && flow.idle();
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
                 let read = tracing().then(Instant::now);
@@ -546,7 +573,7 @@ fn read_loop(
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. } | Msg::ReintegrateAfter { .. });
                 let kind = m.kind();
-                shared.pool.submit(ctx.gen, heavy, move || {
+                let job = move || {
                     let started = read.map(|_| Instant::now());
                     let reply = match leader_lease(&shared2, &ctx2) {
                         Ok(()) => handle(&shared2, &ctx2, &user2, m),
@@ -562,7 +589,17 @@ fn read_loop(
                         answered: Instant::now(),
                     });
                     out2.reply(bytes, &flow2, stamp);
-                });
+                };
+                if inline {
+                    // As in a worker: a bug in one request must not take
+                    // the connection's thread down.
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    if run.is_err() {
+                        log::warn(format_args!("a request handler panicked"));
+                    }
+                } else {
+                    shared.pool.submit(ctx.gen, heavy, job);
+                }
             }
             other => {
                 let e = Error::Protocol(format!(
@@ -917,6 +954,32 @@ fn send_all(
 #[cfg(test)]
 mod flow_tests {
     use super::*;
+
+    #[test]
+    fn only_short_reads_are_answered_by_the_reader() {
+        let f = crate::proto::Fid::new(1, 1, 1);
+        assert!(quick(&Msg::GetAttrs {
+            fids: vec![f; QUICK_FIDS]
+        }));
+        assert!(!quick(&Msg::GetAttrs {
+            fids: vec![f; QUICK_FIDS + 1]
+        }));
+        assert!(quick(&Msg::WhoAmI));
+        assert!(!quick(&Msg::ReadDir { fid: f, cursor: 0 }));
+        assert!(!quick(&Msg::Reintegrate {
+            records: Vec::new()
+        }));
+        assert!(!quick(&Msg::AllocFids {
+            volume: 1,
+            count: 1
+        }));
+        let flow = Flow::default();
+        assert!(flow.idle());
+        flow.start(10);
+        assert!(!flow.idle());
+        flow.sent(10);
+        assert!(flow.idle());
+    }
 
     #[test]
     fn a_break_and_a_full_socket_meet_once_whichever_comes_first() {
