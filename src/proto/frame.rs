@@ -120,6 +120,20 @@ pub fn write_frame<W: Write>(w: &mut W, kind: u8, id: u64, body: &[u8]) -> Resul
         .map_err(|e| Error::io("sending frame", e))
 }
 
+/// Write `msg` as one frame with `id` in a single `write_all`, encoded in
+/// one buffer (`Msg::encode_frame`).
+pub fn write_msg<W: Write>(w: &mut W, id: u64, msg: &super::Msg) -> Result<()> {
+    let frame = msg.encode_frame(id);
+    if frame.len() - 4 > MAX_FRAME {
+        return Err(Error::Invalid(format!(
+            "frame of {} bytes exceeds limit {MAX_FRAME}",
+            frame.len() - 4
+        )));
+    }
+    w.write_all(&frame)
+        .map_err(|e| Error::io("sending frame", e))
+}
+
 /// Read until `buf` is full or end of stream; returns bytes read.
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<usize> {
     let mut n = 0;

@@ -645,6 +645,27 @@ impl Msg {
     /// Encode the body (without the frame header).
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
+        self.encode_into(&mut w);
+        w.buf
+    }
+
+    /// Encode a whole frame (header and body) with request id `id`, in one
+    /// buffer: no body encoded apart and copied after its header. The
+    /// caller checks the length against `MAX_FRAME`.
+    pub fn encode_frame(&self, id: u64) -> Vec<u8> {
+        let mut w = Writer {
+            buf: Vec::with_capacity(64),
+        };
+        w.buf.extend_from_slice(&[0; 4]);
+        w.buf.push(self.kind());
+        w.buf.extend_from_slice(&id.to_be_bytes());
+        self.encode_into(&mut w);
+        let len = (w.buf.len() - 4) as u32;
+        w.buf[..4].copy_from_slice(&len.to_be_bytes());
+        w.buf
+    }
+
+    fn encode_into(&self, w: &mut Writer) {
         match self {
             Msg::Hello {
                 version,
@@ -747,13 +768,13 @@ impl Msg {
             Msg::Reintegrate { records } => {
                 w.u32(records.len() as u32);
                 for r in records {
-                    encode_record(&mut w, r);
+                    encode_record(w, r);
                 }
             }
             Msg::ReintegrateAfter { after, records } => {
                 w.u64(*after).u32(records.len() as u32);
                 for r in records {
-                    encode_record(&mut w, r);
+                    encode_record(w, r);
                 }
             }
             Msg::Reintegrated { results } => {
@@ -771,7 +792,7 @@ impl Msg {
                 extents,
             } => {
                 w.attr(attr).u64(*length);
-                encode_extents(&mut w, extents);
+                encode_extents(w, extents);
             }
             Msg::Upload {
                 upload_id,
@@ -779,7 +800,7 @@ impl Msg {
                 extents,
             } => {
                 w.u64(*upload_id).u64(*length);
-                encode_extents(&mut w, extents);
+                encode_extents(w, extents);
             }
             Msg::Uploaded { upload_id } => {
                 w.u64(*upload_id);
@@ -822,7 +843,6 @@ impl Msg {
                 }
             }
         }
-        w.buf
     }
 
     /// Decode a message from its frame. Unknown types, out-of-range values,
@@ -1726,6 +1746,26 @@ mod tests {
             },
             Msg::UserIdsReply { ids: vec![2, 0] },
         ]
+    }
+
+    #[test]
+    fn a_frame_encoded_in_one_buffer_is_the_header_and_the_body() {
+        let msgs = [
+            Msg::Ping,
+            Msg::GetAttrs {
+                fids: vec![Fid::new(1, 2, 3); 5],
+            },
+            Msg::Attrs {
+                items: vec![Ok(attr()), Err(WireCode::NotFound)],
+            },
+        ];
+        for m in msgs {
+            let want = crate::proto::frame::encode_frame(m.kind(), 77, &m.encode());
+            assert_eq!(m.encode_frame(77), want);
+            let (f, used) = crate::proto::frame::parse_frame(&want).unwrap();
+            assert_eq!((f.id, used), (77, want.len()));
+            assert_eq!(Msg::decode(&f).unwrap(), m);
+        }
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! A control connection: its reader thread answers Ping and takes BreakAck
 //! inline (liveness never waits behind work), hands every other request to
-//! the worker pool, and a writer thread owns the socket's sending side so
-//! frames from many threads never interleave and no worker blocks on a
-//! slow peer.
+//! the worker pool, and the connection's [`Outbox`] puts frames on the wire
+//! in order: a reply whose connection has nothing queued or being written
+//! is sent by the thread that made it, without waiting (no hand-off); the
+//! rest, and whatever a full socket did not take, goes to the connection's
+//! writer thread, which alone waits for a slow peer. No worker ever blocks
+//! on a socket, and no mutex is held across a socket write.
 //!
 //! Flow bounds: a connection has at most [`MAX_OUTSTANDING`] requests
 //! between read and reply written, and at most about [`MAX_QUEUED`] bytes
@@ -19,12 +22,13 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::collections::VecDeque;
+use std::time::Instant;
 
 use super::handshake::Identity;
 use super::log;
 use super::sessions::{ClientCtx, ControlLink};
-use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, Out};
+use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, tracing, Out, Stamp};
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
@@ -139,6 +143,11 @@ impl Flow {
         st.unacked = st.unacked.saturating_sub(1);
     }
 
+    /// Nothing of this connection is between read and on the wire.
+    fn idle(&self) -> bool {
+        self.st.lock().outstanding == 0
+    }
+
     /// A request of `reserve` bytes (its size plus the most its reply can
     /// take) was read.
     fn start(&self, reserve: usize) {
@@ -168,6 +177,25 @@ impl Flow {
     }
 }
 
+/// Most fids of a `GetAttrs` the connection's reader answers itself.
+pub const QUICK_FIDS: usize = 16;
+
+/// A request the connection's reader may answer itself, when nothing else
+/// of its session is in flight (`Flow::idle`) and the server is not in a
+/// replicated group (confirming the lease may wait): a short read of the
+/// metadata store that neither writes, nor syncs, nor waits for anyone's
+/// acks, so pings and break acks behind it wait microseconds. Everything
+/// else goes to the workers.
+fn quick(msg: &Msg) -> bool {
+    match msg {
+        Msg::GetAttrs { fids } => fids.len() <= QUICK_FIDS,
+        Msg::ValidateVolume { .. } | Msg::GetXattrs { .. } | Msg::GetAcl { .. } | Msg::WhoAmI => {
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The most a reply to `msg` can take on the wire, so the bytes bound
 /// holds before the reply exists.
 fn reply_bound(msg: &Msg) -> usize {
@@ -185,27 +213,226 @@ fn reply_bound(msg: &Msg) -> usize {
     est.clamp(crate::proto::MAX_MESSAGE + 64, MAX_FRAME + 4)
 }
 
+/// Set to `1` in the server's environment to send every reply through the
+/// writer thread, as before direct sends: only for measuring what they gain.
+pub const NO_DIRECT_ENV: &str = "CODA_SERVER_NO_DIRECT_REPLY";
+
+fn direct_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var(NO_DIRECT_ENV).is_ok_and(|v| v == "1"))
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Frames waiting for the writer thread, in wire order.
+    queue: VecDeque<Out>,
+    /// Some thread holds the sending turn: it alone seals (TLS record
+    /// numbers follow the sealing order) and writes, so frames go out
+    /// whole and in order. A turn, not a lock held across the write: a
+    /// worker holding it only makes one non-blocking send.
+    writing: bool,
+    /// The writer thread stopped: nothing more is sent.
+    ended: bool,
+    /// Sealed bytes of a direct send, kept for the next one.
+    spare: Vec<u8>,
+}
+
+/// A control connection's outgoing frames (see the module comment).
+pub(crate) struct Outbox {
+    st: Mutex<OutState>,
+    cv: Condvar,
+    /// The sending side, for direct sends (the writer has its own clone).
+    sock: Stream,
+}
+
+impl Outbox {
+    fn new(sock: Stream) -> Outbox {
+        Outbox {
+            st: Mutex::new(OutState::default()),
+            cv: Condvar::new(),
+            sock,
+        }
+    }
+
+    /// Queue a frame for the writer thread (dropped once it has stopped).
+    pub(crate) fn send(&self, out: Out) {
+        let mut st = self.st.lock();
+        if st.ended {
+            return;
+        }
+        st.queue.push_back(out);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// Send a reply from this thread when nothing is queued or being sent
+    /// and the socket takes it at once; else (or for what a full socket
+    /// left) queue it for the writer thread, in order.
+    fn reply(&self, bytes: Vec<u8>, flow: &Flow, stamp: Option<Stamp>) {
+        let mut st = self.st.lock();
+        if st.ended {
+            return;
+        }
+        if st.writing || !st.queue.is_empty() || direct_disabled() {
+            st.queue.push_back(Out::Reply(bytes, stamp));
+            drop(st);
+            self.cv.notify_all();
+            return;
+        }
+        st.writing = true;
+        let mut sealed = std::mem::take(&mut st.spare);
+        drop(st);
+        sealed.clear();
+        let (all, sent): (&[u8], _) = match self.sock.seal(&bytes, &mut sealed) {
+            Ok(true) => (&sealed, send_now(self.sock.tcp(), &sealed)),
+            Ok(false) => (&bytes, send_now(self.sock.tcp(), &bytes)),
+            Err(_) => {
+                // Nothing sealed: the writer tries it in its place (and
+                // ends the connection when sealing fails again).
+                self.requeue_front(Out::Reply(bytes, stamp));
+                return;
+            }
+        };
+        let rest = match sent {
+            Ok(n) if n == all.len() => None,
+            Ok(n) => Some(all[n..].to_vec()),
+            // A dead socket: the writer's send of it fails too and cuts.
+            Err(_) => Some(all.to_vec()),
+        };
+        match rest {
+            None => {
+                flow.sent(bytes.len());
+                trace_reply(stamp, true);
+                let mut st = self.st.lock();
+                st.writing = false;
+                st.spare = sealed;
+                let wake = !st.queue.is_empty();
+                drop(st);
+                if wake {
+                    self.cv.notify_all();
+                }
+            }
+            // Sealed bytes go out exactly once (a TLS record cannot be
+            // sealed again): the writer sends the rest as it is, first.
+            Some(rest) => self.requeue_front(Out::Rest(rest, bytes.len(), stamp)),
+        }
+    }
+
+    /// Give the sending turn back with `out` first in line for the writer.
+    fn requeue_front(&self, out: Out) {
+        let mut st = self.st.lock();
+        st.writing = false;
+        if !st.ended {
+            st.queue.push_front(out);
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    /// The writer thread's next frame, taking the sending turn; waits
+    /// while another thread holds the turn or nothing is queued.
+    fn next(&self) -> Out {
+        let mut st = self.st.lock();
+        // Bounded: the condvar is signalled by every queueing and every
+        // end of a direct send; Close ends the writer.
+        loop {
+            if !st.writing {
+                if let Some(out) = st.queue.pop_front() {
+                    st.writing = true;
+                    return out;
+                }
+            }
+            self.cv.wait(&mut st);
+        }
+    }
+
+    /// The writer thread has put its frame on the wire (or failed).
+    fn done(&self) {
+        let mut st = self.st.lock();
+        st.writing = false;
+    }
+
+    /// The writer thread stopped: later frames are dropped.
+    fn end(&self) {
+        let mut st = self.st.lock();
+        st.ended = true;
+        st.queue.clear();
+    }
+}
+
+/// One non-blocking send: how much of `buf` the socket took at once.
+fn send_now(sock: &TcpStream, buf: &[u8]) -> std::result::Result<usize, ()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    // Bounded: each turn writes bytes or ends.
+    while done < buf.len() {
+        // SAFETY: a plain send of a live buffer on an open socket;
+        // MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if n < 0 => break,
+            _ => return Err(()),
+        }
+    }
+    Ok(done)
+}
+
+/// With `CODA_SERVER_TRACE` set: one line per reply with the time from
+/// reading its request to a worker taking it up, the work, and from the
+/// reply's encoding to its being on the wire, in µs; `direct`: sent by the
+/// worker itself.
+fn trace_reply(stamp: Option<Stamp>, direct: bool) {
+    let Some(s) = stamp else {
+        return;
+    };
+    let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
+    let now = Instant::now();
+    eprintln!(
+        "TRACE reply kind={:#04x} queued={} work={} send={} total={} direct={}",
+        s.kind,
+        us(s.read, s.started),
+        us(s.started, s.answered),
+        us(s.answered, now),
+        us(s.read, now),
+        direct as u8
+    );
+}
+
 pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity, welcome: Msg) {
     // A silent connection is reaped (see ServerConfig::idle_timeout).
     let _ = reader.get_ref().set_read_timeout(Some(shared.idle_timeout));
     let mut stream = reader.get_ref().try_clone();
-    let (sock_w, sock_s) = match (
+    let (sock_w, sock_o, sock_s) = match (
+        reader.get_ref().try_clone(),
         reader.get_ref().try_clone(),
         reader.get_ref().tcp().try_clone(),
     ) {
-        (Ok(a), Ok(b)) => (a, b),
+        (Ok(a), Ok(o), Ok(b)) => (a, o, b),
         _ => {
             log::warn(format_args!("cannot clone a socket; dropping connection"));
             return;
         }
     };
-    let (tx, rx) = unbounded::<Out>();
+    let out = Arc::new(Outbox::new(sock_o));
     let flow = Arc::new(Flow::default());
-    let flow_w = Arc::clone(&flow);
+    let (flow_w, out_w) = (Arc::clone(&flow), Arc::clone(&out));
     let writer = match std::thread::Builder::new()
         .name("coda-ctl-writer".into())
         .stack_size(super::SMALL_STACK)
-        .spawn(move || writer_loop(sock_w, rx, &flow_w))
+        .spawn(move || writer_loop(sock_w, &out_w, &flow_w))
     {
         Ok(h) => h,
         Err(e) => {
@@ -217,7 +444,7 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity
         ident.client_id,
         ident.epoch,
         ControlLink {
-            out: tx.clone(),
+            out: Arc::clone(&out),
             sock: sock_s,
             break_gate: {
                 let flow = Arc::clone(&flow);
@@ -226,7 +453,7 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity
         },
     );
     // Welcome goes out only now that the session exists (see handshake).
-    let _ = tx.send(Out::Frame(frame_for(0, &welcome)));
+    out.send(Out::Frame(frame_for(0, &welcome)));
     log::info(format_args!(
         "{} (user {}) connected: control from {}",
         ctx.name(),
@@ -239,15 +466,14 @@ pub fn serve(shared: Arc<Shared>, mut reader: BufReader<Stream>, ident: Identity
     ));
 
     let user: Arc<str> = Arc::from(ident.user.as_str());
-    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &user, &tx, &flow);
+    let (why, protocol_error) = read_loop(&shared, &mut reader, &ctx, &user, &out, &flow);
     if protocol_error {
         log::info(format_args!("{}: protocol error: {why}", ctx.name()));
     }
     // Callbacks and staged uploads go at once; the socket closes below,
     // after the writer flushed any last error frame.
     shared.registry.leave(&ctx.id, ctx.gen, &why);
-    let _ = tx.send(Out::Close);
-    drop(tx);
+    out.send(Out::Close);
     let _ = writer.join();
     if let Ok(s) = stream.as_mut() {
         if protocol_error {
@@ -264,7 +490,7 @@ fn read_loop(
     reader: &mut BufReader<Stream>,
     ctx: &ClientCtx,
     user: &Arc<str>,
-    tx: &Sender<Out>,
+    out: &Arc<Outbox>,
     flow: &Arc<Flow>,
 ) -> (String, bool) {
     let mut lowered = false;
@@ -287,7 +513,7 @@ fn read_loop(
             }
             Err(Error::Io { source, .. }) => return (format!("connection lost: {source}"), false),
             Err(e) => {
-                let _ = tx.send(Out::Frame(frame_for(0, &error_reply(&e))));
+                out.send(Out::Frame(frame_for(0, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         };
@@ -301,7 +527,7 @@ fn read_loop(
         let msg = match Msg::decode(&frame) {
             Ok(m) => m,
             Err(e) => {
-                let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
+                out.send(Out::Frame(frame_for(id, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         };
@@ -311,13 +537,13 @@ fn read_loop(
                 // a leader whose lease holds may send one.
                 if let Some(r) = &shared.repl {
                     if let Err(e) = r.confirm_leader(super::replication::LEASE_PATIENCE) {
-                        let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
+                        out.send(Out::Frame(frame_for(id, &error_reply(&e))));
                         return (format!("replication: {e}"), false);
                     }
                 }
                 let pong = frame_for(id, &Msg::Pong);
                 flow.start(pong.len());
-                let _ = tx.send(Out::Reply(pong));
+                out.reply(pong, flow, None);
             }
             Msg::BreakAck => {
                 flow.break_acked();
@@ -334,15 +560,21 @@ fn read_loop(
             | Msg::SetAcl { .. }
             | Msg::WhoAmI
             | Msg::UserIds { .. }) => {
+                // A quick read of a session with nothing else in flight is
+                // answered here: no worker hop (see `quick`).
+                let inline = shared.repl.is_none() && quick(&m) && flow.idle();
                 let reserve = frame.body.len() + reply_bound(&m);
                 flow.start(reserve);
-                let (shared2, ctx2, tx2, flow2) =
-                    (Arc::clone(shared), *ctx, tx.clone(), Arc::clone(flow));
+                let read = tracing().then(Instant::now);
+                let (shared2, ctx2, out2, flow2) =
+                    (Arc::clone(shared), *ctx, Arc::clone(out), Arc::clone(flow));
                 let user2 = Arc::clone(user);
                 // Keyed by session generation: requests are served round
                 // robin across sessions (workers.rs).
                 let heavy = matches!(m, Msg::Reintegrate { .. } | Msg::ReintegrateAfter { .. });
-                shared.pool.submit(ctx.gen, heavy, move || {
+                let kind = m.kind();
+                let job = move || {
+                    let started = read.map(|_| Instant::now());
                     let reply = match leader_lease(&shared2, &ctx2) {
                         Ok(()) => handle(&shared2, &ctx2, &user2, m),
                         Err(e) => Err(e),
@@ -350,15 +582,31 @@ fn read_loop(
                     .unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());
-                    let _ = tx2.send(Out::Reply(bytes));
-                });
+                    let stamp = read.zip(started).map(|(read, started)| Stamp {
+                        kind,
+                        read,
+                        started,
+                        answered: Instant::now(),
+                    });
+                    out2.reply(bytes, &flow2, stamp);
+                };
+                if inline {
+                    // As in a worker: a bug in one request must not take
+                    // the connection's thread down.
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    if run.is_err() {
+                        log::warn(format_args!("a request handler panicked"));
+                    }
+                } else {
+                    shared.pool.submit(ctx.gen, heavy, job);
+                }
             }
             other => {
                 let e = Error::Protocol(format!(
                     "message type {:#04x} is not a control-connection request",
                     other.kind()
                 ));
-                let _ = tx.send(Out::Frame(frame_for(id, &error_reply(&e))));
+                out.send(Out::Frame(frame_for(id, &error_reply(&e))));
                 return (e.to_string(), true);
             }
         }
@@ -577,21 +825,25 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
     }
 }
 
-/// Owns the sending side: writes queued frames in order. A write that fails
-/// (peer gone, or stuck past the socket's send timeout) cuts the socket so
-/// the reader notices and the session ends.
-fn writer_loop(sock: Stream, rx: Receiver<Out>, flow: &Flow) {
-    let why = write_all_out(sock, rx, flow);
+/// Owns the waiting side of sending: writes queued frames in order. A
+/// write that fails (peer gone, or stuck past the socket's send timeout)
+/// cuts the socket so the reader notices and the session ends.
+fn writer_loop(sock: Stream, out: &Outbox, flow: &Flow) {
+    let why = write_all_out(sock, out, flow);
+    out.end();
     // Wake a reader held by the bounds: nothing drains any more.
     flow.close(why);
 }
 
 /// Returns why it stopped.
-fn write_all_out(mut sock: Stream, rx: Receiver<Out>, flow: &Flow) -> &'static str {
+fn write_all_out(mut sock: Stream, out: &Outbox, flow: &Flow) -> &'static str {
     // Sealed records of the frame being sent (TLS), reused.
     let mut sealed = Vec::new();
-    for out in rx {
-        match out {
+    // Bounded: each turn sends one frame or ends; Close (queued when the
+    // connection's reader ends) ends it.
+    loop {
+        let next = out.next();
+        let r = match next {
             Out::Frame(bytes) => {
                 // A callback break to a peer whose reader is held at its
                 // bound: its ack would sit behind its own backlog, and the
@@ -600,29 +852,31 @@ fn write_all_out(mut sock: Stream, rx: Receiver<Out>, flow: &Flow) -> &'static s
                 // CallbackBreak is the only frame other threads queue here.
                 let kind = Msg::CallbackBreak { fids: Vec::new() }.kind();
                 if bytes.get(4) == Some(&kind) && !flow.break_sent() {
-                    let _ = sock.shutdown(Shutdown::Both);
-                    return "a callback break found the connection held at its request bounds";
-                }
-                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
-                    let _ = sock.shutdown(Shutdown::Both);
-                    return why;
+                    Err("a callback break found the connection held at its request bounds")
+                } else {
+                    send_sealed(&sock, &bytes, &mut sealed, flow)
                 }
             }
-            Out::Reply(bytes) => {
-                if let Err(why) = send_sealed(&sock, &bytes, &mut sealed, flow) {
-                    let _ = sock.shutdown(Shutdown::Both);
-                    return why;
-                }
+            Out::Reply(bytes, stamp) => send_sealed(&sock, &bytes, &mut sealed, flow).map(|()| {
                 flow.sent(bytes.len());
-            }
+                trace_reply(stamp, false);
+            }),
+            Out::Rest(rest, len, stamp) => send_all(sock.tcp(), &rest, flow).map(|()| {
+                flow.sent(len);
+                trace_reply(stamp, true);
+            }),
             Out::Close => {
                 let _ = sock.flush();
                 sock.close_write();
                 return "closed";
             }
+        };
+        out.done();
+        if let Err(why) = r {
+            let _ = sock.shutdown(Shutdown::Both);
+            return why;
         }
     }
-    "closed"
 }
 
 /// Seal a frame (on a TLS stream) and send it with [`send_all`].
@@ -700,6 +954,32 @@ fn send_all(
 #[cfg(test)]
 mod flow_tests {
     use super::*;
+
+    #[test]
+    fn only_short_reads_are_answered_by_the_reader() {
+        let f = crate::proto::Fid::new(1, 1, 1);
+        assert!(quick(&Msg::GetAttrs {
+            fids: vec![f; QUICK_FIDS]
+        }));
+        assert!(!quick(&Msg::GetAttrs {
+            fids: vec![f; QUICK_FIDS + 1]
+        }));
+        assert!(quick(&Msg::WhoAmI));
+        assert!(!quick(&Msg::ReadDir { fid: f, cursor: 0 }));
+        assert!(!quick(&Msg::Reintegrate {
+            records: Vec::new()
+        }));
+        assert!(!quick(&Msg::AllocFids {
+            volume: 1,
+            count: 1
+        }));
+        let flow = Flow::default();
+        assert!(flow.idle());
+        flow.start(10);
+        assert!(!flow.idle());
+        flow.sent(10);
+        assert!(flow.idle());
+    }
 
     #[test]
     fn a_break_and_a_full_socket_meet_once_whichever_comes_first() {

@@ -39,7 +39,7 @@ impl ClientCtx {
 /// The way to a client's control connection: its outgoing frame queue, and
 /// the socket itself so the session can be cut from any thread.
 pub struct ControlLink {
-    pub out: Sender<Out>,
+    pub out: std::sync::Arc<super::control::Outbox>,
     pub sock: TcpStream,
     /// Called before a callback break is queued: false when the connection
     /// is jammed (reader held at its bounds or writer on a full socket).
@@ -482,7 +482,7 @@ impl Registry {
                     let msg = Msg::CallbackBreak {
                         fids: chunk.to_vec(),
                     };
-                    let _ = s.control.out.send(Out::Frame(frame_for(break_id, &msg)));
+                    s.control.out.send(Out::Frame(frame_for(break_id, &msg)));
                     let gen = s.gen;
                     for fid in chunk {
                         g.in_flight.entry(*fid).or_default().push(InFlight {

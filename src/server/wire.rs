@@ -14,10 +14,32 @@ use crate::{Error, Result};
 /// What a control connection's writer thread is asked to do.
 pub enum Out {
     Frame(Vec<u8>),
-    /// A reply counted against the connection's flow bounds (control.rs).
-    Reply(Vec<u8>),
+    /// A reply counted against the connection's flow bounds (control.rs),
+    /// with its trace stamps when `CODA_SERVER_TRACE` is on.
+    Reply(Vec<u8>, Option<Stamp>),
+    /// The unsent rest of a reply a worker began sending itself, already
+    /// sealed (TLS), and the length of the whole reply frame for the flow
+    /// bounds.
+    Rest(Vec<u8>, usize, Option<Stamp>),
     /// Flush what came before, then stop sending (FIN).
     Close,
+}
+
+/// When a request was read, taken up by a worker, and answered (its reply
+/// encoded): with `CODA_SERVER_TRACE` set, each reply's way prints one line
+/// (control.rs `trace_reply`).
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp {
+    pub kind: u8,
+    pub read: Instant,
+    pub started: Instant,
+    pub answered: Instant,
+}
+
+/// Whether `CODA_SERVER_TRACE` is set (read once).
+pub fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("CODA_SERVER_TRACE").is_some())
 }
 
 /// The one way the server turns an [`Error`] into an Error message for a
@@ -50,16 +72,17 @@ pub fn error_reply_at(e: &Error, index: u32) -> Msg {
 /// Encode `msg` as a frame with `id`. A reply too big for a frame (which the
 /// limits should prevent) becomes an error reply rather than a broken stream.
 pub fn frame_for(id: u64, msg: &Msg) -> Vec<u8> {
-    let body = msg.encode();
-    if 9 + body.len() > MAX_FRAME {
+    // Header and body in one buffer (no body encoded apart and copied).
+    let frame = msg.encode_frame(id);
+    if frame.len() - 4 > MAX_FRAME {
         let e = Error::Invalid(format!(
             "reply of {} bytes exceeds the frame limit",
-            body.len()
+            frame.len() - 13
         ));
         let m = error_reply(&e);
         return encode_frame(m.kind(), id, &m.encode());
     }
-    encode_frame(msg.kind(), id, &body)
+    frame
 }
 
 /// Send one message directly (handshake and bulk connections, which have a

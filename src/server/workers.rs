@@ -268,11 +268,13 @@ fn work(inner: &Arc<Inner>) {
         let heavy = HEAVY.with(|h| h.borrow_mut().take()).is_some();
         st = inner.state.lock();
         st.done(key, heavy);
-        // A finished job may have made its session's next one runnable;
-        // when closing, idle workers must see whether all is done.
+        // A finished job may have made its session's next one runnable:
+        // wake a worker for it (only then: a worker woken for nothing costs
+        // two futex calls and a context switch per request). When closing,
+        // idle workers must see whether all is done.
         if st.closed {
             inner.cv.notify_all();
-        } else {
+        } else if !st.ready.is_empty() {
             inner.cv.notify_one();
         }
     }

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::{Error, Result};
@@ -20,9 +19,6 @@ thread_local! {
 }
 
 struct InterruptState {
-    /// Dropped to wake every `watch()` receiver (trigger or release).
-    tx: Option<Sender<()>>,
-    rx: Receiver<()>,
     /// Set while triggered (sticky until `clear`): every call fails.
     triggered: Option<String>,
     /// Bumped by each release; calls that entered before it fail.
@@ -30,7 +26,7 @@ struct InterruptState {
     released: String,
 }
 
-/// Waits select on `watch()`; `trigger` (failover) wakes them all and shuts
+/// Waits register a wake-up (`on_interrupt`); `trigger` (failover) wakes them all and shuts
 /// down every socket registered with `guard` (handshakes, connects and bulk
 /// transfers), so blocking reads and writes stop too, until `clear`
 /// (failback). `release` (the mode left "connected") does the same once,
@@ -43,7 +39,26 @@ pub(crate) struct Interrupt {
     /// them (None: not a caller's); held only to insert, remove, or shut
     /// them down (shutdown never blocks).
     sockets: Mutex<HashMap<u64, (Option<u64>, TcpStream)>>,
+    /// Registered wake-ups of waiting calls (`on_interrupt`), with the
+    /// generation of the call that registered them; held only to insert,
+    /// remove, or call them (each only queues a message, never blocks).
+    wakers: Mutex<HashMap<u64, (Option<u64>, Waker)>>,
     next_socket: AtomicU64,
+}
+
+/// Wakes one waiting call; must not block.
+type Waker = Box<dyn Fn() + Send>;
+
+/// Keeps a wake-up registered with an [`Interrupt`] while its call waits.
+pub(crate) struct WakeGuard<'a> {
+    owner: &'a Interrupt,
+    key: u64,
+}
+
+impl Drop for WakeGuard<'_> {
+    fn drop(&mut self) {
+        self.owner.wakers.lock().remove(&self.key);
+    }
 }
 
 /// Keeps a socket registered with an [`Interrupt`] while it blocks.
@@ -72,16 +87,14 @@ impl Drop for CallGuard {
 
 impl Interrupt {
     pub(crate) fn new() -> Interrupt {
-        let (tx, rx) = bounded(0);
         Interrupt {
             state: Mutex::new(InterruptState {
-                tx: Some(tx),
-                rx,
                 triggered: None,
                 gen: 0,
                 released: String::new(),
             }),
             sockets: Mutex::new(HashMap::new()),
+            wakers: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(0),
         }
     }
@@ -107,15 +120,17 @@ impl Interrupt {
         Ok(g)
     }
 
-    /// Ready when this call should stop waiting (look with `check`).
-    pub fn watch(&self) -> Receiver<()> {
-        let s = self.state.lock();
-        if Self::stale(&s) {
-            // Released already: a receiver that is ready at once.
-            let (_, rx) = bounded(0);
-            return rx;
-        }
-        s.rx.clone()
+    /// Call `wake` when this call should stop waiting (then look with
+    /// `check`), for as long as the guard lives; then check, so an
+    /// interrupt that came just before is not missed. For a wait on one
+    /// channel of its own: cheaper than selecting on it and `watch()`.
+    pub(crate) fn on_interrupt(&self, wake: Waker) -> Result<WakeGuard<'_>> {
+        let key = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let gen = CALL_GEN.with(|c| c.get());
+        self.wakers.lock().insert(key, (gen, wake));
+        let g = WakeGuard { owner: self, key };
+        self.check()?;
+        Ok(g)
     }
 
     fn stale(s: &InterruptState) -> bool {
@@ -137,10 +152,12 @@ impl Interrupt {
         {
             let mut s = self.state.lock();
             s.triggered = Some(reason.to_string());
-            s.tx = None;
         }
         for (_, s) in self.sockets.lock().values() {
             let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, w) in self.wakers.lock().values() {
+            w();
         }
     }
 
@@ -150,11 +167,6 @@ impl Interrupt {
             let mut s = self.state.lock();
             s.gen += 1;
             s.released = reason.to_string();
-            if s.triggered.is_none() {
-                let (tx, rx) = bounded(0);
-                s.tx = Some(tx);
-                s.rx = rx;
-            }
             s.gen
         };
         for (g, s) in self.sockets.lock().values() {
@@ -162,14 +174,15 @@ impl Interrupt {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
+        for (g, w) in self.wakers.lock().values() {
+            if g.is_some_and(|g| g < gen) {
+                w();
+            }
+        }
     }
 
     pub fn clear(&self) {
-        let (tx, rx) = bounded(0);
-        let mut s = self.state.lock();
-        s.tx = Some(tx);
-        s.rx = rx;
-        s.triggered = None;
+        self.state.lock().triggered = None;
     }
 }
 
@@ -185,7 +198,12 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let _peer = l.accept().unwrap();
-        let watch = i.watch();
+        let (tx, watch) = crossbeam_channel::bounded(1);
+        let _wake = i
+            .on_interrupt(Box::new(move || {
+                let _ = tx.try_send(());
+            }))
+            .unwrap();
         let t0 = Instant::now();
         std::thread::scope(|sc| {
             let _g = i.guard(&s).unwrap();
@@ -198,12 +216,43 @@ mod tests {
             assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
         });
         assert!(
-            watch.recv_timeout(Duration::from_secs(1)).is_err(),
-            "watchers wake"
+            watch.recv_timeout(Duration::from_secs(1)).is_ok(),
+            "waiters wake"
         );
         assert!(t0.elapsed() < Duration::from_secs(2));
         assert!(matches!(i.check(), Err(Error::Eio(m)) if m == "failed over"));
         i.clear();
         assert!(i.check().is_ok());
+    }
+
+    /// A wake-up registered with `i` and what it sends.
+    fn woken(i: &Interrupt) -> Result<(WakeGuard<'_>, crossbeam_channel::Receiver<()>)> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let g = i.on_interrupt(Box::new(move || {
+            let _ = tx.try_send(());
+        }))?;
+        Ok((g, rx))
+    }
+
+    #[test]
+    fn a_release_wakes_only_the_calls_that_entered_before_it() {
+        let i = Interrupt::new();
+        let call = i.enter_call();
+        let (_g1, early) = woken(&i).unwrap();
+        drop(call);
+        // Not inside a call (a heartbeat's wait): only a failover ends it.
+        let (_g2, outside) = woken(&i).unwrap();
+        i.release("disconnected");
+        assert!(early.try_recv().is_ok(), "the earlier call is woken");
+        assert!(outside.try_recv().is_err(), "a wait outside calls is not");
+        // A call entered after the release waits on.
+        let _call = i.enter_call();
+        let (_g3, late) = woken(&i).unwrap();
+        i.release("again");
+        assert!(late.try_recv().is_ok());
+        // Registering after the release that ends it fails at once.
+        assert!(matches!(woken(&i), Err(Error::Eio(m)) if m == "again"));
+        i.trigger("failed over");
+        assert!(outside.try_recv().is_ok(), "a failover wakes every wait");
     }
 }

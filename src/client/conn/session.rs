@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
 use super::interrupt::{Interrupt, SocketGuard};
@@ -20,7 +20,7 @@ use crate::client::callback::Callbacks;
 use crate::client::event::Event;
 use crate::client::stats::Counters;
 use crate::proto::auth;
-use crate::proto::frame::{read_frame, write_frame};
+use crate::proto::frame::{read_frame, write_msg};
 use crate::proto::{Attr, ConnKind, Fid, Msg, BULK_CHUNK};
 use crate::tls::Stream;
 use crate::{Error, Result};
@@ -180,7 +180,21 @@ fn connect_interruptible(
 }
 
 fn send(s: &mut Stream, id: u64, m: &Msg) -> Result<()> {
-    write_frame(s, m.kind(), id, &m.encode())
+    write_msg(s, id, m)
+}
+
+/// Write a frame `Msg::encode_frame` made, refusing one over the limit
+/// (as `write_frame` does).
+fn write_encoded(s: &mut Stream, frame: &[u8]) -> Result<()> {
+    if frame.len() - 4 > crate::proto::MAX_FRAME {
+        return Err(Error::Invalid(format!(
+            "frame of {} bytes exceeds limit {}",
+            frame.len() - 4,
+            crate::proto::MAX_FRAME
+        )));
+    }
+    s.write_all(frame)
+        .map_err(|e| Error::io("sending frame", e))
 }
 
 fn recv(s: &mut Stream, server: &str, timeout: Duration) -> Result<Msg> {
@@ -304,7 +318,7 @@ struct Control {
     /// never waits for a writer stuck on a full socket.
     sock: TcpStream,
     writer: Mutex<Stream>,
-    pending: Mutex<HashMap<u64, Sender<Result<Msg>>>>,
+    pending: Mutex<HashMap<u64, Arc<Slot>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
     /// When each request still unanswered was written (calls and pings).
@@ -344,8 +358,8 @@ impl Control {
         }
         let _ = self.sock.shutdown(Shutdown::Both);
         let waiters: Vec<_> = self.pending.lock().drain().collect();
-        for (_, tx) in waiters {
-            let _ = tx.send(Err(Error::Eio(format!("server {}: {reason}", self.server))));
+        for (_, slot) in waiters {
+            slot.put(Err(Error::Eio(format!("server {}: {reason}", self.server))));
         }
         true
     }
@@ -370,12 +384,48 @@ impl Control {
     }
 }
 
+/// Where a request's reply is left for its caller: filled once (by the
+/// reader, or a kill with the connection's error), or flagged by an
+/// interrupt. A mutex and condvar, not a channel: crossbeam's blocking
+/// receive spins and yields (sched_yield) four times before it sleeps,
+/// which on a busy machine hands the CPU to others at every call.
+#[derive(Default)]
+struct Slot {
+    st: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    reply: Option<Result<Msg>>,
+    /// An interrupt came since the caller last looked.
+    interrupted: bool,
+}
+
+impl Slot {
+    /// Leave the reply (the first one wins) and wake the caller; the lock
+    /// is released before the wake, so the caller does not wait for it.
+    fn put(&self, r: Result<Msg>) {
+        let mut st = self.st.lock();
+        if st.reply.is_none() {
+            st.reply = Some(r);
+        }
+        drop(st);
+        self.cv.notify_one();
+    }
+
+    fn interrupt(&self) {
+        self.st.lock().interrupted = true;
+        self.cv.notify_one();
+    }
+}
+
 /// A request written on the control connection, its reply not yet read.
 /// Dropping it forgets the request (a late reply is then dropped).
 pub(crate) struct Sent<'a> {
     session: &'a Session,
     id: u64,
-    rx: crossbeam_channel::Receiver<Result<Msg>>,
+    slot: Arc<Slot>,
     timeout: Duration,
     deadline: Instant,
 }
@@ -392,17 +442,29 @@ impl Sent<'_> {
     /// timeout, the connection's death or an interrupt, whichever is first.
     pub fn wait(self, interrupt: &Interrupt) -> Result<Msg> {
         let server = &self.session.server;
+        let slot = Arc::clone(&self.slot);
+        let _wake = interrupt.on_interrupt(Box::new(move || slot.interrupt()))?;
+        let mut st = self.slot.st.lock();
         // Bounded: each turn ends by the deadline, or by an interrupt or
         // release (a release that is not ours wakes us once per release).
         loop {
-            let watch = interrupt.watch();
-            interrupt.check()?;
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            select! {
-                recv(self.rx) -> r => return r.unwrap_or_else(|_| Err(Error::Eio(format!("server {server}: connection lost")))),
-                recv(watch) -> _ => continue,
-                default(left) => return Err(Error::Timeout(format!(
-                    "no reply from server {server} within {} ms", self.timeout.as_millis()))),
+            if let Some(r) = st.reply.take() {
+                return r;
+            }
+            if std::mem::take(&mut st.interrupted) {
+                drop(st);
+                interrupt.check()?;
+                st = self.slot.st.lock();
+                continue;
+            }
+            if self.slot.cv.wait_until(&mut st, self.deadline).timed_out() {
+                if let Some(r) = st.reply.take() {
+                    return r;
+                }
+                return Err(Error::Timeout(format!(
+                    "no reply from server {server} within {} ms",
+                    self.timeout.as_millis()
+                )));
             }
         }
     }
@@ -454,8 +516,7 @@ fn reader_loop(
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
                 Counters::add(&counters.breaks_received, fids.len() as u64);
-                let ack = Msg::BreakAck;
-                let r = write_frame(&mut *ctl.writer.lock(), ack.kind(), frame.id, &ack.encode());
+                let r = write_msg(&mut *ctl.writer.lock(), frame.id, &Msg::BreakAck);
                 if let Err(e) = r {
                     return ctl.kill(&format!("sending BreakAck: {e}"));
                 }
@@ -472,15 +533,19 @@ fn reader_loop(
                     let mut v = ctl.vouched.lock();
                     *v = (*v).max(at);
                 }
-                // Replies nobody waits for (heartbeat Pongs, timed-out calls) are dropped.
-                if let Some(tx) = ctl.pending.lock().remove(&frame.id) {
-                    let _ = tx.send(Ok(m));
+                // Replies nobody waits for (heartbeat Pongs, timed-out calls)
+                // are dropped. The table's lock is released before the send:
+                // the woken caller's first act is to take it (`Sent::drop`),
+                // and finding it held would cost both threads a futex round.
+                let waiter = ctl.pending.lock().remove(&frame.id);
+                if let Some(slot) = waiter {
+                    slot.put(Ok(m));
                 }
             }
             Err(e) => {
                 let mut w = ctl.writer.lock();
                 let m = Msg::error(&e);
-                let _ = write_frame(&mut *w, m.kind(), frame.id, &m.encode());
+                let _ = write_msg(&mut *w, frame.id, &m);
                 drop(w);
                 return ctl.kill(&format!("protocol error: {e}"));
             }
@@ -654,13 +719,13 @@ impl Session {
             return Err(e);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = bounded(1);
-        self.ctl.pending.lock().insert(id, tx);
+        let slot = Arc::new(Slot::default());
+        self.ctl.pending.lock().insert(id, Arc::clone(&slot));
         // From here on, dropping `sent` forgets the request.
         let sent = Sent {
             session: self,
             id,
-            rx,
+            slot,
             timeout,
             deadline: Instant::now() + timeout,
         };
@@ -670,7 +735,9 @@ impl Session {
             return Err(e);
         }
         self.ctl.note_asked(id);
-        let written = write_frame(&mut *self.ctl.writer.lock(), msg.kind(), id, &msg.encode());
+        // Encoded before the writer's lock is taken.
+        let frame = msg.encode_frame(id);
+        let written = write_encoded(&mut self.ctl.writer.lock(), &frame);
         if let Err(e) = written {
             let e = net_error(e, &self.server, self.timing.rpc_timeout);
             self.ctl.kill(&e.to_string());
@@ -687,7 +754,7 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let m = Msg::Ping;
         self.ctl.note_asked(id);
-        if let Err(e) = write_frame(&mut *self.ctl.writer.lock(), m.kind(), id, &m.encode()) {
+        if let Err(e) = write_msg(&mut *self.ctl.writer.lock(), id, &m) {
             self.ctl.kill(&format!("sending Ping: {e}"));
         }
     }
