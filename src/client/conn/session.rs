@@ -183,18 +183,93 @@ fn send(s: &mut Stream, id: u64, m: &Msg) -> Result<()> {
     write_msg(s, id, m)
 }
 
-/// Write a frame `Msg::encode_frame` made, refusing one over the limit
-/// (as `write_frame` does).
-fn write_encoded(s: &mut Stream, frame: &[u8]) -> Result<()> {
-    if frame.len() - 4 > crate::proto::MAX_FRAME {
-        return Err(Error::Invalid(format!(
-            "frame of {} bytes exceeds limit {}",
-            frame.len() - 4,
-            crate::proto::MAX_FRAME
-        )));
+/// The control connection's sending side. Frames go on the wire in the
+/// order they are handed in, written by whichever caller holds the sending
+/// turn (a flag, not a lock held across the write): a caller that finds
+/// the turn taken leaves its frame queued and goes on, and the holder
+/// writes it after its own. So no caller waits for a mutex while another
+/// is inside a socket write (a full socket blocks only the holder, up to
+/// the write timeout; killing the session shuts the socket down).
+struct FrameSender {
+    /// Sealed through `Stream::seal` (TLS state locked only while
+    /// encrypting), written to its socket directly.
+    stream: Stream,
+    st: Mutex<SendState>,
+}
+
+#[derive(Default)]
+struct SendState {
+    /// A caller is writing: frames queued meanwhile are its to write.
+    writing: bool,
+    queue: std::collections::VecDeque<Vec<u8>>,
+    /// A write failed: the stream's state is unknown, nothing more goes.
+    failed: Option<String>,
+}
+
+impl FrameSender {
+    fn new(stream: Stream) -> FrameSender {
+        FrameSender {
+            stream,
+            st: Mutex::new(SendState::default()),
+        }
     }
-    s.write_all(frame)
-        .map_err(|e| Error::io("sending frame", e))
+
+    /// Hand in a frame `Msg::encode_frame` made. `Ok` once it is written
+    /// or queued behind the writer in turn; an error when this caller's
+    /// turn failed to write (what it wrote for others included) or an
+    /// earlier one did: the caller then kills the session, which fails
+    /// every call whose request may not have gone.
+    fn send(&self, frame: Vec<u8>) -> Result<()> {
+        if frame.len() - 4 > crate::proto::MAX_FRAME {
+            return Err(Error::Invalid(format!(
+                "frame of {} bytes exceeds limit {}",
+                frame.len() - 4,
+                crate::proto::MAX_FRAME
+            )));
+        }
+        let mut st = self.st.lock();
+        if let Some(e) = &st.failed {
+            let e = std::io::Error::new(std::io::ErrorKind::BrokenPipe, e.clone());
+            return Err(Error::io("sending frame", e));
+        }
+        st.queue.push_back(frame);
+        if st.writing {
+            return Ok(());
+        }
+        st.writing = true;
+        let mut sealed = Vec::new();
+        // Bounded: each turn writes what was queued; callers queue only
+        // while it writes, and a failure ends it.
+        loop {
+            let batch: Vec<Vec<u8>> = st.queue.drain(..).collect();
+            if batch.is_empty() {
+                st.writing = false;
+                return Ok(());
+            }
+            drop(st);
+            let r = self.write_batch(&batch, &mut sealed);
+            st = self.st.lock();
+            if let Err(e) = r {
+                st.failed = Some(e.to_string());
+                st.queue.clear();
+                st.writing = false;
+                return Err(Error::io("sending frame", e));
+            }
+        }
+    }
+
+    /// Seal (or, in plaintext, copy) the frames in order and write them in
+    /// one go.
+    fn write_batch(&self, batch: &[Vec<u8>], sealed: &mut Vec<u8>) -> std::io::Result<()> {
+        sealed.clear();
+        for f in batch {
+            if !self.stream.seal(f, sealed)? {
+                sealed.extend_from_slice(f);
+            }
+        }
+        let mut sock = self.stream.tcp();
+        sock.write_all(sealed)
+    }
 }
 
 fn recv(s: &mut Stream, server: &str, timeout: Duration) -> Result<Msg> {
@@ -317,7 +392,8 @@ struct Control {
     /// A clone used only to shut the socket down, so killing the connection
     /// never waits for a writer stuck on a full socket.
     sock: TcpStream,
-    writer: Mutex<Stream>,
+    /// Requests, pings and acks, in order (see `FrameSender`).
+    out: FrameSender,
     pending: Mutex<HashMap<u64, Arc<Slot>>>,
     dead: Mutex<Option<String>>,
     last_heard: Mutex<Instant>,
@@ -516,7 +592,7 @@ fn reader_loop(
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
                 Counters::add(&counters.breaks_received, fids.len() as u64);
-                let r = write_msg(&mut *ctl.writer.lock(), frame.id, &Msg::BreakAck);
+                let r = ctl.out.send(Msg::BreakAck.encode_frame(frame.id));
                 if let Err(e) = r {
                     return ctl.kill(&format!("sending BreakAck: {e}"));
                 }
@@ -543,10 +619,7 @@ fn reader_loop(
                 }
             }
             Err(e) => {
-                let mut w = ctl.writer.lock();
-                let m = Msg::error(&e);
-                let _ = write_msg(&mut *w, frame.id, &m);
-                drop(w);
+                let _ = ctl.out.send(Msg::error(&e).encode_frame(frame.id));
                 return ctl.kill(&format!("protocol error: {e}"));
             }
         }
@@ -615,7 +688,7 @@ impl Session {
         let ctl = Arc::new(Control {
             server: server.to_string(),
             sock,
-            writer: Mutex::new(s),
+            out: FrameSender::new(s),
             pending: Mutex::new(HashMap::new()),
             dead: Mutex::new(None),
             last_heard: Mutex::new(Instant::now()),
@@ -702,7 +775,7 @@ impl Session {
 
     /// Send a request without waiting for its reply: the reintegrator keeps
     /// several batches in flight. Requests are written in the order of the
-    /// calls (one writer at a time); `Sent::wait` then reads the reply as
+    /// calls (`FrameSender`); `Sent::wait` then reads the reply as
     /// `call_raw` would, within the RPC timeout counted from now.
     pub fn send_raw(&self, msg: &Msg, interrupt: &Interrupt) -> Result<Sent<'_>> {
         self.send_raw_within(msg, interrupt, self.timing.rpc_timeout)
@@ -735,9 +808,7 @@ impl Session {
             return Err(e);
         }
         self.ctl.note_asked(id);
-        // Encoded before the writer's lock is taken.
-        let frame = msg.encode_frame(id);
-        let written = write_encoded(&mut self.ctl.writer.lock(), &frame);
+        let written = self.ctl.out.send(msg.encode_frame(id));
         if let Err(e) = written {
             let e = net_error(e, &self.server, self.timing.rpc_timeout);
             self.ctl.kill(&e.to_string());
@@ -754,7 +825,7 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let m = Msg::Ping;
         self.ctl.note_asked(id);
-        if let Err(e) = write_msg(&mut *self.ctl.writer.lock(), id, &m) {
+        if let Err(e) = self.ctl.out.send(m.encode_frame(id)) {
             self.ctl.kill(&format!("sending Ping: {e}"));
         }
     }
