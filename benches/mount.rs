@@ -791,11 +791,14 @@ fn main() {
             &format!("write_back_ms = {WRITE_BACK_MS}\n"),
         )
     });
+    // A directory of its own: two write-back clients making the same new
+    // name at once is a conflict for the later one to reintegrate (its
+    // tree is then kept aside, and its next creates in it find nothing).
     let wbt_base = wb_base.as_ref().map(|m| {
-        std::fs::create_dir_all(m.mnt.join("bench-wb")).unwrap();
+        std::fs::create_dir_all(m.mnt.join("bench-wb-base")).unwrap();
         Target {
             name: "coda write-back (base build)",
-            root: m.mnt.join("bench-wb"),
+            root: m.mnt.join("bench-wb-base"),
         }
     });
     let drain_of = |cache: &Path| {
