@@ -69,6 +69,9 @@ struct Queued {
 /// in flight let every writer's record go at once instead of in turns.
 pub(crate) const MAX_IN_FLIGHT: usize = 8;
 
+/// Records a batch sent while another is in flight must carry at least.
+const SHARED_BATCH: usize = 2;
+
 /// Set to a number from 1 to `MAX_IN_FLIGHT` in the client's environment
 /// to allow fewer batches in flight (1: one at a time, as before
 /// pipelining): only for measuring what pipelining gains.
@@ -94,9 +97,17 @@ struct OutState {
 }
 
 impl OutState {
-    /// A connected writer may take the token and send a batch now.
+    /// A connected writer may take the token and send a batch now. With a
+    /// batch already in flight, another goes only if it would carry several
+    /// records: a lone record waits for the answer and then goes with
+    /// whatever queued behind it, so concurrent writers share requests
+    /// (one apply and one reply for several records) instead of each
+    /// sending its own.
     fn may_send(&self) -> bool {
-        !self.sending && !self.halted && self.in_flight < self.max_in_flight
+        !self.sending
+            && !self.halted
+            && self.in_flight < self.max_in_flight
+            && (self.in_flight == 0 || self.queue.len() >= SHARED_BATCH)
     }
 }
 
