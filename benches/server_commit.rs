@@ -10,15 +10,13 @@
 //! Printed per mode and session count: batches committed, commits/s, the
 //! ratio to one session in the same mode, and grouped against not grouped.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::proto::frame::encode_frame;
-use coda::proto::{Fid, Msg, Record};
+use coda::proto::{Fid, Msg};
 
 mod common;
 use common::BenchServer as Server;
@@ -30,24 +28,6 @@ use raw::{rec, Raw};
 
 const SESSIONS: [usize; 3] = [1, 4, 16];
 const FILE: usize = 4096;
-
-/// A batch and its answer; the breaks that the other sessions' commits
-/// send meanwhile are acknowledged on the way. `None`: connection gone.
-fn reintegrate(c: &mut Raw, records: Vec<Record>) -> Option<Msg> {
-    let id = c.try_send(&Msg::Reintegrate { records }).ok()?;
-    loop {
-        match c.recv()? {
-            (bid, Msg::CallbackBreak { .. }) => {
-                let ack = Msg::BreakAck;
-                c.stream
-                    .write_all(&encode_frame(ack.kind(), bid, &ack.encode()))
-                    .ok()?;
-            }
-            (rid, m) if rid == id => return Some(m),
-            (_, m) => panic!("unexpected frame: {m:?}"),
-        }
-    }
-}
 
 /// One session committing until `stop`; returns its batches committed.
 fn session(addr: SocketAddr, secret: &Path, n: u8, tag: u8, stop: &AtomicBool) -> u64 {
@@ -78,7 +58,7 @@ fn session(addr: SocketAddr, secret: &Path, n: u8, tag: u8, stop: &AtomicBool) -
             rec::store(store_id + 1, fid, 0, up, FILE as u64),
         ];
         store_id += 2;
-        match reintegrate(&mut c, records) {
+        match c.try_reintegrate(records) {
             Some(Msg::Reintegrated { .. }) => done += 1,
             other => panic!("batch refused: {other:?}"),
         }

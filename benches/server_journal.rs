@@ -10,14 +10,12 @@
 //! Printed per round: commits/s of each; at the end the median ratio
 //! journal / no journal per session count, and each `meta.redb`'s size.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use coda::proto::frame::encode_frame;
 use coda::proto::{Fid, Msg, Record, RecordOp};
 
 mod common;
@@ -30,23 +28,6 @@ use raw::{rec, Raw};
 
 const SESSIONS: [usize; 2] = [1, 4];
 const FILE: usize = 4096;
-
-/// A batch and its answer, acknowledging the breaks on the way.
-fn reintegrate(c: &mut Raw, records: Vec<Record>) -> Option<Msg> {
-    let id = c.try_send(&Msg::Reintegrate { records }).ok()?;
-    loop {
-        match c.recv()? {
-            (bid, Msg::CallbackBreak { .. }) => {
-                let ack = Msg::BreakAck;
-                c.stream
-                    .write_all(&encode_frame(ack.kind(), bid, &ack.encode()))
-                    .ok()?;
-            }
-            (rid, m) if rid == id => return Some(m),
-            (_, m) => panic!("unexpected frame: {m:?}"),
-        }
-    }
-}
 
 /// One session creating 4 KiB files until `stop`; returns how many.
 fn session(addr: SocketAddr, secret: &Path, id: [u8; 16], stop: &AtomicBool) -> u64 {
@@ -80,7 +61,7 @@ fn session(addr: SocketAddr, secret: &Path, id: [u8; 16], stop: &AtomicBool) -> 
             },
         }];
         store_id += 1;
-        match reintegrate(&mut c, records) {
+        match c.try_reintegrate(records) {
             Some(Msg::Reintegrated { .. }) => done += 1,
             other => panic!("batch refused: {other:?}"),
         }

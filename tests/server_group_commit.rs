@@ -21,25 +21,6 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(coda::proto::auth::random_bytes())
 }
 
-/// Send a batch and wait for its answer, acknowledging callback breaks
-/// (the other writers' commits break this one's volume callback) on the
-/// way. `None`: the connection died.
-fn reintegrate(c: &mut Raw, records: Vec<Record>) -> Option<Msg> {
-    let id = c.try_send(&Msg::Reintegrate { records }).ok()?;
-    // Bounded by the server: each frame is a break or the reply.
-    loop {
-        match c.recv()? {
-            (bid, Msg::CallbackBreak { .. }) => {
-                let ack = Msg::BreakAck;
-                let frame = encode_frame(ack.kind(), bid, &ack.encode());
-                c.stream.write_all(&frame).ok()?;
-            }
-            (rid, m) if rid == id => return Some(m),
-            (rid, m) => panic!("unexpected frame {rid}: {m:?}"),
-        }
-    }
-}
-
 fn data_of(writer: usize, round: usize, len: usize) -> Vec<u8> {
     (0..len)
         .map(|k| (k * 7 + writer * 31 + round * 13) as u8)
@@ -88,7 +69,7 @@ fn a_batch_failing_in_the_middle_leaves_nothing_and_the_others_commit_exactly() 
                     if failing {
                         records.push(rec::remove(next_id + 3, root, "ghost", fids[3 * r + 2]));
                     }
-                    match reintegrate(&mut c, records).expect("server answers") {
+                    match c.try_reintegrate(records).expect("server answers") {
                         Msg::Reintegrated { results } if !failing => {
                             assert_eq!(results.len(), 3);
                             assert_eq!(results[1].size, 4096);
@@ -107,7 +88,7 @@ fn a_batch_failing_in_the_middle_leaves_nothing_and_the_others_commit_exactly() 
                                 rec::store(next_id + 1, f, 0, up, data.len() as u64),
                                 rec::create(next_id + 2, root, &rg, g),
                             ];
-                            let m = reintegrate(&mut c, records).expect("server answers");
+                            let m = c.try_reintegrate(records).expect("server answers");
                             assert!(matches!(m, Msg::Reintegrated { .. }), "retry: {m:?}");
                             next_id += 3;
                             bad.push((fname, gname));
@@ -201,7 +182,7 @@ fn crash_writer(
             rec::create(base + 2, root, &g, g_fid),
         ];
         sent.lock().unwrap().push(Sent { f, g, f_fid, data });
-        match reintegrate(&mut c, records) {
+        match c.try_reintegrate(records) {
             Some(Msg::Reintegrated { .. }) => acked = i + 1,
             Some(m) => panic!("writer {w} batch {i} refused: {m:?}"),
             None => return acked,
@@ -321,8 +302,7 @@ fn pipelined_large_batches_beside_small_writers_commit_whole_in_order() {
                 // batches are answered (or the test fails on its deadline).
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     n += 1;
-                    let m =
-                        reintegrate(&mut c, vec![rec::chmod(n, g, 0, 0o600 | (n as u32 & 0o77))]);
+                    let m = c.try_reintegrate(vec![rec::chmod(n, g, 0, 0o600 | (n as u32 & 0o77))]);
                     assert!(
                         matches!(m, Some(Msg::Reintegrated { .. })),
                         "small {w}: {m:?}"

@@ -35,6 +35,27 @@ fn data_for(i: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// Move the (killed) server's data directory onto a loop file system of
+/// `image`: made by `init`, copied in, the loop mounted over it, synced
+/// (what init made is on disk: the tests are about what follows), and the
+/// server started again on it.
+fn onto_image(srv: &mut TestServer, image: &std::path::Path, work: &std::path::Path) -> LoopMount {
+    srv.kill9();
+    let root = srv.root();
+    let staging = work.join("mnt");
+    let mut disk = LoopMount::attach(image, &staging);
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(root.join("."))
+        .arg(&staging));
+    disk.detach();
+    drop(disk);
+    let disk = LoopMount::attach(image, &root);
+    unsafe { libc::sync() };
+    srv.restart();
+    disk
+}
+
 #[test]
 fn stored_files_acknowledged_before_a_power_cut_survive_it_whole() {
     if !may_run("the server power-cut test") {
@@ -48,20 +69,8 @@ fn stored_files_acknowledged_before_a_power_cut_survive_it_whole() {
     // The server's data directory moves onto the loop file system: made
     // by `init`, copied in, and the loop mounted over it.
     let mut srv = TestServer::start();
-    srv.kill9();
+    let mut disk = onto_image(&mut srv, &image, work.path());
     let root = srv.root();
-    let staging = work.path().join("mnt");
-    let mut disk = LoopMount::attach(&image, &staging);
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(root.join("."))
-        .arg(&staging));
-    disk.detach();
-    drop(disk);
-    let mut disk = LoopMount::attach(&image, &root);
-    // What init made is on disk (the test is about what follows).
-    unsafe { libc::sync() };
-    srv.restart();
 
     let mut c = Raw::control(srv.addr(), &srv.secret_file(), W, 1);
     let mut b = Raw::bulk(srv.addr(), &srv.secret_file(), W, 1);
@@ -160,19 +169,8 @@ fn small_batches_acknowledged_before_a_power_cut_come_back_from_the_journal() {
     make_image(&image);
     // No idle checkpoint before the cut: the journal alone has them.
     let mut srv = TestServer::start_env(&[], &[("CODA_SERVER_JOURNAL_IDLE_MS", "3600000")]);
-    srv.kill9();
+    let mut disk = onto_image(&mut srv, &image, work.path());
     let root = srv.root();
-    let staging = work.path().join("mnt");
-    let mut disk = LoopMount::attach(&image, &staging);
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(root.join("."))
-        .arg(&staging));
-    disk.detach();
-    drop(disk);
-    let mut disk = LoopMount::attach(&image, &root);
-    unsafe { libc::sync() };
-    srv.restart();
 
     let mut c = Raw::control(srv.addr(), &srv.secret_file(), W, 3);
     let n = 30;

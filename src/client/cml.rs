@@ -1271,17 +1271,7 @@ mod tests {
             // Another held record, then a record logged durably behind it.
             let d = cml.log_connected(store(f)).unwrap().store_id;
             assert_eq!(rows(&cml), vec![c]);
-            let e = cml
-                .log(
-                    setattr(Fid::new(1, 7, 1), Some(0o600), None),
-                    Some(1),
-                    false,
-                    false,
-                )
-                .unwrap()
-                .record
-                .unwrap()
-                .store_id;
+            let e = log_setattr(&cml);
             assert_eq!(rows(&cml), vec![c, d, e]);
             (a, b, c, d)
         };
@@ -1291,6 +1281,17 @@ mod tests {
         assert_eq!(&ids[..2], &[c, d]);
         assert!(!ids.contains(&a) && !ids.contains(&b));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Log a chmod of a fixed fid durably; its store id.
+    fn log_setattr(cml: &Cml) -> u64 {
+        let logged = cml.log(
+            setattr(Fid::new(1, 7, 1), Some(0o600), None),
+            Some(1),
+            false,
+            false,
+        );
+        logged.unwrap().record.unwrap().store_id
     }
 
     /// A lazily logged create inside the lease takes no transaction of its
@@ -1305,17 +1306,7 @@ mod tests {
         let (first, a, s) = {
             let cml = open(&dir);
             // The first record extends the lease (a durable commit).
-            let first = cml
-                .log(
-                    setattr(Fid::new(1, 7, 1), Some(0o600), None),
-                    Some(1),
-                    false,
-                    false,
-                )
-                .unwrap()
-                .record
-                .unwrap()
-                .store_id;
+            let first = log_setattr(&cml);
             let f = Fid::new(1, 8, 1);
             let a = cml.log_lazy(create(f, "a"), None, false).unwrap();
             let a = a.record.unwrap().store_id;

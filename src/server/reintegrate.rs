@@ -546,28 +546,15 @@ impl VolumeStore {
         records: &[Record],
         staged: StagedLookup,
     ) -> std::result::Result<Outcome, BatchError> {
-        self.reintegrate_at(client, who, after, records, staged, None)
+        self.reintegrate_logged(client, who, after, records, staged, None, None)
     }
 
     /// [`VolumeStore::reintegrate_after`] stamping changes with `now` when
-    /// given (replication applies a batch with the time its leader chose).
-    pub fn reintegrate_at(
-        &self,
-        client: &ClientId,
-        who: Option<Arc<super::acl::Who>>,
-        after: u64,
-        records: &[Record],
-        staged: StagedLookup,
-        now: Option<Timespec>,
-    ) -> std::result::Result<Outcome, BatchError> {
-        self.reintegrate_logged(client, who, after, records, staged, now, None)
-    }
-
-    /// [`VolumeStore::reintegrate_at`] for a replicated log entry: with
-    /// `log_index`, the index goes in the batch's transaction and the
-    /// commit skips its fsync when it touches no object file (see
-    /// `commit_durability`).
-    #[allow(clippy::too_many_arguments)] // reintegrate_at's, plus the index
+    /// given (replication applies a batch with the time its leader chose),
+    /// and for a replicated log entry: with `log_index`, the index goes in
+    /// the batch's transaction and the commit skips its fsync when it
+    /// touches no object file (see `commit_durability`).
+    #[allow(clippy::too_many_arguments)] // reintegrate_after's, the time and the index
     pub(crate) fn reintegrate_logged(
         &self,
         client: &ClientId,
@@ -1032,68 +1019,72 @@ impl VolumeStore {
         if live.is_empty() || live.iter().any(|(i, _)| staged(*i)) {
             return Ok(false);
         }
-        let mut j = self.wal.journal.lock();
-        let Some(journal) = j.as_mut().filter(|j| !j.is_broken()) else {
-            return Ok(false);
-        };
-        let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
-            let job = &jobs[*i];
-            super::wal::EntryRef {
-                client: &job.client,
-                after: job.after,
-                records: &job.records,
-                now: a.now,
-                who: job.who.as_deref(),
+        let journaled = self.wal.with_journal(|journal| -> Result<bool> {
+            if journal.is_broken() {
+                return Ok(false);
             }
-        }));
-        if !journal.fits(payload.len()) {
-            return Ok(false);
+            let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
+                let job = &jobs[*i];
+                super::wal::EntryRef {
+                    client: &job.client,
+                    after: job.after,
+                    records: &job.records,
+                    now: a.now,
+                    who: job.who.as_deref(),
+                }
+            }));
+            if !journal.fits(payload.len()) {
+                return Ok(false);
+            }
+            let seq = journal.next_seq();
+            txn.open_table(SETTINGS)?
+                .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+            if let Err(e) = journal.append(&payload).and_then(|()| journal.sync()) {
+                super::log::warn(format_args!(
+                    "commit journal failed ({e}); committing durably until it is reset"
+                ));
+                return Ok(false);
+            }
+            Ok(true)
+        });
+        let journaled = journaled.transpose()?.unwrap_or(false);
+        if journaled {
+            self.wal.since.lock().get_or_insert_with(Instant::now);
         }
-        let seq = journal.next_seq();
-        txn.open_table(SETTINGS)?
-            .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
-        if let Err(e) = journal.append(&payload).and_then(|()| journal.sync()) {
-            super::log::warn(format_args!(
-                "commit journal failed ({e}); committing durably until it is reset"
-            ));
-            return Ok(false);
-        }
-        self.wal.since.lock().get_or_insert_with(Instant::now);
-        Ok(true)
+        Ok(journaled)
     }
 
     /// The group just journaled did not commit: its record is not to be
     /// replayed. If even this fails, a restart applies it (its client,
     /// told it failed, sends it again and finds it applied).
     fn cancel_journaled(&self) {
-        let mut j = self.wal.journal.lock();
-        if let Some(journal) = j.as_mut() {
-            let r = journal
+        let r = self.wal.with_journal(|journal| {
+            journal
                 .append(&super::wal::encode_cancel())
-                .and_then(|()| journal.sync());
-            if let Err(e) = r {
-                super::log::warn(format_args!("cannot cancel a journaled group: {e}"));
-            }
+                .and_then(|()| journal.sync())
+        });
+        if let Some(Err(e)) = r {
+            super::log::warn(format_args!("cannot cancel a journaled group: {e}"));
         }
     }
 
     /// After a group's commit: a durable one covers everything journaled
     /// (the journal starts again); past half the journal, checkpoint.
     fn after_commit(&self, db: &Database, journaled: bool) {
-        let mut j = self.wal.journal.lock();
-        let Some(journal) = j.as_mut() else { return };
-        let r = if journaled {
-            let full = journal.used() > journal.room() / 2;
-            if !full && journal.records() < super::wal::CHECKPOINT_GROUPS {
-                return;
+        let r = self.wal.with_journal(|journal| {
+            if journaled {
+                let full = journal.used() > journal.room() / 2;
+                if !full && journal.records() < super::wal::CHECKPOINT_GROUPS {
+                    return Ok(());
+                }
+                self.checkpoint_locked(db, journal)
+            } else if journal.records() > 0 || journal.is_broken() {
+                self.reset_journal(journal)
+            } else {
+                Ok(())
             }
-            self.checkpoint_locked(db, journal)
-        } else if journal.records() > 0 || journal.is_broken() {
-            self.reset_journal(journal)
-        } else {
-            return;
-        };
-        if let Err(e) = r {
+        });
+        if let Some(Err(e)) = r {
             super::log::warn(format_args!("commit journal checkpoint failed: {e}"));
         }
     }
@@ -1120,13 +1111,14 @@ impl VolumeStore {
     /// checkpoint), in order and as first applied, then checkpoint.
     /// `keep`: use the journal from now on (None: as before).
     pub(crate) fn replay_in(&self, db: &Database, keep: Option<bool>) -> Result<()> {
-        let mut j = self.wal.journal.lock();
-        let keep = keep.unwrap_or(j.is_some());
+        // Out of its slot while it is replayed and synced (no lock held
+        // across the fsyncs); groups meanwhile commit durably.
+        let had = self.wal.journal.lock().take().is_some();
+        let keep = keep.unwrap_or(had);
         let path = super::wal::path(&self.root);
         if !keep && !path.exists() {
             return Ok(());
         }
-        *j = None;
         let existed = path.exists();
         let (mut journal, found) =
             match crate::journal::Journal::open(&path, super::wal::capacity()) {
@@ -1160,7 +1152,9 @@ impl VolumeStore {
                 "applied {n} group(s) of batches from the commit journal"
             ));
         }
-        *j = keep.then_some(journal);
+        if keep {
+            *self.wal.journal.lock() = Some(journal);
+        }
         Ok(())
     }
 
@@ -2592,19 +2586,6 @@ mod tests {
         let store = VolumeStore::open(&root, u64::MAX).unwrap();
         let (a, b) = ([1u8; 16], [2u8; 16]);
         let (fa, fb) = (fids(&store, &a, 1), fids(&store, &b, 1));
-        let with = |store_id, name: &str, fid, data: &[u8]| Record {
-            store_id,
-            op: RecordOp::CreateWith {
-                parent: ROOT_FID,
-                name: name.into(),
-                fid,
-                mode: 0o644,
-                mtime: Timespec::default(),
-                uid: 0,
-                gid: 0,
-                data: data.to_vec(),
-            },
-        };
         let ghost = Record {
             store_id: 2,
             op: RecordOp::Remove {
@@ -2615,9 +2596,9 @@ mod tests {
         };
         // Past the small-file limit: small data goes into the commit.
         let first = vec![1u8; BIG_DATA];
-        let ra = vec![with(1, "a1", fa[0], &first)];
+        let ra = vec![create_with(1, "a1", fa[0], first.clone())];
         // Writes b1, then fails at its second record: the group restarts.
-        let rb = vec![with(1, "b1", fb[0], &vec![2u8; BIG_DATA]), ghost];
+        let rb = vec![create_with(1, "b1", fb[0], vec![2u8; BIG_DATA]), ghost];
         let (pa, pb) = (
             Prepared::new(&store.root, &ra),
             Prepared::new(&store.root, &rb),

@@ -242,9 +242,9 @@ pub(crate) fn pending(
 }
 
 /// The journal of a lone server (None: off, for a replicated member or
-/// by `NO_JOURNAL_ENV`). Its lock is only ever taken by the thread that
-/// holds the group commit (`GroupState::busy`) or by the store's (re)open,
-/// so it is never waited for across the syncs it covers.
+/// by `NO_JOURNAL_ENV`). Its lock guards only the slot: the journal is
+/// taken out for its writes and syncs (`with_journal`), by the thread that
+/// holds the group commit (`GroupState::busy`) or the store's (re)open.
 pub(crate) struct Wal {
     pub(crate) journal: Mutex<Option<Journal>>,
     /// When the first record since the last checkpoint was appended
@@ -258,6 +258,17 @@ impl Wal {
             journal: Mutex::new(None),
             since: Mutex::new(None),
         }
+    }
+
+    /// Run `f` on the journal taken out of its slot, so no lock is held
+    /// across its writes and fsyncs, and put it back; `None` when there is
+    /// none (off, or out meanwhile: its users hold the group commit, so
+    /// that does not happen, and a group that finds none commits durably).
+    pub(crate) fn with_journal<T>(&self, f: impl FnOnce(&mut Journal) -> T) -> Option<T> {
+        let mut journal = self.journal.lock().take()?;
+        let out = f(&mut journal);
+        *self.journal.lock() = Some(journal);
+        Some(out)
     }
 
     /// Whether the journal holds records and the first is older than
@@ -330,13 +341,14 @@ impl VolumeStore {
 
     fn checkpoint_held(&self) {
         let r = self.with_db(|db| {
-            let mut j = self.wal.journal.lock();
-            match j.as_mut() {
-                Some(journal) if journal.records() > 0 || journal.is_broken() => {
+            let r = self.wal.with_journal(|journal| {
+                if journal.records() > 0 || journal.is_broken() {
                     self.checkpoint_locked(db, journal)
+                } else {
+                    Ok(())
                 }
-                _ => Ok(()),
-            }
+            });
+            r.unwrap_or(Ok(()))
         });
         if let Err(e) = r {
             super::log::warn(format_args!("commit journal checkpoint failed: {e}"));

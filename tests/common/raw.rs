@@ -266,6 +266,27 @@ impl Raw {
         self.call(&Msg::Reintegrate { records })
     }
 
+    /// Send a batch and wait for its answer, acknowledging the callback
+    /// breaks that other writers' commits send meanwhile. `None`: the
+    /// connection died (for tests and benches that kill the server or run
+    /// until it stops). Bounded by the server: each frame is a break or
+    /// the reply.
+    pub fn try_reintegrate(&mut self, records: Vec<Record>) -> Option<Msg> {
+        let id = self.try_send(&Msg::Reintegrate { records }).ok()?;
+        loop {
+            match self.recv()? {
+                (bid, Msg::CallbackBreak { .. }) => {
+                    let ack = Msg::BreakAck;
+                    self.stream
+                        .write_all(&encode_frame(ack.kind(), bid, &ack.encode()))
+                        .ok()?;
+                }
+                (rid, m) if rid == id => return Some(m),
+                (rid, m) => panic!("unexpected frame {rid}: {m:?}"),
+            }
+        }
+    }
+
     /// Apply a batch that must succeed; returns its result attrs.
     pub fn apply(&mut self, records: Vec<Record>) -> Vec<Attr> {
         match self.reintegrate(records) {
