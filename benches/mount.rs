@@ -25,8 +25,8 @@
 //!
 //! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
 //! mount as it was before kernel caching), the baseline for that change.
-//! 1 and 2 also on a third with `--no-fast-open` (every open through the
-//! client), the baseline for the fast open of an unchanged cached file,
+//! 1 and 2 also on a third with `--no-paged-open` (small read-only opens
+//! through passthrough, as before page-cache opens), the baseline for them,
 //! and on a fourth with `--no-open` (read-only: no FUSE open, release or
 //! flush at all), serving the files the `coda` target wrote.
 //!
@@ -596,9 +596,9 @@ fn main() {
     let plain = mount(&dir, &addr, &secret, "plain", &["--no-passthrough"]);
     // The mount as it was before kernel caching: the baseline for it.
     let nocache = mount(&dir, &addr, &secret, "nocache", &["--no-kernel-cache"]);
-    // The mount with every open through the client: the baseline for the
-    // fast open of an unchanged cached file (sections 1 and 2).
-    let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-fast-open"]);
+    // Small read-only opens through passthrough (the default before
+    // page-cache opens): their baseline (sections 1 and 2).
+    let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-paged-open"]);
     // Read-only serving without open requests (sections 1 and 2).
     let noopen = mount(&dir, &addr, &secret, "noopen", &["--no-open"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
@@ -635,7 +635,7 @@ fn main() {
     let read_targets = [&targets[0], &targets[1], &targets[2], &nc];
     std::fs::create_dir_all(nofast.mnt.join("bench-nf")).unwrap();
     let nf = Target {
-        name: "coda --no-fast-open",
+        name: "coda --no-paged-open",
         root: nofast.mnt.join("bench-nf"),
     };
     // Read-only: it serves what the `coda` target writes (same server).

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -65,6 +66,12 @@ pub struct KernelCache {
     /// no invalidation came between asking the client and now, dropped by
     /// every invalidation naming the inode (and by all of them at once).
     fast: Mutex<HashMap<u64, u64>>,
+    /// Per inode, the version whose pages a read-only page-cache open may
+    /// keep (FOPEN_KEEP_CACHE) without the client's open, and a descriptor
+    /// of the container holding it (fs.rs, "paged opens"): set like `fast`,
+    /// only with no invalidation between asking the client and now, and
+    /// dropped by every invalidation naming the inode.
+    paged: Mutex<HashMap<u64, (u64, Arc<std::fs::File>)>>,
     /// The fid-derived inode number of `/` (FUSE calls it 1).
     root: AtomicU64,
 }
@@ -88,6 +95,7 @@ impl KernelCache {
             inodes: Mutex::new(HashSet::new()),
             versions: Mutex::new(HashMap::new()),
             fast: Mutex::new(HashMap::new()),
+            paged: Mutex::new(HashMap::new()),
             root: AtomicU64::new(1),
         }
     }
@@ -210,6 +218,56 @@ impl KernelCache {
         self.fast.lock().remove(&ino);
     }
 
+    /// Mark the kernel's pages of `ino` (if any) as those of `version`, held
+    /// by `container`, if no invalidation came since `t` (taken before the
+    /// client was asked). `Some(keep)`: marked, and `keep` says the pages
+    /// the kernel may hold are already of that version (the open may keep
+    /// them); `None`: not marked (the open must drop them). Under the
+    /// epoch's read lock, as `vouch_open`.
+    pub fn vouch_pages(
+        &self,
+        ino: u64,
+        t: Ticket,
+        version: u64,
+        container: impl FnOnce() -> Option<Arc<std::fs::File>>,
+    ) -> Option<bool> {
+        let g = self.epoch.read();
+        if *g != t.0 || !self.enabled() {
+            self.paged.lock().remove(&ino);
+            return None;
+        }
+        let mut p = self.paged.lock();
+        if let Some((v, _)) = p.get(&ino) {
+            if *v == version {
+                return Some(true);
+            }
+        }
+        if p.len() >= FAST_MAX {
+            // Bounded; whatever is dropped is marked again by its next open.
+            p.clear();
+        }
+        let c = container()?;
+        p.insert(ino, (version, c));
+        drop(g);
+        Some(false)
+    }
+
+    /// The version (and its container) whose pages a read-only open of
+    /// `ino` may keep without the client, if still marked.
+    pub fn paged(&self, ino: u64) -> Option<(u64, Arc<std::fs::File>)> {
+        self.paged.lock().get(&ino).cloned()
+    }
+
+    /// The version `ino`'s pages are marked for.
+    pub fn paged_version(&self, ino: u64) -> Option<u64> {
+        self.paged.lock().get(&ino).map(|(v, _)| *v)
+    }
+
+    /// `ino`'s pages are no longer vouched for: the next open drops them.
+    pub fn unvouch_pages(&self, ino: u64) {
+        self.paged.lock().remove(&ino);
+    }
+
     /// The kernel drops its pages of `ino` at the next open.
     pub fn forget_pages(&self, ino: u64) {
         self.versions.lock().remove(&ino);
@@ -244,6 +302,12 @@ impl KernelCache {
                 f.remove(ino);
             }
         }
+        {
+            let mut p = self.paged.lock();
+            for ino in inos {
+                p.remove(ino);
+            }
+        }
         self.send(&tx, inos.to_vec(), entries, wait);
     }
 
@@ -251,6 +315,7 @@ impl KernelCache {
     pub fn invalidate_all(&self, wait: bool) {
         *self.epoch.write() += 1;
         self.fast.lock().clear();
+        self.paged.lock().clear();
         let Some(tx) = self.jobs.lock().clone() else {
             return;
         };
