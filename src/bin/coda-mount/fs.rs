@@ -759,7 +759,8 @@ impl CodaFs {
     /// bookkeeping); whatever fails a check goes the ordinary way.
     fn fast_open(&self, ino: u64, fid: Fid) -> Option<(u64, Arc<BackingId>)> {
         let marked = self.shared.kcache.fast_version(ino)?;
-        let (version, mode) = self.client.trusted_data_version(fid)?;
+        // Never waits (an open that must ask goes the ordinary way).
+        let (version, mode) = self.client.trusted_data_version_now(fid)?;
         if version != marked {
             return None;
         }
@@ -1050,7 +1051,8 @@ impl CodaFs {
     /// does not hold) are served from the marked container.
     fn paged_fast_open(&self, ino: u64, fid: Fid) -> Option<u64> {
         let (marked, container) = self.shared.kcache.paged(ino)?;
-        let (version, mode) = self.client.trusted_data_version(fid)?;
+        // Never waits (an open that must ask goes the ordinary way).
+        let (version, mode) = self.client.trusted_data_version_now(fid)?;
         if version != marked || !self.take_paged(ino, true) {
             return None;
         }
@@ -1669,7 +1671,8 @@ impl Filesystem for CodaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _pass = self.shared.gate.enter();
+        // The fast opens below wait for nothing (gate.rs); the rest may.
+        let mut pass = self.shared.gate.enter_quick();
         self.shared.open_requests.fetch_add(1, Ordering::Relaxed);
         if self.no_open() {
             // The kernel takes this for the whole mount (noopen.rs).
@@ -1701,6 +1704,7 @@ impl Filesystem for CodaFs {
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b);
             }
         }
+        pass.may_block();
         // Before the client is asked: see `vouch_fast`.
         let t = self.shared.kcache.ticket();
         let file = tri!(reply, self.open_file(ino.0, fid, cflags));
@@ -1879,11 +1883,16 @@ impl Filesystem for CodaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.shared.gate.enter();
+        // A read-only handle's release waits for nothing (gate.rs); a
+        // writer's stores.
+        let mut pass = self.shared.gate.enter_quick();
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.error(Errno::EBADF);
         };
+        if h.writable {
+            pass.may_block();
+        }
         self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
         if h.paged {
             self.drop_paged(h.ino);
