@@ -31,6 +31,13 @@ const KEEP: usize = 3;
 /// 15 against 22 µs per open+fstat+read+close).
 const KEEP_QUICK: usize = 1;
 
+/// How many quick requests in a row (none that may wait in between) make a
+/// stream, after which `KEEP_QUICK` applies. Mixed work (a file read once:
+/// an open and a read through the client, then a quick release) keeps
+/// `KEEP` readers: parking after its releases only to wake a thread again
+/// for its next open cost more than the cold wake-ups.
+const QUICK_STREAK: u32 = 8;
+
 /// A parked thread goes back to reading after this long even unasked:
 /// bounds the wait when the session ends (the kernel then fails every
 /// read and the threads exit).
@@ -44,6 +51,8 @@ struct State {
     parked: usize,
     /// Parked threads told to go back to reading (already counted idle).
     woken: usize,
+    /// Quick requests since the last one that may wait.
+    streak: u32,
 }
 
 /// The FUSE threads' gate. Before `set_threads` it does nothing.
@@ -91,6 +100,7 @@ impl Gate {
         }
         let mut s = self.state.lock();
         s.idle = s.idle.saturating_sub(1);
+        s.streak = s.streak.saturating_add(1);
         Pass {
             gate: Some(self),
             handed: false,
@@ -99,7 +109,12 @@ impl Gate {
 
     fn exit(&self, quick: bool) {
         let mut s = self.state.lock();
-        if s.idle < if quick { KEEP_QUICK } else { KEEP } {
+        let keep = if quick && s.streak >= QUICK_STREAK {
+            KEEP_QUICK
+        } else {
+            KEEP
+        };
+        if s.idle < keep {
             s.idle += 1;
             return;
         }
@@ -130,6 +145,7 @@ impl Pass<'_> {
             return;
         };
         let mut s = g.state.lock();
+        s.streak = 0;
         if s.idle == 0 && s.parked > s.woken {
             s.woken += 1;
             s.idle += 1;
