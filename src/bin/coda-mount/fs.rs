@@ -1019,6 +1019,17 @@ impl CodaFs {
         true
     }
 
+    /// Whether a read-only page-cache handle of `ino` is open for another
+    /// version than `version` (or for one not known).
+    fn older_paged(&self, ino: u64, version: Option<u64>) -> bool {
+        if !self.paged_opens.lock().contains_key(&ino) {
+            return false;
+        }
+        self.handles.lock().values().any(|h| {
+            h.ino == ino && h.paged && !h.writable && (version.is_none() || h.pages_of != version)
+        })
+    }
+
     /// A page-cache open of `ino` ended (or was never answered).
     fn drop_paged(&self, ino: u64) {
         let mut p = self.paged_opens.lock();
@@ -1718,6 +1729,18 @@ impl Filesystem for CodaFs {
         } else {
             self.wants_paged(fid, &file)
         };
+        if !writable && self.older_paged(ino.0, version) {
+            // Page-cache opens of another version are open: the kernel has
+            // one page cache per inode, so this one reads around it (direct
+            // I/O, from its own container) and they keep the version they
+            // opened, as with passthrough.
+            let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+            );
+        }
         if self.take_paged(ino.0, version.is_some()) {
             let (fh, flags) = tri!(
                 reply,
