@@ -7,7 +7,7 @@
 //!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
 //!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
 //!   CODA_BENCH_ONLY=read ...                       (only 1 and 2: the cached read path)
-//!   CODA_BENCH_MOUNT_BASE=PATH ...                 (6 also on that coda-mount binary)
+//!   CODA_BENCH_MOUNT_BASE=PATH ...                 (1, 2 and 6 also on that coda-mount binary)
 //!
 //! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
 //!    (the load generator is in this file): requests/s and p99;
@@ -643,7 +643,20 @@ fn main() {
         name: "coda --no-open",
         root: noopen.mnt.join("bench"),
     };
-    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
+    // CODA_BENCH_MOUNT_BASE: that build's default mount too (sections 1, 2).
+    let webbase = std::env::var_os("CODA_BENCH_MOUNT_BASE")
+        .map(|_| mount(&dir, &addr, &secret, "webbase", &[]));
+    let wb_target = webbase.as_ref().map(|m| {
+        std::fs::create_dir_all(m.mnt.join("bench-base")).unwrap();
+        Target {
+            name: "coda (base build)",
+            root: m.mnt.join("bench-base"),
+        }
+    });
+    let mut web_targets = vec![&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
+    if let Some(t) = &wb_target {
+        web_targets.push(t);
+    }
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },

@@ -35,6 +35,12 @@ const BREAK_WAIT: Duration = Duration::from_secs(1);
 /// most 1,024 backing files anyway).
 const FAST_MAX: usize = 4096;
 
+/// How many inodes' pages may be marked at once. Each mark holds a
+/// descriptor of a container of at most 1 MiB, which keeps its disk space
+/// if the client evicts it meanwhile: at most 1 GiB, and only for files
+/// evicted while still marked.
+const PAGED_MAX: usize = 1024;
+
 /// One batch of notifications, in order: inodes (attributes and pages),
 /// then entries (parent, name).
 struct Job {
@@ -242,7 +248,7 @@ impl KernelCache {
                 return Some(true);
             }
         }
-        if p.len() >= FAST_MAX {
+        if p.len() >= PAGED_MAX {
             // Bounded; whatever is dropped is marked again by its next open.
             p.clear();
         }
@@ -408,6 +414,53 @@ mod tests {
         assert!(k.vouch_open(6, t, 3));
         k.invalidate_all(false);
         assert_eq!(k.fast_version(6), None, "failover, a new session");
+    }
+
+    #[test]
+    fn pages_are_marked_only_without_an_invalidation_and_kept_for_the_same_version() {
+        let f = || Some(Arc::new(std::fs::File::open("/dev/null").unwrap()));
+        let k = KernelCache::new();
+        assert_eq!(k.vouch_pages(5, k.ticket(), 1, f), None, "no notifier yet");
+        let (tx, _rx) = unbounded();
+        *k.jobs.lock() = Some(tx);
+        let t = k.ticket();
+        k.invalidate(&[9], false);
+        assert_eq!(k.vouch_pages(5, t, 1, f), None, "an invalidation came");
+        assert_eq!(k.paged_version(5), None);
+        assert_eq!(
+            k.vouch_pages(5, k.ticket(), 1, f),
+            Some(false),
+            "first: drop"
+        );
+        assert_eq!(k.vouch_pages(5, k.ticket(), 1, f), Some(true), "same: keep");
+        assert_eq!(k.paged(5).map(|(v, _)| v), Some(1));
+        assert_eq!(
+            k.vouch_pages(5, k.ticket(), 2, f),
+            Some(false),
+            "new version"
+        );
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        let t = k.ticket();
+        k.invalidate(&[5], false);
+        assert_eq!(k.paged_version(5), None, "its invalidation drops it");
+        assert_eq!(k.paged_version(6), Some(7), "another's does not");
+        assert_eq!(
+            k.vouch_pages(6, t, 7, f),
+            None,
+            "but an open asked before it"
+        );
+        assert_eq!(k.paged_version(6), None, "is not marked, and unmarks");
+        assert_eq!(
+            k.vouch_pages(6, k.ticket(), 7, || None),
+            None,
+            "no descriptor"
+        );
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        k.unvouch_pages(6);
+        assert_eq!(k.paged_version(6), None);
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        k.invalidate_all(false);
+        assert_eq!(k.paged_version(6), None, "failover, a new session");
     }
 
     #[test]
