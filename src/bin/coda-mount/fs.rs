@@ -1706,7 +1706,11 @@ impl Filesystem for CodaFs {
                 );
             }
         }
-        if cflags == libc::O_RDONLY && passthrough && fast {
+        // With page-cache opens on, a small file's later opens are served
+        // from the page cache (above or below), not from a kept backing.
+        let paging =
+            !self.shared.no_paged_open.load(Ordering::Relaxed) && self.shared.kcache.enabled();
+        if cflags == libc::O_RDONLY && passthrough && fast && !paging {
             if let Some((fh, b)) = self.fast_open(ino.0, fid) {
                 self.shared.fast_opens.fetch_add(1, Ordering::Relaxed);
                 self.shared
@@ -1724,11 +1728,15 @@ impl Filesystem for CodaFs {
             // open may keep pages marked for the old one meanwhile.
             self.shared.kcache.unvouch_pages(ino.0);
         }
+        // A small file's first open of a version is passed through (with
+        // passthrough): a file read once then costs no read request; from
+        // its second open on, the page cache serves it.
         let version = if writable {
             None
         } else {
             self.wants_paged(fid, &file)
-        };
+        }
+        .filter(|v| !passthrough || self.shared.kcache.seen(ino.0, *v));
         if !writable && self.older_paged(ino.0, version) {
             // Page-cache opens of another version are open: the kernel has
             // one page cache per inode, so this one reads around it (direct

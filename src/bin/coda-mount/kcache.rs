@@ -78,6 +78,10 @@ pub struct KernelCache {
     /// only with no invalidation between asking the client and now, and
     /// dropped by every invalidation naming the inode.
     paged: Mutex<HashMap<u64, (u64, Arc<std::fs::File>)>>,
+    /// Per inode, the last version opened read-only (a hint, not a
+    /// promise: fs.rs passes a small file's first open of a version
+    /// through and serves the later ones from the page cache).
+    seen: Mutex<HashMap<u64, u64>>,
     /// The fid-derived inode number of `/` (FUSE calls it 1).
     root: AtomicU64,
 }
@@ -102,6 +106,7 @@ impl KernelCache {
             versions: Mutex::new(HashMap::new()),
             fast: Mutex::new(HashMap::new()),
             paged: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             root: AtomicU64::new(1),
         }
     }
@@ -256,6 +261,17 @@ impl KernelCache {
         p.insert(ino, (version, c));
         drop(g);
         Some(false)
+    }
+
+    /// Record that `ino` was opened read-only at `version`; whether it was
+    /// already (the last such open was of the same version).
+    pub fn seen(&self, ino: u64, version: u64) -> bool {
+        let mut s = self.seen.lock();
+        if s.len() >= FAST_MAX && !s.contains_key(&ino) {
+            // Bounded; a hint only.
+            s.clear();
+        }
+        s.insert(ino, version) == Some(version)
     }
 
     /// The version (and its container) whose pages a read-only open of
