@@ -1391,6 +1391,8 @@ impl Filesystem for CodaFs {
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
         self.shared.kcache.unvouch_open(ino.0);
+        // Its pages are gone with it: let the mark's container go too.
+        self.shared.kcache.unvouch_pages(ino.0);
         if let Some(e) = b.get_mut(&ino.0) {
             e.kept = None;
             e.fast = None;
@@ -1914,14 +1916,14 @@ impl Filesystem for CodaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        // A read-only handle's release waits for nothing (gate.rs); a
-        // writer's stores.
+        // A fast open's release (no `File`) waits for nothing (gate.rs);
+        // a `File`'s close may (a writer stores, the cache may evict).
         let mut pass = self.shared.gate.enter_quick();
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.error(Errno::EBADF);
         };
-        if h.writable {
+        if h.writable || h.file.lock().is_some() {
             pass.may_block();
         }
         self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
