@@ -7,7 +7,7 @@
 //!   CODA_BENCH_QUICK=1 cargo bench --bench mount   (fewer files, shorter runs)
 //!   CODA_BENCH_FILES=N ...                         (N files for 3, 4 and 5)
 //!   CODA_BENCH_ONLY=read ...                       (only 1 and 2: the cached read path)
-//!   CODA_BENCH_MOUNT_BASE=PATH ...                 (6 also on that coda-mount binary)
+//!   CODA_BENCH_MOUNT_BASE=PATH ...                 (1, 2 and 6 also on that coda-mount binary)
 //!
 //! 1. nginx serving 1,000 small (4 KiB) files, 16 keep-alive connections
 //!    (the load generator is in this file): requests/s and p99;
@@ -25,8 +25,8 @@
 //!
 //! 1, 2, 3 and 5 also run on a second coda mount with `--no-kernel-cache` (the
 //! mount as it was before kernel caching), the baseline for that change.
-//! 1 and 2 also on a third with `--no-fast-open` (every open through the
-//! client), the baseline for the fast open of an unchanged cached file,
+//! 1 and 2 also on a third with `--no-paged-open` (small read-only opens
+//! through passthrough, as before page-cache opens), the baseline for them,
 //! and on a fourth with `--no-open` (read-only: no FUSE open, release or
 //! flush at all), serving the files the `coda` target wrote.
 //!
@@ -596,9 +596,9 @@ fn main() {
     let plain = mount(&dir, &addr, &secret, "plain", &["--no-passthrough"]);
     // The mount as it was before kernel caching: the baseline for it.
     let nocache = mount(&dir, &addr, &secret, "nocache", &["--no-kernel-cache"]);
-    // The mount with every open through the client: the baseline for the
-    // fast open of an unchanged cached file (sections 1 and 2).
-    let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-fast-open"]);
+    // Small read-only opens through passthrough (the default before
+    // page-cache opens): their baseline (sections 1 and 2).
+    let nofast = mount(&dir, &addr, &secret, "nofast", &["--no-paged-open"]);
     // Read-only serving without open requests (sections 1 and 2).
     let noopen = mount(&dir, &addr, &secret, "noopen", &["--no-open"]);
     let status = Command::new(env!("CARGO_BIN_EXE_coda"))
@@ -635,7 +635,7 @@ fn main() {
     let read_targets = [&targets[0], &targets[1], &targets[2], &nc];
     std::fs::create_dir_all(nofast.mnt.join("bench-nf")).unwrap();
     let nf = Target {
-        name: "coda --no-fast-open",
+        name: "coda --no-paged-open",
         root: nofast.mnt.join("bench-nf"),
     };
     // Read-only: it serves what the `coda` target writes (same server).
@@ -643,7 +643,20 @@ fn main() {
         name: "coda --no-open",
         root: noopen.mnt.join("bench"),
     };
-    let web_targets = [&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
+    // CODA_BENCH_MOUNT_BASE: that build's default mount too (sections 1, 2).
+    let webbase = std::env::var_os("CODA_BENCH_MOUNT_BASE")
+        .map(|_| mount(&dir, &addr, &secret, "webbase", &[]));
+    let wb_target = webbase.as_ref().map(|m| {
+        std::fs::create_dir_all(m.mnt.join("bench-base")).unwrap();
+        Target {
+            name: "coda (base build)",
+            root: m.mnt.join("bench-base"),
+        }
+    });
+    let mut web_targets = vec![&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
+    if let Some(t) = &wb_target {
+        web_targets.push(t);
+    }
     println!(
         "mount bench ({}): coda passthrough {}; targets local, bindfs, coda (connected, durable)",
         if quick { "quick" } else { "full" },

@@ -35,14 +35,21 @@ fn bytes(seed: u8) -> Vec<u8> {
     (0..4096u32).map(|i| (i as u8) ^ seed).collect()
 }
 
-/// Open `p` a few times: the first open through the client marks the kept
-/// backing, the next ones are fast. Asserts they were (with passthrough).
+/// Open `p` until two opens were fast (bounded): the first opens go through
+/// the client and mark the file (a small file's first open of a version is
+/// passed through, a later one, once that open's asynchronous release is
+/// in, marks its pages: docs/MOUNT.md "Page-cache opens"), the next ones
+/// are fast. Asserts they were (with passthrough).
 fn warm(m: &Mount, p: &std::path::Path, want: &[u8]) {
     let before = counter(m, "fast_opens");
-    for _ in 0..3 {
+    let pt = passthrough(m);
+    for i in 0..100 {
         assert_eq!(std::fs::read(p).unwrap(), want);
+        if i >= 2 && (!pt || counter(m, "fast_opens") >= before + 2) {
+            break;
+        }
     }
-    if passthrough(m) {
+    if pt {
         assert!(
             counter(m, "fast_opens") >= before + 2,
             "an unchanged cached file is opened without the client"

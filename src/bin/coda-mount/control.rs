@@ -258,6 +258,7 @@ fn status(ctx: &Ctx) -> Vec<String> {
             sh.kept_cache_opens.load(Ordering::Relaxed)
         ),
         format!("fast_opens: {}", sh.fast_opens.load(Ordering::Relaxed)),
+        format!("paged_opens: {}", sh.paged_opens.load(Ordering::Relaxed)),
         format!(
             "no_open: {}",
             if sh.no_open.load(Ordering::Relaxed) {

@@ -58,6 +58,12 @@ pub struct Shared {
     pub fast_opens: AtomicU64,
     /// `--no-fast-open`: every open goes through the client.
     pub no_fast_open: AtomicBool,
+    /// Opens answered in page-cache mode beside passthrough (see
+    /// `CodaFs::take_paged`).
+    pub paged_opens: AtomicU64,
+    /// `--no-paged-open`: small read-only opens use passthrough too, as
+    /// every open did before page-cache opens (a baseline).
+    pub no_paged_open: AtomicBool,
     /// `--no-open`: opens answer ENOSYS, so the kernel stops sending open,
     /// release and flush (noopen.rs).
     pub no_open: AtomicBool,
@@ -101,6 +107,14 @@ struct Handle {
     /// fewer per open); a fast open has no `File` and shares the kept
     /// backing's descriptor. See `with_container`.
     container: Option<Arc<std::fs::File>>,
+    /// Opened in page-cache mode (neither passthrough nor direct I/O):
+    /// counted in `CodaFs::paged_opens` until release.
+    paged: bool,
+    /// For a read-only page-cache open, the version its reads serve as the
+    /// kernel's pages were marked for (kcache's `paged`); `None` when not
+    /// marked. A read that answers for another version than the mark is
+    /// followed by an invalidation of the inode's pages (see `read`).
+    pages_of: Option<u64>,
 }
 
 /// A client error that says the object no longer exists.
@@ -138,6 +152,11 @@ pub struct CodaFs {
     /// Per inode, the backing file shared by its passthrough opens (the
     /// kernel wants one per inode at a time) and which container it is.
     backings: Mutex<HashMap<u64, Backing>>,
+    /// Per inode, how many open handles are in page-cache mode. The kernel
+    /// fails (EIO) a passthrough open of an inode with such opens and a
+    /// page-cache open of one with passthrough opens, so the choice is made
+    /// under the `backings` lock (taken first), from both counts.
+    paged_opens: Mutex<HashMap<u64, u32>>,
     next_fh: AtomicU64,
     /// Inodes with a store under way: stores of one inode run one after
     /// the other, so the last one to start reads the container last and
@@ -153,6 +172,15 @@ pub struct CodaFs {
 const KEPT_BACKINGS: usize = 1024;
 /// The largest container whose backing file is kept (see `Backing`).
 const KEPT_MAX_SIZE: u64 = 64 << 10;
+/// The largest file a read-only open serves from the kernel's page cache
+/// instead of through passthrough (see `CodaFs::take_paged`). Passthrough
+/// reads invalidate the inode's atime, so each fstat after a read asks a
+/// getattr (nginx: one of three requests per request), and every open needs
+/// the backing file; page-cache opens keep their pages across opens and ask
+/// nothing. Above this, passthrough wins: a page-cache miss costs a read
+/// request per 128 KiB where passthrough reads the container directly, and
+/// the pages would be cached twice (the container's and the mount's).
+const PAGED_MAX_SIZE: u64 = 1 << 20;
 
 /// An inode's backing file. It stays registered after the last open is
 /// released (`kept`), so the next open of an unchanged file costs no
@@ -352,6 +380,7 @@ impl CodaFs {
             handles: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             backings: Mutex::new(HashMap::new()),
+            paged_opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             storing: Mutex::new(std::collections::HashSet::new()),
             stored: Condvar::new(),
@@ -653,6 +682,10 @@ impl CodaFs {
         // large file the registration is a small part of reading it.
         let keep = size <= KEPT_MAX_SIZE;
         let mut b = self.backings.lock();
+        if self.paged_opens.lock().contains_key(&ino) {
+            // Page-cache opens of the inode: the kernel would fail this one.
+            return None;
+        }
         if let Some(e) = b.get_mut(&ino) {
             if let Some(live) = e.live.upgrade() {
                 if e.which == id {
@@ -726,12 +759,16 @@ impl CodaFs {
     /// bookkeeping); whatever fails a check goes the ordinary way.
     fn fast_open(&self, ino: u64, fid: Fid) -> Option<(u64, Arc<BackingId>)> {
         let marked = self.shared.kcache.fast_version(ino)?;
-        let (version, mode) = self.client.trusted_data_version(fid)?;
+        // Never waits (an open that must ask goes the ordinary way).
+        let (version, mode) = self.client.trusted_data_version_now(fid)?;
         if version != marked {
             return None;
         }
         let (bid, file) = {
             let b = self.backings.lock();
+            if self.paged_opens.lock().contains_key(&ino) {
+                return None;
+            }
             let e = b.get(&ino)?;
             if e.fast != Some(version) {
                 return None;
@@ -755,6 +792,8 @@ impl CodaFs {
                 mode: AtomicU32::new(mode),
                 gone: AtomicBool::new(false),
                 container: Some(file),
+                paged: false,
+                pages_of: None,
             }),
         );
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
@@ -803,7 +842,11 @@ impl CodaFs {
         if !self.shared.passthrough.load(Ordering::Relaxed) {
             return None;
         }
-        self.backings.lock().get(&ino)?.live.upgrade()
+        let b = self.backings.lock();
+        if self.paged_opens.lock().contains_key(&ino) {
+            return None;
+        }
+        b.get(&ino)?.live.upgrade()
     }
 
     /// Page-cache flags of a plain open: direct I/O beside passthrough;
@@ -881,6 +924,20 @@ impl CodaFs {
         file: File,
         backing: Option<Arc<BackingId>>,
     ) -> Result<u64, Errno> {
+        self.remember_as(ino, fid, flags, file, backing, None)
+    }
+
+    /// `remember`, for a page-cache open (`paged`: `Some(pages_of)`, the
+    /// handle counted by `take_paged`) or not (`None`).
+    fn remember_as(
+        &self,
+        ino: u64,
+        fid: Fid,
+        flags: i32,
+        file: File,
+        backing: Option<Arc<BackingId>>,
+        paged: Option<Option<u64>>,
+    ) -> Result<u64, Errno> {
         let mode = self
             .client
             .getattr_fid(fid)
@@ -892,6 +949,9 @@ impl CodaFs {
             // us our own descriptor of it (or -1).
             let dup = unsafe { libc::fcntl(file.fd(), libc::F_DUPFD_CLOEXEC, 0) };
             if dup < 0 {
+                if paged.is_some() {
+                    self.drop_paged(ino);
+                }
                 return Err(Errno::from(std::io::Error::last_os_error()));
             }
             // SAFETY: `dup` is a new descriptor nobody else owns.
@@ -915,10 +975,176 @@ impl CodaFs {
                 mode: AtomicU32::new(mode),
                 gone: AtomicBool::new(false),
                 container,
+                paged: paged.is_some(),
+                pages_of: paged.flatten(),
             }),
         );
         self.shared.open_files.fetch_add(1, Ordering::Relaxed);
         Ok(fh)
+    }
+}
+
+/// Page-cache opens: a read-only open of a small file the client vouches
+/// for is served from the kernel's page cache (kept across opens while the
+/// version is unchanged) rather than through passthrough, so that neither
+/// its reads nor the fstat after them ask anything (docs/MOUNT.md,
+/// "Page-cache opens").
+impl CodaFs {
+    /// Count an open of `ino` in page-cache mode, if it may be one: always
+    /// when the inode has page-cache opens already (the kernel fails any
+    /// passthrough open then; a writer's writes then go through the shared
+    /// pages, write-through, so every open here sees them), and when `want`
+    /// and no passthrough open of it is live (the kernel fails a page-cache
+    /// open then). Decided under the `backings` lock, against which every
+    /// passthrough open decides.
+    fn take_paged(&self, ino: u64, want: bool) -> bool {
+        let b = self.backings.lock();
+        let mut p = self.paged_opens.lock();
+        if let Some(n) = p.get_mut(&ino) {
+            *n += 1;
+            return true;
+        }
+        if !want {
+            return false;
+        }
+        if let Some(e) = b.get(&ino) {
+            if let Some(live) = e.live.upgrade() {
+                // `live` itself, the kept reference: the rest are opens.
+                if Arc::strong_count(&live) > 1 + usize::from(e.kept.is_some()) {
+                    return false;
+                }
+            }
+        }
+        p.insert(ino, 1);
+        true
+    }
+
+    /// Whether a read-only page-cache handle of `ino` is open for another
+    /// version than `version` (or for one not known).
+    fn older_paged(&self, ino: u64, version: Option<u64>) -> bool {
+        if !self.paged_opens.lock().contains_key(&ino) {
+            return false;
+        }
+        self.handles.lock().values().any(|h| {
+            h.ino == ino && h.paged && !h.writable && (version.is_none() || h.pages_of != version)
+        })
+    }
+
+    /// A page-cache open of `ino` ended (or was never answered).
+    fn drop_paged(&self, ino: u64) {
+        let mut p = self.paged_opens.lock();
+        if let Some(n) = p.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&ino);
+            }
+        }
+    }
+
+    /// Whether a read-only open of `file` should be a page-cache one: a
+    /// small file the client vouches for (callback held, contents current,
+    /// nothing written here waiting), on a mount that keeps pages.
+    fn wants_paged(&self, fid: Fid, file: &File) -> Option<u64> {
+        if self.shared.no_paged_open.load(Ordering::Relaxed) || !self.shared.kcache.enabled() {
+            return None;
+        }
+        let (_, size) = file_id_size(file.fd())?;
+        if size > PAGED_MAX_SIZE {
+            return None;
+        }
+        Some(self.client.trusted_data_version(fid)?.0)
+    }
+
+    /// A read-only open answered without the client's open: the kernel's
+    /// pages of `ino` are marked for the version the client still vouches
+    /// for (no invalidation named the inode since they were marked), and
+    /// no passthrough open of it is live. Its reads (only what the kernel
+    /// does not hold) are served from the marked container.
+    fn paged_fast_open(&self, ino: u64, fid: Fid) -> Option<u64> {
+        let (marked, container) = self.shared.kcache.paged(ino)?;
+        // Never waits (an open that must ask goes the ordinary way).
+        let (version, mode) = self.client.trusted_data_version_now(fid)?;
+        if version != marked || !self.take_paged(ino, true) {
+            return None;
+        }
+        let fh = self.new_fh();
+        self.handles.lock().insert(
+            fh,
+            Arc::new(Handle {
+                ino,
+                writable: false,
+                fid,
+                flags: libc::O_RDONLY,
+                file: Mutex::new(None),
+                reopening: Mutex::new(false),
+                reopened: Condvar::new(),
+                _backing: None,
+                mode: AtomicU32::new(mode),
+                gone: AtomicBool::new(false),
+                container: Some(container),
+                paged: true,
+                pages_of: Some(version),
+            }),
+        );
+        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
+        Some(fh)
+    }
+
+    /// The slow path's page-cache open of `ino` (counted by `take_paged`),
+    /// `file` from the client's open after ticket `t`: mark the kernel's
+    /// pages for `version` when the client vouched for it with no
+    /// invalidation since `t`; keep the pages the kernel has when they are
+    /// already of that version. A writer drops the mark (its writes change
+    /// the pages without a new version until its store).
+    fn paged_reply(
+        &self,
+        ino: u64,
+        fid: Fid,
+        cflags: i32,
+        file: File,
+        t: crate::kcache::Ticket,
+        version: Option<u64>,
+    ) -> Result<(u64, FopenFlags), Errno> {
+        let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut flags = FopenFlags::empty();
+        let mut pages_of = None;
+        if writable {
+            self.shared.kcache.unvouch_pages(ino);
+        } else {
+            flags |= FopenFlags::FOPEN_NOFLUSH;
+            if let Some(v) = version {
+                let fd = file.fd();
+                let keep = self.shared.kcache.vouch_pages(ino, t, v, || {
+                    // SAFETY: `fd` is the live container descriptor of
+                    // `file`; dup gives a descriptor of our own (or -1).
+                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    // SAFETY: `dup` is a new descriptor nobody else owns.
+                    (dup >= 0).then(|| Arc::new(unsafe { std::fs::File::from_raw_fd(dup) }))
+                });
+                if keep.is_some() {
+                    pages_of = Some(v);
+                }
+                if keep == Some(true) {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                    self.shared.kept_cache_opens.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let fh = self.remember_as(ino, fid, cflags, file, None, Some(pages_of))?;
+        self.shared.paged_opens.fetch_add(1, Ordering::Relaxed);
+        Ok((fh, flags))
+    }
+
+    /// After a read of a read-only page-cache handle: if the inode's pages
+    /// are no longer marked for the version this handle reads (a change
+    /// came while it was open, or its open was never marked), the bytes
+    /// just given may be older than what later opens keep: drop the
+    /// inode's pages. Rare (an open file read after a change); bounded by
+    /// the reads.
+    fn check_pages(&self, h: &Handle) {
+        if h.paged && !h.writable && self.shared.kcache.paged_version(h.ino) != h.pages_of {
+            self.shared.kcache.invalidate(&[h.ino], false);
+        }
     }
 }
 
@@ -1165,6 +1391,8 @@ impl Filesystem for CodaFs {
         // The kernel dropped the inode (or a lookup reply it could not use):
         // let a kept backing go; opens still in use hold their own.
         self.shared.kcache.unvouch_open(ino.0);
+        // Its pages are gone with it: let the mark's container go too.
+        self.shared.kcache.unvouch_pages(ino.0);
         if let Some(e) = b.get_mut(&ino.0) {
             e.kept = None;
             e.fast = None;
@@ -1187,9 +1415,22 @@ impl Filesystem for CodaFs {
         reply.entry(&ttl, &attr, Generation(0));
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let _pass = self.shared.gate.enter();
-        tri!(reply, self.guard());
+        if let Err(e) = self.guard() {
+            // After failover: a page-cache read of a descriptor opened
+            // before it asks for the size when it reaches the end of what
+            // the kernel knows; it reads on from its container (as a
+            // passthrough read would), so its size comes from there too.
+            if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
+                if h.paged && !h.writable {
+                    let mut attr = tri!(reply, self.orphan_attr(&h));
+                    attr.nlink = 1;
+                    return reply.attr(&TTL, &attr);
+                }
+            }
+            return reply.error(e);
+        }
         self.shared.getattrs.fetch_add(1, Ordering::Relaxed);
         let fid = tri!(reply, self.fid_of(ino));
         let t = self.shared.kcache.ticket();
@@ -1443,7 +1684,8 @@ impl Filesystem for CodaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _pass = self.shared.gate.enter();
+        // The fast opens below wait for nothing (gate.rs); the rest may.
+        let mut pass = self.shared.gate.enter_quick();
         self.shared.open_requests.fetch_add(1, Ordering::Relaxed);
         if self.no_open() {
             // The kernel takes this for the whole mount (noopen.rs).
@@ -1454,10 +1696,23 @@ impl Filesystem for CodaFs {
         let cflags = Self::open_flags(flags.0);
         let writable = cflags & libc::O_ACCMODE != libc::O_RDONLY;
         let passthrough = self.shared.passthrough.load(Ordering::Relaxed);
-        if cflags == libc::O_RDONLY
-            && passthrough
-            && !self.shared.no_fast_open.load(Ordering::Relaxed)
-        {
+        let fast = !self.shared.no_fast_open.load(Ordering::Relaxed);
+        if cflags == libc::O_RDONLY && fast && !self.shared.no_paged_open.load(Ordering::Relaxed) {
+            if let Some(fh) = self.paged_fast_open(ino.0, fid) {
+                self.shared.fast_opens.fetch_add(1, Ordering::Relaxed);
+                self.shared.paged_opens.fetch_add(1, Ordering::Relaxed);
+                self.shared.kept_cache_opens.fetch_add(1, Ordering::Relaxed);
+                return reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE,
+                );
+            }
+        }
+        // With page-cache opens on, a small file's later opens are served
+        // from the page cache (above or below), not from a kept backing.
+        let paging =
+            !self.shared.no_paged_open.load(Ordering::Relaxed) && self.shared.kcache.enabled();
+        if cflags == libc::O_RDONLY && passthrough && fast && !paging {
             if let Some((fh, b)) = self.fast_open(ino.0, fid) {
                 self.shared.fast_opens.fetch_add(1, Ordering::Relaxed);
                 self.shared
@@ -1466,9 +1721,43 @@ impl Filesystem for CodaFs {
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &b);
             }
         }
+        pass.may_block();
         // Before the client is asked: see `vouch_fast`.
         let t = self.shared.kcache.ticket();
         let file = tri!(reply, self.open_file(ino.0, fid, cflags));
+        if writable {
+            // Its writes change the contents before any new version: no
+            // open may keep pages marked for the old one meanwhile.
+            self.shared.kcache.unvouch_pages(ino.0);
+        }
+        // A small file's first open of a version is passed through (with
+        // passthrough): a file read once then costs no read request; from
+        // its second open on, the page cache serves it.
+        let version = if writable {
+            None
+        } else {
+            self.wants_paged(fid, &file)
+        }
+        .filter(|v| !passthrough || self.shared.kcache.seen(ino.0, *v));
+        if !writable && self.older_paged(ino.0, version) {
+            // Page-cache opens of another version are open: the kernel has
+            // one page cache per inode, so this one reads around it (direct
+            // I/O, from its own container) and they keep the version they
+            // opened, as with passthrough.
+            let fh = tri!(reply, self.remember(ino.0, fid, cflags, file, None));
+            self.shared.plain_opens.fetch_add(1, Ordering::Relaxed);
+            return reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+            );
+        }
+        if self.take_paged(ino.0, version.is_some()) {
+            let (fh, flags) = tri!(
+                reply,
+                self.paged_reply(ino.0, fid, cflags, file, t, version)
+            );
+            return reply.opened(FileHandle(fh), flags);
+        }
         // Writable opens use passthrough too when the inode's backing is
         // this container (or free): shared writable mmap (SQLite's WAL)
         // needs it, and writes land in the container the store reads.
@@ -1523,10 +1812,21 @@ impl Filesystem for CodaFs {
             return self.read_by_inode(_ino, offset, size, reply);
         }
         let h = tri!(reply, self.handle(fh));
+        if h.paged && h.file.lock().is_none() {
+            if let Some(c) = h.container.as_ref().filter(|_| !h.writable) {
+                // A fast page-cache open: its marked container holds the
+                // version it opened (and outlives an unlink).
+                let buf = tri!(reply, pread_upto(c, offset, size));
+                reply.data(&buf);
+                return self.check_pages(&h);
+            }
+        }
         let mut g = tri!(reply, self.file_for(&h));
         let f = g.as_mut().expect("file_for fills the slot");
         let buf = tri!(reply, read_upto(f, offset, size));
         reply.data(&buf);
+        drop(g);
+        self.check_pages(&h);
     }
 
     fn write(
@@ -1616,12 +1916,25 @@ impl Filesystem for CodaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.shared.gate.enter();
+        // A fast open's release (no `File`) waits for nothing (gate.rs);
+        // a `File`'s close may (a writer stores, the cache may evict).
+        let mut pass = self.shared.gate.enter_quick();
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.error(Errno::EBADF);
         };
+        if h.writable || h.file.lock().is_some() {
+            pass.may_block();
+        }
         self.shared.open_files.fetch_sub(1, Ordering::Relaxed);
+        if h.paged {
+            self.drop_paged(h.ino);
+        }
+        if h.writable {
+            // See `open`: the pages may hold what it wrote before its store
+            // (which drops them) or without one.
+            self.shared.kcache.unvouch_pages(h.ino);
+        }
         let f = h.file.lock().take();
         let Some(f) = f else {
             return reply.ok();
@@ -1868,6 +2181,24 @@ impl Filesystem for CodaFs {
             }
         };
         let trusted = self.create_trusted(fresh, dir, fid, attr.ino.0);
+        self.shared.kcache.unvouch_pages(attr.ino.0);
+        if self.take_paged(attr.ino.0, false) {
+            // An existing file opened by a create while it has page-cache
+            // opens: its writes go through the shared pages too.
+            let fh = tri!(
+                reply,
+                self.remember_as(attr.ino.0, fid, cflags, file, None, Some(None))
+            );
+            self.shared.paged_opens.fetch_add(1, Ordering::Relaxed);
+            let (ttl, _g) = self.shared.kcache.ttl(t, trusted);
+            return reply.created(
+                &ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            );
+        }
         let backing = self.backing_with(attr.ino.0, &file, |fd| reply.open_backing(fd));
         if let Some(b) = backing {
             let fh = tri!(
@@ -2101,6 +2432,22 @@ pub(crate) fn read_upto(f: &File, offset: u64, size: u32) -> Result<Vec<u8>, Err
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) => return Err(errno(&e)),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// `read_upto` on a container descriptor of our own.
+fn pread_upto(f: &std::fs::File, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; size as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(Errno::from(e)),
         }
     }
     buf.truncate(got);

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
@@ -33,6 +34,12 @@ const BREAK_WAIT: Duration = Duration::from_secs(1);
 /// How many inodes may be marked for fast opens at once (fs.rs keeps at
 /// most 1,024 backing files anyway).
 const FAST_MAX: usize = 4096;
+
+/// How many inodes' pages may be marked at once. Each mark holds a
+/// descriptor of a container of at most 1 MiB, which keeps its disk space
+/// if the client evicts it meanwhile: at most 1 GiB, and only for files
+/// evicted while still marked.
+const PAGED_MAX: usize = 1024;
 
 /// One batch of notifications, in order: inodes (attributes and pages),
 /// then entries (parent, name).
@@ -65,6 +72,16 @@ pub struct KernelCache {
     /// no invalidation came between asking the client and now, dropped by
     /// every invalidation naming the inode (and by all of them at once).
     fast: Mutex<HashMap<u64, u64>>,
+    /// Per inode, the version whose pages a read-only page-cache open may
+    /// keep (FOPEN_KEEP_CACHE) without the client's open, and a descriptor
+    /// of the container holding it (fs.rs, "paged opens"): set like `fast`,
+    /// only with no invalidation between asking the client and now, and
+    /// dropped by every invalidation naming the inode.
+    paged: Mutex<HashMap<u64, (u64, Arc<std::fs::File>)>>,
+    /// Per inode, the last version opened read-only (a hint, not a
+    /// promise: fs.rs passes a small file's first open of a version
+    /// through and serves the later ones from the page cache).
+    seen: Mutex<HashMap<u64, u64>>,
     /// The fid-derived inode number of `/` (FUSE calls it 1).
     root: AtomicU64,
 }
@@ -88,6 +105,8 @@ impl KernelCache {
             inodes: Mutex::new(HashSet::new()),
             versions: Mutex::new(HashMap::new()),
             fast: Mutex::new(HashMap::new()),
+            paged: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
             root: AtomicU64::new(1),
         }
     }
@@ -210,6 +229,67 @@ impl KernelCache {
         self.fast.lock().remove(&ino);
     }
 
+    /// Mark the kernel's pages of `ino` (if any) as those of `version`, held
+    /// by `container`, if no invalidation came since `t` (taken before the
+    /// client was asked). `Some(keep)`: marked, and `keep` says the pages
+    /// the kernel may hold are already of that version (the open may keep
+    /// them); `None`: not marked (the open must drop them). Under the
+    /// epoch's read lock, as `vouch_open`.
+    pub fn vouch_pages(
+        &self,
+        ino: u64,
+        t: Ticket,
+        version: u64,
+        container: impl FnOnce() -> Option<Arc<std::fs::File>>,
+    ) -> Option<bool> {
+        let g = self.epoch.read();
+        if *g != t.0 || !self.enabled() {
+            self.paged.lock().remove(&ino);
+            return None;
+        }
+        let mut p = self.paged.lock();
+        if let Some((v, _)) = p.get(&ino) {
+            if *v == version {
+                return Some(true);
+            }
+        }
+        if p.len() >= PAGED_MAX {
+            // Bounded; whatever is dropped is marked again by its next open.
+            p.clear();
+        }
+        let c = container()?;
+        p.insert(ino, (version, c));
+        drop(g);
+        Some(false)
+    }
+
+    /// Record that `ino` was opened read-only at `version`; whether it was
+    /// already (the last such open was of the same version).
+    pub fn seen(&self, ino: u64, version: u64) -> bool {
+        let mut s = self.seen.lock();
+        if s.len() >= FAST_MAX && !s.contains_key(&ino) {
+            // Bounded; a hint only.
+            s.clear();
+        }
+        s.insert(ino, version) == Some(version)
+    }
+
+    /// The version (and its container) whose pages a read-only open of
+    /// `ino` may keep without the client, if still marked.
+    pub fn paged(&self, ino: u64) -> Option<(u64, Arc<std::fs::File>)> {
+        self.paged.lock().get(&ino).cloned()
+    }
+
+    /// The version `ino`'s pages are marked for.
+    pub fn paged_version(&self, ino: u64) -> Option<u64> {
+        self.paged.lock().get(&ino).map(|(v, _)| *v)
+    }
+
+    /// `ino`'s pages are no longer vouched for: the next open drops them.
+    pub fn unvouch_pages(&self, ino: u64) {
+        self.paged.lock().remove(&ino);
+    }
+
     /// The kernel drops its pages of `ino` at the next open.
     pub fn forget_pages(&self, ino: u64) {
         self.versions.lock().remove(&ino);
@@ -244,6 +324,12 @@ impl KernelCache {
                 f.remove(ino);
             }
         }
+        {
+            let mut p = self.paged.lock();
+            for ino in inos {
+                p.remove(ino);
+            }
+        }
         self.send(&tx, inos.to_vec(), entries, wait);
     }
 
@@ -251,6 +337,7 @@ impl KernelCache {
     pub fn invalidate_all(&self, wait: bool) {
         *self.epoch.write() += 1;
         self.fast.lock().clear();
+        self.paged.lock().clear();
         let Some(tx) = self.jobs.lock().clone() else {
             return;
         };
@@ -343,6 +430,53 @@ mod tests {
         assert!(k.vouch_open(6, t, 3));
         k.invalidate_all(false);
         assert_eq!(k.fast_version(6), None, "failover, a new session");
+    }
+
+    #[test]
+    fn pages_are_marked_only_without_an_invalidation_and_kept_for_the_same_version() {
+        let f = || Some(Arc::new(std::fs::File::open("/dev/null").unwrap()));
+        let k = KernelCache::new();
+        assert_eq!(k.vouch_pages(5, k.ticket(), 1, f), None, "no notifier yet");
+        let (tx, _rx) = unbounded();
+        *k.jobs.lock() = Some(tx);
+        let t = k.ticket();
+        k.invalidate(&[9], false);
+        assert_eq!(k.vouch_pages(5, t, 1, f), None, "an invalidation came");
+        assert_eq!(k.paged_version(5), None);
+        assert_eq!(
+            k.vouch_pages(5, k.ticket(), 1, f),
+            Some(false),
+            "first: drop"
+        );
+        assert_eq!(k.vouch_pages(5, k.ticket(), 1, f), Some(true), "same: keep");
+        assert_eq!(k.paged(5).map(|(v, _)| v), Some(1));
+        assert_eq!(
+            k.vouch_pages(5, k.ticket(), 2, f),
+            Some(false),
+            "new version"
+        );
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        let t = k.ticket();
+        k.invalidate(&[5], false);
+        assert_eq!(k.paged_version(5), None, "its invalidation drops it");
+        assert_eq!(k.paged_version(6), Some(7), "another's does not");
+        assert_eq!(
+            k.vouch_pages(6, t, 7, f),
+            None,
+            "but an open asked before it"
+        );
+        assert_eq!(k.paged_version(6), None, "is not marked, and unmarks");
+        assert_eq!(
+            k.vouch_pages(6, k.ticket(), 7, || None),
+            None,
+            "no descriptor"
+        );
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        k.unvouch_pages(6);
+        assert_eq!(k.paged_version(6), None);
+        assert_eq!(k.vouch_pages(6, k.ticket(), 7, f), Some(false));
+        k.invalidate_all(false);
+        assert_eq!(k.paged_version(6), None, "failover, a new session");
     }
 
     #[test]

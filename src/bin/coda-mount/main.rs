@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--no-fast-open] [--no-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--no-paged-open] [--no-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -27,7 +27,7 @@ use coda::client::{Client, Invalidation};
 use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
-[--no-kernel-cache] [--no-fast-open] [--no-open] [--allow-other] [--threads N] \
+[--no-kernel-cache] [--no-fast-open] [--no-paged-open] [--no-open] [--allow-other] [--threads N] \
 [--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
@@ -45,6 +45,8 @@ options:
                      or pages: every lookup and stat asks this process
   --no-fast-open     open every file through the client, even an unchanged cached
                      one whose kept backing file could be reused (a baseline)
+  --no-paged-open    serve small read-only opens through passthrough too, not
+                     from the kernel's page cache (a baseline)
   --no-open          read-only serving (a web root): the kernel opens and closes
                      files without asking this process (no open, release or
                      flush requests), keeping their pages until the client
@@ -68,6 +70,7 @@ struct Args {
     passthrough: bool,
     kernel_cache: bool,
     fast_open: bool,
+    paged_open: bool,
     no_open: bool,
     allow_other: bool,
     nonempty: bool,
@@ -89,6 +92,7 @@ fn parse_args() -> Args {
         passthrough: true,
         kernel_cache: true,
         fast_open: true,
+        paged_open: true,
         no_open: false,
         allow_other: false,
         nonempty: false,
@@ -106,6 +110,7 @@ fn parse_args() -> Args {
             Some("--no-passthrough") => a.passthrough = false,
             Some("--no-kernel-cache") => a.kernel_cache = false,
             Some("--no-fast-open") => a.fast_open = false,
+            Some("--no-paged-open") => a.paged_open = false,
             Some("--no-open") => a.no_open = true,
             Some("--allow-other") => a.allow_other = true,
             Some("--nonempty") => a.nonempty = true,
@@ -394,6 +399,9 @@ fn main() {
     shared
         .no_fast_open
         .store(!args.fast_open, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .no_paged_open
+        .store(!args.paged_open, std::sync::atomic::Ordering::Relaxed);
     shared
         .no_open
         .store(args.no_open, std::sync::atomic::Ordering::Relaxed);

@@ -182,6 +182,12 @@ impl Servers {
         s.heard_recently() || (s.sync(&self.interrupt).is_ok() && s.heard_recently())
     }
 
+    /// `fresh` without the round trip: only whether the live session was
+    /// heard from within its trust window. Never waits.
+    pub fn fresh_now(&self) -> bool {
+        self.live().is_some_and(|s| s.heard_recently())
+    }
+
     /// Connect to the first server that answers; the caller holds the gate.
     ///
     /// With several servers (a replicated group, docs/SERVER.md
