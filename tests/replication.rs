@@ -1177,3 +1177,92 @@ fn the_leader_forgets_an_unseen_id_with_its_watermark_on_every_member_but_never_
     g.wait_caught_up(&[0, 1, 2]);
     same_rows_on_every_member(&mut g, &["client_owners", "client_seen", "client_store"]);
 }
+
+/// A group whose members wrote owner rows locally (as servers did before
+/// claims were log entries): the first leader running the new code
+/// proposes its rows once, so a member that never had them refuses the
+/// id to another user, and every member records that it was done.
+#[test]
+fn owner_rows_a_leader_held_only_locally_reach_every_member() {
+    use redb::TableDefinition;
+    const OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
+    const SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_seen");
+    const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+    const X: u8 = 0x61;
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let bob = add_bob(&g, l);
+    g.wait_caught_up(&[0, 1, 2]);
+    for i in 0..3 {
+        g.stop(i);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let logged = |root: &std::path::Path| {
+        let db = redb::Database::open(root.join("meta.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(SETTINGS).unwrap();
+        let found = t.get("client_owners_logged").unwrap().is_some();
+        drop(t);
+        found
+    };
+    for i in 0..3 {
+        assert!(
+            logged(&g.members[i].root),
+            "a new group's member {i} has no local-only rows"
+        );
+        let db = redb::Database::open(g.members[i].root.join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(SETTINGS)
+            .unwrap()
+            .remove("client_owners_logged")
+            .unwrap();
+        // Members 0 and 1 (one of them leads next) hold admin's X; 2 does not.
+        if i < 2 {
+            txn.open_table(OWNERS)
+                .unwrap()
+                .insert(&[X; 16], "admin")
+                .unwrap();
+            txn.open_table(SEEN).unwrap().insert(&[X; 16], now).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    g.serve(0);
+    g.serve(1);
+    g.wait_leader(&[0, 1]);
+    g.serve(2);
+    g.wait_caught_up(&[0, 1, 2]);
+    // Member 2 checks the id against its own table, leader or not: it
+    // redirects bob until it applied the adoption, then refuses him.
+    wait_until("member 2 refuses admin's id to bob", 20, || {
+        let r = Raw::connect(
+            g.members[2].addr,
+            "bob",
+            &bob,
+            ConnKind::Control,
+            [X; 16],
+            1,
+        );
+        assert!(r.is_err(), "member 2 welcomed bob with admin's id");
+        refused_as_anothers(&r).then_some(())
+    });
+    for i in 0..3 {
+        g.stop(i);
+    }
+    for i in 0..3 {
+        assert!(
+            logged(&g.members[i].root),
+            "member {i} did not record the adoption"
+        );
+    }
+    let rows = same_rows_on_every_member(&mut g, &["client_owners"]);
+    assert!(
+        rows[0]
+            .iter()
+            .any(|r| r.starts_with(&format!("{:?}", [X; 16]))),
+        "{:?}",
+        rows[0]
+    );
+}
