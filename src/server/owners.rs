@@ -9,6 +9,11 @@
 //! `forget_clients_after` (and whose session is not live) is forgotten by
 //! a periodic sweep, with its store-id watermark (SERVER.md "Forgotten
 //! client ids").
+//!
+//! A lone server claims and sweeps with one local commit each. In a
+//! replicated group both are log entries (replication/machine.rs): the
+//! leader decides from its tables (`claim_due`, `sweep_plan`) and every
+//! member writes the same rows (`claim_txn`, `sweep_txn`, `adopt_txn`).
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
