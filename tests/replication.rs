@@ -980,3 +980,289 @@ fn the_leader_killed_right_after_acknowledged_small_stores_reapplies_them_and_co
 fn the_whole_group_killed_right_after_acknowledged_small_stores_loses_none() {
     small_stores_survive_a_kill_9_of(|_| vec![0, 1, 2]);
 }
+
+/// Add `bob` through the leader's administration socket (a log entry) and
+/// return his secret once every member holds it.
+fn add_bob(g: &Group, via: usize) -> [u8; 32] {
+    let out = Command::new(SERVER_BIN)
+        .args(["user", "add", "bob", "--root"])
+        .arg(&g.members[via].root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "user add bob: {out:?}");
+    wait_until("bob's one secret on every member", 20, || {
+        let s: Vec<_> = g
+            .members
+            .iter()
+            .map(|m| coda::proto::auth::read_secret_file(&m.root.join("bob.secret")).ok())
+            .collect();
+        (s.iter().all(|x| x.is_some() && *x == s[0])).then(|| s[0].unwrap())
+    })
+}
+
+fn refused_as_anothers<T>(r: &Result<T, Msg>) -> bool {
+    matches!(r, Err(Msg::Error { code: coda::error::WireCode::Auth, message, .. })
+        if message.contains("belongs to another user"))
+}
+
+/// `user`'s control connection with `[id; 16]` to member `i`, waited for
+/// (bounded) past the refusals of a member that is not (yet) a serving
+/// leader; a refusal as another user's id is returned, not waited out.
+#[allow(clippy::result_large_err)] // a refusal is the message itself
+fn control_as(g: &Group, i: usize, user: &str, secret: &[u8; 32], id: u8) -> Result<Raw, Msg> {
+    wait_until("a leader answers the control connection", 20, || {
+        let r = Raw::connect(
+            g.members[i].addr,
+            user,
+            secret,
+            ConnKind::Control,
+            [id; 16],
+            1,
+        );
+        (r.is_ok() || refused_as_anothers(&r)).then_some(r)
+    })
+}
+
+/// Stop every member cleanly and return their stores' `table` rows, which
+/// must be the same on every member.
+fn same_rows_on_every_member(g: &mut Group, tables: &[&str]) -> Vec<Vec<String>> {
+    for i in 0..g.members.len() {
+        g.stop(i);
+    }
+    let states: Vec<_> = (0..g.members.len())
+        .map(|i| replication_util::store_state(&g.members[i].root))
+        .collect();
+    tables
+        .iter()
+        .map(|t| {
+            let rows = |st: &replication_util::StoreState| {
+                st.tables.iter().find(|(n, _)| n == t).unwrap().1.clone()
+            };
+            for (i, st) in states.iter().enumerate() {
+                assert_eq!(
+                    rows(st),
+                    rows(&states[0]),
+                    "table {t} of member {} differs from member {}'s",
+                    g.members[i].id,
+                    g.members[0].id
+                );
+            }
+            rows(&states[0])
+        })
+        .collect()
+}
+
+/// A client id's owner is replicated state (SERVER.md "Client identity"):
+/// admin's id, claimed on the leader, is refused to bob on the next
+/// leader after a `kill -9` of the first, as a lone server refuses it, and
+/// admin keeps it there. Every member holds the same owner rows.
+#[test]
+fn a_client_id_claimed_on_a_killed_leader_is_refused_to_another_user_on_the_next() {
+    use common::raw::rec;
+    const X: u8 = 0x41;
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let bob = add_bob(&g, l);
+    let admin = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let mut a = control_as(&g, l, "admin", &admin, X).expect("admin's id on the leader");
+    let f = a.alloc(1)[0];
+    let root = a.root;
+    a.apply(vec![rec::create(1, root, "from-admin", f)]);
+    drop(a);
+    g.kill9(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    let r = control_as(&g, l2, "bob", &bob, X);
+    assert!(
+        refused_as_anothers(&r),
+        "bob presenting admin's id to the next leader: {:?}",
+        r.map(|_| "welcomed")
+    );
+    // Bob is refused for the id only; admin keeps it, and its store id 1
+    // is a replay there, not a second create.
+    control_as(&g, l2, "bob", &bob, 0x42).expect("bob's own id");
+    let mut a = control_as(&g, l2, "admin", &admin, X).expect("admin keeps the id");
+    let f2 = a.alloc(1)[0];
+    a.apply(vec![rec::create(1, root, "again", f2)]);
+    let names: Vec<String> = a.list(root).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&"from-admin".to_string()) && !names.contains(&"again".to_string()),
+        "{names:?}"
+    );
+    drop(a);
+    g.serve(l);
+    g.wait_caught_up(&[0, 1, 2]);
+    let rows = same_rows_on_every_member(&mut g, &["client_owners", "client_seen"]);
+    let x = format!("{:?}", [X; 16]);
+    assert!(
+        rows[0]
+            .iter()
+            .any(|r| r.starts_with(&x) && r.ends_with("\"admin\"")),
+        "{:?}",
+        rows[0]
+    );
+}
+
+/// The sweep of forgotten ids is the leader's, one log entry applied by
+/// every member: an id not presented for the expiry is forgotten with its
+/// store-id watermark on every member (bob then claims it and starts
+/// afresh), one held by a live session is
+/// kept, and the members' owner, last-seen and watermark rows stay the same.
+#[test]
+fn the_leader_forgets_an_unseen_id_with_its_watermark_on_every_member_but_never_a_live_one() {
+    use common::raw::rec;
+    const LIVE: u8 = 0x51;
+    const GONE: u8 = 0x52;
+    let mut g = Group::start_with(3, &["--forget-clients-after", "3s"]);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let bob = add_bob(&g, l);
+    let admin = coda::proto::auth::read_secret_file(&g.secret_file()).unwrap();
+    let mut setup = control_as(&g, l, "admin", &admin, 0x53).expect("admin");
+    let root = setup.root;
+    let d = setup.alloc(1)[0];
+    setup.apply(vec![rec::mkdir(1, root, "shared", d)]);
+    let (rights, negative) = coda::proto::acl::parse_rights("rlidw").unwrap();
+    match setup.call(&Msg::SetAcl {
+        fid: d,
+        name: "bob".into(),
+        rights,
+        negative,
+    }) {
+        Msg::AclReply { .. } => {}
+        m => panic!("setacl: {m:?}"),
+    }
+    drop(setup);
+    let mut live = control_as(&g, l, "admin", &admin, LIVE).expect("admin's live id");
+    let mut gone = control_as(&g, l, "admin", &admin, GONE).expect("admin's second id");
+    let f = gone.alloc(1)[0];
+    gone.apply(vec![rec::create(5, d, "from-admin", f)]);
+    drop(gone);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut b = loop {
+        match control_as(&g, l, "bob", &bob, GONE) {
+            Ok(c) => break c,
+            Err(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "admin's unused id not forgotten within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    assert!(
+        refused_as_anothers(&control_as(&g, l, "bob", &bob, LIVE).map(|_| ())),
+        "an id with a live session is never forgotten"
+    );
+    match live.call(&Msg::WhoAmI) {
+        Msg::WhoReply { user, .. } => assert_eq!(user, "admin"),
+        m => panic!("admin's live session: {m:?}"),
+    }
+    // The watermark went with the owner: bob's store id 1 is applied.
+    let g2 = b.alloc(1)[0];
+    b.apply(vec![rec::create(1, d, "from-bob", g2)]);
+    let names: Vec<String> = b.list(d).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["from-admin", "from-bob"]);
+    drop(b);
+    // The members are compared once no sweep can change anything: served
+    // again with an expiry nothing reaches, each applies the whole log.
+    for i in 0..3 {
+        g.stop(i);
+    }
+    drop(live);
+    g.extra.clear();
+    for i in 0..3 {
+        g.serve(i);
+    }
+    g.wait_caught_up(&[0, 1, 2]);
+    same_rows_on_every_member(&mut g, &["client_owners", "client_seen", "client_store"]);
+}
+
+/// A group whose members wrote owner rows locally (as servers did before
+/// claims were log entries): the first leader running the new code
+/// proposes its rows once, so a member that never had them refuses the
+/// id to another user, and every member records that it was done.
+#[test]
+fn owner_rows_a_leader_held_only_locally_reach_every_member() {
+    use redb::TableDefinition;
+    const OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
+    const SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_seen");
+    const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+    const X: u8 = 0x61;
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let bob = add_bob(&g, l);
+    g.wait_caught_up(&[0, 1, 2]);
+    for i in 0..3 {
+        g.stop(i);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let logged = |root: &std::path::Path| {
+        let db = redb::Database::open(root.join("meta.redb")).unwrap();
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(SETTINGS).unwrap();
+        let found = t.get("client_owners_logged").unwrap().is_some();
+        drop(t);
+        found
+    };
+    for i in 0..3 {
+        assert!(
+            logged(&g.members[i].root),
+            "a new group's member {i} has no local-only rows"
+        );
+        let db = redb::Database::open(g.members[i].root.join("meta.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(SETTINGS)
+            .unwrap()
+            .remove("client_owners_logged")
+            .unwrap();
+        // Members 0 and 1 (one of them leads next) hold admin's X; 2 does not.
+        if i < 2 {
+            txn.open_table(OWNERS)
+                .unwrap()
+                .insert(&[X; 16], "admin")
+                .unwrap();
+            txn.open_table(SEEN).unwrap().insert(&[X; 16], now).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    g.serve(0);
+    g.serve(1);
+    g.wait_leader(&[0, 1]);
+    g.serve(2);
+    g.wait_caught_up(&[0, 1, 2]);
+    // Member 2 checks the id against its own table, leader or not: it
+    // redirects bob until it applied the adoption, then refuses him.
+    wait_until("member 2 refuses admin's id to bob", 20, || {
+        let r = Raw::connect(
+            g.members[2].addr,
+            "bob",
+            &bob,
+            ConnKind::Control,
+            [X; 16],
+            1,
+        );
+        assert!(r.is_err(), "member 2 welcomed bob with admin's id");
+        refused_as_anothers(&r).then_some(())
+    });
+    for i in 0..3 {
+        g.stop(i);
+    }
+    for i in 0..3 {
+        assert!(
+            logged(&g.members[i].root),
+            "member {i} did not record the adoption"
+        );
+    }
+    let rows = same_rows_on_every_member(&mut g, &["client_owners"]);
+    assert!(
+        rows[0]
+            .iter()
+            .any(|r| r.starts_with(&format!("{:?}", [X; 16]))),
+        "{:?}",
+        rows[0]
+    );
+}

@@ -37,7 +37,9 @@ fn next_msg<R: BufRead>(r: &mut R, what: &str) -> Result<Msg> {
 /// a client that got Welcome on its control connection may open bulk ones
 /// at once, and they must find the session. On failure the matching
 /// `Error` frame has been sent (when the socket allows) and the caller
-/// closes.
+/// closes. `claim_here`: a control connection's claim of its client id is
+/// committed here (a lone server); otherwise the id is only checked.
+#[allow(clippy::too_many_arguments)] // the connection, and the server's settings
 pub fn accept<R: BufRead>(
     reader: &mut R,
     stream: &mut Stream,
@@ -45,8 +47,17 @@ pub fn accept<R: BufRead>(
     binding: [u8; 32],
     break_timeout: Duration,
     seen_refresh: u64,
+    claim_here: bool,
 ) -> Result<(Identity, Msg)> {
-    let res = run(reader, stream, store, binding, break_timeout, seen_refresh);
+    let res = run(
+        reader,
+        stream,
+        store,
+        binding,
+        break_timeout,
+        seen_refresh,
+        claim_here,
+    );
     if let Err(e) = &res {
         // Timeouts and resets cannot be answered; everything else can.
         if !matches!(e, Error::Io { .. }) {
@@ -56,6 +67,7 @@ pub fn accept<R: BufRead>(
     res
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run<R: BufRead>(
     reader: &mut R,
     stream: &mut Stream,
@@ -63,6 +75,7 @@ fn run<R: BufRead>(
     binding: [u8; 32],
     break_timeout: Duration,
     seen_refresh: u64,
+    claim_here: bool,
 ) -> Result<(Identity, Msg)> {
     let mut hs = ServerHandshake::new(random_bytes(), binding);
     let challenge = hs.hello(next_msg(reader, hs.expecting())?)?;
@@ -72,10 +85,12 @@ fn run<R: BufRead>(
     })?;
     // Only now, with the user proven: the id is someone's from here on, so
     // a user presenting another's id is refused before it touches anything.
+    // A group member only checks here: its leader claims through the log
+    // once its leadership is confirmed (replication::machine::claim_client).
     store.claim_client(
         &proven.client_id,
         &proven.user,
-        proven.kind == ConnKind::Control,
+        claim_here && proven.kind == ConnKind::Control,
         seen_refresh,
     )?;
     let timeout_ms = u32::try_from(break_timeout.as_millis()).unwrap_or(u32::MAX);

@@ -284,10 +284,11 @@ impl Server {
             .name("coda-accept".into())
             .spawn(move || accept_loop(s2, listener))
             .map_err(|e| Error::io("start acceptor", e))?;
-        // Not in a replicated group: forgetting an id drops its store-id
-        // watermark, replicated state that every member must keep alike
-        // (docs/SERVER.md "Forgotten client ids").
-        if shared.repl.is_none() {
+        // In a replicated group only the leader sweeps, through the log:
+        // forgetting an id drops its store-id watermark, replicated state
+        // that every member must keep alike (docs/SERVER.md "Forgotten
+        // client ids").
+        {
             let s4 = Arc::clone(&shared);
             let sweeper = std::thread::Builder::new()
                 .name("coda-sweep".into())
@@ -375,19 +376,47 @@ impl Server {
 
 /// Forget client ids not presented for `forget_clients_after` (owners.rs):
 /// at start, then every quarter of that time (an hour at most). Sleeps in
-/// short steps so shutdown never waits for it.
+/// short steps so shutdown never waits for it. A group member sweeps only
+/// while it is the leader (it proposes the changes as log entries), and
+/// first, once per group, logs the owner rows it held only locally.
 fn sweep_loop(shared: Arc<Shared>) {
     let every = Duration::from_secs(owners::refresh_every(shared.forget_clients_after))
         .min(Duration::from_secs(3600));
     let forget_after = shared.forget_clients_after.as_secs();
     let mut next = Instant::now();
+    let mut leading = false;
+    // When this leader next tries to log its local owner rows (None: done).
+    let mut adopt_at: Option<Instant> = None;
     while !shared.stopping.load(Ordering::SeqCst) {
-        if Instant::now() >= next {
+        let lead_now = shared.repl.as_ref().is_none_or(|r| r.is_leader());
+        if lead_now && !leading {
+            // A new leadership: sweep at once (the last leader's sweeps
+            // stopped with it).
+            next = Instant::now();
+            adopt_at = shared.repl.as_ref().map(|_| Instant::now());
+        }
+        leading = lead_now;
+        if let (Some(r), Some(at)) = (&shared.repl, adopt_at) {
+            if leading && Instant::now() >= at {
+                adopt_at = match replication::machine::adopt_owners(r, &shared.store) {
+                    Ok(_) => None,
+                    Err(e) => {
+                        log::warn(format_args!("logging the local client-id owners: {e}"));
+                        Some(Instant::now() + Duration::from_secs(5))
+                    }
+                };
+            }
+        }
+        if leading && Instant::now() >= next {
             let live = shared.registry.live_ids();
-            match shared
-                .store
-                .sweep_clients(&live, owners::now_secs(), forget_after)
-            {
+            let now = owners::now_secs();
+            let swept = match &shared.repl {
+                Some(r) => {
+                    replication::machine::sweep_clients(r, &shared.store, &live, now, forget_after)
+                }
+                None => shared.store.sweep_clients(&live, now, forget_after),
+            };
+            match swept {
                 Ok(0) => {}
                 Ok(n) => log::info(format_args!(
                     "forgot {n} client id(s) not seen for {forget_after} s"
@@ -396,7 +425,9 @@ fn sweep_loop(shared: Arc<Shared>) {
             }
             next = Instant::now() + every;
         }
-        shared.store.checkpoint_if_idle();
+        if shared.repl.is_none() {
+            shared.store.checkpoint_if_idle();
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -714,6 +745,7 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
         binding,
         shared.break_timeout,
         owners::refresh_every(shared.forget_clients_after),
+        shared.repl.is_none(),
     );
     workers::restore_priority(lowered);
     shared.handshaking.lock().remove(serial);
@@ -728,8 +760,19 @@ fn connection(shared: &Arc<Shared>, stream: TcpStream, serial: u64) {
     let _ = stream.set_read_timeout(None);
     if let (Some(r), ConnKind::Control) = (&shared.repl, ident.kind) {
         // Only the leader serves, and only while a majority confirms it.
+        // The client id is claimed through the log, once the leadership
+        // is confirmed: every member learns its owner before the welcome.
         let ok = if r.is_leader() {
             r.confirm_leader(replication::LEASE_PATIENCE)
+                .and_then(|()| {
+                    replication::machine::claim_client(
+                        r,
+                        &shared.store,
+                        &ident.client_id,
+                        &ident.user,
+                        owners::refresh_every(shared.forget_clients_after),
+                    )
+                })
         } else {
             Err(r.redirect())
         };

@@ -9,6 +9,11 @@
 //! `forget_clients_after` (and whose session is not live) is forgotten by
 //! a periodic sweep, with its store-id watermark (SERVER.md "Forgotten
 //! client ids").
+//!
+//! A lone server claims and sweeps with one local commit each. In a
+//! replicated group both are log entries (replication/machine.rs): the
+//! leader decides from its tables (`claim_due`, `sweep_plan`) and every
+//! member writes the same rows (`claim_txn`, `sweep_txn`, `adopt_txn`).
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -75,133 +80,249 @@ fn claim_in(
     now: u64,
     refresh: u64,
 ) -> Result<()> {
-    let (owner, seen) = {
-        let txn = db.begin_read()?;
-        let owner = match txn.open_table(CLIENT_OWNERS) {
-            Ok(t) => t.get(client)?.map(|v| v.value().to_string()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let seen = match txn.open_table(CLIENT_SEEN) {
-            Ok(t) => t.get(client)?.map(|v| v.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        (owner, seen)
+    if !claim_due(db, client, user, claim, now, refresh)? {
+        return Ok(());
+    }
+    let txn = db.begin_write()?;
+    claim_txn(&txn, client, user, now)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Whether `user` presenting `client` has a claim to write (the id is
+/// nobody's yet, or its last-seen time is `refresh` seconds old), read
+/// only: `Auth` if it is another user's; never due when not `claim`.
+pub(crate) fn claim_due(
+    db: &Database,
+    client: &ClientId,
+    user: &str,
+    claim: bool,
+    now: u64,
+    refresh: u64,
+) -> Result<bool> {
+    let txn = db.begin_read()?;
+    let owner = match txn.open_table(CLIENT_OWNERS) {
+        Ok(t) => t.get(client)?.map(|v| v.value().to_string()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let seen = match txn.open_table(CLIENT_SEEN) {
+        Ok(t) => t.get(client)?.map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
     };
     match owner {
         Some(o) if o != user => Err(refused(client)),
-        Some(_) if !claim || seen.is_some_and(|s| now.saturating_sub(s) < refresh) => Ok(()),
-        None if !claim => Ok(()),
-        _ => {
-            let txn = db.begin_write()?;
-            {
-                let mut t = txn.open_table(CLIENT_OWNERS)?;
-                // Another handshake may have claimed it since the read.
-                let now_owner = t.get(client)?.map(|v| v.value().to_string());
-                match now_owner {
-                    Some(o) if o != user => return Err(refused(client)),
-                    Some(_) => {}
-                    None => {
-                        t.insert(client, user)?;
-                    }
-                }
-                txn.open_table(CLIENT_SEEN)?.insert(client, now)?;
-            }
-            txn.commit()?;
-            Ok(())
+        _ if !claim => Ok(false),
+        Some(_) => Ok(seen.is_none_or(|s| now.saturating_sub(s) >= refresh)),
+        None => Ok(true),
+    }
+}
+
+/// Write a claim in `txn`: the id becomes `user`'s if nobody's, and its
+/// last-seen time `now` (never moved back). `Auth` if another user owns
+/// it. Applied twice, the second changes nothing.
+pub(crate) fn claim_txn(
+    txn: &redb::WriteTransaction,
+    client: &ClientId,
+    user: &str,
+    now: u64,
+) -> Result<()> {
+    let mut t = txn.open_table(CLIENT_OWNERS)?;
+    // Another handshake may have claimed it since the read.
+    let now_owner = t.get(client)?.map(|v| v.value().to_string());
+    match now_owner {
+        Some(o) if o != user => return Err(refused(client)),
+        Some(_) => {}
+        None => {
+            t.insert(client, user)?;
         }
     }
+    let mut seen = txn.open_table(CLIENT_SEEN)?;
+    let was = seen.get(client)?.map(|v| v.value());
+    seen.insert(client, was.map_or(now, |w| w.max(now)))?;
+    Ok(())
 }
 
 fn sweep_in(db: &Database, live: &HashSet<ClientId>, now: u64, forget_after: u64) -> Result<usize> {
     // Read first, write only the changes: most sweeps change nothing and
     // then take no write transaction at all.
-    let mut refresh: Vec<ClientId> = Vec::new();
-    let mut forget: Vec<ClientId> = Vec::new();
-    let mut orphans: Vec<ClientId> = Vec::new();
-    {
-        let txn = db.begin_read()?;
-        let owners = match txn.open_table(CLIENT_OWNERS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
-            Err(e) => return Err(e.into()),
-        };
-        let seen = match txn.open_table(CLIENT_SEEN) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let refresh_after = refresh_every(Duration::from_secs(forget_after));
-        for item in owners.iter()? {
-            let (k, _) = item?;
-            let id = *k.value();
-            let at = match &seen {
-                Some(t) => t.get(&id)?.map(|v| v.value()),
-                None => None,
-            };
-            let age = at.map(|a| now.saturating_sub(a));
-            if live.contains(&id) {
-                if age.is_none_or(|a| a >= refresh_after) {
-                    refresh.push(id);
-                }
-            } else {
-                match age {
-                    None => refresh.push(id),
-                    Some(a) if a > forget_after => forget.push(id),
-                    Some(_) => {}
-                }
-            }
-        }
-        // Last-seen rows whose owner went another way (a removed user's
-        // ids are dropped from `client_owners` by acl::remove_user).
-        if let Some(t) = &seen {
-            for item in t.iter()? {
-                let (k, _) = item?;
-                let id = *k.value();
-                if owners.get(&id)?.is_none() {
-                    orphans.push(id);
-                }
-            }
-        }
-    }
-    if refresh.is_empty() && forget.is_empty() && orphans.is_empty() {
+    let plan = sweep_plan(db, live, now, forget_after)?;
+    if plan.is_empty() {
         return Ok(0);
     }
     let txn = db.begin_write()?;
-    let mut forgotten = 0;
-    {
-        let mut owners = txn.open_table(CLIENT_OWNERS)?;
-        let mut seen = txn.open_table(CLIENT_SEEN)?;
-        let mut marks = txn.open_table(CLIENT_STORE)?;
-        for id in &refresh {
-            if owners.get(id)?.is_some() {
-                seen.insert(id, now)?;
+    let forgotten = sweep_txn(&txn, &plan, now, forget_after)?;
+    txn.commit()?;
+    Ok(forgotten)
+}
+
+/// What a sweep changes: ids whose last-seen time is refreshed, ids
+/// forgotten, last-seen rows without an owner dropped.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct SweepPlan {
+    pub refresh: Vec<ClientId>,
+    pub forget: Vec<ClientId>,
+    pub orphans: Vec<ClientId>,
+}
+
+impl SweepPlan {
+    /// Nothing to change.
+    pub fn is_empty(&self) -> bool {
+        self.refresh.is_empty() && self.forget.is_empty() && self.orphans.is_empty()
+    }
+}
+
+/// Decide a sweep from the tables as they are (read only).
+pub(crate) fn sweep_plan(
+    db: &Database,
+    live: &HashSet<ClientId>,
+    now: u64,
+    forget_after: u64,
+) -> Result<SweepPlan> {
+    let mut plan = SweepPlan::default();
+    let txn = db.begin_read()?;
+    let owners = match txn.open_table(CLIENT_OWNERS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(plan),
+        Err(e) => return Err(e.into()),
+    };
+    let seen = match txn.open_table(CLIENT_SEEN) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let refresh_after = refresh_every(Duration::from_secs(forget_after));
+    for item in owners.iter()? {
+        let (k, _) = item?;
+        let id = *k.value();
+        let at = match &seen {
+            Some(t) => t.get(&id)?.map(|v| v.value()),
+            None => None,
+        };
+        let age = at.map(|a| now.saturating_sub(a));
+        if live.contains(&id) {
+            if age.is_none_or(|a| a >= refresh_after) {
+                plan.refresh.push(id);
             }
-        }
-        for id in &forget {
-            // Presented again since the read: keep it.
-            let fresh = seen
-                .get(id)?
-                .is_some_and(|v| now.saturating_sub(v.value()) <= forget_after);
-            if fresh {
-                continue;
-            }
-            owners.remove(id)?;
-            seen.remove(id)?;
-            // The watermark goes with the owner: whoever presents the id
-            // next starts afresh and inherits nothing of the old owner's.
-            marks.remove(id)?;
-            forgotten += 1;
-        }
-        for id in &orphans {
-            if owners.get(id)?.is_none() {
-                seen.remove(id)?;
+        } else {
+            match age {
+                None => plan.refresh.push(id),
+                Some(a) if a > forget_after => plan.forget.push(id),
+                Some(_) => {}
             }
         }
     }
-    txn.commit()?;
+    // Last-seen rows whose owner went another way (a removed user's
+    // ids are dropped from `client_owners` by acl::remove_user).
+    if let Some(t) = &seen {
+        for item in t.iter()? {
+            let (k, _) = item?;
+            let id = *k.value();
+            if owners.get(&id)?.is_none() {
+                plan.orphans.push(id);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Carry out `plan` in `txn`, checking each change again against the
+/// tables as they are now (a handshake may have presented an id since the
+/// plan was made); returns how many ids were forgotten. The outcome
+/// depends only on the tables, `plan`, `now` and `forget_after`, so every
+/// member of a group that applies the same entry changes the same rows.
+pub(crate) fn sweep_txn(
+    txn: &redb::WriteTransaction,
+    plan: &SweepPlan,
+    now: u64,
+    forget_after: u64,
+) -> Result<usize> {
+    let mut forgotten = 0;
+    let mut owners = txn.open_table(CLIENT_OWNERS)?;
+    let mut seen = txn.open_table(CLIENT_SEEN)?;
+    let mut marks = txn.open_table(CLIENT_STORE)?;
+    for id in &plan.refresh {
+        if owners.get(id)?.is_some() {
+            let was = seen.get(id)?.map(|v| v.value());
+            seen.insert(id, was.map_or(now, |w| w.max(now)))?;
+        }
+    }
+    for id in &plan.forget {
+        // Presented again since the read: keep it.
+        let fresh = seen
+            .get(id)?
+            .is_some_and(|v| now.saturating_sub(v.value()) <= forget_after);
+        if fresh || owners.get(id)?.is_none() {
+            continue;
+        }
+        owners.remove(id)?;
+        seen.remove(id)?;
+        // The watermark goes with the owner: whoever presents the id
+        // next starts afresh and inherits nothing of the old owner's.
+        marks.remove(id)?;
+        forgotten += 1;
+    }
+    for id in &plan.orphans {
+        if owners.get(id)?.is_none() {
+            seen.remove(id)?;
+        }
+    }
     Ok(forgotten)
+}
+
+/// Every owner row with its last-seen time (None: never stamped).
+pub(crate) fn owner_rows(db: &Database) -> Result<Vec<(ClientId, String, Option<u64>)>> {
+    let txn = db.begin_read()?;
+    let owners = match txn.open_table(CLIENT_OWNERS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let seen = match txn.open_table(CLIENT_SEEN) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut rows = Vec::new();
+    for item in owners.iter()? {
+        let (k, v) = item?;
+        let id = *k.value();
+        let at = match &seen {
+            Some(t) => t.get(&id)?.map(|v| v.value()),
+            None => None,
+        };
+        rows.push((id, v.value().to_string(), at));
+    }
+    Ok(rows)
+}
+
+/// Take in owner rows another member held only locally (written before
+/// claims were log entries): an id nobody owns here becomes the row's
+/// user's, with its last-seen time; an owned one keeps its owner (the
+/// first owner in the log wins, as for a claim); a row of the same owner
+/// keeps the later last-seen time.
+pub(crate) fn adopt_txn(
+    txn: &redb::WriteTransaction,
+    rows: &[(ClientId, String, Option<u64>)],
+) -> Result<()> {
+    let mut owners = txn.open_table(CLIENT_OWNERS)?;
+    let mut seen = txn.open_table(CLIENT_SEEN)?;
+    for (id, user, at) in rows {
+        let owner = owners.get(id)?.map(|v| v.value().to_string());
+        match owner {
+            Some(o) if o != *user => continue,
+            Some(_) => {}
+            None => {
+                owners.insert(id, user.as_str())?;
+            }
+        }
+        if let Some(at) = at {
+            let was = seen.get(id)?.map(|v| v.value());
+            seen.insert(id, was.map_or(*at, |w| w.max(*at)))?;
+        }
+    }
+    Ok(())
 }
 
 fn refused(client: &ClientId) -> Error {

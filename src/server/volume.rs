@@ -205,6 +205,11 @@ impl VolumeStore {
             let id: [u8; 16] = crate::proto::auth::random_bytes();
             settings.insert(SERVER_ID_KEY, id.as_slice())?;
             settings.insert(ROOT_KEY, ROOT_FID.to_bytes().as_slice())?;
+            // A new store has no owner row written outside a group's log.
+            settings.insert(
+                super::replication::machine::OWNERS_LOGGED_KEY,
+                [1u8].as_slice(),
+            )?;
         }
         txn.commit()?;
         // Root's default list; the init user is the first administrator.

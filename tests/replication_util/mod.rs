@@ -369,6 +369,9 @@ pub fn store_state(root: &std::path::Path) -> StoreState {
     const RESERVED: TableDefinition<(u32, u64), &[u8; 20]> = TableDefinition::new("reserved");
     const GRAVES: TableDefinition<&[u8; 16], ()> = TableDefinition::new("graves");
     const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+    // Who owns each client id, and when it was last presented: log entries too.
+    const CLIENT_OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
+    const CLIENT_SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_seen");
     let db = redb::Database::open(root.join("meta.redb")).expect("open the member's store");
     let txn = db.begin_read().unwrap();
     let applied = txn
@@ -404,6 +407,8 @@ pub fn store_state(root: &std::path::Path) -> StoreState {
             ("volumes", rows!(VOLUMES)),
             ("reserved", rows!(RESERVED)),
             ("graves", rows!(GRAVES)),
+            ("client_owners", rows!(CLIENT_OWNERS)),
+            ("client_seen", rows!(CLIENT_SEEN)),
         ],
     }
 }

@@ -36,6 +36,7 @@ use super::Replicator;
 use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
 use crate::server::acl::Who;
 use crate::server::meta::{CLIENT_STORE, SETTINGS};
+use crate::server::owners::{self, SweepPlan};
 use crate::server::reintegrate::{BatchError, Outcome};
 use crate::server::sessions::ClientCtx;
 use crate::server::volume::{
@@ -48,6 +49,18 @@ const OP_REINTEGRATE: u8 = 1;
 const OP_ALLOC: u8 = 2;
 const OP_SET_ACL: u8 = 3;
 const OP_ADMIN: u8 = 4;
+/// A client id's claim (or last-seen refresh) by the user who presented it.
+const OP_CLAIM: u8 = 5;
+/// The leader's sweep of forgotten client ids.
+const OP_SWEEP: u8 = 6;
+/// Owner rows a leader held only locally (written before claims were
+/// entries), taken in by every member.
+const OP_ADOPT: u8 = 7;
+/// The settings key set by the last entry of a leader's [`OP_ADOPT`]: no
+/// later leader needs to propose its rows again.
+pub(crate) const OWNERS_LOGGED_KEY: &str = "client_owners_logged";
+/// Most ids (or rows) one sweep or adoption entry carries.
+const IDS_PER_ENTRY: usize = 1000;
 /// The settings key of the last log index an AllocFids applied.
 const ALLOC_INDEX_KEY: &str = "raft_alloc_index";
 /// The settings key of the last log index whose effects the store holds,
@@ -118,6 +131,96 @@ fn encode_alloc(client: &ClientId, volume: u32, count: u32) -> Vec<u8> {
     b.extend_from_slice(&volume.to_be_bytes());
     b.extend_from_slice(&count.to_be_bytes());
     b
+}
+
+/// A claim: `u64 now` (the leader's clock, seconds), then the user's name.
+fn encode_claim(client: &ClientId, user: &str, now: u64) -> Vec<u8> {
+    let mut b = vec![OP_CLAIM];
+    b.extend_from_slice(client);
+    b.extend_from_slice(&now.to_be_bytes());
+    b.extend_from_slice(user.as_bytes());
+    b
+}
+
+/// A sweep: `u64 now`, `u64 forget_after`, then the refreshed, forgotten
+/// and orphaned ids, each list as `u32 count | ids`.
+fn encode_sweep(plan: &SweepPlan, now: u64, forget_after: u64) -> Vec<u8> {
+    let mut b = vec![OP_SWEEP];
+    b.extend_from_slice(&[0u8; 16]);
+    b.extend_from_slice(&now.to_be_bytes());
+    b.extend_from_slice(&forget_after.to_be_bytes());
+    for ids in [&plan.refresh, &plan.forget, &plan.orphans] {
+        b.extend_from_slice(&(ids.len() as u32).to_be_bytes());
+        for id in ids {
+            b.extend_from_slice(id);
+        }
+    }
+    b
+}
+
+fn decode_sweep(b: &[u8]) -> Result<(SweepPlan, u64, u64)> {
+    let (head, mut b) = (b.len() >= 16)
+        .then(|| b.split_at(16))
+        .ok_or_else(bad_entry)?;
+    let now = u64::from_be_bytes(head[..8].try_into().expect("8"));
+    let forget_after = u64::from_be_bytes(head[8..].try_into().expect("8"));
+    let mut lists: [Vec<ClientId>; 3] = Default::default();
+    for list in &mut lists {
+        let n = b.get(..4).ok_or_else(bad_entry)?;
+        let n = u32::from_be_bytes(n.try_into().expect("4")) as usize;
+        let ids = b
+            .get(4..4 + n.checked_mul(16).ok_or_else(bad_entry)?)
+            .ok_or_else(bad_entry)?;
+        *list = ids
+            .chunks_exact(16)
+            .map(|c| c.try_into().expect("16"))
+            .collect();
+        b = &b[4 + ids.len()..];
+    }
+    let [refresh, forget, orphans] = lists;
+    Ok((
+        SweepPlan {
+            refresh,
+            forget,
+            orphans,
+        },
+        now,
+        forget_after,
+    ))
+}
+
+/// An adoption: `u8 last`, then each row as `id | u64 seen+1 (0: none) |
+/// u16 len | user`.
+fn encode_adopt(rows: &[(ClientId, String, Option<u64>)], last: bool) -> Vec<u8> {
+    let mut b = vec![OP_ADOPT];
+    b.extend_from_slice(&[0u8; 16]);
+    b.push(last as u8);
+    for (id, user, seen) in rows {
+        b.extend_from_slice(id);
+        b.extend_from_slice(&seen.map_or(0, |s| s.saturating_add(1)).to_be_bytes());
+        let u = &user.as_bytes()[..user.len().min(u16::MAX as usize)];
+        b.extend_from_slice(&(u.len() as u16).to_be_bytes());
+        b.extend_from_slice(u);
+    }
+    b
+}
+
+type OwnerRows = Vec<(ClientId, String, Option<u64>)>;
+
+fn decode_adopt(b: &[u8]) -> Result<(OwnerRows, bool)> {
+    let (&last, mut b) = b.split_first().ok_or_else(bad_entry)?;
+    let mut rows = Vec::new();
+    while !b.is_empty() {
+        let head = b.get(..26).ok_or_else(bad_entry)?;
+        let id: ClientId = head[..16].try_into().expect("16");
+        let seen = u64::from_be_bytes(head[16..24].try_into().expect("8"));
+        let len = u16::from_be_bytes([head[24], head[25]]) as usize;
+        let user = b.get(26..26 + len).ok_or_else(bad_entry)?;
+        let user = String::from_utf8(user.to_vec()).map_err(|_| bad_entry())?;
+        rows.push((id, user, seen.checked_sub(1)));
+        b = &b[26 + len..];
+    }
+    Ok((rows, last != 0))
 }
 
 /// The user a batch acts for, as the leader resolved it: every member
@@ -396,7 +499,71 @@ impl Machine {
                 }
                 Ok(Box::new(res))
             }
+            OP_CLAIM => {
+                let b = data.get(17..).ok_or_else(bad_entry)?;
+                if b.len() < 8 {
+                    return Err(bad_entry());
+                }
+                let now = u64::from_be_bytes(b[..8].try_into().expect("8"));
+                let user = std::str::from_utf8(&b[8..]).map_err(|_| bad_entry())?;
+                // A refusal (another user's id) changes nothing and is the
+                // proposer's answer; anything else committed with the mark.
+                let res =
+                    self.commit_with_mark(index, |txn| owners::claim_txn(txn, &client, user, now))?;
+                Ok(Box::new(res))
+            }
+            OP_SWEEP => {
+                let (plan, now, forget_after) =
+                    decode_sweep(data.get(17..).ok_or_else(bad_entry)?)?;
+                let res = self.commit_with_mark(index, |txn| {
+                    owners::sweep_txn(txn, &plan, now, forget_after)
+                })?;
+                Ok(Box::new(res))
+            }
+            OP_ADOPT => {
+                let (rows, last) = decode_adopt(data.get(17..).ok_or_else(bad_entry)?)?;
+                let res = self.commit_with_mark(index, |txn| {
+                    owners::adopt_txn(txn, &rows)?;
+                    if last {
+                        txn.open_table(SETTINGS)?
+                            .insert(OWNERS_LOGGED_KEY, [1u8].as_slice())?;
+                    }
+                    Ok(())
+                })?;
+                Ok(Box::new(res))
+            }
             _ => Err(bad_entry()),
+        }
+    }
+
+    /// Commit `f`'s changes with [`APPLIED_KEY`] = `index`, without an
+    /// fsync (the log holds the entry durably), so a restart applies the
+    /// entry again exactly when its changes are not in the store. An error
+    /// of `f` commits nothing and is returned; a failure of the store
+    /// itself stops this member (`Eio`) rather than let it diverge.
+    fn commit_with_mark<T>(
+        &mut self,
+        index: u64,
+        f: impl Fn(&redb::WriteTransaction) -> Result<T>,
+    ) -> Result<Result<T>> {
+        let res = self.store.with_db(|db| -> Result<T> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None);
+            let v = f(&txn)?;
+            txn.open_table(SETTINGS)?
+                .insert(APPLIED_KEY, index.to_be_bytes().as_slice())?;
+            txn.commit()?;
+            Ok(v)
+        });
+        match res {
+            Ok(v) => {
+                self.marked = index;
+                Ok(Ok(v))
+            }
+            Err(e) if is_store_failure(&e) || matches!(e, Error::Io { .. }) => {
+                Err(Error::Eio(format!("entry {index} failed here only: {e}")))
+            }
+            Err(e) => Ok(Err(e)),
         }
     }
 }
@@ -587,6 +754,85 @@ fn leadership_lost(shared: &Shared, ctx: &ClientCtx, e: &Error) {
             .registry
             .end_session(&ctx.id, ctx.gen, &format!("replication: {e}"));
     }
+}
+
+/// The leader's claim of `client` for `user`, whose handshake is proven
+/// (SERVER.md "Client identity"): when due (a new id, or a stale last-seen
+/// time) it is an entry, applied by every member, committed before this
+/// returns and so before the connection is welcomed. `Auth` if the id is
+/// another user's, here or when the entry applies.
+pub(crate) fn claim_client(
+    repl: &Replicator,
+    store: &VolumeStore,
+    client: &ClientId,
+    user: &str,
+    refresh: u64,
+) -> Result<()> {
+    let now = owners::now_secs();
+    if !store.with_db(|db| owners::claim_due(db, client, user, true, now, refresh))? {
+        return Ok(());
+    }
+    propose::<Result<()>>(repl, encode_claim(client, user, now))?
+}
+
+/// The leader's sweep of client ids (owners.rs): decided from its own
+/// tables and its live sessions, carried out by every member as entries
+/// (at most [`IDS_PER_ENTRY`] ids each) stamped with the leader's `now`.
+/// Returns how many ids were forgotten.
+pub(crate) fn sweep_clients(
+    repl: &Replicator,
+    store: &VolumeStore,
+    live: &std::collections::HashSet<ClientId>,
+    now: u64,
+    forget_after: u64,
+) -> Result<usize> {
+    let mut rest = store.with_db(|db| owners::sweep_plan(db, live, now, forget_after))?;
+    let mut forgotten = 0;
+    // Bounded: each entry takes at least one id off the plan.
+    while !rest.is_empty() {
+        let mut part = SweepPlan::default();
+        let mut room = IDS_PER_ENTRY;
+        for (from, to) in [
+            (&mut rest.refresh, &mut part.refresh),
+            (&mut rest.forget, &mut part.forget),
+            (&mut rest.orphans, &mut part.orphans),
+        ] {
+            let n = from.len().min(room);
+            *to = from.drain(..n).collect();
+            room -= n;
+        }
+        forgotten += propose::<Result<usize>>(repl, encode_sweep(&part, now, forget_after))??;
+    }
+    Ok(forgotten)
+}
+
+/// Once per group, by its first leader running this code: the owner rows
+/// it holds, written locally by a server that did not log claims, become
+/// entries every member takes in (`owners::adopt_txn`); the last sets
+/// [`OWNERS_LOGGED_KEY`] on every member. Returns whether it proposed.
+pub(crate) fn adopt_owners(repl: &Replicator, store: &VolumeStore) -> Result<bool> {
+    let done = store.with_db(|db| -> Result<bool> {
+        let txn = db.begin_read()?;
+        match txn.open_table(SETTINGS) {
+            Ok(t) => Ok(t.get(OWNERS_LOGGED_KEY)?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    })?;
+    if done {
+        return Ok(false);
+    }
+    let rows = store.with_db(owners::owner_rows)?;
+    let chunks: Vec<&[(ClientId, String, Option<u64>)]> = if rows.is_empty() {
+        vec![&[]]
+    } else {
+        rows.chunks(IDS_PER_ENTRY).collect()
+    };
+    let last = chunks.len() - 1;
+    for (i, c) in chunks.into_iter().enumerate() {
+        propose::<Result<()>>(repl, encode_adopt(c, i == last))??;
+    }
+    Ok(true)
 }
 
 /// The leader's AllocFids.
@@ -819,6 +1065,94 @@ mod tests {
         assert_eq!(store_mark(&m.store).unwrap(), Some(8));
         drop(m);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn owner(m: &Machine, id: &ClientId) -> Option<(String, Option<u64>)> {
+        let rows = m.store.with_db(owners::owner_rows).unwrap();
+        rows.into_iter()
+            .find(|(i, _, _)| i == id)
+            .map(|(_, u, s)| (u, s))
+    }
+
+    /// A claim is an entry: the first user's, refused to another when it
+    /// applies, a refresh never moves the time back, applied again after
+    /// a restart it changes nothing; a sweep entry forgets by the entry's
+    /// time (with the watermark), and an adoption keeps an owned id's owner.
+    #[test]
+    fn claims_sweeps_and_adoptions_apply_alike_and_once() {
+        let dir = std::env::temp_dir().join(format!("coda-unit-claims-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let root = dir.join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let (x, y, z) = ([1u8; 16], [2u8; 16], [3u8; 16]);
+        let claimed = |r: Applied| *r.downcast::<Result<()>>().unwrap();
+        {
+            let mut m = machine(&root);
+            assert!(claimed(m.apply(3, &encode_claim(&x, "admin", 100)).unwrap()).is_ok());
+            assert_eq!(store_mark(&m.store).unwrap(), Some(3));
+            let r = claimed(m.apply(4, &encode_claim(&x, "bob", 101)).unwrap());
+            assert!(matches!(r, Err(Error::Auth(_))), "{r:?}");
+            assert!(claimed(m.apply(5, &encode_claim(&x, "admin", 90)).unwrap()).is_ok());
+            assert_eq!(owner(&m, &x), Some(("admin".into(), Some(100))));
+            assert!(claimed(m.apply(6, &encode_claim(&y, "bob", 100)).unwrap()).is_ok());
+        }
+        let mut m = machine(&root);
+        // After the restart the entries up to the mark are skipped.
+        assert!(m
+            .apply(4, &encode_claim(&x, "bob", 101))
+            .unwrap()
+            .is::<()>());
+        // y's watermark, then a sweep at 200 with a 50 s expiry: x (live)
+        // is refreshed, y forgotten with its watermark, z (never owned)
+        // changes nothing.
+        m.store
+            .with_db(|db| -> Result<()> {
+                let txn = db.begin_write()?;
+                txn.open_table(CLIENT_STORE)?.insert(&y, 9)?;
+                txn.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        let plan = SweepPlan {
+            refresh: vec![x],
+            forget: vec![y, z],
+            orphans: vec![],
+        };
+        let entry = encode_sweep(&plan, 200, 50);
+        assert_eq!(decode_sweep(&entry[17..]).unwrap(), (plan, 200, 50));
+        let r = m.apply(7, &entry).unwrap();
+        assert_eq!((*r.downcast::<Result<usize>>().unwrap()).unwrap(), 1);
+        assert_eq!(owner(&m, &x), Some(("admin".into(), Some(200))));
+        assert_eq!(owner(&m, &y), None);
+        let mark = m
+            .store
+            .with_db(|db| -> Result<Option<u64>> {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(CLIENT_STORE)?;
+                Ok(t.get(&y)?.map(|v| v.value()))
+            })
+            .unwrap();
+        assert_eq!(mark, None);
+        // An adoption: x stays admin's, z becomes carol's.
+        let rows = vec![(x, "bob".to_string(), Some(300)), (z, "carol".into(), None)];
+        let entry = encode_adopt(&rows, true);
+        assert_eq!(decode_adopt(&entry[17..]).unwrap(), (rows, true));
+        assert!(claimed(m.apply(8, &entry).unwrap()).is_ok());
+        assert_eq!(owner(&m, &x), Some(("admin".into(), Some(200))));
+        assert_eq!(owner(&m, &z), Some(("carol".into(), None)));
+        assert!(adopt_done(&m.store));
+        drop(m);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn adopt_done(store: &VolumeStore) -> bool {
+        store
+            .with_db(|db| -> Result<bool> {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(SETTINGS)?;
+                Ok(t.get(OWNERS_LOGGED_KEY)?.is_some())
+            })
+            .unwrap()
     }
 
     #[test]
