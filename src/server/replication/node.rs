@@ -367,6 +367,12 @@ impl Driver {
                     "replication: the applied state could not be made durable at stop: {e}"
                 ));
             }
+            // And the log in raft.redb: nothing to replay from the journal.
+            if let Err(e) = self.store.close() {
+                log::warn(format_args!(
+                    "replication: the log could not be checkpointed at stop: {e}"
+                ));
+            }
         }
         self.peers.stop();
     }
