@@ -264,6 +264,12 @@ pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::stora
         // cut off and back does not depose a healthy leader.
         check_quorum: true,
         pre_vote: true,
+        // A new commit index is not sent on its own (an empty append to
+        // each follower and its acknowledgement, per entry): followers
+        // learn it with the next append or heartbeat, and apply then. Only
+        // the leader's application answers a client; a membership change
+        // is still sent at once (the engine's rule).
+        skip_bcast_commit: true,
         ..Default::default()
     };
     cfg.validate()
