@@ -17,6 +17,7 @@ mod data;
 pub(crate) mod machine;
 pub mod node;
 mod peers;
+mod queue;
 pub mod storage;
 pub mod transport;
 
@@ -288,7 +289,7 @@ impl Replicator {
             store.applied() + 1
         ));
         let node = node::raw_node(me, &store)?;
-        let (tx, rx) = node::InboxTx::bounded(INBOX);
+        let (tx, rx) = queue::bounded(INBOX);
         let published = Arc::new(Published::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let driver = Driver {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
@@ -16,6 +16,7 @@ use raft::{RawNode, StateRole};
 
 use super::config::{GroupConfig, Member};
 use super::peers::Peers;
+use super::queue::{QueueRx, QueueTx};
 use super::storage::RaftStore;
 use super::trace;
 use crate::server::log;
@@ -73,88 +74,8 @@ pub enum Input {
     Status(Sender<NodeStatus>),
 }
 
-/// The sending side of the node thread's inbox. The thread waits for input
-/// parked (`std::thread::park_timeout`), woken by each sender: a channel's
-/// own blocking receive spins and yields before it sleeps, CPU that the
-/// members, the client and their peers' threads need on a machine of few
-/// cores (measured: docs/BENCHMARKS.md `rround`).
-#[derive(Clone)]
-pub struct InboxTx {
-    tx: Sender<Input>,
-    bell: Arc<std::sync::OnceLock<std::thread::Thread>>,
-}
-
-impl InboxTx {
-    /// A queue of `cap` inputs: its sender, and the receiver with the
-    /// bell the node thread registers on.
-    pub fn bounded(cap: usize) -> (InboxTx, Inbox) {
-        let (tx, rx) = crossbeam_channel::bounded(cap);
-        let bell = Arc::new(std::sync::OnceLock::new());
-        (
-            InboxTx {
-                tx,
-                bell: Arc::clone(&bell),
-            },
-            Inbox { rx, bell },
-        )
-    }
-
-    /// Queue `input`, waiting up to `timeout` for room.
-    pub fn send_timeout(
-        &self,
-        input: Input,
-        timeout: Duration,
-    ) -> std::result::Result<(), SendTimeoutError<Input>> {
-        self.tx.send_timeout(input, timeout)?;
-        self.ring();
-        Ok(())
-    }
-
-    /// Queue `input` if there is room.
-    pub fn try_send(&self, input: Input) -> std::result::Result<(), TrySendError<Input>> {
-        self.tx.try_send(input)?;
-        self.ring();
-        Ok(())
-    }
-
-    fn ring(&self) {
-        if let Some(t) = self.bell.get() {
-            t.unpark();
-        }
-    }
-}
-
-/// The node thread's side of its inbox.
-pub struct Inbox {
-    rx: Receiver<Input>,
-    bell: Arc<std::sync::OnceLock<std::thread::Thread>>,
-}
-
-impl Inbox {
-    /// The next input, waiting up to `wait` (parked); Err when every
-    /// sender is gone.
-    fn recv_timeout(&self, wait: Duration) -> std::result::Result<Option<Input>, ()> {
-        let _ = self.bell.set(std::thread::current());
-        match self.rx.try_recv() {
-            Ok(i) => return Ok(Some(i)),
-            Err(TryRecvError::Disconnected) => return Err(()),
-            Err(TryRecvError::Empty) => {}
-        }
-        // A sender queues before it rings, and the queue is checked after
-        // each wake-up, so no input waits for the timeout; a ring consumed
-        // elsewhere (another park on this thread) only costs this check.
-        std::thread::park_timeout(wait);
-        match self.rx.try_recv() {
-            Ok(i) => Ok(Some(i)),
-            Err(TryRecvError::Disconnected) => Err(()),
-            Err(TryRecvError::Empty) => Ok(None),
-        }
-    }
-
-    fn try_recv(&self) -> Option<Input> {
-        self.rx.try_recv().ok()
-    }
-}
+/// The sending side of the node thread's inbox.
+pub type InboxTx = QueueTx<Input>;
 
 /// One member's view, for `group status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -303,7 +224,7 @@ pub trait StateMachine: Send {
 pub(super) struct Driver {
     pub node: RawNode<raft::storage::MemStorage>,
     pub store: RaftStore,
-    pub inbox: Inbox,
+    pub inbox: QueueRx<Input>,
     pub peers: Peers,
     pub group: Arc<Mutex<GroupConfig>>,
     pub root: std::path::PathBuf,
@@ -421,13 +342,13 @@ impl Driver {
                     // fsync covers them all.
                     for _ in 0..256 {
                         match self.inbox.try_recv() {
-                            Some(i) => self.take(i),
-                            None => break,
+                            Ok(Some(i)) => self.take(i),
+                            _ => break,
                         }
                     }
                 }
                 Ok(None) => {}
-                Err(()) => break,
+                Err(_) => break,
             }
             if Instant::now() >= next_tick {
                 self.node.tick();
