@@ -284,7 +284,13 @@ impl RaftStore {
         } else if self.no_journal {
             self.commit_durably(entries, hs)?;
         } else {
-            let record = encode_record(entries, hs)?;
+            // A record written anyway carries the commit index kept in
+            // memory (a few bytes): a crash then loses at most the last.
+            let carried = match hs {
+                None if self.commit_unsaved => Some(self.mem.rl().hard_state().clone()),
+                _ => None,
+            };
+            let record = encode_record(entries, hs.or(carried.as_ref()))?;
             if !self.journal.fits(record.len()) {
                 // Full: everything before goes durable in redb, then the
                 // journal starts again (every record in it must be newer
@@ -295,6 +301,8 @@ impl RaftStore {
                 self.journal.append(&record)?;
                 self.journal.sync()?;
                 self.pending.push(record);
+                // The record holds it now (and redb will, with the record).
+                self.commit_unsaved = false;
             } else {
                 // Larger than the whole journal: a durable commit of its
                 // own (the journal is empty, so no replay can undo it).
@@ -530,8 +538,9 @@ mod tests {
     /// A hard state whose commit index alone moved is kept in memory: no
     /// journal record, no redb commit. Lost by a crash, it reads back as
     /// the last one written with the log, and the applied index is
-    /// clamped to it; a durable commit (a full journal, a membership
-    /// change, a clean stop) carries it, with every pending record.
+    /// clamped to it; the next record written carries it, and a durable
+    /// commit (a full journal, a membership change, a clean stop) writes
+    /// it into redb with every pending record.
     #[test]
     fn a_commit_index_alone_writes_nothing_and_a_durable_commit_carries_it() {
         let d = scratch("commit");
@@ -570,8 +579,14 @@ mod tests {
             assert_eq!(s.mem().rl().hard_state().commit, 1);
             assert_eq!(s.mem().last_index().unwrap(), 2);
             assert_eq!(s.applied(), 1);
+            // The next record written carries it: a crash after it loses nothing.
             s.persist_commit(2).unwrap();
             s.persist(&[entry(3, 1, b"c")], None).unwrap();
+        }
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            assert_eq!(s.mem().rl().hard_state().commit, 2);
+            s.persist_commit(3).unwrap();
             s.close().unwrap();
             assert_eq!(journal_len(&d), 0);
         }
@@ -579,7 +594,7 @@ mod tests {
         let st = s.mem().initial_state().unwrap();
         assert_eq!(
             (st.hard_state.commit, s.mem().last_index().unwrap()),
-            (2, 3)
+            (3, 3)
         );
         let _ = std::fs::remove_dir_all(&d);
     }
