@@ -195,6 +195,28 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command's closing parenthesis: state is the
+    // first, utime and stime the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(f.iter().sum::<u64>() * 1_000_000 / hz)
+}
+
+/// CPU time used so far by these processes together.
+fn cpu_sum(pids: &[u32]) -> Duration {
+    pids.iter().map(|p| cpu_of(*p)).sum()
+}
+
 fn small_stores(c: &Client, tag: &str, n: usize) -> Duration {
     let data = vec![5u8; 4096];
     let mut t = Vec::with_capacity(n);
@@ -366,9 +388,17 @@ fn main() {
     // Interleave halves so drift hits both alike.
     let mut s_t = Vec::new();
     let mut g_t = Vec::new();
+    // The servers' CPU time over the section (members summed): on a
+    // machine of few cores a group's three members compete for them.
+    let g_pids: Vec<u32> = g.children.iter().flatten().map(Child::id).collect();
+    let (mut s_cpu, mut g_cpu) = (Duration::ZERO, Duration::ZERO);
     for half in 0..2 {
+        let c0 = cpu_of(single.pid());
         s_t.push(small_stores(&sc, &format!("s{half}"), n_small / 2));
+        s_cpu += cpu_of(single.pid()).saturating_sub(c0);
+        let c0 = cpu_sum(&g_pids);
         g_t.push(small_stores(&gc, &format!("g{half}"), n_small / 2));
+        g_cpu += cpu_sum(&g_pids).saturating_sub(c0);
     }
     let (s, gr) = (median(s_t), median(g_t));
     println!(
@@ -376,6 +406,12 @@ fn main() {
         ms(s),
         ms(gr),
         ms(gr) / ms(s)
+    );
+    let per = (n_small / 2 * 2).max(1) as f64;
+    println!(
+        "  server CPU per small file: single {:.2} ms, group of 3 {:.2} ms (members summed)",
+        ms(s_cpu) / per,
+        ms(g_cpu) / per
     );
     if std::env::var("CODA_BENCH_ONLY").is_ok_and(|v| v == "small") {
         drop((gc, g, sc, single));

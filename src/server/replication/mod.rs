@@ -17,6 +17,7 @@ mod data;
 pub(crate) mod machine;
 pub mod node;
 mod peers;
+mod queue;
 pub mod storage;
 pub mod transport;
 
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Sender, TrySendError};
+use crossbeam_channel::{bounded, TrySendError};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 
@@ -245,7 +246,7 @@ fn copy_from(src: &Path, root: &Path, cfg: &mut GroupConfig) -> Result<bool> {
 
 /// A running member's replication: the node thread and its handles.
 pub struct Replicator {
-    inbox: Sender<Input>,
+    inbox: node::InboxTx,
     group: Arc<Mutex<GroupConfig>>,
     key: PeerKey,
     me: u64,
@@ -288,7 +289,7 @@ impl Replicator {
             store.applied() + 1
         ));
         let node = node::raw_node(me, &store)?;
-        let (tx, rx) = bounded(INBOX);
+        let (tx, rx) = queue::bounded(INBOX);
         let published = Arc::new(Published::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let driver = Driver {

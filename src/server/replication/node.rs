@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, Message, MessageType};
@@ -16,6 +16,7 @@ use raft::{RawNode, StateRole};
 
 use super::config::{GroupConfig, Member};
 use super::peers::Peers;
+use super::queue::{QueueRx, QueueTx};
 use super::storage::RaftStore;
 use super::trace;
 use crate::server::log;
@@ -72,6 +73,9 @@ pub enum Input {
     /// A snapshot of the node's state.
     Status(Sender<NodeStatus>),
 }
+
+/// The sending side of the node thread's inbox.
+pub type InboxTx = QueueTx<Input>;
 
 /// One member's view, for `group status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -220,7 +224,7 @@ pub trait StateMachine: Send {
 pub(super) struct Driver {
     pub node: RawNode<raft::storage::MemStorage>,
     pub store: RaftStore,
-    pub inbox: Receiver<Input>,
+    pub inbox: QueueRx<Input>,
     pub peers: Peers,
     pub group: Arc<Mutex<GroupConfig>>,
     pub root: std::path::PathBuf,
@@ -264,6 +268,12 @@ pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::stora
         // cut off and back does not depose a healthy leader.
         check_quorum: true,
         pre_vote: true,
+        // A new commit index is not sent on its own (an empty append to
+        // each follower and its acknowledgement, per entry): followers
+        // learn it with the next append or heartbeat, and apply then. Only
+        // the leader's application answers a client; a membership change
+        // is still sent at once (the engine's rule).
+        skip_bcast_commit: true,
         ..Default::default()
     };
     cfg.validate()
@@ -326,19 +336,19 @@ impl Driver {
         while !self.stopping.load(Ordering::SeqCst) {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.inbox.recv_timeout(wait) {
-                Ok(input) => {
+                Ok(Some(input)) => {
                     self.take(input);
                     // Take whatever else is queued before one ready: one
                     // fsync covers them all.
                     for _ in 0..256 {
                         match self.inbox.try_recv() {
-                            Ok(i) => self.take(i),
-                            Err(_) => break,
+                            Ok(Some(i)) => self.take(i),
+                            _ => break,
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(None) => {}
+                Err(_) => break,
             }
             if Instant::now() >= next_tick {
                 self.node.tick();
@@ -365,6 +375,12 @@ impl Driver {
             if let Err(e) = self.sm.applied_through(applied, true) {
                 log::warn(format_args!(
                     "replication: the applied state could not be made durable at stop: {e}"
+                ));
+            }
+            // And the log in raft.redb: nothing to replay from the journal.
+            if let Err(e) = self.store.close() {
+                log::warn(format_args!(
+                    "replication: the log could not be checkpointed at stop: {e}"
                 ));
             }
         }

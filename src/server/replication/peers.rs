@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::TrySendError;
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use super::config::{resolve, GroupConfig};
+use super::queue::{bounded, QueueRx, QueueTx};
 use super::transport::PeerKey;
 use super::transport::{dial, write_frame, KIND_RAFT};
 use crate::server::log;
@@ -29,7 +30,7 @@ const RETRY: Duration = Duration::from_millis(200);
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 struct Peer {
-    tx: Sender<Message>,
+    tx: QueueTx<Message>,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
@@ -120,21 +121,21 @@ struct Link {
 }
 
 impl Link {
-    fn run(self, rx: Receiver<Message>) {
+    fn run(self, rx: QueueRx<Message>) {
         let mut conn: Option<Stream> = None;
         let mut next_try = Instant::now();
         let mut was_down = false;
         while !self.stop.load(Ordering::SeqCst) {
             let first = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(_) => break,
             };
             let mut batch = vec![first];
             while batch.len() < 256 {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
+                    Ok(Some(m)) => batch.push(m),
+                    _ => break,
                 }
             }
             // A member that died (or closed an idle connection) left it

@@ -2,13 +2,15 @@
 //! log's fsyncs and the volume store's never wait on one lock), made
 //! durable through `DIR/raft.journal` (`crate::journal`): each new run of
 //! entries and hard state is appended there and fdatasynced (one
-//! sequential write into a preallocated file), then committed to redb
-//! without an fsync. When the journal is full, redb commits durably and
-//! the journal starts again; at start its records are written into redb
-//! again, in order (each replaces the log from its first index, so
-//! replaying records redb already holds changes nothing). Reads are served
-//! by the engine's `MemStorage`, loaded at start; every write is durable
-//! before it reaches memory, so nothing the engine sends on was not on disk.
+//! sequential write into a preallocated file), and that is all the write
+//! path does: the records wait in memory and go into redb, in order, with
+//! one durable commit when the journal is full (or a membership change
+//! commits), after which the journal starts again. At start the journal's
+//! records are written into redb again, in order (each replaces the log
+//! from its first index, so replaying records redb already holds changes
+//! nothing). Reads are served by the engine's `MemStorage`, loaded at
+//! start; every write is durable before it reaches memory, so nothing the
+//! engine sends on was not on disk.
 
 use std::path::{Path, PathBuf};
 
@@ -131,6 +133,11 @@ pub struct RaftStore {
     no_journal: bool,
     mem: MemStorage,
     applied: u64,
+    /// Journal records (as appended) that redb does not hold yet: written
+    /// into it at the next durable commit.
+    pending: Vec<Vec<u8>>,
+    /// The hard state in memory has a commit index redb does not hold.
+    commit_unsaved: bool,
 }
 
 impl RaftStore {
@@ -238,6 +245,8 @@ impl RaftStore {
             no_journal: std::env::var_os("CODA_REPL_NO_JOURNAL").is_some(),
             mem,
             applied,
+            pending: Vec::new(),
+            commit_unsaved: false,
         })
     }
 
@@ -252,27 +261,36 @@ impl RaftStore {
     }
 
     /// Make new entries and/or a new hard state durable (one journal
-    /// append and fdatasync; nothing synced when only the commit index
+    /// append and fdatasync; nothing written when only the commit index
     /// moved), then visible to the engine. Entries replace any at the same
     /// or later index.
     pub fn persist(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
         if entries.is_empty() && hs.is_none() {
             return Ok(());
         }
-        // A new commit index alone is not made durable: Raft needs the
-        // entries, the term and the vote durable, never the commit index (a
-        // restart that reads an older one learns the newer from the leader,
-        // and re-applies what lies between, as after a lost applied mark).
-        // A later durable commit of this file makes it durable too.
+        // A new commit index alone is not written: Raft needs the entries,
+        // the term and the vote durable, never the commit index (a restart
+        // that reads an older one learns the newer from the leader, and
+        // re-applies what lies between, as after a lost applied mark). The
+        // next durable commit of this file carries it.
         let commit_only = entries.is_empty()
             && hs.is_some_and(|h| {
                 let cur = self.mem.rl();
                 let cur = cur.hard_state();
                 h.term == cur.term && h.vote == cur.vote
             });
-        let mut durable = self.no_journal && !commit_only;
-        if !commit_only && !durable {
-            let record = encode_record(entries, hs)?;
+        if commit_only {
+            self.commit_unsaved = true;
+        } else if self.no_journal {
+            self.commit_durably(entries, hs)?;
+        } else {
+            // A record written anyway carries the commit index kept in
+            // memory (a few bytes): a crash then loses at most the last.
+            let carried = match hs {
+                None if self.commit_unsaved => Some(self.mem.rl().hard_state().clone()),
+                _ => None,
+            };
+            let record = encode_record(entries, hs.or(carried.as_ref()))?;
             if !self.journal.fits(record.len()) {
                 // Full: everything before goes durable in redb, then the
                 // journal starts again (every record in it must be newer
@@ -282,18 +300,15 @@ impl RaftStore {
             if self.journal.fits(record.len()) {
                 self.journal.append(&record)?;
                 self.journal.sync()?;
+                self.pending.push(record);
+                // The record holds it now (and redb will, with the record).
+                self.commit_unsaved = false;
             } else {
                 // Larger than the whole journal: a durable commit of its
                 // own (the journal is empty, so no replay can undo it).
-                durable = true;
+                self.commit_durably(entries, hs)?;
             }
         }
-        let mut txn = self.db.begin_write()?;
-        if !durable {
-            txn.set_durability(redb::Durability::None);
-        }
-        write_log(&txn, entries, hs)?;
-        txn.commit()?;
         let mut core = self.mem.wl();
         if !entries.is_empty() {
             core.append(entries)
@@ -305,14 +320,46 @@ impl RaftStore {
         Ok(())
     }
 
+    /// One durable redb commit of the pending journal records, then
+    /// `entries` and `hs`, and the commit index in memory if newer.
+    fn commit_durably(&mut self, entries: &[Entry], hs: Option<&HardState>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        self.write_pending(&txn)?;
+        write_log(&txn, entries, hs)?;
+        txn.commit()?;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Write the pending journal records into `txn`, in order, and the
+    /// hard state in memory when its commit index is not in redb.
+    fn write_pending(&mut self, txn: &redb::WriteTransaction) -> Result<()> {
+        for r in &self.pending {
+            let (entries, hs) = decode_record(r)?;
+            write_log(txn, &entries, hs.as_ref())?;
+        }
+        if self.commit_unsaved {
+            let hs = self.mem.rl().hard_state().clone();
+            write_log(txn, &[], Some(&hs))?;
+            self.commit_unsaved = false;
+        }
+        Ok(())
+    }
+
     /// Make redb hold everything durably (one fsync), then start the
     /// journal again.
     fn checkpoint(&mut self) -> Result<()> {
-        self.db.begin_write()?.commit()?;
+        self.commit_durably(&[], None)?;
         self.journal.reset()
     }
 
-    /// Record a new commit index (from a light ready; not fsynced, see
+    /// At a clean stop: redb holds everything durably, so the next start
+    /// replays nothing and knows the last commit index.
+    pub fn close(&mut self) -> Result<()> {
+        self.checkpoint()
+    }
+
+    /// Record a new commit index (from a light ready; in memory only, see
     /// [`RaftStore::persist`]).
     pub fn persist_commit(&mut self, commit: u64) -> Result<()> {
         let mut hs = self.mem.rl().hard_state().clone();
@@ -325,9 +372,11 @@ impl RaftStore {
     /// starts again).
     pub fn persist_conf(&mut self, cs: &ConfState) -> Result<()> {
         let txn = self.db.begin_write()?;
+        self.write_pending(&txn)?;
         txn.open_table(STATE)?
             .insert("conf", cs.write_to_bytes().map_err(pb_err)?.as_slice())?;
         txn.commit()?;
+        self.pending.clear();
         self.journal.reset()?;
         self.mem.wl().set_conf_state(cs.clone());
         Ok(())
@@ -368,6 +417,7 @@ impl RaftStore {
 mod tests {
     use super::*;
     use raft::Storage;
+    use redb::ReadableTableMetadata;
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("coda-raftstore-{name}-{}", std::process::id()));
@@ -405,6 +455,8 @@ mod tests {
             // A new leader's entry 2 at term 2 replaces 2 and 3.
             s.persist(&[entry(2, 2, b"x")], None).unwrap();
             s.persist_commit(2).unwrap();
+            // The commit index reaches redb with its next durable commit.
+            s.checkpoint().unwrap();
             // An applied mark past the commit index (a kill between the two
             // writes) is read back as the commit index.
             s.write_applied(3).unwrap();
@@ -467,8 +519,12 @@ mod tests {
             let data: Vec<&[u8]> = es.iter().map(|e| e.data.as_ref()).collect();
             assert_eq!(data, [&b"a"[..], b"b", b"x"]);
         };
-        // Replayed over a redb that holds it all (a clean close).
+        // Replayed over the redb that holds only the first entry (the
+        // records since wait in memory until a durable commit).
         std::fs::copy(d.join(RAFT_JOURNAL), d.join("journal.kept")).unwrap();
+        check(&d);
+        // Replayed over a redb that holds it all.
+        std::fs::copy(d.join("journal.kept"), d.join(RAFT_JOURNAL)).unwrap();
         check(&d);
         // Replayed over the redb of before the journaled writes.
         std::fs::copy(&old, d.join(RAFT_DB)).unwrap();
@@ -476,6 +532,70 @@ mod tests {
         check(&d);
         // Opened again, nothing left to replay, the same.
         check(&d);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A hard state whose commit index alone moved is kept in memory: no
+    /// journal record, no redb commit. Lost by a crash, it reads back as
+    /// the last one written with the log, and the applied index is
+    /// clamped to it; the next record written carries it, and a durable
+    /// commit (a full journal, a membership change, a clean stop) writes
+    /// it into redb with every pending record.
+    #[test]
+    fn a_commit_index_alone_writes_nothing_and_a_durable_commit_carries_it() {
+        let d = scratch("commit");
+        RaftStore::create(&d, &[1, 2, 3]).unwrap();
+        let hs = |commit| HardState {
+            term: 1,
+            vote: 1,
+            commit,
+            ..Default::default()
+        };
+        let journal_len = |d: &Path| {
+            let (_, records) = Journal::open(&d.join(RAFT_JOURNAL), JOURNAL_CAPACITY).unwrap();
+            records.len()
+        };
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            s.persist(&[entry(1, 1, b"a"), entry(2, 1, b"b")], Some(&hs(1)))
+                .unwrap();
+            s.persist_commit(2).unwrap();
+            assert_eq!(s.mem().rl().hard_state().commit, 2);
+            assert_eq!(s.pending.len(), 1);
+            // redb holds none of it (not even unsynced).
+            let txn = s.db.begin_read().unwrap();
+            assert_eq!(txn.open_table(LOG).unwrap().len().unwrap(), 0);
+            let hard = txn.open_table(STATE).unwrap().get("hard").unwrap().unwrap();
+            assert_eq!(HardState::parse_from_bytes(hard.value()).unwrap().commit, 0);
+            drop(hard);
+            drop(txn);
+            // As a crash leaves it: redb untouched, one journal record.
+            s.write_applied(2).unwrap();
+            drop(s);
+            assert_eq!(journal_len(&d), 1);
+        }
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            assert_eq!(s.mem().rl().hard_state().commit, 1);
+            assert_eq!(s.mem().last_index().unwrap(), 2);
+            assert_eq!(s.applied(), 1);
+            // The next record written carries it: a crash after it loses nothing.
+            s.persist_commit(2).unwrap();
+            s.persist(&[entry(3, 1, b"c")], None).unwrap();
+        }
+        {
+            let mut s = RaftStore::open(&d).unwrap();
+            assert_eq!(s.mem().rl().hard_state().commit, 2);
+            s.persist_commit(3).unwrap();
+            s.close().unwrap();
+            assert_eq!(journal_len(&d), 0);
+        }
+        let s = RaftStore::open(&d).unwrap();
+        let st = s.mem().initial_state().unwrap();
+        assert_eq!(
+            (st.hard_state.commit, s.mem().last_index().unwrap()),
+            (3, 3)
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }
