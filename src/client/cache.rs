@@ -928,6 +928,28 @@ impl Cache {
         });
     }
 
+    /// Install a listing read from the server, unless the cached one is
+    /// newer; returns the listing now cached. A read that the server
+    /// answered before one of this client's own changes in the directory
+    /// must not undo it when its reply lands after the change was applied
+    /// here (after_dir_change): no callback break marks such a read stale,
+    /// since the server breaks no callback of the client that made the
+    /// change. Directory versions only grow, one per change, here as there.
+    pub fn install_fetched_listing(&self, attr: &Attr, entries: Arc<Listing>) -> Arc<Listing> {
+        // Decided and done under one hold of the state lock, so an edit
+        // cannot land between the comparison and the install.
+        let fetched = entries.clone();
+        self.update(Some(attr), attr.fid, |e| {
+            if let Some(newer) = e.listing_shared().filter(|_| e.attr.version > attr.version) {
+                return newer;
+            }
+            e.attr = attr.clone();
+            e.set_listing(attr.version, entries);
+            fetched.clone()
+        })
+        .unwrap_or(fetched)
+    }
+
     pub fn set_symlink(&self, attr: &Attr, target: String) {
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
@@ -1662,6 +1684,42 @@ mod tests {
             fid: Fid::new(1, vnode, 1),
             ftype: FileType::File,
         }
+    }
+
+    #[test]
+    fn a_listing_read_before_an_own_change_does_not_replace_the_edited_one() {
+        use crate::client::namespace::Edit;
+        let dir = tmpdir("stale-listing");
+        let d = |version| Attr {
+            fid: Fid::new(1, 1, 1),
+            ftype: FileType::Dir,
+            ..attr(1, 0, version)
+        };
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open(&dir, db, 1000).unwrap();
+        let old = || Arc::new(Listing::from_entries(vec![ent("a", 10)]));
+        c.install_fetched_listing(&d(4), old());
+        // This client's own create, applied as after_dir_change does.
+        c.update(None, d(4).fid, |e| {
+            e.edit_listing(e.attr.fid, &[(e.attr.fid, Edit::Put(ent("mine", 11)))]);
+            e.attr.version += 1;
+            e.set_listing_version(e.attr.version);
+        });
+        // A read the server answered before the create lands now.
+        let got = c.install_fetched_listing(&d(4), old());
+        assert!(
+            got.get("mine").is_some(),
+            "the answer is the edited listing"
+        );
+        let cached = c.get(d(4).fid).unwrap();
+        assert_eq!(cached.attr.version, 5);
+        assert!(cached.listing_current().unwrap().get("mine").is_some());
+        // A newer one (another client's change too) replaces it.
+        let newer = Arc::new(Listing::from_entries(vec![ent("a", 10), ent("b", 12)]));
+        let got = c.install_fetched_listing(&d(6), newer);
+        assert!(got.get("mine").is_none() && got.get("b").is_some());
+        assert_eq!(c.get(d(4).fid).unwrap().attr.version, 6);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -449,7 +449,7 @@ impl Inner {
                     Some(n) => cursor = n,
                     None => {
                         let l = Arc::new(namespace::Listing::from_entries(entries));
-                        self.cache.set_listing(&attr, l.clone());
+                        let l = self.cache.install_fetched_listing(&attr, l);
                         self.callbacks.grant(dir, tok);
                         return Ok(l);
                     }
