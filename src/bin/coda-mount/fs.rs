@@ -117,6 +117,28 @@ struct Handle {
     pages_of: Option<u64>,
 }
 
+impl Handle {
+    /// A read-only open answered without the client's open (fast and
+    /// page-cache opens): no `File` yet, reads served from `container`.
+    fn without_file(ino: u64, fid: Fid, mode: u32, container: Arc<std::fs::File>) -> Handle {
+        Handle {
+            ino,
+            writable: false,
+            fid,
+            flags: libc::O_RDONLY,
+            file: Mutex::new(None),
+            reopening: Mutex::new(false),
+            reopened: Condvar::new(),
+            _backing: None,
+            mode: AtomicU32::new(mode),
+            gone: AtomicBool::new(false),
+            container: Some(container),
+            paged: false,
+            pages_of: None,
+        }
+    }
+}
+
 /// A client error that says the object no longer exists.
 fn is_gone(e: &Error) -> bool {
     matches!(e, Error::NotFound(_) | Error::Stale(_))
@@ -638,6 +660,15 @@ impl CodaFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// File `h` under a new handle number, counted as an open file until
+    /// its release.
+    fn register(&self, h: Handle) -> u64 {
+        let fh = self.new_fh();
+        self.handles.lock().insert(fh, Arc::new(h));
+        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
+        fh
+    }
+
     /// Client open flags from the kernel's: access mode, append, truncate
     /// (the rest, like O_LARGEFILE or O_NOFOLLOW, is the kernel's business).
     fn open_flags(flags: i32) -> i32 {
@@ -775,28 +806,12 @@ impl CodaFs {
             }
             (e.kept.clone()?, e.file.clone())
         };
-        let fh = self.new_fh();
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                writable: false,
-                fid,
-                flags: libc::O_RDONLY,
-                // No `File`: the kernel reads the backing file itself; a
-                // read that still came here would open one (`file_for`).
-                file: Mutex::new(None),
-                reopening: Mutex::new(false),
-                reopened: Condvar::new(),
-                _backing: Some(bid.clone()),
-                mode: AtomicU32::new(mode),
-                gone: AtomicBool::new(false),
-                container: Some(file),
-                paged: false,
-                pages_of: None,
-            }),
-        );
-        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
+        // The kernel reads the backing file itself; a read that still came
+        // here would open a `File` (`file_for`).
+        let fh = self.register(Handle {
+            _backing: Some(bid.clone()),
+            ..Handle::without_file(ino, fid, mode, file)
+        });
         Some((fh, bid))
     }
 
@@ -959,28 +974,22 @@ impl CodaFs {
         } else {
             None
         };
-        let fh = self.new_fh();
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                writable,
-                fid,
-                // Reopening must neither create nor truncate again.
-                flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
-                file: Mutex::new(Some(file)),
-                reopening: Mutex::new(false),
-                reopened: Condvar::new(),
-                _backing: backing,
-                mode: AtomicU32::new(mode),
-                gone: AtomicBool::new(false),
-                container,
-                paged: paged.is_some(),
-                pages_of: paged.flatten(),
-            }),
-        );
-        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
-        Ok(fh)
+        Ok(self.register(Handle {
+            ino,
+            writable,
+            fid,
+            // Reopening must neither create nor truncate again.
+            flags: flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC),
+            file: Mutex::new(Some(file)),
+            reopening: Mutex::new(false),
+            reopened: Condvar::new(),
+            _backing: backing,
+            mode: AtomicU32::new(mode),
+            gone: AtomicBool::new(false),
+            container,
+            paged: paged.is_some(),
+            pages_of: paged.flatten(),
+        }))
     }
 }
 
@@ -1067,27 +1076,11 @@ impl CodaFs {
         if version != marked || !self.take_paged(ino, true) {
             return None;
         }
-        let fh = self.new_fh();
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                writable: false,
-                fid,
-                flags: libc::O_RDONLY,
-                file: Mutex::new(None),
-                reopening: Mutex::new(false),
-                reopened: Condvar::new(),
-                _backing: None,
-                mode: AtomicU32::new(mode),
-                gone: AtomicBool::new(false),
-                container: Some(container),
-                paged: true,
-                pages_of: Some(version),
-            }),
-        );
-        self.shared.open_files.fetch_add(1, Ordering::Relaxed);
-        Some(fh)
+        Some(self.register(Handle {
+            paged: true,
+            pages_of: Some(version),
+            ..Handle::without_file(ino, fid, mode, container)
+        }))
     }
 
     /// The slow path's page-cache open of `ino` (counted by `take_paged`),
