@@ -9,6 +9,19 @@ use crate::proto::{Attr, Fid, FileType, MAX_SYMLINK};
 use crate::proto::{MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
+/// `def` in `txn`, or None when no write ever made it (a new store, or
+/// one from before the table existed): read as empty.
+pub(crate) fn existing_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// fid bytes → encoded [`ObjectRec`].
 pub const OBJECTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("objects");
 /// (directory fid bytes, name) → child fid bytes followed by its file type.

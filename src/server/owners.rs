@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable};
 
-use super::meta::{CLIENT_OWNERS, CLIENT_SEEN, CLIENT_STORE};
+use super::meta::{existing_table, CLIENT_OWNERS, CLIENT_SEEN, CLIENT_STORE};
 use super::objects;
 use super::volume::{ClientId, VolumeStore};
 use crate::{Error, Result};
@@ -101,15 +101,13 @@ pub(crate) fn claim_due(
     refresh: u64,
 ) -> Result<bool> {
     let txn = db.begin_read()?;
-    let owner = match txn.open_table(CLIENT_OWNERS) {
-        Ok(t) => t.get(client)?.map(|v| v.value().to_string()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
+    let owner = match existing_table(&txn, CLIENT_OWNERS)? {
+        Some(t) => t.get(client)?.map(|v| v.value().to_string()),
+        None => None,
     };
-    let seen = match txn.open_table(CLIENT_SEEN) {
-        Ok(t) => t.get(client)?.map(|v| v.value()),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
+    let seen = match existing_table(&txn, CLIENT_SEEN)? {
+        Some(t) => t.get(client)?.map(|v| v.value()),
+        None => None,
     };
     match owner {
         Some(o) if o != user => Err(refused(client)),
@@ -182,16 +180,10 @@ pub(crate) fn sweep_plan(
 ) -> Result<SweepPlan> {
     let mut plan = SweepPlan::default();
     let txn = db.begin_read()?;
-    let owners = match txn.open_table(CLIENT_OWNERS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(plan),
-        Err(e) => return Err(e.into()),
+    let Some(owners) = existing_table(&txn, CLIENT_OWNERS)? else {
+        return Ok(plan);
     };
-    let seen = match txn.open_table(CLIENT_SEEN) {
-        Ok(t) => Some(t),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let seen = existing_table(&txn, CLIENT_SEEN)?;
     let refresh_after = refresh_every(Duration::from_secs(forget_after));
     for item in owners.iter()? {
         let (k, _) = item?;
@@ -274,16 +266,10 @@ pub(crate) fn sweep_txn(
 /// Every owner row with its last-seen time (None: never stamped).
 pub(crate) fn owner_rows(db: &Database) -> Result<Vec<(ClientId, String, Option<u64>)>> {
     let txn = db.begin_read()?;
-    let owners = match txn.open_table(CLIENT_OWNERS) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
+    let Some(owners) = existing_table(&txn, CLIENT_OWNERS)? else {
+        return Ok(Vec::new());
     };
-    let seen = match txn.open_table(CLIENT_SEEN) {
-        Ok(t) => Some(t),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let seen = existing_table(&txn, CLIENT_SEEN)?;
     let mut rows = Vec::new();
     for item in owners.iter()? {
         let (k, v) = item?;

@@ -35,7 +35,7 @@ use super::transport::PeerKey;
 use super::Replicator;
 use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
 use crate::server::acl::Who;
-use crate::server::meta::{CLIENT_STORE, SETTINGS};
+use crate::server::meta::{existing_table, CLIENT_STORE, SETTINGS};
 use crate::server::owners::{self, SweepPlan};
 use crate::server::reintegrate::{BatchError, Outcome};
 use crate::server::sessions::ClientCtx;
@@ -725,10 +725,8 @@ fn alloc_at(
 pub(crate) fn store_mark(store: &VolumeStore) -> Result<Option<u64>> {
     store.with_db(|db| -> Result<Option<u64>> {
         let txn = db.begin_read()?;
-        let settings = match txn.open_table(SETTINGS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(settings) = existing_table(&txn, SETTINGS)? else {
+            return Ok(None);
         };
         let v = settings.get(APPLIED_KEY)?;
         Ok(v.and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
@@ -813,11 +811,10 @@ pub(crate) fn sweep_clients(
 pub(crate) fn adopt_owners(repl: &Replicator, store: &VolumeStore) -> Result<bool> {
     let done = store.with_db(|db| -> Result<bool> {
         let txn = db.begin_read()?;
-        match txn.open_table(SETTINGS) {
-            Ok(t) => Ok(t.get(OWNERS_LOGGED_KEY)?.is_some()),
-            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        Ok(match existing_table(&txn, SETTINGS)? {
+            Some(t) => t.get(OWNERS_LOGGED_KEY)?.is_some(),
+            None => false,
+        })
     })?;
     if done {
         return Ok(false);
