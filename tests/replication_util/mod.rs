@@ -59,9 +59,14 @@ pub struct Group {
     pub env: Vec<(String, String)>,
 }
 
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap()
+/// `n` distinct free loopback ports. All are held until all are picked:
+/// a port released before the next bind may be handed out again (a group
+/// once got `--group A,B,B`).
+fn free_ports(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
 fn run(args: &[&str]) -> String {
@@ -91,7 +96,7 @@ impl Group {
     /// Like [`Group::start_with`], with `env` in every member's environment.
     pub fn start_with_env(n: usize, extra: &[&str], env: &[(&str, &str)]) -> Group {
         let dir = TempDir::new("group");
-        let addrs: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let addrs = free_ports(n);
         let members = init_members(dir.path(), &addrs);
         let key = peer_key(&members[0].root, true).expect("group key");
         let mut g = Group {
@@ -199,7 +204,7 @@ impl Group {
     /// (running or not), serve it, and return its index. It is not a
     /// member until `group add`.
     pub fn join(&mut self, id: u64, from: usize) -> usize {
-        let addr = free_port();
+        let addr = free_ports(1)[0];
         let root = self.dir.path().join(format!("m{id}"));
         // Its position in --group is its node id.
         assert_eq!(id as usize, self.members.len() + 1);
@@ -481,7 +486,7 @@ impl Group {
             .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
         let addrs: Vec<SocketAddr> = proxies.iter().map(|l| l.local_addr().unwrap()).collect();
-        let real: Vec<SocketAddr> = (0..n).map(|_| free_port()).collect();
+        let real = free_ports(n);
         let cutter = Cutter {
             cut: Default::default(),
             open: Default::default(),
