@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use super::cache::Cache;
@@ -48,11 +47,62 @@ use crate::{Error, Result};
 // reintegration takes the token only with nothing in flight and keeps it
 // for its whole run (one batch at a time).
 
-/// What a waiting connected writer is told.
-enum Outcome {
-    Done(Result<Attr>),
-    /// The token is free and your record is queued: lead.
-    Lead,
+/// A waiting connected writer's mailbox: its outcome once settled, and
+/// whether it was told to lead (the token is free and its record queued)
+/// since it last looked. A mutex and a condvar, so a waiting writer sleeps
+/// at once: a channel's blocking receive spins and calls `sched_yield`
+/// before it sleeps, and with several writers waiting on 2 cores that took
+/// the CPU the server and the leading writer needed (BENCHMARKS.md
+/// "`pratio`").
+#[derive(Default)]
+struct Mailbox {
+    /// Guards only the two fields; never held across anything else.
+    state: Mutex<Mail>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct Mail {
+    done: Option<Result<Attr>>,
+    lead: bool,
+}
+
+impl Mailbox {
+    /// File the writer's outcome and wake it.
+    fn done(&self, r: Result<Attr>) {
+        self.state.lock().done = Some(r);
+        self.cv.notify_one();
+    }
+
+    /// Tell the writer to lead (it looks at the token when it wakes).
+    fn lead(&self) {
+        self.state.lock().lead = true;
+        self.cv.notify_one();
+    }
+
+    /// The outcome, if filed (without waiting).
+    fn take(&self) -> Option<Result<Attr>> {
+        self.state.lock().done.take()
+    }
+
+    /// Wait up to `timeout` for the outcome; `None` when told to lead
+    /// meanwhile (or already before) or when the time is up.
+    fn wait(&self, timeout: Duration) -> Option<Result<Attr>> {
+        let deadline = Instant::now() + timeout;
+        let mut m = self.state.lock();
+        // Bounded by the deadline.
+        loop {
+            if let Some(r) = m.done.take() {
+                return Some(r);
+            }
+            if std::mem::take(&mut m.lead) {
+                return None;
+            }
+            if self.cv.wait_until(&mut m, deadline).timed_out() {
+                return m.done.take();
+            }
+        }
+    }
 }
 
 struct Queued {
@@ -61,7 +111,8 @@ struct Queued {
     /// A small store's data, read at its commit and not uploaded: it goes
     /// inline in the record.
     inline: Option<Vec<u8>>,
-    tx: Sender<Outcome>,
+    /// Where its writer waits for its outcome.
+    mail: Arc<Mailbox>,
 }
 
 /// Most connected batches sent and not yet answered. The server takes a
@@ -205,7 +256,7 @@ impl Outbox {
         let st = self.state.lock();
         if st.may_send() {
             for q in st.queue.values().take(MAX_IN_FLIGHT) {
-                let _ = q.tx.send(Outcome::Lead);
+                q.mail.lead();
             }
         }
     }
@@ -446,16 +497,16 @@ impl Reintegrator<'_> {
         };
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
-        let (tx, rx) = unbounded();
+        let mail = Arc::new(Mailbox::default());
         out.state.lock().queue.insert(
             id,
             Queued {
                 staged_on,
                 inline,
-                tx,
+                mail: mail.clone(),
             },
         );
-        let result = self.await_sent(id, &rx);
+        let result = self.await_sent(id, &mail);
         match result {
             Ok(a) => Ok(Ok(a)),
             Err(e) if super::mode::unreachable(&e) && self.keeps_unreachable() => {
@@ -491,17 +542,17 @@ impl Reintegrator<'_> {
     /// Bounded: past the deadline a record still queued is taken out and
     /// reported unreachable; one being sent is waited for (its send is
     /// bounded by the RPC timeout).
-    fn await_sent(&self, id: u64, rx: &Receiver<Outcome>) -> Result<Attr> {
+    fn await_sent(&self, id: u64, mail: &Mailbox) -> Result<Attr> {
         let out = &self.outbox;
         let t = self.servers.timing();
         let deadline = Instant::now() + 2 * t.rpc_timeout + t.dead_after;
         loop {
-            if let Ok(Outcome::Done(r)) = rx.try_recv() {
+            if let Some(r) = mail.take() {
                 return r;
             }
             if let Some(token) = out.try_token() {
                 self.lead(token);
-                if let Ok(Outcome::Done(r)) = rx.try_recv() {
+                if let Some(r) = mail.take() {
                     return r;
                 }
             }
@@ -520,13 +571,13 @@ impl Reintegrator<'_> {
                     if left.is_zero() {
                         return Err(Error::Timeout("no outcome for the record's send".into()));
                     }
-                    if let Ok(Outcome::Done(r)) = rx.recv_timeout(left.min(WAIT_SLICE)) {
+                    if let Some(r) = mail.wait(left.min(WAIT_SLICE)) {
                         return r;
                     }
                 }
             }
             // Otherwise told to lead, or look again after the slice.
-            if let Ok(Outcome::Done(r)) = rx.recv_timeout(WAIT_SLICE) {
+            if let Some(r) = mail.wait(WAIT_SLICE) {
                 return r;
             }
         }
@@ -575,7 +626,7 @@ impl Reintegrator<'_> {
                         .into_values()
                         .collect();
                     for q in queued {
-                        let _ = q.tx.send(Outcome::Done(Err(dup(&e))));
+                        q.mail.done(Err(dup(&e)));
                     }
                 }
             }
@@ -788,7 +839,7 @@ impl Reintegrator<'_> {
             }
         }
         for (q, r) in tell {
-            let _ = q.tx.send(Outcome::Done(r));
+            q.mail.done(r);
         }
         out.free.notify_all();
         out.kick();
@@ -1088,6 +1139,33 @@ mod tests {
                 data: data.to_vec(),
             },
         }
+    }
+
+    #[test]
+    fn a_mailbox_hands_over_the_outcome_and_the_turn_to_lead() {
+        let m = Arc::new(Mailbox::default());
+        // Nothing filed: the wait ends at its timeout with nothing.
+        assert!(m.wait(Duration::from_millis(1)).is_none());
+        // Told to lead before waiting: the wait returns at once, and once.
+        m.lead();
+        assert!(m.wait(Duration::from_secs(60)).is_none());
+        assert!(m.take().is_none());
+        // An outcome filed while the writer sleeps wakes it with it.
+        let m2 = m.clone();
+        let t = std::thread::spawn(move || m2.wait(Duration::from_secs(60)));
+        m.done(Err(Error::Eio("refused".into())));
+        match t.join().unwrap() {
+            Some(Err(Error::Eio(msg))) => assert_eq!(msg, "refused"),
+            other => panic!("{other:?}"),
+        }
+        // An outcome beats a pending turn to lead, and is taken once.
+        m.lead();
+        m.done(Err(Error::Eio("second".into())));
+        assert!(matches!(
+            m.wait(Duration::from_secs(60)),
+            Some(Err(Error::Eio(_)))
+        ));
+        assert!(m.take().is_none());
     }
 
     #[test]
