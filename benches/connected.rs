@@ -220,6 +220,7 @@ fn parallel_stores(
         })
         .collect();
     let cpu0 = (own_cpu(), process_cpu(s.pid()));
+    s.take_trace();
     barrier.wait();
     let t = Instant::now();
     for w in workers {
@@ -242,6 +243,9 @@ fn parallel_stores(
             server_cpu.as_secs_f64() * 1e3 / files,
             (client_cpu + server_cpu).as_secs_f64() / wall.as_secs_f64(),
         );
+        if let Some(line) = group_summary(&s.take_trace()) {
+            println!("  {threads} thread(s): server {line}");
+        }
     }
     // The cache is removed by the caller after the last round: on ext4
     // without a journal every new inode is searched for past the inodes
@@ -249,6 +253,48 @@ fn parallel_stores(
     // rounds' creates by this bench's own cleanup.
     drop(c);
     rate
+}
+
+/// One line about the server's group commits from its trace lines
+/// (`CODA_SERVER_TRACE`): groups, batches and records per group, mean µs
+/// a group took and the group commit sat idle before it (idle spells over
+/// 50 ms, between rounds, left out), and the mean split of a commit.
+fn group_summary(lines: &[String]) -> Option<String> {
+    let field = |l: &str, k: &str| -> Option<f64> {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+    };
+    let mean = |prefix: &str, k: &str, max: f64| -> f64 {
+        let v: Vec<f64> = lines
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| field(l, k))
+            .filter(|x| *x >= 0.0 && *x <= max)
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let groups = lines
+        .iter()
+        .filter(|l| l.starts_with("TRACE group"))
+        .count();
+    if groups == 0 {
+        return None;
+    }
+    let (g, c) = ("TRACE group", "TRACE commit");
+    Some(format!(
+        "{groups} groups, {:.2} batches and {:.2} records per group; per group {:.0} us busy \
+         after {:.0} us idle; commit split: apply {:.0}, journal append + fdatasync {:.0}, \
+         redb commit {:.0}, after {:.0} us",
+        mean(g, "batches", f64::MAX),
+        mean(g, "records", f64::MAX),
+        mean(g, "busy", f64::MAX),
+        mean(g, "idle", 50_000.0),
+        mean(c, "apply", f64::MAX),
+        mean(c, "journal", f64::MAX),
+        mean(c, "commit", f64::MAX),
+        mean(c, "after", f64::MAX),
+    ))
 }
 
 /// Bytes per file of the parallel small stores: 4 KiB, or

@@ -12,6 +12,9 @@ pub struct BenchServer {
     child: Child,
     pub root: PathBuf,
     pub addr: String,
+    /// With `CODA_SERVER_TRACE` set: the server's group-commit trace lines
+    /// (`TRACE group`, `TRACE commit`) not yet taken.
+    trace: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
 }
 
 /// Names another `coda-server` binary for the benches to start (for
@@ -42,15 +45,33 @@ impl BenchServer {
             .status()
             .unwrap();
         assert!(st.success(), "coda-server init failed");
+        let tracing = std::env::var_os("CODA_SERVER_TRACE").is_some();
         let mut child = Command::new(bin)
             .args(["serve", "--root"])
             .arg(&root)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if tracing {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
+        // The collector ends when the server's stderr closes (its exit).
+        let trace = child.stderr.take().map(|err| {
+            let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let keep = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if line.starts_with("TRACE group") || line.starts_with("TRACE commit") {
+                        keep.lock().unwrap().push(line);
+                    }
+                }
+            });
+            lines
+        });
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -60,7 +81,21 @@ impl BenchServer {
             .strip_prefix("listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        BenchServer { child, root, addr }
+        BenchServer {
+            child,
+            root,
+            addr,
+            trace,
+        }
+    }
+
+    /// The group-commit trace lines the server printed since the last
+    /// call (empty without `CODA_SERVER_TRACE`).
+    pub fn take_trace(&self) -> Vec<String> {
+        self.trace
+            .as_ref()
+            .map(|t| std::mem::take(&mut *t.lock().unwrap()))
+            .unwrap_or_default()
     }
 
     pub fn secret(&self) -> PathBuf {

@@ -251,6 +251,9 @@ struct GroupState {
     paced: Option<Paced>,
     /// The last group was a starving large batch.
     forced_last: bool,
+    /// When the last group's commit ended (for `CODA_SERVER_TRACE`'s
+    /// `idle`: how long the group commit waited before this group).
+    last_end: Option<Instant>,
 }
 
 /// Set to `1` in the server's environment to commit every batch alone
@@ -644,6 +647,7 @@ impl VolumeStore {
                 }
             };
             g.busy = true;
+            let idle = g.last_end.map(|t| t.elapsed());
             g.forced_last = at.len() == 1 && !yielding && is_large(&g.queue[at[0]].job);
             let mut jobs: Vec<Waiting> = Vec::with_capacity(at.len());
             for &i in at.iter().rev() {
@@ -662,7 +666,17 @@ impl VolumeStore {
             let started = Instant::now();
             let results = self.commit_group_or_yield(&only, yielding.then_some(&give_way as _));
             let now = Instant::now();
+            if super::wire::tracing() {
+                let records: usize = only.iter().map(|j| j.records.len()).sum();
+                eprintln!(
+                    "TRACE group batches={} records={records} idle={} busy={}",
+                    only.len(),
+                    idle.map_or(-1, |d| d.as_micros() as i64),
+                    (now - started).as_micros()
+                );
+            }
             g = group.state.lock();
+            g.last_end = Some(now);
             guard.armed = false;
             g.busy = false;
             match results {
@@ -724,6 +738,7 @@ impl VolumeStore {
         let mut out: Vec<Option<JobResult>> = jobs.iter().map(|_| None).collect();
         // Each round that does not commit settles at least one more job.
         for _round in 0..=jobs.len() {
+            let t_begin = Instant::now();
             let mut txn = db.begin_write()?;
             let mut applied: Vec<(usize, Applied)> = Vec::new();
             let mut restart = false;
@@ -780,6 +795,7 @@ impl VolumeStore {
             // (docs/SERVER.md "Commit journal"). A replicated entry's
             // durable copy is the Raft log (`commit_durability`), never
             // this journal.
+            let t_applied = Instant::now();
             let entries = jobs.iter().any(|j| j.log_index.is_some());
             let journaled = !entries
                 && files.is_empty()
@@ -788,6 +804,7 @@ impl VolumeStore {
             if journaled {
                 txn.set_durability(redb::Durability::None);
             }
+            let t_journaled = Instant::now();
             let commit = (|| -> Result<()> {
                 // Durable before acknowledged: the stored data and the
                 // new names (at once), then the metadata that points at
@@ -804,8 +821,20 @@ impl VolumeStore {
                 discard(&applied);
                 return Err(e);
             }
+            let t_committed = Instant::now();
             if !entries {
                 self.after_commit(db, journaled);
+            }
+            if super::wire::tracing() {
+                let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
+                eprintln!(
+                    "TRACE commit apply={} journal={} commit={} after={} journaled={}",
+                    us(t_begin, t_applied),
+                    us(t_applied, t_journaled),
+                    us(t_journaled, t_committed),
+                    us(t_committed, Instant::now()),
+                    journaled as u8
+                );
             }
             for (i, a) in applied {
                 // Committed: the replaced files are unreferenced now.
