@@ -350,32 +350,60 @@ fn threads_cpu(pid: u32) -> Duration {
     Duration::from_nanos(ns)
 }
 
+/// How the client of one run of `parallel_stores` sends its batches.
+#[derive(Clone, Copy, PartialEq)]
+enum Sending {
+    /// As built: up to 8 batches in flight.
+    Pipelined,
+    /// `CODA_CLIENT_MAX_IN_FLIGHT=1`: the client before pipelining.
+    OneInFlight,
+    /// `CODA_CLIENT_HOLD=4:600`: a leader waits up to 600 µs for 4 records.
+    Held,
+}
+
 /// The name of one run of `parallel_stores` (its directories and its cache).
-fn round_tag(threads: usize, one_in_flight: bool, round: usize) -> String {
-    format!("{threads}{}-r{round}", if one_in_flight { "o" } else { "" })
+fn round_tag(threads: usize, sending: Sending, round: usize) -> String {
+    let mode = match sending {
+        Sending::Pipelined => "",
+        Sending::OneInFlight => "o",
+        Sending::Held => "h",
+    };
+    format!("{threads}{mode}-r{round}")
 }
 
 fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: usize) {
     // Rounds interleave the thread counts, so a busy spell on the shared
     // machine hits all of them alike; the medians are compared. The last
     // line is 4 threads with one batch in flight (the client before
-    // pipelining), as a baseline measured in the same run.
+    // pipelining), as a baseline measured in the same run, and 4 threads
+    // whose leader holds its batch for all 4 writers' records (what fewer
+    // server commits per record would gain, measured in the same run).
     const ONE_IN_FLIGHT: &str = "CODA_CLIENT_MAX_IN_FLIGHT";
-    let runs = [(1, false), (2, false), (4, false), (4, true)];
-    let mut rates: [Vec<f64>; 4] = Default::default();
+    const HOLD: &str = "CODA_CLIENT_HOLD";
+    let runs = [
+        (1, Sending::Pipelined),
+        (2, Sending::Pipelined),
+        (4, Sending::Pipelined),
+        (4, Sending::OneInFlight),
+        (4, Sending::Held),
+    ];
+    let mut rates: [Vec<f64>; 5] = Default::default();
     for round in 0..rounds {
-        for (i, (threads, one)) in runs.into_iter().enumerate() {
-            let tag = round_tag(threads, one, round);
-            if one {
-                std::env::set_var(ONE_IN_FLIGHT, "1");
+        for (i, (threads, sending)) in runs.into_iter().enumerate() {
+            let tag = round_tag(threads, sending, round);
+            match sending {
+                Sending::Pipelined => {}
+                Sending::OneInFlight => std::env::set_var(ONE_IN_FLIGHT, "1"),
+                Sending::Held => std::env::set_var(HOLD, "4:600"),
             }
             rates[i].push(parallel_stores(s, scratch, threads, per_thread, &tag));
             std::env::remove_var(ONE_IN_FLIGHT);
+            std::env::remove_var(HOLD);
         }
     }
     for round in 0..rounds {
-        for (threads, one) in runs {
-            let tag = round_tag(threads, one, round);
+        for (threads, sending) in runs {
+            let tag = round_tag(threads, sending, round);
             let _ = std::fs::remove_dir_all(scratch.join(format!("par-{tag}")));
         }
     }
@@ -385,12 +413,17 @@ fn parallel_small_stores(s: &Server, scratch: &Path, per_thread: usize, rounds: 
     };
     let one = median(&mut rates[0].clone());
     let serial = median(&mut rates[3].clone());
-    for (i, (threads, one_in_flight)) in runs.into_iter().enumerate() {
+    for (i, (threads, sending)) in runs.into_iter().enumerate() {
         let all: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
         let m = median(&mut rates[i]);
-        let note = match (threads, one_in_flight) {
-            (4, false) => format!(" (target >= 2.5x; {:.2}x one batch in flight)", m / serial),
-            (_, true) => " with one batch in flight (as before pipelining)".to_string(),
+        let note = match (threads, sending) {
+            (4, Sending::Pipelined) => {
+                format!(" (target >= 2.5x; {:.2}x one batch in flight)", m / serial)
+            }
+            (_, Sending::OneInFlight) => " with one batch in flight (as before pipelining)".into(),
+            (_, Sending::Held) => {
+                " with each batch held for 4 records (CODA_CLIENT_HOLD=4:600)".into()
+            }
             _ => String::new(),
         };
         println!(

@@ -100,3 +100,46 @@ fn parallel_writers_when_the_server_dies_keep_their_records_and_none_is_stuck() 
         assert_eq!(names(&other, &format!("/t{t}")).len(), 30);
     }
 }
+
+/// With `CODA_CLIENT_HOLD` (a measuring knob: a leader waits for several
+/// records before it sends) every store still reaches the server, from 4
+/// writers that fill the batch and from a lone one that never does (each
+/// of its batches goes when the hold's time is up).
+#[test]
+fn held_batches_still_carry_every_store() {
+    // Read when a client starts; the other tests here only get slower.
+    std::env::set_var("CODA_CLIENT_HOLD", "4:2000");
+    let srv = start();
+    let d = TempDir::new("c");
+    let c = client(&srv, d.path());
+    std::env::remove_var("CODA_CLIENT_HOLD");
+    for t in 0..4 {
+        c.mkdir(&format!("/h{t}"), 0o755).unwrap();
+    }
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let c = c.clone();
+            s.spawn(move || {
+                for i in 0..20 {
+                    let p = format!("/h{t}/f{i}");
+                    put(&c, &p, p.as_bytes());
+                }
+            });
+        }
+    });
+    put(&c, "/h0/alone", b"alone");
+    assert_eq!(c.pending_records(), 0);
+    let d2 = TempDir::new("c2");
+    let other = client(&srv, d2.path());
+    for t in 0..4 {
+        assert_eq!(
+            names(&other, &format!("/h{t}")).len(),
+            20 + usize::from(t == 0)
+        );
+        for i in 0..20 {
+            let p = format!("/h{t}/f{i}");
+            assert_eq!(get(&other, &p), p.as_bytes());
+        }
+    }
+    assert_eq!(get(&other, "/h0/alone"), b"alone");
+}

@@ -128,6 +128,26 @@ const SHARED_BATCH: usize = 2;
 /// pipelining): only for measuring what pipelining gains.
 pub(crate) const MAX_IN_FLIGHT_ENV: &str = "CODA_CLIENT_MAX_IN_FLIGHT";
 
+/// Set to `N:US` in the client's environment (read when it starts) to make
+/// a connected writer that leads wait, at most `US` µs (up to 10,000), until
+/// `N` records are queued before it sends: only for measuring what larger
+/// batches (fewer server commits per record) gain against the writers'
+/// wait (BENCHMARKS.md "`pratio`"). Off by default.
+pub(crate) const HOLD_ENV: &str = "CODA_CLIENT_HOLD";
+
+/// `HOLD_ENV`'s value: records to wait for, and for how long at most.
+fn hold_from_env() -> Option<(usize, Duration)> {
+    parse_hold(&std::env::var(HOLD_ENV).ok()?)
+}
+
+/// `N:US` (N at least 2) as records and a duration of at most 10 ms.
+fn parse_hold(v: &str) -> Option<(usize, Duration)> {
+    let (n, us) = v.split_once(':')?;
+    let n = n.trim().parse::<usize>().ok().filter(|n| *n > 1)?;
+    let us = us.trim().parse::<u64>().ok()?.min(10_000);
+    Some((n.min(MAX_BATCH), Duration::from_micros(us)))
+}
+
 struct OutState {
     /// The token: someone is choosing and writing a batch, or a backlog
     /// reintegration runs.
@@ -145,6 +165,9 @@ struct OutState {
     halted: bool,
     /// `MAX_IN_FLIGHT`, or less (`MAX_IN_FLIGHT_ENV`).
     max_in_flight: usize,
+    /// `HOLD_ENV`: a leader waits for this many queued records, this long
+    /// at most (None: it sends at once).
+    hold: Option<(usize, Duration)>,
 }
 
 impl OutState {
@@ -206,6 +229,7 @@ impl Outbox {
                 last_top: 0,
                 halted: false,
                 max_in_flight,
+                hold: hold_from_env(),
             }),
             free: Condvar::new(),
             next_upload: AtomicU64::new((1 << 63) | start),
@@ -237,6 +261,18 @@ impl Outbox {
             self.free
                 .wait_for(&mut st, (deadline - now).min(WAIT_SLICE));
         }
+    }
+
+    /// With `HOLD_ENV` set, wait (holding the token, no lock) until its
+    /// number of records is queued or its time is up.
+    fn hold(&self) {
+        let mut st = self.state.lock();
+        let Some((n, most)) = st.hold else {
+            return;
+        };
+        let end = Instant::now() + most;
+        // Bounded by `end`.
+        while st.queue.len() < n && !self.free.wait_until(&mut st, end).timed_out() {}
     }
 
     /// The token for a connected writer, if a batch may be sent now.
@@ -498,14 +534,22 @@ impl Reintegrator<'_> {
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
         let mail = Arc::new(Mailbox::default());
-        out.state.lock().queue.insert(
-            id,
-            Queued {
-                staged_on,
-                inline,
-                mail: mail.clone(),
-            },
-        );
+        let held = {
+            let mut st = out.state.lock();
+            st.queue.insert(
+                id,
+                Queued {
+                    staged_on,
+                    inline,
+                    mail: mail.clone(),
+                },
+            );
+            st.hold.is_some()
+        };
+        if held {
+            // A leader holding its batch (`HOLD_ENV`) counts the queue.
+            out.free.notify_all();
+        }
         let result = self.await_sent(id, &mail);
         match result {
             Ok(a) => Ok(Ok(a)),
@@ -590,6 +634,7 @@ impl Reintegrator<'_> {
     /// token) once nothing is in flight.
     fn lead(&self, token: Token<'_>) {
         let out = &self.outbox;
+        out.hold();
         // One look at the queue: the batch and its writers (taken out
         // together, so a writer giving up meanwhile cannot shift them).
         let (batch, backlog, waiters, after) = {
@@ -1139,6 +1184,18 @@ mod tests {
                 data: data.to_vec(),
             },
         }
+    }
+
+    #[test]
+    fn the_hold_knob_is_records_and_microseconds_bounded() {
+        assert_eq!(parse_hold("4:600"), Some((4, Duration::from_micros(600))));
+        assert_eq!(
+            parse_hold(" 3 : 99999"),
+            Some((3, Duration::from_millis(10)))
+        );
+        assert_eq!(parse_hold("1:600"), None, "one record is no hold");
+        assert_eq!(parse_hold("4"), None);
+        assert_eq!(parse_hold("x:1"), None);
     }
 
     #[test]
