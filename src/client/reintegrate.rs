@@ -46,6 +46,11 @@ use crate::{Error, Result};
 // then the records not applied go again from the head of the log. Backlog
 // reintegration takes the token only with nothing in flight and keeps it
 // for its whole run (one batch at a time).
+//
+// Before it sends, a leader holds its batch, at most a recent round trip,
+// for the records of the other writer threads active lately (`Hold`), so
+// concurrent writers share one server commit instead of alternating in
+// halves.
 
 /// A waiting connected writer's mailbox: its outcome once settled, and
 /// whether it was told to lead (the token is free and its record queued)
@@ -128,24 +133,59 @@ const SHARED_BATCH: usize = 2;
 /// pipelining): only for measuring what pipelining gains.
 pub(crate) const MAX_IN_FLIGHT_ENV: &str = "CODA_CLIENT_MAX_IN_FLIGHT";
 
-/// Set to `N:US` in the client's environment (read when it starts) to make
-/// a connected writer that leads wait, at most `US` µs (up to 10,000), until
-/// `N` records are queued before it sends: only for measuring what larger
-/// batches (fewer server commits per record) gain against the writers'
-/// wait (BENCHMARKS.md "`pratio`"). Off by default.
-pub(crate) const HOLD_ENV: &str = "CODA_CLIENT_HOLD";
-
-/// `HOLD_ENV`'s value: records to wait for, and for how long at most.
-fn hold_from_env() -> Option<(usize, Duration)> {
-    parse_hold(&std::env::var(HOLD_ENV).ok()?)
+/// How a writer that leads holds its batch before sending it (see
+/// `Outbox::hold`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Hold {
+    /// Until every writer thread active lately has its record queued, at
+    /// most one recent round trip (the default).
+    Active,
+    /// Send at once (the client before holding).
+    Off,
+    /// Until this many records are queued, at most this long (measuring).
+    Fixed(usize, Duration),
 }
 
-/// `N:US` (N at least 2) as records and a duration of at most 10 ms.
-fn parse_hold(v: &str) -> Option<(usize, Duration)> {
-    let (n, us) = v.split_once(':')?;
-    let n = n.trim().parse::<usize>().ok().filter(|n| *n > 1)?;
-    let us = us.trim().parse::<u64>().ok()?.min(10_000);
-    Some((n.min(MAX_BATCH), Duration::from_micros(us)))
+/// Set in the client's environment (read when it starts) to `off` to send
+/// each batch at once, as before batches were held, or to `N:US` to wait
+/// for `N` queued records, at most `US` µs (up to 10,000): only for
+/// measuring what holding gains (BENCHMARKS.md "`pratio`").
+pub(crate) const HOLD_ENV: &str = "CODA_CLIENT_HOLD";
+
+fn hold_from_env() -> Hold {
+    std::env::var(HOLD_ENV).map_or(Hold::Active, |v| parse_hold(&v))
+}
+
+/// `off`, or `N:US` (N at least 2) as records and a duration of at most
+/// 10 ms; anything else is the default.
+fn parse_hold(v: &str) -> Hold {
+    if v.trim() == "off" {
+        return Hold::Off;
+    }
+    let fixed = || {
+        let (n, us) = v.split_once(':')?;
+        let n = n.trim().parse::<usize>().ok().filter(|n| *n > 1)?;
+        let us = us.trim().parse::<u64>().ok()?.min(10_000);
+        Some(Hold::Fixed(n.min(MAX_BATCH), Duration::from_micros(us)))
+    };
+    fixed().unwrap_or(Hold::Active)
+}
+
+/// A writer thread counts as active while it queued a connected record
+/// within this many recent round trips (so one that stopped writing is
+/// waited for by a few batches at most) ...
+const ACTIVE_ROUND_TRIPS: u32 = 4;
+/// ... within these bounds.
+const ACTIVE_MIN: Duration = Duration::from_millis(1);
+const ACTIVE_MAX: Duration = Duration::from_millis(50);
+/// The longest a batch is held, whatever the round trip.
+const HOLD_MAX: Duration = Duration::from_millis(2);
+/// Writer threads remembered (the oldest is forgotten first).
+const WRITERS_KEPT: usize = 64;
+
+/// Writers (any key) seen at or after `since`.
+fn active_writers<T>(seen: &[(T, Instant)], since: Instant) -> usize {
+    seen.iter().filter(|(_, t)| *t >= since).count()
 }
 
 struct OutState {
@@ -165,12 +205,34 @@ struct OutState {
     halted: bool,
     /// `MAX_IN_FLIGHT`, or less (`MAX_IN_FLIGHT_ENV`).
     max_in_flight: usize,
-    /// `HOLD_ENV`: a leader waits for this many queued records, this long
-    /// at most (None: it sends at once).
-    hold: Option<(usize, Duration)>,
+    /// How a leader holds its batch (`HOLD_ENV`).
+    hold: Hold,
+    /// Writer threads and when each last queued a connected record (one
+    /// entry per thread, at most `WRITERS_KEPT`).
+    writers: Vec<(std::thread::ThreadId, Instant)>,
+    /// Recent round trip of a connected batch (a moving average), from
+    /// its write to its answer; None before the first.
+    round_trip: Option<Duration>,
 }
 
 impl OutState {
+    /// The calling thread just queued a connected record.
+    fn seen_writer(&mut self) {
+        let me = std::thread::current().id();
+        let now = Instant::now();
+        if let Some(w) = self.writers.iter_mut().find(|(t, _)| *t == me) {
+            w.1 = now;
+            return;
+        }
+        if self.writers.len() >= WRITERS_KEPT {
+            let oldest = (0..self.writers.len()).min_by_key(|&i| self.writers[i].1);
+            if let Some(i) = oldest {
+                self.writers.swap_remove(i);
+            }
+        }
+        self.writers.push((me, now));
+    }
+
     /// A connected writer may take the token and send a batch now. With a
     /// batch already in flight, another goes only if it would carry several
     /// records: a lone record waits for the answer and then goes with
@@ -230,6 +292,8 @@ impl Outbox {
                 halted: false,
                 max_in_flight,
                 hold: hold_from_env(),
+                writers: Vec::new(),
+                round_trip: None,
             }),
             free: Condvar::new(),
             next_upload: AtomicU64::new((1 << 63) | start),
@@ -263,16 +327,35 @@ impl Outbox {
         }
     }
 
-    /// With `HOLD_ENV` set, wait (holding the token, no lock) until its
-    /// number of records is queued or its time is up.
+    /// Before a leader sends: wait (holding the token, no lock) for the
+    /// records of the other writer threads active lately, at most one
+    /// recent round trip (`HOLD_MAX` at most). Several writers then share
+    /// one batch, and one server commit, instead of alternating in halves
+    /// (BENCHMARKS.md "`pratio`"); a lone writer never waits.
     fn hold(&self) {
         let mut st = self.state.lock();
-        let Some((n, most)) = st.hold else {
-            return;
+        let now = Instant::now();
+        let (n, most) = match st.hold {
+            Hold::Off => return,
+            Hold::Fixed(n, most) => (n, most),
+            Hold::Active => {
+                let Some(rt) = st.round_trip else {
+                    return;
+                };
+                let window = (rt * ACTIVE_ROUND_TRIPS).clamp(ACTIVE_MIN, ACTIVE_MAX);
+                let since = now.checked_sub(window).unwrap_or(now);
+                (active_writers(&st.writers, since), rt.min(HOLD_MAX))
+            }
         };
-        let end = Instant::now() + most;
+        let end = now + most;
         // Bounded by `end`.
         while st.queue.len() < n && !self.free.wait_until(&mut st, end).timed_out() {}
+    }
+
+    /// Fold a connected batch's round trip into the recent figure.
+    fn note_round_trip(&self, rt: Duration) {
+        let mut st = self.state.lock();
+        st.round_trip = Some(st.round_trip.map_or(rt, |r| (r * 3 + rt) / 4));
     }
 
     /// The token for a connected writer, if a batch may be sent now.
@@ -544,10 +627,11 @@ impl Reintegrator<'_> {
                     mail: mail.clone(),
                 },
             );
-            st.hold.is_some()
+            st.seen_writer();
+            st.hold != Hold::Off
         };
         if held {
-            // A leader holding its batch (`HOLD_ENV`) counts the queue.
+            // A leader holding its batch counts the queue.
             out.free.notify_all();
         }
         let result = self.await_sent(id, &mail);
@@ -688,7 +772,11 @@ impl Reintegrator<'_> {
                     // Written: the next batch may go while this one is
                     // answered.
                     drop(token);
+                    let written = Instant::now();
                     let reply = sent.wait(&self.servers.interrupt);
+                    if reply.is_ok() {
+                        out.note_round_trip(written.elapsed());
+                    }
                     Self::answer(reply, batch.len(), after)
                 }
             },
@@ -1187,15 +1275,30 @@ mod tests {
     }
 
     #[test]
-    fn the_hold_knob_is_records_and_microseconds_bounded() {
-        assert_eq!(parse_hold("4:600"), Some((4, Duration::from_micros(600))));
+    fn the_hold_knob_is_off_or_records_and_microseconds_bounded() {
+        assert_eq!(
+            parse_hold("4:600"),
+            Hold::Fixed(4, Duration::from_micros(600))
+        );
         assert_eq!(
             parse_hold(" 3 : 99999"),
-            Some((3, Duration::from_millis(10)))
+            Hold::Fixed(3, Duration::from_millis(10))
         );
-        assert_eq!(parse_hold("1:600"), None, "one record is no hold");
-        assert_eq!(parse_hold("4"), None);
-        assert_eq!(parse_hold("x:1"), None);
+        assert_eq!(parse_hold("off"), Hold::Off);
+        assert_eq!(parse_hold("1:600"), Hold::Active, "one record is no hold");
+        assert_eq!(parse_hold("4"), Hold::Active);
+        assert_eq!(parse_hold("x:1"), Hold::Active);
+    }
+
+    #[test]
+    fn a_writer_counts_as_active_while_it_wrote_lately() {
+        let now = Instant::now();
+        let ago = |ms: u64| now - Duration::from_millis(ms);
+        let seen = [(1, ago(1)), (2, ago(3)), (3, ago(40)), (4, now)];
+        assert_eq!(active_writers(&seen, ago(5)), 3);
+        assert_eq!(active_writers(&seen, ago(50)), 4);
+        assert_eq!(active_writers(&seen, now), 1);
+        assert_eq!(active_writers::<u8>(&[], now), 0);
     }
 
     #[test]
