@@ -253,6 +253,9 @@ pub(crate) struct Outbox {
     state: Mutex<OutState>,
     /// Signalled when the token is given back or a batch is answered.
     free: Condvar,
+    /// Signalled when a connected record is queued (a holding leader
+    /// counts them).
+    queued: Condvar,
     /// Upload ids of connected writers: high bit set, so they never meet
     /// the store ids that logged records upload under.
     next_upload: AtomicU64,
@@ -296,6 +299,7 @@ impl Outbox {
                 round_trip: None,
             }),
             free: Condvar::new(),
+            queued: Condvar::new(),
             next_upload: AtomicU64::new((1 << 63) | start),
         }
     }
@@ -349,7 +353,7 @@ impl Outbox {
         };
         let end = now + most;
         // Bounded by `end`.
-        while st.queue.len() < n && !self.free.wait_until(&mut st, end).timed_out() {}
+        while st.queue.len() < n && !self.queued.wait_until(&mut st, end).timed_out() {}
     }
 
     /// Fold a connected batch's round trip into the recent figure.
@@ -632,7 +636,7 @@ impl Reintegrator<'_> {
         };
         if held {
             // A leader holding its batch counts the queue.
-            out.free.notify_all();
+            out.queued.notify_all();
         }
         let result = self.await_sent(id, &mail);
         match result {
