@@ -171,21 +171,31 @@ fn parse_hold(v: &str) -> Hold {
     fixed().unwrap_or(Hold::Active)
 }
 
-/// A writer thread counts as active while it queued a connected record
-/// within this many recent round trips (so one that stopped writing is
-/// waited for by a few batches at most) ...
+/// The writers' concurrency (the most connected records outstanding at
+/// once: each writer has at most one) is remembered for this many recent
+/// round trips (so writers that stopped are waited for by a few batches at
+/// most) ...
 const ACTIVE_ROUND_TRIPS: u32 = 4;
 /// ... within these bounds.
 const ACTIVE_MIN: Duration = Duration::from_millis(1);
 const ACTIVE_MAX: Duration = Duration::from_millis(50);
 /// The longest a batch is held, whatever the round trip.
 const HOLD_MAX: Duration = Duration::from_millis(2);
-/// Writer threads remembered (the oldest is forgotten first).
-const WRITERS_KEPT: usize = 64;
 
-/// Writers (any key) seen at or after `since`.
-fn active_writers<T>(seen: &[(T, Instant)], since: Instant) -> usize {
-    seen.iter().filter(|(_, t)| *t >= since).count()
+/// The recent peak of records outstanding at once (`peak`, last reached
+/// at `at`) after `outstanding` were counted at `now`: a new or equal peak
+/// is taken; a peak older than `window` gives way to the current count.
+fn recent_peak(
+    (peak, at): (usize, Instant),
+    outstanding: usize,
+    now: Instant,
+    window: Duration,
+) -> (usize, Instant) {
+    if outstanding >= peak || now.saturating_duration_since(at) > window {
+        (outstanding, now)
+    } else {
+        (peak, at)
+    }
 }
 
 struct OutState {
@@ -207,30 +217,27 @@ struct OutState {
     max_in_flight: usize,
     /// How a leader holds its batch (`HOLD_ENV`).
     hold: Hold,
-    /// Writer threads and when each last queued a connected record (one
-    /// entry per thread, at most `WRITERS_KEPT`).
-    writers: Vec<(std::thread::ThreadId, Instant)>,
+    /// The most connected records outstanding at once lately (queued or
+    /// in flight: as many writers were waiting), and when it was last
+    /// reached (`recent_peak`).
+    peak: (usize, Instant),
     /// Recent round trip of a connected batch (a moving average), from
     /// its write to its answer; None before the first.
     round_trip: Option<Duration>,
 }
 
 impl OutState {
-    /// The calling thread just queued a connected record.
-    fn seen_writer(&mut self) {
-        let me = std::thread::current().id();
-        let now = Instant::now();
-        if let Some(w) = self.writers.iter_mut().find(|(t, _)| *t == me) {
-            w.1 = now;
-            return;
-        }
-        if self.writers.len() >= WRITERS_KEPT {
-            let oldest = (0..self.writers.len()).min_by_key(|&i| self.writers[i].1);
-            if let Some(i) = oldest {
-                self.writers.swap_remove(i);
-            }
-        }
-        self.writers.push((me, now));
+    /// A connected record was just queued: count the records outstanding.
+    fn note_outstanding(&mut self) {
+        let outstanding = self.queue.len() + self.flying.len();
+        self.peak = recent_peak(self.peak, outstanding, Instant::now(), self.window());
+    }
+
+    /// How long a peak of concurrency is remembered.
+    fn window(&self) -> Duration {
+        self.round_trip
+            .map_or(ACTIVE_MIN, |rt| rt * ACTIVE_ROUND_TRIPS)
+            .clamp(ACTIVE_MIN, ACTIVE_MAX)
     }
 
     /// A connected writer may take the token and send a batch now. With a
@@ -295,7 +302,7 @@ impl Outbox {
                 halted: false,
                 max_in_flight,
                 hold: hold_from_env(),
-                writers: Vec::new(),
+                peak: (0, Instant::now()),
                 round_trip: None,
             }),
             free: Condvar::new(),
@@ -331,11 +338,12 @@ impl Outbox {
         }
     }
 
-    /// Before a leader sends: wait (holding the token, no lock) for the
-    /// records of the other writer threads active lately, at most one
-    /// recent round trip (`HOLD_MAX` at most). Several writers then share
-    /// one batch, and one server commit, instead of alternating in halves
-    /// (BENCHMARKS.md "`pratio`"); a lone writer never waits.
+    /// Before a leader sends: wait (holding the token, no lock) until as
+    /// many records are queued as were outstanding at once lately, at most
+    /// one recent round trip (`HOLD_MAX` at most). Concurrent writers then
+    /// share one batch, and one server commit, instead of alternating in
+    /// halves (BENCHMARKS.md "`pratio`"); a lone writer, or one program
+    /// writing through several threads in turn (FUSE), never waits.
     fn hold(&self) {
         let mut st = self.state.lock();
         let now = Instant::now();
@@ -346,9 +354,11 @@ impl Outbox {
                 let Some(rt) = st.round_trip else {
                     return;
                 };
-                let window = (rt * ACTIVE_ROUND_TRIPS).clamp(ACTIVE_MIN, ACTIVE_MAX);
-                let since = now.checked_sub(window).unwrap_or(now);
-                (active_writers(&st.writers, since), rt.min(HOLD_MAX))
+                let (peak, at) = st.peak;
+                if now.saturating_duration_since(at) > st.window() {
+                    return;
+                }
+                (peak, rt.min(HOLD_MAX))
             }
         };
         let end = now + most;
@@ -631,7 +641,7 @@ impl Reintegrator<'_> {
                     mail: mail.clone(),
                 },
             );
-            st.seen_writer();
+            st.note_outstanding();
             st.hold != Hold::Off
         };
         if held {
@@ -1295,14 +1305,27 @@ mod tests {
     }
 
     #[test]
-    fn a_writer_counts_as_active_while_it_wrote_lately() {
-        let now = Instant::now();
-        let ago = |ms: u64| now - Duration::from_millis(ms);
-        let seen = [(1, ago(1)), (2, ago(3)), (3, ago(40)), (4, now)];
-        assert_eq!(active_writers(&seen, ago(5)), 3);
-        assert_eq!(active_writers(&seen, ago(50)), 4);
-        assert_eq!(active_writers(&seen, now), 1);
-        assert_eq!(active_writers::<u8>(&[], now), 0);
+    fn the_recent_peak_of_outstanding_records_is_kept_for_its_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let w = Duration::from_millis(4);
+        // Writers in turn never have more than one record outstanding.
+        let mut p = (0, t0);
+        for ms in 0..10 {
+            p = recent_peak(p, 1, at(ms), w);
+        }
+        assert_eq!(p.0, 1);
+        // Four at once: kept while lower counts follow within the window...
+        p = recent_peak(p, 4, at(10), w);
+        p = recent_peak(p, 2, at(12), w);
+        assert_eq!(p, (4, at(10)));
+        // ... and renewed whenever reached again ...
+        p = recent_peak(p, 4, at(13), w);
+        p = recent_peak(p, 1, at(16), w);
+        assert_eq!(p, (4, at(13)));
+        // ... and given up once older than the window.
+        p = recent_peak(p, 1, at(18), w);
+        assert_eq!(p, (1, at(18)));
     }
 
     #[test]
