@@ -296,7 +296,15 @@ impl Replicator {
             node,
             store,
             inbox: rx,
-            peers: peers::Peers::new(me, key.clone(), Arc::clone(&group)),
+            peers: {
+                let bell = tx.clone();
+                peers::Peers::new(
+                    me,
+                    key.clone(),
+                    Arc::clone(&group),
+                    Arc::new(move || bell.ring()),
+                )
+            },
             group: Arc::clone(&group),
             root: PathBuf::from(root),
             published: Arc::clone(&published),

@@ -333,8 +333,13 @@ fn role_name(r: StateRole) -> &'static str {
 impl Driver {
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + TICK;
+        let mut unsent = false;
         while !self.stopping.load(Ordering::SeqCst) {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let mut wait = next_tick.saturating_duration_since(Instant::now());
+            if unsent {
+                // Bytes a socket did not take: try again soon.
+                wait = wait.min(super::peers::RETRY_WRITE);
+            }
             match self.inbox.recv_timeout(wait) {
                 Ok(Some(input)) => {
                     self.take(input);
@@ -357,6 +362,7 @@ impl Driver {
             self.renew_lease();
             let r = self.on_ready().and_then(|()| self.sm.tick());
             self.grant_lease();
+            unsent = self.peers.flush();
             if let Err(e) = r {
                 log::warn(format_args!(
                     "replication: node {} stops: its log cannot be written: {e}",

@@ -68,7 +68,8 @@ impl<T> QueueTx<T> {
         Ok(())
     }
 
-    fn ring(&self) {
+    /// Wake the receiving thread (if it waits), with nothing queued.
+    pub fn ring(&self) {
         if let Some(t) = self.bell.get() {
             t.unpark();
         }
