@@ -326,6 +326,12 @@ impl Replicator {
             heard: std::time::Instant::now(),
             grants: Default::default(),
             lease_end_ever: None,
+            deferred: Vec::new(),
+            deferred_since: None,
+            defer_for: std::env::var("CODA_REPL_DEFER_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(node::DEFER_FOR, std::time::Duration::from_millis),
         };
         let thread = std::thread::Builder::new()
             .name("coda-raft".into())

@@ -203,6 +203,12 @@ pub trait StateMachine: Send {
     /// means this member could not apply what the others did: the node
     /// stops rather than diverge.
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied>;
+    /// Apply consecutive entries `(index, data)` in log order, with the
+    /// outcome of `apply` on each in turn (one result each); a state
+    /// machine may apply them together (one transaction).
+    fn apply_many(&mut self, entries: &[(u64, &[u8])]) -> Result<Vec<Applied>> {
+        entries.iter().map(|(i, d)| self.apply(*i, d)).collect()
+    }
     /// Every entry through `index` is applied (some changed nothing here:
     /// an empty entry, a membership change); `durable`: make that durable
     /// now.
@@ -251,7 +257,26 @@ pub(super) struct Driver {
     pub grants: HashMap<(u64, u64), Option<Instant>>,
     /// The end of the last lease this member held as leader.
     pub lease_end_ever: Option<Instant>,
+    /// Committed entries a follower keeps to apply several together.
+    pub deferred: Vec<Entry>,
+    /// When the first of them was kept.
+    pub deferred_since: Option<Instant>,
+    /// How long they may wait: [`DEFER_FOR`], or `CODA_REPL_DEFER_MS` (a
+    /// test holds them for long).
+    pub defer_for: Duration,
 }
+
+/// A follower applies committed entries at most this late (see
+/// [`DEFER_MAX`]). Its application is off the commit path (the leader's
+/// own answers the client), but it shares the machine's cores with the
+/// leader's: one transaction of the volume store for several entries
+/// costs far less than one each (docs/BENCHMARKS.md `rlean`). Entries of
+/// its own proposals, membership changes, a change of role and a stop
+/// apply what is kept at once; a crash loses nothing (the log holds the
+/// entries, and the store's mark says which it applied).
+pub const DEFER_FOR: Duration = Duration::from_millis(10);
+/// A follower applies the entries kept once this many wait.
+pub const DEFER_MAX: usize = 32;
 
 /// Build the engine over the durable log.
 pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::storage::MemStorage>> {
@@ -340,6 +365,9 @@ impl Driver {
                 // Bytes a socket did not take: try again soon.
                 wait = wait.min(super::peers::RETRY_WRITE);
             }
+            if let Some(due) = self.deferred_due() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
             match self.inbox.recv_timeout(wait) {
                 Ok(Some(input)) => {
                     self.take(input);
@@ -360,7 +388,18 @@ impl Driver {
                 next_tick = Instant::now() + TICK;
             }
             self.renew_lease();
-            let r = self.on_ready().and_then(|()| self.sm.tick());
+            let r = self
+                .on_ready()
+                .and_then(|()| {
+                    // Due, or no longer a follower's to keep.
+                    if self.deferred_due().is_some_and(|d| Instant::now() >= d)
+                        || self.node.raft.state != StateRole::Follower
+                    {
+                        self.apply_deferred()?;
+                    }
+                    Ok(())
+                })
+                .and_then(|()| self.sm.tick());
             self.grant_lease();
             unsent = self.peers.flush();
             if let Err(e) = r {
@@ -377,6 +416,11 @@ impl Driver {
         }
         // A clean stop leaves the store durable: nothing to re-apply at start.
         if !self.published.failed.load(Ordering::SeqCst) {
+            if let Err(e) = self.apply_deferred() {
+                log::warn(format_args!(
+                    "replication: committed entries could not be applied at stop: {e}"
+                ));
+            }
             let applied = self.store.applied();
             if let Err(e) = self.sm.applied_through(applied, true) {
                 log::warn(format_args!(
@@ -734,13 +778,57 @@ impl Driver {
         Ok(())
     }
 
+    /// Apply committed entries, or, on a follower, keep them for one
+    /// application of several (see [`DEFER_FOR`]).
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let me = self.node.raft.id;
+        let deferrable = self.node.raft.state == StateRole::Follower
+            && !self.stopping.load(Ordering::SeqCst)
+            && entries.iter().all(|e| {
+                e.get_entry_type() == EntryType::EntryNormal
+                    && parse_context(&e.context).is_none_or(|(node, _)| node != me)
+            });
+        if !deferrable {
+            self.apply_deferred()?;
+            return self.apply_now(entries);
+        }
+        if self.deferred.is_empty() {
+            self.deferred_since = Some(Instant::now());
+        }
+        self.deferred.extend(entries);
+        if self.deferred.len() >= DEFER_MAX {
+            self.apply_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// When the entries kept must be applied (None: none are kept).
+    fn deferred_due(&self) -> Option<Instant> {
+        self.deferred_since.map(|t| t + self.defer_for)
+    }
+
+    /// Apply the entries kept, if any.
+    fn apply_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        self.deferred_since = None;
+        let entries = std::mem::take(&mut self.deferred);
+        self.apply_now(entries)
+    }
+
+    fn apply_now(&mut self, entries: Vec<Entry>) -> Result<()> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
         let me = self.node.raft.id;
         let mut conf_changed = false;
-        for e in entries {
+        // Results of consecutive normal entries applied together, in order.
+        let mut ready: std::collections::VecDeque<Applied> = Default::default();
+        for (at, e) in entries.iter().enumerate() {
             if e.term == self.node.raft.term && self.node.raft.state == StateRole::Leader {
                 self.published.serving.store(true, Ordering::SeqCst);
             }
@@ -749,7 +837,20 @@ impl Driver {
                     let r: Applied = if e.data.is_empty() {
                         Box::new(())
                     } else {
-                        let r = self.sm.apply(e.index, &e.data)?;
+                        if ready.is_empty() {
+                            let run: Vec<(u64, &[u8])> = entries[at..]
+                                .iter()
+                                .take_while(|x| {
+                                    x.get_entry_type() == EntryType::EntryNormal
+                                        && !x.data.is_empty()
+                                })
+                                .map(|x| (x.index, &x.data[..]))
+                                .collect();
+                            ready.extend(self.sm.apply_many(&run)?);
+                        }
+                        let r = ready.pop_front().ok_or_else(|| {
+                            Error::Eio("the state machine returned too few results".into())
+                        })?;
                         trace(format_args!("n{me} sm applied {}", e.index));
                         r
                     };
