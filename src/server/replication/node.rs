@@ -19,8 +19,10 @@ use super::peers::Peers;
 use super::queue::{QueueRx, QueueTx};
 use super::storage::RaftStore;
 use super::trace;
+use super::transport::{KIND_RAFT, MAX_PEER_FRAME};
 use crate::server::log;
 use crate::{Error, Result};
+use std::os::fd::AsRawFd;
 
 /// One engine tick. Heartbeats go every `HEARTBEAT_TICKS`, and a follower
 /// that hears no leader for a random `MIN_ELECTION_TICKS` to
@@ -72,7 +74,28 @@ pub enum Input {
     Membership(u64, Option<String>, Sender<Result<Applied>>),
     /// A snapshot of the node's state.
     Status(Sender<NodeStatus>),
+    /// An accepted peer connection that carries Raft messages from member
+    /// `.0`: this thread reads it from now on (`.2`: plaintext already read
+    /// from it past the last whole frame taken).
+    Attach(u64, crate::tls::Stream, Vec<u8>),
 }
+
+/// A peer connection the node thread reads (see [`Input::Attach`]).
+pub(super) struct Inbound {
+    from: u64,
+    stream: crate::tls::Stream,
+    /// Plaintext read but not yet a whole frame.
+    buf: Vec<u8>,
+    /// When bytes last came.
+    last: Instant,
+}
+
+/// Connections the node thread reads at most (each member dials each
+/// other once; a redialled one ends the old); the oldest goes first.
+const MAX_INBOUND: usize = 64;
+/// An inbound connection that brings nothing for this long is closed
+/// (the dialer sees it and dials again when it has something to send).
+const INBOUND_IDLE: Duration = Duration::from_secs(30);
 
 /// The sending side of the node thread's inbox.
 pub type InboxTx = QueueTx<Input>;
@@ -264,6 +287,8 @@ pub(super) struct Driver {
     /// How long they may wait: [`DEFER_FOR`], or `CODA_REPL_DEFER_MS` (a
     /// test holds them for long).
     pub defer_for: Duration,
+    /// Peer connections this thread reads itself.
+    pub inbound: Vec<Inbound>,
 }
 
 /// A follower applies committed entries at most this late (see
@@ -368,7 +393,18 @@ impl Driver {
             if let Some(due) = self.deferred_due() {
                 wait = wait.min(due.saturating_duration_since(Instant::now()));
             }
-            match self.inbox.recv_timeout(wait) {
+            let mut fds: Vec<libc::pollfd> = self
+                .inbound
+                .iter()
+                .map(|c| libc::pollfd {
+                    fd: c.stream.tcp().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let got = self.inbox.wait_ready(&mut fds, wait);
+            self.read_inbound(&fds);
+            match got {
                 Ok(Some(input)) => {
                     self.take(input);
                     // Take whatever else is queued before one ready: one
@@ -510,7 +546,110 @@ impl Driver {
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Input::Attach(from, stream, buf) => {
+                if stream.tcp().set_nonblocking(true).is_err() {
+                    return;
+                }
+                if self.inbound.len() >= MAX_INBOUND {
+                    self.inbound.remove(0);
+                }
+                self.inbound.push(Inbound {
+                    from,
+                    stream,
+                    buf,
+                    last: Instant::now(),
+                });
+                // Whole frames among the bytes already read.
+                let i = self.inbound.len() - 1;
+                if !self.take_frames(i) {
+                    self.inbound.remove(i);
+                }
+            }
         }
+    }
+
+    /// Read what the inbound connections `fds` reports ready bring, and
+    /// step its whole frames; close the ones that ended, failed, broke
+    /// the protocol or stayed idle too long.
+    fn read_inbound(&mut self, fds: &[libc::pollfd]) {
+        let now = Instant::now();
+        let mut keep = vec![true; self.inbound.len()];
+        for (i, p) in fds.iter().enumerate().take(self.inbound.len()) {
+            if p.revents == 0 {
+                keep[i] = now.duration_since(self.inbound[i].last) < INBOUND_IDLE;
+                continue;
+            }
+            keep[i] = self.read_one(i) && self.take_frames(i);
+        }
+        let mut i = 0;
+        self.inbound.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+
+    /// Read connection `i` until it would block (bounded); false when it
+    /// ended or failed.
+    fn read_one(&mut self, i: usize) -> bool {
+        let c = &mut self.inbound[i];
+        let mut chunk = [0u8; 16 * 1024];
+        // Bounded: a turn reads at most 64 chunks; the rest waits for the next.
+        for _ in 0..64 {
+            match std::io::Read::read(&mut c.stream, &mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    c.buf.extend_from_slice(&chunk[..n]);
+                    c.last = Instant::now();
+                    if c.buf.len() > MAX_PEER_FRAME + 5 {
+                        // Whole frames go before more is read.
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Step the whole frames read from connection `i`; false when one is
+    /// not a Raft message of its member (the connection is then closed).
+    fn take_frames(&mut self, i: usize) -> bool {
+        let from = self.inbound[i].from;
+        let buf = std::mem::take(&mut self.inbound[i].buf);
+        let mut at = 0;
+        let mut ok = true;
+        // Bounded: each turn takes one whole frame, or stops.
+        while buf.len() - at >= 5 {
+            let len = u32::from_be_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+            if len == 0 || len > MAX_PEER_FRAME {
+                ok = false;
+                break;
+            }
+            if buf.len() - at < 4 + len {
+                break;
+            }
+            let (kind, body) = (buf[at + 4], &buf[at + 5..at + 4 + len]);
+            at += 4 + len;
+            let m = (kind == KIND_RAFT)
+                .then(|| Message::parse_from_bytes(body).ok())
+                .flatten();
+            match m {
+                Some(m) if m.from == from => self.take(Input::Raft(Box::new(m))),
+                _ => {
+                    log::warn(format_args!(
+                        "replication: member {from} sent a bad message; closing its connection"
+                    ));
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok {
+            self.inbound[i].buf = buf[at..].to_vec();
+        }
+        ok
     }
 
     /// Take a proposal: on the leader, or with `forward` on a follower
