@@ -371,6 +371,35 @@ fn proven_writes_from(
     Some(end + trust)
 }
 
+/// The whole frames at the start of `buf` (bytes read from member
+/// `from`'s connection) as Raft messages, and how many bytes they took;
+/// false (with the messages before it) at a frame that is not a Raft
+/// message of `from` or whose length is out of bounds.
+fn split_frames(buf: &[u8], from: u64) -> (Vec<Message>, usize, bool) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    // Bounded: each turn takes one whole frame, or stops.
+    while buf.len() - at >= 5 {
+        let len = u32::from_be_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+        if len == 0 || len > MAX_PEER_FRAME {
+            return (out, at, false);
+        }
+        if buf.len() - at < 4 + len {
+            break;
+        }
+        let (kind, body) = (buf[at + 4], &buf[at + 5..at + 4 + len]);
+        let m = (kind == KIND_RAFT)
+            .then(|| Message::parse_from_bytes(body).ok())
+            .flatten();
+        match m {
+            Some(m) if m.from == from => out.push(m),
+            _ => return (out, at, false),
+        }
+        at += 4 + len;
+    }
+    (out, at, true)
+}
+
 fn role_name(r: StateRole) -> &'static str {
     match r {
         StateRole::Leader => "leader",
@@ -618,38 +647,18 @@ impl Driver {
     fn take_frames(&mut self, i: usize) -> bool {
         let from = self.inbound[i].from;
         let buf = std::mem::take(&mut self.inbound[i].buf);
-        let mut at = 0;
-        let mut ok = true;
-        // Bounded: each turn takes one whole frame, or stops.
-        while buf.len() - at >= 5 {
-            let len = u32::from_be_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
-            if len == 0 || len > MAX_PEER_FRAME {
-                ok = false;
-                break;
-            }
-            if buf.len() - at < 4 + len {
-                break;
-            }
-            let (kind, body) = (buf[at + 4], &buf[at + 5..at + 4 + len]);
-            at += 4 + len;
-            let m = (kind == KIND_RAFT)
-                .then(|| Message::parse_from_bytes(body).ok())
-                .flatten();
-            match m {
-                Some(m) if m.from == from => self.take(Input::Raft(Box::new(m))),
-                _ => {
-                    log::warn(format_args!(
-                        "replication: member {from} sent a bad message; closing its connection"
-                    ));
-                    ok = false;
-                    break;
-                }
-            }
+        let (msgs, used, ok) = split_frames(&buf, from);
+        for m in msgs {
+            self.take(Input::Raft(Box::new(m)));
         }
-        if ok {
-            self.inbound[i].buf = buf[at..].to_vec();
+        if !ok {
+            log::warn(format_args!(
+                "replication: member {from} sent a bad message; closing its connection"
+            ));
+            return false;
         }
-        ok
+        self.inbound[i].buf = buf[used..].to_vec();
+        true
     }
 
     /// Take a proposal: on the leader, or with `forward` on a follower
@@ -1081,6 +1090,58 @@ mod tests {
             proven_writes_from(t0, [], None, TRUST),
             Some(t0 + LEASE + TRUST)
         );
+    }
+
+    fn frame(kind: u8, m: &Message) -> Vec<u8> {
+        let b = m.write_to_bytes().unwrap();
+        let mut f = ((b.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(&b);
+        f
+    }
+
+    fn msg(from: u64, index: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = from;
+        m.to = 1;
+        m.index = index;
+        m
+    }
+
+    #[test]
+    fn whole_frames_are_taken_a_cut_one_waits_and_a_foreign_one_ends_the_connection() {
+        let mut buf = frame(KIND_RAFT, &msg(2, 7));
+        buf.extend(frame(KIND_RAFT, &msg(2, 8)));
+        let whole = buf.len();
+        let third = frame(KIND_RAFT, &msg(2, 9));
+        buf.extend_from_slice(&third[..third.len() - 1]);
+        let (msgs, used, ok) = split_frames(&buf, 2);
+        assert!(ok);
+        assert_eq!(used, whole, "the cut frame waits for its last byte");
+        assert_eq!(msgs.iter().map(|m| m.index).collect::<Vec<_>>(), [7, 8]);
+        // Completed, it is taken.
+        let (msgs, used, ok) = split_frames(&third, 2);
+        assert!(ok && used == third.len() && msgs[0].index == 9);
+        // A message sent as another member, another kind of frame, or an
+        // impossible length ends the connection after what came before.
+        for bad in [
+            frame(KIND_RAFT, &msg(3, 10)),
+            frame(KIND_RAFT + 1, &msg(2, 10)),
+            vec![0, 0, 0, 0, KIND_RAFT],
+            ((MAX_PEER_FRAME + 1) as u32)
+                .to_be_bytes()
+                .to_vec()
+                .into_iter()
+                .chain([1])
+                .collect(),
+        ] {
+            let mut b = frame(KIND_RAFT, &msg(2, 7));
+            b.extend(bad);
+            let (msgs, used, ok) = split_frames(&b, 2);
+            assert!(!ok);
+            assert_eq!((msgs.len(), used), (1, frame(KIND_RAFT, &msg(2, 7)).len()));
+        }
     }
 
     #[test]

@@ -191,6 +191,59 @@ impl<T> QueueRx<T> {
 mod tests {
     use super::*;
 
+    /// A receiver waiting in `wait_ready` is woken by an item, and by a
+    /// descriptor that became readable (its `revents` say so).
+    #[test]
+    fn a_receiver_polling_descriptors_wakes_for_an_item_and_for_a_ready_descriptor() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let (tx, rx) = bounded::<u32>(4);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.try_send(5).unwrap();
+            tx
+        });
+        let start = std::time::Instant::now();
+        let mut got = None;
+        while got.is_none() {
+            got = rx
+                .wait_ready(&mut Vec::new(), Duration::from_secs(600))
+                .unwrap();
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the item never woke it"
+            );
+        }
+        assert_eq!(got, Some(5));
+        let _tx = t.join().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        a.write_all(b"x").unwrap();
+        let mut fds = vec![libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let start = std::time::Instant::now();
+        // Bounded: the byte is readable at once; each wait ends when it is.
+        while fds[0].revents & libc::POLLIN == 0 {
+            assert_eq!(
+                rx.wait_ready(&mut fds, Duration::from_secs(600)).unwrap(),
+                None
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the descriptor never woke it"
+            );
+        }
+        assert_eq!(
+            fds.len(),
+            1,
+            "the queue's own descriptor is taken off again"
+        );
+    }
+
     /// Items sent from other threads, before and while the receiver is
     /// parked, all arrive, in order, long before the wait's end; the
     /// receiver sees the senders gone.
