@@ -845,7 +845,12 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
     let l = g.wait_leader(&[0, 1, 2]);
     let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
     let caches = common::TempDir::new("repl-patience");
-    let c = std::sync::Arc::new(Client::new(g.client_config(&caches.path().join("c"))).unwrap());
+    let mut cfg = g.client_config(&caches.path().join("c"));
+    // Room for a slow election on a loaded machine: the heal below comes
+    // 1.2 s after the client judged the leader dead, and the election
+    // after it must end within the client's wait.
+    cfg.set("election_wait_ms", "20000").unwrap();
+    let c = std::sync::Arc::new(Client::new(cfg).unwrap());
     client_util::put(&c, "/before", b"before the stop\n");
     while c.events().next(Duration::ZERO).is_some() {}
     // No leader can be elected while one of the two others is cut off.
@@ -862,7 +867,7 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
         (c.state() != coda::client::ClientState::Connected).then_some(())
     });
     // Past the prober's connect timeout (at most `dead_after`, 1 s here),
-    // well within the client's 3 s of election patience.
+    // well within the client's `election_wait_ms`.
     std::thread::sleep(Duration::from_millis(1200));
     cutter.heal(g.members[rest[0]].id);
     let (r, pending) = writer.join().unwrap();
