@@ -257,6 +257,19 @@ fn report(what: &str, unit: &str, higher_is_better: bool, vals: &[(&str, f64)]) 
     println!("{}", line.trim_end_matches(';'));
 }
 
+/// CPU time (s) of all threads of process `pid` so far (schedstat: ns).
+fn proc_cpu(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e9
+}
+
 fn secs(t: Instant) -> f64 {
     t.elapsed().as_secs_f64()
 }
@@ -678,10 +691,33 @@ fn main() {
     }
     let mut rps = Vec::new();
     let mut p99 = Vec::new();
+    // The coda-mount serving each target, for its CPU under the load.
+    let mount_of = |name: &str| -> Option<u32> {
+        let m = match name {
+            "coda" => &pt,
+            "coda --no-kernel-cache" => &nocache,
+            "coda --no-paged-open" => &nofast,
+            "coda --no-open" => &noopen,
+            _ => webbase.as_ref()?,
+        };
+        (!name.starts_with("local") && !name.starts_with("bindfs")).then(|| m.child.id())
+    };
+    let mut cpu = Vec::new();
     for (i, t) in web_targets.iter().enumerate() {
         let n = Nginx::start(&dir.join(format!("nginx-{i}")), &t.root.join("www"));
         load(n.addr, 1000, 16, Duration::from_millis(300)); // warm up
+        let pid = mount_of(t.name);
+        let (c0, t0) = (pid.map(proc_cpu), Instant::now());
         let (r, p) = load(n.addr, 1000, 16, Duration::from_secs(web_secs));
+        if let (Some(pid), Some(c0)) = (pid, c0) {
+            let used = proc_cpu(pid) - c0;
+            cpu.push(format!(
+                " {} {:.1} µs/request ({:.0}% of a core);",
+                t.name,
+                used / (r * secs(t0)) * 1e6,
+                used / secs(t0) * 100.0
+            ));
+        }
         rps.push((t.name, r));
         p99.push((t.name, p.as_secs_f64() * 1e3));
     }
@@ -692,6 +728,10 @@ fn main() {
         &rps,
     );
     report("nginx p99 latency", "ms", false, &p99);
+    println!(
+        "coda-mount CPU under nginx:{}",
+        cpu.concat().trim_end_matches(';')
+    );
 
     // 2. cached 4 KiB open+read+close, interleaved.
     let mut buf = vec![0u8; 4096];

@@ -3,7 +3,8 @@
 //!   cargo bench --bench replication          (CODA_BENCH_QUICK=1 for a short run)
 //!   CODA_BENCH_FAILOVERS=N sets the number of failovers of each kind;
 //!   CODA_BENCH_SERVER=PATH runs another coda-server binary;
-//!   CODA_BENCH_ONLY=small runs section 1 only.
+//!   CODA_BENCH_ONLY=small runs section 1 only;
+//!   CODA_BENCH_SMALL=N stores N small files in section 1.
 //!
 //! 1. small connected stores (create + write 4 KiB + close), median per file:
 //!    a group of three vs a single server (goal <= 1.5x);
@@ -369,6 +370,12 @@ fn main() {
         (false, true) => (50, 64, 3, 2),
         (false, false) => (300, 256, 20, 5),
     };
+    // `CODA_BENCH_SMALL=N`: N small files (a longer section to profile).
+    let n_small = std::env::var("CODA_BENCH_SMALL")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n >= 2)
+        .unwrap_or(n_small);
     // `CODA_BENCH_FAILOVERS=N`: N failovers of each kind (20 kill -9 runs
     // in quick mode, say, without the full run's 256 MiB store).
     let (kills, stops) = match std::env::var("CODA_BENCH_FAILOVERS")

@@ -845,7 +845,12 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
     let l = g.wait_leader(&[0, 1, 2]);
     let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
     let caches = common::TempDir::new("repl-patience");
-    let c = std::sync::Arc::new(Client::new(g.client_config(&caches.path().join("c"))).unwrap());
+    let mut cfg = g.client_config(&caches.path().join("c"));
+    // Room for a slow election on a loaded machine: the heal below comes
+    // 1.2 s after the client judged the leader dead, and the election
+    // after it must end within the client's wait.
+    cfg.set("election_wait_ms", "20000").unwrap();
+    let c = std::sync::Arc::new(Client::new(cfg).unwrap());
     client_util::put(&c, "/before", b"before the stop\n");
     while c.events().next(Duration::ZERO).is_some() {}
     // No leader can be elected while one of the two others is cut off.
@@ -862,7 +867,7 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
         (c.state() != coda::client::ClientState::Connected).then_some(())
     });
     // Past the prober's connect timeout (at most `dead_after`, 1 s here),
-    // well within the client's 3 s of election patience.
+    // well within the client's `election_wait_ms`.
     std::thread::sleep(Duration::from_millis(1200));
     cutter.heal(g.members[rest[0]].id);
     let (r, pending) = writer.join().unwrap();
@@ -979,6 +984,103 @@ fn the_leader_killed_right_after_acknowledged_small_stores_reapplies_them_and_co
 #[test]
 fn the_whole_group_killed_right_after_acknowledged_small_stores_loses_none() {
     small_stores_survive_a_kill_9_of(|_| vec![0, 1, 2]);
+}
+
+/// A follower keeps committed entries to apply several in one transaction
+/// (held here for an hour: `CODA_REPL_DEFER_MS`). Killed with -9 while it
+/// keeps them, its store holds none of them; restarted, it re-applies from
+/// its store's mark, and after a clean stop (which applies what it kept)
+/// every member's tables are the same, row for row, each entry applied once.
+#[test]
+fn a_follower_killed_while_it_defers_applies_reapplies_exactly_them_and_converges() {
+    let mut g = Group::start_with_env(
+        3,
+        &[],
+        &[
+            ("CODA_REPL_DEFER_MS", "3600000"),
+            ("CODA_REPL_CHECKPOINT_MS", "3600000"),
+        ],
+    );
+    let l = g.wait_leader(&[0, 1, 2]);
+    let f = (l + 1) % 3;
+    let caches = common::TempDir::new("repl-defer");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    // Applied before the test's writes: what the follower held already.
+    let before = g.status(f).expect("the follower's status").applied;
+    let mut last = std::collections::BTreeMap::new();
+    for i in 0..6 {
+        let path = format!("/deferred{i}");
+        let data = format!("deferred store {i} ").repeat(200).into_bytes();
+        client_util::put(&c, &path, &data);
+        assert_eq!(c.pending_records(), 0, "{path} acknowledged by the group");
+        last.insert(path, data);
+    }
+    drop(c);
+    let commit = g.status(l).expect("the leader's status").commit;
+    // The follower has the entries in its log and knows them committed,
+    // and has applied none of the test's.
+    let st = replication_util::wait_until("the follower learned the commit", 30, || {
+        g.status(f)
+            .filter(|s| s.commit >= commit && s.last >= commit)
+    });
+    assert!(
+        st.applied <= before && st.applied < commit,
+        "the follower applied through {} (held {before} before, the group committed {commit}): \
+         its applications were expected deferred",
+        st.applied
+    );
+    g.kill9(f);
+    let held = replication_util::store_state(&g.members[f].root).applied;
+    // None: it never made a mark (it applied nothing since it began).
+    assert!(
+        held.is_none_or(|a| a < commit),
+        "the killed follower's store holds the log through {held:?}, the group committed {commit}"
+    );
+    g.serve(f);
+    g.wait_leader(&[0, 1, 2]);
+    replication_util::wait_until("the restarted follower learned the commit", 30, || {
+        g.status(f).filter(|s| s.commit >= commit)
+    });
+    let reader = Client::new(g.client_config(&caches.path().join("reader"))).unwrap();
+    for (p, d) in &last {
+        assert!(client_util::get(&reader, p) == *d, "{p} after the restart");
+    }
+    drop(reader);
+    for i in 0..3 {
+        g.stop(i);
+    }
+    let states: Vec<_> = (0..3)
+        .map(|i| replication_util::store_state(&g.members[i].root))
+        .collect();
+    for (i, st) in states.iter().enumerate() {
+        assert!(
+            st.applied.is_some_and(|a| a >= commit),
+            "member {} stopped with its store through {:?}, the group committed {commit}",
+            g.members[i].id,
+            st.applied
+        );
+        for (t, rows) in &st.tables {
+            let first = &states[l].tables.iter().find(|(n, _)| n == t).unwrap().1;
+            assert!(
+                rows == first,
+                "table {t} of member {} differs from the leader's ({})",
+                g.members[i].id,
+                g.members[l].id
+            );
+        }
+    }
+    let names = &states[f].tables[1].1;
+    for p in last.keys() {
+        let name = p.trim_start_matches('/');
+        assert!(
+            names
+                .iter()
+                .filter(|r| r.contains(&format!("{name:?}")))
+                .count()
+                == 1,
+            "{name} once in the follower's directory: {names:?}"
+        );
+    }
 }
 
 /// Add `bob` through the leader's administration socket (a log entry) and

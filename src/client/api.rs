@@ -220,6 +220,7 @@ impl Client {
             dead_after: Duration::from_millis(cfg.dead_after_ms),
             bind_addr: cfg.bind_addr,
             bulk_max: cfg.bulk_connections.max(1),
+            election_wait: Duration::from_millis(cfg.election_wait_ms),
         };
         let ident = Identity {
             client_id,

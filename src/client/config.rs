@@ -35,6 +35,10 @@ pub struct Config {
     pub bind_addr: Option<SocketAddr>,
     /// Bound on every wait for a reply (for bulk transfers: per chunk).
     pub rpc_timeout_ms: u64,
+    /// With a replicated group: how long a reconnect keeps asking members
+    /// that answer "no leader elected yet" before the servers count as
+    /// down (at least this, whatever is left of `dead_after_ms`).
+    pub election_wait_ms: u64,
     /// Serve from the cache and log mutations while no server answers
     /// (disconnected operation). Off: calls fail with EIO/ETIMEDOUT instead.
     pub disconnected_operation: bool,
@@ -85,6 +89,7 @@ impl Config {
             failback_after_ms: None,
             bind_addr: None,
             rpc_timeout_ms: 10_000,
+            election_wait_ms: 3_000,
             disconnected_operation: true,
             write_disconnected: false,
             reintegration_age_ms: 5_000,
@@ -142,6 +147,10 @@ impl Config {
             }
             "rpc_timeout_ms" => {
                 self.rpc_timeout_ms = parse_ms(v).ok_or_else(|| bad("expected milliseconds > 0"))?
+            }
+            "election_wait_ms" => {
+                self.election_wait_ms =
+                    parse_ms(v).ok_or_else(|| bad("expected milliseconds > 0"))?
             }
             "failover_link" => {
                 self.failover_link = Some(non_empty_path(v).ok_or_else(|| bad("empty path"))?)
@@ -346,6 +355,10 @@ mod tests {
         assert!(c.set("servers", "host:").is_err());
         assert!(c.set("servers", "host:port").is_err());
         assert!(c.set("heartbeat_ms", "0").is_err());
+        assert_eq!(c.election_wait_ms, 3_000);
+        assert!(c.set("election_wait_ms", "0").is_err());
+        assert!(c.set("election_wait_ms", "20000").is_ok());
+        assert_eq!(c.election_wait_ms, 20_000);
         assert!(c.set("bind_addr", "127.0.0.1").is_ok());
         assert_eq!(c.bind_addr, Some("127.0.0.1:0".parse().unwrap()));
         assert_eq!(c.failback_after_ms, None);

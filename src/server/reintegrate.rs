@@ -103,6 +103,24 @@ pub fn check_ahead(highest: u64, records: &[Record]) -> std::result::Result<(), 
     Ok(())
 }
 
+/// One replicated entry's batch for [`VolumeStore::reintegrate_entries`].
+pub(crate) struct LoggedBatch {
+    /// The client whose batch it is.
+    pub client: ClientId,
+    /// The user its records are checked against.
+    pub who: Option<Arc<super::acl::Who>>,
+    /// Applied only if the client's watermark is at least this; 0: always.
+    pub after: u64,
+    /// The batch's records.
+    pub records: Vec<Record>,
+    /// The staged files of its Store records, by upload id.
+    pub staged: HashMap<u64, PathBuf>,
+    /// The time its leader stamped it with.
+    pub now: Option<Timespec>,
+    /// Its log index.
+    pub log_index: u64,
+}
+
 /// One batch waiting for (or inside) a group commit. Owns its input, so
 /// whichever worker leads the group can apply it.
 struct Job {
@@ -700,6 +718,73 @@ impl VolumeStore {
             }
             group.cv.notify_all();
         }
+    }
+
+    /// Several replicated entries' batches, in log order, in one
+    /// transaction (a follower's deferred applications, `replication`):
+    /// each result is what [`VolumeStore::reintegrate_logged`] would have
+    /// returned for it applied alone after the ones before it (the group
+    /// commit's rule). The highest index is the store's applied mark. A
+    /// list with inline data to prepare in a file goes one by one.
+    pub(crate) fn reintegrate_entries(
+        &self,
+        batches: Vec<LoggedBatch>,
+    ) -> Vec<std::result::Result<Outcome, BatchError>> {
+        if batches.len() < 2 || batches.iter().any(|b| Prepared::wanted(&b.records)) {
+            return batches
+                .into_iter()
+                .map(|b| {
+                    let staged = b.staged;
+                    self.reintegrate_logged(
+                        &b.client,
+                        b.who,
+                        b.after,
+                        &b.records,
+                        &|up| staged.get(&up).cloned(),
+                        b.now,
+                        Some(b.log_index),
+                    )
+                })
+                .collect();
+        }
+        let jobs: Vec<Arc<Job>> = batches
+            .into_iter()
+            .map(|b| {
+                Arc::new(Job {
+                    client: b.client,
+                    after: b.after,
+                    records: b.records,
+                    staged: b.staged,
+                    now: b.now,
+                    who: b.who,
+                    prepared: std::sync::OnceLock::new(),
+                    log_index: Some(b.log_index),
+                })
+            })
+            .collect();
+        // The group commit's turn, as a group's leader takes it.
+        let group = &self.group;
+        let mut g = group.state.lock();
+        // Bounded: each wake-up follows the end of another group's commit.
+        while g.busy {
+            group.cv.wait(&mut g);
+        }
+        g.busy = true;
+        drop(g);
+        struct Turn<'a>(&'a GroupCommit);
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                self.0.state.lock().busy = false;
+                self.0.cv.notify_all();
+            }
+        }
+        let _turn = Turn(group);
+        self.commit_group_or_yield(&jobs, None).unwrap_or_else(|| {
+            // Only a group that may give way returns None.
+            jobs.iter()
+                .map(|_| Err(Error::Eio("a group gave way".into()).into()))
+                .collect()
+        })
     }
 
     /// Commit `jobs` in one transaction (retrying without a batch that

@@ -1678,7 +1678,7 @@ impl Filesystem for CodaFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The fast opens below wait for nothing (gate.rs); the rest may.
-        let mut pass = self.shared.gate.enter_quick();
+        let mut pass = self.shared.gate.enter_quick(crate::gate::Kind::Open);
         self.shared.open_requests.fetch_add(1, Ordering::Relaxed);
         if self.no_open() {
             // The kernel takes this for the whole mount (noopen.rs).
@@ -1911,7 +1911,7 @@ impl Filesystem for CodaFs {
     ) {
         // A fast open's release (no `File`) waits for nothing (gate.rs);
         // a `File`'s close may (a writer stores, the cache may evict).
-        let mut pass = self.shared.gate.enter_quick();
+        let mut pass = self.shared.gate.enter_quick(crate::gate::Kind::Release);
         let h = self.handles.lock().remove(&fh.0);
         let Some(h) = h else {
             return reply.error(Errno::EBADF);

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! coda-mount --config FILE [--daemon] [--no-passthrough] [--no-kernel-cache]
-//!            [--no-fast-open] [--no-paged-open] [--no-open] [--allow-other] [--threads N] [--nonempty] MOUNTPOINT
+//!            [--no-fast-open] [--no-paged-open] [--no-open] [--allow-other] [--threads N]
+//!            [--spin-us N] [--nonempty] MOUNTPOINT
 //! ```
 //!
 //! One `Client` inside does all the work. Prints `mounted on MOUNTPOINT`
@@ -28,7 +29,7 @@ use crossbeam_channel::{bounded, select};
 
 const USAGE: &str = "usage: coda-mount --config FILE [--daemon] [--no-passthrough] \
 [--no-kernel-cache] [--no-fast-open] [--no-paged-open] [--no-open] [--allow-other] [--threads N] \
-[--nonempty] MOUNTPOINT
+[--spin-us N] [--nonempty] MOUNTPOINT
        coda-mount --help | --version";
 
 const HELP: &str = "\
@@ -55,6 +56,10 @@ options:
   --allow-other      let users other than the mounting one use the mount
                      (non-root: needs user_allow_other in /etc/fuse.conf)
   --threads N        FUSE worker threads, 1 to 256 (default 8)
+  --spin-us N        after a reply, the one waiting thread polls for the next
+                     request up to N microseconds before it sleeps, while
+                     requests have been coming that soon (0 to 1000, default 50;
+                     0: never). See docs/MOUNT.md, --threads
   --nonempty         mount over a directory that is not empty (hides its contents)
   -h, --help         this text
   -V, --version      the version
@@ -75,6 +80,7 @@ struct Args {
     allow_other: bool,
     nonempty: bool,
     threads: usize,
+    spin_us: u64,
 }
 
 fn usage(msg: &str) -> ! {
@@ -97,6 +103,7 @@ fn parse_args() -> Args {
         allow_other: false,
         nonempty: false,
         threads: 8,
+        spin_us: gate::SPIN.as_micros() as u64,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
@@ -120,6 +127,13 @@ fn parse_args() -> Args {
                     .and_then(|v| v.to_str().and_then(|v| v.parse().ok()))
                     .filter(|&n: &usize| (1..=256).contains(&n))
                     .unwrap_or_else(|| usage("--threads needs a number from 1 to 256"))
+            }
+            Some("--spin-us") => {
+                a.spin_us = it
+                    .next()
+                    .and_then(|v| v.to_str().and_then(|v| v.parse().ok()))
+                    .filter(|&n: &u64| n <= 1000)
+                    .unwrap_or_else(|| usage("--spin-us needs a number from 0 to 1000"))
             }
             Some("-h" | "--help") => {
                 println!("{USAGE}\n\n{HELP}");
@@ -447,6 +461,19 @@ fn main() {
             ))
         }
     };
+    // The gate's reader polls the session's /dev/fuse (gate.rs, `SPIN`).
+    if args.spin_us > 0 {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: fcntl duplicates a descriptor the session holds open.
+        let fd = unsafe { libc::fcntl(session.as_fd().as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+        if fd >= 0 {
+            // SAFETY: fd was just made here and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            shared
+                .gate
+                .set_spin(fd, Duration::from_micros(args.spin_us));
+        }
+    }
     // Kernel caching: notifications go out through the session's channel;
     // the client tells us (synchronously) what it stops trusting.
     if args.kernel_cache {

@@ -61,4 +61,7 @@ pub(crate) struct Timing {
     pub bind_addr: Option<SocketAddr>,
     /// Most bulk connections of a session at once (`bulk_connections`).
     pub bulk_max: usize,
+    /// How long a reconnect waits out a group's election
+    /// (`election_wait_ms`).
+    pub election_wait: Duration,
 }

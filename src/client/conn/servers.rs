@@ -17,12 +17,6 @@ use crate::{Error, Result};
 
 /// Pause between rounds of asking a group's members while none is leader.
 const LEADER_WAIT: Duration = Duration::from_millis(50);
-/// While a group's members answer that they are electing a leader, a
-/// connect waits for it at least this long, whatever its own timeout (the
-/// prober's is what is left of `dead_after`): the group answers, so this is
-/// not the loss of the servers, and an election takes 0.6–1 s after the
-/// last heartbeat, twice that when it needs a second round.
-const ELECTION_PATIENCE: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------
 // The servers we know, the current session, and reconnecting on demand.
@@ -195,7 +189,7 @@ impl Servers {
     /// stopped server accepts TCP and then says nothing until the timeout);
     /// a refusal naming the leader is followed at once; and while the
     /// others answer that no leader is elected yet they are asked again,
-    /// within `timeout` or `ELECTION_PATIENCE`, whichever is longer,
+    /// within `timeout` or `election_wait`, whichever is longer,
     /// before the suspect.
     fn connect_gated(&self, interrupt: &Interrupt, timeout: Duration) -> Result<Arc<Session>> {
         if let Some(s) = self.live() {
@@ -236,8 +230,14 @@ impl Servers {
                     msg.contains("no leader elected yet") || msg.contains("not the leader");
                 last = e;
             }
+            // While members answer that they are electing a leader, wait
+            // for it at least `election_wait` (default 3 s), whatever our
+            // own timeout (the prober's is what is left of `dead_after`):
+            // the group answers, so this is not the loss of the servers,
+            // and an election takes 0.6–1 s after the last heartbeat,
+            // twice that when it needs a second round.
             if no_leader {
-                deadline = deadline.max(start + ELECTION_PATIENCE);
+                deadline = deadline.max(start + self.timing.election_wait);
             }
             if !no_leader || Instant::now() + LEADER_WAIT >= deadline {
                 break;

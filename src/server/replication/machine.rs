@@ -37,7 +37,7 @@ use crate::proto::{Fid, Msg, Record, RecordOp, Timespec};
 use crate::server::acl::Who;
 use crate::server::meta::{existing_table, CLIENT_STORE, SETTINGS};
 use crate::server::owners::{self, SweepPlan};
-use crate::server::reintegrate::{BatchError, Outcome};
+use crate::server::reintegrate::{BatchError, LoggedBatch, Outcome};
 use crate::server::sessions::ClientCtx;
 use crate::server::volume::{
     check_alloc_count, is_store_failure, reserve_vnodes, ClientId, VolumeStore,
@@ -292,6 +292,26 @@ fn encode_set_acl(
 /// callbacks break.
 pub(crate) type AclChange = (super::super::acl::Acl, u8, Vec<Fid>);
 
+/// A Reintegrate entry's leader time, user, condition and records.
+fn decode_reintegrate(data: &[u8]) -> Result<(Timespec, Who, u64, Vec<Record>)> {
+    let b = data.get(17..).ok_or_else(bad_entry)?;
+    if b.len() < 12 {
+        return Err(bad_entry());
+    }
+    let now = Timespec {
+        sec: i64::from_be_bytes(b[..8].try_into().expect("8")),
+        nsec: u32::from_be_bytes(b[8..12].try_into().expect("4")),
+    };
+    let (who, b) = decode_who(&b[12..])?;
+    let (&kind, body) = b.split_first().ok_or_else(bad_entry)?;
+    let (after, records) = match Msg::decode_body(kind, body)? {
+        Msg::Reintegrate { records } => (0, records),
+        Msg::ReintegrateAfter { after, records } => (after, records),
+        _ => return Err(bad_entry()),
+    };
+    Ok((now, who, after, records))
+}
+
 fn bad_entry() -> Error {
     Error::Eio("a replicated log entry does not decode".into())
 }
@@ -308,6 +328,29 @@ impl StateMachine for Machine {
             self.applied = index;
         }
         r
+    }
+
+    fn apply_many(&mut self, entries: &[(u64, &[u8])]) -> Result<Vec<Applied>> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut i = 0;
+        // Bounded: each turn takes at least one entry.
+        while i < entries.len() {
+            let run = entries[i..]
+                .iter()
+                .take_while(|(index, data)| {
+                    *index > self.start_mark && data.first() == Some(&OP_REINTEGRATE)
+                })
+                .count();
+            if run >= 2 {
+                out.extend(self.apply_reintegrates(&entries[i..i + run])?);
+                i += run;
+            } else {
+                let (index, data) = entries[i];
+                out.push(self.apply(index, data)?);
+                i += 1;
+            }
+        }
+        Ok(out)
     }
 
     fn applied_through(&mut self, index: u64, durable: bool) -> Result<()> {
@@ -394,21 +437,7 @@ impl Machine {
             .expect("16");
         match data[0] {
             OP_REINTEGRATE => {
-                let b = data.get(17..).ok_or_else(bad_entry)?;
-                if b.len() < 12 {
-                    return Err(bad_entry());
-                }
-                let now = Timespec {
-                    sec: i64::from_be_bytes(b[..8].try_into().expect("8")),
-                    nsec: u32::from_be_bytes(b[8..12].try_into().expect("4")),
-                };
-                let (who, b) = decode_who(&b[12..])?;
-                let (&kind, body) = b.split_first().ok_or_else(bad_entry)?;
-                let (after, records) = match Msg::decode_body(kind, body)? {
-                    Msg::Reintegrate { records } => (0, records),
-                    Msg::ReintegrateAfter { after, records } => (after, records),
-                    _ => return Err(bad_entry()),
-                };
+                let (now, who, after, records) = decode_reintegrate(data)?;
                 self.ensure_data(&client, after, &records)?;
                 let root = self.root.clone();
                 let lookup = move |up: u64| {
@@ -534,6 +563,58 @@ impl Machine {
             }
             _ => Err(bad_entry()),
         }
+    }
+
+    /// Consecutive Reintegrate entries (`OP_REINTEGRATE`, past the start
+    /// mark) in one transaction of the store: the outcome of
+    /// `apply_entry` on each in turn.
+    fn apply_reintegrates(&mut self, entries: &[(u64, &[u8])]) -> Result<Vec<Applied>> {
+        let mut batches = Vec::with_capacity(entries.len());
+        for (index, data) in entries {
+            let client: ClientId = data
+                .get(1..17)
+                .ok_or_else(bad_entry)?
+                .try_into()
+                .expect("16");
+            let (now, who, after, records) = decode_reintegrate(data)?;
+            self.ensure_data(&client, after, &records)?;
+            let mut staged = std::collections::HashMap::new();
+            for r in &records {
+                if let RecordOp::Store { upload_id, .. } = r.op {
+                    let p = replstage_path(&self.root, &client, upload_id);
+                    if p.exists() {
+                        staged.insert(upload_id, p);
+                    }
+                }
+            }
+            batches.push(LoggedBatch {
+                client,
+                who: Some(Arc::new(who)),
+                after,
+                records,
+                staged,
+                now: Some(now),
+                log_index: *index,
+            });
+        }
+        let results = self.store.reintegrate_entries(batches);
+        let mut out: Vec<Applied> = Vec::with_capacity(results.len());
+        for ((index, _), res) in entries.iter().zip(results) {
+            if let Err(b) = &res {
+                if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
+                    // Another member may have applied it: stop rather than diverge.
+                    return Err(Error::Eio(format!(
+                        "entry {index} failed here only: {}",
+                        b.error
+                    )));
+                }
+            }
+            // Committed with the mark, the batch's changes or not.
+            self.marked = *index;
+            self.applied = *index;
+            out.push(Box::new(res));
+        }
+        Ok(out)
     }
 
     /// Commit `f`'s changes with [`APPLIED_KEY`] = `index`, without an

@@ -23,7 +23,7 @@ pub mod transport;
 
 use crate::tls::Stream;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -258,6 +258,15 @@ pub struct Replicator {
     data_pool: Arc<data::DataPool>,
 }
 
+/// `CODA_REPL_PEER_THREADS=1`: a thread per accepted peer connection
+/// hands each message to the node thread, as before the node thread read
+/// them itself (a measurement aid: the baseline in docs/BENCHMARKS.md
+/// `rlean`).
+fn peer_threads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("CODA_REPL_PEER_THREADS").is_some())
+}
+
 impl Replicator {
     /// Start replication if `root` is a group member; `None` for a lone
     /// server. `tls`: peer connections use TLS (the server serves TLS).
@@ -296,7 +305,15 @@ impl Replicator {
             node,
             store,
             inbox: rx,
-            peers: peers::Peers::new(me, key.clone(), Arc::clone(&group)),
+            peers: {
+                let bell = tx.clone();
+                peers::Peers::new(
+                    me,
+                    key.clone(),
+                    Arc::clone(&group),
+                    Arc::new(move || bell.ring()),
+                )
+            },
             group: Arc::clone(&group),
             root: PathBuf::from(root),
             published: Arc::clone(&published),
@@ -318,6 +335,13 @@ impl Replicator {
             heard: std::time::Instant::now(),
             grants: Default::default(),
             lease_end_ever: None,
+            deferred: Vec::new(),
+            deferred_since: None,
+            inbound: Vec::new(),
+            defer_for: std::env::var("CODA_REPL_DEFER_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(node::DEFER_FOR, std::time::Duration::from_millis),
         };
         let thread = std::thread::Builder::new()
             .name("coda-raft".into())
@@ -507,7 +531,7 @@ impl Replicator {
     }
 
     /// Serve an accepted connection whose first byte says it is a peer's.
-    pub fn serve_peer<R: BufRead>(&self, mut reader: R, mut stream: Stream) {
+    pub fn serve_peer(&self, mut reader: BufReader<Stream>, mut stream: Stream) {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
@@ -544,6 +568,16 @@ impl Replicator {
                     match self.inbox.try_send(Input::Raft(Box::new(m))) {
                         Ok(()) | Err(TrySendError::Full(_)) => {}
                         Err(TrySendError::Disconnected(_)) => return,
+                    }
+                    // A connection of Raft messages: the node thread reads
+                    // it from now on, without a wake-up of this thread
+                    // and a hand-off per message (docs/SERVER.md "Peers").
+                    if !peer_threads() {
+                        let buffered = reader.buffer().to_vec();
+                        let _ =
+                            self.inbox
+                                .try_send(Input::Attach(from, reader.into_inner(), buffered));
+                        return;
                     }
                 }
                 (transport::KIND_PUSH, body) if from != 0 => {

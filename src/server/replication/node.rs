@@ -19,8 +19,10 @@ use super::peers::Peers;
 use super::queue::{QueueRx, QueueTx};
 use super::storage::RaftStore;
 use super::trace;
+use super::transport::{KIND_RAFT, MAX_PEER_FRAME};
 use crate::server::log;
 use crate::{Error, Result};
+use std::os::fd::AsRawFd;
 
 /// One engine tick. Heartbeats go every `HEARTBEAT_TICKS`, and a follower
 /// that hears no leader for a random `MIN_ELECTION_TICKS` to
@@ -72,7 +74,28 @@ pub enum Input {
     Membership(u64, Option<String>, Sender<Result<Applied>>),
     /// A snapshot of the node's state.
     Status(Sender<NodeStatus>),
+    /// An accepted peer connection that carries Raft messages from member
+    /// `.0`: this thread reads it from now on (`.2`: plaintext already read
+    /// from it past the last whole frame taken).
+    Attach(u64, crate::tls::Stream, Vec<u8>),
 }
+
+/// A peer connection the node thread reads (see [`Input::Attach`]).
+pub(super) struct Inbound {
+    from: u64,
+    stream: crate::tls::Stream,
+    /// Plaintext read but not yet a whole frame.
+    buf: Vec<u8>,
+    /// When bytes last came.
+    last: Instant,
+}
+
+/// Connections the node thread reads at most (each member dials each
+/// other once; a redialled one ends the old); the oldest goes first.
+const MAX_INBOUND: usize = 64;
+/// An inbound connection that brings nothing for this long is closed
+/// (the dialer sees it and dials again when it has something to send).
+const INBOUND_IDLE: Duration = Duration::from_secs(30);
 
 /// The sending side of the node thread's inbox.
 pub type InboxTx = QueueTx<Input>;
@@ -203,6 +226,12 @@ pub trait StateMachine: Send {
     /// means this member could not apply what the others did: the node
     /// stops rather than diverge.
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<Applied>;
+    /// Apply consecutive entries `(index, data)` in log order, with the
+    /// outcome of `apply` on each in turn (one result each); a state
+    /// machine may apply them together (one transaction).
+    fn apply_many(&mut self, entries: &[(u64, &[u8])]) -> Result<Vec<Applied>> {
+        entries.iter().map(|(i, d)| self.apply(*i, d)).collect()
+    }
     /// Every entry through `index` is applied (some changed nothing here:
     /// an empty entry, a membership change); `durable`: make that durable
     /// now.
@@ -251,7 +280,28 @@ pub(super) struct Driver {
     pub grants: HashMap<(u64, u64), Option<Instant>>,
     /// The end of the last lease this member held as leader.
     pub lease_end_ever: Option<Instant>,
+    /// Committed entries a follower keeps to apply several together.
+    pub deferred: Vec<Entry>,
+    /// When the first of them was kept.
+    pub deferred_since: Option<Instant>,
+    /// How long they may wait: [`DEFER_FOR`], or `CODA_REPL_DEFER_MS` (a
+    /// test holds them for long).
+    pub defer_for: Duration,
+    /// Peer connections this thread reads itself.
+    pub inbound: Vec<Inbound>,
 }
+
+/// A follower applies committed entries at most this late (see
+/// [`DEFER_MAX`]). Its application is off the commit path (the leader's
+/// own answers the client), but it shares the machine's cores with the
+/// leader's: one transaction of the volume store for several entries
+/// costs far less than one each (docs/BENCHMARKS.md `rlean`). Entries of
+/// its own proposals, membership changes, a change of role and a stop
+/// apply what is kept at once; a crash loses nothing (the log holds the
+/// entries, and the store's mark says which it applied).
+pub const DEFER_FOR: Duration = Duration::from_millis(10);
+/// A follower applies the entries kept once this many wait.
+pub const DEFER_MAX: usize = 32;
 
 /// Build the engine over the durable log.
 pub(super) fn raw_node(id: u64, store: &RaftStore) -> Result<RawNode<raft::storage::MemStorage>> {
@@ -321,6 +371,35 @@ fn proven_writes_from(
     Some(end + trust)
 }
 
+/// The whole frames at the start of `buf` (bytes read from member
+/// `from`'s connection) as Raft messages, and how many bytes they took;
+/// false (with the messages before it) at a frame that is not a Raft
+/// message of `from` or whose length is out of bounds.
+fn split_frames(buf: &[u8], from: u64) -> (Vec<Message>, usize, bool) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    // Bounded: each turn takes one whole frame, or stops.
+    while buf.len() - at >= 5 {
+        let len = u32::from_be_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
+        if len == 0 || len > MAX_PEER_FRAME {
+            return (out, at, false);
+        }
+        if buf.len() - at < 4 + len {
+            break;
+        }
+        let (kind, body) = (buf[at + 4], &buf[at + 5..at + 4 + len]);
+        let m = (kind == KIND_RAFT)
+            .then(|| Message::parse_from_bytes(body).ok())
+            .flatten();
+        match m {
+            Some(m) if m.from == from => out.push(m),
+            _ => return (out, at, false),
+        }
+        at += 4 + len;
+    }
+    (out, at, true)
+}
+
 fn role_name(r: StateRole) -> &'static str {
     match r {
         StateRole::Leader => "leader",
@@ -333,9 +412,28 @@ fn role_name(r: StateRole) -> &'static str {
 impl Driver {
     pub fn run(mut self) {
         let mut next_tick = Instant::now() + TICK;
+        let mut unsent = false;
         while !self.stopping.load(Ordering::SeqCst) {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match self.inbox.recv_timeout(wait) {
+            let mut wait = next_tick.saturating_duration_since(Instant::now());
+            if unsent {
+                // Bytes a socket did not take: try again soon.
+                wait = wait.min(super::peers::RETRY_WRITE);
+            }
+            if let Some(due) = self.deferred_due() {
+                wait = wait.min(due.saturating_duration_since(Instant::now()));
+            }
+            let mut fds: Vec<libc::pollfd> = self
+                .inbound
+                .iter()
+                .map(|c| libc::pollfd {
+                    fd: c.stream.tcp().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let got = self.inbox.wait_ready(&mut fds, wait);
+            self.read_inbound(&fds);
+            match got {
                 Ok(Some(input)) => {
                     self.take(input);
                     // Take whatever else is queued before one ready: one
@@ -355,8 +453,20 @@ impl Driver {
                 next_tick = Instant::now() + TICK;
             }
             self.renew_lease();
-            let r = self.on_ready().and_then(|()| self.sm.tick());
+            let r = self
+                .on_ready()
+                .and_then(|()| {
+                    // Due, or no longer a follower's to keep.
+                    if self.deferred_due().is_some_and(|d| Instant::now() >= d)
+                        || self.node.raft.state != StateRole::Follower
+                    {
+                        self.apply_deferred()?;
+                    }
+                    Ok(())
+                })
+                .and_then(|()| self.sm.tick());
             self.grant_lease();
+            unsent = self.peers.flush();
             if let Err(e) = r {
                 log::warn(format_args!(
                     "replication: node {} stops: its log cannot be written: {e}",
@@ -371,6 +481,11 @@ impl Driver {
         }
         // A clean stop leaves the store durable: nothing to re-apply at start.
         if !self.published.failed.load(Ordering::SeqCst) {
+            if let Err(e) = self.apply_deferred() {
+                log::warn(format_args!(
+                    "replication: committed entries could not be applied at stop: {e}"
+                ));
+            }
             let applied = self.store.applied();
             if let Err(e) = self.sm.applied_through(applied, true) {
                 log::warn(format_args!(
@@ -460,7 +575,90 @@ impl Driver {
             Input::Status(reply) => {
                 let _ = reply.send(self.status());
             }
+            Input::Attach(from, stream, buf) => {
+                if stream.tcp().set_nonblocking(true).is_err() {
+                    return;
+                }
+                if self.inbound.len() >= MAX_INBOUND {
+                    self.inbound.remove(0);
+                }
+                self.inbound.push(Inbound {
+                    from,
+                    stream,
+                    buf,
+                    last: Instant::now(),
+                });
+                // Whole frames among the bytes already read.
+                let i = self.inbound.len() - 1;
+                if !self.take_frames(i) {
+                    self.inbound.remove(i);
+                }
+            }
         }
+    }
+
+    /// Read what the inbound connections `fds` reports ready bring, and
+    /// step its whole frames; close the ones that ended, failed, broke
+    /// the protocol or stayed idle too long.
+    fn read_inbound(&mut self, fds: &[libc::pollfd]) {
+        let now = Instant::now();
+        let mut keep = vec![true; self.inbound.len()];
+        for (i, p) in fds.iter().enumerate().take(self.inbound.len()) {
+            if p.revents == 0 {
+                keep[i] = now.duration_since(self.inbound[i].last) < INBOUND_IDLE;
+                continue;
+            }
+            keep[i] = self.read_one(i) && self.take_frames(i);
+        }
+        let mut i = 0;
+        self.inbound.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+    }
+
+    /// Read connection `i` until it would block (bounded); false when it
+    /// ended or failed.
+    fn read_one(&mut self, i: usize) -> bool {
+        let c = &mut self.inbound[i];
+        let mut chunk = [0u8; 16 * 1024];
+        // Bounded: a turn reads at most 64 chunks; the rest waits for the next.
+        for _ in 0..64 {
+            match std::io::Read::read(&mut c.stream, &mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    c.buf.extend_from_slice(&chunk[..n]);
+                    c.last = Instant::now();
+                    if c.buf.len() > MAX_PEER_FRAME + 5 {
+                        // Whole frames go before more is read.
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Step the whole frames read from connection `i`; false when one is
+    /// not a Raft message of its member (the connection is then closed).
+    fn take_frames(&mut self, i: usize) -> bool {
+        let from = self.inbound[i].from;
+        let buf = std::mem::take(&mut self.inbound[i].buf);
+        let (msgs, used, ok) = split_frames(&buf, from);
+        for m in msgs {
+            self.take(Input::Raft(Box::new(m)));
+        }
+        if !ok {
+            log::warn(format_args!(
+                "replication: member {from} sent a bad message; closing its connection"
+            ));
+            return false;
+        }
+        self.inbound[i].buf = buf[used..].to_vec();
+        true
     }
 
     /// Take a proposal: on the leader, or with `forward` on a follower
@@ -728,13 +926,57 @@ impl Driver {
         Ok(())
     }
 
+    /// Apply committed entries, or, on a follower, keep them for one
+    /// application of several (see [`DEFER_FOR`]).
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let me = self.node.raft.id;
+        let deferrable = self.node.raft.state == StateRole::Follower
+            && !self.stopping.load(Ordering::SeqCst)
+            && entries.iter().all(|e| {
+                e.get_entry_type() == EntryType::EntryNormal
+                    && parse_context(&e.context).is_none_or(|(node, _)| node != me)
+            });
+        if !deferrable {
+            self.apply_deferred()?;
+            return self.apply_now(entries);
+        }
+        if self.deferred.is_empty() {
+            self.deferred_since = Some(Instant::now());
+        }
+        self.deferred.extend(entries);
+        if self.deferred.len() >= DEFER_MAX {
+            self.apply_deferred()?;
+        }
+        Ok(())
+    }
+
+    /// When the entries kept must be applied (None: none are kept).
+    fn deferred_due(&self) -> Option<Instant> {
+        self.deferred_since.map(|t| t + self.defer_for)
+    }
+
+    /// Apply the entries kept, if any.
+    fn apply_deferred(&mut self) -> Result<()> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        self.deferred_since = None;
+        let entries = std::mem::take(&mut self.deferred);
+        self.apply_now(entries)
+    }
+
+    fn apply_now(&mut self, entries: Vec<Entry>) -> Result<()> {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
         let me = self.node.raft.id;
         let mut conf_changed = false;
-        for e in entries {
+        // Results of consecutive normal entries applied together, in order.
+        let mut ready: std::collections::VecDeque<Applied> = Default::default();
+        for (at, e) in entries.iter().enumerate() {
             if e.term == self.node.raft.term && self.node.raft.state == StateRole::Leader {
                 self.published.serving.store(true, Ordering::SeqCst);
             }
@@ -743,7 +985,20 @@ impl Driver {
                     let r: Applied = if e.data.is_empty() {
                         Box::new(())
                     } else {
-                        let r = self.sm.apply(e.index, &e.data)?;
+                        if ready.is_empty() {
+                            let run: Vec<(u64, &[u8])> = entries[at..]
+                                .iter()
+                                .take_while(|x| {
+                                    x.get_entry_type() == EntryType::EntryNormal
+                                        && !x.data.is_empty()
+                                })
+                                .map(|x| (x.index, &x.data[..]))
+                                .collect();
+                            ready.extend(self.sm.apply_many(&run)?);
+                        }
+                        let r = ready.pop_front().ok_or_else(|| {
+                            Error::Eio("the state machine returned too few results".into())
+                        })?;
                         trace(format_args!("n{me} sm applied {}", e.index));
                         r
                     };
@@ -835,6 +1090,58 @@ mod tests {
             proven_writes_from(t0, [], None, TRUST),
             Some(t0 + LEASE + TRUST)
         );
+    }
+
+    fn frame(kind: u8, m: &Message) -> Vec<u8> {
+        let b = m.write_to_bytes().unwrap();
+        let mut f = ((b.len() + 1) as u32).to_be_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(&b);
+        f
+    }
+
+    fn msg(from: u64, index: u64) -> Message {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgAppend);
+        m.from = from;
+        m.to = 1;
+        m.index = index;
+        m
+    }
+
+    #[test]
+    fn whole_frames_are_taken_a_cut_one_waits_and_a_foreign_one_ends_the_connection() {
+        let mut buf = frame(KIND_RAFT, &msg(2, 7));
+        buf.extend(frame(KIND_RAFT, &msg(2, 8)));
+        let whole = buf.len();
+        let third = frame(KIND_RAFT, &msg(2, 9));
+        buf.extend_from_slice(&third[..third.len() - 1]);
+        let (msgs, used, ok) = split_frames(&buf, 2);
+        assert!(ok);
+        assert_eq!(used, whole, "the cut frame waits for its last byte");
+        assert_eq!(msgs.iter().map(|m| m.index).collect::<Vec<_>>(), [7, 8]);
+        // Completed, it is taken.
+        let (msgs, used, ok) = split_frames(&third, 2);
+        assert!(ok && used == third.len() && msgs[0].index == 9);
+        // A message sent as another member, another kind of frame, or an
+        // impossible length ends the connection after what came before.
+        for bad in [
+            frame(KIND_RAFT, &msg(3, 10)),
+            frame(KIND_RAFT + 1, &msg(2, 10)),
+            vec![0, 0, 0, 0, KIND_RAFT],
+            ((MAX_PEER_FRAME + 1) as u32)
+                .to_be_bytes()
+                .to_vec()
+                .into_iter()
+                .chain([1])
+                .collect(),
+        ] {
+            let mut b = frame(KIND_RAFT, &msg(2, 7));
+            b.extend(bad);
+            let (msgs, used, ok) = split_frames(&b, 2);
+            assert!(!ok);
+            assert_eq!((msgs.len(), used), (1, frame(KIND_RAFT, &msg(2, 7)).len()));
+        }
     }
 
     #[test]

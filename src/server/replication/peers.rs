@@ -1,36 +1,69 @@
-//! Outbound peer connections: one thread and one bounded queue per other
-//! member. The engine tolerates lost messages (it resends), so a full queue
-//! or a dead connection drops messages instead of blocking the node thread;
-//! a failed connection is retried no sooner than `RETRY` later.
+//! Outbound peer connections. The node thread writes its messages to each
+//! peer's socket itself, without blocking (`MSG_DONTWAIT`): a message
+//! reaches the wire in the same turn that made it, with no hand-off to
+//! another thread (two of a round's six thread wake-ups were the leader's
+//! append and a follower's acknowledgement passing through a sender
+//! thread; docs/BENCHMARKS.md `rlean`). Bytes the socket does not take at
+//! once wait in the peer's buffer and go first on the next write or turn.
+//! Only dialling, which blocks (connect, TLS and the key handshake), runs
+//! on a thread of its own per peer; messages wait for it in a bounded
+//! list. The engine tolerates lost messages (it resends), so a full buffer
+//! or a dead connection drops messages instead of blocking the node
+//! thread; a peer that takes no bytes for `SEND_TIMEOUT` is cut and
+//! dialled again, and a failed dial is retried no sooner than `RETRY`.
 
 use crate::tls::Stream;
 use std::collections::HashMap;
-use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use parking_lot::Mutex;
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use super::config::{resolve, GroupConfig};
-use super::queue::{bounded, QueueRx, QueueTx};
 use super::transport::PeerKey;
-use super::transport::{dial, write_frame, KIND_RAFT};
+use super::transport::{dial, KIND_RAFT, MAX_PEER_FRAME};
 use crate::server::log;
 
-/// Messages queued for one peer at most.
+/// Messages kept for one peer while it is dialled, at most.
 const QUEUE: usize = 4096;
+/// Bytes waiting for one peer's socket, at most (beyond, messages are
+/// dropped): the engine's in-flight limit keeps far below it.
+const MAX_OUT: usize = 64 << 20;
 /// Pause after a failed connect before the next attempt.
 const RETRY: Duration = Duration::from_millis(200);
 /// A peer that takes no bytes for this long is cut (and redialled).
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon the node thread tries again to write bytes a socket did not
+/// take (see [`Peers::flush`]).
+pub const RETRY_WRITE: Duration = Duration::from_millis(1);
+
+/// Wakes the node thread (a dial finished).
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 struct Peer {
-    tx: QueueTx<Message>,
+    conn: Option<Stream>,
+    /// Frames (sealed when TLS) not yet taken by the socket, from `sent` on.
+    out: Vec<u8>,
+    sent: usize,
+    /// When the socket last took bytes, or when bytes began to wait.
+    progress: Instant,
+    /// Messages waiting for the connection being dialled.
+    waiting: Vec<Message>,
+    dialer: Dialer,
+    dialing: bool,
+    next_try: Instant,
+    was_down: bool,
+}
+
+struct Dialer {
+    ask: Sender<()>,
+    done: Receiver<crate::Result<Stream>>,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
 }
@@ -41,20 +74,24 @@ pub struct Peers {
     key: PeerKey,
     group: Arc<Mutex<GroupConfig>>,
     peers: HashMap<u64, Peer>,
+    wake: Waker,
 }
 
 impl Peers {
-    /// No connection is made until there is something to send.
-    pub fn new(me: u64, key: PeerKey, group: Arc<Mutex<GroupConfig>>) -> Peers {
+    /// No connection is made until there is something to send; `wake` is
+    /// called when a dial finishes (the node thread then calls `flush`).
+    pub fn new(me: u64, key: PeerKey, group: Arc<Mutex<GroupConfig>>, wake: Waker) -> Peers {
         Peers {
             me,
             key,
             group,
             peers: HashMap::new(),
+            wake,
         }
     }
 
-    /// Queue a message for its recipient (dropped if its queue is full).
+    /// Write a message to its recipient's socket now, as far as the
+    /// socket takes it without blocking; the rest waits (see `flush`).
     pub fn send(&mut self, m: Message) {
         let to = m.to;
         if to == self.me || to == 0 {
@@ -64,28 +101,49 @@ impl Peers {
             let p = self.spawn(to);
             self.peers.insert(to, p);
         }
-        if let Some(p) = self.peers.get(&to) {
-            match p.tx.try_send(m) {
-                Ok(()) | Err(TrySendError::Full(_)) => {}
-                Err(TrySendError::Disconnected(_)) => {
-                    self.peers.remove(&to);
-                }
+        let Some(p) = self.peers.get_mut(&to) else {
+            return;
+        };
+        p.take_dialled(to);
+        if p.conn.is_none() {
+            if p.waiting.len() < QUEUE {
+                p.waiting.push(m);
+            }
+            p.ask_dial();
+            return;
+        }
+        p.write(to, std::slice::from_ref(&m));
+    }
+
+    /// Take finished dials (and write what waited for them) and write
+    /// what sockets did not take before. Returns whether bytes still wait
+    /// for a socket: the node thread then turns again within
+    /// [`RETRY_WRITE`].
+    pub fn flush(&mut self) -> bool {
+        let mut waiting = false;
+        for (id, p) in self.peers.iter_mut() {
+            p.take_dialled(*id);
+            if p.sent < p.out.len() {
+                p.push(*id);
+                waiting |= p.sent < p.out.len();
             }
         }
+        waiting
     }
 
     /// Stop talking to a removed member.
     pub fn forget(&mut self, id: u64) {
-        if let Some(mut p) = self.peers.remove(&id) {
-            p.stop.store(true, Ordering::SeqCst);
-            drop(p.tx);
-            if let Some(t) = p.thread.take() {
+        if let Some(p) = self.peers.remove(&id) {
+            p.dialer.stop.store(true, Ordering::SeqCst);
+            let Dialer { ask, thread, .. } = p.dialer;
+            drop(ask);
+            if let Some(t) = thread {
                 let _ = t.join();
             }
         }
     }
 
-    /// Stop every connection thread and wait for them.
+    /// Stop every connection and its dialling thread, and wait for them.
     pub fn stop(&mut self) {
         let ids: Vec<u64> = self.peers.keys().copied().collect();
         for id in ids {
@@ -94,7 +152,8 @@ impl Peers {
     }
 
     fn spawn(&self, to: u64) -> Peer {
-        let (tx, rx) = bounded(QUEUE);
+        let (ask, asked) = crossbeam_channel::bounded(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
         let stop = Arc::new(AtomicBool::new(false));
         let link = Link {
             me: self.me,
@@ -102,13 +161,175 @@ impl Peers {
             key: self.key.clone(),
             group: Arc::clone(&self.group),
             stop: Arc::clone(&stop),
+            wake: Arc::clone(&self.wake),
         };
         let thread = std::thread::Builder::new()
             .name(format!("coda-peer-{to}"))
             .stack_size(crate::server::SMALL_STACK * 2)
-            .spawn(move || link.run(rx))
+            .spawn(move || link.run(asked, done_tx))
             .ok();
-        Peer { tx, thread, stop }
+        Peer {
+            conn: None,
+            out: Vec::new(),
+            sent: 0,
+            progress: Instant::now(),
+            waiting: Vec::new(),
+            dialer: Dialer {
+                ask,
+                done,
+                thread,
+                stop,
+            },
+            dialing: false,
+            next_try: Instant::now(),
+            was_down: false,
+        }
+    }
+}
+
+impl Peer {
+    /// Ask for a connection, unless one is being dialled or a failed dial
+    /// is too recent.
+    fn ask_dial(&mut self) {
+        if self.dialing || Instant::now() < self.next_try {
+            return;
+        }
+        if self.dialer.ask.try_send(()).is_ok() {
+            self.dialing = true;
+        }
+    }
+
+    /// Take the outcome of a finished dial, and write what waited for it.
+    fn take_dialled(&mut self, to: u64) {
+        if !self.dialing {
+            return;
+        }
+        let r = match self.dialer.done.try_recv() {
+            Ok(r) => r,
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Disconnected) => Err(crate::Error::Again("dialler gone".into())),
+        };
+        self.dialing = false;
+        match r {
+            Ok(s) => {
+                if self.was_down {
+                    log::info(format_args!("replication: reconnected to member {to}"));
+                }
+                self.was_down = false;
+                self.conn = Some(s);
+                self.out.clear();
+                self.sent = 0;
+                let waiting = std::mem::take(&mut self.waiting);
+                self.write(to, &waiting);
+            }
+            Err(e) => {
+                if !self.was_down {
+                    log::warn(format_args!("replication: cannot reach member {to}: {e}"));
+                }
+                self.was_down = true;
+                self.next_try = Instant::now() + RETRY;
+                // Dropped: the engine will resend.
+                self.waiting.clear();
+            }
+        }
+    }
+
+    /// Frame (and seal) `msgs` behind what waits, and push.
+    fn write(&mut self, to: u64, msgs: &[Message]) {
+        let Some(conn) = &self.conn else { return };
+        // A member that died (or closed an idle connection) left it
+        // half-closed: a write would still succeed and be lost, and a
+        // lost vote costs a whole election timeout. Dial again now.
+        if self.sent == self.out.len() && closed_by_peer(conn.tcp()) {
+            self.cut();
+            self.waiting.extend(msgs.iter().cloned());
+            self.ask_dial();
+            return;
+        }
+        let mut plain = Vec::new();
+        for m in msgs {
+            if self.out.len() - self.sent + plain.len() > MAX_OUT {
+                break; // dropped: the engine will resend
+            }
+            match m.write_to_bytes() {
+                Ok(b) if b.len() < MAX_PEER_FRAME => {
+                    plain.extend_from_slice(&((b.len() + 1) as u32).to_be_bytes());
+                    plain.push(KIND_RAFT);
+                    plain.extend_from_slice(&b);
+                }
+                Ok(_) => log::warn(format_args!("replication: a message is too large to send")),
+                Err(e) => log::warn(format_args!("replication: message does not encode: {e}")),
+            }
+        }
+        if plain.is_empty() {
+            return;
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+            self.progress = Instant::now();
+        }
+        match conn.seal(&plain, &mut self.out) {
+            Ok(true) => {}
+            Ok(false) => self.out.extend_from_slice(&plain),
+            Err(_) => {
+                self.cut();
+                return;
+            }
+        }
+        self.push(to);
+    }
+
+    /// Write waiting bytes while the socket takes them without blocking.
+    fn push(&mut self, to: u64) {
+        let Some(conn) = &self.conn else { return };
+        let fd = conn.tcp().as_raw_fd();
+        // Bounded: each turn writes some bytes, or stops.
+        while self.sent < self.out.len() {
+            let rest = &self.out[self.sent..];
+            // SAFETY: the socket is open for the borrow of `conn`; `rest`
+            // is readable memory of `rest.len()` bytes.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n > 0 {
+                self.sent += n as usize;
+                self.progress = Instant::now();
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => break,
+                _ => {
+                    self.cut();
+                    return;
+                }
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        } else if self.progress.elapsed() >= SEND_TIMEOUT {
+            log::warn(format_args!(
+                "replication: member {to} took no bytes for {SEND_TIMEOUT:?}; dialling again"
+            ));
+            self.cut();
+        }
+    }
+
+    /// Drop the connection and what waits for it (the engine resends).
+    fn cut(&mut self) {
+        self.conn = None;
+        self.out.clear();
+        self.sent = 0;
+        self.was_down = true;
+        self.next_try = Instant::now() + RETRY;
     }
 }
 
@@ -118,75 +339,23 @@ struct Link {
     key: PeerKey,
     group: Arc<Mutex<GroupConfig>>,
     stop: Arc<AtomicBool>,
+    wake: Waker,
 }
 
 impl Link {
-    fn run(self, rx: QueueRx<Message>) {
-        let mut conn: Option<Stream> = None;
-        let mut next_try = Instant::now();
-        let mut was_down = false;
+    /// Dial each time the node thread asks, hand it the outcome, wake it.
+    fn run(self, asked: Receiver<()>, done: Sender<crate::Result<Stream>>) {
         while !self.stop.load(Ordering::SeqCst) {
-            let first = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(_) => break,
-            };
-            let mut batch = vec![first];
-            while batch.len() < 256 {
-                match rx.try_recv() {
-                    Ok(Some(m)) => batch.push(m),
-                    _ => break,
-                }
+            match asked.recv_timeout(Duration::from_millis(200)) {
+                Ok(()) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
             }
-            // A member that died (or closed an idle connection) left it
-            // half-closed: a write would still succeed and be lost, and a
-            // lost vote costs a whole election timeout. Dial again now.
-            if conn.as_ref().is_some_and(|s| closed_by_peer(s.tcp())) {
-                conn = None;
+            let r = self.connect();
+            if done.send(r).is_err() {
+                break;
             }
-            if conn.is_none() {
-                if Instant::now() < next_try {
-                    continue; // dropped: the engine will resend
-                }
-                match self.connect() {
-                    Ok(s) => {
-                        if was_down {
-                            log::info(format_args!(
-                                "replication: reconnected to member {}",
-                                self.to
-                            ));
-                        }
-                        was_down = false;
-                        conn = Some(s);
-                    }
-                    Err(e) => {
-                        if !was_down {
-                            log::warn(format_args!(
-                                "replication: cannot reach member {}: {e}",
-                                self.to
-                            ));
-                        }
-                        was_down = true;
-                        next_try = Instant::now() + RETRY;
-                        continue;
-                    }
-                }
-            }
-            let mut buf = Vec::new();
-            for m in &batch {
-                match m.write_to_bytes() {
-                    Ok(b) => {
-                        let _ = write_frame(&mut buf, KIND_RAFT, &b);
-                    }
-                    Err(e) => log::warn(format_args!("replication: message does not encode: {e}")),
-                }
-            }
-            let s = conn.as_mut().expect("connected above");
-            if s.write_all(&buf).is_err() {
-                conn = None;
-                was_down = true;
-                next_try = Instant::now() + RETRY;
-            }
+            (self.wake)();
         }
     }
 
@@ -197,9 +366,7 @@ impl Link {
             .addr_of(self.to)
             .map(str::to_string)
             .ok_or_else(|| crate::Error::NotFound(format!("no address for member {}", self.to)))?;
-        let s = dial(resolve(&addr)?, &self.key, self.me, self.to)?;
-        let _ = s.set_write_timeout(Some(SEND_TIMEOUT));
-        Ok(s)
+        dial(resolve(&addr)?, &self.key, self.me, self.to)
     }
 }
 
@@ -207,7 +374,6 @@ impl Link {
 /// we dialled after its handshake, so bytes may wait unread in it (a TLS
 /// session ticket); `POLLRDHUP` reports the close behind them.
 fn closed_by_peer(s: &std::net::TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLRDHUP,
