@@ -472,9 +472,16 @@ fn web_server_keeps_serving_the_remote_page_while_the_group_leader_is_killed() {
         }),
         "{variant}: the newer page reached the group"
     );
+    // What nginx logged (errors reading through the mount), for the
+    // messages below.
+    let nginx_log = || {
+        let l = std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default();
+        l[l.len().saturating_sub(3000)..].to_string()
+    };
     assert!(
         eventually(Duration::from_secs(30), || load.seen(|a| is(a, "remote2"))),
-        "{variant}: the page written through the new leader is served"
+        "{variant}: the page written through the new leader is served; nginx's log: {}",
+        nginx_log()
     );
     let during = load.answers.lock().unwrap().clone();
     let bad: Vec<&Answer> = during
@@ -484,7 +491,8 @@ fn web_server_keeps_serving_the_remote_page_while_the_group_leader_is_killed() {
     assert!(
         bad.is_empty(),
         "{variant}: while the leader was killed and another elected, every answer is 200 \
-         with the servers' page; not these: {bad:?}"
+         with the servers' page; not these: {bad:?}; nginx's log: {}",
+        nginx_log()
     );
     assert_eq!(std::fs::read_link(&link).unwrap(), remote_target);
     drop(writer);
