@@ -944,29 +944,7 @@ fn small_stores_survive_a_kill_9_of(victims: impl Fn(usize) -> Vec<usize>) {
     }
     drop(reader);
     let commit = g.wait_caught_up(&[0, 1, 2]);
-    for i in 0..3 {
-        g.stop(i);
-    }
-    let states: Vec<_> = (0..3)
-        .map(|i| replication_util::store_state(&g.members[i].root))
-        .collect();
-    for (i, st) in states.iter().enumerate() {
-        assert!(
-            st.applied.is_some_and(|a| a >= commit),
-            "member {} stopped with its store through {:?}, the group committed {commit}",
-            g.members[i].id,
-            st.applied
-        );
-        for (t, rows) in &st.tables {
-            let first = &states[0].tables.iter().find(|(n, _)| n == t).unwrap().1;
-            assert!(
-                rows == first,
-                "table {t} of member {} differs from member {}'s",
-                g.members[i].id,
-                g.members[0].id
-            );
-        }
-    }
+    let states = stopped_stores_agree(&mut g, commit);
     let objects = &states[0].tables[0].1;
     assert!(objects.len() > 16, "the stores hold the files: {objects:?}");
 }
@@ -1046,29 +1024,7 @@ fn a_follower_killed_while_it_defers_applies_reapplies_exactly_them_and_converge
         assert!(client_util::get(&reader, p) == *d, "{p} after the restart");
     }
     drop(reader);
-    for i in 0..3 {
-        g.stop(i);
-    }
-    let states: Vec<_> = (0..3)
-        .map(|i| replication_util::store_state(&g.members[i].root))
-        .collect();
-    for (i, st) in states.iter().enumerate() {
-        assert!(
-            st.applied.is_some_and(|a| a >= commit),
-            "member {} stopped with its store through {:?}, the group committed {commit}",
-            g.members[i].id,
-            st.applied
-        );
-        for (t, rows) in &st.tables {
-            let first = &states[l].tables.iter().find(|(n, _)| n == t).unwrap().1;
-            assert!(
-                rows == first,
-                "table {t} of member {} differs from the leader's ({})",
-                g.members[i].id,
-                g.members[l].id
-            );
-        }
-    }
+    let states = stopped_stores_agree(&mut g, commit);
     let names = &states[f].tables[1].1;
     for p in last.keys() {
         let name = p.trim_start_matches('/');
@@ -1123,6 +1079,36 @@ fn control_as(g: &Group, i: usize, user: &str, secret: &[u8; 32], id: u8) -> Res
         );
         (r.is_ok() || refused_as_anothers(&r)).then_some(r)
     })
+}
+
+/// Stop every member cleanly and return their stores' states, each
+/// applied through at least `commit` and with every table the same, row
+/// for row, as member 0's.
+fn stopped_stores_agree(g: &mut Group, commit: u64) -> Vec<replication_util::StoreState> {
+    for i in 0..g.members.len() {
+        g.stop(i);
+    }
+    let states: Vec<_> = (0..g.members.len())
+        .map(|i| replication_util::store_state(&g.members[i].root))
+        .collect();
+    for (i, st) in states.iter().enumerate() {
+        assert!(
+            st.applied.is_some_and(|a| a >= commit),
+            "member {} stopped with its store through {:?}, the group committed {commit}",
+            g.members[i].id,
+            st.applied
+        );
+        for (t, rows) in &st.tables {
+            let first = &states[0].tables.iter().find(|(n, _)| n == t).unwrap().1;
+            assert!(
+                rows == first,
+                "table {t} of member {} differs from member {}'s",
+                g.members[i].id,
+                g.members[0].id
+            );
+        }
+    }
+    states
 }
 
 /// Stop every member cleanly and return their stores' `table` rows, which
