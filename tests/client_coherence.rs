@@ -143,3 +143,69 @@ fn append_trunc_truncate_chmod_and_utimes_are_visible_to_the_other_client() {
         .unwrap();
     assert_eq!(b.stat("/f").unwrap().size, 0);
 }
+
+/// The mount's invalidation subscriber may wait (bounded) for the kernel,
+/// and the kernel for a request of the mount that waits for a reply: while
+/// the subscriber of a server's break runs, the client's other calls must
+/// still get their replies, or the two wait for each other until the
+/// subscriber gives up and the server, its break unacknowledged, ends the
+/// session.
+#[test]
+fn replies_keep_arriving_while_the_invalidation_subscriber_of_a_break_waits() {
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    let srv = start();
+    let (da, db) = (TempDir::new("a"), TempDir::new("b"));
+    let (a, b) = (client(&srv, da.path()), client(&srv, db.path()));
+    put(&a, "/f", b"one");
+    put(&a, "/g", b"g");
+    assert_eq!(get(&b, "/f"), b"one", "b holds a callback on /f");
+
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (entered_tx, go_rx) = (Mutex::new(entered_tx), Mutex::new(go_rx));
+    // Whether the subscriber was let go (true) or gave up waiting (false).
+    let outcome: Arc<Mutex<Option<bool>>> = Arc::default();
+    let out2 = outcome.clone();
+    b.set_invalidation_hook(Some(Arc::new(move |inv: &coda::client::Invalidation| {
+        if let coda::client::Invalidation::Fids {
+            from_server: true, ..
+        } = inv
+        {
+            let _ = entered_tx.lock().unwrap().send(());
+            let let_go = go_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(10))
+                .is_ok();
+            out2.lock().unwrap().get_or_insert(let_go);
+        }
+    })));
+    let b_breaks = b.stats().breaks_received;
+    let writer = std::thread::spawn(move || {
+        put(&a, "/f", b"two");
+        a
+    });
+    entered_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a's store breaks b's callback on /f");
+    // A round trip of b's (it never asked for /g's status) while its
+    // subscriber still waits for the kernel.
+    let t = Instant::now();
+    assert_eq!(b.stat("/g").expect("stat /g").size, 1);
+    let took = t.elapsed();
+    go_tx.send(()).unwrap();
+    let a = writer.join().expect("a's store returns");
+    assert_eq!(
+        *outcome.lock().unwrap(),
+        Some(true),
+        "b's stat waited for its subscriber ({took:?}): the reply was not delivered meanwhile"
+    );
+    b.set_invalidation_hook(None);
+    assert!(b.stats().breaks_received > b_breaks);
+    assert_eq!(get(&b, "/f"), b"two");
+    put(&a, "/f", b"three");
+    assert_eq!(get(&b, "/f"), b"three", "the session survived the wait");
+}

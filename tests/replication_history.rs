@@ -55,6 +55,12 @@ struct Op {
     /// An unknown write: when the client's log had drained (it reached the
     /// group, or was refused, by then).
     landed: Option<Instant>,
+    /// Records in the client's log when the operation began and ended
+    /// (a failure's report: a read of a directory the log names is
+    /// answered from the cache).
+    logged: (usize, usize),
+    /// The error, for a failure's report.
+    error: Option<String>,
 }
 
 /// A small deterministic generator (no rand crate): xorshift.
@@ -125,13 +131,15 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
                 let file = rng.below(FILES as u64) as usize;
                 let path = format!("/h{file}");
                 let connected0 = c.state() == ClientState::Connected;
+                let logged0 = c.pending_records();
                 let invoke = Instant::now();
                 let op = if rng.below(2) == 0 {
                     n += 1;
                     let v = format!("c{k}-{n}");
                     let r = write(&c, &path, &v);
                     let complete = Instant::now();
-                    let logged = c.pending_records() > 0;
+                    let logged1 = c.pending_records();
+                    let logged = logged1 > 0;
                     Op {
                         client: k,
                         file,
@@ -142,20 +150,28 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
                         unknown: r.is_ok() && logged,
                         connected: connected0 && c.state() == ClientState::Connected,
                         landed: None,
+                        logged: (logged0, logged1),
+                        error: r.err().map(|e| e.to_string()),
                     }
                 } else {
                     let r = read(&c, &path);
                     let complete = Instant::now();
+                    let (value, error) = match r {
+                        Ok(v) => (Some(v), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    };
                     Op {
                         client: k,
                         file,
-                        ok: r.is_ok(),
-                        kind: Kind::Read(r.unwrap_or_default()),
+                        ok: value.is_some(),
+                        kind: Kind::Read(value.unwrap_or_default()),
                         invoke,
                         complete,
                         unknown: false,
                         connected: connected0 && c.state() == ClientState::Connected,
                         landed: None,
+                        logged: (logged0, c.pending_records()),
+                        error,
                     }
                 };
                 let mut op = op;
@@ -249,8 +265,9 @@ fn random_histories_under_kills_stops_and_cuts_are_consistent() {
     let violations = check(&ops, &finals, t0);
     assert!(
         violations.is_empty(),
-        "seed {seed}: {} violations: {violations:#?}\nfaults: {timeline:#?}",
-        violations.len()
+        "seed {seed}: {} violations: {violations:#?}\nfaults: {timeline:#?}\n{}",
+        violations.len(),
+        own_ops(&ops, &violations, t0)
     );
 }
 
@@ -267,6 +284,41 @@ fn show(o: &Op, t0: Instant) -> String {
         o.unknown,
         o.connected
     )
+}
+
+/// The operations of the client of the first violation, up to its first
+/// violating read and 10 after: what it did before it read stale.
+fn own_ops(ops: &[Op], violations: &[String], t0: Instant) -> String {
+    let Some(first) = violations.iter().find_map(|v| {
+        let rest = v.strip_prefix("client ")?;
+        rest.split(' ').next()?.parse::<usize>().ok()
+    }) else {
+        return String::new();
+    };
+    let mine: Vec<&Op> = ops.iter().filter(|o| o.client == first).collect();
+    let mut out = format!("client {first}'s operations (log depth at start/end, error):\n");
+    let mut after = None;
+    for (i, o) in mine.iter().enumerate() {
+        if after.is_some_and(|a| i > a + 10) || i > 400 {
+            break;
+        }
+        let line = format!(
+            "  {} log {}/{} {}\n",
+            show(o, t0),
+            o.logged.0,
+            o.logged.1,
+            o.error.as_deref().unwrap_or("")
+        );
+        if after.is_none()
+            && violations
+                .iter()
+                .any(|v| v.contains(&format!("[read: {}]", show(o, t0))))
+        {
+            after = Some(i);
+        }
+        out.push_str(&line);
+    }
+    out
 }
 
 fn check(ops: &[Op], finals: &[String], t0: Instant) -> Vec<String> {

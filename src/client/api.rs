@@ -288,10 +288,13 @@ impl Client {
 
     /// Subscribe (or with `None`, unsubscribe) to invalidations: every
     /// callback the client stops trusting, and every new session. Runs
-    /// synchronously on the thread that learned of it; for a server's break
-    /// that is before the break is acknowledged, so whoever keeps copies
-    /// (the mount's kernel caches) drops them before the writer's change is.
-    /// The hook must return soon and must not call the client.
+    /// synchronously on the thread that learned of it; a server's break is
+    /// told on a thread of the session's own, before the break is
+    /// acknowledged, so whoever keeps copies (the mount's kernel caches)
+    /// drops them before the writer's change is. The client stopped
+    /// trusting them already, and its replies keep arriving meanwhile. The
+    /// hook must return soon (well within the server's break timeout) and
+    /// must not call the client.
     pub fn set_invalidation_hook(&self, hook: Option<InvalidationHook>) {
         self.inner.callbacks.set_hook(hook);
     }

@@ -107,13 +107,33 @@ impl Callbacks {
         self.forget(fids, false);
     }
 
-    /// The server broke these callbacks: the subscriber hears of it before
-    /// the caller acknowledges the break.
-    pub fn server_broke(&self, fids: &[Fid]) {
-        self.forget(fids, true);
+    /// The server broke these callbacks: they stop holding now. Returns
+    /// what the subscriber must hear before the caller acknowledges the
+    /// break (`tell`), when there is a subscriber: the connection reader
+    /// hands that to a thread of its own, so it keeps reading replies
+    /// while the subscriber waits (the mount's kernel may wait for a
+    /// request whose reply this reader has to deliver).
+    pub fn server_broke(&self, fids: &[Fid]) -> Option<Invalidation> {
+        let gone = self.drop_valid(fids);
+        (!gone.is_empty() && self.hook.lock().is_some()).then_some(Invalidation::Fids {
+            fids: gone,
+            from_server: true,
+        })
     }
 
     fn forget(&self, fids: &[Fid], from_server: bool) {
+        let gone = self.drop_valid(fids);
+        if !gone.is_empty() {
+            self.tell(&Invalidation::Fids {
+                fids: gone,
+                from_server,
+            });
+        }
+    }
+
+    /// Drop these callbacks (and those standing on a broken volume
+    /// callback) from the table; returns the objects no longer trusted.
+    fn drop_valid(&self, fids: &[Fid]) -> Vec<Fid> {
         let mut gone: Vec<Fid> = Vec::new();
         {
             let mut t = self.table.lock();
@@ -133,12 +153,7 @@ impl Callbacks {
                 }
             }
         }
-        if !gone.is_empty() {
-            self.tell(&Invalidation::Fids {
-                fids: gone,
-                from_server,
-            });
-        }
+        gone
     }
 
     /// Install (or remove) the invalidation subscriber.
@@ -147,7 +162,7 @@ impl Callbacks {
     }
 
     /// Run the subscriber, outside every lock of ours.
-    fn tell(&self, inv: &Invalidation) {
+    pub fn tell(&self, inv: &Invalidation) {
         let hook = self.hook.lock().clone();
         if let Some(h) = hook {
             h(inv);

@@ -115,9 +115,10 @@ pub enum Invalidation {
     Fids {
         /// The objects whose cached state may be stale.
         fids: Vec<Fid>,
-        /// A break sent by the server (the subscriber runs on the connection
-        /// reader, before the break is acknowledged); otherwise the client
-        /// dropped them itself (its own change, a conflict, a flush).
+        /// A break sent by the server (the subscriber runs on the session's
+        /// break thread, before the break is acknowledged, while replies
+        /// keep arriving); otherwise the client dropped them itself (its
+        /// own change, a conflict, a flush).
         from_server: bool,
     },
     /// Every promise is void: a new session with the server (after a

@@ -4,11 +4,12 @@
 //! told at once (FUSE notify) when the client stops trusting something.
 //!
 //! The notifications are written to /dev/fuse by one thread of their own:
-//! `inval_entry` waits for the directory's lock in the kernel, which a
-//! request of ours may hold while it waits for the server, so a notification
-//! must never be sent from a thread that request could be waiting for (the
-//! client's connection reader). The reader only waits, bounded, for the
-//! notifier to finish.
+//! `inval_entry` waits for the directory's lock in the kernel, and
+//! `inval_inode` for pages under a read, which a request of ours may hold
+//! while it waits for the server. The client tells us of a server's break
+//! on a thread of the session's own (not its connection reader, which
+//! must go on delivering replies), and that thread only waits, bounded,
+//! for the notifier to finish before the break is acknowledged.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -25,11 +26,13 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 /// notification; the lifetime only bounds what a lost notification costs.
 pub const TRUSTED_TTL: Duration = Duration::from_secs(60);
 
-/// How long the connection reader waits for the kernel to drop what a
+/// How long the client's break thread waits for the kernel to drop what a
 /// server's break named before it acknowledges the break. Normally
-/// microseconds; the bound matters only when the kernel waits for a
-/// directory lock held by a request that itself waits for this reader.
-const BREAK_WAIT: Duration = Duration::from_secs(1);
+/// microseconds; the kernel may wait for a directory lock or a page under
+/// a read held by a request that waits for the server. Half the server's
+/// default break timeout (1 s): an ack later than that timeout would cost
+/// the session ("declared unreachable") and with it every callback.
+const BREAK_WAIT: Duration = Duration::from_millis(500);
 
 /// How many inodes may be marked for fast opens at once (fs.rs keeps at
 /// most 1,024 backing files anyway).

@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use super::interrupt::{Interrupt, SocketGuard};
 use super::params::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
-use crate::client::event::Event;
+use crate::client::event::{Event, Invalidation};
 use crate::client::stats::Counters;
 use crate::proto::auth;
 use crate::proto::frame::{read_frame, write_msg};
@@ -576,6 +576,7 @@ fn reader_loop(
     callbacks: Arc<Callbacks>,
     counters: Arc<Counters>,
 ) {
+    let mut breaker: Option<Sender<BreakJob>> = None;
     loop {
         let frame = match read_frame(&mut stream) {
             Ok(Some(f)) => f,
@@ -585,19 +586,36 @@ fn reader_loop(
         *ctl.last_heard.lock() = Instant::now();
         match Msg::decode(&frame) {
             Ok(Msg::CallbackBreak { fids }) => {
-                // Invalidate first, then ack at once: the writer on the other
-                // client is waiting for this ack.
-                callbacks.server_broke(&fids);
+                // The callbacks stop holding before any later reply is
+                // handed over (a fetch racing with the break loses).
+                let tell = callbacks.server_broke(&fids);
                 // A volume callback's pseudo-fid (vnode 0) is no object:
                 // not counted or reported as one.
                 let fids: Vec<Fid> = fids.into_iter().filter(|f| f.vnode != 0).collect();
                 Counters::add(&counters.breaks_received, fids.len() as u64);
-                let r = ctl.out.send(Msg::BreakAck.encode_frame(frame.id));
-                if let Err(e) = r {
-                    return ctl.kill(&format!("sending BreakAck: {e}"));
+                let job = BreakJob {
+                    tell,
+                    ack: Msg::BreakAck.encode_frame(frame.id),
+                    fids,
+                };
+                // With a subscriber (the mount), it runs and the break is
+                // acknowledged on a thread of their own, in arrival order:
+                // the subscriber may wait (bounded) for the kernel, which
+                // may wait for a request whose reply only this reader
+                // delivers. Without one, the ack goes at once.
+                if job.tell.is_some() && breaker.is_none() {
+                    breaker = spawn_breaker(&ctl, &callbacks);
                 }
-                for fid in fids {
-                    callbacks.events.emit(Event::CallbackBreak { fid });
+                let job = match &breaker {
+                    // (The breaker only ends after this reader.)
+                    Some(tx) => match tx.send(job) {
+                        Ok(()) => continue,
+                        Err(back) => back.0,
+                    },
+                    None => job,
+                };
+                if !acknowledge(&ctl, &callbacks, job) {
+                    return;
                 }
             }
             Ok(m) => {
@@ -624,6 +642,49 @@ fn reader_loop(
             }
         }
     }
+}
+
+/// A server's break, once the callback table has dropped what it named:
+/// what the invalidation subscriber must hear first, and the ack.
+struct BreakJob {
+    tell: Option<Invalidation>,
+    ack: Vec<u8>,
+    fids: Vec<Fid>,
+}
+
+/// The thread that tells the subscriber of breaks and acknowledges them,
+/// in order; it ends when the reader drops its queue. `None` if it could
+/// not be started (the reader then does the job itself).
+fn spawn_breaker(ctl: &Arc<Control>, callbacks: &Arc<Callbacks>) -> Option<Sender<BreakJob>> {
+    let (tx, rx) = crossbeam_channel::unbounded::<BreakJob>();
+    let (ctl, callbacks) = (ctl.clone(), callbacks.clone());
+    std::thread::Builder::new()
+        .name(format!("coda-brk-{}", ctl.server))
+        .spawn(move || {
+            for job in rx {
+                if !acknowledge(&ctl, &callbacks, job) {
+                    return;
+                }
+            }
+        })
+        .ok()
+        .map(|_| tx)
+}
+
+/// Tell the subscriber, then acknowledge the break and report it. Returns
+/// false when the connection is gone.
+fn acknowledge(ctl: &Control, callbacks: &Callbacks, job: BreakJob) -> bool {
+    if let Some(inv) = &job.tell {
+        callbacks.tell(inv);
+    }
+    if let Err(e) = ctl.out.send(job.ack) {
+        ctl.kill(&format!("sending BreakAck: {e}"));
+        return false;
+    }
+    for fid in job.fids {
+        callbacks.events.emit(Event::CallbackBreak { fid });
+    }
+    true
 }
 
 /// A bulk connection taken from the pool; goes back only after a transfer
