@@ -22,6 +22,8 @@ use crate::proto::Fid;
 pub(crate) struct Token {
     session: u64,
     generation: u64,
+    /// The callback held when the token was taken (see `keep`).
+    held: bool,
 }
 
 #[derive(Default)]
@@ -55,7 +57,20 @@ impl Callbacks {
         Token {
             session: t.session,
             generation: t.generation.get(&fid).copied().unwrap_or(0),
+            held: t.valid.contains(&fid),
         }
+    }
+
+    /// After this client's own change of `fid`, applied to the cached copy
+    /// by this client (a listing edited as the server edited it): that copy
+    /// is the server's only if it was trusted when `token` was taken and no
+    /// break came since. `grant` alone is not enough here: a break that
+    /// arrived before the token (between the lookup that trusted the
+    /// listing and the token) leaves the generation equal, and the edited
+    /// listing would lack the other client's change while trusted.
+    /// Returns whether the callback holds.
+    pub fn keep(&self, fid: Fid, token: Token) -> bool {
+        token.held && self.grant(fid, token)
     }
 
     /// Record a callback the server granted, unless a break overtook it.
@@ -200,6 +215,29 @@ mod tests {
         assert!(cb.holds(f));
         cb.break_fids(&[f]);
         assert!(!cb.holds(f));
+    }
+
+    #[test]
+    fn an_own_edit_keeps_a_callback_only_if_it_held_when_the_token_was_taken() {
+        let cb = Callbacks::default();
+        let d = Fid::new(1, 1, 1);
+        assert!(cb.grant(d, cb.token(d)));
+        let tok = cb.token(d);
+        assert!(
+            cb.keep(d, tok),
+            "held throughout: the edited copy is current"
+        );
+        // Another client's change broke it before our token: our edit of
+        // the cached copy misses that change.
+        cb.break_fids(&[d]);
+        let tok = cb.token(d);
+        assert!(!cb.keep(d, tok));
+        assert!(!cb.holds(d));
+        assert!(cb.grant(d, tok), "a fetched copy is granted as before");
+        // Held at the token, broken after it: no.
+        let tok = cb.token(d);
+        cb.break_fids(&[d]);
+        assert!(!cb.keep(d, tok));
     }
 
     #[test]

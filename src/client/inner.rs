@@ -624,8 +624,10 @@ impl Inner {
             true
         });
         // A directory with logged changes is served from the cache anyway.
+        // Otherwise the edited listing is trusted only if it was current
+        // when the token was taken (`keep`).
         let local = self.cml.mentions(dir);
-        if edited != Some(true) || (!self.callbacks.grant(dir, tok) && !local) {
+        if edited != Some(true) || (!self.callbacks.keep(dir, tok) && !local) {
             self.callbacks.break_fids(&[dir]);
         }
     }
