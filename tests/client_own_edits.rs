@@ -224,3 +224,36 @@ fn fresh_clients_creating_at_once_in_a_listed_directory_each_see_every_file() {
         }
     }
 }
+
+/// The same hole for contents: a status change (chmod, utimes, truncate)
+/// keeps the cached contents current by relabelling them with the version
+/// the server answered. If another client's store broke the callback
+/// before the change's token, those contents are that store's
+/// predecessor's and must not be relabelled (nor trusted).
+#[test]
+fn a_status_change_after_a_missed_break_does_not_relabel_the_old_contents() {
+    let srv = TestServer::start();
+    let dirs = TempDir::new("own-setattr");
+    let a = client_util::client(&srv, &dirs.path().join("a"));
+    let b = client_util::client(&srv, &dirs.path().join("b"));
+    client_util::put(&b, "/f", b"old");
+    client_util::put(&b, "/g", b"old");
+    assert_eq!(client_util::get(&a, "/f"), b"old");
+    assert_eq!(client_util::get(&a, "/g"), b"old");
+    // B's stores return once A acknowledged their breaks.
+    client_util::put(&b, "/f", b"new");
+    client_util::put(&b, "/g", b"newer");
+    a.chmod("/f", 0o600).unwrap();
+    a.truncate("/g", 2).unwrap();
+    assert_eq!(
+        client_util::get(&a, "/f"),
+        b"new",
+        "A's read after its chmod"
+    );
+    assert_eq!(
+        client_util::get(&a, "/g"),
+        b"ne",
+        "A's read after its truncate"
+    );
+    assert_eq!(client_util::get(&b, "/g"), b"ne");
+}

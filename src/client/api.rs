@@ -684,10 +684,14 @@ impl Client {
         };
         let attr = inner.commit(op, None)?;
         // Status changes leave the contents as they were (or cut/extended
-        // like the server did): a current container stays current.
+        // like the server did): a current container stays current. Current
+        // means the server's just before this change: the callback held
+        // when the token was taken (another client's store whose break
+        // came before it left the container its predecessor's), or the
+        // container already carries the answered version (applied locally).
         let container = inner.cache.container(fid);
         inner.cache.update(Some(&attr), fid, |e| {
-            if e.data_current() {
+            if e.data_current() && (tok.held() || e.attr.version == attr.version) {
                 if let Some(n) = size {
                     match std::fs::OpenOptions::new()
                         .write(true)

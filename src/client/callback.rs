@@ -26,6 +26,15 @@ pub(crate) struct Token {
     held: bool,
 }
 
+impl Token {
+    /// Whether the callback held when the token was taken: a cached copy
+    /// this client then changes itself as the server did is the server's
+    /// only if so (and no break came since, which `grant` checks).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+}
+
 #[derive(Default)]
 struct Table {
     /// Bumped on every new server session: all callbacks die with a session.
@@ -70,7 +79,7 @@ impl Callbacks {
     /// listing would lack the other client's change while trusted.
     /// Returns whether the callback holds.
     pub fn keep(&self, fid: Fid, token: Token) -> bool {
-        token.held && self.grant(fid, token)
+        token.held() && self.grant(fid, token)
     }
 
     /// Record a callback the server granted, unless a break overtook it.
