@@ -257,3 +257,32 @@ fn a_status_change_after_a_missed_break_does_not_relabel_the_old_contents() {
     );
     assert_eq!(client_util::get(&b, "/g"), b"ne");
 }
+
+/// A status change this client logs instead of sending (write-disconnected
+/// mode) is its own view until the log is sent, whatever callback it held:
+/// the truncated cached copy is what it serves meanwhile.
+#[test]
+fn a_logged_truncate_serves_the_cut_cached_copy_until_sent() {
+    let srv = TestServer::start();
+    let dirs = TempDir::new("own-logged");
+    let a = client_util::client(&srv, &dirs.path().join("a"));
+    let b = client_util::client(&srv, &dirs.path().join("b"));
+    client_util::put(&b, "/f", b"hello");
+    assert_eq!(client_util::get(&a, "/f"), b"hello");
+    let f = a
+        .lookup_at(a.root_fid().unwrap(), "f")
+        .unwrap()
+        .unwrap()
+        .fid;
+    // B's status change breaks A's callback (the contents stay current).
+    b.chmod("/f", 0o600).unwrap();
+    assert!(!a.trusts_cached(f));
+    a.set_write_disconnected(true);
+    a.truncate("/f", 2).unwrap();
+    assert!(a.pending_records() > 0, "the truncate is logged");
+    assert_eq!(
+        client_util::get(&a, "/f"),
+        b"he",
+        "A's own view while logged"
+    );
+}

@@ -688,10 +688,12 @@ impl Client {
         // means the server's just before this change: the callback held
         // when the token was taken (another client's store whose break
         // came before it left the container its predecessor's), or the
-        // container already carries the answered version (applied locally).
+        // change was applied locally (logged: the cache is what this client
+        // serves until the log is sent, as for a listing).
+        let local = inner.cml.mentions(fid);
         let container = inner.cache.container(fid);
         inner.cache.update(Some(&attr), fid, |e| {
-            if e.data_current() && (tok.held() || e.attr.version == attr.version) {
+            if e.data_current() && (tok.held() || local || e.attr.version == attr.version) {
                 if let Some(n) = size {
                     match std::fs::OpenOptions::new()
                         .write(true)
