@@ -209,3 +209,26 @@ fn replies_keep_arriving_while_the_invalidation_subscriber_of_a_break_waits() {
     put(&a, "/f", b"three");
     assert_eq!(get(&b, "/f"), b"three", "the session survived the wait");
 }
+
+/// A status change of a file whose callback another client's store broke
+/// (the new contents not read here yet) keeps the cached contents only as
+/// the old version's: the status change's new version is the server's
+/// contents, not these.
+#[test]
+fn a_chmod_or_truncate_after_a_break_does_not_relabel_the_old_contents_as_current() {
+    let srv = start();
+    let (da, db) = (TempDir::new("a"), TempDir::new("b"));
+    let (a, b) = (client(&srv, da.path()), client(&srv, db.path()));
+    put(&a, "/f", b"one");
+    put(&a, "/g", b"first");
+    assert_eq!(get(&b, "/f"), b"one");
+    assert_eq!(get(&b, "/g"), b"first");
+    put(&a, "/f", b"two");
+    put(&a, "/g", b"second");
+    // b heard of both stores (a's closes waited for b's acks), read neither.
+    b.chmod("/f", 0o600).unwrap();
+    assert_eq!(get(&b, "/f"), b"two", "after chmod");
+    b.truncate("/g", 3).unwrap();
+    assert_eq!(get(&b, "/g"), b"sec", "after truncate");
+    assert_eq!(get(&a, "/g"), b"sec");
+}

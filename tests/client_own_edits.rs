@@ -226,42 +226,12 @@ fn fresh_clients_creating_at_once_in_a_listed_directory_each_see_every_file() {
     }
 }
 
-/// The same hole for contents: a status change (chmod, utimes, truncate)
-/// keeps the cached contents current by relabelling them with the version
-/// the server answered. If another client's store broke the callback
-/// before the change's token, those contents are that store's
-/// predecessor's and must not be relabelled (nor trusted).
-#[test]
-fn a_status_change_after_a_missed_break_does_not_relabel_the_old_contents() {
-    let srv = TestServer::start();
-    let dirs = TempDir::new("own-setattr");
-    let a = client_util::client(&srv, &dirs.path().join("a"));
-    let b = client_util::client(&srv, &dirs.path().join("b"));
-    client_util::put(&b, "/f", b"old");
-    client_util::put(&b, "/g", b"old");
-    assert_eq!(client_util::get(&a, "/f"), b"old");
-    assert_eq!(client_util::get(&a, "/g"), b"old");
-    // B's stores return once A acknowledged their breaks.
-    client_util::put(&b, "/f", b"new");
-    client_util::put(&b, "/g", b"newer");
-    a.chmod("/f", 0o600).unwrap();
-    a.truncate("/g", 2).unwrap();
-    assert_eq!(
-        client_util::get(&a, "/f"),
-        b"new",
-        "A's read after its chmod"
-    );
-    assert_eq!(
-        client_util::get(&a, "/g"),
-        b"ne",
-        "A's read after its truncate"
-    );
-    assert_eq!(client_util::get(&b, "/g"), b"ne");
-}
-
-/// A status change this client logs instead of sending (write-disconnected
-/// mode) is its own view until the log is sent, whatever callback it held:
-/// the truncated cached copy is what it serves meanwhile.
+/// A status change whose callback broke before its token leaves the cached
+/// contents stale when sent (client_coherence's
+/// `a_chmod_or_truncate_after_a_break_does_not_relabel_the_old_contents_as_current`);
+/// one this client logs instead of sending (write-disconnected mode) is its
+/// own view until the log is sent, whatever callback it held: the truncated
+/// cached copy is what it serves meanwhile.
 #[test]
 fn a_logged_truncate_serves_the_cut_cached_copy_until_sent() {
     let srv = TestServer::start();

@@ -672,6 +672,9 @@ impl Client {
         }
         let mode = mode.map(|m| m & 0o7777);
         let tok = inner.callbacks.token(fid);
+        // Whether the cached contents were the server's when we asked
+        // (after the token: a break in between counts against them).
+        let held = inner.callbacks.holds(fid);
         let op = RecordOp::SetAttr {
             fid,
             expected_version: 0,
@@ -684,16 +687,18 @@ impl Client {
         };
         let attr = inner.commit(op, None)?;
         // Status changes leave the contents as they were (or cut/extended
-        // like the server did): a current container stays current. Current
-        // means the server's just before this change: the callback held
-        // when the token was taken (another client's store whose break
-        // came before it left the container its predecessor's), or the
-        // change was applied locally (logged: the cache is what this client
-        // serves until the log is sent, as for a listing).
+        // like the server did): a current container stays current, if it
+        // was the server's contents all along. After a break (another
+        // client stored the file, and its contents were not read here
+        // since) the container is an older version's; labelled with the
+        // new version it would be served as current. A change applied
+        // locally (logged: disconnected, write-back) is this client's view
+        // until the log is sent, whatever it held, as for a listing.
+        let unbroken = held && inner.callbacks.token(fid) == tok;
         let local = inner.cml.mentions(fid);
         let container = inner.cache.container(fid);
         inner.cache.update(Some(&attr), fid, |e| {
-            if e.data_current() && (tok.held() || local || e.attr.version == attr.version) {
+            if (unbroken || local) && e.data_current() {
                 if let Some(n) = size {
                     match std::fs::OpenOptions::new()
                         .write(true)

@@ -24,6 +24,7 @@ mod file;
 mod hoard;
 mod identity;
 mod inner;
+mod mailbox;
 mod mode;
 mod namei;
 mod namespace;

@@ -19,6 +19,7 @@ use super::cml::Cml;
 use super::conflict::Conflicts;
 use super::conn::{Servers, Session};
 use super::event::Event;
+use super::mailbox::{Mailbox, Woken};
 use super::mode::Mode;
 use super::stats::Counters;
 use crate::error::WireCode;
@@ -52,61 +53,16 @@ use crate::{Error, Result};
 // concurrent writers share one server commit instead of alternating in
 // halves.
 
-/// A waiting connected writer's mailbox: its outcome once settled, and
-/// whether it was told to lead (the token is free and its record queued)
-/// since it last looked. A mutex and a condvar, so a waiting writer sleeps
-/// at once: a channel's blocking receive spins and calls `sched_yield`
-/// before it sleeps, and with several writers waiting on 2 cores that took
-/// the CPU the server and the leading writer needed (BENCHMARKS.md
-/// "`pratio`").
-#[derive(Default)]
-struct Mailbox {
-    /// Guards only the two fields; never held across anything else.
-    state: Mutex<Mail>,
-    cv: Condvar,
-}
+/// A waiting connected writer's mailbox: its outcome once settled, or a
+/// nudge when it is told to lead (the token is free and its record queued).
+type Mail = Mailbox<Result<Attr>>;
 
-#[derive(Default)]
-struct Mail {
-    done: Option<Result<Attr>>,
-    lead: bool,
-}
-
-impl Mailbox {
-    /// File the writer's outcome and wake it.
-    fn done(&self, r: Result<Attr>) {
-        self.state.lock().done = Some(r);
-        self.cv.notify_one();
-    }
-
-    /// Tell the writer to lead (it looks at the token when it wakes).
-    fn lead(&self) {
-        self.state.lock().lead = true;
-        self.cv.notify_one();
-    }
-
-    /// The outcome, if filed (without waiting).
-    fn take(&self) -> Option<Result<Attr>> {
-        self.state.lock().done.take()
-    }
-
-    /// Wait up to `timeout` for the outcome; `None` when told to lead
-    /// meanwhile (or already before) or when the time is up.
-    fn wait(&self, timeout: Duration) -> Option<Result<Attr>> {
-        let deadline = Instant::now() + timeout;
-        let mut m = self.state.lock();
-        // Bounded by the deadline.
-        loop {
-            if let Some(r) = m.done.take() {
-                return Some(r);
-            }
-            if std::mem::take(&mut m.lead) {
-                return None;
-            }
-            if self.cv.wait_until(&mut m, deadline).timed_out() {
-                return m.done.take();
-            }
-        }
+/// Wait up to `d` for the outcome; `None` when told to lead meanwhile (or
+/// already before) or when the time is up.
+fn wait_outcome(mail: &Mail, d: Duration) -> Option<Result<Attr>> {
+    match mail.wait_until(Instant::now() + d) {
+        Woken::Value(r) => Some(r),
+        Woken::Nudged | Woken::TimedOut => None,
     }
 }
 
@@ -117,7 +73,7 @@ struct Queued {
     /// inline in the record.
     inline: Option<Vec<u8>>,
     /// Where its writer waits for its outcome.
-    mail: Arc<Mailbox>,
+    mail: Arc<Mail>,
 }
 
 /// Most connected batches sent and not yet answered. The server takes a
@@ -389,7 +345,7 @@ impl Outbox {
         let st = self.state.lock();
         if st.may_send() {
             for q in st.queue.values().take(MAX_IN_FLIGHT) {
-                q.mail.lead();
+                q.mail.nudge();
             }
         }
     }
@@ -630,7 +586,7 @@ impl Reintegrator<'_> {
         };
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
-        let mail = Arc::new(Mailbox::default());
+        let mail = Arc::new(Mail::default());
         let held = {
             let mut st = out.state.lock();
             st.queue.insert(
@@ -684,7 +640,7 @@ impl Reintegrator<'_> {
     /// Bounded: past the deadline a record still queued is taken out and
     /// reported unreachable; one being sent is waited for (its send is
     /// bounded by the RPC timeout).
-    fn await_sent(&self, id: u64, mail: &Mailbox) -> Result<Attr> {
+    fn await_sent(&self, id: u64, mail: &Mail) -> Result<Attr> {
         let out = &self.outbox;
         let t = self.servers.timing();
         let deadline = Instant::now() + 2 * t.rpc_timeout + t.dead_after;
@@ -713,13 +669,13 @@ impl Reintegrator<'_> {
                     if left.is_zero() {
                         return Err(Error::Timeout("no outcome for the record's send".into()));
                     }
-                    if let Some(r) = mail.wait(left.min(WAIT_SLICE)) {
+                    if let Some(r) = wait_outcome(mail, left.min(WAIT_SLICE)) {
                         return r;
                     }
                 }
             }
             // Otherwise told to lead, or look again after the slice.
-            if let Some(r) = mail.wait(WAIT_SLICE) {
+            if let Some(r) = wait_outcome(mail, WAIT_SLICE) {
                 return r;
             }
         }
@@ -769,7 +725,7 @@ impl Reintegrator<'_> {
                         .into_values()
                         .collect();
                     for q in queued {
-                        q.mail.done(Err(dup(&e)));
+                        q.mail.put(Err(dup(&e)));
                     }
                 }
             }
@@ -986,7 +942,7 @@ impl Reintegrator<'_> {
             }
         }
         for (q, r) in tell {
-            q.mail.done(r);
+            q.mail.put(r);
         }
         out.free.notify_all();
         out.kick();
@@ -1326,33 +1282,6 @@ mod tests {
         // ... and given up once older than the window.
         p = recent_peak(p, 1, at(18), w);
         assert_eq!(p, (1, at(18)));
-    }
-
-    #[test]
-    fn a_mailbox_hands_over_the_outcome_and_the_turn_to_lead() {
-        let m = Arc::new(Mailbox::default());
-        // Nothing filed: the wait ends at its timeout with nothing.
-        assert!(m.wait(Duration::from_millis(1)).is_none());
-        // Told to lead before waiting: the wait returns at once, and once.
-        m.lead();
-        assert!(m.wait(Duration::from_secs(60)).is_none());
-        assert!(m.take().is_none());
-        // An outcome filed while the writer sleeps wakes it with it.
-        let m2 = m.clone();
-        let t = std::thread::spawn(move || m2.wait(Duration::from_secs(60)));
-        m.done(Err(Error::Eio("refused".into())));
-        match t.join().unwrap() {
-            Some(Err(Error::Eio(msg))) => assert_eq!(msg, "refused"),
-            other => panic!("{other:?}"),
-        }
-        // An outcome beats a pending turn to lead, and is taken once.
-        m.lead();
-        m.done(Err(Error::Eio("second".into())));
-        assert!(matches!(
-            m.wait(Duration::from_secs(60)),
-            Some(Err(Error::Eio(_)))
-        ));
-        assert!(m.take().is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::interrupt::{Interrupt, SocketGuard};
 use super::params::{Identity, Timing, GATE_SLICE};
 use crate::client::callback::Callbacks;
 use crate::client::event::{Event, Invalidation};
+use crate::client::mailbox::{Mailbox, Woken};
 use crate::client::stats::Counters;
 use crate::proto::auth;
 use crate::proto::frame::{read_frame, write_msg};
@@ -460,41 +461,9 @@ impl Control {
     }
 }
 
-/// Where a request's reply is left for its caller: filled once (by the
-/// reader, or a kill with the connection's error), or flagged by an
-/// interrupt. A mutex and condvar, not a channel: crossbeam's blocking
-/// receive spins and yields (sched_yield) four times before it sleeps,
-/// which on a busy machine hands the CPU to others at every call.
-#[derive(Default)]
-struct Slot {
-    st: Mutex<SlotState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct SlotState {
-    reply: Option<Result<Msg>>,
-    /// An interrupt came since the caller last looked.
-    interrupted: bool,
-}
-
-impl Slot {
-    /// Leave the reply (the first one wins) and wake the caller; the lock
-    /// is released before the wake, so the caller does not wait for it.
-    fn put(&self, r: Result<Msg>) {
-        let mut st = self.st.lock();
-        if st.reply.is_none() {
-            st.reply = Some(r);
-        }
-        drop(st);
-        self.cv.notify_one();
-    }
-
-    fn interrupt(&self) {
-        self.st.lock().interrupted = true;
-        self.cv.notify_one();
-    }
-}
+/// Where a request's reply is left for its caller: left once (by the
+/// reader, or a kill with the connection's error); an interrupt nudges.
+type Slot = Mailbox<Result<Msg>>;
 
 /// A request written on the control connection, its reply not yet read.
 /// Dropping it forgets the request (a late reply is then dropped).
@@ -519,28 +488,19 @@ impl Sent<'_> {
     pub fn wait(self, interrupt: &Interrupt) -> Result<Msg> {
         let server = &self.session.server;
         let slot = Arc::clone(&self.slot);
-        let _wake = interrupt.on_interrupt(Box::new(move || slot.interrupt()))?;
-        let mut st = self.slot.st.lock();
+        let _wake = interrupt.on_interrupt(Box::new(move || slot.nudge()))?;
         // Bounded: each turn ends by the deadline, or by an interrupt or
         // release (a release that is not ours wakes us once per release).
         loop {
-            if let Some(r) = st.reply.take() {
-                return r;
-            }
-            if std::mem::take(&mut st.interrupted) {
-                drop(st);
-                interrupt.check()?;
-                st = self.slot.st.lock();
-                continue;
-            }
-            if self.slot.cv.wait_until(&mut st, self.deadline).timed_out() {
-                if let Some(r) = st.reply.take() {
-                    return r;
+            match self.slot.wait_until(self.deadline) {
+                Woken::Value(r) => return r,
+                Woken::Nudged => interrupt.check()?,
+                Woken::TimedOut => {
+                    return Err(Error::Timeout(format!(
+                        "no reply from server {server} within {} ms",
+                        self.timeout.as_millis()
+                    )))
                 }
-                return Err(Error::Timeout(format!(
-                    "no reply from server {server} within {} ms",
-                    self.timeout.as_millis()
-                )));
             }
         }
     }

@@ -8,10 +8,12 @@
 //! state in `DIR/raft.redb`, fsynced before anything that depends on them
 //! is sent), `transport` (the peer handshake and frames on the member's one
 //! listening port), `peers` (outbound connections with bounded queues and
-//! reconnect), `node` (the thread that owns the engine).
+//! reconnect), `node` (the thread that owns the engine), `campaign` (a
+//! failed election's retry comes soon).
 //!
 //! See docs/SERVER.md "Replication" for what is replicated so far.
 
+mod campaign;
 pub mod config;
 mod data;
 pub(crate) mod machine;
@@ -338,6 +340,11 @@ impl Replicator {
             deferred: Vec::new(),
             deferred_since: None,
             inbound: Vec::new(),
+            campaigns: campaign::Campaigns::new(
+                me ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            ),
             defer_for: std::env::var("CODA_REPL_DEFER_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -289,6 +289,8 @@ pub(super) struct Driver {
     pub defer_for: Duration,
     /// Peer connections this thread reads itself.
     pub inbound: Vec<Inbound>,
+    /// A failed election's retry comes soon (campaign.rs).
+    pub campaigns: super::campaign::Campaigns,
 }
 
 /// A follower applies committed entries at most this late (see
@@ -453,8 +455,9 @@ impl Driver {
                 next_tick = Instant::now() + TICK;
             }
             self.renew_lease();
-            let r = self
-                .on_ready()
+            let r = self.on_ready();
+            self.campaigns.after_step(&mut self.node.raft);
+            let r = r
                 .and_then(|()| {
                     // Due, or no longer a follower's to keep.
                     if self.deferred_due().is_some_and(|d| Instant::now() >= d)
