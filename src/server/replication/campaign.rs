@@ -7,7 +7,7 @@
 //! that long already, so another 0.6–1 s only lengthens the outage: one
 //! `kill -9` of the leader in 20 took 2.4 s to the next acknowledged write
 //! (docs/BENCHMARKS.md). A member that campaigned and knows no leader
-//! lowers what is left of its wait to a random 100–400 ms instead.
+//! lowers what is left of its wait to a random 100–250 ms instead.
 //!
 //! Votes are judged as before: a member that heard a leader within
 //! `ELECTION_TICKS` still refuses them (the rule the leader's lease rests
@@ -18,9 +18,12 @@
 use raft::{Raft, StateRole, Storage, INVALID_ID};
 
 /// The retry comes after a random number of ticks in this range (ticks of
-/// 50 ms: 100–400 ms): wide enough that the two members left rarely stand
-/// within a round trip of each other again.
-pub const RETRY_TICKS: std::ops::Range<usize> = 2..8;
+/// 50 ms: 100–250 ms). Wide enough that the two members left rarely stand
+/// within a round trip of each other again (the first to stand usually
+/// wins), short enough that a failover with one split vote stays within
+/// 1.5 s: up to 1.05 s until the first campaign, 0.25 s to the retry.
+/// (With 100–400 ms, one of 20 `kill -9` failovers took 1,455 ms.)
+pub const RETRY_TICKS: std::ops::Range<usize> = 2..5;
 
 pub struct Campaigns {
     /// This member stood (pre-candidate or candidate) since it last knew a
