@@ -671,10 +671,8 @@ impl Client {
             }
         }
         let mode = mode.map(|m| m & 0o7777);
+        // Says too whether the cached contents were the server's then.
         let tok = inner.callbacks.token(fid);
-        // Whether the cached contents were the server's when we asked
-        // (after the token: a break in between counts against them).
-        let held = inner.callbacks.holds(fid);
         let op = RecordOp::SetAttr {
             fid,
             expected_version: 0,
@@ -694,7 +692,7 @@ impl Client {
         // new version it would be served as current. A change applied
         // locally (logged: disconnected, write-back) is this client's view
         // until the log is sent, whatever it held, as for a listing.
-        let unbroken = held && inner.callbacks.token(fid) == tok;
+        let unbroken = tok.held() && inner.callbacks.token(fid) == tok;
         let local = inner.cml.mentions(fid);
         let container = inner.cache.container(fid);
         inner.cache.update(Some(&attr), fid, |e| {
