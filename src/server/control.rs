@@ -28,7 +28,9 @@ use std::time::Instant;
 use super::handshake::Identity;
 use super::log;
 use super::sessions::{ClientCtx, ControlLink};
-use super::wire::{close_after_error, error_reply, error_reply_at, frame_for, tracing, Out, Stamp};
+use super::wire::{
+    close_after_error, error_reply, error_reply_at, frame_for, send_now, tracing, Out, Stamp,
+};
 use super::Shared;
 use crate::proto::codec::ATTR_LEN;
 use crate::proto::{read_frame, Msg, MAX_DIR_PAGE, MAX_FRAME, MAX_NAME};
@@ -358,36 +360,6 @@ impl Outbox {
         st.ended = true;
         st.queue.clear();
     }
-}
-
-/// One non-blocking send: how much of `buf` the socket took at once.
-fn send_now(sock: &TcpStream, buf: &[u8]) -> std::result::Result<usize, ()> {
-    use std::os::fd::AsRawFd;
-    let mut done = 0;
-    // Bounded: each turn writes bytes or ends.
-    while done < buf.len() {
-        // SAFETY: a plain send of a live buffer on an open socket;
-        // MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                buf[done..].as_ptr().cast(),
-                buf.len() - done,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n > 0 {
-            done += n as usize;
-            continue;
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) if n < 0 => break,
-            _ => return Err(()),
-        }
-    }
-    Ok(done)
 }
 
 /// With `CODA_SERVER_TRACE` set: one line per reply with the time from
@@ -912,40 +884,25 @@ fn send_all(
     // Bounded: each turn either writes bytes or waits at most wait_ms for
     // room, and a peer taking nothing for that long is cut.
     while !buf.is_empty() {
-        // SAFETY: a plain send of a live buffer on a socket this thread
-        // holds open; MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n > 0 {
-            buf = &buf[n as usize..];
-            continue;
+        let n = send_now(sock, buf).map_err(|()| TAKEN_TOO_SLOW)?;
+        buf = &buf[n..];
+        if buf.is_empty() {
+            break;
         }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EAGAIN) if n < 0 => {
-                if !flow.block() {
-                    return Err(JAMMED);
-                }
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: poll on one pollfd this frame owns.
-                let r = unsafe { libc::poll(&mut p, 1, wait_ms) };
-                flow.unblock();
-                if r == 0 {
-                    return Err(TAKEN_TOO_SLOW);
-                }
-            }
-            _ => return Err(TAKEN_TOO_SLOW),
+        // The socket is full.
+        if !flow.block() {
+            return Err(JAMMED);
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd this frame owns.
+        let r = unsafe { libc::poll(&mut p, 1, wait_ms) };
+        flow.unblock();
+        if r == 0 {
+            return Err(TAKEN_TOO_SLOW);
         }
     }
     Ok(())

@@ -121,6 +121,38 @@ pub fn close_after_error(stream: &mut Stream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
+/// One non-blocking send: how much of `buf` the socket took before it
+/// would block (a control connection's replies, a peer's Raft messages);
+/// `Err` when the connection failed.
+pub fn send_now(sock: &std::net::TcpStream, buf: &[u8]) -> std::result::Result<usize, ()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    // Bounded: each turn writes bytes or ends.
+    while done < buf.len() {
+        // SAFETY: a plain send of a live buffer on an open socket;
+        // MSG_NOSIGNAL keeps a closed peer from raising SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf[done..].as_ptr().cast(),
+                buf.len() - done,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n > 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if n < 0 => break,
+            _ => return Err(()),
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

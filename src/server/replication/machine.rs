@@ -312,6 +312,27 @@ fn decode_reintegrate(data: &[u8]) -> Result<(Timespec, Who, u64, Vec<Record>)> 
     Ok((now, who, after, records))
 }
 
+/// The client an entry is for (bytes 1..17 of every entry).
+fn entry_client(data: &[u8]) -> Result<ClientId> {
+    Ok(data
+        .get(1..17)
+        .ok_or_else(bad_entry)?
+        .try_into()
+        .expect("16"))
+}
+
+/// A Reintegrate entry refused for a failure of this member's store (not
+/// for its records, which every member judges alike): another member may
+/// have applied it, so this one stops rather than diverge.
+fn failed_here_only(index: u64, res: &std::result::Result<Outcome, BatchError>) -> Result<()> {
+    match res {
+        Err(b) if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) => Err(
+            Error::Eio(format!("entry {index} failed here only: {}", b.error)),
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn bad_entry() -> Error {
     Error::Eio("a replicated log entry does not decode".into())
 }
@@ -430,11 +451,7 @@ impl Machine {
     }
 
     fn apply_entry(&mut self, index: u64, data: &[u8]) -> Result<Applied> {
-        let client: ClientId = data
-            .get(1..17)
-            .ok_or_else(bad_entry)?
-            .try_into()
-            .expect("16");
+        let client = entry_client(data)?;
         match data[0] {
             OP_REINTEGRATE => {
                 let (now, who, after, records) = decode_reintegrate(data)?;
@@ -453,15 +470,7 @@ impl Machine {
                     Some(now),
                     Some(index),
                 );
-                if let Err(b) = &res {
-                    if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
-                        // Another member may have applied it: stop rather than diverge.
-                        return Err(Error::Eio(format!(
-                            "entry {index} failed here only: {}",
-                            b.error
-                        )));
-                    }
-                }
+                failed_here_only(index, &res)?;
                 // Committed with the mark, the batch's changes or not.
                 self.marked = index;
                 Ok(Box::new(res))
@@ -571,11 +580,7 @@ impl Machine {
     fn apply_reintegrates(&mut self, entries: &[(u64, &[u8])]) -> Result<Vec<Applied>> {
         let mut batches = Vec::with_capacity(entries.len());
         for (index, data) in entries {
-            let client: ClientId = data
-                .get(1..17)
-                .ok_or_else(bad_entry)?
-                .try_into()
-                .expect("16");
+            let client = entry_client(data)?;
             let (now, who, after, records) = decode_reintegrate(data)?;
             self.ensure_data(&client, after, &records)?;
             let mut staged = std::collections::HashMap::new();
@@ -600,15 +605,7 @@ impl Machine {
         let results = self.store.reintegrate_entries(batches);
         let mut out: Vec<Applied> = Vec::with_capacity(results.len());
         for ((index, _), res) in entries.iter().zip(results) {
-            if let Err(b) = &res {
-                if is_store_failure(&b.error) || matches!(b.error, Error::Io { .. }) {
-                    // Another member may have applied it: stop rather than diverge.
-                    return Err(Error::Eio(format!(
-                        "entry {index} failed here only: {}",
-                        b.error
-                    )));
-                }
-            }
+            failed_here_only(*index, &res)?;
             // Committed with the mark, the batch's changes or not.
             self.marked = *index;
             self.applied = *index;

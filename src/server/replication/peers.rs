@@ -283,33 +283,15 @@ impl Peer {
     /// Write waiting bytes while the socket takes them without blocking.
     fn push(&mut self, to: u64) {
         let Some(conn) = &self.conn else { return };
-        let fd = conn.tcp().as_raw_fd();
-        // Bounded: each turn writes some bytes, or stops.
-        while self.sent < self.out.len() {
-            let rest = &self.out[self.sent..];
-            // SAFETY: the socket is open for the borrow of `conn`; `rest`
-            // is readable memory of `rest.len()` bytes.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n > 0 {
-                self.sent += n as usize;
+        match crate::server::wire::send_now(conn.tcp(), &self.out[self.sent..]) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.sent += n;
                 self.progress = Instant::now();
-                continue;
             }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => break,
-                _ => {
-                    self.cut();
-                    return;
-                }
+            Err(()) => {
+                self.cut();
+                return;
             }
         }
         if self.sent == self.out.len() {
