@@ -490,8 +490,9 @@ impl Drop for MarkReady<'_> {
     }
 }
 
-/// If the leader's thread unwinds mid-group, the other workers of the
-/// group get an error instead of sleeping forever.
+/// Gives the group commit's turn back when dropped armed: if the leader's
+/// thread unwinds mid-group, the other workers of the group get an error
+/// instead of sleeping forever.
 struct LeaderGuard<'a> {
     group: &'a GroupCommit,
     tickets: Vec<u64>,
@@ -771,14 +772,14 @@ impl VolumeStore {
         }
         g.busy = true;
         drop(g);
-        struct Turn<'a>(&'a GroupCommit);
-        impl Drop for Turn<'_> {
-            fn drop(&mut self) {
-                self.0.state.lock().busy = false;
-                self.0.cv.notify_all();
-            }
-        }
-        let _turn = Turn(group);
+        // Gives the turn back when done (or unwinding); nobody else waits
+        // for these jobs.
+        let _turn = LeaderGuard {
+            group,
+            tickets: Vec::new(),
+            own: 0,
+            armed: true,
+        };
         self.commit_group_or_yield(&jobs, None).unwrap_or_else(|| {
             // Only a group that may give way returns None.
             jobs.iter()
