@@ -235,7 +235,7 @@ impl Servers {
             // own timeout (the prober's is what is left of `dead_after`):
             // the group answers, so this is not the loss of the servers,
             // and an election takes 0.6–1 s after the last heartbeat,
-            // twice that when it needs a second round.
+            // 100–250 ms more per round a split vote adds.
             if no_leader {
                 deadline = deadline.max(start + self.timing.election_wait);
             }
