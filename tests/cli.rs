@@ -63,6 +63,18 @@ fn every_command_against_a_running_mount() {
     assert_eq!(std::fs::read(m.path("web/index.html")).unwrap(), b"remote");
     let o = m.cli(&["flush", m.path("web/index.html").to_str().unwrap()]);
     assert!(stdout(&o).contains("flushed: 1"), "{o:?}");
+    // An open file is busy; one closed while the flush waits for the
+    // kernel's release (which close(2) does not wait for) is flushed.
+    let held = std::fs::File::open(m.path("web/index.html")).unwrap();
+    let o = m.cli(&["flush", "/web/index.html"]);
+    assert!(stdout(&o).contains("busy: 1"), "{o:?}");
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(held);
+    });
+    let o = m.cli(&["flush", "/web/index.html"]);
+    closer.join().unwrap();
+    assert!(stdout(&o).contains("flushed: 1\nbusy: 0"), "{o:?}");
     let o = m.cli(&["flush"]);
     assert_eq!(code(&o), 0, "{o:?}");
     let o = m.cli(&["flush", "/nope"]);
