@@ -980,7 +980,9 @@ pub(crate) fn reintegrate(
             std::fs::hard_link(p, &dst).map_err(|e| Error::io("link upload into replstage", e))?;
         }
         objects::sync_dir(&dir)?;
+        super::trace(format_args!("reintegrate linked"));
         push_to_majority(repl, &ctx.id, &files).map_err(fail)?;
+        super::trace(format_args!("reintegrate pushed"));
     }
     let data = encode_reintegrate(&ctx.id, Timespec::now(), &who, after, records);
     super::trace(format_args!(
