@@ -103,6 +103,17 @@
 // pending, retry in MS ms: MESSAGE").
 #define CODA_EVENT_REINTEGRATION_STALLED 8
 
+// A replicated group elected a new leader, which the client now talks to
+// (`detail` is "ADDR term T": the leader's group address and term).
+#define CODA_EVENT_LEADER_CHANGED 9
+
+// The group's leader stopped hearing from a member (`detail` names its
+// group address); the group goes on while a majority answers.
+#define CODA_EVENT_MEMBER_DOWN 10
+
+// A member of the group answers its leader again (`detail` names it).
+#define CODA_EVENT_MEMBER_UP 11
+
 // Bytes of `coda_event.detail`, NUL included.
 #define CODA_EVENT_DETAIL_LEN 256
 

@@ -101,6 +101,10 @@ fn kinds(evs: &[Event]) -> Vec<&'static str> {
             Event::Reintegrated { .. } => "reintegrated",
             Event::Conflict { .. } => "conflict",
             Event::ReintegrationStalled { .. } => "stalled",
+            Event::LeaderChanged { .. } => "leader",
+            Event::MemberDown { .. } => "member down",
+            Event::MemberUp { .. } => "member up",
+            _ => "other",
         })
         .collect()
 }

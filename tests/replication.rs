@@ -1354,3 +1354,82 @@ fn owner_rows_a_leader_held_only_locally_reach_every_member() {
         rows[0]
     );
 }
+
+/// Issue 14's events: a client of the group hears of a new leader, of a
+/// member lost and of its return (docs/CLIENT.md "Group events"), and
+/// `group_view` shows the same.
+#[test]
+fn a_client_hears_of_a_new_leader_and_of_a_member_lost_and_back() {
+    use coda::client::{Client, Event};
+    let mut g = Group::start(3);
+    let l = g.wait_leader(&[0, 1, 2]);
+    let caches = common::TempDir::new("repl-events");
+    let c = Client::new(g.client_config(&caches.path().join("c"))).unwrap();
+    let addrs: Vec<String> = g.members.iter().map(|m| m.addr.to_string()).collect();
+    let v = wait_until("a view of three members, all up", 30, || {
+        c.group_view()
+            .ok()
+            .filter(|v| v.members.len() == 3 && v.members.iter().all(|m| m.up))
+    });
+    assert_eq!(v.leader().map(|m| m.addr.as_str()), Some(addrs[l].as_str()));
+    // The watcher's baseline must be a view like that one: wait for a
+    // view of its own taken after it, then forget the events so far.
+    let seen = c.stats().group_views;
+    wait_until("the group watcher's next view", 30, || {
+        (c.stats().group_views > seen).then_some(())
+    });
+    while c.events().next(Duration::ZERO).is_some() {}
+    let mut got: Vec<Event> = Vec::new();
+    let take = |got: &mut Vec<Event>| {
+        while let Some(e) = c.events().next(Duration::from_millis(20)) {
+            got.push(e);
+        }
+    };
+
+    g.kill9(l);
+    let rest: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let l2 = g.wait_leader(&rest);
+    wait_until(
+        "LeaderChanged to the new leader and MemberDown of the old",
+        30,
+        || {
+            take(&mut got);
+            let led = got
+                .iter()
+                .any(|e| matches!(e, Event::LeaderChanged { leader, .. } if *leader == addrs[l2]));
+            let lost = got.contains(&Event::MemberDown {
+                member: addrs[l].clone(),
+            });
+            (led && lost).then_some(())
+        },
+    );
+    let v = c.group_view().unwrap();
+    assert_eq!(
+        v.leader().map(|m| m.addr.as_str()),
+        Some(addrs[l2].as_str())
+    );
+    assert!(
+        v.members.iter().any(|m| m.addr == addrs[l] && !m.up),
+        "{v:?}"
+    );
+    assert!(
+        !got.iter().any(|e| matches!(e, Event::MemberUp { .. })),
+        "{got:?}"
+    );
+
+    g.serve(l);
+    wait_until("MemberUp of the restarted member", 30, || {
+        take(&mut got);
+        got.contains(&Event::MemberUp {
+            member: addrs[l].clone(),
+        })
+        .then_some(())
+    });
+    let v = c.group_view().unwrap();
+    assert!(v.members.iter().all(|m| m.up), "{v:?}");
+    // A lone server is no group.
+    let srv = client_util::start();
+    let d = common::TempDir::new("repl-events-lone");
+    let lone = client_util::client(&srv, d.path());
+    assert_eq!(lone.group_view().unwrap_err().code(), -libc::EINVAL);
+}

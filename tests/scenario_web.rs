@@ -425,7 +425,7 @@ fn web_server_keeps_serving_the_remote_page_while_the_group_leader_is_killed() {
         ),
     )
     .unwrap();
-    let _m = Mount::start_config(config, dir, &[]);
+    let m = Mount::start_config(config, dir, &[]);
     let nginx = Nginx::start(dir);
     assert_eq!(get(nginx.addr), (200, "remote".to_string()));
 
@@ -502,6 +502,25 @@ fn web_server_keeps_serving_the_remote_page_while_the_group_leader_is_killed() {
     );
     assert_eq!(std::fs::read_link(&link).unwrap(), remote_target);
     drop(writer);
+    // The operator's view: the new leader, and the killed member down
+    // (exit 1: a member is down), as the leader hears them.
+    let member = |i: usize| format!("member {} {}", g.members[i].id, g.members[i].addr);
+    let shows = |o: &std::process::Output| {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        (text.contains(&format!("group leader {} term", g.members[new_leader].addr))
+            && text.contains(&format!("{} down", member(leader)))
+            && text.contains(&format!("{} up leader", member(new_leader))))
+        .then_some(text)
+    };
+    let mut last = String::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let o = m.cli(&["checkservers"]);
+            last = format!("{o:?}");
+            shows(&o).is_some() && o.status.code() == Some(1)
+        }),
+        "{variant}: checkservers shows the new leader and the lost member: {last}"
+    );
 
     // 5. Every member stopped: now the link flips to the local copy.
     for i in rest {

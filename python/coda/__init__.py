@@ -33,7 +33,9 @@ STATE_FAILED_OVER = 3
 
 TYPE_FILE, TYPE_DIR, TYPE_SYMLINK = 1, 2, 3
 EVENT_NAMES = {1: "server_down", 2: "server_up", 3: "failover", 4: "failback",
-               5: "callback_break"}
+               5: "callback_break", 6: "reintegrated", 7: "conflict",
+               8: "reintegration_stalled", 9: "leader_changed",
+               10: "member_down", 11: "member_up"}
 
 # Library-specific codes (at or below -10000), see coda.h.
 ECONFLICT = -10001

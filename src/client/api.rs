@@ -254,6 +254,9 @@ impl Client {
             _stop_probe: stop,
             handles: std::sync::atomic::AtomicUsize::new(1),
         });
+        if inner.servers.several() {
+            super::group::spawn(Arc::downgrade(&inner), stopped.clone())?;
+        }
         probe::spawn(&inner, stopped)?;
         // Reintegrates what a crashed run logged (the server recognises
         // records it already applied by their store ids), then revalidates.

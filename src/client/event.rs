@@ -20,8 +20,10 @@ use crate::proto::Fid;
 pub const QUEUE_LIMIT: usize = 1024;
 
 /// A state change the client reports; [`Event::kind_code`] gives its
-/// `CODA_EVENT_*` number at the C ABI.
+/// `CODA_EVENT_*` number at the C ABI. New kinds are added over time (the
+/// replicated group's came later): match with a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// The prober (or a failed call) found the server unreachable; sent once
     /// per up-to-down transition, as the client leaves connected mode.
@@ -86,6 +88,25 @@ pub enum Event {
         /// Milliseconds until the next attempt.
         retry_ms: u64,
     },
+    /// A replicated group has a new leader, which this client now talks
+    /// to (docs/CLIENT.md "Group events").
+    LeaderChanged {
+        /// The new leader's group address.
+        leader: String,
+        /// Its term (grows with each election).
+        term: u64,
+    },
+    /// The group's leader stopped hearing from a member (killed, stopped,
+    /// cut off): the group goes on while a majority answers.
+    MemberDown {
+        /// The member's group address.
+        member: String,
+    },
+    /// A member the leader had stopped hearing from answers again.
+    MemberUp {
+        /// The member's group address.
+        member: String,
+    },
 }
 
 impl Event {
@@ -100,6 +121,9 @@ impl Event {
             Event::Reintegrated { .. } => 6,
             Event::Conflict { .. } => 7,
             Event::ReintegrationStalled { .. } => 8,
+            Event::LeaderChanged { .. } => 9,
+            Event::MemberDown { .. } => 10,
+            Event::MemberUp { .. } => 11,
         }
     }
 }

@@ -1066,6 +1066,9 @@ impl probe::Watched for Inner {
     fn mode(&self) -> &mode::Mode {
         &self.emu.mode
     }
+    fn counters(&self) -> &super::stats::Counters {
+        &self.counters
+    }
     fn pending(&self) -> usize {
         self.emu.pending()
     }

@@ -21,6 +21,7 @@ pub mod event;
 pub mod failover;
 mod fids;
 mod file;
+mod group;
 mod hoard;
 mod identity;
 mod inner;
@@ -41,6 +42,7 @@ pub use config::Config;
 pub use conflict::{Conflict, Keep};
 pub use event::{Event, EventBus, Invalidation, InvalidationHook};
 pub use file::File;
+pub use group::{GroupMember, GroupView};
 pub use hoard::{Expand, HoardEntry, HoardReport};
 pub use stats::ClientStats;
 

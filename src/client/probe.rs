@@ -35,6 +35,7 @@ pub(crate) trait Watched: Send + Sync + 'static {
     fn servers(&self) -> &Servers;
     fn events(&self) -> &EventBus;
     fn mode(&self) -> &Mode;
+    fn counters(&self) -> &super::stats::Counters;
     /// Records logged and not yet on the server.
     fn pending(&self) -> usize;
     /// No server answers: emulate if the mode allows.

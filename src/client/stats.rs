@@ -32,6 +32,9 @@ pub struct ClientStats {
     /// Pipelined batches the server answered `NotApplied` (the batch before
     /// them did not apply); their records were sent again.
     pub batches_not_applied: u64,
+    /// Views of a replicated group its leader gave the client's group
+    /// watcher (asked every 500 ms; docs/CLIENT.md "Group events").
+    pub group_views: u64,
 }
 
 #[derive(Default)]
@@ -48,6 +51,7 @@ pub(crate) struct Counters {
     pub space_refusals: AtomicU64,
     pub batches_sent: AtomicU64,
     pub batches_not_applied: AtomicU64,
+    pub group_views: AtomicU64,
 }
 
 impl Counters {
@@ -70,6 +74,7 @@ impl Counters {
             space_refusals: g(&self.space_refusals),
             batches_sent: g(&self.batches_sent),
             batches_not_applied: g(&self.batches_not_applied),
+            group_views: g(&self.group_views),
         }
     }
 }

@@ -31,6 +31,14 @@ pub const CODA_EVENT_CONFLICT: u32 = 7;
 /// negative errno's magnitude, ENOSPC or EDQUOT; `detail` is "N records
 /// pending, retry in MS ms: MESSAGE").
 pub const CODA_EVENT_REINTEGRATION_STALLED: u32 = 8;
+/// A replicated group elected a new leader, which the client now talks to
+/// (`detail` is "ADDR term T": the leader's group address and term).
+pub const CODA_EVENT_LEADER_CHANGED: u32 = 9;
+/// The group's leader stopped hearing from a member (`detail` names its
+/// group address); the group goes on while a majority answers.
+pub const CODA_EVENT_MEMBER_DOWN: u32 = 10;
+/// A member of the group answers its leader again (`detail` names it).
+pub const CODA_EVENT_MEMBER_UP: u32 = 11;
 
 /// Bytes of `coda_event.detail`, NUL included.
 pub const CODA_EVENT_DETAIL_LEN: usize = 256;
@@ -52,6 +60,8 @@ impl From<&Event> for coda_event {
     fn from(ev: &Event) -> coda_event {
         let (ino, text) = match ev {
             Event::ServerDown { server } | Event::ServerUp { server } => (0, server.clone()),
+            Event::LeaderChanged { leader, term } => (0, format!("{leader} term {term}")),
+            Event::MemberDown { member } | Event::MemberUp { member } => (0, member.clone()),
             Event::Failover { link, target } | Event::Failback { link, target } => {
                 (0, format!("{link} -> {target}"))
             }

@@ -528,6 +528,34 @@ pub enum Msg {
         /// The ids, in the order of the names asked.
         ids: Vec<u32>,
     },
+    /// Ask a replicated group's leader how the group stands (0x48): who
+    /// leads, and which members it hears (docs/PROTOCOL.md "Server groups").
+    GroupStatus,
+    /// The answer to `GroupStatus` (0x49).
+    GroupView {
+        /// The leader's term.
+        term: u64,
+        /// The leader's member id.
+        leader: u64,
+        /// Every voting member, by id (at most [`MAX_GROUP_MEMBERS`]).
+        members: Vec<GroupMember>,
+    },
+}
+
+/// The most members a `GroupView` may name.
+pub const MAX_GROUP_MEMBERS: usize = 64;
+/// The longest member address a `GroupView` may carry.
+pub const MAX_MEMBER_ADDR: usize = 255;
+
+/// One member of a replicated group, as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// The member's id (1-based, as in its group configuration).
+    pub id: u64,
+    /// Its group address, as the group's configuration lists it.
+    pub addr: String,
+    /// Whether the leader heard from it lately (the leader itself: true).
+    pub up: bool,
 }
 
 /// The most names one `UserIds` request may ask about.
@@ -567,6 +595,8 @@ mod code {
     pub const WHO_REPLY: u8 = 0x45;
     pub const USER_IDS: u8 = 0x46;
     pub const USER_IDS_REPLY: u8 = 0x47;
+    pub const GROUP_STATUS: u8 = 0x48;
+    pub const GROUP_VIEW: u8 = 0x49;
 }
 
 mod rec {
@@ -639,6 +669,8 @@ impl Msg {
             Msg::WhoReply { .. } => WHO_REPLY,
             Msg::UserIds { .. } => USER_IDS,
             Msg::UserIdsReply { .. } => USER_IDS_REPLY,
+            Msg::GroupStatus => GROUP_STATUS,
+            Msg::GroupView { .. } => GROUP_VIEW,
         }
     }
 
@@ -840,6 +872,17 @@ impl Msg {
                 w.u32(ids.len() as u32);
                 for id in ids {
                     w.u32(*id);
+                }
+            }
+            Msg::GroupStatus => {}
+            Msg::GroupView {
+                term,
+                leader,
+                members,
+            } => {
+                w.u64(*term).u64(*leader).u32(members.len() as u32);
+                for m in members {
+                    w.u64(m.id).str(&m.addr).u8(m.up as u8);
                 }
             }
         }
@@ -1071,6 +1114,25 @@ impl Msg {
                     ids.push(r.u32()?);
                 }
                 Msg::UserIdsReply { ids }
+            }
+            GROUP_STATUS => Msg::GroupStatus,
+            GROUP_VIEW => {
+                let term = r.u64()?;
+                let leader = r.u64()?;
+                let n = r.count(MAX_GROUP_MEMBERS, 11, "group members")?;
+                let mut members = Vec::with_capacity(n);
+                for _ in 0..n {
+                    members.push(GroupMember {
+                        id: r.u64()?,
+                        addr: r.str(MAX_MEMBER_ADDR, "member address")?,
+                        up: r.bool()?,
+                    });
+                }
+                Msg::GroupView {
+                    term,
+                    leader,
+                    members,
+                }
             }
             other => {
                 return Err(Error::Protocol(format!(
@@ -1745,6 +1807,23 @@ mod tests {
                 names: vec!["bob".into(), "admin".into()],
             },
             Msg::UserIdsReply { ids: vec![2, 0] },
+            Msg::GroupStatus,
+            Msg::GroupView {
+                term: 7,
+                leader: 2,
+                members: vec![
+                    GroupMember {
+                        id: 1,
+                        addr: "10.0.0.1:2432".into(),
+                        up: false,
+                    },
+                    GroupMember {
+                        id: 2,
+                        addr: "10.0.0.2:2432".into(),
+                        up: true,
+                    },
+                ],
+            },
         ]
     }
 

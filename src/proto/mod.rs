@@ -10,7 +10,7 @@ pub mod message;
 pub mod types;
 
 pub use frame::{read_frame, write_frame, Frame};
-pub use message::{extent_bytes, ConnKind, Msg, Record, RecordOp, Replaces, XattrHow};
+pub use message::{extent_bytes, ConnKind, GroupMember, Msg, Record, RecordOp, Replaces, XattrHow};
 pub use types::{Attr, DirEntry, Fid, FileType, Timespec, Xattrs};
 
 /// Version carried in `Hello`; a server refuses any other.

@@ -531,7 +531,8 @@ fn read_loop(
             | Msg::GetAcl { .. }
             | Msg::SetAcl { .. }
             | Msg::WhoAmI
-            | Msg::UserIds { .. }) => {
+            | Msg::UserIds { .. }
+            | Msg::GroupStatus) => {
                 // A quick read of a session with nothing else in flight is
                 // answered here: no worker hop (see `quick`).
                 let inline = shared.repl.is_none() && quick(&m) && flow.idle();
@@ -790,6 +791,12 @@ fn handle(shared: &Shared, ctx: &ClientCtx, user: &str, msg: Msg) -> Result<Msg>
                 ids: shared.store.user_ids(&names)?,
             })
         }
+        Msg::GroupStatus => match &shared.repl {
+            Some(r) => super::replication::group_view(r),
+            None => Err(Error::Invalid(
+                "this server is not a member of a replicated group".into(),
+            )),
+        },
         other => Err(Error::Protocol(format!(
             "unexpected message {:#04x}",
             other.kind()

@@ -327,6 +327,25 @@ fn check_servers(ctx: &Ctx) -> Vec<String> {
             }
         }
     }
+    // A group's leader says which members it hears: a stopped member
+    // still accepts TCP connections, so its word beats a probe of ours.
+    if asked.is_some() && ctx.servers.len() > 1 {
+        if let Ok(view) = ctx.client.group_view() {
+            if let Some(l) = view.leader() {
+                out.push(format!("group leader {} term {}", l.addr, view.term));
+            }
+            for m in &view.members {
+                out.push(format!(
+                    "member {} {} {}{}",
+                    m.id,
+                    m.addr,
+                    if m.up { "up" } else { "down" },
+                    if m.leader { " leader" } else { "" }
+                ));
+            }
+            return out;
+        }
+    }
     for addr in &ctx.servers {
         if asked.as_deref() == Some(addr.as_str()) {
             continue;

@@ -40,6 +40,7 @@ use self::config::{GroupConfig, Member};
 use self::node::{Driver, Input, NodeStatus, Published};
 use self::storage::RaftStore;
 use self::transport::{PeerKey, KIND_RAFT, KIND_STATUS, KIND_STATUS_REQ};
+use crate::proto::{GroupMember, Msg};
 use crate::server::log;
 use crate::{Error, Result};
 
@@ -340,6 +341,7 @@ impl Replicator {
             deferred: Vec::new(),
             deferred_since: None,
             inbound: Vec::new(),
+            peer_heard: Default::default(),
             campaigns: campaign::Campaigns::new(
                 me ^ std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -662,6 +664,44 @@ pub fn group_status(root: &Path, tls: bool) -> Result<Vec<MemberReport>> {
         out.push(MemberReport { member: m, status });
     }
     Ok(out)
+}
+
+/// A member the leader has heard nothing from for this long counts as down
+/// in a [`group_view`]: about six heartbeat rounds, well past a slow
+/// answer, and shorter than an election, so a client hears of a lost
+/// follower about when it would hear of a lost leader.
+pub const MEMBER_SILENT_AFTER: Duration = Duration::from_millis(1000);
+
+/// The leader's answer to a client's `GroupStatus`: the term, itself, and
+/// every voter with whether it was heard within [`MEMBER_SILENT_AFTER`].
+/// A member that is not the leader (any more) answers `Again`, as to a
+/// write: the client asks the leader it finds next.
+pub(crate) fn group_view(r: &Replicator) -> Result<Msg> {
+    let st = r.status()?;
+    if st.role != "leader" {
+        return Err(Error::Again(
+            "not the leader; ask the group's leader".into(),
+        ));
+    }
+    let heard: std::collections::HashMap<u64, u64> = st.heard_ms.iter().copied().collect();
+    let g = r.group.lock();
+    let members = st
+        .voters
+        .iter()
+        .map(|id| GroupMember {
+            id: *id,
+            addr: g.addr_of(*id).unwrap_or_default().to_string(),
+            up: *id == st.id
+                || heard
+                    .get(id)
+                    .is_some_and(|ms| *ms < MEMBER_SILENT_AFTER.as_millis() as u64),
+        })
+        .collect();
+    Ok(Msg::GroupView {
+        term: st.term,
+        leader: st.id,
+        members,
+    })
 }
 
 /// `group add` (`Some(addr)`) or `group remove` (`None`) of member `id`:

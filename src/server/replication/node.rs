@@ -124,6 +124,9 @@ pub struct NodeStatus {
     pub voters: Vec<u64>,
     /// On the leader: each member's highest replicated index.
     pub matched: Vec<(u64, u64)>,
+    /// On the leader: milliseconds since each other voter's last message
+    /// (absent: never heard since this member started).
+    pub heard_ms: Vec<(u64, u64)>,
 }
 
 impl NodeStatus {
@@ -147,6 +150,9 @@ impl NodeStatus {
         );
         for (id, m) in &self.matched {
             s.push_str(&format!("matched {id} {m}\n"));
+        }
+        for (id, ms) in &self.heard_ms {
+            s.push_str(&format!("heard {id} {ms}\n"));
         }
         s
     }
@@ -175,6 +181,7 @@ impl NodeStatus {
                         .unwrap_or_default()
                 }
                 Some("matched") => st.matched.push((num(1)?, num(2)?)),
+                Some("heard") => st.heard_ms.push((num(1)?, num(2)?)),
                 _ => {}
             }
         }
@@ -291,6 +298,11 @@ pub(super) struct Driver {
     pub inbound: Vec<Inbound>,
     /// A failed election's retry comes soon (campaign.rs).
     pub campaigns: super::campaign::Campaigns,
+    /// When each other member's last Raft message arrived: the leader
+    /// hears every follower at each heartbeat, so this is how it tells a
+    /// member lost from one that answers (`group status`, clients'
+    /// member events).
+    pub peer_heard: HashMap<u64, Instant>,
 }
 
 /// A follower applies committed entries at most this late (see
@@ -508,6 +520,7 @@ impl Driver {
     fn take(&mut self, input: Input) {
         match input {
             Input::Raft(m) => {
+                self.peer_heard.insert(m.from, Instant::now());
                 if matches!(
                     m.get_msg_type(),
                     MessageType::MsgAppend | MessageType::MsgAppendResponse
@@ -755,6 +768,15 @@ impl Driver {
         }
         let mut voters: Vec<u64> = r.prs().conf().voters().ids().iter().collect();
         voters.sort_unstable();
+        let heard_ms = if r.state == StateRole::Leader {
+            voters
+                .iter()
+                .filter(|v| **v != r.id)
+                .filter_map(|v| Some((*v, self.peer_heard.get(v)?.elapsed().as_millis() as u64)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         NodeStatus {
             id: r.id,
             role: role_name(r.state).into(),
@@ -766,6 +788,7 @@ impl Driver {
             last: r.raft_log.last_index(),
             voters,
             matched,
+            heard_ms,
         }
     }
 
