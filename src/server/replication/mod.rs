@@ -259,7 +259,14 @@ pub struct Replicator {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Open data connections to the other members, reused by pushes.
     data_pool: Arc<data::DataPool>,
+    /// The last status asked for clients' `GroupStatus`, and when: every
+    /// client asks twice a second, and one node-thread round answers all
+    /// that ask within [`VIEW_REUSE`].
+    view_status: Mutex<Option<(std::time::Instant, NodeStatus)>>,
 }
+
+/// How long one status of the node thread answers clients' `GroupStatus`.
+const VIEW_REUSE: Duration = Duration::from_millis(100);
 
 /// `CODA_REPL_PEER_THREADS=1`: a thread per accepted peer connection
 /// hands each message to the node thread, as before the node thread read
@@ -367,6 +374,7 @@ impl Replicator {
             stopping,
             thread: Mutex::new(Some(thread)),
             data_pool: Arc::default(),
+            view_status: Mutex::new(None),
         }))
     }
 
@@ -677,7 +685,21 @@ pub const MEMBER_SILENT_AFTER: Duration = Duration::from_millis(1000);
 /// A member that is not the leader (any more) answers `Again`, as to a
 /// write: the client asks the leader it finds next.
 pub(crate) fn group_view(r: &Replicator) -> Result<Msg> {
-    let st = r.status()?;
+    let cached = r
+        .view_status
+        .lock()
+        .as_ref()
+        .filter(|(at, _)| at.elapsed() < VIEW_REUSE)
+        .map(|(_, st)| st.clone());
+    let st = match cached {
+        Some(st) => st,
+        None => {
+            // Asked without the lock held (the node thread may be slow).
+            let st = r.status()?;
+            *r.view_status.lock() = Some((std::time::Instant::now(), st.clone()));
+            st
+        }
+    };
     if st.role != "leader" {
         return Err(Error::Again(
             "not the leader; ask the group's leader".into(),
