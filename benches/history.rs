@@ -37,10 +37,11 @@ fn main() {
     let ((wa, wf, wu), (ra, rf)) = r.outcomes();
     let [kills, stops, cuts] = r.faults_by_kind();
     let [p1, p2, p3] = r.violations_by_property();
-    let secs = r.run.as_secs_f64();
+    let secs = r.operating.as_secs_f64();
     println!(
-        "history under faults: seed {seed}, {:.0} s of faults ({:.0} s in all), {} operations ({:.1}/s)",
-        secs,
+        "history under faults: seed {seed}, run {} s: {secs:.1} s of operations under faults \
+         ({:.1} s in all), {} operations ({:.1}/s)",
+        r.run.as_secs(),
         r.elapsed.as_secs_f64(),
         r.ops.len(),
         r.ops.len() as f64 / secs
@@ -55,7 +56,7 @@ fn main() {
         r.faults.len()
     );
     println!(
-        "  leader's term {} -> {} ({} elections at most)",
+        "  leader's term {} -> {} (at most {} leader changes)",
         r.terms.0,
         r.terms.1,
         r.terms.1.saturating_sub(r.terms.0)

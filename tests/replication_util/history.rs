@@ -112,8 +112,11 @@ pub const FAULT_NAMES: [&str; 3] = ["kill -9", "SIGSTOP", "cut"];
 /// What one run did and what the checker found.
 pub struct Report {
     pub seed: u64,
-    /// How long the scheduler injected faults.
+    /// The run length asked: the scheduler starts no fault after it.
     pub run: Duration,
+    /// The clients' operations, from their start to the last fault healed
+    /// (the scheduler's last fault may end after `run`).
+    pub operating: Duration,
     /// The whole run, group start to final read.
     pub elapsed: Duration,
     pub t0: Instant,
@@ -337,6 +340,7 @@ pub fn run(seed: u64, run: Duration) -> Report {
         ));
     }
     stop.store(true, Ordering::SeqCst);
+    let operating = t0.elapsed();
     g.wait_caught_up(&[0, 1, 2]);
     let l = g.wait_leader(&[0, 1, 2]);
     let term1 = g.status(l).map_or(0, |s| s.term);
@@ -359,6 +363,7 @@ pub fn run(seed: u64, run: Duration) -> Report {
     Report {
         seed,
         run,
+        operating,
         elapsed: start.elapsed(),
         t0,
         ops,
