@@ -16,6 +16,9 @@ use coda::server::replication::{
 
 use crate::common::{TempDir, SERVER_BIN};
 
+/// Issue 14's randomized history run and its checker (a test and a bench).
+pub mod history;
+
 /// Bounded wait for an observable condition.
 pub fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
