@@ -212,10 +212,9 @@ fn kill_9_of_the_leader_while_two_clients_write_loses_no_acknowledged_write() {
                         progress.fetch_add(1, Ordering::SeqCst);
                     } else {
                         // Logged while no leader answered: wait until the
-                        // log reached the group before writing on (writing
-                        // while the client reintegrates its log races its
-                        // version bookkeeping: a client matter, see the
-                        // replication report).
+                        // log reached the group before writing on, so each
+                        // write's outcome is known here (writing on meanwhile
+                        // is tests/client_backlog_writes.rs's subject).
                         drain(&c);
                     }
                     writes.push((path, data, acked));

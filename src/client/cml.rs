@@ -78,7 +78,21 @@ struct Log {
     /// (`NEXT_STORE_ID`) it must stay below without a durable commit.
     next_id: u64,
     lease_end: u64,
+    /// The versions the server said our own acknowledged records gave
+    /// their targets, and when. A record about an object with no pending
+    /// record takes its base from the cache, and a status the server sent
+    /// before that acknowledgement (a `GetAttrs` answered while the batch
+    /// was in flight, a revalidation) may have set the cached version back
+    /// meanwhile: the base is never below what the server said it reached.
+    /// Kept [`ACKED_KEEP`], well past any reply still on its way.
+    acked: HashMap<Fid, (u64, Instant)>,
 }
+
+/// How long an acknowledged version guards the next base (see `acked`):
+/// a reply comes within the RPC timeout or not at all.
+const ACKED_KEEP: Duration = Duration::from_secs(120);
+/// Past this many acknowledged versions kept, the old ones are dropped.
+const ACKED_PRUNE_AT: usize = 4096;
 
 /// Every fid a record mentions.
 pub(crate) fn mentions(op: &RecordOp) -> Vec<Fid> {
@@ -200,6 +214,24 @@ fn stage_unwritten(log: &Log, w: &redb::WriteTransaction, except: &[u64]) -> Res
 }
 
 impl Log {
+    /// The server says records of ours took these objects to these versions.
+    fn note_acked(&mut self, applied: &[(Fid, u64)]) {
+        let now = Instant::now();
+        for (fid, v) in applied {
+            let e = self.acked.entry(*fid).or_insert((*v, now));
+            *e = (e.0.max(*v), now);
+        }
+        if self.acked.len() > ACKED_PRUNE_AT {
+            self.acked.retain(|_, (_, at)| at.elapsed() < ACKED_KEEP);
+        }
+    }
+
+    /// The version a new base for `fid` starts from: the cached one, or
+    /// the one our own last acknowledged change reached if that is later.
+    fn base_from(&self, fid: Fid, cached: u64) -> u64 {
+        self.acked.get(&fid).map_or(cached, |(v, _)| cached.max(*v))
+    }
+
     /// The records `ids` are in the table now.
     fn wrote(&mut self, ids: &[u64]) {
         for id in ids {
@@ -702,7 +734,7 @@ impl Cml {
         let target = op.target();
         let fresh = log.created_here(target).is_some() || created(&op).is_some();
         let new_base = match cached_version {
-            Some(v) if !fresh && !log.base.contains_key(&target) => Some(v),
+            Some(v) if !fresh && !log.base.contains_key(&target) => Some(log.base_from(target, v)),
             _ => None,
         };
         let base = new_base.or_else(|| log.base.get(&target).copied());
@@ -889,7 +921,11 @@ impl Cml {
         let mut base = None;
         if let (Some(v), Some(e)) = (cached_version, expected_mut(&mut r.op)) {
             if log.created_here(target).is_none() {
-                let b = log.base.get(&target).copied().unwrap_or(v);
+                let b = log
+                    .base
+                    .get(&target)
+                    .copied()
+                    .unwrap_or_else(|| log.base_from(target, v));
                 *e = b;
                 base = Some(b);
             }
@@ -915,10 +951,11 @@ impl Cml {
         Ok(())
     }
 
-    /// Remove connected records the server acknowledged. Not fsynced: a
-    /// crash before the index reaches the disk leaves them logged, and
-    /// their replay is answered "already applied" by their store ids.
-    pub fn finish_acked(&self, ids: &[u64]) -> Result<()> {
+    /// Remove connected records the server acknowledged (`applied`: the
+    /// versions it gave their targets). Not fsynced: a crash before the
+    /// index reaches the disk leaves them logged, and their replay is
+    /// answered "already applied" by their store ids.
+    pub fn finish_acked(&self, ids: &[u64], applied: &[(Fid, u64)]) -> Result<()> {
         {
             // Held in memory only (the usual case): nothing to remove from
             // the table.
@@ -930,6 +967,7 @@ impl Cml {
                 for id in ids {
                     log.take(*id);
                 }
+                log.note_acked(applied);
                 self.pending.store(log.recs.len(), Ordering::Relaxed);
                 return Ok(());
             }
@@ -946,6 +984,7 @@ impl Cml {
         for id in ids {
             log.take(*id);
         }
+        log.note_acked(applied);
         self.pending.store(log.recs.len(), Ordering::Relaxed);
         Ok(())
     }
@@ -981,10 +1020,14 @@ impl Cml {
                     bt.remove(&f.to_bytes()[..])?;
                     bases.insert(f, None);
                 } else if let Some(v) = log.base.get(&f) {
+                    // A batch may change an object more than once: the
+                    // version after its last change (versions only grow).
                     let v = applied
                         .iter()
-                        .find(|(a, _)| *a == f)
-                        .map_or(*v, |(_, v)| *v);
+                        .filter(|(a, _)| *a == f)
+                        .map(|(_, v)| *v)
+                        .max()
+                        .unwrap_or(*v);
                     bt.insert(&f.to_bytes()[..], v)?;
                     bases.insert(f, Some(v));
                 }
@@ -994,9 +1037,10 @@ impl Cml {
         let mut log = self.commit(w, log, ids)?;
         log.wrote(&staged);
         let out: Vec<Record> = ids.iter().filter_map(|id| log.take(*id)).collect();
+        log.note_acked(applied);
         for (fid, v) in applied {
-            if log.base.contains_key(fid) {
-                log.base.insert(*fid, *v);
+            if let Some(b) = log.base.get_mut(fid) {
+                *b = (*b).max(*v);
             }
         }
         for (f, b) in bases {
@@ -1210,7 +1254,7 @@ mod tests {
                 .map(|_| cml.log_connected(store(f)).unwrap().store_id)
                 .collect();
             assert_eq!(ids, vec![1, 2, 3], "consecutive within a run");
-            cml.finish_acked(&ids).unwrap();
+            cml.finish_acked(&ids, &[]).unwrap();
             3
         };
         let cml = open(&dir);
@@ -1262,7 +1306,7 @@ mod tests {
                 .store_id;
             assert_eq!(rows(&cml), vec![a], "held in memory only");
             assert_eq!(cml.len(), 3);
-            cml.finish_acked(&[a, b]).unwrap();
+            cml.finish_acked(&[a, b], &[]).unwrap();
             assert_eq!(rows(&cml), Vec::<u64>::new(), "the written one removed");
             assert_eq!(cml.len(), 1);
             // The server stopped answering: the durable commit writes it.
@@ -1349,7 +1393,7 @@ mod tests {
                 .log_connected(store(Fid::new(1, 4, 1)))
                 .unwrap()
                 .store_id;
-            cml.finish_acked(&[first]).unwrap();
+            cml.finish_acked(&[first], &[]).unwrap();
             let made = Fid::new(1, 8, 1);
             let k = cml.log_connected(create(made, "k")).unwrap().store_id;
             let r = cml
@@ -1676,6 +1720,57 @@ mod tests {
                 ..
             }
         ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn expects(r: &Record) -> u64 {
+        match r.op {
+            RecordOp::Store {
+                expected_version, ..
+            } => expected_version,
+            _ => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn a_batch_that_changed_an_object_twice_leaves_the_later_version_as_base() {
+        let dir = tmp("twice");
+        let cml = open(&dir);
+        let f = Fid::new(1, 5, 1);
+        cml.log(store(f), Some(4), true, true).unwrap();
+        let first = cml.next_batch(10, 1 << 20, None).unwrap();
+        // Logged while the first is in flight: not cancelled, sent after it.
+        cml.log(store(f), Some(5), true, true).unwrap();
+        let both = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert_eq!((first.len(), both.len()), (1, 2));
+        // A third, logged before the two are acknowledged together.
+        cml.log(store(f), Some(6), true, true).unwrap();
+        let ids: Vec<u64> = both.iter().map(|r| r.store_id).collect();
+        cml.finish(&ids, &[(f, 5), (f, 6)]).unwrap();
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(expects(&b[0]), 6, "the server is at 6, not 5");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_base_is_never_below_the_version_our_own_acknowledged_change_reached() {
+        let dir = tmp("acked");
+        let cml = open(&dir);
+        let f = Fid::new(1, 5, 1);
+        cml.log(store(f), Some(4), true, true).unwrap();
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        cml.finish(&[b[0].store_id], &[(f, 5)]).unwrap();
+        // The cache was set back to 4 by a status the server sent before
+        // it applied the store: the next record still expects 5.
+        cml.log(store(f), Some(4), true, true).unwrap();
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert_eq!(expects(&b[0]), 5);
+        // A later version someone else made (the cache revalidated) wins.
+        cml.finish(&[b[0].store_id], &[(f, 6)]).unwrap();
+        cml.log(store(f), Some(9), true, true).unwrap();
+        let b = cml.next_batch(10, 1 << 20, None).unwrap();
+        assert_eq!(expects(&b[0]), 9);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -889,12 +889,14 @@ impl Reintegrator<'_> {
         answer: std::result::Result<Option<Vec<Attr>>, (Option<usize>, Error)>,
     ) {
         let out = &self.outbox;
-        if let Ok(Some(_)) = &answer {
+        if let Ok(Some(attrs)) = &answer {
             // If this fails the records stay logged and are sent again
             // later: the server answers them as replays. Done before the
             // batch leaves the flight, so the next batch never starts at a
             // record still in the log as if unsent.
-            let _ = self.cml.finish_acked(ids);
+            let applied: Vec<(crate::proto::Fid, u64)> =
+                attrs.iter().map(|a| (a.fid, a.version)).collect();
+            let _ = self.cml.finish_acked(ids, &applied);
             Counters::add(&self.counters.reintegrations, 1);
             Counters::add(&self.counters.records_reintegrated, ids.len() as u64);
         }
