@@ -287,9 +287,8 @@ pub fn run(seed: u64, run: Duration) -> Report {
                 let mut op = op;
                 if op.unknown {
                     // Wait until the client's log reached the group before
-                    // the next operation (bounded): writing while a client
-                    // reintegrates races its version bookkeeping, a client
-                    // matter outside this test.
+                    // the next operation (bounded), so the operation's
+                    // outcome is known when it lands.
                     let end = Instant::now() + Duration::from_secs(30);
                     while c.pending_records() > 0 && Instant::now() < end {
                         let _ = c.reintegrate_now();
