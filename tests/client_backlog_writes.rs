@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 use client_util::*;
 use common::TempDir;
 
-fn try_put(c: &coda::client::Client, path: &str, data: &[u8]) -> coda::Result<()> {
-    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
-    let mut off = 0;
-    while off < data.len() {
-        off += f.write_at(&data[off..], off as u64)?;
-    }
-    f.close()
-}
-
 #[test]
 fn writes_while_an_outage_log_reintegrates_never_conflict_with_themselves() {
     let mut srv = start();

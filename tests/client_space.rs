@@ -200,15 +200,6 @@ fn data(tag: &str, n: usize) -> Vec<u8> {
     tag.bytes().cycle().take(n).collect()
 }
 
-fn try_put(c: &Client, path: &str, d: &[u8]) -> coda::Result<()> {
-    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
-    let mut off = 0;
-    while off < d.len() {
-        off += f.write_at(&d[off..], off as u64)?;
-    }
-    f.close()
-}
-
 #[test]
 fn a_full_server_disk_gets_enospc_to_the_caller_and_a_backed_off_retry_of_the_log() {
     if !prerequisites("the server-full test") {

@@ -156,17 +156,8 @@ fn init_refuses_a_bad_group_and_a_served_source() {
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use client_util::try_put;
 use coda::client::Client;
-
-/// Write `data` as the whole of `path`; Ok only if the client acknowledged it.
-fn try_put(c: &Client, path: &str, data: &[u8]) -> coda::Result<()> {
-    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
-    let mut off = 0;
-    while off < data.len() {
-        off += f.write_at(&data[off..], off as u64)?;
-    }
-    f.close()
-}
 
 /// Bring a client's log to the group (bounded), so what it acknowledged
 /// while cut off is on the servers too.

@@ -33,6 +33,16 @@ pub fn client(server: &TestServer, cache_dir: &Path) -> Client {
     Client::new(config(server, cache_dir)).expect("client connects")
 }
 
+/// As `put`, with the error returned (a write that may find no server).
+pub fn try_put(c: &Client, path: &str, data: &[u8]) -> coda::Result<()> {
+    let mut f = c.open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC, 0o644)?;
+    let mut off = 0;
+    while off < data.len() {
+        off += f.write_at(&data[off..], off as u64)?;
+    }
+    f.close()
+}
+
 /// Write `data` as the whole new contents of `path` (created if needed).
 pub fn put(c: &Client, path: &str, data: &[u8]) {
     let mut f = c
