@@ -19,6 +19,9 @@ use crate::{Error, Result};
 
 /// How often the leader is asked how the group stands.
 pub const GROUP_POLL: Duration = Duration::from_millis(500);
+/// How often while the servers answer that they are no group (several
+/// lone servers listed) or do not know the request (an older server).
+const NOT_A_GROUP_POLL: Duration = Duration::from_secs(60);
 
 /// One member of a replicated group, as its leader reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,16 +128,22 @@ pub(crate) fn spawn<C: Watched>(inner: Weak<C>, stop: Receiver<()>) -> Result<()
         .name("coda-group".into())
         .spawn(move || {
             let mut last: Option<GroupView> = None;
+            let mut wait = GROUP_POLL;
             loop {
                 select! {
                     recv(stop) -> _ => return,
-                    default(GROUP_POLL) => {}
+                    default(wait) => {}
                 }
                 let Some(inner) = inner.upgrade() else { return };
-                if let Some(view) = poll(&*inner) {
-                    Counters::add(&inner.counters().group_views, 1);
-                    emit_all(inner.events(), changes(last.as_ref(), &view));
-                    last = Some(view);
+                wait = GROUP_POLL;
+                match poll(&*inner) {
+                    Some(Ok(view)) => {
+                        Counters::add(&inner.counters().group_views, 1);
+                        emit_all(inner.events(), changes(last.as_ref(), &view));
+                        last = Some(view);
+                    }
+                    Some(Err(Error::Invalid(_) | Error::Protocol(_))) => wait = NOT_A_GROUP_POLL,
+                    _ => {}
                 }
             }
         })
@@ -142,16 +151,16 @@ pub(crate) fn spawn<C: Watched>(inner: Weak<C>, stop: Receiver<()>) -> Result<()
     Ok(())
 }
 
-/// One look at the group, on the live session only: this thread never
-/// connects (the prober and callers do), and a member that is not the
-/// leader any more, or no answer within the poll, skips the round.
-fn poll(inner: &impl Watched) -> Option<GroupView> {
+/// One look at the group, on the live session only (None without one):
+/// this thread never connects (the prober and callers do). A member that is
+/// not the leader any more, or no answer within the poll, skips the round.
+fn poll(inner: &impl Watched) -> Option<Result<GroupView>> {
     let servers = inner.servers();
     let s = servers.current().filter(|s| !s.is_dead())?;
-    let reply = s
-        .call_within(&Msg::GroupStatus, &inner.health().interrupt, GROUP_POLL)
-        .ok()?;
-    GroupView::from_reply(reply).ok()
+    Some(
+        s.call_within(&Msg::GroupStatus, &inner.health().interrupt, GROUP_POLL)
+            .and_then(GroupView::from_reply),
+    )
 }
 
 fn emit_all(events: &EventBus, list: Vec<Event>) {

@@ -26,17 +26,21 @@ use crate::fs::Shared;
 /// otherwise often find `f` still open.
 const RELEASE_GRACE: Duration = Duration::from_millis(500);
 
-/// `Client::flush`, trying the busy objects again until none is busy or
-/// `RELEASE_GRACE` has passed. Objects dropped by an earlier try report
-/// nothing to drop on the next, so the counts add up.
+/// `Client::flush`, trying again while something is busy: for one object
+/// until `RELEASE_GRACE` has passed; for the whole cache once, after a
+/// moment (every pass walks every object, and a file a program keeps open
+/// stays busy however long one waits). Objects dropped by an earlier try
+/// report nothing to drop on the next, so the counts add up.
 fn flush(c: &Client, path: Option<&str>) -> coda::Result<coda::client::FlushReport> {
     let deadline = Instant::now() + RELEASE_GRACE;
     let mut r = c.flush(path)?;
-    while r.busy > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    let mut tries = 0;
+    while r.busy > 0 && Instant::now() < deadline && (path.is_some() || tries == 0) {
+        std::thread::sleep(Duration::from_millis(if path.is_some() { 10 } else { 50 }));
         let again = c.flush(path)?;
         r.flushed += again.flushed;
         r.busy = again.busy;
+        tries += 1;
     }
     Ok(r)
 }
