@@ -2033,20 +2033,13 @@ mod tests {
             c.background_saves(true);
             let wait = c.save_wait();
             let before = c.commits.load(Ordering::Relaxed);
-            assert!(
-                !wait.wait(Duration::from_millis(1)),
-                "nothing handed off yet"
-            );
+            assert!(!wait.wait(Duration::from_millis(1)), "nothing handed off yet");
             c.set_attr(&a);
             c.set_attr(&b);
             assert_eq!(c.commits.load(Ordering::Relaxed), before, "handed off");
             assert!(wait.wait(Duration::ZERO));
             c.save_round();
-            assert_eq!(
-                c.commits.load(Ordering::Relaxed),
-                before + 1,
-                "one for both"
-            );
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1, "one for both");
             assert!(!wait.wait(Duration::ZERO));
             c.set_attr(&x);
             c.background_saves(false);
