@@ -158,53 +158,6 @@ impl Clone for Client {
     }
 }
 
-/// `CODA_CLIENT_INDEX_THREAD=off`: callers commit their unsynced index
-/// saves themselves, as before the index thread (measuring what it gains).
-const INDEX_THREAD_ENV: &str = "CODA_CLIENT_INDEX_THREAD";
-
-/// How long the index thread lets saves gather before it commits them.
-const SAVE_GATHER: Duration = Duration::from_millis(5);
-
-/// The client's index thread, `coda-index`: it commits the cache's
-/// unsynced index saves (`Cache::save_round`), whatever arrived meanwhile
-/// in one transaction, so no caller pays redb's commit on its own path
-/// (docs/CLIENT.md "The index thread"). It holds the client weakly and ends
-/// with it; what it has not committed then goes with the client's last
-/// durable commit.
-fn spawn_index_saver(
-    inner: std::sync::Weak<Inner>,
-    stop: crossbeam_channel::Receiver<()>,
-) -> Result<()> {
-    let Some(saves) = inner.upgrade().map(|i| {
-        i.cache.background_saves(true);
-        i.cache.save_wait()
-    }) else {
-        return Ok(());
-    };
-    std::thread::Builder::new()
-        .name("coda-index".into())
-        .spawn(move || loop {
-            // Waits without holding the client, which holds it only for
-            // a commit: a client dropped is not kept alive here.
-            let waiting = saves.wait(Duration::from_millis(50));
-            if matches!(
-                stop.try_recv(),
-                Err(crossbeam_channel::TryRecvError::Disconnected)
-            ) {
-                return;
-            }
-            if waiting {
-                // Let the saves of a burst gather: one transaction for
-                // them all costs little more than one for the first.
-                std::thread::sleep(SAVE_GATHER);
-                let Some(inner) = inner.upgrade() else { return };
-                inner.cache.save_round();
-            }
-        })
-        .map_err(|e| Error::io("spawning the index thread", e))?;
-    Ok(())
-}
-
 impl Drop for Client {
     fn drop(&mut self) {
         // The last handle: make the index durable here, before the caller
@@ -303,9 +256,6 @@ impl Client {
         });
         if inner.servers.several() {
             super::group::spawn(Arc::downgrade(&inner), stopped.clone())?;
-        }
-        if std::env::var(INDEX_THREAD_ENV).map_or(true, |v| v != "off") {
-            spawn_index_saver(Arc::downgrade(&inner), stopped.clone())?;
         }
         probe::spawn(&inner, stopped)?;
         // Reintegrates what a crashed run logged (the server recognises

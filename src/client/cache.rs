@@ -408,9 +408,7 @@ pub(crate) struct Cache {
     /// Index transactions committed by the cache (for tests).
     commits: AtomicU32,
     /// Unsynced saves handed to the thread committing (`hand_off`).
-    handoff: Arc<Mutex<Handoff>>,
-    /// Wakes the client's index thread when saves are handed to it.
-    handoff_wake: Arc<Condvar>,
+    handoff: Mutex<Handoff>,
     /// Empty containers made ahead of time for new files.
     spares: Arc<Spares>,
     /// The thread refilling `spares` (`None` when the pool is off);
@@ -433,26 +431,6 @@ impl Drop for Cache {
 struct Handoff {
     fids: Vec<Fid>,
     busy: bool,
-    /// The client's index thread commits every handed-off save
-    /// (`save_round`), so no caller commits one on its own path.
-    background: bool,
-}
-
-/// Where the index thread waits for saves (`Cache::save_wait`).
-pub(crate) struct SaveWait {
-    handoff: Arc<Mutex<Handoff>>,
-    wake: Arc<Condvar>,
-}
-
-impl SaveWait {
-    /// Wait at most `wait` for handed-off saves; whether any are waiting.
-    pub(crate) fn wait(&self, wait: Duration) -> bool {
-        let mut h = self.handoff.lock();
-        if h.fids.is_empty() {
-            self.wake.wait_for(&mut h, wait);
-        }
-        !h.fids.is_empty()
-    }
 }
 
 /// Rounds one thread commits for the others before it goes back to its
@@ -573,8 +551,7 @@ impl Cache {
             undurable: AtomicU32::new(0),
             riding: AtomicBool::new(false),
             commits: AtomicU32::new(0),
-            handoff: Arc::default(),
-            handoff_wake: Arc::default(),
+            handoff: Mutex::new(Handoff::default()),
         })
     }
 
@@ -752,10 +729,6 @@ impl Cache {
         {
             let mut h = self.handoff.lock();
             h.fids.extend_from_slice(fids);
-            if h.background {
-                self.handoff_wake.notify_one();
-                return;
-            }
             if h.busy {
                 return;
             }
@@ -772,43 +745,6 @@ impl Cache {
             };
             self.persist_now(&dedup(batch), false);
         }
-        self.handoff.lock().busy = false;
-    }
-
-    /// From now on (`on`) the client's index thread commits the unsynced
-    /// saves (`save_round`): a caller hands them off and goes on, and the
-    /// thread commits whatever arrived meanwhile in one transaction. Off:
-    /// callers commit them again (`hand_off`), and those waiting are
-    /// committed here.
-    pub(crate) fn background_saves(&self, on: bool) {
-        self.handoff.lock().background = on;
-        if !on {
-            let waiting = std::mem::take(&mut self.handoff.lock().fids);
-            self.persist_now(&dedup(waiting), false);
-        }
-    }
-
-    /// What the index thread waits on, without holding the client.
-    pub(crate) fn save_wait(&self) -> SaveWait {
-        SaveWait {
-            handoff: Arc::clone(&self.handoff),
-            wake: Arc::clone(&self.handoff_wake),
-        }
-    }
-
-    /// The index thread's turn: commit every handed-off save waiting, in
-    /// one unsynced transaction (a durable commit that comes meanwhile
-    /// takes them along instead).
-    pub(crate) fn save_round(&self) {
-        let batch = {
-            let mut h = self.handoff.lock();
-            if h.fids.is_empty() || h.busy {
-                return;
-            }
-            h.busy = true;
-            std::mem::take(&mut h.fids)
-        };
-        self.persist_now(&dedup(batch), false);
         self.handoff.lock().busy = false;
     }
 
@@ -2015,40 +1951,6 @@ mod tests {
         let db = Arc::new(Index::at(&dir.join("index.redb")));
         let c = Cache::open(&dir, db, 1000).unwrap();
         assert_eq!(c.get(a.fid).unwrap().attr.size, 7);
-        assert_eq!(c.get(b.fid).unwrap().attr.version, 2);
-        assert_eq!(c.get(x.fid).unwrap().attr.version, 3);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// With the index thread on, a save is handed off and the caller goes
-    /// on: the thread's round commits every save waiting in one
-    /// transaction; turning it off commits what still waits.
-    #[test]
-    fn background_saves_are_committed_by_the_index_threads_round() {
-        let dir = tmpdir("background");
-        let (a, b, x) = (attr(21, 0, 1), attr(22, 0, 2), attr(23, 0, 3));
-        {
-            let db = Arc::new(Index::at(&dir.join("index.redb")));
-            let c = Cache::open(&dir, db, 1000).unwrap();
-            c.background_saves(true);
-            let wait = c.save_wait();
-            let before = c.commits.load(Ordering::Relaxed);
-            assert!(!wait.wait(Duration::from_millis(1)), "nothing handed off yet");
-            c.set_attr(&a);
-            c.set_attr(&b);
-            assert_eq!(c.commits.load(Ordering::Relaxed), before, "handed off");
-            assert!(wait.wait(Duration::ZERO));
-            c.save_round();
-            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1, "one for both");
-            assert!(!wait.wait(Duration::ZERO));
-            c.set_attr(&x);
-            c.background_saves(false);
-            assert_eq!(c.commits.load(Ordering::Relaxed), before + 2);
-            c.flush_lru();
-        }
-        let db = Arc::new(Index::at(&dir.join("index.redb")));
-        let c = Cache::open(&dir, db, 1000).unwrap();
-        assert_eq!(c.get(a.fid).unwrap().attr.version, 1);
         assert_eq!(c.get(b.fid).unwrap().attr.version, 2);
         assert_eq!(c.get(x.fid).unwrap().attr.version, 3);
         let _ = std::fs::remove_dir_all(&dir);
