@@ -1630,6 +1630,7 @@ mod tests {
         assert!(!c.container(b.fid).exists());
         assert!(c.get(d.fid).unwrap().data_current());
         assert_eq!(c.bytes(), 300);
+        drop(c); // its spare thread stops first
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1661,6 +1662,7 @@ mod tests {
         assert!(!c.container(orphan).exists(), "unindexed: removed");
         assert!(dir.join("containers").join("not-a-fid").exists());
         assert_eq!(c.bytes(), 10);
+        drop(c); // its spare thread stops first
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1675,6 +1677,7 @@ mod tests {
         fill(&c, &b, false);
         assert!(!c.container(a.fid).exists());
         assert_eq!(c.bytes(), 60);
+        drop(c); // its spare thread stops first
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1719,6 +1722,8 @@ mod tests {
         let got = c.install_fetched_listing(&d(6), newer);
         assert!(got.get("mine").is_none() && got.get("b").is_some());
         assert_eq!(c.get(d(4).fid).unwrap().attr.version, 6);
+        // Its spare thread stops with it: removed after, the directory stays gone.
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1987,6 +1992,7 @@ mod tests {
         let d = c.get(Fid::new(1, 1, 1)).unwrap();
         assert_eq!(d.listing_current().unwrap().get("x").unwrap().fid, a.fid);
         assert_eq!(c.bytes(), 5);
+        drop(c); // its spare thread stops first
         let _ = std::fs::remove_dir_all(&dir);
     }
 
