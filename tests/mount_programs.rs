@@ -474,15 +474,7 @@ fn fsx_random_operations_match_the_model() {
     if !fuse_available() {
         return;
     }
-    let seed = std::env::var("CODA_FSX_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = common::seed_from_env("CODA_FSX_SEED");
     eprintln!("fsx seed {seed} (rerun with CODA_FSX_SEED={seed})");
     let srv = client_util::start();
     let d = TempDir::new("prog-fsx");

@@ -86,12 +86,17 @@ struct Log {
     /// meanwhile: the base is never below what the server said it reached.
     /// Kept [`ACKED_KEEP`], well past any reply still on its way.
     acked: HashMap<Fid, (u64, Instant)>,
+    /// `acked` is pruned when it grows past this (twice what the last
+    /// pruning kept, at least [`ACKED_PRUNE_AT`]): a pass over it per
+    /// acknowledgement would cost every connected write O(entries).
+    acked_prune_len: usize,
 }
 
 /// How long an acknowledged version guards the next base (see `acked`):
 /// a reply comes within the RPC timeout or not at all.
 const ACKED_KEEP: Duration = Duration::from_secs(120);
-/// Past this many acknowledged versions kept, the old ones are dropped.
+/// Past this many acknowledged versions kept, the old ones are dropped
+/// (see `acked_prune_len`).
 const ACKED_PRUNE_AT: usize = 4096;
 
 /// Every fid a record mentions.
@@ -221,8 +226,9 @@ impl Log {
             let e = self.acked.entry(*fid).or_insert((*v, now));
             *e = (e.0.max(*v), now);
         }
-        if self.acked.len() > ACKED_PRUNE_AT {
+        if self.acked.len() > self.acked_prune_len.max(ACKED_PRUNE_AT) {
             self.acked.retain(|_, (_, at)| at.elapsed() < ACKED_KEEP);
+            self.acked_prune_len = 2 * self.acked.len();
         }
     }
 
@@ -1772,5 +1778,27 @@ mod tests {
         let b = cml.next_batch(10, 1 << 20, None).unwrap();
         assert_eq!(expects(&b[0]), 9);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn acknowledged_versions_are_pruned_once_old_and_not_at_every_acknowledgement() {
+        let mut log = Log::default();
+        let old = Instant::now() - ACKED_KEEP - Duration::from_secs(1);
+        for v in 0..ACKED_PRUNE_AT as u64 {
+            log.acked.insert(Fid::new(1, v + 10, 1), (v, old));
+        }
+        let recent = |v: u64| Fid::new(2, v, 1);
+        log.note_acked(&[(recent(0), 1)]);
+        assert_eq!(log.acked.len(), 1, "past the limit the old ones go");
+        log.note_acked(&[(recent(1), 1)]);
+        assert_eq!(log.acked.len(), 2);
+        // Recent ones are kept, and the next pass waits for the map to
+        // double.
+        for v in 2..(ACKED_PRUNE_AT as u64 + 10) {
+            log.note_acked(&[(recent(v), 1)]);
+        }
+        assert_eq!(log.acked.len(), ACKED_PRUNE_AT + 10);
+        assert_eq!(log.acked_prune_len, 2 * (ACKED_PRUNE_AT + 1));
+        assert_eq!(log.base_from(recent(5), 0), 1);
     }
 }

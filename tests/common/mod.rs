@@ -202,6 +202,20 @@ impl Drop for TestServer {
     }
 }
 
+/// A randomized test's seed: `var`'s value if set (to repeat a run),
+/// else one from the clock. The caller prints it.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+}
+
 /// Waits (at most 5 s) until every thread of `pid` is in the stopped state
 /// (`T` in /proc/PID/task/*/stat), after a SIGSTOP was sent to it.
 pub fn wait_stopped(pid: i32) {

@@ -85,16 +85,7 @@ fn read(c: &Client, path: &str) -> coda::Result<String> {
 
 /// The seed from `CODA_HISTORY_SEED`, else one from the clock.
 pub fn seed_from_env() -> u64 {
-    std::env::var("CODA_HISTORY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
+    crate::common::seed_from_env("CODA_HISTORY_SEED")
 }
 
 /// `CODA_HISTORY_RUN_S` if set (a shorter or longer run, to repeat one
