@@ -405,6 +405,9 @@ pub(crate) struct Cache {
     undurable: AtomicU32,
     /// Unsynced saves wait for the log's next transaction (`set_riding`).
     riding: AtomicBool,
+    /// The client's index thread commits waiting saves (`background_saves`):
+    /// every unsynced save rides, whatever the mode.
+    background: AtomicBool,
     /// Index transactions committed by the cache (for tests).
     commits: AtomicU32,
     /// Unsynced saves handed to the thread committing (`hand_off`).
@@ -550,6 +553,7 @@ impl Cache {
             unsynced_names: Mutex::new(HashSet::new()),
             undurable: AtomicU32::new(0),
             riding: AtomicBool::new(false),
+            background: AtomicBool::new(false),
             commits: AtomicU32::new(0),
             handoff: Mutex::new(Handoff::default()),
         })
@@ -702,7 +706,9 @@ impl Cache {
         if !durable && self.defer(fids) {
             return;
         }
-        if !durable && self.riding.load(Ordering::Relaxed) {
+        if !durable
+            && (self.riding.load(Ordering::Relaxed) || self.background.load(Ordering::Relaxed))
+        {
             return self.ride(fids);
         }
         if !durable {
@@ -860,6 +866,24 @@ impl Cache {
     /// write-disconnected modes, where nearly every call logs a record).
     pub fn set_riding(&self, on: bool) {
         self.riding.store(on, Ordering::Relaxed);
+    }
+
+    /// From now on (`on`) the client's index thread (`coda-index`) commits
+    /// the unsynced saves: every one rides (`ride`), made now and written
+    /// by the log's next transaction, the next durable commit, or the
+    /// thread's next round (`flush_riders`), whichever comes first. A
+    /// caller so pays no index commit of its own. Nothing a crash keeps
+    /// changes: an unsynced commit survives no crash (redb writes its
+    /// header only at a durable commit), and a waiting save is written no
+    /// later than the first log transaction after it, as a committed one
+    /// would be made durable by it; so the index never holds a log change
+    /// without the cache saves made before it. Off: callers commit again,
+    /// and what waits is committed here.
+    pub(crate) fn background_saves(&self, on: bool) {
+        self.background.store(on, Ordering::Relaxed);
+        if !on {
+            self.flush_riders();
+        }
     }
 
     /// Commit the saves waiting to ride, if any (the reintegrator's turn:
@@ -1354,6 +1378,9 @@ pub(crate) struct Index {
     /// Entries whose waiting saves a failed commit lost: saved again
     /// (listings whole) by the cache's next save.
     lost: Mutex<HashSet<Fid>>,
+    /// Wakes the index thread (`wait_riders`) when the first cache save of
+    /// a round starts waiting.
+    riders_wake: Condvar,
 }
 
 #[allow(clippy::result_large_err)]
@@ -1373,12 +1400,26 @@ impl Index {
             reopening: Mutex::new(()),
             riders: Mutex::new(Vec::new()),
             lost: Mutex::new(HashSet::new()),
+            riders_wake: Condvar::new(),
         })
+    }
+
+    /// Wait at most `wait` for cache saves to ride; whether any wait. (The
+    /// index thread's wait: it holds the index only, not the client.)
+    pub(crate) fn wait_riders(&self, wait: Duration) -> bool {
+        let mut r = self.riders.lock();
+        if r.is_empty() {
+            self.riders_wake.wait_for(&mut r, wait);
+        }
+        !r.is_empty()
     }
 
     /// Add made saves to those waiting; returns how many wait.
     fn push_riders(&self, rows: Vec<Row>) -> usize {
         let mut r = self.riders.lock();
+        if r.is_empty() {
+            self.riders_wake.notify_one();
+        }
         r.extend(rows.into_iter().map(Rider::Cache));
         r.len()
     }
@@ -1916,6 +1957,68 @@ mod tests {
         assert_eq!(l.get("third").unwrap().fid.vnode, 10);
         assert!(c.get(attr(100 + RIDERS_MAX as u64 - 1, 0, 1).fid).is_some());
         assert!(c.get(attr(50, 0, 1).fid).is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// With the index thread (`background_saves`) every unsynced save
+    /// rides, even with riding mode off: the caller commits nothing, the
+    /// thread is woken (`wait_riders`), and its round commits them all in
+    /// one transaction; a log transaction before that round writes them
+    /// first. Turning it off commits what still waits.
+    #[test]
+    fn background_saves_ride_and_the_threads_round_commits_them() {
+        let dir = tmpdir("background");
+        let (a, b, x) = (attr(21, 0, 1), attr(22, 0, 2), attr(23, 0, 3));
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open_with_spares(&dir, db.clone(), 1000, 0).unwrap();
+            c.background_saves(true);
+            let before = c.commits.load(Ordering::Relaxed);
+            assert!(!db.wait_riders(Duration::from_millis(1)), "nothing yet");
+            // The thread's wait ends when the first save starts waiting.
+            let waiter = {
+                let db = db.clone();
+                std::thread::spawn(move || db.wait_riders(Duration::from_secs(30)))
+            };
+            std::thread::sleep(Duration::from_millis(20));
+            c.set_attr(&a);
+            assert!(waiter.join().unwrap(), "woken by the save");
+            c.set_attr(&b);
+            assert_eq!(
+                c.commits.load(Ordering::Relaxed),
+                before,
+                "the callers commit nothing"
+            );
+            c.flush_riders();
+            assert_eq!(
+                c.commits.load(Ordering::Relaxed),
+                before + 1,
+                "one for both"
+            );
+            assert!(!db.wait_riders(Duration::ZERO));
+            // A log transaction before the thread's round writes them.
+            c.set_attr(&attr(24, 0, 4));
+            let w = db.begin_write().unwrap();
+            w.open_table(META).unwrap().insert("x", 1).unwrap();
+            let staged = db.stage_riders(&w, &[]).unwrap();
+            assert_eq!(staged.len(), 1);
+            w.commit().unwrap();
+            c.set_attr(&x);
+            c.background_saves(false);
+            assert_eq!(
+                c.commits.load(Ordering::Relaxed),
+                before + 2,
+                "off: committed"
+            );
+            c.flush_lru();
+        }
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+        assert_eq!(c.get(a.fid).unwrap().attr.version, 1);
+        assert_eq!(c.get(b.fid).unwrap().attr.version, 2);
+        assert_eq!(c.get(attr(24, 0, 4).fid).unwrap().attr.version, 4);
+        assert_eq!(c.get(x.fid).unwrap().attr.version, 3);
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
