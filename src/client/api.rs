@@ -163,7 +163,11 @@ impl Clone for Client {
 const INDEX_THREAD_ENV: &str = "CODA_CLIENT_INDEX_THREAD";
 
 /// How long the index thread lets saves gather before it commits them.
-const SAVE_GATHER: Duration = Duration::from_millis(5);
+/// Measured (docs/BENCHMARKS.md, "The index thread, riding"): 5 ms left 4
+/// writers at 2.2-2.5x one writer's files/s, 25 ms 2.5-2.8x, 50 ms no
+/// better; at 2,500 files/s 25 ms gathers about 120 rows, under the 256
+/// at which a caller commits them itself.
+const SAVE_GATHER: Duration = Duration::from_millis(25);
 
 /// The client's index thread, `coda-index`: every unsynced save of the
 /// cache rides (`Cache::background_saves`), and this thread commits those
