@@ -5,9 +5,9 @@
 //! (the mount keys its inodes by them) calls them directly.
 
 use super::api::{Client, DirEntry, Owner, Stat};
-use super::{file, File};
+use super::{file, xattr, File};
 use crate::proto::RecordOp;
-use crate::proto::{Fid, FileType, MAX_SYMLINK};
+use crate::proto::{Fid, FileType, XattrHow, MAX_SYMLINK};
 use crate::{Error, Result};
 
 impl Client {
@@ -236,4 +236,54 @@ fn check_name(name: &str) -> Result<()> {
         return Err(Error::NameTooLong(name.to_string()));
     }
     Ok(())
+}
+
+impl Client {
+    /// Every extended attribute of `fid` (a symlink's own), in name order.
+    pub fn xattrs_fid(&self, fid: Fid) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.inner.xattrs(fid)?.1.as_ref().clone())
+    }
+
+    /// The value of attribute `name` of `fid`; `NotFound` (ENOENT; the
+    /// mount answers ENODATA) if it has none of that name.
+    pub fn getxattr_fid(&self, fid: Fid, name: &str) -> Result<Vec<u8>> {
+        let (_, l) = self.inner.xattrs(fid)?;
+        l.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| Error::NotFound(format!("attribute {name:?}")))
+    }
+
+    /// Set (or with `XattrHow::Remove`, remove) attribute `name` of `fid`:
+    /// `Create` fails with `Exists` if it exists, `Replace` and `Remove`
+    /// with `NotFound` if it does not. One record, logged while
+    /// disconnected like any other.
+    pub fn setxattr_fid(&self, fid: Fid, name: &str, value: &[u8], how: XattrHow) -> Result<()> {
+        xattr::check(name, value)?;
+        let inner = &self.inner;
+        // The flags are checked here first, so a record logged while
+        // disconnected is one the server will accept.
+        let (v0, before) = inner.xattrs(fid)?;
+        let after = xattr::edited(&before, name, value, how)?;
+        let tok = inner.callbacks.token(fid);
+        let op = RecordOp::SetXattr {
+            fid,
+            name: name.to_string(),
+            how,
+            value: if how == XattrHow::Remove {
+                Vec::new()
+            } else {
+                value.to_vec()
+            },
+        };
+        let attr = inner.commit_op(op, None)?;
+        inner.object_changed(&attr, tok);
+        // Known exactly only if no other change came in between.
+        if attr.version == v0 + 1 {
+            inner
+                .xattr_cache
+                .put(fid, attr.version, std::sync::Arc::new(after));
+        }
+        Ok(())
+    }
 }

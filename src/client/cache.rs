@@ -23,8 +23,8 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
 };
 
-use super::cml::CML;
 use super::namespace::{Edit, Listing};
+use super::tables::{CML, META};
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
 use crate::{Error, Result};
@@ -1356,10 +1356,6 @@ impl Spares {
         }
     }
 }
-
-/// Small durable counters of the index (store-id lease, fid leases, what
-/// was sent): key → value. Written by `cml.rs` and `fids.rs`.
-pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// The client's index (`index.redb`: cache entries, the CML, conflicts),
 /// reopened after an I/O failure. redb refuses every write after one failed

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use redb::{Durability, ReadableTable, TableDefinition};
 
-use super::cache::{Index, META};
+use super::cache::Index;
+use super::tables::{CML, META};
 use crate::proto::{Fid, Msg, Record, RecordOp, MAX_BATCH};
 use crate::{Error, Result};
 
-pub(crate) const CML: TableDefinition<u64, &[u8]> = TableDefinition::new("cml");
 /// fid → the server's version of the object before the pending records that
 /// change it: what the first of them expects (conflict detection).
 const BASE: TableDefinition<&[u8], u64> = TableDefinition::new("cml_base");

@@ -16,8 +16,9 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use redb::ReadableTable;
 
-use super::cache::{Index, META};
+use super::cache::Index;
 use super::conn::Servers;
+use super::tables::META;
 use crate::proto::{Fid, Msg};
 use crate::{Error, Result};
 

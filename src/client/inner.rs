@@ -1010,6 +1010,65 @@ impl Inner {
 }
 
 /// Open files (file.rs) store through the client's write path.
+impl Inner {
+    /// The extended attributes of `fid` and the object version they belong
+    /// to: the in-memory list (xattr.rs) if it is of the cached version,
+    /// else the server's (with this client's logged changes applied).
+    pub(crate) fn xattrs(&self, fid: Fid) -> Result<(u64, super::xattr::XattrList)> {
+        let attr = self.getattr(fid)?;
+        if let Some(l) = self.xattr_cache.get(fid, attr.version) {
+            return Ok((attr.version, l));
+        }
+        if !self.emu.offline() && self.emu.pending() > 0 && self.cml.mentions(fid) {
+            // Connected (write-back) with changes of `fid` in the log (an
+            // entry made in a directory, a store) and its list not cached:
+            // the server's list with the log's own SetXattr records of
+            // `fid` applied is the list as this client changed it.
+            let logged = self.cml.records_about(fid);
+            let online = || {
+                let s = self.servers.session()?;
+                match s.call(&Msg::GetXattrs { fid }, &self.servers.interrupt)? {
+                    Msg::Xattrs { mut items, .. } => {
+                        for r in &logged {
+                            if let RecordOp::SetXattr {
+                                fid: f,
+                                name,
+                                how,
+                                value,
+                            } = &r.op
+                            {
+                                if *f == fid {
+                                    super::xattr::apply(&mut items, name, *how, value);
+                                }
+                            }
+                        }
+                        let l = Arc::new(items);
+                        self.xattr_cache.put(fid, attr.version, l.clone());
+                        Ok((attr.version, l))
+                    }
+                    m => Err(Error::Protocol(format!("GetXattrs answered with {m:?}"))),
+                }
+            };
+            return self.emulate(None, online, || Err(super::emulation::uncached(fid)));
+        }
+        self.emulate(
+            Some(fid),
+            || {
+                let s = self.servers.session()?;
+                match s.call(&Msg::GetXattrs { fid }, &self.servers.interrupt)? {
+                    Msg::Xattrs { version, items } => {
+                        let l = Arc::new(items);
+                        self.xattr_cache.put(fid, version, l.clone());
+                        Ok((version, l))
+                    }
+                    m => Err(Error::Protocol(format!("GetXattrs answered with {m:?}"))),
+                }
+            },
+            || Err(super::emulation::uncached(fid)),
+        )
+    }
+}
+
 impl file::Store for Inner {
     fn cache(&self) -> &Cache {
         &self.cache

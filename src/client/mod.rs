@@ -33,6 +33,7 @@ mod probe;
 mod reintegrate;
 mod stamps;
 mod stats;
+mod tables;
 mod xattr;
 
 pub use acl::{AclInfo, WhoAmI};

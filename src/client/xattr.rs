@@ -8,11 +8,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::api::Client;
-use super::emulation;
-use super::inner::Inner;
-use crate::proto::RecordOp;
-use crate::proto::{Fid, Msg, XattrHow, MAX_XATTR_NAME, MAX_XATTR_VALUE};
+use crate::proto::{Fid, XattrHow, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use crate::{Error, Result};
 
 /// One object's attributes, in name order.
@@ -28,7 +24,7 @@ pub(crate) struct XattrCache {
 const MAX_CACHED: usize = 4096;
 
 impl XattrCache {
-    fn get(&self, fid: Fid, version: u64) -> Option<XattrList> {
+    pub(crate) fn get(&self, fid: Fid, version: u64) -> Option<XattrList> {
         match self.map.lock().get(&fid) {
             Some((v, l)) if *v == version => Some(l.clone()),
             _ => None,
@@ -55,66 +51,9 @@ impl XattrCache {
     }
 }
 
-impl Inner {
-    /// The attributes of `fid` and the object version they belong to.
-    fn xattrs(&self, fid: Fid) -> Result<(u64, XattrList)> {
-        let attr = self.getattr(fid)?;
-        if let Some(l) = self.xattr_cache.get(fid, attr.version) {
-            return Ok((attr.version, l));
-        }
-        if !self.emu.offline() && self.emu.pending() > 0 && self.cml.mentions(fid) {
-            // Connected (write-back) with changes of `fid` in the log (an
-            // entry made in a directory, a store) and its list not cached:
-            // the server's list with the log's own SetXattr records of
-            // `fid` applied is the list as this client changed it.
-            let logged = self.cml.records_about(fid);
-            let online = || {
-                let s = self.servers.session()?;
-                match s.call(&Msg::GetXattrs { fid }, &self.servers.interrupt)? {
-                    Msg::Xattrs { mut items, .. } => {
-                        for r in &logged {
-                            if let RecordOp::SetXattr {
-                                fid: f,
-                                name,
-                                how,
-                                value,
-                            } = &r.op
-                            {
-                                if *f == fid {
-                                    apply(&mut items, name, *how, value);
-                                }
-                            }
-                        }
-                        let l = Arc::new(items);
-                        self.xattr_cache.put(fid, attr.version, l.clone());
-                        Ok((attr.version, l))
-                    }
-                    m => Err(Error::Protocol(format!("GetXattrs answered with {m:?}"))),
-                }
-            };
-            return self.emulate(None, online, || Err(emulation::uncached(fid)));
-        }
-        self.emulate(
-            Some(fid),
-            || {
-                let s = self.servers.session()?;
-                match s.call(&Msg::GetXattrs { fid }, &self.servers.interrupt)? {
-                    Msg::Xattrs { version, items } => {
-                        let l = Arc::new(items);
-                        self.xattr_cache.put(fid, version, l.clone());
-                        Ok((version, l))
-                    }
-                    m => Err(Error::Protocol(format!("GetXattrs answered with {m:?}"))),
-                }
-            },
-            || Err(emulation::uncached(fid)),
-        )
-    }
-}
-
 /// `how` applied to a list sorted by name (as the server applies it, once
 /// checked).
-fn apply(list: &mut Vec<(String, Vec<u8>)>, name: &str, how: XattrHow, value: &[u8]) {
+pub(crate) fn apply(list: &mut Vec<(String, Vec<u8>)>, name: &str, how: XattrHow, value: &[u8]) {
     match (how, list.binary_search_by(|(n, _)| n.as_str().cmp(name))) {
         (XattrHow::Remove, Ok(i)) => {
             list.remove(i);
@@ -125,70 +64,93 @@ fn apply(list: &mut Vec<(String, Vec<u8>)>, name: &str, how: XattrHow, value: &[
     }
 }
 
-impl Client {
-    /// Every extended attribute of `fid` (a symlink's own), in name order.
-    pub fn xattrs_fid(&self, fid: Fid) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self.inner.xattrs(fid)?.1.as_ref().clone())
+/// A name and value `setxattr` may set (the server checks the same).
+pub(crate) fn check(name: &str, value: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains('\0') {
+        return Err(Error::Invalid(format!("attribute name {name:?}")));
+    }
+    if value.len() > MAX_XATTR_VALUE {
+        return Err(Error::Invalid(format!(
+            "attribute value of {} bytes exceeds {MAX_XATTR_VALUE}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The list `before` with `how` applied to `name`, or why `how` fails:
+/// `Create` of a name there, `Replace` or `Remove` of one missing.
+pub(crate) fn edited(
+    before: &[(String, Vec<u8>)],
+    name: &str,
+    value: &[u8],
+    how: XattrHow,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let at = before.binary_search_by(|(n, _)| n.as_str().cmp(name));
+    match (how, at) {
+        (XattrHow::Create, Ok(_)) => return Err(Error::Exists(format!("attribute {name:?}"))),
+        (XattrHow::Replace | XattrHow::Remove, Err(_)) => {
+            return Err(Error::NotFound(format!("attribute {name:?}")))
+        }
+        _ => {}
+    }
+    let mut after = before.to_vec();
+    apply(&mut after, name, how, value);
+    Ok(after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(names: &[&str]) -> Vec<(String, Vec<u8>)> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), n.as_bytes().to_vec()))
+            .collect()
     }
 
-    /// The value of attribute `name` of `fid`; `NotFound` (ENOENT; the
-    /// mount answers ENODATA) if it has none of that name.
-    pub fn getxattr_fid(&self, fid: Fid, name: &str) -> Result<Vec<u8>> {
-        let (_, l) = self.inner.xattrs(fid)?;
-        l.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| Error::NotFound(format!("attribute {name:?}")))
+    #[test]
+    fn an_edit_keeps_the_list_in_name_order_and_refuses_what_the_flags_forbid() {
+        let before = list(&["user.a", "user.c"]);
+        let after = edited(&before, "user.b", b"x", XattrHow::Create).unwrap();
+        let names: Vec<&str> = after.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["user.a", "user.b", "user.c"]);
+        let after = edited(&before, "user.c", b"new", XattrHow::Replace).unwrap();
+        assert_eq!(after[1].1, b"new");
+        let after = edited(&before, "user.a", b"", XattrHow::Remove).unwrap();
+        assert_eq!(after, list(&["user.c"]));
+        assert!(matches!(
+            edited(&before, "user.a", b"x", XattrHow::Create),
+            Err(Error::Exists(_))
+        ));
+        for how in [XattrHow::Replace, XattrHow::Remove] {
+            assert!(matches!(
+                edited(&before, "user.z", b"x", how),
+                Err(Error::NotFound(_))
+            ));
+        }
+        // Set: either way.
+        assert_eq!(
+            edited(&before, "user.z", b"z", XattrHow::Set)
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            edited(&before, "user.a", b"z", XattrHow::Set).unwrap()[0].1,
+            b"z"
+        );
     }
 
-    /// Set (or with `XattrHow::Remove`, remove) attribute `name` of `fid`:
-    /// `Create` fails with `Exists` if it exists, `Replace` and `Remove`
-    /// with `NotFound` if it does not. One record, logged while
-    /// disconnected like any other.
-    pub fn setxattr_fid(&self, fid: Fid, name: &str, value: &[u8], how: XattrHow) -> Result<()> {
-        if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains('\0') {
-            return Err(Error::Invalid(format!("attribute name {name:?}")));
-        }
-        if value.len() > MAX_XATTR_VALUE {
-            return Err(Error::Invalid(format!(
-                "attribute value of {} bytes exceeds {MAX_XATTR_VALUE}",
-                value.len()
-            )));
-        }
-        let inner = &self.inner;
-        // The flags are checked here first, so a record logged while
-        // disconnected is one the server will accept.
-        let (v0, before) = inner.xattrs(fid)?;
-        let at = before.binary_search_by(|(n, _)| n.as_str().cmp(name));
-        let mut after = before.as_ref().clone();
-        match (how, at) {
-            (XattrHow::Create, Ok(_)) => return Err(Error::Exists(format!("attribute {name:?}"))),
-            (XattrHow::Replace | XattrHow::Remove, Err(_)) => {
-                return Err(Error::NotFound(format!("attribute {name:?}")))
-            }
-            (XattrHow::Remove, Ok(i)) => {
-                after.remove(i);
-            }
-            (_, Ok(i)) => after[i].1 = value.to_vec(),
-            (_, Err(i)) => after.insert(i, (name.to_string(), value.to_vec())),
-        }
-        let tok = inner.callbacks.token(fid);
-        let op = RecordOp::SetXattr {
-            fid,
-            name: name.to_string(),
-            how,
-            value: if how == XattrHow::Remove {
-                Vec::new()
-            } else {
-                value.to_vec()
-            },
-        };
-        let attr = inner.commit_op(op, None)?;
-        inner.object_changed(&attr, tok);
-        // Known exactly only if no other change came in between.
-        if attr.version == v0 + 1 {
-            inner.xattr_cache.put(fid, attr.version, Arc::new(after));
-        }
-        Ok(())
+    #[test]
+    fn names_and_values_are_checked_before_anything_is_logged() {
+        assert!(check("user.ok", b"v").is_ok());
+        assert!(matches!(check("", b"v"), Err(Error::Invalid(_))));
+        assert!(matches!(check("user.\0", b"v"), Err(Error::Invalid(_))));
+        let long = "u".repeat(MAX_XATTR_NAME + 1);
+        assert!(matches!(check(&long, b"v"), Err(Error::Invalid(_))));
+        let big = vec![0u8; MAX_XATTR_VALUE + 1];
+        assert!(matches!(check("user.big", &big), Err(Error::Invalid(_))));
     }
 }
