@@ -26,7 +26,7 @@ PJDFSTEST_VERSION := 0.2.2
 # What the tests use from Debian 12 (see README, "Two commands").
 DEB_DEPS := gcc g++ make pkg-config binutils git valgrind python3 python3-venv \
 	python3-pip fuse3 nginx e2fsprogs ca-certificates \
-	tar rsync autoconf automake
+	tar rsync autoconf automake bindfs
 PYENV := $(TARGET_DIR)/pyenv
 
 .PHONY: build install uninstall test deps deb
