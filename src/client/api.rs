@@ -58,29 +58,6 @@ pub struct Stat {
     pub rdev: u64,
 }
 
-/// The numeric owner and group a new object gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    /// Numeric user id.
-    pub uid: u32,
-    /// Numeric group id.
-    pub gid: u32,
-}
-
-impl Owner {
-    /// This process's effective user and group: the owner of objects the
-    /// library creates unless a caller (the mount) says otherwise.
-    pub fn process() -> Owner {
-        // SAFETY: plain getters without preconditions.
-        unsafe {
-            Owner {
-                uid: libc::geteuid(),
-                gid: libc::getegid(),
-            }
-        }
-    }
-}
-
 /// A status change: each `Some` field is set, in one record (so the
 /// object's ctime and version move once).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -784,6 +761,19 @@ impl Client {
     /// reintegration per client id.
     pub fn client_id(&self) -> [u8; 16] {
         self.inner.servers.ident().client_id
+    }
+
+    /// How the replicated group stands now, as its leader sees it: the
+    /// term, the leader, and which members it hears. Asks the leader over
+    /// the live session (connecting if there is none); a lone server
+    /// answers `Invalid`, and a client that cannot reach the group fails as
+    /// any remote call does.
+    pub fn group_view(&self) -> Result<super::group::GroupView> {
+        let servers = &self.inner.servers;
+        let s = servers.session()?;
+        super::group::GroupView::from_reply(
+            s.call(&crate::proto::Msg::GroupStatus, &servers.interrupt)?,
+        )
     }
 }
 

@@ -4,7 +4,8 @@
 //! operations resolve a path and call these; a program that keeps fids
 //! (the mount keys its inodes by them) calls them directly.
 
-use super::api::{Client, DirEntry, Owner, Stat};
+use super::api::{Client, DirEntry, Stat};
+use super::owner::Owner;
 use super::{file, xattr, File};
 use crate::proto::RecordOp;
 use crate::proto::{Fid, FileType, XattrHow, MAX_SYMLINK};

@@ -382,7 +382,7 @@ pub(crate) fn decode_records(b: &[u8]) -> Result<Vec<Record>> {
         // A log written before owners (protocol 1): its creations are the
         // process's, as they were then.
         Err(e) => {
-            let me = super::Owner::process();
+            let me = super::owner::Owner::process();
             crate::proto::message::decode_records_v1(b, (me.uid, me.gid)).map_err(|_| e)
         }
     }

@@ -79,7 +79,7 @@ pub(crate) fn open<C: Opener>(inner: &Arc<C>, path: &str, flags: i32, mode: u32)
     let found = inner.lookup(parent, &name)?;
     let (fid, created) = match found {
         None if flags & libc::O_CREAT != 0 => (
-            create(inner, parent, &name, mode, super::Owner::process())?,
+            create(inner, parent, &name, mode, super::owner::Owner::process())?,
             true,
         ),
         None => return Err(Error::NotFound(path.to_string())),
@@ -168,7 +168,7 @@ pub(crate) fn create<C: Opener>(
     parent: Fid,
     name: &str,
     mode: u32,
-    owner: super::Owner,
+    owner: super::owner::Owner,
 ) -> Result<Fid> {
     inner.create_object(
         parent,

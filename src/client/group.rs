@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use crossbeam_channel::{select, Receiver};
 
-use super::conn::Servers;
 use super::event::{Event, EventBus};
 use super::probe::Watched;
 use super::stats::Counters;
@@ -52,7 +51,7 @@ impl GroupView {
         self.members.iter().find(|m| m.leader)
     }
 
-    fn from_reply(msg: Msg) -> Result<GroupView> {
+    pub(crate) fn from_reply(msg: Msg) -> Result<GroupView> {
         match msg {
             Msg::GroupView {
                 term,
@@ -72,19 +71,6 @@ impl GroupView {
             }),
             m => Err(Error::Protocol(format!("GroupStatus answered with {m:?}"))),
         }
-    }
-}
-
-impl super::Client {
-    /// How the replicated group stands now, as its leader sees it: the
-    /// term, the leader, and which members it hears. Asks the leader over
-    /// the live session (connecting if there is none); a lone server
-    /// answers `Invalid`, and a client that cannot reach the group fails as
-    /// any remote call does.
-    pub fn group_view(&self) -> Result<GroupView> {
-        let servers: &Servers = &self.inner.servers;
-        let s = servers.session()?;
-        GroupView::from_reply(s.call(&Msg::GroupStatus, &servers.interrupt)?)
     }
 }
 

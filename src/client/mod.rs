@@ -29,6 +29,7 @@ mod mailbox;
 mod mode;
 mod namei;
 mod namespace;
+mod owner;
 mod probe;
 mod reintegrate;
 mod stamps;
@@ -38,13 +39,14 @@ mod xattr;
 
 pub use acl::{AclInfo, WhoAmI};
 pub use admin::{CachedObject, FlushReport};
-pub use api::{Client, ClientState, DirEntry, Owner, SetStatus, Stat};
+pub use api::{Client, ClientState, DirEntry, SetStatus, Stat};
 pub use config::Config;
 pub use conflict::{Conflict, Keep};
 pub use event::{Event, EventBus, Invalidation, InvalidationHook};
 pub use file::File;
 pub use group::{GroupMember, GroupView};
 pub use hoard::{Expand, HoardEntry, HoardReport};
+pub use owner::Owner;
 pub use stats::ClientStats;
 
 pub use crate::proto::{Fid, FileType, Timespec, XattrHow};
