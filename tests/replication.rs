@@ -1423,3 +1423,25 @@ fn a_client_hears_of_a_new_leader_and_of_a_member_lost_and_back() {
     let lone = client_util::client(&srv, d.path());
     assert_eq!(lone.group_view().unwrap_err().code(), -libc::EINVAL);
 }
+
+/// The group watcher of a client that lists several servers which are no
+/// group (here a lone server and an address nothing answers on) is told
+/// so once and then asks once a minute, not every 500 ms.
+#[test]
+fn the_group_watcher_asks_lone_servers_once_a_minute() {
+    let srv = client_util::start();
+    let d = common::TempDir::new("repl-watch-lone");
+    let mut cfg = client_util::config(&srv, d.path());
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spare = nobody.local_addr().unwrap().to_string();
+    drop(nobody);
+    cfg.servers.push(spare);
+    let c = coda::client::Client::new(cfg).unwrap();
+    wait_until("the watcher told the servers are no group", 30, || {
+        (c.stats().group_refusals >= 1).then_some(())
+    });
+    // Without the back-off it would ask four more times in 2 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let st = c.stats();
+    assert_eq!((st.group_refusals, st.group_views), (1, 0), "{st:?}");
+}

@@ -128,7 +128,10 @@ pub(crate) fn spawn<C: Watched>(inner: Weak<C>, stop: Receiver<()>) -> Result<()
                         emit_all(inner.events(), changes(last.as_ref(), &view));
                         last = Some(view);
                     }
-                    Some(Err(Error::Invalid(_) | Error::Protocol(_))) => wait = NOT_A_GROUP_POLL,
+                    Some(Err(Error::Invalid(_) | Error::Protocol(_))) => {
+                        Counters::add(&inner.counters().group_refusals, 1);
+                        wait = NOT_A_GROUP_POLL;
+                    }
                     _ => {}
                 }
             }

@@ -35,6 +35,10 @@ pub struct ClientStats {
     /// Views of a replicated group its leader gave the client's group
     /// watcher (asked every 500 ms; docs/CLIENT.md "Group events").
     pub group_views: u64,
+    /// Times the group watcher was told the servers are no group (lone
+    /// servers listed) or do not know the request (an older server): it
+    /// then asks once a minute instead of every 500 ms.
+    pub group_refusals: u64,
 }
 
 #[derive(Default)]
@@ -52,6 +56,7 @@ pub(crate) struct Counters {
     pub batches_sent: AtomicU64,
     pub batches_not_applied: AtomicU64,
     pub group_views: AtomicU64,
+    pub group_refusals: AtomicU64,
 }
 
 impl Counters {
@@ -75,6 +80,7 @@ impl Counters {
             batches_sent: g(&self.batches_sent),
             batches_not_applied: g(&self.batches_not_applied),
             group_views: g(&self.group_views),
+            group_refusals: g(&self.group_refusals),
         }
     }
 }
