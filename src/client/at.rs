@@ -6,9 +6,9 @@
 
 use super::api::{Client, DirEntry, Stat};
 use super::owner::Owner;
-use super::{file, xattr, File};
+use super::{file, File};
 use crate::proto::RecordOp;
-use crate::proto::{Fid, FileType, XattrHow, MAX_SYMLINK};
+use crate::proto::{xattr, Fid, FileType, XattrHow, MAX_SYMLINK};
 use crate::{Error, Result};
 
 impl Client {
@@ -265,7 +265,11 @@ impl Client {
         // The flags are checked here first, so a record logged while
         // disconnected is one the server will accept.
         let (v0, before) = inner.xattrs(fid)?;
-        let after = xattr::edited(&before, name, value, how)?;
+        let mut after = before.as_ref().clone();
+        xattr::edit(&mut after, name, how, value).map_err(|r| match r {
+            xattr::Refused::Exists => Error::Exists(format!("attribute {name:?}")),
+            xattr::Refused::Missing => Error::NotFound(format!("attribute {name:?}")),
+        })?;
         let tok = inner.callbacks.token(fid);
         let op = RecordOp::SetXattr {
             fid,

@@ -1038,7 +1038,7 @@ impl Inner {
                             } = &r.op
                             {
                                 if *f == fid {
-                                    super::xattr::apply(&mut items, name, *how, value);
+                                    crate::proto::xattr::apply(&mut items, name, *how, value);
                                 }
                             }
                         }

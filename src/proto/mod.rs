@@ -8,6 +8,7 @@ pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod types;
+pub mod xattr;
 
 pub use frame::{read_frame, write_frame, Frame};
 pub use message::{extent_bytes, ConnKind, GroupMember, Msg, Record, RecordOp, Replaces, XattrHow};

@@ -28,7 +28,7 @@ use super::meta::*;
 use super::objects;
 use super::volume::{get_object, is_store_failure, stale, CarriesError, ClientId, VolumeStore};
 use crate::proto::{check_name, Attr, Fid, FileType, Record, RecordOp, Replaces, Timespec};
-use crate::proto::{XattrHow, MAX_XATTR_BYTES, MAX_XATTR_NAME, MAX_XATTR_VALUE};
+use crate::proto::{xattr, XattrHow, MAX_XATTR_BYTES};
 use crate::{Error, Result};
 
 /// Finds the staged file of an upload of the reintegrating client.
@@ -2135,30 +2135,12 @@ impl<'t, 's> Batch<'t, 's> {
     /// One extended attribute set, created, replaced or removed, with the
     /// `setxattr(2)` flags' checks; the object's version and ctime move.
     fn set_xattr(&mut self, fid: Fid, name: &str, how: XattrHow, value: &[u8]) -> Result<Attr> {
-        if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains('\0') {
-            return Err(Error::Invalid(format!("attribute name {name:?}")));
-        }
-        if value.len() > MAX_XATTR_VALUE {
-            return Err(Error::Invalid(format!(
-                "attribute value of {} bytes exceeds {MAX_XATTR_VALUE}",
-                value.len()
-            )));
-        }
+        xattr::check(name, value)?;
         let mut rec = self.obj(fid)?;
-        let at = rec.xattrs.binary_search_by(|(n, _)| n.as_str().cmp(name));
-        match (how, at) {
-            (XattrHow::Create, Ok(_)) => {
-                return Err(Error::Exists(format!("attribute {name:?} of {fid}")))
-            }
-            (XattrHow::Replace | XattrHow::Remove, Err(_)) => {
-                return Err(Error::NotFound(format!("attribute {name:?} of {fid}")))
-            }
-            (XattrHow::Remove, Ok(i)) => {
-                rec.xattrs.remove(i);
-            }
-            (_, Ok(i)) => rec.xattrs[i].1 = value.to_vec(),
-            (_, Err(i)) => rec.xattrs.insert(i, (name.to_string(), value.to_vec())),
-        }
+        xattr::edit(&mut rec.xattrs, name, how, value).map_err(|r| match r {
+            xattr::Refused::Exists => Error::Exists(format!("attribute {name:?} of {fid}")),
+            xattr::Refused::Missing => Error::NotFound(format!("attribute {name:?} of {fid}")),
+        })?;
         let total: usize = rec.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
         if total > MAX_XATTR_BYTES {
             return Err(Error::Invalid(format!(
