@@ -1827,6 +1827,9 @@ mod tests {
         let r = c.db.begin_read().unwrap();
         assert_eq!(r.open_table(ENTRIES).unwrap().len().unwrap(), 0);
         drop(r);
+        // The cache (and its spare thread) first, or it can recreate the
+        // directory after its removal.
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1873,6 +1876,7 @@ mod tests {
         assert_eq!((e.data_version, e.data_bytes), (Some(3), 0));
         let l = c.get(d.fid).unwrap();
         assert_eq!(l.listing_current().unwrap().get("new").unwrap().fid, a.fid);
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(&other_dir);
     }
@@ -2057,6 +2061,7 @@ mod tests {
         assert_eq!(c.get(a.fid).unwrap().attr.size, 7);
         assert_eq!(c.get(b.fid).unwrap().attr.version, 2);
         assert_eq!(c.get(x.fid).unwrap().attr.version, 3);
+        drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
