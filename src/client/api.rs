@@ -150,19 +150,24 @@ const SAVE_GATHER: Duration = Duration::from_millis(25);
 /// cache rides (`Cache::background_saves`), and this thread commits those
 /// still waiting, whatever gathered in `SAVE_GATHER`, in one transaction;
 /// so no caller pays redb's commit on its own path (docs/CLIENT.md "The
-/// index thread"). It waits on the index alone and holds the client only
-/// for a commit, weakly, so it ends with the client; the client's last
-/// durable commit takes along what it had not committed.
+/// index thread"). It waits on the index's signal (`RiderSignal`), holding
+/// neither the index (whose file stays locked while held) nor the client,
+/// which it holds only for a commit; it ends with them, and the client's
+/// last durable commit takes along what it had not committed.
 fn spawn_index_saver(
     inner: &Arc<Inner>,
-    index: Arc<cache::Index>,
+    signal: Arc<cache::RiderSignal>,
     stop: crossbeam_channel::Receiver<()>,
 ) -> Result<()> {
     let weak = Arc::downgrade(inner);
     std::thread::Builder::new()
         .name("coda-index".into())
         .spawn(move || loop {
-            let waiting = index.wait_riders(Duration::from_millis(50));
+            let waiting = match signal.wait(Duration::from_millis(50)) {
+                // The index is gone with the client.
+                None => return,
+                Some(w) => w,
+            };
             if matches!(
                 stop.try_recv(),
                 Err(crossbeam_channel::TryRecvError::Disconnected)
@@ -238,7 +243,7 @@ impl Client {
             pending.clone(),
         ));
         let fids = fids::Fids::open(db.clone())?;
-        let index_db = db.clone();
+        let rider_signal = db.rider_signal();
         let cml = Cml::open(db, pending)?;
         let timing = Timing {
             rpc_timeout: Duration::from_millis(cfg.rpc_timeout_ms),
@@ -283,7 +288,7 @@ impl Client {
             super::group::spawn(Arc::downgrade(&inner), stopped.clone())?;
         }
         if std::env::var(INDEX_THREAD_ENV).map_or(true, |v| v != "off") {
-            spawn_index_saver(&inner, index_db, stopped.clone())?;
+            spawn_index_saver(&inner, rider_signal, stopped.clone())?;
         }
         probe::spawn(&inner, stopped)?;
         // Reintegrates what a crashed run logged (the server recognises

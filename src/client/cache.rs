@@ -1374,9 +1374,56 @@ pub(crate) struct Index {
     /// Entries whose waiting saves a failed commit lost: saved again
     /// (listings whole) by the cache's next save.
     lost: Mutex<HashSet<Fid>>,
-    /// Wakes the index thread (`wait_riders`) when the first cache save of
-    /// a round starts waiting.
-    riders_wake: Condvar,
+    /// Wakes the index thread when the first cache save of a round starts
+    /// waiting (`RiderSignal`).
+    signal: Arc<RiderSignal>,
+}
+
+/// What the client's index thread waits on: raised when a cache save
+/// starts waiting in the index, closed when the index is dropped. The
+/// thread holds this, never the index itself, whose redb file stays locked
+/// while anyone holds it: a client dropped and opened again on the same
+/// cache must not wait for the thread's next turn.
+#[derive(Default)]
+pub(crate) struct RiderSignal {
+    /// (a save waits, the index is gone)
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl RiderSignal {
+    fn raise(&self) {
+        let mut s = self.state.lock();
+        if !s.0 {
+            s.0 = true;
+            self.cv.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.state.lock().1 = true;
+        self.cv.notify_all();
+    }
+
+    /// Wait at most `wait` for a save to start waiting: `Some(true)` if one
+    /// did (the signal is lowered again), `Some(false)` if none,
+    /// `None` once the index is gone.
+    pub(crate) fn wait(&self, wait: Duration) -> Option<bool> {
+        let mut s = self.state.lock();
+        if !s.0 && !s.1 {
+            self.cv.wait_for(&mut s, wait);
+        }
+        if s.1 {
+            return None;
+        }
+        Some(std::mem::take(&mut s.0))
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        self.signal.close();
+    }
 }
 
 #[allow(clippy::result_large_err)]
@@ -1396,25 +1443,20 @@ impl Index {
             reopening: Mutex::new(()),
             riders: Mutex::new(Vec::new()),
             lost: Mutex::new(HashSet::new()),
-            riders_wake: Condvar::new(),
+            signal: Arc::default(),
         })
     }
 
-    /// Wait at most `wait` for cache saves to ride; whether any wait. (The
-    /// index thread's wait: it holds the index only, not the client.)
-    pub(crate) fn wait_riders(&self, wait: Duration) -> bool {
-        let mut r = self.riders.lock();
-        if r.is_empty() {
-            self.riders_wake.wait_for(&mut r, wait);
-        }
-        !r.is_empty()
+    /// What the index thread waits on (`RiderSignal`).
+    pub(crate) fn rider_signal(&self) -> Arc<RiderSignal> {
+        Arc::clone(&self.signal)
     }
 
     /// Add made saves to those waiting; returns how many wait.
     fn push_riders(&self, rows: Vec<Row>) -> usize {
         let mut r = self.riders.lock();
         if r.is_empty() {
-            self.riders_wake.notify_one();
+            self.signal.raise();
         }
         r.extend(rows.into_iter().map(Rider::Cache));
         r.len()
@@ -1962,7 +2004,7 @@ mod tests {
 
     /// With the index thread (`background_saves`) every unsynced save
     /// rides, even with riding mode off: the caller commits nothing, the
-    /// thread is woken (`wait_riders`), and its round commits them all in
+    /// thread is woken (`RiderSignal`), and its round commits them all in
     /// one transaction; a log transaction before that round writes them
     /// first. Turning it off commits what still waits.
     #[test]
@@ -1974,15 +2016,20 @@ mod tests {
             let c = Cache::open_with_spares(&dir, db.clone(), 1000, 0).unwrap();
             c.background_saves(true);
             let before = c.commits.load(Ordering::Relaxed);
-            assert!(!db.wait_riders(Duration::from_millis(1)), "nothing yet");
+            let signal = db.rider_signal();
+            assert_eq!(
+                signal.wait(Duration::from_millis(1)),
+                Some(false),
+                "nothing yet"
+            );
             // The thread's wait ends when the first save starts waiting.
             let waiter = {
-                let db = db.clone();
-                std::thread::spawn(move || db.wait_riders(Duration::from_secs(30)))
+                let signal = signal.clone();
+                std::thread::spawn(move || signal.wait(Duration::from_secs(30)))
             };
             std::thread::sleep(Duration::from_millis(20));
             c.set_attr(&a);
-            assert!(waiter.join().unwrap(), "woken by the save");
+            assert_eq!(waiter.join().unwrap(), Some(true), "woken by the save");
             c.set_attr(&b);
             assert_eq!(
                 c.commits.load(Ordering::Relaxed),
@@ -1995,7 +2042,7 @@ mod tests {
                 before + 1,
                 "one for both"
             );
-            assert!(!db.wait_riders(Duration::ZERO));
+            assert_eq!(signal.wait(Duration::ZERO), Some(false), "lowered");
             // A log transaction before the thread's round writes them.
             c.set_attr(&attr(24, 0, 4));
             let w = db.begin_write().unwrap();
@@ -2011,6 +2058,10 @@ mod tests {
                 "off: committed"
             );
             c.flush_lru();
+            // The index gone, the thread's wait ends at once.
+            drop(c);
+            drop(db);
+            assert_eq!(signal.wait(Duration::from_secs(30)), None, "closed");
         }
         let db = Arc::new(Index::at(&dir.join("index.redb")));
         let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
