@@ -183,7 +183,7 @@ fn spawn_index_saver(
             }
         })
         .map_err(|e| Error::io("spawning the index thread", e))?;
-    inner.cache.background_saves(true);
+    inner.cache.background_saves();
     Ok(())
 }
 

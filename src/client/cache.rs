@@ -868,22 +868,18 @@ impl Cache {
         self.riding.store(on, Ordering::Relaxed);
     }
 
-    /// From now on (`on`) the client's index thread (`coda-index`) commits
-    /// the unsynced saves: every one rides (`ride`), made now and written
-    /// by the log's next transaction, the next durable commit, or the
-    /// thread's next round (`flush_riders`), whichever comes first. A
-    /// caller so pays no index commit of its own. Nothing a crash keeps
-    /// changes: an unsynced commit survives no crash (redb writes its
-    /// header only at a durable commit), and a waiting save is written no
-    /// later than the first log transaction after it, as a committed one
-    /// would be made durable by it; so the index never holds a log change
-    /// without the cache saves made before it. Off: callers commit again,
-    /// and what waits is committed here.
-    pub(crate) fn background_saves(&self, on: bool) {
-        self.background.store(on, Ordering::Relaxed);
-        if !on {
-            self.flush_riders();
-        }
+    /// From now on the client's index thread (`coda-index`) commits the
+    /// unsynced saves: every one rides (`ride`), made now and written by
+    /// the log's next transaction, the next durable commit, or the thread's
+    /// next round (`flush_riders`), whichever comes first. A caller so pays
+    /// no index commit of its own. Nothing a crash keeps changes: an
+    /// unsynced commit survives no crash (redb writes its header only at a
+    /// durable commit), and a waiting save is written no later than the
+    /// first log transaction after it, as a committed one would be made
+    /// durable by it; so the index never holds a log change without the
+    /// cache saves made before it.
+    pub(crate) fn background_saves(&self) {
+        self.background.store(true, Ordering::Relaxed);
     }
 
     /// Commit the saves waiting to ride, if any (the reintegrator's turn:
@@ -2006,7 +2002,7 @@ mod tests {
     /// rides, even with riding mode off: the caller commits nothing, the
     /// thread is woken (`RiderSignal`), and its round commits them all in
     /// one transaction; a log transaction before that round writes them
-    /// first. Turning it off commits what still waits.
+    /// first; the index dropped, the thread's wait ends.
     #[test]
     fn background_saves_ride_and_the_threads_round_commits_them() {
         let dir = tmpdir("background");
@@ -2014,7 +2010,7 @@ mod tests {
         {
             let db = Arc::new(Index::at(&dir.join("index.redb")));
             let c = Cache::open_with_spares(&dir, db.clone(), 1000, 0).unwrap();
-            c.background_saves(true);
+            c.background_saves();
             let before = c.commits.load(Ordering::Relaxed);
             let signal = db.rider_signal();
             assert_eq!(
@@ -2051,12 +2047,9 @@ mod tests {
             assert_eq!(staged.len(), 1);
             w.commit().unwrap();
             c.set_attr(&x);
-            c.background_saves(false);
-            assert_eq!(
-                c.commits.load(Ordering::Relaxed),
-                before + 2,
-                "off: committed"
-            );
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 1);
+            c.flush_riders();
+            assert_eq!(c.commits.load(Ordering::Relaxed), before + 2);
             c.flush_lru();
             // The index gone, the thread's wait ends at once.
             drop(c);
