@@ -827,7 +827,8 @@ impl Cache {
             self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
-        if res.is_err() {
+        if let Err(e) = res {
+            let _ = self.db.failed(e);
             self.db.riders_failed(riders);
             // The journals taken are lost with the commit: save those
             // listings whole next time.
@@ -1364,6 +1365,18 @@ pub(crate) struct Index {
     /// next call tries again).
     db: RwLock<Option<Arc<Database>>>,
     reopening: Mutex<()>,
+    /// A transaction of the index failed (`failed`): redb may refuse every
+    /// later write, and says so only at the next commit (`PreviousIo`), so
+    /// the next `begin_write` opens the file again first.
+    suspect: AtomicBool,
+    /// The OS error of the last failure (`failed`), until the file is
+    /// opened again: a transaction that was waiting for the failed one is
+    /// refused at its commit as "an earlier write failed", and reports
+    /// this instead (ENOSPC stays ENOSPC). Without it a commit that failed
+    /// on one of the client's own threads (the index thread, the
+    /// reintegrator's turn) on a full disk made the caller's change fail
+    /// with a generic error.
+    cause: Mutex<Option<i32>>,
     /// Cache saves and log records waiting for the next transaction
     /// (`Cache::ride`, `Cml::log_lazy`).
     riders: Mutex<Vec<Rider>>,
@@ -1437,6 +1450,8 @@ impl Index {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
             reopening: Mutex::new(()),
+            suspect: AtomicBool::new(false),
+            cause: Mutex::new(None),
             riders: Mutex::new(Vec::new()),
             lost: Mutex::new(HashSet::new()),
             signal: Arc::default(),
@@ -1499,6 +1514,28 @@ impl Index {
         Ok(riders)
     }
 
+    /// A transaction of the index failed with `e`: the next `begin_write`
+    /// opens the file again (`suspect`). Returns the error to report: a
+    /// refusal for an earlier failure (`PreviousIo`) as that failure's
+    /// cause when it is known (`cause`).
+    pub(crate) fn failed(&self, e: Error) -> Error {
+        self.suspect.store(true, Ordering::Release);
+        let mut cause = self.cause.lock();
+        if e.is_previous_io() {
+            return match *cause {
+                Some(code) => Error::io(
+                    crate::error::METADATA_IO,
+                    std::io::Error::from_raw_os_error(code),
+                ),
+                None => e,
+            };
+        }
+        if let Error::Io { source, .. } = &e {
+            *cause = source.raw_os_error();
+        }
+        e
+    }
+
     /// The transaction that staged `riders` did not commit: the log
     /// records wait again, first (they are older than any rider made
     /// since); the cache entries are saved again by the cache's next save.
@@ -1546,6 +1583,7 @@ impl Index {
 
     pub fn begin_write(&self) -> std::result::Result<WriteTransaction, redb::TransactionError> {
         let failed = match self.current() {
+            Some(db) if self.suspect.swap(false, Ordering::AcqRel) => Some(db),
             Some(db) => match db.begin_write() {
                 Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => Some(db),
                 r => return r,
@@ -1589,6 +1627,7 @@ impl Index {
         drop(failed);
         match open_index(&self.path) {
             Ok(db) => {
+                *self.cause.lock() = None;
                 *self.db.write() = Some(Arc::new(db));
                 Ok(())
             }
@@ -1995,6 +2034,31 @@ mod tests {
         assert_eq!(l.get("third").unwrap().fid.vnode, 10);
         assert!(c.get(attr(100 + RIDERS_MAX as u64 - 1, 0, 1).fid).is_some());
         assert!(c.get(attr(50, 0, 1).fid).is_some());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A transaction refused for an earlier failure reports that failure's
+    /// cause (a full disk stays ENOSPC), and the next transaction begins
+    /// on the file opened again, which forgets the cause.
+    #[test]
+    fn a_refusal_for_an_earlier_failure_reports_its_cause_and_the_index_is_opened_again() {
+        let dir = tmpdir("failed");
+        let db = Index::at(&dir.join("index.redb"));
+        let earlier = || Error::from(redb::Error::PreviousIo);
+        assert!(
+            db.failed(earlier()).is_previous_io(),
+            "no cause known: as it was"
+        );
+        let full = Error::io(
+            crate::error::METADATA_IO,
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        assert_eq!(db.failed(full).code(), -libc::ENOSPC);
+        assert_eq!(db.failed(earlier()).code(), -libc::ENOSPC, "the cause");
+        let before = Arc::downgrade(&db.current().unwrap());
+        drop(db.begin_write().unwrap());
+        assert!(before.upgrade().is_none(), "opened again");
+        assert!(db.failed(earlier()).is_previous_io(), "the cause forgotten");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -909,7 +909,7 @@ impl Cml {
         let mut log = self.log.lock();
         log.applying = false;
         self.applied.notify_all();
-        r?;
+        r.map_err(|e| self.db.failed(e.into()))?;
         Ok(log)
     }
 
