@@ -19,10 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use redb::{
-    Database, Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::index_file::{LastError, Opened};
 use super::namespace::{Edit, Listing};
 use super::tables::{CML, META};
 use crate::proto::codec::{Reader, Writer};
@@ -1363,20 +1362,19 @@ pub(crate) struct Index {
     path: PathBuf,
     /// `None` while being reopened (or after a reopen that failed: the
     /// next call tries again).
-    db: RwLock<Option<Arc<Database>>>,
-    reopening: Mutex<()>,
-    /// A transaction of the index failed (`failed`): redb may refuse every
-    /// later write, and says so only at the next commit (`PreviousIo`), so
-    /// the next `begin_write` opens the file again first.
-    suspect: AtomicBool,
-    /// The OS error of the last failure (`failed`), until the file is
-    /// opened again: a transaction that was waiting for the failed one is
-    /// refused at its commit as "an earlier write failed", and reports
-    /// this instead (ENOSPC stays ENOSPC). Without it a commit that failed
-    /// on one of the client's own threads (the index thread, the
-    /// reintegrator's turn) on a full disk made the caller's change fail
-    /// with a generic error.
-    cause: Mutex<Option<i32>>,
+    db: RwLock<Option<Arc<Opened>>>,
+    /// One thread opens the file again at a time; the others wait for it
+    /// (`reopened`) with no lock held, bounded.
+    reopening: Mutex<bool>,
+    reopened: Condvar,
+    /// The OS error of the index file's last failed call, noted by the file
+    /// itself (`IndexFile`) before redb lets another transaction run: a
+    /// transaction refused for an earlier failure ("an earlier write
+    /// failed") reports it instead (ENOSPC stays ENOSPC). Without it a
+    /// commit that failed on one of the client's own threads (the index
+    /// thread, the reintegrator's turn) on a full disk made the caller's
+    /// change fail with a generic error.
+    last_error: Arc<LastError>,
     /// Cache saves and log records waiting for the next transaction
     /// (`Cache::ride`, `Cml::log_lazy`).
     riders: Mutex<Vec<Rider>>,
@@ -1435,23 +1433,19 @@ impl Drop for Index {
     }
 }
 
-#[allow(clippy::result_large_err)]
-fn unavailable() -> redb::TransactionError {
-    redb::TransactionError::Storage(redb::StorageError::PreviousIo)
-}
-
 // The same error type as redb's own `begin_write`/`begin_read`, so every
 // caller's `?` goes on converting it as before.
 #[allow(clippy::result_large_err)]
 impl Index {
     pub fn open(path: &Path) -> std::result::Result<Index, redb::DatabaseError> {
-        let db = open_index(path)?;
+        let last_error = Arc::new(LastError::default());
+        let db = open_index(path, &last_error)?;
         Ok(Index {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
-            reopening: Mutex::new(()),
-            suspect: AtomicBool::new(false),
-            cause: Mutex::new(None),
+            reopening: Mutex::new(false),
+            reopened: Condvar::new(),
+            last_error,
             riders: Mutex::new(Vec::new()),
             lost: Mutex::new(HashSet::new()),
             signal: Arc::default(),
@@ -1514,26 +1508,29 @@ impl Index {
         Ok(riders)
     }
 
-    /// A transaction of the index failed with `e`: the next `begin_write`
-    /// opens the file again (`suspect`). Returns the error to report: a
-    /// refusal for an earlier failure (`PreviousIo`) as that failure's
-    /// cause when it is known (`cause`).
+    /// The error to report for a transaction of the index that failed with
+    /// `e`: a refusal for an earlier failure (`PreviousIo`) as that
+    /// failure's OS error when it is known (`last_error`). (The opening
+    /// that failed is opened again by the next `begin_write`: the file
+    /// noted the failure itself, `Opened::broken`. A flag set here would
+    /// be set late, after that reopen, and force one more.)
     pub(crate) fn failed(&self, e: Error) -> Error {
-        self.suspect.store(true, Ordering::Release);
-        let mut cause = self.cause.lock();
-        if e.is_previous_io() {
-            return match *cause {
-                Some(code) => Error::io(
-                    crate::error::METADATA_IO,
-                    std::io::Error::from_raw_os_error(code),
-                ),
-                None => e,
-            };
+        match self.last_error.get() {
+            Some(code) if e.is_previous_io() => Error::io(
+                crate::error::METADATA_IO,
+                std::io::Error::from_raw_os_error(code),
+            ),
+            _ => e,
         }
-        if let Error::Io { source, .. } = &e {
-            *cause = source.raw_os_error();
-        }
-        e
+    }
+
+    /// What a caller hears when the index cannot be used (being opened
+    /// again, or a reopen failed): the last failure's OS error if known.
+    fn unavailable(&self) -> redb::TransactionError {
+        redb::TransactionError::Storage(match self.last_error.get() {
+            Some(code) => redb::StorageError::Io(std::io::Error::from_raw_os_error(code)),
+            None => redb::StorageError::PreviousIo,
+        })
     }
 
     /// The transaction that staged `riders` did not commit: the log
@@ -1577,57 +1574,79 @@ impl Index {
         Ok(())
     }
 
-    fn current(&self) -> Option<Arc<Database>> {
+    fn current(&self) -> Option<Arc<Opened>> {
         self.db.read().clone()
     }
 
+    /// A write transaction on the index, opened again first if the last
+    /// opening failed. Checked again once redb's write lock is ours: a
+    /// transaction that failed while we waited for it has been noted by
+    /// then (`Opened::broken`), and this one would be refused.
     pub fn begin_write(&self) -> std::result::Result<WriteTransaction, redb::TransactionError> {
-        let failed = match self.current() {
-            Some(db) if self.suspect.swap(false, Ordering::AcqRel) => Some(db),
-            Some(db) => match db.begin_write() {
-                Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => Some(db),
-                r => return r,
-            },
-            None => None,
-        };
-        self.reopen(failed)?;
-        self.current().ok_or_else(unavailable)?.begin_write()
+        for _ in 0..2 {
+            let failed = match self.current() {
+                Some(o) if o.broken() => Some(o),
+                Some(o) => match o.db.begin_write() {
+                    Ok(_) if o.broken() => Some(o),
+                    Err(redb::TransactionError::Storage(redb::StorageError::PreviousIo)) => Some(o),
+                    r => return r,
+                },
+                None => None,
+            };
+            self.reopen(failed)?;
+        }
+        Err(self.unavailable())
     }
 
+    /// A read transaction on the index. It never opens the file again
+    /// while an opening is in use: the caller may hold a write transaction
+    /// on it (whose own failure is why it broke), which would keep the file
+    /// locked; a read on a broken opening is refused, and the next
+    /// `begin_write` opens the file again.
     pub fn begin_read(&self) -> std::result::Result<ReadTransaction, redb::TransactionError> {
         match self.current() {
-            Some(db) => db.begin_read(),
+            Some(o) => o.db.begin_read(),
             None => {
                 self.reopen(None)?;
-                self.current().ok_or_else(unavailable)?.begin_read()
+                self.current()
+                    .ok_or_else(|| self.unavailable())?
+                    .db
+                    .begin_read()
             }
         }
     }
 
     /// Drop the failed database (`failed`, or none left) and open the file
     /// again; redb repairs it to its last committed state. One thread
-    /// reopens; the others fail their call meanwhile. No lock is held while
-    /// the file is opened.
+    /// reopens; the others wait for it (at most `REOPEN_WAIT`) and use what
+    /// it opened. No lock is held while the file is opened.
     fn reopen(
         &self,
-        failed: Option<Arc<Database>>,
+        failed: Option<Arc<Opened>>,
     ) -> std::result::Result<(), redb::TransactionError> {
-        let Some(_one) = self.reopening.try_lock() else {
-            return Err(unavailable());
-        };
+        // Held weakly from here: an opening's file stays locked while it is
+        // held, and the thread that opens it again must not wait for us.
+        let failed = failed.map(|f| Arc::downgrade(&f));
         {
+            let mut busy = self.reopening.lock();
+            let deadline = Instant::now() + REOPEN_WAIT;
+            while *busy {
+                if self.reopened.wait_until(&mut busy, deadline).timed_out() {
+                    return Err(self.unavailable());
+                }
+            }
             let mut cur = self.db.write();
             match (&*cur, &failed) {
                 // Another thread reopened it since we failed.
-                (Some(c), Some(f)) if !Arc::ptr_eq(c, f) => return Ok(()),
+                (Some(c), Some(f)) if !std::ptr::eq(Arc::as_ptr(c), f.as_ptr()) => return Ok(()),
                 (Some(_), None) => return Ok(()),
                 _ => *cur = None,
             }
+            *busy = true;
         }
-        drop(failed);
-        match open_index(&self.path) {
+        let opened = open_index(&self.path, &self.last_error);
+        let r = match opened {
             Ok(db) => {
-                *self.cause.lock() = None;
                 *self.db.write() = Some(Arc::new(db));
                 Ok(())
             }
@@ -1635,9 +1654,16 @@ impl Index {
             Err(e) => Err(redb::TransactionError::Storage(redb::StorageError::Io(
                 std::io::Error::other(format!("reopening the index: {e}")),
             ))),
-        }
+        };
+        *self.reopening.lock() = false;
+        self.reopened.notify_all();
+        r
     }
 }
+
+/// How long a caller waits for another thread's reopening of the index
+/// (opening a file and, after a crash, redb's repair of it).
+const REOPEN_WAIT: Duration = Duration::from_secs(10);
 
 /// `fids` without repeats, in their first order.
 fn dedup(fids: Vec<Fid>) -> Vec<Fid> {
@@ -1669,12 +1695,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// may still be finishing on one of its own threads (the reintegrator or
 /// the prober held it for a moment), so "already open" is retried briefly
 /// before it means another client.
-pub(crate) fn open_index(
+fn open_index(
     path: &std::path::Path,
-) -> std::result::Result<redb::Database, redb::DatabaseError> {
+    last_error: &Arc<LastError>,
+) -> std::result::Result<Opened, redb::DatabaseError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match redb::Database::create(path) {
+        match Opened::open(path, last_error) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen)
                 if std::time::Instant::now() < deadline =>
             {
@@ -2037,11 +2064,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A transaction refused for an earlier failure reports that failure's
-    /// cause (a full disk stays ENOSPC), and the next transaction begins
-    /// on the file opened again, which forgets the cause.
+    /// A transaction refused for an earlier failure reports the OS error
+    /// the index file noted (a full disk stays ENOSPC), also after the file
+    /// is opened again; the file is opened again after a call on it failed.
     #[test]
-    fn a_refusal_for_an_earlier_failure_reports_its_cause_and_the_index_is_opened_again() {
+    fn a_refusal_reports_its_cause_and_a_failed_file_is_opened_again() {
         let dir = tmpdir("failed");
         let db = Index::at(&dir.join("index.redb"));
         let earlier = || Error::from(redb::Error::PreviousIo);
@@ -2049,16 +2076,32 @@ mod tests {
             db.failed(earlier()).is_previous_io(),
             "no cause known: as it was"
         );
-        let full = Error::io(
-            crate::error::METADATA_IO,
-            std::io::Error::from_raw_os_error(libc::ENOSPC),
-        );
-        assert_eq!(db.failed(full).code(), -libc::ENOSPC);
+        assert!(matches!(
+            db.unavailable(),
+            redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+        ));
+        // What `IndexFile` notes when a write finds the disk full.
+        db.last_error.note_for_test(libc::ENOSPC);
         assert_eq!(db.failed(earlier()).code(), -libc::ENOSPC, "the cause");
+        assert_eq!(
+            Error::from(db.unavailable()).code(),
+            -libc::ENOSPC,
+            "unavailable: the cause"
+        );
+        let other = Error::Invalid("not an I/O error".into());
+        assert!(matches!(db.failed(other), Error::Invalid(_)), "as it was");
+        // Reporting a failure does not open the file again; a call on the
+        // file that failed (noted by the file itself) does, at the next
+        // write transaction, and the cause stays known (a transaction
+        // begun before may be refused after). (Held weakly: an opening's
+        // file stays locked while it is held.)
         let before = Arc::downgrade(&db.current().unwrap());
         drop(db.begin_write().unwrap());
-        assert!(before.upgrade().is_none(), "opened again");
-        assert!(db.failed(earlier()).is_previous_io(), "the cause forgotten");
+        assert!(before.upgrade().is_some(), "not opened again");
+        before.upgrade().unwrap().break_for_test();
+        drop(db.begin_write().unwrap());
+        assert_eq!(db.failed(earlier()).code(), -libc::ENOSPC, "still known");
+        assert!(before.upgrade().is_none(), "write: opened again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

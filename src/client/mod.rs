@@ -24,6 +24,7 @@ mod file;
 mod group;
 mod hoard;
 mod identity;
+mod index_file;
 mod inner;
 mod mailbox;
 mod mode;

@@ -1,0 +1,163 @@
+//! The client index's file as redb sees it (`IndexFile`): redb's own file
+//! backend, which also notes that a call on the file failed (`Opened`) and
+//! the OS error of the last one that did (`LastError`).
+//!
+//! Why: after one failed call redb refuses every later use of the database
+//! with "Previous I/O error occurred" and no cause, until it is opened
+//! again. The failure is often not the caller's own (the index thread's
+//! round, the reintegrator's turn), and a transaction waiting for redb's
+//! write lock gets it before the failing thread has even returned to say
+//! so. The backend sees the error first, before redb releases that lock: a
+//! transaction that begins after it can tell that the file must be opened
+//! again first, and a refusal can say what happened (a full cache disk
+//! stays ENOSPC).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+use redb::backends::FileBackend;
+use redb::{Database, StorageBackend};
+
+/// The OS error (errno) of the last failed call on an index file; 0 for
+/// none. Shared by every file the index opens: it outlives a reopen, since
+/// a transaction begun before the reopen may be refused after it.
+#[derive(Debug, Default)]
+pub(crate) struct LastError(AtomicI32);
+
+impl LastError {
+    pub(crate) fn get(&self) -> Option<i32> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn note_for_test(&self, code: i32) {
+        self.0.store(code, Ordering::Release);
+    }
+
+    fn note(&self, e: &io::Error) {
+        // An error without an errno (a short write) is still an I/O error.
+        let code = e.raw_os_error().unwrap_or(libc::EIO);
+        self.0.store(code, Ordering::Release);
+    }
+}
+
+/// One opening of the index file: redb's database on it, and whether a
+/// call on the file has failed since it was opened (redb then refuses
+/// every later use of this `db`).
+pub(crate) struct Opened {
+    pub(crate) db: Database,
+    broken: Arc<AtomicBool>,
+}
+
+impl Opened {
+    /// Open (creating) the index file at `path` as redb's `Database::create`
+    /// does; failures are noted in `last`. A file another client holds
+    /// fails with `DatabaseAlreadyOpen`.
+    pub(crate) fn open(
+        path: &Path,
+        last: &Arc<LastError>,
+    ) -> std::result::Result<Opened, redb::DatabaseError> {
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let broken = Arc::new(AtomicBool::new(false));
+        let file = IndexFile {
+            file: FileBackend::new(file)?,
+            broken: Arc::clone(&broken),
+            last: Arc::clone(last),
+        };
+        let db = redb::Builder::new().create_with_backend(file)?;
+        Ok(Opened { db, broken })
+    }
+
+    /// A call on the file failed since it was opened: open it again.
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn break_for_test(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+}
+
+#[derive(Debug)]
+struct IndexFile {
+    file: FileBackend,
+    broken: Arc<AtomicBool>,
+    last: Arc<LastError>,
+}
+
+impl IndexFile {
+    fn watch<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            self.last.note(e);
+            self.broken.store(true, Ordering::Release);
+        }
+        r
+    }
+}
+
+impl StorageBackend for IndexFile {
+    fn len(&self) -> io::Result<u64> {
+        self.watch(self.file.len())
+    }
+
+    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.watch(self.file.read(offset, len))
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.watch(self.file.set_len(len))
+    }
+
+    fn sync_data(&self, eventual: bool) -> io::Result<()> {
+        self.watch(self.file.sync_data(eventual))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.watch(self.file.write(offset, data))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that fails is remembered by its errno, and a later success
+    /// does not erase it (a refusal may come after).
+    #[test]
+    fn a_failed_call_is_remembered_by_its_errno() {
+        let dir = std::env::temp_dir().join(format!("coda-index-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("index.redb");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let last = Arc::new(LastError::default());
+        // A read-only descriptor: writes fail with EBADF.
+        let broken = Arc::new(AtomicBool::new(false));
+        let ro = IndexFile {
+            file: FileBackend::new(File::open(&path).unwrap()).unwrap(),
+            broken: Arc::clone(&broken),
+            last: Arc::clone(&last),
+        };
+        assert_eq!(last.get(), None);
+        assert!(!broken.load(Ordering::Acquire));
+        assert_eq!(ro.read(0, 4).unwrap(), b"0123");
+        assert!(ro.write(0, b"x").is_err());
+        assert_eq!(last.get(), Some(libc::EBADF));
+        assert!(broken.load(Ordering::Acquire), "this opening is broken");
+        assert_eq!(ro.len().unwrap(), 10);
+        assert_eq!(last.get(), Some(libc::EBADF), "kept after a success");
+        drop(ro);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
