@@ -9,7 +9,7 @@
 mod client_util;
 mod common;
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,126 +27,122 @@ struct Proxy {
     released: Arc<AtomicBool>,
     held: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    socks: Arc<Mutex<Vec<TcpStream>>>,
+    // Dropped after `drop` below has released and stopped the pumps.
+    _tcp: common::proxy::Proxy,
 }
 
 impl Proxy {
     fn start(to: SocketAddr) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = Proxy {
-            addr: l.local_addr().unwrap(),
-            hold: Arc::default(),
-            released: Arc::default(),
-            held: Arc::default(),
-            stop: Arc::default(),
-            socks: Arc::default(),
-        };
-        let (hold, released, held, stop, socks) = (
-            p.hold.clone(),
-            p.released.clone(),
-            p.held.clone(),
-            p.stop.clone(),
-            p.socks.clone(),
-        );
+        let hold: Arc<AtomicBool> = Arc::default();
+        let released: Arc<AtomicBool> = Arc::default();
+        let held: Arc<AtomicUsize> = Arc::default();
+        let stop: Arc<AtomicBool> = Arc::default();
+        let (h, r, n, st) = (hold.clone(), released.clone(), held.clone(), stop.clone());
+        let tcp = common::proxy::Proxy::start(move |c, socks| {
+            let Ok(s) = TcpStream::connect(to) else {
+                return;
+            };
+            socks.keep(&s);
+            serve(c, s, &h, &r, &n, &st);
+        });
+        Proxy {
+            addr: tcp.addr,
+            hold,
+            released,
+            held,
+            stop,
+            _tcp: tcp,
+        }
+    }
+}
+
+/// One connection, client `c` and server `s` (see `Proxy`).
+fn serve(
+    c: TcpStream,
+    s: TcpStream,
+    hold: &Arc<AtomicBool>,
+    released: &Arc<AtomicBool>,
+    held: &Arc<AtomicUsize>,
+    stop: &Arc<AtomicBool>,
+) {
+    // Only connections opened before the hold are held.
+    let holdable = !hold.load(Ordering::SeqCst);
+    let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+    let released2 = released.clone();
+    // Client to server: after the release, the client's next
+    // bytes close its connection.
+    std::thread::spawn(move || {
+        let (mut c, mut s) = (c2, s2);
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = match std::io::Read::read(&mut c, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if holdable && released2.load(Ordering::SeqCst) {
+                break;
+            }
+            // A server gone meanwhile: swallow until released.
+            let _ = std::io::Write::write_all(&mut s, &buf[..n]);
+        }
+        let _ = c.shutdown(Shutdown::Both);
+        let _ = s.shutdown(Shutdown::Both);
+    });
+    // Bytes from the server held back (frames: u32 length, then
+    // that many bytes; bulk data is not framed, but nothing
+    // comes on a bulk connection while held).
+    let kept: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let first = |b: &[u8]| {
+        let len = u32::from_be_bytes(b.get(..4)?.try_into().unwrap()) as usize;
+        b.get(..4 + len).map(|f| f.to_vec())
+    };
+    if holdable {
+        // Delivers the first frame held, once released.
+        let (kept, released, stop) = (kept.clone(), released.clone(), stop.clone());
+        let mut c = c.try_clone().unwrap();
         std::thread::spawn(move || {
-            for c in l.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(c) = c else { continue };
-                let Ok(s) = TcpStream::connect(to) else {
-                    continue;
-                };
-                // Only connections opened before the hold are held.
-                let holdable = !hold.load(Ordering::SeqCst);
-                socks
-                    .lock()
-                    .unwrap()
-                    .extend([c.try_clone().unwrap(), s.try_clone().unwrap()]);
-                let (c2, s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
-                let released2 = released.clone();
-                // Client to server: after the release, the client's next
-                // bytes close its connection.
-                std::thread::spawn(move || {
-                    let (mut c, mut s) = (c2, s2);
-                    let mut buf = [0u8; 65536];
-                    loop {
-                        let n = match std::io::Read::read(&mut c, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if holdable && released2.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        // A server gone meanwhile: swallow until released.
-                        let _ = std::io::Write::write_all(&mut s, &buf[..n]);
-                    }
-                    let _ = c.shutdown(Shutdown::Both);
-                    let _ = s.shutdown(Shutdown::Both);
-                });
-                // Bytes from the server held back (frames: u32 length, then
-                // that many bytes; bulk data is not framed, but nothing
-                // comes on a bulk connection while held).
-                let kept: Arc<Mutex<Vec<u8>>> = Arc::default();
-                let first = |b: &[u8]| {
-                    let len = u32::from_be_bytes(b.get(..4)?.try_into().unwrap()) as usize;
-                    b.get(..4 + len).map(|f| f.to_vec())
-                };
-                if holdable {
-                    // Delivers the first frame held, once released.
-                    let (kept, released, stop) = (kept.clone(), released.clone(), stop.clone());
-                    let mut c = c.try_clone().unwrap();
-                    std::thread::spawn(move || {
-                        while !released.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        if let Some(f) = first(&kept.lock().unwrap()) {
-                            let _ = std::io::Write::write_all(&mut c, &f);
-                        }
-                    });
-                }
-                let (hold, released, held) = (hold.clone(), released.clone(), held.clone());
-                std::thread::spawn(move || {
-                    let (mut c, mut s) = (c, s);
-                    let mut buf = [0u8; 65536];
-                    // Bounded by the server's connection: EOF or error ends it.
-                    loop {
-                        let n = match std::io::Read::read(&mut s, &mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if holdable && hold.load(Ordering::SeqCst) {
-                            if !released.load(Ordering::SeqCst) {
-                                let mut k = kept.lock().unwrap();
-                                k.extend_from_slice(&buf[..n]);
-                                if first(&k).is_some() {
-                                    held.store(1, Ordering::SeqCst);
-                                }
-                            }
-                            continue;
-                        }
-                        if std::io::Write::write_all(&mut c, &buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    if !holdable || !hold.load(Ordering::SeqCst) {
-                        let _ = c.shutdown(Shutdown::Both);
-                    }
-                });
+            while !released.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(f) = first(&kept.lock().unwrap()) {
+                let _ = std::io::Write::write_all(&mut c, &f);
             }
         });
-        p
     }
+    let (hold, released, held) = (hold.clone(), released.clone(), held.clone());
+    std::thread::spawn(move || {
+        let (mut c, mut s) = (c, s);
+        let mut buf = [0u8; 65536];
+        // Bounded by the server's connection: EOF or error ends it.
+        loop {
+            let n = match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if holdable && hold.load(Ordering::SeqCst) {
+                if !released.load(Ordering::SeqCst) {
+                    let mut k = kept.lock().unwrap();
+                    k.extend_from_slice(&buf[..n]);
+                    if first(&k).is_some() {
+                        held.store(1, Ordering::SeqCst);
+                    }
+                }
+                continue;
+            }
+            if std::io::Write::write_all(&mut c, &buf[..n]).is_err() {
+                break;
+            }
+        }
+        if !holdable || !hold.load(Ordering::SeqCst) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    });
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.released.store(true, Ordering::SeqCst);
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        for s in self.socks.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
     }
 }
 

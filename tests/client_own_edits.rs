@@ -17,7 +17,7 @@ mod client_util;
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,47 +32,37 @@ struct HoldProxy {
     /// Bytes the client sent while the proxy held them.
     held_bytes: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    socks: Arc<parking_lot::Mutex<Vec<TcpStream>>>,
+    // Dropped after `drop` below has let the held pumps go.
+    _tcp: common::proxy::Proxy,
 }
 
 impl HoldProxy {
     fn start(target: SocketAddr) -> HoldProxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = HoldProxy {
-            addr: l.local_addr().unwrap(),
-            hold: Default::default(),
-            held_bytes: Default::default(),
-            stop: Default::default(),
-            socks: Default::default(),
-        };
-        let (hold, held, stop, socks) = (
-            p.hold.clone(),
-            p.held_bytes.clone(),
-            p.stop.clone(),
-            p.socks.clone(),
-        );
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(c) = conn else { continue };
-                let Ok(up) = TcpStream::connect(target) else {
-                    continue;
-                };
-                socks.lock().push(c.try_clone().unwrap());
-                socks.lock().push(up.try_clone().unwrap());
-                let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
-                let (hold, held, stop) = (hold.clone(), held.clone(), stop.clone());
-                std::thread::spawn(move || pump_held(c2, up2, &hold, &held, &stop));
-                std::thread::spawn(move || {
-                    let (mut from, mut to) = (up, c);
-                    let _ = std::io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Both);
-                });
-            }
+        let hold: Arc<AtomicBool> = Arc::default();
+        let held_bytes: Arc<AtomicU64> = Arc::default();
+        let stop: Arc<AtomicBool> = Arc::default();
+        let (h, n, st) = (hold.clone(), held_bytes.clone(), stop.clone());
+        let tcp = common::proxy::Proxy::start(move |c, socks| {
+            let Ok(up) = TcpStream::connect(target) else {
+                return;
+            };
+            socks.keep(&up);
+            let (c2, up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            let (hold, held, stop) = (h.clone(), n.clone(), st.clone());
+            std::thread::spawn(move || pump_held(c2, up2, &hold, &held, &stop));
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (up, c);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
         });
-        p
+        HoldProxy {
+            addr: tcp.addr,
+            hold,
+            held_bytes,
+            stop,
+            _tcp: tcp,
+        }
     }
 }
 
@@ -108,10 +98,6 @@ impl Drop for HoldProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.hold.store(false, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        for s in self.socks.lock().iter() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
     }
 }
 

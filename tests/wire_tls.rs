@@ -7,8 +7,7 @@ mod client_util;
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,42 +37,26 @@ enum Mode {
 struct Relay {
     addr: SocketAddr,
     capture: Arc<Mutex<Vec<u8>>>,
-    stop: Arc<AtomicBool>,
+    _tcp: common::proxy::Proxy,
 }
 
 impl Relay {
     fn start(server: SocketAddr, mode: Mode) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
         let capture = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (cap, st) = (capture.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                if st.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(c) = c else { continue };
-                let (cap, mode) = (cap.clone(), mode.clone());
-                std::thread::spawn(move || relay_one(c, server, mode, cap));
-            }
+        let cap = capture.clone();
+        let tcp = common::proxy::Proxy::start(move |c, _| {
+            let (cap, mode) = (cap.clone(), mode.clone());
+            std::thread::spawn(move || relay_one(c, server, mode, cap));
         });
         Relay {
-            addr,
+            addr: tcp.addr,
             capture,
-            stop,
+            _tcp: tcp,
         }
     }
 
     fn captured(&self) -> Vec<u8> {
         self.capture.lock().clone()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod prereq;
+pub mod proxy;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};
