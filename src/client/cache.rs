@@ -826,8 +826,9 @@ impl Cache {
             self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
-        if let Err(e) = res {
-            let _ = self.db.failed(e);
+        if let Err(_e) = res {
+            // (The failed opening is opened again by the next write: the
+            // file noted the failure itself, `Opened::broken`.)
             self.db.riders_failed(riders);
             // The journals taken are lost with the commit: save those
             // listings whole next time.
@@ -1510,11 +1511,11 @@ impl Index {
 
     /// The error to report for a transaction of the index that failed with
     /// `e`: a refusal for an earlier failure (`PreviousIo`) as that
-    /// failure's OS error when it is known (`last_error`). (The opening
-    /// that failed is opened again by the next `begin_write`: the file
-    /// noted the failure itself, `Opened::broken`. A flag set here would
-    /// be set late, after that reopen, and force one more.)
-    pub(crate) fn failed(&self, e: Error) -> Error {
+    /// failure's OS error when it is known (`last_error`). Nothing else:
+    /// the opening that failed is opened again by the next `begin_write`,
+    /// since the file noted the failure itself (`Opened::broken`); a flag
+    /// set here would be set late, after that reopen, and force one more.
+    pub(crate) fn report(&self, e: Error) -> Error {
         match self.last_error.get() {
             Some(code) if e.is_previous_io() => Error::io(
                 crate::error::METADATA_IO,
@@ -1627,7 +1628,7 @@ impl Index {
         // Held weakly from here: an opening's file stays locked while it is
         // held, and the thread that opens it again must not wait for us.
         let failed = failed.map(|f| Arc::downgrade(&f));
-        {
+        let old = {
             let mut busy = self.reopening.lock();
             let deadline = Instant::now() + REOPEN_WAIT;
             while *busy {
@@ -1640,10 +1641,13 @@ impl Index {
                 // Another thread reopened it since we failed.
                 (Some(c), Some(f)) if !std::ptr::eq(Arc::as_ptr(c), f.as_ptr()) => return Ok(()),
                 (Some(_), None) => return Ok(()),
-                _ => *cur = None,
+                _ => {}
             }
             *busy = true;
-        }
+            cur.take()
+        };
+        // Dropped with no lock held: redb's drop of a database may write.
+        drop(old);
         let opened = open_index(&self.path, &self.last_error);
         let r = match opened {
             Ok(db) => {
@@ -2073,7 +2077,7 @@ mod tests {
         let db = Index::at(&dir.join("index.redb"));
         let earlier = || Error::from(redb::Error::PreviousIo);
         assert!(
-            db.failed(earlier()).is_previous_io(),
+            db.report(earlier()).is_previous_io(),
             "no cause known: as it was"
         );
         assert!(matches!(
@@ -2082,14 +2086,14 @@ mod tests {
         ));
         // What `IndexFile` notes when a write finds the disk full.
         db.last_error.note_for_test(libc::ENOSPC);
-        assert_eq!(db.failed(earlier()).code(), -libc::ENOSPC, "the cause");
+        assert_eq!(db.report(earlier()).code(), -libc::ENOSPC, "the cause");
         assert_eq!(
             Error::from(db.unavailable()).code(),
             -libc::ENOSPC,
             "unavailable: the cause"
         );
         let other = Error::Invalid("not an I/O error".into());
-        assert!(matches!(db.failed(other), Error::Invalid(_)), "as it was");
+        assert!(matches!(db.report(other), Error::Invalid(_)), "as it was");
         // Reporting a failure does not open the file again; a call on the
         // file that failed (noted by the file itself) does, at the next
         // write transaction, and the cause stays known (a transaction
@@ -2100,8 +2104,50 @@ mod tests {
         assert!(before.upgrade().is_some(), "not opened again");
         before.upgrade().unwrap().break_for_test();
         drop(db.begin_write().unwrap());
-        assert_eq!(db.failed(earlier()).code(), -libc::ENOSPC, "still known");
+        assert_eq!(db.report(earlier()).code(), -libc::ENOSPC, "still known");
         assert!(before.upgrade().is_none(), "write: opened again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A caller that finds the file being opened again by another thread
+    /// waits for that reopen (no lock held) and uses what it opened,
+    /// instead of failing or opening it a second time.
+    #[test]
+    fn a_caller_waits_for_another_threads_reopen_and_uses_it() {
+        let dir = tmpdir("reopen-wait");
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        db.current().unwrap().break_for_test();
+        // Another thread's reopen, begun: the failed opening taken out.
+        *db.reopening.lock() = true;
+        let old = db.db.write().take();
+        let started = Instant::now();
+        let caller = {
+            let db = Arc::clone(&db);
+            std::thread::spawn(move || {
+                db.begin_write().map(drop).map_err(|e| e.to_string())?;
+                Ok::<_, String>(started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        // ... and finished: the new opening in place, the waiters woken.
+        drop(old);
+        let fresh = Arc::new(open_index(&db.path, &db.last_error).unwrap());
+        *db.db.write() = Some(Arc::clone(&fresh));
+        *db.reopening.lock() = false;
+        db.reopened.notify_all();
+        let waited = caller
+            .join()
+            .unwrap()
+            .expect("begin_write after the reopen");
+        assert!(
+            waited >= Duration::from_millis(100),
+            "it waited: {waited:?}"
+        );
+        assert!(
+            Arc::ptr_eq(&db.current().unwrap(), &fresh),
+            "not opened twice"
+        );
+        drop((fresh, db));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

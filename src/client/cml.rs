@@ -909,7 +909,7 @@ impl Cml {
         let mut log = self.log.lock();
         log.applying = false;
         self.applied.notify_all();
-        r.map_err(|e| self.db.failed(e.into()))?;
+        r.map_err(|e| self.db.report(e.into()))?;
         Ok(log)
     }
 
