@@ -25,6 +25,8 @@ pub(crate) mod journal;
 ///
 /// cbindgen:ignore
 pub mod proto;
+/// Files of the redb version this crate used before, converted on open.
+mod redb_upgrade;
 /// Vice: the file server behind `coda-server`.
 ///
 /// cbindgen:ignore

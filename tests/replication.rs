@@ -1278,7 +1278,7 @@ fn the_leader_forgets_an_unseen_id_with_its_watermark_on_every_member_but_never_
 /// id to another user, and every member records that it was done.
 #[test]
 fn owner_rows_a_leader_held_only_locally_reach_every_member() {
-    use redb::TableDefinition;
+    use redb::{ReadableDatabase, TableDefinition};
     const OWNERS: TableDefinition<&[u8; 16], &str> = TableDefinition::new("client_owners");
     const SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("client_seen");
     const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
-use redb::{Durability, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 
 use super::index_file::{LastError, Opened};
 use super::namespace::{Edit, Listing};
@@ -806,9 +808,9 @@ impl Cache {
             let mut w = self.db.begin_write()?;
             if durable {
                 self.undurable.store(0, Ordering::Relaxed);
-                w.set_durability(Durability::Immediate);
+                w.set_durability(Durability::Immediate)?;
             } else {
-                w.set_durability(Durability::None);
+                w.set_durability(Durability::None)?;
             }
             // The saves waiting to ride (`ride`) go first, taken under the
             // same lock as this save's rows are made: every row is written

@@ -515,7 +515,7 @@ impl Cml {
     /// connected records held in memory only (`unwritten`).
     fn put_sent_upto(&self, v: u64) -> Result<()> {
         let (mut w, log) = self.begin()?;
-        w.set_durability(Durability::Immediate);
+        w.set_durability(Durability::Immediate)?;
         w.open_table(META)?.insert(SENT_UPTO, v)?;
         let staged = stage_unwritten(&log, &w, &[])?;
         let mut log = self.commit(w, log, &[])?;
@@ -670,7 +670,7 @@ impl Cml {
         if !log.lazy {
             return Ok(());
         }
-        w.set_durability(Durability::Immediate);
+        w.set_durability(Durability::Immediate)?;
         let staged = stage_unwritten(&log, &w, &[])?;
         let mut log = self.commit(w, log, &[])?;
         log.wrote(&staged);
@@ -787,7 +787,7 @@ impl Cml {
             Durability::Immediate
         } else {
             Durability::None
-        });
+        })?;
         let rec;
         {
             let mut meta = w.open_table(META)?;
@@ -979,7 +979,7 @@ impl Cml {
             }
         }
         let (mut w, log) = self.begin()?;
-        w.set_durability(Durability::None);
+        w.set_durability(Durability::None)?;
         {
             let mut cml = w.open_table(CML)?;
             for id in ids {

@@ -14,12 +14,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
 use redb::backends::FileBackend;
-use redb::{Database, StorageBackend};
+use redb::{BackendError, Database, StorageBackend};
 
 /// The OS error (errno) of the last failed call on an index file; 0 for
 /// none. Shared by every file the index opens: it outlives a reopen, since
@@ -60,6 +61,14 @@ impl Opened {
     /// does; failures are noted in `last`. A file another client holds
     /// fails with `DatabaseAlreadyOpen`.
     pub(crate) fn open(
+        path: &Path,
+        last: &Arc<LastError>,
+    ) -> std::result::Result<Opened, redb::DatabaseError> {
+        // An index written by an earlier coda (redb 2) is converted first.
+        crate::redb_upgrade::upgraded(path, &[], || Opened::open_current(path, last))
+    }
+
+    fn open_current(
         path: &Path,
         last: &Arc<LastError>,
     ) -> std::result::Result<Opened, redb::DatabaseError> {
@@ -107,25 +116,59 @@ impl IndexFile {
     }
 }
 
+// The I/O calls are watched; the lock calls (how redb keeps a second
+// client off this cache) and `close` go to redb's file backend unchanged.
 impl StorageBackend for IndexFile {
     fn len(&self) -> io::Result<u64> {
         self.watch(self.file.len())
     }
 
-    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.watch(self.file.read(offset, len))
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.watch(self.file.read(offset, out))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.watch(self.file.set_len(len))
     }
 
-    fn sync_data(&self, eventual: bool) -> io::Result<()> {
-        self.watch(self.file.sync_data(eventual))
+    fn sync_data(&self) -> io::Result<()> {
+        self.watch(self.file.sync_data())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.watch(self.file.write(offset, data))
+    }
+
+    fn close(&self) -> io::Result<()> {
+        self.file.close()
+    }
+
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(
+        &self,
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.file.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.file.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.file.query_lock_range(start, end)
     }
 }
 
@@ -151,13 +194,59 @@ mod tests {
         };
         assert_eq!(last.get(), None);
         assert!(!broken.load(Ordering::Acquire));
-        assert_eq!(ro.read(0, 4).unwrap(), b"0123");
+        let mut head = [0u8; 4];
+        ro.read(0, &mut head).unwrap();
+        assert_eq!(&head, b"0123");
         assert!(ro.write(0, b"x").is_err());
         assert_eq!(last.get(), Some(libc::EBADF));
         assert!(broken.load(Ordering::Acquire), "this opening is broken");
         assert_eq!(ro.len().unwrap(), 10);
         assert_eq!(last.get(), Some(libc::EBADF), "kept after a success");
         drop(ro);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An index written by redb 2.6 (an earlier coda: its log may hold
+    /// acknowledged changes not yet sent) opens with every row, and a file
+    /// open in one client is refused to a second (`DatabaseAlreadyOpen`,
+    /// "cache_dir in use").
+    #[test]
+    fn an_index_written_by_redb_2_opens_with_its_log() {
+        use redb::ReadableDatabase;
+        let dir = std::env::temp_dir().join(format!("coda-index-old-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("index.redb");
+        {
+            let db = redb2::Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            {
+                let cml: redb2::TableDefinition<u64, &[u8]> = redb2::TableDefinition::new("cml");
+                let mut t = w.open_table(cml).unwrap();
+                t.insert(7, &b"a logged store"[..]).unwrap();
+                let meta: redb2::TableDefinition<&str, u64> = redb2::TableDefinition::new("meta");
+                w.open_table(meta)
+                    .unwrap()
+                    .insert("next_store_id", 8)
+                    .unwrap();
+            }
+            w.commit().unwrap();
+        }
+        let last = Arc::new(LastError::default());
+        let opened = Opened::open(&path, &last).unwrap();
+        let r = opened.db.begin_read().unwrap();
+        let cml = r.open_table(crate::client::tables::CML).unwrap();
+        assert_eq!(cml.get(7).unwrap().unwrap().value(), b"a logged store");
+        let meta = r.open_table(crate::client::tables::META).unwrap();
+        assert_eq!(meta.get("next_store_id").unwrap().unwrap().value(), 8);
+        drop((cml, meta, r));
+        assert!(matches!(
+            Opened::open(&path, &last),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+        ));
+        assert_eq!(last.get(), None, "no failed call");
+        drop(opened);
+        drop(Opened::open(&path, &last).unwrap());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -303,6 +303,24 @@ pub fn decode_reservation(b: &[u8; 20]) -> ([u8; 16], u32) {
     (c, u32::from_be_bytes([b[16], b[17], b[18], b[19]]))
 }
 
+/// The tables keyed by variable-width tuples, whose key encoding changed
+/// in redb 3: moved aside when a store written by redb 2 is converted
+/// (`crate::redb_upgrade`).
+pub(crate) const TUPLE_TABLES: [crate::redb_upgrade::Move; 3] = [
+    crate::redb_upgrade::Move {
+        table: "dirents",
+        shape: crate::redb_upgrade::Shape::FidName,
+    },
+    crate::redb_upgrade::Move {
+        table: "groups",
+        shape: crate::redb_upgrade::Shape::StrPair,
+    },
+    crate::redb_upgrade::Move {
+        table: "memberships",
+        shape: crate::redb_upgrade::Shape::StrPair,
+    },
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

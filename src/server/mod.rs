@@ -22,7 +22,7 @@ mod callbacks;
 mod control;
 mod handshake;
 pub(crate) mod log;
-mod meta;
+pub(crate) mod meta;
 mod objects;
 mod owners;
 mod reintegrate;

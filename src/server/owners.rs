@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::meta::{existing_table, CLIENT_OWNERS, CLIENT_SEEN, CLIENT_STORE};
 use super::objects;

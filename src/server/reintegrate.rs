@@ -22,7 +22,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
 use super::meta::*;
 use super::objects;
@@ -888,7 +888,7 @@ impl VolumeStore {
                 && dirs.is_empty()
                 && self.journal_group(&txn, jobs, &applied)?;
             if journaled {
-                txn.set_durability(redb::Durability::None);
+                txn.set_durability(redb::Durability::None)?;
             }
             let t_journaled = Instant::now();
             let commit = (|| -> Result<()> {
@@ -1292,7 +1292,7 @@ impl VolumeStore {
         // Each round that does not commit skips one more batch.
         for _round in 0..=jobs.len() {
             let mut txn = db.begin_write()?;
-            txn.set_durability(redb::Durability::None);
+            txn.set_durability(redb::Durability::None)?;
             let mut restart = false;
             for (i, job) in jobs.iter().enumerate() {
                 if skip[i] {
@@ -1360,7 +1360,7 @@ fn commit_durability(
             && a.outcome.consumed_uploads.is_empty())
     });
     if !files {
-        txn.set_durability(redb::Durability::None);
+        txn.set_durability(redb::Durability::None)?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use parking_lot::{RwLock, RwLockReadGuard};
-use redb::{Database, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::log;
 use super::meta::*;
@@ -769,8 +769,12 @@ pub(crate) fn open_db(root: &Path) -> Result<Database> {
             root.display()
         )));
     }
-    match Database::open(path) {
-        Ok(db) => Ok(db),
+    // A store written by an earlier coda (redb 2) is converted first.
+    match crate::redb_upgrade::upgraded(&path, &TUPLE_TABLES, || Database::open(&path)) {
+        Ok(db) => {
+            crate::redb_upgrade::finish(&db, &TUPLE_TABLES)?;
+            Ok(db)
+        }
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(Error::Again(format!(
             "{} is in use by a running coda-server: stop it first",
             root.display()

@@ -366,7 +366,7 @@ pub struct StoreState {
 }
 
 pub fn store_state(root: &std::path::Path) -> StoreState {
-    use redb::{ReadableTable, TableDefinition};
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
     const OBJECTS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("objects");
     const DIRENTS: TableDefinition<(&[u8; 16], &str), &[u8; 17]> = TableDefinition::new("dirents");
     const SMALL_DATA: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("small_data");

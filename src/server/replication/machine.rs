@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redb::ReadableTable;
+use redb::{ReadableDatabase, ReadableTable};
 
 use super::config::{resolve, GroupConfig};
 use super::data::{fetch, push, replstage_dir, replstage_path};
@@ -435,7 +435,7 @@ impl Machine {
         self.store.with_db(|db| -> Result<()> {
             let mut txn = db.begin_write()?;
             if !durable {
-                txn.set_durability(redb::Durability::None);
+                txn.set_durability(redb::Durability::None)?;
             }
             txn.open_table(SETTINGS)?
                 .insert(APPLIED_KEY, index.to_be_bytes().as_slice())?;
@@ -626,7 +626,7 @@ impl Machine {
     ) -> Result<Result<T>> {
         let res = self.store.with_db(|db| -> Result<T> {
             let mut txn = db.begin_write()?;
-            txn.set_durability(redb::Durability::None);
+            txn.set_durability(redb::Durability::None)?;
             let v = f(&txn)?;
             txn.open_table(SETTINGS)?
                 .insert(APPLIED_KEY, index.to_be_bytes().as_slice())?;
@@ -777,7 +777,7 @@ fn alloc_at(
     check_alloc_count(count)?;
     store.with_db(|db| -> Result<u64> {
         let mut txn = db.begin_write()?;
-        txn.set_durability(redb::Durability::None);
+        txn.set_durability(redb::Durability::None)?;
         let first = {
             let mut settings = txn.open_table(SETTINGS)?;
             let done = settings

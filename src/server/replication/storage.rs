@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::storage::MemStorage;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::journal::Journal;
 use crate::{Error, Result};
@@ -171,7 +171,8 @@ impl RaftStore {
     /// Open the log and load it into memory.
     pub fn open(root: &Path) -> Result<RaftStore> {
         let path = raft_db_path(root);
-        let db = match Database::open(&path) {
+        // A log written by an earlier coda (redb 2) is converted first.
+        let db = match crate::redb_upgrade::upgraded(&path, &[], || Database::open(&path)) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(Error::Again(format!(
