@@ -373,10 +373,9 @@ fn write_rows<'r>(w: &WriteTransaction, rows: impl IntoIterator<Item = &'r Row>)
 const RIDERS_MAX: usize = 256;
 
 /// Index commits are not fsynced (`Durability::None`): everything in the
-/// index but the log can be lost and revalidated. redb frees the pages
-/// such commits replace only at a durable commit, so every this many
-/// commits one is durable (also: every durable log or lease commit, and
-/// shutdown).
+/// index but the log can be lost and revalidated. Every this many commits
+/// one is durable (also: every durable log or lease commit, and shutdown),
+/// which bounds what a crash loses and what that commit's sync writes.
 const DURABLE_EVERY: u32 = 256;
 
 thread_local! {

@@ -32,9 +32,10 @@ pub const JOURNAL_FILE: &str = "commit.journal";
 pub const DEFAULT_CAPACITY: u64 = 4 << 20;
 
 /// A checkpoint after this many journaled groups (or past half the
-/// journal): redb writes fresh pages for every commit and reuses the ones
-/// they free only after a durable commit, so this bounds how far
-/// `meta.redb` grows, and how much one checkpoint writes, between two.
+/// journal): it bounds how many groups a restart applies again, and how
+/// much one checkpoint's sync writes (redb 4 reuses, in an unsynced commit,
+/// the pages an earlier unsynced one wrote and nothing needs any more, so
+/// that is the pages changed since the last one, not a copy per commit).
 pub const CHECKPOINT_GROUPS: u64 = 256;
 
 /// Set in the server's environment to the journal's size in bytes when it
