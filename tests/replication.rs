@@ -260,13 +260,13 @@ fn a_follower_killed_and_restarted_catches_up_file_data_included() {
     client_util::put(&c, "/while-down", &big);
     c.mkdir("/dir", 0o755).unwrap();
     client_util::put(&c, "/dir/small", b"small file while member was down\n");
-    assert!(!g.has_object(f, b"small file while member was down\n"));
+    assert!(!g.has_object(f, b"small file while member was down\n")); // killed: its file as it was
     g.serve(f);
     g.wait_caught_up(&[0, 1, 2]);
-    assert!(g.has_object(f, b"written while all three ran\n"));
-    assert!(g.has_object(f, b"small file while member was down\n"));
+    assert!(g.holds(f, b"written while all three ran\n"));
+    assert!(g.holds(f, b"small file while member was down\n"));
     assert!(
-        g.has_object(f, &big),
+        g.holds(f, &big),
         "the 3 MB file reached the returning member"
     );
 }
@@ -325,7 +325,7 @@ fn sigstop_of_the_leader_while_a_client_writes_loses_nothing_and_writes_resume()
         client_util::get(&reader, "/during"),
         b"while the old leader is stopped\n"
     );
-    assert!(g.has_object(l, b"while the old leader is stopped\n"));
+    assert!(g.holds(l, b"while the old leader is stopped\n"));
 }
 
 #[test]
@@ -351,7 +351,7 @@ fn members_are_added_removed_and_a_wiped_one_replaced_online() {
     let all = [0, 1, 2, four];
     g.wait_caught_up(&all);
     assert_eq!(g.status(l).unwrap().voters, vec![1, 2, 3, 4]);
-    assert!(g.has_object(four, b"written by three members\n"));
+    assert!(g.holds(four, b"written by three members\n"));
     client_util::put(&c, "/b", b"written by four members\n");
     wait_until("member 4 has the new file", 30, || {
         g.has_object(four, b"written by four members\n")
@@ -386,8 +386,8 @@ fn members_are_added_removed_and_a_wiped_one_replaced_online() {
     let mut voters = vec![1, 2, 3, 4, 5];
     voters.retain(|v| *v != lost_id);
     assert_eq!(g.status(l).unwrap().voters, voters);
-    assert!(g.has_object(five, b"written by three members\n"));
-    assert!(g.has_object(five, b"written by four members\n"));
+    assert!(g.holds(five, b"written by three members\n"));
+    assert!(g.holds(five, b"written by four members\n"));
     // Writes go on, and reach the new member.
     client_util::put(&c, "/c", b"after the replacement\n");
     wait_until("member 5 has the newest file", 30, || {
@@ -429,7 +429,7 @@ fn a_leader_cut_off_from_the_others_acknowledges_no_write_and_rejoins() {
     cutter.heal(g.members[l].id);
     g.wait_caught_up(&[0, 1, 2]);
     assert_eq!(g.status(l).unwrap().role, "follower");
-    assert!(g.has_object(l, b"written while member was cut off\n"));
+    assert!(g.holds(l, b"written while member was cut off\n"));
     let names: Vec<String> = c
         .readdir("/")
         .unwrap()
@@ -877,7 +877,7 @@ fn a_write_issued_while_the_leader_is_stopped_completes_connected_on_the_next_le
         "the client reported the servers down: {events:?}"
     );
     let l2 = g.wait_leader(&rest);
-    assert!(g.has_object(l2, b"written during the election\n"));
+    assert!(g.holds(l2, b"written during the election\n"));
     g.sigcont(l);
 }
 

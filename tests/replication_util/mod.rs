@@ -295,6 +295,22 @@ impl Group {
         })
     }
 
+    /// `has_object`, waiting for it (at most 10 s): a running member's
+    /// unsynced commits may stay in redb's memory until its next durable
+    /// one, which comes within its checkpoint interval (1 s) of an apply.
+    pub fn holds(&self, i: usize, data: &[u8]) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.has_object(i, data) {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Member `i`'s own view, if it answers.
     pub fn status(&self, i: usize) -> Option<NodeStatus> {
         let m = &self.members[i];
