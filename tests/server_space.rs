@@ -115,10 +115,12 @@ struct Serving {
 }
 
 impl Serving {
-    fn start(root: &Path) -> Serving {
+    /// `journal_bytes`: the size of the commit journal it creates.
+    fn start(root: &Path, journal_bytes: u64) -> Serving {
         let mut child = Command::new(SERVER_BIN)
             .args(["serve", "--root"])
             .arg(root)
+            .env("CODA_SERVER_JOURNAL_BYTES", journal_bytes.to_string())
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -176,7 +178,10 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     let out = server_cmd(&["init"], &root);
     assert!(out.status.success(), "init: {out:?}");
     let secret = root.join("admin.secret");
-    let srv = Serving::start(&root);
+    // A small commit journal (64 KiB), so that it fills within the test:
+    // the server checkpoints it past half full, and on a full disk it
+    // cannot, so journaled changes go on until the journal itself is full.
+    let srv = Serving::start(&root, 64 << 10);
     let cache_a = TempDir::new("space-full-a");
     let a = Client::new(config(srv.addr, &secret, cache_a.path())).expect("client a");
     try_put(&a, "/before", b"before the disk filled").unwrap();
@@ -187,11 +192,15 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
 
     let filler = mnt.join("filler");
     fill(&filler);
-    // Metadata-only changes until one needs a page the disk cannot give:
-    // that commit fails inside the metadata store.
+    // Metadata-only changes until one is refused. They are durable in the
+    // commit journal, which needs no new space; its checkpoint (past half
+    // the journal) writes redb's pages, which the disk cannot give, so it
+    // fails, the journal keeps its groups, and the change that no longer
+    // fits in it commits in redb durably, and fails. A 64 KiB journal holds
+    // a few hundred mkdirs: bounded well above that.
     let mut refused = None;
     let mut made = 0;
-    for i in 0..200 {
+    for i in 0..2000 {
         match a.mkdir(&format!("/full{i}"), 0o755) {
             Ok(()) => made = i + 1,
             Err(e) => {

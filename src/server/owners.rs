@@ -55,7 +55,15 @@ impl VolumeStore {
         claim: bool,
         refresh: u64,
     ) -> Result<()> {
-        self.with_db(|db| claim_in(db, client, user, claim, now_secs(), refresh))
+        let now = now_secs();
+        if !self.with_db(|db| claim_due(db, client, user, claim, now, refresh))? {
+            return Ok(());
+        }
+        self.commit_claim(&super::wal::Claim {
+            client: *client,
+            user: user.to_string(),
+            now,
+        })
     }
 
     /// Forget the ids not presented for `forget_after` seconds (as of
@@ -70,23 +78,6 @@ impl VolumeStore {
     ) -> Result<usize> {
         self.with_db(|db| sweep_in(db, live, now, forget_after))
     }
-}
-
-fn claim_in(
-    db: &Database,
-    client: &ClientId,
-    user: &str,
-    claim: bool,
-    now: u64,
-    refresh: u64,
-) -> Result<()> {
-    if !claim_due(db, client, user, claim, now, refresh)? {
-        return Ok(());
-    }
-    let txn = db.begin_write()?;
-    claim_txn(&txn, client, user, now)?;
-    txn.commit()?;
-    Ok(())
 }
 
 /// Whether `user` presenting `client` has a claim to write (the id is

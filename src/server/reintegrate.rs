@@ -13,6 +13,7 @@
 //! sweep removes.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -463,6 +464,19 @@ impl GroupCommit {
         }
         g.busy = true;
         Some(Held(self))
+    }
+}
+
+impl GroupCommit {
+    /// Hold the group commit, waiting for a group in progress to end
+    /// (groups are bounded: one transaction each).
+    pub(crate) fn hold(&self) -> Held<'_> {
+        let mut g = self.state.lock();
+        while g.busy {
+            self.cv.wait(&mut g);
+        }
+        g.busy = true;
+        Held(self)
     }
 }
 
@@ -1134,27 +1148,33 @@ impl VolumeStore {
         if live.is_empty() || live.iter().any(|(i, _)| staged(*i)) {
             return Ok(false);
         }
-        let journaled = self.wal.with_journal(|journal| -> Result<bool> {
-            if journal.is_broken() {
-                return Ok(false);
+        let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
+            let job = &jobs[*i];
+            super::wal::EntryRef {
+                client: &job.client,
+                after: job.after,
+                records: &job.records,
+                now: a.now,
+                who: job.who.as_deref(),
             }
-            let payload = super::wal::encode_group(live.iter().map(|(i, a)| {
-                let job = &jobs[*i];
-                super::wal::EntryRef {
-                    client: &job.client,
-                    after: job.after,
-                    records: &job.records,
-                    now: a.now,
-                    who: job.who.as_deref(),
-                }
-            }));
-            if !journal.fits(payload.len()) {
+        }));
+        self.journal_record(txn, &payload)
+    }
+
+    /// Append `payload` to the journal and sync it, noting its sequence
+    /// number in `txn`. Returns whether it is durable in the journal (then
+    /// `txn` may commit without a sync); false when there is no journal,
+    /// it is broken, or the record does not fit: commit durably. The
+    /// caller holds the group commit.
+    fn journal_record(&self, txn: &WriteTransaction, payload: &[u8]) -> Result<bool> {
+        let journaled = self.wal.with_journal(|journal| -> Result<bool> {
+            if journal.is_broken() || !journal.fits(payload.len()) {
                 return Ok(false);
             }
             let seq = journal.next_seq();
             txn.open_table(SETTINGS)?
                 .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
-            if let Err(e) = journal.append(&payload).and_then(|()| journal.sync()) {
+            if let Err(e) = journal.append(payload).and_then(|()| journal.sync()) {
                 super::log::warn(format_args!(
                     "commit journal failed ({e}); committing durably until it is reset"
                 ));
@@ -1167,6 +1187,31 @@ impl VolumeStore {
             self.wal.since.lock().get_or_insert_with(Instant::now);
         }
         Ok(journaled)
+    }
+
+    /// Commit a handshake's claim of a client id (`owners::claim_txn`),
+    /// durable before it returns: in the journal when this server keeps
+    /// one (so a claim needs no space in redb, and a new client connects
+    /// to a server whose disk is full), else in redb.
+    pub(crate) fn commit_claim(&self, claim: &super::wal::Claim) -> Result<()> {
+        // The journal is used by whoever holds the group commit.
+        let _held = self.group.hold();
+        self.with_db(|db| {
+            let mut txn = db.begin_write()?;
+            super::owners::claim_txn(&txn, &claim.client, &claim.user, claim.now)?;
+            let journaled = self.journal_record(&txn, &super::wal::encode_claim(claim))?;
+            if journaled {
+                txn.set_durability(redb::Durability::None)?;
+            }
+            if let Err(e) = txn.commit() {
+                if journaled {
+                    self.cancel_journaled();
+                }
+                return Err(e.into());
+            }
+            self.after_commit(db, journaled);
+            Ok(())
+        })
     }
 
     /// The group just journaled did not commit: its record is not to be
@@ -1192,6 +1237,12 @@ impl VolumeStore {
                 if !full && journal.records() < super::wal::CHECKPOINT_GROUPS {
                     return Ok(());
                 }
+                // A full disk: the journal keeps the groups while it has
+                // room (a group that does not fit commits durably, and
+                // fails for lack of space by itself).
+                if self.wal.checkpoints_deferred() {
+                    return Ok(());
+                }
                 self.checkpoint_locked(db, journal)
             } else if journal.records() > 0 || journal.is_broken() {
                 self.reset_journal(journal)
@@ -1205,13 +1256,25 @@ impl VolumeStore {
     }
 
     /// Make every commit durable (an empty durable commit covers the
-    /// earlier non-durable ones) and start the journal again.
+    /// earlier non-durable ones) and start the journal again. When that
+    /// fails for lack of space, checkpoints wait (`Wal::defer_checkpoints`):
+    /// the journal still holds every group durably, and redb, refusing
+    /// transactions after the failure, is reopened by the next request.
     pub(crate) fn checkpoint_locked(
         &self,
         db: &Database,
         journal: &mut crate::journal::Journal,
     ) -> Result<()> {
-        db.begin_write()?.commit()?;
+        let synced = db
+            .begin_write()
+            .map_err(Error::from)
+            .and_then(|txn| txn.commit().map_err(Error::from));
+        if let Err(e) = synced {
+            if super::volume::is_out_of_space(&e) {
+                self.wal.defer_checkpoints();
+            }
+            return Err(e);
+        }
         self.reset_journal(journal)
     }
 
@@ -1223,13 +1286,14 @@ impl VolumeStore {
 
     /// (Re)open the journal and apply the groups it holds that redb does
     /// not (the store was reopened, or the server stopped without a
-    /// checkpoint), in order and as first applied, then checkpoint.
-    /// `keep`: use the journal from now on (None: as before).
-    pub(crate) fn replay_in(&self, db: &Database, keep: Option<bool>) -> Result<()> {
+    /// checkpoint), in order and as first applied, then checkpoint if
+    /// `checkpoint` (a reopen on a full disk does not: `replayed`). The
+    /// journal is used from then on if `Wal::wanted`.
+    pub(crate) fn replay_in(&self, db: &Database, checkpoint: bool) -> Result<()> {
         // Out of its slot while it is replayed and synced (no lock held
         // across the fsyncs); groups meanwhile commit durably.
-        let had = self.wal.journal.lock().take().is_some();
-        let keep = keep.unwrap_or(had);
+        drop(self.wal.journal.lock().take());
+        let keep = self.wal.wanted.load(Ordering::Relaxed);
         let path = super::wal::path(&self.root);
         if !keep && !path.exists() {
             return Ok(());
@@ -1256,11 +1320,17 @@ impl VolumeStore {
         };
         let groups = super::wal::pending(&found, journal.start_seq(), applied)?;
         let n = groups.len();
-        for (seq, entries) in groups {
-            self.replay_group(db, seq, entries)?;
+        for (seq, p) in groups {
+            match p {
+                super::wal::Pending::Group(entries) => self.replay_group(db, seq, entries)?,
+                super::wal::Pending::Claim(c) => self.replay_claim(db, seq, &c)?,
+            }
         }
-        if !found.is_empty() || journal.is_broken() {
+        if checkpoint && (!found.is_empty() || journal.is_broken()) {
             self.checkpoint_locked(db, &mut journal)?;
+        } else if !found.is_empty() {
+            // Kept for a later checkpoint (the idle one, at the latest).
+            self.wal.since.lock().get_or_insert_with(Instant::now);
         }
         if n > 0 {
             super::log::info(format_args!(
@@ -1270,6 +1340,29 @@ impl VolumeStore {
         if keep {
             *self.wal.journal.lock() = Some(journal);
         }
+        Ok(())
+    }
+
+    /// One journaled claim, applied again. It held when journaled, on the
+    /// same state; if it no longer does, say so and go on.
+    fn replay_claim(&self, db: &Database, seq: u64, c: &super::wal::Claim) -> Result<()> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        match super::owners::claim_txn(&txn, &c.client, &c.user, c.now) {
+            Ok(()) => {}
+            Err(e) if is_store_failure(&e) => return Err(e),
+            Err(e) => {
+                txn.abort()?;
+                super::log::warn(format_args!(
+                    "journal record {seq}: a claim no longer applies: {e}"
+                ));
+                txn = db.begin_write()?;
+                txn.set_durability(redb::Durability::None)?;
+            }
+        }
+        txn.open_table(SETTINGS)?
+            .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
+        txn.commit()?;
         Ok(())
     }
 
@@ -2818,6 +2911,37 @@ mod tests {
         assert_eq!(journaled(&store), 0, "the durable commit reset the journal");
         ok(store.commit_group(&[job(a, vec![create(4, "w", f[3])])]));
         assert_eq!(journaled(&store), 1);
+    }
+
+    #[test]
+    fn a_claim_goes_to_the_journal_and_a_crash_keeps_it() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let (a, b) = ([0xa1u8; 16], [0xb2u8; 16]);
+        store.claim_client(&a, "admin", true, 3600).unwrap();
+        assert_eq!(journaled(&store), 1, "the claim is durable in the journal");
+        // Claimed already, seen just now: nothing to write.
+        store.claim_client(&a, "admin", true, 3600).unwrap();
+        assert_eq!(journaled(&store), 1);
+        // A crash: redb holds the claim unsynced (a copy of the files, as
+        // the forgotten store still holds the data directory's lock).
+        std::mem::forget(store);
+        let crashed = dir.path().join("crashed");
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&root)
+            .arg(&crashed)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let store = VolumeStore::open(&crashed, u64::MAX).unwrap();
+        assert_eq!(journaled(&store), 0, "replayed and checkpointed");
+        // Still admin's: another user is refused it; a fresh id is free.
+        let e = store.claim_client(&a, "bob", true, 3600).unwrap_err();
+        assert!(matches!(e, Error::Auth(_)), "{e}");
+        store.claim_client(&b, "bob", true, 3600).unwrap();
     }
 
     #[test]

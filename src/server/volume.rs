@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use parking_lot::{RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -66,13 +67,23 @@ pub(crate) fn is_store_failure(e: &Error) -> bool {
     matches!(e, Error::Io { context, .. } if context == METADATA_IO)
 }
 
+/// Whether `e` is a full disk (or a file-system quota of the server's own
+/// user).
+pub(crate) fn is_out_of_space(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => {
+            matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        }
+        Error::NoSpace(_) => true,
+        _ => false,
+    }
+}
+
 /// A full disk (or a file-system quota of the server's own user) becomes a
 /// clear `NoSpace` that names no server path; anything else is unchanged.
 pub(crate) fn clear_space_error(e: Error) -> Error {
     match &e {
-        Error::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
-        {
+        Error::Io { .. } if is_out_of_space(&e) => {
             Error::NoSpace("the server's disk is full; retry when space is freed".into())
         }
         _ => e,
@@ -247,10 +258,7 @@ impl VolumeStore {
                 .map_err(|_| Error::Eio("metadata server id is not 16 bytes".into()))?
         };
         let store = VolumeStore {
-            db: RwLock::new(DbSlot {
-                db: Some(db),
-                gen: 1,
-            }),
+            db: RwLock::new(DbSlot { db: None, gen: 1 }),
             root: root.to_path_buf(),
             server_id,
             max_file_size,
@@ -261,7 +269,9 @@ impl VolumeStore {
         // What the journal holds beyond redb's last durable commit is
         // applied before anything reads the store.
         let keep = super::wal::wanted(root);
-        store.with_db(|db| store.replay_in(db, Some(keep)))?;
+        store.wal.wanted.store(keep, Ordering::Relaxed);
+        let db = store.replayed(db)?;
+        store.db.write().db = Some(db);
         objects::clear_staging(root)?;
         store.sweep_objects()?;
         Ok(store)
@@ -373,7 +383,7 @@ impl VolumeStore {
         g.gen += 1;
         // Redb comes back at its last durable commit: the journaled
         // commits after it are applied again first.
-        let opened = open_db(&self.root).and_then(|db| self.replay_in(&db, None).map(|()| db));
+        let opened = open_db(&self.root).and_then(|db| self.replayed(db));
         match opened {
             Ok(db) => {
                 log::info(format_args!("metadata store reopened"));
@@ -385,6 +395,29 @@ impl VolumeStore {
                 Err(e)
             }
         }
+    }
+
+    /// `db`, just opened, with the journal's groups applied again and, if
+    /// the disk has room, checkpointed. On a full disk the checkpoint
+    /// fails, and redb refuses every transaction after that: the store is
+    /// opened once more and the groups applied without one, so reads and
+    /// journaled changes go on while the journal holds them durably.
+    fn replayed(&self, db: Database) -> Result<Database> {
+        match self.replay_in(&db, true) {
+            Ok(()) => return Ok(db),
+            Err(e) if is_out_of_space(&e) => {
+                log::warn(format_args!(
+                    "no checkpoint of the commit journal ({e}): it keeps its groups until \
+                     the disk has room"
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        // redb holds its file's lock until the handle is gone.
+        drop(db);
+        let db = open_db(&self.root)?;
+        self.replay_in(&db, false)?;
+        Ok(db)
     }
 
     pub fn server_id(&self) -> [u8; 16] {

@@ -14,6 +14,7 @@
 //! change, an AllocFids) made it durable.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -70,6 +71,8 @@ pub(crate) const JOURNAL_SEQ_KEY: &str = "journal_seq";
 const KIND_GROUP: u8 = 1;
 /// The group journaled just before failed to commit: not to be replayed.
 const KIND_CANCEL: u8 = 2;
+/// A client id claimed (or its last-seen time refreshed) by a handshake.
+const KIND_CLAIM: u8 = 3;
 
 /// One applied batch, everything needed to apply it again identically.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,11 +86,37 @@ pub(crate) struct Entry {
     pub who: Option<Who>,
 }
 
+/// A handshake's claim of a client id (`owners::claim_txn`): the id,
+/// its user, and the time it was seen, in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Claim {
+    pub client: ClientId,
+    pub user: String,
+    pub now: u64,
+}
+
 /// A journal record read back.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Decoded {
     Group(Vec<Entry>),
+    Claim(Claim),
     Cancel,
+}
+
+/// What a journal record applies again (`pending`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Pending {
+    Group(Vec<Entry>),
+    Claim(Claim),
+}
+
+/// `u8 KIND_CLAIM`, client id, `u64 now`, `u16 len | user`.
+pub(crate) fn encode_claim(c: &Claim) -> Vec<u8> {
+    let mut b = vec![KIND_CLAIM];
+    b.extend_from_slice(&c.client);
+    b.extend_from_slice(&c.now.to_le_bytes());
+    put_str(&mut b, &c.user);
+    b
 }
 
 /// `u8 KIND_GROUP | u32 count`, then per batch: client id, `i64 sec |
@@ -174,6 +203,17 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Decoded> {
     let mut r = Reader(payload);
     match r.take(1)?[0] {
         KIND_CANCEL => return Ok(Decoded::Cancel),
+        KIND_CLAIM => {
+            let client: ClientId = r.take(16)?.try_into().expect("16");
+            let now = u64::from_le_bytes(r.take(8)?.try_into().expect("8"));
+            let user = r.str()?;
+            if !r.0.is_empty() {
+                return Err(Error::Eio(
+                    "a commit journal record has trailing bytes".into(),
+                ));
+            }
+            return Ok(Decoded::Claim(Claim { client, user, now }));
+        }
         KIND_GROUP => {}
         k => return Err(Error::Eio(format!("commit journal record of kind {k}"))),
     }
@@ -219,14 +259,15 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Decoded> {
     Ok(Decoded::Group(out))
 }
 
-/// The groups of `records` (numbered from `first_seq`) that redb does not
-/// hold yet (sequence above `applied`), in order, cancelled ones left out.
+/// The groups and claims of `records` (numbered from `first_seq`) that
+/// redb does not hold yet (sequence above `applied`), in order, cancelled
+/// ones left out.
 pub(crate) fn pending(
     records: &[Vec<u8>],
     first_seq: u64,
     applied: u64,
-) -> Result<Vec<(u64, Vec<Entry>)>> {
-    let mut out: Vec<(u64, Vec<Entry>)> = Vec::new();
+) -> Result<Vec<(u64, Pending)>> {
+    let mut out: Vec<(u64, Pending)> = Vec::new();
     for (i, payload) in records.iter().enumerate() {
         let seq = first_seq + i as u64;
         match decode(payload)? {
@@ -235,8 +276,9 @@ pub(crate) fn pending(
                     out.pop();
                 }
             }
-            Decoded::Group(g) if seq > applied => out.push((seq, g)),
-            Decoded::Group(_) => {}
+            Decoded::Group(g) if seq > applied => out.push((seq, Pending::Group(g))),
+            Decoded::Claim(c) if seq > applied => out.push((seq, Pending::Claim(c))),
+            Decoded::Group(_) | Decoded::Claim(_) => {}
         }
     }
     Ok(out)
@@ -251,14 +293,42 @@ pub(crate) struct Wal {
     /// When the first record since the last checkpoint was appended
     /// (apart from `journal`: the idle check reads it without waiting).
     pub(crate) since: Mutex<Option<Instant>>,
+    /// Whether this server journals (set once at open): a reopen of the
+    /// store opens the journal again from its file, whatever became of
+    /// the one in the slot.
+    pub(crate) wanted: AtomicBool,
+    /// No checkpoint is tried before this: the last one failed for lack of
+    /// space (`defer_checkpoints`).
+    retry_at: Mutex<Option<Instant>>,
 }
+
+/// After a checkpoint failed for lack of space, the next is tried this much
+/// later (or at a clean shutdown). A failed durable commit leaves redb
+/// refusing every transaction until it is reopened and the journal
+/// replayed, so trying at every group would reopen the store at every
+/// group while the disk stays full.
+pub(crate) const SPACE_RETRY: Duration = Duration::from_secs(1);
 
 impl Wal {
     pub(crate) fn off() -> Wal {
         Wal {
             journal: Mutex::new(None),
             since: Mutex::new(None),
+            wanted: AtomicBool::new(false),
+            retry_at: Mutex::new(None),
         }
+    }
+
+    /// A checkpoint failed for lack of space: the journal keeps its groups
+    /// (they are durable there) and groups keep going to it while it has
+    /// room; the next checkpoint waits `SPACE_RETRY`.
+    pub(crate) fn defer_checkpoints(&self) {
+        *self.retry_at.lock() = Some(Instant::now() + SPACE_RETRY);
+    }
+
+    /// Whether checkpoints wait (`defer_checkpoints`).
+    pub(crate) fn checkpoints_deferred(&self) -> bool {
+        self.retry_at.lock().is_some_and(|t| Instant::now() < t)
     }
 
     /// Run `f` on the journal taken out of its slot, so no lock is held
@@ -317,7 +387,7 @@ impl VolumeStore {
     /// `IDLE_CHECKPOINT` and no batch waits (the server's sweeper calls
     /// this every 100 ms), so a quiet server's redb is durable by itself.
     pub fn checkpoint_if_idle(&self) {
-        if !self.wal.idle_due() {
+        if !self.wal.idle_due() || self.wal.checkpoints_deferred() {
             return;
         }
         if let Some(_held) = self.group.try_hold(true) {
@@ -414,8 +484,43 @@ mod tests {
         // Numbered from 10; redb already holds up to 9: all but the
         // cancelled one come back, in order.
         let p = pending(&recs, 10, 9).unwrap();
-        assert_eq!(p, vec![(10, g1.clone()), (13, g1.clone())]);
+        assert_eq!(
+            p,
+            vec![
+                (10, Pending::Group(g1.clone())),
+                (13, Pending::Group(g1.clone()))
+            ]
+        );
         // Redb holds up to 12: only the last one.
-        assert_eq!(pending(&recs, 10, 12).unwrap(), vec![(13, g1)]);
+        assert_eq!(
+            pending(&recs, 10, 12).unwrap(),
+            vec![(13, Pending::Group(g1))]
+        );
+    }
+
+    #[test]
+    fn a_claim_round_trips_and_a_cancel_drops_it() {
+        let c = Claim {
+            client: [7u8; 16],
+            user: "alice".into(),
+            now: 1_700_000_123,
+        };
+        let b = encode_claim(&c);
+        assert_eq!(decode(&b).unwrap(), Decoded::Claim(c.clone()));
+        assert!(decode(&b[..b.len() - 1]).is_err(), "cut short");
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode(&long).is_err(), "trailing bytes");
+        let g = vec![entry(1, None)];
+        let recs = vec![
+            encode_claim(&c),
+            encode(&g),
+            encode_claim(&c),
+            encode_cancel(),
+        ];
+        assert_eq!(
+            pending(&recs, 1, 0).unwrap(),
+            vec![(1, Pending::Claim(c)), (2, Pending::Group(g))]
+        );
     }
 }
