@@ -168,6 +168,48 @@ fn fill(path: &Path) {
 
 // ---- 1. a full disk ---------------------------------------------------
 
+/// mkdirs `/full0`, `/full1`, ... until one is refused, which must be for
+/// lack of space (ENOSPC); returns how many were made. They are durable
+/// in the commit journal, which needs no new space; its checkpoint (past
+/// half the journal) writes redb's pages, which a full disk cannot give,
+/// so it fails, the journal keeps its groups, and the change that no
+/// longer fits in it commits in redb durably, and fails. A 64 KiB journal
+/// holds a few hundred mkdirs: bounded well above that.
+fn mkdirs_until_refused(c: &Client) -> usize {
+    for i in 0..2000 {
+        if let Err(e) = c.mkdir(&format!("/full{i}"), 0o755) {
+            assert!(matches!(e, Error::NoSpace(_)), "mkdir on a full disk: {e}");
+            assert_eq!(e.code(), -libc::ENOSPC);
+            return i;
+        }
+    }
+    panic!("no mkdir failed on a full disk");
+}
+
+/// Every acknowledged mkdir (`/pre0..20`, `/full0..made`) is in the root
+/// directory as `c` reads it, and not the refused one.
+fn assert_kept(c: &Client, made: usize) {
+    let names: Vec<String> = c
+        .readdir("/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    for i in 0..20 {
+        assert!(names.contains(&format!("pre{i}")), "pre{i} lost: {names:?}");
+    }
+    for i in 0..made {
+        assert!(
+            names.contains(&format!("full{i}")),
+            "full{i} lost: {names:?}"
+        );
+    }
+    assert!(
+        !names.contains(&format!("full{made}")),
+        "the refused mkdir applied"
+    );
+}
+
 #[test]
 fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_restart() {
     let dir = TempDir::new("space-full");
@@ -192,26 +234,8 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
 
     let filler = mnt.join("filler");
     fill(&filler);
-    // Metadata-only changes until one is refused. They are durable in the
-    // commit journal, which needs no new space; its checkpoint (past half
-    // the journal) writes redb's pages, which the disk cannot give, so it
-    // fails, the journal keeps its groups, and the change that no longer
-    // fits in it commits in redb durably, and fails. A 64 KiB journal holds
-    // a few hundred mkdirs: bounded well above that.
-    let mut refused = None;
-    let mut made = 0;
-    for i in 0..2000 {
-        match a.mkdir(&format!("/full{i}"), 0o755) {
-            Ok(()) => made = i + 1,
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
-        }
-    }
-    let e = refused.expect("no mkdir failed on a full disk");
-    assert!(matches!(e, Error::NoSpace(_)), "mkdir on a full disk: {e}");
-    assert_eq!(e.code(), -libc::ENOSPC);
+    // Metadata-only changes until one is refused.
+    let made = mkdirs_until_refused(&a);
     // A store on the full disk is refused the same way.
     let e = try_put(&a, "/full-file", &vec![7u8; 256 * 1024]).unwrap_err();
     assert_eq!(e.code(), -libc::ENOSPC, "store on a full disk: {e}");
@@ -250,28 +274,65 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     // Every mkdir acknowledged before the failure is still there: the
     // reopened store (back at its last durable commit) applied the commit
     // journal again, and not the refused one.
-    let names: Vec<String> = b
-        .readdir("/")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
-    for i in 0..20 {
-        assert!(names.contains(&format!("pre{i}")), "pre{i} lost: {names:?}");
-    }
-    for i in 0..made {
-        assert!(
-            names.contains(&format!("full{i}")),
-            "full{i} lost: {names:?}"
-        );
-    }
-    assert!(
-        !names.contains(&format!("full{made}")),
-        "the refused mkdir applied"
-    );
+    assert_kept(&b, made);
     drop(a);
     drop(b);
     drop(srv);
+}
+
+#[test]
+fn a_server_killed_while_its_disk_is_full_restarts_on_it_with_every_acknowledged_change() {
+    let dir = TempDir::new("space-crash");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _fs = Tmpfs::mount(&mnt, "16m");
+    let root = mnt.join("data");
+    let out = server_cmd(&["init"], &root);
+    assert!(out.status.success(), "init: {out:?}");
+    let secret = root.join("admin.secret");
+    let srv = Serving::start(&root, 64 << 10);
+    let cache_a = TempDir::new("space-crash-a");
+    let a = Client::new(config(srv.addr, &secret, cache_a.path())).expect("client a");
+    try_put(&a, "/before", b"before the disk filled").unwrap();
+    for i in 0..20 {
+        a.mkdir(&format!("/pre{i}"), 0o755).unwrap();
+    }
+    let filler = mnt.join("filler");
+    fill(&filler);
+    // Acknowledged, and durable only in the commit journal: its checkpoint
+    // failed for lack of space.
+    let made = mkdirs_until_refused(&a);
+    drop(a);
+    // kill -9, and a restart while the disk is still full: the open
+    // applies the journal again, cannot checkpoint it, and serves.
+    drop(srv);
+    let srv = Serving::start(&root, 64 << 10);
+    // The same client id (its cache), claimed before the disk filled.
+    let a = Client::new(config(srv.addr, &secret, cache_a.path()))
+        .expect("client a connects to the restarted server on a full disk");
+    assert_kept(&a, made);
+    assert_eq!(get(&a, "/before"), b"before the disk filled");
+    let e = a.mkdir("/refused", 0o755).unwrap_err();
+    assert_eq!(e.code(), -libc::ENOSPC, "mkdir on a full disk: {e}");
+
+    // Space again: changes go on; another kill -9 and start find every
+    // change (in redb, checkpointed meanwhile, or in the journal).
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = a.mkdir("/after", 0o755) {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not recover within 30 s: {e}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(a);
+    drop(srv);
+    let srv = Serving::start(&root, 64 << 10);
+    let cache_b = TempDir::new("space-crash-b");
+    let b = Client::new(config(srv.addr, &secret, cache_b.path())).expect("client b connects");
+    assert_kept(&b, made);
+    assert!(b.readdir("/").unwrap().iter().any(|e| e.name == "after"));
 }
 
 // ---- 2. staged uploads ------------------------------------------------
