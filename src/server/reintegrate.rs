@@ -1275,6 +1275,7 @@ impl VolumeStore {
             }
             return Err(e);
         }
+        self.wal.checkpoint_done();
         self.reset_journal(journal)
     }
 

@@ -297,17 +297,20 @@ pub(crate) struct Wal {
     /// store opens the journal again from its file, whatever became of
     /// the one in the slot.
     pub(crate) wanted: AtomicBool,
-    /// No checkpoint is tried before this: the last one failed for lack of
-    /// space (`defer_checkpoints`).
-    retry_at: Mutex<Option<Instant>>,
+    /// No checkpoint is tried before this time, and the wait after the
+    /// next failure: the last one failed for lack of space
+    /// (`defer_checkpoints`).
+    retry: Mutex<(Option<Instant>, Duration)>,
 }
 
 /// After a checkpoint failed for lack of space, the next is tried this much
-/// later (or at a clean shutdown). A failed durable commit leaves redb
+/// later (or at a clean shutdown), twice as long after each failure in a
+/// row, up to `SPACE_RETRY_MAX`. A failed durable commit leaves redb
 /// refusing every transaction until it is reopened and the journal
-/// replayed, so trying at every group would reopen the store at every
-/// group while the disk stays full.
+/// applied again, so trying at every group would reopen the store at
+/// every group while the disk stays full.
 pub(crate) const SPACE_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const SPACE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Wal {
     pub(crate) fn off() -> Wal {
@@ -315,20 +318,27 @@ impl Wal {
             journal: Mutex::new(None),
             since: Mutex::new(None),
             wanted: AtomicBool::new(false),
-            retry_at: Mutex::new(None),
+            retry: Mutex::new((None, SPACE_RETRY)),
         }
     }
 
     /// A checkpoint failed for lack of space: the journal keeps its groups
     /// (they are durable there) and groups keep going to it while it has
-    /// room; the next checkpoint waits `SPACE_RETRY`.
+    /// room; the next checkpoint waits (`SPACE_RETRY`, doubling).
     pub(crate) fn defer_checkpoints(&self) {
-        *self.retry_at.lock() = Some(Instant::now() + SPACE_RETRY);
+        let mut r = self.retry.lock();
+        let wait = r.1;
+        *r = (Some(Instant::now() + wait), (wait * 2).min(SPACE_RETRY_MAX));
+    }
+
+    /// A checkpoint succeeded: the next failure waits `SPACE_RETRY` again.
+    pub(crate) fn checkpoint_done(&self) {
+        *self.retry.lock() = (None, SPACE_RETRY);
     }
 
     /// Whether checkpoints wait (`defer_checkpoints`).
     pub(crate) fn checkpoints_deferred(&self) -> bool {
-        self.retry_at.lock().is_some_and(|t| Instant::now() < t)
+        self.retry.lock().0.is_some_and(|t| Instant::now() < t)
     }
 
     /// Run `f` on the journal taken out of its slot, so no lock is held
@@ -496,6 +506,25 @@ mod tests {
             pending(&recs, 10, 12).unwrap(),
             vec![(13, Pending::Group(g1))]
         );
+    }
+
+    #[test]
+    fn checkpoints_wait_longer_after_each_failure_for_space_until_one_succeeds() {
+        let w = Wal::off();
+        assert!(!w.checkpoints_deferred());
+        w.defer_checkpoints();
+        assert!(w.checkpoints_deferred());
+        let waits: Vec<Duration> = (0..7)
+            .map(|_| {
+                w.defer_checkpoints();
+                w.retry.lock().1
+            })
+            .collect();
+        assert_eq!(waits[0], SPACE_RETRY * 4, "1 s, then 2 s, then 4 s");
+        assert_eq!(*waits.last().unwrap(), SPACE_RETRY_MAX, "bounded");
+        w.checkpoint_done();
+        assert!(!w.checkpoints_deferred());
+        assert_eq!(w.retry.lock().1, SPACE_RETRY);
     }
 
     #[test]
