@@ -210,30 +210,71 @@ fn assert_kept(c: &Client, made: usize) {
     );
 }
 
-#[test]
-fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_restart() {
-    let dir = TempDir::new("space-full");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let _fs = Tmpfs::mount(&mnt, "16m");
-    let root = mnt.join("data");
-    let out = server_cmd(&["init"], &root);
-    assert!(out.status.success(), "init: {out:?}");
-    let secret = root.join("admin.secret");
-    // A small commit journal (64 KiB), so that it fills within the test:
-    // the server checkpoints it past half full, and on a full disk it
-    // cannot, so journaled changes go on until the journal itself is full.
-    let srv = Serving::start(&root, 64 << 10);
-    let cache_a = TempDir::new("space-full-a");
-    let a = Client::new(config(srv.addr, &secret, cache_a.path())).expect("client a");
-    try_put(&a, "/before", b"before the disk filled").unwrap();
-    // Some metadata first, so the store has pages it may write in place.
-    for i in 0..20 {
-        a.mkdir(&format!("/pre{i}"), 0o755).unwrap();
+/// A data directory on a 16 MiB tmpfs served by its own `coda-server`
+/// with a small commit journal (64 KiB, so that it fills within a test:
+/// the server checkpoints it past half full, and on a full disk it cannot,
+/// so journaled changes go on until the journal itself is full). Fields
+/// drop in order: the server is killed before the tmpfs is unmounted.
+struct FullDisk {
+    srv: Option<Serving>,
+    root: PathBuf,
+    secret: PathBuf,
+    /// The file that fills the disk (`free` removes it).
+    filler: PathBuf,
+    _fs: Tmpfs,
+    _dir: TempDir,
+}
+
+impl FullDisk {
+    /// Serve a new data directory; client `a` (cache `cache`) stores
+    /// `/before` and makes `/pre0..20` (so the store has pages it may write
+    /// in place); then the disk is filled.
+    fn new(tag: &str, cache: &TempDir) -> (FullDisk, Client) {
+        let dir = TempDir::new(tag);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let fs = Tmpfs::mount(&mnt, "16m");
+        let root = mnt.join("data");
+        let out = server_cmd(&["init"], &root);
+        assert!(out.status.success(), "init: {out:?}");
+        let mut d = FullDisk {
+            srv: None,
+            secret: root.join("admin.secret"),
+            root,
+            filler: mnt.join("filler"),
+            _fs: fs,
+            _dir: dir,
+        };
+        d.restart();
+        let a = d.client(cache).expect("client a");
+        try_put(&a, "/before", b"before the disk filled").unwrap();
+        for i in 0..20 {
+            a.mkdir(&format!("/pre{i}"), 0o755).unwrap();
+        }
+        fill(&d.filler);
+        (d, a)
     }
 
-    let filler = mnt.join("filler");
-    fill(&filler);
+    /// kill -9 the server (if one runs) and start it again.
+    fn restart(&mut self) {
+        self.srv = None;
+        self.srv = Some(Serving::start(&self.root, 64 << 10));
+    }
+
+    fn client(&self, cache: &TempDir) -> Result<Client, Error> {
+        let addr = self.srv.as_ref().expect("a server runs").addr;
+        Client::new(config(addr, &self.secret, cache.path()))
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(&self.filler).unwrap();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_restart() {
+    let cache_a = TempDir::new("space-full-a");
+    let (disk, a) = FullDisk::new("space-full", &cache_a);
     // Metadata-only changes until one is refused.
     let made = mkdirs_until_refused(&a);
     // A store on the full disk is refused the same way.
@@ -243,12 +284,13 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     // (its handshake reads the store; its cache is empty).
     assert_eq!(get(&a, "/before"), b"before the disk filled");
     let cache_c = TempDir::new("space-full-c");
-    let c = Client::new(config(srv.addr, &secret, cache_c.path()))
+    let c = disk
+        .client(&cache_c)
         .expect("a new client connects while the disk is full");
     assert_eq!(get(&c, "/before"), b"before the disk filled");
     drop(c);
 
-    std::fs::remove_file(&filler).unwrap();
+    disk.free();
     // The same client works again (bounded wait: it may be backing off).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -265,7 +307,7 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     assert_eq!(get(&a, "/after-a"), b"written by a after");
     // A new client can connect (the handshake reads the store) and work.
     let cache_b = TempDir::new("space-full-b");
-    let b = Client::new(config(srv.addr, &secret, cache_b.path())).expect("client b connects");
+    let b = disk.client(&cache_b).expect("client b connects");
     try_put(&b, "/after-b", b"written by b after").unwrap();
     assert_eq!(get(&b, "/after-b"), b"written by b after");
     assert_eq!(get(&b, "/after-a"), b"written by a after");
@@ -275,40 +317,22 @@ fn a_full_disk_fails_the_request_with_enospc_and_the_server_recovers_without_res
     // reopened store (back at its last durable commit) applied the commit
     // journal again, and not the refused one.
     assert_kept(&b, made);
-    drop(a);
-    drop(b);
-    drop(srv);
 }
 
 #[test]
 fn a_server_killed_while_its_disk_is_full_restarts_on_it_with_every_acknowledged_change() {
-    let dir = TempDir::new("space-crash");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let _fs = Tmpfs::mount(&mnt, "16m");
-    let root = mnt.join("data");
-    let out = server_cmd(&["init"], &root);
-    assert!(out.status.success(), "init: {out:?}");
-    let secret = root.join("admin.secret");
-    let srv = Serving::start(&root, 64 << 10);
     let cache_a = TempDir::new("space-crash-a");
-    let a = Client::new(config(srv.addr, &secret, cache_a.path())).expect("client a");
-    try_put(&a, "/before", b"before the disk filled").unwrap();
-    for i in 0..20 {
-        a.mkdir(&format!("/pre{i}"), 0o755).unwrap();
-    }
-    let filler = mnt.join("filler");
-    fill(&filler);
+    let (mut disk, a) = FullDisk::new("space-crash", &cache_a);
     // Acknowledged, and durable only in the commit journal: its checkpoint
     // failed for lack of space.
     let made = mkdirs_until_refused(&a);
     drop(a);
     // kill -9, and a restart while the disk is still full: the open
     // applies the journal again, cannot checkpoint it, and serves.
-    drop(srv);
-    let srv = Serving::start(&root, 64 << 10);
+    disk.restart();
     // The same client id (its cache), claimed before the disk filled.
-    let a = Client::new(config(srv.addr, &secret, cache_a.path()))
+    let a = disk
+        .client(&cache_a)
         .expect("client a connects to the restarted server on a full disk");
     assert_kept(&a, made);
     assert_eq!(get(&a, "/before"), b"before the disk filled");
@@ -317,7 +341,7 @@ fn a_server_killed_while_its_disk_is_full_restarts_on_it_with_every_acknowledged
 
     // Space again: changes go on; another kill -9 and start find every
     // change (in redb, checkpointed meanwhile, or in the journal).
-    std::fs::remove_file(&filler).unwrap();
+    disk.free();
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = a.mkdir("/after", 0o755) {
         assert!(
@@ -327,10 +351,9 @@ fn a_server_killed_while_its_disk_is_full_restarts_on_it_with_every_acknowledged
         std::thread::sleep(Duration::from_millis(200));
     }
     drop(a);
-    drop(srv);
-    let srv = Serving::start(&root, 64 << 10);
+    disk.restart();
     let cache_b = TempDir::new("space-crash-b");
-    let b = Client::new(config(srv.addr, &secret, cache_b.path())).expect("client b connects");
+    let b = disk.client(&cache_b).expect("client b connects");
     assert_kept(&b, made);
     assert!(b.readdir("/").unwrap().iter().any(|e| e.name == "after"));
 }
