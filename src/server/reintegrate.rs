@@ -1275,11 +1275,15 @@ impl VolumeStore {
             }
             return Err(e);
         }
-        self.wal.checkpoint_done();
         self.reset_journal(journal)
     }
 
+    /// Start the journal again after a durable commit (a checkpoint's, or
+    /// a group's that could not be journaled): redb holds everything, and
+    /// the disk had room for it, so a later failure for lack of space
+    /// waits `SPACE_RETRY` again.
     fn reset_journal(&self, journal: &mut crate::journal::Journal) -> Result<()> {
+        self.wal.checkpoint_done();
         journal.reset()?;
         *self.wal.since.lock() = None;
         Ok(())
