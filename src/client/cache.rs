@@ -827,7 +827,7 @@ impl Cache {
             self.commits.fetch_add(1, Ordering::Relaxed);
             Ok(())
         })();
-        if let Err(_e) = res {
+        if res.is_err() {
             // (The failed opening is opened again by the next write: the
             // file noted the failure itself, `Opened::broken`.)
             self.db.riders_failed(riders);

@@ -13,7 +13,6 @@
 //! sweep removes.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1298,7 +1297,7 @@ impl VolumeStore {
         // Out of its slot while it is replayed and synced (no lock held
         // across the fsyncs); groups meanwhile commit durably.
         drop(self.wal.journal.lock().take());
-        let keep = self.wal.wanted.load(Ordering::Relaxed);
+        let keep = self.wal.wanted;
         let path = super::wal::path(&self.root);
         if !keep && !path.exists() {
             return Ok(());

@@ -4,7 +4,6 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 
 use parking_lot::{RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -264,12 +263,10 @@ impl VolumeStore {
             max_file_size,
             group: super::reintegrate::GroupCommit::from_env(),
             access: Default::default(),
-            wal: super::wal::Wal::off(),
+            wal: super::wal::Wal::new(super::wal::wanted(root)),
         };
         // What the journal holds beyond redb's last durable commit is
         // applied before anything reads the store.
-        let keep = super::wal::wanted(root);
-        store.wal.wanted.store(keep, Ordering::Relaxed);
         let db = store.replayed(db)?;
         store.db.write().db = Some(db);
         objects::clear_staging(root)?;

@@ -14,7 +14,6 @@
 //! change, an AllocFids) made it durable.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -95,19 +94,19 @@ pub(crate) struct Claim {
     pub now: u64,
 }
 
-/// A journal record read back.
-#[derive(Debug, PartialEq)]
-pub(crate) enum Decoded {
-    Group(Vec<Entry>),
-    Claim(Claim),
-    Cancel,
-}
-
 /// What a journal record applies again (`pending`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Pending {
     Group(Vec<Entry>),
     Claim(Claim),
+}
+
+/// A journal record read back.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decoded {
+    Record(Pending),
+    /// The record before it is not to be applied.
+    Cancel,
 }
 
 /// `u8 KIND_CLAIM`, client id, `u64 now`, `u16 len | user`.
@@ -192,6 +191,15 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
     }
+    /// Every byte was read.
+    fn end(&self) -> Result<()> {
+        if !self.0.is_empty() {
+            return Err(Error::Eio(
+                "a commit journal record has trailing bytes".into(),
+            ));
+        }
+        Ok(())
+    }
     fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
         String::from_utf8(self.take(n)?.to_vec())
@@ -207,12 +215,8 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Decoded> {
             let client: ClientId = r.take(16)?.try_into().expect("16");
             let now = u64::from_le_bytes(r.take(8)?.try_into().expect("8"));
             let user = r.str()?;
-            if !r.0.is_empty() {
-                return Err(Error::Eio(
-                    "a commit journal record has trailing bytes".into(),
-                ));
-            }
-            return Ok(Decoded::Claim(Claim { client, user, now }));
+            r.end()?;
+            return Ok(Decoded::Record(Pending::Claim(Claim { client, user, now })));
         }
         KIND_GROUP => {}
         k => return Err(Error::Eio(format!("commit journal record of kind {k}"))),
@@ -251,12 +255,8 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Decoded> {
             who,
         });
     }
-    if !r.0.is_empty() {
-        return Err(Error::Eio(
-            "a commit journal record has trailing bytes".into(),
-        ));
-    }
-    Ok(Decoded::Group(out))
+    r.end()?;
+    Ok(Decoded::Record(Pending::Group(out)))
 }
 
 /// The groups and claims of `records` (numbered from `first_seq`) that
@@ -276,9 +276,8 @@ pub(crate) fn pending(
                     out.pop();
                 }
             }
-            Decoded::Group(g) if seq > applied => out.push((seq, Pending::Group(g))),
-            Decoded::Claim(c) if seq > applied => out.push((seq, Pending::Claim(c))),
-            Decoded::Group(_) | Decoded::Claim(_) => {}
+            Decoded::Record(p) if seq > applied => out.push((seq, p)),
+            Decoded::Record(_) => {}
         }
     }
     Ok(out)
@@ -293,10 +292,10 @@ pub(crate) struct Wal {
     /// When the first record since the last checkpoint was appended
     /// (apart from `journal`: the idle check reads it without waiting).
     pub(crate) since: Mutex<Option<Instant>>,
-    /// Whether this server journals (set once at open): a reopen of the
+    /// Whether this server journals (`wanted`, at open): a reopen of the
     /// store opens the journal again from its file, whatever became of
     /// the one in the slot.
-    pub(crate) wanted: AtomicBool,
+    pub(crate) wanted: bool,
     /// No checkpoint is tried before this time, and the wait after the
     /// next failure: the last one failed for lack of space
     /// (`defer_checkpoints`).
@@ -313,11 +312,12 @@ pub(crate) const SPACE_RETRY: Duration = Duration::from_secs(1);
 pub(crate) const SPACE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Wal {
-    pub(crate) fn off() -> Wal {
+    /// No journal yet (`replay_in` opens it); one is kept if `wanted`.
+    pub(crate) fn new(wanted: bool) -> Wal {
         Wal {
             journal: Mutex::new(None),
             since: Mutex::new(None),
-            wanted: AtomicBool::new(false),
+            wanted,
             retry: Mutex::new((None, SPACE_RETRY)),
         }
     }
@@ -487,7 +487,10 @@ mod tests {
         let g1 = vec![entry(1, Some(who)), entry(2, None)];
         let g2 = vec![entry(3, None)];
         let b1 = encode(&g1);
-        assert_eq!(decode(&b1).unwrap(), Decoded::Group(g1.clone()));
+        assert_eq!(
+            decode(&b1).unwrap(),
+            Decoded::Record(Pending::Group(g1.clone()))
+        );
         // A cut record is an error, not a shorter group.
         assert!(decode(&b1[..b1.len() - 1]).is_err());
         let recs = vec![b1.clone(), encode(&g2), encode_cancel(), b1];
@@ -510,7 +513,7 @@ mod tests {
 
     #[test]
     fn checkpoints_wait_longer_after_each_failure_for_space_until_one_succeeds() {
-        let w = Wal::off();
+        let w = Wal::new(false);
         assert!(!w.checkpoints_deferred());
         w.defer_checkpoints();
         assert!(w.checkpoints_deferred());
@@ -535,7 +538,10 @@ mod tests {
             now: 1_700_000_123,
         };
         let b = encode_claim(&c);
-        assert_eq!(decode(&b).unwrap(), Decoded::Claim(c.clone()));
+        assert_eq!(
+            decode(&b).unwrap(),
+            Decoded::Record(Pending::Claim(c.clone()))
+        );
         assert!(decode(&b[..b.len() - 1]).is_err(), "cut short");
         let mut long = b.clone();
         long.push(0);
