@@ -381,6 +381,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A staged row that is not what its table holds (a damaged file) is
+    /// refused with an error naming the table, and nothing is moved: the
+    /// staged rows stay for a later look.
+    #[test]
+    fn a_damaged_staged_row_is_refused_and_nothing_moves() {
+        let dir = scratch("damaged");
+        let path = dir.join("meta.redb");
+        let db = redb::Database::create(&path).unwrap();
+        let staged: redb::TableDefinition<&[u8], &[u8]> =
+            redb::TableDefinition::new("upgrade.dirents");
+        let w = db.begin_write().unwrap();
+        // A fid of 16 bytes and a name, but a value of 3 bytes, not 17.
+        w.open_table(staged)
+            .unwrap()
+            .insert(&[[1u8; 16].as_slice(), b"a"].concat()[..], &[1u8, 2, 3][..])
+            .unwrap();
+        w.commit().unwrap();
+        let e = finish(&db, &TUPLE_TABLES).unwrap_err();
+        assert!(e.to_string().contains("converting dirents"), "{e}");
+        let r = db.begin_read().unwrap();
+        assert_eq!(r.open_table(staged).unwrap().len().unwrap(), 1, "kept");
+        assert!(r.open_table(DIRENTS).is_err(), "nothing moved");
+        drop((r, db));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_str_pair_splits_back_whatever_its_names() {
         for (a, b) in [("", ""), ("web", ""), ("", "bob"), ("a\0b", "été")] {
