@@ -981,8 +981,21 @@ impl Reintegrator<'_> {
     }
 
     fn reintegrate_batches(&self, min_age: Option<Duration>) -> Result<()> {
+        // The records due are those logged before the turn began: a cut-off
+        // taken again for each batch would chase the records a busy writer
+        // logs meanwhile, one or two per round trip, each batch with its
+        // two durable log commits (write-back `tar -x`: hundreds of batches
+        // a second, their syncs queued with the writer's own). What ages
+        // during the turn goes at the next one, within the bound.
+        let older = match min_age {
+            Some(a) => match Instant::now().checked_sub(a) {
+                Some(t) => Some(t),
+                None => return Ok(()),
+            },
+            None => None,
+        };
         loop {
-            match self.one_batch(min_age)? {
+            match self.one_batch(older)? {
                 Step::Done => {
                     if self.cml.len() == 0 {
                         self.on_empty.log_emptied();
@@ -1000,12 +1013,9 @@ impl Reintegrator<'_> {
         }
     }
 
-    fn one_batch(&self, min_age: Option<Duration>) -> Result<Step> {
+    /// Send one batch of the records logged before `older` (all if None).
+    fn one_batch(&self, older: Option<Instant>) -> Result<Step> {
         {
-            let older = min_age.and_then(|a| Instant::now().checked_sub(a));
-            if min_age.is_some() && older.is_none() {
-                return Ok(Step::Done);
-            }
             let mut batch =
                 self.cml
                     .next_batch(BATCH_RECORDS.min(MAX_BATCH), BATCH_BYTES, older)?;
