@@ -288,6 +288,14 @@ mod tests {
         w.commit().unwrap();
     }
 
+    /// Open `path` as a store does (converted if it is old, staged rows
+    /// moved), check it holds the rows in the new format, and close it.
+    fn open_checked(path: &Path) {
+        let db = upgraded(path, &TUPLE_TABLES, || redb::Database::open(path)).unwrap();
+        finish(&db, &TUPLE_TABLES).unwrap();
+        check_new(&db);
+    }
+
     fn check_new(db: &redb::Database) {
         let r = db.begin_read().unwrap();
         let d = r.open_table(DIRENTS).unwrap();
@@ -339,14 +347,8 @@ mod tests {
             redb::Database::open(&path),
             Err(redb::DatabaseError::UpgradeRequired(_))
         ));
-        let db = upgraded(&path, &TUPLE_TABLES, || redb::Database::open(&path)).unwrap();
-        finish(&db, &TUPLE_TABLES).unwrap();
-        check_new(&db);
-        drop(db);
-        let db = upgraded(&path, &TUPLE_TABLES, || redb::Database::open(&path)).unwrap();
-        finish(&db, &TUPLE_TABLES).unwrap();
-        check_new(&db);
-        drop(db);
+        open_checked(&path);
+        open_checked(&path);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -366,18 +368,12 @@ mod tests {
             }
             w.commit().unwrap();
         }
-        let db = upgraded(&path, &TUPLE_TABLES, || redb::Database::open(&path)).unwrap();
-        finish(&db, &TUPLE_TABLES).unwrap();
-        check_new(&db);
-        drop(db);
+        open_checked(&path);
 
         let path = dir.join("meta2.redb");
         write_old(&path);
         convert(&path, &TUPLE_TABLES).unwrap();
-        let db = redb::Database::open(&path).unwrap();
-        finish(&db, &TUPLE_TABLES).unwrap();
-        check_new(&db);
-        drop(db);
+        open_checked(&path);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

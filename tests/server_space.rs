@@ -3,6 +3,7 @@
 //! session and in total; volume quotas and the largest file size bound
 //! what a Store or truncate may take.
 
+mod client_util;
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
@@ -189,12 +190,7 @@ fn mkdirs_until_refused(c: &Client) -> usize {
 /// Every acknowledged mkdir (`/pre0..20`, `/full0..made`) is in the root
 /// directory as `c` reads it, and not the refused one.
 fn assert_kept(c: &Client, made: usize) {
-    let names: Vec<String> = c
-        .readdir("/")
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let names = client_util::names(c, "/");
     for i in 0..20 {
         assert!(names.contains(&format!("pre{i}")), "pre{i} lost: {names:?}");
     }

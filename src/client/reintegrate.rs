@@ -987,12 +987,10 @@ impl Reintegrator<'_> {
         // two durable log commits (write-back `tar -x`: hundreds of batches
         // a second, their syncs queued with the writer's own). What ages
         // during the turn goes at the next one, within the bound.
-        let older = match min_age {
-            Some(a) => match Instant::now().checked_sub(a) {
-                Some(t) => Some(t),
-                None => return Ok(()),
-            },
-            None => None,
+        let older = match min_age.map(|a| Instant::now().checked_sub(a)) {
+            // The clock has not run that long: nothing is due yet.
+            Some(None) => return Ok(()),
+            cut => cut.flatten(),
         };
         loop {
             match self.one_batch(older)? {

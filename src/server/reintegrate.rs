@@ -464,18 +464,23 @@ impl GroupCommit {
         g.busy = true;
         Some(Held(self))
     }
-}
 
-impl GroupCommit {
-    /// Hold the group commit, waiting for a group in progress to end
-    /// (groups are bounded: one transaction each).
+    /// Hold the group commit, waiting for a group in progress to end.
     pub(crate) fn hold(&self) -> Held<'_> {
+        self.take_turn();
+        Held(self)
+    }
+
+    /// Wait for a group in progress to end, then take the turn; the caller
+    /// gives it back (`Held`, `LeaderGuard`).
+    fn take_turn(&self) {
         let mut g = self.state.lock();
+        // Bounded: each wake-up follows the end of another group's commit
+        // (groups are bounded: one transaction each).
         while g.busy {
             self.cv.wait(&mut g);
         }
         g.busy = true;
-        Held(self)
     }
 }
 
@@ -778,13 +783,7 @@ impl VolumeStore {
             .collect();
         // The group commit's turn, as a group's leader takes it.
         let group = &self.group;
-        let mut g = group.state.lock();
-        // Bounded: each wake-up follows the end of another group's commit.
-        while g.busy {
-            group.cv.wait(&mut g);
-        }
-        g.busy = true;
-        drop(g);
+        group.take_turn();
         // Gives the turn back when done (or unwinding); nobody else waits
         // for these jobs.
         let _turn = LeaderGuard {
@@ -2946,6 +2945,48 @@ mod tests {
         let e = store.claim_client(&a, "bob", true, 3600).unwrap_err();
         assert!(matches!(e, Error::Auth(_)), "{e}");
         store.claim_client(&b, "bob", true, 3600).unwrap();
+    }
+
+    #[test]
+    fn a_journaled_claim_that_no_longer_applies_is_skipped_and_the_store_opens() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [0xa1u8; 16];
+        store.claim_client(&a, "admin", true, 3600).unwrap();
+        assert_eq!(journaled(&store), 1);
+        // A crash, then the id found durably another user's (as no server
+        // writes it: the claim checked it was free), the journal not yet
+        // applied.
+        std::mem::forget(store);
+        let crashed = dir.path().join("crashed");
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&root)
+            .arg(&crashed)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        {
+            let db = redb::Database::open(crashed.join("meta.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(CLIENT_OWNERS)
+                .unwrap()
+                .insert(&a, "bob")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = VolumeStore::open(&crashed, u64::MAX).unwrap();
+        assert_eq!(
+            journaled(&store),
+            0,
+            "replayed (the claim skipped) and checkpointed"
+        );
+        // Still bob's: admin is refused it.
+        let e = store.claim_client(&a, "admin", true, 3600).unwrap_err();
+        assert!(matches!(e, Error::Auth(_)), "{e}");
+        store.claim_client(&a, "bob", true, 3600).unwrap();
     }
 
     #[test]
