@@ -8,11 +8,11 @@
 //! callback table; the cache only remembers versions so that an untrusted
 //! entry can be revalidated with one `GetAttrs` instead of a refetch.
 //!
-//! New files take an empty container made ahead of time (`Spares`,
-//! `cache_dir/spares/`) by a thread off the callers' path.
+//! New files take an empty container made ahead of time by a thread off
+//! the callers' path (`spares.rs`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use redb::{
 
 use super::index_file::{LastError, Opened};
 use super::namespace::{Edit, Listing};
+use super::spares::{Spares, SPARES_TARGET};
 use super::tables::{CML, META};
 use crate::proto::codec::{Reader, Writer};
 use crate::proto::{Attr, DirEntry, Fid, MAX_SYMLINK};
@@ -524,7 +525,7 @@ impl Cache {
         // sync the directory for containers installed by this run.
         sync_dir(&containers)?;
         sync_dir(cache_dir)?;
-        let spares = Spares::open(&cache_dir.join("spares"), target);
+        let spares = Spares::open(&cache_dir.join("spares"), &containers, target);
         let spare_maker = if target > 0 {
             let s = spares.clone();
             let h = std::thread::Builder::new()
@@ -986,6 +987,12 @@ impl Cache {
         let path = self.container(attr.fid);
         std::fs::rename(temp, &path)
             .map_err(|e| Error::io(format!("installing {}", path.display()), e))?;
+        self.installed(attr, open);
+        Ok(())
+    }
+
+    /// Index a container now at its name.
+    fn installed(&self, attr: &Attr, open: bool) {
         self.unsynced_names.lock().insert(attr.fid);
         self.update(Some(attr), attr.fid, |e| {
             e.attr = attr.clone();
@@ -999,7 +1006,6 @@ impl Cache {
             self.closed_quietly(attr.fid);
         }
         self.evict();
-        Ok(())
     }
 
     /// An opener starts using the container: it is now the most recent and
@@ -1035,6 +1041,29 @@ impl Cache {
     /// from the server's until stored.
     pub fn install_empty(&self, attr: &Attr, dirty: bool) -> Result<()> {
         self.deferred(|| self.install_empty_now(attr, dirty))
+    }
+
+    /// `install_empty` for a new object's container: the one made ahead at
+    /// its name when there is one (no system call), else a spare.
+    pub fn install_new(&self, attr: &Attr) -> Result<()> {
+        if self.spares.take_named(attr.fid) {
+            let a = Attr {
+                size: 0,
+                ..attr.clone()
+            };
+            self.deferred(|| {
+                self.installed(&a, true);
+                Ok(())
+            })
+        } else {
+            self.install_empty(attr, false)
+        }
+    }
+
+    /// The fid range of `volume` hands out `next` now and ends at `end`:
+    /// the containers of the next new files are made ahead.
+    pub fn expect_creates(&self, volume: u32, next: u64, end: u64) {
+        self.spares.expect(volume, next, end);
     }
 
     fn install_empty_now(&self, attr: &Attr, dirty: bool) -> Result<()> {
@@ -1165,193 +1194,7 @@ impl Cache {
     /// Spare containers ready now (tests).
     #[cfg(test)]
     fn spares_ready(&self) -> Vec<PathBuf> {
-        self.spares.pool.lock().ready.clone()
-    }
-}
-
-/// Spares the pool keeps ready, and the level below which its thread
-/// refills it: a burst of creates between refills takes them all, and the
-/// rest fall back to creating their own.
-const SPARES_TARGET: usize = 48;
-const SPARES_LOW: usize = 16;
-/// The pool thread's waits after a failed create (a full disk, no inodes,
-/// an unusable directory): doubled per failure up to the maximum.
-const SPARES_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const SPARES_BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Empty 0600 files made ahead of time in `cache_dir/spares/`, one of which
-/// a new file's container takes (`install_empty`) instead of creating one
-/// on the caller's path: allocating an inode is most of a small create's
-/// CPU on ext4. A spare is not a container until renamed into
-/// `containers/`: the index never names one, the sweep and the cache's
-/// size never see one (0 bytes; an inode each). Making a container
-/// durable is unchanged (`make_durable` syncs the file and `containers/`).
-struct Spares {
-    dir: PathBuf,
-    target: usize,
-    pool: Mutex<Pool>,
-    /// Wakes the thread when the pool falls below `SPARES_LOW`, or to stop.
-    wake: Condvar,
-}
-
-#[derive(Default)]
-struct Pool {
-    ready: Vec<PathBuf>,
-    stop: bool,
-}
-
-/// Make an empty 0600 file at `path` (in `dir`) as an unnamed inode
-/// (`O_TMPFILE`) then linked in: the inode's allocation, most of a
-/// create's cost on ext4, then holds no lock of `dir`, where a caller's
-/// rename of a spare into `containers/` would wait for it (a create holds
-/// its directory's lock throughout). False if the file system or kernel
-/// cannot (the caller creates it plainly then).
-fn link_tmpfile(dir: &Path, path: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::io::AsRawFd;
-    let Ok(f) = std::fs::File::options()
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir)
-    else {
-        return false;
-    };
-    let Ok(from) = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())) else {
-        return false;
-    };
-    let Ok(to) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: two NUL-terminated paths that outlive the call.
-    unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        ) == 0
-    }
-}
-
-impl Spares {
-    /// Take up the spares an earlier run left: an empty regular file with
-    /// one link is as good as a new one; anything else (a power cut may
-    /// leave a renamed spare's old name too) is removed.
-    /// Never fails: without its directory the pool stays empty and every
-    /// create makes its own container, as before there was a pool.
-    fn open(dir: &Path, target: usize) -> Arc<Spares> {
-        let _ = crate::fsmode::create_private_dir(dir);
-        // Every name is judged before any is removed: removing one of two
-        // names of a file must not make the other look reusable.
-        let (ready, junk): (Vec<_>, Vec<_>) = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|d| {
-                let reusable = d.file_name().to_string_lossy().starts_with("spare.")
-                    && std::fs::symlink_metadata(d.path())
-                        .is_ok_and(|m| m.is_file() && m.len() == 0 && m.nlink() == 1);
-                (d.path(), reusable)
-            })
-            .partition(|(_, reusable)| *reusable);
-        for (p, _) in junk {
-            let _ = std::fs::remove_file(p);
-        }
-        let ready: Vec<PathBuf> = ready.into_iter().map(|(p, _)| p).collect();
-        Arc::new(Spares {
-            dir: dir.to_path_buf(),
-            target,
-            pool: Mutex::new(Pool { ready, stop: false }),
-            wake: Condvar::new(),
-        })
-    }
-
-    fn take(&self) -> Option<PathBuf> {
-        let mut p = self.pool.lock();
-        let s = p.ready.pop();
-        if p.ready.len() < SPARES_LOW {
-            self.wake.notify_one();
-        }
-        s
-    }
-
-    fn stop(&self) {
-        self.pool.lock().stop = true;
-        self.wake.notify_all();
-    }
-
-    /// One new empty spare (no lock held: it allocates an inode).
-    fn make_one(&self) -> std::io::Result<PathBuf> {
-        let n: u64 = u64::from_ne_bytes(crate::proto::auth::random_bytes::<8>());
-        let path = self.dir.join(format!("spare.{n:016x}"));
-        let create = || {
-            if link_tmpfile(&self.dir, &path) {
-                return Ok(());
-            }
-            std::fs::File::options()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map(drop)
-        };
-        match create() {
-            // The directory could not be made at start (a full disk).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                crate::fsmode::create_private_dir(&self.dir)
-                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::NotFound))?;
-                create()?;
-            }
-            r => {
-                r?;
-            }
-        }
-        Ok(path)
-    }
-
-    /// The pool thread: refill to `target` whenever below `SPARES_LOW`;
-    /// after a failed create wait (bounded, doubling) before trying again,
-    /// whatever takes happen meanwhile. Ends on `stop`; spares it made stay
-    /// for the next run.
-    fn run(&self) {
-        let mut backoff = SPARES_BACKOFF_MIN;
-        let mut retry_at: Option<Instant> = None;
-        loop {
-            let need = {
-                let mut p = self.pool.lock();
-                if let Some(at) = retry_at.take() {
-                    while !p.stop && Instant::now() < at {
-                        self.wake.wait_until(&mut p, at);
-                    }
-                }
-                while !p.stop && p.ready.len() >= SPARES_LOW.min(self.target) {
-                    self.wake.wait(&mut p);
-                }
-                if p.stop {
-                    return;
-                }
-                self.target.saturating_sub(p.ready.len())
-            };
-            for _ in 0..need {
-                match self.make_one() {
-                    Ok(path) => {
-                        backoff = SPARES_BACKOFF_MIN;
-                        let mut p = self.pool.lock();
-                        p.ready.push(path);
-                        if p.stop {
-                            return;
-                        }
-                    }
-                    Err(_) => {
-                        retry_at = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(SPARES_BACKOFF_MAX);
-                        break;
-                    }
-                }
-            }
-        }
+        self.spares.ready()
     }
 }
 
@@ -1721,6 +1564,7 @@ fn open_index(
 mod tests {
     use super::*;
     use crate::proto::{FileType, Timespec};
+    use std::os::unix::fs::MetadataExt;
 
     fn attr(vnode: u64, size: u64, version: u64) -> Attr {
         Attr {
@@ -2414,6 +2258,119 @@ mod tests {
         let ino = inode(c.spares_ready().last().unwrap());
         c.install_empty(&a, false).unwrap();
         assert_eq!(inode(&c.container(a.fid)), ino);
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Wait (bounded) until the pool's thread has made the named
+    /// containers `want`.
+    fn wait_for_named(c: &Cache, want: &[Fid]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let named = c.spares.named();
+            if want.iter().all(|f| named.contains(f)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "named containers made: {named:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn container_names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.join("containers"))
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_next_new_files_find_their_containers_made_at_their_names() {
+        let dir = tmpdir("named");
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 8).unwrap();
+        // The range hands out vnode 100 next, up to 140.
+        c.expect_creates(1, 100, 140);
+        let ahead: Vec<Fid> = (100..132).map(|v| Fid::new(1, v, 1)).collect();
+        wait_for_named(&c, &ahead);
+        // Made ahead: empty, private, one link, not indexed or counted.
+        let m = std::fs::metadata(c.container(Fid::new(1, 100, 1))).unwrap();
+        assert_eq!((m.len(), m.mode() & 0o777, m.nlink()), (0, 0o600, 1));
+        assert!(c.get(Fid::new(1, 100, 1)).is_none());
+        let ino = inode(&c.container(Fid::new(1, 100, 1)));
+        let a = attr(100, 0, 1);
+        c.install_new(&a).unwrap();
+        // The container is the one made ahead, now an indexed, open entry.
+        assert_eq!(inode(&c.container(a.fid)), ino);
+        let e = c.get(a.fid).unwrap();
+        assert_eq!((e.data_version, e.dirty, e.open), (Some(1), false, 1));
+        assert!(!c.spares.named().contains(&a.fid));
+        // Never past the range's end.
+        c.expect_creates(1, 130, 140);
+        let rest: Vec<Fid> = (132..140).map(|v| Fid::new(1, v, 1)).collect();
+        wait_for_named(&c, &rest);
+        assert!(!c.container(Fid::new(1, 140, 1)).exists());
+        // A fid not made ahead (another volume) takes a spare as before.
+        let b = Attr {
+            fid: Fid::new(2, 7, 1),
+            ..attr(7, 0, 1)
+        };
+        c.install_new(&b).unwrap();
+        assert_eq!(std::fs::metadata(c.container(b.fid)).unwrap().len(), 0);
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn named_containers_not_taken_are_removed_by_the_thread_or_the_next_start() {
+        let dir = tmpdir("named-stale");
+        {
+            let db = Arc::new(Index::at(&dir.join("index.redb")));
+            let c = Cache::open_with_spares(&dir, db, 1000, 8).unwrap();
+            c.expect_creates(1, 10, 1024);
+            let first: Vec<Fid> = (10..42).map(|v| Fid::new(1, v, 1)).collect();
+            wait_for_named(&c, &first);
+            // Vnodes 10..42 went to directories (never taken); the range
+            // moved far past them: the thread removes their containers.
+            c.expect_creates(1, 500, 1024);
+            let later: Vec<Fid> = (500..532).map(|v| Fid::new(1, v, 1)).collect();
+            wait_for_named(&c, &later);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while first.iter().any(|f| c.container(*f).exists()) {
+                assert!(Instant::now() < deadline, "stale named containers stay");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(c.spares.named().iter().all(|f| f.vnode >= 500));
+        }
+        // What a stop leaves is swept at the next start: not in the index.
+        assert_eq!(container_names(&dir).len(), 32);
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+        c.sweep_unused_containers();
+        assert!(container_names(&dir).is_empty());
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_create_that_misses_its_named_container_makes_its_own_and_keeps_it() {
+        // The thread off: nothing is made ahead, so every new file takes
+        // the spare path; a name present already is replaced by it, never
+        // the other way round.
+        let dir = tmpdir("named-miss");
+        let db = Arc::new(Index::at(&dir.join("index.redb")));
+        let c = Cache::open_with_spares(&dir, db, 1000, 0).unwrap();
+        c.expect_creates(1, 5, 100);
+        assert!(c.spares.named().is_empty());
+        let a = attr(5, 0, 1);
+        std::fs::write(c.container(a.fid), b"left by a crash").unwrap();
+        c.install_new(&a).unwrap();
+        assert_eq!(std::fs::metadata(c.container(a.fid)).unwrap().len(), 0);
+        assert_eq!(c.get(a.fid).unwrap().data_version, Some(1));
         drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }

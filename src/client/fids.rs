@@ -104,6 +104,13 @@ impl Fids {
         )))
     }
 
+    /// The range of `volume` as it stands: the next vnode it hands out and
+    /// its end (exclusive); `None` without one.
+    pub fn window(&self, volume: u32) -> Option<(u64, u64)> {
+        let g = self.ranges.lock();
+        g.get(&volume).map(|r| (r.next, r.end))
+    }
+
     /// Take the next vnode of the range, once it is covered by a durable
     /// lease; `None` if the range is used up.
     fn take(&self, volume: u32) -> Result<Option<u64>> {

@@ -182,7 +182,7 @@ pub(crate) fn create<C: Opener>(
             uid: owner.uid,
             gid: owner.gid,
         },
-        |attr| inner.cache().install_empty(attr, false),
+        |attr| inner.cache().install_new(attr),
     )
 }
 

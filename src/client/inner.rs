@@ -252,6 +252,10 @@ impl Inner {
         let fid = self
             .fids
             .new_fid(&self.servers, parent.volume, !self.emu.offline())?;
+        // The next new files' containers are made ahead at their names.
+        if let Some((next, end)) = self.fids.window(fid.volume) {
+            self.cache.expect_creates(fid.volume, next, end);
+        }
         let now = Timespec::now();
         let ptok = self.callbacks.token(parent);
         let tok = self.callbacks.token(fid);

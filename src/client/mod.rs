@@ -33,6 +33,7 @@ mod namespace;
 mod owner;
 mod probe;
 mod reintegrate;
+mod spares;
 mod stamps;
 mod stats;
 mod tables;
