@@ -227,17 +227,25 @@ impl Spares {
             return; // no thread
         }
         let mut p = self.pool.lock();
-        let a = p.ahead.entry(volume).or_insert(Ahead {
-            next,
-            end,
-            made: next,
-        });
-        if a.made < next || a.made > end || a.next > next {
-            // A new range (or the first look at this one).
-            a.made = next;
-        }
-        a.next = next;
-        a.end = end;
+        let a = match p.ahead.get_mut(&volume) {
+            // Creators tell in any order: the range only moves forward.
+            Some(a) if a.end == end && next <= a.next => return,
+            Some(a) if a.end == end => {
+                a.next = next;
+                a.made = a.made.max(next);
+                *a
+            }
+            // The first look at this volume, or a new range.
+            _ => {
+                let a = Ahead {
+                    next,
+                    end,
+                    made: next,
+                };
+                p.ahead.insert(volume, a);
+                a
+            }
+        };
         let low = a.lead() < NAMED_LOW && a.made < end;
         let stale = p
             .named
