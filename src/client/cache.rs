@@ -1152,6 +1152,12 @@ impl Cache {
     /// Evict least recently used containers until within the limit; open and
     /// dirty ones stay even if that leaves us over it.
     pub fn evict(&self) {
+        // Called after every install and close: within the limit (the usual
+        // case) it must cost nothing, not a copy of the pinned set, which
+        // holds every fid the log names (thousands in write-back mode).
+        if self.state.lock().bytes <= self.limit {
+            return;
+        }
         let pinned = self.pinned.lock().clone();
         let prio = self.priorities.lock().clone();
         let mut st = self.state.lock();
