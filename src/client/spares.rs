@@ -311,6 +311,14 @@ impl Spares {
             }
             return Some(Job::Remove(stale));
         }
+        // Spares first while the pool is low: a create whose named container
+        // is not ready (the thread fell behind: a slow disk, ext4's search
+        // for a free inode after many deletions) takes a spare instead of
+        // allocating an inode on its own path.
+        if p.ready.len() < SPARES_LOW.min(self.target) {
+            p.refilling = true;
+            return Some(Job::Spare);
+        }
         // Then the named containers a create takes with no system call.
         for (&volume, a) in p.ahead.iter_mut() {
             let vnode = a.made.max(a.next);
@@ -321,9 +329,6 @@ impl Spares {
                 p.making_wanted = false;
                 return Some(Job::Named(fid));
             }
-        }
-        if p.ready.len() < SPARES_LOW.min(self.target) {
-            p.refilling = true;
         }
         if p.refilling && p.ready.len() < self.target {
             return Some(Job::Spare);
