@@ -2254,11 +2254,7 @@ mod tests {
         // None of them is a container, indexed, or counted.
         assert_eq!(c.known_fids(), vec![Fid::new(1, 1, 1)]);
         assert_eq!(c.bytes(), 5);
-        let names: Vec<String> = std::fs::read_dir(dir.join("containers"))
-            .unwrap()
-            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, vec![Fid::new(1, 1, 1).to_string()]);
+        assert_eq!(container_names(&dir), vec![Fid::new(1, 1, 1).to_string()]);
         let a = attr(2, 0, 1);
         // The pool's next spare (`take` pops the last).
         let ino = inode(c.spares_ready().last().unwrap());
