@@ -153,9 +153,10 @@ fn make_empty(dir: &Path, path: &Path) -> std::io::Result<()> {
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        // Without /proc the link cannot name the inode.
-        Some(libc::ENOENT) if !Path::new("/proc/self/fd").exists() => plain(),
-        _ => Err(e),
+        Some(libc::EEXIST) => Err(e),
+        // Anything else (no /proc to name the inode by, a file system that
+        // refuses the link): a plain create, which reports its own error.
+        _ => plain(),
     }
 }
 
