@@ -256,11 +256,25 @@ impl Inner {
         if let Some((next, end)) = self.fids.window(fid.volume) {
             self.cache.expect_creates(fid.volume, next, end);
         }
+        if ftype != FileType::File {
+            self.cache.not_a_file(fid);
+        }
         let now = Timespec::now();
         let ptok = self.callbacks.token(parent);
         let tok = self.callbacks.token(fid);
         let op = build(fid, now);
-        let attr = self.commit(op.clone(), None)?;
+        let attr = match self.commit(op.clone(), None) {
+            Ok(attr) => attr,
+            Err(e) => {
+                // Refused: the fid is never used. Not when the outcome is
+                // unknown (the server may have made the file, and a fetch
+                // would install its container under that name).
+                if !super::mode::unreachable(&e) {
+                    self.cache.not_a_file(fid);
+                }
+                return Err(e);
+            }
+        };
         // The new entry and the parent's listing edit are saved in one
         // index transaction (unsynced, after the record's commit, as each
         // was on its own).

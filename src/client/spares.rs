@@ -13,12 +13,15 @@
 //!   empty container: a new file whose fid was not prepared, a truncating
 //!   open of an existing file.
 //!
-//! Neither is a container the index knows until a caller takes it: a
-//! named container never taken (the fid became a directory or a symlink,
-//! or the client stopped first) is removed by the thread once the range
-//! has moved well past it, or by the start-up sweep of `containers/`
-//! (`Cache::sweep_unused_containers`, which removes names the index does
-//! not hold). A spare is never in `containers/`. Both are 0600, empty, one
+//! Neither is a container the index knows until a caller takes it. A
+//! named container whose fid went to a directory, a symlink or a special
+//! file, or to a file the server refused, is removed by the thread at once
+//! (`forget`: no container is ever installed under such a fid); whatever
+//! is left (a stop, a create whose outcome is unknown) is removed by the
+//! start-up sweep of `containers/` (`Cache::sweep_unused_containers`, which
+//! removes names the index does not hold). The thread never removes a name
+//! on a guess, as a create running late could install its container there
+//! meanwhile. A spare is never in `containers/`. Both are 0600, empty, one
 //! link. Making a container durable is unchanged (`Cache::make_durable`
 //! syncs the file and `containers/`).
 
@@ -41,10 +44,6 @@ const SPARES_LOW: usize = 16;
 /// level below which the thread makes more.
 const NAMED_AHEAD: u64 = 32;
 const NAMED_LOW: u64 = 16;
-/// A named container this many fids behind its volume's next one was not
-/// taken by a create (the fid went to a directory or a symlink, or its
-/// create failed): the thread removes it.
-const NAMED_STALE: u64 = 4 * NAMED_AHEAD;
 /// The pool thread's waits after a failed create (a full disk, no inodes,
 /// an unusable directory): doubled per failure up to the maximum.
 const SPARES_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -60,7 +59,8 @@ pub(super) struct Spares {
     /// removed while it is held.
     pool: Mutex<Pool>,
     /// Wakes the thread when there is work (spares below `SPARES_LOW`,
-    /// named containers below `NAMED_LOW` ahead, stale ones), or to stop.
+    /// named containers below `NAMED_LOW` ahead, ones to remove), or to
+    /// stop.
     wake: Condvar,
 }
 
@@ -78,6 +78,10 @@ struct Pool {
     /// and the thread's (replaced, or refused as existing) is not named.
     making: Option<Fid>,
     making_wanted: bool,
+    /// The one being made went to another kind of object (`forget`).
+    making_forgotten: bool,
+    /// Named containers whose fids went to other objects: to remove.
+    discard: Vec<Fid>,
     stop: bool,
 }
 
@@ -221,6 +225,19 @@ impl Spares {
         false
     }
 
+    /// `fid` will never hold a file's container (it went to a directory, a
+    /// symlink or a special file, or the server refused the file's
+    /// create): its named container, if made, is removed.
+    pub(super) fn forget(&self, fid: Fid) {
+        let mut p = self.pool.lock();
+        if p.named.remove(&fid) {
+            p.discard.push(fid);
+            self.wake.notify_one();
+        } else if p.making == Some(fid) {
+            p.making_forgotten = true;
+        }
+    }
+
     /// The fid range of `volume` now hands out `next` and ends at `end`:
     /// keep named containers ready for the fids after it.
     pub(super) fn expect(&self, volume: u32, next: u64, end: u64) {
@@ -247,12 +264,7 @@ impl Spares {
                 a
             }
         };
-        let low = a.lead() < NAMED_LOW && a.made < end;
-        let stale = p
-            .named
-            .iter()
-            .any(|f| f.volume == volume && f.vnode + NAMED_STALE < next);
-        if low || stale {
+        if a.lead() < NAMED_LOW && a.made < end {
             self.wake.notify_one();
         }
     }
@@ -294,23 +306,9 @@ impl Spares {
 
     /// The next job, taken under the pool's lock; `None` to wait.
     fn next_job(&self, p: &mut Pool) -> Option<Job> {
-        // Stale named containers first: each is an inode kept for nothing.
-        let ahead = &p.ahead;
-        let stale: Vec<Fid> = p
-            .named
-            .iter()
-            .filter(|f| {
-                ahead
-                    .get(&f.volume)
-                    .is_some_and(|a| f.vnode + NAMED_STALE < a.next)
-            })
-            .copied()
-            .collect();
-        if !stale.is_empty() {
-            for f in &stale {
-                p.named.remove(f);
-            }
-            return Some(Job::Remove(stale));
+        // Named containers no file will take first: an inode each.
+        if !p.discard.is_empty() {
+            return Some(Job::Remove(std::mem::take(&mut p.discard)));
         }
         // Spares first while the pool is low: a create whose named container
         // is not ready (the thread fell behind: a slow disk, ext4's search
@@ -328,6 +326,7 @@ impl Spares {
                 let fid = Fid::new(volume, vnode, 1);
                 p.making = Some(fid);
                 p.making_wanted = false;
+                p.making_forgotten = false;
                 return Some(Job::Named(fid));
             }
         }
@@ -376,10 +375,16 @@ impl Spares {
                     let made = make_empty(&self.containers, &self.containers.join(fid.to_string()));
                     let mut p = self.pool.lock();
                     p.making = None;
+                    let (wanted, forgotten) = (
+                        std::mem::take(&mut p.making_wanted),
+                        std::mem::take(&mut p.making_forgotten),
+                    );
                     match &made {
                         // A caller that wanted it meanwhile made its own,
                         // which replaced this one or was there first.
-                        Ok(()) if std::mem::take(&mut p.making_wanted) => {}
+                        Ok(()) if wanted => {}
+                        // Its fid went to another kind of object.
+                        Ok(()) if forgotten => p.discard.push(fid),
                         Ok(()) => {
                             p.named.insert(fid);
                         }
