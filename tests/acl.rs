@@ -658,3 +658,58 @@ fn taking_a_right_away_reaches_contents_a_client_already_cached() {
     client_util::put(&admin, "/pub/f", b"new");
     assert_eq!(client_util::get(&bob, "/pub/f"), b"new");
 }
+
+/// Creates the server refuses leave nothing in the cache: their fids were
+/// handed out, and the empty containers the client made ahead under them
+/// (docs/CLIENT.md "Named containers") are removed, not kept until the next
+/// start.
+#[test]
+fn refused_creates_leave_no_containers_behind() {
+    let srv = TestServer::start();
+    add_user(&srv, "bob");
+    let d = TempDir::new("acl-refused");
+    let admin = client_util::client(&srv, &d.path().join("admin"));
+    admin.mkdir("/pub", 0o755).unwrap();
+    let cache = d.path().join("bob");
+    let bob = lib_client(&srv, &cache, "bob");
+    const REFUSED: usize = 100;
+    for i in 0..REFUSED {
+        match bob.open(&format!("/pub/f{i}"), libc::O_CREAT | libc::O_WRONLY, 0o644) {
+            Err(e) => assert_eq!(e.code(), -libc::EACCES),
+            Ok(_) => panic!("bob created /pub/f{i}"),
+        }
+    }
+    // What stays is what is made ahead for the next creates (32, and one
+    // being made): the thread removes the refused ones' as it goes.
+    let names = || std::fs::read_dir(cache.join("containers")).unwrap().count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while names() > 33 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} names left in containers/ after {REFUSED} refused creates",
+            names()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(client_util::names(&admin, "/pub"), Vec::<String>::new());
+    // Nor do fids that went to directories and symlinks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for i in 0..REFUSED {
+        admin.mkdir(&format!("/pub/d{i}"), 0o755).unwrap();
+        admin.symlink("d0", &format!("/pub/l{i}")).unwrap();
+    }
+    let names = || {
+        std::fs::read_dir(d.path().join("admin/containers"))
+            .unwrap()
+            .count()
+    };
+    while names() > 33 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} names left in containers/ after {} directories and symlinks",
+            names(),
+            2 * REFUSED
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -2876,6 +2876,22 @@ mod tests {
         store.wal.journal.lock().as_ref().map_or(0, |j| j.records())
     }
 
+    /// A copy of data directory `root` as a crash leaves it, at `to`: the
+    /// files as they are (redb's unsynced commits only in them, the
+    /// journal's records), the store never closed (a close would make its
+    /// commits durable; forgotten, it still holds `root`'s lock, hence a
+    /// copy).
+    fn crash_copy(store: VolumeStore, root: &std::path::Path, to: &std::path::Path) {
+        std::mem::forget(store);
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(root)
+            .arg(to)
+            .status()
+            .expect("cp runs");
+        assert!(st.success(), "cp -a {} {}", root.display(), to.display());
+    }
+
     fn create_with(store_id: u64, name: &str, fid: Fid, data: Vec<u8>) -> Record {
         Record {
             store_id,
@@ -2928,17 +2944,9 @@ mod tests {
         // Claimed already, seen just now: nothing to write.
         store.claim_client(&a, "admin", true, 3600).unwrap();
         assert_eq!(journaled(&store), 1);
-        // A crash: redb holds the claim unsynced (a copy of the files, as
-        // the forgotten store still holds the data directory's lock).
-        std::mem::forget(store);
+        // A crash: redb holds the claim unsynced.
         let crashed = dir.path().join("crashed");
-        let st = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&root)
-            .arg(&crashed)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crash_copy(store, &root, &crashed);
         let store = VolumeStore::open(&crashed, u64::MAX).unwrap();
         assert_eq!(journaled(&store), 0, "replayed and checkpointed");
         // Still admin's: another user is refused it; a fresh id is free.
@@ -2959,15 +2967,8 @@ mod tests {
         // A crash, then the id found durably another user's (as no server
         // writes it: the claim checked it was free), the journal not yet
         // applied.
-        std::mem::forget(store);
         let crashed = dir.path().join("crashed");
-        let st = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&root)
-            .arg(&crashed)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crash_copy(store, &root, &crashed);
         {
             let db = redb::Database::open(crashed.join("meta.redb")).unwrap();
             let txn = db.begin_write().unwrap();
@@ -3021,22 +3022,17 @@ mod tests {
         };
         ok_one(store.commit_group(&[job(a, vec![r])]));
         assert_eq!(journaled(&store), 4);
-        // A crash: never closed (redb's close would make its unsynced
-        // commits durable with one of its own), so its last durable
-        // commit (AllocFids') is all a new open finds in meta.redb.
-        std::mem::forget(store);
-        let copy_to = |name: &str| {
-            let to = dir.path().join(name);
-            let st = std::process::Command::new("cp")
-                .arg("-a")
-                .arg(&root)
-                .arg(&to)
-                .status()
-                .unwrap();
-            assert!(st.success());
-            to
-        };
-        let lost = copy_to("lost");
+        // A crash: its last durable commit (AllocFids') is all a new open
+        // finds in meta.redb. Two copies: one loses the journal too.
+        let (lost, crashed) = (dir.path().join("lost"), dir.path().join("crashed"));
+        crash_copy(store, &root, &crashed);
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&crashed)
+            .arg(&lost)
+            .status()
+            .expect("cp runs");
+        assert!(st.success());
         fs::remove_file(lost.join(super::super::wal::JOURNAL_FILE)).unwrap();
         let copy = VolumeStore::open(&lost, u64::MAX).unwrap();
         assert!(
@@ -3044,8 +3040,7 @@ mod tests {
             "without the journal the creates are gone"
         );
         drop(copy);
-        let root = copy_to("crashed");
-        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let store = VolumeStore::open(&crashed, u64::MAX).unwrap();
         assert_eq!(journaled(&store), 0, "replayed and checkpointed");
         let after = store.get_attrs(&f).unwrap();
         for (i, (b, got)) in before.iter().zip(&after).enumerate() {
