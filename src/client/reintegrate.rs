@@ -180,6 +180,11 @@ struct OutState {
     /// Recent round trip of a connected batch (a moving average), from
     /// its write to its answer; None before the first.
     round_trip: Option<Duration>,
+    /// A leader holds its batch until this many records are queued
+    /// (`Outbox::hold`): the queuer that reaches it wakes the leader, and
+    /// the ones before it do not (each futile wake-up is a context switch
+    /// on the writers' critical path).
+    holding_for: Option<usize>,
 }
 
 impl OutState {
@@ -260,6 +265,7 @@ impl Outbox {
                 hold: hold_from_env(),
                 peak: (0, Instant::now()),
                 round_trip: None,
+                holding_for: None,
             }),
             free: Condvar::new(),
             queued: Condvar::new(),
@@ -318,8 +324,10 @@ impl Outbox {
             }
         };
         let end = now + most;
+        st.holding_for = Some(n);
         // Bounded by `end`.
         while st.queue.len() < n && !self.queued.wait_until(&mut st, end).timed_out() {}
+        st.holding_for = None;
     }
 
     /// Fold a connected batch's round trip into the recent figure.
@@ -587,7 +595,7 @@ impl Reintegrator<'_> {
         let rec = self.cml.log_connected(op)?;
         let id = rec.store_id;
         let mail = Arc::new(Mail::default());
-        let held = {
+        let complete = {
             let mut st = out.state.lock();
             st.queue.insert(
                 id,
@@ -598,10 +606,10 @@ impl Reintegrator<'_> {
                 },
             );
             st.note_outstanding();
-            st.hold != Hold::Off
+            st.holding_for.is_some_and(|n| st.queue.len() >= n)
         };
-        if held {
-            // A leader holding its batch counts the queue.
+        if complete {
+            // The leader holding its batch waited for this record.
             out.queued.notify_all();
         }
         let result = self.await_sent(id, &mail);
