@@ -221,8 +221,8 @@ pub(crate) struct Outbox {
     state: Mutex<OutState>,
     /// Signalled when the token is given back or a batch is answered.
     free: Condvar,
-    /// Signalled when a connected record is queued (a holding leader
-    /// counts them).
+    /// Signalled when the queue reaches the count a holding leader waits
+    /// for (`OutState::holding_for`).
     queued: Condvar,
     /// Upload ids of connected writers: high bit set, so they never meet
     /// the store ids that logged records upload under.
