@@ -315,25 +315,41 @@ fn two_writers_breaking_each_other_s_callbacks_are_both_answered() {
     let ib = b.send(&Msg::Reintegrate {
         records: vec![rec::store(5, g, 0, 4, 6)],
     });
-    // Each hears of the other's change first, and acknowledges it.
-    for (c, theirs) in [(&mut a, g), (&mut b, f)] {
-        match c.recv() {
-            Some((bid, Msg::CallbackBreak { fids })) => {
-                // (With the volume's own callback: its stamp moved.)
-                assert!(fids.contains(&theirs), "{fids:?}");
-                c.send_id(bid, &Msg::BreakAck);
+    // A hears of B's change first: its own reply waits for B's ack of f,
+    // which B has not sent yet.
+    match a.recv() {
+        Some((bid, Msg::CallbackBreak { fids })) => {
+            // (With the volume's own callback: its stamp moved.)
+            assert!(fids.contains(&g), "{fids:?}");
+            a.send_id(bid, &Msg::BreakAck);
+        }
+        other => panic!("expected a break at A, got {other:?}"),
+    }
+    // B hears of A's change and gets its own reply, in either order: the
+    // reply waits only for A's ack, sent now, and B's batch may even have
+    // committed before A's did.
+    let (mut broken, mut replied) = (false, false);
+    while !(broken && replied) {
+        match b.recv() {
+            Some((bid, Msg::CallbackBreak { fids })) if !broken => {
+                assert!(fids.contains(&f), "{fids:?}");
+                b.send_id(bid, &Msg::BreakAck);
+                broken = true;
             }
-            other => panic!("expected a break, got {other:?}"),
+            Some((rid, Msg::Reintegrated { results })) if !replied => {
+                assert_eq!(rid, ib);
+                assert_eq!(results[0].size, 6);
+                replied = true;
+            }
+            other => panic!("expected a break and the reply at B, got {other:?}"),
         }
     }
-    for (c, id, size) in [(&mut a, ia, 5), (&mut b, ib, 6)] {
-        match c.recv() {
-            Some((rid, Msg::Reintegrated { results })) => {
-                assert_eq!(rid, id);
-                assert_eq!(results[0].size, size);
-            }
-            other => panic!("expected the reply, got {other:?}"),
+    match a.recv() {
+        Some((rid, Msg::Reintegrated { results })) => {
+            assert_eq!(rid, ia);
+            assert_eq!(results[0].size, 5);
         }
+        other => panic!("expected A's reply, got {other:?}"),
     }
     // Both sessions live on: each still reads what the other wrote.
     assert_eq!(a.attr(g).unwrap().size, 6);
