@@ -284,8 +284,8 @@ fn group_summary(lines: &[String]) -> Option<String> {
     let (g, c) = ("TRACE group", "TRACE commit");
     Some(format!(
         "{groups} groups, {:.2} batches and {:.2} records per group; per group {:.0} us busy \
-         after {:.0} us idle; commit split: apply {:.0}, journal append + fdatasync {:.0}, \
-         redb commit {:.0}, after {:.0} us",
+         after {:.0} us idle; commit split: apply {:.0}, journal write {:.0}, \
+         redb commit {:.0} while the disk writes, journal sync after it {:.0}, after {:.0} us",
         mean(g, "batches", f64::MAX),
         mean(g, "records", f64::MAX),
         mean(g, "busy", f64::MAX),
@@ -293,6 +293,7 @@ fn group_summary(lines: &[String]) -> Option<String> {
         mean(c, "apply", f64::MAX),
         mean(c, "journal", f64::MAX),
         mean(c, "commit", f64::MAX),
+        mean(c, "sync", f64::MAX),
         mean(c, "after", f64::MAX),
     ))
 }

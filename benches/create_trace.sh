@@ -79,12 +79,12 @@ creates "$mnt/d" g "$n" >/dev/null
 kill "$strace_pid"; wait "$strace_pid" 2>/dev/null || true; strace_pid=
 awk -v n="$n" '
 /TRACE commit/ {
-    for (i = 3; i <= 6; i++) { split($i, kv, "="); sum[kv[1]] += kv[2]; if (kv[1] == "after" && kv[2] > 1000) { cp++; cps += kv[2] } }
+    for (i = 3; i <= 7; i++) { split($i, kv, "="); sum[kv[1]] += kv[2]; if (kv[1] == "after" && kv[2] > 1000) { cp++; cps += kv[2] } }
     commits++
 }
 END {
-    printf "server: %d commits (%.2f per file); mean per commit: apply %.0f us, journal %.0f us, commit %.0f us, after %.0f us\n",
-        commits, commits / n, sum["apply"] / commits, sum["journal"] / commits, sum["commit"] / commits, sum["after"] / commits
+    printf "server: %d commits (%.2f per file); mean per commit: apply %.0f us, journal write %.0f us, redb commit %.0f us, journal sync after it %.0f us, after %.0f us\n",
+        commits, commits / n, sum["apply"] / commits, sum["journal"] / commits, sum["commit"] / commits, sum["sync"] / commits, sum["after"] / commits
     if (cp) printf "server: %d checkpoints, %.1f ms each\n", cp, cps / cp / 1000
 }' "$scratch/trace.timed"
 echo "server: $(grep -c pwrite64 "$scratch/pwrites") pwrite64 calls for $n more files (a second run, under strace)"

@@ -180,7 +180,12 @@ fn fetch(
         return send(stream, id, &error_reply(&e));
     }
     shared.registry.register(ctx, &[fid]);
-    let (attr, data) = match shared.store.open_data(fid) {
+    // What it read is shown only once durable (`wal::Unsynced`).
+    let read = shared
+        .store
+        .open_data(fid)
+        .and_then(|x| shared.store.durable_for_reply().map(|()| x));
+    let (attr, data) = match read {
         Ok(x) => x,
         Err(e) => {
             shared.registry.unregister(ctx, &[fid]);

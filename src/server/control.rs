@@ -552,6 +552,12 @@ fn read_loop(
                         Ok(()) => handle(&shared2, &ctx2, &user2, m),
                         Err(e) => Err(e),
                     }
+                    // A read shows only what is durable (`wal::Unsynced`);
+                    // a batch's answer comes after its own group's sync.
+                    .and_then(|r| match heavy {
+                        true => Ok(r),
+                        false => shared2.store.durable_for_reply().map(|()| r),
+                    })
                     .unwrap_or_else(|e| error_reply(&e));
                     let bytes = frame_for(id, &reply);
                     flow2.replied(reserve, bytes.len());

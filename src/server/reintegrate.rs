@@ -306,6 +306,21 @@ const PACE: u32 = 8;
 /// Records a yielding large batch applies between looks at the queue.
 const YIELD_EVERY: usize = 64;
 
+/// Longest a read's reply waits for the journal sync of a group it could
+/// have seen (`VolumeStore::durable_for_reply`): one sync takes well under
+/// a millisecond; this long means the disk is failing.
+const READ_DURABLE_WAIT: Duration = Duration::from_secs(10);
+
+/// When `journal_record` makes its record durable.
+#[derive(Clone, Copy)]
+enum JournalSync {
+    /// Before it returns (the transaction then commits behind it).
+    Now,
+    /// Written and on its way to the disk; the caller commits the
+    /// transaction, then syncs (`sync_journaled`).
+    AfterCommit,
+}
+
 fn is_large(job: &Job) -> bool {
     job.records.len() > SMALL_BATCH
 }
@@ -903,34 +918,47 @@ impl VolumeStore {
                 txn.set_durability(redb::Durability::None)?;
             }
             let t_journaled = Instant::now();
+            let mut t_committed = t_journaled;
+            let mut committed = false;
             let commit = (|| -> Result<()> {
                 // Durable before acknowledged: the stored data and the
                 // new names (at once), then the metadata that points at
                 // them.
                 let dirs: Vec<&PathBuf> = dirs.into_iter().collect();
                 objects::sync_files_and_dirs(&files, &dirs, super::volume::clear_space_error)?;
+                // A journaled group's record is on its way to the disk
+                // while redb commits; replies that could show the group
+                // wait for its sync (`wal::Unsynced`).
+                let _visible = journaled.then(|| self.wal.unsynced.begin());
                 txn.commit()?;
+                committed = true;
+                t_committed = Instant::now();
+                if journaled {
+                    self.sync_journaled(db)?;
+                }
                 Ok(())
             })();
             if let Err(e) = commit {
-                if journaled {
+                if journaled && !committed {
+                    // Not committed: its record must not be replayed.
                     self.cancel_journaled();
                 }
                 discard(&applied);
                 return Err(e);
             }
-            let t_committed = Instant::now();
+            let t_synced = Instant::now();
             if !entries {
                 self.after_commit(db, journaled);
             }
             if super::wire::tracing() {
                 let us = |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
                 eprintln!(
-                    "TRACE commit apply={} journal={} commit={} after={} journaled={}",
+                    "TRACE commit apply={} journal={} commit={} sync={} after={} journaled={}",
                     us(t_begin, t_applied),
                     us(t_applied, t_journaled),
                     us(t_journaled, t_committed),
-                    us(t_committed, Instant::now()),
+                    us(t_committed, t_synced),
+                    us(t_synced, Instant::now()),
                     journaled as u8
                 );
             }
@@ -1156,7 +1184,38 @@ impl VolumeStore {
                 who: job.who.as_deref(),
             }
         }));
-        self.journal_record(txn, &payload)
+        self.journal_record(txn, &payload, JournalSync::AfterCommit)
+    }
+
+    /// Before a reply that read the store (anything but a batch's own
+    /// answer): wait until every group it could have seen is durable
+    /// (`wal::Unsynced`), at most `READ_DURABLE_WAIT`.
+    pub(crate) fn durable_for_reply(&self) -> Result<()> {
+        if self.wal.unsynced.wait_durable(READ_DURABLE_WAIT) {
+            Ok(())
+        } else {
+            Err(Error::Timeout(format!(
+                "the server's disk has not confirmed a commit for {} s",
+                READ_DURABLE_WAIT.as_secs()
+            )))
+        }
+    }
+
+    /// Make a group's journal record durable once redb committed the
+    /// group (its write started before the commit: `Journal::write_out`).
+    /// If the sync fails, a durable redb commit covers the group instead,
+    /// and the journal starts again (`checkpoint_locked`).
+    fn sync_journaled(&self, db: &Database) -> Result<()> {
+        let r = self.wal.with_journal(|journal| match journal.sync() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                super::log::warn(format_args!(
+                    "commit journal sync failed ({e}); making the group durable in redb"
+                ));
+                self.checkpoint_locked(db, journal)
+            }
+        });
+        r.unwrap_or_else(|| Err(Error::Eio("the commit journal went away mid-group".into())))
     }
 
     /// Append `payload` to the journal and sync it, noting its sequence
@@ -1164,7 +1223,12 @@ impl VolumeStore {
     /// `txn` may commit without a sync); false when there is no journal,
     /// it is broken, or the record does not fit: commit durably. The
     /// caller holds the group commit.
-    fn journal_record(&self, txn: &WriteTransaction, payload: &[u8]) -> Result<bool> {
+    fn journal_record(
+        &self,
+        txn: &WriteTransaction,
+        payload: &[u8],
+        sync: JournalSync,
+    ) -> Result<bool> {
         let journaled = self.wal.with_journal(|journal| -> Result<bool> {
             if journal.is_broken() || !journal.fits(payload.len()) {
                 return Ok(false);
@@ -1172,7 +1236,11 @@ impl VolumeStore {
             let seq = journal.next_seq();
             txn.open_table(SETTINGS)?
                 .insert(super::wal::JOURNAL_SEQ_KEY, seq.to_le_bytes().as_slice())?;
-            if let Err(e) = journal.append(payload).and_then(|()| journal.sync()) {
+            let written = journal.append(payload).and_then(|()| match sync {
+                JournalSync::Now => journal.sync(),
+                JournalSync::AfterCommit => journal.write_out(),
+            });
+            if let Err(e) = written {
                 super::log::warn(format_args!(
                     "commit journal failed ({e}); committing durably until it is reset"
                 ));
@@ -1197,7 +1265,8 @@ impl VolumeStore {
         self.with_db(|db| {
             let mut txn = db.begin_write()?;
             super::owners::claim_txn(&txn, &claim.client, &claim.user, claim.now)?;
-            let journaled = self.journal_record(&txn, &super::wal::encode_claim(claim))?;
+            let journaled =
+                self.journal_record(&txn, &super::wal::encode_claim(claim), JournalSync::Now)?;
             if journaled {
                 txn.set_durability(redb::Durability::None)?;
             }

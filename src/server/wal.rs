@@ -16,7 +16,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex};
 
 use super::acl::Who;
 use super::volume::{ClientId, VolumeStore};
@@ -300,6 +302,8 @@ pub(crate) struct Wal {
     /// next failure: the last one failed for lack of space
     /// (`defer_checkpoints`).
     retry: Mutex<(Option<Instant>, Duration)>,
+    /// Groups committed in redb before their journal record is durable.
+    pub(crate) unsynced: Unsynced,
 }
 
 /// After a checkpoint failed for lack of space, the next is tried this much
@@ -319,6 +323,7 @@ impl Wal {
             since: Mutex::new(None),
             wanted,
             retry: Mutex::new((None, SPACE_RETRY)),
+            unsynced: Unsynced::default(),
         }
     }
 
@@ -437,10 +442,96 @@ impl VolumeStore {
     }
 }
 
+/// A journaled group's redb commit runs while the disk writes its journal
+/// record (`Journal::write_out`), so for a moment the group is visible in
+/// redb and not yet durable. Its own writers hear of it only after the
+/// sync, and so do the holders of callbacks it breaks; anything else that
+/// could show it (a read's reply) waits for that sync too
+/// (`wait_durable`), so no client ever sees state a crash could take back.
+#[derive(Default)]
+pub(crate) struct Unsynced {
+    /// Groups whose redb commit may be visible: counted before the commit.
+    visible: AtomicU64,
+    /// Groups whose journal record is durable (or that failed: nothing of
+    /// them is kept unsynced).
+    durable: Mutex<u64>,
+    /// Signalled when `durable` moves.
+    moved: Condvar,
+}
+
+/// A group between its redb commit and its journal sync; ends (durable or
+/// failed) when dropped.
+pub(crate) struct Visible<'a> {
+    of: &'a Unsynced,
+    seq: u64,
+}
+
+impl Drop for Visible<'_> {
+    fn drop(&mut self) {
+        let mut d = self.of.durable.lock();
+        *d = (*d).max(self.seq);
+        self.of.moved.notify_all();
+    }
+}
+
+impl Unsynced {
+    /// Before a group's unsynced redb commit.
+    pub(crate) fn begin(&self) -> Visible<'_> {
+        Visible {
+            of: self,
+            seq: self.visible.fetch_add(1, Ordering::SeqCst) + 1,
+        }
+    }
+
+    /// Wait until every group visible now is durable, at most `limit`;
+    /// false if that did not happen in time. A read calls it after reading
+    /// and before it replies: whatever it read was visible by then.
+    pub(crate) fn wait_durable(&self, limit: Duration) -> bool {
+        let want = self.visible.load(Ordering::SeqCst);
+        let end = Instant::now() + limit;
+        let mut d = self.durable.lock();
+        // Bounded by `end`.
+        while *d < want {
+            if self.moved.wait_until(&mut d, end).timed_out() {
+                return *d >= want;
+            }
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::{Fid, RecordOp};
+
+    /// A read that could see a group between its redb commit and its
+    /// journal sync waits for the sync; with nothing visible it does not
+    /// wait; a sync that never comes is a timeout, not a hang.
+    #[test]
+    fn a_read_waits_for_the_sync_of_a_visible_group_and_no_longer() {
+        let u = std::sync::Arc::new(Unsynced::default());
+        assert!(u.wait_durable(Duration::ZERO), "nothing visible");
+        let visible = u.begin();
+        assert!(!u.wait_durable(Duration::from_millis(20)), "never synced");
+        let synced = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (u, synced) = (u.clone(), synced.clone());
+            std::thread::spawn(move || {
+                assert!(u.wait_durable(Duration::from_secs(10)));
+                synced.load(Ordering::SeqCst)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        synced.store(true, Ordering::SeqCst);
+        drop(visible);
+        assert!(reader.join().unwrap(), "the read went on before the sync");
+        // A later group: an earlier read's wait is not extended by it.
+        let later = u.begin();
+        assert!(!u.wait_durable(Duration::ZERO));
+        drop(later);
+        assert!(u.wait_durable(Duration::ZERO));
+    }
 
     fn entry(store_id: u64, who: Option<Who>) -> Entry {
         Entry {
