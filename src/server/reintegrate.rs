@@ -1218,8 +1218,8 @@ impl VolumeStore {
         r.unwrap_or_else(|| Err(Error::Eio("the commit journal went away mid-group".into())))
     }
 
-    /// Append `payload` to the journal and sync it, noting its sequence
-    /// number in `txn`. Returns whether it is durable in the journal (then
+    /// Append `payload` to the journal and write it (synced now, or after
+    /// the commit as `sync` says), noting its sequence number in `txn`. Returns whether it is durable in the journal (then
     /// `txn` may commit without a sync); false when there is no journal,
     /// it is broken, or the record does not fit: commit durably. The
     /// caller holds the group commit.

@@ -14,9 +14,8 @@
 //! change, an AllocFids) made it durable.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
