@@ -1219,10 +1219,11 @@ impl VolumeStore {
     }
 
     /// Append `payload` to the journal and write it (synced now, or after
-    /// the commit as `sync` says), noting its sequence number in `txn`. Returns whether it is durable in the journal (then
-    /// `txn` may commit without a sync); false when there is no journal,
-    /// it is broken, or the record does not fit: commit durably. The
-    /// caller holds the group commit.
+    /// the commit as `sync` says), noting its sequence number in `txn`.
+    /// Returns whether the journal holds it (then `txn` may commit without
+    /// a sync); false when there is no journal, it is broken, or the
+    /// record does not fit: commit durably. The caller holds the group
+    /// commit.
     fn journal_record(
         &self,
         txn: &WriteTransaction,
