@@ -61,6 +61,10 @@ pub(crate) struct Journal {
     broken: bool,
     /// Frames were written (`write_out`) and not yet synced.
     unsynced: bool,
+    /// The next `sync` fails as a disk would (tests of the callers'
+    /// fallbacks).
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 impl Journal {
@@ -115,6 +119,8 @@ impl Journal {
             records: 0,
             broken: false,
             unsynced: false,
+            #[cfg(test)]
+            fail_next_sync: false,
         };
         let records = j.scan()?;
         Ok((j, records))
@@ -220,7 +226,14 @@ impl Journal {
         if !self.unsynced {
             return Ok(());
         }
-        if let Err(e) = self.file.sync_data() {
+        #[cfg(test)]
+        let r = match std::mem::take(&mut self.fail_next_sync) {
+            true => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            false => self.file.sync_data(),
+        };
+        #[cfg(not(test))]
+        let r = self.file.sync_data();
+        if let Err(e) = r {
             self.broken = true;
             return Err(Error::io(
                 format!("sync journal {}", self.path.display()),
@@ -229,6 +242,12 @@ impl Journal {
         }
         self.unsynced = false;
         Ok(())
+    }
+
+    /// Make the next `sync` fail with EIO (tests).
+    #[cfg(test)]
+    pub(crate) fn fail_next_sync(&mut self) {
+        self.fail_next_sync = true;
     }
 
     /// Write what was appended and start the device's write of it

@@ -3002,6 +3002,29 @@ mod tests {
         assert_eq!(journaled(&store), 1);
     }
 
+    /// A group whose journal sync fails after its redb commit is made
+    /// durable in redb instead: it is answered as applied, nothing waits
+    /// on it, and the journal starts again and takes the next group.
+    #[test]
+    fn a_group_whose_journal_sync_fails_is_made_durable_in_redb() {
+        let dir = TestDir::new();
+        let root = dir.path().join("data");
+        VolumeStore::init(&root, "admin").unwrap();
+        let store = VolumeStore::open(&root, u64::MAX).unwrap();
+        let a = [1u8; 16];
+        let f = fids(&store, &a, 3);
+        let ok = |r: Vec<JobResult>| r.into_iter().for_each(|r| assert!(r.is_ok(), "{r:?}"));
+        ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
+        assert_eq!(journaled(&store), 1);
+        store.wal.with_journal(|j| j.fail_next_sync()).unwrap();
+        ok(store.commit_group(&[job(a, vec![create(2, "y", f[1])])]));
+        assert_eq!(journaled(&store), 0, "a durable commit took the group");
+        assert!(store.wal.unsynced.wait_durable(Duration::ZERO));
+        assert!(store.get_attrs(&f[..2]).unwrap().iter().all(|r| r.is_ok()));
+        ok(store.commit_group(&[job(a, vec![create(3, "z", f[2])])]));
+        assert_eq!(journaled(&store), 1, "the journal works again");
+    }
+
     #[test]
     fn a_claim_goes_to_the_journal_and_a_crash_keeps_it() {
         let dir = TestDir::new();

@@ -452,8 +452,11 @@ pub(crate) struct Unsynced {
     /// Groups whose redb commit may be visible: counted before the commit.
     visible: AtomicU64,
     /// Groups whose journal record is durable (or that failed: nothing of
-    /// them is kept unsynced).
-    durable: Mutex<u64>,
+    /// them is kept unsynced). Read without a lock when nothing waits to
+    /// be synced (every read's reply looks); moved under `moving`.
+    durable: AtomicU64,
+    /// Taken to move `durable` and to wait for it, so no wake-up is lost.
+    moving: Mutex<()>,
     /// Signalled when `durable` moves.
     moved: Condvar,
 }
@@ -467,8 +470,8 @@ pub(crate) struct Visible<'a> {
 
 impl Drop for Visible<'_> {
     fn drop(&mut self) {
-        let mut d = self.of.durable.lock();
-        *d = (*d).max(self.seq);
+        let _g = self.of.moving.lock();
+        self.of.durable.fetch_max(self.seq, Ordering::SeqCst);
         self.of.moved.notify_all();
     }
 }
@@ -487,12 +490,16 @@ impl Unsynced {
     /// and before it replies: whatever it read was visible by then.
     pub(crate) fn wait_durable(&self, limit: Duration) -> bool {
         let want = self.visible.load(Ordering::SeqCst);
+        let synced = || self.durable.load(Ordering::SeqCst) >= want;
+        if synced() {
+            return true;
+        }
         let end = Instant::now() + limit;
-        let mut d = self.durable.lock();
+        let mut g = self.moving.lock();
         // Bounded by `end`.
-        while *d < want {
-            if self.moved.wait_until(&mut d, end).timed_out() {
-                return *d >= want;
+        while !synced() {
+            if self.moved.wait_until(&mut g, end).timed_out() {
+                return synced();
             }
         }
         true
