@@ -28,7 +28,10 @@
 //! 1 and 2 also on a third with `--no-paged-open` (small read-only opens
 //! through passthrough, as before page-cache opens), the baseline for them,
 //! and on a fourth with `--no-open` (read-only: no FUSE open, release or
-//! flush at all), serving the files the `coda` target wrote.
+//! flush at all), serving the files the `coda` target wrote. 1 and 2 also
+//! on "FUSE floor", a file system in this process that serves the same
+//! pages from memory and does nothing at open (`common/fuse_floor.rs`):
+//! what the kernel's FUSE alone costs a mount that is told of opens.
 //!
 //! Without `--bench` (as `cargo test` runs it) only a tiny smoke version runs.
 
@@ -42,6 +45,8 @@ use coda::client::{Client, Config};
 
 mod common;
 use common::BenchServer as Server;
+#[path = "common/fuse_floor.rs"]
+mod fuse_floor;
 
 struct Mount {
     child: Child,
@@ -380,6 +385,32 @@ fn one_dir(root: &Path, n: usize) -> [f64; 4] {
     [create, ls, stat, secs(t)]
 }
 
+/// Seconds to write `n` records of 256 bytes one after another into a file
+/// made ahead (in place, as the server's journal does), each followed by
+/// `fdatasync`: what `n` durable small changes cost this disk at least.
+fn flushed_records(path: &Path, n: usize) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let rec = [0x5au8; 256];
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.write_all_at(&vec![0u8; n * rec.len()], 0).unwrap();
+    f.sync_all().unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        f.write_all_at(&rec, (i * rec.len()) as u64).unwrap();
+        f.sync_data().unwrap();
+    }
+    let s = secs(t);
+    drop(f);
+    let _ = std::fs::remove_file(path);
+    s
+}
+
 /// A tar file of `n` small files in a nested tree (like a source tree).
 fn make_tar(dir: &Path, n: usize) -> PathBuf {
     let src = dir.join("tar-src");
@@ -666,7 +697,14 @@ fn main() {
             root: m.mnt.join("bench-base"),
         }
     });
-    let mut web_targets = vec![&targets[0], &targets[1], &targets[2], &nc, &nf, &no];
+    // The floor of a writable FUSE mount: the same pages from memory.
+    let floor_mount =
+        fuse_floor::FuseFloor::mount(&dir.join("floor-mnt"), (0..1000).map(page).collect(), 8);
+    let floor = Target {
+        name: "FUSE floor",
+        root: dir.join("floor-mnt"),
+    };
+    let mut web_targets = vec![&targets[0], &targets[1], &targets[2], &nc, &nf, &no, &floor];
     if let Some(t) = &wb_target {
         web_targets.push(t);
     }
@@ -676,8 +714,10 @@ fn main() {
         if passthrough { "on" } else { "off" }
     );
 
-    // 1. nginx on 1,000 small files, 16 connections.
-    for t in web_targets.iter().filter(|t| t.name != no.name) {
+    // 1. nginx on 1,000 small files, 16 connections. The --no-open mount
+    // and the floor serve files written elsewhere.
+    let written = |t: &&&Target| t.name != no.name && t.name != floor.name;
+    for t in web_targets.iter().filter(written) {
         let www = t.root.join("www");
         std::fs::create_dir_all(&www).unwrap();
         for i in 0..1000 {
@@ -694,6 +734,8 @@ fn main() {
     // The coda-mount serving each target, for its CPU under the load.
     let mount_of = |name: &str| -> Option<u32> {
         let m = match name {
+            // In this process, with the load generator: not measured apart.
+            n if n == floor.name => return None,
             "coda" => &pt,
             "coda --no-kernel-cache" => &nocache,
             "coda --no-paged-open" => &nofast,
@@ -759,12 +801,13 @@ fn main() {
         false,
         &vals,
     );
-    for t in web_targets.iter().filter(|t| t.name != no.name) {
+    for t in web_targets.iter().filter(written) {
         let _ = Command::new("rm")
             .arg("-r")
             .arg(t.root.join("www"))
             .status();
     }
+    drop(floor_mount);
     if std::env::var("CODA_BENCH_ONLY").as_deref() == Ok("read") {
         println!("CODA_BENCH_ONLY=read: sections 3 to 7 skipped");
         // Unmounted first, then the scratch directory goes, as at the end.
@@ -818,6 +861,21 @@ fn main() {
             &vals,
         );
     }
+    // The floor of `rm -r` when each unlink is durable before it returns
+    // (durable before acknowledged): bindfs's `rm -r` (the
+    // FUSE round trips and a local unlink) plus one small record written
+    // and flushed to this disk per unlink, whoever writes it.
+    let flushed = flushed_records(&dir.join("flush-floor"), ndir);
+    report(
+        &format!("one directory of {ndir}: rm -r, the floor with durable unlinks (bindfs + one flushed record each)"),
+        "s",
+        false,
+        &[
+            ("local", res[0][3]),
+            ("bindfs", res[1][3]),
+            ("bindfs + flushes", res[1][3] + flushed),
+        ],
+    );
 
     // 6. write-back mode: close returns once the change is durable in the
     // local log; "until on the server" adds the wait for the log to drain
