@@ -22,6 +22,8 @@ use std::sync::Arc;
 use redb::backends::FileBackend;
 use redb::{BackendError, Database, StorageBackend};
 
+use super::page_journal::PageLog;
+
 /// The OS error (errno) of the last failed call on an index file; 0 for
 /// none. Shared by every file the index opens: it outlives a reopen, since
 /// a transaction begun before the reopen may be refused after it.
@@ -72,17 +74,24 @@ impl Opened {
         path: &Path,
         last: &Arc<LastError>,
     ) -> std::result::Result<Opened, redb::DatabaseError> {
+        // Before the journal is read: another opening (another client on
+        // this cache, or this one's earlier opening not yet dropped) may be
+        // writing the file.
+        let lock = lock(path)?;
         let file: File = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(path)?;
+        let pages = PageLog::open(path, &file)?;
         let broken = Arc::new(AtomicBool::new(false));
         let file = IndexFile {
             file: FileBackend::new(file)?,
             broken: Arc::clone(&broken),
             last: Arc::clone(last),
+            pages,
+            _lock: Some(lock),
         };
         let db = redb::Builder::new().create_with_backend(file)?;
         Ok(Opened { db, broken })
@@ -99,11 +108,40 @@ impl Opened {
     }
 }
 
+/// The lock of one opening of the index at `index` (`index.lock` beside
+/// it, `flock`ed for as long as the opening lives): taken before its journal
+/// is replayed, which writes the index file. Held elsewhere:
+/// `DatabaseAlreadyOpen`, as redb says of its own lock, taken later.
+fn lock(index: &Path) -> std::result::Result<File, redb::DatabaseError> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(index.with_extension("lock"))?;
+    // SAFETY: a plain system call on an open descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            redb::DatabaseError::DatabaseAlreadyOpen
+        } else {
+            e.into()
+        });
+    }
+    Ok(f)
+}
+
 #[derive(Debug)]
 struct IndexFile {
     file: FileBackend,
     broken: Arc<AtomicBool>,
     last: Arc<LastError>,
+    /// The index's journal of page writes (`page_journal.rs`); None: there
+    /// is none, and a sync is an `fdatasync` of the file.
+    pages: Option<PageLog>,
+    /// The opening's lock (`lock`), released when redb drops the backend.
+    _lock: Option<File>,
 }
 
 impl IndexFile {
@@ -128,18 +166,33 @@ impl StorageBackend for IndexFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if let Some(p) = &self.pages {
+            p.record_set_len(len);
+        }
         self.watch(self.file.set_len(len))
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.watch(self.file.sync_data())
+        match &self.pages {
+            Some(p) => self.watch(p.sync(|| self.file.sync_data())),
+            None => self.watch(self.file.sync_data()),
+        }
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        // Noted first: a sync that starts once this write returned finds it.
+        if let Some(p) = &self.pages {
+            p.record_write(offset, data);
+        }
         self.watch(self.file.write(offset, data))
     }
 
     fn close(&self) -> io::Result<()> {
+        if let Some(p) = &self.pages {
+            // Best effort: what is not checkpointed is replayed at the next
+            // opening.
+            let _ = p.close(|| self.file.sync_data());
+        }
         self.file.close()
     }
 
@@ -191,6 +244,8 @@ mod tests {
             file: FileBackend::new(File::open(&path).unwrap()).unwrap(),
             broken: Arc::clone(&broken),
             last: Arc::clone(&last),
+            pages: None,
+            _lock: None,
         };
         assert_eq!(last.get(), None);
         assert!(!broken.load(Ordering::Acquire));
@@ -203,6 +258,75 @@ mod tests {
         assert_eq!(ro.len().unwrap(), 10);
         assert_eq!(last.get(), Some(libc::EBADF), "kept after a success");
         drop(ro);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Durable commits after the index file was last synced survive a
+    /// crash through the journal alone (the file as it was at the last
+    /// checkpoint, the journal as written); a journal left by an index
+    /// file that is gone is not applied to a new one; a second opening of
+    /// a held index is refused before its journal is touched.
+    #[test]
+    fn commits_since_the_last_checkpoint_come_back_from_the_journal() {
+        use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+        use std::os::unix::fs::FileExt;
+        const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+        let dir = std::env::temp_dir().join(format!("coda-index-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("index.redb");
+        let jpath = super::super::page_journal::path(&path);
+        let last = Arc::new(LastError::default());
+        let put = |o: &Opened, k: u64| {
+            let w = o.db.begin_write().unwrap();
+            w.open_table(T).unwrap().insert(k, k * 10).unwrap();
+            w.commit().unwrap();
+        };
+        let keys = |o: &Opened| -> Vec<u64> {
+            let r = o.db.begin_read().unwrap();
+            match r.open_table(T) {
+                Ok(t) => t.iter().unwrap().map(|e| e.unwrap().0.value()).collect(),
+                Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        // A crash after the commits made through `opened`: the index file
+        // back to `synced` in place (the same file), the journal as it was.
+        let crash = |opened: Opened, synced: &[u8]| {
+            let journal = std::fs::read(&jpath).unwrap();
+            drop(opened); // its clean close would checkpoint: undone below
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(synced.len() as u64).unwrap();
+            f.write_all_at(synced, 0).unwrap();
+            std::fs::write(&jpath, journal).unwrap();
+        };
+        let opened = Opened::open(&path, &last).unwrap();
+        put(&opened, 1);
+        drop(opened); // a clean close: checkpointed, the journal empty
+        let synced = std::fs::read(&path).unwrap();
+        let opened = Opened::open(&path, &last).unwrap();
+        assert!(matches!(
+            Opened::open(&path, &last),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+        ));
+        for k in 2..=40 {
+            put(&opened, k);
+        }
+        crash(opened, &synced);
+        let o = Opened::open(&path, &last).unwrap();
+        assert_eq!(keys(&o), (1..=40).collect::<Vec<_>>());
+        drop(o);
+
+        // The index file lost after a crash: its journal is not applied
+        // to the new, empty one, which opens empty.
+        let synced = std::fs::read(&path).unwrap();
+        let opened = Opened::open(&path, &last).unwrap();
+        put(&opened, 41);
+        crash(opened, &synced);
+        std::fs::remove_file(&path).unwrap();
+        let o = Opened::open(&path, &last).unwrap();
+        assert_eq!(keys(&o), Vec::<u64>::new());
+        drop(o);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -31,6 +31,7 @@ mod mode;
 mod namei;
 mod namespace;
 mod owner;
+mod page_journal;
 mod probe;
 mod reintegrate;
 mod spares;
