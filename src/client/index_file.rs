@@ -114,11 +114,13 @@ impl Opened {
 /// `DatabaseAlreadyOpen`, as redb says of its own lock, taken later.
 fn lock(index: &Path) -> std::result::Result<File, redb::DatabaseError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(index.with_extension("lock"))?;
     // SAFETY: a plain system call on an open descriptor.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
