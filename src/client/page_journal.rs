@@ -310,19 +310,103 @@ fn log_no_journal(e: &crate::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
 
-    #[test]
-    fn records_replay_in_order_and_lengths_follow() {
-        let dir = std::env::temp_dir().join(format!("coda-page-journal-{}", std::process::id()));
+    /// A fresh directory holding file `f` with `content`, open for writing.
+    fn scratch(tag: &str, content: &[u8]) -> (PathBuf, PathBuf, File) {
+        let dir = std::env::temp_dir().join(format!("coda-page-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("f");
-        std::fs::write(&f, b"0123456789").unwrap();
+        std::fs::write(&f, content).unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&f)
             .unwrap();
+        (dir, f, file)
+    }
+
+    fn records(log: &PageLog) -> u64 {
+        log.journal.lock().as_ref().expect("journal").records()
+    }
+
+    /// A sync is a record while the writes fit; more written between two
+    /// syncs than a record holds, or a record the journal has no room
+    /// for, is a checkpoint: the file synced, the journal emptied.
+    #[test]
+    fn writes_too_many_for_a_record_or_the_journal_make_a_checkpoint() {
+        let (dir, f, file) = scratch("checkpoint", b"");
+        let log = PageLog::open(&f, &file)
+            .unwrap()
+            .expect("room for a journal");
+        let file_syncs = Cell::new(0);
+        let sync_file = || {
+            file_syncs.set(file_syncs.get() + 1);
+            Ok(())
+        };
+        log.record_write(0, b"a");
+        log.sync(sync_file).unwrap();
+        assert_eq!((records(&log), file_syncs.get()), (1, 0), "a record");
+        log.sync(sync_file).unwrap();
+        assert_eq!((records(&log), file_syncs.get()), (1, 0), "nothing new");
+        log.record_write(0, &vec![1; RECORD_MAX]);
+        log.sync(sync_file).unwrap();
+        assert_eq!((records(&log), file_syncs.get()), (0, 1), "overflowed");
+        let big = vec![2; RECORD_MAX - 100];
+        let mut n = 0;
+        while file_syncs.get() == 1 {
+            log.record_write(0, &big);
+            log.sync(sync_file).unwrap();
+            n += 1;
+            assert!(
+                n <= CAPACITY as usize / big.len(),
+                "the journal never filled"
+            );
+        }
+        assert_eq!(records(&log), 0, "the record that did not fit checkpointed");
+        // Each record: a frame head, the file id, one write's head, the data.
+        use crate::journal::{FRAME_HEAD, HEADER_LEN};
+        let frame = FRAME_HEAD as usize + 20 + 13 + big.len();
+        let fit = (CAPACITY - HEADER_LEN - FRAME_HEAD) as usize / frame;
+        assert!(fit >= 2);
+        assert_eq!(n, fit + 1, "the journal took records until one did not fit");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// After a journal sync fails, no later sync of that opening succeeds
+    /// (not even a checkpoint): its commits fail until the index is opened
+    /// again, and that opening starts from a journal it replayed and reset.
+    #[test]
+    fn a_failed_journal_sync_fails_every_later_sync_until_reopened() {
+        let (dir, f, file) = scratch("failed", b"0123");
+        let log = PageLog::open(&f, &file)
+            .unwrap()
+            .expect("room for a journal");
+        log.record_write(0, b"ab");
+        log.journal.lock().as_mut().unwrap().fail_next_sync();
+        assert!(log.sync(|| Ok(())).is_err());
+        log.record_write(0, &vec![1; RECORD_MAX]);
+        assert!(
+            log.sync(|| Ok(())).is_err(),
+            "a checkpoint after the failure"
+        );
+        log.record_write(0, b"cd");
+        assert!(log.sync(|| Ok(())).is_err());
+        drop(log);
+        let log = PageLog::open(&f, &file)
+            .unwrap()
+            .expect("the journal is there");
+        assert_eq!(records(&log), 0, "replayed and reset at the opening");
+        log.record_write(0, b"ef");
+        log.sync(|| Ok(())).unwrap();
+        assert_eq!(records(&log), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_replay_in_order_and_lengths_follow() {
+        let (dir, f, file) = scratch("replay", b"0123456789");
         let id = file_id(&file).unwrap();
         let log = PageLog {
             id,

@@ -2978,6 +2978,13 @@ mod tests {
         }
     }
 
+    /// Every batch of a group applied.
+    fn all_ok(results: Vec<JobResult>) {
+        results
+            .into_iter()
+            .for_each(|r| assert!(r.is_ok(), "{r:?}"));
+    }
+
     #[test]
     fn only_groups_without_object_files_go_to_the_journal_and_a_durable_commit_resets_it() {
         let dir = TestDir::new();
@@ -2986,19 +2993,18 @@ mod tests {
         let store = VolumeStore::open(&root, u64::MAX).unwrap();
         let a = [1u8; 16];
         let f = fids(&store, &a, 4);
-        let ok = |r: Vec<JobResult>| r.into_iter().for_each(|r| assert!(r.is_ok(), "{r:?}"));
-        ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
+        all_ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
         assert_eq!(journaled(&store), 1);
-        ok(store.commit_group(&[
+        all_ok(store.commit_group(&[
             job(a, vec![create_with(2, "y", f[1], vec![1; 4096])]),
             job([2u8; 16], vec![]),
         ]));
         assert_eq!(journaled(&store), 2, "one record per group");
         // Past SMALL_DATA_MAX: an object file, so a durable commit, which
         // makes everything before it durable too.
-        ok(store.commit_group(&[job(a, vec![create_with(3, "z", f[2], vec![2; BIG_DATA])])]));
+        all_ok(store.commit_group(&[job(a, vec![create_with(3, "z", f[2], vec![2; BIG_DATA])])]));
         assert_eq!(journaled(&store), 0, "the durable commit reset the journal");
-        ok(store.commit_group(&[job(a, vec![create(4, "w", f[3])])]));
+        all_ok(store.commit_group(&[job(a, vec![create(4, "w", f[3])])]));
         assert_eq!(journaled(&store), 1);
     }
 
@@ -3013,15 +3019,14 @@ mod tests {
         let store = VolumeStore::open(&root, u64::MAX).unwrap();
         let a = [1u8; 16];
         let f = fids(&store, &a, 3);
-        let ok = |r: Vec<JobResult>| r.into_iter().for_each(|r| assert!(r.is_ok(), "{r:?}"));
-        ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
+        all_ok(store.commit_group(&[job(a, vec![create(1, "x", f[0])])]));
         assert_eq!(journaled(&store), 1);
         store.wal.with_journal(|j| j.fail_next_sync()).unwrap();
-        ok(store.commit_group(&[job(a, vec![create(2, "y", f[1])])]));
+        all_ok(store.commit_group(&[job(a, vec![create(2, "y", f[1])])]));
         assert_eq!(journaled(&store), 0, "a durable commit took the group");
         assert!(store.wal.unsynced.wait_durable(Duration::ZERO));
         assert!(store.get_attrs(&f[..2]).unwrap().iter().all(|r| r.is_ok()));
-        ok(store.commit_group(&[job(a, vec![create(3, "z", f[2])])]));
+        all_ok(store.commit_group(&[job(a, vec![create(3, "z", f[2])])]));
         assert_eq!(journaled(&store), 1, "the journal works again");
     }
 
